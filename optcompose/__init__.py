@@ -1,0 +1,34 @@
+"""optcompose: composable, verified gradient transformations for JAX.
+
+``import optcompose as optax`` works for the names below: they follow Optax's names,
+argument names and defaults. See ``optcompose._core`` for the contract.
+"""
+
+from optcompose import tree
+from optcompose._core import (
+    EmptyState, GradientTransformation, OptState, Params, RAW_GRADS, ScalarOrSchedule, Schedule,
+    ScheduledState, Updates, apply_updates, chain, identity, init_empty_state, safe_increment,
+    with_schedules,
+)
+from optcompose.aliases import adagrad, adam, adamw, nadam, nadamw, rmsprop, sgd
+from optcompose.transforms.decay import add_decayed_weights, add_l2_penalty
+from optcompose.transforms.momentum import TraceState, trace
+from optcompose.transforms.moments import (
+    BiasCorrectionState, EmaState, ScaleByAdamState, ScaleByRmsState, ScaleByRmsWithCountState,
+    ScaleByRssState, ScaleByRStdDevState, ScaleByRStdDevWithCountState, ScaleBySecondMomentState,
+    bias_correction, ema, scale_by_adam, scale_by_rms, scale_by_rss, scale_by_second_moment,
+    scale_by_stddev,
+)
+from optcompose.transforms.proximal import prox_elastic_net, prox_l1
+from optcompose.transforms.scaling import scale, scale_by_learning_rate, scale_by_schedule
+
+__version__ = "0.1.0"
+
+# Every public transformation and optimizer; the test registry must cover each of them.
+TRANSFORMATIONS = (
+    "identity", "scale", "scale_by_learning_rate", "scale_by_schedule", "trace", "ema",
+    "bias_correction", "scale_by_rss", "scale_by_rms", "scale_by_stddev", "scale_by_adam",
+    "scale_by_second_moment", "add_decayed_weights", "add_l2_penalty", "prox_l1",
+    "prox_elastic_net",
+)
+OPTIMIZERS = ("sgd", "adagrad", "rmsprop", "adam", "nadam", "adamw", "nadamw")

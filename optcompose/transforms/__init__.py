@@ -1,0 +1,1 @@
+"""Primitive gradient transformations, one module per family."""

@@ -1,0 +1,124 @@
+"""The few tree helpers that ``jax.tree`` lacks.
+
+Paths are written as ``jax.tree_util.keystr`` writes them, e.g. ``['layer']['w']``, so an
+error names the leaf the user would index.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+
+
+def path_str(path) -> str:
+  return jax.tree_util.keystr(tuple(path)) or "<root>"
+
+
+def first_difference(tree: Any, reference: Any, is_leaf: Optional[Callable] = None) -> str:
+  """Describe the first place where ``tree`` and ``reference`` differ in structure."""
+  a = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]
+  b = jax.tree_util.tree_flatten_with_path(reference, is_leaf=is_leaf)[0]
+  for (pa, _), (pb, _) in zip(a, b):
+    if pa != pb:
+      return f"at leaf {path_str(pa)} where the other has {path_str(pb)}"
+  if len(a) != len(b):
+    longer, n = (a, "first") if len(a) > len(b) else (b, "second")
+    return (
+        f"{len(a)} leaves against {len(b)}; the {n} tree goes on with "
+        f"{path_str(longer[min(len(a), len(b))][0])}"
+    )
+  # Same leaf paths, different node types (e.g. a dict against a FrozenDict).
+  sa, sb = jax.tree.structure(tree), jax.tree.structure(reference)
+  return f"in node types: {sa} against {sb}"
+
+
+def check_same_structure(tree: Any, reference: Any, name: str, reference_name: str) -> None:
+  """Raise a ValueError naming the first differing path if the two structures differ."""
+  if jax.tree.structure(tree) != jax.tree.structure(reference):
+    raise ValueError(
+        f"`{name}` does not have the structure of `{reference_name}`: they differ "
+        f"{first_difference(tree, reference)}."
+    )
+
+
+def check_floating(tree: Any, name: str) -> None:
+  """Raise a TypeError naming the first leaf whose dtype is not floating point or complex."""
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    dtype = jnp.result_type(leaf)
+    if not jnp.issubdtype(dtype, jnp.inexact):
+      raise TypeError(
+          f"`{name}{jax.tree_util.keystr(tuple(path))}` has dtype {dtype}; optimizers need "
+          "floating-point leaves (cast integer or boolean leaves, or mask them out)."
+      )
+
+
+def zeros_like(tree: Any, dtype=None) -> Any:
+  return jax.tree.map(lambda x: jnp.zeros_like(x, dtype=dtype), tree)
+
+
+def full_like(tree: Any, value, dtype=None) -> Any:
+  return jax.tree.map(lambda x: jnp.full_like(x, value, dtype=dtype), tree)
+
+
+def cast(tree: Any, dtype) -> Any:
+  """Cast every leaf to ``dtype``; ``None`` leaves the tree as it is."""
+  if dtype is None:
+    return tree
+  return jax.tree.map(lambda x: jnp.asarray(x).astype(dtype), tree)
+
+
+def cast_like(tree: Any, like: Any) -> Any:
+  return jax.tree.map(lambda x, y: jnp.asarray(x).astype(jnp.asarray(y).dtype), tree, like)
+
+
+def squared_norm(tree: Any) -> jax.Array:
+  """Sum of squared absolute values over all leaves, accumulated in float32 or wider."""
+  leaves = jax.tree.leaves(tree)
+  if not leaves:
+    return jnp.zeros([], jnp.float32)
+  total = [jnp.sum(abs_sq(x).astype(jnp.promote_types(jnp.result_type(x), jnp.float32)))
+           for x in leaves]
+  return sum(total[1:], total[0])
+
+
+def global_norm(tree: Any) -> jax.Array:
+  """The L2 norm of all leaves taken together."""
+  return jnp.sqrt(squared_norm(tree))
+
+
+def abs_sq(x: jax.Array) -> jax.Array:
+  """|x|^2 elementwise; ``x * x`` for real x (the same HLO as ``x ** 2``)."""
+  x = jnp.asarray(x)
+  if jnp.iscomplexobj(x):
+    return (x.conj() * x).real
+  return x * x
+
+
+def resolve_mask(mask: Any, tree: Any, name: str = "mask") -> Any:
+  """Expand a boolean mask (a tree, a prefix of ``tree``, or a callable of ``tree``).
+
+  Returns a tree with ``tree``'s structure and a Python bool per leaf. A mask whose
+  structure is neither ``tree``'s nor a prefix of it is an error naming the first
+  differing path; so is a leaf that is not a Python or NumPy bool (masks are static).
+  """
+  if callable(mask):
+    mask = mask(tree)
+  for path, leaf in jax.tree_util.tree_flatten_with_path(mask)[0]:
+    if not isinstance(leaf, (bool, jnp.bool_)) and not (
+        hasattr(leaf, "dtype") and getattr(leaf, "shape", None) == () and leaf.dtype == bool
+        and not isinstance(leaf, jax.core.Tracer)
+    ):
+      raise TypeError(
+          f"`{name}{jax.tree_util.keystr(tuple(path))}` is {type(leaf).__name__}; mask "
+          "leaves must be Python booleans."
+      )
+  try:
+    full = jax.tree.broadcast(mask, tree)
+  except (ValueError, TypeError):
+    raise ValueError(
+        f"`{name}` is not a prefix of the parameter tree: they differ "
+        f"{first_difference(mask, tree)}."
+    ) from None
+  return jax.tree.map(bool, full)

@@ -1,0 +1,75 @@
+"""Test problems shared by the suite: each gives params, a jitted gradient and its data."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+class Problem(NamedTuple):
+  name: str
+  params: Any
+  grad: Callable  # jitted: (params, step) -> grads
+  loss: Callable  # jitted: params -> scalar
+
+
+def quadratic(dtype=jnp.float32) -> Problem:
+  """f(w) = 1/2 sum_i h_i (w_i - c_i)^2 with condition number 1e3, in two leaves."""
+  h = {"a": jnp.logspace(-1.3, 1.7, 6, dtype=jnp.float32),
+       "b": jnp.logspace(-1.0, 1.0, 4, dtype=jnp.float32).reshape(2, 2)}
+  c = {"a": jnp.linspace(-1.0, 1.0, 6, dtype=jnp.float32),
+       "b": jnp.full((2, 2), 0.5, jnp.float32)}
+  params = {"a": jnp.zeros(6, dtype), "b": jnp.ones((2, 2), dtype)}
+
+  def loss(p):
+    return sum(0.5 * jnp.sum(h[k] * (p[k].astype(jnp.float32) - c[k]) ** 2) for k in p)
+
+  grad = jax.jit(lambda p, step: jax.tree.map(
+      lambda g, x: g.astype(x.dtype), jax.grad(loss)(p), p))
+  return Problem("quadratic", params, grad, jax.jit(loss))
+
+
+def mlp(dtype=jnp.float32) -> Problem:
+  """A 8-16-1 tanh MLP regressing random data; minibatch i is a fixed slice per step."""
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(64, 8)), jnp.float32)
+  y = jnp.asarray(np.sin(rng.normal(size=(64, 1)) * 2), jnp.float32)
+  k1, k2 = jax.random.split(jax.random.PRNGKey(0))
+  params = {
+      "dense1": {"kernel": jax.random.normal(k1, (8, 16)) / jnp.sqrt(8.0), "bias": jnp.zeros(16)},
+      "dense2": {"kernel": jax.random.normal(k2, (16, 1)) / 4.0, "bias": jnp.zeros(1)},
+  }
+  params = jax.tree.map(lambda a: a.astype(dtype), params)
+
+  def loss_on(p, xb, yb):
+    p = jax.tree.map(lambda a: a.astype(jnp.float32), p)
+    h = jnp.tanh(xb @ p["dense1"]["kernel"] + p["dense1"]["bias"][None, :])
+    out = h @ p["dense2"]["kernel"] + p["dense2"]["bias"][None, :]
+    return jnp.mean((out - yb) ** 2)
+
+  def grad(p, step):
+    i = (step % 4) * 16
+    xb = jax.lax.dynamic_slice_in_dim(x, i, 16)
+    yb = jax.lax.dynamic_slice_in_dim(y, i, 16)
+    g = jax.grad(loss_on)(p, xb, yb)
+    return jax.tree.map(lambda a, q: a.astype(q.dtype), g, p)
+
+  return Problem("mlp", params, jax.jit(grad), jax.jit(functools.partial(loss_on, xb=x, yb=y)))
+
+
+def run(tx, problem: Problem, steps: int, jit: bool, apply_updates):
+  """Train ``steps`` steps; return the list of params after each step and the final state."""
+  params = problem.params
+  state = tx.init(params)
+  update = jax.jit(tx.update) if jit else tx.update
+  path = []
+  for t in range(steps):
+    g = problem.grad(params, t)
+    u, state = update(g, state, params)
+    params = apply_updates(params, u)
+    path.append(params)
+  return path, state

@@ -1,0 +1,154 @@
+"""One registry of every public transformation and optimizer with its reference.
+
+Each case builds an optcompose transformation and a reference: an Optax transformation
+with the same meaning (``optax``), or, where Optax has none, a NumPy step function
+(``numpy_step``: (w, g, t) -> w_new, float64). The parity tests cross every case with every
+problem; ``covers`` names the public builders a case exercises, and the completeness test
+fails when a public name has no case.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple, Optional
+
+import jax
+import numpy as np
+import optax
+
+import optcompose as oc
+
+LR = 1e-2
+
+
+def lr_schedule(count):
+  """A schedule passed to both libraries (a warmup then a cosine decay)."""
+  return optax.warmup_cosine_decay_schedule(0.0, 3e-2, 20, 200, 1e-3)(count)
+
+
+def wd_schedule(count):
+  return 1e-2 * 0.99 ** count
+
+
+def _no_bias(params):
+  """Decay matrices only (a mask as a callable of the params)."""
+  return jax.tree.map(lambda p: p.ndim > 1, params)
+
+
+class Case(NamedTuple):
+  name: str
+  ours: Callable[[], object]
+  covers: tuple
+  optax: Optional[Callable[[], object]] = None
+  numpy_step: Optional[Callable] = None  # (w, g, t) -> w_new on float64 numpy leaves
+  same_state: bool = True  # the state has Optax's leaves (False: another decomposition)
+
+
+def _sgd_np(lr):
+  return lambda w, g, t: w - lr * g
+
+
+def _soft(x, thr):
+  return np.sign(x) * np.maximum(np.abs(x) - thr, 0.0)
+
+
+def _prox_np(lr_fn, l1, l2):
+  def step(w, g, t):
+    lr = lr_fn(t)
+    return _soft(w - lr * g, lr * l1) / (1 + lr * l2)
+  return step
+
+
+def _lr_at(t):
+  return float(lr_schedule(np.int32(t)))
+
+
+CASES = [
+    # --- primitives, each followed by a learning-rate step -----------------------------
+    Case("identity", lambda: oc.chain(oc.identity(), oc.scale_by_learning_rate(LR)),
+         ("identity", "scale_by_learning_rate"),
+         optax=lambda: optax.chain(optax.identity(), optax.scale_by_learning_rate(LR))),
+    Case("scale", lambda: oc.scale(-LR), ("scale",), optax=lambda: optax.scale(-LR)),
+    Case("scale_by_schedule", lambda: oc.scale_by_schedule(lambda c: -lr_schedule(c)),
+         ("scale_by_schedule",),
+         optax=lambda: optax.scale_by_schedule(lambda c: -lr_schedule(c))),
+    Case("lr_schedule", lambda: oc.scale_by_learning_rate(lr_schedule),
+         ("scale_by_learning_rate",), optax=lambda: optax.scale_by_learning_rate(lr_schedule)),
+    Case("trace", lambda: oc.chain(oc.trace(0.9), oc.scale_by_learning_rate(LR)), ("trace",),
+         optax=lambda: optax.chain(optax.trace(0.9), optax.scale_by_learning_rate(LR))),
+    Case("trace_nesterov",
+         lambda: oc.chain(oc.trace(0.9, nesterov=True), oc.scale_by_learning_rate(LR)),
+         ("trace",), optax=lambda: optax.chain(optax.trace(0.9, nesterov=True),
+                                               optax.scale_by_learning_rate(LR))),
+    Case("ema", lambda: oc.chain(oc.ema(0.9), oc.scale_by_learning_rate(LR)), ("ema",),
+         optax=lambda: optax.chain(optax.ema(0.9), optax.scale_by_learning_rate(LR))),
+    Case("scale_by_rss", lambda: oc.chain(oc.scale_by_rss(), oc.scale_by_learning_rate(LR)),
+         ("scale_by_rss",),
+         optax=lambda: optax.chain(optax.scale_by_rss(), optax.scale_by_learning_rate(LR))),
+    Case("scale_by_rms", lambda: oc.chain(oc.scale_by_rms(), oc.scale_by_learning_rate(LR)),
+         ("scale_by_rms",),
+         optax=lambda: optax.chain(optax.scale_by_rms(), optax.scale_by_learning_rate(LR))),
+    Case("scale_by_rms_debiased",
+         lambda: oc.chain(oc.scale_by_rms(0.99, 1e-6, eps_in_sqrt=False, bias_correction=True),
+                          oc.scale_by_learning_rate(LR)),
+         ("scale_by_rms",),
+         optax=lambda: optax.chain(
+             optax.scale_by_rms(0.99, 1e-6, eps_in_sqrt=False, bias_correction=True),
+             optax.scale_by_learning_rate(LR))),
+    Case("scale_by_stddev",
+         lambda: oc.chain(oc.scale_by_stddev(), oc.scale_by_learning_rate(LR)),
+         ("scale_by_stddev",),
+         optax=lambda: optax.chain(optax.scale_by_stddev(), optax.scale_by_learning_rate(LR))),
+    Case("scale_by_adam", lambda: oc.chain(oc.scale_by_adam(), oc.scale_by_learning_rate(LR)),
+         ("scale_by_adam",),
+         optax=lambda: optax.chain(optax.scale_by_adam(), optax.scale_by_learning_rate(LR))),
+    Case("adam_from_pieces",
+         lambda: oc.chain(oc.ema(0.9, debias=False), oc.bias_correction(0.9),
+                          oc.scale_by_second_moment(0.999, 1e-8),
+                          oc.scale_by_learning_rate(LR)),
+         ("ema", "bias_correction", "scale_by_second_moment"),
+         optax=lambda: optax.adam(LR), same_state=False),
+    Case("add_decayed_weights",
+         lambda: oc.chain(oc.add_decayed_weights(0.1), oc.scale_by_learning_rate(LR)),
+         ("add_decayed_weights",),
+         optax=lambda: optax.chain(optax.add_decayed_weights(0.1),
+                                   optax.scale_by_learning_rate(LR))),
+    Case("add_decayed_weights_scheduled_masked",
+         lambda: oc.chain(oc.add_decayed_weights(wd_schedule, mask=_no_bias),
+                          oc.scale_by_learning_rate(LR)),
+         ("add_decayed_weights",),
+         optax=lambda: optax.chain(optax.add_decayed_weights(wd_schedule, mask=_no_bias),
+                                   optax.scale_by_learning_rate(LR))),
+    Case("adam_l2", lambda: oc.chain(oc.add_l2_penalty(1e-2), oc.adam(LR)), ("add_l2_penalty",),
+         optax=lambda: optax.chain(optax.add_decayed_weights(1e-2), optax.adam(LR))),
+    Case("prox_l1", lambda: oc.chain(oc.scale_by_learning_rate(lr_schedule),
+                                     oc.prox_l1(0.5, lr_schedule)),
+         ("prox_l1",), numpy_step=_prox_np(_lr_at, 0.5, 0.0)),
+    Case("prox_elastic_net", lambda: oc.chain(oc.scale_by_learning_rate(LR),
+                                              oc.prox_elastic_net(0.3, 0.2, LR)),
+         ("prox_elastic_net",), numpy_step=_prox_np(lambda t: LR, 0.3, 0.2)),
+    # --- optimizers ------------------------------------------------------------------
+    Case("sgd", lambda: oc.sgd(LR), ("sgd",), optax=lambda: optax.sgd(LR)),
+    Case("sgd_momentum", lambda: oc.sgd(LR, 0.9), ("sgd",), optax=lambda: optax.sgd(LR, 0.9)),
+    Case("sgd_nesterov", lambda: oc.sgd(lr_schedule, 0.9, nesterov=True), ("sgd",),
+         optax=lambda: optax.sgd(lr_schedule, 0.9, nesterov=True)),
+    Case("sgd_elastic_net", lambda: oc.sgd(LR, l1=0.3, l2=0.2), ("sgd",),
+         numpy_step=_prox_np(lambda t: LR, 0.3, 0.2)),
+    Case("adagrad", lambda: oc.adagrad(0.1), ("adagrad",), optax=lambda: optax.adagrad(0.1)),
+    Case("rmsprop", lambda: oc.rmsprop(LR), ("rmsprop",), optax=lambda: optax.rmsprop(LR)),
+    Case("rmsprop_centered_momentum",
+         lambda: oc.rmsprop(LR, centered=True, momentum=0.9, nesterov=True), ("rmsprop",),
+         optax=lambda: optax.rmsprop(LR, centered=True, momentum=0.9, nesterov=True)),
+    Case("adam", lambda: oc.adam(LR), ("adam",), optax=lambda: optax.adam(LR)),
+    Case("adam_schedule_eps_root", lambda: oc.adam(lr_schedule, 0.8, 0.99, 1e-6, 1e-8),
+         ("adam",), optax=lambda: optax.adam(lr_schedule, 0.8, 0.99, 1e-6, 1e-8)),
+    Case("adam_nesterov", lambda: oc.adam(LR, nesterov=True), ("adam",),
+         optax=lambda: optax.adam(LR, nesterov=True)),
+    Case("nadam", lambda: oc.nadam(LR), ("nadam",), optax=lambda: optax.nadam(LR)),
+    Case("adamw", lambda: oc.adamw(LR, weight_decay=0.1), ("adamw",),
+         optax=lambda: optax.adamw(LR, weight_decay=0.1)),
+    Case("adamw_masked_scheduled",
+         lambda: oc.adamw(lr_schedule, weight_decay=wd_schedule, mask=_no_bias), ("adamw",),
+         optax=lambda: optax.adamw(lr_schedule, weight_decay=wd_schedule, mask=_no_bias)),
+    Case("nadamw", lambda: oc.nadamw(LR, weight_decay=0.1), ("nadamw",),
+         optax=lambda: optax.nadamw(LR, weight_decay=0.1)),
+]

@@ -1,0 +1,95 @@
+"""Trajectories of every registry case against its reference, 200 steps, two problems."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import optcompose as oc
+from problems import mlp, quadratic, run
+from registry import CASES
+
+STEPS = 200
+
+
+@functools.cache
+def problem(name, dtype=jnp.float32):
+  return {"quadratic": quadratic, "mlp": mlp}[name](dtype)
+
+
+def stack(path):
+  """Trajectory as one float64 array per leaf: shape (steps, *leaf.shape)."""
+  return [np.stack([np.asarray(leaf, np.float64) for leaf in leaves])
+          for leaves in zip(*(jax.tree.leaves(p) for p in path))]
+
+
+def assert_close_trajectories(ours, ref, rtol):
+  for a, b in zip(stack(ours), stack(ref)):
+    scale = max(np.max(np.abs(b)), 1e-3)
+    np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol * scale)
+
+
+OPTAX_CASES = [c for c in CASES if c.optax is not None]
+NUMPY_CASES = [c for c in CASES if c.numpy_step is not None]
+
+
+@pytest.mark.parametrize("jit", [True, False], ids=["jit", "eager"])
+@pytest.mark.parametrize("problem_name", ["quadratic", "mlp"])
+@pytest.mark.parametrize("case", OPTAX_CASES, ids=lambda c: c.name)
+def test_trajectory_matches_optax(case, problem_name, jit):
+  prob = problem(problem_name)
+  ours, _ = run(case.ours(), prob, STEPS, jit, oc.apply_updates)
+  ref, _ = run(case.optax(), prob, STEPS, jit, optax.apply_updates)
+  assert_close_trajectories(ours, ref, rtol=1e-6)
+  # The problem is actually being optimised: the comparison is not between two frozen runs.
+  assert float(prob.loss(ours[-1])) != float(prob.loss(prob.params))
+
+
+@pytest.mark.parametrize("case", OPTAX_CASES, ids=lambda c: c.name)
+def test_trajectory_matches_optax_bfloat16(case):
+  prob = problem("quadratic", jnp.bfloat16)
+  ours, _ = run(case.ours(), prob, 50, True, oc.apply_updates)
+  ref, _ = run(case.optax(), prob, 50, True, optax.apply_updates)
+  for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref)):
+    assert a.dtype == b.dtype == jnp.bfloat16
+  # bfloat16 keeps 8 significant bits: allow a few units in the last place.
+  assert_close_trajectories(ours, ref, rtol=2 ** -6)
+
+
+@pytest.mark.parametrize("case", [c for c in OPTAX_CASES if c.same_state],
+                         ids=lambda c: c.name)
+def test_state_has_optax_shapes_and_dtypes(case):
+  params = problem("mlp").params
+  grads = jax.tree.map(jnp.ones_like, params)
+
+  def signature(tx):
+    state = tx.init(params)
+    _, state = tx.update(grads, state, params)
+    return [(jnp.shape(x), jnp.result_type(x)) for x in jax.tree.leaves(state)]
+
+  assert signature(case.ours()) == signature(case.optax())
+
+
+def numpy_trajectory(step, prob, steps):
+  w = jax.tree.map(lambda a: np.asarray(a, np.float64), prob.params)
+  path = []
+  for t in range(steps):
+    g = prob.grad(jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), w), t)
+    w = jax.tree.map(lambda wi, gi: step(wi, np.asarray(gi, np.float64), t), w, g)
+    path.append(w)
+  return path
+
+
+@pytest.mark.parametrize("jit", [True, False], ids=["jit", "eager"])
+@pytest.mark.parametrize("problem_name", ["quadratic", "mlp"])
+@pytest.mark.parametrize("case", NUMPY_CASES, ids=lambda c: c.name)
+def test_trajectory_matches_numpy(case, problem_name, jit):
+  prob = problem(problem_name)
+  ours, _ = run(case.ours(), prob, STEPS, jit, oc.apply_updates)
+  ref = numpy_trajectory(case.numpy_step, prob, STEPS)
+  assert_close_trajectories(ours, ref, rtol=1e-5)
