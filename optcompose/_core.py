@@ -145,6 +145,7 @@ def chain(*transformations: Any) -> GradientTransformation:
 def apply_updates(params: Params, updates: Updates) -> Params:
   """Return ``params + updates``, each result cast back to its parameter's dtype."""
   otree.check_same_structure(updates, params, "updates", "params")
+  otree.check_floating(params, "params")
   return jax.tree.map(
       lambda p, u: jnp.asarray(p + u).astype(jnp.asarray(p).dtype), params, updates
   )

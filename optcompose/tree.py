@@ -6,7 +6,7 @@ error names the leaf the user would index.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -16,31 +16,41 @@ def path_str(path) -> str:
   return jax.tree_util.keystr(tuple(path)) or "<root>"
 
 
-def first_difference(tree: Any, reference: Any, is_leaf: Optional[Callable] = None) -> str:
-  """Describe the first place where ``tree`` and ``reference`` differ in structure."""
-  a = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]
-  b = jax.tree_util.tree_flatten_with_path(reference, is_leaf=is_leaf)[0]
-  for (pa, _), (pb, _) in zip(a, b):
-    if pa != pb:
-      return f"at leaf {path_str(pa)} where the other has {path_str(pb)}"
-  if len(a) != len(b):
-    longer, n = (a, "first") if len(a) > len(b) else (b, "second")
-    return (
-        f"{len(a)} leaves against {len(b)}; the {n} tree goes on with "
-        f"{path_str(longer[min(len(a), len(b))][0])}"
-    )
+def first_difference(tree: Any, reference: Any) -> str:
+  """Describe where ``tree`` and ``reference`` differ in structure, naming paths."""
+  a = [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+  b = [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(reference)[0]]
+  missing = [p for p in b if p not in set(a)]
+  extra = [p for p in a if p not in set(b)]
+  parts = []
+  if missing:
+    parts.append(f"{missing[0]} is missing" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+  if extra:
+    parts.append(f"{extra[0]} is unexpected" + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
+  if parts:
+    return "; ".join(parts)
   # Same leaf paths, different node types (e.g. a dict against a FrozenDict).
-  sa, sb = jax.tree.structure(tree), jax.tree.structure(reference)
-  return f"in node types: {sa} against {sb}"
+  return f"in node types: {jax.tree.structure(tree)} against {jax.tree.structure(reference)}"
 
 
 def check_same_structure(tree: Any, reference: Any, name: str, reference_name: str) -> None:
-  """Raise a ValueError naming the first differing path if the two structures differ."""
+  """Raise a ValueError naming the first differing path if structures or leaf shapes differ.
+
+  Shapes are compared too, so that nothing is silently broadcast (a ``(3,)`` gradient
+  against a ``(3, 1)`` moment would otherwise broadcast to ``(3, 3)``).
+  """
   if jax.tree.structure(tree) != jax.tree.structure(reference):
     raise ValueError(
-        f"`{name}` does not have the structure of `{reference_name}`: they differ "
+        f"`{name}` does not have the structure of `{reference_name}`: "
         f"{first_difference(tree, reference)}."
     )
+  for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(tree)[0],
+                          jax.tree.leaves(reference)):
+    if jnp.shape(a) != jnp.shape(b):
+      raise ValueError(
+          f"`{name}{jax.tree_util.keystr(tuple(path))}` has shape {jnp.shape(a)} but "
+          f"`{reference_name}{jax.tree_util.keystr(tuple(path))}` has shape {jnp.shape(b)}."
+      )
 
 
 def check_floating(tree: Any, name: str) -> None:
@@ -118,7 +128,7 @@ def resolve_mask(mask: Any, tree: Any, name: str = "mask") -> Any:
     full = jax.tree.broadcast(mask, tree)
   except (ValueError, TypeError):
     raise ValueError(
-        f"`{name}` is not a prefix of the parameter tree: they differ "
+        f"`{name}` is neither the parameter tree's structure nor a prefix of it: "
         f"{first_difference(mask, tree)}."
     ) from None
   return jax.tree.map(bool, full)

@@ -10,9 +10,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from optcompose import tree as otree
 from optcompose._core import (
-    GradientTransformation, ScalarOrSchedule, check_hyperparameter, identity,
-    init_empty_state, with_schedules,
+    EmptyState, GradientTransformation, ScalarOrSchedule, check_hyperparameter, identity,
+    with_schedules,
 )
 
 
@@ -29,11 +30,15 @@ def scale(step_size: ScalarOrSchedule) -> GradientTransformation:
   """
   check_hyperparameter("scale", "step_size", step_size)
 
+  def init(params):
+    otree.check_floating(params, "params")
+    return EmptyState()
+
   def update(updates, state, params=None, **extra):
     del params, extra
     return jax.tree.map(lambda u: scale_leaf(step_size, u), updates), state
 
-  return GradientTransformation(init_empty_state, update)
+  return GradientTransformation(init, update)
 
 
 def scale_by_schedule(step_size_fn) -> GradientTransformation:

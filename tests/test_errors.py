@@ -1,0 +1,104 @@
+"""Bad input gets a clear error, raised early, naming the argument or the tree path."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import optcompose as oc
+
+PARAMS = {"dense": {"kernel": jnp.ones((3, 2)), "bias": jnp.zeros(2)}}
+GRADS = jax.tree.map(jnp.ones_like, PARAMS)
+
+
+@pytest.mark.parametrize("build, argument", [
+    (lambda: oc.adam(1e-3, b1=1.0), "b1"),
+    (lambda: oc.adam(1e-3, b1=-0.1), "b1"),
+    (lambda: oc.adamw(1e-3, b2=1.5), "b2"),
+    (lambda: oc.nadam(1e-3, b2=float("nan")), "b2"),
+    (lambda: oc.rmsprop(1e-3, decay=1.0), "decay"),
+    (lambda: oc.scale_by_stddev(decay=-0.5), "decay"),
+    (lambda: oc.ema(1.2), "decay"),
+    (lambda: oc.sgd(1e-3, momentum=1.5), "decay"),
+    (lambda: oc.sgd(-0.1), "learning_rate"),
+    (lambda: oc.adam(-1e-3), "learning_rate"),
+    (lambda: oc.adam(1e-3, eps=-1e-8), "eps"),
+    (lambda: oc.adagrad(1e-3, eps=-1.0), "eps"),
+    (lambda: oc.adagrad(1e-3, initial_accumulator_value=-0.1), "initial_accumulator_value"),
+    (lambda: oc.adamw(1e-3, weight_decay=-1e-4), "weight_decay"),
+    (lambda: oc.prox_l1(-0.1, 1e-3), "l1"),
+    (lambda: oc.adam(jnp.ones(3)), "learning_rate"),
+    (lambda: oc.adam(1e-3, b1="0.9"), "b1"),
+])
+def test_bad_hyperparameter_is_named_at_construction(build, argument):
+  with pytest.raises((ValueError, TypeError), match=f"`{argument}`"):
+    build()
+
+
+def test_scheduled_hyperparameter_is_checked_at_step_zero_by_init():
+  tx = oc.adam(1e-3, b1=lambda count: 1.0 + 0.0 * count)
+  with pytest.raises(ValueError, match="`b1`"):
+    tx.init(PARAMS)
+
+
+@pytest.mark.parametrize("tx", [oc.adam(1e-3), oc.sgd(1e-3, 0.9), oc.rmsprop(1e-3),
+                                oc.adagrad(1e-3), oc.adamw(1e-3)])
+def test_updates_with_a_missing_leaf_name_the_path(tx):
+  state = tx.init(PARAMS)
+  grads = {"dense": {"kernel": jnp.ones((3, 2))}}
+  with pytest.raises(ValueError, match=r"\['dense'\]\['bias'\]|\['dense'\]\['kernel'\]"):
+    tx.update(grads, state, PARAMS)
+
+
+def test_updates_with_another_shape_are_not_broadcast():
+  tx = oc.adam(1e-3)
+  state = tx.init(PARAMS)
+  grads = {"dense": {"kernel": jnp.ones((3, 1)), "bias": jnp.zeros(2)}}
+  with pytest.raises(ValueError, match=r"updates\['dense'\]\['kernel'\]` has shape \(3, 1\)"):
+    jax.jit(tx.update)(grads, state, PARAMS)
+
+
+def test_apply_updates_rejects_mismatched_trees():
+  with pytest.raises(ValueError, match=r"\['dense'\]\['bias'\]"):
+    oc.apply_updates(PARAMS, {"dense": {"kernel": jnp.ones((3, 2)), "bias": jnp.ones(3)}})
+
+
+@pytest.mark.parametrize("bad", [jnp.arange(3), jnp.array([True, False])])
+@pytest.mark.parametrize("tx", [oc.sgd(0.1), oc.sgd(0.1, 0.9), oc.adam(0.1), oc.adagrad(0.1)])
+def test_integer_or_boolean_params_are_rejected_at_init(tx, bad):
+  params = {"w": jnp.ones(3), "counts": bad}
+  with pytest.raises(TypeError, match=r"params\['counts'\]` has dtype"):
+    tx.init(params)
+
+
+def test_apply_updates_does_not_truncate_integer_params():
+  with pytest.raises(TypeError, match=r"params\['n'\]"):
+    oc.apply_updates({"n": jnp.arange(3)}, {"n": jnp.full(3, 0.4)})
+
+
+def test_mask_that_does_not_match_names_the_difference():
+  tx = oc.adamw(1e-3, mask={"dense": {"kernel": True, "scale": False}})
+  state = tx.init(PARAMS)
+  with pytest.raises(ValueError, match="mask"):
+    tx.update(GRADS, state, PARAMS)
+
+
+def test_mask_with_non_boolean_leaves_is_rejected():
+  tx = oc.adamw(1e-3, mask={"dense": {"kernel": 1, "bias": 0}})
+  with pytest.raises(TypeError, match=r"mask\['dense'\]\['bias'\]"):
+    tx.update(GRADS, tx.init(PARAMS), PARAMS)
+
+
+def test_weight_decay_without_params_is_explained():
+  tx = oc.adamw(1e-3)
+  with pytest.raises(ValueError, match="needs `params`"):
+    tx.update(GRADS, tx.init(PARAMS))
+
+
+def test_chain_rejects_a_foreign_state_and_a_non_transformation():
+  tx = oc.chain(oc.scale_by_adam(), oc.scale(-1.0))
+  with pytest.raises(ValueError, match="chain of 2 transformations"):
+    tx.update(GRADS, (tx.init(PARAMS)[0],), PARAMS)
+  with pytest.raises(TypeError, match="argument 1"):
+    oc.chain(oc.scale(1.0), lambda g: g)

@@ -1,0 +1,137 @@
+"""Interop both ways: optcompose inside Optax and Flax, Optax inside optcompose."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from flax.training import train_state
+
+import optcompose as oc
+from problems import mlp, run
+
+
+def assert_trees_close(a, b, rtol=1e-6):
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol,
+                               atol=rtol * float(np.max(np.abs(np.asarray(y)))))
+
+
+def test_optcompose_inside_optax_chain():
+  prob = mlp()
+  ours = optax.chain(optax.clip_by_global_norm(0.5), oc.adamw(1e-2, weight_decay=0.1))
+  ref = optax.chain(optax.clip_by_global_norm(0.5), optax.adamw(1e-2, weight_decay=0.1))
+  a, _ = run(ours, prob, 100, True, optax.apply_updates)
+  b, _ = run(ref, prob, 100, True, optax.apply_updates)
+  assert_trees_close(a[-1], b[-1])
+  # optax.chain passes extra keyword arguments; they reach our update without error.
+  state = ours.init(prob.params)
+  ours.update(prob.grad(prob.params, 0), state, prob.params, value=jnp.float32(1.0))
+
+
+def test_optax_inside_optcompose_chain():
+  prob = mlp()
+  # clip_by_global_norm is an Optax transformation without **extra; scale_by_adam too.
+  ours = oc.chain(optax.clip_by_global_norm(0.5), optax.scale_by_adam(), oc.scale_by_learning_rate(1e-2))
+  ref = optax.chain(optax.clip_by_global_norm(0.5), optax.adam(1e-2))
+  a, _ = run(ours, prob, 100, True, oc.apply_updates)
+  b, _ = run(ref, prob, 100, True, optax.apply_updates)
+  assert_trees_close(a[-1], b[-1])
+  # Extra keyword arguments are withheld from Optax members that take none.
+  state = ours.init(prob.params)
+  ours.update(prob.grad(prob.params, 0), state, prob.params, value=jnp.float32(1.0))
+
+
+def test_optax_extra_args_member_receives_keywords():
+  seen = {}
+
+  def init(params):
+    return optax.EmptyState()
+
+  def update(updates, state, params=None, **extra):
+    seen.update(extra)
+    return updates, state
+
+  tx = oc.chain(optax.GradientTransformationExtraArgs(init, update), oc.sgd(0.1))
+  params = {"w": jnp.ones(3)}
+  tx.update({"w": jnp.ones(3)}, tx.init(params), params, value=jnp.float32(2.0))
+  assert float(seen["value"]) == 2.0
+  assert oc.RAW_GRADS in seen
+
+
+def test_flax_train_state():
+  prob = mlp()
+
+  def train(tx):
+    state = train_state.TrainState.create(apply_fn=None, params=prob.params, tx=tx)
+    step = jax.jit(lambda s, t: s.apply_gradients(grads=prob.grad(s.params, t)))
+    for t in range(50):
+      state = step(state, t)
+    return state
+
+  ours, ref = train(oc.adamw(1e-2, weight_decay=0.1)), train(optax.adamw(1e-2, weight_decay=0.1))
+  assert int(ours.step) == 50
+  assert_trees_close(ours.params, ref.params)
+  assert [x.shape for x in jax.tree.leaves(ours.opt_state)] == [
+      x.shape for x in jax.tree.leaves(ref.opt_state)]
+
+
+class Net(nnx.Module):
+  def __init__(self, rngs):
+    self.dense1 = nnx.Linear(4, 8, rngs=rngs)
+    self.norm = nnx.LayerNorm(8, rngs=rngs)
+    self.dense2 = nnx.Linear(8, 1, rngs=rngs)
+
+  def __call__(self, x):
+    return self.dense2(jax.nn.relu(self.norm(self.dense1(x))))
+
+
+def _nnx_train(tx, steps=30):
+  model = Net(nnx.Rngs(0))
+  opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  x = jnp.asarray(np.random.default_rng(1).normal(size=(16, 4)), jnp.float32)
+  y = jnp.sum(x, axis=1, keepdims=True)
+
+  @nnx.jit
+  def step(model, opt):
+    loss, grads = nnx.value_and_grad(lambda m: jnp.mean((m(x) - y) ** 2))(model)
+    opt.update(model, grads)
+    return loss
+
+  losses = [float(step(model, opt)) for _ in range(steps)]
+  return model, opt, losses
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw", "rmsprop"])
+def test_flax_nnx_optimizer(name):
+  ours_model, ours_opt, ours_loss = _nnx_train(getattr(oc, name)(1e-2))
+  ref_model, _, ref_loss = _nnx_train(getattr(optax, name)(1e-2))
+  assert ours_loss[-1] < ours_loss[0]
+  np.testing.assert_allclose(ours_loss, ref_loss, rtol=1e-5)
+  assert_trees_close(nnx.state(ours_model, nnx.Param), nnx.state(ref_model, nnx.Param), 1e-5)
+  # nnx stores the transformation statically: it must hold no arrays.
+  assert not any(isinstance(x, jax.Array) for x in jax.tree.leaves(ours_opt.tx))
+
+
+def test_nnx_masked_weight_decay_leaves_bias_and_norm_scale_undecayed():
+  """With zero gradients, AdamW moves only the decayed leaves (kernels)."""
+  model = Net(nnx.Rngs(0))
+  decay_kernels = lambda params: jax.tree_util.tree_map_with_path(
+      lambda path, _: jax.tree_util.keystr(path).endswith("['kernel']"), params)
+  opt = nnx.Optimizer(model, oc.adamw(0.1, weight_decay=0.5, mask=decay_kernels), wrt=nnx.Param)
+  # Non-zero bias and scale, so that decaying them would show.
+  model.dense1.bias[...] = jnp.ones(8)
+  before = jax.tree.map(jnp.array, nnx.state(model, nnx.Param))
+  zeros = jax.tree.map(jnp.zeros_like, nnx.state(model, nnx.Param))
+  opt.update(model, zeros)
+  after = nnx.state(model, nnx.Param)
+  for (path, b), a in zip(jax.tree_util.tree_flatten_with_path(before)[0], jax.tree.leaves(after)):
+    name = jax.tree_util.keystr(path)
+    if "kernel" in name:
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b) * (1 - 0.1 * 0.5), rtol=1e-6)
+    else:
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
