@@ -16,7 +16,7 @@ from optcompose.transforms.momentum import TraceState, trace
 from optcompose.transforms.moments import (
     BiasCorrectionState, EmaState, ScaleByAdamState, ScaleByRmsState, ScaleByRmsWithCountState,
     ScaleByRssState, ScaleByRStdDevState, ScaleByRStdDevWithCountState, ScaleBySecondMomentState,
-    bias_correction, ema, scale_by_adam, scale_by_rms, scale_by_rss, scale_by_second_moment,
+    ema, scale_by_adam, scale_by_bias_correction, scale_by_rms, scale_by_rss, scale_by_second_moment,
     scale_by_stddev,
 )
 from optcompose.transforms.proximal import prox_elastic_net, prox_l1
@@ -27,7 +27,7 @@ __version__ = "0.1.0"
 # Every public transformation and optimizer; the test registry must cover each of them.
 TRANSFORMATIONS = (
     "identity", "scale", "scale_by_learning_rate", "scale_by_schedule", "trace", "ema",
-    "bias_correction", "scale_by_rss", "scale_by_rms", "scale_by_stddev", "scale_by_adam",
+    "scale_by_bias_correction", "scale_by_rss", "scale_by_rms", "scale_by_stddev", "scale_by_adam",
     "scale_by_second_moment", "add_decayed_weights", "add_l2_penalty", "prox_l1",
     "prox_elastic_net",
 )

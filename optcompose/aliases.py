@@ -119,13 +119,16 @@ def adam(learning_rate: ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999,
 
 
 def nadam(learning_rate: ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999,
-          eps: float = 1e-8, eps_root: float = 0.0,
-          mu_dtype: Optional[Any] = None) -> GradientTransformation:
+          eps: float = 1e-8, eps_root: float = 0.0, mu_dtype: Optional[Any] = None, *,
+          nesterov: bool = True) -> GradientTransformation:
   """Nadam: Adam with ``m_hat = b1 m_t / (1 - b1^(t+1)) + (1 - b1) g_t / (1 - b1^t)``.
+
+  Same as ``adam(..., nesterov=True)``; ``nesterov`` is kept, as in Optax, so that
+  ``nadam(..., nesterov=False)`` is plain Adam.
 
   References: Dozat, "Incorporating Nesterov Momentum into Adam", ICLR workshop 2016.
   """
-  return adam(learning_rate, b1, b2, eps, eps_root, mu_dtype, nesterov=True)
+  return adam(learning_rate, b1, b2, eps, eps_root, mu_dtype, nesterov=nesterov)
 
 
 def adamw(learning_rate: ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999,
@@ -159,7 +162,8 @@ def adamw(learning_rate: ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999,
 def nadamw(learning_rate: ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999,
            eps: float = 1e-8, eps_root: float = 0.0, mu_dtype: Optional[Any] = None,
            weight_decay: ScalarOrSchedule = 1e-4, mask: Mask = None, *,
-           l1: ScalarOrSchedule = 0.0, l1_mask: Mask = None) -> GradientTransformation:
+           nesterov: bool = True, l1: ScalarOrSchedule = 0.0,
+           l1_mask: Mask = None) -> GradientTransformation:
   """NadamW: :func:`adamw` with Nesterov's first moment (see :func:`nadam`)."""
   return adamw(learning_rate, b1, b2, eps, eps_root, mu_dtype, weight_decay, mask,
-               nesterov=True, l1=l1, l1_mask=l1_mask)
+               nesterov=nesterov, l1=l1, l1_mask=l1_mask)

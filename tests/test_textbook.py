@@ -257,6 +257,19 @@ def test_adagrad_step_shrinks_like_inverse_sqrt_t(a, eps):
   np.testing.assert_allclose(size[3] / size[0], exact_ratio, rtol=1e-5)
 
 
+def test_adagrad_eps_inside_the_sqrt():
+  """a = 0, g = 1e-3, eps = 1e-6 = g^2: |u_t| = lr g / sqrt(t g^2 + g^2) = lr / sqrt(t + 1)."""
+  lr, steps = 0.3, 20
+  g = np.array([1e-3, -1e-3], np.float32)
+  u = run_updates(oc.adagrad(lr, initial_accumulator_value=0.0, eps=1e-6), [g] * steps,
+                  np.zeros_like(g))
+  t = np.arange(1, steps + 1, dtype=np.float64)[:, None]
+  gg = f64(g)[None, :]
+  np.testing.assert_allclose(u, -lr * gg / np.sqrt(t * gg ** 2 + 1e-6), rtol=1e-5)
+  np.testing.assert_allclose(np.abs(u), np.broadcast_to(lr / np.sqrt(t + 1), u.shape),
+                             rtol=1e-4)
+
+
 # ---------------------------------------------------------------------------------------
 # RMSProp.
 

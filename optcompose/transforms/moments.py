@@ -115,12 +115,12 @@ class BiasCorrectionState(NamedTuple):
 
 
 @with_schedules("decay")
-def bias_correction(decay: ScalarOrSchedule) -> GradientTransformation:
+def scale_by_bias_correction(decay: ScalarOrSchedule) -> GradientTransformation:
   """Divide the incoming EMA by ``1 - decay^t`` (t counts this transformation's steps).
 
   Place it right after an un-debiased EMA (``ema(decay, debias=False)``) of the same decay.
   """
-  _check_decay("bias_correction", "decay", decay)
+  _check_decay("scale_by_bias_correction", "decay", decay)
 
   def init(params):
     del params
@@ -333,7 +333,8 @@ def scale_by_second_moment(decay: ScalarOrSchedule = 0.999, eps: ScalarOrSchedul
   The statistic ``v`` is built from the raw gradient that :func:`optcompose.chain` hands every
   member (``raw_grads``), so the direction it divides may be a momentum::
 
-      adam   = chain(ema(b1, debias=False), bias_correction(b1), scale_by_second_moment(b2))
+      adam   = chain(ema(b1, debias=False), scale_by_bias_correction(b1),
+                   scale_by_second_moment(b2))
       laprop = chain(scale_by_second_moment(b2), ema(b1))
 
   Outside an optcompose chain (e.g. inside ``optax.chain``) no raw gradient is passed and

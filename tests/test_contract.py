@@ -1,0 +1,193 @@
+"""The contract: registry completeness, Optax's names and defaults, schedules everywhere,
+the step count in the state, keyword arguments, and raw gradients through chain."""
+
+from __future__ import annotations
+
+import inspect
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import optcompose as oc
+from problems import mlp, quadratic, run
+from registry import CASES
+
+PUBLIC = oc.TRANSFORMATIONS + oc.OPTIMIZERS
+
+
+def discovered_builders():
+  """Every public function of the package that returns a GradientTransformation."""
+  found = set()
+  for name in dir(oc):
+    fn = getattr(oc, name)
+    if name.startswith("_") or inspect.isclass(fn) or not callable(fn):
+      continue
+    module = getattr(fn, "__module__", "")
+    if not module.startswith(("optcompose.transforms", "optcompose.aliases", "optcompose._core")):
+      continue
+    annotation = inspect.signature(fn).return_annotation
+    if annotation in ("GradientTransformation", oc.GradientTransformation):
+      found.add(name)
+  return found - {"chain", "with_schedules"}
+
+
+def unregistered(cases, public):
+  covered = {name for case in cases for name in case.covers}
+  return sorted(set(public) - covered)
+
+
+def test_every_public_builder_is_declared():
+  assert discovered_builders() == set(PUBLIC)
+
+
+def test_every_public_builder_has_a_registry_case():
+  assert unregistered(CASES, PUBLIC) == []
+
+
+def test_completeness_check_catches_a_missing_case():
+  without_adamw = [c for c in CASES if "adamw" not in c.covers]
+  assert unregistered(without_adamw, PUBLIC) == ["adamw"]
+
+
+@pytest.mark.parametrize("name", [n for n in PUBLIC if hasattr(optax, n)])
+def test_optax_names_arguments_and_defaults(name):
+  ours = inspect.signature(getattr(oc, name)).parameters
+  theirs = inspect.signature(getattr(optax, name)).parameters
+  assert list(ours)[:len(theirs)] == list(theirs), "Optax's arguments, in Optax's order"
+  for arg, p in theirs.items():
+    assert ours[arg].default == p.default, f"{name}({arg}=...) default"
+    assert ours[arg].kind == p.kind, f"{name}({arg}) kind"
+  for arg in list(ours)[len(theirs):]:
+    assert ours[arg].kind is inspect.Parameter.KEYWORD_ONLY, f"extension {arg} is keyword-only"
+    assert ours[arg].default is not inspect.Parameter.empty
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_unknown_keyword_arguments_are_accepted_and_ignored(case):
+  prob = quadratic()
+  tx = case.ours()
+  state = tx.init(prob.params)
+  g = prob.grad(prob.params, 0)
+  plain = tx.update(g, state, prob.params)
+  extra = tx.update(g, state, prob.params, value=jnp.float32(3.0), some_flag=True)
+  for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(extra)):
+    np.testing.assert_array_equal(a, b)
+
+
+SCHEDULABLE = [(name, arg) for name in PUBLIC
+               for arg in getattr(getattr(oc, name), "schedulable", ())]
+
+VALUES = {"decay": 0.9, "b1": 0.8, "b2": 0.99, "eps": 1e-6, "eps_root": 1e-8, "step_size": -0.01,
+          "weight_decay": 0.05, "l1": 0.1, "l2": 0.2, "learning_rate": 0.01}
+REQUIRED = {"trace": {"decay": 0.9}, "ema": {"decay": 0.9}, "scale_by_bias_correction": {"decay": 0.9},
+            "add_l2_penalty": {"l2": 0.1},
+            "prox_elastic_net": {"l1": 0.1, "l2": 0.2, "learning_rate": 0.01},
+            "scale": {"step_size": -0.01}}
+
+
+def test_schedulable_hyperparameters_are_declared():
+  assert len(SCHEDULABLE) >= 15
+  assert ("scale_by_adam", "b1") in SCHEDULABLE and ("trace", "decay") in SCHEDULABLE
+
+
+@pytest.mark.parametrize("name, arg", SCHEDULABLE)
+def test_a_constant_schedule_equals_the_number(name, arg):
+  """Every hyperparameter accepts a schedule; a constant one reproduces the number."""
+  build = getattr(oc, name)
+  kwargs = dict(REQUIRED.get(name, {}))
+  kwargs[arg] = VALUES[arg]
+  with_number = oc.chain(build(**kwargs), oc.scale(-0.01))
+  kwargs[arg] = lambda count, v=VALUES[arg]: jnp.float32(v) + 0 * count
+  with_schedule = oc.chain(build(**kwargs), oc.scale(-0.01))
+  prob = quadratic()
+  a, sa = run(with_number, prob, 12, True, oc.apply_updates)
+  b, sb = run(with_schedule, prob, 12, True, oc.apply_updates)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(x, y, rtol=2e-6, atol=1e-7)
+  assert int(sb[0].count) == 12  # the count lives in the state
+
+
+def test_schedule_reads_the_count_in_the_state():
+  seen = []
+  tx = oc.scale_by_learning_rate(lambda count: seen.append(count) or 0.1)
+  params = {"w": jnp.ones(2)}
+  state = tx.init(params)
+  for _ in range(3):
+    _, state = tx.update(params, state, params)
+  assert [int(c) for c in seen[1:]] == [0, 1, 2]  # seen[0] is init's check at step 0
+  assert int(state.count) == 3
+
+
+@pytest.mark.parametrize("name", ["sgd_nesterov", "adamw_masked_scheduled", "prox_l1",
+                                  "rmsprop_centered_momentum"])
+def test_resuming_from_a_saved_state_continues_exactly(name):
+  case = next(c for c in CASES if c.name == name)
+  prob = mlp()
+  tx = case.ours()
+  update = jax.jit(tx.update)
+  params, state = prob.params, tx.init(prob.params)
+  saved = None
+  for t in range(20):
+    if t == 10:  # save to host memory, as a checkpoint would
+      saved = jax.tree.map(np.asarray, (params, state))
+    u, state = update(prob.grad(params, t), state, params)
+    params = oc.apply_updates(params, u)
+  params2, state2 = jax.tree.map(jnp.asarray, saved)
+  for t in range(10, 20):
+    u, state2 = update(prob.grad(params2, t), state2, params2)
+    params2 = oc.apply_updates(params2, u)
+  for a, b in zip(jax.tree.leaves((params, state)), jax.tree.leaves((params2, state2))):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_count_saturates_instead_of_wrapping():
+  top = jnp.iinfo(jnp.int32).max
+  assert int(oc.safe_increment(jnp.int32(top))) == top
+  assert int(oc.safe_increment(jnp.int32(5))) == 6
+  tx = oc.adam(1e-3)
+  params = {"w": jnp.ones(3)}
+  state = tx.init(params)
+  state = (state[0]._replace(count=jnp.int32(top)), state[1])
+  u, state = tx.update({"w": jnp.ones(3)}, state, params)
+  assert int(state[0].count) == top
+  assert np.all(np.isfinite(u["w"]))
+
+
+def test_bias_correction_is_computed_in_float32_for_bfloat16_moments():
+  """0.999 rounds to 1.0 in bfloat16; computing 1 - b2^t there would divide by zero."""
+  params = {"w": jnp.ones(4, jnp.bfloat16)}
+  grads = {"w": jnp.array([1.0, -2.0, 0.5, 3.0], jnp.bfloat16)}
+  for tx in (oc.adam(1.0), oc.chain(oc.ema(0.999), oc.scale(1.0)),
+             oc.rmsprop(1.0, decay=0.999, bias_correction=True)):
+    u, _ = tx.update(grads, tx.init(params), params)
+    assert u["w"].dtype == jnp.bfloat16
+    assert np.all(np.isfinite(np.asarray(u["w"], np.float32)))
+  u, _ = oc.adam(1.0).update(grads, oc.adam(1.0).init(params), params)
+  np.testing.assert_allclose(np.asarray(u["w"], np.float32), -np.sign([1.0, -2.0, 0.5, 3.0]),
+                             rtol=1e-2)
+
+
+def test_chain_hands_the_raw_gradient_to_every_member():
+  """LaProp (normalise, then average) and Adam (average, then normalise) use the same pieces
+  in another order; the second moment always comes from the raw gradient."""
+  params = {"w": jnp.zeros(3)}
+  g1, g2 = {"w": jnp.array([1.0, -2.0, 4.0])}, {"w": jnp.array([3.0, 1.0, -1.0])}
+  laprop = oc.chain(oc.scale_by_second_moment(0.99, 0.0), oc.ema(0.9, debias=True))
+  state = laprop.init(params)
+  for g in (g1, g2):
+    u, state = laprop.update(g, state, params)
+  # NumPy: v from raw g; n_t = g_t / sqrt(v_hat_t); m = ema of n, debiased.
+  v = m = 0.0
+  for t, g in enumerate((g1, g2), start=1):
+    v = 0.99 * v + 0.01 * np.asarray(g["w"], np.float64) ** 2
+    n = np.asarray(g["w"], np.float64) / np.sqrt(v / (1 - 0.99 ** t))
+    m = 0.9 * m + 0.1 * n
+  np.testing.assert_allclose(u["w"], m / (1 - 0.9 ** 2), rtol=3e-6)
+  # Nested chains keep the outermost input as the raw gradient.
+  nested = oc.chain(oc.scale(10.0), oc.chain(oc.scale_by_second_moment(0.5, 0.0, debias=False)))
+  u, _ = nested.update(g1, nested.init(params), params)
+  expected = 10 * np.asarray(g1["w"]) / np.sqrt(0.5 * np.asarray(g1["w"]) ** 2)
+  np.testing.assert_allclose(u["w"], expected, rtol=1e-6)
