@@ -144,6 +144,12 @@ def adamw(learning_rate: ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999,
   the decayed leaves. ``l1 > 0`` adds L1 soft-thresholding after the step
   (``w <- sign(w) max(|w| - lr l1, 0)``, leaves selected by ``l1_mask``): with
   ``weight_decay`` this is an elastic-net AdamW whose small weights become exact zeros.
+  Note that the threshold ``lr l1`` competes with Adam's *normalised* step
+  ``lr m_hat / sqrt(v_hat)``: a weight stays at zero where ``|m_hat| / sqrt(v_hat) < l1``.
+  With minibatch noise that ratio is small for irrelevant weights and they reach exact
+  zeros (tests/test_proximal.py recovers a lasso support this way); with noise-free
+  full-batch gradients it is about 1 everywhere and no weight settles at zero -- use
+  ``sgd(..., l1=...)`` (ISTA) there.
 
   Chain: ``scale_by_adam``, ``add_decayed_weights(weight_decay, mask)``,
   ``scale_by_learning_rate``, [``prox_elastic_net(l1, 0, lr)``].
