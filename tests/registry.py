@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Callable, NamedTuple, Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -141,6 +142,10 @@ CASES = [
     Case("adam", lambda: oc.adam(LR), ("adam",), optax=lambda: optax.adam(LR)),
     Case("adam_schedule_eps_root", lambda: oc.adam(lr_schedule, 0.8, 0.99, 1e-6, 1e-8),
          ("adam",), optax=lambda: optax.adam(lr_schedule, 0.8, 0.99, 1e-6, 1e-8)),
+    Case("adam_mu_dtype", lambda: oc.adam(LR, mu_dtype=jnp.bfloat16), ("adam",),
+         optax=lambda: optax.adam(LR, mu_dtype=jnp.bfloat16)),
+    Case("sgd_accumulator_dtype", lambda: oc.sgd(LR, 0.9, accumulator_dtype=jnp.bfloat16),
+         ("sgd",), optax=lambda: optax.sgd(LR, 0.9, accumulator_dtype=jnp.bfloat16)),
     Case("adam_nesterov", lambda: oc.adam(LR, nesterov=True), ("adam",),
          optax=lambda: optax.adam(LR, nesterov=True)),
     Case("nadam", lambda: oc.nadam(LR), ("nadam",), optax=lambda: optax.nadam(LR)),

@@ -191,3 +191,17 @@ def test_chain_hands_the_raw_gradient_to_every_member():
   u, _ = nested.update(g1, nested.init(params), params)
   expected = 10 * np.asarray(g1["w"]) / np.sqrt(0.5 * np.asarray(g1["w"]) ** 2)
   np.testing.assert_allclose(u["w"], expected, rtol=1e-6)
+
+
+def test_nu_dtype_stores_the_second_moment_in_that_dtype():
+  params = {"w": jnp.linspace(-1.0, 1.0, 8)}
+  grads = {"w": jnp.linspace(0.5, -2.0, 8)}
+  wide, narrow = oc.scale_by_adam(), oc.scale_by_adam(nu_dtype=jnp.bfloat16)
+  sw, sn = wide.init(params), narrow.init(params)
+  assert sn.nu["w"].dtype == jnp.bfloat16 and sn.mu["w"].dtype == jnp.float32
+  for _ in range(3):
+    uw, sw = wide.update(grads, sw, params)
+    un, sn = narrow.update(grads, sn, params)
+  assert sn.nu["w"].dtype == jnp.bfloat16 and un["w"].dtype == jnp.float32
+  # Same statistic up to bfloat16 rounding of v (8 significant bits; sqrt halves the error).
+  np.testing.assert_allclose(un["w"], uw["w"], rtol=2 ** -8)

@@ -93,3 +93,17 @@ def test_trajectory_matches_numpy(case, problem_name, jit):
   ours, _ = run(case.ours(), prob, STEPS, jit, oc.apply_updates)
   ref = numpy_trajectory(case.numpy_step, prob, STEPS)
   assert_close_trajectories(ours, ref, rtol=1e-5)
+
+
+@pytest.mark.parametrize("case", OPTAX_CASES, ids=lambda c: c.name)
+def test_jitted_trajectory_is_bitwise_optax(case):
+  """Same formulas in the same order: under jit, XLA compiles both to the same arithmetic.
+
+  (Eager runs differ by an ulp now and then: XLA turns ``x / scalar`` inside a compiled
+  function into ``x * (1 / scalar)``, and Optax compiles its bias correction as one unit.)
+  """
+  prob = problem("mlp")
+  ours, _ = run(case.ours(), prob, STEPS, True, oc.apply_updates)
+  ref, _ = run(case.optax(), prob, STEPS, True, optax.apply_updates)
+  for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref)):
+    np.testing.assert_array_equal(a, b)

@@ -44,9 +44,20 @@ def debias_factor(beta, count):
   return 1 - beta.astype(wide) ** jnp.asarray(count).astype(wide)
 
 
-def debias_leaf(m, beta, count):
-  """Bias correction ``m / (1 - beta^count)``, the division in m's own precision."""
-  return m / debias_factor(beta, count).astype(jnp.result_type(m))
+def debias_leaf(m, factor):
+  """Bias correction ``m / (1 - beta^t)`` given ``factor = debias_factor(beta, t)``.
+
+  The scalar factor is computed once per step, outside the per-leaf map, so every leaf
+  sees the same rounded value whatever the tree (XLA evaluates a scalar power fused into
+  a vector loop differently from a standalone one). The division runs in m's precision.
+  """
+  return m / factor.astype(jnp.result_type(m))
+
+
+def nesterov_moment_leaf(b1, m_hat_next, g_hat):
+  """Nadam's look-ahead moment ``b1 * m_t / (1 - b1^(t+1)) + (1 - b1) * g_t / (1 - b1^t)``,
+  given the two debiased terms (this operand order matches Optax's rounding under jit)."""
+  return b1 * m_hat_next + (1 - b1) * g_hat
 
 
 def inverse_rms_leaf(v, eps, eps_in_sqrt):
@@ -104,7 +115,11 @@ def ema(decay: ScalarOrSchedule, debias: bool = True,
     _same(updates, state.ema, "ema")
     new = jax.tree.map(lambda g, m: ema_leaf(decay, m, g), updates, state.ema)
     count = safe_increment(state.count)
-    out = jax.tree.map(lambda m: debias_leaf(m, decay, count), new) if debias else new
+    if debias:
+      factor = debias_factor(decay, count)
+      out = jax.tree.map(lambda m: debias_leaf(m, factor), new)
+    else:
+      out = new
     return out, EmaState(count, otree.cast(new, accumulator_dtype))
 
   return GradientTransformation(init, update)
@@ -129,7 +144,8 @@ def scale_by_bias_correction(decay: ScalarOrSchedule) -> GradientTransformation:
   def update(updates, state, params=None, **extra):
     del params, extra
     count = safe_increment(state.count)
-    return jax.tree.map(lambda m: debias_leaf(m, decay, count), updates), BiasCorrectionState(count)
+    factor = debias_factor(decay, count)
+    return jax.tree.map(lambda m: debias_leaf(m, factor), updates), BiasCorrectionState(count)
 
   return GradientTransformation(init, update)
 
@@ -201,7 +217,8 @@ def scale_by_rms(decay: ScalarOrSchedule = 0.9, eps: ScalarOrSchedule = 1e-8,
     nu = jax.tree.map(lambda g, v: ema_leaf(decay, v, otree.abs_sq(g)), updates, state.nu)
     if bias_correction:
       count = safe_increment(state.count)
-      nu_hat = jax.tree.map(lambda v: debias_leaf(v, decay, count), nu)
+      factor = debias_factor(decay, count)
+      nu_hat = jax.tree.map(lambda v: debias_leaf(v, factor), nu)
     else:
       nu_hat = nu
     updates = jax.tree.map(
@@ -250,8 +267,9 @@ def scale_by_stddev(decay: ScalarOrSchedule = 0.9, eps: ScalarOrSchedule = 1e-8,
     nu = jax.tree.map(lambda g, v: ema_leaf(decay, v, otree.abs_sq(g)), updates, state.nu)
     if bias_correction:
       count = safe_increment(state.count)
-      mu_hat = jax.tree.map(lambda m: debias_leaf(m, decay, count), mu)
-      nu_hat = jax.tree.map(lambda v: debias_leaf(v, decay, count), nu)
+      factor = debias_factor(decay, count)
+      mu_hat = jax.tree.map(lambda m: debias_leaf(m, factor), mu)
+      nu_hat = jax.tree.map(lambda v: debias_leaf(v, factor), nu)
     else:
       mu_hat, nu_hat = mu, nu
     updates = jax.tree.map(
@@ -302,15 +320,16 @@ def scale_by_adam(b1: ScalarOrSchedule = 0.9, b2: ScalarOrSchedule = 0.999,
     mu = jax.tree.map(lambda g, m: ema_leaf(b1, m, g), updates, state.mu)
     nu = jax.tree.map(lambda g, v: ema_leaf(b2, v, otree.abs_sq(g)), updates, state.nu)
     count = safe_increment(state.count)
+    c1, c2 = debias_factor(b1, count), debias_factor(b2, count)
     if nesterov:
+      c1_next = debias_factor(b1, safe_increment(count))
       mu_hat = jax.tree.map(
-          lambda m, g: ema_leaf(b1, debias_leaf(m, b1, safe_increment(count)),
-                                debias_leaf(g, b1, count)),
+          lambda m, g: nesterov_moment_leaf(b1, debias_leaf(m, c1_next), debias_leaf(g, c1)),
           mu, updates)
     else:
-      mu_hat = jax.tree.map(lambda m: debias_leaf(m, b1, count), mu)
+      mu_hat = jax.tree.map(lambda m: debias_leaf(m, c1), mu)
     updates = jax.tree.map(
-        lambda g, m, v: adam_direction_leaf(m, debias_leaf(v, b2, count), eps, eps_root).astype(
+        lambda g, m, v: adam_direction_leaf(m, debias_leaf(v, c2), eps, eps_root).astype(
             jnp.result_type(g)),
         updates, mu_hat, nu)
     mu, nu = otree.cast_like(mu, state.mu), otree.cast_like(nu, state.nu)
@@ -355,8 +374,9 @@ def scale_by_second_moment(decay: ScalarOrSchedule = 0.999, eps: ScalarOrSchedul
     _same(grads, state.nu, "nu")
     nu = jax.tree.map(lambda g, v: ema_leaf(decay, v, otree.abs_sq(g)), grads, state.nu)
     count = safe_increment(state.count)
+    factor = debias_factor(decay, count)
     updates = jax.tree.map(
-        lambda u, v: adam_direction_leaf(u, debias_leaf(v, decay, count) if debias else v,
+        lambda u, v: adam_direction_leaf(u, debias_leaf(v, factor) if debias else v,
                                          eps, eps_root).astype(jnp.result_type(u)),
         updates, nu)
     return updates, ScaleBySecondMomentState(count, otree.cast_like(nu, state.nu))
