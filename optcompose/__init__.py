@@ -4,7 +4,7 @@
 argument names and defaults. See ``optcompose._core`` for the contract.
 """
 
-from optcompose import tree
+from optcompose import schedules, tree
 from optcompose._core import (
     EmptyState, GradientTransformation, OptState, Params, RAW_GRADS, ScalarOrSchedule, Schedule,
     ScheduledState, Updates, apply_updates, chain, identity, init_empty_state, safe_increment,
@@ -21,6 +21,14 @@ from optcompose.transforms.moments import (
 )
 from optcompose.transforms.proximal import prox_elastic_net, prox_l1
 from optcompose.transforms.scaling import scale, scale_by_learning_rate, scale_by_schedule
+from optcompose.schedules import (  # reachable from the top level, as in Optax
+    constant_schedule, cosine_decay_schedule, cosine_onecycle_schedule,
+    cosine_warm_restarts_schedule, exponential_decay, inverse_sqrt_schedule, inverse_time_decay,
+    join_schedules, linear_onecycle_schedule, linear_schedule, linear_warmup,
+    multiply_schedules, piecewise_constant_schedule, piecewise_interpolate_schedule,
+    polynomial_schedule, schedule_from_function, sgdr_schedule, warmup_constant_schedule,
+    warmup_cosine_decay_schedule, warmup_exponential_decay_schedule,
+)
 
 __version__ = "0.1.0"
 

@@ -1,0 +1,470 @@
+"""Learning-rate schedules: pure, jittable functions of the step count.
+
+A ``Schedule`` maps the int32 step count ``t`` (0 at the first update) to a scalar. Every
+hyperparameter of every optcompose transformation accepts one. Names, arguments and
+semantics follow Optax where Optax has the same schedule; arguments are validated when the
+schedule is built (Optax silently turns some invalid ones into a constant).
+
+Formulas (``t`` the count, ``clip(x) = min(max(x, 0), 1)``):
+
+=============================  ==========================================================
+constant                       v
+piecewise constant             v * prod(scale_b for boundaries b <= t)
+exponential decay              v * r^((t - begin) / T)   (exponent floored with staircase;
+                               v for t <= begin; clipped at end_value)
+inverse time decay             v / (1 + r * (t / T))      (t / T floored with staircase)
+inverse square root            peak * t / W for t < W, then peak * sqrt(W / t)
+polynomial                     (v0 - v1) * (1 - clip((t - begin) / T))^p + v1
+cosine decay                   v * ((1 - alpha) * (0.5 (1 + cos(pi min(t, T) / T)))^e + alpha)
+linear warmup of s             v0 + (s(0) - v0) t / W for t < W, then s(t - W)
+warmup + cosine / exp / const  linear warmup to the peak, then the decay, joined at W
+cosine warm restarts (SGDR)    cycle i of length T0 * m^i and peak v * d^i, cosine to floor
+one-cycle (Smith & Topin)      peak/div -> peak over pct_start, then anneal to
+                               peak/(div * final_div) (cosine) or via peak/div (linear)
+join                           s_0(t) for t < b_1, s_k(t - b_k) for b_k <= t < b_{k+1}
+multiply                       s_1(t) * s_2(t) * ...
+=============================  ==========================================================
+
+References: Loshchilov and Hutter, "SGDR: Stochastic Gradient Descent with Warm Restarts",
+ICLR 2017; Smith and Topin, "Super-Convergence", 2018; Vaswani et al., "Attention Is All You
+Need", 2017 (inverse square root); Goyal et al., "Accurate, Large Minibatch SGD", 2017 (warmup).
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Callable, Iterable, Mapping, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from optcompose._core import Schedule
+
+__all__ = [
+    "constant_schedule", "piecewise_constant_schedule", "exponential_decay",
+    "inverse_time_decay", "inverse_sqrt_schedule", "polynomial_schedule", "linear_schedule",
+    "cosine_decay_schedule", "linear_warmup", "warmup_constant_schedule",
+    "warmup_cosine_decay_schedule", "warmup_exponential_decay_schedule",
+    "cosine_warm_restarts_schedule", "sgdr_schedule", "cosine_onecycle_schedule",
+    "linear_onecycle_schedule", "piecewise_interpolate_schedule", "join_schedules",
+    "multiply_schedules", "schedule_from_function",
+]
+
+
+# ---------------------------------------------------------------------------------------
+# Validation.
+
+
+def _number(fn: str, name: str, value, *, low=None, high=None, low_open=False,
+            high_open=False, integer=False):
+  if isinstance(value, bool) or not isinstance(value, (numbers.Real, np.generic, np.ndarray, jax.Array)):
+    raise TypeError(f"{fn}: `{name}` must be a number, got {type(value).__name__}.")
+  if isinstance(value, jax.core.Tracer):
+    return value
+  x = np.asarray(value)
+  if x.shape != ():
+    raise ValueError(f"{fn}: `{name}` must be a scalar, got shape {x.shape}.")
+  x = x.item()
+  if x != x:
+    raise ValueError(f"{fn}: `{name}` is NaN.")
+  if integer and float(x) != int(x):
+    raise ValueError(f"{fn}: `{name}` must be a whole number of steps, got {x!r}.")
+  if low is not None and (x <= low if low_open else x < low):
+    raise ValueError(f"{fn}: `{name}` must be {'>' if low_open else '>='} {low}, got {x!r}.")
+  if high is not None and (x >= high if high_open else x > high):
+    raise ValueError(f"{fn}: `{name}` must be {'<' if high_open else '<='} {high}, got {x!r}.")
+  return int(x) if integer else value
+
+
+def _steps(fn, name, value, *, positive=True):
+  return _number(fn, name, value, low=0, low_open=positive, integer=True)
+
+
+def _float(count):
+  return jnp.asarray(count).astype(jnp.float32)
+
+
+# ---------------------------------------------------------------------------------------
+# Basic schedules.
+
+
+def constant_schedule(value) -> Schedule:
+  """``v`` at every step."""
+  _number("constant_schedule", "value", value)
+  return lambda count: value
+
+
+def piecewise_constant_schedule(init_value,
+                                boundaries_and_scales: Optional[Mapping[int, float]] = None
+                                ) -> Schedule:
+  """Step decay: multiply by ``scale`` from each boundary step on (Optax's semantics)."""
+  fn = "piecewise_constant_schedule"
+  _number(fn, "init_value", init_value)
+  items = sorted((boundaries_and_scales or {}).items())
+  for b, s in items:
+    _steps(fn, "boundaries_and_scales key", b, positive=False)
+    _number(fn, f"boundaries_and_scales[{b}]", s, low=0.0)
+
+  def schedule(count):
+    v = init_value
+    for threshold, scale in items:
+      indicator = jnp.maximum(0.0, jnp.sign(threshold - count))
+      v = v * indicator + (1 - indicator) * scale * v
+    return v
+
+  return schedule
+
+
+def exponential_decay(init_value, transition_steps: int, decay_rate: float,
+                      transition_begin: int = 0, staircase: bool = False,
+                      end_value=None) -> Schedule:
+  """``v * r^((t - begin) / T)`` after ``transition_begin``; floored exponent with
+  ``staircase``; clipped at ``end_value`` (a floor when decaying, a ceiling when growing)."""
+  fn = "exponential_decay"
+  _number(fn, "init_value", init_value)
+  transition_steps = _steps(fn, "transition_steps", transition_steps)
+  _number(fn, "decay_rate", decay_rate, low=0.0, low_open=True)
+  transition_begin = _steps(fn, "transition_begin", transition_begin, positive=False)
+  if end_value is not None:
+    _number(fn, "end_value", end_value)
+  clip = jnp.maximum if decay_rate < 1.0 else jnp.minimum
+
+  def schedule(count):
+    shifted = count - transition_begin
+    p = shifted / transition_steps
+    if staircase:
+      p = jnp.floor(p)
+    value = jnp.where(shifted <= 0, init_value, init_value * jnp.power(decay_rate, p))
+    return value if end_value is None else clip(value, end_value)
+
+  return schedule
+
+
+def inverse_time_decay(init_value, decay_steps: int, decay_rate: float,
+                       staircase: bool = False) -> Schedule:
+  """``v / (1 + r * t / T)`` (Keras's InverseTimeDecay); ``t / T`` floored with staircase."""
+  fn = "inverse_time_decay"
+  _number(fn, "init_value", init_value)
+  decay_steps = _steps(fn, "decay_steps", decay_steps)
+  _number(fn, "decay_rate", decay_rate, low=0.0)
+
+  def schedule(count):
+    p = _float(count) / decay_steps
+    if staircase:
+      p = jnp.floor(p)
+    return init_value / (1 + decay_rate * p)
+
+  return schedule
+
+
+def inverse_sqrt_schedule(peak_value, warmup_steps: int, init_value=0.0) -> Schedule:
+  """The Transformer's schedule: linear warmup to ``peak_value`` over ``warmup_steps``, then
+  ``peak * sqrt(W / t)``.
+
+  With ``peak_value = d_model^-0.5 * W^-0.5`` and ``init_value = 0`` this is Vaswani et al.'s
+  ``d_model^-0.5 * min(t^-0.5, t * W^-1.5)``. ``warmup_steps = 0`` decays as
+  ``peak / sqrt(max(t, 1))`` from the first step.
+  """
+  fn = "inverse_sqrt_schedule"
+  _number(fn, "peak_value", peak_value)
+  _number(fn, "init_value", init_value)
+  warmup_steps = _steps(fn, "warmup_steps", warmup_steps, positive=False)
+  w = max(warmup_steps, 1)
+
+  def schedule(count):
+    t = _float(count)
+    decay = peak_value * jnp.sqrt(w / jnp.maximum(t, w))
+    if warmup_steps == 0:
+      return decay
+    warm = init_value + (peak_value - init_value) * t / warmup_steps
+    return jnp.where(t < warmup_steps, warm, decay)
+
+  return schedule
+
+
+def polynomial_schedule(init_value, end_value, power, transition_steps: int,
+                        transition_begin: int = 0) -> Schedule:
+  """``(v0 - v1) * (1 - clip((t - begin) / T))^power + v1``."""
+  fn = "polynomial_schedule"
+  _number(fn, "init_value", init_value)
+  _number(fn, "end_value", end_value)
+  _number(fn, "power", power, low=0.0, low_open=True)
+  transition_steps = _steps(fn, "transition_steps", transition_steps)
+  transition_begin = _steps(fn, "transition_begin", transition_begin, positive=False)
+
+  def schedule(count):
+    count = jnp.clip(count - transition_begin, 0, transition_steps)
+    frac = 1 - count / transition_steps
+    return (init_value - end_value) * (frac ** power) + end_value
+
+  return schedule
+
+
+def linear_schedule(init_value, end_value, transition_steps: int,
+                    transition_begin: int = 0) -> Schedule:
+  """Linear interpolation from ``init_value`` to ``end_value`` over ``transition_steps``."""
+  return polynomial_schedule(init_value, end_value, 1, transition_steps, transition_begin)
+
+
+def cosine_decay_schedule(init_value, decay_steps: int, alpha=0.0, exponent=1.0) -> Schedule:
+  """``v * ((1 - alpha) * (0.5 (1 + cos(pi min(t, T) / T)))^exponent + alpha)``.
+
+  ``alpha`` is the floor as a fraction of ``init_value`` (PyTorch's ``eta_min = alpha * v``).
+  """
+  fn = "cosine_decay_schedule"
+  _number(fn, "init_value", init_value)
+  decay_steps = _steps(fn, "decay_steps", decay_steps)
+  _number(fn, "alpha", alpha)
+  _number(fn, "exponent", exponent, low=0.0, low_open=True)
+
+  def schedule(count):
+    count = jnp.minimum(_float(count), float(decay_steps))
+    cosine = 0.5 * (1 + jnp.cos(jnp.pi * count / float(decay_steps)))
+    return init_value * ((1 - alpha) * cosine ** exponent + alpha)
+
+  return schedule
+
+
+# ---------------------------------------------------------------------------------------
+# Combinators.
+
+
+def join_schedules(schedules: Sequence[Schedule], boundaries: Sequence[int]) -> Schedule:
+  """``s_0`` until ``b_1``, then ``s_k(t - b_k)`` from each boundary ``b_k`` on."""
+  fn = "join_schedules"
+  schedules = list(schedules)
+  boundaries = [_steps(fn, f"boundaries[{i}]", b, positive=False) for i, b in enumerate(boundaries)]
+  if len(boundaries) != len(schedules) - 1:
+    raise ValueError(f"{fn}: {len(schedules)} schedules need {len(schedules) - 1} boundaries, "
+                     f"got {len(boundaries)}.")
+  if any(b2 < b1 for b1, b2 in zip(boundaries, boundaries[1:])):
+    raise ValueError(f"{fn}: `boundaries` must be non-decreasing, got {boundaries}.")
+  for i, s in enumerate(schedules):
+    if not callable(s):
+      raise TypeError(f"{fn}: `schedules[{i}]` is not callable.")
+
+  def schedule(count):
+    out = schedules[0](count)
+    for boundary, s in zip(boundaries, schedules[1:]):
+      out = jnp.where(count < boundary, out, s(count - boundary))
+    return out
+
+  return schedule
+
+
+def multiply_schedules(*schedules: Schedule) -> Schedule:
+  """The pointwise product ``s_1(t) * s_2(t) * ...`` (e.g. a base schedule times a decay)."""
+  if not schedules:
+    raise ValueError("multiply_schedules: give at least one schedule.")
+  for i, s in enumerate(schedules):
+    if not callable(s):
+      raise TypeError(f"multiply_schedules: argument {i} is not callable.")
+
+  def schedule(count):
+    out = schedules[0](count)
+    for s in schedules[1:]:
+      out = out * s(count)
+    return out
+
+  return schedule
+
+
+def schedule_from_function(fn: Callable, *, dtype=jnp.float32) -> Schedule:
+  """Turn a user function of the step count into a checked schedule.
+
+  The function receives the count as a float (``dtype``) and must return a scalar; it is
+  called once at step 0 here so that a wrong shape or a non-numeric result fails now.
+  """
+  if not callable(fn):
+    raise TypeError("schedule_from_function: `fn` must be callable.")
+
+  def schedule(count):
+    return jnp.asarray(fn(jnp.asarray(count).astype(dtype)), dtype)
+
+  probe = jax.eval_shape(schedule, jax.ShapeDtypeStruct((), jnp.int32))
+  if probe.shape != ():
+    raise ValueError(f"schedule_from_function: `fn` returned shape {probe.shape}, not a scalar.")
+  return schedule
+
+
+def linear_warmup(schedule: Schedule, warmup_steps: int, init_value=0.0) -> Schedule:
+  """Prefix any schedule with a linear warmup from ``init_value`` to ``schedule(0)``.
+
+  ``t < W``: ``v0 + (s(0) - v0) t / W``; then ``s(t - W)``.
+  """
+  fn = "linear_warmup"
+  if not callable(schedule):
+    raise TypeError(f"{fn}: `schedule` must be callable.")
+  warmup_steps = _steps(fn, "warmup_steps", warmup_steps, positive=False)
+  _number(fn, "init_value", init_value)
+  if warmup_steps == 0:
+    return schedule
+
+  def warm(count):
+    peak = schedule(jnp.zeros_like(count))
+    return init_value + (peak - init_value) * _float(count) / warmup_steps
+
+  return join_schedules([warm, schedule], [warmup_steps])
+
+
+def warmup_constant_schedule(init_value, peak_value, warmup_steps: int) -> Schedule:
+  """Linear warmup from ``init_value`` to ``peak_value``, then constant."""
+  return linear_schedule(init_value, peak_value, warmup_steps)
+
+
+def warmup_cosine_decay_schedule(init_value, peak_value, warmup_steps: int, decay_steps: int,
+                                 end_value=0.0, exponent=1.0) -> Schedule:
+  """Linear warmup to ``peak_value`` over ``warmup_steps``, then cosine decay to ``end_value``
+  at ``decay_steps`` (counted from step 0, warmup included, as in Optax)."""
+  fn = "warmup_cosine_decay_schedule"
+  for name, v in (("init_value", init_value), ("peak_value", peak_value), ("end_value", end_value)):
+    _number(fn, name, v)
+  warmup_steps = _steps(fn, "warmup_steps", warmup_steps, positive=False)
+  decay_steps = _steps(fn, "decay_steps", decay_steps)
+  if warmup_steps >= decay_steps:
+    raise ValueError(f"{fn}: the warmup ({warmup_steps} steps) must be shorter than the run "
+                     f"(`decay_steps` = {decay_steps}).")
+  alpha = 0.0 if peak_value == 0.0 else end_value / peak_value
+  return join_schedules(
+      [linear_schedule(init_value, peak_value, warmup_steps) if warmup_steps else
+       constant_schedule(peak_value),
+       cosine_decay_schedule(peak_value, decay_steps - warmup_steps, alpha, exponent)],
+      [warmup_steps])
+
+
+def warmup_exponential_decay_schedule(init_value, peak_value, warmup_steps: int,
+                                      transition_steps: int, decay_rate: float,
+                                      transition_begin: int = 0, staircase: bool = False,
+                                      end_value=None) -> Schedule:
+  """Linear warmup to ``peak_value``, then :func:`exponential_decay` from the peak."""
+  fn = "warmup_exponential_decay_schedule"
+  _number(fn, "init_value", init_value)
+  _number(fn, "peak_value", peak_value)
+  warmup_steps = _steps(fn, "warmup_steps", warmup_steps, positive=False)
+  return join_schedules(
+      [linear_schedule(init_value, peak_value, warmup_steps) if warmup_steps else
+       constant_schedule(peak_value),
+       exponential_decay(peak_value, transition_steps, decay_rate, transition_begin, staircase,
+                         end_value)],
+      [warmup_steps])
+
+
+def cosine_warm_restarts_schedule(init_value, first_period: int, period_mult: float = 1.0,
+                                  peak_decay: float = 1.0, end_value=0.0) -> Schedule:
+  """SGDR: cosine annealing restarted at the end of each cycle.
+
+  Cycle ``i`` lasts ``T_i = T_0 * m^i`` steps and starts at ``peak_i = v * d^i``; inside it, at
+  position ``tau``, the value is ``end + (peak_i - end) * 0.5 (1 + cos(pi tau / T_i))``. With
+  ``peak_decay = 1`` and ``end_value = eta_min`` this is PyTorch's CosineAnnealingWarmRestarts.
+  """
+  fn = "cosine_warm_restarts_schedule"
+  _number(fn, "init_value", init_value)
+  _number(fn, "end_value", end_value)
+  first_period = _steps(fn, "first_period", first_period)
+  _number(fn, "period_mult", period_mult, low=1.0)
+  _number(fn, "peak_decay", peak_decay, low=0.0, low_open=True, high=1.0)
+  t0, m = float(first_period), float(period_mult)
+
+  def start_of(i):  # first step of cycle i
+    return t0 * i if m == 1.0 else t0 * (m ** i - 1) / (m - 1)
+
+  def schedule(count):
+    t = _float(count)
+    if m == 1.0:
+      i = jnp.floor(t / t0)
+    else:
+      i = jnp.floor(jnp.log1p(t * (m - 1) / t0) / jnp.log(m))
+      # The logarithm may round across a boundary: settle i so start_i <= t < start_{i+1}.
+      i = jnp.where(start_of(i + 1) <= t, i + 1, i)
+      i = jnp.where(start_of(i) > t, i - 1, i)
+    period = t0 * m ** i
+    tau = t - start_of(i)
+    peak = init_value * peak_decay ** i
+    return end_value + (peak - end_value) * 0.5 * (1 + jnp.cos(jnp.pi * tau / period))
+
+  return schedule
+
+
+def sgdr_schedule(cosine_kwargs: Iterable[Mapping]) -> Schedule:
+  """Optax's SGDR: a sequence of warmup-cosine cycles, each given by its keyword arguments
+  to :func:`warmup_cosine_decay_schedule`."""
+  schedules, boundaries, step = [], [], 0
+  for kwargs in cosine_kwargs:
+    schedules.append(warmup_cosine_decay_schedule(**kwargs))
+    step += kwargs["decay_steps"]
+    boundaries.append(step)
+  if not schedules:
+    raise ValueError("sgdr_schedule: give at least one cycle.")
+  return join_schedules(schedules, boundaries[:-1])
+
+
+def piecewise_interpolate_schedule(interpolate_type: str, init_value,
+                                   boundaries_and_scales: Optional[Mapping[int, float]] = None
+                                   ) -> Schedule:
+  """Interpolate (linearly or by a half cosine) between values that change by ``scale`` at
+  each boundary: value_k = init * prod(scales up to k)."""
+  fn = "piecewise_interpolate_schedule"
+  if interpolate_type not in ("linear", "cosine"):
+    raise ValueError(f"{fn}: `interpolate_type` must be 'linear' or 'cosine', "
+                     f"got {interpolate_type!r}.")
+  _number(fn, "init_value", init_value)
+  items = sorted((boundaries_and_scales or {}).items())
+  for b, s in items:
+    _steps(fn, "boundaries_and_scales key", b, positive=False)
+    _number(fn, f"boundaries_and_scales[{b}]", s, low=0.0)
+  boundaries = tuple(b for b, _ in items)
+  scales = tuple(s for _, s in items)
+
+  def interpolate(start, end, pct):
+    if interpolate_type == "linear":
+      return (end - start) * pct + start
+    return end + (start - end) / 2.0 * (jnp.cos(jnp.pi * pct) + 1)
+
+  def schedule(count):
+    bounds = jnp.stack((0,) + boundaries)
+    values = jnp.cumprod(jnp.stack((init_value,) + scales))
+    sizes = jnp.maximum(bounds[1:] - bounds[:-1], 1)
+    inside = jnp.logical_and(bounds[:-1] <= count, count < bounds[1:])
+    pct = (count - bounds[:-1]) / sizes
+    return inside.dot(interpolate(values[:-1], values[1:], pct)) + (bounds[-1] <= count) * values[-1]
+
+  return schedule
+
+
+def _onecycle_checks(fn, transition_steps, peak_value, pct_start, div_factor, final_div_factor):
+  transition_steps = _steps(fn, "transition_steps", transition_steps)
+  _number(fn, "peak_value", peak_value)
+  _number(fn, "pct_start", pct_start, low=0.0, high=1.0, low_open=True, high_open=True)
+  _number(fn, "div_factor", div_factor, low=0.0, low_open=True)
+  _number(fn, "final_div_factor", final_div_factor, low=0.0, low_open=True)
+  return transition_steps
+
+
+def cosine_onecycle_schedule(transition_steps: int, peak_value, pct_start: float = 0.3,
+                             div_factor: float = 25.0, final_div_factor: float = 1e4) -> Schedule:
+  """One-cycle with cosine phases: ``peak/div`` up to ``peak`` over ``pct_start`` of the run,
+  then down to ``peak/(div * final_div)`` at ``transition_steps`` (Optax's semantics)."""
+  fn = "cosine_onecycle_schedule"
+  transition_steps = _onecycle_checks(fn, transition_steps, peak_value, pct_start, div_factor,
+                                      final_div_factor)
+  return piecewise_interpolate_schedule(
+      "cosine", peak_value / div_factor,
+      {int(pct_start * transition_steps): div_factor,
+       int(transition_steps): 1.0 / (div_factor * final_div_factor)})
+
+
+def linear_onecycle_schedule(transition_steps: int, peak_value, pct_start: float = 0.3,
+                             pct_final: float = 0.85, div_factor: float = 25.0,
+                             final_div_factor: float = 1e4) -> Schedule:
+  """One-cycle with linear phases: up to ``peak`` by ``pct_start``, back to ``peak/div`` by
+  ``pct_final``, then down to ``peak/(div * final_div)`` at ``transition_steps``."""
+  fn = "linear_onecycle_schedule"
+  transition_steps = _onecycle_checks(fn, transition_steps, peak_value, pct_start, div_factor,
+                                      final_div_factor)
+  _number(fn, "pct_final", pct_final, low=pct_start, high=1.0, low_open=True)
+  return piecewise_interpolate_schedule(
+      "linear", peak_value / div_factor,
+      {int(pct_start * transition_steps): div_factor,
+       int(pct_final * transition_steps): 1.0 / div_factor,
+       transition_steps: 1.0 / final_div_factor})

@@ -1,0 +1,210 @@
+"""Schedules: values equal Optax's (where Optax has the schedule) and an independent
+float64 formula, jitted and eager, at step 0, at and around every boundary, and past the end."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import optcompose as oc
+from optcompose import schedules as S
+
+
+def steps_around(*points, end):
+  s = {0, 1, 2, end, end + 1, 2 * end + 7}
+  for p in points:
+    s |= {max(p - 1, 0), p, p + 1}
+  return sorted(s)
+
+
+def evaluate(schedule, steps, jit):
+  f = jax.jit(schedule) if jit else schedule
+  return np.array([float(f(jnp.int32(t))) for t in steps])
+
+
+def assert_values(ours, expected, scale):
+  np.testing.assert_allclose(ours, expected, rtol=1e-6, atol=1e-7 * scale)
+
+
+# (name, our schedule, Optax's, steps): the same arguments to both libraries.
+OPTAX_PAIRS = [
+    ("constant", lambda m: m.constant_schedule(0.3), steps_around(end=10)),
+    ("piecewise_constant", lambda m: m.piecewise_constant_schedule(0.5, {10: 0.1, 25: 0.5}),
+     steps_around(10, 25, end=30)),
+    ("exponential", lambda m: m.exponential_decay(1.0, 10, 0.5, transition_begin=5),
+     steps_around(5, 15, end=60)),
+    ("exponential_staircase_end", lambda m: m.exponential_decay(
+        2.0, 7, 0.3, staircase=True, end_value=0.05), steps_around(7, 14, end=40)),
+    ("exponential_growth_end", lambda m: m.exponential_decay(0.1, 5, 2.0, end_value=1.0),
+     steps_around(5, 20, end=30)),
+    ("polynomial", lambda m: m.polynomial_schedule(1.0, 0.1, 2.0, 50, 10),
+     steps_around(10, 60, end=60)),
+    ("linear", lambda m: m.linear_schedule(0.0, 1.0, 40), steps_around(40, end=40)),
+    ("cosine", lambda m: m.cosine_decay_schedule(0.8, 100, alpha=0.1, exponent=2.0),
+     steps_around(50, 100, end=100)),
+    ("warmup_constant", lambda m: m.warmup_constant_schedule(0.0, 1.0, 20), steps_around(20, end=30)),
+    ("warmup_cosine", lambda m: m.warmup_cosine_decay_schedule(0.0, 1.0, 20, 200, 1e-3),
+     steps_around(20, 110, 200, end=200)),
+    ("warmup_cosine_no_warmup", lambda m: m.warmup_cosine_decay_schedule(0.0, 1.0, 0, 50),
+     steps_around(25, 50, end=50)),
+    ("warmup_exponential", lambda m: m.warmup_exponential_decay_schedule(
+        0.01, 1.0, 10, 20, 0.5, staircase=True, end_value=0.1), steps_around(10, 30, 50, end=90)),
+    ("sgdr", lambda m: m.sgdr_schedule([
+        dict(init_value=0.0, peak_value=1.0, warmup_steps=5, decay_steps=30),
+        dict(init_value=0.0, peak_value=0.5, warmup_steps=5, decay_steps=60)]),
+     steps_around(5, 30, 35, 90, end=90)),
+    ("cosine_onecycle", lambda m: m.cosine_onecycle_schedule(100, 1.0), steps_around(30, 100, end=100)),
+    ("linear_onecycle", lambda m: m.linear_onecycle_schedule(100, 1.0, 0.25, 0.8),
+     steps_around(25, 80, 100, end=100)),
+    ("piecewise_interpolate", lambda m: m.piecewise_interpolate_schedule(
+        "cosine", 1.0, {10: 0.5, 30: 0.1}), steps_around(10, 30, end=40)),
+    ("join", lambda m: m.join_schedules(
+        [m.constant_schedule(1.0), m.linear_schedule(1.0, 0.0, 10), m.constant_schedule(0.2)],
+        [5, 15]), steps_around(5, 15, end=20)),
+]
+
+
+@pytest.mark.parametrize("jit", [True, False], ids=["jit", "eager"])
+@pytest.mark.parametrize("name, make, steps", OPTAX_PAIRS, ids=[p[0] for p in OPTAX_PAIRS])
+def test_schedule_matches_optax(name, make, steps, jit):
+  ours, ref = evaluate(make(oc), steps, jit), evaluate(make(optax), steps, jit)
+  assert_values(ours, ref, np.max(np.abs(ref)))
+
+
+# Independent float64 formulas for every schedule, including those Optax lacks.
+def ref_inverse_time(t, v=0.5, T=10, r=2.0, staircase=False):
+  p = math.floor(t / T) if staircase else t / T
+  return v / (1 + r * p)
+
+
+def ref_inverse_sqrt(t, peak=1.0, W=20, v0=0.0):
+  if t < W:
+    return v0 + (peak - v0) * t / W
+  return peak * math.sqrt(W / t)
+
+
+def ref_transformer(t, d_model=512, W=40):
+  """Vaswani et al.: lrate = d^-0.5 min(step^-0.5, step W^-1.5) with step = t (t >= 1)."""
+  step = max(t, 1)
+  return d_model ** -0.5 * min(step ** -0.5, step * W ** -1.5)
+
+
+def ref_cosine(t, v=0.8, T=100, alpha=0.1, e=2.0):
+  c = 0.5 * (1 + math.cos(math.pi * min(t, T) / T))
+  return v * ((1 - alpha) * c ** e + alpha)
+
+
+def ref_warm_restarts(t, v=1.0, T0=10, mult=2, d=0.5, eta_min=0.01):
+  """PyTorch's CosineAnnealingWarmRestarts bookkeeping, step by step, plus peak decay."""
+  i, T_i, t_cur = 0, T0, t
+  while t_cur >= T_i:
+    t_cur -= T_i
+    T_i *= mult
+    i += 1
+  peak = v * d ** i
+  return eta_min + (peak - eta_min) * (1 + math.cos(math.pi * t_cur / T_i)) / 2
+
+
+def ref_linear_warmup_exponential(t, W=10, v=1.0, T=5, r=0.5):
+  if t < W:
+    return v * t / W
+  return v * r ** ((t - W) / T)
+
+
+OWN_CASES = [
+    ("inverse_time", S.inverse_time_decay(0.5, 10, 2.0), ref_inverse_time, steps_around(10, end=100)),
+    ("inverse_time_staircase", S.inverse_time_decay(0.5, 10, 2.0, staircase=True),
+     lambda t: ref_inverse_time(t, staircase=True), steps_around(10, 20, end=100)),
+    ("inverse_sqrt", S.inverse_sqrt_schedule(1.0, 20), ref_inverse_sqrt, steps_around(20, 80, end=500)),
+    ("inverse_sqrt_transformer", S.inverse_sqrt_schedule(512 ** -0.5 * 40 ** -0.5, 40),
+     ref_transformer, [t for t in steps_around(40, 160, end=1000) if t >= 1]),
+    ("cosine_floor_exponent", S.cosine_decay_schedule(0.8, 100, 0.1, 2.0), ref_cosine,
+     steps_around(50, 100, end=100)),
+    ("warm_restarts", S.cosine_warm_restarts_schedule(1.0, 10, 2, 0.5, 0.01), ref_warm_restarts,
+     steps_around(10, 30, 70, 150, 310, end=700)),
+    ("warm_restarts_constant_period", S.cosine_warm_restarts_schedule(1.0, 7, 1, 1.0, 0.0),
+     lambda t: ref_warm_restarts(t, 1.0, 7, 1, 1.0, 0.0), steps_around(7, 14, 21, end=100)),
+    ("linear_warmup_of_exponential", S.linear_warmup(S.exponential_decay(1.0, 5, 0.5), 10),
+     ref_linear_warmup_exponential, steps_around(10, 15, end=60)),
+    ("multiply", S.multiply_schedules(S.constant_schedule(2.0), S.inverse_time_decay(0.5, 10, 2.0)),
+     lambda t: 2.0 * ref_inverse_time(t), steps_around(10, end=50)),
+    ("from_function", S.schedule_from_function(lambda t: 0.1 * jnp.exp(-t / 50.0)),
+     lambda t: 0.1 * math.exp(-t / 50.0), steps_around(50, end=200)),
+]
+
+
+@pytest.mark.parametrize("jit", [True, False], ids=["jit", "eager"])
+@pytest.mark.parametrize("name, schedule, formula, steps", OWN_CASES, ids=[c[0] for c in OWN_CASES])
+def test_schedule_matches_its_formula(name, schedule, formula, steps, jit):
+  expected = np.array([formula(t) for t in steps])
+  assert_values(evaluate(schedule, steps, jit), expected, np.max(np.abs(expected)))
+
+
+def test_sgdr_restarts_exactly_at_each_boundary():
+  s = S.cosine_warm_restarts_schedule(1.0, 10, 2, 0.5, 0.0)
+  starts = [0, 10, 30, 70, 150, 310, 630]
+  for i, b in enumerate(starts):
+    assert float(s(jnp.int32(b))) == pytest.approx(0.5 ** i, rel=1e-6)
+    assert float(s(jnp.int32(b + 1))) < 0.5 ** i
+
+
+def test_onecycle_anneals_far_below_the_start():
+  s = S.cosine_onecycle_schedule(1000, 1.0, div_factor=25.0, final_div_factor=1e4)
+  assert float(s(0)) == pytest.approx(1 / 25, rel=1e-6)
+  assert float(s(300)) == pytest.approx(1.0, rel=1e-6)
+  assert float(s(1000)) == pytest.approx(1 / 25 / 1e4, rel=1e-5)
+  assert float(s(1000)) < float(s(0)) / 1000
+
+
+@pytest.mark.parametrize("build, match", [
+    (lambda: S.warmup_cosine_decay_schedule(0.0, 1.0, 200, 100), "warmup .* shorter than the run"),
+    (lambda: S.warmup_cosine_decay_schedule(0.0, 1.0, 100, 100), "warmup"),
+    (lambda: S.cosine_decay_schedule(1.0, 0), "`decay_steps` must be > 0"),
+    (lambda: S.exponential_decay(1.0, -5, 0.5), "`transition_steps`"),
+    (lambda: S.exponential_decay(1.0, 5, 0.0), "`decay_rate`"),
+    (lambda: S.polynomial_schedule(1.0, 0.0, 1.0, 0), "`transition_steps`"),
+    (lambda: S.cosine_warm_restarts_schedule(1.0, 0), "`first_period`"),
+    (lambda: S.cosine_warm_restarts_schedule(1.0, 10, period_mult=0.5), "`period_mult`"),
+    (lambda: S.cosine_warm_restarts_schedule(1.0, 10, peak_decay=1.5), "`peak_decay`"),
+    (lambda: S.cosine_onecycle_schedule(0, 1.0), "`transition_steps`"),
+    (lambda: S.cosine_onecycle_schedule(100, 1.0, pct_start=1.2), "`pct_start`"),
+    (lambda: S.linear_onecycle_schedule(100, 1.0, pct_start=0.5, pct_final=0.4), "`pct_final`"),
+    (lambda: S.piecewise_constant_schedule(1.0, {10: -0.5}), "boundaries_and_scales"),
+    (lambda: S.join_schedules([S.constant_schedule(1.0)] * 3, [10]), "need 2 boundaries"),
+    (lambda: S.join_schedules([S.constant_schedule(1.0)] * 3, [10, 5]), "non-decreasing"),
+    (lambda: S.inverse_sqrt_schedule(1.0, -1), "`warmup_steps`"),
+    (lambda: S.linear_schedule(1.0, 0.0, 10.5), "whole number"),
+    (lambda: S.constant_schedule("0.1"), "`value` must be a number"),
+    (lambda: S.schedule_from_function(lambda t: jnp.ones(3) * t), "not a scalar"),
+])
+def test_bad_schedule_arguments_are_named(build, match):
+  with pytest.raises((ValueError, TypeError), match=match):
+    build()
+
+
+def test_schedule_drives_an_optimizer_and_resumes_exactly():
+  """Saving the state at step k and resuming gives the same learning rates afterwards."""
+  s = S.warmup_cosine_decay_schedule(0.0, 0.1, 10, 60)
+  tx = oc.sgd(s)
+  params = {"w": jnp.ones(3)}
+  grads = {"w": jnp.ones(3)}
+  update = jax.jit(tx.update)
+  state = tx.init(params)
+  seen = []
+  for t in range(40):
+    if t == 17:
+      saved = jax.tree.map(np.asarray, state)
+    u, state = update(grads, state, params)
+    seen.append(-float(u["w"][0]))
+  state = jax.tree.map(jnp.asarray, saved)
+  resumed = []
+  for t in range(17, 40):
+    u, state = update(grads, state, params)
+    resumed.append(-float(u["w"][0]))
+  assert resumed == seen[17:]
+  np.testing.assert_allclose(seen, [float(s(t)) for t in range(40)], rtol=1e-6)
