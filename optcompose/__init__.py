@@ -21,6 +21,10 @@ from optcompose.transforms.moments import (
 )
 from optcompose.transforms.proximal import prox_elastic_net, prox_l1
 from optcompose.transforms.scaling import scale, scale_by_learning_rate, scale_by_schedule
+from optcompose.recipe.plateau import ReduceLROnPlateauState, reduce_on_plateau
+from optcompose.wrappers import (
+    InjectHyperparamsState, current_hyperparams, inject_hyperparams, set_hyperparams,
+)
 from optcompose.schedules import (  # reachable from the top level, as in Optax
     constant_schedule, cosine_decay_schedule, cosine_onecycle_schedule,
     cosine_warm_restarts_schedule, exponential_decay, inverse_sqrt_schedule, inverse_time_decay,
@@ -37,6 +41,6 @@ TRANSFORMATIONS = (
     "identity", "scale", "scale_by_learning_rate", "scale_by_schedule", "trace", "ema",
     "scale_by_bias_correction", "scale_by_rss", "scale_by_rms", "scale_by_stddev", "scale_by_adam",
     "scale_by_second_moment", "add_decayed_weights", "add_l2_penalty", "prox_l1",
-    "prox_elastic_net",
+    "prox_elastic_net", "reduce_on_plateau",
 )
 OPTIMIZERS = ("sgd", "adagrad", "rmsprop", "adam", "nadam", "adamw", "nadamw")

@@ -222,7 +222,16 @@ class ScheduledState(NamedTuple):
   """State of a transformation built from scheduled hyperparameters."""
 
   count: jax.Array  # int32 step count, read by the schedules
-  inner: OptState  # the state of the transformation built from this step's values
+  hyperparams: dict  # the scheduled values used by the latest update (at init: step 0's)
+  inner: OptState  # the state of the transformation built from those values
+
+
+HYPERPARAM_DTYPE = jnp.float32  # hyperparameters keep their own dtype, whatever the params'
+
+
+def as_hyperparam(value, dtype=None) -> jax.Array:
+  """A hyperparameter value as a scalar array of a floating dtype (float32 by default)."""
+  return jnp.asarray(value, dtype=dtype or HYPERPARAM_DTYPE)
 
 
 def with_schedules(*names: str):
@@ -251,15 +260,14 @@ def with_schedules(*names: str):
         return builder(*bound.args, **bound.kwargs)
 
       def build(count):
-        arguments = dict(bound.arguments)
-        for n in scheduled:
-          arguments[n] = bound.arguments[n](count)
-        b = signature.bind(**arguments)
-        return builder(*b.args, **b.kwargs)
+        values = {n: bound.arguments[n](count) for n in scheduled}
+        b = signature.bind(**{**bound.arguments, **values})
+        return builder(*b.args, **b.kwargs), {n: as_hyperparam(v) for n, v in values.items()}
 
       def init(params):
         count = zero_count()
-        return ScheduledState(count, build(count).init(params))
+        tx, values = build(count)
+        return ScheduledState(count, values, tx.init(params))
 
       def update(updates, state, params=None, **extra):
         if not isinstance(state, ScheduledState):
@@ -267,8 +275,9 @@ def with_schedules(*names: str):
               f"{builder.__name__} with scheduled {scheduled} expects a ScheduledState, "
               f"got {type(state).__name__}."
           )
-        updates, inner = build(state.count).update(updates, state.inner, params, **extra)
-        return updates, ScheduledState(safe_increment(state.count), inner)
+        tx, values = build(state.count)
+        updates, inner = tx.update(updates, state.inner, params, **extra)
+        return updates, ScheduledState(safe_increment(state.count), values, inner)
 
       return GradientTransformation(init, update)
 

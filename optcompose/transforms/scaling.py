@@ -48,6 +48,7 @@ def scale_by_schedule(step_size_fn) -> GradientTransformation:
   return scale(step_size_fn)
 
 
+@with_schedules("learning_rate")
 def scale_by_learning_rate(
     learning_rate: ScalarOrSchedule | None = None, *, flip_sign: bool = True
 ) -> GradientTransformation:
@@ -60,7 +61,4 @@ def scale_by_learning_rate(
   if learning_rate is None:
     return identity()
   check_hyperparameter("scale_by_learning_rate", "learning_rate", learning_rate, low=0.0)
-  sign = -1 if flip_sign else 1
-  if callable(learning_rate):
-    return scale(lambda count: sign * learning_rate(count))
-  return scale(sign * learning_rate)
+  return scale(-learning_rate if flip_sign else learning_rate)

@@ -1,0 +1,1 @@
+"""Training-recipe pieces built on the transformations: plateau control, ..."""

@@ -1,0 +1,104 @@
+"""Reduce the step size when a monitored value stops improving (reduce-on-plateau).
+
+Fed the value through the update's keyword arguments (``update(..., value=loss)``); it
+multiplies the updates by ``scale``. Every ``accumulation_size`` calls it compares the mean
+of the values received with the best mean so far::
+
+    improved  = mean < (1 - rtol) * best - atol        (mode="min"; "max" negates the value)
+    plateau   = 0 if improved else plateau + 1
+    if plateau == patience (and not cooling down):
+        scale = max(scale * factor, min_scale);  plateau = 0;  cooldown_count = cooldown
+    during cooldown: plateau stays 0 and cooldown_count counts down
+
+Optax's names, defaults and semantics (``optax.contrib.reduce_on_plateau``); ``mode`` is an
+extension. Unlike Optax, ``scale`` is kept in float32 whatever the parameters' dtype.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from optcompose._core import (
+    GradientTransformation, as_hyperparam, check_hyperparameter, safe_increment, zero_count,
+)
+
+
+class ReduceLROnPlateauState(NamedTuple):
+  scale: jax.Array
+  best_value: jax.Array
+  plateau_count: jax.Array
+  cooldown_count: jax.Array
+  count: jax.Array
+  avg_value: jax.Array
+
+
+def reduce_on_plateau(factor: float = 0.1, patience: int = 10, rtol: float = 1e-4,
+                      atol: float = 0.0, cooldown: int = 0, accumulation_size: int = 1,
+                      min_scale: float = 0.0, *, mode: str = "min") -> GradientTransformation:
+  """Scale updates down by ``factor`` after ``patience`` evaluations without improvement.
+
+  Args:
+    factor: multiplier in (0, 1) applied to the scale at each plateau.
+    patience: evaluations without improvement before the scale is reduced.
+    rtol, atol: relative and absolute improvement thresholds (at least one positive).
+    cooldown: evaluations to wait after a reduction before counting again.
+    accumulation_size: update calls whose values are averaged into one evaluation.
+    min_scale: the scale never goes below this.
+    mode: "min" (the value should fall, e.g. a loss) or "max" (e.g. an accuracy).
+  """
+  fn = "reduce_on_plateau"
+  check_hyperparameter(fn, "factor", factor, low=0.0, high=1.0, low_open=True, high_open=True)
+  check_hyperparameter(fn, "patience", patience, low=1)
+  check_hyperparameter(fn, "rtol", rtol, low=0.0, high=1.0)
+  check_hyperparameter(fn, "atol", atol, low=0.0)
+  if rtol == 0 and atol == 0:
+    raise ValueError(f"{fn}: at least one of `rtol` and `atol` must be positive.")
+  check_hyperparameter(fn, "cooldown", cooldown, low=0)
+  check_hyperparameter(fn, "accumulation_size", accumulation_size, low=1)
+  check_hyperparameter(fn, "min_scale", min_scale, low=0.0)
+  if mode not in ("min", "max"):
+    raise ValueError(f"{fn}: `mode` must be 'min' or 'max', got {mode!r}.")
+  sign = 1.0 if mode == "min" else -1.0
+
+  def init(params):
+    del params
+    f32 = jnp.float32
+    return ReduceLROnPlateauState(
+        scale=as_hyperparam(1.0), best_value=jnp.asarray(jnp.inf, f32),
+        plateau_count=zero_count(), cooldown_count=zero_count(), count=zero_count(),
+        avg_value=jnp.asarray(0.0, f32))
+
+  def evaluate(s: ReduceLROnPlateauState) -> ReduceLROnPlateauState:
+    improved = s.avg_value < (1 - rtol) * s.best_value - atol
+    best = jnp.where(improved, s.avg_value, s.best_value)
+    plateau = jnp.where(improved, 0, safe_increment(s.plateau_count))
+    cooling = s.cooldown_count > 0
+    hit = jnp.logical_and(~cooling, plateau == patience)
+    scale = jnp.where(hit, jnp.maximum(s.scale * factor, min_scale), s.scale)
+    plateau = jnp.where(jnp.logical_or(cooling, hit), 0, plateau)
+    cooldown_count = jnp.where(cooling, s.cooldown_count - 1, jnp.where(hit, cooldown, 0))
+    return ReduceLROnPlateauState(scale, best, plateau.astype(jnp.int32),
+                                  cooldown_count.astype(jnp.int32), zero_count(),
+                                  jnp.zeros_like(s.avg_value))
+
+  def update(updates, state, params=None, **extra):
+    del params
+    if "value" not in extra:
+      raise TypeError(f"{fn} needs the monitored value: call update(..., value=loss).")
+    value = sign * jnp.asarray(extra["value"], jnp.float32)
+    if value.shape != ():
+      raise ValueError(f"{fn}: `value` must be a scalar, got shape {value.shape}.")
+    count = safe_increment(state.count)
+    avg = (state.count * state.avg_value + value) / count
+    s = state._replace(count=count, avg_value=avg)
+    s = jax.tree.map(lambda a, b: jnp.where(count == accumulation_size, a, b), evaluate(s), s)
+    updates = jax.tree.map(lambda u: (s.scale * u).astype(jnp.result_type(u)), updates)
+    return updates, s
+
+  return GradientTransformation(init, update)
+
+
+__all__ = ["ReduceLROnPlateauState", "reduce_on_plateau"]
