@@ -61,15 +61,19 @@ def mlp(dtype=jnp.float32) -> Problem:
   return Problem("mlp", params, jax.jit(grad), jax.jit(functools.partial(loss_on, xb=x, yb=y)))
 
 
-def run(tx, problem: Problem, steps: int, jit: bool, apply_updates):
-  """Train ``steps`` steps; return the list of params after each step and the final state."""
+def run(tx, problem: Problem, steps: int, jit: bool, apply_updates, with_value: bool = False):
+  """Train ``steps`` steps; return the list of params after each step and the final state.
+
+  ``with_value`` passes the current loss as ``value=`` (for plateau control).
+  """
   params = problem.params
   state = tx.init(params)
   update = jax.jit(tx.update) if jit else tx.update
   path = []
   for t in range(steps):
     g = problem.grad(params, t)
-    u, state = update(g, state, params)
+    extra = {"value": problem.loss(params)} if with_value else {}
+    u, state = update(g, state, params, **extra)
     params = apply_updates(params, u)
     path.append(params)
   return path, state

@@ -42,6 +42,7 @@ class Case(NamedTuple):
   optax: Optional[Callable[[], object]] = None
   numpy_step: Optional[Callable] = None  # (w, g, t) -> w_new on float64 numpy leaves
   same_state: bool = True  # the state has Optax's leaves (False: another decomposition)
+  with_value: bool = False  # update needs value=loss (plateau control)
 
 
 def _sgd_np(lr):
@@ -127,6 +128,12 @@ CASES = [
     Case("prox_elastic_net", lambda: oc.chain(oc.scale_by_learning_rate(LR),
                                               oc.prox_elastic_net(0.3, 0.2, LR)),
          ("prox_elastic_net",), numpy_step=_prox_np(lambda t: LR, 0.3, 0.2)),
+    Case("reduce_on_plateau",
+         lambda: oc.chain(oc.sgd(0.05), oc.reduce_on_plateau(0.5, patience=3, rtol=1e-3)),
+         ("reduce_on_plateau",),
+         optax=lambda: optax.chain(optax.sgd(0.05),
+                                   optax.contrib.reduce_on_plateau(0.5, patience=3, rtol=1e-3)),
+         with_value=True),
     # --- optimizers ------------------------------------------------------------------
     Case("sgd", lambda: oc.sgd(LR), ("sgd",), optax=lambda: optax.sgd(LR)),
     Case("sgd_momentum", lambda: oc.sgd(LR, 0.9), ("sgd",), optax=lambda: optax.sgd(LR, 0.9)),

@@ -43,8 +43,8 @@ NUMPY_CASES = [c for c in CASES if c.numpy_step is not None]
 @pytest.mark.parametrize("case", OPTAX_CASES, ids=lambda c: c.name)
 def test_trajectory_matches_optax(case, problem_name, jit):
   prob = problem(problem_name)
-  ours, _ = run(case.ours(), prob, STEPS, jit, oc.apply_updates)
-  ref, _ = run(case.optax(), prob, STEPS, jit, optax.apply_updates)
+  ours, _ = run(case.ours(), prob, STEPS, jit, oc.apply_updates, case.with_value)
+  ref, _ = run(case.optax(), prob, STEPS, jit, optax.apply_updates, case.with_value)
   assert_close_trajectories(ours, ref, rtol=1e-6)
   # The problem is actually being optimised: the comparison is not between two frozen runs.
   assert float(prob.loss(ours[-1])) != float(prob.loss(prob.params))
@@ -53,8 +53,8 @@ def test_trajectory_matches_optax(case, problem_name, jit):
 @pytest.mark.parametrize("case", OPTAX_CASES, ids=lambda c: c.name)
 def test_trajectory_matches_optax_bfloat16(case):
   prob = problem("quadratic", jnp.bfloat16)
-  ours, _ = run(case.ours(), prob, 50, True, oc.apply_updates)
-  ref, _ = run(case.optax(), prob, 50, True, optax.apply_updates)
+  ours, _ = run(case.ours(), prob, 50, True, oc.apply_updates, case.with_value)
+  ref, _ = run(case.optax(), prob, 50, True, optax.apply_updates, case.with_value)
   for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref)):
     assert a.dtype == b.dtype == jnp.bfloat16
   # bfloat16 keeps 8 significant bits: allow a few units in the last place.
@@ -69,7 +69,8 @@ def test_state_has_optax_shapes_and_dtypes(case):
 
   def stepped_state(tx):
     state = tx.init(params)
-    return tx.update(grads, state, params)[1]
+    extra = {"value": jnp.float32(1.0)} if case.with_value else {}
+    return tx.update(grads, state, params, **extra)[1]
 
   def strip(state):
     """Our scheduled states also record the values in force (one scalar per scheduled
@@ -112,7 +113,7 @@ def test_jitted_trajectory_is_bitwise_optax(case):
   function into ``x * (1 / scalar)``, and Optax compiles its bias correction as one unit.)
   """
   prob = problem("mlp")
-  ours, _ = run(case.ours(), prob, STEPS, True, oc.apply_updates)
-  ref, _ = run(case.optax(), prob, STEPS, True, optax.apply_updates)
+  ours, _ = run(case.ours(), prob, STEPS, True, oc.apply_updates, case.with_value)
+  ref, _ = run(case.optax(), prob, STEPS, True, optax.apply_updates, case.with_value)
   for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref)):
     np.testing.assert_array_equal(a, b)
