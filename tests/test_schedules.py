@@ -208,3 +208,69 @@ def test_schedule_drives_an_optimizer_and_resumes_exactly():
     resumed.append(-float(u["w"][0]))
   assert resumed == seen[17:]
   np.testing.assert_allclose(seen, [float(s(t)) for t in range(40)], rtol=1e-6)
+
+
+# The Optax-named schedules against their textbook formulas too (not only against Optax).
+def ref_piecewise(t):
+  return 0.5 * (0.1 if t >= 10 else 1.0) * (0.5 if t >= 25 else 1.0)
+
+
+def ref_exponential_staircase(t, v=2.0, T=7, r=0.3, end=0.05):
+  return max(v * r ** math.floor(t / T), end)
+
+
+def ref_polynomial(t, v0=1.0, v1=0.1, p=2.0, T=50, begin=10):
+  frac = 1 - min(max(t - begin, 0), T) / T
+  return (v0 - v1) * frac ** p + v1
+
+
+def ref_warmup_cosine(t, v0=0.0, peak=1.0, W=20, T=200, end=1e-3):
+  if t < W:
+    return v0 + (peak - v0) * t / W
+  tau = min(t - W, T - W)
+  return end + (peak - end) * 0.5 * (1 + math.cos(math.pi * tau / (T - W)))
+
+
+def ref_cosine_onecycle(t, T=100, peak=1.0, pct=0.3, div=25.0, final=1e4):
+  lo, hi, end = peak / div, peak, peak / (div * final)
+  up = int(pct * T)
+  if t < up:
+    return hi + (lo - hi) / 2 * (1 + math.cos(math.pi * t / up))
+  if t < T:
+    return end + (hi - end) / 2 * (1 + math.cos(math.pi * (t - up) / (T - up)))
+  return end
+
+
+def ref_linear_onecycle(t, T=100, peak=1.0, a=0.25, b=0.8, div=25.0, final=1e4):
+  lo, end = peak / div, peak / (div * final)
+  p1, p2 = int(a * T), int(b * T)
+  if t < p1:
+    return lo + (peak - lo) * t / p1
+  if t < p2:
+    return peak + (lo - peak) * (t - p1) / (p2 - p1)
+  if t < T:
+    return lo + (end - lo) * (t - p2) / (T - p2)
+  return end
+
+
+FORMULA_CASES = [
+    ("piecewise_constant", S.piecewise_constant_schedule(0.5, {10: 0.1, 25: 0.5}), ref_piecewise,
+     steps_around(10, 25, end=30)),
+    ("exponential_staircase_end", S.exponential_decay(2.0, 7, 0.3, staircase=True, end_value=0.05),
+     ref_exponential_staircase, steps_around(7, 14, end=40)),
+    ("polynomial", S.polynomial_schedule(1.0, 0.1, 2.0, 50, 10), ref_polynomial,
+     steps_around(10, 60, end=60)),
+    ("warmup_cosine", S.warmup_cosine_decay_schedule(0.0, 1.0, 20, 200, 1e-3), ref_warmup_cosine,
+     steps_around(20, 110, 200, end=200)),
+    ("cosine_onecycle", S.cosine_onecycle_schedule(100, 1.0), ref_cosine_onecycle,
+     steps_around(30, 100, end=100)),
+    ("linear_onecycle", S.linear_onecycle_schedule(100, 1.0, 0.25, 0.8), ref_linear_onecycle,
+     steps_around(25, 80, 100, end=100)),
+]
+
+
+@pytest.mark.parametrize("name, schedule, formula, steps", FORMULA_CASES,
+                         ids=[c[0] for c in FORMULA_CASES])
+def test_optax_named_schedule_matches_its_formula(name, schedule, formula, steps):
+  expected = np.array([formula(t) for t in steps])
+  assert_values(evaluate(schedule, steps, True), expected, np.max(np.abs(expected)))
