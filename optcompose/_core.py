@@ -29,14 +29,18 @@ function of the int32 step count. ``with_schedules`` (below) gives every transfo
 support in one place: when any hyperparameter is a schedule, the state gains a step count
 and the transformation is rebuilt at each step from the scheduled values.
 
-Inside :func:`chain`, every member that accepts keyword arguments also receives the chain's
-input gradient as ``raw_grads=...`` (unless the caller passed one). A preconditioner placed
-after a momentum step can then build its statistic from the raw gradient while scaling the
-momentum direction; see :func:`optcompose.scale_by_second_moment`.
+Inside :func:`chain`, members that ask for it (their ``update`` carries the attribute
+``wants_raw_grads``) also receive the chain's own input as ``raw_grads=...``. A
+preconditioner placed after a momentum step can then build its statistic from the gradient
+while scaling the momentum direction; see :func:`optcompose.scale_by_second_moment`. Each
+chain hands down *its own* input, so a chain of such pieces nested after clipping sees the
+clipped gradient. Other members, Optax's included, never see ``raw_grads``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import inspect
 import numbers
@@ -55,7 +59,20 @@ OptState = Any
 Schedule = Callable[[jax.Array], Any]
 ScalarOrSchedule = Union[float, int, jax.Array, Schedule]
 
-RAW_GRADS = "raw_grads"  # keyword under which chain hands every member its input gradient
+RAW_GRADS = "raw_grads"  # keyword under which chain hands opting-in members its input
+
+
+def wants_raw_grads(update: Callable) -> Callable:
+  """Mark an ``update`` function as one that reads ``raw_grads`` (see :func:`chain`)."""
+  update.wants_raw_grads = True
+  return update
+
+
+def forward_extra(update: Callable, extra: dict) -> dict:
+  """The keyword arguments to hand ``update``: ``raw_grads`` only if it asks for it."""
+  if RAW_GRADS in extra and not getattr(update, "wants_raw_grads", False):
+    return {k: v for k, v in extra.items() if k != RAW_GRADS}
+  return extra
 
 
 class GradientTransformation(NamedTuple):
@@ -116,8 +133,8 @@ def chain(*transformations: Any) -> GradientTransformation:
   """Apply transformations one after the other; the state is the tuple of their states.
 
   Members may be optcompose or Optax transformations (anything with ``init``/``update``).
-  Keyword arguments given to ``update`` reach every member that accepts them, together
-  with ``raw_grads``, the gradient that entered the outermost chain.
+  Keyword arguments given to ``update`` reach every member that accepts them; members that
+  ask for it (see :func:`wants_raw_grads`) also get ``raw_grads``, this chain's input.
   """
   members = tuple(_as_transformation(t, i) for i, t in enumerate(transformations))
 
@@ -125,17 +142,17 @@ def chain(*transformations: Any) -> GradientTransformation:
     return tuple(t.init(params) for t in members)
 
   def update(updates, state, params=None, **extra):
-    if not isinstance(state, tuple) or len(state) != len(members):
+    if not isinstance(state, (tuple, list)) or len(state) != len(members):
       got = f"a {type(state).__name__} of length {len(state)}" if isinstance(
           state, (tuple, list)) else type(state).__name__
       raise ValueError(
           f"chain of {len(members)} transformations got state {got}; pass the state "
           "returned by this chain's init."
       )
-    extra.setdefault(RAW_GRADS, updates)
+    extra = {**extra, RAW_GRADS: updates}
     new_state = []
     for t, s in zip(members, state):
-      updates, s = t.update(updates, s, params, **extra)
+      updates, s = t.update(updates, s, params, **forward_extra(t.update, extra))
       new_state.append(s)
     return updates, tuple(new_state)
 
@@ -155,17 +172,33 @@ def apply_updates(params: Params, updates: Updates) -> Params:
 # Hyperparameters: validation and schedules.
 
 
+_SKIP_CHECKS = contextvars.ContextVar("optcompose_skip_checks", default=False)
+
+
+@contextlib.contextmanager
+def checks_done():
+  """Within this block, hyperparameter checks are skipped: values rebuilt at every step
+  (schedules, live hyperparameters) were checked once, at ``init``."""
+  token = _SKIP_CHECKS.set(True)
+  try:
+    yield
+  finally:
+    _SKIP_CHECKS.reset(token)
+
+
 def _concrete_scalar(value: Any) -> Optional[float]:
   """The value as a float when it is a known number; None for tracers and schedules."""
   if callable(value) or isinstance(value, jax.core.Tracer):
     return None
+  if isinstance(value, bool):
+    raise TypeError("expected a number, got a bool")
   if isinstance(value, (numbers.Real, np.ndarray, np.generic, jax.Array)):
-    arr = np.asarray(value)
-    if arr.shape != ():
-      raise ValueError(f"expected a scalar, got an array of shape {arr.shape}")
-    if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
-      raise TypeError(f"expected a real number, got dtype {arr.dtype}")
-    return float(arr)
+    if jnp.shape(value) != ():
+      raise ValueError(f"expected a scalar, got an array of shape {jnp.shape(value)}")
+    dtype = jnp.result_type(value)
+    if not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)):
+      raise TypeError(f"expected a real number, got dtype {dtype}")
+    return float(value)
   raise TypeError(f"expected a number or a schedule, got {type(value).__name__}")
 
 
@@ -181,17 +214,20 @@ def check_hyperparameter(
 ) -> None:
   """Raise a ValueError naming ``fn_name(name=...)`` if a known ``value`` is out of range.
 
-  Schedules and traced values are checked when they become numbers (a scheduled value is
-  checked at step 0 by ``init``); they cannot be checked inside ``jax.jit``.
+  Schedules and traced values are checked when they become numbers: a scheduled value is
+  checked at step 0 by ``init``; later values of a schedule are not checked (that would
+  cost a device-to-host copy per step, and cannot be done inside ``jax.jit``).
   """
+  if _SKIP_CHECKS.get():
+    return
   try:
     x = _concrete_scalar(value)
   except (TypeError, ValueError) as e:
     raise type(e)(f"{fn_name}: `{name}` {e}") from None
   if x is None:
     return
-  if np.isnan(x):
-    raise ValueError(f"{fn_name}: `{name}` is NaN.")
+  if not np.isfinite(x):
+    raise ValueError(f"{fn_name}: `{name}` must be finite, got {x!r}.")
   too_low = low is not None and (x <= low if low_open else x < low)
   too_high = high is not None and (x >= high if high_open else x > high)
   if too_low or too_high:
@@ -269,14 +305,16 @@ def with_schedules(*names: str):
         tx, values = build(count)
         return ScheduledState(count, values, tx.init(params))
 
+      @wants_raw_grads  # forwarded only if the built transformation asks for it
       def update(updates, state, params=None, **extra):
         if not isinstance(state, ScheduledState):
           raise TypeError(
               f"{builder.__name__} with scheduled {scheduled} expects a ScheduledState, "
               f"got {type(state).__name__}."
           )
-        tx, values = build(state.count)
-        updates, inner = tx.update(updates, state.inner, params, **extra)
+        with checks_done():
+          tx, values = build(state.count)
+        updates, inner = tx.update(updates, state.inner, params, **forward_extra(tx.update, extra))
         return updates, ScheduledState(safe_increment(state.count), values, inner)
 
       return GradientTransformation(init, update)

@@ -4,9 +4,11 @@ No alias contains math of its own: each is a recipe of transformations from
 ``optcompose.transforms``. Symbols: g gradient, w parameters, lr learning rate (a number or a
 schedule), t step count from 1.
 
-Extensions beyond Optax are keyword-only and off by default, so the default state is
-Optax's: ``sgd(..., l1=, l2=)`` and ``adamw(..., l1=)`` append a proximal elastic-net / L1
-step after the learning-rate step (see :mod:`optcompose.transforms.proximal`).
+Extensions beyond Optax are keyword-only and off by default (``None``), so the default state
+is Optax's: ``sgd(..., l1=, l2=)`` and ``adamw(..., l1=)`` append a proximal elastic-net / L1
+step after the learning-rate step (see :mod:`optcompose.transforms.proximal`). Under
+``inject_hyperparams`` a strength given as a number (even 0) becomes live, so the step is
+kept; leave it ``None`` to have no proximal step.
 """
 
 from __future__ import annotations
@@ -21,20 +23,17 @@ from optcompose.transforms.proximal import prox_elastic_net
 from optcompose.transforms.scaling import scale_by_learning_rate
 
 
-def _is_zero(x) -> bool:
-  return isinstance(x, (int, float)) and x == 0
-
-
 def _proximal(learning_rate, l1, l2, mask) -> tuple:
-  """The optional proximal step; nothing when both strengths are the number 0."""
-  if _is_zero(l1) and _is_zero(l2):
+  """The optional proximal step; nothing when neither strength is given (``None``)."""
+  if l1 is None and l2 is None:
     return ()
-  return (prox_elastic_net(l1, l2, learning_rate, mask),)
+  return (prox_elastic_net(0.0 if l1 is None else l1, 0.0 if l2 is None else l2,
+                           learning_rate, mask),)
 
 
 def sgd(learning_rate: ScalarOrSchedule, momentum: Optional[float] = None,
         nesterov: bool = False, accumulator_dtype: Optional[Any] = None, *,
-        l1: ScalarOrSchedule = 0.0, l2: ScalarOrSchedule = 0.0,
+        l1: Optional[ScalarOrSchedule] = None, l2: Optional[ScalarOrSchedule] = None,
         reg_mask: Mask = None) -> GradientTransformation:
   """Stochastic gradient descent, with optional (Nesterov) momentum and elastic net.
 
@@ -134,7 +133,7 @@ def nadam(learning_rate: ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999,
 def adamw(learning_rate: ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999,
           eps: float = 1e-8, eps_root: float = 0.0, mu_dtype: Optional[Any] = None,
           weight_decay: ScalarOrSchedule = 1e-4, mask: Mask = None, *,
-          nesterov: bool = False, l1: ScalarOrSchedule = 0.0,
+          nesterov: bool = False, l1: Optional[ScalarOrSchedule] = None,
           l1_mask: Mask = None) -> GradientTransformation:
   """AdamW, Adam with decoupled weight decay::
 
@@ -161,14 +160,14 @@ def adamw(learning_rate: ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999,
                     nesterov=nesterov),
       add_decayed_weights(weight_decay, mask),
       scale_by_learning_rate(learning_rate),
-      *_proximal(learning_rate, l1, 0.0, l1_mask),
+      *_proximal(learning_rate, l1, None, l1_mask),
   )
 
 
 def nadamw(learning_rate: ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999,
            eps: float = 1e-8, eps_root: float = 0.0, mu_dtype: Optional[Any] = None,
            weight_decay: ScalarOrSchedule = 1e-4, mask: Mask = None, *,
-           nesterov: bool = True, l1: ScalarOrSchedule = 0.0,
+           nesterov: bool = True, l1: Optional[ScalarOrSchedule] = None,
            l1_mask: Mask = None) -> GradientTransformation:
   """NadamW: :func:`adamw` with Nesterov's first moment (see :func:`nadam`)."""
   return adamw(learning_rate, b1, b2, eps, eps_root, mu_dtype, weight_decay, mask,

@@ -26,8 +26,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from optcompose._core import _takes_extra
 from optcompose._core import (
-    GradientTransformation, ScheduledState, as_hyperparam, safe_increment, zero_count,
+    GradientTransformation, ScheduledState, as_hyperparam, checks_done, forward_extra,
+    safe_increment, wants_raw_grads, zero_count,
 )
 
 
@@ -97,13 +99,20 @@ def inject_hyperparams(
       values = values_at(count, {n: as_hyperparam(v, dtype) for n, v in numeric.items()})
       return InjectHyperparamsState(count, values, build(values).init(params))
 
+    @wants_raw_grads  # forwarded only if the inner transformation asks for it
     def update(updates, state, params=None, **extra):
       if not isinstance(state, InjectHyperparamsState):
         raise TypeError(f"inject_hyperparams expects an InjectHyperparamsState, "
                         f"got {type(state).__name__}.")
       values = values_at(state.count, state.hyperparams)
-      inner = build(values)
-      updates, inner_state = inner.update(updates, state.inner_state, params, **extra)
+      with checks_done():  # the values were checked at init; live changes are the user's
+        inner = build(values)
+      inner_update = inner.update
+      if not _takes_extra(inner_update):
+        updates, inner_state = inner_update(updates, state.inner_state, params)
+      else:
+        updates, inner_state = inner_update(updates, state.inner_state, params,
+                                            **forward_extra(inner_update, extra))
       return updates, InjectHyperparamsState(safe_increment(state.count), values, inner_state)
 
     return GradientTransformation(init, update)

@@ -188,11 +188,15 @@ def test_chain_hands_the_raw_gradient_to_every_member():
     n = np.asarray(g["w"], np.float64) / np.sqrt(v / (1 - 0.99 ** t))
     m = 0.9 * m + 0.1 * n
   np.testing.assert_allclose(u["w"], m / (1 - 0.9 ** 2), rtol=3e-6)
-  # Nested chains keep the outermost input as the raw gradient.
+  # A nested chain hands down its own input: here the gradient scaled by 10, so the
+  # statistic is built from 10 g, and (10 g) / sqrt(0.5 (10 g)^2) = sqrt(2) sign(g).
   nested = oc.chain(oc.scale(10.0), oc.chain(oc.scale_by_second_moment(0.5, 0.0, debias=False)))
   u, _ = nested.update(g1, nested.init(params), params)
-  expected = 10 * np.asarray(g1["w"]) / np.sqrt(0.5 * np.asarray(g1["w"]) ** 2)
-  np.testing.assert_allclose(u["w"], expected, rtol=1e-6)
+  np.testing.assert_allclose(u["w"], np.sqrt(2.0) * np.sign(np.asarray(g1["w"])), rtol=1e-6)
+  # In a flat chain, the members after the scaling read the chain's input, g itself.
+  flat = oc.chain(oc.scale(10.0), oc.scale_by_second_moment(0.5, 0.0, debias=False))
+  u, _ = flat.update(g1, flat.init(params), params)
+  np.testing.assert_allclose(u["w"], 10 * np.sqrt(2.0) * np.sign(np.asarray(g1["w"])), rtol=1e-6)
 
 
 def test_nu_dtype_stores_the_second_moment_in_that_dtype():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import optcompose as oc
@@ -30,6 +31,10 @@ GRADS = jax.tree.map(jnp.ones_like, PARAMS)
     (lambda: oc.prox_l1(-0.1, 1e-3), "l1"),
     (lambda: oc.adam(jnp.ones(3)), "learning_rate"),
     (lambda: oc.adam(1e-3, b1="0.9"), "b1"),
+    (lambda: oc.sgd(float("inf")), "learning_rate"),
+    (lambda: oc.adam(1e-3, eps=float("inf")), "eps"),
+    (lambda: oc.rmsprop(1e-3, initial_scale=-1.0), "initial_scale"),
+    (lambda: oc.adam(1e-3, b1=True), "b1"),
 ])
 def test_bad_hyperparameter_is_named_at_construction(build, argument):
   with pytest.raises((ValueError, TypeError), match=f"`{argument}`"):
@@ -102,3 +107,44 @@ def test_chain_rejects_a_foreign_state_and_a_non_transformation():
     tx.update(GRADS, (tx.init(PARAMS)[0],), PARAMS)
   with pytest.raises(TypeError, match="argument 1"):
     oc.chain(oc.scale(1.0), lambda g: g)
+
+
+def test_low_precision_hyperparameters_are_accepted():
+  params = {"w": jnp.ones(3)}
+  for tx in (oc.adam(jnp.asarray(1e-3, jnp.bfloat16)), oc.sgd(np.float16(0.1), 0.9),
+             oc.inject_hyperparams(oc.sgd, hyperparam_dtype=jnp.bfloat16)(learning_rate=1e-3)):
+    u, _ = tx.update(params, tx.init(params), params)
+    assert np.all(np.isfinite(np.asarray(u["w"], np.float32)))
+  # ... but a value that bfloat16 rounds out of range is caught, by name, at init.
+  tx = oc.inject_hyperparams(oc.adam, hyperparam_dtype=jnp.bfloat16)(learning_rate=1e-3)
+  with pytest.raises(ValueError, match="`b2` must lie in \\[0, 1\\), got 1.0"):
+    tx.init(params)
+
+
+def test_mask_is_checked_even_when_the_decay_is_zero():
+  tx = oc.add_decayed_weights(0.0, mask={"dense": {"kernel": True}})
+  with pytest.raises(ValueError, match="mask"):
+    tx.update(GRADS, tx.init(PARAMS), PARAMS)
+
+
+def test_chain_accepts_a_list_state_from_a_restored_checkpoint():
+  tx = oc.adam(1e-3)
+  state = list(tx.init(PARAMS))
+  u, new_state = tx.update(GRADS, state, PARAMS)
+  assert isinstance(new_state, tuple)
+
+
+def test_scheduled_values_are_checked_once_at_init_not_at_every_step():
+  """A schedule that leaves the valid range later is the user's responsibility: the same
+  result eagerly and under jit (no per-step host copy, no error only in eager mode)."""
+  tx = oc.sgd(lambda count: 0.1 - 0.05 * count)  # negative from step 3 on
+  params = {"w": jnp.ones(2)}
+  state = tx.init(params)
+  eager, jitted = [], []
+  s1 = s2 = state
+  for _ in range(4):
+    u1, s1 = tx.update(params, s1, params)
+    u2, s2 = jax.jit(tx.update)(params, s2, params)
+    eager.append(float(u1["w"][0]))
+    jitted.append(float(u2["w"][0]))
+  np.testing.assert_allclose(eager, jitted, rtol=1e-6)

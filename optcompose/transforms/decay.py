@@ -41,9 +41,9 @@ def _add_scaled_params(fn: str, arg: str, coef, mask: Mask) -> GradientTransform
     if params is None:
       raise ValueError(f"{fn} needs `params`: call update(updates, state, params).")
     otree.check_same_structure(updates, params, "updates", "params")
+    where = otree.resolve_mask(mask, params) if mask is not None else None
     if isinstance(coef, (int, float)) and coef == 0:
       return updates, state
-    where = otree.resolve_mask(mask, params) if mask is not None else None
     if where is None:
       return jax.tree.map(lambda u, w: decay_leaf(coef, u, w), updates, params), state
     return jax.tree.map(lambda u, w, on: decay_leaf(coef, u, w) if on else u,

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from optcompose import tree as otree
 from optcompose._core import (
     RAW_GRADS, GradientTransformation, ScalarOrSchedule, check_hyperparameter, safe_increment,
-    with_schedules, zero_count,
+    wants_raw_grads, with_schedules, zero_count,
 )
 
 # ---------------------------------------------------------------------------------------
@@ -206,6 +206,7 @@ def scale_by_rms(decay: ScalarOrSchedule = 0.9, eps: ScalarOrSchedule = 1e-8,
   """
   _check_decay("scale_by_rms", "decay", decay)
   _check_eps("scale_by_rms", "eps", eps)
+  check_hyperparameter("scale_by_rms", "initial_scale", initial_scale, low=0.0)
 
   def init(params):
     nu = _moments_init(params, "scale_by_rms", value=initial_scale)
@@ -252,6 +253,7 @@ def scale_by_stddev(decay: ScalarOrSchedule = 0.9, eps: ScalarOrSchedule = 1e-8,
   """
   _check_decay("scale_by_stddev", "decay", decay)
   _check_eps("scale_by_stddev", "eps", eps)
+  check_hyperparameter("scale_by_stddev", "initial_scale", initial_scale, low=0.0)
 
   def init(params):
     mu = _moments_init(params, "scale_by_stddev")
@@ -349,15 +351,17 @@ def scale_by_second_moment(decay: ScalarOrSchedule = 0.999, eps: ScalarOrSchedul
                            nu_dtype: Optional[Any] = None) -> GradientTransformation:
   """Divide the incoming direction by ``sqrt(v_hat + eps_root) + eps``, v an EMA of g^2.
 
-  The statistic ``v`` is built from the raw gradient that :func:`optcompose.chain` hands every
-  member (``raw_grads``), so the direction it divides may be a momentum::
+  The statistic ``v`` is built from the input of the enclosing :func:`optcompose.chain`
+  (``raw_grads``), so the direction it divides may be a momentum::
 
       adam   = chain(ema(b1, debias=False), scale_by_bias_correction(b1),
                    scale_by_second_moment(b2))
       laprop = chain(scale_by_second_moment(b2), ema(b1))
 
-  Outside an optcompose chain (e.g. inside ``optax.chain``) no raw gradient is passed and
-  the statistic is built from the incoming updates.
+  Keep such pieces in a chain of their own when something precedes them, e.g.
+  ``chain(clip_by_global_norm(1.0), adam)``: the inner chain's input is then the clipped
+  gradient. Outside an optcompose chain (e.g. directly inside ``optax.chain``) no
+  ``raw_grads`` is passed and the statistic is built from the incoming updates.
   """
   _check_decay("scale_by_second_moment", "decay", decay)
   _check_eps("scale_by_second_moment", "eps", eps)
@@ -367,6 +371,7 @@ def scale_by_second_moment(decay: ScalarOrSchedule = 0.999, eps: ScalarOrSchedul
     otree.check_floating(params, "params")
     return ScaleBySecondMomentState(zero_count(), otree.zeros_like(params, nu_dtype))
 
+  @wants_raw_grads
   def update(updates, state, params=None, **extra):
     del params
     grads = extra.get(RAW_GRADS, updates)
