@@ -69,11 +69,15 @@ def test_optax_lbfgs_with_linesearch_inside_optcompose_chain():
   params = {"w": jnp.zeros(3)}
 
   def solve(tx):
-    p, state = params, tx.init(params)
-    for _ in range(15):
+    @jax.jit
+    def step(p, state):
       value, grad = jax.value_and_grad(loss)(p)
       u, state = tx.update(grad, state, p, value=value, grad=grad, value_fn=loss)
-      p = oc.apply_updates(p, u)
+      return oc.apply_updates(p, u), state
+
+    p, state = params, tx.init(params)
+    for _ in range(15):
+      p, state = step(p, state)
     return p
 
   ours, ref = solve(oc.chain(optax.lbfgs())), solve(optax.chain(optax.lbfgs()))
