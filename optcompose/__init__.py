@@ -11,6 +11,10 @@ from optcompose._core import (
     with_schedules,
 )
 from optcompose.aliases import adagrad, adam, adamw, nadam, nadamw, rmsprop, sgd
+from optcompose.transforms.clipping import (
+    ClipByGlobalNormState, adaptive_grad_clip, clip, clip_by_block_rms, clip_by_global_norm,
+    clip_by_leaf_norm,
+)
 from optcompose.transforms.decay import add_decayed_weights, add_l2_penalty
 from optcompose.transforms.momentum import TraceState, trace
 from optcompose.transforms.moments import (
@@ -41,6 +45,7 @@ TRANSFORMATIONS = (
     "identity", "scale", "scale_by_learning_rate", "scale_by_schedule", "trace", "ema",
     "scale_by_bias_correction", "scale_by_rss", "scale_by_rms", "scale_by_stddev", "scale_by_adam",
     "scale_by_second_moment", "add_decayed_weights", "add_l2_penalty", "prox_l1",
-    "prox_elastic_net", "reduce_on_plateau",
+    "prox_elastic_net", "reduce_on_plateau", "clip", "clip_by_global_norm", "clip_by_leaf_norm",
+    "clip_by_block_rms", "adaptive_grad_clip",
 )
 OPTIMIZERS = ("sgd", "adagrad", "rmsprop", "adam", "nadam", "adamw", "nadamw")

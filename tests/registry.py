@@ -134,6 +134,21 @@ CASES = [
          optax=lambda: optax.chain(optax.sgd(0.05),
                                    optax.contrib.reduce_on_plateau(0.5, patience=3, rtol=1e-3)),
          with_value=True),
+    Case("clip", lambda: oc.chain(oc.clip(0.05), oc.sgd(0.05)), ("clip",),
+         optax=lambda: optax.chain(optax.clip(0.05), optax.sgd(0.05))),
+    Case("clip_by_global_norm", lambda: oc.chain(oc.clip_by_global_norm(0.1), oc.sgd(0.1, 0.9)),
+         ("clip_by_global_norm",),
+         optax=lambda: optax.chain(optax.clip_by_global_norm(0.1), optax.sgd(0.1, 0.9)),
+         same_state=False),  # ours keeps the measured norm in the state
+    Case("clip_by_block_rms", lambda: oc.chain(oc.clip_by_block_rms(0.05), oc.sgd(0.05)),
+         ("clip_by_block_rms",),
+         optax=lambda: optax.chain(optax.clip_by_block_rms(0.05), optax.sgd(0.05))),
+    Case("adaptive_grad_clip", lambda: oc.chain(oc.adaptive_grad_clip(0.05), oc.sgd(0.05, 0.9)),
+         ("adaptive_grad_clip",),
+         optax=lambda: optax.chain(optax.adaptive_grad_clip(0.05), optax.sgd(0.05, 0.9))),
+    Case("clip_by_leaf_norm", lambda: oc.chain(oc.clip_by_leaf_norm(0.1), oc.sgd(0.05)),
+         ("clip_by_leaf_norm",), numpy_step=lambda w, g, t: w - 0.05 * g * min(
+             1.0, 0.1 / max(float(np.sqrt(np.sum(g * g))), 1e-30))),
     # --- optimizers ------------------------------------------------------------------
     Case("sgd", lambda: oc.sgd(LR), ("sgd",), optax=lambda: optax.sgd(LR)),
     Case("sgd_momentum", lambda: oc.sgd(LR, 0.9), ("sgd",), optax=lambda: optax.sgd(LR, 0.9)),

@@ -83,11 +83,14 @@ SCHEDULABLE = [(name, arg) for name in PUBLIC
                for arg in getattr(getattr(oc, name), "schedulable", ())]
 
 VALUES = {"decay": 0.9, "b1": 0.8, "b2": 0.99, "eps": 1e-6, "eps_root": 1e-8, "step_size": -0.01,
-          "weight_decay": 0.05, "l1": 0.1, "l2": 0.2, "learning_rate": 0.01}
+          "weight_decay": 0.05, "l1": 0.1, "l2": 0.2, "learning_rate": 0.01, "max_delta": 0.5,
+          "max_norm": 1.0, "threshold": 0.5, "clipping": 0.1}
 REQUIRED = {"trace": {"decay": 0.9}, "ema": {"decay": 0.9}, "scale_by_bias_correction": {"decay": 0.9},
             "add_l2_penalty": {"l2": 0.1},
             "prox_elastic_net": {"l1": 0.1, "l2": 0.2, "learning_rate": 0.01},
-            "scale": {"step_size": -0.01}}
+            "scale": {"step_size": -0.01}, "clip": {"max_delta": 0.5},
+            "clip_by_global_norm": {"max_norm": 1.0}, "clip_by_leaf_norm": {"max_norm": 1.0},
+            "clip_by_block_rms": {"threshold": 0.5}, "adaptive_grad_clip": {"clipping": 0.1}}
 
 
 def test_schedulable_hyperparameters_are_declared():

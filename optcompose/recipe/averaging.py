@@ -1,0 +1,276 @@
+"""Averages of the parameters kept in the optimizer state: EMA and stochastic weight averaging.
+
+Both transformations pass the updates through unchanged. They read ``params`` and average
+the parameters *after* the step, ``p_t = params + updates`` (rounded to each parameter's
+dtype, as :func:`optcompose.apply_updates` does), so the average tracks exactly the weights
+training produces. Place them **last** in the chain, after the learning-rate step: the
+updates they see must be the ones that are applied.
+
+An average is taken at the steps ``t = 1, 2, ...`` (the number of updates so far) with
+``t >= start_step`` and ``(t - start_step) % every == 0``. With n the number of snapshots
+averaged so far (``state.n_averaged``) and ``a`` the stored average (one formula, three
+weights)::
+
+    a_n = (1 - w_n) a_{n-1} + w_n p_t
+    ema_params, debias=True:    w_n = (1 - decay) / (1 - decay^n)
+    ema_params, debias=False:   w_n = 1 - decay
+    swa:                        w_n = 1 / n
+
+``a_0`` is a copy of the initial parameters, so the average reads the initial weights
+until the first snapshot. With ``debias=True`` the stored ``a_n`` *is* the debiased
+average: it equals ``m_n / (1 - decay^n)`` for the zero-initialised EMA
+``m_n = decay m_{n-1} + (1 - decay) p_t`` (Optax's ``ema(decay, debias=True)`` applied to the
+parameters), since ``1 - w_n = decay (1 - decay^{n-1}) / (1 - decay^n)``. With
+``debias=False`` it is the EMA started at the initial weights (the convention of
+``optax.incremental_update``, PyTorch's ``AveragedModel`` and timm's ``ModelEma``). For
+``swa`` it is the equal-weight mean of the snapshots (Izmailov et al., 2018).
+
+Reading the average for evaluation::
+
+    tx = chain(adamw(1e-3), ema_params(0.999))
+    ...
+    eval_params = averaged_params(state)      # finds the node anywhere in the state tree
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from optcompose import tree as otree
+from optcompose._core import (
+    GradientTransformation, check_hyperparameter, safe_increment, zero_count,
+)
+
+
+class EmaParamsState(NamedTuple):
+  """State of :func:`ema_params`.
+
+  Attributes:
+    count: int32, updates seen (steps taken).
+    n_averaged: int32, snapshots in the average.
+    average: the (already debiased) exponential moving average of the parameters.
+  """
+
+  count: jax.Array
+  n_averaged: jax.Array
+  average: Any
+
+
+class SwaState(NamedTuple):
+  """State of :func:`swa`: the same fields as :class:`EmaParamsState`, ``average`` being
+  the equal-weight mean of the ``n_averaged`` snapshots."""
+
+  count: jax.Array
+  n_averaged: jax.Array
+  average: Any
+
+
+_AVERAGE_STATES = {"ema": EmaParamsState, "swa": SwaState}
+
+
+# ---------------------------------------------------------------------------------------
+# Formulas.
+
+
+def average_leaf(a, p, w):
+  """``(1 - w) a + w p`` in the wider of the two dtypes, cast back to ``a``'s dtype.
+
+  At ``w = 1`` (the first snapshot) the result is ``p`` exactly."""
+  wide = jnp.promote_types(jnp.result_type(a), jnp.result_type(p))
+  a_w, p_w = a.astype(wide), jnp.asarray(p).astype(wide)
+  w = w.astype(wide)
+  return ((1 - w) * a_w + w * p_w).astype(a.dtype)
+
+
+def ema_weight(decay, n, debias: bool) -> jax.Array:
+  """``w_n = (1 - decay) / (1 - decay^n)`` (``debias``) or ``1 - decay``, in float32."""
+  decay = jnp.asarray(decay, jnp.float32)
+  if not debias:
+    return 1 - decay
+  return (1 - decay) / (1 - decay ** jnp.asarray(n, jnp.float32))
+
+
+def swa_weight(n) -> jax.Array:
+  """``w_n = 1 / n``, in float32."""
+  return 1 / jnp.asarray(n, jnp.float32)
+
+
+def _post_step(params, updates):
+  """The parameters training will hold after this step (``apply_updates``' rounding)."""
+  return jax.tree.map(lambda p, u: jnp.asarray(p + u).astype(jnp.asarray(p).dtype),
+                      params, updates)
+
+
+# ---------------------------------------------------------------------------------------
+# Transformations.
+
+
+def _check_step_int(fn: str, name: str, value: Any, low: int) -> None:
+  if isinstance(value, bool) or not isinstance(value, (numbers.Integral, np.integer)):
+    raise TypeError(f"{fn}: `{name}` must be a Python int, got {value!r}.")
+  check_hyperparameter(fn, name, value, low=low)
+
+
+def _averaging(fn: str, state_type, weight, start_step: int, every: int,
+               accumulator_dtype) -> GradientTransformation:
+  """The transformation shared by :func:`ema_params` and :func:`swa`; ``weight(n)``."""
+  _check_step_int(fn, "start_step", start_step, 0)
+  _check_step_int(fn, "every", every, 1)
+  always = every == 1 and start_step <= 1
+
+  def init(params):
+    otree.check_floating(params, "params")
+    average = jax.tree.map(lambda p: jnp.array(p, dtype=accumulator_dtype), params)
+    return state_type(zero_count(), zero_count(), average)
+
+  def update(updates, state, params=None, **extra):
+    del extra
+    if params is None:
+      raise ValueError(f"{fn}: `params` are required (the average is of the parameters); "
+                       "call update(updates, state, params).")
+    otree.check_same_structure(updates, params, "updates", "params")
+    otree.check_same_structure(updates, state.average, "updates", "state.average")
+    count = safe_increment(state.count)
+    new_params = _post_step(params, updates)
+
+    def take(_):
+      n = safe_increment(state.n_averaged)
+      w = weight(n)
+      return n, jax.tree.map(lambda a, p: average_leaf(a, p, w), state.average, new_params)
+
+    if always:
+      n, average = take(None)
+    else:
+      due = jnp.logical_and(count >= start_step, (count - start_step) % every == 0)
+      n, average = jax.lax.cond(due, take, lambda _: (state.n_averaged, state.average), None)
+    return updates, state_type(count, n, average)
+
+  return GradientTransformation(init, update)
+
+
+def ema_params(decay: float, debias: bool = True, start_step: int = 0, every: int = 1,
+               accumulator_dtype: Optional[Any] = None) -> GradientTransformation:
+  """Exponential moving average of the parameters after each step, kept in the state.
+
+  Passes the updates through unchanged; place it last in the chain. At each averaged step
+  t (see ``start_step`` and ``every``), with n the number of snapshots so far and
+  ``p_t = params + updates``::
+
+      m_n = decay * m_{n-1} + (1 - decay) * p_t,    m_0 = 0
+      average = m_n / (1 - decay^n)                 (debias=True)
+
+  stored directly in its debiased form (``a_n = (1 - w_n) a_{n-1} + w_n p_t`` with
+  ``w_n = (1 - decay) / (1 - decay^n)``; see the module docstring). Debiasing makes a
+  warm-up of the decay unnecessary: the first snapshot has weight 1. With
+  ``debias=False`` the average starts at the initial parameters:
+  ``a_n = decay * a_{n-1} + (1 - decay) * p_t``, ``a_0 = params`` (Polyak averaging of a
+  target network, ``optax.incremental_update(p_t, a, 1 - decay)``).
+
+  Read it with :func:`averaged_params`. Not to be confused with :func:`optcompose.ema`
+  (Optax's ``ema``), which averages the *updates*.
+
+  Args:
+    decay: the EMA decay in [0, 1), a number (e.g. 0.999).
+    debias: divide by ``1 - decay^n`` (the default), or start from the initial weights.
+    start_step: the first step t (counting updates from 1) whose parameters are averaged.
+    every: average every ``every`` steps from ``start_step`` on.
+    accumulator_dtype: dtype of the stored average (e.g. ``jnp.float32`` for bfloat16
+      parameters, whose 8 significant bits cannot resolve ``(1 - decay) * p``); ``None``
+      keeps the parameters' dtype. The blend runs in the wider dtype.
+
+  References:
+    Polyak and Juditsky, "Acceleration of stochastic approximation by averaging", 1992;
+    Kingma and Ba, "Adam", ICLR 2015 (section 7.2, temporal averaging with bias correction).
+  """
+  fn = "ema_params"
+  if callable(decay):
+    raise TypeError(f"{fn}: `decay` must be a number, not a schedule (debiasing already "
+                    "gives the first snapshots their full weight).")
+  check_hyperparameter(fn, "decay", decay, low=0.0, high=1.0, high_open=True)
+  return _averaging(fn, EmaParamsState, lambda n: ema_weight(decay, n, debias), start_step,
+                    every, accumulator_dtype)
+
+
+def swa(start_step: int = 0, every: int = 1,
+        accumulator_dtype: Optional[Any] = None) -> GradientTransformation:
+  """Stochastic weight averaging: the equal-weight mean of the parameters after the step,
+  taken every ``every`` steps from step ``start_step`` on, kept in the state.
+
+  Passes the updates through unchanged; place it last in the chain. At each averaged step
+  t (steps count updates from 1: averaged when ``t >= start_step`` and
+  ``(t - start_step) % every == 0``), with ``p_t = params + updates``::
+
+      n <- n + 1
+      a <- a + (p_t - a) / n          (computed as (1 - 1/n) a + (1/n) p_t)
+
+  so ``a`` is the mean of the n snapshots (``state.n_averaged``). With a cyclical
+  learning rate of period c, use ``every=c`` and a ``start_step`` at the end of a cycle, as
+  in the paper; with a constant learning rate, ``every=1`` (every step) or the number of
+  steps per epoch (PyTorch's ``swa_utils`` recipe). ``start_step=0, every=1`` is
+  Polyak-Ruppert averaging of all iterates. Read it with :func:`averaged_params`. A model
+  with batch normalisation needs its statistics recomputed for the averaged weights (as
+  PyTorch's ``update_bn``); that is outside the optimizer.
+
+  Args:
+    start_step: the first step whose parameters are averaged.
+    every: average every ``every`` steps from ``start_step`` on.
+    accumulator_dtype: dtype of the stored mean (``None``: the parameters' dtype).
+
+  References:
+    Izmailov et al., "Averaging Weights Leads to Wider Optima and Better Generalization",
+    UAI 2018; Polyak and Juditsky, 1992.
+  """
+  return _averaging("swa", SwaState, swa_weight, start_step, every, accumulator_dtype)
+
+
+# ---------------------------------------------------------------------------------------
+# Reading the average.
+
+
+def _is_average_state(node) -> bool:
+  return isinstance(node, (EmaParamsState, SwaState))
+
+
+def average_states(state) -> list:
+  """``(path, node)`` for every :func:`ema_params` / :func:`swa` state in a state tree."""
+  flat, _ = jax.tree_util.tree_flatten_with_path(state, is_leaf=_is_average_state)
+  return [(otree.path_str(path), node) for path, node in flat if _is_average_state(node)]
+
+
+def averaged_params(state, kind: Optional[str] = None) -> Any:
+  """The averaged parameters held by an optimizer state, for evaluation.
+
+  Finds the :func:`ema_params` or :func:`swa` state anywhere in ``state`` (a chain's tuple,
+  inside :func:`optcompose.inject_hyperparams`, a scheduled state, a lookahead state, ...)
+  and returns its average (already debiased), in the stored dtype. Before the first
+  averaged step this is the initial parameters.
+
+  With Flax's ``nnx.Optimizer`` pass ``nnx.as_pure(optimizer.opt_state)``; the result is an
+  ``nnx.State`` to load with ``nnx.update(model, ...)``.
+
+  Args:
+    state: an optimizer state.
+    kind: ``"ema"`` or ``"swa"`` to choose when the state holds both; ``None`` requires
+      exactly one averaging node.
+
+  Raises:
+    ValueError if there is no such node, or more than one and ``kind`` does not decide.
+  """
+  if kind is not None and kind not in _AVERAGE_STATES:
+    raise ValueError(f"averaged_params: `kind` must be 'ema', 'swa' or None, got {kind!r}.")
+  found = [(p, s) for p, s in average_states(state)
+           if kind is None or isinstance(s, _AVERAGE_STATES[kind])]
+  if not found:
+    what = {"ema": "an ema_params", "swa": "a swa"}.get(kind, "an ema_params or swa")
+    raise ValueError(f"averaged_params: the state holds no {what} state; add "
+                     "ema_params(...) or swa(...) last in the chain.")
+  if len(found) > 1:
+    where = ", ".join(f"{type(s).__name__} at {p}" for p, s in found)
+    raise ValueError(f"averaged_params: the state holds {len(found)} averages ({where}); "
+                     "pass kind='ema' or kind='swa', or index the state.")
+  return found[0][1].average

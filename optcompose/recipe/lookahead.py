@@ -1,0 +1,142 @@
+"""Lookahead: k fast steps forward, one step back toward the slow weights.
+
+The paper's two nested loops (phi: slow weights, theta: fast weights, alpha: slow step
+size, k: sync period)::
+
+    repeat:
+      theta <- phi
+      k times: theta <- theta + fast_optimizer_update(grad(theta))
+      phi <- phi + alpha (theta - phi)
+
+are unrolled into one update per gradient, on parameters that hold both copies,
+``LookaheadParams(fast=theta, slow=phi)``. With ``u`` the fast optimizer's update and
+``d = theta + u - phi`` (where the fast weights would land)::
+
+    ordinary step:        theta <- theta + u                     phi <- phi
+    every k-th step:      theta <- theta + u - (1 - alpha) d     phi <- phi + alpha d
+                          (so that both land on phi + alpha d: the sync)
+
+Optax's semantics and names (``optax.lookahead``, ``LookaheadState``, ``LookaheadParams``);
+trajectories agree with Optax's (see tests/test_averaging_sam.py).
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from optcompose._core import (
+    GradientTransformation, _takes_extra, check_hyperparameter, forward_extra,
+    wants_raw_grads, zero_count,
+)
+
+
+class LookaheadState(NamedTuple):
+  """State of :func:`lookahead`.
+
+  Attributes:
+    fast_state: the fast optimizer's state.
+    steps_since_sync: int32, fast steps taken since the last synchronisation.
+  """
+
+  fast_state: Any
+  steps_since_sync: jax.Array
+
+
+class LookaheadParams(NamedTuple):
+  """The fast and the slow weights, trained together.
+
+  Compute gradients at ``fast``; evaluate (test, infer) with ``slow``. Any NamedTuple with
+  fields ``fast`` and ``slow`` (e.g. ``optax.LookaheadParams``) is accepted; the updates
+  come back in the same type as the params, so ``apply_updates`` matches them.
+  """
+
+  fast: Any
+  slow: Any
+
+  @classmethod
+  def init_synced(cls, params) -> "LookaheadParams":
+    """Both copies start at ``params``."""
+    return cls(fast=params, slow=params)
+
+
+def _is_pair(params) -> bool:
+  fields = getattr(params, "_fields", ())
+  return "fast" in fields and "slow" in fields
+
+
+def fast_update_leaf(u, d, alpha, sync):
+  """The fast weights' update: ``u``, or ``u - (1 - alpha) d`` at a sync."""
+  return jnp.where(sync, u - (1 - alpha) * d, u)
+
+
+def slow_update_leaf(d, alpha, sync):
+  """The slow weights' update: 0, or ``alpha d`` at a sync."""
+  return jnp.where(sync, alpha * d, jnp.zeros_like(d))
+
+
+def lookahead(fast_optimizer: Any, sync_period: int, slow_step_size: float,
+              reset_state: bool = False) -> GradientTransformation:
+  """Lookahead around any optimizer (optcompose or Optax).
+
+  ``params`` must be a :class:`LookaheadParams` (``init`` also accepts the plain fast
+  parameters, as Optax's does); ``updates`` are the gradients at ``params.fast``. The
+  returned updates are a ``LookaheadParams`` of updates for both copies: apply them as they
+  are, modifying them would desynchronise the copies. See the module docstring for the
+  update rule.
+
+  Args:
+    fast_optimizer: the inner optimizer, e.g. ``optcompose.adam(1e-3)``.
+    sync_period: k >= 1, fast steps per synchronisation (k = 1 with alpha = 1 is the fast
+      optimizer alone).
+    slow_step_size: alpha in [0, 1], the slow weights' step toward the fast ones.
+    reset_state: re-initialise the fast optimizer's state at each synchronisation.
+
+  Differences from ``optax.lookahead``: the arguments are validated (Optax only checks
+  ``sync_period >= 1``); the state reset selects with ``jnp.where`` instead of Optax's
+  ``(1 - sync) * state + sync * init`` (the same values, but a non-finite state is reset
+  instead of turning NaN, and integer counts keep their dtype); the fast optimizer
+  receives the update's keyword arguments (``value=``, ``raw_grads``).
+
+  References:
+    Zhang, Lucas, Hinton and Ba, "Lookahead Optimizer: k steps forward, 1 step back",
+    NeurIPS 2019.
+  """
+  fn = "lookahead"
+  if isinstance(sync_period, bool) or not isinstance(sync_period, (numbers.Integral, np.integer)):
+    raise TypeError(f"{fn}: `sync_period` must be a Python int, got {sync_period!r}.")
+  check_hyperparameter(fn, "sync_period", sync_period, low=1)
+  check_hyperparameter(fn, "slow_step_size", slow_step_size, low=0.0, high=1.0)
+  if not (callable(getattr(fast_optimizer, "init", None))
+          and callable(getattr(fast_optimizer, "update", None))):
+    raise TypeError(f"{fn}: `fast_optimizer` must be a gradient transformation, got "
+                    f"{type(fast_optimizer).__name__}.")
+  fast_update = fast_optimizer.update
+  takes_extra = _takes_extra(fast_update)
+
+  def init(params):
+    fast = params.fast if _is_pair(params) else params
+    return LookaheadState(fast_state=fast_optimizer.init(fast), steps_since_sync=zero_count())
+
+  @wants_raw_grads  # forwarded to the fast optimizer only if it asks for it
+  def update(updates, state, params=None, **extra):
+    if not _is_pair(params):
+      raise ValueError(f"{fn}: `params` must be a LookaheadParams(fast, slow), got "
+                       f"{type(params).__name__}; start with LookaheadParams.init_synced(params).")
+    extra = forward_extra(fast_update, extra) if takes_extra else {}
+    u, fast_state = fast_update(updates, state.fast_state, params.fast, **extra)
+    sync = state.steps_since_sync == sync_period - 1
+    d = jax.tree.map(lambda f, g, s: f + g - s, params.fast, u, params.slow)
+    fast_u = jax.tree.map(lambda g, e: fast_update_leaf(g, e, slow_step_size, sync), u, d)
+    slow_u = jax.tree.map(lambda e: slow_update_leaf(e, slow_step_size, sync), d)
+    if reset_state:
+      fresh = fast_optimizer.init(params.fast)
+      fast_state = jax.tree.map(lambda c, i: jnp.where(sync, i, c), fast_state, fresh)
+    steps = (state.steps_since_sync + 1) % sync_period
+    return params._replace(fast=fast_u, slow=slow_u), LookaheadState(fast_state, steps)
+
+  return GradientTransformation(init, update)

@@ -1,0 +1,301 @@
+"""Sharpness-aware minimisation (SAM): descend with the gradient taken at the worst nearby point.
+
+SAM minimises ``max_{|e| <= rho} L(w + e)``. To first order the maximiser is
+``e = rho g / |g|``, so one SAM step costs **two gradient evaluations** on the same batch::
+
+    g     = grad L(w)                        (1st evaluation, by the caller)
+    w_adv = w + rho g / (|g| + eps)          (|.|: the global L2 norm over all leaves)
+    g_sam = grad L(w_adv)                    (2nd evaluation)
+    w    <- w + optimizer_update(g_sam)      (e.g. w - lr g_sam), from w, not from w_adv
+
+Adaptive SAM (ASAM) rescales the neighbourhood by ``T = |w| + eta`` (elementwise)::
+
+    w_adv = w + rho T^2 g / (|T g| + eps)
+
+Two APIs:
+
+* :func:`sharpness_aware` -- one ``update`` call per step. It is a gradient transformation
+  that maps ``g`` to ``g_sam`` and takes the second evaluation as a function,
+  ``update(g, state, params, grad_fn=lambda p: grad(loss)(p, batch))``; chain any optimizer
+  after it: ``chain(sharpness_aware(0.05), sgd(0.1))``. Under ``jit`` both evaluations are
+  one compiled step.
+* :func:`sam` -- Optax's ``optax.contrib.sam`` (same arguments, state and semantics), which
+  wraps an outer optimizer and an "adversarial" optimizer (``chain(normalize(), sgd(rho))``
+  is plain SAM). In its default *transparent* mode the caller makes one ``update`` call per
+  gradient, ``sync_period`` calls per SAM step: the first ``sync_period - 1`` calls move
+  the parameters to the adversarial point, the last moves them back to the cached
+  weights plus the outer optimizer's update. In *opaque* mode (``opaque_mode=True``) one
+  call does it all with ``grad_fn(params, i)``, like :func:`sharpness_aware`.
+
+References:
+  Foret, Kleiner, Mobahi and Neyshabur, "Sharpness-Aware Minimization for Efficiently
+  Improving Generalization", ICLR 2021; Kwon, Kim, Park and Choi, "ASAM: Adaptive
+  Sharpness-Aware Minimization for Scale-Invariant Learning of Deep Neural Networks",
+  ICML 2021.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from optcompose import tree as otree
+from optcompose._core import (
+    EmptyState, GradientTransformation, _takes_extra, apply_updates, check_hyperparameter,
+    forward_extra, init_empty_state, zero_count,
+)
+
+GRAD_FN = "grad_fn"  # the keyword that carries the second gradient evaluation
+
+
+# ---------------------------------------------------------------------------------------
+# Formulas.
+
+
+def normalized_leaf(g, norm):
+  """``g / |g|``; the caller passes ``norm`` with zeros replaced by 1 (so 0 stays 0)."""
+  return g / norm.astype(jnp.result_type(g))
+
+
+def adversarial_leaf(w, g, rho, denominator, eta, adaptive):
+  """``w + rho g / denominator`` (SAM) or ``w + rho T^2 g / denominator`` with
+  ``T = |w| + eta`` (ASAM), in w's dtype."""
+  g = jnp.asarray(g)
+  direction = g / denominator.astype(g.dtype)
+  if adaptive:
+    t = jnp.abs(w) + eta
+    direction = t * t * direction
+  return jnp.asarray(w + rho * direction).astype(jnp.asarray(w).dtype)
+
+
+def _safe(norm):
+  return jnp.where(norm > 0, norm, jnp.ones_like(norm))
+
+
+# ---------------------------------------------------------------------------------------
+# One call per step.
+
+
+def sharpness_aware(rho: float = 0.05, *, adaptive: bool = False, eta: float = 0.01,
+                    eps: float = 1e-12) -> GradientTransformation:
+  """Replace the gradient ``g`` at ``w`` by the SAM gradient ``grad L(w + e)``.
+
+  ``update(g, state, params, grad_fn=f)`` evaluates ``f`` -- the caller's gradient
+  function, ``params -> gradients``, closed over the *same batch* as ``g`` -- once, at::
+
+      e     = rho g / (|g| + eps)                     (adaptive=False)
+      e     = rho T^2 g / (|T g| + eps),  T = |w| + eta   (adaptive=True, ASAM)
+      g_sam = f(w + e)
+
+  and returns ``g_sam``. It is stateless; put it **first** in the chain, before clipping
+  and the optimizer, which then see ``g_sam`` as their gradient::
+
+      tx = chain(sharpness_aware(rho=0.05), sgd(0.1, momentum=0.9))
+
+      @jax.jit
+      def step(params, state, batch):
+        grad_fn = lambda p: jax.grad(loss)(p, batch)
+        g = grad_fn(params)                                    # 1st evaluation
+        u, state = tx.update(g, state, params, grad_fn=grad_fn)  # 2nd, inside
+        return apply_updates(params, u), state
+
+  The loss to log is the one at ``w`` (the first evaluation). Side effects of the second
+  evaluation (e.g. batch-norm statistics) are the caller's to discard. This API differs
+  from Optax's :func:`sam` (which needs an adversarial optimizer, a sync period and, in
+  its default mode, two ``update`` calls per step): SAM as Foret et al. describe it is a
+  gradient transformation, and written as one it composes with every optimizer, schedule
+  and wrapper, and keeps a single optimizer state. ``grad_fn`` is passed by
+  :func:`optcompose.chain` and by Flax's ``nnx.Optimizer.update(..., grad_fn=...)``;
+  ``optax.chain`` drops keyword arguments for non-Optax members, so use it at the top
+  level or inside an optcompose chain.
+
+  Args:
+    rho: the neighbourhood radius (0.05 in the paper for SGD on CIFAR; ASAM uses larger
+      values, e.g. 0.5 to 2).
+    adaptive: ASAM's scale-invariant neighbourhood.
+    eta: ASAM's offset in ``T = |w| + eta``.
+    eps: added to the norm; a zero gradient gives ``e = 0`` (PyTorch and Keras use 1e-12).
+
+  References:
+    Foret et al., ICLR 2021 (eq. 2 and Algorithm 1); Kwon et al., ICML 2021 (eq. 8).
+  """
+  fn = "sharpness_aware"
+  check_hyperparameter(fn, "rho", rho, low=0.0)
+  check_hyperparameter(fn, "eta", eta, low=0.0)
+  check_hyperparameter(fn, "eps", eps, low=0.0)
+
+  def update(updates, state, params=None, **extra):
+    grad_fn = extra.get(GRAD_FN)
+    if grad_fn is None or not callable(grad_fn):
+      raise ValueError(f"{fn}: update needs `grad_fn=`, a function params -> gradients on the "
+                       "same batch (SAM's second gradient evaluation).")
+    if params is None:
+      raise ValueError(f"{fn}: `params` are required (the perturbation starts from them).")
+    otree.check_same_structure(updates, params, "updates", "params")
+    if adaptive:
+      scaled = jax.tree.map(lambda w, g: (jnp.abs(w) + eta) * g, params, updates)
+      norm = otree.global_norm(scaled)
+    else:
+      norm = otree.global_norm(updates)
+    denominator = norm + eps
+    w_adv = jax.tree.map(
+        lambda w, g: adversarial_leaf(w, g, rho, denominator, eta, adaptive), params, updates)
+    g_sam = grad_fn(w_adv)
+    otree.check_same_structure(g_sam, updates, "grad_fn(params)", "updates")
+    return g_sam, state
+
+  return GradientTransformation(init_empty_state, update)
+
+
+# ---------------------------------------------------------------------------------------
+# Optax's API: optax.contrib.sam and its normalize.
+
+NormalizeState = EmptyState
+
+
+def normalize() -> GradientTransformation:
+  """Divide the updates by their global L2 norm: ``u <- u / |u|`` (``optax.contrib.normalize``).
+
+  Unlike Optax's, a zero update stays zero instead of becoming NaN.
+  """
+
+  def update(updates, state, params=None, **extra):
+    del params, extra
+    norm = _safe(otree.global_norm(updates))
+    return jax.tree.map(lambda g: normalized_leaf(g, norm), updates), state
+
+  return GradientTransformation(init_empty_state, update)
+
+
+class SAMState(NamedTuple):
+  """State of :func:`sam` (Optax's field names).
+
+  Attributes:
+    steps_since_sync: int32, adversarial calls since the last outer update.
+    opt_state: the outer optimizer's state.
+    adv_state: the adversarial optimizer's state.
+    cache: the outer weights (where the adversarial excursion started); ``None`` in
+      opaque mode.
+  """
+
+  steps_since_sync: jax.Array
+  opt_state: Any
+  adv_state: Any
+  cache: Optional[Any]
+
+
+def _caller(t) -> Callable:
+  """``t.update`` as ``(updates, state, params, **extra)``, dropping keywords it cannot take
+  (an Optax transformation without ``**extra_args``) and the SAM-only ``grad_fn``."""
+  update = t.update
+  if not _takes_extra(update):
+    return lambda u, s, p, **extra: update(u, s, p)
+
+  def call(u, s, p, **extra):
+    extra = {k: v for k, v in forward_extra(update, extra).items() if k != GRAD_FN}
+    return update(u, s, p, **extra)
+
+  return call
+
+
+def _select(cond, if_true, if_false):
+  return jax.tree.map(lambda a, b: jnp.where(cond, a, b), if_true, if_false)
+
+
+def _negate(tree):
+  return jax.tree.map(lambda x: -x, tree)
+
+
+def sam(optimizer: Any, adv_optimizer: Any, sync_period: int = 2, reset_state: bool = True,
+        opaque_mode: bool = False, batch_axis_name: Optional[str] = None) -> GradientTransformation:
+  """SAM with Optax's API (``optax.contrib.sam``): an outer and an adversarial optimizer.
+
+  ``sam(sgd(lr), chain(normalize(), sgd(rho)))`` is the SAM of the paper: the adversarial
+  optimizer's update, negated, is the ascent step ``+rho g / |g|``. See
+  :func:`sharpness_aware` for a one-call transformation with the same arithmetic.
+
+  Transparent mode (default): each call consumes one gradient, taken at the *current*
+  params; a cycle is ``sync_period`` calls. With c = ``steps_since_sync``::
+
+      c = 0:                cache <- w                    (the outer weights)
+      c < sync_period - 1:  w <- w - adv_update(g)        (ascent, to the adversarial point)
+      c = sync_period - 1:  w <- cache + outer_update(g)  (g taken at the adversarial point;
+                                                           the outer optimizer sees cache)
+
+  so with ``sync_period=2`` one SAM step is two calls, i.e. the two gradient evaluations.
+  Between calls the params are the adversarial weights half of the time: evaluate and
+  checkpoint after a full cycle. Opaque mode: one call runs the ``sync_period - 1``
+  adversarial steps itself, calling ``grad_fn(adv_params, i)`` for each (pass it as
+  ``update(g, state, params, grad_fn=...)``), then the outer update; ``batch_axis_name``
+  takes a ``jax.lax.pmean`` of those gradients.
+
+  Args:
+    optimizer: the outer optimizer.
+    adv_optimizer: the adversarial optimizer (its negated update is the ascent step).
+    sync_period: calls per cycle (transparent) or gradient evaluations per step (opaque).
+    reset_state: re-initialise the adversarial state after each outer update.
+    opaque_mode: run the adversarial steps inside one ``update`` call.
+    batch_axis_name: opaque mode only: axis name for ``pmean`` of the inner gradients.
+
+  Differences from Optax: with ``sync_period=1`` Optax's transparent mode applies the
+  update to the *previous* call's weights (its cache is refreshed after it is read), so
+  the run is not plain ``optimizer``; here it is, as in opaque mode. Selections use
+  ``jnp.where`` instead of ``cond * a + (1 - cond) * b`` (the same values, without NaN
+  from an infinite unselected branch), and :func:`normalize` maps a zero gradient to 0,
+  not NaN. Keyword arguments of ``update`` (except ``grad_fn``) reach the inner optimizers.
+
+  References:
+    Foret et al., ICLR 2021.
+  """
+  fn = "sam"
+  if isinstance(sync_period, bool) or not isinstance(sync_period, (numbers.Integral, np.integer)):
+    raise TypeError(f"{fn}: `sync_period` must be a Python int, got {sync_period!r}.")
+  check_hyperparameter(fn, "sync_period", sync_period, low=1)
+  for name, t in (("optimizer", optimizer), ("adv_optimizer", adv_optimizer)):
+    if not (callable(getattr(t, "init", None)) and callable(getattr(t, "update", None))):
+      raise TypeError(f"{fn}: `{name}` must be a gradient transformation, got "
+                      f"{type(t).__name__}.")
+  outer, adv = _caller(optimizer), _caller(adv_optimizer)
+
+  def init(params):
+    return SAMState(steps_since_sync=zero_count(), opt_state=optimizer.init(params),
+                    adv_state=adv_optimizer.init(params),
+                    cache=None if opaque_mode else params)
+
+  def transparent_update(updates, state, params=None, **extra):
+    first = state.steps_since_sync == 0
+    last = state.steps_since_sync == sync_period - 1
+    cache = _select(first, params, state.cache)  # the outer weights of this cycle
+    adv_u, adv_state = adv(updates, state.adv_state, params, **extra)
+    adv_u = _negate(adv_u)
+    out_u, opt_state = outer(updates, state.opt_state, cache, **extra)
+    out_u = jax.tree.map(lambda c, p, u: c - p + u, cache, params, out_u)  # back to cache
+    new_updates = _select(last, out_u, adv_u)
+    after_sync = adv_optimizer.init(params) if reset_state else state.adv_state
+    adv_state = _select(last, after_sync, adv_state)
+    opt_state = _select(last, opt_state, state.opt_state)
+    steps = (state.steps_since_sync + 1) % sync_period
+    return new_updates, SAMState(steps, opt_state, adv_state, cache)
+
+  def opaque_update(updates, state, params=None, **extra):
+    grad_fn = extra.get(GRAD_FN)
+    if grad_fn is None:
+      raise ValueError(f"{fn}: opaque_mode=True needs `grad_fn=`, a function "
+                       "(params, i) -> gradients, passed to update.")
+    adv_params, g, adv_state = params, updates, state.adv_state
+    for i in range(sync_period - 1):
+      adv_u, adv_state = adv(g, adv_state, adv_params, **extra)
+      adv_params = apply_updates(adv_params, _negate(adv_u))
+      g = grad_fn(adv_params, i)
+      if batch_axis_name is not None:
+        g = jax.lax.pmean(g, axis_name=batch_axis_name)
+    if reset_state:
+      adv_state = adv_optimizer.init(params)
+    new_updates, opt_state = outer(g, state.opt_state, params, **extra)
+    return new_updates, SAMState(zero_count(), opt_state, adv_state, None)
+
+  return GradientTransformation(init, opaque_update if opaque_mode else transparent_update)

@@ -1,0 +1,54 @@
+"""Clipping keeps what it measured, and bounds what it promises."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import optcompose as oc
+
+RNG = np.random.default_rng(0)
+GRADS = {"a": jnp.asarray(RNG.normal(size=(4, 3)) * 5, jnp.float32),
+         "b": jnp.asarray(RNG.normal(size=7), jnp.float32)}
+
+
+def np_norm(tree):
+  return float(np.sqrt(sum(np.sum(np.asarray(x, np.float64) ** 2) for x in jax.tree.leaves(tree))))
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 1e3])
+def test_global_norm_is_kept_in_the_state_and_bounds_the_output(max_norm):
+  tx = oc.clip_by_global_norm(max_norm)
+  u, state = jax.jit(tx.update)(GRADS, tx.init(GRADS))
+  np.testing.assert_allclose(float(state.global_norm), np_norm(GRADS), rtol=1e-6)
+  assert np_norm(u) <= max_norm * (1 + 1e-6)
+  if max_norm > np_norm(GRADS):
+    for a, b in zip(jax.tree.leaves(u), jax.tree.leaves(GRADS)):
+      np.testing.assert_array_equal(a, b)
+  else:  # same direction
+    ratio = np.asarray(u["b"]) / np.asarray(GRADS["b"])
+    np.testing.assert_allclose(ratio, max_norm / np_norm(GRADS), rtol=1e-5)
+
+
+def test_leaf_norm_clips_each_leaf_on_its_own():
+  tx = oc.clip_by_leaf_norm(1.0)
+  u, _ = tx.update(GRADS, tx.init(GRADS))
+  for a, g in zip(jax.tree.leaves(u), jax.tree.leaves(GRADS)):
+    n = np_norm(g)
+    np.testing.assert_allclose(np.asarray(a), np.asarray(g) * min(1.0, 1.0 / n), rtol=1e-5)
+
+
+def test_adaptive_clip_bounds_each_unit_relative_to_the_parameters():
+  params = {"a": jnp.full((4, 3), 0.1), "b": jnp.full(7, 2.0)}
+  tx = oc.adaptive_grad_clip(0.01)
+  u, _ = tx.update(GRADS, tx.init(params), params)
+  # Kernel units are columns (reduce over axis 0): each column's norm <= 0.01 * ||w_col||.
+  col_norm = np.sqrt(np.sum(np.asarray(u["a"], np.float64) ** 2, axis=0))
+  w_col = np.sqrt(np.sum(np.asarray(params["a"], np.float64) ** 2, axis=0))
+  assert np.all(col_norm <= 0.01 * w_col * (1 + 1e-5))
+  assert np_norm({"b": u["b"]}) <= 0.01 * np_norm({"b": params["b"]}) * (1 + 1e-5)
+
+
+def test_clip_by_value():
+  u, _ = oc.clip(0.5).update(GRADS, oc.EmptyState())
+  np.testing.assert_array_equal(u["b"], np.clip(np.asarray(GRADS["b"]), -0.5, 0.5))
