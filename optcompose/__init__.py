@@ -27,7 +27,9 @@ from optcompose.transforms.proximal import prox_elastic_net, prox_l1
 from optcompose.transforms.scaling import scale, scale_by_learning_rate, scale_by_schedule
 from optcompose.recipe.plateau import ReduceLROnPlateauState, reduce_on_plateau
 from optcompose.wrappers import (
-    InjectHyperparamsState, current_hyperparams, inject_hyperparams, set_hyperparams,
+    InjectHyperparamsState, MaskedNode, MaskedState, PartitionState, current_hyperparams,
+    inject_hyperparams, labels_from_fn, labels_from_paths, mask_from_paths, masked, partition,
+    set_hyperparams, set_to_zero,
 )
 from optcompose.schedules import (  # reachable from the top level, as in Optax
     constant_schedule, cosine_decay_schedule, cosine_onecycle_schedule,
@@ -46,6 +48,8 @@ TRANSFORMATIONS = (
     "scale_by_bias_correction", "scale_by_rss", "scale_by_rms", "scale_by_stddev", "scale_by_adam",
     "scale_by_second_moment", "add_decayed_weights", "add_l2_penalty", "prox_l1",
     "prox_elastic_net", "reduce_on_plateau", "clip", "clip_by_global_norm", "clip_by_leaf_norm",
-    "clip_by_block_rms", "adaptive_grad_clip",
+    "clip_by_block_rms", "adaptive_grad_clip", "set_to_zero",
 )
+# Wrappers: take transformations and return one.
+WRAPPERS = ("masked", "partition", "inject_hyperparams")
 OPTIMIZERS = ("sgd", "adagrad", "rmsprop", "adam", "nadam", "adamw", "nadamw")

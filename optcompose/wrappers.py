@@ -191,3 +191,185 @@ def set_hyperparams(state, **values) -> Any:
     raise KeyError(f"set_hyperparams: {sorted(remaining)} are not live hyperparameters of this "
                    f"state (live: {live}; build the optimizer with inject_hyperparams).")
   return new_state
+
+
+# ---------------------------------------------------------------------------------------
+# Masks and partitions.
+
+
+class MaskedNode(NamedTuple):
+  """Stands in for a leaf that a masked transformation does not see (it holds nothing)."""
+
+
+class MaskedState(NamedTuple):
+  inner_state: Any
+
+
+def _is_masked(x) -> bool:
+  return isinstance(x, MaskedNode)
+
+
+def _keep(tree, on):
+  """``tree`` with the leaves where ``on`` is False replaced by MaskedNode."""
+  return jax.tree.map(lambda x, keep: x if keep else MaskedNode(), tree, on)
+
+
+def masked(inner: GradientTransformation, mask, *,
+           mask_compatible_extra_args: bool = False) -> GradientTransformation:
+  """Apply ``inner`` only to the leaves where ``mask`` is True; the others pass unchanged.
+
+  ``mask`` is a tree of Python bools with the parameters' structure (or a prefix of it), or a
+  callable returning one from the parameters (at ``init``) and from the updates (at
+  ``update``, as in Optax). The inner transformation never sees the other leaves, so it
+  keeps no state and does no work for them. With ``mask_compatible_extra_args``, keyword
+  arguments that have the updates' tree structure are masked too (Optax's option).
+  """
+  inner = _as_gt(inner)
+
+  def init(params):
+    return MaskedState(inner.init(_keep(params, _resolve(mask, params))))
+
+  @wants_raw_grads
+  def update(updates, state, params=None, **extra):
+    on = _resolve(mask, updates)
+    kept_params = None if params is None else _keep(params, _resolve_like(on, params))
+    structure = jax.tree.structure(updates)
+    extra = {k: _keep(v, on) if (k == "raw_grads" or mask_compatible_extra_args)
+             and jax.tree.structure(v) == structure else v for k, v in extra.items()}
+    new, inner_state = inner.update(_keep(updates, on), state.inner_state, kept_params,
+                                    **forward_extra(inner.update, extra))
+    out = jax.tree.map(lambda keep, n, u: n if keep else u, on, new, updates,
+                       is_leaf=_is_masked)
+    return out, MaskedState(inner_state)
+
+  return GradientTransformation(init, update)
+
+
+def _as_gt(t) -> GradientTransformation:
+  from optcompose._core import _as_transformation
+  return _as_transformation(t, 0)
+
+
+def _resolve(mask, tree):
+  from optcompose.tree import resolve_mask
+  return resolve_mask(mask, tree)
+
+
+def _resolve_like(on, tree):
+  """A resolved mask for ``tree`` (e.g. params with wrapper nodes) from one for updates."""
+  try:
+    return jax.tree.broadcast(on, tree)
+  except (ValueError, TypeError):
+    from optcompose.tree import first_difference
+    raise ValueError(f"`params` do not have the structure of `updates`: "
+                     f"{first_difference(tree, on)}.") from None
+
+
+class PartitionState(NamedTuple):
+  inner_states: dict
+
+
+def partition(transforms: dict, param_labels, *,
+              mask_compatible_extra_args: bool = False) -> GradientTransformation:
+  """Apply ``transforms[label]`` to the leaves labelled ``label`` (Optax's ``partition``).
+
+  ``param_labels`` is a tree of labels with the parameters' structure (or a prefix), or a
+  callable returning one (see :func:`labels_from_paths`). Every label must name a
+  transformation; a transformation with no leaves is an error. Use :func:`set_to_zero` for
+  frozen leaves: they then cost neither state nor computation.
+  """
+  if not isinstance(transforms, dict) or not transforms:
+    raise TypeError("partition: `transforms` must be a non-empty dict {label: transformation}.")
+
+  def labels_for(tree):
+    labels = param_labels(tree) if callable(param_labels) else param_labels
+    try:
+      full = jax.tree.broadcast(labels, tree)
+    except (ValueError, TypeError):
+      from optcompose.tree import first_difference
+      raise ValueError("partition: `param_labels` is neither the parameters' structure nor a "
+                       f"prefix of it: {first_difference(labels, tree)}.") from None
+    for path, label in jax.tree_util.tree_flatten_with_path(full)[0]:
+      if label not in transforms:
+        raise ValueError(f"partition: leaf {jax.tree_util.keystr(tuple(path))} has label "
+                         f"{label!r}, which names no transformation (labels: {sorted(transforms)}).")
+    return full
+
+  def mask_for(label):
+    return lambda tree: jax.tree.map(lambda l: l == label, labels_for(tree))
+
+  inners = {label: masked(tx, mask_for(label), mask_compatible_extra_args=mask_compatible_extra_args)
+            for label, tx in transforms.items()}
+
+  def init(params):
+    used = set(jax.tree.leaves(labels_for(params)))
+    unused = sorted(set(transforms) - used)
+    if unused:
+      raise ValueError(f"partition: transformations {unused} have no leaves labelled for them.")
+    return PartitionState({label: tx.init(params) for label, tx in inners.items()})
+
+  @wants_raw_grads
+  def update(updates, state, params=None, **extra):
+    new_states = {}
+    for label, tx in inners.items():
+      updates, new_states[label] = tx.update(updates, state.inner_states[label], params, **extra)
+    return updates, PartitionState(new_states)
+
+  return GradientTransformation(init, update)
+
+
+def set_to_zero() -> GradientTransformation:
+  """Replace the updates by zeros (frozen parameters); no state."""
+
+  def update(updates, state, params=None, **extra):
+    del params, extra
+    return jax.tree.map(jnp.zeros_like, updates), state
+
+  from optcompose._core import init_empty_state
+  return GradientTransformation(init_empty_state, update)
+
+
+def _path_string(path) -> str:
+  """``keystr`` of a path without Flax ``Variable``'s trailing ``.value``."""
+  keys = list(path)
+  while keys and isinstance(keys[-1], jax.tree_util.GetAttrKey) and keys[-1].name == "value":
+    keys.pop()
+  return jax.tree_util.keystr(tuple(keys))
+
+
+def labels_from_fn(fn: Callable[[str, Any], Any]) -> Callable[[Any], Any]:
+  """A labels (or mask) callable from ``fn(path, leaf)``; ``path`` is e.g. ``"['dense']['bias']"``
+  (a Flax ``Variable``'s ``.value`` is left out, so the same labels serve ``nnx.State``)."""
+  def labels(tree):
+    return jax.tree_util.tree_map_with_path(lambda p, x: fn(_path_string(p), x), tree)
+  return labels
+
+
+def labels_from_paths(rules, default=None) -> Callable[[Any], Any]:
+  """Label each leaf by the first ``(regex, label)`` rule whose regex is found in its path.
+
+  Example: ``labels_from_paths([(r"bias|scale", "no_decay")], default="decay")``. A leaf that
+  no rule matches gets ``default``; with ``default=None`` that is an error naming the path.
+  """
+  import re
+  compiled = [(re.compile(pattern), label) for pattern, label in rules]
+
+  def label(path, leaf):
+    for pattern, lab in compiled:
+      if pattern.search(path):
+        return lab
+    if default is None:
+      raise ValueError(f"labels_from_paths: no rule matches {path} and there is no default.")
+    return default
+
+  return labels_from_fn(label)
+
+
+def mask_from_paths(include=None, exclude=None) -> Callable[[Any], Any]:
+  """A mask callable: True where the path matches ``include`` (default: every path) and does
+  not match ``exclude``. E.g. ``adamw(..., mask=mask_from_paths(exclude=r"bias|scale"))``."""
+  import re
+  inc = re.compile(include) if include is not None else None
+  exc = re.compile(exclude) if exclude is not None else None
+  return labels_from_fn(lambda path, _: bool((inc is None or inc.search(path))
+                                             and not (exc is not None and exc.search(path))))

@@ -43,6 +43,7 @@ class Case(NamedTuple):
   numpy_step: Optional[Callable] = None  # (w, g, t) -> w_new on float64 numpy leaves
   same_state: bool = True  # the state has Optax's leaves (False: another decomposition)
   with_value: bool = False  # update needs value=loss (plateau control)
+  bf16_like_optax: bool = True  # Optax's bfloat16 run is a valid reference
 
 
 def _sgd_np(lr):
@@ -149,6 +150,24 @@ CASES = [
     Case("clip_by_leaf_norm", lambda: oc.chain(oc.clip_by_leaf_norm(0.1), oc.sgd(0.05)),
          ("clip_by_leaf_norm",), numpy_step=lambda w, g, t: w - 0.05 * g * min(
              1.0, 0.1 / max(float(np.sqrt(np.sum(g * g))), 1e-30))),
+    Case("masked", lambda: oc.chain(oc.masked(oc.scale_by_adam(), _no_bias),
+                                    oc.scale_by_learning_rate(LR)), ("masked",),
+         optax=lambda: optax.chain(optax.masked(optax.scale_by_adam(), _no_bias),
+                                   optax.scale_by_learning_rate(LR))),
+    Case("partition_frozen",
+         lambda: oc.partition({"train": oc.adamw(LR), "frozen": oc.set_to_zero()},
+                              oc.labels_from_paths([(r"bias|\['b'\]", "frozen")], "train")),
+         ("partition", "set_to_zero"),
+         optax=lambda: optax.partition({"train": optax.adamw(LR), "frozen": optax.set_to_zero()},
+                                       oc.labels_from_paths([(r"bias|\['b'\]", "frozen")], "train"))),
+    Case("inject_hyperparams",
+         lambda: oc.inject_hyperparams(oc.adamw)(learning_rate=lr_schedule, weight_decay=0.1),
+         ("inject_hyperparams",),
+         optax=lambda: optax.inject_hyperparams(optax.adamw)(learning_rate=lr_schedule,
+                                                             weight_decay=0.1),
+         # Optax also keeps a count per schedule, and casts hyperparameters to bfloat16 for
+         # bfloat16 params (b2 = 0.999 -> 1.0); ours stay float32 (tests/test_hyperparams.py).
+         same_state=False, bf16_like_optax=False),
     # --- optimizers ------------------------------------------------------------------
     Case("sgd", lambda: oc.sgd(LR), ("sgd",), optax=lambda: optax.sgd(LR)),
     Case("sgd_momentum", lambda: oc.sgd(LR, 0.9), ("sgd",), optax=lambda: optax.sgd(LR, 0.9)),

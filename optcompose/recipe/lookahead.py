@@ -71,7 +71,7 @@ def _is_pair(params) -> bool:
 
 def fast_update_leaf(u, d, alpha, sync):
   """The fast weights' update: ``u``, or ``u - (1 - alpha) d`` at a sync."""
-  return jnp.where(sync, u - (1 - alpha) * d, u)
+  return u - jnp.where(sync, (1 - alpha) * d, jnp.zeros_like(d))
 
 
 def slow_update_leaf(d, alpha, sync):
@@ -96,11 +96,13 @@ def lookahead(fast_optimizer: Any, sync_period: int, slow_step_size: float,
     slow_step_size: alpha in [0, 1], the slow weights' step toward the fast ones.
     reset_state: re-initialise the fast optimizer's state at each synchronisation.
 
-  Differences from ``optax.lookahead``: the arguments are validated (Optax only checks
-  ``sync_period >= 1``); the state reset selects with ``jnp.where`` instead of Optax's
-  ``(1 - sync) * state + sync * init`` (the same values, but a non-finite state is reset
-  instead of turning NaN, and integer counts keep their dtype); the fast optimizer
-  receives the update's keyword arguments (``value=``, ``raw_grads``).
+  Differences from ``optax.lookahead`` (jitted trajectories are bitwise equal to Optax's
+  for the same fast optimizer): the arguments are validated (Optax only checks
+  ``sync_period >= 1``); selections use ``jnp.where`` instead of multiplying by the 0/1
+  sync flag (the same values, but a non-finite fast state or fast weights do not turn the
+  slow weights or the reset state into NaN before the sync, and integer counts keep their
+  dtype); ``init`` accepts plain parameters silently (Optax logs a warning); the fast
+  optimizer receives the update's keyword arguments (``value=``, ``raw_grads``).
 
   References:
     Zhang, Lucas, Hinton and Ba, "Lookahead Optimizer: k steps forward, 1 step back",

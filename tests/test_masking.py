@@ -1,0 +1,92 @@
+"""Masks and partitions on plain dicts (linen), nnx.State and Equinox modules."""
+
+from __future__ import annotations
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import optcompose as oc
+
+PARAMS = {"dense": {"kernel": jnp.ones((3, 2)), "bias": jnp.ones(2)},
+          "LayerNorm_0": {"scale": jnp.ones(2), "bias": jnp.ones(2)}}
+NO_DECAY = r"bias|scale"
+
+
+def test_path_mask_and_labels_on_a_linen_style_dict():
+  mask = oc.mask_from_paths(exclude=NO_DECAY)(PARAMS)
+  assert mask == {"dense": {"kernel": True, "bias": False},
+                  "LayerNorm_0": {"scale": False, "bias": False}}
+  labels = oc.labels_from_paths([(r"LayerNorm", "frozen"), (r"kernel", "decay")], "other")(PARAMS)
+  assert labels == {"dense": {"kernel": "decay", "bias": "other"},
+                    "LayerNorm_0": {"scale": "frozen", "bias": "frozen"}}
+
+
+def test_masked_decay_with_path_patterns_on_nnx_leaves_bias_and_norm_scale():
+  class Net(nnx.Module):
+    def __init__(self, rngs):
+      self.dense = nnx.Linear(3, 4, rngs=rngs)
+      self.norm = nnx.LayerNorm(4, rngs=rngs)
+
+  model = Net(nnx.Rngs(0))
+  model.dense.bias[...] = jnp.full(4, 0.5)
+  opt = nnx.Optimizer(model, oc.adamw(0.1, weight_decay=0.5, mask=oc.mask_from_paths(exclude=NO_DECAY)),
+                      wrt=nnx.Param)
+  before = jax.tree.map(np.asarray, nnx.as_pure(nnx.state(model, nnx.Param)))
+  opt.update(model, jax.tree.map(jnp.zeros_like, nnx.state(model, nnx.Param)))
+  after = nnx.as_pure(nnx.state(model, nnx.Param))
+  np.testing.assert_allclose(after["dense"]["kernel"], before["dense"]["kernel"] * 0.95, rtol=1e-6)
+  for path in (("dense", "bias"), ("norm", "scale"), ("norm", "bias")):
+    np.testing.assert_array_equal(after[path[0]][path[1]], before[path[0]][path[1]])
+
+
+def test_partition_with_frozen_leaves_has_no_state_for_them():
+  labels = oc.labels_from_paths([(r"LayerNorm", "frozen")], "train")
+  tx = oc.partition({"train": oc.adam(0.1), "frozen": oc.set_to_zero()}, labels)
+  state = tx.init(PARAMS)
+  sizes = sum(x.size for x in jax.tree.leaves(state))
+  trainable = sum(x.size for x in jax.tree.leaves(PARAMS["dense"]))
+  assert sizes == 2 * trainable + 1  # mu and nu for the dense layer only, plus the count
+  u, state = jax.jit(tx.update)(PARAMS, state, PARAMS)
+  for leaf in jax.tree.leaves(u["LayerNorm_0"]):
+    np.testing.assert_array_equal(leaf, 0.0)
+  np.testing.assert_allclose(u["dense"]["kernel"], -0.1, rtol=1e-5)
+
+
+def test_partition_errors_name_the_leaf_and_the_labels():
+  with pytest.raises(ValueError, match=r"\['dense'\]\['bias'\] has label 'b'"):
+    oc.partition({"a": oc.sgd(0.1)},
+                 {"dense": {"kernel": "a", "bias": "b"}, "LayerNorm_0": "a"}).init(PARAMS)
+  with pytest.raises(ValueError, match=r"\['unused'\] have no leaves"):
+    oc.partition({"a": oc.sgd(0.1), "unused": oc.sgd(0.1)}, "a").init(PARAMS)
+
+
+def test_equinox_module_with_non_array_leaves():
+  model = eqx.nn.MLP(3, 1, width_size=8, depth=1, key=jax.random.PRNGKey(0))
+  params = eqx.filter(model, eqx.is_array)
+  tx = oc.adamw(1e-2, weight_decay=0.5, mask=oc.mask_from_paths(exclude="bias"))
+  state = tx.init(params)
+  x = jnp.ones((4, 3))
+
+  @eqx.filter_jit
+  def step(model, state):
+    grads = eqx.filter_grad(lambda m: jnp.sum(jax.vmap(m)(x) ** 2))(model)
+    updates, state = tx.update(grads, state, eqx.filter(model, eqx.is_array))
+    return eqx.apply_updates(model, updates), state
+
+  loss = lambda m: float(jnp.sum(jax.vmap(m)(x) ** 2))
+  start = loss(model)
+  for _ in range(20):
+    model, state = step(model, state)
+  assert loss(model) < start
+  # A step with zero gradients: kernels shrink by lr * wd, biases stay.
+  params = eqx.filter(model, eqx.is_array)
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  updates, _ = tx.update(zeros, state, params)
+  moved = eqx.apply_updates(model, updates)
+  for layer_before, layer_after in zip(model.layers, moved.layers):
+    np.testing.assert_allclose(layer_after.weight, layer_before.weight * (1 - 1e-2 * 0.5), rtol=1e-5)
+    np.testing.assert_array_equal(layer_after.bias, layer_before.bias)
