@@ -13,16 +13,18 @@ from optcompose.recipe.lookahead import LookaheadParams, lookahead
 from optcompose.recipe.sam import sharpness_aware
 
 rng = np.random.default_rng(0)
-X = jnp.asarray(rng.normal(size=(256, 4)), jnp.float32)
-Y = jnp.sin(X @ jnp.asarray([1.0, -0.5, 0.25, 2.0]))[:, None]
+x_np = rng.normal(size=(256, 4)).astype(np.float32)
+X, Y = jnp.asarray(x_np), jnp.asarray(np.sin(x_np @ [1.0, -0.5, 0.25, 2.0])[:, None], jnp.float32)
 
 
-def init_params(key):
-  k1, k2 = jax.random.split(key)
-  return {"w1": jax.random.normal(k1, (4, 32)) / 2.0, "b1": jnp.zeros(32),
-          "w2": jax.random.normal(k2, (32, 1)) / 6.0, "b2": jnp.zeros(1)}
+def init_params(seed=0):
+  r = np.random.default_rng(seed)
+  arrays = {"w1": r.normal(size=(4, 32)) / 2.0, "b1": np.zeros(32),
+            "w2": r.normal(size=(32, 1)) / 6.0, "b2": np.zeros(1)}
+  return {k: jnp.asarray(v, jnp.float32) for k, v in arrays.items()}
 
 
+@jax.jit
 def loss(params, x, y):
   h = jnp.tanh(x @ params["w1"] + params["b1"])
   return jnp.mean((h @ params["w2"] + params["b2"] - y) ** 2)
@@ -52,14 +54,14 @@ def lookahead_step(params, state, x, y):
 
 
 def main(steps=300, every=50):
-  params = init_params(jax.random.PRNGKey(0))
+  params = init_params()
   state = sam_tx.init(params)
   for t in range(steps + 1):
     params, state, value = sam_step(params, state, X, Y)
     if t % every == 0:
       print(f"SAM       step {t:4d}  loss {float(value):.5f}")
 
-  params = LookaheadParams.init_synced(init_params(jax.random.PRNGKey(0)))
+  params = LookaheadParams.init_synced(init_params())
   state = la_tx.init(params)
   for t in range(steps + 1):
     params, state = lookahead_step(params, state, X, Y)

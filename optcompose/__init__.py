@@ -25,6 +25,9 @@ from optcompose.transforms.moments import (
 )
 from optcompose.transforms.proximal import prox_elastic_net, prox_l1
 from optcompose.transforms.scaling import scale, scale_by_learning_rate, scale_by_schedule
+from optcompose.control import (
+    ApplyIfFiniteState, MultiSteps, MultiStepsState, all_finite, apply_if_finite, multi_steps,
+)
 from optcompose.recipe.plateau import ReduceLROnPlateauState, reduce_on_plateau
 from optcompose.wrappers import (
     InjectHyperparamsState, MaskedNode, MaskedState, PartitionState, current_hyperparams,
@@ -51,5 +54,5 @@ TRANSFORMATIONS = (
     "clip_by_block_rms", "adaptive_grad_clip", "set_to_zero",
 )
 # Wrappers: take transformations and return one.
-WRAPPERS = ("masked", "partition", "inject_hyperparams")
+WRAPPERS = ("masked", "partition", "inject_hyperparams", "multi_steps", "apply_if_finite")
 OPTIMIZERS = ("sgd", "adagrad", "rmsprop", "adam", "nadam", "adamw", "nadamw")

@@ -7,6 +7,7 @@ average, rho the SAM radius, k the Lookahead sync period, alpha its slow step si
 from __future__ import annotations
 
 import functools
+import inspect
 import runpy
 from pathlib import Path
 
@@ -20,9 +21,12 @@ import optcompose as oc
 from optcompose.recipe.averaging import (
     EmaParamsState, SwaState, averaged_params, ema_params, swa,
 )
-from optcompose.recipe.lookahead import LookaheadParams, LookaheadState, lookahead
+from optcompose.recipe.lookahead import (
+    LookaheadParams, LookaheadSlowState, LookaheadState, lookahead, lookahead_in_state,
+    slow_params, slow_weights_in_state,
+)
 from optcompose.recipe.sam import SAMState, normalize, sam, sharpness_aware
-from problems import mlp, quadratic
+from problems import mlp, quadratic, run
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 200
@@ -48,6 +52,15 @@ def assert_close_paths(ours, ref, rtol=1e-6):
 def assert_bitwise(ours, ref):
   for x, y in zip(jax.tree.leaves(ours), jax.tree.leaves(ref)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+QUADRATIC_H = {"a": np.logspace(-1.3, 1.7, 6), "b": np.logspace(-1.0, 1.0, 4).reshape(2, 2)}
+QUADRATIC_C = {"a": np.linspace(-1.0, 1.0, 6), "b": np.full((2, 2), 0.5)}
+
+
+def quadratic_grad_np(w):
+  """The gradient H (w - c) of problems.quadratic, written out in float64."""
+  return {k: QUADRATIC_H[k] * (w[k] - QUADRATIC_C[k]) for k in w}
 
 
 # ---------------------------------------------------------------------------------------
@@ -94,7 +107,6 @@ def numpy_debiased_ema(path, decay):
   return out
 
 
-@functools.cache
 def ema_run(decay, debias):
   tx = oc.chain(oc.sgd(0.05, 0.9), ema_params(decay, debias=debias))
   return train(tx, problem("mlp"), STEPS, averaged_params)
@@ -103,16 +115,17 @@ def ema_run(decay, debias):
 def test_ema_params_is_the_debiased_ema_of_the_params_after_each_step():
   path, avgs, state = ema_run(0.95, True)
   assert_close_paths(avgs, numpy_debiased_ema(path, 0.95))
-  # The same as Optax's ema (of updates) fed the parameter sequence.
-  ema, s, ref = optax.ema(0.95, debias=True), None, []
-  s = ema.init(path[0])
+  # The same as Optax's ema (an average of the updates) fed the parameter sequence.
+  ema, ref = optax.ema(0.95, debias=True), []
+  s, update = ema.init(path[0]), jax.jit(ema.update)
   for p in path:
-    out, s = ema.update(p, s)
+    out, s = update(p, s)
     ref.append(out)
   assert_close_paths(avgs, ref)
   assert int(state[1].count) == int(state[1].n_averaged) == STEPS
-  # The average lags behind the params: the test compares something that moved.
-  assert np.max(np.abs(np.asarray(avgs[-1]["dense1"]["kernel"] - path[-1]["dense1"]["kernel"]))) > 1e-3
+  # The average lags behind the params: the comparison is of something that moved.
+  lag = avgs[-1]["dense1"]["kernel"] - path[-1]["dense1"]["kernel"]
+  assert float(jnp.max(jnp.abs(lag))) > 1e-3
 
 
 def test_ema_params_without_debias_starts_at_the_initial_params():
@@ -126,58 +139,58 @@ def test_ema_params_without_debias_starts_at_the_initial_params():
 
 def test_decay_zero_average_is_exactly_the_params_after_the_step():
   tx = oc.chain(oc.adam(1e-2), ema_params(0.0))
-  path, avgs, _ = train(tx, problem("mlp"), 20, averaged_params)
+  path, avgs, _ = train(tx, problem("quadratic"), 20, averaged_params)
   for p, a in zip(path, avgs):
     assert_bitwise(a, p)
 
 
 def test_updates_pass_through_unchanged():
-  prob = problem("mlp")
+  prob = problem("quadratic")
   plain, _, _ = train(oc.adamw(1e-2, weight_decay=0.1), prob, 50)
-  for extra in (ema_params(0.9), swa(10, 5)):
-    ours, _, _ = train(oc.chain(oc.adamw(1e-2, weight_decay=0.1), extra), prob, 50)
-    assert_bitwise(ours, plain)
+  ours, _, _ = train(oc.chain(oc.adamw(1e-2, weight_decay=0.1), ema_params(0.9), swa(10, 5)),
+                     prob, 50)
+  assert_bitwise(ours, plain)
 
 
-@pytest.mark.parametrize("start_step, every", [(5, 3), (0, 7), (1, 1)])
-def test_ema_params_start_and_every(start_step, every):
-  decay = 0.9
+@pytest.mark.parametrize("kind, start_step, every",
+                         [("ema", 5, 3), ("ema", 0, 7), ("swa", 50, 10), ("swa", 0, 1)])
+def test_start_step_and_every(kind, start_step, every):
+  """Snapshots at t >= start_step with (t - start_step) % every == 0 (t counts from 1);
+  before the first, the average reads the initial params."""
+  steps, decay, initial = 120, 0.9, problem("quadratic").params
   taken = lambda t: t >= start_step and (t - start_step) % every == 0
-  read = lambda s: (averaged_params(s), s[1].n_averaged)
-  tx = oc.chain(oc.sgd(0.05, 0.9), ema_params(decay, start_step=start_step, every=every))
-  path, reads, _ = train(tx, problem("mlp"), 60, read)
-  ref = numpy_average(problem("mlp").params, path, lambda n: (1 - decay) / (1 - decay ** n), taken)
-  assert_close_paths([r[0] for r in reads], ref)
-  assert [int(r[1]) for r in reads] == [sum(map(taken, range(1, t + 1))) for t in range(1, 61)]
-
-
-@pytest.mark.parametrize("start_step, every", [(50, 10), (0, 1), (3, 4)])
-def test_swa_is_the_mean_of_the_snapshots(start_step, every):
-  taken = lambda t: t >= start_step and (t - start_step) % every == 0
-  read = lambda s: (averaged_params(s, kind="swa"), s[1].n_averaged)
-  tx = oc.chain(oc.sgd(0.05, 0.9), swa(start_step, every))
-  path, reads, state = train(tx, problem("mlp"), 120, read)
-  assert isinstance(state[1], SwaState)
-  snapshots = [f64(p) for t, p in enumerate(path, start=1) if taken(t)]
-  mean = jax.tree.map(lambda *xs: np.mean(np.stack(xs), axis=0), *snapshots)
-  assert_close_paths([reads[-1][0]], [mean])
-  assert int(reads[-1][1]) == len(snapshots)
-  # Step by step against the running-mean recursion, and the initial params before start.
-  assert_close_paths([r[0] for r in reads], numpy_average(problem("mlp").params, path, lambda n: 1 / n, taken))
+  average = ema_params(decay, start_step=start_step, every=every) if kind == "ema" else \
+      swa(start_step, every)
+  tx = oc.chain(oc.sgd(0.02, 0.9), average)
+  path, reads, state = train(tx, problem("quadratic"), steps,
+                             lambda s: (averaged_params(s, kind=kind), s[1].n_averaged))
+  assert isinstance(state[1], EmaParamsState if kind == "ema" else SwaState)
+  weight = (lambda n: (1 - decay) / (1 - decay ** n)) if kind == "ema" else (lambda n: 1 / n)
+  assert_close_paths([r[0] for r in reads], numpy_average(initial, path, weight, taken))
+  assert [int(r[1]) for r in reads] == [sum(map(taken, range(1, t + 1)))
+                                        for t in range(1, steps + 1)]
   if start_step > 1:
-    assert_bitwise(reads[start_step - 2][0], problem("mlp").params)
+    assert_bitwise(reads[start_step - 2][0], initial)
+  if kind == "swa":  # the plain mean of the snapshots
+    snapshots = [f64(p) for t, p in enumerate(path, start=1) if taken(t)]
+    mean = jax.tree.map(lambda *xs: np.mean(np.stack(xs), axis=0), *snapshots)
+    assert_close_paths([reads[-1][0]], [mean])
 
 
 def test_bfloat16_params_with_a_float32_average():
   prob = problem("quadratic")
-  params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), prob.params)
-  tx = oc.chain(oc.sgd(0.05), ema_params(0.99, accumulator_dtype=jnp.float32))
-  state = tx.init(params)
-  path = []
-  for t in range(50):
+  tx = oc.chain(oc.sgd(0.02), ema_params(0.99, accumulator_dtype=jnp.float32))
+
+  @jax.jit
+  def step(params, state, t):
     g = jax.tree.map(lambda g, p: g.astype(p.dtype), prob.grad(params, t), params)
     u, state = tx.update(g, state, params)
-    params = oc.apply_updates(params, u)
+    return oc.apply_updates(params, u), state
+
+  params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), prob.params)
+  state, path = tx.init(params), []
+  for t in range(50):
+    params, state = step(params, state, t)
     path.append(params)
   avg = averaged_params(state)
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(avg))
@@ -194,7 +207,8 @@ def test_averaged_params_is_found_anywhere_in_the_state():
 
   for tx in (oc.inject_hyperparams(factory)(learning_rate=0.1),
              oc.chain(oc.identity(), oc.chain(oc.sgd(0.1), ema_params(0.5))),
-             oc.chain(oc.sgd(lambda c: 0.1 + 0.0 * c), ema_params(0.5))):
+             oc.chain(oc.sgd(lambda c: 0.1 + 0.0 * c), ema_params(0.5)),
+             optax.chain(optax.sgd(0.1), ema_params(0.5))):
     state = tx.init(params)
     np.testing.assert_array_equal(averaged_params(state)["w"], params["w"])  # before a step
     _, state = tx.update(g, state, params)
@@ -220,7 +234,7 @@ def test_ema_params_in_flax_nnx_optimizer():
   x = jnp.ones((4, 3))
   loss = lambda m: jnp.mean(m(x) ** 2)
   kernels = []
-  for _ in range(5):
+  for _ in range(3):
     opt.update(model, nnx.grad(loss)(model))
     kernels.append({"k": model.kernel[...]})
   avg = averaged_params(nnx.as_pure(opt.opt_state))
@@ -281,25 +295,27 @@ def lookahead_path(tx, pair_type, prob, steps, jit, apply):
   return path, state
 
 
-@functools.cache
-def optax_lookahead_path(reset_state, jit):
-  tx = optax.lookahead(optax.adam(1e-2), 5, 0.5, reset_state)
-  return lookahead_path(tx, optax.LookaheadParams, problem("mlp"), STEPS, jit,
-                        optax.apply_updates)[0]
+LOOKAHEAD_RUNS = {  # name: (problem, our inner, Optax's inner, reset_state, jit)
+    "jit": ("mlp", lambda: oc.adam(1e-2), lambda: optax.adam(1e-2), False, True),
+    "jit-reset": ("quadratic", lambda: oc.adam(1e-2), lambda: optax.adam(1e-2), True, True),
+    "eager-reset": ("quadratic", lambda: oc.sgd(1e-2, 0.9), lambda: optax.sgd(1e-2, 0.9), True,
+                    False),
+}
 
 
-@pytest.mark.parametrize("jit, reset_state", [(True, False), (True, True), (False, True)],
-                         ids=["jit", "jit-reset", "eager-reset"])
-def test_lookahead_matches_optax(jit, reset_state):
-  prob = problem("mlp")
-  ours, state = lookahead_path(lookahead(oc.adam(1e-2), 5, 0.5, reset_state), LookaheadParams,
+@pytest.mark.parametrize("run", list(LOOKAHEAD_RUNS))
+def test_lookahead_matches_optax(run):
+  name, ours_inner, optax_inner, reset_state, jit = LOOKAHEAD_RUNS[run]
+  prob = problem(name)
+  ours, state = lookahead_path(lookahead(ours_inner(), 5, 0.5, reset_state), LookaheadParams,
                                prob, STEPS, jit, oc.apply_updates)
-  ref = optax_lookahead_path(reset_state, jit)
+  ref, _ = lookahead_path(optax.lookahead(optax_inner(), 5, 0.5, reset_state),
+                          optax.LookaheadParams, prob, STEPS, jit, optax.apply_updates)
   assert_close_paths(ours, ref, rtol=1e-6)
   assert type(ours[-1]) is LookaheadParams and isinstance(state, LookaheadState)
   assert float(prob.loss(ours[-1].slow)) < 0.5 * float(prob.loss(prob.params))
-  if jit:  # the wrapper's arithmetic is Optax's, operation for operation
-    same_inner, _ = lookahead_path(lookahead(optax.adam(1e-2), 5, 0.5, reset_state),
+  if run == "jit-reset":  # the wrapper's arithmetic is Optax's, operation for operation
+    same_inner, _ = lookahead_path(lookahead(optax_inner(), 5, 0.5, reset_state),
                                    LookaheadParams, prob, STEPS, True, oc.apply_updates)
     assert_bitwise(same_inner, ref)
 
@@ -330,8 +346,7 @@ def test_lookahead_is_the_papers_nested_loops():
   prob, k, alpha, lr = problem("quadratic"), 4, 0.6, 0.02
   ours, _ = lookahead_path(lookahead(oc.sgd(lr), k, alpha), LookaheadParams, prob, 100, True,
                            oc.apply_updates)
-  grad = quadratic_grad_np
-  theta = phi = f64(prob.params)
+  grad, theta, phi = quadratic_grad_np, f64(prob.params), f64(prob.params)
   for outer in range(100 // k):
     for _ in range(k):
       theta = jax.tree.map(lambda w, g: w - lr * g, theta, grad(theta))
@@ -342,17 +357,54 @@ def test_lookahead_is_the_papers_nested_loops():
 
 
 def test_lookahead_with_one_step_and_alpha_one_is_the_fast_optimizer():
-  prob = problem("mlp")
+  prob = problem("quadratic")
   ours, _ = lookahead_path(lookahead(oc.adam(1e-2), 1, 1.0), LookaheadParams, prob, 50, True,
                            oc.apply_updates)
   plain, _, _ = train(oc.adam(1e-2), prob, 50)
   assert_close_paths([p.fast for p in ours], plain)
 
 
+def test_lookahead_in_state_trains_the_fast_weights_of_optax_lookahead():
+  """One params tree (the fast weights), the slow ones in the state: the same trajectory."""
+  prob, k = problem("quadratic"), 5
+  ours, _, state = train(lookahead_in_state(oc.adam(1e-2), k, 0.5, True), prob, 100)
+  ref, _ = lookahead_path(optax.lookahead(optax.adam(1e-2), k, 0.5, True),
+                          optax.LookaheadParams, prob, 100, True, optax.apply_updates)
+  assert_close_paths(ours, [p.fast for p in ref])
+  assert_close_paths([slow_params(state)], [ref[-1].slow])
+  assert isinstance(state, LookaheadSlowState) and isinstance(state.lookahead, LookaheadState)
+  # The same arithmetic as Optax's, operation for operation (jitted update, as test_parity).
+  a, _ = run(lookahead_in_state(optax.adam(1e-2), k, 0.5, True), prob, 100, True,
+             oc.apply_updates)
+  b, _ = run(slow_weights_in_state(optax.lookahead(optax.adam(1e-2), k, 0.5, True)), prob,
+             100, True, optax.apply_updates)
+  assert_bitwise(a, b)
+  # Right after a sync the model's weights are the slow weights.
+  np.testing.assert_allclose(ours[99]["a"], slow_params(state)["a"], rtol=1e-6)
+
+
+def test_lookahead_in_state_in_flax_nnx_optimizer():
+  from flax import nnx
+
+  model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+  opt = nnx.Optimizer(model, lookahead_in_state(oc.sgd(0.1), 2, 0.5), wrt=nnx.Param)
+  x = jnp.ones((4, 3))
+  loss = lambda m: jnp.mean(m(x) ** 2)
+  first = float(loss(model))
+  for _ in range(4):
+    opt.update(model, nnx.grad(loss)(model))
+  slow = slow_params(nnx.as_pure(opt.opt_state))
+  np.testing.assert_allclose(slow["kernel"], model.kernel[...], rtol=1e-6)  # synced at step 4
+  assert float(loss(model)) < first
+  with pytest.raises(ValueError, match="0 lookahead_in_state"):
+    slow_params(oc.sgd(0.1).init({"w": jnp.ones(2)}))
+
+
 # ---------------------------------------------------------------------------------------
 # SAM.
 
 RHO, LR = 0.05, 0.05
+SAM_LR = {"mlp": LR, "quadratic": 0.02}  # lr * max curvature < 2 on the quadratic
 
 
 def sam_calls(tx, prob, calls, jit, apply, step_of=lambda i: i // 2):
@@ -384,33 +436,35 @@ def sam_steps(tx, prob, steps, opaque=False):
   return path, state
 
 
-def optax_plain_sam(outer=None, sync_period=2, reset_state=True, opaque_mode=False):
-  return optax.contrib.sam(outer or optax.sgd(LR),
+def optax_plain_sam(outer=None, sync_period=2, reset_state=True, opaque_mode=False, lr=LR):
+  return optax.contrib.sam(outer or optax.sgd(lr),
                            optax.chain(optax.contrib.normalize(), optax.sgd(RHO)),
                            sync_period, reset_state, opaque_mode)
 
 
-def our_plain_sam(outer=None, sync_period=2, reset_state=True, opaque_mode=False):
-  return sam(outer or oc.sgd(LR), oc.chain(normalize(), oc.sgd(RHO)), sync_period,
+def our_plain_sam(outer=None, sync_period=2, reset_state=True, opaque_mode=False, lr=LR):
+  return sam(outer or oc.sgd(lr), oc.chain(normalize(), oc.sgd(RHO)), sync_period,
              reset_state, opaque_mode)
 
 
 @functools.cache
-def optax_sam_path(jit):
-  return sam_calls(optax_plain_sam(), problem("mlp"), STEPS, jit, optax.apply_updates)[0]
+def optax_sam_path(name, jit):
+  return sam_calls(optax_plain_sam(lr=SAM_LR[name]), problem(name), STEPS, jit,
+                   optax.apply_updates)[0]
 
 
-@pytest.mark.parametrize("jit", [True, False], ids=["jit", "eager"])
-def test_sam_transparent_matches_optax(jit):
-  prob = problem("mlp")
-  ours, state = sam_calls(our_plain_sam(), prob, STEPS, jit, oc.apply_updates)
-  assert_close_paths(ours, optax_sam_path(jit))
+@pytest.mark.parametrize("name, jit", [("mlp", True), ("quadratic", False)],
+                         ids=["jit", "eager"])
+def test_sam_transparent_matches_optax(name, jit):
+  prob = problem(name)
+  ours, state = sam_calls(our_plain_sam(lr=SAM_LR[name]), prob, STEPS, jit, oc.apply_updates)
+  assert_close_paths(ours, optax_sam_path(name, jit))
   assert isinstance(state, SAMState) and SAMState._fields == optax.contrib.SAMState._fields
   assert float(prob.loss(ours[-1])) < 0.5 * float(prob.loss(prob.params))
 
 
 def test_sam_transparent_adam_three_calls_no_reset_matches_optax():
-  prob = problem("mlp")
+  prob = problem("quadratic")
   kw = dict(sync_period=3, reset_state=False)
   adv = lambda lib: lib.chain(lib.scale_by_adam() if lib is oc else optax.scale_by_adam(),
                               lib.scale_by_learning_rate(RHO))
@@ -423,7 +477,7 @@ def test_sam_transparent_adam_three_calls_no_reset_matches_optax():
 
 
 def test_sam_opaque_matches_optax():
-  prob = problem("mlp")
+  prob = problem("quadratic")
   a, _ = sam_steps(our_plain_sam(oc.adam(1e-2), opaque_mode=True), prob, 100, opaque=True)
   b, _ = sam_steps(optax_plain_sam(optax.adam(1e-2), opaque_mode=True), prob, 100, opaque=True)
   assert_close_paths(a, b)
@@ -433,16 +487,7 @@ def test_sharpness_aware_is_optax_sam_in_one_call():
   """chain(sharpness_aware(rho), sgd(lr)): one update per step equals every second call of
   Optax's transparent SAM (the params after each outer update)."""
   ours, _ = sam_steps(oc.chain(sharpness_aware(RHO), oc.sgd(LR)), problem("mlp"), STEPS // 2)
-  assert_close_paths(ours, optax_sam_path(True)[1::2])
-
-
-QUADRATIC_H = {"a": np.logspace(-1.3, 1.7, 6), "b": np.logspace(-1.0, 1.0, 4).reshape(2, 2)}
-QUADRATIC_C = {"a": np.linspace(-1.0, 1.0, 6), "b": np.full((2, 2), 0.5)}
-
-
-def quadratic_grad_np(w):
-  """The gradient H (w - c) of problems.quadratic, written out in float64."""
-  return {k: QUADRATIC_H[k] * (w[k] - QUADRATIC_C[k]) for k in w}
+  assert_close_paths(ours, optax_sam_path("mlp", True)[1::2])
 
 
 def numpy_sam(prob, steps, rho, lr, adaptive=False, eta=0.01):
@@ -462,8 +507,9 @@ def numpy_sam(prob, steps, rho, lr, adaptive=False, eta=0.01):
 @pytest.mark.parametrize("adaptive, rho", [(False, 0.05), (True, 0.1)], ids=["sam", "asam"])
 def test_sharpness_aware_matches_numpy_sam(adaptive, rho):
   prob = problem("quadratic")
-  ours, _ = sam_steps(oc.chain(sharpness_aware(rho, adaptive=adaptive), oc.sgd(0.02)), prob, 100)
-  ref = numpy_sam(prob, 100, rho, 0.02, adaptive)
+  lr = SAM_LR["quadratic"]
+  ours, _ = sam_steps(oc.chain(sharpness_aware(rho, adaptive=adaptive), oc.sgd(lr)), prob, 100)
+  ref = numpy_sam(prob, 100, rho, lr, adaptive)
   assert_close_paths(ours, ref)
   assert float(prob.loss(ours[-1])) < 0.1 * float(prob.loss(prob.params))
 
@@ -471,18 +517,27 @@ def test_sharpness_aware_matches_numpy_sam(adaptive, rho):
 def test_sam_numpy_reference_is_not_plain_sgd():
   """The references differ from plain gradient descent: the tests above can fail."""
   prob = problem("quadratic")
-  plain = numpy_sam(prob, 20, 0.0, 0.02)
+  plain = numpy_sam(prob, 20, 0.0, SAM_LR["quadratic"])
   with pytest.raises(AssertionError):
-    assert_close_paths(numpy_sam(prob, 20, RHO, 0.02), plain, rtol=1e-3)
+    assert_close_paths(numpy_sam(prob, 20, RHO, SAM_LR["quadratic"]), plain, rtol=1e-3)
 
 
 def test_sam_with_sync_period_one_is_the_outer_optimizer():
   # (Optax's transparent mode applies this update to the previous call's weights.)
-  prob = problem("mlp")
+  prob = problem("quadratic")
   ours, _ = sam_calls(our_plain_sam(oc.adam(1e-2), sync_period=1), prob, 50, True,
                       oc.apply_updates, step_of=lambda i: i)
   plain, _, _ = train(oc.adam(1e-2), prob, 50)
   assert_close_paths(ours, plain)
+
+
+@pytest.mark.parametrize("ours, theirs", [(sam, optax.contrib.sam), (lookahead, optax.lookahead),
+                                          (normalize, optax.contrib.normalize)],
+                         ids=["sam", "lookahead", "normalize"])
+def test_optax_arguments_and_defaults(ours, theirs):
+  a, b = (inspect.signature(f).parameters for f in (ours, theirs))
+  assert [(n, p.default, p.kind) for n, p in a.items()] == \
+      [(n, p.default, p.kind) for n, p in b.items()]
 
 
 def test_zero_gradient_gives_no_perturbation():

@@ -27,7 +27,8 @@ def discovered_builders():
       continue
     module = getattr(fn, "__module__", "")
     if not module.startswith(("optcompose.transforms", "optcompose.aliases", "optcompose._core",
-                              "optcompose.recipe", "optcompose.wrappers")):
+                              "optcompose.recipe", "optcompose.wrappers",
+                              "optcompose.control")):
       continue
     annotation = inspect.signature(fn).return_annotation
     if annotation in ("GradientTransformation", oc.GradientTransformation):

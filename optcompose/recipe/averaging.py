@@ -100,10 +100,19 @@ def swa_weight(n) -> jax.Array:
   return 1 / jnp.asarray(n, jnp.float32)
 
 
+def rounded_to(x, dtype):
+  """``x`` rounded to ``dtype``, in a way XLA keeps: inside a compiled function XLA drops a
+  float32 -> bfloat16 -> float32 round trip, so the rounding is made explicit."""
+  dtype = jnp.dtype(dtype)
+  if jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits < 32:
+    info = jnp.finfo(dtype)
+    x = jax.lax.reduce_precision(x, exponent_bits=info.nexp, mantissa_bits=info.nmant)
+  return jnp.asarray(x).astype(dtype)
+
+
 def _post_step(params, updates):
   """The parameters training will hold after this step (``apply_updates``' rounding)."""
-  return jax.tree.map(lambda p, u: jnp.asarray(p + u).astype(jnp.asarray(p).dtype),
-                      params, updates)
+  return jax.tree.map(lambda p, u: rounded_to(p + u, jnp.asarray(p).dtype), params, updates)
 
 
 # ---------------------------------------------------------------------------------------
@@ -112,7 +121,8 @@ def _post_step(params, updates):
 
 def _check_step_int(fn: str, name: str, value: Any, low: int) -> None:
   if isinstance(value, bool) or not isinstance(value, (numbers.Integral, np.integer)):
-    raise TypeError(f"{fn}: `{name}` must be a Python int, got {value!r}.")
+    raise TypeError(f"{fn}: `{name}` must be a Python int, got {value!r} "
+                    "(it is static: under inject_hyperparams, list it in static_args).")
   check_hyperparameter(fn, name, value, low=low)
 
 

@@ -16,8 +16,15 @@ are unrolled into one update per gradient, on parameters that hold both copies,
     every k-th step:      theta <- theta + u - (1 - alpha) d     phi <- phi + alpha d
                           (so that both land on phi + alpha d: the sync)
 
-Optax's semantics and names (``optax.lookahead``, ``LookaheadState``, ``LookaheadParams``);
-trajectories agree with Optax's (see tests/test_averaging_sam.py).
+Two forms, one arithmetic:
+
+* :func:`lookahead` -- Optax's semantics and names (``optax.lookahead``, ``LookaheadState``,
+  ``LookaheadParams``): the params are the pair, gradients are taken at ``params.fast``,
+  evaluation uses ``params.slow``. With the update jitted, trajectories are bitwise Optax's.
+* :func:`lookahead_in_state` -- the params are the fast weights alone and the slow weights
+  live in the optimizer state (as in Keras and PyTorch), so it drops into anything that
+  trains one params tree (``nnx.Optimizer``, ``TrainState``, ``optax.chain``). Read the slow
+  weights with :func:`slow_params`.
 """
 
 from __future__ import annotations
@@ -96,8 +103,8 @@ def lookahead(fast_optimizer: Any, sync_period: int, slow_step_size: float,
     slow_step_size: alpha in [0, 1], the slow weights' step toward the fast ones.
     reset_state: re-initialise the fast optimizer's state at each synchronisation.
 
-  Differences from ``optax.lookahead`` (jitted trajectories are bitwise equal to Optax's
-  for the same fast optimizer): the arguments are validated (Optax only checks
+  Differences from ``optax.lookahead`` (with the update jitted, trajectories are bitwise
+  Optax's for the same fast optimizer): the arguments are validated (Optax only checks
   ``sync_period >= 1``); selections use ``jnp.where`` instead of multiplying by the 0/1
   sync flag (the same values, but a non-finite fast state or fast weights do not turn the
   slow weights or the reset state into NaN before the sync, and integer counts keep their
@@ -110,7 +117,8 @@ def lookahead(fast_optimizer: Any, sync_period: int, slow_step_size: float,
   """
   fn = "lookahead"
   if isinstance(sync_period, bool) or not isinstance(sync_period, (numbers.Integral, np.integer)):
-    raise TypeError(f"{fn}: `sync_period` must be a Python int, got {sync_period!r}.")
+    raise TypeError(f"{fn}: `sync_period` must be a Python int, got {sync_period!r} "
+                    "(it is static: under inject_hyperparams, list it in static_args).")
   check_hyperparameter(fn, "sync_period", sync_period, low=1)
   check_hyperparameter(fn, "slow_step_size", slow_step_size, low=0.0, high=1.0)
   if not (callable(getattr(fast_optimizer, "init", None))
@@ -142,3 +150,78 @@ def lookahead(fast_optimizer: Any, sync_period: int, slow_step_size: float,
     return params._replace(fast=fast_u, slow=slow_u), LookaheadState(fast_state, steps)
 
   return GradientTransformation(init, update)
+
+
+# ---------------------------------------------------------------------------------------
+# The slow weights in the optimizer state: one params tree, as in Keras and PyTorch.
+
+
+class LookaheadSlowState(NamedTuple):
+  """State of :func:`lookahead_in_state`.
+
+  Attributes:
+    lookahead: the state of the wrapped lookahead (a :class:`LookaheadState`).
+    slow: the slow weights, with the parameters' structure.
+  """
+
+  lookahead: Any
+  slow: Any
+
+
+def slow_weights_in_state(pair_lookahead: Any) -> GradientTransformation:
+  """Run a lookahead written for ``LookaheadParams`` (:func:`lookahead`, or
+  ``optax.lookahead``) on plain parameters, keeping the slow weights in the state.
+
+  ``params`` are the fast weights; the returned updates are the fast weights' updates; the
+  slow weights' updates are applied to ``state.slow`` (rounded to each leaf's dtype, as
+  ``apply_updates`` does). The trajectory of the fast weights is the wrapped lookahead's.
+  """
+  takes_extra = _takes_extra(pair_lookahead.update)
+
+  def init(params):
+    slow = jax.tree.map(lambda p: jnp.array(p), params)
+    return LookaheadSlowState(pair_lookahead.init(LookaheadParams(params, params)), slow)
+
+  @wants_raw_grads
+  def update(updates, state, params=None, **extra):
+    if params is None:
+      raise ValueError("lookahead_in_state: `params` (the fast weights) are required.")
+    pair = LookaheadParams(fast=params, slow=state.slow)
+    extra = forward_extra(pair_lookahead.update, extra) if takes_extra else {}
+    u, inner = pair_lookahead.update(updates, state.lookahead, pair, **extra)
+    slow = jax.tree.map(lambda s, d: jnp.asarray(s + d).astype(s.dtype), state.slow, u.slow)
+    return u.fast, LookaheadSlowState(inner, slow)
+
+  return GradientTransformation(init, update)
+
+
+def lookahead_in_state(fast_optimizer: Any, sync_period: int, slow_step_size: float,
+                       reset_state: bool = False) -> GradientTransformation:
+  """:func:`lookahead` with the slow weights kept in the optimizer state.
+
+  The model holds only the fast weights (``params``), as with Keras' and PyTorch's
+  Lookahead optimizers; so it works wherever one params tree is trained: Flax's
+  ``TrainState`` and ``nnx.Optimizer``, ``optax.chain``, :func:`optcompose.chain`. At every
+  ``sync_period``-th step the fast weights are pulled to the new slow weights
+  ``phi + alpha (theta + u - phi)``; between syncs the slow weights wait in
+  ``state.slow`` (read them with :func:`slow_params` to evaluate, or evaluate the fast
+  weights right after a sync, when both agree). Same arguments and fast-weight trajectory
+  as :func:`lookahead` (and ``optax.lookahead``).
+
+  References:
+    Zhang et al., NeurIPS 2019.
+  """
+  return slow_weights_in_state(lookahead(fast_optimizer, sync_period, slow_step_size,
+                                         reset_state))
+
+
+def slow_params(state) -> Any:
+  """The slow weights held by a :func:`lookahead_in_state` state found anywhere in ``state``
+  (a chain's tuple, a wrapper's state). Raises ValueError unless there is exactly one."""
+  is_node = lambda x: isinstance(x, LookaheadSlowState)
+  flat, _ = jax.tree_util.tree_flatten_with_path(state, is_leaf=is_node)
+  found = [node for _, node in flat if is_node(node)]
+  if len(found) != 1:
+    raise ValueError(f"slow_params: the state holds {len(found)} lookahead_in_state states; "
+                     "expected exactly one.")
+  return found[0].slow

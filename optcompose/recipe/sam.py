@@ -103,7 +103,9 @@ def sharpness_aware(rho: float = 0.05, *, adaptive: bool = False, eta: float = 0
         u, state = tx.update(g, state, params, grad_fn=grad_fn)  # 2nd, inside
         return apply_updates(params, u), state
 
-  The loss to log is the one at ``w`` (the first evaluation). Side effects of the second
+  A function is not an array: jit the whole step as above (``grad_fn`` built inside it),
+  not ``tx.update`` with ``grad_fn`` as an argument. The loss to log is the one at ``w``
+  (the first evaluation). Side effects of the second
   evaluation (e.g. batch-norm statistics) are the caller's to discard. This API differs
   from Optax's :func:`sam` (which needs an adversarial optimizer, a sync period and, in
   its default mode, two ``update`` calls per step): SAM as Foret et al. describe it is a
@@ -116,12 +118,15 @@ def sharpness_aware(rho: float = 0.05, *, adaptive: bool = False, eta: float = 0
   Args:
     rho: the neighbourhood radius (0.05 in the paper for SGD on CIFAR; ASAM uses larger
       values, e.g. 0.5 to 2).
-    adaptive: ASAM's scale-invariant neighbourhood.
-    eta: ASAM's offset in ``T = |w| + eta``.
-    eps: added to the norm; a zero gradient gives ``e = 0`` (PyTorch and Keras use 1e-12).
+    adaptive: ASAM's scale-invariant neighbourhood (``T`` applies to every leaf; the
+      ASAM authors' code exempts biases, and the popular PyTorch implementation
+      ``davda54/sam`` with ``adaptive=True`` uses ``eta = 0``).
+    eta: ASAM's offset in ``T = |w| + eta`` (0.01 in the paper).
+    eps: added to the norm, so a zero gradient gives ``e = 0`` (Keras' and the PyTorch
+      implementations use 1e-12).
 
   References:
-    Foret et al., ICLR 2021 (eq. 2 and Algorithm 1); Kwon et al., ICML 2021 (eq. 8).
+    Foret et al., ICLR 2021 (Algorithm 1); Kwon et al., ICML 2021.
   """
   fn = "sharpness_aware"
   check_hyperparameter(fn, "rho", rho, low=0.0)
@@ -253,7 +258,8 @@ def sam(optimizer: Any, adv_optimizer: Any, sync_period: int = 2, reset_state: b
   """
   fn = "sam"
   if isinstance(sync_period, bool) or not isinstance(sync_period, (numbers.Integral, np.integer)):
-    raise TypeError(f"{fn}: `sync_period` must be a Python int, got {sync_period!r}.")
+    raise TypeError(f"{fn}: `sync_period` must be a Python int, got {sync_period!r} "
+                    "(it is static: under inject_hyperparams, list it in static_args).")
   check_hyperparameter(fn, "sync_period", sync_period, low=1)
   for name, t in (("optimizer", optimizer), ("adv_optimizer", adv_optimizer)):
     if not (callable(getattr(t, "init", None)) and callable(getattr(t, "update", None))):

@@ -1,0 +1,191 @@
+"""Training control wrappers: gradient accumulation and skipping non-finite steps.
+
+``multi_steps(inner, k)``: accumulate the mean of ``k`` micro-batch gradients and let
+``inner`` take one real step with it::
+
+    acc_{j+1} = acc_j + (g_j - acc_j) / (j + 1)          (running mean, Welford)
+    on micro-step k:  u, inner_state = inner.update(acc_k, inner_state, params); acc = 0
+    otherwise:        u = 0, inner_state unchanged
+
+The inner optimizer (its count, schedules, decay, clipping, moments) advances only on real
+steps, and its update runs only on real steps (``lax.cond``), so the extra cost is one
+gradient buffer. ``k`` may be a schedule of the number of real steps taken.
+
+``apply_if_finite(inner, max_consecutive_errors)``: skip an update whose gradients hold a NaN
+or an Inf: parameters and inner state stay untouched, and the state counts skipped steps
+(consecutive and total). After ``max_consecutive_errors`` consecutive bad steps the state's
+``gave_up`` flag is set for the training loop to act on; unlike Optax, a non-finite update
+is never applied.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Optional, Union
+
+import jax
+import jax.numpy as jnp
+
+from optcompose import tree as otree
+from optcompose._core import (
+    GradientTransformation, _as_transformation, check_hyperparameter, forward_extra,
+    safe_increment, zero_count,
+)
+
+
+class MultiStepsState(NamedTuple):
+  """Optax's field names."""
+
+  mini_step: jax.Array  # micro-steps accumulated since the last real step
+  gradient_step: jax.Array  # real steps taken
+  inner_opt_state: Any
+  acc_grads: Any
+  skip_state: Any = ()
+
+
+def _inner_update(inner, updates, state, params, extra):
+  return inner.update(updates, state, params, **forward_extra(inner.update, extra))
+
+
+def _cond(pred, if_true, if_false, operands):
+  """``lax.cond``, or a plain branch when ``pred`` is a known value (eager calls need no
+  compilation of both branches)."""
+  if not isinstance(pred, jax.core.Tracer):
+    return (if_true if bool(pred) else if_false)(operands)
+  return jax.lax.cond(pred, if_true, if_false, operands)
+
+
+def multi_steps(inner, every_k_schedule: Union[int, Callable], use_grad_mean: bool = True,
+                accumulator_dtype=jnp.float32) -> GradientTransformation:
+  """Gradient accumulation over ``every_k_schedule`` micro-steps (see the module docstring).
+
+  Args:
+    inner: the optimizer that takes the real steps.
+    every_k_schedule: k, or a schedule of the number of real steps taken.
+    use_grad_mean: apply the mean of the micro-gradients (else their sum).
+    accumulator_dtype: dtype of the accumulation buffer.
+  """
+  inner = _as_transformation(inner, 0)
+  if not callable(every_k_schedule):
+    check_hyperparameter("multi_steps", "every_k_schedule", every_k_schedule, low=1)
+  k_of = every_k_schedule if callable(every_k_schedule) else (lambda step: every_k_schedule)
+
+  def init(params):
+    otree.check_floating(params, "params")
+    return MultiStepsState(zero_count(), zero_count(), inner.init(params),
+                           otree.zeros_like(params, accumulator_dtype))
+
+  def update(updates, state, params=None, **extra):
+    otree.check_same_structure(updates, state.acc_grads, "updates", "state.acc_grads")
+    n = state.mini_step
+    if use_grad_mean:
+      acc = jax.tree.map(lambda g, a: a + (g - a) / (n + 1), updates, state.acc_grads)
+    else:
+      acc = jax.tree.map(lambda g, a: g + a, updates, state.acc_grads)
+    k = jnp.asarray(k_of(state.gradient_step), jnp.int32)
+    emit = n == k - 1
+    acc_in = otree.cast_like(acc, updates)
+    out_shape = jax.eval_shape(lambda a, s, p: _inner_update(inner, a, s, p, extra),
+                               acc_in, state.inner_opt_state, params)
+
+    def real_step(operands):
+      a, s, p = operands
+      return _inner_update(inner, a, s, p, extra)
+
+    def micro_step(operands):
+      _, s, _ = operands
+      return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), out_shape[0]), s
+
+    new_updates, inner_state = _cond(emit, real_step, micro_step,
+                                            (acc_in, state.inner_opt_state, params))
+    new_state = MultiStepsState(
+        mini_step=jnp.where(emit, 0, safe_increment(n)),
+        gradient_step=jnp.where(emit, safe_increment(state.gradient_step), state.gradient_step),
+        inner_opt_state=inner_state,
+        acc_grads=jax.tree.map(lambda a: jnp.where(emit, jnp.zeros_like(a), a).astype(
+            accumulator_dtype), acc),
+        skip_state=state.skip_state)
+    return new_updates, new_state
+
+  return GradientTransformation(init, update)
+
+
+class MultiSteps:
+  """Optax's ``MultiSteps`` interface over :func:`multi_steps`."""
+
+  def __init__(self, opt, every_k_schedule, use_grad_mean: bool = True,
+               should_skip_update_fn=None, accumulator_dtype=jnp.float32):
+    if should_skip_update_fn is not None:
+      raise NotImplementedError("MultiSteps: wrap the inner optimizer in apply_if_finite "
+                                "instead of passing should_skip_update_fn.")
+    self._tx = multi_steps(opt, every_k_schedule, use_grad_mean, accumulator_dtype)
+    self.inner_opt = opt
+    self.init, self.update = self._tx.init, self._tx.update
+
+  def has_updated(self, state: MultiStepsState) -> jax.Array:
+    """Whether the latest call took a real step."""
+    return jnp.logical_and(state.mini_step == 0, state.gradient_step > 0)
+
+  def gradient_transformation(self) -> GradientTransformation:
+    return self._tx
+
+
+class ApplyIfFiniteState(NamedTuple):
+  """Optax's fields, plus ``gave_up``."""
+
+  notfinite_count: jax.Array  # consecutive non-finite steps
+  last_finite: jax.Array  # whether the latest step was finite
+  total_notfinite: jax.Array  # non-finite steps in all
+  inner_state: Any
+  gave_up: jax.Array = jnp.zeros([], bool)  # consecutive count reached the maximum
+
+
+def all_finite(tree) -> jax.Array:
+  """True when every element of every leaf is finite."""
+  leaves = jax.tree.leaves(tree)
+  if not leaves:
+    return jnp.asarray(True)
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+def apply_if_finite(inner, max_consecutive_errors: Optional[int]) -> GradientTransformation:
+  """Skip updates whose gradients contain NaN or Inf (see the module docstring).
+
+  Args:
+    inner: the wrapped optimizer.
+    max_consecutive_errors: after this many consecutive non-finite steps, ``gave_up`` is set
+      in the state (the updates are still skipped). ``None``: never give up.
+  """
+  inner = _as_transformation(inner, 0)
+  if max_consecutive_errors is not None:
+    check_hyperparameter("apply_if_finite", "max_consecutive_errors", max_consecutive_errors,
+                         low=1)
+
+  def init(params):
+    return ApplyIfFiniteState(zero_count(), jnp.asarray(True), zero_count(), inner.init(params),
+                              jnp.asarray(False))
+
+  def update(updates, state, params=None, **extra):
+    finite = all_finite(updates)
+    out_shape = jax.eval_shape(lambda u, s, p: _inner_update(inner, u, s, p, extra),
+                               updates, state.inner_state, params)
+
+    def step(operands):
+      u, s, p = operands
+      return _inner_update(inner, u, s, p, extra)
+
+    def skip(operands):
+      _, s, _ = operands
+      return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), out_shape[0]), s
+
+    new_updates, inner_state = _cond(finite, step, skip,
+                                            (updates, state.inner_state, params))
+    consecutive = jnp.where(finite, 0, safe_increment(state.notfinite_count))
+    gave_up = state.gave_up
+    if max_consecutive_errors is not None:
+      gave_up = jnp.logical_or(gave_up, consecutive >= max_consecutive_errors)
+    return new_updates, ApplyIfFiniteState(
+        consecutive, finite,
+        jnp.where(finite, state.total_notfinite, safe_increment(state.total_notfinite)),
+        inner_state, gave_up)
+
+  return GradientTransformation(init, update)
