@@ -27,7 +27,8 @@ def lr_schedule(count):
 
 
 def wd_schedule(count):
-  return 1e-2 * 0.99 ** count
+  # A float exponent: `x ** concrete_int` makes eager JAX compile a kernel per exponent value.
+  return 1e-2 * 0.99 ** jnp.asarray(count, jnp.float32)
 
 
 def _no_bias(params):

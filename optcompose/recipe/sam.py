@@ -252,6 +252,8 @@ def sam(optimizer: Any, adv_optimizer: Any, sync_period: int = 2, reset_state: b
   ``jnp.where`` instead of ``cond * a + (1 - cond) * b`` (the same values, without NaN
   from an infinite unselected branch), and :func:`normalize` maps a zero gradient to 0,
   not NaN. Keyword arguments of ``update`` (except ``grad_fn``) reach the inner optimizers.
+  As in Optax, the transparent mode runs both inner optimizers at every call and keeps
+  one result (a select, cheap under ``jit`` next to the gradient evaluation).
 
   References:
     Foret et al., ICLR 2021.
@@ -267,12 +269,17 @@ def sam(optimizer: Any, adv_optimizer: Any, sync_period: int = 2, reset_state: b
                       f"{type(t).__name__}.")
   outer, adv = _caller(optimizer), _caller(adv_optimizer)
 
+  def _need_params(params):
+    if params is None:
+      raise ValueError(f"{fn}: `params` are required (the cycle starts from them).")
+
   def init(params):
     return SAMState(steps_since_sync=zero_count(), opt_state=optimizer.init(params),
                     adv_state=adv_optimizer.init(params),
                     cache=None if opaque_mode else params)
 
   def transparent_update(updates, state, params=None, **extra):
+    _need_params(params)
     first = state.steps_since_sync == 0
     last = state.steps_since_sync == sync_period - 1
     cache = _select(first, params, state.cache)  # the outer weights of this cycle
@@ -292,6 +299,7 @@ def sam(optimizer: Any, adv_optimizer: Any, sync_period: int = 2, reset_state: b
     if grad_fn is None:
       raise ValueError(f"{fn}: opaque_mode=True needs `grad_fn=`, a function "
                        "(params, i) -> gradients, passed to update.")
+    _need_params(params)
     adv_params, g, adv_state = params, updates, state.adv_state
     for i in range(sync_period - 1):
       adv_u, adv_state = adv(g, adv_state, adv_params, **extra)
