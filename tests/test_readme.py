@@ -27,3 +27,11 @@ def test_readme_examples_run():
   ub, _ = b.update(g, b.init(params), params)
   for u, v in zip(jax.tree.leaves(ua), jax.tree.leaves(ub)):
     np.testing.assert_allclose(u, v, rtol=1e-6)
+  # The safety recipe runs: with a frozen embedding, 4 micro-steps make one real step.
+  p = {"embed": jnp.ones(3), "dense": {"kernel": jnp.ones((3, 2)), "bias": jnp.ones(2)}}
+  tx = namespace["with_frozen"]
+  s = tx.init(p)
+  for _ in range(4):
+    u, s = tx.update(jax.tree.map(jnp.ones_like, p), s, p)
+  assert float(jnp.max(jnp.abs(u["embed"]))) == 0.0
+  assert float(jnp.max(jnp.abs(u["dense"]["kernel"]))) > 0.0
