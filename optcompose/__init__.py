@@ -28,7 +28,13 @@ from optcompose.transforms.scaling import scale, scale_by_learning_rate, scale_b
 from optcompose.control import (
     ApplyIfFiniteState, MultiSteps, MultiStepsState, all_finite, apply_if_finite, multi_steps,
 )
+from optcompose.recipe.averaging import EmaParamsState, SwaState, averaged_params, ema_params, swa
+from optcompose.recipe.lookahead import (
+    LookaheadParams, LookaheadSlowState, LookaheadState, lookahead, lookahead_in_state,
+    slow_params,
+)
 from optcompose.recipe.plateau import ReduceLROnPlateauState, reduce_on_plateau
+from optcompose.recipe.sam import SAMState, normalize, sam, sharpness_aware
 from optcompose.wrappers import (
     InjectHyperparamsState, MaskedNode, MaskedState, PartitionState, current_hyperparams,
     inject_hyperparams, labels_from_fn, labels_from_paths, mask_from_paths, masked, partition,
@@ -51,8 +57,10 @@ TRANSFORMATIONS = (
     "scale_by_bias_correction", "scale_by_rss", "scale_by_rms", "scale_by_stddev", "scale_by_adam",
     "scale_by_second_moment", "add_decayed_weights", "add_l2_penalty", "prox_l1",
     "prox_elastic_net", "reduce_on_plateau", "clip", "clip_by_global_norm", "clip_by_leaf_norm",
-    "clip_by_block_rms", "adaptive_grad_clip", "set_to_zero",
+    "clip_by_block_rms", "adaptive_grad_clip", "set_to_zero", "ema_params", "swa",
+    "sharpness_aware", "normalize",
 )
 # Wrappers: take transformations and return one.
-WRAPPERS = ("masked", "partition", "inject_hyperparams", "multi_steps", "apply_if_finite")
+WRAPPERS = ("masked", "partition", "inject_hyperparams", "multi_steps", "apply_if_finite",
+            "lookahead", "lookahead_in_state", "sam")
 OPTIMIZERS = ("sgd", "adagrad", "rmsprop", "adam", "nadam", "adamw", "nadamw")

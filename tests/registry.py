@@ -17,6 +17,7 @@ import numpy as np
 import optax
 
 import optcompose as oc
+from optcompose.recipe.lookahead import slow_weights_in_state
 
 LR = 1e-2
 
@@ -181,6 +182,15 @@ CASES = [
     Case("apply_if_finite", lambda: oc.apply_if_finite(oc.adam(LR), 3), ("apply_if_finite",),
          optax=lambda: optax.apply_if_finite(optax.adam(LR), 3), same_state=False,
          slow_eager_ref=True),
+    Case("ema_params_swa", lambda: oc.chain(oc.adam(LR), oc.ema_params(0.99), oc.swa(10, 3)),
+         ("ema_params", "swa"), optax=lambda: optax.adam(LR), same_state=False),
+    Case("lookahead", lambda: oc.lookahead_in_state(oc.adam(LR), 5, 0.5, reset_state=True),
+         ("lookahead", "lookahead_in_state"),
+         optax=lambda: slow_weights_in_state(optax.lookahead(optax.adam(LR), 5, 0.5, True))),
+    Case("sam", lambda: oc.sam(oc.sgd(LR), oc.chain(oc.normalize(), oc.sgd(0.05))),
+         ("sam", "normalize"),
+         optax=lambda: optax.contrib.sam(optax.sgd(LR),
+                                         optax.chain(optax.contrib.normalize(), optax.sgd(0.05)))),
     # --- optimizers ------------------------------------------------------------------
     Case("sgd", lambda: oc.sgd(LR), ("sgd",), optax=lambda: optax.sgd(LR)),
     Case("sgd_momentum", lambda: oc.sgd(LR, 0.9), ("sgd",), optax=lambda: optax.sgd(LR, 0.9)),
@@ -211,3 +221,7 @@ CASES = [
     Case("nadamw", lambda: oc.nadamw(LR, weight_decay=0.1), ("nadamw",),
          optax=lambda: optax.nadamw(LR, weight_decay=0.1)),
 ]
+
+# Public builders whose reference check needs what the trajectory runner cannot give
+# (sharpness_aware needs a gradient function per step): checked in the named test file.
+COVERED_ELSEWHERE = {"sharpness_aware": "tests/test_averaging_sam.py"}
