@@ -21,7 +21,7 @@ $(VENV)/.stamp-examples: $(VENV)/.stamp-base pyproject.toml
 
 ## make test: create .venv, install the package with its test extra, run the whole suite.
 test: $(VENV)/.stamp-test
-	$(PY) -m pytest -q -n 2 tests
+	$(PY) -m pytest -q -n 2 --dist loadgroup tests
 
 ## make demo: create .venv, install the examples extra, run the main example.
 demo: $(VENV)/.stamp-examples

@@ -250,6 +250,14 @@ def safe_increment(count: jax.Array) -> jax.Array:
   return jnp.where(count < top, count + jnp.asarray(1, count.dtype), top)
 
 
+def cond(pred, if_true: Callable, if_false: Callable, operand):
+  """``lax.cond``, or a plain Python branch when ``pred`` is a known value: eagerly, a
+  ``lax.cond`` of fresh closures would compile both branches at every call."""
+  if not isinstance(pred, jax.core.Tracer):
+    return (if_true if bool(pred) else if_false)(operand)
+  return jax.lax.cond(pred, if_true, if_false, operand)
+
+
 def zero_count() -> jax.Array:
   return jnp.zeros([], jnp.int32)
 

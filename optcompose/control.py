@@ -27,7 +27,7 @@ import jax.numpy as jnp
 
 from optcompose import tree as otree
 from optcompose._core import (
-    GradientTransformation, _as_transformation, check_hyperparameter, forward_extra,
+    GradientTransformation, _as_transformation, check_hyperparameter, cond, forward_extra,
     safe_increment, zero_count,
 )
 
@@ -44,14 +44,6 @@ class MultiStepsState(NamedTuple):
 
 def _inner_update(inner, updates, state, params, extra):
   return inner.update(updates, state, params, **forward_extra(inner.update, extra))
-
-
-def _cond(pred, if_true, if_false, operands):
-  """``lax.cond``, or a plain branch when ``pred`` is a known value (eager calls need no
-  compilation of both branches)."""
-  if not isinstance(pred, jax.core.Tracer):
-    return (if_true if bool(pred) else if_false)(operands)
-  return jax.lax.cond(pred, if_true, if_false, operands)
 
 
 def multi_steps(inner, every_k_schedule: Union[int, Callable], use_grad_mean: bool = True,
@@ -95,7 +87,7 @@ def multi_steps(inner, every_k_schedule: Union[int, Callable], use_grad_mean: bo
       _, s, _ = operands
       return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), out_shape[0]), s
 
-    new_updates, inner_state = _cond(emit, real_step, micro_step,
+    new_updates, inner_state = cond(emit, real_step, micro_step,
                                             (acc_in, state.inner_opt_state, params))
     new_state = MultiStepsState(
         mini_step=jnp.where(emit, 0, safe_increment(n)),
@@ -177,7 +169,7 @@ def apply_if_finite(inner, max_consecutive_errors: Optional[int]) -> GradientTra
       _, s, _ = operands
       return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), out_shape[0]), s
 
-    new_updates, inner_state = _cond(finite, step, skip,
+    new_updates, inner_state = cond(finite, step, skip,
                                             (updates, state.inner_state, params))
     consecutive = jnp.where(finite, 0, safe_increment(state.notfinite_count))
     gave_up = state.gave_up

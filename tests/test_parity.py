@@ -39,6 +39,12 @@ BY_NAME = {c.name: c for c in CASES}
 
 
 @functools.cache
+def our_trajectory(case_name, problem_name, jit=True):
+  case, prob = BY_NAME[case_name], problem(problem_name)
+  return run(case.ours(), prob, STEPS, jit, oc.apply_updates, case.with_value)[0]
+
+
+@functools.cache
 def optax_trajectory(case_name, problem_name, jit=True):
   """Optax's trajectory in the same mode as ours (eager runs of either library round bfloat16
   intermediates that XLA keeps in float32 under jit), computed once per mode."""
@@ -47,12 +53,18 @@ def optax_trajectory(case_name, problem_name, jit=True):
 NUMPY_CASES = [c for c in CASES if c.numpy_step is not None]
 
 
-@pytest.mark.parametrize("jit", [True, False], ids=["jit", "eager"])
-@pytest.mark.parametrize("problem_name", ["quadratic", "mlp"])
-@pytest.mark.parametrize("case", OPTAX_CASES, ids=lambda c: c.name)
+TRAJECTORY_RUNS = [
+    pytest.param(case, problem_name, jit, id=f"{case.name}-{problem_name}-{'jit' if jit else 'eager'}",
+                 marks=pytest.mark.xdist_group(case.name))  # one worker per case: caches hit
+    for case in OPTAX_CASES for problem_name in ("quadratic", "mlp") for jit in (True, False)
+    if jit or problem_name == "quadratic" or case.eager_on_mlp
+]
+
+
+@pytest.mark.parametrize("case, problem_name, jit", TRAJECTORY_RUNS)
 def test_trajectory_matches_optax(case, problem_name, jit):
   prob = problem(problem_name)
-  ours, _ = run(case.ours(), prob, STEPS, jit, oc.apply_updates, case.with_value)
+  ours = our_trajectory(case.name, problem_name, jit)
   # Some Optax wrappers run lax.cond, which is slow eagerly; their jitted run serves.
   ref = optax_trajectory(case.name, problem_name, jit or case.slow_eager_ref)
   assert_close_trajectories(ours, ref, rtol=1e-6)
@@ -116,15 +128,15 @@ def test_trajectory_matches_numpy(case, problem_name, jit):
   assert_close_trajectories(ours, ref, rtol=1e-5)
 
 
-@pytest.mark.parametrize("case", [c for c in OPTAX_CASES if c.bitwise], ids=lambda c: c.name)
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.name, marks=pytest.mark.xdist_group(c.name))
+                                  for c in OPTAX_CASES if c.bitwise])
 def test_jitted_trajectory_is_bitwise_optax(case):
   """Same formulas in the same order: under jit, XLA compiles both to the same arithmetic.
 
   (Eager runs differ by an ulp now and then: XLA turns ``x / scalar`` inside a compiled
   function into ``x * (1 / scalar)``, and Optax compiles its bias correction as one unit.)
   """
-  prob = problem("mlp")
-  ours, _ = run(case.ours(), prob, STEPS, True, oc.apply_updates, case.with_value)
+  ours = our_trajectory(case.name, "mlp")
   ref = optax_trajectory(case.name, "mlp")
   for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref)):
     np.testing.assert_array_equal(a, b)

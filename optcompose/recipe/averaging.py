@@ -43,7 +43,7 @@ import numpy as np
 
 from optcompose import tree as otree
 from optcompose._core import (
-    GradientTransformation, check_hyperparameter, safe_increment, zero_count,
+    GradientTransformation, check_hyperparameter, cond, safe_increment, zero_count,
 )
 
 
@@ -157,7 +157,7 @@ def _averaging(fn: str, state_type, weight, start_step: int, every: int,
       n, average = take(None)
     else:
       due = jnp.logical_and(count >= start_step, (count - start_step) % every == 0)
-      n, average = jax.lax.cond(due, take, lambda _: (state.n_averaged, state.average), None)
+      n, average = cond(due, take, lambda _: (state.n_averaged, state.average), None)
     return updates, state_type(count, n, average)
 
   return GradientTransformation(init, update)
