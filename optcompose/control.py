@@ -46,6 +46,19 @@ def _inner_update(inner, updates, state, params, extra):
   return inner.update(updates, state, params, **forward_extra(inner.update, extra))
 
 
+def _update_if(pred, inner, updates, state, params, extra):
+  """``inner.update`` when ``pred`` holds; else zero updates and the state untouched. Only
+  the branch taken runs (``lax.cond`` under jit)."""
+  def run(operands):
+    return _inner_update(inner, *operands, extra)
+
+  def hold(operands):
+    shapes = jax.eval_shape(run, operands)[0]  # the updates the inner step would give
+    return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes), operands[1]
+
+  return cond(pred, run, hold, (updates, state, params))
+
+
 def multi_steps(inner, every_k_schedule: Union[int, Callable], use_grad_mean: bool = True,
                 accumulator_dtype=jnp.float32) -> GradientTransformation:
   """Gradient accumulation over ``every_k_schedule`` micro-steps (see the module docstring).
@@ -75,20 +88,8 @@ def multi_steps(inner, every_k_schedule: Union[int, Callable], use_grad_mean: bo
       acc = jax.tree.map(lambda g, a: g + a, updates, state.acc_grads)
     k = jnp.asarray(k_of(state.gradient_step), jnp.int32)
     emit = n == k - 1
-    acc_in = otree.cast_like(acc, updates)
-    out_shape = jax.eval_shape(lambda a, s, p: _inner_update(inner, a, s, p, extra),
-                               acc_in, state.inner_opt_state, params)
-
-    def real_step(operands):
-      a, s, p = operands
-      return _inner_update(inner, a, s, p, extra)
-
-    def micro_step(operands):
-      _, s, _ = operands
-      return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), out_shape[0]), s
-
-    new_updates, inner_state = cond(emit, real_step, micro_step,
-                                            (acc_in, state.inner_opt_state, params))
+    new_updates, inner_state = _update_if(emit, inner, otree.cast_like(acc, updates),
+                                          state.inner_opt_state, params, extra)
     new_state = MultiStepsState(
         mini_step=jnp.where(emit, 0, safe_increment(n)),
         gradient_step=jnp.where(emit, safe_increment(state.gradient_step), state.gradient_step),
@@ -158,19 +159,7 @@ def apply_if_finite(inner, max_consecutive_errors: Optional[int]) -> GradientTra
 
   def update(updates, state, params=None, **extra):
     finite = all_finite(updates)
-    out_shape = jax.eval_shape(lambda u, s, p: _inner_update(inner, u, s, p, extra),
-                               updates, state.inner_state, params)
-
-    def step(operands):
-      u, s, p = operands
-      return _inner_update(inner, u, s, p, extra)
-
-    def skip(operands):
-      _, s, _ = operands
-      return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), out_shape[0]), s
-
-    new_updates, inner_state = cond(finite, step, skip,
-                                            (updates, state.inner_state, params))
+    new_updates, inner_state = _update_if(finite, inner, updates, state.inner_state, params, extra)
     consecutive = jnp.where(finite, 0, safe_increment(state.notfinite_count))
     gave_up = state.gave_up
     if max_consecutive_errors is not None:
