@@ -18,6 +18,7 @@ parameters' dtype: with bfloat16 parameters, ``b2 = 0.999`` is not rounded to 1.
 from __future__ import annotations
 
 import functools
+import re
 import inspect
 import numbers
 from typing import Any, Callable, Iterable, NamedTuple, Optional, Union
@@ -26,11 +27,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from optcompose._core import _takes_extra
 from optcompose._core import (
-    GradientTransformation, ScheduledState, as_hyperparam, checks_done, forward_extra,
-    safe_increment, wants_raw_grads, zero_count,
+    GradientTransformation, ScheduledState, _as_transformation, _takes_extra, as_hyperparam,
+    checks_done, forward_extra, init_empty_state, safe_increment, wants_raw_grads, zero_count,
 )
+from optcompose.tree import first_difference, resolve_mask
 
 
 class InjectHyperparamsState(NamedTuple):
@@ -246,12 +247,10 @@ def masked(inner: GradientTransformation, mask, *,
 
 
 def _as_gt(t) -> GradientTransformation:
-  from optcompose._core import _as_transformation
   return _as_transformation(t, 0)
 
 
 def _resolve(mask, tree):
-  from optcompose.tree import resolve_mask
   return resolve_mask(mask, tree)
 
 
@@ -260,7 +259,6 @@ def _resolve_like(on, tree):
   try:
     return jax.tree.broadcast(on, tree)
   except (ValueError, TypeError):
-    from optcompose.tree import first_difference
     raise ValueError(f"`params` do not have the structure of `updates`: "
                      f"{first_difference(tree, on)}.") from None
 
@@ -286,7 +284,6 @@ def partition(transforms: dict, param_labels, *,
     try:
       full = jax.tree.broadcast(labels, tree)
     except (ValueError, TypeError):
-      from optcompose.tree import first_difference
       raise ValueError("partition: `param_labels` is neither the parameters' structure nor a "
                        f"prefix of it: {first_difference(labels, tree)}.") from None
     for path, label in jax.tree_util.tree_flatten_with_path(full)[0]:
@@ -325,7 +322,6 @@ def set_to_zero() -> GradientTransformation:
     del params, extra
     return jax.tree.map(jnp.zeros_like, updates), state
 
-  from optcompose._core import init_empty_state
   return GradientTransformation(init_empty_state, update)
 
 
@@ -351,7 +347,6 @@ def labels_from_paths(rules, default=None) -> Callable[[Any], Any]:
   Example: ``labels_from_paths([(r"bias|scale", "no_decay")], default="decay")``. A leaf that
   no rule matches gets ``default``; with ``default=None`` that is an error naming the path.
   """
-  import re
   compiled = [(re.compile(pattern), label) for pattern, label in rules]
 
   def label(path, leaf):
@@ -368,7 +363,6 @@ def labels_from_paths(rules, default=None) -> Callable[[Any], Any]:
 def mask_from_paths(include=None, exclude=None) -> Callable[[Any], Any]:
   """A mask callable: True where the path matches ``include`` (default: every path) and does
   not match ``exclude``. E.g. ``adamw(..., mask=mask_from_paths(exclude=r"bias|scale"))``."""
-  import re
   inc = re.compile(include) if include is not None else None
   exc = re.compile(exclude) if exclude is not None else None
   return labels_from_fn(lambda path, _: bool((inc is None or inc.search(path))

@@ -80,7 +80,7 @@ def _check_eps(fn, name, value):
   check_hyperparameter(fn, name, value, low=0.0)
 
 
-def _moments_init(params, fn_name, dtype=None, value=0.0):
+def _moments_init(params, dtype=None, value=0.0):
   otree.check_floating(params, "params")
   return otree.full_like(params, value, dtype=dtype)
 
@@ -108,7 +108,7 @@ def ema(decay: ScalarOrSchedule, debias: bool = True,
   _check_decay("ema", "decay", decay)
 
   def init(params):
-    return EmaState(zero_count(), _moments_init(params, "ema", accumulator_dtype))
+    return EmaState(zero_count(), _moments_init(params, accumulator_dtype))
 
   def update(updates, state, params=None, **extra):
     del params, extra
@@ -171,7 +171,7 @@ def scale_by_rss(initial_accumulator_value: float = 0.1,
   _check_eps("scale_by_rss", "eps", eps)
 
   def init(params):
-    return ScaleByRssState(_moments_init(params, "scale_by_rss", value=initial_accumulator_value))
+    return ScaleByRssState(_moments_init(params, value=initial_accumulator_value))
 
   def update(updates, state, params=None, **extra):
     del params, extra
@@ -209,7 +209,7 @@ def scale_by_rms(decay: ScalarOrSchedule = 0.9, eps: ScalarOrSchedule = 1e-8,
   check_hyperparameter("scale_by_rms", "initial_scale", initial_scale, low=0.0)
 
   def init(params):
-    nu = _moments_init(params, "scale_by_rms", value=initial_scale)
+    nu = _moments_init(params, value=initial_scale)
     return ScaleByRmsWithCountState(zero_count(), nu) if bias_correction else ScaleByRmsState(nu)
 
   def update(updates, state, params=None, **extra):
@@ -256,8 +256,8 @@ def scale_by_stddev(decay: ScalarOrSchedule = 0.9, eps: ScalarOrSchedule = 1e-8,
   check_hyperparameter("scale_by_stddev", "initial_scale", initial_scale, low=0.0)
 
   def init(params):
-    mu = _moments_init(params, "scale_by_stddev")
-    nu = _moments_init(params, "scale_by_stddev", value=initial_scale)
+    mu = _moments_init(params)
+    nu = _moments_init(params, value=initial_scale)
     if bias_correction:
       return ScaleByRStdDevWithCountState(zero_count(), mu, nu)
     return ScaleByRStdDevState(mu, nu)
