@@ -77,3 +77,27 @@ def run(tx, problem: Problem, steps: int, jit: bool, apply_updates, with_value: 
     params = apply_updates(params, u)
     path.append(params)
   return path, state
+
+
+def assert_resumes_exactly(tx, problem: Problem, steps: int, save_at: int, apply_updates):
+  """Train ``steps`` jitted steps; separately train to ``save_at``, copy (params, state) to
+  host memory as a checkpoint would, and resume: both must end bitwise equal."""
+
+  update = jax.jit(tx.update)
+
+  def train(params, state, start):
+    for t in range(start, steps):
+      u, state = update(problem.grad(params, t), state, params)
+      params = apply_updates(params, u)
+    return params, state
+
+  first = train(problem.params, tx.init(problem.params), 0)
+  # Re-run to the save point, copy to host, and continue from the copy.
+  p, s = problem.params, tx.init(problem.params)
+  for t in range(save_at):
+    u, s = update(problem.grad(p, t), s, p)
+    p = apply_updates(p, u)
+  saved = jax.tree.map(np.asarray, (p, s))
+  resumed = train(*jax.tree.map(jnp.asarray, saved), save_at)
+  for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(resumed)):
+    np.testing.assert_array_equal(a, b)

@@ -12,7 +12,7 @@ import optax
 import pytest
 
 import optcompose as oc
-from problems import mlp, quadratic, run
+from problems import assert_resumes_exactly, mlp, quadratic, run
 from registry import CASES, COVERED_ELSEWHERE
 
 PUBLIC = oc.TRANSFORMATIONS + oc.OPTIMIZERS + oc.WRAPPERS
@@ -131,22 +131,7 @@ def test_schedule_reads_the_count_in_the_state():
                                   "rmsprop_centered_momentum"])
 def test_resuming_from_a_saved_state_continues_exactly(name):
   case = next(c for c in CASES if c.name == name)
-  prob = mlp()
-  tx = case.ours()
-  update = jax.jit(tx.update)
-  params, state = prob.params, tx.init(prob.params)
-  saved = None
-  for t in range(20):
-    if t == 10:  # save to host memory, as a checkpoint would
-      saved = jax.tree.map(np.asarray, (params, state))
-    u, state = update(prob.grad(params, t), state, params)
-    params = oc.apply_updates(params, u)
-  params2, state2 = jax.tree.map(jnp.asarray, saved)
-  for t in range(10, 20):
-    u, state2 = update(prob.grad(params2, t), state2, params2)
-    params2 = oc.apply_updates(params2, u)
-  for a, b in zip(jax.tree.leaves((params, state)), jax.tree.leaves((params2, state2))):
-    np.testing.assert_array_equal(a, b)
+  assert_resumes_exactly(case.ours(), mlp(), steps=20, save_at=10, apply_updates=oc.apply_updates)
 
 
 def test_count_saturates_instead_of_wrapping():

@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 import optcompose as oc
-from problems import mlp, run
+from problems import assert_resumes_exactly, mlp, run
 
 
 def test_injected_adamw_follows_the_same_trajectory_as_optax_injected_adamw():
@@ -106,21 +106,8 @@ def test_current_hyperparams_reads_scheduled_values_without_reevaluating():
 
 
 def test_injected_state_resumes_exactly():
-  prob = mlp()
   tx = oc.inject_hyperparams(oc.adamw)(learning_rate=oc.linear_schedule(0.02, 0.0, 30))
-  update = jax.jit(tx.update)
-  params, state = prob.params, tx.init(prob.params)
-  for t in range(20):
-    if t == 8:
-      saved = jax.tree.map(np.asarray, (params, state))
-    u, state = update(prob.grad(params, t), state, params)
-    params = oc.apply_updates(params, u)
-  p2, s2 = jax.tree.map(jnp.asarray, saved)
-  for t in range(8, 20):
-    u, s2 = update(prob.grad(p2, t), s2, p2)
-    p2 = oc.apply_updates(p2, u)
-  for a, b in zip(jax.tree.leaves((params, state)), jax.tree.leaves((p2, s2))):
-    np.testing.assert_array_equal(a, b)
+  assert_resumes_exactly(tx, mlp(), steps=20, save_at=8, apply_updates=oc.apply_updates)
 
 
 # --- reduce on plateau ----------------------------------------------------------------
