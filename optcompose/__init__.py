@@ -4,7 +4,8 @@
 argument names and defaults. See ``optcompose._core`` for the contract.
 """
 
-from optcompose import schedules, tree
+from optcompose import flat, schedules, tree
+from optcompose.flat import FlatParams, flat_params
 from optcompose._core import (
     EmptyState, GradientTransformation, OptState, Params, RAW_GRADS, ScalarOrSchedule, Schedule,
     ScheduledState, Updates, apply_updates, chain, identity, init_empty_state, safe_increment,

@@ -11,6 +11,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from optcompose import flat
+
 
 def path_str(path) -> str:
   return jax.tree_util.keystr(tuple(path)) or "<root>"
@@ -112,23 +114,33 @@ def resolve_mask(mask: Any, tree: Any, name: str = "mask") -> Any:
   Returns a tree with ``tree``'s structure and a Python bool per leaf. A mask whose
   structure is neither ``tree``'s nor a prefix of it is an error naming the first
   differing path; so is a leaf that is not a Python or NumPy bool (masks are static).
+  For :class:`~optcompose.FlatParams` the mask is written for the model's tree and mapped
+  onto the buckets (see :mod:`optcompose.flat`).
   """
-  if callable(mask):
-    mask = mask(tree)
-  for path, leaf in jax.tree_util.tree_flatten_with_path(mask)[0]:
-    if not isinstance(leaf, (bool, jnp.bool_)) and not (
-        hasattr(leaf, "dtype") and getattr(leaf, "shape", None) == () and leaf.dtype == bool
-        and not isinstance(leaf, jax.core.Tracer)
-    ):
-      raise TypeError(
-          f"`{name}{jax.tree_util.keystr(tuple(path))}` is {type(leaf).__name__}; mask "
-          "leaves must be Python booleans."
-      )
+
+  def broadcast(mask, target):
+    for path, leaf in jax.tree_util.tree_flatten_with_path(mask, is_leaf=flat.is_flat)[0]:
+      if flat.is_flat(leaf):
+        continue
+      if not isinstance(leaf, (bool, jnp.bool_)) and not (
+          hasattr(leaf, "dtype") and getattr(leaf, "shape", None) == () and leaf.dtype == bool
+          and not isinstance(leaf, jax.core.Tracer)
+      ):
+        raise TypeError(
+            f"`{name}{jax.tree_util.keystr(tuple(path))}` is {type(leaf).__name__}; mask "
+            "leaves must be Python booleans."
+        )
+    return broadcast_prefix(mask, target, name, "the parameter tree")
+
+  return jax.tree.map(bool, flat.per_leaf_values(mask, tree, name, broadcast))
+
+
+def broadcast_prefix(prefix: Any, tree: Any, name: str, tree_name: str) -> Any:
+  """Broadcast ``prefix`` (a tree with ``tree``'s structure or a prefix of it) to ``tree``."""
   try:
-    full = jax.tree.broadcast(mask, tree)
+    return jax.tree.broadcast(prefix, tree)
   except (ValueError, TypeError):
     raise ValueError(
-        f"`{name}` is neither the parameter tree's structure nor a prefix of it: "
-        f"{first_difference(mask, tree)}."
+        f"`{name}` is neither {tree_name}'s structure nor a prefix of it: "
+        f"{first_difference(prefix, tree)}."
     ) from None
-  return jax.tree.map(bool, full)

@@ -31,7 +31,8 @@ from optcompose._core import (
     GradientTransformation, ScheduledState, _as_transformation, _takes_extra, as_hyperparam,
     checks_done, forward_extra, init_empty_state, safe_increment, wants_raw_grads, zero_count,
 )
-from optcompose.tree import first_difference, resolve_mask
+from optcompose.flat import per_leaf_values
+from optcompose.tree import broadcast_prefix, first_difference, resolve_mask
 
 
 class InjectHyperparamsState(NamedTuple):
@@ -280,12 +281,8 @@ def partition(transforms: dict, param_labels, *,
     raise TypeError("partition: `transforms` must be a non-empty dict {label: transformation}.")
 
   def labels_for(tree):
-    labels = param_labels(tree) if callable(param_labels) else param_labels
-    try:
-      full = jax.tree.broadcast(labels, tree)
-    except (ValueError, TypeError):
-      raise ValueError("partition: `param_labels` is neither the parameters' structure nor a "
-                       f"prefix of it: {first_difference(labels, tree)}.") from None
+    full = per_leaf_values(param_labels, tree, "param_labels", lambda labels, target:
+                           broadcast_prefix(labels, target, "param_labels", "the parameter tree"))
     for path, label in jax.tree_util.tree_flatten_with_path(full)[0]:
       if label not in transforms:
         raise ValueError(f"partition: leaf {jax.tree_util.keystr(tuple(path))} has label "

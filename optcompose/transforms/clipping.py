@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from optcompose import tree as otree
+from optcompose.flat import reject_flat
 from optcompose._core import (
     GradientTransformation, ScalarOrSchedule, check_hyperparameter,
     init_empty_state, with_schedules,
@@ -82,6 +83,7 @@ def clip_by_leaf_norm(max_norm: ScalarOrSchedule) -> GradientTransformation:
 
   def update(updates, state, params=None, **extra):
     del params, extra
+    reject_flat(updates, "clip_by_leaf_norm")
     return jax.tree.map(
         lambda u: rescale_leaf(u, otree.global_norm(u), max_norm), updates), state
 
@@ -95,6 +97,7 @@ def clip_by_block_rms(threshold: ScalarOrSchedule) -> GradientTransformation:
 
   def update(updates, state, params=None, **extra):
     del params, extra
+    reject_flat(updates, "clip_by_block_rms")
     return jax.tree.map(
         lambda u: u / jnp.maximum(1.0, jnp.sqrt(jnp.mean(otree.abs_sq(u))) / threshold),
         updates), state
@@ -137,6 +140,7 @@ def adaptive_grad_clip(clipping: ScalarOrSchedule, eps: ScalarOrSchedule = 1e-3,
     del extra
     if params is None:
       raise ValueError("adaptive_grad_clip needs `params`: call update(updates, state, params).")
+    reject_flat(updates, "adaptive_grad_clip")
     otree.check_same_structure(updates, params, "updates", "params")
 
     def leaf(u, w):
