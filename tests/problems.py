@@ -33,15 +33,16 @@ def quadratic(dtype=jnp.float32) -> Problem:
   return Problem("quadratic", params, grad, jax.jit(loss))
 
 
-def mlp(dtype=jnp.float32) -> Problem:
-  """A 8-16-1 tanh MLP regressing random data; minibatch i is a fixed slice per step."""
+def mlp(dtype=jnp.float32, outputs: int = 1) -> Problem:
+  """A 8-16-``outputs`` tanh MLP regressing random data; minibatch i is a fixed slice per step."""
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=(64, 8)), jnp.float32)
-  y = jnp.asarray(np.sin(rng.normal(size=(64, 1)) * 2), jnp.float32)
+  y = jnp.asarray(np.sin(rng.normal(size=(64, outputs)) * 2), jnp.float32)
   k1, k2 = jax.random.split(jax.random.PRNGKey(0))
   params = {
       "dense1": {"kernel": jax.random.normal(k1, (8, 16)) / jnp.sqrt(8.0), "bias": jnp.zeros(16)},
-      "dense2": {"kernel": jax.random.normal(k2, (16, 1)) / 4.0, "bias": jnp.zeros(1)},
+      "dense2": {"kernel": jax.random.normal(k2, (16, outputs)) / 4.0,
+                 "bias": jnp.zeros(outputs)},
   }
   params = jax.tree.map(lambda a: a.astype(dtype), params)
 

@@ -38,20 +38,22 @@ def ema_leaf(beta, m, x):
 
 
 def debias_factor(beta, count):
-  """``1 - beta^count`` computed in float32 or wider (beta^t rounds to 1 in bfloat16)."""
+  """``1 / (1 - beta^count)``, computed in float32 or wider (beta^t rounds to 1 in bfloat16)."""
   beta = jnp.asarray(beta)
   wide = jnp.promote_types(beta.dtype, jnp.float32)
-  return 1 - beta.astype(wide) ** jnp.asarray(count).astype(wide)
+  return 1 / (1 - beta.astype(wide) ** jnp.asarray(count).astype(wide))
 
 
 def debias_leaf(m, factor):
-  """Bias correction ``m / (1 - beta^t)`` given ``factor = debias_factor(beta, t)``.
+  """Bias correction ``m / (1 - beta^t)``, as ``m * factor`` with ``factor = debias_factor(beta, t)``.
 
-  The scalar factor is computed once per step, outside the per-leaf map, so every leaf
-  sees the same rounded value whatever the tree (XLA evaluates a scalar power fused into
-  a vector loop differently from a standalone one). The division runs in m's precision.
+  The scalar factor is computed once per step, outside the per-leaf map, and multiplies
+  each leaf: a division by a broadcast scalar is rewritten by XLA into a multiplication by
+  its reciprocal, or merged with the next division, depending on the rest of the graph, so
+  its rounding would depend on the tree's shape (FlatParams against a pytree, a
+  one-element leaf against a matrix). The product runs in m's precision.
   """
-  return m / factor.astype(jnp.result_type(m))
+  return m * factor.astype(jnp.result_type(m))
 
 
 def nesterov_moment_leaf(b1, m_hat_next, g_hat):
