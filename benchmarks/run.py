@@ -1,132 +1,344 @@
-"""Update-step benchmark: optcompose against Optax, side by side in one process.
+"""Optimizer-step benchmark: optcompose, Optax and PyTorch side by side.
 
-For each tree shape, both libraries' jitted AdamW steps (params, grads and state donated) are
-timed alternately; the table gives median step time, the spread (p10-p90), effective GB/s
-over the ideal 28 bytes per float32 parameter (read p, g, m, v; write p, m, v), the fraction
-of this machine's in-place streaming bandwidth measured in the same run, compile time, and
-the optcompose/Optax time ratio. Results go to benchmarks/RESULTS.md.
+Every configuration (an optimizer, a tree shape, a size) runs in its own process; inside
+it, every library's step is built, compiled and then timed *alternately*, step by step (the
+order rotating), so that drift on the machine affects all alike. Per row the table gives:
 
-Run: `make bench` (or `python benchmarks/run.py [--quick]`). The fuller suite (more
-optimizers, sizes, PyTorch, memory) is issue 3's work.
+- the median step time and its spread (10th-90th percentile), in ms;
+- effective GB/s over the *ideal* bytes: each gradient read once, each parameter and
+  optimizer-state array read and written once (AdamW in float32: 4 + 2 (4 + 8) = 28 B per
+  parameter; SGD with momentum: 20 B);
+- that as a fraction of the in-place streaming bandwidth measured in the same process
+  (``x <- a x + b`` on a donated buffer of the same number of float32 elements);
+- compile time (lower + compile), the optimizer state in bytes per parameter, and peak
+  memory of the step: XLA's own accounting (arguments + outputs - donated + temporaries) for
+  JAX, parameters + gradients + state for PyTorch (its temporaries are not counted);
+- the step time as a ratio to Optax's.
+
+Libraries: ``optcompose`` (the default per-leaf path on the model's tree),
+``optcompose-flat`` (the same optimizer on :class:`optcompose.FlatParams`, parameters and
+state kept in one buffer per dtype across steps), ``optax``, and, when PyTorch is
+installed, ``torch-fused`` and ``torch-foreach``. JAX steps are jitted with parameters and
+state donated; gradients are fixed arrays passed in each step.
+
+Run ``make bench`` (writes benchmarks/RESULTS.md), or ``python benchmarks/run.py`` with
+``--quick`` (small sizes, a few rows), ``--full`` (adds the per-leaf clip+AdamW rows on
+4096 leaves, whose compilation takes minutes), ``--out PATH``. It runs unchanged on GPU.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import json
+import os
 import platform
-import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 
-import optcompose
-
-BYTES_PER_PARAM = {"adamw": 28}
+OPTIMIZERS = ("sgd_nesterov", "adam", "adamw", "clip_adamw_cosine")
+LR, WD, CLIP = 1e-3, 1e-4, 1.0
 
 
-def trees(total: int):
-  """Tree shapes with about `total` float32 parameters."""
-  d = int(round((total / 12 / 12) ** 0.5 / 64) * 64) or 64
-  block = {"ln1": (d,), "qkv": (d, 3 * d), "qkv_b": (3 * d,), "proj": (d, d), "proj_b": (d,),
-           "ln2": (d,), "fc1": (d, 4 * d), "fc1_b": (4 * d,), "fc2": (4 * d, d), "fc2_b": (d,)}
-  transformer = {f"block{i}": {k: np.zeros(s, np.float32) for k, s in block.items()}
-                 for i in range(12)}
-  small = 4096
-  return {
-      "1 flat leaf": {"w": np.zeros(total, np.float32)},
-      f"transformer-like ({len(jax.tree.leaves(transformer))} leaves)": transformer,
-      f"{total // small} leaves of {small}": {f"p{i}": np.zeros(small, np.float32)
-                                              for i in range(total // small)},
-  }
+# --- trees --------------------------------------------------------------------------------
 
+def tree_shapes(kind: str, total: int) -> dict:
+  """{name: (shape, dtype)} with about ``total`` parameters."""
+  if kind == "flat":
+    return {"w": ((total,), "float32")}
+  if kind in ("transformer", "mixed"):
+    # GPT-2-like: 12 blocks of 12 leaves, token and position embeddings, final norm: 148.
+    d = max(64, int(round((total / 12 / 12) ** 0.5 / 64)) * 64)
+    mat = "bfloat16" if kind == "mixed" else "float32"
+    block = {"ln1_scale": (d,), "ln1_bias": (d,), "qkv": (d, 3 * d), "qkv_bias": (3 * d,),
+             "proj": (d, d), "proj_bias": (d,), "ln2_scale": (d,), "ln2_bias": (d,),
+             "fc": (d, 4 * d), "fc_bias": (4 * d,), "fc_proj": (4 * d, d), "fc_proj_bias": (d,)}
+    shapes = {f"h{i:02d}.{k}": (s, mat if len(s) == 2 else "float32")
+              for i in range(12) for k, s in block.items()}
+    rest = max(total - sum(int(np.prod(s)) for s, _ in shapes.values()), 1024 * d)
+    shapes.update({"wpe": ((1024, d), mat), "wte": ((max((rest - 1024 * d) // d, 1), d), mat),
+                   "ln_f_scale": ((d,), "float32"), "ln_f_bias": ((d,), "float32")})
+    return shapes
+  if kind.startswith("leaves"):
+    count = int(kind[len("leaves"):])
+    return {f"p{i:04d}": ((max(total // count, 1),), "float32") for i in range(count)}
+  raise ValueError(f"unknown tree kind {kind!r}")
+
+
+def tree_label(kind: str, shapes: dict) -> str:
+  n = len(shapes)
+  size = next(iter(shapes.values()))[0]
+  return {"flat": "1 flat leaf", "transformer": f"transformer-like ({n} leaves)",
+          "mixed": f"transformer, bf16 matrices ({n} leaves)"}.get(
+              kind, f"{n} leaves of {int(np.prod(size))}")
+
+
+# --- JAX libraries ------------------------------------------------------------------------
+
+def jax_optimizer(lib: str, name: str):
+  import optax
+  import optcompose
+  m = optcompose if lib.startswith("optcompose") else optax
+  if name == "sgd_nesterov":
+    return m.sgd(LR, momentum=0.9, nesterov=True)
+  if name == "adam":
+    return m.adam(LR)
+  if name == "adamw":
+    return m.adamw(LR, weight_decay=WD)
+  if name == "clip_adamw_cosine":
+    schedule = m.warmup_cosine_decay_schedule(0.0, LR, 100, 10_000, LR / 10)
+    return m.chain(m.clip_by_global_norm(CLIP), m.adamw(schedule, weight_decay=WD))
+  raise ValueError(name)
+
+
+class JaxRun:
+  def __init__(self, lib, opt, shapes, seed=0):
+    import jax
+    import jax.numpy as jnp
+    import optcompose
+    rng = np.random.default_rng(seed)
+    params = {k: jnp.asarray(rng.normal(size=s).astype(np.float32) * 0.02, d)
+              for k, (s, d) in shapes.items()}
+    grads = {k: jnp.asarray(rng.normal(size=s).astype(np.float32) * 1e-3, d)
+             for k, (s, d) in shapes.items()}
+    if lib == "optcompose-flat":
+      params, grads = optcompose.flat_params(params), optcompose.flat_params(grads)
+    tx = jax_optimizer(lib, opt)
+    state = tx.init(params)
+    self.state_bytes = sum(x.nbytes for x in jax.tree.leaves(state) if x.ndim)
+    self.ideal_bytes = (sum(x.nbytes for x in jax.tree.leaves(grads))
+                        + 2 * (sum(x.nbytes for x in jax.tree.leaves(params)) + self.state_bytes))
+
+    def step(params, state, grads):
+      updates, state = tx.update(grads, state, params)
+      return optcompose.apply_updates(params, updates), state
+
+    t = time.perf_counter()
+    self.compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, grads).compile()
+    self.compile_s = time.perf_counter() - t
+    mem = self.compiled.memory_analysis()
+    self.peak_bytes = None if mem is None else (
+        mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+        + mem.temp_size_in_bytes)
+    self.params, self.state, self.grads = params, state, grads
+    self.block = jax.block_until_ready
+    self.step()  # the first call allocates; not timed
+
+  def step(self):
+    self.params, self.state = self.compiled(self.params, self.state, self.grads)
+    self.block(self.params)
+
+
+# --- PyTorch ------------------------------------------------------------------------------
+
+class TorchRun:
+  def __init__(self, mode, opt, shapes, seed=0):
+    import torch
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+    rng = np.random.default_rng(seed)
+    self.params = []
+    for s, d in shapes.values():
+      p = torch.tensor(rng.normal(size=s).astype(np.float32) * 0.02, device=device,
+                       dtype=dtypes[d], requires_grad=True)
+      p.grad = torch.tensor(rng.normal(size=s).astype(np.float32) * 1e-3, device=device,
+                            dtype=dtypes[d])
+      self.params.append(p)
+    flag = {"fused": True} if mode == "torch-fused" else {"foreach": True}
+    if opt == "sgd_nesterov":
+      self.opt = torch.optim.SGD(self.params, lr=LR, momentum=0.9, nesterov=True, **flag)
+    elif opt == "adam":
+      self.opt = torch.optim.Adam(self.params, lr=LR, **flag)
+    else:
+      self.opt = torch.optim.AdamW(self.params, lr=LR, weight_decay=WD, **flag)
+    self.clip = opt == "clip_adamw_cosine"
+    self.sched = None
+    if self.clip:
+      import math
+      def factor(step):
+        if step < 100:
+          return step / 100
+        frac = min((step - 100) / (10_000 - 100), 1.0)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac))
+      self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, factor)
+    self.torch = torch
+    self.sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    self.compile_s = 0.0
+    self.step()  # creates the state
+    self.state_bytes = sum(v.numel() * v.element_size() for st in self.opt.state.values()
+                           for v in st.values() if torch.is_tensor(v) and v.ndim)
+    pbytes = sum(p.numel() * p.element_size() for p in self.params)
+    self.ideal_bytes = pbytes + 2 * (pbytes + self.state_bytes)
+    self.peak_bytes = 2 * pbytes + self.state_bytes
+
+  def step(self):
+    with self.torch.no_grad():
+      if self.clip:
+        self.torch.nn.utils.clip_grad_norm_(self.params, CLIP, foreach=True)
+      self.opt.step()
+      if self.sched is not None:
+        self.sched.step()
+    self.sync()
+
+
+# --- one configuration, in this process -----------------------------------------------------
 
 def stream_bandwidth(n: int, reps: int) -> float:
-  """In-place streaming bandwidth (GB/s): x <- a*x + b on a donated buffer (8 B/element)."""
+  """In-place streaming bandwidth in GB/s: x <- a x + b on a donated float32 buffer."""
+  import jax
+  import jax.numpy as jnp
   f = jax.jit(lambda x: x * 0.999 + 1e-3, donate_argnums=0)
-  x = jnp.ones(n, jnp.float32)
-  x = f(x).block_until_ready()
+  x = f(jnp.ones(n, jnp.float32)).block_until_ready()
   times = []
   for _ in range(reps):
     t = time.perf_counter()
     x = f(x).block_until_ready()
     times.append(time.perf_counter() - t)
-  return 8 * n / statistics.median(times) / 1e9
+  return 8 * n / float(np.median(times)) / 1e9
 
 
-def make_step(tx):
-  def step(params, state, grads):
-    updates, state = tx.update(grads, state, params)
-    return optax.apply_updates(params, updates), state
-
-  return jax.jit(step, donate_argnums=(0, 1))
-
-
-def bench_tree(tree, reps: int):
-  rng = np.random.default_rng(0)
-  grads = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape) * 1e-3, jnp.float32), tree)
-  runs = {}
-  for name, tx in (("optcompose", optcompose.adamw(1e-3, weight_decay=1e-4)),
-                   ("optax", optax.adamw(1e-3, weight_decay=1e-4))):
-    params = jax.tree.map(lambda x: jnp.asarray(x) + 1.0, tree)
-    state = tx.init(params)
-    step = make_step(tx)
-    t = time.perf_counter()
-    compiled = step.lower(params, state, grads).compile()
-    compile_s = time.perf_counter() - t
-    params, state = compiled(params, state, grads)
-    runs[name] = {"step": compiled, "params": params, "state": state, "times": [],
-                  "compile": compile_s}
-  for _ in range(reps):  # alternate the two libraries so drift affects both alike
-    for run in runs.values():
+def run_config(cfg: dict) -> dict:
+  shapes = tree_shapes(cfg["tree"], cfg["size"])
+  n = sum(int(np.prod(s)) for s, _ in shapes.values())
+  runs, skipped = {}, {}
+  for lib in cfg["libs"]:
+    try:
+      if lib.startswith("torch"):
+        runs[lib] = TorchRun(lib, cfg["opt"], shapes)
+      else:
+        runs[lib] = JaxRun(lib, cfg["opt"], shapes)
+    except Exception as e:  # an optional library missing, or a mode it lacks
+      skipped[lib] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+  times = {lib: [] for lib in runs}
+  order = list(runs)
+  for rep in range(cfg["reps"]):
+    for lib in order[rep % len(order):] + order[:rep % len(order)]:  # rotate who goes first
       t = time.perf_counter()
-      run["params"], run["state"] = run["step"](run["params"], run["state"], grads)
-      jax.block_until_ready(run["params"])
-      run["times"].append(time.perf_counter() - t)
-  return runs
+      runs[lib].step()
+      times[lib].append(time.perf_counter() - t)
+  bw = stream_bandwidth(n, max(cfg["reps"], 10))
+  rows = []
+  for lib, run in runs.items():
+    ts = np.asarray(times[lib]) * 1e3
+    rows.append({"lib": lib, "median_ms": float(np.median(ts)),
+                 "p10_ms": float(np.percentile(ts, 10)), "p90_ms": float(np.percentile(ts, 90)),
+                 "ideal_bytes": run.ideal_bytes, "compile_s": run.compile_s,
+                 "state_bytes_per_param": run.state_bytes / n, "peak_bytes": run.peak_bytes})
+  return {"cfg": cfg, "label": tree_label(cfg["tree"], shapes), "params": n,
+          "bandwidth_gbs": bw, "rows": rows, "skipped": skipped}
+
+
+# --- the suite -----------------------------------------------------------------------------
+
+JAX_LIBS = ("optcompose", "optcompose-flat", "optax")
+ALL_LIBS = JAX_LIBS + ("torch-fused", "torch-foreach")
+M = 1 << 20
+
+
+def suite(quick: bool, full: bool) -> list:
+  if quick:
+    return [dict(section="trees", opt="adamw", tree=t, size=M, libs=ALL_LIBS, reps=10)
+            for t in ("flat", "transformer", "leaves256")]
+  size, reps = 16 * M, 20
+  configs = [dict(section="trees", opt="adamw", tree=t, size=size, libs=ALL_LIBS, reps=reps)
+             for t in ("flat", "transformer", "leaves1000", "leaves4096", "mixed")]
+  configs += [dict(section="optimizers", opt=o, tree="transformer", size=size, libs=ALL_LIBS,
+                   reps=reps) for o in OPTIMIZERS if o != "adamw"]
+  configs += [dict(section="optimizers", opt="clip_adamw_cosine", tree="leaves4096", size=size,
+                   libs=ALL_LIBS if full else ("optcompose-flat", "torch-fused", "torch-foreach"),
+                   reps=reps)]
+  configs += [dict(section="sizes", opt="adamw", tree="flat", size=s * M,
+                   libs=("optcompose", "optax", "torch-fused"), reps=reps)
+              for s in (1, 4, 64)]
+  return configs
+
+
+def environment() -> list:
+  import jax
+  import optax
+  import optcompose
+  try:
+    import torch
+    torch_version = torch.__version__
+  except ImportError:
+    torch_version = "not installed (PyTorch rows skipped)"
+  dev = jax.devices()[0]
+  cpu = platform.processor() or platform.machine()
+  try:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+      if line.startswith("model name"):
+        cpu = line.split(":", 1)[1].strip()
+        break
+  except OSError:
+    pass
+  return [f"- date: {datetime.date.today()}",
+          f"- machine: {cpu}, {os.cpu_count()} cores; JAX devices: {jax.device_count()} x "
+          f"{dev.platform} ({dev.device_kind})",
+          f"- versions: python {platform.python_version()}, jax {jax.__version__}, "
+          f"optax {optax.__version__}, optcompose {optcompose.__version__}, torch {torch_version}"]
+
+
+def table(results: list) -> list:
+  lines = ["| optimizer | tree | params | library | median ms | p10-p90 ms | GB/s (ideal B) "
+           "| of bandwidth | compile s | state B/param | peak MB | time / Optax |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+  for res in results:
+    ref = next((r["median_ms"] for r in res["rows"] if r["lib"] == "optax"), None)
+    for r in res["rows"]:
+      gbs = r["ideal_bytes"] / (r["median_ms"] / 1e3) / 1e9
+      peak = "-" if r["peak_bytes"] is None else f"{r['peak_bytes'] / 2**20:.0f}"
+      ratio = "-" if ref is None else f"{r['median_ms'] / ref:.2f}"
+      compile_s = "-" if r["lib"].startswith("torch") else f"{r['compile_s']:.2f}"
+      lines.append(
+          f"| {res['cfg']['opt']} | {res['label']} | {res['params'] / 1e6:.1f}M | {r['lib']} "
+          f"| {r['median_ms']:.2f} | {r['p10_ms']:.2f}-{r['p90_ms']:.2f} | {gbs:.1f} "
+          f"({r['ideal_bytes'] / res['params']:.0f} B/param) | {gbs / res['bandwidth_gbs']:.2f} "
+          f"| {compile_s} | {r['state_bytes_per_param']:.1f} | {peak} | {ratio} |")
+    for lib, why in res["skipped"].items():
+      lines.append(f"| {res['cfg']['opt']} | {res['label']} | | {lib} | skipped: {why} "
+                   "| | | | | | | |")
+  return lines
 
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--quick", action="store_true", help="1M parameters, fewer repetitions")
+  parser.add_argument("--quick", action="store_true", help="1M parameters, three rows")
+  parser.add_argument("--full", action="store_true", help="add per-leaf clip+AdamW on 4096 leaves")
   parser.add_argument("--out", default=str(Path(__file__).with_name("RESULTS.md")))
+  parser.add_argument("--config", help=argparse.SUPPRESS)  # internal: run one, print JSON
   args = parser.parse_args(argv)
-  total = 1 << 20 if args.quick else 1 << 22
-  reps = 10 if args.quick else 30
-  bw = stream_bandwidth(total * 4, reps)
-  device = jax.devices()[0]
-  lines = [
-      "# Benchmark results", "",
-      f"- date: {datetime.date.today()}", f"- machine: {platform.machine()}, "
-      f"{jax.device_count()} {device.platform} device(s) ({device.device_kind}), "
-      f"python {platform.python_version()}",
-      f"- versions: jax {jax.__version__}, optax {optax.__version__}, "
-      f"optcompose {optcompose.__version__}",
-      f"- in-place streaming bandwidth (x <- a x + b, donated, 8 B/elem): {bw:.1f} GB/s",
-      f"- AdamW float32, {total / 1e6:.1f}M parameters, jitted step with donated buffers, "
-      f"{reps} timed steps each, libraries alternated", "",
-      "| tree | library | median ms | p10-p90 ms | GB/s (28 B/param) | of bandwidth | compile s | time / Optax |",
-      "|---|---|---|---|---|---|---|---|",
-  ]
-  for label, tree in trees(total).items():
-    n = sum(x.size for x in jax.tree.leaves(tree))
-    runs = bench_tree(tree, reps)
-    ref = statistics.median(runs["optax"]["times"])
-    for name, run in runs.items():
-      ts = np.asarray(run["times"]) * 1e3
-      med = float(np.median(ts))
-      gbs = BYTES_PER_PARAM["adamw"] * n / (med / 1e3) / 1e9
-      lines.append(
-          f"| {label} | {name} | {med:.2f} | {np.percentile(ts, 10):.2f}-{np.percentile(ts, 90):.2f}"
-          f" | {gbs:.1f} | {gbs / bw:.2f} | {run['compile']:.2f} | {med / 1e3 / ref:.2f} |")
-    print(lines[-2], lines[-1], sep="\n", flush=True)
-  Path(args.out).write_text("\n".join(lines) + "\n")
+  if args.config:
+    print("RESULT " + json.dumps(run_config(json.loads(args.config))), flush=True)
+    return 0
+  results, t0 = [], time.perf_counter()
+  for cfg in suite(args.quick, args.full):
+    proc = subprocess.run([sys.executable, __file__, "--config", json.dumps(cfg)],
+                          capture_output=True, text=True)
+    line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
+    if line is None:
+      print(f"configuration {cfg} failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
+      return 1
+    res = json.loads(line[len("RESULT "):])
+    results.append(res)
+    print("\n".join(table([res])[2:]), flush=True)
+  bws = ", ".join(f"{r['params'] / 1e6:.0f}M: {r['bandwidth_gbs']:.1f}"
+                  for r in {r["params"]: r for r in results}.values())
+  lines = ["# Benchmark results", "", *environment(),
+           f"- in-place streaming bandwidth (GB/s, x <- a x + b, donated float32, by size): {bws}",
+           f"- jitted steps with parameters and state donated; libraries alternated step by step "
+           f"in one process per configuration; {results[0]['cfg']['reps']} timed steps each; "
+           f"the whole run took {time.perf_counter() - t0:.0f} s",
+           "- peak MB: XLA's accounting for JAX; parameters + gradients + state for PyTorch", ""]
+  for section in dict.fromkeys(r["cfg"]["section"] for r in results):
+    lines += [f"## {section}", ""] + table([r for r in results if r["cfg"]["section"] == section])
+    lines.append("")
+  Path(args.out).write_text("\n".join(lines))
   print(f"wrote {args.out}")
+  return 0
 
 
 if __name__ == "__main__":

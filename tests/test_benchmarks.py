@@ -1,0 +1,51 @@
+"""The benchmark's own accounting, on tiny configurations (nothing here is timed).
+
+The suite must not rot between `make bench` runs: one configuration runs in-process, and
+the ideal-byte and state-size columns are checked against the textbook counts (AdamW in
+float32: 28 B and 8 B of state per parameter; SGD with momentum: 20 B and 4 B).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+import run as bench  # noqa: E402
+
+
+@pytest.mark.parametrize("opt, ideal, state", [("adamw", 28, 8), ("sgd_nesterov", 20, 4),
+                                               ("clip_adamw_cosine", 28, 8)])
+def test_one_configuration_reports_textbook_bytes(opt, ideal, state):
+  cfg = dict(section="t", opt=opt, tree="leaves8", size=8 * 512, reps=2,
+             libs=("optcompose", "optcompose-flat", "optax"))
+  res = bench.run_config(cfg)
+  assert res["params"] == 8 * 512 and not res["skipped"]
+  assert [r["lib"] for r in res["rows"]] == list(cfg["libs"])
+  for r in res["rows"]:
+    assert r["ideal_bytes"] == ideal * res["params"]
+    assert r["state_bytes_per_param"] == state
+    assert r["median_ms"] > 0 and r["p10_ms"] <= r["median_ms"] <= r["p90_ms"]
+  lines = bench.table([res])
+  assert len(lines) == 2 + len(cfg["libs"])
+  assert all(line.count("|") == 13 for line in lines[2:])
+
+
+def test_flat_layout_really_has_one_buffer_per_dtype():
+  shapes = bench.tree_shapes("mixed", 1 << 20)
+  assert len(shapes) == 148
+  run = bench.JaxRun("optcompose-flat", "adamw", shapes)
+  dtypes = sorted(str(x.dtype) for x in jax.tree.leaves(run.params))
+  assert dtypes == ["bfloat16", "float32"]
+  assert sum(x.size for x in jax.tree.leaves(run.params)) == sum(
+      int(np.prod(s)) for s, _ in shapes.values())
+
+
+def test_tree_shapes_hit_the_requested_size():
+  for kind in ("flat", "transformer", "leaves1000", "leaves4096"):
+    n = sum(int(np.prod(s)) for s, _ in bench.tree_shapes(kind, 16 << 20).values())
+    assert abs(n - (16 << 20)) / (16 << 20) < 0.02, kind
