@@ -72,9 +72,6 @@ class FlatLayout(NamedTuple):
   dtypes: tuple  # numpy dtype of each bucket
   sizes: tuple  # element count of each bucket
 
-  def bucket_leaves(self, bucket: int) -> list:
-    return [leaf for leaf in self.leaves if leaf.bucket == bucket]
-
 
 @jax.tree_util.register_pytree_with_keys_class
 class FlatParams:
