@@ -144,14 +144,10 @@ def flat_params(params: Any, labels: Any = None) -> FlatParams:
     raise ValueError("flat_params: `params` has no leaves.")
   leaf_labels = [None] * len(path_leaves)
   if labels is not None:
+    from optcompose.tree import broadcast_prefix  # tree imports this module
     tree_labels = labels(params) if callable(labels) else labels
-    try:
-      full = jax.tree.broadcast(tree_labels, params)
-    except (ValueError, TypeError):
-      from optcompose.tree import first_difference
-      raise ValueError("flat_params: `labels` is neither the params' structure nor a prefix "
-                       f"of it: {first_difference(tree_labels, params)}.") from None
-    leaf_labels = jax.tree.leaves(full)
+    leaf_labels = jax.tree.leaves(
+        broadcast_prefix(tree_labels, params, "labels", "the parameter tree"))
   names, dtypes, sizes, leaves, columns = [], [], [], [], []
   for (path, x), label in zip(path_leaves, leaf_labels):
     x = jnp.asarray(x)

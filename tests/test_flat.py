@@ -159,7 +159,7 @@ def test_bad_input():
     oc.flat_params(oc.flat_params(mlp().params))
   with pytest.raises(ValueError, match="no leaves"):
     oc.flat_params({})
-  with pytest.raises(ValueError, match=r"`labels` is neither the params' structure"):
+  with pytest.raises(ValueError, match=r"`labels` is neither the parameter tree's structure"):
     oc.flat_params(mlp().params, labels={"dense1": True})
   # Updates with another layout than the state: the structure check names the bucket.
   params = oc.flat_params(mlp().params, labels=matrices)
