@@ -99,27 +99,28 @@ def rmsprop(learning_rate: ScalarOrSchedule, decay: float = 0.9, eps: float = 1e
 
 def adam(learning_rate: ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999,
          eps: float = 1e-8, eps_root: float = 0.0, mu_dtype: Optional[Any] = None, *,
-         nesterov: bool = False) -> GradientTransformation:
+         nesterov: bool = False, nu_dtype: Optional[Any] = None) -> GradientTransformation:
   """Adam::
 
       m_t = b1 m_{t-1} + (1 - b1) g_t        m_hat = m_t / (1 - b1^t)
       v_t = b2 v_{t-1} + (1 - b2) g_t^2      v_hat = v_t / (1 - b2^t)
       w  <- w - lr m_hat / (sqrt(v_hat + eps_root) + eps)
 
-  ``nesterov=True`` is Nadam (see :func:`nadam`).
+  ``nesterov=True`` is Nadam (see :func:`nadam`). ``mu_dtype`` / ``nu_dtype`` store the
+  moments in a narrower dtype (``nu_dtype`` is ours: Optax has ``mu_dtype`` only).
 
   Chain: ``scale_by_adam``, ``scale_by_learning_rate``.
 
   References: Kingma and Ba, ICLR 2015.
   """
   return chain(scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root, mu_dtype=mu_dtype,
-                             nesterov=nesterov),
+                             nesterov=nesterov, nu_dtype=nu_dtype),
                scale_by_learning_rate(learning_rate))
 
 
 def nadam(learning_rate: ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999,
           eps: float = 1e-8, eps_root: float = 0.0, mu_dtype: Optional[Any] = None, *,
-          nesterov: bool = True) -> GradientTransformation:
+          nesterov: bool = True, nu_dtype: Optional[Any] = None) -> GradientTransformation:
   """Nadam: Adam with ``m_hat = b1 m_t / (1 - b1^(t+1)) + (1 - b1) g_t / (1 - b1^t)``.
 
   Same as ``adam(..., nesterov=True)``; ``nesterov`` is kept, as in Optax, so that
@@ -127,14 +128,15 @@ def nadam(learning_rate: ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999,
 
   References: Dozat, "Incorporating Nesterov Momentum into Adam", ICLR workshop 2016.
   """
-  return adam(learning_rate, b1, b2, eps, eps_root, mu_dtype, nesterov=nesterov)
+  return adam(learning_rate, b1, b2, eps, eps_root, mu_dtype, nesterov=nesterov,
+              nu_dtype=nu_dtype)
 
 
 def adamw(learning_rate: ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999,
           eps: float = 1e-8, eps_root: float = 0.0, mu_dtype: Optional[Any] = None,
           weight_decay: ScalarOrSchedule = 1e-4, mask: Mask = None, *,
           nesterov: bool = False, l1: Optional[ScalarOrSchedule] = None,
-          l1_mask: Mask = None) -> GradientTransformation:
+          l1_mask: Mask = None, nu_dtype: Optional[Any] = None) -> GradientTransformation:
   """AdamW, Adam with decoupled weight decay::
 
       w <- w - lr (m_hat / (sqrt(v_hat + eps_root) + eps) + weight_decay w)
@@ -157,7 +159,7 @@ def adamw(learning_rate: ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999,
   """
   return chain(
       scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root, mu_dtype=mu_dtype,
-                    nesterov=nesterov),
+                    nesterov=nesterov, nu_dtype=nu_dtype),
       add_decayed_weights(weight_decay, mask),
       scale_by_learning_rate(learning_rate),
       *_proximal(learning_rate, l1, None, l1_mask),
@@ -168,7 +170,7 @@ def nadamw(learning_rate: ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999,
            eps: float = 1e-8, eps_root: float = 0.0, mu_dtype: Optional[Any] = None,
            weight_decay: ScalarOrSchedule = 1e-4, mask: Mask = None, *,
            nesterov: bool = True, l1: Optional[ScalarOrSchedule] = None,
-           l1_mask: Mask = None) -> GradientTransformation:
+           l1_mask: Mask = None, nu_dtype: Optional[Any] = None) -> GradientTransformation:
   """NadamW: :func:`adamw` with Nesterov's first moment (see :func:`nadam`)."""
   return adamw(learning_rate, b1, b2, eps, eps_root, mu_dtype, weight_decay, mask,
-               nesterov=nesterov, l1=l1, l1_mask=l1_mask)
+               nesterov=nesterov, l1=l1, l1_mask=l1_mask, nu_dtype=nu_dtype)

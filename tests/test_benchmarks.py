@@ -49,3 +49,17 @@ def test_tree_shapes_hit_the_requested_size():
   for kind in ("flat", "transformer", "leaves1000", "leaves4096"):
     n = sum(int(np.prod(s)) for s, _ in bench.tree_shapes(kind, 16 << 20).values())
     assert abs(n - (16 << 20)) / (16 << 20) < 0.02, kind
+
+
+def test_bf16_moments_halve_the_state_and_optax_keeps_nu_in_float32():
+  cfg = dict(section="t", opt="adamw_bf16_moments", tree="leaves8", size=8 * 512, reps=2,
+             libs=("optcompose", "optcompose-flat", "optax"))
+  res = bench.run_config(cfg)
+  state = {r["lib"]: r["state_bytes_per_param"] for r in res["rows"]}
+  # bfloat16 mu and nu: 2 + 2 bytes; Optax has mu_dtype only, so its nu stays float32: 2 + 4.
+  assert state == {"optcompose": 4, "optcompose-flat": 4, "optax": 6}
+  ideal = {r["lib"]: r["ideal_bytes"] / res["params"] for r in res["rows"]}
+  assert ideal == {"optcompose": 4 + 2 * (4 + 4), "optcompose-flat": 4 + 2 * (4 + 4),
+                   "optax": 4 + 2 * (4 + 6)}
+  # The paired ratio against Optax is reported for every JAX row (Optax's own is 1).
+  assert [r["paired_vs_optax"] for r in res["rows"] if r["lib"] == "optax"] == [1.0]

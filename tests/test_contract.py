@@ -200,3 +200,19 @@ def test_nu_dtype_stores_the_second_moment_in_that_dtype():
   assert sn.nu["w"].dtype == jnp.bfloat16 and un["w"].dtype == jnp.float32
   # Same statistic up to bfloat16 rounding of v (8 significant bits; sqrt halves the error).
   np.testing.assert_allclose(un["w"], uw["w"], rtol=2 ** -8)
+
+
+@pytest.mark.parametrize("alias", ["adam", "nadam", "adamw", "nadamw"])
+def test_every_adam_alias_takes_mu_and_nu_dtype(alias):
+  params = {"w": jnp.linspace(-1.0, 1.0, 8), "b": jnp.ones(3)}
+  grads = jax.tree.map(lambda p: jnp.cos(3 * p), params)
+  wide = getattr(oc, alias)(1e-2)
+  narrow = getattr(oc, alias)(1e-2, mu_dtype=jnp.bfloat16, nu_dtype=jnp.bfloat16)
+  sw, sn = wide.init(params), narrow.init(params)
+  moments = [x for x in jax.tree.leaves(sn) if x.ndim]
+  assert len(moments) == 4 and all(x.dtype == jnp.bfloat16 for x in moments)
+  for _ in range(3):
+    uw, sw = wide.update(grads, sw, params)
+    un, sn = narrow.update(grads, sn, params)
+  assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(sn) if x.ndim)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2 ** -6, atol=1e-6), un, uw)
