@@ -4,7 +4,7 @@
 argument names and defaults. See ``optcompose._core`` for the contract.
 """
 
-from optcompose import flat, schedules, tree
+from optcompose import flat, schedules, sharding, tree
 from optcompose.flat import FlatParams, flat_params
 from optcompose._core import (
     EmptyState, GradientTransformation, OptState, Params, RAW_GRADS, ScalarOrSchedule, Schedule,

@@ -1,0 +1,141 @@
+"""Sharded parameters on 8 simulated CPU devices (tests/conftest.py sets the device count).
+
+Every registry case (every public transformation and optimizer) runs on a tree whose leaves
+use the three usual layouts at once on a 2 x 4 ("data", "model") mesh: replicated
+(data-parallel), fully sharded over all 8 devices, and 2-D tensor-parallel. The state is
+created under ``jax.jit`` from abstract inputs (``jax.eval_shape``) with the parameters'
+shardings; a jitted step must keep every sharding and equal the unsharded run. Each pure layout
+is also run alone for the main optimizers, under both of JAX's sharding modes.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+import optcompose as oc
+from registry import CASES
+
+STEPS = 3
+
+# name: (shape, spec). Shapes are all different, so a state leaf's shape names its parameter.
+MIXED = {
+    "embed": ((32, 8), P(("data", "model"))),           # fully sharded over 8 devices
+    "block": {"kernel": ((8, 16), P("data", "model")),  # 2-D tensor parallel
+              "bias": ((16,), P("model")),
+              "scale": ((24,), P())},                    # replicated
+    "head": {"kernel": ((16, 4), P("model", None)), "bias": ((4,), P())},
+}
+LAYOUTS = {
+    "replicated": lambda shape: P(),
+    "fully_sharded": lambda shape: P(("data", "model")),
+    "tensor_parallel": lambda shape: P("data", "model") if len(shape) == 2 else P("model"),
+}
+PURE_SHAPES = {"w1": (16, 32), "b1": (32,), "w2": (32, 8), "b2": (8,)}
+
+
+def cpu_mesh(axis_type):
+  devices = jax.devices("cpu")
+  if len(devices) < 8:
+    pytest.skip("needs 8 CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count=8)")
+  return jax.make_mesh((2, 4), ("data", "model"), axis_types=(axis_type,) * 2,
+                       devices=devices[:8])
+
+
+def make_params(specs, mesh):
+  """Deterministic values; returns (unsharded, sharded, expected shardings) trees."""
+  leaves, treedef = jax.tree.flatten(specs, is_leaf=lambda x: isinstance(x, tuple) and
+                                     isinstance(x[1], P))
+  host = [np.sin(np.arange(np.prod(s), dtype=np.float32) * (0.37 + i)).reshape(s) * 0.5
+          for i, (s, _) in enumerate(leaves)]
+  shardings = [NamedSharding(mesh, spec) for _, spec in leaves]
+  plain = treedef.unflatten([jax.device_put(x, jax.devices("cpu")[0]) for x in host])
+  sharded = treedef.unflatten([jax.device_put(x, s) for x, s in zip(host, shardings)])
+  return plain, sharded, treedef.unflatten(shardings)
+
+
+def loss(params):
+  return sum(jnp.sum(jnp.cos(3.0 * p) + 0.5 * p * p) for p in jax.tree.leaves(params))
+
+
+def make_step(tx, with_value):
+  def step(params, state):
+    value, grads = jax.value_and_grad(loss)(params)
+    extra = {"value": value} if with_value else {}
+    updates, state = tx.update(grads, state, params, **extra)
+    return oc.apply_updates(params, updates), state, updates
+  return jax.jit(step)
+
+
+def train(tx, params, state, with_value):
+  step = make_step(tx, with_value)
+  for _ in range(STEPS):
+    params, state, updates = step(params, state)
+  return params, state, updates
+
+
+def assert_placed(state, params_shardings, replicated):
+  """Independent of optcompose.sharding: a leaf shaped like a parameter has its sharding
+  (shapes are unique in these trees), any other leaf is replicated."""
+  by_shape = {tuple(s.shape): sh for s, sh in zip(*params_shardings)}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+    want = by_shape.get(tuple(leaf.shape), replicated)
+    assert leaf.sharding.is_equivalent_to(want, leaf.ndim), (
+        f"state{jax.tree_util.keystr(path)}: {leaf.sharding} instead of {want}")
+
+
+def check_case(tx, specs, mesh, with_value=False, auto=True):
+  plain, sharded, shardings = make_params(specs, mesh)
+  replicated = NamedSharding(mesh, P())
+  if auto:
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                            sharded)
+    placement = oc.sharding.state_shardings(tx, abstract)
+    state = jax.jit(tx.init, out_shardings=placement)(sharded)
+  else:
+    with jax.set_mesh(mesh):
+      state = jax.jit(tx.init)(sharded)
+  params_shardings = (jax.tree.leaves(sharded), jax.tree.leaves(shardings))
+  assert_placed(state, params_shardings, replicated)
+
+  if auto:
+    out_params, out_state, updates = train(tx, sharded, state, with_value)
+  else:
+    with jax.set_mesh(mesh):
+      out_params, out_state, updates = train(tx, sharded, state, with_value)
+  for tree in (out_params, updates):
+    for leaf, want in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)):
+      if auto and tree is updates and not np.any(np.asarray(leaf)):
+        continue  # a constant zero update (set_to_zero) has no data for auto mode to place
+      assert leaf.sharding.is_equivalent_to(want, leaf.ndim), (leaf.sharding, want)
+  assert_placed(out_state, params_shardings, replicated)
+
+  ref_params, ref_state, _ = train(tx, plain, tx.init(plain), with_value)
+  for got, want in zip(jax.tree.leaves((out_params, out_state)),
+                       jax.tree.leaves((ref_params, ref_state))):
+    # Elementwise math is the same on every shard; reductions (norms) add in another order.
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_every_case_keeps_mixed_shardings_and_matches_unsharded(case):
+  check_case(case.ours(), MIXED, cpu_mesh(AxisType.Auto), with_value=case.with_value)
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.parametrize("name", ["adamw", "clip_by_global_norm"])
+@pytest.mark.parametrize("auto", [True, False], ids=["auto", "explicit"])
+def test_pure_layouts_in_both_sharding_modes(name, layout, auto):
+  case = next(c for c in CASES if c.name == name)
+  specs = {k: (s, LAYOUTS[layout](s)) for k, s in PURE_SHAPES.items()}
+  check_case(case.ours(), specs, cpu_mesh(AxisType.Auto if auto else AxisType.Explicit),
+             auto=auto)
+
+
+def test_state_shardings_need_sharded_params():
+  tx = oc.adam(1e-3)
+  with pytest.raises(ValueError, match=r"params\['w'\].*no sharding"):
+    oc.sharding.state_shardings(tx, {"w": jax.ShapeDtypeStruct((4,), jnp.float32)})
