@@ -4,7 +4,7 @@
 argument names and defaults. See ``optcompose._core`` for the contract.
 """
 
-from optcompose import flat, schedules, sharding, tree
+from optcompose import checkpoint, flat, schedules, sharding, testing, tree
 from optcompose.flat import FlatParams, flat_params
 from optcompose._core import (
     EmptyState, GradientTransformation, OptState, Params, RAW_GRADS, ScalarOrSchedule, Schedule,
@@ -29,6 +29,8 @@ from optcompose.transforms.scaling import scale, scale_by_learning_rate, scale_b
 from optcompose.control import (
     ApplyIfFiniteState, MultiSteps, MultiStepsState, all_finite, apply_if_finite, multi_steps,
 )
+from optcompose.recipe.diagnostics import DiagnosticsState, diagnostics_dict, with_diagnostics
+from optcompose.recipe.early_stopping import EarlyStopping, EarlyStoppingState, early_stopping
 from optcompose.recipe.averaging import EmaParamsState, SwaState, averaged_params, ema_params, swa
 from optcompose.recipe.lookahead import (
     LookaheadParams, LookaheadSlowState, LookaheadState, lookahead, lookahead_in_state,
@@ -63,5 +65,5 @@ TRANSFORMATIONS = (
 )
 # Wrappers: take transformations and return one.
 WRAPPERS = ("masked", "partition", "inject_hyperparams", "multi_steps", "apply_if_finite",
-            "lookahead", "lookahead_in_state", "sam")
+            "lookahead", "lookahead_in_state", "sam", "with_diagnostics")
 OPTIMIZERS = ("sgd", "adagrad", "rmsprop", "adam", "nadam", "adamw", "nadamw")

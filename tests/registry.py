@@ -193,6 +193,8 @@ CASES = [
          ("sam", "normalize"),
          optax=lambda: optax.contrib.sam(optax.sgd(LR),
                                          optax.chain(optax.contrib.normalize(), optax.sgd(0.05)))),
+    Case("with_diagnostics", lambda: oc.with_diagnostics(oc.adam(LR), learning_rate=LR),
+         ("with_diagnostics",), optax=lambda: optax.adam(LR), same_state=False),
     # --- optimizers ------------------------------------------------------------------
     Case("sgd", lambda: oc.sgd(LR), ("sgd",), optax=lambda: optax.sgd(LR)),
     Case("sgd_momentum", lambda: oc.sgd(LR, 0.9), ("sgd",), optax=lambda: optax.sgd(LR, 0.9)),
@@ -236,7 +238,7 @@ COVERED_ELSEWHERE = {"sharpness_aware": "tests/test_averaging_sam.py"}
 _EAGER_QUADRATIC_ONLY = {
     "clip", "clip_by_global_norm", "clip_by_block_rms", "adaptive_grad_clip", "clip_by_leaf_norm",
     "masked", "partition_frozen", "inject_hyperparams", "multi_steps", "apply_if_finite",
-    "ema_params_swa", "lookahead", "sam", "reduce_on_plateau",
+    "ema_params_swa", "lookahead", "sam", "reduce_on_plateau", "with_diagnostics",
 }
 CASES = [c._replace(eager_on_mlp=c.name not in _EAGER_QUADRATIC_ONLY) for c in CASES]
 
@@ -248,6 +250,6 @@ _DEBIASED = {
     "ema", "scale_by_rms_debiased", "scale_by_adam", "adam_from_pieces", "adam_l2", "masked",
     "partition_frozen", "inject_hyperparams", "apply_if_finite", "ema_params_swa", "lookahead",
     "adam", "adam_schedule_eps_root", "adam_mu_dtype", "adam_nesterov", "nadam", "adamw",
-    "adamw_masked_scheduled", "nadamw",
+    "adamw_masked_scheduled", "nadamw", "with_diagnostics",
 }
 CASES = [c._replace(bitwise=c.bitwise and c.name not in _DEBIASED) for c in CASES]

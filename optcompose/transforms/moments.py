@@ -62,8 +62,24 @@ def nesterov_moment_leaf(b1, m_hat_next, g_hat):
   return b1 * m_hat_next + (1 - b1) * g_hat
 
 
+def _wide_enough(x):
+  """float16 statistics are divided in float32: float16 cannot hold eps = 1e-8 (it rounds to
+  0, and a zero gradient then gives 0 / 0 = NaN). bfloat16 has float32's range and is kept,
+  as in Optax. (Store float16 moments with ``nu_dtype=jnp.float32``: g^2 underflows in float16
+  below |g| = 2.4e-4.)"""
+  x = jnp.asarray(x)
+  return x.astype(jnp.float32) if x.dtype == jnp.float16 else x
+
+
+def variance_leaf(m, v):
+  """``v - m^2``, clamped at 0: rounding can make it slightly negative (e.g. at step 1 with
+  bias correction, where it is exactly 0 in real arithmetic), and its square root NaN."""
+  return jnp.maximum(v - otree.abs_sq(m), 0)
+
+
 def inverse_rms_leaf(v, eps, eps_in_sqrt):
   """``1 / sqrt(v + eps)`` (``eps_in_sqrt``) or ``1 / (sqrt(v) + eps)``."""
+  v = _wide_enough(v)
   if eps_in_sqrt:
     return jax.lax.rsqrt(v + eps)
   return 1 / (jnp.sqrt(v) + eps)
@@ -71,6 +87,7 @@ def inverse_rms_leaf(v, eps, eps_in_sqrt):
 
 def adam_direction_leaf(m_hat, v_hat, eps, eps_root):
   """``m_hat / (sqrt(v_hat + eps_root) + eps)``."""
+  m_hat, v_hat = _wide_enough(m_hat), _wide_enough(v_hat)
   return m_hat / (jnp.sqrt(v_hat + eps_root) + eps)
 
 
@@ -180,7 +197,8 @@ def scale_by_rss(initial_accumulator_value: float = 0.1,
     _same(updates, state.sum_of_squares, "sum_of_squares")
     total = jax.tree.map(lambda g, s: otree.abs_sq(g) + s, updates, state.sum_of_squares)
     updates = jax.tree.map(
-        lambda g, s: jnp.where(s > 0, inverse_rms_leaf(s, eps, True), 0.0) * g, updates, total)
+        lambda g, s: (jnp.where(s > 0, inverse_rms_leaf(s, eps, True), 0.0) * g).astype(
+            jnp.result_type(g)), updates, total)
     return updates, ScaleByRssState(total)
 
   return GradientTransformation(init, update)
@@ -251,6 +269,8 @@ def scale_by_stddev(decay: ScalarOrSchedule = 0.9, eps: ScalarOrSchedule = 1e-8,
                     bias_correction: bool = False) -> GradientTransformation:
   """Centered RMSProp: ``u = g / sqrt(v_t - m_t^2 + eps)`` with m, v EMAs of g and g^2.
 
+  ``v_t - m_t^2`` is clamped at 0 (rounding can make it negative; Optax then returns NaN).
+
   References: Graves, "Generating Sequences With Recurrent Neural Networks", 2013.
   """
   _check_decay("scale_by_stddev", "decay", decay)
@@ -277,7 +297,7 @@ def scale_by_stddev(decay: ScalarOrSchedule = 0.9, eps: ScalarOrSchedule = 1e-8,
     else:
       mu_hat, nu_hat = mu, nu
     updates = jax.tree.map(
-        lambda g, m, v: (inverse_rms_leaf(v - otree.abs_sq(m), eps, eps_in_sqrt) * g).astype(
+        lambda g, m, v: (inverse_rms_leaf(variance_leaf(m, v), eps, eps_in_sqrt) * g).astype(
             jnp.result_type(g)),
         updates, mu_hat, nu_hat)
     mu, nu = otree.cast_like(mu, state.mu), otree.cast_like(nu, state.nu)

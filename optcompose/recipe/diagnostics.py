@@ -1,0 +1,302 @@
+"""Training diagnostics kept in the optimizer state, and a flat dict of them for logging.
+
+``with_diagnostics(inner)`` behaves exactly like ``inner`` (it returns ``inner``'s updates
+untouched) and records, at each update, in :class:`DiagnosticsState`. With g the incoming
+updates (the gradients when the whole optimizer is wrapped), u the updates ``inner``
+returns and w the ``params`` passed to ``update`` (the parameters in force during this
+step, before ``u`` is applied)::
+
+    grad_norm     = ||g||                      global L2 norm over all leaves
+    update_norm   = ||u||
+    param_norm    = ||w||
+    update_ratio  = ||u|| / ||w||              0 if u = w = 0; +inf if w = 0 only
+    learning_rate = the learning rate used by this update (see below); NaN if unknown
+    zero_fraction = #(w == 0) / size(w)        over all elements of all leaves together
+    nonfinite     = #(g is NaN or +-inf)       int32
+
+``zero_fraction`` is measured on the parameters passed in, so the zeros an L1 proximal step
+creates at step t show at step t + 1. It reads the same arrays as ``param_norm`` (and
+``nonfinite`` the same as ``grad_norm``), so under ``jit`` XLA can fuse each pair into one
+pass over memory.
+
+No extra pass where the chain already measures: if ``inner`` *starts* with
+``clip_by_global_norm`` (the first member of its chain, through nested chains, schedules
+and ``inject_hyperparams``), the norm that clipping stored in its state is ``grad_norm``,
+and the gradients are not reduced a second time. Anywhere else in the chain clipping sees
+other updates, so ``grad_norm`` is then computed from g.
+
+The learning rate in force: given ``learning_rate`` (a number or a schedule), its value at
+the wrapper's own step count (0 for the first update, as every schedule of the chain reads
+it); otherwise the first ``learning_rate`` recorded in a ``hyperparams`` dict inside
+``inner``'s state (``inject_hyperparams``, Optax's ``inject_hyperparams``, or any optimizer
+built with a learning-rate *schedule*); otherwise NaN (a constant learning rate is not
+stored in any state: pass it; that also keeps every entry of the state finite).
+
+At ``init`` the measurements are 0 and ``learning_rate`` is the one of the first step.
+
+Logging any optimizer state -- with or without diagnostics, optcompose's or Optax's::
+
+    diagnostics_dict(state)
+    # {"count": 12, "grad_norm": 0.83, "update_norm": 0.01, ..., "nonfinite": 0,
+    #  "inner_state/0/count": 12, "inner_state/2/hyperparams/learning_rate": 0.001}
+
+Key format: the fields of the first :class:`DiagnosticsState` found (in tree order) under
+their bare names; every other 0-d leaf under its path from the root of the given state,
+the attribute names, tuple indices and dict keys joined by "/" (so ``"0/count"`` is
+``state[0].count``; a Flax ``Variable``'s trailing ``value``, as in ``nnx.Optimizer``'s
+state, is left out). A later DiagnosticsState's fields also get path keys. Arrays of rank
+1 or more (moments, parameters) are skipped; a 0-d *parameter*'s moments are 0-d too, so
+they are listed (e.g. ``"inner_state/0/mu/scale"``). Values are Python ``float``, ``int`` or
+``bool``, copied to the host in one ``jax.device_get``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from optcompose import tree as otree
+from optcompose._core import (
+    GradientTransformation, ScalarOrSchedule, ScheduledState, _as_transformation,
+    check_hyperparameter, forward_extra, safe_increment, value_at, wants_raw_grads, zero_count,
+)
+from optcompose.transforms.clipping import ClipByGlobalNormState
+from optcompose.wrappers import InjectHyperparamsState
+
+
+class DiagnosticsState(NamedTuple):
+  """State of :func:`with_diagnostics`: the inner state and the latest measurements.
+
+  Attributes:
+    inner_state: the wrapped transformation's state.
+    count: int32, updates seen.
+    grad_norm, update_norm, param_norm, update_ratio, learning_rate, zero_fraction:
+      float32 scalars (see the module docstring).
+    nonfinite: int32, non-finite entries of the latest incoming gradients.
+  """
+
+  inner_state: Any
+  count: jax.Array
+  grad_norm: jax.Array
+  update_norm: jax.Array
+  param_norm: jax.Array
+  update_ratio: jax.Array
+  learning_rate: jax.Array
+  zero_fraction: jax.Array
+  nonfinite: jax.Array
+
+
+# ---------------------------------------------------------------------------------------
+# Measurements, each written once.
+
+
+def update_ratio(update_norm: jax.Array, param_norm: jax.Array) -> jax.Array:
+  """``update_norm / param_norm``, with 0/0 = 0 and x/0 = +inf for x > 0: no NaN unless a
+  norm is NaN (non-finite parameters or updates)."""
+  zero = param_norm == 0
+  ratio = update_norm / jnp.where(zero, 1.0, param_norm)
+  unbounded = jnp.where(update_norm == 0, 0.0, update_norm * jnp.inf)
+  return jnp.where(zero, unbounded, ratio).astype(jnp.float32)
+
+
+def zero_fraction(tree: Any) -> jax.Array:
+  """The fraction of exactly-zero elements over all leaves together (0 for an empty tree)."""
+  leaves = jax.tree.leaves(tree)
+  size = sum(int(np.size(x)) for x in leaves)
+  if size == 0:
+    return jnp.zeros([], jnp.float32)
+  zeros = sum(jnp.sum(jnp.asarray(x) == 0, dtype=jnp.int32).astype(jnp.float32) for x in leaves)
+  return (zeros / size).astype(jnp.float32)
+
+
+def nonfinite_count(tree: Any) -> jax.Array:
+  """The number of NaN and infinite elements over all leaves (int32)."""
+  counts = [jnp.sum(jnp.logical_not(jnp.isfinite(x)), dtype=jnp.int32)
+            for x in jax.tree.leaves(tree)]
+  return sum(counts[1:], counts[0]) if counts else zero_count()
+
+
+def leading_clip_norm(state: Any) -> Optional[jax.Array]:
+  """The norm stored by a ``clip_by_global_norm`` that is the *first* step of the
+  transformation owning ``state`` (so it measured that transformation's input); else None.
+
+  Follows the first member of chains (plain tuples) and the inner state of schedule and
+  ``inject_hyperparams`` wrappers; any other state ends the search.
+  """
+  while True:
+    if isinstance(state, ClipByGlobalNormState):
+      return state.global_norm
+    if isinstance(state, ScheduledState):
+      state = state.inner
+    elif isinstance(state, InjectHyperparamsState):
+      state = state.inner_state
+    elif type(state) in (tuple, list) and state:
+      state = state[0]
+    else:
+      return None
+
+
+def _records_learning_rate(node: Any) -> bool:
+  hyperparams = getattr(node, "hyperparams", None)
+  return isinstance(hyperparams, dict) and "learning_rate" in hyperparams
+
+
+def recorded_learning_rate(state: Any) -> Optional[jax.Array]:
+  """The first ``hyperparams["learning_rate"]`` recorded inside ``state`` (tree order), or
+  None. Any node with a ``hyperparams`` dict counts: ours and Optax's injection states."""
+  for node in jax.tree.leaves(state, is_leaf=_records_learning_rate):
+    if _records_learning_rate(node):
+      return node.hyperparams["learning_rate"]
+  return None
+
+
+# ---------------------------------------------------------------------------------------
+# The wrapper.
+
+
+def with_diagnostics(inner: Any,
+                     learning_rate: Optional[ScalarOrSchedule] = None) -> GradientTransformation:
+  """Wrap ``inner`` so that its state also records norms, ratios and counts of each step.
+
+  The updates are ``inner``'s, unchanged (the same arrays); only the state grows. Works
+  inside ``optcompose.chain`` and ``optax.chain``, with Flax's ``TrainState`` and under
+  ``jax.jit``. ``update`` needs ``params``.
+
+  Args:
+    inner: any gradient transformation (optcompose's or Optax's). Wrap the whole optimizer
+      so that its input, on which ``grad_norm`` and ``nonfinite`` are measured, is the
+      gradient.
+    learning_rate: the learning rate (a number or a schedule of the step count) to record;
+      by default it is read from ``inner``'s state where it is stored (see the module
+      docstring), else NaN.
+
+  Returns:
+    A transformation whose state is :class:`DiagnosticsState`; read it with
+    :func:`diagnostics_dict`.
+  """
+  fn = "with_diagnostics"
+  if learning_rate is not None:
+    check_hyperparameter(fn, "learning_rate", learning_rate)
+  inner = _as_transformation(inner, 0)
+
+  def lr_in_force(count, inner_state):
+    if learning_rate is not None:
+      value = value_at(learning_rate, count)
+    else:
+      value = recorded_learning_rate(inner_state)
+    return jnp.asarray(jnp.nan if value is None else value, jnp.float32)
+
+  def init(params):
+    inner_state = inner.init(params)
+    count = zero_count()
+    zero = jnp.zeros([], jnp.float32)
+    return DiagnosticsState(inner_state, count, zero, zero, zero, zero,
+                            lr_in_force(count, inner_state), zero, zero_count())
+
+  @wants_raw_grads  # forwarded only if the inner transformation asks for it
+  def update(updates, state, params=None, **extra):
+    if not isinstance(state, DiagnosticsState):
+      raise TypeError(f"{fn} expects a DiagnosticsState, got {type(state).__name__}.")
+    if params is None:
+      raise ValueError(f"{fn} needs `params` (for the parameter norm and zero fraction): "
+                       "call update(updates, state, params).")
+    new_updates, inner_state = inner.update(updates, state.inner_state, params,
+                                            **forward_extra(inner.update, extra))
+    grad_norm = leading_clip_norm(inner_state)
+    if grad_norm is None:
+      grad_norm = otree.global_norm(updates)
+    update_norm = otree.global_norm(new_updates).astype(jnp.float32)
+    param_norm = otree.global_norm(params).astype(jnp.float32)
+    return new_updates, DiagnosticsState(
+        inner_state=inner_state,
+        count=safe_increment(state.count),
+        grad_norm=jnp.asarray(grad_norm, jnp.float32),
+        update_norm=update_norm,
+        param_norm=param_norm,
+        update_ratio=update_ratio(update_norm, param_norm),
+        learning_rate=lr_in_force(state.count, inner_state),
+        zero_fraction=zero_fraction(params),
+        nonfinite=nonfinite_count(updates),
+    )
+
+  return GradientTransformation(init, update)
+
+
+# ---------------------------------------------------------------------------------------
+# Logging.
+
+
+def _names(key_path) -> tuple:
+  """The path's keys as strings, without a Flax ``Variable``'s trailing ``.value`` (as in
+  :func:`optcompose.labels_from_fn`)."""
+  keys = list(key_path)
+  if keys and isinstance(keys[-1], jax.tree_util.GetAttrKey) and keys[-1].name == "value":
+    keys.pop()
+  return tuple(_key_name(k) for k in keys)
+
+
+def _key_name(key) -> str:
+  for attr in ("name", "key", "idx"):  # GetAttrKey, DictKey / FlattenedIndexKey, SequenceKey
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
+
+
+def _python_scalar(value: Any) -> Any:
+  value = np.asarray(value)
+  if value.dtype == np.bool_:
+    return bool(value)
+  if np.issubdtype(value.dtype, np.integer):
+    return int(value)
+  if np.issubdtype(value.dtype, np.complexfloating):
+    return complex(value)
+  return float(value)  # every floating dtype, bfloat16 included
+
+
+def _join(path: tuple) -> str:
+  return "/".join(path) if path else "value"
+
+
+def diagnostics_dict(opt_state: Any) -> dict:
+  """Every 0-d value of an optimizer state as ``{key: Python scalar}``, ready to log.
+
+  ``opt_state`` may be any nesting of NamedTuples, tuples, lists, dicts and registered
+  pytrees (Optax's states, a Flax ``TrainState``, ...). The fields of the first
+  :class:`DiagnosticsState` get their bare names (``"grad_norm"``, ``"update_norm"``,
+  ``"param_norm"``, ``"update_ratio"``, ``"learning_rate"``, ``"zero_fraction"``,
+  ``"nonfinite"``, ``"count"``); every other scalar leaf its path, e.g.
+  ``"inner_state/0/count"``; see the module docstring for the whole format. Call it outside
+  ``jax.jit``: the values are fetched to the host, all in one transfer.
+  """
+  entries: dict = {}
+  claimed = [False]  # whether the bare names are taken
+
+  def add(path: tuple, leaf: Any) -> None:
+    if leaf is None or np.ndim(leaf) != 0:
+      return
+    if isinstance(leaf, jax.core.Tracer):
+      raise TypeError("diagnostics_dict reads values on the host: call it outside jax.jit.")
+    entries[_join(path)] = leaf
+
+  def visit(path: tuple, node: Any) -> None:
+    is_diag = lambda n: isinstance(n, DiagnosticsState)  # noqa: E731
+    for key_path, leaf in jax.tree_util.tree_flatten_with_path(node, is_leaf=is_diag)[0]:
+      here = path + _names(key_path)
+      if not is_diag(leaf):
+        add(here, leaf)
+        continue
+      bare = not claimed[0]
+      claimed[0] = True
+      for name in DiagnosticsState._fields[1:]:  # may be wrapped (nnx.Optimizer's OptArray)
+        visit((name,) if bare else here + (name,), getattr(leaf, name))
+      visit(here + ("inner_state",), leaf.inner_state)
+
+  visit((), opt_state)
+  values = jax.device_get(list(entries.values()))
+  return {key: _python_scalar(v) for key, v in zip(entries, values)}
+
+
+__all__ = ["DiagnosticsState", "diagnostics_dict", "with_diagnostics"]

@@ -1,0 +1,243 @@
+"""Hypothesis strategies for optimizer tests: pytrees, gradients, hyperparameters.
+
+Needs ``hypothesis`` (``pip install hypothesis``); the rest of optcompose does not.
+
+- :func:`pytrees`: nested dicts, tuples and NamedTuples of arrays, with scalars and zero-size
+  leaves, in float32 / bfloat16 / float16 (and float64 when ``jax_enable_x64`` is on).
+- :func:`gradients_like`: a tree like a given one, with values from ``1e-30`` to ``1e30``,
+  zeros and signed zeros (clamped to what the leaf's dtype can hold, so they stay finite).
+- :func:`hyperparameters`: valid keyword arguments of any public transformation, and
+  :func:`transformations`, which builds one from them.
+
+Strategies draw NumPy values and convert them at the end, so a test that keeps shapes fixed
+and draws only values compiles its jitted step once.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Optional, Sequence
+
+try:
+  from hypothesis import strategies as st
+except ImportError as e:  # pragma: no cover - depends on the environment
+  raise ImportError("optcompose.testing.strategies needs hypothesis: pip install hypothesis") from e
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import optcompose as oc
+
+__all__ = [
+    "Pair", "float_dtypes", "shapes", "arrays", "pytrees", "gradients_like", "magnitudes",
+    "HYPERPARAMETERS", "hyperparameters", "transformations", "build",
+]
+
+
+class Pair(NamedTuple):
+  """A NamedTuple node for drawn trees (optimizer states are NamedTuples too)."""
+  first: Any
+  second: Any
+
+
+def float_dtypes(include_x64: Optional[bool] = None) -> st.SearchStrategy:
+  """float32, bfloat16, float16, and float64 if x64 is enabled (or ``include_x64=True``)."""
+  names = ["float32", "bfloat16", "float16"]
+  if include_x64 if include_x64 is not None else jax.config.jax_enable_x64:
+    names.append("float64")
+  return st.sampled_from(names).map(jnp.dtype)
+
+
+def shapes(max_rank: int = 3, max_side: int = 4, scalars: bool = True,
+           empty: bool = True) -> st.SearchStrategy:
+  """Array shapes: rank 0 (if ``scalars``) to ``max_rank``; sides from 0 (if ``empty``)."""
+  side = st.integers(0 if empty else 1, max_side)
+  return st.integers(0 if scalars else 1, max_rank).flatmap(
+      lambda rank: st.tuples(*[side] * rank))
+
+
+def magnitudes(extreme: bool = True) -> st.SearchStrategy:
+  """Finite float values: 10**e for e in [-30, 30] (or [-3, 3]), either sign, zeros and -0.0."""
+  lo, hi = (-30.0, 30.0) if extreme else (-3.0, 3.0)
+  power = st.floats(lo, hi).map(lambda e: 10.0 ** e)
+  signed = st.tuples(st.sampled_from([1.0, -1.0]), power).map(lambda t: t[0] * t[1])
+  return st.one_of(signed, st.sampled_from([0.0, -0.0]))
+
+
+def _finite_in(dtype, values: np.ndarray) -> np.ndarray:
+  """Clamp to the dtype's finite range (so e.g. 1e30 becomes float16's 65504, not inf)."""
+  big = float(jnp.finfo(dtype).max)
+  return np.clip(values, -big, big)
+
+
+def arrays(dtype, shape, elements: Optional[st.SearchStrategy] = None) -> st.SearchStrategy:
+  """A ``jax.Array`` of ``shape`` and ``dtype``; ``elements`` defaults to values in [-2, 2]."""
+  if elements is None:
+    elements = st.floats(-2.0, 2.0, width=32)
+  size = int(np.prod(shape))
+  return st.lists(elements, min_size=size, max_size=size).map(
+      lambda xs: jnp.asarray(_finite_in(dtype, np.asarray(xs, np.float64)).reshape(shape), dtype))
+
+
+_KEYS = ("w", "b", "kernel", "bias", "scale", "embed")
+
+
+def pytrees(dtype: Any = None, max_leaves: int = 5, leaf_shapes: Optional[st.SearchStrategy] = None,
+            elements: Optional[st.SearchStrategy] = None) -> st.SearchStrategy:
+  """Trees of arrays: dicts, tuples and :class:`Pair` NamedTuples nested up to three levels.
+
+  ``dtype`` fixes every leaf's dtype; ``None`` draws one per leaf from :func:`float_dtypes`.
+  """
+  leaf_dtype = st.just(jnp.dtype(dtype)) if dtype is not None else float_dtypes()
+  leaf_shapes = leaf_shapes or shapes()
+  leaf = st.tuples(leaf_dtype, leaf_shapes).flatmap(lambda ds: arrays(ds[0], ds[1], elements))
+
+  def nodes(children):
+    return st.one_of(
+        st.dictionaries(st.sampled_from(_KEYS), children, min_size=1, max_size=3),
+        st.tuples(children, children),
+        st.builds(Pair, children, children),
+    )
+  return st.recursive(leaf, nodes, max_leaves=max_leaves)
+
+
+def gradients_like(tree: Any, extreme: bool = True) -> st.SearchStrategy:
+  """A tree of the structure, shapes and dtypes of ``tree``, values from :func:`magnitudes`."""
+  leaves, treedef = jax.tree.flatten(tree)
+  parts = [arrays(jnp.result_type(x), jnp.shape(x), magnitudes(extreme)) for x in leaves]
+  return st.tuples(*parts).map(lambda xs: treedef.unflatten(list(xs)))
+
+
+# --- hyperparameters -----------------------------------------------------------------------
+# Each argument: ("float", lo, hi) drawn log-uniformly when lo > 0, ("int", lo, hi),
+# ("bool",), ("choice", values), or ("inner",) for a wrapped transformation.
+
+_LR = ("float", 1e-5, 1.0)
+_DECAY = ("float", 0.0, 0.999)
+_EPS = ("float", 1e-10, 1e-3)
+
+HYPERPARAMETERS = {
+    "identity": {}, "set_to_zero": {}, "normalize": {},
+    "scale": {"step_size": ("float", -1.0, 1.0)},
+    "scale_by_learning_rate": {"learning_rate": _LR, "flip_sign": ("bool",)},
+    "scale_by_schedule": {"step_size_fn": ("schedule",)},
+    "trace": {"decay": _DECAY, "nesterov": ("bool",)},
+    "ema": {"decay": _DECAY, "debias": ("bool",)},
+    "scale_by_bias_correction": {"decay": ("float", 0.0, 0.999)},
+    "scale_by_rss": {"initial_accumulator_value": ("float", 0.0, 1.0), "eps": _EPS},
+    "scale_by_rms": {"decay": _DECAY, "eps": _EPS, "initial_scale": ("float", 0.0, 1.0),
+                     "eps_in_sqrt": ("bool",), "bias_correction": ("bool",)},
+    "scale_by_stddev": {"decay": _DECAY, "eps": _EPS, "initial_scale": ("float", 0.0, 1.0),
+                        "eps_in_sqrt": ("bool",), "bias_correction": ("bool",)},
+    "scale_by_adam": {"b1": _DECAY, "b2": _DECAY, "eps": _EPS, "eps_root": ("float", 0.0, 1e-6),
+                      "nesterov": ("bool",)},
+    "scale_by_second_moment": {"decay": _DECAY, "eps": _EPS, "debias": ("bool",)},
+    "add_decayed_weights": {"weight_decay": ("float", 0.0, 0.5)},
+    "add_l2_penalty": {"l2": ("float", 0.0, 0.5)},
+    "prox_l1": {"l1": ("float", 0.0, 1.0), "learning_rate": _LR},
+    "prox_elastic_net": {"l1": ("float", 0.0, 1.0), "l2": ("float", 0.0, 1.0),
+                         "learning_rate": _LR},
+    "reduce_on_plateau": {"factor": ("float", 0.01, 0.99), "patience": ("int", 1, 5),
+                          "rtol": ("float", 1e-4, 0.1), "cooldown": ("int", 0, 3),
+                          "mode": ("choice", ("min", "max"))},
+    "clip": {"max_delta": ("float", 1e-3, 10.0)},
+    "clip_by_global_norm": {"max_norm": ("float", 1e-3, 10.0)},
+    "clip_by_leaf_norm": {"max_norm": ("float", 1e-3, 10.0)},
+    "clip_by_block_rms": {"threshold": ("float", 1e-3, 10.0)},
+    "adaptive_grad_clip": {"clipping": ("float", 1e-3, 1.0), "eps": ("float", 1e-6, 1e-2)},
+    "ema_params": {"decay": _DECAY, "debias": ("bool",), "start_step": ("int", 0, 3),
+                   "every": ("int", 1, 3)},
+    "swa": {"start_step": ("int", 0, 3), "every": ("int", 1, 3)},
+    "sharpness_aware": {"rho": ("float", 1e-3, 0.5), "adaptive": ("bool",)},
+    "masked": {"inner": ("inner",), "mask": ("mask",)},
+    "partition": {"transforms": ("inner_pair",), "param_labels": ("labels",)},
+    "inject_hyperparams": {"inner_factory": ("choice", ("sgd", "adam", "adamw", "rmsprop")),
+                           "learning_rate": _LR},
+    "multi_steps": {"inner": ("inner",), "every_k_schedule": ("int", 1, 3),
+                    "use_grad_mean": ("bool",)},
+    "apply_if_finite": {"inner": ("inner",), "max_consecutive_errors": ("int", 1, 5)},
+    "lookahead": {"fast_optimizer": ("inner",), "sync_period": ("int", 1, 4),
+                  "slow_step_size": ("float", 0.05, 1.0), "reset_state": ("bool",)},
+    "lookahead_in_state": {"fast_optimizer": ("inner",), "sync_period": ("int", 1, 4),
+                           "slow_step_size": ("float", 0.05, 1.0), "reset_state": ("bool",)},
+    "sam": {"optimizer": ("inner",), "adv_optimizer": ("inner",), "sync_period": ("int", 1, 3)},
+    "with_diagnostics": {"inner": ("inner",), "learning_rate": _LR},
+    "sgd": {"learning_rate": _LR, "momentum": ("optional", _DECAY), "nesterov": ("bool",)},
+    "adagrad": {"learning_rate": _LR, "initial_accumulator_value": ("float", 0.0, 1.0),
+                "eps": _EPS},
+    "rmsprop": {"learning_rate": _LR, "decay": _DECAY, "eps": _EPS, "centered": ("bool",),
+                "momentum": ("optional", _DECAY), "nesterov": ("bool",)},
+    "adam": {"learning_rate": _LR, "b1": _DECAY, "b2": _DECAY, "eps": _EPS, "nesterov": ("bool",)},
+    "nadam": {"learning_rate": _LR, "b1": _DECAY, "b2": _DECAY, "eps": _EPS},
+    "adamw": {"learning_rate": _LR, "b1": _DECAY, "b2": _DECAY, "eps": _EPS,
+              "weight_decay": ("float", 0.0, 0.5), "l1": ("optional", ("float", 1e-4, 0.1))},
+    "nadamw": {"learning_rate": _LR, "b1": _DECAY, "b2": _DECAY, "eps": _EPS,
+               "weight_decay": ("float", 0.0, 0.5)},
+}
+
+_INNER = ("sgd", "adam", "rmsprop")  # what the wrappers wrap
+
+
+def _first_leaf_only(params):
+  """A mask: True on the first leaf only (a callable, so it fits any tree)."""
+  leaves, treedef = jax.tree.flatten(params)
+  return treedef.unflatten([i == 0 for i in range(len(leaves))])
+
+
+def _alternate_labels(params):
+  leaves, treedef = jax.tree.flatten(params)
+  return treedef.unflatten(["a" if i % 2 == 0 else "b" for i in range(len(leaves))])
+
+
+def _argument(spec) -> st.SearchStrategy:
+  kind = spec[0]
+  if kind == "float":
+    lo, hi = spec[1], spec[2]
+    if lo > 0:  # log-uniform: learning rates and epsilons span decades
+      return st.floats(np.log10(lo), np.log10(hi)).map(lambda e: float(10.0 ** e))
+    return st.floats(lo, hi, allow_nan=False, allow_infinity=False)
+  if kind == "int":
+    return st.integers(spec[1], spec[2])
+  if kind == "bool":
+    return st.booleans()
+  if kind == "choice":
+    return st.sampled_from(spec[1])
+  if kind == "optional":
+    return st.one_of(st.none(), _argument(spec[1]))
+  if kind == "schedule":
+    return st.floats(1e-4, 1.0).map(lambda lr: oc.warmup_cosine_decay_schedule(0.0, lr, 3, 20))
+  if kind == "inner":
+    return st.sampled_from(_INNER).flatmap(
+        lambda name: hyperparameters(name).map(lambda kw: build(name, kw)))
+  if kind == "inner_pair":
+    inner = _argument(("inner",))
+    return st.tuples(inner, inner).map(lambda ab: {"a": ab[0], "b": ab[1]})
+  if kind == "mask":
+    return st.just(_first_leaf_only)
+  if kind == "labels":
+    return st.just(_alternate_labels)
+  raise ValueError(f"unknown hyperparameter kind {kind!r}")
+
+
+def hyperparameters(name: str) -> st.SearchStrategy:
+  """A dict of valid keyword arguments for the public builder ``name`` (see HYPERPARAMETERS)."""
+  if name not in HYPERPARAMETERS:
+    raise KeyError(f"no hyperparameter strategy for {name!r}; known: {sorted(HYPERPARAMETERS)}")
+  spec = HYPERPARAMETERS[name]
+  return st.fixed_dictionaries({arg: _argument(s) for arg, s in spec.items()})
+
+
+def build(name: str, kwargs: dict):
+  """The transformation ``name`` built from drawn ``kwargs``."""
+  if name == "inject_hyperparams":
+    kwargs = dict(kwargs)
+    factory = getattr(oc, kwargs.pop("inner_factory"))
+    return oc.inject_hyperparams(factory)(**kwargs)
+  return getattr(oc, name)(**kwargs)
+
+
+def transformations(names: Optional[Sequence[str]] = None) -> st.SearchStrategy:
+  """``(name, transformation)`` for a public builder drawn from ``names`` (default: all)."""
+  names = sorted(HYPERPARAMETERS) if names is None else list(names)
+  return st.sampled_from(names).flatmap(
+      lambda n: hyperparameters(n).map(lambda kw, n=n: (n, build(n, kw))))

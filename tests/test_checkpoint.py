@@ -1,0 +1,414 @@
+"""Checkpoints: a run saved part-way and resumed from scratch ends bitwise equal to one that
+was never interrupted, with msgpack files and with Orbax; a template that does not match is
+refused with the path that differs; nothing is cast; pickle is never used."""
+
+from __future__ import annotations
+
+import functools
+import os
+import pickle
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import optcompose as oc
+from optcompose.checkpoint import (
+    CheckpointMismatchError, restore_checkpoint, restore_orbax_checkpoint, save_checkpoint,
+    save_orbax_checkpoint,
+)
+from optcompose.recipe.early_stopping import early_stopping
+
+N, K = 30, 12  # steps of the whole run; the checkpoint is taken after K of them
+EVAL_EVERY = 5  # steps between validation losses fed to early stopping
+
+
+# ----------------------------------------------------------------------------------------
+# A small training run. Everything is built by functions, so that a "new process" can build
+# it again from code: nothing but the checkpoint carries over.
+
+
+def init_params():
+  """A 8-32-1 tanh MLP; the output kernel is bfloat16 (mixed precision), so the state holds
+  moments of both dtypes."""
+  k1, k2 = jax.random.split(jax.random.PRNGKey(0))
+  return {
+      "dense1": {"kernel": jax.random.normal(k1, (8, 32)) / jnp.sqrt(8.0), "bias": jnp.zeros(32)},
+      "dense2": {"kernel": (jax.random.normal(k2, (32, 1)) / jnp.sqrt(32.0)).astype(jnp.bfloat16),
+                 "bias": jnp.zeros(1)},
+  }
+
+
+def loss_fn(params, x, y):
+  p = jax.tree.map(lambda a: a.astype(jnp.float32), params)
+  h = jnp.tanh(x @ p["dense1"]["kernel"] + p["dense1"]["bias"][None, :])
+  return jnp.mean((h @ p["dense2"]["kernel"] + p["dense2"]["bias"][None, :] - y) ** 2)
+
+
+def batch(step: int, size: int = 16):
+  """The minibatch of a given step: the same in every process."""
+  rng = np.random.default_rng(1000 + step)
+  x = rng.normal(size=(size, 8)).astype(np.float32)
+  return x, np.sin(x.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def make_optimizer(name: str):
+  schedule = oc.warmup_cosine_decay_schedule(0.0, 1e-2, 5, 40)
+  recipe = lambda: oc.chain(oc.clip_by_global_norm(1.0),  # noqa: E731
+                            oc.adamw(schedule, weight_decay=1e-2))
+  if name == "chain":
+    return recipe()
+  if name == "inject_hyperparams":
+    return oc.inject_hyperparams(oc.adamw)(learning_rate=schedule, weight_decay=1e-2)
+  if name == "multi_steps":  # K = 12 is not a multiple of 5: saved mid-accumulation
+    return oc.multi_steps(recipe(), every_k_schedule=5)
+  raise ValueError(name)
+
+
+def build(name: str):
+  """What a fresh process builds from code: the optimizer, early stopping, jitted steps."""
+  tx = make_optimizer(name)
+  es = early_stopping(mode="min", patience=3)
+  x_val, y_val = batch(-1, size=64)
+
+  @jax.jit
+  def train_step(params, opt_state, x, y):
+    grads = jax.grad(loss_fn)(params, x, y)
+    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return oc.apply_updates(params, updates), opt_state
+
+  val_loss = jax.jit(lambda params: loss_fn(params, x_val, y_val))
+  return tx, es, train_step, val_loss
+
+
+def fresh_tree(tx, es):
+  """The state at step 0; also the template to restore into."""
+  params = init_params()
+  return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros([], jnp.int32),
+          "early_stopping": es.init(params)}
+
+
+def train(tree, until: int, es, train_step, val_loss):
+  """Continue from ``tree["step"]`` to ``until``; early stopping sees a validation loss every
+  EVAL_EVERY steps (its decision is recorded, not acted on: the run has a fixed length)."""
+  tree = dict(tree)
+  while int(tree["step"]) < until:
+    params, opt_state = train_step(tree["params"], tree["opt_state"], *batch(int(tree["step"])))
+    tree.update(params=params, opt_state=opt_state, step=tree["step"] + 1)
+    if int(tree["step"]) % EVAL_EVERY == 0:
+      tree["early_stopping"], _ = es.step(tree["early_stopping"], val_loss(params), params)
+  return tree
+
+
+@functools.lru_cache(maxsize=None)
+def uninterrupted(name: str):
+  """The run that is never interrupted: its state after K steps (which a real run would
+  save as it goes) and after N."""
+  tx, es, train_step, val_loss = build(name)
+  at_k = train(fresh_tree(tx, es), K, es, train_step, val_loss)
+  return at_k, train(at_k, N, es, train_step, val_loss)
+
+
+def assert_bitwise_equal(a, b):
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(a)[0], jax.tree.leaves(b)):
+    name = jax.tree_util.keystr(path)
+    assert type(x) is type(y), name
+    x, y = np.asarray(x), np.asarray(y)
+    assert x.dtype == y.dtype and x.shape == y.shape, name
+    assert np.array_equal(x, y) and x.tobytes() == y.tobytes(), name
+
+
+# ----------------------------------------------------------------------------------------
+# Backends: optcompose's msgpack files, optcompose's Orbax wrappers, and Orbax used directly.
+
+
+def _orbax_plain_save(path, tree):
+  import orbax.checkpoint as ocp
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(os.path.abspath(path), tree)
+
+
+def _orbax_plain_restore(path, template):
+  import orbax.checkpoint as ocp
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
+  with ocp.StandardCheckpointer() as checkpointer:
+    return checkpointer.restore(os.path.abspath(path), abstract)
+
+
+BACKENDS = {  # save, restore, and the name of the file or directory
+    "msgpack": (save_checkpoint, restore_checkpoint, "ckpt.msgpack"),
+    "orbax": (save_orbax_checkpoint, restore_orbax_checkpoint, "ckpt_orbax"),
+    "orbax_plain": (_orbax_plain_save, _orbax_plain_restore, "ckpt_orbax_plain"),
+}
+
+
+def backend_functions(backend: str):
+  if backend.startswith("orbax"):
+    pytest.importorskip("orbax.checkpoint")  # a test extra, not a dependency
+  return BACKENDS[backend]
+
+
+@pytest.mark.parametrize("name,backend", [
+    ("chain", "msgpack"), ("chain", "orbax"), ("chain", "orbax_plain"),
+    ("inject_hyperparams", "msgpack"), ("inject_hyperparams", "orbax"),
+    ("multi_steps", "msgpack"), ("multi_steps", "orbax"),
+])
+def test_resumed_run_is_bitwise_equal_to_uninterrupted(tmp_path, name, backend):
+  save, restore, filename = backend_functions(backend)
+  path = tmp_path / filename
+  at_k, reference = uninterrupted(name)  # process 1, which saves after K steps
+  save(path, at_k)
+
+  # Process 2: rebuild from code, restore into a fresh template, continue to N.
+  tx, es, train_step, val_loss = build(name)
+  template = fresh_tree(tx, es)
+  tree = restore(path, template)
+  assert int(tree["step"]) == K
+  assert int(tree["early_stopping"].epoch) == K // EVAL_EVERY
+  resumed = train(tree, N, es, train_step, val_loss)
+
+  assert_bitwise_equal(resumed, reference)
+  # Non-trivial: training moved the weights and early stopping kept a best copy.
+  assert not np.array_equal(reference["params"]["dense1"]["kernel"],
+                            template["params"]["dense1"]["kernel"])
+  assert int(reference["early_stopping"].best_epoch) >= 0
+
+
+def test_resuming_with_a_fresh_optimizer_state_is_not_equal(tmp_path):
+  """The comparison above can fail: the restored optimizer state matters."""
+  tx, es, train_step, val_loss = build("chain")
+  at_k, reference = uninterrupted("chain")
+  restarted = train({**at_k, "opt_state": tx.init(at_k["params"])}, N, es, train_step, val_loss)
+  assert not np.array_equal(restarted["params"]["dense1"]["kernel"],
+                            reference["params"]["dense1"]["kernel"])
+
+
+# ----------------------------------------------------------------------------------------
+# Mismatched templates.
+
+
+def _chain_tree(hidden=32, out_dtype=jnp.bfloat16, clip=True):
+  params = {"dense1": {"kernel": jnp.zeros((8, hidden)), "bias": jnp.zeros(hidden)},
+            "dense2": {"kernel": jnp.zeros((hidden, 1), out_dtype), "bias": jnp.zeros(1)}}
+  adamw = oc.adamw(oc.warmup_cosine_decay_schedule(0.0, 1e-2, 5, 40), weight_decay=1e-2)
+  tx = oc.chain(oc.clip_by_global_norm(1.0), adamw) if clip else adamw
+  return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros([], jnp.int32)}
+
+
+MISMATCHES = {
+    # A wider hidden layer: the first leaf of `target` that differs is a moment.
+    "shape": (lambda: _chain_tree(hidden=33),
+              "`['opt_state'][1][0].mu['dense1']['bias']` has shape (32,) in the checkpoint "
+              "but (33,) in `target`"),
+    # The bfloat16 moment is not cast to float32.
+    "dtype": (lambda: _chain_tree(out_dtype=jnp.float32),
+              "`['opt_state'][1][0].mu['dense2']['kernel']` has dtype bfloat16 in the "
+              "checkpoint but float32 in `target`"),
+    # An int32 count is not cast to int64 either.
+    "count dtype": (lambda: {**_chain_tree(), "step": np.zeros((), np.int64)},
+                    "`['step']` has dtype int32 in the checkpoint but int64 in `target`"),
+    # The optimizer was rebuilt without its clipping step.
+    "missing": (lambda: _chain_tree(clip=False),
+                "`['opt_state'][0].count` is missing from the checkpoint"),
+    "unexpected": (lambda: {k: v for k, v in _chain_tree().items() if k != "step"},
+                   "the checkpoint has `['step']`, which `target` lacks"),
+    "leaf against subtree": (lambda: {**_chain_tree(), "step": {"epoch": jnp.zeros([], jnp.int32)}},
+                             "`['step']['epoch']` is inside a leaf of the checkpoint"),
+}
+
+
+@pytest.mark.parametrize("backend", ["msgpack", "orbax"])
+def test_mismatched_template_is_refused_naming_the_path(tmp_path, backend):
+  save, restore, filename = backend_functions(backend)
+  path = tmp_path / filename
+  save(path, _chain_tree())
+  restore(path, _chain_tree())  # the matching template is accepted
+  for case, (make_target, message) in MISMATCHES.items():
+    with pytest.raises(CheckpointMismatchError) as info:
+      restore(path, make_target())
+    assert message in str(info.value), case
+    assert isinstance(info.value, ValueError)
+
+
+# ----------------------------------------------------------------------------------------
+# Exact dtypes, no pickle, atomic files.
+
+
+def _exact_tree():
+  """bfloat16 over a spread of bit patterns (NaNs, infinities, subnormals, -0), int32 at
+  its extremes, and a few more dtypes."""
+  bf16_bits = np.arange(0, 1 << 16, 251, dtype=np.uint16)
+  bf16_bits[:4] = [0x7FC1, 0xFF80, 0x8000, 0x0001]  # a NaN payload, -inf, -0, a subnormal
+  return {
+      "bf16": jnp.asarray(bf16_bits.view(jnp.bfloat16)),
+      "int32": jnp.asarray([-2**31, -1, 0, 1, 2**31 - 1], jnp.int32),
+      "count": jnp.asarray(2**31 - 1, jnp.int32),
+      "f16": jnp.asarray([65504.0, -6e-8, 1.0], jnp.float16),
+      "flag": jnp.asarray(True),
+      "numpy": np.arange(6, dtype=np.uint8).reshape(2, 3),
+      "epoch": 7,
+  }
+
+
+@pytest.mark.parametrize("backend", ["msgpack", "orbax"])
+def test_bfloat16_and_int32_round_trip_exactly(tmp_path, backend):
+  save, restore, filename = backend_functions(backend)
+  tree = _exact_tree()
+  save(tmp_path / filename, tree)
+  template = {key: jnp.zeros_like(value) for key, value in tree.items() if key in (
+      "bf16", "int32", "count", "f16", "flag")}
+  template.update(numpy=np.zeros((2, 3), np.uint8), epoch=0)
+  restored = restore(tmp_path / filename, template)
+  for key, value in tree.items():
+    got = restored[key]
+    assert type(got) is type(value), key
+    assert np.asarray(got).dtype == np.asarray(value).dtype, key
+    assert np.asarray(got).tobytes() == np.asarray(value).tobytes(), key
+
+
+@pytest.mark.parametrize("backend", ["msgpack", "orbax"])
+def test_no_pickle_is_used(tmp_path, backend, monkeypatch):
+  save, restore, filename = backend_functions(backend)
+  tree = _chain_tree()
+
+  def refuse(*args, **kwargs):
+    raise AssertionError("pickle was used")
+
+  for name in ("dump", "dumps", "load", "loads", "Pickler", "Unpickler"):
+    monkeypatch.setattr(pickle, name, refuse)
+  save(tmp_path / filename, tree)
+  restored = restore(tmp_path / filename, _chain_tree())
+  monkeypatch.undo()
+  assert_bitwise_equal(restored, tree)
+
+
+def test_save_is_atomic(tmp_path, monkeypatch):
+  path = tmp_path / "ckpt.msgpack"
+  first = {"w": jnp.arange(3.0)}
+  save_checkpoint(path, first)
+
+  # A failure while writing leaves the previous checkpoint whole, and no temporary file.
+  def fail(src, dst):
+    raise OSError("disk full")
+
+  monkeypatch.setattr(os, "replace", fail)
+  with pytest.raises(OSError, match="disk full"):
+    save_checkpoint(path, {"w": jnp.arange(3.0) + 1})
+  monkeypatch.undo()
+  assert os.listdir(tmp_path) == ["ckpt.msgpack"]
+  assert_bitwise_equal(restore_checkpoint(path, first), first)
+
+  # A tree that cannot be stored is refused before anything is written.
+  with pytest.raises(TypeError, match=r"`\['opt'\]\['fn'\]` is a function"):
+    save_checkpoint(path, {"w": jnp.arange(3.0), "opt": {"fn": lambda: 0}})
+  assert os.listdir(tmp_path) == ["ckpt.msgpack"]
+
+  # Saving again replaces the file.
+  second = {"w": jnp.arange(3.0) * 2}
+  save_checkpoint(path, second)
+  assert_bitwise_equal(restore_checkpoint(path, first), second)
+  # Without a template: the raw state dict, for looking inside a file.
+  raw = restore_checkpoint(path, None)
+  assert list(raw) == ["w"] and isinstance(raw["w"], np.ndarray)
+
+
+def test_not_a_checkpoint_file(tmp_path):
+  path = tmp_path / "notes.txt"
+  path.write_bytes(b"\xc1 this is not msgpack")
+  with pytest.raises(ValueError, match="is not a msgpack checkpoint"):
+    restore_checkpoint(path, {"w": jnp.zeros(3)})
+
+
+# ----------------------------------------------------------------------------------------
+# Templates: abstract, sharded, Flax TrainState, FlatParams.
+
+
+@pytest.mark.parametrize("backend", ["msgpack", "orbax"])
+def test_abstract_template_costs_no_memory(tmp_path, backend):
+  save, restore, filename = backend_functions(backend)
+  tree = _chain_tree()
+  tree["params"] = jax.tree.map(lambda x: x + 1, tree["params"])
+  save(tmp_path / filename, tree)
+  restored = restore(tmp_path / filename, jax.eval_shape(_chain_tree))
+  assert_bitwise_equal(restored, tree)
+
+
+@pytest.mark.parametrize("backend", ["msgpack", "orbax"])
+def test_restored_arrays_take_the_template_sharding(tmp_path, backend):
+  if len(jax.devices()) < 2:
+    pytest.skip("needs two devices")
+  save, restore, filename = backend_functions(backend)
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ("data",))
+  split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  tree = {"w": jax.device_put(jnp.arange(8.0), split), "count": jnp.asarray(3, jnp.int32)}
+  save(tmp_path / filename, tree)
+  template = {"w": jax.ShapeDtypeStruct((8,), jnp.float32, sharding=split),
+              "count": jax.ShapeDtypeStruct((), jnp.int32)}
+  restored = restore(tmp_path / filename, template)
+  assert restored["w"].sharding == split
+  assert_bitwise_equal(restored, tree)
+
+
+@pytest.mark.parametrize("backend", ["msgpack", "orbax"])
+def test_flax_train_state(tmp_path, backend):
+  from flax.training import train_state
+  save, restore, filename = backend_functions(backend)
+
+  def create():
+    tx = oc.chain(oc.clip_by_global_norm(1.0), oc.adamw(1e-2, weight_decay=1e-2))
+    return train_state.TrainState.create(apply_fn=None, params=init_params(), tx=tx)
+
+  state = create()
+  step = jax.jit(lambda s, x, y: s.apply_gradients(grads=jax.tree.map(
+      lambda g, p: g.astype(p.dtype), jax.grad(loss_fn)(s.params, x, y), s.params)))
+  for t in range(3):
+    state = step(state, *batch(t))
+  save(tmp_path / filename, state)
+  restored = restore(tmp_path / filename, create())
+  assert int(restored.step) == 3
+  assert_bitwise_equal((restored.params, restored.opt_state), (state.params, state.opt_state))
+
+
+@pytest.mark.parametrize("backend", ["msgpack", "orbax"])
+def test_flat_params(tmp_path, backend):
+  save, restore, filename = backend_functions(backend)
+  tx = oc.adam(1e-2)
+  flat = oc.flat_params(init_params())
+  tree = {"params": flat, "opt_state": tx.init(flat)}
+  tree = jax.tree.map(lambda x: x + jnp.ones_like(x), tree)
+  save(tmp_path / filename, tree)
+  template = {"params": oc.flat_params(init_params()), "opt_state": tx.init(flat)}
+  restored = restore(tmp_path / filename, template)
+  assert isinstance(restored["params"], oc.FlatParams)
+  assert_bitwise_equal(restored, tree)
+
+
+def test_flax_nnx_optimizer(tmp_path):
+  """nnx.State is saved as its pure dict and written back into a rebuilt optimizer."""
+  from flax import nnx
+
+  def build_nnx():
+    model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+    tx = oc.chain(oc.clip_by_global_norm(1.0),
+                  oc.adamw(oc.warmup_cosine_decay_schedule(0.0, 1e-2, 5, 40)))
+    return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+  model, optimizer = build_nnx()
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 3)), jnp.float32)
+  for _ in range(3):
+    optimizer.update(model, nnx.grad(lambda m: jnp.sum(m(x) ** 2))(model))
+  with pytest.raises(TypeError, match=r"nnx.to_pure_dict"):
+    save_checkpoint(tmp_path / "raw.msgpack", nnx.state(optimizer))
+  save_checkpoint(tmp_path / "ckpt.msgpack", nnx.to_pure_dict(nnx.state((model, optimizer))))
+
+  model2, optimizer2 = build_nnx()
+  state = nnx.state((model2, optimizer2))
+  nnx.replace_by_pure_dict(state, restore_checkpoint(tmp_path / "ckpt.msgpack",
+                                                     nnx.to_pure_dict(state)))
+  nnx.update((model2, optimizer2), state)
+  assert int(optimizer2.step[...]) == 3
+  assert_bitwise_equal(jax.tree.leaves(nnx.state((model2, optimizer2))),
+                       jax.tree.leaves(nnx.state((model, optimizer))))

@@ -1,0 +1,305 @@
+"""Diagnostics in the optimizer state against NumPy float64 measurements, and the flat dict."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from flax.training import train_state
+
+import optcompose as oc
+import optcompose.recipe.diagnostics as diag_module
+from optcompose.recipe.diagnostics import (
+    DiagnosticsState, diagnostics_dict, leading_clip_norm, with_diagnostics,
+)
+
+STEPS = 5
+MEASURED = ("count", "grad_norm", "update_norm", "param_norm", "update_ratio", "learning_rate",
+            "zero_fraction", "nonfinite")
+
+
+def schedule(count):
+  return optax.linear_schedule(0.1, 0.02, 4)(count)
+
+
+def initial_params():
+  """Leaves of different sizes and zero fractions (1/2 of "b", none of "w", the scalar)."""
+  rng = np.random.default_rng(0)
+  return {"w": jnp.asarray(rng.normal(size=(3, 4)), jnp.float32),
+          "b": jnp.asarray([0.0, 0.5, 0.0, -0.25], jnp.float32),
+          "s": jnp.asarray(1.5, jnp.float32)}
+
+
+def grads_at(t, params):
+  rng = np.random.default_rng(100 + t)
+  return jax.tree.map(lambda p: jnp.asarray(rng.normal(size=np.shape(p)), jnp.float32) + p,
+                      params)
+
+
+def np_norm(tree):
+  return math.sqrt(sum(float(np.sum(np.asarray(x, np.float64) ** 2))
+                       for x in jax.tree.leaves(tree)))
+
+
+def np_zero_fraction(tree):
+  leaves = [np.asarray(x) for x in jax.tree.leaves(tree)]
+  return sum(int(np.sum(x == 0)) for x in leaves) / sum(x.size for x in leaves)
+
+
+def train(tx, steps=STEPS, jit=True, params=None, grads=grads_at):
+  """Run ``steps`` updates; record (grads, params in force, updates, state) per step."""
+  params = initial_params() if params is None else params
+  state = tx.init(params)
+  update = jax.jit(tx.update) if jit else tx.update
+  records = []
+  for t in range(steps):
+    g = grads(t, params)
+    u, state = update(g, state, params)
+    records.append((g, params, u, state))
+    params = oc.apply_updates(params, u)
+  return records
+
+
+OPTIMIZERS = {
+    # learning rate read from the schedule's record in the state
+    "adamw": (lambda: oc.adamw(schedule, weight_decay=0.1), None, schedule),
+    # L1 makes exact zeros; the learning rate is given to the wrapper
+    "sgd_l1": (lambda: oc.sgd(0.1, 0.9, l1=2.0), 0.1, lambda t: 0.1),
+}
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("jit", [True, False])
+def test_values_equal_independent_numpy_measurements(name, jit):
+  make, lr, expected_lr = OPTIMIZERS[name]
+  records = train(with_diagnostics(make(), lr), jit=jit)
+  fractions = []
+  for t, (g, params, u, state) in enumerate(records):
+    assert isinstance(state, DiagnosticsState)
+    np.testing.assert_allclose(float(state.grad_norm), np_norm(g), rtol=1e-6)
+    np.testing.assert_allclose(float(state.update_norm), np_norm(u), rtol=1e-6)
+    np.testing.assert_allclose(float(state.param_norm), np_norm(params), rtol=1e-6)
+    np.testing.assert_allclose(float(state.update_ratio), np_norm(u) / np_norm(params),
+                               rtol=2e-6)
+    np.testing.assert_allclose(float(state.learning_rate), float(expected_lr(t)), rtol=1e-6)
+    np.testing.assert_allclose(float(state.zero_fraction), np_zero_fraction(params), rtol=1e-6)
+    fractions.append(float(state.zero_fraction))
+    assert int(state.nonfinite) == 0 and int(state.count) == t + 1
+    for field in MEASURED:
+      value = getattr(state, field)
+      assert value.shape == () and value.dtype == (
+          jnp.int32 if field in ("count", "nonfinite") else jnp.float32), field
+  # Over all 17 elements (2 zeros), not the mean of the leaves' fractions (1/6).
+  assert fractions[0] == pytest.approx(2 / 17, rel=1e-6)
+  if name == "sgd_l1":
+    assert fractions[-1] > fractions[0]  # L1 at work, seen one step later
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("jit", [True, False])
+def test_updates_and_inner_state_are_bitwise_the_inner(name, jit):
+  make, lr, _ = OPTIMIZERS[name]
+  ours = train(with_diagnostics(make(), lr), jit=jit)
+  ref = train(make(), jit=jit)
+  for (_, p, u, s), (_, p_ref, u_ref, s_ref) in zip(ours, ref):
+    for a, b in zip(jax.tree.leaves((p, u, s.inner_state)), jax.tree.leaves((p_ref, u_ref, s_ref))):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_init_state():
+  params = initial_params()
+  state = with_diagnostics(oc.adamw(schedule)).init(params)
+  assert float(state.learning_rate) == pytest.approx(float(schedule(0)))
+  assert int(state.count) == 0 and float(state.grad_norm) == 0.0 and int(state.nonfinite) == 0
+  assert math.isnan(float(with_diagnostics(oc.adam(0.1)).init(params).learning_rate))
+
+
+def test_reuses_the_norm_measured_by_leading_clipping():
+  lr = 1e-2
+  reused = train(with_diagnostics(oc.chain(oc.clip_by_global_norm(0.5), oc.adam(lr))))
+  recomputed = train(with_diagnostics(optax.chain(optax.clip_by_global_norm(0.5),
+                                                  optax.adam(lr))))
+  for (g, _, u, s), (_, _, u_ref, s_ref) in zip(reused, recomputed):
+    assert leading_clip_norm(s.inner_state) is not None
+    assert leading_clip_norm(s_ref.inner_state) is None  # Optax's clipping keeps no norm
+    np.testing.assert_allclose(float(s.grad_norm), float(s_ref.grad_norm), rtol=1e-6)
+    np.testing.assert_allclose(float(s.grad_norm), np_norm(g), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(u["w"]), np.asarray(u_ref["w"]), rtol=1e-6)
+
+
+def _fixed_norm_clip(value):
+  """Passes the updates through and records ``value`` as if it had measured it."""
+  return oc.GradientTransformation(
+      lambda params: oc.ClipByGlobalNormState(jnp.float32(0)),
+      lambda u, s, params=None, **extra: (u, oc.ClipByGlobalNormState(jnp.float32(value))))
+
+
+def test_the_stored_norm_is_used_only_when_clipping_comes_first():
+  params = initial_params()
+  g = grads_at(0, params)
+
+  def grad_norm(inner):
+    tx = with_diagnostics(inner)
+    return float(tx.update(g, tx.init(params), params)[1].grad_norm)
+
+  assert grad_norm(_fixed_norm_clip(42.0)) == 42.0
+  assert grad_norm(oc.chain(oc.chain(_fixed_norm_clip(42.0), oc.sgd(0.1)), oc.identity())) == 42.0
+  assert grad_norm(oc.inject_hyperparams(
+      lambda learning_rate: oc.chain(_fixed_norm_clip(42.0), oc.sgd(learning_rate)))(0.1)) == 42.0
+  # Clipping later in the chain measured other updates: recompute.
+  assert grad_norm(oc.chain(oc.scale(2.0), _fixed_norm_clip(42.0))) == pytest.approx(np_norm(g))
+  # A scheduled clipping threshold keeps its state under ScheduledState.
+  state = with_diagnostics(oc.chain(oc.clip_by_global_norm(schedule), oc.sgd(0.1))).init(params)
+  assert leading_clip_norm(state.inner_state) is not None
+
+
+def test_nonfinite_counts_nan_and_inf():
+  params = initial_params()
+  g = jax.tree.map(jnp.zeros_like, params)
+  g["w"] = g["w"].at[0, 1].set(jnp.nan).at[2, 3].set(jnp.inf).at[1, 1].set(-jnp.inf)
+  g["s"] = jnp.float32(jnp.nan)
+  tx = with_diagnostics(oc.sgd(0.1))
+  _, state = jax.jit(tx.update)(g, tx.init(params), params)
+  assert int(state.nonfinite) == 4 and state.nonfinite.dtype == jnp.int32
+  assert math.isnan(float(state.grad_norm))
+
+
+def test_update_ratio_is_safe_for_zero_params():
+  zeros = jax.tree.map(jnp.zeros_like, initial_params())
+  tx = with_diagnostics(oc.sgd(0.1))
+  _, s = tx.update(grads_at(0, initial_params()), tx.init(zeros), zeros)
+  assert float(s.param_norm) == 0.0 and float(s.update_ratio) == math.inf
+  assert float(s.zero_fraction) == 1.0
+  _, s = tx.update(zeros, tx.init(zeros), zeros)
+  assert float(s.update_ratio) == 0.0
+  assert not np.isnan(float(s.update_ratio))
+
+
+@pytest.mark.parametrize("make,expected", [
+    (lambda: with_diagnostics(oc.sgd(schedule), schedule), schedule),
+    (lambda: with_diagnostics(oc.inject_hyperparams(oc.adam)(learning_rate=schedule)), schedule),
+    (lambda: with_diagnostics(optax.inject_hyperparams(optax.adam)(learning_rate=schedule)),
+     schedule),
+    (lambda: with_diagnostics(oc.adam(0.05), 0.05), lambda t: 0.05),
+], ids=["given", "ours_injected", "optax_injected", "constant"])
+def test_learning_rate_matches_the_schedule_at_each_step(make, expected):
+  for t, (*_, state) in enumerate(train(make(), steps=6)):
+    np.testing.assert_allclose(float(state.learning_rate), float(expected(t)), rtol=1e-6)
+
+
+def test_needs_params_and_its_own_state():
+  tx = with_diagnostics(oc.sgd(0.1))
+  params = initial_params()
+  state = tx.init(params)
+  with pytest.raises(ValueError, match="`params`"):
+    tx.update(grads_at(0, params), state)
+  with pytest.raises(TypeError, match="DiagnosticsState"):
+    tx.update(grads_at(0, params), state.inner_state, params)
+  with pytest.raises(ValueError, match="`learning_rate`"):
+    with_diagnostics(oc.sgd(0.1), learning_rate=math.nan)
+
+
+def test_inside_optcompose_and_optax_chains():
+  inner = oc.adam(1e-2)
+  for outer in (oc.chain, optax.chain):
+    ours = train(outer(oc.clip(1.0), with_diagnostics(inner)))
+    ref = train(outer(oc.clip(1.0), inner))
+    for (g, _, u, s), (_, _, u_ref, _) in zip(ours, ref):
+      for a, b in zip(jax.tree.leaves(u), jax.tree.leaves(u_ref)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+      clipped = jax.tree.map(lambda x: jnp.clip(x, -1.0, 1.0), g)  # what the wrapper sees
+      np.testing.assert_allclose(float(s[1].grad_norm), np_norm(clipped), rtol=1e-6)
+      assert diagnostics_dict(s)["update_norm"] == pytest.approx(np_norm(u), rel=1e-6)
+
+
+def test_flax_train_state():
+  params = initial_params()
+  ours = train_state.TrainState.create(apply_fn=None, params=params,
+                                       tx=with_diagnostics(oc.adamw(schedule, weight_decay=0.1)))
+  ref = train_state.TrainState.create(apply_fn=None, params=params,
+                                      tx=oc.adamw(schedule, weight_decay=0.1))
+  step = jax.jit(lambda s, g: s.apply_gradients(grads=g))
+  for t in range(3):
+    g = grads_at(t, ref.params)
+    ours, ref = step(ours, g), step(ref, g)
+    for a, b in zip(jax.tree.leaves(ours.params), jax.tree.leaves(ref.params)):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  logged = diagnostics_dict(ours.opt_state)
+  assert logged["count"] == 3 and logged["learning_rate"] == pytest.approx(float(schedule(2)))
+  whole = diagnostics_dict(ours)  # the whole TrainState: step, then the optimizer state
+  assert whole["step"] == 3 and whole["grad_norm"] == logged["grad_norm"]
+
+
+def test_flax_nnx_optimizer():
+  model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+  opt = nnx.Optimizer(model, with_diagnostics(oc.sgd(schedule)), wrt=nnx.Param)
+  x = jnp.ones((4, 3))
+  for _ in range(2):
+    before = jax.tree.map(np.asarray, nnx.state(model, nnx.Param))
+    grads = nnx.grad(lambda m: jnp.mean(m(x) ** 2))(model)
+    opt.update(model, grads)
+  logged = diagnostics_dict(opt.opt_state)
+  assert logged["count"] == 2 and logged["learning_rate"] == pytest.approx(float(schedule(1)))
+  assert logged["param_norm"] == pytest.approx(np_norm(before), rel=1e-6)
+  assert logged["grad_norm"] == pytest.approx(np_norm(grads), rel=1e-6)
+  # The scheduled learning-rate step's count, without the OptArray's trailing "value".
+  assert logged["inner_state/1/count"] == 2 and not any(k.endswith("value") for k in logged)
+
+
+def test_diagnostics_dict_keys_and_python_values(monkeypatch):
+  tx = with_diagnostics(oc.adamw(schedule, weight_decay=0.1))
+  *_, state = train(tx, steps=2)[-1]
+  calls = []
+  real = jax.device_get
+  monkeypatch.setattr(jax, "device_get", lambda x: calls.append(1) or real(x))
+  logged = diagnostics_dict(state)
+  assert len(calls) == 1  # one transfer for all values
+  assert list(logged)[:len(MEASURED)] == list(MEASURED)
+  # adamw = chain(scale_by_adam, add_decayed_weights, scheduled scale_by_learning_rate); the
+  # moments are skipped but those of the 0-d parameter "s", which are 0-d too.
+  assert set(logged) - set(MEASURED) == {
+      "inner_state/0/count", "inner_state/2/count", "inner_state/2/hyperparams/learning_rate",
+      "inner_state/0/mu/s", "inner_state/0/nu/s"}
+  assert logged["inner_state/0/count"] == 2 == logged["count"]
+  for key, value in logged.items():
+    assert type(value) is (int if key.endswith(("count", "nonfinite")) else float), key
+  assert logged["grad_norm"] == float(state.grad_norm)
+  assert logged["inner_state/2/hyperparams/learning_rate"] == logged["learning_rate"]
+
+
+def test_diagnostics_dict_on_any_state():
+  params = initial_params()
+  # An Optax state: path keys only; moments skipped (but for 0-d parameters).
+  optax_state = optax.adam(1e-3).init({"w": params["w"], "b": params["b"]})
+  assert diagnostics_dict(optax_state) == {"0/count": 0}
+  # Dicts, lists, bfloat16 and bool scalars, None; a second DiagnosticsState gets path keys.
+  inner = with_diagnostics(oc.sgd(0.1))
+  state = {"a": [jnp.bfloat16(1.5), jnp.array(True), None, jnp.ones(3)],
+           "d": (with_diagnostics(inner).init(params),)}
+  logged = diagnostics_dict(state)
+  assert logged["a/0"] == 1.5 and type(logged["a/0"]) is float
+  assert logged["a/1"] is True
+  assert "a/3" not in logged and "a/2" not in logged
+  assert logged["count"] == 0 and "d/0/inner_state/grad_norm" in logged
+  assert "d/0/inner_state/count" in logged and "d/0/count" not in logged
+  with pytest.raises(TypeError, match="outside jax.jit"):
+    jax.jit(lambda s: diagnostics_dict(s) and 0)(optax_state)
+
+
+def test_bfloat16_params_measure_in_float32():
+  params = jax.tree.map(lambda p: p.astype(jnp.bfloat16), initial_params())
+  records = train(with_diagnostics(oc.adam(1e-2)), steps=2, params=params,
+                  grads=lambda t, p: jax.tree.map(lambda x: x.astype(jnp.bfloat16),
+                                                  grads_at(t, p)))
+  g, p, u, state = records[-1]
+  assert state.grad_norm.dtype == jnp.float32 and state.update_ratio.dtype == jnp.float32
+  np.testing.assert_allclose(float(state.param_norm), np_norm(p), rtol=1e-6)
+
+
+def test_module_exports():
+  assert diag_module.__all__ == ["DiagnosticsState", "diagnostics_dict", "with_diagnostics"]

@@ -1,0 +1,191 @@
+"""Property-based tests through optcompose.testing: every invariant over every public
+transformation, drawn hyperparameters, drawn trees, extreme gradients, chain associativity,
+and the completeness of the strategy table."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+import optcompose as oc
+from optcompose import testing as oct
+from optcompose.testing import strategies as ocst
+from registry import CASES
+
+PUBLIC = oc.TRANSFORMATIONS + oc.OPTIMIZERS + oc.WRAPPERS
+def fast(max_examples):
+  """Few examples, reproducible (derandomized), no deadline (the first call compiles)."""
+  return settings(max_examples=max_examples, deadline=None, derandomize=True, database=None,
+                  suppress_health_check=list(HealthCheck))
+
+# Nested dict, tuple and NamedTuple nodes, a scalar and a zero-size leaf.
+PARAMS = {
+    "dense": {"kernel": jnp.linspace(-1.0, 1.0, 12).reshape(3, 4), "bias": jnp.zeros(4)},
+    "pair": ocst.Pair(jnp.float32(0.5), jnp.zeros((0, 3))),
+    "stack": (jnp.linspace(0.1, 0.9, 4).reshape(2, 2), jnp.cos(jnp.arange(5.0))),
+}
+
+
+def grads_at(params, step):
+  """A deterministic gradient that changes with the step and the parameters."""
+  return jax.tree.map(lambda p: jnp.sin(3.0 * p + 0.7 * step) + 0.1 * p, params)
+
+
+def sam_extra(params):
+  return {"grad_fn": lambda p: grads_at(p, 0)}
+
+
+# --- 1. every invariant, every registry case -----------------------------------------------
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_every_invariant_holds_for_every_registry_case(case):
+  extra = {"value": jnp.float32(1.5)} if case.with_value else None
+  oct.check_invariants(case.ours(), PARAMS, grads_at, extra=extra)
+
+
+def test_every_invariant_holds_for_sharpness_aware():
+  tx = oc.chain(oc.sharpness_aware(0.05), oc.sgd(0.1, 0.9))
+  oct.check_invariants(tx, PARAMS, grads_at, extra=sam_extra(PARAMS), vmap=False)
+
+
+def missing_strategies(table, public):
+  return sorted(set(public) - set(table))
+
+
+def test_every_public_name_has_a_hyperparameter_strategy():
+  assert missing_strategies(ocst.HYPERPARAMETERS, PUBLIC) == []
+  assert set(ocst.HYPERPARAMETERS) <= set(PUBLIC), "a strategy for a name that is not public"
+
+
+def test_strategy_completeness_check_catches_a_missing_name():
+  without = {k: v for k, v in ocst.HYPERPARAMETERS.items() if k != "clip_by_global_norm"}
+  assert missing_strategies(without, PUBLIC) == ["clip_by_global_norm"]
+
+
+# --- 2. drawn hyperparameters, every public name ----------------------------------------------
+
+SMALL = {"w": jnp.linspace(-1.0, 1.0, 6).reshape(2, 3), "b": jnp.full((3,), 0.25)}
+
+
+@pytest.mark.parametrize("name", sorted(ocst.HYPERPARAMETERS))
+def test_drawn_hyperparameters_give_finite_well_formed_steps(name):
+  extra = {"value": jnp.float32(2.0)}
+  if name == "sharpness_aware":
+    extra["grad_fn"] = lambda p: grads_at(p, 0)
+
+  # Optax-style lookahead trains a (fast, slow) pair from gradients of the fast weights and
+  # returns updates for the pair, so its updates are not shaped like its gradients.
+  pair = name == "lookahead"
+  params = oc.LookaheadParams.init_synced(SMALL) if pair else SMALL
+  grads = (lambda p, t: grads_at(p.fast, t)) if pair else grads_at
+
+  @fast(6)
+  @given(ocst.hyperparameters(name))
+  def check(kwargs):
+    tx = ocst.build(name, kwargs)
+    if name == "sharpness_aware":
+      tx = oc.chain(tx, oc.sgd(0.1))
+    if not pair:
+      oct.check_updates_like_grads(tx, params, grads, steps=3, extra=extra)
+    oct.check_finite(tx, params, grads, steps=3, extra=extra)
+
+  check()
+
+
+# --- 3. drawn trees: every structure and dtype ------------------------------------------------
+
+TREE_OPTIMIZERS = {
+    "sgd_nesterov": lambda: oc.sgd(0.1, 0.9, nesterov=True),
+    "adamw": lambda: oc.adamw(1e-2, weight_decay=0.1),
+    "rmsprop_centered": lambda: oc.rmsprop(1e-2, centered=True),
+    "clip_adagrad": lambda: oc.chain(oc.clip_by_global_norm(1.0), oc.adagrad(0.1)),
+    "masked_adam": lambda: oc.masked(oc.adam(1e-2), lambda p: jax.tree.map(lambda x: x.ndim > 0, p)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TREE_OPTIMIZERS))
+def test_any_tree_of_any_float_dtype_keeps_structure_and_dtypes(name):
+  tx = TREE_OPTIMIZERS[name]()
+
+  @fast(10)
+  @given(ocst.pytrees().flatmap(lambda p: st.tuples(st.just(p), ocst.gradients_like(p, False))))
+  def check(params_grads):
+    params, grads = params_grads
+    oct.check_updates_like_grads(tx, params, grads)
+    oct.check_state_keeps_its_layout(tx, params, grads)
+    oct.check_finite(tx, params, grads)
+
+  check()
+
+
+def test_drawn_trees_cover_what_the_strategy_promises():
+  """The strategy really draws scalars, zero-size leaves, NamedTuples and every dtype."""
+  seen = set()
+
+  @fast(150)
+  @given(ocst.pytrees(max_leaves=6))
+  def collect(tree):
+    for leaf in jax.tree.leaves(tree):
+      seen.add(str(leaf.dtype))
+      seen.add("scalar" if leaf.ndim == 0 else "empty" if leaf.size == 0 else "array")
+    if any(isinstance(n, ocst.Pair) for n in jax.tree.leaves(
+        tree, is_leaf=lambda x: isinstance(x, ocst.Pair))):
+      seen.add("namedtuple")
+
+  collect()
+  assert {"float32", "bfloat16", "float16", "scalar", "empty", "array", "namedtuple"} <= seen
+
+
+# --- 4. extreme gradients: compiled once per optimizer, values drawn --------------------------
+
+EXTREME_CASES = ["sgd_momentum", "adam", "adamw", "rmsprop", "adagrad", "clip_by_global_norm",
+                 "nadamw", "lookahead", "clip", "adaptive_grad_clip"]
+
+
+@pytest.mark.parametrize("name", EXTREME_CASES)
+def test_gradients_from_1e_minus30_to_1e30_give_no_nan(name):
+  """Finite gradients of any magnitude, zeros and signed zeros: updates and parameters
+  never become NaN (a second moment may saturate to inf, and then divides to zero)."""
+  tx = next(c for c in CASES if c.name == name).ours()
+  params = {"w": jnp.linspace(-1.0, 1.0, 8), "b": jnp.float32(0.5)}
+  step = jax.jit(lambda g, s, p: tx.update(g, s, p))
+
+  @fast(25)
+  @given(st.lists(ocst.gradients_like(params), min_size=3, max_size=3))
+  def check(grads_seq):
+    p, state = params, tx.init(params)
+    for g in grads_seq:
+      u, state = step(g, state, p)
+      p = oc.apply_updates(p, u)
+      for path, x in jax.tree_util.tree_flatten_with_path((u, p))[0]:
+        assert not bool(jnp.any(jnp.isnan(x))), f"NaN at {jax.tree_util.keystr(path)}"
+
+  check()
+
+
+# --- 5. chain is associative -------------------------------------------------------------------
+
+# Every public transformation that does not read the chain's raw gradient; the one that does,
+# scale_by_second_moment, uses the chain it sits in as its scope (tests/test_contract.py).
+ASSOCIATIVE = sorted(set(oc.TRANSFORMATIONS) - {"scale_by_second_moment", "sharpness_aware",
+                                                "reduce_on_plateau"})
+
+
+@fast(40)
+@given(st.lists(ocst.transformations(ASSOCIATIVE), min_size=3, max_size=3))
+def test_chain_is_associative(three):
+  (_, a), (_, b), (_, c) = three
+  left, right = oc.chain(oc.chain(a, b), c), oc.chain(a, oc.chain(b, c))
+  state_l, state_r = left.init(SMALL), right.init(SMALL)
+  np.testing.assert_equal(len(jax.tree.leaves(state_l)), len(jax.tree.leaves(state_r)))
+  p = SMALL
+  for t in range(3):
+    g = grads_at(p, t)
+    u_l, state_l = left.update(g, state_l, p)
+    u_r, state_r = right.update(g, state_r, p)
+    for x, y in zip(jax.tree.leaves((u_l, state_l)), jax.tree.leaves((u_r, state_r))):
+      np.testing.assert_array_equal(x, y)
+    p = oc.apply_updates(p, u_l)
