@@ -1,0 +1,178 @@
+"""The bad-input contract: one row per kind of bad input, the same rows as the README's table.
+
+Each row says what the input gets (an exception of a given type whose message names the
+argument or tree path, or a documented skip) and is checked here. Rows that call ``update``
+or ``apply_updates`` also prove that nothing is corrupted: the call is made eagerly and again
+under ``jax.jit`` with parameters and state *donated*, and afterwards both are still alive
+and bitwise what they were (the error is raised while tracing, before any buffer is given up).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import optcompose as oc
+
+PARAMS = {"dense": {"kernel": jnp.linspace(-1.0, 1.0, 6).reshape(3, 2), "bias": jnp.zeros(2)}}
+GRADS = jax.tree.map(lambda p: jnp.cos(p) + 0.5, PARAMS)
+
+
+class Row(NamedTuple):
+  id: str
+  bad_input: str
+  response: str
+  error: Optional[type]   # None: a documented skip, checked by `check`
+  names: str              # a regex the message must contain (the argument or the tree path)
+  check: Callable         # raises (or, for a skip, asserts the skip) when called
+
+
+def _update_call(tx, grads, params=PARAMS, with_params=True):
+  """(fn(params, state), params, state): the call to check eagerly and with donation."""
+  state = tx.init(params)
+  def call(p, s):
+    return tx.update(grads, s, p) if with_params else tx.update(grads, s)
+  return call, params, state
+
+
+def _nan_skip():
+  tx = oc.apply_if_finite(oc.adam(1e-2), max_consecutive_errors=3)
+  state = tx.init(PARAMS)
+  bad = jax.tree.map(lambda g: g.at[0].set(jnp.nan), GRADS)
+  updates, new_state = jax.jit(tx.update)(bad, state, PARAMS)
+  params = oc.apply_updates(PARAMS, updates)
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(PARAMS)):
+    np.testing.assert_array_equal(a, b)  # the step is skipped: parameters unchanged
+  for a, b in zip(jax.tree.leaves(new_state.inner_state), jax.tree.leaves(state.inner_state)):
+    np.testing.assert_array_equal(a, b)  # and the inner optimizer's state too
+  assert int(new_state.notfinite_count) == 1
+
+
+ROWS = [
+    Row("hyperparameter-out-of-range", "a hyperparameter outside its range (`b1=1.0`, "
+        "`learning_rate=-0.1`, `eps=-1e-8`)", "`ValueError` at construction, naming it",
+        ValueError, "`b1`", lambda: oc.adam(1e-3, b1=1.0)),
+    Row("hyperparameter-not-finite", "a NaN or infinite hyperparameter",
+        "`ValueError` at construction, naming it", ValueError, "`learning_rate`",
+        lambda: oc.sgd(float("inf"))),
+    Row("hyperparameter-not-scalar", "an array, string or bool where a number is expected",
+        "`ValueError`/`TypeError` at construction, naming it", (ValueError, TypeError),
+        "`learning_rate`", lambda: oc.adam(jnp.ones(3))),
+    Row("schedule-out-of-range", "a schedule whose value at step 0 is out of range",
+        "`ValueError` from `init`, naming the hyperparameter", ValueError, "`b1`",
+        lambda: oc.adam(1e-3, b1=lambda count: 1.0 + 0.0 * count).init(PARAMS)),
+    Row("integer-params", "integer or boolean parameters",
+        "`TypeError` from `init`, naming the leaf", TypeError, r"params\['n'\]",
+        lambda: oc.adam(1e-3).init({"w": jnp.ones(2), "n": jnp.arange(2)})),
+    Row("updates-structure", "gradients whose tree differs from the state's (a leaf missing)",
+        "`ValueError` from `update`, naming the path", ValueError, r"\['dense'\]\['bias'\]",
+        _update_call(oc.adam(1e-3), {"dense": {"kernel": GRADS["dense"]["kernel"]}})),
+    Row("updates-shape", "a gradient of another shape than its parameter (would broadcast)",
+        "`ValueError` from `update`, naming the path and both shapes", ValueError,
+        r"updates\['dense'\]\['kernel'\]` has shape \(3, 1\)",
+        _update_call(oc.sgd(1e-3, 0.9), {"dense": {"kernel": jnp.ones((3, 1)),
+                                                   "bias": jnp.ones(2)}})),
+    Row("apply-updates-mismatch", "`apply_updates` with a tree or shape that differs",
+        "`ValueError`, naming the path", ValueError, r"\['dense'\]\['bias'\]",
+        (lambda p, s: oc.apply_updates(p, {"dense": {"kernel": jnp.ones((3, 2)),
+                                                     "bias": jnp.ones(3)}}), PARAMS, ())),
+    Row("apply-updates-integer", "a float update for an integer parameter",
+        "`TypeError`, naming the leaf (never truncated)", TypeError, r"params\['n'\]",
+        (lambda p, s: oc.apply_updates(p, {"n": jnp.full(3, 0.4)}), {"n": jnp.arange(3)}, ())),
+    Row("mask-structure", "a mask that does not match the parameters",
+        "`ValueError`, naming `mask` and the differing path", ValueError, r"mask",
+        _update_call(oc.adamw(1e-3, mask={"dense": {"kernel": True, "scale": False}}), GRADS)),
+    Row("mask-not-boolean", "a mask with non-boolean leaves", "`TypeError`, naming the leaf",
+        TypeError, r"mask\['dense'\]\['bias'\]",
+        _update_call(oc.adamw(1e-3, mask={"dense": {"kernel": 1, "bias": 0}}), GRADS)),
+    Row("missing-params", "`update` without `params` where they are needed (weight decay, "
+        "L1, lookahead)", "`ValueError`, naming `params`", ValueError, "`params`",
+        _update_call(oc.adamw(1e-3), GRADS, with_params=False)),
+    Row("foreign-state", "a state from another optimizer", "`ValueError`, saying what was "
+        "expected", ValueError, "chain of 2 transformations",
+        (lambda p, s: oc.adam(1e-3).update(GRADS, s, p), PARAMS,
+         (oc.scale_by_adam().init(PARAMS),))),
+    Row("not-a-transformation", "something that is not a transformation in `chain`",
+        "`TypeError`, naming its position", TypeError, "argument 1",
+        lambda: oc.chain(oc.scale(1.0), lambda g: g)),
+    Row("flat-per-leaf", "`FlatParams` given to a per-leaf transformation (`clip_by_leaf_norm`, "
+        "`clip_by_block_rms`, `adaptive_grad_clip`)", "`TypeError`, naming the transformation",
+        TypeError, "clip_by_leaf_norm",
+        lambda: oc.clip_by_leaf_norm(1.0).update(oc.flat_params(GRADS), oc.EmptyState(),
+                                                 oc.flat_params(PARAMS))),
+    Row("unsharded-abstract-params", "abstract parameters without a sharding for "
+        "`sharding.state_shardings`", "`ValueError`, naming the leaf", ValueError,
+        r"params\['w'\]", lambda: oc.sharding.state_shardings(
+            oc.adam(1e-3), {"w": jax.ShapeDtypeStruct((4,), jnp.float32)})),
+    Row("checkpoint-mismatch", "a checkpoint restored into a template of another structure, "
+        "shape or dtype", "`CheckpointMismatchError` (a `ValueError`), naming the first path",
+        ValueError, r"\['w'\]", lambda: _checkpoint_mismatch()),
+    Row("early-stopping-mode", "`early_stopping(mode=...)` other than \"min\"/\"max\", or a "
+        "negative `patience`/`min_delta`", "`ValueError` at construction, naming it",
+        ValueError, "`mode`", lambda: oc.early_stopping(mode="minimize")),
+    Row("non-finite-gradients", "NaN or infinite gradients",
+        "propagated by default, as in Optax and PyTorch; wrapped in `apply_if_finite` the step "
+        "is skipped: parameters and the inner state unchanged, the skip counted",
+        None, "", _nan_skip),
+    Row("unknown-keywords", "keyword arguments to `update` that a transformation does not use",
+        "ignored (so one training step can serve every optimizer)", None, "",
+        lambda: oc.adam(1e-3).update(GRADS, oc.adam(1e-3).init(PARAMS), PARAMS,
+                                     not_an_argument=1.0)),
+]
+
+
+def _checkpoint_mismatch():
+  import tempfile
+  path = Path(tempfile.mkdtemp()) / "c.msgpack"
+  oc.checkpoint.save_checkpoint(path, {"w": jnp.ones(3, jnp.bfloat16)})
+  oc.checkpoint.restore_checkpoint(path, {"w": jnp.ones(3, jnp.float32)})
+
+
+def _alive_and_equal(tree, snapshot):
+  for leaf, saved in zip(jax.tree.leaves(tree), jax.tree.leaves(snapshot)):
+    assert not leaf.is_deleted(), "a rejected call consumed a donated buffer"
+    np.testing.assert_array_equal(np.asarray(leaf), saved)
+
+
+@pytest.mark.parametrize("row", ROWS, ids=lambda r: r.id)
+def test_contract_row(row):
+  if row.error is None:
+    row.check()  # a documented skip or acceptance: the check asserts it
+    return
+  if isinstance(row.check, tuple):  # a call on (params, state): check nothing is corrupted
+    call, params, state = row.check
+    params = jax.tree.map(jnp.copy, params)
+    state = jax.tree.map(jnp.copy, state)
+    snapshot = jax.tree.map(np.asarray, (params, state))
+    with pytest.raises(row.error, match=row.names):
+      call(params, state)
+    with pytest.raises(row.error, match=row.names):
+      jax.jit(call, donate_argnums=(0, 1))(params, state)
+    _alive_and_equal((params, state), snapshot)
+  else:
+    with pytest.raises(row.error, match=row.names):
+      row.check()
+
+
+def test_readme_table_lists_exactly_these_rows():
+  text = (Path(__file__).parents[1] / "README.md").read_text()
+  section = text.split("## Bad input", 1)[1].split("\n## ", 1)[0]
+  ids = re.findall(r"^\| `([a-z0-9-]+)` \|", section, flags=re.M)
+  assert ids == [r.id for r in ROWS]
+
+
+def readme_table() -> str:
+  """The README table, generated from ROWS (``python tests/test_bad_input.py``)."""
+  lines = ["| row | bad input | what it gets |", "|---|---|---|"]
+  lines += [f"| `{r.id}` | {r.bad_input} | {r.response} |" for r in ROWS]
+  return "\n".join(lines)
+
+
+if __name__ == "__main__":
+  print(readme_table())
