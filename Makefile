@@ -23,7 +23,8 @@ $(VENV)/.stamp-examples: $(VENV)/.stamp-base pyproject.toml
 test: $(VENV)/.stamp-test
 	$(PY) -m pytest -q -n 2 --dist loadgroup tests
 
-## make demo: create .venv, install the examples extra, run the main example.
+## make demo: create .venv, install the examples extra, run the main example (seven
+## optimizers on scikit-learn's digits, an optimizer race; PNGs in demo_output/).
 demo: $(VENV)/.stamp-examples
 	$(PY) examples/demo.py
 

@@ -18,7 +18,8 @@ pytest.importorskip("tqdm", reason="the demo's progress bars need tqdm (examples
 pytest.importorskip("flax")
 pytest.importorskip("matplotlib")
 
-pytestmark = pytest.mark.slow
+# One worker runs the whole module (make test uses --dist loadgroup), so the demo runs once.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("demo")]
 
 ROOT = Path(__file__).resolve().parent.parent
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -102,14 +102,20 @@ def _layout(tree):
           for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
-def check_state_keeps_its_layout(tx, params, grads, steps: int = 2, extra=None) -> None:
+def check_state_keeps_its_layout(tx, params, grads, steps: int = 2, extra=None,
+                                 jit: bool = True) -> None:
   """``init`` and every ``update`` give a state of the same structure, shapes, dtypes and
-  shardings, eagerly and under ``jit`` (so the state can be donated and checkpointed)."""
+  shardings, eagerly and (``jit=True``) under ``jit`` (so the state can be donated and
+  checkpointed)."""
   state0 = tx.init(params)
-  jitted_init = jax.jit(tx.init)(params)
-  assert jax.tree.structure(jitted_init) == jax.tree.structure(state0), "init: jit changes the tree"
+  updates_fns = [_bound(tx, extra)]
+  if jit:
+    jitted_init = jax.jit(tx.init)(params)
+    assert jax.tree.structure(jitted_init) == jax.tree.structure(state0), (
+        "init: jit changes the tree")
+    updates_fns.append(_bound(tx, extra, jit=True))
   grad_fn = _grads_fn(grads)
-  for update in (_bound(tx, extra), _bound(tx, extra, jit=True)):
+  for update in updates_fns:
     state, p = state0, params
     for t in range(steps):
       updates, new_state = update(grad_fn(p, t), state, p)
