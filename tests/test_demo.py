@@ -18,8 +18,8 @@ pytest.importorskip("tqdm", reason="the demo's progress bars need tqdm (examples
 pytest.importorskip("flax")
 pytest.importorskip("matplotlib")
 
-# One worker runs the whole module (make test uses --dist loadgroup), so the demo runs once.
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("demo")]
+# The demo runs once, in one test (a module fixture would run once per xdist worker).
+pytestmark = [pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parent.parent
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -35,8 +35,7 @@ def load_demo():
   return module
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run_demo(tmp_path_factory):
   demo = load_demo()
   out = tmp_path_factory.mktemp("demo_output")
   printed = io.StringIO()
@@ -45,7 +44,7 @@ def run(tmp_path_factory):
   return demo, results, out, printed.getvalue()
 
 
-def test_every_optimizer_learns_far_above_chance(run):
+def check_every_optimizer_learns_far_above_chance(run):
   demo, results, _, _ = run
   assert list(results) == list(demo.OPTIMIZER_NAMES)
   for name, r in results.items():
@@ -57,7 +56,7 @@ def test_every_optimizer_learns_far_above_chance(run):
     assert r["history"]["train_loss"][-1] < 0.5 * r["history"]["train_loss"][0], name
 
 
-def test_early_stopping_keeps_the_best_epoch(run):
+def check_early_stopping_keeps_the_best_epoch(run):
   demo, results, _, _ = run
   for name, r in results.items():
     accuracies = r["history"]["val_accuracy"]
@@ -72,7 +71,7 @@ def test_early_stopping_keeps_the_best_epoch(run):
       assert r["last_epoch"] - r["best_epoch"] <= demo.PATIENCE, name
 
 
-def test_l1_makes_exact_zeros_that_weight_decay_does_not(run):
+def check_l1_makes_exact_zeros_that_weight_decay_does_not(run):
   _, results, _, _ = run
   plain, sparse = results["AdamW"]["zero_fraction"], results["AdamW+L1"]["zero_fraction"]
   assert plain < 0.01
@@ -82,7 +81,7 @@ def test_l1_makes_exact_zeros_that_weight_decay_does_not(run):
   assert max(others) < 0.01
 
 
-def test_pictures_are_written_and_named(run):
+def check_pictures_are_written_and_named(run):
   demo, results, out, printed = run
   from matplotlib import image
   for name in (demo.CURVES_PNG, demo.RACE_PNG):
@@ -95,3 +94,11 @@ def test_pictures_are_written_and_named(run):
     assert str(path.resolve()) in printed  # the demo says where the pictures are
   for name in results:  # the final table has a row per optimizer
     assert any(line.startswith(name + " ") for line in printed.splitlines()), name
+
+
+def test_demo_end_to_end(tmp_path_factory):
+  run = run_demo(tmp_path_factory)
+  check_every_optimizer_learns_far_above_chance(run)
+  check_early_stopping_keeps_the_best_epoch(run)
+  check_l1_makes_exact_zeros_that_weight_decay_does_not(run)
+  check_pictures_are_written_and_named(run)

@@ -64,7 +64,8 @@ def loss(params):
 def make_step(tx, with_value):
   def step(params, state):
     value, grads = jax.value_and_grad(loss)(params)
-    extra = {"value": value} if with_value else {}
+    # value= for plateau control, grad_fn= for sharpness_aware; the others ignore both.
+    extra = {"value": value, "grad_fn": jax.grad(loss)} if with_value else {}
     updates, state = tx.update(grads, state, params, **extra)
     return oc.apply_updates(params, updates), state, updates
   return jax.jit(step)
@@ -123,6 +124,12 @@ def check_case(tx, specs, mesh, with_value=False, auto=True):
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_every_case_keeps_mixed_shardings_and_matches_unsharded(case):
   check_case(case.ours(), MIXED, cpu_mesh(AxisType.Auto), with_value=case.with_value)
+
+
+def test_sharpness_aware_keeps_mixed_shardings_and_matches_unsharded():
+  """The one public transformation outside the registry (it needs a gradient function)."""
+  tx = oc.chain(oc.sharpness_aware(0.05), oc.sgd(0.1, 0.9))
+  check_case(tx, MIXED, cpu_mesh(AxisType.Auto), with_value=True)
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
