@@ -7,10 +7,11 @@
 - :mod:`optcompose.testing.strategies` (needs ``hypothesis``): strategies for pytrees,
   extreme gradients and every public transformation's hyperparameters.
 
-Example, testing a transformation of your own::
+Example, testing a transformation of your own (the README has the same, run by our suite)::
 
+    import jax
     import jax.numpy as jnp
-    from hypothesis import given, settings
+    from hypothesis import given, settings, strategies as st
     import optcompose as oc
     from optcompose.testing import check_invariants, strategies as ocst
 
@@ -23,7 +24,7 @@ Example, testing a transformation of your own::
 
     @settings(max_examples=20, deadline=None)
     @given(ocst.pytrees(dtype=jnp.float32).flatmap(
-        lambda p: ocst.gradients_like(p).map(lambda g: (p, g))))
+        lambda p: st.tuples(st.just(p), ocst.gradients_like(p))))
     def test_scale_by_sign(params_and_grads):
       params, grads = params_and_grads
       check_invariants(oc.chain(scale_by_sign(), oc.sgd(0.1)), params, grads)
