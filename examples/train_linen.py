@@ -13,6 +13,8 @@ few seconds on a CPU. ``examples/train_nnx.py`` is the same recipe with ``nnx.Op
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -23,20 +25,8 @@ from flax.training import train_state
 import optcompose as oc
 from optcompose.recipe.early_stopping import early_stopping
 
-CLASSES = 3
-
-
-def spirals(n_per_class: int, noise: float, seed: int):
-  """Points on CLASSES interleaved spiral arms with Gaussian noise; labels are the arms."""
-  rng = np.random.default_rng(seed)
-  radius = rng.uniform(0.1, 1.0, size=(CLASSES, n_per_class))
-  angle = 2.0 * np.pi * radius + 2 * np.pi * np.arange(CLASSES)[:, None] / CLASSES
-  x = np.stack([radius * np.cos(angle), radius * np.sin(angle)], axis=-1).reshape(-1, 2)
-  x = x + noise * rng.normal(size=x.shape)
-  y = np.repeat(np.arange(CLASSES), n_per_class)
-  order = rng.permutation(len(y))
-  return x[order].astype(np.float32), y[order].astype(np.int32)
-
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from recipe_common import CLASSES, cross_entropy, summarize, train_val_split  # noqa: E402
 
 class MLP(nn.Module):
   hidden: int = 64
@@ -48,18 +38,11 @@ class MLP(nn.Module):
     return nn.Dense(CLASSES)(x)
 
 
-def cross_entropy(logits, labels):
-  log_probs = jax.nn.log_softmax(logits)
-  return -jnp.mean(jnp.take_along_axis(log_probs, labels[:, None], axis=1))
-
-
 def main(epochs: int = 40, seed: int = 0, batch_size: int = 64, peak_lr: float = 1e-2,
          weight_decay: float = 1e-3, patience: int = 8, verbose: bool = True) -> dict:
   """Train, stop early, restore the best parameters; return a summary of the run."""
-  x, y = spirals(n_per_class=400, noise=0.06, seed=seed)
-  n_val = len(y) // 5  # a held-out validation split: 20%
-  x_val, y_val, x_train, y_train = x[:n_val], y[:n_val], x[n_val:], y[n_val:]
-  steps_per_epoch = len(y_train) // batch_size
+  x_train, y_train, x_val, y_val, steps_per_epoch = train_val_split(seed, batch_size)
+  n_val = len(y_val)  # a held-out validation split: 20%
 
   schedule = oc.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=peak_lr, warmup_steps=2 * steps_per_epoch,
@@ -110,23 +93,8 @@ def main(epochs: int = 40, seed: int = 0, batch_size: int = 64, peak_lr: float =
   # Put the best parameters back (early stopping kept a copy of them).
   state = state.replace(params=stop_state.best_params)
   best_val_loss, best_val_acc = map(float, evaluate(state.params, x_val, y_val))
-  results = {
-      "initial_train_loss": initial_train_loss,
-      "final_train_loss": history[-1][0],
-      "best_epoch": int(stop_state.best_epoch),
-      "best_val_loss": best_val_loss,
-      "best_val_accuracy": best_val_acc,
-      "epochs_run": len(history),
-      "val_losses": [h[1] for h in history],
-      "stopped_early": bool(stop_state.should_stop),
-      "chance": 1.0 / CLASSES,
-  }
-  if verbose:
-    stopped = " (stopped early)" if results["stopped_early"] else ""
-    print(f"done after {len(history)} epochs{stopped}: train loss {initial_train_loss:.3f} "
-          f"-> {results['final_train_loss']:.3f}; best epoch {results['best_epoch']}: val loss "
-          f"{best_val_loss:.3f}, val accuracy {best_val_acc:.3f} (chance {results['chance']:.3f}).")
-  return results
+  return summarize(history, stop_state, initial_train_loss, best_val_loss, best_val_acc,
+                   verbose)
 
 
 if __name__ == "__main__":
