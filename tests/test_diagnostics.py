@@ -303,3 +303,16 @@ def test_bfloat16_params_measure_in_float32():
 
 def test_module_exports():
   assert diag_module.__all__ == ["DiagnosticsState", "diagnostics_dict", "with_diagnostics"]
+
+
+def test_zero_mask_restricts_the_zero_fraction_to_the_selected_leaves():
+  """L1 on the matrices only: the fraction among them, not diluted by the vectors."""
+  kernels = lambda p: jax.tree.map(lambda x: np.ndim(x) > 1, p)
+  tx = with_diagnostics(oc.sgd(0.1, 0.9, l1=2.0, reg_mask=kernels), 0.1, zero_mask=kernels)
+  records = train(tx)
+  for _, params, _, state in records:
+    assert float(state.zero_fraction) == pytest.approx(np_zero_fraction(params["w"]), abs=1e-7)
+  assert float(records[-1][3].zero_fraction) > 0  # L1 has made zeros in "w" by then
+  with pytest.raises(ValueError, match="zero_mask"):
+    bad = with_diagnostics(oc.sgd(0.1), 0.1, zero_mask={"w": True, "nope": False})
+    bad.update(initial_params(), bad.init(initial_params()), initial_params())

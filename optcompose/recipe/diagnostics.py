@@ -102,9 +102,13 @@ def update_ratio(update_norm: jax.Array, param_norm: jax.Array) -> jax.Array:
   return jnp.where(zero, unbounded, ratio).astype(jnp.float32)
 
 
-def zero_fraction(tree: Any) -> jax.Array:
-  """The fraction of exactly-zero elements over all leaves together (0 for an empty tree)."""
+def zero_fraction(tree: Any, mask: Any = None) -> jax.Array:
+  """The fraction of exactly-zero elements over all leaves together (0 for an empty tree);
+  ``mask`` (as in ``add_decayed_weights``) restricts it to the selected leaves."""
   leaves = jax.tree.leaves(tree)
+  if mask is not None:
+    keep = jax.tree.leaves(otree.resolve_mask(mask, tree, "zero_mask"))
+    leaves = [x for x, k in zip(leaves, keep) if k]
   size = sum(int(np.size(x)) for x in leaves)
   if size == 0:
     return jnp.zeros([], jnp.float32)
@@ -157,8 +161,8 @@ def recorded_learning_rate(state: Any) -> Optional[jax.Array]:
 # The wrapper.
 
 
-def with_diagnostics(inner: Any,
-                     learning_rate: Optional[ScalarOrSchedule] = None) -> GradientTransformation:
+def with_diagnostics(inner: Any, learning_rate: Optional[ScalarOrSchedule] = None, *,
+                     zero_mask: Any = None) -> GradientTransformation:
   """Wrap ``inner`` so that its state also records norms, ratios and counts of each step.
 
   The updates are ``inner``'s, unchanged (the same arrays); only the state grows. Works
@@ -172,6 +176,9 @@ def with_diagnostics(inner: Any,
     learning_rate: the learning rate (a number or a schedule of the step count) to record;
       by default it is read from ``inner``'s state where it is stored (see the module
       docstring), else NaN.
+    zero_mask: the leaves ``zero_fraction`` counts (a mask tree, a prefix of one, or a
+      callable of the params, as ``add_decayed_weights`` takes), e.g. the kernels only, which
+      is where L1 is usually applied; by default every leaf.
 
   Returns:
     A transformation whose state is :class:`DiagnosticsState`; read it with
@@ -218,7 +225,7 @@ def with_diagnostics(inner: Any,
         param_norm=param_norm,
         update_ratio=update_ratio(update_norm, param_norm),
         learning_rate=lr_in_force(state.count, inner_state),
-        zero_fraction=zero_fraction(params),
+        zero_fraction=zero_fraction(params, zero_mask),
         nonfinite=nonfinite_count(updates),
     )
 
