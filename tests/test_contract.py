@@ -216,3 +216,21 @@ def test_every_adam_alias_takes_mu_and_nu_dtype(alias):
     un, sn = narrow.update(grads, sn, params)
   assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(sn) if x.ndim)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2 ** -6, atol=1e-6), un, uw)
+
+
+def test_float16_gradients_keep_adam_finite_and_nu_dtype_float32_keeps_small_squares():
+  """float16: eps = 1e-8 and 1 / (1 - b2^t) for b2 = 0.99999 leave its range, and g^2
+  underflows below |g| = 2.4e-4; the statistics are computed in float32 where it matters."""
+  g = {"w": jnp.asarray([1.0, 0.0, 1e-3, -1e-4], jnp.float16)}
+  params = jax.tree.map(jnp.zeros_like, g)
+  for tx in (oc.scale_by_adam(b2=0.99999), oc.scale_by_adam(nu_dtype=jnp.float32),
+             oc.rmsprop(1.0, centered=True, bias_correction=True, eps_in_sqrt=False),
+             oc.adagrad(1.0)):
+    u, _ = tx.update(g, tx.init(params), params)
+    assert u["w"].dtype == jnp.float16 and bool(jnp.all(jnp.isfinite(u["w"])))
+  # Adam's first step is sign(g) (m_hat / sqrt(v_hat) = g / |g|), up to eps, even for
+  # |g| = 1e-4 once the second moment is stored in float32.
+  tx = oc.scale_by_adam(nu_dtype=jnp.float32)
+  u, state = tx.update(g, tx.init(params), params)
+  assert state.nu["w"].dtype == jnp.float32 and float(state.nu["w"][3]) > 0
+  np.testing.assert_allclose(np.asarray(u["w"], np.float32), [1.0, 0.0, 1.0, -1.0], atol=2e-3)

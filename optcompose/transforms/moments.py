@@ -51,8 +51,10 @@ def debias_leaf(m, factor):
   each leaf: a division by a broadcast scalar is rewritten by XLA into a multiplication by
   its reciprocal, or merged with the next division, depending on the rest of the graph, so
   its rounding would depend on the tree's shape (FlatParams against a pytree, a
-  one-element leaf against a matrix). The product runs in m's precision.
+  one-element leaf against a matrix). The product runs in m's precision (float32 for a
+  float16 m: 1 / (1 - b2^t) reaches 1e5 for b2 = 0.99999, past float16's range).
   """
+  m = _wide_enough(m)
   return m * factor.astype(jnp.result_type(m))
 
 
@@ -74,7 +76,16 @@ def _wide_enough(x):
 def variance_leaf(m, v):
   """``v - m^2``, clamped at 0: rounding can make it slightly negative (e.g. at step 1 with
   bias correction, where it is exactly 0 in real arithmetic), and its square root NaN."""
+  m, v = _wide_enough(m), _wide_enough(v)
   return jnp.maximum(v - otree.abs_sq(m), 0)
+
+
+def square_leaf(g, v):
+  """``|g|^2`` for a second moment ``v``, squared in the wider of the two dtypes, and in
+  float32 for float16: g^2 underflows there below |g| = 2.4e-4 (the step's statistic is then
+  float32; it is rounded to the state's dtype only when stored)."""
+  g = jnp.asarray(g)
+  return otree.abs_sq(_wide_enough(g.astype(jnp.promote_types(g.dtype, jnp.result_type(v)))))
 
 
 def inverse_rms_leaf(v, eps, eps_in_sqrt):
@@ -195,11 +206,11 @@ def scale_by_rss(initial_accumulator_value: float = 0.1,
   def update(updates, state, params=None, **extra):
     del params, extra
     _same(updates, state.sum_of_squares, "sum_of_squares")
-    total = jax.tree.map(lambda g, s: otree.abs_sq(g) + s, updates, state.sum_of_squares)
+    total = jax.tree.map(lambda g, s: square_leaf(g, s) + s, updates, state.sum_of_squares)
     updates = jax.tree.map(
         lambda g, s: (jnp.where(s > 0, inverse_rms_leaf(s, eps, True), 0.0) * g).astype(
             jnp.result_type(g)), updates, total)
-    return updates, ScaleByRssState(total)
+    return updates, ScaleByRssState(otree.cast_like(total, state.sum_of_squares))
 
   return GradientTransformation(init, update)
 
@@ -235,7 +246,7 @@ def scale_by_rms(decay: ScalarOrSchedule = 0.9, eps: ScalarOrSchedule = 1e-8,
   def update(updates, state, params=None, **extra):
     del params, extra
     _same(updates, state.nu, "nu")
-    nu = jax.tree.map(lambda g, v: ema_leaf(decay, v, otree.abs_sq(g)), updates, state.nu)
+    nu = jax.tree.map(lambda g, v: ema_leaf(decay, v, square_leaf(g, v)), updates, state.nu)
     if bias_correction:
       count = safe_increment(state.count)
       factor = debias_factor(decay, count)
@@ -288,7 +299,7 @@ def scale_by_stddev(decay: ScalarOrSchedule = 0.9, eps: ScalarOrSchedule = 1e-8,
     del params, extra
     _same(updates, state.mu, "mu")
     mu = jax.tree.map(lambda g, m: ema_leaf(decay, m, g), updates, state.mu)
-    nu = jax.tree.map(lambda g, v: ema_leaf(decay, v, otree.abs_sq(g)), updates, state.nu)
+    nu = jax.tree.map(lambda g, v: ema_leaf(decay, v, square_leaf(g, v)), updates, state.nu)
     if bias_correction:
       count = safe_increment(state.count)
       factor = debias_factor(decay, count)
@@ -342,7 +353,7 @@ def scale_by_adam(b1: ScalarOrSchedule = 0.9, b2: ScalarOrSchedule = 0.999,
     del params, extra
     _same(updates, state.mu, "mu")
     mu = jax.tree.map(lambda g, m: ema_leaf(b1, m, g), updates, state.mu)
-    nu = jax.tree.map(lambda g, v: ema_leaf(b2, v, otree.abs_sq(g)), updates, state.nu)
+    nu = jax.tree.map(lambda g, v: ema_leaf(b2, v, square_leaf(g, v)), updates, state.nu)
     count = safe_increment(state.count)
     c1, c2 = debias_factor(b1, count), debias_factor(b2, count)
     if nesterov:
@@ -399,13 +410,16 @@ def scale_by_second_moment(decay: ScalarOrSchedule = 0.999, eps: ScalarOrSchedul
     grads = extra.get(RAW_GRADS, updates)
     _same(updates, state.nu, "nu")
     _same(grads, state.nu, "nu")
-    nu = jax.tree.map(lambda g, v: ema_leaf(decay, v, otree.abs_sq(g)), grads, state.nu)
+    nu = jax.tree.map(lambda g, v: ema_leaf(decay, v, square_leaf(g, v)), grads, state.nu)
     count = safe_increment(state.count)
-    factor = debias_factor(decay, count)
+    if debias:
+      factor = debias_factor(decay, count)
+      v_hat = jax.tree.map(lambda v: debias_leaf(v, factor), nu)
+    else:
+      v_hat = nu
     updates = jax.tree.map(
-        lambda u, v: adam_direction_leaf(u, debias_leaf(v, factor) if debias else v,
-                                         eps, eps_root).astype(jnp.result_type(u)),
-        updates, nu)
+        lambda u, v: adam_direction_leaf(u, v, eps, eps_root).astype(jnp.result_type(u)),
+        updates, v_hat)
     return updates, ScaleBySecondMomentState(count, otree.cast_like(nu, state.nu))
 
   return GradientTransformation(init, update)
