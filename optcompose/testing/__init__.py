@@ -33,7 +33,7 @@ Example, testing a transformation of your own (the README has the same, run by o
 from optcompose.testing.invariants import (
     check_finite, check_ignores_unknown_kwargs, check_invariants, check_jit_matches_eager,
     check_no_recompilation, check_state_keeps_its_layout, check_updates_like_grads, check_vmap,
-    run_steps,
+    record_steps, run_steps,
 )
 
 

@@ -20,21 +20,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from optcompose import tree as otree
 from optcompose._core import GradientTransformation, apply_updates
 
 __all__ = [
     "check_invariants", "check_jit_matches_eager", "check_state_keeps_its_layout",
     "check_updates_like_grads", "check_no_recompilation", "check_vmap",
-    "check_ignores_unknown_kwargs", "check_finite", "run_steps",
+    "check_ignores_unknown_kwargs", "check_finite", "run_steps", "record_steps",
 ]
 
 
 def _grads_fn(grads) -> Callable:
   return grads if callable(grads) else (lambda params, step: grads)
-
-
-def _path(path) -> str:
-  return jax.tree_util.keystr(tuple(path)) or "<root>"
 
 
 def _tolerance(dtype) -> float:
@@ -49,18 +46,27 @@ def _bound(tx, extra, jit: bool = False) -> Callable:
   return jax.jit(update) if jit else update
 
 
-def run_steps(tx: GradientTransformation, params: Any, grads, steps: int = 2,
-              extra: Optional[dict] = None, update: Optional[Callable] = None):
-  """Apply ``steps`` updates; return ``(params, state, updates)`` after the last one.
-
-  ``update`` (default: ``tx.update`` with ``extra`` bound) is called as
-  ``update(grads, state, params)``."""
+def record_steps(tx: GradientTransformation, params: Any, grads, steps: int = 2,
+                 extra: Optional[dict] = None, update: Optional[Callable] = None):
+  """Apply ``steps`` updates; return the list of ``(grads, updates, state)`` per step and
+  the final parameters. ``update`` (default: ``tx.update`` with ``extra`` bound) is called
+  as ``update(grads, state, params)``."""
   grad_fn = _grads_fn(grads)
   update = update or _bound(tx, extra)
-  state, updates = tx.init(params), None
+  state, records = tx.init(params), []
   for t in range(steps):
-    updates, state = update(grad_fn(params, t), state, params)
+    g = grad_fn(params, t)
+    updates, state = update(g, state, params)
+    records.append((g, updates, state))
     params = apply_updates(params, updates)
+  return records, params
+
+
+def run_steps(tx: GradientTransformation, params: Any, grads, steps: int = 2,
+              extra: Optional[dict] = None, update: Optional[Callable] = None):
+  """Apply ``steps`` updates; return ``(params, state, updates)`` after the last one."""
+  records, params = record_steps(tx, params, grads, steps, extra, update)
+  _, updates, state = records[-1]
   return params, state, updates
 
 
@@ -78,15 +84,15 @@ def _assert_trees_close(got, want, what: str, rtol: Optional[float] = None) -> N
   for (path, a), b in zip(got_leaves, want_leaves):
     a, b = np.asarray(a), np.asarray(b)
     assert a.shape == b.shape and a.dtype == b.dtype, (
-        f"{what}{_path(path)}: {a.dtype}{list(a.shape)} against {b.dtype}{list(b.shape)}")
+        f"{what}{otree.path_str(path)}: {a.dtype}{list(a.shape)} against {b.dtype}{list(b.shape)}")
     if a.dtype.kind in "fc" or str(a.dtype) == "bfloat16":
       tol = max(_tolerance(a.dtype), rtol or 0.0)
       a64, b64 = a.astype(np.float64), b.astype(np.float64)
       scale = max(float(np.max(np.abs(b64[np.isfinite(b64)]), initial=0.0)), 1.0)
       np.testing.assert_allclose(a64, b64, rtol=tol, atol=tol * scale,
-                                 err_msg=f"{what}{_path(path)}")
+                                 err_msg=f"{what}{otree.path_str(path)}")
     else:
-      np.testing.assert_array_equal(a, b, err_msg=f"{what}{_path(path)}")
+      np.testing.assert_array_equal(a, b, err_msg=f"{what}{otree.path_str(path)}")
 
 
 def check_jit_matches_eager(tx, params, grads, steps: int = 2, extra=None) -> None:
@@ -98,8 +104,57 @@ def check_jit_matches_eager(tx, params, grads, steps: int = 2, extra=None) -> No
 
 
 def _layout(tree):
-  return [(_path(p), jnp.shape(x), jnp.result_type(x), getattr(x, "sharding", None))
+  return [(otree.path_str(p), jnp.shape(x), jnp.result_type(x), getattr(x, "sharding", None))
           for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def _assert_same_tree(tree, reference, what: str, reference_what: str) -> None:
+  assert jax.tree.structure(tree) == jax.tree.structure(reference), (
+      f"{what} does not have the tree of {reference_what}: "
+      f"{otree.first_difference(tree, reference)}")
+
+
+def _assert_updates_like(updates, grads, label: str) -> None:
+  """Updates have the gradients' tree, shapes and dtypes."""
+  _assert_same_tree(updates, grads, f"{label}: the updates", "the gradients")
+  for (path, shape, dtype, _), (_, gshape, gdtype, _) in zip(_layout(updates), _layout(grads)):
+    assert (shape, dtype) == (gshape, gdtype), (
+        f"{label}: updates{path} is {dtype}{list(shape)}, the gradient {gdtype}{list(gshape)}")
+
+
+def _assert_layout_kept(state, state0, label: str) -> None:
+  """``state`` has the tree, shapes, dtypes and shardings of ``state0``."""
+  _assert_same_tree(state, state0, f"{label}: the state", "the state from init")
+  for (path, shape, dtype, sharding), (_, shape0, dtype0, sharding0) in zip(
+      _layout(state), _layout(state0)):
+    assert (shape, dtype) == (shape0, dtype0), (
+        f"{label}: state{path} became {dtype}{list(shape)} from {dtype0}{list(shape0)}")
+    if sharding is not None and sharding0 is not None:
+      assert sharding.is_equivalent_to(sharding0, len(shape)), (
+          f"{label}: state{path} moved from {sharding0} to {sharding}")
+
+
+def _inputs_finite(params, records) -> bool:
+  return all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(
+      (params, [g for g, _, _ in records])) if jnp.issubdtype(jnp.result_type(x), jnp.inexact))
+
+
+def _assert_finite(tree, what: str) -> None:
+  for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    if jnp.issubdtype(jnp.result_type(x), jnp.inexact):
+      assert bool(jnp.all(jnp.isfinite(x))), (
+          f"finite inputs, but {what}{otree.path_str(path)} is not finite")
+
+
+def _counting_jit(tx, extra):
+  """A jitted update and the list it appends to each time JAX traces it."""
+  traces, bound = [], _bound(tx, extra)
+
+  def update(g, state, p):
+    traces.append(1)
+    return bound(g, state, p)
+
+  return jax.jit(update), traces
 
 
 def check_state_keeps_its_layout(tx, params, grads, steps: int = 2, extra=None,
@@ -108,55 +163,26 @@ def check_state_keeps_its_layout(tx, params, grads, steps: int = 2, extra=None,
   shardings, eagerly and (``jit=True``) under ``jit`` (so the state can be donated and
   checkpointed)."""
   state0 = tx.init(params)
-  updates_fns = [_bound(tx, extra)]
+  runs = {"eager": _bound(tx, extra)}
   if jit:
-    jitted_init = jax.jit(tx.init)(params)
-    assert jax.tree.structure(jitted_init) == jax.tree.structure(state0), (
-        "init: jit changes the tree")
-    updates_fns.append(_bound(tx, extra, jit=True))
-  grad_fn = _grads_fn(grads)
-  for update in updates_fns:
-    state, p = state0, params
-    for t in range(steps):
-      updates, new_state = update(grad_fn(p, t), state, p)
-      assert jax.tree.structure(new_state) == jax.tree.structure(state0), (
-          f"update changed the state's tree: {jax.tree.structure(new_state)} "
-          f"from {jax.tree.structure(state0)}")
-      for (path, shape, dtype, sharding), (_, shape0, dtype0, sharding0) in zip(
-          _layout(new_state), _layout(state0)):
-        assert (shape, dtype) == (shape0, dtype0), (
-            f"state{path} became {dtype}{list(shape)} from {dtype0}{list(shape0)}")
-        if sharding is not None and sharding0 is not None:
-          assert sharding.is_equivalent_to(sharding0, len(shape)), (
-              f"state{path} moved from {sharding0} to {sharding}")
-      state, p = new_state, apply_updates(p, updates)
+    _assert_same_tree(jax.jit(tx.init)(params), state0, "jit(init)", "init")
+    runs["jit"] = _bound(tx, extra, jit=True)
+  for label, update in runs.items():
+    for t, (_, _, state) in enumerate(record_steps(tx, params, grads, steps, extra, update)[0]):
+      _assert_layout_kept(state, state0, f"{label} step {t}")
 
 
 def check_updates_like_grads(tx, params, grads, steps: int = 2, extra=None) -> None:
   """Updates have the gradients' structure, shapes and dtypes."""
-  grad_fn = _grads_fn(grads)
-  state, p, update = tx.init(params), params, _bound(tx, extra)
-  for t in range(steps):
-    g = grad_fn(p, t)
-    updates, state = update(g, state, p)
-    assert jax.tree.structure(updates) == jax.tree.structure(g), (
-        f"updates are a {jax.tree.structure(updates)}, gradients a {jax.tree.structure(g)}")
-    for (path, shape, dtype, _), (_, gshape, gdtype, _) in zip(_layout(updates), _layout(g)):
-      assert (shape, dtype) == (gshape, gdtype), (
-          f"updates{path} is {dtype}{list(shape)}, the gradient {gdtype}{list(gshape)}")
-    p = apply_updates(p, updates)
+  for t, (g, updates, _) in enumerate(record_steps(tx, params, grads, steps, extra)[0]):
+    _assert_updates_like(updates, g, f"step {t}")
 
 
 def check_no_recompilation(tx, params, grads, steps: int = 3, extra=None) -> None:
   """The jitted ``update`` is traced once: the state it returns has exactly the types
   (including weak types) of the state it was given, so step 2 reuses step 1's program."""
-  traces, bound = [], _bound(tx, extra)
-
-  def update(g, state, p):
-    traces.append(1)
-    return bound(g, state, p)
-
-  run_steps(tx, params, grads, steps, extra, update=jax.jit(update))
+  update, traces = _counting_jit(tx, extra)
+  record_steps(tx, params, grads, steps, extra, update)
   assert len(traces) == 1, f"update was traced {len(traces)} times in {steps} steps"
 
 
@@ -201,74 +227,34 @@ def check_ignores_unknown_kwargs(tx, params, grads, extra=None) -> None:
 
 def check_finite(tx, params, grads, steps: int = 3, extra=None) -> None:
   """Finite parameters and gradients give finite updates, parameters and state."""
-  for path, x in jax.tree_util.tree_flatten_with_path((params, _grads_fn(grads)(params, 0)))[0]:
-    assert bool(jnp.all(jnp.isfinite(x))), f"the inputs are not finite at {_path(path)}"
-  out = run_steps(tx, params, grads, steps, extra)
-  for path, x in jax.tree_util.tree_flatten_with_path(out)[0]:
-    if jnp.issubdtype(jnp.result_type(x), jnp.inexact):
-      assert bool(jnp.all(jnp.isfinite(x))), (
-          f"(params, state, updates){_path(path)} is not finite after {steps} steps")
-
-
-def _record(tx, params, grads, steps, update):
-  """Run ``steps`` updates; return the list of (grads, updates, state) and the final params."""
-  grad_fn, state, records = _grads_fn(grads), tx.init(params), []
-  for t in range(steps):
-    g = grad_fn(params, t)
-    updates, state = update(g, state, params)
-    records.append((g, updates, state))
-    params = apply_updates(params, updates)
-  return records, params
+  records, final = record_steps(tx, params, grads, steps, extra)
+  assert _inputs_finite(params, records), "the parameters or gradients are not finite"
+  _assert_finite((final, records), "(params, [(grads, updates, state) per step])")
 
 
 def check_invariants(tx: GradientTransformation, params: Any, grads, *, extra=None,
                      steps: int = 3, vmap: bool = True) -> None:
   """Every check above, sharing one eager and one jitted run (so it compiles once).
 
+  The finiteness check applies when the parameters and gradients are finite.
   ``vmap=False`` skips the vmap check (for transformations whose ``extra`` arguments are
   written for unbatched shapes, e.g. a ``grad_fn``).
   """
-  traces, bound = [], _bound(tx, extra)
-
-  def counted(g, state, p):
-    traces.append(1)
-    return bound(g, state, p)
-
-  eager, eager_params = _record(tx, params, grads, steps, bound)
-  jitted, jitted_params = _record(tx, params, grads, steps, jax.jit(counted))
+  jitted_update, traces = _counting_jit(tx, extra)
+  eager, eager_params = record_steps(tx, params, grads, steps, extra)
+  jitted, jitted_params = record_steps(tx, params, grads, steps, extra, jitted_update)
   state0 = tx.init(params)
-  assert jax.tree.structure(jax.jit(tx.init)(params)) == jax.tree.structure(state0), (
-      "init: jit changes the tree")
+  _assert_same_tree(jax.jit(tx.init)(params), state0, "jit(init)", "init")
   for label, records in (("eager", eager), ("jit", jitted)):
     for t, (g, updates, state) in enumerate(records):
-      assert jax.tree.structure(updates) == jax.tree.structure(g), (
-          f"{label} step {t}: updates are a {jax.tree.structure(updates)}, "
-          f"gradients a {jax.tree.structure(g)}")
-      for (path, shape, dtype, _), (_, gshape, gdtype, _) in zip(_layout(updates), _layout(g)):
-        assert (shape, dtype) == (gshape, gdtype), (
-            f"{label} step {t}: updates{path} is {dtype}{list(shape)}, "
-            f"the gradient {gdtype}{list(gshape)}")
-      assert jax.tree.structure(state) == jax.tree.structure(state0), (
-          f"{label} step {t} changed the state's tree")
-      for (path, shape, dtype, sharding), (_, shape0, dtype0, sharding0) in zip(
-          _layout(state), _layout(state0)):
-        assert (shape, dtype) == (shape0, dtype0), (
-            f"{label} step {t}: state{path} became {dtype}{list(shape)} from "
-            f"{dtype0}{list(shape0)}")
-        if sharding is not None and sharding0 is not None:
-          assert sharding.is_equivalent_to(sharding0, len(shape)), (
-              f"{label} step {t}: state{path} moved from {sharding0} to {sharding}")
+      _assert_updates_like(updates, g, f"{label} step {t}")
+      _assert_layout_kept(state, state0, f"{label} step {t}")
   assert len(traces) == 1, f"the jitted update was traced {len(traces)} times in {steps} steps"
   final = (eager_params, eager[-1][2], eager[-1][1])
   _assert_trees_close((jitted_params, jitted[-1][2], jitted[-1][1]), final,
                       "jit against eager: (params, state, updates)", _loosest_tolerance(final))
-  inputs_finite = all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(
-      (params, [r[0] for r in eager])) if jnp.issubdtype(jnp.result_type(x), jnp.inexact))
-  if inputs_finite:
-    for path, x in jax.tree_util.tree_flatten_with_path((eager_params, eager))[0]:
-      if jnp.issubdtype(jnp.result_type(x), jnp.inexact):
-        assert bool(jnp.all(jnp.isfinite(x))), (
-            f"finite inputs, but (params, records){_path(path)} is not finite")
+  if _inputs_finite(params, eager):
+    _assert_finite((eager_params, eager), "(params, [(grads, updates, state) per step])")
   check_ignores_unknown_kwargs(tx, params, grads, extra)
   if vmap:
     check_vmap(tx, params, grads, steps=2, extra=extra)
