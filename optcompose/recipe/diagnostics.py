@@ -96,10 +96,8 @@ class DiagnosticsState(NamedTuple):
 def update_ratio(update_norm: jax.Array, param_norm: jax.Array) -> jax.Array:
   """``update_norm / param_norm``, with 0/0 = 0 and x/0 = +inf for x > 0: no NaN unless a
   norm is NaN (non-finite parameters or updates)."""
-  zero = param_norm == 0
-  ratio = update_norm / jnp.where(zero, 1.0, param_norm)
-  unbounded = jnp.where(update_norm == 0, 0.0, update_norm * jnp.inf)
-  return jnp.where(zero, unbounded, ratio).astype(jnp.float32)
+  both_zero = (update_norm == 0) & (param_norm == 0)
+  return jnp.where(both_zero, 0.0, update_norm / param_norm).astype(jnp.float32)
 
 
 def zero_fraction(tree: Any, mask: Any = None) -> jax.Array:

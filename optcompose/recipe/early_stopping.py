@@ -71,8 +71,8 @@ class EarlyStoppingState(NamedTuple):
 
   Attributes:
     epoch: int32, updates seen so far (warm-up epochs included).
-    best_metric: float32, the best metric so far; the baseline (or -/+inf for "min"/"max")
-      before the first improvement.
+    best_metric: float32, the best metric so far; the baseline (or +inf for "min", -inf for
+      "max") before the first improvement.
     best_epoch: int32, the epoch of ``best_metric``; -1 before the first improvement.
     wait: int32, epochs in a row without improvement (warm-up epochs not counted).
     should_stop: bool, training should stop (stays True once set).
@@ -189,7 +189,7 @@ class EarlyStopping:
         epoch=safe_increment(state.epoch),
         best_metric=keep(metric, state.best_metric),
         best_epoch=keep(state.epoch, state.best_epoch),
-        wait=wait.astype(jnp.int32),
+        wait=wait,
         should_stop=stop,
         improved=improved,
         best_params=jax.tree.map(keep, best_params, state.best_params),
