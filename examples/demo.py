@@ -41,6 +41,7 @@ from sklearn.model_selection import train_test_split
 from tqdm import tqdm
 
 import optcompose as oc
+from optcompose.recipe.diagnostics import zero_fraction
 
 SEED = 0
 CLASSES = 10
@@ -114,11 +115,8 @@ KERNELS = oc.mask_from_paths(include="kernel")  # weight matrices only, not the 
 
 
 def kernel_zero_fraction(params):
-  """The fraction of the kernels' entries that are exactly 0."""
-  kernels = [w for w, keep in zip(jax.tree.leaves(params), jax.tree.leaves(KERNELS(params)))
-             if keep]
-  zeros = sum(jnp.sum(w == 0) for w in kernels)
-  return zeros / sum(w.size for w in kernels)
+  """The fraction of the kernels' entries that are exactly 0 (what L1 should raise)."""
+  return zero_fraction(params, KERNELS)
 
 
 # ---------------------------------------------------------------------------------------
