@@ -122,14 +122,20 @@ def inject_hyperparams(
   return factory
 
 
+def _foreign_injected(node) -> bool:
+  """Another library's injection state (Optax's): a ``hyperparams`` dict and an inner state."""
+  return (isinstance(getattr(node, "hyperparams", None), dict)
+          and hasattr(node, "inner_state") and hasattr(node, "_fields"))
+
+
 def _hyperparam_states(state) -> list:
   """(path, state) for every state node that records hyperparameters, in tree order."""
   found = []
 
   def visit(path, node):
-    if isinstance(node, (InjectHyperparamsState, ScheduledState)):
+    if isinstance(node, (InjectHyperparamsState, ScheduledState)) or _foreign_injected(node):
       found.append((path, node))
-      inner = node.inner_state if isinstance(node, InjectHyperparamsState) else node.inner
+      inner = node.inner if isinstance(node, ScheduledState) else node.inner_state
       visit(path + ("inner",), inner)
     elif hasattr(node, "_fields") and type(node).__name__ == "ReduceLROnPlateauState":
       found.append((path, node))

@@ -159,3 +159,11 @@ def test_reduce_on_plateau_composes_after_a_warmup_schedule_and_needs_a_value():
   np.testing.assert_allclose(u["w"], -float(lr(4)) * 0.5 ** 4, rtol=1e-6)
   with pytest.raises(TypeError, match="value=loss"):
     tx.update({"w": jnp.ones(2)}, state, params)
+
+
+def test_current_hyperparams_reads_optax_injection_states_too():
+  params = {"w": jnp.ones(3)}
+  state = optax.inject_hyperparams(optax.adam)(learning_rate=0.125).init(params)
+  assert float(oc.current_hyperparams(state)["learning_rate"]) == 0.125
+  nested = oc.chain(oc.clip(1.0), optax.inject_hyperparams(optax.sgd)(learning_rate=0.5))
+  assert float(oc.current_hyperparams(nested.init(params))["learning_rate"]) == 0.5

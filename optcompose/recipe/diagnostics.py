@@ -64,7 +64,7 @@ from optcompose._core import (
     check_hyperparameter, forward_extra, safe_increment, value_at, wants_raw_grads, zero_count,
 )
 from optcompose.transforms.clipping import ClipByGlobalNormState
-from optcompose.wrappers import InjectHyperparamsState
+from optcompose.wrappers import InjectHyperparamsState, current_hyperparams
 
 
 class DiagnosticsState(NamedTuple):
@@ -141,18 +141,11 @@ def leading_clip_norm(state: Any) -> Optional[jax.Array]:
       return None
 
 
-def _records_learning_rate(node: Any) -> bool:
-  hyperparams = getattr(node, "hyperparams", None)
-  return isinstance(hyperparams, dict) and "learning_rate" in hyperparams
-
-
 def recorded_learning_rate(state: Any) -> Optional[jax.Array]:
-  """The first ``hyperparams["learning_rate"]`` recorded inside ``state`` (tree order), or
-  None. Any node with a ``hyperparams`` dict counts: ours and Optax's injection states."""
-  for node in jax.tree.leaves(state, is_leaf=_records_learning_rate):
-    if _records_learning_rate(node):
-      return node.hyperparams["learning_rate"]
-  return None
+  """The learning rate recorded inside ``state`` (the first in tree order, as
+  :func:`optcompose.current_hyperparams` finds it: ours or Optax's ``inject_hyperparams``, or
+  a scheduled learning rate), or None."""
+  return current_hyperparams(state).get("learning_rate")
 
 
 # ---------------------------------------------------------------------------------------
