@@ -76,6 +76,7 @@ from typing import Any, NamedTuple, Optional, Union
 import jax
 import numpy as np
 
+from optcompose import tree as otree
 from optcompose.flat import FlatParams
 
 __all__ = [
@@ -189,7 +190,8 @@ def _saved_leaves(saved: Any, prefix: tuple = ()) -> dict:
 
 
 def _saved_keystr(path: tuple) -> str:
-  return "".join(f"[{k!r}]" for k in path) or "<root>"
+  """A state-dict path written as the target's paths are: sequence positions as ``[1]``."""
+  return "".join(f"[{k}]" if k.isdigit() else f"[{k!r}]" for k in path) or "<root>"
 
 
 def _mismatches(saved: dict, target: Any) -> list:
@@ -199,7 +201,7 @@ def _mismatches(saved: dict, target: Any) -> list:
   for key_path, leaf in jax.tree_util.tree_flatten_with_path(target)[0]:
     path = tuple(_key_name(k) for k in key_path)
     target_paths.add(path)
-    name = f"`{jax.tree_util.keystr(tuple(key_path)) or '<root>'}`"
+    name = f"`{otree.path_str(key_path)}`"
     try:
       want = _spec(leaf)
     except TypeError:
