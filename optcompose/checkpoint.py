@@ -165,14 +165,6 @@ def _spec(leaf: Any) -> _Spec:
   raise TypeError(f"cannot describe a leaf of type {type(leaf).__name__}")
 
 
-def _key_name(key: Any) -> str:
-  """A ``jax.tree_util`` path entry as the key Flax and Orbax use for it."""
-  for attribute in ("key", "idx", "name"):  # DictKey / FlattenedIndexKey, SequenceKey, GetAttrKey
-    if hasattr(key, attribute):
-      return str(getattr(key, attribute))
-  return str(key)
-
-
 def _saved_leaves(saved: Any, prefix: tuple = ()) -> dict:
   """Flatten a restored state dict, or Orbax's metadata tree: {key-name path: leaf}."""
   if isinstance(saved, dict):
@@ -199,7 +191,7 @@ def _mismatches(saved: dict, target: Any) -> list:
   saved_prefixes = {p[:i] for p in saved for i in range(len(p))}
   problems, target_paths = [], set()
   for key_path, leaf in jax.tree_util.tree_flatten_with_path(target)[0]:
-    path = tuple(_key_name(k) for k in key_path)
+    path = tuple(otree.key_name(k) for k in key_path)
     target_paths.add(path)
     name = f"`{otree.path_str(key_path)}`"
     try:
@@ -449,6 +441,6 @@ def restore_orbax_checkpoint(directory: PathLike, target: Any) -> Any:
     saved = _saved_leaves(metadata)
     _check("restore_orbax_checkpoint", directory, saved, target)
     abstract = jax.tree_util.tree_map_with_path(
-        lambda path, leaf: _abstract(leaf, saved[tuple(_key_name(k) for k in path)]), target)
+        lambda path, leaf: _abstract(leaf, saved[tuple(otree.key_name(k) for k in path)]), target)
     restored = checkpointer.restore(directory, abstract)
   return jax.tree.map(_like, restored, target)

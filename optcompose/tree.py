@@ -18,6 +18,15 @@ def path_str(path) -> str:
   return jax.tree_util.keystr(tuple(path)) or "<root>"
 
 
+def key_name(key: Any) -> str:
+  """One ``jax.tree_util`` path entry as a plain string: a dict key, a sequence index or an
+  attribute name (each key type has exactly one of ``key``, ``idx``, ``name``)."""
+  for attribute in ("key", "idx", "name"):  # DictKey/FlattenedIndexKey, SequenceKey, GetAttrKey
+    if hasattr(key, attribute):
+      return str(getattr(key, attribute))
+  return str(key)
+
+
 def first_difference(tree: Any, reference: Any) -> str:
   """Describe where ``tree`` and ``reference`` differ in structure, naming paths."""
   a = [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]

@@ -233,14 +233,7 @@ def _names(key_path) -> tuple:
   keys = list(key_path)
   if keys and isinstance(keys[-1], jax.tree_util.GetAttrKey) and keys[-1].name == "value":
     keys.pop()
-  return tuple(_key_name(k) for k in keys)
-
-
-def _key_name(key) -> str:
-  for attr in ("name", "key", "idx"):  # GetAttrKey, DictKey / FlattenedIndexKey, SequenceKey
-    if hasattr(key, attr):
-      return str(getattr(key, attr))
-  return str(key)
+  return tuple(otree.key_name(k) for k in keys)
 
 
 def _python_scalar(value: Any) -> Any:
