@@ -52,6 +52,7 @@ from optcompose.schedules import (  # reachable from the top level, as in Optax
     warmup_cosine_decay_schedule, warmup_exponential_decay_schedule,
 )
 
+# The one place the version is written: pyproject.toml reads it (without importing optcompose).
 __version__ = "0.1.0"
 
 # Every public transformation and optimizer; the test registry must cover each of them.

@@ -270,12 +270,18 @@ class ScheduledState(NamedTuple):
   inner: OptState  # the state of the transformation built from those values
 
 
-HYPERPARAM_DTYPE = jnp.float32  # hyperparameters keep their own dtype, whatever the params'
+def default_float():
+  """JAX's default float dtype: float32, or float64 when x64 is enabled. Hyperparameters,
+  schedule values and step-derived factors are computed and stored in it, whatever the
+  parameters' dtype (bfloat16 params keep float32 hyperparameters; a float64 run is float64
+  throughout)."""
+  return jax.dtypes.canonicalize_dtype(jnp.float64)
 
 
 def as_hyperparam(value, dtype=None) -> jax.Array:
-  """A hyperparameter value as a scalar array of a floating dtype (float32 by default)."""
-  return jnp.asarray(value, dtype=dtype or HYPERPARAM_DTYPE)
+  """A hyperparameter value as a scalar array of a floating dtype (``default_float()``:
+  float32, float64 under x64)."""
+  return jnp.asarray(value, dtype=dtype or default_float())
 
 
 def with_schedules(*names: str):

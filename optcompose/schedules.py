@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from optcompose._core import Schedule
+from optcompose._core import Schedule, default_float
 
 __all__ = [
     "constant_schedule", "piecewise_constant_schedule", "exponential_decay",
@@ -82,7 +82,7 @@ def _steps(fn, name, value, *, positive=True):
 
 
 def _float(count):
-  return jnp.asarray(count).astype(jnp.float32)
+  return jnp.asarray(count).astype(default_float())
 
 
 # ---------------------------------------------------------------------------------------
@@ -131,7 +131,7 @@ def exponential_decay(init_value, transition_steps: int, decay_rate: float,
   clip = jnp.maximum if decay_rate < 1.0 else jnp.minimum
 
   def schedule(count):
-    shifted = count - transition_begin
+    shifted = _float(count) - transition_begin
     p = shifted / transition_steps
     if staircase:
       p = jnp.floor(p)
@@ -194,7 +194,7 @@ def polynomial_schedule(init_value, end_value, power, transition_steps: int,
   transition_begin = _steps(fn, "transition_begin", transition_begin, positive=False)
 
   def schedule(count):
-    count = jnp.clip(count - transition_begin, 0, transition_steps)
+    count = jnp.clip(_float(count) - transition_begin, 0, transition_steps)
     frac = 1 - count / transition_steps
     return (init_value - end_value) * (frac ** power) + end_value
 
@@ -426,7 +426,7 @@ def piecewise_interpolate_schedule(interpolate_type: str, init_value,
     values = jnp.cumprod(jnp.stack((init_value,) + scales))
     sizes = jnp.maximum(bounds[1:] - bounds[:-1], 1)
     inside = jnp.logical_and(bounds[:-1] <= count, count < bounds[1:])
-    pct = (count - bounds[:-1]) / sizes
+    pct = (_float(count) - bounds[:-1]) / sizes
     return inside.dot(interpolate(values[:-1], values[1:], pct)) + (bounds[-1] <= count) * values[-1]
 
   return schedule

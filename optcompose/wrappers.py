@@ -11,8 +11,8 @@ hyperparameters live in the optimizer *state* as arrays::
 Each update evaluates the schedules at the state's count, rebuilds the inner transformation
 from the values (a Python-level closure, free under ``jit``), and records the values it used.
 The transformation object itself holds no arrays, so it works as a static attribute of Flax's
-``nnx.Optimizer``. Hyperparameters are stored as float32 (``hyperparam_dtype``) whatever the
-parameters' dtype: with bfloat16 parameters, ``b2 = 0.999`` is not rounded to 1.0.
+``nnx.Optimizer``. Hyperparameters are stored as float32 (float64 under x64; ``hyperparam_dtype``) whatever
+the parameters' dtype: with bfloat16 parameters, ``b2 = 0.999`` is not rounded to 1.0.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import numpy as np
 
 from optcompose._core import (
     GradientTransformation, ScheduledState, _as_transformation, _takes_extra, as_hyperparam,
-    checks_done, forward_extra, init_empty_state, safe_increment, wants_raw_grads, zero_count,
+    checks_done, default_float, forward_extra, init_empty_state, safe_increment, wants_raw_grads, zero_count,
 )
 from optcompose.flat import per_leaf_values
 from optcompose.tree import broadcast_prefix, first_difference, resolve_mask
@@ -58,7 +58,8 @@ def inject_hyperparams(
     inner_factory: e.g. ``optcompose.adamw`` or any function returning a transformation.
     static_args: names of arguments to keep out of the state (they are baked in). Arguments
       named ``mask`` or ``*_mask``, booleans, ``None`` and dtypes are always static.
-    hyperparam_dtype: the stored dtype (float32 by default, whatever the parameters' dtype).
+    hyperparam_dtype: the stored dtype (by default float32, or float64 under x64, whatever
+      the parameters' dtype).
 
   Returns:
     A factory with ``inner_factory``'s signature. Numbers become float arrays in
@@ -71,7 +72,7 @@ def inject_hyperparams(
   if unknown:
     raise ValueError(f"inject_hyperparams: `static_args` {sorted(unknown)} are not parameters "
                      f"of {getattr(inner_factory, '__name__', inner_factory)}.")
-  dtype = hyperparam_dtype or jnp.float32
+  dtype = hyperparam_dtype or default_float()
 
   @functools.wraps(inner_factory)
   def factory(*args, **kwargs) -> GradientTransformation:

@@ -17,16 +17,23 @@ class Problem(NamedTuple):
   loss: Callable  # jitted: params -> scalar
 
 
+def compute_dtype(dtype):
+  """Low-precision parameters are trained through a float32 loss; float64 ones (under
+  ``numerics.x64()``) through a float64 loss, so float64 runs round at float64 size only."""
+  return jnp.float64 if jnp.dtype(dtype) == jnp.float64 else jnp.float32
+
+
 def quadratic(dtype=jnp.float32) -> Problem:
   """f(w) = 1/2 sum_i h_i (w_i - c_i)^2 with condition number 1e3, in two leaves."""
-  h = {"a": jnp.logspace(-1.3, 1.7, 6, dtype=jnp.float32),
-       "b": jnp.logspace(-1.0, 1.0, 4, dtype=jnp.float32).reshape(2, 2)}
-  c = {"a": jnp.linspace(-1.0, 1.0, 6, dtype=jnp.float32),
-       "b": jnp.full((2, 2), 0.5, jnp.float32)}
+  f = compute_dtype(dtype)
+  h = {"a": jnp.logspace(-1.3, 1.7, 6, dtype=f),
+       "b": jnp.logspace(-1.0, 1.0, 4, dtype=f).reshape(2, 2)}
+  c = {"a": jnp.linspace(-1.0, 1.0, 6, dtype=f),
+       "b": jnp.full((2, 2), 0.5, f)}
   params = {"a": jnp.zeros(6, dtype), "b": jnp.ones((2, 2), dtype)}
 
   def loss(p):
-    return sum(0.5 * jnp.sum(h[k] * (p[k].astype(jnp.float32) - c[k]) ** 2) for k in p)
+    return sum(0.5 * jnp.sum(h[k] * (p[k].astype(f) - c[k]) ** 2) for k in p)
 
   grad = jax.jit(lambda p, step: jax.tree.map(
       lambda g, x: g.astype(x.dtype), jax.grad(loss)(p), p))
@@ -35,19 +42,21 @@ def quadratic(dtype=jnp.float32) -> Problem:
 
 def mlp(dtype=jnp.float32, outputs: int = 1) -> Problem:
   """A 8-16-``outputs`` tanh MLP regressing random data; minibatch i is a fixed slice per step."""
+  f = compute_dtype(dtype)
   rng = np.random.default_rng(0)
-  x = jnp.asarray(rng.normal(size=(64, 8)), jnp.float32)
-  y = jnp.asarray(np.sin(rng.normal(size=(64, outputs)) * 2), jnp.float32)
+  x = jnp.asarray(rng.normal(size=(64, 8)), jnp.float32).astype(f)
+  y = jnp.asarray(np.sin(rng.normal(size=(64, outputs)) * 2), jnp.float32).astype(f)
   k1, k2 = jax.random.split(jax.random.PRNGKey(0))
   params = {
-      "dense1": {"kernel": jax.random.normal(k1, (8, 16)) / jnp.sqrt(8.0), "bias": jnp.zeros(16)},
-      "dense2": {"kernel": jax.random.normal(k2, (16, outputs)) / 4.0,
+      "dense1": {"kernel": jax.random.normal(k1, (8, 16), jnp.float32) / jnp.sqrt(8.0),
+                 "bias": jnp.zeros(16)},
+      "dense2": {"kernel": jax.random.normal(k2, (16, outputs), jnp.float32) / 4.0,
                  "bias": jnp.zeros(outputs)},
   }
   params = jax.tree.map(lambda a: a.astype(dtype), params)
 
   def loss_on(p, xb, yb):
-    p = jax.tree.map(lambda a: a.astype(jnp.float32), p)
+    p = jax.tree.map(lambda a: a.astype(f), p)
     h = jnp.tanh(xb @ p["dense1"]["kernel"] + p["dense1"]["bias"][None, :])
     out = h @ p["dense2"]["kernel"] + p["dense2"]["bias"][None, :]
     return jnp.mean((out - yb) ** 2)

@@ -1,4 +1,8 @@
-"""Interop both ways: optcompose inside Optax and Flax, Optax inside optcompose."""
+"""Interop both ways: optcompose inside Optax and Flax, Optax inside optcompose.
+
+Trajectories of ours against Optax's run in float64 (tests/numerics.py): two programs agree
+there to rounding on every CPU, while float32 runs of a non-convex MLP drift apart by more.
+"""
 
 from __future__ import annotations
 
@@ -11,23 +15,30 @@ from flax import nnx
 from flax.training import train_state
 
 import optcompose as oc
+from numerics import F64_RTOL, assert_rel_close, x64
 from problems import mlp, run
 
+pytestmark = pytest.mark.numerics
 
-def assert_trees_close(a, b, rtol=1e-6):
+
+def assert_trees_close(a, b, rtol=F64_RTOL):
   assert jax.tree.structure(a) == jax.tree.structure(b)
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol,
-                               atol=rtol * float(np.max(np.abs(np.asarray(y)))))
+  assert all(x.dtype == jnp.float64 for x in jax.tree.leaves(a))
+  assert_rel_close(a, b, rtol)
+
+
+def final_params_f64(tx, steps, apply_updates):
+  with x64():
+    path, _ = run(tx, mlp(jnp.float64), steps, True, apply_updates)
+    return path[-1]
 
 
 def test_optcompose_inside_optax_chain():
   prob = mlp()
   ours = optax.chain(optax.clip_by_global_norm(0.5), oc.adamw(1e-2, weight_decay=0.1))
   ref = optax.chain(optax.clip_by_global_norm(0.5), optax.adamw(1e-2, weight_decay=0.1))
-  a, _ = run(ours, prob, 100, True, optax.apply_updates)
-  b, _ = run(ref, prob, 100, True, optax.apply_updates)
-  assert_trees_close(a[-1], b[-1])
+  assert_trees_close(final_params_f64(ours, 100, optax.apply_updates),
+                     final_params_f64(ref, 100, optax.apply_updates))
   # optax.chain passes extra keyword arguments; they reach our update without error.
   state = ours.init(prob.params)
   ours.update(prob.grad(prob.params, 0), state, prob.params, value=jnp.float32(1.0))
@@ -38,9 +49,8 @@ def test_optax_inside_optcompose_chain():
   # clip_by_global_norm is an Optax transformation without **extra; scale_by_adam too.
   ours = oc.chain(optax.clip_by_global_norm(0.5), optax.scale_by_adam(), oc.scale_by_learning_rate(1e-2))
   ref = optax.chain(optax.clip_by_global_norm(0.5), optax.adam(1e-2))
-  a, _ = run(ours, prob, 100, True, oc.apply_updates)
-  b, _ = run(ref, prob, 100, True, optax.apply_updates)
-  assert_trees_close(a[-1], b[-1])
+  assert_trees_close(final_params_f64(ours, 100, oc.apply_updates),
+                     final_params_f64(ref, 100, optax.apply_updates))
   # Extra keyword arguments are withheld from Optax members that take none.
   state = ours.init(prob.params)
   ours.update(prob.grad(prob.params, 0), state, prob.params, value=jnp.float32(1.0))
@@ -90,23 +100,22 @@ def test_adam_from_pieces_after_clipping_sees_the_clipped_gradient():
                     oc.scale_by_second_moment(0.999, 1e-8))
   ours = oc.chain(optax.clip_by_global_norm(1.0), pieces, oc.scale_by_learning_rate(0.1))
   ref = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(0.1))
-  prob = mlp()
-  a, _ = run(ours, prob, 50, True, oc.apply_updates)
-  b, _ = run(ref, prob, 50, True, optax.apply_updates)
-  assert_trees_close(a[-1], b[-1])
+  assert_trees_close(final_params_f64(ours, 50, oc.apply_updates),
+                     final_params_f64(ref, 50, optax.apply_updates))
 
 
 def test_flax_train_state():
-  prob = mlp()
-
   def train(tx):
+    prob = mlp(jnp.float64)
     state = train_state.TrainState.create(apply_fn=None, params=prob.params, tx=tx)
     step = jax.jit(lambda s, t: s.apply_gradients(grads=prob.grad(s.params, t)))
     for t in range(50):
       state = step(state, t)
     return state
 
-  ours, ref = train(oc.adamw(1e-2, weight_decay=0.1)), train(optax.adamw(1e-2, weight_decay=0.1))
+  with x64():
+    ours = train(oc.adamw(1e-2, weight_decay=0.1))
+    ref = train(optax.adamw(1e-2, weight_decay=0.1))
   assert int(ours.step) == 50
   assert_trees_close(ours.params, ref.params)
   assert [x.shape for x in jax.tree.leaves(ours.opt_state)] == [
@@ -114,19 +123,20 @@ def test_flax_train_state():
 
 
 class Net(nnx.Module):
-  def __init__(self, rngs):
-    self.dense1 = nnx.Linear(4, 8, rngs=rngs)
-    self.norm = nnx.LayerNorm(8, rngs=rngs)
-    self.dense2 = nnx.Linear(8, 1, rngs=rngs)
+  def __init__(self, rngs, dtype=jnp.float32):
+    kw = dict(dtype=dtype, param_dtype=dtype, rngs=rngs)
+    self.dense1 = nnx.Linear(4, 8, **kw)
+    self.norm = nnx.LayerNorm(8, **kw)
+    self.dense2 = nnx.Linear(8, 1, **kw)
 
   def __call__(self, x):
     return self.dense2(jax.nn.relu(self.norm(self.dense1(x))))
 
 
-def _nnx_train(tx, steps=30):
-  model = Net(nnx.Rngs(0))
+def _nnx_train(tx, steps=30, dtype=jnp.float32):
+  model = Net(nnx.Rngs(0), dtype)
   opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
-  x = jnp.asarray(np.random.default_rng(1).normal(size=(16, 4)), jnp.float32)
+  x = jnp.asarray(np.random.default_rng(1).normal(size=(16, 4)), dtype)
   y = jnp.sum(x, axis=1, keepdims=True)
 
   @nnx.jit
@@ -141,11 +151,12 @@ def _nnx_train(tx, steps=30):
 
 @pytest.mark.parametrize("name", ["sgd", "adamw", "rmsprop"])
 def test_flax_nnx_optimizer(name):
-  ours_model, ours_opt, ours_loss = _nnx_train(getattr(oc, name)(1e-2))
-  ref_model, _, ref_loss = _nnx_train(getattr(optax, name)(1e-2))
+  with x64():
+    ours_model, ours_opt, ours_loss = _nnx_train(getattr(oc, name)(1e-2), dtype=jnp.float64)
+    ref_model, _, ref_loss = _nnx_train(getattr(optax, name)(1e-2), dtype=jnp.float64)
   assert ours_loss[-1] < ours_loss[0]
-  np.testing.assert_allclose(ours_loss, ref_loss, rtol=1e-5)
-  assert_trees_close(nnx.state(ours_model, nnx.Param), nnx.state(ref_model, nnx.Param), 1e-5)
+  np.testing.assert_allclose(ours_loss, ref_loss, rtol=F64_RTOL)
+  assert_trees_close(nnx.state(ours_model, nnx.Param), nnx.state(ref_model, nnx.Param))
 
 
 def test_nnx_masked_weight_decay_leaves_bias_and_norm_scale_undecayed():

@@ -43,7 +43,7 @@ import numpy as np
 
 from optcompose import tree as otree
 from optcompose._core import (
-    GradientTransformation, check_hyperparameter, cond, safe_increment, zero_count,
+    GradientTransformation, check_hyperparameter, cond, default_float, safe_increment, zero_count,
 )
 
 
@@ -88,16 +88,17 @@ def average_leaf(a, p, w):
 
 
 def ema_weight(decay, n, debias: bool) -> jax.Array:
-  """``w_n = (1 - decay) / (1 - decay^n)`` (``debias``) or ``1 - decay``, in float32."""
-  decay = jnp.asarray(decay, jnp.float32)
+  """``w_n = (1 - decay) / (1 - decay^n)`` (``debias``) or ``1 - decay``, in float32
+  (float64 under x64)."""
+  decay = jnp.asarray(decay, default_float())
   if not debias:
     return 1 - decay
-  return (1 - decay) / (1 - decay ** jnp.asarray(n, jnp.float32))
+  return (1 - decay) / (1 - decay ** jnp.asarray(n, default_float()))
 
 
 def swa_weight(n) -> jax.Array:
-  """``w_n = 1 / n``, in float32."""
-  return 1 / jnp.asarray(n, jnp.float32)
+  """``w_n = 1 / n``, in float32 (float64 under x64)."""
+  return 1 / jnp.asarray(n, default_float())
 
 
 def rounded_to(x, dtype):

@@ -11,7 +11,8 @@ of the values received with the best mean so far::
     during cooldown: plateau stays 0 and cooldown_count counts down
 
 Optax's names, defaults and semantics (``optax.contrib.reduce_on_plateau``); ``mode`` is an
-extension. Unlike Optax, ``scale`` is kept in float32 whatever the parameters' dtype.
+extension. Unlike Optax, ``scale`` is kept in float32 (float64 under x64) whatever the
+parameters' dtype.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from optcompose._core import (
-    GradientTransformation, as_hyperparam, check_hyperparameter, safe_increment, zero_count,
+    GradientTransformation, as_hyperparam, check_hyperparameter, default_float, safe_increment, zero_count,
 )
 
 
@@ -65,7 +66,7 @@ def reduce_on_plateau(factor: float = 0.1, patience: int = 10, rtol: float = 1e-
 
   def init(params):
     del params
-    f32 = jnp.float32
+    f32 = default_float()
     return ReduceLROnPlateauState(
         scale=as_hyperparam(1.0), best_value=jnp.asarray(jnp.inf, f32),
         plateau_count=zero_count(), cooldown_count=zero_count(), count=zero_count(),
@@ -88,7 +89,7 @@ def reduce_on_plateau(factor: float = 0.1, patience: int = 10, rtol: float = 1e-
     del params
     if "value" not in extra:
       raise TypeError(f"{fn} needs the monitored value: call update(..., value=loss).")
-    value = sign * jnp.asarray(extra["value"], jnp.float32)
+    value = sign * jnp.asarray(extra["value"], default_float())
     if value.shape != ():
       raise ValueError(f"{fn}: `value` must be a scalar, got shape {value.shape}.")
     count = safe_increment(state.count)
