@@ -2,6 +2,11 @@
 
 Symbols as in the modules' docstrings: p_t the parameters after step t, a the stored
 average, rho the SAM radius, k the Lookahead sync period, alpha its slow step size.
+
+Trajectories of ours against another program (Optax's wrapper, a NumPy loop, the plain inner
+optimizer) run in float64 (``f64_problem``, tests/numerics.py) and agree to ``F64_RTOL``;
+averages are checked against NumPy over the path ours produced (no trajectory to amplify
+rounding), in float32.
 """
 
 from __future__ import annotations
@@ -26,15 +31,23 @@ from optcompose.recipe.lookahead import (
     slow_params, slow_weights_in_state,
 )
 from optcompose.recipe.sam import SAMState, normalize, sam, sharpness_aware
+from compat import pure
+from numerics import F64_RTOL, x64
 from problems import mlp, quadratic, run
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 200
+pytestmark = pytest.mark.numerics
 
 
 @functools.cache
-def problem(name):
-  return {"quadratic": quadratic, "mlp": mlp}[name]()
+def problem(name, dtype=jnp.float32):
+  return {"quadratic": quadratic, "mlp": mlp}[name](dtype)
+
+
+def f64_problem(name):
+  """The problem in float64: call inside ``x64()``."""
+  return problem(name, jnp.float64)
 
 
 def f64(tree):
@@ -151,11 +164,19 @@ def test_decay_zero_average_is_exactly_the_params_after_the_step():
 
 
 def test_updates_pass_through_unchanged():
+  # Each wrapper hands back the very updates it was given...
   prob = problem("quadratic")
-  plain, _, _ = train(oc.adamw(1e-2, weight_decay=0.1), prob, 50)
-  ours, _, _ = train(oc.chain(oc.adamw(1e-2, weight_decay=0.1), ema_params(0.9), swa(10, 5)),
-                     prob, 50)
-  assert_bitwise(ours, plain)
+  g = prob.grad(prob.params, 0)
+  for tx in (ema_params(0.9), swa(10, 5)):
+    u, _ = tx.update(g, tx.init(prob.params), prob.params)
+    assert all(a is b for a, b in zip(jax.tree.leaves(u), jax.tree.leaves(g)))
+  # ... so a chain with them trains as the optimizer alone (two programs: in float64).
+  with x64():
+    prob = f64_problem("quadratic")
+    plain, _, _ = train(oc.adamw(1e-2, weight_decay=0.1), prob, 50)
+    ours, _, _ = train(oc.chain(oc.adamw(1e-2, weight_decay=0.1), ema_params(0.9), swa(10, 5)),
+                       prob, 50)
+  assert_close_paths(ours, plain, rtol=F64_RTOL)
 
 
 @pytest.mark.parametrize("kind, start_step, every",
@@ -243,7 +264,7 @@ def test_ema_params_in_flax_nnx_optimizer():
   for _ in range(3):
     opt.update(model, nnx.grad(loss)(model))
     kernels.append({"k": model.kernel[...]})
-  avg = averaged_params(nnx.as_pure(opt.opt_state))
+  avg = averaged_params(pure(opt.opt_state))
   assert_close_paths([{"k": avg["kernel"]}], [numpy_debiased_ema(kernels, 0.9)[-1]])
 
 
@@ -316,18 +337,19 @@ LOOKAHEAD_RUNS = {  # name: (problem, our inner, Optax's inner, reset_state, jit
 @pytest.mark.parametrize("run", list(LOOKAHEAD_RUNS))
 def test_lookahead_matches_optax(run):
   name, ours_inner, optax_inner, reset_state, jit = LOOKAHEAD_RUNS[run]
-  prob = problem(name)
-  ours, state = lookahead_path(lookahead(ours_inner(), 5, 0.5, reset_state), LookaheadParams,
-                               prob, STEPS, jit, oc.apply_updates)
-  ref, _ = lookahead_path(optax.lookahead(optax_inner(), 5, 0.5, reset_state),
-                          optax.LookaheadParams, prob, STEPS, jit, optax.apply_updates)
-  assert_close_paths(ours, ref, rtol=1e-6)
-  assert type(ours[-1]) is LookaheadParams and isinstance(state, LookaheadState)
-  assert float(prob.loss(ours[-1].slow)) < 0.5 * float(prob.loss(prob.params))
-  if run == "jit-reset":  # the wrapper's arithmetic is Optax's, operation for operation
-    same_inner, _ = lookahead_path(lookahead(optax_inner(), 5, 0.5, reset_state),
-                                   LookaheadParams, prob, STEPS, True, oc.apply_updates)
-    assert_bitwise(same_inner, ref)
+  with x64():
+    prob = f64_problem(name)
+    ours, state = lookahead_path(lookahead(ours_inner(), 5, 0.5, reset_state), LookaheadParams,
+                                 prob, STEPS, jit, oc.apply_updates)
+    ref, _ = lookahead_path(optax.lookahead(optax_inner(), 5, 0.5, reset_state),
+                            optax.LookaheadParams, prob, STEPS, jit, optax.apply_updates)
+    assert_close_paths(ours, ref, rtol=F64_RTOL)
+    assert type(ours[-1]) is LookaheadParams and isinstance(state, LookaheadState)
+    assert float(prob.loss(ours[-1].slow)) < 0.5 * float(prob.loss(prob.params))
+    if run == "jit-reset":  # our wrapper around Optax's inner optimizer: Optax's wrapper
+      same_inner, _ = lookahead_path(lookahead(optax_inner(), 5, 0.5, reset_state),
+                                     LookaheadParams, prob, STEPS, True, oc.apply_updates)
+      assert_close_paths(same_inner, ref, rtol=F64_RTOL)
 
 
 def test_lookahead_state_and_params_have_optax_names_and_leaves():
@@ -353,9 +375,11 @@ def test_lookahead_accepts_optax_params_and_plain_params_at_init():
 def test_lookahead_is_the_papers_nested_loops():
   """Algorithm 1 of Zhang et al. with SGD inside, in float64 NumPy: after every k fast
   steps, phi <- phi + alpha (theta - phi) and theta <- phi."""
-  prob, k, alpha, lr = problem("quadratic"), 4, 0.6, 0.02
-  ours, _ = lookahead_path(lookahead(oc.sgd(lr), k, alpha), LookaheadParams, prob, 100, True,
-                           oc.apply_updates)
+  k, alpha, lr = 4, 0.6, 0.02
+  with x64():
+    prob = f64_problem("quadratic")
+    ours, _ = lookahead_path(lookahead(oc.sgd(lr), k, alpha), LookaheadParams, prob, 100, True,
+                             oc.apply_updates)
   grad, theta, phi = quadratic_grad_np, f64(prob.params), f64(prob.params)
   for outer in range(100 // k):
     for _ in range(k):
@@ -363,32 +387,36 @@ def test_lookahead_is_the_papers_nested_loops():
     phi = jax.tree.map(lambda s, f: s + alpha * (f - s), phi, theta)
     theta = phi
     got = ours[(outer + 1) * k - 1]
-    assert_close_paths([got.slow, got.fast], [phi, phi])
+    assert_close_paths([got.slow, got.fast], [phi, phi], rtol=F64_RTOL)
 
 
 def test_lookahead_with_one_step_and_alpha_one_is_the_fast_optimizer():
-  prob = problem("quadratic")
-  ours, _ = lookahead_path(lookahead(oc.adam(1e-2), 1, 1.0), LookaheadParams, prob, 50, True,
-                           oc.apply_updates)
-  plain, _, _ = train(oc.adam(1e-2), prob, 50)
-  assert_close_paths([p.fast for p in ours], plain)
+  with x64():
+    prob = f64_problem("quadratic")
+    ours, _ = lookahead_path(lookahead(oc.adam(1e-2), 1, 1.0), LookaheadParams, prob, 50, True,
+                             oc.apply_updates)
+    plain, _, _ = train(oc.adam(1e-2), prob, 50)
+  assert_close_paths([p.fast for p in ours], plain, rtol=F64_RTOL)
 
 
 def test_lookahead_in_state_trains_the_fast_weights_of_optax_lookahead():
   """One params tree (the fast weights), the slow ones in the state: Optax's lookahead run
-  by the same adapter gives the same trajectory, bitwise (jitted update, as test_parity;
-  the inner optimizer has no bias correction, which matches Optax to 1e-6 only)."""
-  prob, k = problem("quadratic"), 5
-  ours, state = run(lookahead_in_state(oc.sgd(1e-2, 0.9), k, 0.5, True), prob, 100, True,
-                    oc.apply_updates)
-  ref, ref_state = run(slow_weights_in_state(optax.lookahead(optax.sgd(1e-2, 0.9), k, 0.5, True)),
-                       prob, 100, True, optax.apply_updates)
-  assert_bitwise(ours, ref)
-  assert_bitwise(slow_params(state), ref_state.slow)
-  assert isinstance(state, LookaheadSlowState) and isinstance(state.lookahead, LookaheadState)
-  # Right after a sync (step 100) the model's weights are the slow weights.
-  assert_close_paths([ours[99]], [slow_params(state)])
-  assert float(prob.loss(ours[-1])) < 0.5 * float(prob.loss(prob.params))
+  by the same adapter gives the same trajectory (float64, to rounding)."""
+  k = 5
+  with x64():
+    prob = f64_problem("quadratic")
+    ours, state = run(lookahead_in_state(oc.sgd(1e-2, 0.9), k, 0.5, True), prob, 100, True,
+                      oc.apply_updates)
+    ref, ref_state = run(
+        slow_weights_in_state(optax.lookahead(optax.sgd(1e-2, 0.9), k, 0.5, True)),
+        prob, 100, True, optax.apply_updates)
+    assert_close_paths(ours, ref, rtol=F64_RTOL)
+    assert_close_paths([slow_params(state)], [ref_state.slow], rtol=F64_RTOL)
+    assert isinstance(state, LookaheadSlowState) and isinstance(state.lookahead, LookaheadState)
+    # Right after a sync (step 100) the model's weights are the slow weights (reached as
+    # fast + (slow - fast): equal to rounding).
+    assert_close_paths([ours[99]], [slow_params(state)], rtol=F64_RTOL)
+    assert float(prob.loss(ours[-1])) < 0.5 * float(prob.loss(prob.params))
 
 
 def test_lookahead_in_state_in_flax_nnx_optimizer():
@@ -401,7 +429,7 @@ def test_lookahead_in_state_in_flax_nnx_optimizer():
   first = float(loss(model))
   for _ in range(4):
     opt.update(model, nnx.grad(loss)(model))
-  slow = slow_params(nnx.as_pure(opt.opt_state))
+  slow = slow_params(pure(opt.opt_state))
   np.testing.assert_allclose(slow["kernel"], model.kernel[...], rtol=1e-6)  # synced at step 4
   assert float(loss(model)) < first
   with pytest.raises(ValueError, match="0 lookahead_in_state"):
@@ -457,16 +485,19 @@ def our_plain_sam(outer=None, sync_period=2, reset_state=True, opaque_mode=False
 
 @functools.cache
 def optax_sam_path(name, jit):
-  return sam_calls(optax_plain_sam(lr=SAM_LR[name]), problem(name), STEPS, jit,
-                   optax.apply_updates)[0]
+  """Optax's transparent SAM in float64."""
+  with x64():
+    return sam_calls(optax_plain_sam(lr=SAM_LR[name]), f64_problem(name), STEPS, jit,
+                     optax.apply_updates)[0]
 
 
 @pytest.mark.parametrize("name, jit", [("mlp", True), ("quadratic", False)],
                          ids=["jit", "eager"])
 def test_sam_transparent_matches_optax(name, jit):
-  prob = problem(name)
-  ours, state = sam_calls(our_plain_sam(lr=SAM_LR[name]), prob, STEPS, jit, oc.apply_updates)
-  assert_close_paths(ours, optax_sam_path(name, jit))
+  with x64():
+    prob = f64_problem(name)
+    ours, state = sam_calls(our_plain_sam(lr=SAM_LR[name]), prob, STEPS, jit, oc.apply_updates)
+  assert_close_paths(ours, optax_sam_path(name, jit), rtol=F64_RTOL)
   assert isinstance(state, SAMState) and SAMState._fields == optax.contrib.SAMState._fields
   assert float(prob.loss(ours[-1])) < 0.5 * float(prob.loss(prob.params))
 
@@ -479,23 +510,29 @@ def test_sam_transparent_adam_three_calls_no_reset_matches_optax():
   ours = sam(oc.adam(1e-2), adv(oc), **kw)
   ref = optax.contrib.sam(optax.adam(1e-2), adv(optax), **kw)
   step_of = lambda i: i // 3
-  a, _ = sam_calls(ours, prob, 150, True, oc.apply_updates, step_of)
-  b, _ = sam_calls(ref, prob, 150, True, optax.apply_updates, step_of)
-  assert_close_paths(a, b)
+  with x64():
+    prob = f64_problem("quadratic")
+    a, _ = sam_calls(ours, prob, 150, True, oc.apply_updates, step_of)
+    b, _ = sam_calls(ref, prob, 150, True, optax.apply_updates, step_of)
+  assert_close_paths(a, b, rtol=F64_RTOL)
 
 
 def test_sam_opaque_matches_optax():
-  prob = problem("quadratic")
-  a, _ = sam_steps(our_plain_sam(oc.adam(1e-2), opaque_mode=True), prob, 100, opaque=True)
-  b, _ = sam_steps(optax_plain_sam(optax.adam(1e-2), opaque_mode=True), prob, 100, opaque=True)
-  assert_close_paths(a, b)
+  with x64():
+    prob = f64_problem("quadratic")
+    a, _ = sam_steps(our_plain_sam(oc.adam(1e-2), opaque_mode=True), prob, 100, opaque=True)
+    b, _ = sam_steps(optax_plain_sam(optax.adam(1e-2), opaque_mode=True), prob, 100,
+                     opaque=True)
+  assert_close_paths(a, b, rtol=F64_RTOL)
 
 
 def test_sharpness_aware_is_optax_sam_in_one_call():
   """chain(sharpness_aware(rho), sgd(lr)): one update per step equals every second call of
   Optax's transparent SAM (the params after each outer update)."""
-  ours, _ = sam_steps(oc.chain(sharpness_aware(RHO), oc.sgd(LR)), problem("mlp"), STEPS // 2)
-  assert_close_paths(ours, optax_sam_path("mlp", True)[1::2])
+  with x64():
+    ours, _ = sam_steps(oc.chain(sharpness_aware(RHO), oc.sgd(LR)), f64_problem("mlp"),
+                        STEPS // 2)
+  assert_close_paths(ours, optax_sam_path("mlp", True)[1::2], rtol=F64_RTOL)
 
 
 def numpy_sam(prob, steps, rho, lr, adaptive=False, eta=0.01):
@@ -514,12 +551,14 @@ def numpy_sam(prob, steps, rho, lr, adaptive=False, eta=0.01):
 
 @pytest.mark.parametrize("adaptive, rho", [(False, 0.05), (True, 0.1)], ids=["sam", "asam"])
 def test_sharpness_aware_matches_numpy_sam(adaptive, rho):
-  prob = problem("quadratic")
   lr = SAM_LR["quadratic"]
-  ours, _ = sam_steps(oc.chain(sharpness_aware(rho, adaptive=adaptive), oc.sgd(lr)), prob, 100)
-  ref = numpy_sam(prob, 100, rho, lr, adaptive)
-  assert_close_paths(ours, ref)
-  assert float(prob.loss(ours[-1])) < 0.1 * float(prob.loss(prob.params))
+  with x64():
+    prob = f64_problem("quadratic")
+    ours, _ = sam_steps(oc.chain(sharpness_aware(rho, adaptive=adaptive), oc.sgd(lr)), prob,
+                        100)
+    ref = numpy_sam(prob, 100, rho, lr, adaptive)
+    assert_close_paths(ours, ref, rtol=F64_RTOL)
+    assert float(prob.loss(ours[-1])) < 0.1 * float(prob.loss(prob.params))
 
 
 def test_sam_numpy_reference_is_not_plain_sgd():
@@ -532,11 +571,12 @@ def test_sam_numpy_reference_is_not_plain_sgd():
 
 def test_sam_with_sync_period_one_is_the_outer_optimizer():
   # (Optax's transparent mode applies this update to the previous call's weights.)
-  prob = problem("quadratic")
-  ours, _ = sam_calls(our_plain_sam(oc.adam(1e-2), sync_period=1), prob, 50, True,
-                      oc.apply_updates, step_of=lambda i: i)
-  plain, _, _ = train(oc.adam(1e-2), prob, 50)
-  assert_close_paths(ours, plain)
+  with x64():
+    prob = f64_problem("quadratic")
+    ours, _ = sam_calls(our_plain_sam(oc.adam(1e-2), sync_period=1), prob, 50, True,
+                        oc.apply_updates, step_of=lambda i: i)
+    plain, _, _ = train(oc.adam(1e-2), prob, 50)
+  assert_close_paths(ours, plain, rtol=F64_RTOL)
 
 
 @pytest.mark.parametrize("ours, theirs", [(sam, optax.contrib.sam), (lookahead, optax.lookahead),

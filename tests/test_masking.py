@@ -10,6 +10,7 @@ import pytest
 from flax import nnx
 
 import optcompose as oc
+from compat import pure
 
 PARAMS = {"dense": {"kernel": jnp.ones((3, 2)), "bias": jnp.ones(2)},
           "LayerNorm_0": {"scale": jnp.ones(2), "bias": jnp.ones(2)}}
@@ -35,9 +36,9 @@ def test_masked_decay_with_path_patterns_on_nnx_leaves_bias_and_norm_scale():
   model.dense.bias[...] = jnp.full(4, 0.5)
   opt = nnx.Optimizer(model, oc.adamw(0.1, weight_decay=0.5, mask=oc.mask_from_paths(exclude=NO_DECAY)),
                       wrt=nnx.Param)
-  before = jax.tree.map(np.asarray, nnx.as_pure(nnx.state(model, nnx.Param)))
+  before = jax.tree.map(np.asarray, pure(nnx.state(model, nnx.Param)))
   opt.update(model, jax.tree.map(jnp.zeros_like, nnx.state(model, nnx.Param)))
-  after = nnx.as_pure(nnx.state(model, nnx.Param))
+  after = pure(nnx.state(model, nnx.Param))
   np.testing.assert_allclose(after["dense"]["kernel"], before["dense"]["kernel"] * 0.95, rtol=1e-6)
   for path in (("dense", "bias"), ("norm", "scale"), ("norm", "bias")):
     np.testing.assert_array_equal(after[path[0]][path[1]], before[path[0]][path[1]])
