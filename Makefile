@@ -3,8 +3,10 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
+MIN    := .venv-min
+PYTEST := -m pytest -q -n 2 --dist loadgroup
 
-.PHONY: test demo bench clean
+.PHONY: test test-main test-isa test-min test-wheel demo bench clean
 
 $(VENV)/.stamp-base:
 	$(PYTHON) -m venv $(VENV)
@@ -19,9 +21,41 @@ $(VENV)/.stamp-examples: $(VENV)/.stamp-base pyproject.toml
 	$(PIP) install --quiet -e ".[examples]"
 	touch $@
 
-## make test: create .venv, install the package with its test extra, run the whole suite.
-test: $(VENV)/.stamp-test
-	$(PY) -m pytest -q -n 2 --dist loadgroup tests
+# The oldest supported versions, pinned (requirements-min.txt); the checkout is imported from
+# the working directory, not installed.
+$(MIN)/.stamp: requirements-min.txt
+	rm -rf $(MIN)
+	$(PYTHON) -m venv $(MIN)
+	$(MIN)/bin/python -m pip install --quiet --upgrade pip
+	$(MIN)/bin/python -m pip install --quiet -r requirements-min.txt
+	touch $@
+
+## make test: create .venv (and .venv-min), then
+##   1. the whole suite, on this CPU's full instruction set;
+##   2. the numerics tests again with XLA limited to SSE4.2 (x86_64 only);
+##   3. the numerics tests and the API-surface tests at the minimum versions
+##      (requirements-min.txt), with XLA limited to AVX2 (x86_64; elsewhere the default);
+##   4. the wheel: built, installed in a fresh venv outside the checkout, one training step.
+test: test-main test-isa test-min test-wheel
+
+test-main: $(VENV)/.stamp-test
+	$(PY) $(PYTEST) tests
+
+test-isa: $(VENV)/.stamp-test
+	@if [ "$$(uname -m)" = x86_64 ]; then \
+	  echo "numerics tests, XLA limited to SSE4.2"; \
+	  XLA_FLAGS=--xla_cpu_max_isa=SSE4_2 $(PY) $(PYTEST) -p no:cacheprovider -m numerics tests; \
+	else echo "not x86_64: no instruction-set variant to run"; fi
+
+# Markers (pyproject.toml): `numerics` compares floating-point results of two programs;
+# `min_versions` marks the API surface that moved between versions (tests/conftest.py).
+test-min: $(MIN)/.stamp
+	@isa=$$([ "$$(uname -m)" = x86_64 ] && echo --xla_cpu_max_isa=AVX2); \
+	echo "numerics and API tests at the minimum versions (requirements-min.txt), XLA_FLAGS=$$isa"; \
+	XLA_FLAGS=$$isa $(MIN)/bin/python $(PYTEST) -p no:cacheprovider -m "numerics or min_versions" tests
+
+test-wheel: $(VENV)/.stamp-test
+	$(PY) tools/check_wheel.py
 
 ## make demo: create .venv, install the examples extra, run the main example (seven
 ## optimizers on scikit-learn's digits, an optimizer race; PNGs in demo_output/).
@@ -37,4 +71,4 @@ bench: $(VENV)/.stamp-bench
 	$(PY) benchmarks/run.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis
+	rm -rf $(VENV) $(MIN) .pytest_cache .hypothesis

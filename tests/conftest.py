@@ -11,3 +11,19 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 import jax  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+
+# Test files of the API surface that moved between the oldest and the newest supported
+# versions (Flax/nnx, Orbax, sharding modes, Optax's signatures): `make test` runs them, with
+# the `numerics` tests, in the minimum-versions environment (requirements-min.txt).
+# (Node ids, or a prefix of them.)
+MIN_VERSIONS = ("test_contract.py::test_optax_names", "test_checkpoint.py", "test_masking.py",
+                "test_hyperparams.py", "test_sharding.py::test_pure_layouts",
+                "test_packaging.py", "test_flax_examples.py", "test_examples.py")
+
+
+def pytest_collection_modifyitems(config, items):
+  import pytest
+  for item in items:
+    if item.nodeid.removeprefix("tests/").startswith(MIN_VERSIONS):
+      item.add_marker(pytest.mark.min_versions)

@@ -14,10 +14,10 @@ from flax.training import train_state
 
 import optcompose as oc
 import optcompose.recipe.diagnostics as diag_module
-from numerics import assert_ulps_close
 from optcompose.recipe.diagnostics import (
     DiagnosticsState, diagnostics_dict, leading_clip_norm, with_diagnostics,
 )
+from numerics import assert_ulps_close
 
 STEPS = 5
 MEASURED = ("count", "grad_norm", "update_norm", "param_norm", "update_ratio", "learning_rate",
@@ -101,6 +101,7 @@ def test_values_equal_independent_numpy_measurements(name, jit):
     assert fractions[-1] > fractions[0]  # L1 at work, seen one step later
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
 @pytest.mark.parametrize("jit", [True, False])
 def test_updates_and_inner_state_are_bitwise_the_inner(name, jit):
@@ -215,6 +216,7 @@ def test_needs_params_and_its_own_state():
     with_diagnostics(oc.sgd(0.1), learning_rate=math.nan)
 
 
+@pytest.mark.numerics
 def test_inside_optcompose_and_optax_chains():
   inner = oc.adam(1e-2)
   for outer in (oc.chain, optax.chain):
@@ -227,6 +229,7 @@ def test_inside_optcompose_and_optax_chains():
       assert diagnostics_dict(s)["update_norm"] == pytest.approx(np_norm(u), rel=1e-6)
 
 
+@pytest.mark.numerics
 def test_flax_train_state():
   params = initial_params()
   ours = train_state.TrainState.create(apply_fn=None, params=params,
