@@ -36,7 +36,16 @@ $(MIN)/.stamp: requirements-min.txt
 ##   3. the numerics tests and the API-surface tests at the minimum versions
 ##      (requirements-min.txt), with XLA limited to AVX2 (x86_64; elsewhere the default);
 ##   4. the wheel: built, installed in a fresh venv outside the checkout, one training step.
-test: test-main test-isa test-min test-wheel
+## (Each pair runs side by side: an install or a build, mostly waiting on the disk and the
+## package index, beside a test run that keeps both cores busy.)
+test:
+	@echo "== $$(date +%T) the whole suite (and, beside it, the minimum-versions venv)"
+	@$(MAKE) --no-print-directory -j2 --output-sync=target test-main $(MIN)/.stamp
+	@echo "== $$(date +%T) the numerics tests limited to SSE4.2 (and, beside them, the wheel check)"
+	@$(MAKE) --no-print-directory -j2 --output-sync=target test-isa test-wheel
+	@echo "== $$(date +%T) the minimum versions"
+	@$(MAKE) --no-print-directory test-min
+	@echo "== $$(date +%T) make test: all passed"
 
 test-main: $(VENV)/.stamp-test
 	$(PY) $(PYTEST) tests
@@ -52,7 +61,8 @@ test-isa: $(VENV)/.stamp-test
 test-min: $(MIN)/.stamp
 	@isa=$$([ "$$(uname -m)" = x86_64 ] && echo --xla_cpu_max_isa=AVX2); \
 	echo "numerics and API tests at the minimum versions (requirements-min.txt), XLA_FLAGS=$$isa"; \
-	XLA_FLAGS=$$isa $(MIN)/bin/python $(PYTEST) -p no:cacheprovider -m "numerics or min_versions" tests
+	PYTHONPATH=$(CURDIR) XLA_FLAGS=$$isa $(MIN)/bin/python $(PYTEST) -p no:cacheprovider \
+	  -m "numerics or min_versions" tests
 
 test-wheel: $(VENV)/.stamp-test
 	$(PY) tools/check_wheel.py
