@@ -16,8 +16,10 @@ rules, one helper each:
 - Bitwise equality (``np.testing.assert_array_equal``) only where it holds by construction:
   the same program run twice, a resumed run against an uninterrupted one, a value copied.
 
-``make test`` runs the tests marked ``numerics`` again under ``--xla_cpu_max_isa=AVX2`` and
-``SSE4_2``, so a comparison that only holds on one instruction set fails on every machine.
+``make test`` runs the tests marked ``numerics`` three times: on the host's full instruction
+set, with XLA limited to SSE4.2 (``--xla_cpu_max_isa=SSE4_2``), and at the minimum supported
+versions limited to AVX2, so a comparison that holds on one instruction set only fails on
+every machine.
 """
 
 from __future__ import annotations

@@ -53,10 +53,11 @@ class Case(NamedTuple):
   slow_eager_ref: bool = False  # Optax's version runs lax.cond: use its jitted run as reference
   eager_on_mlp: bool = True  # also run the eager comparison on the MLP (not only the quadratic)
   # Tolerances (tests/numerics.py): float64 trajectories, relative to the leaf's magnitude;
-  # float32 and bfloat16 steps from identical inputs, in epsilons at the leaf's magnitude.
+  # float32 and 16-bit (bfloat16, float16) steps from identical inputs, in epsilons at the
+  # leaf's magnitude.
   f64_rtol: float = F64_RTOL
   f32_ulps: float = 8
-  bf16_ulps: float = 4
+  half_ulps: float = 4
 
 
 def _sgd_np(lr):

@@ -8,6 +8,7 @@ every CPU is what ``make test``'s runs under ``--xla_cpu_max_isa=AVX2`` and ``SS
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -52,7 +53,7 @@ def test_float64_trajectory_catches_a_planted_formula_change(name):
     # ... by orders of magnitude, not by a rounding accident.
     worst = max(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64)))
                 / max(np.max(np.abs(np.asarray(y))), 1e-3)
-                for pa, pb in zip(a, b) for x, y in zip(_leaves(pa), _leaves(pb)))
+                for pa, pb in zip(a, b) for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)))
     assert worst > 1e3 * F64_RTOL
 
 
@@ -65,7 +66,7 @@ VISIBLE_IN_FLOAT32 = [n for n in PLANTED if n != "adam eps inside sqrt"]
 @pytest.mark.parametrize("name", VISIBLE_IN_FLOAT32)
 def test_float32_steps_catch_a_planted_formula_change(name):
   ours, ref = PLANTED[name]
-  worst = max(max(ulp_distance(x, y) for x, y in zip(_leaves(uo), _leaves(ur)))
+  worst = max(max(ulp_distance(x, y) for x, y in zip(jax.tree.leaves(uo), jax.tree.leaves(ur)))
               for _, uo, ur, _ in lockstep(ours(), ref(), quadratic(), 30, True,
                                            optax.apply_updates))
   assert worst > 8 * 10  # the registry's float32 bound is 8 ulps
@@ -81,8 +82,3 @@ def test_ulps_are_counted_at_the_leaf_magnitude():
     assert_ulps_close({"w": x * (1 + 16 * eps32)}, {"w": x}, 8)
   with pytest.raises(AssertionError, match="dtypes differ"):
     assert_ulps_close({"w": x}, {"w": x.astype(np.float64)}, 8)
-
-
-def _leaves(tree):
-  import jax
-  return jax.tree.leaves(tree)

@@ -150,6 +150,8 @@ def ema(decay: ScalarOrSchedule, debias: bool = True,
       out = jax.tree.map(lambda m: debias_leaf(m, factor), new)
     else:
       out = new
+    # Updates keep the gradients' dtype (float16 is debiased in float32).
+    out = jax.tree.map(lambda u, g: u.astype(jnp.result_type(g)), out, updates)
     return out, EmaState(count, otree.cast(new, accumulator_dtype))
 
   return GradientTransformation(init, update)
@@ -175,7 +177,8 @@ def scale_by_bias_correction(decay: ScalarOrSchedule) -> GradientTransformation:
     del params, extra
     count = safe_increment(state.count)
     factor = debias_factor(decay, count)
-    return jax.tree.map(lambda m: debias_leaf(m, factor), updates), BiasCorrectionState(count)
+    out = jax.tree.map(lambda m: debias_leaf(m, factor).astype(jnp.result_type(m)), updates)
+    return out, BiasCorrectionState(count)
 
   return GradientTransformation(init, update)
 

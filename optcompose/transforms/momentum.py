@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple, Optional
 
 import jax
+import jax.numpy as jnp
 
 from optcompose import tree as otree
 from optcompose._core import (
@@ -59,9 +60,12 @@ def trace(
     otree.check_same_structure(updates, state.trace, "updates", "state.trace")
     new_trace = jax.tree.map(lambda g, v: trace_leaf(decay, v, g), updates, state.trace)
     if nesterov:
-      updates = jax.tree.map(lambda g, v: trace_leaf(decay, v, g), updates, new_trace)
+      out = jax.tree.map(lambda g, v: trace_leaf(decay, v, g), updates, new_trace)
     else:
-      updates = new_trace
-    return updates, TraceState(trace=otree.cast(new_trace, accumulator_dtype))
+      out = new_trace
+    # Updates keep the gradients' dtype (float16 gradients with a bfloat16 trace would
+    # otherwise come out float32).
+    out = jax.tree.map(lambda u, g: u.astype(jnp.result_type(g)), out, updates)
+    return out, TraceState(trace=otree.cast(new_trace, accumulator_dtype))
 
   return GradientTransformation(init, update)
