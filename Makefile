@@ -5,8 +5,15 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 MIN    := .venv-min
 PYTEST := -m pytest -q -n 2 --dist loadgroup
+# The minimum-versions venv needs Python 3.10 or 3.11: its pinned releases (numpy 1.26.0,
+# scikit-learn 1.3.0) have no wheels for newer Pythons. The first of these that is one.
+MIN_PYTHON := $(shell for p in $(PYTHON) python3.11 python3.10; do \
+  $$p -c 'import sys; sys.exit(sys.version_info[:2] not in ((3, 10), (3, 11)))' 2>/dev/null \
+  && { echo $$p; break; }; done)
+NO_MIN_PYTHON := SKIPPED: the minimum-versions run needs Python 3.10 or 3.11 (the pinned
+NO_MIN_PYTHON += releases have no wheels for newer ones); install python3.11 to run it
 
-.PHONY: test test-main test-isa test-min test-wheel demo bench clean
+.PHONY: test test-main test-isa test-min test-wheel min-venv demo bench clean
 
 $(VENV)/.stamp-base:
 	$(PYTHON) -m venv $(VENV)
@@ -23,12 +30,16 @@ $(VENV)/.stamp-examples: $(VENV)/.stamp-base pyproject.toml
 
 # The oldest supported versions, pinned (requirements-min.txt); the checkout is imported from
 # the working directory, not installed.
-$(MIN)/.stamp: requirements-min.txt
+$(MIN)/.stamp: requirements-min.txt constraints-min.txt
 	rm -rf $(MIN)
-	$(PYTHON) -m venv $(MIN)
+	$(MIN_PYTHON) -m venv $(MIN)
 	$(MIN)/bin/python -m pip install --quiet --upgrade pip
-	$(MIN)/bin/python -m pip install --quiet -r requirements-min.txt
+	$(MIN)/bin/python -m pip install --quiet -r requirements-min.txt -c constraints-min.txt
 	touch $@
+
+min-venv:
+	@if [ -n "$(MIN_PYTHON)" ]; then $(MAKE) --no-print-directory $(MIN)/.stamp; \
+	else echo "$(NO_MIN_PYTHON)"; fi
 
 ## make test: create .venv (and .venv-min), then
 ##   1. the whole suite, on this CPU's full instruction set;
@@ -40,9 +51,9 @@ $(MIN)/.stamp: requirements-min.txt
 ## package index, beside a test run that keeps both cores busy.)
 test:
 	@echo "== $$(date +%T) the whole suite (and, beside it, the minimum-versions venv)"
-	@$(MAKE) --no-print-directory -j2 --output-sync=target test-main $(MIN)/.stamp
+	@$(MAKE) --no-print-directory -j2 test-main min-venv
 	@echo "== $$(date +%T) the numerics tests limited to SSE4.2 (and, beside them, the wheel check)"
-	@$(MAKE) --no-print-directory -j2 --output-sync=target test-isa test-wheel
+	@$(MAKE) --no-print-directory -j2 test-isa test-wheel
 	@echo "== $$(date +%T) the minimum versions"
 	@$(MAKE) --no-print-directory test-min
 	@echo "== $$(date +%T) make test: all passed"
@@ -58,8 +69,9 @@ test-isa: $(VENV)/.stamp-test
 
 # Markers (pyproject.toml): `numerics` compares floating-point results of two programs;
 # `min_versions` marks the API surface that moved between versions (tests/conftest.py).
-test-min: $(MIN)/.stamp
-	@isa=$$([ "$$(uname -m)" = x86_64 ] && echo --xla_cpu_max_isa=AVX2); \
+test-min: min-venv
+	@[ -n "$(MIN_PYTHON)" ] || exit 0; \
+	isa=$$([ "$$(uname -m)" = x86_64 ] && echo --xla_cpu_max_isa=AVX2); \
 	echo "numerics and API tests at the minimum versions (requirements-min.txt), XLA_FLAGS=$$isa"; \
 	PYTHONPATH=$(CURDIR) XLA_FLAGS=$$isa $(MIN)/bin/python $(PYTEST) -p no:cacheprovider \
 	  -m "numerics or min_versions" tests

@@ -131,7 +131,7 @@ def exponential_decay(init_value, transition_steps: int, decay_rate: float,
   clip = jnp.maximum if decay_rate < 1.0 else jnp.minimum
 
   def schedule(count):
-    shifted = _float(count) - transition_begin
+    shifted = _float(count - transition_begin)  # subtracted exactly, in integers
     p = shifted / transition_steps
     if staircase:
       p = jnp.floor(p)
@@ -194,7 +194,7 @@ def polynomial_schedule(init_value, end_value, power, transition_steps: int,
   transition_begin = _steps(fn, "transition_begin", transition_begin, positive=False)
 
   def schedule(count):
-    count = jnp.clip(_float(count) - transition_begin, 0, transition_steps)
+    count = _float(jnp.clip(count - transition_begin, 0, transition_steps))  # exact in ints
     frac = 1 - count / transition_steps
     return (init_value - end_value) * (frac ** power) + end_value
 

@@ -99,6 +99,7 @@ def test_schedulable_hyperparameters_are_declared():
   assert ("scale_by_adam", "b1") in SCHEDULABLE and ("trace", "decay") in SCHEDULABLE
 
 
+@pytest.mark.numerics  # a constant folded at compile time against one computed per step
 @pytest.mark.parametrize("name, arg", SCHEDULABLE)
 def test_a_constant_schedule_equals_the_number(name, arg):
   """Every hyperparameter accepts a schedule; a constant one reproduces the number."""

@@ -131,6 +131,7 @@ def test_init_state():
   assert math.isnan(float(with_diagnostics(oc.adam(0.1)).init(params).learning_rate))
 
 
+@pytest.mark.numerics
 def test_reuses_the_norm_measured_by_leading_clipping():
   lr = 1e-2
   reused = train(with_diagnostics(oc.chain(oc.clip_by_global_norm(0.5), oc.adam(lr))))

@@ -71,6 +71,7 @@ def test_labels_split_buckets_and_paths_name_them():
   assert paths == ["['True/float32']", "['False/bfloat16']", "['False/float32']"]
 
 
+@pytest.mark.numerics
 def test_gradient_through_unflatten_is_flat_and_equals_the_tree_gradient():
   tree = odd_tree()
 

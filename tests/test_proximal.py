@@ -57,6 +57,7 @@ def test_mask_limits_the_proximal_step():
   np.testing.assert_array_equal(new["bias"], params["bias"])
 
 
+@pytest.mark.numerics
 def test_adamw_l1_matches_optax_adamw_followed_by_numpy_soft_threshold():
   rng = np.random.default_rng(1)
   params = {"w": jnp.asarray(rng.normal(size=(6, 3)) * 0.1, jnp.float32)}
