@@ -17,9 +17,9 @@ rules, one helper each:
   the same program run twice, a resumed run against an uninterrupted one, a value copied.
 
 ``make test`` runs the tests marked ``numerics`` three times: on the host's full instruction
-set, with XLA limited to SSE4.2 (``--xla_cpu_max_isa=SSE4_2``), and at the minimum supported
-versions limited to AVX2, so a comparison that holds on one instruction set only fails on
-every machine.
+set, with XLA limited to SSE4.2 (``--xla_cpu_max_isa=SSE4_2``; the ones also marked
+``float64`` are left out there), and at the minimum supported versions limited to AVX2, so a
+comparison that holds on one instruction set only fails on every machine.
 """
 
 from __future__ import annotations

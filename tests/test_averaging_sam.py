@@ -165,6 +165,7 @@ def test_decay_zero_average_is_exactly_the_params_after_the_step():
     assert_ulps_close(a, p, 1)
 
 
+@pytest.mark.float64
 def test_updates_pass_through_unchanged():
   # Each wrapper hands back the very updates it was given...
   prob = problem("quadratic")
@@ -337,6 +338,7 @@ LOOKAHEAD_RUNS = {  # name: (problem, our inner, Optax's inner, reset_state, jit
 
 
 @pytest.mark.parametrize("run", list(LOOKAHEAD_RUNS))
+@pytest.mark.float64
 def test_lookahead_matches_optax(run):
   name, ours_inner, optax_inner, reset_state, jit = LOOKAHEAD_RUNS[run]
   with x64():
@@ -374,6 +376,7 @@ def test_lookahead_accepts_optax_params_and_plain_params_at_init():
   optax.apply_updates(params, u)
 
 
+@pytest.mark.float64
 def test_lookahead_is_the_papers_nested_loops():
   """Algorithm 1 of Zhang et al. with SGD inside, in float64 NumPy: after every k fast
   steps, phi <- phi + alpha (theta - phi) and theta <- phi."""
@@ -392,6 +395,7 @@ def test_lookahead_is_the_papers_nested_loops():
     assert_close_paths([got.slow, got.fast], [phi, phi], rtol=F64_RTOL)
 
 
+@pytest.mark.float64
 def test_lookahead_with_one_step_and_alpha_one_is_the_fast_optimizer():
   with x64():
     prob = f64_problem("quadratic")
@@ -401,6 +405,7 @@ def test_lookahead_with_one_step_and_alpha_one_is_the_fast_optimizer():
   assert_close_paths([p.fast for p in ours], plain, rtol=F64_RTOL)
 
 
+@pytest.mark.float64
 def test_lookahead_in_state_trains_the_fast_weights_of_optax_lookahead():
   """One params tree (the fast weights), the slow ones in the state: Optax's lookahead run
   by the same adapter gives the same trajectory (float64, to rounding)."""
@@ -495,6 +500,7 @@ def optax_sam_path(name, jit):
 
 @pytest.mark.parametrize("name, jit", [("mlp", True), ("quadratic", False)],
                          ids=["jit", "eager"])
+@pytest.mark.float64
 def test_sam_transparent_matches_optax(name, jit):
   with x64():
     prob = f64_problem(name)
@@ -504,6 +510,7 @@ def test_sam_transparent_matches_optax(name, jit):
   assert float(prob.loss(ours[-1])) < 0.5 * float(prob.loss(prob.params))
 
 
+@pytest.mark.float64
 def test_sam_transparent_adam_three_calls_no_reset_matches_optax():
   prob = problem("quadratic")
   kw = dict(sync_period=3, reset_state=False)
@@ -519,6 +526,7 @@ def test_sam_transparent_adam_three_calls_no_reset_matches_optax():
   assert_close_paths(a, b, rtol=F64_RTOL)
 
 
+@pytest.mark.float64
 def test_sam_opaque_matches_optax():
   with x64():
     prob = f64_problem("quadratic")
@@ -528,6 +536,7 @@ def test_sam_opaque_matches_optax():
   assert_close_paths(a, b, rtol=F64_RTOL)
 
 
+@pytest.mark.float64
 def test_sharpness_aware_is_optax_sam_in_one_call():
   """chain(sharpness_aware(rho), sgd(lr)): one update per step equals every second call of
   Optax's transparent SAM (the params after each outer update)."""
@@ -552,6 +561,7 @@ def numpy_sam(prob, steps, rho, lr, adaptive=False, eta=0.01):
 
 
 @pytest.mark.parametrize("adaptive, rho", [(False, 0.05), (True, 0.1)], ids=["sam", "asam"])
+@pytest.mark.float64
 def test_sharpness_aware_matches_numpy_sam(adaptive, rho):
   lr = SAM_LR["quadratic"]
   with x64():
@@ -571,6 +581,7 @@ def test_sam_numpy_reference_is_not_plain_sgd():
     assert_close_paths(numpy_sam(prob, 20, RHO, SAM_LR["quadratic"]), plain, rtol=1e-3)
 
 
+@pytest.mark.float64
 def test_sam_with_sync_period_one_is_the_outer_optimizer():
   # (Optax's transparent mode applies this update to the previous call's weights.)
   with x64():

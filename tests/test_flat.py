@@ -128,6 +128,7 @@ F64_FLAT_CASES = [p for p in FLAT_CASES if p.values[0].name in (
 
 
 @pytest.mark.parametrize("case", F64_FLAT_CASES)
+@pytest.mark.float64
 def test_flat_params_trajectory_matches_the_tree_in_float64(case):
   """float64 trajectories of the flat and tree layouts agree to rounding."""
   with x64():
@@ -198,6 +199,7 @@ class MLP(nn.Module):
 
 
 @pytest.mark.numerics
+@pytest.mark.float64
 def test_linen_train_state_with_flat_params_matches_the_tree():
   """20 AdamW steps through TrainState on both layouts, in float64: equal to rounding."""
   with x64():

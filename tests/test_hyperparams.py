@@ -15,6 +15,7 @@ from problems import assert_resumes_exactly, mlp, run
 
 
 @pytest.mark.numerics
+@pytest.mark.float64
 def test_injected_adamw_follows_the_same_trajectory_as_optax_injected_adamw():
   """Two programs: compared in float64 (tests/numerics.py); the injected values are float64
   there, as Optax's are."""

@@ -33,6 +33,7 @@ def final_params_f64(tx, steps, apply_updates):
     return path[-1]
 
 
+@pytest.mark.float64
 def test_optcompose_inside_optax_chain():
   prob = mlp()
   ours = optax.chain(optax.clip_by_global_norm(0.5), oc.adamw(1e-2, weight_decay=0.1))
@@ -44,6 +45,7 @@ def test_optcompose_inside_optax_chain():
   ours.update(prob.grad(prob.params, 0), state, prob.params, value=jnp.float32(1.0))
 
 
+@pytest.mark.float64
 def test_optax_inside_optcompose_chain():
   prob = mlp()
   # clip_by_global_norm is an Optax transformation without **extra; scale_by_adam too.
@@ -95,6 +97,7 @@ def test_optax_lbfgs_with_linesearch_inside_optcompose_chain():
   np.testing.assert_allclose(ours["w"], [0.0, 1.0, 2.0], atol=1e-4)
 
 
+@pytest.mark.float64
 def test_adam_from_pieces_after_clipping_sees_the_clipped_gradient():
   pieces = oc.chain(oc.ema(0.9, debias=False), oc.scale_by_bias_correction(0.9),
                     oc.scale_by_second_moment(0.999, 1e-8))
@@ -104,6 +107,7 @@ def test_adam_from_pieces_after_clipping_sees_the_clipped_gradient():
                      final_params_f64(ref, 50, optax.apply_updates))
 
 
+@pytest.mark.float64
 def test_flax_train_state():
   def train(tx):
     prob = mlp(jnp.float64)
@@ -150,6 +154,7 @@ def _nnx_train(tx, steps=30, dtype=jnp.float32):
 
 
 @pytest.mark.parametrize("name", ["sgd", "adamw", "rmsprop"])
+@pytest.mark.float64
 def test_flax_nnx_optimizer(name):
   with x64():
     ours_model, ours_opt, ours_loss = _nnx_train(getattr(oc, name)(1e-2), dtype=jnp.float64)

@@ -42,6 +42,7 @@ PLANTED = {  # name: (the planted formula, the reference, the registry case it i
 
 
 @pytest.mark.parametrize("name", PLANTED)
+@pytest.mark.float64
 def test_float64_trajectory_catches_a_planted_formula_change(name):
   ours, ref, _ = PLANTED[name]
   with x64():

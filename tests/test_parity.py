@@ -61,6 +61,7 @@ def assert_trajectories_close(ours, ref, rtol):
 
 
 @pytest.mark.parametrize("case, problem_name", by_case(OPTAX_CASES, ("quadratic", "mlp")))
+@pytest.mark.float64
 def test_float64_trajectory_matches_optax(case, problem_name):
   prob, ours, ref = ours_and_ref_f64(case, problem_name)
   for leaf in jax.tree.leaves(ours[-1]):
@@ -163,6 +164,7 @@ def numpy_trajectory(step, prob, steps):
 
 
 @pytest.mark.parametrize("case, problem_name", by_case(NUMPY_CASES, ("quadratic", "mlp")))
+@pytest.mark.float64
 def test_float64_trajectory_matches_numpy(case, problem_name):
   with x64():
     prob = problem(problem_name, jnp.float64)
