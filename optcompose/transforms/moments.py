@@ -151,7 +151,7 @@ def ema(decay: ScalarOrSchedule, debias: bool = True,
     else:
       out = new
     # Updates keep the gradients' dtype (float16 is debiased in float32).
-    out = jax.tree.map(lambda u, g: u.astype(jnp.result_type(g)), out, updates)
+    out = otree.cast_like(out, updates)
     return out, EmaState(count, otree.cast(new, accumulator_dtype))
 
   return GradientTransformation(init, update)

@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import Any, NamedTuple, Optional
 
 import jax
-import jax.numpy as jnp
 
 from optcompose import tree as otree
 from optcompose._core import (
@@ -65,7 +64,7 @@ def trace(
       out = new_trace
     # Updates keep the gradients' dtype (float16 gradients with a bfloat16 trace would
     # otherwise come out float32).
-    out = jax.tree.map(lambda u, g: u.astype(jnp.result_type(g)), out, updates)
+    out = otree.cast_like(out, updates)
     return out, TraceState(trace=otree.cast(new_trace, accumulator_dtype))
 
   return GradientTransformation(init, update)
