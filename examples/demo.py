@@ -41,7 +41,7 @@ from sklearn.model_selection import train_test_split
 from tqdm import tqdm
 
 import optcompose as oc
-from optcompose.recipe.diagnostics import zero_fraction
+from optcompose.wrappers.diagnostics import zero_fraction
 
 SEED = 0
 CLASSES = 10

@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import optcompose as oc
-from optcompose.recipe.lookahead import LookaheadParams, lookahead
-from optcompose.recipe.sam import sharpness_aware
+from optcompose.wrappers.lookahead import LookaheadParams, lookahead
+from optcompose.transforms.sharpness import sharpness_aware
 
 rng = np.random.default_rng(0)
 x_np = rng.normal(size=(256, 4)).astype(np.float32)

@@ -56,6 +56,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from optcompose.masks import broadcast_prefix, register_layout
+
 
 class _Leaf(NamedTuple):
   path: str  # keystr of the leaf in the model's tree
@@ -144,7 +146,6 @@ def flat_params(params: Any, labels: Any = None) -> FlatParams:
     raise ValueError("flat_params: `params` has no leaves.")
   leaf_labels = [None] * len(path_leaves)
   if labels is not None:
-    from optcompose.tree import broadcast_prefix  # tree imports this module
     tree_labels = labels(params) if callable(labels) else labels
     leaf_labels = jax.tree.leaves(
         broadcast_prefix(tree_labels, params, "labels", "the parameter tree"))
@@ -175,33 +176,6 @@ def contains_flat(tree: Any) -> bool:
   return any(is_flat(x) for x in jax.tree.leaves(tree, is_leaf=is_flat))
 
 
-def per_leaf_values(values: Any, tree: Any, name: str,
-                    broadcast: Callable[[Any, Any], Any]) -> Any:
-  """Map per-leaf ``values`` (a mask or labels, written for the model's tree) onto ``tree``.
-
-  ``values`` is a callable of the model's tree or a tree matching it (or matching ``tree``
-  itself). ``broadcast(values, target)`` expands a prefix and raises on a mismatch. For each
-  FlatParams in ``tree`` the values of its leaves become one value per bucket; a bucket whose
-  leaves disagree is a ValueError naming two of them.
-  """
-  view = unflatten(tree)
-  if callable(values):
-    values = values(view)
-  if not contains_flat(tree):
-    return broadcast(values, tree)
-  try:
-    full = broadcast(values, view)
-  except (ValueError, TypeError) as error:
-    try:
-      return broadcast(values, tree)  # already one value per bucket
-    except (ValueError, TypeError):
-      raise error from None
-  outer, outer_def = jax.tree.flatten(tree, is_leaf=is_flat)
-  parts = outer_def.flatten_up_to(full)
-  return outer_def.unflatten([_per_bucket(x.layout, part, name) if is_flat(x) else part
-                              for x, part in zip(outer, parts)])
-
-
 def _per_bucket(layout: FlatLayout, part: Any, name: str) -> FlatParams:
   values = jax.tree.leaves(part)
   chosen: list = [None] * len(layout.buckets)
@@ -219,10 +193,8 @@ def _per_bucket(layout: FlatLayout, part: Any, name: str) -> FlatParams:
   return FlatParams(chosen, layout)
 
 
-def reject_flat(tree: Any, transformation: str) -> None:
-  """Raise for a transformation that needs the model's leaves, given FlatParams."""
-  if contains_flat(tree):
-    raise TypeError(
-        f"{transformation} computes one value per leaf of the model, and FlatParams buckets "
-        "are not the model's leaves. Use it on ordinary pytree parameters (or use a global "
-        "transformation such as clip_by_global_norm).")
+# Masks and labels written for the model's tree map onto the buckets (optcompose.masks).
+register_layout(FlatParams, FlatParams.unflatten, lambda x, part, name: _per_bucket(x.layout, part, name),
+                "FlatParams")
+
+__all__ = ["FlatParams", "flat_params"]

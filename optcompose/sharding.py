@@ -25,8 +25,8 @@ from typing import Any
 import jax
 from jax.sharding import NamedSharding, PartitionSpec, Sharding
 
-from optcompose._core import GradientTransformation
-from optcompose.wrappers import MaskedNode
+from optcompose.core import GradientTransformation
+from optcompose.wrappers.masking import MaskedNode
 
 __all__ = ["state_shardings", "init_sharded"]
 

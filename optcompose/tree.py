@@ -1,4 +1,6 @@
-"""The few tree helpers that ``jax.tree`` lacks.
+"""The few tree helpers that ``jax.tree`` lacks, and walking optimizer states.
+
+The ground floor of the package: it imports nothing else from optcompose.
 
 Paths are written as ``jax.tree_util.keystr`` writes them, e.g. ``['layer']['w']``, so an
 error names the leaf the user would index.
@@ -10,8 +12,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-
-from optcompose import flat
 
 
 def path_str(path) -> str:
@@ -117,39 +117,48 @@ def abs_sq(x: jax.Array) -> jax.Array:
   return x * x
 
 
-def resolve_mask(mask: Any, tree: Any, name: str = "mask") -> Any:
-  """Expand a boolean mask (a tree, a prefix of ``tree``, or a callable of ``tree``).
-
-  Returns a tree with ``tree``'s structure and a Python bool per leaf. A mask whose
-  structure is neither ``tree``'s nor a prefix of it is an error naming the first
-  differing path; so is a leaf that is not a Python or NumPy bool (masks are static).
-  For :class:`~optcompose.FlatParams` the mask is written for the model's tree and mapped
-  onto the buckets (see :mod:`optcompose.flat`).
-  """
-
-  def broadcast(mask, target):
-    for path, leaf in jax.tree_util.tree_flatten_with_path(mask, is_leaf=flat.is_flat)[0]:
-      if flat.is_flat(leaf):
-        continue
-      if not isinstance(leaf, (bool, jnp.bool_)) and not (
-          hasattr(leaf, "dtype") and getattr(leaf, "shape", None) == () and leaf.dtype == bool
-          and not isinstance(leaf, jax.core.Tracer)
-      ):
-        raise TypeError(
-            f"`{name}{jax.tree_util.keystr(tuple(path))}` is {type(leaf).__name__}; mask "
-            "leaves must be Python booleans."
-        )
-    return broadcast_prefix(mask, target, name, "the parameter tree")
-
-  return jax.tree.map(bool, flat.per_leaf_values(mask, tree, name, broadcast))
+# ---------------------------------------------------------------------------------------
+# Walking states: find and replace nodes anywhere in a pytree (ours, Optax's, nested in any
+# wrapper, inside Flax containers), by what they are, never by their class name.
 
 
-def broadcast_prefix(prefix: Any, tree: Any, name: str, tree_name: str) -> Any:
-  """Broadcast ``prefix`` (a tree with ``tree``'s structure or a prefix of it) to ``tree``."""
-  try:
-    return jax.tree.broadcast(prefix, tree)
-  except (ValueError, TypeError):
-    raise ValueError(
-        f"`{name}` is neither {tree_name}'s structure nor a prefix of it: "
-        f"{first_difference(prefix, tree)}."
-    ) from None
+def _children(node: Any):
+  """``(keys, children, rebuild)`` one level below ``node``, or None for a leaf."""
+  keyed, treedef = jax.tree_util.tree_flatten_with_path(node, is_leaf=lambda x: x is not node)
+  if jax.tree_util.treedef_is_leaf(treedef):
+    return None
+  return [p[0] for p, _ in keyed], [c for _, c in keyed], treedef.unflatten
+
+
+def find_nodes(tree: Any, predicate) -> list:
+  """Every node of ``tree`` (the root and nested ones included) for which ``predicate``
+  holds, as ``(path, node)`` in tree order; ``path`` is a tuple of plain strings (dict keys,
+  indices, attribute names, as :func:`key_name` writes them). Matches nested inside a
+  match are found too."""
+  found = []
+
+  def visit(path, node):
+    if predicate(node):
+      found.append((path, node))
+    below = _children(node)
+    if below is not None:
+      for key, child in zip(below[0], below[1]):
+        visit(path + (key_name(key),), child)
+
+  visit((), tree)
+  return found
+
+
+def replace_nodes(tree: Any, predicate, replace) -> Any:
+  """``tree`` with every node for which ``predicate`` holds replaced by ``replace(node)``;
+  the replacement's own children are walked too (so nested matches are replaced)."""
+
+  def visit(node):
+    if predicate(node):
+      node = replace(node)
+    below = _children(node)
+    if below is None:
+      return node
+    return below[2]([visit(child) for child in below[1]])
+
+  return visit(tree)

@@ -18,7 +18,7 @@ import optax
 
 import optcompose as oc
 from numerics import F64_RTOL
-from optcompose.recipe.lookahead import slow_weights_in_state
+from optcompose.wrappers.lookahead import slow_weights_in_state
 
 LR = 1e-2
 
@@ -119,8 +119,8 @@ CASES = [
          ("scale_by_adam",),
          optax=lambda: optax.chain(optax.scale_by_adam(), optax.scale_by_learning_rate(LR))),
     Case("adam_from_pieces",
-         lambda: oc.chain(oc.ema(0.9, debias=False), oc.scale_by_bias_correction(0.9),
-                          oc.scale_by_second_moment(0.999, 1e-8),
+         lambda: oc.chain(oc.scale_by_second_moment(0.999, 1e-8, direction=oc.chain(
+                              oc.ema(0.9, debias=False), oc.scale_by_bias_correction(0.9))),
                           oc.scale_by_learning_rate(LR)),
          ("ema", "scale_by_bias_correction", "scale_by_second_moment"),
          optax=lambda: optax.adam(LR), same_state=False),

@@ -23,14 +23,15 @@ import optax
 import pytest
 
 import optcompose as oc
-from optcompose.recipe.averaging import (
+from optcompose.transforms.averaging import (
     EmaParamsState, SwaState, averaged_params, ema_params, swa,
 )
-from optcompose.recipe.lookahead import (
+from optcompose.wrappers.lookahead import (
     LookaheadParams, LookaheadSlowState, LookaheadState, lookahead, lookahead_in_state,
     slow_params, slow_weights_in_state,
 )
-from optcompose.recipe.sam import SAMState, normalize, sam, sharpness_aware
+from optcompose.transforms.sharpness import normalize, sharpness_aware
+from optcompose.wrappers.sam import SAMState, sam
 from compat import pure
 from numerics import F64_RTOL, assert_ulps_close, x64
 from problems import mlp, quadratic, run

@@ -13,8 +13,8 @@ from flax import nnx
 from flax.training import train_state
 
 import optcompose as oc
-import optcompose.recipe.diagnostics as diag_module
-from optcompose.recipe.diagnostics import (
+import optcompose.wrappers.diagnostics as diag_module
+from optcompose.wrappers.diagnostics import (
     DiagnosticsState, diagnostics_dict, leading_clip_norm, with_diagnostics,
 )
 from numerics import assert_ulps_close
@@ -166,7 +166,7 @@ def test_the_stored_norm_is_used_only_when_clipping_comes_first():
       lambda learning_rate: oc.chain(_fixed_norm_clip(42.0), oc.sgd(learning_rate)))(0.1)) == 42.0
   # Clipping later in the chain measured other updates: recompute.
   assert grad_norm(oc.chain(oc.scale(2.0), _fixed_norm_clip(42.0))) == pytest.approx(np_norm(g))
-  # A scheduled clipping threshold keeps its state under ScheduledState.
+  # A scheduled clipping threshold keeps its state under InjectHyperparamsState.
   state = with_diagnostics(oc.chain(oc.clip_by_global_norm(schedule), oc.sgd(0.1))).init(params)
   assert leading_clip_norm(state.inner_state) is not None
 

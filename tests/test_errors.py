@@ -21,7 +21,7 @@ GRADS = jax.tree.map(jnp.ones_like, PARAMS)
     (lambda: oc.rmsprop(1e-3, decay=1.0), "decay"),
     (lambda: oc.scale_by_stddev(decay=-0.5), "decay"),
     (lambda: oc.ema(1.2), "decay"),
-    (lambda: oc.sgd(1e-3, momentum=1.5), "decay"),
+    (lambda: oc.sgd(1e-3, momentum=1.5), "momentum"),
     (lambda: oc.sgd(-0.1), "learning_rate"),
     (lambda: oc.adam(-1e-3), "learning_rate"),
     (lambda: oc.adam(1e-3, eps=-1e-8), "eps"),

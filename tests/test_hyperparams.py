@@ -56,7 +56,7 @@ def test_changing_a_live_hyperparameter_does_not_recompile():
 
 def test_set_hyperparams_rejects_unknown_names():
   tx = oc.inject_hyperparams(oc.adam)(learning_rate=0.1)
-  with pytest.raises(KeyError, match="not live hyperparameters"):
+  with pytest.raises(KeyError, match="not hyperparameters held in this state"):
     oc.set_hyperparams(tx.init({"w": jnp.ones(2)}), learning_rat=0.2)
 
 

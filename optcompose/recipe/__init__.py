@@ -1,1 +1,1 @@
-"""Training-recipe pieces built on the transformations: plateau control, ..."""
+"""Training-loop aids that are not gradient transformations (early stopping)."""

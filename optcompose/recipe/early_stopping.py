@@ -63,7 +63,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from optcompose import tree as otree
-from optcompose._core import check_hyperparameter, safe_increment, zero_count
+from optcompose.core import check_hyperparameter, safe_increment, zero_count
 
 
 class EarlyStoppingState(NamedTuple):

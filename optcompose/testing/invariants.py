@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from optcompose import tree as otree
-from optcompose._core import GradientTransformation, apply_updates
+from optcompose.core import GradientTransformation, apply_updates
 
 __all__ = [
     "check_invariants", "check_jit_matches_eager", "check_state_keeps_its_layout",

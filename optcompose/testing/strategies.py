@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import optcompose as oc
+from optcompose.core.registry import REGISTRY
 
 __all__ = [
     "Pair", "float_dtypes", "shapes", "arrays", "pytrees", "gradients_like", "magnitudes",
@@ -112,71 +113,22 @@ def gradients_like(tree: Any, extreme: bool = True) -> st.SearchStrategy:
 
 
 # --- hyperparameters -----------------------------------------------------------------------
-# Each argument: ("float", lo, hi) drawn log-uniformly when lo > 0, ("int", lo, hi),
-# ("bool",), ("choice", values), or ("inner",) for a wrapped transformation.
+# Read from the registry, where each public builder declares its hyperparameters once
+# (optcompose.core.registry). Each argument's ``draw``: ("float", lo, hi) drawn log-uniformly
+# when lo > 0, ("int", lo, hi), ("bool",), ("choice", values), ("optional", spec),
+# ("schedule",), ("inner",) for a wrapped transformation, ("inner_pair",), ("mask",),
+# ("labels",).
 
-_LR = ("float", 1e-5, 1.0)
-_DECAY = ("float", 0.0, 0.999)
-_EPS = ("float", 1e-10, 1e-3)
 
-HYPERPARAMETERS = {
-    "identity": {}, "set_to_zero": {}, "normalize": {},
-    "scale": {"step_size": ("float", -1.0, 1.0)},
-    "scale_by_learning_rate": {"learning_rate": _LR, "flip_sign": ("bool",)},
-    "scale_by_schedule": {"step_size_fn": ("schedule",)},
-    "trace": {"decay": _DECAY, "nesterov": ("bool",)},
-    "ema": {"decay": _DECAY, "debias": ("bool",)},
-    "scale_by_bias_correction": {"decay": ("float", 0.0, 0.999)},
-    "scale_by_rss": {"initial_accumulator_value": ("float", 0.0, 1.0), "eps": _EPS},
-    "scale_by_rms": {"decay": _DECAY, "eps": _EPS, "initial_scale": ("float", 0.0, 1.0),
-                     "eps_in_sqrt": ("bool",), "bias_correction": ("bool",)},
-    "scale_by_stddev": {"decay": _DECAY, "eps": _EPS, "initial_scale": ("float", 0.0, 1.0),
-                        "eps_in_sqrt": ("bool",), "bias_correction": ("bool",)},
-    "scale_by_adam": {"b1": _DECAY, "b2": _DECAY, "eps": _EPS, "eps_root": ("float", 0.0, 1e-6),
-                      "nesterov": ("bool",)},
-    "scale_by_second_moment": {"decay": _DECAY, "eps": _EPS, "debias": ("bool",)},
-    "add_decayed_weights": {"weight_decay": ("float", 0.0, 0.5)},
-    "add_l2_penalty": {"l2": ("float", 0.0, 0.5)},
-    "prox_l1": {"l1": ("float", 0.0, 1.0), "learning_rate": _LR},
-    "prox_elastic_net": {"l1": ("float", 0.0, 1.0), "l2": ("float", 0.0, 1.0),
-                         "learning_rate": _LR},
-    "reduce_on_plateau": {"factor": ("float", 0.01, 0.99), "patience": ("int", 1, 5),
-                          "rtol": ("float", 1e-4, 0.1), "cooldown": ("int", 0, 3),
-                          "mode": ("choice", ("min", "max"))},
-    "clip": {"max_delta": ("float", 1e-3, 10.0)},
-    "clip_by_global_norm": {"max_norm": ("float", 1e-3, 10.0)},
-    "clip_by_leaf_norm": {"max_norm": ("float", 1e-3, 10.0)},
-    "clip_by_block_rms": {"threshold": ("float", 1e-3, 10.0)},
-    "adaptive_grad_clip": {"clipping": ("float", 1e-3, 1.0), "eps": ("float", 1e-6, 1e-2)},
-    "ema_params": {"decay": _DECAY, "debias": ("bool",), "start_step": ("int", 0, 3),
-                   "every": ("int", 1, 3)},
-    "swa": {"start_step": ("int", 0, 3), "every": ("int", 1, 3)},
-    "sharpness_aware": {"rho": ("float", 1e-3, 0.5), "adaptive": ("bool",)},
-    "masked": {"inner": ("inner",), "mask": ("mask",)},
-    "partition": {"transforms": ("inner_pair",), "param_labels": ("labels",)},
-    "inject_hyperparams": {"inner_factory": ("choice", ("sgd", "adam", "adamw", "rmsprop")),
-                           "learning_rate": _LR},
-    "multi_steps": {"inner": ("inner",), "every_k_schedule": ("int", 1, 3),
-                    "use_grad_mean": ("bool",)},
-    "apply_if_finite": {"inner": ("inner",), "max_consecutive_errors": ("int", 1, 5)},
-    "lookahead": {"fast_optimizer": ("inner",), "sync_period": ("int", 1, 4),
-                  "slow_step_size": ("float", 0.05, 1.0), "reset_state": ("bool",)},
-    "lookahead_in_state": {"fast_optimizer": ("inner",), "sync_period": ("int", 1, 4),
-                           "slow_step_size": ("float", 0.05, 1.0), "reset_state": ("bool",)},
-    "sam": {"optimizer": ("inner",), "adv_optimizer": ("inner",), "sync_period": ("int", 1, 3)},
-    "with_diagnostics": {"inner": ("inner",), "learning_rate": _LR},
-    "sgd": {"learning_rate": _LR, "momentum": ("optional", _DECAY), "nesterov": ("bool",)},
-    "adagrad": {"learning_rate": _LR, "initial_accumulator_value": ("float", 0.0, 1.0),
-                "eps": _EPS},
-    "rmsprop": {"learning_rate": _LR, "decay": _DECAY, "eps": _EPS, "centered": ("bool",),
-                "momentum": ("optional", _DECAY), "nesterov": ("bool",)},
-    "adam": {"learning_rate": _LR, "b1": _DECAY, "b2": _DECAY, "eps": _EPS, "nesterov": ("bool",)},
-    "nadam": {"learning_rate": _LR, "b1": _DECAY, "b2": _DECAY, "eps": _EPS},
-    "adamw": {"learning_rate": _LR, "b1": _DECAY, "b2": _DECAY, "eps": _EPS,
-              "weight_decay": ("float", 0.0, 0.5), "l1": ("optional", ("float", 1e-4, 0.1))},
-    "nadamw": {"learning_rate": _LR, "b1": _DECAY, "b2": _DECAY, "eps": _EPS,
-               "weight_decay": ("float", 0.0, 0.5)},
-}
+def _declared() -> dict:
+  spec = {name: {arg: h.draw for arg, h in entry.hypers.items()}
+          for name, entry in REGISTRY.items()}
+  # inject_hyperparams returns a factory: the drawn learning rate is the factory's.
+  spec["inject_hyperparams"] = {**spec["inject_hyperparams"], "learning_rate": ("float", 1e-5, 1.0)}
+  return spec
+
+
+HYPERPARAMETERS = _declared()
 
 _INNER = ("sgd", "adam", "rmsprop")  # what the wrappers wrap
 

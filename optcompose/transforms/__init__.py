@@ -1,1 +1,1 @@
-"""Primitive gradient transformations, one module per family."""
+"""Primitives, one family per module; each formula is one ``*_leaf`` function."""

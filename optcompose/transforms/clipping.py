@@ -25,11 +25,13 @@ import jax
 import jax.numpy as jnp
 
 from optcompose import tree as otree
-from optcompose.flat import reject_flat
-from optcompose._core import (
-    GradientTransformation, ScalarOrSchedule, check_hyperparameter,
-    init_empty_state, with_schedules,
+from optcompose.core import (
+    GradientTransformation, ScalarOrSchedule, needs_params, public, real, stateless,
+    stateless_with_tree_map,
 )
+from optcompose.masks import reject_layouts
+
+_NORM = real(0.0, low_open=True, draw=(1e-3, 10.0))  # a positive threshold
 
 
 def rescale_leaf(u, norm, max_norm):
@@ -37,16 +39,17 @@ def rescale_leaf(u, norm, max_norm):
   return jnp.where(norm < max_norm, u, (u / jnp.asarray(norm).astype(jnp.result_type(u))) * max_norm)
 
 
-@with_schedules("max_delta")
+@public("transformation", optax="clip", max_delta=real(0.0, draw=(1e-3, 10.0)))
 def clip(max_delta: ScalarOrSchedule) -> GradientTransformation:
-  """Clip every element of the updates to ``[-max_delta, max_delta]``."""
-  check_hyperparameter("clip", "max_delta", max_delta, low=0.0)
+  """Clip every element of the updates to ``[-max_delta, max_delta]``.
 
-  def update(updates, state, params=None, **extra):
-    del params, extra
-    return jax.tree.map(lambda u: jnp.clip(u, -max_delta, max_delta), updates), state
+  Args:
+    max_delta: the bound (>= 0), a number or a schedule.
 
-  return GradientTransformation(init_empty_state, update)
+  Returns:
+    A stateless transformation.
+  """
+  return stateless_with_tree_map(lambda u, w: jnp.clip(u, -max_delta, max_delta))
 
 
 class ClipByGlobalNormState(NamedTuple):
@@ -55,13 +58,20 @@ class ClipByGlobalNormState(NamedTuple):
   global_norm: jax.Array
 
 
-@with_schedules("max_norm")
+@public("transformation", optax="clip_by_global_norm", max_norm=_NORM)
 def clip_by_global_norm(max_norm: ScalarOrSchedule) -> GradientTransformation:
   """Rescale all updates together so their global L2 norm is at most ``max_norm``.
 
-  The state keeps the norm it measured (Optax keeps no state here).
+  Args:
+    max_norm: the bound (> 0), a number or a schedule.
+
+  Returns:
+    A transformation whose state, :class:`ClipByGlobalNormState`, keeps the norm it
+    measured before clipping (Optax keeps no state here).
+
+  References:
+    Pascanu et al., "On the difficulty of training recurrent neural networks", ICML 2013.
   """
-  check_hyperparameter("clip_by_global_norm", "max_norm", max_norm, low=0.0, low_open=True)
 
   def init(params):
     del params
@@ -76,33 +86,42 @@ def clip_by_global_norm(max_norm: ScalarOrSchedule) -> GradientTransformation:
   return GradientTransformation(init, update)
 
 
-@with_schedules("max_norm")
+@public("transformation", optax="clip_by_leaf_norm", max_norm=_NORM)
 def clip_by_leaf_norm(max_norm: ScalarOrSchedule) -> GradientTransformation:
-  """Rescale each leaf separately so its L2 norm is at most ``max_norm``."""
-  check_hyperparameter("clip_by_leaf_norm", "max_norm", max_norm, low=0.0, low_open=True)
+  """Rescale each leaf separately so its L2 norm is at most ``max_norm``.
 
-  def update(updates, state, params=None, **extra):
-    del params, extra
-    reject_flat(updates, "clip_by_leaf_norm")
-    return jax.tree.map(
-        lambda u: rescale_leaf(u, otree.global_norm(u), max_norm), updates), state
+  Args:
+    max_norm: the bound (> 0), a number or a schedule.
 
-  return GradientTransformation(init_empty_state, update)
+  Returns:
+    A stateless transformation (FlatParams are refused: a bucket is not a leaf).
+  """
+
+  def f(updates, params):
+    reject_layouts(updates, "clip_by_leaf_norm")
+    return jax.tree.map(lambda u: rescale_leaf(u, otree.global_norm(u), max_norm), updates)
+
+  return stateless(f)
 
 
-@with_schedules("threshold")
+@public("transformation", optax="clip_by_block_rms", threshold=_NORM)
 def clip_by_block_rms(threshold: ScalarOrSchedule) -> GradientTransformation:
-  """Divide each leaf by ``max(1, rms(leaf) / threshold)`` (Optax's semantics)."""
-  check_hyperparameter("clip_by_block_rms", "threshold", threshold, low=0.0, low_open=True)
+  """Divide each leaf by ``max(1, rms(leaf) / threshold)`` (Optax's semantics).
 
-  def update(updates, state, params=None, **extra):
-    del params, extra
-    reject_flat(updates, "clip_by_block_rms")
+  Args:
+    threshold: the largest RMS a leaf keeps (> 0), a number or a schedule.
+
+  Returns:
+    A stateless transformation (FlatParams are refused: a bucket is not a leaf).
+  """
+
+  def f(updates, params):
+    reject_layouts(updates, "clip_by_block_rms")
     return jax.tree.map(
         lambda u: u / jnp.maximum(1.0, jnp.sqrt(jnp.mean(otree.abs_sq(u))) / threshold),
-        updates), state
+        updates)
 
-  return GradientTransformation(init_empty_state, update)
+  return stateless(f)
 
 
 def unit_norms(x, axis: Optional[Union[int, Sequence[int]]] = None):
@@ -128,19 +147,29 @@ def unit_norms(x, axis: Optional[Union[int, Sequence[int]]] = None):
   return jnp.broadcast_to(jnp.sqrt(squared), x.shape)
 
 
-@with_schedules("clipping", "eps")
+@public("transformation", optax="adaptive_grad_clip", clipping=real(0.0, low_open=True, draw=(1e-3, 1.0)),
+        eps=real(0.0, draw=(1e-6, 1e-2)))
 def adaptive_grad_clip(clipping: ScalarOrSchedule, eps: ScalarOrSchedule = 1e-3,
                        axis: Optional[Union[int, Sequence[int]]] = None) -> GradientTransformation:
   """Adaptive gradient clipping: bound each unit's update norm by ``clipping`` times the
-  norm of the matching unit of the parameters (at least ``eps``); see :func:`unit_norms`."""
-  check_hyperparameter("adaptive_grad_clip", "clipping", clipping, low=0.0, low_open=True)
-  check_hyperparameter("adaptive_grad_clip", "eps", eps, low=0.0)
+  norm of the matching unit of the parameters (at least ``eps``).
 
-  def update(updates, state, params=None, **extra):
-    del extra
-    if params is None:
-      raise ValueError("adaptive_grad_clip needs `params`: call update(updates, state, params).")
-    reject_flat(updates, "adaptive_grad_clip")
+  Args:
+    clipping: lambda (> 0), a number or a schedule.
+    eps: the smallest parameter norm used (>= 0).
+    axis: the axes a unit reduces over (see :func:`unit_norms`).
+
+  Returns:
+    A stateless transformation that needs ``params`` (FlatParams are refused).
+
+  References:
+    Brock et al., "High-Performance Large-Scale Image Recognition Without Normalization",
+    ICML 2021.
+  """
+
+  def f(updates, params):
+    needs_params(params, "adaptive_grad_clip")
+    reject_layouts(updates, "adaptive_grad_clip")
     otree.check_same_structure(updates, params, "updates", "params")
 
     def leaf(u, w):
@@ -149,6 +178,8 @@ def adaptive_grad_clip(clipping: ScalarOrSchedule, eps: ScalarOrSchedule = 1e-3,
       clipped = u * (max_norm / jnp.maximum(g_norm, 1e-6))
       return jnp.where(g_norm < max_norm, u, clipped)
 
-    return jax.tree.map(leaf, updates, params), state
+    return jax.tree.map(leaf, updates, params)
 
-  return GradientTransformation(init_empty_state, update)
+  return stateless(f)
+
+__all__ = ["ClipByGlobalNormState"]  # and the builders it registers

@@ -20,10 +20,11 @@ import jax
 import jax.numpy as jnp
 
 from optcompose import tree as otree
-from optcompose._core import (
-    GradientTransformation, ScalarOrSchedule, check_hyperparameter, init_empty_state,
-    with_schedules,
+from optcompose.core import (
+    MASK, GradientTransformation, ScalarOrSchedule, needs_params, public, real, stateless,
 )
+from optcompose.core.base import EmptyState
+from optcompose.masks import resolve_mask
 
 Mask = Optional[Union[Any, Callable[[Any], Any]]]
 
@@ -33,26 +34,37 @@ def decay_leaf(coef, u, w):
   return (u + coef * w).astype(jnp.result_type(u))
 
 
-def _add_scaled_params(fn: str, arg: str, coef, mask: Mask) -> GradientTransformation:
-  check_hyperparameter(fn, arg, coef, low=0.0)
+def masked_leafwise(who: str, leaf: Callable, mask: Mask) -> GradientTransformation:
+  """A stateless transformation applying ``leaf(u, w)`` to the leaves ``mask`` selects (all
+  when ``mask`` is None). It needs ``params``; a mask that does not fit the parameters is an
+  error at ``init``."""
 
-  def update(updates, state, params=None, **extra):
-    del extra
-    if params is None:
-      raise ValueError(f"{fn} needs `params`: call update(updates, state, params).")
+  def init(params):
+    if mask is not None:
+      resolve_mask(mask, params)
+    return EmptyState()
+
+  def f(updates, params):
+    needs_params(params, who)
     otree.check_same_structure(updates, params, "updates", "params")
-    where = otree.resolve_mask(mask, params) if mask is not None else None
-    if isinstance(coef, (int, float)) and coef == 0:
-      return updates, state
-    if where is None:
-      return jax.tree.map(lambda u, w: decay_leaf(coef, u, w), updates, params), state
-    return jax.tree.map(lambda u, w, on: decay_leaf(coef, u, w) if on else u,
-                        updates, params, where), state
+    if mask is None:
+      return jax.tree.map(leaf, updates, params)
+    where = resolve_mask(mask, params)
+    return jax.tree.map(lambda u, w, on: leaf(u, w) if on else u, updates, params, where)
 
-  return GradientTransformation(init_empty_state, update)
+  return GradientTransformation(init, stateless(f).update)
 
 
-@with_schedules("weight_decay")
+def _add_scaled_params(who: str, coef, mask: Mask) -> GradientTransformation:
+  if isinstance(coef, (int, float)) and coef == 0:
+    leaf = lambda u, w: u  # noqa: E731 - no decay: the updates pass unchanged
+  else:
+    leaf = lambda u, w: decay_leaf(coef, u, w)  # noqa: E731
+  return masked_leafwise(who, leaf, mask)
+
+
+@public("transformation", optax="add_decayed_weights", weight_decay=real(0.0, draw=(0.0, 0.5)),
+        mask=MASK)
 def add_decayed_weights(weight_decay: ScalarOrSchedule = 0.0,
                         mask: Mask = None) -> GradientTransformation:
   """Add ``weight_decay * w`` to the updates (decoupled weight decay when placed after the
@@ -62,17 +74,33 @@ def add_decayed_weights(weight_decay: ScalarOrSchedule = 0.0,
     weight_decay: lambda >= 0, a number or a schedule.
     mask: a tree of Python bools with the parameters' structure (or a prefix of it), or a
       callable returning one from the parameters; ``True`` leaves are decayed.
+
+  Returns:
+    A stateless transformation that needs ``params``.
+
+  References:
+    Loshchilov and Hutter, "Decoupled Weight Decay Regularization", ICLR 2019.
   """
-  return _add_scaled_params("add_decayed_weights", "weight_decay", weight_decay, mask)
+  return _add_scaled_params("add_decayed_weights", weight_decay, mask)
 
 
-@with_schedules("l2")
+@public("transformation", l2=real(0.0, draw=(0.0, 0.5)), mask=MASK)
 def add_l2_penalty(l2: ScalarOrSchedule, mask: Mask = None) -> GradientTransformation:
-  """Add the gradient of ``l2/2 * ||w||^2``, i.e. ``l2 * w``, to the raw gradient.
+  """Add the gradient of ``l2/2 * ||w||^2``, i.e. ``l2 * w``, to the incoming gradient.
 
   Same formula as :func:`add_decayed_weights`; put it first in a chain (before momentum
   or a preconditioner) for classic coupled L2 regularisation.
+
+  Args:
+    l2: the penalty's strength (>= 0), a number or a schedule.
+    mask: which leaves are penalised (as in :func:`add_decayed_weights`).
+
+  Returns:
+    A stateless transformation that needs ``params``.
+
+  References:
+    Krogh and Hertz, "A Simple Weight Decay Can Improve Generalization", NIPS 1991.
   """
-  return _add_scaled_params("add_l2_penalty", "l2", l2, mask)
+  return _add_scaled_params("add_l2_penalty", l2, mask)
 
-
+__all__ = []  # and the builders it registers

@@ -1,10 +1,12 @@
-"""Momentum: the heavy-ball trace, with optional Nesterov look-ahead.
+"""First moments: the heavy-ball trace (with Nesterov's look-ahead), the exponential moving
+average, and bias correction as a piece of its own.
 
-Formulas, in the symbols the tests use (g: incoming update, v: trace, rho: decay)::
+Formulas, in the symbols the tests use (g: incoming update, v: trace, rho: its decay,
+m: EMA, beta: its decay, t: this transformation's step count from 1)::
 
-    v_t = rho * v_{t-1} + g_t                       (heavy ball; Polyak, 1964)
-    u_t = v_t                                       (nesterov=False)
-    u_t = g_t + rho * v_t                           (nesterov=True; Sutskever et al., 2013)
+    trace:            v_t = rho * v_{t-1} + g_t ;   u_t = v_t   (nesterov: g_t + rho * v_t)
+    ema:              m_t = (1 - beta) * g_t + beta * m_{t-1} ;   u_t = m_t (debias: m_hat_t)
+    bias correction:  u_t = g_t / (1 - beta^t)
 """
 
 from __future__ import annotations
@@ -12,16 +14,20 @@ from __future__ import annotations
 from typing import Any, NamedTuple, Optional
 
 import jax
+import jax.numpy as jnp
 
 from optcompose import tree as otree
-from optcompose._core import (
-    GradientTransformation, ScalarOrSchedule, check_hyperparameter, with_schedules,
+from optcompose.core import (
+    DECAY, FLAG, MOMENTUM, GradientTransformation, ScalarOrSchedule, expect_state, public,
+    safe_increment, zero_count,
+)
+from optcompose.transforms.statistics import (
+    debias_factor, debias_leaf, ema_leaf, moments_init, same_structure,
 )
 
 
 class TraceState(NamedTuple):
   """The momentum buffer ``v``."""
-
   trace: Any
 
 
@@ -30,13 +36,12 @@ def trace_leaf(rho, v, g):
   return g + rho * v
 
 
-@with_schedules("decay")
-def trace(
-    decay: ScalarOrSchedule,
-    nesterov: bool = False,
-    accumulator_dtype: Optional[Any] = None,
-) -> GradientTransformation:
-  """Heavy-ball momentum ``v <- decay * v + g`` (Nesterov: output ``g + decay * v``).
+@public("transformation", optax="trace", decay=MOMENTUM, nesterov=FLAG)
+def trace(decay: ScalarOrSchedule, nesterov: bool = False,
+          accumulator_dtype: Optional[Any] = None) -> GradientTransformation:
+  """Heavy-ball momentum: ``v_t = decay * v_{t-1} + g_t``, output ``v_t``.
+
+  With ``nesterov`` the output is the look-ahead ``g_t + decay * v_t``.
 
   Args:
     decay: the momentum coefficient rho in [0, 1] (a number or a schedule).
@@ -44,11 +49,14 @@ def trace(
     accumulator_dtype: dtype of the stored trace (e.g. ``jnp.bfloat16`` to halve its memory);
       ``None`` keeps the parameters' dtype. The arithmetic runs in the wider of the two.
 
+  Returns:
+    A transformation with state :class:`TraceState`; updates keep the gradients' dtype.
+
   References:
-    Polyak, 1964; Sutskever et al., "On the importance of initialization and momentum in
-    deep learning", ICML 2013.
+    Polyak, "Some methods of speeding up the convergence of iteration methods", 1964;
+    Sutskever et al., "On the importance of initialization and momentum in deep learning",
+    ICML 2013.
   """
-  check_hyperparameter("trace", "decay", decay, low=0.0, high=1.0)
 
   def init(params):
     otree.check_floating(params, "params")
@@ -56,6 +64,7 @@ def trace(
 
   def update(updates, state, params=None, **extra):
     del params, extra
+    expect_state(state, TraceState, "trace")
     otree.check_same_structure(updates, state.trace, "updates", "state.trace")
     new_trace = jax.tree.map(lambda g, v: trace_leaf(decay, v, g), updates, state.trace)
     if nesterov:
@@ -68,3 +77,83 @@ def trace(
     return out, TraceState(trace=otree.cast(new_trace, accumulator_dtype))
 
   return GradientTransformation(init, update)
+
+
+class EmaState(NamedTuple):
+  count: jax.Array
+  ema: Any
+
+
+@public("transformation", optax="ema", decay=DECAY, debias=FLAG)
+def ema(decay: ScalarOrSchedule, debias: bool = True,
+        accumulator_dtype: Optional[Any] = None) -> GradientTransformation:
+  """Exponential moving average of the updates: ``m_t = (1 - decay) g_t + decay m_{t-1}``.
+
+  Args:
+    decay: beta in [0, 1) (a number or a schedule).
+    debias: output ``m_t / (1 - decay^t)`` (the stored average stays ``m_t``).
+    accumulator_dtype: dtype of the stored average; ``None`` keeps the parameters'.
+
+  Returns:
+    A transformation with state :class:`EmaState`; updates keep the gradients' dtype.
+
+  References:
+    Kingma and Ba, "Adam: A Method for Stochastic Optimization", ICLR 2015 (bias correction).
+  """
+
+  def init(params):
+    return EmaState(zero_count(), moments_init(params, accumulator_dtype))
+
+  def update(updates, state, params=None, **extra):
+    del params, extra
+    expect_state(state, EmaState, "ema")
+    same_structure(updates, state.ema, "ema")
+    new = jax.tree.map(lambda g, m: ema_leaf(decay, m, g), updates, state.ema)
+    count = safe_increment(state.count)
+    if debias:
+      factor = debias_factor(decay, count)
+      out = jax.tree.map(lambda m: debias_leaf(m, factor), new)
+    else:
+      out = new
+    # Updates keep the gradients' dtype (float16 is debiased in float32).
+    out = otree.cast_like(out, updates)
+    return out, EmaState(count, otree.cast(new, accumulator_dtype))
+
+  return GradientTransformation(init, update)
+
+
+class BiasCorrectionState(NamedTuple):
+  count: jax.Array
+
+
+@public("transformation", decay=DECAY)
+def scale_by_bias_correction(decay: ScalarOrSchedule) -> GradientTransformation:
+  """Divide the incoming EMA by ``1 - decay^t`` (t counts this transformation's steps).
+
+  Place it right after an un-debiased EMA (``ema(decay, debias=False)``) of the same decay.
+
+  Args:
+    decay: the EMA's beta in [0, 1) (a number or a schedule).
+
+  Returns:
+    A transformation with state :class:`BiasCorrectionState` (its count).
+
+  References:
+    Kingma and Ba, "Adam: A Method for Stochastic Optimization", ICLR 2015, section 3.
+  """
+
+  def init(params):
+    del params
+    return BiasCorrectionState(zero_count())
+
+  def update(updates, state, params=None, **extra):
+    del params, extra
+    expect_state(state, BiasCorrectionState, "scale_by_bias_correction")
+    count = safe_increment(state.count)
+    factor = debias_factor(decay, count)
+    out = jax.tree.map(lambda m: debias_leaf(m, factor).astype(jnp.result_type(m)), updates)
+    return out, BiasCorrectionState(count)
+
+  return GradientTransformation(init, update)
+
+__all__ = ["TraceState", "EmaState", "BiasCorrectionState"]  # and the builders it registers

@@ -19,12 +19,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from optcompose import tree as otree
-from optcompose._core import (
-    GradientTransformation, ScalarOrSchedule, check_hyperparameter, init_empty_state,
-    with_schedules,
-)
-from optcompose.transforms.decay import Mask
+from optcompose.core import MASK, GradientTransformation, ScalarOrSchedule, public, real
+from optcompose.transforms.decay import Mask, masked_leafwise
+
+_STRENGTH = real(0.0, draw=(0.0, 1.0))
 
 
 def soft_threshold_leaf(x, threshold):
@@ -40,7 +38,8 @@ def elastic_net_prox_leaf(w, u, lr, l1, l2):
   return (target - w).astype(jnp.result_type(u))
 
 
-@with_schedules("l1", "l2", "learning_rate")
+@public("transformation", l1=_STRENGTH, l2=_STRENGTH, learning_rate=real(0.0, draw=(1e-5, 1.0)),
+        mask=MASK)
 def prox_elastic_net(l1: ScalarOrSchedule, l2: ScalarOrSchedule,
                      learning_rate: ScalarOrSchedule, mask: Mask = None) -> GradientTransformation:
   """Proximal elastic-net step after the learning-rate step (see the module docstring).
@@ -50,25 +49,33 @@ def prox_elastic_net(l1: ScalarOrSchedule, l2: ScalarOrSchedule,
     l2: L2 strength (>= 0), a number or a schedule.
     learning_rate: the same learning rate (number or schedule) the chain scales by.
     mask: which leaves get the proximal step (as in :func:`add_decayed_weights`).
+
+  Returns:
+    A stateless transformation that needs ``params``.
+
+  References:
+    Parikh and Boyd, "Proximal Algorithms", 2014, sections 6.1 and 6.5.1.
   """
-  for name, value in (("l1", l1), ("l2", l2), ("learning_rate", learning_rate)):
-    check_hyperparameter("prox_elastic_net", name, value, low=0.0)
-
-  def update(updates, state, params=None, **extra):
-    del extra
-    if params is None:
-      raise ValueError("prox_elastic_net needs `params`: call update(updates, state, params).")
-    otree.check_same_structure(updates, params, "updates", "params")
-    step = lambda u, w: elastic_net_prox_leaf(w, u, learning_rate, l1, l2)
-    if mask is None:
-      return jax.tree.map(step, updates, params), state
-    where = otree.resolve_mask(mask, params)
-    return jax.tree.map(lambda u, w, on: step(u, w) if on else u, updates, params, where), state
-
-  return GradientTransformation(init_empty_state, update)
+  return masked_leafwise("prox_elastic_net",
+                         lambda u, w: elastic_net_prox_leaf(w, u, learning_rate, l1, l2), mask)
 
 
+@public("transformation", l1=_STRENGTH, learning_rate=real(0.0, draw=(1e-5, 1.0)), mask=MASK)
 def prox_l1(l1: ScalarOrSchedule, learning_rate: ScalarOrSchedule,
             mask: Mask = None) -> GradientTransformation:
-  """L1 soft-thresholding after the learning-rate step: ``prox_elastic_net`` with ``l2=0``."""
+  """L1 soft-thresholding after the learning-rate step: ``prox_elastic_net`` with ``l2=0``.
+
+  Args:
+    l1: L1 strength (>= 0), a number or a schedule.
+    learning_rate: the same learning rate the chain scales by.
+    mask: which leaves get the proximal step.
+
+  Returns:
+    A stateless transformation that needs ``params``.
+
+  References:
+    Tibshirani, "Regression Shrinkage and Selection via the Lasso", 1996.
+  """
   return prox_elastic_net(l1, 0.0, learning_rate, mask)
+
+__all__ = []  # and the builders it registers

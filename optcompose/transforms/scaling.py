@@ -11,10 +11,13 @@ import jax
 import jax.numpy as jnp
 
 from optcompose import tree as otree
-from optcompose._core import (
-    EmptyState, GradientTransformation, ScalarOrSchedule, check_hyperparameter, identity,
-    with_schedules,
+from optcompose.core import (
+    FLAG, SCHEDULE, EmptyState, GradientTransformation, ScalarOrSchedule, public, real,
+    stateless,
 )
+from optcompose.core import identity as _identity
+
+identity = public("transformation", optax="identity")(_identity)
 
 
 def scale_leaf(s, u):
@@ -22,43 +25,72 @@ def scale_leaf(s, u):
   return jnp.asarray(s, dtype=jnp.result_type(u)) * u
 
 
-@with_schedules("step_size")
+@public("transformation", optax="scale", step_size=real(draw=(-1.0, 1.0)))
 def scale(step_size: ScalarOrSchedule) -> GradientTransformation:
-  """Scale updates by ``step_size`` (a number or a schedule of the step count).
+  """Scale updates by ``step_size``: ``u <- step_size * u``.
 
-  Update: ``u <- step_size * u``.
+  Args:
+    step_size: a number or a schedule of the step count.
+
+  Returns:
+    A stateless transformation (with a schedule, its state keeps the count).
   """
-  check_hyperparameter("scale", "step_size", step_size)
 
   def init(params):
     otree.check_floating(params, "params")
     return EmptyState()
 
-  def update(updates, state, params=None, **extra):
-    del params, extra
-    return jax.tree.map(lambda u: scale_leaf(step_size, u), updates), state
-
+  update = stateless(lambda updates, params: jax.tree.map(lambda u: scale_leaf(step_size, u),
+                                                          updates)).update
   return GradientTransformation(init, update)
 
 
+@public("transformation", optax="scale_by_schedule", step_size_fn=SCHEDULE)
 def scale_by_schedule(step_size_fn) -> GradientTransformation:
-  """Scale updates by ``step_size_fn(count)``; the count lives in the state."""
+  """Scale updates by ``step_size_fn(count)``; the count lives in the state.
+
+  Args:
+    step_size_fn: a schedule, a function of the int32 step count.
+
+  Returns:
+    :func:`scale` with the schedule.
+  """
   if not callable(step_size_fn):
     raise TypeError("scale_by_schedule: `step_size_fn` must be a callable of the step count.")
   return scale(step_size_fn)
 
 
-@with_schedules("learning_rate")
+@public("transformation", optax="scale_by_learning_rate",
+        learning_rate=real(0.0, draw=(1e-5, 1.0), optional=True),
+        flip_sign=FLAG)
 def scale_by_learning_rate(
     learning_rate: ScalarOrSchedule | None = None, *, flip_sign: bool = True
 ) -> GradientTransformation:
   """Scale updates by ``-learning_rate`` (or ``+learning_rate`` with ``flip_sign=False``).
 
   Update: ``u <- -lr_t * u`` where ``lr_t`` is the learning rate (or schedule value) at the
-  current step. ``None`` means no scaling. A negative learning rate given as a number is an
-  error (use ``flip_sign=False`` to ascend).
+  current step.
+
+  Args:
+    learning_rate: >= 0, a number or a schedule; ``None`` means no scaling. A negative
+      learning rate is an error (use ``flip_sign=False`` to ascend).
+    flip_sign: descend (multiply by ``-lr``).
+
+  Returns:
+    :func:`scale` with ``-lr`` (or ``lr``).
   """
   if learning_rate is None:
     return identity()
-  check_hyperparameter("scale_by_learning_rate", "learning_rate", learning_rate, low=0.0)
   return scale(-learning_rate if flip_sign else learning_rate)
+
+
+@public("transformation", optax="set_to_zero")
+def set_to_zero() -> GradientTransformation:
+  """Replace the updates by zeros (frozen parameters).
+
+  Returns:
+    A stateless transformation.
+  """
+  return stateless(lambda updates, params: jax.tree.map(jnp.zeros_like, updates))
+
+__all__ = []  # and the builders it registers

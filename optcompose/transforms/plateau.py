@@ -22,8 +22,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from optcompose._core import (
-    GradientTransformation, as_hyperparam, check_hyperparameter, default_float, safe_increment, zero_count,
+from optcompose.core import (
+    GradientTransformation, as_hyperparam, choice, default_float, expect_state, integer, public,
+    real, safe_increment, zero_count,
 )
 
 
@@ -35,7 +36,25 @@ class ReduceLROnPlateauState(NamedTuple):
   count: jax.Array
   avg_value: jax.Array
 
+  @property
+  def hyperparams(self) -> dict:
+    """The multiplier in force, as :func:`optcompose.current_hyperparams` reports it."""
+    return {"plateau_scale": self.scale}
 
+  def with_hyperparams(self, values: dict) -> "ReduceLROnPlateauState":
+    """The state with ``plateau_scale`` replaced (:func:`optcompose.set_hyperparams`)."""
+    return self._replace(scale=values["plateau_scale"])
+
+
+def _unit_open(draw):
+  return real(0.0, 1.0, low_open=True, high_open=True, draw=draw, schedule=False)
+
+
+@public("transformation", optax="contrib.reduce_on_plateau", factor=_unit_open((0.01, 0.99)),
+        patience=integer(1, draw=(1, 5)), rtol=real(0.0, 1.0, draw=(1e-4, 0.1), schedule=False),
+        atol=real(0.0, schedule=False, draw=(0.0, 0.0)), cooldown=integer(0, draw=(0, 3)),
+        accumulation_size=integer(1, draw=(1, 1)),
+        min_scale=real(0.0, schedule=False, draw=(0.0, 0.0)), mode=choice("min", "max"))
 def reduce_on_plateau(factor: float = 0.1, patience: int = 10, rtol: float = 1e-4,
                       atol: float = 0.0, cooldown: int = 0, accumulation_size: int = 1,
                       min_scale: float = 0.0, *, mode: str = "min") -> GradientTransformation:
@@ -49,17 +68,19 @@ def reduce_on_plateau(factor: float = 0.1, patience: int = 10, rtol: float = 1e-
     accumulation_size: update calls whose values are averaged into one evaluation.
     min_scale: the scale never goes below this.
     mode: "min" (the value should fall, e.g. a loss) or "max" (e.g. an accuracy).
+
+  Returns:
+    A transformation with state :class:`ReduceLROnPlateauState`; ``update`` needs
+    ``value=`` (the monitored loss or metric). The scale in force is reported by
+    :func:`optcompose.current_hyperparams` as ``plateau_scale``.
+
+  References:
+    PyTorch's ``torch.optim.lr_scheduler.ReduceLROnPlateau``; Optax's
+    ``contrib.reduce_on_plateau``.
   """
   fn = "reduce_on_plateau"
-  check_hyperparameter(fn, "factor", factor, low=0.0, high=1.0, low_open=True, high_open=True)
-  check_hyperparameter(fn, "patience", patience, low=1)
-  check_hyperparameter(fn, "rtol", rtol, low=0.0, high=1.0)
-  check_hyperparameter(fn, "atol", atol, low=0.0)
   if rtol == 0 and atol == 0:
     raise ValueError(f"{fn}: at least one of `rtol` and `atol` must be positive.")
-  check_hyperparameter(fn, "cooldown", cooldown, low=0)
-  check_hyperparameter(fn, "accumulation_size", accumulation_size, low=1)
-  check_hyperparameter(fn, "min_scale", min_scale, low=0.0)
   if mode not in ("min", "max"):
     raise ValueError(f"{fn}: `mode` must be 'min' or 'max', got {mode!r}.")
   sign = 1.0 if mode == "min" else -1.0
@@ -87,6 +108,7 @@ def reduce_on_plateau(factor: float = 0.1, patience: int = 10, rtol: float = 1e-
 
   def update(updates, state, params=None, **extra):
     del params
+    expect_state(state, ReduceLROnPlateauState, fn)
     if "value" not in extra:
       raise TypeError(f"{fn} needs the monitored value: call update(..., value=loss).")
     value = sign * jnp.asarray(extra["value"], default_float())

@@ -26,9 +26,9 @@ import jax
 import jax.numpy as jnp
 
 from optcompose import tree as otree
-from optcompose._core import (
-    GradientTransformation, _as_transformation, check_hyperparameter, cond, forward_extra,
-    safe_increment, zero_count,
+from optcompose.core import (
+    FLAG, INNER, GradientTransformation, Hyper, as_transformation, cond, expect_state, integer,
+    public, safe_increment, zero_count,
 )
 
 
@@ -42,15 +42,12 @@ class MultiStepsState(NamedTuple):
   skip_state: Any = ()
 
 
-def _inner_update(inner, updates, state, params, extra):
-  return inner.update(updates, state, params, **forward_extra(inner.update, extra))
-
-
 def _update_if(pred, inner, updates, state, params, extra):
   """``inner.update`` when ``pred`` holds; else zero updates and the state untouched. Only
   the branch taken runs (``lax.cond`` under jit)."""
   def run(operands):
-    return _inner_update(inner, *operands, extra)
+    updates, state, params = operands
+    return inner.update(updates, state, params, **extra)
 
   def hold(operands):
     shapes = jax.eval_shape(run, operands)[0]  # the updates the inner step would give
@@ -59,6 +56,8 @@ def _update_if(pred, inner, updates, state, params, extra):
   return cond(pred, run, hold, (updates, state, params))
 
 
+@public("wrapper", inner=INNER, every_k_schedule=Hyper(("int", 1, 3), 1, numeric=True, schedule=True),
+        use_grad_mean=FLAG)
 def multi_steps(inner, every_k_schedule: Union[int, Callable], use_grad_mean: bool = True,
                 accumulator_dtype=jnp.float32) -> GradientTransformation:
   """Gradient accumulation over ``every_k_schedule`` micro-steps (see the module docstring).
@@ -68,10 +67,15 @@ def multi_steps(inner, every_k_schedule: Union[int, Callable], use_grad_mean: bo
     every_k_schedule: k, or a schedule of the number of real steps taken.
     use_grad_mean: apply the mean of the micro-gradients (else their sum).
     accumulator_dtype: dtype of the accumulation buffer.
+
+  Returns:
+    A transformation with state :class:`MultiStepsState` (Optax's fields).
+
+  References:
+    Optax's ``MultiSteps``; gradient accumulation as in Goyal et al., "Accurate, Large
+    Minibatch SGD", 2017.
   """
-  inner = _as_transformation(inner, 0)
-  if not callable(every_k_schedule):
-    check_hyperparameter("multi_steps", "every_k_schedule", every_k_schedule, low=1)
+  inner = as_transformation(inner, "multi_steps")
   k_of = every_k_schedule if callable(every_k_schedule) else (lambda step: every_k_schedule)
 
   def init(params):
@@ -80,6 +84,7 @@ def multi_steps(inner, every_k_schedule: Union[int, Callable], use_grad_mean: bo
                            otree.zeros_like(params, accumulator_dtype))
 
   def update(updates, state, params=None, **extra):
+    expect_state(state, MultiStepsState, "multi_steps")
     otree.check_same_structure(updates, state.acc_grads, "updates", "state.acc_grads")
     n = state.mini_step
     if use_grad_mean:
@@ -140,6 +145,8 @@ def all_finite(tree) -> jax.Array:
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
 
+@public("wrapper", optax="apply_if_finite", inner=INNER,
+        max_consecutive_errors=Hyper(("int", 1, 5), 1, numeric=True, integer=True, optional=True))
 def apply_if_finite(inner, max_consecutive_errors: Optional[int]) -> GradientTransformation:
   """Skip updates whose gradients contain NaN or Inf (see the module docstring).
 
@@ -147,17 +154,22 @@ def apply_if_finite(inner, max_consecutive_errors: Optional[int]) -> GradientTra
     inner: the wrapped optimizer.
     max_consecutive_errors: after this many consecutive non-finite steps, ``gave_up`` is set
       in the state (the updates are still skipped). ``None``: never give up.
+
+  Returns:
+    A transformation with state :class:`ApplyIfFiniteState` (Optax's fields and ``gave_up``).
+
+  References:
+    Optax's ``apply_if_finite``; dynamic loss scaling as in Micikevicius et al., "Mixed
+    Precision Training", ICLR 2018.
   """
-  inner = _as_transformation(inner, 0)
-  if max_consecutive_errors is not None:
-    check_hyperparameter("apply_if_finite", "max_consecutive_errors", max_consecutive_errors,
-                         low=1)
+  inner = as_transformation(inner, "apply_if_finite")
 
   def init(params):
     return ApplyIfFiniteState(zero_count(), jnp.asarray(True), zero_count(), inner.init(params),
                               jnp.asarray(False))
 
   def update(updates, state, params=None, **extra):
+    expect_state(state, ApplyIfFiniteState, "apply_if_finite")
     finite = all_finite(updates)
     new_updates, inner_state = _update_if(finite, inner, updates, state.inner_state, params, extra)
     consecutive = jnp.where(finite, 0, safe_increment(state.notfinite_count))
@@ -170,3 +182,5 @@ def apply_if_finite(inner, max_consecutive_errors: Optional[int]) -> GradientTra
         inner_state, gave_up)
 
   return GradientTransformation(init, update)
+
+__all__ = ["ApplyIfFiniteState", "MultiSteps", "MultiStepsState", "all_finite"]  # and the builders it registers

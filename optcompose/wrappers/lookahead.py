@@ -29,17 +29,20 @@ Two forms, one arithmetic:
 
 from __future__ import annotations
 
-import numbers
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from optcompose._core import (
-    GradientTransformation, _takes_extra, check_hyperparameter, forward_extra,
-    wants_raw_grads, zero_count,
+from optcompose import tree as otree
+from optcompose.core import (
+    FLAG, INNER, GradientTransformation, as_transformation, expect_state, integer, needs_params,
+    public, real, zero_count,
 )
+
+_LOOKAHEAD = dict(fast_optimizer=INNER, sync_period=integer(1, draw=(1, 4)),
+                  slow_step_size=real(0.0, 1.0, draw=(0.05, 1.0), schedule=False),
+                  reset_state=FLAG)
 
 
 class LookaheadState(NamedTuple):
@@ -86,6 +89,7 @@ def slow_update_leaf(d, alpha, sync):
   return jnp.where(sync, alpha * d, jnp.zeros_like(d))
 
 
+@public("wrapper", optax="lookahead", **_LOOKAHEAD)
 def lookahead(fast_optimizer: Any, sync_period: int, slow_step_size: float,
               reset_state: bool = False) -> GradientTransformation:
   """Lookahead around any optimizer (optcompose or Optax).
@@ -109,35 +113,28 @@ def lookahead(fast_optimizer: Any, sync_period: int, slow_step_size: float,
   sync flag (the same values, but a non-finite fast state or fast weights do not turn the
   slow weights or the reset state into NaN before the sync, and integer counts keep their
   dtype); ``init`` accepts plain parameters silently (Optax logs a warning); the fast
-  optimizer receives the update's keyword arguments (``value=``, ``raw_grads``).
+  optimizer receives the update's keyword arguments (e.g. ``value=``).
+
+  Returns:
+    A transformation with state :class:`LookaheadState` (Optax's fields).
 
   References:
     Zhang, Lucas, Hinton and Ba, "Lookahead Optimizer: k steps forward, 1 step back",
     NeurIPS 2019.
   """
   fn = "lookahead"
-  if isinstance(sync_period, bool) or not isinstance(sync_period, (numbers.Integral, np.integer)):
-    raise TypeError(f"{fn}: `sync_period` must be a Python int, got {sync_period!r} "
-                    "(it is static: under inject_hyperparams, list it in static_args).")
-  check_hyperparameter(fn, "sync_period", sync_period, low=1)
-  check_hyperparameter(fn, "slow_step_size", slow_step_size, low=0.0, high=1.0)
-  if not (callable(getattr(fast_optimizer, "init", None))
-          and callable(getattr(fast_optimizer, "update", None))):
-    raise TypeError(f"{fn}: `fast_optimizer` must be a gradient transformation, got "
-                    f"{type(fast_optimizer).__name__}.")
+  fast_optimizer = as_transformation(fast_optimizer, "lookahead: `fast_optimizer`")
   fast_update = fast_optimizer.update
-  takes_extra = _takes_extra(fast_update)
 
   def init(params):
     fast = params.fast if _is_pair(params) else params
     return LookaheadState(fast_state=fast_optimizer.init(fast), steps_since_sync=zero_count())
 
-  @wants_raw_grads  # forwarded to the fast optimizer only if it asks for it
   def update(updates, state, params=None, **extra):
+    expect_state(state, LookaheadState, fn)
     if not _is_pair(params):
       raise ValueError(f"{fn}: `params` must be a LookaheadParams(fast, slow), got "
                        f"{type(params).__name__}; start with LookaheadParams.init_synced(params).")
-    extra = forward_extra(fast_update, extra) if takes_extra else {}
     u, fast_state = fast_update(updates, state.fast_state, params.fast, **extra)
     sync = state.steps_since_sync == sync_period - 1
     d = jax.tree.map(lambda f, g, s: f + g - s, params.fast, u, params.slow)
@@ -176,18 +173,16 @@ def slow_weights_in_state(pair_lookahead: Any) -> GradientTransformation:
   slow weights' updates are applied to ``state.slow`` (rounded to each leaf's dtype, as
   ``apply_updates`` does). The trajectory of the fast weights is the wrapped lookahead's.
   """
-  takes_extra = _takes_extra(pair_lookahead.update)
+  pair_lookahead = as_transformation(pair_lookahead, "lookahead_in_state")
 
   def init(params):
     slow = jax.tree.map(lambda p: jnp.array(p), params)
     return LookaheadSlowState(pair_lookahead.init(LookaheadParams(params, params)), slow)
 
-  @wants_raw_grads
   def update(updates, state, params=None, **extra):
-    if params is None:
-      raise ValueError("lookahead_in_state: `params` (the fast weights) are required.")
+    needs_params(params, "lookahead_in_state (the fast weights)")
+    expect_state(state, LookaheadSlowState, "lookahead_in_state")
     pair = LookaheadParams(fast=params, slow=state.slow)
-    extra = forward_extra(pair_lookahead.update, extra) if takes_extra else {}
     u, inner = pair_lookahead.update(updates, state.lookahead, pair, **extra)
     slow = jax.tree.map(lambda s, d: jnp.asarray(s + d).astype(s.dtype), state.slow, u.slow)
     return u.fast, LookaheadSlowState(inner, slow)
@@ -195,6 +190,7 @@ def slow_weights_in_state(pair_lookahead: Any) -> GradientTransformation:
   return GradientTransformation(init, update)
 
 
+@public("wrapper", **_LOOKAHEAD)
 def lookahead_in_state(fast_optimizer: Any, sync_period: int, slow_step_size: float,
                        reset_state: bool = False) -> GradientTransformation:
   """:func:`lookahead` with the slow weights kept in the optimizer state.
@@ -208,6 +204,12 @@ def lookahead_in_state(fast_optimizer: Any, sync_period: int, slow_step_size: fl
   weights right after a sync, when both agree). Same arguments and fast-weight trajectory
   as :func:`lookahead` (and ``optax.lookahead``).
 
+  Args:
+    fast_optimizer, sync_period, slow_step_size, reset_state: as in :func:`lookahead`.
+
+  Returns:
+    A transformation with state :class:`LookaheadSlowState`.
+
   References:
     Zhang et al., NeurIPS 2019.
   """
@@ -218,10 +220,10 @@ def lookahead_in_state(fast_optimizer: Any, sync_period: int, slow_step_size: fl
 def slow_params(state) -> Any:
   """The slow weights held by a :func:`lookahead_in_state` state found anywhere in ``state``
   (a chain's tuple, a wrapper's state). Raises ValueError unless there is exactly one."""
-  is_node = lambda x: isinstance(x, LookaheadSlowState)
-  flat, _ = jax.tree_util.tree_flatten_with_path(state, is_leaf=is_node)
-  found = [node for _, node in flat if is_node(node)]
+  found = [node for _, node in otree.find_nodes(state, lambda x: isinstance(x, LookaheadSlowState))]
   if len(found) != 1:
     raise ValueError(f"slow_params: the state holds {len(found)} lookahead_in_state states; "
                      "expected exactly one.")
   return found[0].slow
+
+__all__ = ["LookaheadParams", "LookaheadSlowState", "LookaheadState", "slow_params"]  # and the builders it registers

@@ -42,8 +42,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from optcompose import tree as otree
-from optcompose._core import (
-    GradientTransformation, check_hyperparameter, cond, default_float, safe_increment, zero_count,
+from optcompose.core import (
+    DECAY, FLAG, GradientTransformation, cond, default_float, expect_state, integer,
+    needs_params, public, real, safe_increment, zero_count,
 )
 
 
@@ -120,18 +121,9 @@ def _post_step(params, updates):
 # Transformations.
 
 
-def _check_step_int(fn: str, name: str, value: Any, low: int) -> None:
-  if isinstance(value, bool) or not isinstance(value, (numbers.Integral, np.integer)):
-    raise TypeError(f"{fn}: `{name}` must be a Python int, got {value!r} "
-                    "(it is static: under inject_hyperparams, list it in static_args).")
-  check_hyperparameter(fn, name, value, low=low)
-
-
 def _averaging(fn: str, state_type, weight, start_step: int, every: int,
                accumulator_dtype) -> GradientTransformation:
   """The transformation shared by :func:`ema_params` and :func:`swa`; ``weight(n)``."""
-  _check_step_int(fn, "start_step", start_step, 0)
-  _check_step_int(fn, "every", every, 1)
   always = every == 1 and start_step <= 1
 
   def init(params):
@@ -141,9 +133,8 @@ def _averaging(fn: str, state_type, weight, start_step: int, every: int,
 
   def update(updates, state, params=None, **extra):
     del extra
-    if params is None:
-      raise ValueError(f"{fn}: `params` are required (the average is of the parameters); "
-                       "call update(updates, state, params).")
+    needs_params(params, fn)
+    expect_state(state, state_type, fn)
     otree.check_same_structure(updates, params, "updates", "params")
     otree.check_same_structure(updates, state.average, "updates", "state.average")
     count = safe_increment(state.count)
@@ -164,6 +155,11 @@ def _averaging(fn: str, state_type, weight, start_step: int, every: int,
   return GradientTransformation(init, update)
 
 
+_STEPS = dict(start_step=integer(0, draw=(0, 3)), every=integer(1, draw=(1, 3)))
+
+
+@public("transformation", decay=real(0.0, 1.0, high_open=True, draw=(0.0, 0.999), schedule=False),
+        debias=FLAG, **_STEPS)
 def ema_params(decay: float, debias: bool = True, start_step: int = 0, every: int = 1,
                accumulator_dtype: Optional[Any] = None) -> GradientTransformation:
   """Exponential moving average of the parameters after each step, kept in the state.
@@ -199,14 +195,11 @@ def ema_params(decay: float, debias: bool = True, start_step: int = 0, every: in
     Kingma and Ba, "Adam", ICLR 2015 (section 7.2, temporal averaging with bias correction).
   """
   fn = "ema_params"
-  if callable(decay):
-    raise TypeError(f"{fn}: `decay` must be a number, not a schedule (debiasing already "
-                    "gives the first snapshots their full weight).")
-  check_hyperparameter(fn, "decay", decay, low=0.0, high=1.0, high_open=True)
   return _averaging(fn, EmaParamsState, lambda n: ema_weight(decay, n, debias), start_step,
                     every, accumulator_dtype)
 
 
+@public("transformation", **_STEPS)
 def swa(start_step: int = 0, every: int = 1,
         accumulator_dtype: Optional[Any] = None) -> GradientTransformation:
   """Stochastic weight averaging: the equal-weight mean of the parameters after the step,
@@ -249,8 +242,8 @@ def _is_average_state(node) -> bool:
 
 def average_states(state) -> list:
   """``(path, node)`` for every :func:`ema_params` / :func:`swa` state in a state tree."""
-  flat, _ = jax.tree_util.tree_flatten_with_path(state, is_leaf=_is_average_state)
-  return [(otree.path_str(path), node) for path, node in flat if _is_average_state(node)]
+  return [("/".join(path) or "<root>", node)
+          for path, node in otree.find_nodes(state, _is_average_state)]
 
 
 def averaged_params(state, kind: Optional[str] = None) -> Any:
@@ -285,3 +278,5 @@ def averaged_params(state, kind: Optional[str] = None) -> Any:
     raise ValueError(f"averaged_params: the state holds {len(found)} averages ({where}); "
                      "pass kind='ema' or kind='swa', or index the state.")
   return found[0][1].average
+
+__all__ = ["EmaParamsState", "SwaState", "averaged_params"]  # and the builders it registers

@@ -59,12 +59,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from optcompose import tree as otree
-from optcompose._core import (
-    GradientTransformation, ScalarOrSchedule, ScheduledState, _as_transformation,
-    check_hyperparameter, forward_extra, safe_increment, value_at, wants_raw_grads, zero_count,
+from optcompose.core import (
+    INNER, MASK, GradientTransformation, InjectHyperparamsState, ScalarOrSchedule,
+    as_transformation, current_hyperparams, expect_state, needs_params, public, real,
+    safe_increment, value_at, zero_count,
 )
+from optcompose.masks import resolve_mask
 from optcompose.transforms.clipping import ClipByGlobalNormState
-from optcompose.wrappers import InjectHyperparamsState, current_hyperparams
 
 
 class DiagnosticsState(NamedTuple):
@@ -105,7 +106,7 @@ def zero_fraction(tree: Any, mask: Any = None) -> jax.Array:
   ``mask`` (as in ``add_decayed_weights``) restricts it to the selected leaves."""
   leaves = jax.tree.leaves(tree)
   if mask is not None:
-    keep = jax.tree.leaves(otree.resolve_mask(mask, tree, "zero_mask"))
+    keep = jax.tree.leaves(resolve_mask(mask, tree, "zero_mask"))
     leaves = [x for x, k in zip(leaves, keep) if k]
   size = sum(int(np.size(x)) for x in leaves)
   if size == 0:
@@ -125,15 +126,13 @@ def leading_clip_norm(state: Any) -> Optional[jax.Array]:
   """The norm stored by a ``clip_by_global_norm`` that is the *first* step of the
   transformation owning ``state`` (so it measured that transformation's input); else None.
 
-  Follows the first member of chains (plain tuples) and the inner state of schedule and
-  ``inject_hyperparams`` wrappers; any other state ends the search.
+  Follows the first member of chains (plain tuples) and the inner state of scheduled and
+  injected hyperparameters; any other state ends the search.
   """
   while True:
     if isinstance(state, ClipByGlobalNormState):
       return state.global_norm
-    if isinstance(state, ScheduledState):
-      state = state.inner
-    elif isinstance(state, InjectHyperparamsState):
+    if isinstance(state, InjectHyperparamsState):
       state = state.inner_state
     elif type(state) in (tuple, list) and state:
       state = state[0]
@@ -152,6 +151,8 @@ def recorded_learning_rate(state: Any) -> Optional[jax.Array]:
 # The wrapper.
 
 
+@public("wrapper", inner=INNER, learning_rate=real(draw=(1e-5, 1.0), optional=True),
+        zero_mask=MASK)
 def with_diagnostics(inner: Any, learning_rate: Optional[ScalarOrSchedule] = None, *,
                      zero_mask: Any = None) -> GradientTransformation:
   """Wrap ``inner`` so that its state also records norms, ratios and counts of each step.
@@ -176,9 +177,7 @@ def with_diagnostics(inner: Any, learning_rate: Optional[ScalarOrSchedule] = Non
     :func:`diagnostics_dict`.
   """
   fn = "with_diagnostics"
-  if learning_rate is not None:
-    check_hyperparameter(fn, "learning_rate", learning_rate)
-  inner = _as_transformation(inner, 0)
+  inner = as_transformation(inner, fn)
 
   def lr_in_force(count, inner_state):
     if learning_rate is not None:
@@ -194,15 +193,10 @@ def with_diagnostics(inner: Any, learning_rate: Optional[ScalarOrSchedule] = Non
     return DiagnosticsState(inner_state, count, zero, zero, zero, zero,
                             lr_in_force(count, inner_state), zero, zero_count())
 
-  @wants_raw_grads  # forwarded only if the inner transformation asks for it
   def update(updates, state, params=None, **extra):
-    if not isinstance(state, DiagnosticsState):
-      raise TypeError(f"{fn} expects a DiagnosticsState, got {type(state).__name__}.")
-    if params is None:
-      raise ValueError(f"{fn} needs `params` (for the parameter norm and zero fraction): "
-                       "call update(updates, state, params).")
-    new_updates, inner_state = inner.update(updates, state.inner_state, params,
-                                            **forward_extra(inner.update, extra))
+    expect_state(state, DiagnosticsState, fn)
+    needs_params(params, f"{fn} (for the parameter norm and zero fraction)")
+    new_updates, inner_state = inner.update(updates, state.inner_state, params, **extra)
     grad_norm = leading_clip_norm(inner_state)
     if grad_norm is None:
       grad_norm = otree.global_norm(updates)

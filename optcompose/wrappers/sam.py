@@ -36,144 +36,16 @@ References:
 
 from __future__ import annotations
 
-import numbers
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from optcompose import tree as otree
-from optcompose._core import (
-    EmptyState, GradientTransformation, _takes_extra, apply_updates, check_hyperparameter,
-    forward_extra, init_empty_state, zero_count,
+from optcompose.core import (
+    FLAG, INNER, GradientTransformation, apply_updates, as_transformation, integer, needs_params,
+    public, zero_count,
 )
-
-GRAD_FN = "grad_fn"  # the keyword that carries the second gradient evaluation
-
-
-# ---------------------------------------------------------------------------------------
-# Formulas.
-
-
-def normalized_leaf(g, norm):
-  """``g / |g|``; the caller passes ``norm`` with zeros replaced by 1 (so 0 stays 0)."""
-  return g / norm.astype(jnp.result_type(g))
-
-
-def adversarial_leaf(w, g, rho, denominator, eta, adaptive):
-  """``w + rho g / denominator`` (SAM) or ``w + rho T^2 g / denominator`` with
-  ``T = |w| + eta`` (ASAM), in w's dtype."""
-  g = jnp.asarray(g)
-  direction = g / denominator.astype(g.dtype)
-  if adaptive:
-    t = jnp.abs(w) + eta
-    direction = t * t * direction
-  return jnp.asarray(w + rho * direction).astype(jnp.asarray(w).dtype)
-
-
-def _safe(norm):
-  return jnp.where(norm > 0, norm, jnp.ones_like(norm))
-
-
-# ---------------------------------------------------------------------------------------
-# One call per step.
-
-
-def sharpness_aware(rho: float = 0.05, *, adaptive: bool = False, eta: float = 0.01,
-                    eps: float = 1e-12) -> GradientTransformation:
-  """Replace the gradient ``g`` at ``w`` by the SAM gradient ``grad L(w + e)``.
-
-  ``update(g, state, params, grad_fn=f)`` evaluates ``f`` -- the caller's gradient
-  function, ``params -> gradients``, closed over the *same batch* as ``g`` -- once, at::
-
-      e     = rho g / (|g| + eps)                     (adaptive=False)
-      e     = rho T^2 g / (|T g| + eps),  T = |w| + eta   (adaptive=True, ASAM)
-      g_sam = f(w + e)
-
-  and returns ``g_sam``. It is stateless; put it **first** in the chain, before clipping
-  and the optimizer, which then see ``g_sam`` as their gradient::
-
-      tx = chain(sharpness_aware(rho=0.05), sgd(0.1, momentum=0.9))
-
-      @jax.jit
-      def step(params, state, batch):
-        grad_fn = lambda p: jax.grad(loss)(p, batch)
-        g = grad_fn(params)                                    # 1st evaluation
-        u, state = tx.update(g, state, params, grad_fn=grad_fn)  # 2nd, inside
-        return apply_updates(params, u), state
-
-  A function is not an array: jit the whole step as above (``grad_fn`` built inside it),
-  not ``tx.update`` with ``grad_fn`` as an argument. The loss to log is the one at ``w``
-  (the first evaluation). Side effects of the second
-  evaluation (e.g. batch-norm statistics) are the caller's to discard. This API differs
-  from Optax's :func:`sam` (which needs an adversarial optimizer, a sync period and, in
-  its default mode, two ``update`` calls per step): SAM as Foret et al. describe it is a
-  gradient transformation, and written as one it composes with every optimizer, schedule
-  and wrapper, and keeps a single optimizer state. ``grad_fn`` is passed by
-  :func:`optcompose.chain` and by Flax's ``nnx.Optimizer.update(..., grad_fn=...)``;
-  ``optax.chain`` drops keyword arguments for non-Optax members, so use it at the top
-  level or inside an optcompose chain.
-
-  Args:
-    rho: the neighbourhood radius (0.05 in the paper for SGD on CIFAR; ASAM uses larger
-      values, e.g. 0.5 to 2).
-    adaptive: ASAM's scale-invariant neighbourhood (``T`` applies to every leaf; the
-      ASAM authors' code exempts biases, and the popular PyTorch implementation
-      ``davda54/sam`` with ``adaptive=True`` uses ``eta = 0``).
-    eta: ASAM's offset in ``T = |w| + eta`` (0.01 in the paper).
-    eps: added to the norm, so a zero gradient gives ``e = 0`` (Keras' and the PyTorch
-      implementations use 1e-12).
-
-  References:
-    Foret et al., ICLR 2021 (Algorithm 1); Kwon et al., ICML 2021.
-  """
-  fn = "sharpness_aware"
-  check_hyperparameter(fn, "rho", rho, low=0.0)
-  check_hyperparameter(fn, "eta", eta, low=0.0)
-  check_hyperparameter(fn, "eps", eps, low=0.0)
-
-  def update(updates, state, params=None, **extra):
-    grad_fn = extra.get(GRAD_FN)
-    if grad_fn is None or not callable(grad_fn):
-      raise ValueError(f"{fn}: update needs `grad_fn=`, a function params -> gradients on the "
-                       "same batch (SAM's second gradient evaluation).")
-    if params is None:
-      raise ValueError(f"{fn}: `params` are required (the perturbation starts from them).")
-    otree.check_same_structure(updates, params, "updates", "params")
-    if adaptive:
-      scaled = jax.tree.map(lambda w, g: (jnp.abs(w) + eta) * g, params, updates)
-      norm = otree.global_norm(scaled)
-    else:
-      norm = otree.global_norm(updates)
-    denominator = norm + eps
-    w_adv = jax.tree.map(
-        lambda w, g: adversarial_leaf(w, g, rho, denominator, eta, adaptive), params, updates)
-    g_sam = grad_fn(w_adv)
-    otree.check_same_structure(g_sam, updates, "grad_fn(params)", "updates")
-    return g_sam, state
-
-  return GradientTransformation(init_empty_state, update)
-
-
-# ---------------------------------------------------------------------------------------
-# Optax's API: optax.contrib.sam and its normalize.
-
-NormalizeState = EmptyState
-
-
-def normalize() -> GradientTransformation:
-  """Divide the updates by their global L2 norm: ``u <- u / |u|`` (``optax.contrib.normalize``).
-
-  Unlike Optax's, a zero update stays zero instead of becoming NaN.
-  """
-
-  def update(updates, state, params=None, **extra):
-    del params, extra
-    norm = _safe(otree.global_norm(updates))
-    return jax.tree.map(lambda g: normalized_leaf(g, norm), updates), state
-
-  return GradientTransformation(init_empty_state, update)
+from optcompose.transforms.sharpness import GRAD_FN
 
 
 class SAMState(NamedTuple):
@@ -193,15 +65,13 @@ class SAMState(NamedTuple):
   cache: Optional[Any]
 
 
-def _caller(t) -> Callable:
-  """``t.update`` as ``(updates, state, params, **extra)``, dropping keywords it cannot take
-  (an Optax transformation without ``**extra_args``) and the SAM-only ``grad_fn``."""
-  update = t.update
-  if not _takes_extra(update):
-    return lambda u, s, p, **extra: update(u, s, p)
+def _caller(t, who: str) -> Callable:
+  """``t.update`` without the SAM-only ``grad_fn`` keyword (the inner optimizers get the
+  others)."""
+  update = as_transformation(t, who).update
 
   def call(u, s, p, **extra):
-    extra = {k: v for k, v in forward_extra(update, extra).items() if k != GRAD_FN}
+    extra.pop(GRAD_FN, None)
     return update(u, s, p, **extra)
 
   return call
@@ -215,6 +85,8 @@ def _negate(tree):
   return jax.tree.map(lambda x: -x, tree)
 
 
+@public("wrapper", optax="contrib.sam", optimizer=INNER, adv_optimizer=INNER,
+        sync_period=integer(1, draw=(1, 3)), reset_state=FLAG)
 def sam(optimizer: Any, adv_optimizer: Any, sync_period: int = 2, reset_state: bool = True,
         opaque_mode: bool = False, batch_axis_name: Optional[str] = None) -> GradientTransformation:
   """SAM with Optax's API (``optax.contrib.sam``): an outer and an adversarial optimizer.
@@ -259,19 +131,7 @@ def sam(optimizer: Any, adv_optimizer: Any, sync_period: int = 2, reset_state: b
     Foret et al., ICLR 2021.
   """
   fn = "sam"
-  if isinstance(sync_period, bool) or not isinstance(sync_period, (numbers.Integral, np.integer)):
-    raise TypeError(f"{fn}: `sync_period` must be a Python int, got {sync_period!r} "
-                    "(it is static: under inject_hyperparams, list it in static_args).")
-  check_hyperparameter(fn, "sync_period", sync_period, low=1)
-  for name, t in (("optimizer", optimizer), ("adv_optimizer", adv_optimizer)):
-    if not (callable(getattr(t, "init", None)) and callable(getattr(t, "update", None))):
-      raise TypeError(f"{fn}: `{name}` must be a gradient transformation, got "
-                      f"{type(t).__name__}.")
-  outer, adv = _caller(optimizer), _caller(adv_optimizer)
-
-  def _need_params(params):
-    if params is None:
-      raise ValueError(f"{fn}: `params` are required (the cycle starts from them).")
+  outer, adv = _caller(optimizer, "sam: `optimizer`"), _caller(adv_optimizer, "sam: `adv_optimizer`")
 
   def init(params):
     return SAMState(steps_since_sync=zero_count(), opt_state=optimizer.init(params),
@@ -279,7 +139,7 @@ def sam(optimizer: Any, adv_optimizer: Any, sync_period: int = 2, reset_state: b
                     cache=None if opaque_mode else params)
 
   def transparent_update(updates, state, params=None, **extra):
-    _need_params(params)
+    needs_params(params, fn)
     first = state.steps_since_sync == 0
     last = state.steps_since_sync == sync_period - 1
     cache = _select(first, params, state.cache)  # the outer weights of this cycle
@@ -299,7 +159,7 @@ def sam(optimizer: Any, adv_optimizer: Any, sync_period: int = 2, reset_state: b
     if grad_fn is None:
       raise ValueError(f"{fn}: opaque_mode=True needs `grad_fn=`, a function "
                        "(params, i) -> gradients, passed to update.")
-    _need_params(params)
+    needs_params(params, fn)
     adv_params, g, adv_state = params, updates, state.adv_state
     for i in range(sync_period - 1):
       adv_u, adv_state = adv(g, adv_state, adv_params, **extra)
@@ -313,3 +173,5 @@ def sam(optimizer: Any, adv_optimizer: Any, sync_period: int = 2, reset_state: b
     return new_updates, SAMState(zero_count(), opt_state, adv_state, None)
 
   return GradientTransformation(init, opaque_update if opaque_mode else transparent_update)
+
+__all__ = ["SAMState"]  # and the builders it registers

@@ -1,0 +1,17 @@
+"""The core floor: the contract (:mod:`.base`), hyperparameters and the one mechanism for
+values that live in the state (:mod:`.hyperparams`), and the registry (:mod:`.registry`).
+It imports only :mod:`optcompose.tree`."""
+
+from optcompose.core.base import (
+    EmptyState, GradientTransformation, OptState, Params, PyTree, ScalarOrSchedule, Schedule,
+    StateMismatchError, Updates, apply_updates, as_transformation, chain, cond, expect_state,
+    identity, init_empty_state, needs_params, safe_increment, stateless, stateless_with_tree_map,
+    zero_count,
+)
+from optcompose.core.hyperparams import (
+    DECAY, EPS, EPS_ROOT, FLAG, INNER, INNER_PAIR, LABELS, LEARNING_RATE, MASK, MOMENTUM, NONNEGATIVE,
+    SCHEDULE, Hyper, InjectHyperparamsState, as_hyperparam, check_hyperparameter, checks_done,
+    choice, current_hyperparams, default_float, holds_hyperparams, integer, real,
+    rebuilt_each_step, set_hyperparams, value_at, with_schedules,
+)
+from optcompose.core.registry import REGISTRY, public

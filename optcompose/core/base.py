@@ -1,0 +1,267 @@
+"""The optcompose contract.
+
+A *gradient transformation* is a pair of pure functions, held in a NamedTuple whose field
+names are Optax's::
+
+    init(params) -> state
+    update(updates, state, params=None, **extra) -> (new_updates, new_state)
+
+* ``state`` is a pytree of arrays (usually a NamedTuple). Everything that changes while
+  training -- moments, step counts, scheduled or injected hyperparameters -- lives there, so
+  a run resumed from a saved state continues exactly.
+* ``update`` maps the incoming direction (the gradient, or what earlier transformations
+  made of it) to an outgoing one. It may read ``params``; it never writes them.
+* ``**extra`` carries keyword arguments such as a loss value. Every optcompose
+  transformation accepts and ignores the ones it does not use.
+* A transformation object holds functions only, never JAX arrays: Flax's ``nnx.Optimizer``
+  keeps it as a static attribute.
+* Nothing records the tree structure at ``init`` to compare it at ``update``: ``nnx.Optimizer``
+  passes ``nnx.Param`` nodes to ``init`` and bare arrays to ``update``. Transformations
+  compare ``updates`` with their *state* instead.
+
+Composition::
+
+    chain(t1, t2, ...)            # state is the tuple of the members' states, nothing else
+    apply_updates(params, updates) -> params   # p + u, keeping each parameter's dtype
+
+``chain`` hands each member the previous member's output, ``params`` and ``**extra``, and
+nothing hidden, so it is associative: ``chain(a, chain(b, c))`` and ``chain(chain(a, b), c)``
+compute the same step. A piece that needs a second input takes it in its own arguments (see
+``scale_by_second_moment(..., direction=...)``).
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable, NamedTuple, Optional, Union
+
+import jax
+import jax.numpy as jnp
+
+from optcompose import tree as otree
+
+PyTree = Any
+Params = Any
+Updates = Any
+OptState = Any
+Schedule = Callable[[jax.Array], Any]
+ScalarOrSchedule = Union[float, int, jax.Array, Schedule]
+
+
+class GradientTransformation(NamedTuple):
+  """A pair of pure functions ``(init, update)``; see the module docstring."""
+
+  init: Callable[[Params], OptState]
+  update: Callable[..., tuple[Updates, OptState]]
+
+
+class EmptyState(NamedTuple):
+  """The state of a stateless transformation."""
+
+
+def init_empty_state(params: Params) -> EmptyState:
+  """The ``init`` of a stateless transformation: an :class:`EmptyState`."""
+  del params
+  return EmptyState()
+
+
+# ----------------------------------------------------------------------------------------
+# Errors every transformation raises the same way.
+
+
+class StateMismatchError(ValueError):
+  """An ``update`` got a state its ``init`` did not make (e.g. another optimizer's)."""
+
+  def __init__(self, who: str, expected: str, got: Any, path: str = ""):
+    self.who, self.expected, self.got, self.path = who, expected, got, path
+    where = f"state{path}" if path else "the state"
+    super().__init__(
+        f"{who}: {where} is a {type(got).__name__}, expected a {expected}. Pass the state "
+        "returned by this transformation's own init (not another optimizer's).")
+
+  def at(self, prefix: str) -> "StateMismatchError":
+    return StateMismatchError(self.who, self.expected, self.got, prefix + self.path)
+
+
+def expect_state(state: Any, state_type: type, who: str) -> Any:
+  """Return ``state`` if it is a ``state_type``; else raise a :class:`StateMismatchError`."""
+  if not isinstance(state, state_type):
+    raise StateMismatchError(who, state_type.__name__, state)
+  return state
+
+
+def needs_params(params: Any, who: str) -> Any:
+  """Return ``params``; raise the one "needs params" error if they are missing."""
+  if params is None:
+    raise ValueError(f"{who} needs `params`: call update(updates, state, params).")
+  return params
+
+
+# ----------------------------------------------------------------------------------------
+# Building transformations.
+
+
+def stateless(f: Callable[[Updates, Optional[Params]], Updates]) -> GradientTransformation:
+  """A transformation without state from ``f(updates, params) -> updates`` (Optax's name).
+
+  Args:
+    f: a pure function of the whole updates tree and the params (``None`` when not given).
+
+  Returns:
+    A transformation whose state is :class:`EmptyState` and whose update ignores ``**extra``.
+  """
+
+  def update(updates, state, params=None, **extra):
+    del extra
+    return f(updates, params), state
+
+  return GradientTransformation(init_empty_state, update)
+
+
+def stateless_with_tree_map(f: Callable[[jax.Array, Optional[jax.Array]], jax.Array]
+                            ) -> GradientTransformation:
+  """A transformation without state applying ``f(u, p)`` to each leaf (Optax's name).
+
+  Args:
+    f: a pure function of one update leaf and its parameter leaf (``None`` when no params
+      are given).
+
+  Returns:
+    A transformation mapping ``f`` over the leaves.
+  """
+
+  def whole(updates, params):
+    if params is None:
+      return jax.tree.map(lambda u: f(u, None), updates)
+    return jax.tree.map(f, updates, params)
+
+  return stateless(whole)
+
+
+def identity() -> GradientTransformation:
+  """Pass the updates through unchanged.
+
+  Returns:
+    A transformation with an :class:`EmptyState`.
+  """
+  return stateless(lambda updates, params: updates)
+
+
+def _takes_extra(fn: Callable) -> bool:
+  """Whether ``fn`` accepts arbitrary keyword arguments (Optax's ExtraArgs protocol)."""
+  try:
+    params = inspect.signature(fn).parameters.values()
+  except (TypeError, ValueError):
+    return False
+  return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+
+
+def as_transformation(t: Any, who: str = "chain", position: Optional[int] = None
+                      ) -> GradientTransformation:
+  """The one adapter for members: any object with callable ``init`` and ``update`` (an
+  Optax transformation included) as a :class:`GradientTransformation` whose ``update``
+  accepts ``**extra``. An ``update`` without ``**kwargs`` is called without them.
+
+  Args:
+    t: the member.
+    who: the combinator, for the error message.
+    position: the member's position among the combinator's arguments, if any.
+
+  Returns:
+    ``t`` itself if it is a GradientTransformation, else an adapted one.
+  """
+  if isinstance(t, GradientTransformation):
+    return t
+  init, update = getattr(t, "init", None), getattr(t, "update", None)
+  if not (callable(init) and callable(update)):
+    where = f"argument {position}" if position is not None else "the inner transformation"
+    raise TypeError(
+        f"{who}: {where} is {type(t).__name__}, not a gradient transformation (an object "
+        "with callable `init` and `update`)."
+    )
+  if _takes_extra(update):
+    return GradientTransformation(init, update)
+
+  def update_without_extra(updates, state, params=None, **extra):
+    del extra  # a plain Optax transformation takes no keyword arguments
+    return update(updates, state, params)
+
+  return GradientTransformation(init, update_without_extra)
+
+
+def chain(*transformations: Any) -> GradientTransformation:
+  """Apply transformations one after the other; the state is the tuple of their states.
+
+  Args:
+    *transformations: optcompose or Optax transformations (anything with ``init`` and
+      ``update``). Keyword arguments given to ``update`` reach every member that accepts them.
+
+  Returns:
+    A transformation; ``chain`` is associative (no member sees anything but its input,
+    ``params`` and the keyword arguments).
+  """
+  members = tuple(as_transformation(t, "chain", i) for i, t in enumerate(transformations))
+
+  def init(params):
+    return tuple(t.init(params) for t in members)
+
+  def update(updates, state, params=None, **extra):
+    if not isinstance(state, (tuple, list)) or len(state) != len(members):
+      got = f"a {type(state).__name__} of length {len(state)}" if isinstance(
+          state, (tuple, list)) else type(state).__name__
+      raise ValueError(
+          f"chain of {len(members)} transformations got state {got}; pass the state "
+          "returned by this chain's init."
+      )
+    new_state = []
+    for i, (t, s) in enumerate(zip(members, state)):
+      try:
+        updates, s = t.update(updates, s, params, **extra)
+      except StateMismatchError as e:
+        raise e.at(f"[{i}]") from None
+      new_state.append(s)
+    return updates, tuple(new_state)
+
+  return GradientTransformation(init, update)
+
+
+def apply_updates(params: Params, updates: Updates) -> Params:
+  """Return ``params + updates``, each result cast back to its parameter's dtype.
+
+  Args:
+    params: the parameters.
+    updates: a tree of the parameters' structure and shapes.
+
+  Returns:
+    The new parameters, each leaf in its parameter's dtype.
+  """
+  otree.check_same_structure(updates, params, "updates", "params")
+  otree.check_floating(params, "params")
+  return jax.tree.map(
+      lambda p, u: jnp.asarray(p + u).astype(jnp.asarray(p).dtype), params, updates
+  )
+
+
+# ----------------------------------------------------------------------------------------
+# Step counts and branches.
+
+
+def zero_count() -> jax.Array:
+  """A fresh int32 step count."""
+  return jnp.zeros([], jnp.int32)
+
+
+def safe_increment(count: jax.Array) -> jax.Array:
+  """``count + 1``, saturating at the largest value of the count's dtype (no wrap-around)."""
+  count = jnp.asarray(count)
+  top = jnp.iinfo(count.dtype).max if jnp.issubdtype(count.dtype, jnp.integer) else jnp.finfo(count.dtype).max
+  top = jnp.asarray(top, count.dtype)
+  return jnp.where(count < top, count + jnp.asarray(1, count.dtype), top)
+
+
+def cond(pred, if_true: Callable, if_false: Callable, operand):
+  """``lax.cond``, or a plain Python branch when ``pred`` is a known value: eagerly, a
+  ``lax.cond`` of fresh closures would compile both branches at every call."""
+  if not isinstance(pred, jax.core.Tracer):
+    return (if_true if bool(pred) else if_false)(operand)
+  return jax.lax.cond(pred, if_true, if_false, operand)

@@ -1,0 +1,208 @@
+"""Masks and labels: which leaves a transformation touches, and which group each leaf is in.
+
+A *mask* is a tree of Python bools with the parameters' structure (or a prefix of it), or a
+callable returning one from the parameters. *Labels* are the same with any hashable value per
+leaf (see :func:`optcompose.partition`). Masks are static: they select code, not values.
+
+Parameter *layouts* other than the model's own tree (such as :class:`optcompose.FlatParams`,
+one buffer per dtype) plug in from above with :func:`register_layout`: a mask or labels
+written for the model's tree is then evaluated on the model's view and mapped onto the
+layout's leaves. This module imports only :mod:`optcompose.tree`.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from optcompose.tree import first_difference
+
+# What ``import optcompose`` re-exports; the helpers below serve the transformations and
+# layouts (import them from optcompose.masks).
+__all__ = ["labels_from_fn", "labels_from_paths", "mask_from_paths"]
+
+
+class _LayoutHooks(NamedTuple):
+  view: Callable[[Any], Any]  # the layout node -> the model's tree
+  spread: Callable[[Any, Any, str], Any]  # (node, values for the model's tree, name) -> values
+  name: str
+
+
+_LAYOUTS: dict = {}
+
+
+def register_layout(cls: type, view: Callable, spread: Callable, name: str) -> None:
+  """Declare a pytree node type that holds a model's leaves in another arrangement.
+
+  ``view(node)`` returns the model's tree; ``spread(node, values, name)`` maps per-leaf
+  ``values`` (a tree with the model's structure) onto the node's own leaves, raising a
+  ValueError naming the argument ``name`` where that is impossible."""
+  _LAYOUTS[cls] = _LayoutHooks(view, spread, name)
+
+
+def _hooks(x):
+  return _LAYOUTS.get(type(x))
+
+
+def _is_layout(x) -> bool:
+  return type(x) in _LAYOUTS
+
+
+def _view(tree: Any) -> Any:
+  if not _LAYOUTS:
+    return tree
+  return jax.tree.map(lambda x: _hooks(x).view(x) if _is_layout(x) else x, tree,
+                      is_leaf=_is_layout)
+
+
+def _has_layout(tree: Any) -> bool:
+  return bool(_LAYOUTS) and any(_is_layout(x) for x in jax.tree.leaves(tree, is_leaf=_is_layout))
+
+
+def reject_layouts(tree: Any, transformation: str) -> None:
+  """Raise a TypeError for a transformation that computes one value per model leaf when
+  ``tree`` holds a layout (e.g. FlatParams) whose leaves are not the model's."""
+  for x in jax.tree.leaves(tree, is_leaf=_is_layout):
+    if _is_layout(x):
+      kind = _hooks(x).name
+      raise TypeError(
+          f"{transformation} computes one value per leaf of the model, and {kind} buckets "
+          "are not the model's leaves. Use it on ordinary pytree parameters (or use a global "
+          "transformation such as clip_by_global_norm).")
+
+
+def broadcast_prefix(prefix: Any, tree: Any, name: str, tree_name: str) -> Any:
+  """Broadcast ``prefix`` (a tree with ``tree``'s structure or a prefix of it) to ``tree``."""
+  try:
+    return jax.tree.broadcast(prefix, tree)
+  except (ValueError, TypeError):
+    raise ValueError(
+        f"`{name}` is neither {tree_name}'s structure nor a prefix of it: "
+        f"{first_difference(prefix, tree)}."
+    ) from None
+
+
+def per_leaf_values(values: Any, tree: Any, name: str,
+                    broadcast: Callable[[Any, Any], Any]) -> Any:
+  """Map per-leaf ``values`` (a mask or labels, written for the model's tree) onto ``tree``.
+
+  ``values`` is a callable of the model's tree or a tree matching it (or matching ``tree``
+  itself). ``broadcast(values, target)`` expands a prefix and raises on a mismatch. Each
+  layout node in ``tree`` gets its values through its registered ``spread``.
+  """
+  view = _view(tree)
+  if callable(values):
+    values = values(view)
+  if not _has_layout(tree):
+    return broadcast(values, tree)
+  try:
+    full = broadcast(values, view)
+  except (ValueError, TypeError) as error:
+    try:
+      return broadcast(values, tree)  # already one value per layout leaf
+    except (ValueError, TypeError):
+      raise error from None
+  outer, outer_def = jax.tree.flatten(tree, is_leaf=_is_layout)
+  parts = outer_def.flatten_up_to(full)
+  return outer_def.unflatten([_hooks(x).spread(x, part, name) if _is_layout(x) else part
+                              for x, part in zip(outer, parts)])
+
+
+def _check_bool_leaves(mask: Any, name: str) -> None:
+  for path, leaf in jax.tree_util.tree_flatten_with_path(mask, is_leaf=_is_layout)[0]:
+    if _is_layout(leaf):
+      continue
+    if not isinstance(leaf, (bool, jnp.bool_)) and not (
+        hasattr(leaf, "dtype") and getattr(leaf, "shape", None) == () and leaf.dtype == bool
+        and not isinstance(leaf, jax.core.Tracer)
+    ):
+      raise TypeError(
+          f"`{name}{jax.tree_util.keystr(tuple(path))}` is {type(leaf).__name__}; mask "
+          "leaves must be Python booleans."
+      )
+
+
+def resolve_mask(mask: Any, tree: Any, name: str = "mask") -> Any:
+  """Expand a boolean mask (a tree, a prefix of ``tree``, or a callable of ``tree``).
+
+  Returns a tree with ``tree``'s structure and a Python bool per leaf. A mask whose
+  structure is neither ``tree``'s nor a prefix of it is a ValueError naming the first
+  differing path; a leaf that is not a Python or NumPy bool is a TypeError (masks are
+  static). For a registered layout (FlatParams) the mask is written for the model's tree.
+  """
+
+  def broadcast(mask, target):
+    _check_bool_leaves(mask, name)
+    return broadcast_prefix(mask, target, name, "the parameter tree")
+
+  return jax.tree.map(bool, per_leaf_values(mask, tree, name, broadcast))
+
+
+def _path_string(path) -> str:
+  """``keystr`` of a path without Flax ``Variable``'s trailing ``.value``."""
+  keys = list(path)
+  while keys and isinstance(keys[-1], jax.tree_util.GetAttrKey) and keys[-1].name == "value":
+    keys.pop()
+  return jax.tree_util.keystr(tuple(keys))
+
+
+def labels_from_fn(fn: Callable[[str, Any], Any]) -> Callable[[Any], Any]:
+  """A labels (or mask) callable from ``fn(path, leaf)``.
+
+  Args:
+    fn: called with each leaf's path, e.g. ``"['dense']['bias']"`` (a Flax ``Variable``'s
+      ``.value`` is left out, so the same labels serve ``nnx.State``), and the leaf.
+
+  Returns:
+    A callable of a parameter tree returning the tree of ``fn``'s results.
+  """
+  def labels(tree):
+    return jax.tree_util.tree_map_with_path(lambda p, x: fn(_path_string(p), x), tree)
+  return labels
+
+
+def labels_from_paths(rules, default=None) -> Callable[[Any], Any]:
+  """Label each leaf by the first ``(regex, label)`` rule whose regex is found in its path.
+
+  Example: ``labels_from_paths([(r"bias|scale", "no_decay")], default="decay")``.
+
+  Args:
+    rules: a sequence of ``(regex, label)`` pairs, tried in order.
+    default: the label of a leaf that no rule matches; ``None`` makes that an error naming
+      the path.
+
+  Returns:
+    A labels callable (see :func:`labels_from_fn`).
+  """
+  compiled = [(re.compile(pattern), label) for pattern, label in rules]
+
+  def label(path, leaf):
+    for pattern, lab in compiled:
+      if pattern.search(path):
+        return lab
+    if default is None:
+      raise ValueError(f"labels_from_paths: no rule matches {path} and there is no default.")
+    return default
+
+  return labels_from_fn(label)
+
+
+def mask_from_paths(include=None, exclude=None) -> Callable[[Any], Any]:
+  """A mask callable: True where the path matches ``include`` and not ``exclude``.
+
+  Example: ``adamw(..., mask=mask_from_paths(exclude=r"bias|scale"))``.
+
+  Args:
+    include: a regex searched in each leaf's path; ``None`` includes every path.
+    exclude: a regex; matching paths are excluded.
+
+  Returns:
+    A mask callable (see :func:`labels_from_fn`).
+  """
+  inc = re.compile(include) if include is not None else None
+  exc = re.compile(exclude) if exclude is not None else None
+  return labels_from_fn(lambda path, _: bool((inc is None or inc.search(path))
+                                             and not (exc is not None and exc.search(path))))

@@ -1,0 +1,61 @@
+"""AdaGrad and RMSProp: a per-coordinate step from a second-moment statistic.
+
+Symbols: g gradient, w parameters, lr learning rate (a number or a schedule).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from optcompose.core import (
+    DECAY, EPS, FLAG, LEARNING_RATE, MOMENTUM, GradientTransformation, ScalarOrSchedule, chain,
+    identity, public, real,
+)
+from optcompose.transforms.momentum import trace
+from optcompose.transforms.scaling import scale_by_learning_rate
+from optcompose.transforms.second_moment import scale_by_rms, scale_by_rss, scale_by_stddev
+
+
+@public("optimizer", optax="adagrad", learning_rate=LEARNING_RATE,
+        initial_accumulator_value=real(0.0, draw=(0.0, 1.0), schedule=False), eps=EPS)
+def adagrad(learning_rate: ScalarOrSchedule, initial_accumulator_value: float = 0.1,
+            eps: float = 1e-7) -> GradientTransformation:
+  """AdaGrad: ``G_t = G_{t-1} + g_t^2``, ``w <- w - lr g_t / sqrt(G_t + eps)``.
+
+  ``G_0 = initial_accumulator_value`` (Optax's default 0.1). The effective step shrinks as
+  ``1/sqrt(t)`` under a constant gradient.
+
+  Chain: ``scale_by_rss``, ``scale_by_learning_rate``.
+
+  References: Duchi, Hazan and Singer, JMLR 2011.
+  """
+  return chain(scale_by_rss(initial_accumulator_value=initial_accumulator_value, eps=eps),
+               scale_by_learning_rate(learning_rate))
+
+
+@public("optimizer", optax="rmsprop", learning_rate=LEARNING_RATE, decay=DECAY, eps=EPS,
+        centered=FLAG, momentum=real(0.0, 1.0, draw=(0.0, 0.999), optional=True), nesterov=FLAG)
+def rmsprop(learning_rate: ScalarOrSchedule, decay: float = 0.9, eps: float = 1e-8,
+            initial_scale: float = 0.0, eps_in_sqrt: bool = True, centered: bool = False,
+            momentum: Optional[float] = None, nesterov: bool = False,
+            bias_correction: bool = False) -> GradientTransformation:
+  """RMSProp: ``v_t = decay v_{t-1} + (1 - decay) g_t^2``, ``w <- w - lr g_t / sqrt(v_t + eps)``.
+
+  ``centered`` divides by ``sqrt(v_t - m_t^2 + eps)`` with m the EMA of g (Graves 2013).
+  ``momentum`` applies a trace to the *scaled* update, as Optax does:
+  ``b_t = momentum b_{t-1} + lr g_t / sqrt(...)``, ``w <- w - b_t``.
+
+  Chain: ``scale_by_rms`` (or ``scale_by_stddev``), ``scale_by_learning_rate``,
+  ``trace(momentum)`` (or identity).
+
+  References: Tieleman and Hinton, 2012; Graves, 2013.
+  """
+  stat = scale_by_stddev if centered else scale_by_rms
+  return chain(
+      stat(decay=decay, eps=eps, initial_scale=initial_scale, eps_in_sqrt=eps_in_sqrt,
+           bias_correction=bias_correction),
+      scale_by_learning_rate(learning_rate),
+      trace(decay=momentum, nesterov=nesterov) if momentum is not None else identity(),
+  )
+
+__all__ = []  # and the builders it registers

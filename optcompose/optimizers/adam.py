@@ -1,0 +1,109 @@
+"""The Adam family: Adam, Nadam, AdamW and NadamW.
+
+Symbols: g gradient, w parameters, lr learning rate (a number or a schedule), t step count
+from 1. ``adamw(..., l1=)`` (keyword-only, ours) appends L1 soft-thresholding after the
+learning-rate step (see :mod:`optcompose.transforms.proximal`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from optcompose.core import (
+    DECAY, EPS, FLAG, LEARNING_RATE, MASK, GradientTransformation, ScalarOrSchedule, chain,
+    public, real,
+)
+from optcompose.optimizers._shared import _proximal
+from optcompose.transforms.adaptive import scale_by_adam
+from optcompose.transforms.decay import Mask, add_decayed_weights
+from optcompose.transforms.scaling import scale_by_learning_rate
+
+_ADAM = dict(learning_rate=LEARNING_RATE, b1=DECAY, b2=DECAY, eps=EPS,
+             eps_root=real(0.0, draw=(0.0, 1e-6)))
+_DECOUPLED = dict(weight_decay=real(0.0, draw=(0.0, 0.5)), mask=MASK)
+
+
+@public("optimizer", optax="adam", nesterov=FLAG, **_ADAM)
+def adam(learning_rate: ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999,
+         eps: float = 1e-8, eps_root: float = 0.0, mu_dtype: Optional[Any] = None, *,
+         nesterov: bool = False, nu_dtype: Optional[Any] = None) -> GradientTransformation:
+  """Adam::
+
+      m_t = b1 m_{t-1} + (1 - b1) g_t        m_hat = m_t / (1 - b1^t)
+      v_t = b2 v_{t-1} + (1 - b2) g_t^2      v_hat = v_t / (1 - b2^t)
+      w  <- w - lr m_hat / (sqrt(v_hat + eps_root) + eps)
+
+  ``nesterov=True`` is Nadam (see :func:`nadam`). ``mu_dtype`` / ``nu_dtype`` store the
+  moments in a narrower dtype (``nu_dtype`` is ours: Optax has ``mu_dtype`` only).
+
+  Chain: ``scale_by_adam``, ``scale_by_learning_rate``.
+
+  References: Kingma and Ba, ICLR 2015.
+  """
+  return chain(scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root, mu_dtype=mu_dtype,
+                             nesterov=nesterov, nu_dtype=nu_dtype),
+               scale_by_learning_rate(learning_rate))
+
+
+@public("optimizer", optax="nadam", **_ADAM)
+def nadam(learning_rate: ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999,
+          eps: float = 1e-8, eps_root: float = 0.0, mu_dtype: Optional[Any] = None, *,
+          nesterov: bool = True, nu_dtype: Optional[Any] = None) -> GradientTransformation:
+  """Nadam: Adam with ``m_hat = b1 m_t / (1 - b1^(t+1)) + (1 - b1) g_t / (1 - b1^t)``.
+
+  Same as ``adam(..., nesterov=True)``; ``nesterov`` is kept, as in Optax, so that
+  ``nadam(..., nesterov=False)`` is plain Adam.
+
+  References: Dozat, "Incorporating Nesterov Momentum into Adam", ICLR workshop 2016.
+  """
+  return adam(learning_rate, b1, b2, eps, eps_root, mu_dtype, nesterov=nesterov,
+              nu_dtype=nu_dtype)
+
+
+@public("optimizer", optax="adamw", l1=real(0.0, draw=(1e-4, 0.1), optional=True),
+        **_ADAM, **_DECOUPLED)
+def adamw(learning_rate: ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999,
+          eps: float = 1e-8, eps_root: float = 0.0, mu_dtype: Optional[Any] = None,
+          weight_decay: ScalarOrSchedule = 1e-4, mask: Mask = None, *,
+          nesterov: bool = False, l1: Optional[ScalarOrSchedule] = None,
+          l1_mask: Mask = None, nu_dtype: Optional[Any] = None) -> GradientTransformation:
+  """AdamW, Adam with decoupled weight decay::
+
+      w <- w - lr (m_hat / (sqrt(v_hat + eps_root) + eps) + weight_decay w)
+
+  The decay is multiplied by the learning rate, as in Optax and PyTorch. ``mask`` selects
+  the decayed leaves. ``l1 > 0`` adds L1 soft-thresholding after the step
+  (``w <- sign(w) max(|w| - lr l1, 0)``, leaves selected by ``l1_mask``): with
+  ``weight_decay`` this is an elastic-net AdamW whose small weights become exact zeros.
+  Note that the threshold ``lr l1`` competes with Adam's *normalised* step
+  ``lr m_hat / sqrt(v_hat)``: a weight stays at zero where ``|m_hat| / sqrt(v_hat) < l1``.
+  With minibatch noise that ratio is small for irrelevant weights and they reach exact
+  zeros (tests/test_proximal.py recovers a lasso support this way); with noise-free
+  full-batch gradients it is about 1 everywhere and no weight settles at zero -- use
+  ``sgd(..., l1=...)`` (ISTA) there.
+
+  Chain: ``scale_by_adam``, ``add_decayed_weights(weight_decay, mask)``,
+  ``scale_by_learning_rate``, [``prox_elastic_net(l1, 0, lr)``].
+
+  References: Loshchilov and Hutter, "Decoupled Weight Decay Regularization", ICLR 2019.
+  """
+  return chain(
+      scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root, mu_dtype=mu_dtype,
+                    nesterov=nesterov, nu_dtype=nu_dtype),
+      add_decayed_weights(weight_decay, mask),
+      scale_by_learning_rate(learning_rate),
+      *_proximal(learning_rate, l1, None, l1_mask),
+  )
+
+
+@public("optimizer", optax="nadamw", **_ADAM, **_DECOUPLED)
+def nadamw(learning_rate: ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999,
+           eps: float = 1e-8, eps_root: float = 0.0, mu_dtype: Optional[Any] = None,
+           weight_decay: ScalarOrSchedule = 1e-4, mask: Mask = None, *,
+           nesterov: bool = True, l1: Optional[ScalarOrSchedule] = None,
+           l1_mask: Mask = None, nu_dtype: Optional[Any] = None) -> GradientTransformation:
+  """NadamW: :func:`adamw` with Nesterov's first moment (see :func:`nadam`)."""
+  return adamw(learning_rate, b1, b2, eps, eps_root, mu_dtype, weight_decay, mask,
+               nesterov=nesterov, l1=l1, l1_mask=l1_mask, nu_dtype=nu_dtype)
+
+__all__ = []  # and the builders it registers

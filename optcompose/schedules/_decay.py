@@ -1,0 +1,152 @@
+"""Schedules of one formula each: constant, step, exponential, inverse, polynomial, cosine."""
+
+from __future__ import annotations
+
+from typing import Mapping, Optional
+
+import jax.numpy as jnp
+
+from optcompose.schedules._checks import Schedule, _float, _number, _steps
+
+__all__ = [
+    "constant_schedule", "piecewise_constant_schedule", "exponential_decay",
+    "inverse_time_decay", "inverse_sqrt_schedule", "polynomial_schedule", "linear_schedule",
+    "cosine_decay_schedule",
+]
+
+
+def constant_schedule(value) -> Schedule:
+  """``v`` at every step."""
+  _number("constant_schedule", "value", value)
+  return lambda count: value
+
+
+def piecewise_constant_schedule(init_value,
+                                boundaries_and_scales: Optional[Mapping[int, float]] = None
+                                ) -> Schedule:
+  """Step decay: multiply by ``scale`` from each boundary step on (Optax's semantics)."""
+  fn = "piecewise_constant_schedule"
+  _number(fn, "init_value", init_value)
+  items = sorted((boundaries_and_scales or {}).items())
+  for b, s in items:
+    _steps(fn, "boundaries_and_scales key", b, positive=False)
+    _number(fn, f"boundaries_and_scales[{b}]", s, low=0.0)
+
+  def schedule(count):
+    v = init_value
+    for threshold, scale in items:
+      indicator = jnp.maximum(0.0, jnp.sign(threshold - count))
+      v = v * indicator + (1 - indicator) * scale * v
+    return v
+
+  return schedule
+
+
+def exponential_decay(init_value, transition_steps: int, decay_rate: float,
+                      transition_begin: int = 0, staircase: bool = False,
+                      end_value=None) -> Schedule:
+  """``v * r^((t - begin) / T)`` after ``transition_begin``; floored exponent with
+  ``staircase``; clipped at ``end_value`` (a floor when decaying, a ceiling when growing)."""
+  fn = "exponential_decay"
+  _number(fn, "init_value", init_value)
+  transition_steps = _steps(fn, "transition_steps", transition_steps)
+  _number(fn, "decay_rate", decay_rate, low=0.0, low_open=True)
+  transition_begin = _steps(fn, "transition_begin", transition_begin, positive=False)
+  if end_value is not None:
+    _number(fn, "end_value", end_value)
+  clip = jnp.maximum if decay_rate < 1.0 else jnp.minimum
+
+  def schedule(count):
+    shifted = _float(count - transition_begin)  # subtracted exactly, in integers
+    p = shifted / transition_steps
+    if staircase:
+      p = jnp.floor(p)
+    value = jnp.where(shifted <= 0, init_value, init_value * jnp.power(decay_rate, p))
+    return value if end_value is None else clip(value, end_value)
+
+  return schedule
+
+
+def inverse_time_decay(init_value, decay_steps: int, decay_rate: float,
+                       staircase: bool = False) -> Schedule:
+  """``v / (1 + r * t / T)`` (Keras's InverseTimeDecay); ``t / T`` floored with staircase."""
+  fn = "inverse_time_decay"
+  _number(fn, "init_value", init_value)
+  decay_steps = _steps(fn, "decay_steps", decay_steps)
+  _number(fn, "decay_rate", decay_rate, low=0.0)
+
+  def schedule(count):
+    p = _float(count) / decay_steps
+    if staircase:
+      p = jnp.floor(p)
+    return init_value / (1 + decay_rate * p)
+
+  return schedule
+
+
+def inverse_sqrt_schedule(peak_value, warmup_steps: int, init_value=0.0) -> Schedule:
+  """The Transformer's schedule: linear warmup to ``peak_value`` over ``warmup_steps``, then
+  ``peak * sqrt(W / t)``.
+
+  With ``peak_value = d_model^-0.5 * W^-0.5`` and ``init_value = 0`` this is Vaswani et al.'s
+  ``d_model^-0.5 * min(t^-0.5, t * W^-1.5)``. ``warmup_steps = 0`` decays as
+  ``peak / sqrt(max(t, 1))`` from the first step.
+  """
+  fn = "inverse_sqrt_schedule"
+  _number(fn, "peak_value", peak_value)
+  _number(fn, "init_value", init_value)
+  warmup_steps = _steps(fn, "warmup_steps", warmup_steps, positive=False)
+  w = max(warmup_steps, 1)
+
+  def schedule(count):
+    t = _float(count)
+    decay = peak_value * jnp.sqrt(w / jnp.maximum(t, w))
+    if warmup_steps == 0:
+      return decay
+    warm = init_value + (peak_value - init_value) * t / warmup_steps
+    return jnp.where(t < warmup_steps, warm, decay)
+
+  return schedule
+
+
+def polynomial_schedule(init_value, end_value, power, transition_steps: int,
+                        transition_begin: int = 0) -> Schedule:
+  """``(v0 - v1) * (1 - clip((t - begin) / T))^power + v1``."""
+  fn = "polynomial_schedule"
+  _number(fn, "init_value", init_value)
+  _number(fn, "end_value", end_value)
+  _number(fn, "power", power, low=0.0, low_open=True)
+  transition_steps = _steps(fn, "transition_steps", transition_steps)
+  transition_begin = _steps(fn, "transition_begin", transition_begin, positive=False)
+
+  def schedule(count):
+    count = _float(jnp.clip(count - transition_begin, 0, transition_steps))  # exact in ints
+    frac = 1 - count / transition_steps
+    return (init_value - end_value) * (frac ** power) + end_value
+
+  return schedule
+
+
+def linear_schedule(init_value, end_value, transition_steps: int,
+                    transition_begin: int = 0) -> Schedule:
+  """Linear interpolation from ``init_value`` to ``end_value`` over ``transition_steps``."""
+  return polynomial_schedule(init_value, end_value, 1, transition_steps, transition_begin)
+
+
+def cosine_decay_schedule(init_value, decay_steps: int, alpha=0.0, exponent=1.0) -> Schedule:
+  """``v * ((1 - alpha) * (0.5 (1 + cos(pi min(t, T) / T)))^exponent + alpha)``.
+
+  ``alpha`` is the floor as a fraction of ``init_value`` (PyTorch's ``eta_min = alpha * v``).
+  """
+  fn = "cosine_decay_schedule"
+  _number(fn, "init_value", init_value)
+  decay_steps = _steps(fn, "decay_steps", decay_steps)
+  _number(fn, "alpha", alpha)
+  _number(fn, "exponent", exponent, low=0.0, low_open=True)
+
+  def schedule(count):
+    count = jnp.minimum(_float(count), float(decay_steps))
+    cosine = 0.5 * (1 + jnp.cos(jnp.pi * count / float(decay_steps)))
+    return init_value * ((1 - alpha) * cosine ** exponent + alpha)
+
+  return schedule

@@ -1,0 +1,95 @@
+"""The Adam family's scaling, fused: both moments, their bias correction and the division in
+one transformation (the same math as the pieces composed, in one pass over memory).
+
+Formulas (g: gradient, t: step count from 1)::
+
+    m_t = (1 - b1) g_t + b1 m_{t-1}          m_hat = m_t / (1 - b1^t)
+    v_t = (1 - b2) g_t^2 + b2 v_{t-1}        v_hat = v_t / (1 - b2^t)
+    u   = m_hat / (sqrt(v_hat + eps_root) + eps)
+    nesterov (Nadam): m_hat = b1 m_t / (1 - b1^(t+1)) + (1 - b1) g_t / (1 - b1^t)
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+
+from optcompose import tree as otree
+from optcompose.core import (
+    DECAY, EPS, EPS_ROOT, FLAG, GradientTransformation, ScalarOrSchedule, expect_state, public,
+    safe_increment, zero_count,
+)
+from optcompose.transforms.statistics import (
+    adam_direction_leaf, debias_factor, debias_leaf, ema_leaf, nesterov_moment_leaf,
+    same_structure, square_leaf,
+)
+
+
+class ScaleByAdamState(NamedTuple):
+  count: jax.Array
+  mu: Any
+  nu: Any
+
+
+@public("transformation", optax="scale_by_adam", b1=DECAY, b2=DECAY, eps=EPS, eps_root=EPS_ROOT,
+        nesterov=FLAG)
+def scale_by_adam(b1: ScalarOrSchedule = 0.9, b2: ScalarOrSchedule = 0.999,
+                  eps: ScalarOrSchedule = 1e-8, eps_root: ScalarOrSchedule = 0.0,
+                  mu_dtype: Optional[Any] = None, *, nesterov: bool = False,
+                  nu_dtype: Optional[Any] = None) -> GradientTransformation:
+  """Adam's scaling: ``u = m_hat / (sqrt(v_hat + eps_root) + eps)`` (see the module docstring).
+
+  Equal to ``scale_by_second_moment(b2, eps, eps_root, direction=chain(ema(b1, debias=False),
+  scale_by_bias_correction(b1)))`` in one transformation.
+
+  Args:
+    b1: the first moment's decay, in [0, 1) (a number or a schedule).
+    b2: the second moment's decay, in [0, 1).
+    eps: added after the square root (numerical stability).
+    eps_root: added under the square root (keeps the derivative finite when v_hat = 0,
+      for meta-learning through the optimizer).
+    mu_dtype: dtype of the stored first moment; ``None`` keeps the parameters'.
+    nesterov: Nadam's look-ahead first moment.
+    nu_dtype: dtype of the stored second moment (ours; Optax has ``mu_dtype`` only). The
+      arithmetic runs in the wider of the stored and the gradients' dtypes.
+
+  Returns:
+    A transformation with state :class:`ScaleByAdamState`.
+
+  References:
+    Kingma and Ba, "Adam: A Method for Stochastic Optimization", ICLR 2015;
+    Dozat, "Incorporating Nesterov Momentum into Adam", ICLR workshop 2016.
+  """
+
+  def init(params):
+    otree.check_floating(params, "params")
+    return ScaleByAdamState(zero_count(), otree.zeros_like(params, mu_dtype),
+                            otree.zeros_like(params, nu_dtype))
+
+  def update(updates, state, params=None, **extra):
+    del params, extra
+    expect_state(state, ScaleByAdamState, "scale_by_adam")
+    same_structure(updates, state.mu, "mu")
+    mu = jax.tree.map(lambda g, m: ema_leaf(b1, m, g), updates, state.mu)
+    nu = jax.tree.map(lambda g, v: ema_leaf(b2, v, square_leaf(g, v)), updates, state.nu)
+    count = safe_increment(state.count)
+    c1, c2 = debias_factor(b1, count), debias_factor(b2, count)
+    if nesterov:
+      c1_next = debias_factor(b1, safe_increment(count))
+      mu_hat = jax.tree.map(
+          lambda m, g: nesterov_moment_leaf(b1, debias_leaf(m, c1_next), debias_leaf(g, c1)),
+          mu, updates)
+    else:
+      mu_hat = jax.tree.map(lambda m: debias_leaf(m, c1), mu)
+    updates = jax.tree.map(
+        lambda g, m, v: adam_direction_leaf(m, debias_leaf(v, c2), eps, eps_root).astype(
+            jnp.result_type(g)),
+        updates, mu_hat, nu)
+    mu, nu = otree.cast_like(mu, state.mu), otree.cast_like(nu, state.nu)
+    return updates, ScaleByAdamState(count, mu, nu)
+
+  return GradientTransformation(init, update)
+
+__all__ = ["ScaleByAdamState"]  # and the builders it registers

@@ -1,0 +1,104 @@
+"""The formulas of moment statistics, each written once as a per-leaf function.
+
+Symbols as in the tests (g: gradient, m: first moment, v: second moment, t: step count
+starting at 1, beta: EMA decay)::
+
+    ema:              m_t = (1 - beta) * g_t + beta * m_{t-1}
+    bias correction:  m_hat_t = m_t / (1 - beta^t)       (beta^t in float32 or wider)
+    Nadam's moment:   b1 * m_t / (1 - b1^(t+1)) + (1 - b1) * g_t / (1 - b1^t)
+    variance:         max(v - m^2, 0)
+    inverse RMS:      1 / sqrt(v + eps)   or   1 / (sqrt(v) + eps)
+    Adam's direction: m_hat / (sqrt(v_hat + eps_root) + eps)
+
+The transformations in :mod:`.momentum`, :mod:`.second_moment` and :mod:`.adaptive` are
+built from these and from nothing else.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from optcompose import tree as otree
+
+
+
+
+def ema_leaf(beta, m, x):
+  """One EMA step: ``(1 - beta) * x + beta * m``."""
+  return (1 - beta) * x + beta * m
+
+
+def debias_factor(beta, count):
+  """``1 / (1 - beta^count)``, computed in float32 or wider (beta^t rounds to 1 in bfloat16)."""
+  beta = jnp.asarray(beta)
+  wide = jnp.promote_types(beta.dtype, jnp.float32)
+  return 1 / (1 - beta.astype(wide) ** jnp.asarray(count).astype(wide))
+
+
+def debias_leaf(m, factor):
+  """Bias correction ``m / (1 - beta^t)``, as ``m * factor`` with ``factor = debias_factor(beta, t)``.
+
+  The scalar factor is computed once per step, outside the per-leaf map, and multiplies
+  each leaf: a division by a broadcast scalar is rewritten by XLA into a multiplication by
+  its reciprocal, or merged with the next division, depending on the rest of the graph, so
+  its rounding would depend on the tree's shape (FlatParams against a pytree, a
+  one-element leaf against a matrix). The product runs in m's precision (float32 for a
+  float16 m: 1 / (1 - b2^t) reaches 1e5 for b2 = 0.99999, past float16's range).
+  """
+  m = _wide_enough(m)
+  return m * factor.astype(jnp.result_type(m))
+
+
+def nesterov_moment_leaf(b1, m_hat_next, g_hat):
+  """Nadam's look-ahead moment ``b1 * m_t / (1 - b1^(t+1)) + (1 - b1) * g_t / (1 - b1^t)``,
+  given the two debiased terms (this operand order matches Optax's rounding under jit)."""
+  return b1 * m_hat_next + (1 - b1) * g_hat
+
+
+def _wide_enough(x):
+  """float16 statistics are divided in float32: float16 cannot hold eps = 1e-8 (it rounds to
+  0, and a zero gradient then gives 0 / 0 = NaN). bfloat16 has float32's range and is kept,
+  as in Optax. (Store float16 moments with ``nu_dtype=jnp.float32``: g^2 underflows in float16
+  below |g| = 2.4e-4.)"""
+  x = jnp.asarray(x)
+  return x.astype(jnp.float32) if x.dtype == jnp.float16 else x
+
+
+def variance_leaf(m, v):
+  """``v - m^2``, clamped at 0: rounding can make it slightly negative (e.g. at step 1 with
+  bias correction, where it is exactly 0 in real arithmetic), and its square root NaN."""
+  m, v = _wide_enough(m), _wide_enough(v)
+  return jnp.maximum(v - otree.abs_sq(m), 0)
+
+
+def square_leaf(g, v):
+  """``|g|^2`` for a second moment ``v``, squared in the wider of the two dtypes, and in
+  float32 for float16: g^2 underflows there below |g| = 2.4e-4 (the step's statistic is then
+  float32; it is rounded to the state's dtype only when stored)."""
+  g = jnp.asarray(g)
+  return otree.abs_sq(_wide_enough(g.astype(jnp.promote_types(g.dtype, jnp.result_type(v)))))
+
+
+def inverse_rms_leaf(v, eps, eps_in_sqrt):
+  """``1 / sqrt(v + eps)`` (``eps_in_sqrt``) or ``1 / (sqrt(v) + eps)``."""
+  v = _wide_enough(v)
+  if eps_in_sqrt:
+    return jax.lax.rsqrt(v + eps)
+  return 1 / (jnp.sqrt(v) + eps)
+
+
+def adam_direction_leaf(m_hat, v_hat, eps, eps_root):
+  """``m_hat / (sqrt(v_hat + eps_root) + eps)``."""
+  m_hat, v_hat = _wide_enough(m_hat), _wide_enough(v_hat)
+  return m_hat / (jnp.sqrt(v_hat + eps_root) + eps)
+
+
+def moments_init(params, dtype=None, value=0.0):
+  """A moment buffer like ``params`` (floating leaves only), filled with ``value``."""
+  otree.check_floating(params, "params")
+  return otree.full_like(params, value, dtype=dtype)
+
+
+def same_structure(updates, state_tree, field):
+  otree.check_same_structure(updates, state_tree, "updates", f"state.{field}")

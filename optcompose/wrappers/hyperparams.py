@@ -1,0 +1,85 @@
+"""``inject_hyperparams``: build any optimizer so that its numeric hyperparameters live in the
+optimizer *state* as arrays::
+
+    tx = inject_hyperparams(adamw)(learning_rate=1e-3, weight_decay=1e-4)
+    state = tx.init(params)
+    state = set_hyperparams(state, learning_rate=3e-4)   # no recompilation of the step
+    current_hyperparams(state)  # {'learning_rate': Array(3e-4), 'b1': ..., ...}
+
+It is the one mechanism of :mod:`optcompose.core.hyperparams` (the same state type as a
+transformation built with a schedule) applied to a whole factory. The transformation object
+holds no arrays, so it works as a static attribute of Flax's ``nnx.Optimizer``.
+Hyperparameters are stored as float32 (float64 under x64; ``hyperparam_dtype``) whatever
+the parameters' dtype: with bfloat16 parameters, ``b2 = 0.999`` is not rounded to 1.0.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import numbers
+from typing import Any, Callable, Iterable, Optional, Union
+
+import jax
+import numpy as np
+
+from optcompose.core import GradientTransformation, Hyper, public, rebuilt_each_step
+
+
+def _is_static_by_name(name: str) -> bool:
+  return name == "mask" or name.endswith("_mask")
+
+
+@public("wrapper", optax="inject_hyperparams",
+        inner_factory=Hyper(("choice", ("sgd", "adam", "adamw", "rmsprop"))))
+def inject_hyperparams(
+    inner_factory: Callable[..., GradientTransformation],
+    static_args: Union[str, Iterable[str]] = (),
+    hyperparam_dtype: Optional[Any] = None,
+) -> Callable[..., GradientTransformation]:
+  """Wrap an optimizer factory so that its numeric hyperparameters live in the state.
+
+  Args:
+    inner_factory: e.g. ``optcompose.adamw`` or any function returning a transformation
+      (Optax's included).
+    static_args: names of arguments to keep out of the state (they are baked in). Arguments
+      named ``mask`` or ``*_mask``, booleans, ``None`` and dtypes are always static.
+    hyperparam_dtype: the stored dtype (by default float32, or float64 under x64, whatever
+      the parameters' dtype).
+
+  Returns:
+    A factory with ``inner_factory``'s signature. Numbers become float arrays in
+    ``state.hyperparams`` (an :class:`~optcompose.InjectHyperparamsState`); callables (other
+    than masks) are schedules, evaluated at the state's count before each update.
+
+  References:
+    Optax's ``inject_hyperparams`` (same name, arguments and state fields).
+  """
+  static = {static_args} if isinstance(static_args, str) else set(static_args)
+  signature = inspect.signature(inner_factory)
+  unknown = static - set(signature.parameters)
+  if unknown:
+    raise ValueError(f"inject_hyperparams: `static_args` {sorted(unknown)} are not parameters "
+                     f"of {getattr(inner_factory, '__name__', inner_factory)}.")
+  who = f"inject_hyperparams({getattr(inner_factory, '__name__', 'factory')})"
+
+  @functools.wraps(inner_factory)
+  def factory(*args, **kwargs) -> GradientTransformation:
+    bound = signature.bind(*args, **kwargs)
+    bound.apply_defaults()
+    numeric, schedules, fixed = {}, {}, {}
+    for name, value in bound.arguments.items():
+      if name in static or _is_static_by_name(name) or isinstance(value, bool) or value is None:
+        fixed[name] = value
+      elif callable(value) and not isinstance(value, type):
+        schedules[name] = value
+      elif isinstance(value, (numbers.Real, np.ndarray, np.generic, jax.Array)) and np.ndim(value) == 0:
+        numeric[name] = value
+      else:
+        fixed[name] = value
+    return rebuilt_each_step(lambda values: inner_factory(**fixed, **values), numeric, schedules,
+                             who=who, dtype=hyperparam_dtype)
+
+  return factory
+
+__all__ = []  # and the builders it registers

@@ -1,0 +1,148 @@
+"""Masking combinators: apply a transformation to some leaves only, or a different
+transformation to each group of leaves.
+
+::
+
+    masked(inner, mask)                      inner on the leaves where mask is True
+    partition({label: tx, ...}, labels)      tx on the leaves labelled label
+
+The inner transformation never sees the other leaves: it keeps no state and does no work
+for them (they are :class:`MaskedNode` placeholders in its view). Masks and labels are
+resolved by :mod:`optcompose.masks`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+
+from optcompose.core import (
+    INNER, INNER_PAIR, LABELS, MASK, FLAG, GradientTransformation, as_transformation,
+    expect_state, public,
+)
+from optcompose.masks import broadcast_prefix, per_leaf_values, resolve_mask
+from optcompose.tree import first_difference
+
+
+class MaskedNode(NamedTuple):
+  """Stands in for a leaf that a masked transformation does not see (it holds nothing)."""
+
+
+class MaskedState(NamedTuple):
+  inner_state: Any
+
+
+def _is_masked(x) -> bool:
+  return isinstance(x, MaskedNode)
+
+
+def _keep(tree, on):
+  """``tree`` with the leaves where ``on`` is False replaced by MaskedNode."""
+  return jax.tree.map(lambda x, keep: x if keep else MaskedNode(), tree, on)
+
+
+@public("wrapper", optax="masked", inner=INNER, mask=MASK, mask_compatible_extra_args=FLAG)
+def masked(inner: GradientTransformation, mask, *,
+           mask_compatible_extra_args: bool = False) -> GradientTransformation:
+  """Apply ``inner`` only to the leaves where ``mask`` is True; the others pass unchanged.
+
+  Args:
+    inner: the transformation (optcompose's or Optax's).
+    mask: a tree of Python bools with the parameters' structure (or a prefix of it), or a
+      callable returning one from the parameters (at ``init``) and from the updates (at
+      ``update``, as in Optax).
+    mask_compatible_extra_args: also mask the keyword arguments that have the updates' tree
+      structure (Optax's option).
+
+  Returns:
+    A transformation with state :class:`MaskedState`; the inner transformation keeps no
+    state and does no work for the other leaves.
+  """
+  inner = as_transformation(inner, "masked")
+
+  def init(params):
+    return MaskedState(inner.init(_keep(params, resolve_mask(mask, params))))
+
+  def update(updates, state, params=None, **extra):
+    expect_state(state, MaskedState, "masked")
+    on = resolve_mask(mask, updates)
+    kept_params = None if params is None else _keep(params, _resolve_like(on, params))
+    if mask_compatible_extra_args:
+      structure = jax.tree.structure(updates)
+      extra = {k: _keep(v, on) if jax.tree.structure(v) == structure else v
+               for k, v in extra.items()}
+    new, inner_state = inner.update(_keep(updates, on), state.inner_state, kept_params, **extra)
+    out = jax.tree.map(lambda keep, n, u: n if keep else u, on, new, updates,
+                       is_leaf=_is_masked)
+    return out, MaskedState(inner_state)
+
+  return GradientTransformation(init, update)
+
+
+def _resolve_like(on, tree):
+  """A resolved mask for ``tree`` (e.g. params with wrapper nodes) from one for updates."""
+  try:
+    return jax.tree.broadcast(on, tree)
+  except (ValueError, TypeError):
+    raise ValueError(f"`params` do not have the structure of `updates`: "
+                     f"{first_difference(tree, on)}.") from None
+
+
+class PartitionState(NamedTuple):
+  inner_states: dict
+
+
+@public("wrapper", optax="partition", transforms=INNER_PAIR, param_labels=LABELS,
+        mask_compatible_extra_args=FLAG)
+def partition(transforms: dict, param_labels, *,
+              mask_compatible_extra_args: bool = False) -> GradientTransformation:
+  """Apply ``transforms[label]`` to the leaves labelled ``label`` (Optax's ``partition``).
+
+  Args:
+    transforms: ``{label: transformation}``; every one must have leaves.
+    param_labels: a tree of labels with the parameters' structure (or a prefix), or a
+      callable returning one (see :func:`optcompose.labels_from_paths`). Every label must
+      name a transformation.
+    mask_compatible_extra_args: as in :func:`masked`.
+
+  Returns:
+    A transformation with state :class:`PartitionState`. Use
+    :func:`optcompose.set_to_zero` for frozen leaves: they then cost neither state nor
+    computation.
+  """
+  if not isinstance(transforms, dict) or not transforms:
+    raise TypeError("partition: `transforms` must be a non-empty dict {label: transformation}.")
+
+  def labels_for(tree):
+    full = per_leaf_values(param_labels, tree, "param_labels", lambda labels, target:
+                           broadcast_prefix(labels, target, "param_labels", "the parameter tree"))
+    for path, label in jax.tree_util.tree_flatten_with_path(full)[0]:
+      if label not in transforms:
+        raise ValueError(f"partition: leaf {jax.tree_util.keystr(tuple(path))} has label "
+                         f"{label!r}, which names no transformation (labels: {sorted(transforms)}).")
+    return full
+
+  def mask_for(label):
+    return lambda tree: jax.tree.map(lambda l: l == label, labels_for(tree))
+
+  inners = {label: masked(tx, mask_for(label), mask_compatible_extra_args=mask_compatible_extra_args)
+            for label, tx in transforms.items()}
+
+  def init(params):
+    used = set(jax.tree.leaves(labels_for(params)))
+    unused = sorted(set(transforms) - used)
+    if unused:
+      raise ValueError(f"partition: transformations {unused} have no leaves labelled for them.")
+    return PartitionState({label: tx.init(params) for label, tx in inners.items()})
+
+  def update(updates, state, params=None, **extra):
+    expect_state(state, PartitionState, "partition")
+    new_states = {}
+    for label, tx in inners.items():
+      updates, new_states[label] = tx.update(updates, state.inner_states[label], params, **extra)
+    return updates, PartitionState(new_states)
+
+  return GradientTransformation(init, update)
+
+__all__ = ["MaskedNode", "MaskedState", "PartitionState"]  # and the builders it registers
