@@ -211,7 +211,7 @@ def test_needs_params_and_its_own_state():
   state = tx.init(params)
   with pytest.raises(ValueError, match="`params`"):
     tx.update(grads_at(0, params), state)
-  with pytest.raises(TypeError, match="DiagnosticsState"):
+  with pytest.raises(ValueError, match="expected a DiagnosticsState"):
     tx.update(grads_at(0, params), state.inner_state, params)
   with pytest.raises(ValueError, match="`learning_rate`"):
     with_diagnostics(oc.sgd(0.1), learning_rate=math.nan)

@@ -82,17 +82,30 @@ def test_apply_updates_does_not_truncate_integer_params():
     oc.apply_updates({"n": jnp.arange(3)}, {"n": jnp.full(3, 0.4)})
 
 
-def test_mask_that_does_not_match_names_the_difference():
-  tx = oc.adamw(1e-3, mask={"dense": {"kernel": True, "scale": False}})
-  state = tx.init(PARAMS)
-  with pytest.raises(ValueError, match="mask"):
-    tx.update(GRADS, state, PARAMS)
+def test_mask_that_does_not_match_names_the_difference_at_init():
+  for tx in (oc.adamw(1e-3, mask={"dense": {"kernel": True, "scale": False}}),
+             oc.masked(oc.sgd(0.1), {"dense": {"kernel": True, "scale": False}}),
+             oc.prox_l1(0.1, 0.1, mask={"dense": {"kernel": True, "scale": False}}),
+             oc.inject_hyperparams(oc.adamw)(1e-3, mask={"dense": {"kernel": True, "scale": False}})):
+    with pytest.raises(ValueError, match=r"`mask`.*\['dense'\]\['bias'\] is missing"):
+      tx.init(PARAMS)
 
 
-def test_mask_with_non_boolean_leaves_is_rejected():
+@pytest.mark.parametrize("ours, theirs, expected", [
+    (lambda: oc.adam(1e-3), lambda: oc.sgd(1e-3, 0.9), r"state\[0\] is a TraceState, expected a ScaleByAdamState"),
+    (lambda: oc.sgd(1e-3, 0.9), lambda: oc.adam(1e-3), r"state\[0\] is a ScaleByAdamState, expected a TraceState"),
+    (lambda: oc.scale_by_rms(), lambda: oc.scale_by_rss(), r"expected a ScaleByRmsState"),
+    (lambda: oc.apply_if_finite(oc.adam(1e-3), 3), lambda: oc.adam(1e-3), r"expected a ApplyIfFiniteState"),
+])
+def test_a_state_of_another_optimizer_is_named_at_the_first_update(ours, theirs, expected):
+  with pytest.raises(ValueError, match=expected):
+    ours().update(GRADS, theirs().init(PARAMS), PARAMS)
+
+
+def test_mask_with_non_boolean_leaves_is_rejected_at_init():
   tx = oc.adamw(1e-3, mask={"dense": {"kernel": 1, "bias": 0}})
   with pytest.raises(TypeError, match=r"mask\['dense'\]\['bias'\]"):
-    tx.update(GRADS, tx.init(PARAMS), PARAMS)
+    tx.init(PARAMS)
 
 
 def test_weight_decay_without_params_is_explained():
@@ -124,7 +137,7 @@ def test_low_precision_hyperparameters_are_accepted():
 def test_mask_is_checked_even_when_the_decay_is_zero():
   tx = oc.add_decayed_weights(0.0, mask={"dense": {"kernel": True}})
   with pytest.raises(ValueError, match="mask"):
-    tx.update(GRADS, tx.init(PARAMS), PARAMS)
+    tx.init(PARAMS)
 
 
 def test_chain_accepts_a_list_state_from_a_restored_checkpoint():

@@ -151,7 +151,7 @@ def recorded_learning_rate(state: Any) -> Optional[jax.Array]:
 # The wrapper.
 
 
-@public("wrapper", inner=INNER, learning_rate=real(draw=(1e-5, 1.0), optional=True),
+@public("wrapper", inner=INNER, learning_rate=real(draw=(1e-5, 1.0))._replace(optional=True),
         zero_mask=MASK)
 def with_diagnostics(inner: Any, learning_rate: Optional[ScalarOrSchedule] = None, *,
                      zero_mask: Any = None) -> GradientTransformation:
