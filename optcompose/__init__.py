@@ -9,6 +9,7 @@ public names from each module's ``__all__``.
 """
 
 import importlib as _importlib
+import pkgutil as _pkgutil
 
 from optcompose import core, masks, schedules, tree
 from optcompose.core import (
@@ -20,20 +21,22 @@ from optcompose.core import (
 from optcompose.core.registry import REGISTRY as _REGISTRY, names as _names
 from optcompose.schedules import *  # noqa: F401,F403  (reachable from the top level, as in Optax)
 
-# The floors above core, bottom up. Importing a module registers its builders.
-_MODULES = (
-    "masks",
-    "transforms.scaling", "transforms.momentum", "transforms.second_moment",
-    "transforms.adaptive", "transforms.decay", "transforms.proximal", "transforms.clipping",
-    "transforms.plateau", "transforms.averaging", "transforms.sharpness",
-    "wrappers.masking", "wrappers.hyperparams", "wrappers.control", "wrappers.lookahead",
-    "wrappers.sam", "wrappers.diagnostics",
-    "optimizers.sgd", "optimizers.adagrad_rmsprop", "optimizers.adam",
-    "recipe.early_stopping",
-    "flat",
-)
-for _name in _MODULES:
-  _module = _importlib.import_module(f"optcompose.{_name}")
+# The floors above core, bottom up; every module of each package is imported (a new module
+# needs no edit here), which registers its builders.
+_PACKAGES = ("transforms", "wrappers", "optimizers", "recipe")
+
+
+def _modules():
+  yield "optcompose.masks"
+  for package in _PACKAGES:
+    path = _importlib.import_module(f"optcompose.{package}").__path__
+    for info in sorted(_pkgutil.iter_modules(path), key=lambda m: m.name):
+      yield f"optcompose.{package}.{info.name}"
+  yield "optcompose.flat"
+
+
+for _name in _modules():
+  _module = _importlib.import_module(_name)
   globals().update({n: getattr(_module, n) for n in getattr(_module, "__all__", ())})
 globals().update({n: e.builder for n, e in _REGISTRY.items()})
 

@@ -1,6 +1,7 @@
 """Suite-wide settings: 8 simulated CPU devices (tests/test_sharding.py shards over them;
-every other test runs on the default device as before), and strict rank promotion, so
-nothing is silently broadcast."""
+every other test runs on the default device as before), strict rank promotion, so
+nothing is silently broadcast, and strict dtype promotion, so no two arrays of different
+dtypes meet without an explicit cast (Python scalars, weakly typed, still may)."""
 
 import os
 
@@ -11,6 +12,7 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 import jax  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
+jax.config.update("jax_numpy_dtype_promotion", "strict")
 
 
 # Test files of the API surface that moved between the oldest and the newest supported
