@@ -6,6 +6,8 @@ spell them; the template's paths are made the same way, with :func:`optcompose.t
 
 from __future__ import annotations
 
+import sys
+
 import os
 from typing import Any, NamedTuple, Optional, Union
 
@@ -40,9 +42,16 @@ _PYTHON_SCALARS = (bool, int, float, complex, str, bytes)
 _KIND_OF_PYTHON = {bool: "b", int: "iu", float: "f", complex: "c"}
 
 
+def _is_orbax_scalar(leaf: Any) -> bool:
+  """Orbax's record of a saved Python number (only Orbax's own reads produce one, so Orbax is
+  then imported already; nothing is imported here)."""
+  metadata = sys.modules.get("orbax.checkpoint.metadata")
+  return metadata is not None and isinstance(leaf, metadata.ScalarMetadata)
+
+
 def _spec(leaf: Any) -> _Spec:
   """The spec of a template leaf, of a leaf read from a msgpack file, or of Orbax metadata."""
-  if type(leaf).__name__ == "ScalarMetadata":  # Orbax's record of a saved Python number
+  if _is_orbax_scalar(leaf):
     kind = np.dtype(leaf.dtype).kind
     python = next((t for t, kinds in _KIND_OF_PYTHON.items() if kind in kinds), None)
     return _Spec((), np.dtype(leaf.dtype), python)
