@@ -234,6 +234,8 @@ CASES = [
          optax=lambda: optax.adamw(lr_schedule, weight_decay=wd_schedule, mask=_no_bias)),
     Case("nadamw", lambda: oc.nadamw(LR, weight_decay=0.1), ("nadamw",),
          optax=lambda: optax.nadamw(LR, weight_decay=0.1)),
+    Case("sign_sgd", lambda: oc.sign_sgd(lr_schedule), ("sign_sgd", "scale_by_sign"),
+         optax=lambda: optax.sign_sgd(lr_schedule)),
 ]
 
 # Public builders whose reference check needs what the trajectory runner cannot give
