@@ -8,6 +8,7 @@ error names the leaf the user would index.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -94,14 +95,35 @@ def cast_like(tree: Any, like: Any) -> Any:
   return jax.tree.map(lambda x, y: jnp.asarray(x).astype(jnp.asarray(y).dtype), tree, like)
 
 
+def promote_types(*dtypes) -> jnp.dtype:
+  """The dtype JAX's standard promotion gives ``dtypes`` together (the wider of two floats;
+  float32 for bfloat16 with float16), whatever ``jax_numpy_dtype_promotion`` says: the
+  dtype a computation names, and then casts its operands to explicitly."""
+  with jax.numpy_dtype_promotion("standard"):
+    return functools.reduce(jnp.promote_types, dtypes)
+
+
+def promote(*values) -> tuple:
+  """``values`` cast to the one dtype JAX's standard promotion gives them together: the
+  widest of the arrays' dtypes (a weakly typed value, such as a Python scalar, takes the
+  others'). Arithmetic on the result computes what implicit promotion computed, with the
+  casts written out, so it also runs under ``jax_numpy_dtype_promotion="strict"``. Python
+  scalars, and arrays already of that dtype, are returned as they are."""
+  with jax.numpy_dtype_promotion("standard"):
+    dtype = jnp.result_type(*values)
+  return tuple(v if isinstance(v, (int, float, complex)) or jnp.result_type(v) == dtype
+               else jnp.asarray(v).astype(dtype) for v in values)
+
+
 def squared_norm(tree: Any) -> jax.Array:
   """Sum of squared absolute values over all leaves, accumulated in float32 or wider."""
   leaves = jax.tree.leaves(tree)
   if not leaves:
     return jnp.zeros([], jnp.float32)
-  total = [jnp.sum(abs_sq(x).astype(jnp.promote_types(jnp.result_type(x), jnp.float32)))
+  total = [jnp.sum(abs_sq(x).astype(promote_types(jnp.result_type(x), jnp.float32)))
            for x in leaves]
-  return sum(total[1:], total[0])
+  # Summed left to right, each addition in the wider of its two operands.
+  return functools.reduce(lambda a, b: jnp.add(*promote(a, b)), total)
 
 
 def global_norm(tree: Any) -> jax.Array:

@@ -238,7 +238,7 @@ def test_averaged_params_is_found_anywhere_in_the_state():
 
   for tx in (oc.inject_hyperparams(factory)(learning_rate=0.1),
              oc.chain(oc.identity(), oc.chain(oc.sgd(0.1), ema_params(0.5))),
-             oc.chain(oc.sgd(lambda c: 0.1 + 0.0 * c), ema_params(0.5)),
+             oc.chain(oc.sgd(lambda c: 0.1 + 0.0 * jnp.asarray(c, jnp.float32)), ema_params(0.5)),
              optax.chain(optax.sgd(0.1), ema_params(0.5))):
     state = tx.init(params)
     np.testing.assert_array_equal(averaged_params(state)["w"], params["w"])  # before a step
@@ -506,9 +506,12 @@ def test_sam_transparent_matches_optax(name, jit):
   with x64():
     prob = f64_problem(name)
     ours, state = sam_calls(our_plain_sam(lr=SAM_LR[name]), prob, STEPS, jit, oc.apply_updates)
+    # The float64 problem's loss, evaluated in float64 (outside x64 its float64 constants
+    # would meet float32 arithmetic).
+    first, last = float(prob.loss(prob.params)), float(prob.loss(ours[-1]))
   assert_close_paths(ours, optax_sam_path(name, jit), rtol=F64_RTOL)
   assert isinstance(state, SAMState) and SAMState._fields == optax.contrib.SAMState._fields
-  assert float(prob.loss(ours[-1])) < 0.5 * float(prob.loss(prob.params))
+  assert last < 0.5 * first
 
 
 @pytest.mark.float64

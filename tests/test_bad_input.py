@@ -66,7 +66,8 @@ ROWS = [
         "`learning_rate`", lambda: oc.adam(jnp.ones(3))),
     Row("schedule-out-of-range", "a schedule whose value at step 0 is out of range",
         "`ValueError` from `init`, naming the hyperparameter", ValueError, "`b1`",
-        lambda: oc.adam(1e-3, b1=lambda count: 1.0 + 0.0 * count).init(PARAMS)),
+        lambda: oc.adam(1e-3, b1=lambda count: 1.0 + 0.0 * jnp.asarray(count, jnp.float32)
+                        ).init(PARAMS)),
     Row("integer-params", "integer or boolean parameters",
         "`TypeError` from `init`, naming the leaf", TypeError, r"params\['n'\]",
         lambda: oc.adam(1e-3).init({"w": jnp.ones(2), "n": jnp.arange(2)})),

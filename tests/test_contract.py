@@ -15,6 +15,8 @@ import optcompose as oc
 from problems import assert_resumes_exactly, mlp, quadratic, run
 from registry import CASES, COVERED_ELSEWHERE
 
+from optcompose.core.registry import REGISTRY
+
 PUBLIC = oc.TRANSFORMATIONS + oc.OPTIMIZERS + oc.WRAPPERS
 
 
@@ -49,10 +51,27 @@ def test_completeness_check_catches_a_missing_case():
   assert unregistered(without_adamw, PUBLIC) == ["adamw"]
 
 
-@pytest.mark.parametrize("name", [n for n in PUBLIC if hasattr(optax, n)])
+def optax_counterpart(name):
+  """The Optax function a builder declares as its counterpart (registry), e.g. contrib.sam."""
+  target = optax
+  for part in REGISTRY[name].optax.split("."):
+    target = getattr(target, part)
+  return target
+
+
+def test_every_declared_optax_counterpart_exists_and_shares_the_name():
+  for name in PUBLIC:
+    if REGISTRY[name].optax:
+      assert callable(optax_counterpart(name)), name
+      assert REGISTRY[name].optax.rpartition(".")[2] == name, "Optax's name"
+  undeclared = [n for n in PUBLIC if hasattr(optax, n) and not REGISTRY[n].optax]
+  assert undeclared == [], "Optax has these: declare them with @public(..., optax=...)"
+
+
+@pytest.mark.parametrize("name", [n for n in PUBLIC if REGISTRY[n].optax])
 def test_optax_names_arguments_and_defaults(name):
   ours = inspect.signature(getattr(oc, name)).parameters
-  theirs = inspect.signature(getattr(optax, name)).parameters
+  theirs = inspect.signature(optax_counterpart(name)).parameters
   assert list(ours)[:len(theirs)] == list(theirs), "Optax's arguments, in Optax's order"
   for arg, p in theirs.items():
     assert ours[arg].default == p.default, f"{name}({arg}=...) default"
@@ -102,7 +121,7 @@ def test_a_constant_schedule_equals_the_number(name, arg):
   kwargs = dict(REQUIRED.get(name, {}))
   kwargs[arg] = VALUES[arg]
   with_number = oc.chain(build(**kwargs), oc.scale(-0.01))
-  kwargs[arg] = lambda count, v=VALUES[arg]: jnp.float32(v) + 0 * count
+  kwargs[arg] = lambda count, v=VALUES[arg]: jnp.float32(v) + 0 * jnp.asarray(count, jnp.float32)
   with_schedule = oc.chain(build(**kwargs), oc.scale(-0.01))
   prob = quadratic()
   a, sa = run(with_number, prob, 12, True, oc.apply_updates)

@@ -38,8 +38,9 @@ def initial_params():
 
 def grads_at(t, params):
   rng = np.random.default_rng(100 + t)
-  return jax.tree.map(lambda p: jnp.asarray(rng.normal(size=np.shape(p)), jnp.float32) + p,
-                      params)
+  # In float32 whatever the params' dtype (bfloat16 params are widened; callers cast back).
+  return jax.tree.map(lambda p: jnp.asarray(rng.normal(size=np.shape(p)), jnp.float32)
+                      + jnp.asarray(p).astype(jnp.float32), params)
 
 
 def np_norm(tree):

@@ -42,7 +42,7 @@ def test_bad_hyperparameter_is_named_at_construction(build, argument):
 
 
 def test_scheduled_hyperparameter_is_checked_at_step_zero_by_init():
-  tx = oc.adam(1e-3, b1=lambda count: 1.0 + 0.0 * count)
+  tx = oc.adam(1e-3, b1=lambda count: 1.0 + 0.0 * jnp.asarray(count, jnp.float32))
   with pytest.raises(ValueError, match="`b1`"):
     tx.init(PARAMS)
 
@@ -150,7 +150,7 @@ def test_chain_accepts_a_list_state_from_a_restored_checkpoint():
 def test_scheduled_values_are_checked_once_at_init_not_at_every_step():
   """A schedule that leaves the valid range later is the user's responsibility: the same
   result eagerly and under jit (no per-step host copy, no error only in eager mode)."""
-  tx = oc.sgd(lambda count: 0.1 - 0.05 * count)  # negative from step 3 on
+  tx = oc.sgd(lambda count: 0.1 - 0.05 * jnp.asarray(count, jnp.float32))  # < 0 from step 3 on
   params = {"w": jnp.ones(2)}
   state = tx.init(params)
   eager, jitted = [], []

@@ -98,7 +98,7 @@ def test_bfloat16_params_keep_float32_hyperparameters_and_finite_updates():
 
 def test_current_hyperparams_reads_scheduled_values_without_reevaluating():
   lr = oc.warmup_cosine_decay_schedule(0.0, 0.1, 5, 50)
-  wd = lambda count: 1e-3 * (count + 1)
+  wd = lambda count: 1e-3 * (jnp.asarray(count, jnp.float32) + 1)
   tx = oc.chain(oc.adamw(lr, weight_decay=wd), oc.reduce_on_plateau(patience=2))
   params = {"w": jnp.ones(3)}
   state = tx.init(params)

@@ -104,11 +104,16 @@ def needs_params(params: Any, who: str) -> Any:
 def stateless(f: Callable[[Updates, Optional[Params]], Updates]) -> GradientTransformation:
   """A transformation without state from ``f(updates, params) -> updates`` (Optax's name).
 
+  Update: ``u <- f(u, w)``, on the whole tree.
+
   Args:
     f: a pure function of the whole updates tree and the params (``None`` when not given).
 
   Returns:
     A transformation whose state is :class:`EmptyState` and whose update ignores ``**extra``.
+
+  References:
+    Optax's ``optax.stateless`` (same name and argument).
   """
 
   def update(updates, state, params=None, **extra):
@@ -120,14 +125,19 @@ def stateless(f: Callable[[Updates, Optional[Params]], Updates]) -> GradientTran
 
 def stateless_with_tree_map(f: Callable[[jax.Array, Optional[jax.Array]], jax.Array]
                             ) -> GradientTransformation:
-  """A transformation without state applying ``f(u, p)`` to each leaf (Optax's name).
+  """A transformation without state applying ``f(u, w)`` to each leaf (Optax's name).
+
+  Update: ``u_l <- f(u_l, w_l)`` for every leaf l.
 
   Args:
     f: a pure function of one update leaf and its parameter leaf (``None`` when no params
       are given).
 
   Returns:
-    A transformation mapping ``f`` over the leaves.
+    A transformation mapping ``f`` over the leaves; its state is :class:`EmptyState`.
+
+  References:
+    Optax's ``optax.stateless_with_tree_map`` (same name and argument).
   """
 
   def whole(updates, params):
@@ -139,10 +149,13 @@ def stateless_with_tree_map(f: Callable[[jax.Array, Optional[jax.Array]], jax.Ar
 
 
 def identity() -> GradientTransformation:
-  """Pass the updates through unchanged.
+  """Pass the updates through unchanged: ``u <- u``.
 
   Returns:
     A transformation with an :class:`EmptyState`.
+
+  References:
+    Optax's ``optax.identity``.
   """
   return stateless(lambda updates, params: updates)
 
@@ -192,13 +205,20 @@ def as_transformation(t: Any, who: str = "chain", position: Optional[int] = None
 def chain(*transformations: Any) -> GradientTransformation:
   """Apply transformations one after the other; the state is the tuple of their states.
 
+  Update: ``u = t_n(... t_2(t_1(g)))``, each member also given ``w`` and the keyword
+  arguments; state ``(s_1, ..., s_n)``.
+
   Args:
     *transformations: optcompose or Optax transformations (anything with ``init`` and
       ``update``). Keyword arguments given to ``update`` reach every member that accepts them.
 
   Returns:
-    A transformation; ``chain`` is associative (no member sees anything but its input,
-    ``params`` and the keyword arguments).
+    A transformation whose state is the tuple of the members' states (nothing else);
+    ``chain`` is associative (no member sees anything but its input, ``params`` and the
+    keyword arguments).
+
+  References:
+    Optax's ``optax.chain``.
   """
   members = tuple(as_transformation(t, "chain", i) for i, t in enumerate(transformations))
 
@@ -228,18 +248,28 @@ def chain(*transformations: Any) -> GradientTransformation:
 def apply_updates(params: Params, updates: Updates) -> Params:
   """Return ``params + updates``, each result cast back to its parameter's dtype.
 
+  Update: ``w <- w + u``.
+
   Args:
-    params: the parameters.
+    params: the parameters (floating-point or complex leaves; others are a TypeError).
     updates: a tree of the parameters' structure and shapes.
 
   Returns:
     The new parameters, each leaf in its parameter's dtype.
+
+  References:
+    Optax's ``optax.apply_updates``.
   """
   otree.check_same_structure(updates, params, "updates", "params")
   otree.check_floating(params, "params")
-  return jax.tree.map(
-      lambda p, u: jnp.asarray(p + u).astype(jnp.asarray(p).dtype), params, updates
-  )
+
+  def add(p, u):
+    # The sum in the wider of the two dtypes (e.g. float32 updates on float16 params),
+    # rounded to the parameter's.
+    p_wide, u_wide = otree.promote(p, u)
+    return jnp.asarray(p_wide + u_wide).astype(jnp.asarray(p).dtype)
+
+  return jax.tree.map(add, params, updates)
 
 
 # ----------------------------------------------------------------------------------------

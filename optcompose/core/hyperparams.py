@@ -244,7 +244,22 @@ def with_schedules(*names: str):
 
   The builder is written for plain numbers. When every named argument is a number it is
   called as is (its state is exactly its own); when any is a schedule the result is
-  :func:`rebuilt_each_step` from the scheduled values (validated at step 0, by ``init``).
+  :func:`rebuilt_each_step` from the scheduled values (the builder's own checks see step
+  0's values, at ``init``; the public builders are declared with
+  :func:`optcompose.core.registry.public` instead, which validates and schedules): before
+  each update, ``h = schedule(count)`` with ``count`` the int32 step count from 0.
+
+  Args:
+    *names: the builder's parameters that may be given as schedules (a TypeError names
+      any that is not a parameter).
+
+  Returns:
+    A decorator returning the builder with the same signature (and ``schedulable`` set to
+    ``names``); a transformation it builds with a schedule has state
+    :class:`InjectHyperparamsState`.
+
+  References:
+    Optax's ``optax.inject_hyperparams`` (schedules evaluated at the state's count).
   """
 
   def decorate(builder):
@@ -300,6 +315,9 @@ def current_hyperparams(state: Any) -> dict:
     multiplier (``plateau_scale``). A name met twice is returned once under its name and
     again under ``"<path>/<name>"``. Constants are not stored in a state: give a schedule or
     use :func:`optcompose.inject_hyperparams` to see them here.
+
+  References:
+    Optax's ``optax.tree_utils.tree_get`` (reading a named value from a state).
   """
   out = {}
   for path, node in otree.find_nodes(state, holds_hyperparams):
@@ -323,6 +341,9 @@ def set_hyperparams(state: Any, **values) -> Any:
   Raises:
     KeyError: a name no node of ``state`` holds.
     ValueError: a value that is not a scalar.
+
+  References:
+    Optax's ``optax.tree_utils.tree_set`` (replacing named values in a state).
   """
   held = {n for _, node in otree.find_nodes(state, holds_hyperparams) for n in node.hyperparams}
   unknown = sorted(set(values) - held)

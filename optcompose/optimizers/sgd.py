@@ -42,8 +42,31 @@ def sgd(learning_rate: ScalarOrSchedule, momentum: Optional[float] = None,
   Chain: ``trace(momentum, nesterov)`` (or identity), ``scale_by_learning_rate(lr)``,
   [``prox_elastic_net(l1, l2, lr)``].
 
-  References: Robbins and Monro, 1951; Polyak, 1964; Sutskever et al., ICML 2013;
-  Beck and Teboulle, "A Fast Iterative Shrinkage-Thresholding Algorithm", 2009.
+  Args:
+    learning_rate: lr >= 0, a number or a schedule of the step count.
+    momentum: rho in [0, 1]; ``None`` (the default) keeps no momentum buffer.
+    nesterov: use Nesterov's look-ahead ``g_t + rho v_t``; ignored without ``momentum``.
+    accumulator_dtype: dtype of the stored momentum buffer ``v`` (e.g. ``jnp.bfloat16``);
+      ``None`` keeps the parameters'.
+    l1: L1 strength of the proximal step (>= 0, a number or a schedule; ours,
+      keyword-only). ``None``: no L1 term.
+    l2: L2 strength of the proximal step (>= 0; the step divides by ``1 + lr l2``; ours,
+      keyword-only). ``None``: no L2 term. With ``l1`` and ``l2`` both ``None`` there is no
+      proximal step; a number, even 0, keeps it (live under ``inject_hyperparams``).
+    reg_mask: the leaves the proximal step applies to (a mask as ``add_decayed_weights``
+      takes; ``None``: all).
+
+  Returns:
+    A :func:`chain` whose state is ``(TraceState or EmptyState, EmptyState[, EmptyState])``;
+    a member given a schedule has an :class:`~optcompose.InjectHyperparamsState` instead.
+
+  References:
+    Robbins and Monro, "A Stochastic Approximation Method", Annals of Mathematical
+    Statistics, 1951; Polyak, "Some methods of speeding up the convergence of iteration
+    methods", USSR Computational Mathematics and Mathematical Physics, 1964; Sutskever,
+    Martens, Dahl and Hinton, "On the importance of initialization and momentum in deep
+    learning", ICML 2013; Beck and Teboulle, "A Fast Iterative Shrinkage-Thresholding
+    Algorithm for Linear Inverse Problems", SIAM J. Imaging Sciences, 2009.
   """
   first = (trace(decay=momentum, nesterov=nesterov, accumulator_dtype=accumulator_dtype)
            if momentum is not None else identity())

@@ -7,6 +7,7 @@ from typing import Callable, Iterable, Mapping, Optional, Sequence
 import jax
 import jax.numpy as jnp
 
+from optcompose import tree as otree
 from optcompose.schedules._checks import Schedule, _float, _number, _steps
 from optcompose.schedules._decay import (
     constant_schedule, cosine_decay_schedule, exponential_decay, linear_schedule,
@@ -217,7 +218,9 @@ def piecewise_interpolate_schedule(interpolate_type: str, init_value,
     sizes = jnp.maximum(bounds[1:] - bounds[:-1], 1)
     inside = jnp.logical_and(bounds[:-1] <= count, count < bounds[1:])
     pct = (_float(count) - bounds[:-1]) / sizes
-    return inside.dot(interpolate(values[:-1], values[1:], pct)) + (bounds[-1] <= count) * values[-1]
+    # The boolean masks are cast to the values' dtype (as implicit promotion did).
+    inner = jnp.dot(*otree.promote(inside, interpolate(values[:-1], values[1:], pct)))
+    return inner + jnp.multiply(*otree.promote(bounds[-1] <= count, values[-1]))
 
   return schedule
 

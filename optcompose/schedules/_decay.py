@@ -35,7 +35,9 @@ def piecewise_constant_schedule(init_value,
   def schedule(count):
     v = init_value
     for threshold, scale in items:
-      indicator = jnp.maximum(0.0, jnp.sign(threshold - count))
+      # Optax's max(0, sign(threshold - count)), without an int32 sign meeting a float: 1
+      # before the boundary, 0 from it on (weakly typed, as Optax's).
+      indicator = jnp.where(count < threshold, 1.0, 0.0)
       v = v * indicator + (1 - indicator) * scale * v
     return v
 

@@ -39,28 +39,38 @@ def scale_by_adam(b1: ScalarOrSchedule = 0.9, b2: ScalarOrSchedule = 0.999,
                   eps: ScalarOrSchedule = 1e-8, eps_root: ScalarOrSchedule = 0.0,
                   mu_dtype: Optional[Any] = None, *, nesterov: bool = False,
                   nu_dtype: Optional[Any] = None) -> GradientTransformation:
-  """Adam's scaling: ``u = m_hat / (sqrt(v_hat + eps_root) + eps)`` (see the module docstring).
+  """Adam's scaling: ``u = m_hat / (sqrt(v_hat + eps_root) + eps)``.
+
+  Update (g: incoming gradient, t: step count from 1, ``m_0 = v_0 = 0``)::
+
+      m_t = (1 - b1) g_t + b1 m_{t-1}          m_hat = m_t / (1 - b1^t)
+      v_t = (1 - b2) g_t^2 + b2 v_{t-1}        v_hat = v_t / (1 - b2^t)
+      u   = m_hat / (sqrt(v_hat + eps_root) + eps)
+      nesterov: m_hat = b1 m_t / (1 - b1^(t+1)) + (1 - b1) g_t / (1 - b1^t)
 
   Equal to ``scale_by_second_moment(b2, eps, eps_root, direction=chain(ema(b1, debias=False),
   scale_by_bias_correction(b1)))`` in one transformation.
 
   Args:
     b1: the first moment's decay, in [0, 1) (a number or a schedule).
-    b2: the second moment's decay, in [0, 1).
-    eps: added after the square root (numerical stability).
+    b2: the second moment's decay, in [0, 1) (a number or a schedule).
+    eps: added after the square root (numerical stability; a number or a schedule).
     eps_root: added under the square root (keeps the derivative finite when v_hat = 0,
-      for meta-learning through the optimizer).
-    mu_dtype: dtype of the stored first moment; ``None`` keeps the parameters'.
-    nesterov: Nadam's look-ahead first moment.
+      for meta-learning through the optimizer); 0 by default, as in the paper.
+    mu_dtype: dtype of the stored first moment (e.g. ``jnp.bfloat16`` to halve its
+      memory); ``None`` keeps the parameters'.
+    nesterov: Nadam's look-ahead first moment (the ``nesterov`` line above).
     nu_dtype: dtype of the stored second moment (ours; Optax has ``mu_dtype`` only). The
       arithmetic runs in the wider of the stored and the gradients' dtypes.
 
   Returns:
-    A transformation with state :class:`ScaleByAdamState`.
+    A transformation with state :class:`ScaleByAdamState` (``count``, ``mu``, ``nu``);
+    updates keep the gradients' dtype.
 
   References:
     Kingma and Ba, "Adam: A Method for Stochastic Optimization", ICLR 2015;
-    Dozat, "Incorporating Nesterov Momentum into Adam", ICLR workshop 2016.
+    Dozat, "Incorporating Nesterov Momentum into Adam", ICLR workshop 2016; Optax's
+    ``optax.scale_by_adam``.
   """
 
   def init(params):

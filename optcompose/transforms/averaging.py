@@ -82,7 +82,7 @@ def average_leaf(a, p, w):
   """``(1 - w) a + w p`` in the wider of the two dtypes, cast back to ``a``'s dtype.
 
   At ``w = 1`` (the first snapshot) the result is ``p`` exactly."""
-  wide = jnp.promote_types(jnp.result_type(a), jnp.result_type(p))
+  wide = otree.promote_types(jnp.result_type(a), jnp.result_type(p))
   a_w, p_w = a.astype(wide), jnp.asarray(p).astype(wide)
   w = w.astype(wide)
   return ((1 - w) * a_w + w * p_w).astype(a.dtype)
@@ -114,7 +114,8 @@ def rounded_to(x, dtype):
 
 def _post_step(params, updates):
   """The parameters training will hold after this step (``apply_updates``' rounding)."""
-  return jax.tree.map(lambda p, u: rounded_to(p + u, jnp.asarray(p).dtype), params, updates)
+  return jax.tree.map(lambda p, u: rounded_to(jnp.add(*otree.promote(p, u)), jnp.asarray(p).dtype),
+                      params, updates)
 
 
 # ---------------------------------------------------------------------------------------
@@ -190,9 +191,14 @@ def ema_params(decay: float, debias: bool = True, start_step: int = 0, every: in
       parameters, whose 8 significant bits cannot resolve ``(1 - decay) * p``); ``None``
       keeps the parameters' dtype. The blend runs in the wider dtype.
 
+  Returns:
+    A transformation that passes the updates through and needs ``params``; its state is
+    :class:`EmaParamsState` (``count``, ``n_averaged``, ``average``).
+
   References:
-    Polyak and Juditsky, "Acceleration of stochastic approximation by averaging", 1992;
-    Kingma and Ba, "Adam", ICLR 2015 (section 7.2, temporal averaging with bias correction).
+    Polyak and Juditsky, "Acceleration of stochastic approximation by averaging", SIAM J.
+    Control and Optimization, 1992; Kingma and Ba, "Adam: A Method for Stochastic
+    Optimization", ICLR 2015 (section 7.2, temporal averaging with bias correction).
   """
   fn = "ema_params"
   return _averaging(fn, EmaParamsState, lambda n: ema_weight(decay, n, debias), start_step,
@@ -202,11 +208,11 @@ def ema_params(decay: float, debias: bool = True, start_step: int = 0, every: in
 @public("transformation", **_STEPS)
 def swa(start_step: int = 0, every: int = 1,
         accumulator_dtype: Optional[Any] = None) -> GradientTransformation:
-  """Stochastic weight averaging: the equal-weight mean of the parameters after the step,
-  taken every ``every`` steps from step ``start_step`` on, kept in the state.
+  """Stochastic weight averaging: the equal-weight mean of the parameters, kept in the state.
 
-  Passes the updates through unchanged; place it last in the chain. At each averaged step
-  t (steps count updates from 1: averaged when ``t >= start_step`` and
+  The parameters after the step are averaged every ``every`` steps from step
+  ``start_step`` on. Passes the updates through unchanged; place it last in the chain. At
+  each averaged step t (steps count updates from 1: averaged when ``t >= start_step`` and
   ``(t - start_step) % every == 0``), with ``p_t = params + updates``::
 
       n <- n + 1
@@ -221,13 +227,19 @@ def swa(start_step: int = 0, every: int = 1,
   PyTorch's ``update_bn``); that is outside the optimizer.
 
   Args:
-    start_step: the first step whose parameters are averaged.
+    start_step: the first step t (counting updates from 1) whose parameters are averaged.
     every: average every ``every`` steps from ``start_step`` on.
-    accumulator_dtype: dtype of the stored mean (``None``: the parameters' dtype).
+    accumulator_dtype: dtype of the stored mean (e.g. ``jnp.float32`` for bfloat16
+      parameters); ``None``: the parameters' dtype.
+
+  Returns:
+    A transformation that passes the updates through and needs ``params``; its state is
+    :class:`SwaState` (``count``, ``n_averaged``, ``average``).
 
   References:
-    Izmailov et al., "Averaging Weights Leads to Wider Optima and Better Generalization",
-    UAI 2018; Polyak and Juditsky, 1992.
+    Izmailov, Podoprikhin, Garipov, Vetrov and Wilson, "Averaging Weights Leads to Wider
+    Optima and Better Generalization", UAI 2018; Polyak and Juditsky, "Acceleration of
+    stochastic approximation by averaging", SIAM J. Control and Optimization, 1992.
   """
   return _averaging("swa", SwaState, swa_weight, start_step, every, accumulator_dtype)
 
@@ -262,8 +274,17 @@ def averaged_params(state, kind: Optional[str] = None) -> Any:
     kind: ``"ema"`` or ``"swa"`` to choose when the state holds both; ``None`` requires
       exactly one averaging node.
 
+  Returns:
+    The ``average`` of that :class:`EmaParamsState` or :class:`SwaState`: a tree with the
+    parameters' structure.
+
   Raises:
-    ValueError if there is no such node, or more than one and ``kind`` does not decide.
+    ValueError: there is no such node, or more than one and ``kind`` does not decide.
+
+  References:
+    Polyak and Juditsky, "Acceleration of stochastic approximation by averaging", SIAM J.
+    Control and Optimization, 1992; Izmailov et al., "Averaging Weights Leads to Wider
+    Optima and Better Generalization", UAI 2018.
   """
   if kind is not None and kind not in _AVERAGE_STATES:
     raise ValueError(f"averaged_params: `kind` must be 'ema', 'swa' or None, got {kind!r}.")

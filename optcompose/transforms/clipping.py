@@ -43,11 +43,16 @@ def rescale_leaf(u, norm, max_norm):
 def clip(max_delta: ScalarOrSchedule) -> GradientTransformation:
   """Clip every element of the updates to ``[-max_delta, max_delta]``.
 
+  Update: ``u <- clip(u, -max_delta, max_delta)``, elementwise.
+
   Args:
     max_delta: the bound (>= 0), a number or a schedule.
 
   Returns:
-    A stateless transformation.
+    A stateless transformation (:class:`~optcompose.EmptyState`).
+
+  References:
+    Optax's ``optax.clip``.
   """
   return stateless_with_tree_map(lambda u, w: jnp.clip(u, -max_delta, max_delta))
 
@@ -62,6 +67,9 @@ class ClipByGlobalNormState(NamedTuple):
 def clip_by_global_norm(max_norm: ScalarOrSchedule) -> GradientTransformation:
   """Rescale all updates together so their global L2 norm is at most ``max_norm``.
 
+  Update: ``n = sqrt(sum over leaves of |u|^2)``; ``u <- u if n < max_norm else
+  (u / n) * max_norm``.
+
   Args:
     max_norm: the bound (> 0), a number or a schedule.
 
@@ -70,7 +78,8 @@ def clip_by_global_norm(max_norm: ScalarOrSchedule) -> GradientTransformation:
     measured before clipping (Optax keeps no state here).
 
   References:
-    Pascanu et al., "On the difficulty of training recurrent neural networks", ICML 2013.
+    Pascanu, Mikolov and Bengio, "On the difficulty of training recurrent neural
+    networks", ICML 2013; Optax's ``optax.clip_by_global_norm``.
   """
 
   def init(params):
@@ -86,15 +95,24 @@ def clip_by_global_norm(max_norm: ScalarOrSchedule) -> GradientTransformation:
   return GradientTransformation(init, update)
 
 
-@public("transformation", optax="clip_by_leaf_norm", max_norm=_NORM)
+@public("transformation", max_norm=_NORM)  # Optax 0.2.8 has no clip_by_leaf_norm
 def clip_by_leaf_norm(max_norm: ScalarOrSchedule) -> GradientTransformation:
   """Rescale each leaf separately so its L2 norm is at most ``max_norm``.
+
+  Update, per leaf l: ``n_l = ||u_l||``; ``u_l <- u_l if n_l < max_norm else
+  (u_l / n_l) * max_norm``.
 
   Args:
     max_norm: the bound (> 0), a number or a schedule.
 
   Returns:
-    A stateless transformation (FlatParams are refused: a bucket is not a leaf).
+    A stateless transformation (:class:`~optcompose.EmptyState`; FlatParams are refused:
+    a bucket is not a leaf).
+
+  References:
+    Pascanu, Mikolov and Bengio, "On the difficulty of training recurrent neural
+    networks", ICML 2013 (norm clipping, here per leaf); Optax's
+    ``optax.clip_by_global_norm`` applied to each leaf.
   """
 
   def f(updates, params):
@@ -108,11 +126,17 @@ def clip_by_leaf_norm(max_norm: ScalarOrSchedule) -> GradientTransformation:
 def clip_by_block_rms(threshold: ScalarOrSchedule) -> GradientTransformation:
   """Divide each leaf by ``max(1, rms(leaf) / threshold)`` (Optax's semantics).
 
+  Update, per leaf l: ``u_l <- u_l / max(1, sqrt(mean(|u_l|^2)) / threshold)``.
+
   Args:
     threshold: the largest RMS a leaf keeps (> 0), a number or a schedule.
 
   Returns:
-    A stateless transformation (FlatParams are refused: a bucket is not a leaf).
+    A stateless transformation (:class:`~optcompose.EmptyState`; FlatParams are refused:
+    a bucket is not a leaf).
+
+  References:
+    Optax's ``optax.clip_by_block_rms``.
   """
 
   def f(updates, params):
@@ -151,20 +175,28 @@ def unit_norms(x, axis: Optional[Union[int, Sequence[int]]] = None):
         eps=real(0.0, draw=(1e-6, 1e-2)))
 def adaptive_grad_clip(clipping: ScalarOrSchedule, eps: ScalarOrSchedule = 1e-3,
                        axis: Optional[Union[int, Sequence[int]]] = None) -> GradientTransformation:
-  """Adaptive gradient clipping: bound each unit's update norm by ``clipping`` times the
-  norm of the matching unit of the parameters (at least ``eps``).
+  """Adaptive gradient clipping: bound each unit's update norm relative to its parameters'.
+
+  Update, per unit (row, filter; see ``axis``), with ``m = clipping * max(||w_unit||, eps)``::
+
+      u_unit <- u_unit                                 if ||u_unit|| < m
+      u_unit <- u_unit * m / max(||u_unit||, 1e-6)     otherwise
 
   Args:
     clipping: lambda (> 0), a number or a schedule.
-    eps: the smallest parameter norm used (>= 0).
-    axis: the axes a unit reduces over (see :func:`unit_norms`).
+    eps: the smallest parameter norm used (>= 0), so units of zero-initialised
+      parameters can still move; a number or a schedule.
+    axis: the axes a unit reduces over; ``None``: the whole array for scalars and vectors,
+      axis 0 for (in, out) and (in, heads, out) kernels, the spatial and input axes for
+      HWIO / DHWIO convolution kernels (Optax's convention; see :func:`unit_norms`).
 
   Returns:
-    A stateless transformation that needs ``params`` (FlatParams are refused).
+    A stateless transformation (:class:`~optcompose.EmptyState`) that needs ``params``
+    (FlatParams are refused).
 
   References:
-    Brock et al., "High-Performance Large-Scale Image Recognition Without Normalization",
-    ICML 2021.
+    Brock, De, Smith and Simonyan, "High-Performance Large-Scale Image Recognition Without
+    Normalization", ICML 2021; Optax's ``optax.adaptive_grad_clip``.
   """
 
   def f(updates, params):

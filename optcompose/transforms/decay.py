@@ -30,8 +30,10 @@ Mask = Optional[Union[Any, Callable[[Any], Any]]]
 
 
 def decay_leaf(coef, u, w):
-  """``u + coef * w`` in u's dtype."""
-  return (u + coef * w).astype(jnp.result_type(u))
+  """``u + coef * w`` in u's dtype (each operation runs in the wider of its operands'
+  dtypes, then the sum is cast to u's)."""
+  return jnp.add(*otree.promote(u, jnp.multiply(*otree.promote(coef, w)))).astype(
+      jnp.result_type(u))
 
 
 def masked_leafwise(who: str, leaf: Callable, mask: Mask) -> GradientTransformation:
@@ -67,19 +69,24 @@ def _add_scaled_params(who: str, coef, mask: Mask) -> GradientTransformation:
         mask=MASK)
 def add_decayed_weights(weight_decay: ScalarOrSchedule = 0.0,
                         mask: Mask = None) -> GradientTransformation:
-  """Add ``weight_decay * w`` to the updates (decoupled weight decay when placed after the
-  preconditioner).
+  """Add ``weight_decay * w`` to the updates (decoupled weight decay after the preconditioner).
+
+  Update: ``u <- u + weight_decay * w`` on the selected leaves; the others pass unchanged.
+  Placed after the preconditioner and before ``scale_by_learning_rate`` the pull toward
+  zero is ``lr * weight_decay * w`` (AdamW).
 
   Args:
     weight_decay: lambda >= 0, a number or a schedule.
     mask: a tree of Python bools with the parameters' structure (or a prefix of it), or a
-      callable returning one from the parameters; ``True`` leaves are decayed.
+      callable returning one from the parameters; ``True`` leaves are decayed. ``None``
+      decays every leaf. A mask that does not fit the parameters is an error at ``init``.
 
   Returns:
-    A stateless transformation that needs ``params``.
+    A stateless transformation (:class:`~optcompose.EmptyState`) that needs ``params``.
 
   References:
-    Loshchilov and Hutter, "Decoupled Weight Decay Regularization", ICLR 2019.
+    Loshchilov and Hutter, "Decoupled Weight Decay Regularization", ICLR 2019; Optax's
+    ``optax.add_decayed_weights``.
   """
   return _add_scaled_params("add_decayed_weights", weight_decay, mask)
 
@@ -88,15 +95,16 @@ def add_decayed_weights(weight_decay: ScalarOrSchedule = 0.0,
 def add_l2_penalty(l2: ScalarOrSchedule, mask: Mask = None) -> GradientTransformation:
   """Add the gradient of ``l2/2 * ||w||^2``, i.e. ``l2 * w``, to the incoming gradient.
 
-  Same formula as :func:`add_decayed_weights`; put it first in a chain (before momentum
-  or a preconditioner) for classic coupled L2 regularisation.
+  Update: ``g <- g + l2 * w`` on the selected leaves. Same formula as
+  :func:`add_decayed_weights`; put it first in a chain (before momentum or a
+  preconditioner) for classic coupled L2 regularisation.
 
   Args:
     l2: the penalty's strength (>= 0), a number or a schedule.
-    mask: which leaves are penalised (as in :func:`add_decayed_weights`).
+    mask: which leaves are penalised (as in :func:`add_decayed_weights`; ``None``: all).
 
   Returns:
-    A stateless transformation that needs ``params``.
+    A stateless transformation (:class:`~optcompose.EmptyState`) that needs ``params``.
 
   References:
     Krogh and Hertz, "A Simple Weight Decay Can Improve Generalization", NIPS 1991.

@@ -32,8 +32,9 @@ class TraceState(NamedTuple):
 
 
 def trace_leaf(rho, v, g):
-  """``g + rho * v``: both the trace update and Nesterov's look-ahead."""
-  return g + rho * v
+  """``g + rho * v``: both the trace update and Nesterov's look-ahead. Each operation runs
+  in the wider of its operands' dtypes (the casts implicit promotion made, written out)."""
+  return jnp.add(*otree.promote(g, jnp.multiply(*otree.promote(rho, v))))
 
 
 @public("transformation", optax="trace", decay=MOMENTUM, nesterov=FLAG)
@@ -41,11 +42,15 @@ def trace(decay: ScalarOrSchedule, nesterov: bool = False,
           accumulator_dtype: Optional[Any] = None) -> GradientTransformation:
   """Heavy-ball momentum: ``v_t = decay * v_{t-1} + g_t``, output ``v_t``.
 
-  With ``nesterov`` the output is the look-ahead ``g_t + decay * v_t``.
+  Update (rho = ``decay``, ``v_0 = 0``)::
+
+      v_t = rho * v_{t-1} + g_t
+      u_t = v_t                  (nesterov=False)
+      u_t = g_t + rho * v_t      (nesterov=True: the look-ahead)
 
   Args:
     decay: the momentum coefficient rho in [0, 1] (a number or a schedule).
-    nesterov: use the look-ahead ``g + rho * v_t`` as the output.
+    nesterov: output Nesterov's look-ahead ``g_t + rho * v_t`` instead of ``v_t``.
     accumulator_dtype: dtype of the stored trace (e.g. ``jnp.bfloat16`` to halve its memory);
       ``None`` keeps the parameters' dtype. The arithmetic runs in the wider of the two.
 
@@ -54,8 +59,8 @@ def trace(decay: ScalarOrSchedule, nesterov: bool = False,
 
   References:
     Polyak, "Some methods of speeding up the convergence of iteration methods", 1964;
-    Sutskever et al., "On the importance of initialization and momentum in deep learning",
-    ICML 2013.
+    Sutskever, Martens, Dahl and Hinton, "On the importance of initialization and momentum
+    in deep learning", ICML 2013; Optax's ``optax.trace``.
   """
 
   def init(params):
@@ -89,16 +94,25 @@ def ema(decay: ScalarOrSchedule, debias: bool = True,
         accumulator_dtype: Optional[Any] = None) -> GradientTransformation:
   """Exponential moving average of the updates: ``m_t = (1 - decay) g_t + decay m_{t-1}``.
 
+  Update (beta = ``decay``, ``m_0 = 0``, t counts this transformation's steps from 1)::
+
+      m_t = (1 - beta) * g_t + beta * m_{t-1}
+      u_t = m_t / (1 - beta^t)   (debias=True)     u_t = m_t   (debias=False)
+
   Args:
     decay: beta in [0, 1) (a number or a schedule).
-    debias: output ``m_t / (1 - decay^t)`` (the stored average stays ``m_t``).
-    accumulator_dtype: dtype of the stored average; ``None`` keeps the parameters'.
+    debias: output ``m_t / (1 - decay^t)`` (the stored average stays ``m_t``); False
+      outputs ``m_t``, which is biased toward ``m_0 = 0`` in the first steps.
+    accumulator_dtype: dtype of the stored average (e.g. ``jnp.bfloat16`` to halve its
+      memory); ``None`` keeps the parameters'.
 
   Returns:
-    A transformation with state :class:`EmaState`; updates keep the gradients' dtype.
+    A transformation with state :class:`EmaState` (``count``, ``ema``); updates keep the
+    gradients' dtype.
 
   References:
-    Kingma and Ba, "Adam: A Method for Stochastic Optimization", ICLR 2015 (bias correction).
+    Kingma and Ba, "Adam: A Method for Stochastic Optimization", ICLR 2015 (bias correction);
+    Optax's ``optax.ema``.
   """
 
   def init(params):
@@ -130,7 +144,8 @@ class BiasCorrectionState(NamedTuple):
 def scale_by_bias_correction(decay: ScalarOrSchedule) -> GradientTransformation:
   """Divide the incoming EMA by ``1 - decay^t`` (t counts this transformation's steps).
 
-  Place it right after an un-debiased EMA (``ema(decay, debias=False)``) of the same decay.
+  Update: ``u_t = g_t / (1 - decay^t)``, t from 1. Place it right after an un-debiased EMA
+  (``ema(decay, debias=False)``) of the same decay.
 
   Args:
     decay: the EMA's beta in [0, 1) (a number or a schedule).

@@ -22,6 +22,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from optcompose import tree as otree
 from optcompose.core import (
     GradientTransformation, as_hyperparam, choice, default_float, expect_state, integer, public,
     real, safe_increment, zero_count,
@@ -60,14 +61,24 @@ def reduce_on_plateau(factor: float = 0.1, patience: int = 10, rtol: float = 1e-
                       min_scale: float = 0.0, *, mode: str = "min") -> GradientTransformation:
   """Scale updates down by ``factor`` after ``patience`` evaluations without improvement.
 
+  Update: ``u <- scale * u``; every ``accumulation_size`` calls, with ``mean`` the mean of
+  the values received (negated for ``mode="max"``)::
+
+      improved = mean < (1 - rtol) * best - atol;   plateau = 0 if improved else plateau + 1
+      if plateau == patience and not cooling down:
+          scale = max(scale * factor, min_scale);  plateau = 0;  cooldown_count = cooldown
+
   Args:
     factor: multiplier in (0, 1) applied to the scale at each plateau.
     patience: evaluations without improvement before the scale is reduced.
-    rtol, atol: relative and absolute improvement thresholds (at least one positive).
+    rtol: relative improvement threshold in [0, 1] (at least one of ``rtol`` and ``atol``
+      positive).
+    atol: absolute improvement threshold (>= 0).
     cooldown: evaluations to wait after a reduction before counting again.
     accumulation_size: update calls whose values are averaged into one evaluation.
     min_scale: the scale never goes below this.
-    mode: "min" (the value should fall, e.g. a loss) or "max" (e.g. an accuracy).
+    mode: "min" (the value should fall, e.g. a loss) or "max" (e.g. an accuracy); ours,
+      keyword-only.
 
   Returns:
     A transformation with state :class:`ReduceLROnPlateauState`; ``update`` needs
@@ -76,7 +87,7 @@ def reduce_on_plateau(factor: float = 0.1, patience: int = 10, rtol: float = 1e-
 
   References:
     PyTorch's ``torch.optim.lr_scheduler.ReduceLROnPlateau``; Optax's
-    ``contrib.reduce_on_plateau``.
+    ``optax.contrib.reduce_on_plateau`` (same names, defaults and state fields).
   """
   fn = "reduce_on_plateau"
   if rtol == 0 and atol == 0:
@@ -115,10 +126,15 @@ def reduce_on_plateau(factor: float = 0.1, patience: int = 10, rtol: float = 1e-
     if value.shape != ():
       raise ValueError(f"{fn}: `value` must be a scalar, got shape {value.shape}.")
     count = safe_increment(state.count)
-    avg = (state.count * state.avg_value + value) / count
+    # The running mean, in the wider of the mean's and the value's dtypes (the int32
+    # counts cast to it).
+    n_old, avg_old = otree.promote(state.count, state.avg_value)
+    total = jnp.add(*otree.promote(n_old * avg_old, value))
+    avg = jnp.divide(*otree.promote(total, count))
     s = state._replace(count=count, avg_value=avg)
     s = jax.tree.map(lambda a, b: jnp.where(count == accumulation_size, a, b), evaluate(s), s)
-    updates = jax.tree.map(lambda u: (s.scale * u).astype(jnp.result_type(u)), updates)
+    updates = jax.tree.map(
+        lambda u: jnp.multiply(*otree.promote(s.scale, u)).astype(jnp.result_type(u)), updates)
     return updates, s
 
   return GradientTransformation(init, update)

@@ -44,17 +44,25 @@ def prox_elastic_net(l1: ScalarOrSchedule, l2: ScalarOrSchedule,
                      learning_rate: ScalarOrSchedule, mask: Mask = None) -> GradientTransformation:
   """Proximal elastic-net step after the learning-rate step (see the module docstring).
 
+  Update, with ``u`` the already scaled update (``-lr * direction``)::
+
+      w_new = sign(w + u) * max(|w + u| - lr * l1, 0) / (1 + lr * l2)
+      u    <- w_new - w                   (apply_updates then lands on w_new; exact zeros)
+
   Args:
     l1: L1 strength (>= 0), a number or a schedule.
     l2: L2 strength (>= 0), a number or a schedule.
     learning_rate: the same learning rate (number or schedule) the chain scales by.
-    mask: which leaves get the proximal step (as in :func:`add_decayed_weights`).
+    mask: which leaves get the proximal step (as in :func:`add_decayed_weights`; ``None``:
+      all); the others pass unchanged.
 
   Returns:
-    A stateless transformation that needs ``params``.
+    A stateless transformation (:class:`~optcompose.EmptyState`) that needs ``params``.
 
   References:
-    Parikh and Boyd, "Proximal Algorithms", 2014, sections 6.1 and 6.5.1.
+    Parikh and Boyd, "Proximal Algorithms", Foundations and Trends in Optimization, 2014,
+    sections 6.1 and 6.5.1; Zou and Hastie, "Regularization and variable selection via the
+    elastic net", JRSS B, 2005.
   """
   return masked_leafwise("prox_elastic_net",
                          lambda u, w: elastic_net_prox_leaf(w, u, learning_rate, l1, l2), mask)
@@ -65,16 +73,21 @@ def prox_l1(l1: ScalarOrSchedule, learning_rate: ScalarOrSchedule,
             mask: Mask = None) -> GradientTransformation:
   """L1 soft-thresholding after the learning-rate step: ``prox_elastic_net`` with ``l2=0``.
 
+  Update: ``w_new = sign(w + u) * max(|w + u| - lr * l1, 0)``; ``u <- w_new - w``.
+
   Args:
     l1: L1 strength (>= 0), a number or a schedule.
-    learning_rate: the same learning rate the chain scales by.
-    mask: which leaves get the proximal step.
+    learning_rate: the same learning rate (number or schedule) the chain scales by.
+    mask: which leaves get the proximal step (as in :func:`add_decayed_weights`; ``None``:
+      all).
 
   Returns:
-    A stateless transformation that needs ``params``.
+    A stateless transformation (:class:`~optcompose.EmptyState`) that needs ``params``.
 
   References:
-    Tibshirani, "Regression Shrinkage and Selection via the Lasso", 1996.
+    Tibshirani, "Regression Shrinkage and Selection via the Lasso", JRSS B, 1996; Beck and
+    Teboulle, "A Fast Iterative Shrinkage-Thresholding Algorithm for Linear Inverse
+    Problems", SIAM J. Imaging Sciences, 2009 (ISTA).
   """
   return prox_elastic_net(l1, 0.0, learning_rate, mask)
 

@@ -29,11 +29,17 @@ def scale_leaf(s, u):
 def scale(step_size: ScalarOrSchedule) -> GradientTransformation:
   """Scale updates by ``step_size``: ``u <- step_size * u``.
 
+  The step size is cast to each update's dtype before the product.
+
   Args:
-    step_size: a number or a schedule of the step count.
+    step_size: a number (any sign) or a schedule of the step count.
 
   Returns:
-    A stateless transformation (with a schedule, its state keeps the count).
+    A stateless transformation (:class:`EmptyState`); with a schedule, the state is an
+    :class:`~optcompose.InjectHyperparamsState` that keeps the count.
+
+  References:
+    Optax's ``optax.scale``.
   """
 
   def init(params):
@@ -49,11 +55,17 @@ def scale(step_size: ScalarOrSchedule) -> GradientTransformation:
 def scale_by_schedule(step_size_fn) -> GradientTransformation:
   """Scale updates by ``step_size_fn(count)``; the count lives in the state.
 
+  Update: ``u <- s_t * u`` with ``s_t = step_size_fn(t - 1)`` at the t-th update.
+
   Args:
     step_size_fn: a schedule, a function of the int32 step count.
 
   Returns:
-    :func:`scale` with the schedule.
+    :func:`scale` with the schedule: its state is an
+    :class:`~optcompose.InjectHyperparamsState` holding the count.
+
+  References:
+    Optax's ``optax.scale_by_schedule``.
   """
   if not callable(step_size_fn):
     raise TypeError("scale_by_schedule: `step_size_fn` must be a callable of the step count.")
@@ -74,10 +86,15 @@ def scale_by_learning_rate(
   Args:
     learning_rate: >= 0, a number or a schedule; ``None`` means no scaling. A negative
       learning rate is an error (use ``flip_sign=False`` to ascend).
-    flip_sign: descend (multiply by ``-lr``).
+    flip_sign: descend (multiply by ``-lr``, the default); False multiplies by ``+lr``.
 
   Returns:
-    :func:`scale` with ``-lr`` (or ``lr``).
+    :func:`scale` with ``-lr`` (or ``lr``): an :class:`EmptyState`, or with a schedule an
+    :class:`~optcompose.InjectHyperparamsState`; with ``learning_rate=None``,
+    :func:`identity`.
+
+  References:
+    Optax's ``optax.scale_by_learning_rate``.
   """
   if learning_rate is None:
     return identity()
@@ -86,10 +103,13 @@ def scale_by_learning_rate(
 
 @public("transformation", optax="set_to_zero")
 def set_to_zero() -> GradientTransformation:
-  """Replace the updates by zeros (frozen parameters).
+  """Replace the updates by zeros (frozen parameters): ``u <- 0``.
 
   Returns:
-    A stateless transformation.
+    A stateless transformation (:class:`EmptyState`).
+
+  References:
+    Optax's ``optax.set_to_zero``.
   """
   return stateless(lambda updates, params: jax.tree.map(jnp.zeros_like, updates))
 

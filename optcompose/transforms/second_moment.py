@@ -38,16 +38,19 @@ def scale_by_rss(initial_accumulator_value: float = 0.1,
                  eps: ScalarOrSchedule = 1e-7) -> GradientTransformation:
   """AdaGrad's scaling: ``G_t = G_{t-1} + g_t^2``, ``u = g / sqrt(G_t + eps)`` (0 where G_t = 0).
 
+  Update: ``G_t = G_{t-1} + g_t^2``; ``u_t = g_t / sqrt(G_t + eps)`` where ``G_t > 0``,
+  else 0.
+
   Args:
-    initial_accumulator_value: ``G_0`` (>= 0).
+    initial_accumulator_value: ``G_0`` (>= 0), a number (Optax's default 0.1).
     eps: added under the square root (a number or a schedule).
 
   Returns:
-    A transformation with state :class:`ScaleByRssState`.
+    A transformation with state :class:`ScaleByRssState` (``sum_of_squares``, G).
 
   References:
     Duchi, Hazan and Singer, "Adaptive Subgradient Methods for Online Learning and
-    Stochastic Optimization", JMLR 2011.
+    Stochastic Optimization", JMLR 2011; Optax's ``optax.scale_by_rss``.
   """
 
   def init(params):
@@ -57,9 +60,12 @@ def scale_by_rss(initial_accumulator_value: float = 0.1,
     del params, extra
     expect_state(state, ScaleByRssState, "scale_by_rss")
     same_structure(updates, state.sum_of_squares, "sum_of_squares")
-    total = jax.tree.map(lambda g, s: square_leaf(g, s) + s, updates, state.sum_of_squares)
+    # Each operation in the wider of its operands' dtypes (float32 statistics for float16).
+    total = jax.tree.map(lambda g, s: jnp.add(*otree.promote(square_leaf(g, s), s)),
+                         updates, state.sum_of_squares)
     updates = jax.tree.map(
-        lambda g, s: (jnp.where(s > 0, inverse_rms_leaf(s, eps, True), 0.0) * g).astype(
+        lambda g, s: jnp.multiply(*otree.promote(
+            jnp.where(s > 0, inverse_rms_leaf(s, eps, True), 0.0), g)).astype(
             jnp.result_type(g)), updates, total)
     return updates, ScaleByRssState(otree.cast_like(total, state.sum_of_squares))
 
@@ -121,7 +127,8 @@ def _rms_scaling(who, centered, decay, eps, initial_scale, eps_in_sqrt, bias_cor
     else:
       denominator = hat["nu"]
     updates = jax.tree.map(
-        lambda g, v: (inverse_rms_leaf(v, eps, eps_in_sqrt) * g).astype(jnp.result_type(g)),
+        lambda g, v: jnp.multiply(*otree.promote(inverse_rms_leaf(v, eps, eps_in_sqrt), g)
+                                  ).astype(jnp.result_type(g)),
         updates, denominator)
     stored = {k: v if k == "count" else otree.cast_like(v, getattr(state, k))
               for k, v in new.items()}
@@ -140,18 +147,28 @@ def scale_by_rms(decay: ScalarOrSchedule = 0.9, eps: ScalarOrSchedule = 1e-8,
                  bias_correction: bool = False) -> GradientTransformation:
   """RMSProp's scaling: ``v_t = (1 - decay) g_t^2 + decay v_{t-1}``, ``u = g / sqrt(v_t + eps)``.
 
+  Update (beta = ``decay``, t from 1)::
+
+      v_t = (1 - beta) g_t^2 + beta v_{t-1}
+      v_hat = v_t / (1 - beta^t)  (bias_correction=True)   v_hat = v_t  (otherwise)
+      u_t = g_t / sqrt(v_hat + eps)  (eps_in_sqrt=True)     g_t / (sqrt(v_hat) + eps)  (False)
+
   Args:
     decay: beta in [0, 1) (a number or a schedule).
     eps: the regularising constant (a number or a schedule).
-    initial_scale: ``v_0`` (>= 0).
-    eps_in_sqrt: ``g / sqrt(v_t + eps)``; False: ``g / (sqrt(v_t) + eps)``.
-    bias_correction: divide ``v_t`` by ``1 - decay^t`` first (the state keeps a count).
+    initial_scale: ``v_0`` (>= 0), a number.
+    eps_in_sqrt: where ``eps`` goes: True (the default, Optax's) gives
+      ``g / sqrt(v_t + eps)``; False gives ``g / (sqrt(v_t) + eps)``, as in PyTorch.
+    bias_correction: divide ``v_t`` by ``1 - decay^t`` first, as Adam does (the state
+      keeps a count).
 
   Returns:
-    A transformation with state :class:`ScaleByRmsState` (or :class:`ScaleByRmsWithCountState`).
+    A transformation with state :class:`ScaleByRmsState` (``nu``), or
+    :class:`ScaleByRmsWithCountState` (``count``, ``nu``) with ``bias_correction``.
 
   References:
-    Tieleman and Hinton, Lecture 6.5 of "Neural Networks for Machine Learning", 2012.
+    Tieleman and Hinton, Lecture 6.5 of "Neural Networks for Machine Learning", Coursera,
+    2012; Optax's ``optax.scale_by_rms``.
   """
   return _rms_scaling("scale_by_rms", False, decay, eps, initial_scale, eps_in_sqrt,
                       bias_correction)
@@ -163,17 +180,30 @@ def scale_by_stddev(decay: ScalarOrSchedule = 0.9, eps: ScalarOrSchedule = 1e-8,
                     bias_correction: bool = False) -> GradientTransformation:
   """Centered RMSProp: ``u = g / sqrt(v_t - m_t^2 + eps)`` with m, v EMAs of g and g^2.
 
+  Update (beta = ``decay``, t from 1, ``m_0 = 0``)::
+
+      m_t = (1 - beta) g_t + beta m_{t-1}      v_t = (1 - beta) g_t^2 + beta v_{t-1}
+      (bias_correction: m_t, v_t divided by 1 - beta^t)
+      u_t = g_t / sqrt(max(v_t - m_t^2, 0) + eps)    (eps_in_sqrt=False: sqrt(...) + eps)
+
   ``v_t - m_t^2`` is clamped at 0 (rounding can make it negative; Optax then returns NaN).
 
   Args:
-    decay, eps, initial_scale, eps_in_sqrt, bias_correction: as in :func:`scale_by_rms`
-      (``initial_scale`` is ``v_0``; ``m_0 = 0``).
+    decay: beta in [0, 1) (a number or a schedule), the decay of both EMAs.
+    eps: the regularising constant (a number or a schedule).
+    initial_scale: ``v_0`` (>= 0), a number; ``m_0`` is 0.
+    eps_in_sqrt: True: ``eps`` under the square root; False: added after it.
+    bias_correction: divide ``m_t`` and ``v_t`` by ``1 - decay^t`` first (the state keeps
+      a count).
 
   Returns:
-    A transformation with state :class:`ScaleByRStdDevState` (or its ``WithCount`` variant).
+    A transformation with state :class:`ScaleByRStdDevState` (``mu``, ``nu``), or
+    :class:`ScaleByRStdDevWithCountState` (``count``, ``mu``, ``nu``) with
+    ``bias_correction``.
 
   References:
-    Graves, "Generating Sequences With Recurrent Neural Networks", 2013.
+    Graves, "Generating Sequences With Recurrent Neural Networks", arXiv:1308.0850, 2013;
+    Optax's ``optax.scale_by_stddev``.
   """
   return _rms_scaling("scale_by_stddev", True, decay, eps, initial_scale, eps_in_sqrt,
                       bias_correction)
@@ -193,6 +223,12 @@ def scale_by_second_moment(decay: ScalarOrSchedule = 0.999, eps: ScalarOrSchedul
                            ) -> GradientTransformation:
   """Divide a direction by ``sqrt(v_hat + eps_root) + eps``, v an EMA of the incoming g^2.
 
+  Update (beta = ``decay``, t from 1, ``v_0 = 0``, d = ``direction``'s output for g)::
+
+      v_t = (1 - beta) g_t^2 + beta v_{t-1}
+      v_hat = v_t / (1 - beta^t)  (debias=True)      v_hat = v_t  (debias=False)
+      u_t = d_t / (sqrt(v_hat + eps_root) + eps)
+
   The statistic is built from this transformation's input g; the direction it divides is
   ``direction``'s output for the same g (g itself by default), so a momentum can be
   preconditioned by the gradient's statistic::
@@ -203,11 +239,13 @@ def scale_by_second_moment(decay: ScalarOrSchedule = 0.999, eps: ScalarOrSchedul
 
   Args:
     decay: beta2 in [0, 1) (a number or a schedule).
-    eps: added after the square root.
-    eps_root: added under the square root.
-    debias: divide ``v_t`` by ``1 - decay^t``.
+    eps: added after the square root (a number or a schedule).
+    eps_root: added under the square root (keeps the derivative finite where v_hat = 0,
+      for differentiating through the optimizer); a number or a schedule.
+    debias: divide ``v_t`` by ``1 - decay^t`` (Adam's bias correction of ``v_0 = 0``).
     nu_dtype: dtype of the stored second moment; ``None`` keeps the parameters'.
-    direction: a transformation of g giving the direction to scale; ``None`` scales g.
+    direction: a transformation of g giving the direction to scale (it receives the same
+      ``params`` and keyword arguments); ``None`` scales g.
 
   Returns:
     A transformation with state :class:`ScaleBySecondMomentState` (``direction`` holds the
@@ -215,7 +253,8 @@ def scale_by_second_moment(decay: ScalarOrSchedule = 0.999, eps: ScalarOrSchedul
 
   References:
     Kingma and Ba, "Adam: A Method for Stochastic Optimization", ICLR 2015;
-    Ziyin et al., "LaProp: Separating Momentum and Adaptivity in Adam", 2020.
+    Ziyin, Wang and Ueda, "LaProp: Separating Momentum and Adaptivity in Adam",
+    arXiv:2002.04839, 2020.
   """
   inner = None if direction is None else as_transformation(direction, "scale_by_second_moment")
 

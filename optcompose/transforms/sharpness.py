@@ -104,8 +104,15 @@ def sharpness_aware(rho: float = 0.05, *, adaptive: bool = False, eta: float = 0
     eps: added to the norm, so a zero gradient gives ``e = 0`` (Keras' and the PyTorch
       implementations use 1e-12).
 
+  Returns:
+    A stateless transformation (:class:`~optcompose.EmptyState`) whose ``update`` needs
+    ``params`` and ``grad_fn=``, and returns ``g_sam``.
+
   References:
-    Foret et al., ICLR 2021 (Algorithm 1); Kwon et al., ICML 2021.
+    Foret, Kleiner, Mobahi and Neyshabur, "Sharpness-Aware Minimization for Efficiently
+    Improving Generalization", ICLR 2021 (Algorithm 1); Kwon, Kim, Park and Choi, "ASAM:
+    Adaptive Sharpness-Aware Minimization for Scale-Invariant Learning of Deep Neural
+    Networks", ICML 2021.
   """
   fn = "sharpness_aware"
 
@@ -138,13 +145,16 @@ NormalizeState = EmptyState
 def normalize() -> GradientTransformation:
   """Divide the updates by their global L2 norm: ``u <- u / |u|`` (``optax.contrib.normalize``).
 
-  Unlike Optax's, a zero update stays zero instead of becoming NaN.
+  Update: ``u <- u / |u|``, ``|u|`` the global L2 norm over all leaves; 0 for a zero u
+  (unlike Optax's, a zero update stays zero instead of becoming NaN).
 
   Returns:
-    A stateless transformation.
+    A stateless transformation (:class:`~optcompose.EmptyState`).
 
   References:
-    Foret et al., ICLR 2021 (the ascent direction of SAM).
+    Optax's ``optax.contrib.normalize``; Foret, Kleiner, Mobahi and Neyshabur,
+    "Sharpness-Aware Minimization for Efficiently Improving Generalization", ICLR 2021
+    (the ascent direction of SAM).
   """
 
   def f(updates, params):

@@ -25,14 +25,18 @@ from optcompose import tree as otree
 
 
 def ema_leaf(beta, m, x):
-  """One EMA step: ``(1 - beta) * x + beta * m``."""
-  return (1 - beta) * x + beta * m
+  """One EMA step: ``(1 - beta) * x + beta * m``. Each product runs in the wider of its
+  operands' dtypes (a Python-number beta takes the other's), the sum in the wider of the
+  two products (as Optax, which promotes implicitly; the casts are written out)."""
+  new = jnp.multiply(*otree.promote(1 - beta, x))
+  old = jnp.multiply(*otree.promote(beta, m))
+  return jnp.add(*otree.promote(new, old))
 
 
 def debias_factor(beta, count):
   """``1 / (1 - beta^count)``, computed in float32 or wider (beta^t rounds to 1 in bfloat16)."""
   beta = jnp.asarray(beta)
-  wide = jnp.promote_types(beta.dtype, jnp.float32)
+  wide = otree.promote_types(beta.dtype, jnp.float32)
   return 1 / (1 - beta.astype(wide) ** jnp.asarray(count).astype(wide))
 
 
@@ -77,7 +81,7 @@ def square_leaf(g, v):
   float32 for float16: g^2 underflows there below |g| = 2.4e-4 (the step's statistic is then
   float32; it is rounded to the state's dtype only when stored)."""
   g = jnp.asarray(g)
-  return otree.abs_sq(_wide_enough(g.astype(jnp.promote_types(g.dtype, jnp.result_type(v)))))
+  return otree.abs_sq(_wide_enough(g.astype(otree.promote_types(g.dtype, jnp.result_type(v)))))
 
 
 def inverse_rms_leaf(v, eps, eps_in_sqrt):

@@ -62,18 +62,25 @@ def multi_steps(inner, every_k_schedule: Union[int, Callable], use_grad_mean: bo
                 accumulator_dtype=jnp.float32) -> GradientTransformation:
   """Gradient accumulation over ``every_k_schedule`` micro-steps (see the module docstring).
 
+  Update, at micro-step j = 0, 1, ... of a real step (``acc_0 = 0``)::
+
+      acc_{j+1} = acc_j + (g_j - acc_j) / (j + 1)     (use_grad_mean; else acc_j + g_j)
+      j + 1 = k:  u, inner_state = inner.update(acc_k, inner_state, params); acc = 0
+      otherwise:  u = 0, inner_state unchanged (inner's update does not run)
+
   Args:
-    inner: the optimizer that takes the real steps.
-    every_k_schedule: k, or a schedule of the number of real steps taken.
+    inner: the optimizer that takes the real steps (optcompose's or Optax's).
+    every_k_schedule: k >= 1, or a schedule of the number of real steps taken.
     use_grad_mean: apply the mean of the micro-gradients (else their sum).
-    accumulator_dtype: dtype of the accumulation buffer.
+    accumulator_dtype: dtype of the accumulation buffer (float32 by default, whatever the
+      gradients' dtype); ``inner`` receives the accumulated value in the gradients' dtype.
 
   Returns:
     A transformation with state :class:`MultiStepsState` (Optax's fields).
 
   References:
-    Optax's ``MultiSteps``; gradient accumulation as in Goyal et al., "Accurate, Large
-    Minibatch SGD", 2017.
+    Optax's ``optax.MultiSteps``; gradient accumulation as in Goyal et al., "Accurate,
+    Large Minibatch SGD: Training ImageNet in 1 Hour", arXiv:1706.02677, 2017.
   """
   inner = as_transformation(inner, "multi_steps")
   k_of = every_k_schedule if callable(every_k_schedule) else (lambda step: every_k_schedule)
@@ -87,10 +94,14 @@ def multi_steps(inner, every_k_schedule: Union[int, Callable], use_grad_mean: bo
     expect_state(state, MultiStepsState, "multi_steps")
     otree.check_same_structure(updates, state.acc_grads, "updates", "state.acc_grads")
     n = state.mini_step
+    # Each operation in the wider of its operands' dtypes (the accumulator's and the
+    # gradients'; the int32 j + 1 cast to it).
     if use_grad_mean:
-      acc = jax.tree.map(lambda g, a: a + (g - a) / (n + 1), updates, state.acc_grads)
+      mean_step = lambda g, a: jnp.add(*otree.promote(
+          a, jnp.divide(*otree.promote(jnp.subtract(*otree.promote(g, a)), n + 1))))
+      acc = jax.tree.map(mean_step, updates, state.acc_grads)
     else:
-      acc = jax.tree.map(lambda g, a: g + a, updates, state.acc_grads)
+      acc = jax.tree.map(lambda g, a: jnp.add(*otree.promote(g, a)), updates, state.acc_grads)
     k = jnp.asarray(k_of(state.gradient_step), jnp.int32)
     emit = n == k - 1
     new_updates, inner_state = _update_if(emit, inner, otree.cast_like(acc, updates),
@@ -150,8 +161,11 @@ def all_finite(tree) -> jax.Array:
 def apply_if_finite(inner, max_consecutive_errors: Optional[int]) -> GradientTransformation:
   """Skip updates whose gradients contain NaN or Inf (see the module docstring).
 
+  Update: ``u, inner_state = inner.update(g, inner_state, params)`` if every element of g
+  is finite; otherwise ``u = 0`` and ``inner_state`` unchanged (inner's update does not run).
+
   Args:
-    inner: the wrapped optimizer.
+    inner: the wrapped optimizer (optcompose's or Optax's).
     max_consecutive_errors: after this many consecutive non-finite steps, ``gave_up`` is set
       in the state (the updates are still skipped). ``None``: never give up.
 
@@ -159,7 +173,7 @@ def apply_if_finite(inner, max_consecutive_errors: Optional[int]) -> GradientTra
     A transformation with state :class:`ApplyIfFiniteState` (Optax's fields and ``gave_up``).
 
   References:
-    Optax's ``apply_if_finite``; dynamic loss scaling as in Micikevicius et al., "Mixed
+    Optax's ``optax.apply_if_finite``; dynamic loss scaling as in Micikevicius et al., "Mixed
     Precision Training", ICLR 2018.
   """
   inner = as_transformation(inner, "apply_if_finite")

@@ -15,9 +15,7 @@ step, before ``u`` is applied)::
     nonfinite     = #(g is NaN or +-inf)       int32
 
 ``zero_fraction`` is measured on the parameters passed in, so the zeros an L1 proximal step
-creates at step t show at step t + 1. It reads the same arrays as ``param_norm`` (and
-``nonfinite`` the same as ``grad_norm``), so under ``jit`` XLA can fuse each pair into one
-pass over memory.
+creates at step t show at step t + 1.
 
 No extra pass where the chain already measures: if ``inner`` *starts* with
 ``clip_by_global_norm`` (the first member of its chain, through nested chains, schedules
@@ -157,6 +155,12 @@ def with_diagnostics(inner: Any, learning_rate: Optional[ScalarOrSchedule] = Non
                      zero_mask: Any = None) -> GradientTransformation:
   """Wrap ``inner`` so that its state also records norms, ratios and counts of each step.
 
+  Recorded at each update (g: incoming updates, u: ``inner``'s updates, w: ``params``)::
+
+      grad_norm = ||g||     update_norm = ||u||     param_norm = ||w||
+      update_ratio = ||u|| / ||w||    zero_fraction = #(w == 0) / size(w)
+      nonfinite = #(g is NaN or +-inf)    learning_rate = the one in force (else NaN)
+
   The updates are ``inner``'s, unchanged (the same arrays); only the state grows. Works
   inside ``optcompose.chain`` and ``optax.chain``, with Flax's ``TrainState`` and under
   ``jax.jit``. ``update`` needs ``params``.
@@ -175,6 +179,11 @@ def with_diagnostics(inner: Any, learning_rate: Optional[ScalarOrSchedule] = Non
   Returns:
     A transformation whose state is :class:`DiagnosticsState`; read it with
     :func:`diagnostics_dict`.
+
+  References:
+    You, Gitman and Ginsburg, "Large Batch Training of Convolutional Networks",
+    arXiv:1708.03888, 2017 (layer-wise ratios of weight and gradient norms); Optax's
+    ``optax.global_norm`` (the norms).
   """
   fn = "with_diagnostics"
   inner = as_transformation(inner, fn)
@@ -201,6 +210,8 @@ def with_diagnostics(inner: Any, learning_rate: Optional[ScalarOrSchedule] = Non
     if grad_norm is None:
       grad_norm = otree.global_norm(updates)
     update_norm = otree.global_norm(new_updates).astype(jnp.float32)
+    # zero_fraction reads the same arrays as param_norm (nonfinite the same as grad_norm), so
+    # under jit XLA can fuse each pair into one pass over memory.
     param_norm = otree.global_norm(params).astype(jnp.float32)
     return new_updates, DiagnosticsState(
         inner_state=inner_state,
@@ -255,6 +266,19 @@ def diagnostics_dict(opt_state: Any) -> dict:
   ``"nonfinite"``, ``"count"``); every other scalar leaf its path, e.g.
   ``"inner_state/0/count"``; see the module docstring for the whole format. Call it outside
   ``jax.jit``: the values are fetched to the host, all in one transfer.
+
+  Args:
+    opt_state: any optimizer state, with or without :func:`with_diagnostics`.
+
+  Returns:
+    ``{key: float | int | bool | complex}``, one entry per 0-d leaf (arrays of rank 1 or
+    more are skipped).
+
+  Raises:
+    TypeError: called inside ``jax.jit`` (on traced values).
+
+  References:
+    JAX's ``jax.tree_util.tree_flatten_with_path`` (the key paths); no Optax counterpart.
   """
   entries: dict = {}
   claimed = [False]  # whether the bare names are taken

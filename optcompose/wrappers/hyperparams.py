@@ -39,6 +39,10 @@ def inject_hyperparams(
 ) -> Callable[..., GradientTransformation]:
   """Wrap an optimizer factory so that its numeric hyperparameters live in the state.
 
+  At each update: ``h = state.hyperparams`` (a scheduled one: ``schedule(count)``, count
+  from 0), ``u, inner_state = inner_factory(**fixed, **h).update(g, inner_state, w)``,
+  ``count <- count + 1``; the values used are stored back in ``state.hyperparams``.
+
   Args:
     inner_factory: e.g. ``optcompose.adamw`` or any function returning a transformation
       (Optax's included).
@@ -53,7 +57,7 @@ def inject_hyperparams(
     than masks) are schedules, evaluated at the state's count before each update.
 
   References:
-    Optax's ``inject_hyperparams`` (same name, arguments and state fields).
+    Optax's ``optax.inject_hyperparams`` (same name, arguments and state fields).
   """
   static = {static_args} if isinstance(static_args, str) else set(static_args)
   signature = inspect.signature(inner_factory)

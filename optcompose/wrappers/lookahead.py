@@ -94,11 +94,24 @@ def lookahead(fast_optimizer: Any, sync_period: int, slow_step_size: float,
               reset_state: bool = False) -> GradientTransformation:
   """Lookahead around any optimizer (optcompose or Optax).
 
+  Update (theta = ``params.fast``, phi = ``params.slow``, alpha = ``slow_step_size``,
+  k = ``sync_period``, u the fast optimizer's update, ``d = theta + u - phi``)::
+
+      ordinary step:    theta <- theta + u                    phi <- phi
+      every k-th step:  theta <- theta + u - (1 - alpha) d    phi <- phi + alpha d
+
   ``params`` must be a :class:`LookaheadParams` (``init`` also accepts the plain fast
   parameters, as Optax's does); ``updates`` are the gradients at ``params.fast``. The
   returned updates are a ``LookaheadParams`` of updates for both copies: apply them as they
   are, modifying them would desynchronise the copies. See the module docstring for the
-  update rule.
+  paper's loops this unrolls.
+
+  Differences from ``optax.lookahead`` (with the update jitted, trajectories are bitwise
+  Optax's for the same fast optimizer): the arguments are validated (Optax only checks
+  ``sync_period >= 1``); a non-finite fast state or fast weights do not turn the slow
+  weights or the reset state into NaN before the sync, and integer counts keep their
+  dtype; ``init`` accepts plain parameters silently (Optax logs a warning); the fast
+  optimizer receives the update's keyword arguments (e.g. ``value=``).
 
   Args:
     fast_optimizer: the inner optimizer, e.g. ``optcompose.adam(1e-3)``.
@@ -107,16 +120,9 @@ def lookahead(fast_optimizer: Any, sync_period: int, slow_step_size: float,
     slow_step_size: alpha in [0, 1], the slow weights' step toward the fast ones.
     reset_state: re-initialise the fast optimizer's state at each synchronisation.
 
-  Differences from ``optax.lookahead`` (with the update jitted, trajectories are bitwise
-  Optax's for the same fast optimizer): the arguments are validated (Optax only checks
-  ``sync_period >= 1``); selections use ``jnp.where`` instead of multiplying by the 0/1
-  sync flag (the same values, but a non-finite fast state or fast weights do not turn the
-  slow weights or the reset state into NaN before the sync, and integer counts keep their
-  dtype); ``init`` accepts plain parameters silently (Optax logs a warning); the fast
-  optimizer receives the update's keyword arguments (e.g. ``value=``).
-
   Returns:
-    A transformation with state :class:`LookaheadState` (Optax's fields).
+    A transformation with state :class:`LookaheadState` (Optax's fields); its updates are
+    a ``LookaheadParams`` (of the params' type).
 
   References:
     Zhang, Lucas, Hinton and Ba, "Lookahead Optimizer: k steps forward, 1 step back",
@@ -138,6 +144,8 @@ def lookahead(fast_optimizer: Any, sync_period: int, slow_step_size: float,
     u, fast_state = fast_update(updates, state.fast_state, params.fast, **extra)
     sync = state.steps_since_sync == sync_period - 1
     d = jax.tree.map(lambda f, g, s: f + g - s, params.fast, u, params.slow)
+    # Selections use jnp.where, not Optax's product with the 0/1 sync flag: the same values,
+    # but a non-finite d or fast state is never multiplied by 0 (NaN), and ints keep dtype.
     fast_u = jax.tree.map(lambda g, e: fast_update_leaf(g, e, slow_step_size, sync), u, d)
     slow_u = jax.tree.map(lambda e: slow_update_leaf(e, slow_step_size, sync), d)
     if reset_state:
@@ -195,31 +203,56 @@ def lookahead_in_state(fast_optimizer: Any, sync_period: int, slow_step_size: fl
                        reset_state: bool = False) -> GradientTransformation:
   """:func:`lookahead` with the slow weights kept in the optimizer state.
 
-  The model holds only the fast weights (``params``), as with Keras' and PyTorch's
-  Lookahead optimizers; so it works wherever one params tree is trained: Flax's
-  ``TrainState`` and ``nnx.Optimizer``, ``optax.chain``, :func:`optcompose.chain`. At every
-  ``sync_period``-th step the fast weights are pulled to the new slow weights
-  ``phi + alpha (theta + u - phi)``; between syncs the slow weights wait in
-  ``state.slow`` (read them with :func:`slow_params` to evaluate, or evaluate the fast
-  weights right after a sync, when both agree). Same arguments and fast-weight trajectory
-  as :func:`lookahead` (and ``optax.lookahead``).
+  Update (theta = ``params``, phi = ``state.slow``, u the fast optimizer's update,
+  ``d = theta + u - phi``)::
+
+      ordinary step:    theta <- theta + u                    phi <- phi
+      every k-th step:  theta <- theta + u - (1 - alpha) d    phi <- phi + alpha d
+
+  The returned updates move theta; phi is updated in the state. The model holds only the
+  fast weights (``params``), as with Keras' and PyTorch's Lookahead optimizers; so it
+  works wherever one params tree is trained: Flax's ``TrainState`` and ``nnx.Optimizer``,
+  ``optax.chain``, :func:`optcompose.chain`. At every ``sync_period``-th step the fast
+  weights are pulled to the new slow weights ``phi + alpha (theta + u - phi)``; between
+  syncs the slow weights wait in ``state.slow`` (read them with :func:`slow_params` to
+  evaluate, or evaluate the fast weights right after a sync, when both agree). Same
+  arguments and fast-weight trajectory as :func:`lookahead` (and ``optax.lookahead``).
 
   Args:
-    fast_optimizer, sync_period, slow_step_size, reset_state: as in :func:`lookahead`.
+    fast_optimizer: the inner optimizer (optcompose's or Optax's).
+    sync_period: k >= 1, fast steps per synchronisation.
+    slow_step_size: alpha in [0, 1], the slow weights' step toward the fast ones.
+    reset_state: re-initialise the fast optimizer's state at each synchronisation.
 
   Returns:
-    A transformation with state :class:`LookaheadSlowState`.
+    A transformation that needs ``params`` (the fast weights), with state
+    :class:`LookaheadSlowState` (``lookahead``: a :class:`LookaheadState`; ``slow``).
 
   References:
-    Zhang et al., NeurIPS 2019.
+    Zhang, Lucas, Hinton and Ba, "Lookahead Optimizer: k steps forward, 1 step back",
+    NeurIPS 2019.
   """
   return slow_weights_in_state(lookahead(fast_optimizer, sync_period, slow_step_size,
                                          reset_state))
 
 
 def slow_params(state) -> Any:
-  """The slow weights held by a :func:`lookahead_in_state` state found anywhere in ``state``
-  (a chain's tuple, a wrapper's state). Raises ValueError unless there is exactly one."""
+  """The slow weights held by a :func:`lookahead_in_state` state, for evaluation.
+
+  Args:
+    state: an optimizer state holding exactly one :class:`LookaheadSlowState` anywhere (a
+      chain's tuple, a wrapper's state).
+
+  Returns:
+    Its ``slow`` weights (phi), a tree with the parameters' structure.
+
+  Raises:
+    ValueError: the state holds no :class:`LookaheadSlowState`, or more than one.
+
+  References:
+    Zhang, Lucas, Hinton and Ba, "Lookahead Optimizer: k steps forward, 1 step back",
+    NeurIPS 2019.
+  """
   found = [node for _, node in otree.find_nodes(state, lambda x: isinstance(x, LookaheadSlowState))]
   if len(found) != 1:
     raise ValueError(f"slow_params: the state holds {len(found)} lookahead_in_state states; "

@@ -47,6 +47,9 @@ def masked(inner: GradientTransformation, mask, *,
            mask_compatible_extra_args: bool = False) -> GradientTransformation:
   """Apply ``inner`` only to the leaves where ``mask`` is True; the others pass unchanged.
 
+  Update, per leaf l: ``u_l <- inner(u restricted to the masked leaves)_l`` where
+  ``mask_l``, else ``u_l``.
+
   Args:
     inner: the transformation (optcompose's or Optax's).
     mask: a tree of Python bools with the parameters' structure (or a prefix of it), or a
@@ -57,7 +60,10 @@ def masked(inner: GradientTransformation, mask, *,
 
   Returns:
     A transformation with state :class:`MaskedState`; the inner transformation keeps no
-    state and does no work for the other leaves.
+    state and does no work for the other leaves (:class:`MaskedNode` in its view).
+
+  References:
+    Optax's ``optax.masked`` (same arguments).
   """
   inner = as_transformation(inner, "masked")
 
@@ -99,17 +105,23 @@ def partition(transforms: dict, param_labels, *,
               mask_compatible_extra_args: bool = False) -> GradientTransformation:
   """Apply ``transforms[label]`` to the leaves labelled ``label`` (Optax's ``partition``).
 
+  Update, per leaf l: ``u_l <- transforms[label_l](u restricted to label_l's leaves)_l``.
+
   Args:
-    transforms: ``{label: transformation}``; every one must have leaves.
+    transforms: ``{label: transformation}``; every one must have leaves (an error at
+      ``init`` otherwise).
     param_labels: a tree of labels with the parameters' structure (or a prefix), or a
       callable returning one (see :func:`optcompose.labels_from_paths`). Every label must
       name a transformation.
     mask_compatible_extra_args: as in :func:`masked`.
 
   Returns:
-    A transformation with state :class:`PartitionState`. Use
-    :func:`optcompose.set_to_zero` for frozen leaves: they then cost neither state nor
+    A transformation with state :class:`PartitionState` (``inner_states``, one per label).
+    Use :func:`optcompose.set_to_zero` for frozen leaves: they then cost neither state nor
     computation.
+
+  References:
+    Optax's ``optax.partition`` (formerly ``optax.multi_transform``).
   """
   if not isinstance(transforms, dict) or not transforms:
     raise TypeError("partition: `transforms` must be a non-empty dict {label: transformation}.")

@@ -110,6 +110,13 @@ def sam(optimizer: Any, adv_optimizer: Any, sync_period: int = 2, reset_state: b
   ``update(g, state, params, grad_fn=...)``), then the outer update; ``batch_axis_name``
   takes a ``jax.lax.pmean`` of those gradients.
 
+  Differences from Optax: with ``sync_period=1`` Optax's transparent mode applies the
+  update to the *previous* call's weights (its cache is refreshed after it is read), so
+  the run is not plain ``optimizer``; here it is, as in opaque mode. An infinite value in
+  the branch not taken (outer or adversarial) does not turn the result into NaN, and
+  :func:`normalize` maps a zero gradient to 0, not NaN. Keyword arguments of ``update``
+  (except ``grad_fn``) reach the inner optimizers.
+
   Args:
     optimizer: the outer optimizer.
     adv_optimizer: the adversarial optimizer (its negated update is the ascent step).
@@ -118,17 +125,13 @@ def sam(optimizer: Any, adv_optimizer: Any, sync_period: int = 2, reset_state: b
     opaque_mode: run the adversarial steps inside one ``update`` call.
     batch_axis_name: opaque mode only: axis name for ``pmean`` of the inner gradients.
 
-  Differences from Optax: with ``sync_period=1`` Optax's transparent mode applies the
-  update to the *previous* call's weights (its cache is refreshed after it is read), so
-  the run is not plain ``optimizer``; here it is, as in opaque mode. Selections use
-  ``jnp.where`` instead of ``cond * a + (1 - cond) * b`` (the same values, without NaN
-  from an infinite unselected branch), and :func:`normalize` maps a zero gradient to 0,
-  not NaN. Keyword arguments of ``update`` (except ``grad_fn``) reach the inner optimizers.
-  As in Optax, the transparent mode runs both inner optimizers at every call and keeps
-  one result (a select, cheap under ``jit`` next to the gradient evaluation).
+  Returns:
+    A transformation that needs ``params``, with state :class:`SAMState` (Optax's fields;
+    ``cache`` is ``None`` in opaque mode).
 
   References:
-    Foret et al., ICLR 2021.
+    Foret, Kleiner, Mobahi and Neyshabur, "Sharpness-Aware Minimization for Efficiently
+    Improving Generalization", ICLR 2021; Optax's ``optax.contrib.sam``.
   """
   fn = "sam"
   outer, adv = _caller(optimizer, "sam: `optimizer`"), _caller(adv_optimizer, "sam: `adv_optimizer`")
@@ -138,6 +141,9 @@ def sam(optimizer: Any, adv_optimizer: Any, sync_period: int = 2, reset_state: b
                     adv_state=adv_optimizer.init(params),
                     cache=None if opaque_mode else params)
 
+  # As in Optax, both inner optimizers run at every call and one result is kept (a select,
+  # cheap under jit next to the gradient evaluation). Selections use jnp.where, not Optax's
+  # cond * a + (1 - cond) * b: the same values, without NaN from an infinite unselected branch.
   def transparent_update(updates, state, params=None, **extra):
     needs_params(params, fn)
     first = state.steps_since_sync == 0
