@@ -33,7 +33,7 @@ from optcompose.wrappers.lookahead import (
 from optcompose.transforms.sharpness import normalize, sharpness_aware
 from optcompose.wrappers.sam import SAMState, sam
 from compat import pure
-from numerics import F64_RTOL, assert_ulps_close, x64
+from numerics import F64_RTOL, assert_ulps_close, standard_promotion, x64
 from problems import mlp, quadratic, run
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -133,7 +133,7 @@ def test_ema_params_is_the_debiased_ema_of_the_params_after_each_step():
   avgs = [r[0] for r in reads]
   assert_close_paths(avgs, numpy_debiased_ema(path, 0.95))
   # The same as Optax's ema (an average of the updates) fed the parameter sequence.
-  ema, ref = optax.ema(0.95, debias=True), []
+  ema, ref = standard_promotion(optax.ema(0.95, debias=True)), []
   s, update = ema.init(path[0]), jax.jit(ema.update)
   for p in path:
     out, s = update(p, s)
@@ -346,13 +346,14 @@ def test_lookahead_matches_optax(run):
     prob = f64_problem(name)
     ours, state = lookahead_path(lookahead(ours_inner(), 5, 0.5, reset_state), LookaheadParams,
                                  prob, STEPS, jit, oc.apply_updates)
-    ref, _ = lookahead_path(optax.lookahead(optax_inner(), 5, 0.5, reset_state),
+    ref, _ = lookahead_path(standard_promotion(optax.lookahead(optax_inner(), 5, 0.5, reset_state)),
                             optax.LookaheadParams, prob, STEPS, jit, optax.apply_updates)
     assert_close_paths(ours, ref, rtol=F64_RTOL)
     assert type(ours[-1]) is LookaheadParams and isinstance(state, LookaheadState)
     assert float(prob.loss(ours[-1].slow)) < 0.5 * float(prob.loss(prob.params))
     if run == "jit-reset":  # our wrapper around Optax's inner optimizer: Optax's wrapper
-      same_inner, _ = lookahead_path(lookahead(optax_inner(), 5, 0.5, reset_state),
+      same_inner, _ = lookahead_path(lookahead(standard_promotion(optax_inner()), 5, 0.5,
+                                               reset_state),
                                      LookaheadParams, prob, STEPS, True, oc.apply_updates)
       assert_close_paths(same_inner, ref, rtol=F64_RTOL)
 
@@ -416,7 +417,8 @@ def test_lookahead_in_state_trains_the_fast_weights_of_optax_lookahead():
     ours, state = run(lookahead_in_state(oc.sgd(1e-2, 0.9), k, 0.5, True), prob, 100, True,
                       oc.apply_updates)
     ref, ref_state = run(
-        slow_weights_in_state(optax.lookahead(optax.sgd(1e-2, 0.9), k, 0.5, True)),
+        slow_weights_in_state(standard_promotion(
+            optax.lookahead(optax.sgd(1e-2, 0.9), k, 0.5, True))),
         prob, 100, True, optax.apply_updates)
     assert_close_paths(ours, ref, rtol=F64_RTOL)
     assert_close_paths([slow_params(state)], [ref_state.slow], rtol=F64_RTOL)
@@ -481,9 +483,9 @@ def sam_steps(tx, prob, steps, opaque=False):
 
 
 def optax_plain_sam(outer=None, sync_period=2, reset_state=True, opaque_mode=False, lr=LR):
-  return optax.contrib.sam(outer or optax.sgd(lr),
-                           optax.chain(optax.contrib.normalize(), optax.sgd(RHO)),
-                           sync_period, reset_state, opaque_mode)
+  return standard_promotion(optax.contrib.sam(
+      outer or optax.sgd(lr), optax.chain(optax.contrib.normalize(), optax.sgd(RHO)),
+      sync_period, reset_state, opaque_mode))
 
 
 def our_plain_sam(outer=None, sync_period=2, reset_state=True, opaque_mode=False, lr=LR):
@@ -521,7 +523,7 @@ def test_sam_transparent_adam_three_calls_no_reset_matches_optax():
   adv = lambda lib: lib.chain(lib.scale_by_adam() if lib is oc else optax.scale_by_adam(),
                               lib.scale_by_learning_rate(RHO))
   ours = sam(oc.adam(1e-2), adv(oc), **kw)
-  ref = optax.contrib.sam(optax.adam(1e-2), adv(optax), **kw)
+  ref = standard_promotion(optax.contrib.sam(optax.adam(1e-2), adv(optax), **kw))
   step_of = lambda i: i // 3
   with x64():
     prob = f64_problem("quadratic")

@@ -17,7 +17,7 @@ import optcompose.wrappers.diagnostics as diag_module
 from optcompose.wrappers.diagnostics import (
     DiagnosticsState, diagnostics_dict, leading_clip_norm, with_diagnostics,
 )
-from numerics import assert_ulps_close
+from numerics import assert_ulps_close, standard_promotion
 
 STEPS = 5
 MEASURED = ("count", "grad_norm", "update_norm", "param_norm", "update_ratio", "learning_rate",
@@ -136,8 +136,8 @@ def test_init_state():
 def test_reuses_the_norm_measured_by_leading_clipping():
   lr = 1e-2
   reused = train(with_diagnostics(oc.chain(oc.clip_by_global_norm(0.5), oc.adam(lr))))
-  recomputed = train(with_diagnostics(optax.chain(optax.clip_by_global_norm(0.5),
-                                                  optax.adam(lr))))
+  recomputed = train(with_diagnostics(standard_promotion(
+      optax.chain(optax.clip_by_global_norm(0.5), optax.adam(lr)))))
   for (g, _, u, s), (_, _, u_ref, s_ref) in zip(reused, recomputed):
     assert leading_clip_norm(s.inner_state) is not None
     assert leading_clip_norm(s_ref.inner_state) is None  # Optax's clipping keeps no norm
@@ -197,8 +197,8 @@ def test_update_ratio_is_safe_for_zero_params():
 @pytest.mark.parametrize("make,expected", [
     (lambda: with_diagnostics(oc.sgd(schedule), schedule), schedule),
     (lambda: with_diagnostics(oc.inject_hyperparams(oc.adam)(learning_rate=schedule)), schedule),
-    (lambda: with_diagnostics(optax.inject_hyperparams(optax.adam)(learning_rate=schedule)),
-     schedule),
+    (lambda: with_diagnostics(standard_promotion(
+        optax.inject_hyperparams(optax.adam)(learning_rate=schedule))), schedule),
     (lambda: with_diagnostics(oc.adam(0.05), 0.05), lambda t: 0.05),
 ], ids=["given", "ours_injected", "optax_injected", "constant"])
 def test_learning_rate_matches_the_schedule_at_each_step(make, expected):

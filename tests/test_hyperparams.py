@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 import optcompose as oc
-from numerics import F64_RTOL, assert_rel_close, x64
+from numerics import F64_RTOL, assert_rel_close, standard_promotion, x64
 from problems import assert_resumes_exactly, mlp, run
 
 
@@ -23,7 +23,8 @@ def test_injected_adamw_follows_the_same_trajectory_as_optax_injected_adamw():
     prob = mlp(jnp.float64)
     ours, s = run(oc.inject_hyperparams(oc.adamw)(learning_rate=1e-2, weight_decay=0.1),
                   prob, 100, True, oc.apply_updates)
-    ref, _ = run(optax.inject_hyperparams(optax.adamw)(learning_rate=1e-2, weight_decay=0.1),
+    ref, _ = run(standard_promotion(
+        optax.inject_hyperparams(optax.adamw)(learning_rate=1e-2, weight_decay=0.1)),
                  prob, 100, True, optax.apply_updates)
   assert s.hyperparams["learning_rate"].dtype == jnp.float64
   for t, (a, b) in enumerate(zip(ours, ref)):
@@ -131,7 +132,8 @@ LOSSES = [1.0, 0.8, 0.7, 0.69995, 0.7, 0.71, 0.72, 0.6, 0.6, 0.61, 0.62, 0.63, 0
 ])
 def test_reduce_on_plateau_matches_optax(kwargs):
   params = {"w": jnp.ones(2)}
-  ours, ref = oc.reduce_on_plateau(**kwargs), optax.contrib.reduce_on_plateau(**kwargs)
+  ours = oc.reduce_on_plateau(**kwargs)
+  ref = standard_promotion(optax.contrib.reduce_on_plateau(**kwargs))
   so, sr = ours.init(params), ref.init(params)
   uo_f, ur_f = jax.jit(ours.update), jax.jit(ref.update)
   scales = []

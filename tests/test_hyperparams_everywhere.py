@@ -10,6 +10,7 @@ import optax
 import pytest
 
 import optcompose as oc
+from numerics import standard_promotion
 
 PARAMS = {"w": jnp.linspace(-1.0, 1.0, 6).reshape(2, 3), "b": jnp.full((3,), 0.25)}
 GRADS = jax.tree.map(lambda p: jnp.cos(3 * p) + 0.1, PARAMS)
@@ -22,7 +23,9 @@ def _schedule(count):
 INNERS = {
     "injected": lambda: oc.inject_hyperparams(oc.adam)(learning_rate=0.1),
     "scheduled": lambda: oc.adam(_schedule),
-    "optax_injected": lambda: optax.inject_hyperparams(optax.adam)(learning_rate=0.1),
+    # Optax's code relies on implicit dtype promotion (the suite's is strict).
+    "optax_injected": lambda: standard_promotion(
+        optax.inject_hyperparams(optax.adam)(learning_rate=0.1)),
 }
 
 

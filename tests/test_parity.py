@@ -21,7 +21,9 @@ import optax
 import pytest
 
 import optcompose as oc
-from numerics import F64_RTOL, assert_rel_close, assert_ulps_close, lockstep, x64
+from numerics import (
+    F64_RTOL, assert_rel_close, assert_ulps_close, lockstep, standard_promotion, x64,
+)
 from problems import mlp, quadratic, run
 from registry import CASES
 
@@ -29,6 +31,8 @@ STEPS = 200  # float64 trajectories: bias correction, the warmup and the whole c
 F32_STEPS = 100  # per-step float32 comparisons (jitted), from identical inputs
 EAGER_STEPS = 30  # the same, op by op (eager JAX dispatches every operation: slow)
 pytestmark = pytest.mark.numerics
+# Optax's apply_updates adds float32 updates to bfloat16 or float16 params implicitly.
+OPTAX_APPLY = standard_promotion(optax.apply_updates)
 
 
 @functools.cache
@@ -51,7 +55,7 @@ def ours_and_ref_f64(case, problem_name):
   with x64():
     prob = problem(problem_name, jnp.float64)
     ours, _ = run(case.ours(), prob, STEPS, True, oc.apply_updates, case.with_value)
-    ref, _ = run(case.optax(), prob, STEPS, True, optax.apply_updates, case.with_value)
+    ref, _ = run(case.optax(), prob, STEPS, True, OPTAX_APPLY, case.with_value)
     return prob, ours, ref
 
 
@@ -75,7 +79,7 @@ def test_float64_trajectory_matches_optax(case, problem_name):
 def assert_lockstep(case, prob, steps, jit, ulps):
   moved = False
   for t, u_ours, u_ref, params in lockstep(case.ours(), case.optax(), prob, steps, jit,
-                                           optax.apply_updates, case.with_value,
+                                           OPTAX_APPLY, case.with_value,
                                            jit_ref=jit or case.slow_eager_ref):
     # Our updates keep the parameters' dtype. Optax's are promoted to float32 when a
     # float32 schedule value multiplies bfloat16 parameters (add_decayed_weights with a

@@ -10,6 +10,7 @@ import optax
 import pytest
 
 import optcompose as oc
+from numerics import standard_promotion
 
 
 def soft(x, t):
@@ -63,7 +64,7 @@ def test_adamw_l1_matches_optax_adamw_followed_by_numpy_soft_threshold():
   params = {"w": jnp.asarray(rng.normal(size=(6, 3)) * 0.1, jnp.float32)}
   lr, wd, l1 = 1e-2, 1e-2, 0.5
   ours = oc.adamw(lr, weight_decay=wd, l1=l1)
-  ref = optax.adamw(lr, weight_decay=wd)
+  ref = standard_promotion(optax.adamw(lr, weight_decay=wd))  # Optax promotes implicitly
   s_ours, s_ref = ours.init(params), ref.init(params)
   p_ours, p_ref = params, np.asarray(params["w"])
   update = jax.jit(ours.update)
