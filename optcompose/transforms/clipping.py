@@ -36,7 +36,11 @@ _NORM = real(0.0, low_open=True, draw=(1e-3, 10.0))  # a positive threshold
 
 def rescale_leaf(u, norm, max_norm):
   """``u`` if ``norm < max_norm`` else ``(u / norm) * max_norm`` (norm a scalar or broadcastable)."""
-  return jnp.where(norm < max_norm, u, (u / jnp.asarray(norm).astype(jnp.result_type(u))) * max_norm)
+  # The division in u's dtype; the comparison, the product and the choice in the wider of
+  # their operands' dtypes (a float32 scheduled max_norm with bfloat16 u: float32).
+  scaled = jnp.multiply(*otree.promote(u / jnp.asarray(norm).astype(jnp.result_type(u)),
+                                       max_norm))
+  return jnp.where(jnp.less(*otree.promote(norm, max_norm)), *otree.promote(u, scaled))
 
 
 @public("transformation", optax="clip", max_delta=real(0.0, draw=(1e-3, 10.0)))
@@ -54,7 +58,9 @@ def clip(max_delta: ScalarOrSchedule) -> GradientTransformation:
   References:
     Optax's ``optax.clip``.
   """
-  return stateless_with_tree_map(lambda u, w: jnp.clip(u, -max_delta, max_delta))
+  # In the wider of u's and max_delta's dtypes.
+  return stateless_with_tree_map(
+      lambda u, w: jnp.clip(*otree.promote(u, -max_delta, max_delta)))
 
 
 class ClipByGlobalNormState(NamedTuple):
@@ -141,9 +147,11 @@ def clip_by_block_rms(threshold: ScalarOrSchedule) -> GradientTransformation:
 
   def f(updates, params):
     reject_layouts(updates, "clip_by_block_rms")
-    return jax.tree.map(
-        lambda u: u / jnp.maximum(1.0, jnp.sqrt(jnp.mean(otree.abs_sq(u))) / threshold),
-        updates)
+    def leaf(u):  # each operation in the wider of its operands' dtypes
+      ratio = jnp.divide(*otree.promote(jnp.sqrt(jnp.mean(otree.abs_sq(u))), threshold))
+      return jnp.divide(*otree.promote(u, jnp.maximum(1.0, ratio)))
+
+    return jax.tree.map(leaf, updates)
 
   return stateless(f)
 
@@ -206,9 +214,12 @@ def adaptive_grad_clip(clipping: ScalarOrSchedule, eps: ScalarOrSchedule = 1e-3,
 
     def leaf(u, w):
       g_norm, p_norm = unit_norms(u, axis), unit_norms(w, axis)
-      max_norm = clipping * jnp.maximum(p_norm, eps)
-      clipped = u * (max_norm / jnp.maximum(g_norm, 1e-6))
-      return jnp.where(g_norm < max_norm, u, clipped)
+      # Each operation in the wider of its operands' dtypes (float32 scheduled values with
+      # bfloat16 leaves: float32).
+      max_norm = jnp.multiply(*otree.promote(clipping, jnp.maximum(*otree.promote(p_norm, eps))))
+      ratio = jnp.divide(*otree.promote(max_norm, jnp.maximum(g_norm, 1e-6)))
+      clipped = jnp.multiply(*otree.promote(u, ratio))
+      return jnp.where(jnp.less(*otree.promote(g_norm, max_norm)), *otree.promote(u, clipped))
 
     return jax.tree.map(leaf, updates, params)
 

@@ -30,8 +30,8 @@ Mask = Optional[Union[Any, Callable[[Any], Any]]]
 
 
 def decay_leaf(coef, u, w):
-  """``u + coef * w`` in u's dtype (each operation runs in the wider of its operands'
-  dtypes, then the sum is cast to u's)."""
+  """``u + coef * w`` in u's dtype."""
+  # Each operation in the wider of its operands' dtypes, then the sum cast to u's.
   return jnp.add(*otree.promote(u, jnp.multiply(*otree.promote(coef, w)))).astype(
       jnp.result_type(u))
 

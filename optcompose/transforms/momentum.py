@@ -32,8 +32,8 @@ class TraceState(NamedTuple):
 
 
 def trace_leaf(rho, v, g):
-  """``g + rho * v``: both the trace update and Nesterov's look-ahead. Each operation runs
-  in the wider of its operands' dtypes (the casts implicit promotion made, written out)."""
+  """``g + rho * v``: both the trace update and Nesterov's look-ahead."""
+  # Each operation in the wider of its operands' dtypes (the casts written out).
   return jnp.add(*otree.promote(g, jnp.multiply(*otree.promote(rho, v))))
 
 

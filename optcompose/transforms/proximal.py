@@ -19,6 +19,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from optcompose import tree as otree
 from optcompose.core import MASK, GradientTransformation, ScalarOrSchedule, public, real
 from optcompose.transforms.decay import Mask, masked_leafwise
 
@@ -27,15 +28,18 @@ _STRENGTH = real(0.0, draw=(0.0, 1.0))
 
 def soft_threshold_leaf(x, threshold):
   """``sign(x) * max(|x| - threshold, 0)``."""
-  return jnp.sign(x) * jnp.maximum(jnp.abs(x) - threshold, 0)
+  # Each operation in the wider of its operands' dtypes (a float32 scheduled threshold with
+  # bfloat16 x: float32).
+  shrunk = jnp.maximum(jnp.subtract(*otree.promote(jnp.abs(x), threshold)), 0)
+  return jnp.multiply(*otree.promote(jnp.sign(x), shrunk))
 
 
 def elastic_net_prox_leaf(w, u, lr, l1, l2):
   """The scaled update that moves ``w`` to ``prox(w + u)``; see the module docstring."""
-  target = soft_threshold_leaf(w + u, lr * l1)
+  target = soft_threshold_leaf(jnp.add(*otree.promote(w, u)), lr * l1)
   if not (isinstance(l2, (int, float)) and l2 == 0):
-    target = target / (1 + lr * l2)
-  return (target - w).astype(jnp.result_type(u))
+    target = jnp.divide(*otree.promote(target, 1 + lr * l2))
+  return jnp.subtract(*otree.promote(target, w)).astype(jnp.result_type(u))
 
 
 @public("transformation", l1=_STRENGTH, l2=_STRENGTH, learning_rate=real(0.0, draw=(1e-5, 1.0)),

@@ -25,9 +25,10 @@ from optcompose import tree as otree
 
 
 def ema_leaf(beta, m, x):
-  """One EMA step: ``(1 - beta) * x + beta * m``. Each product runs in the wider of its
-  operands' dtypes (a Python-number beta takes the other's), the sum in the wider of the
-  two products (as Optax, which promotes implicitly; the casts are written out)."""
+  """One EMA step: ``(1 - beta) * x + beta * m``."""
+  # Each product in the wider of its operands' dtypes (a Python-number beta takes the
+  # other's), the sum in the wider of the two products: implicit promotion's casts, written
+  # out (Optax's rounding).
   new = jnp.multiply(*otree.promote(1 - beta, x))
   old = jnp.multiply(*otree.promote(beta, m))
   return jnp.add(*otree.promote(new, old))
@@ -57,7 +58,10 @@ def debias_leaf(m, factor):
 def nesterov_moment_leaf(b1, m_hat_next, g_hat):
   """Nadam's look-ahead moment ``b1 * m_t / (1 - b1^(t+1)) + (1 - b1) * g_t / (1 - b1^t)``,
   given the two debiased terms (this operand order matches Optax's rounding under jit)."""
-  return b1 * m_hat_next + (1 - b1) * g_hat
+  # Each operation in the wider of its operands' dtypes (the casts written out).
+  ahead = jnp.multiply(*otree.promote(b1, m_hat_next))
+  now = jnp.multiply(*otree.promote(1 - b1, g_hat))
+  return jnp.add(*otree.promote(ahead, now))
 
 
 def _wide_enough(x):
@@ -86,16 +90,20 @@ def square_leaf(g, v):
 
 def inverse_rms_leaf(v, eps, eps_in_sqrt):
   """``1 / sqrt(v + eps)`` (``eps_in_sqrt``) or ``1 / (sqrt(v) + eps)``."""
+  # The sum in the wider of v's and eps's dtypes (a scheduled float32 eps with bfloat16 v).
   v = _wide_enough(v)
   if eps_in_sqrt:
-    return jax.lax.rsqrt(v + eps)
-  return 1 / (jnp.sqrt(v) + eps)
+    return jax.lax.rsqrt(jnp.add(*otree.promote(v, eps)))
+  return 1 / jnp.add(*otree.promote(jnp.sqrt(v), eps))
 
 
 def adam_direction_leaf(m_hat, v_hat, eps, eps_root):
   """``m_hat / (sqrt(v_hat + eps_root) + eps)``."""
+  # Each operation in the wider of its operands' dtypes (e.g. a float32 first moment over a
+  # bfloat16 second one: float32).
   m_hat, v_hat = _wide_enough(m_hat), _wide_enough(v_hat)
-  return m_hat / (jnp.sqrt(v_hat + eps_root) + eps)
+  root = jnp.sqrt(jnp.add(*otree.promote(v_hat, eps_root)))
+  return jnp.divide(*otree.promote(m_hat, jnp.add(*otree.promote(root, eps))))
 
 
 def moments_init(params, dtype=None, value=0.0):
