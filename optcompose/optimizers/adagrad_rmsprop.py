@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Optional
 
 from optcompose.core import (
-    DECAY, EPS, FLAG, LEARNING_RATE, MOMENTUM, GradientTransformation, ScalarOrSchedule, chain,
+    DECAY, EPS, FLAG, LEARNING_RATE, GradientTransformation, ScalarOrSchedule, chain,
     identity, public, real,
 )
 from optcompose.transforms.momentum import trace

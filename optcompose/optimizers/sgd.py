@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from optcompose.core import (
-    FLAG, LEARNING_RATE, MOMENTUM, GradientTransformation, ScalarOrSchedule, chain, identity,
+    FLAG, LEARNING_RATE, GradientTransformation, ScalarOrSchedule, chain, identity,
     public, real,
 )
 from optcompose.optimizers._shared import _proximal

@@ -29,4 +29,4 @@ def sign_sgd(learning_rate: ScalarOrSchedule) -> GradientTransformation:
   return chain(scale_by_sign(), scale_by_learning_rate(learning_rate))
 
 
-__all__ = []  # and the builders it registers
+

@@ -34,16 +34,14 @@ Reading the average for evaluation::
 
 from __future__ import annotations
 
-import numbers
 from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from optcompose import tree as otree
 from optcompose.core import (
-    DECAY, FLAG, GradientTransformation, cond, default_float, expect_state, integer,
+    FLAG, GradientTransformation, cond, default_float, expect_state, integer,
     needs_params, public, real, safe_increment, zero_count,
 )
 

@@ -16,7 +16,6 @@ Zou and Hastie, "Regularization and variable selection via the elastic net", 200
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 from optcompose import tree as otree

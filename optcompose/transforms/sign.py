@@ -30,4 +30,4 @@ def scale_by_sign() -> GradientTransformation:
   return stateless_with_tree_map(lambda g, w: sign_leaf(g))
 
 
-__all__ = []  # and the builders it registers
+

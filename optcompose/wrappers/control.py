@@ -27,8 +27,7 @@ import jax.numpy as jnp
 
 from optcompose import tree as otree
 from optcompose.core import (
-    FLAG, INNER, GradientTransformation, Hyper, as_transformation, cond, expect_state, integer,
-    public, safe_increment, zero_count,
+    FLAG, INNER, GradientTransformation, Hyper, as_transformation, cond, expect_state, public, safe_increment, zero_count,
 )
 
 
