@@ -27,6 +27,3 @@ def sign_sgd(learning_rate: ScalarOrSchedule) -> GradientTransformation:
     Bernstein et al., "signSGD: Compressed Optimisation for Non-Convex Problems", ICML 2018.
   """
   return chain(scale_by_sign(), scale_by_learning_rate(learning_rate))
-
-
-

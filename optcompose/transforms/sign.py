@@ -28,6 +28,3 @@ def scale_by_sign() -> GradientTransformation:
     Bernstein et al., "signSGD: Compressed Optimisation for Non-Convex Problems", ICML 2018.
   """
   return stateless_with_tree_map(lambda g, w: sign_leaf(g))
-
-
-
