@@ -91,3 +91,22 @@ def test_gives_up_after_consecutive_bad_steps_without_corrupting_params():
   assert bool(s.gave_up) and int(s.notfinite_count) == 4 and int(s.total_notfinite) == 4
   for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(P0)):
     np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_apply_if_finite_skips_an_update_that_overflows_from_a_finite_gradient(jit):
+  """The wrapper tests what it applies: a huge learning rate times a finite gradient gives an
+  infinite update, which is skipped and counted like a non-finite gradient."""
+  params = {"w": jnp.array([1.0, 2.0, 3.0])}
+  tx = oc.apply_if_finite(oc.sgd(1e30, 0.9), 3)
+  state = tx.init(params)
+  update = jax.jit(tx.update) if jit else tx.update
+  u, new_state = update({"w": jnp.array([1e10, 1.0, 1.0])}, state, params)
+  np.testing.assert_array_equal(u["w"], np.zeros(3))
+  assert int(new_state.notfinite_count) == 1 and int(new_state.total_notfinite) == 1
+  assert not bool(new_state.last_finite)
+  for a, b in zip(jax.tree.leaves(new_state.inner_state), jax.tree.leaves(state.inner_state)):
+    np.testing.assert_array_equal(a, b)  # the momentum did not absorb the bad step
+  u, ok_state = update({"w": jnp.array([1e-31, 0.0, 0.0])}, new_state, params)
+  assert bool(jnp.all(jnp.isfinite(u["w"]))) and float(u["w"][0]) != 0.0
+  assert int(ok_state.notfinite_count) == 0 and int(ok_state.total_notfinite) == 1

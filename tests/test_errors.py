@@ -161,3 +161,13 @@ def test_scheduled_values_are_checked_once_at_init_not_at_every_step():
     eager.append(float(u1["w"][0]))
     jitted.append(float(u2["w"][0]))
   np.testing.assert_allclose(eager, jitted, rtol=1e-6)
+
+
+@pytest.mark.parametrize("build, argument", [
+    (lambda: oc.sgd(0.1, 0.9, nesterov="no"), "nesterov"),
+    (lambda: oc.ema(0.9, debias=0), "debias"),
+    (lambda: oc.scale_by_rms(eps_in_sqrt="False"), "eps_in_sqrt"),
+])
+def test_a_flag_must_be_a_bool_not_something_truthy(build, argument):
+  with pytest.raises(TypeError, match=f"`{argument}` must be a bool"):
+    build()

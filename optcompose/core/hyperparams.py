@@ -117,6 +117,9 @@ class Hyper(NamedTuple):
   def check(self, fn: str, name: str, value: Any) -> None:
     if value is None and self.optional:
       return
+    if self.draw == ("bool",) and not isinstance(value, (bool, np.bool_)):
+      # A flag given as "no" or 0 would be taken by its truthiness.
+      raise TypeError(f"{fn}: `{name}` must be a bool, got {value!r}.")
     if self.integer and not callable(value) and (
         isinstance(value, bool) or not isinstance(value, numbers.Integral)):
       raise TypeError(f"{fn}: `{name}` must be a Python int, got {type(value).__name__} "

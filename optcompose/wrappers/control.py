@@ -11,8 +11,9 @@ The inner optimizer (its count, schedules, decay, clipping, moments) advances on
 steps, and its update runs only on real steps (``lax.cond``), so the extra cost is one
 gradient buffer. ``k`` may be a schedule of the number of real steps taken.
 
-``apply_if_finite(inner, max_consecutive_errors)``: skip an update whose gradients hold a NaN
-or an Inf: parameters and inner state stay untouched, and the state counts skipped steps
+``apply_if_finite(inner, max_consecutive_errors)``: skip a step whose gradients, or the
+update the inner optimizer makes of them, hold a NaN or an Inf: parameters and inner state
+stay untouched, and the state counts skipped steps
 (consecutive and total). After ``max_consecutive_errors`` consecutive bad steps the state's
 ``gave_up`` flag is set for the training loop to act on; unlike Optax, a non-finite update
 is never applied.
@@ -158,10 +159,12 @@ def all_finite(tree) -> jax.Array:
 @public("wrapper", optax="apply_if_finite", inner=INNER,
         max_consecutive_errors=Hyper(("int", 1, 5), 1, numeric=True, integer=True, optional=True))
 def apply_if_finite(inner, max_consecutive_errors: Optional[int]) -> GradientTransformation:
-  """Skip updates whose gradients contain NaN or Inf (see the module docstring).
+  """Skip steps whose gradients or updates contain NaN or Inf (see the module docstring).
 
   Update: ``u, inner_state = inner.update(g, inner_state, params)`` if every element of g
-  is finite; otherwise ``u = 0`` and ``inner_state`` unchanged (inner's update does not run).
+  and of u is finite; otherwise ``u = 0`` and ``inner_state`` unchanged (with a non-finite
+  g, inner's update does not run). An update that overflows from a finite gradient (a huge
+  learning rate) is skipped and counted too: a non-finite update is never applied.
 
   Args:
     inner: the wrapped optimizer (optcompose's or Optax's).
@@ -183,8 +186,13 @@ def apply_if_finite(inner, max_consecutive_errors: Optional[int]) -> GradientTra
 
   def update(updates, state, params=None, **extra):
     expect_state(state, ApplyIfFiniteState, "apply_if_finite")
-    finite = all_finite(updates)
-    new_updates, inner_state = _update_if(finite, inner, updates, state.inner_state, params, extra)
+    grads_finite = all_finite(updates)
+    new_updates, inner_state = _update_if(grads_finite, inner, updates, state.inner_state, params,
+                                          extra)
+    finite = jnp.logical_and(grads_finite, all_finite(new_updates))
+    new_updates, inner_state = cond(  # what is applied is tested, not only what came in
+        finite, lambda _: (new_updates, inner_state),
+        lambda _: (otree.zeros_like(new_updates), state.inner_state), None)
     consecutive = jnp.where(finite, 0, safe_increment(state.notfinite_count))
     gave_up = state.gave_up
     if max_consecutive_errors is not None:
