@@ -110,3 +110,25 @@ def test_apply_if_finite_skips_an_update_that_overflows_from_a_finite_gradient(j
   u, ok_state = update({"w": jnp.array([1e-31, 0.0, 0.0])}, new_state, params)
   assert bool(jnp.all(jnp.isfinite(u["w"]))) and float(u["w"][0]) != 0.0
   assert int(ok_state.notfinite_count) == 0 and int(ok_state.total_notfinite) == 1
+
+
+def test_multi_steps_resumed_with_a_smaller_k_steps_at_the_next_call():
+  """A state saved after 3 micro-steps of k = 4, resumed with k = 2, steps at once (it used
+  to wait for mini_step == 1 forever)."""
+  params = {"w": jnp.array([1.0, 2.0, 3.0])}
+  g = {"w": jnp.array([0.5, -1.0, 2.0])}
+  long = oc.multi_steps(oc.sgd(0.1), 4)
+  state = long.init(params)
+  for _ in range(3):
+    u, state = long.update(g, state, params)
+    np.testing.assert_array_equal(u["w"], np.zeros(3))
+  short = oc.multi_steps(oc.sgd(0.1), 2)
+  u, state = short.update(g, state, params)
+  np.testing.assert_allclose(u["w"], -0.1 * np.asarray(g["w"]), rtol=1e-6)  # the mean of 4 g
+  assert int(state.mini_step) == 0 and int(state.gradient_step) == 1
+
+
+def test_multi_steps_k_must_be_a_whole_number():
+  with pytest.raises(ValueError, match="`every_k_schedule` must be a whole number"):
+    oc.multi_steps(oc.sgd(0.1), 2.5)
+  oc.multi_steps(oc.sgd(0.1), jnp.float32(2.0))  # a live k, injected, is a float array

@@ -83,6 +83,11 @@ def multi_steps(inner, every_k_schedule: Union[int, Callable], use_grad_mean: bo
     Large Minibatch SGD: Training ImageNet in 1 Hour", arXiv:1706.02677, 2017.
   """
   inner = as_transformation(inner, "multi_steps")
+  if not callable(every_k_schedule) and not isinstance(every_k_schedule, jax.core.Tracer):
+    k = float(every_k_schedule)  # a live k (inject_hyperparams) is a float array: whole?
+    if k != int(k):
+      raise ValueError(f"multi_steps: `every_k_schedule` must be a whole number of "
+                       f"micro-steps, got {every_k_schedule!r}.")
   k_of = every_k_schedule if callable(every_k_schedule) else (lambda step: every_k_schedule)
 
   def init(params):
@@ -103,7 +108,9 @@ def multi_steps(inner, every_k_schedule: Union[int, Callable], use_grad_mean: bo
     else:
       acc = jax.tree.map(lambda g, a: jnp.add(*otree.promote(g, a)), updates, state.acc_grads)
     k = jnp.asarray(k_of(state.gradient_step), jnp.int32)
-    emit = n == k - 1
+    # At or past the k-th micro-step: a state saved with a larger k (a resumed run, or k
+    # lowered live) steps at its next call instead of never.
+    emit = n >= k - 1
     new_updates, inner_state = _update_if(emit, inner, otree.cast_like(acc, updates),
                                           state.inner_opt_state, params, extra)
     new_state = MultiStepsState(
