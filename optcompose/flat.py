@@ -167,15 +167,6 @@ def flat_params(params: Any, labels: Any = None) -> FlatParams:
   return FlatParams([jnp.concatenate(c) if len(c) > 1 else c[0] for c in columns], layout)
 
 
-def unflatten(tree: Any) -> Any:
-  """Replace every :class:`FlatParams` in ``tree`` by its model tree (others unchanged)."""
-  return jax.tree.map(lambda x: x.unflatten() if is_flat(x) else x, tree, is_leaf=is_flat)
-
-
-def contains_flat(tree: Any) -> bool:
-  return any(is_flat(x) for x in jax.tree.leaves(tree, is_leaf=is_flat))
-
-
 def _per_bucket(layout: FlatLayout, part: Any, name: str) -> FlatParams:
   values = jax.tree.leaves(part)
   chosen: list = [None] * len(layout.buckets)
