@@ -65,15 +65,47 @@ def check_same_structure(tree: Any, reference: Any, name: str, reference_name: s
       )
 
 
-def check_floating(tree: Any, name: str) -> None:
-  """Raise a TypeError naming the first leaf whose dtype is not floating point or complex."""
+def _leaf_dtype(leaf: Any):
+  """A leaf's dtype, or None for a leaf that is not a number or an array (a string, an
+  object)."""
+  dtype = getattr(leaf, "dtype", None)
+  if dtype is not None:
+    return dtype
+  if isinstance(leaf, (bool, int, float, complex)):
+    return jnp.result_type(leaf)
+  return None
+
+
+_NEED = ("optimizers need floating-point leaves (cast integer or boolean leaves, or mask them "
+         "out)")
+
+
+def check_floating(tree: Any, name: str, need: str = _NEED) -> None:
+  """Raise a TypeError naming the first leaf that is not a floating-point or complex array.
+
+  Args:
+    tree: the tree to check (parameters, gradients).
+    name: how the tree is named in the message (``params``, ``updates``).
+    need: the rest of the message: what needs floating-point leaves, and the remedy.
+  """
+  leaves = jax.tree.leaves(tree)
+  if all(_is_inexact(_leaf_dtype(leaf)) for leaf in leaves):  # the fast path: no paths built
+    return
   for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    dtype = jnp.result_type(leaf)
-    if not jnp.issubdtype(dtype, jnp.inexact):
-      raise TypeError(
-          f"`{name}{jax.tree_util.keystr(tuple(path))}` has dtype {dtype}; optimizers need "
-          "floating-point leaves (cast integer or boolean leaves, or mask them out)."
-      )
+    dtype = _leaf_dtype(leaf)
+    where = f"`{name}{jax.tree_util.keystr(tuple(path))}`"
+    if dtype is None:
+      raise TypeError(f"{where} is a {type(leaf).__name__} ({leaf!r:.40}), not an array; "
+                      f"{need}.")
+    if not _is_inexact(dtype):
+      raise TypeError(f"{where} has dtype {dtype}; {need}.")
+
+
+def _is_inexact(dtype) -> bool:
+  try:
+    return dtype is not None and jnp.issubdtype(dtype, jnp.inexact)
+  except TypeError:  # not a dtype JAX knows
+    return False
 
 
 def zeros_like(tree: Any, dtype=None) -> Any:

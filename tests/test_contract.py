@@ -197,8 +197,8 @@ def test_second_moment_scales_its_direction_by_the_statistic_of_its_input():
   pieces; the statistic is built from the piece's own input."""
   params = {"w": jnp.zeros(3)}
   g1, g2 = {"w": jnp.array([1.0, -2.0, 4.0])}, {"w": jnp.array([3.0, 1.0, -1.0])}
-  laprop = oc.chain(oc.scale_by_second_moment(0.99, 0.0), oc.ema(0.9, debias=True))
-  adam = oc.scale_by_second_moment(0.99, 0.0, direction=oc.ema(0.9, debias=True))
+  laprop = oc.chain(oc.scale_by_second_moment(0.99, 1e-30), oc.ema(0.9, debias=True))
+  adam = oc.scale_by_second_moment(0.99, 1e-30, direction=oc.ema(0.9, debias=True))
   s_l, s_a = laprop.init(params), adam.init(params)
   for g in (g1, g2):
     u_l, s_l = laprop.update(g, s_l, params)
@@ -214,8 +214,8 @@ def test_second_moment_scales_its_direction_by_the_statistic_of_its_input():
                              rtol=3e-6)
   # Scaling the input scales the statistic too: (10 g) / sqrt(0.5 (10 g)^2) = sqrt(2) sign(g),
   # however the chain is grouped.
-  for tx in (oc.chain(oc.scale(10.0), oc.scale_by_second_moment(0.5, 0.0, debias=False)),
-             oc.chain(oc.scale(10.0), oc.chain(oc.scale_by_second_moment(0.5, 0.0, debias=False)))):
+  for tx in (oc.chain(oc.scale(10.0), oc.scale_by_second_moment(0.5, 1e-30, debias=False)),
+             oc.chain(oc.scale(10.0), oc.chain(oc.scale_by_second_moment(0.5, 1e-30, debias=False)))):
     u, _ = tx.update(g1, tx.init(params), params)
     np.testing.assert_allclose(u["w"], np.sqrt(2.0) * np.sign(np.asarray(g1["w"])), rtol=1e-6)
 

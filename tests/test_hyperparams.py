@@ -61,6 +61,87 @@ def test_set_hyperparams_rejects_unknown_names():
     oc.set_hyperparams(tx.init({"w": jnp.ones(2)}), learning_rat=0.2)
 
 
+@pytest.mark.parametrize("values, error, message", [
+    (dict(b1=1.0), ValueError, r"`b1` must lie in \[0, 1\), got 1.0"),
+    (dict(b1=1 - 1e-9), ValueError, r"`b1` must lie in \[0, 1\), got 0.999999999 \(1.0 in float32"),
+    (dict(b2=float("nan")), ValueError, "`b2` must be finite"),
+    (dict(learning_rate=-0.1), ValueError, r"`learning_rate` must lie in \[0, inf\), got -0.1\."),
+    (dict(learning_rate=1e39), ValueError, r"`learning_rate` must be finite, got 1e\+39 \(it is inf"),
+    (dict(learning_rate=True), TypeError, "`learning_rate` must be a real number, got bool"),
+    (dict(learning_rate="0.1"), TypeError, "`learning_rate` must be a real number, got str"),
+    (dict(eps=0.0), ValueError, r"`eps` must lie in \(0, inf\)"),
+])
+def test_set_hyperparams_validates_like_construction_on_the_stored_value(values, error, message):
+  """What construction rejects, set_hyperparams rejects too, judged on the value as it is
+  stored (float32 here): the next update would otherwise be NaN or an ascent step."""
+  state = oc.inject_hyperparams(oc.adam)(learning_rate=0.1).init({"w": jnp.ones(2)})
+  with pytest.raises(error, match=message):
+    oc.set_hyperparams(state, **values)
+
+
+def test_set_hyperparams_names_an_ambiguous_name_and_takes_its_path():
+  """Two injected optimizers both hold learning_rate: the bare name is refused (it used to
+  set only the first), a path from the error sets exactly one."""
+  params = {"a": jnp.ones(2), "b": jnp.ones(2)}
+  tx = oc.partition({"x": oc.inject_hyperparams(oc.sgd)(0.1), "y": oc.inject_hyperparams(oc.adam)(0.2)},
+                    {"a": "x", "b": "y"})
+  state = tx.init(params)
+  with pytest.raises(ValueError, match="held in 2 places") as e:
+    oc.set_hyperparams(state, learning_rate=0.5)
+  paths = [p for p in oc.current_hyperparams(state) if p.endswith("learning_rate") and "/" in p]
+  assert paths and all(p in str(e.value) for p in paths)
+  new = oc.set_hyperparams(state, **{"inner_states/x/inner_state/learning_rate": 0.5})
+  lrs = [float(v) for k, v in oc.current_hyperparams(new).items() if k.endswith("learning_rate")]
+  assert sorted(lrs) == [np.float32(0.2), 0.5]
+  new = oc.set_hyperparams(state, b1=0.5)  # held once: the bare name is fine
+  assert float(oc.current_hyperparams(new)["b1"]) == 0.5
+
+
+def test_integer_gradients_are_refused_where_computed_and_passed_where_not():
+  """An int32 gradient to sgd used to give a zero step ([0, 0, 0]) and a boolean one an
+  ascent step; now the update names the leaf. set_to_zero and identity compute nothing and
+  pass integer leaves (a frozen step counter routed by partition)."""
+  params = {"w": jnp.array([1.0, 2.0, 3.0]), "n": jnp.array([1, 2])}
+  for g in (jnp.array([1, 2, 3]), jnp.array([True, False, True])):
+    for tx in (oc.sgd(0.1), oc.sgd(0.1, 0.9), oc.adam(0.1), oc.rmsprop(0.1)):
+      p = {"w": params["w"]}
+      with pytest.raises(TypeError, match=r"`updates\['w'\]` has dtype (int32|bool)"):
+        tx.update({"w": g}, tx.init(p), p)
+  tx = oc.partition({"train": oc.adam(0.1), "frozen": oc.set_to_zero()},
+                    {"w": "train", "n": "frozen"})
+  grads = {"w": jnp.ones(3), "n": jnp.array([5, 6])}
+  updates, _ = tx.update(grads, tx.init(params), params)
+  assert updates["n"].dtype == jnp.int32 and not np.any(np.asarray(updates["n"]))
+  np.testing.assert_array_equal(oc.identity().update(grads, oc.EmptyState())[0]["n"], [5, 6])
+
+
+def test_eps_zero_is_refused_only_where_nothing_else_guards_the_denominator():
+  zero = {"w": jnp.zeros(3)}
+  for make in (lambda: oc.adam(0.1, eps=0.0), lambda: oc.rmsprop(0.1, eps=0.0),
+               lambda: oc.scale_by_rms(eps=0.0), lambda: oc.scale_by_stddev(eps=0.0),
+               lambda: oc.nadamw(0.1, eps=0.0)):
+    with pytest.raises(ValueError, match="`eps`"):
+      make()
+  for tx in (oc.adam(0.1, eps=0.0, eps_root=1e-16), oc.adagrad(0.1, eps=0.0),
+             oc.scale_by_rss(eps=0.0)):  # eps_root, or a guarded division, keeps 0 / 0 away
+    state = tx.init(zero)
+    for _ in range(2):
+      u, state = tx.update(zero, state, zero)
+      assert np.all(np.isfinite(np.asarray(u["w"]))), tx
+
+
+def test_ranges_are_checked_in_the_dtype_of_use():
+  with pytest.raises(ValueError, match=r"1.0 in float32"):
+    oc.adam(1e-3, b2=1 - 1e-10)
+  with pytest.raises(ValueError, match=r"inf in float32"):
+    oc.sgd(1e39)
+  with pytest.raises(ValueError, match=r"`b1` must lie in \[0, 1\)"):  # injected: the same
+    oc.inject_hyperparams(oc.adam)(1e-3, b1=1 - 1e-9).init({"w": jnp.ones(2)})
+  oc.adam(1e-3, b2=1 - 1e-7)  # representable in float32: accepted
+  with x64():
+    oc.adam(1e-3, b1=1 - 1e-9)  # float64 is the dtype of use there
+
+
 def test_live_hyperparameters_with_nnx_optimizer():
   model = nnx.Linear(3, 1, rngs=nnx.Rngs(0))
   tx = oc.inject_hyperparams(oc.sgd)(learning_rate=0.1)

@@ -24,6 +24,7 @@ import contextvars
 import functools
 import inspect
 import numbers
+import warnings
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
@@ -53,11 +54,13 @@ def checks_done():
     _SKIP_CHECKS.reset(token)
 
 
-def _concrete_scalar(value: Any) -> Optional[float]:
-  """The value as a float when it is a known number; None for tracers and schedules."""
+def _concrete_scalar(value: Any) -> Optional[tuple]:
+  """``(value as a Python float, the same rounded to the dtype it is used in)`` when it is a
+  known number; None for tracers and schedules. A Python number is used in JAX's default
+  float dtype (float32, float64 under x64), an array in its own floating dtype."""
   if callable(value) or isinstance(value, jax.core.Tracer):
     return None
-  if isinstance(value, bool):
+  if isinstance(value, (bool, np.bool_)):
     raise TypeError("expected a number, got a bool")
   if isinstance(value, (numbers.Real, np.ndarray, np.generic, jax.Array)):
     if jnp.shape(value) != ():
@@ -65,7 +68,13 @@ def _concrete_scalar(value: Any) -> Optional[float]:
     dtype = jnp.result_type(value)
     if not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)):
       raise TypeError(f"expected a real number, got dtype {dtype}")
-    return float(value)
+    if not jnp.issubdtype(dtype, jnp.floating):
+      use = np.float64  # an integer: compared exactly
+    else:
+      use = dtype if hasattr(value, "dtype") else default_float()
+    x = float(value)
+    with np.errstate(over="ignore"):
+      return x, float(np.asarray(x, dtype=use)), np.dtype(use)
   raise TypeError(f"expected a number or a schedule, got {type(value).__name__}")
 
 
@@ -74,6 +83,10 @@ def check_hyperparameter(fn_name: str, name: str, value: Any, *, low: Optional[f
                          high_open: bool = False) -> None:
   """Raise a ValueError naming ``fn_name(name=...)`` if a known ``value`` is out of range.
 
+  The range is checked on the value rounded to the dtype it is used in (JAX's default
+  float, float32 unless x64 is on, for a Python number; an array's own dtype): ``b1 = 1 -
+  1e-9`` is 1.0 in float32, and ``1e39`` is inf.
+
   Schedules and traced values are checked when they become numbers: a scheduled value is
   checked at step 0 by ``init``; later values of a schedule are not checked (that would
   cost a device-to-host copy per step, and cannot be done inside ``jax.jit``).
@@ -81,21 +94,61 @@ def check_hyperparameter(fn_name: str, name: str, value: Any, *, low: Optional[f
   if _SKIP_CHECKS.get():
     return
   try:
-    x = _concrete_scalar(value)
+    known = _concrete_scalar(value)
   except (TypeError, ValueError) as e:
     raise type(e)(f"{fn_name}: `{name}` {e}") from None
-  if x is None:
+  if known is None:
     return
+  _check_range(fn_name, name, *known, low, high, low_open, high_open)
+
+
+def _check_range(fn_name, name, given, x, dtype, low, high, low_open, high_open) -> None:
+  """The range check of :func:`check_hyperparameter` on ``x``, ``given`` rounded to
+  ``dtype``; messages quote ``given``."""
+  def outside(v):
+    return ((low is not None and (v <= low if low_open else v < low))
+            or (high is not None and (v >= high if high_open else v > high)))
+
+  rounded = "" if x == given or not np.isfinite(given) or outside(given) else (
+      f" ({x!r} in {dtype}, the dtype it is used in)")
   if not np.isfinite(x):
-    raise ValueError(f"{fn_name}: `{name}` must be finite, got {x!r}.")
-  too_low = low is not None and (x <= low if low_open else x < low)
-  too_high = high is not None and (x >= high if high_open else x > high)
-  if too_low or too_high:
+    why = "" if not np.isfinite(given) else f" (it is {x} in {dtype}, the dtype it is used in)"
+    raise ValueError(f"{fn_name}: `{name}` must be finite, got {given!r}{why}.")
+  if outside(x):
     lo = "-inf" if low is None else f"{low:g}"
     hi = "inf" if high is None else f"{high:g}"
     interval = (f"{'(' if low_open or low is None else '['}{lo}, "
                 f"{hi}{')' if high_open or high is None else ']'}")
-    raise ValueError(f"{fn_name}: `{name}` must lie in {interval}, got {x!r}.")
+    raise ValueError(f"{fn_name}: `{name}` must lie in {interval}, got {given!r}{rounded}.")
+
+
+def check_not_both_zero(fn_name: str, eps: Any, eps_root: Any) -> None:
+  """Raise a ValueError when ``eps`` and ``eps_root`` are both known to be 0: the
+  denominator ``sqrt(v + eps_root) + eps`` is then 0 for a gradient that has been exactly
+  0 since the start (a frozen or unused parameter), and the update 0 / 0 = NaN."""
+  if _SKIP_CHECKS.get() or callable(eps) or callable(eps_root):
+    return
+  if any(isinstance(v, jax.core.Tracer) for v in (eps, eps_root)):
+    return
+  if float(eps) == 0 and float(eps_root) == 0:
+    raise ValueError(
+        f"{fn_name}: `eps` and `eps_root` are both 0: a gradient that has been exactly 0 "
+        "since the start would give 0 / 0 = NaN. Make one of them positive (e.g. eps=1e-8).")
+
+
+def check_state_dtype(fn_name: str, name: str, dtype: Any) -> None:
+  """Raise a TypeError naming ``fn_name(name=...)`` unless ``dtype`` is a floating-point or
+  complex dtype: a moment or accumulator stored as integers would be truncated (to 0 for
+  most) at every step."""
+  try:
+    resolved = np.dtype(dtype)
+  except TypeError:
+    raise TypeError(f"{fn_name}: `{name}` must be a floating-point dtype (such as "
+                    f"jnp.float32 or jnp.bfloat16) or None, got {dtype!r}.") from None
+  if not jnp.issubdtype(resolved, jnp.inexact):
+    raise TypeError(f"{fn_name}: `{name}` must be a floating-point dtype (such as jnp.float32 "
+                    f"or jnp.bfloat16) or None, got {resolved}: an integer or boolean state "
+                    "would be truncated at every step.")
 
 
 class Hyper(NamedTuple):
@@ -113,9 +166,13 @@ class Hyper(NamedTuple):
   numeric: bool = False  # validated as a number
   integer: bool = False  # must be a Python int (a static count or period)
   optional: bool = False  # None is allowed
+  dtype: bool = False  # a floating-point dtype for stored state (a moment, an accumulator)
 
   def check(self, fn: str, name: str, value: Any) -> None:
     if value is None and self.optional:
+      return
+    if self.dtype:
+      check_state_dtype(fn, name, value)
       return
     if self.draw == ("bool",) and not isinstance(value, (bool, np.bool_)):
       # A flag given as "no" or 0 would be taken by its truthiness.
@@ -158,12 +215,14 @@ INNER_PAIR = Hyper(("inner_pair",))
 MASK = Hyper(("mask",))
 LABELS = Hyper(("labels",))
 SCHEDULE = Hyper(("schedule",))
+DTYPE = Hyper(("choice", (None,)), optional=True, dtype=True)  # a stored state's dtype
 
 # The ranges most builders share.
 LEARNING_RATE = real(0.0, draw=(1e-5, 1.0))
 DECAY = real(0.0, 1.0, high_open=True, draw=(0.0, 0.999))  # an EMA's decay: beta^t -> 0
 MOMENTUM = real(0.0, 1.0, draw=(0.0, 0.999))
-EPS = real(0.0, draw=(1e-10, 1e-3))
+EPS = real(0.0, draw=(1e-10, 1e-3))  # 0 only where another term keeps 0 / 0 away
+EPS_POSITIVE = real(0.0, low_open=True, draw=(1e-10, 1e-3))  # the only guard against 0 / 0
 EPS_ROOT = real(0.0, draw=(0.0, 1e-6))
 NONNEGATIVE = real(0.0, draw=(0.0, 1.0))
 
@@ -329,40 +388,97 @@ def current_hyperparams(state: Any) -> dict:
   return out
 
 
+# Each declared hyperparameter's Hyper, by argument name, filled in by
+# optcompose.core.registry.public: what set_hyperparams validates a held value against.
+DECLARED: dict = {}
+
+
+def declare(name: str, hyper: Hyper) -> None:
+  """Record that some builder declares the numeric argument ``name`` as ``hyper``."""
+  if hyper.numeric:
+    DECLARED.setdefault(name, []).append(hyper)
+
+
+def _check_held(key: str, name: str, value: Any, stored: jax.Array) -> None:
+  """Validate ``value``, given to set_hyperparams and ``stored`` in its holder's dtype,
+  against every declaration of ``name`` (the strictest wins: the state does not say which
+  builder holds it)."""
+  given, x, dtype = float(value), float(stored), stored.dtype
+  hypers = DECLARED.get(name, ()) or (Hyper(("float",), numeric=True),)  # finite at least
+  for hyper in hypers:
+    if hyper.integer and x != int(x):
+      raise ValueError(f"set_hyperparams: `{key}` must be a whole number, got {given!r}.")
+    _check_range("set_hyperparams", key, given, x, dtype, hyper.low, hyper.high,
+                 hyper.low_open, hyper.high_open)
+
+
 def set_hyperparams(state: Any, **values) -> Any:
-  """Return ``state`` with hyperparameters replaced wherever they are held.
+  """Return ``state`` with hyperparameters replaced where they are held.
+
+  Each value runs the validation of construction, on the value as it will be stored (in the
+  holder's dtype: ``b1 = 1 - 1e-9`` rounds to 1.0 in float32 and is rejected): a real,
+  finite scalar, inside the range every builder declaring that name accepts.
 
   Args:
     state: any state holding hyperparameters (see :func:`current_hyperparams`), nested in
       any wrapper.
     **values: new values, stored in each holder's dtype and shape, so a jitted step does
       not recompile. A scheduled value is recomputed from its schedule at the next update.
+      A name held by several nodes (two injected optimizers in ``partition``) is ambiguous:
+      give ``"<path>/<name>"`` instead, as :func:`current_hyperparams` and the error list
+      them (``set_hyperparams(state, **{"inner_states/a/learning_rate": 0.1})``).
 
   Returns:
     The new state.
 
   Raises:
     KeyError: a name no node of ``state`` holds.
-    ValueError: a value that is not a scalar.
+    ValueError: an ambiguous name; a value that is not a scalar, not finite or out of range.
+    TypeError: a value that is not a real number (a bool, a string).
 
   References:
     Optax's ``optax.tree_utils.tree_set`` (replacing named values in a state).
   """
-  held = {n for _, node in otree.find_nodes(state, holds_hyperparams) for n in node.hyperparams}
-  unknown = sorted(set(values) - held)
+  holders = otree.find_nodes(state, holds_hyperparams)
+  qualified = {"/".join(path + (n,)): (id(node), n) for path, node in holders
+               for n in node.hyperparams}
+  by_name: dict = {}
+  for path, node in holders:
+    for n in node.hyperparams:
+      by_name.setdefault(n, []).append("/".join(path + (n,)))
+  unknown = sorted(set(values) - set(by_name) - set(qualified))
   if unknown:
     raise KeyError(f"set_hyperparams: {unknown} are not hyperparameters held in this state "
-                   f"(held: {sorted(held)}; build the optimizer with inject_hyperparams).")
-  for name, value in values.items():
-    if np.ndim(value) != 0:
-      raise ValueError(f"set_hyperparams: `{name}` must be a scalar, got shape "
-                       f"{np.shape(value)}.")
+                   f"(held: {sorted(by_name)}, or by path: {sorted(qualified)}; build the "
+                   "optimizer with inject_hyperparams).")
+  assignments: dict = {}  # id(holder node) -> {name: new value}
+  for key, value in values.items():
+    if key in by_name and len(by_name[key]) > 1:
+      raise ValueError(f"set_hyperparams: `{key}` is held in {len(by_name[key])} places "
+                       f"({', '.join(repr(q) for q in by_name[key])}); name one by its path: "
+                       f"set_hyperparams(state, **{{{by_name[key][0]!r}: value}}).")
+    where = qualified[by_name[key][0] if key in by_name else key]
+    assignments.setdefault(where[0], {})[where[1]] = (key, value)
+  nodes = {id(node): node for _, node in holders}
+  for holder, new in assignments.items():
+    for name, (key, value) in new.items():
+      if isinstance(value, (bool, np.bool_)) or not isinstance(
+          value, (numbers.Real, np.ndarray, np.generic, jax.Array)):
+        raise TypeError(f"set_hyperparams: `{key}` must be a real number, got "
+                        f"{type(value).__name__} {value!r:.40}.")
+      if np.ndim(value) != 0:
+        raise ValueError(f"set_hyperparams: `{key}` must be a scalar, got shape "
+                         f"{np.shape(value)}.")
+      old = jnp.asarray(nodes[holder].hyperparams[name])
+      with np.errstate(over="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # an overflow is reported below
+        stored = jnp.asarray(value, dtype=old.dtype).reshape(old.shape)
+      _check_held(key, name, value, stored)
+      new[name] = stored
 
   def replace(node):
-    new = dict(node.hyperparams)
-    for name in set(values) & set(new):
-      old = jnp.asarray(new[name])
-      new[name] = jnp.asarray(values[name], dtype=old.dtype).reshape(old.shape)
-    return _with_values(node, new)
+    if id(node) not in assignments:
+      return node
+    return _with_values(node, {**node.hyperparams, **assignments[id(node)]})
 
   return otree.replace_nodes(state, holds_hyperparams, replace)

@@ -14,6 +14,13 @@ property kit draws). From it:
   argument), so a recipe never writes a range check;
 * a transformation's hyperparameters declared with ``schedule=True`` accept schedules: the
   transformation is then :func:`~optcompose.core.hyperparams.rebuilt_each_step`;
+* a transformation's ``update`` rejects integer and boolean updates (a TypeError naming the
+  leaf, raised while tracing) unless it is declared ``any_dtype=True`` (``identity``,
+  ``set_to_zero``: they compute nothing). JAX's ``grad`` never makes an integer gradient
+  (integer inputs get ``float0``), so one is a mistake upstream (labels or a step count
+  passed as gradients); computing with it would truncate (``0.1 * 1`` -> 0 in int32) or, for
+  booleans, step the wrong way. Optax promotes instead and ``apply_updates`` then casts the
+  step back to the integer parameter's dtype.
 * ``optcompose``'s exports, the completeness tests and :mod:`optcompose.testing.strategies`
   read :data:`REGISTRY`.
 """
@@ -24,7 +31,9 @@ import functools
 import inspect
 from typing import Callable, NamedTuple, Optional
 
-from optcompose.core.hyperparams import Hyper, rebuilt_each_step
+from optcompose import tree as otree
+from optcompose.core.base import GradientTransformation
+from optcompose.core.hyperparams import Hyper, declare, rebuilt_each_step
 
 KINDS = ("transformation", "wrapper", "optimizer")
 
@@ -46,12 +55,26 @@ def names(*kinds: str) -> tuple:
   return tuple(sorted(n for n, e in REGISTRY.items() if not kinds or e.kind in kinds))
 
 
-def public(kind: str, *, optax: Optional[str] = None, **hypers: Hyper):
+def _floating_updates_only(tx: GradientTransformation, name: str) -> GradientTransformation:
+  """``tx`` whose update first checks that every update leaf is floating point."""
+
+  def update(updates, state, params=None, **extra):
+    otree.check_floating(updates, "updates", f"{name} needs floating-point updates (jax.grad "
+                         "never gives integer gradients: cast, or route the leaf to "
+                         "set_to_zero)")
+    return tx.update(updates, state, params, **extra)
+
+  return GradientTransformation(tx.init, update)
+
+
+def public(kind: str, *, optax: Optional[str] = None, any_dtype: bool = False,
+           **hypers: Hyper):
   """Decorator declaring a public builder; see the module docstring.
 
   Args:
     kind: one of :data:`KINDS`.
     optax: the name of Optax's counterpart (dotted below ``optax``), or None.
+    any_dtype: a transformation that accepts updates of any dtype (it computes nothing).
     **hypers: one :class:`Hyper` per declared argument.
 
   Returns:
@@ -66,12 +89,17 @@ def public(kind: str, *, optax: Optional[str] = None, **hypers: Hyper):
     missing = sorted(set(hypers) - set(signature.parameters))
     if missing:
       raise TypeError(f"public({name}): {missing} are not parameters of {name}.")
+    for arg, hyper in hypers.items():
+      declare(arg, hyper)
     schedulable = tuple(n for n, h in hypers.items() if h.schedule) if kind == "transformation" else ()
+
+    guard = kind == "transformation" and not any_dtype
 
     def checked(arguments):
       for arg, hyper in hypers.items():
         hyper.check(name, arg, arguments[arg])
-      return builder(**arguments)
+      tx = builder(**arguments)
+      return _floating_updates_only(tx, name) if guard else tx
 
     @functools.wraps(builder)
     def wrapper(*args, **kwargs):

@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Optional
 
 from optcompose.core import (
-    DECAY, EPS, FLAG, LEARNING_RATE, GradientTransformation, ScalarOrSchedule, chain,
+    DECAY, EPS, EPS_POSITIVE, FLAG, LEARNING_RATE, GradientTransformation, ScalarOrSchedule, chain,
     identity, public, real,
 )
 from optcompose.transforms.momentum import trace
@@ -47,7 +47,7 @@ def adagrad(learning_rate: ScalarOrSchedule, initial_accumulator_value: float = 
                scale_by_learning_rate(learning_rate))
 
 
-@public("optimizer", optax="rmsprop", learning_rate=LEARNING_RATE, decay=DECAY, eps=EPS,
+@public("optimizer", optax="rmsprop", learning_rate=LEARNING_RATE, decay=DECAY, eps=EPS_POSITIVE,
         centered=FLAG, momentum=real(0.0, 1.0, draw=(0.0, 0.999), optional=True), nesterov=FLAG)
 def rmsprop(learning_rate: ScalarOrSchedule, decay: float = 0.9, eps: float = 1e-8,
             initial_scale: float = 0.0, eps_in_sqrt: bool = True, centered: bool = False,

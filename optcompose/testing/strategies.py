@@ -187,7 +187,8 @@ def build(name: str, kwargs: dict):
   if name == "inject_hyperparams":
     kwargs = dict(kwargs)
     factory = getattr(oc, kwargs.pop("inner_factory"))
-    return oc.inject_hyperparams(factory)(**kwargs)
+    return oc.inject_hyperparams(factory, hyperparam_dtype=kwargs.pop("hyperparam_dtype", None)
+                                 )(**kwargs)
   return getattr(oc, name)(**kwargs)
 
 

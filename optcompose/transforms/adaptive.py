@@ -18,7 +18,8 @@ import jax.numpy as jnp
 
 from optcompose import tree as otree
 from optcompose.core import (
-    DECAY, EPS, EPS_ROOT, FLAG, GradientTransformation, ScalarOrSchedule, expect_state, public,
+    DECAY, DTYPE, EPS, EPS_ROOT, FLAG, GradientTransformation, ScalarOrSchedule,
+    check_not_both_zero, expect_state, public,
     safe_increment, zero_count,
 )
 from optcompose.transforms.statistics import (
@@ -34,7 +35,7 @@ class ScaleByAdamState(NamedTuple):
 
 
 @public("transformation", optax="scale_by_adam", b1=DECAY, b2=DECAY, eps=EPS, eps_root=EPS_ROOT,
-        nesterov=FLAG)
+        nesterov=FLAG, mu_dtype=DTYPE, nu_dtype=DTYPE)
 def scale_by_adam(b1: ScalarOrSchedule = 0.9, b2: ScalarOrSchedule = 0.999,
                   eps: ScalarOrSchedule = 1e-8, eps_root: ScalarOrSchedule = 0.0,
                   mu_dtype: Optional[Any] = None, *, nesterov: bool = False,
@@ -72,6 +73,8 @@ def scale_by_adam(b1: ScalarOrSchedule = 0.9, b2: ScalarOrSchedule = 0.999,
     Dozat, "Incorporating Nesterov Momentum into Adam", ICLR workshop 2016; Optax's
     ``optax.scale_by_adam``.
   """
+
+  check_not_both_zero("scale_by_adam", eps, eps_root)
 
   def init(params):
     otree.check_floating(params, "params")

@@ -41,7 +41,7 @@ import jax.numpy as jnp
 
 from optcompose import tree as otree
 from optcompose.core import (
-    FLAG, GradientTransformation, cond, default_float, expect_state, integer,
+    DTYPE, FLAG, GradientTransformation, cond, default_float, expect_state, integer,
     needs_params, public, real, safe_increment, zero_count,
 )
 
@@ -158,7 +158,7 @@ _STEPS = dict(start_step=integer(0, draw=(0, 3)), every=integer(1, draw=(1, 3)))
 
 
 @public("transformation", decay=real(0.0, 1.0, high_open=True, draw=(0.0, 0.999), schedule=False),
-        debias=FLAG, **_STEPS)
+        debias=FLAG, accumulator_dtype=DTYPE, **_STEPS)
 def ema_params(decay: float, debias: bool = True, start_step: int = 0, every: int = 1,
                accumulator_dtype: Optional[Any] = None) -> GradientTransformation:
   """Exponential moving average of the parameters after each step, kept in the state.
@@ -203,7 +203,7 @@ def ema_params(decay: float, debias: bool = True, start_step: int = 0, every: in
                     every, accumulator_dtype)
 
 
-@public("transformation", **_STEPS)
+@public("transformation", accumulator_dtype=DTYPE, **_STEPS)
 def swa(start_step: int = 0, every: int = 1,
         accumulator_dtype: Optional[Any] = None) -> GradientTransformation:
   """Stochastic weight averaging: the equal-weight mean of the parameters, kept in the state.

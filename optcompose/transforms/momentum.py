@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from optcompose import tree as otree
 from optcompose.core import (
-    DECAY, FLAG, MOMENTUM, GradientTransformation, ScalarOrSchedule, expect_state, public,
+    DECAY, DTYPE, FLAG, MOMENTUM, GradientTransformation, ScalarOrSchedule, expect_state, public,
     safe_increment, zero_count,
 )
 from optcompose.transforms.statistics import (
@@ -37,7 +37,8 @@ def trace_leaf(rho, v, g):
   return jnp.add(*otree.promote(g, jnp.multiply(*otree.promote(rho, v))))
 
 
-@public("transformation", optax="trace", decay=MOMENTUM, nesterov=FLAG)
+@public("transformation", optax="trace", decay=MOMENTUM, nesterov=FLAG,
+        accumulator_dtype=DTYPE)
 def trace(decay: ScalarOrSchedule, nesterov: bool = False,
           accumulator_dtype: Optional[Any] = None) -> GradientTransformation:
   """Heavy-ball momentum: ``v_t = decay * v_{t-1} + g_t``, output ``v_t``.
@@ -89,7 +90,7 @@ class EmaState(NamedTuple):
   ema: Any
 
 
-@public("transformation", optax="ema", decay=DECAY, debias=FLAG)
+@public("transformation", optax="ema", decay=DECAY, debias=FLAG, accumulator_dtype=DTYPE)
 def ema(decay: ScalarOrSchedule, debias: bool = True,
         accumulator_dtype: Optional[Any] = None) -> GradientTransformation:
   """Exponential moving average of the updates: ``m_t = (1 - decay) g_t + decay m_{t-1}``.

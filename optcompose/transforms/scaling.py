@@ -17,7 +17,7 @@ from optcompose.core import (
 )
 from optcompose.core import identity as _identity
 
-identity = public("transformation", optax="identity")(_identity)
+identity = public("transformation", optax="identity", any_dtype=True)(_identity)
 
 
 def scale_leaf(s, u):
@@ -101,7 +101,7 @@ def scale_by_learning_rate(
   return scale(-learning_rate if flip_sign else learning_rate)
 
 
-@public("transformation", optax="set_to_zero")
+@public("transformation", optax="set_to_zero", any_dtype=True)
 def set_to_zero() -> GradientTransformation:
   """Replace the updates by zeros (frozen parameters): ``u <- 0``.
 

@@ -19,8 +19,8 @@ import jax.numpy as jnp
 
 from optcompose import tree as otree
 from optcompose.core import (
-    DECAY, EPS, EPS_ROOT, FLAG, EmptyState, Hyper, GradientTransformation, ScalarOrSchedule,
-    as_transformation, expect_state, public, real, safe_increment, zero_count,
+    DECAY, DTYPE, EPS, EPS_POSITIVE, EPS_ROOT, FLAG, EmptyState, Hyper, GradientTransformation, ScalarOrSchedule,
+    as_transformation, check_not_both_zero, expect_state, public, real, safe_increment, zero_count,
 )
 from optcompose.transforms.statistics import (
     adam_direction_leaf, debias_factor, debias_leaf, ema_leaf, inverse_rms_leaf, moments_init,
@@ -137,7 +137,7 @@ def _rms_scaling(who, centered, decay, eps, initial_scale, eps_in_sqrt, bias_cor
   return GradientTransformation(init, update)
 
 
-_RMS_HYPERS = dict(decay=DECAY, eps=EPS, initial_scale=real(0.0, draw=(0.0, 1.0), schedule=False),
+_RMS_HYPERS = dict(decay=DECAY, eps=EPS_POSITIVE, initial_scale=real(0.0, draw=(0.0, 1.0), schedule=False),
                    eps_in_sqrt=FLAG, bias_correction=FLAG)
 
 
@@ -216,7 +216,7 @@ class ScaleBySecondMomentState(NamedTuple):
 
 
 @public("transformation", decay=DECAY, eps=EPS, eps_root=EPS_ROOT,
-        debias=FLAG, direction=Hyper(("optional", ("inner",))))
+        debias=FLAG, nu_dtype=DTYPE, direction=Hyper(("optional", ("inner",))))
 def scale_by_second_moment(decay: ScalarOrSchedule = 0.999, eps: ScalarOrSchedule = 1e-8,
                            eps_root: ScalarOrSchedule = 0.0, debias: bool = True,
                            nu_dtype: Optional[Any] = None, direction: Any = None
@@ -257,6 +257,8 @@ def scale_by_second_moment(decay: ScalarOrSchedule = 0.999, eps: ScalarOrSchedul
     arXiv:2002.04839, 2020.
   """
   inner = None if direction is None else as_transformation(direction, "scale_by_second_moment")
+
+  check_not_both_zero("scale_by_second_moment", eps, eps_root)
 
   def init(params):
     otree.check_floating(params, "params")

@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterable, Optional, Union
 import jax
 import numpy as np
 
-from optcompose.core import GradientTransformation, Hyper, public, rebuilt_each_step
+from optcompose.core import DTYPE, GradientTransformation, Hyper, public, rebuilt_each_step
 
 
 def _is_static_by_name(name: str) -> bool:
@@ -31,7 +31,8 @@ def _is_static_by_name(name: str) -> bool:
 
 
 @public("wrapper", optax="inject_hyperparams",
-        inner_factory=Hyper(("choice", ("sgd", "adam", "adamw", "rmsprop"))))
+        inner_factory=Hyper(("choice", ("sgd", "adam", "adamw", "rmsprop"))),
+        hyperparam_dtype=DTYPE)
 def inject_hyperparams(
     inner_factory: Callable[..., GradientTransformation],
     static_args: Union[str, Iterable[str]] = (),
