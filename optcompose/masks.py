@@ -13,7 +13,7 @@ layout's leaves. This module imports only :mod:`optcompose.tree`.
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -158,10 +158,31 @@ def labels_from_fn(fn: Callable[[str, Any], Any]) -> Callable[[Any], Any]:
 
   Returns:
     A callable of a parameter tree returning the tree of ``fn``'s results.
+
+  Raises:
+    TypeError: ``fn`` is not callable.
   """
+  if not callable(fn):
+    raise TypeError(f"labels_from_fn: `fn` must be callable, got {type(fn).__name__}.")
+
   def labels(tree):
     return jax.tree_util.tree_map_with_path(lambda p, x: fn(_path_string(p), x), tree)
   return labels
+
+
+def _compile(fn: str, name: str, pattern: Any) -> re.Pattern:
+  """``re.compile(pattern)``, raising errors that name ``fn``'s argument ``name``.
+
+  Raises:
+    TypeError: ``pattern`` is not a str (or a compiled pattern).
+    ValueError: ``pattern`` is not a valid regex (with the ``re`` module's reason).
+  """
+  if not isinstance(pattern, (str, re.Pattern)):
+    raise TypeError(f"{fn}: `{name}` must be a regex string, got {type(pattern).__name__}.")
+  try:
+    return re.compile(pattern)
+  except re.error as error:
+    raise ValueError(f"{fn}: `{name}` is not a valid regex: {pattern!r} ({error}).") from None
 
 
 def labels_from_paths(rules, default=None) -> Callable[[Any], Any]:
@@ -176,8 +197,21 @@ def labels_from_paths(rules, default=None) -> Callable[[Any], Any]:
 
   Returns:
     A labels callable (see :func:`labels_from_fn`).
+
+  Raises:
+    TypeError: ``rules`` is not a sequence of pairs, or a regex is not a string (naming
+      ``rules[i]``). ValueError: a regex that does not compile (naming ``rules[i][0]``, the
+      pattern and ``re``'s reason); a path no rule matches without a ``default``.
   """
-  compiled = [(re.compile(pattern), label) for pattern, label in rules]
+  if isinstance(rules, (str, bytes)) or not isinstance(rules, Iterable):
+    raise TypeError(f"labels_from_paths: `rules` must be a sequence of (regex, label) pairs, "
+                    f"got {type(rules).__name__}.")
+  compiled = []
+  for i, rule in enumerate(rules):
+    if isinstance(rule, (str, bytes)) or not isinstance(rule, Sequence) or len(rule) != 2:
+      raise TypeError(f"labels_from_paths: `rules[{i}]` must be a (regex, label) pair, got "
+                      f"{rule!r}.")
+    compiled.append((_compile("labels_from_paths", f"rules[{i}][0]", rule[0]), rule[1]))
 
   def label(path, leaf):
     for pattern, lab in compiled:
@@ -201,8 +235,12 @@ def mask_from_paths(include=None, exclude=None) -> Callable[[Any], Any]:
 
   Returns:
     A mask callable (see :func:`labels_from_fn`).
+
+  Raises:
+    TypeError: ``include`` or ``exclude`` is not a string. ValueError: it is not a valid
+      regex (the message names the argument, the pattern and ``re``'s reason).
   """
-  inc = re.compile(include) if include is not None else None
-  exc = re.compile(exclude) if exclude is not None else None
+  inc = _compile("mask_from_paths", "include", include) if include is not None else None
+  exc = _compile("mask_from_paths", "exclude", exclude) if exclude is not None else None
   return labels_from_fn(lambda path, _: bool((inc is None or inc.search(path))
                                              and not (exc is not None and exc.search(path))))

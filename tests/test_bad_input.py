@@ -71,6 +71,39 @@ ROWS = [
     Row("integer-params", "integer or boolean parameters",
         "`TypeError` from `init`, naming the leaf", TypeError, r"params\['n'\]",
         lambda: oc.adam(1e-3).init({"w": jnp.ones(2), "n": jnp.arange(2)})),
+    Row("params-not-arrays", "a leaf of the parameters that is not an array (a string)",
+        "`TypeError` from `init`, naming the leaf", TypeError, r"params\['name'\]` is a str",
+        lambda: oc.sgd(1e-3).init({"w": jnp.ones(2), "name": "abc"})),
+    Row("integer-gradients", "integer or boolean gradients (`jax.grad` never makes them: "
+        "labels or counts passed by mistake)", "`TypeError` from `update`, naming the leaf "
+        "(never truncated to a zero step, never a boolean ascent step; `identity` and "
+        "`set_to_zero` pass them through)", TypeError, r"updates\['dense'\]\['bias'\]` has dtype int32",
+        _update_call(oc.sgd(0.1), {"dense": {"kernel": GRADS["dense"]["kernel"],
+                                             "bias": jnp.array([1, 2])}})),
+    Row("integer-state-dtype", "an integer or boolean `mu_dtype`, `nu_dtype`, "
+        "`accumulator_dtype` or `hyperparam_dtype`", "`TypeError` at construction, naming it "
+        "(the state would be truncated)", TypeError, "`mu_dtype`",
+        lambda: oc.adam(1e-3, mu_dtype=jnp.int32)),
+    Row("hyperparameter-rounds-out-of-range", "a value in range in float64 but not in the "
+        "dtype it is used in (`b1=1 - 1e-9` is 1.0 in float32; `1e39` is inf)",
+        "`ValueError` at construction, naming it and the rounded value", ValueError,
+        r"`b1` must lie in \[0, 1\), got 0.999999999 \(1.0 in float32",
+        lambda: oc.adam(1e-3, b1=1 - 1e-9)),
+    Row("eps-zero", "`eps=0` where nothing else keeps the denominator from 0 (Adam with "
+        "`eps_root=0`, RMSProp): a zero gradient gives 0 / 0 = NaN (Optax accepts it)",
+        "`ValueError` at construction, naming `eps` (and `eps_root`)", ValueError,
+        "`eps` and `eps_root` are both 0", lambda: oc.adam(1e-3, eps=0.0)),
+    Row("set-hyperparams-invalid", "`set_hyperparams` with a value construction would reject "
+        "(`b1=1.0`, NaN, a negative rate, a bool, a string)", "`ValueError`/`TypeError`, "
+        "naming it; validated as stored (in its dtype)", (ValueError, TypeError), "`b1`",
+        lambda: oc.set_hyperparams(oc.inject_hyperparams(oc.adam)(1e-3).init(PARAMS), b1=1.0)),
+    Row("set-hyperparams-ambiguous", "`set_hyperparams` with a name two injected optimizers "
+        "hold", "`ValueError` listing both paths, to be given instead of the name", ValueError,
+        r"`learning_rate` is held in 2 places", lambda: oc.set_hyperparams(
+            oc.partition({"a": oc.inject_hyperparams(oc.sgd)(0.1),
+                          "b": oc.inject_hyperparams(oc.sgd)(0.2)},
+                         {"dense": {"kernel": "a", "bias": "b"}}).init(PARAMS),
+            learning_rate=0.5)),
     Row("updates-structure", "gradients whose tree differs from the state's (a leaf missing)",
         "`ValueError` from `update`, naming the path", ValueError, r"\['dense'\]\['bias'\]",
         _update_call(oc.adam(1e-3), {"dense": {"kernel": GRADS["dense"]["kernel"]}})),
@@ -131,6 +164,51 @@ ROWS = [
         "ignored (so one training step can serve every optimizer)", None, "",
         lambda: oc.adam(1e-3).update(GRADS, oc.adam(1e-3).init(PARAMS), PARAMS,
                                      not_an_argument=1.0)),
+    Row("lookahead-shape", "`lookahead` gradients, fast or slow weights of mismatched shapes "
+        "(would broadcast)", "`ValueError` from `update`, naming the path and both shapes",
+        ValueError, r"`params.slow\['dense'\]\['kernel'\]` has shape \(1, 2\)",
+        (lambda p, s: oc.lookahead(oc.sgd(1e-3), 2, 0.5).update(GRADS, s, p),
+         oc.LookaheadParams(PARAMS, {"dense": {"kernel": jnp.ones((1, 2)), "bias": jnp.zeros(2)}}),
+         oc.lookahead(oc.sgd(1e-3), 2, 0.5).init(PARAMS))),
+    Row("lookahead-slow-weights", "`lookahead_in_state` parameters of another shape or dtype "
+        "than the slow weights kept in its state", "`ValueError` (`TypeError` for a dtype) from "
+        "`update`, naming the path and both shapes (dtypes)", ValueError,
+        r"`params\['dense'\]\['kernel'\]` has shape \(1, 2\) but `state.slow",
+        (lambda p, s: oc.lookahead_in_state(oc.sgd(1e-3), 2, 0.5).update(p, s, p),
+         {"dense": {"kernel": jnp.ones((1, 2)), "bias": jnp.zeros(2)}},
+         oc.lookahead_in_state(oc.sgd(1e-3), 2, 0.5).init(PARAMS))),
+    Row("sam-shape", "`sam` gradients of another shape than the parameters (would broadcast)",
+        "`ValueError` from `update`, naming the path and both shapes", ValueError,
+        r"`updates\['dense'\]\['kernel'\]` has shape \(1, 2\)",
+        _update_call(oc.sam(oc.sgd(1e-3), oc.sgd(1e-2)), {"dense": {"kernel": jnp.ones((1, 2)),
+                                                                    "bias": jnp.ones(2)}})),
+    Row("early-stopping-dtype", "`early_stopping` best parameters of another dtype (or shape) "
+        "than those given to `init`", "`TypeError` (`ValueError` for a shape) from `update`, "
+        "naming the path and both dtypes; never rounded to the kept dtype", TypeError,
+        r"`best_params\['dense'\]\['bias'\]` has dtype bfloat16",
+        (lambda p, s: oc.early_stopping().update(s, 0.5, p),
+         jax.tree.map(lambda x: x.astype(jnp.bfloat16), PARAMS), oc.early_stopping().init(PARAMS))),
+    Row("partition-mixed-labels", "`partition` labels of mixed types (`0` and `\"x\"`)",
+        "`TypeError` at construction, listing the labels (JAX sorts the state's dict keys)",
+        TypeError, r"`transforms`.*\['x', 0\]",
+        lambda: oc.partition({0: oc.sgd(1e-3), "x": oc.sgd(1e-3)},
+                             {"dense": {"kernel": 0, "bias": "x"}})),
+    Row("path-regex", "an invalid regex in `mask_from_paths` or `labels_from_paths`",
+        "`ValueError` at construction, naming the argument, the pattern and the regex error",
+        ValueError, r"`include` is not a valid regex: '\['",
+        lambda: oc.mask_from_paths(include="[")),
+    Row("schedule-step-count", "a schedule's step count beyond int32 (`transition_steps=2**40`, "
+        "boundaries, warmup steps, cycle lengths)", "`ValueError` at construction, naming the "
+        "argument and the limit 2**31 - 1", ValueError, r"`transition_steps` must be <= 2\*\*31",
+        lambda: oc.exponential_decay(1.0, 2**40, 0.5)),
+    Row("schedule-phase-collision", "`linear_onecycle_schedule` phases ending at the same step "
+        "(`int(pct * transition_steps)` equal)", "`ValueError` at construction, naming "
+        "`pct_start` and `pct_final` (one phase would silently replace another)", ValueError,
+        "`pct_final`", lambda: oc.linear_onecycle_schedule(10, 1.0, 0.3, 0.35)),
+    Row("multi-steps-k-schedule", "a `multi_steps` k schedule returning a non-integer (`2.7`, "
+        "a float array)", "`TypeError` from `init` (or while tracing `update`), naming "
+        "`every_k_schedule`; never truncated", TypeError, "`every_k_schedule`",
+        lambda: oc.multi_steps(oc.sgd(1e-3), lambda step: 2.7).init(PARAMS)),
 ]
 
 

@@ -33,7 +33,8 @@ from typing import Callable, NamedTuple, Optional
 
 from optcompose import tree as otree
 from optcompose.core.base import GradientTransformation
-from optcompose.core.hyperparams import Hyper, declare, rebuilt_each_step
+from optcompose.core.hyperparams import rebuilt_each_step
+from optcompose.core.validation import Hyper, declare
 
 KINDS = ("transformation", "wrapper", "optimizer")
 

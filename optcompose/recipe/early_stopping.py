@@ -105,6 +105,23 @@ def _static_number(name: str, value: Any, *, integer: bool, low: float) -> Any:
   return int(value) if integer else float(value)
 
 
+def _check_same_dtypes(best_params: Any, kept: Any) -> None:
+  """Raise a TypeError naming the first leaf of ``best_params`` whose dtype is not the kept
+  copy's (keeping it would silently convert it to the dtype seen at init); the trees have
+  the same structure.
+
+  Raises:
+    TypeError: naming the path and both dtypes.
+  """
+  for (path, new), old in zip(jax.tree_util.tree_flatten_with_path(best_params)[0],
+                              jax.tree.leaves(kept)):
+    if jnp.result_type(new) != jnp.result_type(old):
+      where = jax.tree_util.keystr(tuple(path))
+      raise TypeError(f"{_FN}: `best_params{where}` has dtype {jnp.result_type(new)} but the "
+                      f"kept `state.best_params{where}` has dtype {jnp.result_type(old)} (from "
+                      "init); it would be silently converted. Pass the same dtypes as to init.")
+
+
 @dataclasses.dataclass(frozen=True)
 class EarlyStopping:
   """The static configuration of early stopping; build it with :func:`early_stopping`.
@@ -167,6 +184,12 @@ class EarlyStopping:
     """Record one epoch's ``metric`` (a scalar) and the pytree to keep if it is the best.
 
     Pure and jittable: no Python branch depends on a traced value.
+
+    Raises:
+      TypeError: ``state`` is not an EarlyStoppingState; ``metric`` is not real; a leaf of
+        ``best_params`` has another dtype than the copy kept since ``init``.
+      ValueError: ``metric`` is not a scalar; ``best_params`` differs from the kept copy in
+        structure or a leaf's shape (each message names the argument and path).
     """
     if not isinstance(state, EarlyStoppingState):
       raise TypeError(f"{_FN}: `state` must be an EarlyStoppingState (from init), got "
@@ -174,9 +197,13 @@ class EarlyStopping:
     metric = jnp.asarray(metric)
     if metric.shape != ():
       raise ValueError(f"{_FN}: `metric` must be a scalar, got shape {metric.shape}.")
+    if not (jnp.issubdtype(metric.dtype, jnp.floating)
+            or jnp.issubdtype(metric.dtype, jnp.integer)):
+      raise TypeError(f"{_FN}: `metric` must be a real number, got dtype {metric.dtype}.")
     metric = metric.astype(jnp.float32)
     otree.check_same_structure(best_params, state.best_params, "best_params",
                                "state.best_params")
+    _check_same_dtypes(best_params, state.best_params)
     active = jnp.logical_and(state.epoch >= self.warmup, jnp.logical_not(state.should_stop))
     improved = jnp.logical_and(active, self.is_improvement(metric, state.best_metric))
     wait = jnp.where(improved, 0, jnp.where(active, safe_increment(state.wait), state.wait))

@@ -3,7 +3,9 @@
 A ``Schedule`` maps the int32 step count ``t`` (0 at the first update) to a scalar. Every
 hyperparameter of every optcompose transformation accepts one. Names, arguments and
 semantics follow Optax where Optax has the same schedule; arguments are validated when the
-schedule is built (Optax silently turns some invalid ones into a constant).
+schedule is built (Optax silently turns some invalid ones into a constant). Step-count
+arguments (transition and decay steps, warmup steps, boundaries, cycle lengths) are whole
+numbers of at most ``2**31 - 1``, the largest int32 count.
 
 Formulas (``t`` the count, ``clip(x) = min(max(x, 0), 1)``):
 

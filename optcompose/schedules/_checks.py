@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numbers
+from typing import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -20,10 +21,12 @@ def _number(fn: str, name: str, value, *, low=None, high=None, low_open=False,
   x = np.asarray(value)
   if x.shape != ():
     raise ValueError(f"{fn}: `{name}` must be a scalar, got shape {x.shape}.")
+  if x.dtype.kind not in "iuf":  # a NumPy bool, complex or string scalar
+    raise TypeError(f"{fn}: `{name}` must be a real number, got dtype {x.dtype}.")
   x = x.item()
   if x != x:
     raise ValueError(f"{fn}: `{name}` is NaN.")
-  if integer and float(x) != int(x):
+  if integer and (x in (float("inf"), float("-inf")) or float(x) != int(x)):
     raise ValueError(f"{fn}: `{name}` must be a whole number of steps, got {x!r}.")
   if low is not None and (x <= low if low_open else x < low):
     raise ValueError(f"{fn}: `{name}` must be {'>' if low_open else '>='} {low}, got {x!r}.")
@@ -32,9 +35,46 @@ def _number(fn: str, name: str, value, *, low=None, high=None, low_open=False,
   return int(x) if integer else value
 
 
+# The step count is an int32 array: a step count beyond it is never reached, and a schedule
+# computing with one (count - begin, count < boundary) fails at its first use.
+MAX_STEPS = 2**31 - 1
+
+
 def _steps(fn, name, value, *, positive=True):
-  return _number(fn, name, value, low=0, low_open=positive, integer=True)
+  """``value`` as a Python int: a whole number of steps, > 0 (``>= 0`` unless
+  ``positive``), at most :data:`MAX_STEPS`.
+
+  Raises:
+    TypeError: not a real number. ValueError: NaN, not whole, out of range (naming ``fn``
+      and ``name``).
+  """
+  steps = _number(fn, name, value, low=0, low_open=positive, integer=True)
+  if not isinstance(steps, jax.core.Tracer) and steps > MAX_STEPS:
+    raise ValueError(f"{fn}: `{name}` must be <= 2**31 - 1 = {MAX_STEPS} (the step count is "
+                     f"int32), got {steps}.")
+  return steps
 
 
 def _float(count):
   return jnp.asarray(count).astype(default_float())
+
+
+def _boundaries_and_scales(fn: str, boundaries_and_scales) -> list:
+  """The ``(boundary, scale)`` pairs sorted by boundary, each boundary a Python int checked
+  as a step count (<= 2**31 - 1) and each scale a number >= 0.
+
+  Raises:
+    TypeError: not a mapping, or a key or scale that is not a number. ValueError: a key
+      that is not a whole number of steps in range, or a negative scale (naming the key).
+  """
+  if boundaries_and_scales is None:
+    return []
+  if not isinstance(boundaries_and_scales, Mapping):
+    raise TypeError(f"{fn}: `boundaries_and_scales` must be a dict {{step: scale}}, got "
+                    f"{type(boundaries_and_scales).__name__}.")
+  items = []
+  for b, s in boundaries_and_scales.items():
+    step = _steps(fn, f"boundaries_and_scales key {b!r}", b, positive=False)
+    _number(fn, f"boundaries_and_scales[{b!r}]", s, low=0.0)
+    items.append((step, s))
+  return sorted(items, key=lambda item: item[0])

@@ -8,7 +8,9 @@ import jax
 import jax.numpy as jnp
 
 from optcompose import tree as otree
-from optcompose.schedules._checks import Schedule, _float, _number, _steps
+from optcompose.schedules._checks import (
+    MAX_STEPS, Schedule, _boundaries_and_scales, _float, _number, _steps,
+)
 from optcompose.schedules._decay import (
     constant_schedule, cosine_decay_schedule, exponential_decay, linear_schedule,
 )
@@ -66,16 +68,33 @@ def schedule_from_function(fn: Callable, *, dtype=jnp.float32) -> Schedule:
 
   The function receives the count as a float (``dtype``) and must return a scalar; it is
   called once at step 0 here so that a wrong shape or a non-numeric result fails now.
+
+  Raises:
+    TypeError: ``fn`` not callable; ``dtype`` not a floating-point dtype (the values would
+      be truncated); ``fn`` returning a complex value. ValueError: ``fn`` returning a
+      non-scalar.
   """
+  fn_name = "schedule_from_function"
   if not callable(fn):
-    raise TypeError("schedule_from_function: `fn` must be callable.")
+    raise TypeError(f"{fn_name}: `fn` must be callable.")
+  try:
+    floating = jnp.issubdtype(jnp.dtype(dtype), jnp.floating)
+  except TypeError:
+    floating = False
+  if not floating:  # an integer dtype would truncate the values (0.1 -> 0)
+    raise TypeError(f"{fn_name}: `dtype` must be a floating-point dtype, got {dtype!r}.")
+
+  def raw(count):
+    return jnp.asarray(fn(jnp.asarray(count).astype(dtype)))
 
   def schedule(count):
-    return jnp.asarray(fn(jnp.asarray(count).astype(dtype)), dtype)
+    return raw(count).astype(dtype)
 
-  probe = jax.eval_shape(schedule, jax.ShapeDtypeStruct((), jnp.int32))
+  probe = jax.eval_shape(raw, jax.ShapeDtypeStruct((), jnp.int32))
   if probe.shape != ():
-    raise ValueError(f"schedule_from_function: `fn` returned shape {probe.shape}, not a scalar.")
+    raise ValueError(f"{fn_name}: `fn` returned shape {probe.shape}, not a scalar.")
+  if jnp.issubdtype(probe.dtype, jnp.complexfloating):  # casting would drop the imaginary part
+    raise TypeError(f"{fn_name}: `fn` must return a real number, got dtype {probe.dtype}.")
   return schedule
 
 
@@ -179,11 +198,23 @@ def cosine_warm_restarts_schedule(init_value, first_period: int, period_mult: fl
 
 def sgdr_schedule(cosine_kwargs: Iterable[Mapping]) -> Schedule:
   """Optax's SGDR: a sequence of warmup-cosine cycles, each given by its keyword arguments
-  to :func:`warmup_cosine_decay_schedule`."""
+  to :func:`warmup_cosine_decay_schedule`.
+
+  Raises:
+    TypeError: a cycle's keyword arguments are not a dict. ValueError: no cycle; a cycle's
+      arguments are invalid; a cycle would start beyond the int32 step count.
+  """
   schedules, boundaries, step = [], [], 0
-  for kwargs in cosine_kwargs:
+  for i, kwargs in enumerate(cosine_kwargs):
+    if not isinstance(kwargs, Mapping):
+      raise TypeError(f"sgdr_schedule: `cosine_kwargs[{i}]` must be a dict of keyword "
+                      f"arguments, got {type(kwargs).__name__}.")
     schedules.append(warmup_cosine_decay_schedule(**kwargs))
-    step += kwargs["decay_steps"]
+    if boundaries and boundaries[-1] > MAX_STEPS:  # a cycle would start past the int32 count
+      raise ValueError(f"sgdr_schedule: cycle {i} would start at step {boundaries[-1]} (the "
+                       f"sum of the earlier `decay_steps`), beyond 2**31 - 1 = {MAX_STEPS} "
+                       "(the step count is int32).")
+    step += int(kwargs["decay_steps"])  # a whole number: checked by the cycle's schedule
     boundaries.append(step)
   if not schedules:
     raise ValueError("sgdr_schedule: give at least one cycle.")
@@ -200,10 +231,7 @@ def piecewise_interpolate_schedule(interpolate_type: str, init_value,
     raise ValueError(f"{fn}: `interpolate_type` must be 'linear' or 'cosine', "
                      f"got {interpolate_type!r}.")
   _number(fn, "init_value", init_value)
-  items = sorted((boundaries_and_scales or {}).items())
-  for b, s in items:
-    _steps(fn, "boundaries_and_scales key", b, positive=False)
-    _number(fn, f"boundaries_and_scales[{b}]", s, low=0.0)
+  items = _boundaries_and_scales(fn, boundaries_and_scales)
   boundaries = tuple(b for b, _ in items)
   scales = tuple(s for _, s in items)
 
@@ -256,8 +284,12 @@ def linear_onecycle_schedule(transition_steps: int, peak_value, pct_start: float
   transition_steps = _onecycle_checks(fn, transition_steps, peak_value, pct_start, div_factor,
                                       final_div_factor)
   _number(fn, "pct_final", pct_final, low=pct_start, high=1.0, low_open=True)
+  up, down = int(pct_start * transition_steps), int(pct_final * transition_steps)
+  if not up < down < transition_steps:  # as a dict's keys, one phase would replace another
+    raise ValueError(f"{fn}: the phases end at steps int(pct_start * transition_steps) = {up}, "
+                     f"int(pct_final * transition_steps) = {down} and `transition_steps` = "
+                     f"{transition_steps}, which must increase strictly (`pct_start` = "
+                     f"{pct_start!r}, `pct_final` = {pct_final!r}).")
   return piecewise_interpolate_schedule(
       "linear", peak_value / div_factor,
-      {int(pct_start * transition_steps): div_factor,
-       int(pct_final * transition_steps): 1.0 / div_factor,
-       transition_steps: 1.0 / final_div_factor})
+      {up: div_factor, down: 1.0 / div_factor, transition_steps: 1.0 / final_div_factor})

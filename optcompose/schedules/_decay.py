@@ -6,7 +6,9 @@ from typing import Mapping, Optional
 
 import jax.numpy as jnp
 
-from optcompose.schedules._checks import Schedule, _float, _number, _steps
+from optcompose.schedules._checks import (
+    Schedule, _boundaries_and_scales, _float, _number, _steps,
+)
 
 __all__ = [
     "constant_schedule", "piecewise_constant_schedule", "exponential_decay",
@@ -27,10 +29,7 @@ def piecewise_constant_schedule(init_value,
   """Step decay: multiply by ``scale`` from each boundary step on (Optax's semantics)."""
   fn = "piecewise_constant_schedule"
   _number(fn, "init_value", init_value)
-  items = sorted((boundaries_and_scales or {}).items())
-  for b, s in items:
-    _steps(fn, "boundaries_and_scales key", b, positive=False)
-    _number(fn, f"boundaries_and_scales[{b}]", s, low=0.0)
+  items = _boundaries_and_scales(fn, boundaries_and_scales)
 
   def schedule(count):
     v = init_value

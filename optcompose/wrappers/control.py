@@ -28,7 +28,8 @@ import jax.numpy as jnp
 
 from optcompose import tree as otree
 from optcompose.core import (
-    FLAG, INNER, GradientTransformation, Hyper, as_transformation, cond, expect_state, public, safe_increment, zero_count,
+    DTYPE, FLAG, INNER, GradientTransformation, Hyper, as_transformation, cond, expect_state,
+    public, safe_increment, zero_count,
 )
 
 
@@ -57,7 +58,7 @@ def _update_if(pred, inner, updates, state, params, extra):
 
 
 @public("wrapper", inner=INNER, every_k_schedule=Hyper(("int", 1, 3), 1, numeric=True, schedule=True),
-        use_grad_mean=FLAG)
+        use_grad_mean=FLAG, accumulator_dtype=DTYPE)
 def multi_steps(inner, every_k_schedule: Union[int, Callable], use_grad_mean: bool = True,
                 accumulator_dtype=jnp.float32) -> GradientTransformation:
   """Gradient accumulation over ``every_k_schedule`` micro-steps (see the module docstring).
@@ -70,13 +71,21 @@ def multi_steps(inner, every_k_schedule: Union[int, Callable], use_grad_mean: bo
 
   Args:
     inner: the optimizer that takes the real steps (optcompose's or Optax's).
-    every_k_schedule: k >= 1, or a schedule of the number of real steps taken.
+    every_k_schedule: k >= 1, or a schedule of the number of real steps taken, returning
+      an integer (a Python int or an integer array: a floating k would be truncated).
     use_grad_mean: apply the mean of the micro-gradients (else their sum).
     accumulator_dtype: dtype of the accumulation buffer (float32 by default, whatever the
-      gradients' dtype); ``inner`` receives the accumulated value in the gradients' dtype.
+      gradients' dtype; ``None``: the parameters'); ``inner`` receives the accumulated
+      value in the gradients' dtype.
 
   Returns:
     A transformation with state :class:`MultiStepsState` (Optax's fields).
+
+  Raises:
+    ValueError: a constant ``every_k_schedule`` that is not a whole number >= 1, or a
+      schedule whose step-0 value (known at ``init``) is below 1 or not a scalar.
+    TypeError: a schedule returning a non-integer dtype (float, bool), found at ``init``
+      or while tracing ``update``; ``accumulator_dtype`` not a floating-point dtype.
 
   References:
     Optax's ``optax.MultiSteps``; gradient accumulation as in Goyal et al., "Accurate,
@@ -88,10 +97,30 @@ def multi_steps(inner, every_k_schedule: Union[int, Callable], use_grad_mean: bo
     if k != int(k):
       raise ValueError(f"multi_steps: `every_k_schedule` must be a whole number of "
                        f"micro-steps, got {every_k_schedule!r}.")
-  k_of = every_k_schedule if callable(every_k_schedule) else (lambda step: every_k_schedule)
+
+  def k_of(step):
+    """k at real step ``step``: a schedule's value is checked while tracing (its dtype and
+    shape are known then), so a floating k is never silently truncated."""
+    if not callable(every_k_schedule):
+      return every_k_schedule  # checked above (or a live value, whole by construction)
+    k = every_k_schedule(step)
+    dtype = jnp.result_type(k)
+    if not jnp.issubdtype(dtype, jnp.integer):
+      raise TypeError(f"multi_steps: `every_k_schedule` must return an integer number of "
+                      f"micro-steps (a Python int or an integer array), got dtype {dtype}: "
+                      "it would be truncated. Round it yourself, e.g. "
+                      "jnp.round(k).astype(jnp.int32).")
+    if jnp.shape(k) != ():
+      raise ValueError(f"multi_steps: `every_k_schedule` must return a scalar, got shape "
+                       f"{jnp.shape(k)}.")
+    return k
 
   def init(params):
     otree.check_floating(params, "params")
+    k0 = k_of(zero_count())
+    if callable(every_k_schedule) and not isinstance(k0, jax.core.Tracer) and int(k0) < 1:
+      raise ValueError(f"multi_steps: `every_k_schedule` must be >= 1, got {int(k0)} at "
+                       "step 0.")
     return MultiStepsState(zero_count(), zero_count(), inner.init(params),
                            otree.zeros_like(params, accumulator_dtype))
 
@@ -117,8 +146,8 @@ def multi_steps(inner, every_k_schedule: Union[int, Callable], use_grad_mean: bo
         mini_step=jnp.where(emit, 0, safe_increment(n)),
         gradient_step=jnp.where(emit, safe_increment(state.gradient_step), state.gradient_step),
         inner_opt_state=inner_state,
-        acc_grads=jax.tree.map(lambda a: jnp.where(emit, jnp.zeros_like(a), a).astype(
-            accumulator_dtype), acc),
+        acc_grads=jax.tree.map(lambda a, old: jnp.where(emit, jnp.zeros_like(a), a).astype(
+            old.dtype), acc, state.acc_grads),  # the dtype chosen at init
         skip_state=state.skip_state)
     return new_updates, new_state
 

@@ -124,6 +124,11 @@ def lookahead(fast_optimizer: Any, sync_period: int, slow_step_size: float,
     A transformation with state :class:`LookaheadState` (Optax's fields); its updates are
     a ``LookaheadParams`` (of the params' type).
 
+  Raises:
+    ValueError: (from ``update``) ``params`` is not a pair, or ``updates``, ``params.fast``,
+      ``params.slow`` and the fast optimizer's updates differ in structure or a leaf's
+      shape (the message names the path and both shapes; nothing is broadcast).
+
   References:
     Zhang, Lucas, Hinton and Ba, "Lookahead Optimizer: k steps forward, 1 step back",
     NeurIPS 2019.
@@ -141,7 +146,11 @@ def lookahead(fast_optimizer: Any, sync_period: int, slow_step_size: float,
     if not _is_pair(params):
       raise ValueError(f"{fn}: `params` must be a LookaheadParams(fast, slow), got "
                        f"{type(params).__name__}; start with LookaheadParams.init_synced(params).")
+    # Nothing broadcast: d = fast + u - slow would take the union of mismatched shapes.
+    otree.check_same_structure(updates, params.fast, "updates", "params.fast")
+    otree.check_same_structure(params.slow, params.fast, "params.slow", "params.fast")
     u, fast_state = fast_update(updates, state.fast_state, params.fast, **extra)
+    otree.check_same_structure(u, params.fast, "fast_optimizer's updates", "params.fast")
     sync = state.steps_since_sync == sync_period - 1
     d = jax.tree.map(lambda f, g, s: f + g - s, params.fast, u, params.slow)
     # Selections use jnp.where, not Optax's product with the 0/1 sync flag: the same values,
@@ -173,6 +182,22 @@ class LookaheadSlowState(NamedTuple):
   slow: Any
 
 
+def check_same_dtypes(tree: Any, reference: Any, name: str, reference_name: str) -> None:
+  """Raise a TypeError naming the first path where ``tree``'s dtype is not ``reference``'s
+  (the trees have the same structure), so that a kept copy is never silently rounded.
+
+  Raises:
+    TypeError: a leaf's dtype differs; the message names the path and both dtypes.
+  """
+  for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(tree)[0],
+                          jax.tree.leaves(reference)):
+    if jnp.result_type(a) != jnp.result_type(b):
+      where = jax.tree_util.keystr(tuple(path))
+      raise TypeError(f"`{name}{where}` has dtype {jnp.result_type(a)} but "
+                      f"`{reference_name}{where}` has dtype {jnp.result_type(b)} (it would be "
+                      "silently rounded; keep the dtype seen at init).")
+
+
 def slow_weights_in_state(pair_lookahead: Any) -> GradientTransformation:
   """Run a lookahead written for ``LookaheadParams`` (:func:`lookahead`, or
   ``optax.lookahead``) on plain parameters, keeping the slow weights in the state.
@@ -180,6 +205,12 @@ def slow_weights_in_state(pair_lookahead: Any) -> GradientTransformation:
   ``params`` are the fast weights; the returned updates are the fast weights' updates; the
   slow weights' updates are applied to ``state.slow`` (rounded to each leaf's dtype, as
   ``apply_updates`` does). The trajectory of the fast weights is the wrapped lookahead's.
+
+  Raises:
+    ValueError: (from ``update``) ``updates``, ``params`` and ``state.slow`` differ in
+      structure or a leaf's shape (naming the path and both shapes).
+    TypeError: (from ``update``) a leaf of ``params`` has another dtype than the slow
+      weights kept since ``init`` (they would be silently rounded).
   """
   pair_lookahead = as_transformation(pair_lookahead, "lookahead_in_state")
 
@@ -190,6 +221,9 @@ def slow_weights_in_state(pair_lookahead: Any) -> GradientTransformation:
   def update(updates, state, params=None, **extra):
     needs_params(params, "lookahead_in_state (the fast weights)")
     expect_state(state, LookaheadSlowState, "lookahead_in_state")
+    otree.check_same_structure(updates, params, "updates", "params")
+    otree.check_same_structure(params, state.slow, "params", "state.slow")
+    check_same_dtypes(params, state.slow, "params", "state.slow")
     pair = LookaheadParams(fast=params, slow=state.slow)
     u, inner = pair_lookahead.update(updates, state.lookahead, pair, **extra)
     slow = jax.tree.map(lambda s, d: jnp.asarray(s + d).astype(s.dtype), state.slow, u.slow)
@@ -227,6 +261,11 @@ def lookahead_in_state(fast_optimizer: Any, sync_period: int, slow_step_size: fl
   Returns:
     A transformation that needs ``params`` (the fast weights), with state
     :class:`LookaheadSlowState` (``lookahead``: a :class:`LookaheadState`; ``slow``).
+
+  Raises:
+    ValueError: (from ``update``) ``updates``, ``params`` and ``state.slow`` differ in
+      structure or shape. TypeError: (from ``update``) ``params`` changed dtype since
+      ``init`` (the slow weights would be silently rounded).
 
   References:
     Zhang, Lucas, Hinton and Ba, "Lookahead Optimizer: k steps forward, 1 step back",

@@ -120,19 +120,38 @@ def partition(transforms: dict, param_labels, *,
     Use :func:`optcompose.set_to_zero` for frozen leaves: they then cost neither state nor
     computation.
 
+  Raises:
+    TypeError: ``transforms`` is not a non-empty dict, or its labels are not mutually
+      comparable (e.g. 0 and "x": JAX sorts the state's dict keys); a label leaf that is
+      unhashable (from ``init``/``update``). ValueError: a leaf's label names no
+      transformation, or a transformation has no leaves (from ``init``).
+
   References:
     Optax's ``optax.partition`` (formerly ``optax.multi_transform``).
   """
   if not isinstance(transforms, dict) or not transforms:
     raise TypeError("partition: `transforms` must be a non-empty dict {label: transformation}.")
+  known = sorted(transforms, key=repr)  # for messages: any labels, listed the same each time
+  try:
+    sorted(transforms)
+  except TypeError:  # the state is a dict keyed by label: JAX sorts its keys to flatten it
+    raise TypeError(f"partition: the labels of `transforms` must be mutually comparable (one "
+                    f"type, e.g. all str or all int: JAX sorts the state's dict keys), got "
+                    f"{known}.") from None
 
   def labels_for(tree):
     full = per_leaf_values(param_labels, tree, "param_labels", lambda labels, target:
                            broadcast_prefix(labels, target, "param_labels", "the parameter tree"))
     for path, label in jax.tree_util.tree_flatten_with_path(full)[0]:
-      if label not in transforms:
-        raise ValueError(f"partition: leaf {jax.tree_util.keystr(tuple(path))} has label "
-                         f"{label!r}, which names no transformation (labels: {sorted(transforms)}).")
+      where = jax.tree_util.keystr(tuple(path))
+      try:
+        found = label in transforms
+      except TypeError:  # unhashable, e.g. an array
+        raise TypeError(f"partition: `param_labels{where}` is {type(label).__name__}, which "
+                        f"cannot be a label (labels: {known}).") from None
+      if not found:
+        raise ValueError(f"partition: leaf {where} has label "
+                         f"{label!r}, which names no transformation (labels: {known}).")
     return full
 
   def mask_for(label):

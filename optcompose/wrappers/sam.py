@@ -41,6 +41,7 @@ from typing import Any, Callable, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
+from optcompose import tree as otree
 from optcompose.core import (
     FLAG, INNER, GradientTransformation, apply_updates, as_transformation, integer, needs_params,
     public, zero_count,
@@ -129,6 +130,12 @@ def sam(optimizer: Any, adv_optimizer: Any, sync_period: int = 2, reset_state: b
     A transformation that needs ``params``, with state :class:`SAMState` (Optax's fields;
     ``cache`` is ``None`` in opaque mode).
 
+  Raises:
+    ValueError: (from ``update``) ``params`` missing; or ``updates``, ``params``,
+      ``state.cache`` or ``grad_fn``'s gradients differ in structure or a leaf's shape
+      (the message names the path and both shapes; nothing is broadcast); or opaque mode
+      without ``grad_fn``.
+
   References:
     Foret, Kleiner, Mobahi and Neyshabur, "Sharpness-Aware Minimization for Efficiently
     Improving Generalization", ICLR 2021; Optax's ``optax.contrib.sam``.
@@ -146,6 +153,8 @@ def sam(optimizer: Any, adv_optimizer: Any, sync_period: int = 2, reset_state: b
   # cond * a + (1 - cond) * b: the same values, without NaN from an infinite unselected branch.
   def transparent_update(updates, state, params=None, **extra):
     needs_params(params, fn)
+    otree.check_same_structure(updates, params, "updates", "params")
+    otree.check_same_structure(params, state.cache, "params", "state.cache")
     first = state.steps_since_sync == 0
     last = state.steps_since_sync == sync_period - 1
     cache = _select(first, params, state.cache)  # the outer weights of this cycle
@@ -166,11 +175,13 @@ def sam(optimizer: Any, adv_optimizer: Any, sync_period: int = 2, reset_state: b
       raise ValueError(f"{fn}: opaque_mode=True needs `grad_fn=`, a function "
                        "(params, i) -> gradients, passed to update.")
     needs_params(params, fn)
+    otree.check_same_structure(updates, params, "updates", "params")
     adv_params, g, adv_state = params, updates, state.adv_state
     for i in range(sync_period - 1):
       adv_u, adv_state = adv(g, adv_state, adv_params, **extra)
       adv_params = apply_updates(adv_params, _negate(adv_u))
       g = grad_fn(adv_params, i)
+      otree.check_same_structure(g, params, f"grad_fn(params, {i})", "params")
       if batch_axis_name is not None:
         g = jax.lax.pmean(g, axis_name=batch_axis_name)
     if reset_state:

@@ -1,0 +1,142 @@
+"""The red-team findings of issue 14, each run as it was reported, with ``P = {"w": [1., 2., 3.]}``.
+
+Every test here failed (a silent wrong result, or an error that named nothing) before the fix.
+The checkpoint findings (1, 3, 10, 11) are in ``tests/test_faults.py`` and
+``tests/test_checkpoint.py``; the wrapper broadcasts (12) and several of finding 13's errors
+are rows of ``tests/test_bad_input.py``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import optcompose as oc
+
+P = {"w": jnp.array([1.0, 2.0, 3.0])}
+G = {"w": jnp.array([0.5, -1.0, 2.0])}
+
+
+def _state_at_mini_step(tx, k_done):
+  state = tx.init(P)
+  for _ in range(k_done):
+    _, state = tx.update(G, state, P)
+  return state
+
+
+def test_2_multi_steps_resumed_or_lowered_keeps_learning():
+  """A state saved at mini_step=3 with k=4, resumed into k=2, used to give zero updates
+  forever; lowering k live did the same."""
+  saved = _state_at_mini_step(oc.multi_steps(oc.sgd(0.1), 4), 3)
+  assert int(saved.mini_step) == 3
+  resumed = oc.multi_steps(oc.sgd(0.1), 2)
+  updates, state = resumed.update(G, saved, P)
+  assert np.any(np.asarray(updates["w"]) != 0), "the resumed run must step at the next call"
+  for _ in range(4):  # and keep stepping every 2 calls
+    u1, state = resumed.update(G, state, P)
+    u2, state = resumed.update(G, state, P)
+    assert not np.any(np.asarray(u1["w"])) and np.any(np.asarray(u2["w"]))
+
+
+@pytest.mark.parametrize("grad", [jnp.array([1, 2, 3]), jnp.array([True, False, True])],
+                         ids=["int32", "bool"])
+def test_4_integer_and_boolean_gradients_are_refused(grad):
+  """sgd(0.1) on int32 gradients gave [0, 0, 0]; on booleans an ascent step."""
+  with pytest.raises(TypeError, match=r"`updates\['w'\]` has dtype (int32|bool)"):
+    oc.sgd(0.1).update({"w": grad}, oc.sgd(0.1).init(P), P)
+
+
+@pytest.mark.parametrize("make, arg", [
+    (lambda: oc.adam(0.1, mu_dtype=jnp.int32), "mu_dtype"),
+    (lambda: oc.adam(0.1, nu_dtype=jnp.int8), "nu_dtype"),
+    (lambda: oc.sgd(0.1, 0.9, accumulator_dtype=jnp.int32), "accumulator_dtype"),
+    (lambda: oc.ema(0.9, accumulator_dtype=jnp.bool_), "accumulator_dtype"),
+])
+def test_4_integer_state_dtypes_are_refused(make, arg):
+  with pytest.raises(TypeError, match=f"`{arg}` must be a floating-point dtype"):
+    make()
+
+
+def test_5_apply_if_finite_tests_what_it_applies():
+  tx = oc.apply_if_finite(oc.sgd(1e30), 3)
+  updates, state = tx.update({"w": jnp.array([1e10, 1.0, 1.0])}, tx.init(P), P)
+  np.testing.assert_array_equal(oc.apply_updates(P, updates)["w"], P["w"])
+  assert int(state.notfinite_count) == 1
+
+
+@pytest.mark.parametrize("values", [dict(b1=1.0), dict(b1=float("nan")),
+                                    dict(learning_rate=-1e-3), dict(learning_rate=True),
+                                    dict(learning_rate="1e-3")])
+def test_6_set_hyperparams_validates(values):
+  state = oc.inject_hyperparams(oc.adam)(1e-3).init(P)
+  with pytest.raises((ValueError, TypeError), match=f"`{next(iter(values))}`"):
+    oc.set_hyperparams(state, **values)
+
+
+def test_6_set_hyperparams_refuses_an_ambiguous_name():
+  tx = oc.partition({"a": oc.inject_hyperparams(oc.sgd)(0.1),
+                     "b": oc.inject_hyperparams(oc.sgd)(0.2)}, {"w": "a", "v": "b"})
+  state = tx.init({"w": P["w"], "v": P["w"]})
+  with pytest.raises(ValueError, match="held in 2 places"):
+    oc.set_hyperparams(state, learning_rate=0.5)
+
+
+def test_7_ranges_are_checked_in_float32_where_used_in_float32():
+  with pytest.raises(ValueError, match=r"`b1`.*1.0 in float32"):
+    oc.adam(1e-3, b1=1 - 1e-9)
+  with pytest.raises(ValueError, match=r"`learning_rate`.*inf in float32"):
+    oc.adam(3.5e38)
+  with pytest.raises(ValueError, match="`b1`"):  # the injected path agrees
+    oc.inject_hyperparams(oc.adam)(1e-3, b1=1 - 1e-9).init(P)
+
+
+@pytest.mark.parametrize("make, arg", [
+    (lambda: oc.reduce_on_plateau(patience=2.5), "patience"),
+    (lambda: oc.multi_steps(oc.sgd(0.1), 2.5), "every_k_schedule"),
+    (lambda: oc.apply_if_finite(oc.sgd(0.1), max_consecutive_errors=2.5),
+     "max_consecutive_errors"),
+])
+def test_8_counts_must_be_whole(make, arg):
+  with pytest.raises((TypeError, ValueError), match=f"`{arg}`"):
+    make()
+
+
+def test_8_a_k_schedule_returning_a_fraction_is_refused():
+  with pytest.raises(TypeError, match="`every_k_schedule`"):
+    oc.multi_steps(oc.sgd(0.1), lambda step: 2.7).init(P)
+
+
+def test_9_eps_zero_is_refused_or_safe():
+  zero = {"w": jnp.zeros(3)}
+  with pytest.raises(ValueError, match="`eps`"):
+    oc.adam(1e-3, eps=0.0)
+  with pytest.raises(ValueError, match="`eps`"):
+    oc.rmsprop(1e-3, eps=0.0)
+  tx = oc.adam(1e-3, eps=0.0, eps_root=1e-16)  # guarded by eps_root: accepted, finite
+  u, _ = tx.update(zero, tx.init(zero), zero)
+  assert np.all(np.isfinite(np.asarray(u["w"])))
+
+
+def test_13_errors_name_what_was_wrong():
+  with pytest.raises(TypeError, match=r"`params\['s'\]` is a str"):
+    oc.sgd(0.1).init({"w": P["w"], "s": "abc"})
+  state = oc.inject_hyperparams(oc.sgd)(0.1).init(P)
+  with pytest.raises(ValueError, match="`learning_rate` must be a scalar"):
+    oc.set_hyperparams(state, learning_rate=jnp.ones(3))
+  with pytest.raises(ValueError, match="`include`"):
+    oc.mask_from_paths(include="[")
+  with pytest.raises(ValueError, match="`transition_steps`"):
+    oc.exponential_decay(1.0, 2**40, 0.5)
+  with pytest.raises(ValueError, match=r"state\[0\]"):  # a foreign state of the same length
+    oc.adam(0.1).update(G, oc.sgd(0.1, 0.9).init(P), P)
+
+
+def test_14_flags_are_bools_and_early_stopping_keeps_dtypes():
+  with pytest.raises(TypeError, match="`nesterov` must be a bool"):
+    oc.sgd(0.1, 0.9, nesterov="no")
+  stop = oc.early_stopping()
+  state = stop.init(P)
+  with pytest.raises(TypeError, match="dtype"):
+    stop.update(state, 0.5, jax.tree.map(lambda x: x.astype(jnp.float16), P))
