@@ -108,6 +108,16 @@ def test_8_a_k_schedule_returning_a_fraction_is_refused():
     oc.multi_steps(oc.sgd(0.1), lambda step: 2.7).init(P)
 
 
+def test_8_a_live_k_set_to_a_fraction_is_refused():
+  tx = oc.inject_hyperparams(lambda every_k_schedule: oc.multi_steps(oc.sgd(0.1),
+                                                                     every_k_schedule))(4)
+  state = tx.init(P)
+  with pytest.raises(ValueError, match="`every_k_schedule` must be a whole number"):
+    oc.set_hyperparams(state, every_k_schedule=2.7)
+  assert float(oc.current_hyperparams(oc.set_hyperparams(state, every_k_schedule=2))[
+      "every_k_schedule"]) == 2
+
+
 def test_9_eps_zero_is_refused_or_safe():
   zero = {"w": jnp.zeros(3)}
   with pytest.raises(ValueError, match="`eps`"):

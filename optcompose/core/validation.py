@@ -148,6 +148,7 @@ class Hyper(NamedTuple):
   integer: bool = False  # must be a Python int (a static count or period)
   optional: bool = False  # None is allowed
   dtype: bool = False  # a floating-point dtype for stored state (a moment, an accumulator)
+  whole: bool = False  # a whole number, possibly live or scheduled (a count like multi_steps' k)
 
   def check(self, fn: str, name: str, value: Any) -> None:
     if value is None and self.optional:
@@ -234,7 +235,7 @@ def check_held(key: str, name: str, value: Any, stored: jax.Array) -> None:
   given, x, dtype = float(value), float(stored), stored.dtype
   hypers = DECLARED.get(name, ()) or (Hyper(("float",), numeric=True),)  # finite at least
   for hyper in hypers:
-    if hyper.integer and x != int(x):
+    if (hyper.integer or hyper.whole) and x != int(x):
       raise ValueError(f"set_hyperparams: `{key}` must be a whole number, got {given!r}.")
     _check_range("set_hyperparams", key, given, x, dtype, hyper.low, hyper.high,
                  hyper.low_open, hyper.high_open)

@@ -57,7 +57,8 @@ def _update_if(pred, inner, updates, state, params, extra):
   return cond(pred, run, hold, (updates, state, params))
 
 
-@public("wrapper", inner=INNER, every_k_schedule=Hyper(("int", 1, 3), 1, numeric=True, schedule=True),
+@public("wrapper", inner=INNER, every_k_schedule=Hyper(("int", 1, 3), 1, numeric=True, schedule=True,
+                                                      whole=True),
         use_grad_mean=FLAG, accumulator_dtype=DTYPE)
 def multi_steps(inner, every_k_schedule: Union[int, Callable], use_grad_mean: bool = True,
                 accumulator_dtype=jnp.float32) -> GradientTransformation:
