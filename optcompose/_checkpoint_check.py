@@ -1,4 +1,6 @@
-"""Comparing a checkpoint with the template it is restored into (see :mod:`optcompose.checkpoint`).
+"""The machinery of :mod:`optcompose.checkpoint`: checking a checkpoint against the template
+it is restored into, against the checksums saved with it and the layouts of its FlatParams
+(the file handling is in :mod:`optcompose._checkpoint_io`).
 
 Saved leaves are keyed by their path of key names, as Flax's state dicts and Orbax's metadata
 spell them; the template's paths are made the same way, with :func:`optcompose.tree.key_name`.
@@ -6,15 +8,16 @@ spell them; the template's paths are made the same way, with :func:`optcompose.t
 
 from __future__ import annotations
 
-import sys
-
 import os
+import sys
+import zlib
 from typing import Any, NamedTuple, Optional, Union
 
 import jax
 import numpy as np
 
 from optcompose import tree as otree
+from optcompose.flat import FlatParams
 
 PathLike = Union[str, os.PathLike]
 
@@ -23,6 +26,12 @@ class CheckpointMismatchError(ValueError):
   """The checkpoint does not match the template given to restore it."""
 
   __module__ = "optcompose.checkpoint"  # defined here for _check; public there
+
+
+class CheckpointCorruptError(ValueError):
+  """The checkpoint is damaged: unreadable, or its data differs from the checksums saved."""
+
+  __module__ = "optcompose.checkpoint"
 
 
 class _Spec(NamedTuple):
@@ -184,3 +193,77 @@ def _abstract(leaf: Any, saved: Any) -> Any:
   if isinstance(leaf, (np.ndarray, np.generic)):
     return jax.ShapeDtypeStruct(np.shape(leaf), leaf.dtype)  # Orbax returns NumPy for these
   return leaf  # a Python number
+
+
+# ----------------------------------------------------------------------------------------
+# Checksums and FlatParams layouts, saved with a checkpoint and compared when restoring.
+
+CHECKSUM = "crc32"  # zlib.crc32 of a leaf's dtype, shape and bytes (the name is stored too)
+
+
+def _digest(value: Any) -> Optional[int]:
+  """The checksum of a leaf; None for an array sharded across processes (no host holds it)."""
+  if isinstance(value, jax.Array) and not value.is_fully_addressable:
+    return None
+  array = np.ascontiguousarray(np.asarray(value))  # Python numbers: NumPy's default dtypes
+  header = zlib.crc32(f"{array.dtype.name}{array.shape}".encode())
+  return zlib.crc32(array.reshape(-1).view(np.uint8), header)
+
+
+def _checksums(leaves: dict) -> list:
+  """``[[path, checksum], ...]`` for ``{key-name path: leaf}`` (JSON and msgpack friendly)."""
+  return [[list(path), _digest(value)] for path, value in leaves.items()]
+
+
+def _verify(fn: str, where: PathLike, checksums: list, leaves: dict) -> None:
+  """Raise CheckpointCorruptError naming the first leaf whose data differs from its checksum.
+
+  A ``None`` checksum (an array sharded across processes when saved) and a leaf restored
+  sharded across processes are not compared.
+  """
+  table = {tuple(path): digest for path, digest in checksums}
+  for path in [p for p in table if p not in leaves] + [p for p in leaves if p not in table]:
+    raise CheckpointCorruptError(
+        f"{fn}: the checkpoint {os.fspath(where)} is damaged: `{_saved_keystr(path)}` is "
+        f"{'missing from its data' if path in table else 'not in its checksum table'}.")
+  for path, value in leaves.items():
+    got = None if table[path] is None else _digest(value)
+    if got is not None and got != table[path]:
+      raise CheckpointCorruptError(
+          f"{fn}: the checkpoint {os.fspath(where)} is damaged: the data of "
+          f"`{_saved_keystr(path)}` does not match the checksum saved with it ({CHECKSUM} "
+          f"{got:#010x}, expected {table[path]:#010x}).")
+
+
+def _layouts(tree: Any) -> list:
+  """``[[path, layout], ...]`` for every FlatParams in ``tree``; a layout lists each model
+  leaf as ``[path, shape, bucket, dtype, offset]``."""
+  found = []
+  for key_path, node in jax.tree_util.tree_flatten_with_path(
+      tree, is_leaf=lambda x: isinstance(x, FlatParams))[0]:
+    if isinstance(node, FlatParams):
+      layout = node.layout
+      found.append([[otree.key_name(k) for k in key_path], [
+          [leaf.path, [int(n) for n in leaf.shape], layout.buckets[leaf.bucket],
+           np.dtype(layout.dtypes[leaf.bucket]).name, int(leaf.offset)]
+          for leaf in layout.leaves]])
+  return found
+
+
+def _check_layouts(fn: str, where: PathLike, saved: list, target: Any) -> None:
+  """Raise CheckpointMismatchError if a FlatParams of ``target`` has another layout than the
+  one saved at its path (checkpoints that record none are not compared)."""
+  saved = {tuple(path): [list(leaf) for leaf in layout] for path, layout in saved}
+  for path, want in _layouts(target):
+    got = saved.get(tuple(path))
+    if got is None or got == want:
+      continue
+    i = next(i for i in range(max(len(got), len(want))) if got[i:i + 1] != want[i:i + 1])
+    g, w = (got[i] if i < len(got) else None), (want[i] if i < len(want) else None)
+    describe = lambda e: ("no leaf" if e is None else  # noqa: E731
+                          f"`{e[0]}` of shape {tuple(e[1])} at offset {e[4]} of bucket {e[2]!r}")
+    raise CheckpointMismatchError(
+        f"{fn}: the checkpoint {os.fspath(where)} does not match `target`: the FlatParams at "
+        f"`{_saved_keystr(tuple(path))}` has another layout: its leaf {i} is {describe(g)} in "
+        f"the checkpoint but {describe(w)} in `target` (a FlatParams restores only into the "
+        "layout it was saved with: build the template with flat_params of the same tree).")

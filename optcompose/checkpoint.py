@@ -5,86 +5,89 @@ every schedule, early-stopping records -- is a pytree of arrays, and the optimiz
 itself holds none (see :mod:`optcompose.core.base`). A checkpoint is therefore just a pytree,
 and resuming is rebuilding the same objects from code and filling in their arrays::
 
-    from optcompose.checkpoint import save_checkpoint, restore_checkpoint
-
     save_checkpoint("run/ckpt.msgpack", {"params": params, "opt_state": opt_state, "step": step})
-
-    # Later, in a new process: rebuild the optimizer and a template of the same structure.
-    tx = make_optimizer()                        # the same code as before
-    params = init_params()                       # any values: only the structure is used
-    template = {"params": params, "opt_state": tx.init(params), "step": 0}
+    # Later, in a new process: rebuild the optimizer (same code) and a template.
+    template = {"params": init_params(), "opt_state": tx.init(init_params()), "step": 0}
     run = restore_checkpoint("run/ckpt.msgpack", template)
-    params, opt_state, step = run["params"], run["opt_state"], run["step"]
 
 The template fixes the structure, every leaf's shape and dtype, and the type each leaf comes
-back as: a ``jax.Array`` leaf comes back as a ``jax.Array`` placed with the template leaf's
-sharding, a NumPy leaf as NumPy, a Python number as a Python number. A Python number in the
-template also accepts a saved 0-d array of its kind (integer, floating, bool), which comes
-back as a ``jax.Array`` with its saved dtype: Flax's ``TrainState.create`` starts ``step`` at
-the Python int 0, and a jitted step makes it an int32 array. Leaves may be
-``jax.ShapeDtypeStruct``, so ``jax.eval_shape(tx.init, params)`` is a template that costs no
-memory (give the structs shardings to place the restored arrays).
+back as: a ``jax.Array`` leaf as a ``jax.Array`` placed with the template leaf's sharding, a
+NumPy leaf as NumPy, a Python number as a Python number (which also accepts a saved 0-d array
+of its kind, returned as a ``jax.Array``: Flax's ``TrainState.create`` starts ``step`` at the
+int 0, a jitted step makes it an int32 array). Leaves may be ``jax.ShapeDtypeStruct``, so
+``jax.eval_shape(tx.init, params)`` is a template that costs no memory.
 
 **Checks.** Restoring compares the checkpoint with the template before anything is built and
-raises :class:`CheckpointMismatchError` (a ``ValueError``) naming the first path that differs,
-as ``jax.tree_util.keystr`` writes it (``['opt_state'][1][0].mu['dense']['kernel']``): a
-leaf missing from the checkpoint, a leaf the template lacks, a different shape, a different
-dtype. Nothing is cast or broadcast: a bfloat16 moment does not load into a float32 template,
-and an int32 count does not load into an int64 one.
+raises :class:`CheckpointMismatchError` (a ``ValueError``) naming the first path that differs
+(``['opt_state'][1][0].mu['dense']['kernel']``): a leaf missing or unexpected, another shape
+or dtype (nothing is cast or broadcast). A :class:`~optcompose.FlatParams` is saved with its
+layout (each model leaf's path, shape, bucket, dtype, offset) and restores only into it.
 
-**Msgpack files** (:func:`save_checkpoint`, :func:`restore_checkpoint`). One file holding
-``flax.serialization.to_state_dict(tree)`` in Flax's msgpack encoding: NamedTuple states
-become dicts keyed by field name, tuples dicts keyed ``"0"``, ``"1"``, ...; arrays are stored
-as shape, dtype name and raw bytes, so bfloat16 values and int32 counts come back bit for bit.
-The file is written to a temporary file in the same directory, flushed to disk and renamed
-over the destination (``os.replace``): a crash leaves the old checkpoint or the new one, never
-half of one. ``flax.serialization.from_bytes(template, data)`` also reads these files (without
-the checks). Good for states that fit in host memory, on one process.
+**Integrity.** Every leaf's checksum (``zlib.crc32`` of its dtype, shape and bytes) is saved
+with it and compared on restore: damaged data raises :class:`CheckpointCorruptError` (a
+``ValueError``) naming the leaf, as does an Orbax checkpoint Orbax cannot read (with Orbax's
+error). An array sharded across processes has no checksum (no host holds all of it), and a
+leaf restored sharded across processes is not compared. Checkpoints written before checksums
+existed restore without the comparison.
 
-**Orbax directories** (:func:`save_orbax_checkpoint`, :func:`restore_orbax_checkpoint`). The
-same through ``orbax.checkpoint.StandardCheckpointer``, which writes a directory of
-TensorStore arrays and handles arrays sharded across devices and processes. Orbax on its own
-casts a stored array to whatever dtype the template asks for; these wrappers first compare
-Orbax's stored metadata with the template, with the checks above. Plain Orbax, for
-reference::
+**Crash safety.** A save never removes the previous checkpoint before the new one is complete
+and flushed to disk: a process killed at any moment leaves the old checkpoint or the new one
+(``tools/kill_test.py`` measures it). Saves into one directory, from threads or processes,
+take turns under ``fcntl.flock`` on the directory itself (no lock file; on file systems
+without ``flock``, e.g. some network ones, nothing is locked: keep one writer per directory).
+Each save first removes what interrupted saves to its path left behind.
 
-    import orbax.checkpoint as ocp
+**Msgpack files** (:func:`save_checkpoint`): the msgpack encoding of
+``{"__optcompose_checkpoint__": 2, "checksum": "crc32", "leaves": [[path, crc], ...],
+"layouts": [...], "state": flax.serialization.to_state_dict(tree)}`` (arrays as shape, dtype
+name and raw bytes: bfloat16 and int32 come back bit for bit), written to ``.{name}.{hex}.tmp``
+and renamed over the destination. Flax's ``from_bytes(template, data)`` no longer reads these
+files; ``from_state_dict(template, msgpack_restore(data)["state"])`` does (unchecked). Files of
+the previous format (the bare state dict) restore. For host memory, on one process.
 
-    with ocp.StandardCheckpointer() as checkpointer:       # paths must be absolute
-      checkpointer.save(os.path.abspath("run/step_12"), tree)
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
-    with ocp.StandardCheckpointer() as checkpointer:
-      tree = checkpointer.restore(os.path.abspath("run/step_12"), abstract)
+**Orbax directories** (:func:`save_orbax_checkpoint`): ``StandardCheckpointer`` (TensorStore,
+sharded across devices and processes) writes ``.{name}.{hex}.optcompose-new``; the checksums
+go into it (``optcompose_checkpoint.json``, which Orbax ignores); it is swapped in with one
+atomic ``renameat2(RENAME_EXCHANGE)`` (Linux), or else two renames (the old one to
+``.{name}.{hex}.optcompose-old`` first: a crash between them is repaired by the next save or
+restore of that path), and the old one is deleted. With several processes all call the save;
+process 0 locks, swaps and cleans up, between barriers (untested here: one host).
 
-Neither path uses pickle. Flax and Orbax are optional dependencies: they are imported when a
-function here is first called.
-
-What a checkpoint cannot hold: the optimizer's code (rebuild it), Python objects other than
-numbers, strings and ``None``, and containers that Flax's serialization does not know (for
-``nnx.State`` save ``nnx.to_pure_dict(state)`` and restore with ``nnx.replace_by_pure_dict``).
-:class:`~optcompose.FlatParams` is supported (its buckets are stored by name).
+Flax and Orbax are imported on first use. A checkpoint cannot hold the optimizer's code
+(rebuild it), Python objects other than numbers, strings and ``None``, or containers Flax's
+serialization does not know (for ``nnx.State`` save ``nnx.to_pure_dict(state)`` and restore
+with ``nnx.replace_by_pure_dict``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import pathlib
 import uuid
 from typing import Any
 
 import jax
+import numpy as np
 
 from optcompose import tree as otree
 from optcompose.flat import FlatParams
-from optcompose._checkpoint_check import (  # the template checks
-    CheckpointMismatchError, PathLike, _abstract, _check, _check_storable, _like, _saved_leaves,
+from optcompose._checkpoint_check import (  # the checks
+    CHECKSUM, CheckpointCorruptError, CheckpointMismatchError, PathLike, _abstract, _check,
+    _check_layouts, _check_storable, _checksums, _layouts, _like, _saved_leaves, _verify,
+)
+from optcompose._checkpoint_io import (  # the file handling
+    _fsync, _install, _locked, _recover, _remove, _remove_leftovers, _write_atomically,
 )
 
 __all__ = [
-    "CheckpointMismatchError", "save_checkpoint", "restore_checkpoint", "save_orbax_checkpoint",
-    "restore_orbax_checkpoint",
+    "CheckpointMismatchError", "CheckpointCorruptError", "save_checkpoint", "restore_checkpoint",
+    "save_orbax_checkpoint", "restore_orbax_checkpoint",
 ]
+
+FORMAT_KEY, FORMAT = "__optcompose_checkpoint__", 2  # msgpack files; 1 was the bare state dict
+SIDECAR = "optcompose_checkpoint.json"  # checksums and layouts inside an Orbax directory
 
 
 # ----------------------------------------------------------------------------------------
@@ -131,36 +134,13 @@ def _flat_from_state_dict(flat: FlatParams, state: dict) -> FlatParams:
 # Msgpack files (flax.serialization).
 
 
-def _write_atomically(path: pathlib.Path, data: bytes) -> None:
-  """Write ``data`` to a temporary file next to ``path``, flush it, and rename it over."""
-  directory = path.parent
-  directory.mkdir(parents=True, exist_ok=True)
-  tmp = directory / f".{path.name}.{uuid.uuid4().hex}.tmp"
-  fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # 0o666 minus the umask
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(data)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    with contextlib.suppress(FileNotFoundError):
-      os.unlink(tmp)
-    raise
-  with contextlib.suppress(OSError, AttributeError):  # make the rename durable (POSIX)
-    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-      os.fsync(dir_fd)
-    finally:
-      os.close(dir_fd)
-
-
 def save_checkpoint(path: PathLike, tree: Any) -> pathlib.Path:
   """Write ``tree`` to the msgpack file ``path``, atomically (see the module docstring).
 
   Args:
     path: the file to write; its directory is created if needed. An existing file is
-      replaced only once the new one is complete.
+      replaced only once the new one is complete; temporary files that interrupted saves to
+      ``path`` left are removed.
     tree: any pytree of arrays and Python numbers that Flax's serialization knows: dicts,
       lists, tuples, NamedTuples (all optcompose states), Flax ``struct`` dataclasses such as
       ``TrainState``, :class:`~optcompose.FlatParams`.
@@ -176,9 +156,14 @@ def save_checkpoint(path: PathLike, tree: Any) -> pathlib.Path:
   state = serialization.to_state_dict(tree)
   _check_storable(state)
   state = jax.device_get(state)  # one transfer to host memory for all arrays
-  data = serialization.msgpack_serialize(state, in_place=True)
+  data = serialization.msgpack_serialize({
+      FORMAT_KEY: FORMAT, "checksum": CHECKSUM, "leaves": _checksums(_saved_leaves(state)),
+      "layouts": _layouts(tree), "state": state}, in_place=True)
   path = pathlib.Path(path)
-  _write_atomically(path, data)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with _locked(path.parent):
+    _remove_leftovers(path)
+    _write_atomically(path, data)
   return path
 
 
@@ -197,7 +182,9 @@ def restore_checkpoint(path: PathLike, target: Any) -> Any:
 
   Raises:
     CheckpointMismatchError: the checkpoint differs from ``target``; the message names the
-      first differing path (missing, unexpected, different shape or dtype).
+      first differing path (missing, unexpected, different shape or dtype, FlatParams layout).
+    CheckpointCorruptError: the file is damaged (a leaf differs from its checksum, or the
+      file cannot be decoded); the message names the leaf.
     ValueError: the file is not a msgpack checkpoint.
   """
   serialization = _flax_serialization()
@@ -206,11 +193,24 @@ def restore_checkpoint(path: PathLike, target: Any) -> Any:
   try:
     saved = serialization.msgpack_restore(data)
   except Exception as e:  # msgpack's errors for a truncated or foreign file vary
-    raise ValueError(f"restore_checkpoint: {os.fspath(path)} is not a msgpack checkpoint "
-                     f"({type(e).__name__}: {e}).") from e
+    error = CheckpointCorruptError if FORMAT_KEY.encode() in data[:64] else ValueError
+    raise error(f"restore_checkpoint: {os.fspath(path)} is not a msgpack checkpoint, or is "
+                f"damaged ({type(e).__name__}: {e}).") from e
+  layouts = []
+  if isinstance(saved, dict) and FORMAT_KEY in saved:
+    if (saved[FORMAT_KEY], saved.get("checksum")) != (FORMAT, CHECKSUM):
+      raise ValueError(f"restore_checkpoint: {os.fspath(path)} has format {saved[FORMAT_KEY]} "
+                       f"({saved.get('checksum')}); this optcompose reads format {FORMAT} "
+                       f"({CHECKSUM}) and the bare state dict: upgrade optcompose.")
+    if not {"layouts", "leaves", "state"} <= saved.keys():
+      raise CheckpointCorruptError(f"restore_checkpoint: {os.fspath(path)} is damaged: it lacks"
+                                   f" entries ({sorted(saved)}).")
+    layouts, checksums, saved = saved["layouts"], saved["leaves"], saved["state"]
+    _verify("restore_checkpoint", path, checksums, _saved_leaves(saved))
   if target is None:
     return saved
   _check("restore_checkpoint", path, _saved_leaves(saved), target)
+  _check_layouts("restore_checkpoint", path, layouts, target)
   try:
     restored = serialization.from_state_dict(target, saved)
   except (ValueError, KeyError) as e:  # an empty node present on one side only
@@ -224,37 +224,117 @@ def restore_checkpoint(path: PathLike, target: Any) -> Any:
 # Orbax directories.
 
 
+def _hosts():
+  """``jax.experimental.multihost_utils`` in a multi-process run, else None."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    return multihost_utils
+  return None
+
+
+def _leaves(tree: Any) -> dict:
+  return {tuple(otree.key_name(k) for k in path): leaf
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _finish(new: pathlib.Path, text: str) -> None:
+  """Write the checksums and layouts into the complete checkpoint ``new`` and flush it all."""
+  (new / SIDECAR).write_text(text)
+  for folder, _, files in os.walk(new):
+    for name in files + [""]:  # the files, then their folder
+      _fsync(pathlib.Path(folder, name))
+
+
 def save_orbax_checkpoint(directory: PathLike, tree: Any, *,
                           overwrite: bool = False) -> pathlib.Path:
-  """Write ``tree`` with ``orbax.checkpoint.StandardCheckpointer`` and wait until it is done.
-
-  Orbax writes into a temporary directory and renames it when complete.
+  """Write ``tree`` with Orbax's ``StandardCheckpointer``, swap it in when it is complete.
 
   Args:
     directory: the checkpoint directory (made absolute, as Orbax requires).
     tree: any pytree of arrays and Python numbers.
-    overwrite: replace an existing checkpoint (Orbax's ``force``); otherwise saving over one
-      is an error.
+    overwrite: replace an existing checkpoint (only once the new one is complete); otherwise
+      saving over one is an error.
 
   Returns:
     The absolute directory, as a ``pathlib.Path``.
+
+  Raises:
+    ValueError: ``directory`` exists and ``overwrite`` is False.
   """
   ocp = _orbax()
   directory = pathlib.Path(os.path.abspath(os.fspath(directory)))
-  with ocp.StandardCheckpointer() as checkpointer:
-    checkpointer.save(directory, tree, force=overwrite)
-    checkpointer.wait_until_finished()
+  hosts, token = _hosts(), np.frombuffer(uuid.uuid4().bytes, np.uint8)
+  token = bytes(np.asarray(hosts.broadcast_one_to_all(token) if hosts else token, np.uint8))
+  new = directory.with_name(f".{directory.name}.{token.hex()}.optcompose-new")  # same on all
+  primary = jax.process_index() == 0  # locks, cleans up and swaps; the others write shards
+  if primary:
+    directory.parent.mkdir(parents=True, exist_ok=True)
+  with _locked(directory.parent) if primary else contextlib.nullcontext():
+    if primary:
+      _recover(directory)
+      _remove_leftovers(directory)
+    if hosts:
+      hosts.sync_global_devices("optcompose_save_start")
+    if directory.exists() and not overwrite:
+      raise ValueError(f"save_orbax_checkpoint: {directory} already exists: pass "
+                       "overwrite=True to replace it.")
+    try:
+      with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(new, tree)
+        text = primary and json.dumps({  # while Orbax writes
+            "format": FORMAT, "checksum": CHECKSUM, "leaves": _checksums(_leaves(tree)),
+            "layouts": _layouts(tree)})
+        checkpointer.wait_until_finished()
+      if primary:
+        _finish(new, text)
+        _install(new, directory)
+    except BaseException:
+      if primary:
+        _remove(new)
+      raise
+    if hosts:
+      hosts.sync_global_devices("optcompose_save_end")
   return directory
+
+
+_DAMAGE = ("DATA_LOSS", "NOT_FOUND", "FAILED_PRECONDITION", "OUT_OF_RANGE")  # TensorStore's
+
+
+def _damaged(directory: pathlib.Path, error: BaseException, what: str) -> ValueError:
+  """The error for a directory Orbax cannot read, naming it and Orbax's error."""
+  message = str(error).split(" [tensorstore_spec=")[0]
+  if not any((directory / n).exists() for n in ("_METADATA", "_CHECKPOINT_METADATA", SIDECAR)):
+    return ValueError(f"restore_orbax_checkpoint: {directory} holds no Orbax checkpoint "
+                      f"({type(error).__name__}: {message}).")
+  return CheckpointCorruptError(
+      f"restore_orbax_checkpoint: the Orbax checkpoint {directory} is damaged or unreadable: "
+      f"Orbax cannot read its {what} ({type(error).__name__}: {message}).")
+
+
+def _read_sidecar(directory: pathlib.Path) -> Any:
+  """The checksums and layouts saved in ``directory``; None for a checkpoint without."""
+  try:
+    sidecar = json.loads((directory / SIDECAR).read_text())
+    if (sidecar["format"], sidecar["checksum"]) != (FORMAT, CHECKSUM):
+      raise ValueError(f"format {sidecar['format']} ({sidecar['checksum']}), not {FORMAT}")
+    return sidecar
+  except FileNotFoundError:
+    return None
+  except (ValueError, KeyError, TypeError) as e:
+    raise CheckpointCorruptError(
+        f"restore_orbax_checkpoint: the Orbax checkpoint {directory} is damaged or of "
+        f"another format: its {SIDECAR} is unreadable ({type(e).__name__}: {e}).") from e
 
 
 def restore_orbax_checkpoint(directory: PathLike, target: Any) -> Any:
   """Read a checkpoint written by Orbax's ``StandardCheckpointer`` into ``target``'s structure.
 
-  Orbax's stored metadata is compared with ``target`` first, with the checks of
-  :func:`restore_checkpoint`: Orbax alone would cast a stored array to the template's dtype.
+  Orbax's metadata is compared with ``target`` first, as in :func:`restore_checkpoint`, and
+  the restored arrays with their checksums (if the checkpoint has them).
 
   Args:
-    directory: the checkpoint directory.
+    directory: the checkpoint directory. If a save was interrupted between its two renames
+      (systems without ``renameat2``), the checkpoint is first put back in place.
     target: a template as for :func:`restore_checkpoint` (arrays or ``jax.ShapeDtypeStruct``
       leaves; a ``jax.Array`` or struct with a sharding places the restored array so).
 
@@ -264,21 +344,42 @@ def restore_orbax_checkpoint(directory: PathLike, target: Any) -> Any:
   Raises:
     CheckpointMismatchError: the checkpoint differs from ``target``; the message names the
       first differing path.
+    CheckpointCorruptError: the checkpoint is damaged: Orbax cannot read it (the message
+      gives Orbax's error) or a leaf differs from its checksum (the message names it).
+    FileNotFoundError: there is no such directory.
   """
   ocp = _orbax()
   directory = pathlib.Path(os.path.abspath(os.fspath(directory)))
+  if not directory.exists() and directory.parent.is_dir():
+    with _locked(directory.parent):
+      _recover(directory)
   if not directory.is_dir():
     raise FileNotFoundError(f"restore_orbax_checkpoint: no checkpoint directory {directory}.")
-  with ocp.StandardCheckpointer() as checkpointer:
-    metadata = checkpointer.metadata(directory)
-    metadata = getattr(metadata, "item_metadata", metadata)  # a StepMetadata in recent Orbax
-    metadata = getattr(metadata, "tree", metadata)
-    if metadata is None:
-      raise ValueError(f"restore_orbax_checkpoint: {directory} holds no Orbax checkpoint "
-                       "written by StandardCheckpointer (no metadata found).")
+  fn = "restore_orbax_checkpoint"
+  with _locked(directory.parent, exclusive=False), ocp.StandardCheckpointer() as checkpointer:
+    sidecar = _read_sidecar(directory)
+    try:  # Orbax raises (0.10) or logs the reason and returns None (0.12), then reading raises
+      metadata = checkpointer.metadata(directory)
+      metadata = getattr(metadata, "item_metadata", metadata)  # a StepMetadata in recent Orbax
+      metadata = getattr(metadata, "tree", metadata)
+      if metadata is None:
+        checkpointer.restore(directory)
+        raise ValueError("no metadata")
+    except Exception as e:  # reported in the error
+      raise _damaged(directory, e, "metadata") from e
     saved = _saved_leaves(metadata)
-    _check("restore_orbax_checkpoint", directory, saved, target)
+    _check(fn, directory, saved, target)
+    _check_layouts(fn, directory, sidecar["layouts"] if sidecar else [], target)
     abstract = jax.tree_util.tree_map_with_path(
         lambda path, leaf: _abstract(leaf, saved[tuple(otree.key_name(k) for k in path)]), target)
-    restored = checkpointer.restore(directory, abstract)
-  return jax.tree.map(_like, restored, target)
+    try:
+      restored = checkpointer.restore(directory, abstract)
+    except (OSError, ValueError) as e:
+      if not (isinstance(e, (FileNotFoundError, json.JSONDecodeError))
+              or str(e).startswith(_DAMAGE)):
+        raise
+      raise _damaged(directory, e, "arrays") from e
+  restored = jax.tree.map(_like, restored, target)
+  if sidecar:
+    _verify(fn, directory, sidecar["leaves"], _leaves(restored))
+  return restored
