@@ -153,6 +153,13 @@ ROWS = [
     Row("checkpoint-mismatch", "a checkpoint restored into a template of another structure, "
         "shape or dtype", "`CheckpointMismatchError` (a `ValueError`), naming the first path",
         ValueError, r"\['w'\]", lambda: _checkpoint_mismatch()),
+    Row("checkpoint-corrupt", "a checkpoint whose bytes changed after it was written (a "
+        "flipped bit), msgpack or Orbax", "`CheckpointCorruptError` (a `ValueError`) on restore, "
+        "naming the leaf", ValueError, r"the data of `\['w'\]`", lambda: _checkpoint_flipped()),
+    Row("checkpoint-flat-layout", "a `FlatParams` checkpoint restored into another layout "
+        "(buckets of the same sizes, leaves of other shapes)", "`CheckpointMismatchError`, "
+        "naming the first leaf that differs (never values shuffled between layers)", ValueError,
+        r"has another layout: its leaf 0 is `\['a'\]`", lambda: _checkpoint_flat_layout()),
     Row("early-stopping-mode", "`early_stopping(mode=...)` other than \"min\"/\"max\", or a "
         "negative `patience`/`min_delta`", "`ValueError` at construction, naming it",
         ValueError, "`mode`", lambda: oc.early_stopping(mode="minimize")),
@@ -217,6 +224,24 @@ def _checkpoint_mismatch():
   path = Path(tempfile.mkdtemp()) / "c.msgpack"
   oc.checkpoint.save_checkpoint(path, {"w": jnp.ones(3, jnp.bfloat16)})
   oc.checkpoint.restore_checkpoint(path, {"w": jnp.ones(3, jnp.float32)})
+
+
+def _checkpoint_flipped():
+  import tempfile
+  path = Path(tempfile.mkdtemp()) / "c.msgpack"
+  w = np.arange(1000, dtype=np.float32)
+  oc.checkpoint.save_checkpoint(path, {"w": w})
+  data = bytearray(path.read_bytes())
+  data[data.find(w.tobytes()) + 2001] ^= 0x01
+  path.write_bytes(bytes(data))
+  oc.checkpoint.restore_checkpoint(path, {"w": w})
+
+
+def _checkpoint_flat_layout():
+  import tempfile
+  path = Path(tempfile.mkdtemp()) / "c.msgpack"
+  oc.checkpoint.save_checkpoint(path, oc.flat_params({"a": jnp.ones(2), "b": jnp.ones(3)}))
+  oc.checkpoint.restore_checkpoint(path, oc.flat_params({"a": jnp.ones(3), "b": jnp.ones(2)}))
 
 
 def _alive_and_equal(tree, snapshot):
