@@ -150,3 +150,70 @@ def test_14_flags_are_bools_and_early_stopping_keeps_dtypes():
   state = stop.init(P)
   with pytest.raises(TypeError, match="dtype"):
     stop.update(state, 0.5, jax.tree.map(lambda x: x.astype(jnp.float16), P))
+
+
+# ----------------------------------------------------------------------------------------
+# A second red-team pass, on the result (silent results and unnamed errors it found).
+
+
+@pytest.mark.parametrize("eps", [1e-50, 1e-40])  # 0 in float32; a subnormal, flushed by XLA
+def test_an_eps_that_rounds_to_zero_is_zero(eps):
+  with pytest.raises(ValueError, match="`eps` and `eps_root` are both 0"):
+    oc.adam(1e-3, eps=eps)
+  oc.adam(1e-3, eps=1e-30)  # a normal float32: accepted
+
+
+@pytest.mark.parametrize("edit, error, message", [
+    (lambda h: h.__setitem__("learning_rate", jnp.ones(3)), ValueError, "must be a scalar"),
+    (lambda h: h.pop("b1"), ValueError, r"holds \['b2', 'eps', 'eps_root', 'learning_rate'\]"),
+    (lambda h: h.__setitem__("learning_rate", "x"), TypeError, "must be a real number"),
+    (lambda h: h.__setitem__("learning_rate", -1.0), ValueError, r"must lie in \[0, inf\)"),
+])
+def test_hyperparameters_edited_in_place_are_checked_when_traced(edit, error, message):
+  """Optax's docs edit ``state.hyperparams`` in place; what set_hyperparams would refuse is
+  refused by the next update (a per-element array used to be broadcast, a dropped name to
+  fall back to its construction value, -1 to step uphill)."""
+  tx = oc.inject_hyperparams(oc.adam)(0.1)
+  state = tx.init(P)
+  edit(state.hyperparams)
+  with pytest.raises(error, match=message):
+    tx.update(G, state, P)
+  if isinstance(state.hyperparams.get("learning_rate"), jax.Array):  # and under jit too
+    with pytest.raises(error, match=message):
+      jax.jit(tx.update)(G, state, P)
+
+
+def test_complex_updates_for_real_params_are_refused():
+  with pytest.raises(TypeError, match=r"`updates\['w'\]` is complex but `params\['w'\]` is real"):
+    oc.apply_updates(P, {"w": jnp.full(3, 1j, jnp.complex64)})
+
+
+def test_an_optax_state_is_named_as_optax_s():
+  import optax
+  with pytest.raises(ValueError, match=r"state\[0\] is a optax\..*ScaleByAdamState \(not "
+                     r"optcompose's\), expected a ScaleByAdamState"):
+    oc.adam(0.1).update(G, optax.adam(0.1).init(P), P)
+
+
+def test_inject_hyperparams_names_its_misuse_and_checks_foreign_factories():
+  import optax
+  with pytest.raises(TypeError, match="pass the factory itself"):
+    oc.inject_hyperparams(oc.sgd(0.1))
+  with pytest.raises(TypeError, match=r"unknown arguments \['lr'\]"):
+    oc.inject_hyperparams(oc.adam)(lr=1e-3)
+  with pytest.raises(ValueError, match=r"`learning_rate` must lie in \[0, inf\)"):
+    oc.inject_hyperparams(optax.adam)(-1.0)  # Optax's own factory accepts it
+  with pytest.raises(ValueError, match=r"`b1` must lie in \[0, 1\)"):
+    oc.inject_hyperparams(optax.adam)(1e-3, b1=1.0)
+  tx = oc.inject_hyperparams(lambda **kw: oc.sgd(**kw))(learning_rate=0.1)  # **kwargs
+  assert float(oc.current_hyperparams(tx.init(P))["learning_rate"]) == np.float32(0.1)
+
+
+def test_named_arguments_in_two_more_errors():
+  with pytest.raises(TypeError, match="scale_by_second_moment: `direction` is str"):
+    oc.scale_by_second_moment(direction="x")
+  for make, arg in ((lambda: oc.multi_steps(oc.sgd(0.1), 2**40), "every_k_schedule"),
+                    (lambda: oc.apply_if_finite(oc.sgd(0.1), 2**40), "max_consecutive_errors"),
+                    (lambda: oc.swa(every=2**31), "every")):
+    with pytest.raises(ValueError, match=rf"`{arg}` must lie in \[1, 2147483647\]"):
+      make()

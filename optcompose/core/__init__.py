@@ -9,7 +9,7 @@ from optcompose.core.base import (
     zero_count,
 )
 from optcompose.core.hyperparams import (
-    DECAY, DTYPE, EPS, EPS_POSITIVE, EPS_ROOT, FLAG, INNER, INNER_PAIR, LABELS, LEARNING_RATE, MASK, MOMENTUM,
+    DECAY, DTYPE, EPS, INT32_MAX, EPS_POSITIVE, EPS_ROOT, FLAG, INNER, INNER_PAIR, LABELS, LEARNING_RATE, MASK, MOMENTUM,
     NONNEGATIVE,
     SCHEDULE, Hyper, InjectHyperparamsState, as_hyperparam, check_hyperparameter, check_not_both_zero, checks_done,
     choice, current_hyperparams, default_float, holds_hyperparams, integer, real,

@@ -75,8 +75,11 @@ class StateMismatchError(ValueError):
   def __init__(self, who: str, expected: str, got: Any, path: str = ""):
     self.who, self.expected, self.got, self.path = who, expected, got, path
     where = f"state{path}" if path else "the state"
+    name = type(got).__name__
+    if not type(got).__module__.startswith("optcompose"):  # another library's (Optax's)
+      name = f"{type(got).__module__}.{name} (not optcompose's)"
     super().__init__(
-        f"{who}: {where} is a {type(got).__name__}, expected a {expected}. Pass the state "
+        f"{who}: {where} is a {name}, expected a {expected}. Pass the state "
         "returned by this transformation's own init (not another optimizer's).")
 
   def at(self, prefix: str) -> "StateMismatchError":
@@ -169,7 +172,7 @@ def _takes_extra(fn: Callable) -> bool:
   return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
 
 
-def as_transformation(t: Any, who: str = "chain", position: Optional[int] = None
+def as_transformation(t: Any, who: str = "chain", position: Optional[Any] = None
                       ) -> GradientTransformation:
   """The one adapter for members: any object with callable ``init`` and ``update`` (an
   Optax transformation included) as a :class:`GradientTransformation` whose ``update``
@@ -178,7 +181,8 @@ def as_transformation(t: Any, who: str = "chain", position: Optional[int] = None
   Args:
     t: the member.
     who: the combinator, for the error message.
-    position: the member's position among the combinator's arguments, if any.
+    position: the member's position among the combinator's arguments (an int), or the
+      argument's name (a str), if any.
 
   Returns:
     ``t`` itself if it is a GradientTransformation, else an adapted one.
@@ -187,7 +191,8 @@ def as_transformation(t: Any, who: str = "chain", position: Optional[int] = None
     return t
   init, update = getattr(t, "init", None), getattr(t, "update", None)
   if not (callable(init) and callable(update)):
-    where = f"argument {position}" if position is not None else "the inner transformation"
+    where = ("the inner transformation" if position is None else f"`{position}`"
+             if isinstance(position, str) else f"argument {position}")
     raise TypeError(
         f"{who}: {where} is {type(t).__name__}, not a gradient transformation (an object "
         "with callable `init` and `update`)."
@@ -262,6 +267,13 @@ def apply_updates(params: Params, updates: Updates) -> Params:
   """
   otree.check_same_structure(updates, params, "updates", "params")
   otree.check_floating(params, "params")
+
+  for path, p, u in zip(*zip(*jax.tree_util.tree_flatten_with_path(params)[0]),
+                        jax.tree.leaves(updates)):
+    if jnp.iscomplexobj(u) and not jnp.iscomplexobj(p):
+      raise TypeError(f"apply_updates: `updates{otree.path_str(path)}` is complex but "
+                      f"`params{otree.path_str(path)}` is real: its imaginary part would be "
+                      "dropped.")
 
   def add(p, u):
     # The sum in the wider of the two dtypes (e.g. float32 updates on float16 params),

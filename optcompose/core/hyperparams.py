@@ -36,7 +36,7 @@ from optcompose.core.base import (
     zero_count,
 )
 from optcompose.core.validation import (  # noqa: F401  (re-exported: the one place to look)
-    DECAY, DECLARED, DTYPE, EPS, EPS_POSITIVE, EPS_ROOT, FLAG, INNER, INNER_PAIR, LABELS,
+    DECAY, DECLARED, DTYPE, INT32_MAX, EPS, EPS_POSITIVE, EPS_ROOT, FLAG, INNER, INNER_PAIR, LABELS,
     LEARNING_RATE, MASK, MOMENTUM, NONNEGATIVE, SCHEDULE, Hyper, check_held,
     check_hyperparameter, check_not_both_zero, check_state_dtype, checks_done, choice,
     declare, default_float, integer, real,
@@ -99,6 +99,7 @@ def rebuilt_each_step(build: Callable[[dict], Any], live: dict, schedules: dict,
 
   def update(updates, state, params=None, **extra):
     expect_state(state, InjectHyperparamsState, who)
+    _check_stored(who, state.hyperparams, set(live) | set(schedules), dtype)
     values, used = values_at(state.count, state.hyperparams)
     with checks_done():  # checked at init; live changes go through set_hyperparams
       inner = as_transformation(build(values), who)
@@ -106,6 +107,30 @@ def rebuilt_each_step(build: Callable[[dict], Any], live: dict, schedules: dict,
     return updates, InjectHyperparamsState(safe_increment(state.count), used, inner_state)
 
   return GradientTransformation(init, update)
+
+
+def _check_stored(who: str, stored: Any, names: set, dtype) -> None:
+  """Check, while tracing, values a user may have put in ``state.hyperparams`` by hand (as
+  Optax's docs show) rather than with :func:`set_hyperparams`: the same names, each a real
+  scalar (a per-element array would be broadcast), and -- for a Python number, which needs
+  no device copy -- in range."""
+  if not isinstance(stored, dict) or set(stored) != names:
+    got = sorted(stored) if isinstance(stored, dict) else type(stored).__name__
+    raise ValueError(f"{who}: `state.hyperparams` holds {got}, expected {sorted(names)} "
+                     "(change values with set_hyperparams, which keeps every name).")
+  for name, value in stored.items():
+    if isinstance(value, (bool, np.bool_)) or not isinstance(
+        value, (numbers.Real, np.ndarray, np.generic, jax.Array)) or not (
+        jnp.issubdtype(jnp.result_type(value), jnp.floating)
+        or jnp.issubdtype(jnp.result_type(value), jnp.integer)):
+      raise TypeError(f"{who}: `state.hyperparams['{name}']` must be a real number, got "
+                      f"{type(value).__name__} {value!r:.40} (use set_hyperparams).")
+    if jnp.shape(value) != ():
+      raise ValueError(f"{who}: `state.hyperparams['{name}']` must be a scalar, got shape "
+                       f"{jnp.shape(value)} (it would be broadcast; use set_hyperparams).")
+    if isinstance(value, numbers.Real):  # a Python number put there by hand
+      check_held(f"state.hyperparams['{name}']", name, value, jnp.asarray(value, dtype=dtype),
+                 fn=who)
 
 
 def with_schedules(*names: str):

@@ -50,7 +50,8 @@ def _concrete_scalar(value: Any) -> Optional[tuple]:
     if not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)):
       raise TypeError(f"expected a real number, got dtype {dtype}")
     if not jnp.issubdtype(dtype, jnp.floating):
-      use = np.float64  # an integer: compared exactly
+      use = np.float64  # an integer: compared exactly (and quoted as one)
+      return int(value), float(value), np.dtype(use)
     else:
       use = dtype if hasattr(value, "dtype") else default_float()
     x = float(value)
@@ -83,6 +84,10 @@ def check_hyperparameter(fn_name: str, name: str, value: Any, *, low: Optional[f
   _check_range(fn_name, name, *known, low, high, low_open, high_open)
 
 
+def _bound(v: float) -> str:
+  return str(int(v)) if float(v).is_integer() and abs(v) < 1e16 else f"{v:g}"
+
+
 def _check_range(fn_name, name, given, x, dtype, low, high, low_open, high_open) -> None:
   """The range check of :func:`check_hyperparameter` on ``x``, ``given`` rounded to
   ``dtype``; messages quote ``given``."""
@@ -96,8 +101,8 @@ def _check_range(fn_name, name, given, x, dtype, low, high, low_open, high_open)
     why = "" if not np.isfinite(given) else f" (it is {x} in {dtype}, the dtype it is used in)"
     raise ValueError(f"{fn_name}: `{name}` must be finite, got {given!r}{why}.")
   if outside(x):
-    lo = "-inf" if low is None else f"{low:g}"
-    hi = "inf" if high is None else f"{high:g}"
+    lo = "-inf" if low is None else _bound(low)
+    hi = "inf" if high is None else _bound(high)
     interval = (f"{'(' if low_open or low is None else '['}{lo}, "
                 f"{hi}{')' if high_open or high is None else ']'}")
     raise ValueError(f"{fn_name}: `{name}` must lie in {interval}, got {given!r}{rounded}.")
@@ -111,9 +116,15 @@ def check_not_both_zero(fn_name: str, eps: Any, eps_root: Any) -> None:
     return
   if any(isinstance(v, jax.core.Tracer) for v in (eps, eps_root)):
     return
-  if float(eps) == 0 and float(eps_root) == 0:
+  def zero(value):  # as used: rounded to its dtype, subnormals flushed (as XLA does on CPU)
+    known = _concrete_scalar(value)
+    return known is not None and abs(known[1]) < np.finfo(known[2]).tiny
+
+  if zero(eps) and zero(eps_root):
     raise ValueError(
-        f"{fn_name}: `eps` and `eps_root` are both 0: a gradient that has been exactly 0 "
+        f"{fn_name}: `eps` and `eps_root` are both 0 (or round to 0, or below the smallest "
+        f"normal number, in the dtype they are used in; got {eps!r} and {eps_root!r}): a "
+        "gradient that has been exactly 0 "
         "since the start would give 0 / 0 = NaN. Make one of them positive (e.g. eps=1e-8).")
 
 
@@ -181,8 +192,12 @@ def real(low=None, high=None, *, low_open=False, high_open=False, draw=None,
                schedule, True, False, optional)
 
 
-def integer(low=None, high=None, *, draw=None) -> Hyper:
-  """A static Python int in ``[low, high]``."""
+INT32_MAX = 2**31 - 1  # counts are int32 arrays in the state
+
+
+def integer(low=None, high=INT32_MAX, *, draw=None) -> Hyper:
+  """A static Python int in ``[low, high]`` (by default at most 2**31 - 1: the counts it is
+  compared with are int32)."""
   lo, hi = draw if draw is not None else (low, high)
   return Hyper(("int", lo, hi), low, high, numeric=True, integer=True)
 
@@ -228,14 +243,15 @@ def declare(name: str, hyper: Hyper) -> None:
     DECLARED.setdefault(name, []).append(hyper)
 
 
-def check_held(key: str, name: str, value: Any, stored: jax.Array) -> None:
+def check_held(key: str, name: str, value: Any, stored: jax.Array,
+               fn: str = "set_hyperparams") -> None:
   """Validate ``value``, given to set_hyperparams and ``stored`` in its holder's dtype,
   against every declaration of ``name`` (the strictest wins: the state does not say which
   builder holds it)."""
   given, x, dtype = float(value), float(stored), stored.dtype
   hypers = DECLARED.get(name, ()) or (Hyper(("float",), numeric=True),)  # finite at least
   for hyper in hypers:
-    if (hyper.integer or hyper.whole) and x != int(x):
-      raise ValueError(f"set_hyperparams: `{key}` must be a whole number, got {given!r}.")
-    _check_range("set_hyperparams", key, given, x, dtype, hyper.low, hyper.high,
+    _check_range(fn, key, given, x, dtype, hyper.low, hyper.high,
                  hyper.low_open, hyper.high_open)
+    if (hyper.integer or hyper.whole) and x != int(x):
+      raise ValueError(f"{fn}: `{key}` must be a whole number, got {given!r}.")

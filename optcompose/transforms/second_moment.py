@@ -256,7 +256,8 @@ def scale_by_second_moment(decay: ScalarOrSchedule = 0.999, eps: ScalarOrSchedul
     Ziyin, Wang and Ueda, "LaProp: Separating Momentum and Adaptivity in Adam",
     arXiv:2002.04839, 2020.
   """
-  inner = None if direction is None else as_transformation(direction, "scale_by_second_moment")
+  inner = None if direction is None else as_transformation(direction, "scale_by_second_moment",
+                                                          "direction")
 
   check_not_both_zero("scale_by_second_moment", eps, eps_root)
 

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 
 from optcompose import tree as otree
 from optcompose.core import (
-    DTYPE, FLAG, INNER, GradientTransformation, Hyper, as_transformation, cond, expect_state,
+    DTYPE, FLAG, INNER, INT32_MAX, GradientTransformation, Hyper, as_transformation, cond, expect_state,
     public, safe_increment, zero_count,
 )
 
@@ -57,7 +57,7 @@ def _update_if(pred, inner, updates, state, params, extra):
   return cond(pred, run, hold, (updates, state, params))
 
 
-@public("wrapper", inner=INNER, every_k_schedule=Hyper(("int", 1, 3), 1, numeric=True, schedule=True,
+@public("wrapper", inner=INNER, every_k_schedule=Hyper(("int", 1, 3), 1, INT32_MAX, numeric=True, schedule=True,
                                                       whole=True),
         use_grad_mean=FLAG, accumulator_dtype=DTYPE)
 def multi_steps(inner, every_k_schedule: Union[int, Callable], use_grad_mean: bool = True,
@@ -194,7 +194,8 @@ def all_finite(tree) -> jax.Array:
 
 
 @public("wrapper", optax="apply_if_finite", inner=INNER,
-        max_consecutive_errors=Hyper(("int", 1, 5), 1, numeric=True, integer=True, optional=True))
+        max_consecutive_errors=Hyper(("int", 1, 5), 1, INT32_MAX, numeric=True, integer=True,
+                                     optional=True))
 def apply_if_finite(inner, max_consecutive_errors: Optional[int]) -> GradientTransformation:
   """Skip steps whose gradients or updates contain NaN or Inf (see the module docstring).
 

@@ -21,9 +21,13 @@ import numbers
 from typing import Any, Callable, Iterable, Optional, Union
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from optcompose.core import DTYPE, GradientTransformation, Hyper, public, rebuilt_each_step
+from optcompose.core import (
+    DTYPE, GradientTransformation, Hyper, default_float, public, rebuilt_each_step,
+)
+from optcompose.core.validation import check_held
 
 
 def _is_static_by_name(name: str) -> bool:
@@ -60,8 +64,13 @@ def inject_hyperparams(
   References:
     Optax's ``optax.inject_hyperparams`` (same name, arguments and state fields).
   """
+  if isinstance(inner_factory, GradientTransformation) or not callable(inner_factory):
+    raise TypeError(f"inject_hyperparams: `inner_factory` must be a function returning a "
+                    f"transformation (such as optcompose.adam), got {type(inner_factory).__name__}"
+                    " (pass the factory itself, not a transformation built from it).")
   static = {static_args} if isinstance(static_args, str) else set(static_args)
   signature = inspect.signature(inner_factory)
+  ours = getattr(inner_factory, "__module__", "").startswith("optcompose")
   unknown = static - set(signature.parameters)
   if unknown:
     raise ValueError(f"inject_hyperparams: `static_args` {sorted(unknown)} are not parameters "
@@ -70,8 +79,18 @@ def inject_hyperparams(
 
   @functools.wraps(inner_factory)
   def factory(*args, **kwargs) -> GradientTransformation:
-    bound = signature.bind(*args, **kwargs)
+    try:
+      bound = signature.bind(*args, **kwargs)
+    except TypeError as e:
+      takes_any = any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
+      unknown = [] if takes_any else sorted(set(kwargs) - set(signature.parameters))
+      why = f"unknown arguments {unknown}" if unknown else str(e)
+      raise TypeError(f"{who}: {why} (the arguments of {who[19:-1]} are "
+                      f"{list(signature.parameters)}).") from None
     bound.apply_defaults()
+    var_keyword = [n for n, p in signature.parameters.items() if p.kind is p.VAR_KEYWORD]
+    for name in var_keyword:  # a factory taking **kwargs: its keywords, one by one
+      bound.arguments.update(bound.arguments.pop(name))
     numeric, schedules, fixed = {}, {}, {}
     for name, value in bound.arguments.items():
       if name in static or _is_static_by_name(name) or isinstance(value, bool) or value is None:
@@ -82,6 +101,10 @@ def inject_hyperparams(
         numeric[name] = value
       else:
         fixed[name] = value
+    if not ours:  # another library's factory (Optax's): its values checked by name as ours
+      dtype = hyperparam_dtype or default_float()
+      for name, value in numeric.items():
+        check_held(name, name, value, jnp.asarray(value, dtype=dtype), fn=who)
     return rebuilt_each_step(lambda values: inner_factory(**fixed, **values), numeric, schedules,
                              who=who, dtype=hyperparam_dtype)
 
