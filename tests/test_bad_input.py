@@ -138,6 +138,10 @@ ROWS = [
         "expected", ValueError, r"state\[0\] is a TraceState, expected a ScaleByAdamState",
         (lambda p, s: oc.adam(1e-3).update(GRADS, s, p), PARAMS,
          oc.sgd(1e-3, 0.9).init(PARAMS))),
+    Row("averager-not-last", "`ema_params` or `swa` followed in a chain by a transformation "
+        "that changes the updates (the average would be of params + raw gradient)",
+        "`ValueError` at construction, naming both positions", ValueError,
+        "argument 0 averages the parameters", lambda: oc.chain(oc.ema_params(0.9), oc.sgd(0.1))),
     Row("not-a-transformation", "something that is not a transformation in `chain`",
         "`TypeError`, naming its position", TypeError, "argument 1",
         lambda: oc.chain(oc.scale(1.0), lambda g: g)),

@@ -217,3 +217,19 @@ def test_named_arguments_in_two_more_errors():
                     (lambda: oc.swa(every=2**31), "every")):
     with pytest.raises(ValueError, match=rf"`{arg}` must lie in \[1, 2147483647\]"):
       make()
+
+
+def test_averaged_weights_come_last_in_a_chain():
+  """chain(ema_params(0), sgd(0.1)) used to average params + raw gradient: averaged weights
+  that moved uphill while the parameters went down. Only averagers may follow an averager;
+  nested chains carry the rule."""
+  for make in (lambda: oc.chain(oc.ema_params(0.0), oc.sgd(0.1)),
+               lambda: oc.chain(oc.swa(), oc.adam(0.1)),
+               lambda: oc.chain(oc.chain(oc.sgd(0.1), oc.ema_params(0.9)), oc.scale(2.0))):
+    with pytest.raises(ValueError, match="place the averaging transformations last"):
+      make()
+  tx = oc.chain(oc.chain(oc.sgd(0.1), oc.ema_params(0.0)), oc.chain(oc.swa()))  # averagers only
+  state = tx.init(P)
+  updates, state = tx.update(G, state, P)
+  new = oc.apply_updates(P, updates)
+  np.testing.assert_allclose(oc.averaged_params(state, kind="ema")["w"], new["w"], rtol=1e-6)

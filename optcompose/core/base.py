@@ -33,6 +33,7 @@ compute the same step. A piece that needs a second input takes it in its own arg
 from __future__ import annotations
 
 import inspect
+import weakref
 from typing import Any, Callable, NamedTuple, Optional, Union
 
 import jax
@@ -207,6 +208,32 @@ def as_transformation(t: Any, who: str = "chain", position: Optional[Any] = None
   return GradientTransformation(init, update_without_extra)
 
 
+# Transformations that average the parameters (``ema_params``, ``swa``): they read the step
+# as ``params + updates`` and pass the updates through unchanged, so in a chain only others
+# of their kind may follow them. Marked by their update function (a NamedTuple has no room
+# for a flag); ``chain`` propagates the mark.
+_AVERAGERS: "weakref.WeakSet" = weakref.WeakSet()  # pass updates through, read the final ones
+_READS_FINAL: "weakref.WeakSet" = weakref.WeakSet()  # contains an averager
+
+
+def mark_averager(tx: GradientTransformation) -> GradientTransformation:
+  """Mark ``tx`` as averaging the parameters (see :func:`chain`)."""
+  _AVERAGERS.add(tx.update)
+  _READS_FINAL.add(tx.update)
+  return tx
+
+
+def _check_order(members: tuple) -> None:
+  """An averager sees ``params + updates``: an update changed after it is not averaged."""
+  for i, t in enumerate(members):
+    later = [j for j in range(i + 1, len(members)) if members[j].update not in _AVERAGERS]
+    if t.update in _READS_FINAL and later:
+      raise ValueError(
+          f"chain: argument {i} averages the parameters (ema_params, swa) from the updates "
+          f"it sees, but argument {later[0]} changes the updates after it; place the "
+          "averaging transformations last: chain(optimizer, ema_params(...)).")
+
+
 def chain(*transformations: Any) -> GradientTransformation:
   """Apply transformations one after the other; the state is the tuple of their states.
 
@@ -226,6 +253,7 @@ def chain(*transformations: Any) -> GradientTransformation:
     Optax's ``optax.chain``.
   """
   members = tuple(as_transformation(t, "chain", i) for i, t in enumerate(transformations))
+  _check_order(members)
 
   def init(params):
     return tuple(t.init(params) for t in members)
@@ -247,6 +275,10 @@ def chain(*transformations: Any) -> GradientTransformation:
       new_state.append(s)
     return updates, tuple(new_state)
 
+  if any(t.update in _READS_FINAL for t in members):
+    _READS_FINAL.add(update)
+    if all(t.update in _AVERAGERS for t in members):
+      _AVERAGERS.add(update)
   return GradientTransformation(init, update)
 
 

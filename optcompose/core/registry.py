@@ -32,7 +32,7 @@ import inspect
 from typing import Callable, NamedTuple, Optional
 
 from optcompose import tree as otree
-from optcompose.core.base import GradientTransformation
+from optcompose.core.base import GradientTransformation, mark_averager
 from optcompose.core.hyperparams import rebuilt_each_step
 from optcompose.core.validation import Hyper, declare
 
@@ -46,6 +46,7 @@ class Entry(NamedTuple):
   optax: Optional[str]  # the name of Optax's counterpart, e.g. "contrib.sam"
   hypers: dict  # argument name -> Hyper
   module: str
+  averager: bool = False  # averages the parameters: only its kind may follow it in a chain
 
 
 REGISTRY: dict = {}
@@ -69,13 +70,15 @@ def _floating_updates_only(tx: GradientTransformation, name: str) -> GradientTra
 
 
 def public(kind: str, *, optax: Optional[str] = None, any_dtype: bool = False,
-           **hypers: Hyper):
+           averager: bool = False, **hypers: Hyper):
   """Decorator declaring a public builder; see the module docstring.
 
   Args:
     kind: one of :data:`KINDS`.
     optax: the name of Optax's counterpart (dotted below ``optax``), or None.
     any_dtype: a transformation that accepts updates of any dtype (it computes nothing).
+    averager: a transformation that averages the parameters from ``params + updates`` and
+      passes the updates through (``chain`` lets only others of its kind follow it).
     **hypers: one :class:`Hyper` per declared argument.
 
   Returns:
@@ -100,7 +103,8 @@ def public(kind: str, *, optax: Optional[str] = None, any_dtype: bool = False,
       for arg, hyper in hypers.items():
         hyper.check(name, arg, arguments[arg])
       tx = builder(**arguments)
-      return _floating_updates_only(tx, name) if guard else tx
+      tx = _floating_updates_only(tx, name) if guard else tx
+      return mark_averager(tx) if averager else tx
 
     @functools.wraps(builder)
     def wrapper(*args, **kwargs):
@@ -117,7 +121,8 @@ def public(kind: str, *, optax: Optional[str] = None, any_dtype: bool = False,
     if name in REGISTRY and REGISTRY[name].module != builder.__module__:
       raise ValueError(f"public: {name} is registered twice ({REGISTRY[name].module} and "
                        f"{builder.__module__}).")
-    REGISTRY[name] = Entry(name, wrapper, kind, optax, dict(hypers), builder.__module__)
+    REGISTRY[name] = Entry(name, wrapper, kind, optax, dict(hypers), builder.__module__,
+                           averager)
     return wrapper
 
   return decorate

@@ -157,7 +157,7 @@ def _averaging(fn: str, state_type, weight, start_step: int, every: int,
 _STEPS = dict(start_step=integer(0, draw=(0, 3)), every=integer(1, draw=(1, 3)))
 
 
-@public("transformation", decay=real(0.0, 1.0, high_open=True, draw=(0.0, 0.999), schedule=False),
+@public("transformation", averager=True, decay=real(0.0, 1.0, high_open=True, draw=(0.0, 0.999), schedule=False),
         debias=FLAG, accumulator_dtype=DTYPE, **_STEPS)
 def ema_params(decay: float, debias: bool = True, start_step: int = 0, every: int = 1,
                accumulator_dtype: Optional[Any] = None) -> GradientTransformation:
@@ -203,7 +203,7 @@ def ema_params(decay: float, debias: bool = True, start_step: int = 0, every: in
                     every, accumulator_dtype)
 
 
-@public("transformation", accumulator_dtype=DTYPE, **_STEPS)
+@public("transformation", averager=True, accumulator_dtype=DTYPE, **_STEPS)
 def swa(start_step: int = 0, every: int = 1,
         accumulator_dtype: Optional[Any] = None) -> GradientTransformation:
   """Stochastic weight averaging: the equal-weight mean of the parameters, kept in the state.
