@@ -215,13 +215,48 @@ def _checksums(leaves: dict) -> list:
   return [[list(path), _digest(value)] for path, value in leaves.items()]
 
 
+def _damaged_record(fn: str, where: PathLike, record: str, why: str) -> CheckpointCorruptError:
+  return CheckpointCorruptError(
+      f"{fn}: the checkpoint {os.fspath(where)} is damaged: its {record} record is "
+      f"unreadable ({why}).")
+
+
+def _entries(fn: str, where: PathLike, record: str, saved: Any, expected: str) -> list:
+  """The ``[path, value]`` pairs of a saved record (checksums or layouts), after checking that
+  it is a list of such pairs with ``path`` a list of key names.
+
+  Raises:
+    CheckpointCorruptError: naming the checkpoint and the record (the file's header was
+      damaged or written by something else).
+  """
+  if not isinstance(saved, (list, tuple)):
+    raise _damaged_record(fn, where, record, f"expected a list of {expected}, got "
+                          f"{type(saved).__name__}")
+  for i, entry in enumerate(saved):
+    if not (isinstance(entry, (list, tuple)) and len(entry) == 2
+            and isinstance(entry[0], (list, tuple))
+            and all(isinstance(k, str) for k in entry[0])):
+      raise _damaged_record(fn, where, record, f"entry {i} is {entry!r:.80}, expected {expected}")
+  return [(tuple(path), value) for path, value in saved]
+
+
+def _is_int(x: Any) -> bool:
+  return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
 def _verify(fn: str, where: PathLike, checksums: list, leaves: dict) -> None:
   """Raise CheckpointCorruptError naming the first leaf whose data differs from its checksum.
 
   A ``None`` checksum (an array sharded across processes when saved) and a leaf restored
-  sharded across processes are not compared.
+  sharded across processes are not compared. A checksum record that is not a list of
+  ``[path, checksum]`` pairs is reported as damaged.
   """
-  table = {tuple(path): digest for path, digest in checksums}
+  expected = "[path, checksum] pairs (a checksum: an unsigned 32-bit int or null)"
+  table = dict(_entries(fn, where, "checksum", checksums, expected))
+  for path, digest in table.items():
+    if digest is not None and not (_is_int(digest) and 0 <= digest < 2**32):
+      raise _damaged_record(fn, where, "checksum", f"the checksum of `{_saved_keystr(path)}` "
+                            f"is {digest!r:.80}, expected {expected}")
   for path in [p for p in table if p not in leaves] + [p for p in leaves if p not in table]:
     raise CheckpointCorruptError(
         f"{fn}: the checkpoint {os.fspath(where)} is damaged: `{_saved_keystr(path)}` is "
@@ -250,10 +285,24 @@ def _layouts(tree: Any) -> list:
   return found
 
 
+def _is_layout_leaf(entry: Any) -> bool:
+  """Whether ``entry`` is a layout's ``[path, shape, bucket, dtype, offset]``."""
+  return (isinstance(entry, (list, tuple)) and len(entry) == 5 and isinstance(entry[0], str)
+          and isinstance(entry[1], (list, tuple)) and all(_is_int(n) for n in entry[1])
+          and isinstance(entry[2], str) and isinstance(entry[3], str) and _is_int(entry[4]))
+
+
 def _check_layouts(fn: str, where: PathLike, saved: list, target: Any) -> None:
   """Raise CheckpointMismatchError if a FlatParams of ``target`` has another layout than the
-  one saved at its path (checkpoints that record none are not compared)."""
-  saved = {tuple(path): [list(leaf) for leaf in layout] for path, layout in saved}
+  one saved at its path (checkpoints that record none are not compared), and
+  CheckpointCorruptError if the saved layouts record is not a list of ``[path, layout]``."""
+  expected = "[path, layout] pairs (a layout: a list of [path, shape, bucket, dtype, offset])"
+  entries = _entries(fn, where, "layouts", saved, expected)
+  for path, layout in entries:
+    if not (isinstance(layout, (list, tuple)) and all(_is_layout_leaf(e) for e in layout)):
+      raise _damaged_record(fn, where, "layouts", f"the layout of `{_saved_keystr(path)}` is "
+                            f"{layout!r:.80}, expected {expected}")
+  saved = {path: [list(leaf) for leaf in layout] for path, layout in entries}
   for path, want in _layouts(target):
     got = saved.get(tuple(path))
     if got is None or got == want:

@@ -317,6 +317,7 @@ def _read_sidecar(directory: pathlib.Path) -> Any:
     sidecar = json.loads((directory / SIDECAR).read_text())
     if (sidecar["format"], sidecar["checksum"]) != (FORMAT, CHECKSUM):
       raise ValueError(f"format {sidecar['format']} ({sidecar['checksum']}), not {FORMAT}")
+    sidecar["layouts"], sidecar["leaves"]  # noqa: B018 -- both records must be there
     return sidecar
   except FileNotFoundError:
     return None

@@ -185,6 +185,20 @@ def _compile(fn: str, name: str, pattern: Any) -> re.Pattern:
     raise ValueError(f"{fn}: `{name}` is not a valid regex: {pattern!r} ({error}).") from None
 
 
+def _paths(tree) -> list:
+  """The path strings of ``tree``'s leaves, as :func:`labels_from_fn` gives them."""
+  return [_path_string(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def _check_matches(fn: str, name: str, pattern: re.Pattern, paths: list) -> None:
+  """Raise a ValueError naming ``fn``'s argument ``name`` when ``pattern`` is found in none of
+  ``paths`` (a typo would otherwise select nothing, silently); a tree without leaves passes."""
+  if paths and not any(pattern.search(path) for path in paths):
+    shown = ", ".join(paths[:5]) + (f", ... ({len(paths) - 5} more)" if len(paths) > 5 else "")
+    raise ValueError(f"{fn}: `{name}` {pattern.pattern!r} matches no leaf path; it was searched "
+                     f"in: {shown}.")
+
+
 def labels_from_paths(rules, default=None) -> Callable[[Any], Any]:
   """Label each leaf by the first ``(regex, label)`` rule whose regex is found in its path.
 
@@ -201,7 +215,9 @@ def labels_from_paths(rules, default=None) -> Callable[[Any], Any]:
   Raises:
     TypeError: ``rules`` is not a sequence of pairs, or a regex is not a string (naming
       ``rules[i]``). ValueError: a regex that does not compile (naming ``rules[i][0]``, the
-      pattern and ``re``'s reason); a path no rule matches without a ``default``.
+      pattern and ``re``'s reason); from the labels callable: a path no rule matches without
+      a ``default``, or a rule's regex found in no leaf path (naming ``rules[i][0]``: a typo
+      would silently leave its leaves to the default).
   """
   if isinstance(rules, (str, bytes)) or not isinstance(rules, Iterable):
     raise TypeError(f"labels_from_paths: `rules` must be a sequence of (regex, label) pairs, "
@@ -221,7 +237,15 @@ def labels_from_paths(rules, default=None) -> Callable[[Any], Any]:
       raise ValueError(f"labels_from_paths: no rule matches {path} and there is no default.")
     return default
 
-  return labels_from_fn(label)
+  by_fn = labels_from_fn(label)
+
+  def labels(tree):
+    paths = _paths(tree)
+    for i, (pattern, _) in enumerate(compiled):
+      _check_matches("labels_from_paths", f"rules[{i}][0]", pattern, paths)
+    return by_fn(tree)
+
+  return labels
 
 
 def mask_from_paths(include=None, exclude=None) -> Callable[[Any], Any]:
@@ -238,9 +262,19 @@ def mask_from_paths(include=None, exclude=None) -> Callable[[Any], Any]:
 
   Raises:
     TypeError: ``include`` or ``exclude`` is not a string. ValueError: it is not a valid
-      regex (the message names the argument, the pattern and ``re``'s reason).
+      regex (the message names the argument, the pattern and ``re``'s reason); from the
+      mask callable: ``include`` is found in no leaf path of a tree that has leaves (a typo
+      would select nothing). An ``exclude`` that matches nothing excludes nothing (a generic
+      ``exclude=r"bias|scale"`` serves models without biases).
   """
   inc = _compile("mask_from_paths", "include", include) if include is not None else None
   exc = _compile("mask_from_paths", "exclude", exclude) if exclude is not None else None
-  return labels_from_fn(lambda path, _: bool((inc is None or inc.search(path))
-                                             and not (exc is not None and exc.search(path))))
+  by_fn = labels_from_fn(lambda path, _: bool((inc is None or inc.search(path))
+                                              and not (exc is not None and exc.search(path))))
+
+  def mask(tree):
+    if inc is not None:
+      _check_matches("mask_from_paths", "include", inc, _paths(tree))
+    return by_fn(tree)
+
+  return mask

@@ -204,6 +204,17 @@ ROWS = [
         TypeError, r"`transforms`.*\['x', 0\]",
         lambda: oc.partition({0: oc.sgd(1e-3), "x": oc.sgd(1e-3)},
                              {"dense": {"kernel": 0, "bias": "x"}})),
+    Row("path-matches-nothing", "a `mask_from_paths` `include` pattern (or a "
+        "`labels_from_paths` rule) that matches no parameter path (a typo)", "`ValueError` "
+        "from `init`, naming the argument and the pattern and listing paths (an all-False mask "
+        "would pass raw gradients through `masked`: an ascent step)", ValueError,
+        r"`include`.*'attention'", lambda: oc.masked(oc.sgd(0.1), oc.mask_from_paths(
+            include="attention")).init(PARAMS)),
+    Row("partition-not-a-transformation", "a value of `partition`'s `transforms` that is not "
+        "a transformation", "`TypeError` at construction, naming `transforms[label]`",
+        TypeError, r"`transforms\['a'\]` is float",
+        lambda: oc.partition({"a": 0.1, "b": oc.sgd(0.1)}, {"dense": {"kernel": "a",
+                                                                      "bias": "b"}})),
     Row("path-regex", "an invalid regex in `mask_from_paths` or `labels_from_paths`",
         "`ValueError` at construction, naming the argument, the pattern and the regex error",
         ValueError, r"`include` is not a valid regex: '\['",

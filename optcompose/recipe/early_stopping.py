@@ -42,7 +42,10 @@ Once ``should_stop`` is set it stays set, and later updates change nothing but `
 (the best values are frozen at the decision). A ``lax.scan`` over a whole recorded curve
 therefore ends in the same state as a Python loop that breaks at the decision.
 
-The metric is compared in float32 (the state stores it so). ``best_params`` may be any
+The metric is compared, and stored, in JAX's default float dtype: float32, or float64 when
+x64 is enabled (``jax.config.update("jax_enable_x64", True)``). Any real metric (an int, a
+float16 or float64 array) is first converted to it, so without x64 a change below float32's
+resolution (1.0, then 1.0 - 1e-9) is no improvement; with x64 it is. ``best_params`` may be any
 pytree (or ``None`` to keep nothing); ``init`` copies its leaves, so donating the
 parameters to a jitted step does not invalidate the kept copy. The state is a NamedTuple of
 arrays, so ``flax.serialization`` and Orbax save and restore it like any optimizer state.
@@ -63,7 +66,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from optcompose import tree as otree
-from optcompose.core import check_hyperparameter, safe_increment, zero_count
+from optcompose.core import check_hyperparameter, default_float, safe_increment, zero_count
 
 
 class EarlyStoppingState(NamedTuple):
@@ -71,8 +74,8 @@ class EarlyStoppingState(NamedTuple):
 
   Attributes:
     epoch: int32, updates seen so far (warm-up epochs included).
-    best_metric: float32, the best metric so far; the baseline (or +inf for "min", -inf for
-      "max") before the first improvement.
+    best_metric: JAX's default float (float32; float64 under x64), the best metric so far;
+      the baseline (or +inf for "min", -inf for "max") before the first improvement.
     best_epoch: int32, the epoch of ``best_metric``; -1 before the first improvement.
     wait: int32, epochs in a row without improvement (warm-up epochs not counted).
     should_stop: bool, training should stop (stays True once set).
@@ -122,6 +125,34 @@ def _check_same_dtypes(best_params: Any, kept: Any) -> None:
                       "init); it would be silently converted. Pass the same dtypes as to init.")
 
 
+def _real_metric(metric: Any) -> jax.Array:
+  """``metric`` as a 0-d array of JAX's default float dtype, after checking (by type and
+  dtype only, so while tracing) that it is a real scalar.
+
+  Raises:
+    TypeError: ``metric`` is not a real number (a str, None, bool, complex...).
+    ValueError: ``metric`` is not a scalar, or an int too large for a float.
+  """
+  if metric is None or isinstance(metric, (str, bytes, bool, np.bool_)):
+    raise TypeError(f"{_FN}: `metric` must be a real number, got {type(metric).__name__}.")
+  if isinstance(metric, numbers.Real) and not hasattr(metric, "dtype"):  # a Python number
+    try:
+      return jnp.asarray(float(metric), default_float())  # 2**40: not through int32
+    except OverflowError:
+      raise ValueError(f"{_FN}: `metric` {metric} is too large for a float.") from None
+  try:
+    dtype = jnp.result_type(metric)
+  except TypeError:
+    raise TypeError(f"{_FN}: `metric` must be a real number, got "
+                    f"{type(metric).__name__}.") from None
+  if not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)):
+    raise TypeError(f"{_FN}: `metric` must be a real number, got dtype {dtype}.")
+  metric = jnp.asarray(metric)
+  if metric.shape != ():
+    raise ValueError(f"{_FN}: `metric` must be a scalar, got shape {metric.shape}.")
+  return metric.astype(default_float())
+
+
 @dataclasses.dataclass(frozen=True)
 class EarlyStopping:
   """The static configuration of early stopping; build it with :func:`early_stopping`.
@@ -164,7 +195,7 @@ class EarlyStopping:
     no = jnp.zeros([], jnp.bool_)
     return EarlyStoppingState(
         epoch=zero_count(),
-        best_metric=jnp.asarray(unseen, jnp.float32),
+        best_metric=jnp.asarray(unseen, default_float()),
         best_epoch=jnp.full([], -1, jnp.int32),
         wait=zero_count(),
         should_stop=no,
@@ -194,13 +225,7 @@ class EarlyStopping:
     if not isinstance(state, EarlyStoppingState):
       raise TypeError(f"{_FN}: `state` must be an EarlyStoppingState (from init), got "
                       f"{type(state).__name__}.")
-    metric = jnp.asarray(metric)
-    if metric.shape != ():
-      raise ValueError(f"{_FN}: `metric` must be a scalar, got shape {metric.shape}.")
-    if not (jnp.issubdtype(metric.dtype, jnp.floating)
-            or jnp.issubdtype(metric.dtype, jnp.integer)):
-      raise TypeError(f"{_FN}: `metric` must be a real number, got dtype {metric.dtype}.")
-    metric = metric.astype(jnp.float32)
+    metric = _real_metric(metric)
     otree.check_same_structure(best_params, state.best_params, "best_params",
                                "state.best_params")
     _check_same_dtypes(best_params, state.best_params)
@@ -231,7 +256,8 @@ class EarlyStopping:
         if stop:
           break
     """
-    state = _jitted_update(self, state, metric, best_params)
+    # Checked and converted first: jit would reject a str or 2**40 without naming `metric`.
+    state = _jitted_update(self, state, _real_metric(metric), best_params)
     return state, bool(state.should_stop)
 
 

@@ -13,12 +13,19 @@ Formulas (u: incoming updates, w: parameters)::
 ``clip_by_global_norm`` keeps the norm it computed (before clipping) in its state, so it can
 be logged without a second pass over the gradients.
 
+float16 and bfloat16 updates: the norms (sums of squares) are computed in float32, since the
+squares overflow float16 (300^2 > 65504). The clipped updates keep the gradients' dtype: the
+norm clips and ``clip_by_block_rms`` rescale in float32 and cast the result back;
+``adaptive_grad_clip`` casts its per-unit scale back and applies it in the updates' dtype, as
+Optax does. float32 and float64 updates are computed in their own dtype.
+
 References: Pascanu et al., "On the difficulty of training recurrent neural networks", 2013;
 Brock et al., "High-Performance Large-Scale Image Recognition Without Normalization", 2021.
 """
 
 from __future__ import annotations
 
+import numbers
 from typing import NamedTuple, Optional, Sequence, Union
 
 import jax
@@ -34,10 +41,33 @@ from optcompose.masks import reject_layouts
 _NORM = real(0.0, low_open=True, draw=(1e-3, 10.0))  # a positive threshold
 
 
+def _wide(x):
+  """``x`` as an array of float32 or wider: float16 and bfloat16 are promoted to float32."""
+  x = jnp.asarray(x)
+  if jnp.issubdtype(x.dtype, jnp.floating) and jnp.finfo(x.dtype).bits < 32:
+    return x.astype(jnp.float32)
+  return x
+
+
+def _in_wide(f, u, *others):
+  """``f(u, *others)`` with ``u`` (and ``others``) of float32 or wider, cast back to ``u``'s
+  dtype where ``u`` was float16 or bfloat16; otherwise ``f``'s own result, unchanged."""
+  wide = _wide(u)
+  if wide.dtype == jnp.result_type(u):
+    return f(u, *others)
+  return f(wide, *map(_wide, others)).astype(jnp.result_type(u))
+
+
 def rescale_leaf(u, norm, max_norm):
-  """``u`` if ``norm < max_norm`` else ``(u / norm) * max_norm`` (norm a scalar or broadcastable)."""
+  """``u`` if ``norm < max_norm`` else ``(u / norm) * max_norm`` (norm a scalar or broadcastable).
+
+  A float16 or bfloat16 ``u`` is rescaled in float32 and cast back."""
+  return _in_wide(lambda u: _rescale(u, norm, max_norm), u)
+
+
+def _rescale(u, norm, max_norm):
   # The division in u's dtype; the comparison, the product and the choice in the wider of
-  # their operands' dtypes (a float32 scheduled max_norm with bfloat16 u: float32).
+  # their operands' dtypes (a float64 scheduled max_norm with float32 u under x64: float64).
   scaled = jnp.multiply(*otree.promote(u / jnp.asarray(norm).astype(jnp.result_type(u)),
                                        max_norm))
   return jnp.where(jnp.less(*otree.promote(norm, max_norm)), *otree.promote(u, scaled))
@@ -94,7 +124,7 @@ def clip_by_global_norm(max_norm: ScalarOrSchedule) -> GradientTransformation:
 
   def update(updates, state, params=None, **extra):
     del params, extra
-    norm = otree.global_norm(updates)
+    norm = otree.global_norm(jax.tree.map(_wide, updates))  # squares in float32 or wider
     clipped = jax.tree.map(lambda u: rescale_leaf(u, norm, max_norm), updates)
     return clipped, ClipByGlobalNormState(norm.astype(jnp.float32))
 
@@ -123,7 +153,8 @@ def clip_by_leaf_norm(max_norm: ScalarOrSchedule) -> GradientTransformation:
 
   def f(updates, params):
     reject_layouts(updates, "clip_by_leaf_norm")
-    return jax.tree.map(lambda u: rescale_leaf(u, otree.global_norm(u), max_norm), updates)
+    return jax.tree.map(lambda u: rescale_leaf(u, otree.global_norm(_wide(u)), max_norm),
+                        updates)
 
   return stateless(f)
 
@@ -151,7 +182,7 @@ def clip_by_block_rms(threshold: ScalarOrSchedule) -> GradientTransformation:
       ratio = jnp.divide(*otree.promote(jnp.sqrt(jnp.mean(otree.abs_sq(u))), threshold))
       return jnp.divide(*otree.promote(u, jnp.maximum(1.0, ratio)))
 
-    return jax.tree.map(leaf, updates)
+    return jax.tree.map(lambda u: _in_wide(leaf, u), updates)
 
   return stateless(f)
 
@@ -163,7 +194,7 @@ def unit_norms(x, axis: Optional[Union[int, Sequence[int]]] = None):
   vectors, the input axis 0 for (in, out) and (in, heads, out) kernels, and the spatial and
   input axes for convolution kernels (HWIO, DHWIO) -- Optax's convention.
   """
-  x = jnp.asarray(x)
+  x = _wide(x)  # squares of float16 overflow: summed in float32
   if axis is None:
     squeezed = jnp.squeeze(x).ndim
     if squeezed <= 1:
@@ -177,6 +208,31 @@ def unit_norms(x, axis: Optional[Union[int, Sequence[int]]] = None):
                        f"{x.shape}; pass `axis`.")
   squared = jnp.sum(otree.abs_sq(x), axis=axis, keepdims=True)
   return jnp.broadcast_to(jnp.sqrt(squared), x.shape)
+
+
+def _check_axis(axis, ndim=None, leaf="", shape=()) -> None:
+  """Raise naming ``axis`` unless it is None, an int or a sequence of distinct ints, each in
+  ``[-ndim, ndim)`` for the leaf named ``leaf`` (when ``ndim`` is given).
+
+  Raises:
+    TypeError: ``axis`` is not an int, a sequence of ints or None.
+    ValueError: an axis outside the leaf's dimensions, or one given twice.
+  """
+  if axis is None:
+    return
+  axes = (axis,) if isinstance(axis, numbers.Integral) else axis
+  if (isinstance(axes, (str, bytes)) or not isinstance(axes, Sequence)
+      or any(isinstance(a, bool) or not isinstance(a, numbers.Integral) for a in axes)):
+    raise TypeError(f"adaptive_grad_clip: `axis` must be an int, a sequence of ints or None, "
+                    f"got {axis!r}.")
+  if ndim is None:
+    return
+  if any(not -ndim <= a < ndim for a in axes):
+    raise ValueError(f"adaptive_grad_clip: `axis` {axis!r} is out of range for `{leaf}` of "
+                     f"shape {shape} (rank {ndim}: axes -{ndim} to {ndim - 1}).")
+  if len({a % ndim for a in axes}) != len(axes):
+    raise ValueError(f"adaptive_grad_clip: `axis` {axis!r} repeats an axis of `{leaf}` of "
+                     f"shape {shape}.")
 
 
 @public("transformation", optax="adaptive_grad_clip", clipping=real(0.0, low_open=True, draw=(1e-3, 1.0)),
@@ -194,7 +250,9 @@ def adaptive_grad_clip(clipping: ScalarOrSchedule, eps: ScalarOrSchedule = 1e-3,
     clipping: lambda (> 0), a number or a schedule.
     eps: the smallest parameter norm used (>= 0), so units of zero-initialised
       parameters can still move; a number or a schedule.
-    axis: the axes a unit reduces over; ``None``: the whole array for scalars and vectors,
+    axis: the axes a unit reduces over (an int or a sequence of ints, each within every
+      leaf's rank: a TypeError or ValueError naming ``axis`` and the leaf otherwise);
+      ``None``: the whole array for scalars and vectors,
       axis 0 for (in, out) and (in, heads, out) kernels, the spatial and input axes for
       HWIO / DHWIO convolution kernels (Optax's convention; see :func:`unit_norms`).
 
@@ -207,21 +265,32 @@ def adaptive_grad_clip(clipping: ScalarOrSchedule, eps: ScalarOrSchedule = 1e-3,
     Normalization", ICML 2021; Optax's ``optax.adaptive_grad_clip``.
   """
 
+  _check_axis(axis)
+
   def f(updates, params):
     needs_params(params, "adaptive_grad_clip")
     reject_layouts(updates, "adaptive_grad_clip")
     otree.check_same_structure(updates, params, "updates", "params")
 
     def leaf(u, w):
+      # The norms in float32 or wider (unit_norms); each operation in the wider of its
+      # operands' dtypes. For float16 / bfloat16 u the scale is cast back and applied in u's
+      # dtype (Optax's arithmetic there), and the result keeps u's dtype.
       g_norm, p_norm = unit_norms(u, axis), unit_norms(w, axis)
-      # Each operation in the wider of its operands' dtypes (float32 scheduled values with
-      # bfloat16 leaves: float32).
       max_norm = jnp.multiply(*otree.promote(clipping, jnp.maximum(*otree.promote(p_norm, eps))))
       ratio = jnp.divide(*otree.promote(max_norm, jnp.maximum(g_norm, 1e-6)))
+      narrow = _wide(u).dtype != jnp.result_type(u)
+      if narrow:
+        ratio = ratio.astype(jnp.result_type(u))
       clipped = jnp.multiply(*otree.promote(u, ratio))
-      return jnp.where(jnp.less(*otree.promote(g_norm, max_norm)), *otree.promote(u, clipped))
+      out = jnp.where(jnp.less(*otree.promote(g_norm, max_norm)), *otree.promote(u, clipped))
+      return out.astype(jnp.result_type(u)) if narrow else out
 
-    return jax.tree.map(leaf, updates, params)
+    def checked(path, u, w):
+      _check_axis(axis, jnp.ndim(u), f"updates{otree.path_str(path)}", jnp.shape(u))
+      return leaf(u, w)
+
+    return jax.tree_util.tree_map_with_path(checked, updates, params)
 
   return stateless(f)
 

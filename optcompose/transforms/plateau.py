@@ -47,6 +47,20 @@ class ReduceLROnPlateauState(NamedTuple):
     return self._replace(scale=values["plateau_scale"])
 
 
+def _check_real(fn: str, value) -> None:
+  """Raise a TypeError naming ``value`` unless it is a real number (its dtype only: no host
+  copy, so it runs while tracing); a bool, str, complex or None would be cast or misread."""
+  try:
+    dtype = None if value is None or isinstance(value, (str, bytes)) else jnp.result_type(value)
+  except TypeError:
+    dtype = None
+  if dtype is None or not (jnp.issubdtype(dtype, jnp.floating)
+                           or jnp.issubdtype(dtype, jnp.integer)):
+    got = f"dtype {dtype}" if dtype is not None else type(value).__name__
+    raise TypeError(f"{fn}: `value` (the monitored loss or metric) must be a real number "
+                    f"(a float or int scalar), got {got}.")
+
+
 def _unit_open(draw):
   return real(0.0, 1.0, low_open=True, high_open=True, draw=draw, schedule=False)
 
@@ -55,7 +69,7 @@ def _unit_open(draw):
         patience=integer(1, draw=(1, 5)), rtol=real(0.0, 1.0, draw=(1e-4, 0.1), schedule=False),
         atol=real(0.0, schedule=False, draw=(0.0, 0.0)), cooldown=integer(0, draw=(0, 3)),
         accumulation_size=integer(1, draw=(1, 1)),
-        min_scale=real(0.0, schedule=False, draw=(0.0, 0.0)), mode=choice("min", "max"))
+        min_scale=real(0.0, 1.0, schedule=False, draw=(0.0, 0.0)), mode=choice("min", "max"))
 def reduce_on_plateau(factor: float = 0.1, patience: int = 10, rtol: float = 1e-4,
                       atol: float = 0.0, cooldown: int = 0, accumulation_size: int = 1,
                       min_scale: float = 0.0, *, mode: str = "min") -> GradientTransformation:
@@ -76,13 +90,14 @@ def reduce_on_plateau(factor: float = 0.1, patience: int = 10, rtol: float = 1e-
     atol: absolute improvement threshold (>= 0).
     cooldown: evaluations to wait after a reduction before counting again.
     accumulation_size: update calls whose values are averaged into one evaluation.
-    min_scale: the scale never goes below this.
+    min_scale: the scale never goes below this, in [0, 1] (the scale starts at 1).
     mode: "min" (the value should fall, e.g. a loss) or "max" (e.g. an accuracy); ours,
       keyword-only.
 
   Returns:
     A transformation with state :class:`ReduceLROnPlateauState`; ``update`` needs
-    ``value=`` (the monitored loss or metric). The scale in force is reported by
+    ``value=`` (the monitored loss or metric, a real scalar: a bool, str, complex or None
+    is a TypeError naming ``value``, raised while tracing). The scale in force is reported by
     :func:`optcompose.current_hyperparams` as ``plateau_scale``.
 
   References:
@@ -122,6 +137,7 @@ def reduce_on_plateau(factor: float = 0.1, patience: int = 10, rtol: float = 1e-
     expect_state(state, ReduceLROnPlateauState, fn)
     if "value" not in extra:
       raise TypeError(f"{fn} needs the monitored value: call update(..., value=loss).")
+    _check_real(fn, extra["value"])
     value = sign * jnp.asarray(extra["value"], default_float())
     if value.shape != ():
       raise ValueError(f"{fn}: `value` must be a scalar, got shape {value.shape}.")

@@ -58,8 +58,8 @@ import numpy as np
 
 from optcompose import tree as otree
 from optcompose.core import (
-    INNER, MASK, GradientTransformation, InjectHyperparamsState, ScalarOrSchedule,
-    as_transformation, current_hyperparams, expect_state, needs_params, public, real,
+    INNER, LEARNING_RATE, MASK, GradientTransformation, InjectHyperparamsState, ScalarOrSchedule,
+    as_transformation, current_hyperparams, expect_state, needs_params, public,
     safe_increment, value_at, zero_count,
 )
 from optcompose.masks import resolve_mask
@@ -149,7 +149,7 @@ def recorded_learning_rate(state: Any) -> Optional[jax.Array]:
 # The wrapper.
 
 
-@public("wrapper", inner=INNER, learning_rate=real(draw=(1e-5, 1.0))._replace(optional=True),
+@public("wrapper", inner=INNER, learning_rate=LEARNING_RATE._replace(optional=True),
         zero_mask=MASK)
 def with_diagnostics(inner: Any, learning_rate: Optional[ScalarOrSchedule] = None, *,
                      zero_mask: Any = None) -> GradientTransformation:
@@ -169,7 +169,7 @@ def with_diagnostics(inner: Any, learning_rate: Optional[ScalarOrSchedule] = Non
     inner: any gradient transformation (optcompose's or Optax's). Wrap the whole optimizer
       so that its input, on which ``grad_norm`` and ``nonfinite`` are measured, is the
       gradient.
-    learning_rate: the learning rate (a number or a schedule of the step count) to record;
+    learning_rate: the learning rate (a number >= 0 or a schedule of the step count) to record;
       by default it is read from ``inner``'s state where it is stored (see the module
       docstring), else NaN.
     zero_mask: the leaves ``zero_fraction`` counts (a mask tree, a prefix of one, or a

@@ -99,6 +99,15 @@ class PartitionState(NamedTuple):
   inner_states: dict
 
 
+def _member(tx, label) -> GradientTransformation:
+  """``transforms[label]`` of :func:`partition` as a transformation, or a TypeError naming it."""
+  try:
+    return as_transformation(tx, "partition")
+  except TypeError:
+    raise TypeError(f"partition: `transforms[{label!r}]` is {type(tx).__name__}, not a gradient "
+                    "transformation (an object with callable `init` and `update`).") from None
+
+
 @public("wrapper", optax="partition", transforms=INNER_PAIR, param_labels=LABELS,
         mask_compatible_extra_args=FLAG)
 def partition(transforms: dict, param_labels, *,
@@ -122,7 +131,8 @@ def partition(transforms: dict, param_labels, *,
 
   Raises:
     TypeError: ``transforms`` is not a non-empty dict, or its labels are not mutually
-      comparable (e.g. 0 and "x": JAX sorts the state's dict keys); a label leaf that is
+      comparable (e.g. 0 and "x": JAX sorts the state's dict keys); a value of ``transforms``
+      that is not a transformation (naming ``transforms[label]``); a label leaf that is
       unhashable (from ``init``/``update``). ValueError: a leaf's label names no
       transformation, or a transformation has no leaves (from ``init``).
 
@@ -157,7 +167,8 @@ def partition(transforms: dict, param_labels, *,
   def mask_for(label):
     return lambda tree: jax.tree.map(lambda l: l == label, labels_for(tree))
 
-  inners = {label: masked(tx, mask_for(label), mask_compatible_extra_args=mask_compatible_extra_args)
+  inners = {label: masked(_member(tx, label), mask_for(label),
+                         mask_compatible_extra_args=mask_compatible_extra_args)
             for label, tx in transforms.items()}
 
   def init(params):

@@ -36,6 +36,7 @@ References:
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
@@ -76,6 +77,25 @@ def _caller(t, who: str) -> Callable:
     return update(u, s, p, **extra)
 
   return call
+
+
+def _check_grad_fn(grad_fn: Any) -> None:
+  """Raise a TypeError naming ``grad_fn`` unless it can be called as ``grad_fn(params, i)``
+  (checked on its signature, before it is called; one without a signature, such as a
+  builtin, is called as it is)."""
+  if not callable(grad_fn):
+    raise TypeError(f"sam: `grad_fn` must be a function (params, i) -> gradients, got "
+                    f"{type(grad_fn).__name__}.")
+  try:
+    signature = inspect.signature(grad_fn)
+  except (TypeError, ValueError):
+    return
+  try:
+    signature.bind(None, 0)
+  except TypeError as e:
+    raise TypeError(f"sam: `grad_fn` must take two positional arguments, (params, i) -> "
+                    f"gradients (opaque mode calls grad_fn(adv_params, i) with i the step in "
+                    f"the cycle), but its signature is {signature} ({e}).") from None
 
 
 def _select(cond, if_true, if_false):
@@ -134,7 +154,8 @@ def sam(optimizer: Any, adv_optimizer: Any, sync_period: int = 2, reset_state: b
     ValueError: (from ``update``) ``params`` missing; or ``updates``, ``params``,
       ``state.cache`` or ``grad_fn``'s gradients differ in structure or a leaf's shape
       (the message names the path and both shapes; nothing is broadcast); or opaque mode
-      without ``grad_fn``.
+      without ``grad_fn``. TypeError: (from ``update``, opaque mode) a ``grad_fn`` whose
+      signature does not take ``(params, i)``.
 
   References:
     Foret, Kleiner, Mobahi and Neyshabur, "Sharpness-Aware Minimization for Efficiently
@@ -174,6 +195,7 @@ def sam(optimizer: Any, adv_optimizer: Any, sync_period: int = 2, reset_state: b
     if grad_fn is None:
       raise ValueError(f"{fn}: opaque_mode=True needs `grad_fn=`, a function "
                        "(params, i) -> gradients, passed to update.")
+    _check_grad_fn(grad_fn)
     needs_params(params, fn)
     otree.check_same_structure(updates, params, "updates", "params")
     adv_params, g, adv_state = params, updates, state.adv_state
