@@ -233,3 +233,12 @@ def test_averaged_weights_come_last_in_a_chain():
   updates, state = tx.update(G, state, P)
   new = oc.apply_updates(P, updates)
   np.testing.assert_allclose(oc.averaged_params(state, kind="ema")["w"], new["w"], rtol=1e-6)
+
+
+@pytest.mark.parametrize("schedule, error", [
+    (lambda count: None, ValueError), (lambda count: "x", ValueError),
+    (lambda: 0.1, TypeError), (lambda count: jnp.ones(3), ValueError)])
+def test_a_malformed_schedule_is_named(schedule, error):
+  with pytest.raises(error, match="the schedule given as `learning_rate` must take the step "
+                     "count and return a real scalar"):
+    oc.adam(schedule).init(P)

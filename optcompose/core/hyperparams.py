@@ -87,8 +87,15 @@ def rebuilt_each_step(build: Callable[[dict], Any], live: dict, schedules: dict,
   def values_at(count, stored):
     values, used = dict(stored), dict(stored)
     for name, schedule in schedules.items():
-      raw = schedule(count)
-      used[name] = as_hyperparam(raw, dtype)
+      try:
+        raw = schedule(count)
+        if jnp.shape(raw) != ():
+          raise ValueError(f"it returned shape {jnp.shape(raw)}, not a scalar")
+        used[name] = as_hyperparam(raw, dtype)
+      except (TypeError, ValueError) as e:  # the schedule's own error, with its name
+        kind = TypeError if isinstance(e, TypeError) else ValueError
+        raise kind(f"{who}: the schedule given as `{name}` must take the step count and "
+                   f"return a real scalar: {e}") from e
       values[name] = used[name] if cast_scheduled else raw
     return values, used
 
