@@ -242,3 +242,16 @@ def test_a_malformed_schedule_is_named(schedule, error):
   with pytest.raises(error, match="the schedule given as `learning_rate` must take the step "
                      "count and return a real scalar"):
     oc.adam(schedule).init(P)
+
+
+def test_set_hyperparams_under_jit_takes_a_traced_value():
+  """Inside jit the value is a tracer: its type and shape are checked, its range cannot be
+  (that would need a host copy)."""
+  tx = oc.inject_hyperparams(oc.sgd)(0.1)
+
+  @jax.jit
+  def run(learning_rate):
+    state = oc.set_hyperparams(tx.init(P), learning_rate=learning_rate)
+    return tx.update(G, state, P)[0]
+
+  np.testing.assert_allclose(run(jnp.float32(0.5))["w"], -0.5 * G["w"], rtol=1e-6)

@@ -248,6 +248,8 @@ def check_held(key: str, name: str, value: Any, stored: jax.Array,
   """Validate ``value``, given to set_hyperparams and ``stored`` in its holder's dtype,
   against every declaration of ``name`` (the strictest wins: the state does not say which
   builder holds it)."""
+  if isinstance(value, jax.core.Tracer) or isinstance(stored, jax.core.Tracer):
+    return  # a value traced under jit is checked when it is a number (not here: no host copy)
   given, x, dtype = float(value), float(stored), stored.dtype
   hypers = DECLARED.get(name, ()) or (Hyper(("float",), numeric=True),)  # finite at least
   for hyper in hypers:
