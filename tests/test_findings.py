@@ -236,7 +236,7 @@ def test_averaged_weights_come_last_in_a_chain():
 
 
 @pytest.mark.parametrize("schedule, error", [
-    (lambda count: None, ValueError), (lambda count: "x", ValueError),
+    (lambda count: None, TypeError), (lambda count: "x", TypeError),
     (lambda: 0.1, TypeError), (lambda count: jnp.ones(3), ValueError)])
 def test_a_malformed_schedule_is_named(schedule, error):
   with pytest.raises(error, match="the schedule given as `learning_rate` must take the step "

@@ -89,6 +89,9 @@ def rebuilt_each_step(build: Callable[[dict], Any], live: dict, schedules: dict,
     for name, schedule in schedules.items():
       try:
         raw = schedule(count)
+        if not isinstance(raw, (numbers.Real, np.ndarray, np.generic, jax.Array)) or isinstance(
+            raw, (bool, np.bool_)):
+          raise TypeError(f"it returned {type(raw).__name__} {raw!r:.40}")
         if jnp.shape(raw) != ():
           raise ValueError(f"it returned shape {jnp.shape(raw)}, not a scalar")
         used[name] = as_hyperparam(raw, dtype)
