@@ -236,6 +236,10 @@ CASES = [
          optax=lambda: optax.nadamw(LR, weight_decay=0.1)),
     Case("sign_sgd", lambda: oc.sign_sgd(lr_schedule), ("sign_sgd", "scale_by_sign"),
          optax=lambda: optax.sign_sgd(lr_schedule)),
+    # --- issue 15, sign family (lion, signum, optimistic) --- (helper: append above this line)
+    # --- issue 15, Adam variants (adabelief, radam, amsgrad, yogi, adamax, adan) --- (append above)
+    # --- issue 15, trust ratio (lamb, lars, fromage, param block norms) --- (append above)
+    # --- issue 15, classic (adadelta, novograd, sm3, rprop, polyak, noisy_sgd) --- (append above)
 ]
 
 # Public builders whose reference check needs what the trajectory runner cannot give
