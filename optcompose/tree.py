@@ -148,11 +148,12 @@ def promote(*values) -> tuple:
 
 
 def squared_norm(tree: Any) -> jax.Array:
-  """Sum of squared absolute values over all leaves, accumulated in float32 or wider."""
+  """Sum of squared absolute values over all leaves, squared and accumulated in float32 or
+  wider (a float16 300 squared is inf in float16)."""
   leaves = jax.tree.leaves(tree)
   if not leaves:
     return jnp.zeros([], jnp.float32)
-  total = [jnp.sum(abs_sq(x).astype(promote_types(jnp.result_type(x), jnp.float32)))
+  total = [jnp.sum(abs_sq(jnp.asarray(x).astype(promote_types(jnp.result_type(x), jnp.float32))))
            for x in leaves]
   # Summed left to right, each addition in the wider of its two operands.
   return functools.reduce(lambda a, b: jnp.add(*promote(a, b)), total)

@@ -158,7 +158,8 @@ def test_14_flags_are_bools_and_early_stopping_keeps_dtypes():
 
 @pytest.mark.parametrize("eps", [1e-50, 1e-40])  # 0 in float32; a subnormal, flushed by XLA
 def test_an_eps_that_rounds_to_zero_is_zero(eps):
-  with pytest.raises(ValueError, match="`eps` and `eps_root` are both 0"):
+  with pytest.raises(ValueError, match="`eps` and `eps_root` are both 0|`eps` is 1e-50, which "
+                     "is 0 in float32"):
     oc.adam(1e-3, eps=eps)
   oc.adam(1e-3, eps=1e-30)  # a normal float32: accepted
 
@@ -255,3 +256,20 @@ def test_set_hyperparams_under_jit_takes_a_traced_value():
     return tx.update(G, state, P)[0]
 
   np.testing.assert_allclose(run(jnp.float32(0.5))["w"], -0.5 * G["w"], rtol=1e-6)
+
+
+def test_a_nonzero_value_that_rounds_to_zero_is_refused():
+  with pytest.raises(ValueError, match="`learning_rate` is 1e-50, which is 0 in float32"):
+    oc.adam(1e-50)
+  state = oc.inject_hyperparams(oc.sgd)(0.1).init(P)
+  with pytest.raises(ValueError, match="`learning_rate` is 1e-50, which is 0 in float32"):
+    oc.set_hyperparams(state, learning_rate=1e-50)
+  oc.adam(0.0)  # an exact 0 is a value, not an accident
+
+
+def test_float16_norms_do_not_overflow():
+  """300 squared is inf in float16: normalize gave 0 (squares now in float32)."""
+  g = {"w": jnp.array([300.0, -300.0, 300.0], jnp.float16)}
+  u, _ = oc.normalize().update(g, oc.normalize().init(g))
+  np.testing.assert_allclose(np.asarray(u["w"], np.float32), [0.57735, -0.57735, 0.57735],
+                             rtol=1e-3)

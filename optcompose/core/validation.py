@@ -100,6 +100,9 @@ def _check_range(fn_name, name, given, x, dtype, low, high, low_open, high_open)
   if not np.isfinite(x):
     why = "" if not np.isfinite(given) else f" (it is {x} in {dtype}, the dtype it is used in)"
     raise ValueError(f"{fn_name}: `{name}` must be finite, got {given!r}{why}.")
+  if given != 0 and x == 0:
+    raise ValueError(f"{fn_name}: `{name}` is {given!r}, which is 0 in {dtype}, the dtype it "
+                     "is used in; give 0 if 0 is meant.")
   if outside(x):
     lo = "-inf" if low is None else _bound(low)
     hi = "inf" if high is None else _bound(high)
