@@ -150,7 +150,11 @@ def _argument(spec) -> st.SearchStrategy:
     lo, hi = spec[1], spec[2]
     if lo > 0:  # log-uniform: learning rates and epsilons span decades
       return st.floats(np.log10(lo), np.log10(hi)).map(lambda e: float(10.0 ** e))
-    return st.floats(lo, hi, allow_nan=False, allow_infinity=False)
+    # Values that float32 cannot hold as normal numbers are drawn as 0 (the builders refuse
+    # a nonzero value that rounds to 0 in its dtype).
+    tiny = float(np.finfo(np.float32).tiny)
+    return st.floats(lo, hi, allow_nan=False, allow_infinity=False).map(
+        lambda x: 0.0 if abs(x) < tiny else x)
   if kind == "int":
     return st.integers(spec[1], spec[2])
   if kind == "bool":
