@@ -56,4 +56,6 @@ def __getattr__(name):
   # The property kit is not imported by the package; ``optcompose.testing`` loads it.
   if name == "testing":
     return _importlib.import_module("optcompose.testing")
-  raise AttributeError(f"module 'optcompose' has no attribute {name!r}")
+  # Optax's names outside the optimizer domain (losses, projections, ...), or an error that
+  # says what to use for an optimizer-domain name not rebuilt yet.
+  return _importlib.import_module("optcompose._from_optax").resolve(name)

@@ -24,7 +24,7 @@ FLOORS = [
     ("optcompose.wrappers",),
     ("optcompose.optimizers",),
     ("optcompose.recipe", "optcompose.flat", "optcompose.checkpoint", "optcompose._checkpoint_check",
-     "optcompose._checkpoint_io", "optcompose.sharding"),
+     "optcompose._checkpoint_io", "optcompose.sharding", "optcompose._from_optax"),
     ("optcompose.testing",),
     ("optcompose",),  # the package's __init__: re-exports only
 ]
