@@ -108,6 +108,26 @@ REQUIRED = {"trace": {"decay": 0.9}, "ema": {"decay": 0.9}, "scale_by_bias_corre
             "clip_by_block_rms": {"threshold": 0.5}, "adaptive_grad_clip": {"clipping": 0.1}}
 
 
+def _value(name, arg):
+  """The value tried for ``name(arg=...)``: from VALUES, else the middle of the range the
+  registry declares for the property kit (geometric for a positive range)."""
+  if arg in VALUES:
+    return VALUES[arg]
+  draw = REGISTRY[name].hypers[arg].draw
+  draw = draw[1] if draw[0] == "optional" else draw
+  lo, hi = draw[1], draw[2]
+  return float(np.sqrt(lo * hi)) if lo > 0 else (lo + hi) / 2
+
+
+def _required(name):
+  """Arguments without a default (REQUIRED, else the declared middle values)."""
+  if name in REQUIRED:
+    return dict(REQUIRED[name])
+  params = inspect.signature(getattr(oc, name)).parameters
+  return {p: _value(name, p) for p, v in params.items()
+          if v.default is inspect.Parameter.empty and p in REGISTRY[name].hypers}
+
+
 def test_schedulable_hyperparameters_are_declared():
   assert len(SCHEDULABLE) >= 15
   assert ("scale_by_adam", "b1") in SCHEDULABLE and ("trace", "decay") in SCHEDULABLE
@@ -118,10 +138,10 @@ def test_schedulable_hyperparameters_are_declared():
 def test_a_constant_schedule_equals_the_number(name, arg):
   """Every hyperparameter accepts a schedule; a constant one reproduces the number."""
   build = getattr(oc, name)
-  kwargs = dict(REQUIRED.get(name, {}))
-  kwargs[arg] = VALUES[arg]
+  kwargs = _required(name)
+  kwargs[arg] = _value(name, arg)
   with_number = oc.chain(build(**kwargs), oc.scale(-0.01))
-  kwargs[arg] = lambda count, v=VALUES[arg]: jnp.float32(v) + 0 * jnp.asarray(count, jnp.float32)
+  kwargs[arg] = lambda count, v=kwargs[arg]: jnp.float32(v) + 0 * jnp.asarray(count, jnp.float32)
   with_schedule = oc.chain(build(**kwargs), oc.scale(-0.01))
   prob = quadratic()
   a, sa = run(with_number, prob, 12, True, oc.apply_updates)

@@ -25,7 +25,9 @@ from problems import mlp
 from registry import CASES
 
 STEPS = 30
-PER_LEAF = {"clip_by_leaf_norm", "clip_by_block_rms", "adaptive_grad_clip"}
+PER_LEAF = {"clip_by_leaf_norm", "clip_by_block_rms", "adaptive_grad_clip", "lamb", "lars", "fromage",
+            "scale_by_param_block",
+            "novograd", "sm3", "noisy_sgd"}  # per-leaf norms, per-axis covers, per-leaf keys
 
 
 def matrices(params):

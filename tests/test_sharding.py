@@ -90,7 +90,13 @@ def assert_placed(state, params_shardings, replicated):
         f"state{jax.tree_util.keystr(path)}: {leaf.sharding} instead of {want}")
 
 
-def check_case(tx, specs, mesh, with_value=False, auto=True):
+# Cases whose state has leaves shaped like a parameter without being that parameter's: SM3's
+# per-axis covers (the (16,) cover of the (8, 16) kernel is not the (16,) bias; XLA shards a
+# cover along its axis, e.g. P("data")). Their state placement is not asserted; values are.
+PER_AXIS_STATE = {"sm3"}
+
+
+def check_case(tx, specs, mesh, with_value=False, auto=True, placed=True):
   plain, sharded, shardings = make_params(specs, mesh)
   replicated = NamedSharding(mesh, P())
   if auto:
@@ -102,7 +108,8 @@ def check_case(tx, specs, mesh, with_value=False, auto=True):
     with set_mesh(mesh):
       state = jax.jit(tx.init)(sharded)
   params_shardings = (jax.tree.leaves(sharded), jax.tree.leaves(shardings))
-  assert_placed(state, params_shardings, replicated)
+  if placed:
+    assert_placed(state, params_shardings, replicated)
 
   if auto:
     out_params, out_state, updates = train(tx, sharded, state, with_value)
@@ -114,7 +121,8 @@ def check_case(tx, specs, mesh, with_value=False, auto=True):
       if auto and tree is updates and not np.any(np.asarray(leaf)):
         continue  # a constant zero update (set_to_zero) has no data for auto mode to place
       assert leaf.sharding.is_equivalent_to(want, leaf.ndim), (leaf.sharding, want)
-  assert_placed(out_state, params_shardings, replicated)
+  if placed:
+    assert_placed(out_state, params_shardings, replicated)
 
   ref_params, ref_state, _ = train(tx, plain, tx.init(plain), with_value)
   # Elementwise math is the same on every shard, but the sharded program is another program
@@ -129,7 +137,8 @@ def check_case(tx, specs, mesh, with_value=False, auto=True):
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_every_case_keeps_mixed_shardings_and_matches_unsharded(case):
-  check_case(case.ours(), MIXED, cpu_mesh(AxisType.Auto), with_value=case.with_value)
+  check_case(case.ours(), MIXED, cpu_mesh(AxisType.Auto), with_value=case.with_value,
+             placed=case.name not in PER_AXIS_STATE)
 
 
 def test_sharpness_aware_keeps_mixed_shardings_and_matches_unsharded():

@@ -65,7 +65,8 @@ def _add_scaled_params(who: str, coef, mask: Mask) -> GradientTransformation:
   return masked_leafwise(who, leaf, mask)
 
 
-@public("transformation", optax="add_decayed_weights", weight_decay=real(0.0, draw=(0.0, 0.5)),
+# Any finite rate (Optax's range): Fromage adds mu - 1 < 0 times the weights.
+@public("transformation", optax="add_decayed_weights", weight_decay=real(draw=(0.0, 0.5)),
         mask=MASK)
 def add_decayed_weights(weight_decay: ScalarOrSchedule = 0.0,
                         mask: Mask = None) -> GradientTransformation:
@@ -76,7 +77,9 @@ def add_decayed_weights(weight_decay: ScalarOrSchedule = 0.0,
   zero is ``lr * weight_decay * w`` (AdamW).
 
   Args:
-    weight_decay: lambda >= 0, a number or a schedule.
+    weight_decay: lambda, any finite number as in Optax (``fromage`` adds ``mu - 1 < 0``
+      after its learning-rate step: ``w <- mu w``), or a schedule. The optimizers that take
+      a ``weight_decay`` (``adamw``, ``lamb``, ...) ask for lambda >= 0.
     mask: a tree of Python bools with the parameters' structure (or a prefix of it), or a
       callable returning one from the parameters; ``True`` leaves are decayed. ``None``
       decays every leaf. A mask that does not fit the parameters is an error at ``init``.

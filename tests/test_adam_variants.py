@@ -1,0 +1,84 @@
+"""Adam's variants beyond the registry's one case each: the options those cases leave at
+their defaults (against Optax in float64), and the ranges where we are stricter than Optax
+or compute otherwise (float16 statistics in float32)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import optcompose as oc
+from numerics import F64_RTOL, assert_rel_close, standard_promotion, x64
+
+# (builder, keyword arguments): the options the registry's cases do not exercise.
+OPTIONS = [
+    ("scale_by_belief", dict(b1=0.8, b2=0.99, eps=1e-8, eps_root=1e-10, nesterov=True)),
+    ("scale_by_radam", dict(b2=0.99, eps_root=1e-8, threshold=6.0)),
+    ("scale_by_amsgrad", dict(b2=0.99, bias_correction_mu=False, bias_correction_nu=False)),
+    ("scale_by_yogi", dict(b2=0.9, eps=1e-6, eps_root=1e-8, initial_accumulator_value=0.0)),
+    ("scale_by_adamax", dict(b1=0.8, b2=1.0, eps=1e-6)),
+    ("scale_by_adan", dict(b1=0.9, b2=0.8, b3=0.95, eps_root=1e-8)),
+]
+
+
+def _trajectory(tx, params, steps=25):
+  """Parameters after each step on f(w) = sum(w^4 / 4 - w) (a gradient that changes sign)."""
+  grad = lambda w: jax.tree.map(lambda x: x ** 3 - 1.0, w)  # noqa: E731
+
+  @jax.jit
+  def run(params):
+    def step(carry, _):
+      w, state = carry
+      u, state = tx.update(grad(w), state, w)
+      w = jax.tree.map(lambda a, b: a - 0.05 * b, w, u)
+      return (w, state), w
+    return jax.lax.scan(step, (params, tx.init(params)), None, length=steps)[1]
+
+  return run(params)
+
+
+@pytest.mark.float64
+@pytest.mark.parametrize("name, kwargs", OPTIONS, ids=[n for n, _ in OPTIONS])
+def test_options_match_optax_in_float64(name, kwargs):
+  with x64():
+    params = {"w": jnp.linspace(-1.5, 2.0, 7), "b": jnp.float64(0.3)}
+    ours = _trajectory(getattr(oc, name)(**kwargs), params)
+    ref = _trajectory(standard_promotion(getattr(optax, name)(**kwargs)), params)
+    assert_rel_close(ours, ref, F64_RTOL)
+    assert float(jnp.max(jnp.abs(ours["w"][-1] - params["w"]))) > 0.1  # it moved
+
+
+def test_radam_threshold_below_4_and_a_scheduled_b2_are_refused():
+  with pytest.raises(ValueError, match="threshold"):
+    oc.scale_by_radam(threshold=3.0)  # Optax: r_t = sqrt(< 0) = NaN once 2 < rho_t < 4
+  with pytest.raises(ValueError, match="threshold"):
+    oc.radam(1e-3, threshold=3.0)
+  with pytest.raises(TypeError, match="b2"):
+    oc.scale_by_radam(b2=lambda count: 0.99)
+
+
+def test_negative_initial_accumulator_and_zero_eps_are_refused():
+  with pytest.raises(ValueError, match="initial_accumulator_value"):
+    oc.scale_by_yogi(initial_accumulator_value=-1e-6)
+  for build in (oc.scale_by_belief, oc.scale_by_amsgrad, oc.scale_by_yogi, oc.scale_by_adan,
+                oc.scale_by_radam):
+    with pytest.raises(ValueError, match="eps"):
+      build(eps=0.0, eps_root=0.0)
+  with pytest.raises(ValueError, match="eps"):
+    oc.scale_by_adamax(eps=0.0)
+
+
+@pytest.mark.parametrize("tx", [oc.adamax(1e-2), oc.adabelief(1e-2)],
+                         ids=["adamax", "adabelief"])
+def test_float16_zero_gradients_give_finite_zero_updates(tx):
+  """float16 statistics are computed in float32: eps = 1e-8 (1e-16 for AdaBelief) is 0 in
+  float16, where a gradient that is 0 from the start would give 0 / 0."""
+  params = {"w": jnp.ones(3, jnp.float16)}
+  state = tx.init(params)
+  for _ in range(2):
+    u, state = tx.update({"w": jnp.zeros(3, jnp.float16)}, state, params)
+    assert u["w"].dtype == jnp.float16
+    np.testing.assert_array_equal(np.asarray(u["w"], np.float32), 0.0)
