@@ -123,7 +123,7 @@ def assert_rel_close(actual, desired, rtol: float, what: str = ""):
 
 
 def lockstep(ours, ref, problem, steps: int, jit: bool, apply_ref, with_value: bool = False,
-             jit_ref: bool | None = None):
+             jit_ref: bool | None = None, jit_apply: bool = False):
   """Run two transformations side by side on the reference's trajectory.
 
   At every step both receive the same gradients, parameters (and ``value=`` loss): the
@@ -131,11 +131,16 @@ def lockstep(ours, ref, problem, steps: int, jit: bool, apply_ref, with_value: b
   from identical inputs and its own state. The states evolve by contracting recursions
   (moving averages, sums), so their rounding differences stay at rounding size; comparing
   the updates in ulps proves the same arithmetic without a trajectory to amplify them.
+
+  ``jit_apply``: ``apply_ref`` (the harness's step to the next parameters, not a compared
+  computation) runs as one jitted call (``jit_once``) instead of op by op; an elementwise sum
+  rounds the same either way, so the parameters, and all that is compared, are unchanged.
   """
   params = problem.params
   s_ours, s_ref = ours.init(params), ref.init(params)
   up_ours = jax.jit(ours.update) if jit else ours.update
   up_ref = jax.jit(ref.update) if (jit if jit_ref is None else jit_ref) else ref.update
+  apply_ref = jit_once(apply_ref) if jit_apply else apply_ref
   for t in range(steps):
     g = problem.grad(params, t)
     extra = {"value": problem.loss(params)} if with_value else {}
@@ -143,3 +148,10 @@ def lockstep(ours, ref, problem, steps: int, jit: bool, apply_ref, with_value: b
     u_ref, s_ref = up_ref(g, s_ref, params, **extra)
     yield t, u_ours, u_ref, params
     params = apply_ref(params, u_ref)
+
+
+@functools.cache
+def jit_once(fn):
+  """``jax.jit(fn)``, one per function: a harness step shared by every case (``apply_updates``)
+  is traced and compiled once per tree and dtype, not once per test."""
+  return jax.jit(fn)

@@ -71,14 +71,21 @@ def mlp(dtype=jnp.float32, outputs: int = 1) -> Problem:
   return Problem("mlp", params, jax.jit(grad), jax.jit(functools.partial(loss_on, xb=x, yb=y)))
 
 
-def run(tx, problem: Problem, steps: int, jit: bool, apply_updates, with_value: bool = False):
+def run(tx, problem: Problem, steps: int, jit: bool, apply_updates, with_value: bool = False,
+        jit_apply: bool = False):
   """Train ``steps`` steps; return the list of params after each step and the final state.
 
   ``with_value`` passes the current loss as ``value=`` (for plateau control).
+  ``jit_apply`` runs ``apply_updates`` as one jitted call (``numerics.jit_once``: compiled
+  once per function, tree and dtype) instead of op by op; an elementwise sum rounds the same
+  either way, so the path is unchanged.
   """
   params = problem.params
   state = tx.init(params)
   update = jax.jit(tx.update) if jit else tx.update
+  if jit_apply:
+    from numerics import jit_once
+    apply_updates = jit_once(apply_updates)
   path = []
   for t in range(steps):
     g = problem.grad(params, t)

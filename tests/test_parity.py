@@ -54,12 +54,42 @@ def by_case(cases, *axes):
 def ours_and_ref_f64(case, problem_name):
   with x64():
     prob = problem(problem_name, jnp.float64)
-    ours, _ = run(case.ours(), prob, STEPS, True, oc.apply_updates, case.with_value)
-    ref, _ = run(case.optax(), prob, STEPS, True, OPTAX_APPLY, case.with_value)
+    # (jit_apply: the harness's apply_updates as one jitted call, not op by op; same sums.)
+    ours, _ = run(case.ours(), prob, STEPS, True, oc.apply_updates, case.with_value,
+                  jit_apply=True)
+    ref, _ = run(case.optax(), prob, STEPS, True, OPTAX_APPLY, case.with_value, jit_apply=True)
     return prob, ours, ref
 
 
+def trajectories_within(ours, ref, rtol) -> bool:
+  """``assert_rel_close``'s bound at every step, evaluated on all steps at once: True only
+  where every step would pass it (same trees and shapes, finite values, each leaf within
+  ``rtol`` of its step's largest reference magnitude); anything else (a failure, a NaN, an
+  empty leaf) is left to the step-by-step assertions."""
+  steps = min(len(ours), len(ref))
+  flat_a = [jax.tree.flatten(a) for a in ours[:steps]]
+  flat_d = [jax.tree.flatten(d) for d in ref[:steps]]
+  if not steps or any(ta != flat_d[0][1] or td != flat_d[0][1]
+                      for (_, ta), (_, td) in zip(flat_a, flat_d)):
+    return False
+  for i in range(len(flat_d[0][0])):
+    a = [np.asarray(leaves[i], np.float64) for leaves, _ in flat_a]
+    d = [np.asarray(leaves[i], np.float64) for leaves, _ in flat_d]
+    if len({x.shape for x in a + d}) != 1 or not d[0].size:
+      return False
+    a, d = np.stack(a), np.stack(d)
+    if not (np.all(np.isfinite(a)) and np.all(np.isfinite(d))):
+      return False
+    axes = tuple(range(1, d.ndim))
+    scale = np.maximum(np.max(np.abs(d), axis=axes), 1e-3)
+    if not np.all(np.max(np.abs(a - d), axis=axes) <= rtol * scale):
+      return False
+  return True
+
+
 def assert_trajectories_close(ours, ref, rtol):
+  if trajectories_within(ours, ref, rtol):
+    return
   for t, (a, b) in enumerate(zip(ours, ref)):
     assert_rel_close(a, b, rtol, what=f"step {t}:")
 
@@ -80,7 +110,7 @@ def assert_lockstep(case, prob, steps, jit, ulps):
   moved = False
   for t, u_ours, u_ref, params in lockstep(case.ours(), case.optax(), prob, steps, jit,
                                            OPTAX_APPLY, case.with_value,
-                                           jit_ref=jit or case.slow_eager_ref):
+                                           jit_ref=jit or case.slow_eager_ref, jit_apply=jit):
     # Our updates keep the parameters' dtype. Optax's are promoted to float32 when a
     # float32 schedule value multiplies bfloat16 parameters (add_decayed_weights with a
     # schedule); its apply_updates rounds them back, so compare what it would apply.
@@ -88,7 +118,7 @@ def assert_lockstep(case, prob, steps, jit, ulps):
       assert u.dtype == jax.tree.leaves(params)[0].dtype
     u_ref = jax.tree.map(lambda r, o: r.astype(o.dtype), u_ref, u_ours)
     assert_ulps_close(u_ours, u_ref, ulps, what=f"step {t}: ")
-    moved |= any(bool(jnp.any(u != 0)) for u in jax.tree.leaves(u_ref))
+    moved |= any(bool(np.any(np.asarray(u) != 0)) for u in jax.tree.leaves(u_ref))
   assert moved, "the reference never moved: nothing was compared"
 
 
@@ -116,7 +146,7 @@ def test_bfloat16_steps_match_optax(case):
 # is the reference only where no second moment is involved.
 SECOND_MOMENT = ("adam", "rms", "rss", "stddev", "adagrad", "second_moment", "l2", "masked",
                  "partition", "inject", "multi_steps", "apply_if_finite", "ema_params",
-                 "lookahead", "diagnostics")
+                 "lookahead", "diagnostics", "adadelta", "novograd", "sm3")
 FLOAT16_CASES = [c for c in OPTAX_CASES
                  if c.bf16_like_optax and not any(s in c.name for s in SECOND_MOMENT)]
 NO_F16C = "xla_cpu_max_isa=SSE" in os.environ.get("XLA_FLAGS", "")
