@@ -44,8 +44,9 @@ min-venv:
 ## make test: create .venv (and .venv-min), then
 ##   1. the whole suite, on this CPU's full instruction set;
 ##   2. the numerics tests again with XLA limited to SSE4.2 (x86_64 only), but those in
-##      float64 (marker float64), whose tolerance is four orders above any ISA's rounding;
-##   3. the numerics tests and the API-surface tests at the minimum versions
+##      float64 (marker float64), whose tolerance is four orders above any ISA's rounding,
+##      and the eager runs (op by op: the jitted runs exercise the ISA's fusions);
+##   3. the numerics tests (jitted) and the API-surface tests at the minimum versions
 ##      (requirements-min.txt), with XLA limited to AVX2 (x86_64; elsewhere the default);
 ##   4. the wheel: built, installed in a fresh venv outside the checkout, one training step.
 ## (The installs and the wheel's build run beside the whole suite: they mostly wait on the
@@ -66,7 +67,7 @@ test-isa: $(VENV)/.stamp-test
 	@if [ "$$(uname -m)" = x86_64 ]; then \
 	  echo "numerics tests but the float64 ones, XLA limited to SSE4.2"; \
 	  XLA_FLAGS=--xla_cpu_max_isa=SSE4_2 $(PY) $(PYTEST) -p no:cacheprovider \
-	    -m "numerics and not float64" tests; \
+	    -m "numerics and not float64" -k "not eager" tests; \
 	else echo "not x86_64: no instruction-set variant to run"; fi
 
 # Markers (pyproject.toml): `numerics` compares floating-point results of two programs;
@@ -76,7 +77,7 @@ test-min: min-venv
 	isa=$$([ "$$(uname -m)" = x86_64 ] && echo --xla_cpu_max_isa=AVX2); \
 	echo "numerics and API tests at the minimum versions (requirements-min.txt), XLA_FLAGS=$$isa"; \
 	PYTHONPATH=$(CURDIR) XLA_FLAGS=$$isa $(MIN)/bin/python $(PYTEST) -p no:cacheprovider \
-	  -m "numerics or min_versions" tests
+	  -m "numerics or min_versions" -k "not eager" tests
 
 test-wheel: $(VENV)/.stamp-test
 	$(PY) tools/check_wheel.py

@@ -297,7 +297,9 @@ CASES = [
     # decay) cancels to ~1e-3: their rounding shows magnified (measured 14 ulps).
     Case("novograd", lambda: oc.novograd(lr_schedule, weight_decay=1e-2),
          ("novograd", "scale_by_novograd"),
-         optax=lambda: optax.novograd(lr_schedule, weight_decay=1e-2), f32_ulps=32),
+         # 32 on AVX-512; 36.9 under AVX2 at the minimum versions (the one-element bias of
+         # the MLP, where the update is a difference of larger terms).
+         optax=lambda: optax.novograd(lr_schedule, weight_decay=1e-2), f32_ulps=64),
     Case("sm3", lambda: oc.sm3(0.05), ("sm3", "scale_by_sm3"), optax=lambda: optax.sm3(0.05)),
     Case("rprop", lambda: oc.rprop(LR), ("rprop", "scale_by_rprop"),
          optax=lambda: optax.rprop(LR)),
@@ -321,7 +323,13 @@ _EAGER_QUADRATIC_ONLY = {
     "masked", "partition_frozen", "inject_hyperparams", "multi_steps", "apply_if_finite",
     "ema_params_swa", "lookahead", "sam", "reduce_on_plateau", "with_diagnostics",
 }
-CASES = [c._replace(eager_on_mlp=c.name not in _EAGER_QUADRATIC_ONLY) for c in CASES]
+# Eager execution runs the same formulas op by op (30 steps of ~30 ms each): every case runs
+# it on the quadratic, and these representative optimizers on the MLP too (time: eager steps
+# cannot be compiled away).
+_EAGER_ON_MLP = {"sgd_nesterov", "adam", "adamw", "rmsprop_centered_momentum", "lion", "lamb",
+                 "adabelief", "adagrad"}
+CASES = [c._replace(eager_on_mlp=c.name in _EAGER_ON_MLP and c.name not in _EAGER_QUADRATIC_ONLY)
+         for c in CASES]
 
 # float32 per-step tolerances above the default 8 epsilons (measured worst case on AVX-512,
 # AVX2 and SSE4.2 in brackets). The ulps are counted at the update's own magnitude, so a
