@@ -297,9 +297,11 @@ CASES = [
     # decay) cancels to ~1e-3: their rounding shows magnified (measured 14 ulps).
     Case("novograd", lambda: oc.novograd(lr_schedule, weight_decay=1e-2),
          ("novograd", "scale_by_novograd"),
-         # 32 on AVX-512; 36.9 under AVX2 at the minimum versions (the one-element bias of
-         # the MLP, where the update is a difference of larger terms).
-         optax=lambda: optax.novograd(lr_schedule, weight_decay=1e-2), f32_ulps=64),
+         # 32 on AVX-512; up to 130 under AVX2 at the minimum versions (jax 0.6.2), on the
+         # one-element bias of the MLP: a leaf norm of one element is |g|, and the update
+         # g / (|g| + eps) + wd * w is a difference of larger terms. The float64 trajectory
+         # holds the formula at the usual 1e-10.
+         optax=lambda: optax.novograd(lr_schedule, weight_decay=1e-2), f32_ulps=256),
     Case("sm3", lambda: oc.sm3(0.05), ("sm3", "scale_by_sm3"), optax=lambda: optax.sm3(0.05)),
     Case("rprop", lambda: oc.rprop(LR), ("rprop", "scale_by_rprop"),
          optax=lambda: optax.rprop(LR)),
