@@ -131,6 +131,27 @@ def check_not_both_zero(fn_name: str, eps: Any, eps_root: Any) -> None:
         "since the start would give 0 / 0 = NaN. Make one of them positive (e.g. eps=1e-8).")
 
 
+def check_real_value(fn_name: str, name: str, value: Any, what: str) -> None:
+  """Raise a TypeError naming ``fn_name``'s ``name`` unless ``value`` is a real number (a
+  float or int scalar or array). Its dtype only is read, so it runs while tracing; a bool,
+  str, complex or None would be cast or misread.
+
+  Args:
+    fn_name: the transformation, for the message.
+    name: the argument (``value``).
+    what: what it means, for the message (``the monitored loss``).
+  """
+  try:
+    dtype = None if value is None or isinstance(value, (str, bytes)) else jnp.result_type(value)
+  except TypeError:
+    dtype = None
+  if dtype is None or not (jnp.issubdtype(dtype, jnp.floating)
+                           or jnp.issubdtype(dtype, jnp.integer)):
+    got = f"dtype {dtype}" if dtype is not None else type(value).__name__
+    raise TypeError(f"{fn_name}: `{name}` ({what}) must be a real number (a float or int "
+                    f"scalar), got {got}.")
+
+
 def check_state_dtype(fn_name: str, name: str, dtype: Any) -> None:
   """Raise a TypeError naming ``fn_name(name=...)`` unless ``dtype`` is a floating-point or
   complex dtype: a moment or accumulator stored as integers would be truncated (to 0 for

@@ -27,6 +27,7 @@ from optcompose.core import (
     GradientTransformation, as_hyperparam, choice, default_float, expect_state, integer, public,
     real, safe_increment, zero_count,
 )
+from optcompose.core.validation import check_real_value
 
 
 class ReduceLROnPlateauState(NamedTuple):
@@ -45,20 +46,6 @@ class ReduceLROnPlateauState(NamedTuple):
   def with_hyperparams(self, values: dict) -> "ReduceLROnPlateauState":
     """The state with ``plateau_scale`` replaced (:func:`optcompose.set_hyperparams`)."""
     return self._replace(scale=values["plateau_scale"])
-
-
-def _check_real(fn: str, value) -> None:
-  """Raise a TypeError naming ``value`` unless it is a real number (its dtype only: no host
-  copy, so it runs while tracing); a bool, str, complex or None would be cast or misread."""
-  try:
-    dtype = None if value is None or isinstance(value, (str, bytes)) else jnp.result_type(value)
-  except TypeError:
-    dtype = None
-  if dtype is None or not (jnp.issubdtype(dtype, jnp.floating)
-                           or jnp.issubdtype(dtype, jnp.integer)):
-    got = f"dtype {dtype}" if dtype is not None else type(value).__name__
-    raise TypeError(f"{fn}: `value` (the monitored loss or metric) must be a real number "
-                    f"(a float or int scalar), got {got}.")
 
 
 def _unit_open(draw):
@@ -137,7 +124,7 @@ def reduce_on_plateau(factor: float = 0.1, patience: int = 10, rtol: float = 1e-
     expect_state(state, ReduceLROnPlateauState, fn)
     if "value" not in extra:
       raise TypeError(f"{fn} needs the monitored value: call update(..., value=loss).")
-    _check_real(fn, extra["value"])
+    check_real_value(fn, "value", extra["value"], "the monitored loss or metric")
     value = sign * jnp.asarray(extra["value"], default_float())
     if value.shape != ():
       raise ValueError(f"{fn}: `value` must be a scalar, got shape {value.shape}.")

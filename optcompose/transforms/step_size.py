@@ -24,6 +24,7 @@ from optcompose import tree as otree
 from optcompose.core import (
     EmptyState, GradientTransformation, choice, default_float, expect_state, public, real,
 )
+from optcompose.core.validation import check_real_value
 from optcompose.transforms.statistics import moments_init, same_structure
 
 
@@ -136,14 +137,7 @@ def polyak_step(sq_norm, value, f_min, max_learning_rate, eps, plus: bool):
 
 def _check_value(value) -> jax.Array:
   """The monitored value as an array; a TypeError unless it is a real scalar."""
-  try:
-    dtype = None if value is None or isinstance(value, (str, bytes)) else jnp.result_type(value)
-  except TypeError:
-    dtype = None
-  if dtype is None or not (jnp.issubdtype(dtype, jnp.floating)
-                           or jnp.issubdtype(dtype, jnp.integer)):
-    raise TypeError("scale_by_polyak: `value` (the objective's value) must be a real number, "
-                    f"got {dtype if dtype is not None else type(value).__name__}.")
+  check_real_value("scale_by_polyak", "value", value, "the objective's value")
   value = jnp.asarray(value)
   if jnp.issubdtype(value.dtype, jnp.integer):
     value = value.astype(default_float())
