@@ -65,6 +65,24 @@ def check_same_structure(tree: Any, reference: Any, name: str, reference_name: s
       )
 
 
+def check_same_dtypes(tree: Any, reference: Any, name: str, reference_name: str,
+                      kept: bool = False) -> None:
+  """Raise a TypeError naming the first path where ``tree``'s dtype is not ``reference``'s
+  (the trees have the same structure), so that a kept copy is never silently rounded
+  (``kept``: the message calls the reference "the kept" copy).
+
+  Raises:
+    TypeError: a leaf's dtype differs; the message names the path and both dtypes.
+  """
+  for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(tree)[0],
+                          jax.tree.leaves(reference)):
+    if jnp.result_type(a) != jnp.result_type(b):
+      where = jax.tree_util.keystr(tuple(path))
+      raise TypeError(f"`{name}{where}` has dtype {jnp.result_type(a)} but {'the kept ' * kept}"
+                      f"`{reference_name}{where}` has dtype {jnp.result_type(b)} (it would be "
+                      "silently rounded; keep the dtype seen at init).")
+
+
 def _leaf_dtype(leaf: Any):
   """A leaf's dtype, or None for a leaf that is not a number or an array (a string, an
   object)."""

@@ -108,23 +108,6 @@ def _static_number(name: str, value: Any, *, integer: bool, low: float) -> Any:
   return int(value) if integer else float(value)
 
 
-def _check_same_dtypes(best_params: Any, kept: Any) -> None:
-  """Raise a TypeError naming the first leaf of ``best_params`` whose dtype is not the kept
-  copy's (keeping it would silently convert it to the dtype seen at init); the trees have
-  the same structure.
-
-  Raises:
-    TypeError: naming the path and both dtypes.
-  """
-  for (path, new), old in zip(jax.tree_util.tree_flatten_with_path(best_params)[0],
-                              jax.tree.leaves(kept)):
-    if jnp.result_type(new) != jnp.result_type(old):
-      where = jax.tree_util.keystr(tuple(path))
-      raise TypeError(f"{_FN}: `best_params{where}` has dtype {jnp.result_type(new)} but the "
-                      f"kept `state.best_params{where}` has dtype {jnp.result_type(old)} (from "
-                      "init); it would be silently converted. Pass the same dtypes as to init.")
-
-
 def _real_metric(metric: Any) -> jax.Array:
   """``metric`` as a 0-d array of JAX's default float dtype, after checking (by type and
   dtype only, so while tracing) that it is a real scalar.
@@ -228,7 +211,8 @@ class EarlyStopping:
     metric = _real_metric(metric)
     otree.check_same_structure(best_params, state.best_params, "best_params",
                                "state.best_params")
-    _check_same_dtypes(best_params, state.best_params)
+    otree.check_same_dtypes(best_params, state.best_params, "best_params", "state.best_params",
+                            kept=True)
     active = jnp.logical_and(state.epoch >= self.warmup, jnp.logical_not(state.should_stop))
     improved = jnp.logical_and(active, self.is_improvement(metric, state.best_metric))
     wait = jnp.where(improved, 0, jnp.where(active, safe_increment(state.wait), state.wait))

@@ -182,22 +182,6 @@ class LookaheadSlowState(NamedTuple):
   slow: Any
 
 
-def check_same_dtypes(tree: Any, reference: Any, name: str, reference_name: str) -> None:
-  """Raise a TypeError naming the first path where ``tree``'s dtype is not ``reference``'s
-  (the trees have the same structure), so that a kept copy is never silently rounded.
-
-  Raises:
-    TypeError: a leaf's dtype differs; the message names the path and both dtypes.
-  """
-  for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(tree)[0],
-                          jax.tree.leaves(reference)):
-    if jnp.result_type(a) != jnp.result_type(b):
-      where = jax.tree_util.keystr(tuple(path))
-      raise TypeError(f"`{name}{where}` has dtype {jnp.result_type(a)} but "
-                      f"`{reference_name}{where}` has dtype {jnp.result_type(b)} (it would be "
-                      "silently rounded; keep the dtype seen at init).")
-
-
 def slow_weights_in_state(pair_lookahead: Any) -> GradientTransformation:
   """Run a lookahead written for ``LookaheadParams`` (:func:`lookahead`, or
   ``optax.lookahead``) on plain parameters, keeping the slow weights in the state.
@@ -223,7 +207,7 @@ def slow_weights_in_state(pair_lookahead: Any) -> GradientTransformation:
     expect_state(state, LookaheadSlowState, "lookahead_in_state")
     otree.check_same_structure(updates, params, "updates", "params")
     otree.check_same_structure(params, state.slow, "params", "state.slow")
-    check_same_dtypes(params, state.slow, "params", "state.slow")
+    otree.check_same_dtypes(params, state.slow, "params", "state.slow")
     pair = LookaheadParams(fast=params, slow=state.slow)
     u, inner = pair_lookahead.update(updates, state.lookahead, pair, **extra)
     slow = jax.tree.map(lambda s, d: jnp.asarray(s + d).astype(s.dtype), state.slow, u.slow)
