@@ -317,6 +317,19 @@ CASES = [
 # (sharpness_aware needs a gradient function per step): checked in the named test file.
 COVERED_ELSEWHERE = {"sharpness_aware": "tests/test_averaging_sam.py"}
 
+# Each family may keep its cases in its own file, tests/cases_<family>.py, defining CASES
+# (and optionally COVERED_ELSEWHERE); they join the registry here, in file-name order.
+def _family_cases():
+  import importlib
+  import pathlib
+  for path in sorted(pathlib.Path(__file__).parent.glob("cases_*.py")):
+    module = importlib.import_module(path.stem)
+    CASES.extend(module.CASES)
+    COVERED_ELSEWHERE.update(getattr(module, "COVERED_ELSEWHERE", {}))
+
+
+_family_cases()
+
 
 # The wrappers and clipping (issues 4-5) are compared eagerly on the quadratic only, to keep
 # the suite within minutes on 2 cores; the primitives and optimizers run eagerly on both.
