@@ -4,13 +4,17 @@ against independent NumPy formulas in float64."""
 
 from __future__ import annotations
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import optax
+
 import optcompose as oc
-from numerics import x64
+from numerics import standard_promotion, x64
 
 
 def _lion_np(grads, b1, b2, mode, smooth_beta):
@@ -80,3 +84,23 @@ def test_optimistic_gradient_keeps_its_stored_dtype():
   np.testing.assert_array_equal(np.asarray(u["w"], np.float32),
                                 np.asarray(-1e-2 * np.array([1.0, -2.0, 0.5]), np.float32)
                                 .astype(jnp.bfloat16).astype(np.float32))
+
+
+def test_deprecated_optimistic_adam_warns_and_equals_optax_in_float64():
+  with x64():
+    params = {"w": jnp.linspace(-1.0, 1.0, 5, dtype=jnp.float64)}
+    with pytest.warns(DeprecationWarning, match="optimistic_adam_v2"):
+      ours = oc.optimistic_adam(0.03, optimism=0.01, b1=0.8)
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore", DeprecationWarning)
+      ref = standard_promotion(optax.optimistic_adam(0.03, optimism=0.01, b1=0.8))
+    s_ours, s_ref, p = ours.init(params), ref.init(params), params
+    for t in range(6):
+      g = jax.tree.map(lambda w: jnp.sin(3.0 * w + t), p)
+      u_ours, s_ours = ours.update(g, s_ours, p)
+      u_ref, s_ref = ref.update(g, s_ref, p)
+      np.testing.assert_allclose(u_ours["w"], u_ref["w"], rtol=1e-12, atol=1e-15)
+      p = optax.apply_updates(p, u_ref)
+    assert p["w"].dtype == jnp.float64
+    with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match="schedule"):
+      oc.optimistic_adam(lambda c: 0.1)

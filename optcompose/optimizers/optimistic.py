@@ -7,6 +7,7 @@ from 1; r_t the direction before the optimistic step (g_t, or Adam's).
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Optional
 
 from optcompose.core import (
@@ -74,7 +75,7 @@ def optimistic_adam_v2(learning_rate: ScalarOrSchedule, *, alpha: ScalarOrSchedu
 
   Chain: ``scale_by_adam(b1, b2, eps, eps_root, mu_dtype, nesterov=nesterov)``,
   ``scale_by_optimistic_gradient(alpha, beta)``, ``scale_by_learning_rate``. (Optax's
-  deprecated ``optimistic_adam``, with its ``optimism`` argument, is not provided.)
+  deprecated ``optimistic_adam`` is :func:`optimistic_adam`, a warning alias of this one.)
 
   Args:
     learning_rate: lr >= 0, a number or a schedule of the step count.
@@ -102,4 +103,30 @@ def optimistic_adam_v2(learning_rate: ScalarOrSchedule, *, alpha: ScalarOrSchedu
                scale_by_optimistic_gradient(alpha=alpha, beta=beta),
                scale_by_learning_rate(learning_rate))
 
-__all__ = []  # and the builders it registers
+
+
+def optimistic_adam(learning_rate: Any, optimism: Optional[Any] = None, b1: Any = 0.9,
+                    b2: Any = 0.999, eps: Any = 1e-08, eps_root: Any = 0.0,
+                    mu_dtype: Optional[Any] = None, *,
+                    nesterov: bool = True) -> GradientTransformation:
+  """Deprecated (as in Optax): use :func:`optimistic_adam_v2`.
+
+  Optax's first Optimistic Adam folds the learning rate into the optimistic step:
+  ``w <- w - ((lr + o) r_t - o r_{t-1})`` with ``o = optimism`` (``lr`` if None). That is
+  ``optimistic_adam_v2(1.0, alpha=lr, beta=o, ...)``, which this returns. As in Optax,
+  ``learning_rate`` cannot be a schedule here (``optimistic_adam_v2`` takes one).
+  """
+  warnings.warn("optimistic_adam is deprecated (as in Optax): use optimistic_adam_v2, "
+                "which takes the learning rate as a number or a schedule",
+                DeprecationWarning, stacklevel=2)
+  if callable(learning_rate):
+    raise ValueError("optimistic_adam: learning_rate must be a number, not a schedule; "
+                     "optimistic_adam_v2(learning_rate, ...) takes a schedule")
+  return optimistic_adam_v2(1.0, alpha=learning_rate,
+                            beta=learning_rate if optimism is None else optimism, b1=b1,
+                            b2=b2, eps=eps, eps_root=eps_root, mu_dtype=mu_dtype,
+                            nesterov=nesterov)
+
+
+# The deprecated alias is not a registered builder (no case, no strategy): a function.
+__all__ = ["optimistic_adam"]  # and the builders it registers

@@ -201,10 +201,13 @@ def check_vmap(tx, params, grads, batch: int = 2, steps: int = 2, extra=None) ->
   def member_grads(i, p, t):
     return jax.tree.map(lambda x: x * jnp.asarray(scales[i], jnp.result_type(x)), grad_fn(p, t))
 
-  alone = [run_steps(tx, members[i], lambda p, t, i=i: member_grads(i, p, t), steps, extra)
-           for i in range(batch)]
-  p, state = _stack(members), jax.vmap(tx.init)(_stack(members))
-  vupdate = jax.vmap(_bound(tx, extra))
+  # Both sides jitted: one compilation each (the members share shapes), where eager
+  # batching would dispatch every operation of every step separately.
+  update = jax.jit(_bound(tx, extra))
+  alone = [run_steps(tx, members[i], lambda p, t, i=i: member_grads(i, p, t), steps, extra,
+                     update) for i in range(batch)]
+  p, state = _stack(members), jax.jit(jax.vmap(tx.init))(_stack(members))
+  vupdate = jax.jit(jax.vmap(_bound(tx, extra)))
   for t in range(steps):
     g = _stack([member_grads(i, jax.tree.map(lambda x, i=i: x[i], p), t) for i in range(batch)])
     updates, state = vupdate(g, state, p)
