@@ -41,6 +41,10 @@ from pathlib import Path
 import numpy as np
 
 OPTIMIZERS = ("sgd_nesterov", "adam", "adamw", "clip_adamw_cosine", "adamw_bf16_moments")
+# Issue 15's optimizers: Lion (one moment, sign update), LAMB (per-leaf trust ratio),
+# Adafactor (factored second moment: its state per parameter is the point), L-BFGS (a
+# history of memory_size pairs and a line search that evaluates the loss).
+NEW_OPTIMIZERS = ("lion", "lamb", "adafactor", "lbfgs")
 LR, WD, CLIP = 1e-3, 1e-4, 1.0
 
 
@@ -92,6 +96,14 @@ def jax_optimizer(lib: str, name: str):
   if name == "adamw_bf16_moments":  # Optax has mu_dtype only: its second moment stays float32
     extra = {"nu_dtype": "bfloat16"} if m is optcompose else {}
     return m.adamw(LR, weight_decay=WD, mu_dtype="bfloat16", **extra)
+  if name == "lion":
+    return m.lion(LR / 10, weight_decay=WD)
+  if name == "lamb":
+    return m.lamb(LR, weight_decay=WD)
+  if name == "adafactor":
+    return m.adafactor(LR)
+  if name == "lbfgs":
+    return m.lbfgs()
   if name == "clip_adamw_cosine":
     schedule = m.warmup_cosine_decay_schedule(0.0, LR, 100, 10_000, LR / 10)
     return m.chain(m.clip_by_global_norm(CLIP), m.adamw(schedule, weight_decay=WD))
@@ -116,9 +128,21 @@ class JaxRun:
     self.ideal_bytes = (sum(x.nbytes for x in jax.tree.leaves(grads))
                         + 2 * (sum(x.nbytes for x in jax.tree.leaves(params)) + self.state_bytes))
 
-    def step(params, state, grads):
-      updates, state = tx.update(grads, state, params)
-      return optcompose.apply_updates(params, updates), state
+    if opt == "lbfgs":
+      # L-BFGS needs the loss: a quadratic around the drawn gradients' direction, whose value
+      # and gradient are computed in the step (its line search evaluates the loss again).
+      def loss(p):
+        return sum(0.5 * jnp.sum(jnp.square(x.astype(jnp.float32) - g.astype(jnp.float32)))
+                   for x, g in zip(jax.tree.leaves(p), jax.tree.leaves(grads)))
+
+      def step(params, state, grads):
+        value, g = jax.value_and_grad(loss)(params)
+        updates, state = tx.update(g, state, params, value=value, grad=g, value_fn=loss)
+        return optcompose.apply_updates(params, updates), state
+    else:
+      def step(params, state, grads):
+        updates, state = tx.update(grads, state, params)
+        return optcompose.apply_updates(params, updates), state
 
     t = time.perf_counter()
     self.compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, grads).compile()
@@ -156,6 +180,12 @@ class TorchRun:
       self.opt = torch.optim.SGD(self.params, lr=LR, momentum=0.9, nesterov=True, **flag)
     elif opt == "adamw_bf16_moments":
       raise NotImplementedError("torch.optim.AdamW keeps its moments in the parameter's dtype")
+    elif opt in ("lion", "lamb", "lbfgs"):
+      raise NotImplementedError(f"torch.optim has no {opt} (LBFGS takes a closure per step)")
+    elif opt == "adafactor":
+      if not hasattr(torch.optim, "Adafactor"):
+        raise NotImplementedError("torch.optim.Adafactor needs PyTorch 2.5 or later")
+      self.opt = torch.optim.Adafactor(self.params, lr=LR, foreach=mode == "torch-foreach")
     elif opt == "adam":
       self.opt = torch.optim.Adam(self.params, lr=LR, **flag)
     else:
@@ -263,6 +293,9 @@ def suite(quick: bool, full: bool) -> list:
   configs += [dict(section="optimizers", opt="clip_adamw_cosine", tree="leaves4096", size=size,
                    libs=ALL_LIBS if full else ("optcompose-flat", "torch-fused", "torch-foreach"),
                    reps=reps)]
+  configs += [dict(section="issue 15 optimizers", opt=o, tree="transformer", size=size,
+                   libs=("optcompose", "optax", "torch-fused", "torch-foreach"), reps=reps)
+              for o in NEW_OPTIMIZERS]
   configs += [dict(section="sizes", opt="adamw", tree="flat", size=s * M,
                    libs=("optcompose", "optax", "torch-fused"), reps=reps)
               for s in (1, 4, 64)]
@@ -319,6 +352,7 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true", help="1M parameters, three rows")
   parser.add_argument("--full", action="store_true", help="add per-leaf clip+AdamW on 4096 leaves")
+  parser.add_argument("--only", help="comma-separated optimizers: run only their rows")
   parser.add_argument("--out", default=str(Path(__file__).with_name("RESULTS.md")))
   parser.add_argument("--config", help=argparse.SUPPRESS)  # internal: run one, print JSON
   args = parser.parse_args(argv)
@@ -326,7 +360,10 @@ def main(argv=None):
     print("RESULT " + json.dumps(run_config(json.loads(args.config))), flush=True)
     return 0
   results, t0 = [], time.perf_counter()
-  for cfg in suite(args.quick, args.full):
+  configs = suite(args.quick, args.full)
+  if args.only:
+    configs = [c for c in configs if c["opt"] in args.only.split(",")]
+  for cfg in configs:
     proc = subprocess.run([sys.executable, __file__, "--config", json.dumps(cfg)],
                           capture_output=True, text=True)
     line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
