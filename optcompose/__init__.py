@@ -11,10 +11,11 @@ public names from each module's ``__all__``.
 import importlib as _importlib
 import pkgutil as _pkgutil
 
-from optcompose import core, masks, schedules, tree
+from optcompose import core, masks, schedules, tree, tree_utils
 from optcompose.core import (
-    EmptyState, GradientTransformation, InjectHyperparamsState, OptState, Params,
-    ScalarOrSchedule, Schedule, StateMismatchError, Updates, apply_updates, chain,
+    EmptyState, GradientTransformation, GradientTransformationExtraArgs, InjectHyperparamsState,
+    OptState, Params, ScalarOrSchedule, Schedule, StateMismatchError, TransformInitFn,
+    TransformUpdateExtraArgsFn, TransformUpdateFn, Updates, apply_updates, chain,
     current_hyperparams, init_empty_state, safe_increment, set_hyperparams, stateless,
     stateless_with_tree_map, with_schedules,
 )
@@ -52,10 +53,15 @@ OPTIMIZERS = _names("optimizer")
 __version__ = "0.1.0"
 
 
+# ``optcompose.transforms.<name>`` for Optax's ``optax.transforms`` names: read from this
+# namespace when asked (see optcompose._from_optax.install).
+_importlib.import_module("optcompose._from_optax").install(transforms, "transforms", globals())
+
+
 def __getattr__(name):
   # The property kit is not imported by the package; ``optcompose.testing`` loads it.
   if name == "testing":
     return _importlib.import_module("optcompose.testing")
-  # Optax's names outside the optimizer domain (losses, projections, ...), or an error that
-  # says what to use for an optimizer-domain name not rebuilt yet.
-  return _importlib.import_module("optcompose._from_optax").resolve(name)
+  # Optax's other names for ours, its names outside the optimizer domain (losses, ...), or an
+  # error that says what to use for an optimizer-domain name not rebuilt yet.
+  return _importlib.import_module("optcompose._from_optax").resolve(name, globals())

@@ -1,4 +1,4 @@
-"""Names outside the optimizer domain, taken from Optax rather than rewritten.
+"""Optax's names that optcompose answers without defining them at the top level.
 
 optcompose rebuilds Optax's optimizer domain (transformations, optimizers, schedules, tree
 utilities). What Optax maintains beyond it -- losses, projections, second-order utilities,
@@ -6,16 +6,26 @@ perturbations, assignment, microbatching, experimental, and a few linear-algebra
 is Optax's own code, reached through ``optcompose`` so that ``import optcompose as optax``
 runs real training code: ``optcompose.losses is optax.losses``, and
 ``optcompose.softmax_cross_entropy_with_integer_labels`` is Optax's function. Optax is a
-dependency; it is imported the first time one of these names is asked for.
+dependency; it is imported the first time one of these names is asked for. So are Optax's
+names that are types only (``MaskOrFn``, the ``Protocol`` classes): annotations, no behaviour.
+
+Optax's other spellings of names optcompose has are answered with ours: its flat-namespace
+aliases (:data:`ALIASES`, without a warning, as in Optax), and the deprecated names real code
+still uses (:data:`DEPRECATED`, warning as Optax's do).
 
 A name Optax has in the optimizer domain that optcompose does not have yet raises an
-AttributeError that says so and what to use meanwhile.
+AttributeError that says so and what to use meanwhile. :func:`install` gives
+``optcompose.transforms`` the names of ``optax.transforms`` the same way.
 """
 
 from __future__ import annotations
 
 import importlib
-from typing import Any
+import inspect
+import warnings
+from typing import Any, Optional
+
+from optcompose import tree as otree
 
 # Optax's namespaces outside the optimizer domain, and the top-level names they hold.
 NAMESPACES = ("losses", "projections", "second_order", "perturbations", "assignment",
@@ -24,15 +34,105 @@ _DOMAINS = tuple(f"optax.{n}" for n in NAMESPACES)
 # Top-level helpers of Optax's outside any of those namespaces, and outside the optimizers.
 _HELPERS = ("matrix_inverse_pth_root", "nnls", "power_iteration", "multi_normal")
 
+# Optax's top-level names for what optcompose has under another name (dotted: an attribute of
+# a top-level name): the flat-namespace aliases of its tree utilities, which Optax keeps
+# without a warning. (A name the top level defines itself is never looked up here.)
+ALIASES = {
+    "bias_correction": "tree.bias_correction", "update_moment": "tree.update_moment",
+    "update_moment_per_elem_norm": "tree.update_moment_per_elem_norm",
+    "update_infinity_moment": "tree.update_infinity_moment", "tree_map_params": "tree.map_params",
+}
 
-def resolve(name: str) -> Any:
-  """Optax's value for ``name`` when it lies outside the optimizer domain.
+
+def global_norm(updates: Any) -> Any:
+  """Optax's deprecated ``optax.global_norm``: :func:`optcompose.tree.norm`, with Optax's warning.
+
+  Args:
+    updates: a tree of arrays.
+
+  Returns:
+    The L2 norm of all leaves together.
+
+  References:
+    Optax's ``optax.global_norm`` (deprecated in favour of ``optax.tree.norm``).
+  """
+  warnings.warn("optax.global_norm is deprecated in favor of optax.tree.norm",
+                DeprecationWarning, stacklevel=2)
+  return otree.norm(updates)
+
+
+def inject_stateful_hyperparams(inner_factory, static_args=(), hyperparam_dtype=None):
+  """Optax's deprecated ``optax.inject_stateful_hyperparams``: ``inject_hyperparams``, warning.
+
+  Args:
+    inner_factory: as :func:`optcompose.inject_hyperparams`'s.
+    static_args: as :func:`optcompose.inject_hyperparams`'s.
+    hyperparam_dtype: as :func:`optcompose.inject_hyperparams`'s.
+
+  Returns:
+    ``optcompose.inject_hyperparams(inner_factory, static_args, hyperparam_dtype)``.
+
+  References:
+    Optax's ``optax.inject_stateful_hyperparams`` (deprecated since 0.1.9, returns
+    ``inject_hyperparams(...)`` after the same warning).
+  """
+  from optcompose.wrappers.hyperparams import inject_hyperparams
+  warnings.warn("inject_stateful_hyperparams is deprecated, use inject_hyperparams instead",
+                DeprecationWarning, stacklevel=2)
+  return inject_hyperparams(inner_factory, static_args, hyperparam_dtype)
+
+
+# Optax's deprecated top-level names that optcompose keeps for the code still using them
+# (Optax warns when they are called; its dpsgd & co. warn when looked up, and are contrib's).
+DEPRECATED = {"global_norm": global_norm,
+              "inject_stateful_hyperparams": inject_stateful_hyperparams}
+
+
+def _optax(where: str):
+  try:
+    return importlib.import_module("optax")
+  except ImportError:  # pragma: no cover -- a dependency, but be clear if it is missing
+    raise AttributeError(f"{where} (and Optax, where optcompose takes names outside the "
+                         "optimizer domain, is not installed: pip install optax)") from None
+
+
+def _types_only(value: Any) -> bool:
+  """A typing construct (an alias such as ``Union[...]``, or a ``Protocol`` class)."""
+  return bool(getattr(value, "_is_protocol", False)) or type(value).__module__ in (
+      "typing", "collections.abc")
+
+
+def _from(theirs: Any, name: str, ours: str) -> Any:
+  """Optax's ``theirs.<name>`` when it lies outside the optimizer domain (or is a type only);
+  else the AttributeError that says what to use meanwhile. ``ours``: our module's name."""
+  missing = object()
+  with warnings.catch_warnings():  # a probe: Optax warns on looking up its deprecated names
+    warnings.simplefilter("ignore", DeprecationWarning)
+    value = getattr(theirs, name, missing)
+  if value is missing:
+    raise AttributeError(f"module {ours!r} has no attribute {name!r} (nor has Optax)")
+  module = getattr(value, "__module__", None) or ""
+  if name in _HELPERS or module.startswith(_DOMAINS) or _types_only(value):
+    return value
+  path = f"optax.contrib.{name}" if module.startswith("optax.contrib") else (
+      f"{theirs.__name__}.{name}")
+  use = path if inspect.ismodule(value) else f"{path}(...)"
+  raise AttributeError(
+      f"module {ours!r} has no attribute {name!r} yet: Optax's `{theirs.__name__}.{name}` is "
+      "in the optimizer domain that optcompose rebuilds, and this one is not rebuilt yet. "
+      f"Optax's own works inside optcompose's chains meanwhile: `import optax; {use}`.")
+
+
+def resolve(name: str, package: Optional[dict] = None) -> Any:
+  """What ``optcompose.<name>`` is when the top level does not define it.
 
   Args:
     name: an attribute asked of ``optcompose``.
+    package: the top level's namespace (its ``globals()``), for :data:`ALIASES`.
 
   Returns:
-    Optax's module or object.
+    Ours under Optax's other name (:data:`ALIASES`, :data:`DEPRECATED`), or Optax's module or
+    object outside the optimizer domain.
 
   Raises:
     AttributeError: the name is not Optax's either, or it is in the optimizer domain that
@@ -40,22 +140,45 @@ def resolve(name: str) -> Any:
   """
   if name.startswith("__"):
     raise AttributeError(f"module 'optcompose' has no attribute {name!r}")
-  try:
-    optax = importlib.import_module("optax")
-  except ImportError:  # pragma: no cover -- a dependency, but be clear if it is missing
-    raise AttributeError(f"module 'optcompose' has no attribute {name!r} (and Optax, where "
-                         "optcompose takes names outside the optimizer domain, is not "
-                         "installed: pip install optax)") from None
+  if name in DEPRECATED:
+    return DEPRECATED[name]
+  if name in ALIASES and package is not None:
+    first, _, rest = ALIASES[name].partition(".")
+    if first in package:
+      value = package[first]
+      return getattr(value, rest) if rest else value
+  optax = _optax(f"module 'optcompose' has no attribute {name!r}")
   if name in NAMESPACES:
     return importlib.import_module(f"optax.{name}")
-  missing = object()
-  value = getattr(optax, name, missing)
-  if value is missing:
-    raise AttributeError(f"module 'optcompose' has no attribute {name!r} (nor has Optax)")
-  module = getattr(value, "__module__", None) or ""
-  if name in _HELPERS or module.startswith(_DOMAINS):
-    return value
-  raise AttributeError(
-      f"module 'optcompose' has no attribute {name!r} yet: Optax's `optax.{name}` is in the "
-      "optimizer domain that optcompose rebuilds, and this one is not rebuilt yet. Optax's "
-      f"own works inside optcompose's chains meanwhile: `import optax; optax.{name}(...)`.")
+  return _from(optax, name, "optcompose")
+
+
+def install(module: Any, namespace: str, package: dict) -> None:
+  """Give ``module`` (e.g. ``optcompose.transforms``) the names of Optax's
+  ``optax.<namespace>``: each is read from the top level (``package``) when asked, so a name
+  added anywhere appears there too; types only are Optax's; the rest say they are not rebuilt.
+  (The top level calls this: no module imports the floor above it.)
+
+  Args:
+    module: our module.
+    namespace: Optax's module under ``optax`` of the same role.
+    package: the top level's namespace (its ``globals()``).
+  """
+
+  def names() -> list:
+    theirs = importlib.import_module(f"optax.{namespace}")
+    return [n for n in dir(theirs) if not n.startswith("_")
+            and not inspect.ismodule(getattr(theirs, n))]
+
+  def __getattr__(name):
+    if name.startswith("_") or name not in names():
+      raise AttributeError(f"module {module.__name__!r} has no attribute {name!r}")
+    if name in package:
+      return package[name]
+    return _from(importlib.import_module(f"optax.{namespace}"), name, module.__name__)
+
+  def __dir__():
+    return sorted(set(vars(module)) | {n for n in names() if n in package})
+
+  module.__getattr__, module.__dir__ = __getattr__, __dir__
+

@@ -1,18 +1,25 @@
-"""The few tree helpers that ``jax.tree`` lacks, and walking optimizer states.
-
-The ground floor of the package: it imports nothing else from optcompose.
+"""Tree math with ``optax.tree``'s names, the checks every transformation makes, and walking
+optimizer states. The ground floor: it imports nothing else from optcompose.
 
 Paths are written as ``jax.tree_util.keystr`` writes them, e.g. ``['layer']['w']``, so an
 error names the leaf the user would index.
+
+Every function of ``optax.tree`` (0.2.8) is here with Optax's arguments and defaults: ours
+where our transformations share the formula (``norm``, ``bias_correction``, the moment
+updates, the ``*_like`` and casts), Optax's own for the rest (see the bottom of the module).
+Where two dtypes meet (a float32 leaf summed with a float64 one) the result is standard
+promotion's, whatever ``jax_numpy_dtype_promotion`` says (strict mode runs them too).
 """
 
 from __future__ import annotations
 
+import builtins
 import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+from optax import tree_utils as _optax_tree_utils
 
 
 def path_str(path) -> str:
@@ -32,8 +39,8 @@ def first_difference(tree: Any, reference: Any) -> str:
   """Describe where ``tree`` and ``reference`` differ in structure, naming paths."""
   a = [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
   b = [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(reference)[0]]
-  missing = [p for p in b if p not in set(a)]
-  extra = [p for p in a if p not in set(b)]
+  missing = [p for p in b if p not in builtins.set(a)]
+  extra = [p for p in a if p not in builtins.set(b)]
   parts = []
   if missing:
     parts.append(f"{missing[0]} is missing" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
@@ -127,11 +134,18 @@ def _is_inexact(dtype) -> bool:
 
 
 def zeros_like(tree: Any, dtype=None) -> Any:
+  """A tree of zeros of ``tree``'s structure and shapes (``dtype``: else each leaf's)."""
   return jax.tree.map(lambda x: jnp.zeros_like(x, dtype=dtype), tree)
 
 
-def full_like(tree: Any, value, dtype=None) -> Any:
-  return jax.tree.map(lambda x: jnp.full_like(x, value, dtype=dtype), tree)
+def ones_like(tree: Any, dtype=None) -> Any:
+  """A tree of ones of ``tree``'s structure and shapes (``dtype``: else each leaf's)."""
+  return jax.tree.map(lambda x: jnp.ones_like(x, dtype=dtype), tree)
+
+
+def full_like(tree: Any, fill_value, dtype=None) -> Any:
+  """A tree of ``fill_value`` of ``tree``'s structure and shapes (``dtype``: else each leaf's)."""
+  return jax.tree.map(lambda x: jnp.full_like(x, fill_value, dtype=dtype), tree)
 
 
 def cast(tree: Any, dtype) -> Any:
@@ -141,8 +155,10 @@ def cast(tree: Any, dtype) -> Any:
   return jax.tree.map(lambda x: jnp.asarray(x).astype(dtype), tree)
 
 
-def cast_like(tree: Any, like: Any) -> Any:
-  return jax.tree.map(lambda x, y: jnp.asarray(x).astype(jnp.asarray(y).dtype), tree, like)
+def cast_like(tree: Any, other_tree: Any) -> Any:
+  """Cast each leaf to the dtype of ``other_tree``'s leaf (left as it is where that has none)."""
+  return jax.tree.map(lambda x, o: jnp.asarray(x).astype(o.dtype) if hasattr(o, "dtype") else x,
+                      tree, other_tree)
 
 
 def promote_types(*dtypes) -> jnp.dtype:
@@ -235,3 +251,112 @@ def replace_nodes(tree: Any, predicate, replace) -> Any:
     return below[2]([visit(child) for child in below[1]])
 
   return visit(tree)
+
+
+# ---------------------------------------------------------------------------------------
+# The rest of ``optax.tree`` (zeros_like, ones_like, full_like, cast, cast_like are above).
+
+
+def norm(tree: Any, ord=None, squared: bool = False) -> jax.Array:  # Optax's `ord`
+  """The norm of order ``ord`` (None or 2, 1, inf) of all leaves (``squared``: squared).
+
+  The L2 norm is :func:`global_norm`'s (squares summed in float32 or wider: Optax's float16
+  300 squared is inf), returned in Optax's dtype (the leaves' real dtypes, promoted).
+  """
+  if ord is None or ord == 2:
+    out = squared_norm(tree) if squared else global_norm(tree)
+    dtypes = [jnp.result_type(x) for x in jax.tree.leaves(tree)]
+    if dtypes and all(map(_is_inexact, dtypes)):
+      out = out.astype(promote_types(*(jnp.finfo(d).dtype for d in dtypes)))
+    return out
+  if ord == 1:
+    out = sum(jax.tree.map(jnp.abs, tree))
+  elif ord == jnp.inf or ord in ("inf", "infinity"):
+    out = max(jax.tree.map(jnp.abs, tree))
+  else:
+    raise ValueError(f"Unsupported ord: {ord}")
+  return jnp.array(abs_sq(out) if squared else out)
+
+
+def moment_leaf(g, moment, decay, order=1):
+  """One EMA step of a power, ``(1 - decay) * g**order + decay * moment``, each operation in
+  the wider of its operands' dtypes."""
+  new = jnp.multiply(*promote(1 - decay, g**order))
+  return jnp.add(*promote(new, jnp.multiply(*promote(decay, moment))))
+
+
+def _map_updates(f, updates, moments):
+  """``f(g, m)`` leaf by leaf, None where ``updates`` has None."""
+  return jax.tree.map(lambda g, m: None if g is None else f(g, m), updates, moments,
+                      is_leaf=lambda x: x is None)
+
+
+def update_moment(updates, moments, decay, order):
+  """The EMA of the ``order``-th power of the updates (:func:`moment_leaf`)."""
+  return _map_updates(lambda g, m: moment_leaf(g, m, decay, order), updates, moments)
+
+
+def update_infinity_moment(updates, moments, decay, eps):
+  """The decaying maximum ``max(|g| + eps, decay * m)``."""
+  return _map_updates(lambda g, m: jnp.maximum(*promote(
+      jnp.add(*promote(jnp.abs(g), eps)), jnp.multiply(*promote(decay, m)))), updates, moments)
+
+
+def update_moment_per_elem_norm(updates, moments, decay, order):
+  """The EMA of the ``order``-th power of each element's modulus."""
+
+  def power(g):
+    if jnp.isrealobj(g):
+      return g**order
+    half = order / 2
+    return abs_sq(g) ** (int(half) if half.is_integer() else half)  # an int: integer_pow
+
+  return _map_updates(lambda g, m: moment_leaf(power(g), m, decay), updates, moments)
+
+
+def bias_correction_denominator(decay, count) -> jax.Array:
+  """``1 - decay**count``, in float32 or wider (``decay**count`` rounds to 1 in bfloat16)."""
+  decay = jnp.asarray(decay)
+  wide = promote_types(decay.dtype, jnp.float32)
+  return 1 - decay.astype(wide) ** jnp.asarray(count).astype(wide)
+
+
+@functools.partial(jax.jit, inline=True)
+def bias_correction(moment, decay, count):
+  """``moment / (1 - decay**count)``, divided in each leaf's dtype (Optax's rounding)."""
+  denominator = bias_correction_denominator(decay, count)
+  return jax.tree.map(lambda t: t / denominator.astype(t.dtype), moment)
+
+
+def _optax_s(name: str):
+  """Optax's ``optax.tree.<name>`` (its signature and docstring), run under standard dtype
+  promotion: where two dtypes meet, the result is standard promotion's in any mode."""
+  fn = getattr(_optax_tree_utils, f"tree_{name}")
+
+  @functools.wraps(fn)
+  def run(*args, **kwargs):
+    with jax.numpy_dtype_promotion("standard"):
+      return fn(*args, **kwargs)
+
+  run.__name__ = run.__qualname__ = name
+  run.__module__ = __name__
+  return run
+
+
+# Optax's own. Arithmetic without a counterpart among our transformations' formulas (run
+# under standard promotion), leaf maps, lookups by key or by NamedTuple class name (which our
+# own code never does: :func:`find_nodes` finds nodes by what they are), PRNG keys (Optax's
+# splits, so that a stream drawn here is Optax's).
+add, sub, mul, div, scale, add_scale, vdot, where, allclose, clip, dtype = map(_optax_s, (
+    "add", "sub", "mul", "div", "scale", "add_scale", "vdot", "where", "allclose", "clip",
+    "dtype"))
+sum, max, min = map(_optax_s, ("sum", "max", "min"))  # Optax's names, builtins' too
+size, batch_shape = _optax_tree_utils.tree_size, _optax_tree_utils.tree_batch_shape
+conj, real = _optax_tree_utils.tree_conj, _optax_tree_utils.tree_real
+NamedTupleKey = _optax_tree_utils.NamedTupleKey
+get, get_all_with_path = _optax_tree_utils.tree_get, _optax_tree_utils.tree_get_all_with_path
+set = _optax_tree_utils.tree_set  # Optax's name (use builtins.set in this module)
+map_params = _optax_tree_utils.tree_map_params
+split_key_like = _optax_tree_utils.tree_split_key_like
+random_like = _optax_tree_utils.tree_random_like
+unwrap_random_key_data = _optax_tree_utils.tree_unwrap_random_key_data

@@ -61,6 +61,20 @@ def test_optax_inside_optcompose_chain():
   ours.update(prob.grad(prob.params, 0), state, prob.params, value=jnp.float32(1.0))
 
 
+def test_optcompose_transformations_are_optax_types_and_get_keywords_in_optax_chain():
+  """Ours are optax.GradientTransformationExtraArgs: Optax's chain hands them the keyword
+  arguments (a plain GradientTransformation would be wrapped, and its keywords dropped)."""
+  assert isinstance(oc.adamw(1e-2), optax.GradientTransformation)
+  assert isinstance(oc.chain(oc.sgd(0.1)), optax.GradientTransformationExtraArgs)
+  params = {"w": jnp.ones(3)}
+  tx = optax.chain(oc.sgd(0.1), oc.reduce_on_plateau(factor=0.5, patience=1))
+  state = tx.init(params)
+  for value in (1.0, 2.0, 3.0):  # no improvement after the first: the scale halves
+    updates, state = tx.update({"w": jnp.ones(3)}, state, params, value=jnp.float32(value))
+  assert float(optax.tree.get(state, "scale")) == 0.25
+  np.testing.assert_allclose(updates["w"], -0.1 * 0.25)
+
+
 def test_optax_extra_args_member_receives_keywords():
   seen = {}
 

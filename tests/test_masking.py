@@ -6,11 +6,13 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
 import optcompose as oc
 from compat import pure
+from numerics import standard_promotion
 
 PARAMS = {"dense": {"kernel": jnp.ones((3, 2)), "bias": jnp.ones(2)},
           "LayerNorm_0": {"scale": jnp.ones(2), "bias": jnp.ones(2)}}
@@ -61,8 +63,58 @@ def test_partition_errors_name_the_leaf_and_the_labels():
   with pytest.raises(ValueError, match=r"\['dense'\]\['bias'\] has label 'b'"):
     oc.partition({"a": oc.sgd(0.1)},
                  {"dense": {"kernel": "a", "bias": "b"}, "LayerNorm_0": "a"}).init(PARAMS)
-  with pytest.raises(ValueError, match=r"\['unused'\] have no leaves"):
-    oc.partition({"a": oc.sgd(0.1), "unused": oc.sgd(0.1)}, "a").init(PARAMS)
+
+
+def _layout(state):
+  """A state's layout, comparable across the two libraries (whose state classes differ but
+  share their names): node names and fields, and each array's shape and dtype."""
+  if hasattr(state, "_fields"):
+    return type(state).__name__, tuple(_layout(getattr(state, f)) for f in state._fields)
+  if isinstance(state, dict):
+    return {k: _layout(v) for k, v in state.items()}
+  if isinstance(state, (tuple, list)):
+    return tuple(_layout(v) for v in state)
+  return jnp.shape(state), jnp.result_type(state)
+
+
+def test_partition_allows_a_label_without_leaves_as_optax_does():
+  """Muon-style recipes name groups a model may lack: the unused label's transformation
+  sees one MaskedNode for the whole tree, and its state is Optax's (here a bare count)."""
+  ours = oc.partition({"a": oc.adam(0.1), "unused": oc.adam(0.1)}, "a")
+  theirs = standard_promotion(optax.partition({"a": optax.adam(0.1), "unused": optax.adam(0.1)},
+                                              "a"))
+  state, ref = ours.init(PARAMS), theirs.init(PARAMS)
+  assert _layout(state) == _layout(ref)
+  assert isinstance(state.inner_states["unused"].inner_state[0].mu, oc.MaskedNode)
+  u, state = jax.jit(ours.update)(PARAMS, state, PARAMS)
+  u_ref, ref = theirs.update(PARAMS, ref, PARAMS)
+  assert _layout(state) == _layout(ref)
+  np.testing.assert_allclose(u["dense"]["kernel"], u_ref["dense"]["kernel"], rtol=1e-6)
+  assert int(state.inner_states["unused"].inner_state[0].count) == 1  # counted, as Optax
+
+
+def test_a_false_prefix_masks_the_subtree_as_one_node_as_optax_does():
+  """mask {'dense': ..., 'LayerNorm_0': False} hides the whole LayerNorm subtree behind one
+  MaskedNode in the inner state (not one per leaf), in masked and in partition."""
+  mask = {"dense": True, "LayerNorm_0": False}
+  ours, theirs = oc.masked(oc.scale_by_adam(), mask), optax.masked(optax.scale_by_adam(), mask)
+  state = ours.init(PARAMS)
+  assert isinstance(state.inner_state.mu["LayerNorm_0"], oc.MaskedNode)
+  assert _layout(state) == _layout(theirs.init(PARAMS))
+  u, _ = ours.update(PARAMS, state, PARAMS)
+  np.testing.assert_array_equal(u["LayerNorm_0"]["scale"], PARAMS["LayerNorm_0"]["scale"])
+  labels = {"dense": "train", "LayerNorm_0": "frozen"}
+  ours = oc.partition({"train": oc.adam(0.1), "frozen": oc.set_to_zero()}, labels)
+  theirs = optax.partition({"train": optax.adam(0.1), "frozen": optax.set_to_zero()}, labels)
+  assert _layout(ours.init(PARAMS)) == _layout(theirs.init(PARAMS))
+  # A static mask finer than a subtree an outer mask hid still applies (collapsed there).
+  inner = oc.masked(oc.scale(2.0), {"dense": {"kernel": True, "bias": False},
+                                    "LayerNorm_0": {"scale": True, "bias": True}})
+  tx = oc.masked(inner, mask)
+  u, _ = tx.update(PARAMS, tx.init(PARAMS), PARAMS)
+  np.testing.assert_array_equal(u["dense"]["kernel"], 2.0)
+  np.testing.assert_array_equal(u["dense"]["bias"], 1.0)
+  np.testing.assert_array_equal(u["LayerNorm_0"]["scale"], 1.0)
 
 
 def test_equinox_module_with_non_array_leaves():

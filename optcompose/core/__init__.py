@@ -1,12 +1,13 @@
 """The core floor: the contract (:mod:`.base`), hyperparameters and the one mechanism for
 values that live in the state (:mod:`.hyperparams`), and the registry (:mod:`.registry`).
-It imports only :mod:`optcompose.tree`."""
+It imports only :mod:`optcompose.tree` (and Optax, whose types it extends)."""
 
 from optcompose.core.base import (
-    EmptyState, GradientTransformation, OptState, Params, PyTree, ScalarOrSchedule, Schedule,
-    StateMismatchError, Updates, apply_updates, as_transformation, chain, cond, expect_state,
-    identity, init_empty_state, needs_params, safe_increment, stateless, stateless_with_tree_map,
-    zero_count,
+    EmptyState, GradientTransformation, GradientTransformationExtraArgs, OptState, Params,
+    PyTree, ScalarOrSchedule, Schedule, StateMismatchError, TransformInitFn, TransformUpdateFn,
+    TransformUpdateExtraArgsFn, Updates, apply_updates, as_transformation, chain, cond,
+    expect_state, identity, init_empty_state, needs_params, safe_increment, stateless,
+    stateless_with_tree_map, zero_count,
 )
 from optcompose.core.hyperparams import (
     DECAY, DTYPE, EPS, INT32_MAX, EPS_POSITIVE, EPS_ROOT, FLAG, INNER, INNER_PAIR, LABELS, LEARNING_RATE, MASK, MOMENTUM,

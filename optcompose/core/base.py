@@ -1,7 +1,8 @@
 """The optcompose contract.
 
 A *gradient transformation* is a pair of pure functions, held in a NamedTuple whose field
-names are Optax's::
+names are Optax's (a subclass of Optax's ``GradientTransformationExtraArgs``, so every
+optcompose transformation is an ``optax.GradientTransformation`` to Optax and Flax)::
 
     init(params) -> state
     update(updates, state, params=None, **extra) -> (new_updates, new_state)
@@ -34,26 +35,41 @@ from __future__ import annotations
 
 import inspect
 import weakref
-from typing import Any, Callable, NamedTuple, Optional, Union
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from optcompose import tree as otree
 
 PyTree = Any
-Params = Any
-Updates = Any
-OptState = Any
-Schedule = Callable[[jax.Array], Any]
-ScalarOrSchedule = Union[float, int, jax.Array, Schedule]
+# Optax's types, for annotations (``optcompose.Params is optax.Params``). ``Schedule`` means
+# Optax's, written with ``typing.Callable``: Optax's ``collections.abc.Callable[...]`` alias
+# is callable but has no signature (``inspect.signature`` raises on it), which trips tools
+# that walk a package's callables.
+Params, Updates, OptState = optax.Params, optax.Updates, optax.OptState
+Schedule = Callable[[jax.typing.ArrayLike], jax.typing.ArrayLike]
+ScalarOrSchedule = optax.ScalarOrSchedule
+TransformInitFn, TransformUpdateFn = optax.TransformInitFn, optax.TransformUpdateFn
+TransformUpdateExtraArgsFn = optax.TransformUpdateExtraArgsFn
 
 
-class GradientTransformation(NamedTuple):
-  """A pair of pure functions ``(init, update)``; see the module docstring."""
+class GradientTransformation(optax.GradientTransformationExtraArgs):
+  """A pair of pure functions ``(init, update)``; see the module docstring.
 
-  init: Callable[[Params], OptState]
-  update: Callable[..., tuple[Updates, OptState]]
+  Optax's NamedTuple ``(init, update)``, subclassed: an instance is an
+  ``optax.GradientTransformationExtraArgs`` and an ``optax.GradientTransformation``
+  (``isinstance`` checks in Optax and Flax hold; Optax's ``chain`` hands it keyword arguments),
+  while ``isinstance(t, GradientTransformation)`` tells optcompose's own, whose ``update``
+  accepts any keyword argument, from another library's (adapted by :func:`as_transformation`).
+  """
+
+  __slots__ = ()
+
+
+# Optax's name for a transformation whose update takes keyword arguments: every one of ours.
+GradientTransformationExtraArgs = GradientTransformation
 
 
 class EmptyState(NamedTuple):

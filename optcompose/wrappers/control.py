@@ -10,6 +10,10 @@
 The inner optimizer (its count, schedules, decay, clipping, moments) advances only on real
 steps, and its update runs only on real steps (``lax.cond``), so the extra cost is one
 gradient buffer. ``k`` may be a schedule of the number of real steps taken.
+``should_skip_update_fn(g, gradient_step, params) -> (skip, skip_state)`` (Optax's
+protocol; :func:`skip_not_finite`, :func:`skip_large_updates`) rejects a micro-step: as in
+Optax, a rejected micro-step changes nothing (no accumulation, no count, zero updates) but
+``state.skip_state``, which records what the function returned.
 
 ``apply_if_finite(inner, max_consecutive_errors)``: skip a step whose gradients, or the
 update the inner optimizer makes of them, hold a NaN or an Inf: parameters and inner state
@@ -21,7 +25,8 @@ is never applied.
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional, Union
+import functools
+from typing import Any, Callable, NamedTuple, Optional, Protocol, Union
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +36,7 @@ from optcompose.core import (
     DTYPE, FLAG, INNER, INT32_MAX, GradientTransformation, Hyper, as_transformation, cond, expect_state,
     public, safe_increment, zero_count,
 )
+from optcompose.core.validation import check_real_value
 
 
 class MultiStepsState(NamedTuple):
@@ -43,25 +49,124 @@ class MultiStepsState(NamedTuple):
   skip_state: Any = ()
 
 
-def _update_if(pred, inner, updates, state, params, extra):
-  """``inner.update`` when ``pred`` holds; else zero updates and the state untouched. Only
-  the branch taken runs (``lax.cond`` under jit)."""
+def _update_if(pred, inner, updates, state, params, extra, pass_through: Optional[str] = None):
+  """``inner.update`` when ``pred`` holds; else zero updates (or, given ``pass_through``,
+  the wrapper's name: the incoming updates) and the state untouched. Only the branch taken
+  runs (``lax.cond`` under jit); either branch gives the types of the inner step's updates."""
   def run(operands):
     updates, state, params = operands
     return inner.update(updates, state, params, **extra)
 
   def hold(operands):
     shapes = jax.eval_shape(run, operands)[0]  # the updates the inner step would give
-    return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes), operands[1]
+    if pass_through is None:
+      return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes), operands[1]
+    try:
+      otree.check_same_structure(operands[0], shapes, "updates", "the inner updates")
+    except ValueError as e:
+      raise ValueError(f"{pass_through}: the inner transformation changes the updates' "
+                       f"structure or shapes, so they cannot be passed through unchanged: "
+                       f"{e}") from None
+    return jax.tree.map(lambda x, s: jnp.asarray(x).astype(s.dtype), operands[0], shapes), operands[1]
 
   return cond(pred, run, hold, (updates, state, params))
 
 
+def check_whole(who: str, name: str, value: Any) -> None:
+  """Raise a ValueError naming ``who``'s ``name`` when a known number of steps is not a
+  whole number (a live value under inject_hyperparams is a float array: whole?)."""
+  if not callable(value) and not isinstance(value, jax.core.Tracer):
+    if float(value) != int(value):
+      raise ValueError(f"{who}: `{name}` must be a whole number of steps, got {value!r}.")
+
+
+class ShouldSkipUpdateFunction(Protocol):
+  """Optax's protocol: ``(updates, gradient_step, params) -> (skip, skip_state)``, with
+  ``skip`` a boolean scalar and ``skip_state`` a tree stored in ``MultiStepsState``."""
+
+  def __call__(self, updates: Any, gradient_step: jax.Array, params: Optional[Any]
+               ) -> tuple:
+    ...
+
+
+def skip_not_finite(updates: Any, gradient_step: jax.Array, params: Optional[Any]) -> tuple:
+  """Skip a micro-step whose updates hold a NaN or an Inf (a ``should_skip_update_fn``).
+
+  Args:
+    updates: the micro-step's gradients.
+    gradient_step: the real steps taken (unused).
+    params: the parameters (unused).
+
+  Returns:
+    ``(should_skip, {"should_skip": should_skip, "num_not_finite": n})``: n the int32 count
+    of NaN and Inf elements in all leaves (int32 under x64 too; Optax's is JAX's default
+    int there).
+
+  References:
+    Optax's ``optax.skip_not_finite``.
+  """
+  del gradient_step, params
+  counts = [jnp.sum(jnp.logical_not(jnp.isfinite(x)), dtype=jnp.int32)
+            for x in jax.tree.leaves(updates)]
+  num_not_finite = functools.reduce(jnp.add, counts, jnp.zeros([], jnp.int32))
+  should_skip = num_not_finite > 0
+  return should_skip, {"should_skip": should_skip, "num_not_finite": num_not_finite}
+
+
+def skip_large_updates(updates: Any, gradient_step: jax.Array, params: Optional[Any],
+                       max_squared_norm: Any) -> tuple:
+  """Skip a micro-step whose updates' squared global norm reaches ``max_squared_norm``.
+
+  Bind the bound first: ``functools.partial(skip_large_updates, max_squared_norm=42.0)``.
+  ``should_skip = not (||g||^2 < max_squared_norm)``, so a NaN norm is skipped too; the
+  squares are summed in float32 or wider (:func:`optcompose.tree.squared_norm`).
+
+  Args:
+    updates: the micro-step's gradients.
+    gradient_step: the real steps taken (unused).
+    params: the parameters (unused).
+    max_squared_norm: the largest squared norm accepted (exclusive), a real number.
+
+  Returns:
+    ``(should_skip, {"should_skip": should_skip, "norm_squared": ||g||^2})``.
+
+  References:
+    Optax's ``optax.skip_large_updates``.
+  """
+  del gradient_step, params
+  check_real_value("skip_large_updates", "max_squared_norm", max_squared_norm,
+                   "the largest squared norm accepted")
+  norm_sq = otree.squared_norm(updates)
+  should_skip = jnp.logical_not(jnp.less(*otree.promote(norm_sq, max_squared_norm)))
+  return should_skip, {"should_skip": should_skip, "norm_squared": norm_sq}
+
+
+def _skip_decision(fn, who, updates, gradient_step, params):
+  """``fn``'s ``(skip, skip_state)``, ``skip`` checked to be a boolean scalar (Optax's
+  ValueError)."""
+  out = fn(updates, gradient_step, params)
+  if not (isinstance(out, tuple) and len(out) == 2):
+    raise TypeError(f"{who}: `should_skip_update_fn` must return a pair (should_skip, "
+                    f"skip_state), got {type(out).__name__}.")
+  skip, skip_state = out
+  try:
+    dtype, shape = jnp.result_type(skip), jnp.shape(skip)
+  except TypeError:
+    dtype, shape = type(skip).__name__, None
+  if dtype != jnp.bool_ or shape != ():
+    raise ValueError(f"{who}: `should_skip_update_fn` must return a boolean scalar array "
+                     f"first, got dtype {dtype} and shape {shape}.")
+  return jnp.asarray(skip), skip_state
+
+
 @public("wrapper", inner=INNER, every_k_schedule=Hyper(("int", 1, 3), 1, INT32_MAX, numeric=True, schedule=True,
                                                       whole=True),
-        use_grad_mean=FLAG, accumulator_dtype=DTYPE)
+        use_grad_mean=FLAG, accumulator_dtype=DTYPE,
+        should_skip_update_fn=Hyper(("choice", (None, skip_not_finite)), optional=True))
 def multi_steps(inner, every_k_schedule: Union[int, Callable], use_grad_mean: bool = True,
-                accumulator_dtype=jnp.float32) -> GradientTransformation:
+                accumulator_dtype=jnp.float32,
+                should_skip_update_fn: Optional[ShouldSkipUpdateFunction] = None
+                ) -> GradientTransformation:
   """Gradient accumulation over ``every_k_schedule`` micro-steps (see the module docstring).
 
   Update, at micro-step j = 0, 1, ... of a real step (``acc_0 = 0``)::
@@ -69,6 +174,8 @@ def multi_steps(inner, every_k_schedule: Union[int, Callable], use_grad_mean: bo
       acc_{j+1} = acc_j + (g_j - acc_j) / (j + 1)     (use_grad_mean; else acc_j + g_j)
       j + 1 = k:  u, inner_state = inner.update(acc_k, inner_state, params); acc = 0
       otherwise:  u = 0, inner_state unchanged (inner's update does not run)
+      skip, skip_state = should_skip_update_fn(g_j, gradient_step, params)
+      skip:       u = 0, and nothing but skip_state changes (j, acc, counts, inner_state)
 
   Args:
     inner: the optimizer that takes the real steps (optcompose's or Optax's).
@@ -78,6 +185,10 @@ def multi_steps(inner, every_k_schedule: Union[int, Callable], use_grad_mean: bo
     accumulator_dtype: dtype of the accumulation buffer (float32 by default, whatever the
       gradients' dtype; ``None``: the parameters'); ``inner`` receives the accumulated
       value in the gradients' dtype.
+    should_skip_update_fn: ``None``, or a :class:`ShouldSkipUpdateFunction` (e.g.
+      :func:`skip_not_finite`) deciding whether to reject each micro-step; what it returns
+      besides is stored in ``state.skip_state`` (at ``init``: what it returns for zero
+      updates at step 0).
 
   Returns:
     A transformation with state :class:`MultiStepsState` (Optax's fields).
@@ -86,18 +197,20 @@ def multi_steps(inner, every_k_schedule: Union[int, Callable], use_grad_mean: bo
     ValueError: a constant ``every_k_schedule`` that is not a whole number >= 1, or a
       schedule whose step-0 value (known at ``init``) is below 1 or not a scalar.
     TypeError: a schedule returning a non-integer dtype (float, bool), found at ``init``
-      or while tracing ``update``; ``accumulator_dtype`` not a floating-point dtype.
+      or while tracing ``update``; ``accumulator_dtype`` not a floating-point dtype;
+      ``should_skip_update_fn`` not callable.
 
   References:
     Optax's ``optax.MultiSteps``; gradient accumulation as in Goyal et al., "Accurate,
     Large Minibatch SGD: Training ImageNet in 1 Hour", arXiv:1706.02677, 2017.
   """
   inner = as_transformation(inner, "multi_steps")
-  if not callable(every_k_schedule) and not isinstance(every_k_schedule, jax.core.Tracer):
-    k = float(every_k_schedule)  # a live k (inject_hyperparams) is a float array: whole?
-    if k != int(k):
-      raise ValueError(f"multi_steps: `every_k_schedule` must be a whole number of "
-                       f"micro-steps, got {every_k_schedule!r}.")
+  check_whole("multi_steps", "every_k_schedule", every_k_schedule)
+  if should_skip_update_fn is not None and not callable(should_skip_update_fn):
+    raise TypeError(f"multi_steps: `should_skip_update_fn` must be a function (updates, "
+                    f"gradient_step, params) -> (skip, skip_state), got "
+                    f"{type(should_skip_update_fn).__name__}.")
+  skips = should_skip_update_fn is not None
 
   def k_of(step):
     """k at real step ``step``: a schedule's value is checked while tracing (its dtype and
@@ -122,13 +235,22 @@ def multi_steps(inner, every_k_schedule: Union[int, Callable], use_grad_mean: bo
     if callable(every_k_schedule) and not isinstance(k0, jax.core.Tracer) and int(k0) < 1:
       raise ValueError(f"multi_steps: `every_k_schedule` must be >= 1, got {int(k0)} at "
                        "step 0.")
+    skip_state = (_skip_decision(should_skip_update_fn, "multi_steps", otree.zeros_like(params),
+                                 zero_count(), params)[1] if skips else ())
     return MultiStepsState(zero_count(), zero_count(), inner.init(params),
-                           otree.zeros_like(params, accumulator_dtype))
+                           otree.zeros_like(params, accumulator_dtype), skip_state)
 
   def update(updates, state, params=None, **extra):
     expect_state(state, MultiStepsState, "multi_steps")
     otree.check_same_structure(updates, state.acc_grads, "updates", "state.acc_grads")
     n = state.mini_step
+    skip_state = state.skip_state
+    if skips:
+      skip, skip_state = _skip_decision(should_skip_update_fn, "multi_steps", updates,
+                                        state.gradient_step, params)
+      otree.check_same_structure(skip_state, state.skip_state,
+                                 "the skip_state should_skip_update_fn returned",
+                                 "state.skip_state")
     # Each operation in the wider of its operands' dtypes (the accumulator's and the
     # gradients'; the int32 j + 1 cast to it).
     if use_grad_mean:
@@ -141,15 +263,20 @@ def multi_steps(inner, every_k_schedule: Union[int, Callable], use_grad_mean: bo
     # At or past the k-th micro-step: a state saved with a larger k (a resumed run, or k
     # lowered live) steps at its next call instead of never.
     emit = n >= k - 1
+    if skips:
+      emit = jnp.logical_and(emit, jnp.logical_not(skip))
     new_updates, inner_state = _update_if(emit, inner, otree.cast_like(acc, updates),
                                           state.inner_opt_state, params, extra)
+    mini_step = jnp.where(emit, 0, safe_increment(n))
+    acc = jax.tree.map(lambda a, old: jnp.where(emit, jnp.zeros_like(a), a).astype(old.dtype),
+                       acc, state.acc_grads)  # the dtype chosen at init
+    if skips:  # a rejected micro-step changes nothing but skip_state
+      mini_step = jnp.where(skip, n, mini_step)
+      acc = jax.tree.map(lambda a, old: jnp.where(skip, old, a), acc, state.acc_grads)
     new_state = MultiStepsState(
-        mini_step=jnp.where(emit, 0, safe_increment(n)),
+        mini_step=mini_step,
         gradient_step=jnp.where(emit, safe_increment(state.gradient_step), state.gradient_step),
-        inner_opt_state=inner_state,
-        acc_grads=jax.tree.map(lambda a, old: jnp.where(emit, jnp.zeros_like(a), a).astype(
-            old.dtype), acc, state.acc_grads),  # the dtype chosen at init
-        skip_state=state.skip_state)
+        inner_opt_state=inner_state, acc_grads=acc, skip_state=skip_state)
     return new_updates, new_state
 
   return GradientTransformation(init, update)
@@ -159,11 +286,10 @@ class MultiSteps:
   """Optax's ``MultiSteps`` interface over :func:`multi_steps`."""
 
   def __init__(self, opt, every_k_schedule, use_grad_mean: bool = True,
-               should_skip_update_fn=None, accumulator_dtype=jnp.float32):
-    if should_skip_update_fn is not None:
-      raise NotImplementedError("MultiSteps: wrap the inner optimizer in apply_if_finite "
-                                "instead of passing should_skip_update_fn.")
-    self._tx = multi_steps(opt, every_k_schedule, use_grad_mean, accumulator_dtype)
+               should_skip_update_fn: Optional[ShouldSkipUpdateFunction] = None,
+               accumulator_dtype=jnp.float32):
+    self._tx = multi_steps(opt, every_k_schedule, use_grad_mean, accumulator_dtype,
+                           should_skip_update_fn)
     self.inner_opt = opt
     self.init, self.update = self._tx.init, self._tx.update
 
@@ -242,4 +368,5 @@ def apply_if_finite(inner, max_consecutive_errors: Optional[int]) -> GradientTra
 
   return GradientTransformation(init, update)
 
-__all__ = ["ApplyIfFiniteState", "MultiSteps", "MultiStepsState", "all_finite"]  # and the builders it registers
+__all__ = ["ApplyIfFiniteState", "MultiSteps", "MultiStepsState", "ShouldSkipUpdateFunction",
+           "all_finite", "skip_large_updates", "skip_not_finite"]  # and the builders it registers

@@ -7,8 +7,10 @@ transformation to each group of leaves.
     partition({label: tx, ...}, labels)      tx on the leaves labelled label
 
 The inner transformation never sees the other leaves: it keeps no state and does no work
-for them (they are :class:`MaskedNode` placeholders in its view). Masks and labels are
-resolved by :mod:`optcompose.masks`.
+for them. As in Optax, a mask (or labels) given as a prefix of the parameters replaces each
+unselected *subtree* by one :class:`MaskedNode` in the inner transformation's view (mask
+``{'b': False}`` on ``{'b': {'x': .., 'y': ..}}`` gives ``{'b': MaskedNode()}``), so the
+inner state has Optax's layout. Masks and labels are validated by :mod:`optcompose.masks`.
 """
 
 from __future__ import annotations
@@ -38,8 +40,44 @@ def _is_masked(x) -> bool:
 
 
 def _keep(tree, on):
-  """``tree`` with the leaves where ``on`` is False replaced by MaskedNode."""
-  return jax.tree.map(lambda x, keep: x if keep else MaskedNode(), tree, on)
+  """``tree`` with each subtree where ``on`` (a prefix of ``tree``) is False replaced by one
+  MaskedNode (Optax's ``mask_pytree``)."""
+  return jax.tree.map(lambda keep, x: x if keep else MaskedNode(), on, tree)
+
+
+def _prefix(values, tree, name: str, check):
+  """``values`` (a mask or labels, or a callable returning one) evaluated for ``tree`` and
+  validated by ``check(values, target)`` (which broadcasts it to ``target`` and raises the
+  named errors), kept as the prefix it was given as: Optax's layout of masked subtrees. A
+  registered layout (FlatParams) gets one value per bucket instead (its spread)."""
+
+  def broadcast(values, target):
+    try:
+      full = check(values, target)
+    except ValueError:  # a static mask finer than a subtree an outer mask hid: collapse it
+      values = _collapsed(values, target)
+      full = check(values, target)
+    return values if target is tree else full
+
+  return per_leaf_values(values, tree, name, broadcast)
+
+
+def _collapsed(values, tree):
+  """``values`` with its subtree at each MaskedNode of ``tree`` (hidden by an outer mask)
+  replaced by False; ``values`` itself if that does not fit (the caller's error stands)."""
+  if not any(_is_masked(x) for x in jax.tree.leaves(tree, is_leaf=_is_masked)):
+    return values
+  try:
+    return jax.tree.map(lambda x, v: False if _is_masked(x) else v, tree, values,
+                        is_leaf=_is_masked)
+  except (ValueError, TypeError):
+    return values
+
+
+def _mask_prefix(mask, tree):
+  """The boolean mask for ``tree`` as a prefix of it (see :func:`_prefix`)."""
+  on = _prefix(mask, tree, "mask", lambda values, target: resolve_mask(values, target))
+  return jax.tree.map(bool, on)
 
 
 @public("wrapper", optax="masked", inner=INNER, mask=MASK, mask_compatible_extra_args=FLAG)
@@ -60,36 +98,38 @@ def masked(inner: GradientTransformation, mask, *,
 
   Returns:
     A transformation with state :class:`MaskedState`; the inner transformation keeps no
-    state and does no work for the other leaves (:class:`MaskedNode` in its view).
+    state and does no work for the other leaves. In its view each subtree where the mask
+    (as given, a prefix or not) is False is one :class:`MaskedNode`, so its state has
+    Optax's layout. A static mask finer than a subtree an outer ``masked``/``partition``
+    already hid is accepted (Optax's raises there).
 
   References:
-    Optax's ``optax.masked`` (same arguments).
+    Optax's ``optax.masked`` (same arguments and state layout).
   """
   inner = as_transformation(inner, "masked")
 
   def init(params):
-    return MaskedState(inner.init(_keep(params, resolve_mask(mask, params))))
+    return MaskedState(inner.init(_keep(params, _mask_prefix(mask, params))))
 
   def update(updates, state, params=None, **extra):
     expect_state(state, MaskedState, "masked")
-    on = resolve_mask(mask, updates)
-    kept_params = None if params is None else _keep(params, _resolve_like(on, params))
+    on = _mask_prefix(mask, updates)
+    kept_params = None if params is None else _keep_like(params, on)
     if mask_compatible_extra_args:
       structure = jax.tree.structure(updates)
       extra = {k: _keep(v, on) if jax.tree.structure(v) == structure else v
                for k, v in extra.items()}
     new, inner_state = inner.update(_keep(updates, on), state.inner_state, kept_params, **extra)
-    out = jax.tree.map(lambda keep, n, u: n if keep else u, on, new, updates,
-                       is_leaf=_is_masked)
+    out = jax.tree.map(lambda keep, n, u: n if keep else u, on, new, updates)
     return out, MaskedState(inner_state)
 
   return GradientTransformation(init, update)
 
 
-def _resolve_like(on, tree):
-  """A resolved mask for ``tree`` (e.g. params with wrapper nodes) from one for updates."""
+def _keep_like(tree, on):
+  """:func:`_keep` for ``tree`` (e.g. params with wrapper nodes) from a mask for updates."""
   try:
-    return jax.tree.broadcast(on, tree)
+    return _keep(tree, on)
   except (ValueError, TypeError):
     raise ValueError(f"`params` do not have the structure of `updates`: "
                      f"{first_difference(tree, on)}.") from None
@@ -117,15 +157,18 @@ def partition(transforms: dict, param_labels, *,
   Update, per leaf l: ``u_l <- transforms[label_l](u restricted to label_l's leaves)_l``.
 
   Args:
-    transforms: ``{label: transformation}``; every one must have leaves (an error at
-      ``init`` otherwise).
+    transforms: ``{label: transformation}``. A label no leaf has is allowed (as in
+      Optax: a recipe may name a group a model lacks); its transformation then sees a tree
+      without leaves, and its state is what its ``init`` gives for that tree (a count, say).
     param_labels: a tree of labels with the parameters' structure (or a prefix), or a
       callable returning one (see :func:`optcompose.labels_from_paths`). Every label must
       name a transformation.
     mask_compatible_extra_args: as in :func:`masked`.
 
   Returns:
-    A transformation with state :class:`PartitionState` (``inner_states``, one per label).
+    A transformation with state :class:`PartitionState` (``inner_states``: one
+    :class:`MaskedState` per label, whose inner state sees one :class:`MaskedNode` for each
+    subtree of another label, as in Optax).
     Use :func:`optcompose.set_to_zero` for frozen leaves: they then cost neither state nor
     computation.
 
@@ -134,7 +177,7 @@ def partition(transforms: dict, param_labels, *,
       comparable (e.g. 0 and "x": JAX sorts the state's dict keys); a value of ``transforms``
       that is not a transformation (naming ``transforms[label]``); a label leaf that is
       unhashable (from ``init``/``update``). ValueError: a leaf's label names no
-      transformation, or a transformation has no leaves (from ``init``).
+      transformation (from ``init``/``update``).
 
   References:
     Optax's ``optax.partition`` (formerly ``optax.multi_transform``).
@@ -149,9 +192,8 @@ def partition(transforms: dict, param_labels, *,
                     f"type, e.g. all str or all int: JAX sorts the state's dict keys), got "
                     f"{known}.") from None
 
-  def labels_for(tree):
-    full = per_leaf_values(param_labels, tree, "param_labels", lambda labels, target:
-                           broadcast_prefix(labels, target, "param_labels", "the parameter tree"))
+  def checked(labels, target):
+    full = broadcast_prefix(labels, target, "param_labels", "the parameter tree")
     for path, label in jax.tree_util.tree_flatten_with_path(full)[0]:
       where = jax.tree_util.keystr(tuple(path))
       try:
@@ -164,18 +206,15 @@ def partition(transforms: dict, param_labels, *,
                          f"{label!r}, which names no transformation (labels: {known}).")
     return full
 
-  def mask_for(label):
-    return lambda tree: jax.tree.map(lambda l: l == label, labels_for(tree))
+  def mask_for(label):  # a prefix of the tree where the labels are one (Optax's layout)
+    return lambda tree: jax.tree.map(lambda l: l == label,
+                                     _prefix(param_labels, tree, "param_labels", checked))
 
   inners = {label: masked(_member(tx, label), mask_for(label),
                          mask_compatible_extra_args=mask_compatible_extra_args)
             for label, tx in transforms.items()}
 
   def init(params):
-    used = set(jax.tree.leaves(labels_for(params)))
-    unused = sorted(set(transforms) - used)
-    if unused:
-      raise ValueError(f"partition: transformations {unused} have no leaves labelled for them.")
     return PartitionState({label: tx.init(params) for label, tx in inners.items()})
 
   def update(updates, state, params=None, **extra):
