@@ -127,10 +127,11 @@ def _leafless(x) -> bool:
 
 
 def _fields(x) -> Optional[dict]:
-  """A NamedTuple's fields, or a restored dict (Flax and Orbax store NamedTuples so)."""
+  """A NamedTuple's fields, or a restored dict (Flax and Orbax store NamedTuples so; Orbax
+  an empty one as None)."""
   if _is_namedtuple(x):
     return dict(zip(x._fields, x))
-  return dict(x) if isinstance(x, dict) else None
+  return dict(x) if isinstance(x, dict) else {} if x is None else None
 
 
 def _items(x) -> Optional[list]:
@@ -159,6 +160,10 @@ def _concrete(*xs) -> bool:
   return not any(isinstance(x, jax.core.Tracer) for x in xs)
 
 
+def _short(x) -> str:
+  return type(x).__name__ if _is_namedtuple(x) else "..." if x else "None"
+
+
 def _describe(x) -> str:
   if _is_namedtuple(x):
     owner = type(x).__module__.split(".")[0]
@@ -167,7 +172,7 @@ def _describe(x) -> str:
   if isinstance(x, dict):
     return f"a dict with keys {sorted(map(str, x))}"
   if isinstance(x, (tuple, list)):
-    return f"a {type(x).__name__} of {len(x)}"
+    return f"a {type(x).__name__} of {len(x)} ({', '.join(_short(v) for v in x)})"
   if _is_value(x):
     return f"an array of shape {np.shape(x)} and dtype {_dtype(x)}"
   return "nothing" if x is None else f"a {type(x).__name__}"
@@ -195,8 +200,8 @@ class _Walk:
     if isinstance(t, (tuple, list)):
       items = _items(s)
       if items is None or len(items) != len(t):
-        self.fail(at, f"is {_describe(s)}, expected a sequence of {len(t)} states (the "
-                  "members of a chain): the source is another optimizer's state.")
+        self.fail(at, f"is {_describe(s)}, where the target holds {_describe(t)}: the "
+                  "source is another optimizer's state.")
       return type(t)(self.node(a, b, f"{at}[{i}]") for i, (a, b) in enumerate(zip(t, items)))
     if isinstance(t, dict):
       return self.mapping(t, s, at)
@@ -228,7 +233,7 @@ class _Walk:
       self.fail(at, f"is {_describe(s)}, where the target holds {_describe(t)}: the source "
                 "is another optimizer's state.")
     if set(t._fields) >= _INJECT:
-      return self.injected(t, fields, at)
+      return self.injected(t, s, at)
     if fields is None:
       self.fail(at, f"is {_describe(s)}, where the target holds {_describe(t)}.")
     if set(fields) >= _INJECT and t._fields == ("count",):  # ours -> a schedule's count
@@ -249,10 +254,11 @@ class _Walk:
       return type(t)(*(self.node(v, fields[f], f"{at}.{f}") for f, v in zip(t._fields, t)))
     self.fail(at, f"is {_describe(s)}, where the target holds {_describe(t)}: {_REBUILD}")
 
-  def injected(self, t, fields, at):
+  def injected(self, t, s, at):
     """A state of values that change while training (ours, or Optax's inject_hyperparams)."""
+    fields = _fields(s)
     if fields is None or "count" not in fields:
-      self.fail(at, f"is {_describe(fields)}, where the target holds {_describe(t)}.")
+      self.fail(at, f"is {_describe(s)}, where the target holds {_describe(t)}: {_REBUILD}")
     count = self.leaf(t.count, fields["count"], f"{at}.count")
     if set(fields) == {"count"}:  # Optax's ScaleByScheduleState, WeightDecaySchedule
       if not (self.to_ours and _leafless(t.inner_state)) or set(t._fields) != _INJECT:
@@ -260,7 +266,7 @@ class _Walk:
       self.scheduled.append(t._replace(count=count))
       return self.scheduled[-1]
     if not _INJECT <= set(fields) <= _INJECT | {"hyperparams_states"}:
-      self.fail(at, f"is {_describe(fields)}, where the target holds {_describe(t)}.")
+      self.fail(at, f"is {_describe(s)}, where the target holds {_describe(t)}: {_REBUILD}")
     for name, schedule in (fields.get("hyperparams_states") or {}).items():  # Optax's
       own = (_fields(schedule) or {}).get("count")
       if set(_fields(schedule) or {"?"}) != {"count"}:

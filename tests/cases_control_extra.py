@@ -48,8 +48,8 @@ CASES = [
          slow_eager_ref=True),
     # Optax's monitor starts with an empty dict of measurements (ours: zeros of their
     # layout); after one update (what the state test compares) the layouts agree.
-    Case("monitor_snapshot_adam", lambda: _monitored(oc), ("monitor", "measure_with_ema", "snapshot"),
-         optax=lambda: _monitored(optax)),
+    Case("monitor_snapshot_adam", lambda: _monitored(oc),
+         ("monitor", "measure_with_ema", "snapshot"), optax=lambda: _monitored(optax)),
     Case("multi_steps_skip_not_finite",
          lambda: oc.MultiSteps(oc.adam(LR), 3,
                                should_skip_update_fn=oc.skip_not_finite).gradient_transformation(),

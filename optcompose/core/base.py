@@ -65,8 +65,6 @@ class GradientTransformation(optax.GradientTransformationExtraArgs):
   accepts any keyword argument, from another library's (adapted by :func:`as_transformation`).
   """
 
-  __slots__ = ()
-
 
 # Optax's name for a transformation whose update takes keyword arguments: every one of ours.
 GradientTransformationExtraArgs = GradientTransformation

@@ -37,7 +37,7 @@ def _floored(value, floor, masked):
 
 
 def safe_norm(x: jax.typing.ArrayLike, min_norm: jax.typing.ArrayLike,
-              ord: Optional[Union[int, float, str]] = None,  # noqa: A002  (Optax's name)
+              ord: Optional[Union[int, float, str]] = None,  # Optax's name (shadows the builtin)
               axis: Union[None, tuple[int, ...], int] = None,
               keepdims: bool = False) -> jax.Array:
   """``max(||x||, min_norm)`` with a gradient of 0, not NaN, below the floor.

@@ -31,7 +31,7 @@ from optcompose.core import (
     FLAG, INNER, INT32_MAX, GradientTransformation, Hyper, as_transformation, check_hyperparameter,
     choice, cond, expect_state, public, safe_increment, zero_count,
 )
-from optcompose.wrappers.control import _update_if, check_whole
+from optcompose.wrappers.control import check_whole, update_if
 
 
 class ConditionallyTransformState(NamedTuple):
@@ -89,8 +89,8 @@ def _conditional(who: str, inner, should_transform_fn, forward_extra_args, state
   def update(updates, state, params=None, **extra):
     expect_state(state, state_type, who)
     pred = _condition(should_transform_fn, who, state.step, extra if forward_extra_args else {})
-    new_updates, inner_state = _update_if(pred, inner, updates, state.inner_state, params, extra,
-                                          pass_through=who if pass_through else None)
+    new_updates, inner_state = update_if(pred, inner, updates, state.inner_state, params, extra,
+                                         pass_through=who if pass_through else None)
     return new_updates, state_type(inner_state=inner_state, step=safe_increment(state.step))
 
   return GradientTransformation(init, update)

@@ -49,7 +49,7 @@ class MultiStepsState(NamedTuple):
   skip_state: Any = ()
 
 
-def _update_if(pred, inner, updates, state, params, extra, pass_through: Optional[str] = None):
+def update_if(pred, inner, updates, state, params, extra, pass_through: Optional[str] = None):
   """``inner.update`` when ``pred`` holds; else zero updates (or, given ``pass_through``,
   the wrapper's name: the incoming updates) and the state untouched. Only the branch taken
   runs (``lax.cond`` under jit); either branch gives the types of the inner step's updates."""
@@ -67,7 +67,8 @@ def _update_if(pred, inner, updates, state, params, extra, pass_through: Optiona
       raise ValueError(f"{pass_through}: the inner transformation changes the updates' "
                        f"structure or shapes, so they cannot be passed through unchanged: "
                        f"{e}") from None
-    return jax.tree.map(lambda x, s: jnp.asarray(x).astype(s.dtype), operands[0], shapes), operands[1]
+    passed = jax.tree.map(lambda x, s: jnp.asarray(x).astype(s.dtype), operands[0], shapes)
+    return passed, operands[1]
 
   return cond(pred, run, hold, (updates, state, params))
 
@@ -75,9 +76,9 @@ def _update_if(pred, inner, updates, state, params, extra, pass_through: Optiona
 def check_whole(who: str, name: str, value: Any) -> None:
   """Raise a ValueError naming ``who``'s ``name`` when a known number of steps is not a
   whole number (a live value under inject_hyperparams is a float array: whole?)."""
-  if not callable(value) and not isinstance(value, jax.core.Tracer):
-    if float(value) != int(value):
-      raise ValueError(f"{who}: `{name}` must be a whole number of steps, got {value!r}.")
+  if (not callable(value) and not isinstance(value, jax.core.Tracer)
+      and float(value) != int(value)):
+    raise ValueError(f"{who}: `{name}` must be a whole number of steps, got {value!r}.")
 
 
 class ShouldSkipUpdateFunction(Protocol):
@@ -265,8 +266,8 @@ def multi_steps(inner, every_k_schedule: Union[int, Callable], use_grad_mean: bo
     emit = n >= k - 1
     if skips:
       emit = jnp.logical_and(emit, jnp.logical_not(skip))
-    new_updates, inner_state = _update_if(emit, inner, otree.cast_like(acc, updates),
-                                          state.inner_opt_state, params, extra)
+    new_updates, inner_state = update_if(emit, inner, otree.cast_like(acc, updates),
+                                         state.inner_opt_state, params, extra)
     mini_step = jnp.where(emit, 0, safe_increment(n))
     acc = jax.tree.map(lambda a, old: jnp.where(emit, jnp.zeros_like(a), a).astype(old.dtype),
                        acc, state.acc_grads)  # the dtype chosen at init
@@ -351,8 +352,8 @@ def apply_if_finite(inner, max_consecutive_errors: Optional[int]) -> GradientTra
   def update(updates, state, params=None, **extra):
     expect_state(state, ApplyIfFiniteState, "apply_if_finite")
     grads_finite = all_finite(updates)
-    new_updates, inner_state = _update_if(grads_finite, inner, updates, state.inner_state, params,
-                                          extra)
+    new_updates, inner_state = update_if(grads_finite, inner, updates, state.inner_state, params,
+                                         extra)
     finite = jnp.logical_and(grads_finite, all_finite(new_updates))
     new_updates, inner_state = cond(  # what is applied is tested, not only what came in
         finite, lambda _: (new_updates, inner_state),
