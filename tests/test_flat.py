@@ -27,7 +27,10 @@ from registry import CASES
 STEPS = 30
 PER_LEAF = {"clip_by_leaf_norm", "clip_by_block_rms", "adaptive_grad_clip", "lamb", "lars", "fromage",
             "scale_by_param_block",
-            "novograd", "sm3", "noisy_sgd"}  # per-leaf norms, per-axis covers, per-leaf keys
+            "novograd", "sm3", "noisy_sgd",
+            "centralize", "scale_by_distance_over_gradients",
+            "scale_by_distance_over_gradients_options",
+            }  # per-leaf norms, per-axis covers, per-leaf keys
 
 
 def matrices(params):
