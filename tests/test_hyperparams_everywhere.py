@@ -47,6 +47,8 @@ WRAPPERS = {
     "lookahead_in_state": lambda t: oc.lookahead_in_state(t, 2, 0.5),
     "sam": lambda t: oc.sam(t, oc.chain(oc.normalize(), oc.sgd(0.05)), sync_period=2),
     "with_diagnostics": lambda t: oc.with_diagnostics(t),
+    "conditionally_transform": lambda t: oc.conditionally_transform(t, lambda step: step % 2 == 0),
+    "conditionally_mask": lambda t: oc.conditionally_mask(t, lambda step: step % 2 == 0),
     "chain": lambda t: oc.chain(oc.clip_by_global_norm(1.0), t),
     "optax.apply_if_finite": lambda t: optax.apply_if_finite(t, 3),
     "optax.chain": lambda t: optax.chain(optax.clip_by_global_norm(1.0), t),
