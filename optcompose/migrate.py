@@ -5,42 +5,35 @@
     state = from_optax_state(optax_state, tx, params)      # Optax's state -> ours, for tx
     optax_state = to_optax_state(state, optax_tx, params)  # ours -> Optax's, for optax_tx
 
-``tx`` and ``optax_tx`` are built the same way (the same optimizer and chain, the same
-hyperparameters and schedules). The target is initialised from ``params`` and each of its
-leaves is filled from the source, matched field by field: moments, traces and step counts
-are copied, not recomputed, so training continues as if it had never switched library. The
-source may be a live state, one restored into its library's template, or a plain restored
-pytree (Flax's ``msgpack_restore``, Orbax without a target: tuples come back as
-``{'0': ...}`` dicts or lists, empty states as ``{}`` or ``None``).
+``tx`` and ``optax_tx`` are built alike (the same optimizer and chain, hyperparameters and
+schedules). The target is initialised from ``params`` and filled from the source field by
+field: moments, traces and counts are copied, not recomputed, so training continues as if it
+had never switched library. The source may be live, restored into its library's template, or
+a plain restored pytree (Flax's ``msgpack_restore``, Orbax without a target: tuples come back
+as ``{'0': ...}`` dicts or lists, empty states as ``{}`` or ``None``).
 
-Where the two libraries keep the same optimizer in different states:
+Where the libraries keep one optimizer in different states:
 
-* a scheduled hyperparameter: Optax keeps a count (``ScaleByScheduleState``,
-  ``WeightDecaySchedule``, the latter inside a ``MaskedState`` when the decay is masked);
-  optcompose keeps the count and the value the latest update used, for logging (an
-  ``InjectHyperparamsState``). The count is copied; the value, which Optax does not store, is
-  recomputed from the schedule by one update of ``tx`` on zero gradients (its result
-  discarded), so ``current_hyperparams`` reads the value in force, not step 0's. Where that
-  update does not reach the node (inside ``multi_steps`` between real steps) the value reads
-  NaN until the node's next update; the steps themselves never read it (a scheduled value is
-  always recomputed from the count);
-* ``inject_hyperparams``: Optax keeps one count per schedule (``hyperparams_states``),
-  optcompose one for all; they must agree (they do unless edited by hand) and are all filled
-  from that one count going back. Stateful schedules have no counterpart;
-* ``clip_by_global_norm``: optcompose keeps the norm it last measured, for logging, Optax
-  nothing: coming from Optax it reads 0 (as after ``init``) until the next update;
-* ``apply_if_finite``: optcompose's ``gave_up`` flag is False if no step was ever skipped;
-  otherwise Optax's state cannot tell and the migration raises.
+* a schedule: Optax keeps its count (``ScaleByScheduleState``, ``WeightDecaySchedule`` in a
+  ``MaskedState``), optcompose also the value the latest update used, for logging. The count
+  is copied; the value is recomputed by one jitted update of ``tx`` on zero gradients (only
+  the values are computed), so ``current_hyperparams`` reads the value in force. Where that
+  update does not reach the node (``multi_steps`` between real steps) it reads NaN until the
+  node's next update; no step reads it (it is recomputed from the count);
+* ``inject_hyperparams``: Optax keeps a count per schedule, optcompose one: they must agree;
+* ``clip_by_global_norm``: optcompose's logged norm reads 0 (as after ``init``) until the
+  next update; ``apply_if_finite``: ``gave_up`` is False if no step was ever skipped, else
+  unknown (an error).
 
 Anything else that differs raises :class:`MigrationError` naming the path in the source
-(``state[1][0].mu['w']``) and what both sides hold there: another optimizer's state, a
-hyperparameter scheduled on one side only, another shape, a dtype that would change a value.
-Hyperparameter values are rounded to the target's stored dtype (Optax stores a float32
-schedule's value as float32, optcompose as float64 under x64).
+(``state[1][0].mu['w']``) and what each side holds there: another optimizer's state, a
+schedule on one side only, another shape, a cast that would change a value. Hyperparameter
+values are rounded to the target's dtype (Optax stores a float32 schedule's value as float32).
 """
 
 from __future__ import annotations
 
+import functools
 import numbers
 from typing import Any, Optional
 
@@ -69,14 +62,13 @@ class MigrationError(ValueError):
     super().__init__(f"{fn}: state{path} {message}")
 
 
-# ----------------------------------------------------------------------------------------
 # Counterparts: the state classes both libraries export under one name (optcompose keeps
 # Optax's names), and Optax's names of states optcompose keeps in another class.
 
 _OPTAX_ALIASES = {"MultiTransformState": "PartitionState",
                   "InjectStatefulHyperparamsState": "InjectHyperparamsState",
                   "ScaleByScheduleState": "InjectHyperparamsState"}
-_PAIRS: list = []
+_PAIRS: set = set()
 
 
 def _pairs() -> set:
@@ -85,17 +77,15 @@ def _pairs() -> set:
     import warnings
     import optax
     import optcompose
-    pairs = set()
     with warnings.catch_warnings():  # Optax's deprecated names warn when read
       warnings.simplefilter("ignore")
-      for space in (optax, optax.transforms, optax.schedules):
-        for name in dir(space):
-          theirs = getattr(space, name, None)
-          ours = vars(optcompose).get(_OPTAX_ALIASES.get(name, name))  # ours, not Optax's
-          if _is_namedtuple_class(theirs) and _is_namedtuple_class(ours):
-            pairs.add((theirs, ours))
-    _PAIRS.append(pairs)
-  return _PAIRS[0]
+      for space, name in ((s, n) for s in (optax, optax.transforms, optax.schedules)
+                          for n in dir(s)):
+        theirs = getattr(space, name, None)
+        ours = vars(optcompose).get(_OPTAX_ALIASES.get(name, name))  # ours, not Optax's
+        if _is_namedtuple(theirs, True) and _is_namedtuple(ours, True):
+          _PAIRS.add((theirs, ours))
+  return _PAIRS
 
 
 def _counterparts(theirs: type, ours: type) -> bool:
@@ -105,12 +95,9 @@ def _counterparts(theirs: type, ours: type) -> bool:
           or ours not in {b for _, b in pairs})
 
 
-def _is_namedtuple_class(c) -> bool:
+def _is_namedtuple(x, is_class=False) -> bool:
+  c = x if is_class else type(x)
   return isinstance(c, type) and issubclass(c, tuple) and hasattr(c, "_fields")
-
-
-def _is_namedtuple(x) -> bool:
-  return _is_namedtuple_class(type(x))
 
 
 def _is_masked(x) -> bool:
@@ -118,9 +105,7 @@ def _is_masked(x) -> bool:
   return isinstance(x, (MaskedState, optax.MaskedState))
 
 
-# ----------------------------------------------------------------------------------------
 # Reading a source node, live or restored as plain containers.
-
 
 def _leafless(x) -> bool:
   return not jax.tree.leaves(x)
@@ -152,16 +137,12 @@ def _dtype(x):
 
 
 def _kind(dtype) -> str:
-  return ("f" if jnp.issubdtype(dtype, jnp.floating) else "i" if jnp.issubdtype(
-      dtype, jnp.integer) else str(dtype))
+  return "f" if jnp.issubdtype(dtype, jnp.floating) else "i" if jnp.issubdtype(
+      dtype, jnp.integer) else str(dtype)
 
 
 def _concrete(*xs) -> bool:
   return not any(isinstance(x, jax.core.Tracer) for x in xs)
-
-
-def _short(x) -> str:
-  return type(x).__name__ if _is_namedtuple(x) else "..." if x else "None"
 
 
 def _describe(x) -> str:
@@ -172,18 +153,15 @@ def _describe(x) -> str:
   if isinstance(x, dict):
     return f"a dict with keys {sorted(map(str, x))}"
   if isinstance(x, (tuple, list)):
-    return f"a {type(x).__name__} of {len(x)} ({', '.join(_short(v) for v in x)})"
+    names = (type(v).__name__ if _is_namedtuple(v) else "..." if v else "None" for v in x)
+    return f"a {type(x).__name__} of {len(x)} ({', '.join(names)})"
   if _is_value(x):
     return f"an array of shape {np.shape(x)} and dtype {_dtype(x)}"
   return "nothing" if x is None else f"a {type(x).__name__}"
 
 
-# ----------------------------------------------------------------------------------------
-# The walk: the target's initial state ``t``, filled from the source ``s``; ``at`` is the
-# path in the source.
-
-
 class _Walk:
+  """The target's initial state ``t``, filled from the source ``s``; ``at``: the source path."""
 
   def __init__(self, fn: str, to_ours: bool):
     self.fn, self.to_ours = fn, to_ours
@@ -217,9 +195,8 @@ class _Walk:
     by_str = {str(k): k for k in s}  # a restored dict has string keys
     if set(by_str) != {str(k) for k in t} or len(by_str) != len(s):
       self.fail(at, f"has keys {sorted(by_str)}, expected {sorted(map(str, t))}.")
-    fill = lambda v, k: (self.leaf(v, s[by_str[str(k)]], f"{at}[{k!r}]", hyper) if hyper  # noqa: E731
-                         else self.node(v, s[by_str[str(k)]], f"{at}[{k!r}]"))
-    return type(t)((k, fill(v, k)) for k, v in t.items())
+    fill = functools.partial(self.leaf, hyper=True) if hyper else self.node
+    return type(t)((k, fill(v, s[by_str[str(k)]], f"{at}[{k!r}]")) for k, v in t.items())
 
   def named(self, t, s, at):
     fields = _fields(s)
@@ -228,8 +205,8 @@ class _Walk:
       return self.node(t, fields["inner_state"], f"{at}.inner_state")
     if _is_masked(t) and not masked:
       return type(t)(self.node(t.inner_state, s, at))
-    if _is_namedtuple(s) and not _counterparts(
-        *((type(s), type(t)) if self.to_ours else (type(t), type(s)))):
+    pair = (type(s), type(t)) if self.to_ours else (type(t), type(s))
+    if _is_namedtuple(s) and not _counterparts(*pair):
       self.fail(at, f"is {_describe(s)}, where the target holds {_describe(t)}: the source "
                 "is another optimizer's state.")
     if set(t._fields) >= _INJECT:
@@ -268,25 +245,23 @@ class _Walk:
     if not _INJECT <= set(fields) <= _INJECT | {"hyperparams_states"}:
       self.fail(at, f"is {_describe(s)}, where the target holds {_describe(t)}: {_REBUILD}")
     for name, schedule in (fields.get("hyperparams_states") or {}).items():  # Optax's
-      own = (_fields(schedule) or {}).get("count")
-      if set(_fields(schedule) or {"?"}) != {"count"}:
-        self.fail(f"{at}.hyperparams_states[{name!r}]", f"is {_describe(schedule)}: optcompose "
-                  "schedules read the step count only (no stateful schedules).")
-      if _concrete(own, fields["count"]) and np.asarray(own) != np.asarray(fields["count"]):
-        self.fail(f"{at}.hyperparams_states[{name!r}].count", f"is {np.asarray(own)}, the "
-                  f"state's count {np.asarray(fields['count'])}: optcompose keeps one count "
-                  "for all schedules.")
+      where, own = f"{at}.hyperparams_states[{name!r}]", _fields(schedule) or {}
+      if set(own) != {"count"}:
+        self.fail(where, f"is {_describe(schedule)}: optcompose's schedules read the step "
+                  "count only (no stateful schedules).")
+      if _concrete(own["count"], count) and np.asarray(own["count"]) != np.asarray(count):
+        self.fail(f"{where}.count", f"is {np.asarray(own['count'])}, the state's count "
+                  f"{np.asarray(count)}: optcompose keeps one count for all schedules.")
     new = dict(count=count, hyperparams=self.mapping(t.hyperparams, fields["hyperparams"],
                                                      f"{at}.hyperparams", hyper=True),
                inner_state=self.node(t.inner_state, fields["inner_state"], f"{at}.inner_state"))
     if "hyperparams_states" in t._fields:  # Optax's: each schedule's count is the count
       for name, schedule in t.hyperparams_states.items():
         if getattr(schedule, "_fields", None) != ("count",):
-          self.fail(f"{at}.count", f"cannot fill Optax's {_describe(schedule)} for `{name}`: "
-                    "only schedules of the step count have an optcompose counterpart.")
+          self.fail(f"{at}.hyperparams_states[{name!r}]", f"cannot fill {_describe(schedule)}"
+                    ": only schedules of the step count have an optcompose counterpart.")
       new["hyperparams_states"] = {name: schedule._replace(count=self.leaf(
-          schedule.count, fields["count"], f"{at}.count"))
-          for name, schedule in t.hyperparams_states.items()}
+          schedule.count, count, f"{at}.count")) for name, schedule in t.hyperparams_states.items()}
     return t._replace(**new)
 
   def leaf(self, t, s, at, hyper=False):
@@ -305,8 +280,9 @@ class _Walk:
         self.fail(at, f"has dtype {_dtype(s)}, expected {_dtype(t)}: casting would change "
                   "its values (build the target with the source's dtypes).")
       s = jnp.asarray(s).astype(_dtype(t))
-    if isinstance(t, jax.Array):
-      return jax.device_put(s, t.sharding) if _concrete(t) else jnp.asarray(s)
+    if isinstance(t, jax.Array):  # placed as t, uncommitted where it can be (as init's are)
+      s = jax.device_put(s)
+      return s if not _concrete(t) or s.sharding == t.sharding else jax.device_put(s, t.sharding)
     if isinstance(t, numbers.Number):
       return type(t)(np.asarray(s)[()])
     return np.asarray(s, _dtype(t))
@@ -330,63 +306,55 @@ class _Walk:
 # optcompose's fields that Optax's counterpart lacks, {class: {field: rule}}: from Optax the
 # rule gives the value, to Optax it checks that nothing is lost.
 
-
-def _norm(walk, t, source, at):
-  """Optax keeps no norm: 0, as after ``init``, until the next update."""
-  return t.global_norm if walk.to_ours else None
-
-
 def _gave_up(walk, t, source, at):
   """Optax keeps no such flag: it is known (False) only if no step was ever skipped."""
   known = source["total_notfinite"] if walk.to_ours else source["gave_up"]
   if _concrete(known) and not np.asarray(known).any():
     return t.gave_up if walk.to_ours else None
-  walk.fail(at, "cannot be migrated: " + (
-      "Optax's apply_if_finite does not record whether its consecutive non-finite steps "
-      "reached max_consecutive_errors" if walk.to_ours else "Optax's apply_if_finite has no "
-      "such flag") + "; set it by hand after migrating, or clear it before.")
+  walk.fail(at, "cannot be migrated: Optax's apply_if_finite " + (
+      "does not record whether max_consecutive_errors was reached" if walk.to_ours else
+      "has no such flag") + "; set it by hand after migrating, or clear it before.")
 
 
-_OURS_ONLY = {ClipByGlobalNormState: {"global_norm": _norm},
+_OURS_ONLY = {  # the logged norm: 0, as after init, until the next update
+    ClipByGlobalNormState: {"global_norm": lambda walk, t, *_: walk.to_ours and t.global_norm},
               ApplyIfFiniteState: {"gave_up": _gave_up}}
-
-
-# ----------------------------------------------------------------------------------------
-# The scheduled values in force, which Optax's bare counts do not hold.
 
 
 def _values_in_force(fn, state, tx, params, scheduled, extra_args):
   """Replace the step-0 values of our InjectHyperparamsStates filled from a bare count by
-  those the latest update used: one update of ``tx`` from each count minus one."""
+  those the latest update used: one update of ``tx`` from each count minus one, jitted so
+  that only the values are computed."""
   marked = {id(n) for n in scheduled if not _concrete(n.count) or np.asarray(n.count) > 0}
   todo = otree.find_nodes(state, lambda n: id(n) in marked)
   if not todo:
     return state
   probe = otree.replace_nodes(state, lambda n: id(n) in marked,
                               lambda n: n._replace(count=n.count - 1))
-  try:
+
+  def in_force(probe, params):
     _, after = tx.update(jax.tree.map(jnp.zeros_like, params), probe, params,
                          **(extra_args or {}))
+    return {path: (n.count, n.hyperparams) for path, n in otree.find_nodes(
+        after, lambda n: isinstance(n, InjectHyperparamsState))}  # nothing else is computed
+
+  try:
+    found = jax.jit(in_force)(probe, params)
   except Exception as e:  # reported, with what to do
     raise MigrationError(fn, "".join(f"[{k}]" for k in todo[0][0]), "holds a schedule's count "
                          "only (Optax's state); recomputing the value in force runs one update "
                          f"of `tx` on zero gradients, which failed ({type(e).__name__}: {e}). "
                          "Pass the keyword arguments its update needs as `extra_args`.") from e
-  found = dict(otree.find_nodes(after, lambda n: isinstance(n, InjectHyperparamsState)))
 
   def used(path, node):
-    new = found[path]
-    if _concrete(new.count) and np.asarray(new.count) != np.asarray(node.count):
+    count, hyperparams = found[path]
+    if _concrete(count) and np.asarray(count) != np.asarray(node.count):
       return {k: jnp.full_like(v, jnp.nan) for k, v in node.hyperparams.items()}  # not reached
-    return new.hyperparams
+    return hyperparams
 
   values = {id(node): used(path, node) for path, node in todo}
   return otree.replace_nodes(state, lambda n: id(n) in values,
                              lambda n: n._replace(hyperparams=values[id(n)]))
-
-
-# ----------------------------------------------------------------------------------------
-# The two directions.
 
 
 def from_optax_state(optax_state: Any, tx: Any, params: Any, *,
@@ -396,15 +364,14 @@ def from_optax_state(optax_state: Any, tx: Any, params: Any, *,
   Args:
     optax_state: the Optax state: live, restored into Optax's template, or a plain restored
       pytree (Flax's ``msgpack_restore``, Orbax without a target).
-    tx: the optcompose transformation built as the Optax one was (the same optimizer and
-      chain, the same hyperparameters and schedules).
+    tx: the optcompose transformation built as the Optax one was (module docstring).
     params: the parameters (or any tree of their structure, shapes and dtypes).
-    extra_args: keyword arguments ``tx.update`` needs (e.g. ``value=`` for plateau control),
-      used only to recompute a schedule's value in force (see the module docstring).
+    extra_args: keyword arguments ``tx.update`` needs (``value=`` for plateau control), to
+      recompute a schedule's value in force (module docstring).
 
   Returns:
-    ``tx``'s state holding Optax's moments, counts and hyperparameters, its arrays placed as
-    ``tx.init(params)`` places them.
+    ``tx``'s state holding Optax's moments, counts and hyperparameters, placed as
+    ``tx.init(params)`` places its arrays.
 
   Raises:
     MigrationError: the state cannot be migrated; the message names the path.

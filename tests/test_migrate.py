@@ -10,6 +10,8 @@ in Optax. A state that cannot be migrated raises MigrationError naming its path.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,7 +20,7 @@ import pytest
 
 import optcompose as oc
 import problems
-from numerics import F64_RTOL, assert_rel_close, standard_promotion, x64
+from numerics import F64_RTOL, assert_rel_close, jit_once, standard_promotion, x64
 from optcompose.checkpoint import restore_checkpoint, save_checkpoint
 from optcompose.migrate import MigrationError, from_optax_state, to_optax_state
 
@@ -60,20 +62,29 @@ OPTIMIZERS = {
 NAMES = [n for n in OPTIMIZERS if n not in ("lion", "lamb") or hasattr(oc, n)]
 
 
+@functools.cache
+def mlp64():
+  """The MLP in float64 (call under x64), its gradient compiled once for the module."""
+  return problems.mlp(jnp.float64)
+
+
+APPLY = jit_once(oc.apply_updates)
+
+
 def build(name):
   """(optcompose's transformation, Optax's under its own dtype promotion)."""
   return OPTIMIZERS[name](oc), standard_promotion(OPTIMIZERS[name](optax))
 
 
-def run(tx, prob, params, state, start, stop, save_at=None):
-  """Train from step ``start`` to ``stop``; return the final params and state and, if
-  ``save_at`` is given, the (params, state) taken at that step."""
-  update, saved = jax.jit(tx.update), None
+def run(update, prob, params, state, start, stop, save_at=None):
+  """Train with a jitted ``update`` from step ``start`` to ``stop``; return the final params
+  and state and, if ``save_at`` is given, the (params, state) at that step."""
+  saved = None
   for t in range(start, stop):
     if t == save_at:
       saved = params, state
     u, state = update(prob.grad(params, t), state, params)
-    params = oc.apply_updates(params, u)
+    params = APPLY(params, u)
   return params, state, saved
 
 
@@ -84,98 +95,76 @@ def without_logged_norm(state):
 
 
 def assert_states_equal(actual, desired, what):
-  """Same structure, dtypes and (to float64 rounding) values; NaN where NaN."""
+  """The same structure and dtypes, and the same values to float64 rounding."""
   assert jax.tree.structure(actual) == jax.tree.structure(desired), what
   for a, d in zip(jax.tree.leaves(actual), jax.tree.leaves(desired)):
     assert jnp.result_type(a) == jnp.result_type(d), what
   assert_rel_close(actual, desired, F64_RTOL, what)
 
 
-def optax_checkpoint(name, tmp_path):
-  """Optax's run: its checkpoint file after K steps (Flax msgpack), its params then, and
-  where the uninterrupted run ends."""
-  tx, otx = build(name)
-  prob = problems.mlp(jnp.float64)
-  end, _, (params_k, state_k) = run(otx, prob, prob.params, otx.init(prob.params), 0, K + N,
-                                    save_at=K)
-  path = tmp_path / "optax.msgpack"
-  path.write_bytes(serialization.to_bytes({"params": params_k, "opt_state": state_k}))
-  return tx, otx, prob, path, end
-
-
 @pytest.mark.numerics
 @pytest.mark.float64
 @pytest.mark.parametrize("name", NAMES)
-def test_optax_checkpoint_continues_in_optcompose(name, tmp_path):
-  with x64():
-    tx, otx, prob, path, optax_end = optax_checkpoint(name, tmp_path)
-    restored = serialization.msgpack_restore(path.read_bytes())  # a plain pytree of NumPy arrays
-    params = jax.tree.map(jnp.asarray, restored["params"])
-    state = from_optax_state(restored["opt_state"], tx, params)
-
-    ours_end, _, (_, ours_k) = run(tx, prob, prob.params, tx.init(prob.params), 0, K + N,
-                                   save_at=K)
-    if name == "multi_steps_adamw":  # mid-accumulation the probe cannot reach the schedule
-      assert np.isnan(oc.current_hyperparams(state)["learning_rate"])
-      state_cmp, ours_cmp = oc.set_hyperparams(state, learning_rate=1.0), oc.set_hyperparams(
-          ours_k, learning_rate=1.0)
-    else:
-      state_cmp, ours_cmp = state, ours_k
-    assert_states_equal(without_logged_norm(state_cmp), without_logged_norm(ours_cmp),
-                        f"{name}: the migrated state")
-    if "scheduled" in name or "inject" in name or "clip" in name:
-      lr = oc.current_hyperparams(state)["learning_rate"]
-      assert float(lr) == pytest.approx(float(lr_schedule(K - 1)), rel=1e-12) and lr > 0
-
-    end, final, _ = run(tx, prob, params, state, K, K + N)
-    assert_rel_close(end, optax_end, F64_RTOL, f"{name}: resumed in optcompose vs Optax")
-    assert_rel_close(end, ours_end, F64_RTOL, f"{name}: resumed vs optcompose's own run")
-
-
-@pytest.mark.numerics
-@pytest.mark.float64
-@pytest.mark.parametrize("name", NAMES)
-def test_optcompose_checkpoint_continues_in_optax(name, tmp_path):
+def test_checkpoint_migrates_both_ways_and_training_continues(name, tmp_path):
   with x64():
     tx, otx = build(name)
-    prob = problems.mlp(jnp.float64)
-    ours_end, _, (params_k, state_k) = run(tx, prob, prob.params, tx.init(prob.params), 0,
-                                           K + N, save_at=K)
-    path = save_checkpoint(tmp_path / "ours.msgpack", {"params": params_k, "opt_state": state_k})
-    template = {"params": prob.params, "opt_state": tx.init(prob.params)}
-    restored = restore_checkpoint(path, template)
-    optax_state = to_optax_state(restored["opt_state"], otx, restored["params"])
+    prob = mlp64()
+    update, optax_update = jax.jit(tx.update), jax.jit(otx.update)
+    # Each library's uninterrupted run, checkpointed mid-run.
+    optax_end, _, (optax_params, optax_k) = run(optax_update, prob, prob.params,
+                                                otx.init(prob.params), 0, K + N, save_at=K)
+    ours_end, _, (ours_params, ours_k) = run(update, prob, prob.params, tx.init(prob.params),
+                                             0, K + N, save_at=K)
 
-    optax_end, _, (_, optax_k) = run(otx, prob, prob.params, otx.init(prob.params), 0, K + N,
-                                     save_at=K)
-    assert_states_equal(optax_state, optax_k, f"{name}: the migrated Optax state")
-    end, _, _ = run(otx, prob, restored["params"], optax_state, K, K + N)
-    assert_rel_close(end, ours_end, F64_RTOL, f"{name}: resumed in Optax vs optcompose")
-    assert_rel_close(end, optax_end, F64_RTOL, f"{name}: resumed vs Optax's own run")
+    # Optax -> optcompose: Optax's checkpoint (a Flax msgpack file) read back plainly.
+    path = tmp_path / "optax.msgpack"
+    path.write_bytes(serialization.to_bytes({"params": optax_params, "opt_state": optax_k}))
+    restored = serialization.msgpack_restore(path.read_bytes())  # nested dicts of NumPy arrays
+    params = jax.tree.map(jnp.asarray, restored["params"])
+    state = from_optax_state(restored["opt_state"], tx, params)
+    migrated, expected = without_logged_norm(state), without_logged_norm(ours_k)
+    if name == "multi_steps_adamw":  # mid-accumulation the schedule's value is not reached
+      assert np.isnan(oc.current_hyperparams(state)["learning_rate"])
+      migrated, expected = (oc.set_hyperparams(s, learning_rate=1.0) for s in (migrated, expected))
+    elif oc.current_hyperparams(state):  # the value in force, not step 0's 0.0
+      lr = oc.current_hyperparams(state)["learning_rate"]
+      assert float(lr) == pytest.approx(float(lr_schedule(K - 1)), rel=1e-12) and lr > 0
+    assert_states_equal(migrated, expected, f"{name}: migrated from Optax vs optcompose's own")
+    end, _, _ = run(update, prob, params, state, K, K + N)
+    assert_rel_close(end, optax_end, F64_RTOL, f"{name}: resumed in optcompose vs Optax's run")
+
+    # optcompose -> Optax: optcompose's checkpoint, restored into its template.
+    path = save_checkpoint(tmp_path / "ours.msgpack", {"params": ours_params, "opt_state": ours_k})
+    restored = restore_checkpoint(path, {"params": prob.params, "opt_state": tx.init(prob.params)})
+    optax_state = to_optax_state(restored["opt_state"], otx, restored["params"])
+    assert_states_equal(optax_state, optax_k, f"{name}: migrated to Optax vs Optax's own")
+    end, _, _ = run(optax_update, prob, restored["params"], optax_state, K, K + N)
+    assert_rel_close(end, ours_end, F64_RTOL, f"{name}: resumed in Optax vs optcompose's run")
 
 
 @pytest.mark.numerics
 @pytest.mark.float64
-@pytest.mark.parametrize("name", ["adamw_masked_scheduled", "clip_adamw", "inject_adamw"])
-def test_every_way_of_reading_the_checkpoint_migrates_alike(name, tmp_path):
+def test_every_way_of_reading_the_checkpoint_migrates_alike(tmp_path):
   """Flax's msgpack read plainly or into Optax's template, Orbax read with or without a
-  target, the live state: one migrated state, bit for bit."""
+  target, the live state: one migrated state, bit for bit (clipping, a masked scheduled
+  decay, a scheduled learning rate)."""
   ocp = pytest.importorskip("orbax.checkpoint")
+  make = lambda lib: lib.chain(lib.clip_by_global_norm(0.5), lib.adamw(  # noqa: E731
+      lr_schedule, weight_decay=wd_schedule, mask=matrices))
+  tx, otx = make(oc), standard_promotion(make(optax))
   with x64():
-    tx, otx, prob, path, _ = optax_checkpoint(name, tmp_path)
-    data = path.read_bytes()
-    live = serialization.from_bytes({"params": prob.params, "opt_state": otx.init(prob.params)},
-                                    data)
-    params = live["params"]
+    prob = mlp64()
+    params, live = run(jax.jit(otx.update), prob, prob.params, otx.init(prob.params), 0, K)[:2]
+    data = serialization.to_bytes(live)
     with ocp.StandardCheckpointer() as checkpointer:
-      checkpointer.save(tmp_path / "orbax", live["opt_state"])
+      checkpointer.save(tmp_path / "orbax", live)
       checkpointer.wait_until_finished()
-      orbax_plain = checkpointer.restore(tmp_path / "orbax")
-      orbax_target = checkpointer.restore(tmp_path / "orbax", otx.init(prob.params))
-    sources = {"msgpack_plain": serialization.msgpack_restore(data)["opt_state"],
-               "msgpack_template": live["opt_state"], "orbax_plain": orbax_plain,
-               "orbax_target": orbax_target}
-    reference = from_optax_state(jax.tree.map(jnp.asarray, live["opt_state"]), tx, params)
+      sources = {"orbax_plain": checkpointer.restore(tmp_path / "orbax"),
+                 "orbax_target": checkpointer.restore(tmp_path / "orbax", otx.init(params))}
+    sources.update(msgpack_plain=serialization.msgpack_restore(data),
+                   msgpack_template=serialization.from_bytes(otx.init(params), data))
+    reference = from_optax_state(live, tx, params)
+    assert float(oc.current_hyperparams(reference)["learning_rate"]) > 0
     for how, source in sources.items():
       migrated = from_optax_state(source, tx, params)
       assert jax.tree.structure(migrated) == jax.tree.structure(reference), how
