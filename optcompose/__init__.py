@@ -60,8 +60,10 @@ _importlib.import_module("optcompose._from_optax").install(transforms, "transfor
 
 def __getattr__(name):
   # The property kit is not imported by the package; ``optcompose.testing`` loads it.
-  if name == "testing":
-    return _importlib.import_module("optcompose.testing")
+  # optcompose.migrate reads the package's namespace (the state classes), so it is loaded
+  # on first use too.
+  if name in ("testing", "migrate"):
+    return _importlib.import_module(f"optcompose.{name}")
   # Optax's other names for ours, its names outside the optimizer domain (losses, ...), or an
   # error that says what to use for an optimizer-domain name not rebuilt yet.
   return _importlib.import_module("optcompose._from_optax").resolve(name, globals())

@@ -23,10 +23,13 @@ FLOORS = [
     ("optcompose.transforms",),
     ("optcompose.wrappers",),
     ("optcompose.optimizers",),
-    ("optcompose.recipe", "optcompose.flat", "optcompose.checkpoint", "optcompose._checkpoint_check",
+    ("optcompose.recipe", "optcompose.flat", "optcompose.checkpoint",
+     "optcompose._checkpoint_check",
      "optcompose._checkpoint_io", "optcompose.sharding", "optcompose._from_optax"),
     ("optcompose.testing",),
-    ("optcompose",),  # the package's __init__: re-exports only
+    # The package's __init__ (re-exports only), and optcompose.migrate, which reads the
+    # package's namespace and which __init__ loads on first use (a module __getattr__).
+    ("optcompose", "optcompose.migrate"),
 ]
 
 

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int, PyTree
 
-import optcompose as optax  # the public original reads `import optax`
+import optcompose as optax  # noqa: F401  (the public original reads `import optax`)
 
 # Hyperparameters
 
@@ -132,7 +132,8 @@ def train(
 
 
 def main(optax_module=None, steps=STEPS, seed=0):
-  """Trains `steps` batches; returns the losses and the final parameters (flattened)."""
+  """Trains `steps` batches; returns the losses and the final parameters
+  (flattened, and by path)."""
   global optax
   if optax_module is not None:
     optax = optax_module
@@ -141,9 +142,10 @@ def main(optax_module=None, steps=STEPS, seed=0):
   model = CNN(subkey)
   optim = optax.adamw(LEARNING_RATE)
   model, losses = train(model, trainloader_from(seed), optim, steps, PRINT_EVERY)
-  leaves = jax.tree_util.tree_leaves(eqx.filter(model, eqx.is_array))
-  flat = np.concatenate([np.ravel(np.asarray(p)) for p in leaves])
-  return {"losses": losses, "loss": losses[-1], "params": flat}
+  named = {jax.tree_util.keystr(path): np.asarray(p)
+           for path, p in jax.tree_util.tree_flatten_with_path(eqx.filter(model, eqx.is_array))[0]}
+  flat = np.concatenate([np.ravel(p) for p in named.values()])
+  return {"losses": losses, "loss": losses[-1], "params": flat, "named_params": named}
 
 
 if __name__ == "__main__":

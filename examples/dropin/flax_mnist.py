@@ -102,7 +102,8 @@ def create_train_state(rng, config):
 
 
 def main(optax_module=None, steps=30, seed=0):
-  """Trains `steps` batches; returns the losses and the final parameters (flattened)."""
+  """Trains `steps` batches; returns the losses and the final parameters
+  (flattened, and by path)."""
   global optax
   if optax_module is not None:
     optax = optax_module
@@ -124,8 +125,11 @@ def main(optax_module=None, steps=30, seed=0):
     print(f'epoch:{epoch:3}, train_loss: {np.mean(epoch_loss):.4f}, '
           f'train_accuracy: {100 * np.mean(epoch_accuracy):.2f}')
 
-  flat = np.concatenate([np.ravel(np.asarray(p)) for p in jax.tree_util.tree_leaves(state.params)])
-  return {'losses': losses, 'loss': losses[-1], 'accuracy': accuracies[-1], 'params': flat}
+  named = {jax.tree_util.keystr(path): np.asarray(p)
+           for path, p in jax.tree_util.tree_flatten_with_path(state.params)[0]}
+  flat = np.concatenate([np.ravel(p) for p in named.values()])
+  return {'losses': losses, 'loss': losses[-1], 'accuracy': accuracies[-1], 'params': flat,
+          'named_params': named}
 
 
 if __name__ == '__main__':

@@ -89,7 +89,7 @@ class GPT(nn.Module):
 
   @nn.compact
   def __call__(self, idx):
-    b, t = idx.shape
+    _, t = idx.shape
     assert t <= self.config.block_size
     pos = jnp.arange(0, t)[None]  # shape (1, t)
     wte = nn.Embed(self.config.vocab_size, self.config.n_embd, name='wte')
@@ -154,13 +154,14 @@ def train_step(state, x, y):
 
 
 def main(optax_module=None, steps=40, seed=0):
-  """Runs `steps` micro-steps; returns the losses and the final parameters (flattened)."""
+  """Runs `steps` micro-steps; returns the losses and the final parameters
+  (flattened, and by path)."""
   global optax
   if optax_module is not None:
     optax = optax_module
-  train = dict(batch_size=16, learning_rate=3e-3, min_lr=3e-4, warmup_iters=4,
-               lr_decay_iters=steps // 2, weight_decay=0.1, beta1=0.9, beta2=0.99,
-               grad_clip=1.0, gradient_accumulation_steps=2)
+  train = {'batch_size': 16, 'learning_rate': 3e-3, 'min_lr': 3e-4, 'warmup_iters': 4,
+           'lr_decay_iters': steps // 2, 'weight_decay': 0.1, 'beta1': 0.9, 'beta2': 0.99,
+           'grad_clip': 1.0, 'gradient_accumulation_steps': 2}
   data, vocab_size = make_corpus(seed)
   config = GPTConfig(vocab_size=vocab_size)
   model = GPT(config)
@@ -175,8 +176,10 @@ def main(optax_module=None, steps=40, seed=0):
     if it % 10 == 0 or it == steps - 1:
       print(f'iter {it}: loss {loss:.4f}')
 
-  flat = np.concatenate([np.ravel(np.asarray(p)) for p in jax.tree_util.tree_leaves(state.params)])
-  return {'losses': losses, 'loss': losses[-1], 'params': flat}
+  named = {jax.tree_util.keystr(path): np.asarray(p)
+           for path, p in jax.tree_util.tree_flatten_with_path(state.params)[0]}
+  flat = np.concatenate([np.ravel(p) for p in named.values()])
+  return {'losses': losses, 'loss': losses[-1], 'params': flat, 'named_params': named}
 
 
 if __name__ == '__main__':

@@ -116,8 +116,8 @@ def optimistic_adam(learning_rate: Any, optimism: Optional[Any] = None, b1: Any 
   ``optimistic_adam_v2(1.0, alpha=lr, beta=o, ...)``, which this returns. As in Optax,
   ``learning_rate`` cannot be a schedule here (``optimistic_adam_v2`` takes one).
   """
-  warnings.warn("optimistic_adam is deprecated (as in Optax): use optimistic_adam_v2, "
-                "which takes the learning rate as a number or a schedule",
+  warnings.warn("optimistic_adam is deprecated (as in Optax): use `optimistic_adam_v2` "
+                "instead, which takes the learning rate as a number or a schedule",
                 DeprecationWarning, stacklevel=2)
   if callable(learning_rate):
     raise ValueError("optimistic_adam: learning_rate must be a number, not a schedule; "

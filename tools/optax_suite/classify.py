@@ -44,15 +44,17 @@ RULES = [
      "our warning says 'optimistic_adam is deprecated (as in Optax): use "
      "optimistic_adam_v2, which takes ...' (no backquotes, no 'instead'): every "
      "test of optimistic_adam fails on the message before running the optimizer"),
-    ("plain-gradient-transformation-extra-args", "b", r"_combining_test",
-     r"unexpected keyword argument", "optcompose/core/base.py",
+    ("plain-gradient-transformation-extra-args", "b",
+     r"_combining_test|combine_test|base_test.py::ExtraArgsTest",
+     r"unexpected keyword argument|is an instance of", "optcompose/core/base.py",
      "`GradientTransformation(init, update)` built by a user has an `update` without "
      "`**kwargs`; `chain`/`partition` drop the extra keyword arguments for it (only "
      "`GradientTransformationExtraArgs` members receive them)",
      "`optcompose.GradientTransformation` is one class for both (and "
      "`GradientTransformationExtraArgs` is the same class): `chain` "
      "(optcompose/core/base.py) and `partition` (optcompose/wrappers/masking.py) pass every "
-     "keyword argument to every member, and a user's plain `update_fn` raises TypeError"),
+     "keyword argument to every member, and a user's plain `update_fn` raises TypeError "
+     "(with --extras, base_test.py's `test_isinstance` fails on the same conflation)"),
     ("none-updates", "b", r"test_none_argument", r"", "optcompose/core/base.py, "
      "optcompose/transforms/decay.py (via optcompose/tree.py check_same_structure)",
      "`None` as the updates (or params) tree is accepted and passed through: "
@@ -101,6 +103,10 @@ RULES = [
      "object is callable (an Equinox module; Optax issue 913)",
      "any callable mask is called as a function of the parameters: `mask(params)` runs the "
      "module's `__call__` (AttributeError: 'bool' object has no attribute 'dot')"),
+    ("safe-increment-complex", "b", r"test_safe_increment_exceptions", r"not raised",
+     "optcompose/core/base.py (safe_increment)",
+     "`safe_increment` of a complex (or bool) count raises ValueError",
+     "a complex count is incremented (only with --extras: numerics_test.py)"),
     # ---------------------------------------------------------------- (c) deliberate
     ("integer-leaves", "c", r"", r"has dtype u?int\d+; .*floating-point", "optcompose/tree.py "
      "(check_floating)", "integer parameters / gradients are updated (Optax casts silently)",
