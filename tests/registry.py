@@ -51,7 +51,7 @@ class Case(NamedTuple):
   with_value: bool = False  # update needs value=loss (plateau control)
   bf16_like_optax: bool = True  # Optax's bfloat16 run is a valid reference
   slow_eager_ref: bool = False  # Optax's version runs lax.cond: use its jitted run as reference
-  eager_on_mlp: bool = True  # also run the eager comparison on the MLP (not only the quadratic)
+  eager: bool = True  # also compared with Optax eagerly (op by op), on both problems
   # Tolerances (tests/numerics.py): float64 trajectories, relative to the leaf's magnitude;
   # float32 and 16-bit (bfloat16, float16) steps from identical inputs, in epsilons at the
   # leaf's magnitude.
@@ -331,20 +331,15 @@ def _family_cases():
 _family_cases()
 
 
-# The wrappers and clipping (issues 4-5) are compared eagerly on the quadratic only, to keep
-# the suite within minutes on 2 cores; the primitives and optimizers run eagerly on both.
-_EAGER_QUADRATIC_ONLY = {
-    "clip", "clip_by_global_norm", "clip_by_block_rms", "adaptive_grad_clip", "clip_by_leaf_norm",
-    "masked", "partition_frozen", "inject_hyperparams", "multi_steps", "apply_if_finite",
-    "ema_params_swa", "lookahead", "sam", "reduce_on_plateau", "with_diagnostics",
-}
-# Eager execution runs the same formulas op by op (30 steps of ~30 ms each): every case runs
-# it on the quadratic, and these representative optimizers on the MLP too (time: eager steps
-# cannot be compiled away).
-_EAGER_ON_MLP = {"sgd_nesterov", "adam", "adamw", "rmsprop_centered_momentum", "lion", "lamb",
-                 "adabelief", "adagrad"}
-CASES = [c._replace(eager_on_mlp=c.name in _EAGER_ON_MLP and c.name not in _EAGER_QUADRATIC_ONLY)
-         for c in CASES]
+# Eager execution runs the same formulas op by op (30 steps of ~30 ms each, which no
+# compilation cache saves). Every case's eager run is compared with its own jitted run by the
+# invariant checks (tests/test_properties.py); against Optax, eagerly, on both problems run
+# these representative optimizers and the cases whose reference behaves otherwise eagerly
+# (slow_eager_ref: Optax's lax.cond or its eager rounding).
+_EAGER = {"sgd_nesterov", "adam", "adamw", "rmsprop_centered_momentum", "lion", "lamb",
+          "adabelief", "adagrad", "scale_by_rss", "trace", "ema", "add_decayed_weights",
+          "masked", "clip_by_global_norm", "adafactor"}
+CASES = [c._replace(eager=c.name in _EAGER or c.slow_eager_ref) for c in CASES]
 
 # float32 per-step tolerances above the default 8 epsilons (measured worst case on AVX-512,
 # AVX2 and SSE4.2 in brackets). The ulps are counted at the update's own magnitude, so a

@@ -125,9 +125,9 @@ def assert_lockstep(case, prob, steps, jit, ulps):
   assert moved, "the reference never moved: nothing was compared"
 
 
-# Eager runs on the MLP only for the cases marked eager_on_mlp (tests/registry.py: time).
+# Eager runs for the cases marked eager (tests/registry.py: time).
 F32_PARAMS = [p for p in by_case(OPTAX_CASES, ("quadratic", "mlp"), ("jit", "eager"))
-              if p.values[2] == "jit" or p.values[1] == "quadratic" or p.values[0].eager_on_mlp]
+              if p.values[2] == "jit" or p.values[0].eager]
 
 
 @pytest.mark.parametrize("case, problem_name, jit", F32_PARAMS)

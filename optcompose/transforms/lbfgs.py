@@ -62,6 +62,7 @@ def tree_scale(s: Any, x: Any) -> Any:
   return jax.tree.map(lambda a: _op(jnp.multiply, s, a).astype(jnp.result_type(a)), x)
 
 
+@jax.jit  # compiled once per layout: eager calls reuse it (under jit it is inlined)
 def lbfgs_direction(updates: Any, diff_params_memory: Any, diff_updates_memory: Any,
                     weights_memory: jax.Array, identity_scale: Any,
                     memory_idx: jax.Array) -> Any:

@@ -24,8 +24,8 @@ import numpy as np
 
 from optcompose import tree as otree
 from optcompose.core import (
-    FLAG, INNER, INNER_PAIR, LABELS, MASK, GradientTransformation, StateMismatchError,
-    as_transformation, chain, default_float, public,
+    INNER, MASK, GradientTransformation, StateMismatchError, as_transformation, chain,
+    default_float, public,
 )
 from optcompose.masks import resolve_mask
 from optcompose.transforms.scaling import set_to_zero
@@ -303,8 +303,6 @@ def flatten(inner: GradientTransformation) -> GradientTransformation:
   return GradientTransformation(init, update)
 
 
-@public("wrapper", optax="multi_transform", transforms=INNER_PAIR, param_labels=LABELS,
-        mask_compatible_extra_args=FLAG)
 def multi_transform(transforms: dict, param_labels, *,
                     mask_compatible_extra_args: bool = False) -> GradientTransformation:
   """Deprecated: Optax's former name of :func:`optcompose.partition`; use ``partition``.
@@ -323,11 +321,11 @@ def multi_transform(transforms: dict, param_labels, *,
     Optax's ``optax.multi_transform`` (kept there "for backwards compatibility" as
     ``partition`` itself, without a warning).
   """
-  # The caller's frame: above this builder are the registry's checked() and wrapper().
   warnings.warn("multi_transform is deprecated: use optcompose.partition (same arguments "
-                "and state; Optax renamed it).", DeprecationWarning, stacklevel=4)
+                "and state; Optax renamed it).", DeprecationWarning, stacklevel=2)
   return partition(transforms, param_labels,
                    mask_compatible_extra_args=mask_compatible_extra_args)
 
 
-__all__ = ["MultiTransformState"]  # and the builders it registers
+# The deprecated alias is not a registered builder (no case, no strategy): a function.
+__all__ = ["MultiTransformState", "multi_transform"]  # and the builders it registers
