@@ -4,16 +4,21 @@
     updates, state = opt.update(grad, state, params, value=value, grad=grad, value_fn=f)
     params = apply_updates(params, updates)
 
-Both libraries run it jitted in float64 on one objective with two faces (a data keyword
-selects them, so one compiled step per library and configuration serves both): a
-Rosenbrock valley, and an ill-conditioned quadratic. The searches branch on the data (which
-phase, which interpolant, when to stop), so the comparison is of trajectories at a
-tolerance far above rounding (1e-8 of each leaf's magnitude; measured: bitwise equal on this
-CPU): two programs can round one comparison the other way only at a near-tie. Near the
-minimum every decision is such a tie -- the values the searches compare differ by rounding
--- so there the trial counts and step sizes may legitimately differ while the parameters
-agree (both at the minimum to rounding); those are compared only while the objective is
-well above rounding (``f > 1e-12``).
+Both libraries run it jitted in float64 on one objective with two faces, a Rosenbrock valley
+and an ill-conditioned quadratic, selected by a data keyword that ``update`` passes on to
+``value_fn`` (so one compiled step per library and configuration serves both). The searches
+branch on the data (which phase, which interpolant, when to stop), and L-BFGS's dynamics
+amplify rounding, so two correct programs are compared two ways (measurements at
+HORIZON below):
+
+- in lockstep, at every step from the reference's parameters with the same value and
+  gradient, over the whole run: to F64_RTOL, as any formula;
+- free-running, the official loop as written, for HORIZON steps: to 1e-8 of each leaf's
+  magnitude. Beyond it the runs may legitimately drift apart (both still converge).
+
+Step sizes and trial counts are compared while the objective is above 1e-12: near the
+minimum the values a search compares differ by rounding only, so its decisions there are
+ties that two programs may break differently while the parameters agree.
 """
 
 from __future__ import annotations
@@ -30,8 +35,6 @@ import pytest
 import optcompose as oc
 from numerics import F64_RTOL, assert_rel_close, standard_promotion, x64
 
-pytestmark = pytest.mark.numerics
-
 
 class Pair(NamedTuple):  # a NamedTuple node, a scalar leaf and a vector leaf
   scalar: jax.Array
@@ -44,7 +47,7 @@ Y_CURV, Y_MIN = ([5.0], [0.3, 100.0]), ([-0.5], [1.5, -2.0])  # the quadratic in
 
 def objective(params, rosenbrock):
   """``rosenbrock`` = 1: Rosenbrock in x (minimum at ones) plus a quadratic in y; 0: a
-  quadratic in x and y (condition number 1e3)."""
+  quadratic in x and y (condition number 3e3)."""
   x, y = params["x"], params["y"]
   const = functools.partial(jnp.asarray, dtype=x.dtype)
   valley = jnp.sum(100.0 * (x[1:] - x[:-1] ** 2) ** 2 + (1.0 - x[:-1]) ** 2)
@@ -132,14 +135,16 @@ def assert_paths_close(path, ref_path, face, rtol):
 
 
 # In lockstep (identical inputs at every step) the two programs agree to rounding over the
-# whole run (measured: 4e-16 in the parameters, 3e-15 in the step sizes). Free-running, the
-# dynamics amplify rounding: with 10 pairs 1e-16 stays below 2e-13 through step 90, but with 3
-# pairs on the ill-conditioned face it grows about tenfold every 5 steps (1e-8 near step 60,
-# 1e-4 by 75, with the same trial counts throughout). So the free runs, the official loop
-# itself, are compared for HORIZON steps (measured: 1e-11, step sizes 1.4e-10).
-HORIZON = 40
+# whole run (measured here and at the minimum versions under AVX2: parameters 6e-16, step
+# sizes 5e-15). Free-running, the dynamics amplify rounding, and more with 3 pairs on the
+# ill-conditioned face: about tenfold every 2-5 steps, to 1e-8 near step 40 at the minimum
+# versions (near 55 here) and O(1e-2) by step 90, where trial counts then differ too. So the
+# free runs, the official loop itself, are compared for HORIZON steps (measured, both
+# environments: parameters 4e-12, step sizes 7e-12).
+HORIZON = 25
 
 
+@pytest.mark.numerics
 @pytest.mark.float64
 @pytest.mark.parametrize("config", sorted(CONFIGS))
 def test_lbfgs_follows_optax_in_the_official_loop_and_converges(config):
@@ -178,6 +183,7 @@ SEARCHES = {  # after sgd(1.0): the plain gradient step, often out of the domain
 }
 
 
+@pytest.mark.numerics
 @pytest.mark.float64
 @pytest.mark.parametrize("search", sorted(SEARCHES))
 def test_line_search_passes_data_to_value_fn_and_survives_non_finite_values(search):
@@ -190,7 +196,8 @@ def test_line_search_passes_data_to_value_fn_and_survives_non_finite_values(sear
     start_at = jnp.asarray([0.5, -0.5, 0.5])
     # Both searches' first trials (1 and 0.8 times sgd's step) leave the domain.
     g = jax.grad(barrier_loss)(start_at, xs[0], ys[0])
-    assert np.isnan(barrier_loss(start_at - 0.8 * g, xs[0], ys[0]))
+    for first_trial in (1.0, 0.8):
+      assert np.isnan(barrier_loss(start_at - first_trial * g, xs[0], ys[0]))
     for lib in (oc, optax):
       opt = lib.chain(lib.sgd(learning_rate=1.0), SEARCHES[search](lib))
       extra = {"unused_by_value_fn": 1.0} if lib is oc else {}

@@ -31,7 +31,9 @@ from optcompose.core import (
 )
 from optcompose.transforms.statistics import same_structure
 
-__all__ = ["ScaleByLBFGSState", "lbfgs_direction", "value_and_grad_from_state"]
+# Optax's names (and the builder it registers); lbfgs_direction and the tree helpers are
+# reached through this module.
+__all__ = ["ScaleByLBFGSState", "value_and_grad_from_state"]
 
 
 def _op(fn, *xs):
@@ -195,10 +197,11 @@ def scale_by_lbfgs(memory_size: int = 10,
 # Reusing the line search's last evaluation.
 
 def _stored(state, key):
-  """The one entry named ``key`` (a NamedTuple field or a dict key) anywhere in ``state``."""
-  found = [n[key] if isinstance(n, dict) else getattr(n, key) for _, n in otree.find_nodes(
-      state, lambda n: (isinstance(n, dict) and key in n)
-      or (isinstance(n, tuple) and key in getattr(n, "_fields", ())))]
+  """The one NamedTuple field named ``key`` anywhere in ``state`` (a state's field: unlike
+  Optax's ``tree_get``, dict keys do not count, so a parameter named ``value`` inside the
+  stored gradient is not taken for it)."""
+  found = [getattr(n, key) for _, n in otree.find_nodes(
+      state, lambda n: isinstance(n, tuple) and key in getattr(n, "_fields", ()))]
   if len(found) > 1:
     raise KeyError(f"value_and_grad_from_state: the state holds {len(found)} entries named "
                    f"{key!r}, not one (one line search).")

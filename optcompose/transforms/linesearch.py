@@ -35,12 +35,11 @@ from optcompose.core import (
 from optcompose.core.validation import check_real_value
 from optcompose.transforms.lbfgs import tree_add_scale, tree_scale, tree_vdot
 
-__all__ = ["BacktrackingLinesearchInfo", "ScaleByBacktrackingLinesearchState",
-           "ScaleByZoomLinesearchState", "ZoomLinesearchInfo"]
+__all__ = ["ScaleByBacktrackingLinesearchState", "ScaleByZoomLinesearchState",
+           "ZoomLinesearchInfo"]  # Optax's names, and the builders it registers
 
 
 # --- The conditions, each once.
-
 def violation(error):
   """``max(error, 0)``, NaN as +inf: 0 where the condition holds."""
   error = jnp.maximum(error, 0.0)
@@ -64,7 +63,6 @@ def curvature_error(slope, slope_init, c2):
 
 
 # --- Shared pieces.
-
 def _scalar_dtype(params):
   """Step sizes' and values' dtype: the first leaf's real dtype, float32 at least."""
   first = jnp.result_type(jax.tree.leaves(params)[0])
@@ -72,8 +70,9 @@ def _scalar_dtype(params):
 
 
 def _hyper(x, dtype):
-  """A Python number as it is (weakly typed, as in Optax); an array in ``dtype``."""
-  return x if isinstance(x, (int, float)) else jnp.asarray(x).astype(dtype)
+  """A Python number as it is (weakly typed, as in Optax); others (arrays, NumPy scalars) in
+  ``dtype``."""
+  return x if type(x) in (int, float) else jnp.asarray(x).astype(dtype)
 
 
 def _where(c, a, b):
@@ -119,7 +118,6 @@ def _check_above(who, name, value, low, low_name=None, strict=True):
 
 
 # --- Backtracking (Armijo).
-
 class BacktrackingLinesearchInfo(NamedTuple):
   """Function evaluations made, and the final Armijo violation (0: satisfied)."""
   num_linesearch_steps: jax.Array  # int32
@@ -227,7 +225,6 @@ def scale_by_backtracking_linesearch(
 
 
 # --- Zoom (strong Wolfe).
-
 class ZoomLinesearchInfo(NamedTuple):
   """Function evaluations made, and the final violations (0: satisfied)."""
   num_linesearch_steps: jax.Array  # int32
