@@ -10,6 +10,8 @@ d0 the largest axis and d1 the second largest; R, C the row and column statistic
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -118,6 +120,7 @@ def test_factored_formula_matches_numpy_in_float64(factored):
   assert int(state.count) == steps
 
 
+@pytest.mark.numerics
 def test_default_decay_is_adafactor_s_power_schedule_in_float32():
   """rho = 1 - t^(-0.8), t from 1 (rho_1 = 0: the first statistic is G itself), in float32
   as Optax computes it (so float64 runs match Optax's), also under x64."""
@@ -216,7 +219,11 @@ def test_factored_state_is_rows_plus_cols_per_matrix():
 
 # --- low precision ---------------------------------------------------------------------------
 
+NO_F16C = "xla_cpu_max_isa=SSE" in os.environ.get("XLA_FLAGS", "")
+
+
 @pytest.mark.numerics
+@pytest.mark.skipif(NO_F16C, reason="XLA CPU cannot compile float16 arithmetic without F16C")
 def test_float16_statistics_are_computed_in_float32():
   """In float16, eps = 1e-30 is 0 and 300^2 overflows: Optax's first step is NaN for a zero
   gradient and 0 for a large one. Ours computes each step's statistics in float32 and is
@@ -229,7 +236,7 @@ def test_float16_statistics_are_computed_in_float32():
   tx = oc.scale_by_factored_rms(min_dim_size_to_factor=2)
   u, state = jax.jit(tx.update)(g, tx.init(params), params)
   ref, _ = adafactor_np([g64], [0.0], 1e-30, 2)
-  assert all(x.dtype == jnp.float16 for x in jax.tree.leaves((u, state.v_row, state.v_col, state.v)))
+  assert all(x.dtype == jnp.float16 for x in jax.tree.leaves((u, tuple(state)[1:])))
   assert_ulps_close(u, ref[0], 2, dtype=jnp.float16)
   theirs = standard_promotion(optax.scale_by_factored_rms(min_dim_size_to_factor=2))
   u_optax, _ = theirs.update(g, theirs.init(params), params)
@@ -243,7 +250,7 @@ def test_float16_statistics_are_computed_in_float32():
   for t in range(3):
     u, state = jax.jit(tx.update)(g, state, params)
   ref, _ = adafactor_np([g64] * 3, [1 - (s + 1.0) ** -0.8 for s in range(3)], 1e-30, 2)
-  assert_ulps_close(u, ref[-1], 4, dtype=jnp.float16)
+  assert_ulps_close(u, ref[-1], 2, dtype=jnp.float16)  # 0.3 measured
 
 
 # --- bad input -------------------------------------------------------------------------------
@@ -325,7 +332,7 @@ def test_jit_traces_once_and_matches_eager():
     p_jit, s_jit, u_jit = step(p_jit, s_jit, g)
     u_eager, s_eager = tx.update(g, s_eager, p_eager)
     p_eager = oc.apply_updates(p_eager, u_eager)
-    assert_ulps_close(u_jit, u_eager, 8, what=f"step {t}: ")
+    assert_ulps_close(u_jit, u_eager, 8, what=f"step {t}: ")  # 1.8 measured
   assert len(traces) == 1
 
 
@@ -353,7 +360,7 @@ def test_factoring_refuses_flat_params():
   """A bucket is 1-D: factoring needs each model leaf's matrix shape."""
   flat = oc.flat_params({"w": jnp.ones((4, 6)), "b": jnp.ones(3)})
   tx = oc.scale_by_factored_rms()
-  with pytest.raises(TypeError, match=r"factored=False is elementwise.*one value per leaf of the model"):
+  with pytest.raises(TypeError, match=r"factored=False is elementwise.*one value per leaf"):
     tx.init(flat)
   state = tx.init({"w": jnp.ones((4, 6)), "b": jnp.ones(3)})
   with pytest.raises(TypeError, match="factored=True"):
@@ -378,5 +385,5 @@ def test_unfactored_adafactor_runs_on_flat_params_like_the_tree():
     u_tree, s_tree = update(g, s_tree, params)
     u_flat, s_flat = update(oc.flat_params(g), s_flat, oc.flat_params(params))
     assert isinstance(u_flat, oc.FlatParams)
-    assert_ulps_close(u_flat.unflatten(), u_tree, 4, what=f"step {t}: ")
+    assert_ulps_close(u_flat.unflatten(), u_tree, 8, what=f"step {t}: ")  # 2.2 measured
     params = oc.apply_updates(params, u_tree)

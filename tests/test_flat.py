@@ -30,6 +30,7 @@ PER_LEAF = {"clip_by_leaf_norm", "clip_by_block_rms", "adaptive_grad_clip", "lam
             "novograd", "sm3", "noisy_sgd",
             "centralize", "scale_by_distance_over_gradients",
             "scale_by_distance_over_gradients_options",
+            "scale_by_factored_rms", "adafactor", "adafactor_factored",
             }  # per-leaf norms, per-axis covers, per-leaf keys
 
 

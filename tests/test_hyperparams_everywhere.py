@@ -49,6 +49,10 @@ WRAPPERS = {
     "with_diagnostics": lambda t: oc.with_diagnostics(t),
     "conditionally_transform": lambda t: oc.conditionally_transform(t, lambda step: step % 2 == 0),
     "conditionally_mask": lambda t: oc.conditionally_mask(t, lambda step: step % 2 == 0),
+    "flatten": lambda t: oc.flatten(t),
+    "named_chain": lambda t: oc.named_chain(("clip", oc.clip(1.0)), ("inner", t)),
+    "selective_transform": lambda t: oc.selective_transform(
+        t, freeze_mask=jax.tree.map(lambda _: False, PARAMS)),
     "chain": lambda t: oc.chain(oc.clip_by_global_norm(1.0), t),
     "optax.apply_if_finite": lambda t: optax.apply_if_finite(t, 3),
     "optax.chain": lambda t: optax.chain(optax.clip_by_global_norm(1.0), t),

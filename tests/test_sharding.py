@@ -93,7 +93,7 @@ def assert_placed(state, params_shardings, replicated):
 # Cases whose state has leaves shaped like a parameter without being that parameter's: SM3's
 # per-axis covers (the (16,) cover of the (8, 16) kernel is not the (16,) bias; XLA shards a
 # cover along its axis, e.g. P("data")). Their state placement is not asserted; values are.
-PER_AXIS_STATE = {"sm3"}
+PER_AXIS_STATE = {"sm3", "scale_by_factored_rms", "adafactor_factored"}
 
 
 def check_case(tx, specs, mesh, with_value=False, auto=True, placed=True):

@@ -179,10 +179,11 @@ def scale_by_factored_rms(
     epsilon: added to every |g|^2 (> 0; Optax's 1e-30): the guard against 0 / 0 for a
       gradient that has been exactly zero (Optax accepts 0).
     decay_rate_fn: ``(step, decay_rate) -> rho``, step counting from 0: the decay of the
-      statistics at each step. The default, :func:`decay_rate_pow`, is Adafactor's (and
-      Optax's) ``1 - (step + 1)^(-decay_rate)`` computed in float32, which tends to 1 and
-      so freezes the statistics; Zhai et al. cap it (e.g. ``lambda s, c: jnp.minimum(
-      decay_rate_pow(s, c), 0.999)``).
+      statistics at each step. The default,
+      :func:`optcompose.transforms.factored.decay_rate_pow`, is Adafactor's (and Optax's)
+      ``1 - (step + 1)^(-decay_rate)`` computed in float32, which tends to 1 and so freezes
+      the statistics; Zhai et al. cap it (``lambda s, c: jnp.minimum(decay_rate_pow(s, c),
+      0.999)``). It is called once per step, outside the per-leaf map.
 
   Returns:
     A transformation with state :class:`FactoredState` (``count``, ``v_row``, ``v_col``,
