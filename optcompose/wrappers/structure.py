@@ -278,7 +278,9 @@ def flatten(inner: GradientTransformation) -> GradientTransformation:
     cost of a concatenation and a split per step (see :class:`optcompose.FlatParams` for a
     layout kept across steps instead). Leaves of different dtypes are joined in their
     common dtype and each update is cast back to its leaf's dtype (Optax's keep the common
-    dtype); a tree without leaves passes through.
+    dtype); a tree without leaves passes through. Sharding: the vector is a new array, so
+    the updates do not keep their leaves' shardings; use ``flatten`` for single-device or
+    replicated parameters (as :class:`~optcompose.FlatParams`).
 
   Raises:
     TypeError: ``inner`` is not a transformation.
