@@ -62,24 +62,27 @@ def state_shardings(tx: GradientTransformation, params: Any) -> Any:
   replicated = _replicated_on(p_shardings)
   abstract = jax.eval_shape(tx.init, params)
 
+  index = treedef.unflatten(range(len(flat)))  # each parameter's position
+  masked = lambda x: isinstance(x, MaskedNode)
+
   def mirrors_params(node):
-    if node is None or isinstance(node, MaskedNode):
+    """Whether ``node`` has the parameters' structure, a MaskedNode standing for any
+    subtree (as ``masked`` and ``partition`` leave them) and an array for each parameter."""
+    if node is None or masked(node):
       return False
     try:
-      leaves = treedef.flatten_up_to(node)
+      fits = jax.tree.map(lambda x, i: masked(x) or (hasattr(x, "shape") and isinstance(i, int)),
+                          node, index, is_leaf=masked)
     except (ValueError, TypeError):
       return False
-    return all(isinstance(x, MaskedNode) or hasattr(x, "shape") for x in leaves)
+    return all(jax.tree.leaves(fits))
 
   def place(node):
     if not mirrors_params(node):  # a leaf outside any params-shaped subtree
       return replicated
-    leaves = treedef.flatten_up_to(node)
-    placed = [
-        x if isinstance(x, MaskedNode) else (s if tuple(x.shape) == shape else replicated)
-        for x, s, shape in zip(leaves, p_shardings, p_shapes)
-    ]
-    return treedef.unflatten(placed)
+    return jax.tree.map(
+        lambda x, i: x if masked(x) else (p_shardings[i] if tuple(x.shape) == p_shapes[i]
+                                          else replicated), node, index, is_leaf=masked)
 
   return jax.tree.map(place, abstract, is_leaf=mirrors_params)
 
