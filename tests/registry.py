@@ -353,9 +353,10 @@ CASES = [c._replace(eager=c.name in _EAGER or c.slow_eager_ref) for c in CASES]
 _F32_ULPS = {"adamw": 1024, "nadamw": 128, "adam_nesterov": 32, "nadam": 32, "lookahead": 32,
              "inject_hyperparams": 32, "prox_l1": 32, "prox_elastic_net": 32,
              "sgd_elastic_net": 32,
-             # Eagerly, Optax's wrapped Adam (op by op under lax.cond's branches) rounds
-             # otherwise than ours (9.2 measured on the MLP; jitted: within 8).
-             "conditionally_transform_adam": 16, "conditionally_mask_adam": 16}
+             # Ours eagerly (op by op) against Optax's jitted run (its lax.cond): 31.7 ulps
+             # measured at step 22 on the MLP's one-element bias, an Adam update ~4e-10 from
+             # near-cancelled moments (9.2 on another machine; jitted: within 8).
+             "conditionally_transform_adam": 64, "conditionally_mask_adam": 64}
 CASES = [c._replace(f32_ulps=_F32_ULPS.get(c.name, c.f32_ulps)) for c in CASES]
 
 # Optax's code relies on implicit dtype promotion, which the suite makes strict

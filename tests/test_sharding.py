@@ -93,7 +93,9 @@ def assert_placed(state, params_shardings, replicated):
 # Cases whose state has leaves shaped like a parameter without being that parameter's: SM3's
 # per-axis covers (the (16,) cover of the (8, 16) kernel is not the (16,) bias; XLA shards a
 # cover along its axis, e.g. P("data")). Their state placement is not asserted; values are.
-PER_AXIS_STATE = {"sm3", "scale_by_factored_rms", "adafactor_factored"}
+# L-BFGS's history stacks memory_size copies of each parameter along a new leading axis
+# (XLA shards it like the parameter on the other axes). Likewise: values checked.
+PER_AXIS_STATE = {"sm3", "scale_by_factored_rms", "adafactor_factored", "scale_by_lbfgs"}
 # Cases that compute on one raveled vector (flatten: as Optax's, the parameters are gathered
 # into one new array, so updates and state have no per-leaf placement). Values are checked.
 RAVELED = {"flatten_adam"}
