@@ -281,7 +281,7 @@ def norm(tree: Any, ord=None, squared: bool = False) -> jax.Array:  # Optax's `o
 def moment_leaf(g, moment, decay, order=1):
   """One EMA step of a power, ``(1 - decay) * g**order + decay * moment``, each operation in
   the wider of its operands' dtypes."""
-  new = jnp.multiply(*promote(1 - decay, g**order))
+  new = jnp.multiply(*promote(1 - decay, g if order == 1 else g**order))
   return jnp.add(*promote(new, jnp.multiply(*promote(decay, moment))))
 
 

@@ -25,20 +25,14 @@ from optcompose import tree as otree
 
 
 def ema_leaf(beta, m, x):
-  """One EMA step: ``(1 - beta) * x + beta * m``."""
-  # Each product in the wider of its operands' dtypes (a Python-number beta takes the
-  # other's), the sum in the wider of the two products: implicit promotion's casts, written
-  # out (Optax's rounding).
-  new = jnp.multiply(*otree.promote(1 - beta, x))
-  old = jnp.multiply(*otree.promote(beta, m))
-  return jnp.add(*otree.promote(new, old))
+  """One EMA step: ``(1 - beta) * x + beta * m`` (``optcompose.tree.moment_leaf``'s formula:
+  each product in the wider of its operands' dtypes, as implicit promotion would)."""
+  return otree.moment_leaf(x, m, beta)
 
 
 def debias_factor(beta, count):
   """``1 / (1 - beta^count)``, computed in float32 or wider (beta^t rounds to 1 in bfloat16)."""
-  beta = jnp.asarray(beta)
-  wide = otree.promote_types(beta.dtype, jnp.float32)
-  return 1 / (1 - beta.astype(wide) ** jnp.asarray(count).astype(wide))
+  return 1 / otree.bias_correction_denominator(beta, count)
 
 
 def debias_leaf(m, factor):
