@@ -85,6 +85,14 @@ def broadcast_prefix(prefix: Any, tree: Any, name: str, tree_name: str) -> Any:
     ) from None
 
 
+def is_function_of_params(values: Any) -> bool:
+  """Whether a mask or labels argument is a function of the parameters rather than a tree:
+  callable, and no leaf of it is anything but callable. (A callable pytree of bools, e.g. an
+  Equinox module used as a mask, is a tree, as in Optax.)"""
+  leaves = jax.tree.leaves(values)
+  return callable(values) and bool(leaves) and all(callable(x) for x in leaves)
+
+
 def per_leaf_values(values: Any, tree: Any, name: str,
                     broadcast: Callable[[Any, Any], Any]) -> Any:
   """Map per-leaf ``values`` (a mask or labels, written for the model's tree) onto ``tree``.
@@ -94,7 +102,7 @@ def per_leaf_values(values: Any, tree: Any, name: str,
   layout node in ``tree`` gets its values through its registered ``spread``.
   """
   view = _view(tree)
-  if callable(values):
+  if is_function_of_params(values):
     values = values(view)
   if not _has_layout(tree):
     return broadcast(values, tree)

@@ -24,8 +24,15 @@ MIN_VERSIONS = ("test_contract.py::test_optax_names", "test_checkpoint.py", "tes
                 "test_packaging.py", "test_flax_examples.py", "test_examples.py")
 
 
+# The longest tests (each runs whole scripts or processes, 10-20 s): scheduled first, so
+# that the two workers do not finish on one of them while the other waits.
+LONGEST = ("test_demo.py", "test_dropin_scripts.py", "test_determinism.py",
+           "test_lbfgs.py::test_lbfgs_follows_optax")
+
+
 def pytest_collection_modifyitems(config, items):
   import pytest
   for item in items:
     if item.nodeid.removeprefix("tests/").startswith(MIN_VERSIONS):
       item.add_marker(pytest.mark.min_versions)
+  items.sort(key=lambda item: not item.nodeid.removeprefix("tests/").startswith(LONGEST))

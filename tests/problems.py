@@ -23,6 +23,22 @@ def compute_dtype(dtype):
   return jnp.float64 if jnp.dtype(dtype) == jnp.float64 else jnp.float32
 
 
+def shared(build: Callable[..., Problem]) -> Callable[..., Problem]:
+  """One problem per (dtype, arguments, x64 mode) per process: its jitted gradient and loss
+  compile once for the whole suite, not once per test."""
+  cache = {}
+
+  @functools.wraps(build)
+  def get(dtype=jnp.float32, **kwargs) -> Problem:
+    key = (jnp.dtype(dtype).name, tuple(sorted(kwargs.items())), bool(jax.config.jax_enable_x64))
+    if key not in cache:
+      cache[key] = build(dtype, **kwargs)
+    return cache[key]
+
+  return get
+
+
+@shared
 def quadratic(dtype=jnp.float32) -> Problem:
   """f(w) = 1/2 sum_i h_i (w_i - c_i)^2 with condition number 1e3, in two leaves."""
   f = compute_dtype(dtype)
@@ -40,6 +56,7 @@ def quadratic(dtype=jnp.float32) -> Problem:
   return Problem("quadratic", params, grad, jax.jit(loss))
 
 
+@shared
 def mlp(dtype=jnp.float32, outputs: int = 1) -> Problem:
   """A 8-16-``outputs`` tanh MLP regressing random data; minibatch i is a fixed slice per step."""
   f = compute_dtype(dtype)

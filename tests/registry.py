@@ -363,3 +363,18 @@ CASES = [c._replace(f32_ulps=_F32_ULPS.get(c.name, c.f32_ulps)) for c in CASES]
 # (tests/conftest.py): the Optax references run under standard promotion, ours under strict.
 CASES = [c._replace(optax=c.optax and (lambda make=c.optax: standard_promotion(make())))
          for c in CASES]
+
+
+def covering(cases):
+  """The fewest cases (greedily) that together cover every builder ``cases`` cover.
+
+  For the structural matrices (sharding), whose result depends on a builder's state layout
+  and not on its hyperparameter values: the other cases differ from one of these only in
+  numbers, which the parity tests check one by one.
+  """
+  left, kept = {n for c in cases for n in c.covers}, []
+  for c in sorted(cases, key=lambda c: -len(c.covers)):
+    if left & set(c.covers):
+      kept.append(c)
+      left -= set(c.covers)
+  return [c for c in cases if c in kept]  # in the registry's order

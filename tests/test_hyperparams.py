@@ -259,3 +259,22 @@ def test_current_hyperparams_reads_optax_injection_states_too():
   assert float(oc.current_hyperparams(state)["learning_rate"]) == 0.125
   nested = oc.chain(oc.clip(1.0), optax.inject_hyperparams(optax.sgd)(learning_rate=0.5))
   assert float(oc.current_hyperparams(nested.init(params))["learning_rate"]) == 0.5
+
+
+@pytest.mark.parametrize("key", [0, "typed"])
+def test_randomness_passes_through_inject_hyperparams_unchanged(key):
+  """noisy_sgd's seed or PRNG key is not a hyperparameter: it reaches the inner factory as
+  given (a float cast would break it), so the injected run draws the plain one's noise (to
+  rounding: the injected values are traced, the plain ones folded; another key would differ
+  by the noise's scale, ~0.1)."""
+  key = jax.random.key(17) if key == "typed" else key
+  params = {"w": jnp.linspace(-1.0, 1.0, 4)}
+  injected = oc.inject_hyperparams(oc.noisy_sgd)(learning_rate=0.1, key=key)
+  plain = oc.noisy_sgd(0.1, key=key)
+  state, ref_state = injected.init(params), plain.init(params)
+  assert set(state.hyperparams) == {"learning_rate", "eta", "gamma"}
+  update = jax.jit(injected.update)
+  for _ in range(3):
+    u, state = update(params, state)
+    ref, ref_state = plain.update(params, ref_state)
+    np.testing.assert_allclose(u["w"], ref["w"], rtol=1e-6)

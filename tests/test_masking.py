@@ -143,3 +143,47 @@ def test_equinox_module_with_non_array_leaves():
   for layer_before, layer_after in zip(model.layers, moved.layers):
     np.testing.assert_allclose(layer_after.weight, layer_before.weight * (1 - 1e-2 * 0.5), rtol=1e-5)
     np.testing.assert_array_equal(layer_after.bias, layer_before.bias)
+
+
+def test_masked_state_maps_with_optax_tree_map_params_as_optax_s():
+  """``tree.map_params`` (Optax's own) initialises with a placeholder for the parameters;
+  ``masked`` passes it whole to the inner init, so the parameter copies in the state are
+  found under a mask as in Optax (e.g. to give the state the parameters' partition specs)."""
+  params = {"a": jnp.ones(3), "b": {"c": jnp.ones(2), "d": jnp.ones(1)}}
+  mask = {"a": True, "b": {"c": False, "d": True}}
+  specs = {}
+  for lib in (oc, optax):
+    tx = lib.masked(lib.adam(1e-3), mask)
+    specs[lib.__name__] = lib.tree.map_params(
+        tx, lambda p: f"spec{p.shape}", tx.init(params), transform_non_params=lambda _: "x")
+  flat = {name: jax.tree_util.tree_flatten_with_path(s)[0] for name, s in specs.items()}
+  assert [(jax.tree_util.keystr(p), v) for p, v in flat["optcompose"]] == [
+      (jax.tree_util.keystr(p), v) for p, v in flat["optax"]]
+  mu = specs["optcompose"].inner_state[0].mu
+  assert mu["a"] == "spec(3,)" and mu["b"]["d"] == "spec(1,)"
+  assert isinstance(mu["b"]["c"], oc.MaskedNode)
+
+
+def test_a_callable_pytree_of_bools_is_a_mask_tree_not_a_function():
+  """An Equinox module is callable; as a mask its leaves (bools) make it a tree (Optax
+  issue 913): calling it on the parameters would run the model."""
+
+  class Linear(eqx.Module):
+    w: jax.Array
+    b: jax.Array
+
+    def __call__(self, x):
+      return self.w @ x + self.b
+
+  params = Linear(w=jnp.ones((2, 2)), b=jnp.ones(2))
+  mask = Linear(w=True, b=False)  # as eqx.tree_at or jax.tree.map would build it
+  grads = jax.tree.map(lambda p: 2.0 * p, params)
+  for lib in (oc, optax):
+    tx = lib.masked(lib.sgd(0.5), mask)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    np.testing.assert_array_equal(updates.w, -jnp.ones((2, 2)))  # sgd on w
+    np.testing.assert_array_equal(updates.b, 2.0 * jnp.ones(2))  # b passed through
+  frozen = oc.freeze(mask)  # the same rule for freeze's mask
+  updates, _ = frozen.update(grads, frozen.init(params), params)
+  np.testing.assert_array_equal(updates.w, 0.0)
+  np.testing.assert_array_equal(updates.b, 2.0 * jnp.ones(2))

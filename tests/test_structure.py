@@ -249,3 +249,24 @@ BAD = [  # (what, call, error, message)
 def test_bad_input_is_named(what, call, error, message):
   with pytest.raises(error, match=message):
     call()
+
+
+def test_a_user_transformation_without_keyword_arguments_works_in_chain_and_partition():
+  """``GradientTransformation(init, update)`` with a plain ``update(updates, state,
+  params=None)`` (as Optax's base class allows): the combinators call it without the
+  keyword arguments meant for the others."""
+  def init(params):
+    return ()
+
+  def update(updates, state, params=None):
+    return jax.tree.map(lambda u: 2.0 * u, updates), state
+
+  double = oc.GradientTransformation(init, update)
+  params = {"w": jnp.ones(2), "v": jnp.ones(1)}
+  chained = oc.chain(double, oc.sgd(1.0))
+  updates, _ = chained.update(params, chained.init(params), params, value=jnp.float32(1.0))
+  np.testing.assert_array_equal(updates["w"], -2.0)
+  split = oc.partition({"a": double, "b": oc.sgd(1.0)}, {"w": "a", "v": "b"})
+  updates, _ = split.update(params, split.init(params), params, value=jnp.float32(1.0))
+  np.testing.assert_array_equal(updates["w"], 2.0)
+  np.testing.assert_array_equal(updates["v"], -1.0)

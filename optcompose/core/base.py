@@ -187,6 +187,18 @@ def _takes_extra(fn: Callable) -> bool:
   return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
 
 
+def _lacks_extra(fn: Callable) -> bool:
+  """Whether ``fn``'s signature is known and takes no ``**kwargs``: a transformation a user
+  built as ``GradientTransformation(init, update)`` with a plain ``update(updates, state,
+  params=None)``, as Optax's base class allows (Optax's combinators pass keyword arguments
+  only to its ExtraArgs subclass; ours is one class, so the signature tells)."""
+  try:
+    inspect.signature(fn)
+  except (TypeError, ValueError):
+    return False
+  return not _takes_extra(fn)
+
+
 def as_transformation(t: Any, who: str = "chain", position: Optional[Any] = None
                       ) -> GradientTransformation:
   """The one adapter for members: any object with callable ``init`` and ``update`` (an
@@ -200,9 +212,10 @@ def as_transformation(t: Any, who: str = "chain", position: Optional[Any] = None
       argument's name (a str), if any.
 
   Returns:
-    ``t`` itself if it is a GradientTransformation, else an adapted one.
+    ``t`` itself if it is a GradientTransformation whose ``update`` takes ``**kwargs``, else
+    an adapted one.
   """
-  if isinstance(t, GradientTransformation):
+  if isinstance(t, GradientTransformation) and not _lacks_extra(t.update):
     return t
   init, update = getattr(t, "init", None), getattr(t, "update", None)
   if not (callable(init) and callable(update)):

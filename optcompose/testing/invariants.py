@@ -190,9 +190,12 @@ def _stack(trees):
   return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
 
 
-def check_vmap(tx, params, grads, batch: int = 2, steps: int = 2, extra=None) -> None:
+def check_vmap(tx, params, grads, batch: int = 2, steps: int = 2, extra=None,
+               update: Optional[Callable] = None) -> None:
   """Under ``jax.vmap`` over a batch of independent problems, each member gets the result
-  it would get alone (problem i has params * (1 + i) and gradients * (1 + 0.5 i))."""
+  it would get alone (problem i has params * (1 + i) and gradients * (1 + 0.5 i)).
+  ``update``: the jitted ``update(grads, state, params)`` for the members alone, if the
+  caller has one compiled already (default: ``tx.update`` with ``extra`` bound, jitted)."""
   grad_fn = _grads_fn(grads)
   members = [jax.tree.map(lambda x, i=i: x * jnp.asarray(1 + i, jnp.result_type(x)), params)
              for i in range(batch)]
@@ -203,7 +206,7 @@ def check_vmap(tx, params, grads, batch: int = 2, steps: int = 2, extra=None) ->
 
   # Both sides jitted: one compilation each (the members share shapes), where eager
   # batching would dispatch every operation of every step separately.
-  update = jax.jit(_bound(tx, extra))
+  update = update or jax.jit(_bound(tx, extra))
   alone = [run_steps(tx, members[i], lambda p, t, i=i: member_grads(i, p, t), steps, extra,
                      update) for i in range(batch)]
   p, state = _stack(members), jax.jit(jax.vmap(tx.init))(_stack(members))
@@ -260,4 +263,4 @@ def check_invariants(tx: GradientTransformation, params: Any, grads, *, extra=No
     _assert_finite((eager_params, eager), "(params, [(grads, updates, state) per step])")
   check_ignores_unknown_kwargs(tx, params, grads, extra)
   if vmap:
-    check_vmap(tx, params, grads, steps=2, extra=extra)
+    check_vmap(tx, params, grads, steps=2, extra=extra, update=jitted_update)

@@ -34,6 +34,17 @@ def _is_static_by_name(name: str) -> bool:
   return name == "mask" or name.endswith("_mask")
 
 
+def _is_randomness(name: str, value) -> bool:
+  """A PRNG key or an integer seed: the source of an optimizer's noise (``noisy_sgd``'s
+  ``key``), not a value to schedule or tune, so it is passed through unchanged (a key cannot
+  be cast to a float; a seed cast to one would no longer be an integer)."""
+  dtype = getattr(value, "dtype", None)
+  if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+    return True
+  return name in ("key", "seed", "rng") and isinstance(value, (numbers.Integral, np.ndarray,
+                                                                np.generic, jax.Array))
+
+
 @public("wrapper", optax="inject_hyperparams",
         inner_factory=Hyper(("choice", ("sgd", "adam", "adamw", "rmsprop"))),
         hyperparam_dtype=DTYPE)
@@ -52,7 +63,9 @@ def inject_hyperparams(
     inner_factory: e.g. ``optcompose.adamw`` or any function returning a transformation
       (Optax's included).
     static_args: names of arguments to keep out of the state (they are baked in). Arguments
-      named ``mask`` or ``*_mask``, booleans, ``None`` and dtypes are always static.
+      named ``mask`` or ``*_mask``, booleans, ``None``, dtypes and randomness (a PRNG key, or
+      an integer ``key``/``seed``/``rng``) are always static. (Optax stores the last in the
+      state; its tests use them only to run.)
     hyperparam_dtype: the stored dtype (by default float32, or float64 under x64, whatever
       the parameters' dtype).
 
@@ -93,7 +106,8 @@ def inject_hyperparams(
       bound.arguments.update(bound.arguments.pop(name))
     numeric, schedules, fixed = {}, {}, {}
     for name, value in bound.arguments.items():
-      if name in static or _is_static_by_name(name) or isinstance(value, bool) or value is None:
+      if (name in static or _is_static_by_name(name) or isinstance(value, bool) or value is None
+          or _is_randomness(name, value)):
         fixed[name] = value
       elif callable(value) and not isinstance(value, type):
         schedules[name] = value

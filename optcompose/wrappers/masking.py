@@ -74,6 +74,14 @@ def _collapsed(values, tree):
     return values
 
 
+def _is_params_placeholder(params) -> bool:
+  """Whether ``params`` is the stand-in ``optax.tree.map_params`` (ours is Optax's) passes to
+  ``init`` to find the copies of the parameters in a state: a mask cannot apply to it, so
+  the inner transformation gets it whole (as Optax's ``masked`` does)."""
+  kind = type(params)
+  return kind.__name__ == "_ParamsPlaceholder" and kind.__module__.startswith("optax")
+
+
 def _mask_prefix(mask, tree):
   """The boolean mask for ``tree`` as a prefix of it (see :func:`_prefix`)."""
   on = _prefix(mask, tree, "mask", lambda values, target: resolve_mask(values, target))
@@ -109,6 +117,8 @@ def masked(inner: GradientTransformation, mask, *,
   inner = as_transformation(inner, "masked")
 
   def init(params):
+    if _is_params_placeholder(params):  # optax.tree.map_params finding the params' copies
+      return MaskedState(inner.init(params))
     return MaskedState(inner.init(_keep(params, _mask_prefix(mask, params))))
 
   def update(updates, state, params=None, **extra):

@@ -27,7 +27,7 @@ from optcompose.core import (
     INNER, MASK, GradientTransformation, StateMismatchError, as_transformation, chain,
     default_float, public,
 )
-from optcompose.masks import resolve_mask
+from optcompose.masks import is_function_of_params, resolve_mask
 from optcompose.transforms.scaling import set_to_zero
 from optcompose.wrappers.masking import PartitionState, masked, partition
 
@@ -128,7 +128,7 @@ def named_chain(args: tuple = ()) -> GradientTransformation:
 def _check_static_mask(mask: Any, who: str, name: str) -> None:
   """A TypeError naming ``who``'s ``name`` for a mask that is neither a callable nor a bool
   or tree of bools (its leaves are checked again against the parameters at ``init``)."""
-  if callable(mask):
+  if is_function_of_params(mask):
     return
   if mask is None:
     raise TypeError(f"{who}: `{name}` is None; give a bool, a tree of bools (True: frozen) or "
@@ -191,7 +191,7 @@ def _freeze_labels(freeze_mask):
   def labels(mask):
     return jax.tree.map(lambda m: "freeze" if m else "train", mask)
 
-  if not callable(freeze_mask):
+  if not is_function_of_params(freeze_mask):
     return labels(freeze_mask)
   return lambda tree: labels(_checked_mask(freeze_mask(tree), tree, "selective_transform",
                                            "freeze_mask"))
@@ -233,7 +233,7 @@ def selective_transform(optimizer: GradientTransformation, *,
   _check_static_mask(freeze_mask, "selective_transform", "freeze_mask")
   tx = partition({"train": optimizer, "freeze": set_to_zero()},
                  param_labels=_freeze_labels(freeze_mask))
-  if callable(freeze_mask):
+  if is_function_of_params(freeze_mask):
     return tx
 
   def init(params):  # a static mask that does not fit is named as given

