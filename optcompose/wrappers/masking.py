@@ -78,8 +78,9 @@ def _is_params_placeholder(params) -> bool:
   """Whether ``params`` is the stand-in ``optax.tree.map_params`` (ours is Optax's) passes to
   ``init`` to find the copies of the parameters in a state: a mask cannot apply to it, so
   the inner transformation gets it whole (as Optax's ``masked`` does)."""
-  kind = type(params)
-  return kind.__name__ == "_ParamsPlaceholder" and kind.__module__.startswith("optax")
+  from optax.tree_utils import _state_utils  # Optax's private class: absent -> never it
+  placeholder = getattr(_state_utils, "_ParamsPlaceholder", None)
+  return placeholder is not None and isinstance(params, placeholder)
 
 
 def _mask_prefix(mask, tree):

@@ -358,6 +358,44 @@ def render(results, real) -> str:
   return "\n".join(out) + "\n"
 
 
+README = HERE.parent.parent / "README.md"
+START, END = "<!-- optax-suite:start -->", "<!-- optax-suite:end -->"
+_KINDS = {"a": "not in optcompose", "b": "to fix", "c": "deliberate", "d": "fails with Optax"}
+
+
+def readme_block(results, real) -> str:
+  """The README's list of every failing test of Optax's suite, with its reason (one line
+  per reason, its tests named after it)."""
+  rows, totals = classify(results, real), results["totals"]
+  grouped = collections.OrderedDict()
+  for t, rule in rows:
+    grouped.setdefault(rule[0] if rule else "unclassified", (rule, []))[1].append(t["id"])
+  out = [START, "",
+         f"Optax's own test files through the shim (`tools/optax_suite`, Optax "
+         f"{results['optax_version']}, {results['date'][:10]}): **{totals['total']} tests, "
+         f"{totals['passed']} passed, {totals['failed']} failed, {totals['skipped']} "
+         "skipped**" + (f" (plain Optax on the same files: {real['totals']['passed']} "
+                        f"passed, {real['totals']['failed']} failed)" if real else "")
+         + ". Every failing test, by reason (details: `tools/optax_suite/FAILURES.md`):", ""]
+  order = {"b": 0, "a": 1, "c": 2, "d": 3}
+  for key, (rule, ids) in sorted(grouped.items(),
+                                 key=lambda g: (order.get(g[1][0][1] if g[1][0] else "?", 4),
+                                                -len(g[1][1]))):
+    kind = _KINDS.get(rule[1], "unclassified") if rule else "unclassified"
+    why = (rule[6] if rule else "not understood yet").split(". Deliberate: ")[-1]
+    names = ", ".join(f"`{i.split('::', 1)[-1]}`" for i in ids)
+    out.append(f"- `{key}` ({kind}, {len(ids)}): {why}. Tests: {names}.")
+  return "\n".join(out + ["", END])
+
+
+def write_readme_block(block: str) -> None:
+  text = README.read_text()
+  if START not in text or END not in text:
+    raise SystemExit(f"{README} has no {START} ... {END} block")
+  head, rest = text.split(START, 1)
+  README.write_text(head + block + rest.split(END, 1)[1])
+
+
 def main() -> int:
   results = _load("results.json")
   if results is None:
@@ -366,6 +404,7 @@ def main() -> int:
   real = _load("results_real.json")
   text = render(results, real)
   (HERE / "FAILURES.md").write_text(text)
+  write_readme_block(readme_block(results, real))
   rows = classify(results, real)
   counts = collections.Counter(rule[1] if rule else "?" for _, rule in rows)
   print(f"{len(rows)} failing tests: " + ", ".join(f"{k}: {v}" for k, v in sorted(
