@@ -129,6 +129,9 @@ class JaxRun:
                         + 2 * (sum(x.nbytes for x in jax.tree.leaves(params)) + self.state_bytes))
 
     if opt == "lbfgs":
+      # Optax 0.2.8's lbfgs init gives its two history fields one buffer, which the donating
+      # step below cannot take twice: a copy per leaf (ours has a buffer per leaf already).
+      state = jax.tree.map(jnp.copy, state)
       # L-BFGS needs the loss: a quadratic around the drawn gradients' direction, whose value
       # and gradient are computed in the step (its line search evaluates the loss again).
       def loss(p):

@@ -71,3 +71,48 @@ def test_bf16_moments_halve_the_state_and_optax_keeps_nu_in_float32():
                    "optax": 4 + 2 * (4 + 6)}
   # The paired ratio against Optax is reported for every JAX row (Optax's own is 1).
   assert [r["paired_vs_optax"] for r in res["rows"] if r["lib"] == "optax"] == [1.0]
+
+
+def adafactor_state_bytes(shapes, min_dim_size_to_factor=128):
+  """Adafactor's second moment, by its definition: a matrix whose two last dimensions are
+  both at least ``min_dim_size_to_factor`` keeps one float32 per row and one per column; any
+  other leaf keeps a full float32 second moment. (In Optax's state layout each leaf also
+  has a one-element float32 placeholder for each statistic it does not use: the full
+  moment of a factored leaf, the row and column factors of another.)"""
+  total = 0
+  for shape, _ in shapes.values():
+    if len(shape) >= 2 and min(shape[-2:]) >= min_dim_size_to_factor:
+      total += 4 * (int(np.prod(shape[:-1])) + int(np.prod(shape[:-2])) * shape[-1] + 1)
+    else:
+      total += 4 * (int(np.prod(shape)) + 2)
+  return total
+
+
+def state_per_param(opt, tree, size):
+  res = run_config(dict(section="t", opt=opt, tree=tree, size=size, reps=1,
+                        libs=("optcompose", "optax")))
+  return {r["lib"]: r["state_bytes_per_param"] for r in res["rows"]}
+
+
+@pytest.mark.parametrize("opt, want", [("lion", 4.0), ("lamb", 8.0), ("lbfgs", None)])
+def test_issue_15_optimizers_report_their_state_size_as_optax_does(opt, want):
+  """lion keeps one moment (4 B/param), lamb two (8 B), lbfgs its history (2 x memory_size
+  copies of the parameters, at least); ours as Optax's."""
+  state = state_per_param(opt, "leaves8", 8 * 512)
+  assert state["optcompose"] == pytest.approx(state["optax"], rel=1e-9)
+  if want is not None:
+    assert state["optcompose"] == want
+  else:
+    assert state["optcompose"] >= 2 * 10 * 4  # memory_size=10 by default
+
+
+def test_adafactor_reports_its_factored_state_as_optax_does():
+  """On the transformer tree at 2.4M parameters (its matrices 128 wide: factored), the
+  state is the factored second moment, far below Adam's 8 B/param."""
+  size = 144 * 128 * 128
+  shapes = bench.tree_shapes("transformer", size)
+  n = sum(int(np.prod(s)) for s, _ in shapes.values())
+  state = state_per_param("adafactor", "transformer", size)
+  assert state["optcompose"] == pytest.approx(state["optax"], rel=1e-9)
+  assert state["optcompose"] == pytest.approx(adafactor_state_bytes(shapes) / n, rel=1e-9)
+  assert state["optcompose"] < 0.5

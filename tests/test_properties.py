@@ -4,6 +4,8 @@ and the completeness of the strategy table."""
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -233,3 +235,27 @@ def test_readme_example_of_testing_a_user_transformation(tmp_path):
       jax.tree.map(lambda x: x.astype(jnp.float16), good.update(u, s, p)[0]), s))
   with pytest.raises(AssertionError, match="updates"):
     oct.check_invariants(broken, SMALL, grads_at)
+
+
+def test_the_donation_check_catches_a_state_sharing_a_buffer():
+  zeros = {"w": jnp.zeros(3)}
+  shared = oc.GradientTransformation(lambda p: (zeros, zeros), lambda u, s, p=None, **k: (u, s))
+  with pytest.raises(AssertionError, match=r"one buffer"):
+    oct.check_state_can_be_donated(shared, {"w": jnp.ones(3)})
+  oct.check_state_can_be_donated(oc.lbfgs(), {"w": jnp.ones(3)})  # Optax 0.2.8's shares two
+
+
+def test_lbfgs_steps_with_its_state_donated():
+  params = {"w": jnp.linspace(-1.0, 1.0, 5)}
+  tx = oc.lbfgs()
+  objective = lambda p: jnp.sum((p["w"] - 0.5) ** 2)
+
+  @functools.partial(jax.jit, donate_argnums=(0, 1))
+  def step(params, state):
+    value, grad = jax.value_and_grad(objective)(params)
+    updates, state = tx.update(grad, state, params, value=value, grad=grad, value_fn=objective)
+    return oc.apply_updates(params, updates), state
+
+  params, state = step(params, tx.init(params))
+  params, state = step(params, state)
+  np.testing.assert_allclose(params["w"], 0.5, atol=1e-5)

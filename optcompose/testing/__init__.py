@@ -32,8 +32,8 @@ Example, testing a transformation of your own (the README has the same, run by o
 
 from optcompose.testing.invariants import (
     check_finite, check_ignores_unknown_kwargs, check_invariants, check_jit_matches_eager,
-    check_no_recompilation, check_state_keeps_its_layout, check_updates_like_grads, check_vmap,
-    record_steps, run_steps,
+    check_no_recompilation, check_state_can_be_donated, check_state_keeps_its_layout,
+    check_updates_like_grads, check_vmap, record_steps, run_steps,
 )
 
 

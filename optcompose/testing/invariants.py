@@ -26,7 +26,8 @@ from optcompose.core import GradientTransformation, apply_updates
 __all__ = [
     "check_invariants", "check_jit_matches_eager", "check_state_keeps_its_layout",
     "check_updates_like_grads", "check_no_recompilation", "check_vmap",
-    "check_ignores_unknown_kwargs", "check_finite", "run_steps", "record_steps",
+    "check_ignores_unknown_kwargs", "check_finite", "check_state_can_be_donated", "run_steps",
+    "record_steps",
 ]
 
 
@@ -146,6 +147,20 @@ def _assert_finite(tree, what: str) -> None:
           f"finite inputs, but {what}{otree.path_str(path)} is not finite")
 
 
+def check_state_can_be_donated(tx, params) -> None:
+  """No two leaves of ``init``'s state share a buffer, so a jitted step can donate the state
+  (``jax.jit(step, donate_argnums=...)``: XLA refuses to donate one buffer twice)."""
+  seen = {}
+  for path, x in jax.tree_util.tree_flatten_with_path(tx.init(params))[0]:
+    pointer = getattr(x, "unsafe_buffer_pointer", None)
+    if pointer is None or isinstance(x, jax.core.Tracer) or not x.is_fully_addressable:
+      continue
+    here = otree.path_str(path)
+    assert pointer() not in seen, (
+        f"state{here} and state{seen.get(pointer())} are one buffer: the state cannot be donated")
+    seen[pointer()] = here
+
+
 def _counting_jit(tx, extra):
   """A jitted update and the list it appends to each time JAX traces it."""
   traces, bound = [], _bound(tx, extra)
@@ -251,6 +266,7 @@ def check_invariants(tx: GradientTransformation, params: Any, grads, *, extra=No
   jitted, jitted_params = record_steps(tx, params, grads, steps, extra, jitted_update)
   state0 = tx.init(params)
   _assert_same_tree(jax.jit(tx.init)(params), state0, "jit(init)", "init")
+  check_state_can_be_donated(tx, params)
   for label, records in (("eager", eager), ("jit", jitted)):
     for t, (g, updates, state) in enumerate(records):
       _assert_updates_like(updates, g, f"{label} step {t}")

@@ -152,10 +152,11 @@ def scale_by_lbfgs(memory_size: int = 10,
 
   def init(params):
     otree.check_floating(params, "params")
-    stacked = jax.tree.map(lambda p: jnp.zeros((memory_size,) + jnp.shape(p),
-                                               jnp.result_type(p)), params)
+    def stacked():  # one buffer per field: a state whose leaves share one cannot be donated
+      return jax.tree.map(lambda p: jnp.zeros((memory_size,) + jnp.shape(p),
+                                              jnp.result_type(p)), params)
     return ScaleByLBFGSState(zero_count(), otree.zeros_like(params), otree.zeros_like(params),
-                             stacked, stacked, jnp.zeros(memory_size, default_float()))
+                             stacked(), stacked(), jnp.zeros(memory_size, default_float()))
 
   def update(updates, state, params=None, **extra):
     del extra

@@ -182,11 +182,11 @@ def scale_by_backtracking_linesearch(
   _check_above(who, "increase_factor", increase_factor, 1.0, strict=False)
 
   def init(params):
-    dtype = _scalar_dtype(params)
-    inf = jnp.full([], jnp.inf, dtype)
+    inf = functools.partial(jnp.full, [], jnp.inf, _scalar_dtype(params))  # a buffer each
     return ScaleByBacktrackingLinesearchState(
-        jnp.ones([], dtype), inf, otree.zeros_like(params) if store_grad else None,
-        BacktrackingLinesearchInfo(zero_count(), inf))
+        jnp.ones([], _scalar_dtype(params)), inf(),
+        otree.zeros_like(params) if store_grad else None,
+        BacktrackingLinesearchInfo(zero_count(), inf()))
 
   def update(updates, state, params=None, *, value=None, grad=None, value_fn=None, **extra):
     params, value, grad, fn = _inputs(who, state, ScaleByBacktrackingLinesearchState, updates,
@@ -318,10 +318,10 @@ def scale_by_zoom_linesearch(
                      f"{initial_guess_strategy!r}.")
 
   def init(params):
-    dtype = _scalar_dtype(params)
-    inf = jnp.full([], jnp.inf, dtype)
-    return ScaleByZoomLinesearchState(jnp.ones([], dtype), inf, otree.zeros_like(params),
-                                      ZoomLinesearchInfo(zero_count(), inf, inf))
+    inf = functools.partial(jnp.full, [], jnp.inf, _scalar_dtype(params))  # a buffer each
+    return ScaleByZoomLinesearchState(jnp.ones([], _scalar_dtype(params)), inf(),
+                                      otree.zeros_like(params),
+                                      ZoomLinesearchInfo(zero_count(), inf(), inf()))
 
   def update(updates, state, params=None, *, value=None, grad=None, value_fn=None, **extra):
     params, f0, g0, fn = _inputs(who, state, ScaleByZoomLinesearchState, updates, params,

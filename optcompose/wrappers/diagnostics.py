@@ -50,6 +50,7 @@ they are listed (e.g. ``"inner_state/0/mu/scale"``). Values are Python ``float``
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple, Optional
 
 import jax
@@ -198,9 +199,9 @@ def with_diagnostics(inner: Any, learning_rate: Optional[ScalarOrSchedule] = Non
   def init(params):
     inner_state = inner.init(params)
     count = zero_count()
-    zero = jnp.zeros([], jnp.float32)
-    return DiagnosticsState(inner_state, count, zero, zero, zero, zero,
-                            lr_in_force(count, inner_state), zero, zero_count())
+    zero = functools.partial(jnp.zeros, [], jnp.float32)  # a buffer each: donatable
+    return DiagnosticsState(inner_state, count, zero(), zero(), zero(), zero(),
+                            lr_in_force(count, inner_state), zero(), zero_count())
 
   def update(updates, state, params=None, **extra):
     expect_state(state, DiagnosticsState, fn)
