@@ -69,6 +69,16 @@ def _floating_updates_only(tx: GradientTransformation, name: str) -> GradientTra
   return GradientTransformation(tx.init, update)
 
 
+def _resolve_annotations(fn) -> None:
+  """Our modules write annotations as strings (``from __future__ import annotations``); code
+  that introspects a builder (Optax's tests read ``learning_rate``'s annotation and expect
+  ``optax.ScalarOrSchedule``) sees the objects."""
+  try:
+    fn.__annotations__ = inspect.get_annotations(fn, eval_str=True)
+  except Exception:  # a name not importable at run time: the strings stay
+    pass
+
+
 def public(kind: str, *, optax: Optional[str] = None, any_dtype: bool = False,
            averager: bool = False, **hypers: Hyper):
   """Decorator declaring a public builder; see the module docstring.
@@ -89,6 +99,7 @@ def public(kind: str, *, optax: Optional[str] = None, any_dtype: bool = False,
 
   def decorate(builder):
     name = builder.__name__
+    _resolve_annotations(builder)
     signature = inspect.signature(builder)
     missing = sorted(set(hypers) - set(signature.parameters))
     if missing:
