@@ -1,5 +1,5 @@
-"""Registry cases (tests/registry.py) for centralize, zero_nans, keep_params_nonnegative and
-scale_by_distance_over_gradients, each against Optax's transformation of the same name.
+"""Registry cases (tests/registry.py) for centralize, normalize_by_update_norm, zero_nans,
+keep_params_nonnegative and scale_by_distance_over_gradients, each against Optax's transformation of the same name.
 
 Optax's ``scale_by_distance_over_gradients`` multiplies each leaf by a step size of shape
 ``(1,)``, a rank promotion the suite raises on (tests/conftest.py): its reference runs with
@@ -40,6 +40,11 @@ CASES = [
     Case("centralize", lambda: oc.chain(oc.centralize(), oc.scale_by_learning_rate(LR)),
          ("centralize",),
          optax=lambda: optax.chain(optax.centralize(), optax.scale_by_learning_rate(LR))),
+    # Normalized gradient descent: steps of length 1e-3 (200 of them do not reach the MLP's
+    # minimum, where the direction of a vanishing gradient would amplify rounding).
+    Case("normalize_by_update_norm", lambda: oc.normalize_by_update_norm(-1e-3),
+         ("normalize_by_update_norm",),
+         optax=lambda: optax.normalize_by_update_norm(-1e-3)),
     Case("zero_nans", lambda: oc.chain(oc.zero_nans(), oc.scale_by_learning_rate(LR)),
          ("zero_nans",),
          optax=lambda: optax.chain(optax.zero_nans(), optax.scale_by_learning_rate(LR))),

@@ -32,7 +32,8 @@ def discovered_builders():
     annotation = inspect.signature(fn).return_annotation
     if annotation in ("GradientTransformation", oc.GradientTransformation):
       found.add(name)
-  return found - {"chain", "stateless", "stateless_with_tree_map"}
+  # Combinators and adapters of functions or transformations the caller writes:
+  return found - {"chain", "stateless", "stateless_with_tree_map", "with_extra_args_support"}
 
 
 def unregistered(cases, public):

@@ -278,3 +278,16 @@ def test_randomness_passes_through_inject_hyperparams_unchanged(key):
     u, state = update(params, state)
     ref, ref_state = plain.update(params, ref_state)
     np.testing.assert_allclose(u["w"], ref["w"], rtol=1e-6)
+
+
+def test_a_stateful_schedule_is_refused_with_the_way_out():
+  """Optax's stateful schedules (init/update/__call__ on a schedule state) have no place in
+  our state: a TypeError names the argument and points to Optax's wrapper, which takes our
+  optimizers (checked here)."""
+  schedule = optax.WrappedSchedule(lambda count: 0.1)
+  with pytest.raises(TypeError, match=r"`learning_rate` is a stateful schedule.*optax"):
+    oc.inject_hyperparams(oc.sgd)(learning_rate=schedule)
+  tx = optax.inject_stateful_hyperparams(oc.sgd)(learning_rate=schedule)
+  params = {"w": jnp.ones(2)}
+  updates, _ = tx.update(params, tx.init(params), params)
+  np.testing.assert_allclose(updates["w"], -0.1)

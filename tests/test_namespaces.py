@@ -28,6 +28,18 @@ NOT_YET = {
     "transforms": {},
 }
 
+# Optax's top-level names optcompose does not rebuild, each on purpose (README "Coming from
+# Optax"): the error for each says what to use instead.
+NOT_REBUILT = {
+    "ScaleByScheduleState": "a scheduled count lives in InjectHyperparamsState",
+    "WrappedSchedule": "stateful schedules: Optax's inject_stateful_hyperparams",
+    "InjectStatefulHyperparamsState": "stateful schedules: Optax's inject_stateful_hyperparams",
+}  # (and the module optax.contrib: its optimizers, Optax's own, work in our chains)
+
+
+def test_every_top_level_name_of_optax_resolves_but_the_ones_not_rebuilt():
+  assert unresolved(oc, optax) == sorted(NOT_REBUILT)
+
 
 def public(module) -> list:
   """``module``'s public names, without the modules it happens to import (``functools``)."""

@@ -270,3 +270,14 @@ def test_a_user_transformation_without_keyword_arguments_works_in_chain_and_part
   updates, _ = split.update(params, split.init(params), params, value=jnp.float32(1.0))
   np.testing.assert_array_equal(updates["w"], 2.0)
   np.testing.assert_array_equal(updates["v"], -1.0)
+
+
+def test_with_extra_args_support_lets_a_plain_update_ignore_keyword_arguments():
+  plain = optax.GradientTransformation(lambda params: (), lambda u, s, params=None: (u, s))
+  params = {"w": jnp.ones(2)}
+  for lib in (oc, optax):
+    tx = lib.with_extra_args_support(plain)
+    updates, _ = tx.update(params, tx.init(params), params, value=jnp.float32(1.0))
+    np.testing.assert_array_equal(updates["w"], 1.0)
+  ours = oc.sgd(0.1)
+  assert oc.with_extra_args_support(ours) is ours  # already takes them: returned as is

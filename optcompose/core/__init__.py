@@ -7,7 +7,7 @@ from optcompose.core.base import (
     PyTree, ScalarOrSchedule, Schedule, StateMismatchError, TransformInitFn, TransformUpdateFn,
     TransformUpdateExtraArgsFn, Updates, apply_updates, as_transformation, chain, cond,
     expect_state, identity, init_empty_state, needs_params, safe_increment, stateless,
-    stateless_with_tree_map, zero_count,
+    stateless_with_tree_map, with_extra_args_support, zero_count,
 )
 from optcompose.core.hyperparams import (
     DECAY, DTYPE, EPS, INT32_MAX, EPS_POSITIVE, EPS_ROOT, FLAG, INNER, INNER_PAIR, LABELS, LEARNING_RATE, MASK, MOMENTUM,

@@ -235,6 +235,17 @@ def as_transformation(t: Any, who: str = "chain", position: Optional[Any] = None
   return GradientTransformation(init, update_without_extra)
 
 
+def with_extra_args_support(tx: Any) -> GradientTransformation:
+  """``tx`` as a transformation whose ``update`` accepts keyword arguments (Optax's name):
+  one whose ``update`` takes none is called without them. Optax's and optcompose's
+  combinators do this for their members already.
+
+  References:
+    Optax's ``optax.with_extra_args_support``.
+  """
+  return as_transformation(tx, "with_extra_args_support")
+
+
 # Transformations that average the parameters (``ema_params``, ``swa``): they read the step
 # as ``params + updates`` and pass the updates through unchanged, so in a chain only others
 # of their kind may follow them. Marked by their update function (a NamedTuple has no room

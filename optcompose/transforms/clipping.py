@@ -33,7 +33,7 @@ import jax.numpy as jnp
 
 from optcompose import tree as otree
 from optcompose.core import (
-    GradientTransformation, ScalarOrSchedule, needs_params, public, real, stateless,
+    EmptyState, GradientTransformation, ScalarOrSchedule, needs_params, public, real, stateless,
     stateless_with_tree_map,
 )
 from optcompose.masks import reject_layouts
@@ -129,6 +129,38 @@ def clip_by_global_norm(max_norm: ScalarOrSchedule) -> GradientTransformation:
     return clipped, ClipByGlobalNormState(norm.astype(jnp.float32))
 
   return GradientTransformation(init, update)
+
+
+@public("transformation", optax="normalize_by_update_norm",
+        scale_factor=real(draw=(-2.0, -0.01)), eps=real(0.0, low_open=True, draw=(1e-8, 1e-3)))
+def normalize_by_update_norm(scale_factor: ScalarOrSchedule = 1.0,
+                             eps: ScalarOrSchedule = 1e-6) -> GradientTransformation:
+  """Rescale all updates together to the global norm ``scale_factor`` (about).
+
+  Update: ``n = sqrt(sum over leaves of |u|^2)``; ``u <- u / ((n + eps) / scale_factor)``
+  (a negative ``scale_factor`` steps against the updates: a normalized gradient descent).
+
+  Args:
+    scale_factor: the norm of the result (nonzero; a number or a schedule).
+    eps: added to the norm (> 0), so zero updates stay zero; a number or a schedule.
+
+  Returns:
+    A stateless transformation (:class:`~optcompose.EmptyState`).
+
+  References:
+    Optax's ``optax.normalize_by_update_norm`` (same arguments and order of operations).
+  """
+  if isinstance(scale_factor, numbers.Real) and scale_factor == 0:
+    raise ValueError("normalize_by_update_norm: `scale_factor` must be nonzero, got 0 (every "
+                     "update would be divided by inf).")
+
+  def normalize(updates, params):
+    del params
+    norm = otree.global_norm(jax.tree.map(_wide, updates))  # squares in float32 or wider
+    divisor = (norm + eps) / scale_factor
+    return jax.tree.map(lambda u: _in_wide(lambda u: u / divisor.astype(u.dtype), u), updates)
+
+  return stateless(normalize)
 
 
 @public("transformation", max_norm=_NORM)  # Optax 0.2.8 has no clip_by_leaf_norm
@@ -294,4 +326,7 @@ def adaptive_grad_clip(clipping: ScalarOrSchedule, eps: ScalarOrSchedule = 1e-3,
 
   return stateless(f)
 
-__all__ = ["ClipByGlobalNormState"]  # and the builders it registers
+# Optax's names for the (empty) states of clip and adaptive_grad_clip.
+ClipState = AdaptiveGradClipState = EmptyState
+
+__all__ = ["AdaptiveGradClipState", "ClipByGlobalNormState", "ClipState"]  # and the builders

@@ -114,4 +114,6 @@ def add_l2_penalty(l2: ScalarOrSchedule, mask: Mask = None) -> GradientTransform
   """
   return _add_scaled_params("add_l2_penalty", l2, mask)
 
-__all__ = []  # and the builders it registers
+AddDecayedWeightsState = EmptyState  # Optax's name for add_decayed_weights' (empty) state
+
+__all__ = ["AddDecayedWeightsState"]  # and the builders it registers

@@ -113,4 +113,6 @@ def set_to_zero() -> GradientTransformation:
   """
   return stateless(lambda updates, params: jax.tree.map(jnp.zeros_like, updates))
 
-__all__ = []  # and the builders it registers
+ScaleState = EmptyState  # Optax's name for scale's (empty) state
+
+__all__ = ["ScaleState"]  # and the builders it registers

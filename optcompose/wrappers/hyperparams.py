@@ -110,6 +110,13 @@ def inject_hyperparams(
           or _is_randomness(name, value)):
         fixed[name] = value
       elif callable(value) and not isinstance(value, type):
+        if callable(getattr(value, "init", None)) and callable(getattr(value, "update", None)):
+          raise TypeError(
+              f"{who}: `{name}` is a stateful schedule ({type(value).__name__}: init, update "
+              "and __call__ of a schedule state), which optcompose's inject_hyperparams does "
+              "not keep; use Optax's optax.inject_hyperparams (or "
+              "inject_stateful_hyperparams), which accepts optcompose's optimizers, or give a "
+              "function of the step count.")
         schedules[name] = value
       elif isinstance(value, (numbers.Real, np.ndarray, np.generic, jax.Array)) and np.ndim(value) == 0:
         numeric[name] = value

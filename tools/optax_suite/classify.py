@@ -33,8 +33,10 @@ RULES = [
      "`inject_hyperparams` accepts a `StatefulSchedule` (e.g. `WrappedSchedule`): state "
      "`InjectStatefulHyperparamsState` with `hyperparams_states`",
      "optcompose has no stateful schedules (`base.StatefulSchedule`, "
-     "`schedules.WrappedSchedule` fall back to Optax's); our `inject_hyperparams` calls the "
-     "object as a plain schedule of the count"),
+     "`schedules.WrappedSchedule` fall back to Optax's): our `inject_hyperparams` refuses "
+     "one with a TypeError pointing to Optax's `inject_stateful_hyperparams`, which takes "
+     "optcompose's optimizers (tests/test_hyperparams.py); the state-utils test expects the "
+     "stateful state class"),
     # ---------------------------------------------------------------- (b) behaviour
     ("optimistic-adam-warning", "b", r"", r"use `optimistic_adam_v2` instead\" does not match",
      "optcompose/optimizers/optimistic.py",
