@@ -184,7 +184,9 @@ class TorchRun:
     elif opt == "adamw_bf16_moments":
       raise NotImplementedError("torch.optim.AdamW keeps its moments in the parameter's dtype")
     elif opt in ("lion", "lamb", "lbfgs"):
-      raise NotImplementedError(f"torch.optim has no {opt} (LBFGS takes a closure per step)")
+      raise NotImplementedError(
+          "torch.optim.LBFGS takes a closure per step (no comparable step)" if opt == "lbfgs"
+          else f"torch.optim has no {opt}")
     elif opt == "adafactor":
       if not hasattr(torch.optim, "Adafactor"):
         raise NotImplementedError("torch.optim.Adafactor needs PyTorch 2.5 or later")
@@ -330,6 +332,11 @@ def environment() -> list:
           f"optax {optax.__version__}, optcompose {optcompose.__version__}, torch {torch_version}"]
 
 
+def _bytes(per_param: float) -> str:
+  """State bytes per parameter: a factored state (Adafactor) is far below one byte."""
+  return f"{per_param:.1f}" if per_param >= 1 or per_param == 0 else f"{per_param:.3f}"
+
+
 def table(results: list) -> list:
   lines = ["| optimizer | tree | params | library | median ms | p10-p90 ms | GB/s (ideal B) "
            "| of bandwidth | compile s | state B/param | peak MB | time / Optax (paired) |",
@@ -344,7 +351,7 @@ def table(results: list) -> list:
           f"| {res['cfg']['opt']} | {res['label']} | {res['params'] / 1e6:.1f}M | {r['lib']} "
           f"| {r['median_ms']:.2f} | {r['p10_ms']:.2f}-{r['p90_ms']:.2f} | {gbs:.1f} "
           f"({r['ideal_bytes'] / res['params']:.0f} B/param) | {gbs / res['bandwidth_gbs']:.2f} "
-          f"| {compile_s} | {r['state_bytes_per_param']:.1f} | {peak} | {ratio} |")
+          f"| {compile_s} | {_bytes(r['state_bytes_per_param'])} | {peak} | {ratio} |")
     for lib, why in res["skipped"].items():
       lines.append(f"| {res['cfg']['opt']} | {res['label']} | | {lib} | skipped: {why} "
                    "| | | | | | | |")
