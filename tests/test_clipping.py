@@ -1,5 +1,7 @@
 """Clipping keeps what it measured, and bounds what it promises."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -52,3 +54,39 @@ def test_adaptive_clip_bounds_each_unit_relative_to_the_parameters():
 def test_clip_by_value():
   u, _ = oc.clip(0.5).update(GRADS, oc.EmptyState())
   np.testing.assert_array_equal(u["b"], np.clip(np.asarray(GRADS["b"]), -0.5, 0.5))
+
+
+def gradient_sized_temporaries(hlo: str, size: int) -> list:
+  """The instructions of the compiled entry computation that write an array of ``size``
+  elements without returning it (parameters aside): a pass over memory the step could do
+  without."""
+  entry = hlo[hlo.index("ENTRY"):]
+  lines = [line.strip() for line in entry.splitlines()]
+  root = next(line for line in lines if line.startswith("ROOT"))
+  written = [line.split(" = ")[0].lstrip("%") for line in lines
+             if re.match(rf"%\S+ = f32\[{size}\]", line) and " parameter(" not in line]
+  returned = set(re.findall(r"%([\w.-]+)", root.split("tuple(", 1)[1]))
+  return [name for name in written if name not in returned]
+
+
+@pytest.mark.parametrize("clip", ["global_norm", "leaf_norm"])
+def test_clipped_gradient_is_consumed_inside_the_adamw_loops(clip):
+  """The clip's factor is computed on the norm (a scalar) and applied inside the loops that
+  write the moments and the parameters: the compiled step of clip + AdamW on one leaf writes
+  no gradient-sized array besides its three outputs (Optax 0.2.8 writes ``g / norm`` first,
+  a fourth pass; a select between g and its rescaled copy kept XLA CPU from fusing)."""
+  size = 1 << 16
+  clipper = {"global_norm": oc.clip_by_global_norm, "leaf_norm": oc.clip_by_leaf_norm}[clip]
+  tx = oc.chain(clipper(1.0), oc.adamw(1e-3, weight_decay=1e-4))
+  params = {"w": jnp.ones(size)}
+
+  def step(params, state, grads):
+    updates, state = tx.update(grads, state, params)
+    return oc.apply_updates(params, updates), state
+
+  hlo = jax.jit(step, donate_argnums=(0, 1)).lower(
+      params, tx.init(params), params).compile().as_text()
+  assert gradient_sized_temporaries(hlo, size) == []
+  loops = [line for line in hlo[hlo.index("ENTRY"):].splitlines()
+           if re.search(rf"= f32\[{size}\]\S* fusion\(", line)]
+  assert len(loops) == 3, loops  # mu, nu, and the parameters

@@ -66,11 +66,16 @@ def rescale_leaf(u, norm, max_norm):
 
 
 def _rescale(u, norm, max_norm):
-  # The division in u's dtype; the comparison, the product and the choice in the wider of
-  # their operands' dtypes (a float64 scheduled max_norm with float32 u under x64: float64).
-  scaled = jnp.multiply(*otree.promote(u / jnp.asarray(norm).astype(jnp.result_type(u)),
-                                       max_norm))
-  return jnp.where(jnp.less(*otree.promote(norm, max_norm)), *otree.promote(u, scaled))
+  # (u / n) * c with n = c = 1 where the norm is below the bound: the choice is made on the
+  # norms (scalars, or one per unit), not between u and its rescaled copy, so the product
+  # fuses into the loop that consumes u (XLA CPU does not fuse a whole-leaf select into it:
+  # clip + AdamW ran at twice AdamW's time). u / 1 * 1 is u exactly, and the rest is Optax's
+  # arithmetic: the division in u's dtype, the product in the wider of u's and max_norm's
+  # dtypes (a float64 scheduled max_norm with float32 u under x64: float64).
+  n, c = otree.promote(jnp.asarray(norm), max_norm)
+  below = jnp.less(n, c)
+  n, c = jnp.where(below, 1, n), jnp.where(below, 1, c)
+  return jnp.multiply(*otree.promote(u / n.astype(jnp.result_type(u)), c))
 
 
 @public("transformation", optax="clip", max_delta=real(0.0, draw=(1e-3, 10.0)))
@@ -314,8 +319,10 @@ def adaptive_grad_clip(clipping: ScalarOrSchedule, eps: ScalarOrSchedule = 1e-3,
       narrow = _wide(u).dtype != jnp.result_type(u)
       if narrow:
         ratio = ratio.astype(jnp.result_type(u))
-      clipped = jnp.multiply(*otree.promote(u, ratio))
-      out = jnp.where(jnp.less(*otree.promote(g_norm, max_norm)), *otree.promote(u, clipped))
+      # The choice on the per-unit norms (ratio 1 where a unit is below its bound: u * 1 is
+      # u exactly), then one product that fuses into u's consumer (see _rescale).
+      ratio = jnp.where(jnp.less(*otree.promote(g_norm, max_norm)), 1, ratio)
+      out = jnp.multiply(*otree.promote(u, ratio))
       return out.astype(jnp.result_type(u)) if narrow else out
 
     def checked(path, u, w):
