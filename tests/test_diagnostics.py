@@ -143,7 +143,11 @@ def test_reuses_the_norm_measured_by_leading_clipping():
     assert leading_clip_norm(s_ref.inner_state) is None  # Optax's clipping keeps no norm
     np.testing.assert_allclose(float(s.grad_norm), float(s_ref.grad_norm), rtol=1e-6)
     np.testing.assert_allclose(float(s.grad_norm), np_norm(g), rtol=1e-6)
-    np.testing.assert_allclose(np.asarray(u["w"]), np.asarray(u_ref["w"]), rtol=1e-6)
+    # Two programs (ours and Optax's), each on its own trajectory: to a few float32 epsilons
+    # of the update's scale (an element near 0 has no relative precision to compare).
+    scale = float(np.max(np.abs(np.asarray(u_ref["w"]))))
+    np.testing.assert_allclose(np.asarray(u["w"]), np.asarray(u_ref["w"]), rtol=1e-6,
+                               atol=1e-6 * scale)
 
 
 def _fixed_norm_clip(value):
