@@ -16,6 +16,10 @@ subtree of the state whose structure is the parameters' structure (a masked-out 
 ``MaskedNode``, may stand in for a parameter) mirrors the parameters, and each of its leaves with
 the parameter's shape takes the parameter's sharding. Every other leaf (counts, norms, injected
 hyperparameters) is replicated over the parameters' mesh.
+
+:func:`zero1_state_shardings` splits the parameter-shaped state over the data-parallel axis
+instead (ZeRO stage 1: the optimizer state divided among the data-parallel devices, the
+parameters as they are).
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from jax.sharding import NamedSharding, PartitionSpec, Sharding
 from optcompose.core import GradientTransformation
 from optcompose.wrappers.masking import MaskedNode
 
-__all__ = ["state_shardings", "init_sharded"]
+__all__ = ["state_shardings", "init_sharded", "zero1_state_shardings"]
 
 
 def _sharding_of(leaf: Any, path: str) -> Sharding:
@@ -90,3 +94,47 @@ def state_shardings(tx: GradientTransformation, params: Any) -> Any:
 def init_sharded(tx: GradientTransformation, params: Any) -> Any:
   """``tx.init(params)`` compiled with the state's shardings as ``out_shardings``."""
   return jax.jit(tx.init, out_shardings=state_shardings(tx, params))(params)
+
+
+def _split_over(sharding: NamedSharding, shape: tuple, axis: str) -> NamedSharding:
+  """``sharding`` with ``axis`` added to the first dimension that no mesh axis splits yet and
+  that ``axis``'s size divides (unchanged if there is none, or if ``axis`` is used)."""
+  spec = tuple(sharding.spec) + (None,) * (len(shape) - len(sharding.spec))
+  used = {a for entry in spec if entry is not None
+          for a in (entry if isinstance(entry, tuple) else (entry,))}
+  size = sharding.mesh.shape[axis]
+  if axis in used:
+    return sharding
+  for dim, (entry, n) in enumerate(zip(spec, shape)):
+    if entry is None and n % size == 0 and n >= size:
+      return NamedSharding(sharding.mesh, PartitionSpec(*spec[:dim], axis, *spec[dim + 1:]))
+  return sharding
+
+
+def zero1_state_shardings(tx: GradientTransformation, params: Any, axis: str = "data") -> Any:
+  """The state's shardings for ZeRO stage 1: each state leaf that mirrors a parameter is
+  split over the mesh axis ``axis`` (the data-parallel one), whatever the parameter's own
+  placement (replicated, or tensor-parallel over other axes); counts and scalars are
+  replicated. Each device then keeps and updates 1/size of the optimizer state.
+
+  Use the result as the state's ``in_shardings``/``out_shardings`` (and with
+  :func:`init_sharded`'s pattern for ``init``) while the parameters keep theirs: XLA computes
+  each slice of the update where its state lives and gathers the parameters after the step.
+  A leaf with no dimension that ``axis``'s size divides keeps its parameter's placement.
+
+  Args:
+    tx: the transformation.
+    params: arrays or ``jax.ShapeDtypeStruct`` leaves with a ``NamedSharding`` on a mesh that
+      has ``axis``.
+    axis: the mesh axis to split the state over.
+  """
+  flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+  split = []
+  for path, x in flat:
+    sharding = _sharding_of(x, jax.tree_util.keystr(tuple(path)))
+    if not isinstance(sharding, NamedSharding) or axis not in sharding.mesh.shape:
+      raise ValueError(f"zero1_state_shardings: `params{jax.tree_util.keystr(tuple(path))}` "
+                       f"is not placed on a mesh with the axis {axis!r} ({sharding}).")
+    split.append(jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                      sharding=_split_over(sharding, tuple(x.shape), axis)))
+  return state_shardings(tx, treedef.unflatten(split))
