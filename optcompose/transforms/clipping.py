@@ -78,6 +78,15 @@ def _rescale(u, norm, max_norm):
   return jnp.multiply(*otree.promote(u / n.astype(jnp.result_type(u)), c))
 
 
+def clip_ratio(g_norm, max_norm, div_eps=1e-6):
+  """The factor of a unit clip: 1 where ``g_norm < max_norm``, else ``max_norm /
+  max(g_norm, div_eps)``, computed on the norms so that the product with the updates fuses
+  into their consumer (see :func:`_rescale`). Each operation in the wider of its operands'
+  dtypes."""
+  ratio = jnp.divide(*otree.promote(max_norm, jnp.maximum(*otree.promote(g_norm, div_eps))))
+  return jnp.where(jnp.less(*otree.promote(g_norm, max_norm)), 1, ratio)
+
+
 @public("transformation", optax="clip", max_delta=real(0.0, draw=(1e-3, 10.0)))
 def clip(max_delta: ScalarOrSchedule) -> GradientTransformation:
   """Clip every element of the updates to ``[-max_delta, max_delta]``.
@@ -315,13 +324,12 @@ def adaptive_grad_clip(clipping: ScalarOrSchedule, eps: ScalarOrSchedule = 1e-3,
       # dtype (Optax's arithmetic there), and the result keeps u's dtype.
       g_norm, p_norm = unit_norms(u, axis), unit_norms(w, axis)
       max_norm = jnp.multiply(*otree.promote(clipping, jnp.maximum(*otree.promote(p_norm, eps))))
-      ratio = jnp.divide(*otree.promote(max_norm, jnp.maximum(g_norm, 1e-6)))
+      # The choice on the per-unit norms (ratio 1 where a unit is below its bound: u * 1 is
+      # u exactly), then one product that fuses into u's consumer (see _rescale).
+      ratio = clip_ratio(g_norm, max_norm)
       narrow = _wide(u).dtype != jnp.result_type(u)
       if narrow:
         ratio = ratio.astype(jnp.result_type(u))
-      # The choice on the per-unit norms (ratio 1 where a unit is below its bound: u * 1 is
-      # u exactly), then one product that fuses into u's consumer (see _rescale).
-      ratio = jnp.where(jnp.less(*otree.promote(g_norm, max_norm)), 1, ratio)
       out = jnp.multiply(*otree.promote(u, ratio))
       return out.astype(jnp.result_type(u)) if narrow else out
 

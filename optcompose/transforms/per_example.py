@@ -35,7 +35,7 @@ import numpy as np
 
 from optcompose import tree as otree
 from optcompose.core.validation import check_real_value
-from optcompose.transforms.clipping import unit_norms
+from optcompose.transforms.clipping import clip_ratio, unit_norms
 
 __all__ = ["per_example_global_norm_clip", "per_example_layer_norm_clip", "unitwise_norm",
            "unitwise_clip"]
@@ -235,6 +235,4 @@ def unitwise_clip(g_norm: jax.typing.ArrayLike, max_norm: jax.typing.ArrayLike,
   if len(set(shapes)) != 1:
     raise ValueError(f"unitwise_clip: `g_norm`, `max_norm` and `grad` must have one shape, "
                      f"got {shapes[0]}, {shapes[1]} and {shapes[2]}.")
-  ratio = jnp.divide(*otree.promote(max_norm, jnp.maximum(*otree.promote(g_norm, div_eps))))
-  clipped = jnp.multiply(*otree.promote(grad, ratio))
-  return jnp.where(jnp.less(*otree.promote(g_norm, max_norm)), *otree.promote(grad, clipped))
+  return jnp.multiply(*otree.promote(grad, clip_ratio(g_norm, max_norm, div_eps)))
