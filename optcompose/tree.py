@@ -187,8 +187,8 @@ def squared_norm(tree: Any) -> jax.Array:
   leaves = jax.tree.leaves(tree)
   if not leaves:
     return jnp.zeros([], jnp.float32)
-  total = [jnp.sum(abs_sq(jnp.asarray(x).astype(promote_types(jnp.result_type(x), jnp.float32))))
-           for x in leaves]
+  total = [jnp.sum(_square_for_a_sum(
+      jnp.asarray(x).astype(promote_types(jnp.result_type(x), jnp.float32)))) for x in leaves]
   # Summed left to right, each addition in the wider of its two operands.
   return functools.reduce(lambda a, b: jnp.add(*promote(a, b)), total)
 
@@ -196,6 +196,17 @@ def squared_norm(tree: Any) -> jax.Array:
 def global_norm(tree: Any) -> jax.Array:
   """The L2 norm of all leaves taken together."""
   return jnp.sqrt(squared_norm(tree))
+
+
+def _square_for_a_sum(x: jax.Array) -> jax.Array:
+  """``|x|^2`` for a reduction: ``|x| * |x|`` for real x, which equals ``x * x`` bitwise but
+  is another expression than the optimizers' own ``x * x`` (a second moment's ``g^2``). XLA
+  would otherwise share one square between the norm and the moment update and write it out
+  as a gradient-sized temporary: a norm of the gradients beside AdamW took the step from 1x
+  to 2.1x; this way 1.2x (8M parameters, XLA CPU)."""
+  if jnp.iscomplexobj(x):
+    return abs_sq(x)
+  return jnp.abs(x) * jnp.abs(x)
 
 
 def abs_sq(x: jax.Array) -> jax.Array:
