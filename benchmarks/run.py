@@ -45,6 +45,11 @@ OPTIMIZERS = ("sgd_nesterov", "adam", "adamw", "clip_adamw_cosine", "adamw_bf16_
 # Adafactor (factored second moment: its state per parameter is the point), L-BFGS (a
 # history of memory_size pairs and a line search that evaluates the loss).
 NEW_OPTIMIZERS = ("lion", "lamb", "adafactor", "lbfgs")
+# Issue 16's wrappers around AdamW, and the parameter-sized arrays each must read besides
+# AdamW's own (its ideal bytes): apply_if_finite tests the gradients; with_diagnostics takes
+# the norms of the gradients, the updates and the parameters.
+WRAPPERS = ("apply_if_finite_adamw", "diagnostics_adamw")
+EXTRA_READS = {"apply_if_finite_adamw": 1, "diagnostics_adamw": 3}
 LR, WD, CLIP = 1e-3, 1e-4, 1.0
 
 
@@ -104,6 +109,12 @@ def jax_optimizer(lib: str, name: str):
     return m.adafactor(LR)
   if name == "lbfgs":
     return m.lbfgs()
+  if name == "apply_if_finite_adamw":
+    return m.apply_if_finite(m.adamw(LR, weight_decay=WD), 5)
+  if name == "diagnostics_adamw":
+    if m is not optcompose:
+      raise NotImplementedError("Optax has no with_diagnostics")
+    return m.with_diagnostics(m.adamw(LR, weight_decay=WD))
   if name == "clip_adamw_cosine":
     schedule = m.warmup_cosine_decay_schedule(0.0, LR, 100, 10_000, LR / 10)
     return m.chain(m.clip_by_global_norm(CLIP), m.adamw(schedule, weight_decay=WD))
@@ -126,7 +137,8 @@ class JaxRun:
     state = tx.init(params)
     self.state_bytes = sum(x.nbytes for x in jax.tree.leaves(state) if x.ndim)
     self.ideal_bytes = (sum(x.nbytes for x in jax.tree.leaves(grads))
-                        + 2 * (sum(x.nbytes for x in jax.tree.leaves(params)) + self.state_bytes))
+                        + 2 * (sum(x.nbytes for x in jax.tree.leaves(params)) + self.state_bytes)
+                        + EXTRA_READS.get(opt, 0) * sum(x.nbytes for x in jax.tree.leaves(params)))
 
     if opt == "lbfgs":
       # Optax 0.2.8's lbfgs init gives its two history fields one buffer, which the donating
@@ -298,6 +310,11 @@ def suite(quick: bool, full: bool) -> list:
   configs += [dict(section="optimizers", opt="clip_adamw_cosine", tree="leaves4096", size=size,
                    libs=ALL_LIBS if full else ("optcompose-flat", "torch-fused", "torch-foreach"),
                    reps=reps)]
+  configs += [dict(section="clipping and wrappers", opt="clip_adamw_cosine", tree=t, size=size,
+                   libs=("optcompose", "optax", "torch-fused"), reps=reps)
+              for t in ("flat", "transformer", "leaves1000")]
+  configs += [dict(section="clipping and wrappers", opt=o, tree="flat", size=size,
+                   libs=("optcompose", "optax"), reps=reps) for o in WRAPPERS]
   configs += [dict(section="issue 15 optimizers", opt=o, tree="transformer", size=size,
                    libs=("optcompose", "optax", "torch-fused", "torch-foreach"), reps=reps)
               for o in NEW_OPTIMIZERS]

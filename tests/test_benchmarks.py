@@ -116,3 +116,16 @@ def test_adafactor_reports_its_factored_state_as_optax_does():
   assert state["optcompose"] == pytest.approx(state["optax"], rel=1e-9)
   assert state["optcompose"] == pytest.approx(adafactor_state_bytes(shapes) / n, rel=1e-9)
   assert state["optcompose"] < 0.5
+
+
+@pytest.mark.parametrize("opt, extra", [("apply_if_finite_adamw", 1), ("diagnostics_adamw", 3)])
+def test_wrapper_rows_count_the_reads_their_checks_need(opt, extra):
+  """AdamW's 28 B/param, plus one 4-byte read of the gradients for the finiteness test, or of
+  the gradients, updates and parameters for the three norms; the state stays AdamW's 8 B
+  (the wrappers add scalars only). Optax has no with_diagnostics: its row is skipped."""
+  res = run_config(dict(section="t", opt=opt, tree="leaves8", size=8 * 512, reps=1,
+                        libs=("optcompose", "optax")))
+  rows = {r["lib"]: r for r in res["rows"]}
+  assert rows["optcompose"]["ideal_bytes"] == (28 + 4 * extra) * res["params"]
+  assert rows["optcompose"]["state_bytes_per_param"] == 8
+  assert ("optax" in rows) == (opt == "apply_if_finite_adamw")
