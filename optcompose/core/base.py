@@ -178,25 +178,16 @@ def identity() -> GradientTransformation:
   return stateless(lambda updates, params: updates)
 
 
-def _takes_extra(fn: Callable) -> bool:
-  """Whether ``fn`` accepts arbitrary keyword arguments (Optax's ExtraArgs protocol)."""
+def _takes_extra(fn: Callable, unknown: bool = False) -> bool:
+  """Whether ``fn`` accepts arbitrary keyword arguments (Optax's ExtraArgs protocol);
+  ``unknown`` where its signature cannot be read. (A user may build our
+  ``GradientTransformation(init, update)`` with a plain ``update(updates, state,
+  params=None)``, as Optax's base class allows: ours is one class, so the signature tells.)"""
   try:
     params = inspect.signature(fn).parameters.values()
   except (TypeError, ValueError):
-    return False
+    return unknown
   return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
-
-
-def _lacks_extra(fn: Callable) -> bool:
-  """Whether ``fn``'s signature is known and takes no ``**kwargs``: a transformation a user
-  built as ``GradientTransformation(init, update)`` with a plain ``update(updates, state,
-  params=None)``, as Optax's base class allows (Optax's combinators pass keyword arguments
-  only to its ExtraArgs subclass; ours is one class, so the signature tells)."""
-  try:
-    inspect.signature(fn)
-  except (TypeError, ValueError):
-    return False
-  return not _takes_extra(fn)
 
 
 def as_transformation(t: Any, who: str = "chain", position: Optional[Any] = None
@@ -215,7 +206,7 @@ def as_transformation(t: Any, who: str = "chain", position: Optional[Any] = None
     ``t`` itself if it is a GradientTransformation whose ``update`` takes ``**kwargs``, else
     an adapted one.
   """
-  if isinstance(t, GradientTransformation) and not _lacks_extra(t.update):
+  if isinstance(t, GradientTransformation) and _takes_extra(t.update, unknown=True):
     return t
   init, update = getattr(t, "init", None), getattr(t, "update", None)
   if not (callable(init) and callable(update)):
