@@ -101,9 +101,12 @@ PER_AXIS_STATE = {"sm3", "scale_by_factored_rms", "adafactor_factored", "scale_b
 # Cases that compute on one raveled vector (flatten: as Optax's, the parameters are gathered
 # into one new array, so updates and state have no per-leaf placement). Values are checked.
 RAVELED = {"flatten_adam"}
+# Tolerances above 8 epsilons: Adan's moments of gradient differences (g_t - g_{t-1}) show
+# the rounding of both terms magnified (13.3 measured with XLA limited to AVX2).
+ULPS = {"adan": 32}
 
 
-def check_case(tx, specs, mesh, with_value=False, auto=True, placed=True, kept=True):
+def check_case(tx, specs, mesh, with_value=False, auto=True, placed=True, kept=True, ulps=8):
   plain, sharded, shardings = make_params(specs, mesh)
   replicated = NamedSharding(mesh, P())
   if auto:
@@ -137,7 +140,7 @@ def check_case(tx, specs, mesh, with_value=False, auto=True, placed=True, kept=T
   # leaf's own dtype, at the leaf's magnitude, after 3 steps.
   floats = lambda tree: [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
   ints = lambda tree: [x for x in jax.tree.leaves(tree) if not jnp.issubdtype(x.dtype, jnp.floating)]
-  assert_ulps_close(floats((out_params, out_state)), floats((ref_params, ref_state)), 8)
+  assert_ulps_close(floats((out_params, out_state)), floats((ref_params, ref_state)), ulps)
   for got, want in zip(ints(out_state), ints(ref_state)):  # counts
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
@@ -147,7 +150,8 @@ def check_case(tx, specs, mesh, with_value=False, auto=True, placed=True, kept=T
 @pytest.mark.parametrize("case", covering(CASES), ids=lambda c: c.name)
 def test_every_case_keeps_mixed_shardings_and_matches_unsharded(case):
   check_case(case.ours(), MIXED, cpu_mesh(AxisType.Auto), with_value=case.with_value,
-             placed=case.name not in PER_AXIS_STATE | RAVELED, kept=case.name not in RAVELED)
+             placed=case.name not in PER_AXIS_STATE | RAVELED, kept=case.name not in RAVELED,
+             ulps=ULPS.get(case.name, 8))
 
 
 def test_sharpness_aware_keeps_mixed_shardings_and_matches_unsharded():
