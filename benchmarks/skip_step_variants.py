@@ -28,10 +28,33 @@ import optcompose as oc
 
 N = 1 << 23
 INNER = oc.adamw(1e-3, weight_decay=1e-4)
+WRAPPED = oc.apply_if_finite(INNER, 5)
 
 
 def finite(tree):
   return jnp.isfinite(sum(jnp.sum(x * jnp.float32(0)) for x in jax.tree.leaves(tree)))
+
+
+def finite_all(tree):
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def finite_sub(tree):
+  return jnp.isfinite(sum(jnp.sum(x - x) for x in jax.tree.leaves(tree)))
+
+
+def split(g, s, p):
+  ok = finite_sub(g)
+  u = jax.tree.map(lambda x: jnp.where(ok, x, 0), INNER.update(g, s, p)[0])
+  return u, jax.lax.cond(ok, lambda o: INNER.update(*o)[1], lambda o: o[1], (g, s, p))
+
+
+def cond_all(g, s, p):
+  return jax.lax.cond(finite_all(g), lambda o: INNER.update(*o), zeros_and_state, (g, s, p))
+
+
+def cond_sub(g, s, p):
+  return jax.lax.cond(finite_sub(g), lambda o: INNER.update(*o), zeros_and_state, (g, s, p))
 
 
 def zeros_and_state(operands):
@@ -59,6 +82,24 @@ def where(g, s, p):
           jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, s))
 
 
+def where_g(g, s, p):
+  ok = finite(g)
+  u, new = INNER.update(g, s, p)
+  return (jax.tree.map(lambda x: jnp.where(ok, x, 0), u),
+          jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, s))
+
+
+def probe_where(g, s, p):
+  ok = jnp.logical_and(finite(g), finite(INNER.update(g, s, p)[0]))
+  u, new = INNER.update(g, s, p)
+  return (jax.tree.map(lambda x: jnp.where(ok, x, 0), u),
+          jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, s))
+
+
+def current(g, s, p):
+  return WRAPPED.update(g, s, p)
+
+
 def probe(g, s, p):
   ok = jnp.logical_and(finite(g), finite(INNER.update(g, s, p)[0]))
   return jax.lax.cond(ok, lambda o: INNER.update(*o), zeros_and_state, (g, s, p))
@@ -69,11 +110,11 @@ def main():
   params = {"w": jnp.asarray(rng.normal(size=N).astype(np.float32))}
   grads = {"w": params["w"] * 1e-3}
   runs = {}
-  for fn in (plain, test_only, cond, where, probe):
+  for fn in (plain, cond_sub, split, current):
     def step(p, s, g, fn=fn):
       u, s = fn(g, s, p)
       return oc.apply_updates(p, u), s
-    state = INNER.init(params)
+    state = (WRAPPED if fn is current else INNER).init(params)
     compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, grads).compile()
     runs[fn.__name__] = [compiled, jax.tree.map(jnp.copy, params), state]
   times = {k: [] for k in runs}

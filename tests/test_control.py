@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import optcompose as oc
+from optcompose.wrappers.control import all_finite
 
 RNG = np.random.default_rng(0)
 X = jnp.asarray(RNG.normal(size=(48, 5)), jnp.float32)
@@ -98,7 +99,7 @@ def test_apply_if_finite_skips_an_update_that_overflows_from_a_finite_gradient(j
   """The wrapper tests what it applies: a huge learning rate times a finite gradient gives an
   infinite update, which is skipped and counted like a non-finite gradient."""
   params = {"w": jnp.array([1.0, 2.0, 3.0])}
-  tx = oc.apply_if_finite(oc.sgd(1e30, 0.9), 3)
+  tx = oc.apply_if_finite(oc.sgd(1e30, 0.9), 3, check_updates=True)
   state = tx.init(params)
   update = jax.jit(tx.update) if jit else tx.update
   u, new_state = update({"w": jnp.array([1e10, 1.0, 1.0])}, state, params)
@@ -110,6 +111,49 @@ def test_apply_if_finite_skips_an_update_that_overflows_from_a_finite_gradient(j
   u, ok_state = update({"w": jnp.array([1e-31, 0.0, 0.0])}, new_state, params)
   assert bool(jnp.all(jnp.isfinite(u["w"]))) and float(u["w"][0]) != 0.0
   assert int(ok_state.notfinite_count) == 0 and int(ok_state.total_notfinite) == 1
+
+
+@pytest.mark.parametrize("bad", [jnp.inf, -jnp.inf, jnp.nan, "overflow"])
+def test_all_finite_is_exact_under_jit(bad):
+  """The one-pass test sees every non-finite element, including a product that overflowed
+  inside the same program (which ``isfinite(sum(y * c * 0))`` misses once XLA folds the
+  constants)."""
+  y = jnp.linspace(-1.0, 1.0, 1001)
+  if bad == "overflow":
+    check = jax.jit(lambda y: all_finite({"a": y, "b": y.at[7].set(1e10) * jnp.float32(1e30)}))
+  else:
+    check = jax.jit(lambda y: all_finite({"a": y, "b": y.at[7].set(bad)}))
+  assert not bool(check(y))
+  assert bool(jax.jit(lambda y: all_finite({"a": y, "b": y * 1e30}))(y))  # 1e30 is finite
+  assert bool(all_finite({}))
+
+
+def test_apply_if_finite_tests_the_gradients_by_default():
+  """As Optax does, the default tests the gradients (one read of them): an update that
+  overflows from finite gradients is applied; ``check_updates=True`` skips it (tested above)."""
+  params = {"w": jnp.array([1.0, 2.0, 3.0])}
+  tx = oc.apply_if_finite(oc.sgd(1e30), 3)
+  u, state = jax.jit(tx.update)({"w": jnp.array([1e10, 1.0, 1.0])}, tx.init(params), params)
+  assert not bool(jnp.isfinite(u["w"][0])) and int(state.total_notfinite) == 0
+
+
+@pytest.mark.parametrize("check_updates", [False, True])
+def test_apply_if_finite_compiles_to_one_conditional_without_copies(check_updates):
+  """The inner step runs inside one ``lax.cond`` on the finiteness test, whose untaken branch
+  costs nothing, and the donated state is updated in place: no copy of a parameter-sized
+  array (a select between the new and the old state makes XLA copy the moments)."""
+  import re
+  tx = oc.apply_if_finite(oc.adamw(1e-3, weight_decay=1e-4), 5, check_updates=check_updates)
+  params = {"w": jnp.zeros(4096)}
+
+  def step(p, s, g):
+    u, s = tx.update(g, s, p)
+    return oc.apply_updates(p, u), s
+
+  text = jax.jit(step, donate_argnums=(0, 1)).lower(params, tx.init(params), params).compile(
+  ).as_text()
+  assert text.count(" conditional(") == 1
+  assert not re.findall(r"f32\[4096\]\{0\} copy\(", text)
 
 
 def test_multi_steps_resumed_with_a_smaller_k_steps_at_the_next_call():

@@ -60,7 +60,7 @@ def test_4_integer_state_dtypes_are_refused(make, arg):
 
 
 def test_5_apply_if_finite_tests_what_it_applies():
-  tx = oc.apply_if_finite(oc.sgd(1e30), 3)
+  tx = oc.apply_if_finite(oc.sgd(1e30), 3, check_updates=True)
   updates, state = tx.update({"w": jnp.array([1e10, 1.0, 1.0])}, tx.init(P), P)
   np.testing.assert_array_equal(oc.apply_updates(P, updates)["w"], P["w"])
   assert int(state.notfinite_count) == 1

@@ -141,8 +141,9 @@ RULES = [
      "optcompose/wrappers/control.py",
      "after `max_consecutive_errors` non-finite steps the next non-finite update is applied "
      "(parameters become NaN)",
-     "a non-finite update is never applied; the state's `gave_up` flag is set instead "
-     "(module docstring: 'unlike Optax, a non-finite update is never applied')"),
+     "a non-finite gradient is never applied; the state's `gave_up` flag is set instead "
+     "(module docstring: 'unlike Optax, which then applies them, a non-finite gradient is "
+     "never applied')"),
     ("hyperparameters-stay-float32", "c", r"test_hyperparam_default_dtype", r"",
      "optcompose/wrappers/hyperparams.py",
      "the default `hyperparam_dtype` follows the parameters' dtype (bfloat16 parameters: "
