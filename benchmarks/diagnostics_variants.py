@@ -35,12 +35,14 @@ def every_k(g, s, p, k=10):
   u, s2 = inner.update(g, s, p)
   m = jax.lax.cond(s2[0].count % k == 0, lambda o: otree.global_norm(o[0]) + otree.global_norm(o[1]) + otree.global_norm(o[2]), lambda o: jnp.float32(0), (g, u, p))
   return u, (s2, m)
+wrapped = oc.with_diagnostics(inner)
+def diag(g, s, p): u, s = wrapped.update(g, s, p); return u, (s, jnp.float32(0))
 def make(fn):
   def step(p, s, g):
     u, (s, m) = fn(g, s, p); return oc.apply_updates(p, u), s, m
-  s = inner.init(p)
+  s = (wrapped if fn is diag else inner).init(p)
   return [jax.jit(step, donate_argnums=(0, 1)).lower(p, s, g).compile(), jax.tree.map(jnp.copy, p), s]
-runs = {f.__name__: make(f) for f in (plain, norms_all, norms_gp, norm_u, every_k)}
+runs = {f.__name__: make(f) for f in (plain, norms_all, norms_gp, norm_u, every_k, diag)}
 times = {k: [] for k in runs}
 for _ in range(20):
   for k, r in runs.items():

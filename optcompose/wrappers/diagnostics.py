@@ -60,11 +60,12 @@ import numpy as np
 from optcompose import tree as otree
 from optcompose.core import (
     INNER, LEARNING_RATE, MASK, GradientTransformation, InjectHyperparamsState, ScalarOrSchedule,
-    as_transformation, current_hyperparams, expect_state, needs_params, public,
+    as_transformation, cond, current_hyperparams, expect_state, needs_params, public,
     safe_increment, value_at, zero_count,
 )
 from optcompose.masks import resolve_mask
 from optcompose.transforms.clipping import ClipByGlobalNormState
+from optcompose.wrappers.control import all_finite
 
 
 class DiagnosticsState(NamedTuple):
@@ -115,10 +116,15 @@ def zero_fraction(tree: Any, mask: Any = None) -> jax.Array:
 
 
 def nonfinite_count(tree: Any) -> jax.Array:
-  """The number of NaN and infinite elements over all leaves (int32)."""
-  counts = [jnp.sum(jnp.logical_not(jnp.isfinite(x)), dtype=jnp.int32)
-            for x in jax.tree.leaves(tree)]
-  return sum(counts[1:], counts[0]) if counts else zero_count()
+  """The number of NaN and infinite elements over all leaves (int32). Counted only when
+  ``all_finite`` (one fast pass) finds some: XLA CPU's integer count of a
+  comparison runs about ten times slower than a float sum over the same elements."""
+  def count(leaves):
+    counts = [jnp.sum(jnp.logical_not(jnp.isfinite(x)), dtype=jnp.int32) for x in leaves]
+    return sum(counts[1:], counts[0]) if counts else zero_count()
+
+  leaves = jax.tree.leaves(tree)
+  return cond(all_finite(leaves), lambda _: zero_count(), count, leaves)
 
 
 def leading_clip_norm(state: Any) -> Optional[jax.Array]:
