@@ -62,7 +62,10 @@ def scale_by_adam(b1: ScalarOrSchedule = 0.9, b2: ScalarOrSchedule = 0.999,
       memory); ``None`` keeps the parameters'.
     nesterov: Nadam's look-ahead first moment (the ``nesterov`` line above).
     nu_dtype: dtype of the stored second moment (ours; Optax has ``mu_dtype`` only). The
-      arithmetic runs in the wider of the stored and the gradients' dtypes.
+      arithmetic runs in the wider of the stored and the gradients' dtypes. When it is
+      narrower in precision only (``jnp.bfloat16`` for float32), the update is computed from
+      the moments as stored (m_t and v_t rounded to their dtypes); with ``mu_dtype`` alone
+      it uses the unrounded m_t, as Optax's.
 
   Returns:
     A transformation with state :class:`ScaleByAdamState` (``count``, ``mu``, ``nu``);
@@ -86,7 +89,18 @@ def scale_by_adam(b1: ScalarOrSchedule = 0.9, b2: ScalarOrSchedule = 0.999,
     expect_state(state, ScaleByAdamState, "scale_by_adam")
     same_structure(updates, state.mu, "mu")
     mu = jax.tree.map(lambda g, m: ema_leaf(b1, m, g), updates, state.mu)
-    nu = jax.tree.map(lambda g, v: ema_leaf(b2, v, square_leaf(g, v)), updates, state.nu)
+    nu = jax.tree.map(lambda g, v: _second_moment_leaf(b2, v, square_leaf(g, v)), updates,
+                      state.nu)
+    stored_mu, stored_nu = otree.cast_like(mu, state.mu), otree.cast_like(nu, state.nu)
+    # A second moment stored narrower in precision only (bfloat16 for float32): the update
+    # divides the moments as stored. Otherwise XLA computes the update from the *old* stored
+    # moments in the parameters' loop and copies the donated buffers first (bfloat16 m and v
+    # on 16M float32 parameters: a step 2.4x to 3.2x AdamW's on CPU). mu_dtype alone
+    # (Optax's) keeps Optax's update from the unrounded m_t.
+    rounded = jax.tree.map(_rounds_precision_only, nu, stored_nu)
+    mu = jax.tree.map(lambda m, s, r: s.astype(m.dtype) if r and _rounds_precision_only(m, s)
+                      else m, mu, stored_mu, rounded)
+    nu = jax.tree.map(lambda v, s, r: s.astype(v.dtype) if r else v, nu, stored_nu, rounded)
     count = safe_increment(state.count)
     c1, c2 = debias_factor(b1, count), debias_factor(b2, count)
     if nesterov:
@@ -100,9 +114,21 @@ def scale_by_adam(b1: ScalarOrSchedule = 0.9, b2: ScalarOrSchedule = 0.999,
         lambda g, m, v: adam_direction_leaf(m, debias_leaf(v, c2), eps, eps_root).astype(
             jnp.result_type(g)),
         updates, mu_hat, nu)
-    mu, nu = otree.cast_like(mu, state.mu), otree.cast_like(nu, state.nu)
-    return updates, ScaleByAdamState(count, mu, nu)
+    return updates, ScaleByAdamState(count, stored_mu, stored_nu)
 
   return GradientTransformation(init, update)
+
+
+def _second_moment_leaf(b2, v, sq):
+  """``(1 - b2) sq + b2 v`` in the square's dtype (the wider of the gradients' and the stored
+  v's): ``b2 v`` in a bfloat16 v would round b2 (0.999 to 1.0)."""
+  return ema_leaf(b2, v.astype(sq.dtype), sq)
+
+
+def _rounds_precision_only(x, stored):
+  """Whether ``stored`` is ``x`` rounded to a narrower dtype of the same exponent range
+  (bfloat16 for float32; not float16, whose range the statistics are widened for)."""
+  narrow, wide = jnp.finfo(stored.dtype), jnp.finfo(x.dtype)
+  return stored.dtype != x.dtype and (narrow.minexp, narrow.maxexp) == (wide.minexp, wide.maxexp)
 
 __all__ = ["ScaleByAdamState"]  # and the builders it registers
