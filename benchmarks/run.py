@@ -48,8 +48,12 @@ NEW_OPTIMIZERS = ("lion", "lamb", "adafactor", "lbfgs")
 # Issue 16's wrappers around AdamW, and the parameter-sized arrays each must read besides
 # AdamW's own (its ideal bytes): apply_if_finite tests the gradients; with_diagnostics takes
 # the norms of the gradients, the updates and the parameters.
-WRAPPERS = ("apply_if_finite_adamw", "diagnostics_adamw")
-EXTRA_READS = {"apply_if_finite_adamw": 1, "diagnostics_adamw": 3}
+WRAPPERS = ("apply_if_finite_adamw", "apply_if_finite_checked_adamw", "diagnostics_adamw")
+# check_updates=True tests the updates too: the inner step's reads once more (g, mu, nu, p).
+EXTRA_READS = {"apply_if_finite_adamw": 1, "apply_if_finite_checked_adamw": 4,
+               "diagnostics_adamw": 3}
+# The bound each "clipping and wrappers" row is held to, as a paired ratio to bare AdamW.
+CLIP_BOUND, CLIP_VS_OPTAX, WRAPPER_SLACK, DIAGNOSTICS_BOUND = 1.2, 1.8, 1.15, 1.2
 LR, WD, CLIP = 1e-3, 1e-4, 1.0
 
 
@@ -101,6 +105,8 @@ def jax_optimizer(lib: str, name: str):
   if name == "adamw_bf16_moments":  # Optax has mu_dtype only: its second moment stays float32
     extra = {"nu_dtype": "bfloat16"} if m is optcompose else {}
     return m.adamw(LR, weight_decay=WD, mu_dtype="bfloat16", **extra)
+  if name == "adamw_bf16_mu":  # the same dtypes in both libraries
+    return m.adamw(LR, weight_decay=WD, mu_dtype="bfloat16")
   if name == "lion":
     return m.lion(LR / 10, weight_decay=WD)
   if name == "lamb":
@@ -111,6 +117,10 @@ def jax_optimizer(lib: str, name: str):
     return m.lbfgs()
   if name == "apply_if_finite_adamw":
     return m.apply_if_finite(m.adamw(LR, weight_decay=WD), 5)
+  if name == "apply_if_finite_checked_adamw":
+    if m is not optcompose:
+      raise NotImplementedError("Optax's apply_if_finite tests the gradients only")
+    return m.apply_if_finite(m.adamw(LR, weight_decay=WD), 5, check_updates=True)
   if name == "diagnostics_adamw":
     if m is not optcompose:
       raise NotImplementedError("Optax has no with_diagnostics")
@@ -193,7 +203,7 @@ class TorchRun:
     flag = {"fused": True} if mode == "torch-fused" else {"foreach": True}
     if opt == "sgd_nesterov":
       self.opt = torch.optim.SGD(self.params, lr=LR, momentum=0.9, nesterov=True, **flag)
-    elif opt == "adamw_bf16_moments":
+    elif opt in ("adamw_bf16_moments", "adamw_bf16_mu"):
       raise NotImplementedError("torch.optim.AdamW keeps its moments in the parameter's dtype")
     elif opt in ("lion", "lamb", "lbfgs"):
       raise NotImplementedError(
@@ -261,6 +271,8 @@ def run_config(cfg: dict) -> dict:
     try:
       if lib.startswith("torch"):
         runs[lib] = TorchRun(lib, cfg["opt"], shapes)
+      elif lib == BARE:  # the bare optimizer the row's recipe is held against
+        runs[lib] = JaxRun("optcompose", cfg.get("bare", "adamw"), shapes)
       else:
         runs[lib] = JaxRun(lib, cfg["opt"], shapes)
     except Exception as e:  # an optional library missing, or a mode it lacks
@@ -275,16 +287,20 @@ def run_config(cfg: dict) -> dict:
   bw = stream_bandwidth(n, max(cfg["reps"], 10))
   rows = []
   ref = np.asarray(times["optax"]) if "optax" in times else None
+  bare = np.asarray(times[BARE]) if BARE in times else None
   for lib, run in runs.items():
     ts = np.asarray(times[lib]) * 1e3
     # Paired: the two steps of one repetition ran back to back, so slow drift of the machine
     # (other tenants, frequency) cancels in their ratio; the median ratio is the comparison.
     paired = None if ref is None else float(np.median(np.asarray(times[lib]) / ref))
+    vs_bare = None if bare is None else float(np.median(np.asarray(times[lib]) / bare))
+    vs = {other: float(np.median(np.asarray(times[lib]) / np.asarray(times[other])))
+          for other in times if other != lib}
     rows.append({"lib": lib, "median_ms": float(np.median(ts)),
                  "p10_ms": float(np.percentile(ts, 10)), "p90_ms": float(np.percentile(ts, 90)),
                  "ideal_bytes": run.ideal_bytes, "compile_s": run.compile_s,
                  "state_bytes_per_param": run.state_bytes / n, "peak_bytes": run.peak_bytes,
-                 "paired_vs_optax": paired})
+                 "paired_vs_optax": paired, "paired_vs_bare": vs_bare, "paired_vs": vs})
   return {"cfg": cfg, "label": tree_label(cfg["tree"], shapes), "params": n,
           "bandwidth_gbs": bw, "rows": rows, "skipped": skipped}
 
@@ -292,6 +308,10 @@ def run_config(cfg: dict) -> dict:
 # --- the suite -----------------------------------------------------------------------------
 
 JAX_LIBS = ("optcompose", "optcompose-flat", "optax")
+# glibc returns freed blocks above these sizes to the system; XLA then faults each new
+# buffer's pages in again at every step (a step's outputs are new buffers unless donated).
+MALLOC = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "4294967296"}
+BARE = "optcompose-bare"  # the bare optimizer (cfg["bare"], AdamW by default), paired
 ALL_LIBS = JAX_LIBS + ("torch-fused", "torch-foreach")
 M = 1 << 20
 
@@ -305,16 +325,18 @@ def suite(quick: bool, full: bool) -> list:
              for t in ("flat", "transformer", "leaves1000", "leaves4096", "mixed")]
   configs += [dict(section="optimizers", opt=o, tree="transformer", size=size, libs=ALL_LIBS,
                    reps=reps) for o in OPTIMIZERS if o not in ("adamw", "adamw_bf16_moments")]
-  configs += [dict(section="optimizers", opt="adamw_bf16_moments", tree=t, size=size,
-                   libs=JAX_LIBS, reps=reps) for t in ("flat", "transformer")]
   configs += [dict(section="optimizers", opt="clip_adamw_cosine", tree="leaves4096", size=size,
                    libs=ALL_LIBS if full else ("optcompose-flat", "torch-fused", "torch-foreach"),
                    reps=reps)]
   configs += [dict(section="clipping and wrappers", opt="clip_adamw_cosine", tree=t, size=size,
-                   libs=("optcompose", "optax", "torch-fused"), reps=reps)
+                   libs=("optcompose", BARE, "optax", "torch-fused"), reps=reps)
               for t in ("flat", "transformer", "leaves1000")]
   configs += [dict(section="clipping and wrappers", opt=o, tree="flat", size=size,
-                   libs=("optcompose", "optax"), reps=reps) for o in WRAPPERS]
+                   libs=("optcompose", BARE, "optax"), reps=reps) for o in WRAPPERS]
+  configs += [dict(section="low-precision state", opt="adamw_bf16_mu", tree=t, size=size,
+                   libs=("optcompose", "optax"), reps=reps) for t in ("flat", "transformer")]
+  configs += [dict(section="low-precision state", opt="adamw_bf16_moments", tree=t, size=size,
+                   libs=("optcompose", BARE, "optax"), reps=reps) for t in ("flat", "transformer")]
   configs += [dict(section="issue 15 optimizers", opt=o, tree="transformer", size=size,
                    libs=("optcompose", "optax", "torch-fused", "torch-foreach"), reps=reps)
               for o in NEW_OPTIMIZERS]
@@ -356,22 +378,65 @@ def _bytes(per_param: float) -> str:
 
 def table(results: list) -> list:
   lines = ["| optimizer | tree | params | library | median ms | p10-p90 ms | GB/s (ideal B) "
-           "| of bandwidth | compile s | state B/param | peak MB | time / Optax (paired) |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "| of bandwidth | compile s | state B/param | peak MB | time / Optax (paired) "
+           "| time / bare (paired) |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for res in results:
     for r in res["rows"]:
       gbs = r["ideal_bytes"] / (r["median_ms"] / 1e3) / 1e9
       peak = "-" if r["peak_bytes"] is None else f"{r['peak_bytes'] / 2**20:.0f}"
       ratio = "-" if r.get("paired_vs_optax") is None else f"{r['paired_vs_optax']:.2f}"
+      vs_bare = "-" if r.get("paired_vs_bare") is None else f"{r['paired_vs_bare']:.2f}"
+      lib = f"{r['lib']} ({res['cfg'].get('bare', 'adamw')} alone)" if r["lib"] == BARE else r["lib"]
       compile_s = "-" if r["lib"].startswith("torch") else f"{r['compile_s']:.2f}"
       lines.append(
-          f"| {res['cfg']['opt']} | {res['label']} | {res['params'] / 1e6:.1f}M | {r['lib']} "
+          f"| {res['cfg']['opt']} | {res['label']} | {res['params'] / 1e6:.1f}M | {lib} "
           f"| {r['median_ms']:.2f} | {r['p10_ms']:.2f}-{r['p90_ms']:.2f} | {gbs:.1f} "
           f"({r['ideal_bytes'] / res['params']:.0f} B/param) | {gbs / res['bandwidth_gbs']:.2f} "
-          f"| {compile_s} | {_bytes(r['state_bytes_per_param'])} | {peak} | {ratio} |")
+          f"| {compile_s} | {_bytes(r['state_bytes_per_param'])} | {peak} | {ratio} "
+          f"| {vs_bare} |")
     for lib, why in res["skipped"].items():
       lines.append(f"| {res['cfg']['opt']} | {res['label']} | | {lib} | skipped: {why} "
-                   "| | | | | | | |")
+                   "| | | | | | | | |")
+  return lines
+
+
+def bounds(results: list) -> list:
+  """Issue 16's bounds, each checked on the paired ratios of one configuration."""
+  lines = []
+
+  def check(what, value, op, bound):
+    ok = value <= bound if op == "<=" else value >= bound
+    lines.append(f"- {'PASS' if ok else 'FAIL'}: {what}: {value:.2f} (bound {op} {bound:.2f})")
+
+  for res in results:
+    rows, opt, label = {r["lib"]: r for r in res["rows"]}, res["cfg"]["opt"], res["label"]
+    ours = rows.get("optcompose")
+    if ours is None:
+      continue
+    if opt == "clip_adamw_cosine" and ours.get("paired_vs_bare") is not None:
+      check(f"clip+AdamW+cosine / AdamW alone, {label}", ours["paired_vs_bare"], "<=", CLIP_BOUND)
+      if "optax" in ours["paired_vs"]:
+        check(f"Optax's clip+AdamW+cosine / ours, {label}", 1 / ours["paired_vs"]["optax"],
+              ">=", CLIP_VS_OPTAX)
+      if "torch-fused" in ours["paired_vs"]:
+        check(f"ours / PyTorch fused (clip_grad_norm_ + fused AdamW), {label}",
+              ours["paired_vs"]["torch-fused"], "<=", 1.0)
+    elif opt in EXTRA_READS and ours.get("paired_vs_bare") is not None:
+      ideal = (28 + 4 * EXTRA_READS[opt]) / 28
+      if opt == "diagnostics_adamw":
+        check(f"with_diagnostics(AdamW) / AdamW, {label}", ours["paired_vs_bare"], "<=",
+              DIAGNOSTICS_BOUND)
+        check(f"with_diagnostics(AdamW) / AdamW, compile time, {label}",
+              ours["compile_s"] / rows[BARE]["compile_s"], "<=", DIAGNOSTICS_BOUND)
+      else:
+        check(f"{opt} / AdamW, {label} (ideal {ideal:.2f} x {WRAPPER_SLACK})",
+              ours["paired_vs_bare"], "<=", ideal * WRAPPER_SLACK)
+    elif opt == "adamw_bf16_mu" and ours.get("paired_vs_optax") is not None:
+      check(f"AdamW, bfloat16 mu, ours / Optax, {label}", ours["paired_vs_optax"], "<=", 1.0)
+    elif opt == "adamw_bf16_moments" and ours.get("paired_vs_bare") is not None:
+      check(f"AdamW, bfloat16 mu and nu / float32 moments, {label}", ours["paired_vs_bare"],
+            "<=", 1.0)
   return lines
 
 
@@ -381,6 +446,8 @@ def main(argv=None):
   parser.add_argument("--full", action="store_true", help="add per-leaf clip+AdamW on 4096 leaves")
   parser.add_argument("--only", help="comma-separated optimizers: run only their rows")
   parser.add_argument("--out", default=str(Path(__file__).with_name("RESULTS.md")))
+  parser.add_argument("--default-malloc", action="store_true",
+                      help="leave glibc's malloc thresholds at their defaults (see MALLOC)")
   parser.add_argument("--config", help=argparse.SUPPRESS)  # internal: run one, print JSON
   args = parser.parse_args(argv)
   if args.config:
@@ -390,9 +457,10 @@ def main(argv=None):
   configs = suite(args.quick, args.full)
   if args.only:
     configs = [c for c in configs if c["opt"] in args.only.split(",")]
+  env = dict(os.environ) if args.default_malloc else {**os.environ, **MALLOC}
   for cfg in configs:
     proc = subprocess.run([sys.executable, __file__, "--config", json.dumps(cfg)],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, env=env)
     line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
     if line is None:
       print(f"configuration {cfg} failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
@@ -407,10 +475,16 @@ def main(argv=None):
            f"- jitted steps with parameters and state donated; libraries alternated step by step "
            f"in one process per configuration; {results[0]['cfg']['reps']} timed steps each; "
            f"the whole run took {time.perf_counter() - t0:.0f} s",
-           "- peak MB: XLA's accounting for JAX; parameters + gradients + state for PyTorch", ""]
+           "- peak MB: XLA's accounting for JAX; parameters + gradients + state for PyTorch",
+           "- malloc: " + ("glibc's defaults" if args.default_malloc else
+                           " ".join(f"{k}={v}" for k, v in MALLOC.items()) +
+                           " (every library: freed buffers are reused, not returned to the "
+                           "system and faulted in again at every step; see the README)"), ""]
   for section in dict.fromkeys(r["cfg"]["section"] for r in results):
     lines += [f"## {section}", ""] + table([r for r in results if r["cfg"]["section"] == section])
     lines.append("")
+  if bounds(results):
+    lines += ["## bounds (issue 16), on the paired ratios above", "", *bounds(results), ""]
   Path(args.out).write_text("\n".join(lines))
   print(f"wrote {args.out}")
   return 0

@@ -40,7 +40,7 @@ def test_one_configuration_reports_textbook_bytes(opt, ideal, state):
     assert r["median_ms"] > 0 and r["p10_ms"] <= r["median_ms"] <= r["p90_ms"]
   lines = bench.table([res])
   assert len(lines) == 2 + len(cfg["libs"])
-  assert all(line.count("|") == 13 for line in lines[2:])
+  assert all(line.count("|") == 14 for line in lines[2:])
 
 
 def test_flat_layout_really_has_one_buffer_per_dtype():
@@ -118,14 +118,35 @@ def test_adafactor_reports_its_factored_state_as_optax_does():
   assert state["optcompose"] < 0.5
 
 
-@pytest.mark.parametrize("opt, extra", [("apply_if_finite_adamw", 1), ("diagnostics_adamw", 3)])
+@pytest.mark.parametrize("opt, extra", [("apply_if_finite_adamw", 1),
+                                        ("apply_if_finite_checked_adamw", 4),
+                                        ("diagnostics_adamw", 3)])
 def test_wrapper_rows_count_the_reads_their_checks_need(opt, extra):
-  """AdamW's 28 B/param, plus one 4-byte read of the gradients for the finiteness test, or of
-  the gradients, updates and parameters for the three norms; the state stays AdamW's 8 B
-  (the wrappers add scalars only). Optax has no with_diagnostics: its row is skipped."""
-  res = run_config(dict(section="t", opt=opt, tree="leaves8", size=8 * 512, reps=1,
-                        libs=("optcompose", "optax")))
+  """AdamW's 28 B/param, plus one 4-byte read of the gradients for the finiteness test, of
+  everything AdamW reads (g, mu, nu, p) for the test of the updates, or of the gradients,
+  updates and parameters for the three norms; the state stays AdamW's 8 B (the wrappers add
+  scalars only). Optax has no with_diagnostics and no test of the updates: those rows are
+  skipped. The bare AdamW runs beside it, paired."""
+  res = run_config(dict(section="t", opt=opt, tree="leaves8", size=8 * 512, reps=2,
+                        libs=("optcompose", bench.BARE, "optax")))
   rows = {r["lib"]: r for r in res["rows"]}
   assert rows["optcompose"]["ideal_bytes"] == (28 + 4 * extra) * res["params"]
+  assert rows[bench.BARE]["ideal_bytes"] == 28 * res["params"]
   assert rows["optcompose"]["state_bytes_per_param"] == 8
+  assert rows[bench.BARE]["paired_vs_bare"] == 1.0
   assert ("optax" in rows) == (opt == "apply_if_finite_adamw")
+
+
+def test_bounds_hold_each_row_to_its_issue_bound():
+  """The bounds section reads the paired ratios: a clip row at 1.1x AdamW and 2x faster than
+  Optax passes both; a wrapper at 1.5x fails the 1.14 x 1.15 of one extra read."""
+  def res(opt, ours, others):
+    rows = [{"lib": "optcompose", "paired_vs_bare": ours, "paired_vs_optax": others.get("optax"),
+             "paired_vs": others, "compile_s": 1.0},
+            {"lib": bench.BARE, "paired_vs_bare": 1.0, "compile_s": 1.0}]
+    return {"cfg": {"opt": opt}, "label": "L", "rows": rows}
+
+  lines = bench.bounds([res("clip_adamw_cosine", 1.1, {"optax": 0.5, "torch-fused": 0.9}),
+                        res("apply_if_finite_adamw", 1.5, {})])
+  assert [line.split(":")[0] for line in lines] == ["- PASS", "- PASS", "- PASS", "- FAIL"]
+  assert "1.50 (bound <= 1.31)" in lines[-1]
