@@ -43,9 +43,17 @@ then be uniform: build the FlatParams with ``labels=`` set to the same mask or l
 ``flat_params(params, labels=decay_mask)``) so that decayed and undecayed leaves live in
 different buckets. A bucket that mixes values is an error naming two of its leaves.
 
-Sharding: buckets are new arrays; use FlatParams for single-device or replicated (data
-parallel) parameters. Parameters sharded across devices keep the ordinary per-leaf path,
-which keeps every leaf's sharding.
+Models that keep their own tree (``nnx.Optimizer``, an Equinox loop): :func:`flat_optimizer`
+wraps a transformation so that it takes and returns the model's tree while its state stays in
+buckets; the gradients and parameters are packed inside the jitted step.
+
+Sharding: buckets are new arrays, so FlatParams are for single-device or replicated (data
+parallel) parameters; parameters sharded across devices keep the ordinary per-leaf path,
+which keeps every leaf's sharding. The optimizer state of replicated FlatParams can be
+divided among the data-parallel devices (ZeRO stage 1):
+:func:`optcompose.sharding.zero1_flat_shardings` splits each bucket of the state evenly over
+a mesh axis, ``flat_params(params, pad_to=n)`` pads each bucket with zeros to a multiple of
+the axis' n devices, and XLA gathers the updated (replicated) parameters after the step.
 """
 
 from __future__ import annotations
@@ -56,6 +64,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from optcompose.core import GradientTransformation, as_transformation
 from optcompose.masks import broadcast_prefix, register_layout
 
 
@@ -122,7 +131,9 @@ class FlatParams:
     for b, buf in enumerate(self.buffers):
       members = [(i, leaf) for i, leaf in enumerate(layout.leaves) if leaf.bucket == b]
       sizes = [int(np.prod(leaf.shape, dtype=np.int64)) for _, leaf in members]
-      parts = jax.lax.split(jnp.asarray(buf), sizes) if len(members) > 1 else [buf]
+      padding = layout.sizes[b] - sum(sizes)  # zeros at the end (flat_params' pad_to)
+      sizes += [padding] if padding else []
+      parts = jax.lax.split(jnp.asarray(buf), sizes) if len(sizes) > 1 else [buf]
       for (i, leaf), part in zip(members, parts):
         pieces[i] = jnp.reshape(part, leaf.shape)
     return jax.tree.unflatten(layout.treedef, pieces)
@@ -132,15 +143,28 @@ def is_flat(x) -> bool:
   return isinstance(x, FlatParams)
 
 
-def flat_params(params: Any, labels: Any = None) -> FlatParams:
+def flat_params(params: Any, labels: Any = None, pad_to: int = 1) -> FlatParams:
   """Pack ``params`` into a :class:`FlatParams`: one 1-D buffer per dtype (and label).
 
   ``labels`` (optional) is a tree of hashable labels with the params' structure (or a
   prefix of it), or a callable of ``params`` returning one -- for instance the weight-decay
   mask of ``adamw``. Leaves with the same (label, dtype) share a bucket, in tree order.
+  ``pad_to`` rounds each bucket's length up to a multiple of it with zeros at its end (for
+  :func:`optcompose.sharding.zero1_flat_shardings`: a bucket split evenly over devices);
+  :meth:`~FlatParams.unflatten` never reads them, so their gradient is zero.
   """
   if is_flat(params):
     raise TypeError("flat_params: `params` is already a FlatParams.")
+  _check_pad_to(pad_to, "flat_params")
+  return _pack(params, _layout_of(params, labels, pad_to), "params")
+
+
+def _check_pad_to(pad_to: Any, who: str) -> None:
+  if not (isinstance(pad_to, int) and pad_to >= 1):
+    raise ValueError(f"{who}: `pad_to` must be a positive int, got {pad_to!r}.")
+
+
+def _layout_of(params: Any, labels: Any, pad_to: int) -> FlatLayout:
   path_leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
   if not path_leaves:
     raise ValueError("flat_params: `params` has no leaves.")
@@ -149,22 +173,57 @@ def flat_params(params: Any, labels: Any = None) -> FlatParams:
     tree_labels = labels(params) if callable(labels) else labels
     leaf_labels = jax.tree.leaves(
         broadcast_prefix(tree_labels, params, "labels", "the parameter tree"))
-  names, dtypes, sizes, leaves, columns = [], [], [], [], []
+  names, dtypes, sizes, leaves = [], [], [], []
   for (path, x), label in zip(path_leaves, leaf_labels):
-    x = jnp.asarray(x)
+    x = x if isinstance(x, (jax.Array, jax.ShapeDtypeStruct)) else jnp.asarray(x)
     dtype = np.dtype(x.dtype)
     name = dtype.name if label is None else f"{label}/{dtype.name}"
     if name not in names:
       names.append(name)
       dtypes.append(dtype)
       sizes.append(0)
-      columns.append([])
     b = names.index(name)
     leaves.append(_Leaf(jax.tree_util.keystr(tuple(path)), tuple(x.shape), b, sizes[b]))
-    sizes[b] += x.size
-    columns[b].append(jnp.ravel(x))
-  layout = FlatLayout(treedef, tuple(leaves), tuple(names), tuple(dtypes), tuple(sizes))
-  return FlatParams([jnp.concatenate(c) if len(c) > 1 else c[0] for c in columns], layout)
+    sizes[b] += int(np.prod(x.shape, dtype=np.int64))
+  sizes = [-(-n // pad_to) * pad_to for n in sizes]
+  return FlatLayout(treedef, tuple(leaves), tuple(names), tuple(dtypes), tuple(sizes))
+
+
+def _pack(tree: Any, layout: FlatLayout, name: str, who: str = "flat_params",
+          what: str = "the layout") -> FlatParams:
+  """``tree``'s leaves packed into ``layout``'s buffers (one concatenation per bucket), after
+  checking that ``tree`` is the tree ``layout`` was made from: an error names the first leaf
+  that differs."""
+  path_leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
+  paths = [jax.tree_util.keystr(tuple(p)) for p, _ in path_leaves]
+  if treedef != layout.treedef:
+    known = [leaf.path for leaf in layout.leaves]
+    new, gone = [p for p in paths if p not in known], [p for p in known if p not in paths]
+    why = (f"`{name}{new[0]}` is not in it" if new else f"`{name}{gone[0]}` is missing"
+           if gone else f"the structure is {treedef}, expected {layout.treedef}")
+    raise ValueError(f"{who}: `{name}` is not the tree of {what}: {why}.")
+  columns: list = [[] for _ in layout.buckets]
+  for path, (_, x), leaf in zip(paths, path_leaves, layout.leaves):
+    x, dtype = jnp.asarray(x), layout.dtypes[leaf.bucket]
+    if tuple(x.shape) != leaf.shape or x.dtype != dtype:
+      raise ValueError(f"{who}: `{name}{path}` is a {x.dtype}{list(x.shape)} array, but "
+                       f"{what} holds it as {np.dtype(dtype).name}{list(leaf.shape)}.")
+    columns[leaf.bucket].append(jnp.ravel(x))
+  buffers = []
+  for column, size, dtype in zip(columns, layout.sizes, layout.dtypes):
+    padding = size - sum(c.size for c in column)
+    column += [jnp.zeros(padding, dtype)] if padding else []
+    buffers.append(jnp.concatenate(column) if len(column) > 1 else column[0])
+  return FlatParams(buffers, layout)
+
+
+def _plain(tree: Any) -> Any:
+  """``tree`` with each node that holds an array (an ``nnx.Variable``: ``nnx.Optimizer``
+  hands ``init`` ``nnx.Param`` nodes and ``update`` the bare arrays) replaced by the array."""
+  holds = lambda x: hasattr(x, "shape") and hasattr(x, "dtype")
+  leaves, treedef = jax.tree.flatten(tree, is_leaf=holds)
+  return treedef.unflatten([x if isinstance(x, (jax.Array, np.ndarray, np.generic))
+                            else jnp.asarray(x) for x in leaves])
 
 
 def _per_bucket(layout: FlatLayout, part: Any, name: str) -> FlatParams:
@@ -179,13 +238,63 @@ def _per_bucket(layout: FlatLayout, part: Any, name: str) -> FlatParams:
       raise ValueError(
           f"`{name}` gives {first[b]} the value {chosen[b]!r} but {leaf.path} the value "
           f"{value!r}, and both live in bucket {layout.buckets[b]!r} of the FlatParams. "
-          f"Build the FlatParams with labels= set to this {name} so that each bucket is "
-          "uniform.")
+          f"Build the FlatParams (or the flat_optimizer) with labels= set to this {name} so "
+          "that each bucket is uniform.")
   return FlatParams(chosen, layout)
+
+
+def flat_optimizer(tx: Any, labels: Any = None, pad_to: int = 1) -> GradientTransformation:
+  """``tx`` run on :class:`FlatParams` for a caller that keeps the model's own tree.
+
+  ``init(params)`` packs ``params`` (a dict, an ``nnx.State`` -- an ``nnx.Param`` node read
+  as its array --, an Equinox module filtered with ``eqx.is_array``, ...) with
+  ``flat_params(params, labels, pad_to)`` and returns ``tx.init`` of it. The state is thus
+  ``tx``'s state on the buckets: the moments stay a few buffers across steps, and the
+  optimizer's math is a fixed number of fused kernels whatever the leaf count (state kept per
+  leaf would be concatenated at every step, another pass over it). ``update`` packs the
+  gradients and parameters into the layout of the state's FlatParams, fixed at init (one
+  concatenation per bucket, inside the jitted step), runs ``tx.update`` on the buckets and
+  returns the updates as the caller's tree: one slice per leaf, which XLA fuses with the
+  caller's ``apply_updates`` (one kernel per leaf, where per-leaf AdamW runs three). A tree
+  that does not match the layout -- another leaf, shape or dtype -- is a ValueError naming
+  the first leaf that differs.
+
+  So ``nnx.Optimizer(model, flat_optimizer(adamw(1e-3)), wrt=nnx.Param)`` and an Optax-style
+  Equinox loop keep flat state, and the model code does not change. The numerics are those
+  of FlatParams (module docstring). A mask or labels callable of ``tx`` gets the caller's
+  tree; pass the same one as ``labels`` so that each bucket is uniform. For ZeRO stage 1, the
+  state's shardings are ``zero1_flat_shardings(tx, flat_params(params, labels, pad_to), ...)``.
+
+  Args:
+    tx: the transformation to run on the buckets.
+    labels: bucket labels, as for :func:`flat_params` (e.g. ``tx``'s weight-decay mask).
+    pad_to: as for :func:`flat_params`.
+
+  Returns:
+    A transformation on the caller's tree whose state is ``tx``'s state on FlatParams.
+  """
+  inner = as_transformation(tx, "flat_optimizer")
+  _check_pad_to(pad_to, "flat_optimizer")
+
+  def init(params):
+    return inner.init(flat_params(_plain(params), labels, pad_to))
+
+  def update(updates, state, params=None, **extra):
+    updates, params = _plain(updates), None if params is None else _plain(params)
+    layout = next((x.layout for x in jax.tree.leaves(state, is_leaf=is_flat) if is_flat(x)),
+                  None)  # None: a state with no buckets (stateless ``tx``)
+    if layout is None:
+      layout = _layout_of(updates if params is None else params, labels, pad_to)
+    pack = lambda tree, name: _pack(tree, layout, name, "flat_optimizer", "the state")
+    flat_updates, state = inner.update(pack(updates, "updates"), state,
+                                       None if params is None else pack(params, "params"), **extra)
+    return flat_updates.unflatten(), state
+
+  return GradientTransformation(init, update)
 
 
 # Masks and labels written for the model's tree map onto the buckets (optcompose.masks).
 register_layout(FlatParams, FlatParams.unflatten, lambda x, part, name: _per_bucket(x.layout, part, name),
                 "FlatParams")
 
-__all__ = ["FlatParams", "flat_params"]
+__all__ = ["FlatParams", "flat_params", "flat_optimizer"]

@@ -19,7 +19,8 @@ hyperparameters) is replicated over the parameters' mesh.
 
 :func:`zero1_state_shardings` splits the parameter-shaped state over the data-parallel axis
 instead (ZeRO stage 1: the optimizer state divided among the data-parallel devices, the
-parameters as they are).
+parameters as they are); :func:`zero1_flat_shardings` does it for a replicated
+:class:`~optcompose.FlatParams`, each bucket split evenly.
 """
 
 from __future__ import annotations
@@ -30,9 +31,10 @@ import jax
 from jax.sharding import NamedSharding, PartitionSpec, Sharding
 
 from optcompose.core import GradientTransformation
+from optcompose.flat import is_flat
 from optcompose.wrappers.masking import MaskedNode
 
-__all__ = ["state_shardings", "init_sharded", "zero1_state_shardings"]
+__all__ = ["state_shardings", "init_sharded", "zero1_state_shardings", "zero1_flat_shardings"]
 
 
 def _sharding_of(leaf: Any, path: str) -> Sharding:
@@ -138,3 +140,41 @@ def zero1_state_shardings(tx: GradientTransformation, params: Any, axis: str = "
     split.append(jax.ShapeDtypeStruct(x.shape, x.dtype,
                                       sharding=_split_over(sharding, tuple(x.shape), axis)))
   return state_shardings(tx, treedef.unflatten(split))
+
+
+def zero1_flat_shardings(tx: GradientTransformation, flat: Any, mesh: jax.sharding.Mesh,
+                         axis: str = "data") -> Any:
+  """:func:`zero1_state_shardings` for parameters kept as a replicated
+  :class:`~optcompose.FlatParams`: every bucket of the state (``tx.init(flat)``'s moments) is
+  split evenly along its one dimension over the mesh axis ``axis``; counts and scalars are
+  replicated. Each device keeps and updates 1/size of every bucket.
+
+  Place the parameters replicated, ``NamedSharding(mesh, PartitionSpec())``, and pass that
+  and the result as ``in_shardings``/``out_shardings`` of the jitted step (and the result as
+  ``out_shardings`` of ``jax.jit(tx.init)``): XLA updates each slice where its state lives
+  and gathers the parameters after the step. Every bucket's length must divide by the size
+  of ``axis``: build the FlatParams with ``flat_params(params, pad_to=size)`` (the padding is
+  zeros that the model never reads); another length is a ValueError naming the bucket.
+
+  Args:
+    tx: the transformation.
+    flat: the FlatParams (arrays or ``jax.ShapeDtypeStruct`` buffers; only shapes are read).
+    mesh: the mesh, with the axis ``axis``.
+    axis: the mesh axis to split the state over.
+  """
+  if not is_flat(flat):
+    raise TypeError(f"zero1_flat_shardings: `flat` is a {type(flat).__name__}, not a FlatParams "
+                    "(use zero1_state_shardings for a tree of parameters).")
+  if axis not in mesh.shape:
+    raise ValueError(f"zero1_flat_shardings: the mesh has no axis {axis!r} ({dict(mesh.shape)}).")
+  size = mesh.shape[axis]
+  for name, n in zip(flat.layout.buckets, flat.layout.sizes):
+    if n % size:
+      raise ValueError(
+          f"zero1_flat_shardings: bucket {name!r} has {n} elements, not a multiple of the "
+          f"{size} devices of mesh axis {axis!r}: build the FlatParams with "
+          f"flat_params(params, pad_to={size}).")
+  replicated = NamedSharding(mesh, PartitionSpec())
+  return zero1_state_shardings(
+      tx, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+                       flat), axis)

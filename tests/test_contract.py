@@ -33,7 +33,8 @@ def discovered_builders():
     if annotation in ("GradientTransformation", oc.GradientTransformation):
       found.add(name)
   # Combinators and adapters of functions or transformations the caller writes:
-  return found - {"chain", "stateless", "stateless_with_tree_map", "with_extra_args_support"}
+  return found - {"chain", "stateless", "stateless_with_tree_map", "with_extra_args_support",
+                   "flat_optimizer"}
 
 
 def unregistered(cases, public):
