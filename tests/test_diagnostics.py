@@ -116,6 +116,25 @@ def test_updates_and_inner_state_are_bitwise_the_inner(name, jit):
     assert_same(jit, (p, u, s.inner_state), (p_ref, u_ref, s_ref))
 
 
+@pytest.mark.parametrize("jit", [True, False])
+def test_every_k_measures_the_updates_numbered_0_k_2k_and_holds_them_between(jit):
+  """With ``every_k=3`` the measurements of updates 0, 3, 6 are those of the every-step
+  wrapper (to float32 rounding: two programs), held unchanged in between, while the updates,
+  the inner state, ``count`` and ``learning_rate`` follow every step."""
+  make, lr, expected_lr = OPTIMIZERS["adamw"]
+  every = train(with_diagnostics(make(), lr), steps=8, jit=jit)
+  sparse = train(with_diagnostics(make(), lr, every_k=3), steps=8, jit=jit)
+  for t, ((_, p, u, s), (_, p_k, u_k, s_k)) in enumerate(zip(every, sparse)):
+    assert_same(jit, (p_k, u_k, s_k.inner_state), (p, u, s.inner_state))
+    assert int(s_k.count) == t + 1
+    np.testing.assert_allclose(float(s_k.learning_rate), float(expected_lr(t)), rtol=1e-6)
+    measured_at = every[t - t % 3][3]
+    for field in ("grad_norm", "update_norm", "param_norm", "update_ratio", "zero_fraction"):
+      np.testing.assert_allclose(float(getattr(s_k, field)), float(getattr(measured_at, field)),
+                                 rtol=1e-6, err_msg=f"{field} after update {t}")
+    assert float(s_k.grad_norm) != float(every[t][3].grad_norm) or t % 3 == 0
+
+
 def assert_same(jit, ours, ref):
   if jit:
     assert_ulps_close(ours, ref, 2)

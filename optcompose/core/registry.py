@@ -129,6 +129,8 @@ def public(kind: str, *, optax: Optional[str] = None, any_dtype: bool = False,
                                who=name, cast_scheduled=False)
 
     wrapper.schedulable = schedulable
+    # Integer arguments are static (a loop length, a period): inject_hyperparams bakes them in.
+    wrapper.static_args = tuple(n for n, h in hypers.items() if h.integer)
     if name in REGISTRY and REGISTRY[name].module != builder.__module__:
       raise ValueError(f"public: {name} is registered twice ({REGISTRY[name].module} and "
                        f"{builder.__module__}).")

@@ -63,8 +63,9 @@ def inject_hyperparams(
     inner_factory: e.g. ``optcompose.adamw`` or any function returning a transformation
       (Optax's included).
     static_args: names of arguments to keep out of the state (they are baked in). Arguments
-      named ``mask`` or ``*_mask``, booleans, ``None``, dtypes and randomness (a PRNG key, or
-      an integer ``key``/``seed``/``rng``) are always static. (Optax stores the last in the
+      named ``mask`` or ``*_mask``, booleans, ``None``, dtypes, randomness (a PRNG key, or
+      an integer ``key``/``seed``/``rng``) and the integer arguments of optcompose's builders
+      given as Python ints (a period, a memory size) are always static. (Optax stores the last in the
       state; its tests use them only to run.)
     hyperparam_dtype: the stored dtype (by default float32, or float64 under x64, whatever
       the parameters' dtype).
@@ -82,6 +83,7 @@ def inject_hyperparams(
                     f"transformation (such as optcompose.adam), got {type(inner_factory).__name__}"
                     " (pass the factory itself, not a transformation built from it).")
   static = {static_args} if isinstance(static_args, str) else set(static_args)
+  declared = set(getattr(inner_factory, "static_args", ()))  # our builders' integer arguments
   signature = inspect.signature(inner_factory)
   ours = getattr(inner_factory, "__module__", "").startswith("optcompose")
   unknown = static - set(signature.parameters)
@@ -107,7 +109,7 @@ def inject_hyperparams(
     numeric, schedules, fixed = {}, {}, {}
     for name, value in bound.arguments.items():
       if (name in static or _is_static_by_name(name) or isinstance(value, bool) or value is None
-          or _is_randomness(name, value)):
+          or _is_randomness(name, value) or (name in declared and isinstance(value, int))):
         fixed[name] = value
       elif callable(value) and not isinstance(value, type):
         if callable(getattr(value, "init", None)) and callable(getattr(value, "update", None)):
