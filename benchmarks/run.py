@@ -263,7 +263,76 @@ def stream_bandwidth(n: int, reps: int) -> float:
   return 8 * n / float(np.median(times)) / 1e9
 
 
+def run_zero1(cfg: dict) -> dict:
+  """Optimizer state bytes per device on ``cfg["devices"]`` devices (simulated on CPU): AdamW
+  with the state replicated (plain data parallelism), split over the data axis per leaf
+  (``zero1_state_shardings``) and on padded FlatParams (``zero1_flat_shardings``); the
+  parameters replicated in every case. One step runs each way (not timed: simulated devices
+  share this machine's cores), and the trajectories are compared."""
+  import jax
+  import optcompose
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec
+  from optcompose.sharding import zero1_flat_shardings, zero1_state_shardings
+  shapes = tree_shapes(cfg["tree"], cfg["size"])
+  devices = jax.devices()
+  mesh = Mesh(np.array(devices), ("data",))
+  replicated = NamedSharding(mesh, PartitionSpec())
+  rng = np.random.default_rng(0)
+  host = {k: rng.normal(size=s).astype(np.float32) * 0.02 for k, (s, _) in shapes.items()}
+  grads_host = {k: rng.normal(size=s).astype(np.float32) * 1e-3 for k, (s, _) in shapes.items()}
+  tx = optcompose.adamw(LR, weight_decay=WD)
+  n = sum(x.size for x in host.values())
+  rows, finals = [], {}
+  for layout in ("replicated state", "zero1 per leaf", "zero1 FlatParams"):
+    params, grads = host, grads_host
+    if layout == "zero1 FlatParams":
+      params = optcompose.flat_params(params, pad_to=len(devices))
+      grads = optcompose.flat_params(grads, pad_to=len(devices))
+    params, grads = jax.device_put((params, grads), replicated)
+    shardings = {"replicated state": lambda: jax.tree.map(lambda _: replicated,
+                                                          jax.eval_shape(tx.init, params)),
+                 "zero1 per leaf": lambda: zero1_state_shardings(tx, params),
+                 "zero1 FlatParams": lambda: zero1_flat_shardings(tx, params, mesh)}[layout]()
+    state = jax.jit(tx.init, out_shardings=shardings)(params)
+
+    def step(p, s, g):
+      u, s = tx.update(g, s, p)
+      return optcompose.apply_updates(p, u), s
+
+    p_sh = jax.tree.map(lambda _: replicated, params)
+    stepper = jax.jit(step, in_shardings=(p_sh, shardings, p_sh), out_shardings=(p_sh, shardings))
+    params, state = stepper(params, state, grads)
+    per_device = sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(state)
+                     if x.ndim)
+    total = sum(x.nbytes for x in jax.tree.leaves(state) if x.ndim)
+    final = params.unflatten() if layout == "zero1 FlatParams" else params
+    finals[layout] = np.concatenate([np.asarray(final[k]).ravel() for k in host])
+    rows.append({"layout": layout, "state_mb_per_device": per_device / 2**20,
+                 "state_mb_total": total / 2**20,
+                 "params_mb_per_device": sum(x.addressable_shards[0].data.nbytes
+                                             for x in jax.tree.leaves(params)) / 2**20})
+  ref = finals["replicated state"]
+  for r in rows:
+    r["max_diff_vs_replicated"] = float(np.max(np.abs(finals[r["layout"]] - ref)))
+  return {"cfg": cfg, "label": tree_label(cfg["tree"], shapes), "params": n,
+          "devices": len(devices), "memory_rows": rows}
+
+
+def memory_table(res: dict) -> list:
+  lines = [f"AdamW on the {res['label']} tree, {res['params'] / 1e6:.1f}M float32 parameters, "
+           f"{res['devices']} simulated CPU devices (`--xla_force_host_platform_device_count`); "
+           "one step each way, parameters compared with the replicated-state run:", "",
+           "| state layout | state MB per device | state MB (whole arrays) | parameters MB per device "
+           "| max abs difference after one step |", "|---|---|---|---|---|"]
+  for r in res["memory_rows"]:
+    lines.append(f"| {r['layout']} | {r['state_mb_per_device']:.1f} | {r['state_mb_total']:.1f} "
+                 f"| {r['params_mb_per_device']:.1f} | {r['max_diff_vs_replicated']:.1e} |")
+  return lines
+
+
 def run_config(cfg: dict) -> dict:
+  if cfg.get("kind") == "zero1":
+    return run_zero1(cfg)
   shapes = tree_shapes(cfg["tree"], cfg["size"])
   n = sum(int(np.prod(s)) for s, _ in shapes.values())
   runs, skipped = {}, {}
@@ -337,6 +406,8 @@ def suite(quick: bool, full: bool) -> list:
                    libs=("optcompose", "optax"), reps=reps) for t in ("flat", "transformer")]
   configs += [dict(section="low-precision state", opt="adamw_bf16_moments", tree=t, size=size,
                    libs=("optcompose", BARE, "optax"), reps=reps) for t in ("flat", "transformer")]
+  configs += [dict(section="ZeRO-1: optimizer state per device", kind="zero1", opt="adamw",
+                   tree="transformer", size=size, devices=8)]
   configs += [dict(section="issue 15 optimizers", opt=o, tree="transformer", size=size,
                    libs=("optcompose", "optax", "torch-fused", "torch-foreach"), reps=reps)
               for o in NEW_OPTIMIZERS]
@@ -410,6 +481,8 @@ def bounds(results: list) -> list:
     lines.append(f"- {'PASS' if ok else 'FAIL'}: {what}: {value:.2f} (bound {op} {bound:.2f})")
 
   for res in results:
+    if "rows" not in res:
+      continue
     rows, opt, label = {r["lib"]: r for r in res["rows"]}, res["cfg"]["opt"], res["label"]
     ours = rows.get("optcompose")
     if ours is None:
@@ -459,21 +532,25 @@ def main(argv=None):
     configs = [c for c in configs if c["opt"] in args.only.split(",")]
   env = dict(os.environ) if args.default_malloc else {**os.environ, **MALLOC}
   for cfg in configs:
+    run_env = env if "devices" not in cfg else {
+        **env, "XLA_FLAGS": (env.get("XLA_FLAGS", "") +
+                             f" --xla_force_host_platform_device_count={cfg['devices']}")}
     proc = subprocess.run([sys.executable, __file__, "--config", json.dumps(cfg)],
-                          capture_output=True, text=True, env=env)
+                          capture_output=True, text=True, env=run_env)
     line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
     if line is None:
       print(f"configuration {cfg} failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
       return 1
     res = json.loads(line[len("RESULT "):])
     results.append(res)
-    print("\n".join(table([res])[2:]), flush=True)
+    print("\n".join(memory_table(res) if "memory_rows" in res else table([res])[2:]),
+          flush=True)
   bws = ", ".join(f"{r['params'] / 1e6:.0f}M: {r['bandwidth_gbs']:.1f}"
-                  for r in {r["params"]: r for r in results}.values())
+                  for r in {r["params"]: r for r in results if "rows" in r}.values())
   lines = ["# Benchmark results", "", *environment(),
            f"- in-place streaming bandwidth (GB/s, x <- a x + b, donated float32, by size): {bws}",
            f"- jitted steps with parameters and state donated; libraries alternated step by step "
-           f"in one process per configuration; {results[0]['cfg']['reps']} timed steps each; "
+           f"in one process per configuration; {results[0]['cfg'].get('reps')} timed steps each; "
            f"the whole run took {time.perf_counter() - t0:.0f} s",
            "- peak MB: XLA's accounting for JAX; parameters + gradients + state for PyTorch",
            "- malloc: " + ("glibc's defaults" if args.default_malloc else
@@ -481,7 +558,11 @@ def main(argv=None):
                            " (every library: freed buffers are reused, not returned to the "
                            "system and faulted in again at every step; see the README)"), ""]
   for section in dict.fromkeys(r["cfg"]["section"] for r in results):
-    lines += [f"## {section}", ""] + table([r for r in results if r["cfg"]["section"] == section])
+    these = [r for r in results if r["cfg"]["section"] == section]
+    lines += [f"## {section}", ""]
+    lines += sum((memory_table(r) for r in these if "memory_rows" in r), [])
+    lines += table([r for r in these if "memory_rows" not in r]) if any(
+        "rows" in r for r in these) else []
     lines.append("")
   if bounds(results):
     lines += ["## bounds (issue 16), on the paired ratios above", "", *bounds(results), ""]

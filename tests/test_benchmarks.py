@@ -150,3 +150,22 @@ def test_bounds_hold_each_row_to_its_issue_bound():
                         res("apply_if_finite_adamw", 1.5, {})])
   assert [line.split(":")[0] for line in lines] == ["- PASS", "- PASS", "- PASS", "- FAIL"]
   assert "1.50 (bound <= 1.31)" in lines[-1]
+
+
+def test_zero1_section_reports_an_eighth_of_the_state_per_device():
+  """The benchmark's memory rows on 8 simulated devices: AdamW's state (8 B/param) whole on
+  every device when replicated, 1/8 of it per device split per leaf or as FlatParams
+  buckets, the parameters replicated throughout, and one step equal in all three."""
+  if len(jax.devices()) != 8:
+    pytest.skip("needs 8 CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count=8)")
+  res = run_config(dict(section="z", kind="zero1", opt="adamw", tree="leaves8", size=8 * 512,
+                        devices=8))
+  rows = {r["layout"]: r for r in res["memory_rows"]}
+  whole = 8 * res["params"] / 2**20
+  assert rows["replicated state"]["state_mb_per_device"] == pytest.approx(whole)
+  for layout in ("zero1 per leaf", "zero1 FlatParams"):
+    assert rows[layout]["state_mb_per_device"] == pytest.approx(whole / 8)
+    assert rows[layout]["state_mb_total"] == pytest.approx(whole)
+    assert rows[layout]["max_diff_vs_replicated"] <= 1e-6
+  assert {r["params_mb_per_device"] for r in rows.values()} == {4 * res["params"] / 2**20}
+  assert len(bench.memory_table(res)) == 4 + 3
