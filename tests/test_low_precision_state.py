@@ -136,3 +136,29 @@ def test_bf16_moment_step_writes_the_donated_state_in_place(mu_dtype):
   # The comparison that makes the bound meaningful: float32 moments need none either.
   wide = donated_step(oc.adamw(1e-3, weight_decay=1e-4), n).memory_analysis()
   assert wide.temp_size_in_bytes < n
+
+
+@pytest.mark.parametrize("make", [
+    lambda: oc.scale_by_adam(b2=0.99, nu_dtype=BF16),
+    lambda: oc.scale_by_second_moment(decay=0.99, nu_dtype=BF16),
+], ids=["scale_by_adam", "scale_by_second_moment"])
+def test_a_bfloat16_second_moment_decays_with_the_unrounded_decay(make):
+  """``b2 * v`` is computed in float32, not in v's bfloat16 (where 0.99 rounds to 0.98828125,
+  and 0.999 to 1.0: v would never decay): after one gradient and then zero gradients, each
+  step stores ``bf16(0.99 * v)``, the NumPy formula, for 64 values of v."""
+  tx = make()
+  g = jnp.linspace(1.0, 3.0, 64, dtype=jnp.float32)
+  params = {"w": jnp.zeros(64, jnp.float32)}
+  state = tx.init(params)
+  _, state = tx.update({"w": g}, state, params)
+  nu = lambda s: np.asarray(s.nu["w"], np.float64)  # noqa: E731
+  v = nu(state)
+  np.testing.assert_array_equal(v, to_bf16(0.01 * np.asarray(g, np.float64) ** 2))
+  tells = False  # whether b2 rounded to bfloat16 would store other values: the test can fail
+  for _ in range(4):
+    _, state = tx.update({"w": jnp.zeros(64, jnp.float32)}, state, params)
+    rounded_decay = to_bf16(to_bf16(0.99) * v)
+    v = to_bf16(0.99 * v)
+    np.testing.assert_array_equal(nu(state), v)
+    tells = tells or bool(np.any(rounded_decay != v))
+  assert tells

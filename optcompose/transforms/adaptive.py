@@ -24,7 +24,7 @@ from optcompose.core import (
 )
 from optcompose.transforms.statistics import (
     adam_direction_leaf, debias_factor, debias_leaf, ema_leaf, nesterov_moment_leaf,
-    same_structure, square_leaf,
+    same_structure, second_moment_ema_leaf, square_leaf,
 )
 
 
@@ -89,7 +89,7 @@ def scale_by_adam(b1: ScalarOrSchedule = 0.9, b2: ScalarOrSchedule = 0.999,
     expect_state(state, ScaleByAdamState, "scale_by_adam")
     same_structure(updates, state.mu, "mu")
     mu = jax.tree.map(lambda g, m: ema_leaf(b1, m, g), updates, state.mu)
-    nu = jax.tree.map(lambda g, v: _second_moment_leaf(b2, v, square_leaf(g, v)), updates,
+    nu = jax.tree.map(lambda g, v: second_moment_ema_leaf(b2, v, square_leaf(g, v)), updates,
                       state.nu)
     stored_mu, stored_nu = otree.cast_like(mu, state.mu), otree.cast_like(nu, state.nu)
     # A second moment stored narrower in precision only (bfloat16 for float32): the update
@@ -117,12 +117,6 @@ def scale_by_adam(b1: ScalarOrSchedule = 0.9, b2: ScalarOrSchedule = 0.999,
     return updates, ScaleByAdamState(count, stored_mu, stored_nu)
 
   return GradientTransformation(init, update)
-
-
-def _second_moment_leaf(b2, v, sq):
-  """``(1 - b2) sq + b2 v`` in the square's dtype (the wider of the gradients' and the stored
-  v's): ``b2 v`` in a bfloat16 v would round b2 (0.999 to 1.0)."""
-  return ema_leaf(b2, v.astype(sq.dtype), sq)
 
 
 def _rounds_precision_only(x, stored):

@@ -24,7 +24,7 @@ from optcompose.core import (
 )
 from optcompose.transforms.statistics import (
     adam_direction_leaf, debias_factor, debias_leaf, ema_leaf, inverse_rms_leaf, moments_init,
-    same_structure, square_leaf, variance_leaf,
+    same_structure, second_moment_ema_leaf, square_leaf, variance_leaf,
 )
 
 
@@ -274,7 +274,8 @@ def scale_by_second_moment(decay: ScalarOrSchedule = 0.999, eps: ScalarOrSchedul
     else:
       d, d_state = inner.update(updates, state.direction, params, **extra)
       same_structure(d, state.nu, "nu")
-    nu = jax.tree.map(lambda g, v: ema_leaf(decay, v, square_leaf(g, v)), updates, state.nu)
+    nu = jax.tree.map(lambda g, v: second_moment_ema_leaf(decay, v, square_leaf(g, v)), updates,
+                      state.nu)
     count = safe_increment(state.count)
     if debias:
       factor = debias_factor(decay, count)

@@ -30,6 +30,13 @@ def ema_leaf(beta, m, x):
   return otree.moment_leaf(x, m, beta)
 
 
+def second_moment_ema_leaf(beta, v, sq):
+  """:func:`ema_leaf` of a second moment: ``(1 - beta) sq + beta v`` in the square's dtype
+  (the wider of the gradients' and the stored v's): ``beta v`` in a bfloat16 v would round
+  beta (0.999 to 1.0, so that v never decays)."""
+  return ema_leaf(beta, v.astype(sq.dtype), sq)
+
+
 def debias_factor(beta, count):
   """``1 / (1 - beta^count)``, computed in float32 or wider (beta^t rounds to 1 in bfloat16)."""
   return 1 / otree.bias_correction_denominator(beta, count)
