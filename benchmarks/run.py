@@ -48,10 +48,20 @@ NEW_OPTIMIZERS = ("lion", "lamb", "adafactor", "lbfgs")
 # Issue 16's wrappers around AdamW, and the parameter-sized arrays each must read besides
 # AdamW's own (its ideal bytes): apply_if_finite tests the gradients; with_diagnostics takes
 # the norms of the gradients, the updates and the parameters.
-WRAPPERS = ("apply_if_finite_adamw", "apply_if_finite_checked_adamw", "diagnostics_adamw")
-# check_updates=True tests the updates too: the inner step's reads once more (g, mu, nu, p).
-EXTRA_READS = {"apply_if_finite_adamw": 1, "apply_if_finite_checked_adamw": 4,
-               "diagnostics_adamw": 3}
+WRAPPERS = ("apply_if_finite_adamw", "apply_if_finite_checked_adamw", "diagnostics_adamw",
+            "masked_adamw", "partition_adamw", "inject_adamw", "multi_steps4_adamw",
+            "ema_params_adamw")
+# Each wrapper's ideal bytes per float32 parameter beyond the count every row gets (the
+# gradients read, the parameters and the whole state read and written: AdamW's 28, or 36
+# with an accumulator or an average in the state): apply_if_finite reads the gradients once
+# more; check_updates=True everything AdamW reads (g, mu, nu, p); with_diagnostics the
+# gradients, updates and parameters (three norms); masked, partition, inject_hyperparams and
+# ema_params (its average is in the state) nothing; multi_steps(k=4), per call on average,
+# three micro-steps (read g, read and write the accumulator: 12) and a real step (AdamW on
+# the accumulator, which is read and reset: 28 + 4): (3 * 12 + 32) / 4 = 17, i.e. 36 - 19.
+EXTRA_BYTES = {"apply_if_finite_adamw": 4, "apply_if_finite_checked_adamw": 16,
+               "diagnostics_adamw": 12, "masked_adamw": 0, "partition_adamw": 0,
+               "inject_adamw": 0, "multi_steps4_adamw": -19, "ema_params_adamw": 0}
 # The bound each "clipping and wrappers" row is held to, as a paired ratio to bare AdamW.
 CLIP_BOUND, CLIP_VS_OPTAX, WRAPPER_SLACK, DIAGNOSTICS_BOUND = 1.2, 1.8, 1.15, 1.2
 LR, WD, CLIP = 1e-3, 1e-4, 1.0
@@ -93,6 +103,7 @@ def tree_label(kind: str, shapes: dict) -> str:
 # --- JAX libraries ------------------------------------------------------------------------
 
 def jax_optimizer(lib: str, name: str):
+  import jax
   import optax
   import optcompose
   m = optcompose if lib.startswith("optcompose") else optax
@@ -121,6 +132,21 @@ def jax_optimizer(lib: str, name: str):
     if m is not optcompose:
       raise NotImplementedError("Optax's apply_if_finite tests the gradients only")
     return m.apply_if_finite(m.adamw(LR, weight_decay=WD), 5, check_updates=True)
+  if name == "masked_adamw":  # every leaf selected: the mask machinery, no less work
+    return m.masked(m.adamw(LR, weight_decay=WD), lambda p: jax.tree.map(lambda _: True, p))
+  if name == "partition_adamw":  # one label for every leaf
+    return m.partition({"all": m.adamw(LR, weight_decay=WD)},
+                       lambda p: jax.tree.map(lambda _: "all", p))
+  if name == "inject_adamw":
+    return m.inject_hyperparams(m.adamw)(learning_rate=LR, weight_decay=WD)
+  if name == "multi_steps4_adamw":
+    if m is optcompose:
+      return m.multi_steps(m.adamw(LR, weight_decay=WD), 4)
+    return m.MultiSteps(m.adamw(LR, weight_decay=WD), 4).gradient_transformation()
+  if name == "ema_params_adamw":
+    if m is not optcompose:
+      raise NotImplementedError("Optax has no EMA of the parameters (optax.ema averages updates)")
+    return m.chain(m.adamw(LR, weight_decay=WD), m.ema_params(0.999))
   if name == "diagnostics_adamw":
     if m is not optcompose:
       raise NotImplementedError("Optax has no with_diagnostics")
@@ -148,7 +174,7 @@ class JaxRun:
     self.state_bytes = sum(x.nbytes for x in jax.tree.leaves(state) if x.ndim)
     self.ideal_bytes = (sum(x.nbytes for x in jax.tree.leaves(grads))
                         + 2 * (sum(x.nbytes for x in jax.tree.leaves(params)) + self.state_bytes)
-                        + EXTRA_READS.get(opt, 0) * sum(x.nbytes for x in jax.tree.leaves(params)))
+                        + EXTRA_BYTES.get(opt, 0) / 4 * sum(x.nbytes for x in jax.tree.leaves(params)))
 
     if opt == "lbfgs":
       # Optax 0.2.8's lbfgs init gives its two history fields one buffer, which the donating
@@ -495,8 +521,8 @@ def bounds(results: list) -> list:
       if "torch-fused" in ours["paired_vs"]:
         check(f"ours / PyTorch fused (clip_grad_norm_ + fused AdamW), {label}",
               ours["paired_vs"]["torch-fused"], "<=", 1.0)
-    elif opt in EXTRA_READS and ours.get("paired_vs_bare") is not None:
-      ideal = (28 + 4 * EXTRA_READS[opt]) / 28
+    elif opt in EXTRA_BYTES and ours.get("paired_vs_bare") is not None:
+      ideal = (ours["ideal_bytes"] / rows[BARE]["ideal_bytes"])
       if opt == "diagnostics_adamw":
         check(f"with_diagnostics(AdamW) / AdamW, {label}", ours["paired_vs_bare"], "<=",
               DIAGNOSTICS_BOUND)
