@@ -10,6 +10,7 @@ public names from each module's ``__all__``.
 
 import importlib as _importlib
 import pkgutil as _pkgutil
+import typing as _typing
 
 from optcompose import core, masks, schedules, tree, tree_utils
 from optcompose.core import (
@@ -55,10 +56,12 @@ __version__ = "0.1.0"
 
 # ``optcompose.transforms.<name>`` for Optax's ``optax.transforms`` names: read from this
 # namespace when asked (see optcompose._from_optax.install).
+from optcompose import transforms  # noqa: E402  (imported above, by _modules)
+
 _importlib.import_module("optcompose._from_optax").install(transforms, "transforms", globals())
 
 
-def __getattr__(name):
+def __getattr__(name: str) -> _typing.Any:
   # The property kit is not imported by the package; ``optcompose.testing`` loads it.
   # optcompose.migrate reads the package's namespace (the state classes), so it is loaded
   # on first use too.

@@ -58,13 +58,13 @@ the axis' n devices, and XLA gathers the updated (replicated) parameters after t
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from optcompose.core import GradientTransformation, as_transformation
+from optcompose.core import GradientTransformation, Params, Updates, as_transformation
 from optcompose.masks import broadcast_prefix, register_layout
 
 
@@ -275,9 +275,11 @@ def flat_optimizer(tx: Any, labels: Any = None, pad_to: int = 1) -> GradientTran
   """
   inner = as_transformation(tx, "flat_optimizer")
   _check_pad_to(pad_to, "flat_optimizer")
+  # Optax's Params and Updates types name arrays and containers only, not a pytree node
+  # such as FlatParams: the casts below say what inner gets and gives.
 
   def init(params):
-    return inner.init(flat_params(_plain(params), labels, pad_to))
+    return inner.init(cast(Params, flat_params(_plain(params), labels, pad_to)))
 
   def update(updates, state, params=None, **extra):
     updates, params = _plain(updates), None if params is None else _plain(params)
@@ -286,9 +288,10 @@ def flat_optimizer(tx: Any, labels: Any = None, pad_to: int = 1) -> GradientTran
     if layout is None:
       layout = _layout_of(updates if params is None else params, labels, pad_to)
     pack = lambda tree, name: _pack(tree, layout, name, "flat_optimizer", "the state")
-    flat_updates, state = inner.update(pack(updates, "updates"), state,
-                                       None if params is None else pack(params, "params"), **extra)
-    return flat_updates.unflatten(), state
+    flat_updates, state = inner.update(
+        cast(Updates, pack(updates, "updates")), state,
+        None if params is None else cast(Params, pack(params, "params")), **extra)
+    return cast(FlatParams, flat_updates).unflatten(), state
 
   return GradientTransformation(init, update)
 

@@ -31,7 +31,7 @@ class _LayoutHooks(NamedTuple):
   name: str
 
 
-_LAYOUTS: dict = {}
+_LAYOUTS: dict[type, _LayoutHooks] = {}
 
 
 def register_layout(cls: type, view: Callable, spread: Callable, name: str) -> None:
@@ -43,8 +43,9 @@ def register_layout(cls: type, view: Callable, spread: Callable, name: str) -> N
   _LAYOUTS[cls] = _LayoutHooks(view, spread, name)
 
 
-def _hooks(x):
-  return _LAYOUTS.get(type(x))
+def _hooks(x) -> _LayoutHooks:
+  """The hooks of ``x``, a layout node (see :func:`_is_layout`)."""
+  return _LAYOUTS[type(x)]
 
 
 def _is_layout(x) -> bool:

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import functools
 import numbers
-from typing import Any, Optional
+from typing import Any, Callable, NoReturn, Optional, cast
 
 import jax
 import jax.numpy as jnp
@@ -167,7 +167,7 @@ class _Walk:
     self.fn, self.to_ours = fn, to_ours
     self.scheduled = []  # our InjectHyperparamsStates filled from a bare count
 
-  def fail(self, at, message):
+  def fail(self, at, message) -> NoReturn:
     raise MigrationError(self.fn, at, message)
 
   def node(self, t, s, at):
@@ -202,7 +202,7 @@ class _Walk:
     fields = _fields(s)
     masked = _is_masked(s) or (isinstance(s, dict) and set(s) == {"inner_state"})
     if masked and not _is_masked(t):  # Optax masks what optcompose masks inside (a decay)
-      return self.node(t, fields["inner_state"], f"{at}.inner_state")
+      return self.node(t, cast(dict, fields)["inner_state"], f"{at}.inner_state")
     if _is_masked(t) and not masked:
       return type(t)(self.node(t.inner_state, s, at))
     pair = (type(s), type(t)) if self.to_ours else (type(t), type(s))
@@ -284,7 +284,7 @@ class _Walk:
       s = jax.device_put(s)
       return s if not _concrete(t) or s.sharding == t.sharding else jax.device_put(s, t.sharding)
     if isinstance(t, numbers.Number):
-      return type(t)(np.asarray(s)[()])
+      return cast(Callable[[Any], Any], type(t))(np.asarray(s)[()])
     return np.asarray(s, _dtype(t))
 
   def custom(self, t, s, at):

@@ -24,7 +24,7 @@ import functools
 import inspect
 import numbers
 import warnings
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Protocol, cast
 
 import jax
 import jax.numpy as jnp
@@ -39,7 +39,7 @@ from optcompose.core.validation import (  # noqa: F401  (re-exported: the one pl
     DECAY, DECLARED, DTYPE, INT32_MAX, EPS, EPS_POSITIVE, EPS_ROOT, FLAG, INNER, INNER_PAIR, LABELS,
     LEARNING_RATE, MASK, MOMENTUM, NONNEGATIVE, SCHEDULE, Hyper, check_held,
     check_hyperparameter, check_not_both_zero, check_state_dtype, checks_done, choice,
-    declare, default_float, integer, real,
+    declare, default_float, integer, is_real_like, real,
 )
 
 # ----------------------------------------------------------------------------------------
@@ -89,8 +89,7 @@ def rebuilt_each_step(build: Callable[[dict], Any], live: dict, schedules: dict,
     for name, schedule in schedules.items():
       try:
         raw = schedule(count)
-        if not isinstance(raw, (numbers.Real, np.ndarray, np.generic, jax.Array)) or isinstance(
-            raw, (bool, np.bool_)):
+        if not is_real_like(raw) or isinstance(raw, (bool, np.bool_)):
           raise TypeError(f"it returned {type(raw).__name__} {raw!r:.40}")
         if jnp.shape(raw) != ():
           raise ValueError(f"it returned shape {jnp.shape(raw)}, not a scalar")
@@ -129,8 +128,7 @@ def _check_stored(who: str, stored: Any, names: set, dtype) -> None:
     raise ValueError(f"{who}: `state.hyperparams` holds {got}, expected {sorted(names)} "
                      "(change values with set_hyperparams, which keeps every name).")
   for name, value in stored.items():
-    if isinstance(value, (bool, np.bool_)) or not isinstance(
-        value, (numbers.Real, np.ndarray, np.generic, jax.Array)) or not (
+    if isinstance(value, (bool, np.bool_)) or not is_real_like(value) or not (
         jnp.issubdtype(jnp.result_type(value), jnp.floating)
         or jnp.issubdtype(jnp.result_type(value), jnp.integer)):
       raise TypeError(f"{who}: `state.hyperparams['{name}']` must be a real number, got "
@@ -141,6 +139,15 @@ def _check_stored(who: str, stored: Any, names: set, dtype) -> None:
     if isinstance(value, numbers.Real):  # a Python number put there by hand
       check_held(f"state.hyperparams['{name}']", name, value, jnp.asarray(value, dtype=dtype),
                  fn=who)
+
+
+class SchedulableBuilder(Protocol):
+  """A builder with ``schedulable``, the names of its arguments that accept schedules (set
+  by :func:`with_schedules` and :func:`optcompose.core.registry.public`)."""
+
+  schedulable: tuple[str, ...]
+
+  def __call__(self, *args: Any, **kwargs: Any) -> Any: ...
 
 
 def with_schedules(*names: str):
@@ -186,8 +193,9 @@ def with_schedules(*names: str):
 
       return rebuilt_each_step(build, {}, scheduled, who=builder.__name__, cast_scheduled=False)
 
-    wrapper.schedulable = names
-    return wrapper
+    decorated = cast(SchedulableBuilder, wrapper)
+    decorated.schedulable = names
+    return decorated
 
   return decorate
 
@@ -280,8 +288,7 @@ def set_hyperparams(state: Any, **values) -> Any:
   nodes = {id(node): node for _, node in holders}
   for holder, new in assignments.items():
     for name, (key, value) in new.items():
-      if isinstance(value, (bool, np.bool_)) or not isinstance(
-          value, (numbers.Real, np.ndarray, np.generic, jax.Array)):
+      if isinstance(value, (bool, np.bool_)) or not is_real_like(value):
         raise TypeError(f"set_hyperparams: `{key}` must be a real number, got "
                         f"{type(value).__name__} {value!r:.40}.")
       if np.ndim(value) != 0:

@@ -29,11 +29,11 @@ from __future__ import annotations
 
 import functools
 import inspect
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional, Protocol, cast
 
 from optcompose import tree as otree
 from optcompose.core.base import GradientTransformation, mark_averager
-from optcompose.core.hyperparams import rebuilt_each_step
+from optcompose.core.hyperparams import SchedulableBuilder, rebuilt_each_step
 from optcompose.core.validation import Hyper, declare
 
 KINDS = ("transformation", "wrapper", "optimizer")
@@ -50,6 +50,12 @@ class Entry(NamedTuple):
 
 
 REGISTRY: dict = {}
+
+
+class PublicBuilder(SchedulableBuilder, Protocol):
+  """A public builder: also ``static_args``, the names of its integer arguments."""
+
+  static_args: tuple[str, ...]
 
 
 def names(*kinds: str) -> tuple:
@@ -128,14 +134,15 @@ def public(kind: str, *, optax: Optional[str] = None, any_dtype: bool = False,
       return rebuilt_each_step(lambda values: checked({**arguments, **values}), {}, scheduled,
                                who=name, cast_scheduled=False)
 
-    wrapper.schedulable = schedulable
+    public_builder = cast(PublicBuilder, wrapper)
+    public_builder.schedulable = schedulable
     # Integer arguments are static (a loop length, a period): inject_hyperparams bakes them in.
-    wrapper.static_args = tuple(n for n, h in hypers.items() if h.integer)
+    public_builder.static_args = tuple(n for n, h in hypers.items() if h.integer)
     if name in REGISTRY and REGISTRY[name].module != builder.__module__:
       raise ValueError(f"public: {name} is registered twice ({REGISTRY[name].module} and "
                        f"{builder.__module__}).")
-    REGISTRY[name] = Entry(name, wrapper, kind, optax, dict(hypers), builder.__module__,
+    REGISTRY[name] = Entry(name, public_builder, kind, optax, dict(hypers), builder.__module__,
                            averager)
-    return wrapper
+    return public_builder
 
   return decorate

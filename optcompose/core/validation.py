@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import numbers
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple, Optional, TypeGuard, Union
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +22,16 @@ import numpy as np
 # Validation.
 
 _SKIP_CHECKS = contextvars.ContextVar("optcompose_skip_checks", default=False)
+
+# A real number or array as the checks take it, for type checkers (which do not take a
+# ``numbers.Real`` for a number: ``float`` stands for it here).
+RealLike = Union[float, np.ndarray, np.generic, jax.Array]
+
+
+def is_real_like(value: Any) -> TypeGuard[RealLike]:
+  """Whether ``value`` is a ``numbers.Real`` (a bool too), a NumPy scalar or array, or a JAX
+  array; its dtype is not read."""
+  return isinstance(value, (numbers.Real, np.ndarray, np.generic, jax.Array))
 
 
 @contextlib.contextmanager
@@ -35,7 +45,7 @@ def checks_done():
     _SKIP_CHECKS.reset(token)
 
 
-def _concrete_scalar(value: Any) -> Optional[tuple]:
+def _concrete_scalar(value: Any) -> Optional[tuple[float, float, np.dtype]]:
   """``(value as a Python float, the same rounded to the dtype it is used in)`` when it is a
   known number; None for tracers and schedules. A Python number is used in JAX's default
   float dtype (float32, float64 under x64), an array in its own floating dtype."""
@@ -43,7 +53,7 @@ def _concrete_scalar(value: Any) -> Optional[tuple]:
     return None
   if isinstance(value, (bool, np.bool_)):
     raise TypeError("expected a number, got a bool")
-  if isinstance(value, (numbers.Real, np.ndarray, np.generic, jax.Array)):
+  if is_real_like(value):
     if jnp.shape(value) != ():
       raise ValueError(f"expected a scalar, got an array of shape {jnp.shape(value)}")
     dtype = jnp.result_type(value)

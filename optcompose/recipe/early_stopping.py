@@ -96,7 +96,7 @@ class EarlyStoppingState(NamedTuple):
 _FN = "early_stopping"
 
 
-def _static_number(name: str, value: Any, *, integer: bool, low: float) -> Any:
+def _static_number(name: str, value: Any, *, integer: bool, low: Optional[float]) -> Any:
   """``value`` as a Python int/float after checking it; the configuration holds no arrays."""
   if callable(value) or isinstance(value, jax.core.Tracer):
     raise TypeError(f"{_FN}: `{name}` must be a number known when the configuration is built "

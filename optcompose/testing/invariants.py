@@ -226,6 +226,7 @@ def check_vmap(tx, params, grads, batch: int = 2, steps: int = 2, extra=None,
                      update) for i in range(batch)]
   p, state = _stack(members), jax.jit(jax.vmap(tx.init))(_stack(members))
   vupdate = jax.jit(jax.vmap(_bound(tx, extra)))
+  updates = None  # set by the loop: run_steps above has raised unless steps >= 1
   for t in range(steps):
     g = _stack([member_grads(i, jax.tree.map(lambda x, i=i: x[i], p), t) for i in range(batch)])
     updates, state = vupdate(g, state, p)

@@ -44,7 +44,8 @@ class Pair(NamedTuple):
 def float_dtypes(include_x64: Optional[bool] = None) -> st.SearchStrategy:
   """float32, bfloat16, float16, and float64 if x64 is enabled (or ``include_x64=True``)."""
   names = ["float32", "bfloat16", "float16"]
-  if include_x64 if include_x64 is not None else jax.config.jax_enable_x64:
+  # jax adds its flags to jax.config as properties at run time, unseen by type checkers.
+  if include_x64 if include_x64 is not None else getattr(jax.config, "jax_enable_x64"):
     names.append("float64")
   return st.sampled_from(names).map(jnp.dtype)
 

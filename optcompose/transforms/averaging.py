@@ -289,7 +289,7 @@ def averaged_params(state, kind: Optional[str] = None) -> Any:
   found = [(p, s) for p, s in average_states(state)
            if kind is None or isinstance(s, _AVERAGE_STATES[kind])]
   if not found:
-    what = {"ema": "an ema_params", "swa": "a swa"}.get(kind, "an ema_params or swa")
+    what = {None: "an ema_params or swa", "ema": "an ema_params", "swa": "a swa"}[kind]
     raise ValueError(f"averaged_params: the state holds no {what} state; add "
                      "ema_params(...) or swa(...) last in the chain.")
   if len(found) > 1:

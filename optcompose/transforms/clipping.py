@@ -26,7 +26,7 @@ Brock et al., "High-Performance Large-Scale Image Recognition Without Normalizat
 from __future__ import annotations
 
 import numbers
-from typing import NamedTuple, Optional, Sequence, Union
+from typing import NamedTuple, Optional, Sequence, Union, cast
 
 import jax
 import jax.numpy as jnp
@@ -102,6 +102,8 @@ def clip(max_delta: ScalarOrSchedule) -> GradientTransformation:
   References:
     Optax's ``optax.clip``.
   """
+  # A number here: `public` rebuilds the transformation with each value of a schedule.
+  max_delta = cast("float | jax.Array", max_delta)
   # In the wider of u's and max_delta's dtypes.
   return stateless_with_tree_map(
       lambda u, w: jnp.clip(*otree.promote(u, -max_delta, max_delta)))
@@ -167,6 +169,9 @@ def normalize_by_update_norm(scale_factor: ScalarOrSchedule = 1.0,
   if isinstance(scale_factor, numbers.Real) and scale_factor == 0:
     raise ValueError("normalize_by_update_norm: `scale_factor` must be nonzero, got 0 (every "
                      "update would be divided by inf).")
+
+  # Numbers here: `public` rebuilds the transformation with each value of a schedule.
+  eps, scale_factor = cast("float | jax.Array", eps), cast("float | jax.Array", scale_factor)
 
   def normalize(updates, params):
     del params

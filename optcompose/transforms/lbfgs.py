@@ -40,9 +40,10 @@ def _op(fn, *xs):
   return fn(*otree.promote(*xs))
 
 
-def tree_vdot(a: Any, b: Any) -> jax.Array:
+def tree_vdot(a: Any, b: Any) -> jax.typing.ArrayLike:
   """``sum_leaves conj(a) . b`` (Optax's ``optax.tree.vdot``), each leaf's product in its
-  dtype at the highest precision (bfloat16 and float16 in float32), summed left to right."""
+  dtype at the highest precision (bfloat16 and float16 in float32), summed left to right
+  (the int 0 for trees without leaves)."""
   def leaf(x, y):
     x, y = jnp.asarray(x), jnp.asarray(y)
     dtype = otree.promote_types(x.dtype, y.dtype, jnp.float32)

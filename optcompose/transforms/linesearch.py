@@ -128,7 +128,7 @@ class ScaleByBacktrackingLinesearchState(NamedTuple):
   """Optax's fields: the step size taken, the value (and gradient) there, the info."""
   learning_rate: jax.Array
   value: jax.Array
-  grad: Optional[Any]  # None unless store_grad
+  grad: Any  # None unless store_grad
   info: BacktrackingLinesearchInfo
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import inspect
 import numbers
 import warnings
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple, Optional, cast
 
 import jax
 import jax.numpy as jnp
@@ -39,16 +39,18 @@ def _typed_key(key: Any) -> jax.Array:
   if isinstance(key, (bool, np.bool_)):
     raise TypeError("add_noise: `key` must be an int seed or a PRNG key, got a bool.")
   if isinstance(key, numbers.Integral):
-    return jax.random.key(key)
+    return jax.random.key(cast("int | np.integer", key))
   if isinstance(key, (jax.Array, np.ndarray)):
     if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
       if key.shape != ():
         raise ValueError(f"add_noise: `key` must be a single key, got shape {key.shape}.")
-      return key
+      return cast(jax.Array, key)  # a JAX array: NumPy has no key dtypes
     if jnp.issubdtype(key.dtype, jnp.integer) and key.shape == ():
       return jax.random.key(key)
     if key.dtype == np.uint32 and key.ndim == 1:
-      return jax.random.wrap_key_data(key)  # a raw key of the default implementation
+      # A raw key of the default implementation. wrap_key_data takes a NumPy array too,
+      # though its annotation names jax.Array only.
+      return jax.random.wrap_key_data(key)  # pyrefly: ignore[bad-argument-type]
   raise TypeError("add_noise: `key` must be an int seed, a key from jax.random.key, or a raw "
                   f"key from jax.random.PRNGKey; got {type(key).__name__}.")
 

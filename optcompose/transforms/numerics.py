@@ -30,10 +30,12 @@ __all__ = ["safe_norm", "safe_root_mean_squares", "safe_int32_increment"]
 safe_int32_increment = safe_increment
 
 
-def _floored(value, floor, masked):
+def _floored(value, floor, masked) -> jax.Array:
   """``floor`` where ``value <= floor``, else ``masked``, in the dtype standard promotion
   gives them (written out, so it also runs under strict promotion)."""
-  return jnp.where(jnp.less_equal(*otree.promote(value, floor)), *otree.promote(floor, masked))
+  below = jnp.less_equal(*otree.promote(value, floor))
+  floor_as, masked_as = otree.promote(floor, masked)
+  return jnp.where(below, floor_as, masked_as)
 
 
 def safe_norm(x: jax.typing.ArrayLike, min_norm: jax.typing.ArrayLike,

@@ -10,7 +10,7 @@ approximation of the extra-gradient step that needs one gradient per step.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -65,6 +65,8 @@ def scale_by_optimistic_gradient(alpha: ScalarOrSchedule = 1.0,
     for Saddle Point Problems: Proximal Point Approach", AISTATS 2020; Daskalakis et al.,
     "Training GANs with Optimism", ICLR 2018; Optax's ``optax.scale_by_optimistic_gradient``.
   """
+  # Numbers here: `public` rebuilds the transformation with each value of a schedule.
+  alpha, beta = cast("float | jax.Array", alpha), cast("float | jax.Array", beta)
 
   def init(params):
     return ScaleByOptimisticGradientState(jnp.array(True), moments_init(params))

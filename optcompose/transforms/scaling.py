@@ -7,6 +7,8 @@ Formula (the only one in this module)::
 
 from __future__ import annotations
 
+from typing import cast
+
 import jax
 import jax.numpy as jnp
 
@@ -98,6 +100,8 @@ def scale_by_learning_rate(
   """
   if learning_rate is None:
     return identity()
+  # A number here: `public` rebuilds the transformation with each value of a schedule.
+  learning_rate = cast("float | jax.Array", learning_rate)
   return scale(-learning_rate if flip_sign else learning_rate)
 
 

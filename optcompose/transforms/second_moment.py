@@ -100,7 +100,7 @@ def _rms_scaling(who, centered, decay, eps, initial_scale, eps_in_sqrt, bias_cor
     state_type = ScaleByRmsWithCountState if bias_correction else ScaleByRmsState
 
   def init(params):
-    stats = {"nu": moments_init(params, value=initial_scale)}
+    stats: dict[str, Any] = {"nu": moments_init(params, value=initial_scale)}
     if centered:
       stats["mu"] = moments_init(params)
     if bias_correction:

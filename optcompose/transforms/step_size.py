@@ -47,7 +47,8 @@ def rprop_leaf(g, d_prev, s_prev, eta_minus, eta_plus, min_step_size, max_step_s
   factor = jnp.where(p > 0, eta_plus, eta_minus)
   grown = jnp.clip(_op(jnp.multiply, s_prev, factor), *otree.promote(
       min_step_size, max_step_size, s_prev)[:2])
-  s = jnp.where(p == 0, *otree.promote(s_prev, grown)).astype(jnp.result_type(s_prev))
+  s_prev_as, grown_as = otree.promote(s_prev, grown)
+  s = jnp.where(p == 0, s_prev_as, grown_as).astype(jnp.result_type(s_prev))
   flipped = p < 0
   d = jnp.where(flipped, 0, _op(jnp.multiply, s, jnp.sign(g))).astype(jnp.result_type(d_prev))
   u = jnp.where(flipped, 0, d_prev).astype(jnp.result_type(g))

@@ -252,7 +252,7 @@ def multi_steps(inner, every_k_schedule: Union[int, Callable], use_grad_mean: bo
     expect_state(state, MultiStepsState, "multi_steps")
     otree.check_same_structure(updates, state.acc_grads, "updates", "state.acc_grads")
     n = state.mini_step
-    skip_state = state.skip_state
+    skip, skip_state = None, state.skip_state  # skip: an array when skips
     if skips:
       skip, skip_state = _skip_decision(should_skip_update_fn, "multi_steps", updates,
                                         state.gradient_step, params)
@@ -271,14 +271,14 @@ def multi_steps(inner, every_k_schedule: Union[int, Callable], use_grad_mean: bo
     # At or past the k-th micro-step: a state saved with a larger k (a resumed run, or k
     # lowered live) steps at its next call instead of never.
     emit = n >= k - 1
-    if skips:
+    if skip is not None:
       emit = jnp.logical_and(emit, jnp.logical_not(skip))
     new_updates, inner_state = update_if(emit, inner, otree.cast_like(acc, updates),
                                          state.inner_opt_state, params, extra)
     mini_step = jnp.where(emit, 0, safe_increment(n))
     acc = jax.tree.map(lambda a, old: jnp.where(emit, jnp.zeros_like(a), a).astype(old.dtype),
                        acc, state.acc_grads)  # the dtype chosen at init
-    if skips:  # a rejected micro-step changes nothing but skip_state
+    if skip is not None:  # a rejected micro-step changes nothing but skip_state
       mini_step = jnp.where(skip, n, mini_step)
       acc = jax.tree.map(lambda a, old: jnp.where(skip, old, a), acc, state.acc_grads)
     new_state = MultiStepsState(

@@ -61,7 +61,7 @@ they are listed (e.g. ``"inner_state/0/mu/scale"``). Values are Python ``float``
 from __future__ import annotations
 
 import functools
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple, Optional, cast
 
 import jax
 import jax.numpy as jnp
@@ -121,7 +121,8 @@ def zero_fraction(tree: Any, mask: Any = None) -> jax.Array:
   size = sum(int(np.size(x)) for x in leaves)
   if size == 0:
     return jnp.zeros([], jnp.float32)
-  zeros = sum(jnp.sum(jnp.asarray(x) == 0, dtype=jnp.int32).astype(jnp.float32) for x in leaves)
+  zeros = cast(jax.Array, sum(  # an array: leaves is not empty here
+      jnp.sum(jnp.asarray(x) == 0, dtype=jnp.int32).astype(jnp.float32) for x in leaves))
   return (zeros / size).astype(jnp.float32)
 
 

@@ -27,7 +27,7 @@ import numpy as np
 from optcompose.core import (
     DTYPE, GradientTransformation, Hyper, default_float, public, rebuilt_each_step,
 )
-from optcompose.core.validation import check_held
+from optcompose.core.validation import check_held, is_real_like
 
 
 def _is_static_by_name(name: str) -> bool:
@@ -120,7 +120,7 @@ def inject_hyperparams(
               "inject_stateful_hyperparams), which accepts optcompose's optimizers, or give a "
               "function of the step count.")
         schedules[name] = value
-      elif isinstance(value, (numbers.Real, np.ndarray, np.generic, jax.Array)) and np.ndim(value) == 0:
+      elif is_real_like(value) and np.ndim(value) == 0:
         numeric[name] = value
       else:
         fixed[name] = value

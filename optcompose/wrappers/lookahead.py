@@ -29,7 +29,7 @@ Two forms, one arithmetic:
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -141,7 +141,7 @@ def lookahead(fast_optimizer: Any, sync_period: int, slow_step_size: float,
     fast = params.fast if _is_pair(params) else params
     return LookaheadState(fast_state=fast_optimizer.init(fast), steps_since_sync=zero_count())
 
-  def update(updates, state, params=None, **extra):
+  def update(updates, state, params: Any = None, **extra):
     expect_state(state, LookaheadState, fn)
     if not _is_pair(params):
       raise ValueError(f"{fn}: `params` must be a LookaheadParams(fast, slow), got "
@@ -210,6 +210,7 @@ def slow_weights_in_state(pair_lookahead: Any) -> GradientTransformation:
     otree.check_same_dtypes(params, state.slow, "params", "state.slow")
     pair = LookaheadParams(fast=params, slow=state.slow)
     u, inner = pair_lookahead.update(updates, state.lookahead, pair, **extra)
+    u = cast(LookaheadParams, u)  # the updates of a pair are a pair
     slow = jax.tree.map(lambda s, d: jnp.asarray(s + d).astype(s.dtype), state.slow, u.slow)
     return u.fast, LookaheadSlowState(inner, slow)
 

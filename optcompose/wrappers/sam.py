@@ -64,7 +64,7 @@ class SAMState(NamedTuple):
   steps_since_sync: jax.Array
   opt_state: Any
   adv_state: Any
-  cache: Optional[Any]
+  cache: Any  # None in opaque mode
 
 
 def _caller(t, who: str) -> Callable:
@@ -196,7 +196,7 @@ def sam(optimizer: Any, adv_optimizer: Any, sync_period: int = 2, reset_state: b
       raise ValueError(f"{fn}: opaque_mode=True needs `grad_fn=`, a function "
                        "(params, i) -> gradients, passed to update.")
     _check_grad_fn(grad_fn)
-    needs_params(params, fn)
+    params = needs_params(params, fn)
     otree.check_same_structure(updates, params, "updates", "params")
     adv_params, g, adv_state = params, updates, state.adv_state
     for i in range(sync_period - 1):

@@ -16,7 +16,7 @@ import collections
 import inspect
 import warnings
 from collections.abc import Hashable, Mapping
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -300,7 +300,7 @@ def flatten(inner: GradientTransformation) -> GradientTransformation:
   def update(updates, state, params=None, **extra):
     flat_params = None if params is None else _ravel(params)
     flat, state = inner.update(_ravel(updates), state, flat_params, **extra)
-    return _unravel(updates, flat), state
+    return _unravel(updates, cast(jax.Array, flat)), state  # inner's updates: a vector
 
   return GradientTransformation(init, update)
 
