@@ -42,7 +42,7 @@ for _name in _modules():
   globals().update({n: getattr(_module, n) for n in getattr(_module, "__all__", ())})
 globals().update({n: e.builder for n, e in _REGISTRY.items()})
 
-from optcompose import checkpoint, flat, sharding  # noqa: E402  (opt-in, top floor)
+from optcompose import checkpoint, flat, metrics, sharding  # noqa: E402  (opt-in, top floor)
 
 # Every public transformation, wrapper and optimizer, read from the registry; the test
 # registry must cover each of them.

@@ -23,7 +23,7 @@ FLOORS = [
     ("optcompose.transforms",),
     ("optcompose.wrappers",),
     ("optcompose.optimizers",),
-    ("optcompose.recipe", "optcompose.flat", "optcompose.checkpoint",
+    ("optcompose.recipe", "optcompose.flat", "optcompose.metrics", "optcompose.checkpoint",
      "optcompose._checkpoint_check",
      "optcompose._checkpoint_io", "optcompose.sharding", "optcompose._from_optax"),
     ("optcompose.testing",),
