@@ -13,7 +13,7 @@ MIN_PYTHON := $(shell for p in $(PYTHON) python3.11 python3.10; do \
 NO_MIN_PYTHON := SKIPPED: the minimum-versions run needs Python 3.10 or 3.11 (the pinned
 NO_MIN_PYTHON += releases have no wheels for newer ones); install python3.11 to run it
 
-.PHONY: test test-main test-isa test-min test-wheel min-venv demo bench clean
+.PHONY: test test-main test-isa test-min test-wheel min-venv demo bench docs clean
 
 $(VENV)/.stamp-base:
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +21,7 @@ $(VENV)/.stamp-base:
 	touch $@
 
 $(VENV)/.stamp-test: $(VENV)/.stamp-base pyproject.toml
-	$(PIP) install --quiet -e ".[test]"
+	$(PIP) install --quiet -e ".[test,docs]"
 	touch $@
 
 $(VENV)/.stamp-examples: $(VENV)/.stamp-base pyproject.toml
@@ -93,6 +93,12 @@ test-wheel: $(VENV)/.stamp-test
 
 ## make demo: create .venv, install the examples extra, run the main example (seven
 ## optimizers on scikit-learn's digits, an optimizer race; PNGs in demo_output/).
+## make docs: create .venv (test and docs extras), build the documentation site into site/
+## (mkdocs.yml; --strict: a warning is an error). make test builds it too
+## (tests/test_docs_site.py), with the API reference's coverage check.
+docs: $(VENV)/.stamp-test
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+
 demo: $(VENV)/.stamp-examples
 	$(PY) examples/demo.py
 
@@ -105,4 +111,4 @@ bench: $(VENV)/.stamp-bench
 	$(PY) benchmarks/run.py
 
 clean:
-	rm -rf $(VENV) $(MIN) .pytest_cache .hypothesis
+	rm -rf $(VENV) $(MIN) .pytest_cache .hypothesis site

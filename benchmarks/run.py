@@ -582,7 +582,7 @@ def main(argv=None):
            "- malloc: " + ("glibc's defaults" if args.default_malloc else
                            " ".join(f"{k}={v}" for k, v in MALLOC.items()) +
                            " (every library: freed buffers are reused, not returned to the "
-                           "system and faulted in again at every step; see the README)"), ""]
+                           "system and faulted in again at every step; see docs/performance.md)"), ""]
   for section in dict.fromkeys(r["cfg"]["section"] for r in results):
     these = [r for r in results if r["cfg"]["section"] == section]
     lines += [f"## {section}", ""]

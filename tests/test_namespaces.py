@@ -28,8 +28,8 @@ NOT_YET = {
     "transforms": {},
 }
 
-# Optax's top-level names optcompose does not rebuild, each on purpose (README "Coming from
-# Optax"): the error for each says what to use instead.
+# Optax's top-level names optcompose does not rebuild, each on purpose
+# (docs/coming-from-optax.md): the error for each says what to use instead.
 NOT_REBUILT = {
     "ScaleByScheduleState": "a scheduled count lives in InjectHyperparamsState",
     "WrappedSchedule": "stateful schedules: Optax's inject_stateful_hyperparams",

@@ -214,14 +214,14 @@ def test_chain_is_associative(two, last):
     p = oc.apply_updates(p, u_l)
 
 
-# --- 6. the README's example of testing your own transformation --------------------------------
+# --- 6. docs/guides/testing.md's example of testing your own transformation --------------------------------
 
 def test_readme_example_of_testing_a_user_transformation(tmp_path):
   """Hypothesis reads a test's source, so the block runs as a real module, not via exec."""
   import importlib.util
   import re
   from pathlib import Path
-  readme = (Path(__file__).parents[1] / "README.md").read_text()
+  readme = (Path(__file__).parents[1] / "docs" / "guides" / "testing.md").read_text()
   block = next(b for b in re.findall(r"```py\n(.*?)```", readme, re.S)
                if "runs this block as a module" in b)
   path = tmp_path / "readme_property_example.py"

@@ -61,6 +61,18 @@ def adam(learning_rate: ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999,
   References:
     Kingma and Ba, "Adam: A Method for Stochastic Optimization", ICLR 2015; Optax's
     ``optax.adam``.
+
+  Examples:
+    At the first step ``m_hat / sqrt(v_hat) = g / |g|``: each weight moves by ``lr``
+    against its gradient's sign, whatever the gradient's size.
+
+    >>> import jax.numpy as jnp
+    >>> import optcompose as oc
+    >>> tx = oc.adam(learning_rate=0.1)
+    >>> params = {"w": jnp.array([1.0, -2.0])}
+    >>> updates, state = tx.update({"w": jnp.array([0.5, -3.0])}, tx.init(params), params)
+    >>> [round(float(u), 4) for u in updates["w"]]
+    [-0.1, 0.1]
   """
   return chain(scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root, mu_dtype=mu_dtype,
                              nesterov=nesterov, nu_dtype=nu_dtype),
@@ -154,6 +166,19 @@ def adamw(learning_rate: ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999,
     Loshchilov and Hutter, "Decoupled Weight Decay Regularization", ICLR 2019; Parikh and
     Boyd, "Proximal Algorithms", Foundations and Trends in Optimization, 2014 (the ``l1``
     step); Optax's ``optax.adamw``.
+
+  Examples:
+    At the first step Adam's direction is the gradient's sign, so a weight ``w`` moves by
+    ``-lr (sign(g) + weight_decay w)``; the mask keeps the bias from decaying.
+
+    >>> import jax.numpy as jnp
+    >>> import optcompose as oc
+    >>> params = {"w": jnp.array([2.0]), "b": jnp.array([2.0])}
+    >>> tx = oc.adamw(0.1, weight_decay=0.5, mask={"w": True, "b": False})
+    >>> grads = {"w": jnp.array([1.0]), "b": jnp.array([1.0])}
+    >>> updates, state = tx.update(grads, tx.init(params), params)
+    >>> round(float(updates["w"][0]), 4), round(float(updates["b"][0]), 4)
+    (-0.2, -0.1)
   """
   return chain(
       scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root, mu_dtype=mu_dtype,

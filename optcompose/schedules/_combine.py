@@ -126,7 +126,18 @@ def warmup_constant_schedule(init_value, peak_value, warmup_steps: int) -> Sched
 def warmup_cosine_decay_schedule(init_value, peak_value, warmup_steps: int, decay_steps: int,
                                  end_value=0.0, exponent=1.0) -> Schedule:
   """Linear warmup to ``peak_value`` over ``warmup_steps``, then cosine decay to ``end_value``
-  at ``decay_steps`` (counted from step 0, warmup included, as in Optax)."""
+  at ``decay_steps`` (counted from step 0, warmup included, as in Optax).
+
+  Examples:
+    Halfway through the cosine (step 60 of 10 + 100) the value is halfway between the peak
+    and the end:
+
+    >>> import optcompose as oc
+    >>> lr = oc.warmup_cosine_decay_schedule(0.0, 1.0, warmup_steps=10, decay_steps=110,
+    ...                                      end_value=0.1)
+    >>> [round(float(lr(t)), 4) for t in (0, 5, 10, 60, 110)]
+    [0.0, 0.5, 1.0, 0.55, 0.1]
+  """
   fn = "warmup_cosine_decay_schedule"
   for name, v in (("init_value", init_value), ("peak_value", peak_value), ("end_value", end_value)):
     _number(fn, name, v)

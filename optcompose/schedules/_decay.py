@@ -26,7 +26,14 @@ def constant_schedule(value) -> Schedule:
 def piecewise_constant_schedule(init_value,
                                 boundaries_and_scales: Optional[Mapping[int, float]] = None
                                 ) -> Schedule:
-  """Step decay: multiply by ``scale`` from each boundary step on (Optax's semantics)."""
+  """Step decay: multiply by ``scale`` from each boundary step on (Optax's semantics).
+
+  Examples:
+    >>> import optcompose as oc
+    >>> lr = oc.piecewise_constant_schedule(1.0, {100: 0.1, 200: 0.1})
+    >>> [round(float(lr(t)), 4) for t in (0, 99, 100, 250)]
+    [1.0, 1.0, 0.1, 0.01]
+  """
   fn = "piecewise_constant_schedule"
   _number(fn, "init_value", init_value)
   items = _boundaries_and_scales(fn, boundaries_and_scales)

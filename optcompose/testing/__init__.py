@@ -7,7 +7,7 @@
 - :mod:`optcompose.testing.strategies` (needs ``hypothesis``): strategies for pytrees,
   extreme gradients and every public transformation's hyperparameters.
 
-Example, testing a transformation of your own (the README has the same, run by our suite)::
+Example, testing a transformation of your own (docs/guides/testing.md has the same, run by our suite)::
 
     import jax
     import jax.numpy as jnp

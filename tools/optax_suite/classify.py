@@ -361,14 +361,15 @@ def render(results, real) -> str:
   return "\n".join(out) + "\n"
 
 
-README = HERE.parent.parent / "README.md"
+# The page that lists every failing test of Optax's suite, between the two markers.
+PAGE = HERE.parent.parent / "docs" / "coming-from-optax.md"
 START, END = "<!-- optax-suite:start -->", "<!-- optax-suite:end -->"
 _KINDS = {"a": "not in optcompose", "b": "to fix", "c": "deliberate", "d": "fails with Optax"}
 
 
 def readme_block(results, real) -> str:
-  """The README's list of every failing test of Optax's suite, with its reason (one line
-  per reason, its tests named after it)."""
+  """The list in docs/coming-from-optax.md of every failing test of Optax's suite, with its
+  reason (one line per reason, its tests named after it)."""
   rows, totals = classify(results, real), results["totals"]
   grouped = collections.OrderedDict()
   for t, rule in rows:
@@ -392,11 +393,11 @@ def readme_block(results, real) -> str:
 
 
 def write_readme_block(block: str) -> None:
-  text = README.read_text()
+  text = PAGE.read_text()
   if START not in text or END not in text:
-    raise SystemExit(f"{README} has no {START} ... {END} block")
+    raise SystemExit(f"{PAGE} has no {START} ... {END} block")
   head, rest = text.split(START, 1)
-  README.write_text(head + block + rest.split(END, 1)[1])
+  PAGE.write_text(head + block + rest.split(END, 1)[1])
 
 
 def main() -> int:
