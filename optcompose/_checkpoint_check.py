@@ -1,6 +1,6 @@
 """The machinery of :mod:`optcompose.checkpoint`: checking a checkpoint against the template
-it is restored into, against the checksums saved with it and the layouts of its FlatParams
-(the file handling is in :mod:`optcompose._checkpoint_io`).
+it is restored into, against the checksums saved with it and the layouts of its FlatParams;
+the formats' records (the file handling is in :mod:`optcompose._checkpoint_io`).
 
 Saved leaves are keyed by their path of key names, as Flax's state dicts and Orbax's metadata
 spell them; the template's paths are made the same way, with :func:`optcompose.tree.key_name`.
@@ -8,6 +8,7 @@ spell them; the template's paths are made the same way, with :func:`optcompose.t
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import zlib
@@ -87,6 +88,12 @@ def _saved_leaves(saved: Any, prefix: tuple = ()) -> dict:
   return leaves
 
 
+def _leaves(tree: Any) -> dict:
+  """Flatten a pytree: {key-name path: leaf} (for Orbax's metadata tree, as _saved_leaves)."""
+  return {tuple(otree.key_name(k) for k in path): leaf
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
 def _saved_keystr(path: tuple) -> str:
   """A state-dict path written as the target's paths are: sequence positions as ``[1]``."""
   return "".join(f"[{k}]" if k.isdigit() else f"[{k!r}]" for k in path) or "<root>"
@@ -136,14 +143,15 @@ def _mismatches(saved: dict, target: Any) -> list:
   return problems
 
 
-def _check(fn: str, where: PathLike, saved: dict, target: Any) -> None:
+def _check(fn: str, where: Optional[PathLike], saved: dict, target: Any) -> None:
+  """Raise CheckpointMismatchError naming the first difference (``where``: None for none)."""
   problems = _mismatches(saved, target)
   if problems:
     more = (f" (and {len(problems) - 1} more difference{'s' if len(problems) > 2 else ''})"
             if len(problems) > 1 else "")
+    name = "" if where is None else f" {os.fspath(where)}"
     raise CheckpointMismatchError(
-        f"{fn}: the checkpoint {os.fspath(where)} does not match `target`: "
-        f"{problems[0]}{more}.")
+        f"{fn}: the checkpoint{name} does not match `target`: {problems[0]}{more}.")
 
 
 def _like(value: Any, template: Any) -> Any:
@@ -316,3 +324,59 @@ def _check_layouts(fn: str, where: PathLike, saved: list, target: Any) -> None:
         f"`{_saved_keystr(tuple(path))}` has another layout: its leaf {i} is {describe(g)} in "
         f"the checkpoint but {describe(w)} in `target` (a FlatParams restores only into the "
         "layout it was saved with: build the template with flat_params of the same tree).")
+
+
+# ----------------------------------------------------------------------------------------
+# The formats: msgpack files' header and FlatParams in them; Orbax directories' sidecar of
+# checksums and layouts, Orbax's metadata and its errors.
+
+FORMAT_KEY, FORMAT = "__optcompose_checkpoint__", 2  # msgpack files; 1 was the bare state dict
+SIDECAR = "optcompose_checkpoint.json"  # checksums and layouts inside an Orbax directory
+_DAMAGE = ("DATA_LOSS", "NOT_FOUND", "FAILED_PRECONDITION", "OUT_OF_RANGE")  # TensorStore's
+
+
+def _damaged(directory: Any, error: BaseException, what: str) -> ValueError:
+  """The error for a directory Orbax cannot read, naming it and Orbax's error."""
+  message = str(error).split(" [tensorstore_spec=")[0]
+  if not any((directory / n).exists() for n in ("_METADATA", "_CHECKPOINT_METADATA", SIDECAR)):
+    return ValueError(f"restore_orbax_checkpoint: {directory} holds no Orbax checkpoint "
+                      f"({type(error).__name__}: {message}).")
+  return CheckpointCorruptError(
+      f"restore_orbax_checkpoint: the Orbax checkpoint {directory} is damaged or unreadable: "
+      f"Orbax cannot read its {what} ({type(error).__name__}: {message}).")
+
+
+def _read_sidecar(directory: Any) -> Any:
+  """The checksums and layouts saved in ``directory``; None for a checkpoint without."""
+  try:
+    sidecar = json.loads((directory / SIDECAR).read_text())
+    if (sidecar["format"], sidecar["checksum"]) != (FORMAT, CHECKSUM):
+      raise ValueError(f"format {sidecar['format']} ({sidecar['checksum']}), not {FORMAT}")
+    sidecar["layouts"], sidecar["leaves"]  # noqa: B018 -- both records must be there
+    return sidecar
+  except FileNotFoundError:
+    return None
+  except (ValueError, KeyError, TypeError) as e:
+    raise CheckpointCorruptError(
+        f"restore_orbax_checkpoint: the Orbax checkpoint {directory} is damaged or of "
+        f"another format: its {SIDECAR} is unreadable ({type(e).__name__}: {e}).") from e
+
+
+def _metadata_tree(metadata: Any) -> Any:
+  """The tree of an Orbax ``StepMetadata`` (recent Orbax) or its ``item_metadata``."""
+  metadata = getattr(metadata, "item_metadata", metadata)
+  return getattr(metadata, "tree", metadata)
+
+
+def _flat_to_state_dict(flat: FlatParams) -> dict:
+  """A FlatParams as Flax's serialization stores it: ``{bucket name: buffer}``."""
+  from flax import serialization
+  return {name: serialization.to_state_dict(buf)
+          for name, buf in zip(flat.layout.buckets, flat.buffers)}
+
+
+def _flat_from_state_dict(flat: FlatParams, state: dict) -> FlatParams:
+  from flax import serialization
+  return FlatParams(tuple(serialization.from_state_dict(buf, state[name], name=name)
+                          for name, buf in zip(flat.layout.buckets, flat.buffers)),
+                    flat.layout)

@@ -1,6 +1,7 @@
 """The file handling of :mod:`optcompose.checkpoint` that keeps a checkpoint whole: a lock on
-the directory, leftovers of interrupted saves removed, atomic writes and swaps, and the
-repair of a swap that a crash cut between two renames.
+the directory, leftovers of interrupted saves removed, atomic writes and swaps, the repair of
+a swap that a crash cut between two renames; local paths told from URLs; the handle of a save
+that finishes in the background.
 """
 
 from __future__ import annotations
@@ -14,7 +15,12 @@ import pathlib
 import re
 import shutil
 import sys
+import threading
 import uuid
+from typing import Any, Callable
+
+import jax
+import numpy as np
 
 try:
   import fcntl
@@ -130,3 +136,123 @@ def _write_atomically(path: pathlib.Path, data: bytes) -> None:
     _remove(tmp)
     raise
   _fsync(path.parent)  # make the rename durable
+
+
+def _finish(new: pathlib.Path, sidecar: str, text: str) -> None:
+  """Write the checksums and layouts into the complete checkpoint ``new`` and flush it all."""
+  (new / sidecar).write_text(text)
+  for folder, _, files in os.walk(new):
+    for name in files + [""]:  # the files, then their folder
+      _fsync(pathlib.Path(folder, name))
+
+
+# ----------------------------------------------------------------------------------------
+# Where a checkpoint goes: a local directory, or a URL that Orbax writes through etils.epath.
+
+
+def _directory(fn: str, directory: Any) -> tuple:
+  """``(path, remote)``: a local ``directory`` made absolute as a ``pathlib.Path`` (False),
+  or a URL (``gs://``, ``s3://``: anything with ``://``) as an ``etils.epath.Path`` (True).
+
+  Raises:
+    TypeError: ``directory`` is not a path.
+    ValueError: a URL whose scheme ``etils.epath`` does not know (it would become a local path).
+  """
+  try:
+    text = os.fspath(directory)  # an epath.Path of a URL gives the URL
+  except TypeError:
+    text = None
+  if not isinstance(text, str):
+    raise TypeError(f"{fn}: `directory` must be a path (a str, os.PathLike or "
+                    f"etils.epath.Path), got {type(directory).__name__}.")
+  if "://" not in text:
+    return pathlib.Path(os.path.abspath(text)), False
+  from etils import epath  # a dependency of Orbax
+  try:
+    path = epath.Path(text)
+  except (KeyError, NotImplementedError):  # etils raises these for an unknown scheme
+    path = None
+  if path is None or "://" not in os.fspath(path):
+    raise ValueError(f"{fn}: `directory` {text!r} is a URL of a scheme etils.epath does not "
+                     "know (it knows gs://, s3://, az://, hf://); pass a local path or one of "
+                     "those.")
+  return path, True
+
+
+# ----------------------------------------------------------------------------------------
+# Saves that finish in the background; several processes.
+
+
+def _hosts():
+  """``jax.experimental.multihost_utils`` in a multi-process run, else None."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    return multihost_utils
+  return None
+
+
+class AsyncSave:
+  """A checkpoint save finishing in the background: ``save_orbax_checkpoint(..., block=False)``.
+
+  The arrays were copied to host memory before it was returned, so the caller may update,
+  donate or delete them. The new checkpoint replaces the previous one only when it is
+  complete (as with a blocking save); until then the previous one is left in place.
+
+  Attributes:
+    directory: the checkpoint being written (``pathlib.Path``; ``etils.epath.Path`` for a URL).
+  """
+
+  __module__ = "optcompose.checkpoint"
+
+  def __init__(self, directory: Any, finish: Callable[[], None], hosts: Any, block: bool):
+    self.directory, self._error, self._hosts, self._settled = directory, None, hosts, False
+    self._thread = None
+    if block:
+      self._run(finish)
+    else:  # not a daemon: an exiting interpreter waits for the save to finish
+      self._thread = threading.Thread(target=self._run, args=(finish,), daemon=False,
+                                      name=f"optcompose-save-{getattr(directory, 'name', '')}")
+      self._thread.start()
+
+  def _run(self, finish: Callable[[], None]) -> None:
+    try:
+      finish()
+    except BaseException as e:  # re-raised by wait()
+      self._error = e
+
+  def done(self) -> bool:
+    """Whether this process's part of the save has finished (successfully or not)."""
+    return self._thread is None or not self._thread.is_alive()
+
+  def wait(self) -> Any:
+    """Block until the checkpoint is complete and in place; return its directory.
+
+    With several processes every process must call it: they wait for each other (the
+    checkpoint is in place for all of them on return), and each raises if any failed.
+
+    Returns:
+      The checkpoint's directory, as :func:`save_orbax_checkpoint` returns it when blocking.
+
+    Raises:
+      Exception: the error of the save on this process (Orbax's, or of the file handling),
+        again at every call.
+      RuntimeError: the save failed on another process (the message names which).
+    """
+    if self._thread is not None:
+      self._thread.join()
+    if self._hosts is not None and not self._settled:  # once, on every process: a collective
+      self._settled = True
+      ok = np.asarray(self._hosts.process_allgather(np.int32(self._error is None))).reshape(-1)
+      failed = [i for i, good in enumerate(ok) if not good]
+      if failed and self._error is None:
+        self._error = RuntimeError(f"save_orbax_checkpoint: the save of {self.directory} failed "
+                                   f"on process(es) {failed}: see their errors.")
+    if self._error is not None:
+      raise self._error
+    return self.directory
+
+  wait_until_finished = wait  # Orbax's name
+
+  def __repr__(self) -> str:
+    return (f"AsyncSave({os.fspath(self.directory)!r}, "
+            f"{'done' if self.done() else 'in progress'})")

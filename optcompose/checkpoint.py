@@ -33,9 +33,9 @@ existed restore without the comparison.
 **Crash safety.** A save never removes the previous checkpoint before the new one is complete
 and flushed to disk: a process killed at any moment leaves the old checkpoint or the new one
 (``tools/kill_test.py`` measures it). Saves into one directory, from threads or processes,
-take turns under ``fcntl.flock`` on the directory itself (no lock file; on file systems
-without ``flock``, e.g. some network ones, nothing is locked: keep one writer per directory).
-Each save first removes what interrupted saves to its path left behind.
+take turns under ``fcntl.flock`` on the directory itself (no lock file; where ``flock`` fails,
+e.g. some network file systems, nothing is locked: keep one writer per directory). Each save
+first removes what interrupted saves to its path left behind.
 
 **Msgpack files** (:func:`save_checkpoint`): the msgpack encoding of
 ``{"__optcompose_checkpoint__": 2, "checksum": "crc32", "leaves": [[path, crc], ...],
@@ -50,8 +50,13 @@ sharded across devices and processes) writes ``.{name}.{hex}.optcompose-new``; t
 go into it (``optcompose_checkpoint.json``, which Orbax ignores); it is swapped in with one
 atomic ``renameat2(RENAME_EXCHANGE)`` (Linux), or else two renames (the old one to
 ``.{name}.{hex}.optcompose-old`` first: a crash between them is repaired by the next save or
-restore of that path), and the old one is deleted. With several processes all call the save;
-process 0 locks, swaps and cleans up, between barriers (untested here: one host).
+restore of that path), and the old one is deleted. ``block=False`` returns an
+:class:`AsyncSave` once the arrays are in host memory and does the rest in a thread. With
+several processes all call the save (and ``wait()``); process 0 locks, swaps and cleans up,
+between collectives (``tests/test_multihost.py``: two processes). A URL (``gs://...``, an
+``etils.epath.Path``) goes to Orbax as it is, with Orbax's own atomic commit instead of the
+swap and the lock. :func:`check_against_template` makes the restore's check for checkpoints
+that an Orbax ``CheckpointManager`` reads.
 
 Flax and Orbax are imported on first use. A checkpoint cannot hold the optimizer's code
 (rebuild it), Python objects other than numbers, strings and ``None``, or containers Flax's
@@ -73,21 +78,21 @@ import numpy as np
 
 from optcompose import tree as otree
 from optcompose.flat import FlatParams
-from optcompose._checkpoint_check import (  # the checks
-    CHECKSUM, CheckpointCorruptError, CheckpointMismatchError, PathLike, _abstract, _check,
-    _check_layouts, _check_storable, _checksums, _layouts, _like, _saved_leaves, _verify,
+from optcompose._checkpoint_check import (  # the checks and the formats' records
+    _DAMAGE, CHECKSUM, FORMAT, FORMAT_KEY, SIDECAR, CheckpointCorruptError,
+    CheckpointMismatchError, PathLike, _abstract, _check, _check_layouts, _check_storable,
+    _checksums, _damaged, _flat_from_state_dict, _flat_to_state_dict, _layouts, _leaves, _like,
+    _metadata_tree, _read_sidecar, _saved_leaves, _verify,
 )
 from optcompose._checkpoint_io import (  # the file handling
-    _fsync, _install, _locked, _recover, _remove, _remove_leftovers, _write_atomically,
+    AsyncSave, _directory, _finish, _hosts, _install, _locked, _recover, _remove,
+    _remove_leftovers, _write_atomically,
 )
 
 __all__ = [
     "CheckpointMismatchError", "CheckpointCorruptError", "save_checkpoint", "restore_checkpoint",
-    "save_orbax_checkpoint", "restore_orbax_checkpoint",
+    "save_orbax_checkpoint", "restore_orbax_checkpoint", "AsyncSave", "check_against_template",
 ]
-
-FORMAT_KEY, FORMAT = "__optcompose_checkpoint__", 2  # msgpack files; 1 was the bare state dict
-SIDECAR = "optcompose_checkpoint.json"  # checksums and layouts inside an Orbax directory
 
 
 # ----------------------------------------------------------------------------------------
@@ -115,19 +120,6 @@ def _orbax():
         "optcompose.checkpoint: Orbax checkpoints need orbax-checkpoint "
         "(`pip install orbax-checkpoint`).") from e
   return ocp
-
-
-def _flat_to_state_dict(flat: FlatParams) -> dict:
-  from flax import serialization
-  return {name: serialization.to_state_dict(buf)
-          for name, buf in zip(flat.layout.buckets, flat.buffers)}
-
-
-def _flat_from_state_dict(flat: FlatParams, state: dict) -> FlatParams:
-  from flax import serialization
-  return FlatParams(tuple(serialization.from_state_dict(buf, state[name], name=name)
-                          for name, buf in zip(flat.layout.buckets, flat.buffers)),
-                    flat.layout)
 
 
 # ----------------------------------------------------------------------------------------
@@ -224,117 +216,100 @@ def restore_checkpoint(path: PathLike, target: Any) -> Any:
 # Orbax directories.
 
 
-def _hosts():
-  """``jax.experimental.multihost_utils`` in a multi-process run, else None."""
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    return multihost_utils
-  return None
-
-
-def _leaves(tree: Any) -> dict:
-  return {tuple(otree.key_name(k) for k in path): leaf
-          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
-def _finish(new: pathlib.Path, text: str) -> None:
-  """Write the checksums and layouts into the complete checkpoint ``new`` and flush it all."""
-  (new / SIDECAR).write_text(text)
-  for folder, _, files in os.walk(new):
-    for name in files + [""]:  # the files, then their folder
-      _fsync(pathlib.Path(folder, name))
-
-
-def save_orbax_checkpoint(directory: PathLike, tree: Any, *,
-                          overwrite: bool = False) -> pathlib.Path:
+def save_orbax_checkpoint(directory: Any, tree: Any, *, overwrite: bool = False,
+                          block: bool = True) -> Any:
   """Write ``tree`` with Orbax's ``StandardCheckpointer``, swap it in when it is complete.
 
+  A local ``directory`` is written as the module docstring says (a hidden sibling swapped in,
+  under the directory lock). A URL (``gs://``, ``s3://``, anything with ``://``, as a str or
+  an ``etils.epath.Path``) goes to Orbax unchanged and Orbax's own atomic save applies: it
+  writes a temporary directory and finalizes it when complete (a rename, or on GCS a
+  ``commit_success.txt`` marker); no lock is taken (keep one writer per path). There
+  ``overwrite=True`` is Orbax's ``force=True``, which deletes the old checkpoint before the new
+  one is written: on object stores save each step under a new name instead (a
+  ``CheckpointManager``; see docs/guides/checkpoints-at-scale.md). The checksums are added
+  after Orbax's commit; a checkpoint cut off between the two restores unchecked.
+
   Args:
-    directory: the checkpoint directory (made absolute, as Orbax requires).
+    directory: the checkpoint directory: a local path (made absolute, as Orbax requires) or
+      a URL that ``etils.epath`` knows.
     tree: any pytree of arrays and Python numbers.
-    overwrite: replace an existing checkpoint (only once the new one is complete); otherwise
-      saving over one is an error.
+    overwrite: replace an existing checkpoint (locally, only once the new one is complete);
+      otherwise saving over one is an error.
+    block: return when the checkpoint is in place (the default); with False, return as soon
+      as Orbax has copied the arrays to host memory (and the checksums are computed), and
+      finish in a background thread: the caller may then update, donate or delete ``tree``.
 
   Returns:
-    The absolute directory, as a ``pathlib.Path``.
+    The directory (a ``pathlib.Path``; an ``etils.epath.Path`` for a URL); with
+    ``block=False`` an :class:`AsyncSave` whose ``wait()`` returns it (with several processes,
+    all must call ``wait()``; a later save to the same parent directory waits for this one).
 
   Raises:
-    ValueError: ``directory`` exists and ``overwrite`` is False.
+    ValueError: ``directory`` exists and ``overwrite`` is False; a URL of an unknown scheme.
+    TypeError: ``directory`` is not a path, or ``block`` is not a bool.
   """
-  ocp = _orbax()
-  directory = pathlib.Path(os.path.abspath(os.fspath(directory)))
-  hosts, token = _hosts(), np.frombuffer(uuid.uuid4().bytes, np.uint8)
-  token = bytes(np.asarray(hosts.broadcast_one_to_all(token) if hosts else token, np.uint8))
-  new = directory.with_name(f".{directory.name}.{token.hex()}.optcompose-new")  # same on all
-  primary = jax.process_index() == 0  # locks, cleans up and swaps; the others write shards
-  if primary:
-    directory.parent.mkdir(parents=True, exist_ok=True)
-  with _locked(directory.parent) if primary else contextlib.nullcontext():
-    if primary:
-      _recover(directory)
-      _remove_leftovers(directory)
-    if hosts:
-      hosts.sync_global_devices("optcompose_save_start")
-    if directory.exists() and not overwrite:
-      raise ValueError(f"save_orbax_checkpoint: {directory} already exists: pass "
-                       "overwrite=True to replace it.")
-    try:
-      with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(new, tree)
-        text = primary and json.dumps({  # while Orbax writes
-            "format": FORMAT, "checksum": CHECKSUM, "leaves": _checksums(_leaves(tree)),
-            "layouts": _layouts(tree)})
-        checkpointer.wait_until_finished()
-      if primary:
-        _finish(new, text)
-        _install(new, directory)
-    except BaseException:
-      if primary:
-        _remove(new)
-      raise
-    if hosts:
-      hosts.sync_global_devices("optcompose_save_end")
-  return directory
-
-
-_DAMAGE = ("DATA_LOSS", "NOT_FOUND", "FAILED_PRECONDITION", "OUT_OF_RANGE")  # TensorStore's
-
-
-def _damaged(directory: pathlib.Path, error: BaseException, what: str) -> ValueError:
-  """The error for a directory Orbax cannot read, naming it and Orbax's error."""
-  message = str(error).split(" [tensorstore_spec=")[0]
-  if not any((directory / n).exists() for n in ("_METADATA", "_CHECKPOINT_METADATA", SIDECAR)):
-    return ValueError(f"restore_orbax_checkpoint: {directory} holds no Orbax checkpoint "
-                      f"({type(error).__name__}: {message}).")
-  return CheckpointCorruptError(
-      f"restore_orbax_checkpoint: the Orbax checkpoint {directory} is damaged or unreadable: "
-      f"Orbax cannot read its {what} ({type(error).__name__}: {message}).")
-
-
-def _read_sidecar(directory: pathlib.Path) -> Any:
-  """The checksums and layouts saved in ``directory``; None for a checkpoint without."""
+  fn, ocp = "save_orbax_checkpoint", _orbax()
+  if not isinstance(block, (bool, np.bool_)):
+    raise TypeError(f"{fn}: `block` must be a bool, got {block!r}.")
+  directory, remote = _directory(fn, directory)
+  hosts, primary = _hosts(), jax.process_index() == 0  # 0 locks, swaps, cleans up
+  stack, new = contextlib.ExitStack(), None
   try:
-    sidecar = json.loads((directory / SIDECAR).read_text())
-    if (sidecar["format"], sidecar["checksum"]) != (FORMAT, CHECKSUM):
-      raise ValueError(f"format {sidecar['format']} ({sidecar['checksum']}), not {FORMAT}")
-    sidecar["layouts"], sidecar["leaves"]  # noqa: B018 -- both records must be there
-    return sidecar
-  except FileNotFoundError:
-    return None
-  except (ValueError, KeyError, TypeError) as e:
-    raise CheckpointCorruptError(
-        f"restore_orbax_checkpoint: the Orbax checkpoint {directory} is damaged or of "
-        f"another format: its {SIDECAR} is unreadable ({type(e).__name__}: {e}).") from e
+    if not remote:
+      token = np.frombuffer(uuid.uuid4().bytes, np.uint8)
+      token = bytes(np.asarray(hosts.broadcast_one_to_all(token) if hosts else token, np.uint8))
+      new = directory.with_name(f".{directory.name}.{token.hex()}.optcompose-new")  # same on all
+      if primary:
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        stack.enter_context(_locked(directory.parent))
+        _recover(directory)
+        _remove_leftovers(directory)
+      if hosts:
+        hosts.sync_global_devices("optcompose_save_start")
+    if directory.exists() and not overwrite:
+      raise ValueError(f"{fn}: {directory} already exists: pass overwrite=True to replace it.")
+    checkpointer = stack.enter_context(ocp.StandardCheckpointer())  # closed before unlocking
+    if remote:
+      checkpointer.save(directory, tree, force=bool(overwrite))
+    else:
+      checkpointer.save(new, tree)
+    text = primary and json.dumps({  # while Orbax writes
+        "format": FORMAT, "checksum": CHECKSUM, "leaves": _checksums(_leaves(tree)),
+        "layouts": _layouts(tree)})
+  except BaseException:
+    if new is not None and primary:
+      _remove(new)
+    stack.close()
+    raise
+
+  def finish():
+    with stack:
+      try:
+        checkpointer.wait_until_finished()
+        if primary and remote:
+          (directory / SIDECAR).write_text(text)
+        elif primary:
+          _finish(new, SIDECAR, text)
+          _install(new, directory)
+      except BaseException:
+        if new is not None and primary:
+          _remove(new)
+        raise
+
+  save = AsyncSave(directory, finish, hosts, block=bool(block))
+  return save.wait() if block else save
 
 
-def restore_orbax_checkpoint(directory: PathLike, target: Any) -> Any:
+def restore_orbax_checkpoint(directory: Any, target: Any) -> Any:
   """Read a checkpoint written by Orbax's ``StandardCheckpointer`` into ``target``'s structure.
 
   Orbax's metadata is compared with ``target`` first, as in :func:`restore_checkpoint`, and
   the restored arrays with their checksums (if the checkpoint has them).
 
   Args:
-    directory: the checkpoint directory. If a save was interrupted between its two renames
+    directory: the checkpoint directory, local or a URL (as for
+      :func:`save_orbax_checkpoint`). If a local save was interrupted between its two renames
       (systems without ``renameat2``), the checkpoint is first put back in place.
     target: a template as for :func:`restore_checkpoint` (arrays or ``jax.ShapeDtypeStruct``
       leaves; a ``jax.Array`` or struct with a sharding places the restored array so).
@@ -349,20 +324,22 @@ def restore_orbax_checkpoint(directory: PathLike, target: Any) -> Any:
       gives Orbax's error) or a leaf differs from its checksum (the message names it).
     FileNotFoundError: there is no such directory.
   """
-  ocp = _orbax()
-  directory = pathlib.Path(os.path.abspath(os.fspath(directory)))
-  if not directory.exists() and directory.parent.is_dir():
-    with _locked(directory.parent):
-      _recover(directory)
+  fn, ocp = "restore_orbax_checkpoint", _orbax()
+  directory, remote = _directory(fn, directory)
+  hosts = _hosts()
+  if not remote:
+    if jax.process_index() == 0 and not directory.exists() and directory.parent.is_dir():
+      with _locked(directory.parent):
+        _recover(directory)
+    if hosts:
+      hosts.sync_global_devices("optcompose_restore_start")
   if not directory.is_dir():
-    raise FileNotFoundError(f"restore_orbax_checkpoint: no checkpoint directory {directory}.")
-  fn = "restore_orbax_checkpoint"
-  with _locked(directory.parent, exclusive=False), ocp.StandardCheckpointer() as checkpointer:
+    raise FileNotFoundError(f"{fn}: no checkpoint directory {directory}.")
+  lock = contextlib.nullcontext() if remote else _locked(directory.parent, exclusive=False)
+  with lock, ocp.StandardCheckpointer() as checkpointer:
     sidecar = _read_sidecar(directory)
     try:  # Orbax raises (0.10) or logs the reason and returns None (0.12), then reading raises
-      metadata = checkpointer.metadata(directory)
-      metadata = getattr(metadata, "item_metadata", metadata)  # a StepMetadata in recent Orbax
-      metadata = getattr(metadata, "tree", metadata)
+      metadata = _metadata_tree(checkpointer.metadata(directory))
       if metadata is None:
         checkpointer.restore(directory)
         raise ValueError("no metadata")
@@ -384,3 +361,38 @@ def restore_orbax_checkpoint(directory: PathLike, target: Any) -> Any:
   if sidecar:
     _verify(fn, directory, sidecar["leaves"], _leaves(restored))
   return restored
+
+
+def check_against_template(checkpoint: Any, target: Any, *, where: Any = None) -> None:
+  """Raise :class:`CheckpointMismatchError` if a checkpoint's tree differs from ``target``.
+
+  The check :func:`restore_orbax_checkpoint` makes, for checkpoints read otherwise, e.g. by
+  an Orbax ``CheckpointManager`` (whose restore would cast every leaf to the template's dtype
+  without a word)::
+
+      check_against_template(manager.item_metadata(step), template)
+      restored = manager.restore(step, args=ocp.args.StandardRestore(template))
+
+  Args:
+    checkpoint: Orbax metadata (a ``StepMetadata``, its ``item_metadata``, or their ``tree``
+      of array metadata), or a restored tree (arrays and Python numbers).
+    target: the template: the tree, shapes and dtypes expected (arrays or
+      ``jax.ShapeDtypeStruct`` leaves).
+    where: the checkpoint's name or path, for the message (optional).
+
+  Returns:
+    None, when every path, shape and dtype agrees.
+
+  Raises:
+    CheckpointMismatchError: naming the first differing path (missing, unexpected, another
+      shape or dtype), as :func:`restore_orbax_checkpoint` does.
+    ValueError: ``checkpoint`` is None (Orbax gives no metadata for an item it has no handler
+      for: build the ``CheckpointManager`` with ``item_handlers=ocp.StandardCheckpointHandler()``).
+  """
+  tree = _metadata_tree(checkpoint)
+  if tree is None:
+    raise ValueError(
+        "check_against_template: `checkpoint` is None: Orbax returns no metadata for an item "
+        "it has no handler for (build the CheckpointManager with "
+        "item_handlers=ocp.StandardCheckpointHandler(), or restore once first).")
+  _check("check_against_template", where, _leaves(tree), target)

@@ -26,7 +26,7 @@ MIN_VERSIONS = ("test_contract.py::test_optax_names", "test_checkpoint.py", "tes
 
 # The longest tests (each runs whole scripts or processes, 10-20 s): scheduled first, so
 # that the two workers do not finish on one of them while the other waits.
-LONGEST = ("test_demo.py", "test_dropin_scripts.py", "test_determinism.py",
+LONGEST = ("test_demo.py", "test_dropin_scripts.py", "test_determinism.py", "test_multihost.py",
            "test_lbfgs.py::test_lbfgs_follows_optax")
 
 

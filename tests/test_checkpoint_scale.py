@@ -1,0 +1,308 @@
+"""Checkpoints at scale: a URL (gs://, s3://) reaches Orbax as the etils.epath path it names,
+without the local lock and swap; local etils.epath paths work as local ones; a save that
+finishes in the background lets training go on (the saved arrays may be donated at once) and
+never loses the previous checkpoint; Orbax's CheckpointManager keeps the last N and the best
+by the early-stopping metric, and restores behind optcompose's template check."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import optcompose as oc
+from optcompose import checkpoint as ck
+from optcompose.checkpoint import CheckpointMismatchError
+from optcompose.recipe.early_stopping import early_stopping
+
+ocp = pytest.importorskip("orbax.checkpoint")
+epath = pytest.importorskip("etils.epath")
+
+
+def run_tree(version: int) -> dict:
+  """A small training state whose every value depends on ``version``."""
+  params = {"w": jnp.arange(12.0).reshape(3, 4) + version, "b": jnp.full(4, -version, jnp.float32),
+            "h": (jnp.arange(6.0) * version).astype(jnp.bfloat16)}
+  tx = oc.adamw(1e-2, weight_decay=1e-3)
+  return {"params": params, "opt_state": tx.init(params), "step": jnp.asarray(version, jnp.int32)}
+
+
+def on_host(tree):
+  """Copies in host memory (they outlive the device arrays)."""
+  return jax.tree.map(lambda x: np.array(x, copy=True), tree)
+
+
+def assert_same(restored, expected):
+  assert jax.tree.structure(restored) == jax.tree.structure(expected)
+  for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(restored)[0],
+                          jax.tree.leaves(expected)):
+    a, b = np.asarray(a), np.asarray(b)
+    assert a.dtype == b.dtype and a.shape == b.shape, jax.tree_util.keystr(path)
+    assert a.tobytes() == b.tobytes(), jax.tree_util.keystr(path)
+
+
+# ----------------------------------------------------------------------------------------
+# URLs and etils.epath paths.
+
+
+@pytest.fixture
+def fake_bucket(tmp_path, monkeypatch):
+  """gs:// and s3:// on the local disk: a URL "gs://bucket/run" is the directory
+  tmp_path/remote/gs/bucket/run for etils.epath (its test backend, with every URL mapped so)
+  and for Orbax's checkpointer (given that directory). Yields the list of (method, path) that
+  Orbax's checkpointer was called with, and the URL -> local directory map."""
+  from etils.epath import testing as epath_testing
+  calls = []
+
+  def local(url):
+    scheme, rest = os.fspath(url).split("://", 1)
+    return tmp_path / "remote" / scheme / rest
+
+  def mapped(original, path, *args, **kwargs):
+    if isinstance(kwargs.get("dst"), str) and "://" in kwargs["dst"]:
+      kwargs["dst"] = os.fspath(local(kwargs["dst"]))
+    args = [os.fspath(local(a)) if isinstance(a, str) and "://" in a else a for a in args]
+    return original(os.fspath(local(path)) if "://" in os.fspath(path) else path, *args,
+                    **kwargs)
+
+  def recording(name, original):
+    def method(self, directory, *args, **kwargs):
+      calls.append((name, directory))
+      return original(self, local(directory), *args, **kwargs)
+    return method
+
+  for name in ("save", "restore", "metadata"):
+    monkeypatch.setattr(ocp.StandardCheckpointer, name,
+                        recording(name, getattr(ocp.StandardCheckpointer, name)))
+  for name in ("_locked", "_install", "_recover", "_remove_leftovers", "_finish"):
+    monkeypatch.setattr(ck, name, lambda *a, _name=name, **k: pytest.fail(
+        f"the local file handling ({_name}) ran for a URL"))
+  functions = ("copy", "exists", "glob", "isdir", "listdir", "makedirs", "mkdir", "open",
+               "remove", "rename", "replace", "rmtree", "stat", "walk")
+  with epath_testing.mock_epath(**{f: mapped for f in functions}):
+    yield calls, local
+
+
+@pytest.mark.parametrize("url", ["gs://bucket/runs/ckpt", "s3://bucket/ckpt"])
+@pytest.mark.parametrize("as_epath", [False, True])
+def test_a_url_reaches_orbax_as_the_epath_it_names(fake_bucket, url, as_epath):
+  calls, local = fake_bucket
+  given = epath.Path(url) if as_epath else url
+  written = ck.save_orbax_checkpoint(given, run_tree(1))
+  assert isinstance(written, epath.Path) and os.fspath(written) == url
+  assert [name for name, _ in calls] == ["save"]
+  for _, directory in calls:  # not made absolute (/cwd/gs:/bucket/...)
+    assert isinstance(directory, epath.Path) and os.fspath(directory) == url, directory
+  assert (local(url) / "optcompose_checkpoint.json").exists()  # the checksums, via epath
+  assert_same(ck.restore_orbax_checkpoint(given, run_tree(0)), run_tree(1))
+  assert {name for name, _ in calls} == {"save", "metadata", "restore"}
+  assert all(os.fspath(d) == url and isinstance(d, epath.Path) for _, d in calls)
+
+  with pytest.raises(ValueError, match="already exists: pass overwrite=True"):
+    ck.save_orbax_checkpoint(given, run_tree(2))
+  ck.save_orbax_checkpoint(given, run_tree(2), overwrite=True)  # Orbax's force=True
+  assert_same(ck.restore_orbax_checkpoint(given, run_tree(0)), run_tree(2))
+  with pytest.raises(CheckpointMismatchError,
+                     match=rf"checkpoint {url} does not match.*has `\['step'\]`, which"):
+    ck.restore_orbax_checkpoint(given, {k: v for k, v in run_tree(0).items() if k != "step"})
+
+
+def test_a_local_epath_path_is_a_local_directory(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  for given, where in ((epath.Path(tmp_path) / "a", tmp_path / "a"),
+                       (epath.Path("b"), tmp_path / "b")):  # relative: made absolute
+    assert ck.save_orbax_checkpoint(given, run_tree(3)) == where
+    assert_same(ck.restore_orbax_checkpoint(given, run_tree(0)), run_tree(3))
+  assert sorted(os.listdir(tmp_path)) == ["a", "b"]
+
+
+def test_bad_directories_and_flags_are_named(tmp_path):
+  with pytest.raises(ValueError, match=r"`directory` 'hdfs://host/ckpt'.*scheme"):
+    ck.save_orbax_checkpoint("hdfs://host/ckpt", run_tree(1))
+  with pytest.raises(ValueError, match=r"`directory` 'ftp://host/ckpt'.*scheme"):
+    ck.restore_orbax_checkpoint("ftp://host/ckpt", run_tree(1))
+  with pytest.raises(TypeError, match="`directory` must be a path"):
+    ck.save_orbax_checkpoint(3, run_tree(1))
+  with pytest.raises(TypeError, match="`block` must be a bool"):
+    ck.save_orbax_checkpoint(tmp_path / "c", run_tree(1), block="no")
+  assert os.listdir(tmp_path) == []
+
+
+# ----------------------------------------------------------------------------------------
+# Saves that finish in the background.
+
+
+def test_training_goes_on_while_an_async_save_finishes(tmp_path):
+  tree = run_tree(1)
+  at_save = on_host(tree)
+  tx = oc.adamw(1e-2, weight_decay=1e-3)
+
+  def update(params, state):  # donates the saved arrays: their buffers are reused
+    grads = jax.tree.map(lambda p: jnp.ones_like(p), params)
+    updates, state = tx.update(grads, state, params)
+    return oc.apply_updates(params, updates), state
+
+  update = jax.jit(update, donate_argnums=(0, 1))
+  save = ck.save_orbax_checkpoint(tmp_path / "ckpt", tree, block=False)
+  assert isinstance(save, ck.AsyncSave)
+  params, state = update(tree["params"], tree["opt_state"])
+  for _ in range(3):
+    params, state = update(params, state)
+  for leaf in jax.tree.leaves(tree):
+    if not leaf.is_deleted():
+      leaf.delete()  # nothing of the saved tree is left on the device
+  assert save.wait() == tmp_path / "ckpt" and save.done()
+  assert save.wait_until_finished() == tmp_path / "ckpt"  # Orbax's name; waiting again is free
+  assert_same(ck.restore_orbax_checkpoint(tmp_path / "ckpt", run_tree(0)), at_save)
+  assert not np.array_equal(np.asarray(params["w"]), at_save["params"]["w"])  # it trained on
+
+
+def test_an_async_save_keeps_the_previous_checkpoint_until_the_new_one_is_complete(
+    tmp_path, monkeypatch):
+  path = tmp_path / "ckpt"
+  ck.save_orbax_checkpoint(path, run_tree(1))
+  complete, go_on = threading.Event(), threading.Event()
+  install = ck._install
+
+  def held_install(new, directory):  # the new checkpoint is complete: hold the swap
+    complete.set()
+    assert go_on.wait(120)
+    install(new, directory)
+
+  monkeypatch.setattr(ck, "_install", held_install)
+  save = ck.save_orbax_checkpoint(path, run_tree(2), overwrite=True, block=False)
+  assert complete.wait(120)
+  assert not save.done()
+  with ocp.StandardCheckpointer() as plain:  # plain Orbax: ours waits for the save's lock
+    assert_same(plain.restore(path, run_tree(0)), run_tree(1))
+  go_on.set()
+  assert save.wait() == path
+  assert_same(ck.restore_orbax_checkpoint(path, run_tree(0)), run_tree(2))
+  assert os.listdir(tmp_path) == ["ckpt"]
+
+
+def test_an_async_save_that_fails_raises_in_wait_and_leaves_the_old_one(tmp_path, monkeypatch):
+  path = tmp_path / "ckpt"
+  ck.save_orbax_checkpoint(path, run_tree(1))
+
+  def full_disk(new, directory):
+    raise OSError(28, "No space left on device")
+
+  monkeypatch.setattr(ck, "_install", full_disk)
+  save = ck.save_orbax_checkpoint(path, run_tree(2), overwrite=True, block=False)
+  for _ in range(2):  # the error is the save's, every time it is asked
+    with pytest.raises(OSError, match="No space left"):
+      save.wait()
+  assert os.listdir(tmp_path) == ["ckpt"]  # the unfinished new one is removed
+  assert_same(ck.restore_orbax_checkpoint(path, run_tree(0)), run_tree(1))
+
+
+# ----------------------------------------------------------------------------------------
+# Orbax's CheckpointManager: the last N, the best by the early-stopping metric.
+
+TARGET, VALIDATION = 1.0, 0.45  # training pulls w toward 1; validation prefers 0.45
+
+
+def manager_run(directory, keep: int, epochs: int):
+  """Train w from 0 toward TARGET with AdamW, one validation loss per epoch, saving every
+  epoch to two managers: "latest" keeps the last ``keep``, "best" the best by validation
+  loss, as early stopping ranks it (Orbax's ``best_mode`` is the configuration's ``mode``).
+  Returns the managers' options, the validation losses, the saved steps and the last tree."""
+  tx = oc.adamw(0.05, weight_decay=1e-4)
+  es = early_stopping(mode="min", patience=epochs)  # records the best, never stops here
+  train_loss = lambda p: jnp.sum((p["w"] - TARGET) ** 2)  # noqa: E731
+  val_loss = jax.jit(lambda p: jnp.sum((p["w"] - VALIDATION) ** 2))
+
+  @jax.jit
+  def train_step(params, state):
+    updates, state = tx.update(jax.grad(train_loss)(params), state, params)
+    return oc.apply_updates(params, updates), state
+
+  params = {"w": jnp.zeros(3)}
+  tree = {"params": params, "opt_state": tx.init(params), "early_stopping": es.init(params)}
+  options = {
+      "latest": ocp.CheckpointManagerOptions(max_to_keep=keep),
+      "best": ocp.CheckpointManagerOptions(max_to_keep=1, best_fn=lambda m: m["val_loss"],
+                                           best_mode=es.mode)}
+  managers = {k: ocp.CheckpointManager(directory / k, options=o) for k, o in options.items()}
+  losses, steps = [], []
+  for epoch in range(epochs):
+    params, state = tree["params"], tree["opt_state"]
+    for _ in range(4):
+      params, state = train_step(params, state)
+    loss = val_loss(params)
+    stopping, _ = es.step(tree["early_stopping"], loss, params)
+    tree = {"params": params, "opt_state": state, "early_stopping": stopping}
+    step = 4 * (epoch + 1)
+    managers["latest"].save(step, args=ocp.args.StandardSave(tree))
+    managers["best"].save(step, args=ocp.args.StandardSave(tree),
+                          metrics={"val_loss": float(loss)})
+    losses.append(float(loss))
+    steps.append(step)
+  for manager in managers.values():
+    manager.wait_until_finished()
+    manager.close()
+  return options, losses, steps, tree
+
+
+def test_checkpoint_manager_keeps_the_last_n_and_the_best_and_restores_checked(tmp_path):
+  options, losses, steps, last = manager_run(tmp_path, keep=3, epochs=8)
+  best_epoch = int(np.argmin(losses))
+  assert 0 < best_epoch < len(steps) - 3  # validation got worse: the best is not kept as last
+  assert int(last["early_stopping"].best_epoch) == best_epoch
+
+  # A new process: new managers over the same directories, a template that costs no memory.
+  template = jax.eval_shape(lambda: last)
+  latest = ocp.CheckpointManager(tmp_path / "latest", options=options["latest"],
+                                 item_handlers=ocp.StandardCheckpointHandler())
+  best = ocp.CheckpointManager(tmp_path / "best", options=options["best"],
+                               item_handlers=ocp.StandardCheckpointHandler())
+  assert list(latest.all_steps()) == steps[-3:]
+  assert list(best.all_steps()) == [steps[best_epoch]] and best.best_step() == steps[best_epoch]
+
+  for manager, step in ((latest, latest.latest_step()), (best, best.best_step())):
+    ck.check_against_template(manager.item_metadata(step), template)
+  restored = best.restore(best.best_step(), args=ocp.args.StandardRestore(template))
+  ck.check_against_template(restored, template)  # a restored tree as well
+  assert_same(restored["params"], last["early_stopping"].best_params)  # early stopping's copy
+  assert_same(latest.restore(latest.latest_step(), args=ocp.args.StandardRestore(template)),
+              last)
+
+  # Another dtype or shape, a missing leaf: named, where Orbax alone would cast or fail late.
+  step = best.best_step()
+  as_bf16 = {**template, "params": {"w": jax.ShapeDtypeStruct((3,), jnp.bfloat16)}}
+  with pytest.raises(CheckpointMismatchError,
+                     match=r"check_against_template: the checkpoint best does not match `target`:"
+                           r" `\['params'\]\['w'\]` has dtype float32 in the checkpoint but "
+                           r"bfloat16"):
+    ck.check_against_template(best.item_metadata(step), as_bf16, where="best")
+  cast = best.restore(step, args=ocp.args.StandardRestore(as_bf16))
+  assert cast["params"]["w"].dtype == jnp.bfloat16  # what the check is for: Orbax casts
+  wider = {**template, "params": {"w": jax.ShapeDtypeStruct((4,), jnp.float32)}}
+  with pytest.raises(CheckpointMismatchError, match=r"`\['params'\]\['w'\]` has shape \(3,\)"):
+    ck.check_against_template(best.item_metadata(step), wider)
+  fewer = {k: v for k, v in template.items() if k != "early_stopping"}
+  with pytest.raises(CheckpointMismatchError, match=r"has `\['early_stopping'\]"):
+    ck.check_against_template(best.item_metadata(step), fewer)
+  with pytest.raises(ValueError, match="`checkpoint` is None.*item_handlers"):
+    ck.check_against_template(None, template)
+  latest.close()
+  best.close()
+
+
+def test_the_template_check_reads_orbax_metadata_of_every_kind(tmp_path):
+  path = ck.save_orbax_checkpoint(tmp_path / "ckpt", run_tree(1))
+  with ocp.StandardCheckpointer() as plain:
+    metadata = plain.metadata(path)  # a StepMetadata (recent Orbax), or the tree (older)
+  other = run_tree(0)
+  other["params"]["b"] = jnp.zeros(5)
+  for given in (metadata, getattr(metadata, "item_metadata", metadata),
+                ck.restore_orbax_checkpoint(path, run_tree(0))):
+    assert ck.check_against_template(given, run_tree(0)) is None
+    with pytest.raises(CheckpointMismatchError, match=r"`\['params'\]\['b'\]` has shape "
+                                                      r"\(4,\) in the checkpoint but \(5,\)"):
+      ck.check_against_template(given, other)
