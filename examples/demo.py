@@ -18,10 +18,12 @@ exactly zero: AdamW's L1 proximal step makes many of them zero, plain weight dec
 
 Part 2, the optimizer race: SGD, momentum, RMSProp and Adam from the same start for the
 same number of steps on Rosenbrock's valley, Beale's function and the saddle x^2 - y^2,
-drawn over contour plots.
+drawn over contour plots, with a marker every 50 steps; where paths overlap, the one that
+covers less of the panel is drawn on top and thinner, so every path stays in sight.
 
 Run ``make demo`` or ``python examples/demo.py [--out DIR] [--epochs N] [--quick]``. The
 pictures go to ``demo_output/`` by default; their absolute paths are printed at the end.
+``plot_curves`` and ``plot_race`` return their matplotlib figures.
 """
 
 from __future__ import annotations
@@ -35,7 +37,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
+from matplotlib import patheffects
 from matplotlib.figure import Figure  # no pyplot: figures straight to PNG, no window
+from matplotlib.lines import Line2D
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from tqdm import tqdm
@@ -238,9 +242,10 @@ def print_table(results: dict) -> None:
         "share of the kernels' entries that are exactly 0)")
 
 
-def plot_curves(results: dict, path: Path, dpi: int) -> None:
+def plot_curves(results: dict, path: Path, dpi: int) -> Figure:
   """Training and validation loss per epoch, one panel per optimizer, with the epoch that
-  early stopping kept; the last panel shows the kernels' share of exact zeros."""
+  early stopping kept; the last panel shows the kernels' share of exact zeros. Returns the
+  figure, after writing it to `path`."""
   fig = Figure(figsize=(16, 7), layout="constrained")
   axes = fig.subplots(2, 4, sharex=True).ravel()
   for ax, (name, r) in zip(axes, results.items()):
@@ -255,21 +260,40 @@ def plot_curves(results: dict, path: Path, dpi: int) -> None:
     if r["stopped_early"]:
       ax.plot([epochs[-1]], [h["val_loss"][-1]], "x", color="tab:red", ms=8, label="stopped")
     ax.set_yscale("log")
+    ax.set_ylabel("cross-entropy loss (log scale)")
     ax.set_title(name)
     ax.legend(fontsize=7, loc="upper right")
     ax.grid(alpha=0.3)
   for ax in axes[4:7]:
     ax.set_xlabel("epoch")
-  ax = axes[7]
-  for name, r in results.items():
-    ax.plot(100 * np.asarray(r["history"]["zero_fraction"]), label=name)
-  ax.set_title("kernel weights that are exactly 0 (%)")
-  ax.set_xlabel("epoch")
-  ax.legend(fontsize=7)
-  ax.grid(alpha=0.3)
-  fig.suptitle("Flax MLP on scikit-learn digits: loss per epoch (log scale); the dashed line "
-               "is the epoch early stopping restores")
+  plot_zero_fractions(axes[7], results)
+  fig.suptitle("Flax MLP on scikit-learn digits: loss per epoch; the dashed line is the epoch "
+               "early stopping restores")
   fig.savefig(path, dpi=dpi)
+  return fig
+
+
+def plot_zero_fractions(ax, results: dict) -> None:
+  """The kernels' share of exact zeros per epoch: a line for each optimizer that makes
+  zeros, and one line, named in the legend, for those that stay at 0 at every epoch (six
+  lines drawn on top of each other could not be told apart)."""
+  colors = dict(zip(results, [f"C{i}" for i in range(len(results))]))
+  never = [name for name, r in results.items() if not any(r["history"]["zero_fraction"])]
+  for name, r in results.items():
+    if name not in never:
+      ax.plot(100 * np.asarray(r["history"]["zero_fraction"]), color=colors[name], lw=2,
+              label=name)
+  if never:
+    longest = max(len(results[name]["history"]["zero_fraction"]) for name in never)
+    names = ",\n".join(", ".join(never[i:i + 3]) for i in range(0, len(never), 3))
+    ax.plot(np.zeros(longest), color="0.4", ls="--", lw=1.5,
+            label=f"0 at every epoch:\n{names}")
+  ax.set_title("kernel weights that are exactly 0")
+  ax.set_ylabel("share of the kernels' entries (%)")
+  ax.set_xlabel("epoch")
+  ax.set_ylim(bottom=-0.04 * max(ax.get_ylim()[1], 1.0))  # the zero line clear of the frame
+  ax.legend(fontsize=7, loc="center right", bbox_to_anchor=(1.0, 0.3))
+  ax.grid(alpha=0.3)
 
 
 # ---------------------------------------------------------------------------------------
@@ -353,11 +377,41 @@ def race(steps: int) -> dict:
   return paths
 
 
-def plot_race(paths: dict, steps: int, path: Path, dpi: int) -> None:
-  fig = Figure(figsize=(6 * len(LANDSCAPES), 5.4), layout="constrained")
+RACE_STYLES = {  # name -> (color, marker); the markers tell the paths apart where they meet
+    "SGD": ("tab:blue", "o"),
+    "Momentum": ("tab:orange", "s"),
+    "RMSProp": ("tab:green", "^"),
+    "Adam": ("tab:red", "D"),
+}
+MARK_EVERY = 50  # steps between two markers on a path: their spacing shows the speed
+
+
+def footprint(trajectory: np.ndarray, box, cells: int = 200) -> int:
+  """How much of the plotted box a path covers: the cells of a `cells` x `cells` grid over
+  the box that it passes through (a path that zigzags in a narrow valley covers little more
+  than the valley's stretch; the part outside the frame covers nothing)."""
+  (x0, x1), (y0, y1) = box
+  scaled = (trajectory - [x0, y0]) / [x1 - x0, y1 - y0]
+  # Points a hundredth of a cell apart along each segment (8 points at least).
+  fine = [np.linspace(a, b, max(8, int(100 * cells * np.abs(b - a).max())), endpoint=False)
+          for a, b in zip(scaled[:-1], scaled[1:])]
+  points = np.concatenate(fine + [scaled[-1:]])
+  points = points[np.all((points >= 0) & (points < 1), axis=1)]
+  return len(np.unique(np.floor(points * cells).astype(np.int64), axis=0))
+
+
+def plot_race(paths: dict, steps: int, path: Path, dpi: int) -> Figure:
+  """The race's paths over contour plots, one panel per landscape. Returns the figure,
+  after writing it to `path`.
+
+  Paths overlap: SGD crawls along the start of momentum's track, and momentum, Adam and
+  RMSProp share Rosenbrock's valley. So the path that covers the least of the panel (its
+  `footprint`) is drawn on top and the thinnest, and each path below is wider than those
+  above it, so that it shows as a border around them; each optimizer's markers (every
+  MARK_EVERY steps) are drawn above every line.
+  """
+  fig = Figure(figsize=(6 * len(LANDSCAPES), 6.4), layout="constrained")
   axes = fig.subplots(1, len(LANDSCAPES))
-  colors = dict(zip(RACERS, ("tab:blue", "tab:orange", "tab:green", "tab:red")))
-  widths = dict(zip(RACERS, (3.2, 2.4, 1.6, 1.2)))  # wide to narrow: overlapping paths show
   for ax, land in zip(axes, LANDSCAPES):
     (x0, x1), (y0, y1) = land.box
     xs, ys = np.meshgrid(np.linspace(x0, x1, 300), np.linspace(y0, y1, 300))
@@ -366,21 +420,42 @@ def plot_race(paths: dict, steps: int, path: Path, dpi: int) -> None:
       ax.contourf(xs, ys, np.log10(zs - zs.min() + 1e-3), levels=30, cmap="Greys_r", alpha=0.6)
     else:
       ax.contourf(xs, ys, zs, levels=30, cmap="Greys_r", alpha=0.6)
-    for name, trajectory in paths[land.name].items():
-      ax.plot(trajectory[:, 0], trajectory[:, 1], "-", lw=widths[name], color=colors[name],
-              label=f"{name} (lr {land.learning_rates[name]:g})")
-      ax.plot(trajectory[-1, 0], trajectory[-1, 1], "o", ms=6, mec="k", color=colors[name],
-              zorder=5)
-    ax.plot(*land.start, "ks", ms=7, label="start")
+    runs = paths[land.name]
+    # The widest footprint first: each path is drawn over those that cover more.
+    order = sorted(runs, key=lambda name: -footprint(runs[name], land.box))
+    handles = []
+    widths = np.linspace(5.0, 1.4, len(order))  # each path a border around those above it
+    # A white halo around the bottom path sets the group off from dark contours.
+    halo = [patheffects.withStroke(linewidth=widths[0] + 1.2, foreground="white")]
+    for depth, name in enumerate(order):
+      trajectory, (color, marker) = runs[name], RACE_STYLES[name]
+      ax.plot(trajectory[:, 0], trajectory[:, 1], "-", lw=widths[depth], color=color,
+              zorder=2 + depth, solid_capstyle="round",
+              path_effects=halo if depth == 0 else [], gid=f"path:{name}")
+      marks = trajectory[MARK_EVERY::MARK_EVERY]
+      ax.plot(marks[:, 0], marks[:, 1], marker, ls="none", ms=4.5, color=color, mec="white",
+              mew=0.6, zorder=10 + depth, gid=f"marks:{name}")
+      ax.plot(trajectory[-1, 0], trajectory[-1, 1], marker, ms=9, color=color, mec="k",
+              zorder=20 + depth, gid=f"end:{name}")
+    for name, (color, marker) in RACE_STYLES.items():
+      handles.append(Line2D([], [], color=color, lw=2, marker=marker, ms=6, mec="white",
+                            label=f"{name} (lr {land.learning_rates[name]:g})"))
+    handles.append(ax.plot(*land.start, "ks", ms=7, zorder=30, label="start")[0])
     if land.minimum is not None:
-      ax.plot(*land.minimum, "*", color="gold", mec="k", ms=15, label="minimum")
+      handles.append(ax.plot(*land.minimum, "*", color="gold", mec="k", ms=15, zorder=30,
+                             label="minimum")[0])
     ax.set_xlim(x0, x1)
     ax.set_ylim(y0, y1)
+    ax.set_xlabel("x")
+    ax.set_ylabel("y")
     ax.set_title(land.name)
-    ax.legend(fontsize=8, loc="lower left")
-  fig.suptitle(f"Optimizer race: {steps} steps from the same start (dots: where each ended, "
-               "if inside the frame)")
+    # Below the panel, where it covers no path.
+    ax.legend(handles=handles, fontsize=8, ncol=3, loc="upper center",
+              bbox_to_anchor=(0.5, -0.1))
+  fig.suptitle(f"Optimizer race: {steps} steps from the same start; a small marker every "
+               f"{MARK_EVERY} steps, a large one where each ended (if inside the frame)")
   fig.savefig(path, dpi=dpi)
+  return fig
 
 
 # ---------------------------------------------------------------------------------------
