@@ -13,7 +13,7 @@ MIN_PYTHON := $(shell for p in $(PYTHON) python3.11 python3.10; do \
 NO_MIN_PYTHON := SKIPPED: the minimum-versions run needs Python 3.10 or 3.11 (the pinned
 NO_MIN_PYTHON += releases have no wheels for newer ones); install python3.11 to run it
 
-.PHONY: test test-main test-isa test-min test-wheel min-venv demo bench docs clean
+.PHONY: test lint test-main test-isa test-min test-wheel min-venv demo bench docs clean
 
 $(VENV)/.stamp-base:
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +21,7 @@ $(VENV)/.stamp-base:
 	touch $@
 
 $(VENV)/.stamp-test: $(VENV)/.stamp-base pyproject.toml
-	$(PIP) install --quiet -e ".[test,docs]"
+	$(PIP) install --quiet -e ".[test,docs,lint]"
 	touch $@
 
 $(VENV)/.stamp-examples: $(VENV)/.stamp-base pyproject.toml
@@ -53,7 +53,17 @@ min-venv:
 ##   4. the wheel: built, installed in a fresh venv outside the checkout, one training step.
 ## (The installs and the wheel's build run beside the whole suite: they mostly wait on the
 ## disk and the package index while the suite keeps both cores busy.)
+## make lint: ruff's rules and its formatter (a check: nothing is rewritten) on every Python file,
+## and pyrefly's type check of the package ([tool.ruff], [tool.pyrefly] in pyproject.toml; the
+## same hooks in .pre-commit-config.yaml).
+lint: $(VENV)/.stamp-test
+	$(VENV)/bin/ruff check --no-cache .
+	$(VENV)/bin/ruff format --no-cache --check .
+	$(VENV)/bin/pyrefly check --python-interpreter-path $(PY) --progress-bar no
+
 test:
+	@echo "== $$(date +%T) lint, format and types"
+	@$(MAKE) --no-print-directory lint
 	@echo "== $$(date +%T) the whole suite (and, beside it, the minimum-versions venv and the wheel check)"
 	@$(MAKE) --no-print-directory -j3 test-main min-venv test-wheel
 	@echo "== $$(date +%T) the numerics tests limited to SSE4.2"

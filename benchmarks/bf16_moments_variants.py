@@ -179,7 +179,8 @@ def main():
           f"{args.reps} rounds, {jax.devices()[0].platform}")
     print(f"{'variant':18s} {'ms':>7s} {'/f32':>6s} {'/optax_mu':>9s}")
     for n, ts in times.items():
-      ratio = lambda ref: statistics.median(a / b for a, b in zip(ts, times[ref]))
+      ratio = lambda ref, ts=ts, times=times: statistics.median(
+          a / b for a, b in zip(ts, times[ref]))
       print(f"{n:18s} {1e3 * statistics.median(ts):7.2f} {ratio('f32'):6.2f} "
             f"{ratio('optax_mu'):9.2f}")
 

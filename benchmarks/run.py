@@ -315,10 +315,12 @@ def run_zero1(cfg: dict) -> dict:
       params = optcompose.flat_params(params, pad_to=len(devices))
       grads = optcompose.flat_params(grads, pad_to=len(devices))
     params, grads = jax.device_put((params, grads), replicated)
-    shardings = {"replicated state": lambda: jax.tree.map(lambda _: replicated,
-                                                          jax.eval_shape(tx.init, params)),
-                 "zero1 per leaf": lambda: zero1_state_shardings(tx, params),
-                 "zero1 FlatParams": lambda: zero1_flat_shardings(tx, params, mesh)}[layout]()
+    if layout == "replicated state":
+      shardings = jax.tree.map(lambda _: replicated, jax.eval_shape(tx.init, params))
+    elif layout == "zero1 per leaf":
+      shardings = zero1_state_shardings(tx, params)
+    else:
+      shardings = zero1_flat_shardings(tx, params, mesh)
     state = jax.jit(tx.init, out_shardings=shardings)(params)
 
     def step(p, s, g):

@@ -215,7 +215,8 @@ def _digest(value: Any) -> Optional[int]:
     return None
   array = np.ascontiguousarray(np.asarray(value))  # Python numbers: NumPy's default dtypes
   header = zlib.crc32(f"{array.dtype.name}{array.shape}".encode())
-  return zlib.crc32(array.reshape(-1).view(np.uint8), header)
+  # An ndarray is a buffer; NumPy's stubs declare it only for Python 3.12 and later.
+  return zlib.crc32(array.reshape(-1).view(np.uint8), header)  # pyrefly: ignore[bad-argument-type]
 
 
 def _checksums(leaves: dict) -> list:
@@ -310,9 +311,9 @@ def _check_layouts(fn: str, where: PathLike, saved: list, target: Any) -> None:
     if not (isinstance(layout, (list, tuple)) and all(_is_layout_leaf(e) for e in layout)):
       raise _damaged_record(fn, where, "layouts", f"the layout of `{_saved_keystr(path)}` is "
                             f"{layout!r:.80}, expected {expected}")
-  saved = {path: [list(leaf) for leaf in layout] for path, layout in entries}
+  by_path = {path: [list(leaf) for leaf in layout] for path, layout in entries}
   for path, want in _layouts(target):
-    got = saved.get(tuple(path))
+    got = by_path.get(tuple(path))
     if got is None or got == want:
       continue
     i = next(i for i in range(max(len(got), len(want))) if got[i:i + 1] != want[i:i + 1])

@@ -17,7 +17,7 @@ import shutil
 import sys
 import threading
 import uuid
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import jax
 import numpy as np
@@ -33,7 +33,7 @@ def _locked(directory: pathlib.Path, exclusive: bool = True):
   """Hold ``flock`` on ``directory`` itself (nothing to clean up); no lock where unsupported."""
   fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)) if fcntl else None
   try:
-    if fd is not None:
+    if fd is not None and fcntl is not None:  # fd is None exactly when fcntl is
       try:
         fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
       except OSError as e:  # a file system without flock: proceed unlocked
@@ -205,7 +205,8 @@ class AsyncSave:
   __module__ = "optcompose.checkpoint"
 
   def __init__(self, directory: Any, finish: Callable[[], None], hosts: Any, block: bool):
-    self.directory, self._error, self._hosts, self._settled = directory, None, hosts, False
+    self.directory, self._hosts, self._settled = directory, hosts, False
+    self._error: Optional[BaseException] = None
     self._thread = None
     if block:
       self._run(finish)

@@ -183,7 +183,7 @@ def restore_checkpoint(path: PathLike, target: Any) -> Any:
   with open(path, "rb") as f:
     data = f.read()
   try:
-    saved = serialization.msgpack_restore(data)
+    saved: Any = serialization.msgpack_restore(data)
   except Exception as e:  # msgpack's errors for a truncated or foreign file vary
     error = CheckpointCorruptError if FORMAT_KEY.encode() in data[:64] else ValueError
     raise error(f"restore_checkpoint: {os.fspath(path)} is not a msgpack checkpoint, or is "
@@ -290,6 +290,7 @@ def save_orbax_checkpoint(directory: Any, tree: Any, *, overwrite: bool = False,
         if primary and remote:
           (directory / SIDECAR).write_text(text)
         elif primary:
+          assert new is not None and isinstance(text, str)  # both set when primary and local
           _finish(new, SIDECAR, text)
           _install(new, directory)
       except BaseException:

@@ -107,7 +107,7 @@ def numpy_average(initial, path, weight_fn, taken):
     if taken(t):
       n += 1
       w = weight_fn(n)
-      a = jax.tree.map(lambda x, y: (1 - w) * x + w * y, a, f64(p))
+      a = jax.tree.map(lambda x, y, w=w: (1 - w) * x + w * y, a, f64(p))
     out.append(a)
   return out
 
@@ -117,7 +117,7 @@ def numpy_debiased_ema(path, decay):
   m, out = jax.tree.map(np.zeros_like, f64(path[0])), []
   for t, p in enumerate(path, start=1):
     m = jax.tree.map(lambda x, y: decay * x + (1 - decay) * y, m, f64(p))
-    out.append(jax.tree.map(lambda x: x / (1 - decay ** t), m))
+    out.append(jax.tree.map(lambda x, t=t: x / (1 - decay ** t), m))
   return out
 
 

@@ -203,7 +203,7 @@ def numpy_trajectory(step, prob, steps):
   path = []
   for t in range(steps):
     g = prob.grad(jax.tree.map(lambda a: jnp.asarray(a, dtype), w), t)
-    w = jax.tree.map(lambda wi, gi: step(wi, np.asarray(gi, np.float64), t), w, g)
+    w = jax.tree.map(lambda wi, gi, t=t: step(wi, np.asarray(gi, np.float64), t), w, g)
     path.append(w)
   return path
 

@@ -131,7 +131,8 @@ def test_adamw_without_l1_has_no_exact_zeros_on_the_same_run():
   for l1 in (0.0, 0.3):
     tx, p = oc.adamw(0.01, weight_decay=0.0, l1=l1), {"w": jnp.zeros(30)}
     s = tx.init(p)
-    step = jax.jit(lambda p, s, i: tx.update(jax.grad(loss)(p, i), s, p), static_argnums=2)
+    step = jax.jit(lambda p, s, i, tx=tx: tx.update(jax.grad(loss)(p, i), s, p),
+                   static_argnums=2)
     for t in range(500):
       u, s = step(p, s, t % 10)
       p = oc.apply_updates(p, u)

@@ -96,7 +96,7 @@ def test_deprecated_optimistic_adam_warns_and_equals_optax_in_float64():
       ref = standard_promotion(optax.optimistic_adam(0.03, optimism=0.01, b1=0.8))
     s_ours, s_ref, p = ours.init(params), ref.init(params), params
     for t in range(6):
-      g = jax.tree.map(lambda w: jnp.sin(3.0 * w + t), p)
+      g = jax.tree.map(lambda w, t=t: jnp.sin(3.0 * w + t), p)
       u_ours, s_ours = ours.update(g, s_ours, p)
       u_ref, s_ref = ref.update(g, s_ref, p)
       np.testing.assert_allclose(u_ours["w"], u_ref["w"], rtol=1e-12, atol=1e-15)
