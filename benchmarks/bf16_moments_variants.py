@@ -52,7 +52,11 @@ import optax
 import optcompose as oc
 from optcompose.core import safe_increment
 from optcompose.transforms.statistics import (
-    adam_direction_leaf, debias_factor, debias_leaf, ema_leaf, square_leaf,
+  adam_direction_leaf,
+  debias_factor,
+  debias_leaf,
+  ema_leaf,
+  square_leaf,
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -87,28 +91,32 @@ def adam_variant(stored: str, barrier: bool = False, wide_nu: bool = False, mu_d
     c1, c2 = debias_factor(0.9, count), debias_factor(0.999, count)
     out = jax.tree.map(lambda g, m, v: leaf(g, m, v, c1, c2), updates, state.mu, state.nu)
     treedef = jax.tree.structure(updates)
-    u, mu, nu = (jax.tree.unflatten(treedef, [o[i] for o in treedef.flatten_up_to(out)])
-                 for i in range(3))
+    u, mu, nu = (
+      jax.tree.unflatten(treedef, [o[i] for o in treedef.flatten_up_to(out)]) for i in range(3)
+    )
     return u, optax.ScaleByAdamState(count, mu, nu)
 
-  return oc.chain(oc.GradientTransformation(init, update), oc.add_decayed_weights(WD),
-                  oc.scale_by_learning_rate(LR))
+  return oc.chain(
+    oc.GradientTransformation(init, update),
+    oc.add_decayed_weights(WD),
+    oc.scale_by_learning_rate(LR),
+  )
 
 
 def variants():
   v = {
-      "f32": oc.adamw(LR, weight_decay=WD),
-      "optax_mu": optax.adamw(LR, weight_decay=WD, mu_dtype=BF16),
-      "lib_mu": oc.adamw(LR, weight_decay=WD, mu_dtype=BF16),
-      "lib_mu_nu": oc.adamw(LR, weight_decay=WD, mu_dtype=BF16, nu_dtype=BF16),
-      "old": adam_variant(""),
-      "stored": adam_variant("mu_nu"),
-      "stored_nu": adam_variant("nu"),
-      "stored_barrier": adam_variant("mu_nu", barrier=True),
-      "stored_nu_barrier": adam_variant("nu", barrier=True),
-      "stored_wide": adam_variant("mu_nu", wide_nu=True),
-      "lib_nu": oc.adamw(LR, weight_decay=WD, nu_dtype=BF16),
-      "nu_only_stored": adam_variant("nu", mu_dtype=jnp.float32),
+    "f32": oc.adamw(LR, weight_decay=WD),
+    "optax_mu": optax.adamw(LR, weight_decay=WD, mu_dtype=BF16),
+    "lib_mu": oc.adamw(LR, weight_decay=WD, mu_dtype=BF16),
+    "lib_mu_nu": oc.adamw(LR, weight_decay=WD, mu_dtype=BF16, nu_dtype=BF16),
+    "old": adam_variant(""),
+    "stored": adam_variant("mu_nu"),
+    "stored_nu": adam_variant("nu"),
+    "stored_barrier": adam_variant("mu_nu", barrier=True),
+    "stored_nu_barrier": adam_variant("nu", barrier=True),
+    "stored_wide": adam_variant("mu_nu", wide_nu=True),
+    "lib_nu": oc.adamw(LR, weight_decay=WD, nu_dtype=BF16),
+    "nu_only_stored": adam_variant("nu", mu_dtype=jnp.float32),
   }
   return v
 
@@ -117,8 +125,9 @@ def make_tree(kind):
   shapes = tree_shapes(kind, SIZE)
   rng = np.random.default_rng(0)
   params = {k: jnp.asarray(rng.standard_normal(s, np.float32)) for k, (s, _) in shapes.items()}
-  grads = {k: jnp.asarray(rng.standard_normal(s, np.float32) * 1e-2) for k, (s, _) in
-           shapes.items()}
+  grads = {
+    k: jnp.asarray(rng.standard_normal(s, np.float32) * 1e-2) for k, (s, _) in shapes.items()
+  }
   return params, grads
 
 
@@ -134,7 +143,7 @@ def build(tx, params, grads):
 
 def hlo_summary(compiled):
   text = compiled.as_text()
-  entry = text[text.index("\nENTRY"):]
+  entry = text[text.index("\nENTRY") :]
   lines = [ln.strip() for ln in entry.splitlines() if " = " in ln]
   ops = [re.search(r"\b([a-z][a-z0-9_-]*)\(", ln.split(" = ", 1)[1]).group(1) for ln in lines]
   temp = compiled.memory_analysis().temp_size_in_bytes
@@ -153,7 +162,7 @@ def measure(kind, reps, show_hlo):
       print(f"  {kind:12s} {name:18s} {hlo_summary(compiled)}")
   times = {n: [] for n in names}
   for r in range(reps + 3):
-    order = names[r % len(names):] + names[:r % len(names)]
+    order = names[r % len(names) :] + names[: r % len(names)]
     for n in order:
       p, s = carry[n]
       t0 = time.perf_counter()
@@ -175,14 +184,18 @@ def main():
   for kind in args.trees.split(","):
     times = measure(kind, args.reps, args.hlo)
     n_leaves = len(tree_shapes(kind, SIZE))
-    print(f"\n{kind} ({n_leaves} leaves, {SIZE / 2**20:.1f}M float32 params), "
-          f"{args.reps} rounds, {jax.devices()[0].platform}")
+    print(
+      f"\n{kind} ({n_leaves} leaves, {SIZE / 2**20:.1f}M float32 params), "
+      f"{args.reps} rounds, {jax.devices()[0].platform}"
+    )
     print(f"{'variant':18s} {'ms':>7s} {'/f32':>6s} {'/optax_mu':>9s}")
     for n, ts in times.items():
       ratio = lambda ref, ts=ts, times=times: statistics.median(
-          a / b for a, b in zip(ts, times[ref]))
-      print(f"{n:18s} {1e3 * statistics.median(ts):7.2f} {ratio('f32'):6.2f} "
-            f"{ratio('optax_mu'):9.2f}")
+        a / b for a, b in zip(ts, times[ref])
+      )
+      print(
+        f"{n:18s} {1e3 * statistics.median(ts):7.2f} {ratio('f32'):6.2f} {ratio('optax_mu'):9.2f}"
+      )
 
 
 if __name__ == "__main__":

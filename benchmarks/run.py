@@ -48,9 +48,16 @@ NEW_OPTIMIZERS = ("lion", "lamb", "adafactor", "lbfgs")
 # Issue 16's wrappers around AdamW, and the parameter-sized arrays each must read besides
 # AdamW's own (its ideal bytes): apply_if_finite tests the gradients; with_diagnostics takes
 # the norms of the gradients, the updates and the parameters.
-WRAPPERS = ("apply_if_finite_adamw", "apply_if_finite_checked_adamw", "diagnostics_adamw",
-            "masked_adamw", "partition_adamw", "inject_adamw", "multi_steps4_adamw",
-            "ema_params_adamw")
+WRAPPERS = (
+  "apply_if_finite_adamw",
+  "apply_if_finite_checked_adamw",
+  "diagnostics_adamw",
+  "masked_adamw",
+  "partition_adamw",
+  "inject_adamw",
+  "multi_steps4_adamw",
+  "ema_params_adamw",
+)
 # Each wrapper's ideal bytes per float32 parameter beyond the count every row gets (the
 # gradients read, the parameters and the whole state read and written: AdamW's 28, or 36
 # with an accumulator or an average in the state): apply_if_finite reads the gradients once
@@ -59,15 +66,23 @@ WRAPPERS = ("apply_if_finite_adamw", "apply_if_finite_checked_adamw", "diagnosti
 # ema_params (its average is in the state) nothing; multi_steps(k=4), per call on average,
 # three micro-steps (read g, read and write the accumulator: 12) and a real step (AdamW on
 # the accumulator, which is read and reset: 28 + 4): (3 * 12 + 32) / 4 = 17, i.e. 36 - 19.
-EXTRA_BYTES = {"apply_if_finite_adamw": 4, "apply_if_finite_checked_adamw": 16,
-               "diagnostics_adamw": 12, "masked_adamw": 0, "partition_adamw": 0,
-               "inject_adamw": 0, "multi_steps4_adamw": -19, "ema_params_adamw": 0}
+EXTRA_BYTES = {
+  "apply_if_finite_adamw": 4,
+  "apply_if_finite_checked_adamw": 16,
+  "diagnostics_adamw": 12,
+  "masked_adamw": 0,
+  "partition_adamw": 0,
+  "inject_adamw": 0,
+  "multi_steps4_adamw": -19,
+  "ema_params_adamw": 0,
+}
 # The bound each "clipping and wrappers" row is held to, as a paired ratio to bare AdamW.
 CLIP_BOUND, CLIP_VS_OPTAX, WRAPPER_SLACK, DIAGNOSTICS_BOUND = 1.2, 1.8, 1.15, 1.2
 LR, WD, CLIP = 1e-3, 1e-4, 1.0
 
 
 # --- trees --------------------------------------------------------------------------------
+
 
 def tree_shapes(kind: str, total: int) -> dict:
   """{name: (shape, dtype)} with about ``total`` parameters."""
@@ -77,17 +92,37 @@ def tree_shapes(kind: str, total: int) -> dict:
     # GPT-2-like: 12 blocks of 12 leaves, token and position embeddings, final norm: 148.
     d = max(64, int(round((total / 12 / 12) ** 0.5 / 64)) * 64)
     mat = "bfloat16" if kind == "mixed" else "float32"
-    block = {"ln1_scale": (d,), "ln1_bias": (d,), "qkv": (d, 3 * d), "qkv_bias": (3 * d,),
-             "proj": (d, d), "proj_bias": (d,), "ln2_scale": (d,), "ln2_bias": (d,),
-             "fc": (d, 4 * d), "fc_bias": (4 * d,), "fc_proj": (4 * d, d), "fc_proj_bias": (d,)}
-    shapes = {f"h{i:02d}.{k}": (s, mat if len(s) == 2 else "float32")
-              for i in range(12) for k, s in block.items()}
+    block = {
+      "ln1_scale": (d,),
+      "ln1_bias": (d,),
+      "qkv": (d, 3 * d),
+      "qkv_bias": (3 * d,),
+      "proj": (d, d),
+      "proj_bias": (d,),
+      "ln2_scale": (d,),
+      "ln2_bias": (d,),
+      "fc": (d, 4 * d),
+      "fc_bias": (4 * d,),
+      "fc_proj": (4 * d, d),
+      "fc_proj_bias": (d,),
+    }
+    shapes = {
+      f"h{i:02d}.{k}": (s, mat if len(s) == 2 else "float32")
+      for i in range(12)
+      for k, s in block.items()
+    }
     rest = max(total - sum(int(np.prod(s)) for s, _ in shapes.values()), 1024 * d)
-    shapes.update({"wpe": ((1024, d), mat), "wte": ((max((rest - 1024 * d) // d, 1), d), mat),
-                   "ln_f_scale": ((d,), "float32"), "ln_f_bias": ((d,), "float32")})
+    shapes.update(
+      {
+        "wpe": ((1024, d), mat),
+        "wte": ((max((rest - 1024 * d) // d, 1), d), mat),
+        "ln_f_scale": ((d,), "float32"),
+        "ln_f_bias": ((d,), "float32"),
+      }
+    )
     return shapes
   if kind.startswith("leaves"):
-    count = int(kind[len("leaves"):])
+    count = int(kind[len("leaves") :])
     return {f"p{i:04d}": ((max(total // count, 1),), "float32") for i in range(count)}
   raise ValueError(f"unknown tree kind {kind!r}")
 
@@ -95,17 +130,21 @@ def tree_shapes(kind: str, total: int) -> dict:
 def tree_label(kind: str, shapes: dict) -> str:
   n = len(shapes)
   size = next(iter(shapes.values()))[0]
-  return {"flat": "1 flat leaf", "transformer": f"transformer-like ({n} leaves)",
-          "mixed": f"transformer, bf16 matrices ({n} leaves)"}.get(
-              kind, f"{n} leaves of {int(np.prod(size))}")
+  return {
+    "flat": "1 flat leaf",
+    "transformer": f"transformer-like ({n} leaves)",
+    "mixed": f"transformer, bf16 matrices ({n} leaves)",
+  }.get(kind, f"{n} leaves of {int(np.prod(size))}")
 
 
 # --- JAX libraries ------------------------------------------------------------------------
+
 
 def jax_optimizer(lib: str, name: str):
   import jax
   import optax
   import optcompose
+
   m = optcompose if lib.startswith("optcompose") else optax
   if name == "sgd_nesterov":
     return m.sgd(LR, momentum=0.9, nesterov=True)
@@ -135,8 +174,9 @@ def jax_optimizer(lib: str, name: str):
   if name == "masked_adamw":  # every leaf selected: the mask machinery, no less work
     return m.masked(m.adamw(LR, weight_decay=WD), lambda p: jax.tree.map(lambda _: True, p))
   if name == "partition_adamw":  # one label for every leaf
-    return m.partition({"all": m.adamw(LR, weight_decay=WD)},
-                       lambda p: jax.tree.map(lambda _: "all", p))
+    return m.partition(
+      {"all": m.adamw(LR, weight_decay=WD)}, lambda p: jax.tree.map(lambda _: "all", p)
+    )
   if name == "inject_adamw":
     return m.inject_hyperparams(m.adamw)(learning_rate=LR, weight_decay=WD)
   if name == "multi_steps4_adamw":
@@ -162,35 +202,46 @@ class JaxRun:
     import jax
     import jax.numpy as jnp
     import optcompose
+
     rng = np.random.default_rng(seed)
-    params = {k: jnp.asarray(rng.normal(size=s).astype(np.float32) * 0.02, d)
-              for k, (s, d) in shapes.items()}
-    grads = {k: jnp.asarray(rng.normal(size=s).astype(np.float32) * 1e-3, d)
-             for k, (s, d) in shapes.items()}
+    params = {
+      k: jnp.asarray(rng.normal(size=s).astype(np.float32) * 0.02, d)
+      for k, (s, d) in shapes.items()
+    }
+    grads = {
+      k: jnp.asarray(rng.normal(size=s).astype(np.float32) * 1e-3, d)
+      for k, (s, d) in shapes.items()
+    }
     if lib == "optcompose-flat":
       params, grads = optcompose.flat_params(params), optcompose.flat_params(grads)
     tx = jax_optimizer(lib, opt)
     state = tx.init(params)
     self.state_bytes = sum(x.nbytes for x in jax.tree.leaves(state) if x.ndim)
-    self.ideal_bytes = (sum(x.nbytes for x in jax.tree.leaves(grads))
-                        + 2 * (sum(x.nbytes for x in jax.tree.leaves(params)) + self.state_bytes)
-                        + EXTRA_BYTES.get(opt, 0) / 4 * sum(x.nbytes for x in jax.tree.leaves(params)))
+    self.ideal_bytes = (
+      sum(x.nbytes for x in jax.tree.leaves(grads))
+      + 2 * (sum(x.nbytes for x in jax.tree.leaves(params)) + self.state_bytes)
+      + EXTRA_BYTES.get(opt, 0) / 4 * sum(x.nbytes for x in jax.tree.leaves(params))
+    )
 
     if opt == "lbfgs":
       # Optax 0.2.8's lbfgs init gives its two history fields one buffer, which the donating
       # step below cannot take twice: a copy per leaf (ours has a buffer per leaf already).
       state = jax.tree.map(jnp.copy, state)
+
       # L-BFGS needs the loss: a quadratic around the drawn gradients' direction, whose value
       # and gradient are computed in the step (its line search evaluates the loss again).
       def loss(p):
-        return sum(0.5 * jnp.sum(jnp.square(x.astype(jnp.float32) - g.astype(jnp.float32)))
-                   for x, g in zip(jax.tree.leaves(p), jax.tree.leaves(grads)))
+        return sum(
+          0.5 * jnp.sum(jnp.square(x.astype(jnp.float32) - g.astype(jnp.float32)))
+          for x, g in zip(jax.tree.leaves(p), jax.tree.leaves(grads))
+        )
 
       def step(params, state, grads):
         value, g = jax.value_and_grad(loss)(params)
         updates, state = tx.update(g, state, params, value=value, grad=g, value_fn=loss)
         return optcompose.apply_updates(params, updates), state
     else:
+
       def step(params, state, grads):
         updates, state = tx.update(grads, state, params)
         return optcompose.apply_updates(params, updates), state
@@ -199,9 +250,16 @@ class JaxRun:
     self.compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, grads).compile()
     self.compile_s = time.perf_counter() - t
     mem = self.compiled.memory_analysis()
-    self.peak_bytes = None if mem is None else (
-        mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
-        + mem.temp_size_in_bytes)
+    self.peak_bytes = (
+      None
+      if mem is None
+      else (
+        mem.argument_size_in_bytes
+        + mem.output_size_in_bytes
+        - mem.alias_size_in_bytes
+        + mem.temp_size_in_bytes
+      )
+    )
     self.params, self.state, self.grads = params, state, grads
     self.block = jax.block_until_ready
     self.step()  # the first call allocates; not timed
@@ -213,18 +271,25 @@ class JaxRun:
 
 # --- PyTorch ------------------------------------------------------------------------------
 
+
 class TorchRun:
   def __init__(self, mode, opt, shapes, seed=0):
     import torch
+
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
     rng = np.random.default_rng(seed)
     self.params = []
     for s, d in shapes.values():
-      p = torch.tensor(rng.normal(size=s).astype(np.float32) * 0.02, device=device,
-                       dtype=dtypes[d], requires_grad=True)
-      p.grad = torch.tensor(rng.normal(size=s).astype(np.float32) * 1e-3, device=device,
-                            dtype=dtypes[d])
+      p = torch.tensor(
+        rng.normal(size=s).astype(np.float32) * 0.02,
+        device=device,
+        dtype=dtypes[d],
+        requires_grad=True,
+      )
+      p.grad = torch.tensor(
+        rng.normal(size=s).astype(np.float32) * 1e-3, device=device, dtype=dtypes[d]
+      )
       self.params.append(p)
     flag = {"fused": True} if mode == "torch-fused" else {"foreach": True}
     if opt == "sgd_nesterov":
@@ -233,8 +298,10 @@ class TorchRun:
       raise NotImplementedError("torch.optim.AdamW keeps its moments in the parameter's dtype")
     elif opt in ("lion", "lamb", "lbfgs"):
       raise NotImplementedError(
-          "torch.optim.LBFGS takes a closure per step (no comparable step)" if opt == "lbfgs"
-          else f"torch.optim has no {opt}")
+        "torch.optim.LBFGS takes a closure per step (no comparable step)"
+        if opt == "lbfgs"
+        else f"torch.optim has no {opt}"
+      )
     elif opt == "adafactor":
       if not hasattr(torch.optim, "Adafactor"):
         raise NotImplementedError("torch.optim.Adafactor needs PyTorch 2.5 or later")
@@ -247,18 +314,24 @@ class TorchRun:
     self.sched = None
     if self.clip:
       import math
+
       def factor(step):
         if step < 100:
           return step / 100
         frac = min((step - 100) / (10_000 - 100), 1.0)
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac))
+
       self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, factor)
     self.torch = torch
     self.sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     self.compile_s = 0.0
     self.step()  # creates the state
-    self.state_bytes = sum(v.numel() * v.element_size() for st in self.opt.state.values()
-                           for v in st.values() if torch.is_tensor(v) and v.ndim)
+    self.state_bytes = sum(
+      v.numel() * v.element_size()
+      for st in self.opt.state.values()
+      for v in st.values()
+      if torch.is_tensor(v) and v.ndim
+    )
     pbytes = sum(p.numel() * p.element_size() for p in self.params)
     self.ideal_bytes = pbytes + 2 * (pbytes + self.state_bytes)
     self.peak_bytes = 2 * pbytes + self.state_bytes
@@ -275,10 +348,12 @@ class TorchRun:
 
 # --- one configuration, in this process -----------------------------------------------------
 
+
 def stream_bandwidth(n: int, reps: int) -> float:
   """In-place streaming bandwidth in GB/s: x <- a x + b on a donated float32 buffer."""
   import jax
   import jax.numpy as jnp
+
   f = jax.jit(lambda x: x * 0.999 + 1e-3, donate_argnums=0)
   x = f(jnp.ones(n, jnp.float32)).block_until_ready()
   times = []
@@ -299,6 +374,7 @@ def run_zero1(cfg: dict) -> dict:
   import optcompose
   from jax.sharding import Mesh, NamedSharding, PartitionSpec
   from optcompose.sharding import zero1_flat_shardings, zero1_state_shardings
+
   shapes = tree_shapes(cfg["tree"], cfg["size"])
   devices = jax.devices()
   mesh = Mesh(np.array(devices), ("data",))
@@ -330,31 +406,48 @@ def run_zero1(cfg: dict) -> dict:
     p_sh = jax.tree.map(lambda _: replicated, params)
     stepper = jax.jit(step, in_shardings=(p_sh, shardings, p_sh), out_shardings=(p_sh, shardings))
     params, state = stepper(params, state, grads)
-    per_device = sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(state)
-                     if x.ndim)
+    per_device = sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(state) if x.ndim)
     total = sum(x.nbytes for x in jax.tree.leaves(state) if x.ndim)
     final = params.unflatten() if layout == "zero1 FlatParams" else params
     finals[layout] = np.concatenate([np.asarray(final[k]).ravel() for k in host])
-    rows.append({"layout": layout, "state_mb_per_device": per_device / 2**20,
-                 "state_mb_total": total / 2**20,
-                 "params_mb_per_device": sum(x.addressable_shards[0].data.nbytes
-                                             for x in jax.tree.leaves(params)) / 2**20})
+    rows.append(
+      {
+        "layout": layout,
+        "state_mb_per_device": per_device / 2**20,
+        "state_mb_total": total / 2**20,
+        "params_mb_per_device": sum(
+          x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(params)
+        )
+        / 2**20,
+      }
+    )
   ref = finals["replicated state"]
   for r in rows:
     r["max_diff_vs_replicated"] = float(np.max(np.abs(finals[r["layout"]] - ref)))
-  return {"cfg": cfg, "label": tree_label(cfg["tree"], shapes), "params": n,
-          "devices": len(devices), "memory_rows": rows}
+  return {
+    "cfg": cfg,
+    "label": tree_label(cfg["tree"], shapes),
+    "params": n,
+    "devices": len(devices),
+    "memory_rows": rows,
+  }
 
 
 def memory_table(res: dict) -> list:
-  lines = [f"AdamW on the {res['label']} tree, {res['params'] / 1e6:.1f}M float32 parameters, "
-           f"{res['devices']} simulated CPU devices (`--xla_force_host_platform_device_count`); "
-           "one step each way, parameters compared with the replicated-state run:", "",
-           "| state layout | state MB per device | state MB (whole arrays) | parameters MB per device "
-           "| max abs difference after one step |", "|---|---|---|---|---|"]
+  lines = [
+    f"AdamW on the {res['label']} tree, {res['params'] / 1e6:.1f}M float32 parameters, "
+    f"{res['devices']} simulated CPU devices (`--xla_force_host_platform_device_count`); "
+    "one step each way, parameters compared with the replicated-state run:",
+    "",
+    "| state layout | state MB per device | state MB (whole arrays) | parameters MB per device "
+    "| max abs difference after one step |",
+    "|---|---|---|---|---|",
+  ]
   for r in res["memory_rows"]:
-    lines.append(f"| {r['layout']} | {r['state_mb_per_device']:.1f} | {r['state_mb_total']:.1f} "
-                 f"| {r['params_mb_per_device']:.1f} | {r['max_diff_vs_replicated']:.1e} |")
+    lines.append(
+      f"| {r['layout']} | {r['state_mb_per_device']:.1f} | {r['state_mb_total']:.1f} "
+      f"| {r['params_mb_per_device']:.1f} | {r['max_diff_vs_replicated']:.1e} |"
+    )
   return lines
 
 
@@ -377,7 +470,7 @@ def run_config(cfg: dict) -> dict:
   times = {lib: [] for lib in runs}
   order = list(runs)
   for rep in range(cfg["reps"]):
-    for lib in order[rep % len(order):] + order[:rep % len(order)]:  # rotate who goes first
+    for lib in order[rep % len(order) :] + order[: rep % len(order)]:  # rotate who goes first
       t = time.perf_counter()
       runs[lib].step()
       times[lib].append(time.perf_counter() - t)
@@ -391,15 +484,34 @@ def run_config(cfg: dict) -> dict:
     # (other tenants, frequency) cancels in their ratio; the median ratio is the comparison.
     paired = None if ref is None else float(np.median(np.asarray(times[lib]) / ref))
     vs_bare = None if bare is None else float(np.median(np.asarray(times[lib]) / bare))
-    vs = {other: float(np.median(np.asarray(times[lib]) / np.asarray(times[other])))
-          for other in times if other != lib}
-    rows.append({"lib": lib, "median_ms": float(np.median(ts)),
-                 "p10_ms": float(np.percentile(ts, 10)), "p90_ms": float(np.percentile(ts, 90)),
-                 "ideal_bytes": run.ideal_bytes, "compile_s": run.compile_s,
-                 "state_bytes_per_param": run.state_bytes / n, "peak_bytes": run.peak_bytes,
-                 "paired_vs_optax": paired, "paired_vs_bare": vs_bare, "paired_vs": vs})
-  return {"cfg": cfg, "label": tree_label(cfg["tree"], shapes), "params": n,
-          "bandwidth_gbs": bw, "rows": rows, "skipped": skipped}
+    vs = {
+      other: float(np.median(np.asarray(times[lib]) / np.asarray(times[other])))
+      for other in times
+      if other != lib
+    }
+    rows.append(
+      {
+        "lib": lib,
+        "median_ms": float(np.median(ts)),
+        "p10_ms": float(np.percentile(ts, 10)),
+        "p90_ms": float(np.percentile(ts, 90)),
+        "ideal_bytes": run.ideal_bytes,
+        "compile_s": run.compile_s,
+        "state_bytes_per_param": run.state_bytes / n,
+        "peak_bytes": run.peak_bytes,
+        "paired_vs_optax": paired,
+        "paired_vs_bare": vs_bare,
+        "paired_vs": vs,
+      }
+    )
+  return {
+    "cfg": cfg,
+    "label": tree_label(cfg["tree"], shapes),
+    "params": n,
+    "bandwidth_gbs": bw,
+    "rows": rows,
+    "skipped": skipped,
+  }
 
 
 # --- the suite -----------------------------------------------------------------------------
@@ -415,33 +527,106 @@ M = 1 << 20
 
 def suite(quick: bool, full: bool) -> list:
   if quick:
-    return [dict(section="trees", opt="adamw", tree=t, size=M, libs=ALL_LIBS, reps=10)
-            for t in ("flat", "transformer", "leaves256")]
+    return [
+      dict(section="trees", opt="adamw", tree=t, size=M, libs=ALL_LIBS, reps=10)
+      for t in ("flat", "transformer", "leaves256")
+    ]
   size, reps = 16 * M, 40
-  configs = [dict(section="trees", opt="adamw", tree=t, size=size, libs=ALL_LIBS, reps=reps)
-             for t in ("flat", "transformer", "leaves1000", "leaves4096", "mixed")]
-  configs += [dict(section="optimizers", opt=o, tree="transformer", size=size, libs=ALL_LIBS,
-                   reps=reps) for o in OPTIMIZERS if o not in ("adamw", "adamw_bf16_moments")]
-  configs += [dict(section="optimizers", opt="clip_adamw_cosine", tree="leaves4096", size=size,
-                   libs=ALL_LIBS if full else ("optcompose-flat", "torch-fused", "torch-foreach"),
-                   reps=reps)]
-  configs += [dict(section="clipping and wrappers", opt="clip_adamw_cosine", tree=t, size=size,
-                   libs=("optcompose", BARE, "optax", "torch-fused"), reps=reps)
-              for t in ("flat", "transformer", "leaves1000")]
-  configs += [dict(section="clipping and wrappers", opt=o, tree="flat", size=size,
-                   libs=("optcompose", BARE, "optax"), reps=reps) for o in WRAPPERS]
-  configs += [dict(section="low-precision state", opt="adamw_bf16_mu", tree=t, size=size,
-                   libs=("optcompose", "optax"), reps=reps) for t in ("flat", "transformer")]
-  configs += [dict(section="low-precision state", opt="adamw_bf16_moments", tree=t, size=size,
-                   libs=("optcompose", BARE, "optax"), reps=reps) for t in ("flat", "transformer")]
-  configs += [dict(section="ZeRO-1: optimizer state per device", kind="zero1", opt="adamw",
-                   tree="transformer", size=size, devices=8)]
-  configs += [dict(section="issue 15 optimizers", opt=o, tree="transformer", size=size,
-                   libs=("optcompose", "optax", "torch-fused", "torch-foreach"), reps=reps)
-              for o in NEW_OPTIMIZERS]
-  configs += [dict(section="sizes", opt="adamw", tree="flat", size=s * M,
-                   libs=("optcompose", "optax", "torch-fused"), reps=reps)
-              for s in (1, 4, 64)]
+  configs = [
+    dict(section="trees", opt="adamw", tree=t, size=size, libs=ALL_LIBS, reps=reps)
+    for t in ("flat", "transformer", "leaves1000", "leaves4096", "mixed")
+  ]
+  configs += [
+    dict(section="optimizers", opt=o, tree="transformer", size=size, libs=ALL_LIBS, reps=reps)
+    for o in OPTIMIZERS
+    if o not in ("adamw", "adamw_bf16_moments")
+  ]
+  configs += [
+    dict(
+      section="optimizers",
+      opt="clip_adamw_cosine",
+      tree="leaves4096",
+      size=size,
+      libs=ALL_LIBS if full else ("optcompose-flat", "torch-fused", "torch-foreach"),
+      reps=reps,
+    )
+  ]
+  configs += [
+    dict(
+      section="clipping and wrappers",
+      opt="clip_adamw_cosine",
+      tree=t,
+      size=size,
+      libs=("optcompose", BARE, "optax", "torch-fused"),
+      reps=reps,
+    )
+    for t in ("flat", "transformer", "leaves1000")
+  ]
+  configs += [
+    dict(
+      section="clipping and wrappers",
+      opt=o,
+      tree="flat",
+      size=size,
+      libs=("optcompose", BARE, "optax"),
+      reps=reps,
+    )
+    for o in WRAPPERS
+  ]
+  configs += [
+    dict(
+      section="low-precision state",
+      opt="adamw_bf16_mu",
+      tree=t,
+      size=size,
+      libs=("optcompose", "optax"),
+      reps=reps,
+    )
+    for t in ("flat", "transformer")
+  ]
+  configs += [
+    dict(
+      section="low-precision state",
+      opt="adamw_bf16_moments",
+      tree=t,
+      size=size,
+      libs=("optcompose", BARE, "optax"),
+      reps=reps,
+    )
+    for t in ("flat", "transformer")
+  ]
+  configs += [
+    dict(
+      section="ZeRO-1: optimizer state per device",
+      kind="zero1",
+      opt="adamw",
+      tree="transformer",
+      size=size,
+      devices=8,
+    )
+  ]
+  configs += [
+    dict(
+      section="issue 15 optimizers",
+      opt=o,
+      tree="transformer",
+      size=size,
+      libs=("optcompose", "optax", "torch-fused", "torch-foreach"),
+      reps=reps,
+    )
+    for o in NEW_OPTIMIZERS
+  ]
+  configs += [
+    dict(
+      section="sizes",
+      opt="adamw",
+      tree="flat",
+      size=s * M,
+      libs=("optcompose", "optax", "torch-fused"),
+      reps=reps,
+    )
+    for s in (1, 4, 64)
+  ]
   return configs
 
 
@@ -449,8 +634,10 @@ def environment() -> list:
   import jax
   import optax
   import optcompose
+
   try:
     import torch
+
     torch_version = torch.__version__
   except ImportError:
     torch_version = "not installed (PyTorch rows skipped)"
@@ -463,11 +650,13 @@ def environment() -> list:
         break
   except OSError:
     pass
-  return [f"- date: {datetime.date.today()}",
-          f"- machine: {cpu}, {os.cpu_count()} cores; JAX devices: {jax.device_count()} x "
-          f"{dev.platform} ({dev.device_kind})",
-          f"- versions: python {platform.python_version()}, jax {jax.__version__}, "
-          f"optax {optax.__version__}, optcompose {optcompose.__version__}, torch {torch_version}"]
+  return [
+    f"- date: {datetime.date.today()}",
+    f"- machine: {cpu}, {os.cpu_count()} cores; JAX devices: {jax.device_count()} x "
+    f"{dev.platform} ({dev.device_kind})",
+    f"- versions: python {platform.python_version()}, jax {jax.__version__}, "
+    f"optax {optax.__version__}, optcompose {optcompose.__version__}, torch {torch_version}",
+  ]
 
 
 def _bytes(per_param: float) -> str:
@@ -476,27 +665,33 @@ def _bytes(per_param: float) -> str:
 
 
 def table(results: list) -> list:
-  lines = ["| optimizer | tree | params | library | median ms | p10-p90 ms | GB/s (ideal B) "
-           "| of bandwidth | compile s | state B/param | peak MB | time / Optax (paired) "
-           "| time / bare (paired) |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+  lines = [
+    "| optimizer | tree | params | library | median ms | p10-p90 ms | GB/s (ideal B) "
+    "| of bandwidth | compile s | state B/param | peak MB | time / Optax (paired) "
+    "| time / bare (paired) |",
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+  ]
   for res in results:
     for r in res["rows"]:
       gbs = r["ideal_bytes"] / (r["median_ms"] / 1e3) / 1e9
       peak = "-" if r["peak_bytes"] is None else f"{r['peak_bytes'] / 2**20:.0f}"
       ratio = "-" if r.get("paired_vs_optax") is None else f"{r['paired_vs_optax']:.2f}"
       vs_bare = "-" if r.get("paired_vs_bare") is None else f"{r['paired_vs_bare']:.2f}"
-      lib = f"{r['lib']} ({res['cfg'].get('bare', 'adamw')} alone)" if r["lib"] == BARE else r["lib"]
+      lib = (
+        f"{r['lib']} ({res['cfg'].get('bare', 'adamw')} alone)" if r["lib"] == BARE else r["lib"]
+      )
       compile_s = "-" if r["lib"].startswith("torch") else f"{r['compile_s']:.2f}"
       lines.append(
-          f"| {res['cfg']['opt']} | {res['label']} | {res['params'] / 1e6:.1f}M | {lib} "
-          f"| {r['median_ms']:.2f} | {r['p10_ms']:.2f}-{r['p90_ms']:.2f} | {gbs:.1f} "
-          f"({r['ideal_bytes'] / res['params']:.0f} B/param) | {gbs / res['bandwidth_gbs']:.2f} "
-          f"| {compile_s} | {_bytes(r['state_bytes_per_param'])} | {peak} | {ratio} "
-          f"| {vs_bare} |")
+        f"| {res['cfg']['opt']} | {res['label']} | {res['params'] / 1e6:.1f}M | {lib} "
+        f"| {r['median_ms']:.2f} | {r['p10_ms']:.2f}-{r['p90_ms']:.2f} | {gbs:.1f} "
+        f"({r['ideal_bytes'] / res['params']:.0f} B/param) | {gbs / res['bandwidth_gbs']:.2f} "
+        f"| {compile_s} | {_bytes(r['state_bytes_per_param'])} | {peak} | {ratio} "
+        f"| {vs_bare} |"
+      )
     for lib, why in res["skipped"].items():
-      lines.append(f"| {res['cfg']['opt']} | {res['label']} | | {lib} | skipped: {why} "
-                   "| | | | | | | | |")
+      lines.append(
+        f"| {res['cfg']['opt']} | {res['label']} | | {lib} | skipped: {why} | | | | | | | | |"
+      )
   return lines
 
 
@@ -518,26 +713,47 @@ def bounds(results: list) -> list:
     if opt == "clip_adamw_cosine" and ours.get("paired_vs_bare") is not None:
       check(f"clip+AdamW+cosine / AdamW alone, {label}", ours["paired_vs_bare"], "<=", CLIP_BOUND)
       if "optax" in ours["paired_vs"]:
-        check(f"Optax's clip+AdamW+cosine / ours, {label}", 1 / ours["paired_vs"]["optax"],
-              ">=", CLIP_VS_OPTAX)
+        check(
+          f"Optax's clip+AdamW+cosine / ours, {label}",
+          1 / ours["paired_vs"]["optax"],
+          ">=",
+          CLIP_VS_OPTAX,
+        )
       if "torch-fused" in ours["paired_vs"]:
-        check(f"ours / PyTorch fused (clip_grad_norm_ + fused AdamW), {label}",
-              ours["paired_vs"]["torch-fused"], "<=", 1.0)
+        check(
+          f"ours / PyTorch fused (clip_grad_norm_ + fused AdamW), {label}",
+          ours["paired_vs"]["torch-fused"],
+          "<=",
+          1.0,
+        )
     elif opt in EXTRA_BYTES and ours.get("paired_vs_bare") is not None:
-      ideal = (ours["ideal_bytes"] / rows[BARE]["ideal_bytes"])
+      ideal = ours["ideal_bytes"] / rows[BARE]["ideal_bytes"]
       if opt == "diagnostics_adamw":
-        check(f"with_diagnostics(AdamW) / AdamW, {label}", ours["paired_vs_bare"], "<=",
-              DIAGNOSTICS_BOUND)
-        check(f"with_diagnostics(AdamW) / AdamW, compile time, {label}",
-              ours["compile_s"] / rows[BARE]["compile_s"], "<=", DIAGNOSTICS_BOUND)
+        check(
+          f"with_diagnostics(AdamW) / AdamW, {label}",
+          ours["paired_vs_bare"],
+          "<=",
+          DIAGNOSTICS_BOUND,
+        )
+        check(
+          f"with_diagnostics(AdamW) / AdamW, compile time, {label}",
+          ours["compile_s"] / rows[BARE]["compile_s"],
+          "<=",
+          DIAGNOSTICS_BOUND,
+        )
       else:
-        check(f"{opt} / AdamW, {label} (ideal {ideal:.2f} x {WRAPPER_SLACK})",
-              ours["paired_vs_bare"], "<=", ideal * WRAPPER_SLACK)
+        check(
+          f"{opt} / AdamW, {label} (ideal {ideal:.2f} x {WRAPPER_SLACK})",
+          ours["paired_vs_bare"],
+          "<=",
+          ideal * WRAPPER_SLACK,
+        )
     elif opt == "adamw_bf16_mu" and ours.get("paired_vs_optax") is not None:
       check(f"AdamW, bfloat16 mu, ours / Optax, {label}", ours["paired_vs_optax"], "<=", 1.0)
     elif opt == "adamw_bf16_moments" and ours.get("paired_vs_bare") is not None:
-      check(f"AdamW, bfloat16 mu and nu / float32 moments, {label}", ours["paired_vs_bare"],
-            "<=", 1.0)
+      check(
+        f"AdamW, bfloat16 mu and nu / float32 moments, {label}", ours["paired_vs_bare"], "<=", 1.0
+      )
   return lines
 
 
@@ -547,8 +763,11 @@ def main(argv=None):
   parser.add_argument("--full", action="store_true", help="add per-leaf clip+AdamW on 4096 leaves")
   parser.add_argument("--only", help="comma-separated optimizers: run only their rows")
   parser.add_argument("--out", default=str(Path(__file__).with_name("RESULTS.md")))
-  parser.add_argument("--default-malloc", action="store_true",
-                      help="leave glibc's malloc thresholds at their defaults (see MALLOC)")
+  parser.add_argument(
+    "--default-malloc",
+    action="store_true",
+    help="leave glibc's malloc thresholds at their defaults (see MALLOC)",
+  )
   parser.add_argument("--config", help=argparse.SUPPRESS)  # internal: run one, print JSON
   args = parser.parse_args(argv)
   if args.config:
@@ -560,37 +779,59 @@ def main(argv=None):
     configs = [c for c in configs if c["opt"] in args.only.split(",")]
   env = dict(os.environ) if args.default_malloc else {**os.environ, **MALLOC}
   for cfg in configs:
-    run_env = env if "devices" not in cfg else {
-        **env, "XLA_FLAGS": (env.get("XLA_FLAGS", "") +
-                             f" --xla_force_host_platform_device_count={cfg['devices']}")}
-    proc = subprocess.run([sys.executable, __file__, "--config", json.dumps(cfg)],
-                          capture_output=True, text=True, env=run_env)
+    run_env = (
+      env
+      if "devices" not in cfg
+      else {
+        **env,
+        "XLA_FLAGS": (
+          env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={cfg['devices']}"
+        ),
+      }
+    )
+    proc = subprocess.run(
+      [sys.executable, __file__, "--config", json.dumps(cfg)],
+      capture_output=True,
+      text=True,
+      env=run_env,
+    )
     line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
     if line is None:
       print(f"configuration {cfg} failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
       return 1
-    res = json.loads(line[len("RESULT "):])
+    res = json.loads(line[len("RESULT ") :])
     results.append(res)
-    print("\n".join(memory_table(res) if "memory_rows" in res else table([res])[2:]),
-          flush=True)
-  bws = ", ".join(f"{r['params'] / 1e6:.0f}M: {r['bandwidth_gbs']:.1f}"
-                  for r in {r["params"]: r for r in results if "rows" in r}.values())
-  lines = ["# Benchmark results", "", *environment(),
-           f"- in-place streaming bandwidth (GB/s, x <- a x + b, donated float32, by size): {bws}",
-           f"- jitted steps with parameters and state donated; libraries alternated step by step "
-           f"in one process per configuration; {results[0]['cfg'].get('reps')} timed steps each; "
-           f"the whole run took {time.perf_counter() - t0:.0f} s",
-           "- peak MB: XLA's accounting for JAX; parameters + gradients + state for PyTorch",
-           "- malloc: " + ("glibc's defaults" if args.default_malloc else
-                           " ".join(f"{k}={v}" for k, v in MALLOC.items()) +
-                           " (every library: freed buffers are reused, not returned to the "
-                           "system and faulted in again at every step; see docs/performance.md)"), ""]
+    print("\n".join(memory_table(res) if "memory_rows" in res else table([res])[2:]), flush=True)
+  bws = ", ".join(
+    f"{r['params'] / 1e6:.0f}M: {r['bandwidth_gbs']:.1f}"
+    for r in {r["params"]: r for r in results if "rows" in r}.values()
+  )
+  lines = [
+    "# Benchmark results",
+    "",
+    *environment(),
+    f"- in-place streaming bandwidth (GB/s, x <- a x + b, donated float32, by size): {bws}",
+    f"- jitted steps with parameters and state donated; libraries alternated step by step "
+    f"in one process per configuration; {results[0]['cfg'].get('reps')} timed steps each; "
+    f"the whole run took {time.perf_counter() - t0:.0f} s",
+    "- peak MB: XLA's accounting for JAX; parameters + gradients + state for PyTorch",
+    "- malloc: "
+    + (
+      "glibc's defaults"
+      if args.default_malloc
+      else " ".join(f"{k}={v}" for k, v in MALLOC.items())
+      + " (every library: freed buffers are reused, not returned to the "
+      "system and faulted in again at every step; see docs/performance.md)"
+    ),
+    "",
+  ]
   for section in dict.fromkeys(r["cfg"]["section"] for r in results):
     these = [r for r in results if r["cfg"]["section"] == section]
     lines += [f"## {section}", ""]
     lines += sum((memory_table(r) for r in these if "memory_rows" in r), [])
-    lines += table([r for r in these if "memory_rows" not in r]) if any(
-        "rows" in r for r in these) else []
+    lines += (
+      table([r for r in these if "memory_rows" not in r]) if any("rows" in r for r in these) else []
+    )
     lines.append("")
   if bounds(results):
     lines += ["## bounds (issue 16), on the paired ratios above", "", *bounds(results), ""]

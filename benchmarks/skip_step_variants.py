@@ -55,8 +55,7 @@ def split(g, s, p):
 
 
 def cond_true(g, s, p):
-  return jax.lax.cond(s[0].count >= 0, lambda o: INNER.update(*o),
-                      zeros_and_state, (g, s, p))
+  return jax.lax.cond(s[0].count >= 0, lambda o: INNER.update(*o), zeros_and_state, (g, s, p))
 
 
 def cond_all(g, s, p):
@@ -88,22 +87,28 @@ def cond(g, s, p):
 def where(g, s, p):
   u, new = INNER.update(g, s, p)
   ok = jnp.logical_and(finite(g), finite(u))
-  return (jax.tree.map(lambda x: jnp.where(ok, x, 0), u),
-          jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, s))
+  return (
+    jax.tree.map(lambda x: jnp.where(ok, x, 0), u),
+    jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, s),
+  )
 
 
 def where_g(g, s, p):
   ok = finite(g)
   u, new = INNER.update(g, s, p)
-  return (jax.tree.map(lambda x: jnp.where(ok, x, 0), u),
-          jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, s))
+  return (
+    jax.tree.map(lambda x: jnp.where(ok, x, 0), u),
+    jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, s),
+  )
 
 
 def probe_where(g, s, p):
   ok = jnp.logical_and(finite(g), finite(INNER.update(g, s, p)[0]))
   u, new = INNER.update(g, s, p)
-  return (jax.tree.map(lambda x: jnp.where(ok, x, 0), u),
-          jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, s))
+  return (
+    jax.tree.map(lambda x: jnp.where(ok, x, 0), u),
+    jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, s),
+  )
 
 
 def current(g, s, p):
@@ -121,9 +126,11 @@ def main():
   grads = {"w": params["w"] * 1e-3}
   runs = {}
   for fn in (plain, cond_true, cond_sub, split, probe, current):
+
     def step(p, s, g, fn=fn):
       u, s = fn(g, s, p)
       return oc.apply_updates(p, u), s
+
     state = (WRAPPED if fn is current else INNER).init(params)
     compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, grads).compile()
     runs[fn.__name__] = [compiled, jax.tree.map(jnp.copy, params), state]

@@ -71,9 +71,11 @@ def digits_splits(seed: int = SEED) -> tuple[Split, Split, Split]:
   mean and standard deviation (pixels that never vary keep a spread of 1)."""
   x, y = load_digits(return_X_y=True)
   x_rest, x_test, y_rest, y_test = train_test_split(
-      x, y, test_size=0.2, stratify=y, random_state=seed)
+    x, y, test_size=0.2, stratify=y, random_state=seed
+  )
   x_train, x_val, y_train, y_val = train_test_split(
-      x_rest, y_rest, test_size=0.25, stratify=y_rest, random_state=seed)
+    x_rest, y_rest, test_size=0.25, stratify=y_rest, random_state=seed
+  )
   mean, std = x_train.mean(axis=0), x_train.std(axis=0)
   std = np.where(std > 0, std, 1.0)
 
@@ -89,6 +91,7 @@ def digits_splits(seed: int = SEED) -> tuple[Split, Split, Split]:
 
 class MLP(nn.Module):
   """64 inputs -> 128 ReLU units -> 10 logits."""
+
   hidden: int = 128
 
   @nn.compact
@@ -133,20 +136,24 @@ def optimizers(steps_per_epoch: int, epochs: int) -> dict[str, oc.GradientTransf
 
   def lr(peak):
     return oc.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=peak, warmup_steps=2 * steps_per_epoch,
-        decay_steps=epochs * steps_per_epoch, end_value=peak / 100)
+      init_value=0.0,
+      peak_value=peak,
+      warmup_steps=2 * steps_per_epoch,
+      decay_steps=epochs * steps_per_epoch,
+      end_value=peak / 100,
+    )
 
   return {
-      "SGD": oc.sgd(lr(0.1)),
-      "Momentum": oc.sgd(lr(0.02), 0.9),
-      "Nesterov": oc.sgd(lr(0.02), 0.9, nesterov=True),
-      "RMSProp": oc.rmsprop(lr(1e-3)),
-      "Adam": oc.adam(lr(2e-3)),
-      "AdamW": oc.adamw(lr(2e-3), weight_decay=1e-2, mask=KERNELS),
-      # The L1 threshold is lr * l1, against Adam's normalised step lr * m_hat / sqrt(v_hat):
-      # a weight whose gradient is mostly minibatch noise (|m_hat| / sqrt(v_hat) < l1)
-      # is driven to an exact zero and stays there.
-      "AdamW+L1": oc.adamw(lr(2e-3), weight_decay=1e-2, mask=KERNELS, l1=0.2, l1_mask=KERNELS),
+    "SGD": oc.sgd(lr(0.1)),
+    "Momentum": oc.sgd(lr(0.02), 0.9),
+    "Nesterov": oc.sgd(lr(0.02), 0.9, nesterov=True),
+    "RMSProp": oc.rmsprop(lr(1e-3)),
+    "Adam": oc.adam(lr(2e-3)),
+    "AdamW": oc.adamw(lr(2e-3), weight_decay=1e-2, mask=KERNELS),
+    # The L1 threshold is lr * l1, against Adam's normalised step lr * m_hat / sqrt(v_hat):
+    # a weight whose gradient is mostly minibatch noise (|m_hat| / sqrt(v_hat) < l1)
+    # is driven to an exact zero and stays there.
+    "AdamW+L1": oc.adamw(lr(2e-3), weight_decay=1e-2, mask=KERNELS, l1=0.2, l1_mask=KERNELS),
   }
 
 
@@ -154,8 +161,9 @@ def optimizers(steps_per_epoch: int, epochs: int) -> dict[str, oc.GradientTransf
 # Training: one compiled epoch per optimizer.
 
 
-def make_epoch(tx: oc.GradientTransformation, stopper: oc.EarlyStopping,
-               steps_per_epoch: int, batch_size: int) -> Callable:
+def make_epoch(
+  tx: oc.GradientTransformation, stopper: oc.EarlyStopping, steps_per_epoch: int, batch_size: int
+) -> Callable:
   """A jitted epoch: scan the minibatch steps, evaluate, update early stopping.
 
   ``order`` (steps_per_epoch, batch_size) holds this epoch's shuffled example indices.
@@ -170,20 +178,34 @@ def make_epoch(tx: oc.GradientTransformation, stopper: oc.EarlyStopping,
 
   @jax.jit
   def epoch(params, opt_state, stop_state, order, train, val):
-    (params, opt_state), _ = jax.lax.scan(train_step, (params, opt_state),
-                                          (train.x[order], train.y[order]))
+    (params, opt_state), _ = jax.lax.scan(
+      train_step, (params, opt_state), (train.x[order], train.y[order])
+    )
     train_loss, _ = evaluate(params, train.x, train.y)
     val_loss, val_acc = evaluate(params, val.x, val.y)
     stop_state = stopper.update(stop_state, val_acc, params)  # keeps the best params
-    metrics = {"train_loss": train_loss, "val_loss": val_loss, "val_accuracy": val_acc,
-               "zero_fraction": kernel_zero_fraction(params)}
+    metrics = {
+      "train_loss": train_loss,
+      "val_loss": val_loss,
+      "val_accuracy": val_acc,
+      "zero_fraction": kernel_zero_fraction(params),
+    }
     return params, opt_state, stop_state, metrics
 
   return epoch
 
 
-def train(name: str, tx: oc.GradientTransformation, init_params: Any, splits, *,
-          epochs: int, batch_size: int, patience: int, progress: bool) -> dict:
+def train(
+  name: str,
+  tx: oc.GradientTransformation,
+  init_params: Any,
+  splits,
+  *,
+  epochs: int,
+  batch_size: int,
+  patience: int,
+  progress: bool,
+) -> dict:
   """Train one optimizer until early stopping (or `epochs`); score the best params."""
   train_set, val_set, test_set = splits
   steps_per_epoch = train_set.y.shape[0] // batch_size
@@ -194,23 +216,38 @@ def train(name: str, tx: oc.GradientTransformation, init_params: Any, splits, *,
   stop_state = stopper.init(params)
   rng = np.random.default_rng(SEED)  # the same minibatch order for every optimizer
   n_used = steps_per_epoch * batch_size  # the remainder of a shuffle waits for the next epoch
-  history: dict[str, list] = {"train_loss": [], "val_loss": [], "val_accuracy": [],
-                              "zero_fraction": [], "learning_rate": []}
+  history: dict[str, list] = {
+    "train_loss": [],
+    "val_loss": [],
+    "val_accuracy": [],
+    "zero_fraction": [],
+    "learning_rate": [],
+  }
   start = time.perf_counter()
-  with tqdm(total=epochs, desc=f"{name:>9}", unit="epoch", disable=not progress,
-            leave=True, dynamic_ncols=True) as bar:
+  with tqdm(
+    total=epochs,
+    desc=f"{name:>9}",
+    unit="epoch",
+    disable=not progress,
+    leave=True,
+    dynamic_ncols=True,
+  ) as bar:
     for _ in range(epochs):
       order = rng.permutation(len(train_set.y))[:n_used].reshape(steps_per_epoch, batch_size)
-      params, opt_state, stop_state, metrics = run_epoch(params, opt_state, stop_state, order,
-                                                         train_set, val_set)
+      params, opt_state, stop_state, metrics = run_epoch(
+        params, opt_state, stop_state, order, train_set, val_set
+      )
       metrics = jax.device_get(metrics)
       for k, v in metrics.items():
         history[k].append(float(v))
       # A schedule's value in force is kept in the optimizer state: read it for the bar.
       history["learning_rate"].append(float(oc.current_hyperparams(opt_state)["learning_rate"]))
-      bar.set_postfix(val_acc=f"{history['val_accuracy'][-1]:.3f}",
-                      best=f"{float(stop_state.best_metric):.3f}",
-                      lr=f"{history['learning_rate'][-1]:.1e}", refresh=False)
+      bar.set_postfix(
+        val_acc=f"{history['val_accuracy'][-1]:.3f}",
+        best=f"{float(stop_state.best_metric):.3f}",
+        lr=f"{history['learning_rate'][-1]:.1e}",
+        refresh=False,
+      )
       bar.update()
       if bool(stop_state.should_stop):
         bar.set_description(f"{name:>9} (stopped)", refresh=True)
@@ -220,26 +257,32 @@ def train(name: str, tx: oc.GradientTransformation, init_params: Any, splits, *,
   best = stop_state.best_params  # restore the best checkpoint, not the last one
   _, test_acc = evaluate(best, test_set.x, test_set.y)
   return {
-      "best_val_accuracy": float(stop_state.best_metric),
-      "best_epoch": int(stop_state.best_epoch),
-      "last_epoch": len(history["val_loss"]) - 1,
-      "stopped_early": bool(stop_state.should_stop),
-      "test_accuracy": float(test_acc),
-      "zero_fraction": float(kernel_zero_fraction(best)),
-      "history": history,
-      "seconds": seconds,
+    "best_val_accuracy": float(stop_state.best_metric),
+    "best_epoch": int(stop_state.best_epoch),
+    "last_epoch": len(history["val_loss"]) - 1,
+    "stopped_early": bool(stop_state.should_stop),
+    "test_accuracy": float(test_acc),
+    "zero_fraction": float(kernel_zero_fraction(best)),
+    "history": history,
+    "seconds": seconds,
   }
 
 
 def print_table(results: dict) -> None:
   print()
-  print(f"{'optimizer':<10} {'best val acc':>12} {'best epoch':>10} {'epochs run':>10} "
-        f"{'test acc':>9} {'zero weights':>12}")
+  print(
+    f"{'optimizer':<10} {'best val acc':>12} {'best epoch':>10} {'epochs run':>10} "
+    f"{'test acc':>9} {'zero weights':>12}"
+  )
   for name, r in results.items():
-    print(f"{name:<10} {r['best_val_accuracy']:>12.3f} {r['best_epoch']:>10d} "
-          f"{r['last_epoch'] + 1:>10d} {r['test_accuracy']:>9.3f} {r['zero_fraction']:>12.1%}")
-  print("(test accuracy and zero weights: the restored best parameters; zero weights: the "
-        "share of the kernels' entries that are exactly 0)")
+    print(
+      f"{name:<10} {r['best_val_accuracy']:>12.3f} {r['best_epoch']:>10d} "
+      f"{r['last_epoch'] + 1:>10d} {r['test_accuracy']:>9.3f} {r['zero_fraction']:>12.1%}"
+    )
+  print(
+    "(test accuracy and zero weights: the restored best parameters; zero weights: the "
+    "share of the kernels' entries that are exactly 0)"
+  )
 
 
 def plot_curves(results: dict, path: Path, dpi: int) -> Figure:
@@ -255,8 +298,13 @@ def plot_curves(results: dict, path: Path, dpi: int) -> Figure:
     ax.plot(epochs, h["val_loss"], label="validation loss", color="tab:orange")
     best = r["best_epoch"]
     ax.axvline(best, color="tab:green", ls="--", lw=1)
-    ax.plot([best], [h["val_loss"][best]], "o", color="tab:green",
-            label=f"kept: epoch {best}, val acc {r['best_val_accuracy']:.3f}")
+    ax.plot(
+      [best],
+      [h["val_loss"][best]],
+      "o",
+      color="tab:green",
+      label=f"kept: epoch {best}, val acc {r['best_val_accuracy']:.3f}",
+    )
     if r["stopped_early"]:
       ax.plot([epochs[-1]], [h["val_loss"][-1]], "x", color="tab:red", ms=8, label="stopped")
     ax.set_yscale("log")
@@ -267,8 +315,10 @@ def plot_curves(results: dict, path: Path, dpi: int) -> Figure:
   for ax in axes[4:7]:
     ax.set_xlabel("epoch")
   plot_zero_fractions(axes[7], results)
-  fig.suptitle("Flax MLP on scikit-learn digits: loss per epoch; the dashed line is the epoch "
-               "early stopping restores")
+  fig.suptitle(
+    "Flax MLP on scikit-learn digits: loss per epoch; the dashed line is the epoch "
+    "early stopping restores"
+  )
   fig.savefig(path, dpi=dpi)
   return fig
 
@@ -281,13 +331,11 @@ def plot_zero_fractions(ax, results: dict) -> None:
   never = [name for name, r in results.items() if not any(r["history"]["zero_fraction"])]
   for name, r in results.items():
     if name not in never:
-      ax.plot(100 * np.asarray(r["history"]["zero_fraction"]), color=colors[name], lw=2,
-              label=name)
+      ax.plot(100 * np.asarray(r["history"]["zero_fraction"]), color=colors[name], lw=2, label=name)
   if never:
     longest = max(len(results[name]["history"]["zero_fraction"]) for name in never)
-    names = ",\n".join(", ".join(never[i:i + 3]) for i in range(0, len(never), 3))
-    ax.plot(np.zeros(longest), color="0.4", ls="--", lw=1.5,
-            label=f"0 at every epoch:\n{names}")
+    names = ",\n".join(", ".join(never[i : i + 3]) for i in range(0, len(never), 3))
+    ax.plot(np.zeros(longest), color="0.4", ls="--", lw=1.5, label=f"0 at every epoch:\n{names}")
   ax.set_title("kernel weights that are exactly 0")
   ax.set_ylabel("share of the kernels' entries (%)")
   ax.set_xlabel("epoch")
@@ -306,8 +354,7 @@ def rosenbrock(p):
 
 def beale(p):
   x, y = p["x"], p["y"]
-  return ((1.5 - x + x * y) ** 2 + (2.25 - x + x * y ** 2) ** 2
-          + (2.625 - x + x * y ** 3) ** 2)
+  return (1.5 - x + x * y) ** 2 + (2.25 - x + x * y**2) ** 2 + (2.625 - x + x * y**3) ** 2
 
 
 def saddle(p):
@@ -325,21 +372,42 @@ class Landscape(NamedTuple):
 
 
 LANDSCAPES = (
-    Landscape("Rosenbrock", rosenbrock, (-1.5, 2.0), (1.0, 1.0), ((-2, 2), (-1, 3)),
-              {"SGD": 1e-3, "Momentum": 1e-3, "RMSProp": 1e-2, "Adam": 0.1}, True),
-    Landscape("Beale", beale, (1.0, 1.5), (3.0, 0.5), ((-0.5, 4), (-1.5, 2)),
-              {"SGD": 2e-3, "Momentum": 2e-3, "RMSProp": 2e-2, "Adam": 0.05}, True),
-    Landscape("saddle x^2 - y^2", saddle, (1.0, 0.01), None, ((-1.5, 1.5), (-1.5, 1.5)),
-              {"SGD": 1e-3, "Momentum": 1e-3, "RMSProp": 1e-2, "Adam": 1e-2}, False),
+  Landscape(
+    "Rosenbrock",
+    rosenbrock,
+    (-1.5, 2.0),
+    (1.0, 1.0),
+    ((-2, 2), (-1, 3)),
+    {"SGD": 1e-3, "Momentum": 1e-3, "RMSProp": 1e-2, "Adam": 0.1},
+    True,
+  ),
+  Landscape(
+    "Beale",
+    beale,
+    (1.0, 1.5),
+    (3.0, 0.5),
+    ((-0.5, 4), (-1.5, 2)),
+    {"SGD": 2e-3, "Momentum": 2e-3, "RMSProp": 2e-2, "Adam": 0.05},
+    True,
+  ),
+  Landscape(
+    "saddle x^2 - y^2",
+    saddle,
+    (1.0, 0.01),
+    None,
+    ((-1.5, 1.5), (-1.5, 1.5)),
+    {"SGD": 1e-3, "Momentum": 1e-3, "RMSProp": 1e-2, "Adam": 1e-2},
+    False,
+  ),
 )
 
 # The learning rate is a live hyperparameter (inject_hyperparams): one compiled run per
 # optimizer serves every landscape and learning rate.
 RACERS = {
-    "SGD": oc.inject_hyperparams(oc.sgd)(learning_rate=0.0),
-    "Momentum": oc.inject_hyperparams(oc.sgd)(learning_rate=0.0, momentum=0.9),
-    "RMSProp": oc.inject_hyperparams(oc.rmsprop)(learning_rate=0.0),
-    "Adam": oc.inject_hyperparams(oc.adam)(learning_rate=0.0),
+  "SGD": oc.inject_hyperparams(oc.sgd)(learning_rate=0.0),
+  "Momentum": oc.inject_hyperparams(oc.sgd)(learning_rate=0.0, momentum=0.9),
+  "RMSProp": oc.inject_hyperparams(oc.rmsprop)(learning_rate=0.0),
+  "Adam": oc.inject_hyperparams(oc.adam)(learning_rate=0.0),
 }
 
 
@@ -372,16 +440,17 @@ def race(steps: int) -> dict:
   for which, land in enumerate(LANDSCAPES):
     start = jnp.asarray(land.start, jnp.float32)
     paths[land.name] = {
-        name: np.asarray(run(start, jnp.float32(land.learning_rates[name]), which))
-        for name, run in runs.items()}
+      name: np.asarray(run(start, jnp.float32(land.learning_rates[name]), which))
+      for name, run in runs.items()
+    }
   return paths
 
 
 RACE_STYLES = {  # name -> (color, marker); the markers tell the paths apart where they meet
-    "SGD": ("tab:blue", "o"),
-    "Momentum": ("tab:orange", "s"),
-    "RMSProp": ("tab:green", "^"),
-    "Adam": ("tab:red", "D"),
+  "SGD": ("tab:blue", "o"),
+  "Momentum": ("tab:orange", "s"),
+  "RMSProp": ("tab:green", "^"),
+  "Adam": ("tab:red", "D"),
 }
 MARK_EVERY = 50  # steps between two markers on a path: their spacing shows the speed
 
@@ -393,8 +462,10 @@ def footprint(trajectory: np.ndarray, box, cells: int = 200) -> int:
   (x0, x1), (y0, y1) = box
   scaled = (trajectory - [x0, y0]) / [x1 - x0, y1 - y0]
   # Points a hundredth of a cell apart along each segment (8 points at least).
-  fine = [np.linspace(a, b, max(8, int(100 * cells * np.abs(b - a).max())), endpoint=False)
-          for a, b in zip(scaled[:-1], scaled[1:])]
+  fine = [
+    np.linspace(a, b, max(8, int(100 * cells * np.abs(b - a).max())), endpoint=False)
+    for a, b in zip(scaled[:-1], scaled[1:])
+  ]
   points = np.concatenate(fine + [scaled[-1:]])
   points = points[np.all((points >= 0) & (points < 1), axis=1)]
   return len(np.unique(np.floor(points * cells).astype(np.int64), axis=0))
@@ -429,31 +500,69 @@ def plot_race(paths: dict, steps: int, path: Path, dpi: int) -> Figure:
     halo = [patheffects.withStroke(linewidth=widths[0] + 1.2, foreground="white")]
     for depth, name in enumerate(order):
       trajectory, (color, marker) = runs[name], RACE_STYLES[name]
-      ax.plot(trajectory[:, 0], trajectory[:, 1], "-", lw=widths[depth], color=color,
-              zorder=2 + depth, solid_capstyle="round",
-              path_effects=halo if depth == 0 else [], gid=f"path:{name}")
+      ax.plot(
+        trajectory[:, 0],
+        trajectory[:, 1],
+        "-",
+        lw=widths[depth],
+        color=color,
+        zorder=2 + depth,
+        solid_capstyle="round",
+        path_effects=halo if depth == 0 else [],
+        gid=f"path:{name}",
+      )
       marks = trajectory[MARK_EVERY::MARK_EVERY]
-      ax.plot(marks[:, 0], marks[:, 1], marker, ls="none", ms=4.5, color=color, mec="white",
-              mew=0.6, zorder=10 + depth, gid=f"marks:{name}")
-      ax.plot(trajectory[-1, 0], trajectory[-1, 1], marker, ms=9, color=color, mec="k",
-              zorder=20 + depth, gid=f"end:{name}")
+      ax.plot(
+        marks[:, 0],
+        marks[:, 1],
+        marker,
+        ls="none",
+        ms=4.5,
+        color=color,
+        mec="white",
+        mew=0.6,
+        zorder=10 + depth,
+        gid=f"marks:{name}",
+      )
+      ax.plot(
+        trajectory[-1, 0],
+        trajectory[-1, 1],
+        marker,
+        ms=9,
+        color=color,
+        mec="k",
+        zorder=20 + depth,
+        gid=f"end:{name}",
+      )
     for name, (color, marker) in RACE_STYLES.items():
-      handles.append(Line2D([], [], color=color, lw=2, marker=marker, ms=6, mec="white",
-                            label=f"{name} (lr {land.learning_rates[name]:g})"))
+      handles.append(
+        Line2D(
+          [],
+          [],
+          color=color,
+          lw=2,
+          marker=marker,
+          ms=6,
+          mec="white",
+          label=f"{name} (lr {land.learning_rates[name]:g})",
+        )
+      )
     handles.append(ax.plot(*land.start, "ks", ms=7, zorder=30, label="start")[0])
     if land.minimum is not None:
-      handles.append(ax.plot(*land.minimum, "*", color="gold", mec="k", ms=15, zorder=30,
-                             label="minimum")[0])
+      handles.append(
+        ax.plot(*land.minimum, "*", color="gold", mec="k", ms=15, zorder=30, label="minimum")[0]
+      )
     ax.set_xlim(x0, x1)
     ax.set_ylim(y0, y1)
     ax.set_xlabel("x")
     ax.set_ylabel("y")
     ax.set_title(land.name)
     # Below the panel, where it covers no path.
-    ax.legend(handles=handles, fontsize=8, ncol=3, loc="upper center",
-              bbox_to_anchor=(0.5, -0.1))
-  fig.suptitle(f"Optimizer race: {steps} steps from the same start; a small marker every "
-               f"{MARK_EVERY} steps, a large one where each ended (if inside the frame)")
+    ax.legend(handles=handles, fontsize=8, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.1))
+  fig.suptitle(
+    f"Optimizer race: {steps} steps from the same start; a small marker every "
+    f"{MARK_EVERY} steps, a large one where each ended (if inside the frame)"
+  )
   fig.savefig(path, dpi=dpi)
   return fig
 
@@ -465,10 +574,15 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   """Run the demo; return {optimizer name: results} (see `train`)."""
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--out", default="demo_output", help="folder for the PNG files")
-  parser.add_argument("--epochs", type=int, default=None,
-                      help="maximum epochs per optimizer (default 60, 15 with --quick)")
-  parser.add_argument("--quick", action="store_true",
-                      help="fewer epochs and lighter pictures (for tests)")
+  parser.add_argument(
+    "--epochs",
+    type=int,
+    default=None,
+    help="maximum epochs per optimizer (default 60, 15 with --quick)",
+  )
+  parser.add_argument(
+    "--quick", action="store_true", help="fewer epochs and lighter pictures (for tests)"
+  )
   parser.add_argument("--no-progress", action="store_true", help="no progress bars")
   args = parser.parse_args(argv)
   epochs = args.epochs if args.epochs is not None else (15 if args.quick else 60)
@@ -483,14 +597,24 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   splits = jax.device_put(digits_splits())  # on the device once, not at every epoch
   train_set, val_set, test_set = splits
   steps_per_epoch = len(train_set.y) // batch_size
-  print(f"digits: {len(train_set.y)} train / {len(val_set.y)} validation / {len(test_set.y)} "
-        f"test images; MLP 64-128-10; minibatches of {batch_size}, at most {epochs} epochs, "
-        f"early stopping on validation accuracy (patience {patience})")
+  print(
+    f"digits: {len(train_set.y)} train / {len(val_set.y)} validation / {len(test_set.y)} "
+    f"test images; MLP 64-128-10; minibatches of {batch_size}, at most {epochs} epochs, "
+    f"early stopping on validation accuracy (patience {patience})"
+  )
   init_params = MODEL.init(jax.random.PRNGKey(SEED), train_set.x[:1])["params"]
   results = {}
   for name, tx in optimizers(steps_per_epoch, epochs).items():
-    results[name] = train(name, tx, init_params, splits, epochs=epochs, batch_size=batch_size,
-                          patience=patience, progress=not args.no_progress)
+    results[name] = train(
+      name,
+      tx,
+      init_params,
+      splits,
+      epochs=epochs,
+      batch_size=batch_size,
+      patience=patience,
+      progress=not args.no_progress,
+    )
   print_table(results)
 
   curves_png, race_png = out / CURVES_PNG, out / RACE_PNG

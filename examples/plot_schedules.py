@@ -1,6 +1,6 @@
 """Draw the learning-rate schedules on one figure and save it as a PNG.
 
-    python examples/plot_schedules.py [--out schedules.png]
+python examples/plot_schedules.py [--out schedules.png]
 """
 
 from __future__ import annotations
@@ -20,13 +20,13 @@ STEPS = 1000
 PEAK = 1e-3
 
 CURVES = {
-    "constant": S.constant_schedule(PEAK),
-    "step decay (x0.1 at 400, 800)": S.piecewise_constant_schedule(PEAK, {400: 0.1, 800: 0.1}),
-    "cosine (floor 0.1)": S.cosine_decay_schedule(PEAK, STEPS, alpha=0.1),
-    "warmup 100 + cosine": S.warmup_cosine_decay_schedule(0.0, PEAK, 100, STEPS, 1e-5),
-    "SGDR (T0=100, T_mult=2, peak x0.7)": S.cosine_warm_restarts_schedule(PEAK, 100, 2, 0.7),
-    "one-cycle (cosine)": S.cosine_onecycle_schedule(STEPS, PEAK),
-    "inverse sqrt (warmup 100)": S.inverse_sqrt_schedule(PEAK, 100),
+  "constant": S.constant_schedule(PEAK),
+  "step decay (x0.1 at 400, 800)": S.piecewise_constant_schedule(PEAK, {400: 0.1, 800: 0.1}),
+  "cosine (floor 0.1)": S.cosine_decay_schedule(PEAK, STEPS, alpha=0.1),
+  "warmup 100 + cosine": S.warmup_cosine_decay_schedule(0.0, PEAK, 100, STEPS, 1e-5),
+  "SGDR (T0=100, T_mult=2, peak x0.7)": S.cosine_warm_restarts_schedule(PEAK, 100, 2, 0.7),
+  "one-cycle (cosine)": S.cosine_onecycle_schedule(STEPS, PEAK),
+  "inverse sqrt (warmup 100)": S.inverse_sqrt_schedule(PEAK, 100),
 }
 
 

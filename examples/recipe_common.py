@@ -26,25 +26,28 @@ def cross_entropy(logits, labels):
   return -jnp.mean(jnp.take_along_axis(log_probs, labels[:, None], axis=1))
 
 
-def summarize(history, stop_state, initial_train_loss, best_val_loss, best_val_acc,
-              verbose: bool) -> dict:
+def summarize(
+  history, stop_state, initial_train_loss, best_val_loss, best_val_acc, verbose: bool
+) -> dict:
   """The run's summary: ``history`` holds (train loss, val loss, val accuracy) per epoch."""
   results = {
-      "initial_train_loss": initial_train_loss,
-      "final_train_loss": history[-1][0],
-      "best_epoch": int(stop_state.best_epoch),
-      "best_val_loss": best_val_loss,
-      "best_val_accuracy": best_val_acc,
-      "epochs_run": len(history),
-      "val_losses": [h[1] for h in history],
-      "stopped_early": bool(stop_state.should_stop),
-      "chance": 1.0 / CLASSES,
+    "initial_train_loss": initial_train_loss,
+    "final_train_loss": history[-1][0],
+    "best_epoch": int(stop_state.best_epoch),
+    "best_val_loss": best_val_loss,
+    "best_val_accuracy": best_val_acc,
+    "epochs_run": len(history),
+    "val_losses": [h[1] for h in history],
+    "stopped_early": bool(stop_state.should_stop),
+    "chance": 1.0 / CLASSES,
   }
   if verbose:
     stopped = " (stopped early)" if results["stopped_early"] else ""
-    print(f"done after {len(history)} epochs{stopped}: train loss {initial_train_loss:.3f} "
-          f"-> {results['final_train_loss']:.3f}; best epoch {results['best_epoch']}: val loss "
-          f"{best_val_loss:.3f}, val accuracy {best_val_acc:.3f} (chance {results['chance']:.3f}).")
+    print(
+      f"done after {len(history)} epochs{stopped}: train loss {initial_train_loss:.3f} "
+      f"-> {results['final_train_loss']:.3f}; best epoch {results['best_epoch']}: val loss "
+      f"{best_val_loss:.3f}, val accuracy {best_val_acc:.3f} (chance {results['chance']:.3f})."
+    )
   return results
 
 

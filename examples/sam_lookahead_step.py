@@ -19,8 +19,12 @@ X, Y = jnp.asarray(x_np), jnp.asarray(np.sin(x_np @ [1.0, -0.5, 0.25, 2.0])[:, N
 
 def init_params(seed=0):
   r = np.random.default_rng(seed)
-  arrays = {"w1": r.normal(size=(4, 32)) / 2.0, "b1": np.zeros(32),
-            "w2": r.normal(size=(32, 1)) / 6.0, "b2": np.zeros(1)}
+  arrays = {
+    "w1": r.normal(size=(4, 32)) / 2.0,
+    "b1": np.zeros(32),
+    "w2": r.normal(size=(32, 1)) / 6.0,
+    "b2": np.zeros(1),
+  }
   return {k: jnp.asarray(v, jnp.float32) for k, v in arrays.items()}
 
 

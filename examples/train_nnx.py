@@ -30,6 +30,7 @@ from optcompose.recipe.early_stopping import early_stopping
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from recipe_common import CLASSES, cross_entropy, summarize, train_val_split  # noqa: E402
 
+
 class MLP(nnx.Module):
   def __init__(self, hidden: int, *, rngs: nnx.Rngs):
     self.hidden1 = nnx.Linear(2, hidden, rngs=rngs)
@@ -54,15 +55,26 @@ def evaluate(model, xb, yb):
   return cross_entropy(logits, yb), jnp.mean(jnp.argmax(logits, axis=-1) == yb)
 
 
-def main(epochs: int = 40, seed: int = 0, batch_size: int = 64, peak_lr: float = 1e-2,
-         weight_decay: float = 1e-3, patience: int = 8, verbose: bool = True) -> dict:
+def main(
+  epochs: int = 40,
+  seed: int = 0,
+  batch_size: int = 64,
+  peak_lr: float = 1e-2,
+  weight_decay: float = 1e-3,
+  patience: int = 8,
+  verbose: bool = True,
+) -> dict:
   """Train, stop early, restore the best parameters; return a summary of the run."""
   x_train, y_train, x_val, y_val, steps_per_epoch = train_val_split(seed, batch_size)
   n_val = len(y_val)  # a held-out validation split: 20%
 
   schedule = oc.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=peak_lr, warmup_steps=2 * steps_per_epoch,
-      decay_steps=epochs * steps_per_epoch, end_value=peak_lr / 100)
+    init_value=0.0,
+    peak_value=peak_lr,
+    warmup_steps=2 * steps_per_epoch,
+    decay_steps=epochs * steps_per_epoch,
+    end_value=peak_lr / 100,
+  )
   tx = oc.adamw(schedule, weight_decay=weight_decay, mask=oc.mask_from_paths(include="kernel"))
 
   model = MLP(hidden=64, rngs=nnx.Rngs(seed))
@@ -73,30 +85,33 @@ def main(epochs: int = 40, seed: int = 0, batch_size: int = 64, peak_lr: float =
   initial_train_loss = float(evaluate(model, x_train, y_train)[0])
   rng = np.random.default_rng(seed + 1)
   if verbose:
-    print(f"nnx.Optimizer + optcompose.adamw: {len(y_train)} train / {n_val} validation "
-          f"points, {CLASSES} classes")
+    print(
+      f"nnx.Optimizer + optcompose.adamw: {len(y_train)} train / {n_val} validation "
+      f"points, {CLASSES} classes"
+    )
 
   history = []
   for epoch in range(epochs):
     order = rng.permutation(len(y_train))
     for i in range(steps_per_epoch):
-      batch = order[i * batch_size:(i + 1) * batch_size]
+      batch = order[i * batch_size : (i + 1) * batch_size]
       train_step(model, optimizer, x_train[batch], y_train[batch])
     train_loss = float(evaluate(model, x_train, y_train)[0])
     val_loss, val_acc = map(float, evaluate(model, x_val, y_val))
     history.append((train_loss, val_loss, val_acc))
     stop_state, stop = stopper.step(stop_state, val_loss, nnx.state(model, nnx.Param))
     if verbose and (epoch % 5 == 0 or stop or epoch == epochs - 1):
-      print(f"epoch {epoch:3d}  lr {float(schedule(optimizer.step[...])):.5f}  train loss "
-            f"{train_loss:.4f}  val loss {val_loss:.4f}  val acc {val_acc:.3f}")
+      print(
+        f"epoch {epoch:3d}  lr {float(schedule(optimizer.step[...])):.5f}  train loss "
+        f"{train_loss:.4f}  val loss {val_loss:.4f}  val acc {val_acc:.3f}"
+      )
     if stop:
       break
 
   # Write the best parameters back into the model (early stopping kept a copy of them).
   nnx.update(model, stop_state.best_params)
   best_val_loss, best_val_acc = map(float, evaluate(model, x_val, y_val))
-  return summarize(history, stop_state, initial_train_loss, best_val_loss, best_val_acc,
-                   verbose)
+  return summarize(history, stop_state, initial_train_loss, best_val_loss, best_val_acc, verbose)
 
 
 if __name__ == "__main__":

@@ -14,11 +14,29 @@ import typing as _typing
 
 from optcompose import core, masks, schedules, tree, tree_utils
 from optcompose.core import (
-    EmptyState, GradientTransformation, GradientTransformationExtraArgs, InjectHyperparamsState,
-    OptState, Params, ScalarOrSchedule, Schedule, StateMismatchError, TransformInitFn,
-    TransformUpdateExtraArgsFn, TransformUpdateFn, Updates, apply_updates, chain,
-    current_hyperparams, init_empty_state, safe_increment, set_hyperparams, stateless,
-    stateless_with_tree_map, with_extra_args_support, with_schedules,
+  EmptyState,
+  GradientTransformation,
+  GradientTransformationExtraArgs,
+  InjectHyperparamsState,
+  OptState,
+  Params,
+  ScalarOrSchedule,
+  Schedule,
+  StateMismatchError,
+  TransformInitFn,
+  TransformUpdateExtraArgsFn,
+  TransformUpdateFn,
+  Updates,
+  apply_updates,
+  chain,
+  current_hyperparams,
+  init_empty_state,
+  safe_increment,
+  set_hyperparams,
+  stateless,
+  stateless_with_tree_map,
+  with_extra_args_support,
+  with_schedules,
 )
 from optcompose.core.registry import REGISTRY as _REGISTRY, names as _names
 from optcompose.schedules import *  # noqa: F401,F403  (reachable from the top level, as in Optax)

@@ -8,7 +8,6 @@ spell them; the template's paths are made the same way, with :func:`optcompose.t
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import zlib
@@ -90,8 +89,10 @@ def _saved_leaves(saved: Any, prefix: tuple = ()) -> dict:
 
 def _leaves(tree: Any) -> dict:
   """Flatten a pytree: {key-name path: leaf} (for Orbax's metadata tree, as _saved_leaves)."""
-  return {tuple(otree.key_name(k) for k in path): leaf
-          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  return {
+    tuple(otree.key_name(k) for k in path): leaf
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+  }
 
 
 def _saved_keystr(path: tuple) -> str:
@@ -110,8 +111,10 @@ def _mismatches(saved: dict, target: Any) -> list:
     try:
       want = _spec(leaf)
     except TypeError:
-      problems.append(f"{name} is a {type(leaf).__name__} in `target`; a checkpoint holds "
-                      "arrays and Python numbers")
+      problems.append(
+        f"{name} is a {type(leaf).__name__} in `target`; a checkpoint holds "
+        "arrays and Python numbers"
+      )
       continue
     if path not in saved:
       if path in saved_prefixes:
@@ -122,23 +125,34 @@ def _mismatches(saved: dict, target: Any) -> list:
         problems.append(f"{name} is missing from the checkpoint")
       continue
     got = _spec(saved[path])
-    if want.python is not None and got.python is None and got.shape == () and (
-        got.dtype.kind in _KIND_OF_PYTHON.get(want.python, "")):
+    if (
+      want.python is not None
+      and got.python is None
+      and got.shape == ()
+      and (got.dtype.kind in _KIND_OF_PYTHON.get(want.python, ""))
+    ):
       continue  # a Python number in the template: a 0-d array of its kind, kept as saved
     if want.python is not None or got.python is not None:
       if want.python is not got.python:
-        problems.append(f"{name} is {got.describe()} in the checkpoint but "
-                        f"{want.describe()} in `target`")
+        problems.append(
+          f"{name} is {got.describe()} in the checkpoint but {want.describe()} in `target`"
+        )
     elif got.shape != want.shape:
-      problems.append(f"{name} has shape {got.shape} in the checkpoint but {want.shape} "
-                      "in `target`")
+      problems.append(
+        f"{name} has shape {got.shape} in the checkpoint but {want.shape} in `target`"
+      )
     elif got.dtype != want.dtype:
-      problems.append(f"{name} has dtype {got.dtype} in the checkpoint but {want.dtype} in "
-                      "`target` (nothing is cast: build the template with the saved dtype)")
+      problems.append(
+        f"{name} has dtype {got.dtype} in the checkpoint but {want.dtype} in "
+        "`target` (nothing is cast: build the template with the saved dtype)"
+      )
   target_prefixes = {p[:i] for p in target_paths for i in range(len(p))}
   for path in saved:  # leaves that `target` lacks (those related to a target leaf are above)
-    if (path not in target_paths and path not in target_prefixes
-        and not any(path[:i] in target_paths for i in range(len(path)))):
+    if (
+      path not in target_paths
+      and path not in target_prefixes
+      and not any(path[:i] in target_paths for i in range(len(path)))
+    ):
       problems.append(f"the checkpoint has `{_saved_keystr(path)}`, which `target` lacks")
   return problems
 
@@ -147,11 +161,15 @@ def _check(fn: str, where: Optional[PathLike], saved: dict, target: Any) -> None
   """Raise CheckpointMismatchError naming the first difference (``where``: None for none)."""
   problems = _mismatches(saved, target)
   if problems:
-    more = (f" (and {len(problems) - 1} more difference{'s' if len(problems) > 2 else ''})"
-            if len(problems) > 1 else "")
+    more = (
+      f" (and {len(problems) - 1} more difference{'s' if len(problems) > 2 else ''})"
+      if len(problems) > 1
+      else ""
+    )
     name = "" if where is None else f" {os.fspath(where)}"
     raise CheckpointMismatchError(
-        f"{fn}: the checkpoint{name} does not match `target`: {problems[0]}{more}.")
+      f"{fn}: the checkpoint{name} does not match `target`: {problems[0]}{more}."
+    )
 
 
 def _like(value: Any, template: Any) -> Any:
@@ -178,16 +196,21 @@ def _check_storable(state: Any, path: tuple = ()) -> None:
     return
   if isinstance(state, jax.Array) and not state.is_fully_addressable:
     raise ValueError(
-        f"save_checkpoint: `{_saved_keystr(path)}` is sharded across processes; a msgpack "
-        "file holds host arrays only: use save_orbax_checkpoint.")
+      f"save_checkpoint: `{_saved_keystr(path)}` is sharded across processes; a msgpack "
+      "file holds host arrays only: use save_orbax_checkpoint."
+    )
   if state is None or isinstance(state, (np.ndarray, np.generic, jax.Array) + _PYTHON_SCALARS):
     return
-  hint = (" (for an nnx.State: save nnx.to_pure_dict(state))"
-          if type(state).__module__.startswith("flax.nnx") else "")
+  hint = (
+    " (for an nnx.State: save nnx.to_pure_dict(state))"
+    if type(state).__module__.startswith("flax.nnx")
+    else ""
+  )
   raise TypeError(
-      f"save_checkpoint: `{_saved_keystr(path)}` is a {type(state).__name__}, which "
-      "flax.serialization does not know how to store. Convert it to a dict of arrays"
-      f"{hint}, or register its type with flax.serialization.register_serialization_state.")
+    f"save_checkpoint: `{_saved_keystr(path)}` is a {type(state).__name__}, which "
+    "flax.serialization does not know how to store. Convert it to a dict of arrays"
+    f"{hint}, or register its type with flax.serialization.register_serialization_state."
+  )
 
 
 def _abstract(leaf: Any, saved: Any) -> Any:
@@ -226,8 +249,9 @@ def _checksums(leaves: dict) -> list:
 
 def _damaged_record(fn: str, where: PathLike, record: str, why: str) -> CheckpointCorruptError:
   return CheckpointCorruptError(
-      f"{fn}: the checkpoint {os.fspath(where)} is damaged: its {record} record is "
-      f"unreadable ({why}).")
+    f"{fn}: the checkpoint {os.fspath(where)} is damaged: its {record} record is "
+    f"unreadable ({why})."
+  )
 
 
 def _entries(fn: str, where: PathLike, record: str, saved: Any, expected: str) -> list:
@@ -239,12 +263,16 @@ def _entries(fn: str, where: PathLike, record: str, saved: Any, expected: str) -
       damaged or written by something else).
   """
   if not isinstance(saved, (list, tuple)):
-    raise _damaged_record(fn, where, record, f"expected a list of {expected}, got "
-                          f"{type(saved).__name__}")
+    raise _damaged_record(
+      fn, where, record, f"expected a list of {expected}, got {type(saved).__name__}"
+    )
   for i, entry in enumerate(saved):
-    if not (isinstance(entry, (list, tuple)) and len(entry) == 2
-            and isinstance(entry[0], (list, tuple))
-            and all(isinstance(k, str) for k in entry[0])):
+    if not (
+      isinstance(entry, (list, tuple))
+      and len(entry) == 2
+      and isinstance(entry[0], (list, tuple))
+      and all(isinstance(k, str) for k in entry[0])
+    ):
       raise _damaged_record(fn, where, record, f"entry {i} is {entry!r:.80}, expected {expected}")
   return [(tuple(path), value) for path, value in saved]
 
@@ -264,19 +292,25 @@ def _verify(fn: str, where: PathLike, checksums: list, leaves: dict) -> None:
   table = dict(_entries(fn, where, "checksum", checksums, expected))
   for path, digest in table.items():
     if digest is not None and not (_is_int(digest) and 0 <= digest < 2**32):
-      raise _damaged_record(fn, where, "checksum", f"the checksum of `{_saved_keystr(path)}` "
-                            f"is {digest!r:.80}, expected {expected}")
+      raise _damaged_record(
+        fn,
+        where,
+        "checksum",
+        f"the checksum of `{_saved_keystr(path)}` is {digest!r:.80}, expected {expected}",
+      )
   for path in [p for p in table if p not in leaves] + [p for p in leaves if p not in table]:
     raise CheckpointCorruptError(
-        f"{fn}: the checkpoint {os.fspath(where)} is damaged: `{_saved_keystr(path)}` is "
-        f"{'missing from its data' if path in table else 'not in its checksum table'}.")
+      f"{fn}: the checkpoint {os.fspath(where)} is damaged: `{_saved_keystr(path)}` is "
+      f"{'missing from its data' if path in table else 'not in its checksum table'}."
+    )
   for path, value in leaves.items():
     got = None if table[path] is None else _digest(value)
     if got is not None and got != table[path]:
       raise CheckpointCorruptError(
-          f"{fn}: the checkpoint {os.fspath(where)} is damaged: the data of "
-          f"`{_saved_keystr(path)}` does not match the checksum saved with it ({CHECKSUM} "
-          f"{got:#010x}, expected {table[path]:#010x}).")
+        f"{fn}: the checkpoint {os.fspath(where)} is damaged: the data of "
+        f"`{_saved_keystr(path)}` does not match the checksum saved with it ({CHECKSUM} "
+        f"{got:#010x}, expected {table[path]:#010x})."
+      )
 
 
 def _layouts(tree: Any) -> list:
@@ -284,21 +318,40 @@ def _layouts(tree: Any) -> list:
   leaf as ``[path, shape, bucket, dtype, offset]``."""
   found = []
   for key_path, node in jax.tree_util.tree_flatten_with_path(
-      tree, is_leaf=lambda x: isinstance(x, FlatParams))[0]:
+    tree, is_leaf=lambda x: isinstance(x, FlatParams)
+  )[0]:
     if isinstance(node, FlatParams):
       layout = node.layout
-      found.append([[otree.key_name(k) for k in key_path], [
-          [leaf.path, [int(n) for n in leaf.shape], layout.buckets[leaf.bucket],
-           np.dtype(layout.dtypes[leaf.bucket]).name, int(leaf.offset)]
-          for leaf in layout.leaves]])
+      found.append(
+        [
+          [otree.key_name(k) for k in key_path],
+          [
+            [
+              leaf.path,
+              [int(n) for n in leaf.shape],
+              layout.buckets[leaf.bucket],
+              np.dtype(layout.dtypes[leaf.bucket]).name,
+              int(leaf.offset),
+            ]
+            for leaf in layout.leaves
+          ],
+        ]
+      )
   return found
 
 
 def _is_layout_leaf(entry: Any) -> bool:
   """Whether ``entry`` is a layout's ``[path, shape, bucket, dtype, offset]``."""
-  return (isinstance(entry, (list, tuple)) and len(entry) == 5 and isinstance(entry[0], str)
-          and isinstance(entry[1], (list, tuple)) and all(_is_int(n) for n in entry[1])
-          and isinstance(entry[2], str) and isinstance(entry[3], str) and _is_int(entry[4]))
+  return (
+    isinstance(entry, (list, tuple))
+    and len(entry) == 5
+    and isinstance(entry[0], str)
+    and isinstance(entry[1], (list, tuple))
+    and all(_is_int(n) for n in entry[1])
+    and isinstance(entry[2], str)
+    and isinstance(entry[3], str)
+    and _is_int(entry[4])
+  )
 
 
 def _check_layouts(fn: str, where: PathLike, saved: list, target: Any) -> None:
@@ -309,22 +362,31 @@ def _check_layouts(fn: str, where: PathLike, saved: list, target: Any) -> None:
   entries = _entries(fn, where, "layouts", saved, expected)
   for path, layout in entries:
     if not (isinstance(layout, (list, tuple)) and all(_is_layout_leaf(e) for e in layout)):
-      raise _damaged_record(fn, where, "layouts", f"the layout of `{_saved_keystr(path)}` is "
-                            f"{layout!r:.80}, expected {expected}")
+      raise _damaged_record(
+        fn,
+        where,
+        "layouts",
+        f"the layout of `{_saved_keystr(path)}` is {layout!r:.80}, expected {expected}",
+      )
   by_path = {path: [list(leaf) for leaf in layout] for path, layout in entries}
   for path, want in _layouts(target):
     got = by_path.get(tuple(path))
     if got is None or got == want:
       continue
-    i = next(i for i in range(max(len(got), len(want))) if got[i:i + 1] != want[i:i + 1])
+    i = next(i for i in range(max(len(got), len(want))) if got[i : i + 1] != want[i : i + 1])
     g, w = (got[i] if i < len(got) else None), (want[i] if i < len(want) else None)
-    describe = lambda e: ("no leaf" if e is None else  # noqa: E731
-                          f"`{e[0]}` of shape {tuple(e[1])} at offset {e[4]} of bucket {e[2]!r}")
+    describe = lambda e: (
+      "no leaf"
+      if e is None
+      # noqa: E731
+      else f"`{e[0]}` of shape {tuple(e[1])} at offset {e[4]} of bucket {e[2]!r}"
+    )
     raise CheckpointMismatchError(
-        f"{fn}: the checkpoint {os.fspath(where)} does not match `target`: the FlatParams at "
-        f"`{_saved_keystr(tuple(path))}` has another layout: its leaf {i} is {describe(g)} in "
-        f"the checkpoint but {describe(w)} in `target` (a FlatParams restores only into the "
-        "layout it was saved with: build the template with flat_params of the same tree).")
+      f"{fn}: the checkpoint {os.fspath(where)} does not match `target`: the FlatParams at "
+      f"`{_saved_keystr(tuple(path))}` has another layout: its leaf {i} is {describe(g)} in "
+      f"the checkpoint but {describe(w)} in `target` (a FlatParams restores only into the "
+      "layout it was saved with: build the template with flat_params of the same tree)."
+    )
 
 
 # ----------------------------------------------------------------------------------------
@@ -332,52 +394,3 @@ def _check_layouts(fn: str, where: PathLike, saved: list, target: Any) -> None:
 # checksums and layouts, Orbax's metadata and its errors.
 
 FORMAT_KEY, FORMAT = "__optcompose_checkpoint__", 2  # msgpack files; 1 was the bare state dict
-SIDECAR = "optcompose_checkpoint.json"  # checksums and layouts inside an Orbax directory
-_DAMAGE = ("DATA_LOSS", "NOT_FOUND", "FAILED_PRECONDITION", "OUT_OF_RANGE")  # TensorStore's
-
-
-def _damaged(directory: Any, error: BaseException, what: str) -> ValueError:
-  """The error for a directory Orbax cannot read, naming it and Orbax's error."""
-  message = str(error).split(" [tensorstore_spec=")[0]
-  if not any((directory / n).exists() for n in ("_METADATA", "_CHECKPOINT_METADATA", SIDECAR)):
-    return ValueError(f"restore_orbax_checkpoint: {directory} holds no Orbax checkpoint "
-                      f"({type(error).__name__}: {message}).")
-  return CheckpointCorruptError(
-      f"restore_orbax_checkpoint: the Orbax checkpoint {directory} is damaged or unreadable: "
-      f"Orbax cannot read its {what} ({type(error).__name__}: {message}).")
-
-
-def _read_sidecar(directory: Any) -> Any:
-  """The checksums and layouts saved in ``directory``; None for a checkpoint without."""
-  try:
-    sidecar = json.loads((directory / SIDECAR).read_text())
-    if (sidecar["format"], sidecar["checksum"]) != (FORMAT, CHECKSUM):
-      raise ValueError(f"format {sidecar['format']} ({sidecar['checksum']}), not {FORMAT}")
-    sidecar["layouts"], sidecar["leaves"]  # noqa: B018 -- both records must be there
-    return sidecar
-  except FileNotFoundError:
-    return None
-  except (ValueError, KeyError, TypeError) as e:
-    raise CheckpointCorruptError(
-        f"restore_orbax_checkpoint: the Orbax checkpoint {directory} is damaged or of "
-        f"another format: its {SIDECAR} is unreadable ({type(e).__name__}: {e}).") from e
-
-
-def _metadata_tree(metadata: Any) -> Any:
-  """The tree of an Orbax ``StepMetadata`` (recent Orbax) or its ``item_metadata``."""
-  metadata = getattr(metadata, "item_metadata", metadata)
-  return getattr(metadata, "tree", metadata)
-
-
-def _flat_to_state_dict(flat: FlatParams) -> dict:
-  """A FlatParams as Flax's serialization stores it: ``{bucket name: buffer}``."""
-  from flax import serialization
-  return {name: serialization.to_state_dict(buf)
-          for name, buf in zip(flat.layout.buckets, flat.buffers)}
-
-
-def _flat_from_state_dict(flat: FlatParams, state: dict) -> FlatParams:
-  from flax import serialization
-  return FlatParams(tuple(serialization.from_state_dict(buf, state[name], name=name)
-                          for name, buf in zip(flat.layout.buckets, flat.buffers)),
-                    flat.layout)

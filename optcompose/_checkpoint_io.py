@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import json
 import glob
 import os
 import pathlib
@@ -21,6 +22,9 @@ from typing import Any, Callable, Optional
 
 import jax
 import numpy as np
+
+from optcompose._checkpoint_check import CHECKSUM, FORMAT, CheckpointCorruptError
+from optcompose.flat import FlatParams
 
 try:
   import fcntl
@@ -48,8 +52,10 @@ def _locked(directory: pathlib.Path, exclusive: bool = True):
 def _ours(path: pathlib.Path) -> re.Pattern:
   """Names our saves (and Orbax, saving into them or into ``path``) give temporary files."""
   name = re.escape(path.name)
-  return re.compile(rf"^(\.{name}\.[0-9a-f]{{32}}\.(tmp|optcompose-(new|old).*)"
-                    rf"|{name}\.orbax-checkpoint-tmp.*)$")
+  return re.compile(
+    rf"^(\.{name}\.[0-9a-f]{{32}}\.(tmp|optcompose-(new|old).*)"
+    rf"|{name}\.orbax-checkpoint-tmp.*)$"
+  )
 
 
 def _remove(path: pathlib.Path) -> None:
@@ -81,8 +87,11 @@ def _fsync(path: pathlib.Path) -> None:
 def _exchange(a: pathlib.Path, b: pathlib.Path) -> bool:
   """Swap two existing paths atomically (Linux ``renameat2(RENAME_EXCHANGE)``); False where
   the system or file system cannot."""
-  renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None) if (
-      sys.platform == "linux") else None
+  renameat2 = (
+    getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if (sys.platform == "linux")
+    else None
+  )
   if renameat2 is None:
     return False
   at_fdcwd, rename_exchange = -100, 2
@@ -113,8 +122,11 @@ def _recover(path: pathlib.Path) -> None:
   aside): roll forward to the complete new checkpoint, or back to the old (lock held)."""
   if path.exists():
     return
-  for entry in sorted(path.parent.glob(f".{glob.escape(path.name)}.*.optcompose-old"),
-                      key=lambda p: p.stat().st_ctime, reverse=True):
+  for entry in sorted(
+    path.parent.glob(f".{glob.escape(path.name)}.*.optcompose-old"),
+    key=lambda p: p.stat().st_ctime,
+    reverse=True,
+  ):
     if _ours(path).match(entry.name):
       new = entry.with_name(entry.name.replace(".optcompose-old", ".optcompose-new"))
       os.rename(new if new.is_dir() else entry, path)
@@ -163,19 +175,24 @@ def _directory(fn: str, directory: Any) -> tuple:
   except TypeError:
     text = None
   if not isinstance(text, str):
-    raise TypeError(f"{fn}: `directory` must be a path (a str, os.PathLike or "
-                    f"etils.epath.Path), got {type(directory).__name__}.")
+    raise TypeError(
+      f"{fn}: `directory` must be a path (a str, os.PathLike or "
+      f"etils.epath.Path), got {type(directory).__name__}."
+    )
   if "://" not in text:
     return pathlib.Path(os.path.abspath(text)), False
   from etils import epath  # a dependency of Orbax
+
   try:
     path = epath.Path(text)
   except (KeyError, NotImplementedError):  # etils raises these for an unknown scheme
     path = None
   if path is None or "://" not in os.fspath(path):
-    raise ValueError(f"{fn}: `directory` {text!r} is a URL of a scheme etils.epath does not "
-                     "know (it knows gs://, s3://, az://, hf://); pass a local path or one of "
-                     "those.")
+    raise ValueError(
+      f"{fn}: `directory` {text!r} is a URL of a scheme etils.epath does not "
+      "know (it knows gs://, s3://, az://, hf://); pass a local path or one of "
+      "those."
+    )
   return path, True
 
 
@@ -187,6 +204,7 @@ def _hosts():
   """``jax.experimental.multihost_utils`` in a multi-process run, else None."""
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
+
     return multihost_utils
   return None
 
@@ -211,8 +229,12 @@ class AsyncSave:
     if block:
       self._run(finish)
     else:  # not a daemon: an exiting interpreter waits for the save to finish
-      self._thread = threading.Thread(target=self._run, args=(finish,), daemon=False,
-                                      name=f"optcompose-save-{getattr(directory, 'name', '')}")
+      self._thread = threading.Thread(
+        target=self._run,
+        args=(finish,),
+        daemon=False,
+        name=f"optcompose-save-{getattr(directory, 'name', '')}",
+      )
       self._thread.start()
 
   def _run(self, finish: Callable[[], None]) -> None:
@@ -246,8 +268,10 @@ class AsyncSave:
       ok = np.asarray(self._hosts.process_allgather(np.int32(self._error is None))).reshape(-1)
       failed = [i for i, good in enumerate(ok) if not good]
       if failed and self._error is None:
-        self._error = RuntimeError(f"save_orbax_checkpoint: the save of {self.directory} failed "
-                                   f"on process(es) {failed}: see their errors.")
+        self._error = RuntimeError(
+          f"save_orbax_checkpoint: the save of {self.directory} failed "
+          f"on process(es) {failed}: see their errors."
+        )
     if self._error is not None:
       raise self._error
     return self.directory
@@ -255,5 +279,99 @@ class AsyncSave:
   wait_until_finished = wait  # Orbax's name
 
   def __repr__(self) -> str:
-    return (f"AsyncSave({os.fspath(self.directory)!r}, "
-            f"{'done' if self.done() else 'in progress'})")
+    return f"AsyncSave({os.fspath(self.directory)!r}, {'done' if self.done() else 'in progress'})"
+
+
+def _flax_serialization():
+  try:
+    from flax import serialization
+  except ImportError as e:
+    raise ImportError(
+      "optcompose.checkpoint: msgpack checkpoints need Flax (`pip install flax`), which "
+      "provides flax.serialization."
+    ) from e
+  if not serialization.is_serializable(FlatParams):
+    serialization.register_serialization_state(
+      FlatParams, _flat_to_state_dict, _flat_from_state_dict
+    )
+  return serialization
+
+
+def _orbax():
+  try:
+    import orbax.checkpoint as ocp
+  except ImportError as e:
+    raise ImportError(
+      "optcompose.checkpoint: Orbax checkpoints need orbax-checkpoint "
+      "(`pip install orbax-checkpoint`)."
+    ) from e
+  return ocp
+
+
+# ----------------------------------------------------------------------------------------
+# Msgpack files (flax.serialization).
+
+
+# --- Orbax's side: the checksums file inside a directory, Orbax's metadata and errors, and
+# the FlatParams state dict (Flax's serialization).
+
+SIDECAR = "optcompose_checkpoint.json"  # checksums and layouts inside an Orbax directory
+_DAMAGE = ("DATA_LOSS", "NOT_FOUND", "FAILED_PRECONDITION", "OUT_OF_RANGE")  # TensorStore's
+
+
+def _damaged(directory: Any, error: BaseException, what: str) -> ValueError:
+  """The error for a directory Orbax cannot read, naming it and Orbax's error."""
+  message = str(error).split(" [tensorstore_spec=")[0]
+  if not any((directory / n).exists() for n in ("_METADATA", "_CHECKPOINT_METADATA", SIDECAR)):
+    return ValueError(
+      f"restore_orbax_checkpoint: {directory} holds no Orbax checkpoint "
+      f"({type(error).__name__}: {message})."
+    )
+  return CheckpointCorruptError(
+    f"restore_orbax_checkpoint: the Orbax checkpoint {directory} is damaged or unreadable: "
+    f"Orbax cannot read its {what} ({type(error).__name__}: {message})."
+  )
+
+
+def _read_sidecar(directory: Any) -> Any:
+  """The checksums and layouts saved in ``directory``; None for a checkpoint without."""
+  try:
+    sidecar = json.loads((directory / SIDECAR).read_text())
+    if (sidecar["format"], sidecar["checksum"]) != (FORMAT, CHECKSUM):
+      raise ValueError(f"format {sidecar['format']} ({sidecar['checksum']}), not {FORMAT}")
+    sidecar["layouts"], sidecar["leaves"]  # noqa: B018 -- both records must be there
+    return sidecar
+  except FileNotFoundError:
+    return None
+  except (ValueError, KeyError, TypeError) as e:
+    raise CheckpointCorruptError(
+      f"restore_orbax_checkpoint: the Orbax checkpoint {directory} is damaged or of "
+      f"another format: its {SIDECAR} is unreadable ({type(e).__name__}: {e})."
+    ) from e
+
+
+def _metadata_tree(metadata: Any) -> Any:
+  """The tree of an Orbax ``StepMetadata`` (recent Orbax) or its ``item_metadata``."""
+  metadata = getattr(metadata, "item_metadata", metadata)
+  return getattr(metadata, "tree", metadata)
+
+
+def _flat_to_state_dict(flat: FlatParams) -> dict:
+  """A FlatParams as Flax's serialization stores it: ``{bucket name: buffer}``."""
+  from flax import serialization
+
+  return {
+    name: serialization.to_state_dict(buf) for name, buf in zip(flat.layout.buckets, flat.buffers)
+  }
+
+
+def _flat_from_state_dict(flat: FlatParams, state: dict) -> FlatParams:
+  from flax import serialization
+
+  return FlatParams(
+    tuple(
+      serialization.from_state_dict(buf, state[name], name=name)
+      for name, buf in zip(flat.layout.buckets, flat.buffers)
+    ),
+    flat.layout,
+  )

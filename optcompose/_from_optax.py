@@ -28,8 +28,15 @@ from typing import Any, Optional
 from optcompose import tree as otree
 
 # Optax's namespaces outside the optimizer domain, and the top-level names they hold.
-NAMESPACES = ("losses", "projections", "second_order", "perturbations", "assignment",
-              "microbatching", "experimental")
+NAMESPACES = (
+  "losses",
+  "projections",
+  "second_order",
+  "perturbations",
+  "assignment",
+  "microbatching",
+  "experimental",
+)
 _DOMAINS = tuple(f"optax.{n}" for n in NAMESPACES)
 # Top-level helpers of Optax's outside any of those namespaces, and outside the optimizers.
 _HELPERS = ("matrix_inverse_pth_root", "nnls", "power_iteration", "multi_normal")
@@ -38,9 +45,11 @@ _HELPERS = ("matrix_inverse_pth_root", "nnls", "power_iteration", "multi_normal"
 # a top-level name): the flat-namespace aliases of its tree utilities, which Optax keeps
 # without a warning. (A name the top level defines itself is never looked up here.)
 ALIASES = {
-    "bias_correction": "tree.bias_correction", "update_moment": "tree.update_moment",
-    "update_moment_per_elem_norm": "tree.update_moment_per_elem_norm",
-    "update_infinity_moment": "tree.update_infinity_moment", "tree_map_params": "tree.map_params",
+  "bias_correction": "tree.bias_correction",
+  "update_moment": "tree.update_moment",
+  "update_moment_per_elem_norm": "tree.update_moment_per_elem_norm",
+  "update_infinity_moment": "tree.update_infinity_moment",
+  "tree_map_params": "tree.map_params",
 }
 
 
@@ -56,8 +65,9 @@ def global_norm(updates: Any) -> Any:
   References:
     Optax's ``optax.global_norm`` (deprecated in favour of ``optax.tree.norm``).
   """
-  warnings.warn("optax.global_norm is deprecated in favor of optax.tree.norm",
-                DeprecationWarning, stacklevel=2)
+  warnings.warn(
+    "optax.global_norm is deprecated in favor of optax.tree.norm", DeprecationWarning, stacklevel=2
+  )
   return otree.norm(updates)
 
 
@@ -77,29 +87,39 @@ def inject_stateful_hyperparams(inner_factory, static_args=(), hyperparam_dtype=
     ``inject_hyperparams(...)`` after the same warning).
   """
   from optcompose.wrappers.hyperparams import inject_hyperparams
-  warnings.warn("inject_stateful_hyperparams is deprecated, use inject_hyperparams instead",
-                DeprecationWarning, stacklevel=2)
+
+  warnings.warn(
+    "inject_stateful_hyperparams is deprecated, use inject_hyperparams instead",
+    DeprecationWarning,
+    stacklevel=2,
+  )
   return inject_hyperparams(inner_factory, static_args, hyperparam_dtype)
 
 
 # Optax's deprecated top-level names that optcompose keeps for the code still using them
 # (Optax warns when they are called; its dpsgd & co. warn when looked up, and are contrib's).
-DEPRECATED = {"global_norm": global_norm,
-              "inject_stateful_hyperparams": inject_stateful_hyperparams}
+DEPRECATED = {
+  "global_norm": global_norm,
+  "inject_stateful_hyperparams": inject_stateful_hyperparams,
+}
 
 
 def _optax(where: str):
   try:
     return importlib.import_module("optax")
   except ImportError:  # pragma: no cover -- a dependency, but be clear if it is missing
-    raise AttributeError(f"{where} (and Optax, where optcompose takes names outside the "
-                         "optimizer domain, is not installed: pip install optax)") from None
+    raise AttributeError(
+      f"{where} (and Optax, where optcompose takes names outside the "
+      "optimizer domain, is not installed: pip install optax)"
+    ) from None
 
 
 def _types_only(value: Any) -> bool:
   """A typing construct (an alias such as ``Union[...]``, or a ``Protocol`` class)."""
   return bool(getattr(value, "_is_protocol", False)) or type(value).__module__ in (
-      "typing", "collections.abc")
+    "typing",
+    "collections.abc",
+  )
 
 
 def _from(theirs: Any, name: str, ours: str) -> Any:
@@ -114,13 +134,15 @@ def _from(theirs: Any, name: str, ours: str) -> Any:
   module = getattr(value, "__module__", None) or ""
   if name in _HELPERS or module.startswith(_DOMAINS) or _types_only(value):
     return value
-  path = f"optax.contrib.{name}" if module.startswith("optax.contrib") else (
-      f"{theirs.__name__}.{name}")
+  path = (
+    f"optax.contrib.{name}" if module.startswith("optax.contrib") else (f"{theirs.__name__}.{name}")
+  )
   use = path if inspect.ismodule(value) else f"{path}(...)"
   raise AttributeError(
-      f"module {ours!r} has no attribute {name!r} yet: Optax's `{theirs.__name__}.{name}` is "
-      "in the optimizer domain that optcompose rebuilds, and this one is not rebuilt yet. "
-      f"Optax's own works inside optcompose's chains meanwhile: `import optax; {use}`.")
+    f"module {ours!r} has no attribute {name!r} yet: Optax's `{theirs.__name__}.{name}` is "
+    "in the optimizer domain that optcompose rebuilds, and this one is not rebuilt yet. "
+    f"Optax's own works inside optcompose's chains meanwhile: `import optax; {use}`."
+  )
 
 
 def resolve(name: str, package: Optional[dict] = None) -> Any:
@@ -167,8 +189,9 @@ def install(module: Any, namespace: str, package: dict) -> None:
 
   def names() -> list:
     theirs = importlib.import_module(f"optax.{namespace}")
-    return [n for n in dir(theirs) if not n.startswith("_")
-            and not inspect.ismodule(getattr(theirs, n))]
+    return [
+      n for n in dir(theirs) if not n.startswith("_") and not inspect.ismodule(getattr(theirs, n))
+    ]
 
   def __getattr__(name):
     if name.startswith("_") or name not in names():
@@ -181,4 +204,3 @@ def install(module: Any, namespace: str, package: dict) -> None:
     return sorted(set(vars(module)) | {n for n in names() if n in package})
 
   module.__getattr__, module.__dir__ = __getattr__, __dir__
-

@@ -11,11 +11,10 @@ and resuming is rebuilding the same objects from code and filling in their array
     run = restore_checkpoint("run/ckpt.msgpack", template)
 
 The template fixes the structure, every leaf's shape and dtype, and the type each leaf comes
-back as: a ``jax.Array`` leaf as a ``jax.Array`` placed with the template leaf's sharding, a
-NumPy leaf as NumPy, a Python number as a Python number (which also accepts a saved 0-d array
-of its kind, returned as a ``jax.Array``: Flax's ``TrainState.create`` starts ``step`` at the
-int 0, a jitted step makes it an int32 array). Leaves may be ``jax.ShapeDtypeStruct``, so
-``jax.eval_shape(tx.init, params)`` is a template that costs no memory.
+back as: a ``jax.Array`` placed with the template leaf's sharding, NumPy, or a Python number
+(which also accepts a saved 0-d array of its kind, returned as a ``jax.Array``: Flax's
+``TrainState.create`` starts ``step`` at the int 0, a jitted step makes it an int32 array).
+Leaves may be ``jax.ShapeDtypeStruct``: ``jax.eval_shape(tx.init, params)`` costs no memory.
 
 **Checks.** Restoring compares the checkpoint with the template before anything is built and
 raises :class:`CheckpointMismatchError` (a ``ValueError``) naming the first path that differs
@@ -23,40 +22,16 @@ raises :class:`CheckpointMismatchError` (a ``ValueError``) naming the first path
 or dtype (nothing is cast or broadcast). A :class:`~optcompose.FlatParams` is saved with its
 layout (each model leaf's path, shape, bucket, dtype, offset) and restores only into it.
 
-**Integrity.** Every leaf's checksum (``zlib.crc32`` of its dtype, shape and bytes) is saved
-with it and compared on restore: damaged data raises :class:`CheckpointCorruptError` (a
-``ValueError``) naming the leaf, as does an Orbax checkpoint Orbax cannot read (with Orbax's
-error). An array sharded across processes has no checksum (no host holds all of it), and a
-leaf restored sharded across processes is not compared. Checkpoints written before checksums
-existed restore without the comparison.
+**Integrity and crash safety.** Every leaf's CRC-32 is saved with it and compared on
+restore (:class:`CheckpointCorruptError` names a damaged leaf); a save never removes the
+previous checkpoint before the new one is complete and flushed, and saves into one directory
+take turns under ``flock`` (docs/guides/checkpoints.md says what each covers).
 
-**Crash safety.** A save never removes the previous checkpoint before the new one is complete
-and flushed to disk: a process killed at any moment leaves the old checkpoint or the new one
-(``tools/kill_test.py`` measures it). Saves into one directory, from threads or processes,
-take turns under ``fcntl.flock`` on the directory itself (no lock file; where ``flock`` fails,
-e.g. some network file systems, nothing is locked: keep one writer per directory). Each save
-first removes what interrupted saves to its path left behind.
-
-**Msgpack files** (:func:`save_checkpoint`): the msgpack encoding of
-``{"__optcompose_checkpoint__": 2, "checksum": "crc32", "leaves": [[path, crc], ...],
-"layouts": [...], "state": flax.serialization.to_state_dict(tree)}`` (arrays as shape, dtype
-name and raw bytes: bfloat16 and int32 come back bit for bit), written to ``.{name}.{hex}.tmp``
-and renamed over the destination. Flax's ``from_bytes(template, data)`` no longer reads these
-files; ``from_state_dict(template, msgpack_restore(data)["state"])`` does (unchecked). Files of
-the previous format (the bare state dict) restore. For host memory, on one process.
-
-**Orbax directories** (:func:`save_orbax_checkpoint`): ``StandardCheckpointer`` (TensorStore,
-sharded across devices and processes) writes ``.{name}.{hex}.optcompose-new``; the checksums
-go into it (``optcompose_checkpoint.json``, which Orbax ignores); it is swapped in with one
-atomic ``renameat2(RENAME_EXCHANGE)`` (Linux), or else two renames (the old one to
-``.{name}.{hex}.optcompose-old`` first: a crash between them is repaired by the next save or
-restore of that path), and the old one is deleted. ``block=False`` returns an
-:class:`AsyncSave` once the arrays are in host memory and does the rest in a thread. With
-several processes all call the save (and ``wait()``); process 0 locks, swaps and cleans up,
-between collectives (``tests/test_multihost.py``: two processes). A URL (``gs://...``, an
-``etils.epath.Path``) goes to Orbax as it is, with Orbax's own atomic commit instead of the
-swap and the lock. :func:`check_against_template` makes the restore's check for checkpoints
-that an Orbax ``CheckpointManager`` reads.
+**Formats.** :func:`save_checkpoint` writes one msgpack file, :func:`save_orbax_checkpoint`
+an Orbax directory (``block=False``: an :class:`AsyncSave`; a URL such as ``gs://...`` goes
+to Orbax as it is); :func:`check_against_template` makes the restore's check for what an
+Orbax ``CheckpointManager`` reads. The files' layouts, the swap and the multi-process
+protocol: docs/guides/checkpoints.md, "File formats".
 
 Flax and Orbax are imported on first use. A checkpoint cannot hold the optimizer's code
 (rebuild it), Python objects other than numbers, strings and ``None``, or containers Flax's
@@ -77,53 +52,58 @@ import jax
 import numpy as np
 
 from optcompose import tree as otree
-from optcompose.flat import FlatParams
 from optcompose._checkpoint_check import (  # the checks and the formats' records
-    _DAMAGE, CHECKSUM, FORMAT, FORMAT_KEY, SIDECAR, CheckpointCorruptError,
-    CheckpointMismatchError, PathLike, _abstract, _check, _check_layouts, _check_storable,
-    _checksums, _damaged, _flat_from_state_dict, _flat_to_state_dict, _layouts, _leaves, _like,
-    _metadata_tree, _read_sidecar, _saved_leaves, _verify,
+  CHECKSUM,
+  FORMAT,
+  FORMAT_KEY,
+  CheckpointCorruptError,
+  CheckpointMismatchError,
+  PathLike,
+  _abstract,
+  _check,
+  _check_layouts,
+  _check_storable,
+  _checksums,
+  _layouts,
+  _leaves,
+  _like,
+  _saved_leaves,
+  _verify,
 )
 from optcompose._checkpoint_io import (  # the file handling
-    AsyncSave, _directory, _finish, _hosts, _install, _locked, _recover, _remove,
-    _remove_leftovers, _write_atomically,
+  SIDECAR,
+  _DAMAGE,
+  _damaged,
+  _read_sidecar,
+  _metadata_tree,
+  _flax_serialization,
+  _orbax,
+  AsyncSave,
+  _directory,
+  _finish,
+  _hosts,
+  _install,
+  _locked,
+  _recover,
+  _remove,
+  _remove_leftovers,
+  _write_atomically,
 )
 
 __all__ = [
-    "CheckpointMismatchError", "CheckpointCorruptError", "save_checkpoint", "restore_checkpoint",
-    "save_orbax_checkpoint", "restore_orbax_checkpoint", "AsyncSave", "check_against_template",
+  "CheckpointMismatchError",
+  "CheckpointCorruptError",
+  "save_checkpoint",
+  "restore_checkpoint",
+  "save_orbax_checkpoint",
+  "restore_orbax_checkpoint",
+  "AsyncSave",
+  "check_against_template",
 ]
 
 
 # ----------------------------------------------------------------------------------------
 # Optional dependencies, imported on first use.
-
-
-def _flax_serialization():
-  try:
-    from flax import serialization
-  except ImportError as e:
-    raise ImportError(
-        "optcompose.checkpoint: msgpack checkpoints need Flax (`pip install flax`), which "
-        "provides flax.serialization.") from e
-  if not serialization.is_serializable(FlatParams):
-    serialization.register_serialization_state(FlatParams, _flat_to_state_dict,
-                                               _flat_from_state_dict)
-  return serialization
-
-
-def _orbax():
-  try:
-    import orbax.checkpoint as ocp
-  except ImportError as e:
-    raise ImportError(
-        "optcompose.checkpoint: Orbax checkpoints need orbax-checkpoint "
-        "(`pip install orbax-checkpoint`).") from e
-  return ocp
-
-
-# ----------------------------------------------------------------------------------------
-# Msgpack files (flax.serialization).
 
 
 def save_checkpoint(path: PathLike, tree: Any) -> pathlib.Path:
@@ -148,9 +128,16 @@ def save_checkpoint(path: PathLike, tree: Any) -> pathlib.Path:
   state = serialization.to_state_dict(tree)
   _check_storable(state)
   state = jax.device_get(state)  # one transfer to host memory for all arrays
-  data = serialization.msgpack_serialize({
-      FORMAT_KEY: FORMAT, "checksum": CHECKSUM, "leaves": _checksums(_saved_leaves(state)),
-      "layouts": _layouts(tree), "state": state}, in_place=True)
+  data = serialization.msgpack_serialize(
+    {
+      FORMAT_KEY: FORMAT,
+      "checksum": CHECKSUM,
+      "leaves": _checksums(_saved_leaves(state)),
+      "layouts": _layouts(tree),
+      "state": state,
+    },
+    in_place=True,
+  )
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   with _locked(path.parent):
@@ -186,17 +173,22 @@ def restore_checkpoint(path: PathLike, target: Any) -> Any:
     saved: Any = serialization.msgpack_restore(data)
   except Exception as e:  # msgpack's errors for a truncated or foreign file vary
     error = CheckpointCorruptError if FORMAT_KEY.encode() in data[:64] else ValueError
-    raise error(f"restore_checkpoint: {os.fspath(path)} is not a msgpack checkpoint, or is "
-                f"damaged ({type(e).__name__}: {e}).") from e
+    raise error(
+      f"restore_checkpoint: {os.fspath(path)} is not a msgpack checkpoint, or is "
+      f"damaged ({type(e).__name__}: {e})."
+    ) from e
   layouts = []
   if isinstance(saved, dict) and FORMAT_KEY in saved:
     if (saved[FORMAT_KEY], saved.get("checksum")) != (FORMAT, CHECKSUM):
-      raise ValueError(f"restore_checkpoint: {os.fspath(path)} has format {saved[FORMAT_KEY]} "
-                       f"({saved.get('checksum')}); this optcompose reads format {FORMAT} "
-                       f"({CHECKSUM}) and the bare state dict: upgrade optcompose.")
+      raise ValueError(
+        f"restore_checkpoint: {os.fspath(path)} has format {saved[FORMAT_KEY]} "
+        f"({saved.get('checksum')}); this optcompose reads format {FORMAT} "
+        f"({CHECKSUM}) and the bare state dict: upgrade optcompose."
+      )
     if not {"layouts", "leaves", "state"} <= saved.keys():
-      raise CheckpointCorruptError(f"restore_checkpoint: {os.fspath(path)} is damaged: it lacks"
-                                   f" entries ({sorted(saved)}).")
+      raise CheckpointCorruptError(
+        f"restore_checkpoint: {os.fspath(path)} is damaged: it lacks entries ({sorted(saved)})."
+      )
     layouts, checksums, saved = saved["layouts"], saved["leaves"], saved["state"]
     _verify("restore_checkpoint", path, checksums, _saved_leaves(saved))
   if target is None:
@@ -207,8 +199,8 @@ def restore_checkpoint(path: PathLike, target: Any) -> Any:
     restored = serialization.from_state_dict(target, saved)
   except (ValueError, KeyError) as e:  # an empty node present on one side only
     raise CheckpointMismatchError(
-        f"restore_checkpoint: the checkpoint {os.fspath(path)} does not match `target`: "
-        f"{e}") from e
+      f"restore_checkpoint: the checkpoint {os.fspath(path)} does not match `target`: {e}"
+    ) from e
   return jax.tree.map(_like, restored, target)
 
 
@@ -216,8 +208,9 @@ def restore_checkpoint(path: PathLike, target: Any) -> Any:
 # Orbax directories.
 
 
-def save_orbax_checkpoint(directory: Any, tree: Any, *, overwrite: bool = False,
-                          block: bool = True) -> Any:
+def save_orbax_checkpoint(
+  directory: Any, tree: Any, *, overwrite: bool = False, block: bool = True
+) -> Any:
   """Write ``tree`` with Orbax's ``StandardCheckpointer``, swap it in when it is complete.
 
   A local ``directory`` is written as the module docstring says (a hidden sibling swapped in,
@@ -274,9 +267,14 @@ def save_orbax_checkpoint(directory: Any, tree: Any, *, overwrite: bool = False,
       checkpointer.save(directory, tree, force=bool(overwrite))
     else:
       checkpointer.save(new, tree)
-    text = primary and json.dumps({  # while Orbax writes
-        "format": FORMAT, "checksum": CHECKSUM, "leaves": _checksums(_leaves(tree)),
-        "layouts": _layouts(tree)})
+    text = primary and json.dumps(
+      {  # while Orbax writes
+        "format": FORMAT,
+        "checksum": CHECKSUM,
+        "leaves": _checksums(_leaves(tree)),
+        "layouts": _layouts(tree),
+      }
+    )
   except BaseException:
     if new is not None and primary:
       _remove(new)
@@ -350,12 +348,14 @@ def restore_orbax_checkpoint(directory: Any, target: Any) -> Any:
     _check(fn, directory, saved, target)
     _check_layouts(fn, directory, sidecar["layouts"] if sidecar else [], target)
     abstract = jax.tree_util.tree_map_with_path(
-        lambda path, leaf: _abstract(leaf, saved[tuple(otree.key_name(k) for k in path)]), target)
+      lambda path, leaf: _abstract(leaf, saved[tuple(otree.key_name(k) for k in path)]), target
+    )
     try:
       restored = checkpointer.restore(directory, abstract)
     except (OSError, ValueError) as e:
-      if not (isinstance(e, (FileNotFoundError, json.JSONDecodeError))
-              or str(e).startswith(_DAMAGE)):
+      if not (
+        isinstance(e, (FileNotFoundError, json.JSONDecodeError)) or str(e).startswith(_DAMAGE)
+      ):
         raise
       raise _damaged(directory, e, "arrays") from e
   restored = jax.tree.map(_like, restored, target)
@@ -393,7 +393,8 @@ def check_against_template(checkpoint: Any, target: Any, *, where: Any = None) -
   tree = _metadata_tree(checkpoint)
   if tree is None:
     raise ValueError(
-        "check_against_template: `checkpoint` is None: Orbax returns no metadata for an item "
-        "it has no handler for (build the CheckpointManager with "
-        "item_handlers=ocp.StandardCheckpointHandler(), or restore once first).")
+      "check_against_template: `checkpoint` is None: Orbax returns no metadata for an item "
+      "it has no handler for (build the CheckpointManager with "
+      "item_handlers=ocp.StandardCheckpointHandler(), or restore once first)."
+    )
   _check("check_against_template", where, _leaves(tree), target)

@@ -77,6 +77,7 @@ class _Leaf(NamedTuple):
 
 class FlatLayout(NamedTuple):
   """Where each leaf of the model's tree lives in the buffers (static, hashable)."""
+
   treedef: Any
   leaves: tuple  # of _Leaf, in the tree's flatten order
   buckets: tuple  # of bucket names, e.g. "float32" or "decay/float32"
@@ -120,8 +121,9 @@ class FlatParams:
     return bucket in self.layout.buckets
 
   def __repr__(self):
-    parts = ", ".join(f"{name}: {getattr(b, 'shape', b)}"
-                      for name, b in zip(self.layout.buckets, self.buffers))
+    parts = ", ".join(
+      f"{name}: {getattr(b, 'shape', b)}" for name, b in zip(self.layout.buckets, self.buffers)
+    )
     return f"FlatParams({len(self.layout.leaves)} leaves in {{{parts}}})"
 
   def unflatten(self) -> Any:
@@ -172,7 +174,8 @@ def _layout_of(params: Any, labels: Any, pad_to: int) -> FlatLayout:
   if labels is not None:
     tree_labels = labels(params) if callable(labels) else labels
     leaf_labels = jax.tree.leaves(
-        broadcast_prefix(tree_labels, params, "labels", "the parameter tree"))
+      broadcast_prefix(tree_labels, params, "labels", "the parameter tree")
+    )
   names, dtypes, sizes, leaves = [], [], [], []
   for (path, x), label in zip(path_leaves, leaf_labels):
     x = x if isinstance(x, (jax.Array, jax.ShapeDtypeStruct)) else jnp.asarray(x)
@@ -189,8 +192,9 @@ def _layout_of(params: Any, labels: Any, pad_to: int) -> FlatLayout:
   return FlatLayout(treedef, tuple(leaves), tuple(names), tuple(dtypes), tuple(sizes))
 
 
-def _pack(tree: Any, layout: FlatLayout, name: str, who: str = "flat_params",
-          what: str = "the layout") -> FlatParams:
+def _pack(
+  tree: Any, layout: FlatLayout, name: str, who: str = "flat_params", what: str = "the layout"
+) -> FlatParams:
   """``tree``'s leaves packed into ``layout``'s buffers (one concatenation per bucket), after
   checking that ``tree`` is the tree ``layout`` was made from: an error names the first leaf
   that differs."""
@@ -199,15 +203,22 @@ def _pack(tree: Any, layout: FlatLayout, name: str, who: str = "flat_params",
   if treedef != layout.treedef:
     known = [leaf.path for leaf in layout.leaves]
     new, gone = [p for p in paths if p not in known], [p for p in known if p not in paths]
-    why = (f"`{name}{new[0]}` is not in it" if new else f"`{name}{gone[0]}` is missing"
-           if gone else f"the structure is {treedef}, expected {layout.treedef}")
+    why = (
+      f"`{name}{new[0]}` is not in it"
+      if new
+      else f"`{name}{gone[0]}` is missing"
+      if gone
+      else f"the structure is {treedef}, expected {layout.treedef}"
+    )
     raise ValueError(f"{who}: `{name}` is not the tree of {what}: {why}.")
   columns: list = [[] for _ in layout.buckets]
   for path, (_, x), leaf in zip(paths, path_leaves, layout.leaves):
     x, dtype = jnp.asarray(x), layout.dtypes[leaf.bucket]
     if tuple(x.shape) != leaf.shape or x.dtype != dtype:
-      raise ValueError(f"{who}: `{name}{path}` is a {x.dtype}{list(x.shape)} array, but "
-                       f"{what} holds it as {np.dtype(dtype).name}{list(leaf.shape)}.")
+      raise ValueError(
+        f"{who}: `{name}{path}` is a {x.dtype}{list(x.shape)} array, but "
+        f"{what} holds it as {np.dtype(dtype).name}{list(leaf.shape)}."
+      )
     columns[leaf.bucket].append(jnp.ravel(x))
   buffers = []
   for column, size, dtype in zip(columns, layout.sizes, layout.dtypes):
@@ -222,8 +233,9 @@ def _plain(tree: Any) -> Any:
   hands ``init`` ``nnx.Param`` nodes and ``update`` the bare arrays) replaced by the array."""
   holds = lambda x: hasattr(x, "shape") and hasattr(x, "dtype")
   leaves, treedef = jax.tree.flatten(tree, is_leaf=holds)
-  return treedef.unflatten([x if isinstance(x, (jax.Array, np.ndarray, np.generic))
-                            else jnp.asarray(x) for x in leaves])
+  return treedef.unflatten(
+    [x if isinstance(x, (jax.Array, np.ndarray, np.generic)) else jnp.asarray(x) for x in leaves]
+  )
 
 
 def _per_bucket(layout: FlatLayout, part: Any, name: str) -> FlatParams:
@@ -236,10 +248,11 @@ def _per_bucket(layout: FlatLayout, part: Any, name: str) -> FlatParams:
       chosen[b], first[b] = value, leaf.path
     elif value != chosen[b]:
       raise ValueError(
-          f"`{name}` gives {first[b]} the value {chosen[b]!r} but {leaf.path} the value "
-          f"{value!r}, and both live in bucket {layout.buckets[b]!r} of the FlatParams. "
-          f"Build the FlatParams (or the flat_optimizer) with labels= set to this {name} so "
-          "that each bucket is uniform.")
+        f"`{name}` gives {first[b]} the value {chosen[b]!r} but {leaf.path} the value "
+        f"{value!r}, and both live in bucket {layout.buckets[b]!r} of the FlatParams. "
+        f"Build the FlatParams (or the flat_optimizer) with labels= set to this {name} so "
+        "that each bucket is uniform."
+      )
   return FlatParams(chosen, layout)
 
 
@@ -283,21 +296,29 @@ def flat_optimizer(tx: Any, labels: Any = None, pad_to: int = 1) -> GradientTran
 
   def update(updates, state, params=None, **extra):
     updates, params = _plain(updates), None if params is None else _plain(params)
-    layout = next((x.layout for x in jax.tree.leaves(state, is_leaf=is_flat) if is_flat(x)),
-                  None)  # None: a state with no buckets (stateless ``tx``)
+    layout = next(
+      (x.layout for x in jax.tree.leaves(state, is_leaf=is_flat) if is_flat(x)), None
+    )  # None: a state with no buckets (stateless ``tx``)
     if layout is None:
       layout = _layout_of(updates if params is None else params, labels, pad_to)
     pack = lambda tree, name: _pack(tree, layout, name, "flat_optimizer", "the state")
     flat_updates, state = inner.update(
-        cast(Updates, pack(updates, "updates")), state,
-        None if params is None else cast(Params, pack(params, "params")), **extra)
+      cast(Updates, pack(updates, "updates")),
+      state,
+      None if params is None else cast(Params, pack(params, "params")),
+      **extra,
+    )
     return cast(FlatParams, flat_updates).unflatten(), state
 
   return GradientTransformation(init, update)
 
 
 # Masks and labels written for the model's tree map onto the buckets (optcompose.masks).
-register_layout(FlatParams, FlatParams.unflatten, lambda x, part, name: _per_bucket(x.layout, part, name),
-                "FlatParams")
+register_layout(
+  FlatParams,
+  FlatParams.unflatten,
+  lambda x, part, name: _per_bucket(x.layout, part, name),
+  "FlatParams",
+)
 
 __all__ = ["FlatParams", "flat_params", "flat_optimizer"]

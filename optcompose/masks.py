@@ -55,8 +55,7 @@ def _is_layout(x) -> bool:
 def _view(tree: Any) -> Any:
   if not _LAYOUTS:
     return tree
-  return jax.tree.map(lambda x: _hooks(x).view(x) if _is_layout(x) else x, tree,
-                      is_leaf=_is_layout)
+  return jax.tree.map(lambda x: _hooks(x).view(x) if _is_layout(x) else x, tree, is_leaf=_is_layout)
 
 
 def _has_layout(tree: Any) -> bool:
@@ -70,9 +69,10 @@ def reject_layouts(tree: Any, transformation: str) -> None:
     if _is_layout(x):
       kind = _hooks(x).name
       raise TypeError(
-          f"{transformation} computes one value per leaf of the model, and {kind} buckets "
-          "are not the model's leaves. Use it on ordinary pytree parameters (or use a global "
-          "transformation such as clip_by_global_norm).")
+        f"{transformation} computes one value per leaf of the model, and {kind} buckets "
+        "are not the model's leaves. Use it on ordinary pytree parameters (or use a global "
+        "transformation such as clip_by_global_norm)."
+      )
 
 
 def broadcast_prefix(prefix: Any, tree: Any, name: str, tree_name: str) -> Any:
@@ -81,8 +81,8 @@ def broadcast_prefix(prefix: Any, tree: Any, name: str, tree_name: str) -> Any:
     return jax.tree.broadcast(prefix, tree)
   except (ValueError, TypeError):
     raise ValueError(
-        f"`{name}` is neither {tree_name}'s structure nor a prefix of it: "
-        f"{first_difference(prefix, tree)}."
+      f"`{name}` is neither {tree_name}'s structure nor a prefix of it: "
+      f"{first_difference(prefix, tree)}."
     ) from None
 
 
@@ -94,8 +94,7 @@ def is_function_of_params(values: Any) -> bool:
   return callable(values) and bool(leaves) and all(callable(x) for x in leaves)
 
 
-def per_leaf_values(values: Any, tree: Any, name: str,
-                    broadcast: Callable[[Any, Any], Any]) -> Any:
+def per_leaf_values(values: Any, tree: Any, name: str, broadcast: Callable[[Any, Any], Any]) -> Any:
   """Map per-leaf ``values`` (a mask or labels, written for the model's tree) onto ``tree``.
 
   ``values`` is a callable of the model's tree or a tree matching it (or matching ``tree``
@@ -116,8 +115,9 @@ def per_leaf_values(values: Any, tree: Any, name: str,
       raise error from None
   outer, outer_def = jax.tree.flatten(tree, is_leaf=_is_layout)
   parts = outer_def.flatten_up_to(full)
-  return outer_def.unflatten([_hooks(x).spread(x, part, name) if _is_layout(x) else part
-                              for x, part in zip(outer, parts)])
+  return outer_def.unflatten(
+    [_hooks(x).spread(x, part, name) if _is_layout(x) else part for x, part in zip(outer, parts)]
+  )
 
 
 def _check_bool_leaves(mask: Any, name: str) -> None:
@@ -125,12 +125,14 @@ def _check_bool_leaves(mask: Any, name: str) -> None:
     if _is_layout(leaf):
       continue
     if not isinstance(leaf, (bool, jnp.bool_)) and not (
-        hasattr(leaf, "dtype") and getattr(leaf, "shape", None) == () and leaf.dtype == bool
-        and not isinstance(leaf, jax.core.Tracer)
+      hasattr(leaf, "dtype")
+      and getattr(leaf, "shape", None) == ()
+      and leaf.dtype == bool
+      and not isinstance(leaf, jax.core.Tracer)
     ):
       raise TypeError(
-          f"`{name}{jax.tree_util.keystr(tuple(path))}` is {type(leaf).__name__}; mask "
-          "leaves must be Python booleans."
+        f"`{name}{jax.tree_util.keystr(tuple(path))}` is {type(leaf).__name__}; mask "
+        "leaves must be Python booleans."
       )
 
 
@@ -176,6 +178,7 @@ def labels_from_fn(fn: Callable[[str, Any], Any]) -> Callable[[Any], Any]:
 
   def labels(tree):
     return jax.tree_util.tree_map_with_path(lambda p, x: fn(_path_string(p), x), tree)
+
   return labels
 
 
@@ -204,8 +207,9 @@ def _check_matches(fn: str, name: str, pattern: re.Pattern, paths: list) -> None
   ``paths`` (a typo would otherwise select nothing, silently); a tree without leaves passes."""
   if paths and not any(pattern.search(path) for path in paths):
     shown = ", ".join(paths[:5]) + (f", ... ({len(paths) - 5} more)" if len(paths) > 5 else "")
-    raise ValueError(f"{fn}: `{name}` {pattern.pattern!r} matches no leaf path; it was searched "
-                     f"in: {shown}.")
+    raise ValueError(
+      f"{fn}: `{name}` {pattern.pattern!r} matches no leaf path; it was searched in: {shown}."
+    )
 
 
 def labels_from_paths(rules, default=None) -> Callable[[Any], Any]:
@@ -229,13 +233,16 @@ def labels_from_paths(rules, default=None) -> Callable[[Any], Any]:
       would silently leave its leaves to the default).
   """
   if isinstance(rules, (str, bytes)) or not isinstance(rules, Iterable):
-    raise TypeError(f"labels_from_paths: `rules` must be a sequence of (regex, label) pairs, "
-                    f"got {type(rules).__name__}.")
+    raise TypeError(
+      f"labels_from_paths: `rules` must be a sequence of (regex, label) pairs, "
+      f"got {type(rules).__name__}."
+    )
   compiled = []
   for i, rule in enumerate(rules):
     if isinstance(rule, (str, bytes)) or not isinstance(rule, Sequence) or len(rule) != 2:
-      raise TypeError(f"labels_from_paths: `rules[{i}]` must be a (regex, label) pair, got "
-                      f"{rule!r}.")
+      raise TypeError(
+        f"labels_from_paths: `rules[{i}]` must be a (regex, label) pair, got {rule!r}."
+      )
     compiled.append((_compile("labels_from_paths", f"rules[{i}][0]", rule[0]), rule[1]))
 
   def label(path, leaf):
@@ -278,8 +285,11 @@ def mask_from_paths(include=None, exclude=None) -> Callable[[Any], Any]:
   """
   inc = _compile("mask_from_paths", "include", include) if include is not None else None
   exc = _compile("mask_from_paths", "exclude", exclude) if exclude is not None else None
-  by_fn = labels_from_fn(lambda path, _: bool((inc is None or inc.search(path))
-                                              and not (exc is not None and exc.search(path))))
+  by_fn = labels_from_fn(
+    lambda path, _: bool(
+      (inc is None or inc.search(path)) and not (exc is not None and exc.search(path))
+    )
+  )
 
   def mask(tree):
     if inc is not None:

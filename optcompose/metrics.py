@@ -43,16 +43,36 @@ from optcompose import tree as otree
 from optcompose.core import current_hyperparams
 from optcompose.recipe.early_stopping import EarlyStoppingState
 from optcompose.transforms.clipping import ClipByGlobalNormState
-from optcompose.wrappers.control import ApplyIfFiniteState
+from optcompose.wrappers.finite import ApplyIfFiniteState
 from optcompose.wrappers.diagnostics import DiagnosticsState, _python_scalar
 
 # The keys metrics() may return, in this order.
-KEYS = ("grad_norm", "update_norm", "param_norm", "update_ratio", "learning_rate",
-        "zero_fraction", "nonfinite", "step", "plateau_scale", "skipped_steps", "gave_up",
-        "best_metric", "wait", "should_stop")
+KEYS = (
+  "grad_norm",
+  "update_norm",
+  "param_norm",
+  "update_ratio",
+  "learning_rate",
+  "zero_fraction",
+  "nonfinite",
+  "step",
+  "plateau_scale",
+  "skipped_steps",
+  "gave_up",
+  "best_metric",
+  "wait",
+  "should_stop",
+)
 
-_MEASURED = ("grad_norm", "update_norm", "param_norm", "update_ratio", "learning_rate",
-             "zero_fraction", "nonfinite")
+_MEASURED = (
+  "grad_norm",
+  "update_norm",
+  "param_norm",
+  "update_ratio",
+  "learning_rate",
+  "zero_fraction",
+  "nonfinite",
+)
 _FINITE_STATES = (ApplyIfFiniteState, optax.ApplyIfFiniteState)
 _ARRAY_LIKE = (jax.Array, np.ndarray, np.generic, numbers.Number)
 
@@ -75,8 +95,10 @@ def _value(field: Any) -> jax.Array:
   state, gives the array it wraps)."""
   leaves = jax.tree.leaves(field)
   if len(leaves) != 1 or np.ndim(leaves[0]) != 0:
-    raise ValueError(f"metrics: expected a scalar field, got {type(field).__name__} with "
-                     f"leaves of shapes {[np.shape(x) for x in leaves]}.")
+    raise ValueError(
+      f"metrics: expected a scalar field, got {type(field).__name__} with "
+      f"leaves of shapes {[np.shape(x) for x in leaves]}."
+    )
   return leaves[0]
 
 
@@ -85,10 +107,14 @@ def _check_state(opt_state: Any) -> None:
   for path, leaf in leaves:
     if not isinstance(leaf, _ARRAY_LIKE):
       raise TypeError(
-          f"metrics: `opt_state` must be an optimizer state (a pytree of arrays), but its leaf "
-          f"{otree.path_str(path)} is a {type(leaf).__name__}"
-          + (" (pass the state that init/update return, not the transformation)."
-             if callable(leaf) else "."))
+        f"metrics: `opt_state` must be an optimizer state (a pytree of arrays), but its leaf "
+        f"{otree.path_str(path)} is a {type(leaf).__name__}"
+        + (
+          " (pass the state that init/update return, not the transformation)."
+          if callable(leaf)
+          else "."
+        )
+      )
 
 
 def metrics(opt_state: Any) -> dict:
@@ -170,24 +196,32 @@ def metrics(opt_state: Any) -> dict:
       out["gave_up"] = _value(finite.gave_up)
   stopping = first.get(EarlyStoppingState)
   if stopping is not None:
-    out.update(best_metric=_value(stopping.best_metric), wait=_value(stopping.wait),
-               should_stop=_value(stopping.should_stop))
+    out.update(
+      best_metric=_value(stopping.best_metric),
+      wait=_value(stopping.wait),
+      should_stop=_value(stopping.should_stop),
+    )
   return {key: out[key] for key in KEYS if key in out}
 
 
 def _check_metrics(metrics: Any, fn: str) -> None:
   if not isinstance(metrics, Mapping):
-    raise TypeError(f"{fn}: `metrics` must be a dict of arrays (what metrics() returns), "
-                    f"got {type(metrics).__name__}.")
+    raise TypeError(
+      f"{fn}: `metrics` must be a dict of arrays (what metrics() returns), "
+      f"got {type(metrics).__name__}."
+    )
   for key, value in metrics.items():
     if not isinstance(key, str):
       raise TypeError(f"{fn}: `metrics` keys must be strings, got {key!r}.")
     if isinstance(value, jax.core.Tracer):
-      raise TypeError(f"{fn}: `metrics[{key!r}]` is traced: call {fn} outside jax.jit, on "
-                      "the values the jitted step returns.")
+      raise TypeError(
+        f"{fn}: `metrics[{key!r}]` is traced: call {fn} outside jax.jit, on "
+        "the values the jitted step returns."
+      )
     if not isinstance(value, _ARRAY_LIKE):
-      raise TypeError(f"{fn}: `metrics[{key!r}]` must be an array or a number, got "
-                      f"{type(value).__name__}.")
+      raise TypeError(
+        f"{fn}: `metrics[{key!r}]` must be an array or a number, got {type(value).__name__}."
+      )
 
 
 def to_host(metrics: Mapping[str, Any]) -> dict:
@@ -214,8 +248,9 @@ def to_host(metrics: Mapping[str, Any]) -> dict:
   """
   _check_metrics(metrics, "to_host")
   values = jax.device_get(list(metrics.values()))
-  return {key: _python_scalar(v) if np.ndim(v) == 0 else np.asarray(v)
-          for key, v in zip(metrics, values)}
+  return {
+    key: _python_scalar(v) if np.ndim(v) == 0 else np.asarray(v) for key, v in zip(metrics, values)
+  }
 
 
 def unstack(stacked: Mapping[str, Any], every_k: int = 1) -> list:
@@ -247,14 +282,18 @@ def unstack(stacked: Mapping[str, Any], every_k: int = 1) -> list:
   lengths = {}
   for key, value in host.items():
     if np.ndim(value) != 1:
-      raise ValueError(f"unstack: `stacked[{key!r}]` must have one axis of steps (as "
-                       f"lax.scan stacks 0-d metrics), got shape {np.shape(value)}.")
+      raise ValueError(
+        f"unstack: `stacked[{key!r}]` must have one axis of steps (as "
+        f"lax.scan stacks 0-d metrics), got shape {np.shape(value)}."
+      )
     lengths[key] = len(value)
   if len(set(lengths.values())) > 1:
     raise ValueError(f"unstack: the values of `stacked` have different lengths: {lengths}.")
   steps = next(iter(lengths.values()), 0)
-  return [{key: _python_scalar(value[i]) for key, value in host.items()}
-          for i in range(0, steps, int(every_k))]
+  return [
+    {key: _python_scalar(value[i]) for key, value in host.items()}
+    for i in range(0, steps, int(every_k))
+  ]
 
 
 __all__ = ["metrics", "to_host", "unstack"]

@@ -44,14 +44,29 @@ import numpy as np
 from optcompose import tree as otree
 from optcompose.core import InjectHyperparamsState
 from optcompose.transforms.clipping import ClipByGlobalNormState
-from optcompose.wrappers.control import ApplyIfFiniteState
-from optcompose.wrappers.masking import MaskedState
+from optcompose.wrappers.finite import ApplyIfFiniteState
+from optcompose._migrate_match import (
+  _pairs,
+  _counterparts,
+  _is_namedtuple,
+  _is_masked,
+  _leafless,
+  _fields,
+  _items,
+  _is_value,
+  _dtype,
+  _kind,
+  _concrete,
+  _describe,
+)
 
 __all__ = ["MigrationError", "from_optax_state", "to_optax_state"]
 
 _INJECT = {"count", "hyperparams", "inner_state"}  # + "hyperparams_states" (Optax's)
-_REBUILD = ("the source is another optimizer's state, or was built with other hyperparameters "
-            "(build the target as the source was: the same chain, the same schedules).")
+_REBUILD = (
+  "the source is another optimizer's state, or was built with other hyperparameters "
+  "(build the target as the source was: the same chain, the same schedules)."
+)
 
 
 class MigrationError(ValueError):
@@ -60,104 +75,6 @@ class MigrationError(ValueError):
   def __init__(self, fn: str, path: str, message: str):
     self.fn, self.path = fn, path
     super().__init__(f"{fn}: state{path} {message}")
-
-
-# Counterparts: the state classes both libraries export under one name (optcompose keeps
-# Optax's names), and Optax's names of states optcompose keeps in another class.
-
-_OPTAX_ALIASES = {"MultiTransformState": "PartitionState",
-                  "InjectStatefulHyperparamsState": "InjectHyperparamsState",
-                  "ScaleByScheduleState": "InjectHyperparamsState"}
-_PAIRS: set = set()
-
-
-def _pairs() -> set:
-  """``{(optax_class, optcompose_class)}``, read once from both namespaces."""
-  if not _PAIRS:
-    import warnings
-    import optax
-    import optcompose
-    with warnings.catch_warnings():  # Optax's deprecated names warn when read
-      warnings.simplefilter("ignore")
-      for space, name in ((s, n) for s in (optax, optax.transforms, optax.schedules)
-                          for n in dir(s)):
-        theirs = getattr(space, name, None)
-        ours = vars(optcompose).get(_OPTAX_ALIASES.get(name, name))  # ours, not Optax's
-        if _is_namedtuple(theirs, True) and _is_namedtuple(ours, True):
-          _PAIRS.add((theirs, ours))
-  return _PAIRS
-
-
-def _counterparts(theirs: type, ours: type) -> bool:
-  """A known pair, or a class with no declared counterpart (then the fields decide)."""
-  pairs = _pairs()
-  return ((theirs, ours) in pairs or theirs not in {a for a, _ in pairs}
-          or ours not in {b for _, b in pairs})
-
-
-def _is_namedtuple(x, is_class=False) -> bool:
-  c = x if is_class else type(x)
-  return isinstance(c, type) and issubclass(c, tuple) and hasattr(c, "_fields")
-
-
-def _is_masked(x) -> bool:
-  import optax
-  return isinstance(x, (MaskedState, optax.MaskedState))
-
-
-# Reading a source node, live or restored as plain containers.
-
-def _leafless(x) -> bool:
-  return not jax.tree.leaves(x)
-
-
-def _fields(x) -> Optional[dict]:
-  """A NamedTuple's fields, or a restored dict (Flax and Orbax store NamedTuples so; Orbax
-  an empty one as None)."""
-  if _is_namedtuple(x):
-    return dict(zip(x._fields, x))
-  return dict(x) if isinstance(x, dict) else {} if x is None else None
-
-
-def _items(x) -> Optional[list]:
-  """A sequence's items, or those of a restored dict ``{'0': ..., '1': ...}`` (Flax's)."""
-  if isinstance(x, (tuple, list)) and not _is_namedtuple(x):
-    return list(x)
-  if isinstance(x, dict) and set(x) == {str(i) for i in range(len(x))}:
-    return [x[str(i)] for i in range(len(x))]
-  return None
-
-
-def _is_value(x) -> bool:
-  return isinstance(x, (jax.Array, np.ndarray, np.generic, numbers.Number))
-
-
-def _dtype(x):
-  return x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype
-
-
-def _kind(dtype) -> str:
-  return "f" if jnp.issubdtype(dtype, jnp.floating) else "i" if jnp.issubdtype(
-      dtype, jnp.integer) else str(dtype)
-
-
-def _concrete(*xs) -> bool:
-  return not any(isinstance(x, jax.core.Tracer) for x in xs)
-
-
-def _describe(x) -> str:
-  if _is_namedtuple(x):
-    owner = type(x).__module__.split(".")[0]
-    owner = "optcompose's" if owner == "optcompose" else f"{owner.capitalize()}'s"
-    return f"{owner} {type(x).__name__}({', '.join(x._fields)})"
-  if isinstance(x, dict):
-    return f"a dict with keys {sorted(map(str, x))}"
-  if isinstance(x, (tuple, list)):
-    names = (type(v).__name__ if _is_namedtuple(v) else "..." if v else "None" for v in x)
-    return f"a {type(x).__name__} of {len(x)} ({', '.join(names)})"
-  if _is_value(x):
-    return f"an array of shape {np.shape(x)} and dtype {_dtype(x)}"
-  return "nothing" if x is None else f"a {type(x).__name__}"
 
 
 class _Walk:
@@ -178,8 +95,11 @@ class _Walk:
     if isinstance(t, (tuple, list)):
       items = _items(s)
       if items is None or len(items) != len(t):
-        self.fail(at, f"is {_describe(s)}, where the target holds {_describe(t)}: the "
-                  "source is another optimizer's state.")
+        self.fail(
+          at,
+          f"is {_describe(s)}, where the target holds {_describe(t)}: the "
+          "source is another optimizer's state.",
+        )
       return type(t)(self.node(a, b, f"{at}[{i}]") for i, (a, b) in enumerate(zip(t, items)))
     if isinstance(t, dict):
       return self.mapping(t, s, at)
@@ -207,22 +127,29 @@ class _Walk:
       return type(t)(self.node(t.inner_state, s, at))
     pair = (type(s), type(t)) if self.to_ours else (type(t), type(s))
     if _is_namedtuple(s) and not _counterparts(*pair):
-      self.fail(at, f"is {_describe(s)}, where the target holds {_describe(t)}: the source "
-                "is another optimizer's state.")
+      self.fail(
+        at,
+        f"is {_describe(s)}, where the target holds {_describe(t)}: the source "
+        "is another optimizer's state.",
+      )
     if set(t._fields) >= _INJECT:
       return self.injected(t, s, at)
     if fields is None:
       self.fail(at, f"is {_describe(s)}, where the target holds {_describe(t)}.")
     if set(fields) >= _INJECT and t._fields == ("count",):  # ours -> a schedule's count
       if not _leafless(fields["inner_state"]):
-        self.fail(f"{at}.inner_state", f"holds {_describe(fields['inner_state'])}, where the "
-                  "target keeps only a count.")
+        self.fail(
+          f"{at}.inner_state",
+          f"holds {_describe(fields['inner_state'])}, where the target keeps only a count.",
+        )
       return type(t)(self.leaf(t.count, fields["count"], f"{at}.count"))
     if set(fields) != set(t._fields):  # a field optcompose keeps and Optax does not?
       ours = [type(t)] if self.to_ours else [b for a, b in _pairs() if a is type(t)]
       for extra in (_OURS_ONLY[c] for c in ours if c in _OURS_ONLY):
-        if set(fields) ^ set(t._fields) == set(extra) and (
-            set(fields) < set(t._fields)) == self.to_ours:
+        if (
+          set(fields) ^ set(t._fields) == set(extra)
+          and (set(fields) < set(t._fields)) == self.to_ours
+        ):
           values = {f: rule(self, t, fields, f"{at}.{f}") for f, rule in extra.items()}
           fields = {f: v for f, v in fields.items() if f in t._fields}
           fields.update(values if self.to_ours else {})
@@ -247,21 +174,36 @@ class _Walk:
     for name, schedule in (fields.get("hyperparams_states") or {}).items():  # Optax's
       where, own = f"{at}.hyperparams_states[{name!r}]", _fields(schedule) or {}
       if set(own) != {"count"}:
-        self.fail(where, f"is {_describe(schedule)}: optcompose's schedules read the step "
-                  "count only (no stateful schedules).")
+        self.fail(
+          where,
+          f"is {_describe(schedule)}: optcompose's schedules read the step "
+          "count only (no stateful schedules).",
+        )
       if _concrete(own["count"], count) and np.asarray(own["count"]) != np.asarray(count):
-        self.fail(f"{where}.count", f"is {np.asarray(own['count'])}, the state's count "
-                  f"{np.asarray(count)}: optcompose keeps one count for all schedules.")
-    new = dict(count=count, hyperparams=self.mapping(t.hyperparams, fields["hyperparams"],
-                                                     f"{at}.hyperparams", hyper=True),
-               inner_state=self.node(t.inner_state, fields["inner_state"], f"{at}.inner_state"))
+        self.fail(
+          f"{where}.count",
+          f"is {np.asarray(own['count'])}, the state's count "
+          f"{np.asarray(count)}: optcompose keeps one count for all schedules.",
+        )
+    new = dict(
+      count=count,
+      hyperparams=self.mapping(
+        t.hyperparams, fields["hyperparams"], f"{at}.hyperparams", hyper=True
+      ),
+      inner_state=self.node(t.inner_state, fields["inner_state"], f"{at}.inner_state"),
+    )
     if "hyperparams_states" in t._fields:  # Optax's: each schedule's count is the count
       for name, schedule in t.hyperparams_states.items():
         if getattr(schedule, "_fields", None) != ("count",):
-          self.fail(f"{at}.hyperparams_states[{name!r}]", f"cannot fill {_describe(schedule)}"
-                    ": only schedules of the step count have an optcompose counterpart.")
-      new["hyperparams_states"] = {name: schedule._replace(count=self.leaf(
-          schedule.count, count, f"{at}.count")) for name, schedule in t.hyperparams_states.items()}
+          self.fail(
+            f"{at}.hyperparams_states[{name!r}]",
+            f"cannot fill {_describe(schedule)}"
+            ": only schedules of the step count have an optcompose counterpart.",
+          )
+      new["hyperparams_states"] = {
+        name: schedule._replace(count=self.leaf(schedule.count, count, f"{at}.count"))
+        for name, schedule in t.hyperparams_states.items()
+      }
     return t._replace(**new)
 
   def leaf(self, t, s, at, hyper=False):
@@ -269,16 +211,27 @@ class _Walk:
       self.fail(at, f"is {_describe(s)}, expected {_describe(t)}.")
     key = jax.dtypes.issubdtype(_dtype(t), jax.dtypes.prng_key)
     if key != jax.dtypes.issubdtype(_dtype(s), jax.dtypes.prng_key):  # typed key <-> its data
-      s = (jax.random.wrap_key_data(jnp.asarray(s), impl=jax.random.key_impl(t)) if key
-           else jax.random.key_data(s))
+      s = (
+        jax.random.wrap_key_data(jnp.asarray(s), impl=jax.random.key_impl(t))
+        if key
+        else jax.random.key_data(s)
+      )
     if np.shape(s) != np.shape(t):
       self.fail(at, f"has shape {np.shape(s)}, expected {np.shape(t)}.")
     if _dtype(s) != _dtype(t):
-      kept = _concrete(s) and _kind(_dtype(s)) == _kind(_dtype(t)) and np.array_equal(
-          np.asarray(s).astype(_dtype(t)).astype(_dtype(s)), np.asarray(s), equal_nan=True)
+      kept = (
+        _concrete(s)
+        and _kind(_dtype(s)) == _kind(_dtype(t))
+        and np.array_equal(
+          np.asarray(s).astype(_dtype(t)).astype(_dtype(s)), np.asarray(s), equal_nan=True
+        )
+      )
       if not (kept or (hyper and _kind(_dtype(t)) == "f" and _kind(_dtype(s)) in "fi")):
-        self.fail(at, f"has dtype {_dtype(s)}, expected {_dtype(t)}: casting would change "
-                  "its values (build the target with the source's dtypes).")
+        self.fail(
+          at,
+          f"has dtype {_dtype(s)}, expected {_dtype(t)}: casting would change "
+          "its values (build the target with the source's dtypes).",
+        )
       s = jnp.asarray(s).astype(_dtype(t))
     if isinstance(t, jax.Array):  # placed as t, uncommitted where it can be (as init's are)
       s = jax.device_put(s)
@@ -293,32 +246,47 @@ class _Walk:
     if jax.tree.structure(s) != jax.tree.structure(t) and isinstance(s, dict):
       try:
         from flax import serialization
+
         s = serialization.from_state_dict(t, s)
       except Exception as e:  # Flax's errors vary: reported
         self.fail(at, f"cannot be read as a {type(t).__name__} ({type(e).__name__}: {e}).")
     if jax.tree.structure(s) != jax.tree.structure(t):
       self.fail(at, f"is {_describe(s)}, expected {jax.tree.structure(t)}.")
     paths = jax.tree_util.tree_flatten_with_path(t)[0]
-    return jax.tree.unflatten(jax.tree.structure(t), [
-        self.leaf(a, b, at + jax.tree_util.keystr(p)) for (p, a), b in zip(paths, jax.tree.leaves(s))])
+    return jax.tree.unflatten(
+      jax.tree.structure(t),
+      [
+        self.leaf(a, b, at + jax.tree_util.keystr(p))
+        for (p, a), b in zip(paths, jax.tree.leaves(s))
+      ],
+    )
 
 
 # optcompose's fields that Optax's counterpart lacks, {class: {field: rule}}: from Optax the
 # rule gives the value, to Optax it checks that nothing is lost.
+
 
 def _gave_up(walk, t, source, at):
   """Optax keeps no such flag: it is known (False) only if no step was ever skipped."""
   known = source["total_notfinite"] if walk.to_ours else source["gave_up"]
   if _concrete(known) and not np.asarray(known).any():
     return t.gave_up if walk.to_ours else None
-  walk.fail(at, "cannot be migrated: Optax's apply_if_finite " + (
-      "does not record whether max_consecutive_errors was reached" if walk.to_ours else
-      "has no such flag") + "; set it by hand after migrating, or clear it before.")
+  walk.fail(
+    at,
+    "cannot be migrated: Optax's apply_if_finite "
+    + (
+      "does not record whether max_consecutive_errors was reached"
+      if walk.to_ours
+      else "has no such flag"
+    )
+    + "; set it by hand after migrating, or clear it before.",
+  )
 
 
 _OURS_ONLY = {  # the logged norm: 0, as after init, until the next update
-    ClipByGlobalNormState: {"global_norm": lambda walk, t, *_: walk.to_ours and t.global_norm},
-              ApplyIfFiniteState: {"gave_up": _gave_up}}
+  ClipByGlobalNormState: {"global_norm": lambda walk, t, *_: walk.to_ours and t.global_norm},
+  ApplyIfFiniteState: {"gave_up": _gave_up},
+}
 
 
 def _values_in_force(fn, state, tx, params, scheduled, extra_args):
@@ -329,22 +297,28 @@ def _values_in_force(fn, state, tx, params, scheduled, extra_args):
   todo = otree.find_nodes(state, lambda n: id(n) in marked)
   if not todo:
     return state
-  probe = otree.replace_nodes(state, lambda n: id(n) in marked,
-                              lambda n: n._replace(count=n.count - 1))
+  probe = otree.replace_nodes(
+    state, lambda n: id(n) in marked, lambda n: n._replace(count=n.count - 1)
+  )
 
   def in_force(probe, params):
-    _, after = tx.update(jax.tree.map(jnp.zeros_like, params), probe, params,
-                         **(extra_args or {}))
-    return {path: (n.count, n.hyperparams) for path, n in otree.find_nodes(
-        after, lambda n: isinstance(n, InjectHyperparamsState))}  # nothing else is computed
+    _, after = tx.update(jax.tree.map(jnp.zeros_like, params), probe, params, **(extra_args or {}))
+    return {
+      path: (n.count, n.hyperparams)
+      for path, n in otree.find_nodes(after, lambda n: isinstance(n, InjectHyperparamsState))
+    }  # nothing else is computed
 
   try:
     found = jax.jit(in_force)(probe, params)
   except Exception as e:  # reported, with what to do
-    raise MigrationError(fn, "".join(f"[{k}]" for k in todo[0][0]), "holds a schedule's count "
-                         "only (Optax's state); recomputing the value in force runs one update "
-                         f"of `tx` on zero gradients, which failed ({type(e).__name__}: {e}). "
-                         "Pass the keyword arguments its update needs as `extra_args`.") from e
+    raise MigrationError(
+      fn,
+      "".join(f"[{k}]" for k in todo[0][0]),
+      "holds a schedule's count "
+      "only (Optax's state); recomputing the value in force runs one update "
+      f"of `tx` on zero gradients, which failed ({type(e).__name__}: {e}). "
+      "Pass the keyword arguments its update needs as `extra_args`.",
+    ) from e
 
   def used(path, node):
     count, hyperparams = found[path]
@@ -353,12 +327,14 @@ def _values_in_force(fn, state, tx, params, scheduled, extra_args):
     return hyperparams
 
   values = {id(node): used(path, node) for path, node in todo}
-  return otree.replace_nodes(state, lambda n: id(n) in values,
-                             lambda n: n._replace(hyperparams=values[id(n)]))
+  return otree.replace_nodes(
+    state, lambda n: id(n) in values, lambda n: n._replace(hyperparams=values[id(n)])
+  )
 
 
-def from_optax_state(optax_state: Any, tx: Any, params: Any, *,
-                     extra_args: Optional[dict] = None) -> Any:
+def from_optax_state(
+  optax_state: Any, tx: Any, params: Any, *, extra_args: Optional[dict] = None
+) -> Any:
   """The optcompose state of ``tx`` equivalent to an Optax optimizer's state.
 
   Args:

@@ -41,8 +41,9 @@ def _sharding_of(leaf: Any, path: str) -> Sharding:
   sharding = getattr(leaf, "sharding", None)
   if sharding is None:
     raise ValueError(
-        f"`params{path}` has no sharding: pass committed arrays or "
-        "jax.ShapeDtypeStruct(shape, dtype, sharding=...) leaves.")
+      f"`params{path}` has no sharding: pass committed arrays or "
+      "jax.ShapeDtypeStruct(shape, dtype, sharding=...) leaves."
+    )
   return sharding
 
 
@@ -77,8 +78,12 @@ def state_shardings(tx: GradientTransformation, params: Any) -> Any:
     if node is None or masked(node):
       return False
     try:
-      fits = jax.tree.map(lambda x, i: masked(x) or (hasattr(x, "shape") and isinstance(i, int)),
-                          node, index, is_leaf=masked)
+      fits = jax.tree.map(
+        lambda x, i: masked(x) or (hasattr(x, "shape") and isinstance(i, int)),
+        node,
+        index,
+        is_leaf=masked,
+      )
     except (ValueError, TypeError):
       return False
     return all(jax.tree.leaves(fits))
@@ -87,8 +92,13 @@ def state_shardings(tx: GradientTransformation, params: Any) -> Any:
     if not mirrors_params(node):  # a leaf outside any params-shaped subtree
       return replicated
     return jax.tree.map(
-        lambda x, i: x if masked(x) else (p_shardings[i] if tuple(x.shape) == p_shapes[i]
-                                          else replicated), node, index, is_leaf=masked)
+      lambda x, i: (
+        x if masked(x) else (p_shardings[i] if tuple(x.shape) == p_shapes[i] else replicated)
+      ),
+      node,
+      index,
+      is_leaf=masked,
+    )
 
   return jax.tree.map(place, abstract, is_leaf=mirrors_params)
 
@@ -102,14 +112,18 @@ def _split_over(sharding: NamedSharding, shape: tuple, axis: str) -> NamedShardi
   """``sharding`` with ``axis`` added to the first dimension that no mesh axis splits yet and
   that ``axis``'s size divides (unchanged if there is none, or if ``axis`` is used)."""
   spec = tuple(sharding.spec) + (None,) * (len(shape) - len(sharding.spec))
-  used = {a for entry in spec if entry is not None
-          for a in (entry if isinstance(entry, tuple) else (entry,))}
+  used = {
+    a
+    for entry in spec
+    if entry is not None
+    for a in (entry if isinstance(entry, tuple) else (entry,))
+  }
   size = sharding.mesh.shape[axis]
   if axis in used:
     return sharding
   for dim, (entry, n) in enumerate(zip(spec, shape)):
     if entry is None and n % size == 0 and n >= size:
-      return NamedSharding(sharding.mesh, PartitionSpec(*spec[:dim], axis, *spec[dim + 1:]))
+      return NamedSharding(sharding.mesh, PartitionSpec(*spec[:dim], axis, *spec[dim + 1 :]))
   return sharding
 
 
@@ -135,15 +149,19 @@ def zero1_state_shardings(tx: GradientTransformation, params: Any, axis: str = "
   for path, x in flat:
     sharding = _sharding_of(x, jax.tree_util.keystr(tuple(path)))
     if not isinstance(sharding, NamedSharding) or axis not in sharding.mesh.shape:
-      raise ValueError(f"zero1_state_shardings: `params{jax.tree_util.keystr(tuple(path))}` "
-                       f"is not placed on a mesh with the axis {axis!r} ({sharding}).")
-    split.append(jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                      sharding=_split_over(sharding, tuple(x.shape), axis)))
+      raise ValueError(
+        f"zero1_state_shardings: `params{jax.tree_util.keystr(tuple(path))}` "
+        f"is not placed on a mesh with the axis {axis!r} ({sharding})."
+      )
+    split.append(
+      jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=_split_over(sharding, tuple(x.shape), axis))
+    )
   return state_shardings(tx, treedef.unflatten(split))
 
 
-def zero1_flat_shardings(tx: GradientTransformation, flat: Any, mesh: jax.sharding.Mesh,
-                         axis: str = "data") -> Any:
+def zero1_flat_shardings(
+  tx: GradientTransformation, flat: Any, mesh: jax.sharding.Mesh, axis: str = "data"
+) -> Any:
   """:func:`zero1_state_shardings` for parameters kept as a replicated
   :class:`~optcompose.FlatParams`: every bucket of the state (``tx.init(flat)``'s moments) is
   split evenly along its one dimension over the mesh axis ``axis``; counts and scalars are
@@ -163,18 +181,23 @@ def zero1_flat_shardings(tx: GradientTransformation, flat: Any, mesh: jax.shardi
     axis: the mesh axis to split the state over.
   """
   if not is_flat(flat):
-    raise TypeError(f"zero1_flat_shardings: `flat` is a {type(flat).__name__}, not a FlatParams "
-                    "(use zero1_state_shardings for a tree of parameters).")
+    raise TypeError(
+      f"zero1_flat_shardings: `flat` is a {type(flat).__name__}, not a FlatParams "
+      "(use zero1_state_shardings for a tree of parameters)."
+    )
   if axis not in mesh.shape:
     raise ValueError(f"zero1_flat_shardings: the mesh has no axis {axis!r} ({dict(mesh.shape)}).")
   size = mesh.shape[axis]
   for name, n in zip(flat.layout.buckets, flat.layout.sizes):
     if n % size:
       raise ValueError(
-          f"zero1_flat_shardings: bucket {name!r} has {n} elements, not a multiple of the "
-          f"{size} devices of mesh axis {axis!r}: build the FlatParams with "
-          f"flat_params(params, pad_to={size}).")
+        f"zero1_flat_shardings: bucket {name!r} has {n} elements, not a multiple of the "
+        f"{size} devices of mesh axis {axis!r}: build the FlatParams with "
+        f"flat_params(params, pad_to={size})."
+      )
   replicated = NamedSharding(mesh, PartitionSpec())
   return zero1_state_shardings(
-      tx, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-                       flat), axis)
+    tx,
+    jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), flat),
+    axis,
+  )

@@ -43,9 +43,13 @@ def first_difference(tree: Any, reference: Any) -> str:
   extra = [p for p in a if p not in builtins.set(b)]
   parts = []
   if missing:
-    parts.append(f"{missing[0]} is missing" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    parts.append(
+      f"{missing[0]} is missing" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+    )
   if extra:
-    parts.append(f"{extra[0]} is unexpected" + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
+    parts.append(
+      f"{extra[0]} is unexpected" + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
+    )
   if parts:
     return "; ".join(parts)
   # Same leaf paths, different node types (e.g. a dict against a FrozenDict).
@@ -60,20 +64,22 @@ def check_same_structure(tree: Any, reference: Any, name: str, reference_name: s
   """
   if jax.tree.structure(tree) != jax.tree.structure(reference):
     raise ValueError(
-        f"`{name}` does not have the structure of `{reference_name}`: "
-        f"{first_difference(tree, reference)}."
+      f"`{name}` does not have the structure of `{reference_name}`: "
+      f"{first_difference(tree, reference)}."
     )
-  for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(tree)[0],
-                          jax.tree.leaves(reference)):
+  for (path, a), b in zip(
+    jax.tree_util.tree_flatten_with_path(tree)[0], jax.tree.leaves(reference)
+  ):
     if jnp.shape(a) != jnp.shape(b):
       raise ValueError(
-          f"`{name}{jax.tree_util.keystr(tuple(path))}` has shape {jnp.shape(a)} but "
-          f"`{reference_name}{jax.tree_util.keystr(tuple(path))}` has shape {jnp.shape(b)}."
+        f"`{name}{jax.tree_util.keystr(tuple(path))}` has shape {jnp.shape(a)} but "
+        f"`{reference_name}{jax.tree_util.keystr(tuple(path))}` has shape {jnp.shape(b)}."
       )
 
 
-def check_same_dtypes(tree: Any, reference: Any, name: str, reference_name: str,
-                      kept: bool = False) -> None:
+def check_same_dtypes(
+  tree: Any, reference: Any, name: str, reference_name: str, kept: bool = False
+) -> None:
   """Raise a TypeError naming the first path where ``tree``'s dtype is not ``reference``'s
   (the trees have the same structure), so that a kept copy is never silently rounded
   (``kept``: the message calls the reference "the kept" copy).
@@ -81,13 +87,16 @@ def check_same_dtypes(tree: Any, reference: Any, name: str, reference_name: str,
   Raises:
     TypeError: a leaf's dtype differs; the message names the path and both dtypes.
   """
-  for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(tree)[0],
-                          jax.tree.leaves(reference)):
+  for (path, a), b in zip(
+    jax.tree_util.tree_flatten_with_path(tree)[0], jax.tree.leaves(reference)
+  ):
     if jnp.result_type(a) != jnp.result_type(b):
       where = jax.tree_util.keystr(tuple(path))
-      raise TypeError(f"`{name}{where}` has dtype {jnp.result_type(a)} but {'the kept ' * kept}"
-                      f"`{reference_name}{where}` has dtype {jnp.result_type(b)} (it would be "
-                      "silently rounded; keep the dtype seen at init).")
+      raise TypeError(
+        f"`{name}{where}` has dtype {jnp.result_type(a)} but {'the kept ' * kept}"
+        f"`{reference_name}{where}` has dtype {jnp.result_type(b)} (it would be "
+        "silently rounded; keep the dtype seen at init)."
+      )
 
 
 def _leaf_dtype(leaf: Any):
@@ -101,8 +110,7 @@ def _leaf_dtype(leaf: Any):
   return None
 
 
-_NEED = ("optimizers need floating-point leaves (cast integer or boolean leaves, or mask them "
-         "out)")
+_NEED = "optimizers need floating-point leaves (cast integer or boolean leaves, or mask them out)"
 
 
 def check_floating(tree: Any, name: str, need: str = _NEED) -> None:
@@ -120,8 +128,7 @@ def check_floating(tree: Any, name: str, need: str = _NEED) -> None:
     dtype = _leaf_dtype(leaf)
     where = f"`{name}{jax.tree_util.keystr(tuple(path))}`"
     if dtype is None:
-      raise TypeError(f"{where} is a {type(leaf).__name__} ({leaf!r:.40}), not an array; "
-                      f"{need}.")
+      raise TypeError(f"{where} is a {type(leaf).__name__} ({leaf!r:.40}), not an array; {need}.")
     if not _is_inexact(dtype):
       raise TypeError(f"{where} has dtype {dtype}; {need}.")
 
@@ -157,8 +164,9 @@ def cast(tree: Any, dtype) -> Any:
 
 def cast_like(tree: Any, other_tree: Any) -> Any:
   """Cast each leaf to the dtype of ``other_tree``'s leaf (left as it is where that has none)."""
-  return jax.tree.map(lambda x, o: jnp.asarray(x).astype(o.dtype) if hasattr(o, "dtype") else x,
-                      tree, other_tree)
+  return jax.tree.map(
+    lambda x, o: jnp.asarray(x).astype(o.dtype) if hasattr(o, "dtype") else x, tree, other_tree
+  )
 
 
 def promote_types(*dtypes) -> jnp.dtype:
@@ -177,8 +185,12 @@ def promote(*values) -> tuple:
   scalars, and arrays already of that dtype, are returned as they are."""
   with jax.numpy_dtype_promotion("standard"):
     dtype = jnp.result_type(*values)
-  return tuple(v if isinstance(v, (int, float, complex)) or jnp.result_type(v) == dtype
-               else jnp.asarray(v).astype(dtype) for v in values)
+  return tuple(
+    v
+    if isinstance(v, (int, float, complex)) or jnp.result_type(v) == dtype
+    else jnp.asarray(v).astype(dtype)
+    for v in values
+  )
 
 
 def squared_norm(tree: Any) -> jax.Array:
@@ -187,8 +199,12 @@ def squared_norm(tree: Any) -> jax.Array:
   leaves = jax.tree.leaves(tree)
   if not leaves:
     return jnp.zeros([], jnp.float32)
-  total = [jnp.sum(_square_for_a_sum(
-      jnp.asarray(x).astype(promote_types(jnp.result_type(x), jnp.float32)))) for x in leaves]
+  total = [
+    jnp.sum(
+      _square_for_a_sum(jnp.asarray(x).astype(promote_types(jnp.result_type(x), jnp.float32)))
+    )
+    for x in leaves
+  ]
   # Summed left to right, each addition in the wider of its two operands.
   return functools.reduce(lambda a, b: jnp.add(*promote(a, b)), total)
 
@@ -298,8 +314,9 @@ def moment_leaf(g, moment, decay, order=1):
 
 def _map_updates(f, updates, moments):
   """``f(g, m)`` leaf by leaf, None where ``updates`` has None."""
-  return jax.tree.map(lambda g, m: None if g is None else f(g, m), updates, moments,
-                      is_leaf=lambda x: x is None)
+  return jax.tree.map(
+    lambda g, m: None if g is None else f(g, m), updates, moments, is_leaf=lambda x: x is None
+  )
 
 
 def update_moment(updates, moments, decay, order):
@@ -309,8 +326,13 @@ def update_moment(updates, moments, decay, order):
 
 def update_infinity_moment(updates, moments, decay, eps):
   """The decaying maximum ``max(|g| + eps, decay * m)``."""
-  return _map_updates(lambda g, m: jnp.maximum(*promote(
-      jnp.add(*promote(jnp.abs(g), eps)), jnp.multiply(*promote(decay, m)))), updates, moments)
+  return _map_updates(
+    lambda g, m: jnp.maximum(
+      *promote(jnp.add(*promote(jnp.abs(g), eps)), jnp.multiply(*promote(decay, m)))
+    ),
+    updates,
+    moments,
+  )
 
 
 def update_moment_per_elem_norm(updates, moments, decay, order):
@@ -358,9 +380,10 @@ def _optax_s(name: str):
 # under standard promotion), leaf maps, lookups by key or by NamedTuple class name (which our
 # own code never does: :func:`find_nodes` finds nodes by what they are), PRNG keys (Optax's
 # splits, so that a stream drawn here is Optax's).
-add, sub, mul, div, scale, add_scale, vdot, where, allclose, clip, dtype = map(_optax_s, (
-    "add", "sub", "mul", "div", "scale", "add_scale", "vdot", "where", "allclose", "clip",
-    "dtype"))
+add, sub, mul, div, scale, add_scale, vdot, where, allclose, clip, dtype = map(
+  _optax_s,
+  ("add", "sub", "mul", "div", "scale", "add_scale", "vdot", "where", "allclose", "clip", "dtype"),
+)
 sum, max, min = map(_optax_s, ("sum", "max", "min"))  # Optax's names, builtins' too
 size, batch_shape = _optax_tree_utils.tree_size, _optax_tree_utils.tree_batch_shape
 conj, real = _optax_tree_utils.tree_conj, _optax_tree_utils.tree_real

@@ -55,21 +55,41 @@ tree_zeros_like = _tree.zeros_like
 # Deprecated in Optax (0.2.5): the value, and the warning given when the name is looked up
 # (Optax's messages; Optax's for tree_add_scalar_mul names tree_scalar_mul by mistake).
 _DEPRECATED = {
-    "tree_scalar_mul": (tree_scale, (
-        "optax.tree_utils.tree_scalar_mul is deprecated: use optax.tree_utils.tree_scale (optax "
-        "v0.2.5 or newer).")),
-    "tree_add_scalar_mul": (tree_add_scale, (
-        "optax.tree_utils.tree_add_scalar_mul is deprecated: use optax.tree_utils.tree_add_scale "
-        "(optax v0.2.5 or newer).")),
-    "tree_l1_norm": (functools.partial(tree_norm, ord=1), (
-        "optax.tree_utils.tree_l1_norm is deprecated: use optax.tree_utils.tree_norm(..., ord=1) "
-        "(optax v0.2.5 or newer).")),
-    "tree_l2_norm": (functools.partial(tree_norm, ord=2), (
-        "optax.tree_utils.tree_l2_norm is deprecated: use optax.tree_utils.tree_norm (optax "
-        "v0.2.5 or newer).")),
-    "tree_linf_norm": (functools.partial(tree_norm, ord="inf"), (
-        "optax.tree_utils.tree_linf_norm is deprecated: use optax.tree_utils.tree_norm(..., "
-        "ord=jnp.inf) (optax v0.2.5 or newer).")),
+  "tree_scalar_mul": (
+    tree_scale,
+    (
+      "optax.tree_utils.tree_scalar_mul is deprecated: use optax.tree_utils.tree_scale (optax "
+      "v0.2.5 or newer)."
+    ),
+  ),
+  "tree_add_scalar_mul": (
+    tree_add_scale,
+    (
+      "optax.tree_utils.tree_add_scalar_mul is deprecated: use optax.tree_utils.tree_add_scale "
+      "(optax v0.2.5 or newer)."
+    ),
+  ),
+  "tree_l1_norm": (
+    functools.partial(tree_norm, ord=1),
+    (
+      "optax.tree_utils.tree_l1_norm is deprecated: use optax.tree_utils.tree_norm(..., ord=1) "
+      "(optax v0.2.5 or newer)."
+    ),
+  ),
+  "tree_l2_norm": (
+    functools.partial(tree_norm, ord=2),
+    (
+      "optax.tree_utils.tree_l2_norm is deprecated: use optax.tree_utils.tree_norm (optax "
+      "v0.2.5 or newer)."
+    ),
+  ),
+  "tree_linf_norm": (
+    functools.partial(tree_norm, ord="inf"),
+    (
+      "optax.tree_utils.tree_linf_norm is deprecated: use optax.tree_utils.tree_norm(..., "
+      "ord=jnp.inf) (optax v0.2.5 or newer)."
+    ),
+  ),
 }
 
 

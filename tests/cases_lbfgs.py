@@ -26,18 +26,24 @@ from registry import Case
 # clip_by_global_norm keeps the norm in its state; test_lbfgs.py compares ScaleByLBFGSState's
 # leaves with Optax's.)
 CASES = [
-    Case("scale_by_lbfgs",
-         lambda: oc.chain(oc.scale_by_lbfgs(memory_size=1), oc.clip_by_global_norm(0.1),
-                          oc.scale_by_learning_rate(0.1)),
-         ("scale_by_lbfgs",),
-         optax=lambda: optax.chain(optax.scale_by_lbfgs(memory_size=1),
-                                   optax.clip_by_global_norm(0.1),
-                                   optax.scale_by_learning_rate(0.1)),
-         f32_ulps=32, same_state=False),
+  Case(
+    "scale_by_lbfgs",
+    lambda: oc.chain(
+      oc.scale_by_lbfgs(memory_size=1), oc.clip_by_global_norm(0.1), oc.scale_by_learning_rate(0.1)
+    ),
+    ("scale_by_lbfgs",),
+    optax=lambda: optax.chain(
+      optax.scale_by_lbfgs(memory_size=1),
+      optax.clip_by_global_norm(0.1),
+      optax.scale_by_learning_rate(0.1),
+    ),
+    f32_ulps=32,
+    same_state=False,
+  )
 ]
 
 COVERED_ELSEWHERE = {
-    "lbfgs": "tests/test_lbfgs.py",
-    "scale_by_zoom_linesearch": "tests/test_lbfgs.py",
-    "scale_by_backtracking_linesearch": "tests/test_lbfgs.py",
+  "lbfgs": "tests/test_lbfgs.py",
+  "scale_by_zoom_linesearch": "tests/test_lbfgs.py",
+  "scale_by_backtracking_linesearch": "tests/test_lbfgs.py",
 }

@@ -36,26 +36,45 @@ def frozen_bias_labels():
 
 
 CASES = [
-    Case("named_chain",
-         lambda: oc.named_chain(("adam", oc.scale_by_adam()),
-                                ("lr", oc.scale_by_learning_rate(LR))),
-         ("named_chain",),
-         optax=lambda: optax.named_chain(("adam", optax.scale_by_adam()),
-                                         ("lr", optax.scale_by_learning_rate(LR)))),
-    Case("freeze_biases_adam", lambda: oc.chain(oc.freeze(biases), oc.adam(LR)), ("freeze",),
-         optax=lambda: optax.chain(optax.freeze(biases), optax.adam(LR))),
-    Case("selective_transform_adam",
-         lambda: oc.selective_transform(oc.adam(LR), freeze_mask=biases),
-         ("selective_transform",),
-         optax=lambda: optax.partition({"train": optax.adam(LR), "freeze": optax.set_to_zero()},
-                                       param_labels=freeze_labels)),
-    Case("flatten_adam", lambda: oc.flatten(oc.adam(LR)), ("flatten",),
-         optax=lambda: optax.flatten(optax.adam(LR))),
-    # "unused" labels no leaf: its Adam sees one MaskedNode and keeps a count, as Optax's.
-    Case("partition_unused_label",
-         lambda: oc.partition({"train": oc.adamw(LR), "frozen": oc.set_to_zero(),
-                               "unused": oc.adam(LR)}, frozen_bias_labels()),
-         ("partition",),
-         optax=lambda: optax.partition({"train": optax.adamw(LR), "frozen": optax.set_to_zero(),
-                                        "unused": optax.adam(LR)}, frozen_bias_labels())),
+  Case(
+    "named_chain",
+    lambda: oc.named_chain(("adam", oc.scale_by_adam()), ("lr", oc.scale_by_learning_rate(LR))),
+    ("named_chain",),
+    optax=lambda: optax.named_chain(
+      ("adam", optax.scale_by_adam()), ("lr", optax.scale_by_learning_rate(LR))
+    ),
+  ),
+  Case(
+    "freeze_biases_adam",
+    lambda: oc.chain(oc.freeze(biases), oc.adam(LR)),
+    ("freeze",),
+    optax=lambda: optax.chain(optax.freeze(biases), optax.adam(LR)),
+  ),
+  Case(
+    "selective_transform_adam",
+    lambda: oc.selective_transform(oc.adam(LR), freeze_mask=biases),
+    ("selective_transform",),
+    optax=lambda: optax.partition(
+      {"train": optax.adam(LR), "freeze": optax.set_to_zero()}, param_labels=freeze_labels
+    ),
+  ),
+  Case(
+    "flatten_adam",
+    lambda: oc.flatten(oc.adam(LR)),
+    ("flatten",),
+    optax=lambda: optax.flatten(optax.adam(LR)),
+  ),
+  # "unused" labels no leaf: its Adam sees one MaskedNode and keeps a count, as Optax's.
+  Case(
+    "partition_unused_label",
+    lambda: oc.partition(
+      {"train": oc.adamw(LR), "frozen": oc.set_to_zero(), "unused": oc.adam(LR)},
+      frozen_bias_labels(),
+    ),
+    ("partition",),
+    optax=lambda: optax.partition(
+      {"train": optax.adamw(LR), "frozen": optax.set_to_zero(), "unused": optax.adam(LR)},
+      frozen_bias_labels(),
+    ),
+  ),
 ]

@@ -42,6 +42,7 @@ def host_batch(step: int) -> tuple:
 
 def loss(params, x, y):
   import jax.numpy as jnp
+
   h = jnp.tanh(x @ params["kernel"] + params["bias"][None, :])
   return jnp.mean((h @ params["out"] - y) ** 2)
 
@@ -49,16 +50,23 @@ def loss(params, x, y):
 def flat(tree) -> dict:
   """``{keystr path: NumPy array}`` of a tree of host arrays."""
   import jax
-  return {jax.tree_util.keystr(p): np.asarray(x)
-          for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+  return {
+    jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+  }
 
 
 def main(process_id: int, port: int, shared: str, out: str) -> int:
   import jax
+
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   try:
-    jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processes=2,
-                               process_id=process_id, initialization_timeout=60)
+    jax.distributed.initialize(
+      coordinator_address=f"localhost:{port}",
+      num_processes=2,
+      process_id=process_id,
+      initialization_timeout=60,
+    )
     jax.devices()  # the CPU client connects its collectives here
   except Exception as e:  # no port or no collectives: reported as a skip by the test
     print(f"UNAVAILABLE: {type(e).__name__}: {e}", flush=True)
@@ -71,8 +79,11 @@ def main(process_id: int, port: int, shared: str, out: str) -> int:
   from optcompose import checkpoint as ck
 
   assert (jax.process_count(), jax.device_count(), jax.local_device_count()) == (2, 4, 2)
-  mesh = Mesh(np.array(jax.devices()).reshape(2, 2), ("data", "model"),
-              axis_types=(AxisType.Auto, AxisType.Auto))
+  mesh = Mesh(
+    np.array(jax.devices()).reshape(2, 2),
+    ("data", "model"),
+    axis_types=(AxisType.Auto, AxisType.Auto),
+  )
   assert {d.process_index for d in mesh.devices[process_id]} == {process_id}  # a row each
   spec = {"kernel": P(None, "model"), "bias": P("model"), "out": P("model", None)}
   p_shardings = {k: NamedSharding(mesh, s) for k, s in spec.items()}
@@ -80,16 +91,16 @@ def main(process_id: int, port: int, shared: str, out: str) -> int:
 
   def global_array(host, sharding):  # each process gives the slices of its own devices
     host = np.asarray(host)
-    return jax.make_array_from_callback(host.shape, sharding,
-                                        lambda index: np.asarray(host[index]))
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: np.asarray(host[index]))
 
   def count(n):  # a step count, replicated on the four devices
     return global_array(np.int32(n), NamedSharding(mesh, P()))
 
   tx = oc.adamw(LEARNING_RATE, weight_decay=WEIGHT_DECAY)
   params = {k: global_array(x, p_shardings[k]) for k, x in host_params().items()}
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                          params)
+  abstract = jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), params
+  )
   placement = oc.sharding.zero1_state_shardings(tx, abstract, axis="data")
   state = jax.jit(tx.init, out_shardings=placement)(params)
 
@@ -98,14 +109,18 @@ def main(process_id: int, port: int, shared: str, out: str) -> int:
     updates, state = tx.update(grads, state, params)
     return oc.apply_updates(params, updates), state
 
-  step = jax.jit(step, in_shardings=(p_shardings, placement, batch_sharding, batch_sharding),
-                 out_shardings=(p_shardings, placement))
+  step = jax.jit(
+    step,
+    in_shardings=(p_shardings, placement, batch_sharding, batch_sharding),
+    out_shardings=(p_shardings, placement),
+  )
 
   def train(params, state, start, stop):
     for i in range(start, stop):
       x, y = host_batch(i)
-      params, state = step(params, state, global_array(x, batch_sharding),
-                           global_array(y, batch_sharding))
+      params, state = step(
+        params, state, global_array(x, batch_sharding), global_array(y, batch_sharding)
+      )
     return params, state
 
   def gathered(tree):  # every array whole, on every process
@@ -120,7 +135,8 @@ def main(process_id: int, port: int, shared: str, out: str) -> int:
   checks.append("sharded")
   x, y = host_batch(0)
   value = jax.jit(loss, out_shardings=NamedSharding(mesh, P()))(
-      params, global_array(x, batch_sharding), global_array(y, batch_sharding))
+    params, global_array(x, batch_sharding), global_array(y, batch_sharding)
+  )
   assert not value.is_fully_addressable and np.isfinite(float(value))  # reads on every host
   checks.append("replicated-scalar")
 
@@ -138,8 +154,9 @@ def main(process_id: int, port: int, shared: str, out: str) -> int:
 
   path = os.path.join(shared, "ckpt")
   assert str(ck.save_orbax_checkpoint(path, tree)) == path
-  template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                          tree)
+  template = jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree
+  )
   restored = ck.restore_orbax_checkpoint(path, template)
   for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(template)):
     assert got.sharding.is_equivalent_to(want.sharding, got.ndim), (got.sharding, want.sharding)

@@ -41,6 +41,7 @@ def x64():
   if hasattr(jax, "enable_x64"):
     return jax.enable_x64(True)
   from jax.experimental import enable_x64  # jax < 0.8
+
   return enable_x64()
 
 
@@ -51,8 +52,9 @@ def standard_promotion(reference):
   correction ``decay ** count`` meets a Python float with the int32 count): references
   compute as they are written; optcompose, around them, stays under strict promotion."""
   if hasattr(reference, "init") and hasattr(reference, "update"):  # a transformation
-    return reference._replace(init=standard_promotion(reference.init),
-                              update=standard_promotion(reference.update))
+    return reference._replace(
+      init=standard_promotion(reference.init), update=standard_promotion(reference.update)
+    )
 
   @functools.wraps(reference)
   def run(*args, **kwargs):
@@ -106,8 +108,10 @@ def assert_ulps_close(actual, desired, ulps: float, scale=None, what: str = "", 
     assert dtype_of(a) == want, f"{what}{path}: dtype {dtype_of(a)}, expected {want}"
     distance = ulp_distance(a, d, scale, dtype)
     assert distance <= ulps, (
-        f"{what}{path}: {distance:.3g} ulps apart (allowed {ulps}); "
-        f"max |difference| {np.max(np.abs(np.asarray(a, np.float64) - np.asarray(d, np.float64))):.3g}")
+      f"{what}{path}: {distance:.3g} ulps apart (allowed {ulps}); "
+      "max |difference| "
+      f"{np.max(np.abs(np.asarray(a, np.float64) - np.asarray(d, np.float64))):.3g}"
+    )
 
 
 def assert_rel_close(actual, desired, rtol: float, what: str = ""):
@@ -122,14 +126,24 @@ def assert_rel_close(actual, desired, rtol: float, what: str = ""):
     np.testing.assert_allclose(a, d, rtol=0, atol=rtol * scale, err_msg=f"{what} leaf {i}")
 
 
-def lockstep(ours, ref, problem, steps: int, jit: bool, apply_ref, with_value: bool = False,
-             jit_ref: bool | None = None, jit_apply: bool = False):
+def lockstep(
+  ours,
+  ref,
+  problem,
+  steps: int,
+  jit: bool,
+  apply_ref,
+  with_value: bool = False,
+  jit_ref: bool | None = None,
+  jit_apply: bool = False,
+):
   """Run two transformations side by side on the reference's trajectory.
 
   At every step both receive the same gradients, parameters (and ``value=`` loss): the
-  reference's (``jit_ref``: the reference's mode, if not ``jit``'s). Yields ``(t, our_updates, ref_updates, params)``: the updates each computed
-  from identical inputs and its own state. The states evolve by contracting recursions
-  (moving averages, sums), so their rounding differences stay at rounding size; comparing
+  reference's (``jit_ref``: the reference's mode, if not ``jit``'s). Yields
+  ``(t, our_updates, ref_updates, params)``: the updates each computed from identical
+  inputs and its own state. The states evolve by contracting recursions (moving averages,
+  sums), so their rounding differences stay at rounding size; comparing
   the updates in ulps proves the same arithmetic without a trajectory to amplify them.
 
   ``jit_apply``: ``apply_ref`` (the harness's step to the next parameters, not a compared

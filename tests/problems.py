@@ -42,17 +42,17 @@ def shared(build: Callable[..., Problem]) -> Callable[..., Problem]:
 def quadratic(dtype=jnp.float32) -> Problem:
   """f(w) = 1/2 sum_i h_i (w_i - c_i)^2 with condition number 1e3, in two leaves."""
   f = compute_dtype(dtype)
-  h = {"a": jnp.logspace(-1.3, 1.7, 6, dtype=f),
-       "b": jnp.logspace(-1.0, 1.0, 4, dtype=f).reshape(2, 2)}
-  c = {"a": jnp.linspace(-1.0, 1.0, 6, dtype=f),
-       "b": jnp.full((2, 2), 0.5, f)}
+  h = {
+    "a": jnp.logspace(-1.3, 1.7, 6, dtype=f),
+    "b": jnp.logspace(-1.0, 1.0, 4, dtype=f).reshape(2, 2),
+  }
+  c = {"a": jnp.linspace(-1.0, 1.0, 6, dtype=f), "b": jnp.full((2, 2), 0.5, f)}
   params = {"a": jnp.zeros(6, dtype), "b": jnp.ones((2, 2), dtype)}
 
   def loss(p):
     return sum(0.5 * jnp.sum(h[k] * (p[k].astype(f) - c[k]) ** 2) for k in p)
 
-  grad = jax.jit(lambda p, step: jax.tree.map(
-      lambda g, x: g.astype(x.dtype), jax.grad(loss)(p), p))
+  grad = jax.jit(lambda p, step: jax.tree.map(lambda g, x: g.astype(x.dtype), jax.grad(loss)(p), p))
   return Problem("quadratic", params, grad, jax.jit(loss))
 
 
@@ -65,10 +65,14 @@ def mlp(dtype=jnp.float32, outputs: int = 1) -> Problem:
   y = jnp.asarray(np.sin(rng.normal(size=(64, outputs)) * 2), jnp.float32).astype(f)
   k1, k2 = jax.random.split(jax.random.PRNGKey(0))
   params = {
-      "dense1": {"kernel": jax.random.normal(k1, (8, 16), jnp.float32) / jnp.sqrt(8.0),
-                 "bias": jnp.zeros(16)},
-      "dense2": {"kernel": jax.random.normal(k2, (16, outputs), jnp.float32) / 4.0,
-                 "bias": jnp.zeros(outputs)},
+    "dense1": {
+      "kernel": jax.random.normal(k1, (8, 16), jnp.float32) / jnp.sqrt(8.0),
+      "bias": jnp.zeros(16),
+    },
+    "dense2": {
+      "kernel": jax.random.normal(k2, (16, outputs), jnp.float32) / 4.0,
+      "bias": jnp.zeros(outputs),
+    },
   }
   params = jax.tree.map(lambda a: a.astype(dtype), params)
 
@@ -88,8 +92,15 @@ def mlp(dtype=jnp.float32, outputs: int = 1) -> Problem:
   return Problem("mlp", params, jax.jit(grad), jax.jit(functools.partial(loss_on, xb=x, yb=y)))
 
 
-def run(tx, problem: Problem, steps: int, jit: bool, apply_updates, with_value: bool = False,
-        jit_apply: bool = False):
+def run(
+  tx,
+  problem: Problem,
+  steps: int,
+  jit: bool,
+  apply_updates,
+  with_value: bool = False,
+  jit_apply: bool = False,
+):
   """Train ``steps`` steps; return the list of params after each step and the final state.
 
   ``with_value`` passes the current loss as ``value=`` (for plateau control).
@@ -102,6 +113,7 @@ def run(tx, problem: Problem, steps: int, jit: bool, apply_updates, with_value: 
   update = jax.jit(tx.update) if jit else tx.update
   if jit_apply:
     from numerics import jit_once
+
     apply_updates = jit_once(apply_updates)
   path = []
   for t in range(steps):

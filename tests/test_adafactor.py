@@ -24,8 +24,16 @@ from numerics import assert_rel_close, assert_ulps_close, standard_promotion, x6
 from optcompose.transforms.factored import decay_rate_pow, factored_dims
 
 # min_dim_size_to_factor=2 factors every leaf but the vector, the scalar and (5, 1).
-SHAPES = {"tall": (6, 4), "wide": (3, 5), "tie": (4, 4), "cube": (3, 2, 5),
-          "tie3": (2, 3, 3), "vec": (7,), "scalar": (), "thin": (5, 1)}
+SHAPES = {
+  "tall": (6, 4),
+  "wide": (3, 5),
+  "tie": (4, 4),
+  "cube": (3, 2, 5),
+  "tie3": (2, 3, 3),
+  "vec": (7,),
+  "scalar": (),
+  "thin": (5, 1),
+}
 
 
 def make_tree(dtype=np.float64, seed=0):
@@ -42,6 +50,7 @@ def grads_at(t, dtype=np.float64):
 
 
 # --- an independent NumPy formula -----------------------------------------------------------
+
 
 def axes_np(shape, min_dim):
   """(d1, d0): d0 the last axis of the largest size, d1 the last of the largest among the
@@ -137,11 +146,19 @@ def test_default_decay_is_adafactor_s_power_schedule_in_float32():
 
 @pytest.mark.numerics
 @pytest.mark.float64
-@pytest.mark.parametrize("kwargs", [
+@pytest.mark.parametrize(
+  "kwargs",
+  [
     dict(min_dim_size_to_factor=2),
-    dict(min_dim_size_to_factor=1, decay_rate=0.5, step_offset=2, epsilon=1e-6,
-         decay_rate_fn=lambda s, c: jnp.minimum(optax_factorized._decay_rate_pow(s, c), 0.9)),
-])
+    dict(
+      min_dim_size_to_factor=1,
+      decay_rate=0.5,
+      step_offset=2,
+      epsilon=1e-6,
+      decay_rate_fn=lambda s, c: jnp.minimum(optax_factorized._decay_rate_pow(s, c), 0.9),
+    ),
+  ],
+)
 def test_odd_shapes_and_options_match_optax_in_float64(kwargs):
   """3-D leaves, tied axes, a custom decay and an offset (the count passes it at step 3),
   against Optax's own transformation, which is given the same arguments."""
@@ -174,6 +191,7 @@ def test_optax_s_state_continues_in_ours():
       def step(params, state, g):
         u, state = tx.update(g, state, params)
         return apply(params, u), state
+
       return step
 
     step_ours, step_ref = stepper(ours, oc.apply_updates), stepper(ref, optax.apply_updates)
@@ -193,6 +211,7 @@ def test_optax_s_state_continues_in_ours():
 
 # --- the state's size ------------------------------------------------------------------------
 
+
 def state_bytes(tx, params):
   return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(jax.eval_shape(tx.init, params)))
 
@@ -200,9 +219,11 @@ def state_bytes(tx, params):
 def test_factored_state_is_rows_plus_cols_per_matrix():
   """Bytes per parameter: a factored (r, c) matrix keeps r + c (+ a 1-element placeholder)
   numbers; unfactored, r * c; Adafactor's other members keep nothing but the momentum."""
-  params = {"w": jax.ShapeDtypeStruct((1024, 4096), jnp.float32),
-            "emb": jax.ShapeDtypeStruct((32000, 512), jnp.bfloat16),
-            "b": jax.ShapeDtypeStruct((4096,), jnp.float32)}
+  params = {
+    "w": jax.ShapeDtypeStruct((1024, 4096), jnp.float32),
+    "emb": jax.ShapeDtypeStruct((32000, 512), jnp.bfloat16),
+    "b": jax.ShapeDtypeStruct((4096,), jnp.float32),
+  }
   n = 1024 * 4096 + 32000 * 512 + 4096
   factored = 4 * (1024 + 4096 + 1) + 2 * (512 + 32000 + 1) + 4 * (1 + 1 + 4096) + 4  # + count
   full = 4 * 1024 * 4096 + 2 * 32000 * 512 + 4 * 4096 + 4 * 2 + 2 * 2 + 4 * 2 + 4
@@ -230,8 +251,10 @@ def test_float16_statistics_are_computed_in_float32():
   within an ulp or two of float64; they are stored in float16, as Optax stores them, so
   over steps they carry float16's rounding (and saturate past |g| = 256)."""
   params = {"w": jnp.ones((4, 6), jnp.float16), "b": jnp.ones(4, jnp.float16)}
-  g = {"w": jnp.asarray(np.outer([0.0, 1.0, 30.0, -2.0], np.linspace(-1, 1, 6)), jnp.float16),
-       "b": jnp.asarray([0.0, 300.0, 0.05, -4.0], jnp.float16)}
+  g = {
+    "w": jnp.asarray(np.outer([0.0, 1.0, 30.0, -2.0], np.linspace(-1, 1, 6)), jnp.float16),
+    "b": jnp.asarray([0.0, 300.0, 0.05, -4.0], jnp.float16),
+  }
   g64 = jax.tree.map(lambda x: np.asarray(x, np.float64), g)
   tx = oc.scale_by_factored_rms(min_dim_size_to_factor=2)
   u, state = jax.jit(tx.update)(g, tx.init(params), params)
@@ -255,13 +278,22 @@ def test_float16_statistics_are_computed_in_float32():
 
 # --- bad input -------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("build, error, argument", [
+
+@pytest.mark.parametrize(
+  "build, error, argument",
+  [
     (lambda: oc.scale_by_factored_rms(decay_rate=-0.8), ValueError, "decay_rate"),
     (lambda: oc.scale_by_factored_rms(decay_rate=float("nan")), ValueError, "decay_rate"),
-    (lambda: oc.scale_by_factored_rms(min_dim_size_to_factor=0), ValueError,
-     "min_dim_size_to_factor"),
-    (lambda: oc.scale_by_factored_rms(min_dim_size_to_factor=2.0), TypeError,
-     "min_dim_size_to_factor"),
+    (
+      lambda: oc.scale_by_factored_rms(min_dim_size_to_factor=0),
+      ValueError,
+      "min_dim_size_to_factor",
+    ),
+    (
+      lambda: oc.scale_by_factored_rms(min_dim_size_to_factor=2.0),
+      TypeError,
+      "min_dim_size_to_factor",
+    ),
     (lambda: oc.scale_by_factored_rms(epsilon=0.0), ValueError, "epsilon"),
     (lambda: oc.scale_by_factored_rms(step_offset=float("inf")), ValueError, "step_offset"),
     (lambda: oc.scale_by_factored_rms(factored="yes"), TypeError, "factored"),
@@ -274,7 +306,8 @@ def test_float16_statistics_are_computed_in_float32():
     (lambda: oc.adafactor(1e-3, weight_decay_rate=-1e-3), ValueError, "weight_decay_rate"),
     (lambda: oc.adafactor(1e-3, eps=0.0), ValueError, "eps"),
     (lambda: oc.adafactor(1e-3, dtype_momentum=jnp.int32), TypeError, "dtype_momentum"),
-])
+  ],
+)
 def test_bad_hyperparameters_are_named(build, error, argument):
   with pytest.raises(error, match=f"`{argument}`"):
     build()
@@ -284,8 +317,11 @@ def test_updates_that_do_not_fit_the_state_are_named():
   tx = oc.scale_by_factored_rms(min_dim_size_to_factor=2)
   state = tx.init({"w": jnp.ones((4, 6)), "b": jnp.ones(3)})
   # (4, 1) would broadcast against the (4,) row statistic of (4, 6): caught, named.
-  with pytest.raises(ValueError, match=r"`updates\['w'\]` has shape \(4, 1\).*\(1,\), \(1,\), "
-                                       r"\(4, 1\).*\(4,\), \(6,\), \(1,\)"):
+  with pytest.raises(
+    ValueError,
+    match=r"`updates\['w'\]` has shape \(4, 1\).*\(1,\), \(1,\), "
+    r"\(4, 1\).*\(4,\), \(6,\), \(1,\)",
+  ):
     tx.update({"w": jnp.ones((4, 1)), "b": jnp.ones(3)}, state)
   with pytest.raises(ValueError, match=r"structure of `state.v_row`.*\['b'\] is missing"):
     tx.update({"w": jnp.ones((4, 6))}, state)
@@ -309,6 +345,7 @@ def test_params_are_optional_for_the_primitive_and_needed_by_the_parameter_scale
 
 
 # --- jit, sharding, FlatParams ---------------------------------------------------------------
+
 
 @pytest.mark.numerics
 def test_jit_traces_once_and_matches_eager():
@@ -340,13 +377,19 @@ def test_factored_statistics_keep_the_sharding_of_their_axis():
   """Under JAX's explicit sharding mode the row and column statistics of a 2-D
   tensor-parallel kernel are created, and stay, sharded along the axis they keep."""
   from compat import set_mesh
+
   if len(jax.devices("cpu")) < 8 or not hasattr(jax.sharding, "AxisType"):
     pytest.skip("needs 8 CPU devices and JAX's explicit sharding mode")
   from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
-  mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(AxisType.Explicit,) * 2,
-                       devices=jax.devices("cpu")[:8])
-  params = {"w": jax.device_put(jnp.linspace(-1.0, 1.0, 16 * 32).reshape(16, 32),
-                                NamedSharding(mesh, P("data", "model")))}
+
+  mesh = jax.make_mesh(
+    (2, 4), ("data", "model"), axis_types=(AxisType.Explicit,) * 2, devices=jax.devices("cpu")[:8]
+  )
+  params = {
+    "w": jax.device_put(
+      jnp.linspace(-1.0, 1.0, 16 * 32).reshape(16, 32), NamedSharding(mesh, P("data", "model"))
+    )
+  }
   tx = oc.scale_by_factored_rms(min_dim_size_to_factor=2)
   with set_mesh(mesh):
     state = jax.jit(tx.init)(params)
@@ -374,8 +417,9 @@ def test_factoring_refuses_flat_params():
 def test_unfactored_adafactor_runs_on_flat_params_like_the_tree():
   """``factored=False`` without clipping or the parameter scale is elementwise: FlatParams
   give the tree's updates, per step from identical inputs, to a few float32 epsilons."""
-  tx = oc.adafactor(1e-2, factored=False, clipping_threshold=None,
-                    multiply_by_parameter_scale=False, momentum=0.9)
+  tx = oc.adafactor(
+    1e-2, factored=False, clipping_threshold=None, multiply_by_parameter_scale=False, momentum=0.9
+  )
   update = jax.jit(tx.update)
   as_f32 = lambda tree: jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), tree)  # noqa: E731
   params = as_f32(make_tree())

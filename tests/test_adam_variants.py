@@ -15,18 +15,18 @@ from numerics import F64_RTOL, assert_rel_close, standard_promotion, x64
 
 # (builder, keyword arguments): the options the registry's cases do not exercise.
 OPTIONS = [
-    ("scale_by_belief", dict(b1=0.8, b2=0.99, eps=1e-8, eps_root=1e-10, nesterov=True)),
-    ("scale_by_radam", dict(b2=0.99, eps_root=1e-8, threshold=6.0)),
-    ("scale_by_amsgrad", dict(b2=0.99, bias_correction_mu=False, bias_correction_nu=False)),
-    ("scale_by_yogi", dict(b2=0.9, eps=1e-6, eps_root=1e-8, initial_accumulator_value=0.0)),
-    ("scale_by_adamax", dict(b1=0.8, b2=1.0, eps=1e-6)),
-    ("scale_by_adan", dict(b1=0.9, b2=0.8, b3=0.95, eps_root=1e-8)),
+  ("scale_by_belief", dict(b1=0.8, b2=0.99, eps=1e-8, eps_root=1e-10, nesterov=True)),
+  ("scale_by_radam", dict(b2=0.99, eps_root=1e-8, threshold=6.0)),
+  ("scale_by_amsgrad", dict(b2=0.99, bias_correction_mu=False, bias_correction_nu=False)),
+  ("scale_by_yogi", dict(b2=0.9, eps=1e-6, eps_root=1e-8, initial_accumulator_value=0.0)),
+  ("scale_by_adamax", dict(b1=0.8, b2=1.0, eps=1e-6)),
+  ("scale_by_adan", dict(b1=0.9, b2=0.8, b3=0.95, eps_root=1e-8)),
 ]
 
 
 def _trajectory(tx, params, steps=25):
   """Parameters after each step on f(w) = sum(w^4 / 4 - w) (a gradient that changes sign)."""
-  grad = lambda w: jax.tree.map(lambda x: x ** 3 - 1.0, w)  # noqa: E731
+  grad = lambda w: jax.tree.map(lambda x: x**3 - 1.0, w)  # noqa: E731
 
   @jax.jit
   def run(params):
@@ -35,6 +35,7 @@ def _trajectory(tx, params, steps=25):
       u, state = tx.update(grad(w), state, w)
       w = jax.tree.map(lambda a, b: a - 0.05 * b, w, u)
       return (w, state), w
+
     return jax.lax.scan(step, (params, tx.init(params)), None, length=steps)[1]
 
   return run(params)
@@ -63,16 +64,20 @@ def test_radam_threshold_below_4_and_a_scheduled_b2_are_refused():
 def test_negative_initial_accumulator_and_zero_eps_are_refused():
   with pytest.raises(ValueError, match="initial_accumulator_value"):
     oc.scale_by_yogi(initial_accumulator_value=-1e-6)
-  for build in (oc.scale_by_belief, oc.scale_by_amsgrad, oc.scale_by_yogi, oc.scale_by_adan,
-                oc.scale_by_radam):
+  for build in (
+    oc.scale_by_belief,
+    oc.scale_by_amsgrad,
+    oc.scale_by_yogi,
+    oc.scale_by_adan,
+    oc.scale_by_radam,
+  ):
     with pytest.raises(ValueError, match="eps"):
       build(eps=0.0, eps_root=0.0)
   with pytest.raises(ValueError, match="eps"):
     oc.scale_by_adamax(eps=0.0)
 
 
-@pytest.mark.parametrize("tx", [oc.adamax(1e-2), oc.adabelief(1e-2)],
-                         ids=["adamax", "adabelief"])
+@pytest.mark.parametrize("tx", [oc.adamax(1e-2), oc.adabelief(1e-2)], ids=["adamax", "adabelief"])
 def test_float16_zero_gradients_give_finite_zero_updates(tx):
   """float16 statistics are computed in float32: eps = 1e-8 (1e-16 for AdaBelief) is 0 in
   float16, where a gradient that is 0 from the start would give 0 / 0."""

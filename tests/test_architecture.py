@@ -17,19 +17,26 @@ MAX_LINES = 400
 
 # Floors, bottom up: a module may import modules of its own floor or below, never above.
 FLOORS = [
-    ("optcompose.tree",),
-    ("optcompose.core", "optcompose.masks"),
-    ("optcompose.schedules",),
-    ("optcompose.transforms",),
-    ("optcompose.wrappers",),
-    ("optcompose.optimizers",),
-    ("optcompose.recipe", "optcompose.flat", "optcompose.metrics", "optcompose.checkpoint",
-     "optcompose._checkpoint_check",
-     "optcompose._checkpoint_io", "optcompose.sharding", "optcompose._from_optax"),
-    ("optcompose.testing",),
-    # The package's __init__ (re-exports only), and optcompose.migrate, which reads the
-    # package's namespace and which __init__ loads on first use (a module __getattr__).
-    ("optcompose", "optcompose.migrate"),
+  ("optcompose.tree",),
+  ("optcompose.core", "optcompose.masks"),
+  ("optcompose.schedules",),
+  ("optcompose.transforms",),
+  ("optcompose.wrappers",),
+  ("optcompose.optimizers",),
+  (
+    "optcompose.recipe",
+    "optcompose.flat",
+    "optcompose.metrics",
+    "optcompose.checkpoint",
+    "optcompose._checkpoint_check",
+    "optcompose._checkpoint_io",
+    "optcompose.sharding",
+    "optcompose._from_optax",
+  ),
+  ("optcompose.testing",),
+  # The package's __init__ (re-exports only), and optcompose.migrate, which reads the
+  # package's namespace and which __init__ loads on first use (a module __getattr__).
+  ("optcompose", "optcompose.migrate", "optcompose._migrate_match"),
 ]
 
 
@@ -66,7 +73,9 @@ def imports_of(module: str) -> set:
     elif isinstance(node, ast.ImportFrom):
       base = node.module or ""
       if node.level:
-        base = ".".join(package.split(".")[:len(package.split(".")) - node.level + 1] + ([base] if base else []))
+        base = ".".join(
+          package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else [])
+        )
       names = [f"{base}.{a.name}" if f"{base}.{a.name}" in MODULES else base for a in node.names]
     else:
       continue
@@ -86,7 +95,7 @@ def find_cycle(graph: dict):
     stack.append(node)
     for nxt in sorted(graph.get(node, ())):
       if state.get(nxt) == "open":
-        return stack[stack.index(nxt):] + [nxt]
+        return stack[stack.index(nxt) :] + [nxt]
       if nxt not in state:
         cycle = visit(nxt)
         if cycle:
@@ -116,8 +125,12 @@ def test_the_cycle_finder_finds_a_planted_cycle():
 
 @pytest.mark.parametrize("module", sorted(MODULES))
 def test_no_module_imports_from_a_floor_above(module):
-  upward = sorted(m for m in GRAPH[module] if floor(m) > floor(module)
-                  and not (module == "optcompose" or module.startswith("optcompose.testing")))
+  upward = sorted(
+    m
+    for m in GRAPH[module]
+    if floor(m) > floor(module)
+    and not (module == "optcompose" or module.startswith("optcompose.testing"))
+  )
   assert upward == [], f"{module} (floor {floor(module)}) imports {upward}"
 
 
@@ -138,10 +151,12 @@ def test_modules_stay_readable(module):
 
 
 def test_import_optcompose_leaves_the_test_kit_and_hypothesis_alone():
-  code = ("import sys, optcompose\n"
-          "bad = [m for m in sys.modules if m.startswith(('optcompose.testing', 'hypothesis'))]\n"
-          "assert not bad, bad\n"
-          "assert optcompose.testing.check_invariants\n")
+  code = (
+    "import sys, optcompose\n"
+    "bad = [m for m in sys.modules if m.startswith(('optcompose.testing', 'hypothesis'))]\n"
+    "assert not bad, bad\n"
+    "assert optcompose.testing.check_invariants\n"
+  )
   subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 
 
@@ -149,6 +164,7 @@ def test_every_registered_builder_is_exported_and_declares_its_hyperparameters()
   import inspect
   import optcompose as oc
   from optcompose.core.registry import REGISTRY
+
   for name, entry in REGISTRY.items():
     assert getattr(oc, name) is entry.builder, name
     assert set(entry.hypers) <= set(inspect.signature(entry.builder).parameters), name

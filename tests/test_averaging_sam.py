@@ -24,11 +24,20 @@ import pytest
 
 import optcompose as oc
 from optcompose.transforms.averaging import (
-    EmaParamsState, SwaState, averaged_params, ema_params, swa,
+  EmaParamsState,
+  SwaState,
+  averaged_params,
+  ema_params,
+  swa,
 )
 from optcompose.wrappers.lookahead import (
-    LookaheadParams, LookaheadSlowState, LookaheadState, lookahead, lookahead_in_state,
-    slow_params, slow_weights_in_state,
+  LookaheadParams,
+  LookaheadSlowState,
+  LookaheadState,
+  lookahead,
+  lookahead_in_state,
+  slow_params,
+  slow_weights_in_state,
 )
 from optcompose.transforms.sharpness import normalize, sharpness_aware
 from optcompose.wrappers.sam import SAMState, sam
@@ -117,7 +126,7 @@ def numpy_debiased_ema(path, decay):
   m, out = jax.tree.map(np.zeros_like, f64(path[0])), []
   for t, p in enumerate(path, start=1):
     m = jax.tree.map(lambda x, y: decay * x + (1 - decay) * y, m, f64(p))
-    out.append(jax.tree.map(lambda x, t=t: x / (1 - decay ** t), m))
+    out.append(jax.tree.map(lambda x, t=t: x / (1 - decay**t), m))
   return out
 
 
@@ -178,28 +187,35 @@ def test_updates_pass_through_unchanged():
   with x64():
     prob = f64_problem("quadratic")
     plain, _, _ = train(oc.adamw(1e-2, weight_decay=0.1), prob, 50)
-    ours, _, _ = train(oc.chain(oc.adamw(1e-2, weight_decay=0.1), ema_params(0.9), swa(10, 5)),
-                       prob, 50)
+    ours, _, _ = train(
+      oc.chain(oc.adamw(1e-2, weight_decay=0.1), ema_params(0.9), swa(10, 5)), prob, 50
+    )
   assert_close_paths(ours, plain, rtol=F64_RTOL)
 
 
-@pytest.mark.parametrize("kind, start_step, every",
-                         [("ema", 5, 3), ("ema", 0, 7), ("swa", 50, 10), ("swa", 0, 1)])
+@pytest.mark.parametrize(
+  "kind, start_step, every", [("ema", 5, 3), ("ema", 0, 7), ("swa", 50, 10), ("swa", 0, 1)]
+)
 def test_start_step_and_every(kind, start_step, every):
   """Snapshots at t >= start_step with (t - start_step) % every == 0 (t counts from 1);
   before the first, the average reads the initial params."""
   steps, decay, initial = 120, 0.9, problem("quadratic").params
   taken = lambda t: t >= start_step and (t - start_step) % every == 0
-  average = ema_params(decay, start_step=start_step, every=every) if kind == "ema" else \
-      swa(start_step, every)
+  average = (
+    ema_params(decay, start_step=start_step, every=every)
+    if kind == "ema"
+    else swa(start_step, every)
+  )
   tx = oc.chain(oc.sgd(0.02, 0.9), average)
-  path, reads, state = train(tx, problem("quadratic"), steps,
-                             lambda s: (averaged_params(s, kind=kind), s[1].n_averaged))
+  path, reads, state = train(
+    tx, problem("quadratic"), steps, lambda s: (averaged_params(s, kind=kind), s[1].n_averaged)
+  )
   assert isinstance(state[1], EmaParamsState if kind == "ema" else SwaState)
-  weight = (lambda n: (1 - decay) / (1 - decay ** n)) if kind == "ema" else (lambda n: 1 / n)
+  weight = (lambda n: (1 - decay) / (1 - decay**n)) if kind == "ema" else (lambda n: 1 / n)
   assert_close_paths([r[0] for r in reads], numpy_average(initial, path, weight, taken))
-  assert [int(r[1]) for r in reads] == [sum(map(taken, range(1, t + 1)))
-                                        for t in range(1, steps + 1)]
+  assert [int(r[1]) for r in reads] == [
+    sum(map(taken, range(1, t + 1))) for t in range(1, steps + 1)
+  ]
   if start_step > 1:
     assert_bitwise(reads[start_step - 2][0], initial)
   if kind == "swa":  # the plain mean of the snapshots
@@ -236,10 +252,12 @@ def test_averaged_params_is_found_anywhere_in_the_state():
   def factory(learning_rate):
     return oc.chain(oc.sgd(learning_rate), ema_params(0.5))
 
-  for tx in (oc.inject_hyperparams(factory)(learning_rate=0.1),
-             oc.chain(oc.identity(), oc.chain(oc.sgd(0.1), ema_params(0.5))),
-             oc.chain(oc.sgd(lambda c: 0.1 + 0.0 * jnp.asarray(c, jnp.float32)), ema_params(0.5)),
-             optax.chain(optax.sgd(0.1), ema_params(0.5))):
+  for tx in (
+    oc.inject_hyperparams(factory)(learning_rate=0.1),
+    oc.chain(oc.identity(), oc.chain(oc.sgd(0.1), ema_params(0.5))),
+    oc.chain(oc.sgd(lambda c: 0.1 + 0.0 * jnp.asarray(c, jnp.float32)), ema_params(0.5)),
+    optax.chain(optax.sgd(0.1), ema_params(0.5)),
+  ):
     state = tx.init(params)
     np.testing.assert_array_equal(averaged_params(state)["w"], params["w"])  # before a step
     _, state = tx.update(g, state, params)
@@ -276,7 +294,9 @@ def test_ema_params_in_flax_nnx_optimizer():
 # Errors, for all three modules.
 
 
-@pytest.mark.parametrize("build, argument", [
+@pytest.mark.parametrize(
+  "build, argument",
+  [
     (lambda: ema_params(1.0), "decay"),
     (lambda: ema_params(-0.1), "decay"),
     (lambda: ema_params(lambda c: 0.9), "decay"),
@@ -292,7 +312,8 @@ def test_ema_params_in_flax_nnx_optimizer():
     (lambda: sam(oc.sgd(0.1), None), "adv_optimizer"),
     (lambda: sharpness_aware(-0.05), "rho"),
     (lambda: sharpness_aware(0.05, adaptive=True, eta=-1.0), "eta"),
-])
+  ],
+)
 def test_bad_arguments_are_named(build, argument):
   with pytest.raises((ValueError, TypeError), match=f"`{argument}`"):
     build()
@@ -331,10 +352,15 @@ def lookahead_path(tx, pair_type, prob, steps, jit, apply):
 
 
 LOOKAHEAD_RUNS = {  # name: (problem, our inner, Optax's inner, reset_state, jit)
-    "jit": ("mlp", lambda: oc.adam(1e-2), lambda: optax.adam(1e-2), False, True),
-    "jit-reset": ("quadratic", lambda: oc.adam(1e-2), lambda: optax.adam(1e-2), True, True),
-    "eager-reset": ("quadratic", lambda: oc.sgd(1e-2, 0.9), lambda: optax.sgd(1e-2, 0.9), True,
-                    False),
+  "jit": ("mlp", lambda: oc.adam(1e-2), lambda: optax.adam(1e-2), False, True),
+  "jit-reset": ("quadratic", lambda: oc.adam(1e-2), lambda: optax.adam(1e-2), True, True),
+  "eager-reset": (
+    "quadratic",
+    lambda: oc.sgd(1e-2, 0.9),
+    lambda: optax.sgd(1e-2, 0.9),
+    True,
+    False,
+  ),
 }
 
 
@@ -344,17 +370,34 @@ def test_lookahead_matches_optax(run):
   name, ours_inner, optax_inner, reset_state, jit = LOOKAHEAD_RUNS[run]
   with x64():
     prob = f64_problem(name)
-    ours, state = lookahead_path(lookahead(ours_inner(), 5, 0.5, reset_state), LookaheadParams,
-                                 prob, STEPS, jit, oc.apply_updates)
-    ref, _ = lookahead_path(standard_promotion(optax.lookahead(optax_inner(), 5, 0.5, reset_state)),
-                            optax.LookaheadParams, prob, STEPS, jit, optax.apply_updates)
+    ours, state = lookahead_path(
+      lookahead(ours_inner(), 5, 0.5, reset_state),
+      LookaheadParams,
+      prob,
+      STEPS,
+      jit,
+      oc.apply_updates,
+    )
+    ref, _ = lookahead_path(
+      standard_promotion(optax.lookahead(optax_inner(), 5, 0.5, reset_state)),
+      optax.LookaheadParams,
+      prob,
+      STEPS,
+      jit,
+      optax.apply_updates,
+    )
     assert_close_paths(ours, ref, rtol=F64_RTOL)
     assert type(ours[-1]) is LookaheadParams and isinstance(state, LookaheadState)
     assert float(prob.loss(ours[-1].slow)) < 0.5 * float(prob.loss(prob.params))
     if run == "jit-reset":  # our wrapper around Optax's inner optimizer: Optax's wrapper
-      same_inner, _ = lookahead_path(lookahead(standard_promotion(optax_inner()), 5, 0.5,
-                                               reset_state),
-                                     LookaheadParams, prob, STEPS, True, oc.apply_updates)
+      same_inner, _ = lookahead_path(
+        lookahead(standard_promotion(optax_inner()), 5, 0.5, reset_state),
+        LookaheadParams,
+        prob,
+        STEPS,
+        True,
+        oc.apply_updates,
+      )
       assert_close_paths(same_inner, ref, rtol=F64_RTOL)
 
 
@@ -364,8 +407,9 @@ def test_lookahead_state_and_params_have_optax_names_and_leaves():
   params = LookaheadParams.init_synced(problem("mlp").params)
   ours = lookahead(oc.adam(1e-2), 5, 0.5).init(params)
   ref = optax.lookahead(optax.adam(1e-2), 5, 0.5).init(params)
-  assert [(x.shape, x.dtype) for x in jax.tree.leaves(ours)] == \
-      [(x.shape, x.dtype) for x in jax.tree.leaves(ref)]
+  assert [(x.shape, x.dtype) for x in jax.tree.leaves(ours)] == [
+    (x.shape, x.dtype) for x in jax.tree.leaves(ref)
+  ]
 
 
 def test_lookahead_accepts_optax_params_and_plain_params_at_init():
@@ -385,8 +429,9 @@ def test_lookahead_is_the_papers_nested_loops():
   k, alpha, lr = 4, 0.6, 0.02
   with x64():
     prob = f64_problem("quadratic")
-    ours, _ = lookahead_path(lookahead(oc.sgd(lr), k, alpha), LookaheadParams, prob, 100, True,
-                             oc.apply_updates)
+    ours, _ = lookahead_path(
+      lookahead(oc.sgd(lr), k, alpha), LookaheadParams, prob, 100, True, oc.apply_updates
+    )
   grad, theta, phi = quadratic_grad_np, f64(prob.params), f64(prob.params)
   for outer in range(100 // k):
     for _ in range(k):
@@ -401,8 +446,9 @@ def test_lookahead_is_the_papers_nested_loops():
 def test_lookahead_with_one_step_and_alpha_one_is_the_fast_optimizer():
   with x64():
     prob = f64_problem("quadratic")
-    ours, _ = lookahead_path(lookahead(oc.adam(1e-2), 1, 1.0), LookaheadParams, prob, 50, True,
-                             oc.apply_updates)
+    ours, _ = lookahead_path(
+      lookahead(oc.adam(1e-2), 1, 1.0), LookaheadParams, prob, 50, True, oc.apply_updates
+    )
     plain, _, _ = train(oc.adam(1e-2), prob, 50)
   assert_close_paths([p.fast for p in ours], plain, rtol=F64_RTOL)
 
@@ -414,12 +460,18 @@ def test_lookahead_in_state_trains_the_fast_weights_of_optax_lookahead():
   k = 5
   with x64():
     prob = f64_problem("quadratic")
-    ours, state = run(lookahead_in_state(oc.sgd(1e-2, 0.9), k, 0.5, True), prob, 100, True,
-                      oc.apply_updates)
+    ours, state = run(
+      lookahead_in_state(oc.sgd(1e-2, 0.9), k, 0.5, True), prob, 100, True, oc.apply_updates
+    )
     ref, ref_state = run(
-        slow_weights_in_state(standard_promotion(
-            optax.lookahead(optax.sgd(1e-2, 0.9), k, 0.5, True))),
-        prob, 100, True, optax.apply_updates)
+      slow_weights_in_state(
+        standard_promotion(optax.lookahead(optax.sgd(1e-2, 0.9), k, 0.5, True))
+      ),
+      prob,
+      100,
+      True,
+      optax.apply_updates,
+    )
     assert_close_paths(ours, ref, rtol=F64_RTOL)
     assert_close_paths([slow_params(state)], [ref_state.slow], rtol=F64_RTOL)
     assert isinstance(state, LookaheadSlowState) and isinstance(state.lookahead, LookaheadState)
@@ -471,7 +523,7 @@ def sam_steps(tx, prob, steps, opaque=False):
 
   @jax.jit
   def step(params, state, t):
-    grad_fn = ((lambda p, i: prob.grad(p, t)) if opaque else (lambda p: prob.grad(p, t)))
+    grad_fn = (lambda p, i: prob.grad(p, t)) if opaque else (lambda p: prob.grad(p, t))
     u, state = tx.update(prob.grad(params, t), state, params, grad_fn=grad_fn)
     return oc.apply_updates(params, u), state
 
@@ -483,26 +535,33 @@ def sam_steps(tx, prob, steps, opaque=False):
 
 
 def optax_plain_sam(outer=None, sync_period=2, reset_state=True, opaque_mode=False, lr=LR):
-  return standard_promotion(optax.contrib.sam(
-      outer or optax.sgd(lr), optax.chain(optax.contrib.normalize(), optax.sgd(RHO)),
-      sync_period, reset_state, opaque_mode))
+  return standard_promotion(
+    optax.contrib.sam(
+      outer or optax.sgd(lr),
+      optax.chain(optax.contrib.normalize(), optax.sgd(RHO)),
+      sync_period,
+      reset_state,
+      opaque_mode,
+    )
+  )
 
 
 def our_plain_sam(outer=None, sync_period=2, reset_state=True, opaque_mode=False, lr=LR):
-  return sam(outer or oc.sgd(lr), oc.chain(normalize(), oc.sgd(RHO)), sync_period,
-             reset_state, opaque_mode)
+  return sam(
+    outer or oc.sgd(lr), oc.chain(normalize(), oc.sgd(RHO)), sync_period, reset_state, opaque_mode
+  )
 
 
 @functools.cache
 def optax_sam_path(name, jit):
   """Optax's transparent SAM in float64."""
   with x64():
-    return sam_calls(optax_plain_sam(lr=SAM_LR[name]), f64_problem(name), STEPS, jit,
-                     optax.apply_updates)[0]
+    return sam_calls(
+      optax_plain_sam(lr=SAM_LR[name]), f64_problem(name), STEPS, jit, optax.apply_updates
+    )[0]
 
 
-@pytest.mark.parametrize("name, jit", [("mlp", True), ("quadratic", False)],
-                         ids=["jit", "eager"])
+@pytest.mark.parametrize("name, jit", [("mlp", True), ("quadratic", False)], ids=["jit", "eager"])
 @pytest.mark.float64
 def test_sam_transparent_matches_optax(name, jit):
   with x64():
@@ -520,8 +579,9 @@ def test_sam_transparent_matches_optax(name, jit):
 def test_sam_transparent_adam_three_calls_no_reset_matches_optax():
   prob = problem("quadratic")
   kw = dict(sync_period=3, reset_state=False)
-  adv = lambda lib: lib.chain(lib.scale_by_adam() if lib is oc else optax.scale_by_adam(),
-                              lib.scale_by_learning_rate(RHO))
+  adv = lambda lib: lib.chain(
+    lib.scale_by_adam() if lib is oc else optax.scale_by_adam(), lib.scale_by_learning_rate(RHO)
+  )
   ours = sam(oc.adam(1e-2), adv(oc), **kw)
   ref = standard_promotion(optax.contrib.sam(optax.adam(1e-2), adv(optax), **kw))
   step_of = lambda i: i // 3
@@ -537,8 +597,7 @@ def test_sam_opaque_matches_optax():
   with x64():
     prob = f64_problem("quadratic")
     a, _ = sam_steps(our_plain_sam(oc.adam(1e-2), opaque_mode=True), prob, 100, opaque=True)
-    b, _ = sam_steps(optax_plain_sam(optax.adam(1e-2), opaque_mode=True), prob, 100,
-                     opaque=True)
+    b, _ = sam_steps(optax_plain_sam(optax.adam(1e-2), opaque_mode=True), prob, 100, opaque=True)
   assert_close_paths(a, b, rtol=F64_RTOL)
 
 
@@ -547,8 +606,7 @@ def test_sharpness_aware_is_optax_sam_in_one_call():
   """chain(sharpness_aware(rho), sgd(lr)): one update per step equals every second call of
   Optax's transparent SAM (the params after each outer update)."""
   with x64():
-    ours, _ = sam_steps(oc.chain(sharpness_aware(RHO), oc.sgd(LR)), f64_problem("mlp"),
-                        STEPS // 2)
+    ours, _ = sam_steps(oc.chain(sharpness_aware(RHO), oc.sgd(LR)), f64_problem("mlp"), STEPS // 2)
   assert_close_paths(ours, optax_sam_path("mlp", True)[1::2], rtol=F64_RTOL)
 
 
@@ -572,8 +630,7 @@ def test_sharpness_aware_matches_numpy_sam(adaptive, rho):
   lr = SAM_LR["quadratic"]
   with x64():
     prob = f64_problem("quadratic")
-    ours, _ = sam_steps(oc.chain(sharpness_aware(rho, adaptive=adaptive), oc.sgd(lr)), prob,
-                        100)
+    ours, _ = sam_steps(oc.chain(sharpness_aware(rho, adaptive=adaptive), oc.sgd(lr)), prob, 100)
     ref = numpy_sam(prob, 100, rho, lr, adaptive)
     assert_close_paths(ours, ref, rtol=F64_RTOL)
     assert float(prob.loss(ours[-1])) < 0.1 * float(prob.loss(prob.params))
@@ -592,19 +649,28 @@ def test_sam_with_sync_period_one_is_the_outer_optimizer():
   # (Optax's transparent mode applies this update to the previous call's weights.)
   with x64():
     prob = f64_problem("quadratic")
-    ours, _ = sam_calls(our_plain_sam(oc.adam(1e-2), sync_period=1), prob, 50, True,
-                        oc.apply_updates, step_of=lambda i: i)
+    ours, _ = sam_calls(
+      our_plain_sam(oc.adam(1e-2), sync_period=1),
+      prob,
+      50,
+      True,
+      oc.apply_updates,
+      step_of=lambda i: i,
+    )
     plain, _, _ = train(oc.adam(1e-2), prob, 50)
   assert_close_paths(ours, plain, rtol=F64_RTOL)
 
 
-@pytest.mark.parametrize("ours, theirs", [(sam, optax.contrib.sam), (lookahead, optax.lookahead),
-                                          (normalize, optax.contrib.normalize)],
-                         ids=["sam", "lookahead", "normalize"])
+@pytest.mark.parametrize(
+  "ours, theirs",
+  [(sam, optax.contrib.sam), (lookahead, optax.lookahead), (normalize, optax.contrib.normalize)],
+  ids=["sam", "lookahead", "normalize"],
+)
 def test_optax_arguments_and_defaults(ours, theirs):
   a, b = (inspect.signature(f).parameters for f in (ours, theirs))
-  assert [(n, p.default, p.kind) for n, p in a.items()] == \
-      [(n, p.default, p.kind) for n, p in b.items()]
+  assert [(n, p.default, p.kind) for n, p in a.items()] == [
+    (n, p.default, p.kind) for n, p in b.items()
+  ]
 
 
 def test_zero_gradient_gives_no_perturbation():
@@ -612,8 +678,7 @@ def test_zero_gradient_gives_no_perturbation():
   zeros = {"w": jnp.zeros(2)}
   seen = []
   tx = sharpness_aware(0.05)
-  out, _ = tx.update(zeros, tx.init(params), params,
-                     grad_fn=lambda p: seen.append(p) or zeros)
+  out, _ = tx.update(zeros, tx.init(params), params, grad_fn=lambda p: seen.append(p) or zeros)
   np.testing.assert_array_equal(seen[0]["w"], params["w"])
   np.testing.assert_array_equal(normalize().update(zeros, None)[0]["w"], zeros["w"])
 

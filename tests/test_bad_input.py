@@ -1,4 +1,5 @@
-"""The bad-input contract: one row per kind of bad input, the same rows as the table of docs/bad-input.md.
+"""The bad-input contract: one row per kind of bad input, the same rows as the table of
+docs/bad-input.md.
 
 Each row says what the input gets (an exception of a given type whose message names the
 argument or tree path, or a documented skip) and is checked here. Rows that call ``update``
@@ -28,16 +29,18 @@ class Row(NamedTuple):
   id: str
   bad_input: str
   response: str
-  error: Optional[type]   # None: a documented skip, checked by `check`
-  names: str              # a regex the message must contain (the argument or the tree path)
-  check: Callable         # raises (or, for a skip, asserts the skip) when called
+  error: Optional[type]  # None: a documented skip, checked by `check`
+  names: str  # a regex the message must contain (the argument or the tree path)
+  check: Callable  # raises (or, for a skip, asserts the skip) when called
 
 
 def _update_call(tx, grads, params=PARAMS, with_params=True):
   """(fn(params, state), params, state): the call to check eagerly and with donation."""
   state = tx.init(params)
+
   def call(p, s):
     return tx.update(grads, s, p) if with_params else tx.update(grads, s)
+
   return call, params, state
 
 
@@ -55,187 +58,406 @@ def _nan_skip():
 
 
 ROWS = [
-    Row("hyperparameter-out-of-range", "a hyperparameter outside its range (`b1=1.0`, "
-        "`learning_rate=-0.1`, `eps=-1e-8`)", "`ValueError` at construction, naming it",
-        ValueError, "`b1`", lambda: oc.adam(1e-3, b1=1.0)),
-    Row("hyperparameter-not-finite", "a NaN or infinite hyperparameter",
-        "`ValueError` at construction, naming it", ValueError, "`learning_rate`",
-        lambda: oc.sgd(float("inf"))),
-    Row("hyperparameter-not-scalar", "an array, string or bool where a number is expected",
-        "`ValueError`/`TypeError` at construction, naming it", (ValueError, TypeError),
-        "`learning_rate`", lambda: oc.adam(jnp.ones(3))),
-    Row("schedule-out-of-range", "a schedule whose value at step 0 is out of range",
-        "`ValueError` from `init`, naming the hyperparameter", ValueError, "`b1`",
-        lambda: oc.adam(1e-3, b1=lambda count: 1.0 + 0.0 * jnp.asarray(count, jnp.float32)
-                        ).init(PARAMS)),
-    Row("integer-params", "integer or boolean parameters",
-        "`TypeError` from `init`, naming the leaf", TypeError, r"params\['n'\]",
-        lambda: oc.adam(1e-3).init({"w": jnp.ones(2), "n": jnp.arange(2)})),
-    Row("params-not-arrays", "a leaf of the parameters that is not an array (a string)",
-        "`TypeError` from `init`, naming the leaf", TypeError, r"params\['name'\]` is a str",
-        lambda: oc.sgd(1e-3).init({"w": jnp.ones(2), "name": "abc"})),
-    Row("integer-gradients", "integer or boolean gradients (`jax.grad` never makes them: "
-        "labels or counts passed by mistake)", "`TypeError` from `update`, naming the leaf "
-        "(never truncated to a zero step, never a boolean ascent step; `identity` and "
-        "`set_to_zero` pass them through)", TypeError, r"updates\['dense'\]\['bias'\]` has dtype int32",
-        _update_call(oc.sgd(0.1), {"dense": {"kernel": GRADS["dense"]["kernel"],
-                                             "bias": jnp.array([1, 2])}})),
-    Row("integer-state-dtype", "an integer or boolean `mu_dtype`, `nu_dtype`, "
-        "`accumulator_dtype` or `hyperparam_dtype`", "`TypeError` at construction, naming it "
-        "(the state would be truncated)", TypeError, "`mu_dtype`",
-        lambda: oc.adam(1e-3, mu_dtype=jnp.int32)),
-    Row("hyperparameter-rounds-out-of-range", "a value in range in float64 but not in the "
-        "dtype it is used in (`b1=1 - 1e-9` is 1.0 in float32; `1e39` is inf)",
-        "`ValueError` at construction, naming it and the rounded value", ValueError,
-        r"`b1` must lie in \[0, 1\), got 0.999999999 \(1.0 in float32",
-        lambda: oc.adam(1e-3, b1=1 - 1e-9)),
-    Row("eps-zero", "`eps=0` where nothing else keeps the denominator from 0 (Adam with "
-        "`eps_root=0`, RMSProp): a zero gradient gives 0 / 0 = NaN (Optax accepts it)",
-        "`ValueError` at construction, naming `eps` (and `eps_root`)", ValueError,
-        "`eps` and `eps_root` are both 0", lambda: oc.adam(1e-3, eps=0.0)),
-    Row("set-hyperparams-invalid", "`set_hyperparams` with a value construction would reject "
-        "(`b1=1.0`, NaN, a negative rate, a bool, a string)", "`ValueError`/`TypeError`, "
-        "naming it; validated as stored (in its dtype)", (ValueError, TypeError), "`b1`",
-        lambda: oc.set_hyperparams(oc.inject_hyperparams(oc.adam)(1e-3).init(PARAMS), b1=1.0)),
-    Row("set-hyperparams-ambiguous", "`set_hyperparams` with a name two injected optimizers "
-        "hold", "`ValueError` listing both paths, to be given instead of the name", ValueError,
-        r"`learning_rate` is held in 2 places", lambda: oc.set_hyperparams(
-            oc.partition({"a": oc.inject_hyperparams(oc.sgd)(0.1),
-                          "b": oc.inject_hyperparams(oc.sgd)(0.2)},
-                         {"dense": {"kernel": "a", "bias": "b"}}).init(PARAMS),
-            learning_rate=0.5)),
-    Row("updates-structure", "gradients whose tree differs from the state's (a leaf missing)",
-        "`ValueError` from `update`, naming the path", ValueError, r"\['dense'\]\['bias'\]",
-        _update_call(oc.adam(1e-3), {"dense": {"kernel": GRADS["dense"]["kernel"]}})),
-    Row("updates-shape", "a gradient of another shape than its parameter (would broadcast)",
-        "`ValueError` from `update`, naming the path and both shapes", ValueError,
-        r"updates\['dense'\]\['kernel'\]` has shape \(3, 1\)",
-        _update_call(oc.sgd(1e-3, 0.9), {"dense": {"kernel": jnp.ones((3, 1)),
-                                                   "bias": jnp.ones(2)}})),
-    Row("apply-updates-mismatch", "`apply_updates` with a tree or shape that differs",
-        "`ValueError`, naming the path", ValueError, r"\['dense'\]\['bias'\]",
-        (lambda p, s: oc.apply_updates(p, {"dense": {"kernel": jnp.ones((3, 2)),
-                                                     "bias": jnp.ones(3)}}), PARAMS, ())),
-    Row("apply-updates-integer", "a float update for an integer parameter",
-        "`TypeError`, naming the leaf (never truncated)", TypeError, r"params\['n'\]",
-        (lambda p, s: oc.apply_updates(p, {"n": jnp.full(3, 0.4)}), {"n": jnp.arange(3)}, ())),
-    Row("mask-structure", "a mask that does not match the parameters",
-        "`ValueError` from `init`, naming `mask` and the differing path", ValueError,
-        r"`mask`.*\['dense'\]\['bias'\] is missing",
-        lambda: oc.adamw(1e-3, mask={"dense": {"kernel": True, "scale": False}}).init(PARAMS)),
-    Row("mask-not-boolean", "a mask with non-boolean leaves",
-        "`TypeError` from `init`, naming the leaf", TypeError, r"mask\['dense'\]\['bias'\]",
-        lambda: oc.adamw(1e-3, mask={"dense": {"kernel": 1, "bias": 0}}).init(PARAMS)),
-    Row("missing-params", "`update` without `params` where they are needed (weight decay, "
-        "L1, lookahead)", "`ValueError`, naming `params`", ValueError, "`params`",
-        _update_call(oc.adamw(1e-3), GRADS, with_params=False)),
-    Row("foreign-state", "a state from another optimizer", "`ValueError`, saying what was "
-        "expected", ValueError, "chain of 2 transformations",
-        (lambda p, s: oc.adam(1e-3).update(GRADS, s, p), PARAMS,
-         (oc.scale_by_adam().init(PARAMS),))),
-    Row("foreign-member-state", "a state from another optimizer of the same length",
-        "`ValueError` from the first `update`, naming the member's path and the state type "
-        "expected", ValueError, r"state\[0\] is a TraceState, expected a ScaleByAdamState",
-        (lambda p, s: oc.adam(1e-3).update(GRADS, s, p), PARAMS,
-         oc.sgd(1e-3, 0.9).init(PARAMS))),
-    Row("averager-not-last", "`ema_params` or `swa` followed in a chain by a transformation "
-        "that changes the updates (the average would be of params + raw gradient)",
-        "`ValueError` at construction, naming both positions", ValueError,
-        "argument 0 averages the parameters", lambda: oc.chain(oc.ema_params(0.9), oc.sgd(0.1))),
-    Row("not-a-transformation", "something that is not a transformation in `chain`",
-        "`TypeError`, naming its position", TypeError, "argument 1",
-        lambda: oc.chain(oc.scale(1.0), lambda g: g)),
-    Row("flat-per-leaf", "`FlatParams` given to a per-leaf transformation (`clip_by_leaf_norm`, "
-        "`clip_by_block_rms`, `adaptive_grad_clip`)", "`TypeError`, naming the transformation",
-        TypeError, "clip_by_leaf_norm",
-        lambda: oc.clip_by_leaf_norm(1.0).update(oc.flat_params(GRADS), oc.EmptyState(),
-                                                 oc.flat_params(PARAMS))),
-    Row("unsharded-abstract-params", "abstract parameters without a sharding for "
-        "`sharding.state_shardings`", "`ValueError`, naming the leaf", ValueError,
-        r"params\['w'\]", lambda: oc.sharding.state_shardings(
-            oc.adam(1e-3), {"w": jax.ShapeDtypeStruct((4,), jnp.float32)})),
-    Row("checkpoint-mismatch", "a checkpoint restored into a template of another structure, "
-        "shape or dtype", "`CheckpointMismatchError` (a `ValueError`), naming the first path",
-        ValueError, r"\['w'\]", lambda: _checkpoint_mismatch()),
-    Row("checkpoint-corrupt", "a checkpoint whose bytes changed after it was written (a "
-        "flipped bit), msgpack or Orbax", "`CheckpointCorruptError` (a `ValueError`) on restore, "
-        "naming the leaf", ValueError, r"the data of `\['w'\]`", lambda: _checkpoint_flipped()),
-    Row("checkpoint-flat-layout", "a `FlatParams` checkpoint restored into another layout "
-        "(buckets of the same sizes, leaves of other shapes)", "`CheckpointMismatchError`, "
-        "naming the first leaf that differs (never values shuffled between layers)", ValueError,
-        r"has another layout: its leaf 0 is `\['a'\]`", lambda: _checkpoint_flat_layout()),
-    Row("early-stopping-mode", "`early_stopping(mode=...)` other than \"min\"/\"max\", or a "
-        "negative `patience`/`min_delta`", "`ValueError` at construction, naming it",
-        ValueError, "`mode`", lambda: oc.early_stopping(mode="minimize")),
-    Row("non-finite-gradients", "NaN or infinite gradients",
-        "propagated by default, as in Optax and PyTorch; wrapped in `apply_if_finite` the step "
-        "is skipped: parameters and the inner state unchanged, the skip counted",
-        None, "", _nan_skip),
-    Row("unknown-keywords", "keyword arguments to `update` that a transformation does not use",
-        "ignored (so one training step can serve every optimizer)", None, "",
-        lambda: oc.adam(1e-3).update(GRADS, oc.adam(1e-3).init(PARAMS), PARAMS,
-                                     not_an_argument=1.0)),
-    Row("lookahead-shape", "`lookahead` gradients, fast or slow weights of mismatched shapes "
-        "(would broadcast)", "`ValueError` from `update`, naming the path and both shapes",
-        ValueError, r"`params.slow\['dense'\]\['kernel'\]` has shape \(1, 2\)",
-        (lambda p, s: oc.lookahead(oc.sgd(1e-3), 2, 0.5).update(GRADS, s, p),
-         oc.LookaheadParams(PARAMS, {"dense": {"kernel": jnp.ones((1, 2)), "bias": jnp.zeros(2)}}),
-         oc.lookahead(oc.sgd(1e-3), 2, 0.5).init(PARAMS))),
-    Row("lookahead-slow-weights", "`lookahead_in_state` parameters of another shape or dtype "
-        "than the slow weights kept in its state", "`ValueError` (`TypeError` for a dtype) from "
-        "`update`, naming the path and both shapes (dtypes)", ValueError,
-        r"`params\['dense'\]\['kernel'\]` has shape \(1, 2\) but `state.slow",
-        (lambda p, s: oc.lookahead_in_state(oc.sgd(1e-3), 2, 0.5).update(p, s, p),
-         {"dense": {"kernel": jnp.ones((1, 2)), "bias": jnp.zeros(2)}},
-         oc.lookahead_in_state(oc.sgd(1e-3), 2, 0.5).init(PARAMS))),
-    Row("sam-shape", "`sam` gradients of another shape than the parameters (would broadcast)",
-        "`ValueError` from `update`, naming the path and both shapes", ValueError,
-        r"`updates\['dense'\]\['kernel'\]` has shape \(1, 2\)",
-        _update_call(oc.sam(oc.sgd(1e-3), oc.sgd(1e-2)), {"dense": {"kernel": jnp.ones((1, 2)),
-                                                                    "bias": jnp.ones(2)}})),
-    Row("early-stopping-dtype", "`early_stopping` best parameters of another dtype (or shape) "
-        "than those given to `init`", "`TypeError` (`ValueError` for a shape) from `update`, "
-        "naming the path and both dtypes; never rounded to the kept dtype", TypeError,
-        r"`best_params\['dense'\]\['bias'\]` has dtype bfloat16",
-        (lambda p, s: oc.early_stopping().update(s, 0.5, p),
-         jax.tree.map(lambda x: x.astype(jnp.bfloat16), PARAMS), oc.early_stopping().init(PARAMS))),
-    Row("partition-mixed-labels", "`partition` labels of mixed types (`0` and `\"x\"`)",
-        "`TypeError` at construction, listing the labels (JAX sorts the state's dict keys)",
-        TypeError, r"`transforms`.*\['x', 0\]",
-        lambda: oc.partition({0: oc.sgd(1e-3), "x": oc.sgd(1e-3)},
-                             {"dense": {"kernel": 0, "bias": "x"}})),
-    Row("path-matches-nothing", "a `mask_from_paths` `include` pattern (or a "
-        "`labels_from_paths` rule) that matches no parameter path (a typo)", "`ValueError` "
-        "from `init`, naming the argument and the pattern and listing paths (an all-False mask "
-        "would pass raw gradients through `masked`: an ascent step)", ValueError,
-        r"`include`.*'attention'", lambda: oc.masked(oc.sgd(0.1), oc.mask_from_paths(
-            include="attention")).init(PARAMS)),
-    Row("partition-not-a-transformation", "a value of `partition`'s `transforms` that is not "
-        "a transformation", "`TypeError` at construction, naming `transforms[label]`",
-        TypeError, r"`transforms\['a'\]` is float",
-        lambda: oc.partition({"a": 0.1, "b": oc.sgd(0.1)}, {"dense": {"kernel": "a",
-                                                                      "bias": "b"}})),
-    Row("path-regex", "an invalid regex in `mask_from_paths` or `labels_from_paths`",
-        "`ValueError` at construction, naming the argument, the pattern and the regex error",
-        ValueError, r"`include` is not a valid regex: '\['",
-        lambda: oc.mask_from_paths(include="[")),
-    Row("schedule-step-count", "a schedule's step count beyond int32 (`transition_steps=2**40`, "
-        "boundaries, warmup steps, cycle lengths)", "`ValueError` at construction, naming the "
-        "argument and the limit 2**31 - 1", ValueError, r"`transition_steps` must be <= 2\*\*31",
-        lambda: oc.exponential_decay(1.0, 2**40, 0.5)),
-    Row("schedule-phase-collision", "`linear_onecycle_schedule` phases ending at the same step "
-        "(`int(pct * transition_steps)` equal)", "`ValueError` at construction, naming "
-        "`pct_start` and `pct_final` (one phase would silently replace another)", ValueError,
-        "`pct_final`", lambda: oc.linear_onecycle_schedule(10, 1.0, 0.3, 0.35)),
-    Row("multi-steps-k-schedule", "a `multi_steps` k schedule returning a non-integer (`2.7`, "
-        "a float array)", "`TypeError` from `init` (or while tracing `update`), naming "
-        "`every_k_schedule`; never truncated", TypeError, "`every_k_schedule`",
-        lambda: oc.multi_steps(oc.sgd(1e-3), lambda step: 2.7).init(PARAMS)),
+  Row(
+    "hyperparameter-out-of-range",
+    "a hyperparameter outside its range (`b1=1.0`, `learning_rate=-0.1`, `eps=-1e-8`)",
+    "`ValueError` at construction, naming it",
+    ValueError,
+    "`b1`",
+    lambda: oc.adam(1e-3, b1=1.0),
+  ),
+  Row(
+    "hyperparameter-not-finite",
+    "a NaN or infinite hyperparameter",
+    "`ValueError` at construction, naming it",
+    ValueError,
+    "`learning_rate`",
+    lambda: oc.sgd(float("inf")),
+  ),
+  Row(
+    "hyperparameter-not-scalar",
+    "an array, string or bool where a number is expected",
+    "`ValueError`/`TypeError` at construction, naming it",
+    (ValueError, TypeError),
+    "`learning_rate`",
+    lambda: oc.adam(jnp.ones(3)),
+  ),
+  Row(
+    "schedule-out-of-range",
+    "a schedule whose value at step 0 is out of range",
+    "`ValueError` from `init`, naming the hyperparameter",
+    ValueError,
+    "`b1`",
+    lambda: oc.adam(1e-3, b1=lambda count: 1.0 + 0.0 * jnp.asarray(count, jnp.float32)).init(
+      PARAMS
+    ),
+  ),
+  Row(
+    "integer-params",
+    "integer or boolean parameters",
+    "`TypeError` from `init`, naming the leaf",
+    TypeError,
+    r"params\['n'\]",
+    lambda: oc.adam(1e-3).init({"w": jnp.ones(2), "n": jnp.arange(2)}),
+  ),
+  Row(
+    "params-not-arrays",
+    "a leaf of the parameters that is not an array (a string)",
+    "`TypeError` from `init`, naming the leaf",
+    TypeError,
+    r"params\['name'\]` is a str",
+    lambda: oc.sgd(1e-3).init({"w": jnp.ones(2), "name": "abc"}),
+  ),
+  Row(
+    "integer-gradients",
+    "integer or boolean gradients (`jax.grad` never makes them: "
+    "labels or counts passed by mistake)",
+    "`TypeError` from `update`, naming the leaf "
+    "(never truncated to a zero step, never a boolean ascent step; `identity` and "
+    "`set_to_zero` pass them through)",
+    TypeError,
+    r"updates\['dense'\]\['bias'\]` has dtype int32",
+    _update_call(
+      oc.sgd(0.1), {"dense": {"kernel": GRADS["dense"]["kernel"], "bias": jnp.array([1, 2])}}
+    ),
+  ),
+  Row(
+    "integer-state-dtype",
+    "an integer or boolean `mu_dtype`, `nu_dtype`, `accumulator_dtype` or `hyperparam_dtype`",
+    "`TypeError` at construction, naming it (the state would be truncated)",
+    TypeError,
+    "`mu_dtype`",
+    lambda: oc.adam(1e-3, mu_dtype=jnp.int32),
+  ),
+  Row(
+    "hyperparameter-rounds-out-of-range",
+    "a value in range in float64 but not in the "
+    "dtype it is used in (`b1=1 - 1e-9` is 1.0 in float32; `1e39` is inf)",
+    "`ValueError` at construction, naming it and the rounded value",
+    ValueError,
+    r"`b1` must lie in \[0, 1\), got 0.999999999 \(1.0 in float32",
+    lambda: oc.adam(1e-3, b1=1 - 1e-9),
+  ),
+  Row(
+    "eps-zero",
+    "`eps=0` where nothing else keeps the denominator from 0 (Adam with "
+    "`eps_root=0`, RMSProp): a zero gradient gives 0 / 0 = NaN (Optax accepts it)",
+    "`ValueError` at construction, naming `eps` (and `eps_root`)",
+    ValueError,
+    "`eps` and `eps_root` are both 0",
+    lambda: oc.adam(1e-3, eps=0.0),
+  ),
+  Row(
+    "set-hyperparams-invalid",
+    "`set_hyperparams` with a value construction would reject "
+    "(`b1=1.0`, NaN, a negative rate, a bool, a string)",
+    "`ValueError`/`TypeError`, naming it; validated as stored (in its dtype)",
+    (ValueError, TypeError),
+    "`b1`",
+    lambda: oc.set_hyperparams(oc.inject_hyperparams(oc.adam)(1e-3).init(PARAMS), b1=1.0),
+  ),
+  Row(
+    "set-hyperparams-ambiguous",
+    "`set_hyperparams` with a name two injected optimizers hold",
+    "`ValueError` listing both paths, to be given instead of the name",
+    ValueError,
+    r"`learning_rate` is held in 2 places",
+    lambda: oc.set_hyperparams(
+      oc.partition(
+        {"a": oc.inject_hyperparams(oc.sgd)(0.1), "b": oc.inject_hyperparams(oc.sgd)(0.2)},
+        {"dense": {"kernel": "a", "bias": "b"}},
+      ).init(PARAMS),
+      learning_rate=0.5,
+    ),
+  ),
+  Row(
+    "updates-structure",
+    "gradients whose tree differs from the state's (a leaf missing)",
+    "`ValueError` from `update`, naming the path",
+    ValueError,
+    r"\['dense'\]\['bias'\]",
+    _update_call(oc.adam(1e-3), {"dense": {"kernel": GRADS["dense"]["kernel"]}}),
+  ),
+  Row(
+    "updates-shape",
+    "a gradient of another shape than its parameter (would broadcast)",
+    "`ValueError` from `update`, naming the path and both shapes",
+    ValueError,
+    r"updates\['dense'\]\['kernel'\]` has shape \(3, 1\)",
+    _update_call(oc.sgd(1e-3, 0.9), {"dense": {"kernel": jnp.ones((3, 1)), "bias": jnp.ones(2)}}),
+  ),
+  Row(
+    "apply-updates-mismatch",
+    "`apply_updates` with a tree or shape that differs",
+    "`ValueError`, naming the path",
+    ValueError,
+    r"\['dense'\]\['bias'\]",
+    (
+      lambda p, s: oc.apply_updates(
+        p, {"dense": {"kernel": jnp.ones((3, 2)), "bias": jnp.ones(3)}}
+      ),
+      PARAMS,
+      (),
+    ),
+  ),
+  Row(
+    "apply-updates-integer",
+    "a float update for an integer parameter",
+    "`TypeError`, naming the leaf (never truncated)",
+    TypeError,
+    r"params\['n'\]",
+    (lambda p, s: oc.apply_updates(p, {"n": jnp.full(3, 0.4)}), {"n": jnp.arange(3)}, ()),
+  ),
+  Row(
+    "mask-structure",
+    "a mask that does not match the parameters",
+    "`ValueError` from `init`, naming `mask` and the differing path",
+    ValueError,
+    r"`mask`.*\['dense'\]\['bias'\] is missing",
+    lambda: oc.adamw(1e-3, mask={"dense": {"kernel": True, "scale": False}}).init(PARAMS),
+  ),
+  Row(
+    "mask-not-boolean",
+    "a mask with non-boolean leaves",
+    "`TypeError` from `init`, naming the leaf",
+    TypeError,
+    r"mask\['dense'\]\['bias'\]",
+    lambda: oc.adamw(1e-3, mask={"dense": {"kernel": 1, "bias": 0}}).init(PARAMS),
+  ),
+  Row(
+    "missing-params",
+    "`update` without `params` where they are needed (weight decay, L1, lookahead)",
+    "`ValueError`, naming `params`",
+    ValueError,
+    "`params`",
+    _update_call(oc.adamw(1e-3), GRADS, with_params=False),
+  ),
+  Row(
+    "foreign-state",
+    "a state from another optimizer",
+    "`ValueError`, saying what was expected",
+    ValueError,
+    "chain of 2 transformations",
+    (lambda p, s: oc.adam(1e-3).update(GRADS, s, p), PARAMS, (oc.scale_by_adam().init(PARAMS),)),
+  ),
+  Row(
+    "foreign-member-state",
+    "a state from another optimizer of the same length",
+    "`ValueError` from the first `update`, naming the member's path and the state type expected",
+    ValueError,
+    r"state\[0\] is a TraceState, expected a ScaleByAdamState",
+    (lambda p, s: oc.adam(1e-3).update(GRADS, s, p), PARAMS, oc.sgd(1e-3, 0.9).init(PARAMS)),
+  ),
+  Row(
+    "averager-not-last",
+    "`ema_params` or `swa` followed in a chain by a transformation "
+    "that changes the updates (the average would be of params + raw gradient)",
+    "`ValueError` at construction, naming both positions",
+    ValueError,
+    "argument 0 averages the parameters",
+    lambda: oc.chain(oc.ema_params(0.9), oc.sgd(0.1)),
+  ),
+  Row(
+    "not-a-transformation",
+    "something that is not a transformation in `chain`",
+    "`TypeError`, naming its position",
+    TypeError,
+    "argument 1",
+    lambda: oc.chain(oc.scale(1.0), lambda g: g),
+  ),
+  Row(
+    "flat-per-leaf",
+    "`FlatParams` given to a per-leaf transformation (`clip_by_leaf_norm`, "
+    "`clip_by_block_rms`, `adaptive_grad_clip`)",
+    "`TypeError`, naming the transformation",
+    TypeError,
+    "clip_by_leaf_norm",
+    lambda: oc.clip_by_leaf_norm(1.0).update(
+      oc.flat_params(GRADS), oc.EmptyState(), oc.flat_params(PARAMS)
+    ),
+  ),
+  Row(
+    "unsharded-abstract-params",
+    "abstract parameters without a sharding for `sharding.state_shardings`",
+    "`ValueError`, naming the leaf",
+    ValueError,
+    r"params\['w'\]",
+    lambda: oc.sharding.state_shardings(
+      oc.adam(1e-3), {"w": jax.ShapeDtypeStruct((4,), jnp.float32)}
+    ),
+  ),
+  Row(
+    "checkpoint-mismatch",
+    "a checkpoint restored into a template of another structure, shape or dtype",
+    "`CheckpointMismatchError` (a `ValueError`), naming the first path",
+    ValueError,
+    r"\['w'\]",
+    lambda: _checkpoint_mismatch(),
+  ),
+  Row(
+    "checkpoint-corrupt",
+    "a checkpoint whose bytes changed after it was written (a flipped bit), msgpack or Orbax",
+    "`CheckpointCorruptError` (a `ValueError`) on restore, naming the leaf",
+    ValueError,
+    r"the data of `\['w'\]`",
+    lambda: _checkpoint_flipped(),
+  ),
+  Row(
+    "checkpoint-flat-layout",
+    "a `FlatParams` checkpoint restored into another layout "
+    "(buckets of the same sizes, leaves of other shapes)",
+    "`CheckpointMismatchError`, "
+    "naming the first leaf that differs (never values shuffled between layers)",
+    ValueError,
+    r"has another layout: its leaf 0 is `\['a'\]`",
+    lambda: _checkpoint_flat_layout(),
+  ),
+  Row(
+    "early-stopping-mode",
+    "`early_stopping(mode=...)` other than \"min\"/\"max\", or a negative `patience`/`min_delta`",
+    "`ValueError` at construction, naming it",
+    ValueError,
+    "`mode`",
+    lambda: oc.early_stopping(mode="minimize"),
+  ),
+  Row(
+    "non-finite-gradients",
+    "NaN or infinite gradients",
+    "propagated by default, as in Optax and PyTorch; wrapped in `apply_if_finite` the step "
+    "is skipped: parameters and the inner state unchanged, the skip counted",
+    None,
+    "",
+    _nan_skip,
+  ),
+  Row(
+    "unknown-keywords",
+    "keyword arguments to `update` that a transformation does not use",
+    "ignored (so one training step can serve every optimizer)",
+    None,
+    "",
+    lambda: oc.adam(1e-3).update(GRADS, oc.adam(1e-3).init(PARAMS), PARAMS, not_an_argument=1.0),
+  ),
+  Row(
+    "lookahead-shape",
+    "`lookahead` gradients, fast or slow weights of mismatched shapes (would broadcast)",
+    "`ValueError` from `update`, naming the path and both shapes",
+    ValueError,
+    r"`params.slow\['dense'\]\['kernel'\]` has shape \(1, 2\)",
+    (
+      lambda p, s: oc.lookahead(oc.sgd(1e-3), 2, 0.5).update(GRADS, s, p),
+      oc.LookaheadParams(PARAMS, {"dense": {"kernel": jnp.ones((1, 2)), "bias": jnp.zeros(2)}}),
+      oc.lookahead(oc.sgd(1e-3), 2, 0.5).init(PARAMS),
+    ),
+  ),
+  Row(
+    "lookahead-slow-weights",
+    "`lookahead_in_state` parameters of another shape or dtype "
+    "than the slow weights kept in its state",
+    "`ValueError` (`TypeError` for a dtype) from "
+    "`update`, naming the path and both shapes (dtypes)",
+    ValueError,
+    r"`params\['dense'\]\['kernel'\]` has shape \(1, 2\) but `state.slow",
+    (
+      lambda p, s: oc.lookahead_in_state(oc.sgd(1e-3), 2, 0.5).update(p, s, p),
+      {"dense": {"kernel": jnp.ones((1, 2)), "bias": jnp.zeros(2)}},
+      oc.lookahead_in_state(oc.sgd(1e-3), 2, 0.5).init(PARAMS),
+    ),
+  ),
+  Row(
+    "sam-shape",
+    "`sam` gradients of another shape than the parameters (would broadcast)",
+    "`ValueError` from `update`, naming the path and both shapes",
+    ValueError,
+    r"`updates\['dense'\]\['kernel'\]` has shape \(1, 2\)",
+    _update_call(
+      oc.sam(oc.sgd(1e-3), oc.sgd(1e-2)),
+      {"dense": {"kernel": jnp.ones((1, 2)), "bias": jnp.ones(2)}},
+    ),
+  ),
+  Row(
+    "early-stopping-dtype",
+    "`early_stopping` best parameters of another dtype (or shape) than those given to `init`",
+    "`TypeError` (`ValueError` for a shape) from `update`, "
+    "naming the path and both dtypes; never rounded to the kept dtype",
+    TypeError,
+    r"`best_params\['dense'\]\['bias'\]` has dtype bfloat16",
+    (
+      lambda p, s: oc.early_stopping().update(s, 0.5, p),
+      jax.tree.map(lambda x: x.astype(jnp.bfloat16), PARAMS),
+      oc.early_stopping().init(PARAMS),
+    ),
+  ),
+  Row(
+    "partition-mixed-labels",
+    "`partition` labels of mixed types (`0` and `\"x\"`)",
+    "`TypeError` at construction, listing the labels (JAX sorts the state's dict keys)",
+    TypeError,
+    r"`transforms`.*\['x', 0\]",
+    lambda: oc.partition(
+      {0: oc.sgd(1e-3), "x": oc.sgd(1e-3)}, {"dense": {"kernel": 0, "bias": "x"}}
+    ),
+  ),
+  Row(
+    "path-matches-nothing",
+    "a `mask_from_paths` `include` pattern (or a "
+    "`labels_from_paths` rule) that matches no parameter path (a typo)",
+    "`ValueError` "
+    "from `init`, naming the argument and the pattern and listing paths (an all-False mask "
+    "would pass raw gradients through `masked`: an ascent step)",
+    ValueError,
+    r"`include`.*'attention'",
+    lambda: oc.masked(oc.sgd(0.1), oc.mask_from_paths(include="attention")).init(PARAMS),
+  ),
+  Row(
+    "partition-not-a-transformation",
+    "a value of `partition`'s `transforms` that is not a transformation",
+    "`TypeError` at construction, naming `transforms[label]`",
+    TypeError,
+    r"`transforms\['a'\]` is float",
+    lambda: oc.partition({"a": 0.1, "b": oc.sgd(0.1)}, {"dense": {"kernel": "a", "bias": "b"}}),
+  ),
+  Row(
+    "path-regex",
+    "an invalid regex in `mask_from_paths` or `labels_from_paths`",
+    "`ValueError` at construction, naming the argument, the pattern and the regex error",
+    ValueError,
+    r"`include` is not a valid regex: '\['",
+    lambda: oc.mask_from_paths(include="["),
+  ),
+  Row(
+    "schedule-step-count",
+    "a schedule's step count beyond int32 (`transition_steps=2**40`, "
+    "boundaries, warmup steps, cycle lengths)",
+    "`ValueError` at construction, naming the argument and the limit 2**31 - 1",
+    ValueError,
+    r"`transition_steps` must be <= 2\*\*31",
+    lambda: oc.exponential_decay(1.0, 2**40, 0.5),
+  ),
+  Row(
+    "schedule-phase-collision",
+    "`linear_onecycle_schedule` phases ending at the same step "
+    "(`int(pct * transition_steps)` equal)",
+    "`ValueError` at construction, naming "
+    "`pct_start` and `pct_final` (one phase would silently replace another)",
+    ValueError,
+    "`pct_final`",
+    lambda: oc.linear_onecycle_schedule(10, 1.0, 0.3, 0.35),
+  ),
+  Row(
+    "multi-steps-k-schedule",
+    "a `multi_steps` k schedule returning a non-integer (`2.7`, a float array)",
+    "`TypeError` from `init` (or while tracing `update`), naming "
+    "`every_k_schedule`; never truncated",
+    TypeError,
+    "`every_k_schedule`",
+    lambda: oc.multi_steps(oc.sgd(1e-3), lambda step: 2.7).init(PARAMS),
+  ),
 ]
 
 
 def _checkpoint_mismatch():
   import tempfile
+
   path = Path(tempfile.mkdtemp()) / "c.msgpack"
   oc.checkpoint.save_checkpoint(path, {"w": jnp.ones(3, jnp.bfloat16)})
   oc.checkpoint.restore_checkpoint(path, {"w": jnp.ones(3, jnp.float32)})
@@ -243,6 +465,7 @@ def _checkpoint_mismatch():
 
 def _checkpoint_flipped():
   import tempfile
+
   path = Path(tempfile.mkdtemp()) / "c.msgpack"
   w = np.arange(1000, dtype=np.float32)
   oc.checkpoint.save_checkpoint(path, {"w": w})
@@ -254,6 +477,7 @@ def _checkpoint_flipped():
 
 def _checkpoint_flat_layout():
   import tempfile
+
   path = Path(tempfile.mkdtemp()) / "c.msgpack"
   oc.checkpoint.save_checkpoint(path, oc.flat_params({"a": jnp.ones(2), "b": jnp.ones(3)}))
   oc.checkpoint.restore_checkpoint(path, oc.flat_params({"a": jnp.ones(3), "b": jnp.ones(2)}))

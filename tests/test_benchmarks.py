@@ -26,11 +26,18 @@ def run_config(cfg):
     return bench.run_config(cfg)
 
 
-@pytest.mark.parametrize("opt, ideal, state", [("adamw", 28, 8), ("sgd_nesterov", 20, 4),
-                                               ("clip_adamw_cosine", 28, 8)])
+@pytest.mark.parametrize(
+  "opt, ideal, state", [("adamw", 28, 8), ("sgd_nesterov", 20, 4), ("clip_adamw_cosine", 28, 8)]
+)
 def test_one_configuration_reports_textbook_bytes(opt, ideal, state):
-  cfg = dict(section="t", opt=opt, tree="leaves8", size=8 * 512, reps=2,
-             libs=("optcompose", "optcompose-flat", "optax"))
+  cfg = dict(
+    section="t",
+    opt=opt,
+    tree="leaves8",
+    size=8 * 512,
+    reps=2,
+    libs=("optcompose", "optcompose-flat", "optax"),
+  )
   res = run_config(cfg)
   assert res["params"] == 8 * 512 and not res["skipped"]
   assert [r["lib"] for r in res["rows"]] == list(cfg["libs"])
@@ -50,7 +57,8 @@ def test_flat_layout_really_has_one_buffer_per_dtype():
   dtypes = sorted(str(x.dtype) for x in jax.tree.leaves(run.params))
   assert dtypes == ["bfloat16", "float32"]
   assert sum(x.size for x in jax.tree.leaves(run.params)) == sum(
-      int(np.prod(s)) for s, _ in shapes.values())
+    int(np.prod(s)) for s, _ in shapes.values()
+  )
 
 
 def test_tree_shapes_hit_the_requested_size():
@@ -60,15 +68,24 @@ def test_tree_shapes_hit_the_requested_size():
 
 
 def test_bf16_moments_halve_the_state_and_optax_keeps_nu_in_float32():
-  cfg = dict(section="t", opt="adamw_bf16_moments", tree="leaves8", size=8 * 512, reps=2,
-             libs=("optcompose", "optcompose-flat", "optax"))
+  cfg = dict(
+    section="t",
+    opt="adamw_bf16_moments",
+    tree="leaves8",
+    size=8 * 512,
+    reps=2,
+    libs=("optcompose", "optcompose-flat", "optax"),
+  )
   res = run_config(cfg)
   state = {r["lib"]: r["state_bytes_per_param"] for r in res["rows"]}
   # bfloat16 mu and nu: 2 + 2 bytes; Optax has mu_dtype only, so its nu stays float32: 2 + 4.
   assert state == {"optcompose": 4, "optcompose-flat": 4, "optax": 6}
   ideal = {r["lib"]: r["ideal_bytes"] / res["params"] for r in res["rows"]}
-  assert ideal == {"optcompose": 4 + 2 * (4 + 4), "optcompose-flat": 4 + 2 * (4 + 4),
-                   "optax": 4 + 2 * (4 + 6)}
+  assert ideal == {
+    "optcompose": 4 + 2 * (4 + 4),
+    "optcompose-flat": 4 + 2 * (4 + 4),
+    "optax": 4 + 2 * (4 + 6),
+  }
   # The paired ratio against Optax is reported for every JAX row (Optax's own is 1).
   assert [r["paired_vs_optax"] for r in res["rows"] if r["lib"] == "optax"] == [1.0]
 
@@ -89,8 +106,9 @@ def adafactor_state_bytes(shapes, min_dim_size_to_factor=128):
 
 
 def state_per_param(opt, tree, size):
-  res = run_config(dict(section="t", opt=opt, tree=tree, size=size, reps=1,
-                        libs=("optcompose", "optax")))
+  res = run_config(
+    dict(section="t", opt=opt, tree=tree, size=size, reps=1, libs=("optcompose", "optax"))
+  )
   return {r["lib"]: r["state_bytes_per_param"] for r in res["rows"]}
 
 
@@ -118,10 +136,19 @@ def test_adafactor_reports_its_factored_state_as_optax_does():
   assert state["optcompose"] < 0.5
 
 
-@pytest.mark.parametrize("opt, extra", [
-    ("apply_if_finite_adamw", 4), ("apply_if_finite_checked_adamw", 16),
-    ("diagnostics_adamw", 12), ("masked_adamw", 0), ("partition_adamw", 0), ("inject_adamw", 0),
-    ("multi_steps4_adamw", (3 * 12 + 32) / 4 - 28), ("ema_params_adamw", 8)])
+@pytest.mark.parametrize(
+  "opt, extra",
+  [
+    ("apply_if_finite_adamw", 4),
+    ("apply_if_finite_checked_adamw", 16),
+    ("diagnostics_adamw", 12),
+    ("masked_adamw", 0),
+    ("partition_adamw", 0),
+    ("inject_adamw", 0),
+    ("multi_steps4_adamw", (3 * 12 + 32) / 4 - 28),
+    ("ema_params_adamw", 8),
+  ],
+)
 def test_wrapper_rows_count_the_bytes_their_work_needs(opt, extra):
   """AdamW's 28 B/param, plus: one 4-byte read of the gradients for the finiteness test; of
   everything AdamW reads (g, mu, nu, p) for the test of the updates; of the gradients,
@@ -131,8 +158,16 @@ def test_wrapper_rows_count_the_bytes_their_work_needs(opt, extra):
   stays AdamW's 8 B plus the wrapper's own arrays (scalars, or the accumulator or average).
   Optax has no with_diagnostics, no test of the updates and no EMA of the parameters: those
   rows are skipped. The bare AdamW runs beside it, paired."""
-  res = run_config(dict(section="t", opt=opt, tree="leaves8", size=8 * 512, reps=2,
-                        libs=("optcompose", bench.BARE, "optax")))
+  res = run_config(
+    dict(
+      section="t",
+      opt=opt,
+      tree="leaves8",
+      size=8 * 512,
+      reps=2,
+      libs=("optcompose", bench.BARE, "optax"),
+    )
+  )
   rows = {r["lib"]: r for r in res["rows"]}
   assert rows["optcompose"]["ideal_bytes"] == pytest.approx((28 + extra) * res["params"])
   assert rows[bench.BARE]["ideal_bytes"] == 28 * res["params"]
@@ -146,14 +181,27 @@ def test_wrapper_rows_count_the_bytes_their_work_needs(opt, extra):
 def test_bounds_hold_each_row_to_its_issue_bound():
   """The bounds section reads the paired ratios: a clip row at 1.1x AdamW and 2x faster than
   Optax passes both; a wrapper at 1.5x fails the 1.14 x 1.15 of one extra read."""
+
   def res(opt, ours, others):
-    rows = [{"lib": "optcompose", "paired_vs_bare": ours, "paired_vs_optax": others.get("optax"),
-             "paired_vs": others, "compile_s": 1.0, "ideal_bytes": 32},
-            {"lib": bench.BARE, "paired_vs_bare": 1.0, "compile_s": 1.0, "ideal_bytes": 28}]
+    rows = [
+      {
+        "lib": "optcompose",
+        "paired_vs_bare": ours,
+        "paired_vs_optax": others.get("optax"),
+        "paired_vs": others,
+        "compile_s": 1.0,
+        "ideal_bytes": 32,
+      },
+      {"lib": bench.BARE, "paired_vs_bare": 1.0, "compile_s": 1.0, "ideal_bytes": 28},
+    ]
     return {"cfg": {"opt": opt}, "label": "L", "rows": rows}
 
-  lines = bench.bounds([res("clip_adamw_cosine", 1.1, {"optax": 0.5, "torch-fused": 0.9}),
-                        res("apply_if_finite_adamw", 1.5, {})])
+  lines = bench.bounds(
+    [
+      res("clip_adamw_cosine", 1.1, {"optax": 0.5, "torch-fused": 0.9}),
+      res("apply_if_finite_adamw", 1.5, {}),
+    ]
+  )
   assert [line.split(":")[0] for line in lines] == ["- PASS", "- PASS", "- PASS", "- FAIL"]
   assert "1.50 (bound <= 1.31)" in lines[-1]
 
@@ -164,8 +212,9 @@ def test_zero1_section_reports_an_eighth_of_the_state_per_device():
   buckets, the parameters replicated throughout, and one step equal in all three."""
   if len(jax.devices()) != 8:
     pytest.skip("needs 8 CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count=8)")
-  res = run_config(dict(section="z", kind="zero1", opt="adamw", tree="leaves8", size=8 * 512,
-                        devices=8))
+  res = run_config(
+    dict(section="z", kind="zero1", opt="adamw", tree="leaves8", size=8 * 512, devices=8)
+  )
   rows = {r["layout"]: r for r in res["memory_rows"]}
   whole = 8 * res["params"] / 2**20
   assert rows["replicated state"]["state_mb_per_device"] == pytest.approx(whole)

@@ -15,8 +15,11 @@ import pytest
 
 import optcompose as oc
 from optcompose.checkpoint import (
-    CheckpointMismatchError, restore_checkpoint, restore_orbax_checkpoint, save_checkpoint,
-    save_orbax_checkpoint,
+  CheckpointMismatchError,
+  restore_checkpoint,
+  restore_orbax_checkpoint,
+  save_checkpoint,
+  save_orbax_checkpoint,
 )
 from optcompose.recipe.early_stopping import early_stopping
 
@@ -34,9 +37,11 @@ def init_params():
   moments of both dtypes."""
   k1, k2 = jax.random.split(jax.random.PRNGKey(0))
   return {
-      "dense1": {"kernel": jax.random.normal(k1, (8, 32)) / jnp.sqrt(8.0), "bias": jnp.zeros(32)},
-      "dense2": {"kernel": (jax.random.normal(k2, (32, 1)) / jnp.sqrt(32.0)).astype(jnp.bfloat16),
-                 "bias": jnp.zeros(1)},
+    "dense1": {"kernel": jax.random.normal(k1, (8, 32)) / jnp.sqrt(8.0), "bias": jnp.zeros(32)},
+    "dense2": {
+      "kernel": (jax.random.normal(k2, (32, 1)) / jnp.sqrt(32.0)).astype(jnp.bfloat16),
+      "bias": jnp.zeros(1),
+    },
   }
 
 
@@ -55,8 +60,10 @@ def batch(step: int, size: int = 16):
 
 def make_optimizer(name: str):
   schedule = oc.warmup_cosine_decay_schedule(0.0, 1e-2, 5, 40)
-  recipe = lambda: oc.chain(oc.clip_by_global_norm(1.0),  # noqa: E731
-                            oc.adamw(schedule, weight_decay=1e-2))
+  recipe = lambda: oc.chain(
+    oc.clip_by_global_norm(1.0),  # noqa: E731
+    oc.adamw(schedule, weight_decay=1e-2),
+  )
   if name == "chain":
     return recipe()
   if name == "inject_hyperparams":
@@ -86,8 +93,12 @@ def build(name: str):
 def fresh_tree(tx, es):
   """The state at step 0; also the template to restore into."""
   params = init_params()
-  return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros([], jnp.int32),
-          "early_stopping": es.init(params)}
+  return {
+    "params": params,
+    "opt_state": tx.init(params),
+    "step": jnp.zeros([], jnp.int32),
+    "early_stopping": es.init(params),
+  }
 
 
 def train(tree, until: int, es, train_step, val_loss):
@@ -127,21 +138,23 @@ def assert_bitwise_equal(a, b):
 
 def _orbax_plain_save(path, tree):
   import orbax.checkpoint as ocp
+
   with ocp.StandardCheckpointer() as checkpointer:
     checkpointer.save(os.path.abspath(path), tree)
 
 
 def _orbax_plain_restore(path, template):
   import orbax.checkpoint as ocp
+
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
   with ocp.StandardCheckpointer() as checkpointer:
     return checkpointer.restore(os.path.abspath(path), abstract)
 
 
 BACKENDS = {  # save, restore, and the name of the file or directory
-    "msgpack": (save_checkpoint, restore_checkpoint, "ckpt.msgpack"),
-    "orbax": (save_orbax_checkpoint, restore_orbax_checkpoint, "ckpt_orbax"),
-    "orbax_plain": (_orbax_plain_save, _orbax_plain_restore, "ckpt_orbax_plain"),
+  "msgpack": (save_checkpoint, restore_checkpoint, "ckpt.msgpack"),
+  "orbax": (save_orbax_checkpoint, restore_orbax_checkpoint, "ckpt_orbax"),
+  "orbax_plain": (_orbax_plain_save, _orbax_plain_restore, "ckpt_orbax_plain"),
 }
 
 
@@ -151,11 +164,18 @@ def backend_functions(backend: str):
   return BACKENDS[backend]
 
 
-@pytest.mark.parametrize("name,backend", [
-    ("chain", "msgpack"), ("chain", "orbax"), ("chain", "orbax_plain"),
-    ("inject_hyperparams", "msgpack"), ("inject_hyperparams", "orbax"),
-    ("multi_steps", "msgpack"), ("multi_steps", "orbax"),
-])
+@pytest.mark.parametrize(
+  "name,backend",
+  [
+    ("chain", "msgpack"),
+    ("chain", "orbax"),
+    ("chain", "orbax_plain"),
+    ("inject_hyperparams", "msgpack"),
+    ("inject_hyperparams", "orbax"),
+    ("multi_steps", "msgpack"),
+    ("multi_steps", "orbax"),
+  ],
+)
 def test_resumed_run_is_bitwise_equal_to_uninterrupted(tmp_path, name, backend):
   save, restore, filename = backend_functions(backend)
   path = tmp_path / filename
@@ -172,8 +192,9 @@ def test_resumed_run_is_bitwise_equal_to_uninterrupted(tmp_path, name, backend):
 
   assert_bitwise_equal(resumed, reference)
   # Non-trivial: training moved the weights and early stopping kept a best copy.
-  assert not np.array_equal(reference["params"]["dense1"]["kernel"],
-                            template["params"]["dense1"]["kernel"])
+  assert not np.array_equal(
+    reference["params"]["dense1"]["kernel"], template["params"]["dense1"]["kernel"]
+  )
   assert int(reference["early_stopping"].best_epoch) >= 0
 
 
@@ -182,8 +203,9 @@ def test_resuming_with_a_fresh_optimizer_state_is_not_equal(tmp_path):
   tx, es, train_step, val_loss = build("chain")
   at_k, reference = uninterrupted("chain")
   restarted = train({**at_k, "opt_state": tx.init(at_k["params"])}, N, es, train_step, val_loss)
-  assert not np.array_equal(restarted["params"]["dense1"]["kernel"],
-                            reference["params"]["dense1"]["kernel"])
+  assert not np.array_equal(
+    restarted["params"]["dense1"]["kernel"], reference["params"]["dense1"]["kernel"]
+  )
 
 
 # ----------------------------------------------------------------------------------------
@@ -191,32 +213,46 @@ def test_resuming_with_a_fresh_optimizer_state_is_not_equal(tmp_path):
 
 
 def _chain_tree(hidden=32, out_dtype=jnp.bfloat16, clip=True):
-  params = {"dense1": {"kernel": jnp.zeros((8, hidden)), "bias": jnp.zeros(hidden)},
-            "dense2": {"kernel": jnp.zeros((hidden, 1), out_dtype), "bias": jnp.zeros(1)}}
+  params = {
+    "dense1": {"kernel": jnp.zeros((8, hidden)), "bias": jnp.zeros(hidden)},
+    "dense2": {"kernel": jnp.zeros((hidden, 1), out_dtype), "bias": jnp.zeros(1)},
+  }
   adamw = oc.adamw(oc.warmup_cosine_decay_schedule(0.0, 1e-2, 5, 40), weight_decay=1e-2)
   tx = oc.chain(oc.clip_by_global_norm(1.0), adamw) if clip else adamw
   return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros([], jnp.int32)}
 
 
 MISMATCHES = {
-    # A wider hidden layer: the first leaf of `target` that differs is a moment.
-    "shape": (lambda: _chain_tree(hidden=33),
-              "`['opt_state'][1][0].mu['dense1']['bias']` has shape (32,) in the checkpoint "
-              "but (33,) in `target`"),
-    # The bfloat16 moment is not cast to float32.
-    "dtype": (lambda: _chain_tree(out_dtype=jnp.float32),
-              "`['opt_state'][1][0].mu['dense2']['kernel']` has dtype bfloat16 in the "
-              "checkpoint but float32 in `target`"),
-    # An int32 count is not cast to int64 either.
-    "count dtype": (lambda: {**_chain_tree(), "step": np.zeros((), np.int64)},
-                    "`['step']` has dtype int32 in the checkpoint but int64 in `target`"),
-    # The optimizer was rebuilt without its clipping step.
-    "missing": (lambda: _chain_tree(clip=False),
-                "`['opt_state'][0].count` is missing from the checkpoint"),
-    "unexpected": (lambda: {k: v for k, v in _chain_tree().items() if k != "step"},
-                   "the checkpoint has `['step']`, which `target` lacks"),
-    "leaf against subtree": (lambda: {**_chain_tree(), "step": {"epoch": jnp.zeros([], jnp.int32)}},
-                             "`['step']['epoch']` is inside a leaf of the checkpoint"),
+  # A wider hidden layer: the first leaf of `target` that differs is a moment.
+  "shape": (
+    lambda: _chain_tree(hidden=33),
+    "`['opt_state'][1][0].mu['dense1']['bias']` has shape (32,) in the checkpoint "
+    "but (33,) in `target`",
+  ),
+  # The bfloat16 moment is not cast to float32.
+  "dtype": (
+    lambda: _chain_tree(out_dtype=jnp.float32),
+    "`['opt_state'][1][0].mu['dense2']['kernel']` has dtype bfloat16 in the "
+    "checkpoint but float32 in `target`",
+  ),
+  # An int32 count is not cast to int64 either.
+  "count dtype": (
+    lambda: {**_chain_tree(), "step": np.zeros((), np.int64)},
+    "`['step']` has dtype int32 in the checkpoint but int64 in `target`",
+  ),
+  # The optimizer was rebuilt without its clipping step.
+  "missing": (
+    lambda: _chain_tree(clip=False),
+    "`['opt_state'][0].count` is missing from the checkpoint",
+  ),
+  "unexpected": (
+    lambda: {k: v for k, v in _chain_tree().items() if k != "step"},
+    "the checkpoint has `['step']`, which `target` lacks",
+  ),
+  "leaf against subtree": (
+    lambda: {**_chain_tree(), "step": {"epoch": jnp.zeros([], jnp.int32)}},
+    "`['step']['epoch']` is inside a leaf of the checkpoint",
+  ),
 }
 
 
@@ -243,13 +279,13 @@ def _exact_tree():
   bf16_bits = np.arange(0, 1 << 16, 251, dtype=np.uint16)
   bf16_bits[:4] = [0x7FC1, 0xFF80, 0x8000, 0x0001]  # a NaN payload, -inf, -0, a subnormal
   return {
-      "bf16": jnp.asarray(bf16_bits.view(jnp.bfloat16)),
-      "int32": jnp.asarray([-2**31, -1, 0, 1, 2**31 - 1], jnp.int32),
-      "count": jnp.asarray(2**31 - 1, jnp.int32),
-      "f16": jnp.asarray([65504.0, -6e-8, 1.0], jnp.float16),
-      "flag": jnp.asarray(True),
-      "numpy": np.arange(6, dtype=np.uint8).reshape(2, 3),
-      "epoch": 7,
+    "bf16": jnp.asarray(bf16_bits.view(jnp.bfloat16)),
+    "int32": jnp.asarray([-(2**31), -1, 0, 1, 2**31 - 1], jnp.int32),
+    "count": jnp.asarray(2**31 - 1, jnp.int32),
+    "f16": jnp.asarray([65504.0, -6e-8, 1.0], jnp.float16),
+    "flag": jnp.asarray(True),
+    "numpy": np.arange(6, dtype=np.uint8).reshape(2, 3),
+    "epoch": 7,
   }
 
 
@@ -258,8 +294,11 @@ def test_bfloat16_and_int32_round_trip_exactly(tmp_path, backend):
   save, restore, filename = backend_functions(backend)
   tree = _exact_tree()
   save(tmp_path / filename, tree)
-  template = {key: jnp.zeros_like(value) for key, value in tree.items() if key in (
-      "bf16", "int32", "count", "f16", "flag")}
+  template = {
+    key: jnp.zeros_like(value)
+    for key, value in tree.items()
+    if key in ("bf16", "int32", "count", "f16", "flag")
+  }
   template.update(numpy=np.zeros((2, 3), np.uint8), epoch=0)
   restored = restore(tmp_path / filename, template)
   for key, value in tree.items():
@@ -345,8 +384,10 @@ def test_restored_arrays_take_the_template_sharding(tmp_path, backend):
   split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
   tree = {"w": jax.device_put(jnp.arange(8.0), split), "count": jnp.asarray(3, jnp.int32)}
   save(tmp_path / filename, tree)
-  template = {"w": jax.ShapeDtypeStruct((8,), jnp.float32, sharding=split),
-              "count": jax.ShapeDtypeStruct((), jnp.int32)}
+  template = {
+    "w": jax.ShapeDtypeStruct((8,), jnp.float32, sharding=split),
+    "count": jax.ShapeDtypeStruct((), jnp.int32),
+  }
   restored = restore(tmp_path / filename, template)
   assert restored["w"].sharding == split
   assert_bitwise_equal(restored, tree)
@@ -355,6 +396,7 @@ def test_restored_arrays_take_the_template_sharding(tmp_path, backend):
 @pytest.mark.parametrize("backend", ["msgpack", "orbax"])
 def test_flax_train_state(tmp_path, backend):
   from flax.training import train_state
+
   save, restore, filename = backend_functions(backend)
 
   def create():
@@ -362,8 +404,13 @@ def test_flax_train_state(tmp_path, backend):
     return train_state.TrainState.create(apply_fn=None, params=init_params(), tx=tx)
 
   state = create()
-  step = jax.jit(lambda s, x, y: s.apply_gradients(grads=jax.tree.map(
-      lambda g, p: g.astype(p.dtype), jax.grad(loss_fn)(s.params, x, y), s.params)))
+  step = jax.jit(
+    lambda s, x, y: s.apply_gradients(
+      grads=jax.tree.map(
+        lambda g, p: g.astype(p.dtype), jax.grad(loss_fn)(s.params, x, y), s.params
+      )
+    )
+  )
   for t in range(3):
     state = step(state, *batch(t))
   save(tmp_path / filename, state)
@@ -392,8 +439,9 @@ def test_flax_nnx_optimizer(tmp_path):
 
   def build_nnx():
     model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
-    tx = oc.chain(oc.clip_by_global_norm(1.0),
-                  oc.adamw(oc.warmup_cosine_decay_schedule(0.0, 1e-2, 5, 40)))
+    tx = oc.chain(
+      oc.clip_by_global_norm(1.0), oc.adamw(oc.warmup_cosine_decay_schedule(0.0, 1e-2, 5, 40))
+    )
     return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
 
   model, optimizer = build_nnx()
@@ -406,9 +454,11 @@ def test_flax_nnx_optimizer(tmp_path):
 
   model2, optimizer2 = build_nnx()
   state = nnx.state((model2, optimizer2))
-  nnx.replace_by_pure_dict(state, restore_checkpoint(tmp_path / "ckpt.msgpack",
-                                                     nnx.to_pure_dict(state)))
+  nnx.replace_by_pure_dict(
+    state, restore_checkpoint(tmp_path / "ckpt.msgpack", nnx.to_pure_dict(state))
+  )
   nnx.update((model2, optimizer2), state)
   assert int(optimizer2.step[...]) == 3
-  assert_bitwise_equal(jax.tree.leaves(nnx.state((model2, optimizer2))),
-                       jax.tree.leaves(nnx.state((model, optimizer))))
+  assert_bitwise_equal(
+    jax.tree.leaves(nnx.state((model2, optimizer2))), jax.tree.leaves(nnx.state((model, optimizer)))
+  )

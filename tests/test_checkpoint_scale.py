@@ -25,8 +25,11 @@ epath = pytest.importorskip("etils.epath")
 
 def run_tree(version: int) -> dict:
   """A small training state whose every value depends on ``version``."""
-  params = {"w": jnp.arange(12.0).reshape(3, 4) + version, "b": jnp.full(4, -version, jnp.float32),
-            "h": (jnp.arange(6.0) * version).astype(jnp.bfloat16)}
+  params = {
+    "w": jnp.arange(12.0).reshape(3, 4) + version,
+    "b": jnp.full(4, -version, jnp.float32),
+    "h": (jnp.arange(6.0) * version).astype(jnp.bfloat16),
+  }
   tx = oc.adamw(1e-2, weight_decay=1e-3)
   return {"params": params, "opt_state": tx.init(params), "step": jnp.asarray(version, jnp.int32)}
 
@@ -38,8 +41,9 @@ def on_host(tree):
 
 def assert_same(restored, expected):
   assert jax.tree.structure(restored) == jax.tree.structure(expected)
-  for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(restored)[0],
-                          jax.tree.leaves(expected)):
+  for (path, a), b in zip(
+    jax.tree_util.tree_flatten_with_path(restored)[0], jax.tree.leaves(expected)
+  ):
     a, b = np.asarray(a), np.asarray(b)
     assert a.dtype == b.dtype and a.shape == b.shape, jax.tree_util.keystr(path)
     assert a.tobytes() == b.tobytes(), jax.tree_util.keystr(path)
@@ -56,6 +60,7 @@ def fake_bucket(tmp_path, monkeypatch):
   and for Orbax's checkpointer (given that directory). Yields the list of (method, path) that
   Orbax's checkpointer was called with, and the URL -> local directory map."""
   from etils.epath import testing as epath_testing
+
   calls = []
 
   def local(url):
@@ -66,23 +71,41 @@ def fake_bucket(tmp_path, monkeypatch):
     if isinstance(kwargs.get("dst"), str) and "://" in kwargs["dst"]:
       kwargs["dst"] = os.fspath(local(kwargs["dst"]))
     args = [os.fspath(local(a)) if isinstance(a, str) and "://" in a else a for a in args]
-    return original(os.fspath(local(path)) if "://" in os.fspath(path) else path, *args,
-                    **kwargs)
+    return original(os.fspath(local(path)) if "://" in os.fspath(path) else path, *args, **kwargs)
 
   def recording(name, original):
     def method(self, directory, *args, **kwargs):
       calls.append((name, directory))
       return original(self, local(directory), *args, **kwargs)
+
     return method
 
   for name in ("save", "restore", "metadata"):
-    monkeypatch.setattr(ocp.StandardCheckpointer, name,
-                        recording(name, getattr(ocp.StandardCheckpointer, name)))
+    monkeypatch.setattr(
+      ocp.StandardCheckpointer, name, recording(name, getattr(ocp.StandardCheckpointer, name))
+    )
   for name in ("_locked", "_install", "_recover", "_remove_leftovers", "_finish"):
-    monkeypatch.setattr(ck, name, lambda *a, _name=name, **k: pytest.fail(
-        f"the local file handling ({_name}) ran for a URL"))
-  functions = ("copy", "exists", "glob", "isdir", "listdir", "makedirs", "mkdir", "open",
-               "remove", "rename", "replace", "rmtree", "stat", "walk")
+    monkeypatch.setattr(
+      ck,
+      name,
+      lambda *a, _name=name, **k: pytest.fail(f"the local file handling ({_name}) ran for a URL"),
+    )
+  functions = (
+    "copy",
+    "exists",
+    "glob",
+    "isdir",
+    "listdir",
+    "makedirs",
+    "mkdir",
+    "open",
+    "remove",
+    "rename",
+    "replace",
+    "rmtree",
+    "stat",
+    "walk",
+  )
   with epath_testing.mock_epath(**{f: mapped for f in functions}):
     yield calls, local
 
@@ -106,15 +129,18 @@ def test_a_url_reaches_orbax_as_the_epath_it_names(fake_bucket, url, as_epath):
     ck.save_orbax_checkpoint(given, run_tree(2))
   ck.save_orbax_checkpoint(given, run_tree(2), overwrite=True)  # Orbax's force=True
   assert_same(ck.restore_orbax_checkpoint(given, run_tree(0)), run_tree(2))
-  with pytest.raises(CheckpointMismatchError,
-                     match=rf"checkpoint {url} does not match.*has `\['step'\]`, which"):
+  with pytest.raises(
+    CheckpointMismatchError, match=rf"checkpoint {url} does not match.*has `\['step'\]`, which"
+  ):
     ck.restore_orbax_checkpoint(given, {k: v for k, v in run_tree(0).items() if k != "step"})
 
 
 def test_a_local_epath_path_is_a_local_directory(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
-  for given, where in ((epath.Path(tmp_path) / "a", tmp_path / "a"),
-                       (epath.Path("b"), tmp_path / "b")):  # relative: made absolute
+  for given, where in (
+    (epath.Path(tmp_path) / "a", tmp_path / "a"),
+    (epath.Path("b"), tmp_path / "b"),
+  ):  # relative: made absolute
     assert ck.save_orbax_checkpoint(given, run_tree(3)) == where
     assert_same(ck.restore_orbax_checkpoint(given, run_tree(0)), run_tree(3))
   assert sorted(os.listdir(tmp_path)) == ["a", "b"]
@@ -162,7 +188,8 @@ def test_training_goes_on_while_an_async_save_finishes(tmp_path):
 
 
 def test_an_async_save_keeps_the_previous_checkpoint_until_the_new_one_is_complete(
-    tmp_path, monkeypatch):
+  tmp_path, monkeypatch
+):
   path = tmp_path / "ckpt"
   ck.save_orbax_checkpoint(path, run_tree(1))
   complete, go_on = threading.Event(), threading.Event()
@@ -225,9 +252,11 @@ def manager_run(directory, keep: int, epochs: int):
   params = {"w": jnp.zeros(3)}
   tree = {"params": params, "opt_state": tx.init(params), "early_stopping": es.init(params)}
   options = {
-      "latest": ocp.CheckpointManagerOptions(max_to_keep=keep),
-      "best": ocp.CheckpointManagerOptions(max_to_keep=1, best_fn=lambda m: m["val_loss"],
-                                           best_mode=es.mode)}
+    "latest": ocp.CheckpointManagerOptions(max_to_keep=keep),
+    "best": ocp.CheckpointManagerOptions(
+      max_to_keep=1, best_fn=lambda m: m["val_loss"], best_mode=es.mode
+    ),
+  }
   managers = {k: ocp.CheckpointManager(directory / k, options=o) for k, o in options.items()}
   losses, steps = [], []
   for epoch in range(epochs):
@@ -239,8 +268,7 @@ def manager_run(directory, keep: int, epochs: int):
     tree = {"params": params, "opt_state": state, "early_stopping": stopping}
     step = 4 * (epoch + 1)
     managers["latest"].save(step, args=ocp.args.StandardSave(tree))
-    managers["best"].save(step, args=ocp.args.StandardSave(tree),
-                          metrics={"val_loss": float(loss)})
+    managers["best"].save(step, args=ocp.args.StandardSave(tree), metrics={"val_loss": float(loss)})
     losses.append(float(loss))
     steps.append(step)
   for manager in managers.values():
@@ -257,10 +285,12 @@ def test_checkpoint_manager_keeps_the_last_n_and_the_best_and_restores_checked(t
 
   # A new process: new managers over the same directories, a template that costs no memory.
   template = jax.eval_shape(lambda: last)
-  latest = ocp.CheckpointManager(tmp_path / "latest", options=options["latest"],
-                                 item_handlers=ocp.StandardCheckpointHandler())
-  best = ocp.CheckpointManager(tmp_path / "best", options=options["best"],
-                               item_handlers=ocp.StandardCheckpointHandler())
+  latest = ocp.CheckpointManager(
+    tmp_path / "latest", options=options["latest"], item_handlers=ocp.StandardCheckpointHandler()
+  )
+  best = ocp.CheckpointManager(
+    tmp_path / "best", options=options["best"], item_handlers=ocp.StandardCheckpointHandler()
+  )
   assert list(latest.all_steps()) == steps[-3:]
   assert list(best.all_steps()) == [steps[best_epoch]] and best.best_step() == steps[best_epoch]
 
@@ -269,16 +299,17 @@ def test_checkpoint_manager_keeps_the_last_n_and_the_best_and_restores_checked(t
   restored = best.restore(best.best_step(), args=ocp.args.StandardRestore(template))
   ck.check_against_template(restored, template)  # a restored tree as well
   assert_same(restored["params"], last["early_stopping"].best_params)  # early stopping's copy
-  assert_same(latest.restore(latest.latest_step(), args=ocp.args.StandardRestore(template)),
-              last)
+  assert_same(latest.restore(latest.latest_step(), args=ocp.args.StandardRestore(template)), last)
 
   # Another dtype or shape, a missing leaf: named, where Orbax alone would cast or fail late.
   step = best.best_step()
   as_bf16 = {**template, "params": {"w": jax.ShapeDtypeStruct((3,), jnp.bfloat16)}}
-  with pytest.raises(CheckpointMismatchError,
-                     match=r"check_against_template: the checkpoint best does not match `target`:"
-                           r" `\['params'\]\['w'\]` has dtype float32 in the checkpoint but "
-                           r"bfloat16"):
+  with pytest.raises(
+    CheckpointMismatchError,
+    match=r"check_against_template: the checkpoint best does not match `target`:"
+    r" `\['params'\]\['w'\]` has dtype float32 in the checkpoint but "
+    r"bfloat16",
+  ):
     ck.check_against_template(best.item_metadata(step), as_bf16, where="best")
   cast = best.restore(step, args=ocp.args.StandardRestore(as_bf16))
   assert cast["params"]["w"].dtype == jnp.bfloat16  # what the check is for: Orbax casts
@@ -300,9 +331,15 @@ def test_the_template_check_reads_orbax_metadata_of_every_kind(tmp_path):
     metadata = plain.metadata(path)  # a StepMetadata (recent Orbax), or the tree (older)
   other = run_tree(0)
   other["params"]["b"] = jnp.zeros(5)
-  for given in (metadata, getattr(metadata, "item_metadata", metadata),
-                ck.restore_orbax_checkpoint(path, run_tree(0))):
+  for given in (
+    metadata,
+    getattr(metadata, "item_metadata", metadata),
+    ck.restore_orbax_checkpoint(path, run_tree(0)),
+  ):
     assert ck.check_against_template(given, run_tree(0)) is None
-    with pytest.raises(CheckpointMismatchError, match=r"`\['params'\]\['b'\]` has shape "
-                                                      r"\(4,\) in the checkpoint but \(5,\)"):
+    with pytest.raises(
+      CheckpointMismatchError,
+      match=r"`\['params'\]\['b'\]` has shape "
+      r"\(4,\) in the checkpoint but \(5,\)",
+    ):
       ck.check_against_template(given, other)

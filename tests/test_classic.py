@@ -32,11 +32,16 @@ def test_adadelta_without_learning_rate_descends():
 
 @pytest.mark.parametrize("kind", ["int", "rbg", "raw"])
 def test_add_noise_reproduces_optax_for_every_key_kind(kind):
-  keys = {"int": (7, 7),
-          "rbg": (jax.random.key(7, impl="rbg"),) * 2,
-          "raw": (jax.random.PRNGKey(7), jax.random.wrap_key_data(jax.random.PRNGKey(7)))}
+  keys = {
+    "int": (7, 7),
+    "rbg": (jax.random.key(7, impl="rbg"),) * 2,
+    "raw": (jax.random.PRNGKey(7), jax.random.wrap_key_data(jax.random.PRNGKey(7))),
+  }
   ours_key, optax_key = keys[kind]
-  ours, ref = oc.add_noise(0.1, 0.55, ours_key), standard_promotion(optax.add_noise(0.1, 0.55, optax_key))
+  ours, ref = (
+    oc.add_noise(0.1, 0.55, ours_key),
+    standard_promotion(optax.add_noise(0.1, 0.55, optax_key)),
+  )
   g = {"a": jnp.ones(3), "b": (jnp.zeros((2, 2), jnp.bfloat16), jnp.float32(1.0))}
   s_ours, s_ref = ours.init(g), ref.init(g)
   up_ours, up_ref = jax.jit(ours.update), jax.jit(ref.update)
@@ -44,7 +49,9 @@ def test_add_noise_reproduces_optax_for_every_key_kind(kind):
     u_ours, s_ours = up_ours(g, s_ours)
     u_ref, s_ref = up_ref(g, s_ref)
     for a, b in zip(jax.tree.leaves(u_ours), jax.tree.leaves(u_ref)):
-      np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b.astype(a.dtype), np.float32))
+      np.testing.assert_array_equal(
+        np.asarray(a, np.float32), np.asarray(b.astype(a.dtype), np.float32)
+      )
   assert np.any(np.asarray(u_ours["a"]) != 1.0)
 
 

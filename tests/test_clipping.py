@@ -10,8 +10,10 @@ import pytest
 import optcompose as oc
 
 RNG = np.random.default_rng(0)
-GRADS = {"a": jnp.asarray(RNG.normal(size=(4, 3)) * 5, jnp.float32),
-         "b": jnp.asarray(RNG.normal(size=7), jnp.float32)}
+GRADS = {
+  "a": jnp.asarray(RNG.normal(size=(4, 3)) * 5, jnp.float32),
+  "b": jnp.asarray(RNG.normal(size=7), jnp.float32),
+}
 
 
 def np_norm(tree):
@@ -60,11 +62,14 @@ def gradient_sized_temporaries(hlo: str, size: int) -> list:
   """The instructions of the compiled entry computation that write an array of ``size``
   elements without returning it (parameters aside): a pass over memory the step could do
   without."""
-  entry = hlo[hlo.index("ENTRY"):]
+  entry = hlo[hlo.index("ENTRY") :]
   lines = [line.strip() for line in entry.splitlines()]
   root = next(line for line in lines if line.startswith("ROOT"))
-  written = [line.split(" = ")[0].lstrip("%") for line in lines
-             if re.match(rf"%\S+ = f32\[{size}\]", line) and " parameter(" not in line]
+  written = [
+    line.split(" = ")[0].lstrip("%")
+    for line in lines
+    if re.match(rf"%\S+ = f32\[{size}\]", line) and " parameter(" not in line
+  ]
   returned = set(re.findall(r"%([\w.-]+)", root.split("tuple(", 1)[1]))
   return [name for name in written if name not in returned]
 
@@ -84,9 +89,13 @@ def test_clipped_gradient_is_consumed_inside_the_adamw_loops(clip):
     updates, state = tx.update(grads, state, params)
     return oc.apply_updates(params, updates), state
 
-  hlo = jax.jit(step, donate_argnums=(0, 1)).lower(
-      params, tx.init(params), params).compile().as_text()
+  hlo = (
+    jax.jit(step, donate_argnums=(0, 1)).lower(params, tx.init(params), params).compile().as_text()
+  )
   assert gradient_sized_temporaries(hlo, size) == []
-  loops = [line for line in hlo[hlo.index("ENTRY"):].splitlines()
-           if re.search(rf"= f32\[{size}\]\S* fusion\(", line)]
+  loops = [
+    line
+    for line in hlo[hlo.index("ENTRY") :].splitlines()
+    if re.search(rf"= f32\[{size}\]\S* fusion\(", line)
+  ]
   assert len(loops) == 3, loops  # mu, nu, and the parameters

@@ -33,8 +33,13 @@ def discovered_builders():
     if annotation in ("GradientTransformation", oc.GradientTransformation):
       found.add(name)
   # Combinators and adapters of functions or transformations the caller writes:
-  return found - {"chain", "stateless", "stateless_with_tree_map", "with_extra_args_support",
-                   "flat_optimizer"}
+  return found - {
+    "chain",
+    "stateless",
+    "stateless_with_tree_map",
+    "with_extra_args_support",
+    "flat_optimizer",
+  }
 
 
 def unregistered(cases, public):
@@ -90,11 +95,11 @@ def same_default(ours, theirs) -> bool:
 def test_optax_names_arguments_and_defaults(name):
   ours = inspect.signature(getattr(oc, name)).parameters
   theirs = inspect.signature(optax_counterpart(name)).parameters
-  assert list(ours)[:len(theirs)] == list(theirs), "Optax's arguments, in Optax's order"
+  assert list(ours)[: len(theirs)] == list(theirs), "Optax's arguments, in Optax's order"
   for arg, p in theirs.items():
     assert same_default(ours[arg].default, p.default), f"{name}({arg}=...) default"
     assert ours[arg].kind == p.kind, f"{name}({arg}) kind"
-  for arg in list(ours)[len(theirs):]:
+  for arg in list(ours)[len(theirs) :]:
     assert ours[arg].kind is inspect.Parameter.KEYWORD_ONLY, f"extension {arg} is keyword-only"
     assert ours[arg].default is not inspect.Parameter.empty
 
@@ -112,18 +117,40 @@ def test_unknown_keyword_arguments_are_accepted_and_ignored(case):
     np.testing.assert_array_equal(a, b)
 
 
-SCHEDULABLE = [(name, arg) for name in PUBLIC
-               for arg in getattr(getattr(oc, name), "schedulable", ())]
+SCHEDULABLE = [
+  (name, arg) for name in PUBLIC for arg in getattr(getattr(oc, name), "schedulable", ())
+]
 
-VALUES = {"decay": 0.9, "b1": 0.8, "b2": 0.99, "eps": 1e-6, "eps_root": 1e-8, "step_size": -0.01,
-          "weight_decay": 0.05, "l1": 0.1, "l2": 0.2, "learning_rate": 0.01, "max_delta": 0.5,
-          "max_norm": 1.0, "threshold": 0.5, "clipping": 0.1}
-REQUIRED = {"trace": {"decay": 0.9}, "ema": {"decay": 0.9}, "scale_by_bias_correction": {"decay": 0.9},
-            "add_l2_penalty": {"l2": 0.1}, "prox_l1": {"l1": 0.1, "learning_rate": 0.01},
-            "prox_elastic_net": {"l1": 0.1, "l2": 0.2, "learning_rate": 0.01},
-            "scale": {"step_size": -0.01}, "clip": {"max_delta": 0.5},
-            "clip_by_global_norm": {"max_norm": 1.0}, "clip_by_leaf_norm": {"max_norm": 1.0},
-            "clip_by_block_rms": {"threshold": 0.5}, "adaptive_grad_clip": {"clipping": 0.1}}
+VALUES = {
+  "decay": 0.9,
+  "b1": 0.8,
+  "b2": 0.99,
+  "eps": 1e-6,
+  "eps_root": 1e-8,
+  "step_size": -0.01,
+  "weight_decay": 0.05,
+  "l1": 0.1,
+  "l2": 0.2,
+  "learning_rate": 0.01,
+  "max_delta": 0.5,
+  "max_norm": 1.0,
+  "threshold": 0.5,
+  "clipping": 0.1,
+}
+REQUIRED = {
+  "trace": {"decay": 0.9},
+  "ema": {"decay": 0.9},
+  "scale_by_bias_correction": {"decay": 0.9},
+  "add_l2_penalty": {"l2": 0.1},
+  "prox_l1": {"l1": 0.1, "learning_rate": 0.01},
+  "prox_elastic_net": {"l1": 0.1, "l2": 0.2, "learning_rate": 0.01},
+  "scale": {"step_size": -0.01},
+  "clip": {"max_delta": 0.5},
+  "clip_by_global_norm": {"max_norm": 1.0},
+  "clip_by_leaf_norm": {"max_norm": 1.0},
+  "clip_by_block_rms": {"threshold": 0.5},
+  "adaptive_grad_clip": {"clipping": 0.1},
+}
 
 
 def _value(name, arg):
@@ -142,8 +169,11 @@ def _required(name):
   if name in REQUIRED:
     return dict(REQUIRED[name])
   params = inspect.signature(getattr(oc, name)).parameters
-  return {p: _value(name, p) for p, v in params.items()
-          if v.default is inspect.Parameter.empty and p in REGISTRY[name].hypers}
+  return {
+    p: _value(name, p)
+    for p, v in params.items()
+    if v.default is inspect.Parameter.empty and p in REGISTRY[name].hypers
+  }
 
 
 def test_schedulable_hyperparameters_are_declared():
@@ -180,8 +210,9 @@ def test_schedule_reads_the_count_in_the_state():
   assert int(state.count) == 3
 
 
-@pytest.mark.parametrize("name", ["sgd_nesterov", "adamw_masked_scheduled", "prox_l1",
-                                  "rmsprop_centered_momentum"])
+@pytest.mark.parametrize(
+  "name", ["sgd_nesterov", "adamw_masked_scheduled", "prox_l1", "rmsprop_centered_momentum"]
+)
 def test_resuming_from_a_saved_state_continues_exactly(name):
   case = next(c for c in CASES if c.name == name)
   assert_resumes_exactly(case.ours(), mlp(), steps=20, save_at=10, apply_updates=oc.apply_updates)
@@ -204,14 +235,18 @@ def test_bias_correction_is_computed_in_float32_for_bfloat16_moments():
   """0.999 rounds to 1.0 in bfloat16; computing 1 - b2^t there would divide by zero."""
   params = {"w": jnp.ones(4, jnp.bfloat16)}
   grads = {"w": jnp.array([1.0, -2.0, 0.5, 3.0], jnp.bfloat16)}
-  for tx in (oc.adam(1.0), oc.chain(oc.ema(0.999), oc.scale(1.0)),
-             oc.rmsprop(1.0, decay=0.999, bias_correction=True)):
+  for tx in (
+    oc.adam(1.0),
+    oc.chain(oc.ema(0.999), oc.scale(1.0)),
+    oc.rmsprop(1.0, decay=0.999, bias_correction=True),
+  ):
     u, _ = tx.update(grads, tx.init(params), params)
     assert u["w"].dtype == jnp.bfloat16
     assert np.all(np.isfinite(np.asarray(u["w"], np.float32)))
   u, _ = oc.adam(1.0).update(grads, oc.adam(1.0).init(params), params)
-  np.testing.assert_allclose(np.asarray(u["w"], np.float32), -np.sign([1.0, -2.0, 0.5, 3.0]),
-                             rtol=1e-2)
+  np.testing.assert_allclose(
+    np.asarray(u["w"], np.float32), -np.sign([1.0, -2.0, 0.5, 3.0]), rtol=1e-2
+  )
 
 
 def test_chain_is_associative_for_the_natural_spelling_of_adam_after_clipping():
@@ -219,8 +254,11 @@ def test_chain_is_associative_for_the_natural_spelling_of_adam_after_clipping():
   way, gives the same step; the second moment sees the clipped gradient."""
   params = {"w": jnp.zeros(3)}
   g = {"w": jnp.array([10.0, -20.0, 40.0])}
-  pieces = (oc.scale_by_second_moment(0.999, direction=oc.chain(
-      oc.ema(0.9, debias=False), oc.scale_by_bias_correction(0.9))),)
+  pieces = (
+    oc.scale_by_second_moment(
+      0.999, direction=oc.chain(oc.ema(0.9, debias=False), oc.scale_by_bias_correction(0.9))
+    ),
+  )
   flat = oc.chain(oc.clip_by_global_norm(1.0), *pieces)
   nested = oc.chain(oc.clip_by_global_norm(1.0), oc.chain(*pieces))
   u_flat, _ = flat.update(g, flat.init(params), params)
@@ -244,16 +282,17 @@ def test_second_moment_scales_its_direction_by_the_statistic_of_its_input():
   v = m = n_avg = 0.0  # NumPy: v from g; LaProp averages g / sqrt(v_hat), Adam divides m_hat
   for t, g in enumerate((g1, g2), start=1):
     x = np.asarray(g["w"], np.float64)
-    v = 0.99 * v + 0.01 * x ** 2
-    n_avg = 0.9 * n_avg + 0.1 * x / np.sqrt(v / (1 - 0.99 ** t))
+    v = 0.99 * v + 0.01 * x**2
+    n_avg = 0.9 * n_avg + 0.1 * x / np.sqrt(v / (1 - 0.99**t))
     m = 0.9 * m + 0.1 * x
-  np.testing.assert_allclose(u_l["w"], n_avg / (1 - 0.9 ** 2), rtol=3e-6)
-  np.testing.assert_allclose(u_a["w"], (m / (1 - 0.9 ** 2)) / np.sqrt(v / (1 - 0.99 ** 2)),
-                             rtol=3e-6)
+  np.testing.assert_allclose(u_l["w"], n_avg / (1 - 0.9**2), rtol=3e-6)
+  np.testing.assert_allclose(u_a["w"], (m / (1 - 0.9**2)) / np.sqrt(v / (1 - 0.99**2)), rtol=3e-6)
   # Scaling the input scales the statistic too: (10 g) / sqrt(0.5 (10 g)^2) = sqrt(2) sign(g),
   # however the chain is grouped.
-  for tx in (oc.chain(oc.scale(10.0), oc.scale_by_second_moment(0.5, 1e-30, debias=False)),
-             oc.chain(oc.scale(10.0), oc.chain(oc.scale_by_second_moment(0.5, 1e-30, debias=False)))):
+  for tx in (
+    oc.chain(oc.scale(10.0), oc.scale_by_second_moment(0.5, 1e-30, debias=False)),
+    oc.chain(oc.scale(10.0), oc.chain(oc.scale_by_second_moment(0.5, 1e-30, debias=False))),
+  ):
     u, _ = tx.update(g1, tx.init(params), params)
     np.testing.assert_allclose(u["w"], np.sqrt(2.0) * np.sign(np.asarray(g1["w"])), rtol=1e-6)
 
@@ -269,7 +308,7 @@ def test_nu_dtype_stores_the_second_moment_in_that_dtype():
     un, sn = narrow.update(grads, sn, params)
   assert sn.nu["w"].dtype == jnp.bfloat16 and un["w"].dtype == jnp.float32
   # Same statistic up to bfloat16 rounding of v (8 significant bits; sqrt halves the error).
-  np.testing.assert_allclose(un["w"], uw["w"], rtol=2 ** -8)
+  np.testing.assert_allclose(un["w"], uw["w"], rtol=2**-8)
 
 
 @pytest.mark.parametrize("alias", ["adam", "nadam", "adamw", "nadamw"])
@@ -285,7 +324,7 @@ def test_every_adam_alias_takes_mu_and_nu_dtype(alias):
     uw, sw = wide.update(grads, sw, params)
     un, sn = narrow.update(grads, sn, params)
   assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(sn) if x.ndim)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2 ** -6, atol=1e-6), un, uw)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2**-6, atol=1e-6), un, uw)
 
 
 def test_float16_gradients_keep_adam_finite_and_nu_dtype_float32_keeps_small_squares():
@@ -293,9 +332,12 @@ def test_float16_gradients_keep_adam_finite_and_nu_dtype_float32_keeps_small_squ
   underflows below |g| = 2.4e-4; the statistics are computed in float32 where it matters."""
   g = {"w": jnp.asarray([1.0, 0.0, 1e-3, -1e-4], jnp.float16)}
   params = jax.tree.map(jnp.zeros_like, g)
-  for tx in (oc.scale_by_adam(b2=0.99999), oc.scale_by_adam(nu_dtype=jnp.float32),
-             oc.rmsprop(1.0, centered=True, bias_correction=True, eps_in_sqrt=False),
-             oc.adagrad(1.0)):
+  for tx in (
+    oc.scale_by_adam(b2=0.99999),
+    oc.scale_by_adam(nu_dtype=jnp.float32),
+    oc.rmsprop(1.0, centered=True, bias_correction=True, eps_in_sqrt=False),
+    oc.adagrad(1.0),
+  ):
     u, _ = tx.update(g, tx.init(params), params)
     assert u["w"].dtype == jnp.float16 and bool(jnp.all(jnp.isfinite(u["w"])))
   # Adam's first step is sign(g) (m_hat / sqrt(v_hat) = g / |g|), up to eps, even for

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import optcompose as oc
-from optcompose.wrappers.control import all_finite
+from optcompose.wrappers.finite import all_finite
 
 RNG = np.random.default_rng(0)
 X = jnp.asarray(RNG.normal(size=(48, 5)), jnp.float32)
@@ -37,12 +37,15 @@ def test_accumulation_equals_one_step_on_the_k_times_larger_batch(k):
   for real in range(4):
     start = real * k * micro
     for j in range(k):
-      xs, ys = X[start + j * micro:start + (j + 1) * micro], Y[start + j * micro:start + (j + 1) * micro]
+      xs, ys = (
+        X[start + j * micro : start + (j + 1) * micro],
+        Y[start + j * micro : start + (j + 1) * micro],
+      )
       u, s_acc = acc_step(p_acc, s_acc, xs, ys)
       p_acc = oc.apply_updates(p_acc, u)
       if j < k - 1:  # no movement on micro-steps
         assert all(float(jnp.max(jnp.abs(x))) == 0.0 for x in jax.tree.leaves(u))
-    u, s_big = big_step(p_big, s_big, X[start:start + k * micro], Y[start:start + k * micro])
+    u, s_big = big_step(p_big, s_big, X[start : start + k * micro], Y[start : start + k * micro])
     p_big = oc.apply_updates(p_big, u)
     for a, b in zip(jax.tree.leaves(p_acc), jax.tree.leaves(p_big)):
       np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
@@ -73,14 +76,15 @@ def run_with(batches, tx):
 
 
 def test_nan_step_is_skipped_exactly_and_counted():
-  grads = [jax.grad(loss)(P0, X[i:i + 8], Y[i:i + 8]) for i in range(0, 40, 2)]  # 20 batches
+  grads = [jax.grad(loss)(P0, X[i : i + 8], Y[i : i + 8]) for i in range(0, 40, 2)]  # 20 batches
   bad = dict(grads[5])
   bad["w"] = bad["w"].at[2, 0].set(jnp.nan)
   with_nan = grads[:5] + [bad] + grads[6:]
   p_nan, s_nan = run_with(with_nan, oc.apply_if_finite(oc.adam(0.01), 3))
   p_skip, s_skip = run_with(grads[:5] + grads[6:], oc.apply_if_finite(oc.adam(0.01), 3))
-  for a, b in zip(jax.tree.leaves((p_nan, s_nan.inner_state)),
-                  jax.tree.leaves((p_skip, s_skip.inner_state))):
+  for a, b in zip(
+    jax.tree.leaves((p_nan, s_nan.inner_state)), jax.tree.leaves((p_skip, s_skip.inner_state))
+  ):
     np.testing.assert_array_equal(a, b)
   assert int(s_nan.total_notfinite) == 1 and int(s_nan.notfinite_count) == 0
   assert not bool(s_nan.gave_up)
@@ -143,6 +147,7 @@ def test_apply_if_finite_compiles_to_one_conditional_without_copies(check_update
   costs nothing, and the donated state is updated in place: no copy of a parameter-sized
   array (a select between the new and the old state makes XLA copy the moments)."""
   import re
+
   tx = oc.apply_if_finite(oc.adamw(1e-3, weight_decay=1e-4), 5, check_updates=check_updates)
   params = {"w": jnp.zeros(4096)}
 
@@ -150,8 +155,9 @@ def test_apply_if_finite_compiles_to_one_conditional_without_copies(check_update
     u, s = tx.update(g, s, p)
     return oc.apply_updates(p, u), s
 
-  text = jax.jit(step, donate_argnums=(0, 1)).lower(params, tx.init(params), params).compile(
-  ).as_text()
+  text = (
+    jax.jit(step, donate_argnums=(0, 1)).lower(params, tx.init(params), params).compile().as_text()
+  )
   assert text.count(" conditional(") == 1
   assert not re.findall(r"f32\[4096\]\{0\} copy\(", text)
 

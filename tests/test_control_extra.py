@@ -74,9 +74,11 @@ pytestmark = pytest.mark.numerics
 @pytest.mark.parametrize("k", [1, 3])
 def test_apply_every_matches_optax_with_its_state(k):
   with x64():
-    for t, u, v, s, r in lockstep64(oc.chain(oc.sgd(0.1, 0.9), oc.apply_every(k)),
-                                    optax.chain(optax.sgd(0.1, 0.9), optax.apply_every(k)),
-                                    GRADS):
+    for t, u, v, s, r in lockstep64(
+      oc.chain(oc.sgd(0.1, 0.9), oc.apply_every(k)),
+      optax.chain(optax.sgd(0.1, 0.9), optax.apply_every(k)),
+      GRADS,
+    ):
       assert_same_values(u, v, f"step {t}: updates")
       assert_same_values(s[1], r[1], f"step {t}: ApplyEvery state")
       assert type(s[1]).__name__ == type(r[1]).__name__ == "ApplyEvery"
@@ -88,6 +90,7 @@ def test_apply_every_matches_optax_with_its_state(k):
 @pytest.mark.parametrize("name", ["conditionally_transform", "conditionally_mask"])
 def test_conditional_wrappers_match_optax_with_extra_args_forwarded(name):
   """The condition reads the step and a forwarded keyword argument; both branches run."""
+
   def should(step, sign):
     return jnp.logical_and(step % 3 != 1, sign > 0)
 
@@ -120,13 +123,17 @@ def test_conditionally_transform_passes_the_updates_through_when_off():
 def test_monitor_snapshot_and_measure_with_ema_measure_what_optax_measures():
   def chain(lib, norm):
     return lib.chain(
-        lib.sgd(0.1, 0.9),
-        lib.snapshot("before_clip", norm),
-        lib.monitor({"norm": norm,
-                     "clipped_ema": lib.measure_with_ema(lambda u: norm(u) > 1.0, 0.9),
-                     "mean_ema": lib.measure_with_ema(lambda u: jax.tree.map(jnp.mean, u), 0.5,
-                                                      debias=False)}),
-        lib.clip_by_global_norm(1.0))
+      lib.sgd(0.1, 0.9),
+      lib.snapshot("before_clip", norm),
+      lib.monitor(
+        {
+          "norm": norm,
+          "clipped_ema": lib.measure_with_ema(lambda u: norm(u) > 1.0, 0.9),
+          "mean_ema": lib.measure_with_ema(lambda u: jax.tree.map(jnp.mean, u), 0.5, debias=False),
+        }
+      ),
+      lib.clip_by_global_norm(1.0),
+    )
 
   with x64():
     ours, theirs = chain(oc, oc.tree.global_norm), chain(optax, optax.tree.norm)
@@ -144,9 +151,15 @@ def test_monitor_snapshot_and_measure_with_ema_measure_what_optax_measures():
 def test_monitor_state_keeps_its_layout_from_init_so_lax_scan_runs():
   """A documented difference: Optax's monitor starts with no measurements (its state changes
   layout at the first update); ours starts with zeros of their layout."""
-  tx = oc.chain(oc.adam(0.1), oc.monitor({
-      "norm": oc.tree.global_norm,
-      "large": oc.measure_with_ema(lambda u: oc.tree.global_norm(u) > 0.15, 0.9)}))
+  tx = oc.chain(
+    oc.adam(0.1),
+    oc.monitor(
+      {
+        "norm": oc.tree.global_norm,
+        "large": oc.measure_with_ema(lambda u: oc.tree.global_norm(u) > 0.15, 0.9),
+      }
+    ),
+  )
   params = {"w": jnp.ones(3)}
   state = tx.init(params)
   assert float(state[1].measurements["large"]) == 0.0
@@ -173,18 +186,23 @@ def test_periodic_and_incremental_updates_match_optax():
   with x64():
     new, old = tree64(GRADS[0]), tree64(GRADS[1])
     for steps in range(5):
-      assert_same_values(jax.jit(oc.periodic_update, static_argnums=3)(new, old, steps, 3),
-                         optax.periodic_update(new, old, jnp.int32(steps), 3), "periodic")
-      assert_same_values(oc.periodic_update(new, old, steps, 3),
-                         new if steps % 3 == 0 else old, "periodic, eager")
+      assert_same_values(
+        jax.jit(oc.periodic_update, static_argnums=3)(new, old, steps, 3),
+        optax.periodic_update(new, old, jnp.int32(steps), 3),
+        "periodic",
+      )
+      assert_same_values(
+        oc.periodic_update(new, old, steps, 3), new if steps % 3 == 0 else old, "periodic, eager"
+      )
     for s in (0.0, 0.05, 1.0, jnp.float64(0.3)):
       with jax.numpy_dtype_promotion("standard"):
         want = optax.incremental_update(new, old, s)
       assert_same_values(oc.incremental_update(new, old, s), want, f"incremental {s}")
     with_none = oc.incremental_update({"a": None, "b": new["b"]}, {"a": None, "b": old["b"]}, 0.5)
     assert with_none["a"] is None
-  low = oc.incremental_update({"w": jnp.ones(2, jnp.bfloat16)}, {"w": jnp.zeros(2, jnp.bfloat16)},
-                              jnp.float32(0.25))
+  low = oc.incremental_update(
+    {"w": jnp.ones(2, jnp.bfloat16)}, {"w": jnp.zeros(2, jnp.bfloat16)}, jnp.float32(0.25)
+  )
   assert low["w"].dtype == jnp.bfloat16  # the average keeps its dtype
 
 
@@ -207,8 +225,9 @@ def test_multi_steps_skip_matches_optax(skip_fn):
     ours = oc.MultiSteps(oc.adam(0.1), 3, should_skip_update_fn=ours_fn)
     theirs = optax.MultiSteps(optax.adam(0.1), 3, should_skip_update_fn=theirs_fn)
     skipped = []
-    for t, u, v, s, r in lockstep64(ours.gradient_transformation(),
-                                    theirs.gradient_transformation(), grads):
+    for t, u, v, s, r in lockstep64(
+      ours.gradient_transformation(), theirs.gradient_transformation(), grads
+    ):
       assert_same_values(u, v, f"step {t}: updates")
       assert_same_values(s, r, f"step {t}: state")  # skip_state included
       assert bool(ours.has_updated(s)) == bool(theirs.has_updated(r))
@@ -245,7 +264,8 @@ def test_a_rejected_micro_step_changes_nothing_but_skip_state(jit):
     np.testing.assert_array_equal(a, b)
   assert int(s_bad[-1].gradient_step) == (len(GRADS) - len(SKIPPED)) // 2
   assert [int(s.skip_state["num_not_finite"]) for s in s_bad] == [
-      1 if t in SKIPPED else 0 for t in range(len(GRADS))]
+    1 if t in SKIPPED else 0 for t in range(len(GRADS))
+  ]
   # A rejected micro-step leaves the accumulator and the counts where they were.
   before, after = s_bad[SKIPPED[0] - 1], s_bad[SKIPPED[0]]
   for a, b in zip(jax.tree.leaves(keep(after)), jax.tree.leaves(keep(before))):
@@ -276,53 +296,120 @@ def _update(tx):
 
 
 BAD = [
-    ("apply_every(2.5)", lambda: oc.apply_every(2.5), ValueError, "`k` must be a whole number"),
-    ("apply_every(0)", lambda: oc.apply_every(0), ValueError, r"apply_every: `k` must lie in"),
-    ("condition not callable", lambda: oc.conditionally_transform(oc.sgd(0.1), True),
-     TypeError, "conditionally_transform: `should_transform_fn` must be a function"),
-    ("inner not a transformation", lambda: oc.conditionally_mask(0.1, lambda s: s > 0),
-     TypeError, "conditionally_mask: the inner transformation is float"),
-    ("condition returns a float",
-     lambda: _update(oc.conditionally_mask(oc.sgd(0.1), lambda s: s.astype(jnp.float32))),
-     TypeError, "`should_transform_fn` must return a boolean scalar, got dtype float32"),
-    ("condition returns an array",
-     lambda: _update(oc.conditionally_transform(oc.sgd(0.1), lambda s: jnp.ones(2, bool))),
-     ValueError, r"`should_transform_fn` must return a boolean scalar, got shape \(2,\)"),
-    ("skip function not callable", lambda: oc.MultiSteps(oc.sgd(0.1), 2, should_skip_update_fn=1),
-     TypeError, "multi_steps: `should_skip_update_fn` must be a function"),
-    ("skip function returns a float",
-     lambda: oc.MultiSteps(oc.sgd(0.1), 2, should_skip_update_fn=lambda u, s, p: (
-         jnp.float32(0.0), ())).init(P),
-     ValueError, ("`should_skip_update_fn` must return a boolean scalar array first, got "
-                  "dtype float32")),
-    ("skip function returns one value",
-     lambda: oc.MultiSteps(oc.sgd(0.1), 2, should_skip_update_fn=lambda u, s, p: False).init(P),
-     TypeError, r"`should_skip_update_fn` must return a pair \(should_skip, skip_state\)"),
-    ("max_squared_norm not a number",
-     lambda: oc.skip_large_updates(G, 0, P, max_squared_norm="big"),
-     TypeError, "skip_large_updates: `max_squared_norm`"),
-    ("measure_name not a str", lambda: oc.snapshot(3, oc.tree.global_norm), TypeError,
-     "snapshot: `measure_name` must be a str"),
-    ("measure not callable", lambda: oc.snapshot("n", "norm"), TypeError,
-     "snapshot: `measure` must be a function"),
-    ("measures not a dict", lambda: oc.monitor([oc.tree.global_norm]), TypeError,
-     "monitor: `measures` must be a dict"),
-    ("a measure neither", lambda: oc.monitor({"n": 3}), TypeError,
-     r"monitor: `measures\['n'\]` is int"),
-    ("decay out of range", lambda: oc.measure_with_ema(oc.tree.global_norm, 1.0), ValueError,
-     r"measure_with_ema: `decay` must lie in \[0, 1\)"),
-    ("decay a schedule", lambda: oc.measure_with_ema(oc.tree.global_norm, lambda c: 0.9),
-     TypeError, "measure_with_ema: `decay` does not accept a schedule"),
-    ("step_size out of range", lambda: oc.incremental_update(P, P, 1.5), ValueError,
-     r"incremental_update: `step_size` must lie in \[0, 1\]"),
-    ("update_period 0", lambda: oc.periodic_update(P, P, 3, 0), ValueError,
-     r"periodic_update: `update_period` must lie in \[1, inf\)"),
-    ("update_period not whole", lambda: oc.periodic_update(P, P, 3, 1.5), ValueError,
-     "periodic_update: `update_period` must be a whole number"),
-    ("another wrapper's state",
-     lambda: oc.conditionally_mask(oc.sgd(0.1), lambda s: s > 0).update(
-         G, oc.conditionally_transform(oc.sgd(0.1), lambda s: s > 0).init(P), P),
-     oc.StateMismatchError, "conditionally_mask: the state is a ConditionallyTransformState"),
+  ("apply_every(2.5)", lambda: oc.apply_every(2.5), ValueError, "`k` must be a whole number"),
+  ("apply_every(0)", lambda: oc.apply_every(0), ValueError, r"apply_every: `k` must lie in"),
+  (
+    "condition not callable",
+    lambda: oc.conditionally_transform(oc.sgd(0.1), True),
+    TypeError,
+    "conditionally_transform: `should_transform_fn` must be a function",
+  ),
+  (
+    "inner not a transformation",
+    lambda: oc.conditionally_mask(0.1, lambda s: s > 0),
+    TypeError,
+    "conditionally_mask: the inner transformation is float",
+  ),
+  (
+    "condition returns a float",
+    lambda: _update(oc.conditionally_mask(oc.sgd(0.1), lambda s: s.astype(jnp.float32))),
+    TypeError,
+    "`should_transform_fn` must return a boolean scalar, got dtype float32",
+  ),
+  (
+    "condition returns an array",
+    lambda: _update(oc.conditionally_transform(oc.sgd(0.1), lambda s: jnp.ones(2, bool))),
+    ValueError,
+    r"`should_transform_fn` must return a boolean scalar, got shape \(2,\)",
+  ),
+  (
+    "skip function not callable",
+    lambda: oc.MultiSteps(oc.sgd(0.1), 2, should_skip_update_fn=1),
+    TypeError,
+    "multi_steps: `should_skip_update_fn` must be a function",
+  ),
+  (
+    "skip function returns a float",
+    lambda: oc.MultiSteps(
+      oc.sgd(0.1), 2, should_skip_update_fn=lambda u, s, p: (jnp.float32(0.0), ())
+    ).init(P),
+    ValueError,
+    ("`should_skip_update_fn` must return a boolean scalar array first, got dtype float32"),
+  ),
+  (
+    "skip function returns one value",
+    lambda: oc.MultiSteps(oc.sgd(0.1), 2, should_skip_update_fn=lambda u, s, p: False).init(P),
+    TypeError,
+    r"`should_skip_update_fn` must return a pair \(should_skip, skip_state\)",
+  ),
+  (
+    "max_squared_norm not a number",
+    lambda: oc.skip_large_updates(G, 0, P, max_squared_norm="big"),
+    TypeError,
+    "skip_large_updates: `max_squared_norm`",
+  ),
+  (
+    "measure_name not a str",
+    lambda: oc.snapshot(3, oc.tree.global_norm),
+    TypeError,
+    "snapshot: `measure_name` must be a str",
+  ),
+  (
+    "measure not callable",
+    lambda: oc.snapshot("n", "norm"),
+    TypeError,
+    "snapshot: `measure` must be a function",
+  ),
+  (
+    "measures not a dict",
+    lambda: oc.monitor([oc.tree.global_norm]),
+    TypeError,
+    "monitor: `measures` must be a dict",
+  ),
+  (
+    "a measure neither",
+    lambda: oc.monitor({"n": 3}),
+    TypeError,
+    r"monitor: `measures\['n'\]` is int",
+  ),
+  (
+    "decay out of range",
+    lambda: oc.measure_with_ema(oc.tree.global_norm, 1.0),
+    ValueError,
+    r"measure_with_ema: `decay` must lie in \[0, 1\)",
+  ),
+  (
+    "decay a schedule",
+    lambda: oc.measure_with_ema(oc.tree.global_norm, lambda c: 0.9),
+    TypeError,
+    "measure_with_ema: `decay` does not accept a schedule",
+  ),
+  (
+    "step_size out of range",
+    lambda: oc.incremental_update(P, P, 1.5),
+    ValueError,
+    r"incremental_update: `step_size` must lie in \[0, 1\]",
+  ),
+  (
+    "update_period 0",
+    lambda: oc.periodic_update(P, P, 3, 0),
+    ValueError,
+    r"periodic_update: `update_period` must lie in \[1, inf\)",
+  ),
+  (
+    "update_period not whole",
+    lambda: oc.periodic_update(P, P, 3, 1.5),
+    ValueError,
+    "periodic_update: `update_period` must be a whole number",
+  ),
+  (
+    "another wrapper's state",
+    lambda: oc.conditionally_mask(oc.sgd(0.1), lambda s: s > 0).update(
+      G, oc.conditionally_transform(oc.sgd(0.1), lambda s: s > 0).init(P), P
+    ),
+    oc.StateMismatchError,
+    "conditionally_mask: the state is a ConditionallyTransformState",
+  ),
 ]
 
 
@@ -335,6 +422,9 @@ def test_bad_input_is_named(make, error, message):
 def test_conditionally_transform_names_an_inner_that_reshapes_the_updates():
   reshape = oc.stateless(lambda u, p: jax.tree.map(lambda x: x[:1], u))
   tx = oc.conditionally_transform(reshape, lambda s: s > 0)
-  with pytest.raises(ValueError, match="conditionally_transform: the inner transformation "
-                     "changes the updates' structure or shapes"):
+  with pytest.raises(
+    ValueError,
+    match="conditionally_transform: the inner transformation "
+    "changes the updates' structure or shapes",
+  ):
     _update(tx)

@@ -31,8 +31,7 @@ CHANCE = 0.1  # ten classes
 
 
 def load_demo():
-  spec = importlib.util.spec_from_file_location("optcompose_demo",
-                                                ROOT / "examples" / "demo.py")
+  spec = importlib.util.spec_from_file_location("optcompose_demo", ROOT / "examples" / "demo.py")
   module = importlib.util.module_from_spec(spec)
   sys.modules[spec.name] = module  # Flax modules are dataclasses: they look their module up
   spec.loader.exec_module(module)
@@ -91,6 +90,7 @@ def check_l1_makes_exact_zeros_that_weight_decay_does_not(run):
 def check_pictures_are_written_and_named(run):
   demo, results, out, printed, _ = run
   from matplotlib import image
+
   for name in (demo.CURVES_PNG, demo.RACE_PNG):
     path = out / name
     data = path.read_bytes()
@@ -106,7 +106,8 @@ def check_pictures_are_written_and_named(run):
 def check_no_warnings(run):
   caught = run[-1]
   assert not caught, "\n".join(
-      f"{w.category.__name__} at {w.filename}:{w.lineno}: {w.message}" for w in caught)
+    f"{w.category.__name__} at {w.filename}:{w.lineno}: {w.message}" for w in caught
+  )
 
 
 def check_every_loss_panel_is_labelled(run):
@@ -146,17 +147,20 @@ def test_the_demo_imports_without_a_warning():
   """What `make demo` shows first: importing the demo (JAX, Flax, scikit-learn, matplotlib,
   tqdm, optcompose) and building its optimizers, in a fresh process where any warning is an
   error (the end-to-end test cannot see warnings of modules this process imported before)."""
-  code = ("import runpy, sys; "
-          "runpy.run_path(sys.argv[1], run_name='optcompose_demo_import')")
-  proc = subprocess.run([sys.executable, "-W", "error", "-c", code,
-                         str(ROOT / "examples" / "demo.py")],
-                        capture_output=True, text=True, cwd=ROOT)
+  code = "import runpy, sys; runpy.run_path(sys.argv[1], run_name='optcompose_demo_import')"
+  proc = subprocess.run(
+    [sys.executable, "-W", "error", "-c", code, str(ROOT / "examples" / "demo.py")],
+    capture_output=True,
+    text=True,
+    cwd=ROOT,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "Warning" not in proc.stderr, proc.stderr[-3000:]
 
 
 def pixels(fig):
   from matplotlib.backends.backend_agg import FigureCanvasAgg
+
   canvas = FigureCanvasAgg(fig)
   canvas.draw()
   return np.asarray(canvas.buffer_rgba())[..., :3].astype(np.int16)
@@ -168,6 +172,7 @@ def test_every_race_path_stays_visible_where_paths_overlap(tmp_path):
   Hiding one optimizer's line must remove pixels of its own colour along at least half of
   its length inside the frame, in every panel: no path is hidden under another."""
   from matplotlib.colors import to_rgb
+
   demo = load_demo()
   steps = 400
   t = np.linspace(0.0, 1.0, steps + 1)[:, None]
@@ -181,15 +186,19 @@ def test_every_race_path_stays_visible_where_paths_overlap(tmp_path):
 
     momentum = line((0.1, 0.1), (0.9, 0.8))
     sgd = momentum[np.minimum(np.arange(steps + 1) // 4, steps)]  # a quarter as fast
-    paths[land.name] = {"SGD": sgd, "Momentum": momentum,
-                        "RMSProp": line((0.1, 0.1), (0.2, 0.9)),
-                        "Adam": line((0.1, 0.9), (0.9, 0.15))}
+    paths[land.name] = {
+      "SGD": sgd,
+      "Momentum": momentum,
+      "RMSProp": line((0.1, 0.1), (0.2, 0.9)),
+      "Adam": line((0.1, 0.9), (0.9, 0.15)),
+    }
   fig = demo.plot_race(paths, steps, tmp_path / "race.png", dpi=40)
   before = pixels(fig)
   height = before.shape[0]
   for name in demo.RACERS:
-    lines = [line for line in fig.findobj() if getattr(line, "get_gid", lambda: None)()
-             == f"path:{name}"]
+    lines = [
+      line for line in fig.findobj() if getattr(line, "get_gid", lambda: None)() == f"path:{name}"
+    ]
     assert len(lines) == len(demo.LANDSCAPES), name
     for line in lines:
       line.set_visible(False)
@@ -207,7 +216,7 @@ def test_every_race_path_stays_visible_where_paths_overlap(tmp_path):
       length = np.sum(seg[inside[:-1] & inside[1:]])  # on screen, in pixels
       (bx0, by0), (bx1, by1) = ax.bbox.get_points()
       # Pixel rows count from the top; display coordinates from the bottom.
-      region = own[int(height - by1):int(height - by0), int(bx0):int(bx1)]
+      region = own[int(height - by1) : int(height - by0), int(bx0) : int(bx1)]
       # A line at least 1.4 points wide (2 pixels) shows a pixel or more of its colour
       # across its length where it is visible; one hidden under another shows none.
       assert region.sum() > 0.5 * length, (name, ax.get_title(), region.sum(), length)

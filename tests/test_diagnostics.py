@@ -15,13 +15,24 @@ from flax.training import train_state
 import optcompose as oc
 import optcompose.wrappers.diagnostics as diag_module
 from optcompose.wrappers.diagnostics import (
-    DiagnosticsState, diagnostics_dict, leading_clip_norm, with_diagnostics,
+  DiagnosticsState,
+  diagnostics_dict,
+  leading_clip_norm,
+  with_diagnostics,
 )
 from numerics import assert_ulps_close, standard_promotion
 
 STEPS = 5
-MEASURED = ("count", "grad_norm", "update_norm", "param_norm", "update_ratio", "learning_rate",
-            "zero_fraction", "nonfinite")
+MEASURED = (
+  "count",
+  "grad_norm",
+  "update_norm",
+  "param_norm",
+  "update_ratio",
+  "learning_rate",
+  "zero_fraction",
+  "nonfinite",
+)
 
 
 def schedule(count):
@@ -31,21 +42,28 @@ def schedule(count):
 def initial_params():
   """Leaves of different sizes and zero fractions (1/2 of "b", none of "w", the scalar)."""
   rng = np.random.default_rng(0)
-  return {"w": jnp.asarray(rng.normal(size=(3, 4)), jnp.float32),
-          "b": jnp.asarray([0.0, 0.5, 0.0, -0.25], jnp.float32),
-          "s": jnp.asarray(1.5, jnp.float32)}
+  return {
+    "w": jnp.asarray(rng.normal(size=(3, 4)), jnp.float32),
+    "b": jnp.asarray([0.0, 0.5, 0.0, -0.25], jnp.float32),
+    "s": jnp.asarray(1.5, jnp.float32),
+  }
 
 
 def grads_at(t, params):
   rng = np.random.default_rng(100 + t)
   # In float32 whatever the params' dtype (bfloat16 params are widened; callers cast back).
-  return jax.tree.map(lambda p: jnp.asarray(rng.normal(size=np.shape(p)), jnp.float32)
-                      + jnp.asarray(p).astype(jnp.float32), params)
+  return jax.tree.map(
+    lambda p: (
+      jnp.asarray(rng.normal(size=np.shape(p)), jnp.float32) + jnp.asarray(p).astype(jnp.float32)
+    ),
+    params,
+  )
 
 
 def np_norm(tree):
-  return math.sqrt(sum(float(np.sum(np.asarray(x, np.float64) ** 2))
-                       for x in jax.tree.leaves(tree)))
+  return math.sqrt(
+    sum(float(np.sum(np.asarray(x, np.float64) ** 2)) for x in jax.tree.leaves(tree))
+  )
 
 
 def np_zero_fraction(tree):
@@ -68,10 +86,10 @@ def train(tx, steps=STEPS, jit=True, params=None, grads=grads_at):
 
 
 OPTIMIZERS = {
-    # learning rate read from the schedule's record in the state
-    "adamw": (lambda: oc.adamw(schedule, weight_decay=0.1), None, schedule),
-    # L1 makes exact zeros; the learning rate is given to the wrapper
-    "sgd_l1": (lambda: oc.sgd(0.1, 0.9, l1=2.0), 0.1, lambda t: 0.1),
+  # learning rate read from the schedule's record in the state
+  "adamw": (lambda: oc.adamw(schedule, weight_decay=0.1), None, schedule),
+  # L1 makes exact zeros; the learning rate is given to the wrapper
+  "sgd_l1": (lambda: oc.sgd(0.1, 0.9, l1=2.0), 0.1, lambda t: 0.1),
 }
 
 
@@ -86,8 +104,7 @@ def test_values_equal_independent_numpy_measurements(name, jit):
     np.testing.assert_allclose(float(state.grad_norm), np_norm(g), rtol=1e-6)
     np.testing.assert_allclose(float(state.update_norm), np_norm(u), rtol=1e-6)
     np.testing.assert_allclose(float(state.param_norm), np_norm(params), rtol=1e-6)
-    np.testing.assert_allclose(float(state.update_ratio), np_norm(u) / np_norm(params),
-                               rtol=2e-6)
+    np.testing.assert_allclose(float(state.update_ratio), np_norm(u) / np_norm(params), rtol=2e-6)
     np.testing.assert_allclose(float(state.learning_rate), float(expected_lr(t)), rtol=1e-6)
     np.testing.assert_allclose(float(state.zero_fraction), np_zero_fraction(params), rtol=1e-6)
     fractions.append(float(state.zero_fraction))
@@ -95,7 +112,8 @@ def test_values_equal_independent_numpy_measurements(name, jit):
     for field in MEASURED:
       value = getattr(state, field)
       assert value.shape == () and value.dtype == (
-          jnp.int32 if field in ("count", "nonfinite") else jnp.float32), field
+        jnp.int32 if field in ("count", "nonfinite") else jnp.float32
+      ), field
   # Over all 17 elements (2 zeros), not the mean of the leaves' fractions (1/6).
   assert fractions[0] == pytest.approx(2 / 17, rel=1e-6)
   if name == "sgd_l1":
@@ -130,8 +148,12 @@ def test_every_k_measures_the_updates_numbered_0_k_2k_and_holds_them_between(jit
     np.testing.assert_allclose(float(s_k.learning_rate), float(expected_lr(t)), rtol=1e-6)
     measured_at = every[t - t % 3][3]
     for field in ("grad_norm", "update_norm", "param_norm", "update_ratio", "zero_fraction"):
-      np.testing.assert_allclose(float(getattr(s_k, field)), float(getattr(measured_at, field)),
-                                 rtol=1e-6, err_msg=f"{field} after update {t}")
+      np.testing.assert_allclose(
+        float(getattr(s_k, field)),
+        float(getattr(measured_at, field)),
+        rtol=1e-6,
+        err_msg=f"{field} after update {t}",
+      )
     assert float(s_k.grad_norm) != float(every[t][3].grad_norm) or t % 3 == 0
 
 
@@ -155,8 +177,11 @@ def test_init_state():
 def test_reuses_the_norm_measured_by_leading_clipping():
   lr = 1e-2
   reused = train(with_diagnostics(oc.chain(oc.clip_by_global_norm(0.5), oc.adam(lr))))
-  recomputed = train(with_diagnostics(standard_promotion(
-      optax.chain(optax.clip_by_global_norm(0.5), optax.adam(lr)))))
+  recomputed = train(
+    with_diagnostics(
+      standard_promotion(optax.chain(optax.clip_by_global_norm(0.5), optax.adam(lr)))
+    )
+  )
   for (g, _, u, s), (_, _, u_ref, s_ref) in zip(reused, recomputed):
     assert leading_clip_norm(s.inner_state) is not None
     assert leading_clip_norm(s_ref.inner_state) is None  # Optax's clipping keeps no norm
@@ -165,15 +190,17 @@ def test_reuses_the_norm_measured_by_leading_clipping():
     # Two programs (ours and Optax's), each on its own trajectory: to a few float32 epsilons
     # of the update's scale (an element near 0 has no relative precision to compare).
     scale = float(np.max(np.abs(np.asarray(u_ref["w"]))))
-    np.testing.assert_allclose(np.asarray(u["w"]), np.asarray(u_ref["w"]), rtol=1e-6,
-                               atol=1e-6 * scale)
+    np.testing.assert_allclose(
+      np.asarray(u["w"]), np.asarray(u_ref["w"]), rtol=1e-6, atol=1e-6 * scale
+    )
 
 
 def _fixed_norm_clip(value):
   """Passes the updates through and records ``value`` as if it had measured it."""
   return oc.GradientTransformation(
-      lambda params: oc.ClipByGlobalNormState(jnp.float32(0)),
-      lambda u, s, params=None, **extra: (u, oc.ClipByGlobalNormState(jnp.float32(value))))
+    lambda params: oc.ClipByGlobalNormState(jnp.float32(0)),
+    lambda u, s, params=None, **extra: (u, oc.ClipByGlobalNormState(jnp.float32(value))),
+  )
 
 
 def test_the_stored_norm_is_used_only_when_clipping_comes_first():
@@ -186,8 +213,14 @@ def test_the_stored_norm_is_used_only_when_clipping_comes_first():
 
   assert grad_norm(_fixed_norm_clip(42.0)) == 42.0
   assert grad_norm(oc.chain(oc.chain(_fixed_norm_clip(42.0), oc.sgd(0.1)), oc.identity())) == 42.0
-  assert grad_norm(oc.inject_hyperparams(
-      lambda learning_rate: oc.chain(_fixed_norm_clip(42.0), oc.sgd(learning_rate)))(0.1)) == 42.0
+  assert (
+    grad_norm(
+      oc.inject_hyperparams(
+        lambda learning_rate: oc.chain(_fixed_norm_clip(42.0), oc.sgd(learning_rate))
+      )(0.1)
+    )
+    == 42.0
+  )
   # Clipping later in the chain measured other updates: recompute.
   assert grad_norm(oc.chain(oc.scale(2.0), _fixed_norm_clip(42.0))) == pytest.approx(np_norm(g))
   # A scheduled clipping threshold keeps its state under InjectHyperparamsState.
@@ -217,13 +250,21 @@ def test_update_ratio_is_safe_for_zero_params():
   assert not np.isnan(float(s.update_ratio))
 
 
-@pytest.mark.parametrize("make,expected", [
+@pytest.mark.parametrize(
+  "make,expected",
+  [
     (lambda: with_diagnostics(oc.sgd(schedule), schedule), schedule),
     (lambda: with_diagnostics(oc.inject_hyperparams(oc.adam)(learning_rate=schedule)), schedule),
-    (lambda: with_diagnostics(standard_promotion(
-        optax.inject_hyperparams(optax.adam)(learning_rate=schedule))), schedule),
+    (
+      lambda: with_diagnostics(
+        standard_promotion(optax.inject_hyperparams(optax.adam)(learning_rate=schedule))
+      ),
+      schedule,
+    ),
     (lambda: with_diagnostics(oc.adam(0.05), 0.05), lambda t: 0.05),
-], ids=["given", "ours_injected", "optax_injected", "constant"])
+  ],
+  ids=["given", "ours_injected", "optax_injected", "constant"],
+)
 def test_learning_rate_matches_the_schedule_at_each_step(make, expected):
   for t, (*_, state) in enumerate(train(make(), steps=6)):
     np.testing.assert_allclose(float(state.learning_rate), float(expected(t)), rtol=1e-6)
@@ -257,10 +298,12 @@ def test_inside_optcompose_and_optax_chains():
 @pytest.mark.numerics
 def test_flax_train_state():
   params = initial_params()
-  ours = train_state.TrainState.create(apply_fn=None, params=params,
-                                       tx=with_diagnostics(oc.adamw(schedule, weight_decay=0.1)))
-  ref = train_state.TrainState.create(apply_fn=None, params=params,
-                                      tx=oc.adamw(schedule, weight_decay=0.1))
+  ours = train_state.TrainState.create(
+    apply_fn=None, params=params, tx=with_diagnostics(oc.adamw(schedule, weight_decay=0.1))
+  )
+  ref = train_state.TrainState.create(
+    apply_fn=None, params=params, tx=oc.adamw(schedule, weight_decay=0.1)
+  )
   step = jax.jit(lambda s, g: s.apply_gradients(grads=g))
   for t in range(3):
     g = grads_at(t, ref.params)
@@ -296,12 +339,16 @@ def test_diagnostics_dict_keys_and_python_values(monkeypatch):
   monkeypatch.setattr(jax, "device_get", lambda x: calls.append(1) or real(x))
   logged = diagnostics_dict(state)
   assert len(calls) == 1  # one transfer for all values
-  assert list(logged)[:len(MEASURED)] == list(MEASURED)
+  assert list(logged)[: len(MEASURED)] == list(MEASURED)
   # adamw = chain(scale_by_adam, add_decayed_weights, scheduled scale_by_learning_rate); the
   # moments are skipped but those of the 0-d parameter "s", which are 0-d too.
   assert set(logged) - set(MEASURED) == {
-      "inner_state/0/count", "inner_state/2/count", "inner_state/2/hyperparams/learning_rate",
-      "inner_state/0/mu/s", "inner_state/0/nu/s"}
+    "inner_state/0/count",
+    "inner_state/2/count",
+    "inner_state/2/hyperparams/learning_rate",
+    "inner_state/0/mu/s",
+    "inner_state/0/nu/s",
+  }
   assert logged["inner_state/0/count"] == 2 == logged["count"]
   for key, value in logged.items():
     assert type(value) is (int if key.endswith(("count", "nonfinite")) else float), key
@@ -316,8 +363,10 @@ def test_diagnostics_dict_on_any_state():
   assert diagnostics_dict(optax_state) == {"0/count": 0}
   # Dicts, lists, bfloat16 and bool scalars, None; a second DiagnosticsState gets path keys.
   inner = with_diagnostics(oc.sgd(0.1))
-  state = {"a": [jnp.bfloat16(1.5), jnp.array(True), None, jnp.ones(3)],
-           "d": (with_diagnostics(inner).init(params),)}
+  state = {
+    "a": [jnp.bfloat16(1.5), jnp.array(True), None, jnp.ones(3)],
+    "d": (with_diagnostics(inner).init(params),),
+  }
   logged = diagnostics_dict(state)
   assert logged["a/0"] == 1.5 and type(logged["a/0"]) is float
   assert logged["a/1"] is True
@@ -330,9 +379,12 @@ def test_diagnostics_dict_on_any_state():
 
 def test_bfloat16_params_measure_in_float32():
   params = jax.tree.map(lambda p: p.astype(jnp.bfloat16), initial_params())
-  records = train(with_diagnostics(oc.adam(1e-2)), steps=2, params=params,
-                  grads=lambda t, p: jax.tree.map(lambda x: x.astype(jnp.bfloat16),
-                                                  grads_at(t, p)))
+  records = train(
+    with_diagnostics(oc.adam(1e-2)),
+    steps=2,
+    params=params,
+    grads=lambda t, p: jax.tree.map(lambda x: x.astype(jnp.bfloat16), grads_at(t, p)),
+  )
   g, p, u, state = records[-1]
   assert state.grad_norm.dtype == jnp.float32 and state.update_ratio.dtype == jnp.float32
   np.testing.assert_allclose(float(state.param_norm), np_norm(p), rtol=1e-6)

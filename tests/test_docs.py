@@ -12,9 +12,20 @@ import pytest
 import optcompose as oc
 from optcompose.core.registry import REGISTRY
 
-CONTRACT = ("chain", "apply_updates", "stateless", "stateless_with_tree_map", "identity",
-            "current_hyperparams", "set_hyperparams", "inject_hyperparams", "with_schedules",
-            "averaged_params", "slow_params", "diagnostics_dict")
+CONTRACT = (
+  "chain",
+  "apply_updates",
+  "stateless",
+  "stateless_with_tree_map",
+  "identity",
+  "current_hyperparams",
+  "set_hyperparams",
+  "inject_hyperparams",
+  "with_schedules",
+  "averaged_params",
+  "slow_params",
+  "diagnostics_dict",
+)
 REQUIRED = ("Args", "Returns", "References")
 SECTION = re.compile(r"^([A-Z][A-Za-z ]*):$")  # an unindented section header, e.g. "Args:"
 ENTRY = re.compile(r"^  (\*{0,2}\w+)(?: \([^)]*\))?:")  # "  name: ..." or "  name (type): ..."
@@ -65,15 +76,25 @@ def documented(fn, doc):
 
 def test_the_check_catches_a_missing_section_or_argument():
   tail = "\n\nReturns:\n  Nothing.\n\nReferences:\n  None."
-  complete = documented(lambda a, *rest, b=1, **extra: None, "Summary.\n\nArgs:\n  a: 1.\n"
-                        "  *rest: more.\n  b (int): 2.\n  **extra: the rest." + tail)
+  complete = documented(
+    lambda a, *rest, b=1, **extra: None,
+    "Summary.\n\nArgs:\n  a: 1.\n  *rest: more.\n  b (int): 2.\n  **extra: the rest." + tail,
+  )
   without_args = documented(lambda a: None, "Summary." + tail)
-  one_missing = documented(lambda a, b: None, "Summary, which goes on\nover two lines.\n\n"
-                           "References:\n  None.\n\nArgs:\n  a: 1.")
+  one_missing = documented(
+    lambda a, b: None,
+    "Summary, which goes on\nover two lines.\n\nReferences:\n  None.\n\nArgs:\n  a: 1.",
+  )
   assert doc_problems(complete) == []
   assert doc_problems(without_args) == ["no Args: section"]
   assert doc_problems(one_missing) == [
-      "the summary is longer than one line", "Args: lacks ['b']", "no Returns: section",
-      "sections out of order: ['References', 'Args']"]
-  assert doc_problems(lambda: None) == ["no summary line", "no Returns: section",
-                                        "no References: section"]
+    "the summary is longer than one line",
+    "Args: lacks ['b']",
+    "no Returns: section",
+    "sections out of order: ['References', 'Args']",
+  ]
+  assert doc_problems(lambda: None) == [
+    "no summary line",
+    "no Returns: section",
+    "no References: section",
+  ]

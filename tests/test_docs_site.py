@@ -31,13 +31,28 @@ API = DOCS / "api"
 
 # The public submodules whose names are documented under their own path (the top level's
 # names are checked separately). A module without ``__all__`` exports what it defines.
-SUBMODULES = ("optcompose.checkpoint", "optcompose.sharding", "optcompose.schedules",
-              "optcompose.masks", "optcompose.flat", "optcompose.migrate", "optcompose.metrics",
-              "optcompose.tree", "optcompose.tree_utils", "optcompose.testing",
-              "optcompose.testing.invariants", "optcompose.testing.strategies")
+SUBMODULES = (
+  "optcompose.checkpoint",
+  "optcompose.sharding",
+  "optcompose.schedules",
+  "optcompose.masks",
+  "optcompose.flat",
+  "optcompose.migrate",
+  "optcompose.metrics",
+  "optcompose.tree",
+  "optcompose.tree_utils",
+  "optcompose.testing",
+  "optcompose.testing.invariants",
+  "optcompose.testing.strategies",
+)
 # The floors whose public names are the top level's (checked there).
-FLOORS = ("optcompose.core", "optcompose.transforms", "optcompose.wrappers",
-          "optcompose.optimizers", "optcompose.recipe")
+FLOORS = (
+  "optcompose.core",
+  "optcompose.transforms",
+  "optcompose.wrappers",
+  "optcompose.optimizers",
+  "optcompose.recipe",
+)
 # Optax's own types, re-exported: griffe (which mkdocstrings reads the code with) does not see
 # names bound by a tuple assignment (`Params, Updates, OptState = optax.Params, ...`), so
 # docs/api/index.md lists them in a table instead of `::: ` entries.
@@ -46,6 +61,7 @@ ENTRY = re.compile(r"^::: ([\w.]+)[ \t]*\n((?:[ \t]+\S.*\n|[ \t]*\n)*)", re.M)
 
 
 # --- the API reference covers every public name ----------------------------------------------
+
 
 def defined_names(module) -> set:
   """The names a module binds at its top level (def, class, assignment), read from its source."""
@@ -70,15 +86,22 @@ def public_names(module) -> list:
   def ours(value) -> bool:
     return str(getattr(value, "__module__", "")).startswith("optcompose")
 
-  return sorted(n for n in dir(module) if not n.startswith("_")
-                and not inspect.ismodule(getattr(module, n))
-                and (n in defined or ours(getattr(module, n))))
+  return sorted(
+    n
+    for n in dir(module)
+    if not n.startswith("_")
+    and not inspect.ismodule(getattr(module, n))
+    and (n in defined or ours(getattr(module, n)))
+  )
 
 
 def required() -> dict:
   """``(module name, public name) -> object`` for every name the reference must document."""
-  out = {("optcompose", n): getattr(oc, n) for n in dir(oc) if not n.startswith("_")
-         and not inspect.ismodule(getattr(oc, n)) and n not in OPTAX_TYPES}
+  out = {
+    ("optcompose", n): getattr(oc, n)
+    for n in dir(oc)
+    if not n.startswith("_") and not inspect.ismodule(getattr(oc, n)) and n not in OPTAX_TYPES
+  }
   for name in SUBMODULES:
     module = importlib.import_module(name)
     out.update({(name, n): getattr(module, n) for n in public_names(module)})
@@ -123,9 +146,11 @@ def missing(entries) -> list:
   have = documented(entries)
   # A builder is the registry's validating wrapper of the function it documents
   # (functools.wraps: the same docstring and signature); the entry may name either.
-  return sorted(f"{module}.{name}" for (module, name), obj in required().items()
-                if (name, id(obj)) not in have
-                and (name, id(getattr(obj, "__wrapped__", obj))) not in have)
+  return sorted(
+    f"{module}.{name}"
+    for (module, name), obj in required().items()
+    if (name, id(obj)) not in have and (name, id(getattr(obj, "__wrapped__", obj))) not in have
+  )
 
 
 def api_texts() -> list:
@@ -134,19 +159,22 @@ def api_texts() -> list:
 
 def test_every_public_name_has_an_api_entry():
   assert missing(api_entries(api_texts())) == [], (
-      "public names without a `::: path` entry in docs/api/*.md (run this file to list them)")
+    "public names without a `::: path` entry in docs/api/*.md (run this file to list them)"
+  )
 
 
 def test_every_public_module_is_checked():
   """A new public module of the package is either documented under its own path (SUBMODULES)
   or a floor whose names the top level exports (FLOORS)."""
-  modules = {f"optcompose.{m.name}" for m in pkgutil.iter_modules(oc.__path__)
-             if not m.name.startswith("_")}
+  modules = {
+    f"optcompose.{m.name}" for m in pkgutil.iter_modules(oc.__path__) if not m.name.startswith("_")
+  }
   assert sorted(modules - set(SUBMODULES) - set(FLOORS)) == []
 
 
 def test_optax_types_are_listed_on_the_api_overview():
   import optax
+
   table = (API / "index.md").read_text()
   for name in OPTAX_TYPES:
     assert getattr(oc, name) is getattr(optax, name)  # Optax's: the table says so
@@ -164,9 +192,11 @@ def test_every_api_entry_names_a_real_object_once():
 def test_the_coverage_check_catches_a_missing_entry():
   entries = api_entries(api_texts())
   assert missing([e for e in entries if e[0] != "optcompose.optimizers.adam.adamw"]) == [
-      "optcompose.adamw"]
+    "optcompose.adamw"
+  ]
   assert "optcompose.sharding.init_sharded" in missing(
-      [e for e in entries if not e[0].startswith("optcompose.sharding.")])
+    [e for e in entries if not e[0].startswith("optcompose.sharding.")]
+  )
   tree = [e for e in entries if e[0] != "optcompose.tree"]  # a module given whole, then not
   assert "optcompose.tree.global_norm" in missing(tree)
   restricted = tree + [("optcompose.tree", "    options:\n      members: false\n")]
@@ -174,6 +204,7 @@ def test_the_coverage_check_catches_a_missing_entry():
 
 
 # --- the nav and the pages --------------------------------------------------------------------
+
 
 def nav_pages() -> list:
   """The pages mkdocs.yml's nav lists (plain YAML, no Python tags: safe_load reads it)."""
@@ -217,7 +248,8 @@ def test_optax_suite_summary_is_the_one_classify_writes():
   """docs/coming-from-optax.md holds, between its markers, what tools/optax_suite/classify.py
   writes from the recorded results (run.py, then classify.py, regenerate both)."""
   spec = importlib.util.spec_from_file_location(
-      "optax_suite_classify", ROOT / "tools" / "optax_suite" / "classify.py")
+    "optax_suite_classify", ROOT / "tools" / "optax_suite" / "classify.py"
+  )
   classify = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(classify)
   assert classify.PAGE == DOCS / "coming-from-optax.md"
@@ -228,6 +260,7 @@ def test_optax_suite_summary_is_the_one_classify_writes():
 
 
 # --- the docstrings' examples run --------------------------------------------------------------
+
 
 def package_modules() -> list:
   names = ["optcompose"]
@@ -259,17 +292,25 @@ def test_docstring_examples_run():
 
 # --- the site builds (where the docs extra is installed) ---------------------------------------
 
+
 @pytest.mark.slow
 def test_the_site_builds_without_a_warning(tmp_path):
   pytest.importorskip("mkdocs")
   pytest.importorskip("mkdocstrings")
   mkdocs = shutil.which("mkdocs", path=str(Path(sys.executable).parent)) or "mkdocs"
   env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}  # mkdocs-material's end-of-life banner
-  done = subprocess.run([mkdocs, "build", "--strict", "--site-dir", str(tmp_path / "site")],
-                        cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+  done = subprocess.run(
+    [mkdocs, "build", "--strict", "--site-dir", str(tmp_path / "site")],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=600,
+    env=env,
+  )
   assert done.returncode == 0, done.stderr[-4000:]
   # Every entry was rendered: its path is in the site's inventory of objects.
   import zlib
+
   data = (tmp_path / "site" / "objects.inv").read_bytes()
   body = zlib.decompress(data.split(b"\n", 4)[4]).decode()
   inventory = {line.split(" ", 1)[0] for line in body.splitlines()}

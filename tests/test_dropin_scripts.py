@@ -71,9 +71,9 @@ def test_script_matches_optax(name):
       # Adam normalizes into full-size steps, different noise in any two programs. Compare
       # the query and value biases; the key bias need only stay near its zero start.
       n = p_ref.shape[-1] // 3
-      for ref_part, ours_part in ((p_ref[:n], p_ours[:n]), (p_ref[2 * n:], p_ours[2 * n:])):
+      for ref_part, ours_part in ((p_ref[:n], p_ours[:n]), (p_ref[2 * n :], p_ours[2 * n :])):
         np.testing.assert_allclose(ours_part, ref_part, rtol=1e-4, atol=1e-4 * scale, err_msg=path)
-      assert np.max(np.abs(p_ref[n:2 * n])) < 1e-2 * scale
-      assert np.max(np.abs(p_ours[n:2 * n])) < 1e-2 * scale
+      assert np.max(np.abs(p_ref[n : 2 * n])) < 1e-2 * scale
+      assert np.max(np.abs(p_ours[n : 2 * n])) < 1e-2 * scale
       continue
     np.testing.assert_allclose(p_ours, p_ref, rtol=1e-4, atol=1e-4 * scale, err_msg=path)

@@ -26,8 +26,9 @@ BEST = 8
 ACCURACY = np.array([8, 20, 30, 38, 44, 48, 50, 51, 52, 51.5, 50, 47, 43, 38, 32, 25]) / 64
 
 
-def reference(curve, mode="min", patience=5, min_delta=0.0, relative=False, baseline=None,
-              warmup=0):
+def reference(
+  curve, mode="min", patience=5, min_delta=0.0, relative=False, baseline=None, warmup=0
+):
   """Early stopping as a plain loop over Python floats, written from the specification.
 
   Returns (improved flag per epoch, best value, best epoch, first epoch at which training
@@ -58,8 +59,11 @@ def reference(curve, mode="min", patience=5, min_delta=0.0, relative=False, base
 def params_at(epoch):
   """The pytree handed to the monitor at ``epoch`` (a float tree and an int leaf)."""
   e = jnp.asarray(epoch, jnp.float32)
-  return {"w": jnp.stack([e, 2 * e, -e]), "b": (e + 0.5).astype(jnp.bfloat16),
-          "n": jnp.asarray(epoch, jnp.int32)}
+  return {
+    "w": jnp.stack([e, 2 * e, -e]),
+    "b": (e + 0.5).astype(jnp.bfloat16),
+    "n": jnp.asarray(epoch, jnp.int32),
+  }
 
 
 INITIAL = params_at(-100)
@@ -86,6 +90,7 @@ def run_scan(es, curve):
       epoch, value = x
       state = es.update(state, value, params_at(epoch))
       return state, (state.improved, state.should_stop)
+
     xs = (jnp.arange(len(curve), dtype=jnp.int32), curve)
     return jax.lax.scan(body, es.init(INITIAL), xs)
 
@@ -135,8 +140,9 @@ def test_recorded_curve_in_lax_scan_matches_jit_and_the_reference(mode, curve):
   final, (improved, stops) = run_scan(es, curve)
   flags, best, best_epoch, stop_at = reference(curve, **config_of(es))
   assert list(np.asarray(improved)) == flags
-  assert list(np.asarray(stops)) == [stop_at is not None and e >= stop_at
-                                     for e in range(len(curve))]
+  assert list(np.asarray(stops)) == [
+    stop_at is not None and e >= stop_at for e in range(len(curve))
+  ]
   by_jit = run_jit(es, curve)[-1]
   for a, b in zip(jax.tree.leaves(final), jax.tree.leaves(by_jit)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -164,7 +170,8 @@ def test_min_delta_relative_is_a_fraction_of_the_best(mode, sign):
   # best 0.25 -> needs < 0.1875.
   assert flags == [True, False, False, True, False, True, True, False]
   absolute = assert_same_as_reference(
-      early_stopping(mode=mode, min_delta=0.25, patience=10), curve)[0]
+    early_stopping(mode=mode, min_delta=0.25, patience=10), curve
+  )[0]
   assert absolute != flags  # the relative threshold is not the absolute one
 
 
@@ -203,7 +210,7 @@ def test_patience_zero_stops_at_the_first_epoch_without_improvement():
   flags, stop_at = assert_same_as_reference(es, LOSS)
   assert stop_at == BEST + 1
   states = run_jit(es, LOSS)
-  assert [bool(s.should_stop) for s in states[:BEST + 1]] == [False] * (BEST + 1)
+  assert [bool(s.should_stop) for s in states[: BEST + 1]] == [False] * (BEST + 1)
 
 
 def test_after_the_decision_the_state_is_frozen():
@@ -228,8 +235,9 @@ def test_nan_and_inf_never_improve_and_count_as_non_improving(mode):
   assert int(states[0].wait) == 1 and int(states[0].best_epoch) == -1
   assert not np.isnan(float(states[-1].best_metric))
   # patience=0: a NaN right after an improvement stops training.
-  flags, stop_at = assert_same_as_reference(early_stopping(mode=mode, patience=0),
-                                            [sign * 1.0, math.nan, sign * 0.5])
+  flags, stop_at = assert_same_as_reference(
+    early_stopping(mode=mode, patience=0), [sign * 1.0, math.nan, sign * 0.5]
+  )
   assert stop_at == 1
 
 
@@ -303,7 +311,9 @@ def test_configuration_is_static_and_hashable():
   assert es_module.__all__ == ["EarlyStopping", "EarlyStoppingState", "early_stopping"]
 
 
-@pytest.mark.parametrize("kwargs,error,name", [
+@pytest.mark.parametrize(
+  "kwargs,error,name",
+  [
     ({"mode": "mean"}, ValueError, "mode"),
     ({"mode": None}, ValueError, "mode"),
     ({"patience": -1}, ValueError, "patience"),
@@ -315,7 +325,8 @@ def test_configuration_is_static_and_hashable():
     ({"warmup": -2}, ValueError, "warmup"),
     ({"baseline": math.inf}, ValueError, "baseline"),
     ({"relative": "yes"}, TypeError, "relative"),
-])
+  ],
+)
 def test_bad_configuration_names_the_argument(kwargs, error, name):
   with pytest.raises(error, match=f"`{name}`"):
     early_stopping(**kwargs)
@@ -334,20 +345,30 @@ def test_bad_update_arguments():
 
 # --- property: random curves and configurations, jitted monitor against the reference ---
 
-VALUES = st.one_of(st.integers(-24, 24).map(lambda k: k / 8),
-                   st.sampled_from([math.nan, math.inf, -math.inf]))
+VALUES = st.one_of(
+  st.integers(-24, 24).map(lambda k: k / 8), st.sampled_from([math.nan, math.inf, -math.inf])
+)
 
 
 @settings(max_examples=50, deadline=None)
-@given(curve=st.lists(VALUES, min_size=1, max_size=12),
-       mode=st.sampled_from(["min", "max"]),
-       patience=st.integers(0, 3),
-       min_delta=st.sampled_from([0.0, 0.125, 0.25, 0.5]),
-       relative=st.booleans(),
-       baseline=st.one_of(st.none(), st.integers(-8, 8).map(lambda k: k / 4)),
-       warmup=st.integers(0, 3))
-def test_property_jit_matches_the_reference(curve, mode, patience, min_delta, relative,
-                                            baseline, warmup):
-  es = early_stopping(mode=mode, patience=patience, min_delta=min_delta, relative=relative,
-                      baseline=baseline, warmup=warmup)
+@given(
+  curve=st.lists(VALUES, min_size=1, max_size=12),
+  mode=st.sampled_from(["min", "max"]),
+  patience=st.integers(0, 3),
+  min_delta=st.sampled_from([0.0, 0.125, 0.25, 0.5]),
+  relative=st.booleans(),
+  baseline=st.one_of(st.none(), st.integers(-8, 8).map(lambda k: k / 4)),
+  warmup=st.integers(0, 3),
+)
+def test_property_jit_matches_the_reference(
+  curve, mode, patience, min_delta, relative, baseline, warmup
+):
+  es = early_stopping(
+    mode=mode,
+    patience=patience,
+    min_delta=min_delta,
+    relative=relative,
+    baseline=baseline,
+    warmup=warmup,
+  )
   assert_same_as_reference(es, curve)

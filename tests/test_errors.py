@@ -13,7 +13,9 @@ PARAMS = {"dense": {"kernel": jnp.ones((3, 2)), "bias": jnp.zeros(2)}}
 GRADS = jax.tree.map(jnp.ones_like, PARAMS)
 
 
-@pytest.mark.parametrize("build, argument", [
+@pytest.mark.parametrize(
+  "build, argument",
+  [
     (lambda: oc.adam(1e-3, b1=1.0), "b1"),
     (lambda: oc.adam(1e-3, b1=-0.1), "b1"),
     (lambda: oc.adamw(1e-3, b2=1.5), "b2"),
@@ -35,7 +37,8 @@ GRADS = jax.tree.map(jnp.ones_like, PARAMS)
     (lambda: oc.adam(1e-3, eps=float("inf")), "eps"),
     (lambda: oc.rmsprop(1e-3, initial_scale=-1.0), "initial_scale"),
     (lambda: oc.adam(1e-3, b1=True), "b1"),
-])
+  ],
+)
 def test_bad_hyperparameter_is_named_at_construction(build, argument):
   with pytest.raises((ValueError, TypeError), match=f"`{argument}`"):
     build()
@@ -47,8 +50,9 @@ def test_scheduled_hyperparameter_is_checked_at_step_zero_by_init():
     tx.init(PARAMS)
 
 
-@pytest.mark.parametrize("tx", [oc.adam(1e-3), oc.sgd(1e-3, 0.9), oc.rmsprop(1e-3),
-                                oc.adagrad(1e-3), oc.adamw(1e-3)])
+@pytest.mark.parametrize(
+  "tx", [oc.adam(1e-3), oc.sgd(1e-3, 0.9), oc.rmsprop(1e-3), oc.adagrad(1e-3), oc.adamw(1e-3)]
+)
 def test_updates_with_a_missing_leaf_name_the_path(tx):
   state = tx.init(PARAMS)
   grads = {"dense": {"kernel": jnp.ones((3, 2))}}
@@ -83,20 +87,37 @@ def test_apply_updates_does_not_truncate_integer_params():
 
 
 def test_mask_that_does_not_match_names_the_difference_at_init():
-  for tx in (oc.adamw(1e-3, mask={"dense": {"kernel": True, "scale": False}}),
-             oc.masked(oc.sgd(0.1), {"dense": {"kernel": True, "scale": False}}),
-             oc.prox_l1(0.1, 0.1, mask={"dense": {"kernel": True, "scale": False}}),
-             oc.inject_hyperparams(oc.adamw)(1e-3, mask={"dense": {"kernel": True, "scale": False}})):
+  for tx in (
+    oc.adamw(1e-3, mask={"dense": {"kernel": True, "scale": False}}),
+    oc.masked(oc.sgd(0.1), {"dense": {"kernel": True, "scale": False}}),
+    oc.prox_l1(0.1, 0.1, mask={"dense": {"kernel": True, "scale": False}}),
+    oc.inject_hyperparams(oc.adamw)(1e-3, mask={"dense": {"kernel": True, "scale": False}}),
+  ):
     with pytest.raises(ValueError, match=r"`mask`.*\['dense'\]\['bias'\] is missing"):
       tx.init(PARAMS)
 
 
-@pytest.mark.parametrize("ours, theirs, expected", [
-    (lambda: oc.adam(1e-3), lambda: oc.sgd(1e-3, 0.9), r"state\[0\] is a TraceState, expected a ScaleByAdamState"),
-    (lambda: oc.sgd(1e-3, 0.9), lambda: oc.adam(1e-3), r"state\[0\] is a ScaleByAdamState, expected a TraceState"),
+@pytest.mark.parametrize(
+  "ours, theirs, expected",
+  [
+    (
+      lambda: oc.adam(1e-3),
+      lambda: oc.sgd(1e-3, 0.9),
+      r"state\[0\] is a TraceState, expected a ScaleByAdamState",
+    ),
+    (
+      lambda: oc.sgd(1e-3, 0.9),
+      lambda: oc.adam(1e-3),
+      r"state\[0\] is a ScaleByAdamState, expected a TraceState",
+    ),
     (lambda: oc.scale_by_rms(), lambda: oc.scale_by_rss(), r"expected a ScaleByRmsState"),
-    (lambda: oc.apply_if_finite(oc.adam(1e-3), 3), lambda: oc.adam(1e-3), r"expected a ApplyIfFiniteState"),
-])
+    (
+      lambda: oc.apply_if_finite(oc.adam(1e-3), 3),
+      lambda: oc.adam(1e-3),
+      r"expected a ApplyIfFiniteState",
+    ),
+  ],
+)
 def test_a_state_of_another_optimizer_is_named_at_the_first_update(ours, theirs, expected):
   with pytest.raises(ValueError, match=expected):
     ours().update(GRADS, theirs().init(PARAMS), PARAMS)
@@ -124,8 +145,11 @@ def test_chain_rejects_a_foreign_state_and_a_non_transformation():
 
 def test_low_precision_hyperparameters_are_accepted():
   params = {"w": jnp.ones(3)}
-  for tx in (oc.adam(jnp.asarray(1e-3, jnp.bfloat16)), oc.sgd(np.float16(0.1), 0.9),
-             oc.inject_hyperparams(oc.sgd, hyperparam_dtype=jnp.bfloat16)(learning_rate=1e-3)):
+  for tx in (
+    oc.adam(jnp.asarray(1e-3, jnp.bfloat16)),
+    oc.sgd(np.float16(0.1), 0.9),
+    oc.inject_hyperparams(oc.sgd, hyperparam_dtype=jnp.bfloat16)(learning_rate=1e-3),
+  ):
     u, _ = tx.update(params, tx.init(params), params)
     assert np.all(np.isfinite(np.asarray(u["w"], np.float32)))
   # ... but a value that bfloat16 rounds out of range is caught, by name, at init.
@@ -163,11 +187,14 @@ def test_scheduled_values_are_checked_once_at_init_not_at_every_step():
   np.testing.assert_allclose(eager, jitted, rtol=1e-6)
 
 
-@pytest.mark.parametrize("build, argument", [
+@pytest.mark.parametrize(
+  "build, argument",
+  [
     (lambda: oc.sgd(0.1, 0.9, nesterov="no"), "nesterov"),
     (lambda: oc.ema(0.9, debias=0), "debias"),
     (lambda: oc.scale_by_rms(eps_in_sqrt="False"), "eps_in_sqrt"),
-])
+  ],
+)
 def test_a_flag_must_be_a_bool_not_something_truthy(build, argument):
   with pytest.raises(TypeError, match=f"`{argument}` must be a bool"):
     build()

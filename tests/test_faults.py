@@ -57,9 +57,13 @@ def test_killed_saves_leave_a_whole_checkpoint(tmp_path, fmt, kills):
 def test_leftovers_of_interrupted_saves_are_removed_by_the_next_save(tmp_path):
   functions("orbax")
   hexname = "0123456789abcdef" * 2
-  ours = [f".ckpt.msgpack.{hexname}.tmp", f".ckpt_orbax.{hexname}.optcompose-new",
-          f".ckpt_orbax.{hexname}.optcompose-new.orbax-checkpoint-tmp-17",
-          "ckpt_orbax.orbax-checkpoint-tmp-1723", f".ckpt_orbax.{hexname}.optcompose-old"]
+  ours = [
+    f".ckpt.msgpack.{hexname}.tmp",
+    f".ckpt_orbax.{hexname}.optcompose-new",
+    f".ckpt_orbax.{hexname}.optcompose-new.orbax-checkpoint-tmp-17",
+    "ckpt_orbax.orbax-checkpoint-tmp-1723",
+    f".ckpt_orbax.{hexname}.optcompose-old",
+  ]
   theirs = [".ckpt.msgpack.notes", f".other.{hexname}.tmp", "ckpt_orbax.txt"]
   tree = {"w": jnp.arange(3.0)}
   ck.save_checkpoint(tmp_path / "ckpt.msgpack", tree)
@@ -100,7 +104,9 @@ def test_a_crash_between_the_two_renames_is_repaired(tmp_path):
     save(path, kill_test.make_state(1, 0.1))
     code = _CRASH_BETWEEN_RENAMES.format(tools=str(kill_test.ROOT / "tools"), path=str(path))
     env = {**os.environ, "PYTHONPATH": str(kill_test.ROOT)}
-    crashed = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, check=False)
+    crashed = subprocess.run(
+      [sys.executable, "-c", code], env=env, capture_output=True, check=False
+    )
     assert crashed.returncode == 9, crashed.stderr[-2000:]
     assert name not in listing(path)  # the checkpoint is set aside, the new one is complete
     if roll == "back":  # the new one lost as well: the old one is put back
@@ -118,8 +124,9 @@ def test_concurrent_saves_leave_one_whole_checkpoint(tmp_path, fmt):
   save, restore, name = functions(fmt)
   path = tmp_path / name
   save(path, kill_test.make_state(0, MB))
-  children = [kill_test.spawn(fmt, path, MB, start, count=4, stderr=subprocess.PIPE)
-              for start in (100, 200)]
+  children = [
+    kill_test.spawn(fmt, path, MB, start, count=4, stderr=subprocess.PIPE) for start in (100, 200)
+  ]
   outputs = [child.communicate(timeout=120) for child in children]
   assert [child.returncode for child in children] == [0, 0], [e[-2000:] for _, e in outputs]
   assert len("".join(out for out, _ in outputs).splitlines()) == 8
@@ -129,11 +136,12 @@ def test_concurrent_saves_leave_one_whole_checkpoint(tmp_path, fmt):
 
 def test_saves_take_turns_under_the_directory_lock(tmp_path):
   from optcompose._checkpoint_io import _locked
+
   done = threading.Event()
   with _locked(tmp_path):
     thread = threading.Thread(
-        target=lambda: (ck.save_checkpoint(tmp_path / "ckpt.msgpack", {"w": np.ones(3)}),
-                        done.set()))
+      target=lambda: (ck.save_checkpoint(tmp_path / "ckpt.msgpack", {"w": np.ones(3)}), done.set())
+    )
     thread.start()
     time.sleep(0.3)
     assert not done.is_set()  # waits for the lock
@@ -152,8 +160,13 @@ def _flip_a_byte(path: pathlib.Path, at: int) -> None:
 
 
 def _state():
-  return {"params": {"w": np.random.default_rng(1).integers(-2**31, 2**31, 50_000, np.int32),
-                     "b": jnp.arange(4.0)}, "step": jnp.asarray(7, jnp.int32)}
+  return {
+    "params": {
+      "w": np.random.default_rng(1).integers(-(2**31), 2**31, 50_000, np.int32),
+      "b": jnp.arange(4.0),
+    },
+    "step": jnp.asarray(7, jnp.int32),
+  }
 
 
 def test_a_flipped_byte_is_detected_msgpack(tmp_path):
@@ -166,7 +179,9 @@ def test_a_flipped_byte_is_detected_msgpack(tmp_path):
     ck.restore_checkpoint(path, _state())
   with pytest.raises(CheckpointCorruptError):  # also without a template
     ck.restore_checkpoint(path, None)
-  assert isinstance(CheckpointCorruptError("x"), ValueError) and "CheckpointCorruptError" in ck.__all__
+  assert (
+    isinstance(CheckpointCorruptError("x"), ValueError) and "CheckpointCorruptError" in ck.__all__
+  )
 
 
 def test_a_flipped_byte_is_detected_orbax(tmp_path):
@@ -180,13 +195,26 @@ def test_a_flipped_byte_is_detected_orbax(tmp_path):
     ck.restore_orbax_checkpoint(path, _state())
 
 
-@pytest.mark.parametrize("victim,message", [
-    ("manifest.ocdbt", (r"is damaged or unreadable: Orbax cannot read its metadata "
-                        r"\(ValueError: DATA_LOSS")),
+@pytest.mark.parametrize(
+  "victim,message",
+  [
+    (
+      "manifest.ocdbt",
+      (
+        r"is damaged or unreadable: Orbax cannot read its metadata "
+        r"\(ValueError: DATA_LOSS"
+      ),
+    ),
     ("_METADATA", r"is damaged or unreadable: Orbax cannot read its metadata \(FileNotFoundError"),
-    ("optcompose_checkpoint.json", (r"is damaged or of another format: its "
-                                    r"optcompose_checkpoint.json is unreadable")),
-])
+    (
+      "optcompose_checkpoint.json",
+      (
+        r"is damaged or of another format: its "
+        r"optcompose_checkpoint.json is unreadable"
+      ),
+    ),
+  ],
+)
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # Orbax's loop
 def test_a_damaged_orbax_checkpoint_says_so(tmp_path, victim, message):
   pytest.importorskip("orbax.checkpoint")
@@ -213,20 +241,25 @@ def test_a_damaged_orbax_checkpoint_says_so(tmp_path, victim, message):
 def test_flat_params_restore_only_into_their_layout(tmp_path, fmt):
   save, restore, name = functions(fmt)
   name = tmp_path / name
-  saved = {"params": oc.flat_params({"a": jnp.asarray([1.0, 2.0]), "b": jnp.asarray([10.0, 11.0, 12.0])})}
+  saved = {
+    "params": oc.flat_params({"a": jnp.asarray([1.0, 2.0]), "b": jnp.asarray([10.0, 11.0, 12.0])})
+  }
   save(name, saved)
   same = restore(name, {"params": oc.flat_params({"a": jnp.zeros(2), "b": jnp.zeros(3)})})
   assert np.array_equal(same["params"].unflatten()["b"], [10.0, 11.0, 12.0])
   other = {"params": oc.flat_params({"a": jnp.zeros(3), "b": jnp.zeros(2)})}  # same bucket size
-  with pytest.raises(CheckpointMismatchError,
-                     match=r"the FlatParams at `\['params'\]` has another layout: its leaf 0 is "
-                     r"`\['a'\]` of shape \(2,\) at offset 0 of bucket 'float32' in the checkpoint "
-                     r"but `\['a'\]` of shape \(3,\) at offset 0 of bucket 'float32' in `target`"):
+  with pytest.raises(
+    CheckpointMismatchError,
+    match=r"the FlatParams at `\['params'\]` has another layout: its leaf 0 is "
+    r"`\['a'\]` of shape \(2,\) at offset 0 of bucket 'float32' in the checkpoint "
+    r"but `\['a'\]` of shape \(3,\) at offset 0 of bucket 'float32' in `target`",
+  ):
     restore(name, other)
 
 
 def test_msgpack_files_of_the_previous_format_restore(tmp_path):
   from flax import serialization
+
   tree = {"w": jnp.arange(3.0), "step": jnp.asarray(2, jnp.int32)}
   (tmp_path / "old.msgpack").write_bytes(serialization.to_bytes(tree))  # no checksums
   restored = ck.restore_checkpoint(tmp_path / "old.msgpack", tree)

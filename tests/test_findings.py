@@ -40,20 +40,24 @@ def test_2_multi_steps_resumed_or_lowered_keeps_learning():
     assert not np.any(np.asarray(u1["w"])) and np.any(np.asarray(u2["w"]))
 
 
-@pytest.mark.parametrize("grad", [jnp.array([1, 2, 3]), jnp.array([True, False, True])],
-                         ids=["int32", "bool"])
+@pytest.mark.parametrize(
+  "grad", [jnp.array([1, 2, 3]), jnp.array([True, False, True])], ids=["int32", "bool"]
+)
 def test_4_integer_and_boolean_gradients_are_refused(grad):
   """sgd(0.1) on int32 gradients gave [0, 0, 0]; on booleans an ascent step."""
   with pytest.raises(TypeError, match=r"`updates\['w'\]` has dtype (int32|bool)"):
     oc.sgd(0.1).update({"w": grad}, oc.sgd(0.1).init(P), P)
 
 
-@pytest.mark.parametrize("make, arg", [
+@pytest.mark.parametrize(
+  "make, arg",
+  [
     (lambda: oc.adam(0.1, mu_dtype=jnp.int32), "mu_dtype"),
     (lambda: oc.adam(0.1, nu_dtype=jnp.int8), "nu_dtype"),
     (lambda: oc.sgd(0.1, 0.9, accumulator_dtype=jnp.int32), "accumulator_dtype"),
     (lambda: oc.ema(0.9, accumulator_dtype=jnp.bool_), "accumulator_dtype"),
-])
+  ],
+)
 def test_4_integer_state_dtypes_are_refused(make, arg):
   with pytest.raises(TypeError, match=f"`{arg}` must be a floating-point dtype"):
     make()
@@ -66,9 +70,16 @@ def test_5_apply_if_finite_tests_what_it_applies():
   assert int(state.notfinite_count) == 1
 
 
-@pytest.mark.parametrize("values", [dict(b1=1.0), dict(b1=float("nan")),
-                                    dict(learning_rate=-1e-3), dict(learning_rate=True),
-                                    dict(learning_rate="1e-3")])
+@pytest.mark.parametrize(
+  "values",
+  [
+    dict(b1=1.0),
+    dict(b1=float("nan")),
+    dict(learning_rate=-1e-3),
+    dict(learning_rate=True),
+    dict(learning_rate="1e-3"),
+  ],
+)
 def test_6_set_hyperparams_validates(values):
   state = oc.inject_hyperparams(oc.adam)(1e-3).init(P)
   with pytest.raises((ValueError, TypeError), match=f"`{next(iter(values))}`"):
@@ -76,8 +87,10 @@ def test_6_set_hyperparams_validates(values):
 
 
 def test_6_set_hyperparams_refuses_an_ambiguous_name():
-  tx = oc.partition({"a": oc.inject_hyperparams(oc.sgd)(0.1),
-                     "b": oc.inject_hyperparams(oc.sgd)(0.2)}, {"w": "a", "v": "b"})
+  tx = oc.partition(
+    {"a": oc.inject_hyperparams(oc.sgd)(0.1), "b": oc.inject_hyperparams(oc.sgd)(0.2)},
+    {"w": "a", "v": "b"},
+  )
   state = tx.init({"w": P["w"], "v": P["w"]})
   with pytest.raises(ValueError, match="held in 2 places"):
     oc.set_hyperparams(state, learning_rate=0.5)
@@ -92,12 +105,14 @@ def test_7_ranges_are_checked_in_float32_where_used_in_float32():
     oc.inject_hyperparams(oc.adam)(1e-3, b1=1 - 1e-9).init(P)
 
 
-@pytest.mark.parametrize("make, arg", [
+@pytest.mark.parametrize(
+  "make, arg",
+  [
     (lambda: oc.reduce_on_plateau(patience=2.5), "patience"),
     (lambda: oc.multi_steps(oc.sgd(0.1), 2.5), "every_k_schedule"),
-    (lambda: oc.apply_if_finite(oc.sgd(0.1), max_consecutive_errors=2.5),
-     "max_consecutive_errors"),
-])
+    (lambda: oc.apply_if_finite(oc.sgd(0.1), max_consecutive_errors=2.5), "max_consecutive_errors"),
+  ],
+)
 def test_8_counts_must_be_whole(make, arg):
   with pytest.raises((TypeError, ValueError), match=f"`{arg}`"):
     make()
@@ -109,13 +124,16 @@ def test_8_a_k_schedule_returning_a_fraction_is_refused():
 
 
 def test_8_a_live_k_set_to_a_fraction_is_refused():
-  tx = oc.inject_hyperparams(lambda every_k_schedule: oc.multi_steps(oc.sgd(0.1),
-                                                                     every_k_schedule))(4)
+  tx = oc.inject_hyperparams(
+    lambda every_k_schedule: oc.multi_steps(oc.sgd(0.1), every_k_schedule)
+  )(4)
   state = tx.init(P)
   with pytest.raises(ValueError, match="`every_k_schedule` must be a whole number"):
     oc.set_hyperparams(state, every_k_schedule=2.7)
-  assert float(oc.current_hyperparams(oc.set_hyperparams(state, every_k_schedule=2))[
-      "every_k_schedule"]) == 2
+  assert (
+    float(oc.current_hyperparams(oc.set_hyperparams(state, every_k_schedule=2))["every_k_schedule"])
+    == 2
+  )
 
 
 def test_9_eps_zero_is_refused_or_safe():
@@ -158,18 +176,22 @@ def test_14_flags_are_bools_and_early_stopping_keeps_dtypes():
 
 @pytest.mark.parametrize("eps", [1e-50, 1e-40])  # 0 in float32; a subnormal, flushed by XLA
 def test_an_eps_that_rounds_to_zero_is_zero(eps):
-  with pytest.raises(ValueError, match="`eps` and `eps_root` are both 0|`eps` is 1e-50, which "
-                     "is 0 in float32"):
+  with pytest.raises(
+    ValueError, match="`eps` and `eps_root` are both 0|`eps` is 1e-50, which is 0 in float32"
+  ):
     oc.adam(1e-3, eps=eps)
   oc.adam(1e-3, eps=1e-30)  # a normal float32: accepted
 
 
-@pytest.mark.parametrize("edit, error, message", [
+@pytest.mark.parametrize(
+  "edit, error, message",
+  [
     (lambda h: h.__setitem__("learning_rate", jnp.ones(3)), ValueError, "must be a scalar"),
     (lambda h: h.pop("b1"), ValueError, r"holds \['b2', 'eps', 'eps_root', 'learning_rate'\]"),
     (lambda h: h.__setitem__("learning_rate", "x"), TypeError, "must be a real number"),
     (lambda h: h.__setitem__("learning_rate", -1.0), ValueError, r"must lie in \[0, inf\)"),
-])
+  ],
+)
 def test_hyperparameters_edited_in_place_are_checked_when_traced(edit, error, message):
   """Optax's docs edit ``state.hyperparams`` in place; what set_hyperparams would refuse is
   refused by the next update (a per-element array used to be broadcast, a dropped name to
@@ -191,13 +213,18 @@ def test_complex_updates_for_real_params_are_refused():
 
 def test_an_optax_state_is_named_as_optax_s():
   import optax
-  with pytest.raises(ValueError, match=r"state\[0\] is a optax\..*ScaleByAdamState \(not "
-                     r"optcompose's\), expected a ScaleByAdamState"):
+
+  with pytest.raises(
+    ValueError,
+    match=r"state\[0\] is a optax\..*ScaleByAdamState \(not "
+    r"optcompose's\), expected a ScaleByAdamState",
+  ):
     oc.adam(0.1).update(G, optax.adam(0.1).init(P), P)
 
 
 def test_inject_hyperparams_names_its_misuse_and_checks_foreign_factories():
   import optax
+
   with pytest.raises(TypeError, match="pass the factory itself"):
     oc.inject_hyperparams(oc.sgd(0.1))
   with pytest.raises(TypeError, match=r"unknown arguments \['lr'\]"):
@@ -213,9 +240,11 @@ def test_inject_hyperparams_names_its_misuse_and_checks_foreign_factories():
 def test_named_arguments_in_two_more_errors():
   with pytest.raises(TypeError, match="scale_by_second_moment: `direction` is str"):
     oc.scale_by_second_moment(direction="x")
-  for make, arg in ((lambda: oc.multi_steps(oc.sgd(0.1), 2**40), "every_k_schedule"),
-                    (lambda: oc.apply_if_finite(oc.sgd(0.1), 2**40), "max_consecutive_errors"),
-                    (lambda: oc.swa(every=2**31), "every")):
+  for make, arg in (
+    (lambda: oc.multi_steps(oc.sgd(0.1), 2**40), "every_k_schedule"),
+    (lambda: oc.apply_if_finite(oc.sgd(0.1), 2**40), "max_consecutive_errors"),
+    (lambda: oc.swa(every=2**31), "every"),
+  ):
     with pytest.raises(ValueError, match=rf"`{arg}` must lie in \[1, 2147483647\]"):
       make()
 
@@ -224,9 +253,11 @@ def test_averaged_weights_come_last_in_a_chain():
   """chain(ema_params(0), sgd(0.1)) used to average params + raw gradient: averaged weights
   that moved uphill while the parameters went down. Only averagers may follow an averager;
   nested chains carry the rule."""
-  for make in (lambda: oc.chain(oc.ema_params(0.0), oc.sgd(0.1)),
-               lambda: oc.chain(oc.swa(), oc.adam(0.1)),
-               lambda: oc.chain(oc.chain(oc.sgd(0.1), oc.ema_params(0.9)), oc.scale(2.0))):
+  for make in (
+    lambda: oc.chain(oc.ema_params(0.0), oc.sgd(0.1)),
+    lambda: oc.chain(oc.swa(), oc.adam(0.1)),
+    lambda: oc.chain(oc.chain(oc.sgd(0.1), oc.ema_params(0.9)), oc.scale(2.0)),
+  ):
     with pytest.raises(ValueError, match="place the averaging transformations last"):
       make()
   tx = oc.chain(oc.chain(oc.sgd(0.1), oc.ema_params(0.0)), oc.chain(oc.swa()))  # averagers only
@@ -236,12 +267,20 @@ def test_averaged_weights_come_last_in_a_chain():
   np.testing.assert_allclose(oc.averaged_params(state, kind="ema")["w"], new["w"], rtol=1e-6)
 
 
-@pytest.mark.parametrize("schedule, error", [
-    (lambda count: None, TypeError), (lambda count: "x", TypeError),
-    (lambda: 0.1, TypeError), (lambda count: jnp.ones(3), ValueError)])
+@pytest.mark.parametrize(
+  "schedule, error",
+  [
+    (lambda count: None, TypeError),
+    (lambda count: "x", TypeError),
+    (lambda: 0.1, TypeError),
+    (lambda count: jnp.ones(3), ValueError),
+  ],
+)
 def test_a_malformed_schedule_is_named(schedule, error):
-  with pytest.raises(error, match="the schedule given as `learning_rate` must take the step "
-                     "count and return a real scalar"):
+  with pytest.raises(
+    error,
+    match="the schedule given as `learning_rate` must take the step count and return a real scalar",
+  ):
     oc.adam(schedule).init(P)
 
 
@@ -271,5 +310,6 @@ def test_float16_norms_do_not_overflow():
   """300 squared is inf in float16: normalize gave 0 (squares now in float32)."""
   g = {"w": jnp.array([300.0, -300.0, 300.0], jnp.float16)}
   u, _ = oc.normalize().update(g, oc.normalize().init(g))
-  np.testing.assert_allclose(np.asarray(u["w"], np.float32), [0.57735, -0.57735, 0.57735],
-                             rtol=1e-3)
+  np.testing.assert_allclose(
+    np.asarray(u["w"], np.float32), [0.57735, -0.57735, 0.57735], rtol=1e-3
+  )

@@ -25,13 +25,24 @@ from problems import mlp
 from registry import CASES
 
 STEPS = 30
-PER_LEAF = {"clip_by_leaf_norm", "clip_by_block_rms", "adaptive_grad_clip", "lamb", "lars", "fromage",
-            "scale_by_param_block",
-            "novograd", "sm3", "noisy_sgd",
-            "centralize", "scale_by_distance_over_gradients",
-            "scale_by_distance_over_gradients_options",
-            "scale_by_factored_rms", "adafactor", "adafactor_factored",
-            }  # per-leaf norms, per-axis covers, per-leaf keys
+PER_LEAF = {
+  "clip_by_leaf_norm",
+  "clip_by_block_rms",
+  "adaptive_grad_clip",
+  "lamb",
+  "lars",
+  "fromage",
+  "scale_by_param_block",
+  "novograd",
+  "sm3",
+  "noisy_sgd",
+  "centralize",
+  "scale_by_distance_over_gradients",
+  "scale_by_distance_over_gradients_options",
+  "scale_by_factored_rms",
+  "adafactor",
+  "adafactor_factored",
+}  # per-leaf norms, per-axis covers, per-leaf keys
 
 
 def matrices(params):
@@ -53,10 +64,15 @@ class Pair(NamedTuple):
 
 def odd_tree():
   rng = np.random.default_rng(1)
-  return {"layer": Pair(jnp.asarray(rng.normal(size=(3, 4)), jnp.float32),
-                        jnp.asarray(rng.normal(size=4), jnp.bfloat16)),
-          "scalar": jnp.float32(2.5), "empty": jnp.zeros((0, 5)),
-          "nested": (jnp.arange(6.0).reshape(2, 3), [jnp.ones(2, jnp.bfloat16)])}
+  return {
+    "layer": Pair(
+      jnp.asarray(rng.normal(size=(3, 4)), jnp.float32),
+      jnp.asarray(rng.normal(size=4), jnp.bfloat16),
+    ),
+    "scalar": jnp.float32(2.5),
+    "empty": jnp.zeros((0, 5)),
+    "nested": (jnp.arange(6.0).reshape(2, 3), [jnp.ones(2, jnp.bfloat16)]),
+  }
 
 
 def test_round_trip_keeps_every_leaf_shape_dtype_and_value():
@@ -82,8 +98,9 @@ def test_gradient_through_unflatten_is_flat_and_equals_the_tree_gradient():
   tree = odd_tree()
 
   def loss(p):
-    return sum(jnp.sum(jnp.sin(x.astype(jnp.float32)) * (i + 1))
-               for i, x in enumerate(jax.tree.leaves(p)))
+    return sum(
+      jnp.sum(jnp.sin(x.astype(jnp.float32)) * (i + 1)) for i, x in enumerate(jax.tree.leaves(p))
+    )
 
   flat = oc.flat_params(tree)
   g_flat = jax.jit(jax.grad(lambda f: loss(f.unflatten())))(flat)
@@ -105,16 +122,22 @@ def lockstep_pair(case, outputs=1, dtype=jnp.float32, steps=STEPS):
     grads = problem.grad(params, t)
     extra = {"value": problem.loss(params)} if case.with_value else {}
     u_tree, tree_state = tree_update(grads, tree_state, params, **extra)
-    u_flat, flat_state = flat_update(oc.flat_params(grads, labels=matrices), flat_state,
-                                     oc.flat_params(params, labels=matrices), **extra)
+    u_flat, flat_state = flat_update(
+      oc.flat_params(grads, labels=matrices),
+      flat_state,
+      oc.flat_params(params, labels=matrices),
+      **extra,
+    )
     assert isinstance(u_flat, oc.FlatParams)
     yield t, u_tree, u_flat.unflatten()
     params = oc.apply_updates(params, u_tree)
 
 
-FLAT_CASES = [pytest.param(c, id=c.name, marks=[pytest.mark.numerics,
-                                                 pytest.mark.xdist_group(c.name)])
-              for c in CASES if c.name not in PER_LEAF]
+FLAT_CASES = [
+  pytest.param(c, id=c.name, marks=[pytest.mark.numerics, pytest.mark.xdist_group(c.name)])
+  for c in CASES
+  if c.name not in PER_LEAF
+]
 
 
 @pytest.mark.parametrize("case", FLAT_CASES)
@@ -129,8 +152,12 @@ def test_every_case_on_flat_params_matches_the_tree(case):
 # float64 trajectories for a few cases that exercise every kind of bucket mapping (a mask, a
 # global norm, labels with a frozen partition, state kept per bucket by a wrapper); the
 # per-step test above covers every case.
-F64_FLAT_CASES = [p for p in FLAT_CASES if p.values[0].name in (
-    "adamw_masked_scheduled", "clip_by_global_norm", "partition_frozen", "multi_steps")]
+F64_FLAT_CASES = [
+  p
+  for p in FLAT_CASES
+  if p.values[0].name
+  in ("adamw_masked_scheduled", "clip_by_global_norm", "partition_frozen", "multi_steps")
+]
 
 
 @pytest.mark.parametrize("case", F64_FLAT_CASES)
@@ -168,8 +195,11 @@ def test_per_leaf_transformations_refuse_flat_params(case):
 def test_a_mask_that_splits_a_bucket_names_two_leaves():
   params = oc.flat_params(mlp().params)  # one float32 bucket holds kernels and biases
   tx = oc.adamw(1e-3, mask=matrices)
-  with pytest.raises(ValueError, match=r"\['dense1'\]\['bias'\].*\['dense1'\]\['kernel'\].*"
-                                       r"bucket 'float32'.*labels="):
+  with pytest.raises(
+    ValueError,
+    match=r"\['dense1'\]\['bias'\].*\['dense1'\]\['kernel'\].*"
+    r"bucket 'float32'.*labels=",
+  ):
     tx.update(params, tx.init(params), params)
 
 
@@ -227,17 +257,23 @@ def train_both_layouts():
   def step(state):
     def loss(p):
       return jnp.mean((state.apply_fn({"params": view(p)}, x) - y) ** 2)
+
     return state.apply_gradients(grads=jax.grad(loss)(state.params))
 
   finals = []
   for p in (params, oc.flat_params(params, labels=matrices)):
-    state = train_state.TrainState.create(apply_fn=model.apply, params=p,
-                                          tx=oc.adamw(1e-2, weight_decay=0.1, mask=matrices))
+    state = train_state.TrainState.create(
+      apply_fn=model.apply, params=p, tx=oc.adamw(1e-2, weight_decay=0.1, mask=matrices)
+    )
     for _ in range(20):
       state = step(state)
     finals.append(view(state.params))
   assert_rel_close(finals[1], finals[0], F64_RTOL)
   # It trained: the comparison is not between two frozen runs.
-  assert max(float(jnp.max(jnp.abs(a - b))) for a, b in
-             zip(jax.tree.leaves(finals[0]), jax.tree.leaves(params))) > 1e-2
-
+  assert (
+    max(
+      float(jnp.max(jnp.abs(a - b)))
+      for a, b in zip(jax.tree.leaves(finals[0]), jax.tree.leaves(params))
+    )
+    > 1e-2
+  )

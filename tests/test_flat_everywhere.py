@@ -31,8 +31,10 @@ def matrices(params):
 
 def moved(final, start):
   """It trained: the comparison is not between two frozen runs."""
-  return max(float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in
-             zip(jax.tree.leaves(final), jax.tree.leaves(start)))
+  return max(
+    float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+    for a, b in zip(jax.tree.leaves(final), jax.tree.leaves(start))
+  )
 
 
 class Net(nnx.Module):
@@ -51,8 +53,10 @@ class Net(nnx.Module):
 
 def data(dtype):
   rng = np.random.default_rng(0)
-  return (jnp.asarray(rng.normal(size=(32, 6)), dtype),
-          jnp.asarray(np.sin(rng.normal(size=(32, 3))), dtype))
+  return (
+    jnp.asarray(rng.normal(size=(32, 6)), dtype),
+    jnp.asarray(np.sin(rng.normal(size=(32, 3))), dtype),
+  )
 
 
 def train_nnx(tx, dtype, steps=20):
@@ -124,20 +128,25 @@ def test_flat_optimizer_matches_per_leaf_per_step_on_mixed_dtypes(pad_to):
   each step from the tree run's own parameters and gradients."""
   problem = mlp()
   params = {**problem.params, "half": jnp.linspace(-1.0, 1.0, 5, dtype=jnp.bfloat16)}
-  tx, flat_tx = (oc.chain(oc.identity(), oc.sgd(0.1, momentum=0.9, nesterov=True))
-                 for _ in range(2))
+  tx, flat_tx = (
+    oc.chain(oc.identity(), oc.sgd(0.1, momentum=0.9, nesterov=True)) for _ in range(2)
+  )
   flat_tx = oc.flat_optimizer(flat_tx, pad_to=pad_to)
   state, flat_state = tx.init(params), flat_tx.init(params)
   for t in range(10):
-    grads = {**problem.grad({k: params[k] for k in problem.params}, t),
-             "half": jnp.cos(params["half"] * (t + 1))}
+    grads = {
+      **problem.grad({k: params[k] for k in problem.params}, t),
+      "half": jnp.cos(params["half"] * (t + 1)),
+    }
     u, state = jax.jit(tx.update)(grads, state, params)
     u_flat, flat_state = jax.jit(flat_tx.update)(grads, flat_state, params)
     assert_ulps_close(u_flat, u, 2, what=f"step {t}: ")
     params = oc.apply_updates(params, u)
-  trace, = [x for x in jax.tree.leaves(flat_state, is_leaf=oc.flat.is_flat) if oc.flat.is_flat(x)]
-  assert {b: x.size for b, x in zip(trace.layout.buckets, trace.buffers)} == {"float32": -(-(8 * 16 + 16 + 16 + 1) // pad_to) * pad_to,
-                   "bfloat16": -(-5 // pad_to) * pad_to}
+  (trace,) = [x for x in jax.tree.leaves(flat_state, is_leaf=oc.flat.is_flat) if oc.flat.is_flat(x)]
+  assert {b: x.size for b, x in zip(trace.layout.buckets, trace.buffers)} == {
+    "float32": -(-(8 * 16 + 16 + 16 + 1) // pad_to) * pad_to,
+    "bfloat16": -(-5 // pad_to) * pad_to,
+  }
 
 
 def test_flat_optimizer_without_state_buckets_packs_the_caller_s_tree():
@@ -156,16 +165,22 @@ def test_flat_optimizer_names_the_leaf_that_does_not_match_the_state():
   tx = oc.flat_optimizer(oc.adam(1e-3))
   state = tx.init(params)
   other = {**params, "extra": jnp.ones(3)}
-  with pytest.raises(ValueError, match=r"flat_optimizer: `updates` is not the tree of the "
-                                       r"state: `updates\['extra'\]` is not in it"):
+  with pytest.raises(
+    ValueError,
+    match=r"flat_optimizer: `updates` is not the tree of the "
+    r"state: `updates\['extra'\]` is not in it",
+  ):
     tx.update(other, state, params)
   fewer = {"dense1": params["dense1"]}
   with pytest.raises(ValueError, match=r"`params\['dense2'\]\['bias'\]` is missing"):
     tx.update(params, state, fewer)
   wrong = jax.tree.map(lambda x: x, params)
   wrong["dense1"]["bias"] = jnp.ones(15)
-  with pytest.raises(ValueError, match=r"`updates\['dense1'\]\['bias'\]` is a float32\[15\] "
-                                       r"array, but the state holds it as float32\[16\]"):
+  with pytest.raises(
+    ValueError,
+    match=r"`updates\['dense1'\]\['bias'\]` is a float32\[15\] "
+    r"array, but the state holds it as float32\[16\]",
+  ):
     tx.update(wrong, state, params)
   wrong["dense1"]["bias"] = jnp.ones(16, jnp.bfloat16)
   with pytest.raises(ValueError, match=r"bfloat16\[16\] array.*float32\[16\]"):
@@ -175,8 +190,11 @@ def test_flat_optimizer_names_the_leaf_that_does_not_match_the_state():
 def test_flat_optimizer_mask_needs_the_same_labels():
   params = mlp().params
   tx = oc.flat_optimizer(oc.adamw(1e-3, mask=matrices))  # one bucket for kernels and biases
-  with pytest.raises(ValueError, match=r"\['dense1'\]\['bias'\].*\['dense1'\]\['kernel'\].*"
-                                       r"bucket 'float32'.*flat_optimizer\) with labels="):
+  with pytest.raises(
+    ValueError,
+    match=r"\['dense1'\]\['bias'\].*\['dense1'\]\['kernel'\].*"
+    r"bucket 'float32'.*flat_optimizer\) with labels=",
+  ):
     tx.update(params, tx.init(params), params)
   with pytest.raises(ValueError, match="flat_optimizer: `pad_to` must be a positive int"):
     oc.flat_optimizer(oc.sgd(0.1), pad_to=0)
@@ -196,8 +214,8 @@ def test_flat_optimizer_step_has_a_fixed_number_of_optimizer_fusions():
       return oc.apply_updates(p, u), s
 
     hlo = jax.jit(step).lower(params, tx.init(params), params).compile().as_text()
-    entry = hlo[hlo.index("ENTRY"):]
-    return len(re.findall(r"= \S+ fusion\(", entry[:entry.index("\n}")]))
+    entry = hlo[hlo.index("ENTRY") :]
+    return len(re.findall(r"= \S+ fusion\(", entry[: entry.index("\n}")]))
 
   assert fusions(64, True) - fusions(32, True) <= 32
   assert fusions(64, False) - fusions(32, False) >= 2 * 32
@@ -249,8 +267,9 @@ def test_zero1_flat_splits_every_bucket_over_8_devices_and_matches_the_unsharded
     updates, state = tx.update(grads, state, params)
     return oc.apply_updates(params, updates), state
 
-  sharded_step = jax.jit(step, in_shardings=(replicated, placement, replicated),
-                         out_shardings=(replicated, placement))
+  sharded_step = jax.jit(
+    step, in_shardings=(replicated, placement, replicated), out_shardings=(replicated, placement)
+  )
   # flat_optimizer's state on the tree is this state: the same shardings place it.
   wrapped = oc.flat_optimizer(tx, labels=matrices, pad_to=8).init(problem.params)
   assert jax.tree.structure(wrapped) == jax.tree.structure(state)
@@ -280,8 +299,11 @@ def test_zero1_flat_splits_every_bucket_over_8_devices_and_matches_the_unsharded
 def test_zero1_flat_shardings_refuse_a_bucket_that_does_not_divide():
   mesh = mesh8()
   flat = oc.flat_params(mlp().params, labels=matrices)  # 17 and 144 elements
-  with pytest.raises(ValueError, match=r"bucket 'False/float32' has 17 elements, not a multiple "
-                                       r"of the 8 devices of mesh axis 'data'.*pad_to=8"):
+  with pytest.raises(
+    ValueError,
+    match=r"bucket 'False/float32' has 17 elements, not a multiple "
+    r"of the 8 devices of mesh axis 'data'.*pad_to=8",
+  ):
     oc.sharding.zero1_flat_shardings(oc.adam(1e-3), flat, mesh)
   with pytest.raises(ValueError, match="no axis 'model'"):
     oc.sharding.zero1_flat_shardings(oc.adam(1e-3), flat, mesh, axis="model")

@@ -22,5 +22,6 @@ def test_recipe_example_learns_and_keeps_the_best_params(name, capsys):
   assert 0 <= results["best_epoch"] < results["epochs_run"] == len(results["val_losses"])
   assert results["best_val_loss"] == pytest.approx(min(results["val_losses"]), rel=1e-5)
   assert results["best_val_loss"] == pytest.approx(
-      results["val_losses"][results["best_epoch"]], rel=1e-5)
+    results["val_losses"][results["best_epoch"]], rel=1e-5
+  )
   assert "done after" in capsys.readouterr().out

@@ -22,7 +22,9 @@ def test_top_level_losses_are_optax_s_and_run():
   loss = optcompose.softmax_cross_entropy_with_integer_labels
   assert loss is optax.softmax_cross_entropy_with_integer_labels
   logits, labels = jnp.array([[2.0, 0.5, -1.0]]), jnp.array([0])
-  np.testing.assert_allclose(loss(logits, labels), optax.losses.softmax_cross_entropy_with_integer_labels(logits, labels))
+  np.testing.assert_allclose(
+    loss(logits, labels), optax.losses.softmax_cross_entropy_with_integer_labels(logits, labels)
+  )
   assert optcompose.l2_loss is optax.l2_loss
   assert optcompose.power_iteration is optax.power_iteration
 
@@ -42,11 +44,15 @@ def not_rebuilt() -> list:
 def test_optimizer_domain_names_not_rebuilt_say_so(monkeypatch):
   def planted():
     pass
+
   planted.__module__ = "optax._src.alias"  # an optimizer of Optax's that we lack
   monkeypatch.setattr(optax, "planted_optimizer", planted, raising=False)
-  with pytest.raises(AttributeError, match=r"no attribute 'planted_optimizer' yet: Optax's "
-                     r"`optax.planted_optimizer` is in the optimizer domain.*"
-                     r"`import optax; optax.planted_optimizer\(...\)`"):
+  with pytest.raises(
+    AttributeError,
+    match=r"no attribute 'planted_optimizer' yet: Optax's "
+    r"`optax.planted_optimizer` is in the optimizer domain.*"
+    r"`import optax; optax.planted_optimizer\(...\)`",
+  ):
     optcompose.planted_optimizer
   planted.__module__ = "optax.contrib._planted"  # contrib's: the hint names its home
   with pytest.raises(AttributeError, match=r"`import optax; optax.contrib.planted_optimizer"):
@@ -61,8 +67,7 @@ def test_the_not_rebuilt_hint_is_truthful():
   tree utilities are ours (optcompose.tree), its types are its own."""
   missing = not_rebuilt()
   print(f"Optax's top-level names optcompose has not rebuilt yet ({len(missing)}): {missing}")
-  tree_functions = {id(getattr(optax.tree, n)): n for n in dir(optax.tree)
-                    if not n.startswith("_")}
+  tree_functions = {id(getattr(optax.tree, n)): n for n in dir(optax.tree) if not n.startswith("_")}
   for name in missing:
     value = getattr(optax, name)
     assert id(value) not in tree_functions, f"{name}: optcompose.tree has it"

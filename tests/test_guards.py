@@ -29,15 +29,21 @@ def test_lookahead_in_state_rejects_params_of_another_shape_than_the_slow_weight
   tx = oc.lookahead_in_state(oc.sgd(0.1), 2, 0.5)
   state = tx.init(ROW)
   update = jax.jit(tx.update) if jit else tx.update
-  with pytest.raises(ValueError, match=r"`params\['w'\]` has shape \(2, 3\) but "
-                                       r"`state.slow\['w'\]` has shape \(1, 3\)"):
+  with pytest.raises(
+    ValueError,
+    match=r"`params\['w'\]` has shape \(2, 3\) but "
+    r"`state.slow\['w'\]` has shape \(1, 3\)",
+  ):
     update(WIDE, state, WIDE)
 
 
 def test_lookahead_in_state_rejects_gradients_of_another_shape():
   tx = oc.lookahead_in_state(oc.sgd(0.1), 2, 0.5)
-  with pytest.raises(ValueError, match=r"`updates\['w'\]` has shape \(1, 3\) but "
-                                       r"`params\['w'\]` has shape \(2, 3\)"):
+  with pytest.raises(
+    ValueError,
+    match=r"`updates\['w'\]` has shape \(1, 3\) but "
+    r"`params\['w'\]` has shape \(2, 3\)",
+  ):
     tx.update(ROW, tx.init(WIDE), WIDE)
 
 
@@ -45,18 +51,34 @@ def test_lookahead_in_state_rejects_params_of_another_dtype_than_the_slow_weight
   tx = oc.lookahead_in_state(oc.sgd(0.1), 2, 0.5)
   state = tx.init(P)
   low = jax.tree.map(lambda x: x.astype(jnp.bfloat16), P)
-  with pytest.raises(TypeError, match=r"`params\['w'\]` has dtype bfloat16 but "
-                                      r"`state.slow\['w'\]` has dtype float32"):
+  with pytest.raises(
+    TypeError,
+    match=r"`params\['w'\]` has dtype bfloat16 but "
+    r"`state.slow\['w'\]` has dtype float32",
+  ):
     tx.update(low, state, low)
 
 
-@pytest.mark.parametrize("fast, slow, grads, match", [
+@pytest.mark.parametrize(
+  "fast, slow, grads, match",
+  [
     (WIDE, WIDE, ROW, r"`updates\['w'\]` has shape \(1, 3\) but `params.fast\['w'\]`"),
-    (WIDE, ROW, WIDE, r"`params.slow\['w'\]` has shape \(1, 3\) but `params.fast\['w'\]` "
-                      r"has shape \(2, 3\)"),
-    (ROW, WIDE, ROW, r"`params.slow\['w'\]` has shape \(2, 3\) but `params.fast\['w'\]` "
-                     r"has shape \(1, 3\)"),
-])
+    (
+      WIDE,
+      ROW,
+      WIDE,
+      r"`params.slow\['w'\]` has shape \(1, 3\) but `params.fast\['w'\]` "
+      r"has shape \(2, 3\)",
+    ),
+    (
+      ROW,
+      WIDE,
+      ROW,
+      r"`params.slow\['w'\]` has shape \(2, 3\) but `params.fast\['w'\]` "
+      r"has shape \(1, 3\)",
+    ),
+  ],
+)
 def test_lookahead_rejects_mismatched_shapes_instead_of_broadcasting(fast, slow, grads, match):
   tx = oc.lookahead(oc.sgd(0.1), 2, 0.5)
   params = oc.LookaheadParams(fast=fast, slow=slow)
@@ -83,16 +105,22 @@ def test_sam_rejects_a_gradient_of_another_shape_than_the_params(jit):
   tx = oc.sam(oc.sgd(0.1), oc.sgd(0.05))
   state = tx.init(WIDE)
   update = jax.jit(tx.update) if jit else tx.update
-  with pytest.raises(ValueError, match=r"`updates\['w'\]` has shape \(1, 3\) but "
-                                       r"`params\['w'\]` has shape \(2, 3\)"):
+  with pytest.raises(
+    ValueError,
+    match=r"`updates\['w'\]` has shape \(1, 3\) but "
+    r"`params\['w'\]` has shape \(2, 3\)",
+  ):
     update(ROW, state, WIDE)
 
 
 def test_sam_rejects_params_of_another_shape_than_its_cache():
   tx = oc.sam(oc.sgd(0.1), oc.sgd(0.05))
   state = tx.init(ROW)
-  with pytest.raises(ValueError, match=r"`params\['w'\]` has shape \(2, 3\) but "
-                                       r"`state.cache\['w'\]` has shape \(1, 3\)"):
+  with pytest.raises(
+    ValueError,
+    match=r"`params\['w'\]` has shape \(2, 3\) but "
+    r"`state.cache\['w'\]` has shape \(1, 3\)",
+  ):
     tx.update(WIDE, state, WIDE)
 
 
@@ -114,9 +142,12 @@ def test_early_stopping_rejects_best_params_of_another_dtype(dtype, jit):
   state = es.init(P)
   other = jax.tree.map(lambda x: x.astype(dtype), P)
   update = jax.jit(es.update) if jit else es.update
-  with pytest.raises(TypeError, match=rf"`best_params\['w'\]` has dtype {jnp.dtype(dtype)} "
-                                      r"but the kept `state.best_params\['w'\]` has dtype "
-                                      "float32"):
+  with pytest.raises(
+    TypeError,
+    match=rf"`best_params\['w'\]` has dtype {jnp.dtype(dtype)} "
+    r"but the kept `state.best_params\['w'\]` has dtype "
+    "float32",
+  ):
     update(state, 0.5, other)
 
 
@@ -139,8 +170,9 @@ def test_early_stopping_keeps_same_dtype_params_bitwise():
   low = {"w": jnp.array([1.1, 2.2, 3.3], jnp.bfloat16)}
   state = es.update(es.init(low), 0.5, low)
   assert state.best_params["w"].dtype == jnp.bfloat16
-  np.testing.assert_array_equal(np.asarray(state.best_params["w"], np.float32),
-                                np.asarray(low["w"], np.float32))
+  np.testing.assert_array_equal(
+    np.asarray(state.best_params["w"], np.float32), np.asarray(low["w"], np.float32)
+  )
 
 
 # ---------------------------------------------------------------------------------------
@@ -148,8 +180,11 @@ def test_early_stopping_keeps_same_dtype_params_bitwise():
 
 
 def test_partition_with_labels_of_mixed_types_is_a_clear_error():
-  with pytest.raises(TypeError, match=r"labels of `transforms` must be mutually comparable.*"
-                                      r"\['x', 0\]"):
+  with pytest.raises(
+    TypeError,
+    match=r"labels of `transforms` must be mutually comparable.*"
+    r"\['x', 0\]",
+  ):
     oc.partition({0: oc.sgd(0.1), "x": oc.sgd(0.1)}, {"a": 0, "b": "x"})
 
 
@@ -177,19 +212,34 @@ def test_partition_with_int_labels_still_works_under_jit():
 # 5. mask_from_paths, labels_from_paths, labels_from_fn
 
 
-@pytest.mark.parametrize("build, error, match", [
-    (lambda: oc.mask_from_paths(include="["), ValueError,
-     r"mask_from_paths: `include` is not a valid regex: '\[' \(unterminated character set"),
-    (lambda: oc.mask_from_paths(exclude="a("), ValueError,
-     r"mask_from_paths: `exclude` is not a valid regex: 'a\('"),
+@pytest.mark.parametrize(
+  "build, error, match",
+  [
+    (
+      lambda: oc.mask_from_paths(include="["),
+      ValueError,
+      r"mask_from_paths: `include` is not a valid regex: '\[' \(unterminated character set",
+    ),
+    (
+      lambda: oc.mask_from_paths(exclude="a("),
+      ValueError,
+      r"mask_from_paths: `exclude` is not a valid regex: 'a\('",
+    ),
     (lambda: oc.mask_from_paths(include=3), TypeError, "`include` must be a regex string"),
-    (lambda: oc.labels_from_paths([("bias", "a"), ("(", "b")]), ValueError,
-     r"labels_from_paths: `rules\[1\]\[0\]` is not a valid regex: '\('"),
+    (
+      lambda: oc.labels_from_paths([("bias", "a"), ("(", "b")]),
+      ValueError,
+      r"labels_from_paths: `rules\[1\]\[0\]` is not a valid regex: '\('",
+    ),
     (lambda: oc.labels_from_paths("bias"), TypeError, "`rules` must be a sequence"),
-    (lambda: oc.labels_from_paths([("bias", "a", "b")]), TypeError,
-     r"`rules\[0\]` must be a \(regex, label\) pair"),
+    (
+      lambda: oc.labels_from_paths([("bias", "a", "b")]),
+      TypeError,
+      r"`rules\[0\]` must be a \(regex, label\) pair",
+    ),
     (lambda: oc.labels_from_fn("bias"), TypeError, "`fn` must be callable"),
-])
+  ],
+)
 def test_bad_path_patterns_are_named(build, error, match):
   with pytest.raises(error, match=match):
     build()
@@ -202,7 +252,9 @@ def test_bad_path_patterns_are_named(build, error, match):
 BIG = 2**40
 
 
-@pytest.mark.parametrize("build, name", [
+@pytest.mark.parametrize(
+  "build, name",
+  [
     (lambda: oc.exponential_decay(1.0, BIG, 0.5), "transition_steps"),
     (lambda: oc.exponential_decay(1.0, 10, 0.5, transition_begin=2**31), "transition_begin"),
     (lambda: oc.inverse_time_decay(1.0, BIG, 0.5), "decay_steps"),
@@ -211,8 +263,10 @@ BIG = 2**40
     (lambda: oc.linear_schedule(1.0, 0.0, 10, BIG), "transition_begin"),
     (lambda: oc.cosine_decay_schedule(1.0, 2**31), "decay_steps"),
     (lambda: oc.piecewise_constant_schedule(1.0, {BIG: 0.5}), "boundaries_and_scales key"),
-    (lambda: oc.piecewise_interpolate_schedule("linear", 1.0, {BIG: 0.5}),
-     "boundaries_and_scales key"),
+    (
+      lambda: oc.piecewise_interpolate_schedule("linear", 1.0, {BIG: 0.5}),
+      "boundaries_and_scales key",
+    ),
     (lambda: oc.join_schedules([oc.constant_schedule(1.0)] * 2, [BIG]), r"boundaries\[0\]"),
     (lambda: oc.linear_warmup(oc.constant_schedule(1.0), BIG), "warmup_steps"),
     (lambda: oc.warmup_constant_schedule(0.0, 1.0, BIG), "transition_steps"),
@@ -221,7 +275,8 @@ BIG = 2**40
     (lambda: oc.cosine_warm_restarts_schedule(1.0, BIG), "first_period"),
     (lambda: oc.cosine_onecycle_schedule(BIG, 1.0), "transition_steps"),
     (lambda: oc.linear_onecycle_schedule(BIG, 1.0), "transition_steps"),
-])
+  ],
+)
 def test_step_counts_beyond_int32_are_rejected_at_construction(build, name):
   with pytest.raises(ValueError, match=rf"`{name}.*` must be <= 2\*\*31 - 1 = 2147483647"):
     build()
@@ -235,25 +290,46 @@ def test_the_largest_int32_step_count_is_accepted_and_runs():
 def test_sgdr_cycles_starting_beyond_int32_are_rejected():
   cycle = dict(init_value=0.0, peak_value=1.0, warmup_steps=10, decay_steps=2**30)
   oc.sgdr_schedule([cycle] * 2)  # the second cycle starts at 2**30: fine
-  with pytest.raises(ValueError, match=r"sgdr_schedule: cycle 2 would start at step "
-                                       r"2147483648.*2\*\*31 - 1"):
+  with pytest.raises(
+    ValueError,
+    match=r"sgdr_schedule: cycle 2 would start at step "
+    r"2147483648.*2\*\*31 - 1",
+  ):
     oc.sgdr_schedule([cycle] * 3)
   with pytest.raises(TypeError, match=r"`cosine_kwargs\[0\]` must be a dict"):
     oc.sgdr_schedule([3])
 
 
-@pytest.mark.parametrize("build, error, match", [
-    (lambda: oc.exponential_decay(1.0, float("inf"), 0.5), ValueError,
-     "`transition_steps` must be a whole number"),  # was a bare OverflowError
-    (lambda: oc.exponential_decay(np.complex64(1.0), 10, 0.5), TypeError,
-     "`init_value` must be a real number"),
-    (lambda: oc.exponential_decay(np.True_, 10, 0.5), TypeError,
-     "`init_value` must be a real number"),
-    (lambda: oc.piecewise_constant_schedule(1.0, {1: 0.5, "a": 0.1}), TypeError,
-     "`boundaries_and_scales key 'a'` must be a number"),  # was '<' not supported
-    (lambda: oc.piecewise_constant_schedule(1.0, [(1, 0.5)]), TypeError,
-     "`boundaries_and_scales` must be a dict"),
-])
+@pytest.mark.parametrize(
+  "build, error, match",
+  [
+    (
+      lambda: oc.exponential_decay(1.0, float("inf"), 0.5),
+      ValueError,
+      "`transition_steps` must be a whole number",
+    ),  # was a bare OverflowError
+    (
+      lambda: oc.exponential_decay(np.complex64(1.0), 10, 0.5),
+      TypeError,
+      "`init_value` must be a real number",
+    ),
+    (
+      lambda: oc.exponential_decay(np.True_, 10, 0.5),
+      TypeError,
+      "`init_value` must be a real number",
+    ),
+    (
+      lambda: oc.piecewise_constant_schedule(1.0, {1: 0.5, "a": 0.1}),
+      TypeError,
+      "`boundaries_and_scales key 'a'` must be a number",
+    ),  # was '<' not supported
+    (
+      lambda: oc.piecewise_constant_schedule(1.0, [(1, 0.5)]),
+      TypeError,
+      "`boundaries_and_scales` must be a dict",
+    ),
+  ],
+)
 def test_bad_schedule_values_are_named(build, error, match):
   with pytest.raises(error, match=match):
     build()
@@ -279,9 +355,15 @@ def test_linear_onecycle_phases_that_would_collide_are_rejected(pct_start, pct_f
 # 7. multi_steps: k from a schedule
 
 
-@pytest.mark.parametrize("schedule", [lambda step: 2.7, lambda step: jnp.asarray(2.0),
-                                      lambda step: jnp.where(step < 1, 2.0, 3.5),
-                                      lambda step: step < 1])
+@pytest.mark.parametrize(
+  "schedule",
+  [
+    lambda step: 2.7,
+    lambda step: jnp.asarray(2.0),
+    lambda step: jnp.where(step < 1, 2.0, 3.5),
+    lambda step: step < 1,
+  ],
+)
 def test_multi_steps_rejects_a_non_integer_k_schedule_at_init(schedule):
   tx = oc.multi_steps(oc.sgd(0.1), schedule)
   with pytest.raises(TypeError, match="`every_k_schedule` must return an integer"):
@@ -297,17 +379,21 @@ def test_multi_steps_rejects_a_float_k_schedule_while_tracing_update():
     jax.jit(bad.update)(P, good.init(P), P)
 
 
-@pytest.mark.parametrize("schedule, error, match", [
+@pytest.mark.parametrize(
+  "schedule, error, match",
+  [
     (lambda step: 0, ValueError, "`every_k_schedule` must be >= 1, got 0 at step 0"),
     (lambda step: jnp.ones(2, jnp.int32), ValueError, "must return a scalar"),
-])
+  ],
+)
 def test_multi_steps_checks_the_k_schedule_at_step_zero(schedule, error, match):
   with pytest.raises(error, match=match):
     oc.multi_steps(oc.sgd(0.1), schedule).init(P)
 
 
-@pytest.mark.parametrize("schedule", [lambda step: 2, lambda step: jnp.int32(2),
-                                      lambda step: jnp.where(step < 10, 2, 3)])
+@pytest.mark.parametrize(
+  "schedule", [lambda step: 2, lambda step: jnp.int32(2), lambda step: jnp.where(step < 10, 2, 3)]
+)
 def test_multi_steps_integer_k_schedules_still_work(schedule):
   tx = oc.multi_steps(oc.sgd(0.1), schedule)
   state, update = tx.init(P), jax.jit(tx.update)

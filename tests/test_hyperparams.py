@@ -23,11 +23,22 @@ def test_injected_adamw_follows_the_same_trajectory_as_optax_injected_adamw():
   there, as Optax's are."""
   with x64():
     prob = mlp(jnp.float64)
-    ours, s = run(oc.inject_hyperparams(oc.adamw)(learning_rate=1e-2, weight_decay=0.1),
-                  prob, 100, True, oc.apply_updates)
-    ref, _ = run(standard_promotion(
-        optax.inject_hyperparams(optax.adamw)(learning_rate=1e-2, weight_decay=0.1)),
-                 prob, 100, True, optax.apply_updates)
+    ours, s = run(
+      oc.inject_hyperparams(oc.adamw)(learning_rate=1e-2, weight_decay=0.1),
+      prob,
+      100,
+      True,
+      oc.apply_updates,
+    )
+    ref, _ = run(
+      standard_promotion(
+        optax.inject_hyperparams(optax.adamw)(learning_rate=1e-2, weight_decay=0.1)
+      ),
+      prob,
+      100,
+      True,
+      optax.apply_updates,
+    )
   assert s.hyperparams["learning_rate"].dtype == jnp.float64
   for t, (a, b) in enumerate(zip(ours, ref)):
     assert_rel_close(a, b, F64_RTOL, what=f"step {t}:")
@@ -63,16 +74,23 @@ def test_set_hyperparams_rejects_unknown_names():
     oc.set_hyperparams(tx.init({"w": jnp.ones(2)}), learning_rat=0.2)
 
 
-@pytest.mark.parametrize("values, error, message", [
+@pytest.mark.parametrize(
+  "values, error, message",
+  [
     (dict(b1=1.0), ValueError, r"`b1` must lie in \[0, 1\), got 1.0"),
     (dict(b1=1 - 1e-9), ValueError, r"`b1` must lie in \[0, 1\), got 0.999999999 \(1.0 in float32"),
     (dict(b2=float("nan")), ValueError, "`b2` must be finite"),
     (dict(learning_rate=-0.1), ValueError, r"`learning_rate` must lie in \[0, inf\), got -0.1\."),
-    (dict(learning_rate=1e39), ValueError, r"`learning_rate` must be finite, got 1e\+39 \(it is inf"),
+    (
+      dict(learning_rate=1e39),
+      ValueError,
+      r"`learning_rate` must be finite, got 1e\+39 \(it is inf",
+    ),
     (dict(learning_rate=True), TypeError, "`learning_rate` must be a real number, got bool"),
     (dict(learning_rate="0.1"), TypeError, "`learning_rate` must be a real number, got str"),
     (dict(eps=0.0), ValueError, r"`eps` must lie in \(0, inf\)"),
-])
+  ],
+)
 def test_set_hyperparams_validates_like_construction_on_the_stored_value(values, error, message):
   """What construction rejects, set_hyperparams rejects too, judged on the value as it is
   stored (float32 here): the next update would otherwise be NaN or an ascent step."""
@@ -85,8 +103,10 @@ def test_set_hyperparams_names_an_ambiguous_name_and_takes_its_path():
   """Two injected optimizers both hold learning_rate: the bare name is refused (it used to
   set only the first), a path from the error sets exactly one."""
   params = {"a": jnp.ones(2), "b": jnp.ones(2)}
-  tx = oc.partition({"x": oc.inject_hyperparams(oc.sgd)(0.1), "y": oc.inject_hyperparams(oc.adam)(0.2)},
-                    {"a": "x", "b": "y"})
+  tx = oc.partition(
+    {"x": oc.inject_hyperparams(oc.sgd)(0.1), "y": oc.inject_hyperparams(oc.adam)(0.2)},
+    {"a": "x", "b": "y"},
+  )
   state = tx.init(params)
   with pytest.raises(ValueError, match="held in 2 places") as e:
     oc.set_hyperparams(state, learning_rate=0.5)
@@ -109,8 +129,9 @@ def test_integer_gradients_are_refused_where_computed_and_passed_where_not():
       p = {"w": params["w"]}
       with pytest.raises(TypeError, match=r"`updates\['w'\]` has dtype (int32|bool)"):
         tx.update({"w": g}, tx.init(p), p)
-  tx = oc.partition({"train": oc.adam(0.1), "frozen": oc.set_to_zero()},
-                    {"w": "train", "n": "frozen"})
+  tx = oc.partition(
+    {"train": oc.adam(0.1), "frozen": oc.set_to_zero()}, {"w": "train", "n": "frozen"}
+  )
   grads = {"w": jnp.ones(3), "n": jnp.array([5, 6])}
   updates, _ = tx.update(grads, tx.init(params), params)
   assert updates["n"].dtype == jnp.int32 and not np.any(np.asarray(updates["n"]))
@@ -119,13 +140,20 @@ def test_integer_gradients_are_refused_where_computed_and_passed_where_not():
 
 def test_eps_zero_is_refused_only_where_nothing_else_guards_the_denominator():
   zero = {"w": jnp.zeros(3)}
-  for make in (lambda: oc.adam(0.1, eps=0.0), lambda: oc.rmsprop(0.1, eps=0.0),
-               lambda: oc.scale_by_rms(eps=0.0), lambda: oc.scale_by_stddev(eps=0.0),
-               lambda: oc.nadamw(0.1, eps=0.0)):
+  for make in (
+    lambda: oc.adam(0.1, eps=0.0),
+    lambda: oc.rmsprop(0.1, eps=0.0),
+    lambda: oc.scale_by_rms(eps=0.0),
+    lambda: oc.scale_by_stddev(eps=0.0),
+    lambda: oc.nadamw(0.1, eps=0.0),
+  ):
     with pytest.raises(ValueError, match="`eps`"):
       make()
-  for tx in (oc.adam(0.1, eps=0.0, eps_root=1e-16), oc.adagrad(0.1, eps=0.0),
-             oc.scale_by_rss(eps=0.0)):  # eps_root, or a guarded division, keeps 0 / 0 away
+  for tx in (
+    oc.adam(0.1, eps=0.0, eps_root=1e-16),
+    oc.adagrad(0.1, eps=0.0),
+    oc.scale_by_rss(eps=0.0),
+  ):  # eps_root, or a guarded division, keeps 0 / 0 away
     state = tx.init(zero)
     for _ in range(2):
       u, state = tx.update(zero, state, zero)
@@ -193,7 +221,7 @@ def test_current_hyperparams_reads_scheduled_values_without_reevaluating():
     np.testing.assert_allclose(hp["learning_rate"], lr(t), rtol=1e-6)
     np.testing.assert_allclose(hp["weight_decay"], wd(t), rtol=1e-6)
   # A constant loss: no improvement after the first evaluation; reduced every 2 evaluations.
-  np.testing.assert_allclose(hp["plateau_scale"], 0.1 ** 5, rtol=1e-5)
+  np.testing.assert_allclose(hp["plateau_scale"], 0.1**5, rtol=1e-5)
 
 
 def test_injected_state_resumes_exactly():
@@ -203,16 +231,47 @@ def test_injected_state_resumes_exactly():
 
 # --- reduce on plateau ----------------------------------------------------------------
 
-LOSSES = [1.0, 0.8, 0.7, 0.69995, 0.7, 0.71, 0.72, 0.6, 0.6, 0.61, 0.62, 0.63, 0.64, 0.65,
-          0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.49, 0.3, 0.31, 0.32, 0.33, 0.34, 0.35, 0.36]
+LOSSES = [
+  1.0,
+  0.8,
+  0.7,
+  0.69995,
+  0.7,
+  0.71,
+  0.72,
+  0.6,
+  0.6,
+  0.61,
+  0.62,
+  0.63,
+  0.64,
+  0.65,
+  0.5,
+  0.5,
+  0.5,
+  0.5,
+  0.5,
+  0.5,
+  0.49,
+  0.3,
+  0.31,
+  0.32,
+  0.33,
+  0.34,
+  0.35,
+  0.36,
+]
 
 
-@pytest.mark.parametrize("kwargs", [
+@pytest.mark.parametrize(
+  "kwargs",
+  [
     dict(patience=2),
     dict(factor=0.5, patience=3, cooldown=2),
     dict(factor=0.5, patience=1, rtol=0.0, atol=0.05, min_scale=0.2),
     dict(factor=0.5, patience=1, accumulation_size=2),
-])
+  ],
+)
 def test_reduce_on_plateau_matches_optax(kwargs):
   params = {"w": jnp.ones(2)}
   ours = oc.reduce_on_plateau(**kwargs)
@@ -250,7 +309,7 @@ def test_reduce_on_plateau_composes_after_a_warmup_schedule_and_needs_a_value():
   for t, v in enumerate([1.0, 1.0, 1.0, 1.0, 1.0]):
     u, state = tx.update({"w": jnp.ones(2)}, state, params, value=v)
   # plateau after evaluations 2, 3, 4, 5 with patience 1 -> scale 0.5^4; lr at step 4.
-  np.testing.assert_allclose(u["w"], -float(lr(4)) * 0.5 ** 4, rtol=1e-6)
+  np.testing.assert_allclose(u["w"], -float(lr(4)) * 0.5**4, rtol=1e-6)
   with pytest.raises(TypeError, match="value=loss"):
     tx.update({"w": jnp.ones(2)}, state, params)
 

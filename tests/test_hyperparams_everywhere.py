@@ -21,11 +21,12 @@ def _schedule(count):
 
 
 INNERS = {
-    "injected": lambda: oc.inject_hyperparams(oc.adam)(learning_rate=0.1),
-    "scheduled": lambda: oc.adam(_schedule),
-    # Optax's code relies on implicit dtype promotion (the suite's is strict).
-    "optax_injected": lambda: standard_promotion(
-        optax.inject_hyperparams(optax.adam)(learning_rate=0.1)),
+  "injected": lambda: oc.inject_hyperparams(oc.adam)(learning_rate=0.1),
+  "scheduled": lambda: oc.adam(_schedule),
+  # Optax's code relies on implicit dtype promotion (the suite's is strict).
+  "optax_injected": lambda: standard_promotion(
+    optax.inject_hyperparams(optax.adam)(learning_rate=0.1)
+  ),
 }
 
 
@@ -37,26 +38,27 @@ def _labels(params):
 # Every public wrapper (oc.WRAPPERS), plus chain and Optax's wrappers around ours. Each entry:
 # (build(inner) -> transformation, params the update takes).
 WRAPPERS = {
-    "masked": lambda t: oc.masked(t, lambda p: jax.tree.map(lambda _: True, p)),
-    "partition": lambda t: oc.partition({"a": t, "b": oc.set_to_zero()}, _labels),
-    "inject_hyperparams": lambda t: oc.inject_hyperparams(oc.with_diagnostics)(t),
-    "multi_steps": lambda t: oc.multi_steps(t, 2),
-    "MultiSteps": lambda t: oc.MultiSteps(t, 2),
-    "apply_if_finite": lambda t: oc.apply_if_finite(t, 3),
-    "lookahead": lambda t: oc.lookahead(t, 2, 0.5),
-    "lookahead_in_state": lambda t: oc.lookahead_in_state(t, 2, 0.5),
-    "sam": lambda t: oc.sam(t, oc.chain(oc.normalize(), oc.sgd(0.05)), sync_period=2),
-    "with_diagnostics": lambda t: oc.with_diagnostics(t),
-    "conditionally_transform": lambda t: oc.conditionally_transform(t, lambda step: step % 2 == 0),
-    "conditionally_mask": lambda t: oc.conditionally_mask(t, lambda step: step % 2 == 0),
-    "flatten": lambda t: oc.flatten(t),
-    "named_chain": lambda t: oc.named_chain(("clip", oc.clip(1.0)), ("inner", t)),
-    "selective_transform": lambda t: oc.selective_transform(
-        t, freeze_mask=jax.tree.map(lambda _: False, PARAMS)),
-    "chain": lambda t: oc.chain(oc.clip_by_global_norm(1.0), t),
-    "optax.apply_if_finite": lambda t: optax.apply_if_finite(t, 3),
-    "optax.chain": lambda t: optax.chain(optax.clip_by_global_norm(1.0), t),
-    "nested": lambda t: oc.with_diagnostics(oc.apply_if_finite(oc.multi_steps(t, 2), 3)),
+  "masked": lambda t: oc.masked(t, lambda p: jax.tree.map(lambda _: True, p)),
+  "partition": lambda t: oc.partition({"a": t, "b": oc.set_to_zero()}, _labels),
+  "inject_hyperparams": lambda t: oc.inject_hyperparams(oc.with_diagnostics)(t),
+  "multi_steps": lambda t: oc.multi_steps(t, 2),
+  "MultiSteps": lambda t: oc.MultiSteps(t, 2),
+  "apply_if_finite": lambda t: oc.apply_if_finite(t, 3),
+  "lookahead": lambda t: oc.lookahead(t, 2, 0.5),
+  "lookahead_in_state": lambda t: oc.lookahead_in_state(t, 2, 0.5),
+  "sam": lambda t: oc.sam(t, oc.chain(oc.normalize(), oc.sgd(0.05)), sync_period=2),
+  "with_diagnostics": lambda t: oc.with_diagnostics(t),
+  "conditionally_transform": lambda t: oc.conditionally_transform(t, lambda step: step % 2 == 0),
+  "conditionally_mask": lambda t: oc.conditionally_mask(t, lambda step: step % 2 == 0),
+  "flatten": lambda t: oc.flatten(t),
+  "named_chain": lambda t: oc.named_chain(("clip", oc.clip(1.0)), ("inner", t)),
+  "selective_transform": lambda t: oc.selective_transform(
+    t, freeze_mask=jax.tree.map(lambda _: False, PARAMS)
+  ),
+  "chain": lambda t: oc.chain(oc.clip_by_global_norm(1.0), t),
+  "optax.apply_if_finite": lambda t: optax.apply_if_finite(t, 3),
+  "optax.chain": lambda t: optax.chain(optax.clip_by_global_norm(1.0), t),
+  "nested": lambda t: oc.with_diagnostics(oc.apply_if_finite(oc.multi_steps(t, 2), 3)),
 }
 
 
@@ -79,8 +81,9 @@ def test_set_and_read_hyperparameters_through_the_wrapper(wrapper, inner):
   params = _params_for(wrapper)
   state = tx.init(params)
   first = float(_schedule(0)) if inner == "scheduled" else 0.1
-  np.testing.assert_allclose(float(oc.current_hyperparams(state)["learning_rate"]), first,
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+    float(oc.current_hyperparams(state)["learning_rate"]), first, rtol=1e-6
+  )
 
   new_state = oc.set_hyperparams(state, learning_rate=0.05)
   assert jax.tree.structure(new_state) == jax.tree.structure(state)
@@ -102,8 +105,10 @@ def test_set_and_read_hyperparameters_through_the_wrapper(wrapper, inner):
     assert value == pytest.approx(0.05)  # a live value stays until set again
 
 
-@pytest.mark.parametrize("wrapper", ["masked", "apply_if_finite", "with_diagnostics", "chain",
-                                     "lookahead_in_state", "optax.chain"])
+@pytest.mark.parametrize(
+  "wrapper",
+  ["masked", "apply_if_finite", "with_diagnostics", "chain", "lookahead_in_state", "optax.chain"],
+)
 def test_a_live_learning_rate_set_through_the_wrapper_drives_the_step(wrapper):
   """Adam's first step is lr * sign(g) (up to eps): halving the live learning rate through
   the wrapper halves the step."""

@@ -38,9 +38,12 @@ def test_optcompose_inside_optax_chain():
   prob = mlp()
   ours = optax.chain(optax.clip_by_global_norm(0.5), oc.adamw(1e-2, weight_decay=0.1))
   ref = standard_promotion(
-      optax.chain(optax.clip_by_global_norm(0.5), optax.adamw(1e-2, weight_decay=0.1)))
-  assert_trees_close(final_params_f64(ours, 100, optax.apply_updates),
-                     final_params_f64(ref, 100, optax.apply_updates))
+    optax.chain(optax.clip_by_global_norm(0.5), optax.adamw(1e-2, weight_decay=0.1))
+  )
+  assert_trees_close(
+    final_params_f64(ours, 100, optax.apply_updates),
+    final_params_f64(ref, 100, optax.apply_updates),
+  )
   # optax.chain passes extra keyword arguments; they reach our update without error.
   state = ours.init(prob.params)
   ours.update(prob.grad(prob.params, 0), state, prob.params, value=jnp.float32(1.0))
@@ -51,11 +54,15 @@ def test_optax_inside_optcompose_chain():
   prob = mlp()
   # clip_by_global_norm is an Optax transformation without **extra; scale_by_adam too.
   # (Optax's scale_by_adam relies on implicit dtype promotion; the suite's is strict.)
-  ours = oc.chain(optax.clip_by_global_norm(0.5), standard_promotion(optax.scale_by_adam()),
-                  oc.scale_by_learning_rate(1e-2))
+  ours = oc.chain(
+    optax.clip_by_global_norm(0.5),
+    standard_promotion(optax.scale_by_adam()),
+    oc.scale_by_learning_rate(1e-2),
+  )
   ref = standard_promotion(optax.chain(optax.clip_by_global_norm(0.5), optax.adam(1e-2)))
-  assert_trees_close(final_params_f64(ours, 100, oc.apply_updates),
-                     final_params_f64(ref, 100, optax.apply_updates))
+  assert_trees_close(
+    final_params_f64(ours, 100, oc.apply_updates), final_params_f64(ref, 100, optax.apply_updates)
+  )
   # Extra keyword arguments are withheld from Optax members that take none.
   state = ours.init(prob.params)
   ours.update(prob.grad(prob.params, 0), state, prob.params, value=jnp.float32(1.0))
@@ -116,12 +123,14 @@ def test_optax_lbfgs_with_linesearch_inside_optcompose_chain():
 
 @pytest.mark.float64
 def test_adam_from_pieces_after_clipping_sees_the_clipped_gradient():
-  pieces = oc.scale_by_second_moment(0.999, 1e-8, direction=oc.chain(
-      oc.ema(0.9, debias=False), oc.scale_by_bias_correction(0.9)))
+  pieces = oc.scale_by_second_moment(
+    0.999, 1e-8, direction=oc.chain(oc.ema(0.9, debias=False), oc.scale_by_bias_correction(0.9))
+  )
   ours = oc.chain(optax.clip_by_global_norm(1.0), pieces, oc.scale_by_learning_rate(0.1))
   ref = standard_promotion(optax.chain(optax.clip_by_global_norm(1.0), optax.adam(0.1)))
-  assert_trees_close(final_params_f64(ours, 50, oc.apply_updates),
-                     final_params_f64(ref, 50, optax.apply_updates))
+  assert_trees_close(
+    final_params_f64(ours, 50, oc.apply_updates), final_params_f64(ref, 50, optax.apply_updates)
+  )
 
 
 @pytest.mark.float64
@@ -140,7 +149,8 @@ def test_flax_train_state():
   assert int(ours.step) == 50
   assert_trees_close(ours.params, ref.params)
   assert [x.shape for x in jax.tree.leaves(ours.opt_state)] == [
-      x.shape for x in jax.tree.leaves(ref.opt_state)]
+    x.shape for x in jax.tree.leaves(ref.opt_state)
+  ]
 
 
 class Net(nnx.Module):
@@ -180,8 +190,9 @@ def _nnx_train(tx, steps=30, dtype=jnp.float32):
 def test_flax_nnx_optimizer(name):
   with x64():
     ours_model, ours_opt, ours_loss = _nnx_train(getattr(oc, name)(1e-2), dtype=jnp.float64)
-    ref_model, _, ref_loss = _nnx_train(standard_promotion(getattr(optax, name)(1e-2)),
-                                        dtype=jnp.float64)
+    ref_model, _, ref_loss = _nnx_train(
+      standard_promotion(getattr(optax, name)(1e-2)), dtype=jnp.float64
+    )
   assert ours_loss[-1] < ours_loss[0]
   np.testing.assert_allclose(ours_loss, ref_loss, rtol=F64_RTOL)
   assert_trees_close(nnx.state(ours_model, nnx.Param), nnx.state(ref_model, nnx.Param))
@@ -191,7 +202,8 @@ def test_nnx_masked_weight_decay_leaves_bias_and_norm_scale_undecayed():
   """With zero gradients, AdamW moves only the decayed leaves (kernels)."""
   model = Net(nnx.Rngs(0))
   decay_kernels = lambda params: jax.tree_util.tree_map_with_path(
-      lambda path, _: jax.tree_util.keystr(path).endswith("['kernel']"), params)
+    lambda path, _: jax.tree_util.keystr(path).endswith("['kernel']"), params
+  )
   opt = nnx.Optimizer(model, oc.adamw(0.1, weight_decay=0.5, mask=decay_kernels), wrt=nnx.Param)
   # Non-zero bias and scale, so that decaying them would show.
   model.dense1.bias[...] = jnp.ones(8)

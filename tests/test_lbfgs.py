@@ -52,8 +52,10 @@ def objective(params, rosenbrock):
   const = functools.partial(jnp.asarray, dtype=x.dtype)
   valley = jnp.sum(100.0 * (x[1:] - x[:-1] ** 2) ** 2 + (1.0 - x[:-1]) ** 2)
   bowl = 0.5 * jnp.sum(const(X_CURV) * (x - const(X_MIN)) ** 2)
-  quad_y = 0.5 * (Y_CURV[0][0] * (y.scalar - Y_MIN[0][0]) ** 2
-                  + jnp.sum(const(Y_CURV[1]) * (y.vector - const(Y_MIN[1])) ** 2))
+  quad_y = 0.5 * (
+    Y_CURV[0][0] * (y.scalar - Y_MIN[0][0]) ** 2
+    + jnp.sum(const(Y_CURV[1]) * (y.vector - const(Y_MIN[1])) ** 2)
+  )
   return rosenbrock * valley + (1.0 - rosenbrock) * bowl + quad_y
 
 
@@ -62,17 +64,20 @@ def start():
 
 
 def minimum(rosenbrock):
-  return {"x": np.ones(2) if rosenbrock else np.asarray(X_MIN),
-          "y": Pair(np.asarray(Y_MIN[0][0]), np.asarray(Y_MIN[1]))}
+  return {
+    "x": np.ones(2) if rosenbrock else np.asarray(X_MIN),
+    "y": Pair(np.asarray(Y_MIN[0][0]), np.asarray(Y_MIN[1])),
+  }
 
 
 CONFIGS = {  # name -> builder of the optimizer from the library (optcompose or optax)
-    "zoom": lambda lib: lib.lbfgs(),
-    "backtracking": lambda lib: lib.lbfgs(linesearch=lib.scale_by_backtracking_linesearch(
-        max_backtracking_steps=15, store_grad=True)),
-    # The ring buffer wraps every 3 steps. Three pairs converge slowly here (SciPy's L-BFGS-B
-    # with maxcor=3: 462 and 335 iterations on the two faces; with 10: 65 and 40).
-    "memory_3": lambda lib: lib.lbfgs(memory_size=3),
+  "zoom": lambda lib: lib.lbfgs(),
+  "backtracking": lambda lib: lib.lbfgs(
+    linesearch=lib.scale_by_backtracking_linesearch(max_backtracking_steps=15, store_grad=True)
+  ),
+  # The ring buffer wraps every 3 steps. Three pairs converge slowly here (SciPy's L-BFGS-B
+  # with maxcor=3: 462 and 335 iterations on the two faces; with 10: 65 and 40).
+  "memory_3": lambda lib: lib.lbfgs(memory_size=3),
 }
 STEPS = 90
 
@@ -89,12 +94,16 @@ def runner(lib, opt):
   value_and_grad = lib.value_and_grad_from_state(objective)
 
   def step(params, state, rosenbrock, value, grad):
-    updates, state = opt.update(grad, state, params, value=value, grad=grad,
-                                value_fn=objective, rosenbrock=rosenbrock)
+    updates, state = opt.update(
+      grad, state, params, value=value, grad=grad, value_fn=objective, rosenbrock=rosenbrock
+    )
     return lib.apply_updates(params, updates), state
 
-  return Runner(opt, jax.jit(wrap(lambda p, s, a: value_and_grad(p, state=s, rosenbrock=a))),
-                jax.jit(wrap(step)))
+  return Runner(
+    opt,
+    jax.jit(wrap(lambda p, s, a: value_and_grad(p, state=s, rosenbrock=a))),
+    jax.jit(wrap(step)),
+  )
 
 
 FRESH = jax.jit(jax.value_and_grad(objective))
@@ -116,8 +125,14 @@ def solve(run, face, follow=None, steps=STEPS):
       params = follow[t - 1][0] if t else params
       value, grad = FRESH(params, face)
     params, state = run.step(params, state, face, value, grad)
-    path.append((params, float(value), float(state[-1].learning_rate),
-                 int(state[-1].info.num_linesearch_steps)))
+    path.append(
+      (
+        params,
+        float(value),
+        float(state[-1].learning_rate),
+        int(state[-1].info.num_linesearch_steps),
+      )
+    )
   return path
 
 
@@ -170,16 +185,18 @@ def test_lbfgs_follows_optax_in_the_official_loop_and_converges(config):
 
 # --- The searches alone: data keywords, non-finite values, and their other options ---------
 
+
 def barrier_loss(params, x, y):
   """A least-squares term on one sample plus a log barrier: NaN outside the ball |w| < 2, so
   long trial steps see non-finite values."""
-  return 0.5 * (jnp.dot(x, params) - y) ** 2 - 0.1 * jnp.log(4.0 - jnp.sum(params ** 2))
+  return 0.5 * (jnp.dot(x, params) - y) ** 2 - 0.1 * jnp.log(4.0 - jnp.sum(params**2))
 
 
 SEARCHES = {  # after sgd(1.0): the plain gradient step, often out of the domain
-    "backtracking": lambda lib: lib.scale_by_backtracking_linesearch(max_backtracking_steps=15),
-    "zoom": lambda lib: lib.scale_by_zoom_linesearch(  # the options lbfgs's default leaves out
-        max_linesearch_steps=15, max_learning_rate=0.8, approx_dec_rtol=None),
+  "backtracking": lambda lib: lib.scale_by_backtracking_linesearch(max_backtracking_steps=15),
+  "zoom": lambda lib: lib.scale_by_zoom_linesearch(  # the options lbfgs's default leaves out
+    max_linesearch_steps=15, max_learning_rate=0.8, approx_dec_rtol=None
+  ),
 }
 
 
@@ -204,17 +221,23 @@ def test_line_search_passes_data_to_value_fn_and_survives_non_finite_values(sear
 
       def step(params, state, x, y, opt=opt, lib=lib, extra=extra):
         value, grad = jax.value_and_grad(barrier_loss)(params, x, y)
-        updates, state = opt.update(grad, state, params, value=value, grad=grad,
-                                    value_fn=barrier_loss, x=x, y=y, **extra)
+        updates, state = opt.update(
+          grad, state, params, value=value, grad=grad, value_fn=barrier_loss, x=x, y=y, **extra
+        )
         return lib.apply_updates(params, updates), state
 
       step = jax.jit(step if lib is oc else standard_promotion(step))
       params, state, path = start_at, opt.init(start_at), []
       for x, y in zip(jnp.asarray(xs), jnp.asarray(ys)):
         params, state = step(params, state, x, y)
-        path.append((params, float(state[-1].learning_rate),
-                     int(state[-1].info.num_linesearch_steps),
-                     float(state[-1].info.decrease_error)))
+        path.append(
+          (
+            params,
+            float(state[-1].learning_rate),
+            int(state[-1].info.num_linesearch_steps),
+            float(state[-1].info.decrease_error),
+          )
+        )
       results.append(path)
   ours, ref = results
   for t, ((p, lr, n, dec), (p_ref, lr_ref, n_ref, dec_ref)) in enumerate(zip(ours, ref)):
@@ -225,7 +248,7 @@ def test_line_search_passes_data_to_value_fn_and_survives_non_finite_values(sear
 
 
 def test_value_and_grad_from_state_reuses_the_stored_evaluation_and_says_what_is_missing():
-  f = lambda p: jnp.sum(p ** 2)  # noqa: E731
+  f = lambda p: jnp.sum(p**2)  # noqa: E731
   params = jnp.asarray([1.0, -2.0])
   value_and_grad = oc.value_and_grad_from_state(f)
   opt = oc.lbfgs()
@@ -233,8 +256,11 @@ def test_value_and_grad_from_state_reuses_the_stored_evaluation_and_says_what_is
   value, grad = value_and_grad(params, state=state)  # +inf stored: computed
   np.testing.assert_allclose(value, 5.0)
   np.testing.assert_allclose(grad, [2.0, -4.0])
-  stored = (state[0], state[1], state[2]._replace(value=jnp.float32(7.0),
-                                                  grad=jnp.asarray([3.0, 4.0])))
+  stored = (
+    state[0],
+    state[1],
+    state[2]._replace(value=jnp.float32(7.0), grad=jnp.asarray([3.0, 4.0])),
+  )
   value, grad = value_and_grad(params, state=stored)  # finite: taken as stored
   assert float(value) == 7.0 and grad.tolist() == [3.0, 4.0]
   with pytest.raises(ValueError, match="stores no value"):
@@ -254,15 +280,14 @@ def _signature(state):
 def test_states_have_optax_fields_shapes_and_dtypes():
   """Traced only (jax.eval_shape): the state after init and after one step."""
   params = {"w": jnp.ones((2, 3)), "b": Pair(jnp.float32(0.5), jnp.zeros(3))}
-  f = lambda p: sum(jnp.sum(x ** 2) for x in jax.tree.leaves(p))  # noqa: E731
+  f = lambda p: sum(jnp.sum(x**2) for x in jax.tree.leaves(p))  # noqa: E731
   value, grad = jax.value_and_grad(f)(params)
   builders = {
-      "scale_by_lbfgs": lambda lib: lib.scale_by_lbfgs(memory_size=4),
-      "zoom": lambda lib: lib.scale_by_zoom_linesearch(max_linesearch_steps=5),
-      "backtracking": lambda lib: lib.scale_by_backtracking_linesearch(5),
-      "backtracking_store_grad": lambda lib: lib.scale_by_backtracking_linesearch(
-          5, store_grad=True),
-      "lbfgs": lambda lib: lib.lbfgs(),
+    "scale_by_lbfgs": lambda lib: lib.scale_by_lbfgs(memory_size=4),
+    "zoom": lambda lib: lib.scale_by_zoom_linesearch(max_linesearch_steps=5),
+    "backtracking": lambda lib: lib.scale_by_backtracking_linesearch(5),
+    "backtracking_store_grad": lambda lib: lib.scale_by_backtracking_linesearch(5, store_grad=True),
+    "lbfgs": lambda lib: lib.lbfgs(),
   }
   for name, build in builders.items():
     states = []
@@ -270,12 +295,12 @@ def test_states_have_optax_fields_shapes_and_dtypes():
       tx = build(lib) if lib is oc else standard_promotion(build(lib))
       state = tx.init(params)
       extra = {} if name == "scale_by_lbfgs" else dict(value=value, grad=grad, value_fn=f)
-      stepped = jax.eval_shape(lambda s, tx=tx, e=extra: tx.update(grad, s, params, **e)[1],
-                               state)
+      stepped = jax.eval_shape(lambda s, tx=tx, e=extra: tx.update(grad, s, params, **e)[1], state)
       states.append((state, stepped))
     (ours, ours_stepped), (ref, ref_stepped) = states
     assert [type(s).__name__ for s in jax.tree.leaves(ours, is_leaf=_is_state)] == [
-        type(s).__name__ for s in jax.tree.leaves(ref, is_leaf=_is_state)], name
+      type(s).__name__ for s in jax.tree.leaves(ref, is_leaf=_is_state)
+    ], name
     for a, b in ((ours, ref), (ours_stepped, ref_stepped), (ours_stepped, ours)):
       assert _signature(a) == _signature(b), name
 
@@ -285,15 +310,17 @@ def _is_state(x):
 
 
 def test_verbose_searches_print_why_they_failed(capfd):
-  f = lambda w: jnp.sum(w ** 2)  # noqa: E731
+  f = lambda w: jnp.sum(w**2)  # noqa: E731
   w = jnp.asarray([1.0, 2.0])
   value, grad = jax.value_and_grad(f)(w)
-  for search, what in ((oc.scale_by_zoom_linesearch(2, verbose=True), "curvature error"),
-                       (oc.scale_by_backtracking_linesearch(2, verbose=True),
-                        "no step size with sufficient decrease")):
+  for search, what in (
+    (oc.scale_by_zoom_linesearch(2, verbose=True), "curvature error"),
+    (oc.scale_by_backtracking_linesearch(2, verbose=True), "no step size with sufficient decrease"),
+  ):
     # The gradient itself (not its negative) is not a descent direction.
-    _, state = jax.jit(lambda s, search=search: search.update(
-        grad, s, w, value=value, grad=grad, value_fn=f))(search.init(w))
+    _, state = jax.jit(
+      lambda s, search=search: search.update(grad, s, w, value=value, grad=grad, value_fn=f)
+    )(search.init(w))
     jax.effects_barrier()
     assert what in capfd.readouterr().out
     assert float(state.info.decrease_error) > 0.0
@@ -301,31 +328,49 @@ def test_verbose_searches_print_why_they_failed(capfd):
 
 # --- Bad input: named errors ------------------------------------------------------------------
 
-@pytest.mark.parametrize("build, error, match", [
+
+@pytest.mark.parametrize(
+  "build, error, match",
+  [
     (lambda: oc.scale_by_lbfgs(memory_size=0), ValueError, r"scale_by_lbfgs: `memory_size`"),
     (lambda: oc.lbfgs(memory_size=0), ValueError, r"lbfgs: `memory_size` must lie in \[1"),
     (lambda: oc.scale_by_lbfgs(memory_size=2.0), TypeError, "must be a Python int"),
     (lambda: oc.lbfgs(linesearch=3), TypeError, "lbfgs: `linesearch` is int, not a gradient"),
     (lambda: oc.lbfgs(learning_rate=-1.0), ValueError, "lbfgs: `learning_rate`"),
-    (lambda: oc.scale_by_zoom_linesearch(10, slope_rtol=0.5, curv_rtol=0.4), ValueError,
-     r"`curv_rtol` must be > `slope_rtol` \(0.5\)"),
+    (
+      lambda: oc.scale_by_zoom_linesearch(10, slope_rtol=0.5, curv_rtol=0.4),
+      ValueError,
+      r"`curv_rtol` must be > `slope_rtol` \(0.5\)",
+    ),
     (lambda: oc.scale_by_zoom_linesearch(10, slope_rtol=0.0), ValueError, "`slope_rtol`"),
     (lambda: oc.scale_by_zoom_linesearch(10, slope_rtol=1.0), ValueError, "`slope_rtol`"),
     (lambda: oc.scale_by_zoom_linesearch(10, curv_rtol=float("nan")), ValueError, "curv_rtol"),
     (lambda: oc.scale_by_zoom_linesearch(0), ValueError, "`max_linesearch_steps`"),
-    (lambda: oc.scale_by_zoom_linesearch(10, increase_factor=1.0), ValueError,
-     "`increase_factor`"),
-    (lambda: oc.scale_by_zoom_linesearch(10, max_learning_rate=0.0), ValueError,
-     "`max_learning_rate`"),
-    (lambda: oc.scale_by_zoom_linesearch(10, initial_guess_strategy="two"), ValueError,
-     "`initial_guess_strategy` must be 'one' or 'keep'"),
+    (lambda: oc.scale_by_zoom_linesearch(10, increase_factor=1.0), ValueError, "`increase_factor`"),
+    (
+      lambda: oc.scale_by_zoom_linesearch(10, max_learning_rate=0.0),
+      ValueError,
+      "`max_learning_rate`",
+    ),
+    (
+      lambda: oc.scale_by_zoom_linesearch(10, initial_guess_strategy="two"),
+      ValueError,
+      "`initial_guess_strategy` must be 'one' or 'keep'",
+    ),
     (lambda: oc.scale_by_backtracking_linesearch(-1), ValueError, "`max_backtracking_steps`"),
-    (lambda: oc.scale_by_backtracking_linesearch(10, decrease_factor=1.0), ValueError,
-     "`decrease_factor`"),
-    (lambda: oc.scale_by_backtracking_linesearch(10, increase_factor=0.5), ValueError,
-     "`increase_factor` must be >= 1"),
+    (
+      lambda: oc.scale_by_backtracking_linesearch(10, decrease_factor=1.0),
+      ValueError,
+      "`decrease_factor`",
+    ),
+    (
+      lambda: oc.scale_by_backtracking_linesearch(10, increase_factor=0.5),
+      ValueError,
+      "`increase_factor` must be >= 1",
+    ),
     (lambda: oc.scale_by_backtracking_linesearch(10, atol=-1e-3), ValueError, "`atol`"),
-])
+  ],
+)
 def test_bad_hyperparameters_raise_named_errors(build, error, match):
   with pytest.raises(error, match=match):
     build()
@@ -336,12 +381,13 @@ def test_documented_extremes_are_accepted():
   oc.scale_by_backtracking_linesearch(10, increase_factor=float("inf"))  # start at the max
 
 
-@pytest.mark.parametrize("name", ["lbfgs", "scale_by_zoom_linesearch",
-                                  "scale_by_backtracking_linesearch"])
+@pytest.mark.parametrize(
+  "name", ["lbfgs", "scale_by_zoom_linesearch", "scale_by_backtracking_linesearch"]
+)
 def test_update_without_its_arguments_raises_named_errors(name):
   """Traced only: each error is raised before any computation."""
   tx = oc.lbfgs() if name == "lbfgs" else getattr(oc, name)(5)
-  f = lambda p: jnp.sum(p ** 2)  # noqa: E731
+  f = lambda p: jnp.sum(p**2)  # noqa: E731
   params = jnp.asarray([1.0, 2.0])
   value, grad = jax.value_and_grad(f)(params)
   state = tx.init(params)

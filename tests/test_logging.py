@@ -22,15 +22,29 @@ from numerics import standard_promotion
 from test_docs import doc_problems
 
 GUIDE = Path(__file__).resolve().parents[1] / "docs" / "guides" / "logging.md"
-MEASURED = {"grad_norm", "update_norm", "param_norm", "update_ratio", "learning_rate",
-            "zero_fraction", "nonfinite", "step"}
-TARGET = {"w": np.linspace(-1.0, 1.0, 12, dtype=np.float32).reshape(3, 4),
-          "b": np.array([0.0, 1.0, -2.0, 3.0], np.float32), "s": np.float32(2.0)}
+MEASURED = {
+  "grad_norm",
+  "update_norm",
+  "param_norm",
+  "update_ratio",
+  "learning_rate",
+  "zero_fraction",
+  "nonfinite",
+  "step",
+}
+TARGET = {
+  "w": np.linspace(-1.0, 1.0, 12, dtype=np.float32).reshape(3, 4),
+  "b": np.array([0.0, 1.0, -2.0, 3.0], np.float32),
+  "s": np.float32(2.0),
+}
 
 
 def initial_params():
-  return {"w": jnp.asarray(np.arange(12, dtype=np.float32).reshape(3, 4) / 7.0),
-          "b": jnp.zeros(4), "s": jnp.float32(0.5)}
+  return {
+    "w": jnp.asarray(np.arange(12, dtype=np.float32).reshape(3, 4) / 7.0),
+    "b": jnp.zeros(4),
+    "s": jnp.float32(0.5),
+  }
 
 
 def gradient(params):
@@ -49,13 +63,13 @@ def lr(t):
 
 def injected_adamw():
   """AdamW with every hyperparameter in the state: diagnostics_dict lists 18 keys."""
-  return oc.with_diagnostics(oc.inject_hyperparams(oc.adamw)(learning_rate=schedule,
-                                                             weight_decay=0.01))
+  return oc.with_diagnostics(
+    oc.inject_hyperparams(oc.adamw)(learning_rate=schedule, weight_decay=0.01)
+  )
 
 
 def np_norm(tree):
-  return float(np.sqrt(sum(np.sum(np.asarray(x, np.float64) ** 2)
-                           for x in jax.tree.leaves(tree))))
+  return float(np.sqrt(sum(np.sum(np.asarray(x, np.float64) ** 2) for x in jax.tree.leaves(tree))))
 
 
 def np_zero_fraction(tree):
@@ -68,6 +82,7 @@ def make_step(tx):
     grads = gradient(params)
     updates, state = tx.update(grads, state, params)
     return oc.apply_updates(params, updates), state, metrics(state), (grads, updates, params)
+
   return step
 
 
@@ -81,7 +96,8 @@ def scan(tx, steps):
     return (params, state), (logged, seen)
 
   _, (stacked, seen) = jax.jit(lambda c: jax.lax.scan(body, c, length=steps))(
-      (params, tx.init(params)))
+    (params, tx.init(params))
+  )
   return stacked, seen
 
 
@@ -120,7 +136,9 @@ def test_values_equal_independent_numpy_measurements(mode):
     assert logged["learning_rate"][t] == pytest.approx(lr(t), rel=1e-6)
     assert logged["zero_fraction"][t] == pytest.approx(np_zero_fraction(p), rel=1e-6)
     assert logged["nonfinite"][t] == 0 and logged["step"][t] == t + 1
-  assert logged["zero_fraction"][0] == pytest.approx(5 / 17)  # b and w[0, 0] and logged["zero_fraction"][1] > 0
+  assert logged["zero_fraction"][0] == pytest.approx(
+    5 / 17
+  )  # b and w[0, 0] and logged["zero_fraction"][1] > 0
 
 
 def test_keys_are_the_short_set_where_diagnostics_dict_lists_every_scalar():
@@ -177,11 +195,17 @@ def test_every_k_rows_are_the_measured_updates():
 def test_without_diagnostics_reads_clipping_injection_and_skipping():
   """NaN gradients at steps 1, 3 and 4: skipped, counted, and the inner state (clipping's
   norm, the injected schedule's value) holds the latest finite step's values."""
-  ours = oc.apply_if_finite(oc.chain(oc.clip_by_global_norm(1.0), oc.inject_hyperparams(
-      oc.adam)(learning_rate=schedule)), 2)
-  theirs = standard_promotion(optax.apply_if_finite(optax.chain(
-      optax.clip_by_global_norm(1.0), optax.inject_hyperparams(optax.adam)(
-          learning_rate=schedule)), 2))
+  ours = oc.apply_if_finite(
+    oc.chain(oc.clip_by_global_norm(1.0), oc.inject_hyperparams(oc.adam)(learning_rate=schedule)), 2
+  )
+  theirs = standard_promotion(
+    optax.apply_if_finite(
+      optax.chain(
+        optax.clip_by_global_norm(1.0), optax.inject_hyperparams(optax.adam)(learning_rate=schedule)
+      ),
+      2,
+    )
+  )
   params = initial_params()
   states = [ours.init(params), theirs.init(params)]
   assert set(metrics(states[0])) == {"grad_norm", "learning_rate", "skipped_steps", "gave_up"}
@@ -207,8 +231,7 @@ def test_plateau_scale_and_early_stopping():
   tx = oc.chain(oc.adam(0.1), oc.reduce_on_plateau(factor=0.5, patience=1))
   state = tx.init(initial_params())
   assert to_host(metrics(state)) == {"plateau_scale": 1.0}
-  assert to_host(metrics(oc.set_hyperparams(state, plateau_scale=0.25))) == {
-      "plateau_scale": 0.25}
+  assert to_host(metrics(oc.set_hyperparams(state, plateau_scale=0.25))) == {"plateau_scale": 0.25}
   es = oc.early_stopping(mode="min", patience=1)
   es_state = es.init(None)
   for value in (3.0, 2.0, 2.5, 2.75):
@@ -260,14 +283,20 @@ def test_to_host_converts_types_in_one_transfer(monkeypatch):
 
 
 def test_to_host_and_unstack_of_a_stacked_dict():
-  stacked = {"loss": jnp.array([3.0, 2.0, 1.5, 1.25, 1.0]), "step": jnp.arange(1, 6),
-             "ok": jnp.array([True, False, True, True, True])}
+  stacked = {
+    "loss": jnp.array([3.0, 2.0, 1.5, 1.25, 1.0]),
+    "step": jnp.arange(1, 6),
+    "ok": jnp.array([True, False, True, True, True]),
+  }
   host = to_host(stacked)
   assert all(isinstance(v, np.ndarray) and v.shape == (5,) for v in host.values())
   np.testing.assert_array_equal(host["loss"], [3.0, 2.0, 1.5, 1.25, 1.0])
   rows = unstack(stacked, every_k=2)
-  assert rows == [{"loss": 3.0, "step": 1, "ok": True}, {"loss": 1.5, "step": 3, "ok": True},
-                  {"loss": 1.0, "step": 5, "ok": True}]
+  assert rows == [
+    {"loss": 3.0, "step": 1, "ok": True},
+    {"loss": 1.5, "step": 3, "ok": True},
+    {"loss": 1.0, "step": 5, "ok": True},
+  ]
   assert [type(v) for v in rows[0].values()] == [float, int, bool]
   assert unstack(host) == unstack(stacked)  # already on the host
 
@@ -334,8 +363,7 @@ def test_clu_shaped_writer_gets_every_kth_step():
 
 def test_tensorboard_event_files_read_back_with_the_logged_values(tmp_path):
   tensorboardX = pytest.importorskip("tensorboardX")
-  event_accumulator = pytest.importorskip(
-      "tensorboard.backend.event_processing.event_accumulator")
+  event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
   stacked, rows = scan_rows(injected_adamw(), 5)
   writer = tensorboardX.SummaryWriter(str(tmp_path))
   for row in rows:
@@ -350,8 +378,9 @@ def test_tensorboard_event_files_read_back_with_the_logged_values(tmp_path):
     read = events.Scalars(f"optimizer/{key}")
     assert [e.step for e in read] == [1, 2, 3, 4, 5]
     # Event files hold float32: the logged float32 values come back exactly.
-    np.testing.assert_array_equal(np.float32([e.value for e in read]),
-                                  stacked[key].astype(np.float32), err_msg=key)
+    np.testing.assert_array_equal(
+      np.float32([e.value for e in read]), stacked[key].astype(np.float32), err_msg=key
+    )
 
 
 def test_wandb_shaped_run_logs_a_dict_per_step():
@@ -375,8 +404,14 @@ GUIDE_BLOCKS = re.findall(r"```python\n(.*?)```", GUIDE.read_text(), re.S)
 def test_the_guide_has_its_recipes():
   text = "\n".join(GUIDE_BLOCKS)
   assert len(GUIDE_BLOCKS) >= 6
-  for needle in ("lax.scan", "write_scalars", "SummaryWriter", "run.log",
-                 "jax.process_index() == 0", "unstack(stacked, every_k=10)"):
+  for needle in (
+    "lax.scan",
+    "write_scalars",
+    "SummaryWriter",
+    "run.log",
+    "jax.process_index() == 0",
+    "unstack(stacked, every_k=10)",
+  ):
     assert needle in text, needle
 
 

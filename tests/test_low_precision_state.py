@@ -50,12 +50,12 @@ def reference_step(g, m, v, t, b1, b2, eps, mu_bf16, m_stored):
   else:
     m_new = (1 - b1) * g + b1 * m
   v_new = to_bf16((1 - b2) * g * g + b2 * v)
-  denominator = np.sqrt(v_new / (1 - b2 ** t)) + eps
-  u = (m_new / (1 - b1 ** t)) / denominator
+  denominator = np.sqrt(v_new / (1 - b2**t)) + eps
+  u = (m_new / (1 - b1**t)) / denominator
   # float32 rounding of m's sum, which cancels where g opposes m: a few float32 epsilons of
   # its terms, not of the result (in the update after bias correction).
-  m_error = 4 * 2.0 ** -24 * ((1 - b1) * np.abs(g) + b1 * np.abs(m))
-  return u, m_new, v_new, m_error, m_error / (1 - b1 ** t) / denominator
+  m_error = 4 * 2.0**-24 * ((1 - b1) * np.abs(g) + b1 * np.abs(m))
+  return u, m_new, v_new, m_error, m_error / (1 - b1**t) / denominator
 
 
 def gradients(steps, n, seed=0):
@@ -87,8 +87,9 @@ def test_bf16_moments_match_a_float64_formula_that_rounds_the_stored_moments(mu_
     mu, nu = state.mu["w"], state.nu["w"]
     u, state = step({"w": jnp.asarray(g)}, state, params)
     m, v = np.asarray(state.mu["w"], np.float64), np.asarray(state.nu["w"], np.float64)
-    u_ref, m_ref, v_ref, m_atol, u_atol = reference_step(g, mu, nu, t, b1, b2, eps,
-                                                         mu_dtype is not None, m)
+    u_ref, m_ref, v_ref, m_atol, u_atol = reference_step(
+      g, mu, nu, t, b1, b2, eps, mu_dtype is not None, m
+    )
     assert state.mu["w"].dtype == (BF16 if mu_dtype else jnp.float32)
     assert state.nu["w"].dtype == BF16 and u["w"].dtype == jnp.float32
     # The stored moments are the formula's, rounded: equal, but for the rare element where
@@ -125,10 +126,9 @@ def test_bf16_moment_step_writes_the_donated_state_in_place(mu_dtype):
   """AdamW with bfloat16 moments, parameters and state donated: XLA copies no moment buffer
   and needs no parameter-sized temporary (float32 moments: none either)."""
   n = 1 << 18
-  compiled = donated_step(oc.adamw(1e-3, weight_decay=1e-4, mu_dtype=mu_dtype, nu_dtype=BF16),
-                          n)
+  compiled = donated_step(oc.adamw(1e-3, weight_decay=1e-4, mu_dtype=mu_dtype, nu_dtype=BF16), n)
   text = compiled.as_text()
-  entry = text[text.index("\nENTRY"):]
+  entry = text[text.index("\nENTRY") :]
   copies = [ln for ln in entry.splitlines() if " copy(" in ln]
   assert not copies, copies
   # Temporaries: a few scalars, nothing like one bfloat16 moment (2 bytes a parameter).
@@ -138,10 +138,14 @@ def test_bf16_moment_step_writes_the_donated_state_in_place(mu_dtype):
   assert wide.temp_size_in_bytes < n
 
 
-@pytest.mark.parametrize("make", [
+@pytest.mark.parametrize(
+  "make",
+  [
     lambda: oc.scale_by_adam(b2=0.99, nu_dtype=BF16),
     lambda: oc.scale_by_second_moment(decay=0.99, nu_dtype=BF16),
-], ids=["scale_by_adam", "scale_by_second_moment"])
+  ],
+  ids=["scale_by_adam", "scale_by_second_moment"],
+)
 def test_a_bfloat16_second_moment_decays_with_the_unrounded_decay(make):
   """``b2 * v`` is computed in float32, not in v's bfloat16 (where 0.99 rounds to 0.98828125,
   and 0.999 to 1.0: v would never decay): after one gradient and then zero gradients, each

@@ -14,18 +14,24 @@ import optcompose as oc
 from compat import pure
 from numerics import standard_promotion
 
-PARAMS = {"dense": {"kernel": jnp.ones((3, 2)), "bias": jnp.ones(2)},
-          "LayerNorm_0": {"scale": jnp.ones(2), "bias": jnp.ones(2)}}
+PARAMS = {
+  "dense": {"kernel": jnp.ones((3, 2)), "bias": jnp.ones(2)},
+  "LayerNorm_0": {"scale": jnp.ones(2), "bias": jnp.ones(2)},
+}
 NO_DECAY = r"bias|scale"
 
 
 def test_path_mask_and_labels_on_a_linen_style_dict():
   mask = oc.mask_from_paths(exclude=NO_DECAY)(PARAMS)
-  assert mask == {"dense": {"kernel": True, "bias": False},
-                  "LayerNorm_0": {"scale": False, "bias": False}}
+  assert mask == {
+    "dense": {"kernel": True, "bias": False},
+    "LayerNorm_0": {"scale": False, "bias": False},
+  }
   labels = oc.labels_from_paths([(r"LayerNorm", "frozen"), (r"kernel", "decay")], "other")(PARAMS)
-  assert labels == {"dense": {"kernel": "decay", "bias": "other"},
-                    "LayerNorm_0": {"scale": "frozen", "bias": "frozen"}}
+  assert labels == {
+    "dense": {"kernel": "decay", "bias": "other"},
+    "LayerNorm_0": {"scale": "frozen", "bias": "frozen"},
+  }
 
 
 def test_masked_decay_with_path_patterns_on_nnx_leaves_bias_and_norm_scale():
@@ -36,8 +42,9 @@ def test_masked_decay_with_path_patterns_on_nnx_leaves_bias_and_norm_scale():
 
   model = Net(nnx.Rngs(0))
   model.dense.bias[...] = jnp.full(4, 0.5)
-  opt = nnx.Optimizer(model, oc.adamw(0.1, weight_decay=0.5, mask=oc.mask_from_paths(exclude=NO_DECAY)),
-                      wrt=nnx.Param)
+  opt = nnx.Optimizer(
+    model, oc.adamw(0.1, weight_decay=0.5, mask=oc.mask_from_paths(exclude=NO_DECAY)), wrt=nnx.Param
+  )
   before = jax.tree.map(np.asarray, pure(nnx.state(model, nnx.Param)))
   opt.update(model, jax.tree.map(jnp.zeros_like, nnx.state(model, nnx.Param)))
   after = pure(nnx.state(model, nnx.Param))
@@ -61,8 +68,9 @@ def test_partition_with_frozen_leaves_has_no_state_for_them():
 
 def test_partition_errors_name_the_leaf_and_the_labels():
   with pytest.raises(ValueError, match=r"\['dense'\]\['bias'\] has label 'b'"):
-    oc.partition({"a": oc.sgd(0.1)},
-                 {"dense": {"kernel": "a", "bias": "b"}, "LayerNorm_0": "a"}).init(PARAMS)
+    oc.partition(
+      {"a": oc.sgd(0.1)}, {"dense": {"kernel": "a", "bias": "b"}, "LayerNorm_0": "a"}
+    ).init(PARAMS)
 
 
 def _layout(state):
@@ -81,8 +89,9 @@ def test_partition_allows_a_label_without_leaves_as_optax_does():
   """Muon-style recipes name groups a model may lack: the unused label's transformation
   sees one MaskedNode for the whole tree, and its state is Optax's (here a bare count)."""
   ours = oc.partition({"a": oc.adam(0.1), "unused": oc.adam(0.1)}, "a")
-  theirs = standard_promotion(optax.partition({"a": optax.adam(0.1), "unused": optax.adam(0.1)},
-                                              "a"))
+  theirs = standard_promotion(
+    optax.partition({"a": optax.adam(0.1), "unused": optax.adam(0.1)}, "a")
+  )
   state, ref = ours.init(PARAMS), theirs.init(PARAMS)
   assert _layout(state) == _layout(ref)
   assert isinstance(state.inner_states["unused"].inner_state[0].mu, oc.MaskedNode)
@@ -108,8 +117,10 @@ def test_a_false_prefix_masks_the_subtree_as_one_node_as_optax_does():
   theirs = optax.partition({"train": optax.adam(0.1), "frozen": optax.set_to_zero()}, labels)
   assert _layout(ours.init(PARAMS)) == _layout(theirs.init(PARAMS))
   # A static mask finer than a subtree an outer mask hid still applies (collapsed there).
-  inner = oc.masked(oc.scale(2.0), {"dense": {"kernel": True, "bias": False},
-                                    "LayerNorm_0": {"scale": True, "bias": True}})
+  inner = oc.masked(
+    oc.scale(2.0),
+    {"dense": {"kernel": True, "bias": False}, "LayerNorm_0": {"scale": True, "bias": True}},
+  )
   tx = oc.masked(inner, mask)
   u, _ = tx.update(PARAMS, tx.init(PARAMS), PARAMS)
   np.testing.assert_array_equal(u["dense"]["kernel"], 2.0)
@@ -141,7 +152,9 @@ def test_equinox_module_with_non_array_leaves():
   updates, _ = tx.update(zeros, tx.init(params), params)  # fresh moments: decay only
   moved = eqx.apply_updates(model, updates)
   for layer_before, layer_after in zip(model.layers, moved.layers):
-    np.testing.assert_allclose(layer_after.weight, layer_before.weight * (1 - 1e-2 * 0.5), rtol=1e-5)
+    np.testing.assert_allclose(
+      layer_after.weight, layer_before.weight * (1 - 1e-2 * 0.5), rtol=1e-5
+    )
     np.testing.assert_array_equal(layer_after.bias, layer_before.bias)
 
 
@@ -155,10 +168,12 @@ def test_masked_state_maps_with_optax_tree_map_params_as_optax_s():
   for lib in (oc, optax):
     tx = lib.masked(lib.adam(1e-3), mask)
     specs[lib.__name__] = lib.tree.map_params(
-        tx, lambda p: f"spec{p.shape}", tx.init(params), transform_non_params=lambda _: "x")
+      tx, lambda p: f"spec{p.shape}", tx.init(params), transform_non_params=lambda _: "x"
+    )
   flat = {name: jax.tree_util.tree_flatten_with_path(s)[0] for name, s in specs.items()}
   assert [(jax.tree_util.keystr(p), v) for p, v in flat["optcompose"]] == [
-      (jax.tree_util.keystr(p), v) for p, v in flat["optax"]]
+    (jax.tree_util.keystr(p), v) for p, v in flat["optax"]
+  ]
   mu = specs["optcompose"].inner_state[0].mu
   assert mu["a"] == "spec(3,)" and mu["b"]["d"] == "spec(1,)"
   assert isinstance(mu["b"]["c"], oc.MaskedNode)

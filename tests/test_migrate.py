@@ -45,19 +45,23 @@ def matrices(params):
 
 # Each built the same way from either library (`lib` is optax or optcompose).
 OPTIMIZERS = {
-    "adam": lambda lib: lib.adam(1e-2),
-    "adamw_masked_scheduled": lambda lib: lib.adamw(lr_schedule, weight_decay=wd_schedule,
-                                                    mask=matrices),
-    "sgd_momentum": lambda lib: lib.sgd(1e-2, momentum=0.9),
-    "clip_adamw": lambda lib: lib.chain(lib.clip_by_global_norm(0.5),
-                                        lib.adamw(lr_schedule, weight_decay=1e-2)),
-    "inject_adamw": lambda lib: lib.inject_hyperparams(lib.adamw)(learning_rate=lr_schedule,
-                                                                  weight_decay=1e-2),
-    "lion": lambda lib: lib.lion(1e-3, weight_decay=1e-2),
-    "lamb": lambda lib: lib.lamb(1e-2),
-    # Saved mid-accumulation: after K = 6 micro-steps, 2 of the second real step's 4.
-    "multi_steps_adamw": lambda lib: (
-        lib.MultiSteps(lib.adamw(lr_schedule), 4).gradient_transformation()),
+  "adam": lambda lib: lib.adam(1e-2),
+  "adamw_masked_scheduled": lambda lib: lib.adamw(
+    lr_schedule, weight_decay=wd_schedule, mask=matrices
+  ),
+  "sgd_momentum": lambda lib: lib.sgd(1e-2, momentum=0.9),
+  "clip_adamw": lambda lib: lib.chain(
+    lib.clip_by_global_norm(0.5), lib.adamw(lr_schedule, weight_decay=1e-2)
+  ),
+  "inject_adamw": lambda lib: lib.inject_hyperparams(lib.adamw)(
+    learning_rate=lr_schedule, weight_decay=1e-2
+  ),
+  "lion": lambda lib: lib.lion(1e-3, weight_decay=1e-2),
+  "lamb": lambda lib: lib.lamb(1e-2),
+  # Saved mid-accumulation: after K = 6 micro-steps, 2 of the second real step's 4.
+  "multi_steps_adamw": lambda lib: lib.MultiSteps(
+    lib.adamw(lr_schedule), 4
+  ).gradient_transformation(),
 }
 NAMES = [n for n in OPTIMIZERS if n not in ("lion", "lamb") or hasattr(oc, n)]
 
@@ -90,8 +94,11 @@ def run(update, prob, params, state, start, stop, save_at=None):
 
 def without_logged_norm(state):
   """A state with optcompose's logged global norm (which Optax does not keep) set aside."""
-  return jax.tree.map(lambda s: oc.EmptyState() if isinstance(s, oc.ClipByGlobalNormState) else s,
-                      state, is_leaf=lambda s: isinstance(s, oc.ClipByGlobalNormState))
+  return jax.tree.map(
+    lambda s: oc.EmptyState() if isinstance(s, oc.ClipByGlobalNormState) else s,
+    state,
+    is_leaf=lambda s: isinstance(s, oc.ClipByGlobalNormState),
+  )
 
 
 def assert_states_equal(actual, desired, what):
@@ -111,10 +118,12 @@ def test_checkpoint_migrates_both_ways_and_training_continues(name, tmp_path):
     prob = mlp64()
     update, optax_update = jax.jit(tx.update), jax.jit(otx.update)
     # Each library's uninterrupted run, checkpointed mid-run.
-    optax_end, _, (optax_params, optax_k) = run(optax_update, prob, prob.params,
-                                                otx.init(prob.params), 0, K + N, save_at=K)
-    ours_end, _, (ours_params, ours_k) = run(update, prob, prob.params, tx.init(prob.params),
-                                             0, K + N, save_at=K)
+    optax_end, _, (optax_params, optax_k) = run(
+      optax_update, prob, prob.params, otx.init(prob.params), 0, K + N, save_at=K
+    )
+    ours_end, _, (ours_params, ours_k) = run(
+      update, prob, prob.params, tx.init(prob.params), 0, K + N, save_at=K
+    )
 
     # Optax -> optcompose: Optax's checkpoint (a Flax msgpack file) read back plainly.
     path = tmp_path / "optax.msgpack"
@@ -149,8 +158,12 @@ def test_every_way_of_reading_the_checkpoint_migrates_alike(tmp_path):
   target, the live state: one migrated state, bit for bit (clipping, a masked scheduled
   decay, a scheduled learning rate)."""
   ocp = pytest.importorskip("orbax.checkpoint")
-  make = lambda lib: lib.chain(lib.clip_by_global_norm(0.5), lib.adamw(  # noqa: E731
-      lr_schedule, weight_decay=wd_schedule, mask=matrices))
+  make = lambda lib: lib.chain(
+    lib.clip_by_global_norm(0.5),
+    lib.adamw(  # noqa: E731
+      lr_schedule, weight_decay=wd_schedule, mask=matrices
+    ),
+  )
   tx, otx = make(oc), standard_promotion(make(optax))
   with x64():
     prob = mlp64()
@@ -159,10 +172,14 @@ def test_every_way_of_reading_the_checkpoint_migrates_alike(tmp_path):
     with ocp.StandardCheckpointer() as checkpointer:
       checkpointer.save(tmp_path / "orbax", live)
       checkpointer.wait_until_finished()
-      sources = {"orbax_plain": checkpointer.restore(tmp_path / "orbax"),
-                 "orbax_target": checkpointer.restore(tmp_path / "orbax", otx.init(params))}
-    sources.update(msgpack_plain=serialization.msgpack_restore(data),
-                   msgpack_template=serialization.from_bytes(otx.init(params), data))
+      sources = {
+        "orbax_plain": checkpointer.restore(tmp_path / "orbax"),
+        "orbax_target": checkpointer.restore(tmp_path / "orbax", otx.init(params)),
+      }
+    sources.update(
+      msgpack_plain=serialization.msgpack_restore(data),
+      msgpack_template=serialization.from_bytes(otx.init(params), data),
+    )
     reference = from_optax_state(live, tx, params)
     assert float(oc.current_hyperparams(reference)["learning_rate"]) > 0
     for how, source in sources.items():
@@ -187,33 +204,62 @@ def stepped(otx, params):
   return otx.update(jax.tree.map(jnp.ones_like, params), otx.init(params), params)[1]
 
 
-@pytest.mark.parametrize("source, target, match, plain_refused", [
-    (lambda: optax.lion(1e-3), lambda: oc.adamw(1e-3),
-     r"state\[0\] is Optax's ScaleByLionState\(count, mu\), where the target holds "
-     r"optcompose's ScaleByAdamState", True),
+@pytest.mark.parametrize(
+  "source, target, match, plain_refused",
+  [
+    (
+      lambda: optax.lion(1e-3),
+      lambda: oc.adamw(1e-3),
+      r"state\[0\] is Optax's ScaleByLionState\(count, mu\), where the target holds "
+      r"optcompose's ScaleByAdamState",
+      True,
+    ),
     # The same fields, another optimizer: told apart by the state's class only, so a plain
     # restored pytree (no classes) of AdaBelief's state passes for Adam's.
-    (lambda: optax.adabelief(1e-3), lambda: oc.adam(1e-3),
-     r"state\[0\] is Optax's ScaleByBeliefState.*another optimizer's state", False),
-    (lambda: optax.sgd(1e-3, momentum=0.9), lambda: oc.sgd(1e-3),
-     r"state\[0\] is Optax's TraceState\(trace\), where the target holds optcompose's "
-     r"EmptyState", True),
-    (lambda: optax.chain(optax.clip(1.0), optax.adam(1e-3)), lambda: oc.adam(1e-3),
-     r"state\[0\] is Optax's EmptyState\(\), where the target holds optcompose's "
-     r"ScaleByAdamState", True),
+    (
+      lambda: optax.adabelief(1e-3),
+      lambda: oc.adam(1e-3),
+      r"state\[0\] is Optax's ScaleByBeliefState.*another optimizer's state",
+      False,
+    ),
+    (
+      lambda: optax.sgd(1e-3, momentum=0.9),
+      lambda: oc.sgd(1e-3),
+      r"state\[0\] is Optax's TraceState\(trace\), where the target holds optcompose's "
+      r"EmptyState",
+      True,
+    ),
+    (
+      lambda: optax.chain(optax.clip(1.0), optax.adam(1e-3)),
+      lambda: oc.adam(1e-3),
+      r"state\[0\] is Optax's EmptyState\(\), where the target holds optcompose's "
+      r"ScaleByAdamState",
+      True,
+    ),
     # A schedule on one side only: Optax's count would be lost, or ours invented.
-    (lambda: optax.adamw(lr_schedule), lambda: oc.adamw(1e-3),
-     r"state\[2\] is Optax's ScaleByScheduleState\(count\), where the target holds "
-     r"optcompose's EmptyState", True),
-    (lambda: optax.adamw(1e-3), lambda: oc.adamw(lr_schedule),
-     r"state\[2\] is Optax's EmptyState\(\), where the target holds optcompose's "
-     r"InjectHyperparamsState", True),
-    (lambda: optax.inject_hyperparams(optax.adamw)(1e-3, b1=0.8),
-     lambda: oc.inject_hyperparams(oc.adamw, static_args="b1")(1e-3, b1=0.8),
-     r"state.hyperparams has keys \['b1', 'b2', .*\], expected \['b2', ", True),
-])
-def test_another_optimizers_state_is_refused_with_its_path(source, target, match,
-                                                           plain_refused):
+    (
+      lambda: optax.adamw(lr_schedule),
+      lambda: oc.adamw(1e-3),
+      r"state\[2\] is Optax's ScaleByScheduleState\(count\), where the target holds "
+      r"optcompose's EmptyState",
+      True,
+    ),
+    (
+      lambda: optax.adamw(1e-3),
+      lambda: oc.adamw(lr_schedule),
+      r"state\[2\] is Optax's EmptyState\(\), where the target holds optcompose's "
+      r"InjectHyperparamsState",
+      True,
+    ),
+    (
+      lambda: optax.inject_hyperparams(optax.adamw)(1e-3, b1=0.8),
+      lambda: oc.inject_hyperparams(oc.adamw, static_args="b1")(1e-3, b1=0.8),
+      r"state.hyperparams has keys \['b1', 'b2', .*\], expected \['b2', ",
+      True,
+    ),
+  ],
+)
+def test_another_optimizers_state_is_refused_with_its_path(source, target, match, plain_refused):
   params = params32()
   optax_state = stepped(source(), params)
   with pytest.raises(MigrationError, match=match) as raised:
@@ -231,8 +277,11 @@ def test_optcompose_state_of_another_optimizer_is_refused():
   params = params32()
   with pytest.raises(MigrationError, match=r"state\[0\] is optcompose's ScaleByLionState"):
     to_optax_state(oc.lion(1e-3).init(params), optax.adamw(1e-3), params)
-  with pytest.raises(MigrationError, match=r"state is a tuple of 2 \(ScaleByAdamState, EmptyState\), "
-                                           r"where the target holds a tuple of 3 "):
+  with pytest.raises(
+    MigrationError,
+    match=r"state is a tuple of 2 \(ScaleByAdamState, EmptyState\), "
+    r"where the target holds a tuple of 3 ",
+  ):
     to_optax_state(oc.adam(1e-3).init(params), optax.adamw(1e-3), params)
 
 
@@ -240,14 +289,20 @@ def test_other_shapes_and_value_changing_casts_are_refused():
   params = params32()
   state = stepped(optax.adam(1e-3), params)
   other = {"w": jnp.ones((3, 2)), "b": jnp.zeros(3)}
-  with pytest.raises(MigrationError, match=r"state\[0\].mu\['w'\] has shape \(2, 3\), "
-                                           r"expected \(3, 2\)"):
+  with pytest.raises(
+    MigrationError,
+    match=r"state\[0\].mu\['w'\] has shape \(2, 3\), "
+    r"expected \(3, 2\)",
+  ):
     from_optax_state(state, oc.adam(1e-3), other)
   with x64():
     wide = jax.tree.map(lambda p: p.astype(jnp.float64) / 3, params)
     state64 = stepped(optax.adam(1e-3), wide)
-  with pytest.raises(MigrationError, match=r"state\[0\].mu\['b'\] has dtype float64, expected "
-                                           r"float32: casting would change its values"):
+  with pytest.raises(
+    MigrationError,
+    match=r"state\[0\].mu\['b'\] has dtype float64, expected "
+    r"float32: casting would change its values",
+  ):
     from_optax_state(state64, oc.adam(1e-3), params)
 
 
@@ -257,14 +312,20 @@ def test_inject_hyperparams_counts_must_agree():
   params = params32()
   otx = optax.inject_hyperparams(optax.adamw)(learning_rate=lr_schedule, weight_decay=wd_schedule)
   state = stepped(otx, params)
-  bad = state._replace(hyperparams_states={**state.hyperparams_states,
-                                           "weight_decay": state.hyperparams_states[
-                                               "weight_decay"]._replace(count=jnp.int32(5))})
+  bad = state._replace(
+    hyperparams_states={
+      **state.hyperparams_states,
+      "weight_decay": state.hyperparams_states["weight_decay"]._replace(count=jnp.int32(5)),
+    }
+  )
   tx = oc.inject_hyperparams(oc.adamw)(learning_rate=lr_schedule, weight_decay=wd_schedule)
   migrated = from_optax_state(state, tx, params)
   assert int(migrated.count) == 1
-  with pytest.raises(MigrationError, match=r"hyperparams_states\['weight_decay'\].count is 5, "
-                                           r"the state's count 1"):
+  with pytest.raises(
+    MigrationError,
+    match=r"hyperparams_states\['weight_decay'\].count is 5, "
+    r"the state's count 1",
+  ):
     from_optax_state(bad, tx, params)
 
 

@@ -42,13 +42,24 @@ def free_port() -> int:
 def run_two_processes(shared: pathlib.Path, out: pathlib.Path) -> list:
   """Start the two workers with a clean environment; their (return code, output) pairs."""
   env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_"))}
-  env.update(XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
-             PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+  env.update(
+    XLA_FLAGS="--xla_force_host_platform_device_count=2",
+    JAX_PLATFORMS="cpu",
+    PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+  )
   port = free_port()
   script = str(pathlib.Path(__file__).with_name("multihost_worker.py"))
-  children = [subprocess.Popen([sys.executable, script, str(i), str(port), str(shared), str(out)],
-                               env=env, cwd=ROOT, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  children = [
+    subprocess.Popen(
+      [sys.executable, script, str(i), str(port), str(shared), str(out)],
+      env=env,
+      cwd=ROOT,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
+    for i in range(2)
+  ]
   results = []
   try:
     for child in children:  # a guard against a hang, not a timing
@@ -71,10 +82,15 @@ def reference(steps: int):
   @jax.jit
   def step(params, state, theirs_params, theirs_state, x, y):
     updates, state = ours.update(jax.grad(worker.loss)(params, x, y), state, params)
-    t_updates, theirs_state = theirs.update(jax.grad(worker.loss)(theirs_params, x, y),
-                                            theirs_state, theirs_params)
-    return (oc.apply_updates(params, updates), state,
-            optax.apply_updates(theirs_params, t_updates), theirs_state)
+    t_updates, theirs_state = theirs.update(
+      jax.grad(worker.loss)(theirs_params, x, y), theirs_state, theirs_params
+    )
+    return (
+      oc.apply_updates(params, updates),
+      state,
+      optax.apply_updates(theirs_params, t_updates),
+      theirs_state,
+    )
 
   run = (params, ours.init(params), params, theirs.init(params))
   with jax.numpy_dtype_promotion("standard"):  # Optax raises a Python float to an int32 power
@@ -95,20 +111,23 @@ def test_two_processes_train_sharded_and_checkpoint_like_one(tmp_path):
     pytest.skip(f"two JAX processes cannot connect on this machine: {reason}")
   for i, (code, output) in enumerate(results):
     assert code == 0, f"process {i} exited with {code}:\n{output[-4000:]}"
-    assert ("OK sharded replicated-scalar msgpack-refused restored async-overwrite"
-            in output.splitlines()), output[-4000:]
+    assert (
+      "OK sharded replicated-scalar msgpack-refused restored async-overwrite" in output.splitlines()
+    ), output[-4000:]
 
   assert (out / "listing.txt").read_text().split() == ["ckpt"]  # no leftovers of the swaps
   for steps, name in ((worker.STEPS, "step5.npz"), (worker.STEPS + 1, "step6.npz")):
     with np.load(out / name) as saved:
       got = dict(saved)
     params, state, optax_params, _ = reference(steps)
-    want = worker.flat({"params": params, "opt_state": state,
-                        "step": np.asarray(steps, np.int32)})
+    want = worker.flat({"params": params, "opt_state": state, "step": np.asarray(steps, np.int32)})
     assert sorted(got) == sorted(want)
     floats = sorted(k for k in want if want[k].dtype.kind == "f")
     assert all(np.array_equal(got[k], want[k]) for k in want if k not in floats)  # counts
     assert_ulps_close([got[k] for k in floats], [want[k] for k in floats], ULPS, what=name)
-    assert_ulps_close([got[f"['params'][{k!r}]"] for k in sorted(optax_params)],
-                      [np.asarray(optax_params[k]) for k in sorted(optax_params)], ULPS,
-                      what=f"{name} against Optax: ")
+    assert_ulps_close(
+      [got[f"['params'][{k!r}]"] for k in sorted(optax_params)],
+      [np.asarray(optax_params[k]) for k in sorted(optax_params)],
+      ULPS,
+      what=f"{name} against Optax: ",
+    )

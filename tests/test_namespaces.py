@@ -22,18 +22,14 @@ from registry import CASES
 # Names of Optax's that optcompose does not answer yet, each with what is missing. Checked to
 # contain every unresolved name (a name added to optcompose may stay here until this list is
 # next edited; the test prints the ones that resolve now). Empty: every name resolves.
-NOT_YET = {
-    "tree": {},
-    "tree_utils": {},
-    "transforms": {},
-}
+NOT_YET = {"tree": {}, "tree_utils": {}, "transforms": {}}
 
 # Optax's top-level names optcompose does not rebuild, each on purpose
 # (docs/coming-from-optax.md): the error for each says what to use instead.
 NOT_REBUILT = {
-    "ScaleByScheduleState": "a scheduled count lives in InjectHyperparamsState",
-    "WrappedSchedule": "stateful schedules: Optax's inject_stateful_hyperparams",
-    "InjectStatefulHyperparamsState": "stateful schedules: Optax's inject_stateful_hyperparams",
+  "ScaleByScheduleState": "a scheduled count lives in InjectHyperparamsState",
+  "WrappedSchedule": "stateful schedules: Optax's inject_stateful_hyperparams",
+  "InjectStatefulHyperparamsState": "stateful schedules: Optax's inject_stateful_hyperparams",
 }  # (and the module optax.contrib: its optimizers, Optax's own, work in our chains)
 
 
@@ -43,8 +39,9 @@ def test_every_top_level_name_of_optax_resolves_but_the_ones_not_rebuilt():
 
 def public(module) -> list:
   """``module``'s public names, without the modules it happens to import (``functools``)."""
-  return sorted(n for n in dir(module) if not n.startswith("_")
-                and not inspect.ismodule(getattr(module, n)))
+  return sorted(
+    n for n in dir(module) if not n.startswith("_") and not inspect.ismodule(getattr(module, n))
+  )
 
 
 def unresolved(ours, theirs) -> list:
@@ -62,8 +59,10 @@ def unresolved(ours, theirs) -> list:
 def test_every_name_of_optax_s_namespace_resolves(namespace):
   ours, theirs = getattr(oc, namespace), getattr(optax, namespace)
   missing = unresolved(ours, theirs)
-  print(f"optax.{namespace}: {len(public(theirs))} names; not yet in optcompose.{namespace}: "
-        f"{missing or 'none'}")
+  print(
+    f"optax.{namespace}: {len(public(theirs))} names; not yet in optcompose.{namespace}: "
+    f"{missing or 'none'}"
+  )
   stale = sorted(set(NOT_YET[namespace]) - set(missing))
   if stale:
     print(f"  resolve now (drop them from NOT_YET): {stale}")
@@ -85,10 +84,14 @@ def test_optax_s_transforms_names_are_the_top_level_s():
 def test_a_transforms_name_not_rebuilt_says_so(monkeypatch):
   def planted():
     pass
+
   planted.__module__ = "optax.transforms._planted"
   monkeypatch.setattr(optax.transforms, "planted_transform", planted, raising=False)
-  with pytest.raises(AttributeError, match=r"module 'optcompose.transforms' has no attribute "
-                     r"'planted_transform' yet: Optax's `optax.transforms.planted_transform`"):
+  with pytest.raises(
+    AttributeError,
+    match=r"module 'optcompose.transforms' has no attribute "
+    r"'planted_transform' yet: Optax's `optax.transforms.planted_transform`",
+  ):
     oc.transforms.planted_transform
   with pytest.raises(AttributeError, match="has no attribute 'not_a_name'$"):
     oc.transforms.not_a_name
@@ -102,18 +105,25 @@ def test_a_transforms_name_not_rebuilt_says_so(monkeypatch):
 def test_tree_functions_take_optax_s_arguments(name):
   def params(fn):
     return [(p.name, p.default, p.kind) for p in inspect.signature(fn).parameters.values()]
+
   assert params(getattr(oc.tree, name)) == params(getattr(optax.tree, name))
 
 
 def trees():
   """Two trees of one structure, float64 and float32 leaves mixed (under x64)."""
   rng = np.random.default_rng(0)
-  shapes = {"a": ((3,), jnp.float64), "b": {"c": ((2, 2), jnp.float32), "d": ((), jnp.float64)},
-            "e": [((4,), jnp.float32), ((0,), jnp.float32)]}
+  shapes = {
+    "a": ((3,), jnp.float64),
+    "b": {"c": ((2, 2), jnp.float32), "d": ((), jnp.float64)},
+    "e": [((4,), jnp.float32), ((0,), jnp.float32)],
+  }
 
   def make(low, high):
-    return jax.tree.map(lambda s: jnp.asarray(rng.uniform(low, high, s[0]), s[1]), shapes,
-                        is_leaf=lambda s: isinstance(s, tuple) and isinstance(s[0], tuple))
+    return jax.tree.map(
+      lambda s: jnp.asarray(rng.uniform(low, high, s[0]), s[1]),
+      shapes,
+      is_leaf=lambda s: isinstance(s, tuple) and isinstance(s[0], tuple),
+    )
 
   return make(-2.0, 2.0), make(0.5, 1.5)
 
@@ -123,42 +133,53 @@ def calls(x, y):
   key = jax.random.key(3)
   uniform = jax.tree.map(lambda v: v.astype(jnp.float32), x)
   return [
-      ("add", lambda t: t.add(x, y)), ("add3", lambda t: t.add(x, y, x)),
-      ("sub", lambda t: t.sub(x, y)), ("mul", lambda t: t.mul(x, y)),
-      ("div", lambda t: t.div(x, y)), ("scale", lambda t: t.scale(0.5, x)),
-      ("scale_f32", lambda t: t.scale(jnp.float32(0.5), x)),
-      ("add_scale", lambda t: t.add_scale(x, 0.3, y)), ("vdot", lambda t: t.vdot(x, y)),
-      ("sum", lambda t: t.sum(x)), ("sum_assoc", lambda t: t.sum(x, associative_reduction=True)),
-      ("max", lambda t: t.max(x)), ("min", lambda t: t.min(x)), ("size", lambda t: t.size(x)),
-      ("conj", lambda t: t.conj(x)), ("real", lambda t: t.real(x)),
-      ("norm", lambda t: t.norm(x)), ("norm_sq", lambda t: t.norm(x, squared=True)),
-      ("norm_1", lambda t: t.norm(x, ord=1)), ("norm_inf", lambda t: t.norm(x, ord="inf")),
-      ("norm_inf_sq", lambda t: t.norm(x, ord=jnp.inf, squared=True)),
-      ("batch_shape", lambda t: t.batch_shape(x, (2,))),
-      ("zeros_like", lambda t: t.zeros_like(x)),
-      ("zeros_like_f32", lambda t: t.zeros_like(x, dtype=jnp.float32)),
-      ("ones_like", lambda t: t.ones_like(x)),
-      ("full_like", lambda t: t.full_like(x, fill_value=2.5)),
-      ("full_like_f64", lambda t: t.full_like(x, 3, jnp.float64)),
-      ("clip", lambda t: t.clip(x, min_value=-0.5, max_value=0.5)),
-      ("clip_low", lambda t: t.clip(x, -0.5)),
-      ("update_moment", lambda t: t.update_moment(x, y, 0.9, 1)),
-      ("update_moment_2", lambda t: t.update_moment(x, y, 0.99, 2)),
-      ("update_infinity_moment", lambda t: t.update_infinity_moment(x, y, 0.9, 1e-8)),
-      ("update_moment_per_elem_norm", lambda t: t.update_moment_per_elem_norm(x, y, 0.9, 2)),
-      ("bias_correction", lambda t: t.bias_correction(y, 0.9, jnp.int32(3))),
-      ("bias_correction_f32", lambda t: t.bias_correction(y, jnp.float32(0.999), jnp.int32(7))),
-      ("where", lambda t: t.where(jnp.asarray(False), x, y)),
-      ("allclose", lambda t: t.allclose(x, x)), ("not_allclose", lambda t: t.allclose(x, y)),
-      ("cast", lambda t: t.cast(x, jnp.float32)), ("cast_like", lambda t: t.cast_like(x, uniform)),
-      ("dtype_promote", lambda t: t.dtype(x, "promote")),
-      ("dtype_highest", lambda t: t.dtype(x, "highest")),
-      ("dtype_lowest", lambda t: t.dtype(x, mixed_dtype_handler="lowest")),
-      ("dtype", lambda t: t.dtype(uniform)),
-      ("split_key_like", lambda t: jax.tree.map(jax.random.key_data,
-                                                  t.split_key_like(key, x))),
-      ("random_like", lambda t: t.random_like(key, x)),
-      ("unwrap_random_key_data", lambda t: t.unwrap_random_key_data({"k": key, "x": x})),
+    ("add", lambda t: t.add(x, y)),
+    ("add3", lambda t: t.add(x, y, x)),
+    ("sub", lambda t: t.sub(x, y)),
+    ("mul", lambda t: t.mul(x, y)),
+    ("div", lambda t: t.div(x, y)),
+    ("scale", lambda t: t.scale(0.5, x)),
+    ("scale_f32", lambda t: t.scale(jnp.float32(0.5), x)),
+    ("add_scale", lambda t: t.add_scale(x, 0.3, y)),
+    ("vdot", lambda t: t.vdot(x, y)),
+    ("sum", lambda t: t.sum(x)),
+    ("sum_assoc", lambda t: t.sum(x, associative_reduction=True)),
+    ("max", lambda t: t.max(x)),
+    ("min", lambda t: t.min(x)),
+    ("size", lambda t: t.size(x)),
+    ("conj", lambda t: t.conj(x)),
+    ("real", lambda t: t.real(x)),
+    ("norm", lambda t: t.norm(x)),
+    ("norm_sq", lambda t: t.norm(x, squared=True)),
+    ("norm_1", lambda t: t.norm(x, ord=1)),
+    ("norm_inf", lambda t: t.norm(x, ord="inf")),
+    ("norm_inf_sq", lambda t: t.norm(x, ord=jnp.inf, squared=True)),
+    ("batch_shape", lambda t: t.batch_shape(x, (2,))),
+    ("zeros_like", lambda t: t.zeros_like(x)),
+    ("zeros_like_f32", lambda t: t.zeros_like(x, dtype=jnp.float32)),
+    ("ones_like", lambda t: t.ones_like(x)),
+    ("full_like", lambda t: t.full_like(x, fill_value=2.5)),
+    ("full_like_f64", lambda t: t.full_like(x, 3, jnp.float64)),
+    ("clip", lambda t: t.clip(x, min_value=-0.5, max_value=0.5)),
+    ("clip_low", lambda t: t.clip(x, -0.5)),
+    ("update_moment", lambda t: t.update_moment(x, y, 0.9, 1)),
+    ("update_moment_2", lambda t: t.update_moment(x, y, 0.99, 2)),
+    ("update_infinity_moment", lambda t: t.update_infinity_moment(x, y, 0.9, 1e-8)),
+    ("update_moment_per_elem_norm", lambda t: t.update_moment_per_elem_norm(x, y, 0.9, 2)),
+    ("bias_correction", lambda t: t.bias_correction(y, 0.9, jnp.int32(3))),
+    ("bias_correction_f32", lambda t: t.bias_correction(y, jnp.float32(0.999), jnp.int32(7))),
+    ("where", lambda t: t.where(jnp.asarray(False), x, y)),
+    ("allclose", lambda t: t.allclose(x, x)),
+    ("not_allclose", lambda t: t.allclose(x, y)),
+    ("cast", lambda t: t.cast(x, jnp.float32)),
+    ("cast_like", lambda t: t.cast_like(x, uniform)),
+    ("dtype_promote", lambda t: t.dtype(x, "promote")),
+    ("dtype_highest", lambda t: t.dtype(x, "highest")),
+    ("dtype_lowest", lambda t: t.dtype(x, mixed_dtype_handler="lowest")),
+    ("dtype", lambda t: t.dtype(uniform)),
+    ("split_key_like", lambda t: jax.tree.map(jax.random.key_data, t.split_key_like(key, x))),
+    ("random_like", lambda t: t.random_like(key, x)),
+    ("unwrap_random_key_data", lambda t: t.unwrap_random_key_data({"k": key, "x": x})),
   ]
 
 
@@ -186,16 +207,23 @@ def test_tree_functions_compute_optax_s_values_on_mixed_float64_float32_leaves()
 def test_covers_every_optax_tree_function():
   """Each function is compared above, or is Optax's own (the lookups by key)."""
   lines = inspect.getsource(calls)
-  assert [n for n in public(optax.tree) if f"t.{n}(" not in lines
-          and getattr(oc.tree, n) is not getattr(optax.tree, n)] == []
+  assert [
+    n
+    for n in public(optax.tree)
+    if f"t.{n}(" not in lines and getattr(oc.tree, n) is not getattr(optax.tree, n)
+  ] == []
 
 
 def test_tree_dtype_errors_as_optax_s():
   with x64():
     x, _ = trees()
     incomparable = {"a": jnp.int32(1), "b": jnp.uint32(1)}  # neither promotes to the other
-    for tree, handler in ((x, None), (x, "nonsense"), (incomparable, "highest"),
-                          (incomparable, "lowest")):
+    for tree, handler in (
+      (x, None),
+      (x, "nonsense"),
+      (incomparable, "highest"),
+      (incomparable, "lowest"),
+    ):
       with pytest.raises(ValueError) as ours:
         oc.tree.dtype(tree, handler)
       with pytest.raises(ValueError) as theirs:
@@ -206,10 +234,14 @@ def test_tree_dtype_errors_as_optax_s():
 def test_complex_leaves():
   z = {"a": jnp.asarray([1 + 2j, -3j], jnp.complex64), "b": jnp.asarray([0.5 - 1j], jnp.complex64)}
   m = jax.tree.map(lambda v: jnp.abs(v), z)
-  for label, call in [("norm", lambda t: t.norm(z)), ("vdot", lambda t: t.vdot(z, z)),
-                      ("per_elem", lambda t: t.update_moment_per_elem_norm(z, m, 0.9, 2)),
-                      ("per_elem_3", lambda t: t.update_moment_per_elem_norm(z, m, 0.9, 3)),
-                      ("conj", lambda t: t.conj(z)), ("norm_1", lambda t: t.norm(z, ord=1))]:
+  for label, call in [
+    ("norm", lambda t: t.norm(z)),
+    ("vdot", lambda t: t.vdot(z, z)),
+    ("per_elem", lambda t: t.update_moment_per_elem_norm(z, m, 0.9, 2)),
+    ("per_elem_3", lambda t: t.update_moment_per_elem_norm(z, m, 0.9, 3)),
+    ("conj", lambda t: t.conj(z)),
+    ("norm_1", lambda t: t.norm(z, ord=1)),
+  ]:
     assert_same(call(oc.tree), standard_promotion(call)(optax.tree), label)
 
 
@@ -236,8 +268,13 @@ def test_state_lookups_work_on_optcompose_states():
 # ---------------------------------------------------------------------------------------
 # optcompose.tree_utils.
 
-DEPRECATED_TREE_UTILS = ("tree_scalar_mul", "tree_add_scalar_mul", "tree_l1_norm",
-                         "tree_l2_norm", "tree_linf_norm")
+DEPRECATED_TREE_UTILS = (
+  "tree_scalar_mul",
+  "tree_add_scalar_mul",
+  "tree_l1_norm",
+  "tree_l2_norm",
+  "tree_linf_norm",
+)
 
 
 @pytest.mark.parametrize("name", public(optax.tree_utils))
@@ -266,8 +303,15 @@ def test_deprecated_tree_utils_names_warn_as_optax_s(name):
 
 
 def test_optax_s_types_at_the_top_level():
-  for name in ("TransformInitFn", "TransformUpdateFn", "TransformUpdateExtraArgsFn", "OptState",
-               "Params", "Updates", "ScalarOrSchedule"):
+  for name in (
+    "TransformInitFn",
+    "TransformUpdateFn",
+    "TransformUpdateExtraArgsFn",
+    "OptState",
+    "Params",
+    "Updates",
+    "ScalarOrSchedule",
+  ):
     assert getattr(oc, name) is getattr(optax, name), name
   assert oc.Schedule == typing.Callable[[jax.typing.ArrayLike], jax.typing.ArrayLike]  # Optax's,
   inspect.signature(oc.Schedule)  # spelled so that it has a signature (base.py says why)
@@ -280,8 +324,9 @@ def test_optax_s_types_at_the_top_level():
 def test_global_norm_warns_at_call_as_optax_s():
   x = {"a": jnp.asarray([3.0, -4.0]), "b": [jnp.asarray(12.0)]}
   fn = oc.global_norm  # looking it up does not warn; calling it does, as in Optax
-  with pytest.warns(DeprecationWarning, match="optax.global_norm is deprecated in favor of "
-                    "optax.tree.norm"):
+  with pytest.warns(
+    DeprecationWarning, match="optax.global_norm is deprecated in favor of optax.tree.norm"
+  ):
     value = fn(x)
   assert float(value) == 13.0
 
@@ -295,11 +340,13 @@ def test_inject_stateful_hyperparams_warns_and_injects():
 
 
 def test_optax_s_flat_tree_aliases_are_ours():
-  for name, ours in [("bias_correction", oc.tree.bias_correction),
-                     ("update_moment", oc.tree.update_moment),
-                     ("update_moment_per_elem_norm", oc.tree.update_moment_per_elem_norm),
-                     ("update_infinity_moment", oc.tree.update_infinity_moment),
-                     ("tree_map_params", oc.tree.map_params)]:
+  for name, ours in [
+    ("bias_correction", oc.tree.bias_correction),
+    ("update_moment", oc.tree.update_moment),
+    ("update_moment_per_elem_norm", oc.tree.update_moment_per_elem_norm),
+    ("update_infinity_moment", oc.tree.update_infinity_moment),
+    ("tree_map_params", oc.tree.map_params),
+  ]:
     assert getattr(oc, name) is ours, name
 
 
@@ -316,10 +363,15 @@ def test_every_transformation_is_an_optax_gradient_transformation(case):
 
 
 def test_chain_and_helpers_are_optax_gradient_transformations():
-  made = [oc.chain(), oc.chain(oc.sgd(0.1), optax.clip(1.0)), oc.identity(),
-          oc.stateless(lambda u, p: u), oc.stateless_with_tree_map(lambda u, p: u),
-          oc.GradientTransformationExtraArgs(oc.init_empty_state, lambda u, s, p=None, **e: (u, s)),
-          oc.chain(oc.sgd(0.1))._replace(init=oc.init_empty_state)]
+  made = [
+    oc.chain(),
+    oc.chain(oc.sgd(0.1), optax.clip(1.0)),
+    oc.identity(),
+    oc.stateless(lambda u, p: u),
+    oc.stateless_with_tree_map(lambda u, p: u),
+    oc.GradientTransformationExtraArgs(oc.init_empty_state, lambda u, s, p=None, **e: (u, s)),
+    oc.chain(oc.sgd(0.1))._replace(init=oc.init_empty_state),
+  ]
   for tx in made:
     assert isinstance(tx, oc.GradientTransformation)
     assert isinstance(tx, optax.GradientTransformationExtraArgs)

@@ -16,8 +16,13 @@ import pytest
 
 import optcompose as oc
 from numerics import (
-    F64_RTOL, assert_rel_close, assert_ulps_close, lockstep, standard_promotion, ulp_distance,
-    x64,
+  F64_RTOL,
+  assert_rel_close,
+  assert_ulps_close,
+  lockstep,
+  standard_promotion,
+  ulp_distance,
+  x64,
 )
 from problems import mlp, quadratic, run
 from registry import CASES
@@ -26,21 +31,32 @@ pytestmark = pytest.mark.numerics
 LR = 1e-2
 
 PLANTED = {  # name: (the planted formula, the reference, the registry case it imitates)
-    # eps inside the square root: m / sqrt(v + eps^2) instead of m / (sqrt(v) + eps).
-    "adam eps inside sqrt": (
-        lambda: oc.adam(LR, eps=0.0, eps_root=1e-16), lambda: optax.adam(LR), "adam"),
-    # AdamW's decay added after the learning-rate step instead of before it.
-    "adamw decay after lr": (
-        lambda: oc.chain(oc.scale_by_adam(), oc.scale_by_learning_rate(LR),
-                         oc.add_decayed_weights(0.1)),
-        lambda: optax.adamw(LR, weight_decay=0.1), "adamw"),
-    # RMSProp's eps outside the square root.
-    "rmsprop eps outside sqrt": (
-        lambda: oc.rmsprop(LR, eps=1e-8, eps_in_sqrt=False), lambda: optax.rmsprop(LR, eps=1e-8),
-        "rmsprop"),
-    # Nesterov momentum where heavy ball was asked for.
-    "sgd nesterov for heavy ball": (
-        lambda: oc.sgd(LR, 0.9, nesterov=True), lambda: optax.sgd(LR, 0.9), "sgd_momentum"),
+  # eps inside the square root: m / sqrt(v + eps^2) instead of m / (sqrt(v) + eps).
+  "adam eps inside sqrt": (
+    lambda: oc.adam(LR, eps=0.0, eps_root=1e-16),
+    lambda: optax.adam(LR),
+    "adam",
+  ),
+  # AdamW's decay added after the learning-rate step instead of before it.
+  "adamw decay after lr": (
+    lambda: oc.chain(
+      oc.scale_by_adam(), oc.scale_by_learning_rate(LR), oc.add_decayed_weights(0.1)
+    ),
+    lambda: optax.adamw(LR, weight_decay=0.1),
+    "adamw",
+  ),
+  # RMSProp's eps outside the square root.
+  "rmsprop eps outside sqrt": (
+    lambda: oc.rmsprop(LR, eps=1e-8, eps_in_sqrt=False),
+    lambda: optax.rmsprop(LR, eps=1e-8),
+    "rmsprop",
+  ),
+  # Nesterov momentum where heavy ball was asked for.
+  "sgd nesterov for heavy ball": (
+    lambda: oc.sgd(LR, 0.9, nesterov=True),
+    lambda: optax.sgd(LR, 0.9),
+    "sgd_momentum",
+  ),
 }
 
 
@@ -57,15 +73,19 @@ def test_float64_trajectory_catches_a_planted_formula_change(name):
       for x, y in zip(a, b):
         assert_rel_close(x, y, F64_RTOL)
     # ... by orders of magnitude, not by a rounding accident.
-    worst = max(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64)))
-                / max(np.max(np.abs(np.asarray(y))), 1e-3)
-                for pa, pb in zip(a, b) for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)))
+    worst = max(
+      np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64)))
+      / max(np.max(np.abs(np.asarray(y))), 1e-3)
+      for pa, pb in zip(a, b)
+      for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb))
+    )
     assert worst > 1e3 * F64_RTOL
 
 
 # float32 cannot resolve eps = 1e-8 next to sqrt(v) ~ 1e-2..1 (its epsilon is 1.2e-7): moving
-# eps into the square root moves a float32 step by ~3 ulps here, which is rounding's size. That is why formulas are
-# proved in float64; the float32 comparisons catch what float32 can see.
+# eps into the square root moves a float32 step by ~3 ulps here, which is rounding's size.
+# That is why formulas are proved in float64; the float32 comparisons catch what float32 can
+# see.
 VISIBLE_IN_FLOAT32 = [n for n in PLANTED if n != "adam eps inside sqrt"]
 
 
@@ -73,9 +93,12 @@ VISIBLE_IN_FLOAT32 = [n for n in PLANTED if n != "adam eps inside sqrt"]
 def test_float32_steps_catch_a_planted_formula_change(name):
   ours, ref, case = PLANTED[name]
   bound = next(c for c in CASES if c.name == case).f32_ulps
-  worst = max(max(ulp_distance(x, y) for x, y in zip(jax.tree.leaves(uo), jax.tree.leaves(ur)))
-              for _, uo, ur, _ in lockstep(ours(), standard_promotion(ref()), quadratic(), 30, True,
-                                           optax.apply_updates))
+  worst = max(
+    max(ulp_distance(x, y) for x, y in zip(jax.tree.leaves(uo), jax.tree.leaves(ur)))
+    for _, uo, ur, _ in lockstep(
+      ours(), standard_promotion(ref()), quadratic(), 30, True, optax.apply_updates
+    )
+  )
   assert worst > 10 * bound  # the registry's float32 bound for the case it imitates
 
 

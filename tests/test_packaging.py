@@ -37,8 +37,9 @@ def pins():
 
 def test_every_floor_is_pinned_in_the_minimum_versions_environment():
   declared, pinned = floors(), pins()
-  untested = {n: str(v) for n, v in declared.items()
-              if n != "build" and pinned.get(n) != v}  # build only serves tools/check_wheel.py
+  untested = {
+    n: str(v) for n, v in declared.items() if n != "build" and pinned.get(n) != v
+  }  # build only serves tools/check_wheel.py
   assert not untested, f"floors without the same pin in requirements-min.txt: {untested}"
   extra = set(pinned) - set(declared) - {"jaxlib"}  # jaxlib comes with jax, at jax's version
   assert not extra, f"pins that pyproject.toml does not declare: {extra}"
@@ -47,6 +48,7 @@ def test_every_floor_is_pinned_in_the_minimum_versions_environment():
 
 def test_the_version_is_written_once():
   import optcompose
+
   project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
   assert "version" not in project and "version" in project["dynamic"]
   assert re.fullmatch(r"\d+\.\d+\.\d+", optcompose.__version__)

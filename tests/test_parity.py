@@ -22,7 +22,12 @@ import pytest
 
 import optcompose as oc
 from numerics import (
-    F64_RTOL, assert_rel_close, assert_ulps_close, lockstep, standard_promotion, x64,
+  F64_RTOL,
+  assert_rel_close,
+  assert_ulps_close,
+  lockstep,
+  standard_promotion,
+  x64,
 )
 from problems import mlp, quadratic, run
 from registry import CASES
@@ -46,17 +51,20 @@ NUMPY_CASES = [c for c in CASES if c.numpy_step is not None]
 
 def by_case(cases, *axes):
   """Parameters grouped per case on one xdist worker (its compiled functions are reused)."""
-  return [pytest.param(c, *rest, id="-".join([c.name, *map(str, rest)]),
-                       marks=pytest.mark.xdist_group(c.name))
-          for c in cases for rest in itertools.product(*axes)]
+  return [
+    pytest.param(
+      c, *rest, id="-".join([c.name, *map(str, rest)]), marks=pytest.mark.xdist_group(c.name)
+    )
+    for c in cases
+    for rest in itertools.product(*axes)
+  ]
 
 
 def ours_and_ref_f64(case, problem_name):
   with x64():
     prob = problem(problem_name, jnp.float64)
     # (jit_apply: the harness's apply_updates as one jitted call, not op by op; same sums.)
-    ours, _ = run(case.ours(), prob, STEPS, True, oc.apply_updates, case.with_value,
-                  jit_apply=True)
+    ours, _ = run(case.ours(), prob, STEPS, True, oc.apply_updates, case.with_value, jit_apply=True)
     ref, _ = run(case.optax(), prob, STEPS, True, OPTAX_APPLY, case.with_value, jit_apply=True)
     return prob, ours, ref
 
@@ -69,8 +77,9 @@ def trajectories_within(ours, ref, rtol) -> bool:
   steps = min(len(ours), len(ref))
   flat_a = [jax.tree.flatten(a) for a in ours[:steps]]
   flat_d = [jax.tree.flatten(d) for d in ref[:steps]]
-  if not steps or any(ta != flat_d[0][1] or td != flat_d[0][1]
-                      for (_, ta), (_, td) in zip(flat_a, flat_d)):
+  if not steps or any(
+    ta != flat_d[0][1] or td != flat_d[0][1] for (_, ta), (_, td) in zip(flat_a, flat_d)
+  ):
     return False
   for i in range(len(flat_d[0][0])):
     a = [np.asarray(leaves[i], np.float64) for leaves, _ in flat_a]
@@ -111,9 +120,17 @@ def test_float64_trajectory_matches_optax(case, problem_name):
 
 def assert_lockstep(case, prob, steps, jit, ulps):
   moved = False
-  for t, u_ours, u_ref, params in lockstep(case.ours(), case.optax(), prob, steps, jit,
-                                           OPTAX_APPLY, case.with_value,
-                                           jit_ref=jit or case.slow_eager_ref, jit_apply=jit):
+  for t, u_ours, u_ref, params in lockstep(
+    case.ours(),
+    case.optax(),
+    prob,
+    steps,
+    jit,
+    OPTAX_APPLY,
+    case.with_value,
+    jit_ref=jit or case.slow_eager_ref,
+    jit_apply=jit,
+  ):
     # Our updates keep the parameters' dtype. Optax's are promoted to float32 when a
     # float32 schedule value multiplies bfloat16 parameters (add_decayed_weights with a
     # schedule); its apply_updates rounds them back, so compare what it would apply.
@@ -128,9 +145,13 @@ def assert_lockstep(case, prob, steps, jit, ulps):
 # Jitted on the MLP (four leaves: matrices and biases, a moving equilibrium); eagerly (op by
 # op: slow) on the quadratic, for the cases marked eager (tests/registry.py). The quadratic's
 # jitted runs are the bfloat16 and float16 tests below.
-F32_PARAMS = [p for p in by_case(OPTAX_CASES, ("quadratic", "mlp"), ("jit", "eager"))
-              if (p.values[1], p.values[2]) == ("mlp", "jit")
-              or (p.values[1], p.values[2]) == ("quadratic", "eager") and p.values[0].eager]
+F32_PARAMS = [
+  p
+  for p in by_case(OPTAX_CASES, ("quadratic", "mlp"), ("jit", "eager"))
+  if (p.values[1], p.values[2]) == ("mlp", "jit")
+  or (p.values[1], p.values[2]) == ("quadratic", "eager")
+  and p.values[0].eager
+]
 
 
 @pytest.mark.parametrize("case, problem_name, jit", F32_PARAMS)
@@ -140,8 +161,9 @@ def test_float32_steps_match_optax(case, problem_name, jit):
   assert_lockstep(case, prob, F32_STEPS if jit else EAGER_STEPS, jit, case.f32_ulps)
 
 
-@pytest.mark.parametrize("case", [c for c in OPTAX_CASES if c.bf16_like_optax],
-                         ids=lambda c: c.name)
+@pytest.mark.parametrize(
+  "case", [c for c in OPTAX_CASES if c.bf16_like_optax], ids=lambda c: c.name
+)
 def test_bfloat16_steps_match_optax(case):
   prob = problem("quadratic", jnp.bfloat16)
   for leaf in jax.tree.leaves(prob.params):
@@ -152,11 +174,29 @@ def test_bfloat16_steps_match_optax(case):
 # float16: our second-moment statistics are computed in float32 (Optax's are not; a
 # documented difference: in float16, eps = 1e-8 is 0 and a zero gradient gives NaN), so Optax
 # is the reference only where no second moment is involved.
-SECOND_MOMENT = ("adam", "rms", "rss", "stddev", "adagrad", "second_moment", "l2", "masked",
-                 "partition", "inject", "multi_steps", "apply_if_finite", "ema_params",
-                 "lookahead", "diagnostics", "adadelta", "novograd", "sm3")
-FLOAT16_CASES = [c for c in OPTAX_CASES
-                 if c.bf16_like_optax and not any(s in c.name for s in SECOND_MOMENT)]
+SECOND_MOMENT = (
+  "adam",
+  "rms",
+  "rss",
+  "stddev",
+  "adagrad",
+  "second_moment",
+  "l2",
+  "masked",
+  "partition",
+  "inject",
+  "multi_steps",
+  "apply_if_finite",
+  "ema_params",
+  "lookahead",
+  "diagnostics",
+  "adadelta",
+  "novograd",
+  "sm3",
+)
+FLOAT16_CASES = [
+  c for c in OPTAX_CASES if c.bf16_like_optax and not any(s in c.name for s in SECOND_MOMENT)
+]
 NO_F16C = "xla_cpu_max_isa=SSE" in os.environ.get("XLA_FLAGS", "")
 
 
@@ -169,8 +209,7 @@ def test_float16_steps_match_optax(case):
   assert_lockstep(case, prob, 50, True, case.half_ulps)
 
 
-@pytest.mark.parametrize("case", [c for c in OPTAX_CASES if c.same_state],
-                         ids=lambda c: c.name)
+@pytest.mark.parametrize("case", [c for c in OPTAX_CASES if c.same_state], ids=lambda c: c.name)
 def test_state_has_optax_shapes_and_dtypes(case):
   params = problem("mlp").params
   grads = jax.tree.map(jnp.ones_like, params)
@@ -187,13 +226,17 @@ def test_state_has_optax_shapes_and_dtypes(case):
     hyperparameter, for logging); apart from those, the leaves are Optax's. (Both sides'
     injected states are stripped alike.)"""
     return jax.tree.map(
-        lambda s: (s.count, strip(s.inner_state)) if isinstance(s, injected) else s,
-        state, is_leaf=lambda s: isinstance(s, injected))
+      lambda s: (s.count, strip(s.inner_state)) if isinstance(s, injected) else s,
+      state,
+      is_leaf=lambda s: isinstance(s, injected),
+    )
 
   def signature(state):
     return [(jnp.shape(x), jnp.result_type(x)) for x in jax.tree.leaves(state)]
 
-  assert signature(strip(stepped_state(case.ours()))) == signature(strip(stepped_state(case.optax())))
+  assert signature(strip(stepped_state(case.ours()))) == signature(
+    strip(stepped_state(case.optax()))
+  )
 
 
 def numpy_trajectory(step, prob, steps):
@@ -218,8 +261,9 @@ def test_float64_trajectory_matches_numpy(case, problem_name):
   assert_trajectories_close(ours, ref, F64_RTOL)
 
 
-@pytest.mark.parametrize("case, problem_name, jit",
-                         by_case(NUMPY_CASES, ("quadratic", "mlp"), ("jit", "eager")))
+@pytest.mark.parametrize(
+  "case, problem_name, jit", by_case(NUMPY_CASES, ("quadratic", "mlp"), ("jit", "eager"))
+)
 def test_float32_steps_match_numpy(case, problem_name, jit):
   """Per step: our new parameters against the NumPy step (float64) from the same float32
   parameters and gradients, to a few float32 epsilons at the size of the operands (|w| and
@@ -237,6 +281,7 @@ def test_float32_steps_match_numpy(case, problem_name, jit):
       w = np.asarray(w, np.float64)
       expected = case.numpy_step(w, np.asarray(gi, np.float64), t)
       scale = max(np.max(np.abs(w)), np.max(np.abs(expected - w)), np.max(np.abs(expected)))
-      assert_ulps_close(ours, expected, case.f32_ulps, scale=scale, what=f"step {t}: ",
-                        dtype=jnp.float32)
+      assert_ulps_close(
+        ours, expected, case.f32_ulps, scale=scale, what=f"step {t}: ", dtype=jnp.float32
+      )
     params = new

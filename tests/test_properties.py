@@ -19,16 +19,24 @@ from optcompose.testing import strategies as ocst
 from registry import CASES
 
 PUBLIC = oc.TRANSFORMATIONS + oc.OPTIMIZERS + oc.WRAPPERS
+
+
 def fast(max_examples):
   """Few examples, reproducible (derandomized), no deadline (the first call compiles)."""
-  return settings(max_examples=max_examples, deadline=None, derandomize=True, database=None,
-                  suppress_health_check=list(HealthCheck))
+  return settings(
+    max_examples=max_examples,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=list(HealthCheck),
+  )
+
 
 # Nested dict, tuple and NamedTuple nodes, a scalar and a zero-size leaf.
 PARAMS = {
-    "dense": {"kernel": jnp.linspace(-1.0, 1.0, 12).reshape(3, 4), "bias": jnp.zeros(4)},
-    "pair": ocst.Pair(jnp.float32(0.5), jnp.zeros((0, 3))),
-    "stack": (jnp.linspace(0.1, 0.9, 4).reshape(2, 2), jnp.cos(jnp.arange(5.0))),
+  "dense": {"kernel": jnp.linspace(-1.0, 1.0, 12).reshape(3, 4), "bias": jnp.zeros(4)},
+  "pair": ocst.Pair(jnp.float32(0.5), jnp.zeros((0, 3))),
+  "stack": (jnp.linspace(0.1, 0.9, 4).reshape(2, 2), jnp.cos(jnp.arange(5.0))),
 }
 
 
@@ -56,6 +64,7 @@ def linesearch_extra(params):
 
 
 # --- 1. every invariant, every registry case -----------------------------------------------
+
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_every_invariant_holds_for_every_registry_case(case):
@@ -118,11 +127,11 @@ def test_drawn_hyperparameters_give_finite_well_formed_steps(name):
 # --- 3. drawn trees: every structure and dtype ------------------------------------------------
 
 TREE_OPTIMIZERS = {
-    "sgd_nesterov": lambda: oc.sgd(0.1, 0.9, nesterov=True),
-    "adamw": lambda: oc.adamw(1e-2, weight_decay=0.1),
-    "rmsprop_centered": lambda: oc.rmsprop(1e-2, centered=True),
-    "clip_adagrad": lambda: oc.chain(oc.clip_by_global_norm(1.0), oc.adagrad(0.1)),
-    "masked_adam": lambda: oc.masked(oc.adam(1e-2), lambda p: jax.tree.map(lambda x: x.ndim > 0, p)),
+  "sgd_nesterov": lambda: oc.sgd(0.1, 0.9, nesterov=True),
+  "adamw": lambda: oc.adamw(1e-2, weight_decay=0.1),
+  "rmsprop_centered": lambda: oc.rmsprop(1e-2, centered=True),
+  "clip_adagrad": lambda: oc.chain(oc.clip_by_global_norm(1.0), oc.adagrad(0.1)),
+  "masked_adam": lambda: oc.masked(oc.adam(1e-2), lambda p: jax.tree.map(lambda x: x.ndim > 0, p)),
 }
 
 
@@ -151,8 +160,10 @@ def test_drawn_trees_cover_what_the_strategy_promises():
     for leaf in jax.tree.leaves(tree):
       seen.add(str(leaf.dtype))
       seen.add("scalar" if leaf.ndim == 0 else "empty" if leaf.size == 0 else "array")
-    if any(isinstance(n, ocst.Pair) for n in jax.tree.leaves(
-        tree, is_leaf=lambda x: isinstance(x, ocst.Pair))):
+    if any(
+      isinstance(n, ocst.Pair)
+      for n in jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, ocst.Pair))
+    ):
       seen.add("namedtuple")
 
   collect()
@@ -161,8 +172,18 @@ def test_drawn_trees_cover_what_the_strategy_promises():
 
 # --- 4. extreme gradients: compiled once per optimizer, values drawn --------------------------
 
-EXTREME_CASES = ["sgd_momentum", "adam", "adamw", "rmsprop", "adagrad", "clip_by_global_norm",
-                 "nadamw", "lookahead", "clip", "adaptive_grad_clip"]
+EXTREME_CASES = [
+  "sgd_momentum",
+  "adam",
+  "adamw",
+  "rmsprop",
+  "adagrad",
+  "clip_by_global_norm",
+  "nadamw",
+  "lookahead",
+  "clip",
+  "adaptive_grad_clip",
+]
 
 
 @pytest.mark.parametrize("name", EXTREME_CASES)
@@ -196,8 +217,10 @@ _NOT_AVERAGERS = tuple(n for n in oc.TRANSFORMATIONS if not REGISTRY[n].averager
 
 
 @fast(40)
-@given(st.lists(ocst.transformations(_NOT_AVERAGERS), min_size=2, max_size=2),
-       ocst.transformations(oc.TRANSFORMATIONS))
+@given(
+  st.lists(ocst.transformations(_NOT_AVERAGERS), min_size=2, max_size=2),
+  ocst.transformations(oc.TRANSFORMATIONS),
+)
 def test_chain_is_associative(two, last):
   (_, a), (_, b), (_, c) = *two, last
   left, right = oc.chain(oc.chain(a, b), c), oc.chain(a, oc.chain(b, c))
@@ -214,16 +237,19 @@ def test_chain_is_associative(two, last):
     p = oc.apply_updates(p, u_l)
 
 
-# --- 6. docs/guides/testing.md's example of testing your own transformation --------------------------------
+# --- 6. docs/guides/testing.md's example of testing your own transformation -------------------
+
 
 def test_readme_example_of_testing_a_user_transformation(tmp_path):
   """Hypothesis reads a test's source, so the block runs as a real module, not via exec."""
   import importlib.util
   import re
   from pathlib import Path
+
   readme = (Path(__file__).parents[1] / "docs" / "guides" / "testing.md").read_text()
-  block = next(b for b in re.findall(r"```py\n(.*?)```", readme, re.S)
-               if "runs this block as a module" in b)
+  block = next(
+    b for b in re.findall(r"```py\n(.*?)```", readme, re.S) if "runs this block as a module" in b
+  )
   path = tmp_path / "readme_property_example.py"
   path.write_text(block)
   spec = importlib.util.spec_from_file_location("readme_property_example", path)
@@ -231,8 +257,13 @@ def test_readme_example_of_testing_a_user_transformation(tmp_path):
   spec.loader.exec_module(module)  # the block ends by calling its test
   # And the kit would catch a broken transformation: one that changes the update's dtype.
   good = module.sign_descent(0.1)
-  broken = oc.GradientTransformation(good.init, lambda u, s, p=None, **e: (
-      jax.tree.map(lambda x: x.astype(jnp.float16), good.update(u, s, p)[0]), s))
+  broken = oc.GradientTransformation(
+    good.init,
+    lambda u, s, p=None, **e: (
+      jax.tree.map(lambda x: x.astype(jnp.float16), good.update(u, s, p)[0]),
+      s,
+    ),
+  )
   with pytest.raises(AssertionError, match="updates"):
     oct.check_invariants(broken, SMALL, grads_at)
 

@@ -44,7 +44,7 @@ def test_elastic_net_step_matches_the_proximal_operator():
   v = w.astype(np.float64) + u
   grid = np.linspace(-4, 4, 400001)
   for i in range(0, 50, 7):
-    objective = (grid - v[i]) ** 2 / (2 * lr) + l1 * np.abs(grid) + l2 / 2 * grid ** 2
+    objective = (grid - v[i]) ** 2 / (2 * lr) + l1 * np.abs(grid) + l2 / 2 * grid**2
     assert abs(new_w[i] - grid[np.argmin(objective)]) < 5e-5
 
 
@@ -78,11 +78,15 @@ def test_adamw_l1_matches_optax_adamw_followed_by_numpy_soft_threshold():
   assert np.mean(np.asarray(p_ours["w"]) == 0.0) > 0.5
 
 
-@pytest.mark.parametrize("make, batches", [
+@pytest.mark.parametrize(
+  "make, batches",
+  [
     (lambda: oc.sgd(0.05, l1=0.05), 1),
     (lambda: oc.sgd(0.05, momentum=0.5, l1=0.05, l2=1e-3), 1),
     (lambda: oc.adamw(0.01, weight_decay=0.0, l1=0.3), 10),
-], ids=["ista_full_batch", "momentum_elastic_net_full_batch", "adamw_l1_minibatch"])
+  ],
+  ids=["ista_full_batch", "momentum_elastic_net_full_batch", "adamw_l1_minibatch"],
+)
 def test_sparse_regression_recovers_the_true_zero_pattern(make, batches):
   """A lasso regression with 6 of 30 true weights, full-batch or in minibatches of 200/batches.
 
@@ -126,13 +130,14 @@ def test_adamw_without_l1_has_no_exact_zeros_on_the_same_run():
   rng = np.random.default_rng(3)
   x = jnp.asarray(rng.normal(size=(200, 30)), jnp.float32)
   y = x[:, 0] * 2.0
-  loss = lambda p, i: 0.5 * jnp.mean((x[i * 20:(i + 1) * 20] @ p["w"] - y[i * 20:(i + 1) * 20]) ** 2)
+  loss = lambda p, i: (
+    0.5 * jnp.mean((x[i * 20 : (i + 1) * 20] @ p["w"] - y[i * 20 : (i + 1) * 20]) ** 2)
+  )
   zeros = {}
   for l1 in (0.0, 0.3):
     tx, p = oc.adamw(0.01, weight_decay=0.0, l1=l1), {"w": jnp.zeros(30)}
     s = tx.init(p)
-    step = jax.jit(lambda p, s, i, tx=tx: tx.update(jax.grad(loss)(p, i), s, p),
-                   static_argnums=2)
+    step = jax.jit(lambda p, s, i, tx=tx: tx.update(jax.grad(loss)(p, i), s, p), static_argnums=2)
     for t in range(500):
       u, s = step(p, s, t % 10)
       p = oc.apply_updates(p, u)

@@ -22,18 +22,26 @@ NO_F16C = "xla_cpu_max_isa=SSE" in os.environ.get("XLA_FLAGS", "")
 
 # 1. partition names the value of `transforms` that is not a transformation.
 
+
 def test_1_partition_names_the_bad_transform():
-  with pytest.raises(TypeError, match=r"partition: `transforms\['a'\]` is float, not a gradient "
-                     r"transformation"):
+  with pytest.raises(
+    TypeError,
+    match=r"partition: `transforms\['a'\]` is float, not a gradient "
+    r"transformation",
+  ):
     oc.partition({"a": 0.1, "f": oc.set_to_zero()}, {"w": "a"})
 
 
 # 2. An `include` regex that matches no path is an error, not an all-False mask.
 
+
 def test_2_mask_from_paths_include_matching_nothing_is_an_error():
   tx = oc.masked(oc.sgd(0.1), oc.mask_from_paths(include="typo"))
-  with pytest.raises(ValueError, match=r"mask_from_paths: `include` 'typo' matches no leaf path; "
-                     r"it was searched in: \['w'\]"):
+  with pytest.raises(
+    ValueError,
+    match=r"mask_from_paths: `include` 'typo' matches no leaf path; "
+    r"it was searched in: \['w'\]",
+  ):
     tx.init(P)
   with pytest.raises(ValueError, match=r"`include` 'typo' matches no leaf path"):
     oc.mask_from_paths(include="typo")(P)
@@ -42,8 +50,10 @@ def test_2_mask_from_paths_include_matching_nothing_is_an_error():
   assert oc.mask_from_paths(include="kernel")(two) == {"kernel": True, "bias": False}
   # An exclude that matches nothing excludes nothing (a generic exclude=r"bias|scale").
   assert oc.mask_from_paths(exclude="bias|scale")(P) == {"w": True}
-  assert oc.mask_from_paths(include="kernel", exclude="kernel")(two) == {"kernel": False,
-                                                                          "bias": False}
+  assert oc.mask_from_paths(include="kernel", exclude="kernel")(two) == {
+    "kernel": False,
+    "bias": False,
+  }
   assert oc.mask_from_paths(include="typo")({}) == {}  # no leaves: nothing to match
   tx = oc.masked(oc.sgd(0.1), oc.mask_from_paths(include="kernel"))
   updates, _ = tx.update(two, tx.init(two), two)
@@ -53,24 +63,30 @@ def test_2_mask_from_paths_include_matching_nothing_is_an_error():
 
 def test_2_labels_from_paths_rule_matching_nothing_is_an_error():
   labels = oc.labels_from_paths([(r"w", "train"), (r"typo", "frozen")], default="train")
-  with pytest.raises(ValueError, match=r"labels_from_paths: `rules\[1\]\[0\]` 'typo' matches no "
-                     r"leaf path; it was searched in: \['w'\]"):
+  with pytest.raises(
+    ValueError,
+    match=r"labels_from_paths: `rules\[1\]\[0\]` 'typo' matches no "
+    r"leaf path; it was searched in: \['w'\]",
+  ):
     labels(P)
   assert oc.labels_from_paths([(r"w", "x")], default="y")(P) == {"w": "x"}
 
 
 # 3. reduce_on_plateau: min_scale in [0, 1]; `value` must be a real number.
 
+
 def test_3_plateau_min_scale_above_one_is_refused():
-  with pytest.raises(ValueError, match=r"reduce_on_plateau: `min_scale` must lie in \[0, 1\], "
-                     r"got 2"):
+  with pytest.raises(
+    ValueError,
+    match=r"reduce_on_plateau: `min_scale` must lie in \[0, 1\], "
+    r"got 2",
+  ):
     oc.reduce_on_plateau(min_scale=2.0)
   oc.reduce_on_plateau(min_scale=1.0)
   oc.reduce_on_plateau(min_scale=0.0)
 
 
-@pytest.mark.parametrize("value", [True, "a", 1 + 2j, None], ids=["bool", "str", "complex",
-                                                                   "None"])
+@pytest.mark.parametrize("value", [True, "a", 1 + 2j, None], ids=["bool", "str", "complex", "None"])
 def test_3_plateau_value_must_be_real(value):
   tx = oc.reduce_on_plateau()
   state = tx.init(P)
@@ -78,8 +94,7 @@ def test_3_plateau_value_must_be_real(value):
     tx.update(P, state, value=value)
 
 
-@pytest.mark.parametrize("value", [jnp.asarray(True), jnp.asarray(1 + 2j)], ids=["bool",
-                                                                                 "complex"])
+@pytest.mark.parametrize("value", [jnp.asarray(True), jnp.asarray(1 + 2j)], ids=["bool", "complex"])
 def test_3_plateau_value_dtype_is_checked_while_tracing(value):
   tx = oc.reduce_on_plateau()
   state = tx.init(P)
@@ -92,6 +107,7 @@ def test_3_plateau_value_dtype_is_checked_while_tracing(value):
 
 
 # 4. early_stopping: named errors for non-real metrics; the metric in JAX's default float.
+
 
 @pytest.mark.parametrize("metric", ["a", None], ids=["str", "None"])
 def test_4_early_stopping_metric_must_be_real(metric):
@@ -126,15 +142,20 @@ def test_4_early_stopping_metric_is_float64_under_x64():
 
 # 5. with_diagnostics: a negative learning rate is refused.
 
+
 def test_5_diagnostics_learning_rate_must_be_non_negative():
-  with pytest.raises(ValueError, match=r"with_diagnostics: `learning_rate` must lie in "
-                     r"\[0, inf\), got -1"):
+  with pytest.raises(
+    ValueError,
+    match=r"with_diagnostics: `learning_rate` must lie in "
+    r"\[0, inf\), got -1",
+  ):
     oc.with_diagnostics(oc.sgd(0.1), learning_rate=-1.0)
   oc.with_diagnostics(oc.sgd(0.1))
   oc.with_diagnostics(oc.sgd(0.1), learning_rate=0.1)
 
 
 # 6. Clipping in float16: the squares are summed in float32; `axis` is validated.
+
 
 @pytest.mark.skipif(NO_F16C, reason="XLA CPU cannot compile float16 arithmetic without F16C")
 def test_6_float16_clipping_does_not_overflow():
@@ -163,19 +184,29 @@ def test_6_float16_clipping_does_not_overflow():
 
 def test_6_bfloat16_clipping_keeps_the_dtype():
   g = {"w": jnp.full(3, 300.0, jnp.bfloat16)}
-  for tx in (oc.clip_by_global_norm(1.0), oc.clip_by_leaf_norm(1.0), oc.clip_by_block_rms(1.0),
-             oc.clip_by_global_norm(lambda count: jnp.asarray(1.0, jnp.float32))):
+  for tx in (
+    oc.clip_by_global_norm(1.0),
+    oc.clip_by_leaf_norm(1.0),
+    oc.clip_by_block_rms(1.0),
+    oc.clip_by_global_norm(lambda count: jnp.asarray(1.0, jnp.float32)),
+  ):
     updates, _ = jax.jit(tx.update)(g, tx.init(g), g)
     assert updates["w"].dtype == jnp.bfloat16
 
 
 def test_6_adaptive_grad_clip_axis_is_validated():
-  with pytest.raises(TypeError, match=r"adaptive_grad_clip: `axis` must be an int, a sequence "
-                     r"of ints or None, got 'a'"):
+  with pytest.raises(
+    TypeError,
+    match=r"adaptive_grad_clip: `axis` must be an int, a sequence "
+    r"of ints or None, got 'a'",
+  ):
     oc.adaptive_grad_clip(0.1, axis="a")
   tx = oc.adaptive_grad_clip(0.1, axis=5)
-  with pytest.raises(ValueError, match=r"adaptive_grad_clip: `axis` 5 is out of range for "
-                     r"`updates\['w'\]` of shape \(3,\)"):
+  with pytest.raises(
+    ValueError,
+    match=r"adaptive_grad_clip: `axis` 5 is out of range for "
+    r"`updates\['w'\]` of shape \(3,\)",
+  ):
     tx.update(P, tx.init(P), P)
   with pytest.raises(ValueError, match=r"`axis` 5 is out of range for `updates\['w'\]`"):
     jax.jit(tx.update)(P, tx.init(P), P)
@@ -185,10 +216,17 @@ def test_6_adaptive_grad_clip_axis_is_validated():
 
 # 7. A damaged layouts or checksum record of a checkpoint is reported as damage.
 
-@pytest.mark.parametrize("key, bad, record", [
-    ("layouts", 5, "layouts"), ("layouts", [[["p"], 3]], "layouts"),
-    ("leaves", 5, "checksum"), ("leaves", [[["p"], "x"]], "checksum"),
-], ids=["layouts-int", "layout-int", "checksums-int", "checksum-str"])
+
+@pytest.mark.parametrize(
+  "key, bad, record",
+  [
+    ("layouts", 5, "layouts"),
+    ("layouts", [[["p"], 3]], "layouts"),
+    ("leaves", 5, "checksum"),
+    ("leaves", [[["p"], "x"]], "checksum"),
+  ],
+  ids=["layouts-int", "layout-int", "checksums-int", "checksum-str"],
+)
 def test_7_damaged_checkpoint_records(tmp_path, key, bad, record):
   serialization = pytest.importorskip("flax.serialization")
   tree = {"p": oc.flat_params({"a": jnp.ones(2), "b": jnp.ones(3)})}
@@ -197,9 +235,11 @@ def test_7_damaged_checkpoint_records(tmp_path, key, bad, record):
   raw = serialization.msgpack_restore(path.read_bytes())
   raw[key] = bad
   path.write_bytes(serialization.msgpack_serialize(raw))
-  with pytest.raises(oc.checkpoint.CheckpointCorruptError,
-                     match=rf"{re.escape(str(path))} is damaged: its {record} record is "
-                     r"unreadable"):
+  with pytest.raises(
+    oc.checkpoint.CheckpointCorruptError,
+    match=rf"{re.escape(str(path))} is damaged: its {record} record is "
+    r"unreadable",
+  ):
     oc.checkpoint.restore_checkpoint(path, tree)
 
 
@@ -207,18 +247,21 @@ def test_7_damaged_checkpoint_records(tmp_path, key, bad, record):
 def test_7_orbax_sidecar_missing_a_record(tmp_path, drop):
   pytest.importorskip("orbax.checkpoint")
   import json
+
   path = tmp_path / "c"
   oc.checkpoint.save_orbax_checkpoint(path, {"w": jnp.ones(3)})
   sidecar = path / "optcompose_checkpoint.json"
   record = json.loads(sidecar.read_text())
   del record[drop]
   sidecar.write_text(json.dumps(record))
-  with pytest.raises(oc.checkpoint.CheckpointCorruptError,
-                     match=rf"damaged or of another format.*KeyError: '{drop}'"):
+  with pytest.raises(
+    oc.checkpoint.CheckpointCorruptError, match=rf"damaged or of another format.*KeyError: '{drop}'"
+  ):
     oc.checkpoint.restore_orbax_checkpoint(path, {"w": jnp.ones(3)})
 
 
 # 8. sam's opaque mode names a grad_fn of the wrong signature.
+
 
 def test_8_sam_grad_fn_signature():
   tx = oc.sam(oc.sgd(0.1), oc.chain(oc.normalize(), oc.sgd(0.05)), opaque_mode=True)

@@ -34,39 +34,88 @@ def assert_values(ours, expected, scale):
 
 # (name, our schedule, Optax's, steps): the same arguments to both libraries.
 OPTAX_PAIRS = [
-    ("constant", lambda m: m.constant_schedule(0.3), steps_around(end=10)),
-    ("piecewise_constant", lambda m: m.piecewise_constant_schedule(0.5, {10: 0.1, 25: 0.5}),
-     steps_around(10, 25, end=30)),
-    ("exponential", lambda m: m.exponential_decay(1.0, 10, 0.5, transition_begin=5),
-     steps_around(5, 15, end=60)),
-    ("exponential_staircase_end", lambda m: m.exponential_decay(
-        2.0, 7, 0.3, staircase=True, end_value=0.05), steps_around(7, 14, end=40)),
-    ("exponential_growth_end", lambda m: m.exponential_decay(0.1, 5, 2.0, end_value=1.0),
-     steps_around(5, 20, end=30)),
-    ("polynomial", lambda m: m.polynomial_schedule(1.0, 0.1, 2.0, 50, 10),
-     steps_around(10, 60, end=60)),
-    ("linear", lambda m: m.linear_schedule(0.0, 1.0, 40), steps_around(40, end=40)),
-    ("cosine", lambda m: m.cosine_decay_schedule(0.8, 100, alpha=0.1, exponent=2.0),
-     steps_around(50, 100, end=100)),
-    ("warmup_constant", lambda m: m.warmup_constant_schedule(0.0, 1.0, 20), steps_around(20, end=30)),
-    ("warmup_cosine", lambda m: m.warmup_cosine_decay_schedule(0.0, 1.0, 20, 200, 1e-3),
-     steps_around(20, 110, 200, end=200)),
-    ("warmup_cosine_no_warmup", lambda m: m.warmup_cosine_decay_schedule(0.0, 1.0, 0, 50),
-     steps_around(25, 50, end=50)),
-    ("warmup_exponential", lambda m: m.warmup_exponential_decay_schedule(
-        0.01, 1.0, 10, 20, 0.5, staircase=True, end_value=0.1), steps_around(10, 30, 50, end=90)),
-    ("sgdr", lambda m: m.sgdr_schedule([
+  ("constant", lambda m: m.constant_schedule(0.3), steps_around(end=10)),
+  (
+    "piecewise_constant",
+    lambda m: m.piecewise_constant_schedule(0.5, {10: 0.1, 25: 0.5}),
+    steps_around(10, 25, end=30),
+  ),
+  (
+    "exponential",
+    lambda m: m.exponential_decay(1.0, 10, 0.5, transition_begin=5),
+    steps_around(5, 15, end=60),
+  ),
+  (
+    "exponential_staircase_end",
+    lambda m: m.exponential_decay(2.0, 7, 0.3, staircase=True, end_value=0.05),
+    steps_around(7, 14, end=40),
+  ),
+  (
+    "exponential_growth_end",
+    lambda m: m.exponential_decay(0.1, 5, 2.0, end_value=1.0),
+    steps_around(5, 20, end=30),
+  ),
+  (
+    "polynomial",
+    lambda m: m.polynomial_schedule(1.0, 0.1, 2.0, 50, 10),
+    steps_around(10, 60, end=60),
+  ),
+  ("linear", lambda m: m.linear_schedule(0.0, 1.0, 40), steps_around(40, end=40)),
+  (
+    "cosine",
+    lambda m: m.cosine_decay_schedule(0.8, 100, alpha=0.1, exponent=2.0),
+    steps_around(50, 100, end=100),
+  ),
+  ("warmup_constant", lambda m: m.warmup_constant_schedule(0.0, 1.0, 20), steps_around(20, end=30)),
+  (
+    "warmup_cosine",
+    lambda m: m.warmup_cosine_decay_schedule(0.0, 1.0, 20, 200, 1e-3),
+    steps_around(20, 110, 200, end=200),
+  ),
+  (
+    "warmup_cosine_no_warmup",
+    lambda m: m.warmup_cosine_decay_schedule(0.0, 1.0, 0, 50),
+    steps_around(25, 50, end=50),
+  ),
+  (
+    "warmup_exponential",
+    lambda m: m.warmup_exponential_decay_schedule(
+      0.01, 1.0, 10, 20, 0.5, staircase=True, end_value=0.1
+    ),
+    steps_around(10, 30, 50, end=90),
+  ),
+  (
+    "sgdr",
+    lambda m: m.sgdr_schedule(
+      [
         dict(init_value=0.0, peak_value=1.0, warmup_steps=5, decay_steps=30),
-        dict(init_value=0.0, peak_value=0.5, warmup_steps=5, decay_steps=60)]),
-     steps_around(5, 30, 35, 90, end=90)),
-    ("cosine_onecycle", lambda m: m.cosine_onecycle_schedule(100, 1.0), steps_around(30, 100, end=100)),
-    ("linear_onecycle", lambda m: m.linear_onecycle_schedule(100, 1.0, 0.25, 0.8),
-     steps_around(25, 80, 100, end=100)),
-    ("piecewise_interpolate", lambda m: m.piecewise_interpolate_schedule(
-        "cosine", 1.0, {10: 0.5, 30: 0.1}), steps_around(10, 30, end=40)),
-    ("join", lambda m: m.join_schedules(
-        [m.constant_schedule(1.0), m.linear_schedule(1.0, 0.0, 10), m.constant_schedule(0.2)],
-        [5, 15]), steps_around(5, 15, end=20)),
+        dict(init_value=0.0, peak_value=0.5, warmup_steps=5, decay_steps=60),
+      ]
+    ),
+    steps_around(5, 30, 35, 90, end=90),
+  ),
+  (
+    "cosine_onecycle",
+    lambda m: m.cosine_onecycle_schedule(100, 1.0),
+    steps_around(30, 100, end=100),
+  ),
+  (
+    "linear_onecycle",
+    lambda m: m.linear_onecycle_schedule(100, 1.0, 0.25, 0.8),
+    steps_around(25, 80, 100, end=100),
+  ),
+  (
+    "piecewise_interpolate",
+    lambda m: m.piecewise_interpolate_schedule("cosine", 1.0, {10: 0.5, 30: 0.1}),
+    steps_around(10, 30, end=40),
+  ),
+  (
+    "join",
+    lambda m: m.join_schedules(
+      [m.constant_schedule(1.0), m.linear_schedule(1.0, 0.0, 10), m.constant_schedule(0.2)], [5, 15]
+    ),
+    steps_around(5, 15, end=20),
+  ),
 ]
 
 
@@ -93,12 +142,12 @@ def ref_inverse_sqrt(t, peak=1.0, W=20, v0=0.0):
 def ref_transformer(t, d_model=512, W=40):
   """Vaswani et al.: lrate = d^-0.5 min(step^-0.5, step W^-1.5) with step = t (t >= 1)."""
   step = max(t, 1)
-  return d_model ** -0.5 * min(step ** -0.5, step * W ** -1.5)
+  return d_model**-0.5 * min(step**-0.5, step * W**-1.5)
 
 
 def ref_cosine(t, v=0.8, T=100, alpha=0.1, e=2.0):
   c = 0.5 * (1 + math.cos(math.pi * min(t, T) / T))
-  return v * ((1 - alpha) * c ** e + alpha)
+  return v * ((1 - alpha) * c**e + alpha)
 
 
 def ref_warm_restarts(t, v=1.0, T0=10, mult=2, d=0.5, eta_min=0.01):
@@ -108,7 +157,7 @@ def ref_warm_restarts(t, v=1.0, T0=10, mult=2, d=0.5, eta_min=0.01):
     t_cur -= T_i
     T_i *= mult
     i += 1
-  peak = v * d ** i
+  peak = v * d**i
   return eta_min + (peak - eta_min) * (1 + math.cos(math.pi * t_cur / T_i)) / 2
 
 
@@ -119,24 +168,61 @@ def ref_linear_warmup_exponential(t, W=10, v=1.0, T=5, r=0.5):
 
 
 OWN_CASES = [
-    ("inverse_time", S.inverse_time_decay(0.5, 10, 2.0), ref_inverse_time, steps_around(10, end=100)),
-    ("inverse_time_staircase", S.inverse_time_decay(0.5, 10, 2.0, staircase=True),
-     lambda t: ref_inverse_time(t, staircase=True), steps_around(10, 20, end=100)),
-    ("inverse_sqrt", S.inverse_sqrt_schedule(1.0, 20), ref_inverse_sqrt, steps_around(20, 80, end=500)),
-    ("inverse_sqrt_transformer", S.inverse_sqrt_schedule(512 ** -0.5 * 40 ** -0.5, 40),
-     ref_transformer, [t for t in steps_around(40, 160, end=1000) if t >= 1]),
-    ("cosine_floor_exponent", S.cosine_decay_schedule(0.8, 100, 0.1, 2.0), ref_cosine,
-     steps_around(50, 100, end=100)),
-    ("warm_restarts", S.cosine_warm_restarts_schedule(1.0, 10, 2, 0.5, 0.01), ref_warm_restarts,
-     steps_around(10, 30, 70, 150, 310, end=700)),
-    ("warm_restarts_constant_period", S.cosine_warm_restarts_schedule(1.0, 7, 1, 1.0, 0.0),
-     lambda t: ref_warm_restarts(t, 1.0, 7, 1, 1.0, 0.0), steps_around(7, 14, 21, end=100)),
-    ("linear_warmup_of_exponential", S.linear_warmup(S.exponential_decay(1.0, 5, 0.5), 10),
-     ref_linear_warmup_exponential, steps_around(10, 15, end=60)),
-    ("multiply", S.multiply_schedules(S.constant_schedule(2.0), S.inverse_time_decay(0.5, 10, 2.0)),
-     lambda t: 2.0 * ref_inverse_time(t), steps_around(10, end=50)),
-    ("from_function", S.schedule_from_function(lambda t: 0.1 * jnp.exp(-t / 50.0)),
-     lambda t: 0.1 * math.exp(-t / 50.0), steps_around(50, end=200)),
+  ("inverse_time", S.inverse_time_decay(0.5, 10, 2.0), ref_inverse_time, steps_around(10, end=100)),
+  (
+    "inverse_time_staircase",
+    S.inverse_time_decay(0.5, 10, 2.0, staircase=True),
+    lambda t: ref_inverse_time(t, staircase=True),
+    steps_around(10, 20, end=100),
+  ),
+  (
+    "inverse_sqrt",
+    S.inverse_sqrt_schedule(1.0, 20),
+    ref_inverse_sqrt,
+    steps_around(20, 80, end=500),
+  ),
+  (
+    "inverse_sqrt_transformer",
+    S.inverse_sqrt_schedule(512**-0.5 * 40**-0.5, 40),
+    ref_transformer,
+    [t for t in steps_around(40, 160, end=1000) if t >= 1],
+  ),
+  (
+    "cosine_floor_exponent",
+    S.cosine_decay_schedule(0.8, 100, 0.1, 2.0),
+    ref_cosine,
+    steps_around(50, 100, end=100),
+  ),
+  (
+    "warm_restarts",
+    S.cosine_warm_restarts_schedule(1.0, 10, 2, 0.5, 0.01),
+    ref_warm_restarts,
+    steps_around(10, 30, 70, 150, 310, end=700),
+  ),
+  (
+    "warm_restarts_constant_period",
+    S.cosine_warm_restarts_schedule(1.0, 7, 1, 1.0, 0.0),
+    lambda t: ref_warm_restarts(t, 1.0, 7, 1, 1.0, 0.0),
+    steps_around(7, 14, 21, end=100),
+  ),
+  (
+    "linear_warmup_of_exponential",
+    S.linear_warmup(S.exponential_decay(1.0, 5, 0.5), 10),
+    ref_linear_warmup_exponential,
+    steps_around(10, 15, end=60),
+  ),
+  (
+    "multiply",
+    S.multiply_schedules(S.constant_schedule(2.0), S.inverse_time_decay(0.5, 10, 2.0)),
+    lambda t: 2.0 * ref_inverse_time(t),
+    steps_around(10, end=50),
+  ),
+  (
+    "from_function",
+    S.schedule_from_function(lambda t: 0.1 * jnp.exp(-t / 50.0)),
+    lambda t: 0.1 * math.exp(-t / 50.0),
+    steps_around(50, end=200),
+  ),
 ]
 
 
@@ -151,8 +237,8 @@ def test_sgdr_restarts_exactly_at_each_boundary():
   s = S.cosine_warm_restarts_schedule(1.0, 10, 2, 0.5, 0.0)
   starts = [0, 10, 30, 70, 150, 310, 630]
   for i, b in enumerate(starts):
-    assert float(s(jnp.int32(b))) == pytest.approx(0.5 ** i, rel=1e-6)
-    assert float(s(jnp.int32(b + 1))) < 0.5 ** i
+    assert float(s(jnp.int32(b))) == pytest.approx(0.5**i, rel=1e-6)
+    assert float(s(jnp.int32(b + 1))) < 0.5**i
 
 
 def test_onecycle_anneals_far_below_the_start():
@@ -163,7 +249,9 @@ def test_onecycle_anneals_far_below_the_start():
   assert float(s(1000)) < float(s(0)) / 1000
 
 
-@pytest.mark.parametrize("build, match", [
+@pytest.mark.parametrize(
+  "build, match",
+  [
     (lambda: S.warmup_cosine_decay_schedule(0.0, 1.0, 200, 100), "warmup .* shorter than the run"),
     (lambda: S.warmup_cosine_decay_schedule(0.0, 1.0, 100, 100), "warmup"),
     (lambda: S.cosine_decay_schedule(1.0, 0), "`decay_steps` must be > 0"),
@@ -183,7 +271,8 @@ def test_onecycle_anneals_far_below_the_start():
     (lambda: S.linear_schedule(1.0, 0.0, 10.5), "whole number"),
     (lambda: S.constant_schedule("0.1"), "`value` must be a number"),
     (lambda: S.schedule_from_function(lambda t: jnp.ones(3) * t), "not a scalar"),
-])
+  ],
+)
 def test_bad_schedule_arguments_are_named(build, match):
   with pytest.raises((ValueError, TypeError), match=match):
     build()
@@ -223,7 +312,7 @@ def ref_exponential_staircase(t, v=2.0, T=7, r=0.3, end=0.05):
 
 def ref_polynomial(t, v0=1.0, v1=0.1, p=2.0, T=50, begin=10):
   frac = 1 - min(max(t - begin, 0), T) / T
-  return (v0 - v1) * frac ** p + v1
+  return (v0 - v1) * frac**p + v1
 
 
 def ref_warmup_cosine(t, v0=0.0, peak=1.0, W=20, T=200, end=1e-3):
@@ -256,23 +345,48 @@ def ref_linear_onecycle(t, T=100, peak=1.0, a=0.25, b=0.8, div=25.0, final=1e4):
 
 
 FORMULA_CASES = [
-    ("piecewise_constant", S.piecewise_constant_schedule(0.5, {10: 0.1, 25: 0.5}), ref_piecewise,
-     steps_around(10, 25, end=30)),
-    ("exponential_staircase_end", S.exponential_decay(2.0, 7, 0.3, staircase=True, end_value=0.05),
-     ref_exponential_staircase, steps_around(7, 14, end=40)),
-    ("polynomial", S.polynomial_schedule(1.0, 0.1, 2.0, 50, 10), ref_polynomial,
-     steps_around(10, 60, end=60)),
-    ("warmup_cosine", S.warmup_cosine_decay_schedule(0.0, 1.0, 20, 200, 1e-3), ref_warmup_cosine,
-     steps_around(20, 110, 200, end=200)),
-    ("cosine_onecycle", S.cosine_onecycle_schedule(100, 1.0), ref_cosine_onecycle,
-     steps_around(30, 100, end=100)),
-    ("linear_onecycle", S.linear_onecycle_schedule(100, 1.0, 0.25, 0.8), ref_linear_onecycle,
-     steps_around(25, 80, 100, end=100)),
+  (
+    "piecewise_constant",
+    S.piecewise_constant_schedule(0.5, {10: 0.1, 25: 0.5}),
+    ref_piecewise,
+    steps_around(10, 25, end=30),
+  ),
+  (
+    "exponential_staircase_end",
+    S.exponential_decay(2.0, 7, 0.3, staircase=True, end_value=0.05),
+    ref_exponential_staircase,
+    steps_around(7, 14, end=40),
+  ),
+  (
+    "polynomial",
+    S.polynomial_schedule(1.0, 0.1, 2.0, 50, 10),
+    ref_polynomial,
+    steps_around(10, 60, end=60),
+  ),
+  (
+    "warmup_cosine",
+    S.warmup_cosine_decay_schedule(0.0, 1.0, 20, 200, 1e-3),
+    ref_warmup_cosine,
+    steps_around(20, 110, 200, end=200),
+  ),
+  (
+    "cosine_onecycle",
+    S.cosine_onecycle_schedule(100, 1.0),
+    ref_cosine_onecycle,
+    steps_around(30, 100, end=100),
+  ),
+  (
+    "linear_onecycle",
+    S.linear_onecycle_schedule(100, 1.0, 0.25, 0.8),
+    ref_linear_onecycle,
+    steps_around(25, 80, 100, end=100),
+  ),
 ]
 
 
-@pytest.mark.parametrize("name, schedule, formula, steps", FORMULA_CASES,
-                         ids=[c[0] for c in FORMULA_CASES])
+@pytest.mark.parametrize(
+  "name, schedule, formula, steps", FORMULA_CASES, ids=[c[0] for c in FORMULA_CASES]
+)
 def test_optax_named_schedule_matches_its_formula(name, schedule, formula, steps):
   expected = np.array([formula(t) for t in steps])
   assert_values(evaluate(schedule, steps, True), expected, np.max(np.abs(expected)))

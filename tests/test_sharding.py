@@ -25,16 +25,18 @@ STEPS = 3
 
 # name: (shape, spec). Shapes are all different, so a state leaf's shape names its parameter.
 MIXED = {
-    "embed": ((32, 8), P(("data", "model"))),           # fully sharded over 8 devices
-    "block": {"kernel": ((8, 16), P("data", "model")),  # 2-D tensor parallel
-              "bias": ((16,), P("model")),
-              "scale": ((24,), P())},                    # replicated
-    "head": {"kernel": ((16, 4), P("model", None)), "bias": ((4,), P())},
+  "embed": ((32, 8), P(("data", "model"))),  # fully sharded over 8 devices
+  "block": {
+    "kernel": ((8, 16), P("data", "model")),  # 2-D tensor parallel
+    "bias": ((16,), P("model")),
+    "scale": ((24,), P()),
+  },  # replicated
+  "head": {"kernel": ((16, 4), P("model", None)), "bias": ((4,), P())},
 }
 LAYOUTS = {
-    "replicated": lambda shape: P(),
-    "fully_sharded": lambda shape: P(("data", "model")),
-    "tensor_parallel": lambda shape: P("data", "model") if len(shape) == 2 else P("model"),
+  "replicated": lambda shape: P(),
+  "fully_sharded": lambda shape: P(("data", "model")),
+  "tensor_parallel": lambda shape: P("data", "model") if len(shape) == 2 else P("model"),
 }
 PURE_SHAPES = {"w1": (16, 32), "b1": (32,), "w2": (32, 8), "b2": (8,)}
 
@@ -43,16 +45,18 @@ def cpu_mesh(axis_type):
   devices = jax.devices("cpu")
   if len(devices) < 8:
     pytest.skip("needs 8 CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count=8)")
-  return jax.make_mesh((2, 4), ("data", "model"), axis_types=(axis_type,) * 2,
-                       devices=devices[:8])
+  return jax.make_mesh((2, 4), ("data", "model"), axis_types=(axis_type,) * 2, devices=devices[:8])
 
 
 def make_params(specs, mesh):
   """Deterministic values; returns (unsharded, sharded, expected shardings) trees."""
-  leaves, treedef = jax.tree.flatten(specs, is_leaf=lambda x: isinstance(x, tuple) and
-                                     isinstance(x[1], P))
-  host = [np.sin(np.arange(np.prod(s), dtype=np.float32) * (0.37 + i)).reshape(s) * 0.5
-          for i, (s, _) in enumerate(leaves)]
+  leaves, treedef = jax.tree.flatten(
+    specs, is_leaf=lambda x: isinstance(x, tuple) and isinstance(x[1], P)
+  )
+  host = [
+    np.sin(np.arange(np.prod(s), dtype=np.float32) * (0.37 + i)).reshape(s) * 0.5
+    for i, (s, _) in enumerate(leaves)
+  ]
   shardings = [NamedSharding(mesh, spec) for _, spec in leaves]
   # Uncommitted (as a model's init returns them): a committed tree next to the uncommitted
   # state of an eager init is another input signature, so the second step would recompile.
@@ -72,6 +76,7 @@ def make_step(tx, with_value):
     extra = {"value": value, "grad_fn": jax.grad(loss)} if with_value else {}
     updates, state = tx.update(grads, state, params, **extra)
     return oc.apply_updates(params, updates), state, updates
+
   return jax.jit(step)
 
 
@@ -89,7 +94,8 @@ def assert_placed(state, params_shardings, replicated):
   for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
     want = by_shape.get(tuple(leaf.shape), replicated)
     assert leaf.sharding.is_equivalent_to(want, leaf.ndim), (
-        f"state{jax.tree_util.keystr(path)}: {leaf.sharding} instead of {want}")
+      f"state{jax.tree_util.keystr(path)}: {leaf.sharding} instead of {want}"
+    )
 
 
 # Cases whose state has leaves shaped like a parameter without being that parameter's: SM3's
@@ -110,8 +116,9 @@ def check_case(tx, specs, mesh, with_value=False, auto=True, placed=True, kept=T
   plain, sharded, shardings = make_params(specs, mesh)
   replicated = NamedSharding(mesh, P())
   if auto:
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                            sharded)
+    abstract = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), sharded
+    )
     placement = oc.sharding.state_shardings(tx, abstract)
     state = jax.jit(tx.init, out_shardings=placement)(sharded)
   else:
@@ -139,7 +146,9 @@ def check_case(tx, specs, mesh, with_value=False, auto=True, placed=True, kept=T
   # (and reductions -- norms -- add their shards in another order): a few epsilons of each
   # leaf's own dtype, at the leaf's magnitude, after 3 steps.
   floats = lambda tree: [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
-  ints = lambda tree: [x for x in jax.tree.leaves(tree) if not jnp.issubdtype(x.dtype, jnp.floating)]
+  ints = lambda tree: [
+    x for x in jax.tree.leaves(tree) if not jnp.issubdtype(x.dtype, jnp.floating)
+  ]
   assert_ulps_close(floats((out_params, out_state)), floats((ref_params, ref_state)), ulps)
   for got, want in zip(ints(out_state), ints(ref_state)):  # counts
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
@@ -149,9 +158,15 @@ def check_case(tx, specs, mesh, with_value=False, auto=True, placed=True, kept=T
 # builder's hyperparameter values do not change.
 @pytest.mark.parametrize("case", covering(CASES), ids=lambda c: c.name)
 def test_every_case_keeps_mixed_shardings_and_matches_unsharded(case):
-  check_case(case.ours(), MIXED, cpu_mesh(AxisType.Auto), with_value=case.with_value,
-             placed=case.name not in PER_AXIS_STATE | RAVELED, kept=case.name not in RAVELED,
-             ulps=ULPS.get(case.name, 8))
+  check_case(
+    case.ours(),
+    MIXED,
+    cpu_mesh(AxisType.Auto),
+    with_value=case.with_value,
+    placed=case.name not in PER_AXIS_STATE | RAVELED,
+    kept=case.name not in RAVELED,
+    ulps=ULPS.get(case.name, 8),
+  )
 
 
 def test_sharpness_aware_keeps_mixed_shardings_and_matches_unsharded():
@@ -166,8 +181,7 @@ def test_sharpness_aware_keeps_mixed_shardings_and_matches_unsharded():
 def test_pure_layouts_in_both_sharding_modes(name, layout, auto):
   case = next(c for c in CASES if c.name == name)
   specs = {k: (s, LAYOUTS[layout](s)) for k, s in PURE_SHAPES.items()}
-  check_case(case.ours(), specs, cpu_mesh(AxisType.Auto if auto else AxisType.Explicit),
-             auto=auto)
+  check_case(case.ours(), specs, cpu_mesh(AxisType.Auto if auto else AxisType.Explicit), auto=auto)
 
 
 def test_state_shardings_need_sharded_params():
@@ -185,12 +199,15 @@ def test_zero1_divides_adamw_state_over_the_data_axis_and_matches_the_unsharded_
     pytest.skip("needs 8 CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count=8)")
   mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,), devices=devices[:8])
   replicated = NamedSharding(mesh, P())
-  host = {k: np.sin(np.arange(np.prod(s), dtype=np.float32) * (0.3 + i)).reshape(s) * 0.5
-          for i, (k, s) in enumerate(PURE_SHAPES.items())}
+  host = {
+    k: np.sin(np.arange(np.prod(s), dtype=np.float32) * (0.3 + i)).reshape(s) * 0.5
+    for i, (k, s) in enumerate(PURE_SHAPES.items())
+  }
   params = {k: jax.device_put(x, replicated) for k, x in host.items()}
   tx = oc.adamw(1e-2, weight_decay=1e-3)
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                          params)
+  abstract = jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), params
+  )
   placement = oc.sharding.zero1_state_shardings(tx, abstract)
   state = jax.jit(tx.init, out_shardings=placement)(params)
   p_shardings = jax.tree.map(lambda x: x.sharding, params)
@@ -200,8 +217,9 @@ def test_zero1_divides_adamw_state_over_the_data_axis_and_matches_the_unsharded_
     updates, state = tx.update(grads, state, params)
     return oc.apply_updates(params, updates), state
 
-  sharded_step = jax.jit(step, in_shardings=(p_shardings, placement),
-                         out_shardings=(p_shardings, placement))
+  sharded_step = jax.jit(
+    step, in_shardings=(p_shardings, placement), out_shardings=(p_shardings, placement)
+  )
   plain_params = {k: jnp.asarray(x) for k, x in host.items()}
   plain_state, plain_step = tx.init(plain_params), jax.jit(step)
   for _ in range(5):
@@ -209,20 +227,26 @@ def test_zero1_divides_adamw_state_over_the_data_axis_and_matches_the_unsharded_
     plain_params, plain_state = plain_step(plain_params, plain_state)
 
   moments = [x for x in jax.tree.leaves(state) if x.ndim]
-  on_one = sum(s.data.nbytes for x in moments for s in x.addressable_shards
-               if s.device == devices[0])
+  on_one = sum(
+    s.data.nbytes for x in moments for s in x.addressable_shards if s.device == devices[0]
+  )
   assert on_one * 8 == sum(x.nbytes for x in moments)  # every shape here divides by 8
   for x in moments:
     assert "data" in str(x.sharding.spec), x.sharding
   for x in jax.tree.leaves(params):
     assert x.sharding.is_equivalent_to(replicated, x.ndim)
-  assert_ulps_close(jax.tree.leaves((params, state)), jax.tree.leaves((plain_params, plain_state)),
-                    8)
+  assert_ulps_close(
+    jax.tree.leaves((params, state)), jax.tree.leaves((plain_params, plain_state)), 8
+  )
 
 
 def test_zero1_state_shardings_name_a_parameter_off_the_mesh():
   with pytest.raises(ValueError, match=r"params\['w'\].*'data'"):
     oc.sharding.zero1_state_shardings(
-        oc.adam(1e-3), {"w": jax.ShapeDtypeStruct((8,), jnp.float32,
-                                                  sharding=jax.sharding.SingleDeviceSharding(
-                                                      jax.devices()[0]))})
+      oc.adam(1e-3),
+      {
+        "w": jax.ShapeDtypeStruct(
+          (8,), jnp.float32, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        )
+      },
+    )

@@ -21,8 +21,13 @@ def _lion_np(grads, b1, b2, mode, smooth_beta):
   m, out = np.zeros_like(grads[0]), []
   for g in grads:
     c = (1 - b1) * g + b1 * m
-    out.append({"hard": np.sign(c), "smooth": np.tanh(smooth_beta * c),
-                "refined": np.where(np.abs(c) < 1, c, np.sign(c))}[mode])
+    out.append(
+      {
+        "hard": np.sign(c),
+        "smooth": np.tanh(smooth_beta * c),
+        "refined": np.where(np.abs(c) < 1, c, np.sign(c)),
+      }[mode]
+    )
     m = (1 - b2) * g + b2 * m
   return out, m
 
@@ -81,9 +86,12 @@ def test_optimistic_gradient_keeps_its_stored_dtype():
     u, state = step(g, state, params)
   assert state[0].previous_gradient["w"].dtype == jnp.float32
   assert u["w"].dtype == jnp.bfloat16
-  np.testing.assert_array_equal(np.asarray(u["w"], np.float32),
-                                np.asarray(-1e-2 * np.array([1.0, -2.0, 0.5]), np.float32)
-                                .astype(jnp.bfloat16).astype(np.float32))
+  np.testing.assert_array_equal(
+    np.asarray(u["w"], np.float32),
+    np.asarray(-1e-2 * np.array([1.0, -2.0, 0.5]), np.float32)
+    .astype(jnp.bfloat16)
+    .astype(np.float32),
+  )
 
 
 def test_deprecated_optimistic_adam_warns_and_equals_optax_in_float64():

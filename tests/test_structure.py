@@ -20,8 +20,10 @@ from problems import mlp, run
 
 LR = 1e-2
 # The MLP's biases, frozen (a static mask, as Optax's selective_transform takes).
-FREEZE_BIASES = {"dense1": {"kernel": False, "bias": True},
-                 "dense2": {"kernel": False, "bias": True}}
+FREEZE_BIASES = {
+  "dense1": {"kernel": False, "bias": True},
+  "dense2": {"kernel": False, "bias": True},
+}
 LABELS = {"dense1": "matrix", "dense2": {"kernel": "matrix", "bias": "vector"}}  # a prefix
 
 
@@ -39,23 +41,31 @@ def layout(state):
 
 
 PAIRS = {  # name: (ours, Optax's), each a builder
-    "named_chain": (
-        lambda: oc.named_chain(("clip", oc.clip(0.05)), ("trace", oc.trace(0.9)),
-                               ("adam", oc.adam(LR))),
-        lambda: optax.named_chain(("clip", optax.clip(0.05)), ("trace", optax.trace(0.9)),
-                                  ("adam", optax.adam(LR)))),
-    "freeze": (
-        lambda: oc.chain(oc.freeze(FREEZE_BIASES), oc.sgd(LR, 0.9)),
-        lambda: optax.chain(optax.freeze(FREEZE_BIASES), optax.sgd(LR, 0.9))),
-    "selective_transform": (
-        lambda: oc.selective_transform(oc.adam(LR), freeze_mask=FREEZE_BIASES),
-        lambda: optax.selective_transform(optax.adam(LR), freeze_mask=FREEZE_BIASES)),
-    "flatten": (lambda: oc.flatten(oc.adam(LR)), lambda: optax.flatten(optax.adam(LR))),
-    "partition_unused_and_prefix_labels": (
-        lambda: oc.partition({"matrix": oc.adam(LR), "vector": oc.sgd(LR, 0.9),
-                              "unused": oc.adamw(LR)}, LABELS),
-        lambda: optax.partition({"matrix": optax.adam(LR), "vector": optax.sgd(LR, 0.9),
-                                 "unused": optax.adamw(LR)}, LABELS)),
+  "named_chain": (
+    lambda: oc.named_chain(
+      ("clip", oc.clip(0.05)), ("trace", oc.trace(0.9)), ("adam", oc.adam(LR))
+    ),
+    lambda: optax.named_chain(
+      ("clip", optax.clip(0.05)), ("trace", optax.trace(0.9)), ("adam", optax.adam(LR))
+    ),
+  ),
+  "freeze": (
+    lambda: oc.chain(oc.freeze(FREEZE_BIASES), oc.sgd(LR, 0.9)),
+    lambda: optax.chain(optax.freeze(FREEZE_BIASES), optax.sgd(LR, 0.9)),
+  ),
+  "selective_transform": (
+    lambda: oc.selective_transform(oc.adam(LR), freeze_mask=FREEZE_BIASES),
+    lambda: optax.selective_transform(optax.adam(LR), freeze_mask=FREEZE_BIASES),
+  ),
+  "flatten": (lambda: oc.flatten(oc.adam(LR)), lambda: optax.flatten(optax.adam(LR))),
+  "partition_unused_and_prefix_labels": (
+    lambda: oc.partition(
+      {"matrix": oc.adam(LR), "vector": oc.sgd(LR, 0.9), "unused": oc.adamw(LR)}, LABELS
+    ),
+    lambda: optax.partition(
+      {"matrix": optax.adam(LR), "vector": optax.sgd(LR, 0.9), "unused": optax.adamw(LR)}, LABELS
+    ),
+  ),
 }
 
 
@@ -73,8 +83,9 @@ def test_float64_trajectory_and_state_match_optax(name):
     assert_rel_close(a, b, F64_RTOL, what=f"{name}, step {t}:")
   for leaf in jax.tree.leaves(got[-1]):
     assert leaf.dtype == jnp.float64
-  moved = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(got[-1]),
-                                                     jax.tree.leaves(prob.params))]
+  moved = [
+    not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(got[-1]), jax.tree.leaves(prob.params))
+  ]
   assert any(moved)
   if name in ("freeze", "selective_transform"):  # the biases stay, the kernels move
     assert moved == [False, True, False, True]  # dense1 bias, kernel; dense2 bias, kernel
@@ -86,16 +97,19 @@ def test_named_chain_state_is_keyed_in_order_and_reaches_the_members():
   state = tx.init(params)
   assert isinstance(state, collections.OrderedDict)
   assert list(state) == ["scale", "adam", "clip"]
-  assert layout(state) == layout(optax.named_chain(
+  assert layout(state) == layout(
+    optax.named_chain(
       ("scale", optax.scale(0.5)), ("adam", optax.adam(LR)), ("clip", optax.clip(1.0))
-  ).init(params))
+    ).init(params)
+  )
   grads = jax.tree.map(jnp.ones_like, params)
   u, new = jax.jit(tx.update)(grads, state, params)
   assert list(new) == ["scale", "adam", "clip"]
   # The same step as the chain of the same members; a plain dict (a restored checkpoint's
   # sorted keys) is accepted too.
   u_chain, _ = oc.chain(oc.scale(0.5), oc.adam(LR), oc.clip(1.0)).update(
-      grads, tuple(state.values()), params)
+    grads, tuple(state.values()), params
+  )
   u_dict, _ = tx.update(grads, dict(sorted(state.items())), params)
   for a, b, c in zip(jax.tree.leaves(u), jax.tree.leaves(u_chain), jax.tree.leaves(u_dict)):
     np.testing.assert_array_equal(a, b)
@@ -120,16 +134,22 @@ def test_named_chain_passes_extra_arguments_and_nests_in_optax():
 def test_freeze_and_selective_transform_keep_optax_state_layouts():
   params = mlp().params
   assert layout(oc.freeze(FREEZE_BIASES).init(params)) == layout(
-      optax.freeze(FREEZE_BIASES).init(params))
+    optax.freeze(FREEZE_BIASES).init(params)
+  )
   ours = oc.selective_transform(oc.adam(LR), freeze_mask=FREEZE_BIASES).init(params)
   ref = optax.selective_transform(optax.adam(LR), freeze_mask=FREEZE_BIASES).init(params)
   assert layout(ours) == layout(ref)
-  assert isinstance(ours.inner_states["train"].inner_state[0].mu["dense1"]["bias"],
-                    oc.MaskedNode)  # no Adam moments for a frozen bias
+  assert isinstance(
+    ours.inner_states["train"].inner_state[0].mu["dense1"]["bias"], oc.MaskedNode
+  )  # no Adam moments for a frozen bias
   # A bool freezes everything or nothing; a prefix freezes a whole layer.
   grads = jax.tree.map(jnp.ones_like, params)
-  for mask, frozen in ((True, 4), (False, 0), ({"dense1": True, "dense2": False}, 2),
-                       (jnp.asarray(True), 4)):
+  for mask, frozen in (
+    (True, 4),
+    (False, 0),
+    ({"dense1": True, "dense2": False}, 2),
+    (jnp.asarray(True), 4),
+  ):
     for tx in (oc.freeze(mask), oc.selective_transform(oc.sgd(LR), freeze_mask=mask)):
       u, _ = tx.update(grads, tx.init(params), params)
       assert sum(not np.any(np.asarray(x)) for x in jax.tree.leaves(u)) == frozen, mask
@@ -141,12 +161,16 @@ def test_a_callable_freeze_mask_equals_the_static_one():
   params = mlp().params
   grads = jax.tree.map(jnp.ones_like, params)
   by_fn = lambda p: jax.tree.map(lambda x: x.ndim == 1, p)
-  for make in (lambda m: oc.freeze(m), lambda m: oc.selective_transform(oc.adam(LR), freeze_mask=m)):
+  for make in (
+    lambda m: oc.freeze(m),
+    lambda m: oc.selective_transform(oc.adam(LR), freeze_mask=m),
+  ):
     a, b = make(FREEZE_BIASES), make(by_fn)
     sa, sb = a.init(params), b.init(params)
     assert layout(sa) == layout(sb)
-    for x, y in zip(jax.tree.leaves(a.update(grads, sa, params)),
-                    jax.tree.leaves(b.update(grads, sb, params))):
+    for x, y in zip(
+      jax.tree.leaves(a.update(grads, sa, params)), jax.tree.leaves(b.update(grads, sb, params))
+    ):
       np.testing.assert_array_equal(x, y)
 
 
@@ -195,53 +219,115 @@ def test_multi_transform_is_partition_with_a_deprecation_warning():
 
 
 BAD = [  # (what, call, error, message)
-    ("repeated names", lambda: oc.named_chain(("a", oc.sgd(0.1)), ("a", oc.adam(0.1))),
-     ValueError, r"named_chain: the names must be unique.*\['a'\] appear more than once"),
-    ("a member that is not a transformation",
-     lambda: oc.named_chain(("a", oc.sgd(0.1)), ("b", 3)),
-     TypeError, r"named_chain: the transformation named 'b' \(argument 1\) is int"),
-    ("a transformation without a name", lambda: oc.named_chain(oc.sgd(0.1)),
-     TypeError, r"named_chain: argument 0 is a transformation without a name"),
-    ("not a pair", lambda: oc.named_chain(("a", oc.sgd(0.1), "extra")),
-     TypeError, r"named_chain: argument 0 must be a \(name, transformation\) pair"),
-    ("an unhashable name", lambda: oc.named_chain((["a"], oc.sgd(0.1))),
-     TypeError, r"named_chain: the name of argument 0 is list"),
-    ("an averager before a change",
-     lambda: oc.named_chain(("avg", oc.ema_params(0.9)), ("sgd", oc.sgd(0.1))),
-     ValueError, r"named_chain \(\['avg', 'sgd'\]\).*averages the parameters"),
-    ("another state", lambda: oc.named_chain(("a", oc.sgd(0.1))).update(
-        {"w": jnp.ones(2)}, (), {"w": jnp.ones(2)}),
-     ValueError, r"named_chain of \['a'\] got a tuple as its state"),
-    ("a member's state of another kind", lambda: oc.named_chain(("a", oc.adam(0.1))).update(
-        {"w": jnp.ones(2)}, {"a": oc.sgd(0.1, 0.9).init({"w": jnp.ones(2)})}, {"w": jnp.ones(2)}),
-     oc.StateMismatchError, r"state\['a'\]\[0\] is a TraceState"),
-    ("a mask leaf that is not a bool", lambda: oc.freeze({"w": 1}),
-     TypeError, r"freeze: `mask\['w'\]` is int"),
-    ("no mask", lambda: oc.freeze(None), TypeError, r"freeze: `mask` is None"),
-    ("a mask that does not fit", lambda: oc.freeze({"v": True}).init({"w": jnp.ones(2)}),
-     ValueError, r"freeze: `mask` is neither the parameter tree's structure"),
-    ("an optimizer that is not a transformation",
-     lambda: oc.selective_transform(oc.adam, freeze_mask=True),
-     TypeError, r"selective_transform: `optimizer` is function"),
-    ("a freeze_mask leaf that is not a bool",
-     lambda: oc.selective_transform(oc.adam(0.1), freeze_mask={"w": "yes"}),
-     TypeError, r"selective_transform: `freeze_mask\['w'\]` is str"),
-    ("a callable freeze_mask returning non-bools",
-     lambda: oc.selective_transform(oc.adam(0.1), freeze_mask=lambda p: {"w": 0}).init(
-         {"w": jnp.ones(2)}),
-     TypeError, r"selective_transform: `freeze_mask\['w'\]` is int"),
-    ("a freeze_mask that does not fit",
-     lambda: oc.selective_transform(oc.adam(0.1), freeze_mask={"v": True}).init(
-         {"w": jnp.ones(2)}),
-     ValueError, r"selective_transform: `freeze_mask` is neither"),
-    ("freeze_mask given positionally (keyword-only, as in Optax)",
-     lambda: oc.selective_transform(oc.adam(0.1), True), TypeError, "positional"),
-    ("flatten of a factory", lambda: oc.flatten(oc.adam),
-     TypeError, r"flatten: `inner` is function, not a gradient transformation"),
-    ("a partition label naming no transformation",
-     lambda: oc.partition({"a": oc.sgd(0.1), "unused": oc.sgd(0.1)}, {"w": "b"}).init(
-         {"w": jnp.ones(2)}),
-     ValueError, r"\['w'\] has label 'b', which names no transformation"),
+  (
+    "repeated names",
+    lambda: oc.named_chain(("a", oc.sgd(0.1)), ("a", oc.adam(0.1))),
+    ValueError,
+    r"named_chain: the names must be unique.*\['a'\] appear more than once",
+  ),
+  (
+    "a member that is not a transformation",
+    lambda: oc.named_chain(("a", oc.sgd(0.1)), ("b", 3)),
+    TypeError,
+    r"named_chain: the transformation named 'b' \(argument 1\) is int",
+  ),
+  (
+    "a transformation without a name",
+    lambda: oc.named_chain(oc.sgd(0.1)),
+    TypeError,
+    r"named_chain: argument 0 is a transformation without a name",
+  ),
+  (
+    "not a pair",
+    lambda: oc.named_chain(("a", oc.sgd(0.1), "extra")),
+    TypeError,
+    r"named_chain: argument 0 must be a \(name, transformation\) pair",
+  ),
+  (
+    "an unhashable name",
+    lambda: oc.named_chain((["a"], oc.sgd(0.1))),
+    TypeError,
+    r"named_chain: the name of argument 0 is list",
+  ),
+  (
+    "an averager before a change",
+    lambda: oc.named_chain(("avg", oc.ema_params(0.9)), ("sgd", oc.sgd(0.1))),
+    ValueError,
+    r"named_chain \(\['avg', 'sgd'\]\).*averages the parameters",
+  ),
+  (
+    "another state",
+    lambda: oc.named_chain(("a", oc.sgd(0.1))).update({"w": jnp.ones(2)}, (), {"w": jnp.ones(2)}),
+    ValueError,
+    r"named_chain of \['a'\] got a tuple as its state",
+  ),
+  (
+    "a member's state of another kind",
+    lambda: oc.named_chain(("a", oc.adam(0.1))).update(
+      {"w": jnp.ones(2)}, {"a": oc.sgd(0.1, 0.9).init({"w": jnp.ones(2)})}, {"w": jnp.ones(2)}
+    ),
+    oc.StateMismatchError,
+    r"state\['a'\]\[0\] is a TraceState",
+  ),
+  (
+    "a mask leaf that is not a bool",
+    lambda: oc.freeze({"w": 1}),
+    TypeError,
+    r"freeze: `mask\['w'\]` is int",
+  ),
+  ("no mask", lambda: oc.freeze(None), TypeError, r"freeze: `mask` is None"),
+  (
+    "a mask that does not fit",
+    lambda: oc.freeze({"v": True}).init({"w": jnp.ones(2)}),
+    ValueError,
+    r"freeze: `mask` is neither the parameter tree's structure",
+  ),
+  (
+    "an optimizer that is not a transformation",
+    lambda: oc.selective_transform(oc.adam, freeze_mask=True),
+    TypeError,
+    r"selective_transform: `optimizer` is function",
+  ),
+  (
+    "a freeze_mask leaf that is not a bool",
+    lambda: oc.selective_transform(oc.adam(0.1), freeze_mask={"w": "yes"}),
+    TypeError,
+    r"selective_transform: `freeze_mask\['w'\]` is str",
+  ),
+  (
+    "a callable freeze_mask returning non-bools",
+    lambda: oc.selective_transform(oc.adam(0.1), freeze_mask=lambda p: {"w": 0}).init(
+      {"w": jnp.ones(2)}
+    ),
+    TypeError,
+    r"selective_transform: `freeze_mask\['w'\]` is int",
+  ),
+  (
+    "a freeze_mask that does not fit",
+    lambda: oc.selective_transform(oc.adam(0.1), freeze_mask={"v": True}).init({"w": jnp.ones(2)}),
+    ValueError,
+    r"selective_transform: `freeze_mask` is neither",
+  ),
+  (
+    "freeze_mask given positionally (keyword-only, as in Optax)",
+    lambda: oc.selective_transform(oc.adam(0.1), True),
+    TypeError,
+    "positional",
+  ),
+  (
+    "flatten of a factory",
+    lambda: oc.flatten(oc.adam),
+    TypeError,
+    r"flatten: `inner` is function, not a gradient transformation",
+  ),
+  (
+    "a partition label naming no transformation",
+    lambda: oc.partition({"a": oc.sgd(0.1), "unused": oc.sgd(0.1)}, {"w": "b"}).init(
+      {"w": jnp.ones(2)}
+    ),
+    ValueError,
+    r"\['w'\] has label 'b', which names no transformation",
+  ),
 ]
 
 
@@ -255,6 +341,7 @@ def test_a_user_transformation_without_keyword_arguments_works_in_chain_and_part
   """``GradientTransformation(init, update)`` with a plain ``update(updates, state,
   params=None)`` (as Optax's base class allows): the combinators call it without the
   keyword arguments meant for the others."""
+
   def init(params):
     return ()
 

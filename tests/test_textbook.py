@@ -47,8 +47,8 @@ def adam_reference(grads, lr, b1, b2, eps):
   for t, g in enumerate(grads, start=1):
     m = b1 * m + (1 - b1) * g
     v = b2 * v + (1 - b2) * g * g
-    m_hat = m / (1 - b1 ** t)
-    v_hat = v / (1 - b2 ** t)
+    m_hat = m / (1 - b1**t)
+    v_hat = v / (1 - b2**t)
     out.append(-lr * m_hat / (np.sqrt(v_hat) + eps))
   return np.stack(out)
 
@@ -62,8 +62,8 @@ G2 = np.array([-0.5, -1.0, 2e-4, 5e-4, 0.1, 10.0, -3e2, 1e-8, -3e-8], np.float32
 # float32-rounded beta in the bias correction 1 - b^t is off by ~1e-5 relative, which
 # is why the default case uses rtol 1e-5; the exact-beta case is held to 1e-6).
 ADAM_SETTINGS = [
-    pytest.param(1e-3, 0.9, 0.999, 1e-8, 1e-5, id="defaults"),
-    pytest.param(0.05, 0.75, 0.984375, 1e-8, 1e-6, id="dyadic-betas"),
+  pytest.param(1e-3, 0.9, 0.999, 1e-8, 1e-5, id="defaults"),
+  pytest.param(0.05, 0.75, 0.984375, 1e-8, 1e-6, id="dyadic-betas"),
 ]
 
 
@@ -77,8 +77,7 @@ def test_adam_first_step_is_lr_times_sign(lr, b1, b2, eps, rtol):
   # For |g| >> eps the first step has size lr whatever the gradient's magnitude ...
   # (|u| = lr / (1 + eps / |g|), within lr * eps / |g| of lr).
   big = np.abs(g) > 1e-6
-  assert np.all(np.abs(u[big] + lr * np.sign(g[big]))
-                <= lr * (eps / np.abs(g[big]) + rtol))
+  assert np.all(np.abs(u[big] + lr * np.sign(g[big])) <= lr * (eps / np.abs(g[big]) + rtol))
   # ... and near eps it is visibly smaller: |g| = 3 eps gives 3/4 lr, |g| = eps gives lr/2.
   np.testing.assert_allclose(u[~big], [-0.75 * lr, 0.5 * lr], rtol=max(rtol, 1e-5))
   # The same thing from the generic reference (m_hat = m / (1 - b1), v_hat = v / (1 - b2)).
@@ -91,13 +90,14 @@ def test_adam_second_step_full_recurrence(lr, b1, b2, eps, rtol):
   g1, g2 = f64(G1), f64(G2)
   u = run_updates(oc.adam(lr, b1=b1, b2=b2, eps=eps), [G1, G2], np.zeros_like(G1))
   m2 = b1 * (1 - b1) * g1 + (1 - b1) * g2
-  v2 = b2 * (1 - b2) * g1 ** 2 + (1 - b2) * g2 ** 2
-  expected2 = -lr * (m2 / (1 - b1 ** 2)) / (np.sqrt(v2 / (1 - b2 ** 2)) + eps)
+  v2 = b2 * (1 - b2) * g1**2 + (1 - b2) * g2**2
+  expected2 = -lr * (m2 / (1 - b1**2)) / (np.sqrt(v2 / (1 - b2**2)) + eps)
   # m2 is a difference when g1 and g2 have opposite signs: allow float32 rounding of the
   # two terms (relative to lr) as an absolute floor.
   np.testing.assert_allclose(u[1], expected2, rtol=rtol, atol=10 * rtol * lr)
-  np.testing.assert_allclose(u, adam_reference([g1, g2], lr, b1, b2, eps),
-                             rtol=rtol, atol=10 * rtol * lr)
+  np.testing.assert_allclose(
+    u, adam_reference([g1, g2], lr, b1, b2, eps), rtol=rtol, atol=10 * rtol * lr
+  )
   # Step 2 is no longer lr * sign(g2): the history matters (the check can fail).
   assert np.max(np.abs(np.abs(u[1]) - lr)) > 0.05 * lr
 
@@ -116,7 +116,7 @@ def test_adam_many_steps_with_apply_updates():
     g = w_ref - c
     m = b1 * m + (1 - b1) * g
     v = b2 * v + (1 - b2) * g * g
-    w_ref = w_ref - lr * (m / (1 - b1 ** t)) / (np.sqrt(v / (1 - b2 ** t)) + eps)
+    w_ref = w_ref - lr * (m / (1 - b1**t)) / (np.sqrt(v / (1 - b2**t)) + eps)
     assert w.dtype == F32
     np.testing.assert_allclose(f64(w), w_ref, rtol=1e-5, atol=1e-6)
 
@@ -208,7 +208,7 @@ def test_nesterov_damps_the_stiff_direction():
   """
   h, lr, rho = L_SMOOTH, LR, RHO
   m_hb = np.array([[1 - lr * h, -lr * rho], [h, rho]])
-  m_nag = np.array([[1 - lr * h * (1 + rho), -lr * rho ** 2], [h, rho]])
+  m_nag = np.array([[1 - lr * h * (1 + rho), -lr * rho**2], [h, rho]])
   np.testing.assert_allclose(np.abs(np.linalg.eigvals(m_hb)), np.sqrt(rho), rtol=1e-12)
   np.testing.assert_allclose(m_nag @ m_nag, 0.0, atol=1e-12)
 
@@ -234,11 +234,12 @@ def test_adagrad_step_shrinks_like_inverse_sqrt_t(a, eps):
   """Constant g: G_t = a + t g^2, so |u_t| = lr |g| / sqrt(a + t g^2 + eps)."""
   lr, steps = 0.3, 100
   g = np.array([0.5, -2.0, 0.03, 7.0], np.float32)
-  u = run_updates(oc.adagrad(lr, initial_accumulator_value=a, eps=eps), [g] * steps,
-                  np.zeros_like(g))
+  u = run_updates(
+    oc.adagrad(lr, initial_accumulator_value=a, eps=eps), [g] * steps, np.zeros_like(g)
+  )
   t = np.arange(1, steps + 1, dtype=np.float64)[:, None]
   gg = f64(g)[None, :]
-  expected = -lr * gg / np.sqrt(a + t * gg ** 2 + eps)
+  expected = -lr * gg / np.sqrt(a + t * gg**2 + eps)
   np.testing.assert_allclose(u, expected, rtol=1e-5)
   # The direction is -sign(g) and the size strictly decreases at every step ...
   assert np.all(np.sign(u) == -np.sign(gg))
@@ -261,13 +262,13 @@ def test_adagrad_eps_inside_the_sqrt():
   """a = 0, g = 1e-3, eps = 1e-6 = g^2: |u_t| = lr g / sqrt(t g^2 + g^2) = lr / sqrt(t + 1)."""
   lr, steps = 0.3, 20
   g = np.array([1e-3, -1e-3], np.float32)
-  u = run_updates(oc.adagrad(lr, initial_accumulator_value=0.0, eps=1e-6), [g] * steps,
-                  np.zeros_like(g))
+  u = run_updates(
+    oc.adagrad(lr, initial_accumulator_value=0.0, eps=1e-6), [g] * steps, np.zeros_like(g)
+  )
   t = np.arange(1, steps + 1, dtype=np.float64)[:, None]
   gg = f64(g)[None, :]
-  np.testing.assert_allclose(u, -lr * gg / np.sqrt(t * gg ** 2 + 1e-6), rtol=1e-5)
-  np.testing.assert_allclose(np.abs(u), np.broadcast_to(lr / np.sqrt(t + 1), u.shape),
-                             rtol=1e-4)
+  np.testing.assert_allclose(u, -lr * gg / np.sqrt(t * gg**2 + 1e-6), rtol=1e-5)
+  np.testing.assert_allclose(np.abs(u), np.broadcast_to(lr / np.sqrt(t + 1), u.shape), rtol=1e-4)
 
 
 # ---------------------------------------------------------------------------------------
@@ -305,8 +306,9 @@ def test_adamw_decay_is_lr_wd_w_at_any_gradient_scale(c):
   grads = [np.float32(c) * g for g in DECAY_GRADS]
   u_adam = run_updates(oc.adam(lr), grads, W_DECAY)
   u_adamw = run_updates(oc.adamw(lr, weight_decay=wd), grads, W_DECAY)
-  np.testing.assert_allclose(u_adam, adam_reference(f64(grads), lr, 0.9, 0.999, 1e-8),
-                             rtol=1e-5, atol=1e-5 * lr)
+  np.testing.assert_allclose(
+    u_adam, adam_reference(f64(grads), lr, 0.9, 0.999, 1e-8), rtol=1e-5, atol=1e-5 * lr
+  )
   decay = u_adamw - u_adam
   expected = np.broadcast_to(-lr * wd * f64(W_DECAY), decay.shape)
   np.testing.assert_allclose(decay, expected, rtol=1e-5, atol=1e-6 * lr)

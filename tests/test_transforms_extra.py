@@ -62,6 +62,7 @@ SHAPES = {"s": (), "v": (5,), "m": (3, 4), "t": (2, 3, 4), "empty": (0, 3)}
 
 # --- the transformations, in float64 -----------------------------------------------------
 
+
 @pytest.mark.numerics
 @pytest.mark.float64
 def test_centralize_matches_optax_at_every_rank():
@@ -83,11 +84,20 @@ def test_zero_nans_matches_optax_and_records_the_latest_step_only():
   """NaNs (real, complex, in either part) become 0, infinities stay; ``found_nan`` is per leaf
   and describes the latest update; integer and boolean updates pass through, as in Optax."""
   with x64():
-    params = {"a": jnp.zeros(4), "b": jnp.zeros((2, 2)), "c": jnp.zeros(2, jnp.complex128),
-              "n": jnp.zeros(3, jnp.int32), "flag": jnp.zeros((), bool)}
-    first = {"a": jnp.asarray([1.0, np.nan, -np.inf, 2.0]), "b": jnp.ones((2, 2)),
-             "c": jnp.asarray([1 + 1j, complex(1.0, np.nan)]), "n": jnp.arange(3, dtype=jnp.int32),
-             "flag": jnp.asarray(True)}
+    params = {
+      "a": jnp.zeros(4),
+      "b": jnp.zeros((2, 2)),
+      "c": jnp.zeros(2, jnp.complex128),
+      "n": jnp.zeros(3, jnp.int32),
+      "flag": jnp.zeros((), bool),
+    }
+    first = {
+      "a": jnp.asarray([1.0, np.nan, -np.inf, 2.0]),
+      "b": jnp.ones((2, 2)),
+      "c": jnp.asarray([1 + 1j, complex(1.0, np.nan)]),
+      "n": jnp.arange(3, dtype=jnp.int32),
+      "flag": jnp.asarray(True),
+    }
     second = {**first, "a": jnp.ones(4), "b": jnp.full((2, 2), np.nan)}
     ours, ref = oc.zero_nans(), as_optax(optax.zero_nans())
     for t, (u, s), (u_ref, s_ref) in run_both(ours, ref, params, [first, second]):
@@ -103,9 +113,14 @@ def test_zero_nans_matches_optax_and_records_the_latest_step_only():
 def test_keep_params_nonnegative_matches_optax():
   """A step that would cross 0 stops at 0; a negative parameter is moved to 0."""
   with x64():
-    params = {"w": jnp.asarray([0.0, 0.5, 2.0, -1.0, 1.0]), "m": jnp.abs(tree64({"m": (3, 4)})["m"])}
-    grads = [{"w": jnp.asarray([-1.0, -1.0, -1.0, 0.5, 0.0]), "m": tree64({"m": (3, 4)})["m"]}
-             for _ in range(3)]
+    params = {
+      "w": jnp.asarray([0.0, 0.5, 2.0, -1.0, 1.0]),
+      "m": jnp.abs(tree64({"m": (3, 4)})["m"]),
+    }
+    grads = [
+      {"w": jnp.asarray([-1.0, -1.0, -1.0, 0.5, 0.0]), "m": tree64({"m": (3, 4)})["m"]}
+      for _ in range(3)
+    ]
     ours, ref = oc.keep_params_nonnegative(), as_optax(optax.keep_params_nonnegative())
     for _, (u, _), (u_ref, _) in run_both(ours, ref, params, grads):
       for a, b in zip(jax.tree.leaves(u), jax.tree.leaves(u_ref)):
@@ -125,14 +140,17 @@ def test_keep_params_nonnegative_holds_when_updates_are_narrower_than_params():
   out, _ = oc.keep_params_nonnegative().update(u, oc.EmptyState(), w)
   assert out.dtype == jnp.bfloat16
   new = oc.apply_updates(w, out)
-  assert bool(jnp.all(new >= 0)) and float(jnp.max(new)) < 3.0 * 2.0 ** -7  # within a bf16 ulp
+  assert bool(jnp.all(new >= 0)) and float(jnp.max(new)) < 3.0 * 2.0**-7  # within a bf16 ulp
   rounded = np.asarray(-w.astype(jnp.bfloat16), np.float64)
   assert np.any(np.asarray(w, np.float64) + rounded < 0), "the case the step toward +inf guards"
 
 
-DOG_OPTIONS = [dict(), dict(reps_rel=1e-2, param_dtype=jnp.float64),
-               dict(reps_rel=1e-1, eps=1e-4, param_dtype=None, global_scale=-1.0),
-               dict(reps_rel=3e-2, global_scale=2.5)]
+DOG_OPTIONS = [
+  dict(),
+  dict(reps_rel=1e-2, param_dtype=jnp.float64),
+  dict(reps_rel=1e-1, eps=1e-4, param_dtype=None, global_scale=-1.0),
+  dict(reps_rel=3e-2, global_scale=2.5),
+]
 
 
 @pytest.mark.numerics
@@ -173,8 +191,10 @@ def test_distance_over_gradients_keeps_a_scalar_leaf_scalar():
 @pytest.mark.numerics
 def test_distance_over_gradients_defaults_match_optax_in_float32():
   params = {k: jnp.asarray(v, jnp.float32) for k, v in tree64({"v": (6,), "m": (3, 4)}).items()}
-  grads = [{k: jnp.asarray(v, jnp.float32) for k, v in tree64({"v": (6,), "m": (3, 4)}).items()}
-           for _ in range(6)]
+  grads = [
+    {k: jnp.asarray(v, jnp.float32) for k, v in tree64({"v": (6,), "m": (3, 4)}).items()}
+    for _ in range(6)
+  ]
   ours = oc.scale_by_distance_over_gradients()
   ref = as_optax(optax.scale_by_distance_over_gradients())
   update = jax.jit(ours.update)
@@ -193,7 +213,10 @@ def test_distance_over_gradients_state_keeps_its_dtype_for_bfloat16_params():
   and ``param_dtype``) from the start, and the updates stay bfloat16."""
   params = {"w": jnp.linspace(-1.0, 1.0, 6, dtype=jnp.bfloat16)}
   grads = {"w": jnp.full(6, 0.5, jnp.bfloat16)}
-  ours, ref = oc.scale_by_distance_over_gradients(), as_optax(optax.scale_by_distance_over_gradients())
+  ours, ref = (
+    oc.scale_by_distance_over_gradients(),
+    as_optax(optax.scale_by_distance_over_gradients()),
+  )
   s0 = ours.init(params)
   u, s1 = ours.update(grads, s0, params)
   assert s0.max_dist["w"].dtype == s1.max_dist["w"].dtype == jnp.float32
@@ -205,10 +228,12 @@ def test_distance_over_gradients_state_keeps_its_dtype_for_bfloat16_params():
 
 # --- scale_gradient ---------------------------------------------------------------------
 
+
 def _loss(scale_fn, scale):
   def loss(x):
     y = scale_fn(x, scale)
     return jnp.sum(jnp.sin(y["a"])) * jnp.sum(y["b"] ** 2)
+
   return loss
 
 
@@ -231,15 +256,18 @@ def test_scale_gradient_matches_optax(scale):
 def test_scale_gradient_keeps_cotangent_dtypes_and_integer_inputs():
   """A bfloat16 input gets a bfloat16 gradient with a float32 array scale; integer leaves
   (no gradient) ride along."""
+
   def f(x):
     out = oc.scale_gradient({"x": x, "n": jnp.arange(3)}, jnp.float32(0.25))
     return jnp.sum(out["x"].astype(jnp.float32) * out["n"].astype(jnp.float32))
+
   g = jax.grad(f)(jnp.ones(3, jnp.bfloat16))
   assert g.dtype == jnp.bfloat16
   np.testing.assert_array_equal(np.asarray(g, np.float32), [0.0, 0.25, 0.5])
 
 
 # --- per-example clipping -----------------------------------------------------------------
+
 
 def test_per_example_global_norm_clip_matches_optax_s_docstring_example():
   grads = [jnp.array([[0, 0, 0], [0, 3, 4], [4, 0, 3], [3, 4, 0]])]
@@ -302,7 +330,16 @@ def test_per_example_clip_of_bfloat16_keeps_the_dtype_and_measures_in_float32():
 
 # --- unit-wise norms and clipping ---------------------------------------------------------
 
-UNIT_SHAPES = [(), (5,), (1, 5), (3, 4), (2, 3, 4), (2, 2, 3, 4), (2, 2, 2, 3, 4), (1, 1, 1, 1, 1, 1, 4)]
+UNIT_SHAPES = [
+  (),
+  (5,),
+  (1, 5),
+  (3, 4),
+  (2, 3, 4),
+  (2, 2, 3, 4),
+  (2, 2, 2, 3, 4),
+  (1, 1, 1, 1, 1, 1, 4),
+]
 
 
 @pytest.mark.numerics
@@ -314,15 +351,18 @@ def test_unitwise_norm_matches_optax_at_every_rank(shape):
     assert_rel_close(oc.unitwise_norm(x), optax_run(optax.transforms.unitwise_norm)(x), F64_RTOL)
     if len(shape) >= 2:
       for axis in (1, (0, len(shape) - 1)):
-        assert_rel_close(oc.unitwise_norm(x, axis),
-                         optax_run(optax.transforms.unitwise_norm)(x, axis), F64_RTOL)
+        assert_rel_close(
+          oc.unitwise_norm(x, axis), optax_run(optax.transforms.unitwise_norm)(x, axis), F64_RTOL
+        )
 
 
 def test_unitwise_norm_of_integers_complex_and_float16():
   """Integers give float32 norms and complex arrays real ones, as Optax's; float16 squares
   are summed in float32 (300^2 overflows float16, where Optax gives inf)."""
   ints = jnp.arange(12).reshape(3, 4)
-  np.testing.assert_array_equal(oc.unitwise_norm(ints), optax_run(optax.transforms.unitwise_norm)(ints))
+  np.testing.assert_array_equal(
+    oc.unitwise_norm(ints), optax_run(optax.transforms.unitwise_norm)(ints)
+  )
   z = jnp.asarray(RNG.normal(size=(3, 2)) + 1j * RNG.normal(size=(3, 2)), jnp.complex64)
   assert_ulps_close(oc.unitwise_norm(z), optax_run(optax.transforms.unitwise_norm)(z), 2)
   big = jnp.full((4, 2), 300.0, jnp.float16)
@@ -350,8 +390,14 @@ def test_unitwise_clip_matches_optax_and_is_adaptive_grad_clip_s_step():
 
 # --- safe norms and the increment ----------------------------------------------------------
 
-NORM_ARGS = [dict(), dict(ord=1), dict(ord=jnp.inf, axis=1), dict(axis=0, keepdims=True),
-             dict(ord="fro", axis=(0, 1)), dict(axis=1)]
+NORM_ARGS = [
+  dict(),
+  dict(ord=1),
+  dict(ord=jnp.inf, axis=1),
+  dict(axis=0, keepdims=True),
+  dict(ord="fro", axis=(0, 1)),
+  dict(axis=1),
+]
 
 
 @pytest.mark.numerics
@@ -360,6 +406,7 @@ NORM_ARGS = [dict(), dict(ord=1), dict(ord=jnp.inf, axis=1), dict(axis=0, keepdi
 @pytest.mark.parametrize("floor", [0.0, 0.5, 100.0])
 def test_safe_norm_matches_optax_in_value_and_gradient(kwargs, floor):
   """Rows of zeros take the floor with a zero gradient (not NaN); others, the norm's."""
+
   def squared(fn, x):
     return jnp.sum(fn(x, floor, **kwargs) ** 2)
 
@@ -380,8 +427,11 @@ def test_safe_norm_matches_optax_in_value_and_gradient(kwargs, floor):
 def test_safe_root_mean_squares_matches_optax_in_value_and_gradient(floor):
   ref = optax_run(optax.safe_root_mean_squares)
   with x64():
-    for x in (jnp.asarray(RNG.normal(size=(3, 4))), jnp.zeros(5),
-              jnp.asarray(RNG.normal(size=3) + 1j * RNG.normal(size=3))):
+    for x in (
+      jnp.asarray(RNG.normal(size=(3, 4))),
+      jnp.zeros(5),
+      jnp.asarray(RNG.normal(size=3) + 1j * RNG.normal(size=3)),
+    ):
       assert_rel_close(oc.safe_root_mean_squares(x, floor), ref(x, floor), F64_RTOL)
       if not jnp.iscomplexobj(x):
         g = jax.grad(oc.safe_root_mean_squares)(x, floor)
@@ -398,13 +448,16 @@ def test_safe_int32_increment_is_optax_s_alias_of_safe_increment():
 
 # --- names, arguments, defaults --------------------------------------------------------------
 
-FUNCTIONS = {"scale_gradient": optax.scale_gradient, "safe_norm": optax.safe_norm,
-             "safe_root_mean_squares": optax.safe_root_mean_squares,
-             "safe_int32_increment": optax.safe_int32_increment,
-             "per_example_global_norm_clip": optax.transforms.per_example_global_norm_clip,
-             "per_example_layer_norm_clip": optax.transforms.per_example_layer_norm_clip,
-             "unitwise_norm": optax.transforms.unitwise_norm,
-             "unitwise_clip": optax.transforms.unitwise_clip}
+FUNCTIONS = {
+  "scale_gradient": optax.scale_gradient,
+  "safe_norm": optax.safe_norm,
+  "safe_root_mean_squares": optax.safe_root_mean_squares,
+  "safe_int32_increment": optax.safe_int32_increment,
+  "per_example_global_norm_clip": optax.transforms.per_example_global_norm_clip,
+  "per_example_layer_norm_clip": optax.transforms.per_example_layer_norm_clip,
+  "unitwise_norm": optax.transforms.unitwise_norm,
+  "unitwise_clip": optax.transforms.unitwise_clip,
+}
 
 
 @pytest.mark.parametrize("name", sorted(FUNCTIONS))
@@ -412,7 +465,8 @@ def test_functions_have_optax_s_names_arguments_and_defaults(name):
   ours = inspect.signature(getattr(oc, name)).parameters
   theirs = inspect.signature(FUNCTIONS[name]).parameters
   assert [(p.name, p.kind, p.default) for p in ours.values()] == [
-      (p.name, p.kind, p.default) for p in theirs.values()]
+    (p.name, p.kind, p.default) for p in theirs.values()
+  ]
 
 
 def test_state_types_have_optax_s_names_and_fields():
@@ -428,70 +482,160 @@ PARAMS = {"w": jnp.ones((2, 3)), "b": jnp.zeros(3)}
 GRADS = jax.tree.map(lambda p: p + 0.5, PARAMS)
 
 
-@pytest.mark.parametrize("call, error, match", [
+@pytest.mark.parametrize(
+  "call, error, match",
+  [
     (lambda: oc.scale_by_distance_over_gradients(reps_rel=0.0), ValueError, "`reps_rel`"),
     (lambda: oc.scale_by_distance_over_gradients(reps_rel=-1e-6), ValueError, "`reps_rel`"),
-    (lambda: oc.scale_by_distance_over_gradients(reps_rel=lambda c: 1e-6), TypeError,
-     "`reps_rel` does not accept a schedule"),
+    (
+      lambda: oc.scale_by_distance_over_gradients(reps_rel=lambda c: 1e-6),
+      TypeError,
+      "`reps_rel` does not accept a schedule",
+    ),
     (lambda: oc.scale_by_distance_over_gradients(eps=0.0), ValueError, "`eps`"),
-    (lambda: oc.scale_by_distance_over_gradients(param_dtype=jnp.int32), TypeError, "`param_dtype`"),
-    (lambda: oc.scale_by_distance_over_gradients(global_scale=float("nan")), ValueError,
-     "`global_scale` must be finite"),
-    (lambda: oc.scale_by_distance_over_gradients().init({"n": jnp.arange(3)}), TypeError,
-     r"params\['n'\]"),
-    (lambda: oc.scale_by_distance_over_gradients().update(
-        GRADS, oc.scale_by_distance_over_gradients().init(PARAMS)), ValueError, "needs `params`"),
-    (lambda: oc.scale_by_distance_over_gradients().update(
+    (
+      lambda: oc.scale_by_distance_over_gradients(param_dtype=jnp.int32),
+      TypeError,
+      "`param_dtype`",
+    ),
+    (
+      lambda: oc.scale_by_distance_over_gradients(global_scale=float("nan")),
+      ValueError,
+      "`global_scale` must be finite",
+    ),
+    (
+      lambda: oc.scale_by_distance_over_gradients().init({"n": jnp.arange(3)}),
+      TypeError,
+      r"params\['n'\]",
+    ),
+    (
+      lambda: oc.scale_by_distance_over_gradients().update(
+        GRADS, oc.scale_by_distance_over_gradients().init(PARAMS)
+      ),
+      ValueError,
+      "needs `params`",
+    ),
+    (
+      lambda: oc.scale_by_distance_over_gradients().update(
         {"w": jnp.ones((3, 2)), "b": jnp.ones(3)},
-        oc.scale_by_distance_over_gradients().init(PARAMS), PARAMS), ValueError,
-     r"updates\['w'\]` has shape \(3, 2\)"),
-    (lambda: oc.scale_by_distance_over_gradients().update(GRADS, oc.EmptyState(), PARAMS),
-     ValueError, "expected a ScaleByDistanceOverGradientsState"),
-    (lambda: oc.scale_by_distance_over_gradients().init(oc.flat_params(PARAMS)), TypeError,
-     "scale_by_distance_over_gradients computes one value per leaf"),
-    (lambda: oc.centralize().update(oc.flat_params(GRADS), oc.EmptyState()), TypeError,
-     "centralize computes one value per leaf"),
-    (lambda: oc.centralize().update({"n": jnp.ones((2, 2), jnp.int32)}, oc.EmptyState()),
-     TypeError, r"centralize needs floating-point updates"),
-    (lambda: oc.keep_params_nonnegative().update(GRADS, oc.EmptyState()), ValueError,
-     "keep_params_nonnegative needs `params`"),
-    (lambda: oc.keep_params_nonnegative().update({"w": jnp.ones((2, 3))}, oc.EmptyState(), PARAMS),
-     ValueError, r"\['b'\] is missing"),
-    (lambda: oc.zero_nans().update({"w": jnp.ones((2, 3))}, oc.zero_nans().init(PARAMS)),
-     ValueError, r"zero_nans: `updates` does not have the structure.*\['b'\] is missing"),
+        oc.scale_by_distance_over_gradients().init(PARAMS),
+        PARAMS,
+      ),
+      ValueError,
+      r"updates\['w'\]` has shape \(3, 2\)",
+    ),
+    (
+      lambda: oc.scale_by_distance_over_gradients().update(GRADS, oc.EmptyState(), PARAMS),
+      ValueError,
+      "expected a ScaleByDistanceOverGradientsState",
+    ),
+    (
+      lambda: oc.scale_by_distance_over_gradients().init(oc.flat_params(PARAMS)),
+      TypeError,
+      "scale_by_distance_over_gradients computes one value per leaf",
+    ),
+    (
+      lambda: oc.centralize().update(oc.flat_params(GRADS), oc.EmptyState()),
+      TypeError,
+      "centralize computes one value per leaf",
+    ),
+    (
+      lambda: oc.centralize().update({"n": jnp.ones((2, 2), jnp.int32)}, oc.EmptyState()),
+      TypeError,
+      r"centralize needs floating-point updates",
+    ),
+    (
+      lambda: oc.keep_params_nonnegative().update(GRADS, oc.EmptyState()),
+      ValueError,
+      "keep_params_nonnegative needs `params`",
+    ),
+    (
+      lambda: oc.keep_params_nonnegative().update({"w": jnp.ones((2, 3))}, oc.EmptyState(), PARAMS),
+      ValueError,
+      r"\['b'\] is missing",
+    ),
+    (
+      lambda: oc.zero_nans().update({"w": jnp.ones((2, 3))}, oc.zero_nans().init(PARAMS)),
+      ValueError,
+      r"zero_nans: `updates` does not have the structure.*\['b'\] is missing",
+    ),
     (lambda: oc.zero_nans().update(GRADS, oc.EmptyState()), ValueError, "expected a ZeroNansState"),
-    (lambda: oc.scale_gradient(PARAMS, jnp.ones(2)), ValueError, "scale_gradient: `scale` must be a scalar"),
+    (
+      lambda: oc.scale_gradient(PARAMS, jnp.ones(2)),
+      ValueError,
+      "scale_gradient: `scale` must be a scalar",
+    ),
     (lambda: oc.scale_gradient(PARAMS, "2"), TypeError, "scale_gradient: `scale`"),
     (lambda: oc.scale_gradient(PARAMS, True), TypeError, "scale_gradient: `scale`"),
-    (lambda: oc.per_example_global_norm_clip({"a": jnp.ones((4, 2)), "b": jnp.ones((3, 2))}, 1.0),
-     ValueError, (r"per_example_global_norm_clip expects .* `grads\['b'\]` has shape \(3, 2\) "
-                  r"and `grads\['a'\]` \(4, 2\)")),
-    (lambda: oc.per_example_global_norm_clip({"a": jnp.ones(4), "s": jnp.float32(1.0)}, 1.0),
-     ValueError, r"`grads\['s'\]` has shape \(\)"),
+    (
+      lambda: oc.per_example_global_norm_clip({"a": jnp.ones((4, 2)), "b": jnp.ones((3, 2))}, 1.0),
+      ValueError,
+      (
+        r"per_example_global_norm_clip expects .* `grads\['b'\]` has shape \(3, 2\) "
+        r"and `grads\['a'\]` \(4, 2\)"
+      ),
+    ),
+    (
+      lambda: oc.per_example_global_norm_clip({"a": jnp.ones(4), "s": jnp.float32(1.0)}, 1.0),
+      ValueError,
+      r"`grads\['s'\]` has shape \(\)",
+    ),
     (lambda: oc.per_example_global_norm_clip({}, 1.0), ValueError, "`grads` has no arrays"),
-    (lambda: oc.per_example_global_norm_clip([jnp.ones((2, 2))], -1.0), ValueError,
-     "`l2_norm_clip` must be >= 0"),
-    (lambda: oc.per_example_global_norm_clip([jnp.ones((2, 2))], float("nan")), ValueError,
-     "`l2_norm_clip` must be >= 0"),
-    (lambda: oc.per_example_global_norm_clip([jnp.ones((2, 2))], jnp.ones(2)), ValueError,
-     "`l2_norm_clip` must be a scalar"),
+    (
+      lambda: oc.per_example_global_norm_clip([jnp.ones((2, 2))], -1.0),
+      ValueError,
+      "`l2_norm_clip` must be >= 0",
+    ),
+    (
+      lambda: oc.per_example_global_norm_clip([jnp.ones((2, 2))], float("nan")),
+      ValueError,
+      "`l2_norm_clip` must be >= 0",
+    ),
+    (
+      lambda: oc.per_example_global_norm_clip([jnp.ones((2, 2))], jnp.ones(2)),
+      ValueError,
+      "`l2_norm_clip` must be a scalar",
+    ),
     (lambda: oc.per_example_global_norm_clip([jnp.ones((2, 2))], "1"), TypeError, "`l2_norm_clip`"),
-    (lambda: oc.per_example_layer_norm_clip([jnp.ones((2, 2)), jnp.ones(3)], 1.0), ValueError,
-     r"per_example_layer_norm_clip expects .*`grads\[1\]` has shape \(3,\)"),
-    (lambda: oc.per_example_layer_norm_clip([jnp.ones((2, 2))], -2.0), ValueError,
-     "`global_l2_norm_clip` must be >= 0"),
-    (lambda: oc.per_example_layer_norm_clip([jnp.ones((2, 2))], 1.0, uniform="no"), TypeError,
-     "`uniform` must be a bool"),
-    (lambda: oc.unitwise_norm(jnp.ones((2,) * 6)), ValueError,
-     r"unitwise_norm: no default unit for an array of rank 6"),
-    (lambda: oc.unitwise_norm(jnp.ones((2, 3)), axis=4), ValueError,
-     r"unitwise_norm: `axis` 4 does not fit `x` of shape \(2, 3\)"),
-    (lambda: oc.unitwise_clip(jnp.ones(3), jnp.ones(3), jnp.ones((2, 3))), ValueError,
-     r"unitwise_clip: .* got \(3,\), \(3,\) and \(2, 3\)"),
+    (
+      lambda: oc.per_example_layer_norm_clip([jnp.ones((2, 2)), jnp.ones(3)], 1.0),
+      ValueError,
+      r"per_example_layer_norm_clip expects .*`grads\[1\]` has shape \(3,\)",
+    ),
+    (
+      lambda: oc.per_example_layer_norm_clip([jnp.ones((2, 2))], -2.0),
+      ValueError,
+      "`global_l2_norm_clip` must be >= 0",
+    ),
+    (
+      lambda: oc.per_example_layer_norm_clip([jnp.ones((2, 2))], 1.0, uniform="no"),
+      TypeError,
+      "`uniform` must be a bool",
+    ),
+    (
+      lambda: oc.unitwise_norm(jnp.ones((2,) * 6)),
+      ValueError,
+      r"unitwise_norm: no default unit for an array of rank 6",
+    ),
+    (
+      lambda: oc.unitwise_norm(jnp.ones((2, 3)), axis=4),
+      ValueError,
+      r"unitwise_norm: `axis` 4 does not fit `x` of shape \(2, 3\)",
+    ),
+    (
+      lambda: oc.unitwise_clip(jnp.ones(3), jnp.ones(3), jnp.ones((2, 3))),
+      ValueError,
+      r"unitwise_clip: .* got \(3,\), \(3,\) and \(2, 3\)",
+    ),
     (lambda: oc.safe_norm(jnp.ones(3), "0"), TypeError, "safe_norm: `min_norm`"),
-    (lambda: oc.safe_root_mean_squares(jnp.ones(3), 1j), TypeError,
-     "safe_root_mean_squares: `min_rms`"),
-], ids=lambda v: v if isinstance(v, str) else None)
+    (
+      lambda: oc.safe_root_mean_squares(jnp.ones(3), 1j),
+      TypeError,
+      "safe_root_mean_squares: `min_rms`",
+    ),
+  ],
+  ids=lambda v: v if isinstance(v, str) else None,
+)
 def test_bad_input_is_named(call, error, match):
   with pytest.raises(error, match=match):
     call()

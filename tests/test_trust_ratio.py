@@ -26,12 +26,16 @@ def trust_ratio_np(u, w, min_norm=0.0, trust_coefficient=1.0, eps=0.0):
 
 
 PARAMS = {"zero": np.zeros(3), "w": np.array([[0.3, -1.2], [2.0, 0.1]]), "s": np.array(0.7)}
-UPDATES = {"zero": np.array([0.5, -0.1, 0.2]), "w": np.array([[1e-3, 0.4], [-0.2, 0.0]]),
-           "s": np.array(0.0)}
+UPDATES = {
+  "zero": np.array([0.5, -0.1, 0.2]),
+  "w": np.array([[1e-3, 0.4], [-0.2, 0.0]]),
+  "s": np.array(0.0),
+}
 
 
-@pytest.mark.parametrize("min_norm, trust_coefficient, eps",
-                         [(0.0, 1.0, 0.0), (0.5, 2.0, 1e-3), (1e-6, 1e-3, 0.0)])
+@pytest.mark.parametrize(
+  "min_norm, trust_coefficient, eps", [(0.0, 1.0, 0.0), (0.5, 2.0, 1e-3), (1e-6, 1e-3, 0.0)]
+)
 def test_trust_ratio_matches_the_formula_in_float64(min_norm, trust_coefficient, eps):
   """A zero parameter leaf moves with r = 1 (without a floor), a zero update stays 0 (no
   0 / 0), a floor replaces a small norm."""
@@ -41,22 +45,30 @@ def test_trust_ratio_matches_the_formula_in_float64(min_norm, trust_coefficient,
     out, _ = tx.update(updates, tx.init(params), params)
     for k in PARAMS:
       np.testing.assert_allclose(
-          out[k], trust_ratio_np(UPDATES[k], PARAMS[k], min_norm, trust_coefficient, eps),
-          rtol=1e-15, atol=0)
+        out[k],
+        trust_ratio_np(UPDATES[k], PARAMS[k], min_norm, trust_coefficient, eps),
+        rtol=1e-15,
+        atol=0,
+      )
       assert out[k].dtype == jnp.float64
 
 
 def test_float16_parameter_blocks_are_measured_in_float32():
   """Parameters below 8e-3 square to float16 subnormals or 0: the scales are sums of float32
   squares, so the float16 result is within an ulp or so of float64's."""
-  w = {"tiny": jnp.asarray([1e-3, -2e-3, 5e-4, 3e-3], jnp.float16),
-       "big": jnp.asarray([[300.0, -200.0], [150.0, 250.0]], jnp.float16)}  # 300^2 > 65504
+  w = {
+    "tiny": jnp.asarray([1e-3, -2e-3, 5e-4, 3e-3], jnp.float16),
+    "big": jnp.asarray([[300.0, -200.0], [150.0, 250.0]], jnp.float16),
+  }  # 300^2 > 65504
   u = jax.tree.map(lambda x: jnp.full_like(x, 0.37), w)
-  for tx, scale in [(oc.scale_by_param_block_norm(1e-4), lambda x: max(np.linalg.norm(x), 1e-4)),
-                    (oc.scale_by_param_block_rms(1e-5),
-                     lambda x: max(np.sqrt(np.mean(x * x)), 1e-5)),
-                    (oc.scale_by_trust_ratio(), lambda x: np.linalg.norm(x) / np.linalg.norm(
-                        np.full(x.shape, 0.37)))]:
+  for tx, scale in [
+    (oc.scale_by_param_block_norm(1e-4), lambda x: max(np.linalg.norm(x), 1e-4)),
+    (oc.scale_by_param_block_rms(1e-5), lambda x: max(np.sqrt(np.mean(x * x)), 1e-5)),
+    (
+      oc.scale_by_trust_ratio(),
+      lambda x: np.linalg.norm(x) / np.linalg.norm(np.full(x.shape, 0.37)),
+    ),
+  ]:
     out, _ = tx.update(u, tx.init(w), w)
     ref = {k: 0.37 * scale(np.asarray(w[k], np.float64)) * np.ones(w[k].shape) for k in w}
     assert_ulps_close(out, ref, 1, dtype=jnp.float16)
@@ -84,8 +96,10 @@ def test_lars_bare_bool_masks_mean_all_or_no_leaves():
   grads = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32) + 0.25, PARAMS)
   params = jax.tree.map(lambda x: x.astype(jnp.float32), params)
   first = []
-  for kwargs in [dict(weight_decay=0.1, weight_decay_mask=False, trust_ratio_mask=False),
-                 dict(weight_decay=0.1, trust_ratio_mask={"zero": True, "w": False, "s": True})]:
+  for kwargs in [
+    dict(weight_decay=0.1, weight_decay_mask=False, trust_ratio_mask=False),
+    dict(weight_decay=0.1, trust_ratio_mask={"zero": True, "w": False, "s": True}),
+  ]:
     ours, ref = oc.lars(0.1, **kwargs), standard_promotion(optax.lars(0.1, **kwargs))
     u_ours, _ = ours.update(grads, ours.init(params), params)
     u_ref, _ = ref.update(grads, ref.init(params), params)
@@ -95,7 +109,9 @@ def test_lars_bare_bool_masks_mean_all_or_no_leaves():
   assert_ulps_close(first[0], jax.tree.map(lambda g: -0.1 * g, grads), 1)
 
 
-@pytest.mark.parametrize("build, argument", [
+@pytest.mark.parametrize(
+  "build, argument",
+  [
     (lambda: oc.scale_by_trust_ratio(min_norm=-1.0), "min_norm"),
     (lambda: oc.scale_by_trust_ratio(trust_coefficient=-1.0), "trust_coefficient"),
     (lambda: oc.scale_by_trust_ratio(eps=float("nan")), "eps"),
@@ -103,7 +119,8 @@ def test_lars_bare_bool_masks_mean_all_or_no_leaves():
     (lambda: oc.lamb(1e-3, weight_decay=-0.1), "weight_decay"),
     (lambda: oc.lars(1e-3, momentum=1.5), "momentum"),
     (lambda: oc.fromage(-1e-3), "learning_rate"),
-])
+  ],
+)
 def test_bad_hyperparameters_are_named(build, argument):
   with pytest.raises(ValueError, match=f"`{argument}`"):
     build()

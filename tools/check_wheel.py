@@ -44,8 +44,11 @@ NAME = "optcompose"
 BANNER = re.compile(r"\b[A-Za-z]*Warning\b", re.M)
 # A warning about what this repository declares fails the check; one about the build
 # backend's own future (a release of setuptools deprecating something we do not use) is shown.
-OUR_CONFIG = re.compile(r"pyproject|licen[cs]e|classifier|project\.|tool\.setuptools|"
-                        r"package[-_ ]?(dir|data)|optcompose|editable|py\.typed", re.I)
+OUR_CONFIG = re.compile(
+  r"pyproject|licen[cs]e|classifier|project\.|tool\.setuptools|"
+  r"package[-_ ]?(dir|data)|optcompose|editable|py\.typed",
+  re.I,
+)
 
 SMOKE = textwrap.dedent("""\
     import importlib.metadata
@@ -97,8 +100,14 @@ class CheckFailed(Exception):
 
 def run(cmd, *, cwd, env=None, what):
   """Runs cmd, returns its output (stdout and stderr together); raises CheckFailed on failure."""
-  proc = subprocess.run([str(c) for c in cmd], cwd=cwd, env=env, text=True,
-                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+  proc = subprocess.run(
+    [str(c) for c in cmd],
+    cwd=cwd,
+    env=env,
+    text=True,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+  )
   if proc.returncode != 0:
     raise CheckFailed(f"{what} failed (exit {proc.returncode}):\n{proc.stdout}")
   return proc.stdout
@@ -144,15 +153,19 @@ def main() -> int:
   try:
     import build  # noqa: F401  (only its presence: it runs as `python -m build`)
   except ImportError:
-    print(f"check_wheel: {sys.executable} has no `build` package; install the test extra "
-          "(pip install -e '.[test]') or `pip install build`", file=sys.stderr)
+    print(
+      f"check_wheel: {sys.executable} has no `build` package; install the test extra "
+      "(pip install -e '.[test]') or `pip install build`",
+      file=sys.stderr,
+    )
     return 1
 
   start = time.perf_counter()
   tmp = Path(tempfile.mkdtemp(prefix=f"{NAME}-wheel-check-")).resolve()
   if tmp == ROOT or ROOT in tmp.parents:
-    print(f"check_wheel: the temporary folder {tmp} is inside the checkout; set TMPDIR",
-          file=sys.stderr)
+    print(
+      f"check_wheel: the temporary folder {tmp} is inside the checkout; set TMPDIR", file=sys.stderr
+    )
     shutil.rmtree(tmp)
     return 1
   times = {}
@@ -161,21 +174,27 @@ def main() -> int:
     dist, venv = tmp / "dist", tmp / "venv"
 
     t = time.perf_counter()
-    out = run([sys.executable, "-m", "build", "--outdir", dist, ROOT], cwd=ROOT,
-              what="python -m build")
+    out = run(
+      [sys.executable, "-m", "build", "--outdir", dist, ROOT], cwd=ROOT, what="python -m build"
+    )
     times["build"] = time.perf_counter() - t
     banners = sorted({line.strip() for line in out.splitlines() if BANNER.search(line)})
     ours = [b for b in banners if OUR_CONFIG.search(b)]
     if ours:
-      raise CheckFailed("the build printed warnings about this project's configuration:\n  "
-                        + "\n  ".join(ours) + f"\nfull output:\n{out}")
+      raise CheckFailed(
+        "the build printed warnings about this project's configuration:\n  "
+        + "\n  ".join(ours)
+        + f"\nfull output:\n{out}"
+      )
     if banners:  # the build backend's own news (a deprecation in a new setuptools): shown only
       print("check_wheel: note: the build printed\n  " + "\n  ".join(banners))
     wheels = list(dist.glob(f"{NAME}-{version}-py3-none-any.whl"))
     sdists = list(dist.glob(f"{NAME}-{version}.tar.gz"))
     if len(wheels) != 1 or len(sdists) != 1:
-      raise CheckFailed(f"expected one wheel and one sdist of version {version} in {dist}, "
-                        f"found {sorted(p.name for p in dist.iterdir())}")
+      raise CheckFailed(
+        f"expected one wheel and one sdist of version {version} in {dist}, "
+        f"found {sorted(p.name for p in dist.iterdir())}"
+      )
     check_wheel(wheels[0], (ROOT / "LICENSE").read_bytes())
     check_sdist(sdists[0], version)
 
@@ -184,16 +203,27 @@ def main() -> int:
     python = venv / "bin" / "python"
     if not python.exists():  # Windows
       python = venv / "Scripts" / "python.exe"
-    run([python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", wheels[0]],
-        cwd=tmp, what="pip install of the wheel")
+    run(
+      [python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", wheels[0]],
+      cwd=tmp,
+      what="pip install of the wheel",
+    )
     times["install"] = time.perf_counter() - t
 
     t = time.perf_counter()
     (tmp / "smoke.py").write_text(SMOKE)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
     env.setdefault("JAX_PLATFORMS", "cpu")  # the venv has jax's CPU wheel only
-    smoke = run([python, tmp / "smoke.py", venv], cwd=tmp, env=env,
-                what="the training step in the fresh venv").strip().splitlines()
+    smoke = (
+      run(
+        [python, tmp / "smoke.py", venv],
+        cwd=tmp,
+        env=env,
+        what="the training step in the fresh venv",
+      )
+      .strip()
+      .splitlines()
+    )
     times["step"] = time.perf_counter() - t
   except CheckFailed as e:
     print(f"check_wheel: FAILED: {e}", file=sys.stderr)
@@ -204,10 +234,12 @@ def main() -> int:
     else:
       shutil.rmtree(tmp, ignore_errors=True)
 
-  print(f"check_wheel: OK: {wheels[0].name} and {sdists[0].name} (LICENSE, py.typed) built in "
-        f"{times['build']:.0f}s, installed in a fresh venv in {times['install']:.0f}s; "
-        f"{smoke[-1] if smoke else ''} ({times['step']:.0f}s); "
-        f"{time.perf_counter() - start:.0f}s in all")
+  print(
+    f"check_wheel: OK: {wheels[0].name} and {sdists[0].name} (LICENSE, py.typed) built in "
+    f"{times['build']:.0f}s, installed in a fresh venv in {times['install']:.0f}s; "
+    f"{smoke[-1] if smoke else ''} ({times['step']:.0f}s); "
+    f"{time.perf_counter() - start:.0f}s in all"
+  )
   return 0
 
 

@@ -37,14 +37,18 @@ import optcompose as oc
 
 # (in, out) of four dense layers: 524288 + 262144 + 131072 + 65536 weights, 1920 biases.
 LAYERS = [(512, 1024), (1024, 256), (256, 512), (512, 128)]
-PARAMS = {f"dense{i}": {"kernel": jax.ShapeDtypeStruct(shape, jnp.float32),
-                        "bias": jax.ShapeDtypeStruct(shape[1:], jnp.float32)}
-          for i, shape in enumerate(LAYERS)}
+PARAMS = {
+  f"dense{i}": {
+    "kernel": jax.ShapeDtypeStruct(shape, jnp.float32),
+    "bias": jax.ShapeDtypeStruct(shape[1:], jnp.float32),
+  }
+  for i, shape in enumerate(LAYERS)
+}
 OPTIMIZERS = {
-    "sgd_momentum": lambda: oc.sgd(1e-2, momentum=0.9),
-    "adam": lambda: oc.adam(1e-3),
-    "adamw": lambda: oc.adamw(1e-3),
-    "clip+adamw": lambda: oc.chain(oc.clip_by_global_norm(1.0), oc.adamw(1e-3)),
+  "sgd_momentum": lambda: oc.sgd(1e-2, momentum=0.9),
+  "adam": lambda: oc.adam(1e-3),
+  "adamw": lambda: oc.adamw(1e-3),
+  "clip+adamw": lambda: oc.chain(oc.clip_by_global_norm(1.0), oc.adamw(1e-3)),
 }
 TRIVIAL = {"parameter", "constant", "tuple", "get-tuple-element", "bitcast"}
 OPCODE = re.compile(r" = .*? ([a-z][\w-]*)\(")  # the first `name(` after the type
@@ -52,9 +56,11 @@ OPCODE = re.compile(r" = .*? ([a-z][\w-]*)\(")  # the first `name(` after the ty
 
 def step_hlo(tx):
   """The optimized HLO text of one jitted step of ``tx`` on ``PARAMS``."""
+
   def step(params, state, grads):
     updates, state = tx.update(grads, state, params)
     return oc.apply_updates(params, updates), state
+
   state = jax.eval_shape(tx.init, PARAMS)
   return jax.jit(step).lower(PARAMS, state, PARAMS).compile().as_text()
 
@@ -70,8 +76,12 @@ def count(hlo):
       fusions_all += m.group(1) == "fusion"
       if in_entry:
         entry.append(m.group(1))
-  return {"fusions": entry.count("fusion"), "fusions_all": fusions_all, "entry": len(entry),
-          "kernels": sum(op not in TRIVIAL for op in entry)}
+  return {
+    "fusions": entry.count("fusion"),
+    "fusions_all": fusions_all,
+    "entry": len(entry),
+    "kernels": sum(op not in TRIVIAL for op in entry),
+  }
 
 
 def main():
@@ -81,8 +91,10 @@ def main():
   ap.add_argument("--dump", help="a folder for each optimizer's HLO text")
   args = ap.parse_args()
   n = sum(s.size for s in jax.tree.leaves(PARAMS))
-  print(f"optcompose from {oc.__file__}; jax {jax.__version__}; "
-        f"{len(jax.tree.leaves(PARAMS))} leaves, {n} params")
+  print(
+    f"optcompose from {oc.__file__}; jax {jax.__version__}; "
+    f"{len(jax.tree.leaves(PARAMS))} leaves, {n} params"
+  )
   counts = {}
   for name, make in OPTIMIZERS.items():
     hlo = step_hlo(make())
@@ -100,8 +112,11 @@ def main():
       base = json.load(f)
     if base["jax"] != jax.__version__:
       print(f"NOTE: {args.against} is from jax {base['jax']}")
-    diffs = [f"{name}: {base['counts'].get(name)} -> {c}" for name, c in counts.items()
-             if base["counts"].get(name) != c]
+    diffs = [
+      f"{name}: {base['counts'].get(name)} -> {c}"
+      for name, c in counts.items()
+      if base["counts"].get(name) != c
+    ]
     diffs += [f"{name}: only in {args.against}" for name in base["counts"] if name not in counts]
     print("\n".join(diffs) if diffs else f"same counts as {args.against}")
     return int(bool(diffs))

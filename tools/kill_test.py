@@ -12,7 +12,8 @@ of the child's second save, counted from its end), then, in this order:
 
 Run from a checkout (the full measurement: 20 kills per format, a 64 MB state)::
 
-    .venv/bin/python tools/kill_test.py [--kills 20] [--mb 64] [--formats msgpack,orbax,orbax-renames]
+    .venv/bin/python tools/kill_test.py [--kills 20] [--mb 64] \\
+        [--formats msgpack,orbax,orbax-renames]
 
 ``orbax-renames`` is Orbax with ``renameat2(RENAME_EXCHANGE)`` disabled in the child, so that
 the two-rename fallback (and the repair of a crash between its renames) is what is killed.
@@ -42,17 +43,24 @@ PIECES = 4  # the state's big arrays, so that a partly written checkpoint is pos
 def make_state(version: int, mb: float) -> dict:
   """The state of a version: ``PIECES`` int32 arrays of ``mb`` MB in all, and small leaves."""
   n = max(1, int(mb * (1 << 20)) // (4 * PIECES))
-  pattern = np.random.default_rng(0).integers(-2**31, 2**31, size=(PIECES, n), dtype=np.int32)
+  pattern = np.random.default_rng(0).integers(-(2**31), 2**31, size=(PIECES, n), dtype=np.int32)
   v = np.int32(version)
-  return {"w": {str(i): pattern[i] ^ v for i in range(PIECES)},
-          "b": np.full((3,), version, np.float32), "step": np.asarray(version, np.int32)}
+  return {
+    "w": {str(i): pattern[i] ^ v for i in range(PIECES)},
+    "b": np.full((3,), version, np.float32),
+    "step": np.asarray(version, np.int32),
+  }
 
 
 def version_of(state: dict, mb: float) -> int:
   """The version a restored state holds; ValueError if its leaves disagree (a torn state)."""
   v = int(state["step"])
-  if not all(np.array_equal(a, b) for a, b in zip(
-      [state["b"], *state["w"].values()], [make_state(v, mb)["b"], *make_state(v, mb)["w"].values()])):
+  if not all(
+    np.array_equal(a, b)
+    for a, b in zip(
+      [state["b"], *state["w"].values()], [make_state(v, mb)["b"], *make_state(v, mb)["w"].values()]
+    )
+  ):
     raise ValueError(f"the restored state is torn: its leaves hold different versions (step {v})")
   return v
 
@@ -60,10 +68,14 @@ def version_of(state: dict, mb: float) -> int:
 def functions(fmt: str):
   """(save with overwrite, restore, the checkpoint's file name) for a format."""
   from optcompose import checkpoint as ck
+
   if fmt == "msgpack":
     return ck.save_checkpoint, ck.restore_checkpoint, "ckpt.msgpack"
-  return (lambda path, tree: ck.save_orbax_checkpoint(path, tree, overwrite=True),
-          ck.restore_orbax_checkpoint, "ckpt_orbax")
+  return (
+    lambda path, tree: ck.save_orbax_checkpoint(path, tree, overwrite=True),
+    ck.restore_orbax_checkpoint,
+    "ckpt_orbax",
+  )
 
 
 def child(fmt: str, path: str, mb: float, version: int, count: int) -> None:
@@ -71,6 +83,7 @@ def child(fmt: str, path: str, mb: float, version: int, count: int) -> None:
   printing ``saved V SECONDS`` after each."""
   if fmt == "orbax-renames":  # no atomic exchange: the two-rename fallback
     from optcompose import _checkpoint_io
+
     _checkpoint_io._exchange = lambda a, b: False
   save = functions(fmt)[0]
   while count != 0:
@@ -81,12 +94,18 @@ def child(fmt: str, path: str, mb: float, version: int, count: int) -> None:
     print(f"saved {version} {time.perf_counter() - start:.4f}", flush=True)
 
 
-def spawn(fmt: str, path: pathlib.Path, mb: float, version: int, count: int = -1,
-          stderr=subprocess.DEVNULL) -> subprocess.Popen:
+def spawn(
+  fmt: str, path: pathlib.Path, mb: float, version: int, count: int = -1, stderr=subprocess.DEVNULL
+) -> subprocess.Popen:
   env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
   return subprocess.Popen(
-      [sys.executable, __file__, "--child", fmt, str(path), str(mb), str(version), str(count)],
-      stdout=subprocess.PIPE, stderr=stderr, text=True, env=env, cwd=ROOT)
+    [sys.executable, __file__, "--child", fmt, str(path), str(mb), str(version), str(count)],
+    stdout=subprocess.PIPE,
+    stderr=stderr,
+    text=True,
+    env=env,
+    cwd=ROOT,
+  )
 
 
 def kill_round(fmt: str, path: pathlib.Path, mb: float, rng: random.Random) -> dict:
@@ -109,8 +128,14 @@ def kill_round(fmt: str, path: pathlib.Path, mb: float, rng: random.Random) -> d
   lines = first + [line.split() for line in rest.splitlines()]
   last = int(lines[-1][1])
   leftovers = sorted(set(os.listdir(path.parent)) - {path.name})
-  result = {"format": fmt, "saves": len(lines), "save_s": seconds, "delay_s": delay,
-            "last_saved": last, "leftovers_after_kill": leftovers}
+  result = {
+    "format": fmt,
+    "saves": len(lines),
+    "save_s": seconds,
+    "delay_s": delay,
+    "last_saved": last,
+    "leftovers_after_kill": leftovers,
+  }
   start = time.perf_counter()
   try:
     got = version_of(restore(path, template), mb)
@@ -153,17 +178,22 @@ def main() -> int:
     start = time.perf_counter()
     results = measure(fmt, args.kills, args.mb, args.seed, args.dir)
     for i, r in enumerate(results):
-      print(f"{fmt:>13} kill {i + 1:2d}: after {r['delay_s']:.3f} s (a save takes "
-            f"{r['save_s']:.3f} s; {r['saves']} saves done, last v{r['last_saved']}) -> "
-            f"restored {r['restored']!s:.120} in {r['restore_s']:.3f} s"
-            f"{'' if r['ok'] else '  ** LOST **'}; left by the kill: "
-            f"{len(r['leftovers_after_kill'])}, after the next save: {r['left_after_next_save']}")
+      print(
+        f"{fmt:>13} kill {i + 1:2d}: after {r['delay_s']:.3f} s (a save takes "
+        f"{r['save_s']:.3f} s; {r['saves']} saves done, last v{r['last_saved']}) -> "
+        f"restored {r['restored']!s:.120} in {r['restore_s']:.3f} s"
+        f"{'' if r['ok'] else '  ** LOST **'}; left by the kill: "
+        f"{len(r['leftovers_after_kill'])}, after the next save: {r['left_after_next_save']}"
+      )
     ok = sum(r["ok"] for r in results)
     clean = sum(not r["left_after_next_save"] for r in results)
     new = sum(r["ok"] and r["restored"] == r["last_saved"] + 1 for r in results)
-    print(f"{fmt}: {ok}/{len(results)} kills left a whole checkpoint ({new} the new version, "
-          f"{ok - new} the old); {clean}/{len(results)} directories clean after the next save; "
-          f"{args.mb:g} MB state, {time.perf_counter() - start:.1f} s\n", flush=True)
+    print(
+      f"{fmt}: {ok}/{len(results)} kills left a whole checkpoint ({new} the new version, "
+      f"{ok - new} the old); {clean}/{len(results)} directories clean after the next save; "
+      f"{args.mb:g} MB state, {time.perf_counter() - start:.1f} s\n",
+      flush=True,
+    )
     failed |= ok < len(results) or clean < len(results)
   return int(failed)
 

@@ -91,8 +91,11 @@ def f64_path(case, name):
 
 def f32_record(case, prob):
   ps, gs, vs, us, _ = zip(*steps(case, prob, F32_STEPS))
-  out = {f"{kind}/{leaf}": a for kind, trees in (("params", ps), ("grads", gs), ("updates", us))
-         for leaf, a in stacked(trees).items()}
+  out = {
+    f"{kind}/{leaf}": a
+    for kind, trees in (("params", ps), ("grads", gs), ("updates", us))
+    for leaf, a in stacked(trees).items()
+  }
   if case.with_value:
     out["value"] = np.asarray([np.asarray(v) for v in vs])
   return out
@@ -128,8 +131,11 @@ def compare_one(case, name, prob32, snap, prefix):
   arrays = {kind: [snap[f"{prefix}/f32/{kind}/{n}"] for n in names] for kind in ("params", "grads")}
   tree = lambda kind, t: jax.tree.unflatten(treedef, [jnp.asarray(a[t]) for a in arrays[kind]])
   value = snap[f"{prefix}/f32/value"] if case.with_value else None
-  feed = lambda t: (tree("params", t), tree("grads", t),
-                    None if value is None else jnp.asarray(value[t]))
+  feed = lambda t: (
+    tree("params", t),
+    tree("grads", t),
+    None if value is None else jnp.asarray(value[t]),
+  )
   u_snap = {n: snap[f"{prefix}/f32/updates/{n}"] for n in names}
   worst = [0.0, 0.0]
   for t, (_, _, _, u, _) in enumerate(steps(case, prob32, F32_STEPS, feed)):
@@ -150,8 +156,13 @@ def main():
   start, data, bad = time.perf_counter(), {}, False
   cases = [c for c in CASES if not args.cases or c.name in args.cases]
   prob32 = {n: make() for n, make in PROBLEMS.items()}
-  meta = {"jax": jax.__version__, "machine": platform.machine(), "processor": platform.processor(),
-          "cases": [c.name for c in cases], "problems": list(PROBLEMS)}
+  meta = {
+    "jax": jax.__version__,
+    "machine": platform.machine(),
+    "processor": platform.processor(),
+    "cases": [c.name for c in cases],
+    "problems": list(PROBLEMS),
+  }
   if args.mode == "snapshot":
     for case in cases:
       for name, prob in prob32.items():
@@ -163,8 +174,10 @@ def main():
           bad = True
           print(f"FAILED {prefix}: {type(e).__name__}: {e}", flush=True)
     np.savez(args.npz, __meta__=np.asarray(json.dumps(meta)), **data)
-    print(f"{len(data)} arrays from {len(cases)} cases x {len(prob32)} problems -> {args.npz} "
-          f"in {time.perf_counter() - start:.0f}s")
+    print(
+      f"{len(data)} arrays from {len(cases)} cases x {len(prob32)} problems -> {args.npz} "
+      f"in {time.perf_counter() - start:.0f}s"
+    )
     return int(bad)
   snap = np.load(args.npz)
   old_meta = json.loads(str(snap["__meta__"]))
@@ -195,8 +208,10 @@ def main():
   gone = sorted({c for c, _ in old} - {c.name for c in CASES})
   if gone:
     print(f"in the snapshot only (not compared): {', '.join(gone)}")
-  print(f"{'FAILED' if bad else 'passed'}: rtol {args.rtol:g}, {args.ulps:g} ulps; "
-        f"{time.perf_counter() - start:.0f}s")
+  print(
+    f"{'FAILED' if bad else 'passed'}: rtol {args.rtol:g}, {args.ulps:g} ulps; "
+    f"{time.perf_counter() - start:.0f}s"
+  )
   return int(bad)
 
 

@@ -94,8 +94,9 @@ class StateMismatchError(ValueError):
     if not type(got).__module__.startswith("optcompose"):  # another library's (Optax's)
       name = f"{type(got).__module__}.{name} (not optcompose's)"
     super().__init__(
-        f"{who}: {where} is a {name}, expected a {expected}. Pass the state "
-        "returned by this transformation's own init (not another optimizer's).")
+      f"{who}: {where} is a {name}, expected a {expected}. Pass the state "
+      "returned by this transformation's own init (not another optimizer's)."
+    )
 
   def at(self, prefix: str) -> "StateMismatchError":
     return StateMismatchError(self.who, self.expected, self.got, prefix + self.path)
@@ -141,8 +142,9 @@ def stateless(f: Callable[[Updates, Optional[Params]], Updates]) -> GradientTran
   return GradientTransformation(init_empty_state, update)
 
 
-def stateless_with_tree_map(f: Callable[[jax.Array, Optional[jax.Array]], jax.Array]
-                            ) -> GradientTransformation:
+def stateless_with_tree_map(
+  f: Callable[[jax.Array, Optional[jax.Array]], jax.Array],
+) -> GradientTransformation:
   """A transformation without state applying ``f(u, w)`` to each leaf (Optax's name).
 
   Update: ``u_l <- f(u_l, w_l)`` for every leaf l.
@@ -190,8 +192,9 @@ def _takes_extra(fn: Callable, unknown: bool = False) -> bool:
   return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
 
 
-def as_transformation(t: Any, who: str = "chain", position: Optional[Any] = None
-                      ) -> GradientTransformation:
+def as_transformation(
+  t: Any, who: str = "chain", position: Optional[Any] = None
+) -> GradientTransformation:
   """The one adapter for members: any object with callable ``init`` and ``update`` (an
   Optax transformation included) as a :class:`GradientTransformation` whose ``update``
   accepts ``**extra``. An ``update`` without ``**kwargs`` is called without them.
@@ -210,11 +213,16 @@ def as_transformation(t: Any, who: str = "chain", position: Optional[Any] = None
     return t
   init, update = getattr(t, "init", None), getattr(t, "update", None)
   if not (callable(init) and callable(update)):
-    where = ("the inner transformation" if position is None else f"`{position}`"
-             if isinstance(position, str) else f"argument {position}")
+    where = (
+      "the inner transformation"
+      if position is None
+      else f"`{position}`"
+      if isinstance(position, str)
+      else f"argument {position}"
+    )
     raise TypeError(
-        f"{who}: {where} is {type(t).__name__}, not a gradient transformation (an object "
-        "with callable `init` and `update`)."
+      f"{who}: {where} is {type(t).__name__}, not a gradient transformation (an object "
+      "with callable `init` and `update`)."
     )
   if _takes_extra(update):
     return GradientTransformation(init, update)
@@ -258,9 +266,10 @@ def _check_order(members: tuple) -> None:
     later = [j for j in range(i + 1, len(members)) if members[j].update not in _AVERAGERS]
     if t.update in _READS_FINAL and later:
       raise ValueError(
-          f"chain: argument {i} averages the parameters (ema_params, swa) from the updates "
-          f"it sees, but argument {later[0]} changes the updates after it; place the "
-          "averaging transformations last: chain(optimizer, ema_params(...)).")
+        f"chain: argument {i} averages the parameters (ema_params, swa) from the updates "
+        f"it sees, but argument {later[0]} changes the updates after it; place the "
+        "averaging transformations last: chain(optimizer, ema_params(...))."
+      )
 
 
 def chain(*transformations: Any) -> GradientTransformation:
@@ -289,11 +298,14 @@ def chain(*transformations: Any) -> GradientTransformation:
 
   def update(updates, state, params=None, **extra):
     if not isinstance(state, (tuple, list)) or len(state) != len(members):
-      got = f"a {type(state).__name__} of length {len(state)}" if isinstance(
-          state, (tuple, list)) else type(state).__name__
+      got = (
+        f"a {type(state).__name__} of length {len(state)}"
+        if isinstance(state, (tuple, list))
+        else type(state).__name__
+      )
       raise ValueError(
-          f"chain of {len(members)} transformations got state {got}; pass the state "
-          "returned by this chain's init."
+        f"chain of {len(members)} transformations got state {got}; pass the state "
+        "returned by this chain's init."
       )
     new_state = []
     for i, (t, s) in enumerate(zip(members, state)):
@@ -329,12 +341,15 @@ def apply_updates(params: Params, updates: Updates) -> Params:
   otree.check_same_structure(updates, params, "updates", "params")
   otree.check_floating(params, "params")
 
-  for path, p, u in zip(*zip(*jax.tree_util.tree_flatten_with_path(params)[0]),
-                        jax.tree.leaves(updates)):
+  for path, p, u in zip(
+    *zip(*jax.tree_util.tree_flatten_with_path(params)[0]), jax.tree.leaves(updates)
+  ):
     if jnp.iscomplexobj(u) and not jnp.iscomplexobj(p):
-      raise TypeError(f"apply_updates: `updates{otree.path_str(path)}` is complex but "
-                      f"`params{otree.path_str(path)}` is real: its imaginary part would be "
-                      "dropped.")
+      raise TypeError(
+        f"apply_updates: `updates{otree.path_str(path)}` is complex but "
+        f"`params{otree.path_str(path)}` is real: its imaginary part would be "
+        "dropped."
+      )
 
   def add(p, u):
     # The sum in the wider of the two dtypes (e.g. float32 updates on float16 params),
@@ -357,7 +372,11 @@ def zero_count() -> jax.Array:
 def safe_increment(count: jax.Array) -> jax.Array:
   """``count + 1``, saturating at the largest value of the count's dtype (no wrap-around)."""
   count = jnp.asarray(count)
-  top = jnp.iinfo(count.dtype).max if jnp.issubdtype(count.dtype, jnp.integer) else jnp.finfo(count.dtype).max
+  top = (
+    jnp.iinfo(count.dtype).max
+    if jnp.issubdtype(count.dtype, jnp.integer)
+    else jnp.finfo(count.dtype).max
+  )
   top = jnp.asarray(top, count.dtype)
   return jnp.where(count < top, count + jnp.asarray(1, count.dtype), top)
 

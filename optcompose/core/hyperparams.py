@@ -32,14 +32,42 @@ import numpy as np
 
 from optcompose import tree as otree
 from optcompose.core.base import (
-    GradientTransformation, OptState, as_transformation, expect_state, safe_increment,
-    zero_count,
+  GradientTransformation,
+  OptState,
+  as_transformation,
+  expect_state,
+  safe_increment,
+  zero_count,
 )
 from optcompose.core.validation import (  # noqa: F401  (re-exported: the one place to look)
-    DECAY, DECLARED, DTYPE, INT32_MAX, EPS, EPS_POSITIVE, EPS_ROOT, FLAG, INNER, INNER_PAIR, LABELS,
-    LEARNING_RATE, MASK, MOMENTUM, NONNEGATIVE, SCHEDULE, Hyper, check_held,
-    check_hyperparameter, check_not_both_zero, check_state_dtype, checks_done, choice,
-    declare, default_float, integer, is_real_like, real,
+  DECAY,
+  DECLARED,
+  DTYPE,
+  INT32_MAX,
+  EPS,
+  EPS_POSITIVE,
+  EPS_ROOT,
+  FLAG,
+  INNER,
+  INNER_PAIR,
+  LABELS,
+  LEARNING_RATE,
+  MASK,
+  MOMENTUM,
+  NONNEGATIVE,
+  SCHEDULE,
+  Hyper,
+  check_held,
+  check_hyperparameter,
+  check_not_both_zero,
+  check_state_dtype,
+  checks_done,
+  choice,
+  declare,
+  default_float,
+  integer,
+  is_real_like,
+  real,
 )
 
 # ----------------------------------------------------------------------------------------
@@ -64,9 +92,15 @@ class InjectHyperparamsState(NamedTuple):
   inner_state: OptState  # the state of the transformation built from those values
 
 
-def rebuilt_each_step(build: Callable[[dict], Any], live: dict, schedules: dict, *,
-                      who: str, dtype=None, cast_scheduled: bool = True
-                      ) -> GradientTransformation:
+def rebuilt_each_step(
+  build: Callable[[dict], Any],
+  live: dict,
+  schedules: dict,
+  *,
+  who: str,
+  dtype=None,
+  cast_scheduled: bool = True,
+) -> GradientTransformation:
   """The one mechanism for values that live in the state.
 
   Args:
@@ -96,8 +130,10 @@ def rebuilt_each_step(build: Callable[[dict], Any], live: dict, schedules: dict,
         used[name] = as_hyperparam(raw, dtype)
       except (TypeError, ValueError) as e:  # the schedule's own error, with its name
         kind = TypeError if isinstance(e, TypeError) else ValueError
-        raise kind(f"{who}: the schedule given as `{name}` must take the step count and "
-                   f"return a real scalar: {e}") from e
+        raise kind(
+          f"{who}: the schedule given as `{name}` must take the step count and "
+          f"return a real scalar: {e}"
+        ) from e
       values[name] = used[name] if cast_scheduled else raw
     return values, used
 
@@ -125,20 +161,32 @@ def _check_stored(who: str, stored: Any, names: set, dtype) -> None:
   no device copy -- in range."""
   if not isinstance(stored, dict) or set(stored) != names:
     got = sorted(stored) if isinstance(stored, dict) else type(stored).__name__
-    raise ValueError(f"{who}: `state.hyperparams` holds {got}, expected {sorted(names)} "
-                     "(change values with set_hyperparams, which keeps every name).")
+    raise ValueError(
+      f"{who}: `state.hyperparams` holds {got}, expected {sorted(names)} "
+      "(change values with set_hyperparams, which keeps every name)."
+    )
   for name, value in stored.items():
-    if isinstance(value, (bool, np.bool_)) or not is_real_like(value) or not (
+    if (
+      isinstance(value, (bool, np.bool_))
+      or not is_real_like(value)
+      or not (
         jnp.issubdtype(jnp.result_type(value), jnp.floating)
-        or jnp.issubdtype(jnp.result_type(value), jnp.integer)):
-      raise TypeError(f"{who}: `state.hyperparams['{name}']` must be a real number, got "
-                      f"{type(value).__name__} {value!r:.40} (use set_hyperparams).")
+        or jnp.issubdtype(jnp.result_type(value), jnp.integer)
+      )
+    ):
+      raise TypeError(
+        f"{who}: `state.hyperparams['{name}']` must be a real number, got "
+        f"{type(value).__name__} {value!r:.40} (use set_hyperparams)."
+      )
     if jnp.shape(value) != ():
-      raise ValueError(f"{who}: `state.hyperparams['{name}']` must be a scalar, got shape "
-                       f"{jnp.shape(value)} (it would be broadcast; use set_hyperparams).")
+      raise ValueError(
+        f"{who}: `state.hyperparams['{name}']` must be a scalar, got shape "
+        f"{jnp.shape(value)} (it would be broadcast; use set_hyperparams)."
+      )
     if isinstance(value, numbers.Real):  # a Python number put there by hand
-      check_held(f"state.hyperparams['{name}']", name, value, jnp.asarray(value, dtype=dtype),
-                 fn=who)
+      check_held(
+        f"state.hyperparams['{name}']", name, value, jnp.asarray(value, dtype=dtype), fn=who
+      )
 
 
 class SchedulableBuilder(Protocol):
@@ -266,34 +314,40 @@ def set_hyperparams(state: Any, **values) -> Any:
     Optax's ``optax.tree_utils.tree_set`` (replacing named values in a state).
   """
   holders = otree.find_nodes(state, holds_hyperparams)
-  qualified = {"/".join(path + (n,)): (id(node), n) for path, node in holders
-               for n in node.hyperparams}
+  qualified = {
+    "/".join(path + (n,)): (id(node), n) for path, node in holders for n in node.hyperparams
+  }
   by_name: dict = {}
   for path, node in holders:
     for n in node.hyperparams:
       by_name.setdefault(n, []).append("/".join(path + (n,)))
   unknown = sorted(set(values) - set(by_name) - set(qualified))
   if unknown:
-    raise KeyError(f"set_hyperparams: {unknown} are not hyperparameters held in this state "
-                   f"(held: {sorted(by_name)}, or by path: {sorted(qualified)}; build the "
-                   "optimizer with inject_hyperparams).")
+    raise KeyError(
+      f"set_hyperparams: {unknown} are not hyperparameters held in this state "
+      f"(held: {sorted(by_name)}, or by path: {sorted(qualified)}; build the "
+      "optimizer with inject_hyperparams)."
+    )
   assignments: dict = {}  # id(holder node) -> {name: new value}
   for key, value in values.items():
     if key in by_name and len(by_name[key]) > 1:
-      raise ValueError(f"set_hyperparams: `{key}` is held in {len(by_name[key])} places "
-                       f"({', '.join(repr(q) for q in by_name[key])}); name one by its path: "
-                       f"set_hyperparams(state, **{{{by_name[key][0]!r}: value}}).")
+      raise ValueError(
+        f"set_hyperparams: `{key}` is held in {len(by_name[key])} places "
+        f"({', '.join(repr(q) for q in by_name[key])}); name one by its path: "
+        f"set_hyperparams(state, **{{{by_name[key][0]!r}: value}})."
+      )
     where = qualified[by_name[key][0] if key in by_name else key]
     assignments.setdefault(where[0], {})[where[1]] = (key, value)
   nodes = {id(node): node for _, node in holders}
   for holder, new in assignments.items():
     for name, (key, value) in new.items():
       if isinstance(value, (bool, np.bool_)) or not is_real_like(value):
-        raise TypeError(f"set_hyperparams: `{key}` must be a real number, got "
-                        f"{type(value).__name__} {value!r:.40}.")
+        raise TypeError(
+          f"set_hyperparams: `{key}` must be a real number, got "
+          f"{type(value).__name__} {value!r:.40}."
+        )
       if np.ndim(value) != 0:
-        raise ValueError(f"set_hyperparams: `{key}` must be a scalar, got shape "
-                         f"{np.shape(value)}.")
+        raise ValueError(f"set_hyperparams: `{key}` must be a scalar, got shape {np.shape(value)}.")
       old = jnp.asarray(nodes[holder].hyperparams[name])
       with np.errstate(over="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # an overflow is reported below

@@ -67,9 +67,13 @@ def _floating_updates_only(tx: GradientTransformation, name: str) -> GradientTra
   """``tx`` whose update first checks that every update leaf is floating point."""
 
   def update(updates, state, params=None, **extra):
-    otree.check_floating(updates, "updates", f"{name} needs floating-point updates (jax.grad "
-                         "never gives integer gradients: cast, or route the leaf to "
-                         "set_to_zero)")
+    otree.check_floating(
+      updates,
+      "updates",
+      f"{name} needs floating-point updates (jax.grad "
+      "never gives integer gradients: cast, or route the leaf to "
+      "set_to_zero)",
+    )
     return tx.update(updates, state, params, **extra)
 
   return GradientTransformation(tx.init, update)
@@ -85,8 +89,14 @@ def _resolve_annotations(fn) -> None:
     pass
 
 
-def public(kind: str, *, optax: Optional[str] = None, any_dtype: bool = False,
-           averager: bool = False, **hypers: Hyper):
+def public(
+  kind: str,
+  *,
+  optax: Optional[str] = None,
+  any_dtype: bool = False,
+  averager: bool = False,
+  **hypers: Hyper,
+):
   """Decorator declaring a public builder; see the module docstring.
 
   Args:
@@ -112,7 +122,9 @@ def public(kind: str, *, optax: Optional[str] = None, any_dtype: bool = False,
       raise TypeError(f"public({name}): {missing} are not parameters of {name}.")
     for arg, hyper in hypers.items():
       declare(arg, hyper)
-    schedulable = tuple(n for n, h in hypers.items() if h.schedule) if kind == "transformation" else ()
+    schedulable = (
+      tuple(n for n, h in hypers.items() if h.schedule) if kind == "transformation" else ()
+    )
 
     guard = kind == "transformation" and not any_dtype
 
@@ -131,18 +143,25 @@ def public(kind: str, *, optax: Optional[str] = None, any_dtype: bool = False,
       scheduled = {n: arguments[n] for n in schedulable if callable(arguments[n])}
       if not scheduled:
         return checked(arguments)
-      return rebuilt_each_step(lambda values: checked({**arguments, **values}), {}, scheduled,
-                               who=name, cast_scheduled=False)
+      return rebuilt_each_step(
+        lambda values: checked({**arguments, **values}),
+        {},
+        scheduled,
+        who=name,
+        cast_scheduled=False,
+      )
 
     public_builder = cast(PublicBuilder, wrapper)
     public_builder.schedulable = schedulable
     # Integer arguments are static (a loop length, a period): inject_hyperparams bakes them in.
     public_builder.static_args = tuple(n for n, h in hypers.items() if h.integer)
     if name in REGISTRY and REGISTRY[name].module != builder.__module__:
-      raise ValueError(f"public: {name} is registered twice ({REGISTRY[name].module} and "
-                       f"{builder.__module__}).")
-    REGISTRY[name] = Entry(name, public_builder, kind, optax, dict(hypers), builder.__module__,
-                           averager)
+      raise ValueError(
+        f"public: {name} is registered twice ({REGISTRY[name].module} and {builder.__module__})."
+      )
+    REGISTRY[name] = Entry(
+      name, public_builder, kind, optax, dict(hypers), builder.__module__, averager
+    )
     return public_builder
 
   return decorate

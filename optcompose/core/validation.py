@@ -70,9 +70,16 @@ def _concrete_scalar(value: Any) -> Optional[tuple[float, float, np.dtype]]:
   raise TypeError(f"expected a number or a schedule, got {type(value).__name__}")
 
 
-def check_hyperparameter(fn_name: str, name: str, value: Any, *, low: Optional[float] = None,
-                         high: Optional[float] = None, low_open: bool = False,
-                         high_open: bool = False) -> None:
+def check_hyperparameter(
+  fn_name: str,
+  name: str,
+  value: Any,
+  *,
+  low: Optional[float] = None,
+  high: Optional[float] = None,
+  low_open: bool = False,
+  high_open: bool = False,
+) -> None:
   """Raise a ValueError naming ``fn_name(name=...)`` if a known ``value`` is out of range.
 
   The range is checked on the value rounded to the dtype it is used in (JAX's default
@@ -101,23 +108,32 @@ def _bound(v: float) -> str:
 def _check_range(fn_name, name, given, x, dtype, low, high, low_open, high_open) -> None:
   """The range check of :func:`check_hyperparameter` on ``x``, ``given`` rounded to
   ``dtype``; messages quote ``given``."""
-  def outside(v):
-    return ((low is not None and (v <= low if low_open else v < low))
-            or (high is not None and (v >= high if high_open else v > high)))
 
-  rounded = "" if x == given or not np.isfinite(given) or outside(given) else (
-      f" ({x!r} in {dtype}, the dtype it is used in)")
+  def outside(v):
+    return (low is not None and (v <= low if low_open else v < low)) or (
+      high is not None and (v >= high if high_open else v > high)
+    )
+
+  rounded = (
+    ""
+    if x == given or not np.isfinite(given) or outside(given)
+    else (f" ({x!r} in {dtype}, the dtype it is used in)")
+  )
   if not np.isfinite(x):
     why = "" if not np.isfinite(given) else f" (it is {x} in {dtype}, the dtype it is used in)"
     raise ValueError(f"{fn_name}: `{name}` must be finite, got {given!r}{why}.")
   if given != 0 and x == 0:
-    raise ValueError(f"{fn_name}: `{name}` is {given!r}, which is 0 in {dtype}, the dtype it "
-                     "is used in; give 0 if 0 is meant.")
+    raise ValueError(
+      f"{fn_name}: `{name}` is {given!r}, which is 0 in {dtype}, the dtype it "
+      "is used in; give 0 if 0 is meant."
+    )
   if outside(x):
     lo = "-inf" if low is None else _bound(low)
     hi = "inf" if high is None else _bound(high)
-    interval = (f"{'(' if low_open or low is None else '['}{lo}, "
-                f"{hi}{')' if high_open or high is None else ']'}")
+    interval = (
+      f"{'(' if low_open or low is None else '['}{lo}, "
+      f"{hi}{')' if high_open or high is None else ']'}"
+    )
     raise ValueError(f"{fn_name}: `{name}` must lie in {interval}, got {given!r}{rounded}.")
 
 
@@ -129,16 +145,18 @@ def check_not_both_zero(fn_name: str, eps: Any, eps_root: Any) -> None:
     return
   if any(isinstance(v, jax.core.Tracer) for v in (eps, eps_root)):
     return
+
   def zero(value):  # as used: rounded to its dtype, subnormals flushed (as XLA does on CPU)
     known = _concrete_scalar(value)
     return known is not None and abs(known[1]) < np.finfo(known[2]).tiny
 
   if zero(eps) and zero(eps_root):
     raise ValueError(
-        f"{fn_name}: `eps` and `eps_root` are both 0 (or round to 0, or below the smallest "
-        f"normal number, in the dtype they are used in; got {eps!r} and {eps_root!r}): a "
-        "gradient that has been exactly 0 "
-        "since the start would give 0 / 0 = NaN. Make one of them positive (e.g. eps=1e-8).")
+      f"{fn_name}: `eps` and `eps_root` are both 0 (or round to 0, or below the smallest "
+      f"normal number, in the dtype they are used in; got {eps!r} and {eps_root!r}): a "
+      "gradient that has been exactly 0 "
+      "since the start would give 0 / 0 = NaN. Make one of them positive (e.g. eps=1e-8)."
+    )
 
 
 def check_real_value(fn_name: str, name: str, value: Any, what: str) -> None:
@@ -155,11 +173,13 @@ def check_real_value(fn_name: str, name: str, value: Any, what: str) -> None:
     dtype = None if value is None or isinstance(value, (str, bytes)) else jnp.result_type(value)
   except TypeError:
     dtype = None
-  if dtype is None or not (jnp.issubdtype(dtype, jnp.floating)
-                           or jnp.issubdtype(dtype, jnp.integer)):
+  if dtype is None or not (
+    jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)
+  ):
     got = f"dtype {dtype}" if dtype is not None else type(value).__name__
-    raise TypeError(f"{fn_name}: `{name}` ({what}) must be a real number (a float or int "
-                    f"scalar), got {got}.")
+    raise TypeError(
+      f"{fn_name}: `{name}` ({what}) must be a real number (a float or int scalar), got {got}."
+    )
 
 
 def check_state_dtype(fn_name: str, name: str, dtype: Any) -> None:
@@ -169,12 +189,16 @@ def check_state_dtype(fn_name: str, name: str, dtype: Any) -> None:
   try:
     resolved = np.dtype(dtype)
   except TypeError:
-    raise TypeError(f"{fn_name}: `{name}` must be a floating-point dtype (such as "
-                    f"jnp.float32 or jnp.bfloat16) or None, got {dtype!r}.") from None
+    raise TypeError(
+      f"{fn_name}: `{name}` must be a floating-point dtype (such as "
+      f"jnp.float32 or jnp.bfloat16) or None, got {dtype!r}."
+    ) from None
   if not jnp.issubdtype(resolved, jnp.inexact):
-    raise TypeError(f"{fn_name}: `{name}` must be a floating-point dtype (such as jnp.float32 "
-                    f"or jnp.bfloat16) or None, got {resolved}: an integer or boolean state "
-                    "would be truncated at every step.")
+    raise TypeError(
+      f"{fn_name}: `{name}` must be a floating-point dtype (such as jnp.float32 "
+      f"or jnp.bfloat16) or None, got {resolved}: an integer or boolean state "
+      "would be truncated at every step."
+    )
 
 
 class Hyper(NamedTuple):
@@ -204,26 +228,51 @@ class Hyper(NamedTuple):
     if self.draw == ("bool",) and not isinstance(value, (bool, np.bool_)):
       # A flag given as "no" or 0 would be taken by its truthiness.
       raise TypeError(f"{fn}: `{name}` must be a bool, got {value!r}.")
-    if self.integer and not callable(value) and (
-        isinstance(value, bool) or not isinstance(value, numbers.Integral)):
-      raise TypeError(f"{fn}: `{name}` must be a Python int, got {type(value).__name__} "
-                      "(it is static: under inject_hyperparams, list it in static_args).")
+    if (
+      self.integer
+      and not callable(value)
+      and (isinstance(value, bool) or not isinstance(value, numbers.Integral))
+    ):
+      raise TypeError(
+        f"{fn}: `{name}` must be a Python int, got {type(value).__name__} "
+        "(it is static: under inject_hyperparams, list it in static_args)."
+      )
     if callable(value) and self.numeric and not self.schedule:
       raise TypeError(f"{fn}: `{name}` does not accept a schedule; give a number.")
     if self.numeric:
-      check_hyperparameter(fn, name, value, low=self.low, high=self.high,
-                           low_open=self.low_open, high_open=self.high_open)
+      check_hyperparameter(
+        fn,
+        name,
+        value,
+        low=self.low,
+        high=self.high,
+        low_open=self.low_open,
+        high_open=self.high_open,
+      )
 
 
-def real(low=None, high=None, *, low_open=False, high_open=False, draw=None,
-         schedule=True, optional=False) -> Hyper:
+def real(
+  low=None, high=None, *, low_open=False, high_open=False, draw=None, schedule=True, optional=False
+) -> Hyper:
   """A real hyperparameter in ``[low, high]`` (ends open as asked); ``draw`` is the
   ``(lo, hi)`` the property kit samples (log-uniformly when lo > 0)."""
-  lo, hi = draw if draw is not None else (low if low is not None else -1.0,
-                                          high if high is not None else 1.0)
+  lo, hi = (
+    draw
+    if draw is not None
+    else (low if low is not None else -1.0, high if high is not None else 1.0)
+  )
   spec = ("float", lo, hi)
-  return Hyper(("optional", spec) if optional else spec, low, high, low_open, high_open,
-               schedule, True, False, optional)
+  return Hyper(
+    ("optional", spec) if optional else spec,
+    low,
+    high,
+    low_open,
+    high_open,
+    schedule,
+    True,
+    False,
+    optional,
+  )
 
 
 INT32_MAX = 2**31 - 1  # counts are int32 arrays in the state
@@ -277,8 +326,9 @@ def declare(name: str, hyper: Hyper) -> None:
     DECLARED.setdefault(name, []).append(hyper)
 
 
-def check_held(key: str, name: str, value: Any, stored: jax.Array,
-               fn: str = "set_hyperparams") -> None:
+def check_held(
+  key: str, name: str, value: Any, stored: jax.Array, fn: str = "set_hyperparams"
+) -> None:
   """Validate ``value``, given to set_hyperparams and ``stored`` in its holder's dtype,
   against every declaration of ``name`` (the strictest wins: the state does not say which
   builder holds it)."""
@@ -287,7 +337,6 @@ def check_held(key: str, name: str, value: Any, stored: jax.Array,
   given, x, dtype = float(value), float(stored), stored.dtype
   hypers = DECLARED.get(name, ()) or (Hyper(("float",), numeric=True),)  # finite at least
   for hyper in hypers:
-    _check_range(fn, key, given, x, dtype, hyper.low, hyper.high,
-                 hyper.low_open, hyper.high_open)
+    _check_range(fn, key, given, x, dtype, hyper.low, hyper.high, hyper.low_open, hyper.high_open)
     if (hyper.integer or hyper.whole) and x != int(x):
       raise ValueError(f"{fn}: `{key}` must be a whole number, got {given!r}.")

@@ -13,39 +13,58 @@ from typing import Any, Optional
 import jax.numpy as jnp
 
 from optcompose.core import (
-    DTYPE, FLAG, MASK, GradientTransformation, ScalarOrSchedule, chain, public, real,
+  DTYPE,
+  FLAG,
+  MASK,
+  GradientTransformation,
+  ScalarOrSchedule,
+  chain,
+  public,
+  real,
 )
 from optcompose.transforms.clipping import clip_by_block_rms
 from optcompose.transforms.decay import Mask, add_decayed_weights
 from optcompose.transforms.factored import (
-    DECAY_RATE, EPSILON, MIN_DIM, STEP_OFFSET, scale_by_factored_rms,
+  DECAY_RATE,
+  EPSILON,
+  MIN_DIM,
+  STEP_OFFSET,
+  scale_by_factored_rms,
 )
 from optcompose.transforms.momentum import ema
 from optcompose.transforms.scaling import scale, scale_by_learning_rate
 from optcompose.transforms.trust_ratio import scale_by_param_block_rms
 
 
-@public("optimizer", optax="adafactor",
-        learning_rate=real(0.0, draw=(1e-5, 1.0), optional=True),
-        min_dim_size_to_factor=MIN_DIM, decay_rate=DECAY_RATE, decay_offset=STEP_OFFSET,
-        multiply_by_parameter_scale=FLAG,
-        clipping_threshold=real(0.0, low_open=True, draw=(1.0, 10.0), optional=True),
-        momentum=real(0.0, 1.0, draw=(0.0, 0.99), optional=True), dtype_momentum=DTYPE,
-        weight_decay_rate=real(0.0, draw=(0.0, 1e-3), optional=True), eps=EPSILON,
-        factored=FLAG, weight_decay_mask=MASK)
+@public(
+  "optimizer",
+  optax="adafactor",
+  learning_rate=real(0.0, draw=(1e-5, 1.0), optional=True),
+  min_dim_size_to_factor=MIN_DIM,
+  decay_rate=DECAY_RATE,
+  decay_offset=STEP_OFFSET,
+  multiply_by_parameter_scale=FLAG,
+  clipping_threshold=real(0.0, low_open=True, draw=(1.0, 10.0), optional=True),
+  momentum=real(0.0, 1.0, draw=(0.0, 0.99), optional=True),
+  dtype_momentum=DTYPE,
+  weight_decay_rate=real(0.0, draw=(0.0, 1e-3), optional=True),
+  eps=EPSILON,
+  factored=FLAG,
+  weight_decay_mask=MASK,
+)
 def adafactor(
-    learning_rate: Optional[ScalarOrSchedule] = None,
-    min_dim_size_to_factor: int = 128,
-    decay_rate: float = 0.8,
-    decay_offset: int = 0,
-    multiply_by_parameter_scale: bool = True,
-    clipping_threshold: Optional[ScalarOrSchedule] = 1.0,
-    momentum: Optional[ScalarOrSchedule] = None,
-    dtype_momentum: Any = jnp.float32,
-    weight_decay_rate: Optional[ScalarOrSchedule] = None,
-    eps: float = 1e-30,
-    factored: bool = True,
-    weight_decay_mask: Mask = None,
+  learning_rate: Optional[ScalarOrSchedule] = None,
+  min_dim_size_to_factor: int = 128,
+  decay_rate: float = 0.8,
+  decay_offset: int = 0,
+  multiply_by_parameter_scale: bool = True,
+  clipping_threshold: Optional[ScalarOrSchedule] = 1.0,
+  momentum: Optional[ScalarOrSchedule] = None,
+  dtype_momentum: Any = jnp.float32,
+  weight_decay_rate: Optional[ScalarOrSchedule] = None,
+  eps: float = 1e-30,
+  factored: bool = True,
+  weight_decay_mask: Mask = None,
 ) -> GradientTransformation:
   """Adafactor: Adam's scaling with a factored second moment and a relative step size.
 

@@ -8,18 +8,33 @@ from __future__ import annotations
 from typing import Optional
 
 from optcompose.core import (
-    DECAY, EPS, EPS_POSITIVE, FLAG, LEARNING_RATE, GradientTransformation, ScalarOrSchedule, chain,
-    identity, public, real,
+  DECAY,
+  EPS,
+  EPS_POSITIVE,
+  FLAG,
+  LEARNING_RATE,
+  GradientTransformation,
+  ScalarOrSchedule,
+  chain,
+  identity,
+  public,
+  real,
 )
 from optcompose.transforms.momentum import trace
 from optcompose.transforms.scaling import scale_by_learning_rate
 from optcompose.transforms.second_moment import scale_by_rms, scale_by_rss, scale_by_stddev
 
 
-@public("optimizer", optax="adagrad", learning_rate=LEARNING_RATE,
-        initial_accumulator_value=real(0.0, draw=(0.0, 1.0), schedule=False), eps=EPS)
-def adagrad(learning_rate: ScalarOrSchedule, initial_accumulator_value: float = 0.1,
-            eps: float = 1e-7) -> GradientTransformation:
+@public(
+  "optimizer",
+  optax="adagrad",
+  learning_rate=LEARNING_RATE,
+  initial_accumulator_value=real(0.0, draw=(0.0, 1.0), schedule=False),
+  eps=EPS,
+)
+def adagrad(
+  learning_rate: ScalarOrSchedule, initial_accumulator_value: float = 0.1, eps: float = 1e-7
+) -> GradientTransformation:
   """AdaGrad: ``G_t = G_{t-1} + g_t^2``, ``w <- w - lr g_t / sqrt(G_t + eps)``.
 
   Update: ``G_t = G_{t-1} + g_t^2``; ``w <- w - lr g_t / sqrt(G_t + eps)`` (no step
@@ -43,16 +58,33 @@ def adagrad(learning_rate: ScalarOrSchedule, initial_accumulator_value: float = 
     Duchi, Hazan and Singer, "Adaptive Subgradient Methods for Online Learning and
     Stochastic Optimization", JMLR 2011; Optax's ``optax.adagrad``.
   """
-  return chain(scale_by_rss(initial_accumulator_value=initial_accumulator_value, eps=eps),
-               scale_by_learning_rate(learning_rate))
+  return chain(
+    scale_by_rss(initial_accumulator_value=initial_accumulator_value, eps=eps),
+    scale_by_learning_rate(learning_rate),
+  )
 
 
-@public("optimizer", optax="rmsprop", learning_rate=LEARNING_RATE, decay=DECAY, eps=EPS_POSITIVE,
-        centered=FLAG, momentum=real(0.0, 1.0, draw=(0.0, 0.999), optional=True), nesterov=FLAG)
-def rmsprop(learning_rate: ScalarOrSchedule, decay: float = 0.9, eps: float = 1e-8,
-            initial_scale: float = 0.0, eps_in_sqrt: bool = True, centered: bool = False,
-            momentum: Optional[float] = None, nesterov: bool = False,
-            bias_correction: bool = False) -> GradientTransformation:
+@public(
+  "optimizer",
+  optax="rmsprop",
+  learning_rate=LEARNING_RATE,
+  decay=DECAY,
+  eps=EPS_POSITIVE,
+  centered=FLAG,
+  momentum=real(0.0, 1.0, draw=(0.0, 0.999), optional=True),
+  nesterov=FLAG,
+)
+def rmsprop(
+  learning_rate: ScalarOrSchedule,
+  decay: float = 0.9,
+  eps: float = 1e-8,
+  initial_scale: float = 0.0,
+  eps_in_sqrt: bool = True,
+  centered: bool = False,
+  momentum: Optional[float] = None,
+  nesterov: bool = False,
+  bias_correction: bool = False,
+) -> GradientTransformation:
   """RMSProp: ``v_t = decay v_{t-1} + (1 - decay) g_t^2``, ``w <- w - lr g_t / sqrt(v_t + eps)``.
 
   Update (t from 1, ``v_0 = initial_scale``)::
@@ -92,10 +124,16 @@ def rmsprop(learning_rate: ScalarOrSchedule, decay: float = 0.9, eps: float = 1e
   """
   stat = scale_by_stddev if centered else scale_by_rms
   return chain(
-      stat(decay=decay, eps=eps, initial_scale=initial_scale, eps_in_sqrt=eps_in_sqrt,
-           bias_correction=bias_correction),
-      scale_by_learning_rate(learning_rate),
-      trace(decay=momentum, nesterov=nesterov) if momentum is not None else identity(),
+    stat(
+      decay=decay,
+      eps=eps,
+      initial_scale=initial_scale,
+      eps_in_sqrt=eps_in_sqrt,
+      bias_correction=bias_correction,
+    ),
+    scale_by_learning_rate(learning_rate),
+    trace(decay=momentum, nesterov=nesterov) if momentum is not None else identity(),
   )
+
 
 __all__ = []  # and the builders it registers

@@ -10,23 +10,40 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from optcompose.core import (
-    DECAY, EPS, FLAG, LEARNING_RATE, MASK, GradientTransformation, ScalarOrSchedule, chain,
-    public, real,
+  DECAY,
+  EPS,
+  FLAG,
+  LEARNING_RATE,
+  MASK,
+  GradientTransformation,
+  ScalarOrSchedule,
+  chain,
+  public,
+  real,
 )
 from optcompose.optimizers._shared import _proximal
 from optcompose.transforms.adaptive import scale_by_adam
 from optcompose.transforms.decay import Mask, add_decayed_weights
 from optcompose.transforms.scaling import scale_by_learning_rate
 
-_ADAM = dict(learning_rate=LEARNING_RATE, b1=DECAY, b2=DECAY, eps=EPS,
-             eps_root=real(0.0, draw=(0.0, 1e-6)))
+_ADAM = dict(
+  learning_rate=LEARNING_RATE, b1=DECAY, b2=DECAY, eps=EPS, eps_root=real(0.0, draw=(0.0, 1e-6))
+)
 _DECOUPLED = dict(weight_decay=real(0.0, draw=(0.0, 0.5)), mask=MASK)
 
 
 @public("optimizer", optax="adam", nesterov=FLAG, **_ADAM)
-def adam(learning_rate: ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999,
-         eps: float = 1e-8, eps_root: float = 0.0, mu_dtype: Optional[Any] = None, *,
-         nesterov: bool = False, nu_dtype: Optional[Any] = None) -> GradientTransformation:
+def adam(
+  learning_rate: ScalarOrSchedule,
+  b1: float = 0.9,
+  b2: float = 0.999,
+  eps: float = 1e-8,
+  eps_root: float = 0.0,
+  mu_dtype: Optional[Any] = None,
+  *,
+  nesterov: bool = False,
+  nu_dtype: Optional[Any] = None,
+) -> GradientTransformation:
   """Adam: a step from bias-corrected estimates of the gradient's first two moments.
 
   Update (t from 1, ``m_0 = v_0 = 0``)::
@@ -74,15 +91,32 @@ def adam(learning_rate: ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999,
     >>> [round(float(u), 4) for u in updates["w"]]
     [-0.1, 0.1]
   """
-  return chain(scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root, mu_dtype=mu_dtype,
-                             nesterov=nesterov, nu_dtype=nu_dtype),
-               scale_by_learning_rate(learning_rate))
+  return chain(
+    scale_by_adam(
+      b1=b1,
+      b2=b2,
+      eps=eps,
+      eps_root=eps_root,
+      mu_dtype=mu_dtype,
+      nesterov=nesterov,
+      nu_dtype=nu_dtype,
+    ),
+    scale_by_learning_rate(learning_rate),
+  )
 
 
 @public("optimizer", optax="nadam", **_ADAM)
-def nadam(learning_rate: ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999,
-          eps: float = 1e-8, eps_root: float = 0.0, mu_dtype: Optional[Any] = None, *,
-          nesterov: bool = True, nu_dtype: Optional[Any] = None) -> GradientTransformation:
+def nadam(
+  learning_rate: ScalarOrSchedule,
+  b1: float = 0.9,
+  b2: float = 0.999,
+  eps: float = 1e-8,
+  eps_root: float = 0.0,
+  mu_dtype: Optional[Any] = None,
+  *,
+  nesterov: bool = True,
+  nu_dtype: Optional[Any] = None,
+) -> GradientTransformation:
   """Nadam: Adam with ``m_hat = b1 m_t / (1 - b1^(t+1)) + (1 - b1) g_t / (1 - b1^t)``.
 
   Update (t from 1; m, v, v_hat as in :func:`adam`)::
@@ -110,17 +144,27 @@ def nadam(learning_rate: ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999,
     Dozat, "Incorporating Nesterov Momentum into Adam", ICLR workshop 2016; Optax's
     ``optax.nadam``.
   """
-  return adam(learning_rate, b1, b2, eps, eps_root, mu_dtype, nesterov=nesterov,
-              nu_dtype=nu_dtype)
+  return adam(learning_rate, b1, b2, eps, eps_root, mu_dtype, nesterov=nesterov, nu_dtype=nu_dtype)
 
 
-@public("optimizer", optax="adamw", l1=real(0.0, draw=(1e-4, 0.1), optional=True),
-        **_ADAM, **_DECOUPLED)
-def adamw(learning_rate: ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999,
-          eps: float = 1e-8, eps_root: float = 0.0, mu_dtype: Optional[Any] = None,
-          weight_decay: ScalarOrSchedule = 1e-4, mask: Mask = None, *,
-          nesterov: bool = False, l1: Optional[ScalarOrSchedule] = None,
-          l1_mask: Mask = None, nu_dtype: Optional[Any] = None) -> GradientTransformation:
+@public(
+  "optimizer", optax="adamw", l1=real(0.0, draw=(1e-4, 0.1), optional=True), **_ADAM, **_DECOUPLED
+)
+def adamw(
+  learning_rate: ScalarOrSchedule,
+  b1: float = 0.9,
+  b2: float = 0.999,
+  eps: float = 1e-8,
+  eps_root: float = 0.0,
+  mu_dtype: Optional[Any] = None,
+  weight_decay: ScalarOrSchedule = 1e-4,
+  mask: Mask = None,
+  *,
+  nesterov: bool = False,
+  l1: Optional[ScalarOrSchedule] = None,
+  l1_mask: Mask = None,
+  nu_dtype: Optional[Any] = None,
+) -> GradientTransformation:
   """AdamW: Adam with decoupled weight decay.
 
   Update (m_hat, v_hat as in :func:`adam`)::
@@ -181,20 +225,37 @@ def adamw(learning_rate: ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999,
     (-0.2, -0.1)
   """
   return chain(
-      scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root, mu_dtype=mu_dtype,
-                    nesterov=nesterov, nu_dtype=nu_dtype),
-      add_decayed_weights(weight_decay, mask),
-      scale_by_learning_rate(learning_rate),
-      *_proximal(learning_rate, l1, None, l1_mask),
+    scale_by_adam(
+      b1=b1,
+      b2=b2,
+      eps=eps,
+      eps_root=eps_root,
+      mu_dtype=mu_dtype,
+      nesterov=nesterov,
+      nu_dtype=nu_dtype,
+    ),
+    add_decayed_weights(weight_decay, mask),
+    scale_by_learning_rate(learning_rate),
+    *_proximal(learning_rate, l1, None, l1_mask),
   )
 
 
 @public("optimizer", optax="nadamw", **_ADAM, **_DECOUPLED)
-def nadamw(learning_rate: ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999,
-           eps: float = 1e-8, eps_root: float = 0.0, mu_dtype: Optional[Any] = None,
-           weight_decay: ScalarOrSchedule = 1e-4, mask: Mask = None, *,
-           nesterov: bool = True, l1: Optional[ScalarOrSchedule] = None,
-           l1_mask: Mask = None, nu_dtype: Optional[Any] = None) -> GradientTransformation:
+def nadamw(
+  learning_rate: ScalarOrSchedule,
+  b1: float = 0.9,
+  b2: float = 0.999,
+  eps: float = 1e-8,
+  eps_root: float = 0.0,
+  mu_dtype: Optional[Any] = None,
+  weight_decay: ScalarOrSchedule = 1e-4,
+  mask: Mask = None,
+  *,
+  nesterov: bool = True,
+  l1: Optional[ScalarOrSchedule] = None,
+  l1_mask: Mask = None,
+  nu_dtype: Optional[Any] = None,
+) -> GradientTransformation:
   """NadamW: :func:`adamw` with Nesterov's first moment (see :func:`nadam`).
 
   Update (t from 1; v_hat as in :func:`adam`)::
@@ -223,7 +284,20 @@ def nadamw(learning_rate: ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999,
     Dozat, "Incorporating Nesterov Momentum into Adam", ICLR workshop 2016; Loshchilov and
     Hutter, "Decoupled Weight Decay Regularization", ICLR 2019; Optax's ``optax.nadamw``.
   """
-  return adamw(learning_rate, b1, b2, eps, eps_root, mu_dtype, weight_decay, mask,
-               nesterov=nesterov, l1=l1, l1_mask=l1_mask, nu_dtype=nu_dtype)
+  return adamw(
+    learning_rate,
+    b1,
+    b2,
+    eps,
+    eps_root,
+    mu_dtype,
+    weight_decay,
+    mask,
+    nesterov=nesterov,
+    l1=l1,
+    l1_mask=l1_mask,
+    nu_dtype=nu_dtype,
+  )
+
 
 __all__ = []  # and the builders it registers

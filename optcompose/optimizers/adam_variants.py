@@ -11,12 +11,28 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from optcompose.core import (
-    DECAY, DTYPE, EPS, EPS_POSITIVE, EPS_ROOT, FLAG, LEARNING_RATE, MASK, MOMENTUM,
-    GradientTransformation, ScalarOrSchedule, chain, public, real,
+  DECAY,
+  DTYPE,
+  EPS,
+  EPS_POSITIVE,
+  EPS_ROOT,
+  FLAG,
+  LEARNING_RATE,
+  MASK,
+  MOMENTUM,
+  GradientTransformation,
+  ScalarOrSchedule,
+  chain,
+  public,
+  real,
 )
 from optcompose.transforms.adaptive_moments import scale_by_adamax, scale_by_adan, scale_by_yogi
 from optcompose.transforms.adaptive_variants import (
-    FIXED_DECAY, RADAM_THRESHOLD, scale_by_amsgrad, scale_by_belief, scale_by_radam,
+  FIXED_DECAY,
+  RADAM_THRESHOLD,
+  scale_by_amsgrad,
+  scale_by_belief,
+  scale_by_radam,
 )
 from optcompose.transforms.decay import Mask, add_decayed_weights
 from optcompose.transforms.scaling import scale_by_learning_rate
@@ -26,9 +42,15 @@ _DECOUPLED = dict(weight_decay=real(0.0, draw=(0.0, 0.5)), mask=MASK)
 
 
 @public("optimizer", optax="adabelief", nesterov=FLAG, **_MOMENTS)
-def adabelief(learning_rate: ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999,
-              eps: float = 1e-16, eps_root: float = 1e-16, *,
-              nesterov: bool = False) -> GradientTransformation:
+def adabelief(
+  learning_rate: ScalarOrSchedule,
+  b1: float = 0.9,
+  b2: float = 0.999,
+  eps: float = 1e-16,
+  eps_root: float = 1e-16,
+  *,
+  nesterov: bool = False,
+) -> GradientTransformation:
   """AdaBelief: Adam whose second moment is the EMA of the squared prediction error ``g - m``.
 
   Update (t from 1, ``m_0 = s_0 = 0``)::
@@ -55,15 +77,28 @@ def adabelief(learning_rate: ScalarOrSchedule, b1: float = 0.9, b2: float = 0.99
     Zhuang et al., "AdaBelief Optimizer: Adapting Stepsizes by the Belief in Observed
     Gradients", NeurIPS 2020; Optax's ``optax.adabelief``.
   """
-  return chain(scale_by_belief(b1=b1, b2=b2, eps=eps, eps_root=eps_root, nesterov=nesterov),
-               scale_by_learning_rate(learning_rate))
+  return chain(
+    scale_by_belief(b1=b1, b2=b2, eps=eps, eps_root=eps_root, nesterov=nesterov),
+    scale_by_learning_rate(learning_rate),
+  )
 
 
-@public("optimizer", optax="radam", nesterov=FLAG,
-        **{**_MOMENTS, "b2": FIXED_DECAY, "threshold": RADAM_THRESHOLD})
-def radam(learning_rate: ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999,
-          eps: float = 1e-8, eps_root: float = 0.0, threshold: float = 5.0, *,
-          nesterov: bool = False) -> GradientTransformation:
+@public(
+  "optimizer",
+  optax="radam",
+  nesterov=FLAG,
+  **{**_MOMENTS, "b2": FIXED_DECAY, "threshold": RADAM_THRESHOLD},
+)
+def radam(
+  learning_rate: ScalarOrSchedule,
+  b1: float = 0.9,
+  b2: float = 0.999,
+  eps: float = 1e-8,
+  eps_root: float = 0.0,
+  threshold: float = 5.0,
+  *,
+  nesterov: bool = False,
+) -> GradientTransformation:
   """Rectified Adam: Adam's step times the rectification ``r_t``, plain momentum at first.
 
   Update (t from 1)::
@@ -92,17 +127,32 @@ def radam(learning_rate: ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999,
     Liu et al., "On the Variance of the Adaptive Learning Rate and Beyond", ICLR 2020;
     Optax's ``optax.radam``.
   """
-  return chain(scale_by_radam(b1=b1, b2=b2, eps=eps, eps_root=eps_root, threshold=threshold,
-                              nesterov=nesterov),
-               scale_by_learning_rate(learning_rate))
+  return chain(
+    scale_by_radam(
+      b1=b1, b2=b2, eps=eps, eps_root=eps_root, threshold=threshold, nesterov=nesterov
+    ),
+    scale_by_learning_rate(learning_rate),
+  )
 
 
-@public("optimizer", optax="amsgrad", mu_dtype=DTYPE, bias_correction_mu=FLAG,
-        bias_correction_nu=FLAG, **_MOMENTS)
-def amsgrad(learning_rate: ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999,
-            eps: float = 1e-8, eps_root: float = 0.0, mu_dtype: Optional[Any] = None,
-            bias_correction_mu: bool = True,
-            bias_correction_nu: bool = True) -> GradientTransformation:
+@public(
+  "optimizer",
+  optax="amsgrad",
+  mu_dtype=DTYPE,
+  bias_correction_mu=FLAG,
+  bias_correction_nu=FLAG,
+  **_MOMENTS,
+)
+def amsgrad(
+  learning_rate: ScalarOrSchedule,
+  b1: float = 0.9,
+  b2: float = 0.999,
+  eps: float = 1e-8,
+  eps_root: float = 0.0,
+  mu_dtype: Optional[Any] = None,
+  bias_correction_mu: bool = True,
+  bias_correction_nu: bool = True,
+) -> GradientTransformation:
   """AMSGrad: Adam dividing by the running maximum of the second moment.
 
   Update (t from 1)::
@@ -129,16 +179,26 @@ def amsgrad(learning_rate: ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999,
     Reddi, Kale and Kumar, "On the Convergence of Adam and Beyond", ICLR 2018; Optax's
     ``optax.amsgrad``.
   """
-  return chain(scale_by_amsgrad(b1=b1, b2=b2, eps=eps, eps_root=eps_root, mu_dtype=mu_dtype,
-                                bias_correction_mu=bias_correction_mu,
-                                bias_correction_nu=bias_correction_nu),
-               scale_by_learning_rate(learning_rate))
+  return chain(
+    scale_by_amsgrad(
+      b1=b1,
+      b2=b2,
+      eps=eps,
+      eps_root=eps_root,
+      mu_dtype=mu_dtype,
+      bias_correction_mu=bias_correction_mu,
+      bias_correction_nu=bias_correction_nu,
+    ),
+    scale_by_learning_rate(learning_rate),
+  )
 
 
-@public("optimizer", optax="yogi", learning_rate=LEARNING_RATE, b1=DECAY, b2=DECAY,
-        eps=EPS_POSITIVE)
-def yogi(learning_rate: ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999,
-         eps: float = 1e-3) -> GradientTransformation:
+@public(
+  "optimizer", optax="yogi", learning_rate=LEARNING_RATE, b1=DECAY, b2=DECAY, eps=EPS_POSITIVE
+)
+def yogi(
+  learning_rate: ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-3
+) -> GradientTransformation:
   """Yogi: Adam with an additive, sign-corrected second moment.
 
   Update (t from 1, ``m_0 = v_0 = 1e-6``)::
@@ -168,8 +228,9 @@ _ADAMAX = dict(learning_rate=LEARNING_RATE, b1=DECAY, b2=MOMENTUM, eps=EPS_POSIT
 
 
 @public("optimizer", optax="adamax", **_ADAMAX)
-def adamax(learning_rate: ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999,
-           eps: float = 1e-8) -> GradientTransformation:
+def adamax(
+  learning_rate: ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8
+) -> GradientTransformation:
   """AdaMax: the debiased first moment over an exponentially weighted infinity norm.
 
   Update (t from 1, ``m_0 = v_0 = 0``)::
@@ -196,9 +257,14 @@ def adamax(learning_rate: ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999,
 
 
 @public("optimizer", optax="adamaxw", **_ADAMAX, **_DECOUPLED)
-def adamaxw(learning_rate: ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999,
-            eps: float = 1e-8, weight_decay: ScalarOrSchedule = 1e-4,
-            mask: Mask = None) -> GradientTransformation:
+def adamaxw(
+  learning_rate: ScalarOrSchedule,
+  b1: float = 0.9,
+  b2: float = 0.999,
+  eps: float = 1e-8,
+  weight_decay: ScalarOrSchedule = 1e-4,
+  mask: Mask = None,
+) -> GradientTransformation:
   """AdaMaxW: AdaMax with decoupled weight decay.
 
   Update (m_hat, v_t as in :func:`adamax`)::
@@ -224,15 +290,24 @@ def adamaxw(learning_rate: ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999,
     Kingma and Ba, "Adam: A Method for Stochastic Optimization", ICLR 2015; Loshchilov and
     Hutter, "Decoupled Weight Decay Regularization", ICLR 2019; Optax's ``optax.adamaxw``.
   """
-  return chain(scale_by_adamax(b1=b1, b2=b2, eps=eps), add_decayed_weights(weight_decay, mask),
-               scale_by_learning_rate(learning_rate))
+  return chain(
+    scale_by_adamax(b1=b1, b2=b2, eps=eps),
+    add_decayed_weights(weight_decay, mask),
+    scale_by_learning_rate(learning_rate),
+  )
 
 
-@public("optimizer", optax="adan", b3=FIXED_DECAY, **_MOMENTS,
-        **_DECOUPLED)
-def adan(learning_rate: ScalarOrSchedule, b1: float = 0.98, b2: float = 0.92,
-         b3: float = 0.99, eps: float = 1e-8, eps_root: float = 1e-8,
-         weight_decay: ScalarOrSchedule = 0.0, mask: Mask = None) -> GradientTransformation:
+@public("optimizer", optax="adan", b3=FIXED_DECAY, **_MOMENTS, **_DECOUPLED)
+def adan(
+  learning_rate: ScalarOrSchedule,
+  b1: float = 0.98,
+  b2: float = 0.92,
+  b3: float = 0.99,
+  eps: float = 1e-8,
+  eps_root: float = 1e-8,
+  weight_decay: ScalarOrSchedule = 0.0,
+  mask: Mask = None,
+) -> GradientTransformation:
   """Adan: Nesterov-type moments of the gradient and of its difference, with decoupled decay.
 
   Update (t from 1; d_t = g_t - g_{t-1}, 0 at t = 1)::
@@ -262,7 +337,11 @@ def adan(learning_rate: ScalarOrSchedule, b1: float = 0.98, b2: float = 0.92,
     Xie et al., "Adan: Adaptive Nesterov Momentum Algorithm for Faster Optimizing Deep
     Models", TPAMI 2024; Optax's ``optax.adan``.
   """
-  return chain(scale_by_adan(b1=b1, b2=b2, b3=b3, eps=eps, eps_root=eps_root),
-               add_decayed_weights(weight_decay, mask), scale_by_learning_rate(learning_rate))
+  return chain(
+    scale_by_adan(b1=b1, b2=b2, b3=b3, eps=eps, eps_root=eps_root),
+    add_decayed_weights(weight_decay, mask),
+    scale_by_learning_rate(learning_rate),
+  )
+
 
 __all__ = []  # and the builders it registers

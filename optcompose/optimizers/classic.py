@@ -10,8 +10,18 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from optcompose.core import (
-    DECAY, EPS, EPS_POSITIVE, EPS_ROOT, LEARNING_RATE, MASK, GradientTransformation,
-    ScalarOrSchedule, chain, choice, public, real,
+  DECAY,
+  EPS,
+  EPS_POSITIVE,
+  EPS_ROOT,
+  LEARNING_RATE,
+  MASK,
+  GradientTransformation,
+  ScalarOrSchedule,
+  chain,
+  choice,
+  public,
+  real,
 )
 from optcompose.optimizers.sgd import sgd
 from optcompose.transforms.classic import scale_by_adadelta, scale_by_novograd, scale_by_sm3
@@ -23,12 +33,22 @@ from optcompose.transforms.step_size import scale_by_polyak, scale_by_rprop
 _FIXED = dict(schedule=False)
 
 
-@public("optimizer", optax="adadelta", learning_rate=real(0.0, draw=(0.1, 10.0), optional=True),
-        rho=real(0.0, 1.0, draw=(0.0, 0.99), **_FIXED), eps=EPS_POSITIVE,
-        weight_decay=real(0.0, draw=(0.0, 0.1)), weight_decay_mask=MASK)
-def adadelta(learning_rate: Optional[ScalarOrSchedule] = None, rho: float = 0.9,
-             eps: float = 1e-6, weight_decay: ScalarOrSchedule = 0.0,
-             weight_decay_mask: Mask = None) -> GradientTransformation:
+@public(
+  "optimizer",
+  optax="adadelta",
+  learning_rate=real(0.0, draw=(0.1, 10.0), optional=True),
+  rho=real(0.0, 1.0, draw=(0.0, 0.99), **_FIXED),
+  eps=EPS_POSITIVE,
+  weight_decay=real(0.0, draw=(0.0, 0.1)),
+  weight_decay_mask=MASK,
+)
+def adadelta(
+  learning_rate: Optional[ScalarOrSchedule] = None,
+  rho: float = 0.9,
+  eps: float = 1e-6,
+  weight_decay: ScalarOrSchedule = 0.0,
+  weight_decay_mask: Mask = None,
+) -> GradientTransformation:
   """Adadelta: steps scaled by the ratio of the running RMS of updates to that of gradients.
 
   Update (``E[.]_0 = 0``)::
@@ -62,17 +82,31 @@ def adadelta(learning_rate: Optional[ScalarOrSchedule] = None, rho: float = 0.9,
     Zeiler, "ADADELTA: An Adaptive Learning Rate Method", arXiv:1212.5701, 2012; Optax's
     ``optax.adadelta``.
   """
-  return chain(add_decayed_weights(weight_decay, mask=weight_decay_mask),
-               scale_by_adadelta(rho=rho, eps=eps),
-               scale_by_learning_rate(1.0 if learning_rate is None else learning_rate))
+  return chain(
+    add_decayed_weights(weight_decay, mask=weight_decay_mask),
+    scale_by_adadelta(rho=rho, eps=eps),
+    scale_by_learning_rate(1.0 if learning_rate is None else learning_rate),
+  )
 
 
-@public("optimizer", optax="novograd", learning_rate=LEARNING_RATE,
-        b1=real(0.0, 1.0, draw=(0.0, 0.99)), b2=DECAY, eps=EPS, eps_root=EPS_ROOT,
-        weight_decay=real(0.0, draw=(0.0, 0.1)))
-def novograd(learning_rate: ScalarOrSchedule, b1: float = 0.9, b2: float = 0.25,
-             eps: float = 1e-6, eps_root: float = 0.0,
-             weight_decay: ScalarOrSchedule = 0.0) -> GradientTransformation:
+@public(
+  "optimizer",
+  optax="novograd",
+  learning_rate=LEARNING_RATE,
+  b1=real(0.0, 1.0, draw=(0.0, 0.99)),
+  b2=DECAY,
+  eps=EPS,
+  eps_root=EPS_ROOT,
+  weight_decay=real(0.0, draw=(0.0, 0.1)),
+)
+def novograd(
+  learning_rate: ScalarOrSchedule,
+  b1: float = 0.9,
+  b2: float = 0.25,
+  eps: float = 1e-6,
+  eps_root: float = 0.0,
+  weight_decay: ScalarOrSchedule = 0.0,
+) -> GradientTransformation:
   """NovoGrad: momentum of gradients normalised by their layer's (leaf's) running norm.
 
   Update, per leaf (``n`` a scalar per leaf; first step: ``n_1 = ||g_1||^2``, ``m_1`` the
@@ -100,13 +134,15 @@ def novograd(learning_rate: ScalarOrSchedule, b1: float = 0.9, b2: float = 0.25,
     Ginsburg et al., "Stochastic Gradient Methods with Layer-wise Adaptive Moments for
     Training of Deep Networks", arXiv:1905.11286, 2019; Optax's ``optax.novograd``.
   """
-  return chain(scale_by_novograd(b1=b1, b2=b2, eps=eps, eps_root=eps_root,
-                                 weight_decay=weight_decay),
-               scale_by_learning_rate(learning_rate))
+  return chain(
+    scale_by_novograd(b1=b1, b2=b2, eps=eps, eps_root=eps_root, weight_decay=weight_decay),
+    scale_by_learning_rate(learning_rate),
+  )
 
 
-@public("optimizer", optax="sm3", learning_rate=LEARNING_RATE,
-        momentum=real(0.0, 1.0, draw=(0.0, 0.99)))
+@public(
+  "optimizer", optax="sm3", learning_rate=LEARNING_RATE, momentum=real(0.0, 1.0, draw=(0.0, 0.99))
+)
 def sm3(learning_rate: ScalarOrSchedule, momentum: float = 0.9) -> GradientTransformation:
   """SM3: an Adagrad-like accumulator kept as one cover vector per axis, with momentum.
 
@@ -133,13 +169,22 @@ def sm3(learning_rate: ScalarOrSchedule, momentum: float = 0.9) -> GradientTrans
   return chain(scale_by_sm3(momentum), scale_by_learning_rate(learning_rate))
 
 
-@public("optimizer", optax="rprop", learning_rate=real(0.0, draw=(1e-4, 1.0), **_FIXED),
-        eta_minus=real(0.0, 1.0, low_open=True, draw=(0.1, 0.9), **_FIXED),
-        eta_plus=real(1.0, draw=(1.0, 2.0), **_FIXED),
-        min_step_size=real(0.0, draw=(1e-8, 1e-4), **_FIXED),
-        max_step_size=real(0.0, draw=(1.0, 100.0), **_FIXED))
-def rprop(learning_rate: float, eta_minus: float = 0.5, eta_plus: float = 1.2,
-          min_step_size: float = 1e-6, max_step_size: float = 50.0) -> GradientTransformation:
+@public(
+  "optimizer",
+  optax="rprop",
+  learning_rate=real(0.0, draw=(1e-4, 1.0), **_FIXED),
+  eta_minus=real(0.0, 1.0, low_open=True, draw=(0.1, 0.9), **_FIXED),
+  eta_plus=real(1.0, draw=(1.0, 2.0), **_FIXED),
+  min_step_size=real(0.0, draw=(1e-8, 1e-4), **_FIXED),
+  max_step_size=real(0.0, draw=(1.0, 100.0), **_FIXED),
+)
+def rprop(
+  learning_rate: float,
+  eta_minus: float = 0.5,
+  eta_plus: float = 1.2,
+  min_step_size: float = 1e-6,
+  max_step_size: float = 50.0,
+) -> GradientTransformation:
   """Rprop: per-element steps of adaptive size in the direction of ``-sign(g)``.
 
   Update, per element (``s_0 = learning_rate``, ``d_0 = 0``)::
@@ -169,19 +214,34 @@ def rprop(learning_rate: float, eta_minus: float = 0.5, eta_plus: float = 1.2,
     Riedmiller and Braun, "A Direct Adaptive Method for Faster Backpropagation Learning:
     The RPROP Algorithm", IEEE ICNN 1993; Optax's ``optax.rprop``.
   """
-  return chain(scale_by_rprop(learning_rate=learning_rate, eta_minus=eta_minus,
-                              eta_plus=eta_plus, min_step_size=min_step_size,
-                              max_step_size=max_step_size),
-               scale(-1.0))
+  return chain(
+    scale_by_rprop(
+      learning_rate=learning_rate,
+      eta_minus=eta_minus,
+      eta_plus=eta_plus,
+      min_step_size=min_step_size,
+      max_step_size=max_step_size,
+    ),
+    scale(-1.0),
+  )
 
 
-@public("optimizer", optax="polyak_sgd",
-        max_learning_rate=real(0.0, draw=(1e-3, 10.0), **_FIXED),
-        scaling=real(0.0, draw=(0.1, 1.0)), f_min=real(draw=(-1.0, 0.0), **_FIXED),
-        eps=real(0.0, draw=(0.0, 1e-6), **_FIXED), variant=choice("sps", "sps+"))
-def polyak_sgd(max_learning_rate: float = 1.0, scaling: ScalarOrSchedule = 1.0,
-               f_min: float = 0.0, eps: float = 0.0,
-               variant: str = "sps") -> GradientTransformation:
+@public(
+  "optimizer",
+  optax="polyak_sgd",
+  max_learning_rate=real(0.0, draw=(1e-3, 10.0), **_FIXED),
+  scaling=real(0.0, draw=(0.1, 1.0)),
+  f_min=real(draw=(-1.0, 0.0), **_FIXED),
+  eps=real(0.0, draw=(0.0, 1e-6), **_FIXED),
+  variant=choice("sps", "sps+"),
+)
+def polyak_sgd(
+  max_learning_rate: float = 1.0,
+  scaling: ScalarOrSchedule = 1.0,
+  f_min: float = 0.0,
+  eps: float = 0.0,
+  variant: str = "sps",
+) -> GradientTransformation:
   """SGD with Polyak's step size: ``w <- w - step scaling g`` from the objective's gap.
 
   Update (``f`` given as ``update(..., value=f)``; ``d = scaling g``)::
@@ -208,15 +268,27 @@ def polyak_sgd(max_learning_rate: float = 1.0, scaling: ScalarOrSchedule = 1.0,
     Loizou, Vaswani, Laradji and Lacoste-Julien, "Stochastic Polyak Step-size for SGD",
     AISTATS 2021; Optax's ``optax.polyak_sgd``.
   """
-  return chain(sgd(learning_rate=scaling),
-               scale_by_polyak(max_learning_rate=max_learning_rate, f_min=f_min, eps=eps,
-                               variant=variant))
+  return chain(
+    sgd(learning_rate=scaling),
+    scale_by_polyak(max_learning_rate=max_learning_rate, f_min=f_min, eps=eps, variant=variant),
+  )
 
 
-@public("optimizer", optax="noisy_sgd", learning_rate=LEARNING_RATE,
-        eta=real(0.0, draw=(0.0, 0.1), **_FIXED), gamma=real(0.0, draw=(0.0, 1.0), **_FIXED))
-def noisy_sgd(learning_rate: ScalarOrSchedule, eta: float = 0.01, gamma: float = 0.55,
-              key: Optional[Any] = None, *, seed: Optional[int] = None) -> GradientTransformation:
+@public(
+  "optimizer",
+  optax="noisy_sgd",
+  learning_rate=LEARNING_RATE,
+  eta=real(0.0, draw=(0.0, 0.1), **_FIXED),
+  gamma=real(0.0, draw=(0.0, 1.0), **_FIXED),
+)
+def noisy_sgd(
+  learning_rate: ScalarOrSchedule,
+  eta: float = 0.01,
+  gamma: float = 0.55,
+  key: Optional[Any] = None,
+  *,
+  seed: Optional[int] = None,
+) -> GradientTransformation:
   """SGD on gradients with annealed Gaussian noise: ``w <- w - lr (g + sigma_t z)``.
 
   Update (t from 1, z standard normal, Optax's random stream)::

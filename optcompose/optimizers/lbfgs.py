@@ -15,24 +15,39 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from optcompose.core import (
-    FLAG, GradientTransformation, Hyper, ScalarOrSchedule, as_transformation, chain, identity,
-    integer, public, real,
+  FLAG,
+  GradientTransformation,
+  Hyper,
+  ScalarOrSchedule,
+  as_transformation,
+  chain,
+  identity,
+  integer,
+  public,
+  real,
 )
 from optcompose.transforms.lbfgs import scale_by_lbfgs
-from optcompose.transforms.linesearch import scale_by_zoom_linesearch
+from optcompose.transforms.zoom_linesearch import scale_by_zoom_linesearch
 from optcompose.transforms.scaling import scale, scale_by_learning_rate
 
 # Optax's default line search, built once (a transformation holds functions only).
 _ZOOM = scale_by_zoom_linesearch(max_linesearch_steps=20, initial_guess_strategy="one")
 
 
-@public("optimizer", optax="lbfgs",
-        learning_rate=real(0.0, draw=(1e-3, 1.0), optional=True),
-        memory_size=integer(1, draw=(1, 10)), scale_init_precond=FLAG,
-        linesearch=Hyper(("choice", (None,)), optional=True))
-def lbfgs(learning_rate: Optional[ScalarOrSchedule] = None, memory_size: int = 10,
-          scale_init_precond: bool = True,
-          linesearch: Optional[Any] = _ZOOM) -> GradientTransformation:
+@public(
+  "optimizer",
+  optax="lbfgs",
+  learning_rate=real(0.0, draw=(1e-3, 1.0), optional=True),
+  memory_size=integer(1, draw=(1, 10)),
+  scale_init_precond=FLAG,
+  linesearch=Hyper(("choice", (None,)), optional=True),
+)
+def lbfgs(
+  learning_rate: Optional[ScalarOrSchedule] = None,
+  memory_size: int = 10,
+  scale_init_precond: bool = True,
+  linesearch: Optional[Any] = _ZOOM,
+) -> GradientTransformation:
   """L-BFGS: ``w <- w - eta lr P_k g``, eta from a line search (default: zoom, strong Wolfe).
 
   Update: ``d = P_k g`` (:func:`scale_by_lbfgs`: two-loop recursion over the last
@@ -65,7 +80,8 @@ def lbfgs(learning_rate: Optional[ScalarOrSchedule] = None, memory_size: int = 1
     Liu and Nocedal, "On the limited memory BFGS method for large scale optimization", 1989;
     Optax's ``optax.lbfgs``.
   """
-  return chain(scale_by_lbfgs(memory_size=memory_size, scale_init_precond=scale_init_precond),
-               scale(-1.0) if learning_rate is None else scale_by_learning_rate(learning_rate),
-               identity() if linesearch is None else as_transformation(
-                   linesearch, "lbfgs", "linesearch"))
+  return chain(
+    scale_by_lbfgs(memory_size=memory_size, scale_init_precond=scale_init_precond),
+    scale(-1.0) if learning_rate is None else scale_by_learning_rate(learning_rate),
+    identity() if linesearch is None else as_transformation(linesearch, "lbfgs", "linesearch"),
+  )

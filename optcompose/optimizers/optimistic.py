@@ -11,8 +11,16 @@ import warnings
 from typing import Any, Optional
 
 from optcompose.core import (
-    DECAY, DTYPE, EPS, FLAG, LEARNING_RATE, GradientTransformation, ScalarOrSchedule, chain,
-    public, real,
+  DECAY,
+  DTYPE,
+  EPS,
+  FLAG,
+  LEARNING_RATE,
+  GradientTransformation,
+  ScalarOrSchedule,
+  chain,
+  public,
+  real,
 )
 from optcompose.transforms.adaptive import scale_by_adam
 from optcompose.transforms.optimistic import scale_by_optimistic_gradient
@@ -21,11 +29,16 @@ from optcompose.transforms.scaling import scale_by_learning_rate
 _COEF = real(0.0, draw=(0.0, 2.0))
 
 
-@public("optimizer", optax="optimistic_gradient_descent", learning_rate=LEARNING_RATE,
-        alpha=_COEF, beta=_COEF)
-def optimistic_gradient_descent(learning_rate: ScalarOrSchedule,
-                                alpha: ScalarOrSchedule = 1.0,
-                                beta: ScalarOrSchedule = 1.0) -> GradientTransformation:
+@public(
+  "optimizer",
+  optax="optimistic_gradient_descent",
+  learning_rate=LEARNING_RATE,
+  alpha=_COEF,
+  beta=_COEF,
+)
+def optimistic_gradient_descent(
+  learning_rate: ScalarOrSchedule, alpha: ScalarOrSchedule = 1.0, beta: ScalarOrSchedule = 1.0
+) -> GradientTransformation:
   """Optimistic gradient descent: ``w <- w - lr ((alpha + beta) g_t - beta g_{t-1})``.
 
   Update (``g_0 = g_1``, so the first step is ``w <- w - lr alpha g_1``)::
@@ -51,18 +64,36 @@ def optimistic_gradient_descent(learning_rate: ScalarOrSchedule,
     for Saddle Point Problems: Proximal Point Approach", AISTATS 2020; Optax's
     ``optax.optimistic_gradient_descent``.
   """
-  return chain(scale_by_optimistic_gradient(alpha=alpha, beta=beta),
-               scale_by_learning_rate(learning_rate))
+  return chain(
+    scale_by_optimistic_gradient(alpha=alpha, beta=beta), scale_by_learning_rate(learning_rate)
+  )
 
 
-@public("optimizer", optax="optimistic_adam_v2", learning_rate=LEARNING_RATE, alpha=_COEF,
-        beta=_COEF, b1=DECAY, b2=DECAY, eps=EPS, eps_root=real(0.0, draw=(0.0, 1e-6)),
-        mu_dtype=DTYPE, nesterov=FLAG)
-def optimistic_adam_v2(learning_rate: ScalarOrSchedule, *, alpha: ScalarOrSchedule = 1.0,
-                       beta: ScalarOrSchedule = 1.0, b1: ScalarOrSchedule = 0.9,
-                       b2: ScalarOrSchedule = 0.999, eps: ScalarOrSchedule = 1e-08,
-                       eps_root: ScalarOrSchedule = 0.0, mu_dtype: Optional[Any] = None,
-                       nesterov: bool = True) -> GradientTransformation:
+@public(
+  "optimizer",
+  optax="optimistic_adam_v2",
+  learning_rate=LEARNING_RATE,
+  alpha=_COEF,
+  beta=_COEF,
+  b1=DECAY,
+  b2=DECAY,
+  eps=EPS,
+  eps_root=real(0.0, draw=(0.0, 1e-6)),
+  mu_dtype=DTYPE,
+  nesterov=FLAG,
+)
+def optimistic_adam_v2(
+  learning_rate: ScalarOrSchedule,
+  *,
+  alpha: ScalarOrSchedule = 1.0,
+  beta: ScalarOrSchedule = 1.0,
+  b1: ScalarOrSchedule = 0.9,
+  b2: ScalarOrSchedule = 0.999,
+  eps: ScalarOrSchedule = 1e-08,
+  eps_root: ScalarOrSchedule = 0.0,
+  mu_dtype: Optional[Any] = None,
+  nesterov: bool = True,
+) -> GradientTransformation:
   """Optimistic Adam: the optimistic step applied to Adam's (Nadam's by default) direction.
 
   Update (t from 1, ``m_0 = v_0 = 0``; with ``nesterov``, m_hat is Nadam's look-ahead
@@ -98,17 +129,24 @@ def optimistic_adam_v2(learning_rate: ScalarOrSchedule, *, alpha: ScalarOrSchedu
     Daskalakis et al., "Training GANs with Optimism", ICLR 2018; Optax's
     ``optax.optimistic_adam_v2``.
   """
-  return chain(scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root, mu_dtype=mu_dtype,
-                             nesterov=nesterov),
-               scale_by_optimistic_gradient(alpha=alpha, beta=beta),
-               scale_by_learning_rate(learning_rate))
+  return chain(
+    scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root, mu_dtype=mu_dtype, nesterov=nesterov),
+    scale_by_optimistic_gradient(alpha=alpha, beta=beta),
+    scale_by_learning_rate(learning_rate),
+  )
 
 
-
-def optimistic_adam(learning_rate: Any, optimism: Optional[Any] = None, b1: Any = 0.9,
-                    b2: Any = 0.999, eps: Any = 1e-08, eps_root: Any = 0.0,
-                    mu_dtype: Optional[Any] = None, *,
-                    nesterov: bool = True) -> GradientTransformation:
+def optimistic_adam(
+  learning_rate: Any,
+  optimism: Optional[Any] = None,
+  b1: Any = 0.9,
+  b2: Any = 0.999,
+  eps: Any = 1e-08,
+  eps_root: Any = 0.0,
+  mu_dtype: Optional[Any] = None,
+  *,
+  nesterov: bool = True,
+) -> GradientTransformation:
   """Deprecated (as in Optax): use :func:`optimistic_adam_v2`.
 
   Optax's first Optimistic Adam folds the learning rate into the optimistic step:
@@ -116,16 +154,28 @@ def optimistic_adam(learning_rate: Any, optimism: Optional[Any] = None, b1: Any 
   ``optimistic_adam_v2(1.0, alpha=lr, beta=o, ...)``, which this returns. As in Optax,
   ``learning_rate`` cannot be a schedule here (``optimistic_adam_v2`` takes one).
   """
-  warnings.warn("optimistic_adam is deprecated (as in Optax): use `optimistic_adam_v2` "
-                "instead, which takes the learning rate as a number or a schedule",
-                DeprecationWarning, stacklevel=2)
+  warnings.warn(
+    "optimistic_adam is deprecated (as in Optax): use `optimistic_adam_v2` "
+    "instead, which takes the learning rate as a number or a schedule",
+    DeprecationWarning,
+    stacklevel=2,
+  )
   if callable(learning_rate):
-    raise ValueError("optimistic_adam: learning_rate must be a number, not a schedule; "
-                     "optimistic_adam_v2(learning_rate, ...) takes a schedule")
-  return optimistic_adam_v2(1.0, alpha=learning_rate,
-                            beta=learning_rate if optimism is None else optimism, b1=b1,
-                            b2=b2, eps=eps, eps_root=eps_root, mu_dtype=mu_dtype,
-                            nesterov=nesterov)
+    raise ValueError(
+      "optimistic_adam: learning_rate must be a number, not a schedule; "
+      "optimistic_adam_v2(learning_rate, ...) takes a schedule"
+    )
+  return optimistic_adam_v2(
+    1.0,
+    alpha=learning_rate,
+    beta=learning_rate if optimism is None else optimism,
+    b1=b1,
+    b2=b2,
+    eps=eps,
+    eps_root=eps_root,
+    mu_dtype=mu_dtype,
+    nesterov=nesterov,
+  )
 
 
 # The deprecated alias is not a registered builder (no case, no strategy): a function.

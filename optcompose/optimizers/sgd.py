@@ -13,8 +13,14 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from optcompose.core import (
-    FLAG, LEARNING_RATE, GradientTransformation, ScalarOrSchedule, chain, identity,
-    public, real,
+  FLAG,
+  LEARNING_RATE,
+  GradientTransformation,
+  ScalarOrSchedule,
+  chain,
+  identity,
+  public,
+  real,
 )
 from optcompose.optimizers._shared import _proximal
 from optcompose.transforms.decay import Mask
@@ -22,12 +28,23 @@ from optcompose.transforms.momentum import trace
 from optcompose.transforms.scaling import scale_by_learning_rate
 
 
-@public("optimizer", optax="sgd", learning_rate=LEARNING_RATE,
-        momentum=real(0.0, 1.0, draw=(0.0, 0.999), optional=True), nesterov=FLAG)
-def sgd(learning_rate: ScalarOrSchedule, momentum: Optional[float] = None,
-        nesterov: bool = False, accumulator_dtype: Optional[Any] = None, *,
-        l1: Optional[ScalarOrSchedule] = None, l2: Optional[ScalarOrSchedule] = None,
-        reg_mask: Mask = None) -> GradientTransformation:
+@public(
+  "optimizer",
+  optax="sgd",
+  learning_rate=LEARNING_RATE,
+  momentum=real(0.0, 1.0, draw=(0.0, 0.999), optional=True),
+  nesterov=FLAG,
+)
+def sgd(
+  learning_rate: ScalarOrSchedule,
+  momentum: Optional[float] = None,
+  nesterov: bool = False,
+  accumulator_dtype: Optional[Any] = None,
+  *,
+  l1: Optional[ScalarOrSchedule] = None,
+  l2: Optional[ScalarOrSchedule] = None,
+  reg_mask: Mask = None,
+) -> GradientTransformation:
   """Stochastic gradient descent, with optional (Nesterov) momentum and elastic net.
 
   Without momentum ``w <- w - lr g``. With momentum rho::
@@ -68,9 +85,14 @@ def sgd(learning_rate: ScalarOrSchedule, momentum: Optional[float] = None,
     learning", ICML 2013; Beck and Teboulle, "A Fast Iterative Shrinkage-Thresholding
     Algorithm for Linear Inverse Problems", SIAM J. Imaging Sciences, 2009.
   """
-  first = (trace(decay=momentum, nesterov=nesterov, accumulator_dtype=accumulator_dtype)
-           if momentum is not None else identity())
-  return chain(first, scale_by_learning_rate(learning_rate),
-               *_proximal(learning_rate, l1, l2, reg_mask))
+  first = (
+    trace(decay=momentum, nesterov=nesterov, accumulator_dtype=accumulator_dtype)
+    if momentum is not None
+    else identity()
+  )
+  return chain(
+    first, scale_by_learning_rate(learning_rate), *_proximal(learning_rate, l1, l2, reg_mask)
+  )
+
 
 __all__ = []  # and the builders it registers

@@ -8,8 +8,16 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from optcompose.core import (
-    DECAY, DTYPE, LEARNING_RATE, MASK, MOMENTUM, GradientTransformation, ScalarOrSchedule,
-    chain, public, real,
+  DECAY,
+  DTYPE,
+  LEARNING_RATE,
+  MASK,
+  MOMENTUM,
+  GradientTransformation,
+  ScalarOrSchedule,
+  chain,
+  public,
+  real,
 )
 from optcompose.transforms.decay import Mask, add_decayed_weights
 from optcompose.transforms.momentum import ema
@@ -36,10 +44,14 @@ def sign_sgd(learning_rate: ScalarOrSchedule) -> GradientTransformation:
   return chain(scale_by_sign(), scale_by_learning_rate(learning_rate))
 
 
-@public("optimizer", optax="signum", learning_rate=LEARNING_RATE, beta=DECAY,
-        accumulator_dtype=DTYPE)
-def signum(learning_rate: ScalarOrSchedule, beta: ScalarOrSchedule = 0.9,
-           accumulator_dtype: Optional[Any] = None) -> GradientTransformation:
+@public(
+  "optimizer", optax="signum", learning_rate=LEARNING_RATE, beta=DECAY, accumulator_dtype=DTYPE
+)
+def signum(
+  learning_rate: ScalarOrSchedule,
+  beta: ScalarOrSchedule = 0.9,
+  accumulator_dtype: Optional[Any] = None,
+) -> GradientTransformation:
   """Signum: signSGD on an exponential moving average of the gradient.
 
   Update (``m_0 = 0``; no bias correction: it would not change the sign)::
@@ -67,15 +79,31 @@ def signum(learning_rate: ScalarOrSchedule, beta: ScalarOrSchedule = 0.9,
     Zhao et al., "Deconstructing What Makes a Good Optimizer for Language Models", 2024;
     Optax's ``optax.signum``.
   """
-  return chain(ema(beta, debias=False, accumulator_dtype=accumulator_dtype), scale_by_sign(),
-               scale_by_learning_rate(learning_rate))
+  return chain(
+    ema(beta, debias=False, accumulator_dtype=accumulator_dtype),
+    scale_by_sign(),
+    scale_by_learning_rate(learning_rate),
+  )
 
 
-@public("optimizer", optax="lion", learning_rate=LEARNING_RATE, b1=MOMENTUM, b2=MOMENTUM,
-        mu_dtype=DTYPE, weight_decay=real(0.0, draw=(0.0, 0.5)), mask=MASK)
-def lion(learning_rate: ScalarOrSchedule, b1: ScalarOrSchedule = 0.9,
-         b2: ScalarOrSchedule = 0.99, mu_dtype: Optional[Any] = None,
-         weight_decay: ScalarOrSchedule = 1e-3, mask: Mask = None) -> GradientTransformation:
+@public(
+  "optimizer",
+  optax="lion",
+  learning_rate=LEARNING_RATE,
+  b1=MOMENTUM,
+  b2=MOMENTUM,
+  mu_dtype=DTYPE,
+  weight_decay=real(0.0, draw=(0.0, 0.5)),
+  mask=MASK,
+)
+def lion(
+  learning_rate: ScalarOrSchedule,
+  b1: ScalarOrSchedule = 0.9,
+  b2: ScalarOrSchedule = 0.99,
+  mu_dtype: Optional[Any] = None,
+  weight_decay: ScalarOrSchedule = 1e-3,
+  mask: Mask = None,
+) -> GradientTransformation:
   """Lion: the sign of an interpolation of the gradient and the moment, with decoupled decay.
 
   Update (``m_0 = 0``)::
@@ -108,8 +136,11 @@ def lion(learning_rate: ScalarOrSchedule, b1: ScalarOrSchedule = 0.9,
     Chen et al., "Symbolic Discovery of Optimization Algorithms", NeurIPS 2023; Optax's
     ``optax.lion``.
   """
-  return chain(scale_by_lion(b1=b1, b2=b2, mu_dtype=mu_dtype),
-               add_decayed_weights(weight_decay, mask),
-               scale_by_learning_rate(learning_rate))
+  return chain(
+    scale_by_lion(b1=b1, b2=b2, mu_dtype=mu_dtype),
+    add_decayed_weights(weight_decay, mask),
+    scale_by_learning_rate(learning_rate),
+  )
+
 
 __all__ = []  # and the builders it registers

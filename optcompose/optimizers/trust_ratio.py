@@ -10,8 +10,18 @@ one value per model leaf: FlatParams are refused.
 from __future__ import annotations
 
 from optcompose.core import (
-    DECAY, EPS, EPS_ROOT, FLAG, LEARNING_RATE, MASK, MOMENTUM, GradientTransformation,
-    ScalarOrSchedule, chain, public, real,
+  DECAY,
+  EPS,
+  EPS_ROOT,
+  FLAG,
+  LEARNING_RATE,
+  MASK,
+  MOMENTUM,
+  GradientTransformation,
+  ScalarOrSchedule,
+  chain,
+  public,
+  real,
 )
 from optcompose.transforms.adaptive import scale_by_adam
 from optcompose.transforms.decay import Mask, add_decayed_weights
@@ -23,11 +33,26 @@ from optcompose.wrappers.masking import masked
 _WEIGHT_DECAY = real(0.0, draw=(0.0, 0.5))
 
 
-@public("optimizer", optax="lamb", learning_rate=LEARNING_RATE, b1=DECAY, b2=DECAY, eps=EPS,
-        eps_root=EPS_ROOT, weight_decay=_WEIGHT_DECAY, mask=MASK)
-def lamb(learning_rate: ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999,
-         eps: float = 1e-6, eps_root: float = 0.0, weight_decay: ScalarOrSchedule = 0.0,
-         mask: Mask = None) -> GradientTransformation:
+@public(
+  "optimizer",
+  optax="lamb",
+  learning_rate=LEARNING_RATE,
+  b1=DECAY,
+  b2=DECAY,
+  eps=EPS,
+  eps_root=EPS_ROOT,
+  weight_decay=_WEIGHT_DECAY,
+  mask=MASK,
+)
+def lamb(
+  learning_rate: ScalarOrSchedule,
+  b1: float = 0.9,
+  b2: float = 0.999,
+  eps: float = 1e-6,
+  eps_root: float = 0.0,
+  weight_decay: ScalarOrSchedule = 0.0,
+  mask: Mask = None,
+) -> GradientTransformation:
   """LAMB: AdamW's direction, rescaled per leaf by its trust ratio.
 
   Update (m_hat, v_hat as in :func:`optcompose.adam`; per leaf l)::
@@ -59,21 +84,35 @@ def lamb(learning_rate: ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999,
     ICLR 2020; Optax's ``optax.lamb``.
   """
   return chain(
-      scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root),
-      add_decayed_weights(weight_decay=weight_decay, mask=mask),
-      scale_by_trust_ratio(),
-      scale_by_learning_rate(learning_rate),
+    scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root),
+    add_decayed_weights(weight_decay=weight_decay, mask=mask),
+    scale_by_trust_ratio(),
+    scale_by_learning_rate(learning_rate),
   )
 
 
-@public("optimizer", optax="lars", learning_rate=LEARNING_RATE, weight_decay=_WEIGHT_DECAY,
-        weight_decay_mask=MASK, trust_coefficient=real(0.0, draw=(1e-4, 1.0), schedule=False),
-        eps=EPS._replace(schedule=False),
-        trust_ratio_mask=MASK, momentum=MOMENTUM, nesterov=FLAG)
-def lars(learning_rate: ScalarOrSchedule, weight_decay: ScalarOrSchedule = 0.0,
-         weight_decay_mask: Mask = True, trust_coefficient: float = 0.001, eps: float = 0.0,
-         trust_ratio_mask: Mask = True, momentum: float = 0.9,
-         nesterov: bool = False) -> GradientTransformation:
+@public(
+  "optimizer",
+  optax="lars",
+  learning_rate=LEARNING_RATE,
+  weight_decay=_WEIGHT_DECAY,
+  weight_decay_mask=MASK,
+  trust_coefficient=real(0.0, draw=(1e-4, 1.0), schedule=False),
+  eps=EPS._replace(schedule=False),
+  trust_ratio_mask=MASK,
+  momentum=MOMENTUM,
+  nesterov=FLAG,
+)
+def lars(
+  learning_rate: ScalarOrSchedule,
+  weight_decay: ScalarOrSchedule = 0.0,
+  weight_decay_mask: Mask = True,
+  trust_coefficient: float = 0.001,
+  eps: float = 0.0,
+  trust_ratio_mask: Mask = True,
+  momentum: float = 0.9,
+  nesterov: bool = False,
+) -> GradientTransformation:
   """LARS: SGD with momentum on the weight-decayed gradient rescaled by its trust ratio.
 
   Update (per leaf l; v the momentum, ``v_0 = 0``)::
@@ -112,18 +151,20 @@ def lars(learning_rate: ScalarOrSchedule, weight_decay: ScalarOrSchedule = 0.0,
     Optax's ``optax.lars``.
   """
   return chain(
-      add_decayed_weights(weight_decay, mask=weight_decay_mask),
-      masked(scale_by_trust_ratio(trust_coefficient=trust_coefficient, eps=eps),
-             trust_ratio_mask),
-      scale_by_learning_rate(learning_rate),
-      trace(decay=momentum, nesterov=nesterov),
+    add_decayed_weights(weight_decay, mask=weight_decay_mask),
+    masked(scale_by_trust_ratio(trust_coefficient=trust_coefficient, eps=eps), trust_ratio_mask),
+    scale_by_learning_rate(learning_rate),
+    trace(decay=momentum, nesterov=nesterov),
   )
 
 
-@public("optimizer", optax="fromage", learning_rate=LEARNING_RATE,
-        min_norm=real(0.0, draw=(1e-8, 1e-3), schedule=False))
-def fromage(learning_rate: ScalarOrSchedule,
-            min_norm: float = 1e-6) -> GradientTransformation:
+@public(
+  "optimizer",
+  optax="fromage",
+  learning_rate=LEARNING_RATE,
+  min_norm=real(0.0, draw=(1e-8, 1e-3), schedule=False),
+)
+def fromage(learning_rate: ScalarOrSchedule, min_norm: float = 1e-6) -> GradientTransformation:
   """Fromage: a step of relative size lr along the gradient, then a shrink by mu.
 
   Update (per leaf l; ``mu = 1 / sqrt(1 + lr^2)``, from the schedule's value at each step
@@ -150,9 +191,7 @@ def fromage(learning_rate: ScalarOrSchedule,
   """
   step, shrink = fromage_step_sizes(learning_rate)
   return chain(
-      scale_by_trust_ratio(min_norm),
-      scale_by_learning_rate(step),
-      add_decayed_weights(shrink),
+    scale_by_trust_ratio(min_norm), scale_by_learning_rate(step), add_decayed_weights(shrink)
   )
 
 

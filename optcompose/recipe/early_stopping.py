@@ -99,10 +99,11 @@ _FN = "early_stopping"
 def _static_number(name: str, value: Any, *, integer: bool, low: Optional[float]) -> Any:
   """``value`` as a Python int/float after checking it; the configuration holds no arrays."""
   if callable(value) or isinstance(value, jax.core.Tracer):
-    raise TypeError(f"{_FN}: `{name}` must be a number known when the configuration is built "
-                    f"(not a schedule or a traced value), got {type(value).__name__}.")
-  if integer and (isinstance(value, bool)
-                  or not isinstance(value, (numbers.Integral, np.integer))):
+    raise TypeError(
+      f"{_FN}: `{name}` must be a number known when the configuration is built "
+      f"(not a schedule or a traced value), got {type(value).__name__}."
+    )
+  if integer and (isinstance(value, bool) or not isinstance(value, (numbers.Integral, np.integer))):
     raise TypeError(f"{_FN}: `{name}` must be a Python int, got {value!r}.")
   check_hyperparameter(_FN, name, value, low=low)
   return int(value) if integer else float(value)
@@ -126,8 +127,9 @@ def _real_metric(metric: Any) -> jax.Array:
   try:
     dtype = jnp.result_type(metric)
   except TypeError:
-    raise TypeError(f"{_FN}: `metric` must be a real number, got "
-                    f"{type(metric).__name__}.") from None
+    raise TypeError(
+      f"{_FN}: `metric` must be a real number, got {type(metric).__name__}."
+    ) from None
   if not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)):
     raise TypeError(f"{_FN}: `metric` must be a real number, got dtype {dtype}.")
   metric = jnp.asarray(metric)
@@ -177,13 +179,13 @@ class EarlyStopping:
     unseen = self.sign * jnp.inf if self.baseline is None else self.baseline
     no = jnp.zeros([], jnp.bool_)
     return EarlyStoppingState(
-        epoch=zero_count(),
-        best_metric=jnp.asarray(unseen, default_float()),
-        best_epoch=jnp.full([], -1, jnp.int32),
-        wait=zero_count(),
-        should_stop=no,
-        improved=no,
-        best_params=jax.tree.map(jnp.array, best_params),  # a copy (see the module docstring)
+      epoch=zero_count(),
+      best_metric=jnp.asarray(unseen, default_float()),
+      best_epoch=jnp.full([], -1, jnp.int32),
+      wait=zero_count(),
+      should_stop=no,
+      improved=no,
+      best_params=jax.tree.map(jnp.array, best_params),  # a copy (see the module docstring)
     )
 
   def is_improvement(self, metric: jax.Array, best_metric: jax.Array) -> jax.Array:
@@ -193,8 +195,9 @@ class EarlyStopping:
     threshold = jnp.where(jnp.isfinite(b), b - delta, b)  # b = +inf: nothing seen yet
     return jnp.logical_and(jnp.isfinite(v), v < threshold)
 
-  def update(self, state: EarlyStoppingState, metric: Any,
-             best_params: Any = None) -> EarlyStoppingState:
+  def update(
+    self, state: EarlyStoppingState, metric: Any, best_params: Any = None
+  ) -> EarlyStoppingState:
     """Record one epoch's ``metric`` (a scalar) and the pytree to keep if it is the best.
 
     Pure and jittable: no Python branch depends on a traced value.
@@ -206,13 +209,14 @@ class EarlyStopping:
         structure or a leaf's shape (each message names the argument and path).
     """
     if not isinstance(state, EarlyStoppingState):
-      raise TypeError(f"{_FN}: `state` must be an EarlyStoppingState (from init), got "
-                      f"{type(state).__name__}.")
+      raise TypeError(
+        f"{_FN}: `state` must be an EarlyStoppingState (from init), got {type(state).__name__}."
+      )
     metric = _real_metric(metric)
-    otree.check_same_structure(best_params, state.best_params, "best_params",
-                               "state.best_params")
-    otree.check_same_dtypes(best_params, state.best_params, "best_params", "state.best_params",
-                            kept=True)
+    otree.check_same_structure(best_params, state.best_params, "best_params", "state.best_params")
+    otree.check_same_dtypes(
+      best_params, state.best_params, "best_params", "state.best_params", kept=True
+    )
     active = jnp.logical_and(state.epoch >= self.warmup, jnp.logical_not(state.should_stop))
     improved = jnp.logical_and(active, self.is_improvement(metric, state.best_metric))
     wait = jnp.where(improved, 0, jnp.where(active, safe_increment(state.wait), state.wait))
@@ -222,17 +226,18 @@ class EarlyStopping:
       return jnp.where(improved, jnp.asarray(new, jnp.result_type(old)), old)
 
     return EarlyStoppingState(
-        epoch=safe_increment(state.epoch),
-        best_metric=keep(metric, state.best_metric),
-        best_epoch=keep(state.epoch, state.best_epoch),
-        wait=wait,
-        should_stop=stop,
-        improved=improved,
-        best_params=jax.tree.map(keep, best_params, state.best_params),
+      epoch=safe_increment(state.epoch),
+      best_metric=keep(metric, state.best_metric),
+      best_epoch=keep(state.epoch, state.best_epoch),
+      wait=wait,
+      should_stop=stop,
+      improved=improved,
+      best_params=jax.tree.map(keep, best_params, state.best_params),
     )
 
-  def step(self, state: EarlyStoppingState, metric: Any,
-           best_params: Any = None) -> tuple[EarlyStoppingState, bool]:
+  def step(
+    self, state: EarlyStoppingState, metric: Any, best_params: Any = None
+  ) -> tuple[EarlyStoppingState, bool]:
     """For plain Python loops: ``update`` compiled once per configuration and tree
     structure, and the stop decision as a Python bool::
 
@@ -245,13 +250,20 @@ class EarlyStopping:
     return state, bool(state.should_stop)
 
 
-_jitted_update = jax.jit(lambda config, state, metric, best_params:
-                         config.update(state, metric, best_params), static_argnums=0)
+_jitted_update = jax.jit(
+  lambda config, state, metric, best_params: config.update(state, metric, best_params),
+  static_argnums=0,
+)
 
 
-def early_stopping(mode: str = "min", patience: int = 5, min_delta: float = 0.0,
-                   relative: bool = False, baseline: Optional[float] = None,
-                   warmup: int = 0) -> EarlyStopping:
+def early_stopping(
+  mode: str = "min",
+  patience: int = 5,
+  min_delta: float = 0.0,
+  relative: bool = False,
+  baseline: Optional[float] = None,
+  warmup: int = 0,
+) -> EarlyStopping:
   """Early stopping on a validation metric, keeping the best parameters.
 
   Args:
@@ -273,8 +285,14 @@ def early_stopping(mode: str = "min", patience: int = 5, min_delta: float = 0.0,
     ValueError: ``mode`` not "min"/"max", or ``patience``, ``min_delta``, ``warmup`` negative
       (the message names the argument). TypeError: a non-integer ``patience`` or ``warmup``.
   """
-  return EarlyStopping(mode=mode, patience=patience, min_delta=min_delta, relative=relative,
-                       baseline=baseline, warmup=warmup)
+  return EarlyStopping(
+    mode=mode,
+    patience=patience,
+    min_delta=min_delta,
+    relative=relative,
+    baseline=baseline,
+    warmup=warmup,
+  )
 
 
 __all__ = ["EarlyStopping", "EarlyStoppingState", "early_stopping"]

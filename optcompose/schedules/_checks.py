@@ -12,9 +12,12 @@ import numpy as np
 from optcompose.core import Schedule, default_float  # noqa: F401 -- Schedule: for the others
 
 
-def _number(fn: str, name: str, value, *, low=None, high=None, low_open=False,
-            high_open=False, integer=False):
-  if isinstance(value, bool) or not isinstance(value, (numbers.Real, np.generic, np.ndarray, jax.Array)):
+def _number(
+  fn: str, name: str, value, *, low=None, high=None, low_open=False, high_open=False, integer=False
+):
+  if isinstance(value, bool) or not isinstance(
+    value, (numbers.Real, np.generic, np.ndarray, jax.Array)
+  ):
     raise TypeError(f"{fn}: `{name}` must be a number, got {type(value).__name__}.")
   if isinstance(value, jax.core.Tracer):
     return value
@@ -50,8 +53,9 @@ def _steps(fn, name, value, *, positive=True):
   """
   steps = _number(fn, name, value, low=0, low_open=positive, integer=True)
   if not isinstance(steps, jax.core.Tracer) and steps > MAX_STEPS:
-    raise ValueError(f"{fn}: `{name}` must be <= 2**31 - 1 = {MAX_STEPS} (the step count is "
-                     f"int32), got {steps}.")
+    raise ValueError(
+      f"{fn}: `{name}` must be <= 2**31 - 1 = {MAX_STEPS} (the step count is int32), got {steps}."
+    )
   return steps
 
 
@@ -70,8 +74,10 @@ def _boundaries_and_scales(fn: str, boundaries_and_scales) -> list:
   if boundaries_and_scales is None:
     return []
   if not isinstance(boundaries_and_scales, Mapping):
-    raise TypeError(f"{fn}: `boundaries_and_scales` must be a dict {{step: scale}}, got "
-                    f"{type(boundaries_and_scales).__name__}.")
+    raise TypeError(
+      f"{fn}: `boundaries_and_scales` must be a dict {{step: scale}}, got "
+      f"{type(boundaries_and_scales).__name__}."
+    )
   items = []
   for b, s in boundaries_and_scales.items():
     step = _steps(fn, f"boundaries_and_scales key {b!r}", b, positive=False)

@@ -9,17 +9,33 @@ import jax.numpy as jnp
 
 from optcompose import tree as otree
 from optcompose.schedules._checks import (
-    MAX_STEPS, Schedule, _boundaries_and_scales, _float, _number, _steps,
+  MAX_STEPS,
+  Schedule,
+  _boundaries_and_scales,
+  _float,
+  _number,
+  _steps,
 )
 from optcompose.schedules._decay import (
-    constant_schedule, cosine_decay_schedule, exponential_decay, linear_schedule,
+  constant_schedule,
+  cosine_decay_schedule,
+  exponential_decay,
+  linear_schedule,
 )
 
 __all__ = [
-    "join_schedules", "multiply_schedules", "schedule_from_function", "linear_warmup",
-    "warmup_constant_schedule", "warmup_cosine_decay_schedule",
-    "warmup_exponential_decay_schedule", "cosine_warm_restarts_schedule", "sgdr_schedule",
-    "piecewise_interpolate_schedule", "cosine_onecycle_schedule", "linear_onecycle_schedule",
+  "join_schedules",
+  "multiply_schedules",
+  "schedule_from_function",
+  "linear_warmup",
+  "warmup_constant_schedule",
+  "warmup_cosine_decay_schedule",
+  "warmup_exponential_decay_schedule",
+  "cosine_warm_restarts_schedule",
+  "sgdr_schedule",
+  "piecewise_interpolate_schedule",
+  "cosine_onecycle_schedule",
+  "linear_onecycle_schedule",
 ]
 
 
@@ -29,8 +45,10 @@ def join_schedules(schedules: Sequence[Schedule], boundaries: Sequence[int]) -> 
   schedules = list(schedules)
   boundaries = [_steps(fn, f"boundaries[{i}]", b, positive=False) for i, b in enumerate(boundaries)]
   if len(boundaries) != len(schedules) - 1:
-    raise ValueError(f"{fn}: {len(schedules)} schedules need {len(schedules) - 1} boundaries, "
-                     f"got {len(boundaries)}.")
+    raise ValueError(
+      f"{fn}: {len(schedules)} schedules need {len(schedules) - 1} boundaries, "
+      f"got {len(boundaries)}."
+    )
   if any(b2 < b1 for b1, b2 in zip(boundaries, boundaries[1:])):
     raise ValueError(f"{fn}: `boundaries` must be non-decreasing, got {boundaries}.")
   for i, s in enumerate(schedules):
@@ -123,8 +141,9 @@ def warmup_constant_schedule(init_value, peak_value, warmup_steps: int) -> Sched
   return linear_schedule(init_value, peak_value, warmup_steps)
 
 
-def warmup_cosine_decay_schedule(init_value, peak_value, warmup_steps: int, decay_steps: int,
-                                 end_value=0.0, exponent=1.0) -> Schedule:
+def warmup_cosine_decay_schedule(
+  init_value, peak_value, warmup_steps: int, decay_steps: int, end_value=0.0, exponent=1.0
+) -> Schedule:
   """Linear warmup to ``peak_value`` over ``warmup_steps``, then cosine decay to ``end_value``
   at ``decay_steps`` (counted from step 0, warmup included, as in Optax).
 
@@ -144,35 +163,53 @@ def warmup_cosine_decay_schedule(init_value, peak_value, warmup_steps: int, deca
   warmup_steps = _steps(fn, "warmup_steps", warmup_steps, positive=False)
   decay_steps = _steps(fn, "decay_steps", decay_steps)
   if warmup_steps >= decay_steps:
-    raise ValueError(f"{fn}: the warmup ({warmup_steps} steps) must be shorter than the run "
-                     f"(`decay_steps` = {decay_steps}).")
+    raise ValueError(
+      f"{fn}: the warmup ({warmup_steps} steps) must be shorter than the run "
+      f"(`decay_steps` = {decay_steps})."
+    )
   alpha = 0.0 if peak_value == 0.0 else end_value / peak_value
   return join_schedules(
-      [linear_schedule(init_value, peak_value, warmup_steps) if warmup_steps else
-       constant_schedule(peak_value),
-       cosine_decay_schedule(peak_value, decay_steps - warmup_steps, alpha, exponent)],
-      [warmup_steps])
+    [
+      linear_schedule(init_value, peak_value, warmup_steps)
+      if warmup_steps
+      else constant_schedule(peak_value),
+      cosine_decay_schedule(peak_value, decay_steps - warmup_steps, alpha, exponent),
+    ],
+    [warmup_steps],
+  )
 
 
-def warmup_exponential_decay_schedule(init_value, peak_value, warmup_steps: int,
-                                      transition_steps: int, decay_rate: float,
-                                      transition_begin: int = 0, staircase: bool = False,
-                                      end_value=None) -> Schedule:
+def warmup_exponential_decay_schedule(
+  init_value,
+  peak_value,
+  warmup_steps: int,
+  transition_steps: int,
+  decay_rate: float,
+  transition_begin: int = 0,
+  staircase: bool = False,
+  end_value=None,
+) -> Schedule:
   """Linear warmup to ``peak_value``, then :func:`exponential_decay` from the peak."""
   fn = "warmup_exponential_decay_schedule"
   _number(fn, "init_value", init_value)
   _number(fn, "peak_value", peak_value)
   warmup_steps = _steps(fn, "warmup_steps", warmup_steps, positive=False)
   return join_schedules(
-      [linear_schedule(init_value, peak_value, warmup_steps) if warmup_steps else
-       constant_schedule(peak_value),
-       exponential_decay(peak_value, transition_steps, decay_rate, transition_begin, staircase,
-                         end_value)],
-      [warmup_steps])
+    [
+      linear_schedule(init_value, peak_value, warmup_steps)
+      if warmup_steps
+      else constant_schedule(peak_value),
+      exponential_decay(
+        peak_value, transition_steps, decay_rate, transition_begin, staircase, end_value
+      ),
+    ],
+    [warmup_steps],
+  )
 
 
-def cosine_warm_restarts_schedule(init_value, first_period: int, period_mult: float = 1.0,
-                                  peak_decay: float = 1.0, end_value=0.0) -> Schedule:
+def cosine_warm_restarts_schedule(
+  init_value, first_period: int, period_mult: float = 1.0, peak_decay: float = 1.0, end_value=0.0
+) -> Schedule:
   """SGDR: cosine annealing restarted at the end of each cycle.
 
   Cycle ``i`` lasts ``T_i = T_0 * m^i`` steps and starts at ``peak_i = v * d^i``; inside it, at
@@ -188,7 +225,7 @@ def cosine_warm_restarts_schedule(init_value, first_period: int, period_mult: fl
   t0, m = float(first_period), float(period_mult)
 
   def start_of(i):  # first step of cycle i
-    return t0 * i if m == 1.0 else t0 * (m ** i - 1) / (m - 1)
+    return t0 * i if m == 1.0 else t0 * (m**i - 1) / (m - 1)
 
   def schedule(count):
     t = _float(count)
@@ -199,9 +236,9 @@ def cosine_warm_restarts_schedule(init_value, first_period: int, period_mult: fl
       # The logarithm may round across a boundary: settle i so start_i <= t < start_{i+1}.
       i = jnp.where(start_of(i + 1) <= t, i + 1, i)
       i = jnp.where(start_of(i) > t, i - 1, i)
-    period = t0 * m ** i
+    period = t0 * m**i
     tau = t - start_of(i)
-    peak = init_value * peak_decay ** i
+    peak = init_value * peak_decay**i
     return end_value + (peak - end_value) * 0.5 * (1 + jnp.cos(jnp.pi * tau / period))
 
   return schedule
@@ -218,13 +255,17 @@ def sgdr_schedule(cosine_kwargs: Iterable[Mapping]) -> Schedule:
   schedules, boundaries, step = [], [], 0
   for i, kwargs in enumerate(cosine_kwargs):
     if not isinstance(kwargs, Mapping):
-      raise TypeError(f"sgdr_schedule: `cosine_kwargs[{i}]` must be a dict of keyword "
-                      f"arguments, got {type(kwargs).__name__}.")
+      raise TypeError(
+        f"sgdr_schedule: `cosine_kwargs[{i}]` must be a dict of keyword "
+        f"arguments, got {type(kwargs).__name__}."
+      )
     schedules.append(warmup_cosine_decay_schedule(**kwargs))
     if boundaries and boundaries[-1] > MAX_STEPS:  # a cycle would start past the int32 count
-      raise ValueError(f"sgdr_schedule: cycle {i} would start at step {boundaries[-1]} (the "
-                       f"sum of the earlier `decay_steps`), beyond 2**31 - 1 = {MAX_STEPS} "
-                       "(the step count is int32).")
+      raise ValueError(
+        f"sgdr_schedule: cycle {i} would start at step {boundaries[-1]} (the "
+        f"sum of the earlier `decay_steps`), beyond 2**31 - 1 = {MAX_STEPS} "
+        "(the step count is int32)."
+      )
     step += int(kwargs["decay_steps"])  # a whole number: checked by the cycle's schedule
     boundaries.append(step)
   if not schedules:
@@ -232,15 +273,16 @@ def sgdr_schedule(cosine_kwargs: Iterable[Mapping]) -> Schedule:
   return join_schedules(schedules, boundaries[:-1])
 
 
-def piecewise_interpolate_schedule(interpolate_type: str, init_value,
-                                   boundaries_and_scales: Optional[Mapping[int, float]] = None
-                                   ) -> Schedule:
+def piecewise_interpolate_schedule(
+  interpolate_type: str, init_value, boundaries_and_scales: Optional[Mapping[int, float]] = None
+) -> Schedule:
   """Interpolate (linearly or by a half cosine) between values that change by ``scale`` at
   each boundary: value_k = init * prod(scales up to k)."""
   fn = "piecewise_interpolate_schedule"
   if interpolate_type not in ("linear", "cosine"):
-    raise ValueError(f"{fn}: `interpolate_type` must be 'linear' or 'cosine', "
-                     f"got {interpolate_type!r}.")
+    raise ValueError(
+      f"{fn}: `interpolate_type` must be 'linear' or 'cosine', got {interpolate_type!r}."
+    )
   _number(fn, "init_value", init_value)
   items = _boundaries_and_scales(fn, boundaries_and_scales)
   boundaries = tuple(b for b, _ in items)
@@ -273,34 +315,54 @@ def _onecycle_checks(fn, transition_steps, peak_value, pct_start, div_factor, fi
   return transition_steps
 
 
-def cosine_onecycle_schedule(transition_steps: int, peak_value, pct_start: float = 0.3,
-                             div_factor: float = 25.0, final_div_factor: float = 1e4) -> Schedule:
+def cosine_onecycle_schedule(
+  transition_steps: int,
+  peak_value,
+  pct_start: float = 0.3,
+  div_factor: float = 25.0,
+  final_div_factor: float = 1e4,
+) -> Schedule:
   """One-cycle with cosine phases: ``peak/div`` up to ``peak`` over ``pct_start`` of the run,
   then down to ``peak/(div * final_div)`` at ``transition_steps`` (Optax's semantics)."""
   fn = "cosine_onecycle_schedule"
-  transition_steps = _onecycle_checks(fn, transition_steps, peak_value, pct_start, div_factor,
-                                      final_div_factor)
+  transition_steps = _onecycle_checks(
+    fn, transition_steps, peak_value, pct_start, div_factor, final_div_factor
+  )
   return piecewise_interpolate_schedule(
-      "cosine", peak_value / div_factor,
-      {int(pct_start * transition_steps): div_factor,
-       int(transition_steps): 1.0 / (div_factor * final_div_factor)})
+    "cosine",
+    peak_value / div_factor,
+    {
+      int(pct_start * transition_steps): div_factor,
+      int(transition_steps): 1.0 / (div_factor * final_div_factor),
+    },
+  )
 
 
-def linear_onecycle_schedule(transition_steps: int, peak_value, pct_start: float = 0.3,
-                             pct_final: float = 0.85, div_factor: float = 25.0,
-                             final_div_factor: float = 1e4) -> Schedule:
+def linear_onecycle_schedule(
+  transition_steps: int,
+  peak_value,
+  pct_start: float = 0.3,
+  pct_final: float = 0.85,
+  div_factor: float = 25.0,
+  final_div_factor: float = 1e4,
+) -> Schedule:
   """One-cycle with linear phases: up to ``peak`` by ``pct_start``, back to ``peak/div`` by
   ``pct_final``, then down to ``peak/(div * final_div)`` at ``transition_steps``."""
   fn = "linear_onecycle_schedule"
-  transition_steps = _onecycle_checks(fn, transition_steps, peak_value, pct_start, div_factor,
-                                      final_div_factor)
+  transition_steps = _onecycle_checks(
+    fn, transition_steps, peak_value, pct_start, div_factor, final_div_factor
+  )
   _number(fn, "pct_final", pct_final, low=pct_start, high=1.0, low_open=True)
   up, down = int(pct_start * transition_steps), int(pct_final * transition_steps)
   if not up < down < transition_steps:  # as a dict's keys, one phase would replace another
-    raise ValueError(f"{fn}: the phases end at steps int(pct_start * transition_steps) = {up}, "
-                     f"int(pct_final * transition_steps) = {down} and `transition_steps` = "
-                     f"{transition_steps}, which must increase strictly (`pct_start` = "
-                     f"{pct_start!r}, `pct_final` = {pct_final!r}).")
+    raise ValueError(
+      f"{fn}: the phases end at steps int(pct_start * transition_steps) = {up}, "
+      f"int(pct_final * transition_steps) = {down} and `transition_steps` = "
+      f"{transition_steps}, which must increase strictly (`pct_start` = "
+      f"{pct_start!r}, `pct_final` = {pct_final!r})."
+    )
   return piecewise_interpolate_schedule(
-      "linear", peak_value / div_factor,
-      {up: div_factor, down: 1.0 / div_factor, transition_steps: 1.0 / final_div_factor})
+    "linear",
+    peak_value / div_factor,
+    {up: div_factor, down: 1.0 / div_factor, transition_steps: 1.0 / final_div_factor},
+  )

@@ -6,14 +6,17 @@ from typing import Mapping, Optional
 
 import jax.numpy as jnp
 
-from optcompose.schedules._checks import (
-    Schedule, _boundaries_and_scales, _float, _number, _steps,
-)
+from optcompose.schedules._checks import Schedule, _boundaries_and_scales, _float, _number, _steps
 
 __all__ = [
-    "constant_schedule", "piecewise_constant_schedule", "exponential_decay",
-    "inverse_time_decay", "inverse_sqrt_schedule", "polynomial_schedule", "linear_schedule",
-    "cosine_decay_schedule",
+  "constant_schedule",
+  "piecewise_constant_schedule",
+  "exponential_decay",
+  "inverse_time_decay",
+  "inverse_sqrt_schedule",
+  "polynomial_schedule",
+  "linear_schedule",
+  "cosine_decay_schedule",
 ]
 
 
@@ -23,9 +26,9 @@ def constant_schedule(value) -> Schedule:
   return lambda count: value
 
 
-def piecewise_constant_schedule(init_value,
-                                boundaries_and_scales: Optional[Mapping[int, float]] = None
-                                ) -> Schedule:
+def piecewise_constant_schedule(
+  init_value, boundaries_and_scales: Optional[Mapping[int, float]] = None
+) -> Schedule:
   """Step decay: multiply by ``scale`` from each boundary step on (Optax's semantics).
 
   Examples:
@@ -50,9 +53,14 @@ def piecewise_constant_schedule(init_value,
   return schedule
 
 
-def exponential_decay(init_value, transition_steps: int, decay_rate: float,
-                      transition_begin: int = 0, staircase: bool = False,
-                      end_value=None) -> Schedule:
+def exponential_decay(
+  init_value,
+  transition_steps: int,
+  decay_rate: float,
+  transition_begin: int = 0,
+  staircase: bool = False,
+  end_value=None,
+) -> Schedule:
   """``v * r^((t - begin) / T)`` after ``transition_begin``; floored exponent with
   ``staircase``; clipped at ``end_value`` (a floor when decaying, a ceiling when growing)."""
   fn = "exponential_decay"
@@ -75,8 +83,9 @@ def exponential_decay(init_value, transition_steps: int, decay_rate: float,
   return schedule
 
 
-def inverse_time_decay(init_value, decay_steps: int, decay_rate: float,
-                       staircase: bool = False) -> Schedule:
+def inverse_time_decay(
+  init_value, decay_steps: int, decay_rate: float, staircase: bool = False
+) -> Schedule:
   """``v / (1 + r * t / T)`` (Keras's InverseTimeDecay); ``t / T`` floored with staircase."""
   fn = "inverse_time_decay"
   _number(fn, "init_value", init_value)
@@ -117,8 +126,9 @@ def inverse_sqrt_schedule(peak_value, warmup_steps: int, init_value=0.0) -> Sche
   return schedule
 
 
-def polynomial_schedule(init_value, end_value, power, transition_steps: int,
-                        transition_begin: int = 0) -> Schedule:
+def polynomial_schedule(
+  init_value, end_value, power, transition_steps: int, transition_begin: int = 0
+) -> Schedule:
   """``(v0 - v1) * (1 - clip((t - begin) / T))^power + v1``."""
   fn = "polynomial_schedule"
   _number(fn, "init_value", init_value)
@@ -130,13 +140,14 @@ def polynomial_schedule(init_value, end_value, power, transition_steps: int,
   def schedule(count):
     count = _float(jnp.clip(count - transition_begin, 0, transition_steps))  # exact in ints
     frac = 1 - count / transition_steps
-    return (init_value - end_value) * (frac ** power) + end_value
+    return (init_value - end_value) * (frac**power) + end_value
 
   return schedule
 
 
-def linear_schedule(init_value, end_value, transition_steps: int,
-                    transition_begin: int = 0) -> Schedule:
+def linear_schedule(
+  init_value, end_value, transition_steps: int, transition_begin: int = 0
+) -> Schedule:
   """Linear interpolation from ``init_value`` to ``end_value`` over ``transition_steps``."""
   return polynomial_schedule(init_value, end_value, 1, transition_steps, transition_begin)
 
@@ -155,6 +166,6 @@ def cosine_decay_schedule(init_value, decay_steps: int, alpha=0.0, exponent=1.0)
   def schedule(count):
     count = jnp.minimum(_float(count), float(decay_steps))
     cosine = 0.5 * (1 + jnp.cos(jnp.pi * count / float(decay_steps)))
-    return init_value * ((1 - alpha) * cosine ** exponent + alpha)
+    return init_value * ((1 - alpha) * cosine**exponent + alpha)
 
   return schedule

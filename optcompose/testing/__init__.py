@@ -7,7 +7,8 @@
 - :mod:`optcompose.testing.strategies` (needs ``hypothesis``): strategies for pytrees,
   extreme gradients and every public transformation's hyperparameters.
 
-Example, testing a transformation of your own (docs/guides/testing.md has the same, run by our suite)::
+Example, testing a transformation of your own (docs/guides/testing.md has the same, run by
+our suite)::
 
     import jax
     import jax.numpy as jnp
@@ -31,9 +32,17 @@ Example, testing a transformation of your own (docs/guides/testing.md has the sa
 """
 
 from optcompose.testing.invariants import (
-    check_finite, check_ignores_unknown_kwargs, check_invariants, check_jit_matches_eager,
-    check_no_recompilation, check_state_can_be_donated, check_state_keeps_its_layout,
-    check_updates_like_grads, check_vmap, record_steps, run_steps,
+  check_finite,
+  check_ignores_unknown_kwargs,
+  check_invariants,
+  check_jit_matches_eager,
+  check_no_recompilation,
+  check_state_can_be_donated,
+  check_state_keeps_its_layout,
+  check_updates_like_grads,
+  check_vmap,
+  record_steps,
+  run_steps,
 )
 
 
@@ -41,5 +50,6 @@ def __getattr__(name):
   # The strategies import hypothesis; load them only when asked for.
   if name == "strategies":
     import importlib
+
     return importlib.import_module("optcompose.testing.strategies")
   raise AttributeError(f"module 'optcompose.testing' has no attribute {name!r}")

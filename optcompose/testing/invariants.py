@@ -24,10 +24,17 @@ from optcompose import tree as otree
 from optcompose.core import GradientTransformation, apply_updates
 
 __all__ = [
-    "check_invariants", "check_jit_matches_eager", "check_state_keeps_its_layout",
-    "check_updates_like_grads", "check_no_recompilation", "check_vmap",
-    "check_ignores_unknown_kwargs", "check_finite", "check_state_can_be_donated", "run_steps",
-    "record_steps",
+  "check_invariants",
+  "check_jit_matches_eager",
+  "check_state_keeps_its_layout",
+  "check_updates_like_grads",
+  "check_no_recompilation",
+  "check_vmap",
+  "check_ignores_unknown_kwargs",
+  "check_finite",
+  "check_state_can_be_donated",
+  "run_steps",
+  "record_steps",
 ]
 
 
@@ -47,8 +54,14 @@ def _bound(tx, extra, jit: bool = False) -> Callable:
   return jax.jit(update) if jit else update
 
 
-def record_steps(tx: GradientTransformation, params: Any, grads, steps: int = 2,
-                 extra: Optional[dict] = None, update: Optional[Callable] = None):
+def record_steps(
+  tx: GradientTransformation,
+  params: Any,
+  grads,
+  steps: int = 2,
+  extra: Optional[dict] = None,
+  update: Optional[Callable] = None,
+):
   """Apply ``steps`` updates; return the list of ``(grads, updates, state)`` per step and
   the final parameters. ``update`` (default: ``tx.update`` with ``extra`` bound) is called
   as ``update(grads, state, params)``."""
@@ -63,8 +76,14 @@ def record_steps(tx: GradientTransformation, params: Any, grads, steps: int = 2,
   return records, params
 
 
-def run_steps(tx: GradientTransformation, params: Any, grads, steps: int = 2,
-              extra: Optional[dict] = None, update: Optional[Callable] = None):
+def run_steps(
+  tx: GradientTransformation,
+  params: Any,
+  grads,
+  steps: int = 2,
+  extra: Optional[dict] = None,
+  update: Optional[Callable] = None,
+):
   """Apply ``steps`` updates; return ``(params, state, updates)`` after the last one."""
   records, params = record_steps(tx, params, grads, steps, extra, update)
   _, updates, state = records[-1]
@@ -81,17 +100,21 @@ def _loosest_tolerance(*trees) -> float:
 def _assert_trees_close(got, want, what: str, rtol: Optional[float] = None) -> None:
   got_leaves = jax.tree_util.tree_flatten_with_path(got)[0]
   want_leaves = jax.tree.leaves(want)
-  assert len(got_leaves) == len(want_leaves), f"{what}: {len(got_leaves)} leaves, not {len(want_leaves)}"
+  assert len(got_leaves) == len(want_leaves), (
+    f"{what}: {len(got_leaves)} leaves, not {len(want_leaves)}"
+  )
   for (path, a), b in zip(got_leaves, want_leaves):
     a, b = np.asarray(a), np.asarray(b)
     assert a.shape == b.shape and a.dtype == b.dtype, (
-        f"{what}{otree.path_str(path)}: {a.dtype}{list(a.shape)} against {b.dtype}{list(b.shape)}")
+      f"{what}{otree.path_str(path)}: {a.dtype}{list(a.shape)} against {b.dtype}{list(b.shape)}"
+    )
     if a.dtype.kind in "fc" or str(a.dtype) == "bfloat16":
       tol = max(_tolerance(a.dtype), rtol or 0.0)
       a64, b64 = a.astype(np.float64), b.astype(np.float64)
       scale = max(float(np.max(np.abs(b64[np.isfinite(b64)]), initial=0.0)), 1.0)
-      np.testing.assert_allclose(a64, b64, rtol=tol, atol=tol * scale,
-                                 err_msg=f"{what}{otree.path_str(path)}")
+      np.testing.assert_allclose(
+        a64, b64, rtol=tol, atol=tol * scale, err_msg=f"{what}{otree.path_str(path)}"
+      )
     else:
       np.testing.assert_array_equal(a, b, err_msg=f"{what}{otree.path_str(path)}")
 
@@ -100,19 +123,22 @@ def check_jit_matches_eager(tx, params, grads, steps: int = 2, extra=None) -> No
   """``jax.jit(tx.update)`` gives the eager result, to a few ulps (XLA may fuse and reorder)."""
   eager = run_steps(tx, params, grads, steps, extra)
   jitted = run_steps(tx, params, grads, steps, extra, update=_bound(tx, extra, jit=True))
-  _assert_trees_close(jitted, eager, "jit against eager: (params, state, updates)",
-                      _loosest_tolerance(eager))
+  _assert_trees_close(
+    jitted, eager, "jit against eager: (params, state, updates)", _loosest_tolerance(eager)
+  )
 
 
 def _layout(tree):
-  return [(otree.path_str(p), jnp.shape(x), jnp.result_type(x), getattr(x, "sharding", None))
-          for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
+  return [
+    (otree.path_str(p), jnp.shape(x), jnp.result_type(x), getattr(x, "sharding", None))
+    for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+  ]
 
 
 def _assert_same_tree(tree, reference, what: str, reference_what: str) -> None:
   assert jax.tree.structure(tree) == jax.tree.structure(reference), (
-      f"{what} does not have the tree of {reference_what}: "
-      f"{otree.first_difference(tree, reference)}")
+    f"{what} does not have the tree of {reference_what}: {otree.first_difference(tree, reference)}"
+  )
 
 
 def _assert_updates_like(updates, grads, label: str) -> None:
@@ -120,31 +146,39 @@ def _assert_updates_like(updates, grads, label: str) -> None:
   _assert_same_tree(updates, grads, f"{label}: the updates", "the gradients")
   for (path, shape, dtype, _), (_, gshape, gdtype, _) in zip(_layout(updates), _layout(grads)):
     assert (shape, dtype) == (gshape, gdtype), (
-        f"{label}: updates{path} is {dtype}{list(shape)}, the gradient {gdtype}{list(gshape)}")
+      f"{label}: updates{path} is {dtype}{list(shape)}, the gradient {gdtype}{list(gshape)}"
+    )
 
 
 def _assert_layout_kept(state, state0, label: str) -> None:
   """``state`` has the tree, shapes, dtypes and shardings of ``state0``."""
   _assert_same_tree(state, state0, f"{label}: the state", "the state from init")
   for (path, shape, dtype, sharding), (_, shape0, dtype0, sharding0) in zip(
-      _layout(state), _layout(state0)):
+    _layout(state), _layout(state0)
+  ):
     assert (shape, dtype) == (shape0, dtype0), (
-        f"{label}: state{path} became {dtype}{list(shape)} from {dtype0}{list(shape0)}")
+      f"{label}: state{path} became {dtype}{list(shape)} from {dtype0}{list(shape0)}"
+    )
     if sharding is not None and sharding0 is not None:
       assert sharding.is_equivalent_to(sharding0, len(shape)), (
-          f"{label}: state{path} moved from {sharding0} to {sharding}")
+        f"{label}: state{path} moved from {sharding0} to {sharding}"
+      )
 
 
 def _inputs_finite(params, records) -> bool:
-  return all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(
-      (params, [g for g, _, _ in records])) if jnp.issubdtype(jnp.result_type(x), jnp.inexact))
+  return all(
+    bool(jnp.all(jnp.isfinite(x)))
+    for x in jax.tree.leaves((params, [g for g, _, _ in records]))
+    if jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+  )
 
 
 def _assert_finite(tree, what: str) -> None:
   for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
     if jnp.issubdtype(jnp.result_type(x), jnp.inexact):
       assert bool(jnp.all(jnp.isfinite(x))), (
-          f"finite inputs, but {what}{otree.path_str(path)} is not finite")
+        f"finite inputs, but {what}{otree.path_str(path)} is not finite"
+      )
 
 
 def check_state_can_be_donated(tx, params) -> None:
@@ -157,7 +191,8 @@ def check_state_can_be_donated(tx, params) -> None:
       continue
     here = otree.path_str(path)
     assert pointer() not in seen, (
-        f"state{here} and state{seen.get(pointer())} are one buffer: the state cannot be donated")
+      f"state{here} and state{seen.get(pointer())} are one buffer: the state cannot be donated"
+    )
     seen[pointer()] = here
 
 
@@ -172,8 +207,9 @@ def _counting_jit(tx, extra):
   return jax.jit(update), traces
 
 
-def check_state_keeps_its_layout(tx, params, grads, steps: int = 2, extra=None,
-                                 jit: bool = True) -> None:
+def check_state_keeps_its_layout(
+  tx, params, grads, steps: int = 2, extra=None, jit: bool = True
+) -> None:
   """``init`` and every ``update`` give a state of the same structure, shapes, dtypes and
   shardings, eagerly and (``jit=True``) under ``jit`` (so the state can be donated and
   checkpointed)."""
@@ -205,15 +241,18 @@ def _stack(trees):
   return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
 
 
-def check_vmap(tx, params, grads, batch: int = 2, steps: int = 2, extra=None,
-               update: Optional[Callable] = None) -> None:
+def check_vmap(
+  tx, params, grads, batch: int = 2, steps: int = 2, extra=None, update: Optional[Callable] = None
+) -> None:
   """Under ``jax.vmap`` over a batch of independent problems, each member gets the result
   it would get alone (problem i has params * (1 + i) and gradients * (1 + 0.5 i)).
   ``update``: the jitted ``update(grads, state, params)`` for the members alone, if the
   caller has one compiled already (default: ``tx.update`` with ``extra`` bound, jitted)."""
   grad_fn = _grads_fn(grads)
-  members = [jax.tree.map(lambda x, i=i: x * jnp.asarray(1 + i, jnp.result_type(x)), params)
-             for i in range(batch)]
+  members = [
+    jax.tree.map(lambda x, i=i: x * jnp.asarray(1 + i, jnp.result_type(x)), params)
+    for i in range(batch)
+  ]
   scales = [1 + 0.5 * i for i in range(batch)]
 
   def member_grads(i, p, t):
@@ -222,8 +261,10 @@ def check_vmap(tx, params, grads, batch: int = 2, steps: int = 2, extra=None,
   # Both sides jitted: one compilation each (the members share shapes), where eager
   # batching would dispatch every operation of every step separately.
   update = update or jax.jit(_bound(tx, extra))
-  alone = [run_steps(tx, members[i], lambda p, t, i=i: member_grads(i, p, t), steps, extra,
-                     update) for i in range(batch)]
+  alone = [
+    run_steps(tx, members[i], lambda p, t, i=i: member_grads(i, p, t), steps, extra, update)
+    for i in range(batch)
+  ]
   p, state = _stack(members), jax.jit(jax.vmap(tx.init))(_stack(members))
   vupdate = jax.jit(jax.vmap(_bound(tx, extra)))
   updates = None  # set by the loop: run_steps above has raised unless steps >= 1
@@ -233,8 +274,9 @@ def check_vmap(tx, params, grads, batch: int = 2, steps: int = 2, extra=None,
     p = apply_updates(p, updates)
   for i in range(batch):
     got = jax.tree.map(lambda x, i=i: x[i], (p, state, updates))
-    _assert_trees_close(got, alone[i], f"vmap member {i}: (params, state, updates)",
-                        _loosest_tolerance(alone[i]))
+    _assert_trees_close(
+      got, alone[i], f"vmap member {i}: (params, state, updates)", _loosest_tolerance(alone[i])
+    )
 
 
 def check_ignores_unknown_kwargs(tx, params, grads, extra=None) -> None:
@@ -242,8 +284,12 @@ def check_ignores_unknown_kwargs(tx, params, grads, extra=None) -> None:
   g = _grads_fn(grads)(params, 0)
   state = tx.init(params)
   plain = tx.update(g, state, params, **dict(extra or {}))
-  more = tx.update(g, state, params, **{"value": jnp.float32(1.0), **dict(extra or {}),
-                                         "an_unknown_argument": object()})
+  more = tx.update(
+    g,
+    state,
+    params,
+    **{"value": jnp.float32(1.0), **dict(extra or {}), "an_unknown_argument": object()},
+  )
   _assert_trees_close(more, plain, "with an unknown keyword: (updates, state)")
 
 
@@ -254,8 +300,9 @@ def check_finite(tx, params, grads, steps: int = 3, extra=None) -> None:
   _assert_finite((final, records), "(params, [(grads, updates, state) per step])")
 
 
-def check_invariants(tx: GradientTransformation, params: Any, grads, *, extra=None,
-                     steps: int = 3, vmap: bool = True) -> None:
+def check_invariants(
+  tx: GradientTransformation, params: Any, grads, *, extra=None, steps: int = 3, vmap: bool = True
+) -> None:
   """Every check above, sharing one eager and one jitted run (so it compiles once).
 
   The finiteness check applies when the parameters and gradients are finite.
@@ -274,8 +321,12 @@ def check_invariants(tx: GradientTransformation, params: Any, grads, *, extra=No
       _assert_layout_kept(state, state0, f"{label} step {t}")
   assert len(traces) == 1, f"the jitted update was traced {len(traces)} times in {steps} steps"
   final = (eager_params, eager[-1][2], eager[-1][1])
-  _assert_trees_close((jitted_params, jitted[-1][2], jitted[-1][1]), final,
-                      "jit against eager: (params, state, updates)", _loosest_tolerance(final))
+  _assert_trees_close(
+    (jitted_params, jitted[-1][2], jitted[-1][1]),
+    final,
+    "jit against eager: (params, state, updates)",
+    _loosest_tolerance(final),
+  )
   if _inputs_finite(params, eager):
     _assert_finite((eager_params, eager), "(params, [(grads, updates, state) per step])")
   check_ignores_unknown_kwargs(tx, params, grads, extra)

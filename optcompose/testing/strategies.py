@@ -30,13 +30,23 @@ import optcompose as oc
 from optcompose.core.registry import REGISTRY
 
 __all__ = [
-    "Pair", "float_dtypes", "shapes", "arrays", "pytrees", "gradients_like", "magnitudes",
-    "HYPERPARAMETERS", "hyperparameters", "transformations", "build",
+  "Pair",
+  "float_dtypes",
+  "shapes",
+  "arrays",
+  "pytrees",
+  "gradients_like",
+  "magnitudes",
+  "HYPERPARAMETERS",
+  "hyperparameters",
+  "transformations",
+  "build",
 ]
 
 
 class Pair(NamedTuple):
   """A NamedTuple node for drawn trees (optimizer states are NamedTuples too)."""
+
   first: Any
   second: Any
 
@@ -50,12 +60,12 @@ def float_dtypes(include_x64: Optional[bool] = None) -> st.SearchStrategy:
   return st.sampled_from(names).map(jnp.dtype)
 
 
-def shapes(max_rank: int = 3, max_side: int = 4, scalars: bool = True,
-           empty: bool = True) -> st.SearchStrategy:
+def shapes(
+  max_rank: int = 3, max_side: int = 4, scalars: bool = True, empty: bool = True
+) -> st.SearchStrategy:
   """Array shapes: rank 0 (if ``scalars``) to ``max_rank``; sides from 0 (if ``empty``)."""
   side = st.integers(0 if empty else 1, max_side)
-  return st.integers(0 if scalars else 1, max_rank).flatmap(
-      lambda rank: st.tuples(*[side] * rank))
+  return st.integers(0 if scalars else 1, max_rank).flatmap(lambda rank: st.tuples(*[side] * rank))
 
 
 def magnitudes(extreme: bool = True) -> st.SearchStrategy:
@@ -64,7 +74,7 @@ def magnitudes(extreme: bool = True) -> st.SearchStrategy:
   The moderate range keeps g^2 within float16's range (6e-8 to 65504), so that a float16
   second moment is not expected to saturate."""
   lo, hi = (-30.0, 30.0) if extreme else (-2.0, 2.0)
-  power = st.floats(lo, hi).map(lambda e: 10.0 ** e)
+  power = st.floats(lo, hi).map(lambda e: 10.0**e)
   signed = st.tuples(st.sampled_from([1.0, -1.0]), power).map(lambda t: t[0] * t[1])
   return st.one_of(signed, st.sampled_from([0.0, -0.0]))
 
@@ -81,14 +91,19 @@ def arrays(dtype, shape, elements: Optional[st.SearchStrategy] = None) -> st.Sea
     elements = st.floats(-2.0, 2.0, width=32)
   size = int(np.prod(shape))
   return st.lists(elements, min_size=size, max_size=size).map(
-      lambda xs: jnp.asarray(_finite_in(dtype, np.asarray(xs, np.float64)).reshape(shape), dtype))
+    lambda xs: jnp.asarray(_finite_in(dtype, np.asarray(xs, np.float64)).reshape(shape), dtype)
+  )
 
 
 _KEYS = ("w", "b", "kernel", "bias", "scale", "embed")
 
 
-def pytrees(dtype: Any = None, max_leaves: int = 5, leaf_shapes: Optional[st.SearchStrategy] = None,
-            elements: Optional[st.SearchStrategy] = None) -> st.SearchStrategy:
+def pytrees(
+  dtype: Any = None,
+  max_leaves: int = 5,
+  leaf_shapes: Optional[st.SearchStrategy] = None,
+  elements: Optional[st.SearchStrategy] = None,
+) -> st.SearchStrategy:
   """Trees of arrays: dicts, tuples and :class:`Pair` NamedTuples nested up to three levels.
 
   ``dtype`` fixes every leaf's dtype; ``None`` draws one per leaf from :func:`float_dtypes`.
@@ -99,10 +114,11 @@ def pytrees(dtype: Any = None, max_leaves: int = 5, leaf_shapes: Optional[st.Sea
 
   def nodes(children):
     return st.one_of(
-        st.dictionaries(st.sampled_from(_KEYS), children, min_size=1, max_size=3),
-        st.tuples(children, children),
-        st.builds(Pair, children, children),
+      st.dictionaries(st.sampled_from(_KEYS), children, min_size=1, max_size=3),
+      st.tuples(children, children),
+      st.builds(Pair, children, children),
     )
+
   return st.recursive(leaf, nodes, max_leaves=max_leaves)
 
 
@@ -122,8 +138,9 @@ def gradients_like(tree: Any, extreme: bool = True) -> st.SearchStrategy:
 
 
 def _declared() -> dict:
-  spec = {name: {arg: h.draw for arg, h in entry.hypers.items()}
-          for name, entry in REGISTRY.items()}
+  spec = {
+    name: {arg: h.draw for arg, h in entry.hypers.items()} for name, entry in REGISTRY.items()
+  }
   # inject_hyperparams returns a factory: the drawn learning rate is the factory's.
   spec["inject_hyperparams"] = {**spec["inject_hyperparams"], "learning_rate": ("float", 1e-5, 1.0)}
   return spec
@@ -150,12 +167,13 @@ def _argument(spec) -> st.SearchStrategy:
   if kind == "float":
     lo, hi = spec[1], spec[2]
     if lo > 0:  # log-uniform: learning rates and epsilons span decades
-      return st.floats(np.log10(lo), np.log10(hi)).map(lambda e: float(10.0 ** e))
+      return st.floats(np.log10(lo), np.log10(hi)).map(lambda e: float(10.0**e))
     # Values that float32 cannot hold as normal numbers are drawn as 0 (the builders refuse
     # a nonzero value that rounds to 0 in its dtype).
     tiny = float(np.finfo(np.float32).tiny)
     return st.floats(lo, hi, allow_nan=False, allow_infinity=False).map(
-        lambda x: 0.0 if abs(x) < tiny else x)
+      lambda x: 0.0 if abs(x) < tiny else x
+    )
   if kind == "int":
     return st.integers(spec[1], spec[2])
   if kind == "bool":
@@ -168,7 +186,8 @@ def _argument(spec) -> st.SearchStrategy:
     return st.floats(1e-4, 1.0).map(lambda lr: oc.warmup_cosine_decay_schedule(0.0, lr, 3, 20))
   if kind == "inner":
     return st.sampled_from(_INNER).flatmap(
-        lambda name: hyperparameters(name).map(lambda kw: build(name, kw)))
+      lambda name: hyperparameters(name).map(lambda kw: build(name, kw))
+    )
   if kind == "inner_pair":
     inner = _argument(("inner",))
     return st.tuples(inner, inner).map(lambda ab: {"a": ab[0], "b": ab[1]})
@@ -192,8 +211,9 @@ def build(name: str, kwargs: dict):
   if name == "inject_hyperparams":
     kwargs = dict(kwargs)
     factory = getattr(oc, kwargs.pop("inner_factory"))
-    return oc.inject_hyperparams(factory, hyperparam_dtype=kwargs.pop("hyperparam_dtype", None)
-                                 )(**kwargs)
+    return oc.inject_hyperparams(factory, hyperparam_dtype=kwargs.pop("hyperparam_dtype", None))(
+      **kwargs
+    )
   return getattr(oc, name)(**kwargs)
 
 
@@ -201,4 +221,5 @@ def transformations(names: Optional[Sequence[str]] = None) -> st.SearchStrategy:
   """``(name, transformation)`` for a public builder drawn from ``names`` (default: all)."""
   names = sorted(HYPERPARAMETERS) if names is None else list(names)
   return st.sampled_from(names).flatmap(
-      lambda n: hyperparameters(n).map(lambda kw, n=n: (n, build(n, kw))))
+    lambda n: hyperparameters(n).map(lambda kw, n=n: (n, build(n, kw)))
+  )

@@ -18,13 +18,28 @@ import jax.numpy as jnp
 
 from optcompose import tree as otree
 from optcompose.core import (
-    DECAY, DTYPE, EPS, EPS_ROOT, FLAG, GradientTransformation, ScalarOrSchedule,
-    check_not_both_zero, expect_state, public,
-    safe_increment, zero_count,
+  DECAY,
+  DTYPE,
+  EPS,
+  EPS_ROOT,
+  FLAG,
+  GradientTransformation,
+  ScalarOrSchedule,
+  check_not_both_zero,
+  expect_state,
+  public,
+  safe_increment,
+  zero_count,
 )
 from optcompose.transforms.statistics import (
-    adam_direction_leaf, debias_factor, debias_leaf, ema_leaf, nesterov_moment_leaf,
-    same_structure, second_moment_ema_leaf, square_leaf,
+  adam_direction_leaf,
+  debias_factor,
+  debias_leaf,
+  ema_leaf,
+  nesterov_moment_leaf,
+  same_structure,
+  second_moment_ema_leaf,
+  square_leaf,
 )
 
 
@@ -34,12 +49,27 @@ class ScaleByAdamState(NamedTuple):
   nu: Any
 
 
-@public("transformation", optax="scale_by_adam", b1=DECAY, b2=DECAY, eps=EPS, eps_root=EPS_ROOT,
-        nesterov=FLAG, mu_dtype=DTYPE, nu_dtype=DTYPE)
-def scale_by_adam(b1: ScalarOrSchedule = 0.9, b2: ScalarOrSchedule = 0.999,
-                  eps: ScalarOrSchedule = 1e-8, eps_root: ScalarOrSchedule = 0.0,
-                  mu_dtype: Optional[Any] = None, *, nesterov: bool = False,
-                  nu_dtype: Optional[Any] = None) -> GradientTransformation:
+@public(
+  "transformation",
+  optax="scale_by_adam",
+  b1=DECAY,
+  b2=DECAY,
+  eps=EPS,
+  eps_root=EPS_ROOT,
+  nesterov=FLAG,
+  mu_dtype=DTYPE,
+  nu_dtype=DTYPE,
+)
+def scale_by_adam(
+  b1: ScalarOrSchedule = 0.9,
+  b2: ScalarOrSchedule = 0.999,
+  eps: ScalarOrSchedule = 1e-8,
+  eps_root: ScalarOrSchedule = 0.0,
+  mu_dtype: Optional[Any] = None,
+  *,
+  nesterov: bool = False,
+  nu_dtype: Optional[Any] = None,
+) -> GradientTransformation:
   """Adam's scaling: ``u = m_hat / (sqrt(v_hat + eps_root) + eps)``.
 
   Update (g: incoming gradient, t: step count from 1, ``m_0 = v_0 = 0``)::
@@ -81,16 +111,18 @@ def scale_by_adam(b1: ScalarOrSchedule = 0.9, b2: ScalarOrSchedule = 0.999,
 
   def init(params):
     otree.check_floating(params, "params")
-    return ScaleByAdamState(zero_count(), otree.zeros_like(params, mu_dtype),
-                            otree.zeros_like(params, nu_dtype))
+    return ScaleByAdamState(
+      zero_count(), otree.zeros_like(params, mu_dtype), otree.zeros_like(params, nu_dtype)
+    )
 
   def update(updates, state, params=None, **extra):
     del params, extra
     expect_state(state, ScaleByAdamState, "scale_by_adam")
     same_structure(updates, state.mu, "mu")
     mu = jax.tree.map(lambda g, m: ema_leaf(b1, m, g), updates, state.mu)
-    nu = jax.tree.map(lambda g, v: second_moment_ema_leaf(b2, v, square_leaf(g, v)), updates,
-                      state.nu)
+    nu = jax.tree.map(
+      lambda g, v: second_moment_ema_leaf(b2, v, square_leaf(g, v)), updates, state.nu
+    )
     stored_mu, stored_nu = otree.cast_like(mu, state.mu), otree.cast_like(nu, state.nu)
     # A second moment stored narrower in precision only (bfloat16 for float32): the update
     # divides the moments as stored. Otherwise XLA computes the update from the *old* stored
@@ -98,22 +130,32 @@ def scale_by_adam(b1: ScalarOrSchedule = 0.9, b2: ScalarOrSchedule = 0.999,
     # on 16M float32 parameters: a step 2.4x to 3.2x AdamW's on CPU). mu_dtype alone
     # (Optax's) keeps Optax's update from the unrounded m_t.
     rounded = jax.tree.map(_rounds_precision_only, nu, stored_nu)
-    mu = jax.tree.map(lambda m, s, r: s.astype(m.dtype) if r and _rounds_precision_only(m, s)
-                      else m, mu, stored_mu, rounded)
+    mu = jax.tree.map(
+      lambda m, s, r: s.astype(m.dtype) if r and _rounds_precision_only(m, s) else m,
+      mu,
+      stored_mu,
+      rounded,
+    )
     nu = jax.tree.map(lambda v, s, r: s.astype(v.dtype) if r else v, nu, stored_nu, rounded)
     count = safe_increment(state.count)
     c1, c2 = debias_factor(b1, count), debias_factor(b2, count)
     if nesterov:
       c1_next = debias_factor(b1, safe_increment(count))
       mu_hat = jax.tree.map(
-          lambda m, g: nesterov_moment_leaf(b1, debias_leaf(m, c1_next), debias_leaf(g, c1)),
-          mu, updates)
+        lambda m, g: nesterov_moment_leaf(b1, debias_leaf(m, c1_next), debias_leaf(g, c1)),
+        mu,
+        updates,
+      )
     else:
       mu_hat = jax.tree.map(lambda m: debias_leaf(m, c1), mu)
     updates = jax.tree.map(
-        lambda g, m, v: adam_direction_leaf(m, debias_leaf(v, c2), eps, eps_root).astype(
-            jnp.result_type(g)),
-        updates, mu_hat, nu)
+      lambda g, m, v: adam_direction_leaf(m, debias_leaf(v, c2), eps, eps_root).astype(
+        jnp.result_type(g)
+      ),
+      updates,
+      mu_hat,
+      nu,
+    )
     return updates, ScaleByAdamState(count, stored_mu, stored_nu)
 
   return GradientTransformation(init, update)
@@ -124,5 +166,6 @@ def _rounds_precision_only(x, stored):
   (bfloat16 for float32; not float16, whose range the statistics are widened for)."""
   narrow, wide = jnp.finfo(stored.dtype), jnp.finfo(x.dtype)
   return stored.dtype != x.dtype and (narrow.minexp, narrow.maxexp) == (wide.minexp, wide.maxexp)
+
 
 __all__ = ["ScaleByAdamState"]  # and the builders it registers

@@ -22,14 +22,31 @@ import jax.numpy as jnp
 
 from optcompose import tree as otree
 from optcompose.core import (
-    DECAY, EPS, EPS_POSITIVE, EPS_ROOT, MOMENTUM, GradientTransformation, ScalarOrSchedule,
-    check_not_both_zero, expect_state, public, real, safe_increment, zero_count,
+  DECAY,
+  EPS,
+  EPS_POSITIVE,
+  EPS_ROOT,
+  MOMENTUM,
+  GradientTransformation,
+  ScalarOrSchedule,
+  check_not_both_zero,
+  expect_state,
+  public,
+  real,
+  safe_increment,
+  zero_count,
 )
 from optcompose.transforms.adaptive import ScaleByAdamState
 from optcompose.transforms.adaptive_variants import FIXED_DECAY
 from optcompose.transforms.statistics import (
-    _wide_enough, adam_direction_leaf, debias_factor, debias_leaf, ema_leaf, moments_init,
-    same_structure, square_leaf,
+  _wide_enough,
+  adam_direction_leaf,
+  debias_factor,
+  debias_leaf,
+  ema_leaf,
+  moments_init,
+  same_structure,
+  square_leaf,
 )
 
 # ----------------------------------------------------------------------------------------
@@ -75,12 +92,22 @@ def _keep_dtype(updates, new):
 # The transformations.
 
 
-@public("transformation", optax="scale_by_yogi", b1=DECAY, b2=DECAY, eps=EPS,
-        eps_root=EPS_ROOT,
-        initial_accumulator_value=real(0.0, draw=(1e-8, 1e-2), schedule=False))
-def scale_by_yogi(b1: ScalarOrSchedule = 0.9, b2: ScalarOrSchedule = 0.999,
-                  eps: ScalarOrSchedule = 1e-3, eps_root: ScalarOrSchedule = 0.0,
-                  initial_accumulator_value: float = 1e-6) -> GradientTransformation:
+@public(
+  "transformation",
+  optax="scale_by_yogi",
+  b1=DECAY,
+  b2=DECAY,
+  eps=EPS,
+  eps_root=EPS_ROOT,
+  initial_accumulator_value=real(0.0, draw=(1e-8, 1e-2), schedule=False),
+)
+def scale_by_yogi(
+  b1: ScalarOrSchedule = 0.9,
+  b2: ScalarOrSchedule = 0.999,
+  eps: ScalarOrSchedule = 1e-3,
+  eps_root: ScalarOrSchedule = 0.0,
+  initial_accumulator_value: float = 1e-6,
+) -> GradientTransformation:
   """Yogi's scaling: Adam's direction with an additive, sign-corrected second moment.
 
   Update (t from 1, ``m_0 = v_0 = initial_accumulator_value``)::
@@ -113,8 +140,11 @@ def scale_by_yogi(b1: ScalarOrSchedule = 0.9, b2: ScalarOrSchedule = 0.999,
   check_not_both_zero("scale_by_yogi", eps, eps_root)
 
   def init(params):
-    return ScaleByAdamState(zero_count(), moments_init(params, value=initial_accumulator_value),
-                            moments_init(params, value=initial_accumulator_value))
+    return ScaleByAdamState(
+      zero_count(),
+      moments_init(params, value=initial_accumulator_value),
+      moments_init(params, value=initial_accumulator_value),
+    )
 
   def update(updates, state, params=None, **extra):
     del params, extra
@@ -125,8 +155,10 @@ def scale_by_yogi(b1: ScalarOrSchedule = 0.9, b2: ScalarOrSchedule = 0.999,
     count = safe_increment(state.count)
     c1, c2 = debias_factor(b1, count), debias_factor(b2, count)
     new = jax.tree.map(
-        lambda m, v: adam_direction_leaf(debias_leaf(m, c1), debias_leaf(v, c2), eps, eps_root),
-        mu, nu)
+      lambda m, v: adam_direction_leaf(debias_leaf(m, c1), debias_leaf(v, c2), eps, eps_root),
+      mu,
+      nu,
+    )
     mu, nu = otree.cast_like(mu, state.mu), otree.cast_like(nu, state.nu)
     return _keep_dtype(updates, new), ScaleByAdamState(count, mu, nu)
 
@@ -134,8 +166,9 @@ def scale_by_yogi(b1: ScalarOrSchedule = 0.9, b2: ScalarOrSchedule = 0.999,
 
 
 @public("transformation", optax="scale_by_adamax", b1=DECAY, b2=MOMENTUM, eps=EPS_POSITIVE)
-def scale_by_adamax(b1: ScalarOrSchedule = 0.9, b2: ScalarOrSchedule = 0.999,
-                    eps: ScalarOrSchedule = 1e-8) -> GradientTransformation:
+def scale_by_adamax(
+  b1: ScalarOrSchedule = 0.9, b2: ScalarOrSchedule = 0.999, eps: ScalarOrSchedule = 1e-8
+) -> GradientTransformation:
   """AdaMax's scaling: the debiased first moment over an exponentially weighted infinity norm.
 
   Update (t from 1, ``m_0 = v_0 = 0``)::
@@ -188,11 +221,22 @@ class ScaleByAdanState(NamedTuple):
   t: jax.Array
 
 
-@public("transformation", optax="scale_by_adan", b1=DECAY, b2=DECAY,
-        b3=FIXED_DECAY, eps=EPS, eps_root=EPS_ROOT)
-def scale_by_adan(b1: ScalarOrSchedule = 0.98, b2: ScalarOrSchedule = 0.92,
-                  b3: float = 0.99, eps: ScalarOrSchedule = 1e-8,
-                  eps_root: ScalarOrSchedule = 0.0) -> GradientTransformation:
+@public(
+  "transformation",
+  optax="scale_by_adan",
+  b1=DECAY,
+  b2=DECAY,
+  b3=FIXED_DECAY,
+  eps=EPS,
+  eps_root=EPS_ROOT,
+)
+def scale_by_adan(
+  b1: ScalarOrSchedule = 0.98,
+  b2: ScalarOrSchedule = 0.92,
+  b3: float = 0.99,
+  eps: ScalarOrSchedule = 1e-8,
+  eps_root: ScalarOrSchedule = 0.0,
+) -> GradientTransformation:
   """Adan's scaling: Nesterov-type moments of the gradient and of its step-to-step difference.
 
   Update (t from 1, all moments 0 at the start, ``d_1 = 0``)::
@@ -225,8 +269,13 @@ def scale_by_adan(b1: ScalarOrSchedule = 0.98, b2: ScalarOrSchedule = 0.92,
   check_not_both_zero("scale_by_adan", eps, eps_root)
 
   def init(params):
-    return ScaleByAdanState(moments_init(params), moments_init(params), moments_init(params),
-                            moments_init(params), zero_count())
+    return ScaleByAdanState(
+      moments_init(params),
+      moments_init(params),
+      moments_init(params),
+      moments_init(params),
+      zero_count(),
+    )
 
   def update(updates, state, params=None, **extra):
     del params, extra
@@ -236,20 +285,29 @@ def scale_by_adan(b1: ScalarOrSchedule = 0.98, b2: ScalarOrSchedule = 0.92,
     diff = jax.tree.map(lambda g, p: difference_leaf(g, p, started), updates, state.g)
     m = jax.tree.map(lambda g, m: ema_leaf(b1, m, g), updates, state.m)
     v = jax.tree.map(lambda d, v: ema_leaf(b2, v, d), diff, state.v)
-    n = jax.tree.map(lambda g, d, n: ema_leaf(b3, n, square_leaf(adan_sum_leaf(b2, g, d), n)),
-                     updates, diff, state.n)
+    n = jax.tree.map(
+      lambda g, d, n: ema_leaf(b3, n, square_leaf(adan_sum_leaf(b2, g, d), n)),
+      updates,
+      diff,
+      state.n,
+    )
     t = safe_increment(state.t)
     c1, c2, c3 = debias_factor(b1, t), debias_factor(b2, t), debias_factor(b3, t)
     new = jax.tree.map(
-        lambda m, v, n: adam_direction_leaf(
-            adan_sum_leaf(b2, debias_leaf(m, c1), debias_leaf(v, c2)), debias_leaf(n, c3),
-            eps, eps_root),
-        m, v, n)
+      lambda m, v, n: adam_direction_leaf(
+        adan_sum_leaf(b2, debias_leaf(m, c1), debias_leaf(v, c2)), debias_leaf(n, c3), eps, eps_root
+      ),
+      m,
+      v,
+      n,
+    )
     cast = otree.cast_like
-    state = ScaleByAdanState(cast(m, state.m), cast(v, state.v), cast(n, state.n),
-                             cast(updates, state.g), t)
+    state = ScaleByAdanState(
+      cast(m, state.m), cast(v, state.v), cast(n, state.n), cast(updates, state.g), t
+    )
     return _keep_dtype(updates, new), state
 
   return GradientTransformation(init, update)
+
 
 __all__ = ["ScaleByAdanState"]  # and the builders it registers

@@ -25,14 +25,31 @@ import jax.numpy as jnp
 
 from optcompose import tree as otree
 from optcompose.core import (
-    DECAY, DTYPE, EPS, EPS_ROOT, FLAG, GradientTransformation, ScalarOrSchedule,
-    check_hyperparameter, check_not_both_zero, expect_state, public, real, safe_increment,
-    zero_count,
+  DECAY,
+  DTYPE,
+  EPS,
+  EPS_ROOT,
+  FLAG,
+  GradientTransformation,
+  ScalarOrSchedule,
+  check_hyperparameter,
+  check_not_both_zero,
+  expect_state,
+  public,
+  real,
+  safe_increment,
+  zero_count,
 )
 from optcompose.transforms.adaptive import ScaleByAdamState
 from optcompose.transforms.statistics import (
-    _wide_enough, adam_direction_leaf, debias_factor, debias_leaf, ema_leaf,
-    nesterov_moment_leaf, same_structure, square_leaf,
+  _wide_enough,
+  adam_direction_leaf,
+  debias_factor,
+  debias_leaf,
+  ema_leaf,
+  nesterov_moment_leaf,
+  same_structure,
+  square_leaf,
 )
 
 # ----------------------------------------------------------------------------------------
@@ -58,8 +75,7 @@ def radam_rectification(b2, count, threshold):
   count = jnp.asarray(count)
   b2t = jax.lax.pow(jnp.asarray(b2).astype(wide), count)
   rho = rho_inf - 2 * count.astype(wide) * b2t / (1 - b2t)
-  r = jnp.sqrt((rho - 4.0) * (rho - 2.0) * rho_inf
-               / ((rho_inf - 4.0) * (rho_inf - 2.0) * rho))
+  r = jnp.sqrt((rho - 4.0) * (rho - 2.0) * rho_inf / ((rho_inf - 4.0) * (rho_inf - 2.0) * rho))
   rectified = rho >= threshold
   return rectified, jnp.where(rectified, r, 1)
 
@@ -85,8 +101,8 @@ def first_moment_hat(b1, mu, updates, count, nesterov):
     return jax.tree.map(lambda m: debias_leaf(m, c1), mu)
   c1_next = debias_factor(b1, safe_increment(count))
   return jax.tree.map(
-      lambda m, g: nesterov_moment_leaf(b1, debias_leaf(m, c1_next), debias_leaf(g, c1)),
-      mu, updates)
+    lambda m, g: nesterov_moment_leaf(b1, debias_leaf(m, c1_next), debias_leaf(g, c1)), mu, updates
+  )
 
 
 def _keep_dtype(updates, new):
@@ -103,11 +119,23 @@ class ScaleByBeliefState(NamedTuple):
   nu: Any
 
 
-@public("transformation", optax="scale_by_belief", b1=DECAY, b2=DECAY, eps=EPS,
-        eps_root=EPS_ROOT, nesterov=FLAG)
-def scale_by_belief(b1: ScalarOrSchedule = 0.9, b2: ScalarOrSchedule = 0.999,
-                    eps: ScalarOrSchedule = 1e-16, eps_root: ScalarOrSchedule = 1e-16, *,
-                    nesterov: bool = False) -> GradientTransformation:
+@public(
+  "transformation",
+  optax="scale_by_belief",
+  b1=DECAY,
+  b2=DECAY,
+  eps=EPS,
+  eps_root=EPS_ROOT,
+  nesterov=FLAG,
+)
+def scale_by_belief(
+  b1: ScalarOrSchedule = 0.9,
+  b2: ScalarOrSchedule = 0.999,
+  eps: ScalarOrSchedule = 1e-16,
+  eps_root: ScalarOrSchedule = 1e-16,
+  *,
+  nesterov: bool = False,
+) -> GradientTransformation:
   """AdaBelief's scaling: Adam's direction with the EMA of ``(g - m)^2`` for the second moment.
 
   Update (t from 1, ``m_0 = s_0 = 0``)::
@@ -148,13 +176,13 @@ def scale_by_belief(b1: ScalarOrSchedule = 0.9, b2: ScalarOrSchedule = 0.999,
     expect_state(state, ScaleByBeliefState, "scale_by_belief")
     same_structure(updates, state.mu, "mu")
     mu = jax.tree.map(lambda g, m: ema_leaf(b1, m, g), updates, state.mu)
-    nu = jax.tree.map(lambda g, m, s: belief_leaf(b2, s, g, m, eps_root),
-                      updates, mu, state.nu)
+    nu = jax.tree.map(lambda g, m, s: belief_leaf(b2, s, g, m, eps_root), updates, mu, state.nu)
     count = safe_increment(state.count)
     mu_hat = first_moment_hat(b1, mu, updates, count, nesterov)
     c2 = debias_factor(b2, count)
-    new = jax.tree.map(lambda m, s: adam_direction_leaf(m, debias_leaf(s, c2), eps, 0.0),
-                       mu_hat, nu)
+    new = jax.tree.map(
+      lambda m, s: adam_direction_leaf(m, debias_leaf(s, c2), eps, 0.0), mu_hat, nu
+    )
     mu, nu = otree.cast_like(mu, state.mu), otree.cast_like(nu, state.nu)
     return _keep_dtype(updates, new), ScaleByBeliefState(count, mu, nu)
 
@@ -169,11 +197,25 @@ FIXED_DECAY = DECAY._replace(schedule=False)
 RADAM_THRESHOLD = real(draw=(4.0, 10.0), schedule=False)
 
 
-@public("transformation", optax="scale_by_radam", b1=DECAY, b2=FIXED_DECAY, eps=EPS,
-        eps_root=EPS_ROOT, threshold=RADAM_THRESHOLD, nesterov=FLAG)
-def scale_by_radam(b1: ScalarOrSchedule = 0.9, b2: float = 0.999,
-                   eps: ScalarOrSchedule = 1e-8, eps_root: ScalarOrSchedule = 0.0,
-                   threshold: float = 5.0, *, nesterov: bool = False) -> GradientTransformation:
+@public(
+  "transformation",
+  optax="scale_by_radam",
+  b1=DECAY,
+  b2=FIXED_DECAY,
+  eps=EPS,
+  eps_root=EPS_ROOT,
+  threshold=RADAM_THRESHOLD,
+  nesterov=FLAG,
+)
+def scale_by_radam(
+  b1: ScalarOrSchedule = 0.9,
+  b2: float = 0.999,
+  eps: ScalarOrSchedule = 1e-8,
+  eps_root: ScalarOrSchedule = 0.0,
+  threshold: float = 5.0,
+  *,
+  nesterov: bool = False,
+) -> GradientTransformation:
   """Rectified Adam's scaling: Adam's direction times ``r_t``, or ``m_hat`` while rho_t is small.
 
   Update (t from 1; m, v, m_hat, v_hat as in :func:`scale_by_adam`)::
@@ -221,9 +263,10 @@ def scale_by_radam(b1: ScalarOrSchedule = 0.9, b2: float = 0.999,
     c2 = debias_factor(b2, count)
     rectified, r = radam_rectification(b2, count, threshold)
     new = jax.tree.map(
-        lambda m, v: rectified_direction_leaf(rectified, r, m, debias_leaf(v, c2), eps,
-                                              eps_root),
-        mu_hat, nu)
+      lambda m, v: rectified_direction_leaf(rectified, r, m, debias_leaf(v, c2), eps, eps_root),
+      mu_hat,
+      nu,
+    )
     mu, nu = otree.cast_like(mu, state.mu), otree.cast_like(nu, state.nu)
     return _keep_dtype(updates, new), ScaleByAdamState(count, mu, nu)
 
@@ -237,12 +280,26 @@ class ScaleByAmsgradState(NamedTuple):
   nu_max: Any
 
 
-@public("transformation", optax="scale_by_amsgrad", b1=DECAY, b2=DECAY, eps=EPS,
-        eps_root=EPS_ROOT, mu_dtype=DTYPE, bias_correction_mu=FLAG, bias_correction_nu=FLAG)
-def scale_by_amsgrad(b1: ScalarOrSchedule = 0.9, b2: ScalarOrSchedule = 0.999,
-                     eps: ScalarOrSchedule = 1e-8, eps_root: ScalarOrSchedule = 0.0,
-                     mu_dtype: Optional[Any] = None, bias_correction_mu: bool = True,
-                     bias_correction_nu: bool = True) -> GradientTransformation:
+@public(
+  "transformation",
+  optax="scale_by_amsgrad",
+  b1=DECAY,
+  b2=DECAY,
+  eps=EPS,
+  eps_root=EPS_ROOT,
+  mu_dtype=DTYPE,
+  bias_correction_mu=FLAG,
+  bias_correction_nu=FLAG,
+)
+def scale_by_amsgrad(
+  b1: ScalarOrSchedule = 0.9,
+  b2: ScalarOrSchedule = 0.999,
+  eps: ScalarOrSchedule = 1e-8,
+  eps_root: ScalarOrSchedule = 0.0,
+  mu_dtype: Optional[Any] = None,
+  bias_correction_mu: bool = True,
+  bias_correction_nu: bool = True,
+) -> GradientTransformation:
   """AMSGrad's scaling: Adam's direction with the running maximum of the second moment.
 
   Update (t from 1; m, v as in :func:`scale_by_adam`)::
@@ -275,8 +332,12 @@ def scale_by_amsgrad(b1: ScalarOrSchedule = 0.9, b2: ScalarOrSchedule = 0.999,
 
   def init(params):
     otree.check_floating(params, "params")
-    return ScaleByAmsgradState(zero_count(), otree.zeros_like(params, mu_dtype),
-                               otree.zeros_like(params), otree.zeros_like(params))
+    return ScaleByAmsgradState(
+      zero_count(),
+      otree.zeros_like(params, mu_dtype),
+      otree.zeros_like(params),
+      otree.zeros_like(params),
+    )
 
   def update(updates, state, params=None, **extra):
     del params, extra
@@ -288,13 +349,16 @@ def scale_by_amsgrad(b1: ScalarOrSchedule = 0.9, b2: ScalarOrSchedule = 0.999,
     mu_hat = first_moment_hat(b1, mu, updates, count, False) if bias_correction_mu else mu
     c2 = debias_factor(b2, count)
     nu_max = jax.tree.map(
-        lambda w, v: running_max_leaf(w, debias_leaf(v, c2) if bias_correction_nu else v),
-        state.nu_max, nu)
+      lambda w, v: running_max_leaf(w, debias_leaf(v, c2) if bias_correction_nu else v),
+      state.nu_max,
+      nu,
+    )
     new = jax.tree.map(lambda m, w: adam_direction_leaf(m, w, eps, eps_root), mu_hat, nu_max)
     mu, nu = otree.cast_like(mu, state.mu), otree.cast_like(nu, state.nu)
     nu_max = otree.cast_like(nu_max, state.nu_max)
     return _keep_dtype(updates, new), ScaleByAmsgradState(count, mu, nu, nu_max)
 
   return GradientTransformation(init, update)
+
 
 __all__ = ["ScaleByAmsgradState", "ScaleByBeliefState"]  # and the builders it registers

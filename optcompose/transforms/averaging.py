@@ -41,8 +41,18 @@ import jax.numpy as jnp
 
 from optcompose import tree as otree
 from optcompose.core import (
-    DTYPE, FLAG, GradientTransformation, cond, default_float, expect_state, integer,
-    needs_params, public, real, safe_increment, zero_count,
+  DTYPE,
+  FLAG,
+  GradientTransformation,
+  cond,
+  default_float,
+  expect_state,
+  integer,
+  needs_params,
+  public,
+  real,
+  safe_increment,
+  zero_count,
 )
 
 
@@ -112,16 +122,18 @@ def rounded_to(x, dtype):
 
 def _post_step(params, updates):
   """The parameters training will hold after this step (``apply_updates``' rounding)."""
-  return jax.tree.map(lambda p, u: rounded_to(jnp.add(*otree.promote(p, u)), jnp.asarray(p).dtype),
-                      params, updates)
+  return jax.tree.map(
+    lambda p, u: rounded_to(jnp.add(*otree.promote(p, u)), jnp.asarray(p).dtype), params, updates
+  )
 
 
 # ---------------------------------------------------------------------------------------
 # Transformations.
 
 
-def _averaging(fn: str, state_type, weight, start_step: int, every: int,
-               accumulator_dtype) -> GradientTransformation:
+def _averaging(
+  fn: str, state_type, weight, start_step: int, every: int, accumulator_dtype
+) -> GradientTransformation:
   """The transformation shared by :func:`ema_params` and :func:`swa`; ``weight(n)``."""
   always = every == 1 and start_step <= 1
 
@@ -157,10 +169,21 @@ def _averaging(fn: str, state_type, weight, start_step: int, every: int,
 _STEPS = dict(start_step=integer(0, draw=(0, 3)), every=integer(1, draw=(1, 3)))
 
 
-@public("transformation", averager=True, decay=real(0.0, 1.0, high_open=True, draw=(0.0, 0.999), schedule=False),
-        debias=FLAG, accumulator_dtype=DTYPE, **_STEPS)
-def ema_params(decay: float, debias: bool = True, start_step: int = 0, every: int = 1,
-               accumulator_dtype: Optional[Any] = None) -> GradientTransformation:
+@public(
+  "transformation",
+  averager=True,
+  decay=real(0.0, 1.0, high_open=True, draw=(0.0, 0.999), schedule=False),
+  debias=FLAG,
+  accumulator_dtype=DTYPE,
+  **_STEPS,
+)
+def ema_params(
+  decay: float,
+  debias: bool = True,
+  start_step: int = 0,
+  every: int = 1,
+  accumulator_dtype: Optional[Any] = None,
+) -> GradientTransformation:
   """Exponential moving average of the parameters after each step, kept in the state.
 
   Passes the updates through unchanged; place it last in the chain. At each averaged step
@@ -199,13 +222,15 @@ def ema_params(decay: float, debias: bool = True, start_step: int = 0, every: in
     Optimization", ICLR 2015 (section 7.2, temporal averaging with bias correction).
   """
   fn = "ema_params"
-  return _averaging(fn, EmaParamsState, lambda n: ema_weight(decay, n, debias), start_step,
-                    every, accumulator_dtype)
+  return _averaging(
+    fn, EmaParamsState, lambda n: ema_weight(decay, n, debias), start_step, every, accumulator_dtype
+  )
 
 
 @public("transformation", averager=True, accumulator_dtype=DTYPE, **_STEPS)
-def swa(start_step: int = 0, every: int = 1,
-        accumulator_dtype: Optional[Any] = None) -> GradientTransformation:
+def swa(
+  start_step: int = 0, every: int = 1, accumulator_dtype: Optional[Any] = None
+) -> GradientTransformation:
   """Stochastic weight averaging: the equal-weight mean of the parameters, kept in the state.
 
   The parameters after the step are averaged every ``every`` steps from step
@@ -252,8 +277,9 @@ def _is_average_state(node) -> bool:
 
 def average_states(state) -> list:
   """``(path, node)`` for every :func:`ema_params` / :func:`swa` state in a state tree."""
-  return [("/".join(path) or "<root>", node)
-          for path, node in otree.find_nodes(state, _is_average_state)]
+  return [
+    ("/".join(path) or "<root>", node) for path, node in otree.find_nodes(state, _is_average_state)
+  ]
 
 
 def averaged_params(state, kind: Optional[str] = None) -> Any:
@@ -286,16 +312,22 @@ def averaged_params(state, kind: Optional[str] = None) -> Any:
   """
   if kind is not None and kind not in _AVERAGE_STATES:
     raise ValueError(f"averaged_params: `kind` must be 'ema', 'swa' or None, got {kind!r}.")
-  found = [(p, s) for p, s in average_states(state)
-           if kind is None or isinstance(s, _AVERAGE_STATES[kind])]
+  found = [
+    (p, s) for p, s in average_states(state) if kind is None or isinstance(s, _AVERAGE_STATES[kind])
+  ]
   if not found:
     what = {None: "an ema_params or swa", "ema": "an ema_params", "swa": "a swa"}[kind]
-    raise ValueError(f"averaged_params: the state holds no {what} state; add "
-                     "ema_params(...) or swa(...) last in the chain.")
+    raise ValueError(
+      f"averaged_params: the state holds no {what} state; add "
+      "ema_params(...) or swa(...) last in the chain."
+    )
   if len(found) > 1:
     where = ", ".join(f"{type(s).__name__} at {p}" for p, s in found)
-    raise ValueError(f"averaged_params: the state holds {len(found)} averages ({where}); "
-                     "pass kind='ema' or kind='swa', or index the state.")
+    raise ValueError(
+      f"averaged_params: the state holds {len(found)} averages ({where}); "
+      "pass kind='ema' or kind='swa', or index the state."
+    )
   return found[0][1].average
+
 
 __all__ = ["EmaParamsState", "SwaState", "averaged_params"]  # and the builders it registers

@@ -29,12 +29,27 @@ import jax.numpy as jnp
 
 from optcompose import tree as otree
 from optcompose.core import (
-    DECAY, DTYPE, EPS, EPS_POSITIVE, EPS_ROOT, GradientTransformation, check_not_both_zero,
-    expect_state, needs_params, public, real, safe_increment, zero_count,
+  DECAY,
+  DTYPE,
+  EPS,
+  EPS_POSITIVE,
+  EPS_ROOT,
+  GradientTransformation,
+  check_not_both_zero,
+  expect_state,
+  needs_params,
+  public,
+  real,
+  safe_increment,
+  zero_count,
 )
 from optcompose.masks import reject_layouts
 from optcompose.transforms.statistics import (
-    _wide_enough, ema_leaf, moments_init, same_structure, square_leaf,
+  _wide_enough,
+  ema_leaf,
+  moments_init,
+  same_structure,
+  square_leaf,
 )
 
 
@@ -45,6 +60,7 @@ def _op(fn, *xs):
 
 # ----------------------------------------------------------------------------------------
 # Adadelta.
+
 
 class ScaleByAdaDeltaState(NamedTuple):
   e_g: Any  # E[g^2], the running mean of squared gradients
@@ -58,8 +74,12 @@ def adadelta_leaf(g, e_g, e_x_prev, eps):
   return _op(jnp.multiply, ratio, g).astype(jnp.result_type(g))
 
 
-@public("transformation", optax="scale_by_adadelta",
-        rho=real(0.0, 1.0, draw=(0.0, 0.99), schedule=False), eps=EPS_POSITIVE)
+@public(
+  "transformation",
+  optax="scale_by_adadelta",
+  rho=real(0.0, 1.0, draw=(0.0, 0.99), schedule=False),
+  eps=EPS_POSITIVE,
+)
 def scale_by_adadelta(rho: float = 0.9, eps: float = 1e-6) -> GradientTransformation:
   """Adadelta's scaling: ``u = sqrt(E[dx^2]_{t-1} + eps) / sqrt(E[g^2]_t + eps) g``.
 
@@ -95,14 +115,16 @@ def scale_by_adadelta(rho: float = 0.9, eps: float = 1e-6) -> GradientTransforma
     e_g = jax.tree.map(lambda g, v: ema_leaf(rho, v, square_leaf(g, v)), updates, state.e_g)
     updates = jax.tree.map(lambda g, v, x: adadelta_leaf(g, v, x, eps), updates, e_g, state.e_x)
     e_x = jax.tree.map(lambda u, x: ema_leaf(rho, x, square_leaf(u, x)), updates, state.e_x)
-    return updates, ScaleByAdaDeltaState(otree.cast_like(e_g, state.e_g),
-                                         otree.cast_like(e_x, state.e_x))
+    return updates, ScaleByAdaDeltaState(
+      otree.cast_like(e_g, state.e_g), otree.cast_like(e_x, state.e_x)
+    )
 
   return GradientTransformation(init, update)
 
 
 # ----------------------------------------------------------------------------------------
 # NovoGrad.
+
 
 class ScaleByNovogradState(NamedTuple):
   count: jax.Array
@@ -131,12 +153,24 @@ def _first_step_zero(count, beta):
   return jnp.where(count == 1, jnp.zeros_like(beta_arr), beta_arr)
 
 
-@public("transformation", optax="scale_by_novograd", b1=real(0.0, 1.0, draw=(0.0, 0.99)),
-        b2=DECAY, eps=EPS, eps_root=EPS_ROOT, weight_decay=real(0.0, draw=(0.0, 0.1)),
-        mu_dtype=DTYPE)
-def scale_by_novograd(b1: float = 0.9, b2: float = 0.25, eps: float = 1e-8,
-                      eps_root: float = 0.0, weight_decay: float = 0.0,
-                      mu_dtype: Optional[Any] = None) -> GradientTransformation:
+@public(
+  "transformation",
+  optax="scale_by_novograd",
+  b1=real(0.0, 1.0, draw=(0.0, 0.99)),
+  b2=DECAY,
+  eps=EPS,
+  eps_root=EPS_ROOT,
+  weight_decay=real(0.0, draw=(0.0, 0.1)),
+  mu_dtype=DTYPE,
+)
+def scale_by_novograd(
+  b1: float = 0.9,
+  b2: float = 0.25,
+  eps: float = 1e-8,
+  eps_root: float = 0.0,
+  weight_decay: float = 0.0,
+  mu_dtype: Optional[Any] = None,
+) -> GradientTransformation:
   """NovoGrad's scaling: momentum of gradients normalised by their leaf's running norm.
 
   Update, per leaf (``n`` a scalar per leaf; t from 1)::
@@ -188,6 +222,7 @@ def scale_by_novograd(b1: float = 0.9, b2: float = 0.25, eps: float = 1e-8,
     count = safe_increment(state.count)
     b1_t, b2_t = _first_step_zero(count, b1), _first_step_zero(count, b2)
     nu = jax.tree.map(lambda g, n: ema_leaf(b2_t, n, leaf_squared_norm(g)), updates, state.nu)
+
     def momentum(g, n, m, w=None):
       direction = novograd_direction_leaf(g, n, eps, eps_root, weight_decay if decays else None, w)
       return _op(jnp.add, _op(jnp.multiply, b1_t, m), direction)
@@ -203,6 +238,7 @@ def scale_by_novograd(b1: float = 0.9, b2: float = 0.25, eps: float = 1e-8,
 
 # ----------------------------------------------------------------------------------------
 # SM3.
+
 
 class ScaleBySM3State(NamedTuple):
   mu: Any  # per leaf, a list of one cover vector per axis (shape (n_i,))
@@ -220,8 +256,9 @@ def sm3_accumulator_leaf(g, covers, c2, b2):
   if g.ndim < 2:
     low = jnp.reshape(covers[0], g.shape)
   else:
-    shaped = [jnp.reshape(v, [1] * i + [g.shape[i]] + [1] * (g.ndim - i - 1))
-              for i, v in enumerate(covers)]
+    shaped = [
+      jnp.reshape(v, [1] * i + [g.shape[i]] + [1] * (g.ndim - i - 1)) for i, v in enumerate(covers)
+    ]
     low = functools.reduce(jnp.minimum, shaped)
   return _op(jnp.add, _op(jnp.multiply, c2, g2), _op(jnp.multiply, b2, _wide_enough(low)))
 
@@ -237,8 +274,10 @@ def sm3_covers_leaf(a):
   accumulator for a vector or a scalar)."""
   if a.ndim < 2:
     return [a]
-  return [jnp.max(a, axis=_other_axes(i, a.ndim), initial=0 if a.size == 0 else None)
-          for i in range(a.ndim)]
+  return [
+    jnp.max(a, axis=_other_axes(i, a.ndim), initial=0 if a.size == 0 else None)
+    for i in range(a.ndim)
+  ]
 
 
 def _covers_init(p):
@@ -247,8 +286,13 @@ def _covers_init(p):
   return [jnp.zeros((p.shape[i],), jnp.result_type(p)) for i in range(p.ndim)]
 
 
-@public("transformation", optax="scale_by_sm3", b1=real(0.0, 1.0, draw=(0.0, 0.99)),
-        b2=real(0.0, 1.0, draw=(0.9, 1.0)), eps=EPS)
+@public(
+  "transformation",
+  optax="scale_by_sm3",
+  b1=real(0.0, 1.0, draw=(0.0, 0.99)),
+  b2=real(0.0, 1.0, draw=(0.9, 1.0)),
+  eps=EPS,
+)
 def scale_by_sm3(b1: float = 0.9, b2: float = 1.0, eps: float = 1e-8) -> GradientTransformation:
   """SM3's scaling: an Adagrad-like accumulator stored as one cover vector per axis.
 
@@ -299,11 +343,11 @@ def scale_by_sm3(b1: float = 0.9, b2: float = 1.0, eps: float = 1e-8) -> Gradien
     a = [sm3_accumulator_leaf(g, c, c2, b2) for g, c in zip(jax.tree.leaves(updates), covers)]
     scaled = [sm3_scaled_leaf(g, x, eps) for g, x in zip(jax.tree.leaves(updates), a)]
     nu = [ema_leaf(b1, v, s) for v, s in zip(treedef.flatten_up_to(state.nu), scaled)]
-    new_covers = [[c.astype(old.dtype) for c, old in zip(sm3_covers_leaf(x), cs)]
-                  for x, cs in zip(a, covers)]
+    new_covers = [
+      [c.astype(old.dtype) for c, old in zip(sm3_covers_leaf(x), cs)] for x, cs in zip(a, covers)
+    ]
     nu = otree.cast_like(treedef.unflatten(nu), state.nu)
-    return (otree.cast_like(nu, updates),
-            ScaleBySM3State(treedef.unflatten(new_covers), nu))
+    return (otree.cast_like(nu, updates), ScaleBySM3State(treedef.unflatten(new_covers), nu))
 
   return GradientTransformation(init, update)
 

@@ -33,8 +33,14 @@ import jax.numpy as jnp
 
 from optcompose import tree as otree
 from optcompose.core import (
-    EmptyState, GradientTransformation, ScalarOrSchedule, needs_params, public, real, stateless,
-    stateless_with_tree_map,
+  EmptyState,
+  GradientTransformation,
+  ScalarOrSchedule,
+  needs_params,
+  public,
+  real,
+  stateless,
+  stateless_with_tree_map,
 )
 from optcompose.masks import reject_layouts
 
@@ -105,8 +111,7 @@ def clip(max_delta: ScalarOrSchedule) -> GradientTransformation:
   # A number here: `public` rebuilds the transformation with each value of a schedule.
   max_delta = cast("float | jax.Array", max_delta)
   # In the wider of u's and max_delta's dtypes.
-  return stateless_with_tree_map(
-      lambda u, w: jnp.clip(*otree.promote(u, -max_delta, max_delta)))
+  return stateless_with_tree_map(lambda u, w: jnp.clip(*otree.promote(u, -max_delta, max_delta)))
 
 
 class ClipByGlobalNormState(NamedTuple):
@@ -147,10 +152,15 @@ def clip_by_global_norm(max_norm: ScalarOrSchedule) -> GradientTransformation:
   return GradientTransformation(init, update)
 
 
-@public("transformation", optax="normalize_by_update_norm",
-        scale_factor=real(draw=(-2.0, -0.01)), eps=real(0.0, low_open=True, draw=(1e-8, 1e-3)))
-def normalize_by_update_norm(scale_factor: ScalarOrSchedule = 1.0,
-                             eps: ScalarOrSchedule = 1e-6) -> GradientTransformation:
+@public(
+  "transformation",
+  optax="normalize_by_update_norm",
+  scale_factor=real(draw=(-2.0, -0.01)),
+  eps=real(0.0, low_open=True, draw=(1e-8, 1e-3)),
+)
+def normalize_by_update_norm(
+  scale_factor: ScalarOrSchedule = 1.0, eps: ScalarOrSchedule = 1e-6
+) -> GradientTransformation:
   """Rescale all updates together to the global norm ``scale_factor`` (about).
 
   Update: ``n = sqrt(sum over leaves of |u|^2)``; ``u <- u / ((n + eps) / scale_factor)``
@@ -167,8 +177,10 @@ def normalize_by_update_norm(scale_factor: ScalarOrSchedule = 1.0,
     Optax's ``optax.normalize_by_update_norm`` (same arguments and order of operations).
   """
   if isinstance(scale_factor, numbers.Real) and scale_factor == 0:
-    raise ValueError("normalize_by_update_norm: `scale_factor` must be nonzero, got 0 (every "
-                     "update would be divided by inf).")
+    raise ValueError(
+      "normalize_by_update_norm: `scale_factor` must be nonzero, got 0 (every "
+      "update would be divided by inf)."
+    )
 
   # Numbers here: `public` rebuilds the transformation with each value of a schedule.
   eps, scale_factor = cast("float | jax.Array", eps), cast("float | jax.Array", scale_factor)
@@ -204,8 +216,7 @@ def clip_by_leaf_norm(max_norm: ScalarOrSchedule) -> GradientTransformation:
 
   def f(updates, params):
     reject_layouts(updates, "clip_by_leaf_norm")
-    return jax.tree.map(lambda u: rescale_leaf(u, otree.global_norm(_wide(u)), max_norm),
-                        updates)
+    return jax.tree.map(lambda u: rescale_leaf(u, otree.global_norm(_wide(u)), max_norm), updates)
 
   return stateless(f)
 
@@ -229,6 +240,7 @@ def clip_by_block_rms(threshold: ScalarOrSchedule) -> GradientTransformation:
 
   def f(updates, params):
     reject_layouts(updates, "clip_by_block_rms")
+
     def leaf(u):  # each operation in the wider of its operands' dtypes
       ratio = jnp.divide(*otree.promote(jnp.sqrt(jnp.mean(otree.abs_sq(u))), threshold))
       return jnp.divide(*otree.promote(u, jnp.maximum(1.0, ratio)))
@@ -255,8 +267,10 @@ def unit_norms(x, axis: Optional[Union[int, Sequence[int]]] = None):
     elif x.ndim in (4, 5):
       axis = tuple(range(x.ndim - 1))
     else:
-      raise ValueError(f"adaptive_grad_clip: no default unit for a rank-{x.ndim} leaf of shape "
-                       f"{x.shape}; pass `axis`.")
+      raise ValueError(
+        f"adaptive_grad_clip: no default unit for a rank-{x.ndim} leaf of shape "
+        f"{x.shape}; pass `axis`."
+      )
   squared = jnp.sum(otree.abs_sq(x), axis=axis, keepdims=True)
   return jnp.broadcast_to(jnp.sqrt(squared), x.shape)
 
@@ -272,24 +286,38 @@ def _check_axis(axis, ndim=None, leaf="", shape=()) -> None:
   if axis is None:
     return
   axes = (axis,) if isinstance(axis, numbers.Integral) else axis
-  if (isinstance(axes, (str, bytes)) or not isinstance(axes, Sequence)
-      or any(isinstance(a, bool) or not isinstance(a, numbers.Integral) for a in axes)):
-    raise TypeError(f"adaptive_grad_clip: `axis` must be an int, a sequence of ints or None, "
-                    f"got {axis!r}.")
+  if (
+    isinstance(axes, (str, bytes))
+    or not isinstance(axes, Sequence)
+    or any(isinstance(a, bool) or not isinstance(a, numbers.Integral) for a in axes)
+  ):
+    raise TypeError(
+      f"adaptive_grad_clip: `axis` must be an int, a sequence of ints or None, got {axis!r}."
+    )
   if ndim is None:
     return
   if any(not -ndim <= a < ndim for a in axes):
-    raise ValueError(f"adaptive_grad_clip: `axis` {axis!r} is out of range for `{leaf}` of "
-                     f"shape {shape} (rank {ndim}: axes -{ndim} to {ndim - 1}).")
+    raise ValueError(
+      f"adaptive_grad_clip: `axis` {axis!r} is out of range for `{leaf}` of "
+      f"shape {shape} (rank {ndim}: axes -{ndim} to {ndim - 1})."
+    )
   if len({a % ndim for a in axes}) != len(axes):
-    raise ValueError(f"adaptive_grad_clip: `axis` {axis!r} repeats an axis of `{leaf}` of "
-                     f"shape {shape}.")
+    raise ValueError(
+      f"adaptive_grad_clip: `axis` {axis!r} repeats an axis of `{leaf}` of shape {shape}."
+    )
 
 
-@public("transformation", optax="adaptive_grad_clip", clipping=real(0.0, low_open=True, draw=(1e-3, 1.0)),
-        eps=real(0.0, draw=(1e-6, 1e-2)))
-def adaptive_grad_clip(clipping: ScalarOrSchedule, eps: ScalarOrSchedule = 1e-3,
-                       axis: Optional[Union[int, Sequence[int]]] = None) -> GradientTransformation:
+@public(
+  "transformation",
+  optax="adaptive_grad_clip",
+  clipping=real(0.0, low_open=True, draw=(1e-3, 1.0)),
+  eps=real(0.0, draw=(1e-6, 1e-2)),
+)
+def adaptive_grad_clip(
+  clipping: ScalarOrSchedule,
+  eps: ScalarOrSchedule = 1e-3,
+  axis: Optional[Union[int, Sequence[int]]] = None,
+) -> GradientTransformation:
   """Adaptive gradient clipping: bound each unit's update norm relative to its parameters'.
 
   Update, per unit (row, filter; see ``axis``), with ``m = clipping * max(||w_unit||, eps)``::
@@ -345,6 +373,7 @@ def adaptive_grad_clip(clipping: ScalarOrSchedule, eps: ScalarOrSchedule = 1e-3,
     return jax.tree_util.tree_map_with_path(checked, updates, params)
 
   return stateless(f)
+
 
 # Optax's names for the (empty) states of clip and adaptive_grad_clip.
 ClipState = AdaptiveGradClipState = EmptyState

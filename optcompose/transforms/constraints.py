@@ -24,7 +24,12 @@ import numpy as np
 
 from optcompose import tree as otree
 from optcompose.core import (
-    EmptyState, GradientTransformation, expect_state, needs_params, public, stateless,
+  EmptyState,
+  GradientTransformation,
+  expect_state,
+  needs_params,
+  public,
+  stateless,
 )
 from optcompose.core.validation import check_real_value
 from optcompose.masks import reject_layouts
@@ -99,8 +104,10 @@ def zero_nans() -> GradientTransformation:
     del params, extra
     expect_state(state, ZeroNansState, "zero_nans")
     if jax.tree.structure(updates) != jax.tree.structure(state.found_nan):
-      raise ValueError("zero_nans: `updates` does not have the structure of "
-                       f"`state.found_nan`: {otree.first_difference(updates, state.found_nan)}.")
+      raise ValueError(
+        "zero_nans: `updates` does not have the structure of "
+        f"`state.found_nan`: {otree.first_difference(updates, state.found_nan)}."
+      )
     found = jax.tree.map(lambda u: jnp.any(jnp.isnan(u)), updates)
     return jax.tree.map(zero_nans_leaf, updates), ZeroNansState(found)
 
@@ -192,7 +199,8 @@ def scale_gradient(inputs: Any, scale: jax.typing.ArrayLike) -> Any:
   if np.ndim(scale) != 0:
     raise ValueError(f"scale_gradient: `scale` must be a scalar, got shape {np.shape(scale)}.")
   if isinstance(scale, (numbers.Real, np.ndarray, np.generic)) or (
-      isinstance(scale, jax.Array) and not isinstance(scale, jax.core.Tracer)):
+    isinstance(scale, jax.Array) and not isinstance(scale, jax.core.Tracer)
+  ):
     if scale == 1:
       return inputs
     if scale == 0:

@@ -21,7 +21,13 @@ import jax.numpy as jnp
 
 from optcompose import tree as otree
 from optcompose.core import (
-    MASK, GradientTransformation, ScalarOrSchedule, needs_params, public, real, stateless,
+  MASK,
+  GradientTransformation,
+  ScalarOrSchedule,
+  needs_params,
+  public,
+  real,
+  stateless,
 )
 from optcompose.core.base import EmptyState
 from optcompose.masks import resolve_mask
@@ -33,7 +39,8 @@ def decay_leaf(coef, u, w):
   """``u + coef * w`` in u's dtype."""
   # Each operation in the wider of its operands' dtypes, then the sum cast to u's.
   return jnp.add(*otree.promote(u, jnp.multiply(*otree.promote(coef, w)))).astype(
-      jnp.result_type(u))
+    jnp.result_type(u)
+  )
 
 
 def masked_leafwise(who: str, leaf: Callable, mask: Mask) -> GradientTransformation:
@@ -66,10 +73,12 @@ def _add_scaled_params(who: str, coef, mask: Mask) -> GradientTransformation:
 
 
 # Any finite rate (Optax's range): Fromage adds mu - 1 < 0 times the weights.
-@public("transformation", optax="add_decayed_weights", weight_decay=real(draw=(0.0, 0.5)),
-        mask=MASK)
-def add_decayed_weights(weight_decay: ScalarOrSchedule = 0.0,
-                        mask: Mask = None) -> GradientTransformation:
+@public(
+  "transformation", optax="add_decayed_weights", weight_decay=real(draw=(0.0, 0.5)), mask=MASK
+)
+def add_decayed_weights(
+  weight_decay: ScalarOrSchedule = 0.0, mask: Mask = None
+) -> GradientTransformation:
   """Add ``weight_decay * w`` to the updates (decoupled weight decay after the preconditioner).
 
   Update: ``u <- u + weight_decay * w`` on the selected leaves; the others pass unchanged.
@@ -113,6 +122,7 @@ def add_l2_penalty(l2: ScalarOrSchedule, mask: Mask = None) -> GradientTransform
     Krogh and Hertz, "A Simple Weight Decay Can Improve Generalization", NIPS 1991.
   """
   return _add_scaled_params("add_l2_penalty", l2, mask)
+
 
 AddDecayedWeightsState = EmptyState  # Optax's name for add_decayed_weights' (empty) state
 

@@ -35,8 +35,15 @@ import jax.numpy as jnp
 
 from optcompose import tree as otree
 from optcompose.core import (
-    DTYPE, EPS_POSITIVE, GradientTransformation, ScalarOrSchedule, default_float,
-    expect_state, needs_params, public, real,
+  DTYPE,
+  EPS_POSITIVE,
+  GradientTransformation,
+  ScalarOrSchedule,
+  default_float,
+  expect_state,
+  needs_params,
+  public,
+  real,
 )
 from optcompose.masks import reject_layouts
 
@@ -73,13 +80,20 @@ def dog_leaf(g, d, g_sos, eps, global_scale):
   return jnp.multiply(*otree.promote(eta, _wide(g))).astype(jnp.result_type(g))
 
 
-@public("transformation", optax="scale_by_distance_over_gradients",
-        reps_rel=real(0.0, low_open=True, draw=(1e-8, 1e-2), schedule=False),
-        eps=EPS_POSITIVE, param_dtype=DTYPE, global_scale=real(draw=(-1.0, 2.0)))
-def scale_by_distance_over_gradients(reps_rel: float = 1e-6, eps: ScalarOrSchedule = 1e-8,
-                                     param_dtype=jnp.float32,
-                                     global_scale: ScalarOrSchedule = 1.0
-                                     ) -> GradientTransformation:
+@public(
+  "transformation",
+  optax="scale_by_distance_over_gradients",
+  reps_rel=real(0.0, low_open=True, draw=(1e-8, 1e-2), schedule=False),
+  eps=EPS_POSITIVE,
+  param_dtype=DTYPE,
+  global_scale=real(draw=(-1.0, 2.0)),
+)
+def scale_by_distance_over_gradients(
+  reps_rel: float = 1e-6,
+  eps: ScalarOrSchedule = 1e-8,
+  param_dtype=jnp.float32,
+  global_scale: ScalarOrSchedule = 1.0,
+) -> GradientTransformation:
   """Distance-over-gradients step sizes, one per leaf (layer-wise DoG; learning-rate free).
 
   Update, per leaf l (see the module docstring)::
@@ -113,9 +127,12 @@ def scale_by_distance_over_gradients(reps_rel: float = 1e-6, eps: ScalarOrSchedu
     reject_layouts(params, _WHO)
     init_params = otree.cast(params, param_dtype)
     max_dist = jax.tree.map(
-        lambda w, w0: jnp.multiply(reps_rel, jnp.add(1, distance_leaf(w))).astype(
-            otree.promote_types(jnp.result_type(w), jnp.result_type(w0))),
-        params, init_params)
+      lambda w, w0: jnp.multiply(reps_rel, jnp.add(1, distance_leaf(w))).astype(
+        otree.promote_types(jnp.result_type(w), jnp.result_type(w0))
+      ),
+      params,
+      init_params,
+    )
     g_sos = jax.tree.map(lambda _: jnp.zeros((1,), default_float()), params)
     return ScaleByDistanceOverGradientsState(max_dist, g_sos, init_params)
 
@@ -127,15 +144,23 @@ def scale_by_distance_over_gradients(reps_rel: float = 1e-6, eps: ScalarOrSchedu
     otree.check_same_structure(updates, params, "updates", "params")
     otree.check_same_structure(updates, state.init_params, "updates", "state.init_params")
     max_dist = jax.tree.map(
-        lambda d, w, w0: jnp.maximum(*otree.promote(d, distance_leaf(w, w0))).astype(
-            jnp.result_type(d)),
-        state.max_dist, params, state.init_params)
+      lambda d, w, w0: jnp.maximum(*otree.promote(d, distance_leaf(w, w0))).astype(
+        jnp.result_type(d)
+      ),
+      state.max_dist,
+      params,
+      state.init_params,
+    )
     g_sos = jax.tree.map(
-        lambda s, g: jnp.add(*otree.promote(s, jnp.sum(otree.abs_sq(_wide(g))))).astype(
-            jnp.result_type(s)),
-        state.grad_sum_of_squares, updates)
-    updates = jax.tree.map(lambda g, d, s: dog_leaf(g, d, s, eps, global_scale),
-                           updates, max_dist, g_sos)
+      lambda s, g: jnp.add(*otree.promote(s, jnp.sum(otree.abs_sq(_wide(g))))).astype(
+        jnp.result_type(s)
+      ),
+      state.grad_sum_of_squares,
+      updates,
+    )
+    updates = jax.tree.map(
+      lambda g, d, s: dog_leaf(g, d, s, eps, global_scale), updates, max_dist, g_sos
+    )
     return updates, ScaleByDistanceOverGradientsState(max_dist, g_sos, state.init_params)
 
   return GradientTransformation(init, update)

@@ -39,8 +39,14 @@ import numpy as np
 
 from optcompose import tree as otree
 from optcompose.core import (
-    FLAG, GradientTransformation, expect_state, integer, public, real, safe_increment,
-    zero_count,
+  FLAG,
+  GradientTransformation,
+  expect_state,
+  integer,
+  public,
+  real,
+  safe_increment,
+  zero_count,
 )
 from optcompose.masks import reject_layouts
 from optcompose.transforms.statistics import ema_leaf
@@ -68,8 +74,7 @@ def decay_rate_pow(step, exponent=0.8):
   return 1.0 - jnp.power(*otree.promote(t, -exponent))
 
 
-def factored_dims(shape: tuple, factored: bool, min_dim_size_to_factor: int
-                  ) -> Optional[tuple]:
+def factored_dims(shape: tuple, factored: bool, min_dim_size_to_factor: int) -> Optional[tuple]:
   """``(d1, d0)``: the second largest and the largest axis of ``shape`` (ties broken by
   ``np.argsort``, as Optax does), or None when the leaf keeps a full second moment (not
   ``factored``, fewer than 2 axes, or the second largest below ``min_dim_size_to_factor``)."""
@@ -114,7 +119,7 @@ def factored_rms_leaf(g, v_row, v_col, rho, epsilon, dims):
   new_col = ema_leaf(rho, v_col, jnp.mean(squares, axis=d1)).astype(work)
   row_axis = d1 - 1 if d1 > d0 else d1  # d1 in the row statistic, which lacks d0
   row_factor = (new_row / jnp.mean(new_row, axis=row_axis, keepdims=True)) ** -0.5
-  col_factor = new_col ** -0.5
+  col_factor = new_col**-0.5
   u = _times(_times(g, jnp.expand_dims(row_factor, d0)), jnp.expand_dims(col_factor, d1))
   return u.astype(jnp.result_type(g)), new_row.astype(dtype), new_col.astype(dtype)
 
@@ -124,7 +129,7 @@ def full_rms_leaf(g, v, rho, epsilon):
   ``(u, v_t)``, u in g's dtype and v_t in the state's."""
   dtype = jnp.result_type(v)
   new = ema_leaf(rho, v, _squares(g, dtype, epsilon)).astype(_stat_dtype(dtype))
-  return _times(g, new ** -0.5).astype(jnp.result_type(g)), new.astype(dtype)
+  return _times(g, new**-0.5).astype(jnp.result_type(g)), new.astype(dtype)
 
 
 def _placeholder(dtype):
@@ -138,19 +143,28 @@ def _zeros_without_axis(x, axis):
 
 
 _WHO = "scale_by_factored_rms"
-_FLAT = (f"{_WHO} with factored=True (row and column statistics of each model matrix; "
-         "factored=False is elementwise and accepts FlatParams)")
+_FLAT = (
+  f"{_WHO} with factored=True (row and column statistics of each model matrix; "
+  "factored=False is elementwise and accepts FlatParams)"
+)
 
 
-@public("transformation", optax="scale_by_factored_rms", factored=FLAG, decay_rate=DECAY_RATE,
-        step_offset=STEP_OFFSET, min_dim_size_to_factor=MIN_DIM, epsilon=EPSILON)
+@public(
+  "transformation",
+  optax="scale_by_factored_rms",
+  factored=FLAG,
+  decay_rate=DECAY_RATE,
+  step_offset=STEP_OFFSET,
+  min_dim_size_to_factor=MIN_DIM,
+  epsilon=EPSILON,
+)
 def scale_by_factored_rms(
-    factored: bool = True,
-    decay_rate: float = 0.8,
-    step_offset: int = 0,
-    min_dim_size_to_factor: int = 128,
-    epsilon: float = 1e-30,
-    decay_rate_fn: Callable[[Any, Any], Any] = decay_rate_pow,
+  factored: bool = True,
+  decay_rate: float = 0.8,
+  step_offset: int = 0,
+  min_dim_size_to_factor: int = 128,
+  epsilon: float = 1e-30,
+  decay_rate_fn: Callable[[Any, Any], Any] = decay_rate_pow,
 ) -> GradientTransformation:
   """Divide each leaf by a factored (Adafactor) estimate of the RMS of its gradients.
 
@@ -197,8 +211,10 @@ def scale_by_factored_rms(
     ``optax.scale_by_factored_rms``.
   """
   if not callable(decay_rate_fn):
-    raise TypeError(f"{_WHO}: `decay_rate_fn` must be a function (step, decay_rate) -> "
-                    f"decay, got {type(decay_rate_fn).__name__}.")
+    raise TypeError(
+      f"{_WHO}: `decay_rate_fn` must be a function (step, decay_rate) -> "
+      f"decay, got {type(decay_rate_fn).__name__}."
+    )
 
   def dims_of(x):
     return factored_dims(jnp.shape(x), factored, min_dim_size_to_factor)
@@ -208,8 +224,7 @@ def scale_by_factored_rms(
     if dims is None:
       return _placeholder(dtype), _placeholder(dtype), jnp.zeros_like(param)
     d1, d0 = dims
-    return (_zeros_without_axis(param, d0), _zeros_without_axis(param, d1),
-            _placeholder(dtype))
+    return (_zeros_without_axis(param, d0), _zeros_without_axis(param, d1), _placeholder(dtype))
 
   def split(triples, like):
     """Three trees (rows, cols, full) from a tree of triples shaped like ``like``."""
@@ -240,8 +255,13 @@ def scale_by_factored_rms(
       return u, new_r, new_c, v
 
     treedef = jax.tree.structure(updates)
-    out = [leaf(*xs) for xs in zip(jax.tree.leaves(updates), *(
-        treedef.flatten_up_to(t) for t in (state.v_row, state.v_col, state.v)))]
+    out = [
+      leaf(*xs)
+      for xs in zip(
+        jax.tree.leaves(updates),
+        *(treedef.flatten_up_to(t) for t in (state.v_row, state.v_col, state.v)),
+      )
+    ]
     u, rows, cols, full = (treedef.unflatten([o[i] for o in out]) for i in range(4))
     return u, FactoredState(safe_increment(state.count), rows, cols, full)
 
@@ -262,8 +282,10 @@ def _check_state(updates, state, dims_of) -> None:
   init would give it (so nothing is silently broadcast)."""
   for field in ("v_row", "v_col", "v"):
     if jax.tree.structure(updates) != jax.tree.structure(getattr(state, field)):
-      raise ValueError(f"`updates` does not have the structure of `state.{field}`: "
-                       f"{otree.first_difference(updates, getattr(state, field))}.")
+      raise ValueError(
+        f"`updates` does not have the structure of `state.{field}`: "
+        f"{otree.first_difference(updates, getattr(state, field))}."
+      )
   treedef = jax.tree.structure(updates)
   stored = zip(*(treedef.flatten_up_to(t) for t in (state.v_row, state.v_col, state.v)))
   for (path, g), have in zip(jax.tree_util.tree_flatten_with_path(updates)[0], stored):
@@ -272,9 +294,10 @@ def _check_state(updates, state, dims_of) -> None:
     if got != want:
       where = jax.tree_util.keystr(tuple(path))
       raise ValueError(
-          f"`updates{where}` has shape {jnp.shape(g)}, whose statistics (v_row, v_col, v) "
-          f"have shapes {want}, but the state's are {got}: pass the state made by init "
-          "from parameters of these shapes.")
+        f"`updates{where}` has shape {jnp.shape(g)}, whose statistics (v_row, v_col, v) "
+        f"have shapes {want}, but the state's are {got}: pass the state made by init "
+        "from parameters of these shapes."
+      )
 
 
 __all__ = ["FactoredState"]  # and the builders it registers

@@ -26,8 +26,16 @@ import jax.numpy as jnp
 
 from optcompose import tree as otree
 from optcompose.core import (
-    FLAG, GradientTransformation, cond, default_float, expect_state, integer, needs_params,
-    public, safe_increment, zero_count,
+  FLAG,
+  GradientTransformation,
+  cond,
+  default_float,
+  expect_state,
+  integer,
+  needs_params,
+  public,
+  safe_increment,
+  zero_count,
 )
 from optcompose.transforms.statistics import same_structure
 
@@ -44,20 +52,24 @@ def tree_vdot(a: Any, b: Any) -> jax.typing.ArrayLike:
   """``sum_leaves conj(a) . b`` (Optax's ``optax.tree.vdot``), each leaf's product in its
   dtype at the highest precision (bfloat16 and float16 in float32), summed left to right
   (the int 0 for trees without leaves)."""
+
   def leaf(x, y):
     x, y = jnp.asarray(x), jnp.asarray(y)
     dtype = otree.promote_types(x.dtype, y.dtype, jnp.float32)
     x, y = x.astype(dtype), y.astype(dtype)
     x = jnp.conj(x) if jnp.iscomplexobj(x) else x
     return jnp.tensordot(x, y, x.ndim, precision=jax.lax.Precision.HIGHEST)
-  return functools.reduce(lambda s, v: _op(jnp.add, s, v), jax.tree.leaves(
-      jax.tree.map(leaf, a, b)), 0)
+
+  return functools.reduce(
+    lambda s, v: _op(jnp.add, s, v), jax.tree.leaves(jax.tree.map(leaf, a, b)), 0
+  )
 
 
 def tree_add_scale(x: Any, s: Any, y: Any) -> Any:
   """``x + s y`` on every leaf, rounded to ``x``'s dtype."""
-  return jax.tree.map(lambda a, b: _op(jnp.add, a, _op(jnp.multiply, s, b)).astype(
-      jnp.result_type(a)), x, y)
+  return jax.tree.map(
+    lambda a, b: _op(jnp.add, a, _op(jnp.multiply, s, b)).astype(jnp.result_type(a)), x, y
+  )
 
 
 def tree_scale(s: Any, x: Any) -> Any:
@@ -66,9 +78,14 @@ def tree_scale(s: Any, x: Any) -> Any:
 
 
 @jax.jit  # compiled once per layout: eager calls reuse it (under jit it is inlined)
-def lbfgs_direction(updates: Any, diff_params_memory: Any, diff_updates_memory: Any,
-                    weights_memory: jax.Array, identity_scale: Any,
-                    memory_idx: jax.Array) -> Any:
+def lbfgs_direction(
+  updates: Any,
+  diff_params_memory: Any,
+  diff_updates_memory: Any,
+  weights_memory: jax.Array,
+  identity_scale: Any,
+  memory_idx: jax.Array,
+) -> Any:
   """``P_k u``: the two-loop recursion (see the module docstring) over the memory.
 
   Args:
@@ -120,10 +137,15 @@ class ScaleByLBFGSState(NamedTuple):
   weights_memory: jax.Array  # rho_j, (memory_size,) in JAX's default float
 
 
-@public("transformation", optax="scale_by_lbfgs", memory_size=integer(1, draw=(1, 10)),
-        scale_init_precond=FLAG)
-def scale_by_lbfgs(memory_size: int = 10,
-                   scale_init_precond: bool = True) -> GradientTransformation:
+@public(
+  "transformation",
+  optax="scale_by_lbfgs",
+  memory_size=integer(1, draw=(1, 10)),
+  scale_init_precond=FLAG,
+)
+def scale_by_lbfgs(
+  memory_size: int = 10, scale_init_precond: bool = True
+) -> GradientTransformation:
   """L-BFGS's direction: the update times an approximate inverse Hessian, ``r = P_k u_k``.
 
   Update: the memory takes the newest differences ``dw = w_k - w_{k-1}``,
@@ -153,11 +175,20 @@ def scale_by_lbfgs(memory_size: int = 10,
 
   def init(params):
     otree.check_floating(params, "params")
+
     def stacked():  # one buffer per field: a state whose leaves share one cannot be donated
-      return jax.tree.map(lambda p: jnp.zeros((memory_size,) + jnp.shape(p),
-                                              jnp.result_type(p)), params)
-    return ScaleByLBFGSState(zero_count(), otree.zeros_like(params), otree.zeros_like(params),
-                             stacked(), stacked(), jnp.zeros(memory_size, default_float()))
+      return jax.tree.map(
+        lambda p: jnp.zeros((memory_size,) + jnp.shape(p), jnp.result_type(p)), params
+      )
+
+    return ScaleByLBFGSState(
+      zero_count(),
+      otree.zeros_like(params),
+      otree.zeros_like(params),
+      stacked(),
+      stacked(),
+      jnp.zeros(memory_size, default_float()),
+    )
 
   def update(updates, state, params=None, **extra):
     del extra
@@ -170,15 +201,20 @@ def scale_by_lbfgs(memory_size: int = 10,
     started = k > 0
 
     def diff(new, old):  # new - old in old's dtype, 0 at the first step
-      return jax.tree.map(lambda a, b: jnp.where(started, _op(jnp.subtract, a, b).astype(
-          b.dtype), jnp.zeros_like(b)), new, old)
+      return jax.tree.map(
+        lambda a, b: jnp.where(started, _op(jnp.subtract, a, b).astype(b.dtype), jnp.zeros_like(b)),
+        new,
+        old,
+      )
 
     dw, du = diff(params, state.params), diff(updates, state.updates)
     curvature = jnp.real(tree_vdot(du, dw))
     weight = jnp.where(curvature == 0.0, 0.0, 1.0 / curvature)
     weight = jnp.where(started, weight, jnp.zeros_like(weight))
-    dw_mem, du_mem = (jax.tree.map(lambda m, d: m.at[prev_idx].set(d), mem, d) for mem, d in
-                      ((state.diff_params_memory, dw), (state.diff_updates_memory, du)))
+    dw_mem, du_mem = (
+      jax.tree.map(lambda m, d: m.at[prev_idx].set(d), mem, d)
+      for mem, d in ((state.diff_params_memory, dw), (state.diff_updates_memory, du))
+    )
     rhos = state.weights_memory.at[prev_idx].set(weight.astype(state.weights_memory.dtype))
     if scale_init_precond:
       sq = otree.squared_norm(du)
@@ -188,8 +224,14 @@ def scale_by_lbfgs(memory_size: int = 10,
     else:
       gamma = 1.0
     direction = lbfgs_direction(updates, dw_mem, du_mem, rhos, gamma, idx)
-    new_state = ScaleByLBFGSState(safe_increment(k), otree.cast_like(params, state.params),
-                                  otree.cast_like(updates, state.updates), dw_mem, du_mem, rhos)
+    new_state = ScaleByLBFGSState(
+      safe_increment(k),
+      otree.cast_like(params, state.params),
+      otree.cast_like(updates, state.updates),
+      dw_mem,
+      du_mem,
+      rhos,
+    )
     return direction, new_state
 
   return GradientTransformation(init, update)
@@ -198,15 +240,22 @@ def scale_by_lbfgs(memory_size: int = 10,
 # ----------------------------------------------------------------------------------------
 # Reusing the line search's last evaluation.
 
+
 def _stored(state, key):
   """The one NamedTuple field named ``key`` anywhere in ``state`` (a state's field: unlike
   Optax's ``tree_get``, dict keys do not count, so a parameter named ``value`` inside the
   stored gradient is not taken for it)."""
-  found = [getattr(n, key) for _, n in otree.find_nodes(
-      state, lambda n: isinstance(n, tuple) and key in getattr(n, "_fields", ()))]
+  found = [
+    getattr(n, key)
+    for _, n in otree.find_nodes(
+      state, lambda n: isinstance(n, tuple) and key in getattr(n, "_fields", ())
+    )
+  ]
   if len(found) > 1:
-    raise KeyError(f"value_and_grad_from_state: the state holds {len(found)} entries named "
-                   f"{key!r}, not one (one line search).")
+    raise KeyError(
+      f"value_and_grad_from_state: the state holds {len(found)} entries named "
+      f"{key!r}, not one (one line search)."
+    )
   return found[0] if found else None
 
 
@@ -232,10 +281,12 @@ def value_and_grad_from_state(value_fn: Callable[..., Any]) -> Callable[..., tup
   def value_and_grad(params, *fn_args, state, **fn_kwargs):
     value, grad = _stored(state, "value"), _stored(state, "grad")
     if value is None or grad is None:
-      raise ValueError("value_and_grad_from_state: the state stores no "
-                       f"{'value' if value is None else 'gradient'}; use a line search that "
-                       "stores both (scale_by_zoom_linesearch, or "
-                       "scale_by_backtracking_linesearch(..., store_grad=True)).")
+      raise ValueError(
+        "value_and_grad_from_state: the state stores no "
+        f"{'value' if value is None else 'gradient'}; use a line search that "
+        "stores both (scale_by_zoom_linesearch, or "
+        "scale_by_backtracking_linesearch(..., store_grad=True))."
+      )
 
     def compute(_):
       v, g = jax.value_and_grad(value_fn)(params, *fn_args, **fn_kwargs)

@@ -18,16 +18,29 @@ import jax.numpy as jnp
 
 from optcompose import tree as otree
 from optcompose.core import (
-    DECAY, DTYPE, FLAG, MOMENTUM, GradientTransformation, ScalarOrSchedule, expect_state, public,
-    safe_increment, zero_count,
+  DECAY,
+  DTYPE,
+  FLAG,
+  MOMENTUM,
+  GradientTransformation,
+  ScalarOrSchedule,
+  expect_state,
+  public,
+  safe_increment,
+  zero_count,
 )
 from optcompose.transforms.statistics import (
-    debias_factor, debias_leaf, ema_leaf, moments_init, same_structure,
+  debias_factor,
+  debias_leaf,
+  ema_leaf,
+  moments_init,
+  same_structure,
 )
 
 
 class TraceState(NamedTuple):
   """The momentum buffer ``v``."""
+
   trace: Any
 
 
@@ -37,10 +50,10 @@ def trace_leaf(rho, v, g):
   return jnp.add(*otree.promote(g, jnp.multiply(*otree.promote(rho, v))))
 
 
-@public("transformation", optax="trace", decay=MOMENTUM, nesterov=FLAG,
-        accumulator_dtype=DTYPE)
-def trace(decay: ScalarOrSchedule, nesterov: bool = False,
-          accumulator_dtype: Optional[Any] = None) -> GradientTransformation:
+@public("transformation", optax="trace", decay=MOMENTUM, nesterov=FLAG, accumulator_dtype=DTYPE)
+def trace(
+  decay: ScalarOrSchedule, nesterov: bool = False, accumulator_dtype: Optional[Any] = None
+) -> GradientTransformation:
   """Heavy-ball momentum: ``v_t = decay * v_{t-1} + g_t``, output ``v_t``.
 
   Update (rho = ``decay``, ``v_0 = 0``)::
@@ -91,8 +104,9 @@ class EmaState(NamedTuple):
 
 
 @public("transformation", optax="ema", decay=DECAY, debias=FLAG, accumulator_dtype=DTYPE)
-def ema(decay: ScalarOrSchedule, debias: bool = True,
-        accumulator_dtype: Optional[Any] = None) -> GradientTransformation:
+def ema(
+  decay: ScalarOrSchedule, debias: bool = True, accumulator_dtype: Optional[Any] = None
+) -> GradientTransformation:
   """Exponential moving average of the updates: ``m_t = (1 - decay) g_t + decay m_{t-1}``.
 
   Update (beta = ``decay``, ``m_0 = 0``, t counts this transformation's steps from 1)::
@@ -171,5 +185,6 @@ def scale_by_bias_correction(decay: ScalarOrSchedule) -> GradientTransformation:
     return out, BiasCorrectionState(count)
 
   return GradientTransformation(init, update)
+
 
 __all__ = ["TraceState", "EmaState", "BiasCorrectionState"]  # and the builders it registers

@@ -24,7 +24,13 @@ import numpy as np
 
 from optcompose import tree as otree
 from optcompose.core import (
-    GradientTransformation, default_float, expect_state, public, real, safe_increment, zero_count,
+  GradientTransformation,
+  default_float,
+  expect_state,
+  public,
+  real,
+  safe_increment,
+  zero_count,
 )
 from optcompose.masks import reject_layouts
 
@@ -51,8 +57,10 @@ def _typed_key(key: Any) -> jax.Array:
       # A raw key of the default implementation. wrap_key_data takes a NumPy array too,
       # though its annotation names jax.Array only.
       return jax.random.wrap_key_data(key)  # pyrefly: ignore[bad-argument-type]
-  raise TypeError("add_noise: `key` must be an int seed, a key from jax.random.key, or a raw "
-                  f"key from jax.random.PRNGKey; got {type(key).__name__}.")
+  raise TypeError(
+    "add_noise: `key` must be an int seed, a key from jax.random.key, or a raw "
+    f"key from jax.random.PRNGKey; got {type(key).__name__}."
+  )
 
 
 _OUT_SHARDING = "out_sharding" in inspect.signature(jax.random.normal).parameters
@@ -71,10 +79,15 @@ def noise_leaf(g, key, sigma):
   return g + jnp.asarray(sigma).astype(g.dtype) * z
 
 
-@public("transformation", optax="add_noise", eta=real(0.0, draw=(0.0, 0.1), schedule=False),
-        gamma=real(0.0, draw=(0.0, 1.0), schedule=False))
-def add_noise(eta: float, gamma: float, key: Optional[Any] = None, *,
-              seed: Optional[int] = None) -> GradientTransformation:
+@public(
+  "transformation",
+  optax="add_noise",
+  eta=real(0.0, draw=(0.0, 0.1), schedule=False),
+  gamma=real(0.0, draw=(0.0, 1.0), schedule=False),
+)
+def add_noise(
+  eta: float, gamma: float, key: Optional[Any] = None, *, seed: Optional[int] = None
+) -> GradientTransformation:
   """Add Gaussian noise of variance ``eta / t^gamma`` to the updates.
 
   Update (t from 1; z a standard normal draw per element)::
@@ -104,8 +117,7 @@ def add_noise(eta: float, gamma: float, key: Optional[Any] = None, *,
     arXiv:1511.06807, 2015; Optax's ``optax.add_noise``.
   """
   if seed is not None:
-    warnings.warn('add_noise: "seed" is deprecated, use "key".', DeprecationWarning,
-                  stacklevel=3)
+    warnings.warn('add_noise: "seed" is deprecated, use "key".', DeprecationWarning, stacklevel=3)
     if key is not None:
       raise ValueError("add_noise: give only one of `seed` and `key`.")
     key = seed

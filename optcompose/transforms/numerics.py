@@ -38,10 +38,13 @@ def _floored(value, floor, masked) -> jax.Array:
   return jnp.where(below, floor_as, masked_as)
 
 
-def safe_norm(x: jax.typing.ArrayLike, min_norm: jax.typing.ArrayLike,
-              ord: Optional[Union[int, float, str]] = None,  # Optax's name (shadows the builtin)
-              axis: Union[None, tuple[int, ...], int] = None,
-              keepdims: bool = False) -> jax.Array:
+def safe_norm(
+  x: jax.typing.ArrayLike,
+  min_norm: jax.typing.ArrayLike,
+  ord: Optional[Union[int, float, str]] = None,  # Optax's name (shadows the builtin)
+  axis: Union[None, tuple[int, ...], int] = None,
+  keepdims: bool = False,
+) -> jax.Array:
   """``max(||x||, min_norm)`` with a gradient of 0, not NaN, below the floor.
 
   Formula: ``n = jnp.linalg.norm(x, ord, axis)``; the result is ``min_norm`` where
@@ -73,8 +76,7 @@ def safe_norm(x: jax.typing.ArrayLike, min_norm: jax.typing.ArrayLike,
   return _floored(norm, min_norm, jnp.linalg.norm(x, ord=ord, axis=axis, keepdims=keepdims))
 
 
-def safe_root_mean_squares(x: jax.typing.ArrayLike,
-                           min_rms: jax.typing.ArrayLike) -> jax.Array:
+def safe_root_mean_squares(x: jax.typing.ArrayLike, min_rms: jax.typing.ArrayLike) -> jax.Array:
   """``max(sqrt(mean(|x|^2)), min_rms)`` with a gradient of 0, not NaN, below the floor.
 
   Formula: ``r = sqrt(mean(|x|^2))`` over all of ``x``; the result is ``min_rms`` where

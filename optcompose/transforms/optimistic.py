@@ -16,9 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from optcompose import tree as otree
-from optcompose.core import (
-    GradientTransformation, ScalarOrSchedule, expect_state, public, real,
-)
+from optcompose.core import GradientTransformation, ScalarOrSchedule, expect_state, public, real
 from optcompose.transforms.statistics import moments_init, same_structure
 
 _COEF = real(0.0, draw=(0.0, 2.0))
@@ -38,8 +36,9 @@ class ScaleByOptimisticGradientState(NamedTuple):
 
 
 @public("transformation", optax="scale_by_optimistic_gradient", alpha=_COEF, beta=_COEF)
-def scale_by_optimistic_gradient(alpha: ScalarOrSchedule = 1.0,
-                                 beta: ScalarOrSchedule = 1.0) -> GradientTransformation:
+def scale_by_optimistic_gradient(
+  alpha: ScalarOrSchedule = 1.0, beta: ScalarOrSchedule = 1.0
+) -> GradientTransformation:
   """Generalised optimistic gradient: ``u_t = (alpha + beta) g_t - beta g_{t-1}``.
 
   Update (g_t: incoming update; at the first step ``g_{t-1}`` is taken to be ``g_t``, so
@@ -78,11 +77,14 @@ def scale_by_optimistic_gradient(alpha: ScalarOrSchedule = 1.0,
     first = state.is_initial_step
     ab = alpha + beta  # once per step
     out = jax.tree.map(
-        lambda g, p: optimistic_leaf(ab, beta, g, jnp.where(first, *otree.promote(g, p))),
-        updates, state.previous_gradient)
+      lambda g, p: optimistic_leaf(ab, beta, g, jnp.where(first, *otree.promote(g, p))),
+      updates,
+      state.previous_gradient,
+    )
     stored = otree.cast_like(updates, state.previous_gradient)
     return out, ScaleByOptimisticGradientState(jnp.array(False), stored)
 
   return GradientTransformation(init, update)
+
 
 __all__ = ["ScaleByOptimisticGradientState"]  # and the builders it registers

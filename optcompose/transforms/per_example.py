@@ -37,8 +37,12 @@ from optcompose import tree as otree
 from optcompose.core.validation import check_real_value
 from optcompose.transforms.clipping import clip_ratio, unit_norms
 
-__all__ = ["per_example_global_norm_clip", "per_example_layer_norm_clip", "unitwise_norm",
-           "unitwise_clip"]
+__all__ = [
+  "per_example_global_norm_clip",
+  "per_example_layer_norm_clip",
+  "unitwise_norm",
+  "unitwise_clip",
+]
 
 
 def _check_batched(grads: Any, who: str) -> None:
@@ -46,20 +50,27 @@ def _check_batched(grads: Any, who: str) -> None:
   0 (the batch) is the first leaf's."""
   flat = jax.tree_util.tree_flatten_with_path(grads)[0]
   if not flat:
-    raise ValueError(f"{who}: `grads` has no arrays; it takes per-example gradients with the "
-                     "batch on axis 0.")
+    raise ValueError(
+      f"{who}: `grads` has no arrays; it takes per-example gradients with the batch on axis 0."
+    )
   first_path, first = flat[0]
   batch = np.shape(first)[0] if np.ndim(first) else None
   for path, x in flat:
     if not (hasattr(x, "shape") or isinstance(x, numbers.Number)):
-      raise TypeError(f"{who}: `grads{otree.path_str(path)}` is a {type(x).__name__}, not an "
-                      "array.")
+      raise TypeError(
+        f"{who}: `grads{otree.path_str(path)}` is a {type(x).__name__}, not an array."
+      )
     if np.ndim(x) < 1 or np.shape(x)[0] != batch:
-      also = (f" and `grads{otree.path_str(first_path)}` {np.shape(first)}"
-              if batch is not None and path != first_path else "")
-      raise ValueError(f"{who} expects every array of `grads` to have the batch on axis 0, "
-                       f"of one size; `grads{otree.path_str(path)}` has shape "
-                       f"{np.shape(x)}{also}.")
+      also = (
+        f" and `grads{otree.path_str(first_path)}` {np.shape(first)}"
+        if batch is not None and path != first_path
+        else ""
+      )
+      raise ValueError(
+        f"{who} expects every array of `grads` to have the batch on axis 0, "
+        f"of one size; `grads{otree.path_str(path)}` has shape "
+        f"{np.shape(x)}{also}."
+      )
 
 
 def _check_clip(who: str, name: str, value: Any) -> None:
@@ -78,21 +89,27 @@ def _clipped_sum(grads: Any, l2_norm_clip) -> tuple:
   """``(sum_i m_i g_i, #{i : m_i < 1})`` with ``m_i = min(1, C / ||g_i||)`` (1 for 0 / 0)."""
   norms = jax.vmap(otree.global_norm)(grads)
   multipliers = jnp.nan_to_num(
-      jnp.minimum(jnp.divide(*otree.promote(l2_norm_clip, norms)), 1.0), nan=1.0)
+    jnp.minimum(jnp.divide(*otree.promote(l2_norm_clip, norms)), 1.0), nan=1.0
+  )
   num_clipped = jnp.sum(multipliers < 1.0)
 
   def weighted_sum(g):
     wide = otree.promote_types(jnp.result_type(g), multipliers.dtype)
-    out = jnp.tensordot(multipliers.astype(wide), jnp.asarray(g).astype(wide), axes=1,
-                        precision=jax.lax.Precision.HIGHEST)
+    out = jnp.tensordot(
+      multipliers.astype(wide),
+      jnp.asarray(g).astype(wide),
+      axes=1,
+      precision=jax.lax.Precision.HIGHEST,
+    )
     keep = jnp.issubdtype(jnp.result_type(g), jnp.inexact)
     return out.astype(jnp.result_type(g)) if keep else out
 
   return jax.tree.map(weighted_sum, grads), num_clipped
 
 
-def per_example_global_norm_clip(grads: Any, l2_norm_clip: jax.typing.ArrayLike
-                                 ) -> tuple[Any, jax.Array]:
+def per_example_global_norm_clip(
+  grads: Any, l2_norm_clip: jax.typing.ArrayLike
+) -> tuple[Any, jax.Array]:
   """Clip each example's gradient tree to global norm ``l2_norm_clip`` and sum the examples.
 
   Formula: ``m_i = min(1, C / ||g_i||)`` (``||g_i||`` over every leaf of example i; ``m_i = 1``
@@ -123,8 +140,9 @@ def per_example_global_norm_clip(grads: Any, l2_norm_clip: jax.typing.ArrayLike
   return _clipped_sum(grads, l2_norm_clip)
 
 
-def per_example_layer_norm_clip(grads: Any, global_l2_norm_clip: jax.typing.ArrayLike,
-                                uniform: bool = True) -> tuple[Any, Any]:
+def per_example_layer_norm_clip(
+  grads: Any, global_l2_norm_clip: jax.typing.ArrayLike, uniform: bool = True
+) -> tuple[Any, Any]:
   """Clip each example's gradient leaf by leaf (one norm per layer) and sum the examples.
 
   Formula: each leaf l is clipped alone as in :func:`per_example_global_norm_clip`, to
@@ -166,8 +184,9 @@ def per_example_layer_norm_clip(grads: Any, global_l2_norm_clip: jax.typing.Arra
   return (treedef.unflatten([s for s, _ in pairs]), treedef.unflatten([n for _, n in pairs]))
 
 
-def unitwise_norm(x: jax.typing.ArrayLike,
-                  axis: Optional[Union[int, tuple[int, ...]]] = None) -> jax.Array:
+def unitwise_norm(
+  x: jax.typing.ArrayLike, axis: Optional[Union[int, tuple[int, ...]]] = None
+) -> jax.Array:
   """The L2 norm of each unit of ``x`` (a slice over ``axis``), broadcast to ``x``'s shape.
 
   Formula: ``sqrt(sum over axis of |x|^2)``. ``axis=None`` picks the unit by rank, as Optax:
@@ -197,17 +216,23 @@ def unitwise_norm(x: jax.typing.ArrayLike,
     norms = unit_norms(x, axis)
   except ValueError as e:
     if axis is None:
-      raise ValueError(f"unitwise_norm: no default unit for an array of rank {x.ndim} "
-                       f"(shape {x.shape}): pass `axis`.") from None
-    raise ValueError(f"unitwise_norm: `axis` {axis!r} does not fit `x` of shape "
-                     f"{x.shape}: {e}") from None
+      raise ValueError(
+        f"unitwise_norm: no default unit for an array of rank {x.ndim} "
+        f"(shape {x.shape}): pass `axis`."
+      ) from None
+    raise ValueError(
+      f"unitwise_norm: `axis` {axis!r} does not fit `x` of shape {x.shape}: {e}"
+    ) from None
   narrow = jnp.issubdtype(x.dtype, jnp.floating) and jnp.finfo(x.dtype).bits < 32
   return norms.astype(x.dtype) if narrow else norms
 
 
-def unitwise_clip(g_norm: jax.typing.ArrayLike, max_norm: jax.typing.ArrayLike,
-                  grad: jax.typing.ArrayLike, div_eps: jax.typing.ArrayLike = 1e-6
-                  ) -> jax.Array:
+def unitwise_clip(
+  g_norm: jax.typing.ArrayLike,
+  max_norm: jax.typing.ArrayLike,
+  grad: jax.typing.ArrayLike,
+  div_eps: jax.typing.ArrayLike = 1e-6,
+) -> jax.Array:
   """Rescale each unit of ``grad`` whose norm reaches ``max_norm`` down to ``max_norm``.
 
   Formula, elementwise: ``grad if g_norm < max_norm else grad * (max_norm / max(g_norm,
@@ -233,6 +258,8 @@ def unitwise_clip(g_norm: jax.typing.ArrayLike, max_norm: jax.typing.ArrayLike,
   """
   shapes = [jnp.shape(g_norm), jnp.shape(max_norm), jnp.shape(grad)]
   if len(set(shapes)) != 1:
-    raise ValueError(f"unitwise_clip: `g_norm`, `max_norm` and `grad` must have one shape, "
-                     f"got {shapes[0]}, {shapes[1]} and {shapes[2]}.")
+    raise ValueError(
+      f"unitwise_clip: `g_norm`, `max_norm` and `grad` must have one shape, "
+      f"got {shapes[0]}, {shapes[1]} and {shapes[2]}."
+    )
   return jnp.multiply(*otree.promote(grad, clip_ratio(g_norm, max_norm, div_eps)))

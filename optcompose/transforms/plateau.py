@@ -24,8 +24,16 @@ import jax.numpy as jnp
 
 from optcompose import tree as otree
 from optcompose.core import (
-    GradientTransformation, as_hyperparam, choice, default_float, expect_state, integer, public,
-    real, safe_increment, zero_count,
+  GradientTransformation,
+  as_hyperparam,
+  choice,
+  default_float,
+  expect_state,
+  integer,
+  public,
+  real,
+  safe_increment,
+  zero_count,
 )
 from optcompose.core.validation import check_real_value
 
@@ -52,14 +60,29 @@ def _unit_open(draw):
   return real(0.0, 1.0, low_open=True, high_open=True, draw=draw, schedule=False)
 
 
-@public("transformation", optax="contrib.reduce_on_plateau", factor=_unit_open((0.01, 0.99)),
-        patience=integer(1, draw=(1, 5)), rtol=real(0.0, 1.0, draw=(1e-4, 0.1), schedule=False),
-        atol=real(0.0, schedule=False, draw=(0.0, 0.0)), cooldown=integer(0, draw=(0, 3)),
-        accumulation_size=integer(1, draw=(1, 1)),
-        min_scale=real(0.0, 1.0, schedule=False, draw=(0.0, 0.0)), mode=choice("min", "max"))
-def reduce_on_plateau(factor: float = 0.1, patience: int = 10, rtol: float = 1e-4,
-                      atol: float = 0.0, cooldown: int = 0, accumulation_size: int = 1,
-                      min_scale: float = 0.0, *, mode: str = "min") -> GradientTransformation:
+@public(
+  "transformation",
+  optax="contrib.reduce_on_plateau",
+  factor=_unit_open((0.01, 0.99)),
+  patience=integer(1, draw=(1, 5)),
+  rtol=real(0.0, 1.0, draw=(1e-4, 0.1), schedule=False),
+  atol=real(0.0, schedule=False, draw=(0.0, 0.0)),
+  cooldown=integer(0, draw=(0, 3)),
+  accumulation_size=integer(1, draw=(1, 1)),
+  min_scale=real(0.0, 1.0, schedule=False, draw=(0.0, 0.0)),
+  mode=choice("min", "max"),
+)
+def reduce_on_plateau(
+  factor: float = 0.1,
+  patience: int = 10,
+  rtol: float = 1e-4,
+  atol: float = 0.0,
+  cooldown: int = 0,
+  accumulation_size: int = 1,
+  min_scale: float = 0.0,
+  *,
+  mode: str = "min",
+) -> GradientTransformation:
   """Scale updates down by ``factor`` after ``patience`` evaluations without improvement.
 
   Update: ``u <- scale * u``; every ``accumulation_size`` calls, with ``mean`` the mean of
@@ -102,9 +125,13 @@ def reduce_on_plateau(factor: float = 0.1, patience: int = 10, rtol: float = 1e-
     del params
     f32 = default_float()
     return ReduceLROnPlateauState(
-        scale=as_hyperparam(1.0), best_value=jnp.asarray(jnp.inf, f32),
-        plateau_count=zero_count(), cooldown_count=zero_count(), count=zero_count(),
-        avg_value=jnp.asarray(0.0, f32))
+      scale=as_hyperparam(1.0),
+      best_value=jnp.asarray(jnp.inf, f32),
+      plateau_count=zero_count(),
+      cooldown_count=zero_count(),
+      count=zero_count(),
+      avg_value=jnp.asarray(0.0, f32),
+    )
 
   def evaluate(s: ReduceLROnPlateauState) -> ReduceLROnPlateauState:
     improved = s.avg_value < (1 - rtol) * s.best_value - atol
@@ -115,9 +142,14 @@ def reduce_on_plateau(factor: float = 0.1, patience: int = 10, rtol: float = 1e-
     scale = jnp.where(hit, jnp.maximum(s.scale * factor, min_scale), s.scale)
     plateau = jnp.where(jnp.logical_or(cooling, hit), 0, plateau)
     cooldown_count = jnp.where(cooling, s.cooldown_count - 1, jnp.where(hit, cooldown, 0))
-    return ReduceLROnPlateauState(scale, best, plateau.astype(jnp.int32),
-                                  cooldown_count.astype(jnp.int32), zero_count(),
-                                  jnp.zeros_like(s.avg_value))
+    return ReduceLROnPlateauState(
+      scale,
+      best,
+      plateau.astype(jnp.int32),
+      cooldown_count.astype(jnp.int32),
+      zero_count(),
+      jnp.zeros_like(s.avg_value),
+    )
 
   def update(updates, state, params=None, **extra):
     del params
@@ -137,7 +169,8 @@ def reduce_on_plateau(factor: float = 0.1, patience: int = 10, rtol: float = 1e-
     s = state._replace(count=count, avg_value=avg)
     s = jax.tree.map(lambda a, b: jnp.where(count == accumulation_size, a, b), evaluate(s), s)
     updates = jax.tree.map(
-        lambda u: jnp.multiply(*otree.promote(s.scale, u)).astype(jnp.result_type(u)), updates)
+      lambda u: jnp.multiply(*otree.promote(s.scale, u)).astype(jnp.result_type(u)), updates
+    )
     return updates, s
 
   return GradientTransformation(init, update)

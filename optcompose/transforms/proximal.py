@@ -41,10 +41,12 @@ def elastic_net_prox_leaf(w, u, lr, l1, l2):
   return jnp.subtract(*otree.promote(target, w)).astype(jnp.result_type(u))
 
 
-@public("transformation", l1=_STRENGTH, l2=_STRENGTH, learning_rate=real(0.0, draw=(1e-5, 1.0)),
-        mask=MASK)
-def prox_elastic_net(l1: ScalarOrSchedule, l2: ScalarOrSchedule,
-                     learning_rate: ScalarOrSchedule, mask: Mask = None) -> GradientTransformation:
+@public(
+  "transformation", l1=_STRENGTH, l2=_STRENGTH, learning_rate=real(0.0, draw=(1e-5, 1.0)), mask=MASK
+)
+def prox_elastic_net(
+  l1: ScalarOrSchedule, l2: ScalarOrSchedule, learning_rate: ScalarOrSchedule, mask: Mask = None
+) -> GradientTransformation:
   """Proximal elastic-net step after the learning-rate step (see the module docstring).
 
   Update, with ``u`` the already scaled update (``-lr * direction``)::
@@ -67,13 +69,15 @@ def prox_elastic_net(l1: ScalarOrSchedule, l2: ScalarOrSchedule,
     sections 6.1 and 6.5.1; Zou and Hastie, "Regularization and variable selection via the
     elastic net", JRSS B, 2005.
   """
-  return masked_leafwise("prox_elastic_net",
-                         lambda u, w: elastic_net_prox_leaf(w, u, learning_rate, l1, l2), mask)
+  return masked_leafwise(
+    "prox_elastic_net", lambda u, w: elastic_net_prox_leaf(w, u, learning_rate, l1, l2), mask
+  )
 
 
 @public("transformation", l1=_STRENGTH, learning_rate=real(0.0, draw=(1e-5, 1.0)), mask=MASK)
-def prox_l1(l1: ScalarOrSchedule, learning_rate: ScalarOrSchedule,
-            mask: Mask = None) -> GradientTransformation:
+def prox_l1(
+  l1: ScalarOrSchedule, learning_rate: ScalarOrSchedule, mask: Mask = None
+) -> GradientTransformation:
   """L1 soft-thresholding after the learning-rate step: ``prox_elastic_net`` with ``l2=0``.
 
   Update: ``w_new = sign(w + u) * max(|w + u| - lr * l1, 0)``; ``u <- w_new - w``.
@@ -93,5 +97,6 @@ def prox_l1(l1: ScalarOrSchedule, learning_rate: ScalarOrSchedule,
     Problems", SIAM J. Imaging Sciences, 2009 (ISTA).
   """
   return prox_elastic_net(l1, 0.0, learning_rate, mask)
+
 
 __all__ = []  # and the builders it registers

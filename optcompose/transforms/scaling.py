@@ -14,8 +14,14 @@ import jax.numpy as jnp
 
 from optcompose import tree as otree
 from optcompose.core import (
-    FLAG, SCHEDULE, EmptyState, GradientTransformation, ScalarOrSchedule, public, real,
-    stateless,
+  FLAG,
+  SCHEDULE,
+  EmptyState,
+  GradientTransformation,
+  ScalarOrSchedule,
+  public,
+  real,
+  stateless,
 )
 from optcompose.core import identity as _identity
 
@@ -48,8 +54,9 @@ def scale(step_size: ScalarOrSchedule) -> GradientTransformation:
     otree.check_floating(params, "params")
     return EmptyState()
 
-  update = stateless(lambda updates, params: jax.tree.map(lambda u: scale_leaf(step_size, u),
-                                                          updates)).update
+  update = stateless(
+    lambda updates, params: jax.tree.map(lambda u: scale_leaf(step_size, u), updates)
+  ).update
   return GradientTransformation(init, update)
 
 
@@ -74,11 +81,14 @@ def scale_by_schedule(step_size_fn) -> GradientTransformation:
   return scale(step_size_fn)
 
 
-@public("transformation", optax="scale_by_learning_rate",
-        learning_rate=real(0.0, draw=(1e-5, 1.0), optional=True),
-        flip_sign=FLAG)
+@public(
+  "transformation",
+  optax="scale_by_learning_rate",
+  learning_rate=real(0.0, draw=(1e-5, 1.0), optional=True),
+  flip_sign=FLAG,
+)
 def scale_by_learning_rate(
-    learning_rate: ScalarOrSchedule | None = None, *, flip_sign: bool = True
+  learning_rate: ScalarOrSchedule | None = None, *, flip_sign: bool = True
 ) -> GradientTransformation:
   """Scale updates by ``-learning_rate`` (or ``+learning_rate`` with ``flip_sign=False``).
 
@@ -116,6 +126,7 @@ def set_to_zero() -> GradientTransformation:
     Optax's ``optax.set_to_zero``.
   """
   return stateless(lambda updates, params: jax.tree.map(jnp.zeros_like, updates))
+
 
 ScaleState = EmptyState  # Optax's name for scale's (empty) state
 

@@ -19,12 +19,35 @@ import jax.numpy as jnp
 
 from optcompose import tree as otree
 from optcompose.core import (
-    DECAY, DTYPE, EPS, EPS_POSITIVE, EPS_ROOT, FLAG, EmptyState, Hyper, GradientTransformation, ScalarOrSchedule,
-    as_transformation, check_not_both_zero, expect_state, public, real, safe_increment, zero_count,
+  DECAY,
+  DTYPE,
+  EPS,
+  EPS_POSITIVE,
+  EPS_ROOT,
+  FLAG,
+  EmptyState,
+  Hyper,
+  GradientTransformation,
+  ScalarOrSchedule,
+  as_transformation,
+  check_not_both_zero,
+  expect_state,
+  public,
+  real,
+  safe_increment,
+  zero_count,
 )
 from optcompose.transforms.statistics import (
-    adam_direction_leaf, debias_factor, debias_leaf, ema_leaf, inverse_rms_leaf, moments_init,
-    same_structure, second_moment_ema_leaf, square_leaf, variance_leaf,
+  adam_direction_leaf,
+  debias_factor,
+  debias_leaf,
+  ema_leaf,
+  inverse_rms_leaf,
+  moments_init,
+  same_structure,
+  second_moment_ema_leaf,
+  square_leaf,
+  variance_leaf,
 )
 
 
@@ -32,10 +55,15 @@ class ScaleByRssState(NamedTuple):
   sum_of_squares: Any
 
 
-@public("transformation", optax="scale_by_rss",
-        initial_accumulator_value=real(0.0, draw=(0.0, 1.0), schedule=False), eps=EPS)
-def scale_by_rss(initial_accumulator_value: float = 0.1,
-                 eps: ScalarOrSchedule = 1e-7) -> GradientTransformation:
+@public(
+  "transformation",
+  optax="scale_by_rss",
+  initial_accumulator_value=real(0.0, draw=(0.0, 1.0), schedule=False),
+  eps=EPS,
+)
+def scale_by_rss(
+  initial_accumulator_value: float = 0.1, eps: ScalarOrSchedule = 1e-7
+) -> GradientTransformation:
   """AdaGrad's scaling: ``G_t = G_{t-1} + g_t^2``, ``u = g / sqrt(G_t + eps)`` (0 where G_t = 0).
 
   Update: ``G_t = G_{t-1} + g_t^2``; ``u_t = g_t / sqrt(G_t + eps)`` where ``G_t > 0``,
@@ -61,12 +89,16 @@ def scale_by_rss(initial_accumulator_value: float = 0.1,
     expect_state(state, ScaleByRssState, "scale_by_rss")
     same_structure(updates, state.sum_of_squares, "sum_of_squares")
     # Each operation in the wider of its operands' dtypes (float32 statistics for float16).
-    total = jax.tree.map(lambda g, s: jnp.add(*otree.promote(square_leaf(g, s), s)),
-                         updates, state.sum_of_squares)
+    total = jax.tree.map(
+      lambda g, s: jnp.add(*otree.promote(square_leaf(g, s), s)), updates, state.sum_of_squares
+    )
     updates = jax.tree.map(
-        lambda g, s: jnp.multiply(*otree.promote(
-            jnp.where(s > 0, inverse_rms_leaf(s, eps, True), 0.0), g)).astype(
-            jnp.result_type(g)), updates, total)
+      lambda g, s: jnp.multiply(
+        *otree.promote(jnp.where(s > 0, inverse_rms_leaf(s, eps, True), 0.0), g)
+      ).astype(jnp.result_type(g)),
+      updates,
+      total,
+    )
     return updates, ScaleByRssState(otree.cast_like(total, state.sum_of_squares))
 
   return GradientTransformation(init, update)
@@ -114,37 +146,50 @@ def _rms_scaling(who, centered, decay, eps, initial_scale, eps_in_sqrt, bias_cor
     new = {}
     if centered:
       new["mu"] = jax.tree.map(lambda g, m: ema_leaf(decay, m, g), updates, state.mu)
-    new["nu"] = jax.tree.map(lambda g, v: ema_leaf(decay, v, square_leaf(g, v)), updates,
-                             state.nu)
+    new["nu"] = jax.tree.map(lambda g, v: ema_leaf(decay, v, square_leaf(g, v)), updates, state.nu)
     hat = dict(new)
     if bias_correction:
       new["count"] = safe_increment(state.count)
       factor = debias_factor(decay, new["count"])
-      hat = {k: jax.tree.map(lambda x: debias_leaf(x, factor), v) for k, v in new.items()
-             if k != "count"}
+      hat = {
+        k: jax.tree.map(lambda x: debias_leaf(x, factor), v) for k, v in new.items() if k != "count"
+      }
     if centered:
       denominator = jax.tree.map(variance_leaf, hat["mu"], hat["nu"])
     else:
       denominator = hat["nu"]
     updates = jax.tree.map(
-        lambda g, v: jnp.multiply(*otree.promote(inverse_rms_leaf(v, eps, eps_in_sqrt), g)
-                                  ).astype(jnp.result_type(g)),
-        updates, denominator)
-    stored = {k: v if k == "count" else otree.cast_like(v, getattr(state, k))
-              for k, v in new.items()}
+      lambda g, v: jnp.multiply(*otree.promote(inverse_rms_leaf(v, eps, eps_in_sqrt), g)).astype(
+        jnp.result_type(g)
+      ),
+      updates,
+      denominator,
+    )
+    stored = {
+      k: v if k == "count" else otree.cast_like(v, getattr(state, k)) for k, v in new.items()
+    }
     return updates, state_type(**stored)
 
   return GradientTransformation(init, update)
 
 
-_RMS_HYPERS = dict(decay=DECAY, eps=EPS_POSITIVE, initial_scale=real(0.0, draw=(0.0, 1.0), schedule=False),
-                   eps_in_sqrt=FLAG, bias_correction=FLAG)
+_RMS_HYPERS = dict(
+  decay=DECAY,
+  eps=EPS_POSITIVE,
+  initial_scale=real(0.0, draw=(0.0, 1.0), schedule=False),
+  eps_in_sqrt=FLAG,
+  bias_correction=FLAG,
+)
 
 
 @public("transformation", optax="scale_by_rms", **_RMS_HYPERS)
-def scale_by_rms(decay: ScalarOrSchedule = 0.9, eps: ScalarOrSchedule = 1e-8,
-                 initial_scale: float = 0.0, eps_in_sqrt: bool = True,
-                 bias_correction: bool = False) -> GradientTransformation:
+def scale_by_rms(
+  decay: ScalarOrSchedule = 0.9,
+  eps: ScalarOrSchedule = 1e-8,
+  initial_scale: float = 0.0,
+  eps_in_sqrt: bool = True,
+  bias_correction: bool = False,
+) -> GradientTransformation:
   """RMSProp's scaling: ``v_t = (1 - decay) g_t^2 + decay v_{t-1}``, ``u = g / sqrt(v_t + eps)``.
 
   Update (beta = ``decay``, t from 1)::
@@ -170,14 +215,19 @@ def scale_by_rms(decay: ScalarOrSchedule = 0.9, eps: ScalarOrSchedule = 1e-8,
     Tieleman and Hinton, Lecture 6.5 of "Neural Networks for Machine Learning", Coursera,
     2012; Optax's ``optax.scale_by_rms``.
   """
-  return _rms_scaling("scale_by_rms", False, decay, eps, initial_scale, eps_in_sqrt,
-                      bias_correction)
+  return _rms_scaling(
+    "scale_by_rms", False, decay, eps, initial_scale, eps_in_sqrt, bias_correction
+  )
 
 
 @public("transformation", optax="scale_by_stddev", **_RMS_HYPERS)
-def scale_by_stddev(decay: ScalarOrSchedule = 0.9, eps: ScalarOrSchedule = 1e-8,
-                    initial_scale: float = 0.0, eps_in_sqrt: bool = True,
-                    bias_correction: bool = False) -> GradientTransformation:
+def scale_by_stddev(
+  decay: ScalarOrSchedule = 0.9,
+  eps: ScalarOrSchedule = 1e-8,
+  initial_scale: float = 0.0,
+  eps_in_sqrt: bool = True,
+  bias_correction: bool = False,
+) -> GradientTransformation:
   """Centered RMSProp: ``u = g / sqrt(v_t - m_t^2 + eps)`` with m, v EMAs of g and g^2.
 
   Update (beta = ``decay``, t from 1, ``m_0 = 0``)::
@@ -205,8 +255,9 @@ def scale_by_stddev(decay: ScalarOrSchedule = 0.9, eps: ScalarOrSchedule = 1e-8,
     Graves, "Generating Sequences With Recurrent Neural Networks", arXiv:1308.0850, 2013;
     Optax's ``optax.scale_by_stddev``.
   """
-  return _rms_scaling("scale_by_stddev", True, decay, eps, initial_scale, eps_in_sqrt,
-                      bias_correction)
+  return _rms_scaling(
+    "scale_by_stddev", True, decay, eps, initial_scale, eps_in_sqrt, bias_correction
+  )
 
 
 class ScaleBySecondMomentState(NamedTuple):
@@ -215,12 +266,23 @@ class ScaleBySecondMomentState(NamedTuple):
   direction: Any = EmptyState()  # the state of the `direction` transformation
 
 
-@public("transformation", decay=DECAY, eps=EPS, eps_root=EPS_ROOT,
-        debias=FLAG, nu_dtype=DTYPE, direction=Hyper(("optional", ("inner",))))
-def scale_by_second_moment(decay: ScalarOrSchedule = 0.999, eps: ScalarOrSchedule = 1e-8,
-                           eps_root: ScalarOrSchedule = 0.0, debias: bool = True,
-                           nu_dtype: Optional[Any] = None, direction: Any = None
-                           ) -> GradientTransformation:
+@public(
+  "transformation",
+  decay=DECAY,
+  eps=EPS,
+  eps_root=EPS_ROOT,
+  debias=FLAG,
+  nu_dtype=DTYPE,
+  direction=Hyper(("optional", ("inner",))),
+)
+def scale_by_second_moment(
+  decay: ScalarOrSchedule = 0.999,
+  eps: ScalarOrSchedule = 1e-8,
+  eps_root: ScalarOrSchedule = 0.0,
+  debias: bool = True,
+  nu_dtype: Optional[Any] = None,
+  direction: Any = None,
+) -> GradientTransformation:
   """Divide a direction by ``sqrt(v_hat + eps_root) + eps``, v an EMA of the incoming g^2.
 
   Update (beta = ``decay``, t from 1, ``v_0 = 0``, d = ``direction``'s output for g)::
@@ -256,15 +318,21 @@ def scale_by_second_moment(decay: ScalarOrSchedule = 0.999, eps: ScalarOrSchedul
     Ziyin, Wang and Ueda, "LaProp: Separating Momentum and Adaptivity in Adam",
     arXiv:2002.04839, 2020.
   """
-  inner = None if direction is None else as_transformation(direction, "scale_by_second_moment",
-                                                          "direction")
+  inner = (
+    None
+    if direction is None
+    else as_transformation(direction, "scale_by_second_moment", "direction")
+  )
 
   check_not_both_zero("scale_by_second_moment", eps, eps_root)
 
   def init(params):
     otree.check_floating(params, "params")
-    return ScaleBySecondMomentState(zero_count(), otree.zeros_like(params, nu_dtype),
-                                    EmptyState() if inner is None else inner.init(params))
+    return ScaleBySecondMomentState(
+      zero_count(),
+      otree.zeros_like(params, nu_dtype),
+      EmptyState() if inner is None else inner.init(params),
+    )
 
   def update(updates, state, params=None, **extra):
     expect_state(state, ScaleBySecondMomentState, "scale_by_second_moment")
@@ -274,8 +342,9 @@ def scale_by_second_moment(decay: ScalarOrSchedule = 0.999, eps: ScalarOrSchedul
     else:
       d, d_state = inner.update(updates, state.direction, params, **extra)
       same_structure(d, state.nu, "nu")
-    nu = jax.tree.map(lambda g, v: second_moment_ema_leaf(decay, v, square_leaf(g, v)), updates,
-                      state.nu)
+    nu = jax.tree.map(
+      lambda g, v: second_moment_ema_leaf(decay, v, square_leaf(g, v)), updates, state.nu
+    )
     count = safe_increment(state.count)
     if debias:
       factor = debias_factor(decay, count)
@@ -283,10 +352,18 @@ def scale_by_second_moment(decay: ScalarOrSchedule = 0.999, eps: ScalarOrSchedul
     else:
       v_hat = nu
     out = jax.tree.map(
-        lambda u, v: adam_direction_leaf(u, v, eps, eps_root).astype(jnp.result_type(u)),
-        d, v_hat)
+      lambda u, v: adam_direction_leaf(u, v, eps, eps_root).astype(jnp.result_type(u)), d, v_hat
+    )
     return out, ScaleBySecondMomentState(count, otree.cast_like(nu, state.nu), d_state)
 
   return GradientTransformation(init, update)
 
-__all__ = ["ScaleByRssState", "ScaleByRmsState", "ScaleByRmsWithCountState", "ScaleByRStdDevState", "ScaleByRStdDevWithCountState", "ScaleBySecondMomentState"]  # and the builders it registers
+
+__all__ = [
+  "ScaleByRssState",
+  "ScaleByRmsState",
+  "ScaleByRmsWithCountState",
+  "ScaleByRStdDevState",
+  "ScaleByRStdDevWithCountState",
+  "ScaleBySecondMomentState",
+]  # and the builders it registers

@@ -23,7 +23,13 @@ import jax.numpy as jnp
 
 from optcompose import tree as otree
 from optcompose.core import (
-    FLAG, EmptyState, GradientTransformation, needs_params, public, real, stateless,
+  FLAG,
+  EmptyState,
+  GradientTransformation,
+  needs_params,
+  public,
+  real,
+  stateless,
 )
 
 GRAD_FN = "grad_fn"  # the keyword that carries the second gradient evaluation
@@ -57,10 +63,16 @@ def _safe(norm):
 # One call per step.
 
 
-@public("transformation", rho=real(0.0, draw=(1e-3, 0.5), schedule=False), adaptive=FLAG,
-        eta=real(0.0, schedule=False, draw=(0.0, 0.1)), eps=real(0.0, schedule=False, draw=(1e-12, 1e-6)))
-def sharpness_aware(rho: float = 0.05, *, adaptive: bool = False, eta: float = 0.01,
-                    eps: float = 1e-12) -> GradientTransformation:
+@public(
+  "transformation",
+  rho=real(0.0, draw=(1e-3, 0.5), schedule=False),
+  adaptive=FLAG,
+  eta=real(0.0, schedule=False, draw=(0.0, 0.1)),
+  eps=real(0.0, schedule=False, draw=(1e-12, 1e-6)),
+)
+def sharpness_aware(
+  rho: float = 0.05, *, adaptive: bool = False, eta: float = 0.01, eps: float = 1e-12
+) -> GradientTransformation:
   """Replace the gradient ``g`` at ``w`` by the SAM gradient ``grad L(w + e)``.
 
   ``update(g, state, params, grad_fn=f)`` evaluates ``f`` -- the caller's gradient
@@ -119,8 +131,10 @@ def sharpness_aware(rho: float = 0.05, *, adaptive: bool = False, eta: float = 0
   def update(updates, state, params=None, **extra):
     grad_fn = extra.get(GRAD_FN)
     if grad_fn is None or not callable(grad_fn):
-      raise ValueError(f"{fn}: update needs `grad_fn=`, a function params -> gradients on the "
-                       "same batch (SAM's second gradient evaluation).")
+      raise ValueError(
+        f"{fn}: update needs `grad_fn=`, a function params -> gradients on the "
+        "same batch (SAM's second gradient evaluation)."
+      )
     needs_params(params, fn)
     otree.check_same_structure(updates, params, "updates", "params")
     if adaptive:
@@ -130,7 +144,8 @@ def sharpness_aware(rho: float = 0.05, *, adaptive: bool = False, eta: float = 0
       norm = otree.global_norm(updates)
     denominator = norm + eps
     w_adv = jax.tree.map(
-        lambda w, g: adversarial_leaf(w, g, rho, denominator, eta, adaptive), params, updates)
+      lambda w, g: adversarial_leaf(w, g, rho, denominator, eta, adaptive), params, updates
+    )
     g_sam = grad_fn(w_adv)
     otree.check_same_structure(g_sam, updates, "grad_fn(params)", "updates")
     return g_sam, state
@@ -162,5 +177,6 @@ def normalize() -> GradientTransformation:
     return jax.tree.map(lambda g: normalized_leaf(g, norm), updates)
 
   return stateless(f)
+
 
 __all__ = []  # and the builders it registers

@@ -20,8 +20,17 @@ import jax.numpy as jnp
 
 from optcompose import tree as otree
 from optcompose.core import (
-    DTYPE, MOMENTUM, GradientTransformation, ScalarOrSchedule, choice, expect_state, public,
-    real, safe_increment, stateless_with_tree_map, zero_count,
+  DTYPE,
+  MOMENTUM,
+  GradientTransformation,
+  ScalarOrSchedule,
+  choice,
+  expect_state,
+  public,
+  real,
+  safe_increment,
+  stateless_with_tree_map,
+  zero_count,
 )
 from optcompose.transforms.statistics import ema_leaf, moments_init, same_structure
 
@@ -61,12 +70,23 @@ class ScaleByLionState(NamedTuple):
   mu: Any
 
 
-@public("transformation", optax="scale_by_lion", b1=MOMENTUM, b2=MOMENTUM, mu_dtype=DTYPE,
-        mode=choice(*LION_MODES),
-        smooth_beta=real(0.0, low_open=True, schedule=False, draw=(0.1, 10.0)))
-def scale_by_lion(b1: ScalarOrSchedule = 0.9, b2: ScalarOrSchedule = 0.99,
-                  mu_dtype: Optional[Any] = None, *, mode: str = "hard",
-                  smooth_beta: float = 1.0) -> GradientTransformation:
+@public(
+  "transformation",
+  optax="scale_by_lion",
+  b1=MOMENTUM,
+  b2=MOMENTUM,
+  mu_dtype=DTYPE,
+  mode=choice(*LION_MODES),
+  smooth_beta=real(0.0, low_open=True, schedule=False, draw=(0.1, 10.0)),
+)
+def scale_by_lion(
+  b1: ScalarOrSchedule = 0.9,
+  b2: ScalarOrSchedule = 0.99,
+  mu_dtype: Optional[Any] = None,
+  *,
+  mode: str = "hard",
+  smooth_beta: float = 1.0,
+) -> GradientTransformation:
   """Lion's scaling: the sign of an interpolation of the gradient and the previous moment.
 
   Update (g: incoming gradient, ``m_0 = 0``)::
@@ -107,12 +127,14 @@ def scale_by_lion(b1: ScalarOrSchedule = 0.9, b2: ScalarOrSchedule = 0.99,
     expect_state(state, ScaleByLionState, "scale_by_lion")
     same_structure(updates, state.mu, "mu")
     out = jax.tree.map(
-        lambda g, m: soft_sign_leaf(ema_leaf(b1, m, g), mode, smooth_beta).astype(
-            jnp.result_type(g)),
-        updates, state.mu)
+      lambda g, m: soft_sign_leaf(ema_leaf(b1, m, g), mode, smooth_beta).astype(jnp.result_type(g)),
+      updates,
+      state.mu,
+    )
     mu = jax.tree.map(lambda g, m: ema_leaf(b2, m, g), updates, state.mu)
     return out, ScaleByLionState(safe_increment(state.count), otree.cast_like(mu, state.mu))
 
   return GradientTransformation(init, update)
+
 
 __all__ = ["ScaleByLionState"]  # and the builders it registers

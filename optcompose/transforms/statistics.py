@@ -22,8 +22,6 @@ import jax.numpy as jnp
 from optcompose import tree as otree
 
 
-
-
 def ema_leaf(beta, m, x):
   """One EMA step: ``(1 - beta) * x + beta * m`` (``optcompose.tree.moment_leaf``'s formula:
   each product in the wider of its operands' dtypes, as implicit promotion would)."""
@@ -43,7 +41,8 @@ def debias_factor(beta, count):
 
 
 def debias_leaf(m, factor):
-  """Bias correction ``m / (1 - beta^t)``, as ``m * factor`` with ``factor = debias_factor(beta, t)``.
+  """Bias correction ``m / (1 - beta^t)``, as ``m * factor`` with
+  ``factor = debias_factor(beta, t)``.
 
   The scalar factor is computed once per step, outside the per-leaf map, and multiplies
   each leaf: a division by a broadcast scalar is rewritten by XLA into a multiplication by

@@ -22,7 +22,13 @@ import numpy as np
 
 from optcompose import tree as otree
 from optcompose.core import (
-    EmptyState, GradientTransformation, choice, default_float, expect_state, public, real,
+  EmptyState,
+  GradientTransformation,
+  choice,
+  default_float,
+  expect_state,
+  public,
+  real,
 )
 from optcompose.core.validation import check_real_value
 from optcompose.transforms.statistics import moments_init, same_structure
@@ -35,6 +41,7 @@ def _op(fn, *xs):
 # ----------------------------------------------------------------------------------------
 # Rprop.
 
+
 class ScaleByRpropState(NamedTuple):
   step_sizes: Any  # s, one step size per element
   prev_updates: Any  # d, the step stored at the last call (output at the next one)
@@ -45,8 +52,9 @@ def rprop_leaf(g, d_prev, s_prev, eta_minus, eta_plus, min_step_size, max_step_s
   dtype, ``d_t`` and ``s_t`` in the state's."""
   p = _op(jnp.multiply, g, d_prev)
   factor = jnp.where(p > 0, eta_plus, eta_minus)
-  grown = jnp.clip(_op(jnp.multiply, s_prev, factor), *otree.promote(
-      min_step_size, max_step_size, s_prev)[:2])
+  grown = jnp.clip(
+    _op(jnp.multiply, s_prev, factor), *otree.promote(min_step_size, max_step_size, s_prev)[:2]
+  )
   s_prev_as, grown_as = otree.promote(s_prev, grown)
   s = jnp.where(p == 0, s_prev_as, grown_as).astype(jnp.result_type(s_prev))
   flipped = p < 0
@@ -55,15 +63,22 @@ def rprop_leaf(g, d_prev, s_prev, eta_minus, eta_plus, min_step_size, max_step_s
   return u, d, s
 
 
-@public("transformation", optax="scale_by_rprop",
-        learning_rate=real(0.0, draw=(1e-4, 1.0), schedule=False),
-        eta_minus=real(0.0, 1.0, low_open=True, draw=(0.1, 0.9), schedule=False),
-        eta_plus=real(1.0, draw=(1.0, 2.0), schedule=False),
-        min_step_size=real(0.0, draw=(1e-8, 1e-4), schedule=False),
-        max_step_size=real(0.0, draw=(1.0, 100.0), schedule=False))
-def scale_by_rprop(learning_rate: float, eta_minus: float = 0.5, eta_plus: float = 1.2,
-                   min_step_size: float = 1e-6,
-                   max_step_size: float = 50.0) -> GradientTransformation:
+@public(
+  "transformation",
+  optax="scale_by_rprop",
+  learning_rate=real(0.0, draw=(1e-4, 1.0), schedule=False),
+  eta_minus=real(0.0, 1.0, low_open=True, draw=(0.1, 0.9), schedule=False),
+  eta_plus=real(1.0, draw=(1.0, 2.0), schedule=False),
+  min_step_size=real(0.0, draw=(1e-8, 1e-4), schedule=False),
+  max_step_size=real(0.0, draw=(1.0, 100.0), schedule=False),
+)
+def scale_by_rprop(
+  learning_rate: float,
+  eta_minus: float = 0.5,
+  eta_plus: float = 1.2,
+  min_step_size: float = 1e-6,
+  max_step_size: float = 50.0,
+) -> GradientTransformation:
   """Rprop's scaling: per-element step sizes grown or shrunk by the sign of ``g d_{t-1}``.
 
   Update, per element (``s_0 = learning_rate``, ``d_0 = 0``)::
@@ -98,9 +113,12 @@ def scale_by_rprop(learning_rate: float, eta_minus: float = 0.5, eta_plus: float
   # Concrete values only: under inject_hyperparams they are traced (Optax's tests build it
   # that way), and range checks of traced values are the injection's own.
   if not any(isinstance(v, jax.core.Tracer) for v in (min_step_size, max_step_size)) and (
-      min_step_size > max_step_size):
-    raise ValueError(f"scale_by_rprop: `min_step_size` ({min_step_size!r}) must not exceed "
-                     f"`max_step_size` ({max_step_size!r}).")
+    min_step_size > max_step_size
+  ):
+    raise ValueError(
+      f"scale_by_rprop: `min_step_size` ({min_step_size!r}) must not exceed "
+      f"`max_step_size` ({max_step_size!r})."
+    )
 
   def init(params):
     return ScaleByRpropState(moments_init(params, value=learning_rate), moments_init(params))
@@ -110,12 +128,19 @@ def scale_by_rprop(learning_rate: float, eta_minus: float = 0.5, eta_plus: float
     expect_state(state, ScaleByRpropState, "scale_by_rprop")
     same_structure(updates, state.step_sizes, "step_sizes")
     treedef = jax.tree.structure(updates)
-    steps = [rprop_leaf(g, d, s, eta_minus, eta_plus, min_step_size, max_step_size)
-             for g, d, s in zip(jax.tree.leaves(updates),
-                                treedef.flatten_up_to(state.prev_updates),
-                                treedef.flatten_up_to(state.step_sizes))]
-    u, d, s = ([treedef.unflatten(list(x)) for x in zip(*steps)] if steps
-               else (updates, state.prev_updates, state.step_sizes))
+    steps = [
+      rprop_leaf(g, d, s, eta_minus, eta_plus, min_step_size, max_step_size)
+      for g, d, s in zip(
+        jax.tree.leaves(updates),
+        treedef.flatten_up_to(state.prev_updates),
+        treedef.flatten_up_to(state.step_sizes),
+      )
+    ]
+    u, d, s = (
+      [treedef.unflatten(list(x)) for x in zip(*steps)]
+      if steps
+      else (updates, state.prev_updates, state.step_sizes)
+    )
     return u, ScaleByRpropState(s, d)
 
   return GradientTransformation(init, update)
@@ -150,11 +175,17 @@ def _check_value(value) -> jax.Array:
   return value
 
 
-@public("transformation", optax="scale_by_polyak", f_min=real(draw=(-1.0, 0.0), schedule=False),
-        max_learning_rate=real(0.0, draw=(1e-3, 10.0), schedule=False),
-        eps=real(0.0, draw=(0.0, 1e-6), schedule=False), variant=choice("sps", "sps+"))
-def scale_by_polyak(f_min: float = 0.0, max_learning_rate: float = 1.0, eps: float = 0.0,
-                    variant: str = "sps") -> GradientTransformation:
+@public(
+  "transformation",
+  optax="scale_by_polyak",
+  f_min=real(draw=(-1.0, 0.0), schedule=False),
+  max_learning_rate=real(0.0, draw=(1e-3, 10.0), schedule=False),
+  eps=real(0.0, draw=(0.0, 1e-6), schedule=False),
+  variant=choice("sps", "sps+"),
+)
+def scale_by_polyak(
+  f_min: float = 0.0, max_learning_rate: float = 1.0, eps: float = 0.0, variant: str = "sps"
+) -> GradientTransformation:
   """Polyak's step size: ``u = min((f - f_min) / (||g||^2 + eps), max_learning_rate) g``.
 
   Update (``f`` is ``update(..., value=f)``, ``||g||^2`` over all leaves)::
@@ -191,13 +222,12 @@ def scale_by_polyak(f_min: float = 0.0, max_learning_rate: float = 1.0, eps: flo
   def update(updates, state, params=None, **extra):
     del params
     if "value" not in extra:
-      raise TypeError("scale_by_polyak needs the objective's value: call "
-                      "update(..., value=loss).")
+      raise TypeError("scale_by_polyak needs the objective's value: call update(..., value=loss).")
     value = _check_value(extra["value"])
-    step = polyak_step(otree.squared_norm(updates), value, f_min, max_learning_rate, eps,
-                       variant == "sps+")
-    updates = jax.tree.map(
-        lambda g: _op(jnp.multiply, step, g).astype(jnp.result_type(g)), updates)
+    step = polyak_step(
+      otree.squared_norm(updates), value, f_min, max_learning_rate, eps, variant == "sps+"
+    )
+    updates = jax.tree.map(lambda g: _op(jnp.multiply, step, g).astype(jnp.result_type(g)), updates)
     return updates, state
 
   return GradientTransformation(init, update)

@@ -25,8 +25,14 @@ import jax.numpy as jnp
 
 from optcompose import tree as otree
 from optcompose.core import (
-    EPS, EmptyState, GradientTransformation, ScalarOrSchedule, needs_params, public, real,
-    stateless,
+  EPS,
+  EmptyState,
+  GradientTransformation,
+  ScalarOrSchedule,
+  needs_params,
+  public,
+  real,
+  stateless,
 )
 from optcompose.masks import reject_layouts
 
@@ -65,8 +71,11 @@ def trust_ratio_leaf(u, w, min_norm, trust_coefficient, eps):
   ``n = max(||u||, min_norm)``; ``r = 1`` where ``p = 0`` or ``n = 0`` (a leaf that would
   never move, or a zero update). The select is on the scalar r, not on the leaf."""
   p, n = leaf_norm(w, min_norm), leaf_norm(u, min_norm)
-  ratio = jnp.divide(*otree.promote(jnp.multiply(*otree.promote(trust_coefficient, p)),
-                                    jnp.add(*otree.promote(n, eps))))
+  ratio = jnp.divide(
+    *otree.promote(
+      jnp.multiply(*otree.promote(trust_coefficient, p)), jnp.add(*otree.promote(n, eps))
+    )
+  )
   ratio = jnp.where(jnp.logical_or(p == 0, n == 0), jnp.ones_like(ratio), ratio)
   return scale_leaf_by(u, ratio)
 
@@ -85,11 +94,16 @@ def _per_leaf(who, leaf):
   return stateless(f)
 
 
-@public("transformation", optax="scale_by_trust_ratio", min_norm=_NONNEGATIVE,
-        trust_coefficient=real(0.0, draw=(1e-3, 1.0), schedule=False),
-        eps=EPS._replace(schedule=False))
-def scale_by_trust_ratio(min_norm: float = 0.0, trust_coefficient: float = 1.0,
-                         eps: float = 0.0) -> GradientTransformation:
+@public(
+  "transformation",
+  optax="scale_by_trust_ratio",
+  min_norm=_NONNEGATIVE,
+  trust_coefficient=real(0.0, draw=(1e-3, 1.0), schedule=False),
+  eps=EPS._replace(schedule=False),
+)
+def scale_by_trust_ratio(
+  min_norm: float = 0.0, trust_coefficient: float = 1.0, eps: float = 0.0
+) -> GradientTransformation:
   """Scale each leaf by its trust ratio, the ratio of the parameters' norm to the update's.
 
   Update, per leaf l::
@@ -114,8 +128,9 @@ def scale_by_trust_ratio(min_norm: float = 0.0, trust_coefficient: float = 1.0,
     et al., "Large Batch Optimization for Deep Learning: Training BERT in 76 minutes", ICLR
     2020; Optax's ``optax.scale_by_trust_ratio``.
   """
-  return _per_leaf("scale_by_trust_ratio",
-                   lambda u, w: trust_ratio_leaf(u, w, min_norm, trust_coefficient, eps))
+  return _per_leaf(
+    "scale_by_trust_ratio", lambda u, w: trust_ratio_leaf(u, w, min_norm, trust_coefficient, eps)
+  )
 
 
 @public("transformation", optax="scale_by_param_block_norm", min_scale=_NONNEGATIVE)
@@ -136,8 +151,9 @@ def scale_by_param_block_norm(min_scale: float = 1e-3) -> GradientTransformation
     Shazeer and Stern, "Adafactor: Adaptive Learning Rates with Sublinear Memory Cost",
     ICML 2018 (the relative step size); Optax's ``optax.scale_by_param_block_norm``.
   """
-  return _per_leaf("scale_by_param_block_norm",
-                   lambda u, w: scale_leaf_by(u, leaf_norm(w, min_scale)))
+  return _per_leaf(
+    "scale_by_param_block_norm", lambda u, w: scale_leaf_by(u, leaf_norm(w, min_scale))
+  )
 
 
 @public("transformation", optax="scale_by_param_block_rms", min_scale=_NONNEGATIVE)
@@ -158,19 +174,20 @@ def scale_by_param_block_rms(min_scale: float = 1e-3) -> GradientTransformation:
     Shazeer and Stern, "Adafactor: Adaptive Learning Rates with Sublinear Memory Cost",
     ICML 2018; Optax's ``optax.scale_by_param_block_rms``.
   """
-  return _per_leaf("scale_by_param_block_rms",
-                   lambda u, w: scale_leaf_by(u, leaf_rms(w, min_scale)))
+  return _per_leaf(
+    "scale_by_param_block_rms", lambda u, w: scale_leaf_by(u, leaf_rms(w, min_scale))
+  )
 
 
 def fromage_step_sizes(learning_rate: ScalarOrSchedule) -> tuple:
   """Fromage's ``(lr * mu, mu - 1)`` with ``mu = 1 / sqrt(1 + lr^2)``: two numbers for a
   number, two schedules of the step count for a schedule (Optax's expressions)."""
   if not callable(learning_rate):
-    mult = 1 / (1 + learning_rate**2)**0.5
+    mult = 1 / (1 + learning_rate**2) ** 0.5
     return learning_rate * mult, mult - 1
 
   def mult(count):
-    return 1 / (1 + learning_rate(count)**2)**0.5
+    return 1 / (1 + learning_rate(count) ** 2) ** 0.5
 
   return (lambda count: mult(count) * learning_rate(count)), (lambda count: mult(count) - 1)
 

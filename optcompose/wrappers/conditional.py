@@ -28,8 +28,19 @@ import jax.numpy as jnp
 
 from optcompose import tree as otree
 from optcompose.core import (
-    FLAG, INNER, INT32_MAX, GradientTransformation, Hyper, as_transformation, check_hyperparameter,
-    choice, cond, expect_state, public, safe_increment, zero_count,
+  FLAG,
+  INNER,
+  INT32_MAX,
+  GradientTransformation,
+  Hyper,
+  as_transformation,
+  check_hyperparameter,
+  choice,
+  cond,
+  expect_state,
+  public,
+  safe_increment,
+  zero_count,
 )
 from optcompose.wrappers.control import check_whole, update_if
 
@@ -61,27 +72,34 @@ def _condition(fn: Callable, who: str, step: jax.Array, extra: dict) -> jax.Arra
   try:
     dtype, shape = jnp.result_type(pred), jnp.shape(pred)
   except TypeError:
-    raise TypeError(f"{who}: `should_transform_fn` must return a boolean scalar, got "
-                    f"{type(pred).__name__}.") from None
+    raise TypeError(
+      f"{who}: `should_transform_fn` must return a boolean scalar, got {type(pred).__name__}."
+    ) from None
   if shape != ():
-    raise ValueError(f"{who}: `should_transform_fn` must return a boolean scalar, got shape "
-                     f"{shape}.")
+    raise ValueError(
+      f"{who}: `should_transform_fn` must return a boolean scalar, got shape {shape}."
+    )
   if dtype == jnp.bool_:
     return jnp.asarray(pred)
   if jnp.issubdtype(dtype, jnp.integer):
     return jnp.asarray(pred) != 0
-  raise TypeError(f"{who}: `should_transform_fn` must return a boolean scalar, got dtype "
-                  f"{dtype} (compare it: step % 2 == 0).")
+  raise TypeError(
+    f"{who}: `should_transform_fn` must return a boolean scalar, got dtype "
+    f"{dtype} (compare it: step % 2 == 0)."
+  )
 
 
-def _conditional(who: str, inner, should_transform_fn, forward_extra_args, state_type,
-                 pass_through: bool) -> GradientTransformation:
+def _conditional(
+  who: str, inner, should_transform_fn, forward_extra_args, state_type, pass_through: bool
+) -> GradientTransformation:
   """The body of both wrappers: they differ in the state's field order and in what a step
   that does not run ``inner`` returns."""
   inner = as_transformation(inner, who)
   if not callable(should_transform_fn):
-    raise TypeError(f"{who}: `should_transform_fn` must be a function of the step count, got "
-                    f"{type(should_transform_fn).__name__}.")
+    raise TypeError(
+      f"{who}: `should_transform_fn` must be a function of the step count, got "
+      f"{type(should_transform_fn).__name__}."
+    )
 
   def init(params):
     return state_type(inner_state=inner.init(params), step=zero_count())
@@ -89,20 +107,29 @@ def _conditional(who: str, inner, should_transform_fn, forward_extra_args, state
   def update(updates, state, params=None, **extra):
     expect_state(state, state_type, who)
     pred = _condition(should_transform_fn, who, state.step, extra if forward_extra_args else {})
-    new_updates, inner_state = update_if(pred, inner, updates, state.inner_state, params, extra,
-                                         pass_through=who if pass_through else None)
+    new_updates, inner_state = update_if(
+      pred,
+      inner,
+      updates,
+      state.inner_state,
+      params,
+      extra,
+      pass_through=who if pass_through else None,
+    )
     return new_updates, state_type(inner_state=inner_state, step=safe_increment(state.step))
 
   return GradientTransformation(init, update)
 
 
-_CONDITION = dict(inner=INNER, should_transform_fn=choice(_every_other_step),
-                  forward_extra_args=FLAG)
+_CONDITION = dict(
+  inner=INNER, should_transform_fn=choice(_every_other_step), forward_extra_args=FLAG
+)
 
 
 @public("wrapper", optax="conditionally_transform", **_CONDITION)
-def conditionally_transform(inner, should_transform_fn: Callable,
-                            forward_extra_args: bool = False) -> GradientTransformation:
+def conditionally_transform(
+  inner, should_transform_fn: Callable, forward_extra_args: bool = False
+) -> GradientTransformation:
   """Run ``inner`` at the steps ``should_transform_fn`` picks; else pass the updates through.
 
   Update (see the module docstring): ``u, inner_state = inner.update(g, inner_state,
@@ -122,13 +149,20 @@ def conditionally_transform(inner, should_transform_fn: Callable,
   References:
     Optax's ``optax.conditionally_transform``.
   """
-  return _conditional("conditionally_transform", inner, should_transform_fn,
-                      forward_extra_args, ConditionallyTransformState, pass_through=True)
+  return _conditional(
+    "conditionally_transform",
+    inner,
+    should_transform_fn,
+    forward_extra_args,
+    ConditionallyTransformState,
+    pass_through=True,
+  )
 
 
 @public("wrapper", optax="conditionally_mask", **_CONDITION)
-def conditionally_mask(inner, should_transform_fn: Callable,
-                       forward_extra_args: bool = False) -> GradientTransformation:
+def conditionally_mask(
+  inner, should_transform_fn: Callable, forward_extra_args: bool = False
+) -> GradientTransformation:
   """Run ``inner`` at the steps ``should_transform_fn`` picks; else zero updates.
 
   Update (see the module docstring): ``u, inner_state = inner.update(g, inner_state,
@@ -148,8 +182,14 @@ def conditionally_mask(inner, should_transform_fn: Callable,
   References:
     Optax's ``optax.conditionally_mask``.
   """
-  return _conditional("conditionally_mask", inner, should_transform_fn, forward_extra_args,
-                      ConditionallyMaskState, pass_through=False)
+  return _conditional(
+    "conditionally_mask",
+    inner,
+    should_transform_fn,
+    forward_extra_args,
+    ConditionallyMaskState,
+    pass_through=False,
+  )
 
 
 class ApplyEvery(NamedTuple):
@@ -159,8 +199,11 @@ class ApplyEvery(NamedTuple):
   grad_acc: Any  # the sum of this window's updates (after an emission: the emitted sum)
 
 
-@public("transformation", optax="apply_every",
-        k=Hyper(("int", 1, 4), 1, INT32_MAX, numeric=True, whole=True))
+@public(
+  "transformation",
+  optax="apply_every",
+  k=Hyper(("int", 1, 4), 1, INT32_MAX, numeric=True, whole=True),
+)
 def apply_every(k: int = 1) -> GradientTransformation:
   """Sum the updates and emit the sum every ``k``-th call (zero updates in between).
 
@@ -197,10 +240,16 @@ def apply_every(k: int = 1) -> GradientTransformation:
     window = jnp.asarray(k).astype(jnp.int32)  # a live k (inject_hyperparams) is a float
     c = state.count % window
     new_window, emit = c == 0, c == window - 1
-    acc = jax.tree.map(lambda g, a: jnp.add(*otree.promote(
-        jnp.where(new_window, jnp.zeros_like(a), a), g)).astype(a.dtype), updates, state.grad_acc)
-    out = jax.tree.map(lambda a, g: jnp.where(emit, a, jnp.zeros_like(a)).astype(g.dtype),
-                       acc, updates)
+    acc = jax.tree.map(
+      lambda g, a: jnp.add(*otree.promote(jnp.where(new_window, jnp.zeros_like(a), a), g)).astype(
+        a.dtype
+      ),
+      updates,
+      state.grad_acc,
+    )
+    out = jax.tree.map(
+      lambda a, g: jnp.where(emit, a, jnp.zeros_like(a)).astype(g.dtype), acc, updates
+    )
     return out, ApplyEvery(safe_increment(state.count) % window, acc)
 
   return GradientTransformation(init, update)
@@ -230,8 +279,9 @@ def periodic_update(new_tensors: Any, old_tensors: Any, steps: Any, update_perio
   check_whole("periodic_update", "update_period", update_period)
   otree.check_same_structure(new_tensors, old_tensors, "new_tensors", "old_tensors")
   otree.check_same_dtypes(new_tensors, old_tensors, "new_tensors", "old_tensors")
-  return cond(jnp.mod(steps, update_period) == 0, lambda _: new_tensors,
-              lambda _: old_tensors, None)
+  return cond(
+    jnp.mod(steps, update_period) == 0, lambda _: new_tensors, lambda _: old_tensors, None
+  )
 
 
 def incremental_update(new_tensors: Any, old_tensors: Any, step_size: Any) -> Any:
@@ -266,5 +316,10 @@ def incremental_update(new_tensors: Any, old_tensors: Any, step_size: Any) -> An
   return jax.tree.map(average, new_tensors, old_tensors, is_leaf=lambda x: x is None)
 
 
-__all__ = ["ApplyEvery", "ConditionallyMaskState", "ConditionallyTransformState",
-           "incremental_update", "periodic_update"]  # and the builders it registers
+__all__ = [
+  "ApplyEvery",
+  "ConditionallyMaskState",
+  "ConditionallyTransformState",
+  "incremental_update",
+  "periodic_update",
+]  # and the builders it registers

@@ -1,4 +1,4 @@
-"""Training control wrappers: gradient accumulation and skipping non-finite steps.
+"""Training control wrappers: gradient accumulation (and the conditional step it shares).
 
 ``multi_steps(inner, k)``: accumulate the mean of ``k`` micro-batch gradients and let
 ``inner`` take one real step with it::
@@ -15,19 +15,7 @@ protocol; :func:`skip_not_finite`, :func:`skip_large_updates`) rejects a micro-s
 Optax, a rejected micro-step changes nothing (no accumulation, no count, zero updates) but
 ``state.skip_state``, which records what the function returned.
 
-``apply_if_finite(inner, max_consecutive_errors, check_updates=False)``: skip a step whose
-gradients hold a NaN or an Inf (with ``check_updates=True``, also one whose update from
-finite gradients is not finite): parameters and inner state stay untouched, and the state
-counts skipped steps (consecutive and total). After ``max_consecutive_errors`` consecutive
-bad steps the state's ``gave_up`` flag is set for the training loop to act on; unlike Optax,
-which then applies them, a non-finite gradient is never applied.
-
-Cost: the test reads the gradients once more (``isfinite(sum(g - g))``: ``g - g`` is 0 for a
-finite element and NaN otherwise, so the sum is exact and cannot overflow), and the inner
-step runs inside one ``lax.cond`` on it, whose untaken branch costs nothing. Testing the
-updates as well needs them before any state is written, so ``check_updates=True`` computes
-the inner step twice: once to test its updates, once inside the ``lax.cond`` (one more read
-of everything the inner step reads: 16 B per parameter for AdamW in float32).
+``apply_if_finite`` (skipping non-finite steps) is in :mod:`optcompose.wrappers.finite`.
 """
 
 from __future__ import annotations
@@ -40,8 +28,18 @@ import jax.numpy as jnp
 
 from optcompose import tree as otree
 from optcompose.core import (
-    DTYPE, FLAG, INNER, INT32_MAX, GradientTransformation, Hyper, as_transformation, cond, expect_state,
-    public, safe_increment, zero_count,
+  DTYPE,
+  FLAG,
+  INNER,
+  INT32_MAX,
+  GradientTransformation,
+  Hyper,
+  as_transformation,
+  cond,
+  expect_state,
+  public,
+  safe_increment,
+  zero_count,
 )
 from optcompose.core.validation import check_real_value
 
@@ -60,6 +58,7 @@ def update_if(pred, inner, updates, state, params, extra, pass_through: Optional
   """``inner.update`` when ``pred`` holds; else zero updates (or, given ``pass_through``,
   the wrapper's name: the incoming updates) and the state untouched. Only the branch taken
   runs (``lax.cond`` under jit); either branch gives the types of the inner step's updates."""
+
   def run(operands):
     updates, state, params = operands
     return inner.update(updates, state, params, **extra)
@@ -71,9 +70,11 @@ def update_if(pred, inner, updates, state, params, extra, pass_through: Optional
     try:
       otree.check_same_structure(operands[0], shapes, "updates", "the inner updates")
     except ValueError as e:
-      raise ValueError(f"{pass_through}: the inner transformation changes the updates' "
-                       f"structure or shapes, so they cannot be passed through unchanged: "
-                       f"{e}") from None
+      raise ValueError(
+        f"{pass_through}: the inner transformation changes the updates' "
+        f"structure or shapes, so they cannot be passed through unchanged: "
+        f"{e}"
+      ) from None
     passed = jax.tree.map(lambda x, s: jnp.asarray(x).astype(s.dtype), operands[0], shapes)
     return passed, operands[1]
 
@@ -83,8 +84,7 @@ def update_if(pred, inner, updates, state, params, extra, pass_through: Optional
 def check_whole(who: str, name: str, value: Any) -> None:
   """Raise a ValueError naming ``who``'s ``name`` when a known number of steps is not a
   whole number (a live value under inject_hyperparams is a float array: whole?)."""
-  if (not callable(value) and not isinstance(value, jax.core.Tracer)
-      and float(value) != int(value)):
+  if not callable(value) and not isinstance(value, jax.core.Tracer) and float(value) != int(value):
     raise ValueError(f"{who}: `{name}` must be a whole number of steps, got {value!r}.")
 
 
@@ -92,9 +92,7 @@ class ShouldSkipUpdateFunction(Protocol):
   """Optax's protocol: ``(updates, gradient_step, params) -> (skip, skip_state)``, with
   ``skip`` a boolean scalar and ``skip_state`` a tree stored in ``MultiStepsState``."""
 
-  def __call__(self, updates: Any, gradient_step: jax.Array, params: Optional[Any]
-               ) -> tuple:
-    ...
+  def __call__(self, updates: Any, gradient_step: jax.Array, params: Optional[Any]) -> tuple: ...
 
 
 def skip_not_finite(updates: Any, gradient_step: jax.Array, params: Optional[Any]) -> tuple:
@@ -114,15 +112,17 @@ def skip_not_finite(updates: Any, gradient_step: jax.Array, params: Optional[Any
     Optax's ``optax.skip_not_finite``.
   """
   del gradient_step, params
-  counts = [jnp.sum(jnp.logical_not(jnp.isfinite(x)), dtype=jnp.int32)
-            for x in jax.tree.leaves(updates)]
+  counts = [
+    jnp.sum(jnp.logical_not(jnp.isfinite(x)), dtype=jnp.int32) for x in jax.tree.leaves(updates)
+  ]
   num_not_finite = functools.reduce(jnp.add, counts, jnp.zeros([], jnp.int32))
   should_skip = num_not_finite > 0
   return should_skip, {"should_skip": should_skip, "num_not_finite": num_not_finite}
 
 
-def skip_large_updates(updates: Any, gradient_step: jax.Array, params: Optional[Any],
-                       max_squared_norm: Any) -> tuple:
+def skip_large_updates(
+  updates: Any, gradient_step: jax.Array, params: Optional[Any], max_squared_norm: Any
+) -> tuple:
   """Skip a micro-step whose updates' squared global norm reaches ``max_squared_norm``.
 
   Bind the bound first: ``functools.partial(skip_large_updates, max_squared_norm=42.0)``.
@@ -142,8 +142,9 @@ def skip_large_updates(updates: Any, gradient_step: jax.Array, params: Optional[
     Optax's ``optax.skip_large_updates``.
   """
   del gradient_step, params
-  check_real_value("skip_large_updates", "max_squared_norm", max_squared_norm,
-                   "the largest squared norm accepted")
+  check_real_value(
+    "skip_large_updates", "max_squared_norm", max_squared_norm, "the largest squared norm accepted"
+  )
   norm_sq = otree.squared_norm(updates)
   should_skip = jnp.logical_not(jnp.less(*otree.promote(norm_sq, max_squared_norm)))
   return should_skip, {"should_skip": should_skip, "norm_squared": norm_sq}
@@ -154,27 +155,38 @@ def _skip_decision(fn, who, updates, gradient_step, params):
   ValueError)."""
   out = fn(updates, gradient_step, params)
   if not (isinstance(out, tuple) and len(out) == 2):
-    raise TypeError(f"{who}: `should_skip_update_fn` must return a pair (should_skip, "
-                    f"skip_state), got {type(out).__name__}.")
+    raise TypeError(
+      f"{who}: `should_skip_update_fn` must return a pair (should_skip, "
+      f"skip_state), got {type(out).__name__}."
+    )
   skip, skip_state = out
   try:
     dtype, shape = jnp.result_type(skip), jnp.shape(skip)
   except TypeError:
     dtype, shape = type(skip).__name__, None
   if dtype != jnp.bool_ or shape != ():
-    raise ValueError(f"{who}: `should_skip_update_fn` must return a boolean scalar array "
-                     f"first, got dtype {dtype} and shape {shape}.")
+    raise ValueError(
+      f"{who}: `should_skip_update_fn` must return a boolean scalar array "
+      f"first, got dtype {dtype} and shape {shape}."
+    )
   return jnp.asarray(skip), skip_state
 
 
-@public("wrapper", inner=INNER, every_k_schedule=Hyper(("int", 1, 3), 1, INT32_MAX, numeric=True, schedule=True,
-                                                      whole=True),
-        use_grad_mean=FLAG, accumulator_dtype=DTYPE,
-        should_skip_update_fn=Hyper(("choice", (None, skip_not_finite)), optional=True))
-def multi_steps(inner, every_k_schedule: Union[int, Callable], use_grad_mean: bool = True,
-                accumulator_dtype=jnp.float32,
-                should_skip_update_fn: Optional[ShouldSkipUpdateFunction] = None
-                ) -> GradientTransformation:
+@public(
+  "wrapper",
+  inner=INNER,
+  every_k_schedule=Hyper(("int", 1, 3), 1, INT32_MAX, numeric=True, schedule=True, whole=True),
+  use_grad_mean=FLAG,
+  accumulator_dtype=DTYPE,
+  should_skip_update_fn=Hyper(("choice", (None, skip_not_finite)), optional=True),
+)
+def multi_steps(
+  inner,
+  every_k_schedule: Union[int, Callable],
+  use_grad_mean: bool = True,
+  accumulator_dtype=jnp.float32,
+  should_skip_update_fn: Optional[ShouldSkipUpdateFunction] = None,
+) -> GradientTransformation:
   """Gradient accumulation over ``every_k_schedule`` micro-steps (see the module docstring).
 
   Update, at micro-step j = 0, 1, ... of a real step (``acc_0 = 0``)::
@@ -215,9 +227,11 @@ def multi_steps(inner, every_k_schedule: Union[int, Callable], use_grad_mean: bo
   inner = as_transformation(inner, "multi_steps")
   check_whole("multi_steps", "every_k_schedule", every_k_schedule)
   if should_skip_update_fn is not None and not callable(should_skip_update_fn):
-    raise TypeError(f"multi_steps: `should_skip_update_fn` must be a function (updates, "
-                    f"gradient_step, params) -> (skip, skip_state), got "
-                    f"{type(should_skip_update_fn).__name__}.")
+    raise TypeError(
+      f"multi_steps: `should_skip_update_fn` must be a function (updates, "
+      f"gradient_step, params) -> (skip, skip_state), got "
+      f"{type(should_skip_update_fn).__name__}."
+    )
   skips = should_skip_update_fn is not None
 
   def k_of(step):
@@ -228,25 +242,37 @@ def multi_steps(inner, every_k_schedule: Union[int, Callable], use_grad_mean: bo
     k = every_k_schedule(step)
     dtype = jnp.result_type(k)
     if not jnp.issubdtype(dtype, jnp.integer):
-      raise TypeError(f"multi_steps: `every_k_schedule` must return an integer number of "
-                      f"micro-steps (a Python int or an integer array), got dtype {dtype}: "
-                      "it would be truncated. Round it yourself, e.g. "
-                      "jnp.round(k).astype(jnp.int32).")
+      raise TypeError(
+        f"multi_steps: `every_k_schedule` must return an integer number of "
+        f"micro-steps (a Python int or an integer array), got dtype {dtype}: "
+        "it would be truncated. Round it yourself, e.g. "
+        "jnp.round(k).astype(jnp.int32)."
+      )
     if jnp.shape(k) != ():
-      raise ValueError(f"multi_steps: `every_k_schedule` must return a scalar, got shape "
-                       f"{jnp.shape(k)}.")
+      raise ValueError(
+        f"multi_steps: `every_k_schedule` must return a scalar, got shape {jnp.shape(k)}."
+      )
     return k
 
   def init(params):
     otree.check_floating(params, "params")
     k0 = k_of(zero_count())
     if callable(every_k_schedule) and not isinstance(k0, jax.core.Tracer) and int(k0) < 1:
-      raise ValueError(f"multi_steps: `every_k_schedule` must be >= 1, got {int(k0)} at "
-                       "step 0.")
-    skip_state = (_skip_decision(should_skip_update_fn, "multi_steps", otree.zeros_like(params),
-                                 zero_count(), params)[1] if skips else ())
-    return MultiStepsState(zero_count(), zero_count(), inner.init(params),
-                           otree.zeros_like(params, accumulator_dtype), skip_state)
+      raise ValueError(f"multi_steps: `every_k_schedule` must be >= 1, got {int(k0)} at step 0.")
+    skip_state = (
+      _skip_decision(
+        should_skip_update_fn, "multi_steps", otree.zeros_like(params), zero_count(), params
+      )[1]
+      if skips
+      else ()
+    )
+    return MultiStepsState(
+      zero_count(),
+      zero_count(),
+      inner.init(params),
+      otree.zeros_like(params, accumulator_dtype),
+      skip_state,
+    )
 
   def update(updates, state, params=None, **extra):
     expect_state(state, MultiStepsState, "multi_steps")
@@ -254,16 +280,21 @@ def multi_steps(inner, every_k_schedule: Union[int, Callable], use_grad_mean: bo
     n = state.mini_step
     skip, skip_state = None, state.skip_state  # skip: an array when skips
     if skips:
-      skip, skip_state = _skip_decision(should_skip_update_fn, "multi_steps", updates,
-                                        state.gradient_step, params)
-      otree.check_same_structure(skip_state, state.skip_state,
-                                 "the skip_state should_skip_update_fn returned",
-                                 "state.skip_state")
+      skip, skip_state = _skip_decision(
+        should_skip_update_fn, "multi_steps", updates, state.gradient_step, params
+      )
+      otree.check_same_structure(
+        skip_state,
+        state.skip_state,
+        "the skip_state should_skip_update_fn returned",
+        "state.skip_state",
+      )
     # Each operation in the wider of its operands' dtypes (the accumulator's and the
     # gradients'; the int32 j + 1 cast to it).
     if use_grad_mean:
-      mean_step = lambda g, a: jnp.add(*otree.promote(
-          a, jnp.divide(*otree.promote(jnp.subtract(*otree.promote(g, a)), n + 1))))
+      mean_step = lambda g, a: jnp.add(
+        *otree.promote(a, jnp.divide(*otree.promote(jnp.subtract(*otree.promote(g, a)), n + 1)))
+      )
       acc = jax.tree.map(mean_step, updates, state.acc_grads)
     else:
       acc = jax.tree.map(lambda g, a: jnp.add(*otree.promote(g, a)), updates, state.acc_grads)
@@ -273,18 +304,23 @@ def multi_steps(inner, every_k_schedule: Union[int, Callable], use_grad_mean: bo
     emit = n >= k - 1
     if skip is not None:
       emit = jnp.logical_and(emit, jnp.logical_not(skip))
-    new_updates, inner_state = update_if(emit, inner, otree.cast_like(acc, updates),
-                                         state.inner_opt_state, params, extra)
+    new_updates, inner_state = update_if(
+      emit, inner, otree.cast_like(acc, updates), state.inner_opt_state, params, extra
+    )
     mini_step = jnp.where(emit, 0, safe_increment(n))
-    acc = jax.tree.map(lambda a, old: jnp.where(emit, jnp.zeros_like(a), a).astype(old.dtype),
-                       acc, state.acc_grads)  # the dtype chosen at init
+    acc = jax.tree.map(
+      lambda a, old: jnp.where(emit, jnp.zeros_like(a), a).astype(old.dtype), acc, state.acc_grads
+    )  # the dtype chosen at init
     if skip is not None:  # a rejected micro-step changes nothing but skip_state
       mini_step = jnp.where(skip, n, mini_step)
       acc = jax.tree.map(lambda a, old: jnp.where(skip, old, a), acc, state.acc_grads)
     new_state = MultiStepsState(
-        mini_step=mini_step,
-        gradient_step=jnp.where(emit, safe_increment(state.gradient_step), state.gradient_step),
-        inner_opt_state=inner_state, acc_grads=acc, skip_state=skip_state)
+      mini_step=mini_step,
+      gradient_step=jnp.where(emit, safe_increment(state.gradient_step), state.gradient_step),
+      inner_opt_state=inner_state,
+      acc_grads=acc,
+      skip_state=skip_state,
+    )
     return new_updates, new_state
 
   return GradientTransformation(init, update)
@@ -293,11 +329,17 @@ def multi_steps(inner, every_k_schedule: Union[int, Callable], use_grad_mean: bo
 class MultiSteps:
   """Optax's ``MultiSteps`` interface over :func:`multi_steps`."""
 
-  def __init__(self, opt, every_k_schedule, use_grad_mean: bool = True,
-               should_skip_update_fn: Optional[ShouldSkipUpdateFunction] = None,
-               accumulator_dtype=jnp.float32):
-    self._tx = multi_steps(opt, every_k_schedule, use_grad_mean, accumulator_dtype,
-                           should_skip_update_fn)
+  def __init__(
+    self,
+    opt,
+    every_k_schedule,
+    use_grad_mean: bool = True,
+    should_skip_update_fn: Optional[ShouldSkipUpdateFunction] = None,
+    accumulator_dtype=jnp.float32,
+  ):
+    self._tx = multi_steps(
+      opt, every_k_schedule, use_grad_mean, accumulator_dtype, should_skip_update_fn
+    )
     self.inner_opt = opt
     self.init, self.update = self._tx.init, self._tx.update
 
@@ -309,75 +351,10 @@ class MultiSteps:
     return self._tx
 
 
-class ApplyIfFiniteState(NamedTuple):
-  """Optax's fields, plus ``gave_up``."""
-
-  notfinite_count: jax.Array  # consecutive non-finite steps
-  last_finite: jax.Array  # whether the latest step was finite
-  total_notfinite: jax.Array  # non-finite steps in all
-  inner_state: Any
-  gave_up: jax.Array = jnp.zeros([], bool)  # consecutive count reached the maximum
-
-
-def all_finite(tree) -> jax.Array:
-  """True when every element of every leaf is finite: ``isfinite(sum(x - x))`` per leaf, a
-  single cheap pass, and exact: ``x - x`` is 0 for a finite element and NaN otherwise, so the
-  sum cannot overflow. (Not ``x * 0``: XLA folds ``(y * c) * 0`` into ``y * (c * 0)``, which
-  misses a product ``y * c`` that overflowed.)"""
-  flags = [jnp.isfinite(jnp.sum(x - x)) for x in jax.tree.leaves(tree)]
-  return jnp.all(jnp.stack(flags)) if flags else jnp.asarray(True)
-
-
-@public("wrapper", optax="apply_if_finite", inner=INNER,
-        max_consecutive_errors=Hyper(("int", 1, 5), 1, INT32_MAX, numeric=True, integer=True,
-                                     optional=True),
-        check_updates=FLAG)
-def apply_if_finite(inner, max_consecutive_errors: Optional[int], *,
-                    check_updates: bool = False) -> GradientTransformation:
-  """Skip steps whose gradients contain NaN or Inf (see the module docstring).
-
-  Update: ``u, inner_state = inner.update(g, inner_state, params)`` if every element of g is
-  finite (and, with ``check_updates``, every element of u); otherwise ``u = 0`` and
-  ``inner_state`` unchanged, and the inner update does not run.
-
-  Args:
-    inner: the wrapped optimizer (optcompose's or Optax's).
-    max_consecutive_errors: after this many consecutive non-finite steps, ``gave_up`` is set
-      in the state (the updates are still skipped). ``None``: never give up.
-    check_updates: also skip (and count) a step whose update is not finite although its
-      gradients are (an overflow: a huge learning rate or gradient). It computes the inner
-      step twice (see the module docstring); ours, Optax tests the gradients only.
-
-  Returns:
-    A transformation with state :class:`ApplyIfFiniteState` (Optax's fields and ``gave_up``).
-
-  References:
-    Optax's ``optax.apply_if_finite``; dynamic loss scaling as in Micikevicius et al., "Mixed
-    Precision Training", ICLR 2018.
-  """
-  inner = as_transformation(inner, "apply_if_finite")
-
-  def init(params):
-    return ApplyIfFiniteState(zero_count(), jnp.asarray(True), zero_count(), inner.init(params),
-                              jnp.asarray(False))
-
-  def update(updates, state, params=None, **extra):
-    expect_state(state, ApplyIfFiniteState, "apply_if_finite")
-    finite = all_finite(updates)
-    if check_updates:  # a probe: under jit only its updates are computed, its state is dropped
-      probe = inner.update(updates, state.inner_state, params, **extra)[0]
-      finite = jnp.logical_and(finite, all_finite(probe))
-    new_updates, inner_state = update_if(finite, inner, updates, state.inner_state, params, extra)
-    consecutive = jnp.where(finite, 0, safe_increment(state.notfinite_count))
-    gave_up = state.gave_up
-    if max_consecutive_errors is not None:
-      gave_up = jnp.logical_or(gave_up, consecutive >= max_consecutive_errors)
-    return new_updates, ApplyIfFiniteState(
-        consecutive, finite,
-        jnp.where(finite, state.total_notfinite, safe_increment(state.total_notfinite)),
-        inner_state, gave_up)
-
-  return GradientTransformation(init, update)
-
-__all__ = ["ApplyIfFiniteState", "MultiSteps", "MultiStepsState", "ShouldSkipUpdateFunction",
-           "all_finite", "skip_large_updates", "skip_not_finite"]  # and the builders it registers
+__all__ = [
+  "MultiSteps",
+  "MultiStepsState",
+  "ShouldSkipUpdateFunction",
+  "skip_large_updates",
+  "skip_not_finite",
+]  # and the builders it registers

@@ -69,13 +69,26 @@ import numpy as np
 
 from optcompose import tree as otree
 from optcompose.core import (
-    INNER, LEARNING_RATE, MASK, GradientTransformation, InjectHyperparamsState, ScalarOrSchedule,
-    as_transformation, cond, current_hyperparams, expect_state, integer, needs_params, public,
-    safe_increment, value_at, zero_count,
+  INNER,
+  LEARNING_RATE,
+  MASK,
+  GradientTransformation,
+  InjectHyperparamsState,
+  ScalarOrSchedule,
+  as_transformation,
+  cond,
+  current_hyperparams,
+  expect_state,
+  integer,
+  needs_params,
+  public,
+  safe_increment,
+  value_at,
+  zero_count,
 )
 from optcompose.masks import resolve_mask
 from optcompose.transforms.clipping import ClipByGlobalNormState
-from optcompose.wrappers.control import all_finite
+from optcompose.wrappers.finite import all_finite
 
 
 class DiagnosticsState(NamedTuple):
@@ -121,8 +134,12 @@ def zero_fraction(tree: Any, mask: Any = None) -> jax.Array:
   size = sum(int(np.size(x)) for x in leaves)
   if size == 0:
     return jnp.zeros([], jnp.float32)
-  zeros = cast(jax.Array, sum(  # an array: leaves is not empty here
-      jnp.sum(jnp.asarray(x) == 0, dtype=jnp.int32).astype(jnp.float32) for x in leaves))
+  zeros = cast(
+    jax.Array,
+    sum(  # an array: leaves is not empty here
+      jnp.sum(jnp.asarray(x) == 0, dtype=jnp.int32).astype(jnp.float32) for x in leaves
+    ),
+  )
   return (zeros / size).astype(jnp.float32)
 
 
@@ -130,6 +147,7 @@ def nonfinite_count(tree: Any) -> jax.Array:
   """The number of NaN and infinite elements over all leaves (int32). Counted only when
   ``all_finite`` (one fast pass) finds some: XLA CPU's integer count of a
   comparison runs about ten times slower than a float sum over the same elements."""
+
   def count(leaves):
     counts = [jnp.sum(jnp.logical_not(jnp.isfinite(x)), dtype=jnp.int32) for x in leaves]
     return sum(counts[1:], counts[0]) if counts else zero_count()
@@ -167,10 +185,20 @@ def recorded_learning_rate(state: Any) -> Optional[jax.Array]:
 # The wrapper.
 
 
-@public("wrapper", inner=INNER, learning_rate=LEARNING_RATE._replace(optional=True),
-        zero_mask=MASK, every_k=integer(1, draw=(1, 3)))
-def with_diagnostics(inner: Any, learning_rate: Optional[ScalarOrSchedule] = None, *,
-                     zero_mask: Any = None, every_k: int = 1) -> GradientTransformation:
+@public(
+  "wrapper",
+  inner=INNER,
+  learning_rate=LEARNING_RATE._replace(optional=True),
+  zero_mask=MASK,
+  every_k=integer(1, draw=(1, 3)),
+)
+def with_diagnostics(
+  inner: Any,
+  learning_rate: Optional[ScalarOrSchedule] = None,
+  *,
+  zero_mask: Any = None,
+  every_k: int = 1,
+) -> GradientTransformation:
   """Wrap ``inner`` so that its state also records norms, ratios and counts of each step.
 
   Recorded at each update (g: incoming updates, u: ``inner``'s updates, w: ``params``)::
@@ -221,22 +249,37 @@ def with_diagnostics(inner: Any, learning_rate: Optional[ScalarOrSchedule] = Non
     inner_state = inner.init(params)
     count = zero_count()
     zero = functools.partial(jnp.zeros, [], jnp.float32)  # a buffer each: donatable
-    return DiagnosticsState(inner_state, count, zero(), zero(), zero(), zero(),
-                            lr_in_force(count, inner_state), zero(), zero_count())
+    return DiagnosticsState(
+      inner_state,
+      count,
+      zero(),
+      zero(),
+      zero(),
+      zero(),
+      lr_in_force(count, inner_state),
+      zero(),
+      zero_count(),
+    )
 
   def update(updates, state, params=None, **extra):
     expect_state(state, DiagnosticsState, fn)
     needs_params(params, f"{fn} (for the parameter norm and zero fraction)")
     if every_k == 1:
       return measured(updates, state, params, extra)
-    return cond(state.count % every_k == 0, lambda _: measured(updates, state, params, extra),
-                lambda _: unmeasured(updates, state, params, extra), None)
+    return cond(
+      state.count % every_k == 0,
+      lambda _: measured(updates, state, params, extra),
+      lambda _: unmeasured(updates, state, params, extra),
+      None,
+    )
 
   def unmeasured(updates, state, params, extra):
     new_updates, inner_state = inner.update(updates, state.inner_state, params, **extra)
-    return new_updates, state._replace(inner_state=inner_state,
-                                       count=safe_increment(state.count),
-                                       learning_rate=lr_in_force(state.count, inner_state))
+    return new_updates, state._replace(
+      inner_state=inner_state,
+      count=safe_increment(state.count),
+      learning_rate=lr_in_force(state.count, inner_state),
+    )
 
   def measured(updates, state, params, extra):
     new_updates, inner_state = inner.update(updates, state.inner_state, params, **extra)
@@ -248,15 +291,15 @@ def with_diagnostics(inner: Any, learning_rate: Optional[ScalarOrSchedule] = Non
     # under jit XLA can fuse each pair into one pass over memory.
     param_norm = otree.global_norm(params).astype(jnp.float32)
     return new_updates, DiagnosticsState(
-        inner_state=inner_state,
-        count=safe_increment(state.count),
-        grad_norm=jnp.asarray(grad_norm, jnp.float32),
-        update_norm=update_norm,
-        param_norm=param_norm,
-        update_ratio=update_ratio(update_norm, param_norm),
-        learning_rate=lr_in_force(state.count, inner_state),
-        zero_fraction=zero_fraction(params, zero_mask),
-        nonfinite=nonfinite_count(updates),
+      inner_state=inner_state,
+      count=safe_increment(state.count),
+      grad_norm=jnp.asarray(grad_norm, jnp.float32),
+      update_norm=update_norm,
+      param_norm=param_norm,
+      update_ratio=update_ratio(update_norm, param_norm),
+      learning_rate=lr_in_force(state.count, inner_state),
+      zero_fraction=zero_fraction(params, zero_mask),
+      nonfinite=nonfinite_count(updates),
     )
 
   return GradientTransformation(init, update)

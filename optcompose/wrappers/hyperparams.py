@@ -25,7 +25,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from optcompose.core import (
-    DTYPE, GradientTransformation, Hyper, default_float, public, rebuilt_each_step,
+  DTYPE,
+  GradientTransformation,
+  Hyper,
+  default_float,
+  public,
+  rebuilt_each_step,
 )
 from optcompose.core.validation import check_held, is_real_like
 
@@ -41,17 +46,21 @@ def _is_randomness(name: str, value) -> bool:
   dtype = getattr(value, "dtype", None)
   if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
     return True
-  return name in ("key", "seed", "rng") and isinstance(value, (numbers.Integral, np.ndarray,
-                                                                np.generic, jax.Array))
+  return name in ("key", "seed", "rng") and isinstance(
+    value, (numbers.Integral, np.ndarray, np.generic, jax.Array)
+  )
 
 
-@public("wrapper", optax="inject_hyperparams",
-        inner_factory=Hyper(("choice", ("sgd", "adam", "adamw", "rmsprop"))),
-        hyperparam_dtype=DTYPE)
+@public(
+  "wrapper",
+  optax="inject_hyperparams",
+  inner_factory=Hyper(("choice", ("sgd", "adam", "adamw", "rmsprop"))),
+  hyperparam_dtype=DTYPE,
+)
 def inject_hyperparams(
-    inner_factory: Callable[..., GradientTransformation],
-    static_args: Union[str, Iterable[str]] = (),
-    hyperparam_dtype: Optional[Any] = None,
+  inner_factory: Callable[..., GradientTransformation],
+  static_args: Union[str, Iterable[str]] = (),
+  hyperparam_dtype: Optional[Any] = None,
 ) -> Callable[..., GradientTransformation]:
   """Wrap an optimizer factory so that its numeric hyperparameters live in the state.
 
@@ -65,8 +74,8 @@ def inject_hyperparams(
     static_args: names of arguments to keep out of the state (they are baked in). Arguments
       named ``mask`` or ``*_mask``, booleans, ``None``, dtypes, randomness (a PRNG key, or
       an integer ``key``/``seed``/``rng``) and the integer arguments of optcompose's builders
-      given as Python ints (a period, a memory size) are always static. (Optax stores the last in the
-      state; its tests use them only to run.)
+      given as Python ints (a period, a memory size) are always static. (Optax stores
+      randomness in the state; its tests use it only to run.)
     hyperparam_dtype: the stored dtype (by default float32, or float64 under x64, whatever
       the parameters' dtype).
 
@@ -79,17 +88,21 @@ def inject_hyperparams(
     Optax's ``optax.inject_hyperparams`` (same name, arguments and state fields).
   """
   if isinstance(inner_factory, GradientTransformation) or not callable(inner_factory):
-    raise TypeError(f"inject_hyperparams: `inner_factory` must be a function returning a "
-                    f"transformation (such as optcompose.adam), got {type(inner_factory).__name__}"
-                    " (pass the factory itself, not a transformation built from it).")
+    raise TypeError(
+      f"inject_hyperparams: `inner_factory` must be a function returning a "
+      f"transformation (such as optcompose.adam), got {type(inner_factory).__name__}"
+      " (pass the factory itself, not a transformation built from it)."
+    )
   static = {static_args} if isinstance(static_args, str) else set(static_args)
   declared = set(getattr(inner_factory, "static_args", ()))  # our builders' integer arguments
   signature = inspect.signature(inner_factory)
   ours = getattr(inner_factory, "__module__", "").startswith("optcompose")
   unknown = static - set(signature.parameters)
   if unknown:
-    raise ValueError(f"inject_hyperparams: `static_args` {sorted(unknown)} are not parameters "
-                     f"of {getattr(inner_factory, '__name__', inner_factory)}.")
+    raise ValueError(
+      f"inject_hyperparams: `static_args` {sorted(unknown)} are not parameters "
+      f"of {getattr(inner_factory, '__name__', inner_factory)}."
+    )
   who = f"inject_hyperparams({getattr(inner_factory, '__name__', 'factory')})"
 
   @functools.wraps(inner_factory)
@@ -100,25 +113,33 @@ def inject_hyperparams(
       takes_any = any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
       unknown = [] if takes_any else sorted(set(kwargs) - set(signature.parameters))
       why = f"unknown arguments {unknown}" if unknown else str(e)
-      raise TypeError(f"{who}: {why} (the arguments of {who[19:-1]} are "
-                      f"{list(signature.parameters)}).") from None
+      raise TypeError(
+        f"{who}: {why} (the arguments of {who[19:-1]} are {list(signature.parameters)})."
+      ) from None
     bound.apply_defaults()
     var_keyword = [n for n, p in signature.parameters.items() if p.kind is p.VAR_KEYWORD]
     for name in var_keyword:  # a factory taking **kwargs: its keywords, one by one
       bound.arguments.update(bound.arguments.pop(name))
     numeric, schedules, fixed = {}, {}, {}
     for name, value in bound.arguments.items():
-      if (name in static or _is_static_by_name(name) or isinstance(value, bool) or value is None
-          or _is_randomness(name, value) or (name in declared and isinstance(value, int))):
+      if (
+        name in static
+        or _is_static_by_name(name)
+        or isinstance(value, bool)
+        or value is None
+        or _is_randomness(name, value)
+        or (name in declared and isinstance(value, int))
+      ):
         fixed[name] = value
       elif callable(value) and not isinstance(value, type):
         if callable(getattr(value, "init", None)) and callable(getattr(value, "update", None)):
           raise TypeError(
-              f"{who}: `{name}` is a stateful schedule ({type(value).__name__}: init, update "
-              "and __call__ of a schedule state), which optcompose's inject_hyperparams does "
-              "not keep; use Optax's optax.inject_hyperparams (or "
-              "inject_stateful_hyperparams), which accepts optcompose's optimizers, or give a "
-              "function of the step count.")
+            f"{who}: `{name}` is a stateful schedule ({type(value).__name__}: init, update "
+            "and __call__ of a schedule state), which optcompose's inject_hyperparams does "
+            "not keep; use Optax's optax.inject_hyperparams (or "
+            "inject_stateful_hyperparams), which accepts optcompose's optimizers, or give a "
+            "function of the step count."
+          )
         schedules[name] = value
       elif is_real_like(value) and np.ndim(value) == 0:
         numeric[name] = value
@@ -128,9 +149,15 @@ def inject_hyperparams(
       dtype = hyperparam_dtype or default_float()
       for name, value in numeric.items():
         check_held(name, name, value, jnp.asarray(value, dtype=dtype), fn=who)
-    return rebuilt_each_step(lambda values: inner_factory(**fixed, **values), numeric, schedules,
-                             who=who, dtype=hyperparam_dtype)
+    return rebuilt_each_step(
+      lambda values: inner_factory(**fixed, **values),
+      numeric,
+      schedules,
+      who=who,
+      dtype=hyperparam_dtype,
+    )
 
   return factory
+
 
 __all__ = []  # and the builders it registers

@@ -36,13 +36,24 @@ import jax.numpy as jnp
 
 from optcompose import tree as otree
 from optcompose.core import (
-    FLAG, INNER, GradientTransformation, as_transformation, expect_state, integer, needs_params,
-    public, real, zero_count,
+  FLAG,
+  INNER,
+  GradientTransformation,
+  as_transformation,
+  expect_state,
+  integer,
+  needs_params,
+  public,
+  real,
+  zero_count,
 )
 
-_LOOKAHEAD = dict(fast_optimizer=INNER, sync_period=integer(1, draw=(1, 4)),
-                  slow_step_size=real(0.0, 1.0, draw=(0.05, 1.0), schedule=False),
-                  reset_state=FLAG)
+_LOOKAHEAD = dict(
+  fast_optimizer=INNER,
+  sync_period=integer(1, draw=(1, 4)),
+  slow_step_size=real(0.0, 1.0, draw=(0.05, 1.0), schedule=False),
+  reset_state=FLAG,
+)
 
 
 class LookaheadState(NamedTuple):
@@ -90,8 +101,9 @@ def slow_update_leaf(d, alpha, sync):
 
 
 @public("wrapper", optax="lookahead", **_LOOKAHEAD)
-def lookahead(fast_optimizer: Any, sync_period: int, slow_step_size: float,
-              reset_state: bool = False) -> GradientTransformation:
+def lookahead(
+  fast_optimizer: Any, sync_period: int, slow_step_size: float, reset_state: bool = False
+) -> GradientTransformation:
   """Lookahead around any optimizer (optcompose or Optax).
 
   Update (theta = ``params.fast``, phi = ``params.slow``, alpha = ``slow_step_size``,
@@ -144,8 +156,10 @@ def lookahead(fast_optimizer: Any, sync_period: int, slow_step_size: float,
   def update(updates, state, params: Any = None, **extra):
     expect_state(state, LookaheadState, fn)
     if not _is_pair(params):
-      raise ValueError(f"{fn}: `params` must be a LookaheadParams(fast, slow), got "
-                       f"{type(params).__name__}; start with LookaheadParams.init_synced(params).")
+      raise ValueError(
+        f"{fn}: `params` must be a LookaheadParams(fast, slow), got "
+        f"{type(params).__name__}; start with LookaheadParams.init_synced(params)."
+      )
     # Nothing broadcast: d = fast + u - slow would take the union of mismatched shapes.
     otree.check_same_structure(updates, params.fast, "updates", "params.fast")
     otree.check_same_structure(params.slow, params.fast, "params.slow", "params.fast")
@@ -218,8 +232,9 @@ def slow_weights_in_state(pair_lookahead: Any) -> GradientTransformation:
 
 
 @public("wrapper", **_LOOKAHEAD)
-def lookahead_in_state(fast_optimizer: Any, sync_period: int, slow_step_size: float,
-                       reset_state: bool = False) -> GradientTransformation:
+def lookahead_in_state(
+  fast_optimizer: Any, sync_period: int, slow_step_size: float, reset_state: bool = False
+) -> GradientTransformation:
   """:func:`lookahead` with the slow weights kept in the optimizer state.
 
   Update (theta = ``params``, phi = ``state.slow``, u the fast optimizer's update,
@@ -256,8 +271,7 @@ def lookahead_in_state(fast_optimizer: Any, sync_period: int, slow_step_size: fl
     Zhang, Lucas, Hinton and Ba, "Lookahead Optimizer: k steps forward, 1 step back",
     NeurIPS 2019.
   """
-  return slow_weights_in_state(lookahead(fast_optimizer, sync_period, slow_step_size,
-                                         reset_state))
+  return slow_weights_in_state(lookahead(fast_optimizer, sync_period, slow_step_size, reset_state))
 
 
 def slow_params(state) -> Any:
@@ -279,8 +293,15 @@ def slow_params(state) -> Any:
   """
   found = [node for _, node in otree.find_nodes(state, lambda x: isinstance(x, LookaheadSlowState))]
   if len(found) != 1:
-    raise ValueError(f"slow_params: the state holds {len(found)} lookahead_in_state states; "
-                     "expected exactly one.")
+    raise ValueError(
+      f"slow_params: the state holds {len(found)} lookahead_in_state states; expected exactly one."
+    )
   return found[0].slow
 
-__all__ = ["LookaheadParams", "LookaheadSlowState", "LookaheadState", "slow_params"]  # and the builders it registers
+
+__all__ = [
+  "LookaheadParams",
+  "LookaheadSlowState",
+  "LookaheadState",
+  "slow_params",
+]  # and the builders it registers

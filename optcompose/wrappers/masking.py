@@ -20,8 +20,15 @@ from typing import Any, NamedTuple
 import jax
 
 from optcompose.core import (
-    INNER, INNER_PAIR, LABELS, MASK, FLAG, GradientTransformation, as_transformation,
-    expect_state, public,
+  INNER,
+  INNER_PAIR,
+  LABELS,
+  MASK,
+  FLAG,
+  GradientTransformation,
+  as_transformation,
+  expect_state,
+  public,
 )
 from optcompose.masks import broadcast_prefix, per_leaf_values, resolve_mask
 from optcompose.tree import first_difference
@@ -68,8 +75,9 @@ def _collapsed(values, tree):
   if not any(_is_masked(x) for x in jax.tree.leaves(tree, is_leaf=_is_masked)):
     return values
   try:
-    return jax.tree.map(lambda x, v: False if _is_masked(x) else v, tree, values,
-                        is_leaf=_is_masked)
+    return jax.tree.map(
+      lambda x, v: False if _is_masked(x) else v, tree, values, is_leaf=_is_masked
+    )
   except (ValueError, TypeError):
     return values
 
@@ -79,6 +87,7 @@ def _is_params_placeholder(params) -> bool:
   ``init`` to find the copies of the parameters in a state: a mask cannot apply to it, so
   the inner transformation gets it whole (as Optax's ``masked`` does)."""
   from optax.tree_utils import _state_utils  # Optax's private class: absent -> never it
+
   placeholder = getattr(_state_utils, "_ParamsPlaceholder", None)
   return placeholder is not None and isinstance(params, placeholder)
 
@@ -90,8 +99,9 @@ def _mask_prefix(mask, tree):
 
 
 @public("wrapper", optax="masked", inner=INNER, mask=MASK, mask_compatible_extra_args=FLAG)
-def masked(inner: GradientTransformation, mask, *,
-           mask_compatible_extra_args: bool = False) -> GradientTransformation:
+def masked(
+  inner: GradientTransformation, mask, *, mask_compatible_extra_args: bool = False
+) -> GradientTransformation:
   """Apply ``inner`` only to the leaves where ``mask`` is True; the others pass unchanged.
 
   Update, per leaf l: ``u_l <- inner(u restricted to the masked leaves)_l`` where
@@ -128,8 +138,9 @@ def masked(inner: GradientTransformation, mask, *,
     kept_params = None if params is None else _keep_like(params, on)
     if mask_compatible_extra_args:
       structure = jax.tree.structure(updates)
-      extra = {k: _keep(v, on) if jax.tree.structure(v) == structure else v
-               for k, v in extra.items()}
+      extra = {
+        k: _keep(v, on) if jax.tree.structure(v) == structure else v for k, v in extra.items()
+      }
     new, inner_state = inner.update(_keep(updates, on), state.inner_state, kept_params, **extra)
     out = jax.tree.map(lambda keep, n, u: n if keep else u, on, new, updates)
     return out, MaskedState(inner_state)
@@ -142,8 +153,9 @@ def _keep_like(tree, on):
   try:
     return _keep(tree, on)
   except (ValueError, TypeError):
-    raise ValueError(f"`params` do not have the structure of `updates`: "
-                     f"{first_difference(tree, on)}.") from None
+    raise ValueError(
+      f"`params` do not have the structure of `updates`: {first_difference(tree, on)}."
+    ) from None
 
 
 class PartitionState(NamedTuple):
@@ -155,14 +167,22 @@ def _member(tx, label) -> GradientTransformation:
   try:
     return as_transformation(tx, "partition")
   except TypeError:
-    raise TypeError(f"partition: `transforms[{label!r}]` is {type(tx).__name__}, not a gradient "
-                    "transformation (an object with callable `init` and `update`).") from None
+    raise TypeError(
+      f"partition: `transforms[{label!r}]` is {type(tx).__name__}, not a gradient "
+      "transformation (an object with callable `init` and `update`)."
+    ) from None
 
 
-@public("wrapper", optax="partition", transforms=INNER_PAIR, param_labels=LABELS,
-        mask_compatible_extra_args=FLAG)
-def partition(transforms: dict, param_labels, *,
-              mask_compatible_extra_args: bool = False) -> GradientTransformation:
+@public(
+  "wrapper",
+  optax="partition",
+  transforms=INNER_PAIR,
+  param_labels=LABELS,
+  mask_compatible_extra_args=FLAG,
+)
+def partition(
+  transforms: dict, param_labels, *, mask_compatible_extra_args: bool = False
+) -> GradientTransformation:
   """Apply ``transforms[label]`` to the leaves labelled ``label`` (Optax's ``partition``).
 
   Update, per leaf l: ``u_l <- transforms[label_l](u restricted to label_l's leaves)_l``.
@@ -199,9 +219,11 @@ def partition(transforms: dict, param_labels, *,
   try:
     sorted(transforms)
   except TypeError:  # the state is a dict keyed by label: JAX sorts its keys to flatten it
-    raise TypeError(f"partition: the labels of `transforms` must be mutually comparable (one "
-                    f"type, e.g. all str or all int: JAX sorts the state's dict keys), got "
-                    f"{known}.") from None
+    raise TypeError(
+      f"partition: the labels of `transforms` must be mutually comparable (one "
+      f"type, e.g. all str or all int: JAX sorts the state's dict keys), got "
+      f"{known}."
+    ) from None
 
   def checked(labels, target):
     full = broadcast_prefix(labels, target, "param_labels", "the parameter tree")
@@ -210,20 +232,28 @@ def partition(transforms: dict, param_labels, *,
       try:
         found = label in transforms
       except TypeError:  # unhashable, e.g. an array
-        raise TypeError(f"partition: `param_labels{where}` is {type(label).__name__}, which "
-                        f"cannot be a label (labels: {known}).") from None
+        raise TypeError(
+          f"partition: `param_labels{where}` is {type(label).__name__}, which "
+          f"cannot be a label (labels: {known})."
+        ) from None
       if not found:
-        raise ValueError(f"partition: leaf {where} has label "
-                         f"{label!r}, which names no transformation (labels: {known}).")
+        raise ValueError(
+          f"partition: leaf {where} has label "
+          f"{label!r}, which names no transformation (labels: {known})."
+        )
     return full
 
   def mask_for(label):  # a prefix of the tree where the labels are one (Optax's layout)
-    return lambda tree: jax.tree.map(lambda l: l == label,
-                                     _prefix(param_labels, tree, "param_labels", checked))
+    return lambda tree: jax.tree.map(
+      lambda l: l == label, _prefix(param_labels, tree, "param_labels", checked)
+    )
 
-  inners = {label: masked(_member(tx, label), mask_for(label),
-                         mask_compatible_extra_args=mask_compatible_extra_args)
-            for label, tx in transforms.items()}
+  inners = {
+    label: masked(
+      _member(tx, label), mask_for(label), mask_compatible_extra_args=mask_compatible_extra_args
+    )
+    for label, tx in transforms.items()
+  }
 
   def init(params):
     return PartitionState({label: tx.init(params) for label, tx in inners.items()})
@@ -236,5 +266,6 @@ def partition(transforms: dict, param_labels, *,
     return updates, PartitionState(new_states)
 
   return GradientTransformation(init, update)
+
 
 __all__ = ["MaskedNode", "MaskedState", "PartitionState"]  # and the builders it registers

@@ -23,8 +23,17 @@ import jax.numpy as jnp
 
 from optcompose import tree as otree
 from optcompose.core import (
-    DTYPE, FLAG, EmptyState, GradientTransformation, as_transformation, choice, default_float,
-    expect_state, public, real, stateless,
+  DTYPE,
+  FLAG,
+  EmptyState,
+  GradientTransformation,
+  as_transformation,
+  choice,
+  default_float,
+  expect_state,
+  public,
+  real,
+  stateless,
 )
 from optcompose.transforms.momentum import ema
 
@@ -36,8 +45,9 @@ def _updates(updates):
 
 def _check_measure(who: str, name: str, measure: Any) -> None:
   if not callable(measure):
-    raise TypeError(f"{who}: `{name}` must be a function of the updates, got "
-                    f"{type(measure).__name__}.")
+    raise TypeError(
+      f"{who}: `{name}` must be a function of the updates, got {type(measure).__name__}."
+    )
 
 
 class SnapshotState(NamedTuple):
@@ -46,8 +56,13 @@ class SnapshotState(NamedTuple):
   measurement: dict
 
 
-@public("transformation", optax="snapshot", any_dtype=True, measure_name=choice("snapshot"),
-        measure=choice(otree.global_norm, _updates))
+@public(
+  "transformation",
+  optax="snapshot",
+  any_dtype=True,
+  measure_name=choice("snapshot"),
+  measure=choice(otree.global_norm, _updates),
+)
 def snapshot(measure_name: str, measure: Callable) -> GradientTransformation:
   """Pass the updates through and store ``measure(u)`` under ``measure_name``.
 
@@ -65,8 +80,7 @@ def snapshot(measure_name: str, measure: Callable) -> GradientTransformation:
     Optax's ``optax.snapshot``.
   """
   if not isinstance(measure_name, str):
-    raise TypeError(f"snapshot: `measure_name` must be a str, got "
-                    f"{type(measure_name).__name__}.")
+    raise TypeError(f"snapshot: `measure_name` must be a str, got {type(measure_name).__name__}.")
   _check_measure("snapshot", "measure", measure)
 
   def init(params):
@@ -87,8 +101,9 @@ class MonitorState(NamedTuple):
   measure_states: tuple
 
 
-@public("transformation", optax="monitor", any_dtype=True,
-        measures=choice({"norm": otree.global_norm}))
+@public(
+  "transformation", optax="monitor", any_dtype=True, measures=choice({"norm": otree.global_norm})
+)
 def monitor(measures: Mapping[str, Any]) -> GradientTransformation:
   """Pass the updates through and store several measurements of them, stateful or not.
 
@@ -112,8 +127,9 @@ def monitor(measures: Mapping[str, Any]) -> GradientTransformation:
     Optax's ``optax.monitor``.
   """
   if not isinstance(measures, Mapping):
-    raise TypeError(f"monitor: `measures` must be a dict {{name: measure}}, got "
-                    f"{type(measures).__name__}.")
+    raise TypeError(
+      f"monitor: `measures` must be a dict {{name: measure}}, got {type(measures).__name__}."
+    )
   members = {}
   for name, measure in measures.items():
     if callable(measure):  # as in Optax, a callable is a plain measurement
@@ -137,9 +153,11 @@ def monitor(measures: Mapping[str, Any]) -> GradientTransformation:
   def update(updates, state, params=None, **extra):
     expect_state(state, MonitorState, "monitor")
     if len(state.measure_states) != len(names):
-      raise ValueError(f"monitor: `state.measure_states` holds {len(state.measure_states)} "
-                       f"states for {len(names)} measures; pass the state of this monitor's "
-                       "init.")
+      raise ValueError(
+        f"monitor: `state.measure_states` holds {len(state.measure_states)} "
+        f"states for {len(names)} measures; pass the state of this monitor's "
+        "init."
+      )
     return updates, MonitorState(*measure_all(updates, state.measure_states, params, extra))
 
   return GradientTransformation(init, update)
@@ -148,17 +166,25 @@ def monitor(measures: Mapping[str, Any]) -> GradientTransformation:
 def _floating(tree, dtype: Optional[Any]):
   """Non-floating leaves (a boolean ``norm > threshold``) as floats, to be averaged: in
   ``dtype``, else JAX's default float."""
+
   def leaf(x):
     x = jnp.asarray(x)
     return x if jnp.issubdtype(x.dtype, jnp.inexact) else x.astype(dtype or default_float())
+
   return jax.tree.map(leaf, tree)
 
 
-@public("transformation", optax="measure_with_ema", measure=choice(_updates),
-        decay=real(0.0, 1.0, high_open=True, draw=(0.0, 0.999), schedule=False), debias=FLAG,
-        accumulator_dtype=DTYPE)
-def measure_with_ema(measure: Callable, decay: Any, debias: bool = True,
-                     accumulator_dtype: Optional[Any] = None) -> GradientTransformation:
+@public(
+  "transformation",
+  optax="measure_with_ema",
+  measure=choice(_updates),
+  decay=real(0.0, 1.0, high_open=True, draw=(0.0, 0.999), schedule=False),
+  debias=FLAG,
+  accumulator_dtype=DTYPE,
+)
+def measure_with_ema(
+  measure: Callable, decay: Any, debias: bool = True, accumulator_dtype: Optional[Any] = None
+) -> GradientTransformation:
   """The exponential moving average of ``measure(u)``, as updates (a measure for ``monitor``).
 
   Update (beta = ``decay``, t counting its steps from 1, ``m_0 = 0``)::
@@ -197,8 +223,10 @@ def measure_with_ema(measure: Callable, decay: Any, debias: bool = True,
   def update(updates, state, params=None, **extra):
     del extra
     if not (isinstance(state, tuple) and len(state) == 2):
-      raise ValueError(f"measure_with_ema: the state must be the pair (EmptyState(), "
-                       f"EmaState) of its init, got {type(state).__name__}.")
+      raise ValueError(
+        f"measure_with_ema: the state must be the pair (EmptyState(), "
+        f"EmaState) of its init, got {type(state).__name__}."
+      )
     out, ema_state = average.update(measured(updates), state[1], params)
     return out, (state[0], ema_state)
 

@@ -44,8 +44,15 @@ import jax.numpy as jnp
 
 from optcompose import tree as otree
 from optcompose.core import (
-    FLAG, INNER, GradientTransformation, apply_updates, as_transformation, integer, needs_params,
-    public, zero_count,
+  FLAG,
+  INNER,
+  GradientTransformation,
+  apply_updates,
+  as_transformation,
+  integer,
+  needs_params,
+  public,
+  zero_count,
 )
 from optcompose.transforms.sharpness import GRAD_FN
 
@@ -84,8 +91,9 @@ def _check_grad_fn(grad_fn: Any) -> None:
   (checked on its signature, before it is called; one without a signature, such as a
   builtin, is called as it is)."""
   if not callable(grad_fn):
-    raise TypeError(f"sam: `grad_fn` must be a function (params, i) -> gradients, got "
-                    f"{type(grad_fn).__name__}.")
+    raise TypeError(
+      f"sam: `grad_fn` must be a function (params, i) -> gradients, got {type(grad_fn).__name__}."
+    )
   try:
     signature = inspect.signature(grad_fn)
   except (TypeError, ValueError):
@@ -93,9 +101,11 @@ def _check_grad_fn(grad_fn: Any) -> None:
   try:
     signature.bind(None, 0)
   except TypeError as e:
-    raise TypeError(f"sam: `grad_fn` must take two positional arguments, (params, i) -> "
-                    f"gradients (opaque mode calls grad_fn(adv_params, i) with i the step in "
-                    f"the cycle), but its signature is {signature} ({e}).") from None
+    raise TypeError(
+      f"sam: `grad_fn` must take two positional arguments, (params, i) -> "
+      f"gradients (opaque mode calls grad_fn(adv_params, i) with i the step in "
+      f"the cycle), but its signature is {signature} ({e})."
+    ) from None
 
 
 def _select(cond, if_true, if_false):
@@ -106,10 +116,22 @@ def _negate(tree):
   return jax.tree.map(lambda x: -x, tree)
 
 
-@public("wrapper", optax="contrib.sam", optimizer=INNER, adv_optimizer=INNER,
-        sync_period=integer(1, draw=(1, 3)), reset_state=FLAG)
-def sam(optimizer: Any, adv_optimizer: Any, sync_period: int = 2, reset_state: bool = True,
-        opaque_mode: bool = False, batch_axis_name: Optional[str] = None) -> GradientTransformation:
+@public(
+  "wrapper",
+  optax="contrib.sam",
+  optimizer=INNER,
+  adv_optimizer=INNER,
+  sync_period=integer(1, draw=(1, 3)),
+  reset_state=FLAG,
+)
+def sam(
+  optimizer: Any,
+  adv_optimizer: Any,
+  sync_period: int = 2,
+  reset_state: bool = True,
+  opaque_mode: bool = False,
+  batch_axis_name: Optional[str] = None,
+) -> GradientTransformation:
   """SAM with Optax's API (``optax.contrib.sam``): an outer and an adversarial optimizer.
 
   ``sam(sgd(lr), chain(normalize(), sgd(rho)))`` is the SAM of the paper: the adversarial
@@ -162,12 +184,18 @@ def sam(optimizer: Any, adv_optimizer: Any, sync_period: int = 2, reset_state: b
     Improving Generalization", ICLR 2021; Optax's ``optax.contrib.sam``.
   """
   fn = "sam"
-  outer, adv = _caller(optimizer, "sam: `optimizer`"), _caller(adv_optimizer, "sam: `adv_optimizer`")
+  outer, adv = (
+    _caller(optimizer, "sam: `optimizer`"),
+    _caller(adv_optimizer, "sam: `adv_optimizer`"),
+  )
 
   def init(params):
-    return SAMState(steps_since_sync=zero_count(), opt_state=optimizer.init(params),
-                    adv_state=adv_optimizer.init(params),
-                    cache=None if opaque_mode else params)
+    return SAMState(
+      steps_since_sync=zero_count(),
+      opt_state=optimizer.init(params),
+      adv_state=adv_optimizer.init(params),
+      cache=None if opaque_mode else params,
+    )
 
   # As in Optax, both inner optimizers run at every call and one result is kept (a select,
   # cheap under jit next to the gradient evaluation). Selections use jnp.where, not Optax's
@@ -193,8 +221,10 @@ def sam(optimizer: Any, adv_optimizer: Any, sync_period: int = 2, reset_state: b
   def opaque_update(updates, state, params=None, **extra):
     grad_fn = extra.get(GRAD_FN)
     if grad_fn is None:
-      raise ValueError(f"{fn}: opaque_mode=True needs `grad_fn=`, a function "
-                       "(params, i) -> gradients, passed to update.")
+      raise ValueError(
+        f"{fn}: opaque_mode=True needs `grad_fn=`, a function "
+        "(params, i) -> gradients, passed to update."
+      )
     _check_grad_fn(grad_fn)
     params = needs_params(params, fn)
     otree.check_same_structure(updates, params, "updates", "params")
@@ -212,5 +242,6 @@ def sam(optimizer: Any, adv_optimizer: Any, sync_period: int = 2, reset_state: b
     return new_updates, SAMState(zero_count(), opt_state, adv_state, None)
 
   return GradientTransformation(init, opaque_update if opaque_mode else transparent_update)
+
 
 __all__ = ["SAMState"]  # and the builders it registers

@@ -24,8 +24,14 @@ import numpy as np
 
 from optcompose import tree as otree
 from optcompose.core import (
-    INNER, MASK, GradientTransformation, StateMismatchError, as_transformation, chain,
-    default_float, public,
+  INNER,
+  MASK,
+  GradientTransformation,
+  StateMismatchError,
+  as_transformation,
+  chain,
+  default_float,
+  public,
 )
 from optcompose.masks import is_function_of_params, resolve_mask
 from optcompose.transforms.scaling import set_to_zero
@@ -40,27 +46,38 @@ def _pairs(args: tuple) -> list:
   pairs = []
   for i, pair in enumerate(args):
     if isinstance(pair, GradientTransformation) or (
-        callable(getattr(pair, "init", None)) and callable(getattr(pair, "update", None))):
-      raise TypeError(f"named_chain: argument {i} is a transformation without a name; give "
-                      "(name, transformation) pairs: named_chain((\"adam\", adam(1e-3)), ...).")
+      callable(getattr(pair, "init", None)) and callable(getattr(pair, "update", None))
+    ):
+      raise TypeError(
+        f"named_chain: argument {i} is a transformation without a name; give "
+        "(name, transformation) pairs: named_chain((\"adam\", adam(1e-3)), ...)."
+      )
     if isinstance(pair, (str, bytes)) or not isinstance(pair, (tuple, list)) or len(pair) != 2:
-      raise TypeError(f"named_chain: argument {i} must be a (name, transformation) pair, got "
-                      f"{type(pair).__name__} {pair!r:.60}.")
+      raise TypeError(
+        f"named_chain: argument {i} must be a (name, transformation) pair, got "
+        f"{type(pair).__name__} {pair!r:.60}."
+      )
     name, tx = pair
     if not isinstance(name, Hashable):
-      raise TypeError(f"named_chain: the name of argument {i} is {type(name).__name__}, which "
-                      "cannot be a key of the state (give a string).")
+      raise TypeError(
+        f"named_chain: the name of argument {i} is {type(name).__name__}, which "
+        "cannot be a key of the state (give a string)."
+      )
     try:
       pairs.append((name, as_transformation(tx, "named_chain")))
     except TypeError:
-      raise TypeError(f"named_chain: the transformation named {name!r} (argument {i}) is "
-                      f"{type(tx).__name__}, not a gradient transformation (an object with "
-                      "callable `init` and `update`).") from None
+      raise TypeError(
+        f"named_chain: the transformation named {name!r} (argument {i}) is "
+        f"{type(tx).__name__}, not a gradient transformation (an object with "
+        "callable `init` and `update`)."
+      ) from None
   names = [name for name, _ in pairs]
   repeated = [n for n in dict.fromkeys(names) if names.count(n) > 1]
   if repeated:
-    raise ValueError(f"named_chain: the names must be unique (each keys a state), but "
-                     f"{repeated} appear more than once in {names}.")
+    raise ValueError(
+      f"named_chain: the names must be unique (each keys a state), but "
+      f"{repeated} appear more than once in {names}."
+    )
   return pairs
 
 
@@ -68,8 +85,9 @@ def _pairs_given_positionally(builder):
   """``builder(args=(...))`` declared as Optax's ``named_chain(*args)``: the registry binds a
   call to the declared signature and passes the bound arguments by keyword."""
   declared = inspect.signature(builder)
-  builder.__signature__ = declared.replace(parameters=[
-      inspect.Parameter("args", inspect.Parameter.VAR_POSITIONAL)])
+  builder.__signature__ = declared.replace(
+    parameters=[inspect.Parameter("args", inspect.Parameter.VAR_POSITIONAL)]
+  )
   return builder
 
 
@@ -110,10 +128,15 @@ def named_chain(args: tuple = ()) -> GradientTransformation:
 
   def update(updates, state, params=None, **extra):
     if not isinstance(state, Mapping) or set(state) != set(names):
-      got = (f"a {type(state).__name__} with keys {list(state)}" if isinstance(state, Mapping)
-             else f"a {type(state).__name__}")
-      raise ValueError(f"named_chain of {names} got {got} as its state; pass the state "
-                       "returned by this named_chain's init.")
+      got = (
+        f"a {type(state).__name__} with keys {list(state)}"
+        if isinstance(state, Mapping)
+        else f"a {type(state).__name__}"
+      )
+      raise ValueError(
+        f"named_chain of {names} got {got} as its state; pass the state "
+        "returned by this named_chain's init."
+      )
     new_state = collections.OrderedDict()
     for name, tx in pairs:
       try:
@@ -131,16 +154,23 @@ def _check_static_mask(mask: Any, who: str, name: str) -> None:
   if is_function_of_params(mask):
     return
   if mask is None:
-    raise TypeError(f"{who}: `{name}` is None; give a bool, a tree of bools (True: frozen) or "
-                    "a callable returning one.")
+    raise TypeError(
+      f"{who}: `{name}` is None; give a bool, a tree of bools (True: frozen) or "
+      "a callable returning one."
+    )
   for path, leaf in jax.tree_util.tree_flatten_with_path(mask)[0]:
     ok = isinstance(leaf, (bool, np.bool_)) or (
-        isinstance(leaf, (np.ndarray, jax.Array)) and not isinstance(leaf, jax.core.Tracer)
-        and leaf.shape == () and leaf.dtype == bool)
+      isinstance(leaf, (np.ndarray, jax.Array))
+      and not isinstance(leaf, jax.core.Tracer)
+      and leaf.shape == ()
+      and leaf.dtype == bool
+    )
     if not ok:
-      raise TypeError(f"{who}: `{name}{jax.tree_util.keystr(tuple(path))}` is "
-                      f"{type(leaf).__name__}; the mask must be a bool, a tree of bools (True: "
-                      "frozen) or a callable returning one.")
+      raise TypeError(
+        f"{who}: `{name}{jax.tree_util.keystr(tuple(path))}` is "
+        f"{type(leaf).__name__}; the mask must be a bool, a tree of bools (True: "
+        "frozen) or a callable returning one."
+      )
 
 
 def _checked_mask(mask, tree, who: str, name: str):
@@ -193,13 +223,15 @@ def _freeze_labels(freeze_mask):
 
   if not is_function_of_params(freeze_mask):
     return labels(freeze_mask)
-  return lambda tree: labels(_checked_mask(freeze_mask(tree), tree, "selective_transform",
-                                           "freeze_mask"))
+  return lambda tree: labels(
+    _checked_mask(freeze_mask(tree), tree, "selective_transform", "freeze_mask")
+  )
 
 
 @public("wrapper", optax="selective_transform", optimizer=INNER, freeze_mask=MASK)
-def selective_transform(optimizer: GradientTransformation, *,
-                        freeze_mask) -> GradientTransformation:
+def selective_transform(
+  optimizer: GradientTransformation, *, freeze_mask
+) -> GradientTransformation:
   """Run ``optimizer`` on the leaves where ``freeze_mask`` is False; zero the others.
 
   Update, per leaf l: ``u_l <- 0`` where ``freeze_mask_l``, else
@@ -227,12 +259,15 @@ def selective_transform(optimizer: GradientTransformation, *,
   try:
     as_transformation(optimizer, "selective_transform")
   except TypeError:
-    raise TypeError(f"selective_transform: `optimizer` is {type(optimizer).__name__}, not a "
-                    "gradient transformation (an object with callable `init` and "
-                    "`update`).") from None
+    raise TypeError(
+      f"selective_transform: `optimizer` is {type(optimizer).__name__}, not a "
+      "gradient transformation (an object with callable `init` and "
+      "`update`)."
+    ) from None
   _check_static_mask(freeze_mask, "selective_transform", "freeze_mask")
-  tx = partition({"train": optimizer, "freeze": set_to_zero()},
-                 param_labels=_freeze_labels(freeze_mask))
+  tx = partition(
+    {"train": optimizer, "freeze": set_to_zero()}, param_labels=_freeze_labels(freeze_mask)
+  )
   if is_function_of_params(freeze_mask):
     return tx
 
@@ -258,8 +293,9 @@ def _unravel(like, flat: jax.Array):
   leaves, treedef = jax.tree.flatten(like)
   ends = np.cumsum([np.size(x) for x in leaves])[:-1] if leaves else []
   parts = jnp.split(flat, ends) if leaves else []
-  return treedef.unflatten([jnp.reshape(part, jnp.shape(x)).astype(jnp.result_type(x))
-                            for part, x in zip(parts, leaves)])
+  return treedef.unflatten(
+    [jnp.reshape(part, jnp.shape(x)).astype(jnp.result_type(x)) for part, x in zip(parts, leaves)]
+  )
 
 
 @public("wrapper", optax="flatten", inner=INNER)
@@ -291,8 +327,10 @@ def flatten(inner: GradientTransformation) -> GradientTransformation:
   try:
     inner = as_transformation(inner, "flatten")
   except TypeError:
-    raise TypeError(f"flatten: `inner` is {type(inner).__name__}, not a gradient "
-                    "transformation (an object with callable `init` and `update`).") from None
+    raise TypeError(
+      f"flatten: `inner` is {type(inner).__name__}, not a gradient "
+      "transformation (an object with callable `init` and `update`)."
+    ) from None
 
   def init(params):
     return inner.init(_ravel(params))
@@ -305,8 +343,9 @@ def flatten(inner: GradientTransformation) -> GradientTransformation:
   return GradientTransformation(init, update)
 
 
-def multi_transform(transforms: dict, param_labels, *,
-                    mask_compatible_extra_args: bool = False) -> GradientTransformation:
+def multi_transform(
+  transforms: dict, param_labels, *, mask_compatible_extra_args: bool = False
+) -> GradientTransformation:
   """Deprecated: Optax's former name of :func:`optcompose.partition`; use ``partition``.
 
   Args:
@@ -323,10 +362,13 @@ def multi_transform(transforms: dict, param_labels, *,
     Optax's ``optax.multi_transform`` (kept there "for backwards compatibility" as
     ``partition`` itself, without a warning).
   """
-  warnings.warn("multi_transform is deprecated: use optcompose.partition (same arguments "
-                "and state; Optax renamed it).", DeprecationWarning, stacklevel=2)
-  return partition(transforms, param_labels,
-                   mask_compatible_extra_args=mask_compatible_extra_args)
+  warnings.warn(
+    "multi_transform is deprecated: use optcompose.partition (same arguments "
+    "and state; Optax renamed it).",
+    DeprecationWarning,
+    stacklevel=2,
+  )
+  return partition(transforms, param_labels, mask_compatible_extra_args=mask_compatible_extra_args)
 
 
 # The deprecated alias is not a registered builder (no case, no strategy): a function.

@@ -37,45 +37,52 @@ HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 
 FILES = (
-    "_src/alias_test.py",
-    "_src/transform_test.py",
-    "_src/linesearch_test.py",
-    "_src/update_test.py",
-    "transforms/_accumulation_test.py",
-    "transforms/_adding_test.py",
-    "transforms/_clipping_test.py",
-    "transforms/_combining_test.py",
-    "transforms/_conditionality_test.py",
-    "transforms/_constraining_test.py",
-    "transforms/_freezing_test.py",
-    "transforms/_layouts_test.py",
-    "transforms/_masking_test.py",
-    "transforms/_monitoring_test.py",
-    "schedules/_inject_test.py",
-    "schedules/_join_test.py",
-    "schedules/_schedule_test.py",
-    "tree_utils/_casting_test.py",
-    "tree_utils/_random_test.py",
-    "tree_utils/_state_utils_test.py",
-    "tree_utils/_tree_math_test.py",
+  "_src/alias_test.py",
+  "_src/transform_test.py",
+  "_src/linesearch_test.py",
+  "_src/update_test.py",
+  "transforms/_accumulation_test.py",
+  "transforms/_adding_test.py",
+  "transforms/_clipping_test.py",
+  "transforms/_combining_test.py",
+  "transforms/_conditionality_test.py",
+  "transforms/_constraining_test.py",
+  "transforms/_freezing_test.py",
+  "transforms/_layouts_test.py",
+  "transforms/_masking_test.py",
+  "transforms/_monitoring_test.py",
+  "schedules/_inject_test.py",
+  "schedules/_join_test.py",
+  "schedules/_schedule_test.py",
+  "tree_utils/_casting_test.py",
+  "tree_utils/_random_test.py",
+  "tree_utils/_state_utils_test.py",
+  "tree_utils/_tree_math_test.py",
 )
 # Not in the list; --extras adds them.
 EXTRAS = (
-    "_src/base_test.py",
-    "_src/combine_test.py",
-    "_src/lookahead_test.py",
-    "_src/numerics_test.py",
-    "_src/utils_test.py",
-    "_src/factorized_test.py",
+  "_src/base_test.py",
+  "_src/combine_test.py",
+  "_src/lookahead_test.py",
+  "_src/numerics_test.py",
+  "_src/utils_test.py",
+  "_src/factorized_test.py",
 )
 # alias_test is also imported by schedules/_schedule_test.py.
 _ALWAYS_COPY = ("_src/alias_test.py",)
 
 
 def _optax_dir() -> pathlib.Path:
-  out = subprocess.run([sys.executable, "-c", "import optax, os; print(os.path.dirname("
-                        "optax.__file__)); print(optax.__version__)"],
-                       capture_output=True, text=True, check=True).stdout.split()
+  out = subprocess.run(
+    [
+      sys.executable,
+      "-c",
+      "import optax, os; print(os.path.dirname(optax.__file__)); print(optax.__version__)",
+    ],
+    capture_output=True,
+    text=True,
+    check=True,
+  ).stdout.split()
   return pathlib.Path(out[0]), out[1]
 
 
@@ -87,8 +94,22 @@ def _run_file(rel: str, tmp: pathlib.Path, args, index: int) -> dict:
   env["OPTAX_SUITE_OUT"] = str(out)
   if args.real:
     env["OPTAX_SUITE_REAL"] = "1"
-  cmd = [sys.executable, "-m", "pytest", "-q", "-p", "shim", "-p", "no:cacheprovider",
-         "--rootdir", str(tmp), "-o", "addopts=", "--tb=short", rel]
+  cmd = [
+    sys.executable,
+    "-m",
+    "pytest",
+    "-q",
+    "-p",
+    "shim",
+    "-p",
+    "no:cacheprovider",
+    "--rootdir",
+    str(tmp),
+    "-o",
+    "addopts=",
+    "--tb=short",
+    rel,
+  ]
   if args.k:
     cmd += ["-k", args.k]
   if args.x:
@@ -110,8 +131,9 @@ def _run_file(rel: str, tmp: pathlib.Path, args, index: int) -> dict:
   log.close()
   data = json.loads(out.read_text()) if out.exists() else {}
   tail = (tmp / f"log_{index}.txt").read_text().strip().splitlines()[-15:]
-  return _summarize(rel, data, process.returncode, timed_out, time.time() - started, tail,
-                    args.real)
+  return _summarize(
+    rel, data, process.returncode, timed_out, time.time() - started, tail, args.real
+  )
 
 
 def _summarize(rel, data, returncode, timed_out, seconds, tail, real=False) -> dict:
@@ -127,10 +149,16 @@ def _summarize(rel, data, returncode, timed_out, seconds, tail, real=False) -> d
       reason = entry.get("message", "")
       skip_reasons[reason] = skip_reasons.get(reason, 0) + 1
     if outcome in ("failed", "error"):
-      failing.append({"id": nodeid, "outcome": outcome, "error": entry.get("message", ""),
-                      "exception": entry.get("exception", ""),
-                      "optcompose_frame": entry.get("optcompose_frame", ""),
-                      "ours_touched": entry.get("ours_touched", 0)})
+      failing.append(
+        {
+          "id": nodeid,
+          "outcome": outcome,
+          "error": entry.get("message", ""),
+          "exception": entry.get("exception", ""),
+          "optcompose_frame": entry.get("optcompose_frame", ""),
+          "ours_touched": entry.get("ours_touched", 0),
+        }
+      )
     elif outcome == "passed" and not entry.get("ours_touched") and not real:
       passed_without_ours.append(nodeid)
   names = {}
@@ -139,16 +167,21 @@ def _summarize(rel, data, returncode, timed_out, seconds, tail, real=False) -> d
       names.setdefault(kind, {}).update(table)
   # A file imported by another (alias_test by _schedule_test) counts under its importer.
   return {
-      "file": rel, "returncode": returncode, "timed_out": timed_out,
-      "seconds": round(seconds, 1), **counts, "total": sum(counts.values()),
-      "collect_errors": data.get("collect_errors", {}),
-      "names_ours": len(names.get("ours", {})), "names_optax": len(names.get("optax", {})),
-      "ours": dict(sorted(names.get("ours", {}).items())),
-      "optax": dict(sorted(names.get("optax", {}).items())),
-      "passed_without_ours": passed_without_ours,
-      "skip_reasons": skip_reasons,
-      "failing": failing,
-      "log_tail": tail if (returncode not in (0, 1) or timed_out or not tests) else [],
+    "file": rel,
+    "returncode": returncode,
+    "timed_out": timed_out,
+    "seconds": round(seconds, 1),
+    **counts,
+    "total": sum(counts.values()),
+    "collect_errors": data.get("collect_errors", {}),
+    "names_ours": len(names.get("ours", {})),
+    "names_optax": len(names.get("optax", {})),
+    "ours": dict(sorted(names.get("ours", {}).items())),
+    "optax": dict(sorted(names.get("optax", {}).items())),
+    "passed_without_ours": passed_without_ours,
+    "skip_reasons": skip_reasons,
+    "failing": failing,
+    "log_tail": tail if (returncode not in (0, 1) or timed_out or not tests) else [],
   }
 
 
@@ -157,20 +190,31 @@ def _table(files: list[dict]) -> str:
   rows = [head]
   totals = [0] * 7
   for f in files:
-    values = [f["passed"], f["failed"], f["error"], f["skipped"], f["names_ours"],
-              f["names_optax"], len(f["passed_without_ours"])]
+    values = [
+      f["passed"],
+      f["failed"],
+      f["error"],
+      f["skipped"],
+      f["names_ours"],
+      f["names_optax"],
+      len(f["passed_without_ours"]),
+    ]
     totals = [a + b for a, b in zip(totals, values)]
     flag = " (timeout)" if f["timed_out"] else (" (collect error)" if f["collect_errors"] else "")
     rows.append((f["file"] + flag, *map(str, values), str(int(f["seconds"]))))
   rows.append(("TOTAL", *map(str, totals), str(int(sum(f["seconds"] for f in files)))))
   widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
-  lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in
-                     enumerate(zip(r, widths))) for r in rows]
+  lines = [
+    "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+    for r in rows
+  ]
   lines.insert(1, "-" * len(lines[0]))
   lines.insert(len(lines) - 1, "-" * len(lines[0]))
-  legend = ("ours/optax: distinct names the file's code resolved to optcompose / fell back to "
-            "Optax; no-ours: tests that passed without touching an optcompose name while "
-            "running (names taken at import time, e.g. in parameterizations, not counted)")
+  legend = (
+    "ours/optax: distinct names the file's code resolved to optcompose / fell back to "
+    "Optax; no-ours: tests that passed without touching an optcompose name while "
+    "running (names taken at import time, e.g. in parameterizations, not counted)"
+  )
   return "\n".join(lines + ["", legend])
 
 
@@ -201,9 +245,12 @@ def main(argv=None) -> int:
       print(f"[{index + 1}/{len(files)}] {rel} ...", flush=True)
       result = _run_file(rel, tmp, args, index)
       results.append(result)
-      print(f"    passed {result['passed']}, failed {result['failed']}, errors "
-            f"{result['error']}, skipped {result['skipped']} ({result['seconds']} s)"
-            + ("  TIMED OUT" if result["timed_out"] else ""), flush=True)
+      print(
+        f"    passed {result['passed']}, failed {result['failed']}, errors "
+        f"{result['error']}, skipped {result['skipped']} ({result['seconds']} s)"
+        + ("  TIMED OUT" if result["timed_out"] else ""),
+        flush=True,
+      )
       for line in result["log_tail"]:
         print("    | " + line)
   finally:
@@ -213,12 +260,12 @@ def main(argv=None) -> int:
       shutil.rmtree(tmp, ignore_errors=True)
   keys = ("passed", "failed", "error", "skipped", "total")
   summary = {
-      "mode": "real Optax (no proxies)" if args.real else "optcompose through proxies",
-      "optax_version": version,
-      "date": datetime.datetime.now().isoformat(timespec="seconds"),
-      "command": " ".join(["tools/optax_suite/run.py", *(argv or sys.argv[1:])]),
-      "totals": {k: sum(r[k] for r in results) for k in keys},
-      "files": results,
+    "mode": "real Optax (no proxies)" if args.real else "optcompose through proxies",
+    "optax_version": version,
+    "date": datetime.datetime.now().isoformat(timespec="seconds"),
+    "command": " ".join(["tools/optax_suite/run.py", *(argv or sys.argv[1:])]),
+    "totals": {k: sum(r[k] for r in results) for k in keys},
+    "files": results,
   }
   default = "results_real.json" if args.real else "results.json"
   out = pathlib.Path(args.out) if args.out else HERE / default

@@ -50,11 +50,11 @@ TEST_DIR = os.path.realpath(os.environ.get("OPTAX_SUITE_TEST_DIR", os.getcwd()))
 
 # Optax's public modules, and optcompose's module at the same path.
 PUBLIC = {
-    "optax": "optcompose",
-    "optax.transforms": "optcompose.transforms",
-    "optax.schedules": "optcompose.schedules",
-    "optax.tree": "optcompose.tree",
-    "optax.tree_utils": "optcompose.tree_utils",
+  "optax": "optcompose",
+  "optax.transforms": "optcompose.transforms",
+  "optax.schedules": "optcompose.schedules",
+  "optax.tree": "optcompose.tree",
+  "optax.tree_utils": "optcompose.tree_utils",
 }
 # Real Optax modules that stay real (not proxied) even inside the proxied packages.
 _KEEP_REAL = {"optax._src.test_utils"}
@@ -77,9 +77,9 @@ _RESOLVE_ERRORS: dict[str, str] = {}
 def _is_proxied(name: str) -> bool:
   if name in _KEEP_REAL or name.rsplit(".", 1)[-1].endswith("_test"):
     return False
-  return (name in ("optax", "optax._src", "optax.tree")
-          or name.startswith(("optax._src.", "optax.transforms", "optax.schedules",
-                              "optax.tree_utils")))
+  return name in ("optax", "optax._src", "optax.tree") or name.startswith(
+    ("optax._src.", "optax.transforms", "optax.schedules", "optax.tree_utils")
+  )
 
 
 def _family(module_name: str) -> tuple[str, ...]:
@@ -101,6 +101,7 @@ def _indexable(value: Any) -> bool:
 def _load_real() -> None:
   import optcompose  # noqa: F401 -- first: whatever it keeps of Optax is the real Optax
   import optax
+
   _REAL["optax"] = optax
   for info in pkgutil.walk_packages(optax.__path__, "optax."):
     if info.name.rsplit(".", 1)[-1].endswith("_test"):
@@ -130,8 +131,11 @@ class _Proxy(types.ModuleType):
     caller = sys._getframe(1).f_globals
     file = os.path.realpath(caller.get("__file__") or "")
     in_tests = file.startswith(TEST_DIR + os.sep)
-    if name.startswith("__") or getattr(_state, "resolving", False) or (
-        not in_tests and str(caller.get("__name__", "")).startswith(("optax", "optcompose"))):
+    if (
+      name.startswith("__")
+      or getattr(_state, "resolving", False)
+      or (not in_tests and str(caller.get("__name__", "")).startswith(("optax", "optcompose")))
+    ):
       return getattr(real, name)  # AttributeError as the real module raises it
     value, kind, where = _resolve(self.__name__, name)
     if in_tests and kind in ("ours", "optax"):
@@ -180,9 +184,14 @@ def _resolve(module_name: str, name: str) -> tuple[Any, str, str]:
     # EmptyState): a different name is a different thing in optcompose.
     for same in (True, False):
       for public in _family(module_name):
-        paths += [(p, n) for p, n in aliases if p == public and (p, n) not in paths
-                  and (n == name) == same
-                  and (same or n == "tree_" + name or name == "tree_" + n)]
+        paths += [
+          (p, n)
+          for p, n in aliases
+          if p == public
+          and (p, n) not in paths
+          and (n == name) == same
+          and (same or n == "tree_" + name or name == "tree_" + n)
+        ]
     result = None
     reasons = []
     for public, public_name in paths:
@@ -232,6 +241,7 @@ def install() -> None:
 
 
 # ------------------------------------------------------------------------ pytest hooks
+
 
 def pytest_configure(config):  # noqa: ARG001
   if not os.environ.get("OPTAX_SUITE_REAL"):  # --real: plain Optax, outcomes only
@@ -315,8 +325,20 @@ def pytest_sessionfinish(session, exitstatus):  # noqa: ARG001
   tests = {}
   for nodeid, entry in _RESULTS.items():
     touched = _PER_TEST.get(nodeid, {"ours": set(), "optax": set()})
-    tests[nodeid] = {**entry, "ours_touched": len(touched["ours"]),
-                     "optax_touched": len(touched["optax"])}
+    tests[nodeid] = {
+      **entry,
+      "ours_touched": len(touched["ours"]),
+      "optax_touched": len(touched["optax"]),
+    }
   with open(out, "w") as f:
-    json.dump({"tests": tests, "names": _NAMES, "collect_errors": _COLLECT_ERRORS,
-               "resolve_errors": _RESOLVE_ERRORS}, f, indent=1, sort_keys=True)
+    json.dump(
+      {
+        "tests": tests,
+        "names": _NAMES,
+        "collect_errors": _COLLECT_ERRORS,
+        "resolve_errors": _RESOLVE_ERRORS,
+      },
+      f,
+      indent=1,
+      sort_keys=True,
+    )

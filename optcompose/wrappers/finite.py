@@ -1,0 +1,121 @@
+"""Skipping non-finite steps: ``apply_if_finite``.
+
+``apply_if_finite(inner, max_consecutive_errors, check_updates=False)``: skip a step whose
+gradients hold a NaN or an Inf (with ``check_updates=True``, also one whose update from
+finite gradients is not finite): parameters and inner state stay untouched, and the state
+counts skipped steps (consecutive and total). After ``max_consecutive_errors`` consecutive
+bad steps the state's ``gave_up`` flag is set for the training loop to act on; unlike Optax,
+which then applies them, a non-finite gradient is never applied.
+
+Cost: the test reads the gradients once more (``isfinite(sum(g - g))``: ``g - g`` is 0 for a
+finite element and NaN otherwise, so the sum is exact and cannot overflow), and the inner
+step runs inside one ``lax.cond`` on it, whose untaken branch costs nothing. Testing the
+updates as well needs them before any state is written, so ``check_updates=True`` computes
+the inner step twice: once to test its updates, once inside the ``lax.cond`` (one more read
+of everything the inner step reads: 16 B per parameter for AdamW in float32).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+
+from optcompose.core import (
+  FLAG,
+  INNER,
+  INT32_MAX,
+  GradientTransformation,
+  Hyper,
+  as_transformation,
+  expect_state,
+  public,
+  safe_increment,
+  zero_count,
+)
+from optcompose.wrappers.control import update_if
+
+
+class ApplyIfFiniteState(NamedTuple):
+  """Optax's fields, plus ``gave_up``."""
+
+  notfinite_count: jax.Array  # consecutive non-finite steps
+  last_finite: jax.Array  # whether the latest step was finite
+  total_notfinite: jax.Array  # non-finite steps in all
+  inner_state: Any
+  gave_up: jax.Array = jnp.zeros([], bool)  # consecutive count reached the maximum
+
+
+def all_finite(tree) -> jax.Array:
+  """True when every element of every leaf is finite: ``isfinite(sum(x - x))`` per leaf, a
+  single cheap pass, and exact: ``x - x`` is 0 for a finite element and NaN otherwise, so the
+  sum cannot overflow. (Not ``x * 0``: XLA folds ``(y * c) * 0`` into ``y * (c * 0)``, which
+  misses a product ``y * c`` that overflowed.)"""
+  flags = [jnp.isfinite(jnp.sum(x - x)) for x in jax.tree.leaves(tree)]
+  return jnp.all(jnp.stack(flags)) if flags else jnp.asarray(True)
+
+
+@public(
+  "wrapper",
+  optax="apply_if_finite",
+  inner=INNER,
+  max_consecutive_errors=Hyper(
+    ("int", 1, 5), 1, INT32_MAX, numeric=True, integer=True, optional=True
+  ),
+  check_updates=FLAG,
+)
+def apply_if_finite(
+  inner, max_consecutive_errors: Optional[int], *, check_updates: bool = False
+) -> GradientTransformation:
+  """Skip steps whose gradients contain NaN or Inf (see the module docstring).
+
+  Update: ``u, inner_state = inner.update(g, inner_state, params)`` if every element of g is
+  finite (and, with ``check_updates``, every element of u); otherwise ``u = 0`` and
+  ``inner_state`` unchanged, and the inner update does not run.
+
+  Args:
+    inner: the wrapped optimizer (optcompose's or Optax's).
+    max_consecutive_errors: after this many consecutive non-finite steps, ``gave_up`` is set
+      in the state (the updates are still skipped). ``None``: never give up.
+    check_updates: also skip (and count) a step whose update is not finite although its
+      gradients are (an overflow: a huge learning rate or gradient). It computes the inner
+      step twice (see the module docstring); ours, Optax tests the gradients only.
+
+  Returns:
+    A transformation with state :class:`ApplyIfFiniteState` (Optax's fields and ``gave_up``).
+
+  References:
+    Optax's ``optax.apply_if_finite``; dynamic loss scaling as in Micikevicius et al., "Mixed
+    Precision Training", ICLR 2018.
+  """
+  inner = as_transformation(inner, "apply_if_finite")
+
+  def init(params):
+    return ApplyIfFiniteState(
+      zero_count(), jnp.asarray(True), zero_count(), inner.init(params), jnp.asarray(False)
+    )
+
+  def update(updates, state, params=None, **extra):
+    expect_state(state, ApplyIfFiniteState, "apply_if_finite")
+    finite = all_finite(updates)
+    if check_updates:  # a probe: under jit only its updates are computed, its state is dropped
+      probe = inner.update(updates, state.inner_state, params, **extra)[0]
+      finite = jnp.logical_and(finite, all_finite(probe))
+    new_updates, inner_state = update_if(finite, inner, updates, state.inner_state, params, extra)
+    consecutive = jnp.where(finite, 0, safe_increment(state.notfinite_count))
+    gave_up = state.gave_up
+    if max_consecutive_errors is not None:
+      gave_up = jnp.logical_or(gave_up, consecutive >= max_consecutive_errors)
+    return new_updates, ApplyIfFiniteState(
+      consecutive,
+      finite,
+      jnp.where(finite, state.total_notfinite, safe_increment(state.total_notfinite)),
+      inner_state,
+      gave_up,
+    )
+
+  return GradientTransformation(init, update)
+
+
+__all__ = ["ApplyIfFiniteState", "all_finite"]  # and the builders it registers
