@@ -28,11 +28,19 @@ def ema_leaf(beta, m, x):
   return otree.moment_leaf(x, m, beta)
 
 
+def rounds_precision_only(x, stored):
+  """Whether ``stored`` is ``x`` rounded to a narrower dtype of the same exponent range
+  (bfloat16 for float32; not float16, whose range the statistics are widened for)."""
+  narrow, wide = jnp.finfo(stored.dtype), jnp.finfo(x.dtype)
+  return stored.dtype != x.dtype and (narrow.minexp, narrow.maxexp) == (wide.minexp, wide.maxexp)
+
+
 def second_moment_ema_leaf(beta, v, sq):
-  """:func:`ema_leaf` of a second moment: ``(1 - beta) sq + beta v`` in the square's dtype
-  (the wider of the gradients' and the stored v's): ``beta v`` in a bfloat16 v would round
-  beta (0.999 to 1.0, so that v never decays)."""
-  return ema_leaf(beta, v.astype(sq.dtype), sq)
+  """:func:`ema_leaf` of a second moment: ``(1 - beta) sq + beta v``. A v stored narrower in
+  precision only than the square (bfloat16 for float32) is widened first: ``beta v`` in
+  bfloat16 would round beta (0.999 to 1.0, so that v never decays). A float16 v keeps
+  Optax's arithmetic (``beta v`` in float16, where 0.999 is 0.99902)."""
+  return ema_leaf(beta, v.astype(sq.dtype) if rounds_precision_only(sq, v) else v, sq)
 
 
 def debias_factor(beta, count):
