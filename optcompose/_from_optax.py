@@ -138,10 +138,16 @@ def _from(theirs: Any, name: str, ours: str) -> Any:
     f"optax.contrib.{name}" if module.startswith("optax.contrib") else (f"{theirs.__name__}.{name}")
   )
   use = path if inspect.ismodule(value) else f"{path}(...)"
+  here = ""
+  if inspect.ismodule(value):  # what of that module optcompose has at its top level
+    import optcompose
+
+    found = sorted(n for n in dir(value) if not n.startswith("_") and hasattr(optcompose, n))
+    here = f" Rebuilt at optcompose's top level: {', '.join(found)}." if found else ""
   raise AttributeError(
     f"module {ours!r} has no attribute {name!r} yet: Optax's `{theirs.__name__}.{name}` is "
     "in the optimizer domain that optcompose rebuilds, and this one is not rebuilt yet. "
-    f"Optax's own works inside optcompose's chains meanwhile: `import optax; {use}`."
+    f"Optax's own works inside optcompose's chains meanwhile: `import optax; {use}`.{here}"
   )
 
 

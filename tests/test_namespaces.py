@@ -380,3 +380,14 @@ def test_chain_and_helpers_are_optax_gradient_transformations():
   with warnings.catch_warnings():
     warnings.simplefilter("error")
     assert repr(oc.identity()).startswith("GradientTransformation(init=")
+
+
+def test_optax_contrib_error_names_what_optcompose_has_of_it():
+  """``optax.contrib.reduce_on_plateau`` written against optcompose: the error for
+  ``contrib`` lists the contrib names rebuilt at optcompose's top level."""
+  with pytest.raises(
+    AttributeError, match=r"Rebuilt at optcompose's top level: .*reduce_on_plateau"
+  ):
+    oc.contrib  # noqa: B018
+  names = [n for n in dir(optax.contrib) if not n.startswith("_") and hasattr(oc, n)]
+  assert "reduce_on_plateau" in names and "sam" in names
