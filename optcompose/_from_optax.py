@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import sys
 import warnings
 from typing import Any, Optional
 
@@ -139,10 +140,9 @@ def _from(theirs: Any, name: str, ours: str) -> Any:
   )
   use = path if inspect.ismodule(value) else f"{path}(...)"
   here = ""
-  if inspect.ismodule(value):  # what of that module optcompose has at its top level
-    import optcompose
-
-    found = sorted(n for n in dir(value) if not n.startswith("_") and hasattr(optcompose, n))
+  package = sys.modules.get("optcompose")  # loaded: this runs on a lookup in its namespace
+  if inspect.ismodule(value) and package is not None:  # what of it our top level has
+    found = sorted(n for n in dir(value) if not n.startswith("_") and hasattr(package, n))
     here = f" Rebuilt at optcompose's top level: {', '.join(found)}." if found else ""
   raise AttributeError(
     f"module {ours!r} has no attribute {name!r} yet: Optax's `{theirs.__name__}.{name}` is "
