@@ -42,9 +42,8 @@ import optax
 from optcompose import tree as otree
 from optcompose.core import current_hyperparams
 from optcompose.recipe.early_stopping import EarlyStoppingState
-from optcompose.transforms.clipping import ClipByGlobalNormState
 from optcompose.wrappers.finite import ApplyIfFiniteState
-from optcompose.wrappers.diagnostics import DiagnosticsState, _python_scalar
+from optcompose.wrappers.diagnostics import DiagnosticsState, _python_scalar, leading_clip_norm
 
 # The keys metrics() may return, in this order.
 KEYS = (
@@ -77,7 +76,7 @@ _FINITE_STATES = (ApplyIfFiniteState, optax.ApplyIfFiniteState)
 _ARRAY_LIKE = (jax.Array, np.ndarray, np.generic, numbers.Number)
 
 
-_KINDS = (DiagnosticsState, ClipByGlobalNormState, EarlyStoppingState) + _FINITE_STATES
+_KINDS = (DiagnosticsState, EarlyStoppingState) + _FINITE_STATES
 
 
 def _first_of_each_kind(state: Any) -> dict:
@@ -126,9 +125,9 @@ def metrics(opt_state: Any) -> dict:
   key             dtype    value, and where it is read
   --------------  -------  -----------------------------------------------------------
   grad_norm       float32  ||g|| of the latest update, from the first DiagnosticsState;
-                           without one, the norm stored by the first
-                           clip_by_global_norm (the gradient's norm when clipping comes
-                           first in the chain, as usual)
+                           without one, the norm stored by a
+                           clip_by_global_norm that comes first in the chain
+                           (inside apply_if_finite too): the gradients' norm
   update_norm     float32  ||u||, the update returned (DiagnosticsState)
   param_norm      float32  ||w||, the parameters the update was computed at
   update_ratio    float32  ||u|| / ||w|| (DiagnosticsState)
@@ -182,8 +181,10 @@ def metrics(opt_state: Any) -> dict:
   if diagnostics is not None:
     out.update({name: _value(getattr(diagnostics, name)) for name in _MEASURED})
     out["step"] = _value(diagnostics.count)
-  elif ClipByGlobalNormState in first:
-    out["grad_norm"] = _value(first[ClipByGlobalNormState].global_norm)
+  elif (norm := leading_clip_norm(opt_state, through=_FINITE_STATES)) is not None:
+    # Only a clip that comes first measured the gradients (a later one, other updates);
+    # apply_if_finite hands its inner transformation the gradients unchanged.
+    out["grad_norm"] = _value(norm)
   hyperparams = current_hyperparams(opt_state)
   if "learning_rate" not in out and "learning_rate" in hyperparams:
     out["learning_rate"] = _value(hyperparams["learning_rate"])

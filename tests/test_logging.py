@@ -420,3 +420,16 @@ def test_guide_block_runs_alone(index, capsys):
   if "tensorboardX" in GUIDE_BLOCKS[index]:
     pytest.importorskip("tensorboardX")
   exec(compile(GUIDE_BLOCKS[index], f"{GUIDE}:block{index}", "exec"), {"__name__": "guide"})
+
+
+def test_a_clip_that_is_not_first_is_not_the_gradient_norm():
+  """A clip_by_global_norm after scale_by_adam measures Adam's directions, not the gradients:
+  no `grad_norm` then; first in the chain (or inside apply_if_finite) it is."""
+  params = initial_params()
+  g = gradient(params)
+  late = oc.chain(oc.scale_by_adam(), oc.clip_by_global_norm(1.0))
+  first = oc.apply_if_finite(oc.chain(oc.clip_by_global_norm(1.0), oc.scale_by_adam()), 2)
+  _, late_state = late.update(g, late.init(params), params)
+  _, first_state = first.update(g, first.init(params), params)
+  assert "grad_norm" not in metrics(late_state)
+  assert to_host(metrics(first_state))["grad_norm"] == pytest.approx(np_norm(g), rel=1e-6)

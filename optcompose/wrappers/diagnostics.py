@@ -156,17 +156,18 @@ def nonfinite_count(tree: Any) -> jax.Array:
   return cond(all_finite(leaves), lambda _: zero_count(), count, leaves)
 
 
-def leading_clip_norm(state: Any) -> Optional[jax.Array]:
+def leading_clip_norm(state: Any, through: tuple = ()) -> Optional[jax.Array]:
   """The norm stored by a ``clip_by_global_norm`` that is the *first* step of the
   transformation owning ``state`` (so it measured that transformation's input); else None.
 
   Follows the first member of chains (plain tuples) and the inner state of scheduled and
-  injected hyperparameters; any other state ends the search.
+  injected hyperparameters, and of the state types in ``through`` (wrappers that hand their
+  inner transformation its input unchanged); any other state ends the search.
   """
   while True:
     if isinstance(state, ClipByGlobalNormState):
       return state.global_norm
-    if isinstance(state, InjectHyperparamsState):
+    if isinstance(state, (InjectHyperparamsState, *through)):
       state = state.inner_state
     elif type(state) in (tuple, list) and state:
       state = state[0]
