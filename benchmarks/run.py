@@ -469,8 +469,13 @@ def run_config(cfg: dict) -> dict:
       skipped[lib] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
   times = {lib: [] for lib in runs}
   order = list(runs)
+  scrub = np.ones(SCRUB_BYTES // 8)
   for rep in range(cfg["reps"]):
     for lib in order[rep % len(order) :] + order[: rep % len(order)]:  # rotate who goes first
+      # Every step starts from the same state: caches cold (as after a training step's
+      # forward and backward passes) and the previous step's worker threads idle. Without
+      # this, a step's time depended on which library ran before it (up to 15% on AMD EPYC).
+      scrub += 1.0
       t = time.perf_counter()
       runs[lib].step()
       times[lib].append(time.perf_counter() - t)
@@ -523,6 +528,7 @@ MALLOC = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "429
 BARE = "optcompose-bare"  # the bare optimizer (cfg["bare"], AdamW by default), paired
 ALL_LIBS = JAX_LIBS + ("torch-fused", "torch-foreach")
 M = 1 << 20
+SCRUB_BYTES = 128 * M  # written before every timed step: several times any CPU's last cache
 
 
 def suite(quick: bool, full: bool) -> list:

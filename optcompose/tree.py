@@ -193,25 +193,29 @@ def promote(*values) -> tuple:
   )
 
 
-def squared_norm(tree: Any) -> jax.Array:
+def squared_norm(tree: Any, *, only_square: bool = False) -> jax.Array:
   """Sum of squared absolute values over all leaves, squared and accumulated in float32 or
-  wider (a float16 300 squared is inf in float16)."""
+  wider (a float16 300 squared is inf in float16).
+
+  ``only_square=True`` says that the step squares no other use of these same arrays (a
+  clip: what follows squares the clipped copy). The square is then written ``x * x``, whose
+  sum XLA CPU's library reduction recognises and reads at about 1.4x the speed of
+  ``|x| * |x|`` (the default, see :func:`_square_for_a_sum`). Both are the same values."""
   leaves = jax.tree.leaves(tree)
   if not leaves:
     return jnp.zeros([], jnp.float32)
+  square = abs_sq if only_square else _square_for_a_sum
   total = [
-    jnp.sum(
-      _square_for_a_sum(jnp.asarray(x).astype(promote_types(jnp.result_type(x), jnp.float32)))
-    )
+    jnp.sum(square(jnp.asarray(x).astype(promote_types(jnp.result_type(x), jnp.float32))))
     for x in leaves
   ]
   # Summed left to right, each addition in the wider of its two operands.
   return functools.reduce(lambda a, b: jnp.add(*promote(a, b)), total)
 
 
-def global_norm(tree: Any) -> jax.Array:
-  """The L2 norm of all leaves taken together."""
-  return jnp.sqrt(squared_norm(tree))
+def global_norm(tree: Any, *, only_square: bool = False) -> jax.Array:
+  """The L2 norm of all leaves taken together (``only_square``: see :func:`squared_norm`)."""
+  return jnp.sqrt(squared_norm(tree, only_square=only_square))
 
 
 def _square_for_a_sum(x: jax.Array) -> jax.Array:

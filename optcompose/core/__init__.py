@@ -63,4 +63,5 @@ from optcompose.core.hyperparams import (
   value_at,
   with_schedules,
 )
+from optcompose.core.ordering import ordered_after
 from optcompose.core.registry import REGISTRY, public

@@ -145,7 +145,7 @@ def clip_by_global_norm(max_norm: ScalarOrSchedule) -> GradientTransformation:
 
   def update(updates, state, params=None, **extra):
     del params, extra
-    norm = otree.global_norm(jax.tree.map(_wide, updates))  # squares in float32 or wider
+    norm = otree.global_norm(jax.tree.map(_wide, updates), only_square=True)  # in float32+
     clipped = jax.tree.map(lambda u: rescale_leaf(u, norm, max_norm), updates)
     return clipped, ClipByGlobalNormState(norm.astype(jnp.float32))
 
