@@ -6,6 +6,8 @@ AdamW on one leaf of 8M float32 parameters, donated, each variant jitted, altern
 step in this process (20 steps, the first 4 not counted), against AdamW alone: the three
 global norms with_diagnostics takes (gradients, updates, parameters), two of them, the
 updates' alone, and all three inside a ``lax.cond`` taken every 10th step.
+(``with_diagnostics`` itself since measures before the step and orders the step after the
+measurements: ``optcompose.core.ordering``.)
 """
 
 import time

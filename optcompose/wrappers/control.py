@@ -37,6 +37,7 @@ from optcompose.core import (
   as_transformation,
   cond,
   expect_state,
+  ordered_after,
   public,
   safe_increment,
   zero_count,
@@ -54,19 +55,37 @@ class MultiStepsState(NamedTuple):
   skip_state: Any = ()
 
 
-def update_if(pred, inner, updates, state, params, extra, pass_through: Optional[str] = None):
+def update_if(
+  pred,
+  inner,
+  updates,
+  state,
+  params,
+  extra,
+  pass_through: Optional[str] = None,
+  *,
+  prepare: Optional[Callable] = None,
+  token: bool = False,
+):
   """``inner.update`` when ``pred`` holds; else zero updates (or, given ``pass_through``,
   the wrapper's name: the incoming updates) and the state untouched. Only the branch taken
-  runs (``lax.cond`` under jit); either branch gives the types of the inner step's updates."""
+  runs (``lax.cond`` under jit); either branch gives the types of the inner step's updates.
+
+  ``prepare`` (a function of the updates) makes, inside the taken branch, what ``inner``
+  receives. ``token=True`` also returns a float32 scalar computed by the conditional (1 when
+  ``pred`` holds, else 0), for :func:`optcompose.core.ordered_after`: what reads after it
+  may then overwrite, in place, the buffers the conditional read."""
 
   def run(operands):
     updates, state, params = operands
-    return inner.update(updates, state, params, **extra)
+    given = updates if prepare is None else prepare(updates)
+    return (*inner.update(given, state, params, **extra), jnp.float32(1))
 
   def hold(operands):
     shapes = jax.eval_shape(run, operands)[0]  # the updates the inner step would give
     if pass_through is None:
-      return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes), operands[1]
+      zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
+      return zeros, operands[1], jnp.float32(0)
     try:
       otree.check_same_structure(operands[0], shapes, "updates", "the inner updates")
     except ValueError as e:
@@ -76,9 +95,10 @@ def update_if(pred, inner, updates, state, params, extra, pass_through: Optional
         f"{e}"
       ) from None
     passed = jax.tree.map(lambda x, s: jnp.asarray(x).astype(s.dtype), operands[0], shapes)
-    return passed, operands[1]
+    return passed, operands[1], jnp.float32(0)
 
-  return cond(pred, run, hold, (updates, state, params))
+  out = cond(pred, run, hold, (updates, state, params))
+  return out if token else out[:2]
 
 
 def check_whole(who: str, name: str, value: Any) -> None:
@@ -292,21 +312,31 @@ def multi_steps(
     # Each operation in the wider of its operands' dtypes (the accumulator's and the
     # gradients'; the int32 j + 1 cast to it).
     if use_grad_mean:
-      mean_step = lambda g, a: jnp.add(
+      accumulate = lambda g, a: jnp.add(
         *otree.promote(a, jnp.divide(*otree.promote(jnp.subtract(*otree.promote(g, a)), n + 1)))
       )
-      acc = jax.tree.map(mean_step, updates, state.acc_grads)
     else:
-      acc = jax.tree.map(lambda g, a: jnp.add(*otree.promote(g, a)), updates, state.acc_grads)
+      accumulate = lambda g, a: jnp.add(*otree.promote(g, a))
     k = jnp.asarray(k_of(state.gradient_step), jnp.int32)
     # At or past the k-th micro-step: a state saved with a larger k (a resumed run, or k
     # lowered live) steps at its next call instead of never.
     emit = n >= k - 1
     if skip is not None:
       emit = jnp.logical_and(emit, jnp.logical_not(skip))
-    new_updates, inner_state = update_if(
-      emit, inner, otree.cast_like(acc, updates), state.inner_opt_state, params, extra
+    # The real step accumulates inside its branch; the accumulator is then written in
+    # place, after the conditional (ordered_after): as a conditional's operand or output
+    # XLA CPU copied it at every call (multi_steps(adamw, 4): 2.9x AdamW per call, 2.0x so).
+    new_updates, inner_state, done = update_if(
+      emit,
+      inner,
+      updates,
+      state.inner_opt_state,
+      params,
+      extra,
+      prepare=lambda g: otree.cast_like(jax.tree.map(accumulate, g, state.acc_grads), g),
+      token=True,
     )
+    acc = jax.tree.map(accumulate, *ordered_after((updates, state.acc_grads), done))
     mini_step = jnp.where(emit, 0, safe_increment(n))
     acc = jax.tree.map(
       lambda a, old: jnp.where(emit, jnp.zeros_like(a), a).astype(old.dtype), acc, state.acc_grads
