@@ -14,6 +14,7 @@ import pytest
 import optcompose as oc
 import optcompose.wrappers.measures as measures
 from optcompose.core import ordered_after
+from numerics import x64
 from test_clipping import gradient_sized_temporaries
 
 SIZE = 1 << 16
@@ -81,12 +82,27 @@ def bits(x):
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
 @pytest.mark.parametrize("token", [np.nan, np.inf, -np.inf, 0.0, -0.0, 3.5, -1e30])
 def test_ordered_after_changes_no_bit(dtype, token):
-  values = jnp.asarray([np.nan, np.inf, -np.inf, -0.0, 0.0, 1e-3, -7.25, 6e4], dtype)
+  # 1e-40 and -1e-45: float32 and bfloat16 subnormals, which XLA CPU's arithmetic flushes.
+  values = jnp.asarray([np.nan, np.inf, -np.inf, -0.0, 0.0, 1e-3, -7.25, 6e4, 1e-40, -1e-45], dtype)
   other = {"i": jnp.arange(3), "c": jnp.asarray([complex(np.inf, 1.0)], jnp.complex64)}
   out = jax.jit(ordered_after)({"x": values, **other}, jnp.float32(token))
   np.testing.assert_array_equal(bits(out["x"]), bits(values))
   np.testing.assert_array_equal(np.asarray(out["i"]), np.arange(3))
   assert np.asarray(out["c"])[0] == complex(np.inf, 1.0)
+
+
+def test_ordered_after_passes_derivatives_through():
+  """The derivative of the identity, whatever the token: through the integer bits JAX would
+  give none, and through a norm at zero, NaN. with_diagnostics stays differentiable."""
+  x = jnp.zeros(4)
+  f = lambda x: jnp.sum(ordered_after(x, jnp.sqrt(jnp.sum(x * x))) * 2.0)  # noqa: E731
+  np.testing.assert_array_equal(np.asarray(jax.jit(jax.grad(f))(x)), 2.0)
+  params = {"w": jnp.ones(SIZE, jnp.float32)}
+  tx = oc.with_diagnostics(oc.sgd(0.1))
+  state = tx.init(params)
+  total = lambda g: jnp.sum(tx.update(g, state, params)[0]["w"])  # noqa: E731
+  grad = jax.jit(jax.grad(total))({"w": jnp.zeros(SIZE, jnp.float32)})["w"]
+  np.testing.assert_allclose(np.asarray(grad), -0.1, rtol=1e-6)
 
 
 def test_zero_fraction_counts_exactly_by_rows_beyond_float32_integers(monkeypatch):
@@ -105,8 +121,18 @@ def test_zero_fraction_counts_exactly_by_rows_beyond_float32_integers(monkeypatc
   tree = jax.tree.map(jnp.asarray, leaves)
   for f in (measures.zero_fraction, jax.jit(measures.zero_fraction)):
     assert float(f(tree)) == pytest.approx(expected, rel=1e-6)
-  nan = {**tree, "rows": tree["rows"].at[5].set(jnp.nan)}
-  assert np.isnan(float(measures.zero_fraction(nan)))
+  for name in ("rows", "odd", "small"):  # each way of counting
+    nan = {**tree, name: tree[name].at[5].set(jnp.nan)}
+    assert np.isnan(float(measures.zero_fraction(nan))), name
+
+
+def test_zero_fraction_counts_in_the_leaf_s_own_dtype():
+  """A float64 1e-300 is not zero (it would be in float32); nor a complex one."""
+  with x64():
+    x = jnp.asarray([1e-300, 1e-50, 1.0, 0.0], jnp.float64)
+    assert float(measures.zero_fraction([x])) == 0.25
+    z = jnp.asarray([1e-300 + 0j, 1.0 + 0j], jnp.complex128)
+    assert float(measures.zero_fraction([z])) == 0.0
 
 
 def test_a_nonfinite_count_from_the_norm_falls_back_to_counting():

@@ -29,24 +29,36 @@ import jax.numpy as jnp
 
 def ordered_after(tree: Any, token: jax.Array, min_size: int = 0) -> Any:
   """``tree``, unchanged bit for bit, but computed from ``token``: whatever reads the
-  result runs after whatever computed ``token`` (a scalar).
+  result runs after whatever computed ``token`` (a scalar; no gradient flows to it).
 
-  A zero that depends on ``token`` is subtracted from each floating-point leaf:
-  ``where(isnan(t), 0, min(0, |t|))`` is +0 for every ``t`` (infinities included), and
-  ``x - (+0)`` is ``x`` for every real ``x`` (NaN, infinities and -0 included); contracted
-  into a fused multiply-add it is ``round(a * b - 0) = round(a * b)``. It fuses into the
-  loops that read ``x``: no pass over memory is added. Complex, integer and boolean leaves,
-  and leaves of fewer than ``min_size`` elements, are returned as they are, and so are not
-  ordered.
+  Each floating-point leaf's bits are OR-ed with a zero that depends on ``token``
+  (``where(isnan(t), 0, min(0, |t|))``, converted to an integer: 0 for every ``t``): every
+  value comes back as it was, subnormals and NaN payloads included (a floating-point
+  ``x - 0`` would not do: XLA CPU flushes subnormals to zero). It fuses into the loops that
+  read ``x``: no pass over memory is added. Complex, integer and boolean leaves, and leaves
+  of fewer than ``min_size`` elements, are returned as they are, and so are not ordered.
   """
-  t = jnp.asarray(token).astype(jnp.float32)
-  zero = jnp.where(jnp.isnan(t), 0.0, jnp.minimum(0.0, jnp.abs(t)))
+  t = jax.lax.stop_gradient(jnp.asarray(token)).astype(jnp.float32)
 
   def order(x):
     if not isinstance(x, jax.Array) or not jnp.issubdtype(x.dtype, jnp.floating):
       return x
     if x.size < min_size:
       return x
-    return x - zero.astype(x.dtype)
+    return _ordered_leaf(x, t)
 
   return jax.tree.map(order, tree)
+
+
+@jax.custom_jvp
+def _ordered_leaf(x: jax.Array, t: jax.Array) -> jax.Array:
+  zero = jnp.where(jnp.isnan(t), 0.0, jnp.minimum(0.0, jnp.abs(t))).astype(jnp.int8)
+  bits = jnp.dtype(f"uint{8 * x.dtype.itemsize}")
+  word = jax.lax.bitcast_convert_type(x, bits) | zero.astype(bits)
+  return jax.lax.bitcast_convert_type(word, x.dtype)
+
+
+@_ordered_leaf.defjvp
+def _ordered_leaf_jvp(primals, tangents):
+  """The identity's derivative (through the integer bits JAX would give none)."""
+  return _ordered_leaf(*primals), tangents[0]

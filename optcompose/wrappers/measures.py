@@ -48,13 +48,15 @@ def _zero_count(x: jax.Array) -> jax.Array:
   counted by rows of at most 2^24 elements (each row's count exact, their float32 sum
   rounded only beyond 2^24 zeros)."""
   x = jnp.abs(x) if jnp.iscomplexobj(x) else x
-  ones = jnp.abs(jnp.sign(x.astype(jnp.float32)))
+  # The sign in x's own dtype: a float64 1e-300 would be 0 in float32.
+  ones = (x if x.dtype == jnp.bool_ else jnp.abs(jnp.sign(x))).astype(jnp.float32)
   n = ones.size
   if n <= _EXACT:
     return n - jnp.sum(ones)
   row = math.gcd(n, _EXACT)  # a power of two
-  if row < 1024:  # rows this short would be slow: count as integers
-    return jnp.sum(x.reshape(-1) == 0, dtype=jnp.int32).astype(jnp.float32)
+  if row < 1024:  # rows this short would be slow: count as integers (NaN: as the others)
+    nan = jnp.where(jnp.any(jnp.isnan(ones)), jnp.nan, 0.0)
+    return jnp.sum(x.reshape(-1) == 0, dtype=jnp.int32).astype(jnp.float32) + nan
   return jnp.sum(row - jnp.sum(ones.reshape(-1, row), axis=1))
 
 
