@@ -51,6 +51,7 @@ NEW_OPTIMIZERS = ("lion", "lamb", "adafactor", "lbfgs")
 WRAPPERS = (
   "apply_if_finite_adamw",
   "apply_if_finite_checked_adamw",
+  "step_if_finite_adamw",
   "diagnostics_adamw",
   "diagnostics_every10_adamw",
   "masked_adamw",
@@ -62,7 +63,8 @@ WRAPPERS = (
 # Each wrapper's ideal bytes per float32 parameter beyond the count every row gets (the
 # gradients read, the parameters and the whole state read and written: AdamW's 28, or 36
 # with an accumulator or an average in the state): apply_if_finite reads the gradients once
-# more; check_updates=True everything AdamW reads (g, mu, nu, p); with_diagnostics the
+# more (so does step_if_finite, the whole step inside its conditional); check_updates=True
+# everything AdamW reads (g, mu, nu, p); with_diagnostics the
 # gradients, updates and parameters (three norms); masked, partition, inject_hyperparams and
 # ema_params (its average is in the state) nothing; multi_steps(k=4), per call on average,
 # three micro-steps (read g, read and write the accumulator: 12) and a real step (AdamW on
@@ -71,6 +73,7 @@ WRAPPERS = (
 EXTRA_BYTES = {
   "apply_if_finite_adamw": 4,
   "apply_if_finite_checked_adamw": 16,
+  "step_if_finite_adamw": 4,
   "diagnostics_adamw": 12,
   "diagnostics_every10_adamw": 1.2,
   "masked_adamw": 0,
@@ -194,6 +197,10 @@ def jax_optimizer(lib: str, name: str):
     if m is not optcompose:
       raise NotImplementedError("Optax has no EMA of the parameters (optax.ema averages updates)")
     return m.chain(m.adamw(LR, weight_decay=WD), m.ema_params(0.999))
+  if name == "step_if_finite_adamw":
+    if m is not optcompose:
+      raise NotImplementedError("Optax has no step-level skip (optax.apply_if_finite wraps)")
+    return m.adamw(LR, weight_decay=WD)  # the step calls step_if_finite with it
   if name in ("diagnostics_adamw", "diagnostics_every10_adamw"):
     if m is not optcompose:
       raise NotImplementedError("Optax has no with_diagnostics")
@@ -248,6 +255,10 @@ class JaxRun:
         value, g = jax.value_and_grad(loss)(params)
         updates, state = tx.update(g, state, params, value=value, grad=g, value_fn=loss)
         return optcompose.apply_updates(params, updates), state
+    elif opt == "step_if_finite_adamw":
+
+      def step(params, state, grads):
+        return optcompose.step_if_finite(tx, grads, state, params)[:2]
     else:
 
       def step(params, state, grads):

@@ -141,6 +141,7 @@ def test_adafactor_reports_its_factored_state_as_optax_does():
   [
     ("apply_if_finite_adamw", 4),
     ("apply_if_finite_checked_adamw", 16),
+    ("step_if_finite_adamw", 4),
     ("diagnostics_adamw", 12),
     ("diagnostics_every10_adamw", 1.2),
     ("masked_adamw", 0),
@@ -175,7 +176,7 @@ def test_wrapper_rows_count_the_bytes_their_work_needs(opt, extra):
   own = {"multi_steps4_adamw": 4, "ema_params_adamw": 4}.get(opt, 0)
   assert rows["optcompose"]["state_bytes_per_param"] == 8 + own
   assert rows[bench.BARE]["paired_vs_bare"] == 1.0
-  skipped = ("apply_if_finite_checked_adamw", "ema_params_adamw")
+  skipped = ("apply_if_finite_checked_adamw", "step_if_finite_adamw", "ema_params_adamw")
   assert ("optax" in rows) == (opt not in skipped and not opt.startswith("diagnostics"))
   ours, bare = rows["optcompose"], rows[bench.BARE]
   if opt in bench.AMORTIZED:  # a call's mean cost: the ratio of the total times

@@ -9,6 +9,7 @@ import re
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import optcompose as oc
@@ -171,3 +172,63 @@ def test_ordered_leaves_step_as_the_inner_does(make):
     u_b, s_b = up_b(g, s_b, params)
     assert_ulps_close((u_w, s_w.inner_state), (u_b, s_b), 2)
     params = jax.tree.map(lambda p, u: p + u, params, u_b)
+
+
+def test_step_if_finite_steps_or_leaves_everything_untouched():
+  """Finite gradients: the step ``tx.update`` then ``apply_updates`` take (bitwise, eagerly;
+  to 2 ulps jitted: two programs). A NaN or an Inf anywhere: parameters and state as they
+  were, bit for bit, and ``finite`` False; with Optax's transformation too."""
+  from numerics import assert_ulps_close
+
+  rng = np.random.default_rng(1)
+  params = {"w": jnp.asarray(rng.normal(size=(8, 4)), jnp.float32), "b": jnp.zeros(4)}
+  grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), params)
+  for tx in (oc.adamw(1e-2, weight_decay=1e-2), optax.sgd(0.1, momentum=0.9)):
+    state = tx.init(params)
+    updates, want_state = tx.update(grads, state, params)
+    want = oc.apply_updates(params, updates)
+    got, got_state, ok = oc.step_if_finite(tx, grads, state, params)
+    assert bool(ok)
+    for a, b in zip(jax.tree.leaves((got, got_state)), jax.tree.leaves((want, want_state))):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    got, got_state, ok = jax.jit(oc.step_if_finite, static_argnums=0)(tx, grads, state, params)
+    assert bool(ok)
+    assert_ulps_close((got, got_state), (want, want_state), 2)
+    for bad in (jnp.nan, jnp.inf, -jnp.inf):
+      g = {**grads, "b": grads["b"].at[2].set(bad)}
+      for step in (oc.step_if_finite, jax.jit(oc.step_if_finite, static_argnums=0)):
+        got, got_state, ok = step(tx, g, state, params)
+        assert not bool(ok)
+        for a, b in zip(jax.tree.leaves((got, got_state)), jax.tree.leaves((params, state))):
+          np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_step_if_finite_writes_the_step_in_place():
+  """The parameters' update inside the conditional: the donated step has AdamW's three
+  loops, no parameter-sized temporary and no copy (apply_if_finite, which must return
+  its updates, writes them out: one temporary)."""
+  params = {"w": jnp.ones(SIZE, jnp.float32)}
+  tx = oc.adamw(1e-3, weight_decay=1e-4)
+
+  def step(params, state, grads):
+    return oc.step_if_finite(tx, grads, state, params)[:2]
+
+  hlo = jax.jit(step, donate_argnums=(0, 1)).lower(params, tx.init(params), params)
+  hlo = hlo.compile().as_text()
+  entry = hlo[hlo.index("ENTRY") :]
+  written = re.findall(rf"%\S+ = f32\[{SIZE}\]\S* (?!parameter\()[\w-]+\(", entry)
+  assert written == [], written  # all the step's writes are inside the conditional, in place
+  assert big_copies(hlo) == []
+  wrapped = oc.apply_if_finite(tx, 3)
+
+  def wrapped_step(params, state, grads):
+    updates, state = wrapped.update(grads, state, params)
+    return oc.apply_updates(params, updates), state
+
+  old = jax.jit(wrapped_step, donate_argnums=(0, 1)).lower(params, wrapped.init(params), params)
+  assert len(gradient_sized_temporaries(old.compile().as_text(), SIZE)) == 1
+
+
+def test_step_if_finite_names_a_bad_transformation():
+  with pytest.raises(TypeError, match="step_if_finite"):
+    oc.step_if_finite(object(), {}, (), {})
