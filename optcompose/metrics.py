@@ -43,7 +43,8 @@ from optcompose import tree as otree
 from optcompose.core import current_hyperparams
 from optcompose.recipe.early_stopping import EarlyStoppingState
 from optcompose.wrappers.finite import ApplyIfFiniteState
-from optcompose.wrappers.diagnostics import DiagnosticsState, _python_scalar, leading_clip_norm
+from optcompose.wrappers.diagnostics import DiagnosticsState, _python_scalar
+from optcompose.wrappers.measures import leading_clip_norm
 
 # The keys metrics() may return, in this order.
 KEYS = (
