@@ -395,7 +395,7 @@ def run_zero1(cfg: dict) -> dict:
   from optcompose.sharding import zero1_flat_shardings, zero1_state_shardings
 
   shapes = tree_shapes(cfg["tree"], cfg["size"])
-  devices = jax.devices()
+  devices = jax.devices("cpu")  # the simulated ones, also where an accelerator is the default
   mesh = Mesh(np.array(devices), ("data",))
   replicated = NamedSharding(mesh, PartitionSpec())
   rng = np.random.default_rng(0)
@@ -470,6 +470,27 @@ def memory_table(res: dict) -> list:
   return lines
 
 
+class Scrub:
+  """Writes SCRUB_BYTES before a timed step where the step's data lives: in host memory (the
+  CPU's last-level cache) or in an accelerator's (a GPU's L2: 50-60 MB on an H100/H200)."""
+
+  def __init__(self):
+    import jax
+
+    self.host = self.device = None
+    if jax.default_backend() == "cpu":
+      self.host = np.ones(SCRUB_BYTES // 8)
+    else:
+      self.add = jax.jit(lambda x: x + 1.0, donate_argnums=0)
+      self.device = jax.numpy.ones(SCRUB_BYTES // 4, "float32")
+
+  def __call__(self):
+    if self.host is not None:
+      self.host += 1.0
+    else:
+      self.device = self.add(self.device).block_until_ready()
+
+
 def run_config(cfg: dict) -> dict:
   if cfg.get("kind") == "zero1":
     return run_zero1(cfg)
@@ -488,13 +509,13 @@ def run_config(cfg: dict) -> dict:
       skipped[lib] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
   times = {lib: [] for lib in runs}
   order = list(runs)
-  scrub = np.ones(SCRUB_BYTES // 8)
+  scrub = Scrub()
   for rep in range(cfg["reps"]):
     for lib in order[rep % len(order) :] + order[: rep % len(order)]:  # rotate who goes first
       # Every step starts from the same state: caches cold (as after a training step's
       # forward and backward passes) and the previous step's worker threads idle. Without
       # this, a step's time depended on which library ran before it (up to 15% on AMD EPYC).
-      scrub += 1.0
+      scrub()
       t = time.perf_counter()
       runs[lib].step()
       times[lib].append(time.perf_counter() - t)
@@ -807,7 +828,10 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true", help="1M parameters, three rows")
   parser.add_argument("--full", action="store_true", help="add per-leaf clip+AdamW on 4096 leaves")
-  parser.add_argument("--only", help="comma-separated optimizers: run only their rows")
+  parser.add_argument(
+    "--only", help="comma-separated optimizers: run only their rows, in this order"
+  )
+  parser.add_argument("--trees", help="comma-separated trees (flat, transformer, ...): only these")
   parser.add_argument("--out", default=str(Path(__file__).with_name("RESULTS.md")))
   parser.add_argument(
     "--default-malloc",
@@ -817,12 +841,18 @@ def main(argv=None):
   parser.add_argument("--config", help=argparse.SUPPRESS)  # internal: run one, print JSON
   args = parser.parse_args(argv)
   if args.config:
-    print("RESULT " + json.dumps(run_config(json.loads(args.config))), flush=True)
+    # The machine is described by a configuration's own process: the parent never imports
+    # JAX, which on a GPU would hold most of its memory while the configurations run.
+    res = {**run_config(json.loads(args.config)), "environment": environment()}
+    print("RESULT " + json.dumps(res), flush=True)
     return 0
-  results, t0 = [], time.perf_counter()
+  results, t0, failed = [], time.perf_counter(), 0
   configs = suite(args.quick, args.full)
   if args.only:
-    configs = [c for c in configs if c["opt"] in args.only.split(",")]
+    only = args.only.split(",")
+    configs = sorted((c for c in configs if c["opt"] in only), key=lambda c: only.index(c["opt"]))
+  if args.trees:
+    configs = [c for c in configs if c["tree"] in args.trees.split(",")]
   env = dict(os.environ) if args.default_malloc else {**os.environ, **MALLOC}
   for cfg in configs:
     run_env = (
@@ -842,12 +872,20 @@ def main(argv=None):
       env=run_env,
     )
     line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
-    if line is None:
+    if line is None:  # reported, and the run goes on: a long run keeps the other rows
       print(f"configuration {cfg} failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
-      return 1
+      failed += 1
+      continue
     res = json.loads(line[len("RESULT ") :])
     results.append(res)
     print("\n".join(memory_table(res) if "memory_rows" in res else table([res])[2:]), flush=True)
+    # Written after every configuration: a run stopped early keeps what it measured.
+    write(args, results, time.perf_counter() - t0, len(configs))
+  print(f"wrote {args.out}" + (f"; {failed} configurations failed" if failed else ""))
+  return 1 if failed else 0
+
+
+def write(args, results: list, seconds: float, total: int) -> None:
   bws = ", ".join(
     f"{r['params'] / 1e6:.0f}M: {r['bandwidth_gbs']:.1f}"
     for r in {r["params"]: r for r in results if "rows" in r}.values()
@@ -855,14 +893,18 @@ def main(argv=None):
   lines = [
     "# Benchmark results",
     "",
-    *environment(),
+    *next((r for r in results if "rows" in r), results[0])["environment"],
     f"- in-place streaming bandwidth (GB/s, x <- a x + b, donated float32, by size): {bws}",
     f"- jitted steps with parameters and state donated; libraries alternated step by step "
     f"in one process per configuration; "
     f"{' or '.join(map(str, sorted({r['cfg']['reps'] for r in results if 'reps' in r['cfg']})))} "
     f"timed steps each (the bounded rows get more); a {SCRUB_BYTES // M} MB buffer written "
-    "before every timed step (cold caches, idle threads); "
-    f"the whole run took {time.perf_counter() - t0:.0f} s",
+    "before every timed step (cold caches, idle threads; on an accelerator in its memory); "
+    + (
+      f"the whole run took {seconds:.0f} s"
+      if len(results) == total
+      else f"PARTIAL: {len(results)} of {total} configurations, in {seconds:.0f} s"
+    ),
     "- peak MB: XLA's accounting for JAX; parameters + gradients + state for PyTorch",
     "- malloc: "
     + (
@@ -885,8 +927,6 @@ def main(argv=None):
   if bounds(results):
     lines += ["## bounds (issue 16), on the paired ratios above", "", *bounds(results), ""]
   Path(args.out).write_text("\n".join(lines))
-  print(f"wrote {args.out}")
-  return 0
 
 
 if __name__ == "__main__":

@@ -46,6 +46,13 @@ LONGEST = (
 def pytest_collection_modifyitems(config, items):
   import pytest
 
+  if jax.default_backend() != "cpu":
+    skip = pytest.mark.skip(
+      reason=f"XLA CPU's program; this run's backend is {jax.default_backend()}"
+    )
+    for item in items:
+      if item.get_closest_marker("xla_cpu_program"):
+        item.add_marker(skip)
   for item in items:
     if item.nodeid.removeprefix("tests/").startswith(MIN_VERSIONS):
       item.add_marker(pytest.mark.min_versions)

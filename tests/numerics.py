@@ -64,6 +64,13 @@ def standard_promotion(reference):
   return run
 
 
+def on_cpu():
+  """Uncommitted arrays created (and jitted steps run) inside this go to the first CPU device:
+  a reference computed beside a run on the simulated CPU devices is then computed on the same
+  backend, also where an accelerator is the default device."""
+  return jax.default_device(jax.devices("cpu")[0])
+
+
 def eps(dtype) -> float:
   return float(jnp.finfo(dtype).eps)
 

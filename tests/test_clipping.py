@@ -74,6 +74,7 @@ def gradient_sized_temporaries(hlo: str, size: int) -> list:
   return [name for name in written if name not in returned]
 
 
+@pytest.mark.xla_cpu_program
 @pytest.mark.parametrize("clip", ["global_norm", "leaf_norm"])
 def test_clipped_gradient_is_consumed_inside_the_adamw_loops(clip):
   """The clip's factor is computed on the norm (a scalar) and applied inside the loops that

@@ -141,6 +141,7 @@ def test_apply_if_finite_tests_the_gradients_by_default():
   assert not bool(jnp.isfinite(u["w"][0])) and int(state.total_notfinite) == 0
 
 
+@pytest.mark.xla_cpu_program
 @pytest.mark.parametrize("check_updates", [False, True])
 def test_apply_if_finite_compiles_to_one_conditional_without_copies(check_updates):
   """The inner step runs inside one ``lax.cond`` on the finiteness test, whose untaken branch

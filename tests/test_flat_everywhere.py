@@ -21,7 +21,7 @@ from flax import nnx
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import optcompose as oc
-from numerics import F64_RTOL, assert_rel_close, assert_ulps_close, x64
+from numerics import F64_RTOL, assert_rel_close, assert_ulps_close, on_cpu, x64
 from problems import mlp
 
 
@@ -200,6 +200,7 @@ def test_flat_optimizer_mask_needs_the_same_labels():
     oc.flat_optimizer(oc.sgd(0.1), pad_to=0)
 
 
+@pytest.mark.xla_cpu_program
 def test_flat_optimizer_step_has_a_fixed_number_of_optimizer_fusions():
   """The optimizer's math runs as a fixed number of fused kernels whatever the leaf count; what
   grows is one kernel per leaf (the updates split into the caller's tree, fused with
@@ -249,50 +250,51 @@ def test_zero1_flat_splits_every_bucket_over_8_devices_and_matches_the_unsharded
   """Replicated padded FlatParams, AdamW's moment buckets split over "data": each device holds
   1/8 of the state, parameters stay replicated, and 5 steps equal the unsharded run (the
   unsharded flat run, and the per-leaf run on the model's tree) to a few epsilons."""
-  mesh = mesh8()
-  problem = mlp()  # buckets of 17 and 144 elements: the first is padded to 24
-  tx = oc.adamw(1e-2, weight_decay=1e-3, mask=matrices)
-  flat = oc.flat_params(problem.params, labels=matrices, pad_to=8)
-  replicated = NamedSharding(mesh, P())
-  placement = oc.sharding.zero1_flat_shardings(tx, flat, mesh, axis="data")
-  params = jax.device_put(flat, replicated)
-  state = jax.jit(tx.init, out_shardings=placement)(params)
+  with on_cpu():  # the unsharded runs on the simulated devices' backend
+    mesh = mesh8()
+    problem = mlp()  # buckets of 17 and 144 elements: the first is padded to 24
+    tx = oc.adamw(1e-2, weight_decay=1e-3, mask=matrices)
+    flat = oc.flat_params(problem.params, labels=matrices, pad_to=8)
+    replicated = NamedSharding(mesh, P())
+    placement = oc.sharding.zero1_flat_shardings(tx, flat, mesh, axis="data")
+    params = jax.device_put(flat, replicated)
+    state = jax.jit(tx.init, out_shardings=placement)(params)
 
-  def loss(p, t):  # another objective at each step
-    return problem.loss(p) + 0.1 * t * jnp.sum(jnp.sin(p["dense1"]["kernel"]))
+    def loss(p, t):  # another objective at each step
+      return problem.loss(p) + 0.1 * t * jnp.sum(jnp.sin(p["dense1"]["kernel"]))
 
-  def step(params, state, t):  # on FlatParams or on the tree
-    view = lambda p: p.unflatten() if oc.flat.is_flat(p) else p
-    grads = jax.grad(lambda p: loss(view(p), t))(params)
-    updates, state = tx.update(grads, state, params)
-    return oc.apply_updates(params, updates), state
+    def step(params, state, t):  # on FlatParams or on the tree
+      view = lambda p: p.unflatten() if oc.flat.is_flat(p) else p
+      grads = jax.grad(lambda p: loss(view(p), t))(params)
+      updates, state = tx.update(grads, state, params)
+      return oc.apply_updates(params, updates), state
 
-  sharded_step = jax.jit(
-    step, in_shardings=(replicated, placement, replicated), out_shardings=(replicated, placement)
-  )
-  # flat_optimizer's state on the tree is this state: the same shardings place it.
-  wrapped = oc.flat_optimizer(tx, labels=matrices, pad_to=8).init(problem.params)
-  assert jax.tree.structure(wrapped) == jax.tree.structure(state)
-  plain, plain_state, plain_step = flat, tx.init(flat), jax.jit(step)
-  tree, tree_state = problem.params, tx.init(problem.params)
-  for t in range(5):
-    t = jnp.float32(t)
-    params, state = sharded_step(params, state, t)
-    plain, plain_state = plain_step(plain, plain_state, t)
-    tree, tree_state = plain_step(tree, tree_state, t)
+    sharded_step = jax.jit(
+      step, in_shardings=(replicated, placement, replicated), out_shardings=(replicated, placement)
+    )
+    # flat_optimizer's state on the tree is this state: the same shardings place it.
+    wrapped = oc.flat_optimizer(tx, labels=matrices, pad_to=8).init(problem.params)
+    assert jax.tree.structure(wrapped) == jax.tree.structure(state)
+    plain, plain_state, plain_step = flat, tx.init(flat), jax.jit(step)
+    tree, tree_state = problem.params, tx.init(problem.params)
+    for t in range(5):
+      t = jnp.float32(t)
+      params, state = sharded_step(params, state, t)
+      plain, plain_state = plain_step(plain, plain_state, t)
+      tree, tree_state = plain_step(tree, tree_state, t)
 
-  buckets = [x for x in jax.tree.leaves(state) if x.ndim]
-  assert len(buckets) == 4  # mu and nu of two buckets
-  device = jax.devices("cpu")[0]
-  on_one = sum(s.data.nbytes for x in buckets for s in x.addressable_shards if s.device == device)
-  assert on_one * 8 == sum(x.nbytes for x in buckets)
-  for x in buckets:
-    assert x.sharding.is_equivalent_to(NamedSharding(mesh, P("data")), 1), x.sharding
-  for x in jax.tree.leaves(params):
-    assert x.sharding.is_equivalent_to(replicated, x.ndim)
-  assert_ulps_close(jax.tree.leaves((params, state)), jax.tree.leaves((plain, plain_state)), 8)
-  assert_ulps_close(params.unflatten(), tree, 8)
-  assert moved(tree, problem.params) > 1e-2
+    buckets = [x for x in jax.tree.leaves(state) if x.ndim]
+    assert len(buckets) == 4  # mu and nu of two buckets
+    device = jax.devices("cpu")[0]
+    on_one = sum(s.data.nbytes for x in buckets for s in x.addressable_shards if s.device == device)
+    assert on_one * 8 == sum(x.nbytes for x in buckets)
+    for x in buckets:
+      assert x.sharding.is_equivalent_to(NamedSharding(mesh, P("data")), 1), x.sharding
+    for x in jax.tree.leaves(params):
+      assert x.sharding.is_equivalent_to(replicated, x.ndim)
+    assert_ulps_close(jax.tree.leaves((params, state)), jax.tree.leaves((plain, plain_state)), 8)
+    assert_ulps_close(params.unflatten(), tree, 8)
+    assert moved(tree, problem.params) > 1e-2
   np.testing.assert_array_equal(params["False/float32"][17:], np.zeros(7, np.float32))
 
 

@@ -8,6 +8,7 @@ the donated moment buffers first (benchmarks/bf16_moments_variants.py: 2.4x to 3
 AdamW's float32 step on CPU before, 0.8x to 1.0x after).
 """
 
+import os
 import re
 
 import jax
@@ -20,6 +21,9 @@ import pytest
 import optcompose as oc
 
 BF16 = jnp.bfloat16
+# XLA keeps a value computed in float32 and rounded to bfloat16 in float32 within a fusion
+# unless told not to; XLA CPU does not, XLA GPU does (measured on an H200, jax 0.11.2).
+EXACT_BF16 = "--xla_allow_excess_precision=false"
 
 
 def to_bf16(x):
@@ -77,6 +81,11 @@ def gradients(steps, n, seed=0):
 @pytest.mark.parametrize("mu_dtype", [BF16, None], ids=["mu_nu_bf16", "nu_bf16"])
 @pytest.mark.parametrize("b1, b2", [(0.9, 0.999), (0.9, 0.99)])
 def test_bf16_moments_match_a_float64_formula_that_rounds_the_stored_moments(mu_dtype, b1, b2):
+  if jax.default_backend() != "cpu" and EXACT_BF16 not in os.environ.get("XLA_FLAGS", ""):
+    # XLA GPU computes a step's update from the moments before they are rounded to
+    # bfloat16 (it removes a float32 -> bfloat16 -> float32 round trip inside a fusion);
+    # the stored moments are rounded. On an H200 this test passes with the flag.
+    pytest.skip(f"the formula rounds the moments before the update: needs XLA_FLAGS={EXACT_BF16}")
   n, steps, eps = 4096, 24, 1e-8
   tx = oc.scale_by_adam(b1, b2, eps, mu_dtype=mu_dtype, nu_dtype=BF16)
   params = {"w": jnp.zeros(n)}
@@ -184,6 +193,7 @@ def entry_operations(tx, n=1 << 18) -> list:
   return sorted(ops)
 
 
+@pytest.mark.xla_cpu_program
 def test_bf16_mu_adamw_compiles_to_optax_s_program():
   """With Optax's dtypes (a bfloat16 ``mu``), AdamW compiles to the program Optax's AdamW
   compiles to (the same loops and the same bfloat16 copy of ``mu``), so its time is Optax's:

@@ -276,6 +276,20 @@ def test_the_donation_check_catches_a_state_sharing_a_buffer():
   oct.check_state_can_be_donated(oc.lbfgs(), {"w": jnp.ones(3)})  # Optax 0.2.8's shares two
 
 
+def test_the_donation_check_tells_empty_arrays_apart_by_object():
+  """An empty leaf has no memory to point at (on GPU every empty array reports one address):
+  two empty arrays pass, one empty array object twice does not (JAX refuses to donate it
+  twice, empty or not)."""
+  empty = jnp.zeros((0, 3))
+  twice = oc.GradientTransformation(lambda p: (empty, empty), lambda u, s, p=None, **k: (u, s))
+  with pytest.raises(AssertionError, match=r"one buffer"):
+    oct.check_state_can_be_donated(twice, {"w": empty})
+  two = oc.GradientTransformation(
+    lambda p: (jnp.zeros((0, 3)), jnp.zeros((0, 3))), lambda u, s, p=None, **k: (u, s)
+  )
+  oct.check_state_can_be_donated(two, {"w": empty})
+
+
 def test_lbfgs_steps_with_its_state_donated():
   params = {"w": jnp.linspace(-1.0, 1.0, 5)}
   tx = oc.lbfgs()

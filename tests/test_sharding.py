@@ -18,7 +18,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import optcompose as oc
 from compat import set_mesh
-from numerics import assert_ulps_close
+from numerics import assert_ulps_close, on_cpu
 from registry import CASES, covering
 
 STEPS = 3
@@ -60,7 +60,8 @@ def make_params(specs, mesh):
   shardings = [NamedSharding(mesh, spec) for _, spec in leaves]
   # Uncommitted (as a model's init returns them): a committed tree next to the uncommitted
   # state of an eager init is another input signature, so the second step would recompile.
-  plain = treedef.unflatten([jnp.asarray(x) for x in host])
+  with on_cpu():  # the reference runs on the backend of the simulated devices
+    plain = treedef.unflatten([jnp.asarray(x) for x in host])
   sharded = treedef.unflatten([jax.device_put(x, s) for x, s in zip(host, shardings)])
   return plain, sharded, treedef.unflatten(shardings)
 
@@ -141,7 +142,8 @@ def check_case(tx, specs, mesh, with_value=False, auto=True, placed=True, kept=T
   if placed:
     assert_placed(out_state, params_shardings, replicated)
 
-  ref_params, ref_state, _ = train(tx, plain, tx.init(plain), with_value)
+  with on_cpu():
+    ref_params, ref_state, _ = train(tx, plain, tx.init(plain), with_value)
   # Elementwise math is the same on every shard, but the sharded program is another program
   # (and reductions -- norms -- add their shards in another order): a few epsilons of each
   # leaf's own dtype, at the leaf's magnitude, after 3 steps.

@@ -41,6 +41,7 @@ def loops(hlo: str) -> int:
   return len(re.findall(rf"= f32\[{SIZE}\]\S* fusion\(", hlo))
 
 
+@pytest.mark.xla_cpu_program
 @pytest.mark.parametrize("every_k", [1, 10])
 def test_the_step_updates_the_donated_buffers_in_place(every_k):
   """The measurements (a lax.cond that reads the parameters and AdamW's moments) run before
@@ -54,6 +55,7 @@ def test_the_step_updates_the_donated_buffers_in_place(every_k):
   assert " conditional(" in wrapped  # every_k=1 too: not inlined into the step
 
 
+@pytest.mark.xla_cpu_program
 def test_multi_steps_writes_its_accumulator_in_place():
   """The real step accumulates inside its conditional; the accumulator is written after it,
   in place. The step's only parameter-sized temporary is then the conditional's updates
@@ -203,6 +205,7 @@ def test_step_if_finite_steps_or_leaves_everything_untouched():
           np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.xla_cpu_program
 def test_step_if_finite_writes_the_step_in_place():
   """The parameters' update inside the conditional: the donated step has AdamW's three
   loops, no parameter-sized temporary and no copy (apply_if_finite, which must return

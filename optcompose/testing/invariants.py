@@ -190,10 +190,13 @@ def check_state_can_be_donated(tx, params) -> None:
     if pointer is None or isinstance(x, jax.core.Tracer) or not x.is_fully_addressable:
       continue
     here = otree.path_str(path)
-    assert pointer() not in seen, (
-      f"state{here} and state{seen.get(pointer())} are one buffer: the state cannot be donated"
+    # An empty array has no memory: on GPU every one reports the same address, but two of
+    # them are two buffers. One array object twice is still one buffer, donated twice.
+    key = pointer() if x.size else ("empty", id(x))
+    assert key not in seen, (
+      f"state{here} and state{seen.get(key)} are one buffer: the state cannot be donated"
     )
-    seen[pointer()] = here
+    seen[key] = here
 
 
 def _counting_jit(tx, extra):
