@@ -58,6 +58,7 @@ WRAPPERS = (
   "partition_adamw",
   "inject_adamw",
   "multi_steps4_adamw",
+  "multi_steps4_step_adamw",
   "ema_params_adamw",
 )
 # Each wrapper's ideal bytes per float32 parameter beyond the count every row gets (the
@@ -66,7 +67,8 @@ WRAPPERS = (
 # more (so does step_if_finite, the whole step inside its conditional); check_updates=True
 # everything AdamW reads (g, mu, nu, p); with_diagnostics the
 # gradients, updates and parameters (three norms); masked, partition, inject_hyperparams and
-# ema_params (its average is in the state) nothing; multi_steps(k=4), per call on average,
+# ema_params (its average is in the state) nothing; multi_steps(k=4) (as a transformation or
+# through MultiSteps.step, which writes no zero update on a micro-step), per call on average,
 # three micro-steps (read g, read and write the accumulator: 12) and a real step (AdamW on
 # the accumulator, which is read and reset: 28 + 4): (3 * 12 + 32) / 4 = 17, i.e. 36 - 19;
 # with_diagnostics(every_k=10) a tenth of the three norms' 12.
@@ -80,12 +82,13 @@ EXTRA_BYTES = {
   "partition_adamw": 0,
   "inject_adamw": 0,
   "multi_steps4_adamw": -19,
+  "multi_steps4_step_adamw": -19,
   "ema_params_adamw": 0,
 }
 # Rows whose calls differ in cost by design (a real step every 4th call, a measurement every
 # 10th): their ratios are of total times (the mean cost of a call), not medians of paired
 # ratios, which would report the cheap calls only.
-AMORTIZED = ("multi_steps4_adamw", "diagnostics_every10_adamw")
+AMORTIZED = ("multi_steps4_adamw", "multi_steps4_step_adamw", "diagnostics_every10_adamw")
 # The bound each "clipping and wrappers" row is held to, as a paired ratio to bare AdamW.
 CLIP_BOUND, CLIP_VS_OPTAX, WRAPPER_SLACK, DIAGNOSTICS_BOUND = 1.2, 1.8, 1.15, 1.2
 LR, WD, CLIP = 1e-3, 1e-4, 1.0
@@ -193,6 +196,10 @@ def jax_optimizer(lib: str, name: str):
     if m is optcompose:
       return m.multi_steps(m.adamw(LR, weight_decay=WD), 4)
     return m.MultiSteps(m.adamw(LR, weight_decay=WD), 4).gradient_transformation()
+  if name == "multi_steps4_step_adamw":
+    if m is not optcompose:
+      raise NotImplementedError("Optax's MultiSteps has no step-level call")
+    return m.MultiSteps(m.adamw(LR, weight_decay=WD), 4)  # the step calls its .step
   if name == "ema_params_adamw":
     if m is not optcompose:
       raise NotImplementedError("Optax has no EMA of the parameters (optax.ema averages updates)")
@@ -255,6 +262,10 @@ class JaxRun:
         value, g = jax.value_and_grad(loss)(params)
         updates, state = tx.update(g, state, params, value=value, grad=g, value_fn=loss)
         return optcompose.apply_updates(params, updates), state
+    elif opt == "multi_steps4_step_adamw":
+
+      def step(params, state, grads):
+        return tx.step(grads, state, params)
     elif opt == "step_if_finite_adamw":
 
       def step(params, state, grads):

@@ -6,6 +6,7 @@ equals oc.adam, the safety recipe freezes and accumulates, the usage example tra
 tests/test_properties.py as a module of its own, since hypothesis reads its source.)"""
 
 import re
+import textwrap
 from pathlib import Path
 
 import jax
@@ -17,7 +18,8 @@ import optcompose as oc
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
-BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
+# A block may be indented (inside a list item): it ends at a fence indented alike.
+BLOCK = re.compile(r"^( *)```python\n(.*?)^\1```", re.S | re.M)
 
 
 def blocks() -> list:
@@ -25,7 +27,7 @@ def blocks() -> list:
   out = []
   for page in PAGES:
     for i, match in enumerate(BLOCK.finditer(page.read_text())):
-      out.append((f"{page.relative_to(ROOT)}:{i}", match.group(1)))
+      out.append((f"{page.relative_to(ROOT)}:{i}", textwrap.dedent(match.group(2))))
   return out
 
 

@@ -20,8 +20,7 @@ Optax, a rejected micro-step changes nothing (no accumulation, no count, zero up
 
 from __future__ import annotations
 
-import functools
-from typing import Any, Callable, NamedTuple, Optional, Protocol, Union
+from typing import Any, Callable, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +33,7 @@ from optcompose.core import (
   INT32_MAX,
   GradientTransformation,
   Hyper,
+  apply_updates,
   as_transformation,
   cond,
   expect_state,
@@ -42,7 +42,7 @@ from optcompose.core import (
   safe_increment,
   zero_count,
 )
-from optcompose.core.validation import check_real_value
+from optcompose.wrappers.skips import ShouldSkipUpdateFunction, _skip_decision, skip_not_finite
 
 
 class MultiStepsState(NamedTuple):
@@ -108,90 +108,6 @@ def check_whole(who: str, name: str, value: Any) -> None:
     raise ValueError(f"{who}: `{name}` must be a whole number of steps, got {value!r}.")
 
 
-class ShouldSkipUpdateFunction(Protocol):
-  """Optax's protocol: ``(updates, gradient_step, params) -> (skip, skip_state)``, with
-  ``skip`` a boolean scalar and ``skip_state`` a tree stored in ``MultiStepsState``."""
-
-  def __call__(self, updates: Any, gradient_step: jax.Array, params: Optional[Any]) -> tuple: ...
-
-
-def skip_not_finite(updates: Any, gradient_step: jax.Array, params: Optional[Any]) -> tuple:
-  """Skip a micro-step whose updates hold a NaN or an Inf (a ``should_skip_update_fn``).
-
-  Args:
-    updates: the micro-step's gradients.
-    gradient_step: the real steps taken (unused).
-    params: the parameters (unused).
-
-  Returns:
-    ``(should_skip, {"should_skip": should_skip, "num_not_finite": n})``: n the int32 count
-    of NaN and Inf elements in all leaves (int32 under x64 too; Optax's is JAX's default
-    int there).
-
-  References:
-    Optax's ``optax.skip_not_finite``.
-  """
-  del gradient_step, params
-  counts = [
-    jnp.sum(jnp.logical_not(jnp.isfinite(x)), dtype=jnp.int32) for x in jax.tree.leaves(updates)
-  ]
-  num_not_finite = functools.reduce(jnp.add, counts, jnp.zeros([], jnp.int32))
-  should_skip = num_not_finite > 0
-  return should_skip, {"should_skip": should_skip, "num_not_finite": num_not_finite}
-
-
-def skip_large_updates(
-  updates: Any, gradient_step: jax.Array, params: Optional[Any], max_squared_norm: Any
-) -> tuple:
-  """Skip a micro-step whose updates' squared global norm reaches ``max_squared_norm``.
-
-  Bind the bound first: ``functools.partial(skip_large_updates, max_squared_norm=42.0)``.
-  ``should_skip = not (||g||^2 < max_squared_norm)``, so a NaN norm is skipped too; the
-  squares are summed in float32 or wider (:func:`optcompose.tree.squared_norm`).
-
-  Args:
-    updates: the micro-step's gradients.
-    gradient_step: the real steps taken (unused).
-    params: the parameters (unused).
-    max_squared_norm: the largest squared norm accepted (exclusive), a real number.
-
-  Returns:
-    ``(should_skip, {"should_skip": should_skip, "norm_squared": ||g||^2})``.
-
-  References:
-    Optax's ``optax.skip_large_updates``.
-  """
-  del gradient_step, params
-  check_real_value(
-    "skip_large_updates", "max_squared_norm", max_squared_norm, "the largest squared norm accepted"
-  )
-  norm_sq = otree.squared_norm(updates)
-  should_skip = jnp.logical_not(jnp.less(*otree.promote(norm_sq, max_squared_norm)))
-  return should_skip, {"should_skip": should_skip, "norm_squared": norm_sq}
-
-
-def _skip_decision(fn, who, updates, gradient_step, params):
-  """``fn``'s ``(skip, skip_state)``, ``skip`` checked to be a boolean scalar (Optax's
-  ValueError)."""
-  out = fn(updates, gradient_step, params)
-  if not (isinstance(out, tuple) and len(out) == 2):
-    raise TypeError(
-      f"{who}: `should_skip_update_fn` must return a pair (should_skip, "
-      f"skip_state), got {type(out).__name__}."
-    )
-  skip, skip_state = out
-  try:
-    dtype, shape = jnp.result_type(skip), jnp.shape(skip)
-  except TypeError:
-    dtype, shape = type(skip).__name__, None
-  if dtype != jnp.bool_ or shape != ():
-    raise ValueError(
-      f"{who}: `should_skip_update_fn` must return a boolean scalar array "
-      f"first, got dtype {dtype} and shape {shape}."
-    )
-  return jnp.asarray(skip), skip_state
-
-
 @public(
   "wrapper",
   inner=INNER,
@@ -244,6 +160,15 @@ def multi_steps(
     Optax's ``optax.MultiSteps``; gradient accumulation as in Goyal et al., "Accurate,
     Large Minibatch SGD: Training ImageNet in 1 Hour", arXiv:1706.02677, 2017.
   """
+  init, update, _ = _parts(
+    inner, every_k_schedule, use_grad_mean, accumulator_dtype, should_skip_update_fn
+  )
+  return GradientTransformation(init, update)
+
+
+def _parts(inner, every_k_schedule, use_grad_mean, accumulator_dtype, should_skip_update_fn):
+  """``multi_steps``' init and update, and the whole training step (``MultiSteps.step``):
+  one decision and one accumulation formula for both."""
   inner = as_transformation(inner, "multi_steps")
   check_whole("multi_steps", "every_k_schedule", every_k_schedule)
   if should_skip_update_fn is not None and not callable(should_skip_update_fn):
@@ -294,7 +219,9 @@ def multi_steps(
       skip_state,
     )
 
-  def update(updates, state, params=None, **extra):
+  def decide(updates, state, params):
+    """(skip_state, accumulate, emit, skip) for this call; ``skip`` None without a
+    ``should_skip_update_fn``."""
     expect_state(state, MultiStepsState, "multi_steps")
     otree.check_same_structure(updates, state.acc_grads, "updates", "state.acc_grads")
     n = state.mini_step
@@ -323,9 +250,26 @@ def multi_steps(
     emit = n >= k - 1
     if skip is not None:
       emit = jnp.logical_and(emit, jnp.logical_not(skip))
-    # The real step accumulates inside its branch; the accumulator is then written in
-    # place, after the conditional (ordered_after): as a conditional's operand or output
-    # XLA CPU copied it at every call (multi_steps(adamw, 4): 2.9x AdamW per call, 2.0x so).
+    return skip_state, accumulate, emit, skip
+
+  def next_state(state, inner_state, acc, emit, skip, skip_state):
+    """The counters after this call; a rejected micro-step changes nothing but
+    skip_state."""
+    n = state.mini_step
+    mini_step = jnp.where(emit, 0, safe_increment(n))
+    if skip is not None:
+      mini_step = jnp.where(skip, n, mini_step)
+    return MultiStepsState(
+      mini_step=mini_step,
+      gradient_step=jnp.where(emit, safe_increment(state.gradient_step), state.gradient_step),
+      inner_opt_state=inner_state,
+      acc_grads=acc,
+      skip_state=skip_state,
+    )
+
+  def update(updates, state, params=None, **extra):
+    skip_state, accumulate, emit, skip = decide(updates, state, params)
+    # The real step accumulates inside its branch; the accumulator is written after it.
     new_updates, inner_state, done = update_if(
       emit,
       inner,
@@ -336,24 +280,41 @@ def multi_steps(
       prepare=lambda g: otree.cast_like(jax.tree.map(accumulate, g, state.acc_grads), g),
       token=True,
     )
-    acc = jax.tree.map(accumulate, *ordered_after((updates, state.acc_grads), done))
-    mini_step = jnp.where(emit, 0, safe_increment(n))
-    acc = jax.tree.map(
-      lambda a, old: jnp.where(emit, jnp.zeros_like(a), a).astype(old.dtype), acc, state.acc_grads
+    acc = next_acc(updates, state.acc_grads, accumulate, done, emit, skip)
+    return new_updates, next_state(state, inner_state, acc, emit, skip, skip_state)
+
+  def next_acc(updates, acc, accumulate, done, emit, skip):
+    """The accumulator after this call, written in place after the conditional that read
+    it (``done``, its token): as a conditional's operand or output XLA CPU copied it at every
+    call (multi_steps(adamw, 4): 2.9x AdamW per call, 2.0x so)."""
+    new = jax.tree.map(accumulate, *ordered_after((updates, acc), done))
+    new = jax.tree.map(
+      lambda a, old: jnp.where(emit, jnp.zeros_like(a), a).astype(old.dtype), new, acc
     )  # the dtype chosen at init
     if skip is not None:  # a rejected micro-step changes nothing but skip_state
-      mini_step = jnp.where(skip, n, mini_step)
-      acc = jax.tree.map(lambda a, old: jnp.where(skip, old, a), acc, state.acc_grads)
-    new_state = MultiStepsState(
-      mini_step=mini_step,
-      gradient_step=jnp.where(emit, safe_increment(state.gradient_step), state.gradient_step),
-      inner_opt_state=inner_state,
-      acc_grads=acc,
-      skip_state=skip_state,
-    )
-    return new_updates, new_state
+      new = jax.tree.map(lambda a, old: jnp.where(skip, old, a), new, acc)
+    return new
 
-  return GradientTransformation(init, update)
+  def step(grads, state, params, **extra):
+    if params is None:
+      raise ValueError("MultiSteps.step: `params` is required (the step updates them).")
+    otree.check_same_structure(grads, params, "grads", "params")
+    skip_state, accumulate, emit, skip = decide(grads, state, params)
+
+    def real(operands):  # the inner step on the accumulated gradients, applied
+      g, inner_state, p, acc = operands
+      given = otree.cast_like(jax.tree.map(accumulate, g, acc), g)
+      u, inner_state = inner.update(given, inner_state, p, **extra)
+      return apply_updates(p, u), inner_state, jnp.float32(1)
+
+    hold = lambda o: (o[2], o[1], jnp.float32(0))  # the parameters and inner state as they are
+    params, inner_state, done = cond(
+      emit, real, hold, (grads, state.inner_opt_state, params, state.acc_grads)
+    )  # (emit is False on a rejected micro-step)
+    acc = next_acc(grads, state.acc_grads, accumulate, done, emit, skip)
+    return params, next_state(state, inner_state, acc, emit, skip, skip_state)
+
+  return init, update, step
 
 
 class MultiSteps:
@@ -372,6 +333,34 @@ class MultiSteps:
     )
     self.inner_opt = opt
     self.init, self.update = self._tx.init, self._tx.update
+    self._step = _parts(
+      as_transformation(opt, "MultiSteps"),
+      every_k_schedule,
+      use_grad_mean,
+      accumulator_dtype,
+      should_skip_update_fn,
+    )[2]
+
+  def step(self, grads, opt_state: MultiStepsState, params, **extra) -> tuple:
+    """One whole training call: ``(params, opt_state)``, the parameters updated on a real
+    step and returned as they are on a micro-step. The same state and the same result as
+    ``update`` followed by ``apply_updates``, at a lower cost: the parameters' update runs
+    inside the conditional, so a micro-step reads the gradients and the accumulator and
+    writes the accumulator (12 B per float32 parameter), and writes no zero update. A
+    transformation must return its updates, zeros on a micro-step, and on XLA CPU a
+    conditional that returns AdamW's updates costs about 2x AdamW.
+
+    Args:
+      grads: this micro-batch's gradients.
+      opt_state: the state from ``init`` (or from ``update``: the two are interchangeable).
+      params: the parameters (donate them under ``jax.jit``: a real step updates them in
+        place).
+      **extra: passed on to the inner ``update`` on a real step.
+
+    Returns:
+      ``(params, opt_state)``; ``has_updated(opt_state)`` tells whether it was a real step.
+    """
+    return self._step(grads, opt_state, params, **extra)
 
   def has_updated(self, state: MultiStepsState) -> jax.Array:
     """Whether the latest call took a real step."""
@@ -381,10 +370,4 @@ class MultiSteps:
     return self._tx
 
 
-__all__ = [
-  "MultiSteps",
-  "MultiStepsState",
-  "ShouldSkipUpdateFunction",
-  "skip_large_updates",
-  "skip_not_finite",
-]  # and the builders it registers
+__all__ = ["MultiSteps", "MultiStepsState"]  # and the builders it registers
