@@ -50,6 +50,7 @@ def both_ways(ms, params, grads, jit):
   return out
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize(
   "make",
   [
