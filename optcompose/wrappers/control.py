@@ -307,7 +307,10 @@ def _parts(inner, every_k_schedule, use_grad_mean, accumulator_dtype, should_ski
       u, inner_state = inner.update(given, inner_state, p, **extra)
       return apply_updates(p, u), inner_state, jnp.float32(1)
 
-    hold = lambda o: (o[2], o[1], jnp.float32(0))  # the parameters and inner state as they are
+    def hold(operands):  # the parameters and the inner state as they are
+      jax.eval_shape(real, operands)  # eagerly too: the inner step's errors at the first call
+      return operands[2], operands[1], jnp.float32(0)
+
     params, inner_state, done = cond(
       emit, real, hold, (grads, state.inner_opt_state, params, state.acc_grads)
     )  # (emit is False on a rejected micro-step)
@@ -318,7 +321,19 @@ def _parts(inner, every_k_schedule, use_grad_mean, accumulator_dtype, should_ski
 
 
 class MultiSteps:
-  """Optax's ``MultiSteps`` interface over :func:`multi_steps`."""
+  """Optax's ``MultiSteps`` interface over :func:`multi_steps`, with :meth:`step`, the
+  whole training call.
+
+  Args:
+    opt: the optimizer that takes the real steps (optcompose's or Optax's).
+    every_k_schedule: k >= 1 micro-steps per real step, or a schedule of the real steps
+      taken returning an integer.
+    use_grad_mean: apply the mean of the micro-gradients (else their sum).
+    should_skip_update_fn: ``None``, or a function rejecting micro-steps (e.g.
+      :func:`optcompose.skip_not_finite`). Optax's order: before ``accumulator_dtype``
+      here, after it in :func:`multi_steps`.
+    accumulator_dtype: dtype of the accumulation buffer (float32 by default).
+  """
 
   def __init__(
     self,
@@ -343,8 +358,10 @@ class MultiSteps:
 
   def step(self, grads, opt_state: MultiStepsState, params, **extra) -> tuple:
     """One whole training call: ``(params, opt_state)``, the parameters updated on a real
-    step and returned as they are on a micro-step. The same state and the same result as
-    ``update`` followed by ``apply_updates``, at a lower cost: the parameters' update runs
+    step and returned as they are, bit for bit, on a micro-step. The same state and the
+    same result as ``update`` followed by ``apply_updates`` (except that adding a micro-step's
+    zero update turns -0.0 into 0.0, and on XLA CPU flushes subnormal parameters to zero;
+    here nothing is added), at a lower cost: the parameters' update runs
     inside the conditional, so a micro-step reads the gradients and the accumulator and
     writes the accumulator (12 B per float32 parameter), and writes no zero update. A
     transformation must return its updates, zeros on a micro-step, and on XLA CPU a
@@ -358,7 +375,9 @@ class MultiSteps:
       **extra: passed on to the inner ``update`` on a real step.
 
     Returns:
-      ``(params, opt_state)``; ``has_updated(opt_state)`` tells whether it was a real step.
+      ``(params, opt_state)``. ``has_updated(opt_state)`` is True after a real step (and, as
+      in Optax, still True after a micro-step rejected by ``should_skip_update_fn`` right
+      after one: ``opt_state.gradient_step`` counts the real steps).
     """
     return self._step(grads, opt_state, params, **extra)
 
