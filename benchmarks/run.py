@@ -861,9 +861,18 @@ def main(argv=None):
   configs = suite(args.quick, args.full)
   if args.only:
     only = args.only.split(",")
+    unknown = sorted(set(only) - {c["opt"] for c in configs})
+    if unknown:
+      parser.error(f"--only: no rows for {', '.join(unknown)}")
     configs = sorted((c for c in configs if c["opt"] in only), key=lambda c: only.index(c["opt"]))
   if args.trees:
-    configs = [c for c in configs if c["tree"] in args.trees.split(",")]
+    trees = args.trees.split(",")
+    unknown = sorted(set(trees) - {c["tree"] for c in suite(args.quick, args.full)})
+    if unknown:
+      parser.error(f"--trees: no rows for {', '.join(unknown)}")
+    configs = [c for c in configs if c["tree"] in trees]
+  if not configs:
+    parser.error("no configuration left to run")
   env = dict(os.environ) if args.default_malloc else {**os.environ, **MALLOC}
   for cfg in configs:
     run_env = (
@@ -892,7 +901,10 @@ def main(argv=None):
     print("\n".join(memory_table(res) if "memory_rows" in res else table([res])[2:]), flush=True)
     # Written after every configuration: a run stopped early keeps what it measured.
     write(args, results, time.perf_counter() - t0, len(configs))
-  print(f"wrote {args.out}" + (f"; {failed} configurations failed" if failed else ""))
+  print(
+    (f"wrote {args.out}" if results else f"nothing written to {args.out}")
+    + (f"; {failed} configurations failed" if failed else "")
+  )
   return 1 if failed else 0
 
 
@@ -937,7 +949,10 @@ def write(args, results: list, seconds: float, total: int) -> None:
     lines.append("")
   if bounds(results):
     lines += ["## bounds (issue 16), on the paired ratios above", "", *bounds(results), ""]
-  Path(args.out).write_text("\n".join(lines))
+  out = Path(args.out)
+  partial = out.with_name(out.name + ".partial")
+  partial.write_text("\n".join(lines))
+  os.replace(partial, out)  # a run stopped while writing leaves the previous file whole
 
 
 if __name__ == "__main__":
