@@ -60,6 +60,9 @@ WRAPPERS = (
   "multi_steps4_adamw",
   "multi_steps4_step_adamw",
   "ema_params_adamw",
+  "swa_adamw",
+  "lookahead5_adamw",
+  "plateau_adamw",
 )
 # Each wrapper's ideal bytes per float32 parameter beyond the count every row gets (the
 # gradients read, the parameters and the whole state read and written: AdamW's 28, or 36
@@ -71,7 +74,10 @@ WRAPPERS = (
 # through MultiSteps.step, which writes no zero update on a micro-step), per call on average,
 # three micro-steps (read g, read and write the accumulator: 12) and a real step (AdamW on
 # the accumulator, which is read and reset: 28 + 4): (3 * 12 + 32) / 4 = 17, i.e. 36 - 19;
-# with_diagnostics(every_k=10) a tenth of the three norms' 12.
+# with_diagnostics(every_k=10) a tenth of the three norms' 12; swa (its average is in the
+# state) nothing; reduce_on_plateau (a scalar scale) nothing; lookahead_in_state with
+# sync_period=5 (the slow copy in the state: 36 counted) reads and writes the slow copy and
+# writes the parameters on one call in five: 28 + 12 / 5 = 30.4, i.e. 36 - 5.6.
 EXTRA_BYTES = {
   "apply_if_finite_adamw": 4,
   "apply_if_finite_checked_adamw": 16,
@@ -83,12 +89,20 @@ EXTRA_BYTES = {
   "inject_adamw": 0,
   "multi_steps4_adamw": -19,
   "multi_steps4_step_adamw": -19,
+  "swa_adamw": 0,
+  "lookahead5_adamw": -5.6,
+  "plateau_adamw": 0,
   "ema_params_adamw": 0,
 }
 # Rows whose calls differ in cost by design (a real step every 4th call, a measurement every
 # 10th): their ratios are of total times (the mean cost of a call), not medians of paired
 # ratios, which would report the cheap calls only.
-AMORTIZED = ("multi_steps4_adamw", "multi_steps4_step_adamw", "diagnostics_every10_adamw")
+AMORTIZED = (
+  "multi_steps4_adamw",
+  "multi_steps4_step_adamw",
+  "diagnostics_every10_adamw",
+  "lookahead5_adamw",
+)
 # The bound each "clipping and wrappers" row is held to, as a paired ratio to bare AdamW.
 CLIP_BOUND, CLIP_VS_OPTAX, WRAPPER_SLACK, DIAGNOSTICS_BOUND = 1.2, 1.8, 1.15, 1.2
 LR, WD, CLIP = 1e-3, 1e-4, 1.0
@@ -200,6 +214,17 @@ def jax_optimizer(lib: str, name: str):
     if m is not optcompose:
       raise NotImplementedError("Optax's MultiSteps has no step-level call")
     return m.MultiSteps(m.adamw(LR, weight_decay=WD), 4)  # the step calls its .step
+  if name == "swa_adamw":
+    if m is not optcompose:
+      raise NotImplementedError("Optax has no average of the parameters")
+    return m.chain(m.adamw(LR, weight_decay=WD), m.swa())
+  if name == "lookahead5_adamw":
+    if m is not optcompose:
+      raise NotImplementedError("Optax's lookahead takes (fast, slow) parameter pairs")
+    return m.lookahead_in_state(m.adamw(LR, weight_decay=WD), 5, 0.5)
+  if name == "plateau_adamw":  # the step passes value=
+    plateau = optcompose.reduce_on_plateau if m is optcompose else optax.contrib.reduce_on_plateau
+    return m.chain(m.adamw(LR, weight_decay=WD), plateau(patience=5))
   if name == "ema_params_adamw":
     if m is not optcompose:
       raise NotImplementedError("Optax has no EMA of the parameters (optax.ema averages updates)")
@@ -261,6 +286,11 @@ class JaxRun:
       def step(params, state, grads):
         value, g = jax.value_and_grad(loss)(params)
         updates, state = tx.update(g, state, params, value=value, grad=g, value_fn=loss)
+        return optcompose.apply_updates(params, updates), state
+    elif opt == "plateau_adamw":
+
+      def step(params, state, grads):
+        updates, state = tx.update(grads, state, params, value=jnp.float32(1.0))
         return optcompose.apply_updates(params, updates), state
     elif opt == "multi_steps4_step_adamw":
 
