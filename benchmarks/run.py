@@ -62,6 +62,7 @@ WRAPPERS = (
   "ema_params_adamw",
   "swa_adamw",
   "lookahead5_adamw",
+  "lookahead5_step_adamw",
   "plateau_adamw",
 )
 # Each wrapper's ideal bytes per float32 parameter beyond the count every row gets (the
@@ -76,8 +77,9 @@ WRAPPERS = (
 # the accumulator, which is read and reset: 28 + 4): (3 * 12 + 32) / 4 = 17, i.e. 36 - 19;
 # with_diagnostics(every_k=10) a tenth of the three norms' 12; swa (its average is in the
 # state) nothing; reduce_on_plateau (a scalar scale) nothing; lookahead_in_state with
-# sync_period=5 (the slow copy in the state: 36 counted) reads and writes the slow copy and
-# writes the parameters on one call in five: 28 + 12 / 5 = 30.4, i.e. 36 - 5.6.
+# sync_period=5 (the slow copy in the state: 36 counted; as a transformation or through
+# optcompose.step) reads and writes the slow copy and writes the parameters on one call in
+# five: 28 + 12 / 5 = 30.4, i.e. 36 - 5.6.
 EXTRA_BYTES = {
   "apply_if_finite_adamw": 4,
   "apply_if_finite_checked_adamw": 16,
@@ -91,6 +93,7 @@ EXTRA_BYTES = {
   "multi_steps4_step_adamw": -19,
   "swa_adamw": 0,
   "lookahead5_adamw": -5.6,
+  "lookahead5_step_adamw": -5.6,
   "plateau_adamw": 0,
   "ema_params_adamw": 0,
 }
@@ -102,6 +105,7 @@ AMORTIZED = (
   "multi_steps4_step_adamw",
   "diagnostics_every10_adamw",
   "lookahead5_adamw",
+  "lookahead5_step_adamw",
 )
 # The bound each "clipping and wrappers" row is held to, as a paired ratio to bare AdamW.
 CLIP_BOUND, CLIP_VS_OPTAX, WRAPPER_SLACK, DIAGNOSTICS_BOUND = 1.2, 1.8, 1.15, 1.2
@@ -218,7 +222,7 @@ def jax_optimizer(lib: str, name: str):
     if m is not optcompose:
       raise NotImplementedError("Optax has no average of the parameters")
     return m.chain(m.adamw(LR, weight_decay=WD), m.swa())
-  if name == "lookahead5_adamw":
+  if name in ("lookahead5_adamw", "lookahead5_step_adamw"):  # the second: optcompose.step
     if m is not optcompose:
       raise NotImplementedError("Optax's lookahead takes (fast, slow) parameter pairs")
     return m.lookahead_in_state(m.adamw(LR, weight_decay=WD), 5, 0.5)
@@ -292,6 +296,10 @@ class JaxRun:
       def step(params, state, grads):
         updates, state = tx.update(grads, state, params, value=jnp.float32(1.0))
         return optcompose.apply_updates(params, updates), state
+    elif opt == "lookahead5_step_adamw":
+
+      def step(params, state, grads):
+        return optcompose.step(tx, grads, state, params)
     elif opt == "multi_steps4_step_adamw":
 
       def step(params, state, grads):

@@ -35,6 +35,7 @@ from optcompose.core import (
   set_hyperparams,
   stateless,
   stateless_with_tree_map,
+  step,
   with_extra_args_support,
   with_schedules,
 )

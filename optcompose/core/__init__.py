@@ -30,6 +30,7 @@ from optcompose.core.base import (
   with_extra_args_support,
   zero_count,
 )
+from optcompose.core.stepping import step, with_step
 from optcompose.core.hyperparams import (
   DECAY,
   DTYPE,

@@ -40,6 +40,8 @@ from optcompose.core import (
   ordered_after,
   public,
   safe_increment,
+  step,
+  with_step,
   zero_count,
 )
 from optcompose.wrappers.skips import ShouldSkipUpdateFunction, _skip_decision, skip_not_finite
@@ -160,10 +162,10 @@ def multi_steps(
     Optax's ``optax.MultiSteps``; gradient accumulation as in Goyal et al., "Accurate,
     Large Minibatch SGD: Training ImageNet in 1 Hour", arXiv:1706.02677, 2017.
   """
-  init, update, _ = _parts(
+  init, update, step = _parts(
     inner, every_k_schedule, use_grad_mean, accumulator_dtype, should_skip_update_fn
   )
-  return GradientTransformation(init, update)
+  return GradientTransformation(init, with_step(update, step))  # optcompose.step uses it
 
 
 def _parts(inner, every_k_schedule, use_grad_mean, accumulator_dtype, should_skip_update_fn):
@@ -348,13 +350,6 @@ class MultiSteps:
     )
     self.inner_opt = opt
     self.init, self.update = self._tx.init, self._tx.update
-    self._step = _parts(
-      as_transformation(opt, "MultiSteps"),
-      every_k_schedule,
-      use_grad_mean,
-      accumulator_dtype,
-      should_skip_update_fn,
-    )[2]
 
   def step(self, grads, opt_state: MultiStepsState, params, **extra) -> tuple:
     """One whole training call: ``(params, opt_state)``, the parameters updated on a real
@@ -379,7 +374,7 @@ class MultiSteps:
       in Optax, still True after a micro-step rejected by ``should_skip_update_fn`` right
       after one: ``opt_state.gradient_step`` counts the real steps).
     """
-    return self._step(grads, opt_state, params, **extra)
+    return step(self._tx, grads, opt_state, params, **extra)
 
   def has_updated(self, state: MultiStepsState) -> jax.Array:
     """Whether the latest call took a real step."""

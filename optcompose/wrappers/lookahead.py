@@ -39,12 +39,15 @@ from optcompose.core import (
   FLAG,
   INNER,
   GradientTransformation,
+  apply_updates,
   as_transformation,
+  cond,
   expect_state,
   integer,
   needs_params,
   public,
   real,
+  with_step,
   zero_count,
 )
 
@@ -271,7 +274,44 @@ def lookahead_in_state(
     Zhang, Lucas, Hinton and Ba, "Lookahead Optimizer: k steps forward, 1 step back",
     NeurIPS 2019.
   """
-  return slow_weights_in_state(lookahead(fast_optimizer, sync_period, slow_step_size, reset_state))
+  tx = slow_weights_in_state(lookahead(fast_optimizer, sync_period, slow_step_size, reset_state))
+  fast_optimizer = as_transformation(fast_optimizer, "lookahead_in_state")
+
+  def step(grads, state, params, **extra):
+    """The whole call (:func:`optcompose.step`): the fast step applied in place, then, at a
+    synchronisation only, ``phi + alpha (theta' - phi)`` written to both copies inside a
+    conditional that reads only them (as an update, the two copies' updates each read what
+    the other writes, and XLA copies both at every step: 4x AdamW on XLA CPU, against 1.1x
+    this way). The fast weights at a synchronisation are the new slow weights exactly,
+    where ``update`` reaches them as ``theta + u - (1 - alpha) d`` (equal to rounding)."""
+    needs_params(params, "lookahead_in_state (the fast weights)")
+    expect_state(state, LookaheadSlowState, "lookahead_in_state")
+    inner = expect_state(state.lookahead, LookaheadState, "lookahead_in_state")
+    otree.check_same_structure(grads, params, "updates", "params")
+    otree.check_same_structure(params, state.slow, "params", "state.slow")
+    otree.check_same_dtypes(params, state.slow, "params", "state.slow")
+    u, fast_state = fast_optimizer.update(grads, inner.fast_state, params, **extra)
+    otree.check_same_structure(u, params, "fast_optimizer's updates", "params")
+
+    def pull(operands):
+      theta, slow, fast_state = operands
+      new = jax.tree.map(
+        lambda s, f: jnp.asarray(s + slow_step_size * (f - s)).astype(s.dtype), slow, theta
+      )
+      if reset_state:
+        fast_state = fast_optimizer.init(theta)
+      return jax.tree.map(jnp.copy, new), new, fast_state
+
+    theta, slow, fast_state = cond(
+      inner.steps_since_sync == sync_period - 1,
+      pull,
+      lambda operands: operands,
+      (apply_updates(params, u), state.slow, fast_state),
+    )
+    steps = (inner.steps_since_sync + 1) % sync_period
+    return theta, LookaheadSlowState(LookaheadState(fast_state, steps), slow)
+
+  return GradientTransformation(tx.init, with_step(tx.update, step))
 
 
 def slow_params(state) -> Any:

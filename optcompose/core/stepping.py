@@ -1,0 +1,70 @@
+"""One training call, update and apply: :func:`step`, and :func:`with_step`, by which a
+transformation offers a faster way to take it.
+
+A gradient transformation must return its updates, and some cannot be fast that way: on XLA
+CPU a ``lax.cond`` that returns AdamW's updates costs about twice AdamW, so gradient
+accumulation (zero updates on micro-steps) and Lookahead's synchronisations (two copies of
+the weights, each read by the other's update) pay for returning updates the parameters could
+take directly. Such a transformation attaches a step-level function to its ``update``
+(:func:`with_step`); :func:`step` uses it, and otherwise runs ``update`` and
+:func:`apply_updates`. The transformation is unchanged (Optax's two fields), so it still
+works in ``chain``, ``TrainState`` and ``nnx.Optimizer``, where the attached function is not
+used.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from optcompose.core.base import apply_updates, as_transformation
+
+STEP = "optcompose_step"  # the attribute of an update function holding its step-level form
+
+
+def with_step(update: Callable, step_fn: Callable) -> Callable:
+  """``update``, carrying ``step_fn(grads, opt_state, params, **extra) -> (params,
+  opt_state)``: the same training call as ``update`` then :func:`apply_updates`, to
+  rounding, that :func:`step` runs instead.
+
+  Args:
+    update: a transformation's update function (a function object of this transformation
+      alone: the attribute is set on it).
+    step_fn: the step-level form.
+
+  Returns:
+    ``update`` itself.
+  """
+  setattr(update, STEP, step_fn)
+  return update
+
+
+def step(tx: Any, grads: Any, opt_state: Any, params: Any, **extra) -> tuple:
+  """One training call: ``(params, opt_state)`` after ``tx`` takes ``grads``.
+
+  ``updates, opt_state = tx.update(grads, opt_state, params, **extra)`` then
+  ``apply_updates(params, updates)``, or, for a transformation that offers one, its
+  step-level form, which computes the same (to rounding) with the parameters' update where
+  it is cheapest: ``multi_steps`` (a micro-step only accumulates: 0.6x AdamW per call at
+  k=4 on XLA CPU, against 2.1x through ``update``) and ``lookahead_in_state`` (the
+  synchronisation on the two copies alone). The state is the transformation's own either
+  way: the two can alternate, and a checkpoint of one resumes with the other.
+
+  Args:
+    tx: any gradient transformation (optcompose's or Optax's).
+    grads: the gradients.
+    opt_state: ``tx``'s state.
+    params: the parameters (donate them under ``jax.jit``: they are updated in place).
+    **extra: passed on to ``tx.update`` (e.g. ``value=``).
+
+  Returns:
+    ``(params, opt_state)``.
+  """
+  fast = getattr(getattr(tx, "update", None), STEP, None)
+  tx = as_transformation(tx, "step")
+  if fast is not None:
+    return fast(grads, opt_state, params, **extra)
+  updates, opt_state = tx.update(grads, opt_state, params, **extra)
+  return apply_updates(params, updates), opt_state
+
+
+__all__ = ["step", "with_step"]

@@ -1,0 +1,151 @@
+"""``optcompose.step(tx, grads, opt_state, params)``: one training call, through a
+transformation's step-level form where it has one (``multi_steps``, ``lookahead_in_state``),
+else ``update`` then ``apply_updates`` (issue 16)."""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import optcompose as oc
+from numerics import x64
+
+SIZE = 1 << 16
+
+
+def bits(tree) -> list:
+  return [
+    np.asarray(x).view(f"uint{8 * np.asarray(x).dtype.itemsize}") for x in jax.tree.leaves(tree)
+  ]
+
+
+def problem(dtype=jnp.float32, seed=0, calls=10):
+  rng = np.random.default_rng(seed)
+  params = {
+    "w": jnp.asarray(rng.normal(size=(6, 4)), dtype),
+    "b": jnp.asarray(rng.normal(size=4), dtype),
+  }
+  grads = [
+    jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), dtype), params)
+    for _ in range(calls)
+  ]
+  return params, grads
+
+
+def by_update(tx, params, state, grads, **extra):
+  updates, state = tx.update(grads, state, params, **extra)
+  return oc.apply_updates(params, updates), state
+
+
+@pytest.mark.parametrize(
+  "tx", [oc.adamw(1e-2, weight_decay=1e-2), optax.sgd(0.1, momentum=0.9)], ids=["ours", "optax"]
+)
+def test_without_a_step_form_it_is_update_then_apply(tx):
+  params, grads = problem()
+  a = b = (params, tx.init(params))
+  for g in grads[:3]:
+    a, b = by_update(tx, *a, g), oc.step(tx, g, b[1], b[0])
+    for x, y in zip(bits(a), bits(b), strict=True):
+      np.testing.assert_array_equal(x, y)
+
+
+def test_multi_steps_takes_its_step_form():
+  """``step`` on ``multi_steps`` is ``MultiSteps.step``: a micro-step leaves the parameters
+  bit for bit (-0.0 stays -0.0, which ``update`` + ``apply_updates`` turns into 0.0)."""
+  tx = oc.multi_steps(oc.adamw(1e-2), 3)
+  params, grads = problem()
+  params = {**params, "b": params["b"].at[0].set(-0.0)}
+  new, state = oc.step(tx, grads[0], tx.init(params), params)
+  for x, y in zip(bits(new), bits(params), strict=True):
+    np.testing.assert_array_equal(x, y)
+  assert bits(by_update(tx, params, tx.init(params), grads[0])[0])[0][0] == 0  # "b"[0]: +0.0
+  ms = oc.MultiSteps(oc.adamw(1e-2), 3)
+  a = b = (params, tx.init(params))
+  for g in grads:
+    a, b = oc.step(tx, g, a[1], a[0]), ms.step(g, b[1], b[0])
+    for x, y in zip(bits(a), bits(b), strict=True):
+      np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.float64
+@pytest.mark.parametrize("reset_state", [False, True])
+@pytest.mark.parametrize(
+  "fast",
+  [lambda: oc.adam(0.05), lambda: optax.sgd(0.05, momentum=0.9, nesterov=True)],
+  ids=["adam", "optax_sgd"],
+)
+def test_lookahead_step_follows_update_then_apply(fast, reset_state):
+  """Float64, 10 calls, a synchronisation every 3: parameters and state as ``update`` +
+  ``apply_updates`` give them, to rounding (the fast weights reach the slow ones as
+  ``theta + u - (1 - alpha) d`` there, as the new slow weights here)."""
+  with x64():
+    tx = oc.lookahead_in_state(fast(), 3, 0.5, reset_state)
+    params, grads = problem(jnp.float64)
+    a = b = (params, tx.init(params))
+    for t, g in enumerate(grads):
+      a, b = by_update(tx, *a, g), oc.step(tx, g, b[1], b[0])
+      for x, y in zip(jax.tree.leaves(b), jax.tree.leaves(a), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-12, atol=1e-12)
+      if t % 3 == 2:  # a synchronisation: the fast weights are the slow weights, bit for bit
+        for x, y in zip(bits(b[0]), bits(oc.slow_params(b[1])), strict=True):
+          np.testing.assert_array_equal(x, y)
+    moved = max(
+      float(jnp.max(jnp.abs(x - y))) for x, y in zip(*map(jax.tree.leaves, (a[0], params)))
+    )
+    assert moved > 0.1
+
+
+def test_lookahead_step_jitted_and_donated_trains():
+  tx = oc.lookahead_in_state(oc.adamw(5e-2), 4, 0.5)
+  target = {"w": jnp.linspace(-1.0, 1.0, 24).reshape(6, 4)}
+  loss = lambda p: jnp.sum((p["w"] - target["w"]) ** 2)
+  params = {"w": jnp.zeros((6, 4))}
+  state = tx.init(params)
+  train = jax.jit(lambda p, s: oc.step(tx, jax.grad(loss)(p), s, p), donate_argnums=(0, 1))
+  start = float(loss(params))
+  for _ in range(40):
+    params, state = train(params, state)
+  assert float(loss(params)) < 0.05 * start
+
+
+@pytest.mark.xla_cpu_program
+def test_lookahead_step_copies_nothing():
+  """The step form: no copy of a parameter-sized buffer, and no parameter-sized temporary
+  (XLA's memory accounting: the new fast weights are written in place). Through ``update`` +
+  ``apply_updates``, XLA copies the parameters and the slow weights (each of the two
+  updates reads what the other writes in place): two parameter-sized temporaries."""
+  params = {"w": jnp.ones(SIZE, jnp.float32)}
+  tx = oc.lookahead_in_state(oc.adamw(1e-3, weight_decay=1e-4), 5, 0.5)
+  # In the entry computation: at a synchronisation the conditional's branch writes the new
+  # weights into both copies (one of them a copy, on one call in five).
+  copies = lambda hlo: re.findall(rf"= f32\[{SIZE}\]\S* copy\(", hlo[hlo.index("ENTRY") :])
+
+  def compiled(step):
+    lowered = jax.jit(step, donate_argnums=(0, 1)).lower(params, tx.init(params), params)
+    return lowered.compile()
+
+  fast = compiled(lambda p, s, g: oc.step(tx, g, s, p))
+  assert copies(fast.as_text()) == []
+  assert fast.memory_analysis().temp_size_in_bytes < 4 * SIZE
+  slow = compiled(lambda p, s, g: by_update(tx, p, s, g))
+  assert len(copies(slow.as_text())) == 2
+  assert slow.memory_analysis().temp_size_in_bytes >= 2 * 4 * SIZE
+
+
+def test_step_names_bad_input():
+  tx = oc.lookahead_in_state(oc.sgd(0.1), 2, 0.5)
+  params = {"w": jnp.ones(3)}
+  state = tx.init(params)
+  with pytest.raises(ValueError, match="params"):
+    oc.step(tx, {"w": jnp.ones(3)}, state, None)
+  with pytest.raises(ValueError, match="updates"):
+    oc.step(tx, {"v": jnp.ones(3)}, state, params)
+  with pytest.raises(TypeError, match="params"):
+    oc.step(tx, {"w": jnp.ones(3)}, state, {"w": jnp.ones(3, jnp.bfloat16)})
+  with pytest.raises(TypeError, match="step"):
+    oc.step(object(), {}, (), {})
