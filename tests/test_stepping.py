@@ -64,31 +64,45 @@ def test_multi_steps_takes_its_step_form():
   for x, y in zip(bits(new), bits(params), strict=True):
     np.testing.assert_array_equal(x, y)
   assert bits(by_update(tx, params, tx.init(params), grads[0])[0])[0][0] == 0  # "b"[0]: +0.0
-  ms = oc.MultiSteps(oc.adamw(1e-2), 3)
+  params, grads = problem(seed=1)  # no -0.0: bit for bit with update + apply_updates, eagerly
   a = b = (params, tx.init(params))
   for g in grads:
-    a, b = oc.step(tx, g, a[1], a[0]), ms.step(g, b[1], b[0])
+    a, b = by_update(tx, *a, g), oc.step(tx, g, b[1], b[0])
     for x, y in zip(bits(a), bits(b), strict=True):
       np.testing.assert_array_equal(x, y)
 
 
 @pytest.mark.float64
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
 @pytest.mark.parametrize("reset_state", [False, True])
 @pytest.mark.parametrize(
   "fast",
-  [lambda: oc.adam(0.05), lambda: optax.sgd(0.05, momentum=0.9, nesterov=True)],
-  ids=["adam", "optax_sgd"],
+  [
+    lambda: oc.adam(0.05),
+    lambda: optax.sgd(0.05, momentum=0.9, nesterov=True),
+    # A state initialised from the parameters' values (the average starts at them): the
+    # reset at a synchronisation takes the fast weights before the step, as update does.
+    lambda: oc.chain(oc.adam(0.05), oc.ema_params(0.5, debias=False)),
+  ],
+  ids=["adam", "optax_sgd", "ema_params"],
 )
-def test_lookahead_step_follows_update_then_apply(fast, reset_state):
+def test_lookahead_step_follows_update_then_apply(fast, reset_state, jit):
   """Float64, 10 calls, a synchronisation every 3: parameters and state as ``update`` +
   ``apply_updates`` give them, to rounding (the fast weights reach the slow ones as
-  ``theta + u - (1 - alpha) d`` there, as the new slow weights here)."""
+  ``theta + u - (1 - alpha) d`` there, as the new slow weights here); the same structure
+  and dtypes."""
   with x64():
     tx = oc.lookahead_in_state(fast(), 3, 0.5, reset_state)
     params, grads = problem(jnp.float64)
+    plain = lambda p, s, g: by_update(tx, p, s, g)
+    stepped = lambda p, s, g: oc.step(tx, g, s, p)
+    if jit:
+      plain, stepped = jax.jit(plain), jax.jit(stepped)
     a = b = (params, tx.init(params))
     for t, g in enumerate(grads):
-      a, b = by_update(tx, *a, g), oc.step(tx, g, b[1], b[0])
+      a, b = plain(*a, g), stepped(*b, g)
+      assert jax.tree.structure(a) == jax.tree.structure(b)
+      assert [x.dtype for x in jax.tree.leaves(a)] == [x.dtype for x in jax.tree.leaves(b)]
       for x, y in zip(jax.tree.leaves(b), jax.tree.leaves(a), strict=True):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-12, atol=1e-12)
       if t % 3 == 2:  # a synchronisation: the fast weights are the slow weights, bit for bit
@@ -135,6 +149,15 @@ def test_lookahead_step_copies_nothing():
   slow = compiled(lambda p, s, g: by_update(tx, p, s, g))
   assert len(copies(slow.as_text())) == 2
   assert slow.memory_analysis().temp_size_in_bytes >= 2 * 4 * SIZE
+
+
+def test_with_step_names_an_update_that_cannot_carry_it():
+  class Opt:
+    def update(self, updates, state, params=None):
+      return updates, state
+
+  with pytest.raises(TypeError, match="with_step"):
+    oc.core.with_step(Opt().update, lambda *a: a)
 
 
 def test_step_names_bad_input():

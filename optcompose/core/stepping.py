@@ -9,7 +9,8 @@ take directly. Such a transformation attaches a step-level function to its ``upd
 (:func:`with_step`); :func:`step` uses it, and otherwise runs ``update`` and
 :func:`apply_updates`. The transformation is unchanged (Optax's two fields), so it still
 works in ``chain``, ``TrainState`` and ``nnx.Optimizer``, where the attached function is not
-used.
+used: any wrapper that builds its own ``update`` (``chain``, ``inject_hyperparams``,
+``masked``, ...) takes the usual path, and so does :func:`step` on it.
 """
 
 from __future__ import annotations
@@ -33,8 +34,17 @@ def with_step(update: Callable, step_fn: Callable) -> Callable:
 
   Returns:
     ``update`` itself.
+
+  Raises:
+    TypeError: ``update`` cannot carry an attribute (a bound method, a builtin).
   """
-  setattr(update, STEP, step_fn)
+  try:
+    setattr(update, STEP, step_fn)
+  except AttributeError:
+    raise TypeError(
+      f"with_step: `update` must be a function object of its own (a def or a lambda), "
+      f"got {type(update).__name__}: a bound method cannot carry the step-level form."
+    ) from None
   return update
 
 

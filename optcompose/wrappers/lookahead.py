@@ -293,20 +293,21 @@ def lookahead_in_state(
     u, fast_state = fast_optimizer.update(grads, inner.fast_state, params, **extra)
     otree.check_same_structure(u, params, "fast_optimizer's updates", "params")
 
+    # As update does: the fresh state from the fast weights before this step.
+    fresh = fast_optimizer.init(params) if reset_state else None
+
     def pull(operands):
-      theta, slow, fast_state = operands
+      theta, slow, fast_state, fresh = operands
       new = jax.tree.map(
         lambda s, f: jnp.asarray(s + slow_step_size * (f - s)).astype(s.dtype), slow, theta
       )
-      if reset_state:
-        fast_state = fast_optimizer.init(theta)
-      return jax.tree.map(jnp.copy, new), new, fast_state
+      return jax.tree.map(jnp.copy, new), new, fast_state if fresh is None else fresh
 
     theta, slow, fast_state = cond(
       inner.steps_since_sync == sync_period - 1,
       pull,
-      lambda operands: operands,
-      (apply_updates(params, u), state.slow, fast_state),
+      lambda operands: operands[:3],
+      (apply_updates(params, u), state.slow, fast_state, fresh),
     )
     steps = (inner.steps_since_sync + 1) % sync_period
     return theta, LookaheadSlowState(LookaheadState(fast_state, steps), slow)
