@@ -71,6 +71,13 @@ def on_cpu():
   return jax.default_device(jax.devices("cpu")[0])
 
 
+def bits(tree) -> list:
+  """Every leaf's bits as unsigned integers: -0.0 is not 0.0 here, nor one NaN another."""
+  return [
+    np.asarray(x).view(f"uint{8 * np.asarray(x).dtype.itemsize}") for x in jax.tree.leaves(tree)
+  ]
+
+
 def eps(dtype) -> float:
   return float(jnp.finfo(dtype).eps)
 

@@ -58,6 +58,18 @@ def test_clip_by_value():
   np.testing.assert_array_equal(u["b"], np.clip(np.asarray(GRADS["b"]), -0.5, 0.5))
 
 
+def donated_update_hlo(tx, params) -> str:
+  """The compiled text of ``tx.update`` then ``apply_updates``, jitted with the parameters
+  and the state donated (the gradients shaped as the parameters)."""
+
+  def step(params, state, grads):
+    updates, state = tx.update(grads, state, params)
+    return oc.apply_updates(params, updates), state
+
+  lowered = jax.jit(step, donate_argnums=(0, 1)).lower(params, tx.init(params), params)
+  return lowered.compile().as_text()
+
+
 def gradient_sized_temporaries(hlo: str, size: int) -> list:
   """The instructions of the compiled entry computation that write an array of ``size``
   elements without returning it (parameters aside): a pass over memory the step could do
@@ -85,14 +97,7 @@ def test_clipped_gradient_is_consumed_inside_the_adamw_loops(clip):
   clipper = {"global_norm": oc.clip_by_global_norm, "leaf_norm": oc.clip_by_leaf_norm}[clip]
   tx = oc.chain(clipper(1.0), oc.adamw(1e-3, weight_decay=1e-4))
   params = {"w": jnp.ones(size)}
-
-  def step(params, state, grads):
-    updates, state = tx.update(grads, state, params)
-    return oc.apply_updates(params, updates), state
-
-  hlo = (
-    jax.jit(step, donate_argnums=(0, 1)).lower(params, tx.init(params), params).compile().as_text()
-  )
+  hlo = donated_update_hlo(tx, params)
   assert gradient_sized_temporaries(hlo, size) == []
   loops = [
     line

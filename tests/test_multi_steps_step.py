@@ -14,8 +14,8 @@ import optax
 import pytest
 
 import optcompose as oc
-from numerics import assert_ulps_close
-from test_clipping import gradient_sized_temporaries
+from numerics import assert_ulps_close, bits
+from test_clipping import donated_update_hlo, gradient_sized_temporaries
 
 SIZE = 1 << 16
 
@@ -49,13 +49,6 @@ def both_ways(ms, params, grads, jit, **extra):
     a, b = by_update(*a, g), by_step(b[0], b[1], g)
     out.append((a, b))
   return out
-
-
-def bits(tree) -> list:
-  """Every leaf's bits (-0.0 is not 0.0 here), as unsigned integers."""
-  return [
-    np.asarray(x).view(f"uint{8 * np.asarray(x).dtype.itemsize}") for x in jax.tree.leaves(tree)
-  ]
 
 
 @pytest.mark.numerics
@@ -147,14 +140,8 @@ def test_step_writes_the_parameters_and_the_accumulator_in_place():
   assert len(written) == 1 and "fusion(" in written[0], written  # the accumulator's loop
   assert re.findall(rf"= f32\[{SIZE}\]\S* copy\(", hlo) == []
   assert gradient_sized_temporaries(hlo, SIZE) == []
-  tx = ms.gradient_transformation()
-
-  def by_update(params, state, grads):
-    updates, state = tx.update(grads, state, params)
-    return oc.apply_updates(params, updates), state
-
-  old = jax.jit(by_update, donate_argnums=(0, 1)).lower(params, ms.init(params), params)
-  assert len(gradient_sized_temporaries(old.compile().as_text(), SIZE)) == 1
+  old = donated_update_hlo(ms.gradient_transformation(), params)
+  assert len(gradient_sized_temporaries(old, SIZE)) == 1
 
 
 def test_extra_arguments_reach_the_inner_step():

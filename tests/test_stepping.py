@@ -13,15 +13,9 @@ import optax
 import pytest
 
 import optcompose as oc
-from numerics import x64
+from numerics import bits, x64
 
 SIZE = 1 << 16
-
-
-def bits(tree) -> list:
-  return [
-    np.asarray(x).view(f"uint{8 * np.asarray(x).dtype.itemsize}") for x in jax.tree.leaves(tree)
-  ]
 
 
 def problem(dtype=jnp.float32, seed=0, calls=10):

@@ -16,20 +16,13 @@ import optcompose as oc
 import optcompose.wrappers.measures as measures
 from optcompose.core import ordered_after
 from numerics import x64
-from test_clipping import gradient_sized_temporaries
+from test_clipping import donated_update_hlo, gradient_sized_temporaries
 
 SIZE = 1 << 16
 
 
 def entry(tx) -> str:
-  params = {"w": jnp.ones(SIZE, jnp.float32)}
-
-  def step(params, state, grads):
-    updates, state = tx.update(grads, state, params)
-    return oc.apply_updates(params, updates), state
-
-  jitted = jax.jit(step, donate_argnums=(0, 1))
-  hlo = jitted.lower(params, tx.init(params), params).compile().as_text()
+  hlo = donated_update_hlo(tx, {"w": jnp.ones(SIZE, jnp.float32)})
   return hlo[hlo.index("ENTRY") :]
 
 
@@ -65,13 +58,7 @@ def test_multi_steps_writes_its_accumulator_in_place():
   size = SIZE
   params = {"w": jnp.ones(size, jnp.float32)}
   tx = oc.multi_steps(oc.adamw(1e-3, weight_decay=1e-4), 4)
-
-  def step(params, state, grads):
-    updates, state = tx.update(grads, state, params)
-    return oc.apply_updates(params, updates), state
-
-  jitted = jax.jit(step, donate_argnums=(0, 1))
-  hlo = jitted.lower(params, tx.init(params), params).compile().as_text()
+  hlo = donated_update_hlo(tx, params)
   temporaries = gradient_sized_temporaries(hlo, size)
   assert len(temporaries) == 1 and temporaries[0].startswith("cond"), temporaries
   assert big_copies(hlo[hlo.index("ENTRY") :]) == []
@@ -222,14 +209,8 @@ def test_step_if_finite_writes_the_step_in_place():
   written = re.findall(rf"%\S+ = f32\[{SIZE}\]\S* (?!parameter\()[\w-]+\(", entry)
   assert written == [], written  # all the step's writes are inside the conditional, in place
   assert big_copies(hlo) == []
-  wrapped = oc.apply_if_finite(tx, 3)
-
-  def wrapped_step(params, state, grads):
-    updates, state = wrapped.update(grads, state, params)
-    return oc.apply_updates(params, updates), state
-
-  old = jax.jit(wrapped_step, donate_argnums=(0, 1)).lower(params, wrapped.init(params), params)
-  assert len(gradient_sized_temporaries(old.compile().as_text(), SIZE)) == 1
+  old = donated_update_hlo(oc.apply_if_finite(tx, 3), params)
+  assert len(gradient_sized_temporaries(old, SIZE)) == 1
 
 
 def test_step_if_finite_names_a_bad_transformation():

@@ -28,12 +28,12 @@ from optcompose.core import (
   INT32_MAX,
   GradientTransformation,
   Hyper,
-  apply_updates,
   as_transformation,
   cond,
   expect_state,
   public,
   safe_increment,
+  step,
   zero_count,
 )
 from optcompose.wrappers.control import update_if
@@ -131,8 +131,9 @@ def step_if_finite(tx, grads, opt_state, params, **extra) -> tuple:
   must return the updates), and on XLA CPU a conditional that returns AdamW's updates costs
   about 2x AdamW, against 1.04x with the update inside (16.8M float32 parameters, a
   hand-written Adam: ``benchmarks/skip_step_variants.py``; this function with optcompose's
-  AdamW, finiteness test included: 1.15-1.19x in ``make bench``). Count skipped steps from
-  the returned flag.
+  AdamW, finiteness test included: 1.15-1.19x in ``make bench``). The step inside is
+  :func:`optcompose.step`'s, so a transformation's step-level form (``multi_steps``,
+  ``lookahead_in_state``) is used there too. Count skipped steps from the returned flag.
 
   Args:
     tx: any gradient transformation (optcompose's or Optax's).
@@ -147,13 +148,8 @@ def step_if_finite(tx, grads, opt_state, params, **extra) -> tuple:
   References:
     Optax's ``optax.apply_if_finite`` (the same test, as a wrapper).
   """
-  tx = as_transformation(tx, "step_if_finite")
-
-  def run(operands):
-    grads, opt_state, params = operands
-    updates, opt_state = tx.update(grads, opt_state, params, **extra)
-    return apply_updates(params, updates), opt_state
-
+  as_transformation(tx, "step_if_finite")  # names a bad transformation here
+  run = lambda o: step(tx, o[0], o[1], o[2], **extra)  # the step-level form, if tx has one
   finite = all_finite(grads)
   new_params, new_state = cond(finite, run, lambda o: (o[2], o[1]), (grads, opt_state, params))
   return new_params, new_state, finite

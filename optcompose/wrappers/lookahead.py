@@ -199,6 +199,16 @@ class LookaheadSlowState(NamedTuple):
   slow: Any
 
 
+def _check_slow_state(updates, state, params) -> None:
+  """What a call on the fast weights with the slow weights in the state needs (``update``
+  and the step-level form alike)."""
+  needs_params(params, "lookahead_in_state (the fast weights)")
+  expect_state(state, LookaheadSlowState, "lookahead_in_state")
+  otree.check_same_structure(updates, params, "updates", "params")
+  otree.check_same_structure(params, state.slow, "params", "state.slow")
+  otree.check_same_dtypes(params, state.slow, "params", "state.slow")
+
+
 def slow_weights_in_state(pair_lookahead: Any) -> GradientTransformation:
   """Run a lookahead written for ``LookaheadParams`` (:func:`lookahead`, or
   ``optax.lookahead``) on plain parameters, keeping the slow weights in the state.
@@ -220,11 +230,7 @@ def slow_weights_in_state(pair_lookahead: Any) -> GradientTransformation:
     return LookaheadSlowState(pair_lookahead.init(LookaheadParams(params, params)), slow)
 
   def update(updates, state, params=None, **extra):
-    needs_params(params, "lookahead_in_state (the fast weights)")
-    expect_state(state, LookaheadSlowState, "lookahead_in_state")
-    otree.check_same_structure(updates, params, "updates", "params")
-    otree.check_same_structure(params, state.slow, "params", "state.slow")
-    otree.check_same_dtypes(params, state.slow, "params", "state.slow")
+    _check_slow_state(updates, state, params)
     pair = LookaheadParams(fast=params, slow=state.slow)
     u, inner = pair_lookahead.update(updates, state.lookahead, pair, **extra)
     u = cast(LookaheadParams, u)  # the updates of a pair are a pair
@@ -284,12 +290,8 @@ def lookahead_in_state(
     the other writes, and XLA copies both at every step: 4x AdamW on XLA CPU, against 1.1x
     this way). The fast weights at a synchronisation are the new slow weights exactly,
     where ``update`` reaches them as ``theta + u - (1 - alpha) d`` (equal to rounding)."""
-    needs_params(params, "lookahead_in_state (the fast weights)")
-    expect_state(state, LookaheadSlowState, "lookahead_in_state")
+    _check_slow_state(grads, state, params)
     inner = expect_state(state.lookahead, LookaheadState, "lookahead_in_state")
-    otree.check_same_structure(grads, params, "updates", "params")
-    otree.check_same_structure(params, state.slow, "params", "state.slow")
-    otree.check_same_dtypes(params, state.slow, "params", "state.slow")
     u, fast_state = fast_optimizer.update(grads, inner.fast_state, params, **extra)
     otree.check_same_structure(u, params, "fast_optimizer's updates", "params")
 
