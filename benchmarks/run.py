@@ -51,6 +51,8 @@ NEW_OPTIMIZERS = ("lion", "lamb", "adafactor", "lbfgs")
 WRAPPERS = (
   "apply_if_finite_adamw",
   "apply_if_finite_checked_adamw",
+  "apply_if_finite_step_adamw",
+  "apply_if_finite_checked_step_adamw",
   "step_if_finite_adamw",
   "diagnostics_adamw",
   "diagnostics_every10_adamw",
@@ -68,8 +70,9 @@ WRAPPERS = (
 # Each wrapper's ideal bytes per float32 parameter beyond the count every row gets (the
 # gradients read, the parameters and the whole state read and written: AdamW's 28, or 36
 # with an accumulator or an average in the state): apply_if_finite reads the gradients once
-# more (so does step_if_finite, the whole step inside its conditional); check_updates=True
-# everything AdamW reads (g, mu, nu, p); with_diagnostics the
+# more (as a transformation, through optcompose.step, and as step_if_finite: the last two
+# with the whole step inside the conditional); check_updates=True everything AdamW reads
+# (g, mu, nu, p), either way; with_diagnostics the
 # gradients, updates and parameters (three norms); masked, partition, inject_hyperparams and
 # ema_params (its average is in the state) nothing; multi_steps(k=4) (as a transformation or
 # through MultiSteps.step, which writes no zero update on a micro-step), per call on average,
@@ -83,6 +86,8 @@ WRAPPERS = (
 EXTRA_BYTES = {
   "apply_if_finite_adamw": 4,
   "apply_if_finite_checked_adamw": 16,
+  "apply_if_finite_step_adamw": 4,
+  "apply_if_finite_checked_step_adamw": 16,
   "step_if_finite_adamw": 4,
   "diagnostics_adamw": 12,
   "diagnostics_every10_adamw": 1.2,
@@ -100,6 +105,13 @@ EXTRA_BYTES = {
 # Rows whose calls differ in cost by design (a real step every 4th call, a measurement every
 # 10th): their ratios are of total times (the mean cost of a call), not medians of paired
 # ratios, which would report the cheap calls only.
+# Rows whose step is optcompose.step (the transformation's step-level form), not update +
+# apply_updates.
+STEP_FORM = (
+  "lookahead5_step_adamw",
+  "apply_if_finite_step_adamw",
+  "apply_if_finite_checked_step_adamw",
+)
 AMORTIZED = (
   "multi_steps4_adamw",
   "multi_steps4_step_adamw",
@@ -198,10 +210,14 @@ def jax_optimizer(lib: str, name: str):
     return m.lbfgs()
   if name == "apply_if_finite_adamw":
     return m.apply_if_finite(m.adamw(LR, weight_decay=WD), 5)
-  if name == "apply_if_finite_checked_adamw":
+  if name in ("apply_if_finite_checked_adamw", "apply_if_finite_checked_step_adamw"):
     if m is not optcompose:
       raise NotImplementedError("Optax's apply_if_finite tests the gradients only")
     return m.apply_if_finite(m.adamw(LR, weight_decay=WD), 5, check_updates=True)
+  if name == "apply_if_finite_step_adamw":  # through optcompose.step
+    if m is not optcompose:
+      raise NotImplementedError("Optax has no step-level call (optax.apply_if_finite wraps)")
+    return m.apply_if_finite(m.adamw(LR, weight_decay=WD), 5)
   if name == "masked_adamw":  # every leaf selected: the mask machinery, no less work
     return m.masked(m.adamw(LR, weight_decay=WD), lambda p: jax.tree.map(lambda _: True, p))
   if name == "partition_adamw":  # one label for every leaf
@@ -296,7 +312,7 @@ class JaxRun:
       def step(params, state, grads):
         updates, state = tx.update(grads, state, params, value=jnp.float32(1.0))
         return optcompose.apply_updates(params, updates), state
-    elif opt == "lookahead5_step_adamw":
+    elif opt in STEP_FORM:
 
       def step(params, state, grads):
         return optcompose.step(tx, grads, state, params)

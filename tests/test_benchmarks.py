@@ -141,6 +141,8 @@ def test_adafactor_reports_its_factored_state_as_optax_does():
   [
     ("apply_if_finite_adamw", 4),
     ("apply_if_finite_checked_adamw", 16),
+    ("apply_if_finite_step_adamw", 4),
+    ("apply_if_finite_checked_step_adamw", 16),
     ("step_if_finite_adamw", 4),
     ("diagnostics_adamw", 12),
     ("diagnostics_every10_adamw", 1.2),
@@ -177,6 +179,7 @@ def test_wrapper_rows_count_the_bytes_their_work_needs(opt, extra):
   assert rows["optcompose"]["state_bytes_per_param"] == 8 + own
   assert rows[bench.BARE]["paired_vs_bare"] == 1.0
   skipped = ("apply_if_finite_checked_adamw", "step_if_finite_adamw", "ema_params_adamw")
+  skipped += ("apply_if_finite_step_adamw", "apply_if_finite_checked_step_adamw")
   assert ("optax" in rows) == (opt not in skipped and not opt.startswith("diagnostics"))
   ours, bare = rows["optcompose"], rows[bench.BARE]
   if opt in bench.AMORTIZED:  # a call's mean cost: the ratio of the total times

@@ -55,8 +55,9 @@ def step(tx: Any, grads: Any, opt_state: Any, params: Any, **extra) -> tuple:
   ``apply_updates(params, updates)``, or, for a transformation that offers one, its
   step-level form, which computes the same (to rounding) with the parameters' update where
   it is cheapest: ``multi_steps`` (a micro-step only accumulates: 0.6x AdamW per call at
-  k=4 on XLA CPU, against 2.1x through ``update``) and ``lookahead_in_state`` (the
-  synchronisation on the two copies alone). The state is the transformation's own either
+  k=4 on XLA CPU, against 2.1x through ``update``), ``lookahead_in_state`` (the
+  synchronisation on the two copies alone) and ``apply_if_finite`` (the step inside its
+  conditional: a skip writes nothing). The state is the transformation's own either
   way: the two can alternate, and a checkpoint of one resumes with the other.
 
   Args:
