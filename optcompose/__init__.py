@@ -36,6 +36,8 @@ from optcompose.core import (
   stateless,
   stateless_with_tree_map,
   step,
+  step_nnx,
+  step_train_state,
   with_extra_args_support,
   with_schedules,
 )

@@ -29,6 +29,7 @@ MIN_VERSIONS = (
   "test_packaging.py",
   "test_flax_examples.py",
   "test_examples.py",
+  "test_flax_step.py",
 )
 
 

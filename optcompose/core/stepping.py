@@ -78,4 +78,73 @@ def step(tx: Any, grads: Any, opt_state: Any, params: Any, **extra) -> tuple:
   return apply_updates(params, updates), opt_state
 
 
-__all__ = ["step", "with_step"]
+# Flax's key, in a TrainState's parameters, for the entries its gradients overwrite (fp8
+# scaling factors and the like) instead of the optimizer stepping them.
+OVERWRITE_WITH_GRADIENT = "_overwrite_with_gradient"
+
+
+def step_train_state(state: Any, grads: Any, **extra) -> Any:
+  """Flax's ``TrainState.apply_gradients(grads=grads)``, through :func:`step`: the new
+  ``state`` (``step`` + 1, new ``params`` and ``opt_state``), with the transformation's
+  step-level form where it has one (``multi_steps``, ``apply_if_finite``,
+  ``lookahead_in_state``).
+
+  Entries of the gradients under Flax's ``"_overwrite_with_gradient"`` key replace the
+  parameters' as ``apply_gradients`` does (the optimizer steps ``params["params"]``).
+
+  Args:
+    state: a ``flax.training.train_state.TrainState``, or any object with its fields
+      (``step``, ``params``, ``tx``, ``opt_state``) and ``replace``.
+    grads: the gradients, shaped like ``state.params``.
+    **extra: passed on to ``tx.update`` (e.g. ``value=``); unlike ``apply_gradients``'
+      keyword arguments, they are not fields to replace.
+
+  Returns:
+    ``state.replace(step=state.step + 1, params=..., opt_state=...)``.
+  """
+  missing = [f for f in ("step", "params", "tx", "opt_state", "replace") if not hasattr(state, f)]
+  if missing:
+    raise TypeError(
+      f"step_train_state: `state` must be a Flax TrainState (or have its fields); "
+      f"{type(state).__name__} has no {', '.join(missing)}."
+    )
+  params, overwrite = state.params, None
+  if isinstance(grads, dict) and OVERWRITE_WITH_GRADIENT in grads:
+    params, grads, overwrite = params["params"], grads["params"], grads[OVERWRITE_WITH_GRADIENT]
+  params, opt_state = step(state.tx, grads, state.opt_state, params, **extra)
+  if overwrite is not None:
+    params = {"params": params, OVERWRITE_WITH_GRADIENT: overwrite}
+  return state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+
+
+def step_nnx(optimizer: Any, model: Any, grads: Any, **extra) -> None:
+  """Flax NNX's ``optimizer.update(model, grads)``, through :func:`step`: the model's
+  parameters (those ``optimizer.wrt`` selects) and the optimizer's state and step count
+  are updated in place, with the transformation's step-level form where it has one.
+
+  Args:
+    optimizer: a ``flax.nnx.Optimizer``.
+    model: the module it optimizes.
+    grads: the gradients, as ``nnx.grad`` returns them.
+    **extra: passed on to ``tx.update`` (e.g. ``value=``).
+  """
+  from flax import nnx  # only here: optcompose does not need Flax
+
+  if not isinstance(optimizer, nnx.Optimizer):
+    raise TypeError(
+      f"step_nnx: `optimizer` must be a flax.nnx.Optimizer, got {type(optimizer).__name__}."
+    )
+  # What Optimizer.update reads, in this Flax's own calls (they moved between releases).
+  pure = getattr(nnx, "as_pure", None) or nnx.pure
+  freeze = getattr(nnx, "freeze", lambda tree: tree)
+  graph = {"graph": optimizer.graph} if hasattr(optimizer, "graph") else {}
+  params = freeze(pure(nnx.state(model, optimizer.wrt, **graph)))
+  grads = freeze(pure(nnx.state(grads, optimizer.wrt, **graph)))
+  opt_state = freeze(pure(optimizer.opt_state))
+  params, opt_state = step(optimizer.tx, grads, opt_state, params, **freeze(pure(extra)))
+  nnx.update(model, params)
+  nnx.update(optimizer.opt_state, nnx.state(opt_state, **graph))
+  optimizer.step[...] += 1
+
+
+__all__ = ["step", "step_nnx", "step_train_state", "with_step"]
