@@ -225,6 +225,48 @@ def test_apply_if_finite_step_writes_in_place(check_updates):
   assert slow.memory_analysis().temp_size_in_bytes >= 4 * SIZE
 
 
+@pytest.mark.parametrize("every_k", [1, 2])
+def test_with_diagnostics_step_keeps_the_inner_step_form(every_k):
+  """``with_diagnostics(apply_if_finite(...))`` through ``step``: the same parameters, state
+  and measurements as ``update`` + ``apply_updates`` (eagerly bit for bit, jitted to 2
+  ulps), a skipped call's parameters untouched."""
+  from numerics import assert_ulps_close
+
+  tx = oc.with_diagnostics(
+    oc.apply_if_finite(oc.adamw(1e-2, weight_decay=1e-2), 2), every_k=every_k
+  )
+  params, grads = problem(calls=8)
+  a = b = c = (params, tx.init(params))
+  stepped = jax.jit(lambda p, s, g: oc.step(tx, g, s, p))
+  for t in range(8):
+    g = with_nan(grads, t)
+    a, b, c = by_update(tx, *a, g), oc.step(tx, g, b[1], b[0]), stepped(*c, g)
+    for x, y in zip(bits(a), bits(b), strict=True):
+      np.testing.assert_array_equal(x, y)
+    assert_ulps_close(c, a, 2)
+  assert int(b[1].inner_state.total_notfinite) == 2 and int(b[1].count) == 8
+
+
+@pytest.mark.xla_cpu_program
+def test_with_diagnostics_step_writes_in_place():
+  """Through ``step``, ``with_diagnostics(apply_if_finite(adamw))`` copies no buffer and
+  writes out only the gradients before the inner step form's conditional (which writes the
+  parameters in place)."""
+  params = {"w": jnp.ones(SIZE, jnp.float32)}
+  tx = oc.with_diagnostics(oc.apply_if_finite(oc.adamw(1e-3, weight_decay=1e-4), 5), every_k=10)
+
+  def compiled(step):
+    lowered = jax.jit(step, donate_argnums=(0, 1)).lower(params, tx.init(params), params)
+    return lowered.compile()
+
+  fast = compiled(lambda p, s, g: oc.step(tx, g, s, p))
+  assert re.findall(rf"= f32\[{SIZE}\]\S* copy\(", fast.as_text()) == []
+  entry = fast.as_text()[fast.as_text().index("ENTRY") :]
+  # the gradients, ordered after the measurements, are the one array written out before
+  # the inner conditional (the parameters and moments are its operands as they are)
+  assert len(re.findall(rf"= f32\[{SIZE}\]\S* fusion\(", entry)) == 1
+
+
 def test_with_step_names_an_update_that_cannot_carry_it():
   class Opt:
     def update(self, updates, state, params=None):

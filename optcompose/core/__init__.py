@@ -30,7 +30,7 @@ from optcompose.core.base import (
   with_extra_args_support,
   zero_count,
 )
-from optcompose.core.stepping import step, step_nnx, step_train_state, with_step
+from optcompose.core.stepping import STEP, step, step_nnx, step_train_state, with_step
 from optcompose.core.hyperparams import (
   DECAY,
   DTYPE,

@@ -44,6 +44,10 @@ about 2.5x the bare step when measuring every update, about 1.05x on the updates
 the inner step's time (it is traced twice). Leaves under 2^14 elements are read without
 that ordering (a copy of them costs microseconds).
 
+:func:`optcompose.step` on a ``with_diagnostics`` transformation measures the same way, then
+takes ``inner``'s step through :func:`optcompose.step`, so the step-level form of the
+wrapped optimizer (``apply_if_finite``, ``multi_steps``, ``lookahead_in_state``) is kept.
+
 Logging any optimizer state -- with or without diagnostics, optcompose's or Optax's::
 
     diagnostics_dict(state)
@@ -74,6 +78,7 @@ from optcompose.core import (
   INNER,
   LEARNING_RATE,
   MASK,
+  STEP,
   GradientTransformation,
   ScalarOrSchedule,
   as_transformation,
@@ -84,7 +89,9 @@ from optcompose.core import (
   ordered_after,
   public,
   safe_increment,
+  step,
   value_at,
+  with_step,
   zero_count,
 )
 from optcompose.wrappers.measures import (
@@ -204,7 +211,9 @@ def with_diagnostics(
       zero_count(),
     )
 
-  def update(updates, state, params=None, **extra):
+  def measured_first(updates, state, params, extra, only_updates=False):
+    """The measurements, and the step's inputs ordered after them (``only_updates``: only
+    the updates; see step_form)."""
     expect_state(state, DiagnosticsState, fn)
     needs_params(params, f"{fn} (for the parameter norm and zero fraction)")
     # The measurements run first, inside one lax.cond (every_k == 1: a predicate that is
@@ -218,16 +227,35 @@ def with_diagnostics(
     measured = cond(
       take, lambda _: measure(updates, state.inner_state, params, extra), lambda _: previous, None
     )
-    updates_in, inner_in, params_in = ordered_after(
-      (updates, state.inner_state, params), measured[0], min_size=ORDERED_SIZE
-    )
-    new_updates, inner_state = inner.update(updates_in, inner_in, params_in, **extra)
-    return new_updates, state._replace(
+    if only_updates:
+      updates = ordered_after(updates, measured[0], min_size=ORDERED_SIZE)
+      return measured, (updates, state.inner_state, params)
+    inputs = ordered_after((updates, state.inner_state, params), measured[0], min_size=ORDERED_SIZE)
+    return measured, inputs
+
+  def recorded(state, inner_state, measured):
+    return state._replace(
       inner_state=inner_state,
       count=safe_increment(state.count),
       learning_rate=lr_in_force(state.count, inner_state),
       **dict(zip(MEASURED, measured)),
     )
+
+  def update(updates, state, params=None, **extra):
+    measured, (updates_in, inner_in, params_in) = measured_first(updates, state, params, extra)
+    new_updates, inner_state = inner.update(updates_in, inner_in, params_in, **extra)
+    return new_updates, recorded(state, inner_state, measured)
+
+  def step_form(grads, state, params, **extra):  # optcompose.step: inner's own step form
+    # An inner step form that is a conditional takes its inputs as operands: ordered ones
+    # would be written out (a copy of each). Ordering the gradients alone orders that
+    # conditional, which reads them, after the measurements (one copy, of the gradients).
+    conditional = getattr(inner.update, STEP, None) is not None
+    measured, (grads_in, inner_in, params_in) = measured_first(
+      grads, state, params, extra, only_updates=conditional
+    )
+    new_params, inner_state = step(inner, grads_in, inner_in, params_in, **extra)
+    return new_params, recorded(state, inner_state, measured)
 
   def measure(updates, inner_state, params, extra):
     # inner runs a second time here, for its updates' norm only: its results are discarded.
@@ -248,7 +276,7 @@ def with_diagnostics(
       nonfinite_count(updates, norm=grad_norm),
     )
 
-  return GradientTransformation(init, update)
+  return GradientTransformation(init, with_step(update, step_form))
 
 
 # ---------------------------------------------------------------------------------------
