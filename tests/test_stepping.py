@@ -267,6 +267,47 @@ def test_with_diagnostics_step_writes_in_place():
   assert len(re.findall(rf"= f32\[{SIZE}\]\S* fusion\(", entry)) == 1
 
 
+@pytest.mark.parametrize(
+  "last",
+  [
+    lambda: oc.apply_if_finite(oc.adamw(1e-2, weight_decay=1e-2), 2),
+    lambda: oc.multi_steps(oc.adam(1e-2), 2),
+    lambda: oc.with_diagnostics(oc.adam(1e-2)),
+  ],
+  ids=["apply_if_finite", "multi_steps", "with_diagnostics"],
+)
+def test_chain_takes_its_last_members_step_form(last):
+  """``chain(clip, X)`` through ``step``: the members before X update, then X's step form
+  takes the step (a micro-step of multi_steps writes nothing: the parameters stay bit for
+  bit); eagerly bit for bit with ``update`` + ``apply_updates``, jitted to 2 ulps; a chain
+  whose last member has no step form takes the usual path. A state mismatch names the
+  member's position."""
+  from numerics import assert_ulps_close
+
+  tx = oc.chain(oc.clip_by_global_norm(1.0), last())
+  assert getattr(tx.update, oc.core.STEP, None) is not None
+  assert getattr(oc.chain(last(), oc.scale(1.0)).update, oc.core.STEP, None) is None
+  params, grads = problem(calls=8)
+  a = b = (params, tx.init(params))
+  stepped = jax.jit(lambda p, s, g: oc.step(tx, g, s, p))
+  for t in range(8):
+    g = with_nan(grads, t) if isinstance(b[1][1], oc.ApplyIfFiniteState) else grads[t]
+    before = b[0]
+    c = stepped(*a, g)  # jitted, from the same state (two programs' roundings compound)
+    a, b = by_update(tx, *a, g), oc.step(tx, g, b[1], b[0])
+    for x, y in zip(bits(a), bits(b), strict=True):
+      np.testing.assert_array_equal(x, y)
+    assert_ulps_close(c, a, 2)
+    if isinstance(b[1][1], oc.MultiStepsState) and t % 2 == 0:  # a micro-step
+      for x, y in zip(bits(b[0]), bits(before), strict=True):
+        np.testing.assert_array_equal(x, y)
+  state = tx.init(params)
+  with pytest.raises(oc.StateMismatchError, match=r"state\[1\]"):
+    oc.step(tx, grads[0], (state[0], oc.sgd(0.1).init(params)), params)
+  with pytest.raises(ValueError, match="chain of 2 transformations"):
+    oc.step(tx, grads[0], state[:1], params)
+
+
 def test_with_step_names_an_update_that_cannot_carry_it():
   class Opt:
     def update(self, updates, state, params=None):

@@ -19,17 +19,15 @@ from optcompose.core.base import (
   apply_updates,
   as_transformation,
   chain,
-  cond,
   expect_state,
   identity,
   init_empty_state,
   needs_params,
-  safe_increment,
   stateless,
   stateless_with_tree_map,
   with_extra_args_support,
-  zero_count,
 )
+from optcompose.core.counting import cond, safe_increment, zero_count
 from optcompose.core.stepping import STEP, step, step_nnx, step_train_state, with_step
 from optcompose.core.hyperparams import (
   DECAY,

@@ -248,7 +248,8 @@ def with_extra_args_support(tx: Any) -> GradientTransformation:
 # Transformations that average the parameters (``ema_params``, ``swa``): they read the step
 # as ``params + updates`` and pass the updates through unchanged, so in a chain only others
 # of their kind may follow them. Marked by their update function (a NamedTuple has no room
-# for a flag); ``chain`` propagates the mark.
+# for a flag); ``chain`` propagates the mark. STEP: see optcompose.core.stepping.
+STEP = "optcompose_step"
 _AVERAGERS: "weakref.WeakSet" = weakref.WeakSet()  # pass updates through, read the final ones
 _READS_FINAL: "weakref.WeakSet" = weakref.WeakSet()  # contains an averager
 
@@ -297,30 +298,47 @@ def chain(*transformations: Any) -> GradientTransformation:
     return tuple(t.init(params) for t in members)
 
   def update(updates, state, params=None, **extra):
-    if not isinstance(state, (tuple, list)) or len(state) != len(members):
-      got = (
-        f"a {type(state).__name__} of length {len(state)}"
-        if isinstance(state, (tuple, list))
-        else type(state).__name__
-      )
-      raise ValueError(
-        f"chain of {len(members)} transformations got state {got}; pass the state "
-        "returned by this chain's init."
-      )
-    new_state = []
-    for i, (t, s) in enumerate(zip(members, state)):
-      try:
-        updates, s = t.update(updates, s, params, **extra)
-      except StateMismatchError as e:
-        raise e.at(f"[{i}]") from None
-      new_state.append(s)
-    return updates, tuple(new_state)
+    return _run_chain(members, updates, _chain_state(state, len(members)), params, extra)
 
+  last = getattr(members[-1].update, STEP, None) if members else None
+  if last is not None:  # the last member's step-level form (optcompose.step), after the rest
+
+    def step_form(grads, state, params, **extra):
+      state = _chain_state(state, len(members))
+      updates, head = _run_chain(members[:-1], grads, state[:-1], params, extra)
+      try:
+        params, tail = last(updates, state[-1], params, **extra)
+      except StateMismatchError as e:
+        raise e.at(f"[{len(members) - 1}]") from None
+      return params, (*head, tail)
+
+    setattr(update, STEP, step_form)
   if any(t.update in _READS_FINAL for t in members):
     _READS_FINAL.add(update)
     if all(t.update in _AVERAGERS for t in members):
       _AVERAGERS.add(update)
   return GradientTransformation(init, update)
+
+
+def _chain_state(state: Any, n: int) -> tuple:
+  if isinstance(state, (tuple, list)) and len(state) == n:
+    return tuple(state)
+  got = f" of length {len(state)}" if isinstance(state, (tuple, list)) else ""
+  raise ValueError(
+    f"chain of {n} transformations got state a {type(state).__name__}{got}; pass the state "
+    "returned by this chain's init."
+  )
+
+
+def _run_chain(members: tuple, updates: Any, state: tuple, params: Any, extra: dict) -> tuple:
+  new_state = []
+  for i, (t, s) in enumerate(zip(members, state)):
+    try:
+      updates, s = t.update(updates, s, params, **extra)
+    except StateMismatchError as e:
+      raise e.at(f"[{i}]") from None
+    new_state.append(s)
+  return updates, tuple(new_state)
 
 
 def apply_updates(params: Params, updates: Updates) -> Params:
@@ -358,32 +376,3 @@ def apply_updates(params: Params, updates: Updates) -> Params:
     return jnp.asarray(p_wide + u_wide).astype(jnp.asarray(p).dtype)
 
   return jax.tree.map(add, params, updates)
-
-
-# ----------------------------------------------------------------------------------------
-# Step counts and branches.
-
-
-def zero_count() -> jax.Array:
-  """A fresh int32 step count."""
-  return jnp.zeros([], jnp.int32)
-
-
-def safe_increment(count: jax.Array) -> jax.Array:
-  """``count + 1``, saturating at the largest value of the count's dtype (no wrap-around)."""
-  count = jnp.asarray(count)
-  top = (
-    jnp.iinfo(count.dtype).max
-    if jnp.issubdtype(count.dtype, jnp.integer)
-    else jnp.finfo(count.dtype).max
-  )
-  top = jnp.asarray(top, count.dtype)
-  return jnp.where(count < top, count + jnp.asarray(1, count.dtype), top)
-
-
-def cond(pred, if_true: Callable, if_false: Callable, operand):
-  """``lax.cond``, or a plain Python branch when ``pred`` is a known value: eagerly, a
-  ``lax.cond`` of fresh closures would compile both branches at every call."""
-  if not isinstance(pred, jax.core.Tracer):
-    return (if_true if bool(pred) else if_false)(operand)
-  return jax.lax.cond(pred, if_true, if_false, operand)

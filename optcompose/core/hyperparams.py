@@ -31,14 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from optcompose import tree as otree
-from optcompose.core.base import (
-  GradientTransformation,
-  OptState,
-  as_transformation,
-  expect_state,
-  safe_increment,
-  zero_count,
-)
+from optcompose.core.base import GradientTransformation, OptState, as_transformation, expect_state
+from optcompose.core.counting import safe_increment, zero_count
 from optcompose.core.validation import (  # noqa: F401  (re-exported: the one place to look)
   DECAY,
   DECLARED,

@@ -8,18 +8,20 @@ the weights, each read by the other's update) pay for returning updates the para
 take directly. Such a transformation attaches a step-level function to its ``update``
 (:func:`with_step`); :func:`step` uses it, and otherwise runs ``update`` and
 :func:`apply_updates`. The transformation is unchanged (Optax's two fields), so it still
-works in ``chain``, ``TrainState`` and ``nnx.Optimizer``, where the attached function is not
-used: any wrapper that builds its own ``update`` (``chain``, ``inject_hyperparams``,
-``masked``, ...) takes the usual path, and so does :func:`step` on it.
+works in ``chain``, ``TrainState`` and ``nnx.Optimizer``. The forms compose where the step
+is taken last: ``apply_if_finite``'s and ``with_diagnostics``' take their inner
+transformation's step through :func:`step`, and a ``chain`` whose last member has a form
+runs the members before it, then that form. Any other wrapper that builds its own
+``update`` (``inject_hyperparams``, ``masked``, ``partition``, an Optax combinator, ...)
+takes the usual path, and so does :func:`step` on it. :func:`step_train_state` and
+:func:`step_nnx` bring :func:`step` to Flax's ``TrainState`` and ``nnx.Optimizer``.
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable
 
-from optcompose.core.base import apply_updates, as_transformation
-
-STEP = "optcompose_step"  # the attribute of an update function holding its step-level form
+from optcompose.core.base import STEP, apply_updates, as_transformation
 
 
 def with_step(update: Callable, step_fn: Callable) -> Callable:
