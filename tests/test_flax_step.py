@@ -93,6 +93,25 @@ def test_step_train_state_passes_extra_arguments():
     oc.step_train_state({"w": 1}, g)
 
 
+def test_step_train_state_replaces_the_fields_it_is_given():
+  """A keyword naming a field of the state (``batch_stats``, as BatchNorm's loops pass it to
+  ``apply_gradients``) replaces it; the fields the step sets cannot be passed."""
+  from flax.training import train_state
+
+  class State(train_state.TrainState):
+    batch_stats: dict
+
+  params = {"w": jnp.ones(3)}
+  state = State.create(apply_fn=None, params=params, tx=oc.sgd(0.1), batch_stats={"m": 0.0})
+  g = {"w": jnp.ones(3)}
+  a = oc.step_train_state(state, g, batch_stats={"m": 2.0})
+  b = state.apply_gradients(grads=g, batch_stats={"m": 2.0})
+  assert a.batch_stats == b.batch_stats == {"m": 2.0}
+  np.testing.assert_array_equal(np.asarray(a.params["w"]), np.asarray(b.params["w"]))
+  with pytest.raises(TypeError, match="`params` is set by the step"):
+    oc.step_train_state(state, g, params=params)
+
+
 def model_and_optimizer(tx):
   from flax import nnx
 

@@ -332,5 +332,8 @@ def test_step_names_bad_input():
   finite = oc.apply_if_finite(oc.sgd(0.1), 2)
   with pytest.raises(ValueError, match="params"):
     oc.step(finite, {"w": jnp.ones(3)}, finite.init(params), None)
+  adamw = oc.adamw(1e-3)  # no step form: named by step, not by the member that reads them
+  with pytest.raises(ValueError, match="step: `params` is None"):
+    oc.step(adamw, {"w": jnp.ones(3)}, adamw.init(params), None)
   with pytest.raises(oc.StateMismatchError, match="ApplyIfFiniteState"):
     oc.step(finite, {"w": jnp.ones(3)}, state, params)

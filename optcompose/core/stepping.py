@@ -19,6 +19,7 @@ takes the usual path, and so does :func:`step` on it. :func:`step_train_state` a
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 from optcompose.core.base import STEP, apply_updates, as_transformation
@@ -74,6 +75,8 @@ def step(tx: Any, grads: Any, opt_state: Any, params: Any, **extra) -> tuple:
   """
   fast = getattr(getattr(tx, "update", None), STEP, None)
   tx = as_transformation(tx, "step")
+  if params is None:  # named here, not by whichever member reads them first
+    raise ValueError("step: `params` is None; the step updates the parameters.")
   if fast is not None:
     return fast(grads, opt_state, params, **extra)
   updates, opt_state = tx.update(grads, opt_state, params, **extra)
@@ -95,14 +98,20 @@ def step_train_state(state: Any, grads: Any, **extra) -> Any:
   parameters' as ``apply_gradients`` does (the optimizer steps ``params["params"]``).
 
   Args:
-    state: a ``flax.training.train_state.TrainState``, or any object with its fields
-      (``step``, ``params``, ``tx``, ``opt_state``) and ``replace``.
+    state: a ``flax.training.train_state.TrainState`` (or a subclass, e.g. with
+      ``batch_stats``), or any object with its fields (``step``, ``params``, ``tx``,
+      ``opt_state``) and ``replace``.
     grads: the gradients, shaped like ``state.params``.
-    **extra: passed on to ``tx.update`` (e.g. ``value=``); unlike ``apply_gradients``'
-      keyword arguments, they are not fields to replace.
+    **extra: a keyword naming another field of ``state`` (a dataclass field, e.g.
+      ``batch_stats=``) replaces it, as in ``apply_gradients``; any other is passed on to
+      ``tx.update`` (e.g. ``value=``).
 
   Returns:
-    ``state.replace(step=state.step + 1, params=..., opt_state=...)``.
+    ``state.replace(step=state.step + 1, params=..., opt_state=..., **fields)``.
+
+  Raises:
+    TypeError: ``state`` lacks a field, or a keyword names ``step``, ``params``,
+      ``opt_state`` or ``tx`` (set by the step itself).
   """
   missing = [f for f in ("step", "params", "tx", "opt_state", "replace") if not hasattr(state, f)]
   if missing:
@@ -110,13 +119,19 @@ def step_train_state(state: Any, grads: Any, **extra) -> Any:
       f"step_train_state: `state` must be a Flax TrainState (or have its fields); "
       f"{type(state).__name__} has no {', '.join(missing)}."
     )
+  names = {f.name for f in dataclasses.fields(state)} if dataclasses.is_dataclass(state) else ()
+  fields = {k: v for k, v in extra.items() if k in names}
+  extra = {k: v for k, v in extra.items() if k not in names}
+  taken = sorted(set(fields) & {"step", "params", "opt_state", "tx"})
+  if taken:
+    raise TypeError(f"step_train_state: `{taken[0]}` is set by the step; it cannot be passed.")
   params, overwrite = state.params, None
   if isinstance(grads, dict) and OVERWRITE_WITH_GRADIENT in grads:
     params, grads, overwrite = params["params"], grads["params"], grads[OVERWRITE_WITH_GRADIENT]
   params, opt_state = step(state.tx, grads, state.opt_state, params, **extra)
   if overwrite is not None:
     params = {"params": params, OVERWRITE_WITH_GRADIENT: overwrite}
-  return state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+  return state.replace(step=state.step + 1, params=params, opt_state=opt_state, **fields)
 
 
 def step_nnx(optimizer: Any, model: Any, grads: Any, **extra) -> None:

@@ -96,7 +96,10 @@ def apply_if_finite(
   Args:
     inner: the wrapped optimizer (optcompose's or Optax's).
     max_consecutive_errors: after this many consecutive non-finite steps, ``gave_up`` is set
-      in the state (the updates are still skipped). ``None``: never give up.
+      in the state (the updates are still skipped), and it stays set when finite steps
+      follow (the consecutive count restarts at 0): a flag for the training loop to act on
+      (stop, or restore a checkpoint), cleared only by a new ``init``. ``None``: never give
+      up.
     check_updates: also skip (and count) a step whose update is not finite although its
       gradients are (an overflow: a huge learning rate or gradient). It computes the inner
       step twice (see the module docstring); ours, Optax tests the gradients only.
