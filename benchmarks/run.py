@@ -66,6 +66,7 @@ WRAPPERS = (
   "lookahead5_adamw",
   "lookahead5_step_adamw",
   "plateau_adamw",
+  "sam_adamw",
 )
 # Each wrapper's ideal bytes per float32 parameter beyond the count every row gets (the
 # gradients read, the parameters and the whole state read and written: AdamW's 28, or 36
@@ -82,7 +83,8 @@ WRAPPERS = (
 # state) nothing; reduce_on_plateau (a scalar scale) nothing; lookahead_in_state with
 # sync_period=5 (the slow copy in the state: 36 counted; as a transformation or through
 # optcompose.step) reads and writes the slow copy and writes the parameters on one call in
-# five: 28 + 12 / 5 = 30.4, i.e. 36 - 5.6.
+# five: 28 + 12 / 5 = 30.4, i.e. 36 - 5.6; sharpness_aware (its second gradient, from a
+# loss whose gradient at w is w - g, read inside AdamW's loops) the norm of the gradients: 4.
 EXTRA_BYTES = {
   "apply_if_finite_adamw": 4,
   "apply_if_finite_checked_adamw": 16,
@@ -100,6 +102,7 @@ EXTRA_BYTES = {
   "lookahead5_adamw": -5.6,
   "lookahead5_step_adamw": -5.6,
   "plateau_adamw": 0,
+  "sam_adamw": 4,
   "ema_params_adamw": 0,
 }
 # Rows whose calls differ in cost by design (a real step every 4th call, a measurement every
@@ -242,6 +245,10 @@ def jax_optimizer(lib: str, name: str):
     if m is not optcompose:
       raise NotImplementedError("Optax's lookahead takes (fast, slow) parameter pairs")
     return m.lookahead_in_state(m.adamw(LR, weight_decay=WD), 5, 0.5)
+  if name == "sam_adamw":  # the step passes grad_fn=
+    if m is not optcompose:
+      raise NotImplementedError("Optax's sam takes two update calls per step (contrib API)")
+    return m.chain(m.sharpness_aware(0.05), m.adamw(LR, weight_decay=WD))
   if name == "plateau_adamw":  # the step passes value=
     plateau = optcompose.reduce_on_plateau if m is optcompose else optax.contrib.reduce_on_plateau
     return m.chain(m.adamw(LR, weight_decay=WD), plateau(patience=5))
@@ -306,6 +313,13 @@ class JaxRun:
       def step(params, state, grads):
         value, g = jax.value_and_grad(loss)(params)
         updates, state = tx.update(g, state, params, value=value, grad=g, value_fn=loss)
+        return optcompose.apply_updates(params, updates), state
+    elif opt == "sam_adamw":
+
+      def step(params, state, grads):
+        # the loss 0.5 |w - g|^2 at w, whose gradient at the perturbed w' is w' - g
+        grad_fn = lambda p: jax.tree.map(lambda x, g: x - g, p, grads)
+        updates, state = tx.update(grads, state, params, grad_fn=grad_fn)
         return optcompose.apply_updates(params, updates), state
     elif opt == "plateau_adamw":
 

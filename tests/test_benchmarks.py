@@ -151,6 +151,7 @@ def test_adafactor_reports_its_factored_state_as_optax_does():
     ("inject_adamw", 0),
     ("multi_steps4_adamw", (3 * 12 + 32) / 4 - 28),
     ("ema_params_adamw", 8),
+    ("sam_adamw", 4),
   ],
 )
 def test_wrapper_rows_count_the_bytes_their_work_needs(opt, extra):
@@ -158,7 +159,8 @@ def test_wrapper_rows_count_the_bytes_their_work_needs(opt, extra):
   everything AdamW reads (g, mu, nu, p) for the test of the updates; of the gradients,
   updates and parameters for the three norms; the average's read and write for ema_params;
   nothing for the mask, partition and injected hyperparameters; and for multi_steps(k=4) the
-  mean over four calls of three accumulations (12 B) and one real step (32 B). The state
+  mean over four calls of three accumulations (12 B) and one real step (32 B); for SAM the
+  gradients' norm (4 B; its second gradient, w' - g, is computed inside AdamW's loops). The state
   stays AdamW's 8 B plus the wrapper's own arrays (scalars, or the accumulator or average).
   Optax has no with_diagnostics, no test of the updates and no EMA of the parameters: those
   rows are skipped. The bare AdamW runs beside it, paired."""
@@ -179,7 +181,7 @@ def test_wrapper_rows_count_the_bytes_their_work_needs(opt, extra):
   assert rows["optcompose"]["state_bytes_per_param"] == 8 + own
   assert rows[bench.BARE]["paired_vs_bare"] == 1.0
   skipped = ("apply_if_finite_checked_adamw", "step_if_finite_adamw", "ema_params_adamw")
-  skipped += ("apply_if_finite_step_adamw", "apply_if_finite_checked_step_adamw")
+  skipped += ("apply_if_finite_step_adamw", "apply_if_finite_checked_step_adamw", "sam_adamw")
   assert ("optax" in rows) == (opt not in skipped and not opt.startswith("diagnostics"))
   ours, bare = rows["optcompose"], rows[bench.BARE]
   if opt in bench.AMORTIZED:  # a call's mean cost: the ratio of the total times
