@@ -216,6 +216,53 @@ def test_bounds_hold_each_row_to_its_issue_bound():
   assert "1.50 (bound <= 1.31)" in lines[-1]
 
 
+def test_bounded_rows_are_medians_over_processes():
+  """A bounded row runs in PROCESSES processes: every number is the median over them, each
+  ratio computed in its own process, and the bounds section shows the per-process ratios.
+  A configuration run once is passed through as it is."""
+
+  def res(ours, vs_optax, ms):
+    rows = [
+      {
+        "lib": "optcompose",
+        "median_ms": ms,
+        "paired_vs_bare": ours,
+        "paired_vs_optax": vs_optax,
+        "paired_vs": {"optax": vs_optax, bench.BARE: ours},
+        "compile_s": 1.0,
+        "ideal_bytes": 32,
+      },
+      {
+        "lib": bench.BARE,
+        "median_ms": 10.0,
+        "paired_vs_bare": 1.0,
+        "paired_vs_optax": None,
+        "paired_vs": {"optcompose": 1 / ours},
+        "compile_s": 1.0,
+        "ideal_bytes": 28,
+      },
+    ]
+    return {
+      "cfg": {"opt": "apply_if_finite_adamw"},
+      "label": "L",
+      "rows": rows,
+      "bandwidth_gbs": 1.0,
+    }
+
+  one = res(1.5, 0.5, 15.0)
+  assert bench.merge([one]) is one
+  merged = bench.merge([res(1.5, 0.5, 15.0), res(1.2, 0.4, 12.0), res(1.25, 0.45, 11.0)])
+  ours = next(r for r in merged["rows"] if r["lib"] == "optcompose")
+  assert merged["processes"] == 3
+  assert ours["paired_vs_bare"] == 1.25 and ours["median_ms"] == 12.0
+  assert ours["paired_vs"]["optax"] == 0.45
+  assert ours["each"]["paired_vs_bare"] == [1.5, 1.2, 1.25]
+  (line,) = bench.bounds([merged])
+  assert line.startswith("- PASS") and "1.25 (median of 1.50, 1.20, 1.25)" in line
+  bounded = [c for c in bench.suite(False, False) if c.get("reps") == 100]
+  assert bounded and all(c.get("processes") == bench.PROCESSES for c in bounded)
+
+
 def test_zero1_section_reports_an_eighth_of_the_state_per_device():
   """The benchmark's memory rows on 8 simulated devices: AdamW's state (8 B/param) whole on
   every device when replicated, 1/8 of it per device split per leaf or as FlatParams
