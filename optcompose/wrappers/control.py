@@ -310,7 +310,8 @@ def _parts(inner, every_k_schedule, use_grad_mean, accumulator_dtype, should_ski
       return apply_updates(p, u), inner_state, jnp.float32(1)
 
     def hold(operands):  # the parameters and the inner state as they are
-      jax.eval_shape(real, operands)  # eagerly too: the inner step's errors at the first call
+      if not isinstance(emit, jax.core.Tracer):  # eagerly: the inner step's errors at once
+        jax.eval_shape(real, operands)  # (under jit, lax.cond traces real anyway)
       return operands[2], operands[1], jnp.float32(0)
 
     params, inner_state, done = cond(

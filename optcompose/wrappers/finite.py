@@ -156,8 +156,6 @@ def apply_if_finite(
     return new_updates, counted(state, finite, inner_state)
 
   def step_form(grads, state, params, **extra):  # optcompose.step: the step inside the cond
-    if params is None:
-      raise ValueError("apply_if_finite's step: `params` is required (the step updates them).")
     finite = decide(grads, state, params, extra)
     params, inner_state = _step_if(finite, inner, grads, state.inner_state, params, extra)
     return params, counted(state, finite, inner_state)
@@ -171,7 +169,8 @@ def _step_if(finite, tx, grads, opt_state, params, extra) -> tuple:
   run = lambda o: step(tx, o[0], o[1], o[2], **extra)  # the step-level form, if tx has one
 
   def hold(operands):
-    jax.eval_shape(run, operands)  # eagerly too: the inner step's errors at the first call
+    if not isinstance(finite, jax.core.Tracer):  # eagerly: the inner step's errors at once
+      jax.eval_shape(run, operands)  # (under jit, lax.cond traces run anyway)
     return operands[2], operands[1]
 
   return cond(finite, run, hold, (grads, opt_state, params))
