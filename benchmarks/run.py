@@ -573,6 +573,10 @@ class Scrub:
 def run_config(cfg: dict) -> dict:
   if cfg.get("kind") == "zero1":
     return run_zero1(cfg)
+  if cfg.get("kind") == "train":
+    from train_step import run_train
+
+    return run_train(cfg)
   shapes = tree_shapes(cfg["tree"], cfg["size"])
   n = sum(int(np.prod(s)) for s, _ in shapes.values())
   runs, skipped = {}, {}
@@ -766,6 +770,16 @@ def suite(quick: bool, full: bool) -> list:
     )
     for s in (1, 4, 64)
   ]
+  configs += [
+    dict(
+      section="whole training step",
+      kind="train",
+      opt="nanogpt_train_step",
+      tree="nanogpt",
+      reps=60,
+      processes=PROCESSES,
+    )
+  ]
   return configs
 
 
@@ -835,6 +849,17 @@ def table(results: list) -> list:
   return lines
 
 
+def section_lines(results: list) -> list:
+  """The tables of one section's results: ZeRO-1's memory, whole training steps, or the
+  optimizer-step table."""
+  from train_step import train_table
+
+  lines = sum((memory_table(r) for r in results if "memory_rows" in r), [])
+  lines += sum((train_table(r) for r in results if r.get("kind") == "train"), [])
+  steps = [r for r in results if "memory_rows" not in r and r.get("kind") != "train"]
+  return lines + (table(steps) if steps else [])
+
+
 def merge(results: list) -> dict:
   """One configuration's results from several processes, as one: every number of a row is
   the median over the processes (the ratios included, each computed in its own process),
@@ -861,12 +886,10 @@ def merge(results: list) -> dict:
     }
     merged["each"]["paired_vs"] = {k: [r["paired_vs"][k] for r in same] for k in row["paired_vs"]}
     rows.append(merged)
-  return {
-    **first,
-    "rows": rows,
-    "processes": len(results),
-    "bandwidth_gbs": median([r["bandwidth_gbs"] for r in results]),
-  }
+  merged = {**first, "rows": rows, "processes": len(results)}
+  if "bandwidth_gbs" in first:
+    merged["bandwidth_gbs"] = median([r["bandwidth_gbs"] for r in results])
+  return merged
 
 
 def bounds(results: list) -> list:
@@ -958,6 +981,30 @@ def bounds(results: list) -> list:
           ideal * WRAPPER_SLACK,
           each(ours, "paired_vs_bare"),
         )
+    elif res.get("kind") == "train":
+      diag = rows.get("optcompose with_diagnostics(every_k=10)")
+      if diag is not None:
+        check(
+          f"with_diagnostics(every_k=10) / recipe, mean of all steps, whole step ({label})",
+          diag["paired_vs"]["optcompose"],
+          "<=",
+          DIAGNOSTICS_BOUND,
+          each(diag, "paired_vs", "optcompose"),
+        )
+        check(
+          f"with_diagnostics(every_k=10) / recipe, compile time, whole step ({label})",
+          diag["compile_s"] / ours["compile_s"],
+          "<=",
+          DIAGNOSTICS_BOUND,
+        )
+      if "optax" in ours["paired_vs"]:
+        check(
+          f"optcompose recipe / Optax's, whole step ({label})",
+          ours["paired_vs"]["optax"],
+          "<=",
+          1.0,
+          each(ours, "paired_vs", "optax"),
+        )
     elif opt == "adamw_bf16_mu" and ours.get("paired_vs_optax") is not None:
       check(
         f"AdamW, bfloat16 mu, ours / Optax, {label}",
@@ -1045,7 +1092,7 @@ def main(argv=None):
       continue
     res = merge(runs)
     results.append(res)
-    print("\n".join(memory_table(res) if "memory_rows" in res else table([res])[2:]), flush=True)
+    print("\n".join(section_lines([res])), flush=True)
     # Written after every configuration: a run stopped early keeps what it measured.
     write(args, results, time.perf_counter() - t0, len(configs))
   print(
@@ -1058,7 +1105,7 @@ def main(argv=None):
 def write(args, results: list, seconds: float, total: int) -> None:
   bws = ", ".join(
     f"{r['params'] / 1e6:.0f}M: {r['bandwidth_gbs']:.1f}"
-    for r in {r["params"]: r for r in results if "rows" in r}.values()
+    for r in {r["params"]: r for r in results if "bandwidth_gbs" in r}.values()
   )
   lines = [
     "# Benchmark results",
@@ -1090,12 +1137,7 @@ def write(args, results: list, seconds: float, total: int) -> None:
   ]
   for section in dict.fromkeys(r["cfg"]["section"] for r in results):
     these = [r for r in results if r["cfg"]["section"] == section]
-    lines += [f"## {section}", ""]
-    lines += sum((memory_table(r) for r in these if "memory_rows" in r), [])
-    lines += (
-      table([r for r in these if "memory_rows" not in r]) if any("rows" in r for r in these) else []
-    )
-    lines.append("")
+    lines += [f"## {section}", "", *section_lines(these), ""]
   if bounds(results):
     lines += ["## bounds (issue 16), on the paired ratios above", "", *bounds(results), ""]
   out = Path(args.out)

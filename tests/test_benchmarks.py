@@ -281,3 +281,37 @@ def test_zero1_section_reports_an_eighth_of_the_state_per_device():
     assert rows[layout]["max_diff_vs_replicated"] <= 1e-6
   assert {r["params_mb_per_device"] for r in rows.values()} == {4 * res["params"] / 2**20}
   assert len(bench.memory_table(res)) == 4 + 3
+
+
+def test_training_step_section_runs_every_variant_on_the_same_recipe():
+  """The whole-training-step section on a tiny GPT: every variant runs, and the ones that
+  train (all but the gradients alone) reach the same parameters from the same batches, so
+  the section compares one recipe in different clothes; its table and bounds render."""
+  cfg = dict(
+    section="t",
+    kind="train",
+    opt="nanogpt_train_step",
+    tree="nanogpt",
+    reps=3,
+    warmup_reps=1,
+    model=dict(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=11),
+    batch=2,
+    final_params=True,
+  )
+  res = run_config(cfg)
+  import train_step
+
+  assert [r["lib"] for r in res["rows"]] == list(train_step.VARIANTS)
+  finals = res["final_params"]
+  assert set(finals) == set(train_step.VARIANTS) - {train_step.GRADIENTS_ONLY}
+  start = res["initial_params"]
+  ours = finals["optcompose"]
+  assert np.max(np.abs(ours - start)) > 1e-5  # three AdamW steps moved the parameters
+  for name, p in finals.items():
+    np.testing.assert_allclose(p, ours, rtol=0, atol=1e-6, err_msg=name)
+  lines = bench.section_lines([res])
+  assert any(
+    line.startswith("| optcompose with_diagnostics(every_k=10) (mean) |") for line in lines
+  )
+  checks = bench.bounds([res])
+  assert len(checks) == 3 and all(" whole step (nanoGPT 1 layers x 16" in c for c in checks)

@@ -405,3 +405,25 @@ def test_zero_mask_restricts_the_zero_fraction_to_the_selected_leaves():
   with pytest.raises(ValueError, match="zero_mask"):
     bad = with_diagnostics(oc.sgd(0.1), 0.1, zero_mask={"w": True, "nope": False})
     bad.update(initial_params(), bad.init(initial_params()), initial_params())
+
+
+@pytest.mark.parametrize("n", [(1 << 24) + (1 << 20), 1 << 24, (1 << 24) + 3])
+def test_counts_are_exact_beyond_float32_integers(n):
+  """The zero and non-finite counts are float32 sums over rows of at most 2^24 elements
+  (or integer counts where such rows would be short): exact at and beyond 2^24 elements,
+  whatever order XLA adds in."""
+  from optcompose.wrappers.measures import nonfinite_count, zero_fraction
+
+  rng = np.random.default_rng(n)
+  x = np.ones(n, np.float32)
+  bad = rng.choice(n, 1000, replace=False)
+  x[bad[:600]] = np.nan
+  x[bad[600:]] = np.inf
+  x[:7] = -np.inf
+  want = int(np.count_nonzero(~np.isfinite(x)))
+  got = jax.jit(nonfinite_count)({"x": jnp.asarray(x)})
+  assert got.dtype == jnp.int32 and int(got) == want
+  z = np.ones(n, np.float32)
+  z[rng.choice(n, 12345, replace=False)] = 0.0
+  frac = jax.jit(zero_fraction)({"z": jnp.asarray(z)})
+  assert float(frac) == pytest.approx(np.count_nonzero(z == 0) / n, rel=2e-7)  # 1 in 12345: 8e-5
