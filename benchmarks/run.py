@@ -21,6 +21,10 @@ state kept in one buffer per dtype across steps), ``optax``, and, when PyTorch i
 installed, ``torch-fused`` and ``torch-foreach``. JAX steps are jitted with parameters and
 state donated; gradients are fixed arrays passed in each step.
 
+The "whole training step" section (``benchmarks/train_step.py``) times nanoGPT's training
+step end to end instead: the forward and backward passes with the optimizer, to show each
+optimizer's and wrapper's share of a real step and of its compile time.
+
 Run ``make bench`` (writes benchmarks/RESULTS.md), or ``python benchmarks/run.py`` with
 ``--quick`` (small sizes, a few rows), ``--full`` (adds the per-leaf clip+AdamW rows on
 4096 leaves, whose compilation takes minutes), ``--out PATH``. It runs unchanged on GPU.
