@@ -694,6 +694,20 @@ def suite(quick: bool, full: bool) -> list:
       reps=reps,
     )
   ]
+  # The noise floor of the bounded rows: AdamW paired with the same AdamW step compiled
+  # again, timed the same way. A bound whose margin is below this spread is decided by noise.
+  configs += [
+    dict(
+      section="noise floor: AdamW against itself",
+      opt="adamw",
+      tree=t,
+      size=size,
+      libs=("optcompose", BARE),
+      reps=bounded,
+      processes=PROCESSES,
+    )
+    for t in ("flat", "transformer")
+  ]
   configs += [
     dict(
       section="clipping and wrappers",
@@ -920,7 +934,14 @@ def bounds(results: list) -> list:
     ours = rows.get("optcompose")
     if ours is None:
       continue
-    if opt == "clip_adamw_cosine" and ours.get("paired_vs_bare") is not None:
+    if opt == "adamw" and ours.get("paired_vs_bare") is not None:
+      values = each(ours, "paired_vs_bare") or [ours["paired_vs_bare"]]
+      spread = f" (median of {', '.join(f'{v:.2f}' for v in values)})" if len(values) > 1 else ""
+      lines.append(
+        f"- NOISE FLOOR (no bound): AdamW / the same AdamW step compiled again, {label}: "
+        f"{ours['paired_vs_bare']:.2f}{spread}"
+      )
+    elif opt == "clip_adamw_cosine" and ours.get("paired_vs_bare") is not None:
       check(
         f"clip+AdamW+cosine / AdamW alone, {label}",
         ours["paired_vs_bare"],
