@@ -48,8 +48,8 @@ VARIANTS = (
 AMORTIZED = ("optcompose with_diagnostics(every_k=10)",)
 
 
-def recipe(m):
-  """nanoGPT's optimizer, in library ``m`` (optax or optcompose)."""
+def recipe(m, train=TRAIN):
+  """nanoGPT's optimizer, in library ``m`` (optax or optcompose), with ``train``'s settings."""
   from flax import traverse_util
 
   def decay_mask(params):
@@ -57,15 +57,15 @@ def recipe(m):
     return traverse_util.unflatten_dict({k: k[-1] in ("kernel", "embedding") for k in flat})
 
   schedule = m.warmup_cosine_decay_schedule(
-    0.0, TRAIN["lr"], TRAIN["warmup"], TRAIN["decay"], TRAIN["min_lr"]
+    0.0, train["lr"], train["warmup"], train["decay"], train["min_lr"]
   )
   return m.chain(
-    m.clip_by_global_norm(TRAIN["clip"]),
-    m.adamw(schedule, b1=0.9, b2=0.99, weight_decay=TRAIN["weight_decay"], mask=decay_mask),
+    m.clip_by_global_norm(train["clip"]),
+    m.adamw(schedule, b1=0.9, b2=0.99, weight_decay=train["weight_decay"], mask=decay_mask),
   )
 
 
-def variant_step(name, model):
+def variant_step(name, model, train=TRAIN):
   """(tx or None, the un-jitted train_step) for one variant."""
   import jax
   import optax
@@ -79,7 +79,7 @@ def variant_step(name, model):
   if name == GRADIENTS_ONLY:
     return None, lambda params, x, y: grad_fn(params, x, y)
   lib = optax if name.startswith("optax") else optcompose
-  tx = recipe(lib)
+  tx = recipe(lib, train)
   if "with_diagnostics" in name:
     tx = optcompose.with_diagnostics(tx, every_k=10)
   if "apply_if_finite" in name:
@@ -118,7 +118,7 @@ def run_train(cfg: dict) -> dict:
   ]
   runs = {}
   for name in cfg.get("variants", VARIANTS):
-    tx, step = variant_step(name, model)
+    tx, step = variant_step(name, model, {**TRAIN, **cfg.get("train", {})})
     if tx is None:
       args = (params,)
       jitted = jax.jit(step)
@@ -142,14 +142,16 @@ def run_train(cfg: dict) -> dict:
       jax.block_until_ready(out)
       run["times"].append(time.perf_counter() - t)
       if name != GRADIENTS_ONLY:
-        run["args"] = (out[0],)
-  skip = min(cfg.get("warmup_reps", 2), cfg["reps"] - 1)  # first calls allocate
+        run["args"], run["loss"] = (out[0],), out[1]
+  # The first calls allocate and are not counted; a multiple of every_k (10) of them, so that
+  # the timed steps hold every_k's measured ones in their true proportion (one in ten).
+  skip = min(cfg.get("warmup_reps", 10), cfg["reps"] - 1)
 
   def ratio(mine, theirs, amortized):
     mine, theirs = np.asarray(mine[skip:]), np.asarray(theirs[skip:])
     return float(mine.sum() / theirs.sum()) if amortized else float(np.median(mine / theirs))
 
-  floor = np.median(runs[GRADIENTS_ONLY]["times"][skip:]) if GRADIENTS_ONLY in runs else None
+  floor = runs[GRADIENTS_ONLY]["times"][skip:] if GRADIENTS_ONLY in runs else None
   rows = []
   for name, run in runs.items():
     ts = np.asarray(run["times"][skip:]) * 1e3
@@ -168,28 +170,28 @@ def run_train(cfg: dict) -> dict:
         "p10_ms": float(np.percentile(ts, 10)),
         "p90_ms": float(np.percentile(ts, 90)),
         "compile_s": run["compile_s"],
-        "optimizer_ms": None if floor is None else typical - float(floor) * 1e3,
+        # the gradients' mean or median, as the row's own
+        "optimizer_ms": None
+        if floor is None
+        else typical - float(np.mean(floor) if amortized else np.median(floor)) * 1e3,
         "paired_vs": vs,
       }
     )
+
+  def by_path(tree):
+    return {jax.tree_util.keystr(k): np.asarray(x) for k, x in jax.tree.leaves_with_path(tree)}
+
   finals = {}
-  if cfg.get("final_params"):  # tests: every variant's parameters after its steps
+  if cfg.get("final_params"):  # tests: every variant's parameters and last loss
     finals = {
-      name: np.concatenate([np.ravel(x) for x in jax.tree.leaves(run["args"][0].params)])
+      name: (by_path(run["args"][0].params), float(run["loss"]))
       for name, run in runs.items()
       if name != GRADIENTS_ONLY
     }
   return {
     "cfg": cfg,
     "kind": "train",
-    **(
-      {
-        "final_params": finals,
-        "initial_params": np.concatenate([np.ravel(x) for x in jax.tree.leaves(params)]),
-      }
-      if finals
-      else {}
-    ),
+    **({"final_params": finals, "initial_params": by_path(params)} if finals else {}),
     "label": f"nanoGPT {shape['n_layer']} layers x {shape['n_embd']}, batch {batch} x {block}",
     "params": int(n),
     "leaves": len(jax.tree.leaves(params)),

@@ -63,8 +63,10 @@ class Case(NamedTuple):
 # 16-bit steps whose inputs to a momentum trace (decay b = 0.9) are rounded differently from
 # Optax's (our clipping scales by min(1, c / norm), Optax divides by the norm; LARS's trust
 # ratio): each step's input differs by up to about 1.5 ulps, and the two traces carry the
-# difference on, bounded by 1.5 / (1 - b) = 15 ulps at the trace's largest magnitude. Float16,
-# 50 steps: within the former 4 ulps on AMD EPYC; 4.8 (clip) and 7.3 (LARS) on an AVX-512 Xeon.
+# difference on for about 1 / (1 - b) = 10 steps, with their own roundings added, so their
+# updates drift several ulps apart. Float16, 50 steps: within the former 4 ulps on AMD EPYC;
+# 4.8 (clip) and 7.3 (LARS) on an AVX-512 Xeon. 16 is a margin of about twice the largest
+# measured, not a proven bound.
 MOMENTUM_HALF_ULPS = 16
 
 

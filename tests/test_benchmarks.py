@@ -294,14 +294,17 @@ def test_zero1_section_reports_an_eighth_of_the_state_per_device():
 def test_training_step_section_runs_every_variant_on_the_same_recipe():
   """The whole-training-step section on a tiny GPT: every variant runs, and the ones that
   train (all but the gradients alone) reach the same parameters from the same batches, so
-  the section compares one recipe in different clothes; its table and bounds render."""
+  the section compares one recipe in different clothes; its table and bounds render. Twelve
+  steps after a one-step warmup: with_diagnostics(every_k=10) measures at step 10, when the
+  learning rate is not 0."""
   cfg = dict(
     section="t",
     kind="train",
     opt="nanogpt_train_step",
     tree="nanogpt",
-    reps=3,
+    reps=12,
     warmup_reps=1,
+    train=dict(warmup=1, decay=20),
     model=dict(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=11),
     batch=2,
     final_params=True,
@@ -312,11 +315,23 @@ def test_training_step_section_runs_every_variant_on_the_same_recipe():
   assert [r["lib"] for r in res["rows"]] == list(train_step.VARIANTS)
   finals = res["final_params"]
   assert set(finals) == set(train_step.VARIANTS) - {train_step.GRADIENTS_ONLY}
+  ours, our_loss = finals["optcompose"]
   start = res["initial_params"]
-  ours = finals["optcompose"]
-  assert np.max(np.abs(ours - start)) > 1e-5  # three AdamW steps moved the parameters
-  for name, p in finals.items():
-    np.testing.assert_allclose(p, ours, rtol=0, atol=1e-6, err_msg=name)
+  assert max(np.max(np.abs(ours[k] - start[k])) for k in start) > 1e-3  # the steps moved them
+  for name, (params, loss) in finals.items():
+    assert loss == pytest.approx(our_loss, rel=1e-5), name
+    for path, p in params.items():
+      want, got = ours[path], p
+      if path.endswith("['c_attn']['bias']"):
+        # The key bias's gradient is 0 in exact arithmetic (softmax ignores a constant added
+        # to every logit of a row): Adam normalises its rounding noise, which differs from
+        # one compiled program to another. The query and value biases are compared.
+        third = want.size // 3
+        want, got = (
+          np.delete(want, np.s_[third : 2 * third]),
+          np.delete(got, np.s_[third : 2 * third]),
+        )
+      np.testing.assert_allclose(got, want, rtol=0, atol=1e-6, err_msg=f"{name} {path}")
   lines = bench.section_lines([res])
   assert any(
     line.startswith("| optcompose with_diagnostics(every_k=10) (mean) |") for line in lines

@@ -20,7 +20,7 @@ from optcompose.wrappers.diagnostics import (
   leading_clip_norm,
   with_diagnostics,
 )
-from numerics import assert_ulps_close, standard_promotion
+from numerics import assert_ulps_close, standard_promotion, x64
 
 STEPS = 5
 MEASURED = (
@@ -415,15 +415,28 @@ def test_counts_are_exact_beyond_float32_integers(n):
   from optcompose.wrappers.measures import nonfinite_count, zero_fraction
 
   rng = np.random.default_rng(n)
-  x = np.ones(n, np.float32)
-  bad = rng.choice(n, 1000, replace=False)
-  x[bad[:600]] = np.nan
-  x[bad[600:]] = np.inf
-  x[:7] = -np.inf
+  # Nearly every element non-finite: beyond 2^24 the count (n - 1001, odd) is no float32
+  # integer, so a single float32 sum could not give it.
+  x = np.full(n, np.nan, np.float32)
+  x[rng.choice(n, n // 3, replace=False)] = np.inf
+  x[: n // 5] = -np.inf
+  x[rng.choice(n, 1001, replace=False)] = 1.0
   want = int(np.count_nonzero(~np.isfinite(x)))
+  assert want == n - 1001
   got = jax.jit(nonfinite_count)({"x": jnp.asarray(x)})
   assert got.dtype == jnp.int32 and int(got) == want
   z = np.ones(n, np.float32)
   z[rng.choice(n, 12345, replace=False)] = 0.0
   frac = jax.jit(zero_fraction)({"z": jnp.asarray(z)})
   assert float(frac) == pytest.approx(np.count_nonzero(z == 0) / n, rel=2e-7)  # 1 in 12345: 8e-5
+
+
+def test_nonfinite_count_stays_int32_under_x64():
+  """Under x64 an int32 sum defaults to int64: the count must still match the int32 of the
+  conditional's other branch (and of DiagnosticsState.nonfinite)."""
+  from optcompose.wrappers.measures import nonfinite_count
+
+  with x64():
+    g = {"a": jnp.array([1.0, jnp.nan, jnp.inf]), "b": jnp.array([[-jnp.inf, 2.0]])}
+    got = jax.jit(nonfinite_count)(g)
+    assert got.dtype == jnp.int32 and int(got) == 3

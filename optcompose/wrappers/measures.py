@@ -63,7 +63,7 @@ def _nonfinite(x: jax.Array) -> jax.Array:
   sums, _ = _exact_sums(bad.astype(jnp.float32))
   if sums is None:
     return jnp.sum(bad, dtype=jnp.int32)
-  return jnp.sum(sums.astype(jnp.int32))
+  return jnp.sum(sums.astype(jnp.int32), dtype=jnp.int32)  # int32 under x64 too
 
 
 def _exact_sums(ones: jax.Array) -> tuple:
