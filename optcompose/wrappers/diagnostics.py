@@ -42,7 +42,7 @@ rounding), and a measured update runs whatever ``inner`` evaluates twice (a line
 about 2.5x the bare step when measuring every update, about 1.05x on the updates that
 ``every_k`` skips (so about 1.1x on average with ``every_k=10``). Compiling takes about 2-2.5x
 the inner step's time (it is traced twice). In nanoGPT's whole training step (6 layers of
-width 384, 76 leaves, on XLA CPU) ``every_k=10`` cost 12-13% of the step on average and 1.9x
+width 384, 76 leaves, on XLA CPU) ``every_k=10`` cost 12-13% of the step on average and 1.9-2x
 its compile time (docs/performance.md, "A whole training step"). Leaves under 2^14
 elements are read without that ordering (a copy of them costs microseconds).
 
