@@ -1,8 +1,11 @@
 """Optimizer-step benchmark: optcompose, Optax and PyTorch side by side.
 
 Every configuration (an optimizer, a tree shape, a size) runs in its own process; inside
-it, every library's step is built, compiled and then timed *alternately*, step by step (the
-order rotating), so that drift on the machine affects all alike. Per row the table gives:
+it, every library's step is compiled, then every library's buffers are allocated, then the
+steps are timed *alternately*, step by step (the order rotating), so that drift on the
+machine affects all alike. The bounded rows run in several processes, half of which build
+the libraries in reverse order (the first built is otherwise favoured or penalised by a few
+percent). Per row the table gives:
 
 - the median step time and its spread (10th-90th percentile), in ms;
 - effective GB/s over the *ideal* bytes: each gradient read once, each parameter and
@@ -276,47 +279,60 @@ def jax_optimizer(lib: str, name: str):
 
 
 class JaxRun:
+  """One JAX library's step: compiled at construction on abstract arguments (no device
+  buffer yet), its buffers made by :meth:`allocate`. run_config compiles every library
+  before allocating any, so that where one library's buffers land does not depend on
+  another's compilation."""
+
   def __init__(self, lib, opt, shapes, seed=0):
     import jax
     import jax.numpy as jnp
     import optcompose
 
     rng = np.random.default_rng(seed)
-    params = {
-      k: jnp.asarray(rng.normal(size=s).astype(np.float32) * 0.02, d)
-      for k, (s, d) in shapes.items()
-    }
-    grads = {
-      k: jnp.asarray(rng.normal(size=s).astype(np.float32) * 1e-3, d)
-      for k, (s, d) in shapes.items()
-    }
-    if lib == "optcompose-flat":
-      params, grads = optcompose.flat_params(params), optcompose.flat_params(grads)
+    host = [
+      {k: rng.normal(size=s).astype(np.float32) * scale for k, (s, _) in shapes.items()}
+      for scale in (0.02, 1e-3)
+    ]
     tx = jax_optimizer(lib, opt)
-    state = tx.init(params)
-    self.state_bytes = sum(x.nbytes for x in jax.tree.leaves(state) if x.ndim)
+
+    def make():  # the step's arguments, on the device
+      params, grads = ({k: jnp.asarray(h[k], d) for k, (_, d) in shapes.items()} for h in host)
+      if lib == "optcompose-flat":
+        params, grads = optcompose.flat_params(params), optcompose.flat_params(grads)
+      state = tx.init(params)
+      if opt == "lbfgs":
+        # Optax 0.2.8's lbfgs init gives its two history fields one buffer, which the
+        # donating step below cannot take twice: a copy per leaf (ours has one per leaf).
+        state = jax.tree.map(jnp.copy, state)
+      return params, state, grads
+
+    params, state, grads = jax.eval_shape(make)
+    nbytes = lambda tree: sum(  # noqa: E731
+      int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)
+    )
+    self.state_bytes = sum(
+      int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(state) if x.ndim
+    )
     self.ideal_bytes = (
-      sum(x.nbytes for x in jax.tree.leaves(grads))
-      + 2 * (sum(x.nbytes for x in jax.tree.leaves(params)) + self.state_bytes)
-      + EXTRA_BYTES.get(opt, 0) / 4 * sum(x.nbytes for x in jax.tree.leaves(params))
+      nbytes(grads)
+      + 2 * (nbytes(params) + self.state_bytes)
+      + EXTRA_BYTES.get(opt, 0) / 4 * nbytes(params)
     )
 
     if opt == "lbfgs":
-      # Optax 0.2.8's lbfgs init gives its two history fields one buffer, which the donating
-      # step below cannot take twice: a copy per leaf (ours has a buffer per leaf already).
-      state = jax.tree.map(jnp.copy, state)
-
       # L-BFGS needs the loss: a quadratic around the drawn gradients' direction, whose value
       # and gradient are computed in the step (its line search evaluates the loss again).
-      def loss(p):
+      def loss(p, grads):
         return sum(
           0.5 * jnp.sum(jnp.square(x.astype(jnp.float32) - g.astype(jnp.float32)))
           for x, g in zip(jax.tree.leaves(p), jax.tree.leaves(grads))
         )
 
       def step(params, state, grads):
-        value, g = jax.value_and_grad(loss)(params)
-        updates, state = tx.update(g, state, params, value=value, grad=g, value_fn=loss)
+        value_fn = lambda p: loss(p, grads)  # noqa: E731
+        value, g = jax.value_and_grad(value_fn)(params)
+        updates, state = tx.update(g, state, params, value=value, grad=g, value_fn=value_fn)
         return optcompose.apply_updates(params, updates), state
     elif opt == "sam_adamw":
 
@@ -362,9 +378,12 @@ class JaxRun:
         + mem.temp_size_in_bytes
       )
     )
-    self.params, self.state, self.grads = params, state, grads
+    self.make = make
     self.block = jax.block_until_ready
-    self.step()  # the first call allocates; not timed
+
+  def allocate(self):
+    self.params, self.state, self.grads = self.make()
+    self.step()  # the first call allocates its outputs; not timed
 
   def step(self):
     self.params, self.state = self.compiled(self.params, self.state, self.grads)
@@ -584,18 +603,35 @@ def run_config(cfg: dict) -> dict:
   shapes = tree_shapes(cfg["tree"], cfg["size"])
   n = sum(int(np.prod(s)) for s, _ in shapes.values())
   runs, skipped = {}, {}
-  for lib in cfg["libs"]:
+  # Which library is built first biases a pairing within a process (the first built of four
+  # copies of one AdamW step took 1.045x the last built, on 148 leaves): every JAX step is
+  # compiled before any buffer is allocated, and odd-numbered processes build in reverse
+  # order, so that over an even number of processes each library is first as often.
+  libs = list(cfg["libs"])
+  if cfg.get("process", 0) % 2:
+    libs.reverse()
+
+  def build(lib, phase):
     try:
       if lib.startswith("torch"):
-        runs[lib] = TorchRun(lib, cfg["opt"], shapes)
-      elif lib == BARE:  # the bare optimizer the row's recipe is held against
-        runs[lib] = JaxRun("optcompose", cfg.get("bare", "adamw"), shapes)
-      else:
-        runs[lib] = JaxRun(lib, cfg["opt"], shapes)
+        if phase == "allocate":
+          runs[lib] = TorchRun(lib, cfg["opt"], shapes)
+      elif phase == "compile":
+        bare = lib == BARE  # the bare optimizer the row's recipe is held against
+        opt = cfg.get("bare", "adamw") if bare else cfg["opt"]
+        runs[lib] = JaxRun("optcompose" if bare else lib, opt, shapes)
+      elif lib in runs:
+        runs[lib].allocate()
     except Exception as e:  # an optional library missing, or a mode it lacks
+      runs.pop(lib, None)
       skipped[lib] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+
+  for phase in ("compile", "allocate"):
+    for lib in libs:
+      build(lib, phase)
+  runs = {lib: runs[lib] for lib in cfg["libs"] if lib in runs}  # the rows in cfg's order
   times = {lib: [] for lib in runs}
-  order = list(runs)
+  order = [lib for lib in libs if lib in runs]
   scrub = Scrub()
   for rep in range(cfg["reps"]):
     for lib in order[rep % len(order) :] + order[: rep % len(order)]:  # rotate who goes first
@@ -664,7 +700,8 @@ SCRUB_BYTES = 128 * M  # written before every timed step: several times any CPU'
 # Within one process a pairing is biased by where the buffers landed: two instances of the
 # same compiled AdamW step, alternated, measured 0.91-1.06 of each other's time from one
 # process to the next (16.8M float32 parameters, AMD EPYC), more than some bounds' margins.
-PROCESSES = 3
+# Even: half the processes build the libraries in reverse order (see run_config).
+PROCESSES = 4
 
 
 def suite(quick: bool, full: bool) -> list:
@@ -1100,9 +1137,9 @@ def main(argv=None):
       }
     )
     runs = []
-    for _ in range(cfg.get("processes", 1)):
+    for i in range(cfg.get("processes", 1)):
       proc = subprocess.run(
-        [sys.executable, __file__, "--config", json.dumps(cfg)],
+        [sys.executable, __file__, "--config", json.dumps({**cfg, "process": i})],
         capture_output=True,
         text=True,
         env=run_env,
@@ -1140,7 +1177,8 @@ def write(args, results: list, seconds: float, total: int) -> None:
     f"- jitted steps with parameters and state donated; libraries alternated step by step "
     f"in one process per configuration (the bounded rows: in {PROCESSES} processes, every "
     "number the median over them, since buffer placement biases a pairing within one "
-    "process by up to about 9%); "
+    "process by up to about 9%; every JAX step compiled before any buffer is allocated, "
+    "and half the processes building the libraries in reverse order); "
     f"{' or '.join(map(str, sorted({r['cfg']['reps'] for r in results if 'reps' in r['cfg']})))} "
     f"timed steps each (the bounded rows get more); a {SCRUB_BYTES // M} MB buffer written "
     "before every timed step (cold caches, idle threads; on an accelerator in its memory); "

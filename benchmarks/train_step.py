@@ -23,6 +23,7 @@ batches; ratios are medians of paired ratios (means of totals for ``every_k``).
 
 from __future__ import annotations
 
+import functools
 import sys
 import time
 from pathlib import Path
@@ -116,23 +117,35 @@ def run_train(cfg: dict) -> dict:
     )
     for _ in range(4)
   ]
+  # As in run.py's run_config: every variant is compiled before any buffer is allocated, and
+  # odd-numbered processes build in reverse order (the first built is otherwise favoured).
+  names = list(cfg.get("variants", VARIANTS))
+  if cfg.get("process", 0) % 2:
+    names.reverse()
   runs = {}
-  for name in cfg.get("variants", VARIANTS):
+  for name in names:
     tx, step = variant_step(name, model, {**TRAIN, **cfg.get("train", {})})
     if tx is None:
-      args = (params,)
+      make = lambda: (params,)  # noqa: E731
       jitted = jax.jit(step)
     else:
-      state = train_state.TrainState.create(
-        apply_fn=model.apply, params=jax.tree.map(jnp.copy, params), tx=tx
+      make = functools.partial(
+        lambda tx: (
+          train_state.TrainState.create(
+            apply_fn=model.apply, params=jax.tree.map(jnp.copy, params), tx=tx
+          ),
+        ),
+        tx,
       )
-      args = (state,)
       jitted = jax.jit(step, donate_argnums=0)
     t = time.perf_counter()
-    compiled = jitted.lower(*args, *batches[0]).compile()
+    compiled = jitted.lower(*jax.eval_shape(make), *batches[0]).compile()
     compile_s = time.perf_counter() - t
-    runs[name] = {"compiled": compiled, "args": args, "compile_s": compile_s, "times": []}
-  order = list(runs)
+    runs[name] = {"compiled": compiled, "make": make, "compile_s": compile_s, "times": []}
+  for name in names:
+    runs[name]["args"] = runs[name]["make"]()
+  order = names
+  runs = {name: runs[name] for name in cfg.get("variants", VARIANTS)}  # the rows in order
   for rep in range(cfg["reps"]):
     x, y = batches[rep % len(batches)]
     for name in order[rep % len(order) :] + order[: rep % len(order)]:

@@ -50,10 +50,40 @@ def test_one_configuration_reports_textbook_bytes(opt, ideal, state):
   assert all(line.count("|") == 14 for line in lines[2:])
 
 
+def test_an_odd_process_builds_in_reverse_and_reports_in_order(monkeypatch):
+  built = []
+  compile_run = bench.JaxRun.__init__
+  allocate = bench.JaxRun.allocate
+
+  def logged_init(self, lib, opt, *args, **kw):
+    built.append(("compile", lib, opt))
+    compile_run(self, lib, opt, *args, **kw)
+
+  def logged_allocate(self):
+    built.append(("allocate", self))
+    allocate(self)
+
+  monkeypatch.setattr(bench.JaxRun, "__init__", logged_init)
+  monkeypatch.setattr(bench.JaxRun, "allocate", logged_allocate)
+  libs = ("optcompose", bench.BARE, "optax")
+  cfg = dict(section="t", opt="clip_adamw_cosine", tree="leaves8", size=8 * 512, reps=2, libs=libs)
+  res = run_config({**cfg, "process": 1})
+  assert [b[1:] for b in built[:3]] == [
+    ("optax", "clip_adamw_cosine"),
+    ("optcompose", "adamw"),
+    ("optcompose", "clip_adamw_cosine"),
+  ]
+  assert [b[0] for b in built] == ["compile"] * 3 + ["allocate"] * 3  # all compiled first
+  assert [r["lib"] for r in res["rows"]] == list(libs)
+  assert [r["state_bytes_per_param"] for r in res["rows"]] == [8, 8, 8]
+
+
 def test_flat_layout_really_has_one_buffer_per_dtype():
   shapes = bench.tree_shapes("mixed", 1 << 20)
   assert len(shapes) == 148
   run = bench.JaxRun("optcompose-flat", "adamw", shapes)
+  assert not hasattr(run, "params")  # compiled on abstract arguments: nothing allocated yet
+  run.allocate()
   dtypes = sorted(str(x.dtype) for x in jax.tree.leaves(run.params))
   assert dtypes == ["bfloat16", "float32"]
   assert sum(x.size for x in jax.tree.leaves(run.params)) == sum(
