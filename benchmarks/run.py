@@ -289,15 +289,9 @@ class JaxRun:
     import jax.numpy as jnp
     import optcompose
 
-    rng = np.random.default_rng(seed)
-    host = [
-      {k: rng.normal(size=s).astype(np.float32) * scale for k, (s, _) in shapes.items()}
-      for scale in (0.02, 1e-3)
-    ]
     tx = jax_optimizer(lib, opt)
 
-    def make():  # the step's arguments, on the device
-      params, grads = ({k: jnp.asarray(h[k], d) for k, (_, d) in shapes.items()} for h in host)
+    def arguments(params, grads):  # the step's arguments from its parameters and gradients
       if lib == "optcompose-flat":
         params, grads = optcompose.flat_params(params), optcompose.flat_params(grads)
       state = tx.init(params)
@@ -307,7 +301,19 @@ class JaxRun:
         state = jax.tree.map(jnp.copy, state)
       return params, state, grads
 
-    params, state, grads = jax.eval_shape(make)
+    def make():  # drawn when allocated: no host copy outlives its transfer to the device
+      rng = np.random.default_rng(seed)
+      params, grads = (
+        {
+          k: jnp.asarray(rng.normal(size=s).astype(np.float32) * scale, d)
+          for k, (s, d) in shapes.items()
+        }
+        for scale in (0.02, 1e-3)
+      )
+      return arguments(params, grads)
+
+    abstract = {k: jax.ShapeDtypeStruct(s, d) for k, (s, d) in shapes.items()}
+    params, state, grads = jax.eval_shape(arguments, abstract, abstract)
     nbytes = lambda tree: sum(  # noqa: E731
       int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)
     )
@@ -383,6 +389,7 @@ class JaxRun:
 
   def allocate(self):
     self.params, self.state, self.grads = self.make()
+    self.make = None
     self.step()  # the first call allocates its outputs; not timed
 
   def step(self):
@@ -606,7 +613,8 @@ def run_config(cfg: dict) -> dict:
   # Which library is built first biases a pairing within a process (the first built of four
   # copies of one AdamW step took 1.045x the last built, on 148 leaves): every JAX step is
   # compiled before any buffer is allocated, and odd-numbered processes build in reverse
-  # order, so that over an even number of processes each library is first as often.
+  # order, so that over an even number of processes each pair of libraries is built in
+  # either order equally often (a library in the middle stays in the middle).
   libs = list(cfg["libs"])
   if cfg.get("process", 0) % 2:
     libs.reverse()
@@ -917,7 +925,8 @@ def section_lines(results: list) -> list:
 
 def merge(results: list) -> dict:
   """One configuration's results from several processes, as one: every number of a row is
-  the median over the processes (the ratios included, each computed in its own process),
+  the median over the processes (the ratios included, each computed in its own process; a
+  ratio's median is taken on its logarithm),
   and ``each`` keeps the per-process ratios (``paired_vs_bare``, ``paired_vs_optax`` and
   ``paired_vs``), which the bounds section shows."""
   if len(results) == 1:
@@ -926,14 +935,17 @@ def merge(results: list) -> dict:
   if "rows" not in first:
     return first
   median = lambda values: float(np.median(values))
+  # Ratios: the median of their logarithms, so that over an even number of processes (the
+  # mean of the middle two) the median of x / y is still 1 / the median of y / x.
+  ratio = lambda values: float(np.exp(np.median(np.log(values))))  # noqa: E731
   rows = []
   for row in first["rows"]:
     same = [next(r for r in res["rows"] if r["lib"] == row["lib"]) for res in results]
     merged = dict(row)
     for key, value in row.items():
       if isinstance(value, (int, float)) and not isinstance(value, bool):
-        merged[key] = median([r[key] for r in same])
-    merged["paired_vs"] = {k: median([r["paired_vs"][k] for r in same]) for k in row["paired_vs"]}
+        merged[key] = (ratio if key.startswith("paired_vs") else median)([r[key] for r in same])
+    merged["paired_vs"] = {k: ratio([r["paired_vs"][k] for r in same]) for k in row["paired_vs"]}
     merged["each"] = {
       key: [r[key] for r in same]
       for key in ("paired_vs_bare", "paired_vs_optax")

@@ -62,6 +62,7 @@ def test_an_odd_process_builds_in_reverse_and_reports_in_order(monkeypatch):
   def logged_allocate(self):
     built.append(("allocate", self))
     allocate(self)
+    assert self.make is None  # no host copy of the arrays kept while timing
 
   monkeypatch.setattr(bench.JaxRun, "__init__", logged_init)
   monkeypatch.setattr(bench.JaxRun, "allocate", logged_allocate)
@@ -74,6 +75,8 @@ def test_an_odd_process_builds_in_reverse_and_reports_in_order(monkeypatch):
     ("optcompose", "clip_adamw_cosine"),
   ]
   assert [b[0] for b in built] == ["compile"] * 3 + ["allocate"] * 3  # all compiled first
+  runs = [b[1] for b in built[3:]]  # allocated in the same (reversed) order as compiled
+  assert [r.compile_s for r in runs] == [r["compile_s"] for r in reversed(res["rows"])]
   assert [r["lib"] for r in res["rows"]] == list(libs)
   assert [r["state_bytes_per_param"] for r in res["rows"]] == [8, 8, 8]
 
@@ -292,11 +295,19 @@ def test_bounded_rows_are_medians_over_processes():
   merged = bench.merge([res(1.5, 0.5, 15.0), res(1.2, 0.4, 12.0), res(1.25, 0.45, 11.0)])
   ours = next(r for r in merged["rows"] if r["lib"] == "optcompose")
   assert merged["processes"] == 3
-  assert ours["paired_vs_bare"] == 1.25 and ours["median_ms"] == 12.0
-  assert ours["paired_vs"]["optax"] == 0.45
+  assert ours["paired_vs_bare"] == pytest.approx(1.25, rel=1e-12) and ours["median_ms"] == 12.0
+  assert ours["paired_vs"]["optax"] == pytest.approx(0.45, rel=1e-12)
   assert ours["each"]["paired_vs_bare"] == [1.5, 1.2, 1.25]
   (line,) = bench.bounds([merged])
   assert line.startswith("- PASS") and "1.25 (median of 1.50, 1.20, 1.25)" in line
+  # Over an even number of processes a ratio's median is the geometric mean of the middle
+  # two, so that inverting the pairing inverts it exactly (the arithmetic mean would not).
+  four = bench.merge([res(1.5, 0.5, 15.0), res(1.2, 0.4, 12.0), res(1.25, 0.45, 11.0), one])
+  ours, bare = (
+    next(r for r in four["rows"] if r["lib"] == lib) for lib in ("optcompose", bench.BARE)
+  )
+  assert ours["paired_vs_bare"] == pytest.approx((1.25 * 1.5) ** 0.5, rel=1e-12)
+  assert bare["paired_vs"]["optcompose"] == pytest.approx(1 / ours["paired_vs_bare"], rel=1e-12)
   bounded = [c for c in bench.suite(False, False) if c.get("reps") == 100]
   assert bounded and all(c.get("processes") == bench.PROCESSES for c in bounded)
 
@@ -338,6 +349,7 @@ def test_training_step_section_runs_every_variant_on_the_same_recipe():
     model=dict(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=11),
     batch=2,
     final_params=True,
+    process=1,  # built in reverse order, reported in VARIANTS' order
   )
   res = run_config(cfg)
   import train_step
