@@ -75,11 +75,15 @@ OPTIMIZERS = _names("optimizer")
 __version__ = "0.1.0"
 
 
-# ``optcompose.transforms.<name>`` for Optax's ``optax.transforms`` names: read from this
-# namespace when asked (see optcompose._from_optax.install).
+# ``optcompose.transforms.<name>`` and ``optcompose.schedules.<name>`` for Optax's
+# ``optax.transforms`` and ``optax.schedules`` names (``optax.schedules.inject_hyperparams``):
+# read from this namespace when asked (see optcompose._from_optax.install).
 from optcompose import transforms  # noqa: E402  (imported above, by _modules)
 
-_importlib.import_module("optcompose._from_optax").install(transforms, "transforms", globals())
+for _space in (transforms, schedules):
+  _importlib.import_module("optcompose._from_optax").install(
+    _space, _space.__name__[11:], globals()
+  )
 
 
 def __getattr__(name: str) -> _typing.Any:

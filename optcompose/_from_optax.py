@@ -105,6 +105,15 @@ DEPRECATED = {
 }
 
 
+# Optax's state classes whose contents optcompose keeps in another class: an ``isinstance``
+# test against Optax's class would be False on every optcompose state, silently.
+STATES_ELSEWHERE = {
+  "MultiTransformState": "PartitionState",
+  "InjectStatefulHyperparamsState": "InjectHyperparamsState",
+  "ScaleByScheduleState": "InjectHyperparamsState",
+}
+
+
 def _optax(where: str):
   try:
     return importlib.import_module("optax")
@@ -135,6 +144,14 @@ def _from(theirs: Any, name: str, ours: str) -> Any:
   module = getattr(value, "__module__", None) or ""
   if name in _HELPERS or module.startswith(_DOMAINS) or _types_only(value):
     return value
+  if name in STATES_ELSEWHERE:
+    raise AttributeError(
+      f"module {ours!r} has no attribute {name!r}: what Optax keeps in `optax.{name}` "
+      f"optcompose keeps in `optcompose.{STATES_ELSEWHERE[name]}` (a scheduled or injected "
+      f"hyperparameter's count and values), so test for that class: "
+      f"`isinstance(s, optcompose.{STATES_ELSEWHERE[name]})` (an Optax state converts with "
+      "optcompose.migrate)."
+    )
   path = (
     f"optax.contrib.{name}" if module.startswith("optax.contrib") else (f"{theirs.__name__}.{name}")
   )
@@ -204,6 +221,8 @@ def install(module: Any, namespace: str, package: dict) -> None:
       raise AttributeError(f"module {module.__name__!r} has no attribute {name!r}")
     if name in package:
       return package[name]
+    if name in DEPRECATED:  # e.g. optax.schedules.inject_stateful_hyperparams
+      return DEPRECATED[name]
     return _from(importlib.import_module(f"optax.{namespace}"), name, module.__name__)
 
   def __dir__():

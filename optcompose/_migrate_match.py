@@ -16,11 +16,8 @@ from optcompose.wrappers.masking import MaskedState
 # Counterparts: the state classes both libraries export under one name (optcompose keeps
 # Optax's names), and Optax's names of states optcompose keeps in another class.
 
-_OPTAX_ALIASES = {
-  "MultiTransformState": "PartitionState",
-  "InjectStatefulHyperparamsState": "InjectHyperparamsState",
-  "ScaleByScheduleState": "InjectHyperparamsState",
-}
+from optcompose._from_optax import STATES_ELSEWHERE as _OPTAX_ALIASES  # noqa: E402
+
 _PAIRS: set = set()
 
 

@@ -7,7 +7,7 @@ Optax's ``freeze`` takes a callable mask as ours does; its ``selective_transform
 the mask itself (a callable would freeze everything), so that case's reference is the
 partition Optax's ``selective_transform`` builds, with the same labels. tests/test_structure.py
 compares with Optax's ``selective_transform`` itself (a static mask, on the MLP) and covers
-``multi_transform`` (Optax's former name of ``partition``: a deprecated function, not a
+``multi_transform`` (Optax's former name of ``partition``: a plain function, not a
 registered builder). Case names with "adam" skip the float16 comparison (tests/test_parity.py):
 Optax's float16 second moment is 0 / 0 = NaN for a gradient frozen at zero.
 """

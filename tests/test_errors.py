@@ -44,6 +44,28 @@ def test_bad_hyperparameter_is_named_at_construction(build, argument):
     build()
 
 
+@pytest.mark.parametrize(
+  "build, message",
+  [
+    # Python's own binding would report the missing learning_rate first.
+    (
+      lambda: oc.adam(lr=1e-3),
+      "adam() got an unexpected keyword argument 'lr'; did you mean 'learning_rate'?",
+    ),
+    (
+      lambda: oc.adamw(1e-3, weight_decy=0.1),
+      "adamw() got an unexpected keyword argument 'weight_decy'; did you mean 'weight_decay'?",
+    ),
+    (lambda: oc.sgd(0.1, decay=0.9), "sgd() got an unexpected keyword argument 'decay'"),
+    (lambda: oc.adam(), "adam(): missing a required argument: 'learning_rate'"),
+  ],
+)
+def test_a_wrong_call_names_the_builder_and_the_argument(build, message):
+  with pytest.raises(TypeError) as caught:
+    build()
+  assert str(caught.value) == message
+
+
 def test_scheduled_hyperparameter_is_checked_at_step_zero_by_init():
   tx = oc.adam(1e-3, b1=lambda count: 1.0 + 0.0 * jnp.asarray(count, jnp.float32))
   with pytest.raises(ValueError, match="`b1`"):

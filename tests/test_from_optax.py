@@ -36,6 +36,8 @@ def not_rebuilt() -> list:
     try:
       getattr(optcompose, name)
     except AttributeError as e:
+      if "so test for that class" in str(e):  # a state kept in another class (named)
+        continue
       assert "not rebuilt yet" in str(e), f"{name}: {e}"
       missing.append(name)
   return missing

@@ -197,12 +197,12 @@ def test_flatten_runs_the_inner_transformation_on_one_vector():
   np.testing.assert_allclose(u["w"], -LR, rtol=1e-5)
 
 
-def test_multi_transform_is_partition_with_a_deprecation_warning():
+def test_multi_transform_is_partition_without_a_warning_as_in_optax():
   params = mlp().params
   labels = lambda p: jax.tree.map(lambda x: "matrix" if x.ndim > 1 else "vector", p)
-  with pytest.warns(DeprecationWarning, match="use optcompose.partition") as caught:
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")  # Optax 0.2.8 keeps the name silently: -W error must pass
     tx = oc.multi_transform({"matrix": oc.adam(LR), "vector": oc.sgd(LR)}, labels)
-  assert caught[0].filename == __file__  # the warning points at the caller
   assert oc.MultiTransformState is oc.PartitionState
   ref = optax.multi_transform({"matrix": optax.adam(LR), "vector": optax.sgd(LR)}, labels)
   state = tx.init(params)

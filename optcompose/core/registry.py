@@ -27,6 +27,7 @@ property kit draws). From it:
 
 from __future__ import annotations
 
+import difflib
 import functools
 import inspect
 from typing import Callable, NamedTuple, Optional, Protocol, cast
@@ -89,6 +90,22 @@ def _resolve_annotations(fn) -> None:
     pass
 
 
+def _call_error(name: str, signature: inspect.Signature, kwargs: dict, error: TypeError) -> str:
+  """The builder's name with what Python's binding found, an unknown keyword first (Python
+  reports a missing argument first: ``adam(lr=...)`` would say ``learning_rate`` is missing),
+  and the closest argument name where there is one (``lr``: ``learning_rate``)."""
+  params = signature.parameters
+  unknown = [k for k in kwargs if k not in params]
+  if unknown and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+    k = unknown[0]
+    close = difflib.get_close_matches(k, list(params), n=1, cutoff=0.5)
+    if not close and k in ("lr", "eta"):  # the usual other names of the learning rate
+      close = [n for n in params if n == "learning_rate"]
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"{name}() got an unexpected keyword argument {k!r}{hint}"
+  return f"{name}(): {error}"
+
+
 def public(
   kind: str,
   *,
@@ -137,7 +154,10 @@ def public(
 
     @functools.wraps(builder)
     def wrapper(*args, **kwargs):
-      bound = signature.bind(*args, **kwargs)
+      try:
+        bound = signature.bind(*args, **kwargs)
+      except TypeError as e:
+        raise TypeError(_call_error(name, signature, kwargs, e)) from None
       bound.apply_defaults()
       arguments = dict(bound.arguments)
       scheduled = {n: arguments[n] for n in schedulable if callable(arguments[n])}

@@ -7,14 +7,13 @@ vector for the inner transformation, and partition's former name.
     freeze(mask)                              u <- 0 where mask is True
     selective_transform(tx, freeze_mask=m)    tx where m is False, 0 (and no state) elsewhere
     flatten(tx)                               tx on one vector holding every leaf, raveled
-    multi_transform(transforms, labels)       partition (its old name; a DeprecationWarning)
+    multi_transform(transforms, labels)       partition (its old name, kept as Optax keeps it)
 """
 
 from __future__ import annotations
 
 import collections
 import inspect
-import warnings
 from collections.abc import Hashable, Mapping
 from typing import Any, cast
 
@@ -346,7 +345,7 @@ def flatten(inner: GradientTransformation) -> GradientTransformation:
 def multi_transform(
   transforms: dict, param_labels, *, mask_compatible_extra_args: bool = False
 ) -> GradientTransformation:
-  """Deprecated: Optax's former name of :func:`optcompose.partition`; use ``partition``.
+  """Optax's former name of :func:`optcompose.partition`; new code should use ``partition``.
 
   Args:
     transforms: as in :func:`optcompose.partition`.
@@ -354,20 +353,14 @@ def multi_transform(
     mask_compatible_extra_args: as in :func:`optcompose.partition`.
 
   Returns:
-    ``partition(transforms, param_labels, mask_compatible_extra_args=...)``, after a
-    DeprecationWarning (its state, :class:`MultiTransformState`, is
-    :class:`~optcompose.PartitionState`).
+    ``partition(transforms, param_labels, mask_compatible_extra_args=...)`` (its state,
+    :class:`MultiTransformState`, is :class:`~optcompose.PartitionState`). No warning:
+    Optax 0.2.8 keeps the name without one, and code run with ``-W error`` must not break.
 
   References:
     Optax's ``optax.multi_transform`` (kept there "for backwards compatibility" as
     ``partition`` itself, without a warning).
   """
-  warnings.warn(
-    "multi_transform is deprecated: use optcompose.partition (same arguments "
-    "and state; Optax renamed it).",
-    DeprecationWarning,
-    stacklevel=2,
-  )
   return partition(transforms, param_labels, mask_compatible_extra_args=mask_compatible_extra_args)
 
 
