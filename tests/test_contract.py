@@ -39,6 +39,7 @@ def discovered_builders():
     "stateless_with_tree_map",
     "with_extra_args_support",
     "flat_optimizer",
+    "multi_transform",  # Optax's former name of partition: a plain alias, not a builder
   }
 
 
