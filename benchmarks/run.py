@@ -314,16 +314,13 @@ class JaxRun:
 
     abstract = {k: jax.ShapeDtypeStruct(s, d) for k, (s, d) in shapes.items()}
     params, state, grads = jax.eval_shape(arguments, abstract, abstract)
-    nbytes = lambda tree: sum(  # noqa: E731
-      int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)
-    )
-    self.state_bytes = sum(
-      int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(state) if x.ndim
-    )
+    nbytes = lambda leaves: sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in leaves)  # noqa: E731
+    self.state_bytes = nbytes(x for x in jax.tree.leaves(state) if x.ndim)
+    param_bytes = nbytes(jax.tree.leaves(params))
     self.ideal_bytes = (
-      nbytes(grads)
-      + 2 * (nbytes(params) + self.state_bytes)
-      + EXTRA_BYTES.get(opt, 0) / 4 * nbytes(params)
+      nbytes(jax.tree.leaves(grads))
+      + 2 * (param_bytes + self.state_bytes)
+      + EXTRA_BYTES.get(opt, 0) / 4 * param_bytes
     )
 
     if opt == "lbfgs":

@@ -23,7 +23,6 @@ batches; ratios are medians of paired ratios (means of totals for ``every_k``).
 
 from __future__ import annotations
 
-import functools
 import sys
 import time
 from pathlib import Path
@@ -129,14 +128,11 @@ def run_train(cfg: dict) -> dict:
       make = lambda: (params,)  # noqa: E731
       jitted = jax.jit(step)
     else:
-      make = functools.partial(
-        lambda tx: (
-          train_state.TrainState.create(
-            apply_fn=model.apply, params=jax.tree.map(jnp.copy, params), tx=tx
-          ),
-        ),
-        tx,
-      )
+
+      def make(tx=tx):  # bound now: the loop rebinds tx
+        copy = jax.tree.map(jnp.copy, params)
+        return (train_state.TrainState.create(apply_fn=model.apply, params=copy, tx=tx),)
+
       jitted = jax.jit(step, donate_argnums=0)
     abstract = jax.eval_shape(make)  # traced before the clock starts, as in run.py
     t = time.perf_counter()

@@ -82,7 +82,7 @@ from optcompose import transforms  # noqa: E402  (imported above, by _modules)
 
 for _space in (transforms, schedules):
   _importlib.import_module("optcompose._from_optax").install(
-    _space, _space.__name__[11:], globals()
+    _space, _space.__name__.rpartition(".")[2], globals()
   )
 
 

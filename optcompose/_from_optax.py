@@ -147,8 +147,7 @@ def _from(theirs: Any, name: str, ours: str) -> Any:
   if name in STATES_ELSEWHERE:
     raise AttributeError(
       f"module {ours!r} has no attribute {name!r}: what Optax keeps in `optax.{name}` "
-      f"optcompose keeps in `optcompose.{STATES_ELSEWHERE[name]}` (a scheduled or injected "
-      f"hyperparameter's count and values), so test for that class: "
+      f"optcompose keeps in `optcompose.{STATES_ELSEWHERE[name]}`, so test for that class: "
       f"`isinstance(s, optcompose.{STATES_ELSEWHERE[name]})` (an Optax state converts with "
       "optcompose.migrate)."
     )

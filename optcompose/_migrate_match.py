@@ -10,14 +10,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from optcompose._from_optax import STATES_ELSEWHERE as _OPTAX_ALIASES
 from optcompose.wrappers.masking import MaskedState
 
 
 # Counterparts: the state classes both libraries export under one name (optcompose keeps
 # Optax's names), and Optax's names of states optcompose keeps in another class.
 
-from optcompose._from_optax import STATES_ELSEWHERE as _OPTAX_ALIASES  # noqa: E402
-
+# (_OPTAX_ALIASES: optcompose._from_optax.STATES_ELSEWHERE, imported above.)
 _PAIRS: set = set()
 
 
