@@ -65,6 +65,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from optcompose.core import GradientTransformation, Params, Updates, as_transformation
+from optcompose.core.explicit import gathered
 from optcompose.masks import broadcast_prefix, register_layout
 
 
@@ -83,6 +84,11 @@ class FlatLayout(NamedTuple):
   buckets: tuple  # of bucket names, e.g. "float32" or "decay/float32"
   dtypes: tuple  # numpy dtype of each bucket
   sizes: tuple  # element count of each bucket
+
+  def used(self, bucket: int) -> int:
+    """How many of bucket ``bucket``'s elements hold the leaves' values: the rest, up to
+    ``sizes[bucket]``, is ``pad_to``'s zero padding at its end."""
+    return sum(int(np.prod(x.shape, dtype=np.int64)) for x in self.leaves if x.bucket == bucket)
 
 
 @jax.tree_util.register_pytree_with_keys_class
@@ -135,7 +141,9 @@ class FlatParams:
       sizes = [int(np.prod(leaf.shape, dtype=np.int64)) for _, leaf in members]
       padding = layout.sizes[b] - sum(sizes)  # zeros at the end (flat_params' pad_to)
       sizes += [padding] if padding else []
-      parts = jax.lax.split(jnp.asarray(buf), sizes) if len(sizes) > 1 else [buf]
+      # Explicitly sharded (ZeRO-1 on an explicit mesh), the bucket is gathered to be split,
+      # as auto mode gathers it implicitly.
+      parts = jax.lax.split(gathered(jnp.asarray(buf)), sizes) if len(sizes) > 1 else [buf]
       for (i, leaf), part in zip(members, parts):
         pieces[i] = jnp.reshape(part, leaf.shape)
     return jax.tree.unflatten(layout.treedef, pieces)
@@ -314,11 +322,20 @@ def flat_optimizer(tx: Any, labels: Any = None, pad_to: int = 1) -> GradientTran
 
 
 # Masks and labels written for the model's tree map onto the buckets (optcompose.masks).
+def _unpadded(flat: FlatParams) -> list:
+  """Each bucket without the zeros that pad it (a slice: a reduction reads it in place)."""
+  return [
+    jnp.asarray(b)[: flat.layout.used(i)] if flat.layout.used(i) < np.size(b) else b
+    for i, b in enumerate(flat.buffers)
+  ]
+
+
 register_layout(
   FlatParams,
   FlatParams.unflatten,
   lambda x, part, name: _per_bucket(x.layout, part, name),
   "FlatParams",
+  _unpadded,
 )
 
 __all__ = ["FlatParams", "flat_params", "flat_optimizer"]

@@ -29,18 +29,32 @@ class _LayoutHooks(NamedTuple):
   view: Callable[[Any], Any]  # the layout node -> the model's tree
   spread: Callable[[Any, Any, str], Any]  # (node, values for the model's tree, name) -> values
   name: str
+  elements: Callable[[Any], list]  # the layout node -> its leaves, without padding
 
 
 _LAYOUTS: dict[type, _LayoutHooks] = {}
 
 
-def register_layout(cls: type, view: Callable, spread: Callable, name: str) -> None:
+def register_layout(
+  cls: type, view: Callable, spread: Callable, name: str, elements: Callable = jax.tree.leaves
+) -> None:
   """Declare a pytree node type that holds a model's leaves in another arrangement.
 
   ``view(node)`` returns the model's tree; ``spread(node, values, name)`` maps per-leaf
   ``values`` (a tree with the model's structure) onto the node's own leaves, raising a
-  ValueError naming the argument ``name`` where that is impossible."""
-  _LAYOUTS[cls] = _LayoutHooks(view, spread, name)
+  ValueError naming the argument ``name`` where that is impossible; ``elements(node)``
+  returns the node's leaves, each cut to the part that holds the model's elements (without
+  padding), for a count over them."""
+  _LAYOUTS[cls] = _LayoutHooks(view, spread, name, elements)
+
+
+def model_elements(tree: Any) -> list:
+  """``jax.tree.leaves(tree)``, a layout node's leaves cut to the model's elements (a
+  FlatParams bucket without the zeros that pad it): one entry per leaf, in order."""
+  out = []
+  for x in jax.tree.leaves(tree, is_leaf=_is_layout):
+    out += _hooks(x).elements(x) if _is_layout(x) else [x]
+  return out
 
 
 def _hooks(x) -> _LayoutHooks:

@@ -185,6 +185,11 @@ def zero1_flat_shardings(
       f"zero1_flat_shardings: `flat` is a {type(flat).__name__}, not a FlatParams "
       "(use zero1_state_shardings for a tree of parameters)."
     )
+  if not isinstance(mesh, (jax.sharding.Mesh, jax.sharding.AbstractMesh)):
+    raise TypeError(
+      f"zero1_flat_shardings: `mesh` must be a jax.sharding.Mesh, got "
+      f"{type(mesh).__name__} {mesh!r:.40} (the mesh axis is the argument after it, `axis=`)."
+    )
   if axis not in mesh.shape:
     raise ValueError(f"zero1_flat_shardings: the mesh has no axis {axis!r} ({dict(mesh.shape)}).")
   size = mesh.shape[axis]

@@ -99,9 +99,8 @@ def check_same_dtypes(
       )
 
 
-def _leaf_dtype(leaf: Any):
-  """A leaf's dtype, or None for a leaf that is not a number or an array (a string, an
-  object)."""
+def leaf_dtype(leaf: Any):
+  """A leaf's dtype, or None for a leaf that is not a number or an array (a string)."""
   dtype = getattr(leaf, "dtype", None)
   if dtype is not None:
     return dtype
@@ -122,18 +121,19 @@ def check_floating(tree: Any, name: str, need: str = _NEED) -> None:
     need: the rest of the message: what needs floating-point leaves, and the remedy.
   """
   leaves = jax.tree.leaves(tree)
-  if all(_is_inexact(_leaf_dtype(leaf)) for leaf in leaves):  # the fast path: no paths built
+  if all(is_inexact(leaf_dtype(leaf)) for leaf in leaves):  # the fast path: no paths built
     return
   for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    dtype = _leaf_dtype(leaf)
+    dtype = leaf_dtype(leaf)
     where = f"`{name}{jax.tree_util.keystr(tuple(path))}`"
     if dtype is None:
       raise TypeError(f"{where} is a {type(leaf).__name__} ({leaf!r:.40}), not an array; {need}.")
-    if not _is_inexact(dtype):
+    if not is_inexact(dtype):
       raise TypeError(f"{where} has dtype {dtype}; {need}.")
 
 
-def _is_inexact(dtype) -> bool:
+def is_inexact(dtype) -> bool:
+  """Whether ``dtype`` is a floating-point or complex dtype (False for None)."""
   try:
     return dtype is not None and jnp.issubdtype(dtype, jnp.inexact)
   except TypeError:  # not a dtype JAX knows
@@ -297,7 +297,7 @@ def norm(tree: Any, ord=None, squared: bool = False) -> jax.Array:  # Optax's `o
   if ord is None or ord == 2:
     out = squared_norm(tree) if squared else global_norm(tree)
     dtypes = [jnp.result_type(x) for x in jax.tree.leaves(tree)]
-    if dtypes and all(map(_is_inexact, dtypes)):
+    if dtypes and all(map(is_inexact, dtypes)):
       out = out.astype(promote_types(*(jnp.finfo(d).dtype for d in dtypes)))
     return out
   if ord == 1:

@@ -108,6 +108,32 @@ def test_apply_updates_does_not_truncate_integer_params():
     oc.apply_updates({"n": jnp.arange(3)}, {"n": jnp.full(3, 0.4)})
 
 
+def test_an_integer_leaf_masked_out_takes_its_own_dtype_s_update():
+  """What the integer-parameter error suggests (mask it out) works to the end: the update of
+  a leaf ``partition`` sends to ``set_to_zero`` keeps its int32 dtype, and ``apply_updates``
+  and ``step`` add it exactly (as Optax's ``apply_updates`` does); a float update for it,
+  or an int16 one, is still a TypeError naming the leaf."""
+  params = {"w": jnp.ones(4), "n": jnp.arange(3, dtype=jnp.int32)}
+  labels = {"w": "train", "n": "frozen"}
+  tx = oc.partition({"train": oc.adamw(1e-2), "frozen": oc.set_to_zero()}, labels)
+  grads = {"w": jnp.ones(4), "n": jnp.zeros(3, jnp.int32)}
+  updates, _ = tx.update(grads, tx.init(params), params)
+  assert updates["n"].dtype == jnp.int32
+  for new in (oc.apply_updates(params, updates), oc.step(tx, grads, tx.init(params), params)[0]):
+    np.testing.assert_array_equal(np.asarray(new["n"]), np.arange(3))
+    assert new["n"].dtype == jnp.int32
+    assert float(new["w"][0]) < 1.0
+  for bad in (jnp.full(3, 0.4), jnp.zeros(3, jnp.int16)):
+    with pytest.raises(TypeError, match=r"params\['n'\]` has dtype int32.*own dtype"):
+      oc.apply_updates(params, {**updates, "n": bad})
+
+
+def test_zero1_flat_shardings_name_a_mesh_that_is_not_one():
+  flat = oc.flat_params({"w": jnp.ones(8)})
+  with pytest.raises(TypeError, match=r"`mesh` must be a jax.sharding.Mesh, got str 'data'"):
+    oc.sharding.zero1_flat_shardings(oc.adam(1e-3), flat, "data")
+
+
 def test_mask_that_does_not_match_names_the_difference_at_init():
   for tx in (
     oc.adamw(1e-3, mask={"dense": {"kernel": True, "scale": False}}),

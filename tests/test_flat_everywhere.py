@@ -298,6 +298,84 @@ def test_zero1_flat_splits_every_bucket_over_8_devices_and_matches_the_unsharded
   np.testing.assert_array_equal(params["False/float32"][17:], np.zeros(7, np.float32))
 
 
+@pytest.mark.parametrize("how", ["flat_params", "flat_optimizer"])
+def test_zero1_flat_on_an_explicit_mesh_with_a_decay_mask(how):
+  """The sharding guide's ZeRO-1 on ``jax.make_mesh``'s default explicit axes, with the
+  weight-decay mask passed as ``labels`` too: each bucket is split over "data" (its type says
+  so), splitting it back into leaves gathers it first (JAX refuses to split an explicitly
+  sharded dimension; auto mode gathers implicitly), and 4 steps equal the per-leaf run on
+  the model's tree to a few epsilons. Through ``flat_params`` (the step on FlatParams) and
+  through ``flat_optimizer`` (the model's tree; the buckets inside)."""
+  devices = jax.devices("cpu")
+  if len(devices) < 8:
+    pytest.skip("needs 8 CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count=8)")
+  if not hasattr(jax.sharding, "reshard"):  # JAX 0.6: the model's matmul needs jax.set_mesh
+    pytest.skip("explicit sharding is experimental before JAX 0.7")
+  mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Explicit,), devices=devices[:8])
+  replicated = NamedSharding(mesh, P())
+  problem = mlp()  # buckets of 17 and 144 elements: the first is padded to 24
+  tx = oc.adamw(1e-2, weight_decay=1e-3, mask=matrices)
+  flat = oc.flat_params(problem.params, labels=matrices, pad_to=8)
+  placement = oc.sharding.zero1_flat_shardings(tx, flat, mesh)
+  if how == "flat_optimizer":
+    opt = oc.flat_optimizer(tx, labels=matrices, pad_to=8)
+    params = jax.device_put(problem.params, replicated)
+  else:
+    opt, params = tx, jax.device_put(flat, replicated)
+
+  def step(params, state):
+    view = lambda p: p.unflatten() if oc.flat.is_flat(p) else p
+    grads = jax.grad(lambda p: problem.loss(view(p)))(params)
+    updates, state = opt.update(grads, state, params)
+    return oc.apply_updates(params, updates), state
+
+  state = jax.jit(opt.init, out_shardings=placement)(params)
+  sharded_step = jax.jit(
+    step, in_shardings=(replicated, placement), out_shardings=(replicated, placement)
+  )
+  with on_cpu():
+    tree, tree_state = problem.params, tx.init(problem.params)
+    for _ in range(4):
+      params, state = sharded_step(params, state)
+      tree, tree_state = jax.jit(
+        lambda p, s: (lambda u, s: (oc.apply_updates(p, u), s))(
+          *tx.update(jax.grad(problem.loss)(p), s, p)
+        )
+      )(tree, tree_state)
+  buckets = [x for x in jax.tree.leaves(state) if x.ndim]
+  assert len(buckets) == 4
+  device = devices[0]
+  on_one = sum(s.data.nbytes for x in buckets for s in x.addressable_shards if s.device == device)
+  assert on_one * 8 == sum(x.nbytes for x in buckets)
+  assert_ulps_close(params.unflatten() if how == "flat_params" else params, tree, 8)
+  assert moved(tree, problem.params) > 1e-2
+
+
+def test_zero_fraction_of_padded_flat_params_counts_the_model_s_elements():
+  """``with_diagnostics`` on FlatParams padded by ``pad_to=8``, and inside ``flat_optimizer``:
+  ``zero_fraction`` is the model tree's ``#(w == 0) / size(w)`` (counted by NumPy), not
+  counting the zeros that pad the buckets; with a ``zero_mask`` (the matrices) too."""
+  from optcompose.metrics import metrics
+
+  params = {"w": jnp.arange(15.0).reshape(5, 3), "b": jnp.zeros(3)}  # 4 zeros of 18
+  host = jax.tree.map(np.asarray, params)
+  want = sum(int(np.sum(x == 0)) for x in jax.tree.leaves(host)) / 18
+  want_masked = float(np.mean(host["w"] == 0))  # 1 of 15
+  for mask, expected in ((None, want), (matrices, want_masked)):
+    diag = oc.with_diagnostics(oc.adamw(1e-3), zero_mask=mask)
+    flat = oc.flat_params(params, labels=matrices, pad_to=8)  # buckets of 3 -> 8, 15 -> 16
+    assert sum(b.size for b in flat.buffers) == 24
+    grads = jax.tree.map(jnp.ones_like, params)
+    for tx, p, g in (
+      (diag, flat, oc.flat_params(grads, labels=matrices, pad_to=8)),
+      (oc.flat_optimizer(diag, labels=matrices, pad_to=8), params, grads),
+      (diag, params, grads),  # the tree itself: the reference path
+    ):
+      _, state = jax.jit(tx.update)(g, tx.init(p), p)
+      got = float(metrics(state)["zero_fraction"])
+      np.testing.assert_allclose(got, expected, rtol=1e-6)
+
+
 def test_zero1_flat_shardings_refuse_a_bucket_that_does_not_divide():
   mesh = mesh8()
   flat = oc.flat_params(mlp().params, labels=matrices)  # 17 and 144 elements

@@ -243,6 +243,86 @@ def test_zero1_divides_adamw_state_over_the_data_axis_and_matches_the_unsharded_
   )
 
 
+def _adamw():
+  return oc.adamw(1e-2, weight_decay=1e-3)
+
+
+# The forms whose step runs inside a conditional (or splits a sharded bucket): under explicit
+# sharding each must return the shardings it was given, whichever branch runs.
+ZERO1_FORMS = {
+  "adamw": (_adamw, "update"),
+  "apply_if_finite-update": (lambda: oc.apply_if_finite(_adamw(), 3), "update"),
+  "apply_if_finite-step": (lambda: oc.apply_if_finite(_adamw(), 3), "step"),
+  "step_if_finite": (_adamw, "step_if_finite"),
+  "MultiSteps-update": (lambda: oc.MultiSteps(_adamw(), 2), "update"),
+  "MultiSteps-step": (lambda: oc.MultiSteps(_adamw(), 2), "step"),
+  "with_diagnostics-update": (lambda: oc.with_diagnostics(_adamw(), every_k=2), "update"),
+  "lookahead_in_state-update": (lambda: oc.lookahead_in_state(_adamw(), 2, 0.5), "update"),
+  "lookahead_in_state-step": (lambda: oc.lookahead_in_state(_adamw(), 2, 0.5), "step"),
+}
+
+
+@pytest.mark.parametrize("form", sorted(ZERO1_FORMS))
+def test_zero1_on_an_explicit_mesh_in_every_step_form(form):
+  """ZeRO stage 1 as the sharding guide writes it, on ``jax.make_mesh``'s default explicit
+  axes (a sharding is part of an array's type): the step forms that run the step inside a
+  conditional return the parameters replicated and the state split, as they came, and 4
+  steps (a NaN gradient at the third: skipped where the form skips) equal the unsharded
+  run to a few epsilons; each device holds 1/8 of every parameter-shaped state leaf."""
+  devices = jax.devices("cpu")
+  if len(devices) < 8:
+    pytest.skip("needs 8 CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count=8)")
+  make, how = ZERO1_FORMS[form]
+  tx = make()
+  mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Explicit,), devices=devices[:8])
+  replicated = NamedSharding(mesh, P())
+  host = {
+    k: np.sin(np.arange(np.prod(s), dtype=np.float32) * (0.3 + i)).reshape(s) * 0.5
+    for i, (k, s) in enumerate(PURE_SHAPES.items())
+  }
+  skips = how != "update" or form.startswith("apply_if_finite")
+
+  def step(params, state, t):
+    grads = jax.grad(loss)(params)
+    if skips:  # a NaN at the third step
+      grads = {**grads, "b2": jnp.where(t == 2, jnp.nan, 1.0) * grads["b2"]}
+    if how == "step":
+      return oc.step(tx, grads, state, params)
+    if how == "step_if_finite":
+      return oc.step_if_finite(tx, grads, state, params)[:2]
+    updates, state = tx.update(grads, state, params)
+    return oc.apply_updates(params, updates), state
+
+  params = jax.device_put(host, replicated)
+  placement = oc.sharding.zero1_state_shardings(tx, params)
+  state = jax.jit(tx.init, out_shardings=placement)(params)
+  sharded_step = jax.jit(
+    step, in_shardings=(replicated, placement, None), out_shardings=(replicated, placement)
+  )
+  with on_cpu():
+    plain_params = {k: jnp.asarray(x) for k, x in host.items()}
+    plain_state, plain_step = tx.init(plain_params), jax.jit(step)
+    for t in range(4):
+      params, state = sharded_step(params, state, t)
+      plain_params, plain_state = plain_step(plain_params, plain_state, t)
+
+  shapes = set(PURE_SHAPES.values())
+  moments = [x for x in jax.tree.leaves(state) if x.shape in shapes]
+  assert moments
+  on_one = sum(
+    s.data.nbytes for x in moments for s in x.addressable_shards if s.device == devices[0]
+  )
+  assert on_one * 8 == sum(x.nbytes for x in moments)
+  for x in jax.tree.leaves(params):
+    assert x.sharding.is_equivalent_to(replicated, x.ndim)
+  floats = lambda tree: [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
+  assert_ulps_close(floats((params, state)), floats((plain_params, plain_state)), 8)
+  for got, want in zip(jax.tree.leaves(state), jax.tree.leaves(plain_state), strict=True):
+    if not jnp.issubdtype(got.dtype, jnp.floating):  # counts, flags
+      np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  assert max(float(jnp.max(jnp.abs(params[k] - host[k]))) for k in host) > 1e-3
+
+
 def test_zero1_state_shardings_name_a_parameter_off_the_mesh():
   with pytest.raises(ValueError, match=r"params\['w'\].*'data'"):
     oc.sharding.zero1_state_shardings(

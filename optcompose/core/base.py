@@ -347,7 +347,11 @@ def apply_updates(params: Params, updates: Updates) -> Params:
   Update: ``w <- w + u``.
 
   Args:
-    params: the parameters (floating-point or complex leaves; others are a TypeError).
+    params: the parameters: floating-point or complex leaves, and integer or boolean ones
+      whose update has their own dtype (a leaf masked out, its update ``set_to_zero``'s
+      zeros, or passed through); a floating-point update for an integer or boolean leaf,
+      which would be truncated, is a TypeError naming it, and so is a leaf that is not an
+      array.
     updates: a tree of the parameters' structure and shapes.
 
   Returns:
@@ -357,7 +361,20 @@ def apply_updates(params: Params, updates: Updates) -> Params:
     Optax's ``optax.apply_updates``.
   """
   otree.check_same_structure(updates, params, "updates", "params")
-  otree.check_floating(params, "params")
+
+  # An integer or boolean parameter takes only an update of its own dtype (exact).
+  def fixed(p, u) -> bool:
+    dtype = otree.leaf_dtype(p)
+    return dtype is not None and not otree.is_inexact(dtype) and dtype == otree.leaf_dtype(u)
+
+  if not all(map(fixed, jax.tree.leaves(params), jax.tree.leaves(updates))):
+    otree.check_floating(
+      jax.tree.map(lambda p, u: jnp.zeros(()) if fixed(p, u) else p, params, updates),
+      "params",
+      "optimizers need floating-point leaves (an integer or boolean one takes only an update "
+      "of its own dtype: a floating-point one would be truncated); cast integer or boolean "
+      "leaves, or mask them out",
+    )
 
   for path, p, u in zip(
     *zip(*jax.tree_util.tree_flatten_with_path(params)[0]), jax.tree.leaves(updates)

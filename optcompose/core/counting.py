@@ -8,6 +8,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from optcompose.core.explicit import any_explicit, reshard, sharded_axes
+
 
 def zero_count() -> jax.Array:
   """A fresh int32 step count."""
@@ -28,7 +30,45 @@ def safe_increment(count: jax.Array) -> jax.Array:
 
 def cond(pred, if_true: Callable, if_false: Callable, operand):
   """``lax.cond``, or a plain Python branch when ``pred`` is a known value: eagerly, a
-  ``lax.cond`` of fresh closures would compile both branches at every call."""
+  ``lax.cond`` of fresh closures would compile both branches at every call.
+
+  Under explicit sharding (a mesh with ``AxisType.Explicit`` axes, ``jax.make_mesh``'s
+  default), a sharding is part of an array's type, and the two branches must return the same
+  types: a step that reads ZeRO-1 state sharded over ``data`` returns parameters sharded
+  over ``data``, where the branch that skips it returns them replicated, as they came. Where
+  the branches' shardings of a result differ, both return the more sharded one (the fewer
+  mesh axes a leaf is replicated over, the less each device holds; a tie: ``if_true``'s),
+  which is what the step without the branch would have returned."""
   if not isinstance(pred, jax.core.Tracer):
     return (if_true if bool(pred) else if_false)(operand)
+  if any_explicit(operand):
+    if_true, if_false = _agreeing(if_true, if_false, operand)
   return jax.lax.cond(pred, if_true, if_false, operand)
+
+
+def _agreeing(if_true: Callable, if_false: Callable, operand) -> tuple:
+  """The two branches, each result resharded where their shardings differ (see cond)."""
+  (a, tree_a), (b, tree_b) = (
+    jax.tree.flatten(jax.eval_shape(f, operand)) for f in (if_true, if_false)
+  )
+  if tree_a != tree_b or len(a) != len(b):
+    return if_true, if_false  # lax.cond names the difference
+  targets = []
+  for x, y in zip(a, b):
+    x, y = getattr(x, "sharding", None), getattr(y, "sharding", None)
+    if x is None or y is None or x == y or not hasattr(x, "spec") or not hasattr(y, "spec"):
+      targets.append(None)
+    else:
+      targets.append(max((x, y), key=lambda s: sharded_axes(getattr(s, "spec", ()))))
+  if all(t is None for t in targets):
+    return if_true, if_false
+
+  def resharded(f):
+    def branch(o):
+      leaves, tree = jax.tree.flatten(f(o))
+      leaves = [x if t is None else reshard(x, t) for x, t in zip(leaves, targets)]
+      return tree.unflatten(leaves)
+
+    return branch
+
+  return resharded(if_true), resharded(if_false)

@@ -15,7 +15,9 @@ step, before ``u`` is applied)::
     nonfinite     = #(g is NaN or +-inf)       int32
 
 ``zero_fraction`` is measured on the parameters passed in, so the zeros an L1 proximal step
-creates at step t show at step t + 1; it is NaN while a parameter is NaN.
+creates at step t show at step t + 1; it is NaN while a parameter is NaN. On
+:class:`~optcompose.FlatParams` it counts the model's elements only, not the zeros that pad a
+bucket (``pad_to``).
 
 No extra pass where the chain already measures: if ``inner`` *starts* with
 ``clip_by_global_norm`` (the first member of its chain, through nested chains, schedules

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from optcompose.core import InjectHyperparamsState, cond, current_hyperparams, zero_count
-from optcompose.masks import resolve_mask
+from optcompose.masks import model_elements, resolve_mask
 from optcompose.transforms.clipping import ClipByGlobalNormState
 from optcompose.wrappers.finite import all_finite
 
@@ -27,8 +27,9 @@ def update_ratio(update_norm: jax.Array, param_norm: jax.Array) -> jax.Array:
 def zero_fraction(tree: Any, mask: Any = None) -> jax.Array:
   """The fraction of exactly-zero elements over all leaves together (0 for an empty tree);
   ``mask`` (as in ``add_decayed_weights``) restricts it to the selected leaves. NaN where a
-  selected leaf holds a NaN."""
-  leaves = [jnp.asarray(x) for x in jax.tree.leaves(tree)]
+  selected leaf holds a NaN. A :class:`~optcompose.FlatParams` bucket counts without the
+  zeros that pad it (``pad_to``): the model has no such elements."""
+  leaves = [jnp.asarray(x) for x in model_elements(tree)]
   if mask is not None:
     keep = jax.tree.leaves(resolve_mask(mask, tree, "zero_mask"))
     leaves = [x for x, k in zip(leaves, keep) if k]
