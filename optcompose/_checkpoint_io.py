@@ -162,6 +162,19 @@ def _finish(new: pathlib.Path, sidecar: str, text: str) -> None:
 # Where a checkpoint goes: a local directory, or a URL that Orbax writes through etils.epath.
 
 
+def _replaceable(fn: str, directory: pathlib.Path) -> None:
+  """Raise a ValueError unless ``directory`` is an Orbax checkpoint (its metadata, or this
+  library's sidecar) or an empty directory: what ``overwrite=True`` may replace without
+  losing a file the user put there."""
+  names = {p.name for p in directory.iterdir()} if directory.is_dir() else {"(a file)"}
+  if names and not names & {"_CHECKPOINT_METADATA", "_METADATA", SIDECAR}:
+    raise ValueError(
+      f"{fn}: {directory} exists and is not a checkpoint (no Orbax metadata in it: "
+      f"{sorted(names)[:3]}): overwrite=True replaces a checkpoint only, never other files; "
+      "move them, or save under another path."
+    )
+
+
 def _directory(fn: str, directory: Any) -> tuple:
   """``(path, remote)``: a local ``directory`` made absolute as a ``pathlib.Path`` (False),
   or a URL (``gs://``, ``s3://``: anything with ``://``) as an ``etils.epath.Path`` (True).

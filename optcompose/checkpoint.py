@@ -70,8 +70,10 @@ from optcompose._checkpoint_check import (  # the checks and the formats' record
   _saved_leaves,
   _verify,
 )
+from optcompose._checkpoint_nodes import _mismatched_nodes
 from optcompose._checkpoint_io import (  # the file handling
   SIDECAR,
+  _replaceable,
   _DAMAGE,
   _damaged,
   _read_sidecar,
@@ -100,10 +102,6 @@ __all__ = [
   "AsyncSave",
   "check_against_template",
 ]
-
-
-# ----------------------------------------------------------------------------------------
-# Optional dependencies, imported on first use.
 
 
 def save_checkpoint(path: PathLike, tree: Any) -> pathlib.Path:
@@ -198,9 +196,7 @@ def restore_checkpoint(path: PathLike, target: Any) -> Any:
   try:
     restored = serialization.from_state_dict(target, saved)
   except (ValueError, KeyError) as e:  # an empty node present on one side only
-    raise CheckpointMismatchError(
-      f"restore_checkpoint: the checkpoint {os.fspath(path)} does not match `target`: {e}"
-    ) from e
+    _mismatched_nodes("restore_checkpoint", path, saved, serialization.to_state_dict(target), e)
   return jax.tree.map(_like, restored, target)
 
 
@@ -218,17 +214,16 @@ def save_orbax_checkpoint(
   an ``etils.epath.Path``) goes to Orbax unchanged and Orbax's own atomic save applies: it
   writes a temporary directory and finalizes it when complete (a rename, or on GCS a
   ``commit_success.txt`` marker); no lock is taken (keep one writer per path). There
-  ``overwrite=True`` is Orbax's ``force=True``, which deletes the old checkpoint before the new
-  one is written: on object stores save each step under a new name instead (a
-  ``CheckpointManager``; see docs/guides/checkpoints-at-scale.md). The checksums are added
-  after Orbax's commit; a checkpoint cut off between the two restores unchecked.
+  ``overwrite=True`` is Orbax's ``force=True``, which deletes the old checkpoint first: on
+  object stores save each step under a new name (a ``CheckpointManager``; see
+  docs/guides/checkpoints-at-scale.md). The checksums are added after Orbax's commit.
 
   Args:
     directory: the checkpoint directory: a local path (made absolute, as Orbax requires) or
       a URL that ``etils.epath`` knows.
     tree: any pytree of arrays and Python numbers.
-    overwrite: replace an existing checkpoint (locally, only once the new one is complete);
-      otherwise saving over one is an error.
+    overwrite: replace an existing checkpoint (locally, only once the new one is complete,
+      and never a directory of other files); otherwise saving over one is an error.
     block: return when the checkpoint is in place (the default); with False, return as soon
       as Orbax has copied the arrays to host memory (and the checksums are computed), and
       finish in a background thread: the caller may then update, donate or delete ``tree``.
@@ -239,7 +234,8 @@ def save_orbax_checkpoint(
     all must call ``wait()``; a later save to the same parent directory waits for this one).
 
   Raises:
-    ValueError: ``directory`` exists and ``overwrite`` is False; a URL of an unknown scheme.
+    ValueError: ``directory`` exists and ``overwrite`` is False, or it holds files but no
+      checkpoint; a URL of an unknown scheme.
     TypeError: ``directory`` is not a path, or ``block`` is not a bool.
   """
   fn, ocp = "save_orbax_checkpoint", _orbax()
@@ -262,6 +258,8 @@ def save_orbax_checkpoint(
         hosts.sync_global_devices("optcompose_save_start")
     if directory.exists() and not overwrite:
       raise ValueError(f"{fn}: {directory} already exists: pass overwrite=True to replace it.")
+    if not remote and directory.exists():
+      _replaceable(fn, directory)  # a checkpoint, never a user's other files
     checkpointer = stack.enter_context(ocp.StandardCheckpointer())  # closed before unlocking
     if remote:
       checkpointer.save(directory, tree, force=bool(overwrite))

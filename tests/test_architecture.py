@@ -30,6 +30,7 @@ FLOORS = [
     "optcompose.checkpoint",
     "optcompose._checkpoint_check",
     "optcompose._checkpoint_io",
+    "optcompose._checkpoint_nodes",
     "optcompose.sharding",
     "optcompose._from_optax",
   ),

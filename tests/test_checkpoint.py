@@ -462,3 +462,21 @@ def test_flax_nnx_optimizer(tmp_path):
   assert_bitwise_equal(
     jax.tree.leaves(nnx.state((model2, optimizer2))), jax.tree.leaves(nnx.state((model, optimizer)))
   )
+
+
+@pytest.mark.parametrize("saved, restored", [("adamw", "adam"), ("adam", "adamw")])
+def test_another_optimizer_s_state_differing_only_by_an_empty_state_is_named(
+  tmp_path, saved, restored
+):
+  """AdamW's state is Adam's plus an ``EmptyState`` (no leaf): no leaf differs, and the
+  message names the container entry on one side only, as the leaf mismatches are named (not
+  in Flax's words: "The size of the list and the state dict do not match")."""
+  params = {"w": jnp.ones(3)}
+  make = {"adam": oc.adam(1e-3), "adamw": oc.adamw(1e-3)}
+  save_checkpoint(tmp_path / "c.msgpack", {"opt_state": make[saved].init(params)})
+  side = "the checkpoint" if saved == "adamw" else "`target`"
+  with pytest.raises(
+    CheckpointMismatchError,
+    match=rf"does not match `target`: `\['opt_state'\]\[2\]` is only in {side}",
+  ):
+    restore_checkpoint(tmp_path / "c.msgpack", {"opt_state": make[restored].init(params)})

@@ -343,3 +343,27 @@ def test_the_template_check_reads_orbax_metadata_of_every_kind(tmp_path):
       r"\(4,\) in the checkpoint but \(5,\)",
     ):
       ck.check_against_template(given, other)
+
+
+def test_overwrite_replaces_a_checkpoint_never_a_directory_of_other_files(tmp_path):
+  """``overwrite=True`` swaps a new checkpoint for an old one (and may fill an empty
+  directory), but a directory holding the user's other files (Orbax's own ``force=True``
+  deletes them) is a ValueError naming it, and every file is still there."""
+  run = tmp_path / "run"
+  run.mkdir()
+  (run / "notes.txt").write_text("keep me")
+  (run / "step_10.msgpack").write_bytes(b"\x00" * 8)
+  with pytest.raises(ValueError, match=r"run exists and is not a checkpoint.*notes.txt"):
+    ck.save_orbax_checkpoint(run, run_tree(1), overwrite=True)
+  assert (run / "notes.txt").read_text() == "keep me"
+  assert sorted(p.name for p in run.iterdir()) == ["notes.txt", "step_10.msgpack"]
+  a_file = tmp_path / "data.csv"
+  a_file.write_text("1,2\n")
+  with pytest.raises(ValueError, match="is not a checkpoint"):
+    ck.save_orbax_checkpoint(a_file, run_tree(1), overwrite=True)
+  assert a_file.read_text() == "1,2\n"
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  ck.save_orbax_checkpoint(empty, run_tree(1), overwrite=True)
+  ck.save_orbax_checkpoint(empty, run_tree(2), overwrite=True)  # a checkpoint: replaced
+  assert_same(ck.restore_orbax_checkpoint(empty, run_tree(0)), run_tree(2))

@@ -269,7 +269,7 @@ BIG = 2**40
     ),
     (lambda: oc.join_schedules([oc.constant_schedule(1.0)] * 2, [BIG]), r"boundaries\[0\]"),
     (lambda: oc.linear_warmup(oc.constant_schedule(1.0), BIG), "warmup_steps"),
-    (lambda: oc.warmup_constant_schedule(0.0, 1.0, BIG), "transition_steps"),
+    (lambda: oc.warmup_constant_schedule(0.0, 1.0, BIG), "warmup_steps"),
     (lambda: oc.warmup_cosine_decay_schedule(0.0, 1.0, 10, BIG), "decay_steps"),
     (lambda: oc.warmup_exponential_decay_schedule(0.0, 1.0, BIG, 10, 0.5), "warmup_steps"),
     (lambda: oc.cosine_warm_restarts_schedule(1.0, BIG), "first_period"),

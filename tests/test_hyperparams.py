@@ -354,3 +354,28 @@ def test_a_stateful_schedule_is_refused_with_the_way_out():
   params = {"w": jnp.ones(2)}
   updates, _ = tx.update(params, tx.init(params), params)
   np.testing.assert_allclose(updates["w"], -0.1)
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_a_value_put_in_the_state_by_hand_is_stored_back_as_init_stores_it(jit, tmp_path):
+  """Optax's idiom ``state.hyperparams["learning_rate"] = 0.05``: the update uses 0.05 and
+  stores it back as a float32 array, strongly typed, as init stores it and as Optax's update
+  returns it: not the Python float (which a checkpoint then keeps, and which init's template
+  refuses to restore into) nor a weakly typed array."""
+  from optcompose.checkpoint import restore_checkpoint, save_checkpoint
+
+  params, grads = {"w": jnp.array([1.0, -2.0, 3.0])}, {"w": jnp.array([0.1, 0.2, -0.3])}
+  tx = oc.inject_hyperparams(oc.adam)(learning_rate=1e-2)
+  state = tx.init(params)
+  state.hyperparams["learning_rate"] = 0.05
+  update = jax.jit(tx.update) if jit else tx.update
+  updates, state = update(grads, state, params)
+  lr = state.hyperparams["learning_rate"]
+  assert isinstance(lr, jax.Array) and lr.dtype == jnp.float32 and not lr.weak_type
+  np.testing.assert_allclose(float(lr), 0.05, rtol=1e-7)
+  same = oc.inject_hyperparams(oc.adam)(learning_rate=0.05)  # 0.05 from the start
+  expected, _ = same.update(grads, same.init(params), params)
+  np.testing.assert_allclose(np.asarray(updates["w"]), np.asarray(expected["w"]), rtol=1e-6)
+  save_checkpoint(tmp_path / "c.msgpack", {"opt_state": state})
+  restored = restore_checkpoint(tmp_path / "c.msgpack", {"opt_state": tx.init(params)})
+  np.testing.assert_allclose(float(restored["opt_state"].hyperparams["learning_rate"]), 0.05)

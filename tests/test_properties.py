@@ -273,6 +273,39 @@ def test_the_donation_check_catches_a_state_sharing_a_buffer():
   shared = oc.GradientTransformation(lambda p: (zeros, zeros), lambda u, s, p=None, **k: (u, s))
   with pytest.raises(AssertionError, match=r"one buffer"):
     oct.check_state_can_be_donated(shared, {"w": jnp.ones(3)})
+
+
+def test_the_donation_check_catches_a_state_that_is_the_parameters():
+  """An ``init`` that keeps the parameters themselves (an average started at them, without a
+  copy): a step donating parameters and state would donate one buffer twice."""
+  keeps = oc.GradientTransformation(lambda p: {"avg": p}, lambda u, s, p=None, **k: (u, s))
+  params = {"w": jnp.ones(3)}
+  with pytest.raises(
+    AssertionError,
+    match=r"state\['avg'\]\['w'\] and params\['w'\] are one "
+    r"buffer.*must copy",
+  ):
+    oct.check_state_can_be_donated(keeps, params)
+  copies = oc.GradientTransformation(
+    lambda p: {"avg": jax.tree.map(jnp.copy, p)}, lambda u, s, p=None, **k: (u, s)
+  )
+  oct.check_state_can_be_donated(copies, params)
+
+
+def test_the_finiteness_check_skips_inputs_whose_arithmetic_overflows_but_not_a_fault():
+  """Gradients near float32's largest value: three steps of ``identity`` overflow the
+  parameters by arithmetic alone, which check_invariants does not report; an update that
+  overflows from moderate gradients (a factor of 1e40) is reported."""
+  params = {"w": jnp.zeros(2)}
+  huge = lambda p, t: {"w": jnp.asarray([3e38, 1.0])}  # noqa: E731
+  for tx in (oc.identity(), oc.sgd(1.0), oc.centralize()):
+    oct.check_invariants(tx, params, huge)
+  blows_up = oc.GradientTransformation(
+    lambda p: oc.EmptyState(),
+    lambda u, s, p=None, **k: (jax.tree.map(lambda g: g * jnp.float32(1e30) * 1e10, u), s),
+  )
+  with pytest.raises(AssertionError, match="finite inputs, but"):
+    oct.check_invariants(blows_up, PARAMS, grads_at)
   oct.check_state_can_be_donated(oc.lbfgs(), {"w": jnp.ones(3)})  # Optax 0.2.8's shares two
 
 

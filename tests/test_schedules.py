@@ -390,3 +390,22 @@ FORMULA_CASES = [
 def test_optax_named_schedule_matches_its_formula(name, schedule, formula, steps):
   expected = np.array([formula(t) for t in steps])
   assert_values(evaluate(schedule, steps, True), expected, np.max(np.abs(expected)))
+
+
+@pytest.mark.parametrize(
+  "build, message",
+  [
+    (lambda: oc.linear_schedule(0.0, 0.1, 0), r"linear_schedule: `transition_steps` must be > 0"),
+    (
+      lambda: oc.warmup_constant_schedule(0.0, 0.1, 0),
+      r"warmup_constant_schedule: `warmup_steps` must be > 0, got 0 \(Optax's schedule would "
+      r"stay at `init_value`.*constant_schedule\(peak_value\)",
+    ),
+    (lambda: oc.warmup_constant_schedule(0.0, "x", 4), r"warmup_constant_schedule: `peak_value`"),
+  ],
+)
+def test_linear_and_warmup_constant_schedules_name_themselves_and_their_arguments(build, message):
+  """Both were built on polynomial_schedule, whose name and argument their errors gave; a
+  zero warmup, which Optax turns into init_value at every step, says what to use instead."""
+  with pytest.raises((ValueError, TypeError), match=message):
+    build()

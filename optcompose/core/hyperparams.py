@@ -139,7 +139,11 @@ def rebuilt_each_step(
   def update(updates, state, params=None, **extra):
     expect_state(state, InjectHyperparamsState, who)
     _check_stored(who, state.hyperparams, set(live) | set(schedules), dtype)
-    values, used = values_at(state.count, state.hyperparams)
+    # A value put in by hand (``state.hyperparams["learning_rate"] = 0.05``, Optax's idiom)
+    # is stored back in the state's dtype, as init stores it: not a Python float, which a
+    # checkpoint of the state would keep, nor a weakly typed array.
+    stored = {name: as_hyperparam(v, dtype) for name, v in state.hyperparams.items()}
+    values, used = values_at(state.count, stored)
     with checks_done():  # checked at init; live changes go through set_hyperparams
       inner = as_transformation(build(values), who)
     updates, inner_state = inner.update(updates, state.inner_state, params, **extra)

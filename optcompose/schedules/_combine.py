@@ -17,6 +17,7 @@ from optcompose.schedules._checks import (
   _steps,
 )
 from optcompose.schedules._decay import (
+  _polynomial,
   constant_schedule,
   cosine_decay_schedule,
   exponential_decay,
@@ -137,8 +138,21 @@ def linear_warmup(schedule: Schedule, warmup_steps: int, init_value=0.0) -> Sche
 
 
 def warmup_constant_schedule(init_value, peak_value, warmup_steps: int) -> Schedule:
-  """Linear warmup from ``init_value`` to ``peak_value``, then constant."""
-  return linear_schedule(init_value, peak_value, warmup_steps)
+  """Linear warmup from ``init_value`` to ``peak_value``, then constant.
+
+  ``warmup_steps = 0`` is a ValueError naming it: Optax's schedule is then ``init_value`` at
+  every step (a linear schedule of no steps), never the peak; ``constant_schedule(peak_value)``
+  is a schedule without warmup."""
+  fn = "warmup_constant_schedule"
+  if _number(fn, "warmup_steps", warmup_steps, integer=True) == 0:
+    raise ValueError(
+      f"{fn}: `warmup_steps` must be > 0, got 0 (Optax's schedule would stay at "
+      f"`init_value` = {init_value!r}, never reaching `peak_value`); without a warmup, use "
+      "constant_schedule(peak_value)."
+    )
+  _number(fn, "init_value", init_value)
+  _number(fn, "peak_value", peak_value)
+  return _polynomial(fn, init_value, peak_value, 1, warmup_steps, 0, steps="warmup_steps")
 
 
 def warmup_cosine_decay_schedule(

@@ -130,11 +130,19 @@ def polynomial_schedule(
   init_value, end_value, power, transition_steps: int, transition_begin: int = 0
 ) -> Schedule:
   """``(v0 - v1) * (1 - clip((t - begin) / T))^power + v1``."""
-  fn = "polynomial_schedule"
+  return _polynomial(
+    "polynomial_schedule", init_value, end_value, power, transition_steps, transition_begin
+  )
+
+
+def _polynomial(
+  fn, init_value, end_value, power, transition_steps, transition_begin, steps="transition_steps"
+) -> Schedule:
+  """:func:`polynomial_schedule`, its errors naming ``fn`` and its length ``steps``."""
   _number(fn, "init_value", init_value)
   _number(fn, "end_value", end_value)
   _number(fn, "power", power, low=0.0, low_open=True)
-  transition_steps = _steps(fn, "transition_steps", transition_steps)
+  transition_steps = _steps(fn, steps, transition_steps)
   transition_begin = _steps(fn, "transition_begin", transition_begin, positive=False)
 
   def schedule(count):
@@ -149,7 +157,9 @@ def linear_schedule(
   init_value, end_value, transition_steps: int, transition_begin: int = 0
 ) -> Schedule:
   """Linear interpolation from ``init_value`` to ``end_value`` over ``transition_steps``."""
-  return polynomial_schedule(init_value, end_value, 1, transition_steps, transition_begin)
+  return _polynomial(
+    "linear_schedule", init_value, end_value, 1, transition_steps, transition_begin
+  )
 
 
 def cosine_decay_schedule(init_value, decay_steps: int, alpha=0.0, exponent=1.0) -> Schedule:

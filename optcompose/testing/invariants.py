@@ -173,6 +173,31 @@ def _inputs_finite(params, records) -> bool:
   )
 
 
+def _moderate(tree) -> bool:
+  """Whether every floating-point value of ``tree`` is finite and at most ``sqrt(max) / 16``
+  of its dtype in magnitude (float32: 1.1e18; float16: 16): no square, difference or sum of a
+  few steps of such values overflows, so a value that does is the transformation's fault.
+  Beyond it an overflow can be the arithmetic's own (three steps of 3e38 through
+  ``identity``)."""
+  for x in jax.tree.leaves(tree):
+    dtype = jnp.result_type(x)
+    if jnp.issubdtype(dtype, jnp.inexact) and jnp.size(x):
+      bound = float(np.sqrt(float(jnp.finfo(dtype).max))) / 16
+      if not bool(jnp.all(jnp.abs(jnp.asarray(x)) <= bound)):  # NaN and inf included
+        return False
+  return True
+
+
+def _assert_finite_while_moderate(params, records) -> None:
+  """Step by step, as long as a step's parameters and gradients are moderate (:func:`_moderate`),
+  its updates, state and new parameters are finite."""
+  for t, (g, updates, state) in enumerate(records):
+    if not _moderate((params, g)):
+      return
+    params = apply_updates(params, updates)
+    _assert_finite((params, updates, state), f"step {t}: (params, updates, state)")
+
+
 def _assert_finite(tree, what: str) -> None:
   for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
     if jnp.issubdtype(jnp.result_type(x), jnp.inexact):
@@ -182,21 +207,27 @@ def _assert_finite(tree, what: str) -> None:
 
 
 def check_state_can_be_donated(tx, params) -> None:
-  """No two leaves of ``init``'s state share a buffer, so a jitted step can donate the state
-  (``jax.jit(step, donate_argnums=...)``: XLA refuses to donate one buffer twice)."""
+  """No two leaves of ``init``'s state share a buffer, and none is a buffer of ``params``, so
+  a jitted step can donate the state and the parameters (``jax.jit(step, donate_argnums=...)``:
+  XLA refuses to donate one buffer twice, and donating the state alone would delete the
+  parameters that share it)."""
   seen = {}
-  for path, x in jax.tree_util.tree_flatten_with_path(tx.init(params))[0]:
-    pointer = getattr(x, "unsafe_buffer_pointer", None)
-    if pointer is None or isinstance(x, jax.core.Tracer) or not x.is_fully_addressable:
-      continue
-    here = otree.path_str(path)
-    # An empty array has no memory: on GPU every one reports the same address, but two of
-    # them are two buffers. One array object twice is still one buffer, donated twice.
-    key = pointer() if x.size else ("empty", id(x))
-    assert key not in seen, (
-      f"state{here} and state{seen.get(key)} are one buffer: the state cannot be donated"
-    )
-    seen[key] = here
+  trees = (("params", params), ("state", tx.init(params)))
+  for name, tree in trees:
+    for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+      pointer = getattr(x, "unsafe_buffer_pointer", None)
+      if pointer is None or isinstance(x, jax.core.Tracer) or not x.is_fully_addressable:
+        continue
+      here = f"{name}{otree.path_str(path)}"
+      # An empty array has no memory: on GPU every one reports the same address, but two of
+      # them are two buffers. One array object twice is still one buffer, donated twice.
+      key = pointer() if x.size else ("empty", id(x))
+      if name == "state":
+        assert key not in seen, (
+          f"{here} and {seen.get(key)} are one buffer: the state cannot be donated"
+          + (" (init must copy the parameters it keeps)" if seen[key].startswith("params") else "")
+        )
+      seen.setdefault(key, here)
 
 
 def _counting_jit(tx, extra):
@@ -297,7 +328,9 @@ def check_ignores_unknown_kwargs(tx, params, grads, extra=None) -> None:
 
 
 def check_finite(tx, params, grads, steps: int = 3, extra=None) -> None:
-  """Finite parameters and gradients give finite updates, parameters and state."""
+  """Finite parameters and gradients give finite updates, parameters and state. Draw moderate
+  inputs for it (``gradients_like(params, extreme=False)``): values near the dtype's largest
+  can overflow through the arithmetic itself (``identity`` adding 3e38 three times)."""
   records, final = record_steps(tx, params, grads, steps, extra)
   assert _inputs_finite(params, records), "the parameters or gradients are not finite"
   _assert_finite((final, records), "(params, [(grads, updates, state) per step])")
@@ -308,7 +341,9 @@ def check_invariants(
 ) -> None:
   """Every check above, sharing one eager and one jitted run (so it compiles once).
 
-  The finiteness check applies when the parameters and gradients are finite.
+  The finiteness check applies to each step whose parameters and gradients are finite and
+  moderate (at most ``sqrt(max) / 16`` of their dtype: float32 1.1e18, float16 16), where an
+  overflow is the transformation's fault; ``check_finite`` applies it to any finite inputs.
   ``vmap=False`` skips the vmap check (for transformations whose ``extra`` arguments are
   written for unbatched shapes, e.g. a ``grad_fn``).
   """
@@ -330,8 +365,7 @@ def check_invariants(
     "jit against eager: (params, state, updates)",
     _loosest_tolerance(final),
   )
-  if _inputs_finite(params, eager):
-    _assert_finite((eager_params, eager), "(params, [(grads, updates, state) per step])")
+  _assert_finite_while_moderate(params, eager)
   check_ignores_unknown_kwargs(tx, params, grads, extra)
   if vmap:
     check_vmap(tx, params, grads, steps=2, extra=extra, update=jitted_update)

@@ -125,7 +125,8 @@ def scale_by_distance_over_gradients(
   def init(params):
     otree.check_floating(params, "params")
     reject_layouts(params, _WHO)
-    init_params = otree.cast(params, param_dtype)
+    # A copy (in param_dtype): the state must not share the parameters' buffers.
+    init_params = jax.tree.map(lambda p: jnp.array(p, dtype=param_dtype), params)
     max_dist = jax.tree.map(
       lambda w, w0: jnp.multiply(reps_rel, jnp.add(1, distance_leaf(w))).astype(
         otree.promote_types(jnp.result_type(w), jnp.result_type(w0))

@@ -84,7 +84,9 @@ def snapshot(measure_name: str, measure: Callable) -> GradientTransformation:
   _check_measure("snapshot", "measure", measure)
 
   def init(params):
-    return SnapshotState({measure_name: measure(params)})
+    # Arrays copied: a measure that returns its input would share the parameters' buffers.
+    copied = lambda x: jnp.array(x) if isinstance(x, jax.Array) else x  # noqa: E731
+    return SnapshotState({measure_name: jax.tree.map(copied, measure(params))})
 
   def update(updates, state, params=None, **extra):
     del params, extra

@@ -194,7 +194,7 @@ def sam(
       steps_since_sync=zero_count(),
       opt_state=optimizer.init(params),
       adv_state=adv_optimizer.init(params),
-      cache=None if opaque_mode else params,
+      cache=None if opaque_mode else jax.tree.map(jnp.array, params),  # a copy: donatable
     )
 
   # As in Optax, both inner optimizers run at every call and one result is kept (a select,
