@@ -167,7 +167,8 @@ def _replaceable(fn: str, directory: pathlib.Path) -> None:
   library's sidecar) or an empty directory: what ``overwrite=True`` may replace without
   losing a file the user put there."""
   names = {p.name for p in directory.iterdir()} if directory.is_dir() else {"(a file)"}
-  if names and not names & {"_CHECKPOINT_METADATA", "_METADATA", SIDECAR}:
+  orbax = {"_CHECKPOINT_METADATA", "_METADATA", "checkpoint", "manifest.ocdbt", SIDECAR}
+  if names and not names & orbax:  # "checkpoint": older Orbax's one msgpack file
     raise ValueError(
       f"{fn}: {directory} exists and is not a checkpoint (no Orbax metadata in it: "
       f"{sorted(names)[:3]}): overwrite=True replaces a checkpoint only, never other files; "

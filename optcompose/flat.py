@@ -141,9 +141,10 @@ class FlatParams:
       sizes = [int(np.prod(leaf.shape, dtype=np.int64)) for _, leaf in members]
       padding = layout.sizes[b] - sum(sizes)  # zeros at the end (flat_params' pad_to)
       sizes += [padding] if padding else []
-      # Explicitly sharded (ZeRO-1 on an explicit mesh), the bucket is gathered to be split,
-      # as auto mode gathers it implicitly.
-      parts = jax.lax.split(gathered(jnp.asarray(buf)), sizes) if len(sizes) > 1 else [buf]
+      # Explicitly sharded (ZeRO-1 on an explicit mesh), the bucket is gathered to be split
+      # and reshaped, as auto mode gathers it implicitly.
+      buf = gathered(jnp.asarray(buf))
+      parts = jax.lax.split(buf, sizes) if len(sizes) > 1 else [buf]
       for (i, leaf), part in zip(members, parts):
         pieces[i] = jnp.reshape(part, leaf.shape)
     return jax.tree.unflatten(layout.treedef, pieces)
@@ -325,7 +326,7 @@ def flat_optimizer(tx: Any, labels: Any = None, pad_to: int = 1) -> GradientTran
 def _unpadded(flat: FlatParams) -> list:
   """Each bucket without the zeros that pad it (a slice: a reduction reads it in place)."""
   return [
-    jnp.asarray(b)[: flat.layout.used(i)] if flat.layout.used(i) < np.size(b) else b
+    gathered(jnp.asarray(b))[: flat.layout.used(i)] if flat.layout.used(i) < np.size(b) else b
     for i, b in enumerate(flat.buffers)
   ]
 

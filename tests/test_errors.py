@@ -126,6 +126,9 @@ def test_an_integer_leaf_masked_out_takes_its_own_dtype_s_update():
   for bad in (jnp.full(3, 0.4), jnp.zeros(3, jnp.int16)):
     with pytest.raises(TypeError, match=r"params\['n'\]` has dtype int32.*own dtype"):
       oc.apply_updates(params, {**updates, "n": bad})
+  # A NumPy int64 leaf (int32 as JAX holds it without x64) takes its int32 zeros, as in Optax.
+  host = {**params, "n": np.arange(3)}
+  np.testing.assert_array_equal(np.asarray(oc.apply_updates(host, updates)["n"]), np.arange(3))
 
 
 def test_zero1_flat_shardings_name_a_mesh_that_is_not_one():

@@ -344,6 +344,19 @@ def test_zero1_flat_on_an_explicit_mesh_with_a_decay_mask(how):
       )(tree, tree_state)
   buckets = [x for x in jax.tree.leaves(state) if x.ndim]
   assert len(buckets) == 4
+  # A bucket of one leaf, unpadded, whose first dimension the mesh does not divide: gathered
+  # to be reshaped (the placement itself unflattens it, for the mask).
+  one = {"w": jnp.ones((4, 6)), "b": jnp.zeros(6)}  # buckets of 8 (padded) and 24
+  flat_one = oc.flat_params(one, labels=matrices, pad_to=8)
+  one_placement = oc.sharding.zero1_flat_shardings(tx, flat_one, mesh)
+  flat_one = jax.device_put(flat_one, replicated)
+  with on_cpu():
+    one_state = jax.jit(tx.init, out_shardings=one_placement)(flat_one)
+    unsharded = tx.update(flat_one, tx.init(flat_one), flat_one)[0]
+    sharded = jax.jit(lambda p, s: tx.update(p, s, p)[0], in_shardings=(replicated, one_placement))(
+      flat_one, one_state
+    )
+  assert_ulps_close(sharded.unflatten(), unsharded.unflatten(), 8)
   device = devices[0]
   on_one = sum(s.data.nbytes for x in buckets for s in x.addressable_shards if s.device == device)
   assert on_one * 8 == sum(x.nbytes for x in buckets)

@@ -13,6 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import optcompose as oc
+from jax.sharding import PartitionSpec as P
 from optcompose.core.registry import REGISTRY
 from optcompose import testing as oct
 from optcompose.testing import strategies as ocst
@@ -273,6 +274,22 @@ def test_the_donation_check_catches_a_state_sharing_a_buffer():
   shared = oc.GradientTransformation(lambda p: (zeros, zeros), lambda u, s, p=None, **k: (u, s))
   with pytest.raises(AssertionError, match=r"one buffer"):
     oct.check_state_can_be_donated(shared, {"w": jnp.ones(3)})
+  oct.check_state_can_be_donated(oc.lbfgs(), {"w": jnp.ones(3)})  # Optax 0.2.8's shares two
+
+
+def test_the_donation_check_reads_the_shards_of_replicated_parameters():
+  """Parameters replicated over 8 devices (each shard its own buffer): a stateless and a
+  stateful transformation pass; a state that keeps the parameters is reported."""
+  devices = jax.devices("cpu")
+  if len(devices) < 8:
+    pytest.skip("needs 8 CPU devices")
+  mesh = jax.make_mesh((8,), ("data",), devices=devices[:8])
+  params = jax.device_put({"w": jnp.ones(16)}, jax.sharding.NamedSharding(mesh, P()))
+  for tx in (oc.sgd(0.1), oc.adam(1e-3)):
+    oct.check_state_can_be_donated(tx, params)
+  keeps = oc.GradientTransformation(lambda p: {"avg": p}, lambda u, s, p=None, **k: (u, s))
+  with pytest.raises(AssertionError, match="one buffer"):
+    oct.check_state_can_be_donated(keeps, params)
 
 
 def test_the_donation_check_catches_a_state_that_is_the_parameters():
@@ -306,7 +323,19 @@ def test_the_finiteness_check_skips_inputs_whose_arithmetic_overflows_but_not_a_
   )
   with pytest.raises(AssertionError, match="finite inputs, but"):
     oct.check_invariants(blows_up, PARAMS, grads_at)
-  oct.check_state_can_be_donated(oc.lbfgs(), {"w": jnp.ones(3)})  # Optax 0.2.8's shares two
+  # Moderate user inputs (gradients that do not follow the parameters), a state that
+  # overflows at the second step from the parameters the transformation itself blew up.
+  squares = oc.GradientTransformation(
+    lambda p: {"sq": jnp.zeros([])},
+    lambda u, s, p=None, **k: (
+      jax.tree.map(lambda g: g * 1e20, u),
+      {"sq": sum(jnp.sum(x * x) for x in jax.tree.leaves(p))},
+    ),
+  )
+  with pytest.raises(AssertionError, match=r"step 1: .*\['sq'\] is not finite"):
+    oct.check_invariants(
+      squares, {"w": jnp.full(2, 0.5, jnp.float32)}, lambda p, t: {"w": jnp.ones(2)}, vmap=False
+    )
 
 
 def test_the_donation_check_tells_empty_arrays_apart_by_object():

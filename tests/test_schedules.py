@@ -409,3 +409,10 @@ def test_linear_and_warmup_constant_schedules_name_themselves_and_their_argument
   zero warmup, which Optax turns into init_value at every step, says what to use instead."""
   with pytest.raises((ValueError, TypeError), match=message):
     build()
+
+
+def test_warmup_constant_schedule_takes_a_traced_warmup_length():
+  """A warmup length passed through ``jit`` (accepted before its zero-warmup check) still
+  gives the linear warmup's values."""
+  value = jax.jit(lambda n: oc.warmup_constant_schedule(0.1, 1.0, n)(2))(4)
+  np.testing.assert_allclose(float(value), 0.55, rtol=1e-6)

@@ -265,10 +265,12 @@ ZERO1_FORMS = {
 @pytest.mark.parametrize("form", sorted(ZERO1_FORMS))
 def test_zero1_on_an_explicit_mesh_in_every_step_form(form):
   """ZeRO stage 1 as the sharding guide writes it, on ``jax.make_mesh``'s default explicit
-  axes (a sharding is part of an array's type): the step forms that run the step inside a
-  conditional return the parameters replicated and the state split, as they came, and 4
-  steps (a NaN gradient at the third: skipped where the form skips) equal the unsharded
-  run to a few epsilons; each device holds 1/8 of every parameter-shaped state leaf."""
+  axes (a sharding is part of an array's type): every step form and wrapper returns the
+  parameters replicated and the state split, as they came (``apply_if_finite`` and
+  ``MultiSteps`` through ``step`` and ``step_if_finite`` run the step inside a conditional
+  whose branches return the parameters sharded differently, which ``cond`` reconciles), and
+  4 steps equal the unsharded run to a few epsilons, a NaN gradient at the third skipped
+  by the forms that skip; each device holds 1/8 of every parameter-shaped state leaf."""
   devices = jax.devices("cpu")
   if len(devices) < 8:
     pytest.skip("needs 8 CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count=8)")
@@ -280,7 +282,7 @@ def test_zero1_on_an_explicit_mesh_in_every_step_form(form):
     k: np.sin(np.arange(np.prod(s), dtype=np.float32) * (0.3 + i)).reshape(s) * 0.5
     for i, (k, s) in enumerate(PURE_SHAPES.items())
   }
-  skips = how != "update" or form.startswith("apply_if_finite")
+  skips = form.startswith(("apply_if_finite", "step_if_finite"))
 
   def step(params, state, t):
     grads = jax.grad(loss)(params)
@@ -320,7 +322,39 @@ def test_zero1_on_an_explicit_mesh_in_every_step_form(form):
   for got, want in zip(jax.tree.leaves(state), jax.tree.leaves(plain_state), strict=True):
     if not jnp.issubdtype(got.dtype, jnp.floating):  # counts, flags
       np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  assert all(bool(jnp.all(jnp.isfinite(params[k]))) for k in host)
   assert max(float(jnp.max(jnp.abs(params[k] - host[k]))) for k in host) > 1e-3
+
+
+def test_cond_reconciles_shardings_of_arrays_closed_over_on_an_explicit_mesh():
+  """A conditional whose operand is None and whose branches return arrays they close over
+  (``periodic_update``), one split over "data", one replicated: both branches return the
+  split one; the line search's stored gradient keeps its loop carry's sharding."""
+  devices = jax.devices("cpu")
+  if len(devices) < 8:
+    pytest.skip("needs 8 CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count=8)")
+  if not hasattr(jax.sharding, "reshard"):  # JAX 0.6 replicates what its conditionals return
+    pytest.skip("explicit sharding is experimental before JAX 0.7")
+  mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Explicit,), devices=devices[:8])
+  split = jax.device_put(jnp.arange(16.0), NamedSharding(mesh, P("data")))
+  whole = jax.device_put(jnp.ones(16), NamedSharding(mesh, P()))
+  for step, want in ((2, np.arange(16.0)), (3, np.ones(16))):
+    got = jax.jit(lambda a, b, t: oc.periodic_update(a, b, t, 2))(split, whole, step)
+    np.testing.assert_array_equal(np.asarray(got), want)
+    assert "data" in str(got.sharding.spec)
+  tx = oc.chain(oc.adam(1e-2), oc.scale_by_backtracking_linesearch(10, store_grad=True))
+  params = jax.device_put({"w": jnp.linspace(-1.0, 1.0, 64).reshape(16, 4)}, whole.sharding)
+  value_fn = lambda p: jnp.sum(jnp.cos(p["w"]))  # noqa: E731
+  placement = oc.sharding.zero1_state_shardings(tx, params)
+  state = jax.jit(tx.init, out_shardings=placement)(params)
+
+  def step(p, s):
+    value, grad = jax.value_and_grad(value_fn)(p)
+    u, s = tx.update(grad, s, p, value=value, grad=grad, value_fn=value_fn)
+    return oc.apply_updates(p, u), s
+
+  new, _ = jax.jit(step, out_shardings=(whole.sharding, placement))(params, state)
+  assert float(value_fn(new)) < float(value_fn(params))
 
 
 def test_zero1_state_shardings_name_a_parameter_off_the_mesh():

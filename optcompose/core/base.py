@@ -363,9 +363,12 @@ def apply_updates(params: Params, updates: Updates) -> Params:
   otree.check_same_structure(updates, params, "updates", "params")
 
   # An integer or boolean parameter takes only an update of its own dtype (exact).
-  def fixed(p, u) -> bool:
-    dtype = otree.leaf_dtype(p)
-    return dtype is not None and not otree.is_inexact(dtype) and dtype == otree.leaf_dtype(u)
+  def fixed(p, u) -> bool:  # compared as JAX holds them (NumPy's int64 is int32 without x64)
+    dtype, other = otree.leaf_dtype(p), otree.leaf_dtype(u)
+    if dtype is None or other is None or otree.is_inexact(dtype):
+      return False
+    same_kind = isinstance(u, int) and jnp.issubdtype(dtype, jnp.integer) is not isinstance(u, bool)
+    return same_kind or jax.dtypes.canonicalize_dtype(dtype) == jax.dtypes.canonicalize_dtype(other)
 
   if not all(map(fixed, jax.tree.leaves(params), jax.tree.leaves(updates))):
     otree.check_floating(

@@ -8,7 +8,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from optcompose.core.explicit import any_explicit, reshard, sharded_axes
+from optcompose.core.explicit import reshard, sharded_axes
 
 
 def zero_count() -> jax.Array:
@@ -38,12 +38,17 @@ def cond(pred, if_true: Callable, if_false: Callable, operand):
   over ``data``, where the branch that skips it returns them replicated, as they came. Where
   the branches' shardings of a result differ, both return the more sharded one (the fewer
   mesh axes a leaf is replicated over, the less each device holds; a tie: ``if_true``'s),
-  which is what the step without the branch would have returned."""
+  which is what the step without the branch would have returned. The branches are traced
+  again only then (the arrays closed over count too: JAX reports the difference)."""
   if not isinstance(pred, jax.core.Tracer):
     return (if_true if bool(pred) else if_false)(operand)
-  if any_explicit(operand):
-    if_true, if_false = _agreeing(if_true, if_false, operand)
-  return jax.lax.cond(pred, if_true, if_false, operand)
+  try:
+    return jax.lax.cond(pred, if_true, if_false, operand)
+  except TypeError:  # the branches' types differ: reconciled if only in their shardings
+    agreeing = _agreeing(if_true, if_false, operand)
+    if agreeing == (if_true, if_false):
+      raise
+  return jax.lax.cond(pred, *agreeing, operand)
 
 
 def _agreeing(if_true: Callable, if_false: Callable, operand) -> tuple:

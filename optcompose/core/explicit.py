@@ -36,18 +36,18 @@ def type_sharding(x: Any) -> Any:
   return None
 
 
-def any_explicit(tree: Any) -> bool:
-  """Whether any array of ``tree`` has an explicit mesh in its type, or the mesh set with
-  ``jax.set_mesh`` has an explicit axis (arrays made inside it, or closed over, may)."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if any(t == AxisType.Explicit for t in getattr(mesh, "axis_types", ())):
-    return True
-  return any(type_sharding(x) is not None for x in jax.tree.leaves(tree))
-
-
 def sharded_axes(spec: Any) -> int:
   """How many mesh axes a ``PartitionSpec`` splits an array over."""
   return sum(len(e) if isinstance(e, tuple) else int(e is not None) for e in spec)
+
+
+def sharded_like(x: Any, like: Any) -> Any:
+  """``x`` with the sharding in ``like``'s type where that is explicit and differs (a loop's
+  carry must keep its type), else ``x`` itself."""
+  sharding = type_sharding(like)
+  if sharding is None or type_sharding(x) == sharding:
+    return x
+  return reshard(x, sharding)
 
 
 def gathered(x: Any) -> Any:
@@ -59,4 +59,4 @@ def gathered(x: Any) -> Any:
   return reshard(x, NamedSharding(sharding.mesh, PartitionSpec()))
 
 
-__all__ = ["any_explicit", "gathered", "reshard", "sharded_axes", "type_sharding"]
+__all__ = ["gathered", "reshard", "sharded_axes", "sharded_like", "type_sharding"]

@@ -189,10 +189,13 @@ def _moderate(tree) -> bool:
 
 
 def _assert_finite_while_moderate(params, records) -> None:
-  """Step by step, as long as a step's parameters and gradients are moderate (:func:`_moderate`),
-  its updates, state and new parameters are finite."""
+  """Each step's updates, state and new parameters are finite where the user's inputs are
+  moderate (:func:`_moderate`: the initial parameters and every gradient), or else where the
+  step's own parameters and gradient are (the fault of a step whose outputs feed the next
+  step's gradients is caught at that step)."""
+  inputs = _moderate((params, [g for g, _, _ in records]))
   for t, (g, updates, state) in enumerate(records):
-    if not _moderate((params, g)):
+    if not (inputs or _moderate((params, g))):
       return
     params = apply_updates(params, updates)
     _assert_finite((params, updates, state), f"step {t}: (params, updates, state)")
@@ -215,13 +218,17 @@ def check_state_can_be_donated(tx, params) -> None:
   trees = (("params", params), ("state", tx.init(params)))
   for name, tree in trees:
     for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
-      pointer = getattr(x, "unsafe_buffer_pointer", None)
-      if pointer is None or isinstance(x, jax.core.Tracer) or not x.is_fully_addressable:
+      if not isinstance(x, jax.Array) or isinstance(x, jax.core.Tracer):
         continue
       here = f"{name}{otree.path_str(path)}"
       # An empty array has no memory: on GPU every one reports the same address, but two of
-      # them are two buffers. One array object twice is still one buffer, donated twice.
-      key = pointer() if x.size else ("empty", id(x))
+      # them are two buffers. One array object twice is still one buffer, donated twice. A
+      # sharded or replicated array: the buffers of its shards on this process's devices.
+      key = (
+        tuple(sorted((s.device.id, s.data.unsafe_buffer_pointer()) for s in x.addressable_shards))
+        if x.size
+        else ("empty", id(x))
+      )
       if name == "state":
         assert key not in seen, (
           f"{here} and {seen.get(key)} are one buffer: the state cannot be donated"
@@ -341,9 +348,10 @@ def check_invariants(
 ) -> None:
   """Every check above, sharing one eager and one jitted run (so it compiles once).
 
-  The finiteness check applies to each step whose parameters and gradients are finite and
-  moderate (at most ``sqrt(max) / 16`` of their dtype: float32 1.1e18, float16 16), where an
-  overflow is the transformation's fault; ``check_finite`` applies it to any finite inputs.
+  The finiteness check applies where the initial parameters and every gradient are finite
+  and moderate (at most ``sqrt(max) / 16`` of their dtype: float32 1.1e18, float16 16), or
+  else to each step whose own parameters and gradient are: there an overflow is the
+  transformation's fault; ``check_finite`` applies it to any finite inputs.
   ``vmap=False`` skips the vmap check (for transformations whose ``extra`` arguments are
   written for unbatched shapes, e.g. a ``grad_fn``).
   """

@@ -40,6 +40,7 @@ from optcompose.core import (
   real,
   zero_count,
 )
+from optcompose.core.explicit import sharded_like
 from optcompose.core.validation import check_real_value
 from optcompose.transforms.lbfgs import tree_add_scale, tree_scale, tree_vdot
 
@@ -241,10 +242,15 @@ def scale_by_backtracking_linesearch(
       g = (
         c.grad
         if jvp is None
-        else jax.lax.cond(
+        else cond(
           (error <= tol) | (c.count == steps),
-          lambda: otree.cast_like(jax.linear_transpose(jvp, trial)(jnp.ones_like(raw))[0], params),
-          lambda: c.grad,
+          lambda _: jax.tree.map(  # the carry's type (its sharding, on an explicit mesh)
+            sharded_like,
+            otree.cast_like(jax.linear_transpose(jvp, trial)(jnp.ones_like(raw))[0], params),
+            c.grad,
+          ),
+          lambda _: c.grad,
+          None,
         )
       )
       return _Backtrack(eta, f, g, error, c.count + 1)
