@@ -275,11 +275,14 @@ def _gave_up(walk, t, source, at):
     at,
     "cannot be migrated: Optax's apply_if_finite "
     + (
-      "does not record whether max_consecutive_errors was reached"
+      "does not record whether max_consecutive_errors was reached, and this run skipped "
+      f"{np.asarray(known)} steps. Migrate its inner_state alone (with the inner "
+      "optimizer) and build the state around it: ApplyIfFiniteState(notfinite_count, "
+      "last_finite, total_notfinite, inner_state, gave_up) with the flag you know."
       if walk.to_ours
-      else "has no such flag"
-    )
-    + "; set it by hand after migrating, or clear it before.",
+      else "has no such flag: clear it first (state._replace(gave_up=False)) if the "
+      "run should go on."
+    ),
   )
 
 

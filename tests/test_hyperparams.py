@@ -379,3 +379,13 @@ def test_a_value_put_in_the_state_by_hand_is_stored_back_as_init_stores_it(jit, 
   save_checkpoint(tmp_path / "c.msgpack", {"opt_state": state})
   restored = restore_checkpoint(tmp_path / "c.msgpack", {"opt_state": tx.init(params)})
   np.testing.assert_allclose(float(restored["opt_state"].hyperparams["learning_rate"]), 0.05)
+
+
+def test_current_hyperparams_of_an_nnx_optimizer_are_arrays():
+  """``nnx.Optimizer`` keeps each state value in an ``nnx`` Variable: ``current_hyperparams``
+  returns the arrays, as from any other state (not the Variables)."""
+  model = nnx.Linear(2, 2, rngs=nnx.Rngs(0))
+  opt = nnx.Optimizer(model, oc.inject_hyperparams(oc.adam)(learning_rate=1e-2), wrt=nnx.Param)
+  values = oc.current_hyperparams(opt.opt_state)
+  assert isinstance(values["learning_rate"], jax.Array)
+  np.testing.assert_allclose(float(values["learning_rate"]), 1e-2, rtol=1e-7)

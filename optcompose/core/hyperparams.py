@@ -280,6 +280,9 @@ def current_hyperparams(state: Any) -> dict:
   out = {}
   for path, node in otree.find_nodes(state, holds_hyperparams):
     for name, value in node.hyperparams.items():
+      wrapped = jax.tree.leaves(value)  # an nnx.Optimizer's state: a Variable (a pytree)
+      if len(wrapped) == 1 and not isinstance(value, (jax.Array, np.ndarray, np.generic)):
+        value = wrapped[0]
       out[name if name not in out else "/".join(path + (name,))] = value
   return out
 
@@ -289,7 +292,8 @@ def set_hyperparams(state: Any, **values) -> Any:
 
   Each value runs the validation of construction, on the value as it will be stored (in the
   holder's dtype: ``b1 = 1 - 1e-9`` rounds to 1.0 in float32 and is rejected): a real,
-  finite scalar, inside the range every builder declaring that name accepts.
+  finite scalar, inside the range every builder declaring that name accepts. A value traced
+  under ``jax.jit`` or ``jax.vmap`` has no value to check: it is stored as given.
 
   Args:
     state: any state holding hyperparameters (see :func:`current_hyperparams`), nested in
