@@ -139,7 +139,7 @@ class FlatParams:
     for b, buf in enumerate(self.buffers):
       members = [(i, leaf) for i, leaf in enumerate(layout.leaves) if leaf.bucket == b]
       sizes = [int(np.prod(leaf.shape, dtype=np.int64)) for _, leaf in members]
-      padding = layout.sizes[b] - sum(sizes)  # zeros at the end (flat_params' pad_to)
+      padding = layout.sizes[b] - layout.used(b)  # zeros at the end (flat_params' pad_to)
       sizes += [padding] if padding else []
       # Explicitly sharded (ZeRO-1 on an explicit mesh), the bucket is gathered to be split
       # and reshaped, as auto mode gathers it implicitly.
@@ -325,10 +325,8 @@ def flat_optimizer(tx: Any, labels: Any = None, pad_to: int = 1) -> GradientTran
 # Masks and labels written for the model's tree map onto the buckets (optcompose.masks).
 def _unpadded(flat: FlatParams) -> list:
   """Each bucket without the zeros that pad it (a slice: a reduction reads it in place)."""
-  return [
-    gathered(jnp.asarray(b))[: flat.layout.used(i)] if flat.layout.used(i) < np.size(b) else b
-    for i, b in enumerate(flat.buffers)
-  ]
+  used = [flat.layout.used(i) for i in range(len(flat.buffers))]
+  return [gathered(jnp.asarray(b))[:n] if n < np.size(b) else b for b, n in zip(flat.buffers, used)]
 
 
 register_layout(

@@ -362,22 +362,24 @@ def apply_updates(params: Params, updates: Updates) -> Params:
   """
   otree.check_same_structure(updates, params, "updates", "params")
 
-  # An integer or boolean parameter takes only an update of its own dtype (exact).
-  def fixed(p, u) -> bool:  # compared as JAX holds them (NumPy's int64 is int32 without x64)
+  # An integer or boolean leaf takes an update of its own dtype only (exact, never truncated).
+  def exact(p, u) -> bool:  # dtypes as JAX holds them (NumPy's int64 is int32 without x64)
     dtype, other = otree.leaf_dtype(p), otree.leaf_dtype(u)
     if dtype is None or other is None or otree.is_inexact(dtype):
       return False
-    same_kind = isinstance(u, int) and jnp.issubdtype(dtype, jnp.integer) is not isinstance(u, bool)
-    return same_kind or jax.dtypes.canonicalize_dtype(dtype) == jax.dtypes.canonicalize_dtype(other)
+    if isinstance(u, bool):
+      return dtype == jnp.bool_
+    if isinstance(u, int):  # a Python int fits any integer leaf
+      return jnp.issubdtype(dtype, jnp.integer)
+    return jax.dtypes.canonicalize_dtype(dtype) == jax.dtypes.canonicalize_dtype(other)
 
-  if not all(map(fixed, jax.tree.leaves(params), jax.tree.leaves(updates))):
-    otree.check_floating(
-      jax.tree.map(lambda p, u: jnp.zeros(()) if fixed(p, u) else p, params, updates),
-      "params",
-      "optimizers need floating-point leaves (an integer or boolean one takes only an update "
-      "of its own dtype: a floating-point one would be truncated); cast integer or boolean "
-      "leaves, or mask them out",
-    )
+  otree.check_floating(
+    jax.tree.map(lambda p, u: 0.0 if exact(p, u) else p, params, updates),
+    "params",
+    "optimizers need floating-point leaves (an integer or boolean one takes only an update "
+    "of its own dtype: a floating-point one would be truncated); cast integer or boolean "
+    "leaves, or mask them out",
+  )
 
   for path, p, u in zip(
     *zip(*jax.tree_util.tree_flatten_with_path(params)[0]), jax.tree.leaves(updates)

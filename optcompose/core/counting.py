@@ -52,19 +52,25 @@ def cond(pred, if_true: Callable, if_false: Callable, operand):
 
 
 def _agreeing(if_true: Callable, if_false: Callable, operand) -> tuple:
-  """The two branches, each result resharded where their shardings differ (see cond)."""
-  (a, tree_a), (b, tree_b) = (
-    jax.tree.flatten(jax.eval_shape(f, operand)) for f in (if_true, if_false)
-  )
-  if tree_a != tree_b or len(a) != len(b):
+  """The two branches, each result resharded where their shardings differ (see cond); the
+  branches themselves where anything else differs, or fails (``cond`` then raises JAX's
+  error, not a second one)."""
+  try:
+    (a, tree_a), (b, tree_b) = (
+      jax.tree.flatten(jax.eval_shape(f, operand)) for f in (if_true, if_false)
+    )
+  except Exception:  # a branch's own error: JAX's first report of it stands
+    return if_true, if_false
+  if tree_a != tree_b:
     return if_true, if_false  # lax.cond names the difference
   targets = []
   for x, y in zip(a, b):
     x, y = getattr(x, "sharding", None), getattr(y, "sharding", None)
-    if x is None or y is None or x == y or not hasattr(x, "spec") or not hasattr(y, "spec"):
+    specs = getattr(x, "spec", None), getattr(y, "spec", None)
+    if x == y or None in specs:
       targets.append(None)
     else:
-      targets.append(max((x, y), key=lambda s: sharded_axes(getattr(s, "spec", ()))))
+      targets.append(x if sharded_axes(specs[0]) >= sharded_axes(specs[1]) else y)
   if all(t is None for t in targets):
     return if_true, if_false
 

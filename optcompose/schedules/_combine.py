@@ -144,8 +144,6 @@ def warmup_constant_schedule(init_value, peak_value, warmup_steps: int) -> Sched
   every step (a linear schedule of no steps), never the peak; ``constant_schedule(peak_value)``
   is a schedule without warmup."""
   fn = "warmup_constant_schedule"
-  _number(fn, "init_value", init_value)
-  _number(fn, "peak_value", peak_value)
   steps = _number(fn, "warmup_steps", warmup_steps, integer=True)
   if not isinstance(steps, jax.core.Tracer) and steps == 0:
     raise ValueError(
@@ -153,7 +151,9 @@ def warmup_constant_schedule(init_value, peak_value, warmup_steps: int) -> Sched
       f"`init_value` = {init_value!r}, never reaching `peak_value`); without a warmup, use "
       "constant_schedule(peak_value)."
     )
-  return _polynomial(fn, init_value, peak_value, 1, warmup_steps, 0, steps="warmup_steps")
+  return _polynomial(
+    fn, init_value, peak_value, 1, warmup_steps, 0, steps="warmup_steps", end="peak_value"
+  )
 
 
 def warmup_cosine_decay_schedule(

@@ -136,11 +136,19 @@ def polynomial_schedule(
 
 
 def _polynomial(
-  fn, init_value, end_value, power, transition_steps, transition_begin, steps="transition_steps"
+  fn,
+  init_value,
+  end_value,
+  power,
+  transition_steps,
+  transition_begin,
+  steps="transition_steps",
+  end="end_value",
 ) -> Schedule:
-  """:func:`polynomial_schedule`, its errors naming ``fn`` and its length ``steps``."""
+  """:func:`polynomial_schedule`, its errors naming ``fn``, its length ``steps`` and its end
+  value ``end``."""
   _number(fn, "init_value", init_value)
-  _number(fn, "end_value", end_value)
+  _number(fn, end, end_value)
   _number(fn, "power", power, low=0.0, low_open=True)
   transition_steps = _steps(fn, steps, transition_steps)
   transition_begin = _steps(fn, "transition_begin", transition_begin, positive=False)
