@@ -24,6 +24,7 @@ import jax
 import numpy as np
 
 from optcompose._checkpoint_check import CHECKSUM, FORMAT, CheckpointCorruptError
+from optcompose._checkpoint_guard import SIDECAR
 from optcompose.flat import FlatParams
 
 try:
@@ -160,20 +161,6 @@ def _finish(new: pathlib.Path, sidecar: str, text: str) -> None:
 
 # ----------------------------------------------------------------------------------------
 # Where a checkpoint goes: a local directory, or a URL that Orbax writes through etils.epath.
-
-
-def _replaceable(fn: str, directory: pathlib.Path) -> None:
-  """Raise a ValueError unless ``directory`` is an Orbax checkpoint (its metadata, or this
-  library's sidecar) or an empty directory: what ``overwrite=True`` may replace without
-  losing a file the user put there."""
-  names = {p.name for p in directory.iterdir()} if directory.is_dir() else {"(a file)"}
-  orbax = {"_CHECKPOINT_METADATA", "_METADATA", "checkpoint", "manifest.ocdbt", SIDECAR}
-  if names and not names & orbax:  # "checkpoint": older Orbax's one msgpack file
-    raise ValueError(
-      f"{fn}: {directory} exists and is not a checkpoint (no Orbax metadata in it: "
-      f"{sorted(names)[:3]}): overwrite=True replaces a checkpoint only, never other files; "
-      "move them, or save under another path."
-    )
 
 
 def _directory(fn: str, directory: Any) -> tuple:
@@ -329,8 +316,25 @@ def _orbax():
 # --- Orbax's side: the checksums file inside a directory, Orbax's metadata and errors, and
 # the FlatParams state dict (Flax's serialization).
 
-SIDECAR = "optcompose_checkpoint.json"  # checksums and layouts inside an Orbax directory
 _DAMAGE = ("DATA_LOSS", "NOT_FOUND", "FAILED_PRECONDITION", "OUT_OF_RANGE")  # TensorStore's
+
+
+def _read_metadata(checkpointer: Any, directory: Any) -> Any:
+  """The tree of Orbax's metadata of ``directory``; the error of :func:`_damaged` if none."""
+  try:  # Orbax raises (0.10) or logs the reason and returns None (0.12), then reading raises
+    metadata = _metadata_tree(checkpointer.metadata(directory))
+    if metadata is None:
+      checkpointer.restore(directory)
+      raise ValueError("no metadata")
+  except Exception as e:  # reported in the error
+    raise _damaged(directory, e, "metadata") from e
+  return metadata
+
+
+def _is_damage(error: BaseException) -> bool:
+  """Whether Orbax's error reading the arrays means a damaged checkpoint (not a bug)."""
+  damage = isinstance(error, (FileNotFoundError, json.JSONDecodeError))
+  return damage or str(error).startswith(_DAMAGE)
 
 
 def _damaged(directory: Any, error: BaseException, what: str) -> ValueError:

@@ -70,12 +70,13 @@ from optcompose._checkpoint_check import (  # the checks and the formats' record
   _saved_leaves,
   _verify,
 )
+from optcompose._checkpoint_guard import _file_source, _file_target, _orbax_storable, _replaceable
 from optcompose._checkpoint_nodes import _mismatched_nodes
 from optcompose._checkpoint_io import (  # the file handling
   SIDECAR,
-  _replaceable,
-  _DAMAGE,
   _damaged,
+  _is_damage,
+  _read_metadata,
   _read_sidecar,
   _metadata_tree,
   _flax_serialization,
@@ -108,9 +109,9 @@ def save_checkpoint(path: PathLike, tree: Any) -> pathlib.Path:
   """Write ``tree`` to the msgpack file ``path``, atomically (see the module docstring).
 
   Args:
-    path: the file to write; its directory is created if needed. An existing file is
-      replaced only once the new one is complete; temporary files that interrupted saves to
-      ``path`` left are removed.
+    path: the file to write; its directory is created if needed. An existing checkpoint
+      (or empty file) is replaced only once the new one is complete; any other file there
+      is never replaced. Temporary files that interrupted saves to ``path`` left are removed.
     tree: any pytree of arrays and Python numbers that Flax's serialization knows: dicts,
       lists, tuples, NamedTuples (all optcompose states), Flax ``struct`` dataclasses such as
       ``TrainState``, :class:`~optcompose.FlatParams`.
@@ -120,7 +121,8 @@ def save_checkpoint(path: PathLike, tree: Any) -> pathlib.Path:
 
   Raises:
     TypeError: a leaf or container cannot be stored (the message names its path).
-    ValueError: an array is sharded across processes (use :func:`save_orbax_checkpoint`).
+    ValueError: an array is sharded across processes (use :func:`save_orbax_checkpoint`);
+      ``path`` is a directory, or a file that is not an optcompose checkpoint.
   """
   serialization = _flax_serialization()
   state = serialization.to_state_dict(tree)
@@ -137,8 +139,10 @@ def save_checkpoint(path: PathLike, tree: Any) -> pathlib.Path:
     in_place=True,
   )
   path = pathlib.Path(path)
+  _file_target("save_checkpoint", path)
   path.parent.mkdir(parents=True, exist_ok=True)
   with _locked(path.parent):
+    _file_target("save_checkpoint", path)  # again under the lock
     _remove_leftovers(path)
     _write_atomically(path, data)
   return path
@@ -162,9 +166,10 @@ def restore_checkpoint(path: PathLike, target: Any) -> Any:
       first differing path (missing, unexpected, different shape or dtype, FlatParams layout).
     CheckpointCorruptError: the file is damaged (a leaf differs from its checksum, or the
       file cannot be decoded); the message names the leaf.
-    ValueError: the file is not a msgpack checkpoint.
+    ValueError: the file is not a msgpack checkpoint (an Orbax directory, say).
   """
   serialization = _flax_serialization()
+  _file_source("restore_checkpoint", path)
   with open(path, "rb") as f:
     data = f.read()
   try:
@@ -236,12 +241,15 @@ def save_orbax_checkpoint(
   Raises:
     ValueError: ``directory`` exists and ``overwrite`` is False, or it holds files but no
       checkpoint; a URL of an unknown scheme.
-    TypeError: ``directory`` is not a path, or ``block`` is not a bool.
+    TypeError: ``directory`` is not a path, ``overwrite`` or ``block`` is not a bool, or a
+      leaf is not an array or a Python bool, int or float (nothing is written then).
   """
   fn, ocp = "save_orbax_checkpoint", _orbax()
-  if not isinstance(block, (bool, np.bool_)):
-    raise TypeError(f"{fn}: `block` must be a bool, got {block!r}.")
+  for name, flag in (("overwrite", overwrite), ("block", block)):
+    if not isinstance(flag, (bool, np.bool_)):
+      raise TypeError(f"{fn}: `{name}` must be a bool, got {flag!r}.")
   directory, remote = _directory(fn, directory)
+  _orbax_storable(fn, tree)
   hosts, primary = _hosts(), jax.process_index() == 0  # 0 locks, swaps, cleans up
   stack, new = contextlib.ExitStack(), None
   try:
@@ -275,7 +283,7 @@ def save_orbax_checkpoint(
     )
   except BaseException:
     if new is not None and primary:
-      _remove(new)
+      _remove_leftovers(directory)  # ours and Orbax's temporary directories (lock held)
     stack.close()
     raise
 
@@ -335,14 +343,7 @@ def restore_orbax_checkpoint(directory: Any, target: Any) -> Any:
   lock = contextlib.nullcontext() if remote else _locked(directory.parent, exclusive=False)
   with lock, ocp.StandardCheckpointer() as checkpointer:
     sidecar = _read_sidecar(directory)
-    try:  # Orbax raises (0.10) or logs the reason and returns None (0.12), then reading raises
-      metadata = _metadata_tree(checkpointer.metadata(directory))
-      if metadata is None:
-        checkpointer.restore(directory)
-        raise ValueError("no metadata")
-    except Exception as e:  # reported in the error
-      raise _damaged(directory, e, "metadata") from e
-    saved = _saved_leaves(metadata)
+    saved = _saved_leaves(_read_metadata(checkpointer, directory))
     _check(fn, directory, saved, target)
     _check_layouts(fn, directory, sidecar["layouts"] if sidecar else [], target)
     abstract = jax.tree_util.tree_map_with_path(
@@ -351,11 +352,7 @@ def restore_orbax_checkpoint(directory: Any, target: Any) -> Any:
     try:
       restored = checkpointer.restore(directory, abstract)
     except (OSError, ValueError) as e:
-      if not (
-        isinstance(e, (FileNotFoundError, json.JSONDecodeError)) or str(e).startswith(_DAMAGE)
-      ):
-        raise
-      raise _damaged(directory, e, "arrays") from e
+      raise _damaged(directory, e, "arrays") if _is_damage(e) else e
   restored = jax.tree.map(_like, restored, target)
   if sidecar:
     _verify(fn, directory, sidecar["leaves"], _leaves(restored))

@@ -13,7 +13,6 @@ promotion's, whatever ``jax_numpy_dtype_promotion`` says (strict mode runs them 
 
 from __future__ import annotations
 
-import builtins
 import functools
 from typing import Any
 
@@ -21,9 +20,8 @@ import jax
 import jax.numpy as jnp
 from optax import tree_utils as _optax_tree_utils
 
-
-def path_str(path) -> str:
-  return jax.tree_util.keystr(tuple(path)) or "<root>"
+from optcompose._tree_diff import first_difference as first_difference
+from optcompose._tree_diff import path_str as path_str
 
 
 def key_name(key: Any) -> str:
@@ -33,27 +31,6 @@ def key_name(key: Any) -> str:
     if hasattr(key, attribute):
       return str(getattr(key, attribute))
   return str(key)
-
-
-def first_difference(tree: Any, reference: Any) -> str:
-  """Describe where ``tree`` and ``reference`` differ in structure, naming paths."""
-  a = [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
-  b = [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(reference)[0]]
-  missing = [p for p in b if p not in builtins.set(a)]
-  extra = [p for p in a if p not in builtins.set(b)]
-  parts = []
-  if missing:
-    parts.append(
-      f"{missing[0]} is missing" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
-    )
-  if extra:
-    parts.append(
-      f"{extra[0]} is unexpected" + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
-    )
-  if parts:
-    return "; ".join(parts)
-  # Same leaf paths, different node types (e.g. a dict against a FrozenDict).
-  return f"in node types: {jax.tree.structure(tree)} against {jax.tree.structure(reference)}"
 
 
 def check_same_structure(tree: Any, reference: Any, name: str, reference_name: str) -> None:

@@ -83,6 +83,16 @@ ROWS = [
     lambda: oc.adam(jnp.ones(3)),
   ),
   Row(
+    "traced-hyperparameter-not-scalar",
+    "a traced array or bool where a number is expected (an optimizer built inside `jax.jit` "
+    "from an argument: an array would broadcast over the parameters, a per-element rate)",
+    "`ValueError`/`TypeError` at construction, naming it (a scalar traced under `jax.vmap` "
+    "is a scalar: a sweep over learning rates works)",
+    ValueError,
+    "sgd: `learning_rate` expected a scalar, got an array of shape \\(3,\\)",
+    lambda: jax.jit(lambda lr: oc.sgd(lr).init(PARAMS))(jnp.full(3, 0.1)),
+  ),
+  Row(
     "schedule-out-of-range",
     "a schedule whose value at step 0 is out of range",
     "`ValueError` from `init`, naming the hyperparameter",
@@ -119,6 +129,31 @@ ROWS = [
     r"updates\['dense'\]\['bias'\]` has dtype int32",
     _update_call(
       oc.sgd(0.1), {"dense": {"kernel": GRADS["dense"]["kernel"], "bias": jnp.array([1, 2])}}
+    ),
+  ),
+  Row(
+    "complex-gradients",
+    "complex gradients of real parameters",
+    "`TypeError` from `update`, naming the leaf (a real state would drop the imaginary part, "
+    "or become complex)",
+    TypeError,
+    r"`updates\['dense'\]\['bias'\]` is complex but `params\['dense'\]\['bias'\]` is real",
+    _update_call(
+      oc.adam(0.1),
+      {"dense": {"kernel": GRADS["dense"]["kernel"], "bias": jnp.full(2, 1j, jnp.complex64)}},
+    ),
+  ),
+  Row(
+    "state-count-not-integer",
+    "a state whose step count is not an integer scalar (the whole state cast to bfloat16, "
+    "whose count would stop at 256 and freeze the schedules)",
+    "`TypeError` from `update`, naming `state.count`",
+    TypeError,
+    r"`state.count` must be an integer scalar \(int32, as init makes it\), got bfloat16",
+    (
+      lambda p, s: oc.adam(0.1).update(GRADS, s, p),
+      PARAMS,
+      jax.tree.map(lambda x: x.astype(jnp.bfloat16), oc.adam(0.1).init(PARAMS)),
     ),
   ),
   Row(
@@ -217,6 +252,15 @@ ROWS = [
     lambda: oc.adamw(1e-3, mask={"dense": {"kernel": True, "scale": False}}).init(PARAMS),
   ),
   Row(
+    "mask-selects-nothing",
+    "a `mask_from_paths` whose `exclude` takes every leaf (or every leaf `include` selects)",
+    "`ValueError` from the mask (at `init`), naming `exclude` and the leaves (a mask False "
+    "everywhere would apply the masked transformation to nothing)",
+    ValueError,
+    r"`exclude` 'dense' excludes every leaf of the tree",
+    lambda: oc.masked(oc.sgd(0.1), oc.mask_from_paths(exclude="dense")).init(PARAMS),
+  ),
+  Row(
     "mask-not-boolean",
     "a mask with non-boolean leaves",
     "`TypeError` from `init`, naming the leaf",
@@ -284,6 +328,34 @@ ROWS = [
     r"params\['w'\]",
     lambda: oc.sharding.state_shardings(
       oc.adam(1e-3), {"w": jax.ShapeDtypeStruct((4,), jnp.float32)}
+    ),
+  ),
+  Row(
+    "average-shape",
+    "`incremental_update` or `periodic_update` trees of other structures or leaf shapes",
+    "`ValueError`, naming the function and the first path (never broadcast)",
+    ValueError,
+    r"incremental_update: `new_tensors\['w'\]` has shape \(3, 1\)",
+    lambda: oc.incremental_update({"w": jnp.ones((3, 1))}, {"w": jnp.zeros(3)}, 0.5),
+  ),
+  Row(
+    "checkpoint-over-a-file",
+    "`save_checkpoint` to a path holding a file it did not write (a mistyped path: a script, "
+    "another tool's data), or to a directory",
+    "`ValueError` naming the path; the file is left as it was (a checkpoint of ours, or an "
+    "empty file, is replaced)",
+    ValueError,
+    r"train.py exists and is not an optcompose checkpoint",
+    lambda: _checkpoint_over_a_file(),
+  ),
+  Row(
+    "orbax-leaf",
+    "`save_orbax_checkpoint` of a leaf Orbax cannot store (a string, a complex Python number)",
+    "`TypeError` naming the leaf, before anything is written",
+    TypeError,
+    r"`\['name'\]` is a str, which Orbax does not store",
+    lambda: oc.checkpoint.save_orbax_checkpoint(
+      Path(__import__("tempfile").mkdtemp()) / "c", {"name": "run-1", "w": jnp.ones(2)}
     ),
   ),
   Row(
@@ -461,6 +533,17 @@ def _checkpoint_mismatch():
   path = Path(tempfile.mkdtemp()) / "c.msgpack"
   oc.checkpoint.save_checkpoint(path, {"w": jnp.ones(3, jnp.bfloat16)})
   oc.checkpoint.restore_checkpoint(path, {"w": jnp.ones(3, jnp.float32)})
+
+
+def _checkpoint_over_a_file():
+  import tempfile
+
+  script = Path(tempfile.mkdtemp()) / "train.py"
+  script.write_text("print('training')\n")
+  try:
+    oc.checkpoint.save_checkpoint(script, {"w": jnp.ones(3)})
+  finally:
+    assert script.read_text() == "print('training')\n"
 
 
 def _checkpoint_flipped():

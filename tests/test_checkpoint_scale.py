@@ -367,3 +367,68 @@ def test_overwrite_replaces_a_checkpoint_never_a_directory_of_other_files(tmp_pa
   ck.save_orbax_checkpoint(empty, run_tree(1), overwrite=True)
   ck.save_orbax_checkpoint(empty, run_tree(2), overwrite=True)  # a checkpoint: replaced
   assert_same(ck.restore_orbax_checkpoint(empty, run_tree(0)), run_tree(2))
+  (empty / "val_metrics.json").write_text('{"best": 0.31}')  # the user's, inside it
+  with pytest.raises(ValueError, match=r"also holds files that are not Orbax's \(val_metrics"):
+    ck.save_orbax_checkpoint(empty, run_tree(3), overwrite=True)
+  assert (empty / "val_metrics.json").read_text() == '{"best": 0.31}'
+  assert_same(ck.restore_orbax_checkpoint(empty, run_tree(0)), run_tree(2))
+
+
+def test_a_msgpack_save_never_replaces_a_file_it_did_not_write(tmp_path):
+  """save_checkpoint replaces its own checkpoint (saving every epoch to one path), an empty
+  file, and a msgpack state dict of Flax's (an older checkpoint restore reads), but a mistyped
+  path that names a script or another tool's file is a ValueError naming it, and the file is
+  untouched; a directory, or a path under a file, is refused before anything is written, and
+  restoring a directory (an Orbax checkpoint) says which function reads it."""
+  from flax import serialization
+
+  script = tmp_path / "train.py"
+  script.write_text("print('my training script')\n")
+  data = tmp_path / "data.bin"
+  data.write_bytes(bytes(range(256)))
+  for path in (script, data):
+    with pytest.raises(ValueError, match=f"{path.name} exists and is not an optcompose checkpoint"):
+      ck.save_checkpoint(path, run_tree(1))
+  assert script.read_text() == "print('my training script')\n"
+  assert data.read_bytes() == bytes(range(256))
+  with pytest.raises(ValueError, match="is a directory; pass a file path"):
+    ck.save_checkpoint(tmp_path, run_tree(1))
+  with pytest.raises(ValueError, match=r"train.py is a file, so .*x.msgpack cannot be created"):
+    ck.save_checkpoint(script / "sub" / "x.msgpack", run_tree(1))
+  orbax_dir = ck.save_orbax_checkpoint(tmp_path / "orbax", run_tree(1))
+  with pytest.raises(ValueError, match="is a directory, not a msgpack checkpoint file"):
+    ck.restore_checkpoint(orbax_dir, run_tree(0))
+  old = tmp_path / "old.msgpack"  # an older run's checkpoint: resumed, then saved over
+  old.write_bytes(serialization.to_bytes(run_tree(3)))
+  assert_same(ck.restore_checkpoint(old, run_tree(0)), run_tree(3))
+  ck.save_checkpoint(old, run_tree(4))
+  assert_same(ck.restore_checkpoint(old, run_tree(0)), run_tree(4))
+  ours = tmp_path / "ckpt.msgpack"
+  ours.touch()  # empty: nothing to lose
+  for version in (1, 2):
+    ck.save_checkpoint(ours, run_tree(version))
+  assert_same(ck.restore_checkpoint(ours, run_tree(0)), run_tree(2))
+  assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+    ["train.py", "data.bin", "orbax", "old.msgpack", "ckpt.msgpack"]
+  )
+
+
+def test_an_orbax_save_checks_its_leaves_and_flags_before_writing(tmp_path, monkeypatch):
+  """A leaf Orbax cannot store (a str, a complex Python number) is a TypeError naming its
+  path before anything is written, ``overwrite`` must be a bool like ``block``, and a save
+  that fails inside Orbax leaves no temporary directory behind."""
+  for leaf, kind in (("adamw", "str"), (1j, "complex")):
+    with pytest.raises(TypeError, match=rf"`\['meta'\]` is a {kind}, which Orbax does not"):
+      ck.save_orbax_checkpoint(tmp_path / "c", {"meta": leaf, "w": jnp.ones(2)})
+  with pytest.raises(TypeError, match="`overwrite` must be a bool, got 1"):
+    ck.save_orbax_checkpoint(tmp_path / "c", run_tree(1), overwrite=1)
+  assert list(tmp_path.iterdir()) == []
+
+  def failing_save(self, directory, *args, **kwargs):
+    os.makedirs(f"{directory}.orbax-checkpoint-tmp-123")  # as Orbax starts a save
+    raise RuntimeError("disk full")
+
+  monkeypatch.setattr(ocp.StandardCheckpointer, "save", failing_save)
+  with pytest.raises(RuntimeError, match="disk full"):
+    ck.save_orbax_checkpoint(tmp_path / "c", run_tree(1))
+  assert list(tmp_path.iterdir()) == []

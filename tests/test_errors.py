@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -249,3 +251,42 @@ def test_scheduled_values_are_checked_once_at_init_not_at_every_step():
 def test_a_flag_must_be_a_bool_not_something_truthy(build, argument):
   with pytest.raises(TypeError, match=f"`{argument}` must be a bool"):
     build()
+
+
+def test_a_structure_difference_below_the_leaf_paths_names_the_node_and_what_differs():
+  """Same leaf paths, other nodes: a FlatParams of another layout names the first model leaf
+  whose record differs (not a dump of both layouts); a FrozenDict against a dict, and an
+  empty node against another, name the node's type."""
+  from flax.core import FrozenDict
+
+  fp = oc.flat_params({"w": jnp.ones(3), "b": jnp.ones(2)})
+  other = oc.flat_params({"w": jnp.ones(2), "b": jnp.ones(3)})
+  tx = oc.adam(0.1)
+  with pytest.raises(
+    ValueError,
+    match=r"the node holding \['float32'\] is a FlatParams of other data "
+    r"\(leaves\[0\] \(the leaf \['b'\]\)\.shape\[0\]: 3 against 2\)",
+  ):
+    tx.update(other, tx.init(fp), fp)
+  with pytest.raises(
+    ValueError, match=r"the node holding \['a'\]\['x'\] is a FrozenDict against a dict"
+  ):
+    oc.apply_updates({"a": {"x": jnp.ones(2)}}, {"a": FrozenDict({"x": jnp.ones(2)})})
+  with pytest.raises(
+    ValueError, match="an empty node after the leaves is a tuple against a NoneType"
+  ):
+    oc.apply_updates({"a": jnp.ones(2), "b": None}, {"a": jnp.ones(2), "b": ()})
+
+
+def test_skip_large_updates_refuses_a_bound_that_skips_everything():
+  """No squared norm is below a bound <= 0: every micro-step would be skipped, silently. An
+  infinite bound (never skip) stays valid."""
+  params = {"w": jnp.ones(2)}
+  for bound, skips in ((-1.0, None), (0.0, None), (float("inf"), False)):
+    skip = functools.partial(oc.skip_large_updates, max_squared_norm=bound)
+    tx = oc.multi_steps(oc.sgd(0.1), 2, should_skip_update_fn=skip)
+    if skips is None:
+      with pytest.raises(ValueError, match=r"`max_squared_norm` must be > 0, got"):
+        tx.update(params, tx.init(params), params)
+    else:
+      assert bool(tx.update(params, tx.init(params), params)[1].skip_state["should_skip"]) is skips

@@ -130,3 +130,52 @@ def test_trust_ratio_needs_params():
   tx = oc.scale_by_param_block_norm()
   with pytest.raises(ValueError, match="needs `params`"):
     tx.update({"w": jnp.ones(2)}, tx.init({"w": jnp.ones(2)}))
+
+
+@pytest.mark.parametrize(
+  "make",
+  [
+    lambda m, lr: m.lamb(lr),
+    lambda m, lr: m.lars(lr),
+    lambda m, lr: m.fromage(lr),
+    lambda m, lr: m.adafactor(lr),
+    lambda m, lr: m.chain(m.scale_by_trust_ratio(), m.sgd(lr)),
+    lambda m, lr: m.chain(m.scale_by_param_block_norm(), m.sgd(lr)),
+    lambda m, lr: m.chain(m.scale_by_param_block_rms(), m.sgd(lr)),
+  ],
+  ids=["lamb", "lars", "fromage", "adafactor", "trust_ratio", "block_norm", "block_rms"],
+)
+def test_the_gradient_through_steps_is_finite_at_leaves_of_zeros(make):
+  """A zero-initialised output layer: its leaves are all zeros, and at the first step the
+  hidden layer's gradients are exactly zero. The derivative of the loss after three steps
+  with respect to the learning rate (meta-learning) is Optax's, in float64, not NaN (a plain
+  square root of the leaf's sum of squares has an infinite derivative at 0)."""
+  with x64():
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(16, 4)))
+    y = jnp.sin(x[:, :1])
+    p0 = {
+      "w1": jnp.asarray(np.random.default_rng(1).normal(size=(4, 8))) * 0.5,
+      "b1": jnp.zeros(8),
+      "w2": jnp.zeros((8, 1)),
+      "b2": jnp.zeros(1),
+    }
+
+    def loss(p):
+      hidden = jnp.tanh(x @ p["w1"] + p["b1"][None, :])
+      return jnp.mean((hidden @ p["w2"] + p["b2"][None, :] - y) ** 2)
+
+    def after_steps(m):
+      def f(lr):
+        tx, p = make(m, lr), p0
+        tx = standard_promotion(tx) if m is optax else tx  # Optax's code mixes dtypes
+        s = tx.init(p)
+        for _ in range(3):
+          u, s = tx.update(jax.grad(loss)(p), s, p)
+          p = m.apply_updates(p, u)
+        return loss(p)
+
+      return f
+
+    ours, theirs = (float(jax.grad(after_steps(m))(0.05)) for m in (oc, optax))
+    assert np.isfinite(ours)
+    np.testing.assert_allclose(ours, theirs, rtol=1e-10, atol=1e-14)

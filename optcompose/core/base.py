@@ -325,7 +325,7 @@ def _chain_state(state: Any, n: int) -> tuple:
     return tuple(state)
   got = f" of length {len(state)}" if isinstance(state, (tuple, list)) else ""
   raise ValueError(
-    f"chain of {n} transformations got state a {type(state).__name__}{got}; pass the state "
+    f"chain of {n} transformations got a state of type {type(state).__name__}{got}; pass the state "
     "returned by this chain's init."
   )
 

@@ -30,7 +30,10 @@ from __future__ import annotations
 import difflib
 import functools
 import inspect
-from typing import Callable, NamedTuple, Optional, Protocol, cast
+from typing import Any, Callable, NamedTuple, Optional, Protocol, cast
+
+import jax
+import jax.numpy as jnp
 
 from optcompose import tree as otree
 from optcompose.core.base import GradientTransformation, mark_averager
@@ -75,9 +78,50 @@ def _floating_updates_only(tx: GradientTransformation, name: str) -> GradientTra
       "never gives integer gradients: cast, or route the leaf to "
       "set_to_zero)",
     )
+    _complex_for_real(name, updates, params)
+    _check_count(name, state)
     return tx.update(updates, state, params, **extra)
 
   return GradientTransformation(tx.init, update)
+
+
+def _complex_for_real(name: str, updates: Any, params: Any) -> None:
+  """Raise a TypeError naming the first leaf whose update is complex and parameter real: a
+  real state would drop its imaginary part (Adam's moments), or become complex (momentum)."""
+  leaves = jax.tree.leaves(updates)
+  if params is None or not any(jnp.iscomplexobj(u) for u in leaves):
+    return
+  if jax.tree.structure(updates) != jax.tree.structure(params):
+    return  # the transformation's own check names the difference
+  for (path, u), p in zip(
+    jax.tree_util.tree_flatten_with_path(updates)[0], jax.tree.leaves(params)
+  ):
+    if jnp.iscomplexobj(u) and not jnp.iscomplexobj(p):
+      where = otree.path_str(path)
+      raise TypeError(
+        f"{name}: `updates{where}` is complex but `params{where}` is real: a complex gradient "
+        "of a real parameter would lose its imaginary part; take the real part, or make the "
+        "parameter complex."
+      )
+
+
+def _check_count(name: str, state: Any) -> None:
+  """Raise a TypeError unless the state's step count (where it has one) is an integer scalar:
+  a count cast to bfloat16 with the rest of a state stops at 256 and freezes every schedule,
+  and one of another shape broadcasts the bias corrections."""
+  if "count" not in getattr(type(state), "_fields", ()):  # NamedTuple states (not tuple.count)
+    return
+  count = state.count
+  if count is None or (isinstance(count, int) and not isinstance(count, bool)):
+    return
+  shape, dtype = jnp.shape(count), jnp.result_type(count)
+  if shape != () or not jnp.issubdtype(dtype, jnp.integer) or isinstance(count, bool):
+    raise TypeError(
+      f"{name}: `state.count` must be an integer scalar (int32, as init makes it), got "
+      f"{dtype}{list(shape)}; a state cast leaf by leaf (to bfloat16, say) casts "
+      "its counts too: cast only the floating-point moments (or use the optimizer's "
+      "mu_dtype / nu_dtype arguments)."
+    )
 
 
 def _resolve_annotations(fn) -> None:
@@ -90,6 +134,20 @@ def _resolve_annotations(fn) -> None:
     pass
 
 
+# The usual other names of Optax's arguments (PyTorch's, papers'): matched before spelling.
+_OTHER_NAMES = {
+  "lr": ("learning_rate",),
+  "eta": ("learning_rate",),
+  "betas": ("b1", "b2"),
+  "beta1": ("b1",),
+  "beta2": ("b2",),
+  "beta_1": ("b1",),
+  "beta_2": ("b2",),
+  "epsilon": ("eps",),
+  "wd": ("weight_decay",),
+}
+
+
 def _call_error(name: str, signature: inspect.Signature, kwargs: dict, error: TypeError) -> str:
   """The builder's name with what Python's binding found, an unknown keyword first (Python
   reports a missing argument first: ``adam(lr=...)`` would say ``learning_rate`` is missing),
@@ -98,10 +156,9 @@ def _call_error(name: str, signature: inspect.Signature, kwargs: dict, error: Ty
   unknown = [k for k in kwargs if k not in params]
   if unknown and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
     k = unknown[0]
-    close = difflib.get_close_matches(k, list(params), n=1, cutoff=0.5)
-    if not close and k in ("lr", "eta"):  # the usual other names of the learning rate
-      close = [n for n in params if n == "learning_rate"]
-    hint = f"; did you mean {close[0]!r}?" if close else ""
+    known = [n for n in _OTHER_NAMES.get(k, ()) if n in params]  # PyTorch's names, say
+    close = known or difflib.get_close_matches(k, list(params), n=1, cutoff=0.5)
+    hint = f"; did you mean {' and '.join(repr(c) for c in close)}?" if close else ""
     return f"{name}() got an unexpected keyword argument {k!r}{hint}"
   return f"{name}(): {error}"
 

@@ -49,16 +49,16 @@ def _concrete_scalar(value: Any) -> Optional[tuple[float, float, np.dtype]]:
   """``(value as a Python float, the same rounded to the dtype it is used in)`` when it is a
   known number; None for tracers and schedules. A Python number is used in JAX's default
   float dtype (float32, float64 under x64), an array in its own floating dtype."""
-  if callable(value) or isinstance(value, jax.core.Tracer):
+  if callable(value):
+    return None
+  if isinstance(value, jax.core.Tracer):  # its value is unknown, its shape and dtype known
+    _check_kind(jnp.shape(value), jnp.result_type(value))
     return None
   if isinstance(value, (bool, np.bool_)):
     raise TypeError("expected a number, got a bool")
   if is_real_like(value):
-    if jnp.shape(value) != ():
-      raise ValueError(f"expected a scalar, got an array of shape {jnp.shape(value)}")
     dtype = jnp.result_type(value)
-    if not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)):
-      raise TypeError(f"expected a real number, got dtype {dtype}")
+    _check_kind(jnp.shape(value), dtype)
     if not jnp.issubdtype(dtype, jnp.floating):
       use = np.float64  # an integer: compared exactly (and quoted as one)
       return int(value), float(value), np.dtype(use)
@@ -68,6 +68,17 @@ def _concrete_scalar(value: Any) -> Optional[tuple[float, float, np.dtype]]:
     with np.errstate(over="ignore"):
       return x, float(np.asarray(x, dtype=use)), np.dtype(use)
   raise TypeError(f"expected a number or a schedule, got {type(value).__name__}")
+
+
+def _check_kind(shape: tuple, dtype: Any) -> None:
+  """A hyperparameter is a real scalar: a known value, or a traced one (inside ``jax.jit``,
+  where an array would otherwise broadcast over the parameters without a word)."""
+  if shape != ():
+    raise ValueError(f"expected a scalar, got an array of shape {shape}")
+  if jnp.issubdtype(dtype, jnp.bool_):
+    raise TypeError("expected a number, got a bool")
+  if not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)):
+    raise TypeError(f"expected a real number, got dtype {dtype}")
 
 
 def check_hyperparameter(
@@ -191,12 +202,13 @@ def check_state_dtype(fn_name: str, name: str, dtype: Any) -> None:
   except TypeError:
     raise TypeError(
       f"{fn_name}: `{name}` must be a floating-point dtype (such as "
-      f"jnp.float32 or jnp.bfloat16) or None, got {dtype!r}."
+      f"jnp.float32 or jnp.bfloat16; complex for complex parameters) or None, got {dtype!r}."
     ) from None
   if not jnp.issubdtype(resolved, jnp.inexact):
     raise TypeError(
       f"{fn_name}: `{name}` must be a floating-point dtype (such as jnp.float32 "
-      f"or jnp.bfloat16) or None, got {resolved}: an integer or boolean state "
+      f"or jnp.bfloat16; complex for complex parameters) or None, got {resolved}: an integer "
+      "or boolean state "
       "would be truncated at every step."
     )
 
@@ -225,6 +237,12 @@ class Hyper(NamedTuple):
     if self.dtype:
       check_state_dtype(fn, name, value)
       return
+    if self.draw == ("mask",) and isinstance(value, (str, bytes)):
+      raise TypeError(
+        f"{fn}: `{name}` is a str ({value!r}): a mask is a tree of bools (the parameters' "
+        "tree, or a prefix of it) or a function of the parameters; for a path pattern use "
+        f"mask_from_paths(include={value!r})."
+      )
     if self.draw == ("bool",) and not isinstance(value, (bool, np.bool_)):
       # A flag given as "no" or 0 would be taken by its truthiness.
       raise TypeError(f"{fn}: `{name}` must be a bool, got {value!r}.")

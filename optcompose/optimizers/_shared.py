@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+from optcompose.core import MASK, real
 from optcompose.transforms.proximal import prox_elastic_net
 
+_STRENGTH = real(0.0, optional=True)
 
-def _proximal(learning_rate, l1, l2, mask) -> tuple:
-  """The optional proximal step; nothing when neither strength is given (``None``)."""
+
+def _proximal(learning_rate, l1, l2, mask, *, who: str, mask_name: str) -> tuple:
+  """The optional proximal step; nothing when neither strength is given (``None``). Its
+  arguments are checked first under the recipe's names (``sgd: `l2```, ``reg_mask``), not
+  the inner ``prox_elastic_net``'s."""
+  for name, value in (("l1", l1), ("l2", l2)):
+    _STRENGTH.check(who, name, value)
+  MASK.check(who, mask_name, mask)
   if l1 is None and l2 is None:
     return ()
   return (

@@ -236,7 +236,7 @@ def adamw(
     ),
     add_decayed_weights(weight_decay, mask),
     scale_by_learning_rate(learning_rate),
-    *_proximal(learning_rate, l1, None, l1_mask),
+    *_proximal(learning_rate, l1, None, l1_mask, who="adamw", mask_name="l1_mask"),
   )
 
 

@@ -90,9 +90,8 @@ def sgd(
     if momentum is not None
     else identity()
   )
-  return chain(
-    first, scale_by_learning_rate(learning_rate), *_proximal(learning_rate, l1, l2, reg_mask)
-  )
+  proximal = _proximal(learning_rate, l1, l2, reg_mask, who="sgd", mask_name="reg_mask")
+  return chain(first, scale_by_learning_rate(learning_rate), *proximal)
 
 
 __all__ = []  # and the builders it registers

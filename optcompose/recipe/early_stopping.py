@@ -213,10 +213,18 @@ class EarlyStopping:
         f"{_FN}: `state` must be an EarlyStoppingState (from init), got {type(state).__name__}."
       )
     metric = _real_metric(metric)
-    otree.check_same_structure(best_params, state.best_params, "best_params", "state.best_params")
-    otree.check_same_dtypes(
-      best_params, state.best_params, "best_params", "state.best_params", kept=True
-    )
+    if best_params is None and jax.tree.leaves(state.best_params):
+      raise ValueError(
+        f"{_FN}: `best_params` is missing: init kept a copy of the parameters, so each update "
+        "takes this epoch's (es.step(state, metric, params)), or init takes none."
+      )
+    try:
+      otree.check_same_structure(best_params, state.best_params, "best_params", "state.best_params")
+      otree.check_same_dtypes(
+        best_params, state.best_params, "best_params", "state.best_params", kept=True
+      )
+    except (TypeError, ValueError) as e:
+      raise type(e)(f"{_FN}: {e}") from None
     active = jnp.logical_and(state.epoch >= self.warmup, jnp.logical_not(state.should_stop))
     improved = jnp.logical_and(active, self.is_improvement(metric, state.best_metric))
     wait = jnp.where(improved, 0, jnp.where(active, safe_increment(state.wait), state.wait))

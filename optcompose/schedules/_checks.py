@@ -38,6 +38,13 @@ def _number(
   return int(x) if integer else value
 
 
+def _flag(fn: str, name: str, value) -> bool:
+  """``value``, a bool (``staircase="yes"`` would be taken by its truthiness)."""
+  if not isinstance(value, (bool, np.bool_)):
+    raise TypeError(f"{fn}: `{name}` must be a bool, got {value!r}.")
+  return bool(value)
+
+
 # The step count is an int32 array: a step count beyond it is never reached, and a schedule
 # computing with one (count - begin, count < boundary) fails at its first use.
 MAX_STEPS = 2**31 - 1

@@ -6,7 +6,14 @@ from typing import Mapping, Optional
 
 import jax.numpy as jnp
 
-from optcompose.schedules._checks import Schedule, _boundaries_and_scales, _float, _number, _steps
+from optcompose.schedules._checks import (
+  Schedule,
+  _boundaries_and_scales,
+  _flag,
+  _float,
+  _number,
+  _steps,
+)
 
 __all__ = [
   "constant_schedule",
@@ -68,6 +75,7 @@ def exponential_decay(
   transition_steps = _steps(fn, "transition_steps", transition_steps)
   _number(fn, "decay_rate", decay_rate, low=0.0, low_open=True)
   transition_begin = _steps(fn, "transition_begin", transition_begin, positive=False)
+  staircase = _flag(fn, "staircase", staircase)
   if end_value is not None:
     _number(fn, "end_value", end_value)
   clip = jnp.maximum if decay_rate < 1.0 else jnp.minimum
@@ -91,6 +99,7 @@ def inverse_time_decay(
   _number(fn, "init_value", init_value)
   decay_steps = _steps(fn, "decay_steps", decay_steps)
   _number(fn, "decay_rate", decay_rate, low=0.0)
+  staircase = _flag(fn, "staircase", staircase)
 
   def schedule(count):
     p = _float(count) / decay_steps

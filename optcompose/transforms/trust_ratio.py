@@ -50,14 +50,23 @@ def _wide(x):
   return x
 
 
+def _root(square):
+  """``sqrt(square)`` whose derivative at 0 is 0, not NaN: a leaf of zeros (a zero-initialised
+  layer, an exactly zero gradient) must not make ``jax.grad`` through a step NaN, as it does
+  not in Optax (whose norms here are its ``safe_norm``). The value is the plain square root's,
+  bit for bit, and no pass over the leaf is added (the guard is on the scalar)."""
+  positive = square > 0
+  return jnp.where(positive, jnp.sqrt(jnp.where(positive, square, 1)), 0)
+
+
 def leaf_norm(x, floor):
   """``max(||x||, floor)``: the leaf's L2 norm, squares summed in float32 or wider."""
-  return jnp.maximum(*otree.promote(jnp.sqrt(jnp.sum(otree.abs_sq(_wide(x)))), floor))
+  return jnp.maximum(*otree.promote(_root(jnp.sum(otree.abs_sq(_wide(x)))), floor))
 
 
 def leaf_rms(x, floor):
   """``max(sqrt(mean(|x|^2)), floor)``, in float32 or wider."""
-  return jnp.maximum(*otree.promote(jnp.sqrt(jnp.mean(otree.abs_sq(_wide(x)))), floor))
+  return jnp.maximum(*otree.promote(_root(jnp.mean(otree.abs_sq(_wide(x)))), floor))
 
 
 def scale_leaf_by(u, s):

@@ -255,6 +255,16 @@ def apply_every(k: int = 1) -> GradientTransformation:
   return GradientTransformation(init, update)
 
 
+def _same_trees(fn: str, new_tensors: Any, old_tensors: Any, dtypes: bool) -> None:
+  """The target-network functions' check: the same tree and leaf shapes (and dtypes)."""
+  try:
+    otree.check_same_structure(new_tensors, old_tensors, "new_tensors", "old_tensors")
+    if dtypes:
+      otree.check_same_dtypes(new_tensors, old_tensors, "new_tensors", "old_tensors")
+  except (TypeError, ValueError) as e:
+    raise type(e)(f"{fn}: {e}") from None
+
+
 def periodic_update(new_tensors: Any, old_tensors: Any, steps: Any, update_period: Any) -> Any:
   """The new tensors every ``update_period`` steps, else the old ones (a target network).
 
@@ -277,8 +287,7 @@ def periodic_update(new_tensors: Any, old_tensors: Any, steps: Any, update_perio
   """
   check_hyperparameter("periodic_update", "update_period", update_period, low=1)
   check_whole("periodic_update", "update_period", update_period)
-  otree.check_same_structure(new_tensors, old_tensors, "new_tensors", "old_tensors")
-  otree.check_same_dtypes(new_tensors, old_tensors, "new_tensors", "old_tensors")
+  _same_trees("periodic_update", new_tensors, old_tensors, dtypes=True)
   return cond(
     jnp.mod(steps, update_period) == 0, lambda _: new_tensors, lambda _: old_tensors, None
   )
@@ -295,7 +304,8 @@ def incremental_update(new_tensors: Any, old_tensors: Any, step_size: Any) -> An
 
   Args:
     new_tensors: the latest parameters.
-    old_tensors: the running average, of the same tree.
+    old_tensors: the running average, of the same tree and leaf shapes (a ValueError names
+      the first path that differs; nothing is broadcast). Its dtypes may differ.
     step_size: s in [0, 1], the weight of the new tensors (a number or a scalar array).
 
   Returns:
@@ -306,6 +316,7 @@ def incremental_update(new_tensors: Any, old_tensors: Any, step_size: Any) -> An
     Approximation by Averaging", SIAM J. Control Optim. 30(4), 1992.
   """
   check_hyperparameter("incremental_update", "step_size", step_size, low=0.0, high=1.0)
+  _same_trees("incremental_update", new_tensors, old_tensors, dtypes=False)
 
   def average(new, old):
     if new is None:

@@ -8,6 +8,7 @@ from typing import Any, Optional, Protocol
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from optcompose import tree as otree
 from optcompose.core.validation import check_real_value
@@ -58,7 +59,7 @@ def skip_large_updates(
     updates: the micro-step's gradients.
     gradient_step: the real steps taken (unused).
     params: the parameters (unused).
-    max_squared_norm: the largest squared norm accepted (exclusive), a real number.
+    max_squared_norm: the largest squared norm accepted (exclusive), a real number > 0.
 
   Returns:
     ``(should_skip, {"should_skip": should_skip, "norm_squared": ||g||^2})``.
@@ -70,6 +71,13 @@ def skip_large_updates(
   check_real_value(
     "skip_large_updates", "max_squared_norm", max_squared_norm, "the largest squared norm accepted"
   )
+  if not isinstance(max_squared_norm, jax.core.Tracer) and not np.all(
+    np.asarray(max_squared_norm) > 0
+  ):  # no squared norm is below a bound <= 0: every micro-step would be skipped
+    raise ValueError(
+      f"skip_large_updates: `max_squared_norm` must be > 0, got {max_squared_norm!r} (every "
+      "update would be skipped)."
+    )
   norm_sq = otree.squared_norm(updates)
   should_skip = jnp.logical_not(jnp.less(*otree.promote(norm_sq, max_squared_norm)))
   return should_skip, {"should_skip": should_skip, "norm_squared": norm_sq}

@@ -1,0 +1,108 @@
+"""What a save may replace, and what it can store: the checks :mod:`optcompose.checkpoint`
+makes before it writes anything, so that a mistyped path or an unstorable leaf costs an
+error, never a user's file or a half-written checkpoint.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import re
+from typing import Any
+
+import jax
+import numpy as np
+
+from optcompose._checkpoint_check import FORMAT_KEY
+
+SIDECAR = "optcompose_checkpoint.json"  # checksums and layouts inside an Orbax directory
+
+# What Orbax's StandardCheckpointer stores (it refuses str, bytes and complex Python numbers).
+_ORBAX_LEAVES = (jax.Array, np.ndarray, np.generic, bool, int, float)
+
+
+# What Orbax (0.10 to 0.12) writes at the top of a checkpoint directory, with this library's
+# sidecar: the metadata (one of them marks a checkpoint), the arrays' OCDBT store, a commit
+# marker; "checkpoint" is older Orbax's one msgpack file.
+_METADATA = {"_CHECKPOINT_METADATA", "_METADATA", "checkpoint", "manifest.ocdbt", SIDECAR}
+_ORBAX_NAMES = _METADATA | {"_sharding", "d", "array_metadatas", "commit_success.txt", "descriptor"}
+_ORBAX_PATTERN = re.compile(r"ocdbt\.process_\d+")
+
+
+def _replaceable(fn: str, directory: pathlib.Path) -> None:
+  """Raise a ValueError unless ``directory`` is an Orbax checkpoint (its metadata, or this
+  library's sidecar) holding nothing else, or an empty directory: what ``overwrite=True``
+  may replace without losing a file the user put there (a directory of other files, or a
+  checkpoint with the user's notes or metrics saved into it)."""
+  names = {p.name for p in directory.iterdir()} if directory.is_dir() else {"(a file)"}
+  if names and not names & _METADATA:
+    raise ValueError(
+      f"{fn}: {directory} exists and is not a checkpoint (no Orbax metadata in it: "
+      f"{sorted(names)[:3]}): overwrite=True replaces a checkpoint only, never other files; "
+      "move them, or save under another path."
+    )
+  others = sorted(n for n in names - _ORBAX_NAMES if not _ORBAX_PATTERN.fullmatch(n))
+  if others:
+    raise ValueError(
+      f"{fn}: the checkpoint {directory} also holds files that are not Orbax's "
+      f"({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}): overwrite=True would "
+      "delete them with the checkpoint; move them out of it, or save under another path."
+    )
+
+
+def _file_target(fn: str, path: pathlib.Path) -> None:
+  """Raise a ValueError unless ``path`` can take a msgpack checkpoint: its nearest existing
+  ancestor is a directory, and ``path`` is absent, empty, or a checkpoint of this library
+  (which a save replaces, as saving every epoch to one path expects), or a msgpack state dict
+  of Flax's (an older checkpoint, which restore reads). Any other file there
+  is the user's: a mistyped path must not overwrite a script or another tool's data."""
+  if path.is_dir():
+    raise ValueError(
+      f"{fn}: {path} is a directory; pass a file path (an Orbax checkpoint directory is "
+      "read and written by restore_orbax_checkpoint / save_orbax_checkpoint)."
+    )
+  for parent in path.parents:
+    if parent.exists():
+      if not parent.is_dir():
+        raise ValueError(f"{fn}: {parent} is a file, so {path} cannot be created under it.")
+      break
+  if path.exists():
+    with open(path, "rb") as f:
+      head = f.read(64)
+    if head and FORMAT_KEY.encode() not in head and not _bare_state_dict(path):
+      raise ValueError(
+        f"{fn}: {path} exists and is not an optcompose checkpoint: a save replaces only a "
+        "checkpoint it wrote, never another file. Move or delete it, or save under another "
+        "path."
+      )
+
+
+def _bare_state_dict(path: pathlib.Path) -> bool:
+  """Whether ``path`` holds a msgpack state dict (``flax.serialization.to_bytes``): the older
+  checkpoints :func:`~optcompose.checkpoint.restore_checkpoint` reads, which a save may
+  replace like its own (resuming an old run at its path)."""
+  from flax import serialization
+
+  try:
+    return isinstance(serialization.msgpack_restore(path.read_bytes()), dict)
+  except Exception:  # not msgpack at all
+    return False
+
+
+def _file_source(fn: str, path: Any) -> None:
+  """Raise a ValueError naming ``path`` where it is a directory (an Orbax checkpoint, say)."""
+  if pathlib.Path(path).is_dir():
+    raise ValueError(
+      f"{fn}: {path} is a directory, not a msgpack checkpoint file (an Orbax checkpoint "
+      "directory is read by restore_orbax_checkpoint)."
+    )
+
+
+def _orbax_storable(fn: str, tree: Any) -> None:
+  """Raise a TypeError naming the first leaf Orbax cannot store, before anything is written."""
+  for key_path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    if not isinstance(leaf, _ORBAX_LEAVES):
+      raise TypeError(
+        f"{fn}: `{jax.tree_util.keystr(key_path)}` is a {type(leaf).__name__}, which Orbax "
+        "does not store (arrays, NumPy values and Python bool, int and float only): convert "
+        "it to an array, or save with save_checkpoint (msgpack stores strings too)."
+      )

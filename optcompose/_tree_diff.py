@@ -1,0 +1,83 @@
+"""Where two pytrees differ in structure, in words: the first leaf path missing or unexpected,
+else the first node whose type or data differs (a :class:`~optcompose.FlatParams` of another
+layout, a dict against a FrozenDict), named by the first leaf it holds. On the ground floor
+with :mod:`optcompose.tree`, which re-exports :func:`first_difference`."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import jax
+
+
+def path_str(path) -> str:
+  return jax.tree_util.keystr(tuple(path)) or "<root>"
+
+
+def _count(items: list, noun: str) -> str:
+  return f"{items[0]} is {noun}" + (f" (and {len(items) - 1} more)" if len(items) > 1 else "")
+
+
+def _short(data: Any, limit: int = 160) -> str:
+  text = repr(data)
+  return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _same(x: Any, y: Any) -> bool:
+  try:
+    return bool(x == y)
+  except Exception:  # auxiliary data that compare elementwise (arrays)
+    return x is y
+
+
+def _data_difference(x: Any, y: Any, where: str = "") -> str:
+  """The first part of two nodes' auxiliary data that differs, e.g. ``leaves[0].shape: (3,)
+  against (2,)`` for two FlatParams layouts (tuples and NamedTuples are searched)."""
+  if type(x) is type(y) and isinstance(x, (tuple, list)) and len(x) == len(y):
+    names = getattr(x, "_fields", None) or [f"[{i}]" for i in range(len(x))]
+    for name, u, v in zip(names, x, y):
+      if not _same(u, v):
+        here = f"{where}.{name}" if name[0] != "[" else where + name
+        if isinstance(getattr(u, "path", None), str):  # a FlatParams leaf's record
+          here += f" (the leaf {u.path})"
+        return _data_difference(u, v, here)
+  return f"{where.lstrip('.') or 'its data'}: {_short(x)} against {_short(y)}"
+
+
+def _first_node(a: Any, b: Any, offset: int = 0) -> Optional[tuple]:
+  """``(leaf offset, empty, a's node data, b's)`` of the first node (in tree order) whose
+  type or auxiliary data differ between the treedefs ``a`` and ``b``; None if none does."""
+  if not _same(a.node_data(), b.node_data()) or len(a.children()) != len(b.children()):
+    return offset, a.num_leaves == 0, a.node_data(), b.node_data()
+  for child_a, child_b in zip(a.children(), b.children()):
+    found = _first_node(child_a, child_b, offset)
+    if found is not None:
+      return found
+    offset += child_a.num_leaves
+  return None
+
+
+def first_difference(tree: Any, reference: Any) -> str:
+  """Describe where ``tree`` and ``reference`` differ in structure, naming paths."""
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  a = [path_str(p) for p, _ in flat]
+  b = [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(reference)[0]]
+  missing = [p for p in b if p not in set(a)]
+  extra = [p for p in a if p not in set(b)]
+  parts = ([_count(missing, "missing")] if missing else []) + (
+    [_count(extra, "unexpected")] if extra else []
+  )
+  if parts:
+    return "; ".join(parts)
+  found = _first_node(jax.tree.structure(tree), jax.tree.structure(reference))
+  if found is None:  # not expected: the structures differ somewhere
+    return f"{jax.tree.structure(tree)} against {jax.tree.structure(reference)}"
+  offset, empty, mine, theirs = found
+  if empty:
+    where = "an empty node " + (f"before {a[offset]}" if offset < len(a) else "after the leaves")
+  else:
+    where = f"the node holding {a[offset]}"
+  kind = lambda data: getattr((data or (None,))[0], "__name__", "a leaf")  # noqa: E731
+  if kind(mine) != kind(theirs):
+    return f"{where} is a {kind(mine)} against a {kind(theirs)}"
+  return f"{where} is a {kind(mine)} of other data ({_data_difference(mine[1], theirs[1])})"
