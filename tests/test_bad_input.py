@@ -311,8 +311,9 @@ ROWS = [
   ),
   Row(
     "flat-per-leaf",
-    "`FlatParams` given to a per-leaf transformation (`clip_by_leaf_norm`, "
-    "`clip_by_block_rms`, `adaptive_grad_clip`)",
+    "`FlatParams` given to a transformation computing one value per model leaf (the "
+    "per-leaf clippings, trust ratios and block scales, `sm3`, a factored `adafactor`; "
+    "docs/performance.md lists them)",
     "`TypeError`, naming the transformation",
     TypeError,
     "clip_by_leaf_norm",

@@ -290,3 +290,50 @@ def test_skip_large_updates_refuses_a_bound_that_skips_everything():
         tx.update(params, tx.init(params), params)
     else:
       assert bool(tx.update(params, tx.init(params), params)[1].skip_state["should_skip"]) is skips
+
+
+@pytest.mark.parametrize(
+  "build, message",
+  [
+    (
+      lambda: oc.sgd(lr=0.1),
+      r"sgd\(\) got an unexpected keyword argument 'lr'; did you mean 'learning_rate'\?",
+    ),
+    (lambda: oc.adam(1e-3, betas=(0.9, 0.999)), r"'betas'; did you mean 'b1' and 'b2'\?"),
+    (lambda: oc.adam(1e-3, epsilon=1e-8), r"'epsilon'; did you mean 'eps'\?"),
+    (lambda: oc.adamw(1e-3, wd=0.1), r"'wd'; did you mean 'weight_decay'\?"),
+    (lambda: oc.sgd(1e-3, l2=-0.1), r"^sgd: `l2` must lie in \[0, inf\), got -0.1"),
+    (
+      lambda: oc.sgd(1e-3, l1=0.1, reg_mask="kernel"),
+      r"^sgd: `reg_mask` is a str \('kernel'\).*mask_from_paths\(include='kernel'\)",
+    ),
+    (lambda: oc.adamw(1e-3, l1=0.1, l1_mask="kernel"), r"^adamw: `l1_mask` is a str"),
+    (lambda: oc.adamw(1e-3, mask="bias"), r"^adamw: `mask` is a str"),
+    (
+      lambda: oc.exponential_decay(1.0, 10, 0.5, staircase="yes"),
+      r"^exponential_decay: `staircase` must be a bool",
+    ),
+    (
+      lambda: oc.inverse_time_decay(1.0, 10, 0.5, staircase=1),
+      r"^inverse_time_decay: `staircase` must be a bool",
+    ),
+  ],
+)
+def test_errors_name_the_argument_the_user_wrote(build, message):
+  """The recipe's own argument (sgd's `l2`, not its inner prox_elastic_net's), PyTorch's and
+  papers' names mapped to Optax's (not the nearest spelling: `lr` is not `l2`), and a flag
+  that would be taken by its truthiness."""
+  with pytest.raises((TypeError, ValueError), match=message):
+    build()
+
+
+def test_early_stopping_names_a_missing_or_mismatched_best_params():
+  es = oc.early_stopping(patience=2)
+  state = es.init({"w": jnp.ones(2)})
+  with pytest.raises(
+    ValueError, match=r"^early_stopping: `best_params` is missing: init kept a copy"
+  ):
+    es.step(state, 1.0)
+  with pytest.raises(ValueError, match=r"^early_stopping: `best_params\['w'\]` has shape \(3,\)"):
+    es.step(state, 1.0, {"w": jnp.ones(3)})
+  assert es.step(es.init(), 1.0)[1] is False  # no copy kept: none needed
