@@ -24,7 +24,14 @@ _ORBAX_LEAVES = (jax.Array, np.ndarray, np.generic, bool, int, float)
 # sidecar: the metadata (one of them marks a checkpoint), the arrays' OCDBT store, a commit
 # marker; "checkpoint" is older Orbax's one msgpack file.
 _METADATA = {"_CHECKPOINT_METADATA", "_METADATA", "checkpoint", "manifest.ocdbt", SIDECAR}
-_ORBAX_NAMES = _METADATA | {"_sharding", "d", "array_metadatas", "commit_success.txt", "descriptor"}
+_ORBAX_NAMES = _METADATA | {
+  "_sharding",
+  "d",
+  "array_metadatas",
+  "commit_success.txt",
+  "descriptor",
+  "default",  # a CheckpointManager step's item directory
+}
 _ORBAX_PATTERN = re.compile(r"ocdbt\.process_\d+")
 
 
@@ -101,8 +108,12 @@ def _orbax_storable(fn: str, tree: Any) -> None:
   """Raise a TypeError naming the first leaf Orbax cannot store, before anything is written."""
   for key_path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
     if not isinstance(leaf, _ORBAX_LEAVES):
+      hint = (
+        "keep the arrays only (an Equinox model: eqx.filter(model, eqx.is_array))"
+        if callable(leaf)
+        else "convert it to an array, or save with save_checkpoint (msgpack stores strings too)"
+      )
       raise TypeError(
         f"{fn}: `{jax.tree_util.keystr(key_path)}` is a {type(leaf).__name__}, which Orbax "
-        "does not store (arrays, NumPy values and Python bool, int and float only): convert "
-        "it to an array, or save with save_checkpoint (msgpack stores strings too)."
+        f"does not store (arrays, NumPy values and Python bool, int and float only): {hint}."
       )

@@ -44,6 +44,13 @@ def _data_difference(x: Any, y: Any, where: str = "") -> str:
   return f"{where.lstrip('.') or 'its data'}: {_short(x)} against {_short(y)}"
 
 
+def _type_name(node_type: Any, qualified: bool) -> str:
+  if node_type is None:
+    return "leaf"
+  name = getattr(node_type, "__qualname__", repr(node_type))
+  return f"{node_type.__module__}.{name}" if qualified else getattr(node_type, "__name__", name)
+
+
 def _first_node(a: Any, b: Any, offset: int = 0) -> Optional[tuple]:
   """``(leaf offset, empty, a's node data, b's)`` of the first node (in tree order) whose
   type or auxiliary data differ between the treedefs ``a`` and ``b``; None if none does."""
@@ -77,7 +84,9 @@ def first_difference(tree: Any, reference: Any) -> str:
     where = "an empty node " + (f"before {a[offset]}" if offset < len(a) else "after the leaves")
   else:
     where = f"the node holding {a[offset]}"
+  type_a, type_b = (mine or (None,))[0], (theirs or (None,))[0]
+  if type_a is not type_b:  # two classes of one name (Optax's state and ours) are told apart
+    full = getattr(type_a, "__name__", None) == getattr(type_b, "__name__", None)
+    return f"{where} is a {_type_name(type_a, full)} against a {_type_name(type_b, full)}"
   kind = lambda data: getattr((data or (None,))[0], "__name__", "a leaf")  # noqa: E731
-  if kind(mine) != kind(theirs):
-    return f"{where} is a {kind(mine)} against a {kind(theirs)}"
   return f"{where} is a {kind(mine)} of other data ({_data_difference(mine[1], theirs[1])})"

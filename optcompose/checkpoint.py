@@ -124,6 +124,8 @@ def save_checkpoint(path: PathLike, tree: Any) -> pathlib.Path:
     ValueError: an array is sharded across processes (use :func:`save_orbax_checkpoint`);
       ``path`` is a directory, or a file that is not an optcompose checkpoint.
   """
+  path = pathlib.Path(path)
+  _file_target("save_checkpoint", path)
   serialization = _flax_serialization()
   state = serialization.to_state_dict(tree)
   _check_storable(state)
@@ -138,8 +140,6 @@ def save_checkpoint(path: PathLike, tree: Any) -> pathlib.Path:
     },
     in_place=True,
   )
-  path = pathlib.Path(path)
-  _file_target("save_checkpoint", path)
   path.parent.mkdir(parents=True, exist_ok=True)
   with _locked(path.parent):
     _file_target("save_checkpoint", path)  # again under the lock
@@ -251,7 +251,7 @@ def save_orbax_checkpoint(
   directory, remote = _directory(fn, directory)
   _orbax_storable(fn, tree)
   hosts, primary = _hosts(), jax.process_index() == 0  # 0 locks, swaps, cleans up
-  stack, new = contextlib.ExitStack(), None
+  stack, new, locked = contextlib.ExitStack(), None, False
   try:
     if not remote:
       token = np.frombuffer(uuid.uuid4().bytes, np.uint8)
@@ -260,6 +260,7 @@ def save_orbax_checkpoint(
       if primary:
         directory.parent.mkdir(parents=True, exist_ok=True)
         stack.enter_context(_locked(directory.parent))
+        locked = True
         _recover(directory)
         _remove_leftovers(directory)
       if hosts:
@@ -282,8 +283,10 @@ def save_orbax_checkpoint(
       }
     )
   except BaseException:
-    if new is not None and primary:
-      _remove_leftovers(directory)  # ours and Orbax's temporary directories (lock held)
+    if locked:  # ours and Orbax's temporary directories (not another save's, unlocked)
+      _remove_leftovers(directory)
+    elif new is not None and primary:
+      _remove(new)
     stack.close()
     raise
 

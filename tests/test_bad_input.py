@@ -103,6 +103,16 @@ ROWS = [
     ),
   ),
   Row(
+    "schedule-leaves-range",
+    "a schedule of `optcompose.schedules` whose later values leave the range (a negative "
+    "peak or floor, `b1` reaching 1; Optax would then step uphill)",
+    "`ValueError` at construction, naming the hyperparameter and the value (each schedule "
+    "records its start, peak, floor and end; a function of your own is checked at step 0)",
+    ValueError,
+    r"sgd: `learning_rate` must lie in \[0, inf\), got -0.1\. The schedule given as",
+    lambda: oc.sgd(oc.warmup_cosine_decay_schedule(0.0, -0.1, 5, 50)),
+  ),
+  Row(
     "integer-params",
     "integer or boolean parameters",
     "`TypeError` from `init`, naming the leaf",
@@ -250,15 +260,6 @@ ROWS = [
     ValueError,
     r"`mask`.*\['dense'\]\['bias'\] is missing",
     lambda: oc.adamw(1e-3, mask={"dense": {"kernel": True, "scale": False}}).init(PARAMS),
-  ),
-  Row(
-    "mask-selects-nothing",
-    "a `mask_from_paths` whose `exclude` takes every leaf (or every leaf `include` selects)",
-    "`ValueError` from the mask (at `init`), naming `exclude` and the leaves (a mask False "
-    "everywhere would apply the masked transformation to nothing)",
-    ValueError,
-    r"`exclude` 'dense' excludes every leaf of the tree",
-    lambda: oc.masked(oc.sgd(0.1), oc.mask_from_paths(exclude="dense")).init(PARAMS),
   ),
   Row(
     "mask-not-boolean",

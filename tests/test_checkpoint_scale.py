@@ -432,3 +432,21 @@ def test_an_orbax_save_checks_its_leaves_and_flags_before_writing(tmp_path, monk
   with pytest.raises(RuntimeError, match="disk full"):
     ck.save_orbax_checkpoint(tmp_path / "c", run_tree(1))
   assert list(tmp_path.iterdir()) == []
+
+
+def test_a_save_that_fails_before_taking_the_lock_leaves_other_saves_alone(tmp_path, monkeypatch):
+  """Interrupted while waiting for the directory's lock (Ctrl-C during the next save of an
+  asynchronous one), a save removes only its own temporary directory: the one another save
+  is writing under the lock survives (cleaning every leftover is done with the lock held)."""
+  directory = tmp_path / "ckpt"
+  in_flight = tmp_path / f".ckpt.{'a' * 32}.optcompose-new"  # another save's, being written
+  in_flight.mkdir()
+  (in_flight / "_METADATA").write_text("{}")
+
+  def interrupted(*args, **kwargs):
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(ck, "_locked", interrupted)
+  with pytest.raises(KeyboardInterrupt):
+    ck.save_orbax_checkpoint(directory, run_tree(1), overwrite=True)
+  assert (in_flight / "_METADATA").exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -13,6 +14,7 @@ from flax import nnx
 from flax.training import train_state
 
 import optcompose as oc
+import optcompose.testing as oct
 import optcompose.wrappers.diagnostics as diag_module
 from optcompose.wrappers.diagnostics import (
   DiagnosticsState,
@@ -440,3 +442,28 @@ def test_nonfinite_count_stays_int32_under_x64():
     g = {"a": jnp.array([1.0, jnp.nan, jnp.inf]), "b": jnp.array([[-jnp.inf, 2.0]])}
     got = jax.jit(nonfinite_count)(g)
     assert got.dtype == jnp.int32 and int(got) == 3
+
+
+def test_a_recorded_learning_rate_is_a_buffer_of_its_own():
+  """The learning rate read from a scheduled inner optimizer's state is copied, at init and
+  by an eager update: one buffer in two leaves of the state cannot be donated, and
+  MultiSteps(with_diagnostics(adamw(schedule))), the logging guide's accumulation recipe,
+  failed its first donated step."""
+  schedule = oc.cosine_decay_schedule(1e-3, 100)
+  params = {"w": jnp.ones(3)}
+  tx = oc.with_diagnostics(oc.adamw(schedule))
+  oct.check_state_can_be_donated(tx, params)
+  _, state = tx.update(params, tx.init(params), params)  # eagerly
+  pointers = [x.unsafe_buffer_pointer() for x in jax.tree.leaves(state) if x.size]
+  assert len(pointers) == len(set(pointers))
+  accumulate = oc.MultiSteps(tx, every_k_schedule=4)
+
+  @functools.partial(jax.jit, donate_argnums=(0, 1))
+  def train_step(params, opt_state, x):
+    grads = jax.grad(lambda p: jnp.sum((p["w"] - x) ** 2))(params)
+    return accumulate.step(grads, opt_state, params)
+
+  params, opt_state = jax.tree.map(jnp.copy, params), accumulate.init(params)
+  for i in range(5):
+    params, opt_state = train_step(params, opt_state, jnp.full(3, float(i)))
+  assert int(opt_state.gradient_step) == 1

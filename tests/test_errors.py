@@ -337,3 +337,54 @@ def test_early_stopping_names_a_missing_or_mismatched_best_params():
   with pytest.raises(ValueError, match=r"^early_stopping: `best_params\['w'\]` has shape \(3,\)"):
     es.step(state, 1.0, {"w": jnp.ones(3)})
   assert es.step(es.init(), 1.0)[1] is False  # no copy kept: none needed
+
+
+def test_a_scheduled_optimizers_own_count_is_checked_too():
+  """The count that schedules read (inject_hyperparams' state, a schedule's state) cast to
+  bfloat16 with the rest of a state would stop at 256 and freeze the learning rate."""
+  params = {"w": jnp.ones(2)}
+  schedule = oc.linear_schedule(1.0, 0.0, 1000)
+  for tx in (
+    oc.sgd(schedule),
+    oc.scale_by_learning_rate(schedule),
+    oc.inject_hyperparams(oc.sgd)(learning_rate=schedule),
+  ):
+    state = jax.tree.map(lambda x: x.astype(jnp.bfloat16), tx.init(params))
+    with pytest.raises(TypeError, match=r"`state.count` must be an integer scalar .* got bfloat16"):
+      jax.jit(tx.update)(params, state, params)
+
+
+def test_complex_updates_into_a_real_state_are_refused_without_params():
+  """Optax's loop calls update(grads, state): a complex gradient of real parameters must not
+  drop into Adam's real moments, or turn momentum's state complex, before apply_updates
+  refuses it. A state made from complex parameters takes them."""
+  grads = {"w": jnp.array([0.1 + 0.5j, 0.2 - 0.3j], jnp.complex64)}
+  for tx in (oc.sgd(0.1, momentum=0.9), oc.adam(0.1)):
+    with pytest.raises(TypeError, match="the updates are complex but the state was made from real"):
+      tx.update(grads, tx.init({"w": jnp.ones(2)}), None)
+  tx = oc.adam(0.1)
+  updates, _ = tx.update(grads, tx.init({"w": jnp.ones(2, jnp.complex64)}), None)
+  assert updates["w"].dtype == jnp.complex64
+
+
+def test_incremental_update_keeps_optax_none_rule_and_checks_the_rest():
+  new = {"w": jnp.ones(2), "b": None}
+  out = oc.incremental_update(new, {"w": jnp.zeros(2), "b": jnp.zeros(2)}, 0.5)
+  assert out["b"] is None
+  np.testing.assert_array_equal(out["w"], np.full(2, 0.5, np.float32))
+  with pytest.raises(
+    ValueError, match=r"incremental_update: `new_tensors\['w'\]` has shape \(3, 1\)"
+  ):
+    oc.incremental_update({"w": jnp.ones((3, 1))}, {"w": jnp.zeros(3)}, 0.5)
+
+
+def test_two_state_classes_of_one_name_are_told_apart():
+  import optax
+
+  params = {"w": jnp.ones(2)}
+  with pytest.raises(
+    ValueError, match=r"is a optax\..*ScaleByAdamState against a optcompose\..*ScaleByAdamState"
+  ):
+    oc.tree.check_same_structure(
+      optax.scale_by_adam().init(params), oc.scale_by_adam().init(params), "state", "reference"
+    )

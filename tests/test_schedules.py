@@ -13,7 +13,7 @@ import pytest
 
 import optcompose as oc
 from optcompose import schedules as S
-from numerics import standard_promotion
+from numerics import standard_promotion, x64
 
 
 def steps_around(*points, end):
@@ -416,3 +416,90 @@ def test_warmup_constant_schedule_takes_a_traced_warmup_length():
   gives the linear warmup's values."""
   value = jax.jit(lambda n: oc.warmup_constant_schedule(0.1, 1.0, n)(2))(4)
   np.testing.assert_allclose(float(value), 0.55, rtol=1e-6)
+
+
+TAKEN_CASES = {
+  "constant": lambda: oc.constant_schedule(0.3),
+  "piecewise_constant": lambda: oc.piecewise_constant_schedule(1.0, {50: 0.1, 120: 3.0}),
+  "exponential": lambda: oc.exponential_decay(1.0, 20, 0.5, 10, end_value=0.05),
+  "exponential_growth": lambda: oc.exponential_decay(0.1, 20, 1.5, end_value=0.9),
+  "inverse_time": lambda: oc.inverse_time_decay(1.0, 10, 0.5),
+  "inverse_sqrt": lambda: oc.inverse_sqrt_schedule(1.0, 30, 0.1),
+  "polynomial": lambda: oc.polynomial_schedule(1.0, 0.2, 2.0, 100, 10),
+  "cosine": lambda: oc.cosine_decay_schedule(0.8, 150, alpha=0.1, exponent=2.0),
+  "warmup_cosine": lambda: oc.warmup_cosine_decay_schedule(0.05, 1.0, 20, 150, 0.1),
+  "warmup_exponential": lambda: oc.warmup_exponential_decay_schedule(0.0, 1.0, 20, 30, 0.5),
+  "warmup_constant": lambda: oc.warmup_constant_schedule(0.0, 0.7, 25),
+  "restarts": lambda: oc.cosine_warm_restarts_schedule(1.0, 30, 2.0, 0.5, 0.05),
+  "sgdr": lambda: oc.sgdr_schedule(
+    [dict(init_value=0.0, peak_value=1.0, warmup_steps=5, decay_steps=60, end_value=0.1)] * 2
+  ),
+  "interpolate": lambda: oc.piecewise_interpolate_schedule("cosine", 1.0, {40: 0.5, 90: 4.0}),
+  "cosine_onecycle": lambda: oc.cosine_onecycle_schedule(150, 1.0),
+  "linear_onecycle": lambda: oc.linear_onecycle_schedule(150, 1.0),
+  "linear_warmup": lambda: oc.linear_warmup(oc.cosine_decay_schedule(1.0, 100, 0.2), 20, 0.3),
+  "join": lambda: oc.join_schedules(
+    [oc.linear_schedule(0.0, 1.0, 10), oc.exponential_decay(1.0, 10, 0.8)], [10]
+  ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TAKEN_CASES))
+def test_every_value_a_schedule_takes_lies_between_the_values_it_records(name):
+  """What a builder checks besides step 0's value (a schedule's start, peak, floor and end,
+  or the limit it decays toward) bounds every value the schedule takes: evaluated at every
+  step of its run and far beyond, in float64."""
+  from optcompose.core import TAKEN
+
+  with x64():
+    schedule = TAKEN_CASES[name]()
+    taken = np.asarray(getattr(schedule, TAKEN), np.float64)
+    counts = np.concatenate([np.arange(400), [10_000, 1_000_000]])
+    values = np.asarray(jax.vmap(schedule)(jnp.asarray(counts, jnp.int32)), np.float64)
+  assert values.min() >= taken.min() - 1e-12 and values.max() <= taken.max() + 1e-12, (
+    values.min(),
+    values.max(),
+    taken,
+  )
+
+
+@pytest.mark.parametrize(
+  "build, name, value",
+  [
+    (lambda: oc.sgd(oc.warmup_cosine_decay_schedule(0.0, -0.1, 5, 50)), "learning_rate", -0.1),
+    (lambda: oc.sgd(oc.cosine_decay_schedule(0.1, 50, alpha=-1.0)), "learning_rate", -0.1),
+    (
+      lambda: oc.sgd(
+        oc.join_schedules([oc.constant_schedule(0.1), oc.constant_schedule(-0.1)], [10])
+      ),
+      "learning_rate",
+      -0.1,
+    ),
+    (lambda: oc.adam(1e-3, b1=oc.linear_schedule(0.5, 1.0, 100)), "b1", 1.0),
+    (lambda: oc.adamw(1e-3, weight_decay=oc.linear_schedule(0.0, -0.1, 100)), "weight_decay", -0.1),
+    (  # Optax's idiom: the schedule given to inject_hyperparams
+      lambda: oc.inject_hyperparams(oc.adam)(
+        learning_rate=oc.cosine_decay_schedule(1e-3, 100), b1=oc.linear_schedule(0.9, 1.0, 10)
+      ),
+      "b1",
+      1.0,
+    ),
+  ],
+)
+def test_a_schedule_that_leaves_the_range_later_is_refused_when_built(build, name, value):
+  """Optax trains these by gradient ascent (or with b1 = 1, a frozen momentum) once the
+  schedule gets there; the value is known from the schedule's own arguments, so the builder
+  refuses it, naming the argument and the value."""
+  with pytest.raises(
+    ValueError,
+    match=rf"^(sgd|adam|adamw): `{name}` must lie in .*got {value!r}\. The schedule given as "
+    rf"`{name}` takes that value",
+  ):
+    build()
+
+
+def test_a_function_of_the_users_is_checked_at_step_0_only():
+  """A plain function records nothing: a schedule written for the run's length may leave the
+  range after it (``lr * (1 - t / T)``), which is the user's business, as in Optax."""
+  tx = oc.sgd(lambda count: 0.1 * (1 - jnp.asarray(count, jnp.float32) / 100))
+  tx.init({"w": jnp.ones(3)})  # no error

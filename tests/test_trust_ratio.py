@@ -179,3 +179,19 @@ def test_the_gradient_through_steps_is_finite_at_leaves_of_zeros(make):
     ours, theirs = (float(jax.grad(after_steps(m))(0.05)) for m in (oc, optax))
     assert np.isfinite(ours)
     np.testing.assert_allclose(ours, theirs, rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("where", ["gradient", "parameter"])
+def test_a_nan_still_propagates_through_the_norms(where):
+  """The guard on the norm's root at 0 keeps NaN as NaN (a NaN norm is not 0): a NaN in a
+  leaf's gradient or parameters makes the whole leaf's LAMB update NaN, as in Optax."""
+  params, grads = {"w": jnp.ones(4)}, {"w": jnp.array([0.1, 0.2, 0.3, 0.4])}
+  if where == "gradient":
+    grads = {"w": grads["w"].at[2].set(jnp.nan)}
+  else:
+    params = {"w": params["w"].at[1].set(jnp.nan)}
+  for m in (oc, optax):
+    tx = m.lamb(0.1)
+    tx = standard_promotion(tx) if m is optax else tx
+    updates, _ = tx.update(grads, tx.init(params), params)
+    assert np.isnan(np.asarray(updates["w"])).all(), (m.__name__, updates)

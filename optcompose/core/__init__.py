@@ -45,6 +45,7 @@ from optcompose.core.hyperparams import (
   MOMENTUM,
   NONNEGATIVE,
   SCHEDULE,
+  TAKEN,
   Hyper,
   InjectHyperparamsState,
   as_hyperparam,

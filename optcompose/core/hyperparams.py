@@ -50,7 +50,9 @@ from optcompose.core.validation import (  # noqa: F401  (re-exported: the one pl
   MOMENTUM,
   NONNEGATIVE,
   SCHEDULE,
+  TAKEN,
   Hyper,
+  check_count,
   check_held,
   check_hyperparameter,
   check_not_both_zero,
@@ -138,6 +140,7 @@ def rebuilt_each_step(
 
   def update(updates, state, params=None, **extra):
     expect_state(state, InjectHyperparamsState, who)
+    check_count(who, state)  # a count cast to bfloat16 would freeze the schedules at 256
     _check_stored(who, state.hyperparams, set(live) | set(schedules), dtype)
     # A value put in by hand (``state.hyperparams["learning_rate"] = 0.05``, Optax's idiom)
     # is stored back in the state's dtype, as init stores it: not a Python float, which a

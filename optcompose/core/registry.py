@@ -38,7 +38,7 @@ import jax.numpy as jnp
 from optcompose import tree as otree
 from optcompose.core.base import GradientTransformation, mark_averager
 from optcompose.core.hyperparams import SchedulableBuilder, rebuilt_each_step
-from optcompose.core.validation import Hyper, declare
+from optcompose.core.validation import Hyper, check_count, declare
 
 KINDS = ("transformation", "wrapper", "optimizer")
 
@@ -78,18 +78,29 @@ def _floating_updates_only(tx: GradientTransformation, name: str) -> GradientTra
       "never gives integer gradients: cast, or route the leaf to "
       "set_to_zero)",
     )
-    _complex_for_real(name, updates, params)
-    _check_count(name, state)
+    _complex_for_real(name, updates, params, state)
+    check_count(name, state)
     return tx.update(updates, state, params, **extra)
 
   return GradientTransformation(tx.init, update)
 
 
-def _complex_for_real(name: str, updates: Any, params: Any) -> None:
+def _complex_for_real(name: str, updates: Any, params: Any, state: Any) -> None:
   """Raise a TypeError naming the first leaf whose update is complex and parameter real: a
-  real state would drop its imaginary part (Adam's moments), or become complex (momentum)."""
+  real state would drop its imaginary part (Adam's moments), or become complex (momentum).
+  Without ``params`` (Optax's ``update(grads, state)``): complex updates into a state whose
+  moments are all real (one made from real parameters)."""
   leaves = jax.tree.leaves(updates)
-  if params is None or not any(jnp.iscomplexobj(u) for u in leaves):
+  if not any(jnp.iscomplexobj(u) for u in leaves):
+    return
+  if params is None:
+    moments = [x for x in jax.tree.leaves(state) if jnp.ndim(x) > 0]
+    if moments and not any(jnp.iscomplexobj(x) for x in moments):
+      raise TypeError(
+        f"{name}: the updates are complex but the state was made from real parameters (its "
+        "moments are real, and would lose the imaginary part): take the real part of a "
+        "complex gradient of real parameters, or make the parameters complex."
+      )
     return
   if jax.tree.structure(updates) != jax.tree.structure(params):
     return  # the transformation's own check names the difference
@@ -103,25 +114,6 @@ def _complex_for_real(name: str, updates: Any, params: Any) -> None:
         "of a real parameter would lose its imaginary part; take the real part, or make the "
         "parameter complex."
       )
-
-
-def _check_count(name: str, state: Any) -> None:
-  """Raise a TypeError unless the state's step count (where it has one) is an integer scalar:
-  a count cast to bfloat16 with the rest of a state stops at 256 and freezes every schedule,
-  and one of another shape broadcasts the bias corrections."""
-  if "count" not in getattr(type(state), "_fields", ()):  # NamedTuple states (not tuple.count)
-    return
-  count = state.count
-  if count is None or (isinstance(count, int) and not isinstance(count, bool)):
-    return
-  shape, dtype = jnp.shape(count), jnp.result_type(count)
-  if shape != () or not jnp.issubdtype(dtype, jnp.integer) or isinstance(count, bool):
-    raise TypeError(
-      f"{name}: `state.count` must be an integer scalar (int32, as init makes it), got "
-      f"{dtype}{list(shape)}; a state cast leaf by leaf (to bfloat16, say) casts "
-      "its counts too: cast only the floating-point moments (or use the optimizer's "
-      "mu_dtype / nu_dtype arguments)."
-    )
 
 
 def _resolve_annotations(fn) -> None:

@@ -193,6 +193,25 @@ def check_real_value(fn_name: str, name: str, value: Any, what: str) -> None:
     )
 
 
+def check_count(name: str, state: Any) -> None:
+  """Raise a TypeError unless the state's step count (where it has one) is an integer scalar:
+  a count cast to bfloat16 with the rest of a state stops at 256 and freezes every schedule,
+  and one of another shape broadcasts the bias corrections."""
+  if "count" not in getattr(type(state), "_fields", ()):  # NamedTuple states (not tuple.count)
+    return
+  count = state.count
+  if count is None or (isinstance(count, int) and not isinstance(count, bool)):
+    return
+  shape, dtype = jnp.shape(count), jnp.result_type(count)
+  if shape != () or not jnp.issubdtype(dtype, jnp.integer) or isinstance(count, bool):
+    raise TypeError(
+      f"{name}: `state.count` must be an integer scalar (int32, as init makes it), got "
+      f"{dtype}{list(shape)}; a state cast leaf by leaf (to bfloat16, say) casts "
+      "its counts too: cast only the floating-point moments (or use the optimizer's "
+      "mu_dtype / nu_dtype arguments)."
+    )
+
+
 def check_state_dtype(fn_name: str, name: str, dtype: Any) -> None:
   """Raise a TypeError naming ``fn_name(name=...)`` unless ``dtype`` is a floating-point or
   complex dtype: a moment or accumulator stored as integers would be truncated (to 0 for
@@ -211,6 +230,13 @@ def check_state_dtype(fn_name: str, name: str, dtype: Any) -> None:
       "or boolean state "
       "would be truncated at every step."
     )
+
+
+# The attribute on which a schedule of optcompose.schedules records values that bound all
+# it takes (its start, peak, floor, end, or the limit it decays toward): a builder checks them
+# against the argument's range when it is built, not only the value at step 0 at ``init``
+# (a negative peak would otherwise train by gradient ascent once reached).
+TAKEN = "_optcompose_values_taken"
 
 
 class Hyper(NamedTuple):
@@ -257,16 +283,17 @@ class Hyper(NamedTuple):
       )
     if callable(value) and self.numeric and not self.schedule:
       raise TypeError(f"{fn}: `{name}` does not accept a schedule; give a number.")
-    if self.numeric:
-      check_hyperparameter(
-        fn,
-        name,
-        value,
-        low=self.low,
-        high=self.high,
-        low_open=self.low_open,
-        high_open=self.high_open,
-      )
+    if not self.numeric:
+      return
+    ranges = dict(low=self.low, high=self.high, low_open=self.low_open, high_open=self.high_open)
+    check_hyperparameter(fn, name, value, **ranges)
+    for taken in getattr(value, TAKEN, ()) if callable(value) else ():
+      try:
+        check_hyperparameter(fn, name, taken, **ranges)
+      except (TypeError, ValueError) as e:
+        raise type(e)(
+          f"{e} The schedule given as `{name}` takes that value (or tends to it)."
+        ) from None
 
 
 def real(

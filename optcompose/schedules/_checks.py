@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import numbers
-from typing import Mapping
+from typing import Mapping, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from optcompose.core import Schedule, default_float  # noqa: F401 -- Schedule: for the others
+from optcompose.core import TAKEN, Schedule, default_float  # noqa: F401 -- Schedule: for the others
 
 
 def _number(
@@ -38,9 +38,33 @@ def _number(
   return int(x) if integer else value
 
 
+def _taking(schedule: Schedule, *values) -> Schedule:
+  """``schedule``, recording values that bound all it takes (its start, peak, floor and end,
+  or the limit it decays toward: every value lies between the least and the greatest of
+  them), so that a builder checks those too, not only the value at step 0 (a negative peak
+  would otherwise train by gradient ascent once reached; see optcompose.core.TAKEN). Traced
+  values are left out (nothing to check)."""
+  known = tuple(v for v in values if not isinstance(v, jax.core.Tracer))
+  setattr(schedule, TAKEN, known)
+  return schedule
+
+
+def _taken(*schedules) -> Optional[tuple]:
+  """The values the ``schedules`` record together, or None if one records none."""
+  found = [getattr(s, TAKEN, None) for s in schedules]
+  if any(f is None for f in found):
+    return None
+  return tuple(value for values in found for value in (values or ()))
+
+
 def _flag(fn: str, name: str, value) -> bool:
   """``value``, a bool (``staircase="yes"`` would be taken by its truthiness)."""
-  if not isinstance(value, (bool, np.bool_)):
+  is_bool_array = isinstance(value, (np.ndarray, jax.Array)) and not isinstance(
+    value, jax.core.Tracer
+  )
+  if is_bool_array and (value.shape != () or value.dtype != np.bool_):
+    is_bool_array = False
+  if not (isinstance(value, (bool, np.bool_)) or is_bool_array):
     raise TypeError(f"{fn}: `{name}` must be a bool, got {value!r}.")
   return bool(value)
 

@@ -15,9 +15,12 @@ from optcompose.schedules._checks import (
   _float,
   _number,
   _steps,
+  _taken,
+  _taking,
 )
 from optcompose.schedules._decay import (
   _polynomial,
+  _products,
   constant_schedule,
   cosine_decay_schedule,
   exponential_decay,
@@ -62,7 +65,8 @@ def join_schedules(schedules: Sequence[Schedule], boundaries: Sequence[int]) -> 
       out = jnp.where(count < boundary, out, s(count - boundary))
     return out
 
-  return schedule
+  taken = _taken(*schedules)
+  return schedule if taken is None else _taking(schedule, *taken)
 
 
 def multiply_schedules(*schedules: Schedule) -> Schedule:
@@ -134,6 +138,8 @@ def linear_warmup(schedule: Schedule, warmup_steps: int, init_value=0.0) -> Sche
     peak = schedule(jnp.zeros_like(count))
     return init_value + (peak - init_value) * _float(count) / warmup_steps
 
+  taken = _taken(schedule)  # the warmup ends at schedule(0), one of schedule's values
+  warm = warm if taken is None else _taking(warm, init_value, *taken)
   return join_schedules([warm, schedule], [warmup_steps])
 
 
@@ -256,7 +262,8 @@ def cosine_warm_restarts_schedule(
     peak = init_value * peak_decay**i
     return end_value + (peak - end_value) * 0.5 * (1 + jnp.cos(jnp.pi * tau / period))
 
-  return schedule
+  # Each cycle from its peak toward the end; decaying peaks tend to 0.
+  return _taking(schedule, init_value, end_value, *((0.0,) if peak_decay < 1.0 else ()))
 
 
 def sgdr_schedule(cosine_kwargs: Iterable[Mapping]) -> Schedule:
@@ -318,7 +325,7 @@ def piecewise_interpolate_schedule(
     inner = jnp.dot(*otree.promote(inside, interpolate(values[:-1], values[1:], pct)))
     return inner + jnp.multiply(*otree.promote(bounds[-1] <= count, values[-1]))
 
-  return schedule
+  return _taking(schedule, *_products(init_value, scales))
 
 
 def _onecycle_checks(fn, transition_steps, peak_value, pct_start, div_factor, final_div_factor):

@@ -11,6 +11,7 @@ from optcompose.schedules._checks import (
   _boundaries_and_scales,
   _flag,
   _float,
+  _taking,
   _number,
   _steps,
 )
@@ -30,7 +31,7 @@ __all__ = [
 def constant_schedule(value) -> Schedule:
   """``v`` at every step."""
   _number("constant_schedule", "value", value)
-  return lambda count: value
+  return _taking(lambda count: value, value)
 
 
 def piecewise_constant_schedule(
@@ -57,7 +58,16 @@ def piecewise_constant_schedule(
       v = v * indicator + (1 - indicator) * scale * v
     return v
 
-  return schedule
+  return _taking(schedule, *_products(init_value, [scale for _, scale in items]))
+
+
+def _products(init_value, scales) -> list:
+  """``init_value`` and its products with each prefix of ``scales``: the values a piecewise
+  schedule holds (or passes through) between its boundaries."""
+  values = [init_value]
+  for scale in scales:
+    values.append(values[-1] * scale)
+  return values
 
 
 def exponential_decay(
@@ -88,7 +98,9 @@ def exponential_decay(
     value = jnp.where(shifted <= 0, init_value, init_value * jnp.power(decay_rate, p))
     return value if end_value is None else clip(value, end_value)
 
-  return schedule
+  if end_value is None and decay_rate > 1.0:
+    return schedule  # grows without bound: nothing recorded
+  return _taking(schedule, init_value, 0.0 if end_value is None else end_value)  # or toward 0
 
 
 def inverse_time_decay(
@@ -107,7 +119,7 @@ def inverse_time_decay(
       p = jnp.floor(p)
     return init_value / (1 + decay_rate * p)
 
-  return schedule
+  return _taking(schedule, init_value, 0.0)  # toward 0
 
 
 def inverse_sqrt_schedule(peak_value, warmup_steps: int, init_value=0.0) -> Schedule:
@@ -132,7 +144,7 @@ def inverse_sqrt_schedule(peak_value, warmup_steps: int, init_value=0.0) -> Sche
     warm = init_value + (peak_value - init_value) * t / warmup_steps
     return jnp.where(t < warmup_steps, warm, decay)
 
-  return schedule
+  return _taking(schedule, init_value, peak_value, 0.0)  # then toward 0
 
 
 def polynomial_schedule(
@@ -167,7 +179,7 @@ def _polynomial(
     frac = 1 - count / transition_steps
     return (init_value - end_value) * (frac**power) + end_value
 
-  return schedule
+  return _taking(schedule, init_value, end_value)
 
 
 def linear_schedule(
@@ -195,4 +207,4 @@ def cosine_decay_schedule(init_value, decay_steps: int, alpha=0.0, exponent=1.0)
     cosine = 0.5 * (1 + jnp.cos(jnp.pi * count / float(decay_steps)))
     return init_value * ((1 - alpha) * cosine**exponent + alpha)
 
-  return schedule
+  return _taking(schedule, init_value, init_value * alpha)

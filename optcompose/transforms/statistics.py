@@ -31,6 +31,8 @@ def ema_leaf(beta, m, x):
 def rounds_precision_only(x, stored):
   """Whether ``stored`` is ``x`` rounded to a narrower dtype of the same exponent range
   (bfloat16 for float32; not float16, whose range the statistics are widened for)."""
+  if jnp.iscomplexobj(stored) != jnp.iscomplexobj(x):  # complex64 and float32 share finfo
+    return False
   narrow, wide = jnp.finfo(stored.dtype), jnp.finfo(x.dtype)
   return stored.dtype != x.dtype and (narrow.minexp, narrow.maxexp) == (wide.minexp, wide.maxexp)
 

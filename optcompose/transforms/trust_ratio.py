@@ -55,8 +55,8 @@ def _root(square):
   layer, an exactly zero gradient) must not make ``jax.grad`` through a step NaN, as it does
   not in Optax (whose norms here are its ``safe_norm``). The value is the plain square root's,
   bit for bit, and no pass over the leaf is added (the guard is on the scalar)."""
-  positive = square > 0
-  return jnp.where(positive, jnp.sqrt(jnp.where(positive, square, 1)), 0)
+  zero = square == 0  # NaN and inf are kept, as the plain root keeps them
+  return jnp.where(zero, 0, jnp.sqrt(jnp.where(zero, 1, square)))
 
 
 def leaf_norm(x, floor):

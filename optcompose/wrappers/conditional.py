@@ -316,7 +316,14 @@ def incremental_update(new_tensors: Any, old_tensors: Any, step_size: Any) -> An
     Approximation by Averaging", SIAM J. Control Optim. 30(4), 1992.
   """
   check_hyperparameter("incremental_update", "step_size", step_size, low=0.0, high=1.0)
-  _same_trees("incremental_update", new_tensors, old_tensors, dtypes=False)
+  # A None of new_tensors stays None (Optax's rule): compared as the old leaf it stands for.
+  try:
+    filled = jax.tree.map(
+      lambda n, o: o if n is None else n, new_tensors, old_tensors, is_leaf=lambda x: x is None
+    )
+  except (TypeError, ValueError):  # other structures: the check below names the difference
+    filled = new_tensors
+  _same_trees("incremental_update", filled, old_tensors, dtypes=False)
 
   def average(new, old):
     if new is None:

@@ -197,7 +197,9 @@ def with_diagnostics(
       value = value_at(learning_rate, count)
     else:
       value = recorded_learning_rate(inner_state)
-    return jnp.asarray(jnp.nan if value is None else value, jnp.float32)
+    # A copy: the value recorded in inner's state is an array of the state too, and two
+    # leaves of one buffer cannot both be donated (a step donating the state would fail).
+    return jnp.array(jnp.nan if value is None else value, jnp.float32, copy=True)
 
   def init(params):
     inner_state = inner.init(params)

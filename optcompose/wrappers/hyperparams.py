@@ -32,7 +32,7 @@ from optcompose.core import (
   public,
   rebuilt_each_step,
 )
-from optcompose.core.validation import check_held, is_real_like
+from optcompose.core.validation import TAKEN, check_held, is_real_like
 
 
 def _is_static_by_name(name: str) -> bool:
@@ -149,6 +149,8 @@ def inject_hyperparams(
       dtype = hyperparam_dtype or default_float()
       for name, value in numeric.items():
         check_held(name, name, value, jnp.asarray(value, dtype=dtype), fn=who)
+    else:
+      _check_values_taken(inner_factory, fixed, numeric, schedules)
     return rebuilt_each_step(
       lambda values: inner_factory(**fixed, **values),
       numeric,
@@ -158,6 +160,26 @@ def inject_hyperparams(
     )
 
   return factory
+
+
+def _check_values_taken(factory: Callable, fixed: dict, numeric: dict, schedules: dict) -> None:
+  """Build ``factory`` with each value a schedule records as taken (a peak, a floor: see
+  ``optcompose.core.TAKEN``), the other schedules at step 0, so that its range checks see the
+  values a schedule reaches later, as a builder given the schedule itself does."""
+  if not any(getattr(s, TAKEN, ()) for s in schedules.values()):
+    return
+  try:
+    at_0 = {n: s(jnp.zeros([], jnp.int32)) for n, s in schedules.items()}
+  except Exception:  # a schedule's own error: init names it
+    return
+  for name, schedule in schedules.items():
+    for value in getattr(schedule, TAKEN, ()):
+      try:
+        factory(**fixed, **numeric, **{**at_0, name: value})
+      except (TypeError, ValueError) as e:
+        raise type(e)(
+          f"{e} The schedule given as `{name}` takes that value (or tends to it)."
+        ) from None
 
 
 __all__ = []  # and the builders it registers
