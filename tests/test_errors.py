@@ -388,3 +388,13 @@ def test_two_state_classes_of_one_name_are_told_apart():
     oc.tree.check_same_structure(
       optax.scale_by_adam().init(params), oc.scale_by_adam().init(params), "state", "reference"
     )
+
+
+def test_complex_parameters_without_moments_keep_optax_update_call():
+  """A state without floating moments (add_noise's key) made from complex parameters takes
+  complex gradients in Optax's update(grads, state)."""
+  params = {"w": jnp.array([1 + 2j, 3 - 1j], jnp.complex64)}
+  grads = {"w": jnp.array([0.1 + 0.2j, -0.3j], jnp.complex64)}
+  for tx in (oc.noisy_sgd(0.01), oc.chain(oc.add_noise(0.01, 0.55, 0), oc.adam(0.1))):
+    updates, _ = tx.update(grads, tx.init(params))
+    assert updates["w"].dtype == jnp.complex64

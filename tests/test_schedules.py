@@ -423,6 +423,8 @@ TAKEN_CASES = {
   "piecewise_constant": lambda: oc.piecewise_constant_schedule(1.0, {50: 0.1, 120: 3.0}),
   "exponential": lambda: oc.exponential_decay(1.0, 20, 0.5, 10, end_value=0.05),
   "exponential_growth": lambda: oc.exponential_decay(0.1, 20, 1.5, end_value=0.9),
+  "exponential_negative": lambda: oc.exponential_decay(-1.0, 10, 0.5, end_value=-2.0),
+  "exponential_staircase": lambda: oc.exponential_decay(1.0, 7, 0.9, 5, staircase=True),
   "inverse_time": lambda: oc.inverse_time_decay(1.0, 10, 0.5),
   "inverse_sqrt": lambda: oc.inverse_sqrt_schedule(1.0, 30, 0.1),
   "polynomial": lambda: oc.polynomial_schedule(1.0, 0.2, 2.0, 100, 10),
@@ -477,6 +479,8 @@ def test_every_value_a_schedule_takes_lies_between_the_values_it_records(name):
     ),
     (lambda: oc.adam(1e-3, b1=oc.linear_schedule(0.5, 1.0, 100)), "b1", 1.0),
     (lambda: oc.adamw(1e-3, weight_decay=oc.linear_schedule(0.0, -0.1, 100)), "weight_decay", -0.1),
+    (lambda: oc.scale_by_adam(b1=oc.linear_schedule(0.9, 1.0, 100)), "b1", 1.0),
+    (lambda: oc.clip_by_global_norm(oc.linear_schedule(1.0, -1.0, 100)), "max_norm", -1.0),
     (  # Optax's idiom: the schedule given to inject_hyperparams
       lambda: oc.inject_hyperparams(oc.adam)(
         learning_rate=oc.cosine_decay_schedule(1e-3, 100), b1=oc.linear_schedule(0.9, 1.0, 10)
@@ -492,8 +496,8 @@ def test_a_schedule_that_leaves_the_range_later_is_refused_when_built(build, nam
   refuses it, naming the argument and the value."""
   with pytest.raises(
     ValueError,
-    match=rf"^(sgd|adam|adamw): `{name}` must lie in .*got {value!r}\. The schedule given as "
-    rf"`{name}` takes that value",
+    match=rf"^(sgd|adam|adamw|scale_by_adam|clip_by_global_norm): `{name}` must lie in "
+    rf".*got {value!r}\. The schedule given as `{name}` takes that value",
   ):
     build()
 
@@ -503,3 +507,37 @@ def test_a_function_of_the_users_is_checked_at_step_0_only():
   range after it (``lr * (1 - t / T)``), which is the user's business, as in Optax."""
   tx = oc.sgd(lambda count: 0.1 * (1 - jnp.asarray(count, jnp.float32) / 100))
   tx.init({"w": jnp.ones(3)})  # no error
+
+
+def test_schedules_whose_values_stay_in_range_are_built():
+  """No false refusal: an eps that must be > 0 decaying toward 0 without reaching it within
+  the int32 count (inverse-time), a constant exponential (rate 1), an unbounded growth (it
+  records nothing), a schedule between two equal boundaries (never used), a product that
+  underflows to 0 (0 is in range), a momentum rising to 1, and schedules built from traced
+  values (a sweep over restarts' peak_decay)."""
+  params = {"w": jnp.ones(3)}
+  for tx in (
+    oc.rmsprop(1e-3, eps=oc.inverse_time_decay(1e-6, 100, 1.0)),
+    oc.inject_hyperparams(oc.rmsprop)(
+      learning_rate=1e-3, eps=oc.inverse_time_decay(1e-6, 100, 1.0)
+    ),
+    oc.rmsprop(1e-3, eps=oc.exponential_decay(1e-6, 100, 1.0)),
+    oc.sgd(oc.exponential_decay(1e-3, 100, 1.5)),
+    oc.sgd(
+      oc.join_schedules(
+        [oc.constant_schedule(0.1), oc.constant_schedule(-5.0), oc.constant_schedule(0.2)], [10, 10]
+      )
+    ),
+    oc.sgd(oc.piecewise_constant_schedule(1e-3, {100: 1e-30, 200: 1e-30})),
+    oc.sgd(0.1, momentum=oc.linear_schedule(0.5, 1.0, 100)),
+    oc.sgd(oc.cosine_warm_restarts_schedule(0.1, 10, 2.0, 0.5)),
+  ):
+    tx.update(params, tx.init(params), params)
+
+  def run(decay):
+    tx = oc.adam(oc.cosine_warm_restarts_schedule(0.1, 10, peak_decay=decay))
+    return tx.update(params, tx.init(params), params)[0]["w"].sum()
+
+  assert np.isfinite(float(jax.jit(run)(0.5)))
+  with pytest.raises(ValueError, match=r"rmsprop: `eps` must lie in \(0, inf\), got 0.0"):
+    oc.rmsprop(1e-3, eps=oc.exponential_decay(1e-6, 100, 0.5))  # underflows to 0: reached

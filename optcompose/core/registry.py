@@ -94,8 +94,9 @@ def _complex_for_real(name: str, updates: Any, params: Any, state: Any) -> None:
   if not any(jnp.iscomplexobj(u) for u in leaves):
     return
   if params is None:
-    moments = [x for x in jax.tree.leaves(state) if jnp.ndim(x) > 0]
-    if moments and not any(jnp.iscomplexobj(x) for x in moments):
+    leaves = [x for x in jax.tree.leaves(state) if jnp.ndim(x) > 0]
+    moments = [x for x in leaves if jnp.issubdtype(jnp.result_type(x), jnp.floating)]
+    if moments and not any(jnp.iscomplexobj(x) for x in leaves):  # not keys, counts, masks
       raise TypeError(
         f"{name}: the updates are complex but the state was made from real parameters (its "
         "moments are real, and would lose the imaginary part): take the real part of a "
@@ -212,6 +213,8 @@ def public(
       scheduled = {n: arguments[n] for n in schedulable if callable(arguments[n])}
       if not scheduled:
         return checked(arguments)
+      for n, schedule in scheduled.items():  # the values it records as taken (Hyper.check)
+        hypers[n].check(name, n, schedule)
       return rebuilt_each_step(
         lambda values: checked({**arguments, **values}),
         {},

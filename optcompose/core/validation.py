@@ -159,7 +159,7 @@ def check_not_both_zero(fn_name: str, eps: Any, eps_root: Any) -> None:
 
   def zero(value):  # as used: rounded to its dtype, subnormals flushed (as XLA does on CPU)
     known = _concrete_scalar(value)
-    return known is not None and abs(known[1]) < np.finfo(known[2]).tiny
+    return known is not None and abs(known[1]) < jnp.finfo(known[2]).tiny
 
   if zero(eps) and zero(eps_root):
     raise ValueError(
@@ -288,6 +288,8 @@ class Hyper(NamedTuple):
     ranges = dict(low=self.low, high=self.high, low_open=self.low_open, high_open=self.high_open)
     check_hyperparameter(fn, name, value, **ranges)
     for taken in getattr(value, TAKEN, ()) if callable(value) else ():
+      if float(np.asarray(taken, default_float())) == 0:
+        taken = 0.0  # a product that underflows: 0 as the schedule computes it, not a typo
       try:
         check_hyperparameter(fn, name, taken, **ranges)
       except (TypeError, ValueError) as e:

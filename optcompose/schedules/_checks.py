@@ -49,6 +49,17 @@ def _taking(schedule: Schedule, *values) -> Schedule:
   return schedule
 
 
+def _at_last_step(schedule: Schedule) -> tuple:
+  """``(schedule(2**31 - 1),)``, the value at the last step the int32 count reaches (where a
+  decay toward 0 or a floor is lowest, or a growth highest): as a float, or ``()`` when it is
+  traced or not finite (an unbounded growth records nothing)."""
+  value = schedule(jnp.asarray(MAX_STEPS, jnp.int32))
+  if isinstance(value, jax.core.Tracer):
+    return ()
+  last = np.asarray(value, np.float64).item()
+  return (last,) if np.isfinite(last) else ()
+
+
 def _taken(*schedules) -> Optional[tuple]:
   """The values the ``schedules`` record together, or None if one records none."""
   found = [getattr(s, TAKEN, None) for s in schedules]

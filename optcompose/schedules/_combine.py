@@ -6,6 +6,7 @@ from typing import Callable, Iterable, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from optcompose import tree as otree
 from optcompose.schedules._checks import (
@@ -65,7 +66,9 @@ def join_schedules(schedules: Sequence[Schedule], boundaries: Sequence[int]) -> 
       out = jnp.where(count < boundary, out, s(count - boundary))
     return out
 
-  taken = _taken(*schedules)
+  # Only the schedules in use: one between two equal boundaries never is.
+  spans = zip(schedules, [0] + boundaries, boundaries + [MAX_STEPS + 1])
+  taken = _taken(*(s for s, start, end in spans if start < end))
   return schedule if taken is None else _taking(schedule, *taken)
 
 
@@ -262,8 +265,15 @@ def cosine_warm_restarts_schedule(
     peak = init_value * peak_decay**i
     return end_value + (peak - end_value) * 0.5 * (1 + jnp.cos(jnp.pi * tau / period))
 
-  # Each cycle from its peak toward the end; decaying peaks tend to 0.
-  return _taking(schedule, init_value, end_value, *((0.0,) if peak_decay < 1.0 else ()))
+  if isinstance(peak_decay, jax.core.Tracer):
+    return schedule  # nothing known to record
+  # Each cycle between its peak and the end; the peaks decay to the last cycle's.
+  last_cycle = (
+    MAX_STEPS // first_period
+    if m == 1.0
+    else int(np.floor(np.log1p(MAX_STEPS * (m - 1) / t0) / np.log(m)))
+  )
+  return _taking(schedule, init_value, end_value, init_value * peak_decay**last_cycle)
 
 
 def sgdr_schedule(cosine_kwargs: Iterable[Mapping]) -> Schedule:

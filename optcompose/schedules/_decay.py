@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from optcompose.schedules._checks import (
   Schedule,
   _boundaries_and_scales,
+  _at_last_step,
   _flag,
   _float,
   _taking,
@@ -98,9 +99,8 @@ def exponential_decay(
     value = jnp.where(shifted <= 0, init_value, init_value * jnp.power(decay_rate, p))
     return value if end_value is None else clip(value, end_value)
 
-  if end_value is None and decay_rate > 1.0:
-    return schedule  # grows without bound: nothing recorded
-  return _taking(schedule, init_value, 0.0 if end_value is None else end_value)  # or toward 0
+  last = _at_last_step(schedule)  # monotone: from init_value to its value at the last step
+  return _taking(schedule, init_value, *last) if last else schedule  # unbounded: nothing
 
 
 def inverse_time_decay(
@@ -119,7 +119,7 @@ def inverse_time_decay(
       p = jnp.floor(p)
     return init_value / (1 + decay_rate * p)
 
-  return _taking(schedule, init_value, 0.0)  # toward 0
+  return _taking(schedule, init_value, *_at_last_step(schedule))  # decreasing
 
 
 def inverse_sqrt_schedule(peak_value, warmup_steps: int, init_value=0.0) -> Schedule:
@@ -144,7 +144,7 @@ def inverse_sqrt_schedule(peak_value, warmup_steps: int, init_value=0.0) -> Sche
     warm = init_value + (peak_value - init_value) * t / warmup_steps
     return jnp.where(t < warmup_steps, warm, decay)
 
-  return _taking(schedule, init_value, peak_value, 0.0)  # then toward 0
+  return _taking(schedule, init_value, peak_value, *_at_last_step(schedule))  # then decreasing
 
 
 def polynomial_schedule(
