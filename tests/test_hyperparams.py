@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import warnings
 
 import jax
@@ -299,6 +301,43 @@ def test_reduce_on_plateau_mode_max_watches_a_rising_metric():
     _, su = up.update(params, su, value=-v)
     _, sd = down.update(params, sd, value=v)
     assert float(su.scale) == float(sd.scale)
+
+
+def _pytorch_plateau_scales(values, patience, factor=0.5, rtol=1e-4):
+  """PyTorch's ReduceLROnPlateau (mode "max", relative threshold, no cooldown), written out:
+  better if a > best * (1 + rtol); reduced when the bad epochs in a row exceed patience."""
+  best, bad, scale, out = -math.inf, 0, 1.0, []
+  for a in values:
+    if a > best * (1 + rtol):
+      best, bad = a, 0
+    else:
+      bad += 1
+    if bad > patience:
+      scale, bad = scale * factor, 0
+    out.append(scale)
+  return out
+
+
+@pytest.mark.parametrize(
+  "values",
+  [
+    [0.9] * 8,  # an accuracy that stays flat
+    [0.9, 0.89995, 0.8999, 0.89985, 0.8998, 0.89975, 0.8997],  # falling slowly
+    [0.5, 0.6, 0.7, 0.7, 0.7, 0.7, 0.8, 0.8, 0.8, 0.8],
+  ],
+)
+def test_reduce_on_plateau_mode_max_reduces_on_a_flat_positive_metric(values):
+  """A positive accuracy that stops rising is a plateau (the negated values' relative
+  threshold is taken by magnitude: (1 - rtol) * best lies above a negative best, and a flat
+  accuracy counted as improving forever). PyTorch's patience p is our patience p + 1."""
+  tx = oc.reduce_on_plateau(factor=0.5, patience=3, mode="max")
+  params = {"w": jnp.zeros(1)}
+  state, scales = tx.init(params), []
+  for v in values:
+    _, state = tx.update(params, state, params, value=v)
+    scales.append(float(state.scale))
+  assert scales == _pytorch_plateau_scales(values, patience=2)
+  assert min(scales) < 1.0
 
 
 def test_reduce_on_plateau_composes_after_a_warmup_schedule_and_needs_a_value():

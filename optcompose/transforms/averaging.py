@@ -22,8 +22,12 @@ average: it equals ``m_n / (1 - decay^n)`` for the zero-initialised EMA
 ``m_n = decay m_{n-1} + (1 - decay) p_t`` (Optax's ``ema(decay, debias=True)`` applied to the
 parameters), since ``1 - w_n = decay (1 - decay^{n-1}) / (1 - decay^n)``. With
 ``debias=False`` it is the EMA started at the initial weights (the convention of
-``optax.incremental_update``, PyTorch's ``AveragedModel`` and timm's ``ModelEma``). For
-``swa`` it is the equal-weight mean of the snapshots (Izmailov et al., 2018).
+``optax.incremental_update`` and timm's ``ModelEma``). PyTorch's
+``AveragedModel(multi_avg_fn=get_ema_multi_avg_fn(decay))`` follows neither: its first
+update copies the weights after the first step, then it decays (neither setting reproduces
+it; the gap is one step's update, shrinking as ``decay^n``). For ``swa`` it is the
+equal-weight mean of the snapshots (Izmailov et al., 2018), as PyTorch's default
+``AveragedModel``.
 
 Reading the average for evaluation::
 

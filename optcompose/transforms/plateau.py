@@ -4,7 +4,9 @@ Fed the value through the update's keyword arguments (``update(..., value=loss)`
 multiplies the updates by ``scale``. Every ``accumulation_size`` calls it compares the mean
 of the values received with the best mean so far::
 
-    improved  = mean < (1 - rtol) * best - atol        (mode="min"; "max" negates the value)
+    improved  = mean < (1 - rtol) * best - atol        (mode="min", Optax's; "max" negates the
+                                                         values and compares with best -
+                                                         rtol * |best| - atol)
     plateau   = 0 if improved else plateau + 1
     if plateau == patience (and not cooling down):
         scale = max(scale * factor, min_scale);  plateau = 0;  cooldown_count = cooldown
@@ -92,9 +94,14 @@ def reduce_on_plateau(
       if plateau == patience and not cooling down:
           scale = max(scale * factor, min_scale);  plateau = 0;  cooldown_count = cooldown
 
+  (``mode="max"``: ``improved = mean < best - rtol * |best| - atol`` on the negated values,
+  so that an accuracy that stays flat counts as a plateau.)
+
   Args:
     factor: multiplier in (0, 1) applied to the scale at each plateau.
-    patience: evaluations without improvement before the scale is reduced.
+    patience: evaluations without improvement before the scale is reduced, at the
+      ``patience``-th (Optax's rule; PyTorch's ``ReduceLROnPlateau`` reduces after
+      ``patience`` bad epochs, at the next one: its ``patience=p`` is ``patience=p + 1`` here).
     rtol: relative improvement threshold in [0, 1] (at least one of ``rtol`` and ``atol``
       positive).
     atol: absolute improvement threshold (>= 0).
@@ -134,7 +141,16 @@ def reduce_on_plateau(
     )
 
   def evaluate(s: ReduceLROnPlateauState) -> ReduceLROnPlateauState:
-    improved = s.avg_value < (1 - rtol) * s.best_value - atol
+    # "max" compares the negated values by their magnitude: (1 - rtol) * best is above a
+    # negative best, so a flat accuracy would count as improving and never reduce. "min"
+    # keeps Optax's formula exactly (as PyTorch's, it has the same trait for negative values).
+    below = s.best_value - rtol * jnp.abs(s.best_value)  # inf at the start, not inf - inf
+    threshold = (
+      (1 - rtol) * s.best_value
+      if mode == "min"
+      else jnp.where(jnp.isinf(s.best_value), s.best_value, below)
+    )
+    improved = s.avg_value < threshold - atol
     best = jnp.where(improved, s.avg_value, s.best_value)
     plateau = jnp.where(improved, 0, safe_increment(s.plateau_count))
     cooling = s.cooldown_count > 0

@@ -99,6 +99,7 @@ from optcompose.core import (
   zero_count,
 )
 from optcompose.wrappers.measures import (
+  grouped,
   leading_clip_norm,
   nonfinite_count,
   recorded_learning_rate,
@@ -270,9 +271,9 @@ def with_diagnostics(
     new_updates, new_inner_state = inner.update(updates, inner_state, params, **extra)
     grad_norm = leading_clip_norm(new_inner_state)
     if grad_norm is None:
-      grad_norm = otree.global_norm(updates)
-    update_norm = otree.global_norm(new_updates).astype(jnp.float32)
-    param_norm = otree.global_norm(params).astype(jnp.float32)
+      grad_norm = otree.global_norm(grouped(jax.tree.leaves(updates)))
+    update_norm = otree.global_norm(grouped(jax.tree.leaves(new_updates))).astype(jnp.float32)
+    param_norm = otree.global_norm(grouped(jax.tree.leaves(params))).astype(jnp.float32)
     return (
       jnp.asarray(grad_norm, jnp.float32),
       update_norm,

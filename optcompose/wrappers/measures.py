@@ -12,9 +12,33 @@ import jax.numpy as jnp
 import numpy as np
 
 from optcompose.core import InjectHyperparamsState, cond, current_hyperparams, zero_count
+from optcompose.core.explicit import sharded_axes, type_sharding
 from optcompose.masks import model_elements, resolve_mask
 from optcompose.transforms.clipping import ClipByGlobalNormState
 from optcompose.wrappers.finite import all_finite
+
+
+# Leaves below this size are measured together (see grouped).
+GROUPED_SIZE = 1 << 14
+
+
+def grouped(leaves: list) -> list:
+  """The arrays to measure ``leaves`` by: each leaf of 2^14 elements or more as it is, the
+  smaller ones raveled and concatenated, one array per dtype (an explicitly sharded leaf is
+  kept apart). A norm, a count or a fraction over all the elements is the same, up to the
+  order of float addition; XLA compiles one reduction for the group instead of one per leaf
+  (a transformer's 76 leaves, 50 of them LayerNorm scales and biases: with_diagnostics
+  compiled in about 1.7x the recipe's time, against 1.2x grouped, on XLA CPU), and a copy
+  of leaves this small costs microseconds."""
+  big, small = [], {}
+  for x in leaves:
+    x = jnp.asarray(x)
+    sharding = type_sharding(x)
+    if x.size >= GROUPED_SIZE or (sharding is not None and sharded_axes(sharding.spec)):
+      big.append(x)
+    else:
+      small.setdefault(x.dtype, []).append(jnp.ravel(x))
+  return big + [p[0] if len(p) == 1 else jnp.concatenate(p) for p in small.values()]
 
 
 def update_ratio(update_norm: jax.Array, param_norm: jax.Array) -> jax.Array:
@@ -33,6 +57,7 @@ def zero_fraction(tree: Any, mask: Any = None) -> jax.Array:
   if mask is not None:
     keep = jax.tree.leaves(resolve_mask(mask, tree, "zero_mask"))
     leaves = [x for x, k in zip(leaves, keep) if k]
+  leaves = grouped(leaves)
   size = sum(int(np.size(x)) for x in leaves)
   if size == 0:
     return jnp.zeros([], jnp.float32)
@@ -94,7 +119,7 @@ def nonfinite_count(tree: Any, norm: Optional[jax.Array] = None) -> jax.Array:
     counts = [_nonfinite(x) for x in leaves]
     return sum(counts[1:], counts[0]) if counts else zero_count()
 
-  leaves = jax.tree.leaves(tree)
+  leaves = grouped(jax.tree.leaves(tree))
   fine = all_finite(leaves) if norm is None else jnp.isfinite(norm)
   return cond(fine, lambda _: zero_count(), count, leaves)
 
