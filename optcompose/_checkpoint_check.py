@@ -66,6 +66,8 @@ def _spec(leaf: Any) -> _Spec:
     return _Spec((), np.dtype(leaf.dtype), python)
   if isinstance(leaf, _PYTHON_SCALARS):
     return _Spec((), None, type(leaf))
+  if hasattr(leaf, "dtype") and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+    leaf = jax.eval_shape(jax.random.key_data, leaf)  # a typed key: saved as its bits
   if hasattr(leaf, "shape") and hasattr(leaf, "dtype"):  # arrays, ShapeDtypeStruct, metadata
     return _Spec(tuple(leaf.shape), np.dtype(leaf.dtype), None)
   raise TypeError(f"cannot describe a leaf of type {type(leaf).__name__}")
@@ -236,6 +238,8 @@ def _digest(value: Any) -> Optional[int]:
   """The checksum of a leaf; None for an array sharded across processes (no host holds it)."""
   if isinstance(value, jax.Array) and not value.is_fully_addressable:
     return None
+  if isinstance(value, jax.Array) and jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key):
+    value = jax.random.key_data(value)  # a typed PRNG key (an NNX model's Rngs): its bits
   array = np.ascontiguousarray(np.asarray(value))  # Python numbers: NumPy's default dtypes
   header = zlib.crc32(f"{array.dtype.name}{array.shape}".encode())
   # An ndarray is a buffer; NumPy's stubs declare it only for Python 3.12 and later.

@@ -1,4 +1,5 @@
-"""What a save may replace, and what it can store: the checks :mod:`optcompose.checkpoint`
+"""What a save may replace, and what it can store (the module is private; its functions are
+this package's): the checks :mod:`optcompose.checkpoint`
 makes before it writes anything, so that a mistyped path or an unstorable leaf costs an
 error, never a user's file or a half-written checkpoint.
 """
@@ -35,7 +36,7 @@ _ORBAX_NAMES = _METADATA | {
 _ORBAX_PATTERN = re.compile(r"ocdbt\.process_\d+")
 
 
-def _replaceable(fn: str, directory: pathlib.Path) -> None:
+def replaceable(fn: str, directory: pathlib.Path) -> None:
   """Raise a ValueError unless ``directory`` is an Orbax checkpoint (its metadata, or this
   library's sidecar) holding nothing else, or an empty directory: what ``overwrite=True``
   may replace without losing a file the user put there (a directory of other files, or a
@@ -56,12 +57,15 @@ def _replaceable(fn: str, directory: pathlib.Path) -> None:
     )
 
 
-def _file_target(fn: str, path: pathlib.Path) -> None:
+def file_target(fn: str, path: pathlib.Path, tree: Any = None) -> None:
   """Raise a ValueError unless ``path`` can take a msgpack checkpoint: its nearest existing
   ancestor is a directory, and ``path`` is absent, empty, or a checkpoint of this library
   (which a save replaces, as saving every epoch to one path expects), or a msgpack state dict
   of Flax's (an older checkpoint, which restore reads). Any other file there
-  is the user's: a mistyped path must not overwrite a script or another tool's data."""
+  is the user's: a mistyped path must not overwrite a script or another tool's data. A
+  ``tree`` given is checked for typed PRNG keys (:func:`no_typed_keys`)."""
+  if tree is not None:
+    no_typed_keys(fn, tree)
   if path.is_dir():
     raise ValueError(
       f"{fn}: {path} is a directory; pass a file path (an Orbax checkpoint directory is "
@@ -95,7 +99,7 @@ def _bare_state_dict(path: pathlib.Path) -> bool:
     return False
 
 
-def _file_source(fn: str, path: Any) -> None:
+def file_source(fn: str, path: Any) -> None:
   """Raise a ValueError naming ``path`` where it is a directory (an Orbax checkpoint, say)."""
   if pathlib.Path(path).is_dir():
     raise ValueError(
@@ -104,7 +108,19 @@ def _file_source(fn: str, path: Any) -> None:
     )
 
 
-def _orbax_storable(fn: str, tree: Any) -> None:
+def no_typed_keys(fn: str, tree: Any) -> None:
+  """Raise a TypeError naming the first typed PRNG key (msgpack stores numbers only)."""
+  for key_path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    if isinstance(leaf, jax.Array) and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+      raise TypeError(
+        f"{fn}: `{jax.tree_util.keystr(key_path)}` is a typed PRNG key ({leaf.dtype}), which "
+        "a msgpack file cannot hold: save it with save_orbax_checkpoint, or save "
+        "jax.random.key_data(key) and rebuild it with jax.random.wrap_key_data (an NNX "
+        "model's Rngs: nnx.state(model, nnx.Not(nnx.RngKey)) leaves them out)."
+      )
+
+
+def orbax_storable(fn: str, tree: Any) -> None:
   """Raise a TypeError naming the first leaf Orbax cannot store, before anything is written."""
   for key_path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
     if not isinstance(leaf, _ORBAX_LEAVES):

@@ -70,7 +70,7 @@ from optcompose._checkpoint_check import (  # the checks and the formats' record
   _saved_leaves,
   _verify,
 )
-from optcompose._checkpoint_guard import _file_source, _file_target, _orbax_storable, _replaceable
+from optcompose import _checkpoint_guard as guard
 from optcompose._checkpoint_nodes import _mismatched_nodes
 from optcompose._checkpoint_io import (  # the file handling
   SIDECAR,
@@ -125,7 +125,7 @@ def save_checkpoint(path: PathLike, tree: Any) -> pathlib.Path:
       ``path`` is a directory, or a file that is not an optcompose checkpoint.
   """
   path = pathlib.Path(path)
-  _file_target("save_checkpoint", path)
+  guard.file_target("save_checkpoint", path, tree)
   serialization = _flax_serialization()
   state = serialization.to_state_dict(tree)
   _check_storable(state)
@@ -142,7 +142,7 @@ def save_checkpoint(path: PathLike, tree: Any) -> pathlib.Path:
   )
   path.parent.mkdir(parents=True, exist_ok=True)
   with _locked(path.parent):
-    _file_target("save_checkpoint", path)  # again under the lock
+    guard.file_target("save_checkpoint", path)  # again under the lock
     _remove_leftovers(path)
     _write_atomically(path, data)
   return path
@@ -169,7 +169,7 @@ def restore_checkpoint(path: PathLike, target: Any) -> Any:
     ValueError: the file is not a msgpack checkpoint (an Orbax directory, say).
   """
   serialization = _flax_serialization()
-  _file_source("restore_checkpoint", path)
+  guard.file_source("restore_checkpoint", path)
   with open(path, "rb") as f:
     data = f.read()
   try:
@@ -249,9 +249,9 @@ def save_orbax_checkpoint(
     if not isinstance(flag, (bool, np.bool_)):
       raise TypeError(f"{fn}: `{name}` must be a bool, got {flag!r}.")
   directory, remote = _directory(fn, directory)
-  _orbax_storable(fn, tree)
+  guard.orbax_storable(fn, tree)
   hosts, primary = _hosts(), jax.process_index() == 0  # 0 locks, swaps, cleans up
-  stack, new, locked = contextlib.ExitStack(), None, False
+  stack, new, locked, checkpointer = contextlib.ExitStack(), None, False, None
   try:
     if not remote:
       token = np.frombuffer(uuid.uuid4().bytes, np.uint8)
@@ -268,7 +268,7 @@ def save_orbax_checkpoint(
     if directory.exists() and not overwrite:
       raise ValueError(f"{fn}: {directory} already exists: pass overwrite=True to replace it.")
     if not remote and directory.exists():
-      _replaceable(fn, directory)  # a checkpoint, never a user's other files
+      guard.replaceable(fn, directory)  # a checkpoint, never a user's other files
     checkpointer = stack.enter_context(ocp.StandardCheckpointer())  # closed before unlocking
     if remote:
       checkpointer.save(directory, tree, force=bool(overwrite))
@@ -283,6 +283,8 @@ def save_orbax_checkpoint(
       }
     )
   except BaseException:
+    with contextlib.suppress(Exception):  # Orbax may be writing still: let it end first
+      checkpointer and checkpointer.wait_until_finished()
     if locked:  # ours and Orbax's temporary directories (not another save's, unlocked)
       _remove_leftovers(directory)
     elif new is not None and primary:

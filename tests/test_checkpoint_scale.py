@@ -450,3 +450,22 @@ def test_a_save_that_fails_before_taking_the_lock_leaves_other_saves_alone(tmp_p
   with pytest.raises(KeyboardInterrupt):
     ck.save_orbax_checkpoint(directory, run_tree(1), overwrite=True)
   assert (in_flight / "_METADATA").exists()
+
+
+def test_typed_prng_keys_round_trip_through_orbax_and_are_named_by_msgpack(tmp_path):
+  """An NNX model with Dropout holds a typed PRNG key (its Rngs): Orbax stores its bits and
+  restores the key (checked against its checksum); a msgpack file cannot hold one, and says
+  so before writing, naming the leaf. Nothing is left in the directory either way."""
+  nnx = pytest.importorskip("flax.nnx")
+  model = nnx.Sequential(nnx.Linear(2, 2, rngs=nnx.Rngs(0)), nnx.Dropout(0.1, rngs=nnx.Rngs(1)))
+  tree = {"model": nnx.to_pure_dict(nnx.state(model)), "key": jax.random.key(7)}
+  with pytest.raises(TypeError, match=r"`\['key'\]` is a typed PRNG key .*save_orbax_checkpoint"):
+    ck.save_checkpoint(tmp_path / "ck.msgpack", tree)
+  path = ck.save_orbax_checkpoint(tmp_path / "ck", tree)
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
+  restored = ck.restore_orbax_checkpoint(path, tree)
+  for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(tree)):
+    assert a.dtype == b.dtype
+    if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
+      a, b = jax.random.key_data(a), jax.random.key_data(b)
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
