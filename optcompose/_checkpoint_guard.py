@@ -6,6 +6,7 @@ error, never a user's file or a half-written checkpoint.
 
 from __future__ import annotations
 
+import os
 import pathlib
 import re
 from typing import Any
@@ -13,7 +14,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from optcompose._checkpoint_check import FORMAT_KEY
+from optcompose._checkpoint_check import FORMAT_KEY, CheckpointMismatchError, _like
 
 SIDECAR = "optcompose_checkpoint.json"  # checksums and layouts inside an Orbax directory
 
@@ -118,6 +119,43 @@ def no_typed_keys(fn: str, tree: Any) -> None:
         "jax.random.key_data(key) and rebuild it with jax.random.wrap_key_data (an NNX "
         "model's Rngs: nnx.state(model, nnx.Not(nnx.RngKey)) leaves them out)."
       )
+
+
+def _key_kind(leaf: Any) -> str:
+  """A typed PRNG key's dtype, which names its implementation (``key<fry>``, ``key<rbg>``);
+  "" for any other leaf."""
+  if hasattr(leaf, "dtype") and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+    return str(leaf.dtype)
+  return ""
+
+
+def like_target(fn: str, where: Any, restored: Any, target: Any) -> Any:
+  """``restored``, each leaf of the kind its template leaf is (see ``_like``), checked for
+  typed PRNG keys (:func:`keys_match`)."""
+  restored = jax.tree.map(_like, restored, target)
+  keys_match(fn, where, restored, target)
+  return restored
+
+
+def keys_match(fn: str, where: Any, restored: Any, target: Any) -> None:
+  """Raise CheckpointMismatchError where a restored leaf is a typed PRNG key and the template's
+  is not, or the other way, or of another implementation: a key is stored as its bits, which
+  Orbax's metadata and a msgpack file describe as a uint32 array, so the shape and dtype
+  checks cannot tell them apart."""
+  for (path, got), want in zip(
+    jax.tree_util.tree_flatten_with_path(restored)[0], jax.tree.leaves(target)
+  ):
+    mine, theirs = _key_kind(got), _key_kind(want)
+    if mine != theirs:
+      raise CheckpointMismatchError(
+        f"{fn}: the checkpoint {os.fspath(where)} does not match `target`: "
+        f"`{jax.tree_util.keystr(path)}` is {_described(mine)} in the checkpoint but "
+        f"{_described(theirs)} in `target` (a key is saved as its bits)."
+      )
+
+
+def _described(kind: str) -> str:
+  return f"a PRNG key ({kind})" if kind else "an array of numbers"
 
 
 def orbax_storable(fn: str, tree: Any) -> None:

@@ -66,7 +66,6 @@ from optcompose._checkpoint_check import (  # the checks and the formats' record
   _checksums,
   _layouts,
   _leaves,
-  _like,
   _saved_leaves,
   _verify,
 )
@@ -202,7 +201,7 @@ def restore_checkpoint(path: PathLike, target: Any) -> Any:
     restored = serialization.from_state_dict(target, saved)
   except (ValueError, KeyError) as e:  # an empty node present on one side only
     _mismatched_nodes("restore_checkpoint", path, saved, serialization.to_state_dict(target), e)
-  return jax.tree.map(_like, restored, target)
+  return guard.like_target("restore_checkpoint", path, restored, target)
 
 
 # ----------------------------------------------------------------------------------------
@@ -358,7 +357,7 @@ def restore_orbax_checkpoint(directory: Any, target: Any) -> Any:
       restored = checkpointer.restore(directory, abstract)
     except (OSError, ValueError) as e:
       raise _damaged(directory, e, "arrays") if _is_damage(e) else e
-  restored = jax.tree.map(_like, restored, target)
+  restored = guard.like_target(fn, directory, restored, target)
   if sidecar:
     _verify(fn, directory, sidecar["leaves"], _leaves(restored))
   return restored

@@ -469,3 +469,32 @@ def test_typed_prng_keys_round_trip_through_orbax_and_are_named_by_msgpack(tmp_p
     if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
       a, b = jax.random.key_data(a), jax.random.key_data(b)
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_a_key_and_its_bits_are_not_taken_for_each_other(tmp_path):
+  """A key is stored as its bits (uint32, in Orbax's metadata and a msgpack file alike), so
+  the shape and dtype checks cannot tell a key from a uint32 array: the restored leaves are
+  compared with the template's, and a key where the template holds numbers (or the other
+  way), or a key of another implementation of the same size, is a CheckpointMismatchError."""
+  key = jax.random.key(0)
+  bits = ck.save_orbax_checkpoint(tmp_path / "bits", {"k": jax.random.key_data(key)})
+  with pytest.raises(
+    CheckpointMismatchError, match=r"an array of numbers in the checkpoint but a PRNG key"
+  ):
+    ck.restore_orbax_checkpoint(bits, {"k": key})
+  keyed = ck.save_orbax_checkpoint(tmp_path / "key", {"k": key})
+  with pytest.raises(
+    CheckpointMismatchError, match=r"a PRNG key \(key<fry>\) in the checkpoint but an array"
+  ):
+    ck.restore_orbax_checkpoint(keyed, {"k": jax.random.key_data(key)})
+  assert (
+    ck.restore_orbax_checkpoint(keyed, {"k": jax.eval_shape(lambda: key)})["k"].dtype == key.dtype
+  )
+  msgpack = ck.save_checkpoint(tmp_path / "bits.msgpack", {"k": jax.random.key_data(key)})
+  with pytest.raises(CheckpointMismatchError, match="but a PRNG key"):
+    ck.restore_checkpoint(msgpack, {"k": key})
+  rbg = ck.save_orbax_checkpoint(tmp_path / "rbg", {"k": jax.random.key(0, impl="rbg")})
+  with pytest.raises(
+    CheckpointMismatchError, match=r"key<rbg>\) in the checkpoint but a PRNG key \(key<urbg>"
+  ):
+    ck.restore_orbax_checkpoint(rbg, {"k": jax.random.key(0, impl="unsafe_rbg")})

@@ -95,7 +95,9 @@ def reduce_on_plateau(
           scale = max(scale * factor, min_scale);  plateau = 0;  cooldown_count = cooldown
 
   (``mode="max"``: ``improved = mean < best - rtol * |best| - atol`` on the negated values,
-  so that an accuracy that stays flat counts as a plateau.)
+  so that an accuracy that stays flat counts as a plateau: PyTorch's rule for a positive
+  best; for a negative one PyTorch's counts a flat metric as improving. So "max" on ``x`` is
+  not "min" on ``-x``, which keeps Optax's formula and that trait.)
 
   Args:
     factor: multiplier in (0, 1) applied to the scale at each plateau.

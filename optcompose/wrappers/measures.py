@@ -27,9 +27,10 @@ def grouped(leaves: list) -> list:
   smaller ones raveled and concatenated, one array per dtype (an explicitly sharded leaf is
   kept apart). A norm, a count or a fraction over all the elements is the same, up to the
   order of float addition; XLA compiles one reduction for the group instead of one per leaf
-  (a transformer's 76 leaves, 50 of them LayerNorm scales and biases: with_diagnostics
-  compiled in about 1.7x the recipe's time, against 1.2x grouped, on XLA CPU), and a copy
-  of leaves this small costs microseconds."""
+  (nanoGPT's 76 leaves, 50 of them small: with_diagnostics' lowering and compiling took
+  1.74x the recipe's CPU time, about 1.6x grouped, on XLA CPU), and a copy of leaves this
+  small costs microseconds (joining every leaf made both the compile and the step slower:
+  docs/performance.md)."""
   big, small = [], {}
   for x in leaves:
     x = jnp.asarray(x)
