@@ -6,6 +6,7 @@ error, never a user's file or a half-written checkpoint.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pathlib
 import re
@@ -156,6 +157,23 @@ def keys_match(fn: str, where: Any, restored: Any, target: Any) -> None:
 
 def _described(kind: str) -> str:
   return f"a PRNG key ({kind})" if kind else "an array of numbers"
+
+
+def same_directory(fn: str, directory: Any, hosts: Any) -> None:
+  """In a run of several processes, raise the same ValueError on every process unless all
+  give the same ``directory``: a path on each host's own disk (``/tmp/ckpt_{process}``) would
+  otherwise leave Orbax's processes waiting for one another until its timeout."""
+  if hosts is None:
+    return
+  digest = np.frombuffer(hashlib.sha256(os.fspath(directory).encode()).digest(), np.uint8)
+  every = np.asarray(hosts.process_allgather(digest))
+  if not (every == every[0]).all():
+    differ = int((every != every[0]).any(axis=1).sum())
+    raise ValueError(
+      f"{fn}: the processes give different directories ({differ} of {len(every)} differ from "
+      f"process 0's; this one's is {directory}): every process must pass the same path, on "
+      "a file system all hosts share."
+    )
 
 
 def orbax_storable(fn: str, tree: Any) -> None:

@@ -250,6 +250,7 @@ def save_orbax_checkpoint(
   directory, remote = _directory(fn, directory)
   guard.orbax_storable(fn, tree)
   hosts, primary = _hosts(), jax.process_index() == 0  # 0 locks, swaps, cleans up
+  guard.same_directory(fn, directory, hosts)
   stack, new, locked, checkpointer = contextlib.ExitStack(), None, False, None
   try:
     if not remote:

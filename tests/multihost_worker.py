@@ -152,6 +152,13 @@ def main(process_id: int, port: int, shared: str, out: str) -> int:
     assert "sharded across processes" in str(e) and "save_orbax_checkpoint" in str(e), e
   checks.append("msgpack-refused")
 
+  try:  # a path of each host's own (a local disk) is refused on every process, not hung on
+    ck.save_orbax_checkpoint(os.path.join(shared, f"local{process_id}"), tree)
+    raise AssertionError("save_orbax_checkpoint accepted a different path on each process")
+  except ValueError as e:
+    assert "the processes give different directories (1 of 2" in str(e), e
+  checks.append("paths-differ")
+
   path = os.path.join(shared, "ckpt")
   assert str(ck.save_orbax_checkpoint(path, tree)) == path
   template = jax.tree.map(

@@ -112,7 +112,8 @@ def test_two_processes_train_sharded_and_checkpoint_like_one(tmp_path):
   for i, (code, output) in enumerate(results):
     assert code == 0, f"process {i} exited with {code}:\n{output[-4000:]}"
     assert (
-      "OK sharded replicated-scalar msgpack-refused restored async-overwrite" in output.splitlines()
+      "OK sharded replicated-scalar msgpack-refused paths-differ restored async-overwrite"
+      in output.splitlines()
     ), output[-4000:]
 
   assert (out / "listing.txt").read_text().split() == ["ckpt"]  # no leftovers of the swaps
