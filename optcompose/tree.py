@@ -109,6 +109,17 @@ def check_floating(tree: Any, name: str, need: str = _NEED) -> None:
       raise TypeError(f"{where} has dtype {dtype}; {need}.")
 
 
+def check_not_complex_for_real(updates: Any, params: Any, who: str, why: str) -> None:
+  """Raise a TypeError naming the first path where ``updates`` is complex and ``params`` real
+  (the trees have the same structure); ``why`` ends the message (what would go wrong)."""
+  for (path, u), p in zip(
+    jax.tree_util.tree_flatten_with_path(updates)[0], jax.tree.leaves(params)
+  ):
+    if jnp.iscomplexobj(u) and not jnp.iscomplexobj(p):
+      where = path_str(path)
+      raise TypeError(f"{who}: `updates{where}` is complex but `params{where}` is real: {why}.")
+
+
 def is_inexact(dtype) -> bool:
   """Whether ``dtype`` is a floating-point or complex dtype (False for None)."""
   try:

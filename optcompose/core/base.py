@@ -381,15 +381,9 @@ def apply_updates(params: Params, updates: Updates) -> Params:
     "leaves, or mask them out",
   )
 
-  for path, p, u in zip(
-    *zip(*jax.tree_util.tree_flatten_with_path(params)[0]), jax.tree.leaves(updates)
-  ):
-    if jnp.iscomplexobj(u) and not jnp.iscomplexobj(p):
-      raise TypeError(
-        f"apply_updates: `updates{otree.path_str(path)}` is complex but "
-        f"`params{otree.path_str(path)}` is real: its imaginary part would be "
-        "dropped."
-      )
+  otree.check_not_complex_for_real(
+    updates, params, "apply_updates", "its imaginary part would be dropped"
+  )
 
   def add(p, u):
     # The sum in the wider of the two dtypes (e.g. float32 updates on float16 params),

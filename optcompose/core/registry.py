@@ -105,16 +105,8 @@ def _complex_for_real(name: str, updates: Any, params: Any, state: Any) -> None:
     return
   if jax.tree.structure(updates) != jax.tree.structure(params):
     return  # the transformation's own check names the difference
-  for (path, u), p in zip(
-    jax.tree_util.tree_flatten_with_path(updates)[0], jax.tree.leaves(params)
-  ):
-    if jnp.iscomplexobj(u) and not jnp.iscomplexobj(p):
-      where = otree.path_str(path)
-      raise TypeError(
-        f"{name}: `updates{where}` is complex but `params{where}` is real: a complex gradient "
-        "of a real parameter would lose its imaginary part; take the real part, or make the "
-        "parameter complex."
-      )
+  why = "a complex gradient of a real parameter would lose its imaginary part; take the real "
+  otree.check_not_complex_for_real(updates, params, name, why + "part, or make it complex")
 
 
 def _resolve_annotations(fn) -> None:

@@ -239,6 +239,11 @@ def check_state_dtype(fn_name: str, name: str, dtype: Any) -> None:
 TAKEN = "_optcompose_values_taken"
 
 
+def taken_by_schedule(error: Exception, name: str) -> Exception:
+  """``error`` (a range check's) saying that the value is one the schedule ``name`` takes."""
+  return type(error)(f"{error} The schedule given as `{name}` takes that value (or tends to it).")
+
+
 class Hyper(NamedTuple):
   """A hyperparameter's declaration, written once next to its builder (see
   :func:`optcompose.core.registry.public`): the range it is validated against, whether it
@@ -293,9 +298,7 @@ class Hyper(NamedTuple):
       try:
         check_hyperparameter(fn, name, taken, **ranges)
       except (TypeError, ValueError) as e:
-        raise type(e)(
-          f"{e} The schedule given as `{name}` takes that value (or tends to it)."
-        ) from None
+        raise taken_by_schedule(e, name) from None
 
 
 def real(

@@ -32,7 +32,7 @@ from optcompose.core import (
   public,
   rebuilt_each_step,
 )
-from optcompose.core.validation import TAKEN, check_held, is_real_like
+from optcompose.core.validation import TAKEN, check_held, is_real_like, taken_by_schedule
 
 
 def _is_static_by_name(name: str) -> bool:
@@ -177,9 +177,7 @@ def _check_values_taken(factory: Callable, fixed: dict, numeric: dict, schedules
       try:
         factory(**fixed, **numeric, **{**at_0, name: value})
       except (TypeError, ValueError) as e:
-        raise type(e)(
-          f"{e} The schedule given as `{name}` takes that value (or tends to it)."
-        ) from None
+        raise taken_by_schedule(e, name) from None
 
 
 __all__ = []  # and the builders it registers
