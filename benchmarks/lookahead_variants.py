@@ -1,6 +1,6 @@
 """How Lookahead's synchronisation can be written, measured (issue 16's audit).
 
-    MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=4294967296 \\
+    MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=4294967296 MALLOC_ARENA_MAX=1 \\
         .venv/bin/python benchmarks/lookahead_variants.py
 
 AdamW on one leaf of 16.8M float32 parameters, sync_period 5, slow_step_size 0.5, each
@@ -10,14 +10,15 @@ ones (a 128 MB buffer written before each), two rounds:
 - bare: AdamW alone;
 - current: ``optcompose.lookahead_in_state`` (the slow weights in the state): XLA copies the
   parameters and the slow weights at every step, because two loops each read both and
-  write one (3.7-4.3x AdamW);
+  write one (2.2-2.4x AdamW with the three malloc settings above; 3.7-4.3x without
+  ``MALLOC_ARENA_MAX=1``, when the copies' 64 MB blocks were mapped afresh at every step);
 - scale_where: the fast update ``u - c d`` with a scalar ``c`` (0 between synchronisations)
   instead of a select, the slow weights by a select: the same copies;
 - cond: the fast and slow updates inside a ``lax.cond`` on the synchronisation, AdamW's
   update computed outside (a conditional returning updates: worse);
 - two_phase: the step-level form: the fast step applied first (``theta' = theta + u``, in
   place), then, on a synchronisation only, ``phi + alpha (theta' - phi)`` written to both
-  copies inside a conditional that reads only those two (1.12-1.14x AdamW). It rounds the
+  copies inside a conditional that reads only those two (1.12-1.33x AdamW). It rounds the
   fast weights at a synchronisation differently from Optax's
   ``theta + u - (1 - alpha) (theta + u - phi)``.
 """
