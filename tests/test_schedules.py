@@ -502,6 +502,21 @@ def test_a_schedule_that_leaves_the_range_later_is_refused_when_built(build, nam
     build()
 
 
+def test_inject_hyperparams_does_not_pair_one_schedules_end_with_anothers_start():
+  """``eps`` decaying to 0 while ``eps_root`` rises from 0: never both 0, so accepted, as
+  ``adam`` given the schedules accepts them; a constant ``eps_root`` of 0 beside an ``eps``
+  reaching 0 is refused."""
+  eps, eps_root = oc.linear_schedule(1e-8, 0.0, 100), oc.linear_schedule(0.0, 1e-8, 100)
+  params = {"w": jnp.zeros(3)}
+  for tx in (
+    oc.inject_hyperparams(oc.adam)(learning_rate=1e-3, eps=eps, eps_root=eps_root),
+    oc.adam(1e-3, eps=eps, eps_root=eps_root),
+  ):
+    assert np.isfinite(np.asarray(tx.update(params, tx.init(params), params)[0]["w"])).all()
+  with pytest.raises(ValueError, match=r"both 0.*The schedule given as `eps` takes that value"):
+    oc.inject_hyperparams(oc.adam)(learning_rate=1e-3, eps=eps, eps_root=0.0)
+
+
 def test_a_function_of_the_users_is_checked_at_step_0_only():
   """A plain function records nothing: a schedule written for the run's length may leave the
   range after it (``lr * (1 - t / T)``), which is the user's business, as in Optax."""

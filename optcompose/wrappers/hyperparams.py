@@ -165,19 +165,38 @@ def inject_hyperparams(
 def _check_values_taken(factory: Callable, fixed: dict, numeric: dict, schedules: dict) -> None:
   """Build ``factory`` with each value a schedule records as taken (a peak, a floor: see
   ``optcompose.core.TAKEN``), the other schedules at step 0, so that its range checks see the
-  values a schedule reaches later, as a builder given the schedule itself does."""
+  values a schedule reaches later, as a builder given the schedule itself does.
+
+  A value refused there is accepted when some other schedule's recorded value makes the
+  build pass: a check of two values together (``eps`` and ``eps_root`` both 0) must not
+  pair one schedule's end with another's start, which it may never meet."""
   if not any(getattr(s, TAKEN, ()) for s in schedules.values()):
     return
   try:
     at_0 = {n: s(jnp.zeros([], jnp.int32)) for n, s in schedules.items()}
   except Exception:  # a schedule's own error: init names it
     return
+
+  def builds(values: dict) -> bool:
+    try:
+      factory(**fixed, **numeric, **values)
+    except (TypeError, ValueError):
+      return False
+    return True
+
   for name, schedule in schedules.items():
     for value in getattr(schedule, TAKEN, ()):
       try:
         factory(**fixed, **numeric, **{**at_0, name: value})
       except (TypeError, ValueError) as e:
-        raise taken_by_schedule(e, name) from None
+        others = [
+          {**at_0, other: taken, name: value}
+          for other, s in schedules.items()
+          if other != name
+          for taken in getattr(s, TAKEN, ())
+        ]
+        if not any(builds(values) for values in others):
+          raise taken_by_schedule(e, name) from None
 
 
 __all__ = []  # and the builders it registers
