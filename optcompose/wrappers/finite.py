@@ -14,8 +14,9 @@ updates as well needs them before any state is written, so ``check_updates=True`
 the inner step twice: once to test its updates, once inside the ``lax.cond`` (one more read
 of everything the inner step reads: 16 B per parameter for AdamW in float32).
 
-On XLA CPU a ``lax.cond`` that returns the updates costs about twice the step it holds (the
-updates are written out, then read by ``apply_updates``). :func:`optcompose.step` on an
+On XLA CPU a ``lax.cond`` that returns the updates costs about 1.4x the step it holds (the
+updates are written out, then read by ``apply_updates``; 2x where glibc maps their block
+afresh at every step: see docs/performance.md). :func:`optcompose.step` on an
 ``apply_if_finite`` transformation takes its step-level form instead: the same test and
 state, with the parameters' update inside the conditional, so a skipped step writes nothing
 and a taken one costs about what the inner step does. :func:`step_if_finite` is that call
@@ -185,9 +186,9 @@ def step_if_finite(tx, grads, opt_state, params, **extra) -> tuple:
   What :func:`apply_if_finite` does, at about the cost of the step itself: the parameters'
   update runs inside the ``lax.cond`` too. A gradient transformation cannot do that (it
   must return the updates), and on XLA CPU a conditional that returns AdamW's updates costs
-  about 2x AdamW, against 1.04x with the update inside (16.8M float32 parameters, a
-  hand-written Adam: ``benchmarks/skip_step_variants.py``; this function with optcompose's
-  AdamW, finiteness test included: 1.15-1.19x in ``make bench``). The step inside is
+  about 1.4x AdamW, against 1.0x with the update inside (16.8M float32 parameters:
+  ``benchmarks/skip_step_variants.py``; this function with optcompose's AdamW, finiteness
+  test included: 1.15-1.19x in ``make bench``). The step inside is
   :func:`optcompose.step`'s, so a transformation's step-level form (``multi_steps``,
   ``lookahead_in_state``) is used there too. Count skipped steps from the returned flag.
 

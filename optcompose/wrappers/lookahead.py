@@ -287,9 +287,10 @@ def lookahead_in_state(
     """The whole call (:func:`optcompose.step`): the fast step applied in place, then, at a
     synchronisation only, ``phi + alpha (theta' - phi)`` written to both copies inside a
     conditional that reads only them (as an update, the two copies' updates each read what
-    the other writes, and XLA copies both at every step: 4x AdamW on XLA CPU, against 1.1x
-    this way). The fast weights at a synchronisation are the new slow weights exactly,
-    where ``update`` reaches them as ``theta + u - (1 - alpha) d`` (equal to rounding)."""
+    the other writes, and XLA copies both at every step: 2.4x AdamW on XLA CPU at 16.8M
+    parameters, against 1.1x this way). The fast weights at a synchronisation are the new
+    slow weights exactly, where ``update`` reaches them as ``theta + u - (1 - alpha) d``
+    (equal to rounding)."""
     _check_slow_state(grads, state, params)
     inner = expect_state(state.lookahead, LookaheadState, "lookahead_in_state")
     u, fast_state = fast_optimizer.update(grads, inner.fast_state, params, **extra)
