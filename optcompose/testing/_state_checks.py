@@ -1,0 +1,80 @@
+"""State checks of the property kit that look at buffers and types rather than values:
+a state that can be donated, a state that keeps its types (weak types included) so that a
+jitted step is traced once, and parameters made strongly typed before a run."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from optcompose import tree as otree
+
+
+def _strong(params):
+  """``params`` with weak types made strong, as ``apply_updates`` returns them: a weakly typed
+  leaf (``jnp.array(1.0)``) would retrace a jitted step once, which is not the
+  transformation's doing."""
+  return jax.tree.map(
+    lambda x: jnp.asarray(x, jnp.result_type(x)) if getattr(x, "weak_type", False) else x, params
+  )
+
+
+def check_state_can_be_donated(tx, params) -> None:
+  """No two leaves of ``init``'s state share a buffer, and none is a buffer of ``params``, so
+  a jitted step can donate the state and the parameters (``jax.jit(step, donate_argnums=...)``:
+  XLA refuses to donate one buffer twice, and donating the state alone would delete the
+  parameters that share it)."""
+  _assert_donatable(params, tx.init(params), "init")
+
+
+def _assert_donatable(params, state, made_by: str) -> None:
+  """No two leaves of ``state`` share a buffer, and none is a buffer of ``params`` (unless
+  ``params`` is None: an update's state may keep the parameters it was given, which the
+  caller replaces with ``apply_updates``' new ones)."""
+  seen = {}
+  for name, tree in (("params", params if params is not None else ()), ("state", state)):
+    for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+      if not isinstance(x, jax.Array) or isinstance(x, jax.core.Tracer):
+        continue
+      here = f"{name}{otree.path_str(path)}"
+      # An empty array has no memory: on GPU every one reports the same address, but two of
+      # them are two buffers. One array object twice is still one buffer, donated twice. A
+      # sharded or replicated array: the buffers of its shards on this process's devices.
+      key = (
+        tuple(sorted((s.device.id, s.data.unsafe_buffer_pointer()) for s in x.addressable_shards))
+        if x.size
+        else ("empty", id(x))
+      )
+      if name == "state":
+        assert key not in seen, (
+          f"{here} and {seen.get(key)} are one buffer: the state from {made_by} cannot be "
+          "donated"
+          + (
+            f" ({made_by} must copy the parameters it keeps)"
+            if seen[key].startswith("params")
+            else ""
+          )
+        )
+      seen.setdefault(key, here)
+
+
+def _retraced(traces, steps: int, state0, records) -> str:
+  """Why the jitted update was traced again: the first state leaf whose type changed (a
+  weak type included, which ``jnp.result_type`` does not show)."""
+  kind = lambda x: (jnp.shape(x), jnp.result_type(x), bool(getattr(x, "weak_type", False)))
+  name = lambda k: f"{'weakly typed ' if k[2] else ''}{k[1]}{list(k[0])}"
+  cause = ""
+  for t, (_, _, state) in enumerate(records):
+    for (path, a), b in zip(
+      jax.tree_util.tree_flatten_with_path(state)[0], jax.tree.leaves(state0)
+    ):
+      if kind(a) != kind(b):
+        cause = (
+          f": state{otree.path_str(path)} is {name(kind(b))} from init and {name(kind(a))} "
+          f"after step {t} (give init's value the dtype update returns, e.g. jnp.zeros([], "
+          "jnp.float32) rather than a Python number)"
+        )
+        break
+    if cause:
+      break
+  return f"the jitted update was traced {len(traces)} times in {steps} steps{cause}"
