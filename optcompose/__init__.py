@@ -10,9 +10,10 @@ public names from each module's ``__all__``.
 
 import importlib as _importlib
 import pkgutil as _pkgutil
+import sys as _sys
 import typing as _typing
 
-from optcompose import core, masks, schedules, tree, tree_utils
+from optcompose import _from_optax, core, masks, schedules, tree, tree_utils
 from optcompose.core import (
   EmptyState,
   GradientTransformation,
@@ -86,11 +87,17 @@ for _space in (transforms, schedules):
   )
 
 
+# ``import optcompose.losses`` (and Optax's other namespaces outside the optimizer domain)
+# finds Optax's own module, as the attribute ``optcompose.losses`` does.
+if not any(isinstance(f, _from_optax.NamespaceFinder) for f in _sys.meta_path):
+  _sys.meta_path.append(_from_optax.NamespaceFinder())
+
+
 def __getattr__(name: str) -> _typing.Any:
   # The property kit is not imported by the package; ``optcompose.testing`` loads it.
   # optcompose.migrate reads the package's namespace (the state classes), so it is loaded
   # on first use too.
-  if name in ("testing", "migrate"):
+  if name in ("testing", "migrate", "contrib"):
     return _importlib.import_module(f"optcompose.{name}")
   # Optax's other names for ours, its names outside the optimizer domain (losses, ...), or an
   # error that says what to use for an optimizer-domain name not rebuilt yet.

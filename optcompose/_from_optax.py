@@ -21,6 +21,7 @@ AttributeError that says so and what to use meanwhile. :func:`install` gives
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import inspect
 import sys
 import warnings
@@ -163,8 +164,35 @@ def _from(theirs: Any, name: str, ours: str) -> Any:
   raise AttributeError(
     f"module {ours!r} has no attribute {name!r} yet: Optax's `{theirs.__name__}.{name}` is "
     "in the optimizer domain that optcompose rebuilds, and this one is not rebuilt yet. "
-    f"Optax's own works inside optcompose's chains meanwhile: `import optax; {use}`.{here}"
+    f"Optax's own works inside optcompose's chains meanwhile: `import optax; {use}` (under "
+    f"another name if `optax` names optcompose in your code).{here}"
   )
+
+
+def not_rebuilt_contrib(name: str) -> Any:
+  """What ``optcompose.contrib.<name>`` is for a name the module does not define: an
+  AttributeError that names Optax's own (or says that Optax has none either)."""
+  contrib = importlib.import_module(_optax("optcompose.contrib needs Optax").__name__ + ".contrib")
+  return _from(contrib, name, "optcompose.contrib")
+
+
+class NamespaceFinder:
+  """Finds ``optcompose.losses`` (and Optax's other namespaces outside the optimizer domain,
+  :data:`NAMESPACES`) for the import system as Optax's own module, so that ``import
+  optcompose.losses`` and ``from optcompose.projections import ...`` work as the attributes
+  do (Optax is imported then, not before)."""
+
+  def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
+    package, _, rest = fullname.partition(".")
+    if package != "optcompose" or rest not in NAMESPACES:
+      return None
+    return importlib.util.spec_from_loader(fullname, self)
+
+  def create_module(self, spec: Any) -> Any:
+    return importlib.import_module("optax." + spec.name.partition(".")[2])
+
+  def exec_module(self, module: Any) -> None:
+    pass  # Optax's module, imported by create_module
 
 
 def resolve(name: str, package: Optional[dict] = None) -> Any:

@@ -412,12 +412,37 @@ def test_chain_and_helpers_are_optax_gradient_transformations():
     assert repr(oc.identity()).startswith("GradientTransformation(init=")
 
 
-def test_optax_contrib_error_names_what_optcompose_has_of_it():
-  """``optax.contrib.reduce_on_plateau`` written against optcompose: the error for
-  ``contrib`` lists the contrib names rebuilt at optcompose's top level."""
-  with pytest.raises(
-    AttributeError, match=r"Rebuilt at optcompose's top level: .*reduce_on_plateau"
-  ):
-    oc.contrib  # noqa: B018
+def test_optax_contrib_answers_with_what_optcompose_has_of_it():
+  """``optax.contrib.reduce_on_plateau`` written against optcompose (attribute, ``import
+  optcompose.contrib`` or ``from optcompose.contrib import``) is the top level's; a contrib
+  optimizer not rebuilt raises an error naming Optax's own."""
+  import importlib
+
+  contrib = importlib.import_module("optcompose.contrib")
+  assert oc.contrib is contrib
   names = [n for n in dir(optax.contrib) if not n.startswith("_") and hasattr(oc, n)]
   assert "reduce_on_plateau" in names and "sam" in names
+  assert sorted(contrib.__all__) == sorted(names)
+  for name in names:
+    assert getattr(contrib, name) is getattr(oc, name)
+  with pytest.raises(
+    AttributeError,
+    match=r"optcompose.contrib' has no attribute 'muon' yet.*"
+    r"`import optax; optax.contrib.muon\(...\)`",
+  ):
+    contrib.muon  # noqa: B018
+  with pytest.raises(AttributeError, match="nor has Optax"):
+    contrib.not_a_name_anywhere  # noqa: B018
+
+
+def test_optax_namespaces_outside_the_optimizer_domain_import_as_submodules():
+  """``from optax.losses import ...`` written as ``from optcompose.losses import ...``."""
+  import importlib
+
+  for name in ("losses", "projections", "second_order", "experimental"):
+    assert importlib.import_module(f"optcompose.{name}") is getattr(optax, name)
+  from optcompose.losses import softmax_cross_entropy_with_integer_labels as loss
+
+  assert loss is optax.losses.softmax_cross_entropy_with_integer_labels
+  with pytest.raises(ModuleNotFoundError):
+    importlib.import_module("optcompose.not_a_namespace")
