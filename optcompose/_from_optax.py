@@ -21,6 +21,7 @@ AttributeError that says so and what to use meanwhile. :func:`install` gives
 from __future__ import annotations
 
 import importlib
+import importlib.abc
 import importlib.util
 import inspect
 import sys
@@ -176,7 +177,7 @@ def not_rebuilt_contrib(name: str) -> Any:
   return _from(contrib, name, "optcompose.contrib")
 
 
-class NamespaceFinder:
+class NamespaceFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
   """Finds ``optcompose.losses`` (and Optax's other namespaces outside the optimizer domain,
   :data:`NAMESPACES`) for the import system as Optax's own module, so that ``import
   optcompose.losses`` and ``from optcompose.projections import ...`` work as the attributes

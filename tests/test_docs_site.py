@@ -52,6 +52,7 @@ FLOORS = (
   "optcompose.wrappers",
   "optcompose.optimizers",
   "optcompose.recipe",
+  "optcompose.contrib",  # optax.contrib's names that optcompose has: the top level's objects
 )
 # Optax's own types, re-exported: griffe (which mkdocstrings reads the code with) does not see
 # names bound by a tuple assignment (`Params, Updates, OptState = optax.Params, ...`), so
