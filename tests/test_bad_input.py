@@ -508,6 +508,16 @@ ROWS = [
     lambda: oc.exponential_decay(1.0, 2**40, 0.5),
   ),
   Row(
+    "schedule-zero-steps",
+    "a `linear_schedule` or `polynomial_schedule` of 0 steps (Optax's: constant at "
+    "`init_value`, never reaching `end_value`) given to an optimizer, or joined where it is used",
+    "`ValueError` when the optimizer is built, naming the argument; accepted as a segment of "
+    "`join_schedules` that is never used (a warmup of 0 steps before boundary 0)",
+    ValueError,
+    r"`learning_rate`: linear_schedule with `transition_steps` = 0 stays at `init_value`",
+    lambda: oc.adamw(oc.linear_schedule(0.0, 1e-3, 0)),
+  ),
+  Row(
     "schedule-phase-collision",
     "`linear_onecycle_schedule` phases ending at the same step "
     "(`int(pct * transition_steps)` equal)",

@@ -257,7 +257,7 @@ def test_onecycle_anneals_far_below_the_start():
     (lambda: S.cosine_decay_schedule(1.0, 0), "`decay_steps` must be > 0"),
     (lambda: S.exponential_decay(1.0, -5, 0.5), "`transition_steps`"),
     (lambda: S.exponential_decay(1.0, 5, 0.0), "`decay_rate`"),
-    (lambda: S.polynomial_schedule(1.0, 0.0, 1.0, 0), "`transition_steps`"),
+    (lambda: S.polynomial_schedule(1.0, 0.0, 1.0, -1), "`transition_steps`"),
     (lambda: S.cosine_warm_restarts_schedule(1.0, 0), "`first_period`"),
     (lambda: S.cosine_warm_restarts_schedule(1.0, 10, period_mult=0.5), "`period_mult`"),
     (lambda: S.cosine_warm_restarts_schedule(1.0, 10, peak_decay=1.5), "`peak_decay`"),
@@ -395,7 +395,7 @@ def test_optax_named_schedule_matches_its_formula(name, schedule, formula, steps
 @pytest.mark.parametrize(
   "build, message",
   [
-    (lambda: oc.linear_schedule(0.0, 0.1, 0), r"linear_schedule: `transition_steps` must be > 0"),
+    (lambda: oc.linear_schedule(0.0, 0.1, -1), r"linear_schedule: `transition_steps` must be >= 0"),
     (
       lambda: oc.warmup_constant_schedule(0.0, 0.1, 0),
       r"warmup_constant_schedule: `warmup_steps` must be > 0, got 0 \(Optax's schedule would "
@@ -409,6 +409,35 @@ def test_linear_and_warmup_constant_schedules_name_themselves_and_their_argument
   zero warmup, which Optax turns into init_value at every step, says what to use instead."""
   with pytest.raises((ValueError, TypeError), match=message):
     build()
+
+
+def test_a_zero_step_warmup_joined_at_boundary_0_is_accepted_and_refused_where_used():
+  """Hugging Face's Flax examples join ``linear_schedule(0, lr, warmup)`` and a decay at
+  boundary ``warmup``, 0 by default. Optax's 0-step linear schedule stays at its start; unused
+  there, it is accepted with Optax's values; given to a builder, or joined where it is used,
+  it is refused (it would train at 0 forever)."""
+  lr = 5e-5
+  warm, decay = oc.linear_schedule(0.0, lr, 0), oc.linear_schedule(lr, 0.0, 100)
+  joined = oc.join_schedules([warm, decay], [0])
+  expected = [
+    optax.join_schedules(
+      [optax.linear_schedule(0.0, lr, 0), optax.linear_schedule(lr, 0.0, 100)], [0]
+    )(t)
+    for t in (0, 1, 50, 100)
+  ]
+  np.testing.assert_allclose([float(joined(t)) for t in (0, 1, 50, 100)], expected, rtol=1e-6)
+  np.testing.assert_allclose(float(warm(7)), float(optax.linear_schedule(0.0, lr, 0)(7)))
+  oc.adamw(joined)
+  message = r"learning_rate`: linear_schedule with `transition_steps` = 0 stays at `init_value`"
+  for build in (
+    lambda: oc.adamw(warm),
+    lambda: oc.sgd(oc.join_schedules([warm, decay], [10])),
+    lambda: oc.sgd(oc.multiply_schedules(warm, decay)),
+    lambda: oc.inject_hyperparams(oc.adamw)(learning_rate=warm),
+  ):
+    with pytest.raises(ValueError, match=message):
+      build()
+  oc.sgd(oc.linear_schedule(0.1, 0.1, 0))  # constant either way: nothing to refuse
 
 
 def test_warmup_constant_schedule_takes_a_traced_warmup_length():

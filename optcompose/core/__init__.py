@@ -46,6 +46,7 @@ from optcompose.core.hyperparams import (
   NONNEGATIVE,
   SCHEDULE,
   TAKEN,
+  UNUSABLE,
   Hyper,
   InjectHyperparamsState,
   as_hyperparam,

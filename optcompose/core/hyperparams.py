@@ -51,6 +51,7 @@ from optcompose.core.validation import (  # noqa: F401  (re-exported: the one pl
   NONNEGATIVE,
   SCHEDULE,
   TAKEN,
+  UNUSABLE,
   Hyper,
   check_count,
   check_held,

@@ -237,6 +237,9 @@ def check_state_dtype(fn_name: str, name: str, dtype: Any) -> None:
 # against the argument's range when it is built, not only the value at step 0 at ``init``
 # (a negative peak would otherwise train by gradient ascent once reached).
 TAKEN = "_optcompose_values_taken"
+# The attribute holding why a schedule may only be joined where it is never used (Optax's
+# 0-step linear schedule, which stays at its start): a builder given it raises that message.
+UNUSABLE = "_optcompose_unusable"
 
 
 def taken_by_schedule(error: Exception, name: str) -> Exception:
@@ -292,6 +295,8 @@ class Hyper(NamedTuple):
       return
     ranges = dict(low=self.low, high=self.high, low_open=self.low_open, high_open=self.high_open)
     check_hyperparameter(fn, name, value, **ranges)
+    if callable(value) and getattr(value, UNUSABLE, None):
+      raise ValueError(f"{fn}: `{name}`: {getattr(value, UNUSABLE)}")
     for taken in getattr(value, TAKEN, ()) if callable(value) else ():
       if float(np.asarray(taken, default_float())) == 0:
         taken = 0.0  # a product that underflows: 0 as the schedule computes it, not a typo

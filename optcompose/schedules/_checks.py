@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from optcompose.core import TAKEN, Schedule, default_float  # noqa: F401 -- Schedule: for the others
+from optcompose.core import TAKEN, UNUSABLE, Schedule, default_float  # noqa: F401 -- Schedule: for the others
 
 
 def _number(
@@ -58,6 +58,15 @@ def _at_last_step(schedule: Schedule) -> tuple:
     return ()
   last = np.asarray(value, np.float64).item()
   return (last,) if np.isfinite(last) else ()
+
+
+def _unusable_from(schedule: Schedule, *inputs) -> Schedule:
+  """``schedule``, refused by builders as the first of ``inputs`` (the schedules it uses) that
+  is (see ``optcompose.core.UNUSABLE``)."""
+  why = next((getattr(s, UNUSABLE) for s in inputs if getattr(s, UNUSABLE, None)), None)
+  if why:
+    setattr(schedule, UNUSABLE, why)
+  return schedule
 
 
 def _taken(*schedules) -> Optional[tuple]:

@@ -18,6 +18,7 @@ from optcompose.schedules._checks import (
   _steps,
   _taken,
   _taking,
+  _unusable_from,
 )
 from optcompose.schedules._decay import (
   _polynomial,
@@ -68,8 +69,9 @@ def join_schedules(schedules: Sequence[Schedule], boundaries: Sequence[int]) -> 
 
   # Only the schedules in use: one between two equal boundaries never is.
   spans = zip(schedules, [0] + boundaries, boundaries + [MAX_STEPS + 1])
-  taken = _taken(*(s for s, start, end in spans if start < end))
-  return schedule if taken is None else _taking(schedule, *taken)
+  used = [s for s, start, end in spans if start < end]
+  taken = _taken(*used)
+  return _unusable_from(schedule if taken is None else _taking(schedule, *taken), *used)
 
 
 def multiply_schedules(*schedules: Schedule) -> Schedule:
@@ -86,7 +88,7 @@ def multiply_schedules(*schedules: Schedule) -> Schedule:
       out = out * s(count)
     return out
 
-  return schedule
+  return _unusable_from(schedule, *schedules)
 
 
 def schedule_from_function(fn: Callable, *, dtype=jnp.float32) -> Schedule:
@@ -110,11 +112,8 @@ def schedule_from_function(fn: Callable, *, dtype=jnp.float32) -> Schedule:
   if not floating:  # an integer dtype would truncate the values (0.1 -> 0)
     raise TypeError(f"{fn_name}: `dtype` must be a floating-point dtype, got {dtype!r}.")
 
-  def raw(count):
-    return jnp.asarray(fn(jnp.asarray(count).astype(dtype)))
-
-  def schedule(count):
-    return raw(count).astype(dtype)
+  raw = lambda count: jnp.asarray(fn(jnp.asarray(count).astype(dtype)))
+  schedule = lambda count: raw(count).astype(dtype)
 
   probe = jax.eval_shape(raw, jax.ShapeDtypeStruct((), jnp.int32))
   if probe.shape != ():

@@ -7,6 +7,7 @@ from typing import Mapping, Optional
 import jax.numpy as jnp
 
 from optcompose.schedules._checks import (
+  UNUSABLE,
   Schedule,
   _boundaries_and_scales,
   _at_last_step,
@@ -171,8 +172,10 @@ def _polynomial(
   _number(fn, "init_value", init_value)
   _number(fn, end, end_value)
   _number(fn, "power", power, low=0.0, low_open=True)
-  transition_steps = _steps(fn, steps, transition_steps)
+  transition_steps = _steps(fn, steps, transition_steps, positive=False)
   transition_begin = _steps(fn, "transition_begin", transition_begin, positive=False)
+  if isinstance(transition_steps, int) and transition_steps == 0:
+    return _zero_steps(fn, steps, init_value, end_value, end)
 
   def schedule(count):
     count = _float(jnp.clip(count - transition_begin, 0, transition_steps))  # exact in ints
@@ -180,6 +183,24 @@ def _polynomial(
     return (init_value - end_value) * (frac**power) + end_value
 
   return _taking(schedule, init_value, end_value)
+
+
+def _zero_steps(fn, steps, init_value, end_value, end) -> Schedule:
+  """Optax's schedule of 0 steps: constant at ``init_value``, which a warmup of 0 steps
+  joined at boundary 0 never uses (Hugging Face's Flax examples build one). Where it would
+  be used, it never reaches ``end_value``: a builder given it refuses it, and so does one
+  given a join that uses it."""
+  schedule = _taking(lambda count: init_value, init_value)
+  if init_value != end_value:
+    setattr(
+      schedule,
+      UNUSABLE,
+      f"{fn} with `{steps}` = 0 stays at `init_value` = {init_value!r} and never reaches "
+      f"`{end}` = {end_value!r} (as in Optax). It may only be a segment of join_schedules "
+      f"that is never used (a warmup of 0 steps before boundary 0); give `{steps}` > 0, or "
+      "constant_schedule(...) for a constant.",
+    )
+  return schedule
 
 
 def linear_schedule(

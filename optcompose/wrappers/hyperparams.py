@@ -32,7 +32,7 @@ from optcompose.core import (
   public,
   rebuilt_each_step,
 )
-from optcompose.core.validation import TAKEN, check_held, is_real_like, taken_by_schedule
+from optcompose.core.validation import TAKEN, UNUSABLE, check_held, is_real_like, taken_by_schedule
 
 
 def _is_static_by_name(name: str) -> bool:
@@ -145,6 +145,9 @@ def inject_hyperparams(
         numeric[name] = value
       else:
         fixed[name] = value
+    for name, schedule in schedules.items():
+      if getattr(schedule, UNUSABLE, None):
+        raise ValueError(f"{who}: `{name}`: {getattr(schedule, UNUSABLE)}")
     if not ours:  # another library's factory (Optax's): its values checked by name as ours
       dtype = hyperparam_dtype or default_float()
       for name, value in numeric.items():
