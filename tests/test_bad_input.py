@@ -295,7 +295,8 @@ ROWS = [
   ),
   Row(
     "averager-not-last",
-    "`ema_params` or `swa` followed in a chain by a transformation "
+    "`ema_params` or `swa` (alone, or inside a wrapper: `inject_hyperparams`, `partition`, "
+    "`masked`, ...) followed in a chain by a transformation "
     "that changes the updates (the average would be of params + raw gradient)",
     "`ValueError` at construction, naming both positions",
     ValueError,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import optax
 import numpy as np
 import pytest
 
@@ -265,6 +266,48 @@ def test_averaged_weights_come_last_in_a_chain():
   updates, state = tx.update(G, state, P)
   new = oc.apply_updates(P, updates)
   np.testing.assert_allclose(oc.averaged_params(state, kind="ema")["w"], new["w"], rtol=1e-6)
+
+
+def test_an_averager_inside_a_wrapper_still_comes_last():
+  """Inside inject_hyperparams, partition or masked, an averager followed by ``scale(0.5)``
+  was accepted, and its average tracked parameters the model never had (a user's trial);
+  wrappers now carry the rule, and such a wrapper last in a chain is accepted."""
+  every = lambda p: jax.tree.map(lambda _: "a", p)
+  for make in (
+    lambda: oc.chain(oc.inject_hyperparams(oc.ema_params)(decay=0.0), oc.scale(0.5)),
+    lambda: oc.chain(
+      oc.partition({"a": oc.chain(oc.sgd(0.1), oc.ema_params(0.0))}, every), oc.scale(0.5)
+    ),
+    lambda: oc.chain(
+      oc.masked(oc.ema_params(0.0), lambda p: jax.tree.map(lambda _: True, p)), oc.sgd(0.1)
+    ),
+    lambda: oc.chain(oc.apply_if_finite(oc.chain(oc.sgd(0.1), oc.swa()), 3), oc.scale(2.0)),
+  ):
+    with pytest.raises(ValueError, match="place the averaging transformations last"):
+      make()
+  tx = oc.chain(oc.sgd(0.1), oc.inject_hyperparams(oc.ema_params)(decay=0.0))
+  state = tx.init(P)
+  updates, state = tx.update(G, state, P)
+  np.testing.assert_allclose(
+    oc.averaged_params(state, kind="ema")["w"], oc.apply_updates(P, updates)["w"], rtol=1e-6
+  )
+
+
+def test_inject_hyperparams_checks_a_users_own_factory_by_its_own_rules():
+  """Optax's factories are checked by name as ours (``b1`` of ``optax.adam``); a factory of
+  the user's own may give ``beta`` or ``decay`` any meaning, so only it checks them."""
+
+  def smooth_sign(beta, decay):
+    scale = lambda g: jnp.tanh(beta * g) * decay
+    return oc.GradientTransformation(
+      lambda p: oc.EmptyState(), lambda u, s, p=None, **e: (jax.tree.map(scale, u), s)
+    )
+
+  tx = oc.inject_hyperparams(smooth_sign)(beta=5.0, decay=2.0)
+  updates, _ = tx.update(G, tx.init(P), P)
+  np.testing.assert_allclose(updates["w"], 2.0 * np.tanh(5.0 * np.asarray(G["w"])), rtol=1e-6)
+  with pytest.raises(ValueError, match=r"`b1` must lie in \[0, 1\)"):
+    oc.inject_hyperparams(optax.adam)(learning_rate=0.1, b1=1.5)
 
 
 @pytest.mark.parametrize(

@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 
 from optcompose import tree as otree
-from optcompose.core.base import GradientTransformation, mark_averager
+from optcompose.core.base import _READS_FINAL, GradientTransformation, mark_averager
 from optcompose.core.hyperparams import SchedulableBuilder, rebuilt_each_step
 from optcompose.core.validation import Hyper, check_count, declare
 
@@ -148,6 +148,16 @@ def _call_error(name: str, signature: inspect.Signature, kwargs: dict, error: Ty
   return f"{name}(): {error}"
 
 
+def mark_reads_final(tx: Any, *inner: Any) -> Any:
+  """``tx``, marked as holding an averager (``ema_params``, ``swa``) when one of ``inner``
+  (transformations, or trees of them: a wrapper's arguments) does, so that ``chain`` refuses
+  what would change the updates after it, as it does for the averager itself."""
+  is_tx = lambda x: callable(getattr(x, "init", None)) and callable(getattr(x, "update", None))
+  if any(getattr(t, "update", None) in _READS_FINAL for t in jax.tree.leaves(inner, is_leaf=is_tx)):
+    _READS_FINAL.add(tx.update)
+  return tx
+
+
 def public(
   kind: str,
   *,
@@ -192,7 +202,7 @@ def public(
         hyper.check(name, arg, arguments[arg])
       tx = builder(**arguments)
       tx = _floating_updates_only(tx, name) if guard else tx
-      return mark_averager(tx) if averager else tx
+      return mark_averager(tx) if averager else mark_reads_final(tx, *arguments.values())
 
     @functools.wraps(builder)
     def wrapper(*args, **kwargs):

@@ -32,6 +32,7 @@ from optcompose.core import (
   public,
   rebuilt_each_step,
 )
+from optcompose.core.registry import mark_reads_final
 from optcompose.core.validation import TAKEN, UNUSABLE, check_held, is_real_like, taken_by_schedule
 
 
@@ -148,21 +149,38 @@ def inject_hyperparams(
     for name, schedule in schedules.items():
       if getattr(schedule, UNUSABLE, None):
         raise ValueError(f"{who}: `{name}`: {getattr(schedule, UNUSABLE)}")
-    if not ours:  # another library's factory (Optax's): its values checked by name as ours
+    if not ours and _optax_s(inner_factory):  # Optax's: its values checked by name as ours
       dtype = hyperparam_dtype or default_float()
       for name, value in numeric.items():
         check_held(name, name, value, jnp.asarray(value, dtype=dtype), fn=who)
-    else:
+    elif ours:
       _check_values_taken(inner_factory, fixed, numeric, schedules)
-    return rebuilt_each_step(
+    tx = rebuilt_each_step(
       lambda values: inner_factory(**fixed, **values),
       numeric,
       schedules,
       who=who,
       dtype=hyperparam_dtype,
     )
+    return mark_reads_final(tx, _built(inner_factory, fixed, numeric, schedules))
 
   return factory
+
+
+def _optax_s(factory: Callable) -> bool:
+  """Whether ``factory`` is Optax's, whose arguments mean what ours of the same name do (a
+  factory of the user's own may give ``beta`` or ``decay`` any meaning: it checks them)."""
+  return getattr(factory, "__module__", "").partition(".")[0] == "optax"
+
+
+def _built(factory: Callable, fixed: dict, numeric: dict, schedules: dict) -> Any:
+  """``factory`` built with the values of step 0 (what the wrapper runs), or None."""
+  try:
+    return factory(
+      **fixed, **numeric, **{n: s(jnp.zeros([], jnp.int32)) for n, s in schedules.items()}
+    )
+  except Exception:  # the build's own errors are the first update's to raise
+    return None
 
 
 def _check_values_taken(factory: Callable, fixed: dict, numeric: dict, schedules: dict) -> None:
