@@ -42,6 +42,7 @@ import optax
 from optcompose import tree as otree
 from optcompose.core import current_hyperparams
 from optcompose.recipe.early_stopping import EarlyStoppingState
+from optcompose.wrappers.control import MultiStepsState
 from optcompose.wrappers.finite import ApplyIfFiniteState
 from optcompose.wrappers.diagnostics import DiagnosticsState, _python_scalar
 from optcompose.wrappers.measures import leading_clip_norm
@@ -74,6 +75,7 @@ _MEASURED = (
   "nonfinite",
 )
 _FINITE_STATES = (ApplyIfFiniteState, optax.ApplyIfFiniteState)
+_THROUGH = (*_FINITE_STATES, MultiStepsState, optax.MultiStepsState)
 _ARRAY_LIKE = (jax.Array, np.ndarray, np.generic, numbers.Number)
 
 
@@ -128,7 +130,8 @@ def metrics(opt_state: Any) -> dict:
   grad_norm       float32  ||g|| of the latest update, from the first DiagnosticsState;
                            without one, the norm stored by a
                            clip_by_global_norm that comes first in the chain
-                           (inside apply_if_finite too): the gradients' norm
+                           (inside apply_if_finite and multi_steps too: there,
+                           of the latest real step's mean gradient)
   update_norm     float32  ||u||, the update returned (DiagnosticsState)
   param_norm      float32  ||w||, the parameters the update was computed at
   update_ratio    float32  ||u|| / ||w|| (DiagnosticsState)
@@ -182,9 +185,10 @@ def metrics(opt_state: Any) -> dict:
   if diagnostics is not None:
     out.update({name: _value(getattr(diagnostics, name)) for name in _MEASURED})
     out["step"] = _value(diagnostics.count)
-  elif (norm := leading_clip_norm(opt_state, through=_FINITE_STATES)) is not None:
+  elif (norm := leading_clip_norm(opt_state, through=_THROUGH)) is not None:
     # Only a clip that comes first measured the gradients (a later one, other updates);
-    # apply_if_finite hands its inner transformation the gradients unchanged.
+    # apply_if_finite hands its inner transformation the gradients unchanged, multi_steps
+    # their mean over the micro-steps (the norm of the latest real step's).
     out["grad_norm"] = _value(norm)
   hyperparams = current_hyperparams(opt_state)
   if "learning_rate" not in out and "learning_rate" in hyperparams:

@@ -433,3 +433,18 @@ def test_a_clip_that_is_not_first_is_not_the_gradient_norm():
   _, first_state = first.update(g, first.init(params), params)
   assert "grad_norm" not in metrics(late_state)
   assert to_host(metrics(first_state))["grad_norm"] == pytest.approx(np_norm(g), rel=1e-6)
+
+
+def test_grad_norm_is_read_through_gradient_accumulation():
+  """The training-safety guide's recipe, multi_steps(apply_if_finite(chain(clip, adamw))),
+  logged no grad_norm: the clip's norm (of the micro-steps' mean gradient, on the latest real
+  step) is read through ours and Optax's MultiSteps."""
+  params = initial_params()
+  g = gradient(params)
+  inner = oc.apply_if_finite(oc.chain(oc.clip_by_global_norm(1.0), oc.adamw(1e-3)), 3)
+  for tx in (oc.multi_steps(inner, 2), optax.MultiSteps(inner, 2).gradient_transformation()):
+    state = tx.init(params)
+    with jax.numpy_dtype_promotion("standard"):  # Optax's MultiSteps divides an int32 count
+      for _ in range(2):
+        _, state = tx.update(g, state, params)
+    assert to_host(metrics(state))["grad_norm"] == pytest.approx(np_norm(g), rel=1e-6)

@@ -136,8 +136,8 @@ def leading_clip_norm(state: Any, through: tuple = ()) -> Optional[jax.Array]:
   while True:
     if isinstance(state, ClipByGlobalNormState):
       return state.global_norm
-    if isinstance(state, (InjectHyperparamsState, *through)):
-      state = state.inner_state
+    if isinstance(state, (InjectHyperparamsState, *through)):  # multi_steps': inner_opt_state
+      state = getattr(state, "inner_state", None) or state.inner_opt_state
     elif type(state) in (tuple, list) and state:
       state = state[0]
     else:
