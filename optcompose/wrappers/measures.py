@@ -137,7 +137,8 @@ def leading_clip_norm(state: Any, through: tuple = ()) -> Optional[jax.Array]:
     if isinstance(state, ClipByGlobalNormState):
       return state.global_norm
     if isinstance(state, (InjectHyperparamsState, *through)):  # multi_steps': inner_opt_state
-      state = getattr(state, "inner_state", None) or state.inner_opt_state
+      inner = "inner_opt_state" if hasattr(state, "inner_opt_state") else "inner_state"
+      state = getattr(state, inner)
     elif type(state) in (tuple, list) and state:
       state = state[0]
     else:
