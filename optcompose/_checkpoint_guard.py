@@ -6,16 +6,70 @@ error, never a user's file or a half-written checkpoint.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import os
 import pathlib
 import re
+import threading
 from typing import Any
 
 import jax
 import numpy as np
 
 from optcompose._checkpoint_check import FORMAT_KEY, CheckpointMismatchError, _like
+
+try:
+  import fcntl
+except ImportError:  # not POSIX: no locks
+  fcntl = None
+
+# The directories this process holds a lock on, (device, inode) -> the threads holding it: a
+# save started by a signal handler that interrupted a save to the same place, in the same
+# thread, would wait for its own lock forever (flock is per open file, not per process).
+_HELD: dict = {}
+_HELD_GUARD = threading.Lock()
+
+
+@contextlib.contextmanager
+def _locked(directory: pathlib.Path, exclusive: bool = True):
+  """Hold ``flock`` on ``directory`` itself (nothing to clean up); no lock where unsupported.
+
+  Raises:
+    RuntimeError: this thread already holds it (a signal handler saving while the save it
+      interrupted holds the lock), instead of waiting for itself forever.
+  """
+  fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)) if fcntl else None
+  key, me = None, threading.get_ident()
+  try:
+    if fd is not None and fcntl is not None:  # fd is None exactly when fcntl is
+      stat = os.fstat(fd)
+      with _HELD_GUARD:
+        if me in _HELD.get((stat.st_dev, stat.st_ino), ()):
+          raise RuntimeError(
+            f"a checkpoint save or restore in {directory} is under way in this thread, "
+            "interrupted (by a signal handler saving, say), and this one would wait for it "
+            "forever: save elsewhere, or set a flag in the handler and save after the step"
+          )
+      try:
+        fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+      except OSError as e:  # a file system without flock: proceed unlocked
+        if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF):
+          raise
+      key = (stat.st_dev, stat.st_ino)
+      with _HELD_GUARD:
+        _HELD.setdefault(key, []).append(me)
+    yield
+  finally:
+    if key is not None:
+      with _HELD_GUARD:
+        _HELD[key].remove(me)
+        if not _HELD[key]:
+          del _HELD[key]
+    if fd is not None:
+      os.close(fd)  # releases the lock
+
 
 SIDECAR = "optcompose_checkpoint.json"  # checksums and layouts inside an Orbax directory
 

@@ -24,30 +24,8 @@ import jax
 import numpy as np
 
 from optcompose._checkpoint_check import CHECKSUM, FORMAT, CheckpointCorruptError
-from optcompose._checkpoint_guard import SIDECAR
+from optcompose._checkpoint_guard import SIDECAR, _locked  # noqa: F401 -- _locked: checkpoint's
 from optcompose.flat import FlatParams
-
-try:
-  import fcntl
-except ImportError:  # not POSIX: no locks
-  fcntl = None
-
-
-@contextlib.contextmanager
-def _locked(directory: pathlib.Path, exclusive: bool = True):
-  """Hold ``flock`` on ``directory`` itself (nothing to clean up); no lock where unsupported."""
-  fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)) if fcntl else None
-  try:
-    if fd is not None and fcntl is not None:  # fd is None exactly when fcntl is
-      try:
-        fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
-      except OSError as e:  # a file system without flock: proceed unlocked
-        if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF):
-          raise
-    yield
-  finally:
-    if fd is not None:
-      os.close(fd)  # releases the lock
 
 
 def _ours(path: pathlib.Path) -> re.Pattern:

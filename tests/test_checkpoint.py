@@ -480,3 +480,50 @@ def test_another_optimizer_s_state_differing_only_by_an_empty_state_is_named(
     match=rf"does not match `target`: `\['opt_state'\]\[2\]` is only in {side}",
   ):
     restore_checkpoint(tmp_path / "c.msgpack", {"opt_state": make[restored].init(params)})
+
+
+def test_a_save_interrupted_by_a_handler_saving_to_the_same_place_raises_instead_of_hanging(
+  tmp_path,
+):
+  """A SIGTERM handler that saves once more, arriving while a periodic save to the same
+  directory holds its lock in the same thread, waited for itself forever (flock is per open
+  file); it now raises at once, and the interrupted save's lock is released by its own
+  cleanup. Another thread holding the lock is still waited for."""
+  import signal
+  import threading
+
+  from optcompose._checkpoint_guard import _locked
+
+  tree = {"w": jnp.arange(3.0)}
+  save_checkpoint(tmp_path / "c.msgpack", tree)
+  fired = []
+
+  def on_term(signum, frame):
+    fired.append(signum)
+    save_checkpoint(tmp_path / "final.msgpack", tree)
+
+  previous = signal.signal(signal.SIGTERM, on_term)
+  try:
+    with pytest.raises(RuntimeError, match="would wait for it forever"):
+      with _locked(tmp_path):  # a save under way in this thread
+        os.kill(os.getpid(), signal.SIGTERM)
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+  assert fired and not (tmp_path / "final.msgpack").exists()
+  save_checkpoint(tmp_path / "final.msgpack", tree)  # the lock is free again
+  assert np.array_equal(restore_checkpoint(tmp_path / "c.msgpack", tree)["w"], tree["w"])
+
+  held, done = threading.Event(), []
+
+  def other():
+    with _locked(tmp_path):
+      held.set()
+      threading.Event().wait(0.2)
+
+  worker = threading.Thread(target=other)
+  worker.start()
+  held.wait()
+  save_checkpoint(tmp_path / "c.msgpack", tree)  # waits for the other thread, then saves
+  done.append(True)
+  worker.join()
+  assert done
