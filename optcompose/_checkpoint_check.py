@@ -52,8 +52,7 @@ _KIND_OF_PYTHON = {bool: "b", int: "iu", float: "f", complex: "c"}
 
 
 def _is_orbax_scalar(leaf: Any) -> bool:
-  """Orbax's record of a saved Python number (only Orbax's own reads produce one, so Orbax is
-  then imported already; nothing is imported here)."""
+  """Orbax's record of a saved Python number (only Orbax's reads make one: nothing imported)."""
   metadata = sys.modules.get("orbax.checkpoint.metadata")
   return metadata is not None and isinstance(leaf, metadata.ScalarMetadata)
 
@@ -127,13 +126,8 @@ def _mismatches(saved: dict, target: Any) -> list:
         problems.append(f"{name} is missing from the checkpoint")
       continue
     got = _spec(saved[path])
-    if (
-      want.python is not None
-      and got.python is None
-      and got.shape == ()
-      and (got.dtype.kind in _KIND_OF_PYTHON.get(want.python, ""))
-    ):
-      continue  # a Python number in the template: a 0-d array of its kind, kept as saved
+    if _number_and_scalar(want, got) or _number_and_scalar(got, want):
+      continue  # a Python number on one side, a 0-d array of its kind on the other
     if want.python is not None or got.python is not None:
       if want.python is not got.python:
         problems.append(
@@ -174,13 +168,20 @@ def _check(fn: str, where: Optional[PathLike], saved: dict, target: Any) -> None
     )
 
 
+def _number_and_scalar(number: Any, array: Any) -> bool:
+  """A Python number's spec and a 0-d array's of its kind (Flax's ``TrainState`` step: 0)."""
+  kinds = _KIND_OF_PYTHON.get(number.python, "")
+  return array.python is None and array.shape == () and array.dtype.kind in kinds
+
+
 def _like(value: Any, template: Any) -> Any:
   """``value`` (already checked against ``template``) as the kind of object the template is."""
   if isinstance(template, (jax.Array, jax.ShapeDtypeStruct)):
     if isinstance(value, jax.Array):  # Orbax placed it as the template asked
       return value
     sharding = getattr(template, "sharding", None)
-    return jax.device_put(np.asarray(value), sharding)  # sharding None: the default device
+    dtype = template.dtype if isinstance(value, _PYTHON_SCALARS) else None  # Flax's step 0
+    return jax.device_put(np.asarray(value, dtype), sharding)  # sharding None: default device
   if isinstance(template, np.ndarray):
     return np.array(value, copy=True)  # writable, not a view of the file's buffer
   if isinstance(template, np.generic):
@@ -203,11 +204,8 @@ def _check_storable(state: Any, path: tuple = ()) -> None:
     )
   if state is None or isinstance(state, (np.ndarray, np.generic, jax.Array) + _PYTHON_SCALARS):
     return
-  hint = (
-    " (for an nnx.State: save nnx.to_pure_dict(state))"
-    if type(state).__module__.startswith("flax.nnx")
-    else ""
-  )
+  nnx = type(state).__module__.startswith("flax.nnx")
+  hint = " (for an nnx.State: save nnx.to_pure_dict(state))" if nnx else ""
   raise TypeError(
     f"save_checkpoint: `{_saved_keystr(path)}` is a {type(state).__name__}, which "
     "flax.serialization does not know how to store. Convert it to a dict of arrays"
@@ -217,6 +215,8 @@ def _check_storable(state: Any, path: tuple = ()) -> None:
 
 def _abstract(leaf: Any, saved: Any) -> Any:
   """The restore request Orbax expects for a template leaf (``saved``: its metadata)."""
+  if _spec(saved).python is not None and not isinstance(leaf, _PYTHON_SCALARS):
+    return _spec(saved).python()  # a Python number saved for a 0-d array: read as saved
   if isinstance(leaf, _PYTHON_SCALARS) and _spec(saved).python is None:
     return jax.ShapeDtypeStruct((), saved.dtype)  # a 0-d array saved for a Python number
   if isinstance(leaf, jax.ShapeDtypeStruct):

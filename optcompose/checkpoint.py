@@ -358,10 +358,10 @@ def restore_orbax_checkpoint(directory: Any, target: Any) -> Any:
       restored = checkpointer.restore(directory, abstract)
     except (OSError, ValueError) as e:
       raise _damaged(directory, e, "arrays") if _is_damage(e) else e
-  restored = guard.like_target(fn, directory, restored, target)
-  if sidecar:
+  checked = guard.like_target(fn, directory, restored, target)
+  if sidecar:  # on the leaves as saved (a Python number saved for a 0-d array: as a number)
     _verify(fn, directory, sidecar["leaves"], _leaves(restored))
-  return restored
+  return checked
 
 
 def check_against_template(checkpoint: Any, target: Any, *, where: Any = None) -> None:

@@ -527,3 +527,28 @@ def test_a_save_interrupted_by_a_handler_saving_to_the_same_place_raises_instead
   done.append(True)
   worker.join()
   assert done
+
+
+def test_a_python_step_saved_at_step_0_restores_into_an_array_template(tmp_path):
+  """Flax's ``TrainState.create`` leaves ``step`` a Python int, so a checkpoint saved at step
+  0 holds ``0``; the template of a resume (``jax.eval_shape`` or a trained state) holds an
+  int32 array. Refused as a mismatch before, and the Orbax path called the checkpoint
+  damaged (its checksum was compared after the conversion); a number of another kind is
+  still refused."""
+  tree = {"step": 0, "lr": 0.5, "w": jnp.arange(3.0)}
+  template = {"step": jnp.zeros([], jnp.int32), "lr": jnp.zeros([], jnp.float32), "w": jnp.zeros(3)}
+  abstract = jax.eval_shape(lambda: template)
+  save_checkpoint(tmp_path / "c.msgpack", tree)
+  save_orbax_checkpoint(tmp_path / "orbax", tree)
+  for restored in (
+    restore_checkpoint(tmp_path / "c.msgpack", template),
+    restore_orbax_checkpoint(tmp_path / "orbax", template),
+    restore_orbax_checkpoint(tmp_path / "orbax", abstract),
+  ):
+    assert restored["step"].dtype == jnp.int32 and int(restored["step"]) == 0
+    assert restored["lr"].dtype == jnp.float32 and float(restored["lr"]) == 0.5
+    np.testing.assert_array_equal(restored["w"], tree["w"])
+  wrong = {**template, "step": jnp.zeros([], jnp.float32)}
+  for restore, where in ((restore_checkpoint, "c.msgpack"), (restore_orbax_checkpoint, "orbax")):
+    with pytest.raises(CheckpointMismatchError, match=r"`\['step'\]` is a Python int"):
+      restore(tmp_path / where, wrong)
