@@ -215,8 +215,8 @@ def _check_storable(state: Any, path: tuple = ()) -> None:
 
 def _abstract(leaf: Any, saved: Any) -> Any:
   """The restore request Orbax expects for a template leaf (``saved``: its metadata)."""
-  if _spec(saved).python is not None and not isinstance(leaf, _PYTHON_SCALARS):
-    return _spec(saved).python()  # a Python number saved for a 0-d array: read as saved
+  if (number := _spec(saved).python) is not None and not isinstance(leaf, _PYTHON_SCALARS):
+    return number()  # a Python number saved for a 0-d array: read as saved
   if isinstance(leaf, _PYTHON_SCALARS) and _spec(saved).python is None:
     return jax.ShapeDtypeStruct((), saved.dtype)  # a 0-d array saved for a Python number
   if isinstance(leaf, jax.ShapeDtypeStruct):
