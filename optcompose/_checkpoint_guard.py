@@ -117,9 +117,10 @@ def file_target(fn: str, path: pathlib.Path, tree: Any = None) -> None:
   """Raise a ValueError unless ``path`` can take a msgpack checkpoint: its nearest existing
   ancestor is a directory, and ``path`` is absent, empty, or a checkpoint of this library
   (which a save replaces, as saving every epoch to one path expects), or a msgpack state dict
-  of Flax's (an older checkpoint, which restore reads). Any other file there
-  is the user's: a mistyped path must not overwrite a script or another tool's data. A
-  ``tree`` given is checked for typed PRNG keys (:func:`no_typed_keys`)."""
+  of Flax's with the top-level keys of ``tree``'s (an older checkpoint of the same run, which
+  restore reads). Any other file there is the user's: a mistyped path must not overwrite a
+  script or another tool's data (a metrics file, downloaded weights). A ``tree`` given is
+  checked for typed PRNG keys (:func:`no_typed_keys`)."""
   if tree is not None:
     no_typed_keys(fn, tree)
   if path.is_dir():
@@ -135,7 +136,7 @@ def file_target(fn: str, path: pathlib.Path, tree: Any = None) -> None:
   if path.exists():
     with open(path, "rb") as f:
       head = f.read(64)
-    if head and FORMAT_KEY.encode() not in head and not _bare_state_dict(path):
+    if head and FORMAT_KEY.encode() not in head and not _bare_state_dict(path, tree):
       raise ValueError(
         f"{fn}: {path} exists and is not an optcompose checkpoint: a save replaces only a "
         "checkpoint it wrote, never another file. Move or delete it, or save under another "
@@ -143,16 +144,19 @@ def file_target(fn: str, path: pathlib.Path, tree: Any = None) -> None:
       )
 
 
-def _bare_state_dict(path: pathlib.Path) -> bool:
-  """Whether ``path`` holds a msgpack state dict (``flax.serialization.to_bytes``): the older
-  checkpoints :func:`~optcompose.checkpoint.restore_checkpoint` reads, which a save may
-  replace like its own (resuming an old run at its path)."""
+def _bare_state_dict(path: pathlib.Path, tree: Any) -> bool:
+  """Whether ``path`` holds a msgpack state dict (``flax.serialization.to_bytes``) with the
+  top-level keys of ``tree``'s: an older checkpoint of the same run, which
+  :func:`~optcompose.checkpoint.restore_checkpoint` reads and a save may replace like its own
+  (resuming an old run at its path). Another tool's msgpack dict has other keys."""
   from flax import serialization
 
   try:
-    return isinstance(serialization.msgpack_restore(path.read_bytes()), dict)
+    old = serialization.msgpack_restore(path.read_bytes())
   except Exception:  # not msgpack at all
     return False
+  new = serialization.to_state_dict(tree) if tree is not None else None
+  return isinstance(old, dict) and isinstance(new, dict) and set(old) == set(new)
 
 
 def file_source(fn: str, path: Any) -> None:

@@ -403,6 +403,14 @@ def test_a_msgpack_save_never_replaces_a_file_it_did_not_write(tmp_path):
   assert_same(ck.restore_checkpoint(old, run_tree(0)), run_tree(3))
   ck.save_checkpoint(old, run_tree(4))
   assert_same(ck.restore_checkpoint(old, run_tree(0)), run_tree(4))
+  # Another tool's msgpack dict (a metrics file, downloaded weights: other top-level keys)
+  # is the user's data, not an older checkpoint of this run.
+  metrics = tmp_path / "metrics.msgpack"
+  metrics.write_bytes(serialization.to_bytes({"loss": np.arange(3.0)}))
+  with pytest.raises(ValueError, match="metrics.msgpack exists and is not an optcompose"):
+    ck.save_checkpoint(metrics, run_tree(1))
+  assert serialization.msgpack_restore(metrics.read_bytes())["loss"].tolist() == [0.0, 1.0, 2.0]
+  metrics.unlink()
   ours = tmp_path / "ckpt.msgpack"
   ours.touch()  # empty: nothing to lose
   for version in (1, 2):
