@@ -45,8 +45,9 @@ def _locked(directory: pathlib.Path, exclusive: bool = True):
   try:
     if fd is not None and fcntl is not None:  # fd is None exactly when fcntl is
       stat = os.fstat(fd)
+      held = (stat.st_dev, stat.st_ino)
       with _HELD_GUARD:
-        if me in _HELD.get((stat.st_dev, stat.st_ino), ()):
+        if me in _HELD.get(held, ()):
           raise RuntimeError(
             f"a checkpoint save or restore in {directory} is under way in this thread, "
             "interrupted (by a signal handler saving, say), and this one would wait for it "
@@ -57,7 +58,7 @@ def _locked(directory: pathlib.Path, exclusive: bool = True):
       except OSError as e:  # a file system without flock: proceed unlocked
         if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF):
           raise
-      key = (stat.st_dev, stat.st_ino)
+      key = held
       with _HELD_GUARD:
         _HELD.setdefault(key, []).append(me)
     yield
@@ -113,15 +114,16 @@ def replaceable(fn: str, directory: pathlib.Path) -> None:
     )
 
 
-def file_target(fn: str, path: pathlib.Path, tree: Any = None) -> None:
+def file_target(fn: str, path: pathlib.Path, tree: Any = None, check_keys: bool = True) -> None:
   """Raise a ValueError unless ``path`` can take a msgpack checkpoint: its nearest existing
   ancestor is a directory, and ``path`` is absent, empty, or a checkpoint of this library
   (which a save replaces, as saving every epoch to one path expects), or a msgpack state dict
   of Flax's with the top-level keys of ``tree``'s (an older checkpoint of the same run, which
   restore reads). Any other file there is the user's: a mistyped path must not overwrite a
   script or another tool's data (a metrics file, downloaded weights). A ``tree`` given is
-  checked for typed PRNG keys (:func:`no_typed_keys`)."""
-  if tree is not None:
+  checked for typed PRNG keys (:func:`no_typed_keys`) unless ``check_keys`` is False (checked
+  already)."""
+  if tree is not None and check_keys:
     no_typed_keys(fn, tree)
   if path.is_dir():
     raise ValueError(

@@ -141,7 +141,7 @@ def save_checkpoint(path: PathLike, tree: Any) -> pathlib.Path:
   )
   path.parent.mkdir(parents=True, exist_ok=True)
   with _locked(path.parent):
-    guard.file_target("save_checkpoint", path, tree)  # again under the lock
+    guard.file_target("save_checkpoint", path, tree, check_keys=False)  # again, locked
     _remove_leftovers(path)
     _write_atomically(path, data)
   return path

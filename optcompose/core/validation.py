@@ -206,9 +206,8 @@ def check_count(name: str, state: Any) -> None:
   if shape != () or not jnp.issubdtype(dtype, jnp.integer) or isinstance(count, bool):
     raise TypeError(
       f"{name}: `state.count` must be an integer scalar (int32, as init makes it), got "
-      f"{dtype}{list(shape)}; a state cast leaf by leaf (to bfloat16, say) casts "
-      "its counts too: cast only the floating-point moments (or use the optimizer's "
-      "mu_dtype / nu_dtype arguments)."
+      f"{dtype}{list(shape)}; a state cast leaf by leaf (to bfloat16, say) casts its counts "
+      "too: cast only the floating-point moments (or use the optimizer's mu_dtype / nu_dtype)."
     )
 
 
@@ -225,9 +224,8 @@ def check_state_dtype(fn_name: str, name: str, dtype: Any) -> None:
     ) from None
   if not jnp.issubdtype(resolved, jnp.inexact):
     raise TypeError(
-      f"{fn_name}: `{name}` must be a floating-point dtype (such as jnp.float32 "
-      f"or jnp.bfloat16; complex for complex parameters) or None, got {resolved}: an integer "
-      "or boolean state "
+      f"{fn_name}: `{name}` must be a floating-point dtype (such as jnp.float32 or jnp.bfloat16; "
+      f"complex for complex parameters) or None, got {resolved}: an integer or boolean state "
       "would be truncated at every step."
     )
 
@@ -245,6 +243,12 @@ UNUSABLE = "_optcompose_unusable"
 def taken_by_schedule(error: Exception, name: str) -> Exception:
   """``error`` (a range check's) saying that the value is one the schedule ``name`` takes."""
   return type(error)(f"{error} The schedule given as `{name}` takes that value (or tends to it).")
+
+
+def check_usable(fn: str, name: str, value: Any) -> None:
+  """Raise the ValueError a schedule marked :data:`UNUSABLE` carries, naming ``fn``'s ``name``."""
+  if callable(value) and getattr(value, UNUSABLE, None):
+    raise ValueError(f"{fn}: `{name}`: {getattr(value, UNUSABLE)}")
 
 
 class Hyper(NamedTuple):
@@ -295,8 +299,7 @@ class Hyper(NamedTuple):
       return
     ranges = dict(low=self.low, high=self.high, low_open=self.low_open, high_open=self.high_open)
     check_hyperparameter(fn, name, value, **ranges)
-    if callable(value) and getattr(value, UNUSABLE, None):
-      raise ValueError(f"{fn}: `{name}`: {getattr(value, UNUSABLE)}")
+    check_usable(fn, name, value)
     for taken in getattr(value, TAKEN, ()) if callable(value) else ():
       if float(np.asarray(taken, default_float())) == 0:
         taken = 0.0  # a product that underflows: 0 as the schedule computes it, not a typo

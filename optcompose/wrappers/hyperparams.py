@@ -33,7 +33,13 @@ from optcompose.core import (
   rebuilt_each_step,
 )
 from optcompose.core.registry import mark_reads_final
-from optcompose.core.validation import TAKEN, UNUSABLE, check_held, is_real_like, taken_by_schedule
+from optcompose.core.validation import (
+  TAKEN,
+  check_held,
+  check_usable,
+  is_real_like,
+  taken_by_schedule,
+)
 
 
 def _is_static_by_name(name: str) -> bool:
@@ -147,14 +153,17 @@ def inject_hyperparams(
       else:
         fixed[name] = value
     for name, schedule in schedules.items():
-      if getattr(schedule, UNUSABLE, None):
-        raise ValueError(f"{who}: `{name}`: {getattr(schedule, UNUSABLE)}")
+      check_usable(who, name, schedule)
+    try:
+      at_0 = {n: s(jnp.zeros([], jnp.int32)) for n, s in schedules.items()}
+    except Exception:  # a schedule's own error: init names it
+      at_0 = None
     if not ours and _optax_s(inner_factory):  # Optax's: its values checked by name as ours
       dtype = hyperparam_dtype or default_float()
       for name, value in numeric.items():
         check_held(name, name, value, jnp.asarray(value, dtype=dtype), fn=who)
-    elif ours:
-      _check_values_taken(inner_factory, fixed, numeric, schedules)
+    elif ours and at_0 is not None:
+      _check_values_taken(inner_factory, fixed, numeric, schedules, at_0)
     tx = rebuilt_each_step(
       lambda values: inner_factory(**fixed, **values),
       numeric,
@@ -162,7 +171,7 @@ def inject_hyperparams(
       who=who,
       dtype=hyperparam_dtype,
     )
-    return mark_reads_final(tx, _built(inner_factory, fixed, numeric, schedules))
+    return mark_reads_final(tx, _built(inner_factory, fixed, numeric, at_0))
 
   return factory
 
@@ -173,29 +182,26 @@ def _optax_s(factory: Callable) -> bool:
   return getattr(factory, "__module__", "").partition(".")[0] == "optax"
 
 
-def _built(factory: Callable, fixed: dict, numeric: dict, schedules: dict) -> Any:
+def _built(factory: Callable, fixed: dict, numeric: dict, at_0: Optional[dict]) -> Any:
   """``factory`` built with the values of step 0 (what the wrapper runs), or None."""
   try:
-    return factory(
-      **fixed, **numeric, **{n: s(jnp.zeros([], jnp.int32)) for n, s in schedules.items()}
-    )
+    return None if at_0 is None else factory(**fixed, **numeric, **at_0)
   except Exception:  # the build's own errors are the first update's to raise
     return None
 
 
-def _check_values_taken(factory: Callable, fixed: dict, numeric: dict, schedules: dict) -> None:
+def _check_values_taken(
+  factory: Callable, fixed: dict, numeric: dict, schedules: dict, at_0: dict
+) -> None:
   """Build ``factory`` with each value a schedule records as taken (a peak, a floor: see
   ``optcompose.core.TAKEN``), the other schedules at step 0, so that its range checks see the
-  values a schedule reaches later, as a builder given the schedule itself does.
+  values a schedule reaches later, as a builder given the schedule itself does (``at_0``:
+  every schedule's value at step 0).
 
   A value refused there is accepted when some other schedule's recorded value makes the
   build pass: a check of two values together (``eps`` and ``eps_root`` both 0) must not
   pair one schedule's end with another's start, which it may never meet."""
   if not any(getattr(s, TAKEN, ()) for s in schedules.values()):
-    return
-  try:
-    at_0 = {n: s(jnp.zeros([], jnp.int32)) for n, s in schedules.items()}
-  except Exception:  # a schedule's own error: init names it
     return
 
   def builds(values: dict) -> bool:
