@@ -64,6 +64,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from optcompose import tree as otree
 from optcompose.core import GradientTransformation, Params, Updates, as_transformation
 from optcompose.core.explicit import gathered
 from optcompose.masks import broadcast_prefix, register_layout
@@ -301,7 +302,12 @@ def flat_optimizer(tx: Any, labels: Any = None, pad_to: int = 1) -> GradientTran
   # such as FlatParams: the casts below say what inner gets and gives.
 
   def init(params):
-    return inner.init(cast(Params, flat_params(_plain(params), labels, pad_to)))
+    params = _plain(params)
+    if not all(otree.is_inexact(otree.leaf_dtype(x)) for x in jax.tree.leaves(params)):
+      # inner's own checks, on the caller's tree: an error names the caller's leaf
+      # (`params.idx`), not the bucket it would be packed into (`params['int32']`).
+      jax.eval_shape(inner.init, params)
+    return inner.init(cast(Params, flat_params(params, labels, pad_to)))
 
   def update(updates, state, params=None, **extra):
     updates, params = _plain(updates), None if params is None else _plain(params)

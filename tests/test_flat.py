@@ -225,6 +225,15 @@ def test_bad_input():
     tx.update(oc.flat_params(mlp().params), tx.init(params), params)
 
 
+def test_flat_optimizer_names_the_callers_integer_leaf():
+  # An Equinox model filtered with eqx.is_array keeps integer arrays: the error names the
+  # caller's leaf, as the per-leaf path does, not the bucket it would be packed into.
+  params = {"lin": {"w": jnp.ones((3, 2))}, "idx": jnp.arange(3)}
+  for tx in (oc.adamw(1e-3), oc.flat_optimizer(oc.adamw(1e-3))):
+    with pytest.raises(TypeError, match=r"`params\['idx'\]` has dtype int32"):
+      tx.init(params)
+
+
 class MLP(nn.Module):
   dtype: jnp.dtype = jnp.float32
 

@@ -272,6 +272,12 @@ def with_diagnostics(
     grad_norm = leading_clip_norm(new_inner_state)
     if grad_norm is None:
       grad_norm = otree.global_norm(grouped(jax.tree.leaves(updates)))
+    # The updates are written out before their norm is taken: XLA CPU's library reduction
+    # (YNNPACK) would take inner's whole arithmetic into the reduction and evaluate it an
+    # operation at a time (AdamW's updates' norm: 11 ms at 8M parameters, against 5.4 ms for
+    # XLA's own parallel loop writing them plus 0.9 ms reading them). A bitcast, which that
+    # library does not take, keeps the loop apart; the values are unchanged.
+    new_updates = ordered_after(new_updates, grad_norm, min_size=ORDERED_SIZE)
     update_norm = otree.global_norm(grouped(jax.tree.leaves(new_updates))).astype(jnp.float32)
     param_norm = otree.global_norm(grouped(jax.tree.leaves(params))).astype(jnp.float32)
     return (
