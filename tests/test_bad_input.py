@@ -113,6 +113,16 @@ ROWS = [
     lambda: oc.sgd(oc.warmup_cosine_decay_schedule(0.0, -0.1, 5, 50)),
   ),
   Row(
+    "schedule-grows-unbounded",
+    "a schedule that grows without bound (`exponential_decay` with `decay_rate > 1` and no "
+    "`end_value`) for a hyperparameter bounded above (`b2` passes 1 at step 12 here)",
+    "`ValueError` at construction, naming it (a learning rate's range test is accepted: "
+    "it has no upper bound)",
+    ValueError,
+    r"adam: `b2` must lie in \[0, 1\), got 3.40\d*e\+38\. .* grows without bound",
+    lambda: oc.adam(1e-2, b2=oc.exponential_decay(0.9, 10, 1.1)),
+  ),
+  Row(
     "integer-params",
     "integer or boolean parameters",
     "`TypeError` from `init`, naming the leaf",
@@ -191,6 +201,16 @@ ROWS = [
     ValueError,
     "`eps` and `eps_root` are both 0",
     lambda: oc.adam(1e-3, eps=0.0),
+  ),
+  Row(
+    "eps-schedule-zero",
+    "an `eps` schedule that reaches 0 (`cosine_decay_schedule(1e-8, n)`) beside "
+    "`eps_root=0`: NaN from step n for a gradient that stayed 0",
+    "`ValueError` at construction, as for `eps=0` (two schedules that each reach 0, "
+    "possibly at different steps, are accepted)",
+    ValueError,
+    "`eps` and `eps_root` are both 0 .*got a schedule reaching 0 and 0.0",
+    lambda: oc.adam(1e-3, eps=oc.cosine_decay_schedule(1e-8, 10)),
   ),
   Row(
     "set-hyperparams-invalid",

@@ -148,6 +148,8 @@ def test_eps_zero_is_refused_only_where_nothing_else_guards_the_denominator():
     lambda: oc.scale_by_rms(eps=0.0),
     lambda: oc.scale_by_stddev(eps=0.0),
     lambda: oc.nadamw(0.1, eps=0.0),
+    lambda: oc.adam(0.1, eps=oc.cosine_decay_schedule(1e-8, 10)),  # 0 from step 10
+    lambda: oc.adamw(0.1, eps=oc.linear_schedule(1e-8, 0.0, 10), eps_root=0.0),
   ):
     with pytest.raises(ValueError, match="`eps`"):
       make()

@@ -33,6 +33,7 @@ import numpy as np
 from optcompose import tree as otree
 from optcompose.core.base import GradientTransformation, OptState, as_transformation, expect_state
 from optcompose.core.counting import safe_increment, zero_count
+from optcompose.core.eps_pair import check_not_both_zero  # noqa: F401  (re-exported)
 from optcompose.core.validation import (  # noqa: F401  (re-exported: the one place to look)
   DECAY,
   DECLARED,
@@ -56,7 +57,6 @@ from optcompose.core.validation import (  # noqa: F401  (re-exported: the one pl
   check_count,
   check_held,
   check_hyperparameter,
-  check_not_both_zero,
   check_state_dtype,
   checks_done,
   choice,

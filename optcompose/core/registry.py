@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 
 from optcompose import tree as otree
+from optcompose.core.eps_pair import check_not_both_zero
 from optcompose.core.base import _READS_FINAL, GradientTransformation, mark_averager
 from optcompose.core.hyperparams import SchedulableBuilder, rebuilt_each_step
 from optcompose.core.validation import Hyper, check_count, declare
@@ -217,6 +218,8 @@ def public(
         return checked(arguments)
       for n, schedule in scheduled.items():  # the values it records as taken (Hyper.check)
         hypers[n].check(name, n, schedule)
+      if {"eps", "eps_root"} <= arguments.keys():  # the builder sees step values only
+        check_not_both_zero(name, arguments["eps"], arguments["eps_root"])
       return rebuilt_each_step(
         lambda values: checked({**arguments, **values}),
         {},

@@ -2,7 +2,7 @@
 values that live in the state, and :mod:`.registry` for the declarations).
 
 Every check is written here once: :func:`check_hyperparameter` (a range, on the value in the
-dtype it is used in), :func:`check_state_dtype`, :func:`check_not_both_zero`, and
+dtype it is used in), :func:`check_state_dtype` (and :mod:`.eps_pair`'s check of ``eps`` with ``eps_root``), and
 :class:`Hyper`, what each builder declares per argument. :func:`check_held` runs the same
 checks on a value given to ``set_hyperparams``.
 """
@@ -148,28 +148,6 @@ def _check_range(fn_name, name, given, x, dtype, low, high, low_open, high_open)
     raise ValueError(f"{fn_name}: `{name}` must lie in {interval}, got {given!r}{rounded}.")
 
 
-def check_not_both_zero(fn_name: str, eps: Any, eps_root: Any) -> None:
-  """Raise a ValueError when ``eps`` and ``eps_root`` are both known to be 0: the
-  denominator ``sqrt(v + eps_root) + eps`` is then 0 for a gradient that has been exactly
-  0 since the start (a frozen or unused parameter), and the update 0 / 0 = NaN."""
-  if _SKIP_CHECKS.get() or callable(eps) or callable(eps_root):
-    return
-  if any(isinstance(v, jax.core.Tracer) for v in (eps, eps_root)):
-    return
-
-  def zero(value):  # as used: rounded to its dtype, subnormals flushed (as XLA does on CPU)
-    known = _concrete_scalar(value)
-    return known is not None and abs(known[1]) < jnp.finfo(known[2]).tiny
-
-  if zero(eps) and zero(eps_root):
-    raise ValueError(
-      f"{fn_name}: `eps` and `eps_root` are both 0 (or round to 0, or below the smallest "
-      f"normal number, in the dtype they are used in; got {eps!r} and {eps_root!r}): a "
-      "gradient that has been exactly 0 "
-      "since the start would give 0 / 0 = NaN. Make one of them positive (e.g. eps=1e-8)."
-    )
-
-
 def check_real_value(fn_name: str, name: str, value: Any, what: str) -> None:
   """Raise a TypeError naming ``fn_name``'s ``name`` unless ``value`` is a real number (a
   float or int scalar or array). Its dtype only is read, so it runs while tracing; a bool,
@@ -235,14 +213,14 @@ def check_state_dtype(fn_name: str, name: str, dtype: Any) -> None:
 # against the argument's range when it is built, not only the value at step 0 at ``init``
 # (a negative peak would otherwise train by gradient ascent once reached).
 TAKEN = "_optcompose_values_taken"
-# The attribute holding why a schedule may only be joined where it is never used (Optax's
-# 0-step linear schedule, which stays at its start): a builder given it raises that message.
+# Why a schedule may only be joined where it is never used (a 0-step linear one): raised.
 UNUSABLE = "_optcompose_unusable"
 
 
 def taken_by_schedule(error: Exception, name: str) -> Exception:
   """``error`` (a range check's) saying that the value is one the schedule ``name`` takes."""
-  return type(error)(f"{error} The schedule given as `{name}` takes that value (or tends to it).")
+  why = "takes that value (or tends to it; the largest float: it grows without bound)."
+  return type(error)(f"{error} The schedule given as `{name}` {why}")
 
 
 def check_usable(fn: str, name: str, value: Any) -> None:

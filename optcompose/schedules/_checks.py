@@ -52,11 +52,16 @@ def _taking(schedule: Schedule, *values) -> Schedule:
 def _at_last_step(schedule: Schedule) -> tuple:
   """``(schedule(2**31 - 1),)``, the value at the last step the int32 count reaches (where a
   decay toward 0 or a floor is lowest, or a growth highest): as a float, or ``()`` when it is
-  traced or not finite (an unbounded growth records nothing)."""
+  traced or NaN. A growth that overflows records the largest finite value of its dtype and
+  sign: it passes every bound (a learning rate's range test grows without one), and a
+  hyperparameter bounded above (``b2 < 1``) is refused."""
   value = schedule(jnp.asarray(MAX_STEPS, jnp.int32))
   if isinstance(value, jax.core.Tracer):
     return ()
-  last = np.asarray(value, np.float64).item()
+  value = np.asarray(value)
+  last = value.astype(np.float64).item()
+  if np.isinf(last) and np.issubdtype(value.dtype, np.floating):
+    return (float(np.copysign(np.finfo(value.dtype).max, last)),)
   return (last,) if np.isfinite(last) else ()
 
 
