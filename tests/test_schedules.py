@@ -556,9 +556,10 @@ def test_a_function_of_the_users_is_checked_at_step_0_only():
 def test_schedules_whose_values_stay_in_range_are_built():
   """No false refusal: an eps that must be > 0 decaying toward 0 without reaching it within
   the int32 count (inverse-time), a constant exponential (rate 1), an unbounded growth of a
-  learning rate (it records the largest float: a learning rate has no upper bound), a schedule between two equal boundaries (never used), a product that
-  underflows to 0 (0 is in range), a momentum rising to 1, and schedules built from traced
-  values (a sweep over restarts' peak_decay)."""
+  learning rate (it records the largest float, and a learning rate has no upper bound), a
+  schedule between two equal boundaries (never used), a product that underflows to 0 (0 is
+  in range), a momentum rising to 1, and schedules built from traced values (a sweep over
+  restarts' peak_decay)."""
   params = {"w": jnp.ones(3)}
   for tx in (
     oc.rmsprop(1e-3, eps=oc.inverse_time_decay(1e-6, 100, 1.0)),

@@ -7,7 +7,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from optcompose.core.validation import _SKIP_CHECKS, TAKEN, _concrete_scalar
 
@@ -19,9 +18,9 @@ def _zero(value: Any) -> bool:
   if callable(value):
     taken = getattr(value, TAKEN, None)
     tiny = jnp.finfo(jnp.float32).tiny
-    return bool(taken) and min(abs(float(v)) for v in taken) < tiny
+    return bool(taken and min(abs(float(v)) for v in taken) < tiny)
   known = _concrete_scalar(value)
-  return known is not None and abs(known[1]) < jnp.finfo(known[2]).tiny
+  return bool(known is not None and abs(known[1]) < jnp.finfo(known[2]).tiny)
 
 
 def check_not_both_zero(fn_name: str, eps: Any, eps_root: Any) -> None:
