@@ -20,7 +20,9 @@ hyperparameters) is replicated over the parameters' mesh.
 :func:`zero1_state_shardings` splits the parameter-shaped state over the data-parallel axis
 instead (ZeRO stage 1: the optimizer state divided among the data-parallel devices, the
 parameters as they are); :func:`zero1_flat_shardings` does it for a replicated
-:class:`~optcompose.FlatParams`, each bucket split evenly.
+:class:`~optcompose.FlatParams`, each bucket split evenly. :func:`placement_onto` lays any of
+these onto another container of the same state, matched by path (Flax NNX's
+``nnx.state(optimizer.opt_state)``, whose leaves are in another order).
 """
 
 from __future__ import annotations
@@ -30,11 +32,18 @@ from typing import Any
 import jax
 from jax.sharding import NamedSharding, PartitionSpec, Sharding
 
+from optcompose import tree as otree
 from optcompose.core import GradientTransformation
 from optcompose.flat import is_flat
 from optcompose.wrappers.masking import MaskedNode
 
-__all__ = ["state_shardings", "init_sharded", "zero1_state_shardings", "zero1_flat_shardings"]
+__all__ = [
+  "state_shardings",
+  "init_sharded",
+  "zero1_state_shardings",
+  "zero1_flat_shardings",
+  "placement_onto",
+]
 
 
 def _sharding_of(leaf: Any, path: str) -> Sharding:
@@ -206,3 +215,63 @@ def zero1_flat_shardings(
     jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), flat),
     axis,
   )
+
+
+def _name_path(key_path) -> tuple:
+  """A key path as plain names, without a Flax ``Variable``'s trailing ``value``."""
+  keys = list(key_path)
+  if keys and isinstance(keys[-1], jax.tree_util.GetAttrKey) and keys[-1].name == "value":
+    keys.pop()
+  return tuple(otree.key_name(k) for k in keys)
+
+
+def placement_onto(placement: Any, tree: Any) -> Any:
+  """``placement`` laid onto ``tree``: a tree of ``tree``'s structure whose every leaf is the
+  sharding that ``placement`` holds at the same path.
+
+  ``placement`` has the structure of ``tx.init``'s state (from :func:`state_shardings`,
+  :func:`zero1_state_shardings` or :func:`zero1_flat_shardings`); ``tree`` holds that state in
+  another container. Paths are compared by their names (attribute names, dict keys and
+  sequence indices alike: ``.mu`` is ``['mu']``, ``[0]`` is ``[0]``), without a Flax
+  ``Variable``'s trailing ``.value`` on either side. Flax NNX's ``nnx.state(opt.opt_state)``
+  is such a tree: every state's fields are in another order there (by name), so its leaves
+  cannot be matched by position::
+
+      placement = oc.sharding.zero1_state_shardings(tx, nnx.state(model, nnx.Param))
+      state = nnx.state(optimizer.opt_state)
+      nnx.update(optimizer.opt_state, jax.device_put(state, placement_onto(placement, state)))
+
+  Args:
+    placement: shardings with the structure of ``tx.init``'s state.
+    tree: the same state in another container (arrays or abstract leaves; only the paths
+      are read).
+
+  Returns:
+    A tree of shardings with ``tree``'s structure (``jax.device_put``'s or ``jax.jit``'s
+    ``in_shardings``/``out_shardings`` for it).
+
+  Raises:
+    ValueError: a leaf of ``tree`` has no sharding in ``placement`` at its path, or two
+      leaves of ``placement`` have the same names (the message names them).
+  """
+  by_path: dict = {}
+  for key_path, sharding in jax.tree_util.tree_flatten_with_path(placement)[0]:
+    names = _name_path(key_path)
+    if names in by_path:
+      raise ValueError(
+        f"placement_onto: `placement{jax.tree_util.keystr(tuple(key_path))}` has the same "
+        f"names as another of its leaves ({'/'.join(names)}): it cannot be matched by path."
+      )
+    by_path[names] = sharding
+
+  def find(key_path, _):
+    names = _name_path(key_path)
+    if names not in by_path:
+      raise ValueError(
+        f"placement_onto: `tree{jax.tree_util.keystr(tuple(key_path))}` has no sharding in "
+        f"`placement` (no leaf at {'/'.join(names) or 'the root'}): is `placement` for this "
+        "optimizer's state?"
+      )
+    return by_path[names]
+
+  return jax.tree_util.tree_map_with_path(find, tree)
