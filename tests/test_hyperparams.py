@@ -197,6 +197,28 @@ def test_live_hyperparameters_with_nnx_optimizer():
   np.testing.assert_array_equal(np.asarray(model.bias[...]), after_one)
 
 
+def test_hyperparams_are_read_and_set_in_nnx_state_and_pure_dicts():
+  """``nnx.state(opt.opt_state)`` holds each state as a mapping of its fields (and the
+  checkpoint guide saves ``nnx.to_pure_dict`` of it): both are read and set as the live
+  state is, as Optax's ``tree_get`` reads them; ``nnx.update`` takes the set values back."""
+  model = nnx.Linear(3, 1, rngs=nnx.Rngs(0))
+  tx = oc.chain(oc.clip_by_global_norm(1.0), oc.inject_hyperparams(oc.adamw)(1e-3))
+  opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  state = nnx.state(opt.opt_state)
+  pure = nnx.to_pure_dict(nnx.state(opt))["opt_state"]
+  live = oc.current_hyperparams(opt.opt_state)
+  assert live["learning_rate"] == np.float32(1e-3)
+  for tree in (state, pure):
+    assert oc.current_hyperparams(tree) == live
+  nnx.update(opt.opt_state, oc.set_hyperparams(state, learning_rate=0.05))
+  assert float(oc.current_hyperparams(opt.opt_state)["learning_rate"]) == np.float32(0.05)
+  changed = oc.set_hyperparams(pure, weight_decay=0.2)
+  assert float(oc.current_hyperparams(changed)["weight_decay"]) == np.float32(0.2)
+  assert oc.current_hyperparams(pure)["weight_decay"] == np.float32(1e-4)  # not in place
+  with pytest.raises(ValueError, match="weight_decay"):
+    oc.set_hyperparams(state, weight_decay=-1.0)
+
+
 def test_bfloat16_params_keep_float32_hyperparameters_and_finite_updates():
   """b2 = 0.999 rounds to 1.0 in bfloat16; stored as float32 the first update is finite."""
   params = {"w": jnp.ones(8, jnp.bfloat16)}

@@ -24,6 +24,7 @@ import functools
 import inspect
 import numbers
 import warnings
+from collections.abc import Mapping
 from typing import Any, Callable, NamedTuple, Protocol, cast
 
 import jax
@@ -254,13 +255,35 @@ def with_schedules(*names: str):
 # Reading and replacing the values in force, in any state.
 
 
+# The keys of an injected state turned into a mapping (Flax NNX's ``nnx.state``, a restored
+# pytree): ours and Optax's InjectHyperparamsState, Optax's InjectStatefulHyperparamsState.
+_AS_MAPPING = (
+  {"count", "hyperparams", "inner_state"},
+  {"count", "hyperparams", "hyperparams_states", "inner_state"},
+)
+
+
 def holds_hyperparams(node: Any) -> bool:
   """Whether a state node holds hyperparameters: a NamedTuple with a ``hyperparams`` dict
-  (ours, Optax's ``inject_hyperparams`` states, ``reduce_on_plateau``'s scale)."""
-  return hasattr(node, "_fields") and isinstance(getattr(node, "hyperparams", None), dict)
+  (ours, Optax's ``inject_hyperparams`` states, ``reduce_on_plateau``'s scale), or an injected
+  state as a mapping of its fields (``nnx.state(optimizer.opt_state)``, a pure dict)."""
+  if hasattr(node, "_fields"):
+    return isinstance(getattr(node, "hyperparams", None), dict)
+  return (
+    isinstance(node, Mapping)
+    and {str(k) for k in node} in _AS_MAPPING
+    and isinstance(node["hyperparams"], Mapping)
+  )
+
+
+def _held(node: Any) -> Mapping:
+  """A holder's ``{name: value}`` (see :func:`holds_hyperparams`)."""
+  return node.hyperparams if hasattr(node, "_fields") else node["hyperparams"]
 
 
 def _with_values(node: Any, values: dict) -> Any:
+  if not hasattr(node, "_fields"):  # a mapping: rebuilt of its own types
+    return type(node)({**node, "hyperparams": type(node["hyperparams"])(values)})
   replace = getattr(node, "with_hyperparams", None)
   return replace(values) if replace is not None else node._replace(hyperparams=values)
 
@@ -269,7 +292,9 @@ def current_hyperparams(state: Any) -> dict:
   """The hyperparameters in force, read from any optimizer state.
 
   Args:
-    state: any state: optcompose's or Optax's, nested in any wrapper or container.
+    state: any state: optcompose's or Optax's, nested in any wrapper or container, also
+      with its states turned into mappings of their fields (``nnx.state(opt.opt_state)``,
+      ``nnx.to_pure_dict``, a checkpoint restored without a template).
 
   Returns:
     ``{name: scalar}``: the values used by the latest update (before the first update,
@@ -283,7 +308,7 @@ def current_hyperparams(state: Any) -> dict:
   """
   out = {}
   for path, node in otree.find_nodes(state, holds_hyperparams):
-    for name, value in node.hyperparams.items():
+    for name, value in _held(node).items():
       wrapped = jax.tree.leaves(value)  # an nnx.Optimizer's state: a Variable (a pytree)
       if len(wrapped) == 1 and not isinstance(value, (jax.Array, np.ndarray, np.generic)):
         value = wrapped[0]
@@ -320,12 +345,10 @@ def set_hyperparams(state: Any, **values) -> Any:
     Optax's ``optax.tree_utils.tree_set`` (replacing named values in a state).
   """
   holders = otree.find_nodes(state, holds_hyperparams)
-  qualified = {
-    "/".join(path + (n,)): (id(node), n) for path, node in holders for n in node.hyperparams
-  }
+  qualified = {"/".join(path + (n,)): (id(node), n) for path, node in holders for n in _held(node)}
   by_name: dict = {}
   for path, node in holders:
-    for n in node.hyperparams:
+    for n in _held(node):
       by_name.setdefault(n, []).append("/".join(path + (n,)))
   unknown = sorted(set(values) - set(by_name) - set(qualified))
   if unknown:
@@ -354,16 +377,18 @@ def set_hyperparams(state: Any, **values) -> Any:
         )
       if np.ndim(value) != 0:
         raise ValueError(f"set_hyperparams: `{key}` must be a scalar, got shape {np.shape(value)}.")
-      old = jnp.asarray(nodes[holder].hyperparams[name])
+      held = _held(nodes[holder])[name]
+      old = jnp.asarray(jax.tree.leaves(held)[0])  # an nnx Variable holds one array
       with np.errstate(over="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # an overflow is reported below
         stored = jnp.asarray(value, dtype=old.dtype).reshape(old.shape)
       check_held(key, name, value, stored)
-      new[name] = stored
+      wrapped = not isinstance(held, (jax.Array, np.ndarray, np.generic, numbers.Number))
+      new[name] = jax.tree.map(lambda _, v=stored: v, held) if wrapped else stored
 
   def replace(node):
     if id(node) not in assignments:
       return node
-    return _with_values(node, {**node.hyperparams, **assignments[id(node)]})
+    return _with_values(node, {**_held(node), **assignments[id(node)]})
 
   return otree.replace_nodes(state, holds_hyperparams, replace)
