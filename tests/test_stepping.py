@@ -68,6 +68,33 @@ def test_multi_steps_takes_its_step_form():
 
 
 @pytest.mark.float64
+@pytest.mark.parametrize(
+  "make",
+  [
+    lambda: oc.multi_steps(oc.sgd(1.0), 2),
+    lambda: oc.apply_if_finite(oc.sgd(1.0), 3),
+    lambda: oc.lookahead_in_state(oc.sgd(1.0), 2, 0.5),
+  ],
+  ids=["multi_steps", "apply_if_finite", "lookahead"],
+)
+def test_step_forms_return_weakly_typed_parameters_strongly_typed(make):
+  """A parameter made by ``jnp.asarray(0.3)`` is weakly typed; ``apply_updates`` returns it
+  strongly typed, and so does every step form (a micro-step or skip that kept it weak made
+  its float64 gradient average in float32 beside the accumulator): bit for bit, eagerly."""
+  tx = make()
+  loss = lambda p: (p["b"] - 1.0 / 3.0) ** 2 * 1.2345678901234567  # noqa: E731
+  with x64():
+    params = {"b": jnp.asarray(0.3)}
+    assert params["b"].weak_type
+    a = b = (params, tx.init(params))
+    for _ in range(4):
+      a, b = by_update(tx, *a, jax.grad(loss)(a[0])), oc.step(tx, jax.grad(loss)(b[0]), b[1], b[0])
+      assert not b[0]["b"].weak_type
+      for x, y in zip(bits(a), bits(b), strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.float64
 @pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
 @pytest.mark.parametrize("reset_state", [False, True])
 @pytest.mark.parametrize(

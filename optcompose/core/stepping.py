@@ -22,6 +22,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
+import jax
+
 from optcompose.core.base import STEP, apply_updates, as_transformation
 
 
@@ -78,7 +80,12 @@ def step(tx: Any, grads: Any, opt_state: Any, params: Any, **extra) -> tuple:
   if params is None:  # named here, not by whichever member reads them first
     raise ValueError("step: `params` is None; the step updates the parameters.")
   if fast is not None:
-    return fast(grads, opt_state, params, **extra)
+    new_params, opt_state = fast(grads, opt_state, params, **extra)
+    # Strongly typed, as apply_updates returns them: a weakly typed parameter kept by a
+    # skipped or accumulating call would later be promoted otherwise (a float64 gradient of
+    # it averaged in float32 beside a float32 accumulator).
+    strong = lambda x: x.astype(x.dtype) if getattr(x, "weak_type", False) else x  # noqa: E731
+    return jax.tree.map(strong, new_params), opt_state
   updates, opt_state = tx.update(grads, opt_state, params, **extra)
   return apply_updates(params, updates), opt_state
 
