@@ -252,6 +252,16 @@ ROWS = [
     _update_call(oc.sgd(1e-3, 0.9), {"dense": {"kernel": jnp.ones((3, 1)), "bias": jnp.ones(2)}}),
   ),
   Row(
+    "updates-shape-stateless",
+    "the same through a transformation without state of the parameters' shapes (plain SGD, "
+    "`clip`, `clip_by_global_norm`; Optax passes it on, and Flax's `apply_gradients` "
+    "broadcasts it)",
+    "`ValueError` from `update`, naming the path and both shapes",
+    ValueError,
+    r"`updates\['dense'\]\['kernel'\]` has shape \(3, 1\) but `params.* \(it would be broadcast\)",
+    _update_call(oc.sgd(1e-3), {"dense": {"kernel": jnp.ones((3, 1)), "bias": jnp.ones(2)}}),
+  ),
+  Row(
     "apply-updates-mismatch",
     "`apply_updates` with a tree or shape that differs",
     "`ValueError`, naming the path",

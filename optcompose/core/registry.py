@@ -80,10 +80,31 @@ def _floating_updates_only(tx: GradientTransformation, name: str) -> GradientTra
       "set_to_zero)",
     )
     _complex_for_real(name, updates, params, state)
+    _same_shapes(name, updates, params)
     check_count(name, state)
     return tx.update(updates, state, params, **extra)
 
   return GradientTransformation(tx.init, update)
+
+
+def _same_shapes(name: str, updates: Any, params: Any) -> None:
+  """Raise a ValueError naming the first leaf whose update's shape is not its parameter's,
+  where the two trees have one structure (a stateless member, plain SGD or a clip, would
+  pass a (3, 1) gradient of a (3, 2) parameter on, and ``apply_updates`` of Optax or Flax
+  broadcast it). Other structures are the members' own to check."""
+  if params is None:
+    return
+  u_leaves, u_def = jax.tree.flatten(updates)
+  p_leaves, p_def = jax.tree.flatten(params)
+  if u_def != p_def or all(jnp.shape(u) == jnp.shape(p) for u, p in zip(u_leaves, p_leaves)):
+    return
+  for (path, u), p in zip(jax.tree_util.tree_flatten_with_path(updates)[0], p_leaves):
+    if jnp.shape(u) != jnp.shape(p):
+      where = jax.tree_util.keystr(tuple(path))
+      raise ValueError(
+        f"{name}: `updates{where}` has shape {jnp.shape(u)} but `params{where}` has shape "
+        f"{jnp.shape(p)} (it would be broadcast)."
+      )
 
 
 def _complex_for_real(name: str, updates: Any, params: Any, state: Any) -> None:

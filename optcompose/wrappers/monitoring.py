@@ -229,7 +229,7 @@ def measure_with_ema(
         f"measure_with_ema: the state must be the pair (EmptyState(), "
         f"EmaState) of its init, got {type(state).__name__}."
       )
-    out, ema_state = average.update(measured(updates), state[1], params)
+    out, ema_state = average.update(measured(updates), state[1])  # a measurement, not of params
     return out, (state[0], ema_state)
 
   return GradientTransformation(init, update)
