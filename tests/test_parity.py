@@ -147,7 +147,9 @@ def assert_lockstep(case, prob, steps, jit, ulps):
 # jitted runs are the bfloat16 and float16 tests below.
 F32_PARAMS = [
   p
-  for p in by_case(OPTAX_CASES, ("quadratic", "mlp"), ("jit", "eager"))
+  for p in by_case(
+    [c for c in OPTAX_CASES if c.f32_like_optax], ("quadratic", "mlp"), ("jit", "eager")
+  )
   if (p.values[1], p.values[2]) == ("mlp", "jit")
   or (p.values[1], p.values[2]) == ("quadratic", "eager")
   and p.values[0].eager
