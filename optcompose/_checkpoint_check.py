@@ -63,7 +63,7 @@ def _spec(leaf: Any) -> _Spec:
     kind = np.dtype(leaf.dtype).kind
     python = next((t for t, kinds in _KIND_OF_PYTHON.items() if kind in kinds), None)
     return _Spec((), np.dtype(leaf.dtype), python)
-  if isinstance(leaf, _PYTHON_SCALARS):
+  if isinstance(leaf, _PYTHON_SCALARS) and not isinstance(leaf, np.generic):  # np.float64 too
     return _Spec((), None, type(leaf))
   if hasattr(leaf, "dtype") and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
     leaf = jax.eval_shape(jax.random.key_data, leaf)  # a typed key: saved as its bits
@@ -187,7 +187,9 @@ def _like(value: Any, template: Any) -> Any:
   if isinstance(template, np.generic):
     return np.asarray(value)[()]
   if isinstance(value, (np.ndarray, np.generic)):  # a 0-d array for a Python number
-    return jax.device_put(value)
+    kept = np.asarray(value).dtype  # a jax.Array would narrow int64 / float64 without x64:
+    exact = jax.dtypes.canonicalize_dtype(kept) == kept  # then the exact Python number
+    return jax.device_put(value) if exact else np.asarray(value).item()
   return value  # a Python value
 
 
@@ -382,7 +384,6 @@ def _check_layouts(fn: str, where: PathLike, saved: list, target: Any) -> None:
     describe = lambda e: (
       "no leaf"
       if e is None
-      # noqa: E731
       else f"`{e[0]}` of shape {tuple(e[1])} at offset {e[4]} of bucket {e[2]!r}"
     )
     raise CheckpointMismatchError(
@@ -394,7 +395,6 @@ def _check_layouts(fn: str, where: PathLike, saved: list, target: Any) -> None:
 
 
 # ----------------------------------------------------------------------------------------
-# The formats: msgpack files' header and FlatParams in them; Orbax directories' sidecar of
-# checksums and layouts, Orbax's metadata and its errors.
+# The formats: msgpack header and FlatParams in it; Orbax's sidecar, metadata and errors.
 
 FORMAT_KEY, FORMAT = "__optcompose_checkpoint__", 2  # msgpack files; 1 was the bare state dict

@@ -12,8 +12,8 @@ and resuming is rebuilding the same objects from code and filling in their array
 
 The template fixes the structure, every leaf's shape and dtype, and the type each leaf comes
 back as: a ``jax.Array`` placed with the template leaf's sharding, NumPy, or a Python number
-(which also accepts a saved 0-d array of its kind, returned as a ``jax.Array``: Flax's
-``TrainState.create`` starts ``step`` at the int 0, a jitted step makes it an int32 array).
+(also for a saved 0-d array of its kind, returned as a ``jax.Array``, or exactly as a number
+where one would narrow it: Flax's ``TrainState`` step starts at the int 0, then int32).
 Leaves may be ``jax.ShapeDtypeStruct``: ``jax.eval_shape(tx.init, params)`` costs no memory.
 
 **Checks.** Restoring compares the checkpoint with the template before anything is built and

@@ -82,12 +82,25 @@ _ARRAY_LIKE = (jax.Array, np.ndarray, np.generic, numbers.Number)
 _KINDS = (DiagnosticsState, EarlyStoppingState) + _FINITE_STATES
 
 
+def _kind_of(node: Any) -> Any:
+  """The kind of state ``node`` is, of those metrics() reads, or None. A state turned into a
+  mapping of its fields (Flax NNX's ``nnx.state(opt.opt_state)``, ``nnx.to_pure_dict``) is
+  one of its kind too, its empty inner state possibly gone."""
+  kind = next((k for k in _KINDS if isinstance(node, k)), None)
+  if kind is None and isinstance(node, Mapping) and not hasattr(node, "_fields"):
+    keys = {str(k) for k in node}
+    kind = next((k for k in _KINDS if keys in ({*k._fields}, {*k._fields} - {"inner_state"})), None)
+  return kind
+
+
 def _first_of_each_kind(state: Any) -> dict:
   """``{kind: the first node of that kind}`` over ``state`` (in tree order, the root
-  included), for the kinds metrics() reads; one walk."""
+  included), for the kinds metrics() reads, a mapping as its NamedTuple; one walk."""
   first: dict = {}
-  for _, node in otree.find_nodes(state, lambda node: isinstance(node, _KINDS)):
-    kind = next(k for k in _KINDS if isinstance(node, k))
+  for _, node in otree.find_nodes(state, lambda node: _kind_of(node) is not None):
+    kind = _kind_of(node)
+    if not isinstance(node, kind):
+      node = kind(**{f: node.get(f) for f in kind._fields})
     first.setdefault(_FINITE_STATES if kind in _FINITE_STATES else kind, node)
   return first
 

@@ -552,3 +552,21 @@ def test_a_python_step_saved_at_step_0_restores_into_an_array_template(tmp_path)
   for restore, where in ((restore_checkpoint, "c.msgpack"), (restore_orbax_checkpoint, "orbax")):
     with pytest.raises(CheckpointMismatchError, match=r"`\['step'\]` is a Python int"):
       restore(tmp_path / where, wrong)
+
+
+def test_wide_numpy_scalars_come_back_exactly(tmp_path):
+  """A 0-d int64 or float64 (a token count from ``np.sum``, a loss from ``np.mean``) saved
+  for a Python-number template came back through a jax.Array, narrowed to int32 / float32
+  without x64 (5e9 as 705032704): it comes back as the exact Python number. A template of
+  NumPy's own scalar (``np.float64(0.0)``, a subclass of Python's float) was refused as
+  "a Python float64": it takes the saved scalar. Through msgpack and Orbax alike."""
+  tree = {"tokens": np.int64(5_000_000_000), "loss": np.mean(np.array([0.1234567890123] * 2))}
+  save_checkpoint(tmp_path / "c.msgpack", tree)
+  save_orbax_checkpoint(tmp_path / "orbax", tree)
+  for restore, where in ((restore_checkpoint, "c.msgpack"), (restore_orbax_checkpoint, "orbax")):
+    restored = restore(tmp_path / where, {"tokens": 0, "loss": 0.0})
+    assert restored["tokens"] == 5_000_000_000 and type(restored["tokens"]) is int
+    assert restored["loss"] == tree["loss"] and type(restored["loss"]) is float
+    restored = restore(tmp_path / where, {"tokens": np.int64(0), "loss": np.float64(0.0)})
+    assert restored["tokens"] == tree["tokens"] and restored["tokens"].dtype == np.int64
+    assert restored["loss"] == tree["loss"] and restored["loss"].dtype == np.float64

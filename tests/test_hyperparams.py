@@ -219,6 +219,24 @@ def test_hyperparams_are_read_and_set_in_nnx_state_and_pure_dicts():
     oc.set_hyperparams(state, weight_decay=-1.0)
 
 
+def test_a_scheduled_rate_and_diagnostics_are_read_from_nnx_state():
+  """A learning-rate schedule given to ``adamw`` keeps its state with an empty inner state,
+  which ``nnx.state`` drops: read all the same; and ``metrics`` reads ``with_diagnostics``'
+  fields from ``nnx.state`` as from the live state."""
+  model = nnx.Linear(3, 1, rngs=nnx.Rngs(0))
+  schedule = oc.warmup_cosine_decay_schedule(0.0, 1e-2, 5, 50)
+  opt = nnx.Optimizer(model, oc.with_diagnostics(oc.adamw(schedule)), wrt=nnx.Param)
+  opt.update(model, nnx.grad(lambda m: jnp.sum(m(jnp.ones((2, 3))) ** 2))(model))
+  live = oc.current_hyperparams(opt.opt_state)
+  assert float(live["learning_rate"]) == pytest.approx(float(schedule(0)))
+  for tree in (nnx.state(opt.opt_state), nnx.to_pure_dict(nnx.state(opt))["opt_state"]):
+    assert oc.current_hyperparams(tree) == live
+    got, want = oc.metrics.metrics(tree), oc.metrics.metrics(opt.opt_state)
+    assert set(got) == set(want) and "grad_norm" in got and "learning_rate" in got
+    for key in want:
+      np.testing.assert_array_equal(np.asarray(got[key]), np.asarray(want[key]))
+
+
 def test_bfloat16_params_keep_float32_hyperparameters_and_finite_updates():
   """b2 = 0.999 rounds to 1.0 in bfloat16; stored as float32 the first update is finite."""
   params = {"w": jnp.ones(8, jnp.bfloat16)}

@@ -256,11 +256,16 @@ def with_schedules(*names: str):
 
 
 # The keys of an injected state turned into a mapping (Flax NNX's ``nnx.state``, a restored
-# pytree): ours and Optax's InjectHyperparamsState, Optax's InjectStatefulHyperparamsState.
-_AS_MAPPING = (
-  {"count", "hyperparams", "inner_state"},
-  {"count", "hyperparams", "hyperparams_states", "inner_state"},
-)
+# pytree): ours and Optax's InjectHyperparamsState, Optax's InjectStatefulHyperparamsState;
+# an empty inner state (a scheduled hyperparameter's EmptyState) leaves no key there.
+_AS_MAPPING = [
+  keys - empty
+  for keys in (
+    {"count", "hyperparams", "inner_state"},
+    {"count", "hyperparams", "hyperparams_states", "inner_state"},
+  )
+  for empty in (set(), {"inner_state"})
+]
 
 
 def holds_hyperparams(node: Any) -> bool:
