@@ -217,12 +217,15 @@ def zero1_flat_shardings(
   )
 
 
-def _name_path(key_path) -> tuple:
-  """A key path as plain names, without a Flax ``Variable``'s trailing ``value``."""
-  keys = list(key_path)
-  if keys and isinstance(keys[-1], jax.tree_util.GetAttrKey) and keys[-1].name == "value":
-    keys.pop()
-  return tuple(otree.key_name(k) for k in keys)
+def _variables() -> tuple:
+  """Flax NNX's Variable types (a Variable is a pytree node of one ``value``), if Flax is
+  installed."""
+  try:
+    from flax import nnx
+  except ImportError:  # pragma: no cover -- Flax is a dependency of the tests
+    return ()
+  older = vars(nnx).get("VariableState")  # flax < 0.12 (later an alias that warns)
+  return (nnx.Variable,) if older is None else (nnx.Variable, older)
 
 
 def placement_onto(placement: Any, tree: Any) -> Any:
@@ -232,8 +235,8 @@ def placement_onto(placement: Any, tree: Any) -> Any:
   ``placement`` has the structure of ``tx.init``'s state (from :func:`state_shardings`,
   :func:`zero1_state_shardings` or :func:`zero1_flat_shardings`); ``tree`` holds that state in
   another container. Paths are compared by their names (attribute names, dict keys and
-  sequence indices alike: ``.mu`` is ``['mu']``, ``[0]`` is ``[0]``), without a Flax
-  ``Variable``'s trailing ``.value`` on either side. Flax NNX's ``nnx.state(opt.opt_state)``
+  sequence indices alike: ``.mu`` is ``['mu']``, ``[0]`` is ``[0]``), a Flax ``Variable``
+  on either side standing for the value it holds. Flax NNX's ``nnx.state(opt.opt_state)``
   is such a tree: every state's fields are in another order there (by name), so its leaves
   cannot be matched by position::
 
@@ -254,9 +257,12 @@ def placement_onto(placement: Any, tree: Any) -> Any:
     ValueError: a leaf of ``tree`` has no sharding in ``placement`` at its path, or two
       leaves of ``placement`` have the same names (the message names them).
   """
+  variables = _variables()
+  is_variable = lambda x: isinstance(x, variables)  # noqa: E731 -- a Variable is one leaf here
   by_path: dict = {}
-  for key_path, sharding in jax.tree_util.tree_flatten_with_path(placement)[0]:
-    names = _name_path(key_path)
+  for key_path, sharding in jax.tree_util.tree_flatten_with_path(placement, is_variable)[0]:
+    names = tuple(otree.key_name(k) for k in key_path)
+    sharding = jax.tree.leaves(sharding)[0] if is_variable(sharding) else sharding
     if names in by_path:
       raise ValueError(
         f"placement_onto: `placement{jax.tree_util.keystr(tuple(key_path))}` has the same "
@@ -264,14 +270,15 @@ def placement_onto(placement: Any, tree: Any) -> Any:
       )
     by_path[names] = sharding
 
-  def find(key_path, _):
-    names = _name_path(key_path)
+  def find(key_path, leaf):
+    names = tuple(otree.key_name(k) for k in key_path)
     if names not in by_path:
       raise ValueError(
         f"placement_onto: `tree{jax.tree_util.keystr(tuple(key_path))}` has no sharding in "
         f"`placement` (no leaf at {'/'.join(names) or 'the root'}): is `placement` for this "
         "optimizer's state?"
       )
-    return by_path[names]
+    found = by_path[names]
+    return jax.tree.map(lambda _: found, leaf) if is_variable(leaf) else found
 
-  return jax.tree_util.tree_map_with_path(find, tree)
+  return jax.tree_util.tree_map_with_path(find, tree, is_leaf=is_variable)

@@ -86,6 +86,17 @@ def test_radam_rectification_is_exact_to_float32_rounding():
   assert worst <= 4 * np.finfo(np.float32).eps, worst
 
 
+def test_radam_rectification_has_finite_gradients_in_b2():
+  """Differentiating r_t in b2 (an injected b2 in meta-learning): finite at every count,
+  where a power of a large x would overflow (x = t (-log b2) > 88 in float32)."""
+  from optcompose.transforms.adaptive_variants import radam_rectification
+
+  for t in (1, 6, 100, 1000, 10**5, 2**31 - 1):
+    for b2 in (0.9, 0.999):
+      grad = jax.grad(lambda b, t=t: radam_rectification(b, jnp.asarray(t, jnp.int32), 5.0)[1])
+      assert np.isfinite(float(grad(jnp.float32(b2)))), (t, b2)
+
+
 def test_radam_float32_steps_follow_the_float64_formula():
   """Twenty float32 steps of radam, from the same gradients, against the update a NumPy
   float64 RAdam computes (m, v, their corrections, rho_t and r_t): within 16 epsilons of the

@@ -553,6 +553,29 @@ def test_a_function_of_the_users_is_checked_at_step_0_only():
   tx.init({"w": jnp.ones(3)})  # no error
 
 
+def test_a_join_is_bounded_by_what_each_piece_takes_while_used():
+  """A piece cut off by the next boundary is bounded by the values it takes before it, not
+  by all it would take later: a growth used for 100 steps then held at 0.9 never passes 0.9
+  (it recorded the largest float), and an eps decaying toward 0 over 2000 steps but used
+  for 1000 never reaches 0. Both are built; the same pieces left to run on are refused."""
+  growth = oc.exponential_decay(0.5, 100, 1.8)  # 0.5 * 1.8^(t/100): 0.9 at step 100
+  params = {"w": jnp.ones(3)}
+  for tx in (
+    oc.scale_by_adam(b1=oc.join_schedules([growth, oc.constant_schedule(0.9)], [100])),
+    oc.adam(
+      1e-3,
+      eps=oc.join_schedules(
+        [oc.cosine_decay_schedule(1e-6, 2000), oc.constant_schedule(1e-8)], [1000]
+      ),
+    ),
+  ):
+    assert np.isfinite(np.asarray(tx.update(params, tx.init(params), params)[0]["w"])).all()
+  with pytest.raises(ValueError, match="grows without bound"):
+    oc.scale_by_adam(b1=growth)
+  with pytest.raises(ValueError, match="both 0"):
+    oc.adam(1e-3, eps=oc.cosine_decay_schedule(1e-6, 2000))
+
+
 def test_schedules_whose_values_stay_in_range_are_built():
   """No false refusal: an eps that must be > 0 decaying toward 0 without reaching it within
   the int32 count (inverse-time), a constant exponential (rate 1), an unbounded growth of a

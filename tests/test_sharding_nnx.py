@@ -121,3 +121,18 @@ def test_placement_onto_names_a_leaf_it_cannot_place():
   as_dicts = [{"count": s.count, "mu": s.mu, "nu": s.nu} if hasattr(s, "mu") else s for s in state]
   placed = oc.sharding.placement_onto(placement, as_dicts)
   assert jax.tree.structure(placed) == jax.tree.structure(as_dicts)
+
+
+def test_placement_onto_keeps_a_state_field_named_value_apart_from_a_variables():
+  """L-BFGS' line-search state has a field ``value``: in ``nnx.state`` it sits in a Variable
+  (``[2]['value'].value``); a Variable's own ``.value`` is told apart from the field."""
+  mesh = jax.make_mesh((1,), ("data",), devices=jax.devices("cpu")[:1])
+  with set_mesh(mesh):
+    model = Net(nnx.Rngs(0))
+    nnx.update(model, jax.device_put(nnx.state(model), NamedSharding(mesh, P())))
+    tx = oc.lbfgs()
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    placement = oc.sharding.zero1_state_shardings(tx, nnx.state(model, nnx.Param), "data")
+    state = nnx.state(optimizer.opt_state)
+    placed = oc.sharding.placement_onto(placement, state)
+  assert len(jax.tree.leaves(placed)) == len(jax.tree.leaves(state))

@@ -84,14 +84,14 @@ def test_step_forms_return_weakly_typed_parameters_strongly_typed(make):
   tx = make()
   loss = lambda p: (p["b"] - 1.0 / 3.0) ** 2 * 1.2345678901234567  # noqa: E731
   with x64():
-    params = {"b": jnp.asarray(0.3)}
-    assert params["b"].weak_type
-    a = b = (params, tx.init(params))
-    for _ in range(4):
-      a, b = by_update(tx, *a, jax.grad(loss)(a[0])), oc.step(tx, jax.grad(loss)(b[0]), b[1], b[0])
-      assert not b[0]["b"].weak_type
-      for x, y in zip(bits(a), bits(b), strict=True):
-        np.testing.assert_array_equal(x, y)
+    for params in ({"b": jnp.asarray(0.3)}, {"b": 0.3}):  # a weak array, a Python number
+      a = b = (params, tx.init(params))
+      for _ in range(4):
+        g_a, g_b = jax.grad(loss)(a[0]), jax.grad(loss)(b[0])
+        a, b = by_update(tx, *a, g_a), oc.step(tx, g_b, b[1], b[0])
+        assert isinstance(b[0]["b"], jax.Array) and not b[0]["b"].weak_type
+        for x, y in zip(bits(a), bits(b), strict=True):
+          np.testing.assert_array_equal(x, y)
 
 
 @pytest.mark.float64

@@ -23,6 +23,7 @@ import dataclasses
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 
 from optcompose.core.base import STEP, apply_updates, as_transformation
 
@@ -81,10 +82,15 @@ def step(tx: Any, grads: Any, opt_state: Any, params: Any, **extra) -> tuple:
     raise ValueError("step: `params` is None; the step updates the parameters.")
   if fast is not None:
     new_params, opt_state = fast(grads, opt_state, params, **extra)
+
     # Strongly typed, as apply_updates returns them: a weakly typed parameter kept by a
     # skipped or accumulating call would later be promoted otherwise (a float64 gradient of
     # it averaged in float32 beside a float32 accumulator).
-    strong = lambda x: x.astype(x.dtype) if getattr(x, "weak_type", False) else x  # noqa: E731
+    def strong(x):  # a Python number, a weakly typed array or tracer: a strong array
+      number = isinstance(x, (int, float, complex)) and not isinstance(x, bool)
+      weak = number or getattr(x, "weak_type", False)
+      return jnp.asarray(x).astype(jnp.result_type(x)) if weak else x
+
     return jax.tree.map(strong, new_params), opt_state
   updates, opt_state = tx.update(grads, opt_state, params, **extra)
   return apply_updates(params, updates), opt_state

@@ -217,10 +217,14 @@ TAKEN = "_optcompose_values_taken"
 UNUSABLE = "_optcompose_unusable"
 
 
-def taken_by_schedule(error: Exception, name: str) -> Exception:
-  """``error`` (a range check's) saying that the value is one the schedule ``name`` takes."""
-  why = "takes that value (or tends to it; the largest float: it grows without bound)."
-  return type(error)(f"{error} The schedule given as `{name}` {why}")
+def taken_by_schedule(error: Exception, name: str, value: Any = None) -> Exception:
+  """``error`` (a range check's) saying that the value is one the schedule ``name`` takes
+  (``value``: the largest finite float, as a schedule growing without bound records)."""
+  grows = value is not None and abs(float(value)) in (float(np.finfo(t).max) for t in "efd")
+  why = "grows without bound (recorded as the largest float)" if grows else "takes that value"
+  return type(error)(
+    f"{error} The schedule given as `{name}` {why}{'' if grows else ' (or tends to it)'}."
+  )
 
 
 def check_usable(fn: str, name: str, value: Any) -> None:
@@ -284,7 +288,7 @@ class Hyper(NamedTuple):
       try:
         check_hyperparameter(fn, name, taken, **ranges)
       except (TypeError, ValueError) as e:
-        raise taken_by_schedule(e, name) from None
+        raise taken_by_schedule(e, name, taken) from None
 
 
 def real(

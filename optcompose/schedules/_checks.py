@@ -74,6 +74,33 @@ def _unusable_from(schedule: Schedule, *inputs) -> Schedule:
   return schedule
 
 
+# A piece of a join used for at most this many steps is evaluated at each of them.
+_SAMPLED_SPAN = 1 << 16
+
+
+def _taken_in_spans(spans) -> Optional[tuple]:
+  """The values the pieces of a join take, each over the steps it is used: ``spans`` holds
+  ``(schedule, first step, end)``. A piece used for at most 2^16 steps is evaluated at each
+  of them (its least and greatest values), not bounded by all it would take later (a growth
+  cut off by the next piece never reaches the largest float); a longer or final piece, or
+  one that cannot be evaluated so, gives the values it records."""
+  taken = []
+  for s, start, end in spans:
+    values = None
+    if end - start <= _SAMPLED_SPAN:
+      try:
+        at = np.asarray(jax.vmap(s)(jnp.arange(end - start, dtype=jnp.int32)), np.float64)
+        values = (at.min(), at.max()) if at.size and np.isfinite(at).all() else None
+      except Exception:  # a schedule that takes no batch of counts: its records  # noqa: BLE001
+        values = None
+    if values is None:
+      values = _taken(s)
+      if values is None:
+        return None
+    taken.extend(float(v) for v in values)
+  return tuple(sorted(taken, key=abs, reverse=True))  # a refusal names the farthest value
+
+
 def _taken(*schedules) -> Optional[tuple]:
   """The values the ``schedules`` record together, or None if one records none."""
   found = [getattr(s, TAKEN, None) for s in schedules]

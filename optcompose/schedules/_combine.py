@@ -17,6 +17,7 @@ from optcompose.schedules._checks import (
   _number,
   _steps,
   _taken,
+  _taken_in_spans,
   _taking,
   _unusable_from,
 )
@@ -68,10 +69,10 @@ def join_schedules(schedules: Sequence[Schedule], boundaries: Sequence[int]) -> 
     return out
 
   # Only the schedules in use: one between two equal boundaries never is.
-  spans = zip(schedules, [0] + boundaries, boundaries + [MAX_STEPS + 1])
-  used = [s for s, start, end in spans if start < end]
-  taken = _taken(*used)
-  return _unusable_from(schedule if taken is None else _taking(schedule, *taken), *used)
+  spans = [x for x in zip(schedules, [0, *boundaries], [*boundaries, MAX_STEPS + 1]) if x[1] < x[2]]
+  taken = _taken_in_spans(spans)
+  joined = schedule if taken is None else _taking(schedule, *taken)
+  return _unusable_from(joined, *(s for s, _, _ in spans))
 
 
 def multiply_schedules(*schedules: Schedule) -> Schedule:

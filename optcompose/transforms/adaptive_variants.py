@@ -84,9 +84,11 @@ def radam_rectification(b2, count, threshold):
   log_b2 = -math.log(b2) if python else -jnp.log(jnp.asarray(b2, wide))
   offset = rho_inf - 2.0 / log_b2
   x = t * log_b2
-  x2 = x * x
-  series = t * (1 + x * (-1 / 6 + x2 * (1 / 360 + x2 * (-1 / 15120 + x2 / 604800))))
-  rho = jnp.where(x < 0.5, offset + series, rho_inf - 2 * t / jnp.expm1(x))
+  small = jnp.minimum(x, 0.5)  # each branch finite, and its gradient, whichever is taken
+  x2 = small * small
+  series = t * (1 + small * (-1 / 6 + x2 * (1 / 360 + x2 * (-1 / 15120 + x2 / 604800))))
+  direct = rho_inf - 2 * t / jnp.expm1(jnp.minimum(x, 80.0))  # beyond 80: < 1e-25, not inf
+  rho = jnp.where(x < 0.5, offset + series, direct)
   r = jnp.sqrt((rho - 4.0) * (rho - 2.0) * rho_inf / ((rho_inf - 4.0) * (rho_inf - 2.0) * rho))
   rectified = rho >= threshold
   return rectified, jnp.where(rectified, r, 1)

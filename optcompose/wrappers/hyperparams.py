@@ -223,7 +223,7 @@ def _check_values_taken(
           for taken in getattr(s, TAKEN, ())
         ]
         if not any(builds(values) for values in others):
-          raise taken_by_schedule(e, name) from None
+          raise taken_by_schedule(e, name, value) from None
 
 
 __all__ = []  # and the builders it registers
