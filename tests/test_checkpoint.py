@@ -560,7 +560,9 @@ def test_wide_numpy_scalars_come_back_exactly(tmp_path):
   without x64 (5e9 as 705032704): it comes back as the exact Python number. A template of
   NumPy's own scalar (``np.float64(0.0)``, a subclass of Python's float) was refused as
   "a Python float64": it takes the saved scalar. Through msgpack and Orbax alike."""
-  tree = {"tokens": np.int64(5_000_000_000), "loss": np.mean(np.array([0.1234567890123] * 2))}
+  # 0-d arrays: the oldest supported Orbax stores no NumPy scalar (np.int64) itself.
+  loss = np.asarray(np.mean(np.array([0.1234567890123] * 2)))
+  tree = {"tokens": np.asarray(5_000_000_000, np.int64), "loss": loss}
   save_checkpoint(tmp_path / "c.msgpack", tree)
   save_orbax_checkpoint(tmp_path / "orbax", tree)
   for restore, where in ((restore_checkpoint, "c.msgpack"), (restore_orbax_checkpoint, "orbax")):
