@@ -89,8 +89,9 @@ def radam_rectification(b2, count, threshold):
   series = t * (1 + small * (-1 / 6 + x2 * (1 / 360 + x2 * (-1 / 15120 + x2 / 604800))))
   direct = rho_inf - 2 * t / jnp.expm1(jnp.minimum(x, 80.0))  # beyond 80: < 1e-25, not inf
   rho = jnp.where(x < 0.5, offset + series, direct)
-  r = jnp.sqrt((rho - 4.0) * (rho - 2.0) * rho_inf / ((rho_inf - 4.0) * (rho_inf - 2.0) * rho))
   rectified = rho >= threshold
+  rho = jnp.where(rectified, rho, rho_inf)  # r = 1 there: no sqrt(< 0), whose gradient is NaN
+  r = jnp.sqrt((rho - 4.0) * (rho - 2.0) * rho_inf / ((rho_inf - 4.0) * (rho_inf - 2.0) * rho))
   return rectified, jnp.where(rectified, r, 1)
 
 
