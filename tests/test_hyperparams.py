@@ -470,3 +470,25 @@ def test_current_hyperparams_of_an_nnx_optimizer_are_arrays():
   values = oc.current_hyperparams(opt.opt_state)
   assert isinstance(values["learning_rate"], jax.Array)
   np.testing.assert_allclose(float(values["learning_rate"]), 1e-2, rtol=1e-7)
+
+
+def test_set_hyperparams_on_a_sweep_state_made_by_vmap():
+  """``jax.vmap(tx.init)`` over learning rates holds one value each: a scalar sets them all,
+  an array of that shape one each (as Optax's ``tree_set``), each value range-checked; a
+  value of another shape is refused, naming it."""
+  tx = oc.inject_hyperparams(oc.sgd)(learning_rate=0.01)
+  params = {"w": jnp.ones(2)}
+  sweep = jax.vmap(lambda _: tx.init(params))(jnp.arange(3))
+  assert oc.current_hyperparams(sweep)["learning_rate"].shape == (3,)
+  np.testing.assert_array_equal(
+    oc.current_hyperparams(oc.set_hyperparams(sweep, learning_rate=0.5))["learning_rate"],
+    np.full(3, 0.5, np.float32),
+  )
+  each = oc.set_hyperparams(sweep, learning_rate=np.array([0.1, 0.2, 0.3]))
+  np.testing.assert_array_equal(
+    oc.current_hyperparams(each)["learning_rate"], np.array([0.1, 0.2, 0.3], np.float32)
+  )
+  with pytest.raises(ValueError, match="learning_rate"):
+    oc.set_hyperparams(sweep, learning_rate=np.array([0.1, -0.2, 0.3]))
+  with pytest.raises(ValueError, match=r"`learning_rate` must be a scalar or of shape \(3,\)"):
+    oc.set_hyperparams(sweep, learning_rate=np.array([0.1, 0.2]))

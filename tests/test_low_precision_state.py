@@ -8,6 +8,7 @@ the donated moment buffers first (benchmarks/bf16_moments_variants.py: 2.4x to 3
 AdamW's float32 step on CPU before, 0.8x to 1.0x after).
 """
 
+import contextlib
 import os
 import re
 
@@ -19,6 +20,7 @@ import optax
 import pytest
 
 import optcompose as oc
+from numerics import x64
 
 BF16 = jnp.bfloat16
 # XLA keeps a value computed in float32 and rounded to bfloat16 in float32 within a fusion
@@ -205,3 +207,54 @@ def test_bf16_mu_adamw_compiles_to_optax_s_program():
     theirs = entry_operations(optax.adamw(1e-3, weight_decay=1e-4, mu_dtype=BF16))
   assert ours == theirs
   assert sum(op[2] == "kLoop" and "[262144]" in op[0] for op in ours) == 3
+
+
+_S = oc.linear_schedule(0.9, 0.5, 10)
+# Hyperparameters held as float32 arrays (injected, or a schedule's values) beside bfloat16
+# parameters, or as float64 beside float32 ones under x64: the trace of sgd, rmsprop, lars,
+# signum, trace and ema took their dtype at the first update.
+KEPT_DTYPES = {
+  "sgd-momentum-inject": lambda: oc.inject_hyperparams(oc.sgd)(learning_rate=0.1, momentum=0.9),
+  "sgd-momentum-schedule": lambda: oc.sgd(0.1, momentum=_S),
+  "sgd-nesterov-inject": lambda: oc.inject_hyperparams(oc.sgd)(
+    learning_rate=0.1, momentum=0.9, nesterov=True
+  ),
+  "rmsprop-schedules": lambda: oc.rmsprop(0.1, decay=_S, momentum=_S),
+  "lars-momentum-schedule": lambda: oc.lars(0.1, momentum=_S),
+  "signum-schedule": lambda: oc.signum(0.1, beta=_S),
+  "trace-inject": lambda: oc.inject_hyperparams(oc.trace)(decay=0.9),
+  "ema-inject": lambda: oc.inject_hyperparams(oc.ema)(decay=0.9),
+  "adafactor-inject": lambda: oc.inject_hyperparams(oc.adafactor)(learning_rate=0.1, momentum=0.9),
+  "adam-schedules": lambda: oc.adam(0.1, b1=_S, b2=oc.linear_schedule(0.99, 0.999, 10)),
+  "multi_steps-inject": lambda: oc.multi_steps(
+    oc.inject_hyperparams(oc.sgd)(learning_rate=0.1, momentum=0.9), 2
+  ),
+  "apply_if_finite-schedule": lambda: oc.apply_if_finite(oc.sgd(0.1, momentum=_S), 3),
+}
+
+
+@pytest.mark.parametrize("wide", [False, True], ids=["bfloat16", "float32-x64"])
+@pytest.mark.parametrize("name", sorted(KEPT_DTYPES))
+def test_state_and_updates_keep_their_dtypes_under_wider_hyperparameters(name, wide):
+  """Every state leaf keeps its init dtype through jitted updates (a ``lax.scan`` carry, a
+  conditional's branches and a jitted step's next call need it) and the updates keep the
+  gradients' dtype, as Optax's do; a scan of three steps runs."""
+  context = x64() if wide else contextlib.nullcontext()
+  with context:
+    dtype = jnp.float32 if wide else jnp.bfloat16
+    params = {"w": jnp.ones((4, 3), dtype)}
+    grads = {"w": jnp.full((4, 3), 0.5, dtype)}
+    tx = KEPT_DTYPES[name]()
+    state = tx.init(params)
+    updates, new_state = jax.jit(tx.update)(grads, state, params)
+    assert updates["w"].dtype == dtype
+    before = [(x.dtype, getattr(x, "weak_type", False)) for x in jax.tree.leaves(state)]
+    after = [(x.dtype, getattr(x, "weak_type", False)) for x in jax.tree.leaves(new_state)]
+    assert before == after
+
+    def body(carry, _):
+      p, s = carry
+      u, s = tx.update(grads, s, p)
+      return (oc.apply_updates(p, u), s), None
+
+    jax.lax.scan(body, (params, state), None, length=3)

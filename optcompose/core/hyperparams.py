@@ -1,6 +1,5 @@
-"""Hyperparameters: the one mechanism that keeps
-the values that change while training in the state (their ranges and validation are in
-:mod:`.validation`).
+"""Hyperparameters: the one mechanism that keeps the values that change while training in
+the state (their ranges and validation are in :mod:`.validation`).
 
 A hyperparameter is a number or a *schedule* (``Schedule = Callable[[count], scalar]``, a
 pure function of the int32 step count). Values that change while training -- scheduled ones,
@@ -255,9 +254,8 @@ def with_schedules(*names: str):
 # Reading and replacing the values in force, in any state.
 
 
-# The keys of an injected state turned into a mapping (Flax NNX's ``nnx.state``, a restored
-# pytree): ours and Optax's InjectHyperparamsState, Optax's InjectStatefulHyperparamsState;
-# an empty inner state (a scheduled hyperparameter's EmptyState) leaves no key there.
+# An injected state's keys as a mapping (``nnx.state``, a restored pytree): ours and Optax's
+# states; an empty inner state (a scheduled hyperparameter's) leaves no key there.
 _AS_MAPPING = [
   keys - empty
   for keys in (
@@ -333,7 +331,8 @@ def set_hyperparams(state: Any, **values) -> Any:
     state: any state holding hyperparameters (see :func:`current_hyperparams`), nested in
       any wrapper.
     **values: new values, stored in each holder's dtype and shape, so a jitted step does
-      not recompile. A scheduled value is recomputed from its schedule at the next update.
+      not recompile (a scalar, or one value each where ``jax.vmap(tx.init)`` made a sweep's
+      holders). A scheduled value is recomputed from its schedule at the next update.
       A name held by several nodes (two injected optimizers in ``partition``) is ambiguous:
       give ``"<path>/<name>"`` instead, as :func:`current_hyperparams` and the error list
       them (``set_hyperparams(state, **{"inner_states/a/learning_rate": 0.1})``).
@@ -380,14 +379,16 @@ def set_hyperparams(state: Any, **values) -> Any:
           f"set_hyperparams: `{key}` must be a real number, got "
           f"{type(value).__name__} {value!r:.40}."
         )
-      if np.ndim(value) != 0:
-        raise ValueError(f"set_hyperparams: `{key}` must be a scalar, got shape {np.shape(value)}.")
       held = _held(nodes[holder])[name]
       old = jnp.asarray(jax.tree.leaves(held)[0])  # an nnx Variable holds one array
+      if np.ndim(value) != 0 and np.shape(value) != old.shape:  # a vmapped init: one each
+        raise ValueError(f"set_hyperparams: `{key}` must be a scalar or of shape {old.shape}.")
       with np.errstate(over="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # an overflow is reported below
-        stored = jnp.asarray(value, dtype=old.dtype).reshape(old.shape)
-      check_held(key, name, value, stored)
+        stored = jnp.broadcast_to(jnp.asarray(value, dtype=old.dtype), old.shape)
+      one = np.ndim(value) == 0 or isinstance(value, jax.core.Tracer)  # checked once
+      for v, x in zip([value] if one else np.ravel(value), jnp.ravel(stored)):
+        check_held(key, name, v, x)
       wrapped = not isinstance(held, (jax.Array, np.ndarray, np.generic, numbers.Number))
       new[name] = jax.tree.map(lambda _, v=stored: v, held) if wrapped else stored
 

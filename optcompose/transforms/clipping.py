@@ -56,11 +56,11 @@ def _wide(x):
 
 
 def _in_wide(f, u, *others):
-  """``f(u, *others)`` with ``u`` (and ``others``) of float32 or wider, cast back to ``u``'s
-  dtype where ``u`` was float16 or bfloat16; otherwise ``f``'s own result, unchanged."""
+  """``f(u, *others)`` with ``u`` (and ``others``) of float32 or wider, in ``u``'s dtype (a
+  float64 threshold injected under x64 would otherwise promote a float32 update)."""
   wide = _wide(u)
   if wide.dtype == jnp.result_type(u):
-    return f(u, *others)
+    return f(u, *others).astype(jnp.result_type(u))
   return f(wide, *map(_wide, others)).astype(jnp.result_type(u))
 
 

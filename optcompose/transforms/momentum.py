@@ -93,7 +93,10 @@ def trace(
     # Updates keep the gradients' dtype (float16 gradients with a bfloat16 trace would
     # otherwise come out float32).
     out = otree.cast_like(out, updates)
-    return out, TraceState(trace=otree.cast(new_trace, accumulator_dtype))
+    # The state keeps its dtype (set at init): a float32 momentum from a schedule or
+    # inject_hyperparams would otherwise promote a bfloat16 trace (under x64 a float32 one),
+    # and a lax.scan carry, a conditional's branches or a jitted step's next call differ.
+    return out, TraceState(trace=otree.cast_like(new_trace, state.trace))
 
   return GradientTransformation(init, update)
 
@@ -146,7 +149,7 @@ def ema(
       out = new
     # Updates keep the gradients' dtype (float16 is debiased in float32).
     out = otree.cast_like(out, updates)
-    return out, EmaState(count, otree.cast(new, accumulator_dtype))
+    return out, EmaState(count, otree.cast_like(new, state.ema))  # its dtype kept: see trace
 
   return GradientTransformation(init, update)
 
