@@ -87,10 +87,7 @@ def _kind_of(node: Any) -> Any:
   mapping of its fields (Flax NNX's ``nnx.state(opt.opt_state)``, ``nnx.to_pure_dict``) is
   one of its kind too, its empty inner state possibly gone."""
   kind = next((k for k in _KINDS if isinstance(node, k)), None)
-  if kind is None and isinstance(node, Mapping) and not hasattr(node, "_fields"):
-    keys = {str(k) for k in node}
-    kind = next((k for k in _KINDS if keys in ({*k._fields}, {*k._fields} - {"inner_state"})), None)
-  return kind
+  return kind or next((k for k in _KINDS if otree.is_state_mapping(node, k._fields)), None)
 
 
 def _first_of_each_kind(state: Any) -> dict:

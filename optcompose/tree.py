@@ -14,6 +14,7 @@ promotion's, whatever ``jax_numpy_dtype_promotion`` says (strict mode runs them 
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -255,6 +256,16 @@ def find_nodes(tree: Any, predicate) -> list:
 
   visit((), tree)
   return found
+
+
+def is_state_mapping(node: Any, fields) -> bool:
+  """Whether ``node`` is a state of ``fields`` turned into a mapping of them (Flax NNX's
+  ``nnx.state``, ``nnx.to_pure_dict``, a checkpoint restored without a template), where an
+  empty ``inner_state`` leaves no key."""
+  if hasattr(node, "_fields") or not isinstance(node, Mapping):
+    return False
+  keys = {str(k) for k in node}
+  return keys == {*fields} or keys == {*fields} - {"inner_state"}
 
 
 def replace_nodes(tree: Any, predicate, replace) -> Any:

@@ -254,16 +254,11 @@ def with_schedules(*names: str):
 # Reading and replacing the values in force, in any state.
 
 
-# An injected state's keys as a mapping (``nnx.state``, a restored pytree): ours and Optax's
-# states; an empty inner state (a scheduled hyperparameter's) leaves no key there.
-_AS_MAPPING = [
-  keys - empty
-  for keys in (
-    {"count", "hyperparams", "inner_state"},
-    {"count", "hyperparams", "hyperparams_states", "inner_state"},
-  )
-  for empty in (set(), {"inner_state"})
-]
+# The fields of an injected state: ours and Optax's, and Optax's stateful one.
+_INJECTED = (
+  ("count", "hyperparams", "inner_state"),
+  ("count", "hyperparams", "hyperparams_states", "inner_state"),
+)
 
 
 def holds_hyperparams(node: Any) -> bool:
@@ -272,11 +267,8 @@ def holds_hyperparams(node: Any) -> bool:
   state as a mapping of its fields (``nnx.state(optimizer.opt_state)``, a pure dict)."""
   if hasattr(node, "_fields"):
     return isinstance(getattr(node, "hyperparams", None), dict)
-  return (
-    isinstance(node, Mapping)
-    and {str(k) for k in node} in _AS_MAPPING
-    and isinstance(node["hyperparams"], Mapping)
-  )
+  mapped = any(otree.is_state_mapping(node, fields) for fields in _INJECTED)
+  return mapped and isinstance(node["hyperparams"], Mapping)
 
 
 def _held(node: Any) -> Mapping:

@@ -98,13 +98,10 @@ def _same_shapes(name: str, updates: Any, params: Any) -> None:
   p_leaves, p_def = jax.tree.flatten(params)
   if u_def != p_def or all(jnp.shape(u) == jnp.shape(p) for u, p in zip(u_leaves, p_leaves)):
     return
-  for (path, u), p in zip(jax.tree_util.tree_flatten_with_path(updates)[0], p_leaves):
-    if jnp.shape(u) != jnp.shape(p):
-      where = jax.tree_util.keystr(tuple(path))
-      raise ValueError(
-        f"{name}: `updates{where}` has shape {jnp.shape(u)} but `params{where}` has shape "
-        f"{jnp.shape(p)} (it would be broadcast)."
-      )
+  try:
+    otree.check_same_structure(updates, params, "updates", "params")  # names the leaf
+  except ValueError as e:
+    raise ValueError(f"{name}: {str(e).rstrip('.')} (it would be broadcast).") from None
 
 
 def _complex_for_real(name: str, updates: Any, params: Any, state: Any) -> None:
