@@ -237,6 +237,26 @@ def test_a_scheduled_rate_and_diagnostics_are_read_from_nnx_state():
       np.testing.assert_array_equal(np.asarray(got[key]), np.asarray(want[key]))
 
 
+def test_plateau_scale_is_read_and_set_in_nnx_state_and_checked():
+  """``reduce_on_plateau``'s multiplier (``plateau_scale``) is read and set in the mapping
+  forms of its state too, and a negative one, which would ascend, is refused there as in
+  the live state."""
+  model = nnx.Linear(3, 1, rngs=nnx.Rngs(0))
+  tx = oc.chain(oc.adamw(1e-3), oc.reduce_on_plateau(patience=1))
+  opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  state = nnx.state(opt.opt_state)
+  pure = nnx.to_pure_dict(nnx.state(opt))["opt_state"]
+  for tree in (opt.opt_state, state, pure):
+    assert oc.current_hyperparams(tree) == {"plateau_scale": np.float32(1.0)}
+    assert float(oc.metrics.metrics(tree)["plateau_scale"]) == 1.0
+    with pytest.raises(ValueError, match=r"plateau_scale.*\[0, inf\)"):
+      oc.set_hyperparams(tree, plateau_scale=-0.5)
+  nnx.update(opt.opt_state, oc.set_hyperparams(state, plateau_scale=0.25))
+  assert float(opt.opt_state[1].scale[...]) == 0.25
+  changed = oc.set_hyperparams(pure, plateau_scale=0.5)
+  assert float(oc.current_hyperparams(changed)["plateau_scale"]) == 0.5
+
+
 def test_bfloat16_params_keep_float32_hyperparameters_and_finite_updates():
   """b2 = 0.999 rounds to 1.0 in bfloat16; stored as float32 the first update is finite."""
   params = {"w": jnp.ones(8, jnp.bfloat16)}

@@ -254,30 +254,37 @@ def with_schedules(*names: str):
 # Reading and replacing the values in force, in any state.
 
 
-# The fields of an injected state: ours and Optax's, and Optax's stateful one.
+# The fields of an injected state (ours and Optax's, and Optax's stateful one) and of
+# reduce_on_plateau's (its scale read as `plateau_scale`).
 _INJECTED = (
   ("count", "hyperparams", "inner_state"),
   ("count", "hyperparams", "hyperparams_states", "inner_state"),
 )
+_PLATEAU = ("scale", "best_value", "plateau_count", "cooldown_count", "count", "avg_value")
 
 
 def holds_hyperparams(node: Any) -> bool:
   """Whether a state node holds hyperparameters: a NamedTuple with a ``hyperparams`` dict
-  (ours, Optax's ``inject_hyperparams`` states, ``reduce_on_plateau``'s scale), or an injected
-  state as a mapping of its fields (``nnx.state(optimizer.opt_state)``, a pure dict)."""
+  (ours, Optax's ``inject_hyperparams`` states, ``reduce_on_plateau``'s scale), or one of
+  these as a mapping of its fields (``nnx.state(optimizer.opt_state)``, a pure dict)."""
   if hasattr(node, "_fields"):
     return isinstance(getattr(node, "hyperparams", None), dict)
   mapped = any(otree.is_state_mapping(node, fields) for fields in _INJECTED)
-  return mapped and isinstance(node["hyperparams"], Mapping)
+  held = mapped and isinstance(node["hyperparams"], Mapping)
+  return held or otree.is_state_mapping(node, _PLATEAU)
 
 
 def _held(node: Any) -> Mapping:
   """A holder's ``{name: value}`` (see :func:`holds_hyperparams`)."""
-  return node.hyperparams if hasattr(node, "_fields") else node["hyperparams"]
+  if hasattr(node, "_fields"):
+    return node.hyperparams
+  return node["hyperparams"] if "hyperparams" in node else {"plateau_scale": node["scale"]}
 
 
 def _with_values(node: Any, values: dict) -> Any:
   if not hasattr(node, "_fields"):  # a mapping: rebuilt of its own types
+    if "hyperparams" not in node:  # reduce_on_plateau's
+      return type(node)({**node, "scale": values["plateau_scale"]})
     return type(node)({**node, "hyperparams": type(node["hyperparams"])(values)})
   replace = getattr(node, "with_hyperparams", None)
   return replace(values) if replace is not None else node._replace(hyperparams=values)

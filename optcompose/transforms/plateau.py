@@ -37,7 +37,7 @@ from optcompose.core import (
   safe_increment,
   zero_count,
 )
-from optcompose.core.validation import check_real_value
+from optcompose.core.validation import check_real_value, declare
 
 
 class ReduceLROnPlateauState(NamedTuple):
@@ -56,6 +56,10 @@ class ReduceLROnPlateauState(NamedTuple):
   def with_hyperparams(self, values: dict) -> "ReduceLROnPlateauState":
     """The state with ``plateau_scale`` replaced (:func:`optcompose.set_hyperparams`)."""
     return self._replace(scale=values["plateau_scale"])
+
+
+# set_hyperparams(state, plateau_scale=...) range-checks it: a negative one would ascend.
+declare("plateau_scale", real(0.0, draw=(0.0, 1.0), schedule=False))
 
 
 def _unit_open(draw):
