@@ -90,7 +90,7 @@ def test_set_hyperparams_rejects_unknown_names():
     ),
     (dict(learning_rate=True), TypeError, "`learning_rate` must be a real number, got bool"),
     (dict(learning_rate="0.1"), TypeError, "`learning_rate` must be a real number, got str"),
-    (dict(eps=0.0), ValueError, r"`eps` must lie in \(0, inf\)"),
+    (dict(eps=0.0), ValueError, r"`eps` = 0.0 is refused: .*`eps` and `eps_root` are both 0"),
   ],
 )
 def test_set_hyperparams_validates_like_construction_on_the_stored_value(values, error, message):
@@ -99,6 +99,38 @@ def test_set_hyperparams_validates_like_construction_on_the_stored_value(values,
   state = oc.inject_hyperparams(oc.adam)(learning_rate=0.1).init({"w": jnp.ones(2)})
   with pytest.raises(error, match=message):
     oc.set_hyperparams(state, **values)
+
+
+def test_set_hyperparams_checks_a_value_as_the_holder_s_builder_does():
+  """A value set at run time is checked as the construction of the transformation holding
+  it checks it, not by the ranges other builders declare for the same name: a user's
+  ``factor`` is not reduce_on_plateau's (0, 1), trace's ``decay`` may be 1, Adam's ``eps``
+  may be 0 beside a positive ``eps_root``; also when put in ``state.hyperparams`` by hand,
+  and member by member in a sweep. What the builder refuses is still refused."""
+  params = {"w": jnp.ones(3)}
+
+  def grow(factor=2.0):
+    return oc.stateless_with_tree_map(lambda g, w: g * factor)
+
+  tx = oc.inject_hyperparams(grow)(factor=2.0)
+  state = oc.set_hyperparams(tx.init(params), factor=3.0)
+  np.testing.assert_array_equal(tx.update(params, state, params)[0]["w"], 3.0)
+  state.hyperparams["factor"] = -2.0  # by hand: grow accepts any real
+  np.testing.assert_array_equal(tx.update(params, state, params)[0]["w"], -2.0)
+  traced = oc.inject_hyperparams(oc.trace)(decay=1.0).init(params)
+  assert float(oc.current_hyperparams(oc.set_hyperparams(traced, decay=1.0))["decay"]) == 1.0
+  with pytest.raises(ValueError, match=r"`decay` = 1.5 is refused: trace: `decay`"):
+    oc.set_hyperparams(traced, decay=1.5)
+  adam = oc.inject_hyperparams(oc.adam)(0.1, eps=1e-8, eps_root=1e-8).init(params)
+  assert float(oc.current_hyperparams(oc.set_hyperparams(adam, eps=0.0))["eps"]) == 0.0
+  sgd = oc.inject_hyperparams(oc.sgd)(0.1, momentum=0.9)
+  by_hand = sgd.init(params)
+  by_hand.hyperparams["momentum"] = 1.5
+  with pytest.raises(ValueError, match=r"\['momentum'\]` = 1.5: sgd: `momentum` must lie"):
+    sgd.update(params, by_hand, params)
+  sweep = jax.vmap(lambda _: sgd.init(params))(jnp.arange(3))
+  with pytest.raises(ValueError, match=r"`momentum` = 1.5 is refused"):
+    oc.set_hyperparams(sweep, momentum=jnp.array([0.1, 1.5, 0.9]))
 
 
 def test_set_hyperparams_names_an_ambiguous_name_and_takes_its_path():

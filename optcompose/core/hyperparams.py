@@ -22,18 +22,21 @@ from __future__ import annotations
 import functools
 import inspect
 import numbers
-import warnings
-from collections.abc import Mapping
-from typing import Any, Callable, NamedTuple, Protocol, cast
+from typing import Any, Callable, NamedTuple, Optional, Protocol, cast
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from optcompose import tree as otree
 from optcompose.core.base import GradientTransformation, OptState, as_transformation, expect_state
 from optcompose.core.counting import safe_increment, zero_count
 from optcompose.core.eps_pair import check_not_both_zero  # noqa: F401  (re-exported)
+from optcompose.core.held import (  # noqa: F401  (re-exported)
+  current_hyperparams,
+  holds_hyperparams,
+  record_validator,
+  set_hyperparams,
+)
 from optcompose.core.validation import (  # noqa: F401  (re-exported: the one place to look)
   DECAY,
   DECLARED,
@@ -97,6 +100,7 @@ def rebuilt_each_step(
   who: str,
   dtype=None,
   cast_scheduled: bool = True,
+  validate: Optional[Callable[[dict], Any]] = None,
 ) -> GradientTransformation:
   """The one mechanism for values that live in the state.
 
@@ -109,11 +113,15 @@ def rebuilt_each_step(
     dtype: the stored dtype (default: :func:`default_float`).
     cast_scheduled: pass scheduled values to ``build`` as stored (else as the schedule
       returns them; they are stored as ``dtype`` either way).
+    validate: ``validate({name: float})`` raises where those values are refused (default:
+      ``build`` with them, whose construction checks them); :func:`set_hyperparams` and a
+      Python number put in ``state.hyperparams`` by hand are checked with it.
 
   Returns:
     A transformation whose state is :class:`InjectHyperparamsState`.
   """
   dtype = dtype or default_float()
+  validate = validate or (lambda values: as_transformation(build(values), who))
 
   def values_at(count, stored):
     values, used = dict(stored), dict(stored)
@@ -142,7 +150,7 @@ def rebuilt_each_step(
   def update(updates, state, params=None, **extra):
     expect_state(state, InjectHyperparamsState, who)
     check_count(who, state)  # a count cast to bfloat16 would freeze the schedules at 256
-    _check_stored(who, state.hyperparams, set(live) | set(schedules), dtype)
+    _check_stored(who, state.hyperparams, set(live) | set(schedules), dtype, validate)
     # A value put in by hand (``state.hyperparams["learning_rate"] = 0.05``, Optax's idiom)
     # is stored back in the state's dtype, as init stores it: not a Python float, which a
     # checkpoint of the state would keep, nor a weakly typed array.
@@ -153,10 +161,11 @@ def rebuilt_each_step(
     updates, inner_state = inner.update(updates, state.inner_state, params, **extra)
     return updates, InjectHyperparamsState(safe_increment(state.count), used, inner_state)
 
+  record_validator(set(live) | set(schedules), validate)
   return GradientTransformation(init, update)
 
 
-def _check_stored(who: str, stored: Any, names: set, dtype) -> None:
+def _check_stored(who: str, stored: Any, names: set, dtype, validate: Callable) -> None:
   """Check, while tracing, values a user may have put in ``state.hyperparams`` by hand (as
   Optax's docs show) rather than with :func:`set_hyperparams`: the same names, each a real
   scalar (a per-element array would be broadcast), and -- for a Python number, which needs
@@ -185,10 +194,13 @@ def _check_stored(who: str, stored: Any, names: set, dtype) -> None:
         f"{who}: `state.hyperparams['{name}']` must be a scalar, got shape "
         f"{jnp.shape(value)} (it would be broadcast; use set_hyperparams)."
       )
-    if isinstance(value, numbers.Real):  # a Python number put there by hand
-      check_held(
-        f"state.hyperparams['{name}']", name, value, jnp.asarray(value, dtype=dtype), fn=who
-      )
+    if isinstance(value, numbers.Real):  # a Python number put there by hand: as built
+      x = jnp.asarray(value, dtype=dtype)
+      check_held(f"state.hyperparams['{name}']", name, value, x, fn=who, by_name=False)
+      try:
+        validate({**stored, name: float(x)})
+      except (TypeError, ValueError) as e:
+        raise type(e)(f"{who}: `state.hyperparams['{name}']` = {value!r}: {e}") from e
 
 
 class SchedulableBuilder(Protocol):
@@ -248,152 +260,3 @@ def with_schedules(*names: str):
     return decorated
 
   return decorate
-
-
-# ----------------------------------------------------------------------------------------
-# Reading and replacing the values in force, in any state.
-
-
-# The fields of an injected state (ours and Optax's, and Optax's stateful one) and of
-# reduce_on_plateau's (its scale read as `plateau_scale`).
-_INJECTED = (
-  ("count", "hyperparams", "inner_state"),
-  ("count", "hyperparams", "hyperparams_states", "inner_state"),
-)
-_PLATEAU = ("scale", "best_value", "plateau_count", "cooldown_count", "count", "avg_value")
-
-
-def holds_hyperparams(node: Any) -> bool:
-  """Whether a state node holds hyperparameters: a NamedTuple with a ``hyperparams`` dict
-  (ours, Optax's ``inject_hyperparams`` states, ``reduce_on_plateau``'s scale), or one of
-  these as a mapping of its fields (``nnx.state(optimizer.opt_state)``, a pure dict)."""
-  if hasattr(node, "_fields"):
-    return isinstance(getattr(node, "hyperparams", None), dict)
-  mapped = any(otree.is_state_mapping(node, fields) for fields in _INJECTED)
-  held = mapped and isinstance(node["hyperparams"], Mapping)
-  return held or otree.is_state_mapping(node, _PLATEAU)
-
-
-def _held(node: Any) -> Mapping:
-  """A holder's ``{name: value}`` (see :func:`holds_hyperparams`)."""
-  if hasattr(node, "_fields"):
-    return node.hyperparams
-  return node["hyperparams"] if "hyperparams" in node else {"plateau_scale": node["scale"]}
-
-
-def _with_values(node: Any, values: dict) -> Any:
-  if not hasattr(node, "_fields"):  # a mapping: rebuilt of its own types
-    if "hyperparams" not in node:  # reduce_on_plateau's
-      return type(node)({**node, "scale": values["plateau_scale"]})
-    return type(node)({**node, "hyperparams": type(node["hyperparams"])(values)})
-  replace = getattr(node, "with_hyperparams", None)
-  return replace(values) if replace is not None else node._replace(hyperparams=values)
-
-
-def current_hyperparams(state: Any) -> dict:
-  """The hyperparameters in force, read from any optimizer state.
-
-  Args:
-    state: any state: optcompose's or Optax's, nested in any wrapper or container, also
-      with its states turned into mappings of their fields (``nnx.state(opt.opt_state)``,
-      ``nnx.to_pure_dict``, a checkpoint restored without a template).
-
-  Returns:
-    ``{name: scalar}``: the values used by the latest update (before the first update,
-    step 0's) of every live or scheduled hyperparameter, and ``reduce_on_plateau``'s
-    multiplier (``plateau_scale``). A name met twice is returned once under its name and
-    again under ``"<path>/<name>"``. Constants are not stored in a state: give a schedule or
-    use :func:`optcompose.inject_hyperparams` to see them here.
-
-  References:
-    Optax's ``optax.tree_utils.tree_get`` (reading a named value from a state).
-  """
-  out = {}
-  for path, node in otree.find_nodes(state, holds_hyperparams):
-    for name, value in _held(node).items():
-      wrapped = jax.tree.leaves(value)  # an nnx.Optimizer's state: a Variable (a pytree)
-      if len(wrapped) == 1 and not isinstance(value, (jax.Array, np.ndarray, np.generic)):
-        value = wrapped[0]
-      out[name if name not in out else "/".join(path + (name,))] = value
-  return out
-
-
-def set_hyperparams(state: Any, **values) -> Any:
-  """Return ``state`` with hyperparameters replaced where they are held.
-
-  Each value runs the validation of construction, on the value as it will be stored (in the
-  holder's dtype: ``b1 = 1 - 1e-9`` rounds to 1.0 in float32 and is rejected): a real,
-  finite scalar, inside the range every builder declaring that name accepts. A value traced
-  under ``jax.jit`` or ``jax.vmap`` has no value to check: it is stored as given.
-
-  Args:
-    state: any state holding hyperparameters (see :func:`current_hyperparams`), nested in
-      any wrapper.
-    **values: new values, stored in each holder's dtype and shape, so a jitted step does
-      not recompile (a scalar, or one value each where ``jax.vmap(tx.init)`` made a sweep's
-      holders). A scheduled value is recomputed from its schedule at the next update.
-      A name held by several nodes (two injected optimizers in ``partition``) is ambiguous:
-      give ``"<path>/<name>"`` instead, as :func:`current_hyperparams` and the error list
-      them (``set_hyperparams(state, **{"inner_states/a/learning_rate": 0.1})``).
-
-  Returns:
-    The new state.
-
-  Raises:
-    KeyError: a name no node of ``state`` holds.
-    ValueError: an ambiguous name; a value that is not a scalar, not finite or out of range.
-    TypeError: a value that is not a real number (a bool, a string).
-
-  References:
-    Optax's ``optax.tree_utils.tree_set`` (replacing named values in a state).
-  """
-  holders = otree.find_nodes(state, holds_hyperparams)
-  qualified = {"/".join(path + (n,)): (id(node), n) for path, node in holders for n in _held(node)}
-  by_name: dict = {}
-  for path, node in holders:
-    for n in _held(node):
-      by_name.setdefault(n, []).append("/".join(path + (n,)))
-  unknown = sorted(set(values) - set(by_name) - set(qualified))
-  if unknown:
-    raise KeyError(
-      f"set_hyperparams: {unknown} are not hyperparameters held in this state "
-      f"(held: {sorted(by_name)}, or by path: {sorted(qualified)}; build the "
-      "optimizer with inject_hyperparams)."
-    )
-  assignments: dict = {}  # id(holder node) -> {name: new value}
-  for key, value in values.items():
-    if key in by_name and len(by_name[key]) > 1:
-      raise ValueError(
-        f"set_hyperparams: `{key}` is held in {len(by_name[key])} places "
-        f"({', '.join(repr(q) for q in by_name[key])}); name one by its path: "
-        f"set_hyperparams(state, **{{{by_name[key][0]!r}: value}})."
-      )
-    where = qualified[by_name[key][0] if key in by_name else key]
-    assignments.setdefault(where[0], {})[where[1]] = (key, value)
-  nodes = {id(node): node for _, node in holders}
-  for holder, new in assignments.items():
-    for name, (key, value) in new.items():
-      if isinstance(value, (bool, np.bool_)) or not is_real_like(value):
-        raise TypeError(
-          f"set_hyperparams: `{key}` must be a real number, got "
-          f"{type(value).__name__} {value!r:.40}."
-        )
-      held = _held(nodes[holder])[name]
-      old = jnp.asarray(jax.tree.leaves(held)[0])  # an nnx Variable holds one array
-      if np.ndim(value) != 0 and np.shape(value) != old.shape:  # a vmapped init: one each
-        raise ValueError(f"set_hyperparams: `{key}` must be a scalar or of shape {old.shape}.")
-      with np.errstate(over="ignore"), warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # an overflow is reported below
-        stored = jnp.broadcast_to(jnp.asarray(value, dtype=old.dtype), old.shape)
-      one = np.ndim(value) == 0 or isinstance(value, jax.core.Tracer)  # checked once
-      for v, x in zip([value] if one else np.ravel(value), jnp.ravel(stored)):
-        check_held(key, name, v, x)
-      wrapped = not isinstance(held, (jax.Array, np.ndarray, np.generic, numbers.Number))
-      new[name] = jax.tree.map(lambda _, v=stored: v, held) if wrapped else stored
-
-  def replace(node):
-    if id(node) not in assignments:
-      return node
-    return _with_values(node, {**_held(node), **assignments[id(node)]})
-
-  return otree.replace_nodes(state, holds_hyperparams, replace)

@@ -362,20 +362,20 @@ DECLARED: dict = {}
 
 def declare(name: str, hyper: Hyper) -> None:
   """Record that some builder declares the numeric argument ``name`` as ``hyper``."""
-  if hyper.numeric:
-    DECLARED.setdefault(name, []).append(hyper)
+  if hyper.numeric and hyper not in DECLARED.setdefault(name, []):  # once (a re-run cell)
+    DECLARED[name].append(hyper)
 
 
 def check_held(
-  key: str, name: str, value: Any, stored: jax.Array, fn: str = "set_hyperparams"
+  key: str, name: str, value: Any, stored: jax.Array, fn: str = "set_hyperparams", by_name=True
 ) -> None:
-  """Validate ``value``, given to set_hyperparams and ``stored`` in its holder's dtype,
-  against every declaration of ``name`` (the strictest wins: the state does not say which
-  builder holds it)."""
+  """Validate ``value``, given to set_hyperparams and ``stored`` in its holder's dtype: real,
+  finite, not flushed to 0, and (``by_name``: where the builder holding it is not known)
+  inside every declaration of ``name`` (the strictest wins)."""
   if isinstance(value, jax.core.Tracer) or isinstance(stored, jax.core.Tracer):
     return  # a value traced under jit is checked when it is a number (not here: no host copy)
   given, x, dtype = float(value), float(stored), stored.dtype
-  hypers = DECLARED.get(name, ()) or (Hyper(("float",), numeric=True),)  # finite at least
+  hypers = (DECLARED.get(name, ()) if by_name else ()) or (Hyper(("float",), numeric=True),)
   for hyper in hypers:
     _check_range(fn, key, given, x, dtype, hyper.low, hyper.high, hyper.low_open, hyper.high_open)
     if (hyper.integer or hyper.whole) and x != int(x):

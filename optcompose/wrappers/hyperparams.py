@@ -159,9 +159,7 @@ def inject_hyperparams(
     except Exception:  # a schedule's own error: init names it
       at_0 = None
     if not ours and _optax_s(inner_factory):  # Optax's: its values checked by name as ours
-      dtype = hyperparam_dtype or default_float()
-      for name, value in numeric.items():
-        check_held(name, name, value, jnp.asarray(value, dtype=dtype), fn=who)
+      _by_name(who, hyperparam_dtype)(numeric)
     elif ours and at_0 is not None:
       _check_values_taken(inner_factory, fixed, numeric, schedules, at_0)
     tx = rebuilt_each_step(
@@ -170,10 +168,22 @@ def inject_hyperparams(
       schedules,
       who=who,
       dtype=hyperparam_dtype,
+      validate=_by_name(who, hyperparam_dtype) if not ours and _optax_s(inner_factory) else None,
     )
     return mark_reads_final(tx, _built(inner_factory, fixed, numeric, at_0))
 
   return factory
+
+
+def _by_name(who: str, dtype) -> Callable[[dict], None]:
+  """The check of values for Optax's factory, which checks none: each by the ranges our
+  builders declare for its name (Optax's names mean what ours do)."""
+
+  def validate(values: dict) -> None:
+    for name, value in values.items():
+      check_held(name, name, value, jnp.asarray(value, dtype=dtype or default_float()), fn=who)
+
+  return validate
 
 
 def _optax_s(factory: Callable) -> bool:

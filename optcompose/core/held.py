@@ -1,0 +1,214 @@
+"""Reading and replacing the hyperparameters in force, in any state: the holders (injected
+and scheduled states, ours and Optax's, and ``reduce_on_plateau``'s scale), also as the
+mappings of their fields that Flax NNX makes; and the check of a value set at run time as
+the construction of the transformation holding it would check it."""
+
+from __future__ import annotations
+
+import collections
+import numbers
+import warnings
+from collections.abc import Mapping
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from optcompose import tree as otree
+from optcompose.core.validation import check_held, is_real_like
+
+# What builds states holding a given set of names: ``validate(values)`` of each of the latest
+# transformations built with that set (see record_validator), held strongly, so that a state
+# outlives its transformation's object (``tx.init(params)`` on a temporary); 64 per set.
+_VALIDATING: dict = {}
+
+
+def record_validator(names, validate: Callable[[dict], Any]) -> None:
+  """Record that states holding exactly ``names`` may come from a transformation that
+  ``validate({name: float})`` builds from those values (raising what its construction
+  would): :func:`set_hyperparams` then checks a value as that builder does, not by the
+  ranges other builders declare for the same name (a user's ``factor`` is not
+  ``reduce_on_plateau``'s). A value is accepted when one of the recorded builders accepts it."""
+  _VALIDATING.setdefault(frozenset(names), collections.deque(maxlen=64)).append(validate)
+
+
+def validators(names) -> list:
+  """The ``validate`` functions recorded for states holding exactly ``names``."""
+  return list(_VALIDATING.get(frozenset(names), ()))
+
+
+def _check_as_built(node: Any, new: dict, keys: dict) -> None:
+  """Check the holder ``node``'s values with ``new`` ({name: stored array}) put in, member
+  by member (a sweep's holders hold one each), as a transformation recorded for its names
+  would be built from them: accepted when one of them builds. Traced values: not checked."""
+  checks = validators(_held(node))
+  values = {**{n: jax.tree.leaves(v)[0] for n, v in _held(node).items()}, **new}
+  if not checks or any(isinstance(v, jax.core.Tracer) for v in values.values()):
+    return
+  names = list(values)
+  columns = [np.ravel(a) for a in np.broadcast_arrays(*[np.asarray(values[n]) for n in names])]
+  for member in sorted(set(zip(*columns))):  # each distinct member once
+    errors = []
+    for validate in checks:
+      try:
+        validate({n: float(v) for n, v in zip(names, member)})
+        break
+      except (TypeError, ValueError) as e:
+        errors.append(e)
+    else:
+      shown = ", ".join(f"`{keys[n]}` = {float(v)!r}" for n, v in zip(names, member) if n in keys)
+      raise ValueError(f"set_hyperparams: {shown} is refused: {errors[0]}") from errors[0]
+
+
+# The fields of an injected state (ours and Optax's, and Optax's stateful one) and of
+# reduce_on_plateau's (its scale read as `plateau_scale`).
+_INJECTED = (
+  ("count", "hyperparams", "inner_state"),
+  ("count", "hyperparams", "hyperparams_states", "inner_state"),
+)
+_PLATEAU = ("scale", "best_value", "plateau_count", "cooldown_count", "count", "avg_value")
+
+
+def holds_hyperparams(node: Any) -> bool:
+  """Whether a state node holds hyperparameters: a NamedTuple with a ``hyperparams`` dict
+  (ours, Optax's ``inject_hyperparams`` states, ``reduce_on_plateau``'s scale), or one of
+  these as a mapping of its fields (``nnx.state(optimizer.opt_state)``, a pure dict)."""
+  if hasattr(node, "_fields"):
+    return isinstance(getattr(node, "hyperparams", None), dict)
+  mapped = any(otree.is_state_mapping(node, fields) for fields in _INJECTED)
+  held = mapped and isinstance(node["hyperparams"], Mapping)
+  return held or otree.is_state_mapping(node, _PLATEAU)
+
+
+def _held(node: Any) -> Mapping:
+  """A holder's ``{name: value}`` (see :func:`holds_hyperparams`)."""
+  if hasattr(node, "_fields"):
+    return node.hyperparams
+  return node["hyperparams"] if "hyperparams" in node else {"plateau_scale": node["scale"]}
+
+
+def _with_values(node: Any, values: dict) -> Any:
+  if not hasattr(node, "_fields"):  # a mapping: rebuilt of its own types
+    if "hyperparams" not in node:  # reduce_on_plateau's
+      return type(node)({**node, "scale": values["plateau_scale"]})
+    return type(node)({**node, "hyperparams": type(node["hyperparams"])(values)})
+  replace = getattr(node, "with_hyperparams", None)
+  return replace(values) if replace is not None else node._replace(hyperparams=values)
+
+
+def current_hyperparams(state: Any) -> dict:
+  """The hyperparameters in force, read from any optimizer state.
+
+  Args:
+    state: any state: optcompose's or Optax's, nested in any wrapper or container, also
+      with its states turned into mappings of their fields (``nnx.state(opt.opt_state)``,
+      ``nnx.to_pure_dict``, a checkpoint restored without a template).
+
+  Returns:
+    ``{name: scalar}``: the values used by the latest update (before the first update,
+    step 0's) of every live or scheduled hyperparameter, and ``reduce_on_plateau``'s
+    multiplier (``plateau_scale``). A name met twice is returned once under its name and
+    again under ``"<path>/<name>"``. Constants are not stored in a state: give a schedule or
+    use :func:`optcompose.inject_hyperparams` to see them here.
+
+  References:
+    Optax's ``optax.tree_utils.tree_get`` (reading a named value from a state).
+  """
+  out = {}
+  for path, node in otree.find_nodes(state, holds_hyperparams):
+    for name, value in _held(node).items():
+      wrapped = jax.tree.leaves(value)  # an nnx.Optimizer's state: a Variable (a pytree)
+      if len(wrapped) == 1 and not isinstance(value, (jax.Array, np.ndarray, np.generic)):
+        value = wrapped[0]
+      out[name if name not in out else "/".join(path + (name,))] = value
+  return out
+
+
+def set_hyperparams(state: Any, **values) -> Any:
+  """Return ``state`` with hyperparameters replaced where they are held.
+
+  Each value runs the validation of construction, on the value as it will be stored (in the
+  holder's dtype: ``b1 = 1 - 1e-9`` rounds to 1.0 in float32 and is rejected): a real,
+  finite scalar that the builder of the transformation holding it accepts beside the other
+  values held there (``inject_hyperparams(f)``: ``f`` built with them, so a factory of your
+  own checks its own arguments). A state whose builder this process has not made (Optax's
+  ``inject_hyperparams``, ``reduce_on_plateau``'s scale) is checked by name, inside the range
+  every builder declaring that name accepts. A value traced under ``jax.jit`` or
+  ``jax.vmap`` has no value to check: it is stored as given.
+
+  Args:
+    state: any state holding hyperparameters (see :func:`current_hyperparams`), nested in
+      any wrapper.
+    **values: new values, stored in each holder's dtype and shape, so a jitted step does
+      not recompile (a scalar, or one value each where ``jax.vmap(tx.init)`` made a sweep's
+      holders). A scheduled value is recomputed from its schedule at the next update.
+      A name held by several nodes (two injected optimizers in ``partition``) is ambiguous:
+      give ``"<path>/<name>"`` instead, as :func:`current_hyperparams` and the error list
+      them (``set_hyperparams(state, **{"inner_states/a/learning_rate": 0.1})``).
+
+  Returns:
+    The new state.
+
+  Raises:
+    KeyError: a name no node of ``state`` holds.
+    ValueError: an ambiguous name; a value that is not a scalar, not finite or out of range.
+    TypeError: a value that is not a real number (a bool, a string).
+
+  References:
+    Optax's ``optax.tree_utils.tree_set`` (replacing named values in a state).
+  """
+  holders = otree.find_nodes(state, holds_hyperparams)
+  qualified = {"/".join(path + (n,)): (id(node), n) for path, node in holders for n in _held(node)}
+  by_name: dict = {}
+  for path, node in holders:
+    for n in _held(node):
+      by_name.setdefault(n, []).append("/".join(path + (n,)))
+  unknown = sorted(set(values) - set(by_name) - set(qualified))
+  if unknown:
+    raise KeyError(
+      f"set_hyperparams: {unknown} are not hyperparameters held in this state "
+      f"(held: {sorted(by_name)}, or by path: {sorted(qualified)}; build the "
+      "optimizer with inject_hyperparams)."
+    )
+  assignments: dict = {}  # id(holder node) -> {name: new value}
+  for key, value in values.items():
+    if key in by_name and len(by_name[key]) > 1:
+      raise ValueError(
+        f"set_hyperparams: `{key}` is held in {len(by_name[key])} places "
+        f"({', '.join(repr(q) for q in by_name[key])}); name one by its path: "
+        f"set_hyperparams(state, **{{{by_name[key][0]!r}: value}})."
+      )
+    where = qualified[by_name[key][0] if key in by_name else key]
+    assignments.setdefault(where[0], {})[where[1]] = (key, value)
+  nodes = {id(node): node for _, node in holders}
+  for holder, new in assignments.items():
+    keys, checked = {name: key for name, (key, _) in new.items()}, {}
+    for name, (key, value) in new.items():
+      if isinstance(value, (bool, np.bool_)) or not is_real_like(value):
+        raise TypeError(
+          f"set_hyperparams: `{key}` must be a real number, got "
+          f"{type(value).__name__} {value!r:.40}."
+        )
+      held = _held(nodes[holder])[name]
+      old = jnp.asarray(jax.tree.leaves(held)[0])  # an nnx Variable holds one array
+      if np.ndim(value) != 0 and np.shape(value) != old.shape:  # a vmapped init: one each
+        raise ValueError(f"set_hyperparams: `{key}` must be a scalar or of shape {old.shape}.")
+      with np.errstate(over="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # an overflow is reported below
+        stored = jnp.broadcast_to(jnp.asarray(value, dtype=old.dtype), old.shape)
+      one = np.ndim(value) == 0 or isinstance(value, jax.core.Tracer)  # checked once
+      no_builder = not validators(_held(nodes[holder]))  # else as its builder checks, below
+      for v, x in zip([value] if one else np.ravel(value), jnp.ravel(stored)):
+        check_held(key, name, v, x, by_name=no_builder)
+      checked[name] = value  # the builder checks it as given, rounded to the dtype it uses
+      wrapped = not isinstance(held, (jax.Array, np.ndarray, np.generic, numbers.Number))
+      new[name] = jax.tree.map(lambda _, v=stored: v, held) if wrapped else stored
+    _check_as_built(nodes[holder], checked, keys)
+
+  def replace(node):
+    if id(node) not in assignments:
+      return node
+    return _with_values(node, {**_held(node), **assignments[id(node)]})
+
+  return otree.replace_nodes(state, holds_hyperparams, replace)
