@@ -342,6 +342,20 @@ ROWS = [
     lambda: oc.chain(oc.scale(1.0), lambda g: g),
   ),
   Row(
+    "update-not-a-pair",
+    "a transformation of your own whose `update` returns the updates alone (a dict of two "
+    "parameters would unpack into its keys), in `chain` or `inject_hyperparams`",
+    "`TypeError` from the first `update`, naming the member",
+    TypeError,
+    r"chain: member 1: `update` must return a pair \(updates, new_state\), got dict",
+    _update_call(
+      oc.chain(
+        oc.sgd(0.1), oc.GradientTransformation(oc.init_empty_state, lambda u, s, p=None, **_: u)
+      ),
+      GRADS,
+    ),
+  ),
+  Row(
     "flat-per-leaf",
     "`FlatParams` given to a transformation computing one value per model leaf (the "
     "per-leaf clippings, trust ratios and block scales, `sm3`, a factored `adafactor`; "

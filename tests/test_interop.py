@@ -82,6 +82,29 @@ def test_optcompose_transformations_are_optax_types_and_get_keywords_in_optax_ch
   np.testing.assert_allclose(updates["w"], -0.1 * 0.25)
 
 
+def test_a_hand_built_transformation_takes_keywords_in_optax_s_combinators():
+  """``oc.GradientTransformation(init, update)`` with an ``update`` written without
+  ``**kwargs`` (Optax's usual pattern) is an ``optax.GradientTransformationExtraArgs``, so
+  Optax's combinators hand it keyword arguments (``value=`` for a plateau): it takes and
+  drops them, where it raised a TypeError."""
+
+  def update(updates, state, params=None):
+    return jax.tree.map(lambda g: -0.1 * g, updates), state
+
+  mine = oc.GradientTransformation(lambda params: oc.EmptyState(), update)
+  assert isinstance(mine, optax.GradientTransformationExtraArgs)
+  params = {"w": jnp.ones(3)}
+  for tx in (
+    optax.chain(mine, oc.reduce_on_plateau()),
+    optax.masked(mine, {"w": True}),
+    optax.apply_if_finite(mine, 2),
+    optax.inject_hyperparams(lambda: mine)(),
+    optax.with_extra_args_support(mine),
+  ):
+    updates, _ = tx.update(params, tx.init(params), params, value=jnp.float32(1.0))
+    np.testing.assert_array_equal(updates["w"], np.float32(-0.1))
+
+
 def test_optax_extra_args_member_receives_keywords():
   seen = {}
 

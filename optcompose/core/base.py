@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import optax
 
 from optcompose import tree as otree
+from optcompose.core.errors import StateMismatchError, expect_state, needs_params  # noqa: F401
 
 PyTree = Any
 # Optax's types, for annotations (``optcompose.Params is optax.Params``). ``Schedule`` means
@@ -63,7 +64,14 @@ class GradientTransformation(optax.GradientTransformationExtraArgs):
   (``isinstance`` checks in Optax and Flax hold; Optax's ``chain`` hands it keyword arguments),
   while ``isinstance(t, GradientTransformation)`` tells optcompose's own, whose ``update``
   accepts any keyword argument, from another library's (adapted by :func:`as_transformation`).
+  An ``update`` written without ``**kwargs`` (by hand, as Optax allows) is wrapped to take
+  and drop them, so that the claim holds where Optax's combinators pass them on.
   """
+
+  def __new__(cls, init, update):
+    if callable(update) and not _takes_extra(update, unknown=True):
+      update = _dropping_extra(update)
+    return super().__new__(cls, init, update)
 
 
 # Optax's name for a transformation whose update takes keyword arguments: every one of ours.
@@ -78,42 +86,6 @@ def init_empty_state(params: Params) -> EmptyState:
   """The ``init`` of a stateless transformation: an :class:`EmptyState`."""
   del params
   return EmptyState()
-
-
-# ----------------------------------------------------------------------------------------
-# Errors every transformation raises the same way.
-
-
-class StateMismatchError(ValueError):
-  """An ``update`` got a state its ``init`` did not make (e.g. another optimizer's)."""
-
-  def __init__(self, who: str, expected: str, got: Any, path: str = ""):
-    self.who, self.expected, self.got, self.path = who, expected, got, path
-    where = f"state{path}" if path else "the state"
-    name = type(got).__name__
-    if not type(got).__module__.startswith("optcompose"):  # another library's (Optax's)
-      name = f"{type(got).__module__}.{name} (not optcompose's)"
-    super().__init__(
-      f"{who}: {where} is a {name}, expected a {expected}. Pass the state "
-      "returned by this transformation's own init (not another optimizer's)."
-    )
-
-  def at(self, prefix: str) -> "StateMismatchError":
-    return StateMismatchError(self.who, self.expected, self.got, prefix + self.path)
-
-
-def expect_state(state: Any, state_type: type, who: str) -> Any:
-  """Return ``state`` if it is a ``state_type``; else raise a :class:`StateMismatchError`."""
-  if not isinstance(state, state_type):
-    raise StateMismatchError(who, state_type.__name__, state)
-  return state
-
-
-def needs_params(params: Any, who: str) -> Any:
-  """Return ``params``; raise the one "needs params" error if they are missing."""
-  if params is None:
-    raise ValueError(f"{who} needs `params`: call update(updates, state, params).")
-  return params
 
 
 # ----------------------------------------------------------------------------------------
@@ -224,14 +196,17 @@ def as_transformation(
       f"{who}: {where} is {type(t).__name__}, not a gradient transformation (an object "
       "with callable `init` and `update`)."
     )
-  if _takes_extra(update):
-    return GradientTransformation(init, update)
+  return GradientTransformation(init, update if _takes_extra(update) else _dropping_extra(update))
+
+
+def _dropping_extra(update: Callable) -> Callable:
+  """``update``, which takes no keyword arguments, as one that takes and drops them."""
 
   def update_without_extra(updates, state, params=None, **extra):
     del extra  # a plain Optax transformation takes no keyword arguments
     return update(updates, state, params)
 
-  return GradientTransformation(init, update_without_extra)
+  return update_without_extra
 
 
 def with_extra_args_support(tx: Any) -> GradientTransformation:
@@ -334,11 +309,20 @@ def _run_chain(members: tuple, updates: Any, state: tuple, params: Any, extra: d
   new_state = []
   for i, (t, s) in enumerate(zip(members, state)):
     try:
-      updates, s = t.update(updates, s, params, **extra)
+      updates, s = update_pair(t.update(updates, s, params, **extra), f"chain: member {i}")
     except StateMismatchError as e:
       raise e.at(f"[{i}]") from None
     new_state.append(s)
   return updates, tuple(new_state)
+
+
+def update_pair(result: Any, who: str) -> tuple:
+  """``result`` of an ``update``, if it is the pair ``(updates, new_state)``; else a TypeError
+  naming ``who`` (a forgotten state: a dict of two parameters would unpack into its keys)."""
+  if type(result) is tuple and len(result) == 2:
+    return result
+  got = f"a tuple of length {len(result)}" if isinstance(result, tuple) else type(result).__name__
+  raise TypeError(f"{who}: `update` must return a pair (updates, new_state), got {got}.")
 
 
 def apply_updates(params: Params, updates: Updates) -> Params:

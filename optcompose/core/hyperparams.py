@@ -28,7 +28,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from optcompose.core.base import GradientTransformation, OptState, as_transformation, expect_state
+from optcompose.core.base import (
+  GradientTransformation,
+  OptState,
+  as_transformation,
+  expect_state,
+  update_pair,
+)
 from optcompose.core.counting import safe_increment, zero_count
 from optcompose.core.eps_pair import check_not_both_zero  # noqa: F401  (re-exported)
 from optcompose.core.held import (  # noqa: F401  (re-exported)
@@ -158,7 +164,8 @@ def rebuilt_each_step(
     values, used = values_at(state.count, stored)
     with checks_done():  # checked at init; live changes go through set_hyperparams
       inner = as_transformation(build(values), who)
-    updates, inner_state = inner.update(updates, state.inner_state, params, **extra)
+    result = inner.update(updates, state.inner_state, params, **extra)
+    updates, inner_state = update_pair(result, f"{who}: the transformation built")
     return updates, InjectHyperparamsState(safe_increment(state.count), used, inner_state)
 
   record_validator(set(live) | set(schedules), validate)
