@@ -12,6 +12,7 @@ import optax
 import pytest
 
 import optcompose as oc
+from numerics import standard_promotion
 from problems import assert_resumes_exactly, mlp, quadratic, run
 from registry import CASES, COVERED_ELSEWHERE
 
@@ -347,3 +348,44 @@ def test_float16_gradients_keep_adam_finite_and_nu_dtype_float32_keeps_small_squ
   u, state = tx.update(g, tx.init(params), params)
   assert state.nu["w"].dtype == jnp.float32 and float(state.nu["w"][3]) > 0
   np.testing.assert_allclose(np.asarray(u["w"], np.float32), [1.0, 0.0, 1.0, -1.0], atol=2e-3)
+
+
+def _optax_takes_no_learning_rate(name):
+  try:
+    tx = standard_promotion(optax_counterpart(name)(None))
+    tx.update({"w": jnp.ones(2)}, tx.init({"w": jnp.ones(2)}), {"w": jnp.ones(2)})
+  except TypeError:
+    return False
+  return True
+
+
+@pytest.mark.parametrize(
+  "name",
+  [
+    n
+    for n in PUBLIC
+    if REGISTRY[n].kind == "optimizer"
+    and REGISTRY[n].optax
+    and "learning_rate" in inspect.signature(REGISTRY[n].builder).parameters
+    and n not in ("adadelta", "lbfgs")  # None: lr = 1 (coming-from-optax.md); a line search
+    and _optax_takes_no_learning_rate(n)
+  ],
+)
+def test_learning_rate_none_is_optax_s_unscaled_direction(name):
+  """``learning_rate=None`` where Optax's counterpart takes it (25 optimizers): no learning
+  rate applied (the direction, not negated), equal to Optax's to float64 rounding."""
+  from numerics import F64_RTOL, assert_rel_close, x64
+
+  with x64():
+    params = {"w": jnp.linspace(-1.0, 1.0, 6).reshape(2, 3), "b": jnp.array([0.5, -2.0])}
+    grads = jax.tree.map(lambda p: jnp.cos(3 * p) + 0.1, params)
+    theirs = standard_promotion(optax_counterpart(name)(None))
+    ours = REGISTRY[name].builder(None)
+    s_ours, s_theirs = ours.init(params), theirs.init(params)
+    for _ in range(3):
+      u_ours, s_ours = ours.update(grads, s_ours, params)
+      u_theirs, s_theirs = theirs.update(grads, s_theirs, params)
+      for a, b in zip(jax.tree.leaves(u_ours), jax.tree.leaves(u_theirs)):
+        assert_rel_close(a, b, F64_RTOL)
+  with pytest.raises(TypeError, match="fromage: `learning_rate` expected a number"):
+    oc.fromage(None)  # it scales its weight decay by the learning rate: required

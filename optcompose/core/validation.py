@@ -338,7 +338,9 @@ SCHEDULE = Hyper(("schedule",))
 DTYPE = Hyper(("choice", (None,)), optional=True, dtype=True)  # a stored state's dtype
 
 # The ranges most builders share.
-LEARNING_RATE = real(0.0, draw=(1e-5, 1.0))
+# None, as in Optax: no learning rate applied (the direction unscaled and not negated); the
+# property kit draws numbers only.
+LEARNING_RATE = real(0.0, draw=(1e-5, 1.0))._replace(optional=True)
 DECAY = real(0.0, 1.0, high_open=True, draw=(0.0, 0.999))  # an EMA's decay: beta^t -> 0
 MOMENTUM = real(0.0, 1.0, draw=(0.0, 0.999))
 EPS = real(0.0, draw=(1e-10, 1e-3))  # 0 only where another term keeps 0 / 0 away

@@ -161,7 +161,7 @@ def lars(
 @public(
   "optimizer",
   optax="fromage",
-  learning_rate=LEARNING_RATE,
+  learning_rate=LEARNING_RATE._replace(optional=False),  # it scales the weight decay too
   min_norm=real(0.0, draw=(1e-8, 1e-3), schedule=False),
 )
 def fromage(learning_rate: ScalarOrSchedule, min_norm: float = 1e-6) -> GradientTransformation:
