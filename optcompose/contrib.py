@@ -12,8 +12,16 @@ from __future__ import annotations
 from typing import Any
 
 from optcompose import ReduceLROnPlateauState, SAMState, normalize, reduce_on_plateau, sam
+from optcompose.transforms.sharpness import NormalizeState  # contrib's only: normalize's state
 
-__all__ = ["ReduceLROnPlateauState", "SAMState", "normalize", "reduce_on_plateau", "sam"]
+__all__ = [
+  "NormalizeState",
+  "ReduceLROnPlateauState",
+  "SAMState",
+  "normalize",
+  "reduce_on_plateau",
+  "sam",
+]
 
 
 def __getattr__(name: str) -> Any:

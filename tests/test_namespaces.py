@@ -422,9 +422,10 @@ def test_optax_contrib_answers_with_what_optcompose_has_of_it():
   assert oc.contrib is contrib
   names = [n for n in dir(optax.contrib) if not n.startswith("_") and hasattr(oc, n)]
   assert "reduce_on_plateau" in names and "sam" in names
-  assert sorted(contrib.__all__) == sorted(names)
+  assert sorted(contrib.__all__) == sorted(names + ["NormalizeState"])  # contrib's only
   for name in names:
     assert getattr(contrib, name) is getattr(oc, name)
+  assert contrib.NormalizeState() == contrib.normalize().init({"w": jnp.ones(2)})
   with pytest.raises(
     AttributeError,
     match=r"optcompose.contrib' has no attribute 'muon' yet.*"
