@@ -442,6 +442,22 @@ def test_the_kit_names_what_a_users_transformation_got_wrong():
   oct.check_invariants(wrapped, params, grads)  # ours: takes and drops them
 
 
+def test_a_bfloat16_leaf_loosens_the_kit_s_tolerance_for_its_own_parameter_only():
+  """A jit-only 2% error on a float32 leaf is caught with a bfloat16 parameter elsewhere in
+  the tree (the bfloat16 tolerance used to apply to every leaf), while Adam with a bfloat16
+  ``mu`` for float32 parameters (its moment and update of one parameter) still passes."""
+  f32, bf16 = jnp.array([100.0, 0.001, 0.002]), jnp.ones(3, jnp.bfloat16)
+  jit_only = oc.stateless_with_tree_map(
+    lambda g, w: g * 1.02 if isinstance(g, jax.core.Tracer) else g
+  )
+  for params in ({"a": f32}, {"a": f32, "b": bf16}):
+    with pytest.raises(AssertionError, match=r"jit against eager.*\['a'\]"):
+      oct.check_invariants(jit_only, params, jax.tree.map(jnp.ones_like, params))
+  params = {"a": f32, "b": bf16}
+  grads = jax.tree.map(lambda x: jnp.cos(x) + 0.3, params)
+  oct.check_invariants(oc.adam(1e-2, mu_dtype=jnp.bfloat16), params, grads)
+
+
 def test_an_optional_value_argument_is_not_passed_by_the_unknown_keyword_check():
   """Optax's own ``value`` keyword: a transformation that uses it when given is correct."""
 
