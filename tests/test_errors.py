@@ -398,3 +398,40 @@ def test_complex_parameters_without_moments_keep_optax_update_call():
   for tx in (oc.noisy_sgd(0.01), oc.chain(oc.add_noise(0.01, 0.55, 0), oc.adam(0.1))):
     updates, _ = tx.update(grads, tx.init(params))
     assert updates["w"].dtype == jnp.complex64
+
+
+def test_a_real_state_dtype_keeps_a_complex_parameter_s_imaginary_part():
+  """``mu_dtype`` / ``accumulator_dtype`` / ``dtype_momentum`` / DoG's ``param_dtype`` of 32
+  bits or more, given for complex parameters, keep them complex (float32: complex64), so
+  the run equals the default's (Optax's drops the imaginary part and turns the step); a
+  16-bit one has no complex counterpart: a TypeError naming the argument and the leaf. DoG's
+  first step is ``reps_rel (1 + ||w||) g / sqrt(||g||^2)`` with the complex modulus."""
+  params = {"c": jnp.array([-0.1 - 0.1j, 0.27 + 0.11j], jnp.complex64)}
+
+  def run(tx, steps=5):
+    p, state = params, tx.init(params)
+    for _ in range(steps):
+      updates, state = tx.update(jax.tree.map(lambda w: 0.3 * w + 0.1, p), state, p)
+      p = oc.apply_updates(p, updates)
+    return p["c"]
+
+  pairs = [
+    (oc.sgd(0.05, 0.9, accumulator_dtype=jnp.float32), oc.sgd(0.05, 0.9)),
+    (oc.adam(0.05, mu_dtype=jnp.float32), oc.adam(0.05)),
+    (oc.amsgrad(0.05, mu_dtype=jnp.float32), oc.amsgrad(0.05)),
+    (oc.lion(0.05, mu_dtype=jnp.float32), oc.lion(0.05)),
+    (oc.adafactor(0.05, momentum=0.9), oc.adafactor(0.05, momentum=0.9, dtype_momentum=None)),
+  ]
+  for chosen, default in pairs:
+    np.testing.assert_array_equal(run(chosen), run(default))
+    assert np.abs(np.imag(run(chosen) - params["c"])).max() > 1e-3  # it moved in imag too
+  with pytest.raises(
+    TypeError, match=r"`mu_dtype` is bfloat16 for the complex parameter params\['c'\]"
+  ):
+    oc.adam(0.05, mu_dtype=jnp.bfloat16).init(params)
+  g = {"c": 0.3 * params["c"] + 0.1}
+  dog = oc.scale_by_distance_over_gradients()
+  u, _ = dog.update(g, dog.init(params), params)
+  w, gc = np.asarray(params["c"], np.complex128), np.asarray(g["c"], np.complex128)
+  want = 1e-6 * (1 + np.linalg.norm(w)) * gc / np.linalg.norm(gc)
+  np.testing.assert_allclose(np.asarray(u["c"]), want, rtol=1e-5)

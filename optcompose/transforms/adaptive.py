@@ -32,6 +32,7 @@ from optcompose.core import (
   zero_count,
 )
 from optcompose.transforms.statistics import (
+  like_params,
   adam_direction_leaf,
   debias_factor,
   debias_leaf,
@@ -113,7 +114,9 @@ def scale_by_adam(
   def init(params):
     otree.check_floating(params, "params")
     return ScaleByAdamState(
-      zero_count(), otree.zeros_like(params, mu_dtype), otree.zeros_like(params, nu_dtype)
+      zero_count(),
+      like_params(params, mu_dtype, "scale_by_adam: `mu_dtype`"),
+      otree.zeros_like(params, nu_dtype),  # real values: a real dtype loses nothing
     )
 
   def update(updates, state, params=None, **extra):

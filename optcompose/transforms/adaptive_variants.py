@@ -43,6 +43,7 @@ from optcompose.core import (
 )
 from optcompose.transforms.adaptive import ScaleByAdamState
 from optcompose.transforms.statistics import (
+  like_params,
   _wide_enough,
   adam_direction_leaf,
   debias_factor,
@@ -349,7 +350,7 @@ def scale_by_amsgrad(
     otree.check_floating(params, "params")
     return ScaleByAmsgradState(
       zero_count(),
-      otree.zeros_like(params, mu_dtype),
+      like_params(params, mu_dtype, "scale_by_amsgrad: `mu_dtype`"),
       otree.zeros_like(params),
       otree.zeros_like(params),
     )

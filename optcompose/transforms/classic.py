@@ -45,6 +45,7 @@ from optcompose.core import (
 )
 from optcompose.masks import reject_layouts
 from optcompose.transforms.statistics import (
+  like_params,
   _wide_enough,
   ema_leaf,
   moments_init,
@@ -209,7 +210,8 @@ def scale_by_novograd(
     reject_layouts(params, "scale_by_novograd")
     otree.check_floating(params, "params")
     nu = jax.tree.map(lambda p: jnp.zeros([], jnp.result_type(p)), params)
-    return ScaleByNovogradState(zero_count(), otree.zeros_like(params, mu_dtype), nu)
+    mu = like_params(params, mu_dtype, "scale_by_novograd: `mu_dtype`")
+    return ScaleByNovogradState(zero_count(), mu, nu)
 
   def update(updates, state, params=None, **extra):
     del extra

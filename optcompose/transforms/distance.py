@@ -46,6 +46,7 @@ from optcompose.core import (
   real,
 )
 from optcompose.masks import reject_layouts
+from optcompose.transforms.statistics import like_params
 
 __all__ = ["ScaleByDistanceOverGradientsState"]
 
@@ -126,7 +127,8 @@ def scale_by_distance_over_gradients(
     otree.check_floating(params, "params")
     reject_layouts(params, _WHO)
     # A copy (in param_dtype): the state must not share the parameters' buffers.
-    init_params = jax.tree.map(lambda p: jnp.array(p, dtype=param_dtype), params)
+    copy = lambda p, dtype: jnp.array(p, dtype=dtype)  # noqa: E731
+    init_params = like_params(params, param_dtype, f"{_WHO}: `param_dtype`", make=copy)
     max_dist = jax.tree.map(
       lambda w, w0: jnp.multiply(reps_rel, jnp.add(1, distance_leaf(w))).astype(
         otree.promote_types(jnp.result_type(w), jnp.result_type(w0))

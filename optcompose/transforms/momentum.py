@@ -30,10 +30,10 @@ from optcompose.core import (
   zero_count,
 )
 from optcompose.transforms.statistics import (
+  like_params,
   debias_factor,
   debias_leaf,
   ema_leaf,
-  moments_init,
   same_structure,
 )
 
@@ -79,7 +79,7 @@ def trace(
 
   def init(params):
     otree.check_floating(params, "params")
-    return TraceState(trace=otree.zeros_like(params, dtype=accumulator_dtype))
+    return TraceState(trace=like_params(params, accumulator_dtype, "trace: `accumulator_dtype`"))
 
   def update(updates, state, params=None, **extra):
     del params, extra
@@ -134,7 +134,10 @@ def ema(
   """
 
   def init(params):
-    return EmaState(zero_count(), moments_init(params, accumulator_dtype))
+    otree.check_floating(params, "params")
+    return EmaState(
+      zero_count(), like_params(params, accumulator_dtype, "ema: `accumulator_dtype`")
+    )
 
   def update(updates, state, params=None, **extra):
     del params, extra

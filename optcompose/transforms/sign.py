@@ -32,7 +32,7 @@ from optcompose.core import (
   stateless_with_tree_map,
   zero_count,
 )
-from optcompose.transforms.statistics import ema_leaf, moments_init, same_structure
+from optcompose.transforms.statistics import ema_leaf, like_params, same_structure
 
 LION_MODES = ("hard", "smooth", "refined")
 
@@ -120,7 +120,10 @@ def scale_by_lion(
     raise ValueError(f"scale_by_lion: `mode` must be one of {LION_MODES}, got {mode!r}.")
 
   def init(params):
-    return ScaleByLionState(zero_count(), moments_init(params, mu_dtype))
+    otree.check_floating(params, "params")
+    return ScaleByLionState(
+      zero_count(), like_params(params, mu_dtype, "scale_by_lion: `mu_dtype`")
+    )
 
   def update(updates, state, params=None, **extra):
     del params, extra

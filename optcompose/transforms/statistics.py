@@ -122,5 +122,27 @@ def moments_init(params, dtype=None, value=0.0):
   return otree.full_like(params, value, dtype=dtype)
 
 
+def like_params(params, dtype, who: str, make=jnp.zeros_like):
+  """``make(leaf, leaf_dtype)`` for each leaf (zeros by default) of a state that holds
+  values of the parameters' kind (a first moment, a trace, the initial parameters), in
+  ``dtype`` (None: the leaf's). For a complex leaf a real ``dtype`` means its complex
+  counterpart of that precision (float32: complex64), which keeps the imaginary part that
+  Optax's drops; a 16-bit one has none: a TypeError naming ``who`` and the leaf."""
+
+  def leaf(path, p):
+    d = dtype
+    if d is not None and jnp.iscomplexobj(p) and not jnp.issubdtype(d, jnp.complexfloating):
+      if jnp.finfo(d).bits < 32:
+        raise TypeError(
+          f"{who} is {jnp.dtype(d)} for the complex parameter params{otree.path_str(path)}: "
+          "there is no complex dtype of 16 bits, and a real state would drop the imaginary "
+          "part; give None or jnp.complex64."
+        )
+      d = jnp.complex128 if jnp.finfo(d).bits > 32 else jnp.complex64
+    return make(p, d)
+
+  return jax.tree_util.tree_map_with_path(leaf, params)
+
+
 def same_structure(updates, state_tree, field):
   otree.check_same_structure(updates, state_tree, "updates", f"state.{field}")
