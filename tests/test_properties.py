@@ -441,6 +441,13 @@ def test_the_kit_names_what_a_users_transformation_got_wrong():
   wrapped = build(lambda p: oc.EmptyState(), lambda u, s, p=None: (u, s))
   oct.check_invariants(wrapped, params, grads)  # ours: takes and drops them
 
+  python_count = build(lambda p: {"n": 0}, lambda u, s, p=None, **e: (u, {"n": s["n"] + 1}))
+  with pytest.raises(AssertionError, match=r"init returned a Python number at state\['n'\]"):
+    oct.check_invariants(python_count, params, grads)
+  no_state = build(lambda p: oc.EmptyState(), lambda u, s, p=None, **e: u)
+  with pytest.raises(TypeError, match=r"step 0: `update` must return a pair"):
+    oct.check_invariants(no_state, params, grads)
+
 
 def test_a_bfloat16_leaf_loosens_the_kit_s_tolerance_for_its_own_parameter_only():
   """A jit-only 2% error on a float32 leaf is caught with a bfloat16 parameter elsewhere in

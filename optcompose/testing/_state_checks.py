@@ -19,6 +19,11 @@ def _strong(params):
   )
 
 
+def _py(x) -> bool:
+  """Whether ``x`` is a Python number (a state leaf that should be an array)."""
+  return isinstance(x, (bool, int, float, complex))
+
+
 def check_state_can_be_donated(tx, params) -> None:
   """No two leaves of ``init``'s state share a buffer, and none is a buffer of ``params``, so
   a jitted step can donate the state and the parameters (``jax.jit(step, donate_argnums=...)``:

@@ -22,8 +22,10 @@ import numpy as np
 
 from optcompose import tree as otree
 from optcompose.core import GradientTransformation, apply_updates
+from optcompose.core.base import update_pair
 from optcompose.testing._state_checks import (
   _assert_donatable,
+  _py,
   _retraced,
   _strong,
   check_state_can_be_donated,
@@ -84,7 +86,7 @@ def record_steps(
   for t in range(steps):
     g = grad_fn(params, t)
     given = jax.tree_util.tree_flatten_with_path(state)[0]
-    updates, new_state = update(g, state, params)
+    updates, new_state = update_pair(update(g, state, params), f"step {t}")
     now = jax.tree_util.tree_flatten_with_path(state)[0]
     changed = [otree.path_str(p) for (p, a), (q, b) in zip(given, now) if p != q or a is not b]
     assert len(given) == len(now) and not changed, (
@@ -366,6 +368,11 @@ def check_invariants(
   """
   jitted_update, traces = _counting_jit(tx, extra)
   params = _strong(params)
+  numbers = [p for p, x in jax.tree_util.tree_flatten_with_path(tx.init(params))[0] if _py(x)]
+  assert not numbers, (
+    f"init returned a Python number at state{otree.path_str(numbers[0])}: weakly typed, it "
+    "changes dtype under jit; give an array (a count: jnp.zeros([], jnp.int32))."
+  )
   eager, eager_params = record_steps(tx, params, grads, steps, extra)
   jitted, jitted_params = record_steps(tx, params, grads, steps, extra, jitted_update)
   state0 = tx.init(params)

@@ -82,7 +82,10 @@ def inject_hyperparams(
       named ``mask`` or ``*_mask``, booleans, ``None``, dtypes, randomness (a PRNG key, or
       an integer ``key``/``seed``/``rng``) and the integer arguments of optcompose's builders
       given as Python ints (a period, a memory size) are always static. (Optax stores
-      randomness in the state; its tests use it only to run.)
+      randomness in the state; its tests use it only to run.) Arrays of rank 1 or more and
+      values that are not numbers (a string) are passed as they are, baked in: not held in
+      the state, not seen by ``set_hyperparams``. An integer argument of a factory of your
+      own is held as a float unless listed here.
     hyperparam_dtype: the stored dtype (by default float32, or float64 under x64, whatever
       the parameters' dtype).
 
