@@ -34,8 +34,8 @@ def record_validator(names, validate: Callable[[dict], Any]) -> None:
 
 
 def validators(names) -> list:
-  """The ``validate`` functions recorded for states holding exactly ``names``."""
-  return list(_VALIDATING.get(frozenset(names), ()))
+  """The ``validate`` functions recorded for states holding exactly ``names``, latest first."""
+  return list(reversed(_VALIDATING.get(frozenset(names), ())))  # the latest first
 
 
 def _check_as_built(node: Any, new: dict, keys: dict) -> None:
