@@ -372,7 +372,7 @@ def _optax_takes_no_learning_rate(name):
   ],
 )
 def test_learning_rate_none_is_optax_s_unscaled_direction(name):
-  """``learning_rate=None`` where Optax's counterpart takes it (25 optimizers): no learning
+  """``learning_rate=None`` where Optax's counterpart takes it (24 optimizers): no learning
   rate applied (the direction, not negated), equal to Optax's to float64 rounding."""
   from numerics import F64_RTOL, assert_rel_close, x64
 
@@ -389,3 +389,5 @@ def test_learning_rate_none_is_optax_s_unscaled_direction(name):
         assert_rel_close(a, b, F64_RTOL)
   with pytest.raises(TypeError, match="fromage: `learning_rate` expected a number"):
     oc.fromage(None)  # it scales its weight decay by the learning rate: required
+  with pytest.raises(TypeError, match="sm3: `learning_rate` expected a number"):
+    oc.sm3(None)  # Optax's refuses it

@@ -425,6 +425,11 @@ def test_a_real_state_dtype_keeps_a_complex_parameter_s_imaginary_part():
   for chosen, default in pairs:
     np.testing.assert_array_equal(run(chosen), run(default))
     assert np.abs(np.imag(run(chosen) - params["c"])).max() > 1e-3  # it moved in imag too
+  accumulated = oc.MultiSteps(oc.sgd(0.05), every_k_schedule=2)  # float32 accumulator
+  averaged = oc.chain(oc.sgd(0.05), oc.ema_params(0.9, accumulator_dtype=jnp.float32))
+  for tx in (accumulated.gradient_transformation(), averaged):
+    state = tx.init(params)
+    assert all(jnp.iscomplexobj(x) for x in jax.tree.leaves(state) if jnp.ndim(x))
   with pytest.raises(
     TypeError, match=r"`mu_dtype` is bfloat16 for the complex parameter params\['c'\]"
   ):

@@ -105,6 +105,40 @@ def test_a_hand_built_transformation_takes_keywords_in_optax_s_combinators():
     np.testing.assert_array_equal(updates["w"], np.float32(-0.1))
 
 
+def _two_argument_update(updates, state):
+  return updates, state
+
+
+_two_argument_update.mark = "kept"
+
+
+def test_a_hand_built_update_keeps_its_named_keywords_arity_and_marks():
+  """The wrapper of an ``update`` without ``**kwargs`` passes on the keywords it names
+  (``value``), calls a two-argument ``update(u, s)`` without params, keeps the function's
+  attributes, pickles as the function does and compares equal for the same function; a
+  member returning a list pair is taken as the pair."""
+  import pickle
+
+  seen = {}
+
+  def named(updates, state, params=None, *, value=None):
+    seen["value"] = value
+    return updates, state
+
+  two = _two_argument_update
+  params = {"w": jnp.ones(2)}
+  tx = oc.GradientTransformation(lambda p: oc.EmptyState(), named)
+  optax.chain(tx).update(params, optax.chain(tx).init(params), params, value=3.0, other=1)
+  assert seen == {"value": 3.0}
+  pair = oc.GradientTransformation(lambda p: oc.EmptyState(), two)
+  assert pair.update(params, oc.EmptyState())[0] is params and pair.update.mark == "kept"
+  assert pair == oc.GradientTransformation(pair.init, two)
+  assert pickle.loads(pickle.dumps(pair.update)).wrapped is two
+  listed = oc.GradientTransformation(lambda p: oc.EmptyState(), lambda u, s, p=None, **e: [u, s])
+  chained = oc.chain(listed, oc.sgd(0.1))
+  np.testing.assert_allclose(chained.update(params, chained.init(params), params)[0]["w"], -0.1)
+
+
 def test_optax_extra_args_member_receives_keywords():
   seen = {}
 

@@ -33,7 +33,6 @@ compute the same step. A piece that needs a second input takes it in its own arg
 
 from __future__ import annotations
 
-import inspect
 import weakref
 from typing import Any, Callable, NamedTuple, Optional
 
@@ -43,6 +42,7 @@ import optax
 
 from optcompose import tree as otree
 from optcompose.core.errors import StateMismatchError, expect_state, needs_params  # noqa: F401
+from optcompose.core.extra_args import _DroppingExtra, _takes_extra
 
 PyTree = Any
 # Optax's types, for annotations (``optcompose.Params is optax.Params``). ``Schedule`` means
@@ -70,7 +70,7 @@ class GradientTransformation(optax.GradientTransformationExtraArgs):
 
   def __new__(cls, init, update):
     if callable(update) and not _takes_extra(update, unknown=True):
-      update = _dropping_extra(update)
+      update = _DroppingExtra(update)
     return super().__new__(cls, init, update)
 
 
@@ -152,18 +152,6 @@ def identity() -> GradientTransformation:
   return stateless(lambda updates, params: updates)
 
 
-def _takes_extra(fn: Callable, unknown: bool = False) -> bool:
-  """Whether ``fn`` accepts arbitrary keyword arguments (Optax's ExtraArgs protocol);
-  ``unknown`` where its signature cannot be read. (A user may build our
-  ``GradientTransformation(init, update)`` with a plain ``update(updates, state,
-  params=None)``, as Optax's base class allows: ours is one class, so the signature tells.)"""
-  try:
-    params = inspect.signature(fn).parameters.values()
-  except (TypeError, ValueError):
-    return unknown
-  return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
-
-
 def as_transformation(
   t: Any, who: str = "chain", position: Optional[Any] = None
 ) -> GradientTransformation:
@@ -196,17 +184,7 @@ def as_transformation(
       f"{who}: {where} is {type(t).__name__}, not a gradient transformation (an object "
       "with callable `init` and `update`)."
     )
-  return GradientTransformation(init, update if _takes_extra(update) else _dropping_extra(update))
-
-
-def _dropping_extra(update: Callable) -> Callable:
-  """``update``, which takes no keyword arguments, as one that takes and drops them."""
-
-  def update_without_extra(updates, state, params=None, **extra):
-    del extra  # a plain Optax transformation takes no keyword arguments
-    return update(updates, state, params)
-
-  return update_without_extra
+  return GradientTransformation(init, update if _takes_extra(update) else _DroppingExtra(update))
 
 
 def with_extra_args_support(tx: Any) -> GradientTransformation:
@@ -319,8 +297,8 @@ def _run_chain(members: tuple, updates: Any, state: tuple, params: Any, extra: d
 def update_pair(result: Any, who: str) -> tuple:
   """``result`` of an ``update``, if it is the pair ``(updates, new_state)``; else a TypeError
   naming ``who`` (a forgotten state: a dict of two parameters would unpack into its keys)."""
-  if type(result) is tuple and len(result) == 2:
-    return result
+  if isinstance(result, (tuple, list)) and len(result) == 2:
+    return tuple(result)
   got = f"a tuple of length {len(result)}" if isinstance(result, tuple) else type(result).__name__
   raise TypeError(f"{who}: `update` must return a pair (updates, new_state), got {got}.")
 

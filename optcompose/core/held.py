@@ -16,47 +16,84 @@ import jax.numpy as jnp
 import numpy as np
 
 from optcompose import tree as otree
-from optcompose.core.validation import check_held, is_real_like
+from optcompose.core.validation import _SKIP_CHECKS, check_held, is_real_like
 
-# What builds states holding a given set of names: ``validate(values)`` of each of the latest
-# transformations built with that set (see record_validator), held strongly, so that a state
-# outlives its transformation's object (``tx.init(params)`` on a temporary); 64 per set.
+# What builds the states holding a set of names, by that set and the kinds of state (the
+# NamedTuple types) the holder's inner state holds: ``validate(values)`` of the
+# transformations built so (see record_validator), held strongly, so that a state outlives
+# its transformation's object (``tx.init(params)`` on a temporary); 16 per key.
 _VALIDATING: dict = {}
 
 
-def record_validator(names, validate: Callable[[dict], Any]) -> None:
-  """Record that states holding exactly ``names`` may come from a transformation that
-  ``validate({name: float})`` builds from those values (raising what its construction
-  would): :func:`set_hyperparams` then checks a value as that builder does, not by the
-  ranges other builders declare for the same name (a user's ``factor`` is not
-  ``reduce_on_plateau``'s). A value is accepted when one of the recorded builders accepts it."""
-  _VALIDATING.setdefault(frozenset(names), collections.deque(maxlen=64)).append(validate)
+def state_kinds(tree: Any) -> frozenset:
+  """The NamedTuple types in ``tree`` (a state): what tells two transformations apart whose
+  states hold the same hyperparameter names (``trace`` and ``ema``: ``decay``)."""
+  kinds, stack = set(), [tree]
+  while stack:
+    node = stack.pop()
+    if hasattr(node, "_fields"):
+      kinds.add(type(node))
+    if isinstance(node, (tuple, list)):
+      stack.extend(node)
+    elif isinstance(node, Mapping):
+      stack.extend(node.values())
+  return frozenset(kinds)
 
 
-def validators(names) -> list:
-  """The ``validate`` functions recorded for states holding exactly ``names``, latest first."""
-  return list(reversed(_VALIDATING.get(frozenset(names), ())))  # the latest first
+def record_validator(names, inner_state: Any, validate: Callable[[dict], Any]) -> None:
+  """Record that a state holding exactly ``names`` beside ``inner_state`` comes from a
+  transformation that ``validate({name: 0-d array})`` builds from those values (raising what
+  its construction would): :func:`set_hyperparams` then checks a value as that builder does,
+  not by the ranges other builders declare for the same name (a user's ``factor`` is not
+  ``reduce_on_plateau``'s)."""
+  if _SKIP_CHECKS.get():  # a rebuild inside a step, or a check's own build
+    return
+  kept = _VALIDATING.setdefault(
+    (frozenset(names), state_kinds(inner_state)), collections.deque(maxlen=16)
+  )
+  if validate not in kept:
+    kept.append(validate)
+
+
+def validators(node: Any) -> tuple:
+  """``(validate functions, all_must_accept)`` for the holder ``node``: those recorded for
+  its names and kinds of inner state, one of which must accept a value; else (a state as a
+  mapping of its fields, or one built elsewhere) every one recorded for its names, all of
+  which must accept it (the holder's builder is among them, or none is)."""
+  names = frozenset(_held(node))
+  inner = getattr(node, "inner_state", None)
+  exact = _VALIDATING.get((names, state_kinds(inner)), ()) if hasattr(node, "_fields") else ()
+  if exact:
+    return list(reversed(exact)), False
+  same = [v for (n, _), kept in _VALIDATING.items() if n == names for v in reversed(kept)]
+  return same, True
 
 
 def _check_as_built(node: Any, new: dict, keys: dict) -> None:
-  """Check the holder ``node``'s values with ``new`` ({name: stored array}) put in, member
-  by member (a sweep's holders hold one each), as a transformation recorded for its names
-  would be built from them: accepted when one of them builds. Traced values: not checked."""
-  checks = validators(_held(node))
-  values = {**{n: jax.tree.leaves(v)[0] for n, v in _held(node).items()}, **new}
+  """Check the holder ``node``'s values with ``new`` ({name: value as given}) put in,
+  member by member (a sweep's holders hold one each), each as a 0-d array in its holder's
+  dtype (as the step gives it to the builder): see :func:`validators`. Traced values: not
+  checked."""
+  checks, all_must = validators(node)
+  held = {n: jax.tree.leaves(v)[0] for n, v in _held(node).items()}
+  values = {**held, **new}
   if not checks or any(isinstance(v, jax.core.Tracer) for v in values.values()):
     return
   names = list(values)
   columns = [np.ravel(a) for a in np.broadcast_arrays(*[np.asarray(values[n]) for n in names])]
   for member in sorted(set(zip(*columns))):  # each distinct member once
+    arrays = {n: jnp.asarray(v, jnp.result_type(held[n])) for n, v in zip(names, member)}
     errors = []
     for validate in checks:
       try:
-        validate({n: float(v) for n, v in zip(names, member)})
-        break
+        validate(arrays)
+        if not all_must:
+          break
       except (TypeError, ValueError) as e:
         errors.append(e)
-    else:
+        if all_must:
+          break
+    if errors and (all_must or len(errors) == len(checks)):
       shown = ", ".join(f"`{keys[n]}` = {float(v)!r}" for n, v in zip(names, member) if n in keys)
       raise ValueError(f"set_hyperparams: {shown} is refused: {errors[0]}") from errors[0]
 
@@ -131,10 +168,13 @@ def set_hyperparams(state: Any, **values) -> Any:
   Each value runs the validation of construction, on the value as it will be stored (in the
   holder's dtype: ``b1 = 1 - 1e-9`` rounds to 1.0 in float32 and is rejected): a real,
   finite scalar that the builder of the transformation holding it accepts beside the other
-  values held there (``inject_hyperparams(f)``: ``f`` built with them, so a factory of your
-  own checks its own arguments). A state whose builder this process has not made (Optax's
-  ``inject_hyperparams``, ``reduce_on_plateau``'s scale) is checked by name, inside the range
-  every builder declaring that name accepts. A value traced under ``jax.jit`` or
+  values held there, as 0-d arrays in the holder's dtype (``inject_hyperparams(f)``: ``f``
+  built with them, so a factory of your own checks its own arguments). The builder is known
+  by the names held and the kinds of state beside them (``trace`` and ``ema`` both hold
+  ``decay``); in a state as a mapping of its fields, every builder of those names made in
+  this process must accept the value. A state whose builder this process has not made
+  (Optax's ``inject_hyperparams``, ``reduce_on_plateau``'s scale) is checked by name,
+  inside the range every builder declaring that name accepts. A value traced under ``jax.jit`` or
   ``jax.vmap`` has no value to check: it is stored as given.
 
   Args:
@@ -198,7 +238,7 @@ def set_hyperparams(state: Any, **values) -> Any:
         warnings.simplefilter("ignore", RuntimeWarning)  # an overflow is reported below
         stored = jnp.broadcast_to(jnp.asarray(value, dtype=old.dtype), old.shape)
       one = np.ndim(value) == 0 or isinstance(value, jax.core.Tracer)  # checked once
-      no_builder = not validators(_held(nodes[holder]))  # else as its builder checks, below
+      no_builder = not validators(nodes[holder])[0]  # else as its builder checks, below
       for v, x in zip([value] if one else np.ravel(value), jnp.ravel(stored)):
         check_held(key, name, v, x, by_name=no_builder)
       checked[name] = value  # the builder checks it as given, rounded to the dtype it uses

@@ -119,7 +119,7 @@ def rebuilt_each_step(
     dtype: the stored dtype (default: :func:`default_float`).
     cast_scheduled: pass scheduled values to ``build`` as stored (else as the schedule
       returns them; they are stored as ``dtype`` either way).
-    validate: ``validate({name: float})`` raises where those values are refused (default:
+    validate: ``validate({name: 0-d array})`` raises where those values are refused (default:
       ``build`` with them, whose construction checks them); :func:`set_hyperparams` and a
       Python number put in ``state.hyperparams`` by hand are checked with it.
 
@@ -151,7 +151,9 @@ def rebuilt_each_step(
   def init(params):
     count = zero_count()
     values, used = values_at(count, {n: as_hyperparam(v, dtype) for n, v in live.items()})
-    return InjectHyperparamsState(count, used, as_transformation(build(values), who).init(params))
+    inner_state = as_transformation(build(values), who).init(params)
+    record_validator(set(live) | set(schedules), inner_state, validate)
+    return InjectHyperparamsState(count, used, inner_state)
 
   def update(updates, state, params=None, **extra):
     expect_state(state, InjectHyperparamsState, who)
@@ -168,7 +170,6 @@ def rebuilt_each_step(
     updates, inner_state = update_pair(result, f"{who}: the transformation built")
     return updates, InjectHyperparamsState(safe_increment(state.count), used, inner_state)
 
-  record_validator(set(live) | set(schedules), validate)
   return GradientTransformation(init, update)
 
 
@@ -205,9 +206,10 @@ def _check_stored(who: str, stored: Any, names: set, dtype, validate: Callable) 
       x = jnp.asarray(value, dtype=dtype)
       check_held(f"state.hyperparams['{name}']", name, value, x, fn=who, by_name=False)
       try:
-        validate({**stored, name: float(x)})
+        validate({**stored, name: x})
       except (TypeError, ValueError) as e:
-        raise type(e)(f"{who}: `state.hyperparams['{name}']` = {value!r}: {e}") from e
+        kind = TypeError if isinstance(e, TypeError) else ValueError
+        raise kind(f"{who}: `state.hyperparams['{name}']` = {value!r}: {e}") from e
 
 
 class SchedulableBuilder(Protocol):

@@ -141,7 +141,10 @@ def novograd(
 
 
 @public(
-  "optimizer", optax="sm3", learning_rate=LEARNING_RATE, momentum=real(0.0, 1.0, draw=(0.0, 0.99))
+  "optimizer",
+  optax="sm3",
+  learning_rate=LEARNING_RATE._replace(optional=False),  # Optax's refuses None
+  momentum=real(0.0, 1.0, draw=(0.0, 0.99)),
 )
 def sm3(learning_rate: ScalarOrSchedule, momentum: float = 0.9) -> GradientTransformation:
   """SM3: an Adagrad-like accumulator kept as one cover vector per axis, with momentum.

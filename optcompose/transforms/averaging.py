@@ -44,6 +44,7 @@ import jax
 import jax.numpy as jnp
 
 from optcompose import tree as otree
+from optcompose.transforms.statistics import like_params
 from optcompose.core import (
   DTYPE,
   FLAG,
@@ -143,7 +144,8 @@ def _averaging(
 
   def init(params):
     otree.check_floating(params, "params")
-    average = jax.tree.map(lambda p: jnp.array(p, dtype=accumulator_dtype), params)
+    copy = lambda p, dtype: jnp.array(p, dtype=dtype)  # noqa: E731
+    average = like_params(params, accumulator_dtype, "`accumulator_dtype`", make=copy)
     return state_type(zero_count(), zero_count(), average)
 
   def update(updates, state, params=None, **extra):

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from optcompose import tree as otree
+from optcompose.transforms.statistics import like_params
 from optcompose.core import (
   DTYPE,
   FLAG,
@@ -217,7 +218,7 @@ def _parts(inner, every_k_schedule, use_grad_mean, accumulator_dtype, should_ski
       zero_count(),
       zero_count(),
       inner.init(params),
-      otree.zeros_like(params, accumulator_dtype),
+      like_params(params, accumulator_dtype, "multi_steps: `accumulator_dtype`"),
       skip_state,
     )
 

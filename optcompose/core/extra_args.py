@@ -1,0 +1,55 @@
+"""A transformation's ``update`` and keyword arguments (Optax's ExtraArgs protocol): whether
+it takes them, and an ``update`` that takes none as one that does."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Callable
+
+
+def _takes_extra(fn: Callable, unknown: bool = False) -> bool:
+  """Whether ``fn`` accepts arbitrary keyword arguments (Optax's ExtraArgs protocol);
+  ``unknown`` where its signature cannot be read. (A user may build our
+  ``GradientTransformation(init, update)`` with a plain ``update(updates, state,
+  params=None)``, as Optax's base class allows: ours is one class, so the signature tells.)"""
+  try:
+    params = inspect.signature(fn).parameters.values()
+  except (TypeError, ValueError):
+    return unknown
+  return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+
+
+class _DroppingExtra:
+  """An ``update`` that takes no ``**kwargs``, as one that takes them: those it names are
+  passed on, the others dropped, and ``params`` only if it takes a third argument. Its
+  attributes (a step form's mark) are kept; it pickles and compares as the function does."""
+
+  def __init__(self, update: Callable):
+    self.wrapped = update
+    try:
+      given = inspect.signature(update).parameters.values()
+    except (TypeError, ValueError):  # unreadable: called as Optax's base class specifies
+      given = None
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    self.named = frozenset(
+      p.name for p in given or () if p.kind is not inspect.Parameter.VAR_POSITIONAL
+    )
+    positional = [p for p in given or () if p.kind in kinds]
+    self.takes_params = (
+      given is None
+      or len(positional) >= 3
+      or any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in given)
+    )
+    self.__dict__.update(getattr(update, "__dict__", {}))
+
+  def __call__(self, updates, state, params=None, **extra):
+    kept = {k: v for k, v in extra.items() if k in self.named}
+    if self.takes_params:
+      return self.wrapped(updates, state, params, **kept)
+    return self.wrapped(updates, state, **kept)
+
+  def __eq__(self, other):
+    return isinstance(other, _DroppingExtra) and other.wrapped == self.wrapped
+
+  def __hash__(self):
+    return hash(self.wrapped)
