@@ -41,12 +41,13 @@ that runs before the step (XLA then updates the donated parameters and state in 
 updates: the same arithmetic as the returned ones, compiled apart (equal to float32
 rounding), and a measured update runs whatever ``inner`` evaluates twice (a line search's
 ``value_fn`` included). AdamW on 8M float32 parameters, donated, on XLA CPU:
-about 2.5x the bare step when measuring every update, about 1.05x on the updates that
-``every_k`` skips (so about 1.1x on average with ``every_k=10``). Compiling takes about 2-2.5x
-the inner step's time (it is traced twice). In nanoGPT's whole training step (6 layers of
-width 384, 76 leaves, on XLA CPU) ``every_k=10`` cost 12-13% of the step on average and 1.9-2x
-its compile time (docs/performance.md, "A whole training step"). Leaves under 2^14
-elements are read without that ordering (a copy of them costs microseconds).
+about 2.5x the bare step when measuring every update, 1.1-1.25x on the updates that
+``every_k`` skips (so 1.1-1.25x on average with ``every_k=10``; see docs/performance.md).
+Compiling takes about 2-2.5x the inner step's time (it is traced twice). In nanoGPT's
+whole training step (6 layers of width 384, 76 leaves, on XLA CPU) ``every_k=10`` cost 7-13%
+of the step on average and 1.6-2x its compile time (docs/performance.md, "A whole training
+step"). Leaves under 2^14 elements are read without that ordering (a copy of them costs
+microseconds).
 
 :func:`optcompose.step` on a ``with_diagnostics`` transformation measures the same way, then
 takes ``inner``'s step through :func:`optcompose.step`, so the step-level form of the
