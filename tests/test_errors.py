@@ -440,3 +440,16 @@ def test_a_real_state_dtype_keeps_a_complex_parameter_s_imaginary_part():
   w, gc = np.asarray(params["c"], np.complex128), np.asarray(g["c"], np.complex128)
   want = 1e-6 * (1 + np.linalg.norm(w)) * gc / np.linalg.norm(gc)
   np.testing.assert_allclose(np.asarray(u["c"]), want, rtol=1e-5)
+
+
+def test_clip_and_rprop_name_a_complex_leaf():
+  """Elementwise clipping and Rprop's sign rule have no meaning on complex numbers (Optax
+  raises JAX's own error, naming no leaf): a TypeError naming the transformation and the
+  leaf; real leaves beside them are clipped as before."""
+  params = {"c": jnp.array([1 + 1j, 2 - 1j], jnp.complex64), "r": jnp.array([3.0, -0.5])}
+  with pytest.raises(TypeError, match=r"clip: `updates\['c'\]` is complex"):
+    oc.clip(1.0).update(params, oc.clip(1.0).init(params), params)
+  with pytest.raises(TypeError, match=r"scale_by_rprop: `params\['c'\]` is complex"):
+    oc.rprop(0.1).init(params)
+  real = {"r": params["r"]}
+  np.testing.assert_array_equal(oc.clip(1.0).update(real, oc.EmptyState())[0]["r"], [1.0, -0.5])

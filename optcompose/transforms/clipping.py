@@ -40,9 +40,9 @@ from optcompose.core import (
   public,
   real,
   stateless,
-  stateless_with_tree_map,
 )
 from optcompose.masks import reject_layouts
+from optcompose.transforms.statistics import reject_complex
 
 _NORM = real(0.0, low_open=True, draw=(1e-3, 10.0))  # a positive threshold
 
@@ -110,8 +110,14 @@ def clip(max_delta: ScalarOrSchedule) -> GradientTransformation:
   """
   # A number here: `public` rebuilds the transformation with each value of a schedule.
   max_delta = cast("float | jax.Array", max_delta)
-  # In the wider of u's and max_delta's dtypes.
-  return stateless_with_tree_map(lambda u, w: jnp.clip(*otree.promote(u, -max_delta, max_delta)))
+  why = "complex numbers have no order to clip by; clip_by_global_norm scales them instead"
+
+  def clipped(updates, params):
+    reject_complex(updates, "updates", "clip", why)  # (JAX's own error names no leaf)
+    # In the wider of u's and max_delta's dtypes.
+    return jax.tree.map(lambda u: jnp.clip(*otree.promote(u, -max_delta, max_delta)), updates)
+
+  return stateless(clipped)
 
 
 class ClipByGlobalNormState(NamedTuple):

@@ -122,6 +122,14 @@ def moments_init(params, dtype=None, value=0.0):
   return otree.full_like(params, value, dtype=dtype)
 
 
+def reject_complex(tree, what: str, who: str, why: str) -> None:
+  """A TypeError naming ``who`` and the first complex leaf of ``tree`` (``what``: its name,
+  e.g. "updates"), saying ``why`` the transformation has no meaning there."""
+  for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    if jnp.iscomplexobj(x):
+      raise TypeError(f"{who}: `{what}{otree.path_str(path)}` is complex: {why}.")
+
+
 def like_params(params, dtype, who: str, make=jnp.zeros_like):
   """``make(leaf, leaf_dtype)`` for each leaf (zeros by default) of a state that holds
   values of the parameters' kind (a first moment, a trace, the initial parameters), in

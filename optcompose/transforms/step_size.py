@@ -31,7 +31,7 @@ from optcompose.core import (
   real,
 )
 from optcompose.core.validation import check_real_value
-from optcompose.transforms.statistics import moments_init, same_structure
+from optcompose.transforms.statistics import moments_init, reject_complex, same_structure
 
 
 def _op(fn, *xs):
@@ -121,6 +121,8 @@ def scale_by_rprop(
     )
 
   def init(params):
+    why = "Rprop steps by the sign of g_t g_(t-1), which complex numbers do not have"
+    reject_complex(params, "params", "scale_by_rprop", why)
     return ScaleByRpropState(moments_init(params, value=learning_rate), moments_init(params))
 
   def update(updates, state, params=None, **extra):
