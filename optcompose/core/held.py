@@ -28,16 +28,7 @@ _VALIDATING: dict = {}
 def state_kinds(tree: Any) -> frozenset:
   """The NamedTuple types in ``tree`` (a state): what tells two transformations apart whose
   states hold the same hyperparameter names (``trace`` and ``ema``: ``decay``)."""
-  kinds, stack = set(), [tree]
-  while stack:
-    node = stack.pop()
-    if hasattr(node, "_fields"):
-      kinds.add(type(node))
-    if isinstance(node, (tuple, list)):
-      stack.extend(node)
-    elif isinstance(node, Mapping):
-      stack.extend(node.values())
-  return frozenset(kinds)
+  return frozenset(type(n) for _, n in otree.find_nodes(tree, lambda n: hasattr(n, "_fields")))
 
 
 def record_validator(names, inner_state: Any, validate: Callable[[dict], Any]) -> None:
@@ -87,12 +78,8 @@ def _check_as_built(node: Any, new: dict, keys: dict) -> None:
     for validate in checks:
       try:
         validate(arrays)
-        if not all_must:
-          break
       except (TypeError, ValueError) as e:
         errors.append(e)
-        if all_must:
-          break
     if errors and (all_must or len(errors) == len(checks)):
       shown = ", ".join(f"`{keys[n]}` = {float(v)!r}" for n, v in zip(names, member) if n in keys)
       raise ValueError(f"set_hyperparams: {shown} is refused: {errors[0]}") from errors[0]

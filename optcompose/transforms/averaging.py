@@ -144,8 +144,7 @@ def _averaging(
 
   def init(params):
     otree.check_floating(params, "params")
-    copy = lambda p, dtype: jnp.array(p, dtype=dtype)  # noqa: E731
-    average = like_params(params, accumulator_dtype, "`accumulator_dtype`", make=copy)
+    average = like_params(params, accumulator_dtype, "`accumulator_dtype`", copy=True)
     return state_type(zero_count(), zero_count(), average)
 
   def update(updates, state, params=None, **extra):

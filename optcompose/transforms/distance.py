@@ -127,8 +127,7 @@ def scale_by_distance_over_gradients(
     otree.check_floating(params, "params")
     reject_layouts(params, _WHO)
     # A copy (in param_dtype): the state must not share the parameters' buffers.
-    copy = lambda p, dtype: jnp.array(p, dtype=dtype)  # noqa: E731
-    init_params = like_params(params, param_dtype, f"{_WHO}: `param_dtype`", make=copy)
+    init_params = like_params(params, param_dtype, f"{_WHO}: `param_dtype`", copy=True)
     max_dist = jax.tree.map(
       lambda w, w0: jnp.multiply(reps_rel, jnp.add(1, distance_leaf(w))).astype(
         otree.promote_types(jnp.result_type(w), jnp.result_type(w0))

@@ -130,8 +130,8 @@ def reject_complex(tree, what: str, who: str, why: str) -> None:
       raise TypeError(f"{who}: `{what}{otree.path_str(path)}` is complex: {why}.")
 
 
-def like_params(params, dtype, who: str, make=jnp.zeros_like):
-  """``make(leaf, leaf_dtype)`` for each leaf (zeros by default) of a state that holds
+def like_params(params, dtype, who: str, copy: bool = False):
+  """Zeros like each leaf (``copy``: the leaf itself, copied) for a state that holds
   values of the parameters' kind (a first moment, a trace, the initial parameters), in
   ``dtype`` (None: the leaf's). For a complex leaf a real ``dtype`` means its complex
   counterpart of that precision (float32: complex64), which keeps the imaginary part that
@@ -147,7 +147,7 @@ def like_params(params, dtype, who: str, make=jnp.zeros_like):
           "part; give None or jnp.complex64."
         )
       d = jnp.complex128 if jnp.finfo(d).bits > 32 else jnp.complex64
-    return make(p, d)
+    return jnp.array(p, dtype=d) if copy else jnp.zeros_like(p, dtype=d)
 
   return jax.tree_util.tree_map_with_path(leaf, params)
 
