@@ -411,3 +411,17 @@ def test_lbfgs_without_a_line_search_needs_no_objective():
   params = jnp.asarray([1.0, 2.0])
   updates, _ = jax.eval_shape(lambda s: tx.update(params, s, params), tx.init(params))
   assert updates.shape == (2,)
+
+
+@pytest.mark.parametrize("search", sorted(SEARCHES))
+def test_a_tree_without_leaves_is_a_step_that_changes_nothing(search):
+  # Optax 0.2.8 raises a bare IndexError here (its step size's dtype is the first leaf's).
+  tx = oc.lbfgs(linesearch=SEARCHES[search](oc))
+  state = tx.init({})
+  value = jnp.float32(2.0)
+  updates, state = jax.jit(
+    lambda s: tx.update({}, s, {}, value=value, grad={}, value_fn=lambda p: value)
+  )(state)
+  assert updates == {}
+  floats = [x.dtype for x in jax.tree.leaves(state) if jnp.issubdtype(x.dtype, jnp.floating)]
+  assert floats and set(floats) == {jnp.dtype(jnp.float32)}

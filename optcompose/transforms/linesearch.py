@@ -75,8 +75,10 @@ def curvature_error(slope, slope_init, c2):
 
 # --- Shared pieces.
 def _scalar_dtype(params):
-  """Step sizes' and values' dtype: the first leaf's real dtype, float32 at least."""
-  first = jnp.result_type(jax.tree.leaves(params)[0])
+  """Step sizes' and values' dtype: the first leaf's real dtype, float32 at least (float32
+  for a tree without leaves)."""
+  leaves = jax.tree.leaves(params)
+  first = jnp.result_type(leaves[0]) if leaves else jnp.float32
   return otree.promote_types(jnp.finfo(first).dtype, jnp.float32)
 
 
