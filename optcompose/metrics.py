@@ -164,7 +164,8 @@ def metrics(opt_state: Any) -> dict:
   should_stop     bool     early stopping: training should stop
   ```
 
-  (float*: the dtype the state holds, float32 unless x64 is enabled.) The measurements
+  (float*: the dtype the state holds, float32 unless x64 is enabled; a
+  ``DiagnosticsState``'s ``learning_rate`` is float32 always.) The measurements
   (``grad_norm`` to ``step``) are those of :func:`optcompose.with_diagnostics`: wrap the
   optimizer in it to have them. A constant learning rate is stored in no state: pass it to
   ``with_diagnostics`` or build the optimizer under ``inject_hyperparams``. The keys depend
@@ -179,7 +180,8 @@ def metrics(opt_state: Any) -> dict:
 
   Returns:
     ``{key: 0-d jax.Array}`` in the order of the table: the state's own arrays (tracers
-    inside ``jax.jit``), not copies, and nothing is sent to the host.
+    inside ``jax.jit``), not copies, and nothing is sent to the host. (A dict that a jitted
+    function returns comes back with its keys sorted: JAX orders a dict's keys.)
 
   Raises:
     TypeError: ``opt_state`` has a leaf that is not an array or a number (a transformation
@@ -275,8 +277,12 @@ def unstack(stacked: Mapping[str, Any], every_k: int = 1) -> list:
   Args:
     stacked: ``{key: array of shape (steps,)}``, on the device or already on the host
       (:func:`to_host`'s output); fetched in one transfer.
-    every_k: keep the rows 0, k, 2k, ... only. With ``with_diagnostics(..., every_k=k)``
-      these are exactly the steps it measured (its updates numbered 0, k, 2k, ...).
+    every_k: keep every k-th row only: where ``stacked`` has a ``"step"`` (what
+      :func:`metrics` reads from a ``with_diagnostics`` state: its updates seen, the
+      latest included), the rows whose ``step - 1`` is a multiple of k, which with
+      ``with_diagnostics(..., every_k=k)`` are exactly the updates it measured, wherever
+      the scan started (a second epoch's scan starts at another count); without one, the
+      rows 0, k, 2k, ... of this scan.
 
   Returns:
     ``[{key: float | int | bool}, ...]``, one dict per kept row, each ready for a writer
@@ -306,10 +312,11 @@ def unstack(stacked: Mapping[str, Any], every_k: int = 1) -> list:
   if len(set(lengths.values())) > 1:
     raise ValueError(f"unstack: the values of `stacked` have different lengths: {lengths}.")
   steps = next(iter(lengths.values()), 0)
-  return [
-    {key: _python_scalar(value[i]) for key, value in host.items()}
-    for i in range(0, steps, int(every_k))
-  ]
+  if "step" in host and every_k > 1:
+    rows = np.flatnonzero((np.asarray(host["step"]).astype(np.int64) - 1) % every_k == 0)
+  else:
+    rows = range(0, steps, int(every_k))
+  return [{key: _python_scalar(value[i]) for key, value in host.items()} for i in rows]
 
 
 __all__ = ["metrics", "to_host", "unstack"]

@@ -272,6 +272,20 @@ def test_learning_rate_matches_the_schedule_at_each_step(make, expected):
     np.testing.assert_allclose(float(state.learning_rate), float(expected(t)), rtol=1e-6)
 
 
+def test_the_learning_rate_recorded_is_the_one_used_when_steps_are_skipped():
+  # Inside apply_if_finite a skipped step moves no schedule: the value inner's state
+  # records is the one used, where the given schedule at the wrapper's count ran ahead.
+  sched = oc.linear_schedule(0.1, 0.0, 10)
+  tx = with_diagnostics(oc.apply_if_finite(oc.sgd(sched), 5), sched)
+  params = {"w": jnp.ones(2)}
+  state, seen = tx.init(params), []
+  for g in (1.0, jnp.nan, jnp.nan, 1.0, 1.0):
+    _, state = jax.jit(tx.update)({"w": jnp.full(2, g)}, state, params)
+    seen.append(float(state.learning_rate))
+  # the real updates used the schedule at 0, 1 and 2; skipped ones record the latest used
+  np.testing.assert_allclose(seen, [0.1, 0.1, 0.1, 0.09, 0.08], rtol=1e-6)
+
+
 def test_needs_params_and_its_own_state():
   tx = with_diagnostics(oc.sgd(0.1))
   params = initial_params()
@@ -467,3 +481,38 @@ def test_a_recorded_learning_rate_is_a_buffer_of_its_own():
   for i in range(5):
     params, opt_state = train_step(params, opt_state, jnp.full(3, float(i)))
   assert int(opt_state.gradient_step) == 1
+
+
+def test_float0_gradients_of_masked_integer_leaves_are_measured_and_tested_as_absent():
+  # jax.grad(..., allow_int=True) gives an integer input a float0 gradient, which masked
+  # passes on untouched; the wrappers around it measured and tested it and failed.
+  params = {"w": jnp.array([3.0, 4.0]), "i": jnp.array([0, 0, 7], jnp.int32)}
+  only_w = {"w": params["w"]}
+  mask = {"w": True, "i": False}
+
+  def grads(scale):
+    return jax.grad(lambda p: scale * jnp.sum(p["w"] ** 2), allow_int=True)(params)
+
+  assert grads(1.0)["i"].dtype == jax.dtypes.float0
+  diag = with_diagnostics(oc.masked(oc.adam(0.1), mask), 0.1)
+  reference = with_diagnostics(oc.adam(0.1), 0.1)
+  _, state = jax.jit(diag.update)(grads(1.0), diag.init(params), params)
+  _, expected = reference.update({"w": grads(1.0)["w"]}, reference.init(only_w), only_w)
+  for name in ("count", "grad_norm", "update_norm", "learning_rate", "nonfinite"):
+    assert_ulps_close(getattr(state, name), getattr(expected, name), 2, what=name)
+  # the parameters are measured whole, the integer leaf included
+  np.testing.assert_allclose(state.param_norm, np.sqrt(3**2 + 4**2 + 7**2), rtol=1e-6)
+  np.testing.assert_allclose(state.zero_fraction, 2 / 5)
+  _, state = jax.jit(diag.update)(grads(jnp.nan), state, params)
+  assert state.nonfinite == 2
+
+  skipping = oc.apply_if_finite(oc.masked(oc.adam(0.1), mask), 3)
+  state = skipping.init(params)
+  for scale, finite in ((1.0, True), (jnp.nan, False)):
+    updates, state = jax.jit(skipping.update)(grads(scale), state, params)
+    assert bool(state.last_finite) is finite
+    assert updates["i"].dtype == jax.dtypes.float0
+    assert bool(jnp.all(updates["w"] != 0)) is finite
+  new_params, state = jax.jit(lambda g, s, p: oc.step(skipping, g, s, p))(grads(1.0), state, params)
+  assert bool(state.last_finite) and not np.array_equal(new_params["w"], params["w"])
+  np.testing.assert_array_equal(new_params["i"], params["i"])

@@ -192,6 +192,27 @@ def test_every_k_rows_are_the_measured_updates():
   assert len(every) == 7 and every[1]["grad_norm"] == every[0]["grad_norm"]  # held
 
 
+def test_every_k_rows_of_a_later_epoch_are_its_measured_updates():
+  # A second scan starts at count 5: its measured updates are its rows 2 and 5 (steps 7
+  # and 10), not rows 0 and 3, whose values are held from steps 4 and 7.
+  tx = oc.with_diagnostics(oc.adam(0.05), 0.05, every_k=3)
+  step, params = make_step(tx), initial_params()
+
+  def body(carry, _):
+    params, state, logged, seen = step(*carry)
+    return (params, state), (logged, seen)
+
+  epoch = jax.jit(lambda c: jax.lax.scan(body, c, length=5))
+  carry, (first, _) = epoch((params, tx.init(params)))
+  _, (second, seen) = epoch(carry)
+  assert [row["step"] for row in unstack(first, every_k=3)] == [1, 4]
+  rows = unstack(second, every_k=3)
+  assert [row["step"] for row in rows] == [7, 10]
+  for row, t in zip(rows, (1, 4)):
+    grads, _, _ = at(seen, t)
+    assert row["grad_norm"] == pytest.approx(np_norm(grads), rel=1e-6)
+
+
 def test_without_diagnostics_reads_clipping_injection_and_skipping():
   """NaN gradients at steps 1, 3 and 4: skipped, counted, and the inner state (clipping's
   norm, the injected schedule's value) holds the latest finite step's values."""

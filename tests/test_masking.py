@@ -202,3 +202,53 @@ def test_a_callable_pytree_of_bools_is_a_mask_tree_not_a_function():
   updates, _ = frozen.update(grads, frozen.init(params), params)
   np.testing.assert_array_equal(updates.w, 0.0)
   np.testing.assert_array_equal(updates.b, 2.0 * jnp.ones(2))
+
+
+@pytest.mark.numerics
+def test_a_masked_out_integer_leaf_passes_through_multi_steps_and_lookahead_unchanged():
+  # Both wrappers refused (multi_steps at init) or turned (lookahead: its interpolation
+  # made the update float) an integer leaf that the optimizer inside had masked out.
+  params = {"w": jnp.array([3.0, 4.0]), "i": jnp.array([0, 0, 7], jnp.int32)}
+  grads = {"w": jnp.array([1.0, -2.0]), "i": jnp.zeros(3, jnp.int32)}
+  mask = {"w": True, "i": False}
+  cases = {
+    "multi_steps": (
+      oc.multi_steps(oc.masked(oc.adam(0.1), mask), 2),
+      optax.MultiSteps(optax.masked(optax.adam(0.1), mask), 2).gradient_transformation(),
+    ),
+    "lookahead_in_state": (
+      oc.lookahead_in_state(oc.masked(oc.adam(0.1), mask), 2, 0.5),
+      oc.lookahead_in_state(oc.adam(0.1), 2, 0.5),  # on the floating-point leaf alone
+    ),
+  }
+  for name, (tx, reference) in cases.items():
+    only_w = name == "lookahead_in_state"
+    ref_params = {"w": params["w"]} if only_w else params
+    ref_grads = {"w": grads["w"]} if only_w else grads
+    p, s, q, r = params, tx.init(params), ref_params, reference.init(ref_params)
+    for _ in range(5):
+      u, s = jax.jit(tx.update)(grads, s, p)
+      assert u["i"].dtype == jnp.int32, name
+      p = oc.apply_updates(p, u)
+      v, r = standard_promotion(reference).update(ref_grads, r, q)
+      q = optax.apply_updates(q, v)
+    np.testing.assert_array_equal(p["i"], params["i"], err_msg=name)
+    np.testing.assert_allclose(p["w"], q["w"], rtol=1e-6, err_msg=name)
+  with pytest.raises(TypeError, match=r"`params\['i'\]` has dtype int32"):
+    oc.multi_steps(oc.adam(0.1), 2).init(params)  # not masked: the optimizer inside refuses
+
+
+@pytest.mark.parametrize(
+  "mask,message",
+  [
+    ({"enc": True}, r"\['head'\] is missing\."),
+    ({"enc": True, "head": {"kernel": True}}, r"\['head'\]\['bias'\] is missing\."),
+    ({"enc": True, "head": True, "tail": False}, r"\['tail'\] is unexpected\."),
+  ],
+)
+def test_a_mask_that_is_no_prefix_is_named_at_the_shallowest_path(mask, message):
+  # A prefix mask lacking a whole subtree was reported leaf by leaf, from the subtree it
+  # did cover (`['enc']['dense']['bias'] is missing (and 3 more); ['enc'] is unexpected`).
+  params = {"enc": {"dense": PARAMS["dense"]}, "head": {"kernel": jnp.ones(2), "bias": jnp.ones(2)}}
+  with pytest.raises(ValueError, match=r"`mask` is neither .* prefix of it: " + message):
+    oc.adamw(0.1, mask=mask).init(params)

@@ -314,7 +314,9 @@ def apply_updates(params: Params, updates: Updates) -> Params:
       zeros, or passed through); a floating-point update for an integer or boolean leaf,
       which would be truncated, is a TypeError naming it, and so is a leaf that is not an
       array.
-    updates: a tree of the parameters' structure and shapes.
+    updates: a tree of the parameters' structure and shapes. A ``float0`` update (what
+      ``jax.grad(..., allow_int=True)`` gives an integer input, passed on by a mask) leaves
+      its parameter as it is.
 
   Returns:
     The new parameters, each leaf in its parameter's dtype.
@@ -329,6 +331,8 @@ def apply_updates(params: Params, updates: Updates) -> Params:
     dtype, other = otree.leaf_dtype(p), otree.leaf_dtype(u)
     if dtype is None or other is None or otree.is_inexact(dtype):
       return False
+    if other == jax.dtypes.float0:  # no update: the leaf stays as it is
+      return True
     if isinstance(u, bool):
       return dtype == jnp.bool_
     if isinstance(u, int):  # a Python int fits any integer leaf
@@ -348,6 +352,8 @@ def apply_updates(params: Params, updates: Updates) -> Params:
   )
 
   def add(p, u):
+    if otree.leaf_dtype(u) == jax.dtypes.float0:
+      return p
     # The sum in the wider of the two dtypes (e.g. float32 updates on float16 params),
     # rounded to the parameter's.
     p_wide, u_wide = otree.promote(p, u)

@@ -134,7 +134,9 @@ def current_hyperparams(state: Any) -> dict:
     step 0's) of every live or scheduled hyperparameter, and ``reduce_on_plateau``'s
     multiplier (``plateau_scale``). A name met twice is returned once under its name and
     again under ``"<path>/<name>"``. Constants are not stored in a state: give a schedule or
-    use :func:`optcompose.inject_hyperparams` to see them here.
+    use :func:`optcompose.inject_hyperparams` to see them here. Of Optax's states, only
+    ``optax.inject_hyperparams``' hold values to read: Optax's schedules keep only a count,
+    and ``optax.contrib.reduce_on_plateau`` its ``scale`` (read it from that state).
 
   References:
     Optax's ``optax.tree_utils.tree_get`` (reading a named value from a state).

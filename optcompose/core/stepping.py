@@ -157,6 +157,11 @@ def step_nnx(optimizer: Any, model: Any, grads: Any, **extra) -> None:
     model: the module it optimizes.
     grads: the gradients, as ``nnx.grad`` returns them.
     **extra: passed on to ``tx.update`` (e.g. ``value=``).
+
+  Returns:
+    None. (Flax 0.12's ``optimizer.update`` returns the updates; a step-level form never
+    forms them, which is what it saves: to log their norm, wrap the transformation in
+    :func:`optcompose.with_diagnostics` and read ``update_norm`` from the state.)
   """
   from flax import nnx  # only here: optcompose does not need Flax
 

@@ -202,8 +202,7 @@ def _parts(inner, every_k_schedule, use_grad_mean, accumulator_dtype, should_ski
       )
     return k
 
-  def init(params):
-    otree.check_floating(params, "params")
+  def init(params):  # integer and boolean leaves: as inner takes them (masked out, say)
     k0 = k_of(zero_count())
     if callable(every_k_schedule) and not isinstance(k0, jax.core.Tracer) and int(k0) < 1:
       raise ValueError(f"multi_steps: `every_k_schedule` must be >= 1, got {int(k0)} at step 0.")

@@ -25,12 +25,21 @@ and ``inject_hyperparams``), the norm that clipping stored in its state is ``gra
 and the gradients are not reduced a second time. Anywhere else in the chain clipping sees
 other updates, so ``grad_norm`` is then computed from g.
 
-The learning rate in force: given ``learning_rate`` (a number or a schedule), its value at
-the wrapper's own step count (0 for the first update, as every schedule of the chain reads
-it); otherwise the first ``learning_rate`` recorded in a ``hyperparams`` dict inside
-``inner``'s state (``inject_hyperparams``, Optax's ``inject_hyperparams``, or any optimizer
-built with a learning-rate *schedule*); otherwise NaN (a constant learning rate is not
-stored in any state: pass it; that also keeps every entry of the state finite).
+The learning rate in force: the first ``learning_rate`` recorded in a ``hyperparams`` dict
+inside ``inner``'s state (``inject_hyperparams``, Optax's ``inject_hyperparams``, or any
+optcompose optimizer built with a learning-rate *schedule*), which is the value ``inner``'s
+latest update used (inside ``apply_if_finite`` or ``multi_steps`` too, whose skipped steps
+and micro-steps move no schedule); otherwise, given ``learning_rate`` (a number or a
+schedule), its value at the wrapper's own step count (0 for the first update; that count
+includes skipped steps and micro-steps); otherwise NaN (a constant learning rate, and
+Optax's schedules, are stored in no state: pass it; that also keeps every entry of the
+state finite).
+
+Where to wrap: around the whole optimizer, wrappers included. Inside ``apply_if_finite``,
+a skipped step is not measured at all (the wrapped state is kept as it was: ``count``,
+``nonfinite`` and the norms stay those of the latest finite step, so a log keyed on
+``step`` writes that row again); only ``skipped_steps`` shows it. Inside ``multi_steps``,
+only the real steps are measured, on the mean gradient.
 
 At ``init`` the measurements are 0 and ``learning_rate`` is the one of the first step.
 
@@ -39,11 +48,13 @@ a second time for the updates' norm (its results discarded), all inside one ``la
 that runs before the step (XLA then updates the donated parameters and state in place: see
 :mod:`optcompose.core.ordering`). So ``update_norm`` is the norm of that second run's
 updates: the same arithmetic as the returned ones, compiled apart (equal to float32
-rounding), and a measured update runs whatever ``inner`` evaluates twice (a line search's
-``value_fn`` included). AdamW on 8M float32 parameters, donated, on XLA CPU:
-about 2.5x the bare step when measuring every update, 1.1-1.25x on the updates that
-``every_k`` skips (so 1.1-1.25x on average with ``every_k=10``; see docs/performance.md).
-Compiling takes about 2-2.5x the inner step's time (it is traced twice). In nanoGPT's
+rounding; with bfloat16 parameters, to bfloat16 rounding of the updates, 1e-4 to 5e-4
+relative under ``jit``), and a measured update runs whatever ``inner`` evaluates twice (a
+line search's ``value_fn`` included). AdamW on 8M float32 parameters, donated, on XLA CPU:
+about 2.5-3.5x the bare step when measuring every update (2.65x in the latest
+``make bench``), 1.1-1.25x on the updates that ``every_k`` skips (so 1.1-1.3x on average
+with ``every_k=10``; see docs/performance.md). Compiling takes about 2-3.5x the inner
+step's time (it is traced twice; the most on trees of many small leaves). In nanoGPT's
 whole training step (6 layers of width 384, 76 leaves, on XLA CPU) ``every_k=10`` cost 7-13%
 of the step on average and 1.6-2x its compile time (docs/performance.md, "A whole training
 step"). Leaves under 2^14 elements are read without that ordering (a copy of them costs
@@ -172,9 +183,11 @@ def with_diagnostics(
     inner: any gradient transformation (optcompose's or Optax's). Wrap the whole optimizer
       so that its input, on which ``grad_norm`` and ``nonfinite`` are measured, is the
       gradient.
-    learning_rate: the learning rate (a number >= 0 or a schedule of the step count) to record;
-      by default it is read from ``inner``'s state where it is stored (see the module
-      docstring), else NaN.
+    learning_rate: the learning rate (a number >= 0 or a schedule of the step count) to record
+      where ``inner``'s state stores none (a constant one, or Optax's schedules): a schedule
+      is evaluated at this wrapper's count of updates, skipped ones included. Where the
+      state stores it (see the module docstring), that value is recorded: the one ``inner``
+      used, also inside ``apply_if_finite`` and ``multi_steps``. Without either, NaN.
     zero_mask: the leaves ``zero_fraction`` counts (a mask tree, a prefix of one, or a
       callable of the params, as ``add_decayed_weights`` takes), e.g. the kernels only, which
       is where L1 is usually applied; by default every leaf.
@@ -195,10 +208,12 @@ def with_diagnostics(
   inner = as_transformation(inner, fn)
 
   def lr_in_force(count, inner_state):
-    if learning_rate is not None:
+    # The value inner's state records is the one its update used (a skipped update, in
+    # apply_if_finite, or a micro-step of multi_steps, moves no count of inner's); the
+    # argument, at this wrapper's count, serves where none is recorded.
+    value = recorded_learning_rate(inner_state)
+    if value is None and learning_rate is not None:
       value = value_at(learning_rate, count)
-    else:
-      value = recorded_learning_rate(inner_state)
     # A copy: the value recorded in inner's state is an array of the state too, and two
     # leaves of one buffer cannot both be donated (a step donating the state would fail).
     return jnp.array(jnp.nan if value is None else value, jnp.float32, copy=True)

@@ -94,12 +94,19 @@ def _is_pair(params) -> bool:
 
 
 def fast_update_leaf(u, d, alpha, sync):
-  """The fast weights' update: ``u``, or ``u - (1 - alpha) d`` at a sync."""
+  """The fast weights' update: ``u``, or ``u - (1 - alpha) d`` at a sync. An integer or
+  boolean leaf (masked out of the fast optimizer, say) cannot be interpolated without
+  rounding: its update is ``u``, and the slow weights take the fast ones at a sync."""
+  if not jnp.issubdtype(jnp.result_type(d), jnp.inexact):
+    return u
   return u - jnp.where(sync, (1 - alpha) * d, jnp.zeros_like(d))
 
 
 def slow_update_leaf(d, alpha, sync):
-  """The slow weights' update: 0, or ``alpha d`` at a sync."""
+  """The slow weights' update: 0, or ``alpha d`` at a sync (``d`` for an integer or boolean
+  leaf: see :func:`fast_update_leaf`)."""
+  if not jnp.issubdtype(jnp.result_type(d), jnp.inexact):
+    return jnp.where(sync, d, jnp.zeros_like(d))
   return jnp.where(sync, alpha * d, jnp.zeros_like(d))
 
 

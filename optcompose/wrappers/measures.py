@@ -15,7 +15,7 @@ from optcompose.core import InjectHyperparamsState, cond, current_hyperparams, z
 from optcompose.core.explicit import sharded_axes, type_sharding
 from optcompose.masks import model_elements, resolve_mask
 from optcompose.transforms.clipping import ClipByGlobalNormState
-from optcompose.wrappers.finite import all_finite
+from optcompose.wrappers.finite import all_finite, valued_leaves
 
 
 # Leaves below this size are measured together (see grouped).
@@ -30,9 +30,10 @@ def grouped(leaves: list) -> list:
   (nanoGPT's 76 leaves, 50 of them small: with_diagnostics' lowering and compiling took
   1.74x the recipe's CPU time, about 1.6x grouped, on XLA CPU), and a copy of leaves this
   small costs microseconds (joining every leaf made both the compile and the step slower:
-  docs/performance.md)."""
+  docs/performance.md). ``float0`` leaves (the gradients of integer inputs) hold no values
+  and are left out."""
   big, small = [], {}
-  for x in leaves:
+  for x in valued_leaves(leaves):
     x = jnp.asarray(x)
     sharding = type_sharding(x)
     if x.size >= GROUPED_SIZE or (sharding is not None and sharded_axes(sharding.spec)):
