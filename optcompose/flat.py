@@ -52,8 +52,10 @@ parallel) parameters; parameters sharded across devices keep the ordinary per-le
 which keeps every leaf's sharding. The optimizer state of replicated FlatParams can be
 divided among the data-parallel devices (ZeRO stage 1):
 :func:`optcompose.sharding.zero1_flat_shardings` splits each bucket of the state evenly over
-a mesh axis, ``flat_params(params, pad_to=n)`` pads each bucket with zeros to a multiple of
-the axis' n devices, and XLA gathers the updated (replicated) parameters after the step.
+a mesh axis (:func:`~optcompose.sharding.zero1_state_shardings` a :func:`flat_optimizer`'s),
+``flat_params(params, pad_to=n)`` (or ``flat_optimizer(tx, pad_to=n)``) pads each bucket with
+zeros to a multiple of the axis' n devices, and XLA gathers the updated (replicated)
+parameters after the step.
 """
 
 from __future__ import annotations
@@ -248,6 +250,11 @@ def _plain(tree: Any) -> Any:
   )
 
 
+class GivenFlatParams(TypeError):
+  """A :func:`flat_optimizer`'s ``init`` was given a FlatParams (it packs the model's tree
+  itself); :mod:`optcompose.sharding` catches it to place such a transformation's state."""
+
+
 def _per_bucket(layout: FlatLayout, part: Any, name: str) -> FlatParams:
   values = jax.tree.leaves(part)
   chosen: list = [None] * len(layout.buckets)
@@ -285,8 +292,9 @@ def flat_optimizer(tx: Any, labels: Any = None, pad_to: int = 1) -> GradientTran
   So ``nnx.Optimizer(model, flat_optimizer(adamw(1e-3)), wrt=nnx.Param)`` and an Optax-style
   Equinox loop keep flat state, and the model code does not change. The numerics are those
   of FlatParams (module docstring). A mask or labels callable of ``tx`` gets the caller's
-  tree; pass the same one as ``labels`` so that each bucket is uniform. For ZeRO stage 1, the
-  state's shardings are ``zero1_flat_shardings(tx, flat_params(params, labels, pad_to), ...)``.
+  tree; pass the same one as ``labels`` so that each bucket is uniform. For ZeRO stage 1,
+  ``zero1_state_shardings(flat_optimizer(tx, labels, pad_to), params, axis)`` splits each
+  bucket of the state over the mesh axis ``axis`` (``pad_to``: its size).
 
   Args:
     tx: the transformation to run on the buckets.
@@ -302,6 +310,12 @@ def flat_optimizer(tx: Any, labels: Any = None, pad_to: int = 1) -> GradientTran
   # such as FlatParams: the casts below say what inner gets and gives.
 
   def init(params):
+    if is_flat(params):
+      raise GivenFlatParams(
+        "flat_optimizer: `params` is a FlatParams, but a flat_optimizer takes the model's own "
+        "tree and packs it itself: pass that tree (`params.unflatten()`), or pass the "
+        "FlatParams to the transformation inside the flat_optimizer."
+      )
     params = _plain(params)
     if not all(otree.is_inexact(otree.leaf_dtype(x)) for x in jax.tree.leaves(params)):
       # inner's own checks, on the caller's tree: an error names the caller's leaf

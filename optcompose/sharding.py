@@ -20,7 +20,8 @@ hyperparameters) is replicated over the parameters' mesh.
 :func:`zero1_state_shardings` splits the parameter-shaped state over the data-parallel axis
 instead (ZeRO stage 1: the optimizer state divided among the data-parallel devices, the
 parameters as they are); :func:`zero1_flat_shardings` does it for a replicated
-:class:`~optcompose.FlatParams`, each bucket split evenly. :func:`placement_onto` lays any of
+:class:`~optcompose.FlatParams`, each bucket split evenly (as :func:`zero1_state_shardings` does
+for the buckets of a :func:`~optcompose.flat_optimizer`'s state). :func:`placement_onto` lays any of
 these onto another container of the same state, matched by path (Flax NNX's
 ``nnx.state(optimizer.opt_state)``, whose leaves are in another order).
 """
@@ -34,7 +35,7 @@ from jax.sharding import NamedSharding, PartitionSpec, Sharding
 
 from optcompose import tree as otree
 from optcompose.core import GradientTransformation
-from optcompose.flat import is_flat
+from optcompose.flat import GivenFlatParams, is_flat
 from optcompose.wrappers.masking import MaskedNode
 
 __all__ = [
@@ -72,11 +73,17 @@ def state_shardings(tx: GradientTransformation, params: Any) -> Any:
   ``params`` are arrays or ``jax.ShapeDtypeStruct`` leaves that carry a ``sharding``; the
   state itself is never computed (``jax.eval_shape``).
   """
+  return _placement(jax.eval_shape(tx.init, params), params)
+
+
+def _placement(abstract: Any, params: Any, on_buckets: Any = None) -> Any:
+  """:func:`state_shardings` of the abstract state ``abstract``; ``on_buckets`` (if given)
+  places each FlatParams of the state that does not mirror ``params`` (a ``flat_optimizer``'s
+  buckets), which is otherwise replicated."""
   flat, treedef = jax.tree_util.tree_flatten_with_path(params)
   p_shardings = [_sharding_of(x, jax.tree_util.keystr(tuple(p))) for p, x in flat]
   p_shapes = [tuple(x.shape) for _, x in flat]
   replicated = _replicated_on(p_shardings)
-  abstract = jax.eval_shape(tx.init, params)
 
   index = treedef.unflatten(range(len(flat)))  # each parameter's position
   masked = lambda x: isinstance(x, MaskedNode)
@@ -97,7 +104,12 @@ def state_shardings(tx: GradientTransformation, params: Any) -> Any:
       return False
     return all(jax.tree.leaves(fits))
 
+  def buckets(node):
+    return on_buckets is not None and is_flat(node) and not mirrors_params(node)
+
   def place(node):
+    if buckets(node):
+      return on_buckets(node)
     if not mirrors_params(node):  # a leaf outside any params-shaped subtree
       return replicated
     return jax.tree.map(
@@ -109,7 +121,7 @@ def state_shardings(tx: GradientTransformation, params: Any) -> Any:
       is_leaf=masked,
     )
 
-  return jax.tree.map(place, abstract, is_leaf=mirrors_params)
+  return jax.tree.map(place, abstract, is_leaf=lambda n: buckets(n) or mirrors_params(n))
 
 
 def init_sharded(tx: GradientTransformation, params: Any) -> Any:
@@ -145,7 +157,15 @@ def zero1_state_shardings(tx: GradientTransformation, params: Any, axis: str = "
   Use the result as the state's ``in_shardings``/``out_shardings`` (and with
   :func:`init_sharded`'s pattern for ``init``) while the parameters keep theirs: XLA computes
   each slice of the update where its state lives and gathers the parameters after the step.
-  A leaf with no dimension that ``axis``'s size divides keeps its parameter's placement.
+  A leaf with no dimension that ``axis``'s size divides keeps its parameter's placement
+  (replicated, on every device): to split every element, keep the parameters as a
+  :class:`~optcompose.FlatParams` or use :func:`~optcompose.flat_optimizer`, with
+  ``pad_to`` the size of ``axis``.
+
+  A state kept in buckets -- ``tx`` built by :func:`~optcompose.flat_optimizer`, wrapped or
+  not, or ``params`` a :class:`~optcompose.FlatParams` -- has every bucket split evenly over
+  ``axis``, as :func:`zero1_flat_shardings` does: each bucket's length must divide by the
+  size of ``axis`` (``pad_to``), another length is a ValueError naming the bucket.
 
   Args:
     tx: the transformation.
@@ -153,19 +173,48 @@ def zero1_state_shardings(tx: GradientTransformation, params: Any, axis: str = "
       has ``axis``.
     axis: the mesh axis to split the state over.
   """
+  return _zero1(tx, params, axis, "zero1_state_shardings")
+
+
+def _zero1(tx: GradientTransformation, params: Any, axis: str, who: str) -> Any:
   flat, treedef = jax.tree_util.tree_flatten_with_path(params)
-  split = []
+  leaves, meshes = [], []
   for path, x in flat:
     sharding = _sharding_of(x, jax.tree_util.keystr(tuple(path)))
     if not isinstance(sharding, NamedSharding) or axis not in sharding.mesh.shape:
       raise ValueError(
-        f"zero1_state_shardings: `params{jax.tree_util.keystr(tuple(path))}` "
+        f"{who}: `params{jax.tree_util.keystr(tuple(path))}` "
         f"is not placed on a mesh with the axis {axis!r} ({sharding})."
       )
-    split.append(
+    meshes.append(sharding.mesh)
+    leaves.append(
       jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=_split_over(sharding, tuple(x.shape), axis))
     )
-  return state_shardings(tx, treedef.unflatten(split))
+  split = treedef.unflatten(leaves)
+  abstract = jax.eval_shape(tx.init, split)  # GivenFlatParams: see zero1_flat_shardings
+  if not meshes:  # no parameters: no state to split
+    return _placement(abstract, split)
+  mesh, size = meshes[0], meshes[0].shape[axis]
+  if is_flat(params):
+    _check_buckets(params, size, axis, who, "the FlatParams with flat_params(params, ")
+
+  def on_buckets(node):  # a flat_optimizer's buckets
+    _check_buckets(node, size, axis, who, "the flat_optimizer with flat_optimizer(tx, ")
+    place = lambda x: NamedSharding(mesh, PartitionSpec(axis if x.ndim == 1 else None))
+    return jax.tree.map(place, node)
+
+  return _placement(abstract, split, on_buckets)
+
+
+def _check_buckets(flat: Any, size: int, axis: str, who: str, build: str) -> None:
+  """Every bucket of ``flat`` (the parameters, or a state's FlatParams) divides by ``size``."""
+  for name, x in zip(flat.layout.buckets, flat.buffers):
+    n = x.shape[0] if getattr(x, "ndim", 0) == 1 else 0
+    if n % size:
+      raise ValueError(
+        f"{who}: bucket {name!r} has {n} elements, not a multiple of the {size} devices of "
+        f"mesh axis {axis!r}: build {build}pad_to={size})."
+      )
 
 
 def zero1_flat_shardings(
@@ -182,6 +231,11 @@ def zero1_flat_shardings(
   and gathers the parameters after the step. Every bucket's length must divide by the size
   of ``axis``: build the FlatParams with ``flat_params(params, pad_to=size)`` (the padding is
   zeros that the model never reads); another length is a ValueError naming the bucket.
+
+  ``tx`` built by :func:`~optcompose.flat_optimizer` (wrapped or not) takes the model's tree,
+  not FlatParams: the result is then the placement of ``tx.init(flat.unflatten())``'s
+  state, as :func:`zero1_state_shardings` gives it (the buckets are the flat_optimizer's,
+  built with its own ``labels`` and ``pad_to``).
 
   Args:
     tx: the transformation.
@@ -201,20 +255,16 @@ def zero1_flat_shardings(
     )
   if axis not in mesh.shape:
     raise ValueError(f"zero1_flat_shardings: the mesh has no axis {axis!r} ({dict(mesh.shape)}).")
-  size = mesh.shape[axis]
-  for name, n in zip(flat.layout.buckets, flat.layout.sizes):
-    if n % size:
-      raise ValueError(
-        f"zero1_flat_shardings: bucket {name!r} has {n} elements, not a multiple of the "
-        f"{size} devices of mesh axis {axis!r}: build the FlatParams with "
-        f"flat_params(params, pad_to={size})."
-      )
   replicated = NamedSharding(mesh, PartitionSpec())
-  return zero1_state_shardings(
-    tx,
-    jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), flat),
-    axis,
-  )
+  abstract = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=replicated)
+  try:
+    return _zero1(
+      tx, jax.tree.map(lambda x: abstract(x.shape, x.dtype), flat), axis, "zero1_flat_shardings"
+    )
+  except GivenFlatParams:  # a flat_optimizer: it packs the model's tree itself
+    layout = flat.layout
+    tree = [abstract(leaf.shape, layout.dtypes[leaf.bucket]) for leaf in layout.leaves]
+    return _zero1(tx, layout.treedef.unflatten(tree), axis, "zero1_flat_shardings")
 
 
 def _variables() -> tuple:

@@ -41,6 +41,10 @@ WRAPPERS = {
   "apply_if_finite": lambda: oc.apply_if_finite(_recipe(), 3),
   "MultiSteps": lambda: oc.MultiSteps(_recipe(), 2),
   "with_diagnostics": lambda: oc.with_diagnostics(_recipe()),
+  # The state in buckets (kernels and biases apart, as the decay mask needs), each split.
+  "flat_optimizer": lambda: oc.with_diagnostics(
+    oc.flat_optimizer(_recipe(), labels=oc.mask_from_paths(include="kernel"), pad_to=8)
+  ),
 }
 
 
@@ -100,11 +104,11 @@ def test_zero1_with_nnx_optimizer_matches_the_unsharded_run(wrapper):
   plain_state = jax.tree.leaves(nnx.state(plain_optimizer.opt_state))
   floats = [(a, b) for a, b in zip(state, plain_state) if jnp.issubdtype(a.dtype, jnp.floating)]
   assert_ulps_close([a for a, _ in floats], [b for _, b in floats], 8)
-  # Every 2-D moment (the kernels': 8 x 16 and 16 x 8) holds 1/8 of itself on each device,
-  # and the parameters are whole on each.
-  kernels = [x for x in state if x.ndim == 2]
-  assert kernels
-  for x in kernels:
+  # Every 2-D moment (the kernels': 8 x 16 and 16 x 8), or every bucket of flat_optimizer's
+  # moments, holds 1/8 of itself on each device, and the parameters are whole on each.
+  moments = [x for x in state if x.ndim == (1 if wrapper == "flat_optimizer" else 2)]
+  assert moments
+  for x in moments:
     assert {s.data.size for s in x.addressable_shards} == {x.size // 8}, x.sharding
   for x in jax.tree.leaves(params):
     assert {s.data.size for s in x.addressable_shards} == {x.size}
