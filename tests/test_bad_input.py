@@ -378,6 +378,15 @@ ROWS = [
     ),
   ),
   Row(
+    "flat-optimizer-given-flat-params",
+    "`FlatParams` given to a `flat_optimizer`'s `init` (it packs the model's tree itself)",
+    "`TypeError`, saying to pass the model's tree or to give the FlatParams to the "
+    "transformation inside",
+    TypeError,
+    r"flat_optimizer: `params` is a FlatParams.*params.unflatten\(\)",
+    lambda: oc.flat_optimizer(oc.adam(1e-3)).init(oc.flat_params(PARAMS)),
+  ),
+  Row(
     "average-shape",
     "`incremental_update` or `periodic_update` trees of other structures or leaf shapes",
     "`ValueError`, naming the function and the first path (never broadcast)",
