@@ -91,7 +91,7 @@ OPTIMIZERS = {
   # learning rate read from the schedule's record in the state
   "adamw": (lambda: oc.adamw(schedule, weight_decay=0.1), None, schedule),
   # L1 makes exact zeros; the learning rate is given to the wrapper
-  "sgd_l1": (lambda: oc.sgd(0.1, 0.9, l1=2.0), 0.1, lambda t: 0.1),
+  "sgd_l1": (lambda: oc.sgd(0.1, 0.9, l1=0.2), 0.1, lambda t: 0.1),
 }
 
 
@@ -413,7 +413,7 @@ def test_module_exports():
 def test_zero_mask_restricts_the_zero_fraction_to_the_selected_leaves():
   """L1 on the matrices only: the fraction among them, not diluted by the vectors."""
   kernels = lambda p: jax.tree.map(lambda x: np.ndim(x) > 1, p)
-  tx = with_diagnostics(oc.sgd(0.1, 0.9, l1=2.0, reg_mask=kernels), 0.1, zero_mask=kernels)
+  tx = with_diagnostics(oc.sgd(0.1, 0.9, l1=0.2, reg_mask=kernels), 0.1, zero_mask=kernels)
   records = train(tx)
   for _, params, _, state in records:
     assert float(state.zero_fraction) == pytest.approx(np_zero_fraction(params["w"]), abs=1e-7)

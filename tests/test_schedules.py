@@ -3,6 +3,7 @@ float64 formula, jitted and eager, at step 0, at and around every boundary, and 
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import jax
@@ -609,3 +610,94 @@ def test_schedules_whose_values_stay_in_range_are_built():
   assert np.isfinite(float(jax.jit(run)(0.5)))
   with pytest.raises(ValueError, match=r"rmsprop: `eps` must lie in \(0, inf\), got 0.0"):
     oc.rmsprop(1e-3, eps=oc.exponential_decay(1e-6, 100, 0.5))  # underflows to 0: reached
+
+
+# ---------------------------------------------------------------------------------------------
+# Warm restarts with a non-integer period_mult: the cycle of every integer step (issue: the
+# float32 starts T0 (m^i - 1) / (m - 1) came out above whole steps such as 10 and 21, so the
+# restart step stayed in the previous cycle).
+
+
+def exact_cycle_starts(T0, m, last):
+  """The cycle starts S_i = T0 + T0 m + ... + T0 m^(i-1), in exact rational arithmetic with
+  m as written in decimal (1.1 = 11/10), up to the first one beyond ``last``."""
+  from fractions import Fraction
+
+  m, starts, period = Fraction(str(m)), [Fraction(0)], Fraction(T0)
+  while starts[-1] <= last:
+    starts.append(starts[-1] + period)
+    period *= m
+  return starts
+
+
+def ref_restarts_values(steps, T0, m, d):
+  """float64 values from the exact starts: t in cycle i when S_i <= t < S_{i+1}."""
+  import math
+
+  starts = exact_cycle_starts(T0, m, int(np.max(steps)))
+  first_steps = np.array([math.ceil(s) for s in starts], np.int64)  # exact ceilings
+  i = np.searchsorted(first_steps, steps, side="right") - 1
+  start = np.array([float(s) for s in starts])[i]
+  tau = (steps - first_steps[i]) + (first_steps[i] - start)  # exact offset, as float64
+  period = T0 * float(m) ** i
+  return d**i * 0.5 * (1 + np.cos(np.pi * tau / period)), first_steps
+
+
+RESTART_GRID = [
+  (T0, m) for T0 in (1, 3, 10, 100) for m in (1.05, 1.1, 1.2, 1.25, 1.5, 1.6, 1.7, 2.0, 2.5, 3.0)
+]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_warm_restarts_put_every_step_in_its_cycle(dtype):
+  steps = np.arange(0, 3000)
+  wrong = {}
+  with x64() if dtype == "float64" else contextlib.nullcontext():
+    for T0, m in RESTART_GRID:
+      s = S.cosine_warm_restarts_schedule(1.0, T0, period_mult=m, peak_decay=0.97)
+      ours = np.asarray(jax.jit(jax.vmap(s))(jnp.asarray(steps, jnp.int32)), np.float64)
+      assert ours.dtype == np.float64 and s(jnp.int32(0)).dtype == jnp.dtype(dtype)
+      ref, _ = ref_restarts_values(steps, T0, m, 0.97)
+      bad = steps[np.abs(ours - ref) > (1e-12 if dtype == "float64" else 2e-6)]
+      if bad.size:
+        wrong[(T0, m)] = bad[:5].tolist()
+  assert not wrong  # before the fix: {(10, 1.1): [10, 21, 1211], (100, 1.2): [100, 220, 364], ...}
+
+
+@pytest.mark.parametrize("T0, m", [(10, 1.1), (100, 1.2), (7, 1.7), (1, 2.0), (3, 1.05)])
+def test_warm_restarts_restart_at_every_cycle_start_up_to_the_last_int32_count(T0, m):
+  """In float32, at each cycle's first step up to 2**31 - 1 the value is back at the peak
+  and one step earlier it is at the end of the previous cycle, as in exact arithmetic."""
+  _, first_steps = ref_restarts_values(np.array([2**31 - 1]), T0, m, 1.0)
+  first_steps = first_steps[(first_steps >= 1000) & (first_steps <= 2**31 - 1)]
+  steps = np.concatenate([first_steps - 1, first_steps])
+  ref, _ = ref_restarts_values(steps, T0, m, 1.0)
+  s = S.cosine_warm_restarts_schedule(1.0, T0, period_mult=m)
+  ours = np.asarray(jax.jit(jax.vmap(s))(jnp.asarray(steps, jnp.int32)), np.float64)
+  np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-5)
+  if m == 2.0:  # starts 2^i - 1: the last int32 count is a restart
+    assert float(s(jnp.int32(2**31 - 1))) == 1.0
+
+
+def test_warm_restarts_beyond_the_tabulated_cycles_use_the_float_estimate(monkeypatch):
+  """Cycles past the table (period_mult within ~1e-3 of 1) continue from the float estimate,
+  exact in float64."""
+  from optcompose.schedules import _restarts
+
+  monkeypatch.setattr(_restarts, "_TABULATED", 8)
+  steps = np.arange(0, 3000)
+  with x64():
+    s = S.cosine_warm_restarts_schedule(1.0, 10, period_mult=1.1, peak_decay=0.97)
+    ours = np.asarray(jax.jit(jax.vmap(s))(jnp.asarray(steps, jnp.int32)))
+  ref, _ = ref_restarts_values(steps, 10, 1.1, 0.97)
+  np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-12)
+
+
+def test_sgdr_schedule_names_the_cycle_missing_an_argument():
+  good = dict(init_value=0.0, peak_value=1.0, warmup_steps=5, decay_steps=30)
+  with pytest.raises(
+    TypeError, match=r"sgdr_schedule: cycle 1 \(`cosine_kwargs\[1\]`\): .*decay_steps"
+  ):
+    S.sgdr_schedule([good, dict(init_value=0.0, peak_value=1.0, warmup_steps=5)])
+  with pytest.raises(ValueError, match=r"sgdr_schedule: cycle 0 .*warmup .* shorter than the run"):
+    S.sgdr_schedule([dict(good, warmup_steps=40)])

@@ -12,15 +12,20 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+import jax
+import jax.numpy as jnp
+
 from optcompose.core import (
   FLAG,
   LEARNING_RATE,
+  TAKEN,
   GradientTransformation,
   ScalarOrSchedule,
   chain,
   identity,
   public,
   real,
+  value_at,
 )
 from optcompose.optimizers._shared import _proximal
 from optcompose.transforms.decay import Mask
@@ -54,14 +59,25 @@ def sgd(
       w  <- w - lr (g_t + rho v_t)    (nesterov=True)
 
   With ``l1``/``l2`` the step is followed by the proximal map of ``l1 |w|_1 + l2/2 |w|^2``
-  (ISTA; exact zeros), applied to the leaves selected by ``reg_mask`` (all by default).
+  (ISTA; exact zeros) with step ``eta = lr / (1 - rho)`` (``eta = lr`` without momentum),
+  applied to the leaves selected by ``reg_mask`` (all by default)::
+
+      w <- sign(w - lr v) max(|w - lr v| - eta l1, 0) / (1 + eta l2)
+
+  ``eta`` is the step the momentum takes once it has settled (``v = g / (1 - rho)``, and
+  Nesterov's ``g + rho v`` too), so a fixed point solves the problem as given:
+  ``0 in g + l1 sign(w) + l2 w`` (the lasso / elastic net with these ``l1``, ``l2``; a
+  proximal step of ``lr`` would weaken both penalties by ``1 - rho``). A scheduled or
+  injected ``rho`` gives ``eta = lr_t / (1 - rho_t)`` at each step; ``momentum=1`` (a
+  buffer that never forgets) with ``l1``/``l2`` is refused.
 
   Chain: ``trace(momentum, nesterov)`` (or identity), ``scale_by_learning_rate(lr)``,
-  [``prox_elastic_net(l1, l2, lr)``].
+  [``prox_elastic_net(l1, l2, eta)``].
 
   Args:
     learning_rate: lr >= 0, a number or a schedule of the step count.
-    momentum: rho in [0, 1]; ``None`` (the default) keeps no momentum buffer.
+    momentum: rho in [0, 1] (below 1 with ``l1``/``l2``); ``None`` (the default) keeps no
+      momentum buffer.
     nesterov: use Nesterov's look-ahead ``g_t + rho v_t``; ignored without ``momentum``.
     accumulator_dtype: dtype of the stored momentum buffer ``v`` (e.g. ``jnp.bfloat16``);
       ``None`` keeps the parameters'.
@@ -75,7 +91,9 @@ def sgd(
 
   Returns:
     A :func:`chain` whose state is ``(TraceState or EmptyState, EmptyState[, EmptyState])``;
-    a member given a schedule has an :class:`~optcompose.InjectHyperparamsState` instead.
+    a member given a schedule has an :class:`~optcompose.InjectHyperparamsState` instead
+    (the proximal member's holds ``learning_rate = eta``, scheduled when ``lr`` or ``rho``
+    is).
 
   References:
     Robbins and Monro, "A Stochastic Approximation Method", Annals of Mathematical
@@ -90,8 +108,34 @@ def sgd(
     if momentum is not None
     else identity()
   )
-  proximal = _proximal(learning_rate, l1, l2, reg_mask, who="sgd", mask_name="reg_mask")
+  eta = learning_rate
+  if momentum is not None and (l1 is not None or l2 is not None):
+    eta = _settled_step(learning_rate, momentum)
+  proximal = _proximal(eta, l1, l2, reg_mask, who="sgd", mask_name="reg_mask")
   return chain(first, scale_by_learning_rate(learning_rate), *proximal)
+
+
+def _settled_step(learning_rate, momentum):
+  """``lr / (1 - rho)``, the proximal step that matches the momentum's settled step (a
+  schedule when either is one). Refuses ``rho = 1`` where it is known; a traced or scheduled
+  ``1 - rho`` is kept at least the float's ``epsneg`` (the smallest ``1 - rho`` above 0)."""
+  known = (getattr(momentum, TAKEN, None) or ()) if callable(momentum) else (momentum,)
+  if any(not isinstance(r, jax.core.Tracer) and float(r) >= 1 for r in known):
+    raise ValueError(
+      "sgd: `momentum` must be below 1 with `l1`/`l2`: the proximal step is lr / (1 - "
+      "momentum), the step a momentum buffer takes once settled, and a buffer with "
+      "momentum 1 never settles."
+    )
+
+  def one_minus(rho):
+    if isinstance(rho, (int, float)):
+      return 1 - rho
+    rho = jnp.asarray(rho)
+    return jnp.maximum(1 - rho, jnp.finfo(rho.dtype).epsneg)
+
+  if not callable(learning_rate) and not callable(momentum):
+    return learning_rate / one_minus(momentum)
+  return lambda count: value_at(learning_rate, count) / one_minus(value_at(momentum, count))
 
 
 __all__ = []  # and the builders it registers

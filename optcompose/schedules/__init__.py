@@ -15,12 +15,13 @@ piecewise constant             v * prod(scale_b for boundaries b <= t)
 exponential decay              v * r^((t - begin) / T)   (exponent floored with staircase;
                                v for t <= begin; clipped at end_value)
 inverse time decay             v / (1 + r * (t / T))      (t / T floored with staircase)
-inverse square root            peak * t / W for t < W, then peak * sqrt(W / t)
+inverse square root            v0 + (peak - v0) t / W for t < W, then peak * sqrt(W / t)
 polynomial                     (v0 - v1) * (1 - clip((t - begin) / T))^p + v1
 cosine decay                   v * ((1 - alpha) * (0.5 (1 + cos(pi min(t, T) / T)))^e + alpha)
 linear warmup of s             v0 + (s(0) - v0) t / W for t < W, then s(t - W)
 warmup + cosine / exp / const  linear warmup to the peak, then the decay, joined at W
-cosine warm restarts (SGDR)    cycle i of length T0 * m^i and peak v * d^i, cosine to floor
+cosine warm restarts (SGDR)    cycle i of length T0 * m^i from S_i = T0 (m^i - 1) / (m - 1)
+                               and peak v * d^i, cosine to floor
 one-cycle (Smith & Topin)      peak/div -> peak over pct_start, then anneal to
                                peak/(div * final_div) (cosine) or via peak/div (linear)
 join                           s_0(t) for t < b_1, s_k(t - b_k) for b_k <= t < b_{k+1}
@@ -37,14 +38,12 @@ from __future__ import annotations
 from optcompose.schedules._checks import Schedule, default_float  # noqa: F401 -- as before
 from optcompose.schedules._combine import (
   cosine_onecycle_schedule,
-  cosine_warm_restarts_schedule,
   join_schedules,
   linear_onecycle_schedule,
   linear_warmup,
   multiply_schedules,
   piecewise_interpolate_schedule,
   schedule_from_function,
-  sgdr_schedule,
   warmup_constant_schedule,
   warmup_cosine_decay_schedule,
   warmup_exponential_decay_schedule,
@@ -59,6 +58,7 @@ from optcompose.schedules._decay import (
   piecewise_constant_schedule,
   polynomial_schedule,
 )
+from optcompose.schedules._restarts import cosine_warm_restarts_schedule, sgdr_schedule
 
 __all__ = [
   "constant_schedule",

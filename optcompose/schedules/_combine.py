@@ -1,12 +1,12 @@
-"""Schedules built from others: join, multiply, warmup, warm restarts, interpolation, one-cycle."""
+"""Schedules built from others: join, multiply, warmup, interpolation, one-cycle (warm restarts:
+:mod:`._restarts`)."""
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Mapping, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from optcompose import tree as otree
 from optcompose.schedules._checks import (
@@ -38,8 +38,6 @@ __all__ = [
   "warmup_constant_schedule",
   "warmup_cosine_decay_schedule",
   "warmup_exponential_decay_schedule",
-  "cosine_warm_restarts_schedule",
-  "sgdr_schedule",
   "piecewise_interpolate_schedule",
   "cosine_onecycle_schedule",
   "linear_onecycle_schedule",
@@ -229,80 +227,6 @@ def warmup_exponential_decay_schedule(
     ],
     [warmup_steps],
   )
-
-
-def cosine_warm_restarts_schedule(
-  init_value, first_period: int, period_mult: float = 1.0, peak_decay: float = 1.0, end_value=0.0
-) -> Schedule:
-  """SGDR: cosine annealing restarted at the end of each cycle.
-
-  Cycle ``i`` lasts ``T_i = T_0 * m^i`` steps and starts at ``peak_i = v * d^i``; inside it, at
-  position ``tau``, the value is ``end + (peak_i - end) * 0.5 (1 + cos(pi tau / T_i))``. With
-  ``peak_decay = 1`` and ``end_value = eta_min`` this is PyTorch's CosineAnnealingWarmRestarts.
-  """
-  fn = "cosine_warm_restarts_schedule"
-  _number(fn, "init_value", init_value)
-  _number(fn, "end_value", end_value)
-  first_period = _steps(fn, "first_period", first_period)
-  _number(fn, "period_mult", period_mult, low=1.0)
-  _number(fn, "peak_decay", peak_decay, low=0.0, low_open=True, high=1.0)
-  t0, m = float(first_period), float(period_mult)
-
-  def start_of(i):  # first step of cycle i
-    return t0 * i if m == 1.0 else t0 * (m**i - 1) / (m - 1)
-
-  def schedule(count):
-    t = _float(count)
-    if m == 1.0:
-      i = jnp.floor(t / t0)
-    else:
-      i = jnp.floor(jnp.log1p(t * (m - 1) / t0) / jnp.log(m))
-      # The logarithm may round across a boundary: settle i so start_i <= t < start_{i+1}.
-      i = jnp.where(start_of(i + 1) <= t, i + 1, i)
-      i = jnp.where(start_of(i) > t, i - 1, i)
-    period = t0 * m**i
-    tau = t - start_of(i)
-    peak = init_value * peak_decay**i
-    return end_value + (peak - end_value) * 0.5 * (1 + jnp.cos(jnp.pi * tau / period))
-
-  if isinstance(peak_decay, jax.core.Tracer):
-    return schedule  # nothing known to record
-  # Each cycle between its peak and the end; the peaks decay to the last cycle's.
-  last_cycle = (
-    MAX_STEPS // first_period
-    if m == 1.0
-    else int(np.floor(np.log1p(MAX_STEPS * (m - 1) / t0) / np.log(m)))
-  )
-  return _taking(schedule, init_value, end_value, init_value * peak_decay**last_cycle)
-
-
-def sgdr_schedule(cosine_kwargs: Iterable[Mapping]) -> Schedule:
-  """Optax's SGDR: a sequence of warmup-cosine cycles, each given by its keyword arguments
-  to :func:`warmup_cosine_decay_schedule`.
-
-  Raises:
-    TypeError: a cycle's keyword arguments are not a dict. ValueError: no cycle; a cycle's
-      arguments are invalid; a cycle would start beyond the int32 step count.
-  """
-  schedules, boundaries, step = [], [], 0
-  for i, kwargs in enumerate(cosine_kwargs):
-    if not isinstance(kwargs, Mapping):
-      raise TypeError(
-        f"sgdr_schedule: `cosine_kwargs[{i}]` must be a dict of keyword "
-        f"arguments, got {type(kwargs).__name__}."
-      )
-    schedules.append(warmup_cosine_decay_schedule(**kwargs))
-    if boundaries and boundaries[-1] > MAX_STEPS:  # a cycle would start past the int32 count
-      raise ValueError(
-        f"sgdr_schedule: cycle {i} would start at step {boundaries[-1]} (the "
-        f"sum of the earlier `decay_steps`), beyond 2**31 - 1 = {MAX_STEPS} "
-        "(the step count is int32)."
-      )
-    step += int(kwargs["decay_steps"])  # a whole number: checked by the cycle's schedule
-    boundaries.append(step)
-  if not schedules:
-    raise ValueError("sgdr_schedule: give at least one cycle.")
-  return join_schedules(schedules, boundaries[:-1])
 
 
 def piecewise_interpolate_schedule(

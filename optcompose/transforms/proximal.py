@@ -8,7 +8,10 @@ With ``u`` the already scaled update (``-lr * direction``) and ``w`` the paramet
 The transformation outputs ``w_new - w`` so that ``apply_updates`` lands on ``w_new``; where
 ``w_new`` is zero, ``w + (0 - w)`` is exactly zero, so weights reach exact zeros. This is the
 proximal gradient (ISTA) step for ``f(w) + l1 * |w|_1 + l2/2 * |w|^2``: the exact proximal
-operator of the penalty, not a subgradient of it.
+operator of the penalty, not a subgradient of it. Its fixed points solve that problem when
+``lr`` is the step the direction takes once settled: after a heavy-ball or Nesterov
+momentum ``rho``, whose settled direction is ``g / (1 - rho)``, pass ``lr / (1 - rho)``
+(``sgd`` does); with ``lr`` both penalties would act ``1 - rho`` times weaker.
 
 References: Parikh and Boyd, "Proximal Algorithms", 2014, sections 6.1 and 6.5.1;
 Zou and Hastie, "Regularization and variable selection via the elastic net", 2005.
