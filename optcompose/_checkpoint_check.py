@@ -1,6 +1,7 @@
 """The machinery of :mod:`optcompose.checkpoint`: checking a checkpoint against the template
-it is restored into, against the checksums saved with it and the layouts of its FlatParams;
-the formats' records (the file handling is in :mod:`optcompose._checkpoint_io`).
+it is restored into and against the checksums saved with it; the formats' records (the
+FlatParams layouts are in :mod:`optcompose._checkpoint_nodes`, the file handling in
+:mod:`optcompose._checkpoint_io`).
 
 Saved leaves are keyed by their path of key names, as Flax's state dicts and Orbax's metadata
 spell them; the template's paths are made the same way, with :func:`optcompose.tree.key_name`.
@@ -17,7 +18,6 @@ import jax
 import numpy as np
 
 from optcompose import tree as otree
-from optcompose.flat import FlatParams
 
 PathLike = Union[str, os.PathLike]
 
@@ -101,8 +101,28 @@ def _saved_keystr(path: tuple) -> str:
   return "".join(f"[{k}]" if k.isdigit() else f"[{k!r}]" for k in path) or "<root>"
 
 
-def _mismatches(saved: dict, target: Any) -> list:
-  """Every difference between the saved leaves and ``target``'s, in ``target``'s order."""
+def _namer(tree: Any):
+  """A function writing a saved key-name path as ``tree``'s paths are written (jax's
+  ``keystr``: ``['opt'][0].mu['w']``, not ``['opt'][0]['mu']['w']``): its longest prefix
+  that ``tree`` has, then the rest as :func:`_saved_keystr` writes it."""
+  known: dict = {(): ""}
+  for key_path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    for i in range(1, len(key_path) + 1):
+      names = tuple(otree.key_name(k) for k in key_path[:i])
+      known.setdefault(names, jax.tree_util.keystr(tuple(key_path[:i])))
+
+  def name(path: tuple) -> str:
+    i = max(i for i in range(len(path) + 1) if path[:i] in known)
+    return (known[path[:i]] + (_saved_keystr(path[i:]) if i < len(path) else "")) or "<root>"
+
+  return name
+
+
+def _mismatches(
+  saved: dict, target: Any, theirs: str = "the checkpoint", ours: str = "`target`"
+) -> list:
+  """Every difference between the saved leaves and ``target``'s, in ``target``'s order
+  (``theirs`` and ``ours`` name the two in the messages)."""
   saved_prefixes = {p[:i] for p in saved for i in range(len(p))}
   problems, target_paths = [], set()
   for key_path, leaf in jax.tree_util.tree_flatten_with_path(target)[0]:
@@ -113,34 +133,30 @@ def _mismatches(saved: dict, target: Any) -> list:
       want = _spec(leaf)
     except TypeError:
       problems.append(
-        f"{name} is a {type(leaf).__name__} in `target`; a checkpoint holds "
-        "arrays and Python numbers"
+        f"{name} is a {type(leaf).__name__} in {ours}; a checkpoint holds arrays and Python numbers"
       )
       continue
     if path not in saved:
       if path in saved_prefixes:
-        problems.append(f"{name} is a subtree in the checkpoint but a leaf in `target`")
+        problems.append(f"{name} is a subtree in {theirs} but a leaf in {ours}")
       elif any(path[:i] in saved for i in range(len(path))):
-        problems.append(f"{name} is inside a leaf of the checkpoint (a subtree in `target`)")
+        problems.append(f"{name} is inside a leaf of {theirs} (a subtree in {ours})")
       else:
-        problems.append(f"{name} is missing from the checkpoint")
+        problems.append(f"{name} is missing from {theirs}")
       continue
     got = _spec(saved[path])
     if _number_and_scalar(want, got) or _number_and_scalar(got, want):
       continue  # a Python number on one side, a 0-d array of its kind on the other
     if want.python is not None or got.python is not None:
       if want.python is not got.python:
-        problems.append(
-          f"{name} is {got.describe()} in the checkpoint but {want.describe()} in `target`"
-        )
+        problems.append(f"{name} is {got.describe()} in {theirs} but {want.describe()} in {ours}")
     elif got.shape != want.shape:
-      problems.append(
-        f"{name} has shape {got.shape} in the checkpoint but {want.shape} in `target`"
-      )
+      problems.append(f"{name} has shape {got.shape} in {theirs} but {want.shape} in {ours}")
     elif got.dtype != want.dtype:
+      cast = " (nothing is cast: build the template with the saved dtype)"
       problems.append(
-        f"{name} has dtype {got.dtype} in the checkpoint but {want.dtype} in "
-        "`target` (nothing is cast: build the template with the saved dtype)"
+        f"{name} has dtype {got.dtype} in {theirs} but {want.dtype} in {ours}"
+        + (cast if ours == "`target`" else "")
       )
   target_prefixes = {p[:i] for p in target_paths for i in range(len(p))}
   for path in saved:  # leaves that `target` lacks (those related to a target leaf are above)
@@ -149,7 +165,7 @@ def _mismatches(saved: dict, target: Any) -> list:
       and path not in target_prefixes
       and not any(path[:i] in target_paths for i in range(len(path)))
     ):
-      problems.append(f"the checkpoint has `{_saved_keystr(path)}`, which `target` lacks")
+      problems.append(f"{theirs} has `{_namer(target)(path)}`, which {ours} lacks")
   return problems
 
 
@@ -193,15 +209,16 @@ def _like(value: Any, template: Any) -> Any:
   return value  # a Python value
 
 
-def _check_storable(state: Any, path: tuple = ()) -> None:
-  """Raise a TypeError naming the first entry of a state dict that msgpack cannot store."""
+def _check_storable(state: Any, tree: Any, path: tuple = ()) -> None:
+  """Raise a TypeError naming the first entry of the state dict of ``tree`` that msgpack
+  cannot store (its path written as ``tree``'s paths are)."""
   if type(state) is dict:  # noqa: E721 -- msgpack (strict types) stores exact dicts only
     for key, value in state.items():
-      _check_storable(value, path + (key,))
+      _check_storable(value, tree, path + (key,))
     return
   if isinstance(state, jax.Array) and not state.is_fully_addressable:
     raise ValueError(
-      f"save_checkpoint: `{_saved_keystr(path)}` is sharded across processes; a msgpack "
+      f"save_checkpoint: `{_namer(tree)(path)}` is sharded across processes; a msgpack "
       "file holds host arrays only: use save_orbax_checkpoint."
     )
   if state is None or isinstance(state, (np.ndarray, np.generic, jax.Array) + _PYTHON_SCALARS):
@@ -209,7 +226,7 @@ def _check_storable(state: Any, path: tuple = ()) -> None:
   nnx = type(state).__module__.startswith("flax.nnx")
   hint = " (for an nnx.State: save nnx.to_pure_dict(state))" if nnx else ""
   raise TypeError(
-    f"save_checkpoint: `{_saved_keystr(path)}` is a {type(state).__name__}, which "
+    f"save_checkpoint: `{_namer(tree)(path)}` is a {type(state).__name__}, which "
     "flax.serialization does not know how to store. Convert it to a dict of arrays"
     f"{hint}, or register its type with flax.serialization.register_serialization_state."
   )
@@ -231,7 +248,8 @@ def _abstract(leaf: Any, saved: Any) -> Any:
 
 
 # ----------------------------------------------------------------------------------------
-# Checksums and FlatParams layouts, saved with a checkpoint and compared when restoring.
+# Checksums, saved with a checkpoint and compared when restoring (the FlatParams layouts:
+# optcompose._checkpoint_nodes).
 
 CHECKSUM = "crc32"  # zlib.crc32 of a leaf's dtype, shape and bytes (the name is stored too)
 
@@ -317,81 +335,6 @@ def _verify(fn: str, where: PathLike, checksums: list, leaves: dict) -> None:
         f"`{_saved_keystr(path)}` does not match the checksum saved with it ({CHECKSUM} "
         f"{got:#010x}, expected {table[path]:#010x})."
       )
-
-
-def _layouts(tree: Any) -> list:
-  """``[[path, layout], ...]`` for every FlatParams in ``tree``; a layout lists each model
-  leaf as ``[path, shape, bucket, dtype, offset]``."""
-  found = []
-  for key_path, node in jax.tree_util.tree_flatten_with_path(
-    tree, is_leaf=lambda x: isinstance(x, FlatParams)
-  )[0]:
-    if isinstance(node, FlatParams):
-      layout = node.layout
-      found.append(
-        [
-          [otree.key_name(k) for k in key_path],
-          [
-            [
-              leaf.path,
-              [int(n) for n in leaf.shape],
-              layout.buckets[leaf.bucket],
-              np.dtype(layout.dtypes[leaf.bucket]).name,
-              int(leaf.offset),
-            ]
-            for leaf in layout.leaves
-          ],
-        ]
-      )
-  return found
-
-
-def _is_layout_leaf(entry: Any) -> bool:
-  """Whether ``entry`` is a layout's ``[path, shape, bucket, dtype, offset]``."""
-  return (
-    isinstance(entry, (list, tuple))
-    and len(entry) == 5
-    and isinstance(entry[0], str)
-    and isinstance(entry[1], (list, tuple))
-    and all(_is_int(n) for n in entry[1])
-    and isinstance(entry[2], str)
-    and isinstance(entry[3], str)
-    and _is_int(entry[4])
-  )
-
-
-def _check_layouts(fn: str, where: PathLike, saved: list, target: Any) -> None:
-  """Raise CheckpointMismatchError if a FlatParams of ``target`` has another layout than the
-  one saved at its path (checkpoints that record none are not compared), and
-  CheckpointCorruptError if the saved layouts record is not a list of ``[path, layout]``."""
-  expected = "[path, layout] pairs (a layout: a list of [path, shape, bucket, dtype, offset])"
-  entries = _entries(fn, where, "layouts", saved, expected)
-  for path, layout in entries:
-    if not (isinstance(layout, (list, tuple)) and all(_is_layout_leaf(e) for e in layout)):
-      raise _damaged_record(
-        fn,
-        where,
-        "layouts",
-        f"the layout of `{_saved_keystr(path)}` is {layout!r:.80}, expected {expected}",
-      )
-  by_path = {path: [list(leaf) for leaf in layout] for path, layout in entries}
-  for path, want in _layouts(target):
-    got = by_path.get(tuple(path))
-    if got is None or got == want:
-      continue
-    i = next(i for i in range(max(len(got), len(want))) if got[i : i + 1] != want[i : i + 1])
-    g, w = (got[i] if i < len(got) else None), (want[i] if i < len(want) else None)
-    describe = lambda e: (
-      "no leaf"
-      if e is None
-      else f"`{e[0]}` of shape {tuple(e[1])} at offset {e[4]} of bucket {e[2]!r}"
-    )
-    raise CheckpointMismatchError(
-      f"{fn}: the checkpoint {os.fspath(where)} does not match `target`: the FlatParams at "
-      f"`{_saved_keystr(tuple(path))}` has another layout: its leaf {i} is {describe(g)} in "
-      f"the checkpoint but {describe(w)} in `target` (a FlatParams restores only into the "
-      "layout it was saved with: build the template with flat_params of the same tree)."
-    )
 
 
 # ----------------------------------------------------------------------------------------

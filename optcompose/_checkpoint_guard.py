@@ -13,12 +13,18 @@ import os
 import pathlib
 import re
 import threading
-from typing import Any
+from typing import Any, Optional
 
 import jax
 import numpy as np
 
-from optcompose._checkpoint_check import FORMAT_KEY, CheckpointMismatchError, _like
+from optcompose._checkpoint_check import (
+  FORMAT_KEY,
+  CheckpointMismatchError,
+  _like,
+  _mismatches,
+  _saved_leaves,
+)
 
 try:
   import fcntl
@@ -118,11 +124,11 @@ def file_target(fn: str, path: pathlib.Path, tree: Any = None, check_keys: bool 
   """Raise a ValueError unless ``path`` can take a msgpack checkpoint: its nearest existing
   ancestor is a directory, and ``path`` is absent, empty, or a checkpoint of this library
   (which a save replaces, as saving every epoch to one path expects), or a msgpack state dict
-  of Flax's with the top-level keys of ``tree``'s (an older checkpoint of the same run, which
-  restore reads). Any other file there is the user's: a mistyped path must not overwrite a
-  script or another tool's data (a metrics file, downloaded weights). A ``tree`` given is
-  checked for typed PRNG keys (:func:`no_typed_keys`) unless ``check_keys`` is False (checked
-  already)."""
+  of Flax's of ``tree``'s whole tree (an older checkpoint of the same run, which restore reads:
+  see :func:`_not_older`). Any other file there is the user's: a mistyped path must not
+  overwrite a script or another tool's data (a metrics file, downloaded weights). A ``tree``
+  given is checked for typed PRNG keys (:func:`no_typed_keys`) unless ``check_keys`` is False
+  (checked already)."""
   if tree is not None and check_keys:
     no_typed_keys(fn, tree)
   if path.is_dir():
@@ -138,27 +144,45 @@ def file_target(fn: str, path: pathlib.Path, tree: Any = None, check_keys: bool 
   if path.exists():
     with open(path, "rb") as f:
       head = f.read(64)
-    if head and FORMAT_KEY.encode() not in head and not _bare_state_dict(path, tree):
+    why = None if FORMAT_KEY.encode() in head or not head else _not_older(path, tree)
+    if why is not None:
       raise ValueError(
-        f"{fn}: {path} exists and is not an optcompose checkpoint: a save replaces only a "
-        "checkpoint it wrote, never another file. Move or delete it, or save under another "
+        f"{fn}: {path} exists and is not an optcompose checkpoint{why}: a save replaces only "
+        "a checkpoint it wrote, never another file. Move or delete it, or save under another "
         "path."
       )
 
 
-def _bare_state_dict(path: pathlib.Path, tree: Any) -> bool:
-  """Whether ``path`` holds a msgpack state dict (``flax.serialization.to_bytes``) with the
-  top-level keys of ``tree``'s: an older checkpoint of the same run, which
-  :func:`~optcompose.checkpoint.restore_checkpoint` reads and a save may replace like its own
-  (resuming an old run at its path). Another tool's msgpack dict has other keys."""
+def _not_older(path: pathlib.Path, tree: Any) -> Optional[str]:
+  """Why ``path`` is not an older checkpoint of the run saving ``tree`` (None if it is): it
+  is one where it holds a msgpack state dict (``flax.serialization.to_bytes``) that
+  :func:`~optcompose.checkpoint.restore_checkpoint` would restore into ``tree``: every leaf
+  path of ``tree``'s and no other, each of the same shape and dtype. A save may replace such
+  a file like its own (resuming an old run at its path). Top-level keys alone would not do:
+  almost every Flax checkpoint and downloaded weights file is ``{"params": ...}``. Dtypes
+  count too: a resumed run restored the file into a template of exactly its dtypes (nothing
+  is cast), and training keeps them, so only another tree's file (weights of another
+  precision, say) differs there."""
   from flax import serialization
 
   try:
     old = serialization.msgpack_restore(path.read_bytes())
   except Exception:  # not msgpack at all
-    return False
-  new = serialization.to_state_dict(tree) if tree is not None else None
-  return isinstance(old, dict) and isinstance(new, dict) and set(old) == set(new)
+    return ""
+  if not isinstance(old, dict):
+    return " (a msgpack file, but not a state dict)"
+  if tree is None:
+    return " (a msgpack state dict)"
+  try:
+    problems = _mismatches(_saved_leaves(old), tree, theirs="the file", ours="`tree`")
+  except TypeError:  # a value in the file that no checkpoint holds
+    problems = ["it holds values a checkpoint does not"]
+  if not problems:
+    return None
+  return (
+    " (it is a msgpack state dict of another tree, Flax's weights or another run's "
+    f"checkpoint: {problems[0]})"
+  )
 
 
 def file_source(fn: str, path: Any) -> None:

@@ -23,8 +23,17 @@ from typing import Any, Callable, Optional
 import jax
 import numpy as np
 
-from optcompose._checkpoint_check import CHECKSUM, FORMAT, CheckpointCorruptError
+from optcompose._checkpoint_check import (
+  CHECKSUM,
+  FORMAT,
+  FORMAT_KEY,
+  CheckpointCorruptError,
+  PathLike,
+  _saved_leaves,
+  _verify,
+)
 from optcompose._checkpoint_guard import SIDECAR, _locked  # noqa: F401 -- _locked: checkpoint's
+from optcompose._checkpoint_nodes import _flat_from_state_dict, _flat_to_state_dict
 from optcompose.flat import FlatParams
 
 
@@ -291,8 +300,42 @@ def _orbax():
 # Msgpack files (flax.serialization).
 
 
-# --- Orbax's side: the checksums file inside a directory, Orbax's metadata and errors, and
-# the FlatParams state dict (Flax's serialization).
+def _read_msgpack(fn: str, path: PathLike, serialization: Any) -> tuple:
+  """``(layouts, state)`` of the msgpack checkpoint ``path``, its checksums verified; for a
+  file of the previous format (the bare state dict) ``layouts`` is None (it records none).
+
+  Raises:
+    CheckpointCorruptError: the file is damaged (undecodable after our header, entries
+      missing, a leaf that differs from its checksum).
+    ValueError: the file is not a msgpack checkpoint, or of a newer format.
+  """
+  with open(path, "rb") as f:
+    data = f.read()
+  try:
+    saved: Any = serialization.msgpack_restore(data)
+  except Exception as e:  # msgpack's errors for a truncated or foreign file vary
+    error = CheckpointCorruptError if FORMAT_KEY.encode() in data[:64] else ValueError
+    raise error(
+      f"{fn}: {os.fspath(path)} is not a msgpack checkpoint, or is "
+      f"damaged ({type(e).__name__}: {e})."
+    ) from e
+  if not (isinstance(saved, dict) and FORMAT_KEY in saved):
+    return None, saved
+  if (saved[FORMAT_KEY], saved.get("checksum")) != (FORMAT, CHECKSUM):
+    raise ValueError(
+      f"{fn}: {os.fspath(path)} has format {saved[FORMAT_KEY]} "
+      f"({saved.get('checksum')}); this optcompose reads format {FORMAT} "
+      f"({CHECKSUM}) and the bare state dict: upgrade optcompose."
+    )
+  if not {"layouts", "leaves", "state"} <= saved.keys():
+    raise CheckpointCorruptError(
+      f"{fn}: {os.fspath(path)} is damaged: it lacks entries ({sorted(saved)})."
+    )
+  _verify(fn, path, saved["leaves"], _saved_leaves(saved["state"]))
+  return saved["layouts"], saved["state"]
+
+
+# --- Orbax's side: the checksums file inside a directory, Orbax's metadata and errors.
 
 _DAMAGE = ("DATA_LOSS", "NOT_FOUND", "FAILED_PRECONDITION", "OUT_OF_RANGE")  # TensorStore's
 
@@ -350,24 +393,3 @@ def _metadata_tree(metadata: Any) -> Any:
   """The tree of an Orbax ``StepMetadata`` (recent Orbax) or its ``item_metadata``."""
   metadata = getattr(metadata, "item_metadata", metadata)
   return getattr(metadata, "tree", metadata)
-
-
-def _flat_to_state_dict(flat: FlatParams) -> dict:
-  """A FlatParams as Flax's serialization stores it: ``{bucket name: buffer}``."""
-  from flax import serialization
-
-  return {
-    name: serialization.to_state_dict(buf) for name, buf in zip(flat.layout.buckets, flat.buffers)
-  }
-
-
-def _flat_from_state_dict(flat: FlatParams, state: dict) -> FlatParams:
-  from flax import serialization
-
-  return FlatParams(
-    tuple(
-      serialization.from_state_dict(buf, state[name], name=name)
-      for name, buf in zip(flat.layout.buckets, flat.buffers)
-    ),
-    flat.layout,
-  )

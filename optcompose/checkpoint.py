@@ -20,7 +20,8 @@ Leaves may be ``jax.ShapeDtypeStruct``: ``jax.eval_shape(tx.init, params)`` cost
 raises :class:`CheckpointMismatchError` (a ``ValueError``) naming the first path that differs
 (``['opt_state'][1][0].mu['dense']['kernel']``): a leaf missing or unexpected, another shape
 or dtype (nothing is cast or broadcast). A :class:`~optcompose.FlatParams` is saved with its
-layout (each model leaf's path, shape, bucket, dtype, offset) and restores only into it.
+layout (each model leaf's path, shape, bucket, dtype, offset: :func:`flat_layouts`) and
+restores only into it; a checkpoint without that record (Orbax's alone) needs ``layouts=``.
 
 **Integrity and crash safety.** Every leaf's CRC-32 is saved with it and compared on
 restore (:class:`CheckpointCorruptError` names a damaged leaf); a save never removes the
@@ -43,7 +44,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import pathlib
 import uuid
 from typing import Any
@@ -61,18 +61,17 @@ from optcompose._checkpoint_check import (  # the checks and the formats' record
   PathLike,
   _abstract,
   _check,
-  _check_layouts,
   _check_storable,
   _checksums,
-  _layouts,
   _leaves,
   _saved_leaves,
   _verify,
 )
 from optcompose import _checkpoint_guard as guard
-from optcompose._checkpoint_nodes import _mismatched_nodes
+from optcompose._checkpoint_nodes import _check_layouts, _mismatched_nodes, flat_layouts
 from optcompose._checkpoint_io import (  # the file handling
   SIDECAR,
+  _read_msgpack,
   _damaged,
   _is_damage,
   _read_metadata,
@@ -101,6 +100,7 @@ __all__ = [
   "restore_orbax_checkpoint",
   "AsyncSave",
   "check_against_template",
+  "flat_layouts",
 ]
 
 
@@ -127,14 +127,14 @@ def save_checkpoint(path: PathLike, tree: Any) -> pathlib.Path:
   guard.file_target("save_checkpoint", path, tree)
   serialization = _flax_serialization()
   state = serialization.to_state_dict(tree)
-  _check_storable(state)
+  _check_storable(state, tree)
   state = jax.device_get(state)  # one transfer to host memory for all arrays
   data = serialization.msgpack_serialize(
     {
       FORMAT_KEY: FORMAT,
       "checksum": CHECKSUM,
       "leaves": _checksums(_saved_leaves(state)),
-      "layouts": _layouts(tree),
+      "layouts": flat_layouts(tree),
       "state": state,
     },
     in_place=True,
@@ -147,7 +147,7 @@ def save_checkpoint(path: PathLike, tree: Any) -> pathlib.Path:
   return path
 
 
-def restore_checkpoint(path: PathLike, target: Any) -> Any:
+def restore_checkpoint(path: PathLike, target: Any, *, layouts: Any = None) -> Any:
   """Read a checkpoint written by :func:`save_checkpoint` into the structure of ``target``.
 
   Args:
@@ -155,6 +155,9 @@ def restore_checkpoint(path: PathLike, target: Any) -> Any:
     target: a template with the saved tree's structure, shapes and dtypes (its values are not
       used; ``jax.ShapeDtypeStruct`` leaves are fine). ``None`` returns the raw state dict
       (nested dicts of NumPy arrays), for inspecting a file.
+    layouts: the FlatParams layouts of the saved tree (:func:`flat_layouts`), needed only
+      for a file of the previous format (a bare state dict records none) restored into a
+      ``target`` holding a FlatParams; compared as the file's own record is.
 
   Returns:
     A tree like ``target`` holding the saved values, each leaf of the template's kind (see
@@ -165,42 +168,20 @@ def restore_checkpoint(path: PathLike, target: Any) -> Any:
       first differing path (missing, unexpected, different shape or dtype, FlatParams layout).
     CheckpointCorruptError: the file is damaged (a leaf differs from its checksum, or the
       file cannot be decoded); the message names the leaf.
-    ValueError: the file is not a msgpack checkpoint (an Orbax directory, say).
+    ValueError: the file is not a msgpack checkpoint (an Orbax directory, say); ``target``
+      holds a FlatParams whose layout neither the file nor ``layouts`` records.
   """
   serialization = _flax_serialization()
   guard.file_source("restore_checkpoint", path)
-  with open(path, "rb") as f:
-    data = f.read()
-  try:
-    saved: Any = serialization.msgpack_restore(data)
-  except Exception as e:  # msgpack's errors for a truncated or foreign file vary
-    error = CheckpointCorruptError if FORMAT_KEY.encode() in data[:64] else ValueError
-    raise error(
-      f"restore_checkpoint: {os.fspath(path)} is not a msgpack checkpoint, or is "
-      f"damaged ({type(e).__name__}: {e})."
-    ) from e
-  layouts = []
-  if isinstance(saved, dict) and FORMAT_KEY in saved:
-    if (saved[FORMAT_KEY], saved.get("checksum")) != (FORMAT, CHECKSUM):
-      raise ValueError(
-        f"restore_checkpoint: {os.fspath(path)} has format {saved[FORMAT_KEY]} "
-        f"({saved.get('checksum')}); this optcompose reads format {FORMAT} "
-        f"({CHECKSUM}) and the bare state dict: upgrade optcompose."
-      )
-    if not {"layouts", "leaves", "state"} <= saved.keys():
-      raise CheckpointCorruptError(
-        f"restore_checkpoint: {os.fspath(path)} is damaged: it lacks entries ({sorted(saved)})."
-      )
-    layouts, checksums, saved = saved["layouts"], saved["leaves"], saved["state"]
-    _verify("restore_checkpoint", path, checksums, _saved_leaves(saved))
+  saved_layouts, saved = _read_msgpack("restore_checkpoint", path, serialization)
   if target is None:
     return saved
   _check("restore_checkpoint", path, _saved_leaves(saved), target)
-  _check_layouts("restore_checkpoint", path, layouts, target)
+  _check_layouts("restore_checkpoint", path, saved_layouts, target, layouts)
   try:
     restored = serialization.from_state_dict(target, saved)
   except (ValueError, KeyError) as e:  # an empty node present on one side only
-    _mismatched_nodes("restore_checkpoint", path, saved, serialization.to_state_dict(target), e)
+    _mismatched_nodes("restore_checkpoint", path, saved, target, e)
   return guard.like_target("restore_checkpoint", path, restored, target)
 
 
@@ -279,7 +260,7 @@ def save_orbax_checkpoint(
         "format": FORMAT,
         "checksum": CHECKSUM,
         "leaves": _checksums(_leaves(tree)),
-        "layouts": _layouts(tree),
+        "layouts": flat_layouts(tree),
       }
     )
   except BaseException:
@@ -311,7 +292,7 @@ def save_orbax_checkpoint(
   return save.wait() if block else save
 
 
-def restore_orbax_checkpoint(directory: Any, target: Any) -> Any:
+def restore_orbax_checkpoint(directory: Any, target: Any, *, layouts: Any = None) -> Any:
   """Read a checkpoint written by Orbax's ``StandardCheckpointer`` into ``target``'s structure.
 
   Orbax's metadata is compared with ``target`` first, as in :func:`restore_checkpoint`, and
@@ -323,6 +304,9 @@ def restore_orbax_checkpoint(directory: Any, target: Any) -> Any:
       (systems without ``renameat2``), the checkpoint is first put back in place.
     target: a template as for :func:`restore_checkpoint` (arrays or ``jax.ShapeDtypeStruct``
       leaves; a ``jax.Array`` or struct with a sharding places the restored array so).
+    layouts: the FlatParams layouts of the saved tree (:func:`flat_layouts`), needed only
+      for a checkpoint that Orbax wrote alone (no ``optcompose_checkpoint.json`` in it)
+      restored into a ``target`` holding a FlatParams; compared as that file's record is.
 
   Returns:
     A tree like ``target`` holding the saved values.
@@ -333,6 +317,8 @@ def restore_orbax_checkpoint(directory: Any, target: Any) -> Any:
     CheckpointCorruptError: the checkpoint is damaged: Orbax cannot read it (the message
       gives Orbax's error) or a leaf differs from its checksum (the message names it).
     FileNotFoundError: there is no such directory.
+    ValueError: ``target`` holds a FlatParams whose layout neither the checkpoint nor
+      ``layouts`` records.
   """
   fn, ocp = "restore_orbax_checkpoint", _orbax()
   directory, remote = _directory(fn, directory)
@@ -350,7 +336,7 @@ def restore_orbax_checkpoint(directory: Any, target: Any) -> Any:
     sidecar = _read_sidecar(directory)
     saved = _saved_leaves(_read_metadata(checkpointer, directory))
     _check(fn, directory, saved, target)
-    _check_layouts(fn, directory, sidecar["layouts"] if sidecar else [], target)
+    _check_layouts(fn, directory, sidecar["layouts"] if sidecar else None, target, layouts)
     abstract = jax.tree_util.tree_map_with_path(
       lambda path, leaf: _abstract(leaf, saved[tuple(otree.key_name(k) for k in path)]), target
     )
@@ -364,7 +350,9 @@ def restore_orbax_checkpoint(directory: Any, target: Any) -> Any:
   return checked
 
 
-def check_against_template(checkpoint: Any, target: Any, *, where: Any = None) -> None:
+def check_against_template(
+  checkpoint: Any, target: Any, *, where: Any = None, layouts: Any = None
+) -> None:
   """Raise :class:`CheckpointMismatchError` if a checkpoint's tree differs from ``target``.
 
   The check :func:`restore_orbax_checkpoint` makes, for checkpoints read otherwise, e.g. by
@@ -374,21 +362,29 @@ def check_against_template(checkpoint: Any, target: Any, *, where: Any = None) -
       check_against_template(manager.item_metadata(step), template)
       restored = manager.restore(step, args=ocp.args.StandardRestore(template))
 
+  Orbax's metadata holds a :class:`~optcompose.FlatParams` as its buffers only, not which
+  model leaf each slot holds: a ``target`` holding one needs ``layouts``, the record
+  :func:`flat_layouts` made of the saved tree and saved beside it
+  (docs/guides/checkpoints-at-scale.md shows a ``CheckpointManager`` doing so).
+
   Args:
     checkpoint: Orbax metadata (a ``StepMetadata``, its ``item_metadata``, or their ``tree``
       of array metadata), or a restored tree (arrays and Python numbers).
     target: the template: the tree, shapes and dtypes expected (arrays or
       ``jax.ShapeDtypeStruct`` leaves).
     where: the checkpoint's name or path, for the message (optional).
+    layouts: the saved tree's :func:`flat_layouts` (required where ``target`` holds a
+      FlatParams; ``flat_layouts(target)`` asserts that the layout is unchanged).
 
   Returns:
-    None, when every path, shape and dtype agrees.
+    None, when every path, shape and dtype agrees (and every FlatParams' layout).
 
   Raises:
     CheckpointMismatchError: naming the first differing path (missing, unexpected, another
-      shape or dtype), as :func:`restore_orbax_checkpoint` does.
+      shape or dtype, another FlatParams layout), as :func:`restore_orbax_checkpoint` does.
     ValueError: ``checkpoint`` is None (Orbax gives no metadata for an item it has no handler
-      for: build the ``CheckpointManager`` with ``item_handlers=ocp.StandardCheckpointHandler()``).
+      for: build the ``CheckpointManager`` with ``item_handlers=ocp.StandardCheckpointHandler()``);
+      ``target`` holds a FlatParams and ``layouts`` has no layout for it.
   """
   tree = _metadata_tree(checkpoint)
   if tree is None:
@@ -398,3 +394,4 @@ def check_against_template(checkpoint: Any, target: Any, *, where: Any = None) -
       "item_handlers=ocp.StandardCheckpointHandler(), or restore once first)."
     )
   _check("check_against_template", where, _leaves(tree), target)
+  _check_layouts("check_against_template", where, None, target, layouts)

@@ -572,3 +572,107 @@ def test_wide_numpy_scalars_come_back_exactly(tmp_path):
     restored = restore(tmp_path / where, {"tokens": np.int64(0), "loss": np.float64(0.0)})
     assert restored["tokens"] == tree["tokens"] and restored["tokens"].dtype == np.int64
     assert restored["loss"] == tree["loss"] and restored["loss"].dtype == np.float64
+
+
+# ----------------------------------------------------------------------------------------
+# FlatParams restored from a checkpoint that records no layout.
+
+
+def flat_state(names=("enc", "dec")):
+  """Adam's state over FlatParams after one step: ``enc``'s first moment is 1, ``dec``'s 2."""
+  tx = oc.flat_optimizer(oc.adam(1e-2))
+  params = {name: jnp.ones((4, 4)) for name in names}
+  grads = {name: jnp.full((4, 4), 10.0 * (i + 1)) for i, name in enumerate(names)}
+  return tx, tx.update(grads, tx.init(params), params)[1]
+
+
+NO_LAYOUT = r"records no layout for the FlatParams at `\[0\]\.mu` of `target`.*flat_layouts"
+
+
+def test_a_flat_state_without_a_recorded_layout_is_refused_unless_layouts_is_given(tmp_path):
+  """Plain Orbax (and the previous msgpack format) saves a FlatParams as its buffers only:
+  restored into a model whose leaf ``enc`` was renamed ``a_enc`` (it now sorts first, same
+  sizes), ``dec``'s moments landed in ``a_enc``'s slots. Without a layout the restore is a
+  ValueError naming the FlatParams; ``layouts=`` (the saved tree's flat_layouts) is compared
+  as optcompose's own record is."""
+  ocp = pytest.importorskip("orbax.checkpoint")
+  from flax import serialization
+  from optcompose.checkpoint import flat_layouts
+
+  tx, state = flat_state()
+  renamed = tx.init({"a_enc": jnp.ones((4, 4)), "dec": jnp.ones((4, 4))})
+  same = tx.init({"enc": jnp.zeros((4, 4)), "dec": jnp.zeros((4, 4))})
+  with ocp.StandardCheckpointer() as plain:  # no optcompose_checkpoint.json
+    plain.save(tmp_path / "plain", state)
+    plain.wait_until_finished()
+  bare = tmp_path / "bare.msgpack"  # the previous msgpack format: the bare state dict
+  save_checkpoint(tmp_path / "new.msgpack", state)
+  bare.write_bytes(
+    serialization.msgpack_serialize(restore_checkpoint(tmp_path / "new.msgpack", None))
+  )
+  for restore, where in ((restore_orbax_checkpoint, "plain"), (restore_checkpoint, "bare.msgpack")):
+    for template in (renamed, same):
+      with pytest.raises(ValueError, match=NO_LAYOUT) as info:
+        restore(tmp_path / where, template)
+      assert not isinstance(info.value, CheckpointMismatchError)  # unknown, not a mismatch
+    with pytest.raises(
+      CheckpointMismatchError,
+      match=r"`\[0\]\.mu` has another layout: its leaf 0 is `\['dec'\]` of shape \(4, 4\) at "
+      r"offset 0 of bucket 'float32' in `layouts` but `\['a_enc'\]`",
+    ):
+      restore(tmp_path / where, renamed, layouts=flat_layouts(state))
+    restored = restore(tmp_path / where, same, layouts=flat_layouts(state))
+    assert float(restored[0].mu.unflatten()["enc"][0, 0]) == pytest.approx(1.0)  # (1 - b1) * 10
+    assert float(restored[0].mu.unflatten()["dec"][0, 0]) == pytest.approx(2.0)
+    # The user's word that nothing changed: the layout of the template itself.
+    assert_bitwise_equal(restore(tmp_path / where, same, layouts=flat_layouts(same)), state)
+
+
+def test_a_recorded_layout_missing_at_the_flat_params_path_or_a_bad_layouts_is_named(tmp_path):
+  """A checkpoint of ours that holds plain buckets where ``target`` has a FlatParams records
+  no layout there; a ``layouts`` that is not flat_layouts' record, or lacks the FlatParams'
+  path, is a ValueError naming the argument."""
+  from optcompose.checkpoint import check_against_template, flat_layouts
+
+  tx, state = flat_state()
+  buckets = (state[0]._replace(mu={"float32": state[0].mu.buffers[0]}),) + state[1:]
+  save_checkpoint(tmp_path / "c.msgpack", buckets)  # the same leaf paths, no FlatParams
+  with pytest.raises(ValueError, match=r"the checkpoint .*c\.msgpack " + NO_LAYOUT):
+    restore_checkpoint(tmp_path / "c.msgpack", state)
+  restored = restore_checkpoint(tmp_path / "c.msgpack", state, layouts=flat_layouts(state))
+  assert_bitwise_equal(restored, state)
+  with pytest.raises(
+    ValueError,
+    match=r"`layouts` records no layout for the FlatParams at `\[0\]\.mu` of `target` "
+    r"\(it records `\[0\]\.nu`\), nor does the checkpoint",
+  ):  # the file records nu's layout, `layouts` only nu's: mu's is in neither
+    restore_checkpoint(tmp_path / "c.msgpack", state, layouts=flat_layouts(state)[1:])
+  for bad, why in (
+    ({"mu": 1}, "expected a list"),
+    ([[["0", "mu"], [["['enc']", [4, 4], "float32"]]]], r"the layout of `\[0\]\['mu'\]` is"),
+  ):
+    with pytest.raises(
+      ValueError, match=rf"check_against_template: `layouts` is not a layouts record .*{why}"
+    ):
+      check_against_template(state, state, layouts=bad)
+  check_against_template(state, state, layouts=flat_layouts(state))
+  with pytest.raises(ValueError, match=r"check_against_template: the checkpoint records no"):
+    check_against_template(state, state)
+
+
+@pytest.mark.parametrize("backend", ["msgpack", "orbax"])
+def test_a_path_is_written_one_way_whichever_side_it_is_on(tmp_path, backend):
+  """A path of the checkpoint that `target` lacks was written as a state dict's keys
+  (``['opt'][0]['mu']['b']``) beside `target`'s own (``['opt'][0].mu['w']``): it is written
+  as `target`'s paths are, as far as `target` has it; so is a leaf a save cannot store."""
+  save, restore, filename = backend_functions(backend)
+  adam = oc.adam(1e-3)
+  save(tmp_path / filename, {"opt": adam.init({"b": jnp.ones(2), "w": jnp.ones(2)})})
+  with pytest.raises(
+    CheckpointMismatchError, match=r"the checkpoint has `\['opt'\]\[0\]\.mu\['b'\]`, which"
+  ):
+    restore(tmp_path / filename, {"opt": adam.init({"w": jnp.ones(2)})})
+  state = adam.init({"w": jnp.ones(2)})
+  unstorable = (state[0]._replace(mu={"w": {1, 2}}),) + state[1:]
+  with pytest.raises(TypeError, match=r"save_checkpoint: `\['opt'\]\[0\]\.mu\['w'\]` is a set"):
+    save_checkpoint(tmp_path / "other.msgpack", {"opt": unstorable})

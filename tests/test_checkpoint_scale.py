@@ -325,6 +325,62 @@ def test_checkpoint_manager_keeps_the_last_n_and_the_best_and_restores_checked(t
   best.close()
 
 
+def test_a_checkpoint_manager_restores_flat_params_only_with_their_layouts(tmp_path):
+  """docs/guides/checkpoints-at-scale.md's FlatParams recipe: Orbax's metadata holds a
+  FlatParams' buffers only, so a model whose leaf ``enc`` was renamed ``a_enc`` (now first,
+  same sizes) restored ``dec``'s moments into ``a_enc``'s slots after a check that passed.
+  Without a layouts record the check is a ValueError naming the FlatParams; with the record
+  saved beside the state (a JSON item) a renamed leaf is a mismatch and the same model
+  restores its own values."""
+  tx = oc.flat_optimizer(oc.adam(1e-2))
+  params = {"enc": jnp.ones((4, 4)), "dec": jnp.ones((4, 4))}
+  grads = {"enc": jnp.full((4, 4), 10.0), "dec": jnp.full((4, 4), 20.0)}
+  state = tx.update(grads, tx.init(params), params)[1]
+  renamed = jax.eval_shape(tx.init, {"a_enc": params["enc"], "dec": params["dec"]})
+  template = jax.eval_shape(tx.init, params)
+
+  plain = ocp.CheckpointManager(tmp_path / "plain")  # as the user trial saved it
+  plain.save(1, args=ocp.args.StandardSave(state))
+  plain.wait_until_finished()
+  plain.close()
+  plain = ocp.CheckpointManager(tmp_path / "plain", item_handlers=ocp.StandardCheckpointHandler())
+  for wanted in (renamed, template):
+    with pytest.raises(
+      ValueError,
+      match=r"check_against_template: the checkpoint plain/1 records no layout for the "
+      r"FlatParams at `\[0\]\.mu` of `target`.*pass layouts=flat_layouts\(target\)",
+    ):
+      ck.check_against_template(plain.item_metadata(1), wanted, where="plain/1")
+  wrong = plain.restore(1, args=ocp.args.StandardRestore(renamed))  # what the check prevents
+  assert float(wrong[0].mu.unflatten()["a_enc"][0, 0]) == pytest.approx(2.0)  # dec's moment
+  ck.check_against_template(plain.item_metadata(1), template, layouts=ck.flat_layouts(template))
+  plain.close()
+
+  manager = ocp.CheckpointManager(tmp_path / "run")
+  saved = ocp.args.Composite(
+    state=ocp.args.StandardSave(state), layouts=ocp.args.JsonSave(ck.flat_layouts(state))
+  )
+  manager.save(1, args=saved)
+  manager.wait_until_finished()
+  manager.close()
+  handlers = {"state": ocp.StandardCheckpointHandler(), "layouts": ocp.JsonCheckpointHandler()}
+  manager = ocp.CheckpointManager(tmp_path / "run", item_handlers=handlers)
+  layouts = manager.restore(1, args=ocp.args.Composite(layouts=ocp.args.JsonRestore()))["layouts"]
+  assert layouts == ck.flat_layouts(state)  # JSON: read back as written
+  metadata = manager.item_metadata(1)["state"]
+  ck.check_against_template(metadata, template, layouts=layouts)
+  restored = manager.restore(1, args=ocp.args.Composite(state=ocp.args.StandardRestore(template)))
+  assert_same(restored["state"], state)
+  assert float(restored["state"][0].mu.unflatten()["enc"][0, 0]) == pytest.approx(1.0)
+  with pytest.raises(
+    CheckpointMismatchError,
+    match=r"the FlatParams at `\[0\]\.mu` has another layout: its leaf 0 is `\['dec'\]` of "
+    r"shape \(4, 4\) at offset 0 of bucket 'float32' in `layouts` but `\['a_enc'\]`",
+  ):
+    ck.check_against_template(metadata, renamed, layouts=layouts)
+  manager.close()
+
+
 def test_the_template_check_reads_orbax_metadata_of_every_kind(tmp_path):
   path = ck.save_orbax_checkpoint(tmp_path / "ckpt", run_tree(1))
   with ocp.StandardCheckpointer() as plain:
@@ -419,6 +475,43 @@ def test_a_msgpack_save_never_replaces_a_file_it_did_not_write(tmp_path):
   assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
     ["train.py", "data.bin", "orbax", "old.msgpack", "ckpt.msgpack"]
   )
+
+
+def test_a_weights_file_is_replaced_only_by_a_save_of_its_whole_tree(tmp_path):
+  """A msgpack state dict counts as an older checkpoint of the run (replaced by a save, as
+  resuming an old run expects) only if restore_checkpoint would read it into the new tree:
+  every leaf path, shape and dtype. Downloaded weights, ``{"params": ...}`` like nearly every
+  Flax file and like the new tree, were replaced on top-level keys alone."""
+  from flax import serialization
+
+  weights = tmp_path / "bert_base_pretrained.msgpack"
+  kernel = np.full((3, 3), 7.0, np.float32)
+  weights.write_bytes(serialization.to_bytes({"params": {"kernel": kernel}}))
+  data = weights.read_bytes()
+  for tree, difference in (
+    ({"params": {"w": jnp.zeros(2)}}, r"`\['params'\]\['w'\]` is missing from the file"),
+    ({"params": {"kernel": jnp.zeros((3, 4))}}, r"has shape \(3, 3\) in the file but \(3, 4\)"),
+    (
+      {"params": {"kernel": jnp.zeros((3, 3), jnp.bfloat16)}},
+      r"`\['params'\]\['kernel'\]` has dtype float32 in the file but bfloat16 in `tree`\)",
+    ),
+    (
+      {"params": {"kernel": jnp.zeros((3, 3))}, "step": 0},
+      r"`\['step'\]` is missing from the file",
+    ),
+    ({"params": {}}, r"the file has `\['params'\]\['kernel'\]`, which `tree` lacks"),
+  ):
+    with pytest.raises(
+      ValueError,
+      match=r"bert_base_pretrained.msgpack exists and is not an optcompose checkpoint \(it is "
+      r"a msgpack state dict of another tree.*" + difference,
+    ):
+      ck.save_checkpoint(weights, tree)
+    assert weights.read_bytes() == data  # byte for byte
+  same = {"params": {"kernel": jnp.ones((3, 3))}}  # its whole tree: an older checkpoint
+  ck.save_checkpoint(weights, same)
+  assert_same(ck.restore_checkpoint(weights, same), same)
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["bert_base_pretrained.msgpack"]
 
 
 def test_an_orbax_save_checks_its_leaves_and_flags_before_writing(tmp_path, monkeypatch):
