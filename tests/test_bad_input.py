@@ -113,6 +113,14 @@ ROWS = [
     lambda: oc.sgd(oc.warmup_cosine_decay_schedule(0.0, -0.1, 5, 50)),
   ),
   Row(
+    "sgd-prox-momentum-one",
+    "`sgd(lr, momentum=1, l1=...)` (or `l2`): its proximal step is lr / (1 - momentum)",
+    "`ValueError` at construction, naming `momentum` (a buffer that never forgets never settles)",
+    ValueError,
+    r"sgd: `momentum` must be below 1 with `l1`/`l2`",
+    lambda: oc.sgd(0.1, 1.0, l1=0.5),
+  ),
+  Row(
     "schedule-grows-unbounded",
     "a schedule that grows without bound (`exponential_decay` with `decay_rate > 1` and no "
     "`end_value`) for a hyperparameter bounded above (`b2` passes 1 at step 12 here)",
@@ -405,6 +413,26 @@ ROWS = [
     lambda: _checkpoint_over_a_file(),
   ),
   Row(
+    "checkpoint-over-foreign-weights",
+    "`save_checkpoint` to an existing msgpack state dict of another tree (downloaded "
+    '`{"params": ...}` weights at a mistyped path)',
+    "`ValueError` naming the file and the first differing path; the file is left as it was "
+    "(an older checkpoint of the same whole tree is replaced)",
+    ValueError,
+    r"not an optcompose checkpoint \(it is a msgpack state dict of another tree",
+    lambda: _checkpoint_over_weights(),
+  ),
+  Row(
+    "checkpoint-flat-no-layout",
+    "a template holding a `FlatParams` restored from a checkpoint that records no layout "
+    "(written by Orbax alone: `CheckpointManager`, `StandardCheckpointer`)",
+    "`ValueError` before anything is restored, naming the FlatParams' path and `layouts=` "
+    "(never values restored into another leaf's slots)",
+    ValueError,
+    r"records no layout for the FlatParams at `\['p'\]`.*layouts=",
+    lambda: _checkpoint_flat_no_layout(),
+  ),
+  Row(
     "orbax-leaf",
     "`save_orbax_checkpoint` of a leaf Orbax cannot store (a string, a complex Python number)",
     "`TypeError` naming the leaf, before anything is written",
@@ -610,6 +638,32 @@ def _checkpoint_over_a_file():
     oc.checkpoint.save_checkpoint(script, {"w": jnp.ones(3)})
   finally:
     assert script.read_text() == "print('training')\n"
+
+
+def _checkpoint_over_weights():
+  import tempfile
+
+  from flax import serialization
+
+  path = Path(tempfile.mkdtemp()) / "pretrained.msgpack"
+  weights = serialization.to_bytes({"params": {"kernel": np.ones((3, 3), np.float32)}})
+  path.write_bytes(weights)
+  try:
+    oc.checkpoint.save_checkpoint(path, {"params": {"w": jnp.zeros(2)}})
+  finally:
+    assert path.read_bytes() == weights
+
+
+def _checkpoint_flat_no_layout():
+  import tempfile
+
+  import orbax.checkpoint as ocp
+
+  path = Path(tempfile.mkdtemp()) / "plain"
+  with ocp.StandardCheckpointer() as checkpointer:  # Orbax alone: no layout recorded
+    checkpointer.save(path, {"p": oc.flat_params({"a": jnp.ones(2), "b": jnp.ones(3)})})
+  target = {"p": oc.flat_params({"a": jnp.ones(3), "b": jnp.ones(2)})}
+  oc.checkpoint.restore_orbax_checkpoint(path, target)
 
 
 def _checkpoint_flipped():
