@@ -180,7 +180,9 @@ def _check(fn: str, where: Optional[PathLike], saved: dict, target: Any) -> None
     )
     name = "" if where is None else f" {os.fspath(where)}"
     raise CheckpointMismatchError(
-      f"{fn}: the checkpoint{name} does not match `target`: {problems[0]}{more}."
+      f"{fn}: the checkpoint{name} does not match `target`: {problems[0]}{more}. (An Optax "
+      "optimizer's state converts with optcompose.migrate.from_optax_state: read it without "
+      "a template first.)"
     )
 
 

@@ -4,7 +4,8 @@ the small predicates its walk uses (a NamedTuple, a masked node, a value, its ki
 from __future__ import annotations
 
 import numbers
-from typing import Optional
+import sys
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -76,13 +77,31 @@ def _fields(x) -> Optional[dict]:
   return dict(x) if isinstance(x, dict) else {} if x is None else None
 
 
-def _items(x) -> Optional[list]:
-  """A sequence's items, or those of a restored dict ``{'0': ..., '1': ...}`` (Flax's)."""
+def _items(x, n: int) -> Optional[list]:
+  """A sequence's items, or those of a restored dict ``{'0': ..., '1': ...}`` (Flax's), or of
+  Flax NNX's ``nnx.to_pure_dict`` form ``{1: ...}`` (integer keys, the positions of states
+  holding no array left out: None there), for a target sequence of ``n`` items."""
   if isinstance(x, (tuple, list)) and not _is_namedtuple(x):
     return list(x)
-  if isinstance(x, dict) and set(x) == {str(i) for i in range(len(x))}:
-    return [x[str(i)] for i in range(len(x))]
+  if isinstance(x, dict) and {str(k) for k in x} <= {str(i) for i in range(n)}:
+    by_str = {str(k): v for k, v in x.items()}
+    if len(by_str) == len(x):
+      return [by_str.get(str(i)) for i in range(n)]
   return None
+
+
+def _plain_source(x: Any) -> Any:
+  """A Flax NNX state (``nnx.Optimizer``'s live ``opt_state``: Variables and ``nnx.State``)
+  as ``nnx.to_pure_dict`` gives it; any other source as it is."""
+  nnx = sys.modules.get("flax.nnx")
+  if nnx is None:
+    return x
+  kinds = (nnx.Variable, nnx.State)
+  if not any(
+    isinstance(n, kinds) for n in jax.tree.leaves(x, is_leaf=lambda n: isinstance(n, kinds))
+  ):
+    return x
+  return nnx.to_pure_dict(nnx.state(x))
 
 
 def _is_value(x) -> bool:
@@ -115,7 +134,7 @@ def _describe(x) -> str:
   if isinstance(x, dict):
     return f"a dict with keys {sorted(map(str, x))}"
   if isinstance(x, (tuple, list)):
-    names = (type(v).__name__ if _is_namedtuple(v) else "..." if v else "None" for v in x)
+    names = (type(v).__name__ if _is_namedtuple(v) else "None" if v is None else "..." for v in x)
     return f"a {type(x).__name__} of {len(x)} ({', '.join(names)})"
   if _is_value(x):
     return f"an array of shape {np.shape(x)} and dtype {_dtype(x)}"

@@ -10,7 +10,9 @@ schedules). The target is initialised from ``params`` and filled from the source
 field: moments, traces and counts are copied, not recomputed, so training continues as if it
 had never switched library. The source may be live, restored into its library's template, or
 a plain restored pytree (Flax's ``msgpack_restore``, Orbax without a target: tuples come back
-as ``{'0': ...}`` dicts or lists, empty states as ``{}`` or ``None``).
+as ``{'0': ...}`` dicts or lists, empty states as ``{}`` or ``None``), or Flax NNX's: an
+``nnx.Optimizer``'s live ``opt_state``, or its ``nnx.to_pure_dict`` form (``{1: ...}``, the
+states holding no array left out).
 
 Where the libraries keep one optimizer in different states:
 
@@ -58,6 +60,7 @@ from optcompose._migrate_match import (
   _kind,
   _concrete,
   _describe,
+  _plain_source,
 )
 
 __all__ = ["MigrationError", "from_optax_state", "to_optax_state"]
@@ -93,7 +96,7 @@ class _Walk:
     if _is_namedtuple(t):
       return self.named(t, s, at)
     if isinstance(t, (tuple, list)):
-      items = _items(s)
+      items = _items(s, len(t))
       if items is None or len(items) != len(t):
         self.fail(
           at,
@@ -136,6 +139,10 @@ class _Walk:
       return self.injected(t, s, at)
     if fields is None:
       self.fail(at, f"is {_describe(s)}, where the target holds {_describe(t)}.")
+    if isinstance(s, dict):  # Flax NNX's pure dict leaves out the fields holding no array
+      fields.update({f: None for f in t._fields if f not in fields and _leafless(getattr(t, f))})
+      if {"count", "hyperparams"} <= set(fields):  # an injected state's empty inner state
+        fields.setdefault("inner_state", None)
     if set(fields) >= _INJECT and t._fields == ("count",):  # ours -> a schedule's count
       if not _leafless(fields["inner_state"]):
         self.fail(
@@ -161,6 +168,8 @@ class _Walk:
   def injected(self, t, s, at):
     """A state of values that change while training (ours, or Optax's inject_hyperparams)."""
     fields = _fields(s)
+    if isinstance(s, dict) and "hyperparams" in s:  # NNX's pure dict: an empty inner state
+      fields = {"inner_state": None, **s}  # left out
     if fields is None or "count" not in fields:
       self.fail(at, f"is {_describe(s)}, where the target holds {_describe(t)}: {_REBUILD}")
     count = self.leaf(t.count, fields["count"], f"{at}.count")
@@ -356,7 +365,7 @@ def from_optax_state(
     MigrationError: the state cannot be migrated; the message names the path.
   """
   walk = _Walk("from_optax_state", to_ours=True)
-  state = walk.node(tx.init(params), optax_state, "")
+  state = walk.node(tx.init(params), _plain_source(optax_state), "")
   return _values_in_force(walk.fn, state, tx, params, walk.scheduled, extra_args)
 
 
@@ -376,4 +385,4 @@ def to_optax_state(state: Any, optax_tx: Any, params: Any) -> Any:
   """
   with jax.numpy_dtype_promotion("standard"):  # Optax's code promotes implicitly
     template = optax_tx.init(params)
-  return _Walk("to_optax_state", to_ours=False).node(template, state, "")
+  return _Walk("to_optax_state", to_ours=False).node(template, _plain_source(state), "")

@@ -340,3 +340,73 @@ def test_apply_if_finite_flag_is_filled_only_when_known():
   ours = tx.init(params)
   with pytest.raises(MigrationError, match=r"state.gave_up cannot be migrated"):
     to_optax_state(ours._replace(gave_up=jnp.asarray(True)), otx, params)
+
+
+@pytest.mark.numerics
+@pytest.mark.float64
+@pytest.mark.parametrize("name", ["clip_adamw", "inject_adamw", "sgd_momentum"])
+def test_a_flax_nnx_optimizers_state_migrates_live_and_as_a_pure_dict(name):
+  # nnx.to_pure_dict writes tuples as {1: ...} with int keys and leaves out the states that
+  # hold no array; the live state holds Variables and nnx.State. Both were refused as
+  # "another optimizer's state".
+  nnx = pytest.importorskip("flax.nnx")
+  with x64():
+    x = jnp.arange(12.0).reshape(4, 3) / 10
+
+    def loss(model):
+      return jnp.mean((model(x) - 1.0) ** 2)
+
+    def trained(lib, steps, start=None):
+      model = nnx.Linear(3, 2, rngs=nnx.Rngs(0), param_dtype=jnp.float64)
+      opt = nnx.Optimizer(model, standard_promotion(OPTIMIZERS[name](lib)), wrt=nnx.Param)
+      if start is not None:
+        nnx.update(opt.opt_state, nnx.state(start))
+      for _ in range(steps):
+        opt.update(model, nnx.grad(loss)(model))
+      return model, opt
+
+    _, optax_opt = trained(optax, 3)
+    ours_model, ours_opt = trained(oc, 3)
+    params = nnx.to_pure_dict(nnx.state(ours_model, nnx.Param))
+    tx = OPTIMIZERS[name](oc)
+    for source in (nnx.to_pure_dict(nnx.state(optax_opt))["opt_state"], optax_opt.opt_state):
+      state = from_optax_state(source, tx, params)
+      expected = nnx.to_pure_dict(nnx.state(ours_opt.opt_state))
+      got = nnx.to_pure_dict(nnx.state(without_logged_norm(state)))
+      assert_rel_close(got, without_logged_norm_dict(expected), F64_RTOL, name)
+    back = to_optax_state(
+      nnx.to_pure_dict(nnx.state(ours_opt))["opt_state"], OPTIMIZERS[name](optax), params
+    )
+    again = from_optax_state(back, tx, params)
+    assert_states_equal(without_logged_norm(again), without_logged_norm(state), name)
+
+
+def without_logged_norm_dict(state):
+  """A pure-dict state without optcompose's logged global norm (``{'global_norm': ...}``)."""
+  if isinstance(state, dict):
+    return {
+      k: without_logged_norm_dict(v)
+      for k, v in state.items()
+      if set(v if isinstance(v, dict) else ()) != {"global_norm"}
+    }
+  return state
+
+
+def test_a_sequence_where_a_dict_of_arrays_belongs_is_refused_with_its_path():
+  # Describing a list of arrays asked for the truth value of an array (a bare ValueError).
+  params = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}
+  state = optax.adam(1e-2).init(params)
+  with pytest.raises(MigrationError, match=r"state\[0\]\.mu is a dict with keys \['b', 'w'\]"):
+    from_optax_state(state, oc.adam(1e-2), [params["b"], params["w"]])
+
+
+def test_restoring_an_optax_checkpoint_into_our_template_points_to_migration(tmp_path):
+  from optcompose.checkpoint import CheckpointMismatchError
+
+  params = {"w": jnp.ones((3, 2))}
+  path = tmp_path / "optax.msgpack"
+  optax_state = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-2)).init(params)
+  path.write_bytes(serialization.to_bytes({"params": params, "opt_state": optax_state}))
+  tx = oc.chain(oc.clip_by_global_norm(1.0), oc.adam(1e-2))
+  with pytest.raises(CheckpointMismatchError, match=r"global_norm.*migrate\.from_optax_state"):
+    restore_checkpoint(path, {"params": params, "opt_state": tx.init(params)})

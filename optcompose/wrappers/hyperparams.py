@@ -146,9 +146,9 @@ def inject_hyperparams(
           raise TypeError(
             f"{who}: `{name}` is a stateful schedule ({type(value).__name__}: init, update "
             "and __call__ of a schedule state), which optcompose's inject_hyperparams does "
-            "not keep; use Optax's optax.inject_hyperparams (or "
-            "inject_stateful_hyperparams), which accepts optcompose's optimizers, or give a "
-            "function of the step count."
+            "not keep; use the Optax package's own inject_stateful_hyperparams (import it "
+            "under another name where `optax` names optcompose), which accepts "
+            "optcompose's optimizers, or give a function of the step count."
           )
         schedules[name] = value
       elif is_real_like(value) and np.ndim(value) == 0:
