@@ -173,11 +173,15 @@ def test_bfloat16_steps_match_optax(case):
   assert_lockstep(case, prob, 50, True, case.half_ulps)
 
 
-# float16: our second-moment statistics are computed in float32 (Optax's are not; a
-# documented difference: in float16, eps = 1e-8 is 0 and a zero gradient gives NaN), so Optax
-# is the reference only where no second moment is involved.
+# float16: our second-moment statistics are computed and stored in float32 (Optax's are not;
+# a documented difference: in float16, eps = 1e-8 is 0 and a zero gradient gives NaN, and a
+# small gradient's square is 0), so Optax is the reference only where no second moment is
+# involved (tests/test_low_precision_state.py checks float16 against float32).
 SECOND_MOMENT = (
   "adam",
+  "belief",
+  "adan",
+  "named_chain",
   "rms",
   "rss",
   "stddev",

@@ -68,7 +68,8 @@ def adam(
     mu_dtype: dtype of the stored m (e.g. ``jnp.bfloat16`` to halve its memory); ``None``
       keeps the parameters'.
     nesterov: use Nadam's look-ahead first moment (see :func:`nadam`).
-    nu_dtype: dtype of the stored v (ours); ``None`` keeps the parameters'. The arithmetic
+    nu_dtype: dtype of the stored v (ours); ``None`` keeps the parameters' (float32 for
+      float16 ones). The arithmetic
       runs in the wider of the stored and the gradients' dtypes.
 
   Returns:
@@ -135,7 +136,8 @@ def nadam(
     eps_root: added under the square root (see :func:`adam`); 0 by default.
     mu_dtype: dtype of the stored m; ``None`` keeps the parameters'.
     nesterov: True (the default) for Nadam's first moment; False gives plain Adam.
-    nu_dtype: dtype of the stored v (ours); ``None`` keeps the parameters'.
+    nu_dtype: dtype of the stored v (ours); ``None`` keeps the parameters' (float32 for
+      float16 ones).
 
   Returns:
     A :func:`chain` whose state is ``(ScaleByAdamState, EmptyState)``, as :func:`adam`'s.
@@ -199,7 +201,8 @@ def adamw(
     l1: L1 strength of the soft-thresholding step (>= 0, a number or a schedule; ours,
       keyword-only). ``None`` (the default): no such step; a number, even 0, keeps it.
     l1_mask: the leaves ``l1`` applies to (a mask as for ``mask``); ``None``: all.
-    nu_dtype: dtype of the stored v (ours); ``None`` keeps the parameters'.
+    nu_dtype: dtype of the stored v (ours); ``None`` keeps the parameters' (float32 for
+      float16 ones).
 
   Returns:
     A :func:`chain` whose state is ``(ScaleByAdamState, EmptyState, EmptyState[,
@@ -275,7 +278,8 @@ def nadamw(
     nesterov: True (the default) for Nadam's first moment; False gives :func:`adamw`.
     l1: L1 strength of the soft-thresholding step after it (as in :func:`adamw`; ours).
     l1_mask: the leaves ``l1`` applies to; ``None``: all.
-    nu_dtype: dtype of the stored v (ours); ``None`` keeps the parameters'.
+    nu_dtype: dtype of the stored v (ours); ``None`` keeps the parameters' (float32 for
+      float16 ones).
 
   Returns:
     A :func:`chain` with :func:`adamw`'s state.

@@ -33,6 +33,7 @@ from optcompose.core import (
 )
 from optcompose.transforms.statistics import (
   like_params,
+  squares_init,
   adam_direction_leaf,
   debias_factor,
   debias_leaf,
@@ -91,9 +92,12 @@ def scale_by_adam(
     eps_root: added under the square root (keeps the derivative finite when v_hat = 0,
       for meta-learning through the optimizer); 0 by default, as in the paper.
     mu_dtype: dtype of the stored first moment (e.g. ``jnp.bfloat16`` to halve its
-      memory); ``None`` keeps the parameters'.
+      memory; ``b1 * m`` then runs in it, as in Optax: 0.9 is 0.8984 in bfloat16);
+      ``None`` keeps the parameters'.
     nesterov: Nadam's look-ahead first moment (the ``nesterov`` line above).
-    nu_dtype: dtype of the stored second moment (ours; Optax has ``mu_dtype`` only). The
+    nu_dtype: dtype of the stored second moment (ours; Optax has ``mu_dtype`` only);
+      ``None`` keeps the parameters', float32 for float16 ones (their squares underflow
+      float16). The
       arithmetic runs in the wider of the stored and the gradients' dtypes. When it is
       narrower in precision only (``jnp.bfloat16`` for float32), the update is computed from
       the moments as stored (m_t and v_t rounded to their dtypes); with ``mu_dtype`` alone
@@ -116,7 +120,7 @@ def scale_by_adam(
     return ScaleByAdamState(
       zero_count(),
       like_params(params, mu_dtype, "scale_by_adam: `mu_dtype`"),
-      otree.zeros_like(params, nu_dtype),  # real values: a real dtype loses nothing
+      squares_init(params, nu_dtype),  # real values: a real dtype loses nothing
     )
 
   def update(updates, state, params=None, **extra):

@@ -45,6 +45,7 @@ from optcompose.transforms.statistics import (
   debias_leaf,
   ema_leaf,
   moments_init,
+  squares_init,
   same_structure,
   square_leaf,
 )
@@ -143,7 +144,7 @@ def scale_by_yogi(
     return ScaleByAdamState(
       zero_count(),
       moments_init(params, value=initial_accumulator_value),
-      moments_init(params, value=initial_accumulator_value),
+      squares_init(params, value=initial_accumulator_value),
     )
 
   def update(updates, state, params=None, **extra):
@@ -272,7 +273,7 @@ def scale_by_adan(
     return ScaleByAdanState(
       moments_init(params),
       moments_init(params),
-      moments_init(params),
+      squares_init(params),
       moments_init(params),
       zero_count(),
     )

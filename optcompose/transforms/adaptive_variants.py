@@ -44,6 +44,7 @@ from optcompose.core import (
 from optcompose.transforms.adaptive import ScaleByAdamState
 from optcompose.transforms.statistics import (
   like_params,
+  squares_init,
   _wide_enough,
   adam_direction_leaf,
   debias_factor,
@@ -185,7 +186,7 @@ def scale_by_belief(
 
   def init(params):
     otree.check_floating(params, "params")
-    return ScaleByBeliefState(zero_count(), otree.zeros_like(params), otree.zeros_like(params))
+    return ScaleByBeliefState(zero_count(), otree.zeros_like(params), squares_init(params))
 
   def update(updates, state, params=None, **extra):
     del params, extra
@@ -266,7 +267,7 @@ def scale_by_radam(
 
   def init(params):
     otree.check_floating(params, "params")
-    return ScaleByAdamState(zero_count(), otree.zeros_like(params), otree.zeros_like(params))
+    return ScaleByAdamState(zero_count(), otree.zeros_like(params), squares_init(params))
 
   def update(updates, state, params=None, **extra):
     del params, extra
@@ -351,8 +352,8 @@ def scale_by_amsgrad(
     return ScaleByAmsgradState(
       zero_count(),
       like_params(params, mu_dtype, "scale_by_amsgrad: `mu_dtype`"),
-      otree.zeros_like(params),
-      otree.zeros_like(params),
+      squares_init(params),
+      squares_init(params),
     )
 
   def update(updates, state, params=None, **extra):

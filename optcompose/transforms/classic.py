@@ -48,7 +48,7 @@ from optcompose.transforms.statistics import (
   like_params,
   _wide_enough,
   ema_leaf,
-  moments_init,
+  squares_init,
   same_structure,
   square_leaf,
 )
@@ -107,7 +107,7 @@ def scale_by_adadelta(rho: float = 0.9, eps: float = 1e-6) -> GradientTransforma
   """
 
   def init(params):
-    return ScaleByAdaDeltaState(moments_init(params), moments_init(params))
+    return ScaleByAdaDeltaState(squares_init(params), squares_init(params))
 
   def update(updates, state, params=None, **extra):
     del params, extra
@@ -209,7 +209,7 @@ def scale_by_novograd(
   def init(params):
     reject_layouts(params, "scale_by_novograd")
     otree.check_floating(params, "params")
-    nu = jax.tree.map(lambda p: jnp.zeros([], jnp.result_type(p)), params)
+    nu = jax.tree.map(lambda p: squares_init(jnp.zeros([], jnp.result_type(p))), params)
     mu = like_params(params, mu_dtype, "scale_by_novograd: `mu_dtype`")
     return ScaleByNovogradState(zero_count(), mu, nu)
 
@@ -333,7 +333,7 @@ def scale_by_sm3(b1: float = 0.9, b2: float = 1.0, eps: float = 1e-8) -> Gradien
     if any(jnp.iscomplexobj(p) for p in jax.tree.leaves(params)):
       raise TypeError("scale_by_sm3: complex parameters are not supported (as in Optax).")
     mu = jax.tree.map(_covers_init, params)
-    return ScaleBySM3State(mu, moments_init(params))
+    return ScaleBySM3State(mu, squares_init(params))
 
   def update(updates, state, params=None, **extra):
     del params, extra

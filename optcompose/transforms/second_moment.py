@@ -44,6 +44,7 @@ from optcompose.transforms.statistics import (
   ema_leaf,
   inverse_rms_leaf,
   moments_init,
+  squares_init,
   same_structure,
   second_moment_ema_leaf,
   square_leaf,
@@ -82,7 +83,7 @@ def scale_by_rss(
   """
 
   def init(params):
-    return ScaleByRssState(moments_init(params, value=initial_accumulator_value))
+    return ScaleByRssState(squares_init(params, value=initial_accumulator_value))
 
   def update(updates, state, params=None, **extra):
     del params, extra
@@ -132,7 +133,7 @@ def _rms_scaling(who, centered, decay, eps, initial_scale, eps_in_sqrt, bias_cor
     state_type = ScaleByRmsWithCountState if bias_correction else ScaleByRmsState
 
   def init(params):
-    stats: dict[str, Any] = {"nu": moments_init(params, value=initial_scale)}
+    stats: dict[str, Any] = {"nu": squares_init(params, value=initial_scale)}
     if centered:
       stats["mu"] = moments_init(params)
     if bias_correction:
@@ -305,7 +306,8 @@ def scale_by_second_moment(
     eps_root: added under the square root (keeps the derivative finite where v_hat = 0,
       for differentiating through the optimizer); a number or a schedule.
     debias: divide ``v_t`` by ``1 - decay^t`` (Adam's bias correction of ``v_0 = 0``).
-    nu_dtype: dtype of the stored second moment; ``None`` keeps the parameters'.
+    nu_dtype: dtype of the stored second moment; ``None`` keeps the parameters', float32
+      for float16 ones (their squares underflow float16).
     direction: a transformation of g giving the direction to scale (it receives the same
       ``params`` and keyword arguments); ``None`` scales g.
 
@@ -330,7 +332,7 @@ def scale_by_second_moment(
     otree.check_floating(params, "params")
     return ScaleBySecondMomentState(
       zero_count(),
-      otree.zeros_like(params, nu_dtype),
+      squares_init(params, nu_dtype),
       EmptyState() if inner is None else inner.init(params),
     )
 

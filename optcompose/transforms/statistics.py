@@ -77,8 +77,8 @@ def nesterov_moment_leaf(b1, m_hat_next, g_hat):
 def _wide_enough(x):
   """float16 statistics are divided in float32: float16 cannot hold eps = 1e-8 (it rounds to
   0, and a zero gradient then gives 0 / 0 = NaN). bfloat16 has float32's range and is kept,
-  as in Optax. (Store float16 moments with ``nu_dtype=jnp.float32``: g^2 underflows in float16
-  below |g| = 2.4e-4.)"""
+  as in Optax. (float16 parameters' second moments are stored in float32: see
+  :func:`squares_init`.)"""
   x = jnp.asarray(x)
   return x.astype(jnp.float32) if x.dtype == jnp.float16 else x
 
@@ -120,6 +120,19 @@ def moments_init(params, dtype=None, value=0.0):
   """A moment buffer like ``params`` (floating leaves only), filled with ``value``."""
   otree.check_floating(params, "params")
   return otree.full_like(params, value, dtype=dtype)
+
+
+def squares_init(params, dtype=None, value=0.0):
+  """A buffer for statistics of squared gradients (a second moment), like ``params``, filled
+  with ``value``: in ``dtype`` if given, else each leaf's own, float32 for a float16 leaf.
+  float16 cannot keep them: ``(1 - b2) g^2`` is below its smallest step (6e-8) for
+  ``|g| < 5e-3`` at ``b2 = 0.999``, so a float16 second moment stayed 0 while the step,
+  computed in float32, divided by the unrounded one: Adam's steps up to ``1/sqrt(1 - b2)``
+  (32) times too large (Optax's, computed in float16, are infinite)."""
+  state = moments_init(params, dtype, value)
+  if dtype is not None:
+    return state
+  return jax.tree.map(lambda x: x.astype(jnp.float32) if x.dtype == jnp.float16 else x, state)
 
 
 def reject_complex(tree, what: str, who: str, why: str) -> None:
