@@ -154,6 +154,11 @@ def _mismatches(
       problems.append(f"{name} has shape {got.shape} in {theirs} but {want.shape} in {ours}")
     elif got.dtype != want.dtype:
       cast = " (nothing is cast: build the template with the saved dtype)"
+      if {got.dtype.itemsize, want.dtype.itemsize} == {4, 8} and got.dtype.kind == want.dtype.kind:
+        cast = (
+          " (saved with jax_enable_x64 set otherwise than now? Restore with x64 set as when "
+          "saving: nothing is cast)"
+        )
       problems.append(
         f"{name} has dtype {got.dtype} in {theirs} but {want.dtype} in {ours}"
         + (cast if ours == "`target`" else "")

@@ -676,3 +676,14 @@ def test_a_path_is_written_one_way_whichever_side_it_is_on(tmp_path, backend):
   unstorable = (state[0]._replace(mu={"w": {1, 2}}),) + state[1:]
   with pytest.raises(TypeError, match=r"save_checkpoint: `\['opt'\]\[0\]\.mu\['w'\]` is a set"):
     save_checkpoint(tmp_path / "other.msgpack", {"opt": unstorable})
+
+
+def test_a_checkpoint_saved_under_x64_names_the_setting_when_restored_without(tmp_path):
+  from numerics import x64
+
+  path = tmp_path / "c.msgpack"
+  with x64():
+    es = early_stopping(patience=2)  # its best metric follows x64: float64 here
+    save_checkpoint(path, {"es": es.init(), "w": jnp.zeros(2, jnp.float64)})
+  with pytest.raises(CheckpointMismatchError, match=r"float64 in the checkpoint.*jax_enable_x64"):
+    restore_checkpoint(path, {"es": early_stopping(patience=2).init(), "w": jnp.zeros(2)})

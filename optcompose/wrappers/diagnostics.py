@@ -35,11 +35,13 @@ includes skipped steps and micro-steps); otherwise NaN (a constant learning rate
 Optax's schedules, are stored in no state: pass it; that also keeps every entry of the
 state finite).
 
-Where to wrap: around the whole optimizer, wrappers included. Inside ``apply_if_finite``,
-a skipped step is not measured at all (the wrapped state is kept as it was: ``count``,
-``nonfinite`` and the norms stay those of the latest finite step, so a log keyed on
-``step`` writes that row again); only ``skipped_steps`` shows it. Inside ``multi_steps``,
-only the real steps are measured, on the mean gradient.
+Where to wrap: around ``apply_if_finite`` (inside it, a skipped step is not measured at
+all: the wrapped state is kept as it was, ``count``, ``nonfinite`` and the norms stay those
+of the latest finite step, so a log keyed on ``step`` writes that row again; only
+``skipped_steps`` shows it), and inside ``multi_steps``, ``MultiSteps(with_diagnostics(
+adamw(...)), k)``: the real steps are then measured, on the mean gradient (around it,
+``grad_norm`` is one micro-batch's while a leading clip's norm is the mean's, and the
+micro-steps record ``update_norm`` 0).
 
 At ``init`` the measurements are 0 and ``learning_rate`` is the one of the first step.
 

@@ -265,7 +265,9 @@ def lookahead_in_state(
   ``optax.chain``, :func:`optcompose.chain`. At every ``sync_period``-th step the fast
   weights are pulled to the new slow weights ``phi + alpha (theta + u - phi)``; between
   syncs the slow weights wait in ``state.slow`` (read them with :func:`slow_params` to
-  evaluate, or evaluate the fast weights right after a sync, when both agree). Same
+  evaluate, or evaluate the fast weights right after a sync, when both agree: bit for bit
+  through :func:`optcompose.step`; through ``update`` and ``apply_updates``, to the last
+  bit, since the fast weights are ``theta + (u - (1 - alpha) d)`` rounded). Same
   arguments and fast-weight trajectory as :func:`lookahead` (and ``optax.lookahead``).
 
   Args:
