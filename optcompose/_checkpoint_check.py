@@ -164,13 +164,15 @@ def _mismatches(
         + (cast if ours == "`target`" else "")
       )
   target_prefixes = {p[:i] for p in target_paths for i in range(len(p))}
+  namer = None  # built once, on the first leaf `target` lacks (it walks the whole target)
   for path in saved:  # leaves that `target` lacks (those related to a target leaf are above)
     if (
       path not in target_paths
       and path not in target_prefixes
       and not any(path[:i] in target_paths for i in range(len(path)))
     ):
-      problems.append(f"{theirs} has `{_namer(target)(path)}`, which {ours} lacks")
+      namer = namer or _namer(target)
+      problems.append(f"{theirs} has `{namer(path)}`, which {ours} lacks")
   return problems
 
 
@@ -184,10 +186,15 @@ def _check(fn: str, where: Optional[PathLike], saved: dict, target: Any) -> None
       else ""
     )
     name = "" if where is None else f" {os.fspath(where)}"
+    structural = " is missing" in problems[0] or " lacks" in problems[0]
+    hint = (
+      " (An Optax optimizer's state converts with optcompose.migrate.from_optax_state: read "
+      "it without a template first.)"
+      if structural
+      else ""
+    )
     raise CheckpointMismatchError(
-      f"{fn}: the checkpoint{name} does not match `target`: {problems[0]}{more}. (An Optax "
-      "optimizer's state converts with optcompose.migrate.from_optax_state: read it without "
-      "a template first.)"
+      f"{fn}: the checkpoint{name} does not match `target`: {problems[0]}{more}.{hint}"
     )
 
 

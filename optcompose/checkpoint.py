@@ -374,7 +374,8 @@ def check_against_template(
       ``jax.ShapeDtypeStruct`` leaves).
     where: the checkpoint's name or path, for the message (optional).
     layouts: the saved tree's :func:`flat_layouts` (required where ``target`` holds a
-      FlatParams; ``flat_layouts(target)`` asserts that the layout is unchanged).
+      FlatParams; ``flat_layouts(target)`` checks nothing: it is your word that the layout
+      is the one saved).
 
   Returns:
     None, when every path, shape and dtype agrees (and every FlatParams' layout).

@@ -210,6 +210,13 @@ def test_a_masked_out_integer_leaf_passes_through_multi_steps_and_lookahead_unch
   # made the update float) an integer leaf that the optimizer inside had masked out.
   params = {"w": jnp.array([3.0, 4.0]), "i": jnp.array([0, 0, 7], jnp.int32)}
   grads = {"w": jnp.array([1.0, -2.0]), "i": jnp.zeros(3, jnp.int32)}
+  for kind in ("int32", "float0"):  # jax.grad(..., allow_int=True) gives float0
+    if kind == "float0":
+      grads = jax.grad(lambda p: jnp.sum(p["w"] * jnp.array([1.0, -2.0])), allow_int=True)(params)
+    _masked_out_integer_leaf_passes(params, grads, kind)
+
+
+def _masked_out_integer_leaf_passes(params, grads, kind):
   mask = {"w": True, "i": False}
   cases = {
     "multi_steps": (
@@ -224,16 +231,16 @@ def test_a_masked_out_integer_leaf_passes_through_multi_steps_and_lookahead_unch
   for name, (tx, reference) in cases.items():
     only_w = name == "lookahead_in_state"
     ref_params = {"w": params["w"]} if only_w else params
-    ref_grads = {"w": grads["w"]} if only_w else grads
+    ref_grads = {"w": grads["w"]} if only_w else {**grads, "i": jnp.zeros(3, jnp.int32)}
     p, s, q, r = params, tx.init(params), ref_params, reference.init(ref_params)
     for _ in range(5):
       u, s = jax.jit(tx.update)(grads, s, p)
-      assert u["i"].dtype == jnp.int32, name
+      assert u["i"].dtype == grads["i"].dtype, (name, kind)
       p = oc.apply_updates(p, u)
       v, r = standard_promotion(reference).update(ref_grads, r, q)
       q = optax.apply_updates(q, v)
     np.testing.assert_array_equal(p["i"], params["i"], err_msg=name)
-    np.testing.assert_allclose(p["w"], q["w"], rtol=1e-6, err_msg=name)
+    np.testing.assert_allclose(p["w"], q["w"], rtol=1e-6, err_msg=f"{name} {kind}")
   with pytest.raises(TypeError, match=r"`params\['i'\]` has dtype int32"):
     oc.multi_steps(oc.adam(0.1), 2).init(params)  # not masked: the optimizer inside refuses
 

@@ -236,3 +236,17 @@ def test_sgd_proximal_step_is_the_settled_momentum_step():
   state.hyperparams["momentum"] = jnp.float32(1.0)
   u, _ = jax.jit(tx.update)({"w": jnp.ones(3)}, state, w)
   assert np.all(np.isfinite(np.asarray(u["w"])))
+
+
+def test_a_scheduled_momentum_with_l1_logs_the_learning_rate_not_the_proximal_step():
+  # eta = lr / (1 - rho) is held as the proximal member's `learning_rate`; with a constant lr
+  # it was the only one in the state, so with_diagnostics and current_hyperparams read 1.0.
+  tx = oc.with_diagnostics(
+    oc.sgd(0.1, momentum=oc.constant_schedule(0.9), l1=0.01), learning_rate=0.1
+  )
+  params = {"w": jnp.ones(3)}
+  _, state = jax.jit(tx.update)({"w": jnp.ones(3)}, tx.init(params), params)
+  np.testing.assert_allclose(float(state.learning_rate), 0.1, rtol=1e-6)
+  held = oc.current_hyperparams(state)
+  np.testing.assert_allclose(float(held["learning_rate"]), 0.1, rtol=1e-6)
+  np.testing.assert_allclose(float(held["inner_state/2/learning_rate"]), 1.0, rtol=1e-6)

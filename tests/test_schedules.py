@@ -664,6 +664,23 @@ def test_warm_restarts_put_every_step_in_its_cycle(dtype):
   assert not wrong  # before the fix: {(10, 1.1): [10, 21, 1211], (100, 1.2): [100, 220, 364], ...}
 
 
+def test_warm_restarts_place_whole_float_and_narrow_integer_counts_as_int32_ones():
+  # Float counts went through the float estimate (10.0 in the previous cycle for T0=10,
+  # m=1.1), and an int8 count cast the table of first steps to int8 (wrapped, unsorted).
+  s = S.cosine_warm_restarts_schedule(1.0, 10, period_mult=1.1)
+  steps = np.array([9, 10, 11, 20, 21, 22, 100, 127, 1210, 1211])
+  ref = np.asarray(jax.vmap(s)(jnp.asarray(steps, jnp.int32)))
+  ref_values, _ = ref_restarts_values(steps, 10, 1.1, 1.0)
+  np.testing.assert_allclose(ref, ref_values, atol=2e-6)
+  np.testing.assert_array_equal(np.asarray(jax.vmap(s)(jnp.asarray(steps, jnp.float32))), ref)
+  for dtype in (jnp.int8, jnp.uint8, jnp.int16):
+    small = steps[steps <= 127]
+    np.testing.assert_array_equal(
+      np.asarray(jax.vmap(s)(jnp.asarray(small, dtype))), ref[: len(small)], err_msg=str(dtype)
+    )
+  assert 0.99 < float(s(jnp.float32(10.5))) < 1.0  # a fractional count: just past the restart
+
+
 @pytest.mark.parametrize("T0, m", [(10, 1.1), (100, 1.2), (7, 1.7), (1, 2.0), (3, 1.05)])
 def test_warm_restarts_restart_at_every_cycle_start_up_to_the_last_int32_count(T0, m):
   """In float32, at each cycle's first step up to 2**31 - 1 the value is back at the peak

@@ -28,6 +28,7 @@ from optcompose.core import (
   value_at,
 )
 from optcompose.optimizers._shared import _proximal
+from optcompose.schedules import constant_schedule
 from optcompose.transforms.decay import Mask
 from optcompose.transforms.momentum import trace
 from optcompose.transforms.scaling import scale_by_learning_rate
@@ -69,7 +70,9 @@ def sgd(
   ``0 in g + l1 sign(w) + l2 w`` (the lasso / elastic net with these ``l1``, ``l2``; a
   proximal step of ``lr`` would weaken both penalties by ``1 - rho``). A scheduled or
   injected ``rho`` gives ``eta = lr_t / (1 - rho_t)`` at each step; ``momentum=1`` (a
-  buffer that never forgets) with ``l1``/``l2`` is refused.
+  buffer that never forgets) with ``l1``/``l2`` is refused (a 1 written into the state by
+  hand inside ``jit``, where it cannot be checked, makes ``1 - rho`` float32's ``epsneg``: the
+  regularized weights are then all but zeroed).
 
   Chain: ``trace(momentum, nesterov)`` (or identity), ``scale_by_learning_rate(lr)``,
   [``prox_elastic_net(l1, l2, eta)``].
@@ -111,6 +114,11 @@ def sgd(
   eta = learning_rate
   if momentum is not None and (l1 is not None or l2 is not None):
     eta = _settled_step(learning_rate, momentum)
+    if callable(eta) and not callable(learning_rate):
+      # eta is held as the proximal member's `learning_rate`: a constant lr is held too, in
+      # front of it, so that the learning rate read from the state (current_hyperparams,
+      # with_diagnostics) is lr, not lr / (1 - rho).
+      learning_rate = constant_schedule(learning_rate)
   proximal = _proximal(eta, l1, l2, reg_mask, who="sgd", mask_name="reg_mask")
   return chain(first, scale_by_learning_rate(learning_rate), *proximal)
 

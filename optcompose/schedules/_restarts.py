@@ -61,7 +61,8 @@ def cosine_warm_restarts_schedule(
   on ``m`` as written (``m = 1.1``: 10, 21, 33.1, ...; the binary 1.1 would put 10 and 21
   just above the whole steps), so every integer count is in the same cycle in float32 and
   float64 (cycles past the 16384th, for ``m`` within about 1e-3 of 1, are found in floating
-  point).
+  point). A float count that is a whole number is placed as that integer; a fractional one
+  by the float estimate.
   """
   fn = "cosine_warm_restarts_schedule"
   _number(fn, "init_value", init_value)
@@ -89,8 +90,14 @@ def cosine_warm_restarts_schedule(
     return i, t - start_of(i), t0 * m**i
 
   def cycle(count):  # (i, tau, T_i)
-    if not jnp.issubdtype(count.dtype, jnp.integer):
-      return estimated(_float(count))
+    if not jnp.issubdtype(count.dtype, jnp.integer):  # a whole float count: as its integer
+      t = _float(count)
+      whole = (t == jnp.floor(t)) & (t >= 0) & (t <= MAX_STEPS)
+      exact = steps_cycle(jnp.where(whole, t, 0).astype(jnp.int32))
+      return tuple(jnp.where(whole, x, e) for x, e in zip(exact, estimated(t)))
+    return steps_cycle(count.astype(jnp.int32) if count.dtype.itemsize < 4 else count)
+
+  def steps_cycle(count):
     if tabulated is None:  # m = 1: in whole steps
       i = count // first_period
       return _float(i), _float(count - i * first_period), t0

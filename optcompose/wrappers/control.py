@@ -241,11 +241,12 @@ def _parts(inner, every_k_schedule, use_grad_mean, accumulator_dtype, should_ski
     # Each operation in the wider of its operands' dtypes (the accumulator's and the
     # gradients'; the int32 j + 1 cast to it).
     if use_grad_mean:
-      accumulate = lambda g, a: jnp.add(
+      mean = lambda g, a: jnp.add(
         *otree.promote(a, jnp.divide(*otree.promote(jnp.subtract(*otree.promote(g, a)), n + 1)))
       )
     else:
-      accumulate = lambda g, a: jnp.add(*otree.promote(g, a))
+      mean = lambda g, a: jnp.add(*otree.promote(g, a))
+    accumulate = lambda g, a: a if _is_float0(g) else mean(g, a)  # float0: no value
     k = jnp.asarray(k_of(state.gradient_step), jnp.int32)
     # At or past the k-th micro-step: a state saved with a larger k (a resumed run, or k
     # lowered live) steps at its next call instead of never.
@@ -279,7 +280,7 @@ def _parts(inner, every_k_schedule, use_grad_mean, accumulator_dtype, should_ski
       state.inner_opt_state,
       params,
       extra,
-      prepare=lambda g: otree.cast_like(jax.tree.map(accumulate, g, state.acc_grads), g),
+      prepare=lambda g: _given(accumulate, g, state.acc_grads),
       token=True,
     )
     acc = next_acc(updates, state.acc_grads, accumulate, done, emit, skip)
@@ -305,7 +306,7 @@ def _parts(inner, every_k_schedule, use_grad_mean, accumulator_dtype, should_ski
 
     def real(operands):  # the inner step on the accumulated gradients, applied
       g, inner_state, p, acc = operands
-      given = otree.cast_like(jax.tree.map(accumulate, g, acc), g)
+      given = _given(accumulate, g, acc)
       u, inner_state = inner.update(given, inner_state, p, **extra)
       return apply_updates(p, u), inner_state, jnp.float32(1)
 
@@ -321,6 +322,17 @@ def _parts(inner, every_k_schedule, use_grad_mean, accumulator_dtype, should_ski
     return params, next_state(state, inner_state, acc, emit, skip, skip_state)
 
   return init, update, step
+
+
+def _is_float0(x) -> bool:  # an integer input's gradient, jax.grad(..., allow_int=True)
+  return getattr(x, "dtype", None) == jax.dtypes.float0
+
+
+def _given(accumulate, grads, acc):
+  """The accumulated gradients in their dtypes (a float0 one as it came), for inner."""
+  return jax.tree.map(
+    lambda g, a: g if _is_float0(g) else jnp.asarray(accumulate(g, a)).astype(g.dtype), grads, acc
+  )
 
 
 class MultiSteps:

@@ -176,7 +176,12 @@ def lookahead(
     u, fast_state = fast_update(updates, state.fast_state, params.fast, **extra)
     otree.check_same_structure(u, params.fast, "fast_optimizer's updates", "params.fast")
     sync = state.steps_since_sync == sync_period - 1
-    d = jax.tree.map(lambda f, g, s: f + g - s, params.fast, u, params.slow)
+    d = jax.tree.map(  # a float0 update (an integer leaf's, passed on by a mask): d = 0
+      lambda f, g, s: jnp.zeros_like(f) if g.dtype == jax.dtypes.float0 else f + g - s,
+      params.fast,
+      u,
+      params.slow,
+    )
     # Selections use jnp.where, not Optax's product with the 0/1 sync flag: the same values,
     # but a non-finite d or fast state is never multiplied by 0 (NaN), and ints keep dtype.
     fast_u = jax.tree.map(lambda g, e: fast_update_leaf(g, e, slow_step_size, sync), u, d)
