@@ -12,7 +12,15 @@ had never switched library. The source may be live, restored into its library's 
 a plain restored pytree (Flax's ``msgpack_restore``, Orbax without a target: tuples come back
 as ``{'0': ...}`` dicts or lists, empty states as ``{}`` or ``None``), or Flax NNX's: an
 ``nnx.Optimizer``'s live ``opt_state``, or its ``nnx.to_pure_dict`` form (``{1: ...}``, the
-states holding no array left out).
+states holding no array left out). NNX parameters (``nnx.state(model, nnx.Param)``) are read
+as their pure dict too, and so is the result laid out; load it into an ``nnx.Optimizer``
+built with ``tx``::
+
+    state = from_optax_state(old_opt.opt_state, tx, nnx.state(model, nnx.Param))
+    opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    held = nnx.state(opt.opt_state)
+    nnx.replace_by_pure_dict(held, nnx.to_pure_dict(nnx.state(state)))
+    nnx.update(opt.opt_state, held)
 
 Where the libraries keep one optimizer in different states:
 
@@ -365,6 +373,7 @@ def from_optax_state(
     MigrationError: the state cannot be migrated; the message names the path.
   """
   walk = _Walk("from_optax_state", to_ours=True)
+  params = _plain_source(params)
   state = walk.node(tx.init(params), _plain_source(optax_state), "")
   return _values_in_force(walk.fn, state, tx, params, walk.scheduled, extra_args)
 
@@ -383,6 +392,7 @@ def to_optax_state(state: Any, optax_tx: Any, params: Any) -> Any:
   Raises:
     MigrationError: the state cannot be migrated; the message names the path.
   """
+  params = _plain_source(params)
   with jax.numpy_dtype_promotion("standard"):  # Optax's code promotes implicitly
     template = optax_tx.init(params)
   return _Walk("to_optax_state", to_ours=False).node(template, _plain_source(state), "")

@@ -374,6 +374,9 @@ def test_a_flax_nnx_optimizers_state_migrates_live_and_as_a_pure_dict(name):
       expected = nnx.to_pure_dict(nnx.state(ours_opt.opt_state))
       got = nnx.to_pure_dict(nnx.state(without_logged_norm(state)))
       assert_rel_close(got, without_logged_norm_dict(expected), F64_RTOL, name)
+    # NNX parameters as nnx.Optimizer holds them (nnx.State) are read as their pure dict
+    as_state = from_optax_state(optax_opt.opt_state, tx, nnx.state(ours_model, nnx.Param))
+    assert_states_equal(as_state, state, f"{name}: nnx.State parameters")
     back = to_optax_state(
       nnx.to_pure_dict(nnx.state(ours_opt))["opt_state"], OPTIMIZERS[name](optax), params
     )
