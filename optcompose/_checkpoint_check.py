@@ -300,10 +300,17 @@ def _entries(fn: str, where: PathLike, record: str, saved: Any, expected: str) -
     CheckpointCorruptError: naming the checkpoint and the record (the file's header was
       damaged or written by something else).
   """
+  problem = _record_problem(saved, expected)
+  if problem is not None:
+    raise _damaged_record(fn, where, record, problem)
+  return [(tuple(path), value) for path, value in saved]
+
+
+def _record_problem(saved: Any, expected: str) -> Optional[str]:
+  """What keeps ``saved`` from being a list of ``[path, value]`` pairs, ``path`` a list of
+  key names (None: nothing)."""
   if not isinstance(saved, (list, tuple)):
-    raise _damaged_record(
-      fn, where, record, f"expected a list of {expected}, got {type(saved).__name__}"
-    )
+    return f"expected a list of {expected}, got {type(saved).__name__}"
   for i, entry in enumerate(saved):
     if not (
       isinstance(entry, (list, tuple))
@@ -311,8 +318,8 @@ def _entries(fn: str, where: PathLike, record: str, saved: Any, expected: str) -
       and isinstance(entry[0], (list, tuple))
       and all(isinstance(k, str) for k in entry[0])
     ):
-      raise _damaged_record(fn, where, record, f"entry {i} is {entry!r:.80}, expected {expected}")
-  return [(tuple(path), value) for path, value in saved]
+      return f"entry {i} is {entry!r:.80}, expected {expected}"
+  return None
 
 
 def _is_int(x: Any) -> bool:

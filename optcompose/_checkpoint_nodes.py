@@ -20,6 +20,7 @@ from optcompose._checkpoint_check import (
   _damaged_record,
   _is_int,
   _namer,
+  _record_problem,
   _saved_keystr,
 )
 from optcompose.flat import FlatParams
@@ -137,16 +138,10 @@ def _is_layout_leaf(entry: Any) -> bool:
 
 def _malformed(record: Any) -> Optional[str]:
   """What is wrong with a layouts record (None: a list of ``[path, layout]`` pairs)."""
-  if not isinstance(record, (list, tuple)):
-    return f"expected a list of {_EXPECTED}, got {type(record).__name__}"
-  for i, entry in enumerate(record):
-    if not (
-      isinstance(entry, (list, tuple))
-      and len(entry) == 2
-      and isinstance(entry[0], (list, tuple))
-      and all(isinstance(k, str) for k in entry[0])
-    ):
-      return f"entry {i} is {entry!r:.80}, expected {_EXPECTED}"
+  problem = _record_problem(record, _EXPECTED)
+  if problem is not None:
+    return problem
+  for entry in record:
     if not (isinstance(entry[1], (list, tuple)) and all(_is_layout_leaf(e) for e in entry[1])):
       at = _saved_keystr(tuple(entry[0]))
       return f"the layout of `{at}` is {entry[1]!r:.80}, expected {_EXPECTED}"

@@ -303,6 +303,12 @@ def update_pair(result: Any, who: str) -> tuple:
   raise TypeError(f"{who}: `update` must return a pair (updates, new_state), got {got}.")
 
 
+def is_float0(x: Any) -> bool:
+  """Whether ``x`` is a ``float0`` array: the gradient of an integer input
+  (``jax.grad(..., allow_int=True)``), which holds no value."""
+  return otree.leaf_dtype(x) == jax.dtypes.float0
+
+
 def apply_updates(params: Params, updates: Updates) -> Params:
   """Return ``params + updates``, each result cast back to its parameter's dtype.
 
@@ -331,7 +337,7 @@ def apply_updates(params: Params, updates: Updates) -> Params:
     dtype, other = otree.leaf_dtype(p), otree.leaf_dtype(u)
     if dtype is None or other is None or otree.is_inexact(dtype):
       return False
-    if other == jax.dtypes.float0:  # no update: the leaf stays as it is
+    if is_float0(u):  # no update: the leaf stays as it is
       return True
     if isinstance(u, bool):
       return dtype == jnp.bool_
@@ -352,7 +358,7 @@ def apply_updates(params: Params, updates: Updates) -> Params:
   )
 
   def add(p, u):
-    if otree.leaf_dtype(u) == jax.dtypes.float0:
+    if is_float0(u):
       return p
     # The sum in the wider of the two dtypes (e.g. float32 updates on float16 params),
     # rounded to the parameter's.

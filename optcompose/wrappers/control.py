@@ -27,6 +27,7 @@ import jax.numpy as jnp
 
 from optcompose import tree as otree
 from optcompose.transforms.statistics import like_params
+from optcompose.core.base import is_float0
 from optcompose.core import (
   DTYPE,
   FLAG,
@@ -246,7 +247,7 @@ def _parts(inner, every_k_schedule, use_grad_mean, accumulator_dtype, should_ski
       )
     else:
       mean = lambda g, a: jnp.add(*otree.promote(g, a))
-    accumulate = lambda g, a: a if _is_float0(g) else mean(g, a)  # float0: no value
+    accumulate = lambda g, a: a if is_float0(g) else mean(g, a)  # float0: no value
     k = jnp.asarray(k_of(state.gradient_step), jnp.int32)
     # At or past the k-th micro-step: a state saved with a larger k (a resumed run, or k
     # lowered live) steps at its next call instead of never.
@@ -324,14 +325,10 @@ def _parts(inner, every_k_schedule, use_grad_mean, accumulator_dtype, should_ski
   return init, update, step
 
 
-def _is_float0(x) -> bool:  # an integer input's gradient, jax.grad(..., allow_int=True)
-  return getattr(x, "dtype", None) == jax.dtypes.float0
-
-
 def _given(accumulate, grads, acc):
   """The accumulated gradients in their dtypes (a float0 one as it came), for inner."""
   return jax.tree.map(
-    lambda g, a: g if _is_float0(g) else jnp.asarray(accumulate(g, a)).astype(g.dtype), grads, acc
+    lambda g, a: g if is_float0(g) else jnp.asarray(accumulate(g, a)).astype(g.dtype), grads, acc
   )
 
 

@@ -30,6 +30,7 @@ from typing import Any, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
+from optcompose.core.base import is_float0
 from optcompose.core import (
   FLAG,
   INNER,
@@ -62,7 +63,7 @@ def valued_leaves(tree) -> list:
   """``tree``'s leaves that hold values: not the ``float0`` ones (the gradients of integer
   inputs, as ``jax.grad(..., allow_int=True)`` gives them), which have no elements to test
   or measure."""
-  return [x for x in jax.tree.leaves(tree) if jnp.result_type(x) != jax.dtypes.float0]
+  return [x for x in jax.tree.leaves(tree) if not is_float0(x)]
 
 
 def all_finite(tree) -> jax.Array:

@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from optcompose import tree as otree
+from optcompose.core.base import is_float0
 from optcompose.core import (
   FLAG,
   INNER,
@@ -177,10 +178,7 @@ def lookahead(
     otree.check_same_structure(u, params.fast, "fast_optimizer's updates", "params.fast")
     sync = state.steps_since_sync == sync_period - 1
     d = jax.tree.map(  # a float0 update (an integer leaf's, passed on by a mask): d = 0
-      lambda f, g, s: jnp.zeros_like(f) if g.dtype == jax.dtypes.float0 else f + g - s,
-      params.fast,
-      u,
-      params.slow,
+      lambda f, g, s: jnp.zeros_like(f) if is_float0(g) else f + g - s, params.fast, u, params.slow
     )
     # Selections use jnp.where, not Optax's product with the 0/1 sync flag: the same values,
     # but a non-finite d or fast state is never multiplied by 0 (NaN), and ints keep dtype.
