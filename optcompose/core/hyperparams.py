@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from optcompose import tree as otree
 from optcompose.core.base import (
   GradientTransformation,
   OptState,
@@ -83,6 +84,34 @@ from optcompose.core.validation import (  # noqa: F401  (re-exported: the one pl
 def as_hyperparam(value, dtype=None) -> jax.Array:
   """A hyperparameter value as a scalar array of a floating dtype (``default_float()``)."""
   return jnp.asarray(value, dtype=dtype or default_float())
+
+
+def _arithmetic_float(tree: Any):
+  """The float dtype a tree's leaves compute in: float32, or the widest real dtype among
+  its inexact leaves where that is wider (float64 leaves under x64)."""
+  widths = [
+    jnp.finfo(x.dtype).dtype
+    for x in jax.tree.leaves(tree)
+    if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)
+  ]
+  return otree.promote_types(jnp.float32, *widths)
+
+
+def at_leaf_width(values: dict, tree: Any) -> dict:
+  """``values`` for the arithmetic on ``tree``'s leaves: a float array wider than the float
+  those leaves compute in (float64 under x64, for float32 parameters) is cast down to it,
+  so that a stored or scheduled value does not promote every elementwise operation on
+  parameter-sized arrays to float64 (an injected AdamW ran 3.2x slower under x64 that way);
+  everything else is passed as it is (a Python number is weakly typed already)."""
+  width = _arithmetic_float(tree)
+
+  def fitted(v):
+    dtype = getattr(v, "dtype", None)
+    if dtype is None or getattr(v, "weak_type", False) or not jnp.issubdtype(dtype, jnp.floating):
+      return v
+    return v.astype(width) if jnp.finfo(dtype).bits > jnp.finfo(width).bits else v
+
+  return {name: fitted(v) for name, v in values.items()}
 
 
 def value_at(hyperparameter: Any, count: jax.Array) -> Any:
@@ -151,7 +180,7 @@ def rebuilt_each_step(
   def init(params):
     count = zero_count()
     values, used = values_at(count, {n: as_hyperparam(v, dtype) for n, v in live.items()})
-    inner_state = as_transformation(build(values), who).init(params)
+    inner_state = as_transformation(build(at_leaf_width(values, params)), who).init(params)
     record_validator(set(live) | set(schedules), inner_state, validate)
     return InjectHyperparamsState(count, used, inner_state)
 
@@ -165,7 +194,7 @@ def rebuilt_each_step(
     stored = {name: as_hyperparam(v, dtype) for name, v in state.hyperparams.items()}
     values, used = values_at(state.count, stored)
     with checks_done():  # checked at init; live changes go through set_hyperparams
-      inner = as_transformation(build(values), who)
+      inner = as_transformation(build(at_leaf_width(values, updates)), who)
     result = inner.update(updates, state.inner_state, params, **extra)
     updates, inner_state = update_pair(result, f"{who}: the transformation built")
     return updates, InjectHyperparamsState(safe_increment(state.count), used, inner_state)

@@ -10,7 +10,10 @@ It is the one mechanism of :mod:`optcompose.core.hyperparams` (the same state ty
 transformation built with a schedule) applied to a whole factory. The transformation object
 holds no arrays, so it works as a static attribute of Flax's ``nnx.Optimizer``.
 Hyperparameters are stored as float32 (float64 under x64; ``hyperparam_dtype``) whatever
-the parameters' dtype: with bfloat16 parameters, ``b2 = 0.999`` is not rounded to 1.0.
+the parameters' dtype: with bfloat16 parameters, ``b2 = 0.999`` is not rounded to 1.0. A
+stored value wider than the parameters compute in (float64 under x64, for float32
+parameters) is cast down to float32 where it is used, so x64 leaves the elementwise
+arithmetic in float32, as Optax's injected values of the parameters' dtype do.
 """
 
 from __future__ import annotations
