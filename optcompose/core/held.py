@@ -166,6 +166,12 @@ def set_hyperparams(state: Any, **values) -> Any:
   inside the range every builder declaring that name accepts. A value traced under ``jax.jit`` or
   ``jax.vmap`` has no value to check: it is stored as given.
 
+  Called on the host, it reads the values the holder keeps (the check builds with them), so
+  it waits for the step that produced ``state`` to finish, and it walks the whole state in
+  Python (milliseconds on a state of hundreds of leaves). Between epochs that is nothing; to
+  change a value at every step, pass it into the jitted step and call ``set_hyperparams``
+  there (not range-checked, as above), or use a schedule.
+
   Args:
     state: any state holding hyperparameters (see :func:`current_hyperparams`), nested in
       any wrapper.
