@@ -212,38 +212,16 @@ def _like(value: Any, template: Any) -> Any:
     sharding = getattr(template, "sharding", None)
     dtype = template.dtype if isinstance(value, _PYTHON_SCALARS) else None  # Flax's step 0
     return jax.device_put(np.asarray(value, dtype), sharding)  # sharding None: default device
-  if isinstance(template, np.ndarray):
-    return np.array(value, copy=True)  # writable, not a view of the file's buffer
+  number = isinstance(value, _PYTHON_SCALARS) and not isinstance(value, np.generic)
+  if isinstance(template, np.ndarray):  # writable, not a view of the file's buffer:
+    return np.array(value, template.dtype if number else None, copy=True)
   if isinstance(template, np.generic):
-    return np.asarray(value)[()]
+    return np.asarray(value, template.dtype if number else None)[()]
   if isinstance(value, (np.ndarray, np.generic)):  # a 0-d array for a Python number
     kept = np.asarray(value).dtype  # a jax.Array would narrow int64 / float64 without x64:
     exact = jax.dtypes.canonicalize_dtype(kept) == kept  # then the exact Python number
     return jax.device_put(value) if exact else np.asarray(value).item()
   return value  # a Python value
-
-
-def _check_storable(state: Any, tree: Any, path: tuple = ()) -> None:
-  """Raise a TypeError naming the first entry of the state dict of ``tree`` that msgpack
-  cannot store (its path written as ``tree``'s paths are)."""
-  if type(state) is dict:  # noqa: E721 -- msgpack (strict types) stores exact dicts only
-    for key, value in state.items():
-      _check_storable(value, tree, path + (key,))
-    return
-  if isinstance(state, jax.Array) and not state.is_fully_addressable:
-    raise ValueError(
-      f"save_checkpoint: `{_namer(tree)(path)}` is sharded across processes; a msgpack "
-      "file holds host arrays only: use save_orbax_checkpoint."
-    )
-  if state is None or isinstance(state, (np.ndarray, np.generic, jax.Array) + _PYTHON_SCALARS):
-    return
-  nnx = type(state).__module__.startswith("flax.nnx")
-  hint = " (for an nnx.State: save nnx.to_pure_dict(state))" if nnx else ""
-  raise TypeError(
-    f"save_checkpoint: `{_namer(tree)(path)}` is a {type(state).__name__}, which "
-    "flax.serialization does not know how to store. Convert it to a dict of arrays"
-    f"{hint}, or register its type with flax.serialization.register_serialization_state."
-  )
 
 
 def _abstract(leaf: Any, saved: Any) -> Any:

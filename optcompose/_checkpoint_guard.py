@@ -12,6 +12,7 @@ import hashlib
 import os
 import pathlib
 import re
+import stat as stat_module
 import threading
 from typing import Any, Optional
 
@@ -19,6 +20,7 @@ import jax
 import numpy as np
 
 from optcompose._checkpoint_check import (
+  _PYTHON_SCALARS,
   FORMAT_KEY,
   CheckpointMismatchError,
   _like,
@@ -31,29 +33,45 @@ try:
 except ImportError:  # not POSIX: no locks
   fcntl = None
 
-# The directories this process holds a lock on, (device, inode) -> the threads holding it: a
-# save started by a signal handler that interrupted a save to the same place, in the same
-# thread, would wait for its own lock forever (flock is per open file, not per process).
+# The directories this process holds a lock on, (device, inode) -> its holds (_Hold): a save
+# started by a signal handler that interrupted a save to the same place, in the same thread,
+# would wait for its own lock forever (flock is per open file, not per process).
 _HELD: dict = {}
 _HELD_GUARD = threading.Lock()
+
+
+class _Hold:
+  """One hold of a directory's lock, counted against the thread that waits for its release:
+  the one that took it, or none once it is handed to a save finishing in the background
+  (which releases it on its own: the thread that started it may wait for it)."""
+
+  __slots__ = ("thread",)
+
+  def __init__(self, thread: Optional[int]):
+    self.thread = thread
+
+  def hand_over(self) -> None:
+    with _HELD_GUARD:
+      self.thread = None
 
 
 @contextlib.contextmanager
 def _locked(directory: pathlib.Path, exclusive: bool = True):
   """Hold ``flock`` on ``directory`` itself (nothing to clean up); no lock where unsupported.
+  Yields the :class:`_Hold` (None where there is no lock).
 
   Raises:
     RuntimeError: this thread already holds it (a signal handler saving while the save it
       interrupted holds the lock), instead of waiting for itself forever.
   """
   fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)) if fcntl else None
-  key, me = None, threading.get_ident()
+  key, hold = None, _Hold(threading.get_ident())
   try:
     if fd is not None and fcntl is not None:  # fd is None exactly when fcntl is
       stat = os.fstat(fd)
       held = (stat.st_dev, stat.st_ino)
       with _HELD_GUARD:
-        if me in _HELD.get(held, ()):
+        if any(h.thread == hold.thread for h in _HELD.get(held, ())):
           raise RuntimeError(
             f"a checkpoint save or restore in {directory} is under way in this thread, "
             "interrupted (by a signal handler saving, say), and this one would wait for it "
@@ -66,12 +84,12 @@ def _locked(directory: pathlib.Path, exclusive: bool = True):
           raise
       key = held
       with _HELD_GUARD:
-        _HELD.setdefault(key, []).append(me)
-    yield
+        _HELD.setdefault(key, []).append(hold)
+    yield hold if key is not None else None
   finally:
     if key is not None:
       with _HELD_GUARD:
-        _HELD[key].remove(me)
+        _HELD[key].remove(hold)
         if not _HELD[key]:
           del _HELD[key]
     if fd is not None:
@@ -79,10 +97,6 @@ def _locked(directory: pathlib.Path, exclusive: bool = True):
 
 
 SIDECAR = "optcompose_checkpoint.json"  # checksums and layouts inside an Orbax directory
-
-# What Orbax's StandardCheckpointer stores (it refuses str, bytes and complex Python numbers).
-_ORBAX_LEAVES = (jax.Array, np.ndarray, np.generic, bool, int, float)
-
 
 # What Orbax (0.10 to 0.12) writes at the top of a checkpoint directory, with this library's
 # sidecar: the metadata (one of them marks a checkpoint), the arrays' OCDBT store, a commit
@@ -142,6 +156,7 @@ def file_target(fn: str, path: pathlib.Path, tree: Any = None, check_keys: bool 
         raise ValueError(f"{fn}: {parent} is a file, so {path} cannot be created under it.")
       break
   if path.exists():
+    regular_file(fn, path)
     with open(path, "rb") as f:
       head = f.read(64)
     why = None if FORMAT_KEY.encode() in head or not head else _not_older(path, tree)
@@ -186,12 +201,36 @@ def _not_older(path: pathlib.Path, tree: Any) -> Optional[str]:
 
 
 def file_source(fn: str, path: Any) -> None:
-  """Raise a ValueError naming ``path`` where it is a directory (an Orbax checkpoint, say)."""
+  """Raise a ValueError naming ``path`` where it is a directory (an Orbax checkpoint, say) or
+  another file that is not a regular one (see :func:`regular_file`)."""
   if pathlib.Path(path).is_dir():
     raise ValueError(
       f"{fn}: {path} is a directory, not a msgpack checkpoint file (an Orbax checkpoint "
       "directory is read by restore_orbax_checkpoint)."
     )
+  if pathlib.Path(path).exists():
+    regular_file(fn, pathlib.Path(path))
+
+
+def regular_file(fn: str, path: pathlib.Path) -> None:
+  """Raise a ValueError unless the existing ``path`` is a regular file (a symbolic link to
+  one is): reading a device such as /dev/zero would never end, opening a FIFO would wait for
+  a writer forever, and neither is a checkpoint."""
+  mode = os.stat(path).st_mode
+  if not stat_module.S_ISREG(mode):
+    kind = next((k for test, k in _SPECIAL if test(mode)), "not a regular file")
+    raise ValueError(
+      f"{fn}: {path} is {kind}, not a regular file: a msgpack checkpoint is a regular file "
+      "(nothing was read from it or written to it). Pass another path."
+    )
+
+
+_SPECIAL = (
+  (stat_module.S_ISCHR, "a character device"),
+  (stat_module.S_ISBLK, "a block device"),
+  (stat_module.S_ISFIFO, "a FIFO (named pipe)"),
+  (stat_module.S_ISSOCK, "a socket"),
+)
 
 
 def no_typed_keys(fn: str, tree: Any) -> None:
@@ -217,9 +256,43 @@ def _key_kind(leaf: Any) -> str:
 def like_target(fn: str, where: Any, restored: Any, target: Any) -> Any:
   """``restored``, each leaf of the kind its template leaf is (see ``_like``), checked for
   typed PRNG keys (:func:`keys_match`)."""
-  restored = jax.tree.map(_like, restored, target)
+
+  def like(path: Any, value: Any, template: Any) -> Any:
+    if isinstance(value, _PYTHON_SCALARS) and not isinstance(value, np.generic):
+      if hasattr(template, "dtype") and not _key_kind(template):  # a Python number saved
+        number_fits(fn, where, path, value, np.dtype(template.dtype))
+    return _like(value, template)
+
+  restored = jax.tree_util.tree_map_with_path(like, restored, target)
   keys_match(fn, where, restored, target)
   return restored
+
+
+def number_fits(fn: str, where: Any, path: Any, value: Any, dtype: np.dtype) -> None:
+  """Raise CheckpointMismatchError where the Python number ``value``, restored into a 0-d
+  template of ``dtype`` (of its kind: the checks allow no other), would change: an int out
+  of the dtype's range, a finite float that overflows it (rounding a float to a narrower
+  one, as any float32 computation does, is allowed)."""
+  if dtype.kind in "iu" and not isinstance(value, bool):
+    info = np.iinfo(dtype)
+    if info.min <= value <= info.max:
+      return
+    why = f"outside its range, {info.min} to {info.max}"
+  elif dtype.kind in "fc":
+    with np.errstate(over="ignore", invalid="ignore"):
+      cast = np.asarray(value, dtype)
+    if np.isfinite(cast) or not np.isfinite(value):
+      return
+    why = f"it would become {cast.item()}"
+  else:
+    return
+  raise CheckpointMismatchError(
+    f"{fn}: the checkpoint {os.fspath(where)} does not match `target`: "
+    f"`{jax.tree_util.keystr(tuple(path))}` is the Python {type(value).__name__} {value!r} in "
+    f"the checkpoint but a 0-d array of dtype {dtype} in `target`, which cannot hold it "
+    f"({why}; nothing is cast): build the template with a wider dtype there, or with a "
+    "Python number."
+  )
 
 
 def keys_match(fn: str, where: Any, restored: Any, target: Any) -> None:
@@ -258,18 +331,3 @@ def same_directory(fn: str, directory: Any, hosts: Any) -> None:
       f"process 0's; this one's is {directory}): every process must pass the same path, on "
       "a file system all hosts share."
     )
-
-
-def orbax_storable(fn: str, tree: Any) -> None:
-  """Raise a TypeError naming the first leaf Orbax cannot store, before anything is written."""
-  for key_path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    if not isinstance(leaf, _ORBAX_LEAVES):
-      hint = (
-        "keep the arrays only (an Equinox model: eqx.filter(model, eqx.is_array))"
-        if callable(leaf)
-        else "convert it to an array, or save with save_checkpoint (msgpack stores strings too)"
-      )
-      raise TypeError(
-        f"{fn}: `{jax.tree_util.keystr(key_path)}` is a {type(leaf).__name__}, which Orbax "
-        f"does not store (arrays, NumPy values and Python bool, int and float only): {hint}."
-      )

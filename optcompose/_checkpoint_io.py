@@ -1,7 +1,7 @@
 """The file handling of :mod:`optcompose.checkpoint` that keeps a checkpoint whole: a lock on
 the directory, leftovers of interrupted saves removed, atomic writes and swaps, the repair of
-a swap that a crash cut between two renames; local paths told from URLs; the handle of a save
-that finishes in the background.
+a swap that a crash cut between two renames; local paths told from URLs; Orbax's errors made
+this module's (a save finishing in the background: :mod:`optcompose._checkpoint_async`).
 """
 
 from __future__ import annotations
@@ -16,12 +16,10 @@ import pathlib
 import re
 import shutil
 import sys
-import threading
 import uuid
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import jax
-import numpy as np
 
 from optcompose._checkpoint_check import (
   CHECKSUM,
@@ -29,11 +27,17 @@ from optcompose._checkpoint_check import (
   FORMAT_KEY,
   CheckpointCorruptError,
   PathLike,
+  _abstract,
   _saved_leaves,
   _verify,
 )
 from optcompose._checkpoint_guard import SIDECAR, _locked  # noqa: F401 -- _locked: checkpoint's
-from optcompose._checkpoint_nodes import _flat_from_state_dict, _flat_to_state_dict
+from optcompose._checkpoint_nodes import (
+  _flat_from_state_dict,
+  _flat_to_state_dict,
+  _mismatched_orbax_nodes,
+)
+from optcompose import tree as otree
 from optcompose.flat import FlatParams
 
 
@@ -52,6 +56,15 @@ def _remove(path: pathlib.Path) -> None:
   else:
     with contextlib.suppress(FileNotFoundError):
       os.unlink(path)
+
+
+def _remove_new(new: pathlib.Path) -> None:
+  """Delete the new checkpoint ``new`` of a failed save and Orbax's temporary directories of
+  it (``new.orbax-checkpoint-tmp*``), nothing else: a swap cut between its two renames left
+  the previous checkpoint set aside, for :func:`_recover`."""
+  for entry in os.listdir(new.parent):
+    if entry == new.name or entry.startswith(f"{new.name}.orbax-checkpoint-tmp"):
+      _remove(new.parent / entry)
 
 
 def _remove_leftovers(path: pathlib.Path) -> None:
@@ -185,7 +198,7 @@ def _directory(fn: str, directory: Any) -> tuple:
 
 
 # ----------------------------------------------------------------------------------------
-# Saves that finish in the background; several processes.
+# Several processes (a save that finishes in the background: optcompose._checkpoint_async).
 
 
 def _hosts():
@@ -195,79 +208,6 @@ def _hosts():
 
     return multihost_utils
   return None
-
-
-class AsyncSave:
-  """A checkpoint save finishing in the background: ``save_orbax_checkpoint(..., block=False)``.
-
-  The arrays were copied to host memory before it was returned, so the caller may update,
-  donate or delete them. The new checkpoint replaces the previous one only when it is
-  complete (as with a blocking save); until then the previous one is left in place.
-
-  Attributes:
-    directory: the checkpoint being written (``pathlib.Path``; ``etils.epath.Path`` for a URL).
-  """
-
-  __module__ = "optcompose.checkpoint"
-
-  def __init__(self, directory: Any, finish: Callable[[], None], hosts: Any, block: bool):
-    self.directory, self._hosts, self._settled = directory, hosts, False
-    self._error: Optional[BaseException] = None
-    self._thread = None
-    if block:
-      self._run(finish)
-    else:  # not a daemon: an exiting interpreter waits for the save to finish
-      self._thread = threading.Thread(
-        target=self._run,
-        args=(finish,),
-        daemon=False,
-        name=f"optcompose-save-{getattr(directory, 'name', '')}",
-      )
-      self._thread.start()
-
-  def _run(self, finish: Callable[[], None]) -> None:
-    try:
-      finish()
-    except BaseException as e:  # re-raised by wait()
-      self._error = e
-
-  def done(self) -> bool:
-    """Whether this process's part of the save has finished (successfully or not)."""
-    return self._thread is None or not self._thread.is_alive()
-
-  def wait(self) -> Any:
-    """Block until the checkpoint is complete and in place; return its directory.
-
-    With several processes every process must call it: they wait for each other (the
-    checkpoint is in place for all of them on return), and each raises if any failed.
-
-    Returns:
-      The checkpoint's directory, as :func:`save_orbax_checkpoint` returns it when blocking.
-
-    Raises:
-      Exception: the error of the save on this process (Orbax's, or of the file handling),
-        again at every call.
-      RuntimeError: the save failed on another process (the message names which).
-    """
-    if self._thread is not None:
-      self._thread.join()
-    if self._hosts is not None and not self._settled:  # once, on every process: a collective
-      self._settled = True
-      ok = np.asarray(self._hosts.process_allgather(np.int32(self._error is None))).reshape(-1)
-      failed = [i for i, good in enumerate(ok) if not good]
-      if failed and self._error is None:
-        self._error = RuntimeError(
-          f"save_orbax_checkpoint: the save of {self.directory} failed "
-          f"on process(es) {failed}: see their errors."
-        )
-    if self._error is not None:
-      raise self._error
-    return self.directory
-
-  wait_until_finished = wait  # Orbax's name
-
-  def __repr__(self) -> str:
-    return f"AsyncSave({os.fspath(self.directory)!r}, {'done' if self.done() else 'in progress'})"
 
 
 def _flax_serialization():
@@ -350,6 +290,40 @@ def _read_metadata(checkpointer: Any, directory: Any) -> Any:
   except Exception as e:  # reported in the error
     raise _damaged(directory, e, "metadata") from e
   return metadata
+
+
+def _restore_arrays(fn: str, checkpointer: Any, directory: Any, metadata: Any, target: Any):
+  """Orbax's restore of ``directory`` (its ``metadata`` checked against ``target`` already)
+  into ``target``'s structure, Orbax's errors made this module's.
+
+  Raises:
+    CheckpointCorruptError: TensorStore cannot read the arrays (a data file truncated or
+      missing), whichever error of Orbax's wraps its error.
+    CheckpointMismatchError: the trees differ in an empty node only (Orbax compares those).
+  """
+  saved = _saved_leaves(metadata)
+  abstract = jax.tree_util.tree_map_with_path(
+    lambda path, leaf: _abstract(leaf, saved[tuple(otree.key_name(k) for k in path)]), target
+  )
+  try:
+    return checkpointer.restore(directory, abstract)
+  except Exception as e:  # Orbax wraps TensorStore's errors in a bare Exception
+    damage = next((c for c in _chain(e) if _is_damage(c)), None)
+    if damage is not None:
+      raise _damaged(directory, damage, "arrays") from e
+    if isinstance(e, ValueError):  # Orbax's words vary ("List arity mismatch" in 0.10)
+      _mismatched_orbax_nodes(fn, directory, metadata, target, e)
+    raise
+
+
+def _chain(error: BaseException) -> list:
+  """``error`` and the errors it was raised from or during, outermost first."""
+  chain: list = []
+  link: Optional[BaseException] = error
+  while link is not None and all(link is not c for c in chain):
+    chain.append(link)
+    link = link.__cause__ or link.__context__
+  return chain
 
 
 def _is_damage(error: BaseException) -> bool:

@@ -42,6 +42,49 @@ def _mismatched_nodes(fn: str, path: PathLike, saved: dict, target: Any, error: 
 _GUESS = " (another optimizer's state, or another chain?)"
 
 
+def _mismatched_orbax_nodes(fn: str, where: PathLike, metadata: Any, target: Any, error: Exception):
+  """For Orbax's ``error`` restoring into ``target``: raise a CheckpointMismatchError where
+  the trees' structures differ though every leaf matched (an empty node such as an
+  ``EmptyState`` on one side only), naming the first such node (else, where Orbax says the
+  structures differ, giving its words without its advice to restore partially, which would
+  keep the template's values); return for any other error."""
+  saved, wanted = _empty_saved(metadata), _empty_target(target)
+  found = sorted(
+    [(p, "the checkpoint") for p in saved - wanted] + [(p, "`target`") for p in wanted - saved]
+  )
+  if found:
+    why = f"`{_namer(target)(found[0][0])}` is only in {found[0][1]}{_GUESS}"
+  elif "tree structures do not match" in str(error):
+    why = str(error).split("\nIf this mismatch is")[0]
+  else:
+    return
+  raise CheckpointMismatchError(
+    f"{fn}: the checkpoint {os.fspath(where)} does not match `target`: {why}"
+  ) from error
+
+
+def _empty_saved(saved: Any, prefix: tuple = ()) -> set:
+  """The key-name paths of the empty nodes (None, {}, []) of Orbax's metadata tree."""
+  if saved is None or (isinstance(saved, (dict, list, tuple)) and not saved):
+    return {prefix}
+  if not isinstance(saved, (dict, list, tuple)):
+    return set()  # a leaf
+  items = saved.items() if isinstance(saved, dict) else enumerate(saved)
+  return set().union(*(_empty_saved(v, prefix + (str(k),)) for k, v in items))
+
+
+def _empty_target(tree: Any, prefix: tuple = ()) -> set:
+  """The key-name paths of the empty nodes (an ``EmptyState``, None, {}, ()) of a pytree."""
+  children = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: x is not tree)[0]
+  if not children:
+    return {prefix}
+  if len(children) == 1 and not children[0][0]:  # a leaf
+    return set()
+  return set().union(
+    *(_empty_target(child, prefix + (otree.key_name(path[0]),)) for path, child in children)
+  )
+
+
 def _node_difference(saved: Any, target: Any, path: tuple = ()) -> Optional[tuple]:
   """``(key-name path, side)`` of the first entry of a container in one state dict and not in
   the other (side: "the checkpoint" or "`target`"), or None."""

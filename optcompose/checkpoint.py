@@ -51,7 +51,6 @@ from typing import Any
 import jax
 import numpy as np
 
-from optcompose import tree as otree
 from optcompose._checkpoint_check import (  # the checks and the formats' records
   CHECKSUM,
   FORMAT,
@@ -59,27 +58,24 @@ from optcompose._checkpoint_check import (  # the checks and the formats' record
   CheckpointCorruptError,
   CheckpointMismatchError,
   PathLike,
-  _abstract,
   _check,
-  _check_storable,
   _checksums,
   _leaves,
   _saved_leaves,
   _verify,
 )
 from optcompose import _checkpoint_guard as guard
+from optcompose._checkpoint_async import AsyncSave
+from optcompose._checkpoint_leaves import _check_storable, orbax_storable
 from optcompose._checkpoint_nodes import _check_layouts, _mismatched_nodes, flat_layouts
 from optcompose._checkpoint_io import (  # the file handling
   SIDECAR,
   _read_msgpack,
-  _damaged,
-  _is_damage,
   _read_metadata,
   _read_sidecar,
   _metadata_tree,
   _flax_serialization,
   _orbax,
-  AsyncSave,
   _directory,
   _finish,
   _hosts,
@@ -88,6 +84,8 @@ from optcompose._checkpoint_io import (  # the file handling
   _recover,
   _remove,
   _remove_leftovers,
+  _remove_new,
+  _restore_arrays,
   _write_atomically,
 )
 
@@ -119,9 +117,11 @@ def save_checkpoint(path: PathLike, tree: Any) -> pathlib.Path:
     The path written, as a ``pathlib.Path``.
 
   Raises:
-    TypeError: a leaf or container cannot be stored (the message names its path).
+    TypeError: a leaf or container cannot be stored, or would not read back as it was (NumPy
+      strings, ``float0``, ints wider than 64 bits, a deleted array): its path is named and
+      nothing is written.
     ValueError: an array is sharded across processes (use :func:`save_orbax_checkpoint`);
-      ``path`` is a directory, or a file that is not an optcompose checkpoint.
+      ``path`` is a directory, not a regular file, or a file that is not a checkpoint.
   """
   path = pathlib.Path(path)
   guard.file_target("save_checkpoint", path, tree)
@@ -165,10 +165,11 @@ def restore_checkpoint(path: PathLike, target: Any, *, layouts: Any = None) -> A
 
   Raises:
     CheckpointMismatchError: the checkpoint differs from ``target``; the message names the
-      first differing path (missing, unexpected, different shape or dtype, FlatParams layout).
+      first differing path (missing, unexpected, different shape or dtype, FlatParams layout,
+      a saved Python number that the template's dtype cannot hold).
     CheckpointCorruptError: the file is damaged (a leaf differs from its checksum, or the
       file cannot be decoded); the message names the leaf.
-    ValueError: the file is not a msgpack checkpoint (an Orbax directory, say); ``target``
+    ValueError: the file is not a msgpack checkpoint (an Orbax directory, a FIFO); ``target``
       holds a FlatParams whose layout neither the file nor ``layouts`` records.
   """
   serialization = _flax_serialization()
@@ -220,19 +221,21 @@ def save_orbax_checkpoint(
 
   Raises:
     ValueError: ``directory`` exists and ``overwrite`` is False, or it holds files but no
-      checkpoint; a URL of an unknown scheme.
+      checkpoint; a URL of an unknown scheme; a path with ``[`` or ``]`` in it.
     TypeError: ``directory`` is not a path, ``overwrite`` or ``block`` is not a bool, or a
-      leaf is not an array or a Python bool, int or float (nothing is written then).
+      leaf is not an array or a Python bool, int or float, or one Orbax cannot store (a dtype
+      TensorStore lacks, an empty or deleted array, an int wider than 64 bits): nothing is
+      written then.
   """
   fn, ocp = "save_orbax_checkpoint", _orbax()
   for name, flag in (("overwrite", overwrite), ("block", block)):
     if not isinstance(flag, (bool, np.bool_)):
       raise TypeError(f"{fn}: `{name}` must be a bool, got {flag!r}.")
   directory, remote = _directory(fn, directory)
-  guard.orbax_storable(fn, tree)
+  orbax_storable(fn, tree, directory)  # and no bracket in the path
   hosts, primary = _hosts(), jax.process_index() == 0  # 0 locks, swaps, cleans up
   guard.same_directory(fn, directory, hosts)
-  stack, new, locked, checkpointer = contextlib.ExitStack(), None, False, None
+  stack, new, locked, hold, checkpointer = contextlib.ExitStack(), None, False, None, None
   try:
     if not remote:
       token = np.frombuffer(uuid.uuid4().bytes, np.uint8)
@@ -240,7 +243,7 @@ def save_orbax_checkpoint(
       new = directory.with_name(f".{directory.name}.{token.hex()}.optcompose-new")  # same on all
       if primary:
         directory.parent.mkdir(parents=True, exist_ok=True)
-        stack.enter_context(_locked(directory.parent))
+        hold = stack.enter_context(_locked(directory.parent))
         locked = True
         _recover(directory)
         _remove_leftovers(directory)
@@ -284,11 +287,11 @@ def save_orbax_checkpoint(
           _finish(new, SIDECAR, text)
           _install(new, directory)
       except BaseException:
-        if new is not None and primary:
-          _remove(new)
+        if new is not None and primary:  # and Orbax's temporary directories of it
+          _remove_new(new)
         raise
 
-  save = AsyncSave(directory, finish, hosts, block=bool(block))
+  save = AsyncSave(directory, finish, hosts, bool(block), hold)
   return save.wait() if block else save
 
 
@@ -313,7 +316,7 @@ def restore_orbax_checkpoint(directory: Any, target: Any, *, layouts: Any = None
 
   Raises:
     CheckpointMismatchError: the checkpoint differs from ``target``; the message names the
-      first differing path.
+      first differing path (an empty node such as ``EmptyState`` on one side only, too).
     CheckpointCorruptError: the checkpoint is damaged: Orbax cannot read it (the message
       gives Orbax's error) or a leaf differs from its checksum (the message names it).
     FileNotFoundError: there is no such directory.
@@ -334,16 +337,10 @@ def restore_orbax_checkpoint(directory: Any, target: Any, *, layouts: Any = None
   lock = contextlib.nullcontext() if remote else _locked(directory.parent, exclusive=False)
   with lock, ocp.StandardCheckpointer() as checkpointer:
     sidecar = _read_sidecar(directory)
-    saved = _saved_leaves(_read_metadata(checkpointer, directory))
-    _check(fn, directory, saved, target)
+    metadata = _read_metadata(checkpointer, directory)
+    _check(fn, directory, _saved_leaves(metadata), target)
     _check_layouts(fn, directory, sidecar["layouts"] if sidecar else None, target, layouts)
-    abstract = jax.tree_util.tree_map_with_path(
-      lambda path, leaf: _abstract(leaf, saved[tuple(otree.key_name(k) for k in path)]), target
-    )
-    try:
-      restored = checkpointer.restore(directory, abstract)
-    except (OSError, ValueError) as e:
-      raise _damaged(directory, e, "arrays") if _is_damage(e) else e
+    restored = _restore_arrays(fn, checkpointer, directory, metadata, target)
   checked = guard.like_target(fn, directory, restored, target)
   if sidecar:  # on the leaves as saved (a Python number saved for a 0-d array: as a number)
     _verify(fn, directory, sidecar["leaves"], _leaves(restored))

@@ -32,6 +32,8 @@ FLOORS = [
     "optcompose._checkpoint_io",
     "optcompose._checkpoint_guard",
     "optcompose._checkpoint_nodes",
+    "optcompose._checkpoint_leaves",
+    "optcompose._checkpoint_async",
     "optcompose.sharding",
     "optcompose._from_optax",
   ),
