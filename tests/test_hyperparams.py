@@ -364,6 +364,41 @@ def test_float32_parameters_are_updated_in_float32_under_x64(name):
   np.testing.assert_allclose(outputs[0], outputs[1], rtol=1e-5, atol=1e-9)
 
 
+def _adam_of_b2(learning_rate, b2):
+  return oc.adam(learning_rate, b2=b2)
+
+
+def test_values_float32_cannot_hold_are_refused_alike_at_init_and_by_set_hyperparams():
+  """Under x64 float32 parameters use the values in float32: 1 - 1e-8 is 1.0 there, which
+  adam refuses for b2, at init and in set_hyperparams alike (not used as 1.0 silently);
+  a float64 hyperparam_dtype asked for, or float64 parameters, keep it."""
+  b2 = 1 - 1e-8
+  with x64():
+    f32 = {"w": jnp.ones(3, jnp.float32)}
+    with pytest.raises(ValueError, match="in float32.*`b2`"):
+      oc.inject_hyperparams(oc.adam)(learning_rate=1e-3, b2=b2).init(f32)
+    # A factory of its own: set_hyperparams checks with the builders recorded for the
+    # names held, and another test's adam (float64 parameters) would accept the value.
+    state = oc.inject_hyperparams(_adam_of_b2)(learning_rate=1e-3, b2=0.999).init(f32)
+    with pytest.raises(ValueError, match="in float32.*`b2`"):
+      oc.set_hyperparams(state, b2=b2)
+    asked = oc.inject_hyperparams(oc.adam, hyperparam_dtype=jnp.float64)
+    state = asked(learning_rate=1e-3, b2=b2).init(f32)
+    assert float(oc.current_hyperparams(oc.set_hyperparams(state, b2=b2))["b2"]) == b2
+    oc.inject_hyperparams(oc.adam)(learning_rate=1e-3, b2=b2).init({"w": jnp.ones(3)})
+
+
+def test_a_float64_hyperparam_dtype_asked_for_keeps_float64_arithmetic():
+  """As Optax: hyperparam_dtype=float64 computes float32 parameters' updates in float64."""
+  n = 4099
+  with x64():
+    params = {"w": jnp.linspace(-1.0, 1.0, n, dtype=jnp.float32)}
+    tx = oc.inject_hyperparams(oc.adamw, hyperparam_dtype=jnp.float64)(learning_rate=1e-3)
+    step = jax.jit(lambda g, s, p: tx.update(g, s, p))
+    text = step.lower(params, tx.init(params), params).compile().as_text()
+  assert f"f64[{n}]" in text
+
+
 def test_current_hyperparams_reads_scheduled_values_without_reevaluating():
   lr = oc.warmup_cosine_decay_schedule(0.0, 0.1, 5, 50)
   wd = lambda count: 1e-3 * (jnp.asarray(count, jnp.float32) + 1)

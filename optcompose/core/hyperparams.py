@@ -97,13 +97,12 @@ def _arithmetic_float(tree: Any):
   return otree.promote_types(jnp.float32, *widths)
 
 
-def at_leaf_width(values: dict, tree: Any) -> dict:
-  """``values`` for the arithmetic on ``tree``'s leaves: a float array wider than the float
-  those leaves compute in (float64 under x64, for float32 parameters) is cast down to it,
-  so that a stored or scheduled value does not promote every elementwise operation on
+def narrowed(values: dict, width) -> dict:
+  """``values`` for arithmetic in the float ``width`` (see :func:`_arithmetic_float`): a
+  float array wider than it (float64 under x64, for float32 parameters) is cast down, so
+  that a stored or scheduled value does not promote every elementwise operation on
   parameter-sized arrays to float64 (an injected AdamW ran 3.2x slower under x64 that way);
   everything else is passed as it is (a Python number is weakly typed already)."""
-  width = _arithmetic_float(tree)
 
   def fitted(v):
     dtype = getattr(v, "dtype", None)
@@ -155,8 +154,34 @@ def rebuilt_each_step(
   Returns:
     A transformation whose state is :class:`InjectHyperparamsState`.
   """
+  narrow = dtype is None  # a dtype asked for is kept for the arithmetic too
   dtype = dtype or default_float()
   validate = validate or (lambda values: as_transformation(build(values), who))
+  as_used: dict = {}  # {width: a check of the values as given and as narrowed to width}
+
+  def check_for(width) -> Callable[[dict], Any]:
+    """``validate``, or where the values are used narrowed (float32 parameters under x64),
+    a check of both forms: init, set_hyperparams and the step then agree on what is
+    refused (``b2 = 1 - 1e-8`` is 1.0 in float32)."""
+    if not narrow or jnp.finfo(width).bits >= jnp.finfo(dtype).bits:
+      return validate
+    if width not in as_used:
+
+      def both(values):
+        validate(values)
+        try:
+          validate(narrowed(values, width))
+        except (TypeError, ValueError) as e:
+          kind = TypeError if isinstance(e, TypeError) else ValueError
+          raise kind(
+            f"{who}: the parameters' updates use these values in {jnp.dtype(width).name} "
+            f"(stored in {jnp.dtype(dtype).name} under jax_enable_x64), where {e} Use a value "
+            f"{jnp.dtype(width).name} holds, or float64 parameters"
+            + (", or hyperparam_dtype=jnp.float64." if who.startswith("inject") else ".")
+          ) from e
+
+      as_used[width] = both
+    return as_used[width]
 
   def values_at(count, stored):
     values, used = dict(stored), dict(stored)
@@ -180,8 +205,11 @@ def rebuilt_each_step(
   def init(params):
     count = zero_count()
     values, used = values_at(count, {n: as_hyperparam(v, dtype) for n, v in live.items()})
-    inner_state = as_transformation(build(at_leaf_width(values, params)), who).init(params)
-    record_validator(set(live) | set(schedules), inner_state, validate)
+    check = check_for(_arithmetic_float(params))
+    if check is not validate:
+      check(values)
+    inner_state = as_transformation(build(values), who).init(params)
+    record_validator(set(live) | set(schedules), inner_state, check)
     return InjectHyperparamsState(count, used, inner_state)
 
   def update(updates, state, params=None, **extra):
@@ -194,7 +222,8 @@ def rebuilt_each_step(
     stored = {name: as_hyperparam(v, dtype) for name, v in state.hyperparams.items()}
     values, used = values_at(state.count, stored)
     with checks_done():  # checked at init; live changes go through set_hyperparams
-      inner = as_transformation(build(at_leaf_width(values, updates)), who)
+      used_values = narrowed(values, _arithmetic_float(updates)) if narrow else values
+      inner = as_transformation(build(used_values), who)
     result = inner.update(updates, state.inner_state, params, **extra)
     updates, inner_state = update_pair(result, f"{who}: the transformation built")
     return updates, InjectHyperparamsState(safe_increment(state.count), used, inner_state)

@@ -13,7 +13,10 @@ Hyperparameters are stored as float32 (float64 under x64; ``hyperparam_dtype``) 
 the parameters' dtype: with bfloat16 parameters, ``b2 = 0.999`` is not rounded to 1.0. A
 stored value wider than the parameters compute in (float64 under x64, for float32
 parameters) is cast down to float32 where it is used, so x64 leaves the elementwise
-arithmetic in float32, as Optax's injected values of the parameters' dtype do.
+arithmetic in float32, as Optax's injected values of the parameters' dtype do; a value
+float32 cannot hold as valid (``b2 = 1 - 1e-8`` is 1.0 there) is then refused at ``init``
+and by ``set_hyperparams``. A ``hyperparam_dtype`` given is kept for the arithmetic too,
+and a tree with float64 leaves computes in float64.
 """
 
 from __future__ import annotations
