@@ -27,13 +27,24 @@ _HOOKED = False
 def _wait_for_pending_saves() -> None:
   """At exit, before the thread pools stop: let every pending save finish, then report the
   failures that no ``wait()`` raised."""
+  stranded: set = set()  # saves of several processes that can no longer agree
   while True:
-    with _PENDING_GUARD:
-      pending = list(_PENDING)
+    with _PENDING_GUARD:  # a thread that is not running will not finish (a forked child's)
+      pending = [s for s in _PENDING if s._thread is not None and s._thread.is_alive()]
+    stranded.update(s for s in pending if s._hosts is not None and not _distributed())
+    pending = [s for s in pending if s not in stranded]
     if not pending:
       break
     for save in pending:
       save._thread.join()
+  for save in sorted(stranded, key=lambda save: os.fspath(save.directory)):
+    print(
+      f"optcompose: the background save of {os.fspath(save.directory)} could not finish: "
+      "jax.distributed was shut down before it (its processes wait for one another); call "
+      "wait() before jax.distributed.shutdown(). The previous checkpoint there, if any, is "
+      "left in place.",
+      file=sys.stderr,
+    )
   with _PENDING_GUARD:
     unseen = sorted(_UNSEEN, key=lambda save: os.fspath(save.directory))
     _UNSEEN.clear()
@@ -44,6 +55,27 @@ def _wait_for_pending_saves() -> None:
       "is left in place.",
       file=sys.stderr,
     )
+
+
+def _distributed() -> bool:
+  """Whether jax.distributed is still up (a save of several processes can finish only then)."""
+  import jax
+
+  is_initialized = getattr(jax.distributed, "is_initialized", None)
+  return is_initialized is None or bool(is_initialized())
+
+
+def _after_fork_in_child() -> None:
+  """In a forked child (a DataLoader worker, say): the parent's saves are the parent's (their
+  threads do not run here), so its exit waits for none of them, and reports none."""
+  global _PENDING_GUARD
+  _PENDING_GUARD = threading.Lock()  # another thread may have held it at the fork
+  _PENDING.clear()
+  _UNSEEN.clear()
+
+
+if hasattr(os, "register_at_fork"):
+  os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _hook_exit() -> None:
@@ -69,7 +101,8 @@ class AsyncSave:
   donate or delete them. The new checkpoint replaces the previous one only when it is
   complete (as with a blocking save); until then the previous one is left in place. An
   exiting interpreter waits for it, and reports on stderr a failure that ``wait()`` did not
-  raise.
+  raise (with several processes, call ``wait()`` before ``jax.distributed.shutdown()``: the
+  save cannot finish after it, and the exit reports it instead of waiting forever).
 
   Attributes:
     directory: the checkpoint being written (``pathlib.Path``; ``etils.epath.Path`` for a URL).
@@ -89,10 +122,10 @@ class AsyncSave:
     if hold is not None:  # the lock is the background thread's now: the caller may wait for it
       hold.hand_over()
     _hook_exit()
-    self._thread = threading.Thread(  # not a daemon: it is joined at exit in any case
-      target=self._run,
+    self._thread = threading.Thread(  # a daemon where the exit hook waits for it (or not:
+      target=self._run,  # one of several processes after jax.distributed.shutdown())
       args=(finish,),
-      daemon=False,
+      daemon=_HOOKED and hasattr(threading, "_register_atexit"),
       name=f"optcompose-save-{getattr(directory, 'name', '')}",
     )
     with _PENDING_GUARD:

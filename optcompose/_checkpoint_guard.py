@@ -38,6 +38,25 @@ except ImportError:  # not POSIX: no locks
 # would wait for its own lock forever (flock is per open file, not per process).
 _HELD: dict = {}
 _HELD_GUARD = threading.Lock()
+_FDS: dict = {}  # the descriptors of the locks this process holds (or waits for) -> _Hold
+
+
+def _after_fork_in_child() -> None:
+  """In a forked child (a DataLoader worker, say): close its copies of the parent's lock
+  descriptors (a lock is the open file's, so a copy kept open would keep the parent's next
+  save waiting until the child ends; closing, unlike unlocking, leaves the parent's lock in
+  place) and forget the holds, which are the parent's."""
+  global _HELD_GUARD
+  _HELD_GUARD = threading.Lock()  # another thread of the parent may have held it at the fork
+  for fd in _FDS:
+    with contextlib.suppress(OSError):
+      os.close(fd)
+  _FDS.clear()
+  _HELD.clear()
+
+
+if hasattr(os, "register_at_fork"):
+  os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class _Hold:
@@ -66,6 +85,9 @@ def _locked(directory: pathlib.Path, exclusive: bool = True):
   """
   fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)) if fcntl else None
   key, hold = None, _Hold(threading.get_ident())
+  if fd is not None:
+    with _HELD_GUARD:
+      _FDS[fd] = hold
   try:
     if fd is not None and fcntl is not None:  # fd is None exactly when fcntl is
       stat = os.fstat(fd)
@@ -87,12 +109,16 @@ def _locked(directory: pathlib.Path, exclusive: bool = True):
         _HELD.setdefault(key, []).append(hold)
     yield hold if key is not None else None
   finally:
-    if key is not None:
-      with _HELD_GUARD:
-        _HELD[key].remove(hold)
-        if not _HELD[key]:
+    with _HELD_GUARD:  # after a fork, in the child, the descriptor is closed and forgotten
+      holds = _HELD.get(key, []) if key is not None else []
+      if hold in holds:
+        holds.remove(hold)
+        if not holds:
           del _HELD[key]
-    if fd is not None:
+      mine = fd is not None and _FDS.get(fd) is hold  # not one reopened under its number
+      if mine:
+        del _FDS[fd]
+    if mine:
       os.close(fd)  # releases the lock
 
 

@@ -8,7 +8,7 @@ and reads it back with ``np.dtype(name)``: an array round-trips when that name g
 back (not so for strings, ``float0``, structured or big-endian arrays), and a Python int when
 it fits in 64 bits. Orbax writes arrays through TensorStore, which knows fewer dtypes (no
 ``uint4``, no strings or dates) and no empty arrays; and it cannot save into a path with ``[``
-or ``]`` in it (it finds its own files again with a glob, which reads those as a pattern).
+in it (it finds its own files again with a glob, which reads ``[...]`` as a pattern).
 """
 
 from __future__ import annotations
@@ -139,15 +139,16 @@ def _orbax_problem(leaf: Any) -> Optional[str]:
   return None
 
 
-def orbax_storable(fn: str, tree: Any, directory: Any = None) -> None:
+def orbax_storable(fn: str, tree: Any, directory: Any = None) -> Any:
   """Raise before anything is written: a TypeError naming the first leaf Orbax cannot store,
-  or a ValueError where ``directory`` has ``[`` or ``]`` in it (Orbax would write a checkpoint
-  without its arrays there, and report success)."""
+  or a ValueError where ``directory`` has ``[`` in it (Orbax would write a checkpoint
+  without its arrays there, and report success). Return ``tree`` with each NumPy scalar that
+  is no Python number (``np.float32(1)``, ``np.bool_``) as a 0-d array: what Orbax 0.12 stores it
+  as, and Orbax 0.10 refuses ("Unsupported type") when given the scalar."""
   text = "" if directory is None else os.fspath(directory)
-  bracket = next((c for c in "[]" if c in text), None)
-  if bracket is not None:
+  if "[" in text:  # a lone "]" is no pattern: Orbax saves and restores such a path
     raise ValueError(
-      f"{fn}: the path {text} has a {bracket!r} in it, and Orbax cannot save under such a "
+      f"{fn}: the path {text} has a '[' in it, and Orbax cannot save under such a "
       "path (its glob for its own files reads brackets as a pattern, so the checkpoint "
       "would lack its arrays): use another name, e.g. with '_' or '-' instead of the brackets "
       "('run_lr=0.1' for 'run[lr=0.1]')."
@@ -167,3 +168,11 @@ def orbax_storable(fn: str, tree: Any, directory: Any = None) -> None:
     problem = _orbax_problem(leaf)
     if problem is not None:
       raise TypeError(f"{fn}: `{name}` is {problem}.")
+  return jax.tree.map(_as_orbax_leaf, tree)
+
+
+def _as_orbax_leaf(leaf: Any) -> Any:
+  """A NumPy scalar that is no Python number as a 0-d array (as Orbax 0.12 converts it)."""
+  if isinstance(leaf, np.generic) and not isinstance(leaf, (int, float)):
+    return np.asarray(leaf)
+  return leaf

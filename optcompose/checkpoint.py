@@ -221,7 +221,7 @@ def save_orbax_checkpoint(
 
   Raises:
     ValueError: ``directory`` exists and ``overwrite`` is False, or it holds files but no
-      checkpoint; a URL of an unknown scheme; a path with ``[`` or ``]`` in it.
+      checkpoint; a URL of an unknown scheme; a path with ``[`` in it.
     TypeError: ``directory`` is not a path, ``overwrite`` or ``block`` is not a bool, or a
       leaf is not an array or a Python bool, int or float, or one Orbax cannot store (a dtype
       TensorStore lacks, an empty or deleted array, an int wider than 64 bits): nothing is
@@ -232,7 +232,7 @@ def save_orbax_checkpoint(
     if not isinstance(flag, (bool, np.bool_)):
       raise TypeError(f"{fn}: `{name}` must be a bool, got {flag!r}.")
   directory, remote = _directory(fn, directory)
-  orbax_storable(fn, tree, directory)  # and no bracket in the path
+  tree = orbax_storable(fn, tree, directory)  # and no bracket in the path
   hosts, primary = _hosts(), jax.process_index() == 0  # 0 locks, swaps, cleans up
   guard.same_directory(fn, directory, hosts)
   stack, new, locked, hold, checkpointer = contextlib.ExitStack(), None, False, None, None
