@@ -49,7 +49,9 @@ buckets; the gradients and parameters are packed inside the jitted step.
 
 Sharding: buckets are new arrays, so FlatParams are for single-device or replicated (data
 parallel) parameters; parameters sharded across devices keep the ordinary per-leaf path,
-which keeps every leaf's sharding. The optimizer state of replicated FlatParams can be
+which keeps every leaf's sharding (on explicit mesh axes, a leaf split over devices given to
+:func:`flat_params` or a :func:`flat_optimizer` is a ValueError naming it; on auto axes XLA
+gathers it into its bucket). The optimizer state of replicated FlatParams can be
 divided among the data-parallel devices (ZeRO stage 1):
 :func:`optcompose.sharding.zero1_flat_shardings` splits each bucket of the state evenly over
 a mesh axis (:func:`~optcompose.sharding.zero1_state_shardings` a :func:`flat_optimizer`'s),
@@ -68,7 +70,7 @@ import numpy as np
 
 from optcompose import tree as otree
 from optcompose.core import GradientTransformation, Params, Updates, as_transformation
-from optcompose.core.explicit import gathered
+from optcompose.core.explicit import gathered, type_sharding
 from optcompose.masks import broadcast_prefix, register_layout
 
 
@@ -231,13 +233,32 @@ def _pack(
         f"{who}: `{name}{path}` is a {x.dtype}{list(x.shape)} array, but "
         f"{what} holds it as {np.dtype(dtype).name}{list(leaf.shape)}."
       )
-    columns[leaf.bucket].append(jnp.ravel(x))
+    columns[leaf.bucket].append(jnp.ravel(_unsplit(x, f"{who}: `{name}{path}`")))
   buffers = []
   for column, size, dtype in zip(columns, layout.sizes, layout.dtypes):
     padding = size - sum(c.size for c in column)
     column += [jnp.zeros(padding, dtype)] if padding else []
     buffers.append(jnp.concatenate(column) if len(column) > 1 else column[0])
   return FlatParams(buffers, layout)
+
+
+def _unsplit(x: jax.Array, where: str) -> jax.Array:
+  """``x`` with no mesh axis in its type: a bucket is a new 1-D array, which cannot keep a
+  leaf's sharding, so a leaf explicitly split over devices is an error (an axis of one
+  device splits nothing: dropped). Auto axes are not in the type: XLA gathers there."""
+  sharding = type_sharding(x)
+  if sharding is None:
+    return x
+  axes = [a for e in sharding.spec if e for a in (e if isinstance(e, tuple) else (e,))]
+  if np.prod([sharding.mesh.shape[a] for a in axes], dtype=np.int64) > 1:
+    raise ValueError(
+      f"{where} is split over the mesh ({sharding.spec}, on explicit axes), but FlatParams "
+      "and flat_optimizer pack each leaf into a new 1-D buffer that cannot keep its "
+      "sharding: they take single-device or replicated parameters only. Place it "
+      "replicated (NamedSharding(mesh, PartitionSpec())), or leave out flat_params / "
+      "flat_optimizer: the per-leaf state keeps every leaf's sharding."
+    )
+  return gathered(x)
 
 
 def _plain(tree: Any) -> Any:
@@ -321,7 +342,8 @@ def flat_optimizer(tx: Any, labels: Any = None, pad_to: int = 1) -> GradientTran
       # inner's own checks, on the caller's tree: an error names the caller's leaf
       # (`params.idx`), not the bucket it would be packed into (`params['int32']`).
       jax.eval_shape(inner.init, params)
-    return inner.init(cast(Params, flat_params(params, labels, pad_to)))
+    packed = _pack(params, _layout_of(params, labels, pad_to), "params", "flat_optimizer")
+    return inner.init(cast(Params, packed))
 
   def update(updates, state, params=None, **extra):
     updates, params = _plain(updates), None if params is None else _plain(params)

@@ -13,9 +13,11 @@ materialised elsewhere::
 
 :func:`init_sharded` does exactly that. How a state leaf is matched to its parameter: every
 subtree of the state whose structure is the parameters' structure (a masked-out leaf,
-``MaskedNode``, may stand in for a parameter) mirrors the parameters, and each of its leaves with
-the parameter's shape takes the parameter's sharding. Every other leaf (counts, norms, injected
-hyperparameters) is replicated over the parameters' mesh.
+optcompose's or Optax's ``MaskedNode``, may stand in for a parameter) mirrors the parameters;
+each of its leaves with the parameter's shape takes the parameter's sharding, and each whose
+shape is the parameter's behind leading axes (copies of the parameter stacked along them, as
+L-BFGS's history is) takes it on those trailing dimensions, the leading ones whole. Every other
+leaf (counts, norms, injected hyperparameters) is replicated over the parameters' mesh.
 
 :func:`zero1_state_shardings` splits the parameter-shaped state over the data-parallel axis
 instead (ZeRO stage 1: the optimizer state divided among the data-parallel devices, the
@@ -31,7 +33,8 @@ from __future__ import annotations
 from typing import Any
 
 import jax
-from jax.sharding import NamedSharding, PartitionSpec, Sharding
+import optax
+from jax.sharding import NamedSharding, PartitionSpec, Sharding, SingleDeviceSharding
 
 from optcompose import tree as otree
 from optcompose.core import GradientTransformation
@@ -64,7 +67,21 @@ def _replicated_on(shardings: list) -> Sharding:
       return NamedSharding(s.mesh, PartitionSpec())
   if shardings:
     return shardings[0]  # one device (SingleDeviceSharding): nothing to replicate over
-  return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  return SingleDeviceSharding(jax.devices()[0])
+
+
+# A masked-out subtree in a state, as optcompose's masked/partition leave it, or Optax's.
+_MASKED_NODES = (MaskedNode, optax.MaskedNode)
+
+
+def _stacked(sharding: Sharding, leading: int, replicated: Sharding) -> Sharding:
+  """A parameter's ``sharding`` for a state leaf holding copies of it stacked along
+  ``leading`` new axes in front (each copy placed as the parameter, the new axes whole)."""
+  if isinstance(sharding, NamedSharding):
+    return NamedSharding(sharding.mesh, PartitionSpec(*(None,) * leading, *sharding.spec))
+  if isinstance(sharding, SingleDeviceSharding):
+    return sharding
+  return replicated
 
 
 def state_shardings(tx: GradientTransformation, params: Any) -> Any:
@@ -86,7 +103,7 @@ def _placement(abstract: Any, params: Any, on_buckets: Any = None) -> Any:
   replicated = _replicated_on(p_shardings)
 
   index = treedef.unflatten(range(len(flat)))  # each parameter's position
-  masked = lambda x: isinstance(x, MaskedNode)
+  masked = lambda x: isinstance(x, _MASKED_NODES)
 
   def mirrors_params(node):
     """Whether ``node`` has the parameters' structure, a MaskedNode standing for any
@@ -107,19 +124,22 @@ def _placement(abstract: Any, params: Any, on_buckets: Any = None) -> Any:
   def buckets(node):
     return on_buckets is not None and is_flat(node) and not mirrors_params(node)
 
+  def leaf(x, i):
+    """The placement of ``x``, a leaf at parameter ``i``'s position in a mirroring subtree."""
+    shape, own = tuple(x.shape), p_shapes[i]
+    if shape == own:
+      return p_shardings[i]
+    leading = len(shape) - len(own)
+    if leading > 0 and shape[leading:] == own:  # copies of the parameter, stacked
+      return _stacked(p_shardings[i], leading, replicated)
+    return replicated
+
   def place(node):
     if buckets(node):
       return on_buckets(node)
     if not mirrors_params(node):  # a leaf outside any params-shaped subtree
       return replicated
-    return jax.tree.map(
-      lambda x, i: (
-        x if masked(x) else (p_shardings[i] if tuple(x.shape) == p_shapes[i] else replicated)
-      ),
-      node,
-      index,
-      is_leaf=masked,
-    )
+    return jax.tree.map(lambda x, i: x if masked(x) else leaf(x, i), node, index, is_leaf=masked)
 
   return jax.tree.map(place, abstract, is_leaf=lambda n: buckets(n) or mirrors_params(n))
 
@@ -157,10 +177,11 @@ def zero1_state_shardings(tx: GradientTransformation, params: Any, axis: str = "
   Use the result as the state's ``in_shardings``/``out_shardings`` (and with
   :func:`init_sharded`'s pattern for ``init``) while the parameters keep theirs: XLA computes
   each slice of the update where its state lives and gathers the parameters after the step.
-  A leaf with no dimension that ``axis``'s size divides keeps its parameter's placement
-  (replicated, on every device): to split every element, keep the parameters as a
-  :class:`~optcompose.FlatParams` or use :func:`~optcompose.flat_optimizer`, with
-  ``pad_to`` the size of ``axis``.
+  Each leaf is split along its first dimension that no mesh axis splits yet and that
+  ``axis``'s size divides; a leaf with none (or already split over ``axis``) keeps its
+  parameter's placement (replicated, on every device): to split every element, keep the
+  parameters as a :class:`~optcompose.FlatParams` or use :func:`~optcompose.flat_optimizer`,
+  with ``pad_to`` the size of ``axis``.
 
   A state kept in buckets -- ``tx`` built by :func:`~optcompose.flat_optimizer`, wrapped or
   not, or ``params`` a :class:`~optcompose.FlatParams` -- has every bucket split evenly over
@@ -191,7 +212,10 @@ def _zero1(tx: GradientTransformation, params: Any, axis: str, who: str) -> Any:
       jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=_split_over(sharding, tuple(x.shape), axis))
     )
   split = treedef.unflatten(leaves)
-  abstract = jax.eval_shape(tx.init, split)  # GivenFlatParams: see zero1_flat_shardings
+  # The state's shapes, from the parameters as placed (GivenFlatParams: see
+  # zero1_flat_shardings). Not from ``split``: on explicit axes its shardings are in the
+  # arrays' types, and a flat_optimizer could not join leaves split and unsplit in a bucket.
+  abstract = jax.eval_shape(tx.init, params)
   if not meshes:  # no parameters: no state to split
     return _placement(abstract, split)
   mesh, size = meshes[0], meshes[0].shape[axis]

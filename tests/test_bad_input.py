@@ -395,6 +395,15 @@ ROWS = [
     lambda: oc.flat_optimizer(oc.adam(1e-3)).init(oc.flat_params(PARAMS)),
   ),
   Row(
+    "flat-split-params",
+    "parameters split over devices on explicit mesh axes, given to `flat_params` or a "
+    "`flat_optimizer` (a bucket cannot keep a leaf's sharding)",
+    "`ValueError`, naming the leaf and saying to place it replicated or to keep per-leaf state",
+    ValueError,
+    r"flat_optimizer: `params\['w'\]` is split over the mesh.*replicated",
+    lambda: _flat_split_params(),
+  ),
+  Row(
     "average-shape",
     "`incremental_update` or `periodic_update` trees of other structures or leaf shapes",
     "`ValueError`, naming the function and the first path (never broadcast)",
@@ -441,6 +450,61 @@ ROWS = [
     lambda: oc.checkpoint.save_orbax_checkpoint(
       Path(__import__("tempfile").mkdtemp()) / "c", {"name": "run-1", "w": jnp.ones(2)}
     ),
+  ),
+  Row(
+    "orbax-array-leaf",
+    "`save_orbax_checkpoint` of an array or number Orbax stores wrongly or not at all (a dtype "
+    "TensorStore lacks: `uint4`, strings, dates; an empty, `float0`, object or deleted array; "
+    "an int wider than 64 bits)",
+    "`TypeError` naming the leaf, before anything is written (it failed inside Orbax, naming "
+    "none, and left a temporary directory)",
+    TypeError,
+    r"`\['q'\]` is an array of dtype uint4, which Orbax \(TensorStore\) does not store",
+    lambda: oc.checkpoint.save_orbax_checkpoint(
+      Path(__import__("tempfile").mkdtemp()) / "c", {"q": jnp.ones(2, jnp.uint4)}
+    ),
+  ),
+  Row(
+    "orbax-path-bracket",
+    "`save_orbax_checkpoint` to a path with `[` or `]` in it (`run[lr=0.1]`)",
+    "`ValueError` naming the character, before anything is written (Orbax wrote a checkpoint "
+    "without its arrays there, and reported success)",
+    ValueError,
+    r"run\[lr=0.1\] has a '\[' in it.*use another name",
+    lambda: oc.checkpoint.save_orbax_checkpoint(
+      Path(__import__("tempfile").mkdtemp()) / "run[lr=0.1]", {"w": jnp.ones(2)}
+    ),
+  ),
+  Row(
+    "msgpack-leaf",
+    "`save_checkpoint` of a leaf a msgpack file would not read back as it was (`np.str_`, a "
+    "string, `float0`, structured or big-endian array, an int wider than 64 bits, a deleted "
+    "array)",
+    "`TypeError` naming the leaf, before anything is written (the previous checkpoint stays; "
+    "it was replaced by a file no restore could read)",
+    TypeError,
+    r"`\['meta'\]` is an array of strings",
+    lambda: oc.checkpoint.save_checkpoint(
+      Path(__import__("tempfile").mkdtemp()) / "c.msgpack", {"meta": np.array(["adamw"])[0]}
+    ),
+  ),
+  Row(
+    "checkpoint-number-overflow",
+    "a Python number saved in a checkpoint, restored into a 0-d template whose dtype cannot "
+    "hold it (`2**40` into int32, `1e300` into float32)",
+    "`CheckpointMismatchError` naming the path (never inf, never wrapped around)",
+    ValueError,
+    r"`\['x'\]` is the Python float 1e\+300 in the checkpoint but a 0-d array of dtype float32",
+    lambda: _checkpoint_number_overflow(),
+  ),
+  Row(
+    "checkpoint-not-a-file",
+    "`save_checkpoint` or `restore_checkpoint` of a path that is a FIFO or a device",
+    "`ValueError` naming the path, before it is opened (a FIFO waited for a writer forever, "
+    "a device was read without end)",
+    ValueError,
+    r"c.msgpack is a FIFO \(named pipe\), not a regular file",
+    lambda: _checkpoint_fifo(),
   ),
   Row(
     "checkpoint-mismatch",
@@ -629,6 +693,23 @@ def _checkpoint_mismatch():
   oc.checkpoint.restore_checkpoint(path, {"w": jnp.ones(3, jnp.float32)})
 
 
+def _checkpoint_number_overflow():
+  import tempfile
+
+  path = Path(tempfile.mkdtemp()) / "c.msgpack"
+  oc.checkpoint.save_checkpoint(path, {"x": 1e300})
+  oc.checkpoint.restore_checkpoint(path, {"x": jnp.zeros([], jnp.float32)})
+
+
+def _checkpoint_fifo():
+  import os
+  import tempfile
+
+  path = Path(tempfile.mkdtemp()) / "c.msgpack"
+  os.mkfifo(path)
+  oc.checkpoint.save_checkpoint(path, {"w": jnp.ones(2)})
+
+
 def _checkpoint_over_a_file():
   import tempfile
 
@@ -684,6 +765,17 @@ def _checkpoint_flat_layout():
   path = Path(tempfile.mkdtemp()) / "c.msgpack"
   oc.checkpoint.save_checkpoint(path, oc.flat_params({"a": jnp.ones(2), "b": jnp.ones(3)}))
   oc.checkpoint.restore_checkpoint(path, oc.flat_params({"a": jnp.ones(3), "b": jnp.ones(2)}))
+
+
+def _flat_split_params():
+  """A leaf split on its second dimension over explicit axes: ``flat_optimizer``'s ``init``."""
+  from jax.sharding import AxisType, NamedSharding, PartitionSpec
+
+  if len(jax.devices()) < 2 or not hasattr(jax.sharding, "reshard"):
+    pytest.skip("needs 2 devices and explicit sharding (JAX 0.7 or later)")
+  mesh = jax.make_mesh((2,), ("fsdp",), axis_types=(AxisType.Explicit,), devices=jax.devices()[:2])
+  split = NamedSharding(mesh, PartitionSpec(None, "fsdp"))
+  jax.jit(oc.flat_optimizer(oc.adam(1e-3)).init)({"w": jax.device_put(jnp.ones((4, 6)), split)})
 
 
 def _alive_and_equal(tree, snapshot):

@@ -18,6 +18,7 @@ import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import optcompose as oc
+from compat import set_mesh
 from numerics import assert_ulps_close, on_cpu
 
 # 15 + 3 + 63 = 81 float32 elements, no leaf with a dimension that 8 divides: per leaf,
@@ -144,3 +145,83 @@ def test_flat_optimizer_init_names_a_flat_params_given_to_it():
   tx = oc.flat_optimizer(oc.adam(1e-3))
   with pytest.raises(TypeError, match=r"flat_optimizer: `params` is a FlatParams.*unflatten"):
     tx.init(oc.flat_params(PARAMS))
+
+
+# Leaves that 8 divides along a dimension next to leaves it does not: per leaf, ZeRO-1 splits
+# the first, not the others (on 2 x 4: "w" and "b" split over the 2 of "data", "odd" not).
+MIXED_SPLITS = {
+  "w": np.sin(np.arange(144, dtype=np.float32)).reshape(16, 9),
+  "odd": np.cos(np.arange(63, dtype=np.float32)).reshape(7, 9),
+  "b": np.linspace(-0.5, 0.5, 10, dtype=np.float32),
+}
+
+
+@pytest.mark.numerics
+@pytest.mark.parametrize("shape", [(8,), (2, 4)], ids=["data8", "data2xmodel4"])
+def test_zero1_of_a_flat_optimizer_on_explicit_axes_with_leaves_split_and_not(shape):
+  """On explicit axes (``jax.make_mesh``'s default) the state's shapes come from the
+  parameters as placed: a flat_optimizer cannot join a leaf ZeRO-1 would split per leaf with
+  one it would not into a bucket. Every bucket is split over "data", as on auto axes, and
+  the steps equal the unsharded run."""
+  devices = jax.devices("cpu")
+  if len(devices) < 8 or not hasattr(jax.sharding, "reshard"):
+    pytest.skip("needs 8 CPU devices and explicit sharding (JAX 0.7 or later)")
+  names = ("data", "model")[: len(shape)]
+  mesh = jax.make_mesh(
+    shape, names, axis_types=(AxisType.Explicit,) * len(shape), devices=devices[:8]
+  )
+  n = mesh.shape["data"]
+  replicated = NamedSharding(mesh, P())
+  tx = oc.with_diagnostics(oc.flat_optimizer(oc.adamw(1e-2, weight_decay=1e-2), pad_to=n))
+  params = jax.device_put(MIXED_SPLITS, replicated)
+  placement = oc.sharding.zero1_state_shardings(tx, params, "data")
+  flat = oc.flat_params(MIXED_SPLITS, pad_to=n)
+  assert jax.tree.leaves(oc.sharding.zero1_flat_shardings(tx, flat, mesh)) == jax.tree.leaves(
+    placement
+  )
+  state = jax.jit(tx.init, out_shardings=placement)(params)
+  step = make_step(tx)
+  sharded_step = jax.jit(
+    step, in_shardings=(replicated, placement, None), out_shardings=(replicated, placement)
+  )
+  with on_cpu():
+    plain = {k: jnp.asarray(v) for k, v in MIXED_SPLITS.items()}
+    plain_state, plain_step = tx.init(plain), jax.jit(step)
+    for t in range(3):
+      params, state = sharded_step(params, state, jnp.float32(t))
+      plain, plain_state = plain_step(plain, plain_state, jnp.float32(t))
+  moments = buckets(state)
+  assert len(moments) == 2
+  for x in moments:  # 217 elements padded to a multiple of n, 1/n of them on each device
+    assert x.shape == (-(-217 // n) * n,)
+    assert {s.data.size for s in x.addressable_shards} == {x.size // n}, x.sharding
+  floats = lambda tree: [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
+  assert_ulps_close(floats((params, state)), floats((plain, plain_state)), 8)
+
+
+@pytest.mark.parametrize("spec", [P("data"), P(None, "data")], ids=["leading", "second"])
+def test_flat_layouts_refuse_a_leaf_split_on_explicit_axes(spec):
+  """A bucket is a new 1-D array: it cannot keep a split leaf's sharding, on whichever
+  dimension the leaf is split (on its second, JAX could not even reshape it; on its first,
+  the packed state and the updates would come out placed otherwise). An error names the
+  leaf; an axis of one device splits nothing and is accepted."""
+  mesh = mesh8(AxisType.Explicit)
+  params = {
+    "w": jax.device_put(jnp.ones((16, 32)), NamedSharding(mesh, spec)),
+    "b": jax.device_put(jnp.ones(3), NamedSharding(mesh, P())),
+  }
+  tx = oc.flat_optimizer(oc.adam(1e-3))
+  with pytest.raises(ValueError, match=r"flat_optimizer: `params\['w'\]` is split over the mesh"):
+    jax.jit(tx.init)(params)
+  with pytest.raises(ValueError, match=r"flat_params: `params\['w'\]` is split over the mesh"):
+    oc.flat_params(params)
+  with set_mesh(mesh):  # a jitted init on explicit axes needs the mesh (JAX's rule)
+    state = jax.jit(tx.init)(jax.device_put(params, NamedSharding(mesh, P())))
+    with pytest.raises(ValueError, match=r"flat_optimizer: `updates\['w'\]` is split"):
+      jax.jit(tx.update)(params, state)
+  single = jax.make_mesh(
+    (1, 8), ("one", "data"), axis_types=(AxisType.Explicit,) * 2, devices=jax.devices("cpu")[:8]
+  )
+  on_one = jax.device_put({"w": jnp.ones((4, 6))}, NamedSharding(single, P(None, "one")))
+  with set_mesh(single):
+    assert jax.jit(tx.init)(on_one)[0].mu["float32"].shape == (24,)

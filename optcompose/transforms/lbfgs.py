@@ -23,6 +23,7 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
 
 from optcompose import tree as otree
 from optcompose.core import (
@@ -37,6 +38,7 @@ from optcompose.core import (
   safe_increment,
   zero_count,
 )
+from optcompose.core.explicit import sharded_axes, sharded_like, type_sharding
 from optcompose.transforms.statistics import same_structure
 
 # Optax's names (and the builder it registers); lbfgs_direction and the tree helpers are
@@ -58,6 +60,18 @@ def tree_vdot(a: Any, b: Any) -> jax.typing.ArrayLike:
     dtype = otree.promote_types(x.dtype, y.dtype, jnp.float32)
     x, y = x.astype(dtype), y.astype(dtype)
     x = jnp.conj(x) if jnp.iscomplexobj(x) else x
+    sharding = type_sharding(x) if type_sharding(x) is not None else type_sharding(y)
+    if sharding is not None and sharded_axes(sharding.spec):
+      # Split over explicit axes, the contraction must name where its (scalar) result goes:
+      # replicated, each device's partial product summed over the mesh. The same product.
+      dims = tuple(range(x.ndim))
+      return jax.lax.dot_general(
+        x,
+        y,
+        ((dims, dims), ((), ())),
+        precision=jax.lax.Precision.HIGHEST,
+        out_sharding=NamedSharding(sharding.mesh, PartitionSpec()),
+      )
     return jnp.tensordot(x, y, x.ndim, precision=jax.lax.Precision.HIGHEST)
 
   return functools.reduce(
@@ -109,10 +123,13 @@ def lbfgs_direction(
   def pair(i):
     return jax.tree.map(lambda x: x[i], (diff_params_memory, diff_updates_memory))
 
+  def kept(new, carry):  # on explicit axes a loop's carry keeps its sharding (ZeRO-1's
+    return jax.tree.map(sharded_like, new, carry)  # history split, the updates not)
+
   def newest_first(q, i):
     dw, du = pair(i)
     alpha = _op(jnp.multiply, weights_memory[i], jnp.real(tree_vdot(dw, q)))
-    return tree_add_scale(q, -alpha, du), alpha
+    return kept(tree_add_scale(q, -alpha, du), q), alpha
 
   q, alphas = jax.lax.scan(newest_first, updates, indices, reverse=True)
   r = tree_scale(identity_scale, q)
@@ -121,7 +138,7 @@ def lbfgs_direction(
     i, alpha = i_alpha
     dw, du = pair(i)
     beta = _op(jnp.multiply, weights_memory[i], jnp.real(tree_vdot(du, r)))
-    return tree_add_scale(r, _op(jnp.subtract, alpha, beta), dw), beta
+    return kept(tree_add_scale(r, _op(jnp.subtract, alpha, beta), dw), r), beta
 
   return jax.lax.scan(oldest_first, r, (indices, alphas))[0]
 
@@ -177,8 +194,12 @@ def scale_by_lbfgs(
     otree.check_floating(params, "params")
 
     def stacked():  # one buffer per field: a state whose leaves share one cannot be donated
+      # Broadcast from the parameter's zeros: on explicit axes each copy has its sharding.
       return jax.tree.map(
-        lambda p: jnp.zeros((memory_size,) + jnp.shape(p), jnp.result_type(p)), params
+        lambda p: jnp.broadcast_to(
+          jnp.zeros_like(p, jnp.result_type(p))[None], (memory_size,) + jnp.shape(p)
+        ),
+        params,
       )
 
     return ScaleByLBFGSState(

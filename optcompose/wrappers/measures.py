@@ -24,23 +24,35 @@ GROUPED_SIZE = 1 << 14
 
 def grouped(leaves: list) -> list:
   """The arrays to measure ``leaves`` by: each leaf of 2^14 elements or more as it is, the
-  smaller ones raveled and concatenated, one array per dtype (an explicitly sharded leaf is
-  kept apart). A norm, a count or a fraction over all the elements is the same, up to the
-  order of float addition; XLA compiles one reduction for the group instead of one per leaf
-  (nanoGPT's 76 leaves, 50 of them small: with_diagnostics' lowering and compiling took
-  1.74x the recipe's CPU time, about 1.6x grouped, on XLA CPU), and a copy of leaves this
-  small costs microseconds (joining every leaf made both the compile and the step slower:
-  docs/performance.md). ``float0`` leaves (the gradients of integer inputs) hold no values
-  and are left out."""
+  smaller ones raveled and concatenated, one array per dtype. A norm, a count or a fraction
+  over all the elements is the same, up to the order of float addition; XLA compiles one
+  reduction for the group instead of one per leaf (nanoGPT's 76 leaves, 50 of them small:
+  with_diagnostics' lowering and compiling took 1.74x the recipe's CPU time, about 1.6x
+  grouped, on XLA CPU), and a copy of leaves this small costs microseconds (joining every
+  leaf made both the compile and the step slower: docs/performance.md). ``float0`` leaves
+  (the gradients of integer inputs) hold no values and are left out.
+
+  Only where JAX has one device (:func:`_one_device`): a leaf split over devices would be
+  gathered whole to be joined, where its own reduction is a partial sum on each device and
+  an all-reduce of scalars; and under ``jax.jit`` on auto axes a leaf's sharding is unknown
+  when this runs. (An explicitly sharded leaf is kept apart even so.)"""
+  valued = [jnp.asarray(x) for x in valued_leaves(leaves)]
+  if not _one_device():
+    return valued
   big, small = [], {}
-  for x in valued_leaves(leaves):
-    x = jnp.asarray(x)
+  for x in valued:
     sharding = type_sharding(x)
     if x.size >= GROUPED_SIZE or (sharding is not None and sharded_axes(sharding.spec)):
       big.append(x)
     else:
       small.setdefault(x.dtype, []).append(jnp.ravel(x))
   return big + [p[0] if len(p) == 1 else jnp.concatenate(p) for p in small.values()]
+
+
+def _one_device() -> bool:
+  """Whether the default backend has a single device (in every process): no array can then
+  be split, so joining leaves moves nothing between devices."""
+  return jax.device_count() == 1
 
 
 def update_ratio(update_norm: jax.Array, param_norm: jax.Array) -> jax.Array:
