@@ -306,9 +306,11 @@ def flat_optimizer(tx: Any, labels: Any = None, pad_to: int = 1) -> GradientTran
   gradients and parameters into the layout of the state's FlatParams, fixed at init (one
   concatenation per bucket, inside the jitted step), runs ``tx.update`` on the buckets and
   returns the updates as the caller's tree: one slice per leaf, which XLA fuses with the
-  caller's ``apply_updates`` (one kernel per leaf, where per-leaf AdamW runs three). A tree
-  that does not match the layout -- another leaf, shape or dtype -- is a ValueError naming
-  the first leaf that differs.
+  caller's ``apply_updates``. A tree that does not match the layout -- another leaf, shape
+  or dtype -- is a ValueError naming the first leaf that differs. The packing is two more
+  passes over memory and a concatenation and a slice per leaf to compile, so this is a
+  layout for the state, not a speed-up: it is slower than the per-leaf optimizer except on
+  thousands of small leaves (docs/performance.md; FlatParams kept by the caller are fast).
 
   So ``nnx.Optimizer(model, flat_optimizer(adamw(1e-3)), wrt=nnx.Param)`` and an Optax-style
   Equinox loop keep flat state, and the model code does not change. The numerics are those
