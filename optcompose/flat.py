@@ -70,7 +70,7 @@ import numpy as np
 
 from optcompose import tree as otree
 from optcompose.core import GradientTransformation, Params, Updates, as_transformation
-from optcompose.core.explicit import gathered, type_sharding
+from optcompose.core.explicit import gathered, split_count, type_sharding
 from optcompose.masks import broadcast_prefix, register_layout
 
 
@@ -246,13 +246,9 @@ def _unsplit(x: jax.Array, where: str) -> jax.Array:
   """``x`` with no mesh axis in its type: a bucket is a new 1-D array, which cannot keep a
   leaf's sharding, so a leaf explicitly split over devices is an error (an axis of one
   device splits nothing: dropped). Auto axes are not in the type: XLA gathers there."""
-  sharding = type_sharding(x)
-  if sharding is None:
-    return x
-  axes = [a for e in sharding.spec if e for a in (e if isinstance(e, tuple) else (e,))]
-  if np.prod([sharding.mesh.shape[a] for a in axes], dtype=np.int64) > 1:
+  if split_count(x) > 1:
     raise ValueError(
-      f"{where} is split over the mesh ({sharding.spec}, on explicit axes), but FlatParams "
+      f"{where} is split over the mesh ({type_sharding(x).spec}, on explicit axes), but FlatParams "
       "and flat_optimizer pack each leaf into a new 1-D buffer that cannot keep its "
       "sharding: they take single-device or replicated parameters only. Place it "
       "replicated (NamedSharding(mesh, PartitionSpec())), or leave out flat_params / "

@@ -225,3 +225,21 @@ def test_flat_layouts_refuse_a_leaf_split_on_explicit_axes(spec):
   on_one = jax.device_put({"w": jnp.ones((4, 6))}, NamedSharding(single, P(None, "one")))
   with set_mesh(single):
     assert jax.jit(tx.init)(on_one)[0].mu["float32"].shape == (24,)
+
+
+def test_flatten_refuses_a_leaf_split_on_explicit_axes():
+  """flatten joins the leaves into one new vector (as Optax's, which fails inside JAX's
+  reshape or concatenation there): a split leaf is an error naming it."""
+  mesh = mesh8(AxisType.Explicit)
+  params = {
+    "w": jax.device_put(jnp.ones((16, 32)), NamedSharding(mesh, P(None, "data"))),
+    "b": jax.device_put(jnp.ones(3), NamedSharding(mesh, P())),
+  }
+  tx = oc.flatten(oc.adam(1e-3))
+  with pytest.raises(ValueError, match=r"flatten: `params\['w'\]` is split over the mesh"):
+    jax.jit(tx.init)(params)
+  with set_mesh(mesh):
+    replicated = jax.device_put(params, NamedSharding(mesh, P()))
+    state = jax.jit(tx.init)(replicated)
+    with pytest.raises(ValueError, match=r"flatten: `updates\['w'\]` is split"):
+      jax.jit(tx.update)(params, state, replicated)

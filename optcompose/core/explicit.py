@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 
@@ -34,6 +35,15 @@ def type_sharding(x: Any) -> Any:
   if any(t == AxisType.Explicit for t in getattr(mesh, "axis_types", ())):
     return sharding
   return None
+
+
+def split_count(x: Any) -> int:
+  """Over how many devices ``x``'s type splits it (1: unsplit, or not on explicit axes)."""
+  sharding = type_sharding(x)
+  if sharding is None:
+    return 1
+  axes = [a for e in sharding.spec if e for a in (e if isinstance(e, tuple) else (e,))]
+  return int(np.prod([sharding.mesh.shape[a] for a in axes], dtype=np.int64))
 
 
 def sharded_axes(spec: Any) -> int:

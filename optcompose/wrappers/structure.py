@@ -32,6 +32,7 @@ from optcompose.core import (
   default_float,
   public,
 )
+from optcompose.core.explicit import split_count, type_sharding
 from optcompose.masks import is_function_of_params, resolve_mask
 from optcompose.transforms.scaling import set_to_zero
 from optcompose.wrappers.masking import PartitionState, masked, partition
@@ -277,9 +278,17 @@ def selective_transform(
   return GradientTransformation(init, tx.update)
 
 
-def _ravel(tree) -> jax.Array:
+def _ravel(tree, name: str) -> jax.Array:
   """Every leaf of ``tree`` raveled and joined into one vector, in the leaves' common dtype
   (JAX's standard promotion; an empty float vector for a tree without leaves)."""
+  for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    if split_count(x) > 1:
+      raise ValueError(
+        f"flatten: `{name}{jax.tree_util.keystr(path)}` is split over the mesh "
+        f"({type_sharding(x).spec}, on explicit axes), but flatten joins every leaf into one "
+        "new vector, which cannot keep that sharding: use it for single-device or "
+        "replicated parameters (the per-leaf path keeps every leaf's sharding)."
+      )
   leaves = jax.tree.leaves(tree)
   if not leaves:
     return jnp.zeros((0,), default_float())
@@ -315,7 +324,8 @@ def flatten(inner: GradientTransformation) -> GradientTransformation:
     common dtype and each update is cast back to its leaf's dtype (Optax's keep the common
     dtype); a tree without leaves passes through. Sharding: the vector is a new array, so
     the updates do not keep their leaves' shardings; use ``flatten`` for single-device or
-    replicated parameters (as :class:`~optcompose.FlatParams`).
+    replicated parameters (as :class:`~optcompose.FlatParams`): a leaf split over explicit
+    mesh axes is a ValueError naming it.
 
   Raises:
     TypeError: ``inner`` is not a transformation.
@@ -332,11 +342,11 @@ def flatten(inner: GradientTransformation) -> GradientTransformation:
     ) from None
 
   def init(params):
-    return inner.init(_ravel(params))
+    return inner.init(_ravel(params, "params"))
 
   def update(updates, state, params=None, **extra):
-    flat_params = None if params is None else _ravel(params)
-    flat, state = inner.update(_ravel(updates), state, flat_params, **extra)
+    flat_params = None if params is None else _ravel(params, "params")
+    flat, state = inner.update(_ravel(updates, "updates"), state, flat_params, **extra)
     return _unravel(updates, cast(jax.Array, flat)), state  # inner's updates: a vector
 
   return GradientTransformation(init, update)
