@@ -247,9 +247,8 @@ NO_F16C = "xla_cpu_max_isa=SSE" in os.environ.get("XLA_FLAGS", "")
 @pytest.mark.skipif(NO_F16C, reason="XLA CPU cannot compile float16 arithmetic without F16C")
 def test_float16_statistics_are_computed_in_float32():
   """In float16, eps = 1e-30 is 0 and 300^2 overflows: Optax's first step is NaN for a zero
-  gradient and 0 for a large one. Ours computes each step's statistics in float32 and is
-  within an ulp or two of float64; they are stored in float16, as Optax stores them, so
-  over steps they carry float16's rounding (and saturate past |g| = 256)."""
+  gradient and 0 for a large one. Ours computes and stores the statistics in float32
+  (Optax stores float16), and is within an ulp or two of float64."""
   params = {"w": jnp.ones((4, 6), jnp.float16), "b": jnp.ones(4, jnp.float16)}
   g = {
     "w": jnp.asarray(np.outer([0.0, 1.0, 30.0, -2.0], np.linspace(-1, 1, 6)), jnp.float16),
@@ -259,21 +258,42 @@ def test_float16_statistics_are_computed_in_float32():
   tx = oc.scale_by_factored_rms(min_dim_size_to_factor=2)
   u, state = jax.jit(tx.update)(g, tx.init(params), params)
   ref, _ = adafactor_np([g64], [0.0], 1e-30, 2)
-  assert all(x.dtype == jnp.float16 for x in jax.tree.leaves((u, tuple(state)[1:])))
+  assert all(x.dtype == jnp.float16 for x in jax.tree.leaves(u))
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(tuple(state)[1:]))
   assert_ulps_close(u, ref[0], 2, dtype=jnp.float16)
   theirs = standard_promotion(optax.scale_by_factored_rms(min_dim_size_to_factor=2))
   u_optax, _ = theirs.update(g, theirs.init(params), params)
   assert np.isnan(np.asarray(u_optax["b"][0], np.float32))  # 0 * (0 + 0)^(-1/2)
   assert float(u_optax["b"][1]) == 0.0 and float(u["b"][1]) == 1.0  # 300 / sqrt(inf)
-  # Two more steps within float16's range (the large entry left out): the stored statistics
-  # are float16-rounded (relative 2^-11 each), which halves through the square root.
-  g = {"w": g["w"], "b": g["b"].at[1].set(3.0)}
+  # Three steps: the statistics keep float32, so the large entry stays within an ulp too.
   g64 = jax.tree.map(lambda x: np.asarray(x, np.float64), g)
   state = tx.init(params)
   for t in range(3):
     u, state = jax.jit(tx.update)(g, state, params)
   ref, _ = adafactor_np([g64] * 3, [1 - (s + 1.0) ** -0.8 for s in range(3)], 1e-30, 2)
-  assert_ulps_close(u, ref[-1], 2, dtype=jnp.float16)  # 0.3 measured
+  assert_ulps_close(u, ref[-1], 2, dtype=jnp.float16)
+
+
+def test_the_decay_stays_finite_at_the_last_int32_count():
+  # The count saturates at 2**31 - 1; the decay's t = count + 1 was computed in int32 and
+  # wrapped to -2**31, so (-2**31)^(-0.8) = NaN from then on (Optax's too). Three steps from
+  # count 2**31 - 2 against the float64 estimate with the float32 decays 1 - t^(-0.8).
+  params = {"w": jnp.ones((3, 4)), "b": jnp.ones(3)}
+  grads = {"w": jnp.arange(12.0).reshape(3, 4) - 5.5, "b": jnp.asarray([1.0, -2.0, 0.5])}
+  tx = oc.scale_by_factored_rms(min_dim_size_to_factor=2)
+  state = tx.init(params)._replace(count=jnp.asarray(2**31 - 2, jnp.int32))
+  updates = []
+  for _ in range(3):
+    u, state = jax.jit(tx.update)(grads, state, params)
+    updates.append(u)
+  assert int(state.count) == 2**31 - 1
+  rhos = [
+    float(np.float32(1) - np.float32(t) ** np.float32(-0.8)) for t in (2**31 - 1, 2**31, 2**31)
+  ]
+  g64 = {k: np.asarray(v, np.float64) for k, v in grads.items()}
+  ref, _ = adafactor_np([g64] * 3, rhos, 1e-30, 2)
+  for got, want in zip(updates, ref):
+    assert_rel_close(got, want, 1e-5, "a step at the last count")
 
 
 # --- bad input -------------------------------------------------------------------------------
@@ -295,6 +315,7 @@ def test_float16_statistics_are_computed_in_float32():
       "min_dim_size_to_factor",
     ),
     (lambda: oc.scale_by_factored_rms(epsilon=0.0), ValueError, "epsilon"),
+    (lambda: oc.scale_by_factored_rms(epsilon=1e-40), ValueError, "epsilon"),  # flushed to 0
     (lambda: oc.scale_by_factored_rms(step_offset=float("inf")), ValueError, "step_offset"),
     (lambda: oc.scale_by_factored_rms(factored="yes"), TypeError, "factored"),
     (lambda: oc.scale_by_factored_rms(decay_rate_fn=0.8), TypeError, "decay_rate_fn"),

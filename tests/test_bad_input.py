@@ -221,6 +221,17 @@ ROWS = [
     lambda: oc.adam(1e-3, eps=oc.cosine_decay_schedule(1e-8, 10)),
   ),
   Row(
+    "eps-subnormal",
+    "an `eps` below float32's smallest normal number (`rmsprop(eps=1e-40)`, `adamax`, "
+    "`adadelta`, `scale_by_stddev`, Adafactor's `epsilon`) where it alone keeps the "
+    "denominator from 0: XLA CPU flushes it to 0, and a zero gradient gives NaN (Optax "
+    "accepts it)",
+    "`ValueError` at construction, naming `eps`",
+    ValueError,
+    r"`eps` = 1e-40 is below float32's smallest normal number",
+    lambda: oc.rmsprop(1e-3, eps=1e-40),
+  ),
+  Row(
     "set-hyperparams-invalid",
     "`set_hyperparams` with a value construction would reject "
     "(`b1=1.0`, NaN, a negative rate, a bool, a string)",

@@ -301,3 +301,43 @@ def test_float16_parameters_keep_their_squares_in_float32(name):
   np.testing.assert_allclose(
     np.asarray(updates["w"], np.float64), np.asarray(reference["w"], np.float64), rtol=2e-2
   )
+
+
+@pytest.mark.skipif(
+  "xla_cpu_max_isa=SSE" in os.environ.get("XLA_FLAGS", ""),
+  reason="XLA CPU cannot compile float16 arithmetic without F16C",
+)
+@pytest.mark.parametrize(
+  "make",
+  [
+    lambda: oc.sm3(1e-2),
+    lambda: oc.adafactor(1e-2, min_dim_size_to_factor=2),
+    lambda: oc.adafactor(1e-2, factored=False),
+  ],
+  ids=["sm3", "adafactor-factored", "adafactor-full"],
+)
+def test_float16_accumulators_neither_overflow_nor_underflow(make):
+  # SM3's sum of squares passed float16's 65504 (|g| = 100: inf after 7 steps, then that
+  # weight's gradient term was gone for good) and Adafactor's stored g^2 overflowed past
+  # |g| = 256 (zero steps ever after) or underflowed below 2.4e-4 (steps of lr * sign(g)).
+  # Each float16 run now follows the float32 one, to float16's rounding of the updates.
+  rng = np.random.default_rng(0)
+  scale = np.asarray([300.0, 100.0, 1.0, 1e-4])[:, None]
+  grads = [scale * rng.normal(size=(4, 3)) for _ in range(10)]
+
+  def run(dtype):
+    tx = make()
+    params = {"w": jnp.ones((4, 3), dtype)}
+    state, update, out = tx.init(params), jax.jit(tx.update), []
+    for g in grads:
+      updates, state = update({"w": jnp.asarray(g, dtype)}, state, params)
+      out.append(np.asarray(updates["w"], np.float64))
+    return out, state
+
+  half, state = run(jnp.float16)
+  full, _ = run(jnp.float32)
+  kinds = {x.dtype for x in jax.tree.leaves(state) if jnp.issubdtype(x.dtype, jnp.floating)}
+  assert jnp.dtype(jnp.float32) in kinds
+  for a, b in zip(half, full):
+    assert np.all(np.isfinite(a))
+    np.testing.assert_allclose(a, b, rtol=2e-2, atol=1e-3 * np.abs(b).max())

@@ -48,6 +48,7 @@ from optcompose.transforms.statistics import (
   like_params,
   _wide_enough,
   ema_leaf,
+  moments_init,
   squares_init,
   same_structure,
   square_leaf,
@@ -283,9 +284,13 @@ def sm3_covers_leaf(a):
 
 
 def _covers_init(p):
+  """Zero covers for ``p``: sums of squared gradients, so float32 for a float16 leaf (a
+  float16 sum overflows past 65504 and stops growing at 2048 for |g| = 1)."""
+  dtype = jnp.result_type(p)
+  dtype = jnp.float32 if dtype == jnp.float16 else dtype
   if p.ndim == 0:
-    return [jnp.zeros([], jnp.result_type(p))]
-  return [jnp.zeros((p.shape[i],), jnp.result_type(p)) for i in range(p.ndim)]
+    return [jnp.zeros([], dtype)]
+  return [jnp.zeros((p.shape[i],), dtype) for i in range(p.ndim)]
 
 
 @public(
@@ -314,9 +319,10 @@ def scale_by_sm3(b1: float = 0.9, b2: float = 1.0, eps: float = 1e-8) -> Gradien
 
   Returns:
     A transformation with state :class:`ScaleBySM3State` (``mu``: per leaf a list of one
-    vector per axis; ``nu``), stored in the parameters' dtype; updates keep the gradients'
-    dtype. Complex parameters and FlatParams are refused. A scalar leaf keeps a 0-d
-    accumulator (``[a]``; Optax's list is empty there, and its update fails).
+    vector per axis, the sums of squares, float32 for float16 parameters; ``nu``, the
+    momentum), stored in the parameters' dtype; updates keep the gradients' dtype. Complex
+    parameters and FlatParams are refused. A scalar leaf keeps a 0-d accumulator (``[a]``;
+    Optax's list is empty there, and its update fails).
 
   References:
     Anil, Gupta, Koren and Singer, "Memory-Efficient Adaptive Optimization", NeurIPS 2019;
@@ -333,7 +339,7 @@ def scale_by_sm3(b1: float = 0.9, b2: float = 1.0, eps: float = 1e-8) -> Gradien
     if any(jnp.iscomplexobj(p) for p in jax.tree.leaves(params)):
       raise TypeError("scale_by_sm3: complex parameters are not supported (as in Optax).")
     mu = jax.tree.map(_covers_init, params)
-    return ScaleBySM3State(mu, squares_init(params))
+    return ScaleBySM3State(mu, moments_init(params))
 
   def update(updates, state, params=None, **extra):
     del params, extra

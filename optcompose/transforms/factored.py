@@ -21,9 +21,10 @@ leaf does not use them.
 
 dtypes: the statistics are kept in the parameters' dtype and computed as Optax computes
 them (rho_t is float32; bfloat16 statistics are rounded to bfloat16 before the factors are
-taken), except float16, whose statistics are computed in float32 and rounded only when
-stored (g^2 overflows float16 past |g| = 256 and epsilon = 1e-30 is 0 there, so a zero
-gradient would give 0 * inf = NaN). Updates keep the gradients' dtype.
+taken), except float16, whose statistics are computed and kept in float32 (g^2 overflows
+float16 past |g| = 256, leaving a stored inf and zero steps for good, underflows below
+|g| = 2.4e-4, making every step lr * sign(g), and epsilon = 1e-30 is 0 there, so a zero
+gradient would give 0 * inf = NaN; Optax keeps float16). Updates keep the gradients' dtype.
 
 Factoring needs each model leaf's matrix shape, which FlatParams' 1-D buckets do not have:
 ``factored=True`` refuses FlatParams; ``factored=False`` is elementwise and accepts them.
@@ -55,7 +56,9 @@ from optcompose.transforms.statistics import ema_leaf
 DECAY_RATE = real(0.0, draw=(0.5, 1.0), schedule=False)  # the exponent c of 1 - t^(-c)
 STEP_OFFSET = real(draw=(0.0, 0.0), schedule=False)  # any finite number, usually a step count
 MIN_DIM = integer(1, draw=(1, 3))  # a static shape threshold (0 would factor empty leaves)
-EPSILON = real(0.0, low_open=True, draw=(1e-30, 1e-10), schedule=False)  # the only 0/0 guard
+EPSILON = real(0.0, low_open=True, draw=(1e-30, 1e-10), schedule=False)._replace(
+  normal=True  # the only 0/0 guard: refused below float32's smallest normal (flushed to 0)
+)
 
 
 class FactoredState(NamedTuple):
@@ -70,7 +73,7 @@ class FactoredState(NamedTuple):
 def decay_rate_pow(step, exponent=0.8):
   """Adafactor's decay ``rho = 1 - (step + 1)^(-exponent)``, in float32 (Optax's default
   ``decay_rate_fn``, so float64 runs match it); ``step`` counts from 0."""
-  t = jnp.asarray(step + 1).astype(jnp.float32)
+  t = jnp.asarray(step).astype(jnp.float32) + 1  # cast first: int32 step + 1 wraps at 2**31 - 1
   return 1.0 - jnp.power(*otree.promote(t, -exponent))
 
 
@@ -92,10 +95,11 @@ def _stat_dtype(dtype):
 
 
 def _squares(g, dtype, epsilon):
-  """``G = |g|^2 + epsilon``, in g's dtype (float32 for float16 statistics)."""
+  """``G = |g|^2 + epsilon``, in g's dtype (float32 for float16 gradients or statistics:
+  g^2 underflows float16 below |g| = 2.4e-4, and epsilon is 0 there)."""
   g = jnp.asarray(g)
-  if _stat_dtype(dtype) != jnp.dtype(dtype):
-    g = g.astype(otree.promote_types(g.dtype, _stat_dtype(dtype)))
+  if jnp.dtype(jnp.float16) in (g.dtype, jnp.dtype(dtype)):
+    g = g.astype(otree.promote_types(g.dtype, jnp.float32))
   return jnp.add(*otree.promote(otree.abs_sq(g), epsilon))
 
 
@@ -201,8 +205,9 @@ def scale_by_factored_rms(
 
   Returns:
     A transformation with state :class:`FactoredState` (``count``, ``v_row``, ``v_col``,
-    ``v``: Optax's fields, shapes and dtypes). It does not read ``params`` (Optax's
-    requires them and reads only their shapes and dtypes; ours reads the state's). With
+    ``v``: Optax's fields, shapes and dtypes, except float32 for float16 parameters). It
+    does not read ``params`` (Optax's requires them and reads only their shapes and dtypes;
+    ours reads the state's). With
     ``factored=True`` it refuses FlatParams (a TypeError at ``init`` and ``update``).
 
   References:
@@ -220,11 +225,12 @@ def scale_by_factored_rms(
     return factored_dims(jnp.shape(x), factored, min_dim_size_to_factor)
 
   def init_leaf(param):
-    dtype, dims = jnp.result_type(param), dims_of(param)
+    dtype, dims = _stat_dtype(jnp.result_type(param)), dims_of(param)
     if dims is None:
-      return _placeholder(dtype), _placeholder(dtype), jnp.zeros_like(param)
+      return _placeholder(dtype), _placeholder(dtype), jnp.zeros_like(param, dtype)
     d1, d0 = dims
-    return (_zeros_without_axis(param, d0), _zeros_without_axis(param, d1), _placeholder(dtype))
+    rows, cols = _zeros_without_axis(param, d0), _zeros_without_axis(param, d1)
+    return rows.astype(dtype), cols.astype(dtype), _placeholder(dtype)
 
   def split(triples, like):
     """Three trees (rows, cols, full) from a tree of triples shaped like ``like``."""
