@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numbers
 import sys
+import threading
 from typing import Any, Optional
 
 import jax
@@ -19,16 +20,27 @@ from optcompose.wrappers.masking import MaskedState
 # Optax's names), and Optax's names of states optcompose keeps in another class.
 
 # (_OPTAX_ALIASES: optcompose._from_optax.STATES_ELSEWHERE, imported above.)
-_PAIRS: set = set()
+_PAIRS: frozenset = frozenset()
+_PAIRS_LOCK = threading.Lock()
 
 
-def _pairs() -> set:
-  """``{(optax_class, optcompose_class)}``, read once from both namespaces."""
-  if not _PAIRS:
+def _pairs() -> frozenset:
+  """``{(optax_class, optcompose_class)}``, read once from both namespaces (under a lock,
+  and published whole: a thread that finds it half filled would take an unknown pair's
+  fields as enough)."""
+  global _PAIRS
+  if _PAIRS:
+    return _PAIRS
+  with _PAIRS_LOCK:
+    if _PAIRS:
+      return _PAIRS
     import warnings
+
     import optax
+
     import optcompose
 
+    found = set()
     with warnings.catch_warnings():  # Optax's deprecated names warn when read
       warnings.simplefilter("ignore")
       for space, name in (
@@ -37,7 +49,8 @@ def _pairs() -> set:
         theirs = getattr(space, name, None)
         ours = vars(optcompose).get(_OPTAX_ALIASES.get(name, name))  # ours, not Optax's
         if _is_namedtuple(theirs, True) and _is_namedtuple(ours, True):
-          _PAIRS.add((theirs, ours))
+          found.add((theirs, ours))
+    _PAIRS = frozenset(found)
   return _PAIRS
 
 

@@ -274,3 +274,14 @@ def test_nnx_masked_weight_decay_leaves_bias_and_norm_scale_undecayed():
       np.testing.assert_allclose(np.asarray(a), np.asarray(b) * (1 - 0.1 * 0.5), rtol=1e-6)
     else:
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_a_hand_built_transformation_logs_its_own_functions():
+  # An `update` without **extra is wrapped to drop the extra arguments; the wrapper showed
+  # as `<..._DroppingExtra object at 0x...>` in the transformation's repr, in logs.
+  def my_update(updates, state, params=None):
+    return updates, state
+
+  tx = oc.GradientTransformation(lambda params: oc.EmptyState(), my_update)
+  assert repr(my_update) in repr(tx)
+  assert "DroppingExtra" not in repr(tx)

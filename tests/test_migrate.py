@@ -413,3 +413,41 @@ def test_restoring_an_optax_checkpoint_into_our_template_points_to_migration(tmp
   tx = oc.chain(oc.clip_by_global_norm(1.0), oc.adam(1e-2))
   with pytest.raises(CheckpointMismatchError, match=r"global_norm.*migrate\.from_optax_state"):
     restore_checkpoint(path, {"params": params, "opt_state": tx.init(params)})
+
+
+def test_first_use_from_many_threads_sees_every_counterpart(monkeypatch):
+  # The table of Optax/optcompose state pairs is read on first use. Threads that found it
+  # half filled raised "Set changed size during iteration", or took a pair missing from it
+  # as having no counterpart (the fields alone then decide). Filling is slowed down here so
+  # that the other threads arrive while it runs; each must see the whole table.
+  import threading
+  import time
+
+  from optcompose import _migrate_match as mm
+
+  whole = mm._pairs()
+  assert len(whole) > 20
+  monkeypatch.setattr(mm, "_PAIRS", type(mm._PAIRS)())
+  slow = mm._is_namedtuple
+
+  def slowly(x, is_class=False):
+    time.sleep(1e-5)
+    return slow(x, is_class)
+
+  monkeypatch.setattr(mm, "_is_namedtuple", slowly)
+  seen, errors = [], []
+
+  def read():
+    try:
+      seen.append(set(mm._pairs()))
+    except Exception as e:  # noqa: BLE001 -- the failure this test is about
+      errors.append(e)
+
+  threads = [threading.Thread(target=read) for _ in range(6)]
+  for t in threads:
+    t.start()
+    time.sleep(0.002)
+  for t in threads:
+    t.join()
+  assert not errors
+  assert all(s == set(whole) for s in seen)

@@ -53,3 +53,6 @@ class _DroppingExtra:
 
   def __hash__(self):
     return hash(self.wrapped)
+
+  def __repr__(self):  # the function's, as logged in a GradientTransformation's repr
+    return repr(self.wrapped)
