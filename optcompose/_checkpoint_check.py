@@ -186,13 +186,18 @@ def _check(fn: str, where: Optional[PathLike], saved: dict, target: Any) -> None
       else ""
     )
     name = "" if where is None else f" {os.fspath(where)}"
-    structural = " is missing" in problems[0] or " lacks" in problems[0]
-    hint = (
-      " (An Optax optimizer's state converts with optcompose.migrate.from_optax_state: read "
-      "it without a template first.)"
-      if structural
-      else ""
-    )
+    hint = ""
+    if " lacks" in problems[0] and " has `" in problems[0]:  # `target` is part of the tree
+      hint = (
+        " (To read part of a checkpoint, e.g. the weights of a run that also saved its "
+        "optimizer state, read it without a template and check the part against one: see "
+        "'Reading part of a checkpoint' in docs/guides/checkpoints.md.)"
+      )
+    elif " is missing" in problems[0] or " lacks" in problems[0]:
+      hint = (
+        " (An Optax optimizer's state converts with optcompose.migrate.from_optax_state: "
+        "read it without a template first.)"
+      )
     raise CheckpointMismatchError(
       f"{fn}: the checkpoint{name} does not match `target`: {problems[0]}{more}.{hint}"
     )

@@ -687,3 +687,29 @@ def test_a_checkpoint_saved_under_x64_names_the_setting_when_restored_without(tm
     save_checkpoint(path, {"es": es.init(), "w": jnp.zeros(2, jnp.float64)})
   with pytest.raises(CheckpointMismatchError, match=r"float64 in the checkpoint.*jax_enable_x64"):
     restore_checkpoint(path, {"es": early_stopping(patience=2).init(), "w": jnp.zeros(2)})
+
+
+def test_reading_part_of_a_checkpoint_as_the_guide_shows(tmp_path):
+  # Fine-tuning: a template of the weights alone, for a run that saved its optimizer state
+  # too, was told to convert an Optax state. It is now pointed to the guide's recipe, which
+  # reads the backbone into a model with a new head and refuses a part of another shape.
+  import flax.serialization
+
+  from optcompose.checkpoint import check_against_template
+
+  params = {"backbone": {"w": jnp.arange(9.0).reshape(3, 3)}, "head": {"w": jnp.ones((3, 4))}}
+  path = tmp_path / "run.msgpack"
+  save_checkpoint(path, {"params": params, "opt_state": oc.adamw(1e-3).init(params)})
+  with pytest.raises(CheckpointMismatchError, match="Reading part of a checkpoint") as e:
+    restore_checkpoint(path, {"params": params})
+  assert "from_optax_state" not in str(e.value)
+  new = {"backbone": {"w": jnp.zeros((3, 3))}, "head": {"w": jnp.zeros((3, 7))}}
+  raw = restore_checkpoint(path, None)
+  check_against_template(raw["params"]["backbone"], new["backbone"])
+  backbone = flax.serialization.from_state_dict(new["backbone"], raw["params"]["backbone"])
+  np.testing.assert_array_equal(backbone["w"], params["backbone"]["w"])
+  with pytest.raises(CheckpointMismatchError, match=r"\(3, 4\) in the checkpoint but \(3, 7\)"):
+    check_against_template(raw["params"]["head"], new["head"])
+  # A template with more than the checkpoint holds still gets the Optax hint.
+  with pytest.raises(CheckpointMismatchError, match="from_optax_state"):
+    restore_checkpoint(path, {"params": params, "opt_state": oc.adamw(1e-3).init(params), "x": 1})
