@@ -160,11 +160,14 @@ def set_hyperparams(state: Any, **values) -> Any:
   values held there, as 0-d arrays in the holder's dtype (``inject_hyperparams(f)``: ``f``
   built with them, so a factory of your own checks its own arguments). The builder is known
   by the names held and the kinds of state beside them (``trace`` and ``ema`` both hold
-  ``decay``); in a state as a mapping of its fields, every builder of those names made in
-  this process must accept the value. A state whose builder this process has not made
-  (Optax's ``inject_hyperparams``, ``reduce_on_plateau``'s scale) is checked by name,
-  inside the range every builder declaring that name accepts. A value traced under ``jax.jit`` or
-  ``jax.vmap`` has no value to check: it is stored as given.
+  ``decay``), which is all a state shows: where two builders made in this process leave
+  states alike (``inject_hyperparams(sgd)`` and of your own factory wrapping ``sgd``), a
+  value either of them accepts is accepted, so a factory's own stricter limit holds only
+  while it is the one such builder. In a state as a mapping of its fields, every builder of
+  those names made in this process must accept the value. A state whose builder this
+  process has not made (Optax's ``inject_hyperparams``, ``reduce_on_plateau``'s scale) is
+  checked by name, inside the range every builder declaring that name accepts. A value
+  traced under ``jax.jit`` or ``jax.vmap`` has no value to check: it is stored as given.
 
   Called on the host, it reads the values the holder keeps (the check builds with them), so
   it waits for the step that produced ``state`` to finish, and it walks the whole state in
