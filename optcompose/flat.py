@@ -138,11 +138,17 @@ class FlatParams:
     return f"FlatParams({len(self.layout.leaves)} leaves in {{{parts}}})"
 
   def unflatten(self) -> Any:
-    """The model's tree: each leaf a slice of its bucket, reshaped (one split per bucket)."""
+    """The model's tree: each leaf a slice of its bucket, reshaped (one split per bucket).
+    A bucket that a masked transformation hid (its buffer a MaskedNode, a node without
+    leaves) gives that node in place of each of its leaves."""
     layout = self.layout
     pieces: list = [None] * len(layout.leaves)
     for b, buf in enumerate(self.buffers):
       members = [(i, leaf) for i, leaf in enumerate(layout.leaves) if leaf.bucket == b]
+      if _hidden(buf):
+        for i, _ in members:
+          pieces[i] = buf
+        continue
       sizes = [int(np.prod(leaf.shape, dtype=np.int64)) for _, leaf in members]
       padding = layout.sizes[b] - layout.used(b)  # zeros at the end (flat_params' pad_to)
       sizes += [padding] if padding else []
@@ -157,6 +163,12 @@ class FlatParams:
 
 def is_flat(x) -> bool:
   return isinstance(x, FlatParams)
+
+
+def _hidden(buffer) -> bool:
+  """Whether a bucket's entry is a node without leaves (a MaskedNode: ``masked`` or
+  ``partition`` hid the bucket from the transformation inside) rather than a buffer."""
+  return not jax.tree.leaves(buffer)
 
 
 def flat_params(params: Any, labels: Any = None, pad_to: int = 1) -> FlatParams:
@@ -272,12 +284,17 @@ class GivenFlatParams(TypeError):
   itself); :mod:`optcompose.sharding` catches it to place such a transformation's state."""
 
 
-def _per_bucket(layout: FlatLayout, part: Any, name: str) -> FlatParams:
-  values = jax.tree.leaves(part)
-  chosen: list = [None] * len(layout.buckets)
+def _per_bucket(flat: FlatParams, part: Any, name: str) -> FlatParams:
+  """One value per bucket of ``flat`` from ``part``, one per leaf of the model's tree (a
+  hidden bucket keeps its MaskedNode: ``part`` has one in place of each of its leaves)."""
+  layout = flat.layout
+  values = layout.treedef.flatten_up_to(part)
+  chosen: list = [buf if _hidden(buf) else None for buf in flat.buffers]
   first: list = [None] * len(layout.buckets)
   for leaf, value in zip(layout.leaves, values):
     b = leaf.bucket
+    if _hidden(flat.buffers[b]):
+      continue
     if first[b] is None:
       chosen[b], first[b] = value, leaf.path
     elif value != chosen[b]:
@@ -364,17 +381,16 @@ def flat_optimizer(tx: Any, labels: Any = None, pad_to: int = 1) -> GradientTran
 
 # Masks and labels written for the model's tree map onto the buckets (optcompose.masks).
 def _unpadded(flat: FlatParams) -> list:
-  """Each bucket without the zeros that pad it (a slice: a reduction reads it in place)."""
+  """Each bucket without the zeros that pad it (a slice: a reduction reads it in place); a
+  hidden bucket (a MaskedNode) has no leaves, so no entry."""
   used = [flat.layout.used(i) for i in range(len(flat.buffers))]
-  return [gathered(jnp.asarray(b))[:n] if n < np.size(b) else b for b, n in zip(flat.buffers, used)]
+  return [
+    gathered(jnp.asarray(b))[:n] if n < np.size(b) else b
+    for b, n in zip(flat.buffers, used)
+    if not _hidden(b)
+  ]
 
 
-register_layout(
-  FlatParams,
-  FlatParams.unflatten,
-  lambda x, part, name: _per_bucket(x.layout, part, name),
-  "FlatParams",
-  _unpadded,
-)
+register_layout(FlatParams, FlatParams.unflatten, _per_bucket, "FlatParams", _unpadded)
 
 __all__ = ["FlatParams", "flat_params", "flat_optimizer"]

@@ -12,6 +12,8 @@ layout's leaves. This module imports only :mod:`optcompose.tree`.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import re
 from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
@@ -240,14 +242,47 @@ def _paths(tree) -> list:
   return [_path_string(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
-def _check_matches(fn: str, name: str, pattern: re.Pattern, paths: list) -> None:
-  """Raise a ValueError naming ``fn``'s argument ``name`` when ``pattern`` is found in none of
-  ``paths`` (a typo would otherwise select nothing, silently); a tree without leaves passes."""
-  if paths and not any(pattern.search(path) for path in paths):
-    shown = ", ".join(paths[:5]) + (f", ... ({len(paths) - 5} more)" if len(paths) > 5 else "")
-    raise ValueError(
-      f"{fn}: `{name}` {pattern.pattern!r} matches no leaf path; it was searched in: {shown}."
-    )
+# The parameters of the outermost masked transformation running (see :func:`_check_paths`).
+_MODEL: contextvars.ContextVar = contextvars.ContextVar("optcompose_masked_model", default=None)
+
+
+@contextlib.contextmanager
+def searched_model(tree: Any):
+  """Within: masks and labels are evaluated on part of ``tree`` (a masked transformation's
+  inner one sees the rest as MaskedNodes), so their path patterns are checked against all
+  of ``tree``'s paths. Nested, the outermost tree counts (the whole model)."""
+  token = _MODEL.set(tree if _MODEL.get() is None else _MODEL.get())
+  try:
+    yield
+  finally:
+    _MODEL.reset(token)
+
+
+def _check_paths(fn: str, tree: Any, problem: Callable[[list], str]) -> None:
+  """Raise a ValueError from ``fn`` with ``problem(paths)`` ("": none) for ``tree``'s leaf
+  paths. Under :func:`searched_model` the whole model's paths decide: a pattern for another
+  group's leaves is no typo there, one found in no leaf still is."""
+  message, whole = problem(_paths(tree)), _MODEL.get()
+  if message and whole is not None:
+    message = problem(_paths(jax.eval_shape(_view, whole) if _has_layout(whole) else whole))
+  if message:
+    raise ValueError(f"{fn}: {message}")
+
+
+def _no_match(name: str, pattern: re.Pattern, paths: list, hint: str) -> str:
+  """The problem (see :func:`_check_paths`) of ``pattern``, argument ``name``, found in none
+  of ``paths`` (a typo would select nothing, silently), ending with ``hint``; "" if no paths."""
+  if not paths or any(pattern.search(path) for path in paths):
+    return ""
+  shown = ", ".join(paths[:5]) + (f", ... ({len(paths) - 5} more)" if len(paths) > 5 else "")
+  return f"`{name}` {pattern.pattern!r} matches no leaf path; it was searched in: {shown}. {hint}"
+
+
+# Ends those errors: for a mask or labels applied to part of a model with no masked around.
+_PART = (
+  "given: where these are part of a model (an nnx.Optimizer's wrt=, a group of Optax's "
+  "partition), write"
+)
 
 
 def labels_from_paths(rules, default=None) -> Callable[[Any], Any]:
@@ -267,8 +302,10 @@ def labels_from_paths(rules, default=None) -> Callable[[Any], Any]:
     TypeError: ``rules`` is not a sequence of pairs, or a regex is not a string (naming
       ``rules[i]``). ValueError: a regex that does not compile (naming ``rules[i][0]``, the
       pattern and ``re``'s reason); from the labels callable: a path no rule matches without
-      a ``default``, or a rule's regex found in no leaf path (naming ``rules[i][0]``: a typo
-      would silently leave its leaves to the default).
+      a ``default``, a rule's regex found in no leaf path (naming ``rules[i][0]``: a typo
+      would silently leave its leaves to the default), or a rule that never assigns its
+      label, every path it matches taken by earlier rules with other labels (naming both
+      rules and a path). Inside ``masked`` or ``partition`` the whole model's paths count.
   """
   if isinstance(rules, (str, bytes)) or not isinstance(rules, Iterable):
     raise TypeError(
@@ -293,10 +330,27 @@ def labels_from_paths(rules, default=None) -> Callable[[Any], Any]:
 
   by_fn = labels_from_fn(label)
 
-  def labels(tree):
-    paths = _paths(tree)
+  hint = f"Labels see only the parameters they are {_PART} the rules for that part."
+
+  def problem(paths):  # a typo, then a rule that never assigns its label (see Raises)
     for i, (pattern, _) in enumerate(compiled):
-      _check_matches("labels_from_paths", f"rules[{i}][0]", pattern, paths)
+      if message := _no_match(f"rules[{i}][0]", pattern, paths, hint):
+        return message
+    first = [next((i for i, (p, _) in enumerate(compiled) if p.search(x)), -1) for x in paths]
+    rule = lambda k: f"`rules[{k}]` ({compiled[k][0].pattern!r}, {compiled[k][1]!r})"  # noqa: E731
+    for i, (pattern, lab) in enumerate(compiled):
+      found = [(x, j) for x, j in zip(paths, first) if pattern.search(x)]
+      other = [(x, j) for x, j in found if compiled[j][1] != lab]
+      if other and i not in (j for _, j in found):
+        return (
+          f"{rule(i)} never assigns its label: every path it matches is taken by an earlier "
+          f"rule, e.g. {other[0][0]} by {rule(other[0][1])}. The first rule found in a path "
+          "wins: put the more specific rule first."
+        )
+    return ""
+
+  def labels(tree):
+    _check_paths("labels_from_paths", tree, problem)
     return by_fn(tree)
 
   return labels
@@ -318,11 +372,12 @@ def mask_from_paths(include=None, exclude=None) -> Callable[[Any], Any]:
     TypeError: ``include`` or ``exclude`` is not a string. ValueError: it is not a valid
       regex (the message names the argument, the pattern and ``re``'s reason); from the
       mask callable: ``include`` is found in no leaf path of a tree that has leaves (a typo
-      would select nothing). An ``exclude`` that matches nothing excludes nothing (a generic
-      ``exclude=r"bias|scale"`` serves models without biases), and one that excludes every
-      leaf gives a mask False everywhere (a ``no_decay`` group's weight-decay mask). The
-      alternatives of a pattern are not checked one by one (``include="kernel|embedding"``
-      serves models without embeddings, so a typo in one alternative is not caught).
+      would select nothing; inside ``masked`` or ``partition``, e.g. as each group's decay
+      mask, no leaf path of the whole model). An ``exclude`` that matches nothing excludes
+      nothing (a generic ``exclude=r"bias|scale"`` serves models without biases), and one
+      that excludes every leaf gives a mask False everywhere (a ``no_decay`` group's decay
+      mask). The alternatives of a pattern are not checked one by one (``include=
+      "kernel|embedding"`` serves models without embeddings: a typo in one is not caught).
   """
   inc = _compile("mask_from_paths", "include", include) if include is not None else None
   exc = _compile("mask_from_paths", "exclude", exclude) if exclude is not None else None
@@ -334,7 +389,9 @@ def mask_from_paths(include=None, exclude=None) -> Callable[[Any], Any]:
 
   def mask(tree):
     if inc is not None:
-      _check_matches("mask_from_paths", "include", inc, _paths(tree))
+      hint = f'A mask sees only the parameters it is {_PART} it for that part (an `exclude` needs '
+      hint += 'no match: e.g. mask_from_paths(exclude=r"bias|scale")).'
+      _check_paths("mask_from_paths", tree, lambda ps: _no_match("include", inc, ps, hint))
     return by_fn(tree)
 
   return mask

@@ -640,6 +640,20 @@ ROWS = [
     lambda: oc.masked(oc.sgd(0.1), oc.mask_from_paths(include="attention")).init(PARAMS),
   ),
   Row(
+    "labels-rule-shadowed",
+    "a `labels_from_paths` rule that matches paths but never assigns its label (each is "
+    "taken by an earlier rule: `[('dense', 'a'), ('kernel', 'b')]`), so its leaves train "
+    "in another group",
+    "`ValueError` from `init`, naming both rules and a path (put the more specific rule "
+    "first)",
+    ValueError,
+    r"`rules\[1\]` \('kernel', 'b'\) never assigns its label.*`rules\[0\]`",
+    lambda: oc.partition(
+      {"a": oc.sgd(0.1), "b": oc.sgd(0.2)},
+      oc.labels_from_paths([("dense", "a"), ("kernel", "b")]),
+    ).init(PARAMS),
+  ),
+  Row(
     "partition-not-a-transformation",
     "a value of `partition`'s `transforms` that is not a transformation",
     "`TypeError` at construction, naming `transforms[label]`",

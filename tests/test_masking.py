@@ -259,3 +259,19 @@ def test_a_mask_that_is_no_prefix_is_named_at_the_shallowest_path(mask, message)
   params = {"enc": {"dense": PARAMS["dense"]}, "head": {"kernel": jnp.ones(2), "bias": jnp.ones(2)}}
   with pytest.raises(ValueError, match=r"`mask` is neither .* prefix of it: " + message):
     oc.adamw(0.1, mask=mask).init(params)
+
+
+def test_a_stale_group_state_is_named_by_its_label():
+  # Unfreezing a group (set_to_zero -> adamw) and passing the old state: the chain inside
+  # the group raised a bare ValueError that named no group, even inside a named chain.
+  params = {"backbone": jnp.ones(3), "head": jnp.ones(2)}
+  labels = {"backbone": "backbone", "head": "head"}
+  frozen = oc.partition({"head": oc.adam(1e-2), "backbone": oc.set_to_zero()}, labels)
+  thawed = oc.partition({"head": oc.adam(1e-2), "backbone": oc.adam(1e-3)}, labels)
+  stale = frozen.init(params)
+  with pytest.raises(oc.StateMismatchError, match=r"state\.inner_states\['backbone'\] is a"):
+    thawed.update(params, stale, params)
+  outer = oc.named_chain(("clip", oc.clip_by_global_norm(1.0)), ("opt", thawed))
+  state = {"clip": outer.init(params)["clip"], "opt": stale}
+  with pytest.raises(oc.StateMismatchError, match=r"state\['opt'\]\.inner_states\['backbone'\]"):
+    outer.update(params, state, params)

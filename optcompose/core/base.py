@@ -276,11 +276,8 @@ def chain(*transformations: Any) -> GradientTransformation:
 def _chain_state(state: Any, n: int) -> tuple:
   if isinstance(state, (tuple, list)) and len(state) == n:
     return tuple(state)
-  got = f" of length {len(state)}" if isinstance(state, (tuple, list)) else ""
-  raise ValueError(
-    f"chain of {n} transformations got a state of type {type(state).__name__}{got}; pass the state "
-    "returned by this chain's init."
-  )
+  # A StateMismatchError, so that an enclosing partition or named chain names its path.
+  raise StateMismatchError(f"chain of {n} transformations", f"tuple of {n} states", state)
 
 
 def _run_chain(members: tuple, updates: Any, state: tuple, params: Any, extra: dict) -> tuple:

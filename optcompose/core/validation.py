@@ -283,34 +283,28 @@ class Hyper(NamedTuple):
     ranges = dict(low=self.low, high=self.high, low_open=self.low_open, high_open=self.high_open)
     check_hyperparameter(fn, name, value, **ranges)
     check_usable(fn, name, value)
-    if self.normal:
-      check_normal(fn, name, value)
+    normal = check_normal if self.normal else lambda *args: None
+    normal(fn, name, value)
     for taken in getattr(value, TAKEN, ()) if callable(value) else ():
       if float(np.asarray(taken, default_float())) == 0:
         taken = 0.0  # a product that underflows: 0 as the schedule computes it, not a typo
       try:
         check_hyperparameter(fn, name, taken, **ranges)
-        if self.normal:
-          check_normal(fn, name, taken)
+        normal(fn, name, taken)
       except (TypeError, ValueError) as e:
         raise taken_by_schedule(e, name, taken) from None
 
 
-_TINY32 = float(np.finfo(np.float32).tiny)  # 1.18e-38
+_TINY32 = float(np.finfo(np.float32).tiny)  # 1.18e-38: XLA CPU flushes smaller values to 0
 
 
 def check_normal(fn: str, name: str, value: Any) -> None:
-  """Raise a ValueError when a known nonzero ``value`` is below float32's smallest normal
-  number: XLA flushes such a value to 0 on CPU (and float32 parameters use it as float32,
-  under x64 too), so where it is the only term keeping a denominator off 0, a gradient
-  that is exactly 0 gives 0 / 0 = NaN."""
+  """A known ``value`` in (0, float32's smallest normal) is a ValueError: 0 where it is used."""
   known = _concrete_scalar(value)
   if known is not None and 0 < abs(known[0]) < _TINY32:
     raise ValueError(
-      f"{fn}: `{name}` = {value!r} is below float32's smallest normal number "
-      f"({_TINY32:.3g}): XLA flushes it to 0 on CPU, and it is the only term keeping the "
-      "denominator off 0, so a gradient that is exactly 0 would give 0 / 0 = NaN. Give a "
-      "value of at least that (e.g. 1e-8)."
+      f"{fn}: `{name}` = {value!r} is below float32's smallest normal number ({_TINY32:.3g}): "
+      "XLA CPU flushes it to 0, and a gradient that is exactly 0 would give 0 / 0 = NaN."
     )
 
 
@@ -360,15 +354,13 @@ LABELS = Hyper(("labels",))
 SCHEDULE = Hyper(("schedule",))
 DTYPE = Hyper(("choice", (None,)), optional=True, dtype=True)  # a stored state's dtype
 
-# The ranges most builders share.
-# None, as in Optax: no learning rate applied (the direction unscaled and not negated); the
-# property kit draws numbers only.
+# The ranges most builders share. A learning rate of None, as in Optax: none applied (the
+# direction unscaled and not negated); the property kit draws numbers only.
 LEARNING_RATE = real(0.0, draw=(1e-5, 1.0))._replace(optional=True)
 DECAY = real(0.0, 1.0, high_open=True, draw=(0.0, 0.999))  # an EMA's decay: beta^t -> 0
 MOMENTUM = real(0.0, 1.0, draw=(0.0, 0.999))
 EPS = real(0.0, draw=(1e-10, 1e-3))  # 0 only where another term keeps 0 / 0 away
-# The only guard against 0 / 0: positive, and not flushed to 0 (see check_normal).
-EPS_POSITIVE = real(0.0, low_open=True, draw=(1e-10, 1e-3))._replace(normal=True)
+EPS_POSITIVE = real(0.0, low_open=True, draw=(1e-10, 1e-3))._replace(normal=True)  # 0/0 guard
 EPS_ROOT = real(0.0, draw=(0.0, 1e-6))
 NONNEGATIVE = real(0.0, draw=(0.0, 1.0))
 

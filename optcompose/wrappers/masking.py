@@ -26,11 +26,12 @@ from optcompose.core import (
   MASK,
   FLAG,
   GradientTransformation,
+  StateMismatchError,
   as_transformation,
   expect_state,
   public,
 )
-from optcompose.masks import broadcast_prefix, per_leaf_values, resolve_mask
+from optcompose.masks import broadcast_prefix, per_leaf_values, resolve_mask, searched_model
 from optcompose.tree import first_difference
 
 
@@ -130,7 +131,8 @@ def masked(
   def init(params):
     if _is_params_placeholder(params):  # optax.tree.map_params finding the params' copies
       return MaskedState(inner.init(params))
-    return MaskedState(inner.init(_keep(params, _mask_prefix(mask, params))))
+    with searched_model(params):  # path patterns inside are checked against all of params
+      return MaskedState(inner.init(_keep(params, _mask_prefix(mask, params))))
 
   def update(updates, state, params=None, **extra):
     expect_state(state, MaskedState, "masked")
@@ -141,7 +143,8 @@ def masked(
       extra = {
         k: _keep(v, on) if jax.tree.structure(v) == structure else v for k, v in extra.items()
       }
-    new, inner_state = inner.update(_keep(updates, on), state.inner_state, kept_params, **extra)
+    with searched_model(updates):
+      new, inner_state = inner.update(_keep(updates, on), state.inner_state, kept_params, **extra)
     out = jax.tree.map(lambda keep, n, u: n if keep else u, on, new, updates)
     return out, MaskedState(inner_state)
 
@@ -262,7 +265,10 @@ def partition(
     expect_state(state, PartitionState, "partition")
     new_states = {}
     for label, tx in inners.items():
-      updates, new_states[label] = tx.update(updates, state.inner_states[label], params, **extra)
+      try:
+        updates, new_states[label] = tx.update(updates, state.inner_states[label], params, **extra)
+      except StateMismatchError as e:  # name the group (a state kept from other transforms)
+        raise e.at(f".inner_states[{label!r}]") from None
     return updates, PartitionState(new_states)
 
   return GradientTransformation(init, update)
