@@ -644,13 +644,11 @@ ROWS = [
     "a `labels_from_paths` rule that matches paths but never assigns its label (each is "
     "taken by an earlier rule: `[('dense', 'a'), ('kernel', 'b')]`), so its leaves train "
     "in another group",
-    "`ValueError` from `init`, naming both rules and a path (put the more specific rule "
-    "first)",
+    "`ValueError` from `init`, naming both rules and a path (put the more specific rule first)",
     ValueError,
     r"`rules\[1\]` \('kernel', 'b'\) never assigns its label.*`rules\[0\]`",
     lambda: oc.partition(
-      {"a": oc.sgd(0.1), "b": oc.sgd(0.2)},
-      oc.labels_from_paths([("dense", "a"), ("kernel", "b")]),
+      {"a": oc.sgd(0.1), "b": oc.sgd(0.2)}, oc.labels_from_paths([("dense", "a"), ("kernel", "b")])
     ).init(PARAMS),
   ),
   Row(
