@@ -54,8 +54,9 @@ min-venv:
 ## (The installs and the wheel's build run beside the whole suite: they mostly wait on the
 ## disk and the package index while the suite keeps both cores busy.)
 ## make lint: ruff's rules and its formatter (a check: nothing is rewritten) on every Python file,
-## and pyrefly's type check of the package ([tool.ruff], [tool.pyrefly] in pyproject.toml; the
-## same hooks in .pre-commit-config.yaml).
+## and pyrefly's type check of the package and of a user's annotated script against its stubs
+## (tests/typecheck; [tool.ruff], [tool.pyrefly] in pyproject.toml; the same hooks in
+## .pre-commit-config.yaml).
 lint: $(VENV)/.stamp-test
 	$(VENV)/bin/ruff check --no-cache .
 	$(VENV)/bin/ruff format --no-cache --check .

@@ -5,7 +5,9 @@ argument names and defaults. See :mod:`optcompose.core.base` for the contract.
 
 This module only re-exports. The public builders come from the registry
 (:mod:`optcompose.core.registry`: each builder declares itself next to its code); the other
-public names from each module's ``__all__``.
+public names from each module's ``__all__``. Type checkers read ``__init__.pyi`` instead,
+this namespace written out as re-exports by tools/gen_stubs.py (tests/test_typing.py keeps
+it current).
 """
 
 import importlib as _importlib
@@ -93,11 +95,14 @@ if not any(isinstance(f, _from_optax.NamespaceFinder) for f in _sys.meta_path):
   _sys.meta_path.append(_from_optax.NamespaceFinder())
 
 
+# The property kit is not imported by the package; ``optcompose.testing`` loads it.
+# optcompose.migrate reads the package's namespace (the state classes), so it is loaded on
+# first use too. (tools/gen_stubs.py declares these in __init__.pyi.)
+_ON_FIRST_USE = ("testing", "migrate", "contrib")
+
+
 def __getattr__(name: str) -> _typing.Any:
-  # The property kit is not imported by the package; ``optcompose.testing`` loads it.
-  # optcompose.migrate reads the package's namespace (the state classes), so it is loaded
-  # on first use too.
-  if name in ("testing", "migrate", "contrib"):
+  if name in _ON_FIRST_USE:
     return _importlib.import_module(f"optcompose.{name}")
   # Optax's other names for ours, its names outside the optimizer domain (losses, ...), or an
   # error that says what to use for an optimizer-domain name not rebuilt yet.

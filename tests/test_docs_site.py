@@ -54,8 +54,7 @@ FLOORS = (
   "optcompose.recipe",
   "optcompose.contrib",  # optax.contrib's names that optcompose has: the top level's objects
 )
-# Optax's own types, re-exported: griffe (which mkdocstrings reads the code with) does not see
-# names bound by a tuple assignment (`Params, Updates, OptState = optax.Params, ...`), so
+# Optax's own types, re-exported (type aliases of Optax's: nothing of ours to document), so
 # docs/api/index.md lists them in a table instead of `::: ` entries.
 OPTAX_TYPES = ("Params", "Updates", "OptState", "TransformInitFn", "TransformUpdateFn")
 ENTRY = re.compile(r"^::: ([\w.]+)[ \t]*\n((?:[ \t]+\S.*\n|[ \t]*\n)*)", re.M)

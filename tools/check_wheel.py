@@ -8,8 +8,10 @@ extra)::
 1. ``python -m build`` (an isolated build environment: setuptools comes from the package
    index) writes the sdist, and the wheel built from that sdist, to a temporary folder outside
    the checkout. Its output must hold no warning banner of setuptools or the build backend.
-2. The wheel must contain ``optcompose/py.typed`` and the LICENSE (in ``.dist-info/licenses/``,
-   the same bytes as the checkout's); the sdist must contain LICENSE and ``py.typed``.
+2. The wheel must contain ``optcompose/py.typed``, the checkout's type stubs (every
+   ``optcompose/**/*.pyi``, written by tools/gen_stubs.py) and the LICENSE (in
+   ``.dist-info/licenses/``, the same bytes as the checkout's); the sdist must contain
+   LICENSE, ``py.typed`` and the stubs.
 3. A fresh venv (``python -m venv``) in another temporary folder gets the wheel, without
    extras; its dependencies come from the package index or pip's cache.
 4. That venv's python, run from the temporary folder (so the checkout cannot be imported),
@@ -46,7 +48,7 @@ BANNER = re.compile(r"\b[A-Za-z]*Warning\b", re.M)
 # backend's own future (a release of setuptools deprecating something we do not use) is shown.
 OUR_CONFIG = re.compile(
   r"pyproject|licen[cs]e|classifier|project\.|tool\.setuptools|"
-  r"package[-_ ]?(dir|data)|optcompose|editable|py\.typed",
+  r"package[-_ ]?(dir|data)|optcompose|editable|py\.typed|\.pyi\b",
   re.I,
 )
 
@@ -98,6 +100,11 @@ class CheckFailed(Exception):
   pass
 
 
+def stubs() -> list:
+  """The checkout's type stubs, as paths in the wheel (``optcompose/__init__.pyi``, ...)."""
+  return sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / NAME).rglob("*.pyi"))
+
+
 def run(cmd, *, cwd, env=None, what):
   """Runs cmd, returns its output (stdout and stderr together); raises CheckFailed on failure."""
   proc = subprocess.run(
@@ -124,8 +131,9 @@ def source_version() -> str:
 def check_wheel(wheel: Path, license_text: bytes) -> None:
   with zipfile.ZipFile(wheel) as zf:
     names = zf.namelist()
-    if f"{NAME}/py.typed" not in names:
-      raise CheckFailed(f"{wheel.name} lacks {NAME}/py.typed")
+    for needed in (f"{NAME}/py.typed", *stubs()):
+      if needed not in names:
+        raise CheckFailed(f"{wheel.name} lacks {needed}")
     licenses = [n for n in names if re.fullmatch(r"[^/]+\.dist-info/(licenses/)?LICENSE", n)]
     if not licenses:
       raise CheckFailed(f"{wheel.name} lacks LICENSE in its .dist-info")
@@ -140,7 +148,7 @@ def check_sdist(sdist: Path, version: str) -> None:
   with tarfile.open(sdist) as tf:
     names = set(tf.getnames())
   top = f"{NAME}-{version}"
-  for needed in ("LICENSE", f"{NAME}/py.typed", "pyproject.toml", "README.md"):
+  for needed in ("LICENSE", f"{NAME}/py.typed", *stubs(), "pyproject.toml", "README.md"):
     if f"{top}/{needed}" not in names:
       raise CheckFailed(f"{sdist.name} lacks {top}/{needed}")
 
@@ -235,7 +243,8 @@ def main() -> int:
       shutil.rmtree(tmp, ignore_errors=True)
 
   print(
-    f"check_wheel: OK: {wheels[0].name} and {sdists[0].name} (LICENSE, py.typed) built in "
+    f"check_wheel: OK: {wheels[0].name} and {sdists[0].name} (LICENSE, py.typed, "
+    f"{len(stubs())} stubs) built in "
     f"{times['build']:.0f}s, installed in a fresh venv in {times['install']:.0f}s; "
     f"{smoke[-1] if smoke else ''} ({times['step']:.0f}s); "
     f"{time.perf_counter() - start:.0f}s in all"

@@ -34,7 +34,7 @@ compute the same step. A piece that needs a second input takes it in its own arg
 from __future__ import annotations
 
 import weakref
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional, TypeAlias
 
 import jax
 import jax.numpy as jnp
@@ -44,16 +44,20 @@ from optcompose import tree as otree
 from optcompose.core.errors import StateMismatchError, expect_state, needs_params  # noqa: F401
 from optcompose.core.extra_args import _DroppingExtra, _takes_extra
 
-PyTree = Any
-# Optax's types, for annotations (``optcompose.Params is optax.Params``). ``Schedule`` means
-# Optax's, written with ``typing.Callable``: Optax's ``collections.abc.Callable[...]`` alias
-# is callable but has no signature (``inspect.signature`` raises on it), which trips tools
-# that walk a package's callables.
-Params, Updates, OptState = optax.Params, optax.Updates, optax.OptState
-Schedule = Callable[[jax.typing.ArrayLike], jax.typing.ArrayLike]
-ScalarOrSchedule = optax.ScalarOrSchedule
-TransformInitFn, TransformUpdateFn = optax.TransformInitFn, optax.TransformUpdateFn
-TransformUpdateExtraArgsFn = optax.TransformUpdateExtraArgsFn
+PyTree: TypeAlias = Any
+# Optax's types, for annotations (``optcompose.Params is optax.Params``), one explicit alias
+# each: type checkers read a name as a type only from an alias (a tuple assignment makes
+# variables). ``Schedule`` means Optax's, written with ``typing.Callable``: Optax's
+# ``collections.abc.Callable[...]`` alias is callable but has no signature
+# (``inspect.signature`` raises on it), which trips tools that walk a package's callables.
+Params: TypeAlias = optax.Params
+Updates: TypeAlias = optax.Updates
+OptState: TypeAlias = optax.OptState
+Schedule: TypeAlias = Callable[[jax.typing.ArrayLike], jax.typing.ArrayLike]
+ScalarOrSchedule: TypeAlias = optax.ScalarOrSchedule
+TransformInitFn: TypeAlias = optax.TransformInitFn
+TransformUpdateFn: TypeAlias = optax.TransformUpdateFn
+TransformUpdateExtraArgsFn: TypeAlias = optax.TransformUpdateExtraArgsFn
 
 
 class GradientTransformation(optax.GradientTransformationExtraArgs):
@@ -75,7 +79,7 @@ class GradientTransformation(optax.GradientTransformationExtraArgs):
 
 
 # Optax's name for a transformation whose update takes keyword arguments: every one of ours.
-GradientTransformationExtraArgs = GradientTransformation
+GradientTransformationExtraArgs: TypeAlias = GradientTransformation
 
 
 class EmptyState(NamedTuple):

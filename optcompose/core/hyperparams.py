@@ -22,7 +22,7 @@ from __future__ import annotations
 import functools
 import inspect
 import numbers
-from typing import Any, Callable, NamedTuple, Optional, Protocol, cast
+from typing import Any, Callable, NamedTuple, Optional, Protocol, TypeVar, cast
 
 import jax
 import jax.numpy as jnp
@@ -279,7 +279,10 @@ class SchedulableBuilder(Protocol):
   def __call__(self, *args: Any, **kwargs: Any) -> Any: ...
 
 
-def with_schedules(*names: str):
+_Builder = TypeVar("_Builder", bound=Callable[..., Any])
+
+
+def with_schedules(*names: str) -> Callable[[_Builder], _Builder]:
   """Decorator: let the hyperparameters ``names`` of a transformation builder be schedules.
 
   The builder is written for plain numbers. When every named argument is a number it is
@@ -302,7 +305,7 @@ def with_schedules(*names: str):
     Optax's ``optax.inject_hyperparams`` (schedules evaluated at the state's count).
   """
 
-  def decorate(builder):
+  def decorate(builder: _Builder) -> _Builder:
     signature = inspect.signature(builder)
     missing = [n for n in names if n not in signature.parameters]
     if missing:
@@ -324,6 +327,6 @@ def with_schedules(*names: str):
 
     decorated = cast(SchedulableBuilder, wrapper)
     decorated.schedulable = names
-    return decorated
+    return cast(_Builder, decorated)
 
   return decorate

@@ -30,7 +30,7 @@ from __future__ import annotations
 import difflib
 import functools
 import inspect
-from typing import Any, Callable, NamedTuple, Optional, Protocol, cast
+from typing import Any, Callable, NamedTuple, Optional, Protocol, TypeVar, cast
 
 import jax
 import jax.numpy as jnp
@@ -55,6 +55,9 @@ class Entry(NamedTuple):
 
 
 REGISTRY: dict = {}
+
+# A builder's own type: ``public`` returns it, so checkers see each builder's signature.
+_Builder = TypeVar("_Builder", bound=Callable[..., Any])
 
 
 class PublicBuilder(SchedulableBuilder, Protocol):
@@ -184,7 +187,7 @@ def public(
   any_dtype: bool = False,
   averager: bool = False,
   **hypers: Hyper,
-):
+) -> Callable[[_Builder], _Builder]:
   """Decorator declaring a public builder; see the module docstring.
 
   Args:
@@ -196,12 +199,13 @@ def public(
     **hypers: one :class:`Hyper` per declared argument.
 
   Returns:
-    A decorator returning the validating builder (registered under its ``__name__``).
+    A decorator returning the validating builder (registered under its ``__name__``), typed
+    as the builder it decorates (same signature, to a type checker).
   """
   if kind not in KINDS:
     raise ValueError(f"public: `kind` must be one of {KINDS}, got {kind!r}.")
 
-  def decorate(builder):
+  def decorate(builder: _Builder) -> _Builder:
     name = builder.__name__
     _resolve_annotations(builder)
     signature = inspect.signature(builder)
@@ -257,6 +261,6 @@ def public(
     REGISTRY[name] = Entry(
       name, public_builder, kind, optax, dict(hypers), builder.__module__, averager
     )
-    return public_builder
+    return cast(_Builder, public_builder)
 
   return decorate

@@ -45,6 +45,21 @@ from optcompose.testing.invariants import (
   run_steps,
 )
 
+# The public names (what a type checker takes as this package's interface, and ``import *``).
+__all__ = [
+  "check_finite",
+  "check_ignores_unknown_kwargs",
+  "check_invariants",
+  "check_jit_matches_eager",
+  "check_no_recompilation",
+  "check_state_can_be_donated",
+  "check_state_keeps_its_layout",
+  "check_updates_like_grads",
+  "check_vmap",
+  "record_steps",
+  "run_steps",
+]
+
 
 def __getattr__(name):
   # The strategies import hypothesis; load them only when asked for.

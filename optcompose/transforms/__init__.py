@@ -5,5 +5,6 @@
 object of that name, read when asked, so a name added in any module appears here too; a
 ``Protocol`` (``ConditionFn``) is Optax's own; one not rebuilt yet raises the AttributeError
 that says so. The top level installs that lookup (:func:`optcompose._from_optax.install`)
-once it is built: this package imports nothing from the floors above it.
+once it is built: this package imports nothing from the floors above it. Type checkers read
+those names from ``__init__.pyi`` (written by tools/gen_stubs.py).
 """

@@ -35,6 +35,7 @@ from optcompose.core import (
   EPS_POSITIVE,
   EPS_ROOT,
   GradientTransformation,
+  ScalarOrSchedule,
   check_not_both_zero,
   expect_state,
   needs_params,
@@ -170,7 +171,7 @@ def scale_by_novograd(
   b2: float = 0.25,
   eps: float = 1e-8,
   eps_root: float = 0.0,
-  weight_decay: float = 0.0,
+  weight_decay: ScalarOrSchedule = 0.0,  # a schedule too (novograd passes its own on)
   mu_dtype: Optional[Any] = None,
 ) -> GradientTransformation:
   """NovoGrad's scaling: momentum of gradients normalised by their leaf's running norm.

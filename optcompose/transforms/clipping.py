@@ -26,7 +26,7 @@ Brock et al., "High-Performance Large-Scale Image Recognition Without Normalizat
 from __future__ import annotations
 
 import numbers
-from typing import NamedTuple, Optional, Sequence, Union, cast
+from typing import NamedTuple, Optional, Sequence, TypeAlias, Union, cast
 
 import jax
 import jax.numpy as jnp
@@ -381,7 +381,9 @@ def adaptive_grad_clip(
   return stateless(f)
 
 
-# Optax's names for the (empty) states of clip and adaptive_grad_clip.
-ClipState = AdaptiveGradClipState = EmptyState
+# Optax's names for the (empty) states of clip and adaptive_grad_clip (one alias each: a
+# checker reads a chained assignment as variables, not types).
+ClipState: TypeAlias = EmptyState
+AdaptiveGradClipState: TypeAlias = EmptyState
 
 __all__ = ["AdaptiveGradClipState", "ClipByGlobalNormState", "ClipState"]  # and the builders
