@@ -86,9 +86,10 @@ def sgd(
       ``None`` keeps the parameters'.
     l1: L1 strength of the proximal step (>= 0, a number or a schedule; ours,
       keyword-only). ``None``: no L1 term.
-    l2: L2 strength of the proximal step (>= 0; the step divides by ``1 + lr l2``; ours,
-      keyword-only). ``None``: no L2 term. With ``l1`` and ``l2`` both ``None`` there is no
-      proximal step; a number, even 0, keeps it (live under ``inject_hyperparams``).
+    l2: L2 strength of the proximal step (>= 0; the step divides by ``1 + lr l2``, with
+      momentum rho by ``1 + lr l2 / (1 - rho)``; ours, keyword-only). ``None``: no L2
+      term. With ``l1`` and ``l2`` both ``None`` there is no proximal step; a number, even
+      0, keeps it (live under ``inject_hyperparams``).
     reg_mask: the leaves the proximal step applies to (a mask as ``add_decayed_weights``
       takes; ``None``: all).
 

@@ -30,9 +30,10 @@ improvement. Then::
     should_stop = wait > patience
 
 so ``patience`` is the number of non-improving epochs in a row that are tolerated, and
-``patience=0`` stops at the first epoch that does not improve. (Flax and PyTorch count the
-same way; Keras stops at ``wait >= patience``, so Keras's ``patience=p`` is ours ``p - 1``
-for ``p >= 1``.)
+``patience=0`` stops at the first epoch that does not improve. (Flax's ``early_stopping``
+counts the same way; core PyTorch has none. Keras, and Goodfellow et al.'s Algorithm 7.1,
+stop at ``wait >= patience``, one epoch sooner: their ``patience=p`` is ours ``p - 1`` for
+``p >= 1``.)
 
 ``warmup=N``: the first ``N`` epochs (0 to N - 1) are ignored entirely: they are never
 improvements, are not counted in ``wait``, do not touch the best metric or parameters, and
