@@ -263,8 +263,9 @@ def _check_paths(fn: str, tree: Any, problem: Callable[[list], str]) -> None:
   paths. Under :func:`searched_model` the whole model's paths decide: a pattern for another
   group's leaves is no typo there, one found in no leaf still is."""
   message, whole = problem(_paths(tree)), _MODEL.get()
-  if message and whole is not None:
-    message = problem(_paths(jax.eval_shape(_view, whole) if _has_layout(whole) else whole))
+  if message and whole is not None:  # not for a tree of other paths (a flatten inside)
+    everything = _paths(jax.eval_shape(_view, whole) if _has_layout(whole) else whole)
+    message = problem(everything) if set(_paths(tree)) <= set(everything) else message
   if message:
     raise ValueError(f"{fn}: {message}")
 
@@ -303,9 +304,9 @@ def labels_from_paths(rules, default=None) -> Callable[[Any], Any]:
       ``rules[i]``). ValueError: a regex that does not compile (naming ``rules[i][0]``, the
       pattern and ``re``'s reason); from the labels callable: a path no rule matches without
       a ``default``, a rule's regex found in no leaf path (naming ``rules[i][0]``: a typo
-      would silently leave its leaves to the default), or a rule that never assigns its
-      label, every path it matches taken by earlier rules with other labels (naming both
-      rules and a path). Inside ``masked`` or ``partition`` the whole model's paths count.
+      would silently leave its leaves to the default), or a rule whose every path an earlier
+      rule found in its regex ('block' in 'block_1') labels otherwise (naming both). Inside
+      ``masked`` or ``partition`` the whole model's paths count.
   """
   if isinstance(rules, (str, bytes)) or not isinstance(rules, Iterable):
     raise TypeError(
@@ -340,7 +341,9 @@ def labels_from_paths(rules, default=None) -> Callable[[Any], Any]:
     rule = lambda k: f"`rules[{k}]` ({compiled[k][0].pattern!r}, {compiled[k][1]!r})"  # noqa: E731
     for i, (pattern, lab) in enumerate(compiled):
       found = [(x, j) for x, j in zip(paths, first) if pattern.search(x)]
-      other = [(x, j) for x, j in found if compiled[j][1] != lab]
+      # Not a fallback ('.*' last, on a model the rules before it cover): see Raises.
+      wider = [(x, j) for x, j in found if compiled[j][0].search(pattern.pattern)]
+      other = [(x, j) for x, j in wider if compiled[j][1] != lab]
       if other and i not in (j for _, j in found):
         return (
           f"{rule(i)} never assigns its label: every path it matches is taken by an earlier "

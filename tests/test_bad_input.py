@@ -642,13 +642,14 @@ ROWS = [
   Row(
     "labels-rule-shadowed",
     "a `labels_from_paths` rule that matches paths but never assigns its label (each is "
-    "taken by an earlier rule: `[('dense', 'a'), ('kernel', 'b')]`), so its leaves train "
-    "in another group",
+    "taken by an earlier rule found in its regex: `[('dense', 'a'), ('dense.*kernel', "
+    "'b')]`), so its leaves train in another group",
     "`ValueError` from `init`, naming both rules and a path (put the more specific rule first)",
     ValueError,
-    r"`rules\[1\]` \('kernel', 'b'\) never assigns its label.*`rules\[0\]`",
+    r"`rules\[1\]` \('dense\.\*kernel', 'b'\) never assigns its label.*`rules\[0\]`",
     lambda: oc.partition(
-      {"a": oc.sgd(0.1), "b": oc.sgd(0.2)}, oc.labels_from_paths([("dense", "a"), ("kernel", "b")])
+      {"a": oc.sgd(0.1), "b": oc.sgd(0.2)},
+      oc.labels_from_paths([("dense", "a"), ("dense.*kernel", "b")]),
     ).init(PARAMS),
   ),
   Row(

@@ -275,3 +275,11 @@ def test_a_stale_group_state_is_named_by_its_label():
   state = {"clip": outer.init(params)["clip"], "opt": stale}
   with pytest.raises(oc.StateMismatchError, match=r"state\['opt'\]\.inner_states\['backbone'\]"):
     outer.update(params, state, params)
+
+
+def test_a_chain_given_a_shorter_tuple_says_its_length():
+  # The chain's error had become "a builtins.tuple (not optcompose's)": a tuple is a tuple.
+  tx = oc.chain(oc.sgd(1.0), oc.sgd(1.0), oc.sgd(1.0))
+  params = {"w": jnp.ones(2)}
+  with pytest.raises(oc.StateMismatchError, match="the state is a tuple of length 2, expected"):
+    tx.update(params, tx.init(params)[:2], params)

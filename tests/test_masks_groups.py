@@ -218,3 +218,35 @@ def test_diagnostics_zero_mask_inside_a_group_counts_the_group_s_leaves_on_flat_
   for run in (tx, oc.flat_optimizer(tx, labels=buckets)):
     _, state = run.update(grads_at(0), run.init(params), params)
     assert oc.diagnostics_dict(state)["zero_fraction"] == pytest.approx(want, rel=1e-6)
+
+
+def test_a_fallback_or_general_rule_that_wins_nothing_on_this_model_is_allowed():
+  # A catch-all last rule, on a model the rules before it cover, and a general recipe whose
+  # specific rule happens to cover every path of its general one here, label as the rules
+  # say (they were refused as shadowed): only an earlier rule found in the later rule's
+  # regex ('block' in 'block_1') makes the order a mistake.
+  params = {"embed": jnp.ones(3), "dense": {"kernel": jnp.ones((3, 2)), "bias": jnp.ones(2)}}
+  fallback = oc.labels_from_paths(
+    [("embed", "frozen"), ("kernel", "decay"), ("bias", "no_decay"), (".*", "decay")]
+  )
+  want = {"embed": "frozen", "dense": {"kernel": "decay", "bias": "no_decay"}}
+  assert fallback(params) == want
+  sgd = lambda lr: oc.sgd(lr)  # noqa: E731
+  oc.partition(
+    {"frozen": oc.set_to_zero(), "decay": sgd(0.1), "no_decay": sgd(0.2)}, fallback
+  ).init(params)
+  general = oc.labels_from_paths([(r"dense.*kernel", "dense"), (r"kernel", "other")], "rest")
+  assert general(params)["dense"]["kernel"] == "dense"
+
+
+def test_a_path_mask_on_another_tree_inside_a_group_is_still_checked():
+  # Inside a group the whole model's paths excuse a pattern only for the model's own paths:
+  # `flatten` hands its inner transformation one vector (path ''), where 'kernel' decays
+  # nothing. It is refused there, as outside a group.
+  params = {"dense": {"kernel": jnp.ones((3, 2)), "bias": jnp.ones(2)}}
+  decay = oc.flatten(oc.add_decayed_weights(1e-2, mask=oc.mask_from_paths(include="kernel")))
+  with pytest.raises(ValueError, match="`include` 'kernel' matches no leaf path"):
+    decay.init(params)
+  grouped = oc.partition({"a": decay, "b": oc.sgd(0.1)}, {"dense": {"kernel": "a", "bias": "b"}})
+  with pytest.raises(ValueError, match="`include` 'kernel' matches no leaf path"):
+    grouped.init(params)

@@ -137,3 +137,14 @@ def test_packages_that_import_their_names_list_them_in_all(package):
   }
   module = importlib.import_module(package)
   assert sorted(module.__all__) == sorted(imported), set(module.__all__) ^ imported
+
+
+def test_the_typed_user_script_runs():
+  """tests/typecheck/user_script.py is checked by pyrefly (make lint) and is also code that
+  must run: its annotations describe what the calls really return."""
+  import runpy
+
+  import jax
+
+  with jax.numpy_dtype_promotion("standard"):  # a user's default, not the suite's strict one
+    runpy.run_path(str(ROOT / "tests" / "typecheck" / "user_script.py"), run_name="__main__")

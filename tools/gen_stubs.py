@@ -202,14 +202,9 @@ def render() -> dict:
   top = [n for n in vars(package) if not n.startswith("_")] + list(package._ON_FIRST_USE)
   top += ["__version__"]
   top += [*_optax_names(""), *_from_optax.ALIASES, *_from_optax.DEPRECATED]
-  stubs = {
-    f"{PACKAGE}/__init__.pyi": _lines(package, top, "optax")
-    + [
-      "",
-      "# Any other name answered at run time (one a newer Optax adds: optcompose._from_optax).",
-      "def __getattr__(name: str) -> Any: ...",
-    ]
-  }
+  # No module __getattr__: a misspelled name (``optax.adamww``) is an error, as on Optax. A
+  # name a newer Optax adds, which optcompose forwards at run time, waits for a rerun.
+  stubs = {f"{PACKAGE}/__init__.pyi": _lines(package, top, "optax")}
   for namespace in ("transforms", "schedules"):  # _from_optax.install gives them Optax's names
     space = importlib.import_module(f"{PACKAGE}.{namespace}")
     names = _public(space) + _optax_names(namespace)

@@ -13,7 +13,9 @@ class StateMismatchError(ValueError):
     self.who, self.expected, self.got, self.path = who, expected, got, path
     where = f"state{path}" if path else "the state"
     name = type(got).__name__
-    if not type(got).__module__.startswith("optcompose"):  # another library's (Optax's)
+    if type(got).__module__ == "builtins":  # a plain container: its length says more
+      name += f" of length {len(got)}" if isinstance(got, (tuple, list, dict)) else ""
+    elif not type(got).__module__.startswith("optcompose"):  # another library's (Optax's)
       name = f"{type(got).__module__}.{name} (not optcompose's)"
     super().__init__(
       f"{who}: {where} is a {name}, expected a {expected}. Pass the state "

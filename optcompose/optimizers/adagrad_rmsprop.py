@@ -33,7 +33,9 @@ from optcompose.transforms.second_moment import scale_by_rms, scale_by_rss, scal
   eps=EPS,
 )
 def adagrad(
-  learning_rate: ScalarOrSchedule, initial_accumulator_value: float = 0.1, eps: float = 1e-7
+  learning_rate: ScalarOrSchedule,
+  initial_accumulator_value: float = 0.1,
+  eps: ScalarOrSchedule = 1e-7,
 ) -> GradientTransformation:
   """AdaGrad: ``G_t = G_{t-1} + g_t^2``, ``w <- w - lr g_t / sqrt(G_t + eps)``.
 
@@ -76,12 +78,12 @@ def adagrad(
 )
 def rmsprop(
   learning_rate: ScalarOrSchedule,
-  decay: float = 0.9,
-  eps: float = 1e-8,
+  decay: ScalarOrSchedule = 0.9,
+  eps: ScalarOrSchedule = 1e-8,
   initial_scale: float = 0.0,
   eps_in_sqrt: bool = True,
   centered: bool = False,
-  momentum: Optional[float] = None,
+  momentum: Optional[ScalarOrSchedule] = None,
   nesterov: bool = False,
   bias_correction: bool = False,
 ) -> GradientTransformation:

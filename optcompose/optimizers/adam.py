@@ -35,10 +35,10 @@ _DECOUPLED = dict(weight_decay=real(0.0, draw=(0.0, 0.5)), mask=MASK)
 @public("optimizer", optax="adam", nesterov=FLAG, **_ADAM)
 def adam(
   learning_rate: ScalarOrSchedule,
-  b1: float = 0.9,
-  b2: float = 0.999,
-  eps: float = 1e-8,
-  eps_root: float = 0.0,
+  b1: ScalarOrSchedule = 0.9,
+  b2: ScalarOrSchedule = 0.999,
+  eps: ScalarOrSchedule = 1e-8,
+  eps_root: ScalarOrSchedule = 0.0,
   mu_dtype: Optional[Any] = None,
   *,
   nesterov: bool = False,
@@ -109,10 +109,10 @@ def adam(
 @public("optimizer", optax="nadam", **_ADAM)
 def nadam(
   learning_rate: ScalarOrSchedule,
-  b1: float = 0.9,
-  b2: float = 0.999,
-  eps: float = 1e-8,
-  eps_root: float = 0.0,
+  b1: ScalarOrSchedule = 0.9,
+  b2: ScalarOrSchedule = 0.999,
+  eps: ScalarOrSchedule = 1e-8,
+  eps_root: ScalarOrSchedule = 0.0,
   mu_dtype: Optional[Any] = None,
   *,
   nesterov: bool = True,
@@ -154,10 +154,10 @@ def nadam(
 )
 def adamw(
   learning_rate: ScalarOrSchedule,
-  b1: float = 0.9,
-  b2: float = 0.999,
-  eps: float = 1e-8,
-  eps_root: float = 0.0,
+  b1: ScalarOrSchedule = 0.9,
+  b2: ScalarOrSchedule = 0.999,
+  eps: ScalarOrSchedule = 1e-8,
+  eps_root: ScalarOrSchedule = 0.0,
   mu_dtype: Optional[Any] = None,
   weight_decay: ScalarOrSchedule = 1e-4,
   mask: Mask = None,
@@ -246,10 +246,10 @@ def adamw(
 @public("optimizer", optax="nadamw", **_ADAM, **_DECOUPLED)
 def nadamw(
   learning_rate: ScalarOrSchedule,
-  b1: float = 0.9,
-  b2: float = 0.999,
-  eps: float = 1e-8,
-  eps_root: float = 0.0,
+  b1: ScalarOrSchedule = 0.9,
+  b2: ScalarOrSchedule = 0.999,
+  eps: ScalarOrSchedule = 1e-8,
+  eps_root: ScalarOrSchedule = 0.0,
   mu_dtype: Optional[Any] = None,
   weight_decay: ScalarOrSchedule = 1e-4,
   mask: Mask = None,

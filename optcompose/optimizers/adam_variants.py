@@ -44,10 +44,10 @@ _DECOUPLED = dict(weight_decay=real(0.0, draw=(0.0, 0.5)), mask=MASK)
 @public("optimizer", optax="adabelief", nesterov=FLAG, **_MOMENTS)
 def adabelief(
   learning_rate: ScalarOrSchedule,
-  b1: float = 0.9,
-  b2: float = 0.999,
-  eps: float = 1e-16,
-  eps_root: float = 1e-16,
+  b1: ScalarOrSchedule = 0.9,
+  b2: ScalarOrSchedule = 0.999,
+  eps: ScalarOrSchedule = 1e-16,
+  eps_root: ScalarOrSchedule = 1e-16,
   *,
   nesterov: bool = False,
 ) -> GradientTransformation:
@@ -91,10 +91,10 @@ def adabelief(
 )
 def radam(
   learning_rate: ScalarOrSchedule,
-  b1: float = 0.9,
+  b1: ScalarOrSchedule = 0.9,
   b2: float = 0.999,
-  eps: float = 1e-8,
-  eps_root: float = 0.0,
+  eps: ScalarOrSchedule = 1e-8,
+  eps_root: ScalarOrSchedule = 0.0,
   threshold: float = 5.0,
   *,
   nesterov: bool = False,
@@ -145,10 +145,10 @@ def radam(
 )
 def amsgrad(
   learning_rate: ScalarOrSchedule,
-  b1: float = 0.9,
-  b2: float = 0.999,
-  eps: float = 1e-8,
-  eps_root: float = 0.0,
+  b1: ScalarOrSchedule = 0.9,
+  b2: ScalarOrSchedule = 0.999,
+  eps: ScalarOrSchedule = 1e-8,
+  eps_root: ScalarOrSchedule = 0.0,
   mu_dtype: Optional[Any] = None,
   bias_correction_mu: bool = True,
   bias_correction_nu: bool = True,
@@ -197,7 +197,10 @@ def amsgrad(
   "optimizer", optax="yogi", learning_rate=LEARNING_RATE, b1=DECAY, b2=DECAY, eps=EPS_POSITIVE
 )
 def yogi(
-  learning_rate: ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-3
+  learning_rate: ScalarOrSchedule,
+  b1: ScalarOrSchedule = 0.9,
+  b2: ScalarOrSchedule = 0.999,
+  eps: ScalarOrSchedule = 1e-3,
 ) -> GradientTransformation:
   """Yogi: Adam with an additive, sign-corrected second moment.
 
@@ -229,7 +232,10 @@ _ADAMAX = dict(learning_rate=LEARNING_RATE, b1=DECAY, b2=MOMENTUM, eps=EPS_POSIT
 
 @public("optimizer", optax="adamax", **_ADAMAX)
 def adamax(
-  learning_rate: ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8
+  learning_rate: ScalarOrSchedule,
+  b1: ScalarOrSchedule = 0.9,
+  b2: ScalarOrSchedule = 0.999,
+  eps: ScalarOrSchedule = 1e-8,
 ) -> GradientTransformation:
   """AdaMax: the debiased first moment over an exponentially weighted infinity norm.
 
@@ -259,9 +265,9 @@ def adamax(
 @public("optimizer", optax="adamaxw", **_ADAMAX, **_DECOUPLED)
 def adamaxw(
   learning_rate: ScalarOrSchedule,
-  b1: float = 0.9,
-  b2: float = 0.999,
-  eps: float = 1e-8,
+  b1: ScalarOrSchedule = 0.9,
+  b2: ScalarOrSchedule = 0.999,
+  eps: ScalarOrSchedule = 1e-8,
   weight_decay: ScalarOrSchedule = 1e-4,
   mask: Mask = None,
 ) -> GradientTransformation:
@@ -300,11 +306,11 @@ def adamaxw(
 @public("optimizer", optax="adan", b3=FIXED_DECAY, **_MOMENTS, **_DECOUPLED)
 def adan(
   learning_rate: ScalarOrSchedule,
-  b1: float = 0.98,
-  b2: float = 0.92,
+  b1: ScalarOrSchedule = 0.98,
+  b2: ScalarOrSchedule = 0.92,
   b3: float = 0.99,
-  eps: float = 1e-8,
-  eps_root: float = 1e-8,
+  eps: ScalarOrSchedule = 1e-8,
+  eps_root: ScalarOrSchedule = 1e-8,
   weight_decay: ScalarOrSchedule = 0.0,
   mask: Mask = None,
 ) -> GradientTransformation:

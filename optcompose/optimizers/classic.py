@@ -45,7 +45,7 @@ _FIXED = dict(schedule=False)
 def adadelta(
   learning_rate: Optional[ScalarOrSchedule] = None,
   rho: float = 0.9,
-  eps: float = 1e-6,
+  eps: ScalarOrSchedule = 1e-6,
   weight_decay: ScalarOrSchedule = 0.0,
   weight_decay_mask: Mask = None,
 ) -> GradientTransformation:
@@ -101,10 +101,10 @@ def adadelta(
 )
 def novograd(
   learning_rate: ScalarOrSchedule,
-  b1: float = 0.9,
-  b2: float = 0.25,
-  eps: float = 1e-6,
-  eps_root: float = 0.0,
+  b1: ScalarOrSchedule = 0.9,
+  b2: ScalarOrSchedule = 0.25,
+  eps: ScalarOrSchedule = 1e-6,
+  eps_root: ScalarOrSchedule = 0.0,
   weight_decay: ScalarOrSchedule = 0.0,
 ) -> GradientTransformation:
   """NovoGrad: momentum of gradients normalised by their layer's (leaf's) running norm.
@@ -146,7 +146,9 @@ def novograd(
   learning_rate=LEARNING_RATE._replace(optional=False),  # Optax's refuses None
   momentum=real(0.0, 1.0, draw=(0.0, 0.99)),
 )
-def sm3(learning_rate: ScalarOrSchedule, momentum: float = 0.9) -> GradientTransformation:
+def sm3(
+  learning_rate: ScalarOrSchedule, momentum: ScalarOrSchedule = 0.9
+) -> GradientTransformation:
   """SM3: an Adagrad-like accumulator kept as one cover vector per axis, with momentum.
 
   Update, per leaf (covers ``mu_i`` broadcast along axis i)::

@@ -43,7 +43,7 @@ from optcompose.transforms.scaling import scale_by_learning_rate
 )
 def sgd(
   learning_rate: ScalarOrSchedule,
-  momentum: Optional[float] = None,
+  momentum: Optional[ScalarOrSchedule] = None,
   nesterov: bool = False,
   accumulator_dtype: Optional[Any] = None,
   *,

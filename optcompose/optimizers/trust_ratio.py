@@ -46,10 +46,10 @@ _WEIGHT_DECAY = real(0.0, draw=(0.0, 0.5))
 )
 def lamb(
   learning_rate: ScalarOrSchedule,
-  b1: float = 0.9,
-  b2: float = 0.999,
-  eps: float = 1e-6,
-  eps_root: float = 0.0,
+  b1: ScalarOrSchedule = 0.9,
+  b2: ScalarOrSchedule = 0.999,
+  eps: ScalarOrSchedule = 1e-6,
+  eps_root: ScalarOrSchedule = 0.0,
   weight_decay: ScalarOrSchedule = 0.0,
   mask: Mask = None,
 ) -> GradientTransformation:
@@ -110,7 +110,7 @@ def lars(
   trust_coefficient: float = 0.001,
   eps: float = 0.0,
   trust_ratio_mask: Mask = True,
-  momentum: float = 0.9,
+  momentum: ScalarOrSchedule = 0.9,
   nesterov: bool = False,
 ) -> GradientTransformation:
   """LARS: SGD with momentum on the weight-decayed gradient rescaled by its trust ratio.

@@ -83,7 +83,7 @@ def adadelta_leaf(g, e_g, e_x_prev, eps):
   rho=real(0.0, 1.0, draw=(0.0, 0.99), schedule=False),
   eps=EPS_POSITIVE,
 )
-def scale_by_adadelta(rho: float = 0.9, eps: float = 1e-6) -> GradientTransformation:
+def scale_by_adadelta(rho: float = 0.9, eps: ScalarOrSchedule = 1e-6) -> GradientTransformation:
   """Adadelta's scaling: ``u = sqrt(E[dx^2]_{t-1} + eps) / sqrt(E[g^2]_t + eps) g``.
 
   Update (``E[g^2]_0 = E[dx^2]_0 = 0``)::
@@ -167,10 +167,10 @@ def _first_step_zero(count, beta):
   mu_dtype=DTYPE,
 )
 def scale_by_novograd(
-  b1: float = 0.9,
-  b2: float = 0.25,
-  eps: float = 1e-8,
-  eps_root: float = 0.0,
+  b1: ScalarOrSchedule = 0.9,
+  b2: ScalarOrSchedule = 0.25,
+  eps: ScalarOrSchedule = 1e-8,
+  eps_root: ScalarOrSchedule = 0.0,
   weight_decay: ScalarOrSchedule = 0.0,  # a schedule too (novograd passes its own on)
   mu_dtype: Optional[Any] = None,
 ) -> GradientTransformation:
@@ -301,7 +301,9 @@ def _covers_init(p):
   b2=real(0.0, 1.0, draw=(0.9, 1.0)),
   eps=EPS,
 )
-def scale_by_sm3(b1: float = 0.9, b2: float = 1.0, eps: float = 1e-8) -> GradientTransformation:
+def scale_by_sm3(
+  b1: ScalarOrSchedule = 0.9, b2: ScalarOrSchedule = 1.0, eps: ScalarOrSchedule = 1e-8
+) -> GradientTransformation:
   """SM3's scaling: an Adagrad-like accumulator stored as one cover vector per axis.
 
   Update, per leaf (covers ``mu_i`` of shape ``(n_i,)``, broadcast along axis i)::
@@ -332,7 +334,8 @@ def scale_by_sm3(b1: float = 0.9, b2: float = 1.0, eps: float = 1e-8) -> Gradien
   if isinstance(b2, (int, float)):
     c2 = 1.0 - b2 if b2 != 1.0 else 1.0  # Optax's coefficients, known when built
   else:
-    c2 = jnp.where(jnp.asarray(b2) == 1, jnp.ones_like(b2), 1 - jnp.asarray(b2))
+    live = jnp.asarray(b2)  # a number traced under inject_hyperparams
+    c2 = jnp.where(live == 1, jnp.ones_like(live), 1 - live)
 
   def init(params):
     reject_layouts(params, "scale_by_sm3")

@@ -104,6 +104,7 @@ if TYPE_CHECKING:  # checked, never run
   assert_type(optax.transforms.clip_by_global_norm(1.0), optax.GradientTransformation)
   optax.adamw(learning_rat=1e-3)  # pyrefly: ignore[missing-argument, unexpected-keyword]
   optax.sgd(0.1, momentum="high")  # pyrefly: ignore[bad-argument-type]
+  optax.adamww(1e-3)  # pyrefly: ignore[missing-attribute]
 
 if __name__ == "__main__":
   main()
