@@ -274,6 +274,7 @@ def test_float16_statistics_are_computed_in_float32():
   assert_ulps_close(u, ref[-1], 2, dtype=jnp.float16)
 
 
+@pytest.mark.numerics
 def test_the_decay_stays_finite_at_the_last_int32_count():
   # The count saturates at 2**31 - 1; the decay's t = count + 1 was computed in int32 and
   # wrapped to -2**31, so (-2**31)^(-0.8) = NaN from then on (Optax's too). Three steps from

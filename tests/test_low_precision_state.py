@@ -303,6 +303,7 @@ def test_float16_parameters_keep_their_squares_in_float32(name):
   )
 
 
+@pytest.mark.numerics
 @pytest.mark.skipif(
   "xla_cpu_max_isa=SSE" in os.environ.get("XLA_FLAGS", ""),
   reason="XLA CPU cannot compile float16 arithmetic without F16C",
