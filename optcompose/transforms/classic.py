@@ -50,6 +50,7 @@ from optcompose.transforms.statistics import (
   _wide_enough,
   ema_leaf,
   moments_init,
+  squares_dtype,
   squares_init,
   same_structure,
   square_leaf,
@@ -287,8 +288,7 @@ def sm3_covers_leaf(a):
 def _covers_init(p):
   """Zero covers for ``p``: sums of squared gradients, so float32 for a float16 leaf (a
   float16 sum overflows past 65504 and stops growing at 2048 for |g| = 1)."""
-  dtype = jnp.result_type(p)
-  dtype = jnp.float32 if dtype == jnp.float16 else dtype
+  dtype = squares_dtype(jnp.result_type(p))
   if p.ndim == 0:
     return [jnp.zeros([], dtype)]
   return [jnp.zeros((p.shape[i],), dtype) for i in range(p.ndim)]

@@ -50,7 +50,7 @@ from optcompose.core import (
   zero_count,
 )
 from optcompose.masks import reject_layouts
-from optcompose.transforms.statistics import ema_leaf
+from optcompose.transforms.statistics import ema_leaf, squares_dtype
 
 # Numbers, as in Optax (``jax.typing.ArrayLike``; no schedules).
 DECAY_RATE = real(0.0, draw=(0.5, 1.0), schedule=False)  # the exponent c of 1 - t^(-c)
@@ -89,11 +89,6 @@ def factored_dims(shape: tuple, factored: bool, min_dim_size_to_factor: int) -> 
   return int(order[-2]), int(order[-1])
 
 
-def _stat_dtype(dtype):
-  """The dtype a leaf's statistics are computed in: its own, float32 for float16."""
-  return jnp.dtype(jnp.float32) if jnp.dtype(dtype) == jnp.float16 else jnp.dtype(dtype)
-
-
 def _squares(g, dtype, epsilon):
   """``G = |g|^2 + epsilon``, in g's dtype (float32 for float16 gradients or statistics:
   g^2 underflows float16 below |g| = 2.4e-4, and epsilon is 0 there)."""
@@ -117,7 +112,7 @@ def factored_rms_leaf(g, v_row, v_col, rho, epsilon, dims):
   """
   d1, d0 = dims
   dtype = jnp.result_type(v_row)
-  work = _stat_dtype(dtype)
+  work = squares_dtype(dtype)
   squares = _squares(g, dtype, epsilon)
   new_row = ema_leaf(rho, v_row, jnp.mean(squares, axis=d0)).astype(work)
   new_col = ema_leaf(rho, v_col, jnp.mean(squares, axis=d1)).astype(work)
@@ -132,7 +127,7 @@ def full_rms_leaf(g, v, rho, epsilon):
   """One unfactored step: ``v_t = rho v + (1 - rho) G``, ``u = g v_t^(-1/2)``; returns
   ``(u, v_t)``, u in g's dtype and v_t in the state's."""
   dtype = jnp.result_type(v)
-  new = ema_leaf(rho, v, _squares(g, dtype, epsilon)).astype(_stat_dtype(dtype))
+  new = ema_leaf(rho, v, _squares(g, dtype, epsilon)).astype(squares_dtype(dtype))
   return _times(g, new**-0.5).astype(jnp.result_type(g)), new.astype(dtype)
 
 
@@ -225,7 +220,7 @@ def scale_by_factored_rms(
     return factored_dims(jnp.shape(x), factored, min_dim_size_to_factor)
 
   def init_leaf(param):
-    dtype, dims = _stat_dtype(jnp.result_type(param)), dims_of(param)
+    dtype, dims = squares_dtype(jnp.result_type(param)), dims_of(param)
     if dims is None:
       return _placeholder(dtype), _placeholder(dtype), jnp.zeros_like(param, dtype)
     d1, d0 = dims

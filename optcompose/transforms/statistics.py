@@ -132,7 +132,13 @@ def squares_init(params, dtype=None, value=0.0):
   state = moments_init(params, dtype, value)
   if dtype is not None:
     return state
-  return jax.tree.map(lambda x: x.astype(jnp.float32) if x.dtype == jnp.float16 else x, state)
+  return jax.tree.map(lambda x: x.astype(squares_dtype(x.dtype)), state)
+
+
+def squares_dtype(dtype):
+  """The dtype statistics of squared gradients are kept in for a leaf of ``dtype``: its own,
+  float32 for float16 (see :func:`squares_init`)."""
+  return jnp.dtype(jnp.float32) if jnp.dtype(dtype) == jnp.float16 else jnp.dtype(dtype)
 
 
 def reject_complex(tree, what: str, who: str, why: str) -> None:
