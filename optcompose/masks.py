@@ -223,14 +223,14 @@ def labels_from_fn(fn: Callable[[str, Any], Any]) -> Callable[[Any], Any]:
 
 
 def _compile(fn: str, name: str, pattern: Any) -> re.Pattern:
-  """``re.compile(pattern)``, raising errors that name ``fn``'s argument ``name``.
-
-  Raises:
-    TypeError: ``pattern`` is not a str (or a compiled pattern).
-    ValueError: ``pattern`` is not a valid regex (with the ``re`` module's reason).
-  """
+  """``re.compile(pattern)``; a TypeError (not a str or compiled pattern) or ValueError (not
+  a valid regex, with ``re``'s reason; or an escaped ``\\|``) naming ``fn``'s ``name``."""
   if not isinstance(pattern, (str, re.Pattern)):
     raise TypeError(f"{fn}: `{name}` must be a regex string, got {type(pattern).__name__}.")
+  if isinstance(pattern, str) and "\\|" in pattern:  # r"bias\|scale", copied from a table
+    why = "a literal '|' (a Markdown table's escape, copied?); for either alternative write"
+    fix = pattern.replace("\\|", "|")
+    raise ValueError(f"{fn}: `{name}` {pattern!r} has '\\|', {why} {fix!r} ('[|]': a '|').")
   try:
     return re.compile(pattern)
   except re.error as error:

@@ -194,10 +194,9 @@ def squared_norm(tree: Any, *, only_square: bool = False) -> jax.Array:
   if not leaves:
     return jnp.zeros([], jnp.float32)
   square = abs_sq if only_square else _square_for_a_sum
-  total = [
-    jnp.sum(square(jnp.asarray(x).astype(promote_types(jnp.result_type(x), jnp.float32))))
-    for x in leaves
-  ]
+  # An integer leaf is squared in the default float dtype (float64 under x64, as Optax's).
+  wide = lambda d: promote_types(d, jnp.float32 if is_inexact(d) else jnp.result_type(float))  # noqa: E731
+  total = [jnp.sum(square(jnp.asarray(x).astype(wide(jnp.result_type(x))))) for x in leaves]
   # Summed left to right, each addition in the wider of its two operands.
   return functools.reduce(lambda a, b: jnp.add(*promote(a, b)), total)
 
@@ -297,7 +296,9 @@ def norm(tree: Any, ord=None, squared: bool = False) -> jax.Array:  # Optax's `o
     out = squared_norm(tree) if squared else global_norm(tree)
     dtypes = [jnp.result_type(x) for x in jax.tree.leaves(tree)]
     if dtypes and all(map(is_inexact, dtypes)):
-      out = out.astype(promote_types(*(jnp.finfo(d).dtype for d in dtypes)))
+      return out.astype(promote_types(*(jnp.finfo(d).dtype for d in dtypes)))
+    if not dtypes:  # Optax's sqrt of a sum of nothing: the default float dtype
+      return out.astype(jnp.result_type(float))
     return out
   if ord == 1:
     out = sum(jax.tree.map(jnp.abs, tree))

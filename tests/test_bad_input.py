@@ -669,6 +669,16 @@ ROWS = [
     lambda: oc.mask_from_paths(include="["),
   ),
   Row(
+    "path-regex-escaped-pipe",
+    "a backslash before a pipe in a `mask_from_paths` or `labels_from_paths` pattern "
+    "(a Markdown table's escape, copied): a literal pipe, which no path has, so an "
+    "`exclude` would exclude nothing (weight decay on biases and norms)",
+    "`ValueError` at construction, naming the argument and the pattern without the backslash",
+    ValueError,
+    r"`exclude` 'bias\\\\\|scale' has .*write 'bias\|scale'",
+    lambda: oc.mask_from_paths(exclude="bias\\|scale"),
+  ),
+  Row(
     "schedule-step-count",
     "a schedule's step count beyond int32 (`transition_steps=2**40`, "
     "boundaries, warmup steps, cycle lengths)",

@@ -5,6 +5,7 @@ transformation an instance of Optax's transformation types."""
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import typing
 import warnings
@@ -281,6 +282,19 @@ def test_l2_norm_of_16_bit_leaves_is_squared_in_float32():
   assert jnp.isinf(optax.tree.norm(tree))
   norm = oc.tree.norm(tree)
   assert norm.dtype == jnp.float16 and float(norm) == 600.0
+
+
+@pytest.mark.parametrize("enable_x64", [False, True])
+def test_l2_norm_of_integer_leaves_and_of_nothing_is_in_the_default_float_dtype(enable_x64):
+  """As Optax's: under x64 an integer leaf's norm is float64, exact to float64 (it was
+  float32, 2.236068 for sqrt(5)), and so is the norm of an empty tree."""
+  with x64() if enable_x64 else contextlib.nullcontext():
+    ints = {"a": jnp.arange(3)}
+    for tree in (ints, {}, {"a": None}):
+      ours, ref = oc.tree.norm(tree), optax.tree.norm(tree)
+      assert ours.dtype == ref.dtype == jnp.result_type(float), tree
+      np.testing.assert_allclose(ours, ref, rtol=1e-15 if enable_x64 else 1e-7)
+    assert float(oc.tree.norm(ints, squared=True)) == 5.0
 
 
 def test_state_lookups_work_on_optcompose_states():

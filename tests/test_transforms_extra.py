@@ -253,6 +253,26 @@ def test_scale_gradient_matches_optax(scale):
     assert_rel_close(traced, ours, F64_RTOL)  # a traced scale: the custom VJP
 
 
+@pytest.mark.numerics
+@pytest.mark.float64
+@pytest.mark.parametrize("scale", [0.5, -2.0])
+def test_scale_gradient_scales_every_order_of_derivative(scale):
+  """Differentiated twice (meta-gradients, Hessians), the scaling applies at each order, as
+  in Optax: the Hessian is scale**2 times the plain one, under jit with a traced scale too.
+  (Returning the unscaled input as the forward pass's output gave scale times it.) Reverse
+  over reverse: a custom VJP has no forward mode (Optax's neither)."""
+  hessian = lambda f: jax.jacrev(jax.jacrev(f))  # noqa: E731
+  with x64():
+    x = {"a": jnp.linspace(-1.0, 1.0, 4), "b": jnp.arange(3.0)}
+    ours = hessian(_loss(oc.scale_gradient, scale))(x)
+    ref = hessian(_loss(optax_run(optax.scale_gradient), scale))(x)
+    plain = hessian(_loss(lambda x, s: x, scale))(x)
+    assert_rel_close(ours, ref, F64_RTOL)
+    assert_rel_close(ours, jax.tree.map(lambda h: scale**2 * h, plain), F64_RTOL)
+    traced = jax.jit(hessian(lambda x, s: _loss(oc.scale_gradient, s)(x)))(x, scale)
+    assert_rel_close(traced, ours, F64_RTOL)
+
+
 def test_scale_gradient_keeps_cotangent_dtypes_and_integer_inputs():
   """A bfloat16 input gets a bfloat16 gradient with a float32 array scale; integer leaves
   (no gradient) ride along."""

@@ -158,7 +158,9 @@ def _scaled_backward(inputs, scale):
 
 
 def _scaled_backward_fwd(inputs, scale):
-  return inputs, scale
+  # The primal output is scaled again, so that a derivative of the backward pass (which
+  # reads it: meta-gradients, Hessians) is scaled too, at every order, as in Optax.
+  return _scaled_backward(inputs, scale), scale
 
 
 def _scaled_backward_bwd(scale, cotangents):
@@ -177,7 +179,8 @@ def scale_gradient(inputs: Any, scale: jax.typing.ArrayLike) -> Any:
   """Return ``inputs`` unchanged, with their gradient multiplied by ``scale`` when
   differentiated (a custom VJP; not a gradient transformation).
 
-  Forward: ``y = x``. Backward: ``dL/dx = scale * dL/dy``, in each cotangent's dtype. A known
+  Forward: ``y = x``. Backward: ``dL/dx = scale * dL/dy``, in each cotangent's dtype, at every
+  order (differentiated twice, a Hessian is ``scale**2`` times the plain one, as in Optax). A known
   ``scale`` of 1 returns ``inputs`` itself, and of 0 ``jax.lax.stop_gradient(inputs)`` (as in
   Optax); a traced ``scale`` (under ``jit``) goes through the custom VJP.
 
