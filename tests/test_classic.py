@@ -85,6 +85,19 @@ def test_polyak_step_edge_cases_against_numpy():
     oc.scale_by_polyak().update(g, oc.EmptyState())
 
 
+@pytest.mark.xla_cpu_program
+def test_polyak_squares_its_gradients_as_x_times_x():
+  """The step's one sum of squares is written x * x, the form XLA CPU's library reduction
+  reads fastest: with |x| * |x| (the form for a norm beside a second moment) polyak_sgd took
+  1.06-1.08x Optax's time, whose program it now equals."""
+  params = {"w": jnp.ones(1 << 12)}
+  for m in (oc, optax):
+    tx = m.polyak_sgd()
+    step = jax.jit(lambda g, s, p, v: tx.update(g, s, p, value=v))  # noqa: B023
+    hlo = step.lower(params, tx.init(params), params, jnp.float32(1.0)).compile().as_text()
+    assert "abs(" not in hlo, m.__name__
+
+
 def test_rprop_lags_one_step_and_checks_its_bounds():
   tx, g = oc.rprop(0.1), {"w": jnp.array([1.0, -2.0])}
   state = tx.init(g)
