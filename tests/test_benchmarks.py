@@ -380,3 +380,29 @@ def test_training_step_section_runs_every_variant_on_the_same_recipe():
   )
   checks = bench.bounds([res])
   assert len(checks) == 3 and all(" whole step (nanoGPT 1 layers x 16" in c for c in checks)
+
+
+def test_every_optimizer_script_compares_each_with_optax():
+  """benchmarks/every_optimizer.py (docs/performance.md, "Every optimizer against Optax"):
+  a row per optimizer asked for, the state bytes equal to Optax's, and fromage compiled to
+  fewer kernels than Optax's (whose safe norm writes a full-size select)."""
+  import subprocess
+
+  script = Path(__file__).parents[1] / "benchmarks" / "every_optimizer.py"
+  names = ["adamw", "fromage", "polyak_sgd"]
+  args = ["--size", "4096", "--reps", "2", "--warmup", "1", "--only", *names]
+  out = subprocess.run(
+    [sys.executable, str(script), *args], capture_output=True, text=True, timeout=300
+  )
+  assert out.returncode == 0, out.stderr[-2000:]
+  rows = {
+    cells[0]: cells
+    for line in out.stdout.splitlines()
+    if line.startswith("| ") and (cells := [c.strip() for c in line.strip("|").split("|")])
+  }
+  assert set(names) <= set(rows), out.stdout
+  for name in names:
+    ours, theirs = rows[name][-1].split("/")
+    assert float(ours) == float(theirs), rows[name]
+  ours, theirs = map(int, rows["fromage"][-2].split("/"))
+  assert ours < theirs, rows["fromage"]
