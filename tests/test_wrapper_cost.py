@@ -95,6 +95,43 @@ def test_ordered_after_passes_derivatives_through():
   np.testing.assert_allclose(np.asarray(grad), -0.1, rtol=1e-6)
 
 
+def test_second_derivatives_through_the_ordering_inside_scan_are_the_identity_s():
+  """Inside lax.scan, reverse-over-reverse differentiation (jax.hessian) differentiates the
+  ordering's body, not its derivative rule: through integer bits alone that body had a zero
+  derivative, and MultiSteps' Hessians (every leaf ordered) came out halved or worse."""
+  with x64():
+    x0 = jnp.array([1.0, 2.0])
+
+    def f(x, order):
+      def body(y, _):
+        return (ordered_after(y, jnp.float32(1.0)) if order else y) * x, None
+
+      return jnp.sum(jax.lax.scan(body, x, None, length=3)[0])  # sum(x ** 4)
+
+    for second in (jax.hessian, lambda g: jax.jacrev(jax.jacrev(g))):
+      want = second(lambda x: f(x, False))(x0)
+      np.testing.assert_allclose(np.asarray(want), np.diag(12 * np.asarray(x0) ** 2))
+      np.testing.assert_array_equal(np.asarray(second(lambda x: f(x, True))(x0)), want)
+
+    def through(m, data):  # 6 scanned MultiSteps(sgd, 2) calls on a least-squares loss
+      tx, p = m.MultiSteps(m.sgd(0.1), 2), {"w": jnp.ones(2)}
+
+      def call(carry, _):
+        p, s = carry
+        g = jax.grad(lambda p: jnp.sum((p["w"] * data - 1.0) ** 2))(p)
+        u, s = tx.update(g, s, p)
+        return (m.apply_updates(p, u), s), None
+
+      (p, _), _ = jax.lax.scan(call, (p, tx.init(p)), None, length=6)
+      return jnp.sum(p["w"] ** 3)
+
+    data = jnp.array([0.7, 1.3])
+    ours = jax.hessian(lambda d: through(oc, d))(data)
+    with jax.numpy_dtype_promotion("standard"):  # Optax's code mixes dtypes
+      theirs = jax.hessian(lambda d: through(optax, d))(data)
+    np.testing.assert_allclose(ours, theirs, rtol=1e-12)
+
+
 def test_zero_fraction_counts_exactly_by_rows_beyond_float32_integers(monkeypatch):
   """Leaves above the exact range (lowered here to 2^12 elements) are counted by rows of a
   power of two, or as integers where no long row divides them; every count exact."""

@@ -54,8 +54,11 @@ def ordered_after(tree: Any, token: jax.Array, min_size: int = 0) -> Any:
 def _ordered_leaf(x: jax.Array, t: jax.Array) -> jax.Array:
   zero = jnp.where(jnp.isnan(t), 0.0, jnp.minimum(0.0, jnp.abs(t))).astype(jnp.int8)
   bits = jnp.dtype(f"uint{8 * x.dtype.itemsize}")
-  word = jax.lax.bitcast_convert_type(x, bits) | zero.astype(bits)
-  return jax.lax.bitcast_convert_type(word, x.dtype)
+  word = jax.lax.bitcast_convert_type(jax.lax.stop_gradient(x), bits) | zero.astype(bits)
+  # x itself where zero == 0 (always), so that the body differentiates as the identity too:
+  # inside lax.scan, a second derivative (jax.hessian) differentiates this body rather than
+  # the rule below, and the integer bits alone gave it a zero derivative (half the Hessian).
+  return jnp.where(zero == 0, x, jax.lax.bitcast_convert_type(word, x.dtype))
 
 
 @_ordered_leaf.defjvp
