@@ -32,10 +32,12 @@ def ordered_after(tree: Any, token: jax.Array, min_size: int = 0) -> Any:
   result runs after whatever computed ``token`` (a scalar; no gradient flows to it).
 
   Each floating-point leaf's bits are OR-ed with a zero that depends on ``token``
-  (``where(isnan(t), 0, min(0, |t|))``, converted to an integer: 0 for every ``t``): every
-  value comes back as it was, subnormals and NaN payloads included (a floating-point
-  ``x - 0`` would not do: XLA CPU flushes subnormals to zero). It fuses into the loops that
-  read ``x``: no pass over memory is added. Complex, integer and boolean leaves, and leaves
+  (``where(isnan(t), 0, min(0, |t|))``, converted to an integer: 0 for every ``t``), and
+  ``x`` itself is selected where that zero is 0 (always; XLA cannot know it): every value
+  comes back as it was, subnormals and NaN payloads included (a floating-point ``x - 0``
+  would not do: XLA CPU flushes subnormals to zero), and the body differentiates as the
+  identity at every order, also where ``lax.scan`` differentiates it rather than the rule.
+  It fuses into the loops that read ``x``: no pass over memory is added. Complex, integer and boolean leaves, and leaves
   of fewer than ``min_size`` elements, are returned as they are, and so are not ordered.
   """
   t = jax.lax.stop_gradient(jnp.asarray(token)).astype(jnp.float32)
