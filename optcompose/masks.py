@@ -227,10 +227,11 @@ def _compile(fn: str, name: str, pattern: Any) -> re.Pattern:
   a valid regex, with ``re``'s reason; or an escaped ``\\|``) naming ``fn``'s ``name``."""
   if not isinstance(pattern, (str, re.Pattern)):
     raise TypeError(f"{fn}: `{name}` must be a regex string, got {type(pattern).__name__}.")
-  if isinstance(pattern, str) and "\\|" in pattern:  # r"bias\|scale", copied from a table
+  escaped = re.compile(r"(?<!\\)((?:\\\\)*)\\\|")  # an odd run of backslashes, then |
+  if isinstance(pattern, str) and escaped.search(pattern):  # r"bias\|scale", from a table
     why = "a literal '|' (a Markdown table's escape, copied?); for either alternative write"
-    fix = pattern.replace("\\|", "|")
-    raise ValueError(f"{fn}: `{name}` {pattern!r} has '\\|', {why} {fix!r} ('[|]': a '|').")
+    fix, literal = escaped.sub(r"\1|", pattern), "to match a literal '|', write '[|]'"
+    raise ValueError(f"{fn}: `{name}` {pattern!r} has '\\|', {why} {fix!r} ({literal}).")
   try:
     return re.compile(pattern)
   except re.error as error:
@@ -280,10 +281,8 @@ def _no_match(name: str, pattern: re.Pattern, paths: list, hint: str) -> str:
 
 
 # Ends those errors: for a mask or labels applied to part of a model with no masked around.
-_PART = (
-  "given: where these are part of a model (an nnx.Optimizer's wrt=, a group of Optax's "
-  "partition), write"
-)
+_PART = "given: where these are part of a model (an nnx.Optimizer's wrt=, a group of Optax's "
+_PART += "partition), write"
 
 
 def labels_from_paths(rules, default=None) -> Callable[[Any], Any]:
@@ -373,7 +372,8 @@ def mask_from_paths(include=None, exclude=None) -> Callable[[Any], Any]:
 
   Raises:
     TypeError: ``include`` or ``exclude`` is not a string. ValueError: it is not a valid
-      regex (the message names the argument, the pattern and ``re``'s reason); from the
+      regex (the message names the argument, the pattern and ``re``'s reason), or has an
+      escaped pipe (``bias\\|scale``, copied from a Markdown table: a literal ``|``); from the
       mask callable: ``include`` is found in no leaf path of a tree that has leaves (a typo
       would select nothing; inside ``masked`` or ``partition``, e.g. as each group's decay
       mask, no leaf path of the whole model). An ``exclude`` that matches nothing excludes

@@ -184,7 +184,7 @@ def promote(*values) -> tuple:
 
 def squared_norm(tree: Any, *, only_square: bool = False) -> jax.Array:
   """Sum of squared absolute values over all leaves, squared and accumulated in float32 or
-  wider (a float16 300 squared is inf in float16).
+  wider (a float16 300 squared is inf in float16; integers: in the default float dtype).
 
   ``only_square=True`` says that the step squares no other use of these same arrays (a
   clip: what follows squares the clipped copy). The square is then written ``x * x``, whose
@@ -194,9 +194,10 @@ def squared_norm(tree: Any, *, only_square: bool = False) -> jax.Array:
   if not leaves:
     return jnp.zeros([], jnp.float32)
   square = abs_sq if only_square else _square_for_a_sum
-  # An integer leaf is squared in the default float dtype (float64 under x64, as Optax's).
-  wide = lambda d: promote_types(d, jnp.float32 if is_inexact(d) else jnp.result_type(float))  # noqa: E731
-  total = [jnp.sum(square(jnp.asarray(x).astype(wide(jnp.result_type(x))))) for x in leaves]
+  wide = [jnp.float32 if is_inexact(jnp.result_type(x)) else float for x in leaves]
+  total = [
+    jnp.sum(square(jnp.asarray(x).astype(promote_types(x, w)))) for x, w in zip(leaves, wide)
+  ]
   # Summed left to right, each addition in the wider of its two operands.
   return functools.reduce(lambda a, b: jnp.add(*promote(a, b)), total)
 
@@ -295,11 +296,10 @@ def norm(tree: Any, ord=None, squared: bool = False) -> jax.Array:  # Optax's `o
   if ord is None or ord == 2:
     out = squared_norm(tree) if squared else global_norm(tree)
     dtypes = [jnp.result_type(x) for x in jax.tree.leaves(tree)]
-    if dtypes and all(map(is_inexact, dtypes)):
-      return out.astype(promote_types(*(jnp.finfo(d).dtype for d in dtypes)))
-    if not dtypes:  # Optax's sqrt of a sum of nothing: the default float dtype
-      return out.astype(jnp.result_type(float))
-    return out
+    floats = [jnp.finfo(d).dtype for d in dtypes if is_inexact(d)]  # integers promote to them
+    if floats:
+      return out.astype(promote_types(*floats))
+    return out.astype(jnp.result_type(float))  # integers only, or nothing: the default float
   if ord == 1:
     out = sum(jax.tree.map(jnp.abs, tree))
   elif ord == jnp.inf or ord in ("inf", "infinity"):

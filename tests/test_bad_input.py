@@ -671,8 +671,8 @@ ROWS = [
   Row(
     "path-regex-escaped-pipe",
     "a backslash before a pipe in a `mask_from_paths` or `labels_from_paths` pattern "
-    "(a Markdown table's escape, copied): a literal pipe, which no path has, so an "
-    "`exclude` would exclude nothing (weight decay on biases and norms)",
+    "(a Markdown table's escape, copied): a literal pipe, so an `exclude` would exclude "
+    "nothing (weight decay on biases and norms)",
     "`ValueError` at construction, naming the argument and the pattern without the backslash",
     ValueError,
     r"`exclude` 'bias\\\\\|scale' has .*write 'bias\|scale'",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -283,3 +285,17 @@ def test_a_chain_given_a_shorter_tuple_says_its_length():
   params = {"w": jnp.ones(2)}
   with pytest.raises(oc.StateMismatchError, match="the state is a tuple of length 2, expected"):
     tx.update(params, tx.init(params)[:2], params)
+
+
+def test_an_escaped_pipe_is_refused_only_where_it_is_a_literal_pipe():
+  """``bias\\|scale`` (a Markdown table's escape) matches a literal pipe: refused, naming the
+  pattern to write. An escaped backslash before a pipe (``a\\\\|b``: a backslash, then
+  either alternative) is a valid pattern and is kept."""
+  for pattern, fix in [(r"bias\|scale", "'bias|scale'"), (r"x\|y\|z", "'x|y|z'")]:
+    with pytest.raises(ValueError, match=re.escape(fix)):
+      oc.mask_from_paths(exclude=pattern)
+    with pytest.raises(ValueError, match=re.escape(fix)):
+      oc.labels_from_paths([(pattern, "a")], default="b")
+  params = {"b": jnp.zeros(1), "w": jnp.ones(1)}
+  assert oc.mask_from_paths(exclude=r"a\\|b")(params) == {"b": False, "w": True}
+  assert oc.mask_from_paths(exclude=r"[|]")(params) == {"b": True, "w": True}

@@ -294,6 +294,11 @@ def test_l2_norm_of_integer_leaves_and_of_nothing_is_in_the_default_float_dtype(
       ours, ref = oc.tree.norm(tree), optax.tree.norm(tree)
       assert ours.dtype == ref.dtype == jnp.result_type(float), tree
       np.testing.assert_allclose(ours, ref, rtol=1e-15 if enable_x64 else 1e-7)
+    for dtype in (jnp.float32, jnp.bfloat16):  # beside floats, the floats' dtype
+      mixed = {**ints, "b": jnp.ones(2, dtype)}
+      ours, ref = oc.tree.norm(mixed), standard_promotion(optax.tree.norm)(mixed)
+      assert ours.dtype == ref.dtype == dtype
+      np.testing.assert_allclose(np.float32(ours), np.float32(ref), rtol=1e-2)
     assert float(oc.tree.norm(ints, squared=True)) == 5.0
 
 
