@@ -37,9 +37,12 @@ def ordered_after(tree: Any, token: jax.Array, min_size: int = 0) -> Any:
   comes back as it was, subnormals and NaN payloads included (a floating-point ``x - 0``
   would not do: XLA CPU flushes subnormals to zero), and the body differentiates as the
   identity at every order, also where ``lax.scan`` differentiates it rather than the rule.
-  It fuses into the loops that read ``x``: no pass over memory is added. Complex, integer and boolean leaves, and leaves
-  of fewer than ``min_size`` elements, are returned as they are, and so are not ordered.
+  It fuses into the loops that read ``x``: no pass over memory is added. Complex, integer
+  and boolean leaves, and leaves of fewer than ``min_size`` elements, are returned as they
+  are, and so are not ordered; so is the whole tree when called eagerly (a concrete token).
   """
+  if not isinstance(token, jax.core.Tracer):  # run eagerly: no compiled program to order
+    return tree
   t = jax.lax.stop_gradient(jnp.asarray(token)).astype(jnp.float32)
 
   def order(x):

@@ -30,6 +30,8 @@ identity = public("transformation", optax="identity", any_dtype=True)(_identity)
 
 def scale_leaf(s, u):
   """``s * u`` in u's dtype: the step size is rounded to the update's precision."""
+  if type(s) in (float, int) and isinstance(u, jax.Array):  # weakly typed: u's dtype
+    return u * s  # the same bits, without a host-to-device copy of s per leaf (eager calls)
   return jnp.asarray(s, dtype=jnp.result_type(u)) * u
 
 

@@ -79,7 +79,7 @@ def _wide_enough(x):
   0, and a zero gradient then gives 0 / 0 = NaN). bfloat16 has float32's range and is kept,
   as in Optax. (float16 parameters' second moments are stored in float32: see
   :func:`squares_init`.)"""
-  x = jnp.asarray(x)
+  x = x if isinstance(x, jax.Array) else jnp.asarray(x)
   return x.astype(jnp.float32) if x.dtype == jnp.float16 else x
 
 
