@@ -679,6 +679,16 @@ ROWS = [
     lambda: oc.mask_from_paths(exclude="bias\\|scale"),
   ),
   Row(
+    "update-arguments-swapped",
+    "an optimizer state passed where the updates go (`tx.update(state, grads)`)",
+    "`TypeError` naming the state's class and the order of the arguments (it was a dtype "
+    "error about `updates.count`)",
+    TypeError,
+    r"`updates` is a ScaleByAdamState, an optimizer state: the arguments are "
+    r"update\(updates, state, params\)",
+    lambda: oc.scale_by_adam().update(oc.scale_by_adam().init(PARAMS), PARAMS),
+  ),
+  Row(
     "schedule-step-count",
     "a schedule's step count beyond int32 (`transition_steps=2**40`, "
     "boundaries, warmup steps, cycle lengths)",

@@ -75,6 +75,13 @@ def _floating_updates_only(tx: GradientTransformation, name: str) -> GradientTra
   """``tx`` whose update first checks that every update leaf is floating point."""
 
   def update(updates, state, params=None, **extra):
+    count = getattr(updates, "count", None) if hasattr(updates, "_fields") else None
+    if otree.leaf_dtype(count) is not None and not otree.is_inexact(otree.leaf_dtype(count)):
+      # an optimizer state where the updates go
+      raise TypeError(
+        f"{name}: `updates` is a {type(updates).__name__}, an optimizer state: the arguments "
+        "are update(updates, state, params), gradients first."
+      )
     otree.check_floating(
       updates,
       "updates",
