@@ -197,10 +197,10 @@ def squared_norm(tree: Any, *, only_square: bool = False) -> jax.Array:
   if not leaves:
     return jnp.zeros([], jnp.float32)
   square = abs_sq if only_square else _square_for_a_sum
-  wide = [jnp.float32 if is_inexact(jnp.result_type(x)) else float for x in leaves]
-  total = [
-    jnp.sum(square(jnp.asarray(x).astype(promote_types(x, w)))) for x, w in zip(leaves, wide)
-  ]
+  dtypes = [jnp.result_type(x) for x in leaves]
+  default = jnp.result_type(float)  # float64 under x64: integers are squared in it
+  wide = [promote_types(d, jnp.float32 if is_inexact(d) else default) for d in dtypes]
+  total = [jnp.sum(square(jnp.asarray(x).astype(w))) for x, w in zip(leaves, wide)]
   # Summed left to right, each addition in the wider of its two operands.
   return functools.reduce(lambda a, b: jnp.add(*promote(a, b)), total)
 

@@ -75,20 +75,21 @@ def _floating_updates_only(tx: GradientTransformation, name: str) -> GradientTra
   """``tx`` whose update first checks that every update leaf is floating point."""
 
   def update(updates, state, params=None, **extra):
-    count = getattr(updates, "count", None) if hasattr(updates, "_fields") else None
-    if otree.leaf_dtype(count) is not None and not otree.is_inexact(otree.leaf_dtype(count)):
-      # an optimizer state where the updates go
-      raise TypeError(
-        f"{name}: `updates` is a {type(updates).__name__}, an optimizer state: the arguments "
-        "are update(updates, state, params), gradients first."
+    try:
+      otree.check_floating(
+        updates,
+        "updates",
+        f"{name} needs floating-point updates (jax.grad "
+        "never gives integer gradients: cast, or route the leaf to "
+        "set_to_zero)",
       )
-    otree.check_floating(
-      updates,
-      "updates",
-      f"{name} needs floating-point updates (jax.grad "
-      "never gives integer gradients: cast, or route the leaf to "
-      "set_to_zero)",
-    )
+    except TypeError:
+      if "count" in getattr(updates, "_fields", ()):  # an optimizer state where updates go
+        raise TypeError(
+          f"{name}: `updates` is a {type(updates).__name__}, an optimizer state: the "
+          "arguments are update(updates, state, params), gradients first."
+        ) from None
+      raise
     _complex_for_real(name, updates, params, state)
     _same_shapes(name, updates, params)
     check_count(name, state)
