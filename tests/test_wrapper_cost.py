@@ -253,3 +253,30 @@ def test_step_if_finite_writes_the_step_in_place():
 def test_step_if_finite_names_a_bad_transformation():
   with pytest.raises(TypeError, match="step_if_finite"):
     oc.step_if_finite(object(), {}, (), {})
+
+
+@pytest.mark.parametrize(
+  "wrap",
+  [
+    lambda inner: oc.apply_if_finite(inner, 3),
+    lambda inner: oc.multi_steps(inner, 4),
+    lambda inner: oc.conditionally_transform(inner, lambda step: step % 2 == 0),
+  ],
+  ids=["apply_if_finite", "multi_steps", "conditionally_transform"],
+)
+def test_the_conditional_wrappers_trace_the_inner_step_once(wrap):
+  """The branch that skips the inner step takes its updates' types from the branch that
+  runs it, as lax.cond traced that one first; it traced the inner step a second time (with
+  jax.eval_shape), which made tracing apply_if_finite(adamw) on 148 leaves 2.2x Optax's."""
+  calls = []
+  adam = oc.adam(1e-2)
+
+  def update(updates, state, params=None):
+    calls.append(1)
+    return adam.update(updates, state, params)
+
+  tx = wrap(oc.GradientTransformation(adam.init, update))
+  params = {"w": jnp.ones(3), "b": jnp.ones(2)}
+  state = tx.init(params)
+  jax.jit(tx.update).trace(params, state, params)
+  assert len(calls) == 1

@@ -42,7 +42,8 @@ from optcompose.core import (
   safe_increment,
   zero_count,
 )
-from optcompose.wrappers.control import check_whole, update_if
+from optcompose.wrappers.branching import update_if
+from optcompose.wrappers.control import check_whole
 
 
 class ConditionallyTransformState(NamedTuple):

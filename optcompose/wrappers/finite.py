@@ -46,7 +46,7 @@ from optcompose.core import (
   with_step,
   zero_count,
 )
-from optcompose.wrappers.control import update_if
+from optcompose.wrappers.branching import update_if
 
 
 class ApplyIfFiniteState(NamedTuple):
