@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import optcompose as oc
+from numerics import x64
 
 P = {"w": jnp.array([1.0, 2.0, 3.0])}
 G = {"w": jnp.array([0.5, -1.0, 2.0])}
@@ -182,6 +183,22 @@ def test_an_eps_that_rounds_to_zero_is_zero(eps):
   ):
     oc.adam(1e-3, eps=eps)
   oc.adam(1e-3, eps=1e-30)  # a normal float32: accepted
+
+
+def test_an_eps_below_float32_s_normals_is_zero_under_x64_too():
+  """Under x64 the hyperparameters are float64, where 1e-60 is a number; but float32
+  parameters compute in float32, where it is 0, and a gradient that has always been 0 then
+  stepped by 0 / 0 = NaN (the scientific-computing trial). RMSProp's eps was refused there
+  already (it takes float32's smallest normal as its bound in every dtype)."""
+  with x64():
+    with pytest.raises(ValueError, match="`eps` and `eps_root` are both 0"):
+      oc.adam(1e-3, eps=1e-60)
+    with pytest.raises(ValueError, match="float32's smallest normal"):
+      oc.rmsprop(1e-3, eps=1e-60)
+    tx = oc.adam(1e-3, eps=1e-30)  # a normal float32: accepted, and no NaN
+    params = {"w": jnp.zeros(3, jnp.float32)}
+    updates, _ = tx.update({"w": jnp.zeros(3, jnp.float32)}, tx.init(params), params)
+    assert np.isfinite(np.asarray(updates["w"])).all()
 
 
 @pytest.mark.parametrize(

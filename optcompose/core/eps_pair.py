@@ -12,15 +12,17 @@ from optcompose.core.validation import _SKIP_CHECKS, TAKEN, _concrete_scalar
 
 
 def _zero(value: Any) -> bool:
-  """Whether ``value`` is known to be 0 where it is used: a number rounded to its dtype, or
-  below its smallest normal number (XLA flushes subnormals on CPU); a schedule whose values
-  reach 0 (the least value it records, see ``TAKEN``: a decay to 0)."""
+  """Whether ``value`` is known to be 0 where it may be used: a number that rounds to 0 in
+  its dtype or lies below float32's smallest normal number (XLA flushes subnormals on CPU;
+  under x64 a float64 value still meets float32 or bfloat16 parameters, whose arithmetic
+  is float32); a schedule whose values reach 0 (the least value it records, see ``TAKEN``:
+  a decay to 0)."""
+  tiny = jnp.finfo(jnp.float32).tiny
   if callable(value):
     taken = getattr(value, TAKEN, None)
-    tiny = jnp.finfo(jnp.float32).tiny
     return bool(taken and min(abs(float(v)) for v in taken) < tiny)
   known = _concrete_scalar(value)
-  return bool(known is not None and abs(known[1]) < jnp.finfo(known[2]).tiny)
+  return bool(known is not None and abs(known[1]) < tiny)
 
 
 def check_not_both_zero(fn_name: str, eps: Any, eps_root: Any) -> None:
@@ -39,8 +41,8 @@ def check_not_both_zero(fn_name: str, eps: Any, eps_root: Any) -> None:
   if _zero(eps) and _zero(eps_root):
     shown = lambda v: "a schedule reaching 0" if callable(v) else repr(v)  # noqa: E731
     raise ValueError(
-      f"{fn_name}: `eps` and `eps_root` are both 0 (or round to 0, or below the smallest "
-      f"normal number, in the dtype they are used in; got {shown(eps)} and "
+      f"{fn_name}: `eps` and `eps_root` are both 0 (or round to 0, or lie below float32's "
+      f"smallest normal number; got {shown(eps)} and "
       f"{shown(eps_root)}): a gradient that has been exactly 0 since the start would give "
       "0 / 0 = NaN. Make one of them positive (e.g. eps=1e-8)."
     )
