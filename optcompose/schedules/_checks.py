@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import numbers
-from typing import Mapping, Optional
+from typing import Callable, Mapping, Optional, TypeVar, cast
 
 import jax
 import jax.numpy as jnp
@@ -167,3 +169,43 @@ def _boundaries_and_scales(fn: str, boundaries_and_scales) -> list:
     _number(fn, f"boundaries_and_scales[{b!r}]", s, low=0.0)
     items.append((step, s))
   return sorted(items, key=lambda item: item[0])
+
+
+F = TypeVar("F", bound=Callable)
+_NEEDS_CONCRETE = (
+  jax.errors.ConcretizationTypeError,  # TracerBoolConversionError among them
+  jax.errors.TracerIntegerConversionError,
+  jax.errors.TracerArrayConversionError,
+)
+
+
+class TracedArgumentError(TypeError):
+  """A schedule's argument traced where building the schedule needs its value."""
+
+
+def names_traced(builder: F) -> F:
+  """``builder``, raising a :class:`TracedArgumentError` that names its traced arguments
+  (a value inside ``jax.jit``, ``jax.vmap`` or ``jax.grad``) where building the schedule
+  needs a concrete one (a step count that places a boundary, a rate compared with 1), in
+  place of JAX's error about a tracer, which names none. Costs nothing unless it fails."""
+
+  @functools.wraps(builder)
+  def build(*args, **kwargs):
+    try:
+      return builder(*args, **kwargs)
+    except (*_NEEDS_CONCRETE, TracedArgumentError):
+      given = inspect.signature(builder).bind_partial(*args, **kwargs).arguments
+      is_traced = lambda x: isinstance(x, jax.core.Tracer)  # noqa: E731
+      traced = [n for n, v in given.items() if any(map(is_traced, jax.tree.leaves(v)))]
+      if not traced:
+        raise
+      names = ", ".join(f"`{n}`" for n in traced)
+      raise TracedArgumentError(
+        f"{builder.__name__}: {names} {'is' if len(traced) == 1 else 'are'} traced (a value "
+        "inside jax.jit, jax.vmap or jax.grad), but building this schedule needs "
+        f"{'its' if len(traced) == 1 else 'their'} value. Build the schedule outside the "
+        "traced function, or sweep a factor of the whole schedule: "
+        "multiply_schedules(constant_schedule(peak), <the schedule with a peak of 1.0>)."
+      ) from None
+
+  return cast(F, build)

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 
 from optcompose import tree as otree
 from optcompose.schedules._checks import (
+  names_traced,
   MAX_STEPS,
   Schedule,
   _boundaries_and_scales,
@@ -44,6 +45,7 @@ __all__ = [
 ]
 
 
+@names_traced
 def join_schedules(schedules: Sequence[Schedule], boundaries: Sequence[int]) -> Schedule:
   """``s_0`` until ``b_1``, then ``s_k(t - b_k)`` from each boundary ``b_k`` on."""
   fn = "join_schedules"
@@ -73,6 +75,7 @@ def join_schedules(schedules: Sequence[Schedule], boundaries: Sequence[int]) -> 
   return _unusable_from(joined, *(s for s, _, _ in spans))
 
 
+@names_traced
 def multiply_schedules(*schedules: Schedule) -> Schedule:
   """The pointwise product ``s_1(t) * s_2(t) * ...`` (e.g. a base schedule times a decay)."""
   if not schedules:
@@ -90,6 +93,7 @@ def multiply_schedules(*schedules: Schedule) -> Schedule:
   return _unusable_from(schedule, *schedules)
 
 
+@names_traced
 def schedule_from_function(fn: Callable, *, dtype=jnp.float32) -> Schedule:
   """Turn a user function of the step count into a checked schedule.
 
@@ -122,6 +126,7 @@ def schedule_from_function(fn: Callable, *, dtype=jnp.float32) -> Schedule:
   return schedule
 
 
+@names_traced
 def linear_warmup(schedule: Schedule, warmup_steps: int, init_value=0.0) -> Schedule:
   """Prefix any schedule with a linear warmup from ``init_value`` to ``schedule(0)``.
 
@@ -144,6 +149,7 @@ def linear_warmup(schedule: Schedule, warmup_steps: int, init_value=0.0) -> Sche
   return join_schedules([warm, schedule], [warmup_steps])
 
 
+@names_traced
 def warmup_constant_schedule(init_value, peak_value, warmup_steps: int) -> Schedule:
   """Linear warmup from ``init_value`` to ``peak_value``, then constant.
 
@@ -163,6 +169,7 @@ def warmup_constant_schedule(init_value, peak_value, warmup_steps: int) -> Sched
   )
 
 
+@names_traced
 def warmup_cosine_decay_schedule(
   init_value, peak_value, warmup_steps: int, decay_steps: int, end_value=0.0, exponent=1.0
 ) -> Schedule:
@@ -189,7 +196,10 @@ def warmup_cosine_decay_schedule(
       f"{fn}: the warmup ({warmup_steps} steps) must be shorter than the run "
       f"(`decay_steps` = {decay_steps})."
     )
-  alpha = 0.0 if peak_value == 0.0 else end_value / peak_value
+  if isinstance(peak_value, jax.core.Tracer):  # a sweep over the peak, under jax.vmap
+    alpha = jnp.where(peak_value == 0.0, 0.0, end_value / peak_value)
+  else:
+    alpha = 0.0 if peak_value == 0.0 else end_value / peak_value
   return join_schedules(
     [
       linear_schedule(init_value, peak_value, warmup_steps)
@@ -201,6 +211,7 @@ def warmup_cosine_decay_schedule(
   )
 
 
+@names_traced
 def warmup_exponential_decay_schedule(
   init_value,
   peak_value,
@@ -229,6 +240,7 @@ def warmup_exponential_decay_schedule(
   )
 
 
+@names_traced
 def piecewise_interpolate_schedule(
   interpolate_type: str, init_value, boundaries_and_scales: Optional[Mapping[int, float]] = None
 ) -> Schedule:
@@ -271,6 +283,7 @@ def _onecycle_checks(fn, transition_steps, peak_value, pct_start, div_factor, fi
   return transition_steps
 
 
+@names_traced
 def cosine_onecycle_schedule(
   transition_steps: int,
   peak_value,
@@ -294,6 +307,7 @@ def cosine_onecycle_schedule(
   )
 
 
+@names_traced
 def linear_onecycle_schedule(
   transition_steps: int,
   peak_value,

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from optcompose.schedules._checks import (
+  names_traced,
   MAX_STEPS,
   Schedule,
   _float,
@@ -46,6 +47,7 @@ def _first_steps(t0: int, m: float, last: int) -> tuple:
   return (whole.astype(np.int32), offset, periods), beyond
 
 
+@names_traced
 def cosine_warm_restarts_schedule(
   init_value, first_period: int, period_mult: float = 1.0, peak_decay: float = 1.0, end_value=0.0
 ) -> Schedule:
@@ -121,6 +123,7 @@ def cosine_warm_restarts_schedule(
   return _taking(schedule, init_value, end_value, init_value * peak_decay**last_cycle)
 
 
+@names_traced
 def sgdr_schedule(cosine_kwargs: Iterable[Mapping]) -> Schedule:
   """Optax's SGDR: a sequence of warmup-cosine cycles, each given by its keyword arguments
   to :func:`warmup_cosine_decay_schedule`.
