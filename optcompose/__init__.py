@@ -102,7 +102,7 @@ _ON_FIRST_USE = ("testing", "migrate", "contrib")
 
 
 def __getattr__(name: str) -> _typing.Any:
-  if name in _ON_FIRST_USE:
+  if name in _ON_FIRST_USE or name == "_src":  # _src: Optax's private modules' names
     return _importlib.import_module(f"optcompose.{name}")
   # Optax's other names for ours, its names outside the optimizer domain (losses, ...), or an
   # error that says what to use for an optimizer-domain name not rebuilt yet.

@@ -25,6 +25,7 @@ import importlib.abc
 import importlib.util
 import inspect
 import sys
+import types
 import warnings
 from typing import Any, Optional
 
@@ -181,16 +182,20 @@ class NamespaceFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
   """Finds ``optcompose.losses`` (and Optax's other namespaces outside the optimizer domain,
   :data:`NAMESPACES`) for the import system as Optax's own module, so that ``import
   optcompose.losses`` and ``from optcompose.projections import ...`` work as the attributes
-  do (Optax is imported then, not before)."""
+  do (Optax is imported then, not before); and ``optcompose._src.<module>`` as
+  :func:`private_module`."""
 
   def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
     package, _, rest = fullname.partition(".")
-    if package != "optcompose" or rest not in NAMESPACES:
+    if package != "optcompose" or (rest not in NAMESPACES and not _is_private(rest)):
       return None
-    return importlib.util.spec_from_loader(fullname, self)
+    return importlib.util.spec_from_loader(fullname, self, is_package=rest == "_src")
 
   def create_module(self, spec: Any) -> Any:
-    return importlib.import_module("optax." + spec.name.partition(".")[2])
+    rest = spec.name.partition(".")[2]
+    if _is_private(rest):
+      return private_module(rest)
+    return importlib.import_module("optax." + rest)
 
   def exec_module(self, module: Any) -> None:
     pass  # Optax's module, imported by create_module
@@ -257,3 +262,40 @@ def install(module: Any, namespace: str, package: dict) -> None:
     return sorted(set(vars(module)) | {n for n in names() if n in package})
 
   module.__getattr__, module.__dir__ = __getattr__, __dir__
+
+
+def _is_private(rest: str) -> bool:
+  """Whether ``optcompose.<rest>`` names Optax's private package ``optax._src`` or one of its
+  modules."""
+  first, _, module = rest.partition(".")
+  if first != "_src" or "." in module:
+    return False
+  return not module or importlib.util.find_spec(f"optax._src.{module}") is not None
+
+
+def private_module(rest: str) -> Any:
+  """``optcompose._src`` or ``optcompose._src.<module>``: Optax's private modules, which real
+  training code imports from (``from optax._src.base import init_empty_state``, EasyLM's
+  ``optax._src.numerics.safe_int32_increment``). A name is answered with optcompose's
+  top-level object of that name, where Optax's module has the name and our top level defines
+  it; any other is an AttributeError naming Optax's module."""
+  module = types.ModuleType(f"optcompose.{rest}")
+  theirs_name = f"optax.{rest}"
+
+  def __getattr__(name: str) -> Any:
+    if rest == "_src" and not name.startswith("__") and _is_private(f"_src.{name}"):
+      return importlib.import_module(f"optcompose._src.{name}")
+    ours = vars(sys.modules["optcompose"])
+    theirs = importlib.import_module(theirs_name)
+    if not name.startswith("__") and hasattr(theirs, name) and name in ours:
+      return ours[name]
+    raise AttributeError(
+      f"module {module.__name__!r} has no attribute {name!r}: it answers the names of "
+      f"Optax's private module `{theirs_name}` that optcompose's top level has, and this is "
+      "not one of them. Use a public name, or Optax's own object (`import optax`)."
+    )
+
+  module.__getattr__ = __getattr__  # type: ignore[attr-defined]
+  if rest == "_src":
+    module.__path__ = []  # type: ignore[attr-defined]  (a package: its modules import)
+  return module

@@ -425,6 +425,22 @@ def test_the_kit_names_what_a_users_transformation_got_wrong():
   ):
     oct.check_invariants(ring, params, grads)
 
+  # The updates or parameters rewritten in place were reported as a difference between the
+  # jitted and the eager run (the custom-transformation trial).
+  def halving(which):
+    def update(u, s, p=None, **e):
+      tree = u if which == "updates" else p
+      tree["w"] = tree["w"] * 0.5
+      return jax.tree.map(jnp.negative, u), s
+
+    return build(lambda p: oc.EmptyState(), update)
+
+  for which in ("updates", "params"):
+    with pytest.raises(
+      AssertionError, match=rf"changed the {which} it was given, in place \({which}\['w'\]\)"
+    ):
+      oct.check_invariants(halving(which), params, grads)
+
   twice = build(
     lambda p: {"a": jnp.zeros(3), "b": jnp.ones(3)},
     lambda u, s, p=None, **e: (u, {"a": u["w"], "b": u["w"]}),
@@ -474,3 +490,18 @@ def test_an_optional_value_argument_is_not_passed_by_the_unknown_keyword_check()
   oct.check_invariants(
     oc.GradientTransformation(lambda p: oc.EmptyState(), update), SMALL, grads_at
   )
+
+
+def test_a_state_value_init_marks_unknown_may_stay_unknown():
+  """with_diagnostics records NaN as the learning rate where none is recorded or given (as
+  documented); the kit's finiteness check failed it (the custom-transformation trial). A
+  value init made finite must stay finite."""
+  params, grads = {"w": jnp.ones(3)}, {"w": jnp.full(3, 0.5)}
+  for inner in (oc.sgd(0.1), oc.adam(1e-3)):
+    oct.check_invariants(oc.with_diagnostics(inner), params, grads, vmap=False)
+  nan_later = oc.GradientTransformation(
+    lambda p: {"x": jnp.zeros([], jnp.float32)},
+    lambda u, s, p=None, **e: (u, {"x": s["x"] + jnp.float32(jnp.nan)}),
+  )
+  with pytest.raises(AssertionError, match=r"\[2\]\['x'\] is not finite"):
+    oct.check_invariants(nan_later, params, grads, vmap=False)

@@ -285,10 +285,12 @@ _Builder = TypeVar("_Builder", bound=Callable[..., Any])
 def with_schedules(*names: str) -> Callable[[_Builder], _Builder]:
   """Decorator: let the hyperparameters ``names`` of a transformation builder be schedules.
 
-  The builder is written for plain numbers. When every named argument is a number it is
+  The builder is written for numbers. When every named argument is a number it is
   called as is (its state is exactly its own); when any is a schedule the result is
-  :func:`rebuilt_each_step` from the scheduled values (the builder's own checks see step
-  0's values, at ``init``; the public builders are declared with
+  :func:`optcompose.core.rebuilt_each_step` from the scheduled values, which reach the
+  builder as float32 scalar arrays (float64 under x64), not Python numbers: a bfloat16
+  computation with one is promoted, so cast it to the leaf's dtype (the builder's own
+  checks see step 0's values, at ``init``; the public builders are declared with
   :func:`optcompose.core.registry.public` instead, which validates and schedules): before
   each update, ``h = schedule(count)`` with ``count`` the int32 step count from 0.
 

@@ -47,17 +47,22 @@ __all__ = [
 
 @names_traced
 def join_schedules(schedules: Sequence[Schedule], boundaries: Sequence[int]) -> Schedule:
-  """``s_0`` until ``b_1``, then ``s_k(t - b_k)`` from each boundary ``b_k`` on."""
+  """``s_0`` until ``b_1``, then ``s_k(t - b_k)`` from each boundary ``b_k`` on.
+
+  ``n`` schedules take ``n - 1`` boundaries, or ``n``: a last boundary, where the last
+  schedule ends (MaxText passes one), is checked but changes nothing: the last schedule
+  goes on past it, as in Optax, which ignores it."""
   fn = "join_schedules"
   schedules = list(schedules)
   boundaries = [_steps(fn, f"boundaries[{i}]", b, positive=False) for i, b in enumerate(boundaries)]
-  if len(boundaries) != len(schedules) - 1:
+  if len(boundaries) not in (len(schedules) - 1, len(schedules)):
     raise ValueError(
-      f"{fn}: {len(schedules)} schedules need {len(schedules) - 1} boundaries, "
-      f"got {len(boundaries)}."
+      f"{fn}: {len(schedules)} schedules need {len(schedules) - 1} boundaries (or "
+      f"{len(schedules)}, the last where the last schedule ends), got {len(boundaries)}."
     )
   if any(b2 < b1 for b1, b2 in zip(boundaries, boundaries[1:])):
     raise ValueError(f"{fn}: `boundaries` must be non-decreasing, got {boundaries}.")
+  boundaries = boundaries[: len(schedules) - 1]
   for i, s in enumerate(schedules):
     if not callable(s):
       raise TypeError(f"{fn}: `schedules[{i}]` is not callable.")

@@ -1,6 +1,7 @@
 """State checks of the property kit that look at buffers and types rather than values:
 a state that can be donated, a state that keeps its types (weak types included) so that a
-jitted step is traced once, and parameters made strongly typed before a run."""
+jitted step is traced once, inputs that update leaves as they were, the state leaves init
+marks as unknown, and parameters made strongly typed before a run."""
 
 from __future__ import annotations
 
@@ -83,3 +84,33 @@ def _retraced(traces, steps: int, state0, records) -> str:
     if cause:
       break
   return f"the jitted update was traced {len(traces)} times in {steps} steps{cause}"
+
+
+_INPUTS = ("state", "updates", "params")  # what update is given, in record_steps' order
+
+
+def _assert_inputs_kept(given: list, now: list, when: str) -> None:
+  """``update`` left the ``(state, updates, params)`` it was given as they were: the same
+  leaf objects at the same paths (``given`` and ``now``, flattened with their paths before
+  and after the call). A dict rewritten in place would show as a difference between the
+  jitted and the eager run, far from its cause."""
+  changed = [p for (p, a), (q, b) in zip(given, now) if p != q or a is not b]
+  if len(given) != len(now) and not changed:  # a leaf added or removed at the end
+    changed = [(given if len(given) > len(now) else now)[-1][0]]
+  if changed:
+    which = _INPUTS[changed[0][0].idx]
+    raise AssertionError(
+      f"{when}: update changed the {which} it was given, in place ({which}"
+      f"{otree.path_str(changed[0][1:])}): return new trees and leave the ones given as they were"
+    )
+
+
+def _unknown(state0) -> set:
+  """The paths, as :func:`_assert_finite` sees them in ``(params, updates, state)``, of the
+  state leaves that ``init`` made NaN or infinite: a value documented as not known, such as
+  ``with_diagnostics``' learning rate where none is recorded or given."""
+  return {
+    (jax.tree_util.SequenceKey(2), *path)
+    for path, x in jax.tree_util.tree_flatten_with_path(state0)[0]
+    if jnp.issubdtype(jnp.result_type(x), jnp.inexact) and not bool(jnp.all(jnp.isfinite(x)))
+  }

@@ -196,13 +196,7 @@ def _parts(inner, every_k_schedule, use_grad_mean, accumulator_dtype, should_ski
       )
     # Each operation in the wider of its operands' dtypes (the accumulator's and the
     # gradients'; the int32 j + 1 cast to it).
-    if use_grad_mean:
-      mean = lambda g, a: jnp.add(
-        *otree.promote(a, jnp.divide(*otree.promote(jnp.subtract(*otree.promote(g, a)), n + 1)))
-      )
-    else:
-      mean = lambda g, a: jnp.add(*otree.promote(g, a))
-    accumulate = lambda g, a: a if is_float0(g) else mean(g, a)  # float0: no value
+    accumulate = lambda g, a: a if is_float0(g) else _accumulated(use_grad_mean, g, a, n)
     k = jnp.asarray(k_of(state.gradient_step), jnp.int32)
     # At or past the k-th micro-step: a state saved with a larger k (a resumed run, or k
     # lowered live) steps at its next call instead of never.
@@ -280,6 +274,16 @@ def _parts(inner, every_k_schedule, use_grad_mean, accumulator_dtype, should_ski
   return init, update, step
 
 
+def _accumulated(use_grad_mean: bool, g, a, n):
+  """The accumulator ``a`` after the ``n``-th micro-gradient ``g`` (from 0): the running mean
+  (Welford), or the sum. Each operation in the wider of its operands' dtypes (the
+  accumulator's and the gradients'; the int32 ``n + 1`` cast to it)."""
+  if not use_grad_mean:
+    return jnp.add(*otree.promote(g, a))
+  step = jnp.divide(*otree.promote(jnp.subtract(*otree.promote(g, a)), n + 1))
+  return jnp.add(*otree.promote(a, step))
+
+
 def _given(accumulate, grads, acc):
   """The accumulated gradients in their dtypes (a float0 one as it came), for inner."""
   return jax.tree.map(
@@ -314,7 +318,26 @@ class MultiSteps:
       opt, every_k_schedule, use_grad_mean, accumulator_dtype, should_skip_update_fn
     )
     self.inner_opt = opt
-    self.init, self.update = self._tx.init, self._tx.update
+    # A subclass's init and update are its own (EasyLM accumulates in bfloat16 so); else
+    # the transformation's, which carry the whole training call (optcompose.step).
+    for name in ("init", "update"):
+      if getattr(type(self), name) is getattr(MultiSteps, name):
+        setattr(self, name, getattr(self._tx, name))
+    # Optax's private attributes, which subclasses written for Optax's MultiSteps read.
+    self._opt = as_transformation(opt, "MultiSteps")
+    k = every_k_schedule
+    self._every_k_schedule = k if callable(k) else (lambda step: k)
+    self._use_grad_mean, self._accumulator_dtype = use_grad_mean, accumulator_dtype
+    self._acc_update = lambda grad, acc, *, n_acc: _accumulated(use_grad_mean, grad, acc, n_acc)
+    self._should_skip_update_fn = should_skip_update_fn or _never_skip
+
+  def init(self, params) -> Any:
+    """The state: :func:`multi_steps`' ``init``."""
+    return self._tx.init(params)
+
+  def update(self, updates, state: MultiStepsState, params=None, **extra) -> tuple:
+    """``(updates, state)``: :func:`multi_steps`' ``update``."""
+    return self._tx.update(updates, state, params, **extra)
 
   def step(self, grads, opt_state: MultiStepsState, params, **extra) -> tuple:
     """One whole training call: ``(params, opt_state)``, the parameters updated on a real
@@ -339,14 +362,21 @@ class MultiSteps:
       in Optax, still True after a micro-step rejected by ``should_skip_update_fn`` right
       after one: ``opt_state.gradient_step`` counts the real steps).
     """
-    return step(self._tx, grads, opt_state, params, **extra)
+    return step(self.gradient_transformation(), grads, opt_state, params, **extra)
 
   def has_updated(self, state: MultiStepsState) -> jax.Array:
     """Whether the latest call took a real step."""
     return jnp.logical_and(state.mini_step == 0, state.gradient_step > 0)
 
   def gradient_transformation(self) -> GradientTransformation:
-    return self._tx
+    """``init`` and ``update`` as a transformation (a subclass's own, where it has them)."""
+    return GradientTransformation(self.init, self.update)
+
+
+def _never_skip(updates, gradient_step, params):
+  """Optax's ``MultiSteps._should_skip_update_fn`` when none is given."""
+  del updates, gradient_step, params
+  return jnp.array(False, dtype=jnp.bool_), ()
 
 
 __all__ = ["MultiSteps", "MultiStepsState"]  # and the builders it registers
