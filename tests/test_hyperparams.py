@@ -639,3 +639,28 @@ def test_set_hyperparams_on_a_sweep_state_made_by_vmap():
     oc.set_hyperparams(sweep, learning_rate=np.array([0.1, -0.2, 0.3]))
   with pytest.raises(ValueError, match=r"`learning_rate` must be a scalar or of shape \(3,\)"):
     oc.set_hyperparams(sweep, learning_rate=np.array([0.1, 0.2]))
+
+
+def test_a_count_of_the_users_factory_not_listed_static_is_named():
+  """A Python int given to a factory of the user's is a hyperparameter of the state, a float
+  array (Optax keeps an int32 one: jitted, both fail); ``range(ns_steps)`` then failed with
+  "Only integer scalar arrays can be converted to a scalar index", naming nothing (the
+  custom-transformation trial)."""
+
+  def repeated_scale(beta, ns_steps=3):
+    def update(updates, state, params=None):
+      for _ in range(ns_steps):
+        updates = jax.tree.map(lambda u: u * beta, updates)
+      return updates, state
+
+    return oc.GradientTransformation(lambda params: oc.EmptyState(), update)
+
+  params = {"w": jnp.ones(3)}
+  tx = oc.inject_hyperparams(repeated_scale)(beta=0.5, ns_steps=3)
+  with pytest.raises(
+    TypeError, match=r"`ns_steps` given as Python ints .* static_args=\('ns_steps',\)"
+  ):
+    tx.update(params, tx.init(params), params)
+  tx = oc.inject_hyperparams(repeated_scale, static_args="ns_steps")(beta=0.5, ns_steps=3)
+  updates, _ = jax.jit(tx.update)(params, tx.init(params), params)
+  np.testing.assert_array_equal(updates["w"], np.full(3, 0.125, np.float32))

@@ -179,9 +179,35 @@ def inject_hyperparams(
       dtype=hyperparam_dtype,
       validate=_by_name(who, hyperparam_dtype) if not ours and _optax_s(inner_factory) else None,
     )
+    ints = [n for n, v in numeric.items() if isinstance(v, numbers.Integral)]
+    if ints and not ours:  # a count of the user's factory, stored as a float array?
+      tx = _hinting(tx, who, ints)
     return mark_reads_final(tx, _built(inner_factory, fixed, numeric, at_0))
 
   return factory
+
+
+def _hinting(tx: GradientTransformation, who: str, ints: list) -> GradientTransformation:
+  """``tx``, whose TypeErrors also say that ``ints`` (given as Python ints) reach the
+  factory as float arrays: ``range(n)`` or a shape of one fails far from its cause."""
+  names = ", ".join(f"`{n}`" for n in ints)
+
+  def hinted(method):
+    @functools.wraps(method)
+    def call(*args, **kwargs):
+      try:
+        return method(*args, **kwargs)
+      except TypeError as e:
+        raise TypeError(
+          f"{e}\n({who}: {names} given as Python ints reach the factory as "
+          "float arrays of the state, as every numeric argument does unless listed in "
+          f"static_args: one used as a count (range, a shape) must be listed there, "
+          f"static_args={tuple(ints)!r}.)"
+        ) from e
+
+    return call
+
+  return GradientTransformation(hinted(tx.init), hinted(tx.update))
 
 
 def _by_name(who: str, dtype) -> Callable[[dict], None]:
