@@ -505,3 +505,23 @@ def test_a_state_value_init_marks_unknown_may_stay_unknown():
   )
   with pytest.raises(AssertionError, match=r"\[2\]\['x'\] is not finite"):
     oct.check_invariants(nan_later, params, grads, vmap=False)
+
+
+def test_hyperparameters_of_a_builder_of_the_users_are_drawn_from_its_spec():
+  """An entry added to HYPERPARAMETERS draws; build, which makes the public builders, says
+  how to build one's own (it failed with "module 'optcompose' has no attribute")."""
+  spec = {"learning_rate": ("float", 1e-4, 1e-1), "steps": ("int", 1, 3)}
+  ocst.HYPERPARAMETERS["users_own"] = spec
+  try:
+
+    @settings(max_examples=10, deadline=None, database=None)
+    @given(ocst.hyperparameters("users_own"))
+    def drawn(kw):
+      assert set(kw) == set(spec)
+      assert 1e-4 <= kw["learning_rate"] <= 1e-1 and kw["steps"] in (1, 2, 3)
+
+    drawn()
+    with pytest.raises(KeyError, match=r"hyperparameters\('users_own'\)\.map"):
+      ocst.build("users_own", {"learning_rate": 0.1, "steps": 1})
+  finally:
+    del ocst.HYPERPARAMETERS["users_own"]

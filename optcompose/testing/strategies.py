@@ -199,7 +199,11 @@ def _argument(spec) -> st.SearchStrategy:
 
 
 def hyperparameters(name: str) -> st.SearchStrategy:
-  """A dict of valid keyword arguments for the public builder ``name`` (see HYPERPARAMETERS)."""
+  """A dict of valid keyword arguments for the builder ``name``: a public one, or one of
+  yours added to ``HYPERPARAMETERS`` as ``{argument: draw}``, each draw one of
+  ``("float", lo, hi)`` (log-uniform when ``lo > 0``), ``("int", lo, hi)``, ``("bool",)``,
+  ``("choice", values)``, ``("optional", draw)`` or ``("schedule",)``; draw your own
+  transformations with ``hyperparameters(name).map(lambda kw: your_builder(**kw))``."""
   if name not in HYPERPARAMETERS:
     raise KeyError(f"no hyperparameter strategy for {name!r}; known: {sorted(HYPERPARAMETERS)}")
   spec = HYPERPARAMETERS[name]
@@ -214,7 +218,13 @@ def build(name: str, kwargs: dict):
     return oc.inject_hyperparams(factory, hyperparam_dtype=kwargs.pop("hyperparam_dtype", None))(
       **kwargs
     )
-  return getattr(oc, name)(**kwargs)
+  builder = getattr(oc, name, None)
+  if builder is None:
+    raise KeyError(
+      f"build makes optcompose's public builders, and {name!r} is not one: draw yours with "
+      f"hyperparameters({name!r}).map(lambda kw: your_builder(**kw))."
+    )
+  return builder(**kwargs)
 
 
 def transformations(names: Optional[Sequence[str]] = None) -> st.SearchStrategy:
