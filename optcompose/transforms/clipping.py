@@ -68,16 +68,10 @@ def rescale_leaf(u, norm, max_norm):
   """``u`` if ``norm < max_norm`` else ``(u / norm) * max_norm`` (norm a scalar or broadcastable).
 
   A float16 or bfloat16 ``u`` is rescaled in float32 and cast back."""
-  return rescale_by(u, *_divisor_and_bound(norm, max_norm))
+  return _in_wide(lambda u: _rescale(u, norm, max_norm), u)
 
 
-def rescale_by(u, n, c):
-  """``(u / n) * c`` for ``(n, c)`` from :func:`_divisor_and_bound` (computed once for a whole
-  tree: a trace of every leaf's own copy took a quarter of tracing clip + AdamW)."""
-  return _in_wide(lambda u: jnp.multiply(*otree.promote(u / n.astype(jnp.result_type(u)), c)), u)
-
-
-def _divisor_and_bound(norm, max_norm) -> tuple:
+def _rescale(u, norm, max_norm):
   # (u / n) * c with n = c = 1 where the norm is below the bound: the choice is made on the
   # norms (scalars, or one per unit), not between u and its rescaled copy, so the product
   # fuses into the loop that consumes u (XLA CPU does not fuse a whole-leaf select into it:
@@ -86,7 +80,8 @@ def _divisor_and_bound(norm, max_norm) -> tuple:
   # dtypes (a float64 scheduled max_norm with float32 u under x64: float64).
   n, c = otree.promote(jnp.asarray(norm), max_norm)
   below = jnp.less(n, c)
-  return jnp.where(below, 1, n), jnp.where(below, 1, c)
+  n, c = jnp.where(below, 1, n), jnp.where(below, 1, c)
+  return jnp.multiply(*otree.promote(u / n.astype(jnp.result_type(u)), c))
 
 
 def clip_ratio(g_norm, max_norm, div_eps=1e-6):
@@ -157,8 +152,7 @@ def clip_by_global_norm(max_norm: ScalarOrSchedule) -> GradientTransformation:
   def update(updates, state, params=None, **extra):
     del params, extra
     norm = otree.global_norm(jax.tree.map(_wide, updates), only_square=True)  # in float32+
-    factors = _divisor_and_bound(norm, max_norm)
-    clipped = jax.tree.map(lambda u: rescale_by(u, *factors), updates)
+    clipped = jax.tree.map(lambda u: rescale_leaf(u, norm, max_norm), updates)
     return clipped, ClipByGlobalNormState(norm.astype(jnp.float32))
 
   return GradientTransformation(init, update)
