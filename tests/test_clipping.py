@@ -105,3 +105,17 @@ def test_clipped_gradient_is_consumed_inside_the_adamw_loops(clip):
     if re.search(rf"= f32\[{size}\]\S* fusion\(", line)
   ]
   assert len(loops) == 3, loops  # mu, nu, and the parameters
+
+
+@pytest.mark.xla_cpu_program
+def test_clipped_gradient_is_consumed_inside_the_adamw_loops_of_every_leaf_of_a_tree():
+  """As above on a tree of leaves of several sizes, with a scheduled learning rate: no leaf's
+  clipped gradient is written out. Computing the clip's divisor once for the whole tree (one
+  scalar shared by every leaf's loop, where each leaf had its own copy) made XLA CPU write
+  ``u / n`` out for some leaves; the one-leaf test cannot see that."""
+  sizes = [4096 + 64 * i for i in range(6)]
+  params = {f"w{i}": jnp.ones(n) for i, n in enumerate(sizes)}
+  lr = oc.warmup_cosine_decay_schedule(0.0, 1e-3, 10, 100)
+  tx = oc.chain(oc.clip_by_global_norm(1.0), oc.adamw(lr, weight_decay=1e-4))
+  hlo = donated_update_hlo(tx, params)
+  assert {n: gradient_sized_temporaries(hlo, n) for n in sizes} == {n: [] for n in sizes}
