@@ -140,11 +140,13 @@ ROWS = [
   ),
   Row(
     "params-not-arrays",
-    "a leaf of the parameters that is not an array (a string)",
+    "a leaf of the parameters that is not an array (a string) for an optimizer that keeps "
+    "state per parameter (a stateless one, `sgd` without momentum, reads none: as Optax's, "
+    "its `init` takes an Equinox model whole, and `apply_updates` names the leaf)",
     "`TypeError` from `init`, naming the leaf",
     TypeError,
     r"params\['name'\]` is a str",
-    lambda: oc.sgd(1e-3).init({"w": jnp.ones(2), "name": "abc"}),
+    lambda: oc.sgd(1e-3, momentum=0.9).init({"w": jnp.ones(2), "name": "abc"}),
   ),
   Row(
     "integer-gradients",

@@ -130,6 +130,37 @@ def test_a_false_prefix_masks_the_subtree_as_one_node_as_optax_does():
   np.testing.assert_array_equal(u["LayerNorm_0"]["scale"], 1.0)
 
 
+def test_equinox_s_frozen_layer_example_inits_sgd_on_the_whole_model_as_optax():
+  """Equinox's frozen-layer example gives sgd's init the whole MLP (its activation, a
+  function, among the leaves) and trains the last layer only; a stateless init read the
+  leaves and refused the function (the real-code trial). The trajectory is Optax's."""
+
+  def train(lib):
+    model = eqx.nn.MLP(1, 1, width_size=8, depth=1, key=jax.random.PRNGKey(5678))
+    spec = jax.tree.map(lambda _: False, model)
+    spec = eqx.tree_at(
+      lambda t: (t.layers[-1].weight, t.layers[-1].bias), spec, replace=(True, True)
+    )
+    tx = lib.sgd(3e-3)
+    state = tx.init(model)
+
+    @eqx.filter_jit
+    def step(model, state, x):
+      diff, static = eqx.partition(model, spec)
+      loss = lambda d: jnp.mean((5 * x - 2 - jax.vmap(eqx.combine(d, static))(x)) ** 2)
+      updates, state = tx.update(eqx.filter_grad(loss)(diff), state)
+      return eqx.apply_updates(model, updates), state
+
+    for i in range(5):
+      model, state = step(model, state, jnp.linspace(-1.0, 1.0, 8)[:, None] * (i + 1))
+    return eqx.filter(model, eqx.is_array)
+
+  finals = [train(oc), train(optax)]
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), *finals)
+  with pytest.raises(TypeError, match=r"`params\.activation` is a custom_jvp"):
+    oc.adam(1e-3).init(eqx.nn.MLP(1, 1, 8, 1, key=jax.random.PRNGKey(0)))  # keeps moments
+
+
 def test_equinox_module_with_non_array_leaves():
   model = eqx.nn.MLP(3, 1, width_size=8, depth=1, key=jax.random.PRNGKey(0))
   params = eqx.filter(model, eqx.is_array)

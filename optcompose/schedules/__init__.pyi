@@ -5,6 +5,9 @@ from optax.schedules import StatefulSchedule as StatefulSchedule
 from optcompose._from_optax import inject_stateful_hyperparams as inject_stateful_hyperparams
 from optcompose.core.base import Schedule as Schedule
 from optcompose.core.hyperparams import InjectHyperparamsState as InjectHyperparamsState
+from optcompose.core.hyperparams import (
+  InjectStatefulHyperparamsState as InjectStatefulHyperparamsState,
+)
 from optcompose.core.validation import default_float as default_float
 from optcompose.schedules._combine import cosine_onecycle_schedule as cosine_onecycle_schedule
 from optcompose.schedules._combine import join_schedules as join_schedules

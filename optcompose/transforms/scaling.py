@@ -12,7 +12,6 @@ from typing import cast
 import jax
 import jax.numpy as jnp
 
-from optcompose import tree as otree
 from optcompose.core import (
   FLAG,
   SCHEDULE,
@@ -52,8 +51,8 @@ def scale(step_size: ScalarOrSchedule) -> GradientTransformation:
     Optax's ``optax.scale``.
   """
 
-  def init(params):
-    otree.check_floating(params, "params")
+  def init(params):  # reads no parameter, as Optax's: an Equinox model's whole tree
+    del params  # (functions and flags among its leaves) may be given; apply_updates checks
     return EmptyState()
 
   update = stateless(
