@@ -5,6 +5,7 @@ import re
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import optcompose as oc
@@ -119,3 +120,29 @@ def test_clipped_gradient_is_consumed_inside_the_adamw_loops_of_every_leaf_of_a_
   tx = oc.chain(oc.clip_by_global_norm(1.0), oc.adamw(lr, weight_decay=1e-4))
   hlo = donated_update_hlo(tx, params)
   assert {n: gradient_sized_temporaries(hlo, n) for n in sizes} == {n: [] for n in sizes}
+
+
+@pytest.mark.parametrize(
+  "make",
+  [
+    lambda lib: lib.clip_by_global_norm(jnp.inf),
+    lambda lib: lib.clip(float("inf")),
+    lambda lib: lib.clip_by_block_rms(jnp.inf),
+    lambda lib: lib.inject_hyperparams(lib.clip_by_global_norm)(max_norm=jnp.inf),
+  ],
+  ids=["global_norm", "clip", "block_rms", "injected"],
+)
+def test_an_infinite_threshold_clips_nothing_as_in_optax(make):
+  """Real code writes clip_by_global_norm(jnp.inf) for "no clipping" (score-based diffusion
+  training scripts); it was refused as a non-finite hyperparameter. -inf, NaN and an
+  infinite learning rate still are."""
+  updates = {"w": jnp.array([3.0, -4.0]), "b": jnp.array([1e10, 2.0])}
+  for lib in (oc, optax):
+    tx = make(lib)
+    clipped, _ = jax.jit(tx.update)(updates, tx.init(updates))
+    jax.tree.map(np.testing.assert_array_equal, clipped, updates)
+  for bad in (-jnp.inf, jnp.nan):
+    with pytest.raises(ValueError, match="`max_norm` must be finite"):
+      oc.clip_by_global_norm(bad)
+  with pytest.raises(ValueError, match="`learning_rate` must be finite"):
+    oc.sgd(jnp.inf)

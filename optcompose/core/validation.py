@@ -130,7 +130,7 @@ def _check_range(fn_name, name, given, x, dtype, low, high, low_open, high_open)
     if x == given or not np.isfinite(given) or outside(given)
     else (f" ({x!r} in {dtype}, the dtype it is used in)")
   )
-  if not np.isfinite(x):
+  if not np.isfinite(x) and not (x == np.inf and high == np.inf and not high_open):
     why = "" if not np.isfinite(given) else f" (it is {x} in {dtype}, the dtype it is used in)"
     raise ValueError(f"{fn_name}: `{name}` must be finite, got {given!r}{why}.")
   if given != 0 and x == 0:

@@ -44,7 +44,8 @@ from optcompose.core import (
 from optcompose.masks import reject_layouts
 from optcompose.transforms.statistics import reject_complex
 
-_NORM = real(0.0, low_open=True, draw=(1e-3, 10.0))  # a positive threshold
+# A positive threshold; +inf clips nothing (Optax's "no clipping": clip_by_global_norm(jnp.inf))
+_NORM = real(0.0, float("inf"), low_open=True, draw=(1e-3, 10.0))
 
 
 def _wide(x):
@@ -93,14 +94,14 @@ def clip_ratio(g_norm, max_norm, div_eps=1e-6):
   return jnp.where(jnp.less(*otree.promote(g_norm, max_norm)), 1, ratio)
 
 
-@public("transformation", optax="clip", max_delta=real(0.0, draw=(1e-3, 10.0)))
+@public("transformation", optax="clip", max_delta=real(0.0, float("inf"), draw=(1e-3, 10.0)))
 def clip(max_delta: ScalarOrSchedule) -> GradientTransformation:
   """Clip every element of the updates to ``[-max_delta, max_delta]``.
 
   Update: ``u <- clip(u, -max_delta, max_delta)``, elementwise.
 
   Args:
-    max_delta: the bound (>= 0), a number or a schedule.
+    max_delta: the bound (>= 0; inf: none), a number or a schedule.
 
   Returns:
     A stateless transformation (:class:`~optcompose.EmptyState`).
@@ -134,7 +135,7 @@ def clip_by_global_norm(max_norm: ScalarOrSchedule) -> GradientTransformation:
   (u / n) * max_norm``.
 
   Args:
-    max_norm: the bound (> 0), a number or a schedule.
+    max_norm: the bound (> 0; inf: none), a number or a schedule.
 
   Returns:
     A transformation whose state, :class:`ClipByGlobalNormState`, keeps the norm it
@@ -208,7 +209,7 @@ def clip_by_leaf_norm(max_norm: ScalarOrSchedule) -> GradientTransformation:
   (u_l / n_l) * max_norm``.
 
   Args:
-    max_norm: the bound (> 0), a number or a schedule.
+    max_norm: the bound (> 0; inf: none), a number or a schedule.
 
   Returns:
     A stateless transformation (:class:`~optcompose.EmptyState`; FlatParams are refused:
@@ -234,7 +235,7 @@ def clip_by_block_rms(threshold: ScalarOrSchedule) -> GradientTransformation:
   Update, per leaf l: ``u_l <- u_l / max(1, sqrt(mean(|u_l|^2)) / threshold)``.
 
   Args:
-    threshold: the largest RMS a leaf keeps (> 0), a number or a schedule.
+    threshold: the largest RMS a leaf keeps (> 0; inf: any), a number or a schedule.
 
   Returns:
     A stateless transformation (:class:`~optcompose.EmptyState`; FlatParams are refused:
