@@ -290,17 +290,27 @@ def private_module(rest: str) -> Any:
   def __getattr__(name: str) -> Any:
     if rest == "_src" and not name.startswith("__") and _is_private(f"_src.{name}"):
       return importlib.import_module(f"optcompose._src.{name}")
-    ours = vars(sys.modules["optcompose"])
     theirs = importlib.import_module(theirs_name)
-    if not name.startswith("__") and hasattr(theirs, name) and name in ours:
-      return ours[name]
+    if not name.startswith("__") and hasattr(theirs, name):
+      try:  # the top level's, defined or answered (global_norm, Optax's helpers)
+        value = getattr(sys.modules["optcompose"], name)
+      except AttributeError:
+        value = None
+      if value is not None and not inspect.ismodule(value):
+        return value
     raise AttributeError(
       f"module {module.__name__!r} has no attribute {name!r}: it answers the names of "
       f"Optax's private module `{theirs_name}` that optcompose's top level has, and this is "
       "not one of them. Use a public name, or Optax's own object (`import optax`)."
     )
 
-  module.__getattr__ = __getattr__  # type: ignore[attr-defined]
+  def __dir__() -> list:
+    theirs = importlib.import_module(theirs_name)
+    package = sys.modules["optcompose"]
+    ours = {n for n in dir(package) if f"optcompose.{n}" not in sys.modules}  # no module
+    return sorted(n for n in dir(theirs) if not n.startswith("_") and n in ours)
+
+  module.__getattr__, module.__dir__ = __getattr__, __dir__  # type: ignore[attr-defined]
   if rest == "_src":
     module.__path__ = []  # type: ignore[attr-defined]  (a package: its modules import)
   return module

@@ -141,8 +141,8 @@ ROWS = [
   Row(
     "params-not-arrays",
     "a leaf of the parameters that is not an array (a string) for an optimizer that keeps "
-    "state per parameter (a stateless one, `sgd` without momentum, reads none: as Optax's, "
-    "its `init` takes an Equinox model whole, and `apply_updates` names the leaf)",
+    "state per parameter (a stateless one, `sgd` without momentum, leaves it alone, as "
+    "Optax's: its `init` takes an Equinox model whole, functions among its leaves)",
     "`TypeError` from `init`, naming the leaf",
     TypeError,
     r"params\['name'\]` is a str",

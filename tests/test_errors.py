@@ -98,23 +98,13 @@ def test_apply_updates_rejects_mismatched_trees():
 
 
 @pytest.mark.parametrize("bad", [jnp.arange(3), jnp.array([True, False])])
-@pytest.mark.parametrize("tx", [oc.sgd(0.1, 0.9), oc.adam(0.1), oc.adagrad(0.1)])
+@pytest.mark.parametrize("tx", [oc.sgd(0.1), oc.sgd(0.1, 0.9), oc.adam(0.1), oc.adagrad(0.1)])
 def test_integer_or_boolean_params_are_rejected_at_init(tx, bad):
+  """sgd without momentum too (a Flax TrainState's step, through Optax's apply_updates, would
+  truncate it), though it takes leaves that are not arrays (an Equinox model's functions)."""
   params = {"w": jnp.ones(3), "counts": bad}
   with pytest.raises(TypeError, match=r"params\['counts'\]` has dtype"):
     tx.init(params)
-
-
-@pytest.mark.parametrize("bad", [jnp.arange(3), jnp.array([True, False, True])])
-def test_a_stateless_optimizer_s_step_on_integer_params_is_refused_by_apply_updates(bad):
-  """sgd without momentum reads no parameter at init (as Optax's: an Equinox model is given
-  whole); its step on an integer or boolean leaf is refused where it would be truncated."""
-  params = {"w": jnp.ones(3), "counts": bad}
-  tx = oc.sgd(0.1)
-  grads = jax.tree.map(lambda p: jnp.ones(p.shape, jnp.float32), params)
-  updates, _ = tx.update(grads, tx.init(params), params)
-  with pytest.raises(TypeError, match=r"params\['counts'\]"):
-    oc.apply_updates(params, updates)
 
 
 def test_apply_updates_does_not_truncate_integer_params():

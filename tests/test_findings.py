@@ -151,7 +151,7 @@ def test_9_eps_zero_is_refused_or_safe():
 
 def test_13_errors_name_what_was_wrong():
   with pytest.raises(TypeError, match=r"`params\['s'\]` is a str"):
-    oc.sgd(0.1).init({"w": P["w"], "s": "abc"})
+    oc.sgd(0.1, momentum=0.9).init({"w": P["w"], "s": "abc"})
   state = oc.inject_hyperparams(oc.sgd)(0.1).init(P)
   with pytest.raises(ValueError, match="`learning_rate` must be a scalar"):
     oc.set_hyperparams(state, learning_rate=jnp.ones(3))

@@ -345,6 +345,14 @@ def test_a_subclass_of_multi_steps_runs_its_own_init_and_update_as_in_optax():
         finals.append(p)
     for p in finals[1:]:
       assert_rel_close(p, finals[0], F64_RTOL)
+    # optcompose.step takes the subclass's update too (its generic form)
+    tx = _bf16_accumulating(oc)(oc.adamw(1e-2, weight_decay=1e-2), 3)
+    p, state = params, tx.init(params)
+    for i in range(7):
+      grads = jax.tree.map(lambda x, i=i: jnp.sin(x * (i + 1)), p)
+      p, state = tx.step(grads, state, p)
+      assert state.acc_grads["w"].dtype == jnp.bfloat16
+    assert_rel_close(p, finals[0], F64_RTOL)
 
 
 def test_optax_private_module_names_are_answered_with_ours():

@@ -505,6 +505,30 @@ def test_a_state_value_init_marks_unknown_may_stay_unknown():
   )
   with pytest.raises(AssertionError, match=r"\[2\]\['x'\] is not finite"):
     oct.check_invariants(nan_later, params, grads, vmap=False)
+  oct.check_finite(oc.with_diagnostics(oc.sgd(0.1)), params, grads)
+  # Only a scalar NaN is a marker: statistics initialised NaN by mistake are still a fault.
+  nan_statistics = oc.GradientTransformation(
+    lambda p: {"stat": jnp.full(3, jnp.nan)},
+    lambda u, s, p=None, **e: (u, {"stat": s["stat"] * 0.9 + 0.1 * u["w"]}),
+  )
+  with pytest.raises(AssertionError, match=r"\['stat'\] is not finite"):
+    oct.check_invariants(nan_statistics, params, grads, vmap=False)
+
+
+def test_the_kit_blames_the_input_that_was_rewritten_in_place():
+  """A leaf appended to the state's list, in place, shifted the paths of the flattened
+  inputs after it, and the kit blamed the updates (the review)."""
+  params, grads = {"w": jnp.ones(3)}, {"w": jnp.full(3, 0.5)}
+
+  def appending(u, s, p=None, **e):
+    s.append(jnp.zeros([], jnp.int32))
+    return u, list(s[:1])
+
+  tx = oc.GradientTransformation(lambda p: [jnp.zeros([], jnp.int32)], appending)
+  with pytest.raises(
+    AssertionError, match=r"changed the state it was given, in place \(state\[1\]\)"
+  ):
+    oct.check_invariants(tx, params, grads, vmap=False)
 
 
 def test_hyperparameters_of_a_builder_of_the_users_are_drawn_from_its_spec():

@@ -18,9 +18,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# ----------------------------------------------------------------------------------------
-# Validation.
-
 _SKIP_CHECKS = contextvars.ContextVar("optcompose_skip_checks", default=False)
 
 # A real number or array as the checks take it, for type checkers (which do not take a
@@ -285,6 +282,8 @@ class Hyper(NamedTuple):
     check_usable(fn, name, value)
     normal = check_normal if self.normal else lambda *args: None
     normal(fn, name, value)
+    # Not inf as a schedule's value (linear_schedule(inf, 1.0, n) gives NaN at its end).
+    ranges["high_open"] = self.high_open or self.high == np.inf
     for taken in getattr(value, TAKEN, ()) if callable(value) else ():
       if float(np.asarray(taken, default_float())) == 0:
         taken = 0.0  # a product that underflows: 0 as the schedule computes it, not a typo
@@ -393,7 +392,8 @@ def check_held(
   if isinstance(value, jax.core.Tracer) or isinstance(stored, jax.core.Tracer):
     return  # a value traced under jit is checked when it is a number (not here: no host copy)
   given, x, dtype = float(value), float(stored), stored.dtype
-  hypers = (DECLARED.get(name, ()) if by_name else ()) or (Hyper(("float",), numeric=True),)
+  # Where the builder is known its own checks decide on +inf (a clip's "no clipping").
+  hypers = (DECLARED.get(name, ()) if by_name else ()) or (Hyper(("float",), None, np.inf),)
   for hyper in hypers:
     _check_range(fn, key, given, x, dtype, hyper.low, hyper.high, hyper.low_open, hyper.high_open)
     if (hyper.integer or hyper.whole) and x != int(x):

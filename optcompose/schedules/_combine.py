@@ -54,15 +54,17 @@ def join_schedules(schedules: Sequence[Schedule], boundaries: Sequence[int]) -> 
   goes on past it, as in Optax, which ignores it."""
   fn = "join_schedules"
   schedules = list(schedules)
+  if not schedules:
+    raise ValueError(f"{fn}: `schedules` is empty; give at least one schedule.")
   boundaries = [_steps(fn, f"boundaries[{i}]", b, positive=False) for i, b in enumerate(boundaries)]
   if len(boundaries) not in (len(schedules) - 1, len(schedules)):
     raise ValueError(
       f"{fn}: {len(schedules)} schedules need {len(schedules) - 1} boundaries (or "
       f"{len(schedules)}, the last where the last schedule ends), got {len(boundaries)}."
     )
+  boundaries = boundaries[: len(schedules) - 1]  # (a last one, where the last ends: unused)
   if any(b2 < b1 for b1, b2 in zip(boundaries, boundaries[1:])):
     raise ValueError(f"{fn}: `boundaries` must be non-decreasing, got {boundaries}.")
-  boundaries = boundaries[: len(schedules) - 1]
   for i, s in enumerate(schedules):
     if not callable(s):
       raise TypeError(f"{fn}: `schedules[{i}]` is not callable.")
@@ -202,7 +204,8 @@ def warmup_cosine_decay_schedule(
       f"(`decay_steps` = {decay_steps})."
     )
   if isinstance(peak_value, jax.core.Tracer):  # a sweep over the peak, under jax.vmap
-    alpha = jnp.where(peak_value == 0.0, 0.0, end_value / peak_value)
+    zero = peak_value == 0.0  # (a finite gradient at a zero peak too)
+    alpha = jnp.where(zero, 0.0, end_value / jnp.where(zero, 1.0, peak_value))
   else:
     alpha = 0.0 if peak_value == 0.0 else end_value / peak_value
   return join_schedules(

@@ -91,26 +91,27 @@ _INPUTS = ("state", "updates", "params")  # what update is given, in record_step
 
 def _assert_inputs_kept(given: list, now: list, when: str) -> None:
   """``update`` left the ``(state, updates, params)`` it was given as they were: the same
-  leaf objects at the same paths (``given`` and ``now``, flattened with their paths before
-  and after the call). A dict rewritten in place would show as a difference between the
-  jitted and the eager run, far from its cause."""
-  changed = [p for (p, a), (q, b) in zip(given, now) if p != q or a is not b]
-  if len(given) != len(now) and not changed:  # a leaf added or removed at the end
-    changed = [(given if len(given) > len(now) else now)[-1][0]]
-  if changed:
-    which = _INPUTS[changed[0][0].idx]
-    raise AssertionError(
-      f"{when}: update changed the {which} it was given, in place ({which}"
-      f"{otree.path_str(changed[0][1:])}): return new trees and leave the ones given as they were"
-    )
+  leaf objects at the same paths (``given`` and ``now``: each tree flattened with its paths,
+  before and after the call). A dict rewritten in place would show as a difference between
+  the jitted and the eager run, far from its cause."""
+  for which, before, after in zip(_INPUTS, given, now):
+    changed = [p for (p, a), (q, b) in zip(before, after) if p != q or a is not b]
+    if len(before) != len(after) and not changed:  # a leaf added or removed at the end
+      changed = [(before if len(before) > len(after) else after)[-1][0]]
+    if changed:
+      raise AssertionError(
+        f"{when}: update changed the {which} it was given, in place ({which}"
+        f"{otree.path_str(changed[0])}): return new trees and leave the ones given as they were"
+      )
 
 
 def _unknown(state0) -> set:
   """The paths, as :func:`_assert_finite` sees them in ``(params, updates, state)``, of the
-  state leaves that ``init`` made NaN or infinite: a value documented as not known, such as
-  ``with_diagnostics``' learning rate where none is recorded or given."""
+  scalar state leaves that ``init`` made NaN: a value documented as not known, such as
+  ``with_diagnostics``' learning rate where none is recorded or given (an array of
+  statistics initialised NaN is still a fault the kit reports)."""
   return {
     (jax.tree_util.SequenceKey(2), *path)
     for path, x in jax.tree_util.tree_flatten_with_path(state0)[0]
-    if jnp.issubdtype(jnp.result_type(x), jnp.inexact) and not bool(jnp.all(jnp.isfinite(x)))
+    if jnp.issubdtype(jnp.result_type(x), jnp.inexact) and jnp.ndim(x) == 0 and bool(jnp.isnan(x))
   }

@@ -88,9 +88,9 @@ def record_steps(
   flat = jax.tree_util.tree_flatten_with_path
   for t in range(steps):
     g = grad_fn(params, t)
-    given = flat((state, g, params))[0]
+    given = [flat(tree)[0] for tree in (state, g, params)]
     updates, new_state = update_pair(update(g, state, params), f"step {t}")
-    _assert_inputs_kept(given, flat((state, g, params))[0], f"step {t}")
+    _assert_inputs_kept(given, [flat(tree)[0] for tree in (state, g, params)], f"step {t}")
     state = new_state
     records.append((g, updates, state))
     params = apply_updates(params, updates)
@@ -351,7 +351,9 @@ def check_finite(tx, params, grads, steps: int = 3, extra=None) -> None:
   can overflow through the arithmetic itself (``identity`` adding 3e38 three times)."""
   records, final = record_steps(tx, params, grads, steps, extra)
   assert _inputs_finite(params, records), "the parameters or gradients are not finite"
-  _assert_finite((final, records), "(params, [(grads, updates, state) per step])")
+  unknown = _unknown(tx.init(_strong(params)))
+  for t, (_, updates, state) in enumerate(records):
+    _assert_finite((final, updates, state), f"step {t}: (final params, updates, state)", unknown)
 
 
 def check_invariants(

@@ -11,7 +11,9 @@ from typing import cast
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from optcompose import tree as otree
 from optcompose.core import (
   FLAG,
   SCHEDULE,
@@ -51,8 +53,12 @@ def scale(step_size: ScalarOrSchedule) -> GradientTransformation:
     Optax's ``optax.scale``.
   """
 
-  def init(params):  # reads no parameter, as Optax's: an Equinox model's whole tree
-    del params  # (functions and flags among its leaves) may be given; apply_updates checks
+  def init(params):
+    # An Equinox model may be given whole, as to Optax's (functions and flags among its
+    # leaves: left alone); an integer or boolean array would have its step truncated by
+    # Optax's apply_updates (Flax's TrainState), so it is refused here.
+    arrays = lambda x: x if isinstance(x, (jax.Array, np.ndarray)) else 0.0  # noqa: E731
+    otree.check_floating(jax.tree.map(arrays, params), "params")
     return EmptyState()
 
   update = stateless(

@@ -59,8 +59,8 @@ with ``every_k=10``; see docs/performance.md). Compiling takes about 2-3.5x the 
 step's time (it is traced twice; the most on trees of many small leaves). In nanoGPT's
 whole training step (6 layers of width 384, 76 leaves, on XLA CPU) ``every_k=10`` cost 7-13%
 of the step on average and 1.6-2x its compile time (docs/performance.md, "A whole training
-step"). Memory: about two parameter-sized temporaries more (the rerun's updates). Leaves under 2^14 elements are read without that ordering (a copy of them costs
-microseconds).
+step"). Memory: about two parameter-sized temporaries more (the rerun's updates). Leaves
+under 2^14 elements are read without that ordering (a copy of them costs microseconds).
 
 :func:`optcompose.step` on a ``with_diagnostics`` transformation measures the same way, then
 takes ``inner``'s step through :func:`optcompose.step`, so the step-level form of the

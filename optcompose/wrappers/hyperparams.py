@@ -180,7 +180,7 @@ def inject_hyperparams(
       validate=_by_name(who, hyperparam_dtype) if not ours and _optax_s(inner_factory) else None,
     )
     ints = [n for n, v in numeric.items() if isinstance(v, numbers.Integral)]
-    if ints and not ours:  # a count of the user's factory, stored as a float array?
+    if ints and not ours and not _optax_s(inner_factory):  # a count of the user's factory?
       tx = _hinting(tx, who, ints)
     return mark_reads_final(tx, _built(inner_factory, fixed, numeric, at_0))
 
@@ -197,13 +197,16 @@ def _hinting(tx: GradientTransformation, who: str, ints: list) -> GradientTransf
     def call(*args, **kwargs):
       try:
         return method(*args, **kwargs)
-      except TypeError as e:
-        raise TypeError(
-          f"{e}\n({who}: {names} given as Python ints reach the factory as "
-          "float arrays of the state, as every numeric argument does unless listed in "
-          f"static_args: one used as a count (range, a shape) must be listed there, "
-          f"static_args={tuple(ints)!r}.)"
-        ) from e
+      except TypeError as e:  # the same error, its message completed
+        if e.args and isinstance(e.args[0], str):
+          e.args = (
+            f"{e.args[0]}\n({who}: {names} given as Python ints reach the factory as "
+            "float arrays of the state, as every numeric argument does unless listed in "
+            f"static_args: one used as a count (range, a shape) must be listed there, "
+            f"static_args={tuple(ints)!r}.)",
+            *e.args[1:],
+          )
+        raise
 
     return call
 
