@@ -392,8 +392,8 @@ def check_held(
   if isinstance(value, jax.core.Tracer) or isinstance(stored, jax.core.Tracer):
     return  # a value traced under jit is checked when it is a number (not here: no host copy)
   given, x, dtype = float(value), float(stored), stored.dtype
-  # Where the builder is known its own checks decide on +inf (a clip's "no clipping").
-  hypers = (DECLARED.get(name, ()) if by_name else ()) or (Hyper(("float",), None, np.inf),)
+  top = np.inf if given == np.inf else None  # inf given: the builder's checks decide (a clip)
+  hypers = (DECLARED.get(name, ()) if by_name else ()) or (Hyper(("float",), None, top),)
   for hyper in hypers:
     _check_range(fn, key, given, x, dtype, hyper.low, hyper.high, hyper.low_open, hyper.high_open)
     if (hyper.integer or hyper.whole) and x != int(x):
