@@ -21,6 +21,7 @@ from optcompose.core import (
   GradientTransformation,
   GradientTransformationExtraArgs,
   InjectHyperparamsState,
+  InjectStatefulHyperparamsState,
   OptState,
   Params,
   ScalarOrSchedule,
