@@ -21,7 +21,6 @@ from optcompose.core import (
   GradientTransformation,
   GradientTransformationExtraArgs,
   InjectHyperparamsState,
-  InjectStatefulHyperparamsState,
   OptState,
   Params,
   ScalarOrSchedule,

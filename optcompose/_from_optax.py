@@ -54,6 +54,10 @@ ALIASES = {
   "update_moment_per_elem_norm": "tree.update_moment_per_elem_norm",
   "update_infinity_moment": "tree.update_infinity_moment",
   "tree_map_params": "tree.map_params",
+  # The state Optax 0.2.8's inject_hyperparams returns; ours is InjectHyperparamsState, so
+  # isinstance(s, (InjectStatefulHyperparamsState, InjectHyperparamsState)) holds as there
+  # (a field of Optax's that ours lacks, hyperparams_states, is an AttributeError).
+  "InjectStatefulHyperparamsState": "InjectHyperparamsState",
 }
 
 
@@ -253,6 +257,8 @@ def install(module: Any, namespace: str, package: dict) -> None:
       raise AttributeError(f"module {module.__name__!r} has no attribute {name!r}")
     if name in package:
       return package[name]
+    if name in ALIASES:  # e.g. optax.schedules.InjectStatefulHyperparamsState
+      return resolve(name, package)
     if name in DEPRECATED:  # e.g. optax.schedules.inject_stateful_hyperparams
       return DEPRECATED[name]
     return _from(importlib.import_module(f"optax.{namespace}"), name, module.__name__)
