@@ -75,9 +75,6 @@ from optcompose.core.errors import StateMismatchError as StateMismatchError
 from optcompose.core.held import current_hyperparams as current_hyperparams
 from optcompose.core.held import set_hyperparams as set_hyperparams
 from optcompose.core.hyperparams import InjectHyperparamsState as InjectHyperparamsState
-from optcompose.core.hyperparams import (
-  InjectStatefulHyperparamsState as InjectStatefulHyperparamsState,
-)
 from optcompose.core.hyperparams import with_schedules as with_schedules
 from optcompose.core.stepping import step as step
 from optcompose.core.stepping import step_nnx as step_nnx
@@ -333,3 +330,4 @@ OPTIMIZERS: tuple[str, ...]
 TRANSFORMATIONS: tuple[str, ...]
 WRAPPERS: tuple[str, ...]
 __version__: str
+InjectStatefulHyperparamsState = InjectHyperparamsState

@@ -50,6 +50,11 @@ def stub_names(namespace: str) -> dict:
         names[alias.name] = node.module
     elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
       names[node.target.id] = None
+    elif isinstance(node, ast.Assign):  # an alias of a name the stub holds: X = Y
+      (target,) = node.targets
+      assert isinstance(target, ast.Name) and isinstance(node.value, ast.Name), ast.dump(node)
+      assert node.value.id in names, f"{namespace}: {target.id} aliases {node.value.id}, not held"
+      names[target.id] = None
   return names
 
 

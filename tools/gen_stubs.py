@@ -118,6 +118,15 @@ def _import(module: str, name: str) -> str:
   return f"from {module} import (\n  {name} as {name},\n)"
 
 
+def _alias_source(name: str, value: Any) -> str:
+  """The name an Optax alias (``_from_optax.ALIASES``) answers with, where it is another name
+  (``InjectStatefulHyperparamsState`` is ``InjectHyperparamsState``); else ""."""
+  from optcompose import _from_optax
+
+  target = _from_optax.ALIASES.get(name, "").rpartition(".")[2]
+  return target if target not in ("", name) and getattr(value, "__name__", "") == target else ""
+
+
 def _probe(space: Any, name: str) -> Any:
   """``space.<name>`` as a user gets it, or None where it raises AttributeError (a name Optax
   has that optcompose does not answer). Optax's deprecation warnings on look-up are muted."""
@@ -144,7 +153,7 @@ def _optax_names(namespace: str) -> list:
 def _lines(space: Any, names: list, optax_path: str) -> list:
   """One declaration per name of ``space``: a re-export from its defining module, Optax's
   own (imported from ``optax_path``), or a variable ``space`` assigns itself."""
-  imports, variables = [], []
+  imports, variables, aliases = [], [], []
   for name in sorted(set(names)):
     value = _probe(space, name)
     if value is None:
@@ -158,6 +167,10 @@ def _lines(space: Any, names: list, optax_path: str) -> list:
     if name in _bound_here(space.__name__) and name not in _imported_by(space.__name__):
       variables.append(_variable(name, value))
       continue
+    source = _alias_source(name, value)
+    if source:  # ``from M import X as Y`` would not re-export Y: an alias of the name X
+      aliases.append((name, source))
+      continue
     try:
       module = defining_module(name, value, skip=space.__name__)
     except LookupError:
@@ -167,6 +180,10 @@ def _lines(space: Any, names: list, optax_path: str) -> list:
     imports.append((module, name))
   imports.sort(key=lambda x: (x[0] != PACKAGE, x[0], x[1]))  # ``from optcompose import`` first
   lines = [_import(module, name) for module, name in imports]
+  for name, source in aliases:
+    if source not in {n for _, n in imports}:
+      raise LookupError(f"{space.__name__}.{name}: an alias of {source}, which it does not hold")
+    variables.append(f"{name} = {source}")
   return lines + ([""] if lines and variables else []) + variables
 
 

@@ -126,11 +126,6 @@ class InjectHyperparamsState(NamedTuple):
   inner_state: OptState  # the state of the transformation built from those values
 
 
-# The class of Optax 0.2.8's inject_hyperparams states, which real code tests for beside
-# InjectHyperparamsState (it has a field more, hyperparams_states, which ours has not).
-InjectStatefulHyperparamsState = InjectHyperparamsState
-
-
 def rebuilt_each_step(
   build: Callable[[dict], Any],
   live: dict,

@@ -5,9 +5,6 @@ from optax.schedules import StatefulSchedule as StatefulSchedule
 from optcompose._from_optax import inject_stateful_hyperparams as inject_stateful_hyperparams
 from optcompose.core.base import Schedule as Schedule
 from optcompose.core.hyperparams import InjectHyperparamsState as InjectHyperparamsState
-from optcompose.core.hyperparams import (
-  InjectStatefulHyperparamsState as InjectStatefulHyperparamsState,
-)
 from optcompose.core.validation import default_float as default_float
 from optcompose.schedules._combine import cosine_onecycle_schedule as cosine_onecycle_schedule
 from optcompose.schedules._combine import join_schedules as join_schedules
@@ -38,3 +35,5 @@ from optcompose.schedules._restarts import (
 )
 from optcompose.schedules._restarts import sgdr_schedule as sgdr_schedule
 from optcompose.wrappers.hyperparams import inject_hyperparams as inject_hyperparams
+
+InjectStatefulHyperparamsState = InjectHyperparamsState
