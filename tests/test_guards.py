@@ -335,6 +335,23 @@ def test_bad_schedule_values_are_named(build, error, match):
     build()
 
 
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_schedules_take_16_bit_numbers(dtype):
+  """A concrete bfloat16 value (a learning rate kept in the model's dtype) is a real number:
+  it was refused as "got dtype bfloat16" (NumPy's kind for it is not "f"), where Optax
+  takes it. The value used is the 16-bit one, computed in float32 (JAX's standard promotion:
+  the user's default; the suite runs strict)."""
+  init, rate = jnp.asarray(0.1, dtype), jnp.asarray(0.5, dtype)
+  with jax.numpy_dtype_promotion("standard"):
+    cosine = oc.cosine_decay_schedule(init, 100)
+    decay = oc.exponential_decay(init, 10, rate)
+    want = float(init) * (1 + np.cos(np.pi / 10)) / 2
+    assert float(cosine(10)) == pytest.approx(want, rel=1e-6)
+    assert float(decay(20)) == pytest.approx(float(init) * float(rate) ** 2, rel=1e-6)
+    with pytest.raises(ValueError, match="`transition_steps` must be a whole number"):
+      oc.exponential_decay(init, jnp.asarray(2.5, dtype), rate)
+
+
 def test_schedule_from_function_never_truncates_or_drops_a_part():
   with pytest.raises(TypeError, match="`dtype` must be a floating-point dtype"):
     oc.schedule_from_function(lambda t: 0.1 + 0 * t, dtype=jnp.int32)  # was 0 at every step

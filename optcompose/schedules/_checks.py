@@ -26,9 +26,9 @@ def _number(
   x = np.asarray(value)
   if x.shape != ():
     raise ValueError(f"{fn}: `{name}` must be a scalar, got shape {x.shape}.")
-  if x.dtype.kind not in "iuf":  # a NumPy bool, complex or string scalar
+  if x.dtype.kind not in "iu" and not jnp.issubdtype(x.dtype, jnp.floating):  # bfloat16 is one
     raise TypeError(f"{fn}: `{name}` must be a real number, got dtype {x.dtype}.")
-  x = x.item()
+  x = x.item() if x.dtype.kind in "iu" else float(x)
   if x != x:
     raise ValueError(f"{fn}: `{name}` is NaN.")
   if integer and (x in (float("inf"), float("-inf")) or float(x) != int(x)):
