@@ -775,11 +775,16 @@ def test_a_sweep_over_a_schedule_argument_under_vmap_equals_each_schedule_alone(
     (lambda w: oc.cosine_onecycle_schedule(100, 0.1, pct_start=w / 100), "`pct_start` is"),
     (lambda w: oc.cosine_warm_restarts_schedule(0.1, w, 2.0), "`first_period` is"),
     (lambda w: oc.join_schedules([oc.constant_schedule(1.0)] * 2, [w]), "`boundaries` is"),
+    (  # the peak may be traced, the warmup may not: which one is needed is not claimed
+      lambda w: oc.warmup_cosine_decay_schedule(0.0, w / 100, w, 100),
+      "`peak_value`, `warmup_steps` are",
+    ),
   ],
-  ids=["warmup", "onecycle", "restarts", "join"],
+  ids=["warmup", "onecycle", "restarts", "join", "two-traced"],
 )
 def test_a_traced_argument_a_schedule_needs_the_value_of_is_named(build, names):
   """Arguments that place a boundary are needed as numbers to build the schedule; traced,
   JAX's error named none of them (15 arguments, the sweep trial)."""
-  with pytest.raises(TypeError, match=f"{names} traced .* multiply_schedules"):
+  needs = "its value" if names.endswith("is") else "the value of one or more of them"
+  with pytest.raises(TypeError, match=f"{names} traced .* needs {needs}.* multiply_schedules"):
     jax.vmap(lambda w: build(w)(jnp.int32(5)))(jnp.asarray([10, 20]))

@@ -203,8 +203,8 @@ def names_traced(builder: F) -> F:
       raise TracedArgumentError(
         f"{builder.__name__}: {names} {'is' if len(traced) == 1 else 'are'} traced (a value "
         "inside jax.jit, jax.vmap or jax.grad), but building this schedule needs "
-        f"{'its' if len(traced) == 1 else 'their'} value. Build the schedule outside the "
-        "traced function, or sweep a factor of the whole schedule: "
+        f"{'its value' if len(traced) == 1 else 'the value of one or more of them'}. Build the "
+        "schedule outside the traced function, or sweep a factor of the whole schedule: "
         "multiply_schedules(constant_schedule(peak), <the schedule with a peak of 1.0>)."
       ) from None
 
