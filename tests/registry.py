@@ -447,7 +447,7 @@ CASES = [
     optax=lambda: optax.adabelief(LR),
   ),
   # rho_t = rho_inf - 2t b2^t / (1 - b2^t) is ~2000 - 1994 at the first steps: Optax's
-  # float32 rounding of b2^t moves it by 0.02-0.04 (rho_6 = 5.955 jitted, 5.975 eagerly;
+  # float32 rounding of b2^t moves it by 0.02-0.04 (rho_6 = 5.955 eagerly, 5.975 jitted;
   # the true one 5.994), and its r_t by up to 1.2%. Ours is exact to float32 rounding, so
   # float32 steps are proved against the exact formula (tests/test_adam_variants.py), not
   # against Optax's; float64 against Optax's as every case.

@@ -78,7 +78,7 @@ def radam_rectification(b2, count, threshold):
   # with nothing large subtracted at run time (the first term is ~(1 - b2)/6, from Python
   # floats for a Python b2; the series' next term is below 1e-7 of t); beyond, the direct
   # form (rho_t > 300). Optax's `b2 ** t` subtracts a rounded b2^t from 1: in float32 its
-  # rho_6 is 5.955 (true 5.994) and its r_6 1.2% low.
+  # rho_6 is 5.955 eagerly, 5.975 jitted (true 5.994), and its r_6 1.2% low eagerly.
   rho_inf = 2.0 / (1.0 - b2) - 1.0
   wide = otree.promote_types(jnp.result_type(b2), jnp.float32)
   t = jnp.asarray(count).astype(wide)
