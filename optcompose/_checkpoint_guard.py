@@ -189,8 +189,8 @@ def file_target(fn: str, path: pathlib.Path, tree: Any = None, check_keys: bool 
     if why is not None:
       raise ValueError(
         f"{fn}: {path} exists and is not an optcompose checkpoint{why}: a save replaces only "
-        "a checkpoint it wrote, never another file. Move or delete it, or save under another "
-        "path."
+        "a checkpoint (this library's, or Flax's of the same tree), never another file. Move "
+        "or delete it, or save under another path."
       )
 
 

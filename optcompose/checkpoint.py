@@ -107,8 +107,10 @@ def save_checkpoint(path: PathLike, tree: Any) -> pathlib.Path:
 
   Args:
     path: the file to write; its directory is created if needed. An existing checkpoint
-      (or empty file) is replaced only once the new one is complete; any other file there
-      is never replaced. Temporary files that interrupted saves to ``path`` left are removed.
+      (this library's, an empty file, or a Flax msgpack file of exactly ``tree``'s tree,
+      which cannot be told from an older checkpoint of the run: save elsewhere than your
+      inputs) is replaced only once the new one is complete; any other file is refused and
+      kept. Temporary files that interrupted saves to ``path`` left are removed.
     tree: any pytree of arrays and Python numbers that Flax's serialization knows: dicts,
       lists, tuples, NamedTuples (all optcompose states), Flax ``struct`` dataclasses such as
       ``TrainState``, :class:`~optcompose.FlatParams`.

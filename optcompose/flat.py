@@ -33,8 +33,9 @@ which is compiled as scalar code, and seen in centered RMSProp with momentum. Wi
 ``XLA_FLAGS=--xla_cpu_use_fusion_emitters=false`` those are bitwise equal too. Global norms
 (``clip_by_global_norm``, SAM's ``normalize``) sum the same squares in another order, so they
 agree to float32 rounding, not bitwise. Transformations that need one value *per model
-leaf* (``clip_by_leaf_norm``, ``clip_by_block_rms``, ``adaptive_grad_clip``, ``unit_norms``)
-raise a TypeError on FlatParams rather than treating a bucket as a leaf.
+leaf* (the per-leaf clippings, trust ratios and scales, ``sm3``, factored ``adafactor``,
+``centralize``, ``add_noise``: the list is in docs/performance.md) raise a TypeError on
+FlatParams rather than treating a bucket as a leaf.
 
 Masks and labels: a mask or labels callable (``adamw(mask=...)``, ``masked``, ``partition``,
 :func:`~optcompose.mask_from_paths`, ...) is called with the model's tree from

@@ -1,10 +1,11 @@
 """Placing optimizer state with the parameters' shardings.
 
 Under JAX's explicit sharding mode (``jax.make_mesh`` with ``AxisType.Explicit``, the default of
-recent JAX) every transformation's ``init`` already returns moments sharded like their
-parameters: ``zeros_like`` carries the sharding in its type. Under the older *auto* mode,
-``jax.jit(tx.init)`` has nothing to propagate from (a zero moment depends on no data), so XLA
-replicates the state on every device. :func:`state_shardings` gives the shardings to pass as
+recent JAX) every transformation's ``init`` but ``flatten``'s (which refuses a split leaf)
+already returns moments sharded like their parameters: ``zeros_like`` carries the sharding in
+its type. Under the older *auto* mode, ``jax.jit(tx.init)`` has nothing to propagate from (a
+zero moment depends on no data), so the whole state lands on one device (as Optax's does),
+not sharded like the parameters. :func:`state_shardings` gives the shardings to pass as
 ``out_shardings`` so that the state is created where it belongs, without ever being
 materialised elsewhere::
 
