@@ -122,12 +122,19 @@ STATES_ELSEWHERE = {
 
 def _optax(where: str):
   try:
-    return importlib.import_module("optax")
+    optax = importlib.import_module("optax")
   except ImportError:  # pragma: no cover -- a dependency, but be clear if it is missing
     raise AttributeError(
       f"{where} (and Optax, where optcompose takes names outside the "
       "optimizer domain, is not installed: pip install optax)"
     ) from None
+  if optax is sys.modules.get(__package__ or ""):  # sys.modules["optax"] = optcompose
+    raise AttributeError(
+      f"{where}: sys.modules['optax'] is optcompose, but optcompose takes the names outside "
+      "the optimizer domain (losses, projections, ...) from the real Optax, which it then "
+      "cannot reach. Write `import optcompose as optax` in your own code instead."
+    )
+  return optax
 
 
 def _types_only(value: Any) -> bool:

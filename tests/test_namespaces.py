@@ -6,6 +6,7 @@ transformation an instance of Optax's transformation types."""
 from __future__ import annotations
 
 import contextlib
+import os
 import inspect
 import typing
 import warnings
@@ -471,3 +472,61 @@ def test_optax_s_inject_hyperparams_state_class_names_ours():
   assert oc.schedules.InjectStatefulHyperparamsState is oc.InjectHyperparamsState
   state = oc.inject_hyperparams(oc.adam)(learning_rate=0.1).init({"w": jnp.ones(2)})
   assert isinstance(state, (oc.InjectStatefulHyperparamsState, oc.InjectHyperparamsState))
+
+
+_IMPORT_EVERYTHING = """
+import importlib, os, pkgutil, sys
+import optcompose
+from jax._src import xla_bridge
+started = []
+def check(what):
+  if xla_bridge.backends_are_initialized() and not started:
+    started.append(what)
+check("import optcompose")
+for module in pkgutil.walk_packages(optcompose.__path__, "optcompose."):
+  importlib.import_module(module.name)
+  check(module.name)
+for name in sorted(set(optcompose._ON_FIRST_USE) | {"losses", "tree", "contrib", "_src"}):
+  getattr(optcompose, name)
+  check("optcompose." + name)
+print(started)
+"""
+
+
+def test_importing_optcompose_leaves_the_backend_alone():
+  """``import optcompose`` started JAX's backend (a default ``jnp.zeros`` in a state class;
+  the Flax/Equinox trial), where ``import optax`` does not: then ``jax.distributed.initialize``,
+  ``jax_num_cpu_devices`` and an ``XLA_FLAGS`` device count set after the imports fail or are
+  silently ignored. Importing every module and lazy name must start nothing."""
+  import subprocess
+  import sys
+
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  run = subprocess.run(
+    [sys.executable, "-c", _IMPORT_EVERYTHING], capture_output=True, text=True, env=env
+  )
+  assert run.returncode == 0, run.stderr[-3000:]
+  assert run.stdout.strip().splitlines()[-1] == "[]", f"started by {run.stdout}"
+
+
+def test_optcompose_standing_in_for_the_optax_module_says_why_optax_names_fail():
+  """``sys.modules["optax"] = optcompose`` (so that Flax's own code uses it) made every name
+  optcompose forwards to Optax (``optax.l2_loss``) a RecursionError; now an AttributeError
+  that says why, and optcompose's own names still resolve."""
+  import subprocess
+  import sys
+
+  code = (
+    "import sys, optcompose\n"
+    "sys.modules['optax'] = optcompose\n"
+    "import optax\n"
+    "assert optax.adam is optcompose.adam\n"
+    "try:\n"
+    "  optax.l2_loss\n"
+    "except AttributeError as e:\n"
+    "  print(e)\n"
+  )
+  run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+  assert run.returncode == 0, run.stderr[-3000:]
+  assert "sys.modules['optax'] is optcompose" in run.stdout
+  assert "import optcompose as optax" in run.stdout

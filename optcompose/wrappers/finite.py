@@ -25,10 +25,11 @@ for any transformation, with the flag returned instead of counted in a state.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from optcompose.core.base import is_float0
 from optcompose.core import (
@@ -56,7 +57,9 @@ class ApplyIfFiniteState(NamedTuple):
   last_finite: jax.Array  # whether the latest step was finite
   total_notfinite: jax.Array  # non-finite steps in all
   inner_state: Any
-  gave_up: jax.Array = jnp.zeros([], bool)  # consecutive count reached the maximum
+  # Whether the consecutive count reached the maximum. The default (Optax's four fields given)
+  # is a NumPy bool: a device array made at import would start JAX's backend.
+  gave_up: Union[jax.Array, np.bool_] = np.False_
 
 
 def valued_leaves(tree) -> list:
