@@ -268,6 +268,18 @@ RULES = [
     "`decay_steps=10**10` accepted (the schedule then runs on int64/float counts)",
     "step-count arguments must fit the int32 step count (<= 2**31 - 1); schedules/__init__.py",
   ),
+  (
+    "complex-state-dtype",
+    "c",
+    r"test_explicit_dtype",
+    r"complex dtype of 16 bits|dtype\('float32'\) != dtype\('complex64'\)",
+    "optcompose/transforms/statistics.py",
+    "a real `mu_dtype`/`accumulator_dtype` on complex parameters gives a real state (the "
+    "imaginary part dropped); bfloat16 likewise",
+    "a real state dtype on complex parameters means its complex counterpart (float32: "
+    "complex64), and a 16-bit one, which has none, is a TypeError naming the leaf: a real "
+    "moment of a complex gradient loses its imaginary part silently (coming-from-optax.md)",
+  ),
   # ---------------------------------------------------------------- last: generic
   (
     "missing-attribute",
