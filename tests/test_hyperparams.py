@@ -664,3 +664,74 @@ def test_a_count_of_the_users_factory_not_listed_static_is_named():
   tx = oc.inject_hyperparams(repeated_scale, static_args="ns_steps")(beta=0.5, ns_steps=3)
   updates, _ = jax.jit(tx.update)(params, tx.init(params), params)
   np.testing.assert_array_equal(updates["w"], np.full(3, 0.125, np.float32))
+
+
+class _Marker:
+  """Stands for what a trial's schedule or factory closes over (its data, a table)."""
+
+
+def test_a_sweep_keeps_no_finished_trial_alive():
+  """set_hyperparams' registry of builders kept each key's last 16 validators strongly, and
+  with them the schedules and factories of 16 finished trials and all they close over (16 MB
+  each in the long-lived-process trial: +258 MB). Only the latest is held now; older ones
+  live as long as their transformations."""
+  import gc
+  import weakref
+
+  params = {"w": jnp.ones(3)}
+  alive = []
+  for trial in range(20):
+    marker = _Marker()
+    alive.append(weakref.ref(marker))
+    schedule = lambda count, marker=marker: 0.1 / (1 + count.astype(jnp.float32))  # noqa: E731
+    oc.adamw(schedule).init(params)  # the transformation is a temporary, as in a sweep
+    del marker, schedule
+  gc.collect()
+  kept = sum(r() is not None for r in alive)
+  assert kept <= 1, f"{kept} finished trials' schedules are still alive"
+  # The latest transformation's state is still checked as it was built: a temporary too.
+  state = oc.inject_hyperparams(oc.adamw)(learning_rate=0.1, b1=0.9).init(params)
+  with pytest.raises(ValueError, match="b1"):
+    oc.set_hyperparams(state, b1=1.5)
+
+
+def test_state_classes_redefined_in_a_notebook_are_not_kept_forever():
+  """A cell defining a state class and a transformation around it, re-run: each run was a
+  new key of the registry, kept for the life of the process (17 KB per run, and all its
+  closures held). The registry keeps its most recent keys only."""
+  import gc
+  import typing
+  import weakref
+
+  from optcompose.core import held
+
+  params = {"w": jnp.ones(3)}
+  classes = []
+  for run_ in range(held._KEYS + 30):
+    State = typing.NamedTuple("State", [("n", jax.Array)])  # noqa: N806
+
+    def my_scale(factor, State=State):
+      return oc.GradientTransformation(
+        lambda p: State(jnp.zeros([], jnp.int32)),
+        lambda u, s, p=None: (jax.tree.map(lambda g: factor * g, u), s),
+      )
+
+    classes.append(weakref.ref(State))
+    oc.inject_hyperparams(my_scale)(factor=0.5).init(params)
+    del State, my_scale
+  gc.collect()
+  kept = sum(r() is not None for r in classes)
+  assert len(held._VALIDATING) <= held._KEYS
+  assert kept <= held._KEYS, f"{kept} state classes of earlier runs are still alive"
+
+
+def test_inject_hyperparams_takes_a_factory_whose_module_is_none():
+  """A factory made by exec() without __name__ (code runners, some notebook tools) has
+  __module__ None: inject_hyperparams raised AttributeError on None.startswith."""
+  namespace: dict = {"oc": oc}
+  exec("def factory(learning_rate):\n  return oc.sgd(learning_rate)\n", namespace)
+  assert namespace["factory"].__module__ is None
+  tx = oc.inject_hyperparams(namespace["factory"])(learning_rate=0.1)
+  params = {"w": jnp.ones(3)}
+  updates, _ = tx.update({"w": jnp.ones(3)}, tx.init(params), params)
+  np.testing.assert_allclose(updates["w"], -0.1 * np.ones(3), rtol=1e-6)

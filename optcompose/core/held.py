@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import collections
 import numbers
+import threading
 import warnings
+import weakref
 from collections.abc import Mapping
 from typing import Any, Callable
 
@@ -19,10 +21,16 @@ from optcompose import tree as otree
 from optcompose.core.validation import _SKIP_CHECKS, check_held, is_real_like
 
 # What builds the states holding a set of names, by that set and the kinds of state (the
-# NamedTuple types) the holder's inner state holds: ``validate(values)`` of the
-# transformations built so (see record_validator), held strongly, so that a state outlives
-# its transformation's object (``tx.init(params)`` on a temporary); 16 per key.
-_VALIDATING: dict = {}
+# NamedTuple types) the holder's inner state holds: ``validate(values)`` of the transformations
+# built so (see record_validator). The latest per key is held strongly, so that a state
+# outlives its transformation's object (``tx.init(params)`` on a temporary); up to 15 older
+# ones weakly (each lives as long as its transformation, which holds it: a sweep's finished
+# trials are not kept alive, nor what their schedules close over). At most _KEYS keys, the
+# least recently recorded dropped first (a notebook cell re-run defines a new state class,
+# so a new key, each time). A key dropped leaves its states unchecked, not refused.
+_VALIDATING: collections.OrderedDict = collections.OrderedDict()
+_KEYS = 64
+_LOCK = threading.Lock()  # threads build optimizers and set hyperparameters at once
 
 
 def state_kinds(tree: Any) -> frozenset:
@@ -39,11 +47,29 @@ def record_validator(names, inner_state: Any, validate: Callable[[dict], Any]) -
   ``reduce_on_plateau``'s)."""
   if _SKIP_CHECKS.get():  # a rebuild inside a step, or a check's own build
     return
-  kept = _VALIDATING.setdefault(
-    (frozenset(names), state_kinds(inner_state)), collections.deque(maxlen=16)
-  )
-  if validate not in kept:
-    kept.append(validate)
+  key = (frozenset(names), state_kinds(inner_state))
+  with _LOCK:
+    latest, older = _VALIDATING.pop(key, (None, collections.deque(maxlen=15)))
+    if latest is not None and latest is not validate:
+      older = collections.deque((r for r in older if r() not in (None, validate)), maxlen=15)
+      older.append(_weak(latest))
+    _VALIDATING[key] = (validate, older)  # now the most recent key
+    while len(_VALIDATING) > _KEYS:
+      _VALIDATING.popitem(last=False)
+
+
+def _weak(validate: Callable) -> Callable[[], Any]:
+  """A weak reference to ``validate``, or a strong one where it takes none (a builtin)."""
+  try:
+    return weakref.ref(validate)
+  except TypeError:
+    return lambda: validate
+
+
+def _alive(entry: tuple) -> list:
+  """An entry's validators, the latest first, without those collected."""
+  latest, older = entry
+  return [latest] + [v for v in (r() for r in reversed(older)) if v is not None]
 
 
 def validators(node: Any) -> tuple:
@@ -52,12 +78,13 @@ def validators(node: Any) -> tuple:
   mapping of its fields, or one built elsewhere) every one recorded for its names, all of
   which must accept it (the holder's builder is among them, or none is)."""
   names = frozenset(_held(node))
-  inner = getattr(node, "inner_state", None)
-  exact = _VALIDATING.get((names, state_kinds(inner)), ()) if hasattr(node, "_fields") else ()
-  if exact:
-    return list(reversed(exact)), False
-  same = [v for (n, _), kept in _VALIDATING.items() if n == names for v in reversed(kept)]
-  return same, True
+  kinds = state_kinds(getattr(node, "inner_state", None)) if hasattr(node, "_fields") else None
+  with _LOCK:
+    exact = _VALIDATING.get((names, kinds))
+    entries = list(_VALIDATING.items()) if exact is None else []
+  if exact is not None:
+    return _alive(exact), False
+  return [v for (n, _), e in entries if n == names for v in _alive(e)], True
 
 
 def _check_as_built(node: Any, new: dict, keys: dict) -> None:

@@ -112,7 +112,7 @@ def inject_hyperparams(
   static = {static_args} if isinstance(static_args, str) else set(static_args)
   declared = set(getattr(inner_factory, "static_args", ()))  # our builders' integer arguments
   signature = inspect.signature(inner_factory)
-  ours = getattr(inner_factory, "__module__", "").startswith("optcompose")
+  ours = (getattr(inner_factory, "__module__", None) or "").startswith("optcompose")
   unknown = static - set(signature.parameters)
   if unknown:
     raise ValueError(
@@ -227,7 +227,7 @@ def _by_name(who: str, dtype) -> Callable[[dict], None]:
 def _optax_s(factory: Callable) -> bool:
   """Whether ``factory`` is Optax's, whose arguments mean what ours of the same name do (a
   factory of the user's own may give ``beta`` or ``decay`` any meaning: it checks them)."""
-  return getattr(factory, "__module__", "").partition(".")[0] == "optax"
+  return (getattr(factory, "__module__", None) or "").partition(".")[0] == "optax"
 
 
 def _built(factory: Callable, fixed: dict, numeric: dict, at_0: Optional[dict]) -> Any:
