@@ -11,7 +11,6 @@ import errno
 import hashlib
 import os
 import pathlib
-import re
 import stat as stat_module
 import threading
 from typing import Any, Optional
@@ -120,44 +119,6 @@ def _locked(directory: pathlib.Path, exclusive: bool = True):
         del _FDS[fd]
     if mine:
       os.close(fd)  # releases the lock
-
-
-SIDECAR = "optcompose_checkpoint.json"  # checksums and layouts inside an Orbax directory
-
-# What Orbax (0.10 to 0.12) writes at the top of a checkpoint directory, with this library's
-# sidecar: the metadata (one of them marks a checkpoint), the arrays' OCDBT store, a commit
-# marker; "checkpoint" is older Orbax's one msgpack file.
-_METADATA = {"_CHECKPOINT_METADATA", "_METADATA", "checkpoint", "manifest.ocdbt", SIDECAR}
-_ORBAX_NAMES = _METADATA | {
-  "_sharding",
-  "d",
-  "array_metadatas",
-  "commit_success.txt",
-  "descriptor",
-  "default",  # a CheckpointManager step's item directory
-}
-_ORBAX_PATTERN = re.compile(r"ocdbt\.process_\d+")
-
-
-def replaceable(fn: str, directory: pathlib.Path) -> None:
-  """Raise a ValueError unless ``directory`` is an Orbax checkpoint (its metadata, or this
-  library's sidecar) holding nothing else, or an empty directory: what ``overwrite=True``
-  may replace without losing a file the user put there (a directory of other files, or a
-  checkpoint with the user's notes or metrics saved into it)."""
-  names = {p.name for p in directory.iterdir()} if directory.is_dir() else {"(a file)"}
-  if names and not names & _METADATA:
-    raise ValueError(
-      f"{fn}: {directory} exists and is not a checkpoint (no Orbax metadata in it: "
-      f"{sorted(names)[:3]}): overwrite=True replaces a checkpoint only, never other files; "
-      "move them, or save under another path."
-    )
-  others = sorted(n for n in names - _ORBAX_NAMES if not _ORBAX_PATTERN.fullmatch(n))
-  if others:
-    raise ValueError(
-      f"{fn}: the checkpoint {directory} also holds files that are not Orbax's "
-      f"({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}): overwrite=True would "
-      "delete them with the checkpoint; move them out of it, or save under another path."
-    )
 
 
 def file_target(fn: str, path: pathlib.Path, tree: Any = None, check_keys: bool = True) -> None:

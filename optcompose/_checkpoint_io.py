@@ -31,7 +31,8 @@ from optcompose._checkpoint_check import (
   _saved_leaves,
   _verify,
 )
-from optcompose._checkpoint_guard import SIDECAR, _locked  # noqa: F401 -- _locked: checkpoint's
+from optcompose._checkpoint_guard import _locked  # noqa: F401 -- checkpoint's
+from optcompose._checkpoint_layout import SIDECAR
 from optcompose._checkpoint_nodes import (
   _flat_from_state_dict,
   _flat_to_state_dict,

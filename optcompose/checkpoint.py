@@ -65,6 +65,7 @@ from optcompose._checkpoint_check import (  # the checks and the formats' record
   _verify,
 )
 from optcompose import _checkpoint_guard as guard
+from optcompose._checkpoint_layout import replaceable
 from optcompose._checkpoint_async import AsyncSave
 from optcompose._checkpoint_leaves import _check_storable, orbax_storable
 from optcompose._checkpoint_nodes import _check_layouts, _mismatched_nodes, flat_layouts
@@ -254,7 +255,7 @@ def save_orbax_checkpoint(
     if directory.exists() and not overwrite:
       raise ValueError(f"{fn}: {directory} already exists: pass overwrite=True to replace it.")
     if not remote and directory.exists():
-      guard.replaceable(fn, directory)  # a checkpoint, never a user's other files
+      replaceable(fn, directory)  # a checkpoint, never a user's other files
     checkpointer = stack.enter_context(ocp.StandardCheckpointer())  # closed before unlocking
     if remote:
       checkpointer.save(directory, tree, force=bool(overwrite))

@@ -428,6 +428,21 @@ def test_overwrite_replaces_a_checkpoint_never_a_directory_of_other_files(tmp_pa
     ck.save_orbax_checkpoint(empty, run_tree(3), overwrite=True)
   assert (empty / "val_metrics.json").read_text() == '{"best": 0.31}'
   assert_same(ck.restore_orbax_checkpoint(empty, run_tree(0)), run_tree(2))
+  (empty / "val_metrics.json").unlink()
+  (empty / "d" / "train_log.csv").write_text("epoch,loss\n")  # the user's, in Orbax's folder
+  with pytest.raises(ValueError, match=r"not Orbax's \(d/train_log.csv"):
+    ck.save_orbax_checkpoint(empty, run_tree(3), overwrite=True)
+  assert (empty / "d" / "train_log.csv").exists()
+  # A user's file merely named as Orbax's metadata (weights another tool saved as
+  # "checkpoint"), beside a folder named "d": they were deleted (the filesystem-faults trial).
+  theirs = tmp_path / "model_dir"
+  (theirs / "d").mkdir(parents=True)
+  (theirs / "checkpoint").write_bytes(b"PK\x03\x04 torch.save() weights")
+  (theirs / "d" / "train_log.csv").write_text("epoch,loss\n")
+  with pytest.raises(ValueError, match="is not a checkpoint"):
+    ck.save_orbax_checkpoint(theirs, run_tree(1), overwrite=True)
+  assert (theirs / "checkpoint").read_bytes().startswith(b"PK")
+  assert (theirs / "d" / "train_log.csv").exists()
 
 
 def test_a_msgpack_save_never_replaces_a_file_it_did_not_write(tmp_path):
