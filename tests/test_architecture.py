@@ -31,6 +31,7 @@ FLOORS = [
     "optcompose._checkpoint_check",
     "optcompose._checkpoint_io",
     "optcompose._checkpoint_guard",
+    "optcompose._checkpoint_layout",
     "optcompose._checkpoint_nodes",
     "optcompose._checkpoint_leaves",
     "optcompose._checkpoint_async",
