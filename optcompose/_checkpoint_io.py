@@ -17,6 +17,7 @@ import re
 import shutil
 import sys
 import uuid
+import warnings
 from typing import Any, Optional
 
 import jax
@@ -77,13 +78,26 @@ def _remove_leftovers(path: pathlib.Path) -> None:
 
 
 def _fsync(path: pathlib.Path) -> None:
-  """Flush a file or directory to disk (directories: POSIX only, best effort)."""
-  with contextlib.suppress(OSError):
-    fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if path.is_dir() else 0))
-    try:
-      os.fsync(fd)
-    finally:
-      os.close(fd)
+  """Flush a file to disk, raising what fails (its data may not be there); a directory (its
+  entries) best effort: not every system opens or flushes one."""
+  folder = path.is_dir()
+  try:
+    fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if folder else 0))
+  except OSError:
+    if folder:
+      return
+    raise
+  try:
+    os.fsync(fd)
+  except OSError:
+    if not folder:
+      raise
+  finally:
+    os.close(fd)
+
+
+def _raise(error: OSError) -> None:
+  raise error
 
 
 def _exchange(a: pathlib.Path, b: pathlib.Path) -> bool:
@@ -117,6 +131,12 @@ def _install(new: pathlib.Path, path: pathlib.Path) -> None:
     os.rename(new, path)
   _fsync(path.parent)
   _remove(old)
+  if old.exists():  # the previous checkpoint, set aside: a full copy the user should know of
+    warnings.warn(
+      f"the checkpoint that {path} held before this save could not be deleted; it is left "
+      f"as {old} (the new one is complete): delete it by hand.",
+      stacklevel=4,
+    )
 
 
 def _recover(path: pathlib.Path) -> None:
@@ -155,7 +175,7 @@ def _write_atomically(path: pathlib.Path, data: bytes) -> None:
 def _finish(new: pathlib.Path, sidecar: str, text: str) -> None:
   """Write the checksums and layouts into the complete checkpoint ``new`` and flush it all."""
   (new / sidecar).write_text(text)
-  for folder, _, files in os.walk(new):
+  for folder, _, files in os.walk(new, onerror=_raise):  # a folder unlisted: files unflushed
     for name in files + [""]:  # the files, then their folder
       _fsync(pathlib.Path(folder, name))
 

@@ -491,3 +491,45 @@ def test_a_fifo_at_the_path_is_refused_without_opening_it(tmp_path, call):
     pytest.fail("the call opened the FIFO and waited for a writer")
   assert len(outcome) == 1 and isinstance(outcome[0], ValueError), outcome
   assert "is a FIFO (named pipe), not a regular file" in str(outcome[0])
+
+
+def test_an_orbax_save_whose_data_cannot_be_flushed_fails_and_keeps_the_previous(
+  tmp_path, monkeypatch
+):
+  """Every fsync of the new checkpoint's files failed (EIO: the data may never reach the
+  disk), yet save_orbax_checkpoint returned and deleted the previous checkpoint (the
+  filesystem-faults trial). A file that cannot be flushed now fails the save; only a
+  directory's flush stays best effort."""
+  import errno
+
+  path = tmp_path / "ckpt"
+  ck.save_orbax_checkpoint(path, {"w": jnp.ones(3)})
+  real_fsync = os.fsync
+
+  def failing(fd):
+    if not os.path.isdir(f"/proc/self/fd/{fd}"):
+      raise OSError(errno.EIO, "Input/output error")
+    real_fsync(fd)
+
+  monkeypatch.setattr(os, "fsync", failing)
+  with pytest.raises(OSError, match="Input/output error"):
+    ck.save_orbax_checkpoint(path, {"w": jnp.zeros(3)}, overwrite=True)
+  monkeypatch.setattr(os, "fsync", real_fsync)
+  restored = ck.restore_orbax_checkpoint(path, {"w": jnp.zeros(3)})
+  np.testing.assert_array_equal(restored["w"], np.ones(3))
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no temporaries left
+
+
+def test_a_previous_checkpoint_that_cannot_be_deleted_is_reported(tmp_path, monkeypatch):
+  """After the swap the previous checkpoint is deleted; where that failed (a directory the
+  user cannot write), a full copy stayed behind under a hidden '...optcompose-new' name,
+  silently. Now a warning names it."""
+  from optcompose import _checkpoint_io
+
+  path = tmp_path / "ckpt"
+  ck.save_orbax_checkpoint(path, {"w": jnp.ones(3)})
+  monkeypatch.setattr(_checkpoint_io, "_remove", lambda p: None)  # as if rmtree failed
+  with pytest.warns(UserWarning, match="could not be deleted; it is left as .*optcompose"):
+    ck.save_orbax_checkpoint(path, {"w": jnp.zeros(3)}, overwrite=True)
+  restored = ck.restore_orbax_checkpoint(path, {"w": jnp.ones(3)})
+  np.testing.assert_array_equal(restored["w"], np.zeros(3))
