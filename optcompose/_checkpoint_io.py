@@ -47,8 +47,7 @@ def _ours(path: pathlib.Path) -> re.Pattern:
   """Names our saves (and Orbax, saving into them or into ``path``) give temporary files."""
   name = re.escape(path.name)
   return re.compile(
-    rf"^(\.{name}\.[0-9a-f]{{32}}\.(tmp|optcompose-(new|old).*)"
-    rf"|{name}\.orbax-checkpoint-tmp.*)$"
+    rf"^(\.{name}\.[0-9a-f]{{32}}\.(tmp|optcompose-(new|old).*)|{name}\.orbax-checkpoint-tmp.*)$"
   )
 
 
@@ -311,6 +310,17 @@ def _read_metadata(checkpointer: Any, directory: Any) -> Any:
   except Exception as e:  # reported in the error
     raise _damaged(directory, e, "metadata") from e
   return metadata
+
+
+def _written(checkpointer: Any, new: Any, directory: Any) -> None:
+  """Raise unless ``new`` (for ``directory``) reads back: Orbax commits some it cannot read."""
+  try:
+    _read_metadata(checkpointer, new)
+  except ValueError as e:
+    raise CheckpointCorruptError(
+      f"save_orbax_checkpoint: Orbax wrote a checkpoint it cannot read back ({e}); {directory} "
+      "keeps what it held."
+    ) from e
 
 
 def _restore_arrays(fn: str, checkpointer: Any, directory: Any, metadata: Any, target: Any):

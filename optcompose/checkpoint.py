@@ -73,6 +73,7 @@ from optcompose._checkpoint_io import (  # the file handling
   SIDECAR,
   _read_msgpack,
   _read_metadata,
+  _written,
   _read_sidecar,
   _metadata_tree,
   _flax_serialization,
@@ -287,6 +288,7 @@ def save_orbax_checkpoint(
           (directory / SIDECAR).write_text(text)
         elif primary:
           assert new is not None and isinstance(text, str)  # both set when primary and local
+          _written(checkpointer, new, directory)  # readable, or the old one is kept
           _finish(new, SIDECAR, text)
           _install(new, directory)
       except BaseException:

@@ -533,3 +533,30 @@ def test_a_previous_checkpoint_that_cannot_be_deleted_is_reported(tmp_path, monk
     ck.save_orbax_checkpoint(path, {"w": jnp.zeros(3)}, overwrite=True)
   restored = ck.restore_orbax_checkpoint(path, {"w": jnp.ones(3)})
   np.testing.assert_array_equal(restored["w"], np.zeros(3))
+
+
+def test_an_orbax_checkpoint_that_cannot_be_read_back_never_replaces_the_previous(
+  tmp_path, monkeypatch
+):
+  """One failed directory listing inside Orbax (EIO) made it skip merging its arrays' index
+  and commit a checkpoint it could not read; the save returned, the previous checkpoint was
+  deleted, and the next restore failed (the filesystem-faults trial). The checkpoint written
+  is now read back before the swap. Simulated here by removing the merged index Orbax
+  writes, as that failure leaves it."""
+  import shutil
+
+  real = ck._written
+
+  def index_lost(checkpointer, new, directory):
+    (new / "manifest.ocdbt").unlink()
+    shutil.rmtree(new / "d")
+    return real(checkpointer, new, directory)
+
+  path = tmp_path / "ckpt"
+  ck.save_orbax_checkpoint(path, {"w": jnp.ones(3)})
+  monkeypatch.setattr(ck, "_written", index_lost)
+  with pytest.raises(CheckpointCorruptError, match="cannot read back.*keeps what it held"):
+    ck.save_orbax_checkpoint(path, {"w": jnp.zeros(3)}, overwrite=True)
+  restored = ck.restore_orbax_checkpoint(path, {"w": jnp.zeros(3)})
+  np.testing.assert_array_equal(restored["w"], np.ones(3))
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no temporaries left
