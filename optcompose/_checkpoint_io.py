@@ -33,7 +33,7 @@ from optcompose._checkpoint_check import (
   _verify,
 )
 from optcompose._checkpoint_guard import _locked  # noqa: F401 -- checkpoint's
-from optcompose._checkpoint_layout import SIDECAR
+from optcompose._checkpoint_layout import SIDECAR, _is_damage
 from optcompose._checkpoint_nodes import (
   _flat_from_state_dict,
   _flat_to_state_dict,
@@ -297,8 +297,6 @@ def _read_msgpack(fn: str, path: PathLike, serialization: Any) -> tuple:
 
 # --- Orbax's side: the checksums file inside a directory, Orbax's metadata and errors.
 
-_DAMAGE = ("DATA_LOSS", "NOT_FOUND", "FAILED_PRECONDITION", "OUT_OF_RANGE")  # TensorStore's
-
 
 def _read_metadata(checkpointer: Any, directory: Any) -> Any:
   """The tree of Orbax's metadata of ``directory``; the error of :func:`_damaged` if none."""
@@ -355,12 +353,6 @@ def _chain(error: BaseException) -> list:
     chain.append(link)
     link = link.__cause__ or link.__context__
   return chain
-
-
-def _is_damage(error: BaseException) -> bool:
-  """Whether Orbax's error reading the arrays means a damaged checkpoint (not a bug)."""
-  damage = isinstance(error, (FileNotFoundError, json.JSONDecodeError))
-  return damage or str(error).startswith(_DAMAGE)
 
 
 def _damaged(directory: Any, error: BaseException, what: str) -> ValueError:

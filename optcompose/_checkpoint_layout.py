@@ -1,11 +1,13 @@
-"""What ``save_orbax_checkpoint(..., overwrite=True)`` may replace: Orbax's layout of a
-checkpoint directory, and the check that a directory holds that and nothing else."""
+"""Orbax's layout of a checkpoint directory: what ``save_orbax_checkpoint(..., overwrite=True)``
+may replace (a directory that holds that and nothing else), and which of the errors of Orbax
+reading one mean that it is damaged."""
 
 from __future__ import annotations
 
 import json
 import pathlib
 import re
+import traceback
 
 SIDECAR = "optcompose_checkpoint.json"  # checksums and layouts inside an Orbax directory
 
@@ -101,3 +103,16 @@ def _not_orbax(directory: pathlib.Path, top: bool = True) -> list:
     elif p.is_dir():
       out.append(p)  # a directory Orbax's layout has no place for
   return out
+
+
+_DAMAGE = ("DATA_LOSS", "NOT_FOUND", "FAILED_PRECONDITION", "OUT_OF_RANGE")  # TensorStore's
+
+
+def _is_damage(error: BaseException) -> bool:
+  """Whether Orbax's error reading a checkpoint means a damaged one (not a bug): TensorStore's
+  codes, a file missing or undecodable, or any error while Orbax reads its per-array metadata
+  files (a flipped byte there is a KeyError or AttributeError of its parser)."""
+  if isinstance(error, (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError)):
+    return True
+  frames = traceback.extract_tb(error.__traceback__)
+  return str(error).startswith(_DAMAGE) or any("array_metadata" in f.filename for f in frames)

@@ -560,3 +560,23 @@ def test_an_orbax_checkpoint_that_cannot_be_read_back_never_replaces_the_previou
   restored = ck.restore_orbax_checkpoint(path, {"w": jnp.zeros(3)})
   np.testing.assert_array_equal(restored["w"], np.ones(3))
   assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no temporaries left
+
+
+@pytest.mark.parametrize("damage", ["first-byte", "write_shape", "param_name", "chunk_shape"])
+def test_damaged_orbax_array_metadata_is_a_corrupt_checkpoint(tmp_path, damage):
+  """A flipped bit in Orbax's per-array metadata file gave a bare UnicodeDecodeError or
+  KeyError from its parser (the filesystem-faults trial), naming neither the checkpoint nor
+  the damage."""
+  path = tmp_path / "ckpt"
+  tree = {"w": jnp.ones((2, 3)), "b": jnp.zeros(3)}
+  ck.save_orbax_checkpoint(path, tree)
+  file = path / "array_metadatas" / "process_0"
+  if not file.exists():
+    pytest.skip("this Orbax writes no per-array metadata file")
+  data = bytearray(file.read_bytes())
+  data[0 if damage == "first-byte" else data.find(damage.encode())] ^= (
+    0x80 if damage == "first-byte" else 1
+  )
+  file.write_bytes(bytes(data))
+  with pytest.raises(CheckpointCorruptError, match=f"{path.name} is damaged or unreadable"):
+    ck.restore_orbax_checkpoint(path, tree)
