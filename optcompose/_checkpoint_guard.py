@@ -121,6 +121,14 @@ def _locked(directory: pathlib.Path, exclusive: bool = True):
       os.close(fd)  # releases the lock
 
 
+def followed(path: Any) -> pathlib.Path:
+  """``path`` as a ``pathlib.Path``, a symbolic link as the path it points to: a save writes
+  the checkpoint there (a link put where the disk is bigger), as ``open`` would, where
+  renaming a file or a directory over the link would replace the link itself."""
+  path = pathlib.Path(path)
+  return pathlib.Path(os.path.realpath(path)) if path.is_symlink() else path
+
+
 def file_target(fn: str, path: pathlib.Path, tree: Any = None, check_keys: bool = True) -> None:
   """Raise a ValueError unless ``path`` can take a msgpack checkpoint: its nearest existing
   ancestor is a directory, and ``path`` is absent, empty, or a checkpoint of this library

@@ -200,8 +200,10 @@ def _directory(fn: str, directory: Any) -> tuple:
       f"{fn}: `directory` must be a path (a str, os.PathLike or "
       f"etils.epath.Path), got {type(directory).__name__}."
     )
-  if "://" not in text:
-    return pathlib.Path(os.path.abspath(text)), False
+  if "://" not in text:  # a link followed: a save writes where it points (see followed)
+    return pathlib.Path(
+      os.path.realpath(text) if os.path.islink(text) else os.path.abspath(text)
+    ), False
   from etils import epath  # a dependency of Orbax
 
   try:

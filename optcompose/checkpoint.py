@@ -127,7 +127,7 @@ def save_checkpoint(path: PathLike, tree: Any) -> pathlib.Path:
     ValueError: an array is sharded across processes (use :func:`save_orbax_checkpoint`);
       ``path`` is a directory, not a regular file, or a file that is not a checkpoint.
   """
-  path = pathlib.Path(path)
+  path = guard.followed(path)
   guard.file_target("save_checkpoint", path, tree)
   serialization = _flax_serialization()
   state = serialization.to_state_dict(tree)

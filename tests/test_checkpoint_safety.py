@@ -580,3 +580,24 @@ def test_damaged_orbax_array_metadata_is_a_corrupt_checkpoint(tmp_path, damage):
   file.write_bytes(bytes(data))
   with pytest.raises(CheckpointCorruptError, match=f"{path.name} is damaged or unreadable"):
     ck.restore_orbax_checkpoint(path, tree)
+
+
+def test_a_save_through_a_symbolic_link_writes_where_it_points(tmp_path):
+  """``run/ckpt -> /scratch/ckpt`` (checkpoints kept on a bigger disk): both formats replaced
+  the link with a file or directory of their own in ``run/`` (the filesystem-faults trial),
+  so the data landed on the small disk and the target kept a stale checkpoint."""
+  scratch, run = tmp_path / "scratch", tmp_path / "run"
+  scratch.mkdir()
+  run.mkdir()
+  for name, save, restore in [
+    ("ckpt.msgpack", ck.save_checkpoint, ck.restore_checkpoint),
+    ("ckpt", ck.save_orbax_checkpoint, ck.restore_orbax_checkpoint),
+  ]:
+    link = run / name
+    link.symlink_to(scratch / name)  # dangling until the first save
+    for value in (1.0, 2.0):
+      kwargs = {"overwrite": True} if save is ck.save_orbax_checkpoint else {}
+      save(link, {"w": jnp.full(3, value)}, **kwargs)
+      assert link.is_symlink() and (scratch / name).exists()
+      np.testing.assert_array_equal(restore(link, {"w": jnp.zeros(3)})["w"], np.full(3, value))
+  assert sorted(p.name for p in run.iterdir()) == ["ckpt", "ckpt.msgpack"]  # the two links
