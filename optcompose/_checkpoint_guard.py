@@ -121,6 +121,18 @@ def _locked(directory: pathlib.Path, exclusive: bool = True):
       os.close(fd)  # releases the lock
 
 
+def creatable(fn: str, path: pathlib.Path) -> None:
+  """Raise a ValueError unless ``path`` is not the root and its nearest existing ancestor is a
+  directory (a path under a file, which ``mkdir`` would fail on with a bare OSError)."""
+  if not path.name:
+    raise ValueError(f"{fn}: {path} is the root; a checkpoint needs a path under it.")
+  for parent in path.parents:
+    if parent.exists():
+      if not parent.is_dir():
+        raise ValueError(f"{fn}: {parent} is a file, so {path} cannot be created under it.")
+      break
+
+
 def followed(path: Any) -> pathlib.Path:
   """``path`` as a ``pathlib.Path``, a symbolic link as the path it points to: a save writes
   the checkpoint there (a link put where the disk is bigger), as ``open`` would, where
@@ -145,11 +157,7 @@ def file_target(fn: str, path: pathlib.Path, tree: Any = None, check_keys: bool 
       f"{fn}: {path} is a directory; pass a file path (an Orbax checkpoint directory is "
       "read and written by restore_orbax_checkpoint / save_orbax_checkpoint)."
     )
-  for parent in path.parents:
-    if parent.exists():
-      if not parent.is_dir():
-        raise ValueError(f"{fn}: {parent} is a file, so {path} cannot be created under it.")
-      break
+  creatable(fn, path)
   if path.exists():
     regular_file(fn, path)
     with open(path, "rb") as f:

@@ -165,8 +165,10 @@ def _write_atomically(path: pathlib.Path, data: bytes) -> None:
       f.flush()
       os.fsync(f.fileno())
     os.replace(tmp, path)
-  except BaseException:
+  except BaseException as e:
     _remove(tmp)
+    if isinstance(e, OSError) and e.errno and e.filename is None:  # a write: names no file
+      raise OSError(e.errno, e.strerror, os.fspath(path)) from e
     raise
   _fsync(path.parent)  # make the rename durable
 

@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import functools
 import os
+import pathlib
 from typing import Any, Optional
 
 import jax
 import numpy as np
 
 from optcompose._checkpoint_check import _PYTHON_SCALARS, _namer
+from optcompose._checkpoint_guard import creatable
 
 _INT_RANGE = (-(2**63), 2**64 - 1)  # what both formats store of a Python int
 
@@ -146,6 +148,8 @@ def orbax_storable(fn: str, tree: Any, directory: Any = None) -> Any:
   is no Python number (``np.float32(1)``, ``np.bool_``) as a 0-d array: what Orbax 0.12 stores it
   as, and Orbax 0.10 refuses ("Unsupported type") when given the scalar."""
   text = "" if directory is None else os.fspath(directory)
+  if isinstance(directory, pathlib.Path):  # a local one
+    creatable(fn, directory)
   if "[" in text:  # a lone "]" is no pattern: Orbax saves and restores such a path
     raise ValueError(
       f"{fn}: the path {text} has a '[' in it, and Orbax cannot save under such a "

@@ -601,3 +601,25 @@ def test_a_save_through_a_symbolic_link_writes_where_it_points(tmp_path):
       assert link.is_symlink() and (scratch / name).exists()
       np.testing.assert_array_equal(restore(link, {"w": jnp.zeros(3)})["w"], np.full(3, value))
   assert sorted(p.name for p in run.iterdir()) == ["ckpt", "ckpt.msgpack"]  # the two links
+
+
+def test_save_errors_name_the_path(tmp_path, monkeypatch):
+  """A full disk during a msgpack save was '[Errno 28] No space left on device', naming no
+  file; an Orbax save to '/' or under a file was pathlib's or mkdir's bare error (the
+  filesystem-faults trial). Each now names the path (and the function)."""
+  import errno
+
+  (tmp_path / "a_file").write_text("x")
+  with pytest.raises(ValueError, match="save_orbax_checkpoint: / is the root"):
+    ck.save_orbax_checkpoint("/", {"w": jnp.ones(2)})
+  with pytest.raises(ValueError, match="save_orbax_checkpoint: .*a_file is a file, so"):
+    ck.save_orbax_checkpoint(tmp_path / "a_file" / "ckpt", {"w": jnp.ones(2)})
+
+  def full(fd):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+  monkeypatch.setattr(os, "fsync", full)
+  with pytest.raises(OSError, match=r"No space left on device: .*ckpt\.msgpack") as caught:
+    ck.save_checkpoint(tmp_path / "ckpt.msgpack", {"w": jnp.ones(2)})
+  assert caught.value.errno == errno.ENOSPC
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]  # nothing left
