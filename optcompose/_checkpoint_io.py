@@ -283,13 +283,16 @@ def _read_msgpack(fn: str, path: PathLike, serialization: Any) -> tuple:
       f"{fn}: {os.fspath(path)} is not a msgpack checkpoint, or is "
       f"damaged ({type(e).__name__}: {e})."
     ) from e
+  ours = isinstance(saved, dict) and {"checksum", "layouts", "leaves", "state"} <= saved.keys()
+  if ours and FORMAT_KEY not in saved:  # a flipped bit in our key: not Flax's bare state dict
+    raise CheckpointCorruptError(f"{fn}: {os.fspath(path)} is damaged: its header {sorted(saved)}.")
   if not (isinstance(saved, dict) and FORMAT_KEY in saved):
     return None, saved
   if (saved[FORMAT_KEY], saved.get("checksum")) != (FORMAT, CHECKSUM):
     raise ValueError(
-      f"{fn}: {os.fspath(path)} has format {saved[FORMAT_KEY]} "
-      f"({saved.get('checksum')}); this optcompose reads format {FORMAT} "
-      f"({CHECKSUM}) and the bare state dict: upgrade optcompose."
+      f"{fn}: {os.fspath(path)} has format {saved[FORMAT_KEY]!r} ({saved.get('checksum')!r}); "
+      f"this optcompose reads format {FORMAT} ({CHECKSUM}) and the bare state dict: the file "
+      "is of a newer optcompose (upgrade it), or damaged."
     )
   if not {"layouts", "leaves", "state"} <= saved.keys():
     raise CheckpointCorruptError(

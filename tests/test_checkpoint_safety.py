@@ -623,3 +623,26 @@ def test_save_errors_name_the_path(tmp_path, monkeypatch):
     ck.save_checkpoint(tmp_path / "ckpt.msgpack", {"w": jnp.ones(2)})
   assert caught.value.errno == errno.ENOSPC
   assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]  # nothing left
+
+
+def test_a_damaged_msgpack_header_is_called_damaged(tmp_path):
+  """A flipped bit in the header's format key made the file read as Flax's bare state dict,
+  then a template mismatch with a hint to migrate Optax's state; a flipped format number
+  was 'upgrade optcompose' only (the filesystem-faults trial)."""
+  from optcompose._checkpoint_check import FORMAT_KEY
+
+  path = tmp_path / "ckpt.msgpack"
+  tree = {"w": jnp.ones(3)}
+  ck.save_checkpoint(path, tree)
+  data = path.read_bytes()
+  at = data.find(FORMAT_KEY.encode())
+  key_flipped = bytearray(data)
+  key_flipped[at + 3] ^= 1
+  path.write_bytes(bytes(key_flipped))
+  with pytest.raises(CheckpointCorruptError, match="is damaged: its header"):
+    ck.restore_checkpoint(path, tree)
+  number_flipped = bytearray(data)
+  number_flipped[at + len(FORMAT_KEY)] ^= 1  # the fixint after the key: format 2 -> 3
+  path.write_bytes(bytes(number_flipped))
+  with pytest.raises(ValueError, match="has format 3 .*newer optcompose .*or damaged"):
+    ck.restore_checkpoint(path, tree)
