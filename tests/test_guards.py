@@ -434,3 +434,25 @@ def test_multi_steps_accumulator_keeps_the_dtype_chosen_at_init():
   state = tx.init(low)
   _, new = tx.update(low, state, low)
   assert new.acc_grads["w"].dtype == state.acc_grads["w"].dtype == jnp.bfloat16
+
+
+def test_jax_debug_nans_and_infs_are_not_tripped_by_values_the_library_discards():
+  """An engineer hunting a NaN turns on jax_debug_nans / jax_debug_infs (the debug-flags
+  trial): eagerly, reduce_on_plateau's first update and early_stopping(relative=True)'s took
+  inf - inf (thrown away by a where), and building a growing exponential_decay overflowed
+  while checking its last step, each raising FloatingPointError on the user's healthy run."""
+  params = {"w": jnp.ones(2)}
+  with jax.debug_nans(True), jax.debug_infs(False):
+    for mode in ("min", "max"):
+      tx = oc.reduce_on_plateau(patience=1, mode=mode)
+      state = tx.init(params)
+      for value in (1.0, 0.5, 0.5, 0.5):
+        _, state = tx.update(params, state, params, value=jnp.float32(value))
+    stopper = oc.early_stopping(patience=2, min_delta=0.01, relative=True)
+    stopping = stopper.init(params)
+    for metric in (1.0, 0.9, 0.95):
+      stopping = stopper.update(stopping, jnp.float32(metric), params)
+    assert float(stopping.best_metric) == pytest.approx(0.9)
+  with jax.debug_infs(True), jax.debug_nans(True):
+    growth = oc.exponential_decay(1e-4, 10, 1.5, end_value=1.0)  # a learning-rate range test
+    assert float(growth(jnp.int32(10))) == pytest.approx(1.5e-4)

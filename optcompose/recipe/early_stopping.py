@@ -192,8 +192,9 @@ class EarlyStopping:
   def is_improvement(self, metric: jax.Array, best_metric: jax.Array) -> jax.Array:
     """Whether ``metric`` improves on ``best_metric`` (the formula of the module docstring)."""
     v, b = self.sign * metric, self.sign * best_metric
-    delta = self.min_delta * jnp.abs(b) if self.relative else self.min_delta
-    threshold = jnp.where(jnp.isfinite(b), b - delta, b)  # b = +inf: nothing seen yet
+    finite = jnp.where(jnp.isfinite(b), b, 0)  # b = +inf: nothing seen yet (never inf - inf)
+    delta = self.min_delta * jnp.abs(finite) if self.relative else self.min_delta
+    threshold = jnp.where(jnp.isfinite(b), b - delta, b)
     return jnp.logical_and(jnp.isfinite(v), v < threshold)
 
   def update(

@@ -56,8 +56,10 @@ def _at_last_step(schedule: Schedule) -> tuple:
   decay toward 0 or a floor is lowest, or a growth highest): as a float, or ``()`` when it is
   traced or NaN. A growth that overflows records the largest finite value of its dtype and
   sign: it passes every bound (a learning rate's range test grows without one), and a
-  hyperparameter bounded above (``b2 < 1``) is refused."""
-  value = schedule(jnp.asarray(MAX_STEPS, jnp.int32))
+  hyperparameter bounded above (``b2 < 1``) is refused. An overflow here is expected, not
+  the user's: jax_debug_infs and jax_debug_nans are off while it is computed."""
+  with jax.debug_infs(False), jax.debug_nans(False):
+    value = schedule(jnp.asarray(MAX_STEPS, jnp.int32))
   if isinstance(value, jax.core.Tracer):
     return ()
   value = np.asarray(value)

@@ -150,12 +150,9 @@ def reduce_on_plateau(
     # "max" compares the negated values by their magnitude: (1 - rtol) * best is above a
     # negative best, so a flat accuracy would count as improving and never reduce. "min"
     # keeps Optax's formula exactly (as PyTorch's, it has the same trait for negative values).
-    below = s.best_value - rtol * jnp.abs(s.best_value)  # inf at the start, not inf - inf
-    threshold = (
-      (1 - rtol) * s.best_value
-      if mode == "min"
-      else jnp.where(jnp.isinf(s.best_value), s.best_value, below)
-    )
+    best = s.best_value  # inf at the start: never inf - inf, which jax_debug_nans reports
+    magnitude = jnp.abs(jnp.where(jnp.isinf(best), 0, best))
+    threshold = (1 - rtol) * best if mode == "min" else best - rtol * magnitude
     improved = s.avg_value < threshold - atol
     best = jnp.where(improved, s.avg_value, s.best_value)
     plateau = jnp.where(improved, 0, safe_increment(s.plateau_count))
