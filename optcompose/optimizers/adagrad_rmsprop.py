@@ -22,7 +22,12 @@ from optcompose.core import (
 )
 from optcompose.transforms.momentum import trace
 from optcompose.transforms.scaling import scale_by_learning_rate
-from optcompose.transforms.second_moment import scale_by_rms, scale_by_rss, scale_by_stddev
+from optcompose.transforms.second_moment import (
+  _RMS_HYPERS,
+  scale_by_rms,
+  scale_by_rss,
+  scale_by_stddev,
+)
 
 
 @public(
@@ -72,6 +77,7 @@ def adagrad(
   learning_rate=LEARNING_RATE,
   decay=DECAY,
   eps=EPS_POSITIVE,
+  initial_scale=_RMS_HYPERS["initial_scale"],
   centered=FLAG,
   momentum=real(0.0, 1.0, draw=(0.0, 0.999), optional=True),
   nesterov=FLAG,
