@@ -77,8 +77,8 @@ def _remove_leftovers(path: pathlib.Path) -> None:
 
 
 def _fsync(path: pathlib.Path) -> None:
-  """Flush a file to disk, raising what fails (its data may not be there); a directory (its
-  entries) best effort: not every system opens or flushes one."""
+  """Flush a file to disk: an I/O error raises (its data may not be there), a flush the system
+  does not support does not; a directory (its entries) best effort."""
   folder = path.is_dir()
   try:
     fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if folder else 0))
@@ -88,8 +88,9 @@ def _fsync(path: pathlib.Path) -> None:
     raise
   try:
     os.fsync(fd)
-  except OSError:
-    if not folder:
+  except OSError as e:  # unsupported: a read-only handle on Windows, some file systems
+    unsupported = e.errno in (errno.EBADF, errno.EINVAL, errno.EOPNOTSUPP)
+    if not folder and not unsupported:
       raise
   finally:
     os.close(fd)
@@ -132,8 +133,8 @@ def _install(new: pathlib.Path, path: pathlib.Path) -> None:
   _remove(old)
   if old.exists():  # the previous checkpoint, set aside: a full copy the user should know of
     warnings.warn(
-      f"the checkpoint that {path} held before this save could not be deleted; it is left "
-      f"as {old} (the new one is complete): delete it by hand.",
+      f"the checkpoint that {path} held before this save could not be (wholly) deleted; it is "
+      f"left as {old} (the new one is complete); the next save to {path} removes it.",
       stacklevel=4,
     )
 
@@ -203,9 +204,8 @@ def _directory(fn: str, directory: Any) -> tuple:
       f"etils.epath.Path), got {type(directory).__name__}."
     )
   if "://" not in text:  # a link followed: a save writes where it points (see followed)
-    return pathlib.Path(
-      os.path.realpath(text) if os.path.islink(text) else os.path.abspath(text)
-    ), False
+    link = pathlib.Path(text).is_symlink()  # also when written "ckpt/"
+    return pathlib.Path(os.path.realpath(text) if link else os.path.abspath(text)), False
   from etils import epath  # a dependency of Orbax
 
   try:
@@ -318,7 +318,8 @@ def _read_metadata(checkpointer: Any, directory: Any) -> Any:
 
 
 def _written(checkpointer: Any, new: Any, directory: Any) -> None:
-  """Raise unless ``new`` (for ``directory``) reads back: Orbax commits some it cannot read."""
+  """Raise unless ``new``'s metadata (for ``directory``) reads back: Orbax commits some it
+  cannot read. Its arrays are not read (a data file damaged as written goes unseen)."""
   try:
     _read_metadata(checkpointer, new)
   except ValueError as e:

@@ -110,9 +110,11 @@ _DAMAGE = ("DATA_LOSS", "NOT_FOUND", "FAILED_PRECONDITION", "OUT_OF_RANGE")  # T
 
 def _is_damage(error: BaseException) -> bool:
   """Whether Orbax's error reading a checkpoint means a damaged one (not a bug): TensorStore's
-  codes, a file missing or undecodable, or any error while Orbax reads its per-array metadata
-  files (a flipped byte there is a KeyError or AttributeError of its parser)."""
+  codes, a file missing or undecodable, or a parsing error while Orbax reads its per-array
+  metadata files (a flipped byte there is a KeyError or AttributeError of its parser)."""
   if isinstance(error, (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError)):
     return True
   frames = traceback.extract_tb(error.__traceback__)
-  return str(error).startswith(_DAMAGE) or any("array_metadata" in f.filename for f in frames)
+  parsing = isinstance(error, (KeyError, AttributeError, ValueError))  # not a TypeError: a bug
+  in_metadata = parsing and any("array_metadata" in f.filename for f in frames)
+  return str(error).startswith(_DAMAGE) or in_metadata

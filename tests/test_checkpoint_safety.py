@@ -529,7 +529,9 @@ def test_a_previous_checkpoint_that_cannot_be_deleted_is_reported(tmp_path, monk
   path = tmp_path / "ckpt"
   ck.save_orbax_checkpoint(path, {"w": jnp.ones(3)})
   monkeypatch.setattr(_checkpoint_io, "_remove", lambda p: None)  # as if rmtree failed
-  with pytest.warns(UserWarning, match="could not be deleted; it is left as .*optcompose"):
+  with pytest.warns(
+    UserWarning, match=r"could not be \(wholly\) deleted; it is left as .*optcompose"
+  ):
     ck.save_orbax_checkpoint(path, {"w": jnp.zeros(3)}, overwrite=True)
   restored = ck.restore_orbax_checkpoint(path, {"w": jnp.ones(3)})
   np.testing.assert_array_equal(restored["w"], np.zeros(3))
@@ -600,6 +602,8 @@ def test_a_save_through_a_symbolic_link_writes_where_it_points(tmp_path):
       save(link, {"w": jnp.full(3, value)}, **kwargs)
       assert link.is_symlink() and (scratch / name).exists()
       np.testing.assert_array_equal(restore(link, {"w": jnp.zeros(3)})["w"], np.full(3, value))
+  ck.save_orbax_checkpoint(f"{run / 'ckpt'}/", {"w": jnp.full(3, 3.0)}, overwrite=True)
+  assert (run / "ckpt").is_symlink()  # written "ckpt/" too
   assert sorted(p.name for p in run.iterdir()) == ["ckpt", "ckpt.msgpack"]  # the two links
 
 

@@ -689,10 +689,18 @@ def test_a_sweep_keeps_no_finished_trial_alive():
   gc.collect()
   kept = sum(r() is not None for r in alive)
   assert kept <= 1, f"{kept} finished trials' schedules are still alive"
-  # The latest transformation's state is still checked as it was built: a temporary too.
-  state = oc.inject_hyperparams(oc.adamw)(learning_rate=0.1, b1=0.9).init(params)
-  with pytest.raises(ValueError, match="b1"):
-    oc.set_hyperparams(state, b1=1.5)
+
+  # The latest transformation's state is still checked as its builder checks (a temporary
+  # too): a refusal only the user's factory knows, so only its recorded validator gives it.
+  def capped_sgd(learning_rate, cap=1.0):  # `cap`: names no other test's states hold
+    if float(learning_rate) > float(cap):
+      raise ValueError("capped_sgd: learning_rate above 1")
+    return oc.sgd(learning_rate)
+
+  state = oc.inject_hyperparams(capped_sgd)(learning_rate=0.1, cap=1.0).init(params)
+  gc.collect()
+  with pytest.raises(ValueError, match="capped_sgd: learning_rate above 1"):
+    oc.set_hyperparams(state, learning_rate=5.0)
 
 
 def test_state_classes_redefined_in_a_notebook_are_not_kept_forever():
