@@ -32,7 +32,7 @@ from optcompose._checkpoint_check import (
   _saved_leaves,
   _verify,
 )
-from optcompose._checkpoint_guard import _locked  # noqa: F401 -- checkpoint's
+from optcompose._checkpoint_guard import _locked, followed  # noqa: F401 -- _locked: checkpoint's
 from optcompose._checkpoint_layout import SIDECAR, _is_damage
 from optcompose._checkpoint_nodes import (
   _flat_from_state_dict,
@@ -203,9 +203,8 @@ def _directory(fn: str, directory: Any) -> tuple:
       f"{fn}: `directory` must be a path (a str, os.PathLike or "
       f"etils.epath.Path), got {type(directory).__name__}."
     )
-  if "://" not in text:  # a link followed: a save writes where it points (see followed)
-    link = pathlib.Path(text).is_symlink()  # also when written "ckpt/"
-    return pathlib.Path(os.path.realpath(text) if link else os.path.abspath(text)), False
+  if "://" not in text:  # a link followed: a save writes where it points
+    return pathlib.Path(os.path.abspath(followed(text))), False
   from etils import epath  # a dependency of Orbax
 
   try:

@@ -26,14 +26,14 @@ _ORBAX_NAMES = _METADATA | {
 _ORBAX_PATTERN = re.compile(r"ocdbt\.process_\d+")
 _OCDBT_MAGIC = bytes.fromhex("0cdb3a2a")
 _HEX = re.compile(r"[0-9a-f]{8,64}")
-# What each of Orbax's subdirectories holds: files ("") named so, and a "d" directory of
-# hex-named data files ("/").
+# What each of Orbax's subdirectories holds: the names of its files, and whether it may hold
+# a "d" directory of hex-named data files (an ocdbt.process_N directory does).
 _LAYOUT = {
-  "d": {"": _HEX},
-  "array_metadatas": {"": re.compile(r"process_\d+")},
-  "descriptor": {"": re.compile(r"[\w.-]+\.pbtxt")},
+  "d": (_HEX, False),
+  "array_metadatas": (re.compile(r"process_\d+"), False),
+  "descriptor": (re.compile(r"[\w.-]+\.pbtxt"), False),
 }
-_PROCESS_LAYOUT = {"": re.compile(r"manifest\.ocdbt"), "/": re.compile("d")}
+_PROCESS_LAYOUT = (re.compile(r"manifest\.ocdbt"), True)
 
 
 def replaceable(fn: str, directory: pathlib.Path) -> None:
@@ -80,7 +80,7 @@ def _marks(path: pathlib.Path) -> bool:
   return True
 
 
-def _not_orbax(directory: pathlib.Path, top: bool = True) -> list:
+def _not_orbax(directory: pathlib.Path) -> list:
   """The paths under ``directory`` that Orbax's layout does not account for: at the top the
   names Orbax writes; below, ``d/<hex>`` data files (also under ``ocdbt.process_N``, with
   its manifest), ``array_metadatas/process_N``, ``descriptor/*.pbtxt``, and ``default``, a
@@ -88,17 +88,16 @@ def _not_orbax(directory: pathlib.Path, top: bool = True) -> list:
   out = []
   for p in directory.iterdir():
     name = p.name
-    if top and not (name in _ORBAX_NAMES or _ORBAX_PATTERN.fullmatch(name)):
+    if not (name in _ORBAX_NAMES or _ORBAX_PATTERN.fullmatch(name)):
       out.append(p)
     elif name == "default" and p.is_dir():
       out += _not_orbax(p)
     elif p.is_dir() and (name in _LAYOUT or _ORBAX_PATTERN.fullmatch(name)):
-      allowed = _LAYOUT.get(name, _PROCESS_LAYOUT)
+      files, data = _LAYOUT.get(name, _PROCESS_LAYOUT)
       for q in p.iterdir():
-        rule = allowed.get("/" if q.is_dir() else "")
-        if q.is_dir() and q.name == "d" and rule:
+        if q.is_dir() and q.name == "d" and data:
           out += [r for r in q.iterdir() if r.is_dir() or not _HEX.fullmatch(r.name)]
-        elif q.is_dir() or not (rule and rule.fullmatch(q.name)):
+        elif q.is_dir() or not files.fullmatch(q.name):
           out.append(q)
     elif p.is_dir():
       out.append(p)  # a directory Orbax's layout has no place for
