@@ -145,8 +145,9 @@ def orbax_storable(fn: str, tree: Any, directory: Any = None) -> Any:
   """Raise before anything is written: a TypeError naming the first leaf Orbax cannot store,
   or a ValueError where ``directory`` has ``[`` in it (Orbax would write a checkpoint
   without its arrays there, and report success) or cannot be created (``creatable``).
-  Return ``tree`` with each NumPy scalar that is no Python number (``np.float32(1)``, ``np.bool_``) as a 0-d array: what Orbax 0.12 stores it
-  as, and Orbax 0.10 refuses ("Unsupported type") when given the scalar."""
+  Return ``tree`` with each NumPy scalar that is no Python number (``np.float32(1)``,
+  ``np.bool_``) as a 0-d array: what Orbax 0.12 stores it as, and Orbax 0.10 refuses
+  ("Unsupported type") when given the scalar."""
   text = "" if directory is None else os.fspath(directory)
   if isinstance(directory, pathlib.Path):  # a local one
     creatable(fn, directory)
