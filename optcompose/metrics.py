@@ -146,8 +146,8 @@ def metrics(opt_state: Any) -> dict:
   param_norm      float32  ||w||, the parameters the update was computed at
   update_ratio    float32  ||u|| / ||w|| (DiagnosticsState)
   learning_rate   float*   the learning rate of the latest update: the
-                           DiagnosticsState's (NaN if it could not know it); without
-                           one, the first "learning_rate" of current_hyperparams(state)
+                           DiagnosticsState's where it knows it; otherwise the
+                           first "learning_rate" of current_hyperparams(state)
                            (inject_hyperparams, ours or Optax's, or a scheduled one)
   zero_fraction   float32  fraction of exactly-zero parameters (DiagnosticsState)
   nonfinite       int32    NaN and infinite gradient entries (DiagnosticsState)
@@ -195,7 +195,14 @@ def metrics(opt_state: Any) -> dict:
   first, out = _first_of_each_kind(opt_state), {}
   diagnostics = first.get(DiagnosticsState)
   if diagnostics is not None:
-    out.update({name: _value(getattr(diagnostics, name)) for name in _MEASURED})
+    # learning_rate is None where the wrapper could not know it: the key is left out.
+    out.update(
+      {
+        name: _value(getattr(diagnostics, name))
+        for name in _MEASURED
+        if getattr(diagnostics, name) is not None
+      }
+    )
     out["step"] = _value(diagnostics.count)
   elif (norm := leading_clip_norm(opt_state, through=_THROUGH)) is not None:
     # Only a clip that comes first measured the gradients (a later one, other updates);

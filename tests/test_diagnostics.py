@@ -172,7 +172,26 @@ def test_init_state():
   state = with_diagnostics(oc.adamw(schedule)).init(params)
   assert float(state.learning_rate) == pytest.approx(float(schedule(0)))
   assert int(state.count) == 0 and float(state.grad_norm) == 0.0 and int(state.nonfinite) == 0
-  assert math.isnan(float(with_diagnostics(oc.adam(0.1)).init(params).learning_rate))
+  assert with_diagnostics(oc.adam(0.1)).init(params).learning_rate is None  # not known
+
+
+def test_an_unknown_learning_rate_is_left_out_and_trips_no_debug_nans():
+  # A NaN marker for "not known" was reported by jax_debug_nans at init and at every
+  # jitted step: the flag users turn on to hunt NaNs, with the wrapper they log them with.
+  params = initial_params()
+  for lr, keys in ((None, set()), (1e-3, {"learning_rate"})):
+    tx = with_diagnostics(oc.adamw(1e-3), learning_rate=lr)
+
+    @jax.jit
+    def step(grads, state, params, tx=tx):
+      _, state = tx.update(grads, state, params)
+      return state, oc.metrics.metrics(state)
+
+    with jax.debug_nans(True), jax.debug_infs(True):
+      state, logged = step(params, tx.init(params), params)
+      assert set(logged) & {"learning_rate"} == keys
+      assert set(diagnostics_dict(state)) & {"learning_rate"} == keys
+      assert int(logged["step"]) == 1 and np.isfinite(float(logged["update_norm"]))
 
 
 @pytest.mark.numerics

@@ -10,7 +10,7 @@ step, before ``u`` is applied)::
     update_norm   = ||u||
     param_norm    = ||w||
     update_ratio  = ||u|| / ||w||              0 if u = w = 0; +inf if w = 0 only
-    learning_rate = the learning rate used by this update (see below); NaN if unknown
+    learning_rate = the learning rate used by this update (see below); None if unknown
     zero_fraction = #(w == 0) / size(w)        over all elements of all leaves together
     nonfinite     = #(g is NaN or +-inf)       int32
 
@@ -31,9 +31,10 @@ optcompose optimizer built with a learning-rate *schedule*), which is the value 
 latest update used (inside ``apply_if_finite`` or ``multi_steps`` too, whose skipped steps
 and micro-steps move no schedule); otherwise, given ``learning_rate`` (a number or a
 schedule), its value at the wrapper's own step count (0 for the first update; that count
-includes skipped steps and micro-steps); otherwise NaN (a constant learning rate, and
-Optax's schedules, are stored in no state: pass it; that also keeps every entry of the
-state finite).
+includes skipped steps and micro-steps); otherwise the field is None (a constant learning
+rate, and Optax's schedules, are stored in no state: pass it to have it logged), and
+:func:`diagnostics_dict` and :func:`optcompose.metrics` leave the key out. Not a NaN
+marker: ``jax_debug_nans`` would report it at every step.
 
 Where to wrap: around ``apply_if_finite`` (inside it, a skipped step is not measured at
 all: the wrapped state is kept as it was, ``count``, ``nonfinite`` and the norms stay those
@@ -135,8 +136,10 @@ class DiagnosticsState(NamedTuple):
   Attributes:
     inner_state: the wrapped transformation's state.
     count: int32, updates seen.
-    grad_norm, update_norm, param_norm, update_ratio, learning_rate, zero_fraction:
-      float32 scalars (see the module docstring).
+    grad_norm, update_norm, param_norm, update_ratio, zero_fraction: float32 scalars (see
+      the module docstring).
+    learning_rate: a float32 scalar, or None where it is not known (see the module
+      docstring).
     nonfinite: int32, non-finite entries of the latest incoming gradients.
   """
 
@@ -146,7 +149,7 @@ class DiagnosticsState(NamedTuple):
   update_norm: jax.Array
   param_norm: jax.Array
   update_ratio: jax.Array
-  learning_rate: jax.Array
+  learning_rate: Optional[jax.Array]
   zero_fraction: jax.Array
   nonfinite: jax.Array
 
@@ -175,7 +178,7 @@ def with_diagnostics(
 
       grad_norm = ||g||     update_norm = ||u||     param_norm = ||w||
       update_ratio = ||u|| / ||w||    zero_fraction = #(w == 0) / size(w)
-      nonfinite = #(g is NaN or +-inf)    learning_rate = the one in force (else NaN)
+      nonfinite = #(g is NaN or +-inf)    learning_rate = the one in force (else None)
 
   The updates are ``inner``'s, unchanged (the same arrays); only the state grows. Works
   inside ``optcompose.chain`` and ``optax.chain``, with Flax's ``TrainState`` and under
@@ -189,7 +192,7 @@ def with_diagnostics(
       where ``inner``'s state stores none (a constant one, or Optax's schedules): a schedule
       is evaluated at this wrapper's count of updates, skipped ones included. Where the
       state stores it (see the module docstring), that value is recorded: the one ``inner``
-      used, also inside ``apply_if_finite`` and ``multi_steps``. Without either, NaN.
+      used, also inside ``apply_if_finite`` and ``multi_steps``. Without either, None.
     zero_mask: the leaves ``zero_fraction`` counts (a mask tree, a prefix of one, or a
       callable of the params, as ``add_decayed_weights`` takes), e.g. the kernels only, which
       is where L1 is usually applied; by default every leaf.
@@ -216,9 +219,10 @@ def with_diagnostics(
     value = recorded_learning_rate(inner_state)
     if value is None and learning_rate is not None:
       value = value_at(learning_rate, count)
-    # A copy: the value recorded in inner's state is an array of the state too, and two
-    # leaves of one buffer cannot both be donated (a step donating the state would fail).
-    return jnp.array(jnp.nan if value is None else value, jnp.float32, copy=True)
+    # Unknown: None, the same at every step (a NaN marker would trip jax_debug_nans).
+    # Known: a copy, since the value recorded in inner's state is an array of the state
+    # too, and two leaves of one buffer cannot both be donated.
+    return None if value is None else jnp.array(value, jnp.float32, copy=True)
 
   def init(params):
     inner_state = inner.init(params)
