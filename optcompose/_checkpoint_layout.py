@@ -52,9 +52,11 @@ def replaceable(fn: str, directory: pathlib.Path) -> None:
   others = [str(p.relative_to(directory)) for p in _not_orbax(directory)]
   if others:
     raise ValueError(
-      f"{fn}: the checkpoint {directory} also holds files that are not Orbax's "
+      f"{fn}: the checkpoint {directory} also holds files outside the layout of the "
+      "checkpoints this function writes (Orbax's OCDBT layout, one unnamed item) "
       f"({', '.join(sorted(others)[:3])}{', ...' if len(others) > 3 else ''}): overwrite=True "
-      "would delete them with the checkpoint; move them out of it, or save under another path."
+      "would delete them with the checkpoint, so it refuses; move them out of it (or delete "
+      "an older checkpoint of another layout yourself), or save under another path."
     )
 
 
