@@ -33,7 +33,7 @@ from optcompose._checkpoint_check import (
   _verify,
 )
 from optcompose._checkpoint_guard import _locked, followed  # noqa: F401 -- _locked: checkpoint's
-from optcompose._checkpoint_layout import SIDECAR, _is_damage
+from optcompose._checkpoint_layout import SIDECAR, _is_damage, metadatas_whole
 from optcompose._checkpoint_nodes import (
   _flat_from_state_dict,
   _flat_to_state_dict,
@@ -264,16 +264,11 @@ def _orbax():
 
 
 def _read_msgpack(fn: str, path: PathLike, serialization: Any) -> tuple:
-  """``(layouts, state)`` of the msgpack checkpoint ``path``, its checksums verified; for a
-  file of the previous format (the bare state dict) ``layouts`` is None (it records none).
-
-  Raises:
-    CheckpointCorruptError: the file is damaged (undecodable after our header, entries
-      missing, a leaf that differs from its checksum).
-    ValueError: the file is not a msgpack checkpoint, or of a newer format.
-  """
-  with open(path, "rb") as f:
-    data = f.read()
+  """``(layouts, state)`` of the msgpack checkpoint ``path``, its checksums verified (a file
+  of the bare state dict, format 1, records no ``layouts``: None). CheckpointCorruptError: a
+  damaged file (undecodable after our header, a header or entries damaged, a leaf unlike its
+  checksum); ValueError: not a msgpack checkpoint, or of a newer format."""
+  data = pathlib.Path(path).read_bytes()
   try:
     saved: Any = serialization.msgpack_restore(data)
   except Exception as e:  # msgpack's errors for a truncated or foreign file vary
@@ -287,11 +282,17 @@ def _read_msgpack(fn: str, path: PathLike, serialization: Any) -> tuple:
     raise CheckpointCorruptError(f"{fn}: {os.fspath(path)} is damaged: its header {sorted(saved)}.")
   if not (isinstance(saved, dict) and FORMAT_KEY in saved):
     return None, saved
-  if (saved[FORMAT_KEY], saved.get("checksum")) != (FORMAT, CHECKSUM):
+  version, checksum = saved[FORMAT_KEY], saved.get("checksum")
+  if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT:
     raise ValueError(
-      f"{fn}: {os.fspath(path)} has format {saved[FORMAT_KEY]!r} ({saved.get('checksum')!r}); "
-      f"this optcompose reads format {FORMAT} ({CHECKSUM}) and the bare state dict: the file "
-      "is of a newer optcompose (upgrade it), or damaged."
+      f"{fn}: {os.fspath(path)} has format {version!r} ({checksum!r}); this optcompose reads "
+      f"format {FORMAT} ({CHECKSUM}) and the bare state dict: the file is of a newer "
+      "optcompose (upgrade it), or damaged."
+    )
+  if (version, checksum) != (FORMAT, CHECKSUM):  # a flipped bit (1 was the bare state dict)
+    raise CheckpointCorruptError(
+      f"{fn}: {os.fspath(path)} is damaged: its header gives format {version!r} "
+      f"({checksum!r}), where format {FORMAT} uses {CHECKSUM!r}."
     )
   if not {"layouts", "leaves", "state"} <= saved.keys():
     raise CheckpointCorruptError(
@@ -345,8 +346,8 @@ def _restore_arrays(fn: str, checkpointer: Any, directory: Any, metadata: Any, t
     return checkpointer.restore(directory, abstract)
   except Exception as e:  # Orbax wraps TensorStore's errors in a bare Exception
     damage = next((c for c in _chain(e) if _is_damage(c)), None)
-    if damage is not None:
-      raise _damaged(directory, damage, "arrays") from e
+    if damage is not None or not metadatas_whole(directory):
+      raise _damaged(directory, damage or e, "arrays") from e
     if isinstance(e, ValueError):  # Orbax's words vary ("List arity mismatch" in 0.10)
       _mismatched_orbax_nodes(fn, directory, metadata, target, e)
     raise

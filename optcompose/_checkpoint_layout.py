@@ -119,3 +119,21 @@ def _is_damage(error: BaseException) -> bool:
   parsing = isinstance(error, (KeyError, AttributeError, ValueError))  # not a TypeError: a bug
   in_metadata = parsing and any("array_metadata" in f.filename for f in frames)
   return str(error).startswith(_DAMAGE) or in_metadata
+
+
+def metadatas_whole(directory: pathlib.Path) -> bool:
+  """Whether each of Orbax's per-process array metadata files reads as Orbax writes them: a
+  list under ``"array_metadatas"`` of ``{"array_metadata": {"param_name": ..., ...}}``. (A
+  flipped bit in a key there makes Orbax fail far from it: an AttributeError of its array
+  handler.)"""
+  for path in (directory / "array_metadatas").glob("process_*"):
+    try:
+      entries = json.loads(path.read_bytes())["array_metadatas"]
+      if not all(
+        set(x) == {"array_metadata"} and isinstance(x["array_metadata"]["param_name"], str)
+        for x in entries
+      ):
+        return False
+    except Exception:  # undecodable, or not of that shape  # noqa: BLE001
+      return False
+  return True

@@ -564,11 +564,14 @@ def test_an_orbax_checkpoint_that_cannot_be_read_back_never_replaces_the_previou
   assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no temporaries left
 
 
-@pytest.mark.parametrize("damage", ["first-byte", "write_shape", "param_name", "chunk_shape"])
+@pytest.mark.parametrize(
+  "damage", ["first-byte", "write_shape", "param_name", "chunk_shape", '"array_metadata"']
+)
 def test_damaged_orbax_array_metadata_is_a_corrupt_checkpoint(tmp_path, damage):
   """A flipped bit in Orbax's per-array metadata file gave a bare UnicodeDecodeError or
   KeyError from its parser (the filesystem-faults trial), naming neither the checkpoint nor
-  the damage."""
+  the damage; in an entry's key, an AttributeError of Orbax's array handler (the
+  reproducibility trial)."""
   path = tmp_path / "ckpt"
   tree = {"w": jnp.ones((2, 3)), "b": jnp.zeros(3)}
   ck.save_orbax_checkpoint(path, tree)
@@ -576,9 +579,12 @@ def test_damaged_orbax_array_metadata_is_a_corrupt_checkpoint(tmp_path, damage):
   if not file.exists():
     pytest.skip("this Orbax writes no per-array metadata file")
   data = bytearray(file.read_bytes())
-  data[0 if damage == "first-byte" else data.find(damage.encode())] ^= (
-    0x80 if damage == "first-byte" else 1
-  )
+  if damage == '"array_metadata"':  # a letter of the key: '"arrae_metadata"', still JSON
+    data[data.find(damage.encode()) + 6] ^= 0x04
+  else:
+    data[0 if damage == "first-byte" else data.find(damage.encode())] ^= (
+      0x80 if damage == "first-byte" else 1
+    )
   file.write_bytes(bytes(data))
   with pytest.raises(CheckpointCorruptError, match=f"{path.name} is damaged or unreadable"):
     ck.restore_orbax_checkpoint(path, tree)
@@ -649,4 +655,10 @@ def test_a_damaged_msgpack_header_is_called_damaged(tmp_path):
   number_flipped[at + len(FORMAT_KEY)] ^= 1  # the fixint after the key: format 2 -> 3
   path.write_bytes(bytes(number_flipped))
   with pytest.raises(ValueError, match="has format 3 .*newer optcompose .*or damaged"):
+    ck.restore_checkpoint(path, tree)
+  name_flipped = bytearray(data)  # this format's checksum name, "crc32" -> "crc#2": damage
+  at = data.find(b"crc32", data.find(b"checksum"))
+  name_flipped[at + 3] ^= 0x10
+  path.write_bytes(bytes(name_flipped))
+  with pytest.raises(CheckpointCorruptError, match="format 2 \\('crc#2'\\), where format 2"):
     ck.restore_checkpoint(path, tree)

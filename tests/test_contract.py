@@ -125,6 +125,33 @@ def test_optax_names_arguments_and_defaults(name):
     assert ours[arg].default is not inspect.Parameter.empty
 
 
+def _buffers(tree) -> list:
+  return [
+    x.unsafe_buffer_pointer()
+    for x in jax.tree.leaves(tree)
+    if isinstance(x, jax.Array) and x.size and not x.is_deleted()
+  ]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_a_fresh_state_holds_one_buffer_per_leaf_and_none_of_the_params(case):
+  # A jitted step donating the state is refused a buffer given twice ("Attempt to donate the
+  # same buffer twice"), and one shared with the parameters would be deleted under them.
+  prob = quadratic()
+  state = case.ours().init(prob.params)
+  mine = _buffers(state)
+  assert len(set(mine)) == len(mine), f"{case.name}: two leaves of the state share a buffer"
+  assert not set(mine) & set(_buffers(prob.params)), f"{case.name}: the state holds params"
+
+
+def test_a_fresh_early_stopping_state_holds_one_buffer_per_leaf():
+  baseline = jnp.float32(0.5)  # the caller's array: not held by the state
+  for es in (oc.early_stopping(patience=2), oc.early_stopping(patience=2, baseline=baseline)):
+    state = es.init({"w": jnp.ones(3)})
+    mine = _buffers(state)
+    assert len(set(mine)) == len(mine) and baseline.unsafe_buffer_pointer() not in mine
+
+
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_unknown_keyword_arguments_are_accepted_and_ignored(case):
   prob = quadratic()

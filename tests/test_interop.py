@@ -387,3 +387,45 @@ def test_join_schedules_takes_a_last_boundary_where_the_last_schedule_ends_as_op
       ours = values
   np.testing.assert_allclose(ours, values, rtol=1e-6, atol=1e-7)
   assert ours[150] == 0.0 and ours[100] == 0.0 and ours[5] == 0.5
+
+
+@pytest.mark.parametrize(
+  "make",
+  [
+    lambda: optax.adamw(0.1, weight_decay=0.5, mask=lambda p: jax.tree.map(jnp.ndim, p)),
+    lambda: optax.lamb(0.1),
+    lambda: optax.chain(optax.clip_by_block_rms(0.1), optax.sgd(0.1)),
+  ],
+  ids=["adamw-mask-callable", "lamb", "clip_by_block_rms"],
+)
+def test_an_optax_transformation_given_flat_params_is_refused(make):
+  # Optax's transformations do not know FlatParams: a mask callable got the buckets (weight
+  # decay silently off), a per-leaf trust ratio or clip was taken per bucket (LAMB 0.2 away
+  # from Optax's own step).
+  params = {"w": jnp.arange(1.0, 7.0).reshape(3, 2), "b": jnp.array([0.5, -2.0])}
+  with pytest.raises(
+    TypeError, match=r"flat_optimizer: optax's .* is not optcompose's.*FlatParams"
+  ):
+    oc.flat_optimizer(make()).init(params)
+  inside = oc.flat_optimizer(oc.chain(oc.scale(1.0), make()))  # also inside our combinators
+  with pytest.raises(TypeError, match=r"chain: optax's .* is not optcompose's.*FlatParams"):
+    inside.init(params)
+  flat = oc.flat_params(params)
+  with pytest.raises(TypeError, match="not optcompose's"):  # and where the caller packs
+    oc.chain(make()).init(flat)
+
+
+def test_an_elementwise_optax_transformation_declared_as_ours_runs_on_flat_params():
+  params = {"w": jnp.arange(1.0, 7.0).reshape(3, 2), "b": jnp.array([0.5, -2.0])}
+  grads = jax.tree.map(lambda x: x / 3 - 1, params)
+  theirs = optax.adam(0.1)
+  declared = oc.flat_optimizer(oc.GradientTransformation(theirs.init, theirs.update))
+  with jax.numpy_dtype_promotion("standard"):  # Optax adds an int32 count to floats
+    state = declared.init(params)
+    for _ in range(3):
+      updates, state = declared.update(grads, state, params)
+    expected, expected_state = grads, theirs.init(params)
+    for _ in range(3):
+      expected, expected_state = theirs.update(grads, expected_state, params)
+  for key in params:
+    np.testing.assert_allclose(updates[key], expected[key], rtol=1e-6)

@@ -42,7 +42,7 @@ import optax
 
 from optcompose import tree as otree
 from optcompose.core.errors import StateMismatchError, expect_state, needs_params  # noqa: F401
-from optcompose.core.extra_args import _DroppingExtra, _takes_extra
+from optcompose.core.extra_args import _DroppingExtra, _Foreign, _takes_extra
 
 PyTree: TypeAlias = Any
 # Optax's types, for annotations (``optcompose.Params is optax.Params``), one explicit alias
@@ -188,7 +188,9 @@ def as_transformation(
       f"{who}: {where} is {type(t).__name__}, not a gradient transformation (an object "
       "with callable `init` and `update`)."
     )
-  return GradientTransformation(init, update if _takes_extra(update) else _DroppingExtra(update))
+  update = update if _takes_extra(update) else _DroppingExtra(update)
+  what = f"{type(t).__module__.partition('.')[0]}'s {type(t).__name__}"
+  return GradientTransformation(_Foreign(init, who, what), _Foreign(update, who, what))
 
 
 def with_extra_args_support(tx: Any) -> GradientTransformation:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import inspect
 from typing import Callable
 
+import jax
+
 
 def _takes_extra(fn: Callable, unknown: bool = False) -> bool:
   """Whether ``fn`` accepts arbitrary keyword arguments (Optax's ExtraArgs protocol);
@@ -56,3 +58,42 @@ class _DroppingExtra:
 
   def __repr__(self):  # the function's, as logged in a GradientTransformation's repr
     return repr(self.wrapped)
+
+
+class _Foreign:
+  """Another library's ``init`` or ``update`` (an Optax transformation's), refusing a
+  layout node such as FlatParams in its first argument or ``params``: it does not know that
+  a bucket holds many of the model's leaves, so a norm, trust ratio or factored moment per
+  leaf, or a mask callable, would be computed per bucket, silently. It pickles and compares
+  as the function does, and keeps its attributes."""
+
+  def __init__(self, fn: Callable, who: str, what: str):
+    self.__dict__.update(getattr(fn, "__dict__", {}))
+    self.foreign, self.who, self.what = fn, who, what
+
+  def __call__(self, tree, *args, **kwargs):
+    from optcompose.masks import _has_layout, _hooks, _is_layout  # masks imports no core
+
+    params = kwargs.get("params", args[1] if len(args) > 1 else None)
+    for x in (tree, params):
+      if x is not None and _has_layout(x):
+        kind = next(_hooks(y).name for y in jax.tree.leaves(x, is_leaf=_is_layout) if _is_layout(y))
+        raise TypeError(
+          f"{self.who}: {self.what} is not optcompose's, and it was given {kind} (buckets "
+          "that each hold many of the model's leaves): a value it computes per leaf (a "
+          "norm, a trust ratio, a factored moment) or a mask callable would be taken per "
+          "bucket, silently. Use optcompose's transformation of the same name (optcompose's "
+          "own refuse FlatParams where they need the model's leaves, and map masks onto the "
+          "buckets), or, for an elementwise transformation of your own, declare it as one: "
+          "optcompose.GradientTransformation(tx.init, tx.update)."
+        )
+    return self.foreign(tree, *args, **kwargs)
+
+  def __eq__(self, other):
+    return isinstance(other, _Foreign) and other.foreign == self.foreign
+
+  def __hash__(self):
+    return hash(self.foreign)
+
+  def __repr__(self):
+    return repr(self.foreign)

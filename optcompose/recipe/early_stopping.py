@@ -59,6 +59,7 @@ pure function.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import numbers
 from typing import Any, NamedTuple, Optional
 
@@ -178,14 +179,16 @@ class EarlyStopping:
   def init(self, best_params: Any = None) -> EarlyStoppingState:
     """A fresh state; ``best_params`` (any pytree, or None) is copied as the initial best."""
     unseen = self.sign * jnp.inf if self.baseline is None else self.baseline
-    no = jnp.zeros([], jnp.bool_)
+    # One buffer per leaf, none the caller's: a jitted step donating the state (passing it
+    # through between epochs) is refused a buffer given twice, and would delete the caller's.
+    no = functools.partial(jnp.zeros, [], jnp.bool_)
     return EarlyStoppingState(
       epoch=zero_count(),
-      best_metric=jnp.asarray(unseen, default_float()),
+      best_metric=jnp.array(unseen, default_float(), copy=True),
       best_epoch=jnp.full([], -1, jnp.int32),
       wait=zero_count(),
-      should_stop=no,
-      improved=no,
+      should_stop=no(),
+      improved=no(),
       best_params=jax.tree.map(jnp.array, best_params),  # a copy (see the module docstring)
     )
 
