@@ -195,8 +195,9 @@ def _check(fn: str, where: Optional[PathLike], saved: dict, target: Any) -> None
       )
     elif " is missing" in problems[0] or " lacks" in problems[0]:
       hint = (
-        " (An Optax optimizer's state converts with optcompose.migrate.from_optax_state: "
-        "read it without a template first.)"
+        " (Was the optimizer, or a wrapper around it, changed since the save? An Optax "
+        "optimizer's state converts with optcompose.migrate.from_optax_state: read it "
+        "without a template first.)"
       )
     raise CheckpointMismatchError(
       f"{fn}: the checkpoint{name} does not match `target`: {problems[0]}{more}.{hint}"
@@ -206,7 +207,11 @@ def _check(fn: str, where: Optional[PathLike], saved: dict, target: Any) -> None
 def _number_and_scalar(number: Any, array: Any) -> bool:
   """A Python number's spec and a 0-d array's of its kind (Flax's ``TrainState`` step: 0)."""
   kinds = _KIND_OF_PYTHON.get(number.python, "")
-  return array.python is None and array.shape == () and array.dtype.kind in kinds
+  if array.python is not None or array.shape != ():
+    return False  # bfloat16 and float8 are of NumPy kind "V": a float nonetheless
+  return array.dtype.kind in kinds or (
+    number.python is float and jax.dtypes.issubdtype(array.dtype, np.floating)
+  )
 
 
 def _like(value: Any, template: Any) -> Any:

@@ -329,7 +329,9 @@ def flat_optimizer(tx: Any, labels: Any = None, pad_to: int = 1) -> GradientTran
   So ``nnx.Optimizer(model, flat_optimizer(adamw(1e-3)), wrt=nnx.Param)`` and an Optax-style
   Equinox loop keep flat state, and the model code does not change. The numerics are those
   of FlatParams (module docstring). A mask or labels callable of ``tx`` gets the caller's
-  tree; pass the same one as ``labels`` so that each bucket is uniform. For ZeRO stage 1,
+  tree; pass the same one as ``labels`` so that each bucket is uniform. An Optax
+  transformation, which knows no FlatParams (its masks and per-leaf values would see the
+  buckets), is a TypeError. For ZeRO stage 1,
   ``zero1_state_shardings(flat_optimizer(tx, labels, pad_to), params, axis)`` splits each
   bucket of the state over the mesh axis ``axis`` (``pad_to``: its size).
 

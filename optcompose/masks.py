@@ -7,8 +7,7 @@ leaf (see :func:`optcompose.partition`). Masks are static: they select code, not
 Parameter *layouts* other than the model's own tree (such as :class:`optcompose.FlatParams`,
 one buffer per dtype) plug in from above with :func:`register_layout`: a mask or labels
 written for the model's tree is then evaluated on the model's view and mapped onto the
-layout's leaves. This module imports only :mod:`optcompose.tree`.
-"""
+layout's leaves. This module imports only :mod:`optcompose.tree`."""
 
 from __future__ import annotations
 
@@ -22,8 +21,7 @@ import jax.numpy as jnp
 
 from optcompose.tree import first_difference
 
-# What ``import optcompose`` re-exports; the helpers below serve the transformations and
-# layouts (import them from optcompose.masks).
+# What ``import optcompose`` re-exports (the helpers below serve the transformations).
 __all__ = ["labels_from_fn", "labels_from_paths", "mask_from_paths"]
 
 
@@ -141,6 +139,8 @@ def per_leaf_values(values: Any, tree: Any, name: str, broadcast: Callable[[Any,
   itself). ``broadcast(values, target)`` expands a prefix and raises on a mismatch. Each
   layout node in ``tree`` gets its values through its registered ``spread``.
   """
+  if not jax.tree.leaves(tree):  # nothing to select: Optax's tree_map_params' stand-in
+    return tree
   view = _view(tree)
   if is_function_of_params(values):
     values = values(view)

@@ -44,7 +44,7 @@ from optcompose.core import current_hyperparams
 from optcompose.recipe.early_stopping import EarlyStoppingState
 from optcompose.wrappers.control import MultiStepsState
 from optcompose.wrappers.finite import ApplyIfFiniteState
-from optcompose.wrappers.diagnostics import DiagnosticsState, _python_scalar
+from optcompose.wrappers.diagnostics import LOGGED_AS, DiagnosticsState, _python_scalar
 from optcompose.wrappers.measures import leading_clip_norm
 
 # The keys metrics() may return, in this order.
@@ -74,6 +74,7 @@ _MEASURED = (
   "zero_fraction",
   "nonfinite",
 )
+FIELDS = {key: field for field, key in LOGGED_AS.items()}  # a key's DiagnosticsState field
 _FINITE_STATES = (ApplyIfFiniteState, optax.ApplyIfFiniteState)
 _THROUGH = (*_FINITE_STATES, MultiStepsState, optax.MultiStepsState)
 _ARRAY_LIKE = (jax.Array, np.ndarray, np.generic, numbers.Number)
@@ -195,14 +196,9 @@ def metrics(opt_state: Any) -> dict:
   first, out = _first_of_each_kind(opt_state), {}
   diagnostics = first.get(DiagnosticsState)
   if diagnostics is not None:
-    # learning_rate is None where the wrapper could not know it: the key is left out.
-    out.update(
-      {
-        name: _value(getattr(diagnostics, name))
-        for name in _MEASURED
-        if getattr(diagnostics, name) is not None
-      }
-    )
+    # A field is None where the wrapper could not know it (the learning rate): left out.
+    fields = {key: getattr(diagnostics, FIELDS.get(key, key)) for key in _MEASURED}
+    out.update({key: _value(field) for key, field in fields.items() if field is not None})
     out["step"] = _value(diagnostics.count)
   elif (norm := leading_clip_norm(opt_state, through=_THROUGH)) is not None:
     # Only a clip that comes first measured the gradients (a later one, other updates);

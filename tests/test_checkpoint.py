@@ -574,6 +574,17 @@ def test_wide_numpy_scalars_come_back_exactly(tmp_path):
     assert restored["loss"] == tree["loss"] and restored["loss"].dtype == np.float64
 
 
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16, jnp.float32])
+def test_a_python_float_is_rounded_to_a_narrow_float_template(tmp_path, dtype):
+  # bfloat16 is of NumPy kind "V": a saved Python float was refused for it ("a Python float
+  # in the checkpoint but an array of shape () and dtype bfloat16"), not for float16.
+  save_checkpoint(tmp_path / "c.msgpack", {"lr": 0.1})
+  save_orbax_checkpoint(tmp_path / "orbax", {"lr": 0.1})
+  for restore, where in ((restore_checkpoint, "c.msgpack"), (restore_orbax_checkpoint, "orbax")):
+    restored = restore(tmp_path / where, {"lr": jnp.zeros([], dtype)})["lr"]
+    assert restored.dtype == dtype and restored == jnp.asarray(0.1, dtype), where
+
+
 # ----------------------------------------------------------------------------------------
 # FlatParams restored from a checkpoint that records no layout.
 

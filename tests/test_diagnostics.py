@@ -107,11 +107,12 @@ def test_values_equal_independent_numpy_measurements(name, jit):
     np.testing.assert_allclose(float(state.update_norm), np_norm(u), rtol=1e-6)
     np.testing.assert_allclose(float(state.param_norm), np_norm(params), rtol=1e-6)
     np.testing.assert_allclose(float(state.update_ratio), np_norm(u) / np_norm(params), rtol=2e-6)
-    np.testing.assert_allclose(float(state.learning_rate), float(expected_lr(t)), rtol=1e-6)
+    np.testing.assert_allclose(float(state.used_learning_rate), float(expected_lr(t)), rtol=1e-6)
     np.testing.assert_allclose(float(state.zero_fraction), np_zero_fraction(params), rtol=1e-6)
     fractions.append(float(state.zero_fraction))
     assert int(state.nonfinite) == 0 and int(state.count) == t + 1
-    for field in MEASURED:
+    for key in MEASURED:
+      field = "used_learning_rate" if key == "learning_rate" else key
       value = getattr(state, field)
       assert value.shape == () and value.dtype == (
         jnp.int32 if field in ("count", "nonfinite") else jnp.float32
@@ -147,7 +148,7 @@ def test_every_k_measures_the_updates_numbered_0_k_2k_and_holds_them_between(jit
   for t, ((_, p, u, s), (_, p_k, u_k, s_k)) in enumerate(zip(every, sparse)):
     assert_same(jit, (p_k, u_k, s_k.inner_state), (p, u, s.inner_state))
     assert int(s_k.count) == t + 1
-    np.testing.assert_allclose(float(s_k.learning_rate), float(expected_lr(t)), rtol=1e-6)
+    np.testing.assert_allclose(float(s_k.used_learning_rate), float(expected_lr(t)), rtol=1e-6)
     measured_at = every[t - t % 3][3]
     for field in ("grad_norm", "update_norm", "param_norm", "update_ratio", "zero_fraction"):
       np.testing.assert_allclose(
@@ -170,9 +171,9 @@ def assert_same(jit, ours, ref):
 def test_init_state():
   params = initial_params()
   state = with_diagnostics(oc.adamw(schedule)).init(params)
-  assert float(state.learning_rate) == pytest.approx(float(schedule(0)))
+  assert float(state.used_learning_rate) == pytest.approx(float(schedule(0)))
   assert int(state.count) == 0 and float(state.grad_norm) == 0.0 and int(state.nonfinite) == 0
-  assert with_diagnostics(oc.adam(0.1)).init(params).learning_rate is None  # not known
+  assert with_diagnostics(oc.adam(0.1)).init(params).used_learning_rate is None  # not known
 
 
 def test_an_unknown_learning_rate_is_left_out_and_trips_no_debug_nans():
@@ -288,7 +289,7 @@ def test_update_ratio_is_safe_for_zero_params():
 )
 def test_learning_rate_matches_the_schedule_at_each_step(make, expected):
   for t, (*_, state) in enumerate(train(make(), steps=6)):
-    np.testing.assert_allclose(float(state.learning_rate), float(expected(t)), rtol=1e-6)
+    np.testing.assert_allclose(float(state.used_learning_rate), float(expected(t)), rtol=1e-6)
 
 
 def test_the_learning_rate_recorded_is_the_one_used_when_steps_are_skipped():
@@ -300,7 +301,7 @@ def test_the_learning_rate_recorded_is_the_one_used_when_steps_are_skipped():
   state, seen = tx.init(params), []
   for g in (1.0, jnp.nan, jnp.nan, 1.0, 1.0):
     _, state = jax.jit(tx.update)({"w": jnp.full(2, g)}, state, params)
-    seen.append(float(state.learning_rate))
+    seen.append(float(state.used_learning_rate))
   # the real updates used the schedule at 0, 1 and 2; skipped ones record the latest used
   np.testing.assert_allclose(seen, [0.1, 0.1, 0.1, 0.09, 0.08], rtol=1e-6)
 
@@ -517,7 +518,7 @@ def test_float0_gradients_of_masked_integer_leaves_are_measured_and_tested_as_ab
   reference = with_diagnostics(oc.adam(0.1), 0.1)
   _, state = jax.jit(diag.update)(grads(1.0), diag.init(params), params)
   _, expected = reference.update({"w": grads(1.0)["w"]}, reference.init(only_w), only_w)
-  for name in ("count", "grad_norm", "update_norm", "learning_rate", "nonfinite"):
+  for name in ("count", "grad_norm", "update_norm", "used_learning_rate", "nonfinite"):
     assert_ulps_close(getattr(state, name), getattr(expected, name), 2, what=name)
   # the parameters are measured whole, the integer leaf included
   np.testing.assert_allclose(state.param_norm, np.sqrt(3**2 + 4**2 + 7**2), rtol=1e-6)
@@ -535,3 +536,16 @@ def test_float0_gradients_of_masked_integer_leaves_are_measured_and_tested_as_ab
   new_params, state = jax.jit(lambda g, s, p: oc.step(skipping, g, s, p))(grads(1.0), state, params)
   assert bool(state.last_finite) and not np.array_equal(new_params["w"], params["w"])
   np.testing.assert_array_equal(new_params["i"], params["i"])
+
+
+@pytest.mark.parametrize("inject", [oc.inject_hyperparams, optax.inject_hyperparams])
+def test_optax_s_tree_set_of_the_learning_rate_reaches_the_update_through_the_wrapper(inject):
+  # The logged rate was a state field named learning_rate: Optax's tree_set set it (and
+  # not the hyperparameter, so the step kept lr 0.01), and tree_get found two values.
+  params, grads = {"w": jnp.ones((3, 2))}, {"w": jnp.ones((3, 2))}
+  tx = with_diagnostics(inject(optax.sgd)(learning_rate=1e-2))
+  state = optax.tree_utils.tree_set(tx.init(params), learning_rate=0.5)
+  assert float(optax.tree_utils.tree_get(state, "learning_rate")) == 0.5
+  updates, state = tx.update(grads, state, params)
+  np.testing.assert_allclose(updates["w"], -0.5)
+  assert diagnostics_dict(state)["learning_rate"] == 0.5  # logged under its usual name

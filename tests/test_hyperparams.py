@@ -743,3 +743,49 @@ def test_inject_hyperparams_takes_a_factory_whose_module_is_none():
   params = {"w": jnp.ones(3)}
   updates, _ = tx.update({"w": jnp.ones(3)}, tx.init(params), params)
   np.testing.assert_allclose(updates["w"], -0.1 * np.ones(3), rtol=1e-6)
+
+
+OPTAX_DEFAULTS = {  # Optax builders whose defaults some other builder's declaration refused
+  "lars": lambda m: m.lars(0.1),  # eps = 0
+  "polyak_sgd": lambda m: m.polyak_sgd(),  # eps = 0
+  "optimistic_gradient_descent": lambda m: m.optimistic_gradient_descent(0.1),  # beta = 1
+  "optimistic_adam_v2": lambda m: m.optimistic_adam_v2(0.1),  # beta = 1
+  "scale_by_sm3": lambda m: m.scale_by_sm3(),  # b2 = 1
+  "scale_by_trust_ratio": lambda m: m.scale_by_trust_ratio(),  # eps = 0
+  "lbfgs": lambda m: m.lbfgs(0.1),  # memory_size, an int: static as in ours
+  "adafactor": lambda m: m.adafactor(0.1),  # min_dim_size_to_factor, an int
+}
+
+
+@pytest.mark.parametrize("name", sorted(OPTAX_DEFAULTS))
+def test_inject_hyperparams_of_an_optax_builder_checks_it_as_ours_of_the_same_name(name):
+  # Checked by every declaration of each name, the strictest won: `eps` 0 is valid in
+  # lars, not in lamb; and an integer memory size reached optax.lbfgs as a float array.
+  build = OPTAX_DEFAULTS[name]
+  kwargs = {} if name.startswith(("scale_by", "polyak")) else {"learning_rate": 0.1}
+  with x64(), jax.numpy_dtype_promotion("standard"):  # Optax mixes int32 counts and floats
+    tx = oc.inject_hyperparams(getattr(optax, name))(**kwargs)  # was refused, or failed
+    params = {"w": jnp.linspace(-1.0, 1.0, 12, dtype=jnp.float64).reshape(4, 3)}
+    grads = {"w": jnp.linspace(0.5, -0.2, 12, dtype=jnp.float64).reshape(4, 3)}
+    extra = {"value": jnp.float64(1.0)} if name == "polyak_sgd" else {}
+    if name == "lbfgs":
+      extra = {"value": jnp.float64(1.0), "grad": grads, "value_fn": lambda p: jnp.float64(1.0)}
+    updates, _ = tx.update(grads, tx.init(params), params, **extra)
+    expected, _ = build(optax).update(grads, build(optax).init(params), params, **extra)
+  np.testing.assert_allclose(updates["w"], expected["w"], rtol=1e-12)
+
+
+def test_set_hyperparams_on_an_optax_state_accepts_what_some_builder_of_the_name_accepts():
+  # In a fresh process (no builder of ours recorded for these names) beta = 1.0 was refused
+  # by the strictest declaration of `beta`; accepted once an unrelated builder had run.
+  import subprocess
+  import sys
+
+  code = (
+    "import jax.numpy as jnp, optax, optcompose as oc\n"
+    "s = optax.inject_hyperparams(optax.optimistic_gradient_descent)(0.1).init(jnp.ones(3))\n"
+    "print(float(oc.current_hyperparams(oc.set_hyperparams(s, beta=1.0))['beta']))\n"
+    "try:\n  oc.set_hyperparams(s, beta=-1.0)\nexcept ValueError as e:\n  print('refused')\n"
+  )
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+  assert out.stdout.split() == ["1.0", "refused"], out.stderr[-2000:]

@@ -429,3 +429,35 @@ def test_an_elementwise_optax_transformation_declared_as_ours_runs_on_flat_param
       expected, expected_state = theirs.update(grads, expected_state, params)
   for key in params:
     np.testing.assert_allclose(updates[key], expected[key], rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+  "make",
+  [
+    lambda mask: oc.adamw(1e-2, mask=mask),
+    lambda mask: oc.chain(oc.adam(1e-2), oc.add_decayed_weights(0.1, mask)),
+    lambda mask: oc.sgd(0.1, momentum=0.9, l1=0.01, reg_mask=mask),
+    lambda mask: optax.chain(oc.adam(1e-2), oc.freeze(mask)),
+    lambda mask: oc.masked(oc.adam(1e-2), mask),
+    lambda mask: oc.partition({True: oc.adam(1e-2), False: oc.sgd(0.1, 0.9)}, mask),
+  ],
+  ids=["adamw", "add_decayed_weights", "sgd-l1", "freeze", "masked", "partition"],
+)
+def test_optax_s_tree_map_params_maps_the_states_of_tree_masked_transformations(make):
+  # Optax's tree_map_params calls init with a leafless stand-in for the parameters: a tree
+  # mask checked against it at init was "neither the parameter tree's structure nor a
+  # prefix of it", where Optax's own masked transformations map.
+  params = {"w": jnp.ones((3, 2)), "b": jnp.ones(2)}
+  mask = {"w": True, "b": False}
+  tx = make(mask)
+  state = tx.update(params, tx.init(params), params)[1]  # moments no longer 0
+  mapped = optax.tree_utils.tree_map_params(
+    tx, lambda p: jnp.full_like(p, 7.0), state, transform_non_params=lambda x: x
+  )
+  moments = [x for x in jax.tree.leaves(mapped) if np.shape(x) in ((3, 2), (2,))]
+  assert moments and all(np.all(np.asarray(x) == 7.0) for x in moments)
+  others = [x for x in jax.tree.leaves(mapped) if np.shape(x) not in ((3, 2), (2,))]
+  expected = [x for x in jax.tree.leaves(state) if np.shape(x) not in ((3, 2), (2,))]
+  assert len(others) == len(expected)
+  for a, b in zip(others, expected):
+    np.testing.assert_array_equal(a, b)

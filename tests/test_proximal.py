@@ -246,7 +246,7 @@ def test_a_scheduled_momentum_with_l1_logs_the_learning_rate_not_the_proximal_st
   )
   params = {"w": jnp.ones(3)}
   _, state = jax.jit(tx.update)({"w": jnp.ones(3)}, tx.init(params), params)
-  np.testing.assert_allclose(float(state.learning_rate), 0.1, rtol=1e-6)
+  np.testing.assert_allclose(float(state.used_learning_rate), 0.1, rtol=1e-6)
   held = oc.current_hyperparams(state)
   np.testing.assert_allclose(float(held["learning_rate"]), 0.1, rtol=1e-6)
   np.testing.assert_allclose(float(held["inner_state/2/learning_rate"]), 1.0, rtol=1e-6)

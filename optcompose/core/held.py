@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from optcompose import tree as otree
-from optcompose.core.validation import _SKIP_CHECKS, check_held, is_real_like
+from optcompose.core.validation import _SKIP_CHECKS, DECLARED, Hyper, _check_range, is_real_like
 
 # What builds the states holding a set of names, by that set and the kinds of state (the
 # NamedTuple types) the holder's inner state holds: ``validate(values)`` of the transformations
@@ -193,7 +193,8 @@ def set_hyperparams(state: Any, **values) -> Any:
   while it is the one such builder. In a state as a mapping of its fields, every builder of
   those names made in this process must accept the value. A state whose builder this
   process has not made (Optax's ``inject_hyperparams``, ``reduce_on_plateau``'s scale) is
-  checked by name, inside the range every builder declaring that name accepts. A value
+  checked by name, inside the range of some builder declaring that name (``eps=0`` is
+  valid in ``lars``, not in ``lamb``; the state cannot tell which it holds). A value
   traced under ``jax.jit`` or ``jax.vmap`` has no value to check: it is stored as given.
 
   Called on the host, it reads the values the holder keeps (the check builds with them), so
@@ -277,3 +278,29 @@ def set_hyperparams(state: Any, **values) -> Any:
     return _with_values(node, {**_held(node), **assignments[id(node)]})
 
   return otree.replace_nodes(state, holds_hyperparams, replace)
+
+
+def check_held(
+  key: str, name: str, value: Any, stored: jax.Array, fn: str = "set_hyperparams", by_name=True
+) -> None:
+  """Validate ``value``, given to set_hyperparams and ``stored`` in its holder's dtype: real,
+  finite, not flushed to 0, and inside ``by_name``: True (the builder holding it unknown),
+  some declaration of ``name`` (one name, other meanings: ``eps`` may be 0 in one builder,
+  not in another); a tuple of Hypers (the builder's), all of them."""
+  if isinstance(value, jax.core.Tracer) or isinstance(stored, jax.core.Tracer):
+    return  # a value traced under jit is checked when it is a number (not here: no host copy)
+  given, x, dtype = float(value), float(stored), stored.dtype
+  top = np.inf if given == np.inf else None  # inf given: the builder's checks decide (a clip)
+  hypers = (DECLARED.get(name, ()) if by_name is True else tuple(by_name or ())) or (
+    Hyper(("float",), None, top),
+  )
+  errors = []
+  for hyper in hypers:
+    try:
+      _check_range(fn, key, given, x, dtype, hyper.low, hyper.high, hyper.low_open, hyper.high_open)
+      if (hyper.integer or hyper.whole) and x != int(x):
+        raise ValueError(f"{fn}: `{key}` must be a whole number, got {given!r}.")
+    except ValueError as e:
+      errors.append(e)
+  if errors and (by_name is not True or len(errors) == len(hypers)):
+    raise errors[0]

@@ -39,6 +39,7 @@ from optcompose.core.base import (
 from optcompose.core.counting import safe_increment, zero_count
 from optcompose.core.eps_pair import check_not_both_zero  # noqa: F401  (re-exported)
 from optcompose.core.held import (  # noqa: F401  (re-exported)
+  check_held,
   current_hyperparams,
   holds_hyperparams,
   record_validator,
@@ -65,7 +66,6 @@ from optcompose.core.validation import (  # noqa: F401  (re-exported: the one pl
   UNUSABLE,
   Hyper,
   check_count,
-  check_held,
   check_hyperparameter,
   check_state_dtype,
   checks_done,

@@ -381,20 +381,3 @@ def declare(name: str, hyper: Hyper) -> None:
   """Record that some builder declares the numeric argument ``name`` as ``hyper``."""
   if hyper.numeric and hyper not in DECLARED.setdefault(name, []):  # once (a re-run cell)
     DECLARED[name].append(hyper)
-
-
-def check_held(
-  key: str, name: str, value: Any, stored: jax.Array, fn: str = "set_hyperparams", by_name=True
-) -> None:
-  """Validate ``value``, given to set_hyperparams and ``stored`` in its holder's dtype: real,
-  finite, not flushed to 0, and (``by_name``: where the builder holding it is not known)
-  inside every declaration of ``name`` (the strictest wins)."""
-  if isinstance(value, jax.core.Tracer) or isinstance(stored, jax.core.Tracer):
-    return  # a value traced under jit is checked when it is a number (not here: no host copy)
-  given, x, dtype = float(value), float(stored), stored.dtype
-  top = np.inf if given == np.inf else None  # inf given: the builder's checks decide (a clip)
-  hypers = (DECLARED.get(name, ()) if by_name else ()) or (Hyper(("float",), None, top),)
-  for hyper in hypers:
-    _check_range(fn, key, given, x, dtype, hyper.low, hyper.high, hyper.low_open, hyper.high_open)
-    if (hyper.integer or hyper.whole) and x != int(x):
-      raise ValueError(f"{fn}: `{key}` must be a whole number, got {given!r}.")

@@ -25,16 +25,15 @@ and ``inject_hyperparams``), the norm that clipping stored in its state is ``gra
 and the gradients are not reduced a second time. Anywhere else in the chain clipping sees
 other updates, so ``grad_norm`` is then computed from g.
 
-The learning rate in force: the first ``learning_rate`` recorded in a ``hyperparams`` dict
-inside ``inner``'s state (``inject_hyperparams``, Optax's ``inject_hyperparams``, or any
-optcompose optimizer built with a learning-rate *schedule*), which is the value ``inner``'s
-latest update used (inside ``apply_if_finite`` or ``multi_steps`` too, whose skipped steps
-and micro-steps move no schedule); otherwise, given ``learning_rate`` (a number or a
-schedule), its value at the wrapper's own step count (0 for the first update; that count
-includes skipped steps and micro-steps); otherwise the field is None (a constant learning
-rate, and Optax's schedules, are stored in no state: pass it to have it logged), and
-:func:`diagnostics_dict` and :func:`optcompose.metrics` leave the key out. Not a NaN
-marker: ``jax_debug_nans`` would report it at every step.
+The learning rate in force (``used_learning_rate``, logged as ``learning_rate``): the first
+``learning_rate`` recorded in a ``hyperparams`` dict inside ``inner``'s state (ours or
+Optax's ``inject_hyperparams``, or an optimizer of ours given a learning-rate *schedule*),
+the value ``inner``'s latest update used (inside ``apply_if_finite`` or ``multi_steps`` too,
+whose skipped steps and micro-steps move no schedule); otherwise, given ``learning_rate`` (a
+number or a schedule), its value at the wrapper's own step count (0 for the first update,
+skipped steps and micro-steps counted); otherwise None (a constant learning rate, and
+Optax's schedules, are stored in no state: pass it), and the logs leave the key out (a NaN
+marker would trip ``jax_debug_nans`` at every step).
 
 Where to wrap: around ``apply_if_finite`` (inside it, a skipped step is not measured at
 all: the wrapped state is kept as it was, ``count``, ``nonfinite`` and the norms stay those
@@ -42,9 +41,8 @@ of the latest finite step, so a log keyed on ``step`` writes that row again; onl
 ``skipped_steps`` shows it), and inside ``multi_steps``, ``MultiSteps(with_diagnostics(
 adamw(...)), k)``: the real steps are then measured, on the mean gradient (around it,
 ``grad_norm`` is one micro-batch's while a leading clip's norm is the mean's, and the
-micro-steps record ``update_norm`` 0).
-
-At ``init`` the measurements are 0 and ``learning_rate`` is the one of the first step.
+micro-steps record ``update_norm`` 0). At ``init`` the measurements are 0 and the learning
+rate is the first step's.
 
 Cost: the measurements read the gradients and the parameters once more, and run ``inner``
 a second time for the updates' norm (its results discarded), all inside one ``lax.cond``
@@ -130,6 +128,9 @@ ORDERED_SIZE = 1 << 14
 MEASURED = ("grad_norm", "update_norm", "param_norm", "update_ratio", "zero_fraction", "nonfinite")
 
 
+LOGGED_AS = {"used_learning_rate": "learning_rate"}  # fields logged under another name
+
+
 class DiagnosticsState(NamedTuple):
   """State of :func:`with_diagnostics`: the inner state and the latest measurements.
 
@@ -138,8 +139,9 @@ class DiagnosticsState(NamedTuple):
     count: int32, updates seen.
     grad_norm, update_norm, param_norm, update_ratio, zero_fraction: float32 scalars (see
       the module docstring).
-    learning_rate: a float32 scalar, or None where it is not known (see the module
-      docstring).
+    used_learning_rate: float32, the latest update's, or None if unknown; logged as
+      ``"learning_rate"`` (so named here, Optax's ``tree_set(state, learning_rate=...)``
+      would set it and not the hyperparameter the update uses).
     nonfinite: int32, non-finite entries of the latest incoming gradients.
   """
 
@@ -149,7 +151,7 @@ class DiagnosticsState(NamedTuple):
   update_norm: jax.Array
   param_norm: jax.Array
   update_ratio: jax.Array
-  learning_rate: Optional[jax.Array]
+  used_learning_rate: Optional[jax.Array]
   zero_fraction: jax.Array
   nonfinite: jax.Array
 
@@ -266,7 +268,7 @@ def with_diagnostics(
     return state._replace(
       inner_state=inner_state,
       count=safe_increment(state.count),
-      learning_rate=lr_in_force(state.count, inner_state),
+      used_learning_rate=lr_in_force(state.count, inner_state),
       **dict(zip(MEASURED, measured)),
     )
 
@@ -385,8 +387,9 @@ def diagnostics_dict(opt_state: Any) -> dict:
         continue
       bare = not claimed[0]
       claimed[0] = True
-      for name in DiagnosticsState._fields[1:]:  # may be wrapped (nnx.Optimizer's OptArray)
-        visit((name,) if bare else here + (name,), getattr(leaf, name))
+      for field in DiagnosticsState._fields[1:]:  # may be wrapped (nnx.Optimizer's OptArray)
+        name = LOGGED_AS.get(field, field)
+        visit((name,) if bare else here + (name,), getattr(leaf, field))
       visit(here + ("inner_state",), leaf.inner_state)
 
   visit((), opt_state)

@@ -24,11 +24,12 @@ from __future__ import annotations
 import functools
 import inspect
 import numbers
-from typing import Any, Callable, Iterable, Optional, Union
+from typing import Any, Callable, Iterable, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from optcompose.core import (
   DTYPE,
@@ -38,14 +39,9 @@ from optcompose.core import (
   public,
   rebuilt_each_step,
 )
-from optcompose.core.registry import mark_reads_final
-from optcompose.core.validation import (
-  TAKEN,
-  check_held,
-  check_usable,
-  is_real_like,
-  taken_by_schedule,
-)
+from optcompose.core.registry import REGISTRY, mark_reads_final
+from optcompose.core.held import check_held
+from optcompose.core.validation import TAKEN, check_usable, is_real_like, taken_by_schedule
 
 
 def _is_static_by_name(name: str) -> bool:
@@ -110,9 +106,11 @@ def inject_hyperparams(
       " (pass the factory itself, not a transformation built from it)."
     )
   static = {static_args} if isinstance(static_args, str) else set(static_args)
-  declared = set(getattr(inner_factory, "static_args", ()))  # our builders' integer arguments
   signature = inspect.signature(inner_factory)
   ours = (getattr(inner_factory, "__module__", None) or "").startswith("optcompose")
+  # Optax's factory: its arguments mean what those of our builder of the same name mean.
+  twin = _twin(inner_factory) if not ours and _optax_s(inner_factory) else None
+  declared = set(getattr(twin or inner_factory, "static_args", ()))  # integer arguments
   unknown = static - set(signature.parameters)
   if unknown:
     raise ValueError(
@@ -168,7 +166,7 @@ def inject_hyperparams(
     except Exception:  # a schedule's own error: init names it
       at_0 = None
     if not ours and _optax_s(inner_factory):  # Optax's: its values checked by name as ours
-      _by_name(who, hyperparam_dtype)(numeric)
+      _by_name(who, hyperparam_dtype, twin)(numeric)
     elif ours and at_0 is not None:
       _check_values_taken(inner_factory, fixed, numeric, schedules, at_0)
     tx = rebuilt_each_step(
@@ -177,10 +175,12 @@ def inject_hyperparams(
       schedules,
       who=who,
       dtype=hyperparam_dtype,
-      validate=_by_name(who, hyperparam_dtype) if not ours and _optax_s(inner_factory) else None,
+      validate=_by_name(who, hyperparam_dtype, twin)
+      if not ours and _optax_s(inner_factory)
+      else None,
     )
     ints = [n for n, v in numeric.items() if isinstance(v, numbers.Integral)]
-    if ints and not ours and not _optax_s(inner_factory):  # a count of the user's factory?
+    if ints and not ours:  # a count (of the user's factory, or an Optax one of no twin)?
       tx = _hinting(tx, who, ints)
     return mark_reads_final(tx, _built(inner_factory, fixed, numeric, at_0))
 
@@ -213,15 +213,36 @@ def _hinting(tx: GradientTransformation, who: str, ints: list) -> GradientTransf
   return GradientTransformation(hinted(tx.init), hinted(tx.update))
 
 
-def _by_name(who: str, dtype) -> Callable[[dict], None]:
-  """The check of values for Optax's factory, which checks none: each by the ranges our
-  builders declare for its name (Optax's names mean what ours do)."""
+def _by_name(who: str, dtype, twin: Any = None) -> Callable[[dict], None]:
+  """The check of values for Optax's factory, which checks none: each as ``twin``, our
+  builder of the same name, declares it; without one, inside some declaration of its name
+  by our builders (a name means other things in other builders)."""
 
   def validate(values: dict) -> None:
     for name, value in values.items():
-      check_held(name, name, value, jnp.asarray(value, dtype=dtype or default_float()), fn=who)
+      hyper = twin.hypers.get(name) if twin is not None else None
+      by_name = True if twin is None else (hyper,) if hyper is not None and hyper.numeric else ()
+      stored = jnp.asarray(value, dtype=dtype or default_float())
+      check_held(name, name, value, stored, fn=who, by_name=by_name)
 
   return validate
+
+
+def _twin(factory: Callable) -> Any:
+  """The registry's entry whose Optax counterpart is ``factory`` (its ``builder``, with
+  ``static_args``, and ``hypers``), or None."""
+  for entry in REGISTRY.values():
+    found: Any = optax if entry.optax else None
+    for part in (entry.optax or "").split("."):
+      found = getattr(found, part, None)
+    if found is not None and found is factory:
+      return _Twin(entry.builder.static_args, entry.hypers)
+  return None
+
+
+class _Twin(NamedTuple):
+  static_args: tuple
+  hypers: dict
 
 
 def _optax_s(factory: Callable) -> bool:
