@@ -166,7 +166,7 @@ def metrics(opt_state: Any) -> dict:
   ```
 
   (float*: the dtype the state holds, float32 unless x64 is enabled; a
-  ``DiagnosticsState``'s ``learning_rate`` is float32 always.) The measurements
+  ``DiagnosticsState``'s learning rate is float32 always.) The measurements
   (``grad_norm`` to ``step``) are those of :func:`optcompose.with_diagnostics`: wrap the
   optimizer in it to have them. A constant learning rate is stored in no state: pass it to
   ``with_diagnostics`` or build the optimizer under ``inject_hyperparams``. The keys depend

@@ -351,9 +351,10 @@ def update_moment_per_elem_norm(updates, moments, decay, order):
 
 
 def bias_correction_denominator(decay, count) -> jax.Array:
-  """``1 - decay**count``, in float32 or wider (``decay**count`` rounds to 1 in bfloat16)."""
+  """``1 - decay**count`` in float32 or wider (bfloat16 rounds it to 0), float64 under x64
+  (a float32 decay's reciprocal, rounded, put Adam's float64 first step 4e-8 past lr)."""
   decay = jnp.asarray(decay)
-  wide = promote_types(decay.dtype, jnp.float32)
+  wide = promote_types(promote_types(decay.dtype, jnp.float32), jnp.asarray(1.0).dtype)
   return 1 - decay.astype(wide) ** jnp.asarray(count).astype(wide)
 
 

@@ -151,3 +151,29 @@ def test_float16_zero_gradients_give_finite_zero_updates(tx):
     u, state = tx.update({"w": jnp.zeros(3, jnp.float16)}, state, params)
     assert u["w"].dtype == jnp.float16
     np.testing.assert_array_equal(np.asarray(u["w"], np.float32), 0.0)
+
+
+@pytest.mark.parametrize("given", ["numpy-float32", "hyperparam_dtype"])
+def test_float32_betas_beside_float64_parameters_are_debiased_in_float64(given):
+  # 1 / (1 - b^t) was computed and rounded in the decay's float32: Adam's float64 first
+  # step came out 4e-8 past the learning rate, which the formula cannot give.
+  b1, b2, lr, eps = np.float32(0.9), np.float32(0.999), 0.1, 1e-8
+  with x64():
+    w = jnp.array([1.0, -2.0, 0.5, 3.0])
+    if given == "numpy-float32":
+      tx = oc.adam(lr, b1=b1, b2=b2, eps=eps)
+    else:
+      hyper = oc.inject_hyperparams(oc.adam, hyperparam_dtype=jnp.float32)
+      tx = hyper(learning_rate=lr, b1=float(b1), b2=float(b2), eps=eps)
+      lr, eps = float(np.float32(lr)), float(np.float32(eps))  # held as float32 too
+    state = tx.init(w)
+    m = v = np.zeros(4)
+    for t in range(1, 6):
+      g = np.asarray(w) * t - 1.0
+      updates, state = tx.update(jnp.asarray(g), state, w)
+      m = float(b1) * m + (1 - float(b1)) * g
+      v = float(b2) * v + (1 - float(b2)) * g * g
+      m_hat, v_hat = m / (1 - float(b1) ** t), v / (1 - float(b2) ** t)
+      np.testing.assert_allclose(updates, -lr * m_hat / (np.sqrt(v_hat) + eps), rtol=1e-13)
+      if t == 1:  # m_hat = g and v_hat = g^2: the step is below lr
+        assert np.all(np.abs(np.asarray(updates)) <= lr)
