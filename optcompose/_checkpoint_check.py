@@ -118,13 +118,24 @@ def _namer(tree: Any):
   return name
 
 
+_PADDING = (
+  " (a FlatParams bucket: its length includes the zeros that pad it to `pad_to`; was the "
+  "state saved with another pad_to, for another device count? Build the template with the "
+  "saved one: docs/guides/checkpoints-at-scale.md, 'Another device count')"
+)
+
+
 def _mismatches(
   saved: dict, target: Any, theirs: str = "the checkpoint", ours: str = "`target`"
 ) -> list:
   """Every difference between the saved leaves and ``target``'s, in ``target``'s order
   (``theirs`` and ``ours`` name the two in the messages)."""
+  from optcompose.flat import FlatParams  # flat imports no checkpoint module
+
   saved_prefixes = {p[:i] for p in saved for i in range(len(p))}
   problems, target_paths = [], set()
+  nodes = jax.tree_util.tree_flatten_with_path(target, is_leaf=lambda x: isinstance(x, FlatParams))
+  flat = [tuple(map(otree.key_name, kp)) for kp, x in nodes[0] if isinstance(x, FlatParams)]
   for key_path, leaf in jax.tree_util.tree_flatten_with_path(target)[0]:
     path = tuple(otree.key_name(k) for k in key_path)
     target_paths.add(path)
@@ -151,7 +162,11 @@ def _mismatches(
       if want.python is not got.python:
         problems.append(f"{name} is {got.describe()} in {theirs} but {want.describe()} in {ours}")
     elif got.shape != want.shape:
-      problems.append(f"{name} has shape {got.shape} in {theirs} but {want.shape} in {ours}")
+      bucket = any(path[: len(f)] == f for f in flat) and len(got.shape) == len(want.shape) == 1
+      problems.append(
+        f"{name} has shape {got.shape} in {theirs} but {want.shape} in {ours}"
+        + (_PADDING if bucket and ours == "`target`" else "")
+      )
     elif got.dtype != want.dtype:
       cast = " (nothing is cast: build the template with the saved dtype)"
       if {got.dtype.itemsize, want.dtype.itemsize} == {4, 8} and got.dtype.kind == want.dtype.kind:
@@ -219,7 +234,7 @@ def _like(value: Any, template: Any) -> Any:
   if isinstance(template, (jax.Array, jax.ShapeDtypeStruct)):
     if isinstance(value, jax.Array):  # Orbax placed it as the template asked
       return value
-    sharding = getattr(template, "sharding", None)
+    sharding = concrete(getattr(template, "sharding", None))
     dtype = template.dtype if isinstance(value, _PYTHON_SCALARS) else None  # Flax's step 0
     return jax.device_put(np.asarray(value, dtype), sharding)  # sharding None: default device
   number = isinstance(value, _PYTHON_SCALARS) and not isinstance(value, np.generic)
@@ -234,6 +249,22 @@ def _like(value: Any, template: Any) -> Any:
   return value  # a Python value
 
 
+def concrete(sharding: Any) -> Any:
+  """``sharding``, a NamedSharding on an abstract mesh (``jax.eval_shape``'s on explicit axes)
+  made one on the mesh of ``jax.set_mesh`` (a placement needs devices)."""
+  mesh, abstract = getattr(sharding, "mesh", None), getattr(jax.sharding, "AbstractMesh", ())
+  if not isinstance(mesh, abstract):
+    return sharding
+  current = getattr(jax.sharding, "get_mesh", lambda: None)()  # JAX 0.7 and later
+  if current is None or getattr(current, "abstract_mesh", None) != mesh:
+    raise ValueError(
+      f"restoring: a template leaf is placed on an abstract mesh ({mesh}), as jax.eval_shape "
+      "places it on explicit axes, and no mesh of those axes is set: restore inside "
+      "`with jax.set_mesh(mesh):`, or give the leaf NamedSharding(mesh, spec)."
+    )
+  return jax.sharding.NamedSharding(current, sharding.spec, memory_kind=sharding.memory_kind)
+
+
 def _abstract(leaf: Any, saved: Any) -> Any:
   """The restore request Orbax expects for a template leaf (``saved``: its metadata)."""
   if (number := _spec(saved).python) is not None and not isinstance(leaf, _PYTHON_SCALARS):
@@ -241,7 +272,7 @@ def _abstract(leaf: Any, saved: Any) -> Any:
   if isinstance(leaf, _PYTHON_SCALARS) and _spec(saved).python is None:
     return jax.ShapeDtypeStruct((), saved.dtype)  # a 0-d array saved for a Python number
   if isinstance(leaf, jax.ShapeDtypeStruct):
-    return leaf
+    return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=concrete(leaf.sharding))
   if isinstance(leaf, jax.Array):
     return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf.sharding)
   if isinstance(leaf, (np.ndarray, np.generic)):
@@ -257,9 +288,12 @@ CHECKSUM = "crc32"  # zlib.crc32 of a leaf's dtype, shape and bytes (the name is
 
 
 def _digest(value: Any) -> Optional[int]:
-  """The checksum of a leaf; None for an array sharded across processes (no host holds it)."""
+  """The checksum of a leaf; None for an array sharded across processes (no host holds it;
+  a replicated one is summed from this process' copy)."""
   if isinstance(value, jax.Array) and not value.is_fully_addressable:
-    return None
+    if not value.is_fully_replicated:
+      return None
+    value = value.addressable_data(0)
   if isinstance(value, jax.Array) and jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key):
     value = jax.random.key_data(value)  # a typed PRNG key (an NNX model's Rngs): its bits
   array = np.ascontiguousarray(np.asarray(value))  # Python numbers: NumPy's default dtypes

@@ -177,3 +177,16 @@ def test_float32_betas_beside_float64_parameters_are_debiased_in_float64(given):
       np.testing.assert_allclose(updates, -lr * m_hat / (np.sqrt(v_hat) + eps), rtol=1e-13)
       if t == 1:  # m_hat = g and v_hat = g^2: the step is below lr
         assert np.all(np.abs(np.asarray(updates)) <= lr)
+
+
+def test_radam_with_b2_held_as_a_float32_array_is_rectified_as_with_a_python_b2():
+  # rho_inf - 2 / log(1 / b2) cancels in float32 for an array b2 (1999 - 1998.9998 at
+  # 0.999): injected, RAdam's first rectified updates were 194 epsilons from oc.radam's.
+  w = jnp.array([1.0, -2.0, 0.5, 3.0])
+  plain, injected = oc.radam(0.1), oc.inject_hyperparams(oc.radam)(learning_rate=0.1)
+  a, b = plain.init(w), injected.init(w)
+  for t in range(1, 11):
+    g = w * t - 1.0
+    ua, a = plain.update(g, a, w)
+    ub, b = injected.update(g, b, w)
+    np.testing.assert_allclose(ub, ua, rtol=8 * np.finfo(np.float32).eps, err_msg=f"step {t}")

@@ -583,6 +583,12 @@ def test_a_python_float_is_rounded_to_a_narrow_float_template(tmp_path, dtype):
   for restore, where in ((restore_checkpoint, "c.msgpack"), (restore_orbax_checkpoint, "orbax")):
     restored = restore(tmp_path / where, {"lr": jnp.zeros([], dtype)})["lr"]
     assert restored.dtype == dtype and restored == jnp.asarray(0.1, dtype), where
+  big = {jnp.float16: 1e5, jnp.bfloat16: 1e39, jnp.float32: 1e39}[dtype]  # overflows it
+  save_checkpoint(tmp_path / "big.msgpack", {"lr": big})
+  save_orbax_checkpoint(tmp_path / "big", {"lr": big})
+  for restore, where in ((restore_checkpoint, "big.msgpack"), (restore_orbax_checkpoint, "big")):
+    with pytest.raises(CheckpointMismatchError, match="would become inf"):
+      restore(tmp_path / where, {"lr": jnp.zeros([], dtype)})
 
 
 # ----------------------------------------------------------------------------------------
@@ -724,3 +730,15 @@ def test_reading_part_of_a_checkpoint_as_the_guide_shows(tmp_path):
   # A template with more than the checkpoint holds still gets the Optax hint.
   with pytest.raises(CheckpointMismatchError, match="from_optax_state"):
     restore_checkpoint(path, {"params": params, "opt_state": oc.adamw(1e-3).init(params), "x": 1})
+
+
+def test_a_flat_state_saved_with_another_pad_to_is_named_as_such(tmp_path):
+  # A resume on another device count (pad_to=8 -> 3) said only that the shapes differ.
+  params = {"w": jnp.ones((7, 9)), "b": jnp.zeros(10)}
+  state = oc.flat_optimizer(oc.adamw(1e-3), pad_to=8).init(params)
+  template = oc.flat_optimizer(oc.adamw(1e-3), pad_to=3).init(params)
+  save_checkpoint(tmp_path / "c.msgpack", state)
+  save_orbax_checkpoint(tmp_path / "orbax", state)
+  for restore, where in ((restore_checkpoint, "c.msgpack"), (restore_orbax_checkpoint, "orbax")):
+    with pytest.raises(CheckpointMismatchError, match=r"\(80,\).*\(75,\).*pad it to `pad_to`"):
+      restore(tmp_path / where, template)

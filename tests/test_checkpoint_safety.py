@@ -579,7 +579,7 @@ def test_damaged_orbax_array_metadata_is_a_corrupt_checkpoint(tmp_path, damage):
   if not file.exists():
     pytest.skip("this Orbax writes no per-array metadata file")
   data = bytearray(file.read_bytes())
-  if damage == '"array_metadata"':  # a letter of the key: '"arrae_metadata"', still JSON
+  if damage == '"array_metadata"':  # a letter of the key: '"array[metadata"', still JSON
     data[data.find(damage.encode()) + 6] ^= 0x04
   else:
     data[0 if damage == "first-byte" else data.find(damage.encode())] ^= (

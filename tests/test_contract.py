@@ -437,3 +437,13 @@ def test_learning_rate_none_is_optax_s_unscaled_direction(name):
     oc.fromage(None)  # it scales its weight decay by the learning rate: required
   with pytest.raises(TypeError, match="sm3: `learning_rate` expected a number"):
     oc.sm3(None)  # Optax's refuses it
+
+
+def test_injected_hyperparameters_hold_buffers_of_their_own():
+  # The caller's array was kept: given for b1 and b2 it was one buffer twice ("Attempt to
+  # donate the same buffer twice"); given once, a donating step deleted the caller's array.
+  b, lr = jnp.float32(0.9), jnp.float32(0.1)
+  state = oc.inject_hyperparams(oc.adam)(learning_rate=lr, b1=b, b2=b).init({"w": jnp.ones(3)})
+  mine = _buffers(state)
+  assert len(set(mine)) == len(mine)
+  assert not {b.unsafe_buffer_pointer(), lr.unsafe_buffer_pointer()} & set(mine)

@@ -752,15 +752,13 @@ OPTAX_DEFAULTS = {  # Optax builders whose defaults some other builder's declara
   "optimistic_adam_v2": lambda m: m.optimistic_adam_v2(0.1),  # beta = 1
   "scale_by_sm3": lambda m: m.scale_by_sm3(),  # b2 = 1
   "scale_by_trust_ratio": lambda m: m.scale_by_trust_ratio(),  # eps = 0
-  "lbfgs": lambda m: m.lbfgs(0.1),  # memory_size, an int: static as in ours
-  "adafactor": lambda m: m.adafactor(0.1),  # min_dim_size_to_factor, an int
 }
 
 
 @pytest.mark.parametrize("name", sorted(OPTAX_DEFAULTS))
 def test_inject_hyperparams_of_an_optax_builder_checks_it_as_ours_of_the_same_name(name):
   # Checked by every declaration of each name, the strictest won: `eps` 0 is valid in
-  # lars, not in lamb; and an integer memory size reached optax.lbfgs as a float array.
+  # lars, not in lamb.
   build = OPTAX_DEFAULTS[name]
   kwargs = {} if name.startswith(("scale_by", "polyak")) else {"learning_rate": 0.1}
   with x64(), jax.numpy_dtype_promotion("standard"):  # Optax mixes int32 counts and floats
@@ -768,8 +766,6 @@ def test_inject_hyperparams_of_an_optax_builder_checks_it_as_ours_of_the_same_na
     params = {"w": jnp.linspace(-1.0, 1.0, 12, dtype=jnp.float64).reshape(4, 3)}
     grads = {"w": jnp.linspace(0.5, -0.2, 12, dtype=jnp.float64).reshape(4, 3)}
     extra = {"value": jnp.float64(1.0)} if name == "polyak_sgd" else {}
-    if name == "lbfgs":
-      extra = {"value": jnp.float64(1.0), "grad": grads, "value_fn": lambda p: jnp.float64(1.0)}
     updates, _ = tx.update(grads, tx.init(params), params, **extra)
     expected, _ = build(optax).update(grads, build(optax).init(params), params, **extra)
   np.testing.assert_allclose(updates["w"], expected["w"], rtol=1e-12)
@@ -789,3 +785,13 @@ def test_set_hyperparams_on_an_optax_state_accepts_what_some_builder_of_the_name
   )
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
   assert out.stdout.split() == ["1.0", "refused"], out.stderr[-2000:]
+
+
+def test_an_integer_argument_of_an_optax_builder_reaching_a_shape_is_named_with_the_remedy():
+  # Held as a float array as in Optax's inject_hyperparams, optax.lbfgs' memory_size made a
+  # shape error naming no argument.
+  params = {"w": jnp.ones(3)}
+  with pytest.raises(TypeError, match=r"`memory_size`.*static_args=\('memory_size',\)"):
+    oc.inject_hyperparams(optax.lbfgs)(learning_rate=0.1).init(params)
+  tx = oc.inject_hyperparams(optax.lbfgs, static_args="memory_size")(learning_rate=0.1)
+  assert "memory_size" not in tx.init(params).hyperparams

@@ -11,6 +11,8 @@ connect (no local port, no CPU collectives), the test is skipped with the reason
 
 from __future__ import annotations
 
+import json
+
 import os
 import pathlib
 import socket
@@ -117,6 +119,11 @@ def test_two_processes_train_sharded_and_checkpoint_like_one(tmp_path):
     ), output[-4000:]
 
   assert (out / "listing.txt").read_text().split() == ["ckpt"]  # no leftovers of the swaps
+  # Checksums: of every leaf no host holds whole, none; of the replicated step count, one
+  # (summed from a process' own copy: it had none, as no leaf of a two-process run had).
+  sidecar = json.loads((shared / "ckpt" / "optcompose_checkpoint.json").read_text())
+  sums = {tuple(path): digest for path, digest in sidecar["leaves"]}
+  assert sums[("step",)] is not None and None in sums.values(), sums
   for steps, name in ((worker.STEPS, "step5.npz"), (worker.STEPS + 1, "step6.npz")):
     with np.load(out / name) as saved:
       got = dict(saved)

@@ -553,3 +553,38 @@ def test_small_leaves_are_joined_for_their_measures_on_one_device_only(monkeypat
   assert [x.shape for x in measures.grouped(leaves)] == [(3,), (2, 2), (1 << 14,)]
   monkeypatch.setattr(measures, "_one_device", lambda: True)
   assert [x.shape for x in measures.grouped(leaves)] == [(1 << 14,), (7,)]
+
+
+def test_an_eval_shape_template_on_explicit_axes_restores_inside_set_mesh(tmp_path):
+  # jax.eval_shape places the template's structs on an abstract mesh on explicit axes (the
+  # checkpoints guide's template, the many-hosts guide's with zero1_state_shardings): both
+  # restores failed inside JAX ("is_fully_addressable is not implemented for AbstractMesh").
+  from optcompose.checkpoint import (
+    restore_checkpoint,
+    restore_orbax_checkpoint,
+    save_checkpoint,
+    save_orbax_checkpoint,
+  )
+
+  if not hasattr(jax.sharding, "get_mesh"):
+    pytest.skip("this JAX has no jax.sharding.get_mesh")
+  mesh = cpu_mesh(AxisType.Explicit)
+  tx = oc.adamw(1e-3)
+  with set_mesh(mesh):
+    params = jax.device_put({"w": jnp.ones((8, 16))}, NamedSharding(mesh, P()))
+    place = oc.sharding.zero1_state_shardings(tx, params, "data")
+    state = jax.jit(tx.init, out_shardings=place)(params)
+    save_checkpoint(tmp_path / "c.msgpack", state)
+    save_orbax_checkpoint(tmp_path / "orbax", state)
+    abstract = jax.eval_shape(tx.init, params)
+    zplace = oc.sharding.zero1_state_shardings(tx, jax.eval_shape(lambda: params), "data")
+    template = jax.tree.map(
+      lambda s, p: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=p), abstract, zplace
+    )
+    for restore, where in ((restore_checkpoint, "c.msgpack"), (restore_orbax_checkpoint, "orbax")):
+      restored = restore(tmp_path / where, template)
+      for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
+        assert got.sharding.is_equivalent_to(want.sharding, got.ndim), where
+        np.testing.assert_array_equal(got, want)
+  with pytest.raises(ValueError, match=r"abstract mesh .*jax.set_mesh"):
+    restore_checkpoint(tmp_path / "c.msgpack", template)

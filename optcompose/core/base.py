@@ -177,20 +177,23 @@ def as_transformation(
     return t
   init, update = getattr(t, "init", None), getattr(t, "update", None)
   if not (callable(init) and callable(update)):
-    where = (
-      "the inner transformation"
-      if position is None
-      else f"`{position}`"
-      if isinstance(position, str)
-      else f"argument {position}"
-    )
     raise TypeError(
-      f"{who}: {where} is {type(t).__name__}, not a gradient transformation (an object "
+      f"{who}: {_where(position)} is {type(t).__name__}, not a gradient transformation (an object "
       "with callable `init` and `update`)."
     )
   update = update if _takes_extra(update) else _DroppingExtra(update)
-  what = f"{type(t).__module__.partition('.')[0]}'s {type(t).__name__}"
-  return GradientTransformation(_Foreign(init, who, what), _Foreign(update, who, what))
+  if (type(t).__module__ or "").partition(".")[0] == "optcompose":  # ours (MultiSteps)
+    return GradientTransformation(init, update)
+  what = f"{_where(position)} ({type(t).__module__.partition('.')[0]}'s {type(t).__name__})"
+  return GradientTransformation(
+    _Foreign(init, who, what, None), _Foreign(update, who, what, state_at=1)
+  )
+
+
+def _where(position: Any) -> str:
+  if position is None:
+    return "the inner transformation"
+  return f"`{position}`" if isinstance(position, str) else f"argument {position}"
 
 
 def with_extra_args_support(tx: Any) -> GradientTransformation:

@@ -3,8 +3,9 @@ it takes them, and an ``update`` that takes none as one that does."""
 
 from __future__ import annotations
 
+import functools
 import inspect
-from typing import Callable
+from typing import Callable, Optional
 
 import jax
 
@@ -62,21 +63,23 @@ class _DroppingExtra:
 
 class _Foreign:
   """Another library's ``init`` or ``update`` (an Optax transformation's), refusing a
-  layout node such as FlatParams in its first argument or ``params``: it does not know that
-  a bucket holds many of the model's leaves, so a norm, trust ratio or factored moment per
-  leaf, or a mask callable, would be computed per bucket, silently. It pickles and compares
-  as the function does, and keeps its attributes."""
+  layout node such as FlatParams among its arguments other than the state: it does not know
+  that a bucket holds many of the model's leaves, so a norm, trust ratio or factored moment
+  per leaf, or a mask callable, would be computed per bucket, silently. It keeps the
+  function's signature (``jax.jit``'s ``donate_argnames``, keyword calls) and attributes,
+  and pickles and compares as the function does."""
 
-  def __init__(self, fn: Callable, who: str, what: str):
-    self.__dict__.update(getattr(fn, "__dict__", {}))
-    self.foreign, self.who, self.what = fn, who, what
+  def __init__(self, fn: Callable, who: str, what: str, state_at: Optional[int]):
+    functools.update_wrapper(self, fn)  # __wrapped__: inspect.signature reads fn's
+    self.foreign, self.who, self.what, self.state_at = fn, who, what, state_at
 
-  def __call__(self, tree, *args, **kwargs):
+  def __call__(self, *args, **kwargs):
     from optcompose.masks import _has_layout, _hooks, _is_layout  # masks imports no core
 
-    params = kwargs.get("params", args[1] if len(args) > 1 else None)
-    for x in (tree, params):
-      if x is not None and _has_layout(x):
+    given = [x for i, x in enumerate(args) if i != self.state_at]
+    given += [x for k, x in kwargs.items() if k != "state"]
+    for x in given:
+      if _has_layout(x):
         kind = next(_hooks(y).name for y in jax.tree.leaves(x, is_leaf=_is_layout) if _is_layout(y))
         raise TypeError(
           f"{self.who}: {self.what} is not optcompose's, and it was given {kind} (buckets "
@@ -87,7 +90,7 @@ class _Foreign:
           "buckets), or, for an elementwise transformation of your own, declare it as one: "
           "optcompose.GradientTransformation(tx.init, tx.update)."
         )
-    return self.foreign(tree, *args, **kwargs)
+    return self.foreign(*args, **kwargs)
 
   def __eq__(self, other):
     return isinstance(other, _Foreign) and other.foreign == self.foreign

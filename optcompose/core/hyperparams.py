@@ -210,6 +210,9 @@ def rebuilt_each_step(
       check(values)
     inner_state = as_transformation(build(values), who).init(params)
     record_validator(set(live) | set(schedules), inner_state, check)
+    # A buffer each, none the caller's (an array given for two names, or for one: a step
+    # donating the state is refused a buffer twice, or deletes the caller's array).
+    used = {n: jnp.array(v, copy=True) for n, v in used.items()}
     return InjectHyperparamsState(count, used, inner_state)
 
   def update(updates, state, params=None, **extra):

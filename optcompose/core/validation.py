@@ -3,7 +3,7 @@ values that live in the state, and :mod:`.registry` for the declarations).
 
 Every check is written here once: :func:`check_hyperparameter` (a range, on the value in the
 dtype it is used in), :func:`check_state_dtype`, and :class:`Hyper`, what each builder
-declares per argument. :func:`check_held` runs the same checks on a value given to
+declares per argument. :func:`.held.check_held` runs the same checks on a value given to
 ``set_hyperparams``; :mod:`.eps_pair` checks ``eps`` with ``eps_root``.
 """
 

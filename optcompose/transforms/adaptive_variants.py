@@ -80,11 +80,14 @@ def radam_rectification(b2, count, threshold):
   # form (rho_t > 300). Optax's `b2 ** t` subtracts a rounded b2^t from 1: in float32 its
   # rho_6 is 5.955 eagerly, 5.975 jitted (true 5.994), and its r_6 1.2% low eagerly.
   rho_inf = 2.0 / (1.0 - b2) - 1.0
-  wide = otree.promote_types(jnp.result_type(b2), jnp.float32)
+  wide = otree.promote_types(jnp.result_type(b2), jnp.asarray(1.0).dtype)  # f64 under x64
   t = jnp.asarray(count).astype(wide)
   python = isinstance(b2, (int, float)) and 0 < b2 < 1
   log_b2 = -math.log(b2) if python else -jnp.log(jnp.asarray(b2, wide))
-  offset = rho_inf - 2.0 / log_b2
+  offset = rho_inf - 2.0 / log_b2  # Python floats for a Python b2; else it cancels (b2 =
+  if not python:  # 0.999: 1999 - 1998.9998 in float32), so its series in e = 1 - b2 (Gregory's
+    e = 1 - jnp.asarray(b2, wide)  # coefficients) where e < 0.01 (next term below 1e-9 of it)
+    offset = jnp.where(e < 0.01, e * (1 / 6 + e * (1 / 12 + e * (19 / 360 + e * 3 / 80))), offset)
   x = t * log_b2
   small = jnp.minimum(x, 0.5)  # each branch finite, and its gradient, whichever is taken
   x2 = small * small

@@ -108,9 +108,9 @@ def inject_hyperparams(
   static = {static_args} if isinstance(static_args, str) else set(static_args)
   signature = inspect.signature(inner_factory)
   ours = (getattr(inner_factory, "__module__", None) or "").startswith("optcompose")
-  # Optax's factory: its arguments mean what those of our builder of the same name mean.
+  declared = set(getattr(inner_factory, "static_args", ()))  # our builders' integer arguments
+  # Optax's factory: its values are checked as our builder of the same name declares them.
   twin = _twin(inner_factory) if not ours and _optax_s(inner_factory) else None
-  declared = set(getattr(twin or inner_factory, "static_args", ()))  # integer arguments
   unknown = static - set(signature.parameters)
   if unknown:
     raise ValueError(
@@ -229,19 +229,18 @@ def _by_name(who: str, dtype, twin: Any = None) -> Callable[[dict], None]:
 
 
 def _twin(factory: Callable) -> Any:
-  """The registry's entry whose Optax counterpart is ``factory`` (its ``builder``, with
-  ``static_args``, and ``hypers``), or None."""
+  """The declarations (``hypers``) of our builder whose Optax counterpart is ``factory``, or
+  None."""
   for entry in REGISTRY.values():
     found: Any = optax if entry.optax else None
     for part in (entry.optax or "").split("."):
       found = getattr(found, part, None)
     if found is not None and found is factory:
-      return _Twin(entry.builder.static_args, entry.hypers)
+      return _Twin(entry.hypers)
   return None
 
 
 class _Twin(NamedTuple):
-  static_args: tuple
   hypers: dict
 
 
