@@ -350,11 +350,11 @@ def update_moment_per_elem_norm(updates, moments, decay, order):
   return _map_updates(lambda g, m: moment_leaf(power(g), m, decay), updates, moments)
 
 
-def bias_correction_denominator(decay, count) -> jax.Array:
-  """``1 - decay**count`` in float32 or wider (bfloat16 rounds it to 0), float64 under x64
-  (a float32 decay's reciprocal, rounded, put Adam's float64 first step 4e-8 past lr)."""
+def bias_correction_denominator(decay, count, at_least=jnp.float32) -> jax.Array:
+  """``1 - decay**count`` in ``decay``'s dtype, and at least ``at_least`` (float32 by default:
+  bfloat16 rounds it to 0; :func:`bias_correction` keeps Optax's rounding so)."""
   decay = jnp.asarray(decay)
-  wide = promote_types(promote_types(decay.dtype, jnp.float32), jnp.asarray(1.0).dtype)
+  wide = promote_types(decay.dtype, at_least)
   return 1 - decay.astype(wide) ** jnp.asarray(count).astype(wide)
 
 

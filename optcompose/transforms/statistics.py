@@ -46,8 +46,10 @@ def second_moment_ema_leaf(beta, v, sq):
 
 
 def debias_factor(beta, count):
-  """``1 / (1 - beta^count)``, computed in float32 or wider (beta^t rounds to 1 in bfloat16)."""
-  return 1 / otree.bias_correction_denominator(beta, count)
+  """``1 / (1 - beta^count)``, computed in float32 or wider (beta^t rounds to 1 in bfloat16),
+  float64 under x64 (a float32 beta's reciprocal, rounded in float32, put Adam's float64
+  first step 4e-8 past the learning rate)."""
+  return 1 / otree.bias_correction_denominator(beta, count, jnp.asarray(1.0).dtype)
 
 
 def debias_leaf(m, factor):
