@@ -49,6 +49,12 @@ class _Spec(NamedTuple):
 
 _PYTHON_SCALARS = (bool, int, float, complex, str, bytes)
 _KIND_OF_PYTHON = {bool: "b", int: "iu", float: "f", complex: "c"}
+_DTYPES_OF_PYTHON = {
+  bool: np.bool_,
+  int: np.integer,
+  float: np.floating,
+  complex: np.complexfloating,
+}
 
 
 def _is_orbax_scalar(leaf: Any) -> bool:
@@ -221,11 +227,12 @@ def _check(fn: str, where: Optional[PathLike], saved: dict, target: Any) -> None
 
 def _number_and_scalar(number: Any, array: Any) -> bool:
   """A Python number's spec and a 0-d array's of its kind (Flax's ``TrainState`` step: 0)."""
-  kinds = _KIND_OF_PYTHON.get(number.python, "")
-  if array.python is not None or array.shape != ():
-    return False  # bfloat16 and float8 are of NumPy kind "V": a float nonetheless
-  return array.dtype.kind in kinds or (
-    number.python is float and jax.dtypes.issubdtype(array.dtype, np.floating)
+  kind = _DTYPES_OF_PYTHON.get(number.python)  # issubdtype: bfloat16 is of NumPy kind "V"
+  return (
+    kind is not None
+    and array.python is None
+    and array.shape == ()
+    and (jax.dtypes.issubdtype(array.dtype, kind))
   )
 
 

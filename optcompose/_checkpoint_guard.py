@@ -281,7 +281,7 @@ def number_fits(fn: str, where: Any, path: Any, value: Any, dtype: np.dtype) -> 
     if info.min <= value <= info.max:
       return
     why = f"outside its range, {info.min} to {info.max}"
-  elif dtype.kind in "fc" or jax.dtypes.issubdtype(dtype, np.inexact):  # bfloat16: kind "V"
+  elif jax.dtypes.issubdtype(dtype, np.inexact):  # bfloat16 too (of NumPy kind "V")
     with np.errstate(over="ignore", invalid="ignore"):
       cast = np.asarray(value, dtype)
     if np.isfinite(cast) or not np.isfinite(value):

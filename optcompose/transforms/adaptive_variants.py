@@ -35,6 +35,7 @@ from optcompose.core import (
   ScalarOrSchedule,
   check_hyperparameter,
   check_not_both_zero,
+  default_float,
   expect_state,
   public,
   real,
@@ -80,7 +81,7 @@ def radam_rectification(b2, count, threshold):
   # form (rho_t > 300). Optax's `b2 ** t` subtracts a rounded b2^t from 1: in float32 its
   # rho_6 is 5.955 eagerly, 5.975 jitted (true 5.994), and its r_6 1.2% low eagerly.
   rho_inf = 2.0 / (1.0 - b2) - 1.0
-  wide = otree.promote_types(jnp.result_type(b2), jnp.asarray(1.0).dtype)  # f64 under x64
+  wide = otree.promote_types(jnp.result_type(b2), default_float())  # float64 under x64
   t = jnp.asarray(count).astype(wide)
   python = isinstance(b2, (int, float)) and 0 < b2 < 1
   log_b2 = -math.log(b2) if python else -jnp.log(jnp.asarray(b2, wide))

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from optcompose import tree as otree
+from optcompose.core.validation import default_float
 
 
 def ema_leaf(beta, m, x):
@@ -49,7 +50,7 @@ def debias_factor(beta, count):
   """``1 / (1 - beta^count)``, computed in float32 or wider (beta^t rounds to 1 in bfloat16),
   float64 under x64 (a float32 beta's reciprocal, rounded in float32, put Adam's float64
   first step 4e-8 past the learning rate)."""
-  return 1 / otree.bias_correction_denominator(beta, count, jnp.asarray(1.0).dtype)
+  return 1 / otree.bias_correction_denominator(beta, count, default_float())
 
 
 def debias_leaf(m, factor):
