@@ -90,3 +90,39 @@ def first_difference(tree: Any, reference: Any) -> str:
     return f"{where} is a {_type_name(type_a, full)} against a {_type_name(type_b, full)}"
   kind = lambda data: getattr((data or (None,))[0], "__name__", "a leaf")  # noqa: E731
   return f"{where} is a {kind(mine)} of other data ({_data_difference(mine[1], theirs[1])})"
+
+
+def prefix_difference(prefix: Any, tree: Any, name: str = "the prefix") -> str:
+  """Where ``prefix`` fails to be a prefix of ``tree``, at the shallowest paths: the
+  subtrees of ``tree`` it has no value for (``['head']``, not each leaf under it), and its
+  values at paths ``tree`` lacks; or that ``tree`` holds Flax Variables where ``prefix``
+  (named ``name``) has plain values; "" where none of that is found (nodes of other types)."""
+  ours = [tuple(p) for p, _ in jax.tree_util.tree_flatten_with_path(prefix)[0]]
+  theirs = [tuple(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+  starts = {p[:i] for p in ours for i in range(len(p) + 1)}
+  missing, unexpected = [], []
+  for leaf in theirs:
+    if not any(leaf[: len(p)] == p for p in ours):
+      shallowest = next(leaf[:i] for i in range(len(leaf) + 1) if leaf[:i] not in starts)
+      missing += [shallowest] if shallowest not in missing else []
+  covered = {p[:i] for p in theirs for i in range(len(p) + 1)}
+  unexpected = [p for p in ours if p not in covered]
+  describe = lambda paths, what: (
+    f"{jax.tree_util.keystr(paths[0])} {what}"
+    + (f" (and {len(paths) - 1} more)" if len(paths) > 1 else "")
+  )
+  found = "; ".join(
+    ([describe(missing, "is missing")] if missing else [])
+    + ([describe(unexpected, "is unexpected")] if unexpected else [])
+  )
+  # Plain values against Flax Variables (an nnx.State at init) at the same paths but for
+  # the Variable's `.value`: a container of another type (Optax names the two types).
+  value = (jax.tree_util.GetAttrKey("value"),)
+  if not found and theirs and all(p[-1:] == value and p[:-1] in ours for p in theirs):
+    found = (
+      f"{jax.tree_util.keystr(theirs[0])} is a Flax Variable's value where `{name}` has a "
+      "plain value (the tree holds Variables, as nnx.State does, and the prefix is of plain "
+      "dicts): build it from that same tree, e.g. jax.tree.map over nnx.state(model, "
+      "nnx.Param), or pass a function of the parameters"
+    )
+  return found

@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterable, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 
+from optcompose._tree_diff import prefix_difference
 from optcompose.tree import first_difference
 
 # What ``import optcompose`` re-exports (the helpers below serve the transformations).
@@ -96,32 +97,8 @@ def broadcast_prefix(prefix: Any, tree: Any, name: str, tree_name: str) -> Any:
   except (ValueError, TypeError):
     raise ValueError(
       f"`{name}` is neither {tree_name}'s structure nor a prefix of it: "
-      f"{_prefix_difference(prefix, tree) or first_difference(prefix, tree)}."
+      f"{prefix_difference(prefix, tree, name) or first_difference(prefix, tree)}."
     ) from None
-
-
-def _prefix_difference(prefix: Any, tree: Any) -> str:
-  """Where ``prefix`` fails to be a prefix of ``tree``, at the shallowest paths: the
-  subtrees of ``tree`` it has no value for (``['head']``, not each leaf under it), and its
-  values at paths ``tree`` lacks; "" where that finds nothing (the nodes differ in type)."""
-  ours = [tuple(p) for p, _ in jax.tree_util.tree_flatten_with_path(prefix)[0]]
-  theirs = [tuple(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
-  starts = {p[:i] for p in ours for i in range(len(p) + 1)}
-  missing, unexpected = [], []
-  for leaf in theirs:
-    if not any(leaf[: len(p)] == p for p in ours):
-      shallowest = next(leaf[:i] for i in range(len(leaf) + 1) if leaf[:i] not in starts)
-      missing += [shallowest] if shallowest not in missing else []
-  covered = {p[:i] for p in theirs for i in range(len(p) + 1)}
-  unexpected = [p for p in ours if p not in covered]
-  describe = lambda paths, what: (
-    f"{jax.tree_util.keystr(paths[0])} {what}"
-    + (f" (and {len(paths) - 1} more)" if len(paths) > 1 else "")
-  )
-  return "; ".join(
-    ([describe(missing, "is missing")] if missing else [])
-    + ([describe(unexpected, "is unexpected")] if unexpected else [])
-  )
 
 
 def is_function_of_params(values: Any) -> bool:

@@ -280,6 +280,12 @@ def test_nnx_optimizer_state():
   assert short["grad_norm"] == pytest.approx(np_norm(grads), rel=1e-6)
   for key, value in short.items():
     assert value == every["count" if key == "step" else key], key
+  # The state as a mapping of its fields (nnx.state, to_pure_dict), which the checkpoint
+  # guide steers NNX users to, gives the same keys and values: the diagnostics were logged
+  # under their paths there, as "used_learning_rate" (the fine-tuning trial).
+  as_mapping = nnx.state(opt.opt_state)
+  for form in (as_mapping, nnx.to_pure_dict(as_mapping)):
+    assert oc.diagnostics_dict(form) == every
 
 
 # ---------------------------------------------------------------------------------------

@@ -159,8 +159,10 @@ def current_hyperparams(state: Any) -> dict:
   Returns:
     ``{name: scalar}``: the values used by the latest update (before the first update,
     step 0's) of every live or scheduled hyperparameter, and ``reduce_on_plateau``'s
-    multiplier (``plateau_scale``). A name met twice is returned once under its name and
-    again under ``"<path>/<name>"``. Constants are not stored in a state: give a schedule or
+    multiplier (``plateau_scale``). A name held by several nodes (one injected optimizer
+    per group of ``partition``) is returned under its name with the first one's value, and
+    for each node under ``"<path>/<name>"``, the key :func:`set_hyperparams` takes.
+    Constants are not stored in a state: give a schedule or
     use :func:`optcompose.inject_hyperparams` to see them here. Of Optax's states, only
     ``optax.inject_hyperparams``' hold values to read: Optax's schedules keep only a count,
     and ``optax.contrib.reduce_on_plateau`` its ``scale`` (read it from that state).
@@ -168,13 +170,19 @@ def current_hyperparams(state: Any) -> dict:
   References:
     Optax's ``optax.tree_utils.tree_get`` (reading a named value from a state).
   """
-  out = {}
+  found = []
   for path, node in otree.find_nodes(state, holds_hyperparams):
     for name, value in _held(node).items():
       wrapped = jax.tree.leaves(value)  # an nnx.Optimizer's state: a Variable (a pytree)
       if len(wrapped) == 1 and not isinstance(value, (jax.Array, np.ndarray, np.generic)):
         value = wrapped[0]
-      out[name if name not in out else "/".join(path + (name,))] = value
+      found.append((path, name, value))
+  names = [name for _, name, _ in found]
+  out = {}
+  for path, name, value in found:
+    out.setdefault(name, value)
+    if names.count(name) > 1:  # every holder of a shared name by its path too, the first one
+      out["/".join(path + (name,))] = value  # included: the key set_hyperparams takes
   return out
 
 
@@ -211,7 +219,8 @@ def set_hyperparams(state: Any, **values) -> Any:
       holders). A scheduled value is recomputed from its schedule at the next update.
       A name held by several nodes (two injected optimizers in ``partition``) is ambiguous:
       give ``"<path>/<name>"`` instead, as :func:`current_hyperparams` and the error list
-      them (``set_hyperparams(state, **{"inner_states/a/learning_rate": 0.1})``).
+      them (in ``partition``, whose groups' states sit in a ``MaskedState``:
+      ``set_hyperparams(state, **{"inner_states/a/inner_state/learning_rate": 0.1})``).
 
   Returns:
     The new state.

@@ -29,8 +29,37 @@ def check_state_can_be_donated(tx, params) -> None:
   """No two leaves of ``init``'s state share a buffer, and none is a buffer of ``params``, so
   a jitted step can donate the state and the parameters (``jax.jit(step, donate_argnums=...)``:
   XLA refuses to donate one buffer twice, and donating the state alone would delete the
-  parameters that share it)."""
-  _assert_donatable(params, tx.init(params), "init")
+  parameters that share it); and no leaf is one buffer in two calls of ``init`` (an array
+  made once, at module level or when the transformation was built: the first donating step
+  deletes it, and every later ``init`` returns a deleted array)."""
+  first = tx.init(params)
+  _assert_donatable(params, first, "init")
+  again = {_buffer(x): otree.path_str(p) for p, x in _arrays(tx.init(params))}
+  for path, x in _arrays(first):
+    assert _buffer(x) not in again, (
+      f"init returned one buffer at state{otree.path_str(path)} in two calls: an array made "
+      "once, when the transformation was built or at module level, is deleted by the first "
+      "step that donates the state, and every later init returns it deleted. Make it inside "
+      "init (jnp.zeros(...)) or copy it there (jnp.array(x))."
+    )
+
+
+def _arrays(tree) -> list:
+  """The ``(path, array)`` leaves of ``tree`` that hold buffers (no tracers, no numbers)."""
+  return [
+    (path, x)
+    for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+    if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer)
+  ]
+
+
+def _buffer(x) -> tuple:
+  """What identifies the memory of ``x``: the buffers of its shards on this process's devices
+  (an empty array has no memory: on GPU every one reports the same address, but two of them
+  are two buffers, so it is known by the object; one array object twice is still one buffer)."""
+  if not x.size:
+    return ("empty", id(x))
+  return tuple(sorted((s.device.id, s.data.unsafe_buffer_pointer()) for s in x.addressable_shards))
 
 
 def _assert_donatable(params, state, made_by: str) -> None:
@@ -39,18 +68,9 @@ def _assert_donatable(params, state, made_by: str) -> None:
   caller replaces with ``apply_updates``' new ones)."""
   seen = {}
   for name, tree in (("params", params if params is not None else ()), ("state", state)):
-    for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
-      if not isinstance(x, jax.Array) or isinstance(x, jax.core.Tracer):
-        continue
+    for path, x in _arrays(tree):
       here = f"{name}{otree.path_str(path)}"
-      # An empty array has no memory: on GPU every one reports the same address, but two of
-      # them are two buffers. One array object twice is still one buffer, donated twice. A
-      # sharded or replicated array: the buffers of its shards on this process's devices.
-      key = (
-        tuple(sorted((s.device.id, s.data.unsafe_buffer_pointer()) for s in x.addressable_shards))
-        if x.size
-        else ("empty", id(x))
-      )
+      key = _buffer(x)
       if name == "state":
         assert key not in seen, (
           f"{here} and {seen.get(key)} are one buffer: the state from {made_by} cannot be "
@@ -77,13 +97,24 @@ def _retraced(traces, steps: int, state0, records) -> str:
       if kind(a) != kind(b):
         cause = (
           f": state{otree.path_str(path)} is {name(kind(b))} from init and {name(kind(a))} "
-          f"after step {t} (give init's value the dtype update returns, e.g. jnp.zeros([], "
-          "jnp.float32) rather than a Python number)"
+          f"after step {t} ({_remedy(kind(b), kind(a))})"
         )
         break
     if cause:
       break
   return f"the jitted update was traced {len(traces)} times in {steps} steps{cause}"
+
+
+def _remedy(made, returned) -> str:
+  """What to change where init's ``(shape, dtype, weak)`` differs from update's."""
+  if returned[2] and not made[2]:
+    return (
+      "update returns a weakly typed value, e.g. from a Python number through jnp.where: "
+      f"give it init's dtype there, jnp.asarray(value, jnp.{made[1]})"
+    )
+  if made[2]:
+    return f"give init's value a dtype, e.g. jnp.zeros({list(made[0])}, jnp.{returned[1]})"
+  return "init and update must give each state leaf the same shape and dtype"
 
 
 _INPUTS = ("state", "updates", "params")  # what update is given, in record_steps' order

@@ -19,10 +19,19 @@ from typing import Any, Callable, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from optcompose import tree as otree
 from optcompose.core import GradientTransformation, apply_updates
-from optcompose.core.base import update_pair
+from optcompose.core.base import as_transformation, update_pair
+from optcompose.testing._compare import (
+  _assert_jax_dtypes,
+  _assert_layout_kept,
+  _assert_same_tree,
+  _assert_trees_close,
+  _layout,
+  _loosest_tolerance,
+)
 from optcompose.testing._state_checks import (
   _assert_inputs_kept,
   _unknown,
@@ -50,17 +59,6 @@ __all__ = [
 
 def _grads_fn(grads) -> Callable:
   return grads if callable(grads) else (lambda params, step: grads)
-
-
-def _tolerance(dtype, ulps: Optional[int] = None) -> float:
-  """Relative tolerance for two compilations of the same math: a few ulps of the dtype (32
-  of a 32- or 64-bit float, 8 of a 16-bit one, whose ulp is already 2^-8 or 2^-11 of the
-  value; this project's registry measured at most 1.5 and 0.5 of them on CPU)."""
-  if not jnp.issubdtype(dtype, jnp.inexact):
-    return 0.0
-  if ulps is None:
-    ulps = 8 if jnp.finfo(dtype).bits <= 16 else 32
-  return ulps * float(jnp.finfo(dtype).eps)
 
 
 def _bound(tx, extra, jit: bool = False) -> Callable:
@@ -91,6 +89,8 @@ def record_steps(
     given = [flat(tree)[0] for tree in (state, g, params)]
     updates, new_state = update_pair(update(g, state, params), f"step {t}")
     _assert_inputs_kept(given, [flat(tree)[0] for tree in (state, g, params)], f"step {t}")
+    # Before the next step, which would fail on a changed tree in the user's own code.
+    _assert_same_tree(new_state, state, f"step {t}: the state update returned", "its input")
     state = new_state
     records.append((g, updates, state))
     params = apply_updates(params, updates)
@@ -111,66 +111,12 @@ def run_steps(
   return params, state, updates
 
 
-def _loosest_tolerance(trees) -> list:
-  """Per leaf of ``trees`` (``(params, state, updates)``), in order: 4 ulps of the least
-  precise floating dtype among the leaves of its parameter (the leaves whose path ends in
-  that parameter's path: its moments, its update), since a float32 update computed from a
-  bfloat16 moment differs where XLA kept the moment in float32 (this project's registry: at
-  most 0.02 bfloat16 ulps); for a leaf of no one parameter (a count, a global norm), among
-  all leaves. A leaf's own dtype may allow more (:func:`_tolerance`)."""
-  leaves = jax.tree_util.tree_flatten_with_path(trees)[0]
-  names = [tuple(map(str, path)) for path, _ in leaves]
-  tol = [_tolerance(jnp.result_type(x), 4) for _, x in leaves]
-  params = {name[1:] for name in names if name[:1] == ("[0]",)}
-  groups = [next((n[k:] for k in range(1, len(n)) if n[k:] in params), None) for n in names]
-  loosest: dict = {None: max(tol, default=0.0)}
-  for group, t in zip(groups, tol):
-    if group is not None:
-      loosest[group] = max(loosest.get(group, 0.0), t)
-  return [loosest[group] for group in groups]
-
-
-def _assert_trees_close(got, want, what: str, rtol: Optional[list] = None) -> None:
-  got_leaves = jax.tree_util.tree_flatten_with_path(got)[0]
-  want_leaves = jax.tree.leaves(want)
-  assert len(got_leaves) == len(want_leaves), (
-    f"{what}: {len(got_leaves)} leaves, not {len(want_leaves)}"
-  )
-  for i, ((path, a), b) in enumerate(zip(got_leaves, want_leaves)):
-    a, b = np.asarray(a), np.asarray(b)
-    assert a.shape == b.shape and a.dtype == b.dtype, (
-      f"{what}{otree.path_str(path)}: {a.dtype}{list(a.shape)} against {b.dtype}{list(b.shape)}"
-    )
-    if a.dtype.kind in "fc" or str(a.dtype) == "bfloat16":
-      tol = max(_tolerance(a.dtype), rtol[i] if rtol else 0.0)
-      a64, b64 = a.astype(np.float64), b.astype(np.float64)
-      scale = max(float(np.max(np.abs(b64[np.isfinite(b64)]), initial=0.0)), 1.0)
-      np.testing.assert_allclose(
-        a64, b64, rtol=tol, atol=tol * scale, err_msg=f"{what}{otree.path_str(path)}"
-      )
-    else:
-      np.testing.assert_array_equal(a, b, err_msg=f"{what}{otree.path_str(path)}")
-
-
 def check_jit_matches_eager(tx, params, grads, steps: int = 2, extra=None) -> None:
   """``jax.jit(tx.update)`` gives the eager result, to a few ulps (XLA may fuse and reorder)."""
   eager = run_steps(tx, params, grads, steps, extra)
   jitted = run_steps(tx, params, grads, steps, extra, update=_bound(tx, extra, jit=True))
   _assert_trees_close(
     jitted, eager, "jit against eager: (params, state, updates)", _loosest_tolerance(eager)
-  )
-
-
-def _layout(tree):
-  return [
-    (otree.path_str(p), jnp.shape(x), jnp.result_type(x), getattr(x, "sharding", None))
-    for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]
-  ]
-
-
-def _assert_same_tree(tree, reference, what: str, reference_what: str) -> None:
-  assert jax.tree.structure(tree) == jax.tree.structure(reference), (
-    f"{what} does not have the tree of {reference_what}: {otree.first_difference(tree, reference)}"
   )
 
 
@@ -181,21 +127,6 @@ def _assert_updates_like(updates, grads, label: str) -> None:
     assert (shape, dtype) == (gshape, gdtype), (
       f"{label}: updates{path} is {dtype}{list(shape)}, the gradient {gdtype}{list(gshape)}"
     )
-
-
-def _assert_layout_kept(state, state0, label: str) -> None:
-  """``state`` has the tree, shapes, dtypes and shardings of ``state0``."""
-  _assert_same_tree(state, state0, f"{label}: the state", "the state from init")
-  for (path, shape, dtype, sharding), (_, shape0, dtype0, sharding0) in zip(
-    _layout(state), _layout(state0)
-  ):
-    assert (shape, dtype) == (shape0, dtype0), (
-      f"{label}: state{path} became {dtype}{list(shape)} from {dtype0}{list(shape0)}"
-    )
-    if sharding is not None and sharding0 is not None:
-      assert sharding.is_equivalent_to(sharding0, len(shape)), (
-        f"{label}: state{path} moved from {sharding0} to {sharding}"
-      )
 
 
 def _inputs_finite(params, records) -> bool:
@@ -262,6 +193,7 @@ def check_state_keeps_its_layout(
   shardings, eagerly and (``jit=True``) under ``jit`` (so the state can be donated and
   checkpointed)."""
   state0 = tx.init(params)
+  _assert_jax_dtypes(state0)
   runs = {"eager": _bound(tx, extra)}
   if jit:
     _assert_same_tree(jax.jit(tx.init)(params), state0, "jit(init)", "init")
@@ -330,7 +262,13 @@ def check_vmap(
 
 
 def check_ignores_unknown_kwargs(tx, params, grads, extra=None) -> None:
-  """``update`` accepts keyword arguments it does not use, and they change nothing."""
+  """``update`` accepts keyword arguments it does not use, and they change nothing. A plain
+  ``optax.GradientTransformation`` (not ``...ExtraArgs``) makes no such promise: it is
+  checked as ``chain`` calls it, with the keywords it does not name dropped."""
+  if isinstance(tx, optax.GradientTransformation) and not isinstance(
+    tx, optax.GradientTransformationExtraArgs
+  ):
+    tx = as_transformation(tx, "check_ignores_unknown_kwargs")
   g = _grads_fn(grads)(params, 0)
   state = tx.init(params)
   plain = tx.update(g, state, params, **dict(extra or {}))
@@ -339,8 +277,9 @@ def check_ignores_unknown_kwargs(tx, params, grads, extra=None) -> None:
   except TypeError as e:
     raise AssertionError(
       f"update(..., an_unknown_argument=object()) raised {e}: an update must accept keyword "
-      "arguments it does not use (end its signature with **extra), since chain passes "
-      "every keyword to every member"
+      "arguments it does not use (end its signature with **extra): its transformation is "
+      f"a {type(tx).__name__}, which says it takes them, so chain (Optax's and optcompose's) "
+      "passes it every keyword of the step"
     ) from None
   _assert_trees_close(more, plain, "with an_unknown_argument=object(): (updates, state)")
 
@@ -375,6 +314,7 @@ def check_invariants(
     f"init returned a Python number at state{otree.path_str(numbers[0])}: weakly typed, it "
     "changes dtype under jit; give an array (a count: jnp.zeros([], jnp.int32))."
   )
+  _assert_jax_dtypes(tx.init(params))
   eager, eager_params = record_steps(tx, params, grads, steps, extra)
   jitted, jitted_params = record_steps(tx, params, grads, steps, extra, jitted_update)
   state0 = tx.init(params)

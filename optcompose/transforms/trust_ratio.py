@@ -20,6 +20,8 @@ computes them in the parameters' dtype. float32 and float64 run in their own dty
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -190,15 +192,21 @@ def scale_by_param_block_rms(min_scale: float = 1e-3) -> GradientTransformation:
 
 def fromage_step_sizes(learning_rate: ScalarOrSchedule) -> tuple:
   """Fromage's ``(lr * mu, mu - 1)`` with ``mu = 1 / sqrt(1 + lr^2)``: two numbers for a
-  number, two schedules of the step count for a schedule (Optax's expressions)."""
+  number, two schedules of the step count for a schedule. With ``s = sqrt(1 + lr^2)`` (a
+  hypot, which does not overflow), ``mu - 1`` is computed as ``-(lr / s) lr / (1 + s)``:
+  Optax's ``mu - 1`` cancels, and in float32 (an injected or scheduled lr) is 1.4% off at
+  lr = 3e-3, and differs as much between two compilations."""
+
+  def sizes(lr):
+    s = (math.hypot if isinstance(lr, (int, float)) else jnp.hypot)(1, lr)  # lr^2 may overflow
+    step = lr / s
+    return step, -step * (lr / (1 + s))
+
   if not callable(learning_rate):
-    mult = 1 / (1 + learning_rate**2) ** 0.5
-    return learning_rate * mult, mult - 1
-
-  def mult(count):
-    return 1 / (1 + learning_rate(count) ** 2) ** 0.5
-
-  return (lambda count: mult(count) * learning_rate(count)), (lambda count: mult(count) - 1)
+    return sizes(learning_rate)
+  return (lambda count: sizes(learning_rate(count))[0]), (
+    lambda count: sizes(learning_rate(count))[1]
+  )
 
 
 __all__ = ["ScaleByTrustRatioState"]  # and the builders it registers

@@ -84,6 +84,7 @@ they are listed (e.g. ``"inner_state/0/mu/scale"``). Values are Python ``float``
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 from typing import Any, NamedTuple, Optional
 
 import jax
@@ -230,17 +231,8 @@ def with_diagnostics(
     inner_state = inner.init(params)
     count = zero_count()
     zero = functools.partial(jnp.zeros, [], jnp.float32)  # a buffer each: donatable
-    return DiagnosticsState(
-      inner_state,
-      count,
-      zero(),
-      zero(),
-      zero(),
-      zero(),
-      lr_in_force(count, inner_state),
-      zero(),
-      zero_count(),
-    )
+    lr, g, u, w, r = lr_in_force(count, inner_state), zero(), zero(), zero(), zero()
+    return DiagnosticsState(inner_state, count, g, u, w, r, lr, zero(), zero_count())
 
   def measured_first(updates, state, params, extra, only_updates=False):
     """The measurements, and the step's inputs ordered after them (``only_updates``: only
@@ -340,6 +332,12 @@ def _python_scalar(value: Any) -> Any:
   return float(value)  # every floating dtype, bfloat16 included
 
 
+def _is_diag(node: Any) -> bool:
+  return isinstance(node, DiagnosticsState) or otree.is_state_mapping(
+    node, DiagnosticsState._fields
+  )
+
+
 def _join(path: tuple) -> str:
   return "/".join(path) if path else "value"
 
@@ -379,18 +377,19 @@ def diagnostics_dict(opt_state: Any) -> dict:
     entries[_join(path)] = leaf
 
   def visit(path: tuple, node: Any) -> None:
-    is_diag = lambda n: isinstance(n, DiagnosticsState)  # noqa: E731
-    for key_path, leaf in jax.tree_util.tree_flatten_with_path(node, is_leaf=is_diag)[0]:
+    for key_path, leaf in jax.tree_util.tree_flatten_with_path(node, is_leaf=_is_diag)[0]:
       here = path + _names(key_path)
-      if not is_diag(leaf):
+      if not _is_diag(leaf):
         add(here, leaf)
         continue
       bare = not claimed[0]
       claimed[0] = True
+      # A state turned into a mapping of its fields (nnx.state, to_pure_dict) alike.
+      get = leaf.get if isinstance(leaf, Mapping) else functools.partial(getattr, leaf)
       for field in DiagnosticsState._fields[1:]:  # may be wrapped (nnx.Optimizer's OptArray)
         name = LOGGED_AS.get(field, field)
-        visit((name,) if bare else here + (name,), getattr(leaf, field))
-      visit(here + ("inner_state",), leaf.inner_state)
+        visit((name,) if bare else here + (name,), get(field))
+      visit(here + ("inner_state",), get("inner_state"))
 
   visit((), opt_state)
   values = jax.device_get(list(entries.values()))

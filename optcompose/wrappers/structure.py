@@ -15,7 +15,7 @@ from __future__ import annotations
 import collections
 import inspect
 from collections.abc import Hashable, Mapping
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import jax
 import jax.numpy as jnp
@@ -81,14 +81,21 @@ def _pairs(args: tuple) -> list:
   return pairs
 
 
-def _pairs_given_positionally(builder):
+class _TakesPairs(Protocol):
+  """``named_chain``'s signature as Optax's, for type checkers too (pyright read the written
+  ``args: tuple`` and refused two pairs)."""
+
+  def __call__(self, *args: tuple[Hashable, Any]) -> GradientTransformation: ...
+
+
+def _pairs_given_positionally(builder) -> _TakesPairs:
   """``builder(args=(...))`` declared as Optax's ``named_chain(*args)``: the registry binds a
   call to the declared signature and passes the bound arguments by keyword."""
   declared = inspect.signature(builder)
   builder.__signature__ = declared.replace(
     parameters=[inspect.Parameter("args", inspect.Parameter.VAR_POSITIONAL)]
   )
-  return builder
+  return cast(_TakesPairs, builder)
 
 
 @public("wrapper", optax="named_chain")

@@ -34,6 +34,11 @@ def make_extra(lr: float) -> optax.GradientTransformationExtraArgs:
   return optax.chain(optax.sgd(lr), optax.scale_by_learning_rate(1.0))
 
 
+def make_named(lr: float) -> optax.GradientTransformation:
+  # Optax's named_chain(*args): pyright read a written `args: tuple` and refused two pairs.
+  return optax.named_chain(("clip", optax.clip(1.0)), ("sgd", optax.sgd(lr)))
+
+
 class MyState(NamedTuple):
   steps: jax.Array
 
@@ -92,7 +97,9 @@ def main() -> None:
   es: optax.EmptyState = optax.EmptyState()
   ok: bool = isinstance(tx, optax.GradientTransformationExtraArgs)
   check_invariants(optax.chain(my_transform(0.5), optax.sgd(0.1)), params, grads)
-  print(ms_tx, adam_state, es, ok, namespaces(grads), make_extra(0.1), init_f, update_f)
+  print(
+    ms_tx, adam_state, es, ok, namespaces(grads), make_extra(0.1), make_named(0.1), init_f, update_f
+  )
 
 
 if TYPE_CHECKING:  # checked, never run
