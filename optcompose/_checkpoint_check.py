@@ -175,7 +175,13 @@ def _mismatches(
       )
     elif got.dtype != want.dtype:
       cast = " (nothing is cast: build the template with the saved dtype)"
-      if {got.dtype.itemsize, want.dtype.itemsize} == {4, 8} and got.dtype.kind == want.dtype.kind:
+      a, b = got.dtype, want.dtype
+      if b.itemsize == 8 and jax.dtypes.canonicalize_dtype(np.float64).itemsize == 4:  # NumPy
+        cast = (
+          " (the template holds a 64-bit NumPy array there, which JAX keeps in 32 bits without "
+          "x64: build that leaf with jax.numpy, as tx.init does; nothing is cast)"
+        )
+      elif {a.itemsize, b.itemsize} == {4, 8} and a.kind == b.kind:
         cast = (
           " (saved with jax_enable_x64 set otherwise than now? Restore with x64 set as when "
           "saving: nothing is cast)"

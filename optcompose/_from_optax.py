@@ -192,8 +192,8 @@ class NamespaceFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
   """Finds ``optcompose.losses`` (and Optax's other namespaces outside the optimizer domain,
   :data:`NAMESPACES`) for the import system as Optax's own module, so that ``import
   optcompose.losses`` and ``from optcompose.projections import ...`` work as the attributes
-  do (Optax is imported then, not before); and ``optcompose._src.<module>`` as
-  :func:`private_module`."""
+  do (Optax's own modules, imported with Optax, which optcompose imports); and
+  ``optcompose._src.<module>`` as :func:`private_module`."""
 
   def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
     package, _, rest = fullname.partition(".")

@@ -209,10 +209,28 @@ def _compile(fn: str, name: str, pattern: Any) -> re.Pattern:
     why = "a literal '|' (a Markdown table's escape, copied?); for either alternative write"
     fix, literal = escaped.sub(r"\1|", pattern), "to match a literal '|', write '[|]'"
     raise ValueError(f"{fn}: `{name}` {pattern!r} has '\\|', {why} {fix!r} ({literal}).")
+  if isinstance(pattern, str) and re.search(r"(?<!\\)\[['\"]", pattern):  # ['Dense_0'], printed
+    raise ValueError(
+      f"{fn}: `{name}` {pattern!r} is a path as printed, but a regex reads [...] as a set of "
+      "characters (it would match nearly every path): write the keys joined by '/' "
+      f"({'/'.join(k.strip(chr(34)) for m in _KEY.findall(pattern) for k in m if k)!r}), or "
+      "re.escape(...)."
+    )
   try:
     return re.compile(pattern)
   except re.error as error:
     raise ValueError(f"{fn}: `{name}` is not a valid regex: {pattern!r} ({error}).") from None
+
+
+_KEY = re.compile(r"\['(.*?)'\]|\[(.*?)\]|\.([^.\[]+)")  # ['a'], [0], .name of a keystr
+
+
+def _found(pattern: re.Pattern, path: str) -> bool:
+  """Whether ``pattern`` is found in ``path`` as printed (``['params']['Dense_0']['bias']``)
+  or as its keys joined by "/" (``params/Dense_0/bias``), where ``bias$`` and ``^params/``
+  anchor as meant (every printed dict path ends in ``']``: they matched nothing)."""
+  plain = "/".join(next((k for k in m if k), "") for m in _KEY.findall(path))
+  return bool(pattern.search(path) or pattern.search(plain))
 
 
 def _paths(tree) -> list:
@@ -251,7 +269,7 @@ def _check_paths(fn: str, tree: Any, problem: Callable[[list], str]) -> None:
 def _no_match(name: str, pattern: re.Pattern, paths: list, hint: str) -> str:
   """The problem (see :func:`_check_paths`) of ``pattern``, argument ``name``, found in none
   of ``paths`` (a typo would select nothing, silently), ending with ``hint``; "" if no paths."""
-  if not paths or any(pattern.search(path) for path in paths):
+  if not paths or any(_found(pattern, path) for path in paths):
     return ""
   shown = ", ".join(paths[:5]) + (f", ... ({len(paths) - 5} more)" if len(paths) > 5 else "")
   return f"`{name}` {pattern.pattern!r} matches no leaf path; it was searched in: {shown}. {hint}"
@@ -299,7 +317,7 @@ def labels_from_paths(rules, default=None) -> Callable[[Any], Any]:
 
   def label(path, leaf):
     for pattern, lab in compiled:
-      if pattern.search(path):
+      if _found(pattern, path):
         return lab
     if default is None:
       raise ValueError(f"labels_from_paths: no rule matches {path} and there is no default.")
@@ -313,10 +331,10 @@ def labels_from_paths(rules, default=None) -> Callable[[Any], Any]:
     for i, (pattern, _) in enumerate(compiled):
       if message := _no_match(f"rules[{i}][0]", pattern, paths, hint):
         return message
-    first = [next((i for i, (p, _) in enumerate(compiled) if p.search(x)), -1) for x in paths]
+    first = [next((i for i, (p, _) in enumerate(compiled) if _found(p, x)), -1) for x in paths]
     rule = lambda k: f"`rules[{k}]` ({compiled[k][0].pattern!r}, {compiled[k][1]!r})"  # noqa: E731
     for i, (pattern, lab) in enumerate(compiled):
-      found = [(x, j) for x, j in zip(paths, first) if pattern.search(x)]
+      found = [(x, j) for x, j in zip(paths, first) if _found(pattern, x)]
       # Not a fallback ('.*' last, on a model the rules before it cover): see Raises.
       wider = [(x, j) for x, j in found if compiled[j][0].search(pattern.pattern)]
       other = [(x, j) for x, j in wider if compiled[j][1] != lab]
@@ -341,8 +359,10 @@ def mask_from_paths(include=None, exclude=None) -> Callable[[Any], Any]:
   Example: ``adamw(..., mask=mask_from_paths(exclude=r"bias|scale"))``.
 
   Args:
-    include: a regex searched in each leaf's path; ``None`` includes every path.
-    exclude: a regex; matching paths are excluded.
+    include: a regex searched in each leaf's path, as printed (``['params']['Dense_0']
+      ['bias']``; a Flax ``Variable``'s ``.value`` left out) and as its keys joined by "/"
+      (``params/Dense_0/bias``, where ``bias$`` anchors); ``None`` includes every path.
+    exclude: a regex, searched the same way; matching paths are excluded.
 
   Returns:
     A mask callable (see :func:`labels_from_fn`).
@@ -362,8 +382,8 @@ def mask_from_paths(include=None, exclude=None) -> Callable[[Any], Any]:
   inc = _compile("mask_from_paths", "include", include) if include is not None else None
   exc = _compile("mask_from_paths", "exclude", exclude) if exclude is not None else None
   by_fn = labels_from_fn(
-    lambda path, _: bool(
-      (inc is None or inc.search(path)) and not (exc is not None and exc.search(path))
+    lambda path, _: (
+      (inc is None or _found(inc, path)) and not (exc is not None and _found(exc, path))
     )
   )
 

@@ -629,6 +629,10 @@ _F32_ULPS = {
   # near-cancelled moments (9.2 on another machine; jitted: within 8).
   "conditionally_transform_adam": 64,
   "conditionally_mask_adam": 64,
+  # Optax's float32 `mu - 1` (a scheduled lr) cancels: 1.4% off at lr 3e-3, in the decay
+  # term `(mu - 1) w`; ours does not (tests/test_trust_ratio.py: against float64). Measured
+  # 32.1 ulps at step 1 on the MLP's kernel.
+  "fromage": 128,
 }
 CASES = [c._replace(f32_ulps=_F32_ULPS.get(c.name, c.f32_ulps)) for c in CASES]
 

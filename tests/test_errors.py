@@ -169,7 +169,7 @@ def test_mask_that_does_not_match_names_the_difference_at_init():
     (
       lambda: oc.apply_if_finite(oc.adam(1e-3), 3),
       lambda: oc.adam(1e-3),
-      r"expected a ApplyIfFiniteState",
+      r"expected an ApplyIfFiniteState",
     ),
   ],
 )

@@ -11,7 +11,7 @@ extra)::
 2. The wheel must contain ``optcompose/py.typed``, the checkout's type stubs (every
    ``optcompose/**/*.pyi``, written by tools/gen_stubs.py) and the LICENSE (in
    ``.dist-info/licenses/``, the same bytes as the checkout's); the sdist must contain
-   LICENSE, ``py.typed`` and the stubs.
+   LICENSE, ``py.typed`` and the stubs, and no part of the test suite (MANIFEST.in).
 3. A fresh venv (``python -m venv``) in another temporary folder gets the wheel, without
    extras; its dependencies come from the package index or pip's cache.
 4. That venv's python, run from the temporary folder (so the checkout cannot be imported),
@@ -151,6 +151,9 @@ def check_sdist(sdist: Path, version: str) -> None:
   for needed in ("LICENSE", f"{NAME}/py.typed", *stubs(), "pyproject.toml", "README.md"):
     if f"{top}/{needed}" not in names:
       raise CheckFailed(f"{sdist.name} lacks {top}/{needed}")
+  partial = sorted(n for n in names if n.startswith(f"{top}/tests/"))
+  if partial:  # setuptools' default took tests/test_*.py without their helpers (MANIFEST.in)
+    raise CheckFailed(f"{sdist.name} holds {partial[0]} and {len(partial) - 1} more tests")
 
 
 def main() -> int:

@@ -226,6 +226,16 @@ def render() -> dict:
     space = importlib.import_module(f"{PACKAGE}.{namespace}")
     names = _public(space) + _optax_names(namespace)
     stubs[f"{PACKAGE}/{namespace}/__init__.pyi"] = _lines(space, names, f"optax.{namespace}")
+  # ``import optcompose.losses`` (Optax's module, found by _from_optax.NamespaceFinder): a
+  # module for type checkers too, not only the attribute (mypy: "cannot find ... stub").
+  # Each public name by itself: mypy does not take what Optax's __init__ imports through a *.
+  for namespace in _from_optax.NAMESPACES:
+    module = importlib.import_module(f"optax.{namespace}")
+    names = sorted(  # not its submodules: imported or not, depending on what ran before
+      n for n, v in vars(module).items() if not n.startswith("_") and not inspect.ismodule(v)
+    )
+    lines = [f"from optax.{namespace} import {n} as {n}" for n in names]
+    stubs[f"{PACKAGE}/{namespace}.pyi"] = lines or [f"# optax.{namespace}: submodules only."]
   out = {}
   import optax
 

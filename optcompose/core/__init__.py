@@ -32,6 +32,7 @@ from optcompose.core.stepping import STEP, step, step_nnx, step_train_state, wit
 from optcompose.core.hyperparams import (
   DECAY,
   DTYPE,
+  REAL_DTYPE,
   EPS,
   INT32_MAX,
   EPS_POSITIVE,
@@ -71,6 +72,7 @@ from optcompose.core.registry import REGISTRY, public
 __all__ = [
   "DECAY",
   "DTYPE",
+  "REAL_DTYPE",
   "EPS",
   "EPS_POSITIVE",
   "EPS_ROOT",

@@ -113,6 +113,8 @@ def stateless(f: Callable[[Updates, Optional[Params]], Updates]) -> GradientTran
 
   def update(updates, state, params=None, **extra):
     del extra
+    if jax.tree.leaves(state):  # another optimizer's state (Optax's returns a fresh one)
+      raise StateMismatchError("a transformation without state", "EmptyState", state)
     return f(updates, params), state
 
   return GradientTransformation(init_empty_state, update)
@@ -260,7 +262,7 @@ def chain(*transformations: Any) -> GradientTransformation:
     return tuple(t.init(params) for t in members)
 
   def update(updates, state, params=None, **extra):
-    return _run_chain(members, updates, _chain_state(state, len(members)), params, extra)
+    return _run_chain(members, updates, _chain_state(state, len(members), updates), params, extra)
 
   last = getattr(members[-1].update, STEP, None) if members else None
   if last is not None:  # the last member's step-level form (optcompose.step), after the rest
@@ -282,11 +284,24 @@ def chain(*transformations: Any) -> GradientTransformation:
   return GradientTransformation(init, update)
 
 
-def _chain_state(state: Any, n: int) -> tuple:
+def _chain_state(state: Any, n: int, updates: Any = None) -> tuple:
+  states = lambda tree: isinstance(tree, tuple) and any(map(_is_a_state, tree))  # noqa: E731
+  if states(updates) and not states(state):  # tx.update(state, grads): silent with tuples
+    raise TypeError(
+      f"chain: `updates` is a tuple of optimizer states ({type(updates[0]).__name__}, ...): "
+      "the arguments are update(updates, state, params), gradients first."
+    )
   if isinstance(state, (tuple, list)) and len(state) == n:
     return tuple(state)
   # A StateMismatchError, so that an enclosing partition or named chain names its path.
-  raise StateMismatchError(f"chain of {n} transformations", f"tuple of {n} states", state)
+  noun = "transformation" if n == 1 else "transformations"
+  raise StateMismatchError(f"chain of {n} {noun}", f"tuple of {n} states", state)
+
+
+def _is_a_state(x: Any) -> bool:
+  """Whether ``x`` is an optimizer state rather than part of a gradient tree: an empty state
+  (Optax's or ours), or a NamedTuple with a ``count``."""
+  return isinstance(x, (EmptyState, optax.EmptyState)) or "count" in getattr(x, "_fields", ())
 
 
 def _run_chain(members: tuple, updates: Any, state: tuple, params: Any, extra: dict) -> tuple:

@@ -17,8 +17,9 @@ class StateMismatchError(ValueError):
       name += f" of length {len(got)}" if isinstance(got, (tuple, list, dict)) else ""
     elif not type(got).__module__.startswith("optcompose"):  # another library's (Optax's)
       name = f"{type(got).__module__}.{name} (not optcompose's)"
+    a = lambda word: f"an {word}" if word[:1] in "AEIOUaeiou" else f"a {word}"  # noqa: E731
     super().__init__(
-      f"{who}: {where} is a {name}, expected a {expected}. Pass the state "
+      f"{who}: {where} is {a(name)}, expected {a(expected)}. Pass the state "
       "returned by this transformation's own init (not another optimizer's)."
     )
 

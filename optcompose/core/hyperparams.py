@@ -49,6 +49,7 @@ from optcompose.core.validation import (  # noqa: F401  (re-exported: the one pl
   DECAY,
   DECLARED,
   DTYPE,
+  REAL_DTYPE,
   INT32_MAX,
   EPS,
   EPS_POSITIVE,
@@ -88,13 +89,14 @@ def as_hyperparam(value, dtype=None) -> jax.Array:
 
 def _arithmetic_float(tree: Any):
   """The float dtype a tree's leaves compute in: float32, or the widest real dtype among
-  its inexact leaves where that is wider (float64 leaves under x64)."""
-  widths = [
-    jnp.finfo(x.dtype).dtype
-    for x in jax.tree.leaves(tree)
-    if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)
-  ]
-  return otree.promote_types(jnp.float32, *widths)
+  its inexact leaves where that is wider (float64 leaves under x64). Python floats, weakly
+  typed, count only in a tree of no typed inexact leaf: JAX's default float (a gradient
+  given as a Python float under x64 computed with a float32-rounded learning rate)."""
+  leaves = jax.tree.leaves(tree)
+  typed = [x.dtype for x in leaves if hasattr(x, "dtype")]
+  weak = [jnp.result_type(x) for x in leaves if isinstance(x, (float, complex))]
+  inexact = [d for d in typed if jnp.issubdtype(d, jnp.inexact)] or weak
+  return otree.promote_types(jnp.float32, *(jnp.finfo(d).dtype for d in inexact))
 
 
 def narrowed(values: dict, width) -> dict:

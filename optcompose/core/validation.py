@@ -186,22 +186,29 @@ def check_count(name: str, state: Any) -> None:
     )
 
 
-def check_state_dtype(fn_name: str, name: str, dtype: Any) -> None:
+def check_state_dtype(fn_name: str, name: str, dtype: Any, complex_ok: bool = True) -> None:
   """Raise a TypeError naming ``fn_name(name=...)`` unless ``dtype`` is a floating-point or
-  complex dtype: a moment or accumulator stored as integers would be truncated (to 0 for
-  most) at every step."""
+  (``complex_ok``) complex dtype: a moment or accumulator stored as integers would be
+  truncated (to 0 for most) at every step; a hyperparameter is a real number."""
+  kinds = "; complex for complex parameters" if complex_ok else ""
   try:
     resolved = np.dtype(dtype)
   except TypeError:
     raise TypeError(
       f"{fn_name}: `{name}` must be a floating-point dtype (such as "
-      f"jnp.float32 or jnp.bfloat16; complex for complex parameters) or None, got {dtype!r}."
+      f"jnp.float32 or jnp.bfloat16{kinds}) or None, got {dtype!r}."
     ) from None
   if not jnp.issubdtype(resolved, jnp.inexact):
     raise TypeError(
-      f"{fn_name}: `{name}` must be a floating-point dtype (such as jnp.float32 or jnp.bfloat16; "
-      f"complex for complex parameters) or None, got {resolved}: an integer or boolean state "
-      "would be truncated at every step."
+      f"{fn_name}: `{name}` must be a floating-point dtype (such as jnp.float32 or jnp.bfloat16"
+      f"{kinds}) or None, got {resolved}: an integer or boolean state would be truncated at "
+      "every step."
+    )
+  if not complex_ok and jnp.issubdtype(resolved, jnp.complexfloating):
+    raise TypeError(
+      f"{fn_name}: `{name}` must be a real floating-point dtype, got {resolved}: "
+      "hyperparameters are real numbers (their ranges are checked), also for complex "
+      "parameters (Optax accepts a complex one)."
     )
 
 
@@ -245,7 +252,7 @@ class Hyper(NamedTuple):
   numeric: bool = False  # validated as a number
   integer: bool = False  # must be a Python int (a static count or period)
   optional: bool = False  # None is allowed
-  dtype: bool = False  # a floating-point dtype for stored state (a moment, an accumulator)
+  dtype: Union[bool, str] = False  # a dtype for stored state (a moment); "real": not complex
   whole: bool = False  # a whole number, possibly live or scheduled (a count like multi_steps' k)
   normal: bool = False  # the only guard against 0 / 0: not below float32's smallest normal
 
@@ -253,7 +260,7 @@ class Hyper(NamedTuple):
     if value is None and self.optional:
       return
     if self.dtype:
-      check_state_dtype(fn, name, value)
+      check_state_dtype(fn, name, value, complex_ok=self.dtype != "real")
       return
     if self.draw == ("mask",) and isinstance(value, (str, bytes)):
       raise TypeError(
@@ -352,6 +359,7 @@ MASK = Hyper(("mask",))
 LABELS = Hyper(("labels",))
 SCHEDULE = Hyper(("schedule",))
 DTYPE = Hyper(("choice", (None,)), optional=True, dtype=True)  # a stored state's dtype
+REAL_DTYPE = DTYPE._replace(dtype="real")  # a stored hyperparameter's dtype
 
 # The ranges most builders share. A learning rate of None, as in Optax: none applied (the
 # direction unscaled and not negated); the property kit draws numbers only.

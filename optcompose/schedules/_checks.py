@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from optcompose.core import TAKEN, UNUSABLE, Schedule, default_float  # noqa: F401 -- Schedule: for the others
+from optcompose.core.backend import backend_started
 
 
 def _number(
@@ -57,7 +58,10 @@ def _at_last_step(schedule: Schedule) -> tuple:
   traced or NaN. A growth that overflows records the largest finite value of its dtype and
   sign: it passes every bound (a learning rate's range test grows without one), and a
   hyperparameter bounded above (``b2 < 1``) is refused. An overflow here is expected, not
-  the user's: jax_debug_infs and jax_debug_nans are off while it is computed."""
+  the user's: jax_debug_infs and jax_debug_nans are off while it is computed. ``()`` too
+  before JAX has started its backends (see :mod:`optcompose.core.backend`)."""
+  if not backend_started():
+    return ()
   with jax.debug_infs(False), jax.debug_nans(False):
     value = schedule(jnp.asarray(MAX_STEPS, jnp.int32))
   if isinstance(value, jax.core.Tracer):
@@ -86,12 +90,13 @@ def _taken_in_spans(spans) -> Optional[tuple]:
   """The values the pieces of a join take, each over the steps it is used: ``spans`` holds
   ``(schedule, first step, end)``. A piece used for at most 2^16 steps is evaluated at each
   of them (its least and greatest values), not bounded by all it would take later (a growth
-  cut off by the next piece never reaches the largest float); a longer or final piece, or
-  one that cannot be evaluated so, gives the values it records."""
+  cut off by the next piece never reaches the largest float); a longer or final piece, one
+  that cannot be evaluated so, or any before JAX's backends are up (see
+  :mod:`optcompose.core.backend`), gives the values it records."""
   taken = []
   for s, start, end in spans:
     values = None
-    if end - start <= _SAMPLED_SPAN:
+    if end - start <= _SAMPLED_SPAN and backend_started():
       try:
         at = np.asarray(jax.vmap(s)(jnp.arange(end - start, dtype=jnp.int32)), np.float64)
         values = (at.min(), at.max()) if at.size and np.isfinite(at).all() else None

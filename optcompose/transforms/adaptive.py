@@ -14,7 +14,6 @@ from __future__ import annotations
 from typing import Any, NamedTuple, Optional
 
 import jax
-import jax.numpy as jnp
 
 from optcompose import tree as otree
 from optcompose.core import (
@@ -32,6 +31,7 @@ from optcompose.core import (
   zero_count,
 )
 from optcompose.transforms.statistics import (
+  in_grad_dtype,
   like_params,
   squares_init,
   adam_direction_leaf,
@@ -157,9 +157,7 @@ def scale_by_adam(
     else:
       mu_hat = jax.tree.map(lambda m: debias_leaf(m, c1), mu)
     updates = jax.tree.map(
-      lambda g, m, v: adam_direction_leaf(m, debias_leaf(v, c2), eps, eps_root).astype(
-        jnp.result_type(g)
-      ),
+      lambda g, m, v: in_grad_dtype(adam_direction_leaf(m, debias_leaf(v, c2), eps, eps_root), g),
       updates,
       mu_hat,
       nu,

@@ -39,6 +39,7 @@ from optcompose.core import (
 from optcompose.transforms.adaptive import ScaleByAdamState
 from optcompose.transforms.adaptive_variants import FIXED_DECAY
 from optcompose.transforms.statistics import (
+  in_grad_dtype,
   _wide_enough,
   adam_direction_leaf,
   debias_factor,
@@ -86,7 +87,7 @@ def adan_sum_leaf(b2, x, y):
 
 
 def _keep_dtype(updates, new):
-  return jax.tree.map(lambda g, u: u.astype(jnp.result_type(g)), updates, new)
+  return jax.tree.map(lambda g, u: in_grad_dtype(u, g), updates, new)
 
 
 # ----------------------------------------------------------------------------------------

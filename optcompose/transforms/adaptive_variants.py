@@ -44,6 +44,7 @@ from optcompose.core import (
 )
 from optcompose.transforms.adaptive import ScaleByAdamState
 from optcompose.transforms.statistics import (
+  in_grad_dtype,
   like_params,
   squares_init,
   _wide_enough,
@@ -127,7 +128,7 @@ def first_moment_hat(b1, mu, updates, count, nesterov):
 
 
 def _keep_dtype(updates, new):
-  return jax.tree.map(lambda g, u: u.astype(jnp.result_type(g)), updates, new)
+  return jax.tree.map(lambda g, u: in_grad_dtype(u, g), updates, new)
 
 
 # ----------------------------------------------------------------------------------------

@@ -76,7 +76,8 @@ def _rescale(u, norm, max_norm):
   # (u / n) * c with n = c = 1 where the norm is below the bound: the choice is made on the
   # norms (scalars, or one per unit), not between u and its rescaled copy, so the product
   # fuses into the loop that consumes u (XLA CPU does not fuse a whole-leaf select into it:
-  # clip + AdamW ran at twice AdamW's time). u / 1 * 1 is u exactly, and the rest is Optax's
+  # clip + AdamW ran at twice AdamW's time). u / 1 * 1 is u exactly but for subnormal values,
+  # which XLA CPU flushes to 0 (docs/coming-from-optax.md); the rest is Optax's
   # arithmetic: the division in u's dtype, the product in the wider of u's and max_norm's
   # dtypes (a float64 scheduled max_norm with float32 u under x64: float64).
   n, c = otree.promote(jnp.asarray(norm), max_norm)

@@ -36,11 +36,15 @@ Mask = Optional[Union[Any, Callable[[Any], Any]]]
 
 
 def decay_leaf(coef, u, w):
-  """``u + coef * w`` in u's dtype."""
+  """``u + coef * w`` in u's dtype; complex of u's precision where ``w`` is complex and ``u``
+  real (a real gradient of a complex parameter), since the decay's imaginary part would be
+  dropped otherwise (it was, silently; Optax keeps it)."""
   # Each operation in the wider of its operands' dtypes, then the sum cast to u's.
-  return jnp.add(*otree.promote(u, jnp.multiply(*otree.promote(coef, w)))).astype(
-    jnp.result_type(u)
-  )
+  out = jnp.add(*otree.promote(u, jnp.multiply(*otree.promote(coef, w))))
+  dtype = jnp.result_type(u)
+  if jnp.iscomplexobj(out) and not jnp.issubdtype(dtype, jnp.complexfloating):
+    dtype = jnp.complex128 if jnp.finfo(dtype).bits == 64 else jnp.complex64
+  return out.astype(dtype)
 
 
 def masked_leafwise(who: str, leaf: Callable, mask: Mask) -> GradientTransformation:

@@ -13,6 +13,7 @@ leaves: FlatParams (whose leaves are buckets) are refused.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import numbers
 import warnings
@@ -32,6 +33,7 @@ from optcompose.core import (
   safe_increment,
   zero_count,
 )
+from optcompose.core.backend import backend_started
 from optcompose.masks import reject_layouts
 
 
@@ -121,16 +123,29 @@ def add_noise(
     if key is not None:
       raise ValueError("add_noise: give only one of `seed` and `key`.")
     key = seed
-  typed = _typed_key(0 if key is None else key)
-  impl = jax.random.key_impl(typed)
-  data = jax.random.key_data(typed)
-  if not isinstance(data, jax.core.Tracer):
-    data = np.asarray(data)  # the transformation holds no JAX array
+  given = 0 if key is None else key
+
+  @functools.cache
+  def resolved() -> tuple:
+    """The key's implementation and raw data (NumPy: the transformation holds no JAX array);
+    made from an int seed eagerly even when first asked for inside a trace."""
+    with jax.ensure_compile_time_eval():
+      typed = _typed_key(given)
+      data = jax.random.key_data(typed)
+    raw = data if isinstance(data, jax.core.Tracer) else np.asarray(data)
+    return jax.random.key_impl(typed), raw
+
+  # An int seed is made a key at the first init where JAX's backends are not up yet (making
+  # it starts them: optcompose.core.backend); any other key is checked now.
+  if isinstance(given, (bool, np.bool_)):
+    _typed_key(given)  # refused
+  elif not isinstance(given, numbers.Integral) or backend_started():
+    resolved()
 
   def init(params):
     otree.check_floating(params, "params")
     reject_layouts(params, "add_noise")
-    return AddNoiseState(zero_count(), jnp.asarray(data))
+    return AddNoiseState(zero_count(), jnp.asarray(resolved()[1]))
 
   def update(updates, state, params=None, **extra):
     del params, extra
@@ -139,6 +154,7 @@ def add_noise(
     count = safe_increment(state.count)
     t = count.astype(default_float())
     sigma = jnp.sqrt(jnp.divide(*otree.promote(eta, jnp.power(*otree.promote(t, gamma)))))
+    impl = resolved()[0]
     next_key, sample = jax.random.split(jax.random.wrap_key_data(state.rng_key, impl=impl))
     leaves, treedef = jax.tree.flatten(updates)
     keys = jax.random.split(sample, len(leaves))

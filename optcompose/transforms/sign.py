@@ -32,7 +32,7 @@ from optcompose.core import (
   stateless_with_tree_map,
   zero_count,
 )
-from optcompose.transforms.statistics import ema_leaf, like_params, same_structure
+from optcompose.transforms.statistics import ema_leaf, in_grad_dtype, like_params, same_structure
 
 LION_MODES = ("hard", "smooth", "refined")
 
@@ -130,7 +130,7 @@ def scale_by_lion(
     expect_state(state, ScaleByLionState, "scale_by_lion")
     same_structure(updates, state.mu, "mu")
     out = jax.tree.map(
-      lambda g, m: soft_sign_leaf(ema_leaf(b1, m, g), mode, smooth_beta).astype(jnp.result_type(g)),
+      lambda g, m: in_grad_dtype(soft_sign_leaf(ema_leaf(b1, m, g), mode, smooth_beta), g),
       updates,
       state.mu,
     )

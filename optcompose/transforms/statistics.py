@@ -176,3 +176,12 @@ def like_params(params, dtype, who: str, copy: bool = False):
 
 def same_structure(updates, state_tree, field):
   otree.check_same_structure(updates, state_tree, "updates", f"state.{field}")
+
+
+def in_grad_dtype(u, g):
+  """``u`` in the gradient ``g``'s dtype. A real gradient of a complex parameter meets moments
+  of the parameter's complex dtype whose imaginary parts stay 0 (they start at 0 and only
+  real gradients enter): its update is their real part, taken exactly (a cast from complex
+  to real is deprecated in JAX)."""
+  real = not jnp.issubdtype(jnp.result_type(g), jnp.complexfloating)
+  return (jnp.real(u) if real and jnp.iscomplexobj(u) else u).astype(jnp.result_type(g))

@@ -31,8 +31,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from optcompose.core.backend import backend_started
 from optcompose.core import (
-  DTYPE,
+  REAL_DTYPE,
   GradientTransformation,
   Hyper,
   default_float,
@@ -64,7 +65,7 @@ def _is_randomness(name: str, value) -> bool:
   "wrapper",
   optax="inject_hyperparams",
   inner_factory=Hyper(("choice", ("sgd", "adam", "adamw", "rmsprop"))),
-  hyperparam_dtype=DTYPE,
+  hyperparam_dtype=REAL_DTYPE,
 )
 def inject_hyperparams(
   inner_factory: Callable[..., GradientTransformation],
@@ -161,10 +162,12 @@ def inject_hyperparams(
         fixed[name] = value
     for name, schedule in schedules.items():
       check_usable(who, name, schedule)
+    at_0 = None  # not evaluated before JAX's backends are up (optcompose.core.backend)
     try:
-      at_0 = {n: s(jnp.zeros([], jnp.int32)) for n, s in schedules.items()}
+      if backend_started() or not schedules:
+        at_0 = {n: s(jnp.zeros([], jnp.int32)) for n, s in schedules.items()}
     except Exception:  # a schedule's own error: init names it
-      at_0 = None
+      pass
     if not ours and _optax_s(inner_factory):  # Optax's: its values checked by name as ours
       _by_name(who, hyperparam_dtype, twin)(numeric)
     elif ours and at_0 is not None:
