@@ -29,7 +29,9 @@ from optax.losses import sigmoid_binary_cross_entropy as sigmoid_binary_cross_en
 from optax.losses import sigmoid_focal_loss as sigmoid_focal_loss
 from optax.losses import smooth_labels as smooth_labels
 from optax.losses import softmax_cross_entropy as softmax_cross_entropy
-from optax.losses import softmax_cross_entropy_with_integer_labels as softmax_cross_entropy_with_integer_labels
+from optax.losses import (
+  softmax_cross_entropy_with_integer_labels as softmax_cross_entropy_with_integer_labels,
+)
 from optax.losses import sparsemax_loss as sparsemax_loss
 from optax.losses import squared_error as squared_error
 from optax.losses import triplet_margin_loss as triplet_margin_loss

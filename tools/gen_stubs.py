@@ -234,7 +234,7 @@ def render() -> dict:
     names = sorted(  # not its submodules: imported or not, depending on what ran before
       n for n, v in vars(module).items() if not n.startswith("_") and not inspect.ismodule(v)
     )
-    lines = [f"from optax.{namespace} import {n} as {n}" for n in names]
+    lines = [_import(f"optax.{namespace}", n) for n in names]
     stubs[f"{PACKAGE}/{namespace}.pyi"] = lines or [f"# optax.{namespace}: submodules only."]
   out = {}
   import optax
