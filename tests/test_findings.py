@@ -234,7 +234,7 @@ def test_an_optax_state_is_named_as_optax_s():
 
   with pytest.raises(
     ValueError,
-    match=r"state\[0\] is a optax\..*ScaleByAdamState \(not "
+    match=r"state\[0\] is an optax\..*ScaleByAdamState \(not "
     r"optcompose's\), expected a ScaleByAdamState",
   ):
     oc.adam(0.1).update(G, optax.adam(0.1).init(P), P)
