@@ -74,6 +74,18 @@ def first_difference(tree: Any, reference: Any) -> str:
   parts = ([_count(missing, "missing")] if missing else []) + (
     [_count(extra, "unexpected")] if extra else []
   )
+  # A function as a leaf of `reference` (an Equinox model's activation) where `tree` has
+  # none: the parameters were given unfiltered (Optax's update happens to accept them).
+  objects = [
+    type(x).__name__
+    for p, x in jax.tree_util.tree_flatten_with_path(reference)[0]
+    if path_str(p) in missing[:1] and callable(x) and not hasattr(x, "dtype")
+  ]
+  if objects:
+    parts[0] += (
+      f" (where the other tree has a {objects[0]}, not an array: give only the arrays, e.g. "
+      "an Equinox model as eqx.filter(model, eqx.is_array))"
+    )
   if parts:
     return "; ".join(parts)
   found = _first_node(jax.tree.structure(tree), jax.tree.structure(reference))

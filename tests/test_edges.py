@@ -248,3 +248,25 @@ def test_a_python_float_gradient_under_x64_keeps_the_float64_learning_rate():
     state = tx.init(p)
     for update in (tx.update, jax.jit(tx.update)):
       assert float(update(0.3, state, p)[0]) == -0.3 * 0.1
+
+
+def test_an_unfiltered_equinox_model_as_params_is_named():
+  """The message said ".activation is missing", with no word of eqx.filter (Optax's update
+  happens to run on the unfiltered model)."""
+  eqx = pytest.importorskip("equinox")
+  model = eqx.nn.MLP(2, 2, 4, 1, key=jax.random.key(0))
+  grads = eqx.filter_grad(lambda m, x: jnp.sum(m(x)))(model, jnp.ones(2))
+  tx = oc.adamw(1e-3)
+  state = tx.init(eqx.filter(model, eqx.is_array))
+  with pytest.raises(ValueError, match=r"not an array: .*eqx\.filter\(model, eqx\.is_array\)"):
+    tx.update(grads, state, model)
+  tx.update(grads, state, eqx.filter(model, eqx.is_array))
+
+
+def test_join_schedules_checks_the_order_of_its_final_boundary_too():
+  """Documented as checked, the final boundary (where the last schedule ends) was cut off
+  before the order check: [100, 50] for two schedules passed."""
+  two = [oc.constant_schedule(1.0), oc.constant_schedule(0.5)]
+  with pytest.raises(ValueError, match=r"non-decreasing, got \[100, 50\]"):
+    oc.join_schedules(two, [100, 50])
+  assert float(oc.join_schedules(two, [100, 200])(150)) == 0.5

@@ -62,9 +62,9 @@ def join_schedules(schedules: Sequence[Schedule], boundaries: Sequence[int]) -> 
       f"{fn}: {len(schedules)} schedules need {len(schedules) - 1} boundaries (or "
       f"{len(schedules)}, the last where the last schedule ends), got {len(boundaries)}."
     )
-  boundaries = boundaries[: len(schedules) - 1]  # (a last one, where the last ends: unused)
-  if any(b2 < b1 for b1, b2 in zip(boundaries, boundaries[1:])):
+  if any(b2 < b1 for b1, b2 in zip(boundaries, boundaries[1:])):  # the last one's too
     raise ValueError(f"{fn}: `boundaries` must be non-decreasing, got {boundaries}.")
+  boundaries = boundaries[: len(schedules) - 1]  # (a last one, where the last ends: unused)
   for i, s in enumerate(schedules):
     if not callable(s):
       raise TypeError(f"{fn}: `schedules[{i}]` is not callable.")
