@@ -176,9 +176,9 @@ def _mismatches(
     elif got.dtype != want.dtype:
       cast = " (nothing is cast: build the template with the saved dtype)"
       a, b = got.dtype, want.dtype
-      if b.itemsize == 8 and jax.dtypes.canonicalize_dtype(np.float64).itemsize == 4:  # NumPy
+      if jax.dtypes.canonicalize_dtype(b) != b:  # a dtype no JAX array has now: NumPy's
         cast = (
-          " (the template holds a 64-bit NumPy array there, which JAX keeps in 32 bits without "
+          f" (the template holds a NumPy {b} array there, which JAX keeps in 32 bits without "
           "x64: build that leaf with jax.numpy, as tx.init does; nothing is cast)"
         )
       elif {a.itemsize, b.itemsize} == {4, 8} and a.kind == b.kind:

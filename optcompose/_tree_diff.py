@@ -1,11 +1,14 @@
 """Where two pytrees differ in structure, in words: the first leaf path missing or unexpected,
 else the first node whose type or data differs (a :class:`~optcompose.FlatParams` of another
-layout, a dict against a FrozenDict), named by the first leaf it holds. On the ground floor
-with :mod:`optcompose.tree`, which re-exports :func:`first_difference`."""
+layout, a dict against a FrozenDict), named by the first leaf it holds; and leaf paths as
+strings, printed and with their keys joined by "/", which path patterns search
+(:func:`optcompose.masks.mask_from_paths`). On the ground floor with :mod:`optcompose.tree`,
+which re-exports :func:`first_difference` and :func:`key_name`."""
 
 from __future__ import annotations
 
-from typing import Any, Optional
+import re
+from typing import Any, Callable, Optional
 
 import jax
 
@@ -138,3 +141,65 @@ def prefix_difference(prefix: Any, tree: Any, name: str = "the prefix") -> str:
       "nnx.Param), or pass a function of the parameters"
     )
   return found
+
+
+def key_name(key: Any) -> str:
+  """One ``jax.tree_util`` path entry as a plain string: a dict key, a sequence index or an
+  attribute name (each key type has exactly one of ``key``, ``idx``, ``name``)."""
+  for attribute in ("key", "idx", "name"):  # DictKey/FlattenedIndexKey, SequenceKey, GetAttrKey
+    if hasattr(key, attribute):
+      return str(getattr(key, attribute))
+  return str(key)
+
+
+def _without_value(path) -> tuple:
+  """``path`` without Flax ``Variable``'s trailing ``.value``."""
+  keys = list(path)
+  while keys and isinstance(keys[-1], jax.tree_util.GetAttrKey) and keys[-1].name == "value":
+    keys.pop()
+  return tuple(keys)
+
+
+def _path_string(path) -> str:
+  """``keystr`` of a path without Flax ``Variable``'s trailing ``.value``."""
+  return jax.tree_util.keystr(_without_value(path))
+
+
+# A whole pattern that is a path as printed (keystr): ['a'], ["a"], [0], .name, repeated.
+_PRINTED_KEY = re.compile(r"\['([^']*)'\]|\[\"([^\"]*)\"\]|\[(\d+)\]|\.(\w+)")
+_PRINTED = re.compile(rf"(?:{_PRINTED_KEY.pattern})+")
+
+
+class _Path(str):
+  """A leaf's path as printed (``['params']['Dense_0']['bias']``, what :func:`labels_from_fn`
+  gives), with ``plain``, its keys joined by "/" (``params/Dense_0/bias``)."""
+
+  plain: str
+
+
+def _paths(tree) -> list:
+  """The :class:`_Path` of each of ``tree``'s leaves (a Flax ``Variable``'s ``.value`` left
+  out)."""
+  out = []
+  for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    printed = _Path(_path_string(path))
+    printed.plain = "/".join(key_name(k) for k in _without_value(path))
+    out.append(printed)
+  return out
+
+
+def _slash(pattern: re.Pattern, paths: list) -> bool:
+  """Whether ``pattern`` is searched in the paths' "/" form: where it is found in none of
+  them as printed (every printed dict path ends in ``']``, so ``bias$`` matched nothing and
+  ``exclude="bias$"`` excluded nothing, silently). A pattern found as printed keeps that form
+  (a negative lookahead for ``['head']`` included the head once searched in both)."""
+  return not any(pattern.search(p) for p in paths)
+
+
+def _found(pattern: re.Pattern, path: "_Path", slash: bool) -> bool:
+  return bool(pattern.search(path.plain if slash else path))
+
+
+def _by_path(tree: Any, value: Callable[["_Path"], Any]) -> Any:
+  """``tree`` with each leaf replaced by ``value(its path)``."""
+  return jax.tree.unflatten(jax.tree.structure(tree), [value(p) for p in _paths(tree)])

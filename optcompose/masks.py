@@ -19,7 +19,16 @@ from typing import Any, Callable, Iterable, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 
-from optcompose._tree_diff import prefix_difference
+from optcompose._tree_diff import (
+  _PRINTED,
+  _PRINTED_KEY,
+  _by_path,
+  _found,
+  _path_string,
+  _paths,
+  _slash,
+  prefix_difference,
+)
 from optcompose.tree import first_difference
 
 # What ``import optcompose`` re-exports (the helpers below serve the transformations).
@@ -169,14 +178,6 @@ def resolve_mask(mask: Any, tree: Any, name: str = "mask") -> Any:
   return jax.tree.map(bool, per_leaf_values(mask, tree, name, broadcast))
 
 
-def _path_string(path) -> str:
-  """``keystr`` of a path without Flax ``Variable``'s trailing ``.value``."""
-  keys = list(path)
-  while keys and isinstance(keys[-1], jax.tree_util.GetAttrKey) and keys[-1].name == "value":
-    keys.pop()
-  return jax.tree_util.keystr(tuple(keys))
-
-
 def labels_from_fn(fn: Callable[[str, Any], Any]) -> Callable[[Any], Any]:
   """A labels (or mask) callable from ``fn(path, leaf)``.
 
@@ -209,33 +210,17 @@ def _compile(fn: str, name: str, pattern: Any) -> re.Pattern:
     why = "a literal '|' (a Markdown table's escape, copied?); for either alternative write"
     fix, literal = escaped.sub(r"\1|", pattern), "to match a literal '|', write '[|]'"
     raise ValueError(f"{fn}: `{name}` {pattern!r} has '\\|', {why} {fix!r} ({literal}).")
-  if isinstance(pattern, str) and re.search(r"(?<!\\)\[['\"]", pattern):  # ['Dense_0'], printed
+  if isinstance(pattern, str) and _PRINTED.fullmatch(pattern) and re.search(r"\[['\"]", pattern):
+    keys = "/".join(k for m in _PRINTED_KEY.findall(pattern) for k in m if k)
     raise ValueError(
       f"{fn}: `{name}` {pattern!r} is a path as printed, but a regex reads [...] as a set of "
-      "characters (it would match nearly every path): write the keys joined by '/' "
-      f"({'/'.join(k.strip(chr(34)) for m in _KEY.findall(pattern) for k in m if k)!r}), or "
-      "re.escape(...)."
+      f"characters (it would match nearly every path): write the keys joined by '/' ({keys!r}), "
+      "or re.escape(...)."
     )
   try:
     return re.compile(pattern)
   except re.error as error:
     raise ValueError(f"{fn}: `{name}` is not a valid regex: {pattern!r} ({error}).") from None
-
-
-_KEY = re.compile(r"\['(.*?)'\]|\[(.*?)\]|\.([^.\[]+)")  # ['a'], [0], .name of a keystr
-
-
-def _found(pattern: re.Pattern, path: str) -> bool:
-  """Whether ``pattern`` is found in ``path`` as printed (``['params']['Dense_0']['bias']``)
-  or as its keys joined by "/" (``params/Dense_0/bias``), where ``bias$`` and ``^params/``
-  anchor as meant (every printed dict path ends in ``']``: they matched nothing)."""
-  plain = "/".join(next((k for k in m if k), "") for m in _KEY.findall(path))
-  return bool(pattern.search(path) or pattern.search(plain))
-
-
-def _paths(tree) -> list:
-  """The path strings of ``tree``'s leaves, as :func:`labels_from_fn` gives them."""
-  return [_path_string(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
 # The parameters of the outermost masked transformation running (see :func:`_check_paths`).
@@ -269,7 +254,7 @@ def _check_paths(fn: str, tree: Any, problem: Callable[[list], str]) -> None:
 def _no_match(name: str, pattern: re.Pattern, paths: list, hint: str) -> str:
   """The problem (see :func:`_check_paths`) of ``pattern``, argument ``name``, found in none
   of ``paths`` (a typo would select nothing, silently), ending with ``hint``; "" if no paths."""
-  if not paths or any(_found(pattern, path) for path in paths):
+  if not paths or any(pattern.search(p) or pattern.search(p.plain) for p in paths):
     return ""
   shown = ", ".join(paths[:5]) + (f", ... ({len(paths) - 5} more)" if len(paths) > 5 else "")
   return f"`{name}` {pattern.pattern!r} matches no leaf path; it was searched in: {shown}. {hint}"
@@ -286,7 +271,8 @@ def labels_from_paths(rules, default=None) -> Callable[[Any], Any]:
   Example: ``labels_from_paths([(r"bias|scale", "no_decay")], default="decay")``.
 
   Args:
-    rules: a sequence of ``(regex, label)`` pairs, tried in order.
+    rules: a sequence of ``(regex, label)`` pairs, tried in order; each regex is searched
+      as :func:`mask_from_paths` searches its patterns (printed, else keys joined by "/").
     default: the label of a leaf that no rule matches; ``None`` makes that an error naming
       the path.
 
@@ -315,15 +301,13 @@ def labels_from_paths(rules, default=None) -> Callable[[Any], Any]:
       )
     compiled.append((_compile("labels_from_paths", f"rules[{i}][0]", rule[0]), rule[1]))
 
-  def label(path, leaf):
-    for pattern, lab in compiled:
-      if _found(pattern, path):
+  def label(path, slash):
+    for (pattern, lab), s in zip(compiled, slash):
+      if _found(pattern, path, s):
         return lab
     if default is None:
       raise ValueError(f"labels_from_paths: no rule matches {path} and there is no default.")
     return default
-
-  by_fn = labels_from_fn(label)
 
   hint = f"Labels see only the parameters they are {_PART} the rules for that part."
 
@@ -331,10 +315,12 @@ def labels_from_paths(rules, default=None) -> Callable[[Any], Any]:
     for i, (pattern, _) in enumerate(compiled):
       if message := _no_match(f"rules[{i}][0]", pattern, paths, hint):
         return message
-    first = [next((i for i, (p, _) in enumerate(compiled) if _found(p, x)), -1) for x in paths]
+    slash = [_slash(p, paths) for p, _ in compiled]
+    hit = lambda i, x: _found(compiled[i][0], x, slash[i])  # noqa: E731
+    first = [next((i for i in range(len(compiled)) if hit(i, x)), -1) for x in paths]
     rule = lambda k: f"`rules[{k}]` ({compiled[k][0].pattern!r}, {compiled[k][1]!r})"  # noqa: E731
     for i, (pattern, lab) in enumerate(compiled):
-      found = [(x, j) for x, j in zip(paths, first) if _found(pattern, x)]
+      found = [(x, j) for x, j in zip(paths, first) if hit(i, x)]
       # Not a fallback ('.*' last, on a model the rules before it cover): see Raises.
       wider = [(x, j) for x, j in found if compiled[j][0].search(pattern.pattern)]
       other = [(x, j) for x, j in wider if compiled[j][1] != lab]
@@ -348,7 +334,8 @@ def labels_from_paths(rules, default=None) -> Callable[[Any], Any]:
 
   def labels(tree):
     _check_paths("labels_from_paths", tree, problem)
-    return by_fn(tree)
+    slash = [_slash(pattern, _paths(tree)) for pattern, _ in compiled]
+    return _by_path(tree, lambda path: label(path, slash))
 
   return labels
 
@@ -359,9 +346,10 @@ def mask_from_paths(include=None, exclude=None) -> Callable[[Any], Any]:
   Example: ``adamw(..., mask=mask_from_paths(exclude=r"bias|scale"))``.
 
   Args:
-    include: a regex searched in each leaf's path, as printed (``['params']['Dense_0']
-      ['bias']``; a Flax ``Variable``'s ``.value`` left out) and as its keys joined by "/"
-      (``params/Dense_0/bias``, where ``bias$`` anchors); ``None`` includes every path.
+    include: a regex searched in each leaf's path as printed (``['params']['Dense_0']
+      ['bias']``; a Flax ``Variable``'s ``.value`` left out), or, if found in no path so,
+      in its keys joined by "/" (``params/Dense_0/bias``, where ``bias$`` anchors); ``None``
+      includes every path.
     exclude: a regex, searched the same way; matching paths are excluded.
 
   Returns:
@@ -381,17 +369,20 @@ def mask_from_paths(include=None, exclude=None) -> Callable[[Any], Any]:
   """
   inc = _compile("mask_from_paths", "include", include) if include is not None else None
   exc = _compile("mask_from_paths", "exclude", exclude) if exclude is not None else None
-  by_fn = labels_from_fn(
-    lambda path, _: (
-      (inc is None or _found(inc, path)) and not (exc is not None and _found(exc, path))
-    )
-  )
 
   def mask(tree):
     if inc is not None:
       hint = f'A mask sees only the parameters it is {_PART} it for that part (an `exclude` needs '
       hint += 'no match: e.g. mask_from_paths(exclude=r"bias|scale")).'
       _check_paths("mask_from_paths", tree, lambda ps: _no_match("include", inc, ps, hint))
-    return by_fn(tree)
+    paths = _paths(tree)
+    slash_inc, slash_exc = (p is not None and _slash(p, paths) for p in (inc, exc))
+    return _by_path(
+      tree,
+      lambda path: (
+        (inc is None or _found(inc, path, slash_inc))
+        and not (exc is not None and _found(exc, path, slash_exc))
+      ),
+    )
 
   return mask

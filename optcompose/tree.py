@@ -22,16 +22,8 @@ import jax.numpy as jnp
 from optax import tree_utils as _optax_tree_utils
 
 from optcompose._tree_diff import first_difference as first_difference
+from optcompose._tree_diff import key_name as key_name
 from optcompose._tree_diff import path_str as path_str
-
-
-def key_name(key: Any) -> str:
-  """One ``jax.tree_util`` path entry as a plain string: a dict key, a sequence index or an
-  attribute name (each key type has exactly one of ``key``, ``idx``, ``name``)."""
-  for attribute in ("key", "idx", "name"):  # DictKey/FlattenedIndexKey, SequenceKey, GetAttrKey
-    if hasattr(key, attribute):
-      return str(getattr(key, attribute))
-  return str(key)
 
 
 def check_same_structure(tree: Any, reference: Any, name: str, reference_name: str) -> None:

@@ -70,7 +70,7 @@ def test_a_complex_hyperparameter_dtype_is_refused_at_construction_by_its_name()
 
 
 BUILDERS = """
-import jax, optcompose as oc
+import jax, numpy as np, optcompose as oc
 from jax._src import xla_bridge
 built = [
   oc.warmup_cosine_decay_schedule(0.0, 1e-3, 100, 10_000),
@@ -82,6 +82,7 @@ built = [
   oc.adamw(oc.warmup_cosine_decay_schedule(0.0, 1e-3, 100, 10_000), weight_decay=0.1),
   oc.inject_hyperparams(oc.adamw)(learning_rate=oc.linear_schedule(1e-3, 1e-4, 100)),
   oc.noisy_sgd(0.1, key=3),
+  oc.fromage(np.float32(1e-3)),
   oc.chain(oc.clip_by_global_norm(1.0), oc.adamw(1e-3)),
 ]
 assert not xla_bridge.backends_are_initialized(), "a builder started JAX's backends"
@@ -117,24 +118,45 @@ def test_building_optimizers_and_schedules_leaves_jax_distributed_initialize_pos
   assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-2000:]
 
 
-def test_a_bad_schedule_is_still_refused_before_the_backends_are_up():
-  """The checks that wait for the backends still run: at init, naming the argument."""
-  code = (
-    "import jax.numpy as jnp, optcompose as oc\n"
-    "tx = oc.inject_hyperparams(oc.adam)(learning_rate=oc.linear_schedule(-1e-3, 1e-3, 10))\n"
-    "try:\n"
-    "  tx.init({'w': jnp.ones(2)})\n"
-    "except ValueError as e:\n"
-    "  print(e)\n"
-  )
+COLD = """
+import jax, jax.numpy as jnp, optcompose as oc
+from jax._src import xla_bridge
+built = [
+  oc.inject_hyperparams(oc.adam)(learning_rate=oc.linear_schedule(-1e-3, 1e-3, 10)),
+  oc.adam(0.1, b1=oc.exponential_decay(0.9, 10, 1.5)),
+  oc.sgd(0.1, momentum=oc.exponential_decay(0.9, 100, 1.01)),
+  oc.rmsprop(0.1, eps=oc.exponential_decay(1e-8, 1000, 0.5)),
+  oc.adamw(oc.join_schedules([oc.linear_schedule(0.0, 1e-3, 10),
+                              oc.linear_schedule(1e-3, -1e-3, 100)], [10])),
+  oc.inject_hyperparams(oc.adam)(learning_rate=0.1, b1=oc.exponential_decay(0.9, 10, 1.5)),
+]
+assert not xla_bridge.backends_are_initialized()
+for tx in built:
+  try:
+    jax.jit(tx.init)({{"w": jnp.ones(2)}})
+    print("accepted")
+  except ValueError as e:
+    print("refused", str(e).split(":")[1].split("`")[1])
+"""
+
+
+def test_a_bad_schedule_built_before_the_backends_are_up_is_refused_at_init():
+  """The review of the change: the records of a schedule built cold were left out for good
+  (a growing b1, an eps decaying to 0, a join reaching a negative learning rate all trained).
+  They are now evaluated at the first init (here a jitted one), naming the argument; built
+  once the backends are up, each is refused at construction, as before."""
   run = subprocess.run(
-    [sys.executable, "-c", code],
+    [sys.executable, "-c", COLD.format()],
     capture_output=True,
     text=True,
     env={"PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"},
     timeout=300,
   )
-  assert "learning_rate" in run.stdout, run.stdout + run.stderr[-2000:]
+  got = run.stdout.split("\n")[:6]
+  want = ["learning_rate", "b1", "decay", "eps", "learning_rate", "b1"]
+  assert got == [f"refused {name}" for name in want], run.stdout + run.stderr[-2000:]
+  with pytest.raises(ValueError, match="`b1`"):  # warm: at construction
+    oc.adam(0.1, b1=oc.exponential_decay(0.9, 10, 1.5))
 
 
 def test_plain_dict_labels_against_nnx_variables_say_so():
@@ -170,7 +192,7 @@ def test_a_numpy_float64_template_leaf_is_named_as_such(tmp_path):
 
   path = tmp_path / "state.msgpack"
   save_checkpoint(path, {"mu": jnp.zeros(3)})
-  with pytest.raises(CheckpointMismatchError, match="a 64-bit NumPy array there"):
+  with pytest.raises(CheckpointMismatchError, match="a NumPy float64 array there"):
     restore_checkpoint(path, {"mu": np.zeros(3)})
   restore_checkpoint(path, {"mu": jnp.zeros(3)})
 
@@ -206,6 +228,15 @@ def test_path_patterns_anchor_on_the_keys_joined_by_slashes():
   assert labels["params"]["Dense_0"] == {"kernel": "decay", "bias": "no_decay"}
 
 
+def test_a_pattern_found_as_printed_keeps_the_printed_form():
+  """Searched in both forms, a negative lookahead for ['head'] matched the head's
+  "params/head/kernel" too (the review); and a quote character class is a valid regex."""
+  tree = {"params": {"head": {"kernel": jnp.ones(2)}, "body": {"kernel": jnp.ones(2)}}}
+  mask = oc.mask_from_paths(include=r"^(?!.*\['head'\])")(tree)
+  assert mask == {"params": {"head": {"kernel": False}, "body": {"kernel": True}}}
+  assert all(jax.tree.leaves(oc.mask_from_paths(include=r"['\"]kernel['\"]")(tree)))
+
+
 def test_a_path_copied_as_printed_is_refused_with_the_slash_form():
   """ "['Dense_0']['kernel']" as a regex is a set of characters: it matched every leaf."""
   with pytest.raises(ValueError, match=r"is a path as printed.*'Dense_0/kernel'"):
@@ -225,10 +256,26 @@ def test_a_chain_given_its_state_where_the_updates_go_says_so(build, params):
     tx.update(tx.init(params), params, params)
 
 
+def test_a_gradient_tuple_holding_a_count_is_not_taken_for_a_state():
+  """The review: a tuple gradient with a NamedTuple of a `count` field, under a nested chain
+  whose state shows no EmptyState at its top, was refused as swapped arguments."""
+  from typing import NamedTuple
+
+  class Stats(NamedTuple):
+    mean: jax.Array
+    count: jax.Array
+
+  g = (jnp.ones(2), Stats(jnp.ones(2), jnp.ones(2)))
+  for tx in (oc.chain(oc.adam(0.1)), oc.chain(oc.trace(0.9)), oc.adam(0.1)):
+    tx.update(g, tx.init(g), g)
+  with pytest.raises(ValueError, match=r"must lie in \[-2\*\*63, 2\*\*63\)"):
+    oc.noisy_sgd(0.1, key=2**80)  # an int seed checked when built, not at the first init
+
+
 def test_a_transformation_without_state_refuses_another_optimizer_s_state():
   """It passed the foreign state back: a rebuilt adam(1e-3) kept the old schedule's state,
-  and current_hyperparams reported its stale learning rate forever (Optax returns a fresh
-  EmptyState)."""
+  and current_hyperparams reported its stale learning rate forever (Optax's scale and clip
+  do the same; its stateless returns a fresh EmptyState; docs/coming-from-optax.md)."""
   params = {"w": jnp.ones(2)}
   old = oc.adam(oc.linear_schedule(1e-2, 0.0, 100))
   with pytest.raises(oc.StateMismatchError, match=r"state\[1\] is an InjectHyperparamsState"):

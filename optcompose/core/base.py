@@ -113,7 +113,7 @@ def stateless(f: Callable[[Updates, Optional[Params]], Updates]) -> GradientTran
 
   def update(updates, state, params=None, **extra):
     del extra
-    if jax.tree.leaves(state):  # another optimizer's state (Optax's returns a fresh one)
+    if jax.tree.leaves(state):  # another optimizer's state (Optax's scale passes it back)
       raise StateMismatchError("a transformation without state", "EmptyState", state)
     return f(updates, params), state
 
@@ -285,8 +285,7 @@ def chain(*transformations: Any) -> GradientTransformation:
 
 
 def _chain_state(state: Any, n: int, updates: Any = None) -> tuple:
-  states = lambda tree: isinstance(tree, tuple) and any(map(_is_a_state, tree))  # noqa: E731
-  if states(updates) and not states(state):  # tx.update(state, grads): silent with tuples
+  if type(updates) is tuple and _is_a_state(updates) and not _is_a_state(state):  # swapped
     raise TypeError(
       f"chain: `updates` is a tuple of optimizer states ({type(updates[0]).__name__}, ...): "
       "the arguments are update(updates, state, params), gradients first."
@@ -299,9 +298,12 @@ def _chain_state(state: Any, n: int, updates: Any = None) -> tuple:
 
 
 def _is_a_state(x: Any) -> bool:
-  """Whether ``x`` is an optimizer state rather than part of a gradient tree: an empty state
-  (Optax's or ours), or a NamedTuple with a ``count``."""
-  return isinstance(x, (EmptyState, optax.EmptyState)) or "count" in getattr(x, "_fields", ())
+  """Whether ``x`` is an optimizer state rather than a gradient tree: a NamedTuple of
+  optcompose's or Optax's (their states; a gradient tree holds none of them), or a
+  non-empty plain tuple of such states (a chain's)."""
+  if hasattr(x, "_fields"):
+    return type(x).__module__.split(".")[0] in ("optcompose", "optax")
+  return type(x) is tuple and bool(x) and all(map(_is_a_state, x))
 
 
 def _run_chain(members: tuple, updates: Any, state: tuple, params: Any, extra: dict) -> tuple:

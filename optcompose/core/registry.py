@@ -37,6 +37,7 @@ import jax.numpy as jnp
 
 from optcompose import tree as otree
 from optcompose.core.eps_pair import check_not_both_zero
+from optcompose.core.backend import record_pending, taken_values
 from optcompose.core.base import _READS_FINAL, GradientTransformation, mark_averager
 from optcompose.core.hyperparams import SchedulableBuilder, rebuilt_each_step
 from optcompose.core.validation import Hyper, check_count, declare
@@ -64,6 +65,24 @@ class PublicBuilder(SchedulableBuilder, Protocol):
   """A public builder: also ``static_args``, the names of its integer arguments."""
 
   static_args: tuple[str, ...]
+
+
+def checking_at_init(tx: GradientTransformation, check: Callable, schedules) -> Any:
+  """``tx``, whose ``init`` first evaluates the records of ``schedules`` built before JAX's
+  backends were up (see :mod:`optcompose.core.backend`) and runs ``check``, the range
+  checks a builder would have run on them; ``tx`` itself where there are none."""
+  schedules = list(schedules)
+  if not schedules:
+    return tx
+
+  def init(params):
+    with jax.ensure_compile_time_eval():  # values, also when init is traced (jax.jit)
+      for s in schedules:
+        taken_values(s, now=True)
+      check()
+    return tx.init(params)
+
+  return GradientTransformation(init, tx.update)
 
 
 def names(*kinds: str) -> tuple:
@@ -250,12 +269,16 @@ def public(
         hypers[n].check(name, n, schedule)
       if {"eps", "eps_root"} <= arguments.keys():  # the builder sees step values only
         check_not_both_zero(name, arguments["eps"], arguments["eps_root"])
-      return rebuilt_each_step(
+      tx = rebuilt_each_step(
         lambda values: checked({**arguments, **values}),
         {},
         scheduled,
         who=name,
         cast_scheduled=False,
+      )
+      pending = {n: s for n, s in scheduled.items() if record_pending(s)}
+      return checking_at_init(
+        tx, lambda: [hypers[n].check(name, n, s) for n, s in pending.items()], pending.values()
       )
 
     public_builder = cast(PublicBuilder, wrapper)

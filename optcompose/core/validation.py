@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from optcompose.core.backend import TAKEN, taken_values  # noqa: F401 -- TAKEN: re-exported
+
 _SKIP_CHECKS = contextvars.ContextVar("optcompose_skip_checks", default=False)
 
 # A real number or array as the checks take it, for type checkers (which do not take a
@@ -212,11 +214,7 @@ def check_state_dtype(fn_name: str, name: str, dtype: Any, complex_ok: bool = Tr
     )
 
 
-# The attribute on which a schedule of optcompose.schedules records values that bound all
-# it takes (its start, peak, floor, end, or the limit it decays toward): a builder checks them
-# against the argument's range when it is built, not only the value at step 0 at ``init``
-# (a negative peak would otherwise train by gradient ascent once reached).
-TAKEN = "_optcompose_values_taken"
+# TAKEN: the values a schedule records as taken (optcompose.core.backend).
 # Why a schedule may only be joined where it is never used (a 0-step linear one): raised.
 UNUSABLE = "_optcompose_unusable"
 
@@ -291,7 +289,7 @@ class Hyper(NamedTuple):
     normal(fn, name, value)
     # Not inf as a schedule's value (linear_schedule(inf, 1.0, n) gives NaN at its end).
     ranges["high_open"] = self.high_open or self.high == np.inf
-    for taken in getattr(value, TAKEN, ()) if callable(value) else ():
+    for taken in (taken_values(value) or ()) if callable(value) else ():
       if float(np.asarray(taken, default_float())) == 0:
         taken = 0.0  # a product that underflows: 0 as the schedule computes it, not a typo
       try:

@@ -18,7 +18,6 @@ import jax.numpy as jnp
 from optcompose.core import (
   FLAG,
   LEARNING_RATE,
-  TAKEN,
   GradientTransformation,
   ScalarOrSchedule,
   chain,
@@ -27,6 +26,7 @@ from optcompose.core import (
   real,
   value_at,
 )
+from optcompose.core.backend import taken_values
 from optcompose.optimizers._shared import _proximal
 from optcompose.schedules import constant_schedule
 from optcompose.transforms.decay import Mask
@@ -128,7 +128,7 @@ def _settled_step(learning_rate, momentum):
   """``lr / (1 - rho)``, the proximal step that matches the momentum's settled step (a
   schedule when either is one). Refuses ``rho = 1`` where it is known; a traced or scheduled
   ``1 - rho`` is kept at least the float's ``epsneg`` (the smallest ``1 - rho`` above 0)."""
-  known = (getattr(momentum, TAKEN, None) or ()) if callable(momentum) else (momentum,)
+  known = (taken_values(momentum) or ()) if callable(momentum) else (momentum,)
   if any(not isinstance(r, jax.core.Tracer) and float(r) >= 1 for r in known):
     raise ValueError(
       "sgd: `momentum` must be below 1 with `l1`/`l2`: the proximal step is lr / (1 - "

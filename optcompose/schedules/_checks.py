@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from optcompose.core import TAKEN, UNUSABLE, Schedule, default_float  # noqa: F401 -- Schedule: for the others
-from optcompose.core.backend import backend_started
+from optcompose.core.backend import backend_started, taken_values
 
 
 def _number(
@@ -52,16 +52,30 @@ def _taking(schedule: Schedule, *values) -> Schedule:
   return schedule
 
 
+def _taking_later(schedule: Schedule, record: Callable[[], Optional[tuple]]) -> Schedule:
+  """``schedule``, recording what ``record()`` returns (values as :func:`_taking` records
+  them, or None), which evaluates schedules: now if JAX's backends are up, else the first
+  time a builder asks (:func:`optcompose.core.backend.taken_values`), so that building
+  starts nothing (``jax.distributed.initialize`` may follow)."""
+  if not backend_started():
+    setattr(schedule, TAKEN, lambda: _known(record()))
+    return schedule
+  setattr(schedule, TAKEN, _known(record()))
+  return schedule
+
+
+def _known(values: Optional[tuple]) -> Optional[tuple]:
+  return None if values is None else tuple(v for v in values if not isinstance(v, jax.core.Tracer))
+
+
 def _at_last_step(schedule: Schedule) -> tuple:
   """``(schedule(2**31 - 1),)``, the value at the last step the int32 count reaches (where a
   decay toward 0 or a floor is lowest, or a growth highest): as a float, or ``()`` when it is
   traced or NaN. A growth that overflows records the largest finite value of its dtype and
   sign: it passes every bound (a learning rate's range test grows without one), and a
   hyperparameter bounded above (``b2 < 1``) is refused. An overflow here is expected, not
-  the user's: jax_debug_infs and jax_debug_nans are off while it is computed. ``()`` too
-  before JAX has started its backends (see :mod:`optcompose.core.backend`)."""
-  if not backend_started():
-    return ()
+  the user's: jax_debug_infs and jax_debug_nans are off while it is computed (only in a
+  record :func:`_taking_later` evaluates once JAX's backends are up)."""
   with jax.debug_infs(False), jax.debug_nans(False):
     value = schedule(jnp.asarray(MAX_STEPS, jnp.int32))
   if isinstance(value, jax.core.Tracer):
@@ -90,13 +104,12 @@ def _taken_in_spans(spans) -> Optional[tuple]:
   """The values the pieces of a join take, each over the steps it is used: ``spans`` holds
   ``(schedule, first step, end)``. A piece used for at most 2^16 steps is evaluated at each
   of them (its least and greatest values), not bounded by all it would take later (a growth
-  cut off by the next piece never reaches the largest float); a longer or final piece, one
-  that cannot be evaluated so, or any before JAX's backends are up (see
-  :mod:`optcompose.core.backend`), gives the values it records."""
+  cut off by the next piece never reaches the largest float); a longer or final piece, or
+  one that cannot be evaluated so, gives the values it records."""
   taken = []
   for s, start, end in spans:
     values = None
-    if end - start <= _SAMPLED_SPAN and backend_started():
+    if end - start <= _SAMPLED_SPAN:
       try:
         at = np.asarray(jax.vmap(s)(jnp.arange(end - start, dtype=jnp.int32)), np.float64)
         values = (at.min(), at.max()) if at.size and np.isfinite(at).all() else None
@@ -112,7 +125,7 @@ def _taken_in_spans(spans) -> Optional[tuple]:
 
 def _taken(*schedules) -> Optional[tuple]:
   """The values the ``schedules`` record together, or None if one records none."""
-  found = [getattr(s, TAKEN, None) for s in schedules]
+  found = [taken_values(s, now=True) for s in schedules]
   if any(f is None for f in found):
     return None
   return tuple(value for values in found for value in (values or ()))

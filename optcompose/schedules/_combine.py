@@ -20,6 +20,7 @@ from optcompose.schedules._checks import (
   _taken,
   _taken_in_spans,
   _taking,
+  _taking_later,
   _unusable_from,
 )
 from optcompose.schedules._decay import (
@@ -77,8 +78,7 @@ def join_schedules(schedules: Sequence[Schedule], boundaries: Sequence[int]) -> 
 
   # Only the schedules in use: one between two equal boundaries never is.
   spans = [x for x in zip(schedules, [0, *boundaries], [*boundaries, MAX_STEPS + 1]) if x[1] < x[2]]
-  taken = _taken_in_spans(spans)
-  joined = schedule if taken is None else _taking(schedule, *taken)
+  joined = _taking_later(schedule, lambda: _taken_in_spans(spans))
   return _unusable_from(joined, *(s for s, _, _ in spans))
 
 
@@ -151,8 +151,11 @@ def linear_warmup(schedule: Schedule, warmup_steps: int, init_value=0.0) -> Sche
     peak = schedule(jnp.zeros_like(count))
     return init_value + (peak - init_value) * _float(count) / warmup_steps
 
-  taken = _taken(schedule)  # the warmup ends at schedule(0), one of schedule's values
-  warm = warm if taken is None else _taking(warm, init_value, *taken)
+  def record():  # the warmup ends at schedule(0), one of schedule's values
+    taken = _taken(schedule)
+    return None if taken is None else (init_value, *taken)
+
+  warm = _taking_later(warm, record)
   return join_schedules([warm, schedule], [warmup_steps])
 
 

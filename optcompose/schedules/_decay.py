@@ -13,6 +13,7 @@ from optcompose.schedules._checks import (
   Schedule,
   _boundaries_and_scales,
   _at_last_step,
+  _taking_later,
   _flag,
   _float,
   _taking,
@@ -108,8 +109,11 @@ def exponential_decay(
     value = jnp.where(shifted <= 0, init_value, init_value * jnp.power(decay_rate, p))
     return value if end_value is None else clip(value, end_value)
 
-  last = _at_last_step(schedule)  # monotone: from init_value to its value at the last step
-  return _taking(schedule, init_value, *last) if last else schedule  # unbounded: nothing
+  def record():  # monotone: from init_value to its value at the last step; unbounded: none
+    last = _at_last_step(schedule)
+    return (init_value, *last) if last else None
+
+  return _taking_later(schedule, record)
 
 
 @names_traced
@@ -129,7 +133,7 @@ def inverse_time_decay(
       p = jnp.floor(p)
     return init_value / (1 + decay_rate * p)
 
-  return _taking(schedule, init_value, *_at_last_step(schedule))  # decreasing
+  return _taking_later(schedule, lambda: (init_value, *_at_last_step(schedule)))  # decreasing
 
 
 @names_traced
@@ -155,7 +159,9 @@ def inverse_sqrt_schedule(peak_value, warmup_steps: int, init_value=0.0) -> Sche
     warm = init_value + (peak_value - init_value) * t / warmup_steps
     return jnp.where(t < warmup_steps, warm, decay)
 
-  return _taking(schedule, init_value, peak_value, *_at_last_step(schedule))  # then decreasing
+  return _taking_later(  # then decreasing
+    schedule, lambda: (init_value, peak_value, *_at_last_step(schedule))
+  )
 
 
 @names_traced

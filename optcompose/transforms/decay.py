@@ -31,6 +31,7 @@ from optcompose.core import (
 )
 from optcompose.core.base import EmptyState
 from optcompose.masks import resolve_mask
+from optcompose.transforms.statistics import complex_of
 
 Mask = Optional[Union[Any, Callable[[Any], Any]]]
 
@@ -43,7 +44,7 @@ def decay_leaf(coef, u, w):
   out = jnp.add(*otree.promote(u, jnp.multiply(*otree.promote(coef, w))))
   dtype = jnp.result_type(u)
   if jnp.iscomplexobj(out) and not jnp.issubdtype(dtype, jnp.complexfloating):
-    dtype = jnp.complex128 if jnp.finfo(dtype).bits == 64 else jnp.complex64
+    dtype = complex_of(dtype)
   return out.astype(dtype)
 
 

@@ -139,6 +139,8 @@ def add_noise(
   # it starts them: optcompose.core.backend); any other key is checked now.
   if isinstance(given, (bool, np.bool_)):
     _typed_key(given)  # refused
+  elif isinstance(given, numbers.Integral) and not -(2**63) <= int(given) < 2**63:
+    raise ValueError(f"add_noise: an int `key` must lie in [-2**63, 2**63), got {given}.")
   elif not isinstance(given, numbers.Integral) or backend_started():
     resolved()
 

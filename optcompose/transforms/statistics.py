@@ -168,7 +168,7 @@ def like_params(params, dtype, who: str, copy: bool = False):
           "there is no complex dtype of 16 bits, and a real state would drop the imaginary "
           "part; give None or jnp.complex64."
         )
-      d = jnp.complex128 if jnp.finfo(d).bits > 32 else jnp.complex64
+      d = complex_of(d)
     return jnp.array(p, dtype=d) if copy else jnp.zeros_like(p, dtype=d)
 
   return jax.tree_util.tree_map_with_path(leaf, params)
@@ -185,3 +185,9 @@ def in_grad_dtype(u, g):
   to real is deprecated in JAX)."""
   real = not jnp.issubdtype(jnp.result_type(g), jnp.complexfloating)
   return (jnp.real(u) if real and jnp.iscomplexobj(u) else u).astype(jnp.result_type(g))
+
+
+def complex_of(dtype) -> type:
+  """The complex dtype of a real float ``dtype``'s precision (float64: complex128; float32
+  and narrower: complex64, the narrowest there is)."""
+  return jnp.complex128 if jnp.finfo(dtype).bits > 32 else jnp.complex64

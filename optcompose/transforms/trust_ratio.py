@@ -24,6 +24,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from optcompose import tree as otree
 from optcompose.core import (
@@ -198,7 +199,10 @@ def fromage_step_sizes(learning_rate: ScalarOrSchedule) -> tuple:
   lr = 3e-3, and differs as much between two compilations."""
 
   def sizes(lr):
-    s = (math.hypot if isinstance(lr, (int, float)) else jnp.hypot)(1, lr)  # lr^2 may overflow
+    if isinstance(lr, np.generic):  # NumPy's, in lr's dtype (building starts no JAX backend)
+      s = np.hypot(lr.dtype.type(1), lr)
+    else:  # lr^2 may overflow: a hypot
+      s = (math.hypot if isinstance(lr, (int, float)) else jnp.hypot)(1, lr)
     step = lr / s
     return step, -step * (lr / (1 + s))
 

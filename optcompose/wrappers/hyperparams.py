@@ -31,7 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optcompose.core.backend import backend_started
+from optcompose.core.backend import backend_started, taken_values
+from optcompose.core.registry import checking_at_init
 from optcompose.core import (
   REAL_DTYPE,
   GradientTransformation,
@@ -42,7 +43,7 @@ from optcompose.core import (
 )
 from optcompose.core.registry import REGISTRY, mark_reads_final
 from optcompose.core.held import check_held
-from optcompose.core.validation import TAKEN, check_usable, is_real_like, taken_by_schedule
+from optcompose.core.validation import check_usable, is_real_like, taken_by_schedule
 
 
 def _is_static_by_name(name: str) -> bool:
@@ -182,6 +183,15 @@ def inject_hyperparams(
       if not ours and _optax_s(inner_factory)
       else None,
     )
+    if ours and schedules and not backend_started():  # built cold: checked at the first init
+
+      def check_later():
+        zero = jnp.zeros([], jnp.int32)
+        _check_values_taken(
+          inner_factory, fixed, numeric, schedules, {n: s(zero) for n, s in schedules.items()}
+        )
+
+      tx = checking_at_init(tx, check_later, schedules.values())
     ints = [n for n, v in numeric.items() if isinstance(v, numbers.Integral)]
     if ints and not ours:  # a count (of the user's factory, or an Optax one of no twin)?
       tx = _hinting(tx, who, ints)
@@ -272,7 +282,7 @@ def _check_values_taken(
   A value refused there is accepted when some other schedule's recorded value makes the
   build pass: a check of two values together (``eps`` and ``eps_root`` both 0) must not
   pair one schedule's end with another's start, which it may never meet."""
-  if not any(getattr(s, TAKEN, ()) for s in schedules.values()):
+  if not any(taken_values(s, now=True) for s in schedules.values()):
     return
 
   def builds(values: dict) -> bool:
@@ -283,7 +293,7 @@ def _check_values_taken(
     return True
 
   for name, schedule in schedules.items():
-    for value in getattr(schedule, TAKEN, ()):
+    for value in taken_values(schedule, now=True) or ():
       try:
         factory(**fixed, **numeric, **{**at_0, name: value})
       except (TypeError, ValueError) as e:
@@ -291,7 +301,7 @@ def _check_values_taken(
           {**at_0, other: taken, name: value}
           for other, s in schedules.items()
           if other != name
-          for taken in getattr(s, TAKEN, ())
+          for taken in taken_values(s, now=True) or ()
         ]
         if not any(builds(values) for values in others):
           raise taken_by_schedule(e, name, value) from None
