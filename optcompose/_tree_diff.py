@@ -188,16 +188,19 @@ def _paths(tree) -> list:
   return out
 
 
-def _slash(pattern: re.Pattern, paths: list) -> bool:
-  """Whether ``pattern`` is searched in the paths' "/" form: where it is found in none of
-  them as printed (every printed dict path ends in ``']``, so ``bias$`` matched nothing and
-  ``exclude="bias$"`` excluded nothing, silently). A pattern found as printed keeps that form
-  (a negative lookahead for ``['head']`` included the head once searched in both)."""
-  return not any(pattern.search(p) for p in paths)
+_LOOKAROUND = re.compile(r"\(\?<?!")  # a negative lookahead or lookbehind
 
 
-def _found(pattern: re.Pattern, path: "_Path", slash: bool) -> bool:
-  return bool(pattern.search(path.plain if slash else path))
+def _found(pattern: re.Pattern, path: "_Path") -> bool:
+  """Whether ``pattern`` is found in ``path`` as printed or in its keys joined by "/" (every
+  printed dict path ends in ``']``: ``bias$`` matched nothing, and ``exclude="bias$"``
+  excluded nothing, silently), each leaf on its own: one pattern means the same in every
+  part of a model (``bias$|scale``: either alternative, in either form). A negative
+  lookaround must hold in both forms (a lookahead for ``['head']`` holds in every "/" form,
+  one for ``params/head`` in every printed one)."""
+  printed, plain = pattern.search(path), pattern.search(path.plain)
+  both = _LOOKAROUND.search(pattern.pattern)
+  return bool(printed and plain) if both else bool(printed or plain)
 
 
 def _by_path(tree: Any, value: Callable[["_Path"], Any]) -> Any:

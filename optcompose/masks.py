@@ -26,7 +26,6 @@ from optcompose._tree_diff import (
   _found,
   _path_string,
   _paths,
-  _slash,
   prefix_difference,
 )
 from optcompose.tree import first_difference
@@ -210,7 +209,7 @@ def _compile(fn: str, name: str, pattern: Any) -> re.Pattern:
     why = "a literal '|' (a Markdown table's escape, copied?); for either alternative write"
     fix, literal = escaped.sub(r"\1|", pattern), "to match a literal '|', write '[|]'"
     raise ValueError(f"{fn}: `{name}` {pattern!r} has '\\|', {why} {fix!r} ({literal}).")
-  if isinstance(pattern, str) and _PRINTED.fullmatch(pattern) and re.search(r"\[['\"]", pattern):
+  if isinstance(pattern, str) and "[" in pattern and _PRINTED.fullmatch(pattern):
     keys = "/".join(k for m in _PRINTED_KEY.findall(pattern) for k in m if k)
     raise ValueError(
       f"{fn}: `{name}` {pattern!r} is a path as printed, but a regex reads [...] as a set of "
@@ -254,7 +253,7 @@ def _check_paths(fn: str, tree: Any, problem: Callable[[list], str]) -> None:
 def _no_match(name: str, pattern: re.Pattern, paths: list, hint: str) -> str:
   """The problem (see :func:`_check_paths`) of ``pattern``, argument ``name``, found in none
   of ``paths`` (a typo would select nothing, silently), ending with ``hint``; "" if no paths."""
-  if not paths or any(pattern.search(p) or pattern.search(p.plain) for p in paths):
+  if not paths or any(_found(pattern, p) for p in paths):
     return ""
   shown = ", ".join(paths[:5]) + (f", ... ({len(paths) - 5} more)" if len(paths) > 5 else "")
   return f"`{name}` {pattern.pattern!r} matches no leaf path; it was searched in: {shown}. {hint}"
@@ -272,7 +271,7 @@ def labels_from_paths(rules, default=None) -> Callable[[Any], Any]:
 
   Args:
     rules: a sequence of ``(regex, label)`` pairs, tried in order; each regex is searched
-      as :func:`mask_from_paths` searches its patterns (printed, else keys joined by "/").
+      as :func:`mask_from_paths` searches its patterns (printed, and keys joined by "/").
     default: the label of a leaf that no rule matches; ``None`` makes that an error naming
       the path.
 
@@ -301,9 +300,9 @@ def labels_from_paths(rules, default=None) -> Callable[[Any], Any]:
       )
     compiled.append((_compile("labels_from_paths", f"rules[{i}][0]", rule[0]), rule[1]))
 
-  def label(path, slash):
-    for (pattern, lab), s in zip(compiled, slash):
-      if _found(pattern, path, s):
+  def label(path):
+    for pattern, lab in compiled:
+      if _found(pattern, path):
         return lab
     if default is None:
       raise ValueError(f"labels_from_paths: no rule matches {path} and there is no default.")
@@ -315,8 +314,7 @@ def labels_from_paths(rules, default=None) -> Callable[[Any], Any]:
     for i, (pattern, _) in enumerate(compiled):
       if message := _no_match(f"rules[{i}][0]", pattern, paths, hint):
         return message
-    slash = [_slash(p, paths) for p, _ in compiled]
-    hit = lambda i, x: _found(compiled[i][0], x, slash[i])  # noqa: E731
+    hit = lambda i, x: _found(compiled[i][0], x)  # noqa: E731
     first = [next((i for i in range(len(compiled)) if hit(i, x)), -1) for x in paths]
     rule = lambda k: f"`rules[{k}]` ({compiled[k][0].pattern!r}, {compiled[k][1]!r})"  # noqa: E731
     for i, (pattern, lab) in enumerate(compiled):
@@ -334,8 +332,7 @@ def labels_from_paths(rules, default=None) -> Callable[[Any], Any]:
 
   def labels(tree):
     _check_paths("labels_from_paths", tree, problem)
-    slash = [_slash(pattern, _paths(tree)) for pattern, _ in compiled]
-    return _by_path(tree, lambda path: label(path, slash))
+    return _by_path(tree, label)
 
   return labels
 
@@ -347,9 +344,10 @@ def mask_from_paths(include=None, exclude=None) -> Callable[[Any], Any]:
 
   Args:
     include: a regex searched in each leaf's path as printed (``['params']['Dense_0']
-      ['bias']``; a Flax ``Variable``'s ``.value`` left out), or, if found in no path so,
-      in its keys joined by "/" (``params/Dense_0/bias``, where ``bias$`` anchors); ``None``
-      includes every path.
+      ['bias']``; a Flax ``Variable``'s ``.value`` left out) and in its keys joined by "/"
+      (``params/Dense_0/bias``, where ``bias$`` anchors): found in either (a negative
+      lookaround, ``(?!...)``, must hold in both); ``None`` includes every path. A key
+      holding "/" is ambiguous in the second form.
     exclude: a regex, searched the same way; matching paths are excluded.
 
   Returns:
@@ -375,13 +373,10 @@ def mask_from_paths(include=None, exclude=None) -> Callable[[Any], Any]:
       hint = f'A mask sees only the parameters it is {_PART} it for that part (an `exclude` needs '
       hint += 'no match: e.g. mask_from_paths(exclude=r"bias|scale")).'
       _check_paths("mask_from_paths", tree, lambda ps: _no_match("include", inc, ps, hint))
-    paths = _paths(tree)
-    slash_inc, slash_exc = (p is not None and _slash(p, paths) for p in (inc, exc))
     return _by_path(
       tree,
       lambda path: (
-        (inc is None or _found(inc, path, slash_inc))
-        and not (exc is not None and _found(exc, path, slash_exc))
+        (inc is None or _found(inc, path)) and not (exc is not None and _found(exc, path))
       ),
     )
 

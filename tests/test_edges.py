@@ -228,13 +228,28 @@ def test_path_patterns_anchor_on_the_keys_joined_by_slashes():
   assert labels["params"]["Dense_0"] == {"kernel": "decay", "bias": "no_decay"}
 
 
-def test_a_pattern_found_as_printed_keeps_the_printed_form():
-  """Searched in both forms, a negative lookahead for ['head'] matched the head's
-  "params/head/kernel" too (the review); and a quote character class is a valid regex."""
+def test_path_patterns_mean_the_same_for_every_leaf_and_alternative():
+  """A first version searched the "/" form only for a pattern found in no printed path of
+  the tree given: `bias$|scale` then excluded no bias (`scale` was found as printed), and one
+  mask meant different things in two partition groups (the path-pattern trial). A negative
+  lookaround must hold in both forms (a lookahead for ['head'] holds in every "/" form)."""
+  assert [k for k, on in _mask(exclude=r"bias$|scale").items() if on] == [
+    "['params']['Dense_0']['kernel']"
+  ]
+  assert _mask(include=r"kernel$|embedding") == _mask(include="kernel")
   tree = {"params": {"head": {"kernel": jnp.ones(2)}, "body": {"kernel": jnp.ones(2)}}}
-  mask = oc.mask_from_paths(include=r"^(?!.*\['head'\])")(tree)
-  assert mask == {"params": {"head": {"kernel": False}, "body": {"kernel": True}}}
+  want = {"params": {"head": {"kernel": False}, "body": {"kernel": True}}}
+  assert oc.mask_from_paths(include=r"^(?!.*\['head'\])")(tree) == want
+  assert oc.mask_from_paths(include=r"^(?!params/head)")(tree) == want
   assert all(jax.tree.leaves(oc.mask_from_paths(include=r"['\"]kernel['\"]")(tree)))
+  decay = oc.add_decayed_weights(1.0, mask=oc.mask_from_paths(exclude=r"bias$|scale"))
+  labels = oc.labels_from_paths([("LayerNorm", "a")], default="b")
+  tx = oc.partition({"a": decay, "b": decay}, labels)
+  u, _ = tx.update(jax.tree.map(jnp.zeros_like, LINEN), tx.init(LINEN), LINEN)
+  decayed = {
+    jax.tree_util.keystr(p): bool(x.any()) for p, x in jax.tree_util.tree_flatten_with_path(u)[0]
+  }
+  assert [k for k, on in decayed.items() if on] == ["['params']['Dense_0']['kernel']"]
 
 
 def test_a_path_copied_as_printed_is_refused_with_the_slash_form():
@@ -243,6 +258,10 @@ def test_a_path_copied_as_printed_is_refused_with_the_slash_form():
     oc.mask_from_paths(include="['Dense_0']['kernel']")
   with pytest.raises(ValueError, match=r"rules\[0\]\[0\]` .* is a path as printed"):
     oc.labels_from_paths([("['LayerNorm_0']", "no_decay")], default="decay")
+  with pytest.raises(
+    ValueError, match=r"'.layers\[0\].weight' is a path as printed.*'layers/0/weight'"
+  ):
+    oc.mask_from_paths(exclude=".layers[0].weight")  # Equinox's, printed
   oc.mask_from_paths(include=r"\['Dense_0'\]")  # escaped: the printed path, literally
 
 
