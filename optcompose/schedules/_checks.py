@@ -47,8 +47,7 @@ def _taking(schedule: Schedule, *values) -> Schedule:
   them), so that a builder checks those too, not only the value at step 0 (a negative peak
   would otherwise train by gradient ascent once reached; see optcompose.core.TAKEN). Traced
   values are left out (nothing to check)."""
-  known = tuple(v for v in values if not isinstance(v, jax.core.Tracer))
-  setattr(schedule, TAKEN, known)
+  setattr(schedule, TAKEN, _known(values))
   return schedule
 
 
@@ -57,10 +56,8 @@ def _taking_later(schedule: Schedule, record: Callable[[], Optional[tuple]]) -> 
   them, or None), which evaluates schedules: now if JAX's backends are up, else the first
   time a builder asks (:func:`optcompose.core.backend.taken_values`), so that building
   starts nothing (``jax.distributed.initialize`` may follow)."""
-  if not backend_started():
-    setattr(schedule, TAKEN, lambda: _known(record()))
-    return schedule
-  setattr(schedule, TAKEN, _known(record()))
+  later = lambda: _known(record())  # noqa: E731
+  setattr(schedule, TAKEN, later() if backend_started() else later)
   return schedule
 
 

@@ -39,7 +39,7 @@ from optcompose.core import (
 from optcompose.transforms.adaptive import ScaleByAdamState
 from optcompose.transforms.adaptive_variants import FIXED_DECAY
 from optcompose.transforms.statistics import (
-  in_grad_dtype,
+  in_grad_dtypes,
   _wide_enough,
   adam_direction_leaf,
   debias_factor,
@@ -84,10 +84,6 @@ def difference_leaf(g, g_prev, started):
 def adan_sum_leaf(b2, x, y):
   """Adan's ``x + (1 - b2) y`` (the squared term's base, and the direction's numerator)."""
   return jnp.add(*otree.promote(x, jnp.multiply(*otree.promote(1 - b2, y))))
-
-
-def _keep_dtype(updates, new):
-  return jax.tree.map(lambda g, u: in_grad_dtype(u, g), updates, new)
 
 
 # ----------------------------------------------------------------------------------------
@@ -162,7 +158,7 @@ def scale_by_yogi(
       nu,
     )
     mu, nu = otree.cast_like(mu, state.mu), otree.cast_like(nu, state.nu)
-    return _keep_dtype(updates, new), ScaleByAdamState(count, mu, nu)
+    return in_grad_dtypes(updates, new), ScaleByAdamState(count, mu, nu)
 
   return GradientTransformation(init, update)
 
@@ -210,7 +206,7 @@ def scale_by_adamax(
     c1 = debias_factor(b1, count)
     new = jax.tree.map(lambda m, v: infinity_direction_leaf(debias_leaf(m, c1), v), mu, nu)
     mu, nu = otree.cast_like(mu, state.mu), otree.cast_like(nu, state.nu)
-    return _keep_dtype(updates, new), ScaleByAdamState(count, mu, nu)
+    return in_grad_dtypes(updates, new), ScaleByAdamState(count, mu, nu)
 
   return GradientTransformation(init, update)
 
@@ -307,7 +303,7 @@ def scale_by_adan(
     state = ScaleByAdanState(
       cast(m, state.m), cast(v, state.v), cast(n, state.n), cast(updates, state.g), t
     )
-    return _keep_dtype(updates, new), state
+    return in_grad_dtypes(updates, new), state
 
   return GradientTransformation(init, update)
 

@@ -44,7 +44,7 @@ from optcompose.core import (
 )
 from optcompose.transforms.adaptive import ScaleByAdamState
 from optcompose.transforms.statistics import (
-  in_grad_dtype,
+  in_grad_dtypes,
   like_params,
   squares_init,
   _wide_enough,
@@ -127,10 +127,6 @@ def first_moment_hat(b1, mu, updates, count, nesterov):
   )
 
 
-def _keep_dtype(updates, new):
-  return jax.tree.map(lambda g, u: in_grad_dtype(u, g), updates, new)
-
-
 # ----------------------------------------------------------------------------------------
 # The transformations.
 
@@ -206,7 +202,7 @@ def scale_by_belief(
       lambda m, s: adam_direction_leaf(m, debias_leaf(s, c2), eps, 0.0), mu_hat, nu
     )
     mu, nu = otree.cast_like(mu, state.mu), otree.cast_like(nu, state.nu)
-    return _keep_dtype(updates, new), ScaleByBeliefState(count, mu, nu)
+    return in_grad_dtypes(updates, new), ScaleByBeliefState(count, mu, nu)
 
   return GradientTransformation(init, update)
 
@@ -290,7 +286,7 @@ def scale_by_radam(
       nu,
     )
     mu, nu = otree.cast_like(mu, state.mu), otree.cast_like(nu, state.nu)
-    return _keep_dtype(updates, new), ScaleByAdamState(count, mu, nu)
+    return in_grad_dtypes(updates, new), ScaleByAdamState(count, mu, nu)
 
   return GradientTransformation(init, update)
 
@@ -378,7 +374,7 @@ def scale_by_amsgrad(
     new = jax.tree.map(lambda m, w: adam_direction_leaf(m, w, eps, eps_root), mu_hat, nu_max)
     mu, nu = otree.cast_like(mu, state.mu), otree.cast_like(nu, state.nu)
     nu_max = otree.cast_like(nu_max, state.nu_max)
-    return _keep_dtype(updates, new), ScaleByAmsgradState(count, mu, nu, nu_max)
+    return in_grad_dtypes(updates, new), ScaleByAmsgradState(count, mu, nu, nu_max)
 
   return GradientTransformation(init, update)
 

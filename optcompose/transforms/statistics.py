@@ -187,6 +187,11 @@ def in_grad_dtype(u, g):
   return (jnp.real(u) if real and jnp.iscomplexobj(u) else u).astype(jnp.result_type(g))
 
 
+def in_grad_dtypes(updates, new):
+  """``new``, each leaf in the dtype of the gradient leaf it updates (:func:`in_grad_dtype`)."""
+  return jax.tree.map(lambda g, u: in_grad_dtype(u, g), updates, new)
+
+
 def complex_of(dtype) -> type:
   """The complex dtype of a real float ``dtype``'s precision (float64: complex128; float32
   and narrower: complex64, the narrowest there is)."""
